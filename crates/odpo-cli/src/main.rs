@@ -1,0 +1,261 @@
+//! `odpo`: the command-line front of the crates. `cargo xtask` builds it with the features of the
+//! backend asked for and runs it; it can also be run directly from a release build.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use clap::{Args, Parser, Subcommand};
+use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
+use odpo_model::logprobs::sequence_logprobs;
+use odpo_model::tokenizer::Tokenizer;
+use odpo_model::{CausalLm, LoadedModel, Module, backend};
+
+/// Preference training of language models (ODPO and the DPO family) on burn.
+#[derive(Parser)]
+#[command(name = "odpo", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a continuation of a prompt.
+    Generate(GenerateArgs),
+    /// Print the token counts and the summed log-probability of a completion after a prompt.
+    Logprobs(LogprobsArgs),
+    /// Forward-pass throughput of a model shape with random weights (tokens/s, peak memory).
+    BenchForward(BenchForwardArgs),
+}
+
+#[derive(Args)]
+struct BenchForwardArgs {
+    /// A HF `config.json` giving the model shape (weights are random).
+    #[arg(long)]
+    config: PathBuf,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Timed repeats (after one warm-up).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A HF model folder (config.json + safetensors) or a llama.cpp `.gguf` file.
+    #[arg(long)]
+    model: PathBuf,
+    /// `tokenizer.json`, or a folder holding it; defaults to the model's folder.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Backend: flex, wgpu, vulkan, metal, cuda, tch, tch-cuda.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Render the prompt as a user turn with the model's chat template.
+    #[arg(long)]
+    chat: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Greedy decoding (the default is sampling).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Nucleus sampling threshold (1.0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    /// Keep only the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print JSON (tokens, text, log-probabilities) instead of the text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct LogprobsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text (not scored).
+    #[arg(long)]
+    prompt: String,
+    /// The completion text (scored).
+    #[arg(long)]
+    completion: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Logprobs(a) => cmd_logprobs(a),
+        Command::BenchForward(a) => cmd_bench_forward(a),
+    }
+}
+
+fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer, Device)> {
+    let device = backend::device(&args.backend)?;
+    let t = std::time::Instant::now();
+    let loaded = CausalLm::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    tracing::info!(
+        "loaded {} ({:.1}M parameters) in {:.1}s",
+        args.model.display(),
+        loaded.model.num_params() as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let tok_path = args.tokenizer.clone().unwrap_or_else(|| loaded.tokenizer_dir.clone());
+    let tokenizer = open_tokenizer(&tok_path)?;
+    Ok((loaded, tokenizer, device))
+}
+
+fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let tok = if path.is_dir() { Tokenizer::from_dir(path) } else { Tokenizer::from_file(path) };
+    tok.with_context(|| format!("no usable tokenizer at {} (pass --tokenizer)", path.display()))
+}
+
+fn render_prompt(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<String> {
+    if chat {
+        if !tok.has_chat_template() {
+            bail!("--chat: the tokenizer has no chat template");
+        }
+        Ok(tok.chat_prompt(prompt)?)
+    } else {
+        Ok(prompt.to_string())
+    }
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let (loaded, tok, device) = load(&a.model)?;
+    let prompt = render_prompt(&tok, &a.prompt, a.model.chat)?;
+    let ids = tok.encode(&prompt, !a.model.chat)?;
+    let eos: Vec<u32> = tok.eos_token_id().or(loaded.config.eos_token_id()).into_iter().collect();
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        pad_token_id: tok.pad_token_id().or(eos.first().copied()).unwrap_or(0),
+        eos_token_ids: eos,
+        sampling: SamplingConfig { greedy: a.greedy, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+    };
+    let t = std::time::Instant::now();
+    let out = generate(&loaded.model, &[ids], &cfg, &device)?;
+    let secs = t.elapsed().as_secs_f64();
+    let tokens = &out.tokens[0];
+    let text = tok.decode(tokens, false)?;
+    tracing::info!("{} tokens in {:.2}s ({:.1} tokens/s)", tokens.len(), secs, tokens.len() as f64 / secs);
+    if a.json {
+        let v = serde_json::json!({ "prompt": prompt, "tokens": tokens, "text": text, "logprobs": out.logprobs[0] });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
+    let (loaded, tok, device) = load(&a.model)?;
+    let prompt = render_prompt(&tok, &a.prompt, a.model.chat)?;
+    let p = tok.encode(&prompt, !a.model.chat)?;
+    let c = tok.encode(&a.completion, false)?;
+    if p.is_empty() || c.is_empty() {
+        bail!("the prompt and the completion must each have at least one token");
+    }
+    let n = p.len() + c.len();
+    let ids: Vec<i64> = p.iter().chain(&c).map(|&x| i64::from(x)).collect();
+    let loss_mask: Vec<f32> = (0..n).map(|i| if i >= p.len() { 1.0 } else { 0.0 }).collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+    let mask = Tensor::<2, Int>::ones([1, n], &device);
+    let logits = loaded.model.forward(input.clone(), &mask, None);
+    let (sum, count) = sequence_logprobs(logits, input, Tensor::from_data(TensorData::new(loss_mask, [1, n]), &device));
+    let sum = sum.into_scalar().to_f64();
+    let count = count.into_scalar().to_f64();
+    if a.json {
+        let v = serde_json::json!({
+            "prompt_tokens": p.len(), "completion_tokens": c.len(),
+            "completion_logprob_sum": sum, "completion_logprob_mean": sum / count,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("prompt tokens:     {}", p.len());
+        println!("completion tokens: {}", c.len());
+        println!("log p(completion | prompt) = {sum:.6} (mean {:.6} per token)", sum / count);
+    }
+    Ok(())
+}
+
+fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
+    let device = backend::device(&a.backend)?;
+    let config = odpo_model::ModelConfig::from_file(&a.config)?;
+    let model = CausalLm::random(&config, 0, &device)?;
+    let v = config.vocab_size() as i64;
+    let ids: Vec<i64> = (0..a.batch * a.seq).map(|i| (i as i64 * 7919 + 13) % v).collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [a.batch, a.seq]), &device);
+    let mask = Tensor::<2, Int>::ones([a.batch, a.seq], &device);
+    let run = || -> Result<f64> {
+        let t = std::time::Instant::now();
+        let logits = model.forward(input.clone(), &mask, None);
+        // Reading one value back waits for the whole computation on asynchronous backends.
+        let _ = logits.narrow(1, 0, 1).sum().into_scalar();
+        Ok(t.elapsed().as_secs_f64())
+    };
+    run()?;
+    let mut secs: Vec<f64> = (0..a.repeats).map(|_| run()).collect::<Result<_>>()?;
+    secs.sort_by(f64::total_cmp);
+    let tokens = (a.batch * a.seq) as f64;
+    let median = secs[secs.len() / 2];
+    let v = serde_json::json!({
+        "backend": a.backend, "batch": a.batch, "seq": a.seq, "repeats": a.repeats,
+        "params": model.num_params(),
+        "tokens_per_s_median": tokens / median,
+        "tokens_per_s_min": tokens / secs[secs.len() - 1],
+        "tokens_per_s_max": tokens / secs[0],
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}

@@ -1,0 +1,235 @@
+//! Batches: the chosen and rejected sequences of B pairs stacked into one [2B, T] forward batch (chosen rows
+//! first, then rejected, pair i's rejected at row B + i), right-padded to the longest sequence, optionally
+//! rounded up to a multiple. Built by burn [`Batcher`]s so burn's `DataLoader` can prepare batches beside
+//! training.
+//!
+//! `loss_mask[r, t] = 1` where token t of row r is a completion token (EOS included): the log-prob of the
+//! completion is the sum over t of log p(input_ids[r, t] | tokens < t) · loss_mask[r, t], so the prediction
+//! for token t comes from the logits at t − 1.
+
+use std::sync::Arc;
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::InMemDataset;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::tokenize::{SftItem, TokenizedPair};
+
+/// Padded rows on the host, before they become tensors.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostRows {
+    /// Rows.
+    pub rows: usize,
+    /// Padded length T.
+    pub len: usize,
+    /// Token ids, row-major [rows, len].
+    pub input_ids: Vec<i64>,
+    /// 1 for real tokens, 0 for padding.
+    pub attention_mask: Vec<i64>,
+    /// 1.0 on completion tokens.
+    pub loss_mask: Vec<f32>,
+}
+
+impl HostRows {
+    /// Pads sequences `(tokens, prompt_len)` to the longest, rounded up to `multiple`.
+    pub fn pad(seqs: &[(Vec<u32>, usize)], pad_id: u32, multiple: Option<usize>) -> Self {
+        let longest = seqs.iter().map(|(s, _)| s.len()).max().unwrap_or(0).max(1);
+        let len = match multiple {
+            Some(m) if m > 1 => longest.div_ceil(m) * m,
+            _ => longest,
+        };
+        let rows = seqs.len();
+        let mut input_ids = vec![i64::from(pad_id); rows * len];
+        let mut attention_mask = vec![0; rows * len];
+        let mut loss_mask = vec![0.0; rows * len];
+        for (r, (s, prompt_len)) in seqs.iter().enumerate() {
+            for (t, &id) in s.iter().enumerate() {
+                input_ids[r * len + t] = i64::from(id);
+                attention_mask[r * len + t] = 1;
+                if t >= *prompt_len {
+                    loss_mask[r * len + t] = 1.0;
+                }
+            }
+        }
+        HostRows { rows, len, input_ids, attention_mask, loss_mask }
+    }
+
+    fn tensors(self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2>) {
+        let shape = [self.rows, self.len];
+        (
+            Tensor::from_data(TensorData::new(self.input_ids, shape), device),
+            Tensor::from_data(TensorData::new(self.attention_mask, shape), device),
+            Tensor::from_data(TensorData::new(self.loss_mask, shape), device),
+        )
+    }
+}
+
+/// A batch of B preference pairs for one forward pass.
+#[derive(Clone, Debug)]
+pub struct PreferenceBatch {
+    /// Token ids [2B, T]: rows 0..B chosen, rows B..2B rejected.
+    pub input_ids: Tensor<2, Int>,
+    /// 1 on real tokens, 0 on padding [2B, T].
+    pub attention_mask: Tensor<2, Int>,
+    /// 1.0 on completion tokens and EOS, 0.0 on prompt and padding [2B, T].
+    pub loss_mask: Tensor<2>,
+    /// Offsets Δ [B].
+    pub offsets: Tensor<1>,
+    /// Per-pair weights [B], when the data has weights (missing ones are 1).
+    pub weights: Option<Tensor<1>>,
+    /// The pairs' ids, in row order.
+    pub pair_ids: Vec<usize>,
+}
+
+/// Builds [`PreferenceBatch`]es.
+#[derive(Clone, Debug)]
+pub struct PreferenceBatcher {
+    /// Padding token id (padding positions are masked out; any id works).
+    pub pad_id: u32,
+    /// Round T up to a multiple of this.
+    pub pad_to_multiple: Option<usize>,
+}
+
+impl PreferenceBatcher {
+    /// The host-side rows of a batch (what [`Batcher::batch`] turns into tensors).
+    pub fn host_rows(&self, items: &[TokenizedPair]) -> HostRows {
+        let seq = |p: &TokenizedPair, c: &[u32]| {
+            let mut s = p.prompt.clone();
+            s.extend_from_slice(c);
+            (s, p.prompt.len())
+        };
+        let seqs: Vec<_> = items
+            .iter()
+            .map(|p| seq(p, &p.chosen))
+            .chain(items.iter().map(|p| seq(p, &p.rejected)))
+            .collect();
+        HostRows::pad(&seqs, self.pad_id, self.pad_to_multiple)
+    }
+}
+
+impl Batcher<TokenizedPair, PreferenceBatch> for PreferenceBatcher {
+    fn batch(&self, items: Vec<TokenizedPair>, device: &Device) -> PreferenceBatch {
+        let b = items.len();
+        let (input_ids, attention_mask, loss_mask) = self.host_rows(&items).tensors(device);
+        let offsets: Vec<f32> = items.iter().map(|p| p.offset).collect();
+        let weights = items.iter().any(|p| p.weight.is_some()).then(|| {
+            let w: Vec<f32> = items.iter().map(|p| p.weight.unwrap_or(1.0)).collect();
+            Tensor::from_data(TensorData::new(w, [b]), device)
+        });
+        PreferenceBatch {
+            input_ids,
+            attention_mask,
+            loss_mask,
+            offsets: Tensor::from_data(TensorData::new(offsets, [b]), device),
+            weights,
+            pair_ids: items.iter().map(|p| p.pair_id).collect(),
+        }
+    }
+}
+
+/// A batch of single sequences for supervised fine-tuning.
+#[derive(Clone, Debug)]
+pub struct SftBatch {
+    /// Token ids [B, T].
+    pub input_ids: Tensor<2, Int>,
+    /// 1 on real tokens [B, T].
+    pub attention_mask: Tensor<2, Int>,
+    /// 1.0 on trained tokens (the completion) [B, T].
+    pub loss_mask: Tensor<2>,
+    /// Source ids, in row order.
+    pub ids: Vec<usize>,
+}
+
+/// Builds [`SftBatch`]es.
+#[derive(Clone, Debug)]
+pub struct SftBatcher {
+    /// Padding token id.
+    pub pad_id: u32,
+    /// Round T up to a multiple of this.
+    pub pad_to_multiple: Option<usize>,
+}
+
+impl Batcher<SftItem, SftBatch> for SftBatcher {
+    fn batch(&self, items: Vec<SftItem>, device: &Device) -> SftBatch {
+        let seqs: Vec<_> = items.iter().map(|i| (i.ids.clone(), i.prompt_len)).collect();
+        let (input_ids, attention_mask, loss_mask) = HostRows::pad(&seqs, self.pad_id, self.pad_to_multiple).tensors(device);
+        SftBatch { input_ids, attention_mask, loss_mask, ids: items.iter().map(|i| i.id).collect() }
+    }
+}
+
+/// A burn data loader over tokenized pairs: `batch_size` pairs a batch, reshuffled each epoch with `seed`
+/// when given, `workers` background threads (0: batches are built on the caller's thread).
+pub fn preference_loader(
+    items: Vec<TokenizedPair>,
+    batcher: PreferenceBatcher,
+    batch_size: usize,
+    seed: Option<u64>,
+    workers: usize,
+    device: &Device,
+) -> Arc<dyn DataLoader<PreferenceBatch>> {
+    let mut b = DataLoaderBuilder::new(batcher).batch_size(batch_size.max(1)).num_workers(workers).set_device(device.clone());
+    if let Some(s) = seed {
+        b = b.shuffle(s);
+    }
+    b.build(InMemDataset::new(items))
+}
+
+/// A burn data loader over SFT items (see [`preference_loader`]).
+pub fn sft_loader(
+    items: Vec<SftItem>,
+    batcher: SftBatcher,
+    batch_size: usize,
+    seed: Option<u64>,
+    workers: usize,
+    device: &Device,
+) -> Arc<dyn DataLoader<SftBatch>> {
+    let mut b = DataLoaderBuilder::new(batcher).batch_size(batch_size.max(1)).num_workers(workers).set_device(device.clone());
+    if let Some(s) = seed {
+        b = b.shuffle(s);
+    }
+    b.build(InMemDataset::new(items))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(id: usize, prompt: &[u32], chosen: &[u32], rejected: &[u32]) -> TokenizedPair {
+        TokenizedPair {
+            pair_id: id,
+            prompt: prompt.to_vec(),
+            chosen: chosen.to_vec(),
+            rejected: rejected.to_vec(),
+            offset: id as f32,
+            weight: None,
+        }
+    }
+
+    #[test]
+    fn stacks_chosen_then_rejected_with_masks() {
+        let b = PreferenceBatcher { pad_id: 0, pad_to_multiple: Some(4) };
+        let h = b.host_rows(&[tp(0, &[5, 6], &[7, 2], &[8, 9, 2]), tp(1, &[5], &[3, 2], &[2])]);
+        assert_eq!((h.rows, h.len), (4, 8));
+        assert_eq!(&h.input_ids[0..8], &[5, 6, 7, 2, 0, 0, 0, 0]);
+        assert_eq!(&h.input_ids[16..24], &[5, 6, 8, 9, 2, 0, 0, 0]);
+        assert_eq!(&h.loss_mask[16..24], &[0., 0., 1., 1., 1., 0., 0., 0.]);
+        assert_eq!(&h.attention_mask[24..32], &[1, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&h.loss_mask[24..32], &[0., 1., 0., 0., 0., 0., 0., 0.]);
+    }
+
+    #[test]
+    fn loader_yields_tensors_of_the_right_shape() {
+        let device = Device::default();
+        let items: Vec<_> = (0..5).map(|i| tp(i, &[1, 2], &[3; 3], &[4])).collect();
+        let loader = preference_loader(items, PreferenceBatcher { pad_id: 0, pad_to_multiple: None }, 2, Some(3), 0, &device);
+        let batches: Vec<_> = loader.iter().collect::<Result<_, _>>().unwrap();
+        assert_eq!(batches.len(), 3);
+        assert_eq!(batches[0].input_ids.dims(), [4, 5]);
+        assert_eq!(batches[0].offsets.dims(), [2]);
+        assert!(batches[0].weights.is_none());
+        let mut ids: Vec<_> = batches.iter().flat_map(|b| b.pair_ids.clone()).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+    }
+}

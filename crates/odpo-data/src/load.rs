@@ -1,0 +1,278 @@
+//! From a [`DataConfig`] to preference pairs with offsets: read the file in its format, apply the bad-row
+//! policy, pair scored responses, compute each pair's offset, number prompts and pairs, and count what was
+//! dropped and why.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use crate::config::{DataConfig, Format};
+use crate::error::{DataError, Position, RowProblem};
+use crate::jsonl::{self, BadRows};
+use crate::pairs::{self, PairRow, PreferencePair, ScoredGroup, Text};
+use crate::{paper, parquet};
+
+/// Why a would-be pair was left out while loading (bad rows are reported separately, with their messages).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DropReason {
+    /// Two responses to one prompt with equal scores (or a labelled pair with equal scores under an offset).
+    Tie,
+    /// A prompt with fewer than two responses: nothing to pair.
+    LoneResponse,
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DropReason::Tie => "tied scores",
+            DropReason::LoneResponse => "prompts with a single response",
+        })
+    }
+}
+
+/// Counts from loading.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadReport {
+    /// Rows read and used (lines, parquet rows, or TL;DR responses).
+    pub rows: usize,
+    /// Distinct prompts among the kept rows.
+    pub prompts: usize,
+    /// Responses: scored responses for scored formats, two per row for pair formats.
+    pub responses: usize,
+    /// Pairs built.
+    pub pairs: usize,
+    /// Pairs (or prompts, for `LoneResponse`) left out, by reason.
+    pub dropped: BTreeMap<DropReason, usize>,
+    /// The message of every skipped bad row (`on_bad_row = "skip"`), in file order.
+    pub skipped: Vec<String>,
+}
+
+impl LoadReport {
+    /// Tied pairs dropped.
+    pub fn ties(&self) -> usize {
+        self.dropped.get(&DropReason::Tie).copied().unwrap_or(0)
+    }
+}
+
+/// Pairs and the report of how they were made.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    /// The pairs, in file order (pairs of one prompt together).
+    pub pairs: Vec<PreferencePair>,
+    /// Counts.
+    pub report: LoadReport,
+}
+
+/// Reads, pairs and scores the configured file.
+pub fn load(cfg: &DataConfig) -> Result<Loaded, DataError> {
+    cfg.validate()?;
+    let bytes = std::fs::read(&cfg.path).map_err(|source| DataError::Io { path: cfg.path.clone(), source })?;
+    load_bytes(cfg, bytes)
+}
+
+/// [`load`] on bytes already in memory (the file name in `cfg.path` is used in messages only).
+pub fn load_bytes(cfg: &DataConfig, bytes: Vec<u8>) -> Result<Loaded, DataError> {
+    let path = cfg.path.as_path();
+    let cols = cfg.columns();
+    let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
+    let mut b = Builder { cfg, pairs: Vec::new(), report: LoadReport::default(), prompt_ids: HashMap::new() };
+    match cfg.format {
+        Format::Jsonl => b.add_rows(jsonl::read_pairs(path, &bytes, &cols, &mut bad)?, &mut bad)?,
+        Format::Parquet => b.add_rows(parquet::read_pairs(path, bytes.into(), &cols, &mut bad)?, &mut bad)?,
+        Format::ScoredJsonl => b.add_groups(paper::read_scored_jsonl(path, &bytes, &cols, &mut bad)?, &mut bad)?,
+        Format::TldrJson => b.add_groups(paper::read_tldr(path, &bytes, &mut bad)?, &mut bad)?,
+    }
+    let mut report = b.report;
+    report.prompts = b.prompt_ids.len();
+    report.pairs = b.pairs.len();
+    report.skipped = bad.skipped;
+    if b.pairs.is_empty() {
+        let why = format!(
+            "{} rows used, {} skipped, {} ties, {} prompts with one response",
+            report.rows,
+            report.skipped.len(),
+            report.ties(),
+            report.dropped.get(&DropReason::LoneResponse).copied().unwrap_or(0)
+        );
+        return Err(DataError::NoPairs { path: cfg.path.clone(), why });
+    }
+    Ok(Loaded { pairs: b.pairs, report })
+}
+
+struct Builder<'a> {
+    cfg: &'a DataConfig,
+    pairs: Vec<PreferencePair>,
+    report: LoadReport,
+    prompt_ids: HashMap<String, usize>,
+}
+
+impl Builder<'_> {
+    fn prompt_id(&mut self, prompt: &Text) -> usize {
+        let n = self.prompt_ids.len();
+        *self.prompt_ids.entry(prompt.key()).or_insert(n)
+    }
+
+    fn drop(&mut self, why: DropReason, n: usize) {
+        if n > 0 {
+            *self.report.dropped.entry(why).or_insert(0) += n;
+        }
+    }
+
+    /// Chat messages need the tokenizer's template; say so at the row rather than at tokenization.
+    fn check_messages(&self, texts: [(&Text, &str); 3], position: &Position) -> Result<(), DataError> {
+        if self.cfg.chat_template {
+            return Ok(());
+        }
+        for (t, field) in texts {
+            if matches!(t, Text::Messages(_)) {
+                return Err(DataError::row(
+                    &self.cfg.path,
+                    position.clone(),
+                    Some(field),
+                    RowProblem::BadMessages("a chat message list needs `chat_template = true` in the data config".into()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The offset of a pair, or `None` when it must be dropped as a tie.
+    fn offset(&self, scores: (Option<f64>, Option<f64>), position: &Position, fields: (&str, &str)) -> Result<Option<f64>, DataError> {
+        let Some(oc) = &self.cfg.offset else { return Ok(Some(0.0)) };
+        let row_err = |field: &str, p| DataError::row(&self.cfg.path, position.clone(), Some(field), p);
+        let (Some(w), Some(l)) = scores else {
+            let field = if scores.0.is_none() { fields.0 } else { fields.1 };
+            return Err(row_err(field, RowProblem::ScoreNeeded));
+        };
+        if w == l {
+            return Ok(None);
+        }
+        oc.offset(self.pairs.len(), w, l).map(Some).map_err(|e| row_err(fields.0, RowProblem::Offset(e.to_string())))
+    }
+
+    fn add_rows(&mut self, rows: Vec<PairRow>, bad: &mut BadRows) -> Result<(), DataError> {
+        let cols = self.cfg.columns();
+        for r in rows {
+            let checked = self.check_messages(
+                [(&r.prompt, &cols.prompt), (&r.chosen, &cols.chosen), (&r.rejected, &cols.rejected)],
+                &r.position,
+            );
+            let offset = checked.and_then(|()| {
+                self.offset((r.score_chosen, r.score_rejected), &r.position, (&cols.score_chosen, &cols.score_rejected))
+            });
+            let Some(offset) = bad.handle(offset)? else { continue };
+            self.report.rows += 1;
+            self.report.responses += 2;
+            let Some(offset) = offset else {
+                self.drop(DropReason::Tie, 1);
+                continue;
+            };
+            let prompt_id = self.prompt_id(&r.prompt);
+            self.pairs.push(PreferencePair {
+                id: self.pairs.len(),
+                prompt_id,
+                prompt: r.prompt,
+                chosen: r.chosen,
+                rejected: r.rejected,
+                score_chosen: r.score_chosen,
+                score_rejected: r.score_rejected,
+                offset,
+                weight: r.weight,
+                position: r.position,
+            });
+        }
+        Ok(())
+    }
+
+    fn add_groups(&mut self, groups: Vec<ScoredGroup>, bad: &mut BadRows) -> Result<(), DataError> {
+        let cols = self.cfg.columns();
+        let mut rng = pairs::rng(self.cfg.seed);
+        for g in groups {
+            // Each row is checked alone so that a skipped row leaves the rest of its group.
+            let mut kept = Vec::with_capacity(g.responses.len());
+            for r in g.responses {
+                let ok = self.check_messages([(&g.prompt, &cols.prompt), (&r.text, &cols.text), (&r.text, &cols.text)], &r.position);
+                if bad.handle(ok)?.is_some() {
+                    kept.push(r);
+                }
+            }
+            if kept.is_empty() {
+                continue;
+            }
+            self.report.rows += kept.len();
+            self.report.responses += kept.len();
+            let prompt_id = self.prompt_id(&g.prompt);
+            if kept.len() < 2 {
+                self.drop(DropReason::LoneResponse, 1);
+                continue;
+            }
+            let scores: Vec<f64> = kept.iter().map(|r| r.score).collect();
+            let (idx, ties) = pairs::pair_indices(&scores, self.cfg.pairing(), &mut rng);
+            self.drop(DropReason::Tie, ties);
+            for (w, l) in idx {
+                let (rw, rl) = (&kept[w], &kept[l]);
+                let offset = self.offset((Some(rw.score), Some(rl.score)), &rw.position, (&cols.score, &cols.score));
+                // Scores differ here, so `None` (a tie) cannot come back.
+                let Some(Some(offset)) = bad.handle(offset)? else { continue };
+                self.pairs.push(PreferencePair {
+                    id: self.pairs.len(),
+                    prompt_id,
+                    prompt: g.prompt.clone(),
+                    chosen: rw.text.clone(),
+                    rejected: rl.text.clone(),
+                    score_chosen: Some(rw.score),
+                    score_rejected: Some(rl.score),
+                    offset,
+                    weight: None,
+                    position: rw.position.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::OnBadRow;
+    use odpo_loss::offset::OffsetConfig;
+
+    fn cfg(format: Format) -> DataConfig {
+        let mut c = DataConfig::new("mem.jsonl", format);
+        c.offset = Some(OffsetConfig { alpha: 0.5, ..OffsetConfig::default() });
+        c
+    }
+
+    #[test]
+    fn scored_lines_pair_with_offsets_and_ties() {
+        let data = concat!(
+            "{\"prompt\":\"a\",\"text\":\"x\",\"reward\":1.0}\n",
+            "{\"prompt\":\"a\",\"text\":\"y\",\"reward\":4.0}\n",
+            "{\"prompt\":\"b\",\"text\":\"z\",\"reward\":2.0}\n",
+            "{\"prompt\":\"a\",\"text\":\"w\",\"reward\":4.0}\n",
+        );
+        let l = load_bytes(&cfg(Format::ScoredJsonl), data.as_bytes().to_vec()).unwrap();
+        assert_eq!(l.pairs.len(), 2);
+        assert_eq!(l.report.ties(), 1);
+        assert_eq!(l.report.dropped[&DropReason::LoneResponse], 1);
+        assert_eq!((l.report.prompts, l.report.responses), (2, 4));
+        assert_eq!(l.pairs[0].chosen, Text::Plain("y".into()));
+        assert!((l.pairs[0].offset - 0.5 * 3f64.ln()).abs() < 1e-15);
+    }
+
+    #[test]
+    fn offset_needs_scores_and_skip_reports_rows() {
+        let data = "{\"prompt\":\"a\",\"chosen\":\"x\",\"rejected\":\"y\"}\n{\"prompt\":\"a\",\"chosen\":\"x\",\"rejected\":\"y\",\"score_chosen\":3,\"score_rejected\":1}\n";
+        let e = load_bytes(&cfg(Format::Jsonl), data.as_bytes().to_vec()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mem.jsonl: line 1, field `score_chosen`: missing (the offset needs both scores; remove [data.offset] to train without offsets)"
+        );
+        let mut c = cfg(Format::Jsonl);
+        c.on_bad_row = OnBadRow::Skip;
+        let l = load_bytes(&c, data.as_bytes().to_vec()).unwrap();
+        assert_eq!((l.pairs.len(), l.report.skipped.len()), (1, 1));
+        c.offset = None;
+        assert_eq!(load_bytes(&c, data.as_bytes().to_vec()).unwrap().pairs.len(), 2);
+    }
+}

@@ -1,0 +1,232 @@
+//! Tokenization of pairs: the prompt/completion boundary and the truncation rule.
+//!
+//! - The prompt is rendered with the tokenizer's chat template (user turn + generation prompt) or taken as
+//!   plain text, and tokenized alone (special tokens added for plain text only; a template writes its own).
+//! - Each completion is `separator + text`, tokenized alone (no special tokens) and appended, then EOS. So the
+//!   boundary is exact: the loss mask covers the completion's tokens and the EOS, nothing of the prompt.
+//!   (A multi-turn message completion is the template's rendering of prompt + completion minus the prompt's.)
+//! - Truncation: a prompt longer than `max_prompt_length` keeps its last tokens. A pair whose prompt leaves
+//!   no room for one completion token in `max_length` is dropped. A completion that does not fit after the
+//!   prompt is cut at its end, or its pair dropped (`long_completion`); every case is counted.
+
+use odpo_model::tokenizer::{ChatMessage, Tokenizer};
+
+use crate::config::{DataConfig, LongCompletion};
+use crate::error::DataError;
+use crate::pairs::{PreferencePair, Text};
+
+/// One pair as token ids, ready to batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenizedPair {
+    /// The pair's id ([`PreferencePair::id`]).
+    pub pair_id: usize,
+    /// Prompt tokens (after truncation).
+    pub prompt: Vec<u32>,
+    /// Chosen completion tokens, EOS included unless cut.
+    pub chosen: Vec<u32>,
+    /// Rejected completion tokens, EOS included unless cut.
+    pub rejected: Vec<u32>,
+    /// The offset Δ.
+    pub offset: f32,
+    /// The weight, where the data has one.
+    pub weight: Option<f32>,
+}
+
+/// Counts from tokenizing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenizeReport {
+    /// Pairs kept.
+    pub kept: usize,
+    /// Prompts cut to `max_prompt_length` (their start removed).
+    pub prompts_truncated: usize,
+    /// Completions cut to fit `max_length` (counted per completion).
+    pub completions_truncated: usize,
+    /// Pairs dropped because the prompt alone fills `max_length`.
+    pub dropped_prompt_too_long: usize,
+    /// Pairs dropped because a completion does not fit (`long_completion = "drop"`).
+    pub dropped_completion_too_long: usize,
+}
+
+/// Token counts of one pair before truncation (for statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawLengths {
+    /// Prompt tokens.
+    pub prompt: usize,
+    /// Chosen tokens (with EOS).
+    pub chosen: usize,
+    /// Rejected tokens (with EOS).
+    pub rejected: usize,
+}
+
+/// Renders and tokenizes pairs for one tokenizer and config.
+pub struct PairTokenizer<'a> {
+    tokenizer: &'a Tokenizer,
+    cfg: &'a DataConfig,
+    eos: u32,
+}
+
+impl<'a> PairTokenizer<'a> {
+    /// Checks that the tokenizer can do what the config asks (an EOS token; a chat template if wanted).
+    pub fn new(tokenizer: &'a Tokenizer, cfg: &'a DataConfig) -> Result<Self, DataError> {
+        let eos = tokenizer
+            .eos_token_id()
+            .ok_or_else(|| DataError::Config("the tokenizer has no EOS token to end completions with".into()))?;
+        if cfg.chat_template && !tokenizer.has_chat_template() {
+            return Err(DataError::Config(
+                "`chat_template = true` but the tokenizer has no chat template; set `chat_template = false`".into(),
+            ));
+        }
+        Ok(PairTokenizer { tokenizer, cfg, eos })
+    }
+
+    fn tok_err(pair: usize) -> impl Fn(odpo_model::tokenizer::TokenizerError) -> DataError {
+        move |source| DataError::Tokenizer { pair, source }
+    }
+
+    /// The prompt as the model sees it, before tokenizing.
+    pub fn render_prompt(&self, pair: usize, prompt: &Text) -> Result<String, DataError> {
+        match (prompt, self.cfg.chat_template) {
+            (Text::Plain(p), false) => Ok(p.clone()),
+            (Text::Plain(p), true) => self.tokenizer.chat_prompt(p).map_err(Self::tok_err(pair)),
+            (Text::Messages(m), true) => self.tokenizer.apply_chat_template(m, true).map_err(Self::tok_err(pair)),
+            // The loader refuses messages without a template; flat text keeps this total.
+            (t @ Text::Messages(_), false) => Ok(t.flat()),
+        }
+    }
+
+    /// A completion's text as appended after the rendered prompt.
+    pub fn render_completion(&self, pair: usize, prompt: &Text, rendered_prompt: &str, completion: &Text) -> Result<String, DataError> {
+        match completion {
+            // An empty response is the EOS alone, without the separator.
+            Text::Plain(c) if c.is_empty() => Ok(String::new()),
+            Text::Plain(c) => Ok(format!("{}{c}", self.cfg.separator)),
+            Text::Messages(m) => {
+                let mut all: Vec<ChatMessage> = match prompt {
+                    Text::Plain(p) => vec![ChatMessage::new("user", p.as_str())],
+                    Text::Messages(pm) => pm.clone(),
+                };
+                all.extend(m.iter().cloned());
+                let full = self.tokenizer.apply_chat_template(&all, false).map_err(Self::tok_err(pair))?;
+                Ok(full.strip_prefix(rendered_prompt).map(str::to_owned).unwrap_or(full))
+            }
+        }
+    }
+
+    fn encode_completion(&self, pair: usize, text: &str) -> Result<Vec<u32>, DataError> {
+        let mut ids = self.tokenizer.encode(text, false).map_err(Self::tok_err(pair))?;
+        if ids.last() != Some(&self.eos) {
+            ids.push(self.eos);
+        }
+        Ok(ids)
+    }
+
+    /// Prompt, chosen and rejected ids of a pair, untruncated.
+    pub fn encode_pair(&self, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), DataError> {
+        let rp = self.render_prompt(p.id, &p.prompt)?;
+        let prompt = self.tokenizer.encode(&rp, !self.cfg.chat_template).map_err(Self::tok_err(p.id))?;
+        let chosen = self.encode_completion(p.id, &self.render_completion(p.id, &p.prompt, &rp, &p.chosen)?)?;
+        let rejected = self.encode_completion(p.id, &self.render_completion(p.id, &p.prompt, &rp, &p.rejected)?)?;
+        Ok((prompt, chosen, rejected))
+    }
+
+    /// Tokenizes and truncates one pair; `None` when the pair is dropped (counted in `report`).
+    pub fn tokenize(&self, p: &PreferencePair, report: &mut TokenizeReport) -> Result<Option<TokenizedPair>, DataError> {
+        let (mut prompt, mut chosen, mut rejected) = self.encode_pair(p)?;
+        if let Some(mp) = self.cfg.max_prompt_length
+            && prompt.len() > mp
+        {
+            prompt.drain(..prompt.len() - mp);
+            report.prompts_truncated += 1;
+        }
+        let max = self.cfg.max_length;
+        if prompt.len() >= max {
+            report.dropped_prompt_too_long += 1;
+            return Ok(None);
+        }
+        let room = max - prompt.len();
+        if chosen.len().max(rejected.len()) > room {
+            if self.cfg.long_completion == LongCompletion::Drop {
+                report.dropped_completion_too_long += 1;
+                return Ok(None);
+            }
+            for c in [&mut chosen, &mut rejected] {
+                if c.len() > room {
+                    c.truncate(room);
+                    report.completions_truncated += 1;
+                }
+            }
+        }
+        report.kept += 1;
+        Ok(Some(TokenizedPair {
+            pair_id: p.id,
+            prompt,
+            chosen,
+            rejected,
+            offset: p.offset as f32,
+            weight: p.weight.map(|w| w as f32),
+        }))
+    }
+}
+
+/// Tokenizes pairs with the config's rules, returning the kept pairs and the counts.
+pub fn tokenize_pairs(
+    pairs: &[PreferencePair],
+    tokenizer: &Tokenizer,
+    cfg: &DataConfig,
+) -> Result<(Vec<TokenizedPair>, TokenizeReport), DataError> {
+    let t = PairTokenizer::new(tokenizer, cfg)?;
+    let mut report = TokenizeReport::default();
+    let mut out = Vec::with_capacity(pairs.len());
+    for p in pairs {
+        if let Some(tp) = t.tokenize(p, &mut report)? {
+            out.push(tp);
+        }
+    }
+    Ok((out, report))
+}
+
+/// One sequence for supervised fine-tuning: prompt (may be empty) then completion; the loss covers the
+/// completion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SftItem {
+    /// The source id (pair id or text index).
+    pub id: usize,
+    /// All tokens.
+    pub ids: Vec<u32>,
+    /// Tokens before the completion (not trained on).
+    pub prompt_len: usize,
+}
+
+/// SFT items from pairs: prompt + chosen completion, with the same rendering and truncation as the pairs.
+pub fn sft_from_pairs(pairs: &[PreferencePair], tokenizer: &Tokenizer, cfg: &DataConfig) -> Result<(Vec<SftItem>, TokenizeReport), DataError> {
+    let (tp, report) = tokenize_pairs(pairs, tokenizer, cfg)?;
+    let items = tp
+        .into_iter()
+        .map(|t| {
+            let prompt_len = t.prompt.len();
+            let mut ids = t.prompt;
+            ids.extend(t.chosen);
+            SftItem { id: t.pair_id, ids, prompt_len }
+        })
+        .collect();
+    Ok((items, report))
+}
+
+/// SFT items from plain texts, trained on whole (special tokens added, EOS appended, cut at `max_length`).
+pub fn sft_from_texts(texts: &[String], tokenizer: &Tokenizer, max_length: usize) -> Result<Vec<SftItem>, DataError> {
+    let eos = tokenizer
+        .eos_token_id()
+        .ok_or_else(|| DataError::Config("the tokenizer has no EOS token to end texts with".into()))?;
+    texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut ids = tokenizer.encode(t, true).map_err(|source| DataError::Tokenizer { pair: i, source })?;
+            if ids.last() != Some(&eos) {
+                ids.push(eos);
+            }
+            ids.truncate(max_length);
+            Ok(SftItem { id: i, ids, prompt_len: 0 })
+        })
+        .collect()
+}

@@ -1,0 +1,87 @@
+//! The model crate's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading, building, running or saving a model.
+///
+/// Each variant names the file and, where one is concerned, the tensor or config key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is not valid JSON or a key has the wrong type.
+    #[error("{path}: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong, naming the key.
+        message: String,
+    },
+    /// The checkpoint's architecture is not one this crate implements.
+    #[error(
+        "{path}: unknown architecture `{architecture}`; supported: GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2)"
+    )]
+    UnknownArchitecture {
+        /// The config file.
+        path: PathBuf,
+        /// The `architectures[0]` or `model_type` found.
+        architecture: String,
+    },
+    /// A tensor the model needs is absent from the checkpoint.
+    #[error("{path}: missing tensor `{name}`")]
+    MissingTensor {
+        /// The checkpoint file (or index).
+        path: PathBuf,
+        /// The HF tensor name.
+        name: String,
+    },
+    /// A tensor has a shape other than the config implies.
+    #[error("{path}: tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    Shape {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The HF tensor name.
+        name: String,
+        /// The shape the config implies.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        got: Vec<usize>,
+    },
+    /// A safetensors file is malformed, truncated or holds an unsupported dtype.
+    #[error("{path}: {message}")]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong (naming the tensor where one is concerned).
+        message: String,
+    },
+    /// A GGUF file could not be read.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
+    /// The tokenizer could not be loaded or used.
+    #[error(transparent)]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    /// The request cannot be served by this model (bad input shape, sequence too long, ...).
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl ModelError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+    pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Config { path: path.into(), message: message.into() }
+    }
+}

@@ -1,0 +1,204 @@
+//! Batched generation with a KV cache: left padding, greedy or temperature / top-k / top-p
+//! sampling, stopping at EOS, seeded.
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand::rngs::StdRng;
+
+use crate::error::{ModelError, Result};
+use crate::model::CausalLm;
+
+/// How the next token is chosen.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SamplingConfig {
+    /// Pick the most likely token (ignores the other fields).
+    pub greedy: bool,
+    /// Softmax temperature (> 0).
+    pub temperature: f64,
+    /// Keep only the `k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `p` (1.0 = off).
+    pub top_p: f64,
+    /// Seed of the sampler.
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { greedy: false, temperature: 1.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// What to generate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerationConfig {
+    /// At most this many new tokens per sequence.
+    pub max_new_tokens: usize,
+    /// Tokens that end a sequence (kept in the output).
+    pub eos_token_ids: Vec<u32>,
+    /// Token used to pad (never attended to).
+    pub pad_token_id: u32,
+    /// Sampling settings.
+    pub sampling: SamplingConfig,
+}
+
+/// Generated continuations, one per prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// New tokens of each sequence, ending with an EOS token when one was produced.
+    pub tokens: Vec<Vec<u32>>,
+    /// `log p(token)` under the model itself (temperature 1, no truncation), per new token:
+    /// what KL estimates need, whatever sampler chose the token.
+    pub logprobs: Vec<Vec<f32>>,
+}
+
+/// Generates continuations of `prompts` (token ids, unpadded, possibly of different lengths).
+pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationConfig, device: &Device) -> Result<Generation> {
+    let s = &cfg.sampling;
+    if !s.greedy && !(s.temperature > 0.0) {
+        return Err(ModelError::Invalid(format!("temperature must be > 0, got {}", s.temperature)));
+    }
+    if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+        return Err(ModelError::Invalid(format!("top_p must be in (0, 1], got {}", s.top_p)));
+    }
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(ModelError::Invalid("a prompt has no tokens".into()));
+    }
+    let b = prompts.len();
+    let mut out = Generation { tokens: vec![Vec::new(); b], logprobs: vec![Vec::new(); b] };
+    if b == 0 || cfg.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let mut rng = StdRng::seed_from_u64(s.seed);
+    let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // Left padding puts every prompt's last token in the last column.
+    let mut ids = Vec::with_capacity(b * t0);
+    let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = t0 - p.len();
+        ids.extend(std::iter::repeat_n(i64::from(cfg.pad_token_id), pad).chain(p.iter().map(|&x| i64::from(x))));
+        mask.push(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())).collect());
+    }
+    let mut cache = model.new_cache();
+    let mut input = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t0]), device);
+    let mut done = vec![false; b];
+    for _ in 0..cfg.max_new_tokens {
+        let t_total = mask[0].len();
+        let flat: Vec<i64> = mask.iter().flatten().copied().collect();
+        let m = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t_total]), device);
+        let logits = model.forward(input, &m, Some(&mut cache));
+        let [_, t, v] = logits.dims();
+        let last = logits.narrow(1, t - 1, 1).reshape([b, v]);
+        let host = last.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| ModelError::Invalid(format!("{e:?}")))?;
+        let mut next = Vec::with_capacity(b);
+        for (row, logits) in host.chunks_exact(v).enumerate() {
+            if done[row] {
+                next.push(i64::from(cfg.pad_token_id));
+                mask[row].push(0);
+                continue;
+            }
+            let token = choose(logits, s, &mut rng);
+            out.tokens[row].push(token as u32);
+            out.logprobs[row].push(log_softmax_at(logits, token));
+            done[row] = cfg.eos_token_ids.contains(&(token as u32));
+            next.push(token as i64);
+            mask[row].push(1);
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        input = Tensor::<2, Int>::from_data(TensorData::new(next, [b, 1]), device);
+    }
+    Ok(out)
+}
+
+fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
+    (f64::from(logits[i] - max) - sum.ln()) as f32
+}
+
+/// Picks the next token from one row of logits.
+fn choose(logits: &[f32], s: &SamplingConfig, rng: &mut StdRng) -> usize {
+    let argmax = || {
+        logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+    };
+    if s.greedy {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i, (f64::from(x - max) / s.temperature).exp())).collect();
+    if s.top_k > 0 || s.top_p < 1.0 {
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+        if s.top_k > 0 {
+            probs.truncate(s.top_k);
+        }
+        if s.top_p < 1.0 {
+            let total: f64 = probs.iter().map(|p| p.1).sum();
+            let mut acc = 0.0;
+            let keep = probs.iter().position(|p| {
+                acc += p.1 / total;
+                acc >= s.top_p
+            });
+            probs.truncate(keep.map_or(probs.len(), |k| k + 1));
+        }
+    }
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    if !(total > 0.0) || !total.is_finite() {
+        return argmax();
+    }
+    let mut u = rng.random::<f64>() * total;
+    for &(i, p) in &probs {
+        u -= p;
+        if u <= 0.0 {
+            return i;
+        }
+    }
+    probs.last().map_or_else(argmax, |p| p.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = [0.1, 3.0, -1.0, 2.9];
+        let s = SamplingConfig { top_k: 1, ..Default::default() };
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..20 {
+            assert_eq!(choose(&logits, &s, &mut rng), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // Probabilities ~ [0.6, 0.3, 0.1]: top_p 0.5 keeps only token 0; 0.8 keeps 0 and 1.
+        let logits = [0.6f32.ln(), 0.3f32.ln(), 0.1f32.ln()];
+        let mut rng = StdRng::seed_from_u64(7);
+        let s = SamplingConfig { top_p: 0.5, ..Default::default() };
+        assert!((0..50).all(|_| choose(&logits, &s, &mut rng) == 0));
+        let s = SamplingConfig { top_p: 0.8, ..Default::default() };
+        let picks: Vec<usize> = (0..200).map(|_| choose(&logits, &s, &mut rng)).collect();
+        assert!(picks.contains(&1) && !picks.contains(&2));
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        let logits = [0.75f32.ln(), 0.25f32.ln()];
+        let mut rng = StdRng::seed_from_u64(3);
+        let s = SamplingConfig::default();
+        let n = 20_000;
+        let ones = (0..n).filter(|_| choose(&logits, &s, &mut rng) == 1).count();
+        let share = ones as f64 / n as f64;
+        assert!((share - 0.25).abs() < 0.015, "{share}");
+    }
+
+    #[test]
+    fn log_softmax_matches_definition() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|x| x.exp()).sum();
+        assert!((f64::from(log_softmax_at(&logits, 2)) - (3.0 - z.ln())).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,815 @@
+//! Reader for llama.cpp's GGUF files (versions 2 and 3, little-endian): header, metadata,
+//! tensor infos, and dequantisation of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors to f32.
+//! [`load_llama_as_hf`] turns a llama-architecture file into an HF `config.json` value and
+//! weights under HF names and layouts (with llama.cpp's Q/K row permutation undone).
+//!
+//! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
+//! ggml's `dequantize_row_*` (checked against gguf-py's `gguf.quants.dequantize`).
+//!
+//! The file is read with ordinary reads (no memory map: the workspace denies `unsafe`); the
+//! header is parsed once by [`GgufFile::open`], and each tensor's bytes are read on demand.
+//! Every length and offset is checked against the file length before anything is allocated,
+//! so corrupt files give a [`GgufError`], never a panic or a huge allocation.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// A tensor on the host, row-major, in HF (PyTorch) layout and naming.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions, outermost first (PyTorch order).
+    pub shape: Vec<usize>,
+    /// Row-major elements; `data.len()` is the product of `shape`.
+    pub data: Vec<f32>,
+}
+
+/// Why a GGUF file could not be read. Every message starts with the file path, and names the
+/// tensor or metadata key concerned, if any.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The operating system refused to open or read the file.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The first four bytes are not `GGUF`.
+    #[error("{}: not a GGUF file (magic {magic:02x?}, expected \"GGUF\")", .path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// Its first (up to four) bytes.
+        magic: Vec<u8>,
+    },
+    /// A GGUF version other than 2 or 3 (v1 used 32-bit counts; v2 and v3 share one layout).
+    #[error("{}: unsupported GGUF version {version} (supported: 2, 3)", .path.display())]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version it declares.
+        version: u32,
+    },
+    /// Part of the file (the header, or a tensor's data) extends past its end.
+    #[error("{}: truncated: {what} needs bytes {start}..{end} but the file has {len}", .path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// `header`, or ``tensor `name` ``.
+        what: String,
+        /// First byte needed.
+        start: u64,
+        /// One past the last byte needed.
+        end: u64,
+        /// The file length.
+        len: u64,
+    },
+    /// The header is structurally invalid (unknown value type, duplicate key or name, ...).
+    #[error("{}: malformed header: {msg}", .path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A metadata key is missing or has the wrong type or value.
+    #[error("{}: metadata `{key}`: {msg}", .path.display())]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor is absent, of an unknown or unsupported ggml type, or has an unusable shape,
+    /// offset or name.
+    #[error("{}: tensor `{tensor}`: {msg}", .path.display())]
+    Tensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's GGUF name.
+        tensor: String,
+        /// What is wrong, e.g. `unknown quantisation type 99`.
+        msg: String,
+    },
+    /// `general.architecture` is not `llama`.
+    #[error("{}: architecture `{arch}` is not supported (expected `llama`)", .path.display())]
+    Architecture {
+        /// The file.
+        path: PathBuf,
+        /// The architecture it declares.
+        arch: String,
+    },
+}
+
+/// A metadata value, one variant per GGUF value type (numbered 0..=12 in this order).
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // the variant names are the GGUF type names
+pub enum GgufValue {
+    U8(u8),
+    I8(i8),
+    U16(u16),
+    I16(i16),
+    U32(u32),
+    I32(i32),
+    F32(f32),
+    Bool(bool),
+    String(String),
+    Array(Vec<GgufValue>),
+    U64(u64),
+    I64(i64),
+    F64(f64),
+}
+
+impl GgufValue {
+    fn as_i128(&self) -> Option<i128> {
+        Some(match *self {
+            Self::U8(v) => v.into(),
+            Self::I8(v) => v.into(),
+            Self::U16(v) => v.into(),
+            Self::I16(v) => v.into(),
+            Self::U32(v) => v.into(),
+            Self::I32(v) => v.into(),
+            Self::U64(v) => v.into(),
+            Self::I64(v) => v.into(),
+            _ => return None,
+        })
+    }
+    /// The value as an unsigned integer, if it is a non-negative integer of any width.
+    pub fn as_u64(&self) -> Option<u64> {
+        u64::try_from(self.as_i128()?).ok()
+    }
+    /// The value as a float, if it is a float or an integer (large 64-bit integers round).
+    pub fn as_f64(&self) -> Option<f64> {
+        match *self {
+            Self::F32(v) => Some(v.into()),
+            Self::F64(v) => Some(v),
+            _ => self.as_i128().map(|v| v as f64),
+        }
+    }
+    /// The value as a string slice, if it is a string.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Self::String(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GgufTensorInfo {
+    /// The GGUF tensor name, e.g. `blk.0.attn_q.weight`.
+    pub name: String,
+    /// ggml dimensions `ne`, innermost (contiguous) first: the reverse of the row-major shape.
+    pub dims: Vec<u64>,
+    /// The ggml type number (0 = F32, 1 = F16, 2 = Q4_0, ...).
+    pub ggml_type: u32,
+    /// Byte offset from the start of the data section.
+    pub offset: u64,
+    /// Byte length of the data.
+    pub n_bytes: u64,
+}
+
+/// A parsed GGUF file: metadata and tensor infos; tensor data is read on demand.
+#[derive(Debug, Clone)]
+pub struct GgufFile {
+    path: PathBuf,
+    version: u32,
+    metadata: BTreeMap<String, GgufValue>,
+    tensors: Vec<GgufTensorInfo>,
+    index: BTreeMap<String, usize>,
+    data_start: u64,
+}
+
+/// ggml types: (name, elements per block, bytes per block), indexed by type number; gaps are
+/// numbers ggml retired. From ggml.h / gguf-py `GGML_QUANT_SIZES`.
+#[rustfmt::skip]
+const GGML_TYPES: [Option<(&str, u64, u64)>; 42] = [
+    Some(("F32", 1, 4)), Some(("F16", 1, 2)), Some(("Q4_0", 32, 18)), Some(("Q4_1", 32, 20)),
+    None, None, Some(("Q5_0", 32, 22)), Some(("Q5_1", 32, 24)), Some(("Q8_0", 32, 34)),
+    Some(("Q8_1", 32, 36)), Some(("Q2_K", 256, 84)), Some(("Q3_K", 256, 110)),
+    Some(("Q4_K", 256, 144)), Some(("Q5_K", 256, 176)), Some(("Q6_K", 256, 210)),
+    Some(("Q8_K", 256, 292)), Some(("IQ2_XXS", 256, 66)), Some(("IQ2_XS", 256, 74)),
+    Some(("IQ3_XXS", 256, 98)), Some(("IQ1_S", 256, 50)), Some(("IQ4_NL", 32, 18)),
+    Some(("IQ3_S", 256, 110)), Some(("IQ2_S", 256, 82)), Some(("IQ4_XS", 256, 136)),
+    Some(("I8", 1, 1)), Some(("I16", 1, 2)), Some(("I32", 1, 4)), Some(("I64", 1, 8)),
+    Some(("F64", 1, 8)), Some(("IQ1_M", 256, 56)), Some(("BF16", 1, 2)), None, None, None,
+    Some(("TQ1_0", 256, 54)), Some(("TQ2_0", 256, 66)), None, None, None,
+    Some(("MXFP4", 32, 17)), Some(("NVFP4", 64, 36)), Some(("Q1_0", 128, 18)),
+];
+
+/// The name of a ggml type number, if ggml defines it.
+pub fn ggml_type_name(ty: u32) -> Option<&'static str> {
+    type_info(ty).map(|t| t.0)
+}
+
+fn type_info(ty: u32) -> Option<(&'static str, u64, u64)> {
+    GGML_TYPES.get(usize::try_from(ty).ok()?).copied().flatten()
+}
+
+/// Nesting limit for metadata arrays, so a crafted file cannot exhaust the stack.
+const MAX_ARRAY_DEPTH: u32 = 8;
+
+/// Header reader that checks every read against the file length before allocating.
+struct Reader<'a> {
+    inner: BufReader<File>,
+    pos: u64,
+    len: u64,
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn need(&self, n: u64) -> Result<(), GgufError> {
+        let end = self.pos.saturating_add(n);
+        if end > self.len {
+            return Err(truncated(
+                self.path,
+                "header".into(),
+                self.pos,
+                end,
+                self.len,
+            ));
+        }
+        Ok(())
+    }
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), GgufError> {
+        self.need(buf.len() as u64)?;
+        self.inner
+            .read_exact(buf)
+            .map_err(|e| io_err(self.path, e))?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
+        let mut b = [0u8; N];
+        self.fill(&mut b)?;
+        Ok(b)
+    }
+    fn u32(&mut self) -> Result<u32, GgufError> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> Result<u64, GgufError> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+    fn string(&mut self) -> Result<String, GgufError> {
+        let n = self.u64()?;
+        self.need(n)?;
+        let mut v = vec![0u8; usize::try_from(n).map_err(|_| self.malformed("string too long"))?];
+        self.fill(&mut v)?;
+        // Lossy: a token string with bad UTF-8 should not make the whole file unreadable.
+        Ok(String::from_utf8(v)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    }
+    fn malformed(&self, msg: impl Into<String>) -> GgufError {
+        GgufError::Malformed {
+            path: self.path.into(),
+            msg: msg.into(),
+        }
+    }
+    fn value(&mut self, ty: u32, depth: u32) -> Result<GgufValue, GgufError> {
+        use GgufValue as V;
+        Ok(match ty {
+            0 => V::U8(u8::from_le_bytes(self.bytes()?)),
+            1 => V::I8(i8::from_le_bytes(self.bytes()?)),
+            2 => V::U16(u16::from_le_bytes(self.bytes()?)),
+            3 => V::I16(i16::from_le_bytes(self.bytes()?)),
+            4 => V::U32(u32::from_le_bytes(self.bytes()?)),
+            5 => V::I32(i32::from_le_bytes(self.bytes()?)),
+            6 => V::F32(f32::from_le_bytes(self.bytes()?)),
+            7 => V::Bool(self.bytes::<1>()?[0] != 0),
+            8 => V::String(self.string()?),
+            9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(self.malformed(format!(
+                        "metadata arrays nested deeper than {MAX_ARRAY_DEPTH}"
+                    )));
+                }
+                let ety = self.u32()?;
+                let n = self.u64()?;
+                // Smallest encoding of one element, to bound `n` by the bytes left in the file.
+                let min = match ety {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    _ => return Err(self.malformed(format!("unknown metadata value type {ety}"))),
+                };
+                self.need(n.saturating_mul(min))?;
+                let mut items = Vec::with_capacity(n.min(1 << 16) as usize);
+                for _ in 0..n {
+                    items.push(self.value(ety, depth + 1)?);
+                }
+                V::Array(items)
+            }
+            10 => V::U64(u64::from_le_bytes(self.bytes()?)),
+            11 => V::I64(i64::from_le_bytes(self.bytes()?)),
+            12 => V::F64(f64::from_le_bytes(self.bytes()?)),
+            _ => return Err(self.malformed(format!("unknown metadata value type {ty}"))),
+        })
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> GgufError {
+    GgufError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+fn truncated(path: &Path, what: String, start: u64, end: u64, len: u64) -> GgufError {
+    GgufError::Truncated {
+        path: path.into(),
+        what,
+        start,
+        end,
+        len,
+    }
+}
+
+fn meta_err(path: &Path, key: &str, msg: impl Into<String>) -> GgufError {
+    GgufError::Metadata {
+        path: path.into(),
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+impl GgufFile {
+    /// Parses the header, metadata and tensor infos of `path`, and checks that every tensor's
+    /// type is known and its bytes lie inside the file.
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let file = File::open(path).map_err(|e| io_err(path, e))?;
+        let len = file.metadata().map_err(|e| io_err(path, e))?.len();
+        let inner = BufReader::new(file);
+        let mut r = Reader {
+            inner,
+            pos: 0,
+            len,
+            path,
+        };
+        let pb = || path.to_path_buf();
+
+        let mut magic = vec![0u8; len.min(4) as usize];
+        r.fill(&mut magic)?;
+        if magic != b"GGUF" {
+            return Err(GgufError::BadMagic { path: pb(), magic });
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(GgufError::UnsupportedVersion {
+                path: pb(),
+                version,
+            });
+        }
+        let n_tensors = r.u64()?;
+        let n_kv = r.u64()?;
+
+        let mut metadata = BTreeMap::new();
+        r.need(n_kv.saturating_mul(12))?; // key length + value type, at least
+        for _ in 0..n_kv {
+            let key = r.string()?;
+            let ty = r.u32()?;
+            let value = r.value(ty, 0)?;
+            if metadata.insert(key.clone(), value).is_some() {
+                return Err(r.malformed(format!("duplicate metadata key `{key}`")));
+            }
+        }
+
+        let mut tensors = Vec::new();
+        let mut index = BTreeMap::new();
+        r.need(n_tensors.saturating_mul(24))?; // name length + n_dims + type + offset, at least
+        for i in 0..n_tensors {
+            let name = r.string()?;
+            let n_dims = r.u32()?;
+            if n_dims > 4 {
+                return Err(tensor_err(
+                    path,
+                    &name,
+                    format!("{n_dims} dims (at most 4)"),
+                ));
+            }
+            let dims = (0..n_dims)
+                .map(|_| r.u64())
+                .collect::<Result<Vec<_>, _>>()?;
+            let ggml_type = r.u32()?;
+            let offset = r.u64()?;
+            if index.insert(name.clone(), i as usize).is_some() {
+                return Err(r.malformed(format!("duplicate tensor name `{name}`")));
+            }
+            let n_bytes = 0; // set below, once the data section's start is known
+            tensors.push(GgufTensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+                n_bytes,
+            });
+        }
+
+        let alignment = match metadata.get("general.alignment") {
+            None => 32,
+            Some(GgufValue::U32(a)) if a.is_power_of_two() => u64::from(*a),
+            Some(v) => {
+                let msg = format!("must be a power of two as u32, found {v:?}");
+                return Err(meta_err(path, "general.alignment", msg));
+            }
+        };
+        let data_start = r.pos.div_ceil(alignment) * alignment;
+
+        for t in &mut tensors {
+            t.n_bytes = checked_size(path, t, alignment)?;
+            let start = data_start.saturating_add(t.offset);
+            let end = start.saturating_add(t.n_bytes);
+            if end > len {
+                return Err(truncated(
+                    path,
+                    format!("tensor `{}`", t.name),
+                    start,
+                    end,
+                    len,
+                ));
+            }
+        }
+        let path = pb();
+        Ok(Self {
+            path,
+            version,
+            metadata,
+            tensors,
+            index,
+            data_start,
+        })
+    }
+
+    /// The GGUF version (2 or 3).
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// All metadata key-values.
+    pub fn metadata(&self) -> &BTreeMap<String, GgufValue> {
+        &self.metadata
+    }
+
+    /// Tensor names in file order.
+    pub fn tensor_names(&self) -> Vec<String> {
+        self.tensors.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// Byte offset of the (aligned) tensor data section; tensor offsets count from here.
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+
+    /// Tensor infos in file order.
+    pub fn tensor_infos(&self) -> &[GgufTensorInfo] {
+        &self.tensors
+    }
+
+    /// Reads tensor `name` and dequantises it to f32, shape in row-major order (GGUF dims
+    /// reversed). No layout change beyond that: see [`load_llama_as_hf`] for HF layouts.
+    pub fn dequantize(&self, name: &str) -> Result<HostTensor, GgufError> {
+        let path = self.path.as_path();
+        let t = self
+            .index
+            .get(name)
+            .and_then(|&i| self.tensors.get(i))
+            .ok_or_else(|| tensor_err(path, name, "no such tensor"))?;
+        if !matches!(t.ggml_type, 0..=3 | 8 | 30) {
+            let (ty, ty_name) = (t.ggml_type, ggml_type_name(t.ggml_type).unwrap_or("?"));
+            let msg = format!(
+                "quantisation type {ty_name} ({ty}) is not supported \
+                 (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+            );
+            return Err(tensor_err(path, name, msg));
+        }
+        let too_big = || tensor_err(path, name, "too large for this platform");
+        let mut bytes = vec![0u8; usize::try_from(t.n_bytes).map_err(|_| too_big())?];
+        let mut f = File::open(path).map_err(|e| io_err(path, e))?;
+        f.seek(SeekFrom::Start(self.data_start + t.offset))
+            .map_err(|e| io_err(path, e))?;
+        // Only fails if the file shrank since `open` checked its length.
+        f.read_exact(&mut bytes).map_err(|e| io_err(path, e))?;
+        let data = match t.ggml_type {
+            0 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            1 => bytes.chunks_exact(2).map(f16).collect(),
+            30 => bytes
+                .chunks_exact(2)
+                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
+                .collect(),
+            8 => dequant_blocks(&bytes, 34, |b, out| {
+                let d = f16(&b[0..2]);
+                for (o, &q) in out.iter_mut().zip(&b[2..34]) {
+                    *o = f32::from(q as i8) * d;
+                }
+            }),
+            // Q4_0 and Q4_1: byte j holds element j in its low nibble and element j+16 in its high one.
+            2 => dequant_blocks(&bytes, 18, |b, out| {
+                let d = f16(&b[0..2]);
+                for (j, &q) in b[2..18].iter().enumerate() {
+                    out[j] = f32::from((q & 0x0f) as i8 - 8) * d;
+                    out[j + 16] = f32::from((q >> 4) as i8 - 8) * d;
+                }
+            }),
+            _ => dequant_blocks(&bytes, 20, |b, out| {
+                let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
+                for (j, &q) in b[4..20].iter().enumerate() {
+                    out[j] = f32::from(q & 0x0f) * d + m;
+                    out[j + 16] = f32::from(q >> 4) * d + m;
+                }
+            }),
+        };
+        let shape = t.dims.iter().rev().map(|&d| d as usize).collect();
+        Ok(HostTensor { shape, data })
+    }
+
+    fn meta<T>(
+        &self,
+        key: &str,
+        kind: &str,
+        get: impl Fn(&GgufValue) -> Option<T>,
+    ) -> Result<Option<T>, GgufError> {
+        match self.metadata.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                // Bounded: a mistyped key could hold a whole vocabulary.
+                let found: String = format!("{v:?}").chars().take(80).collect();
+                let err = || meta_err(&self.path, key, format!("expected {kind}, found {found}"));
+                get(v).map(Some).ok_or_else(err)
+            }
+        }
+    }
+
+    fn required<T>(&self, key: &str, v: Option<T>) -> Result<T, GgufError> {
+        v.ok_or_else(|| meta_err(&self.path, key, "missing"))
+    }
+}
+
+/// The byte size of tensor `t`, after checking its type, shape and alignment.
+fn checked_size(path: &Path, t: &GgufTensorInfo, alignment: u64) -> Result<u64, GgufError> {
+    let bad = |msg: String| Err(tensor_err(path, &t.name, msg));
+    let Some((_, block, size)) = type_info(t.ggml_type) else {
+        return Err(tensor_err(
+            path,
+            &t.name,
+            format!("unknown quantisation type {}", t.ggml_type),
+        ));
+    };
+    if t.dims.first().is_some_and(|d0| d0 % block != 0) {
+        return bad(format!(
+            "row length {} is not a multiple of the block size {block}",
+            t.dims[0]
+        ));
+    }
+    if !t.offset.is_multiple_of(alignment) {
+        return bad(format!(
+            "data offset {} is not {alignment}-byte aligned",
+            t.offset
+        ));
+    }
+    let n_el = t.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+    match n_el.and_then(|n| (n / block).checked_mul(size)) {
+        Some(n_bytes) => Ok(n_bytes),
+        None => bad(format!("size overflows: dims {:?}", t.dims)),
+    }
+}
+
+fn tensor_err(path: &Path, tensor: &str, msg: impl Into<String>) -> GgufError {
+    GgufError::Tensor {
+        path: path.into(),
+        tensor: tensor.into(),
+        msg: msg.into(),
+    }
+}
+
+fn f16(b: &[u8]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+/// Runs `f` on each block of `block_bytes` bytes, producing 32 values per block.
+fn dequant_blocks(bytes: &[u8], block_bytes: usize, f: impl Fn(&[u8], &mut [f32; 32])) -> Vec<f32> {
+    let mut data = Vec::with_capacity(bytes.len() / block_bytes * 32);
+    let mut out = [0f32; 32];
+    for b in bytes.chunks_exact(block_bytes) {
+        f(b, &mut out);
+        data.extend_from_slice(&out);
+    }
+    data
+}
+
+/// The HF name of a llama.cpp llama tensor, or `None` if it has none.
+fn hf_name(gguf: &str) -> Option<String> {
+    let (base, suffix) = gguf.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let top = match base {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
+    };
+    if let Some(top) = top {
+        return Some(format!("{top}.{suffix}"));
+    }
+    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{part}.{suffix}"))
+}
+
+/// Undoes convert_hf_to_gguf.py's `permute`: within each of `heads` heads, llama.cpp stores
+/// the rows interleaved (row 2i+s holds HF row s*half+i), for its rotate-adjacent-pairs RoPE.
+fn unpermute_rows(
+    path: &Path,
+    name: &str,
+    t: &mut HostTensor,
+    heads: usize,
+) -> Result<(), GgufError> {
+    let rows = t.shape.first().copied().unwrap_or(0);
+    if heads == 0 || rows == 0 || rows % (2 * heads) != 0 {
+        return Err(tensor_err(
+            path,
+            name,
+            format!("{rows} rows do not split into {heads} heads of even size"),
+        ));
+    }
+    let (half, cols) = (rows / heads / 2, t.data.len() / rows);
+    let mut out = vec![0f32; t.data.len()];
+    for h in 0..heads {
+        for s in 0..2 {
+            for i in 0..half {
+                let (dst, src) = (h * 2 * half + s * half + i, h * 2 * half + 2 * i + s);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    t.data = out;
+    Ok(())
+}
+
+/// Everything the model loader needs from a llama-architecture GGUF: an HF-style config.json
+/// value and the weights under HF names, in HF layout (`[out, in]` matrices, Q/K rows in HF
+/// order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
+/// `rope_freqs.weight`, whose RoPE scaling the HF config could not express) is an error rather
+/// than silently dropped. RoPE scaling metadata, if present, becomes `rope_scaling`.
+pub fn load_llama_as_hf(
+    path: &Path,
+) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
+    let f = GgufFile::open(path)?;
+    let arch_key = "general.architecture";
+    let arch = f.meta(arch_key, "a string", |v| v.as_str().map(str::to_string))?;
+    let arch = f.required(arch_key, arch)?;
+    if arch != "llama" {
+        return Err(GgufError::Architecture {
+            path: path.into(),
+            arch,
+        });
+    }
+    let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
+    let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
+    let need_uint = |key: &str| f.required(key, uint(key)?);
+    let positive = |key: &str| match need_uint(key)? {
+        0 => Err(meta_err(path, key, "must be positive")),
+        v => Ok(v),
+    };
+
+    let hidden = positive("llama.embedding_length")?;
+    let heads = positive("llama.attention.head_count")?;
+    let kv_heads = uint("llama.attention.head_count_kv")?.unwrap_or(heads);
+    let eps_key = "llama.attention.layer_norm_rms_epsilon";
+    let head_dim = uint("llama.attention.key_length")?.unwrap_or(hidden / heads);
+
+    let mut weights = BTreeMap::new();
+    for info in f.tensor_infos() {
+        let name = info.name.as_str();
+        let hf = hf_name(name)
+            .ok_or_else(|| tensor_err(path, name, "has no Hugging Face llama equivalent"))?;
+        let mut t = f.dequantize(name)?;
+        if hf.contains(".self_attn.q_proj.") {
+            unpermute_rows(path, name, &mut t, heads as usize)?;
+        } else if hf.contains(".self_attn.k_proj.") {
+            unpermute_rows(path, name, &mut t, kv_heads as usize)?;
+        }
+        weights.insert(hf, t);
+    }
+    let vocab = match weights.get("model.embed_tokens.weight") {
+        Some(t) if t.shape.len() == 2 => t.shape[0],
+        _ => return Err(tensor_err(path, "token_embd.weight", "missing, or not 2-D")),
+    };
+
+    let mut config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": need_uint("llama.feed_forward_length")?,
+        "num_hidden_layers": need_uint("llama.block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": f.required(eps_key, float(eps_key)?)?,
+        "rope_theta": float("llama.rope.freq_base")?.unwrap_or(10000.0),
+        "max_position_embeddings": need_uint("llama.context_length")?,
+        "vocab_size": vocab,
+        "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
+        "attention_bias": weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
+        "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
+    });
+    for (key, hf_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = uint(key)? {
+            config[hf_key] = id.into();
+        }
+    }
+    let scaling = f.meta("llama.rope.scaling.type", "a string", |v| {
+        v.as_str().map(str::to_string)
+    })?;
+    if let Some(kind) = scaling.filter(|k| k != "none") {
+        let mut s = serde_json::json!({ "rope_type": kind });
+        if let Some(factor) = float("llama.rope.scaling.factor")? {
+            s["factor"] = factor.into();
+        }
+        if let Some(orig) = uint("llama.rope.scaling.original_context_length")? {
+            s["original_max_position_embeddings"] = orig.into();
+        }
+        config["rope_scaling"] = s;
+    }
+    Ok((config, weights))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_names() {
+        for (gguf, hf) in [
+            ("token_embd.weight", Some("model.embed_tokens.weight")),
+            ("output.weight", Some("lm_head.weight")),
+            (
+                "blk.12.attn_k.bias",
+                Some("model.layers.12.self_attn.k_proj.bias"),
+            ),
+            (
+                "blk.0.ffn_down.weight",
+                Some("model.layers.0.mlp.down_proj.weight"),
+            ),
+            ("rope_freqs.weight", None),
+            ("blk.x.attn_q.weight", None),
+            ("blk.0.attn_q.scale", None),
+        ] {
+            assert_eq!(hf_name(gguf).as_deref(), hf, "{gguf}");
+        }
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // convert_hf_to_gguf's permute on 2 heads of 4 rows: HF rows [0 1 2 3 | 4 5 6 7]
+        // are stored as [0 2 1 3 | 4 6 5 7]; one column, so values are row numbers.
+        let mut t = HostTensor {
+            shape: vec![8, 1],
+            data: vec![0., 2., 1., 3., 4., 6., 5., 7.],
+        };
+        unpermute_rows(Path::new("x"), "q", &mut t, 2).unwrap();
+        assert_eq!(t.data, vec![0., 1., 2., 3., 4., 5., 6., 7.]);
+        let mut bad = HostTensor {
+            shape: vec![6, 1],
+            data: vec![0.; 6],
+        };
+        assert!(unpermute_rows(Path::new("x"), "q", &mut bad, 2).is_err());
+    }
+
+    #[test]
+    fn type_table() {
+        assert_eq!(ggml_type_name(30), Some("BF16"));
+        assert_eq!(ggml_type_name(4), None);
+        assert_eq!(ggml_type_name(99), None);
+        assert_eq!(type_info(8), Some(("Q8_0", 32, 34)));
+    }
+}

@@ -1,0 +1,121 @@
+//! Pieces that more than one model family uses: positions and attention masks for padded
+//! batches, the KV cache, and the attention call itself.
+
+use burn::module::Module;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor};
+
+/// Keys and values of every layer for the tokens seen so far; runtime state of generation,
+/// kept apart from the weights.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `n_layers` layers.
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: (0..n_layers).map(|_| None).collect() }
+    }
+
+    /// Number of cached positions (0 when empty).
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends this step's keys and values `[B, H, T, Dh]` to layer `i` and returns all of them.
+    pub(crate) fn append(&mut self, i: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
+        let (k, v) = match self.layers[i].take() {
+            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+            None => (k, v),
+        };
+        self.layers[i] = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+
+    /// Keeps only the batch rows in `rows` (used when some sequences of a batch have finished).
+    pub fn select_rows(&mut self, rows: Tensor<1, Int>) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.clone().select(0, rows.clone());
+            *v = v.clone().select(0, rows.clone());
+        }
+    }
+}
+
+/// Position of each of the last `t_q` tokens: the number of real tokens before it, so left- and
+/// right-padded batches give every real token the position it has unpadded.
+///
+/// `attention_mask` is `[B, T_past + t_q]` with 1 for real tokens and 0 for padding.
+pub(crate) fn positions(attention_mask: &Tensor<2, Int>, t_q: usize) -> Tensor<2, Int> {
+    let [_, t_k] = attention_mask.dims();
+    let pos = attention_mask.clone().cumsum(1) - 1;
+    pos.clamp_min(0).narrow(1, t_k - t_q, t_q)
+}
+
+/// The boolean mask for [`burn::tensor::module::attention`], `[B, H, t_q, T_k]`, true where a
+/// query must not look: future keys, and padding keys. A query always sees its own key so that
+/// rows of padding tokens are never fully masked (a fully masked row gives NaN gradients).
+pub(crate) fn attention_mask(attention_mask: &Tensor<2, Int>, t_q: usize, n_heads: usize, device: &Device) -> Tensor<4, Bool> {
+    let [b, t_k] = attention_mask.dims();
+    let t_past = (t_k - t_q) as i64;
+    let future = Tensor::<2, Bool>::tril_mask([t_q, t_k], t_past, device);
+    let not_self = Tensor::<2, Bool>::diag_mask([t_q, t_k], t_past, device);
+    let pad = attention_mask.clone().equal_elem(0).reshape([b, 1, 1, t_k]).expand([b, 1, t_q, t_k]);
+    let pad = pad.bool_and(not_self.reshape([1, 1, t_q, t_k]).expand([b, 1, t_q, t_k]));
+    pad.bool_or(future.reshape([1, 1, t_q, t_k]).expand([b, 1, t_q, t_k]))
+        .expand([b, n_heads, t_q, t_k])
+}
+
+/// Scaled dot-product attention with grouped keys and values: `q` is `[B, H, Tq, Dh]`, `k` and
+/// `v` are `[B, Hkv, Tk, Dh]` with `H` a multiple of `Hkv`.
+pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f64) -> Tensor<4> {
+    let [b, h, _, dh] = q.dims();
+    let [_, h_kv, t_k, _] = k.dims();
+    let (k, v) = if h_kv == h {
+        (k, v)
+    } else {
+        let rep = h / h_kv;
+        let widen = |x: Tensor<4>| x.unsqueeze_dim::<5>(2).expand([b, h_kv, rep, t_k, dh]).reshape([b, h, t_k, dh]);
+        (widen(k), widen(v))
+    };
+    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+    attention(q, k, v, Some(mask), None, options)
+}
+
+/// `[B, T, H*Dh]` to `[B, H, T, Dh]`.
+pub(crate) fn split_heads(x: Tensor<3>, n_heads: usize) -> Tensor<4> {
+    let [b, t, d] = x.dims();
+    x.reshape([b, t, n_heads, d / n_heads]).swap_dims(1, 2)
+}
+
+/// `[B, H, T, Dh]` to `[B, T, H*Dh]`.
+pub(crate) fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, t, dh] = x.dims();
+    x.swap_dims(1, 2).reshape([b, t, h * dh])
+}
+
+/// The number of parameters of a module.
+pub fn parameter_count<M: Module>(module: &M) -> usize {
+    module.num_params()
+}
+
+/// `x · Wᵀ` for a tied LM head: `x` is `[B, T, D]`, `embedding` `[V, D]`; a 2D matmul, which
+/// every backend runs at its best.
+pub(crate) fn tied_head(x: Tensor<3>, embedding: &Tensor<2>) -> Tensor<3> {
+    let [b, t, d] = x.dims();
+    let v = embedding.dims()[0];
+    x.reshape([b * t, d]).matmul(embedding.clone().transpose()).reshape([b, t, v])
+}
+
+/// `x · W` for an untied head or any `[in, out]` weight, through a 2D matmul.
+pub(crate) fn linear_3d(x: Tensor<3>, weight: &Tensor<2>) -> Tensor<3> {
+    let [b, t, d] = x.dims();
+    let v = weight.dims()[1];
+    x.reshape([b * t, d]).matmul(weight.clone()).reshape([b, t, v])
+}

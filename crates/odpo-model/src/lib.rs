@@ -1,0 +1,35 @@
+//! Causal language models for preference training, on burn.
+//!
+//! This crate owns everything about the model itself: reading HF `config.json`, building the
+//! GPT-2 and Llama families ([`gpt2`], [`llama`]) from HF safetensors or llama.cpp GGUF files,
+//! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
+//! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), and saving
+//! back in HF layout. Nothing here names a backend except [`backend`], which maps a
+//! `--backend` name to a burn `Device`.
+//!
+//! ```no_run
+//! use odpo_model::{CausalLm, Module, backend};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = backend::device("flex")?;
+//! let loaded = CausalLm::load("models/smollm2".as_ref(), &device)?;
+//! println!("{} parameters", loaded.model.num_params());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod backend;
+mod error;
+pub mod generate;
+pub mod gguf;
+pub mod gpt2;
+mod layers;
+pub mod llama;
+pub mod logprobs;
+mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use burn::module::Module;
+pub use error::{ModelError, Result};
+pub use layers::{KvCache, parameter_count};
+pub use model::{CausalLm, LoadedModel, ModelConfig};

@@ -1,0 +1,360 @@
+//! The Llama family (Touvron et al. 2023, arXiv 2302.13971; Llama 3's RoPE scaling from
+//! arXiv 2407.21783), following HF transformers' `models/llama/modeling_llama.py`: RMSNorm,
+//! rotate-half rotary embeddings with `rope_theta` and optional `llama3` frequency scaling,
+//! grouped-query attention, a SwiGLU MLP, optional q/k/v(/o) bias, tied or untied LM head.
+//! One file serves Llama 2/3, Mistral (sequences within its sliding window), Qwen2 (q/k/v
+//! bias, `modeling_qwen2.py`) and SmolLM2, which differ only by configuration.
+//!
+//! Tested against transformers on tiny random Llama / Qwen2 models and on SmolLM2-135M-Instruct.
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, split_heads, tied_head};
+use crate::weights::{HfTensors, Weights};
+
+/// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama`, `mistral`, `qwen2`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head size; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// RMSNorm epsilon.
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base, as older configs give it at the top level.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE settings as transformers 5 writes them (`rope_theta`, `rope_type`, scaling fields).
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    /// RoPE scaling as older configs give it.
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    /// Maximum sequence length.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Whether the LM head shares the token embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Bias on the q/k/v/o projections (Llama's option).
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+    /// MLP activation; only `silu` is implemented.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Beginning-of-sequence token.
+    #[serde(default)]
+    pub bos_token_id: Option<Value>,
+    /// End-of-sequence token(s).
+    #[serde(default)]
+    pub eos_token_id: Option<Value>,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+/// Llama 3's frequency-dependent RoPE scaling.
+#[derive(Clone, Debug, PartialEq)]
+struct Llama3Scaling {
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max_position_embeddings: f64,
+}
+
+impl LlamaConfig {
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head size.
+    pub fn head_size(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    fn rope_field(&self, key: &str) -> Option<&Value> {
+        self.rope_parameters.as_ref().and_then(|p| p.get(key)).or_else(|| self.rope_scaling.as_ref().and_then(|p| p.get(key)))
+    }
+
+    /// The RoPE base: top-level `rope_theta`, else `rope_parameters.rope_theta`, else 10000.
+    pub fn theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+            .unwrap_or(10_000.0)
+    }
+
+    fn scaling(&self, path: &std::path::Path) -> Result<Option<Llama3Scaling>> {
+        let kind = self.rope_field("rope_type").or_else(|| self.rope_field("type")).and_then(Value::as_str).unwrap_or("default");
+        match kind {
+            "default" => Ok(None),
+            "llama3" => {
+                let get = |k: &str| {
+                    self.rope_field(k)
+                        .and_then(Value::as_f64)
+                        .ok_or_else(|| ModelError::config(path, format!("rope scaling `llama3` needs a number `{k}`")))
+                };
+                Ok(Some(Llama3Scaling {
+                    factor: get("factor")?,
+                    low_freq_factor: get("low_freq_factor")?,
+                    high_freq_factor: get("high_freq_factor")?,
+                    original_max_position_embeddings: get("original_max_position_embeddings")?,
+                }))
+            }
+            other => Err(ModelError::config(
+                path,
+                format!("rope_type `{other}` is not implemented; expected `default` or `llama3`"),
+            )),
+        }
+    }
+
+    /// Inverse frequencies of the rotary embedding, computed as transformers does (f32), with
+    /// Llama 3 scaling applied when configured.
+    fn inv_freq(&self, path: &std::path::Path) -> Result<Vec<f32>> {
+        let dim = self.head_size();
+        let base = self.theta() as f32;
+        let mut inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
+        if let Some(s) = self.scaling(path)? {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in &mut inv {
+                let freq = f64::from(*f);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let scaled = if wavelen > low_wavelen { freq / s.factor } else { freq };
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                *f = if medium { ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32 } else { scaled as f32 };
+            }
+        }
+        Ok(inv)
+    }
+
+    fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type == "qwen2"
+    }
+}
+
+#[derive(Module, Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    scale: f64,
+}
+
+#[derive(Module, Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Module, Debug)]
+struct Layer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama-family causal language model (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...).
+#[derive(Module, Debug)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// `[hidden, vocab]`; `None` when tied to the embeddings.
+    lm_head: Option<Param<Tensor<2>>>,
+    inv_freq: Vec<f32>,
+}
+
+/// Rotates each head's halves: `[x1, x2] -> [-x2, x1]`.
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.narrow(3, d / 2, d / 2);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let t = x.dims()[1];
+        let q = split_heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
+        let q = q.clone() * cos.clone() + rotate_half(q) * sin.clone();
+        let k = k.clone() * cos.clone() + rotate_half(k) * sin.clone();
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let m = attention_mask(mask, t, self.n_heads, &q.device());
+        self.o_proj.forward(merge_heads(grouped_attention(q, k, v, m, self.scale)))
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+fn linear(w: &mut Weights, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
+    Ok(Linear {
+        weight: Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
+        bias: if bias { Some(Param::from_tensor(w.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
+    })
+}
+
+fn rms(w: &mut Weights, name: &str, d: usize, eps: f64, device: &Device) -> Result<RmsNorm> {
+    Ok(RmsNorm { gamma: Param::from_tensor(w.tensor(&format!("{name}.weight"), [d], device)?), epsilon: eps })
+}
+
+impl Llama {
+    /// Builds the model from HF-named weights (`model.layers.N...`, `lm_head.weight` when untied).
+    pub fn load(cfg: &LlamaConfig, w: &mut Weights, device: &Device) -> Result<Self> {
+        if cfg.hidden_act != "silu" {
+            return Err(ModelError::config(w.path(), format!("hidden_act `{}` is not implemented; expected silu", cfg.hidden_act)));
+        }
+        if cfg.num_attention_heads % cfg.kv_heads() != 0 {
+            return Err(ModelError::config(w.path(), "num_attention_heads must be a multiple of num_key_value_heads"));
+        }
+        let (d, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_size());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        let inv_freq = cfg.inv_freq(w.path())?;
+        let embed_tokens = Embedding { weight: Param::from_tensor(w.tensor("model.embed_tokens.weight", [v, d], device)?) };
+        let qkv_bias = cfg.qkv_bias();
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    input_layernorm: rms(w, &format!("{p}.input_layernorm"), d, cfg.rms_norm_eps, device)?,
+                    self_attn: Attention {
+                        q_proj: linear(w, &format!("{p}.self_attn.q_proj"), d, nh * hd, qkv_bias, device)?,
+                        k_proj: linear(w, &format!("{p}.self_attn.k_proj"), d, nkv * hd, qkv_bias, device)?,
+                        v_proj: linear(w, &format!("{p}.self_attn.v_proj"), d, nkv * hd, qkv_bias, device)?,
+                        o_proj: linear(w, &format!("{p}.self_attn.o_proj"), nh * hd, d, cfg.attention_bias, device)?,
+                        n_heads: nh,
+                        n_kv_heads: nkv,
+                        scale: 1.0 / (hd as f64).sqrt(),
+                    },
+                    post_attention_layernorm: rms(w, &format!("{p}.post_attention_layernorm"), d, cfg.rms_norm_eps, device)?,
+                    mlp: Mlp {
+                        gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
+                        up_proj: linear(w, &format!("{p}.mlp.up_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
+                        down_proj: linear(w, &format!("{p}.mlp.down_proj"), cfg.intermediate_size, d, cfg.mlp_bias, device)?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = rms(w, "model.norm", d, cfg.rms_norm_eps, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Param::from_tensor(w.linear_weight("lm_head.weight", v, d, device)?))
+        };
+        Ok(Self { embed_tokens, layers, norm, lm_head, inv_freq })
+    }
+
+    /// cos and sin `[B, 1, T, Dh]` for the given positions, computed in f32 as transformers does.
+    fn rope(&self, pos: Tensor<2, Int>) -> (Tensor<4>, Tensor<4>) {
+        let [b, t] = pos.dims();
+        let half = self.inv_freq.len();
+        let device = pos.device();
+        let inv = Tensor::<1>::from_data(TensorData::new(self.inv_freq.clone(), [half]), &device);
+        let freqs = pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half]);
+        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
+        (emb.clone().cos(), emb.sin())
+    }
+
+    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
+    /// real tokens (1) and padding (0), including the cached ones.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [_, t] = input_ids.dims();
+        let (cos, sin) = self.rope(positions(mask, t));
+        let mut x = self.embed_tokens.forward(input_ids);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, mask, i, cache.as_deref_mut());
+            x = x + a;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        let x = self.norm.forward(x);
+        match &self.lm_head {
+            Some(w) => linear_3d(x, &w.val()),
+            None => tied_head(x, &self.embed_tokens.weight.val()),
+        }
+    }
+
+    /// Number of layers (the KV cache's size).
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The weights under HF names, in HF layout.
+    pub fn hf_tensors(&self) -> HfTensors {
+        let mut out = HfTensors::default();
+        out.push("model.embed_tokens.weight", self.embed_tokens.weight.val());
+        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
+            out.push_linear(format!("{name}.weight"), l.weight.val());
+            if let Some(b) = &l.bias {
+                out.push(format!("{name}.bias"), b.val());
+            }
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push(format!("{p}.input_layernorm.weight"), l.input_layernorm.gamma.val());
+            lin(&mut out, format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj);
+            lin(&mut out, format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj);
+            lin(&mut out, format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj);
+            lin(&mut out, format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj);
+            out.push(format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.gamma.val());
+            lin(&mut out, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
+            lin(&mut out, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
+            lin(&mut out, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
+        }
+        out.push("model.norm.weight", self.norm.gamma.val());
+        if let Some(w) = &self.lm_head {
+            out.push_linear("lm_head.weight", w.val());
+        }
+        out
+    }
+}

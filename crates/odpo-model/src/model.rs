@@ -1,0 +1,192 @@
+//! The model families behind one type: reading `config.json`, loading from a HF folder or a
+//! GGUF file, running the forward pass, and saving in HF layout.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::gpt2::{Gpt2, Gpt2Config};
+use crate::layers::KvCache;
+use crate::llama::{Llama, LlamaConfig};
+use crate::weights::{Weights, write_atomic};
+
+/// A model configuration read from HF `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelConfig {
+    /// GPT-2.
+    Gpt2(Gpt2Config),
+    /// Llama, Mistral, Qwen2, SmolLM2.
+    Llama(LlamaConfig),
+}
+
+impl ModelConfig {
+    /// Parses a `config.json` value; `path` is only used in error messages.
+    pub fn from_hf_json(value: &Value, path: &Path) -> Result<Self> {
+        let arch = value
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .or_else(|| value.get("model_type").and_then(Value::as_str))
+            .ok_or_else(|| ModelError::config(path, "neither `architectures` nor `model_type` is given"))?;
+        let parse = |e: serde_json::Error| ModelError::config(path, e.to_string());
+        match arch {
+            "GPT2LMHeadModel" | "GPT2Model" | "gpt2" => {
+                Ok(Self::Gpt2(serde_json::from_value(value.clone()).map_err(parse)?))
+            }
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral" | "qwen2" => {
+                let mut cfg: LlamaConfig = serde_json::from_value(value.clone()).map_err(parse)?;
+                if arch.starts_with("Qwen2") {
+                    cfg.model_type = "qwen2".into();
+                }
+                Ok(Self::Llama(cfg))
+            }
+            other => Err(ModelError::UnknownArchitecture { path: path.into(), architecture: other.into() }),
+        }
+    }
+
+    /// Reads and parses a `config.json` file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| ModelError::config(path, e.to_string()))?;
+        Self::from_hf_json(&value, path)
+    }
+
+    /// The vocabulary size.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Gpt2(c) => c.vocab_size,
+            Self::Llama(c) => c.vocab_size,
+        }
+    }
+
+    /// The longest sequence the model supports.
+    pub fn max_positions(&self) -> usize {
+        match self {
+            Self::Gpt2(c) => c.n_positions,
+            Self::Llama(c) => c.max_position_embeddings,
+        }
+    }
+
+    /// The end-of-sequence token given by the config, if any (the first of a list).
+    pub fn eos_token_id(&self) -> Option<u32> {
+        match self {
+            Self::Gpt2(c) => c.eos_token_id,
+            Self::Llama(c) => c.eos_token_id.as_ref().and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64))).map(|v| v as u32),
+        }
+    }
+
+    /// The config as HF `config.json` writes it (architecture and model type included).
+    pub fn to_hf_json(&self) -> Value {
+        let (mut v, arch, model_type) = match self {
+            Self::Gpt2(c) => (serde_json::to_value(c), "GPT2LMHeadModel", "gpt2"),
+            Self::Llama(c) => {
+                let arch = match c.model_type.as_str() {
+                    "qwen2" => "Qwen2ForCausalLM",
+                    "mistral" => "MistralForCausalLM",
+                    _ => "LlamaForCausalLM",
+                };
+                (serde_json::to_value(c), arch, c.model_type.as_str())
+            }
+        };
+        if let Ok(Value::Object(map)) = &mut v {
+            map.retain(|_, v| !v.is_null());
+            map.insert("architectures".into(), Value::from(vec![arch]));
+            map.insert("model_type".into(), Value::from(model_type));
+            map.insert("torch_dtype".into(), Value::from("float32"));
+            if let Self::Gpt2(_) = self {
+                map.insert("tie_word_embeddings".into(), Value::from(true));
+            }
+        }
+        v.unwrap_or(Value::Null)
+    }
+}
+
+/// A causal language model of any implemented family.
+#[derive(Module, Debug)]
+pub enum CausalLm {
+    /// GPT-2.
+    Gpt2(Gpt2),
+    /// Llama family.
+    Llama(Llama),
+}
+
+/// A loaded model with its configuration and where it came from.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The configuration.
+    pub config: ModelConfig,
+    /// The weights.
+    pub model: CausalLm,
+    /// The folder that holds (or should hold) the tokenizer files.
+    pub tokenizer_dir: PathBuf,
+}
+
+impl CausalLm {
+    /// Builds a model from a config and HF-named weights; leftover tensors are logged.
+    pub fn from_weights(config: &ModelConfig, weights: &mut Weights, device: &Device) -> Result<Self> {
+        let model = match config {
+            ModelConfig::Gpt2(c) => Self::Gpt2(Gpt2::load(c, weights, device)?),
+            ModelConfig::Llama(c) => Self::Llama(Llama::load(c, weights, device)?),
+        };
+        let unused: Vec<&str> = weights.remaining().filter(|n| !n.ends_with(".attn.bias") && !n.ends_with(".attn.masked_bias") && !n.contains("rotary_emb")).collect();
+        if !unused.is_empty() {
+            tracing::warn!(file = %weights.path().display(), "{} tensors in the checkpoint are not used: {}", unused.len(), unused.join(", "));
+        }
+        Ok(model)
+    }
+
+    /// A freshly initialised model (weights N(0, 0.02), norms 1, biases 0), seeded.
+    pub fn random(config: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
+        Self::from_weights(config, &mut Weights::random(seed, 0.02), device)
+    }
+
+    /// Loads a model from a HF folder (`config.json` + safetensors) or a llama.cpp `.gguf` file.
+    pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            let (config_json, tensors) = crate::gguf::load_llama_as_hf(path)?;
+            let config = ModelConfig::from_hf_json(&config_json, path)?;
+            let mut weights = Weights::new(path, tensors);
+            let model = Self::from_weights(&config, &mut weights, device)?;
+            let tokenizer_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            return Ok(LoadedModel { config, model, tokenizer_dir });
+        }
+        let config = ModelConfig::from_file(&path.join("config.json"))?;
+        let mut weights = Weights::from_hf_dir(path)?;
+        let model = Self::from_weights(&config, &mut weights, device)?;
+        Ok(LoadedModel { config, model, tokenizer_dir: path.to_path_buf() })
+    }
+
+    /// Logits `[B, T, V]` for `input_ids` `[B, T]`. `attention_mask` `[B, T_past + T]` marks real
+    /// tokens (1) and padding (0), left or right; positions count real tokens only. With a
+    /// cache, `input_ids` are the new tokens and the cache grows by `T`.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, attention_mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        match self {
+            Self::Gpt2(m) => m.forward(input_ids, attention_mask, cache),
+            Self::Llama(m) => m.forward(input_ids, attention_mask, cache),
+        }
+    }
+
+    /// An empty KV cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(match self {
+            Self::Gpt2(m) => m.n_layers(),
+            Self::Llama(m) => m.n_layers(),
+        })
+    }
+
+    /// Saves `model.safetensors` (float32, HF names and layout) and `config.json` into `dir`,
+    /// each written atomically, so that transformers' `from_pretrained(dir)` loads it.
+    pub fn save_hf(&self, config: &ModelConfig, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let tensors = match self {
+            Self::Gpt2(m) => m.hf_tensors(),
+            Self::Llama(m) => m.hf_tensors(),
+        };
+        tensors.write(&dir.join("model.safetensors"))?;
+        let json = serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::config(dir, e.to_string()))?;
+        write_atomic(&dir.join("config.json"), json.as_bytes())
+    }
+}

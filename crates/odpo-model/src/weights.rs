@@ -1,0 +1,229 @@
+//! Checkpoint tensors on the host: reading HF safetensors (single file or sharded), handing tensors
+//! to the model builders by HF name with shape checks, and writing HF safetensors back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{ModelError, Result};
+
+pub use crate::gguf::HostTensor;
+
+/// The tensors of a checkpoint under their HF names, and the file they came from (for errors).
+#[derive(Debug)]
+pub struct Weights {
+    path: PathBuf,
+    tensors: BTreeMap<String, HostTensor>,
+    /// When set, tensors are made up on request instead of read: a fresh random model.
+    random: Option<RandomInit>,
+}
+
+/// How a fresh model's weights are drawn: N(0, std) for matrices and embeddings (GPT-2's and
+/// Llama's initialisation), ones for norm scales, zeros for biases.
+#[derive(Debug)]
+struct RandomInit {
+    rng: rand::rngs::StdRng,
+    std: f32,
+}
+
+impl Weights {
+    /// Wraps tensors already on the host (the GGUF loader produces these).
+    pub fn new(path: impl Into<PathBuf>, tensors: BTreeMap<String, HostTensor>) -> Self {
+        Self { path: path.into(), tensors, random: None }
+    }
+
+    /// A source that makes up every tensor the model asks for: a randomly initialised model
+    /// (seeded), for training from scratch and benchmarks.
+    pub fn random(seed: u64, std: f32) -> Self {
+        use rand::SeedableRng;
+        Self {
+            path: PathBuf::from("<random init>"),
+            tensors: BTreeMap::new(),
+            random: Some(RandomInit { rng: rand::rngs::StdRng::seed_from_u64(seed), std: if std.is_finite() { std.abs() } else { 0.02 } }),
+        }
+    }
+
+    /// Reads `model.safetensors`, or the shards listed by `model.safetensors.index.json`, from a folder.
+    pub fn from_hf_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.exists() {
+            let mut tensors = BTreeMap::new();
+            read_safetensors(&single, &mut tensors)?;
+            return Ok(Self { path: single, tensors, random: None });
+        }
+        if !index.exists() {
+            return Err(ModelError::io(
+                &single,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "neither model.safetensors nor model.safetensors.index.json found",
+                ),
+            ));
+        }
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Safetensors { path: index.clone(), message: e.to_string() })?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+            ModelError::Safetensors { path: index.clone(), message: "no `weight_map` object".into() }
+        })?;
+        let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut tensors = BTreeMap::new();
+        for shard in shards {
+            read_safetensors(&dir.join(shard), &mut tensors)?;
+        }
+        for name in map.keys() {
+            if !tensors.contains_key(name) {
+                return Err(ModelError::MissingTensor { path: index.clone(), name: name.clone() });
+            }
+        }
+        Ok(Self { path: index, tensors, random: None })
+    }
+
+    /// The file the tensors were read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a tensor is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name) || (self.random.is_some() && !name.starts_with("transformer."))
+    }
+
+    /// Removes a tensor, checking its shape.
+    pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        if let Some(init) = &mut self.random {
+            return Ok(init.make(name, expected));
+        }
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor { path: self.path.clone(), name: name.into() })?;
+        if t.shape != expected {
+            return Err(ModelError::Shape {
+                path: self.path.clone(),
+                name: name.into(),
+                expected: expected.to_vec(),
+                got: t.shape,
+            });
+        }
+        Ok(t)
+    }
+
+    /// A tensor as a burn tensor on `device`, shape-checked.
+    pub fn tensor<const D: usize>(&mut self, name: &str, shape: [usize; D], device: &Device) -> Result<Tensor<D>> {
+        let t = self.take(name, &shape)?;
+        Ok(Tensor::from_data(TensorData::new(t.data, shape), device))
+    }
+
+    /// A `[out, in]` HF linear weight, transposed to burn's `[in, out]`.
+    pub fn linear_weight(&mut self, name: &str, out: usize, inp: usize, device: &Device) -> Result<Tensor<2>> {
+        Ok(self.tensor(name, [out, inp], device)?.transpose())
+    }
+
+    /// Names left after the model took what it needs.
+    pub fn remaining(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+}
+
+impl RandomInit {
+    fn make(&mut self, name: &str, shape: &[usize]) -> HostTensor {
+        use rand_distr::Distribution;
+        let n: usize = shape.iter().product();
+        let is_norm = name.contains("norm") || name.contains("ln_");
+        let data = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if is_norm {
+            vec![1.0; n]
+        } else {
+            let normal = rand_distr::Normal::new(0.0f32, self.std).unwrap_or_else(|_| unreachable!());
+            (0..n).map(|_| normal.sample(&mut self.rng)).collect()
+        };
+        HostTensor { shape: shape.to_vec(), data }
+    }
+}
+
+fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| ModelError::Safetensors { path: path.into(), message: e.to_string() })?;
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(ModelError::Safetensors {
+                    path: path.into(),
+                    message: format!("tensor `{name}` has dtype {other:?}; expected F32, F16 or BF16"),
+                });
+            }
+        };
+        out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
+    }
+    Ok(())
+}
+
+/// Collects named burn tensors for saving in HF layout.
+#[derive(Default)]
+pub struct HfTensors {
+    entries: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+impl HfTensors {
+    /// Adds a tensor as it is.
+    pub fn push<const D: usize>(&mut self, name: impl Into<String>, tensor: Tensor<D>) {
+        let shape = tensor.dims().to_vec();
+        let data = tensor.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
+        self.entries.push((name.into(), shape, data));
+    }
+
+    /// Adds a burn `[in, out]` linear weight as HF's `[out, in]`.
+    pub fn push_linear(&mut self, name: impl Into<String>, weight: Tensor<2>) {
+        self.push(name, weight.transpose());
+    }
+
+    /// Writes `model.safetensors` (float32) atomically: a temporary file, then a rename.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
+            .entries
+            .iter()
+            .map(|(name, shape, data)| {
+                let bytes: &[u8] = bytemuck::cast_slice(data);
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
+                    .map(|v| (name.clone(), v))
+                    .map_err(|e| ModelError::Safetensors { path: path.into(), message: e.to_string() })
+            })
+            .collect::<Result<_>>()?;
+        let mut metadata = std::collections::HashMap::new();
+        metadata.insert("format".to_string(), "pt".to_string());
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| ModelError::Safetensors { path: path.into(), message: e.to_string() })?;
+        write_atomic(path, &bytes)
+    }
+}
+
+/// Writes a file through a temporary file in the same folder and a rename, so a crash never
+/// leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
+    let f = std::fs::File::open(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+}

@@ -1,0 +1,70 @@
+//! Helpers shared by the integration tests: fixture reading and the shared-folder convention.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// The shared material folder: `$ODPO_SHARED`, else `../shared` beside the repository. `None`
+/// (with a message) when it is missing, unless `ODPO_REQUIRE_SHARED=1`, then a panic: CI must
+/// not skip these tests silently.
+pub fn shared_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("ODPO_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
+    if dir.is_dir() {
+        return Some(dir);
+    }
+    if std::env::var("ODPO_REQUIRE_SHARED").as_deref() == Ok("1") {
+        panic!("ODPO_REQUIRE_SHARED=1 but the shared folder is missing at {}", dir.display());
+    }
+    eprintln!("skipping: shared folder not found at {} (set ODPO_SHARED)", dir.display());
+    None
+}
+
+/// A fixture folder of this crate.
+pub fn fixture(case: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")).join(case)
+}
+
+/// A tensor read from a safetensors file, as f64 values with its shape.
+#[derive(Clone, Debug)]
+pub struct Arr {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+}
+
+/// Reads every tensor of a safetensors file (f32, f64, i64, i32) as f64.
+pub fn read_safetensors(path: &std::path::Path) -> HashMap<String, Arr> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let b = v.data();
+            let data: Vec<f64> = match v.dtype() {
+                safetensors::Dtype::F32 => b.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes(c.try_into().unwrap()))).collect(),
+                safetensors::Dtype::F64 => b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+                safetensors::Dtype::I64 => b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                safetensors::Dtype::I32 => b.chunks_exact(4).map(|c| f64::from(i32::from_le_bytes(c.try_into().unwrap()))).collect(),
+                d => panic!("{name}: unsupported dtype {d:?}"),
+            };
+            (name, Arr { shape: v.shape().to_vec(), data })
+        })
+        .collect()
+}
+
+pub fn int2(a: &Arr, device: &Device) -> Tensor<2, Int> {
+    let data: Vec<i64> = a.data.iter().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(data, [a.shape[0], a.shape[1]]), device)
+}
+
+pub fn float2(a: &Arr, device: &Device) -> Tensor<2> {
+    let data: Vec<f32> = a.data.iter().map(|&x| x as f32).collect();
+    Tensor::from_data(TensorData::new(data, [a.shape[0], a.shape[1]]), device)
+}
+
+pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}

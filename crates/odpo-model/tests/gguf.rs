@@ -1,0 +1,325 @@
+//! GGUF reader tests against fixtures written by gguf-py (llama.cpp's own Python package):
+//! see `tests/fixtures/gguf/make_gguf_fixtures.py` and `make_smollm_expected.py`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use odpo_model::gguf::{GgufError, GgufFile, GgufValue, HostTensor, load_llama_as_hf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gguf")
+        .join(name)
+}
+
+/// f32 tensors of a safetensors file, as (shape, values).
+fn read_safetensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            (name, (view.shape().to_vec(), data))
+        })
+        .collect()
+}
+
+fn assert_bitwise(name: &str, got: &HostTensor, shape: &[usize], want: &[f32]) {
+    assert_eq!(got.shape, shape, "{name}: shape");
+    assert_eq!(got.data.len(), want.len(), "{name}: length");
+    for (i, (g, w)) in got.data.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{name}[{i}]: got {g}, want {w}");
+    }
+}
+
+#[test]
+fn dequantizes_every_type_bitwise_like_gguf_py() {
+    let file = GgufFile::open(&fixture("types.gguf")).unwrap();
+    assert_eq!(file.version(), 3);
+    assert_eq!(
+        file.metadata().get("general.architecture"),
+        Some(&GgufValue::String("test".into()))
+    );
+    let expected = read_safetensors(&fixture("types_expected.safetensors"));
+    let names = file.tensor_names();
+    assert_eq!(
+        names,
+        [
+            "t_f32", "t_f16", "t_bf16", "t_q8_0", "t_q4_0", "t_q4_1", "t_3d"
+        ]
+    );
+    for name in &names {
+        let (shape, want) = &expected[name];
+        assert_bitwise(name, &file.dequantize(name).unwrap(), shape, want);
+    }
+    assert_eq!(file.dequantize("t_3d").unwrap().shape, [2, 3, 32]);
+    let err = file.dequantize("nope").unwrap_err().to_string();
+    assert!(
+        err.ends_with("types.gguf: tensor `nope`: no such tensor"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tiny_llama_unpermutes_to_the_hf_weights() {
+    let (config, weights) = load_llama_as_hf(&fixture("tiny_llama.gguf")).unwrap();
+    let expected = read_safetensors(&fixture("tiny_llama_hf.safetensors"));
+    assert_eq!(
+        weights.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, (shape, want)) in &expected {
+        assert_bitwise(name, &weights[name], shape, want);
+    }
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_llama_config.json")).unwrap())
+            .unwrap();
+    for (key, value) in want.as_object().unwrap() {
+        assert_eq!(&config[key], value, "config `{key}`");
+    }
+}
+
+/// Opens `path` and dequantises every tensor; the first error, if any.
+fn open_and_read_all(path: &Path) -> Result<Vec<HostTensor>, GgufError> {
+    let file = GgufFile::open(path)?;
+    file.tensor_names()
+        .iter()
+        .map(|n| file.dequantize(n))
+        .collect()
+}
+
+#[test]
+fn corrupt_files_give_clear_errors() {
+    let cases: [(&str, &str); 6] = [
+        (
+            "bad_magic.gguf",
+            "not a GGUF file (magic [47, 47, 4d, 4c], expected \"GGUF\")",
+        ),
+        (
+            "bad_version.gguf",
+            "unsupported GGUF version 7 (supported: 2, 3)",
+        ),
+        (
+            "truncated_header.gguf",
+            "truncated: header needs bytes 32..52 but the file has 40",
+        ),
+        (
+            "truncated_data.gguf",
+            "truncated: tensor `t_3d` needs bytes 2560..2944 but the file has 2844",
+        ),
+        (
+            "unknown_type.gguf",
+            "tensor `blk.3.attn_q.weight`: unknown quantisation type 99",
+        ),
+        (
+            "unsupported_type.gguf",
+            "tensor `blk.3.attn_q.weight`: quantisation type Q4_K (12) is not supported \
+             (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+        ),
+    ];
+    for (file, message) in cases {
+        let path = fixture(&format!("corrupt/{file}"));
+        let err = open_and_read_all(&path).expect_err(file).to_string();
+        assert_eq!(err, format!("{}: {message}", path.display()));
+    }
+    let path = fixture("corrupt/not_llama.gguf");
+    let err = load_llama_as_hf(&path).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: architecture `gpt2` is not supported (expected `llama`)",
+            path.display()
+        )
+    );
+    let missing = fixture("corrupt/does_not_exist.gguf");
+    assert!(
+        GgufFile::open(&missing)
+            .unwrap_err()
+            .to_string()
+            .starts_with(&missing.display().to_string())
+    );
+}
+
+/// Writes each variant of a fixture to a scratch file (one folder per `test`, as tests run in
+/// parallel) and runs `check` on it. A fresh file each time: rewriting one makes ext4 flush it.
+fn for_each_variant<K>(
+    test: &str,
+    fixture_name: &str,
+    variants: impl Iterator<Item = (K, Vec<u8>)>,
+    check: impl Fn(K, &Path),
+) {
+    let tmp =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("gguf-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    for (i, (key, bytes)) in variants.enumerate() {
+        let path = tmp.join(format!("{i}-{fixture_name}"));
+        std::fs::write(&path, bytes).unwrap();
+        check(key, &path);
+        std::fs::remove_file(&path).unwrap();
+    }
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[test]
+fn truncated_files_error_without_panicking() {
+    for name in ["types.gguf", "tiny_llama.gguf"] {
+        let good = std::fs::read(fixture(name)).unwrap();
+        let want = open_and_read_all(&fixture(name)).unwrap();
+        let file = GgufFile::open(&fixture(name)).unwrap();
+        let header = file.data_start() as usize;
+        let data_end = header
+            + file
+                .tensor_infos()
+                .iter()
+                .map(|t| (t.offset + t.n_bytes) as usize)
+                .max()
+                .unwrap();
+        for_each_variant(
+            "truncated",
+            name,
+            (0..good.len()).map(|c| (c, good[..c].to_vec())),
+            |cut, path| {
+                match open_and_read_all(path) {
+                    Err(e) => {
+                        assert!(
+                            cut < data_end,
+                            "{name} cut at {cut} (data ends at {data_end}): {e}"
+                        );
+                        assert!(
+                            e.to_string().starts_with(&path.display().to_string()),
+                            "{e}"
+                        );
+                    }
+                    // Only cutting trailing alignment padding may leave a readable file.
+                    Ok(got) => assert!(
+                        cut >= data_end && got == want,
+                        "{name} cut at {cut} read fine"
+                    ),
+                }
+            },
+        );
+    }
+}
+
+#[test]
+fn scribbled_headers_never_panic() {
+    for name in ["types.gguf", "tiny_llama.gguf"] {
+        let good = std::fs::read(fixture(name)).unwrap();
+        let header = GgufFile::open(&fixture(name)).unwrap().data_start() as usize;
+        let variants = (0..header).flat_map(|at| {
+            [0x00, 0x7f, 0xff].map(|byte| {
+                let mut bad = good.clone();
+                bad[at] = byte;
+                ((), bad)
+            })
+        });
+        // Any result will do, as long as it is a result.
+        for_each_variant("scribbled", name, variants, |_, path| {
+            let _ = open_and_read_all(path);
+            let _ = load_llama_as_hf(path);
+        });
+    }
+}
+
+/// `rel` inside the shared folder (`ODPO_SHARED`, default `../../../shared` from this crate),
+/// or `None` (with a note) when absent, unless `ODPO_REQUIRE_SHARED=1`.
+fn shared_file(rel: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("ODPO_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
+    let path = dir.join(rel);
+    if path.is_file() {
+        return Some(path);
+    }
+    let why = if dir.is_dir() {
+        format!("{} not found", path.display())
+    } else {
+        format!("shared folder not found at {}", dir.display())
+    };
+    assert!(
+        std::env::var("ODPO_REQUIRE_SHARED").as_deref() != Ok("1"),
+        "{why} and ODPO_REQUIRE_SHARED=1"
+    );
+    println!("skipping: {why}");
+    None
+}
+
+/// Order- and bit-sensitive checksum, as in make_smollm_expected.py.
+fn checksum(data: &[f32]) -> u64 {
+    data.iter().enumerate().fold(0u64, |acc, (i, v)| {
+        acc.wrapping_add(u64::from(v.to_bits()).wrapping_mul(i as u64 + 1))
+    })
+}
+
+#[test]
+fn smollm2_q4_1_matches_transformers() {
+    let rel = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+    let Some(gguf) = shared_file(rel) else { return };
+    let dir = gguf.parent().unwrap();
+    let (config, weights) = load_llama_as_hf(&gguf).unwrap();
+
+    let hf: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    for key in [
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "rms_norm_eps",
+        "model_type",
+        "architectures",
+    ] {
+        assert_eq!(config[key], hf[key], "config `{key}`");
+    }
+    assert_eq!(config["rope_theta"], hf["rope_parameters"]["rope_theta"]);
+    assert_eq!(config["num_hidden_layers"], 30);
+    assert_eq!(config["tie_word_embeddings"], true);
+    assert!(!weights.contains_key("lm_head.weight"));
+    assert_eq!(weights.len(), 2 + 30 * 9);
+    assert!(weights.contains_key("model.layers.29.mlp.gate_proj.weight"));
+
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("smollm_expected.json")).unwrap())
+            .unwrap();
+    for (name, want) in expected["tensors"].as_object().unwrap() {
+        let t = &weights[name];
+        let shape: Vec<usize> = serde_json::from_value(want["shape"].clone()).unwrap();
+        assert_eq!(t.shape, shape, "{name}");
+        for (i, v) in want["values"].as_object().unwrap() {
+            let i: usize = i.parse().unwrap();
+            let bits = v[1].as_u64().unwrap();
+            assert_eq!(
+                u64::from(t.data[i].to_bits()),
+                bits,
+                "{name}[{i}]: {} vs {}",
+                t.data[i],
+                v[0]
+            );
+        }
+        let sum: f64 = t.data.iter().map(|&v| f64::from(v)).sum();
+        let want_sum = want["sum"].as_f64().unwrap();
+        assert!(
+            (sum - want_sum).abs() <= 1e-9 * want_sum.abs().max(1.0),
+            "{name}: sum {sum} vs {want_sum}"
+        );
+        assert_eq!(
+            checksum(&t.data),
+            want["checksum"].as_u64().unwrap(),
+            "{name}: checksum"
+        );
+    }
+}

@@ -1,0 +1,518 @@
+//! `RunConfig`: one TOML file per run, tables `[model] [data] [loss] [optim] [train] [eval] [output]`.
+//!
+//! Strict like nanoGPT's configurator: an unknown key is an error naming it, a `--set a.b=value`
+//! override is applied to the TOML tree before deserialising (the value parsed as TOML, a bare word
+//! taken as a string), and [`RunConfig::validate`] refuses values out of range and options that do
+//! nothing for the chosen optimizer, schedule or stage. Each key is documented once, here.
+
+use std::path::{Path, PathBuf};
+
+use odpo_data::DataConfig;
+use odpo_loss::LossConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainError};
+
+/// A whole run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The policy (and reference) model.
+    pub model: ModelSection,
+    /// The data: odpo-data's `[data]` table (path, format, pairing, offset, lengths, split).
+    pub data: DataConfig,
+    /// The objective: odpo-loss's `[loss]` table. Ignored (and must be left out) for `stage = "sft"`.
+    #[serde(default)]
+    pub loss: Option<LossConfig>,
+    /// Optimizer, learning rate and schedule.
+    #[serde(default)]
+    pub optim: OptimConfig,
+    /// Stage, batch sizes, length of the run, reference handling, logging and checkpoints.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// Evaluation on the held-out pairs.
+    #[serde(default)]
+    pub eval: EvalConfig,
+    /// Where the run writes.
+    #[serde(default)]
+    pub output: OutputConfig,
+}
+
+/// `[model]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A HF folder (`config.json` + safetensors) or a `.gguf` file: the policy's starting point and the reference.
+    pub path: PathBuf,
+    /// The folder with `tokenizer.json`; default: the model folder (or the `.gguf` file's folder).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    /// Ignore the weights and start from random ones (seeded by `train.seed`): for tests and smoke runs.
+    #[serde(default)]
+    pub random_init: bool,
+}
+
+/// The optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerKind {
+    /// AdamW (decoupled weight decay), PyTorch's update rule.
+    Adamw,
+    /// RMSprop, PyTorch's update rule (the ODPO paper's optimizer).
+    Rmsprop,
+}
+
+/// The learning-rate decay after warmup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecayKind {
+    /// Stay at `lr` (the DPO/ODPO code).
+    Constant,
+    /// Linearly down to `lr * min_lr_ratio` at the last step.
+    Linear,
+    /// Half a cosine down to `lr * min_lr_ratio` at the last step.
+    Cosine,
+}
+
+/// `[optim]`. PyTorch's defaults, written out: burn's AdamW defaults (eps 1e-5, weight decay 1e-4)
+/// and RMSprop defaults (momentum 0.9, eps 1e-5) differ from PyTorch's and are never used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// `adamw` or `rmsprop` (the paper: rmsprop).
+    pub optimizer: OptimizerKind,
+    /// Peak learning rate (the paper: 5e-7).
+    pub lr: f64,
+    /// Weight decay: decoupled for AdamW (PyTorch default 0.01), L2 added to the gradient for RMSprop (default 0).
+    pub weight_decay: Option<f64>,
+    /// ε added to the denominator (PyTorch: 1e-8 for both).
+    pub eps: f64,
+    /// AdamW only: (β1, β2), default [0.9, 0.999].
+    pub betas: Option<[f64; 2]>,
+    /// RMSprop only: smoothing constant α of the squared-gradient average, default 0.99.
+    pub alpha: Option<f64>,
+    /// RMSprop only: momentum, default 0.
+    pub momentum: Option<f64>,
+    /// RMSprop only: centred variant, default false.
+    pub centered: Option<bool>,
+    /// Clip the global gradient norm to this, as `torch.nn.utils.clip_grad_norm_` (the paper: 10). None: no clipping.
+    pub max_grad_norm: Option<f64>,
+    /// Linear warmup steps: lr · min(1, (step + 1) / (warmup_steps + 1)) (the paper: 150).
+    pub warmup_steps: usize,
+    /// The decay after warmup.
+    pub schedule: DecayKind,
+    /// Final lr as a share of `lr` for `linear` and `cosine`, in [0, 1]. Default 0.
+    pub min_lr_ratio: Option<f64>,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            optimizer: OptimizerKind::Rmsprop,
+            lr: 5e-7,
+            weight_decay: None,
+            eps: 1e-8,
+            betas: None,
+            alpha: None,
+            momentum: None,
+            centered: None,
+            max_grad_norm: Some(10.0),
+            warmup_steps: 150,
+            schedule: DecayKind::Constant,
+            min_lr_ratio: None,
+        }
+    }
+}
+
+/// What a run trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    /// Supervised fine-tuning: token-mean NLL of the chosen responses (prompt masked).
+    Sft,
+    /// Preference training with the `[loss]` objective.
+    Preference,
+}
+
+/// Where the reference log-probs come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReferenceMode {
+    /// A frozen copy of the starting model, run (without autodiff) next to the policy on every batch.
+    Frozen,
+    /// Computed once for every pair before training and cached on disk (`output.cache_dir`), keyed by the
+    /// model, the tokenized data and the length settings; later runs with the same key reuse the file.
+    Cached,
+}
+
+/// `[train]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// `preference` (default) or `sft`.
+    pub stage: Stage,
+    /// Pairs (SFT: sequences) per optimizer step (the paper: 32).
+    pub batch_size: usize,
+    /// Pairs per forward pass; `batch_size` must be a multiple. Gradients are accumulated over the
+    /// micro-batches and weighted so the step equals one pass over the whole batch.
+    pub micro_batch_size: usize,
+    /// Optimizer steps; None: `epochs` passes over the training pairs.
+    pub max_steps: Option<usize>,
+    /// Passes over the training pairs when `max_steps` is not set (the paper: 1).
+    pub epochs: f64,
+    /// Seed of the data order (and of `model.random_init`).
+    pub seed: u64,
+    /// Backend name (`flex`, `wgpu`, `cuda`, ...); `--backend` overrides it.
+    pub backend: String,
+    /// Parameter dtype; only `f32` is implemented.
+    pub dtype: String,
+    /// `frozen` (default) or `cached` reference log-probs; preference stage only.
+    pub reference: ReferenceMode,
+    /// Log training metrics every this many steps.
+    pub log_every: usize,
+    /// Write a checkpoint every this many steps (0: only at the end).
+    pub checkpoint_every: usize,
+    /// Checkpoints kept on disk (the newest ones), at least 1.
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            stage: Stage::Preference,
+            batch_size: 32,
+            micro_batch_size: 4,
+            max_steps: None,
+            epochs: 1.0,
+            seed: 0,
+            backend: "flex".into(),
+            dtype: "f32".into(),
+            reference: ReferenceMode::Frozen,
+            log_every: 10,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+        }
+    }
+}
+
+/// `[eval]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Evaluate on the eval split every this many steps (0: only at the start and the end).
+    pub every: usize,
+    /// Pairs per forward pass during evaluation.
+    pub batch_size: usize,
+    /// Use at most this many eval pairs (the first ones); None: all.
+    pub max_pairs: Option<usize>,
+    /// Also evaluate before the first step.
+    pub at_start: bool,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { every: 100, batch_size: 8, max_pairs: None, at_start: true }
+    }
+}
+
+/// `[output]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// The run folder: config.toml, metrics.jsonl, metrics.csv, checkpoints/, model/.
+    pub dir: PathBuf,
+    /// Where cached reference log-probs live (shared between runs).
+    pub cache_dir: PathBuf,
+    /// Export the trained model (HF safetensors + config + tokenizer files) to `<dir>/model` at the end.
+    pub export: bool,
+    /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("runs/run"), cache_dir: PathBuf::from("runs/refcache"), export: true, progress: true }
+    }
+}
+
+impl RunConfig {
+    /// Parses TOML text, applies `--set` overrides (`a.b=value`), deserialises and validates.
+    /// `origin` names the text in error messages.
+    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
+        let parse_err = |origin: &str, e: toml::de::Error| TrainError::ConfigParse {
+            origin: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        };
+        // Parse the file alone first, so that its errors carry its own line numbers.
+        let mut cfg: RunConfig = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
+        if !sets.is_empty() {
+            let mut tree: toml::Table = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
+            for set in sets {
+                apply_set(&mut tree, set)?;
+                // Check each override on its own so the error names it.
+                let text = toml::to_string(&tree).map_err(|e| TrainError::ConfigParse { origin: format!("--set {set}"), message: e.to_string() })?;
+                cfg = toml::from_str(&text).map_err(|e| parse_err(&format!("--set {set}"), e))?;
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads [`RunConfig::from_toml_str`] from a file.
+    pub fn from_file(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        Self::from_toml_str(&text, &path.display().to_string(), sets)
+    }
+
+    /// The resolved config as TOML (every default written out), as saved in the run folder.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# could not serialise the config: {e}\n"))
+    }
+
+    /// Checks ranges and refuses options that do nothing, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let err = |k: &str, m: String| Err(TrainError::config(k, m));
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return err("optim.lr", format!("is {}; expected a finite number > 0", o.lr));
+        }
+        if !(o.eps.is_finite() && o.eps > 0.0) {
+            return err("optim.eps", format!("is {}; expected a finite number > 0", o.eps));
+        }
+        if let Some(wd) = o.weight_decay
+            && !(wd.is_finite() && wd >= 0.0)
+        {
+            return err("optim.weight_decay", format!("is {wd}; expected a finite number >= 0"));
+        }
+        let not_for = |k: &str| err(k, format!("does not apply to `optim.optimizer = \"{}\"`; remove it", optimizer_name(o.optimizer)));
+        match o.optimizer {
+            OptimizerKind::Adamw => {
+                if o.alpha.is_some() {
+                    return not_for("optim.alpha");
+                }
+                if o.momentum.is_some() {
+                    return not_for("optim.momentum");
+                }
+                if o.centered.is_some() {
+                    return not_for("optim.centered");
+                }
+                if let Some([b1, b2]) = o.betas
+                    && !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2))
+                {
+                    return err("optim.betas", format!("is [{b1}, {b2}]; expected two numbers in [0, 1)"));
+                }
+            }
+            OptimizerKind::Rmsprop => {
+                if o.betas.is_some() {
+                    return not_for("optim.betas");
+                }
+                if let Some(a) = o.alpha
+                    && !(0.0..1.0).contains(&a)
+                {
+                    return err("optim.alpha", format!("is {a}; expected a number in [0, 1)"));
+                }
+                if let Some(m) = o.momentum
+                    && !(0.0..1.0).contains(&m)
+                {
+                    return err("optim.momentum", format!("is {m}; expected a number in [0, 1)"));
+                }
+            }
+        }
+        if let Some(c) = o.max_grad_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return err("optim.max_grad_norm", format!("is {c}; expected a finite number > 0 (leave it out for no clipping)"));
+        }
+        if let Some(r) = o.min_lr_ratio {
+            if o.schedule == DecayKind::Constant {
+                return err("optim.min_lr_ratio", "does not apply to `optim.schedule = \"constant\"`; remove it".into());
+            }
+            if !(0.0..=1.0).contains(&r) {
+                return err("optim.min_lr_ratio", format!("is {r}; expected a number in [0, 1]"));
+            }
+        }
+
+        let t = &self.train;
+        if t.batch_size == 0 || t.micro_batch_size == 0 {
+            return err("train.batch_size", "and `train.micro_batch_size` must be at least 1".into());
+        }
+        if t.batch_size % t.micro_batch_size != 0 {
+            return err(
+                "train.batch_size",
+                format!("({}) must be a multiple of `train.micro_batch_size` ({})", t.batch_size, t.micro_batch_size),
+            );
+        }
+        if t.max_steps == Some(0) {
+            return err("train.max_steps", "is 0; expected at least 1 (or leave it out to use `train.epochs`)".into());
+        }
+        if !(t.epochs.is_finite() && t.epochs > 0.0) {
+            return err("train.epochs", format!("is {}; expected a finite number > 0", t.epochs));
+        }
+        if t.dtype != "f32" {
+            return err("train.dtype", format!("is `{}`; only \"f32\" is implemented", t.dtype));
+        }
+        if t.log_every == 0 {
+            return err("train.log_every", "is 0; expected at least 1".into());
+        }
+        if t.keep_checkpoints == 0 {
+            return err("train.keep_checkpoints", "is 0; expected at least 1 (the last good checkpoint is what a failed run keeps)".into());
+        }
+        if self.eval.batch_size == 0 {
+            return err("eval.batch_size", "is 0; expected at least 1".into());
+        }
+        match t.stage {
+            Stage::Sft => {
+                if self.loss.is_some() {
+                    return err("loss", "does not apply to `train.stage = \"sft\"` (the SFT loss is the chosen responses' NLL); remove the table".into());
+                }
+                if t.reference != ReferenceMode::Frozen {
+                    return err("train.reference", "does not apply to `train.stage = \"sft\"`, which has no reference model; remove it".into());
+                }
+                if self.data.offset.is_some() {
+                    return err("data.offset", "does not apply to `train.stage = \"sft\"`; remove it".into());
+                }
+            }
+            Stage::Preference => {
+                let loss = self.loss.clone().unwrap_or_default();
+                loss.validate()?;
+                if self.data.offset.is_some() {
+                    for kind in &loss.loss_type {
+                        if let Err(why) = kind.offset_support() {
+                            return err("data.offset", format!("cannot be used with `loss.loss_type` {kind}: {why}"));
+                        }
+                    }
+                }
+                if t.reference == ReferenceMode::Cached && loss.loss_type.iter().all(|k| k.reference_free()) {
+                    return err("train.reference", "= \"cached\" does nothing: every objective in `loss.loss_type` is reference-free".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The loss config in force (the default one when `[loss]` is left out).
+    pub fn loss(&self) -> LossConfig {
+        self.loss.clone().unwrap_or_default()
+    }
+
+    /// Whether the run needs reference log-probs at all.
+    pub fn needs_reference(&self) -> bool {
+        self.train.stage == Stage::Preference && !self.loss().loss_type.iter().all(|k| k.reference_free())
+    }
+}
+
+fn optimizer_name(k: OptimizerKind) -> &'static str {
+    match k {
+        OptimizerKind::Adamw => "adamw",
+        OptimizerKind::Rmsprop => "rmsprop",
+    }
+}
+
+/// Applies one `a.b.c=value` to the tree. The value is parsed as a TOML value (`0.5`, `true`, `"x"`,
+/// `[0.9, 0.95]`, `{ alpha = 1 }`); anything that does not parse is taken as a string, so
+/// `--set output.dir=runs/x` works unquoted. Intermediate tables are created; an unknown key is
+/// reported when the tree is deserialised.
+pub fn apply_set(tree: &mut toml::Table, set: &str) -> Result<()> {
+    let bad = |m: &str| TrainError::ConfigParse { origin: format!("--set {set}"), message: m.to_string() };
+    let (key, value) = set.split_once('=').ok_or_else(|| bad("expected `key=value`, e.g. `optim.lr=1e-6`"))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad("the key is empty or has an empty part"));
+    }
+    let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.to_string())),
+        Err(_) => toml::Value::String(value.to_string()),
+    };
+    let mut table = tree;
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            table.insert(part.to_string(), value);
+            return Ok(());
+        }
+        let entry = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(bad(&format!("`{}` is not a table", parts[..=i].join(".")))),
+        };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+path = "models/tiny"
+[data]
+path = "data/pairs.jsonl"
+format = "jsonl"
+[loss]
+beta = 0.1
+"#;
+
+    fn parse(text: &str, sets: &[&str]) -> Result<RunConfig> {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        RunConfig::from_toml_str(text, "run.toml", &sets)
+    }
+
+    #[test]
+    fn defaults_and_round_trip() -> Result<()> {
+        let cfg = parse(BASE, &[])?;
+        assert_eq!(cfg.optim.optimizer, OptimizerKind::Rmsprop);
+        assert_eq!(cfg.train.batch_size, 32);
+        let again = parse(&cfg.to_toml(), &[])?;
+        assert_eq!(again, cfg);
+        Ok(())
+    }
+
+    #[test]
+    fn set_overrides_and_parses_values() -> Result<()> {
+        let cfg = parse(BASE, &["optim.lr=1e-6", "train.max_steps=7", "output.dir=runs/x", "loss.beta=0.7", "optim.optimizer=adamw", "optim.betas=[0.9, 0.95]"])?;
+        assert_eq!(cfg.optim.lr, 1e-6);
+        assert_eq!(cfg.train.max_steps, Some(7));
+        assert_eq!(cfg.output.dir, PathBuf::from("runs/x"));
+        assert_eq!(cfg.loss().beta, 0.7);
+        assert_eq!(cfg.optim.betas, Some([0.9, 0.95]));
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = parse(BASE, &["optim.lrr=1e-6"]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.starts_with("--set optim.lrr=1e-6: "), "{e}");
+        assert!(e.contains("unknown field `lrr`"), "{e}");
+        let e = parse(&format!("{BASE}[train]\nbatchsize = 4\n"), &[]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.starts_with("run.toml: "), "{e}");
+        assert!(e.contains("unknown field `batchsize`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_expected_type() {
+        let e = parse(BASE, &["train.batch_size=\"many\""]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.contains("batch_size") && e.contains("expected"), "{e}");
+        let e = parse(BASE, &["optim.schedule=exponential"]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.contains("unknown variant `exponential`") && e.contains("cosine"), "{e}");
+    }
+
+    #[test]
+    fn options_that_do_nothing_are_refused() {
+        let cases = [
+            (vec!["optim.betas=[0.9, 0.99]"], "config: `optim.betas` does not apply to `optim.optimizer = \"rmsprop\"`; remove it"),
+            (vec!["optim.optimizer=adamw", "optim.momentum=0.9"], "config: `optim.momentum` does not apply to `optim.optimizer = \"adamw\"`; remove it"),
+            (vec!["optim.min_lr_ratio=0.1"], "config: `optim.min_lr_ratio` does not apply to `optim.schedule = \"constant\"`; remove it"),
+            (vec!["train.batch_size=6", "train.micro_batch_size=4"], "config: `train.batch_size` (6) must be a multiple of `train.micro_batch_size` (4)"),
+            (vec!["train.dtype=bf16"], "config: `train.dtype` is `bf16`; only \"f32\" is implemented"),
+        ];
+        for (sets, msg) in cases {
+            let e = parse(BASE, &sets).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+            assert_eq!(e, msg);
+        }
+        let sft = BASE.replace("[loss]\nbeta = 0.1\n", "[train]\nstage = \"sft\"\n");
+        assert!(parse(&sft, &[]).is_ok());
+        let e = parse(&format!("{sft}[loss]\nbeta = 0.1\n"), &[]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.starts_with("config: `loss` does not apply"), "{e}");
+    }
+}

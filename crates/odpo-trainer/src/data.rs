@@ -1,0 +1,91 @@
+//! The run's data: tokenized train and eval pairs (from odpo-data), and the deterministic order in
+//! which steps consume them, so that a data position is just a step number.
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use odpo_data::{DataConfig, TokenizedPair};
+use odpo_model::tokenizer::Tokenizer;
+
+use crate::error::Result;
+
+/// Tokenized pairs of a run.
+#[derive(Clone, Debug, Default)]
+pub struct RunData {
+    /// Training pairs, in file order.
+    pub train: Vec<TokenizedPair>,
+    /// Held-out pairs (no prompt shared with `train`).
+    pub eval: Vec<TokenizedPair>,
+    /// The padding id used for batches (padding is masked; any id works).
+    pub pad_id: u32,
+}
+
+impl RunData {
+    /// Reads, pairs, splits and tokenizes the configured data, logging what was dropped.
+    pub fn load(cfg: &DataConfig, tokenizer: &Tokenizer) -> Result<Self> {
+        let loaded = odpo_data::load(cfg)?;
+        tracing::info!(
+            rows = loaded.report.rows,
+            prompts = loaded.report.prompts,
+            pairs = loaded.report.pairs,
+            ties_dropped = loaded.report.ties(),
+            skipped_rows = loaded.report.skipped.len(),
+            "loaded {}",
+            cfg.path.display()
+        );
+        let (train, eval) = odpo_data::split_by_prompt(loaded.pairs, cfg.eval_fraction, cfg.seed);
+        let (train, report) = odpo_data::tokenize_pairs(&train, tokenizer, cfg)?;
+        tracing::info!(?report, "tokenized training pairs");
+        let (eval, report) = odpo_data::tokenize_pairs(&eval, tokenizer, cfg)?;
+        tracing::info!(?report, "tokenized eval pairs");
+        let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
+        Ok(Self { train, eval, pad_id })
+    }
+}
+
+/// The order of pass `epoch` over `n` items: a permutation seeded by (`seed`, `epoch`) alone, so it can
+/// be recomputed on resume without saving any RNG state.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = StdRng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    order.shuffle(&mut rng);
+    order
+}
+
+/// The indices of the items at stream positions `start..start + count` of the endless sequence of
+/// epochs (each a fresh permutation). A step that crosses an epoch boundary takes from both.
+pub fn stream_slice(n: usize, seed: u64, start: usize, count: usize) -> Vec<usize> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut pos = start;
+    while out.len() < count {
+        let (epoch, at) = (pos / n, pos % n);
+        let order = epoch_order(n, seed, epoch);
+        let take = (count - out.len()).min(n - at);
+        out.extend_from_slice(&order[at..at + take]);
+        pos += take;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_is_a_sequence_of_permutations() {
+        let whole = stream_slice(5, 3, 0, 15);
+        for e in 0..3 {
+            let mut chunk = whole[e * 5..(e + 1) * 5].to_vec();
+            assert_eq!(chunk, epoch_order(5, 3, e));
+            chunk.sort();
+            assert_eq!(chunk, vec![0, 1, 2, 3, 4]);
+        }
+        // Any window equals the same window of the whole stream: the data position is a number.
+        assert_eq!(stream_slice(5, 3, 4, 7), whole[4..11].to_vec());
+        assert_ne!(epoch_order(50, 3, 0), epoch_order(50, 3, 1));
+    }
+}

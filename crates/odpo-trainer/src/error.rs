@@ -1,0 +1,86 @@
+//! `TrainError`: everything that can stop a run, each naming what to look at.
+
+use std::path::PathBuf;
+
+/// Why a run could not start, continue or finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    /// The run config could not be read or parsed (TOML syntax, unknown key, wrong type).
+    #[error("{origin}: {message}")]
+    ConfigParse {
+        /// The file, or `--set key=value` for an override.
+        origin: String,
+        /// The parser's message, which names the key and the expected type.
+        message: String,
+    },
+    /// A config value is out of range or does not apply.
+    #[error("config: `{key}` {message}")]
+    Config {
+        /// The dotted key, e.g. `optim.betas`.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Loading or saving the model failed.
+    #[error(transparent)]
+    Model(#[from] odpo_model::ModelError),
+    /// Reading or tokenizing the data failed.
+    #[error(transparent)]
+    Data(#[from] odpo_data::DataError),
+    /// The tokenizer could not be loaded.
+    #[error(transparent)]
+    Tokenizer(#[from] odpo_model::tokenizer::TokenizerError),
+    /// The backend named is unknown or not compiled in.
+    #[error(transparent)]
+    Backend(#[from] odpo_model::backend::BackendError),
+    /// The objective refused its inputs (a config or shape problem).
+    #[error(transparent)]
+    Loss(#[from] odpo_loss::LossError),
+    /// A NaN or infinity appeared; the last good checkpoint is kept.
+    #[error("non-finite {what} at step {step} (pairs {pair_ids:?}): {detail}; the last good checkpoint is kept")]
+    NonFinite {
+        /// The optimizer step (0-based) being computed.
+        step: usize,
+        /// `loss` or `gradient`.
+        what: &'static str,
+        /// The ids of the pairs in the offending micro-batch (or the whole step for gradients).
+        pair_ids: Vec<usize>,
+        /// Which tensor: the loss crate's diagnosis, or the parameter whose gradient is not finite.
+        detail: String,
+    },
+    /// A checkpoint or cache file is missing or unreadable.
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint {
+        /// The file or folder.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Results of this crate.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Config { key: key.into(), message: message.into() }
+    }
+
+    pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {
+        Self::Checkpoint { path: path.into(), message: message.to_string() }
+    }
+}

@@ -1,0 +1,118 @@
+//! One forward pass over a micro-batch: chosen and rejected rows of B pairs in one [2B, T] batch, summed
+//! response log-probs per row, and the objective's inputs.
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::tensor::{Device, Tensor, TensorData};
+use odpo_data::{PreferenceBatch, PreferenceBatcher, SftBatcher, SftItem, TokenizedPair};
+use odpo_loss::PairLogps;
+use odpo_model::CausalLm;
+use odpo_model::logprobs::sequence_logprobs;
+
+/// A preference micro-batch on `device`.
+pub fn preference_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> PreferenceBatch {
+    let batcher = PreferenceBatcher { pad_id, pad_to_multiple: None };
+    batcher.batch(items.iter().map(|p| (*p).clone()).collect(), device)
+}
+
+/// Summed log-probs and token counts of the 2B rows (chosen first), each `[2B]`.
+pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
+    let logits = model.forward(batch.input_ids.clone(), &batch.attention_mask, None);
+    sequence_logprobs(logits, batch.input_ids.clone(), batch.loss_mask.clone())
+}
+
+/// The reference model's summed log-probs of the 2B rows, on the host (chosen first). `model` is a
+/// `.valid()` model: the batch is moved off autodiff for it.
+pub fn reference_row_logps(model: &CausalLm, batch: &PreferenceBatch) -> Vec<f32> {
+    let b = PreferenceBatch {
+        input_ids: batch.input_ids.clone().inner(),
+        attention_mask: batch.attention_mask.clone().inner(),
+        loss_mask: batch.loss_mask.clone().inner(),
+        offsets: batch.offsets.clone().inner(),
+        weights: None,
+        pair_ids: batch.pair_ids.clone(),
+    };
+    let (sum, _) = row_logps(model, &b);
+    sum.try_to_vec_as::<f32>().unwrap_or_default()
+}
+
+/// The objective's inputs for a batch: policy log-probs from `policy_rows` (`[2B]`, tracked), reference
+/// log-probs from the host (`[2B]`, chosen first), offsets when the run has them, weights when the data has them.
+pub fn pair_logps(
+    batch: &PreferenceBatch,
+    policy_rows: (Tensor<1>, Tensor<1>),
+    reference_rows: &[f32],
+    use_offsets: bool,
+    device: &Device,
+) -> PairLogps {
+    let b = batch.pair_ids.len();
+    let (sum, count) = policy_rows;
+    let reference = Tensor::<1>::from_data(TensorData::new(reference_rows.to_vec(), [2 * b]), device);
+    let mut inputs = PairLogps::new(
+        sum.clone().narrow(0, 0, b),
+        sum.narrow(0, b, b),
+        reference.clone().narrow(0, 0, b),
+        reference.narrow(0, b, b),
+        count.clone().narrow(0, 0, b),
+        count.narrow(0, b, b),
+    );
+    if use_offsets {
+        inputs = inputs.with_offset(batch.offsets.clone());
+    }
+    if let Some(w) = &batch.weights {
+        inputs = inputs.with_weight(w.clone());
+    }
+    inputs
+}
+
+/// SFT rows (prompt + chosen, loss on the chosen response) for a micro-batch of pairs.
+pub fn sft_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> odpo_data::SftBatch {
+    let items: Vec<SftItem> = items
+        .iter()
+        .map(|p| {
+            let mut ids = p.prompt.clone();
+            ids.extend_from_slice(&p.chosen);
+            SftItem { id: p.pair_id, ids, prompt_len: p.prompt.len() }
+        })
+        .collect();
+    SftBatcher { pad_id, pad_to_multiple: None }.batch(items, device)
+}
+
+/// Summed NLL of the trained tokens of an SFT batch, `[1]`, tracked.
+pub fn sft_nll(model: &CausalLm, batch: &odpo_data::SftBatch) -> Tensor<1> {
+    let logits = model.forward(batch.input_ids.clone(), &batch.attention_mask, None);
+    let (sum, _) = sequence_logprobs(logits, batch.input_ids.clone(), batch.loss_mask.clone());
+    sum.sum().neg()
+}
+
+/// Trained tokens of a pair's SFT row (the first token of a sequence is never predicted).
+pub fn sft_tokens(p: &TokenizedPair) -> usize {
+    p.chosen.len() - usize::from(p.prompt.is_empty() && !p.chosen.is_empty())
+}
+
+/// Completion tokens (the loss-masked ones, both responses) of a pair.
+pub fn pair_tokens(p: &TokenizedPair) -> usize {
+    p.chosen.len() + p.rejected.len()
+}
+
+/// Where a batch's reference log-probs come from.
+pub enum Reference {
+    /// Reference-free objectives (and SFT): zeros, used only by the reward metrics.
+    None,
+    /// A frozen copy of the starting model, without autodiff.
+    Frozen(CausalLm),
+    /// Log-probs computed before training.
+    Cached(crate::refcache::RefCache),
+}
+
+impl Reference {
+    /// The `[2B]` reference row log-probs of a batch (chosen first), on the host.
+    pub fn rows(&self, batch: &PreferenceBatch) -> crate::error::Result<Vec<f32>> {
+        match self {
+            Reference::None => Ok(vec![0.0; 2 * batch.pair_ids.len()]),
+            Reference::Frozen(model) => Ok(reference_row_logps(model, batch)),
+            Reference::Cached(cache) => cache.rows_for(&batch.pair_ids).map_err(|id| {
+                crate::error::TrainError::config("train.reference", format!("= \"cached\": pair {id} is missing from the reference cache"))
+            }),
+        }
+    }
+}

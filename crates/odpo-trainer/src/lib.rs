@@ -1,0 +1,58 @@
+//! The training loop of odpo: SFT and preference training (ODPO and every objective of `odpo-loss`) of
+//! an `odpo-model` causal LM on `odpo-data` pairs, configured by one TOML file per run.
+//!
+//! This crate owns the run: [`config`] (the strict `RunConfig` and `--set` overrides), [`train()`] (the
+//! loop, readable top to bottom), [`schedule`] (warmup then constant, linear or cosine), [`optim`]
+//! (AdamW and RMSprop with PyTorch's hyper-parameters, PyTorch's global-norm clipping), [`checkpoint`]
+//! (atomic checkpoints and exact resume), [`metrics`] (`metrics.jsonl` and `metrics.csv`), [`refcache`]
+//! (reference log-probs cached on disk) and [`eval`]. It never names a backend: it takes a `&Device`.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let summary = odpo_trainer::run_from_args(
+//!     Some("configs/smollm2-imdb-odpo.toml".as_ref()), None, &["train.max_steps=20".into()], None)?;
+//! println!("{:?}", summary.eval_end);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+mod error;
+pub mod eval;
+pub mod forward;
+pub mod metrics;
+pub mod optim;
+pub mod refcache;
+pub mod schedule;
+mod train;
+
+use std::path::Path;
+
+pub use config::RunConfig;
+pub use data::RunData;
+pub use error::{Result, TrainError};
+pub use train::{RunSummary, export, load_policy, tokenizer_dir, train, train_on};
+
+/// What `odpo train` / `cargo xtask train` call: reads the config (or, with `resume`, the run folder's
+/// resolved `config.toml`), applies `--set` overrides, picks the backend (`backend` overrides
+/// `train.backend`) and trains.
+pub fn run_from_args(config: Option<&Path>, backend: Option<&str>, sets: &[String], resume: Option<&Path>) -> Result<RunSummary> {
+    let path = match (resume, config) {
+        (Some(run_dir), _) => run_dir.join("config.toml"),
+        (None, Some(config)) => config.to_path_buf(),
+        (None, None) => return Err(TrainError::config("--config", "is required unless `--resume RUN_DIR` is given")),
+    };
+    let mut cfg = RunConfig::from_file(&path, sets)?;
+    if let Some(run_dir) = resume {
+        // The run folder is where it is now, whatever the saved config says.
+        cfg.output.dir = run_dir.to_path_buf();
+    }
+    if let Some(b) = backend {
+        cfg.train.backend = b.to_string();
+    }
+    let device = odpo_model::backend::device(&cfg.train.backend)?;
+    tracing::info!(backend = %cfg.train.backend, run = %cfg.output.dir.display(), "training");
+    train(&cfg, &device, resume.is_some())
+}

@@ -1,0 +1,116 @@
+//! `metrics.jsonl` and `metrics.csv` in the run folder: one row per log or evaluation, keyed by step
+//! and split (`train` or `eval`).
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, TrainError};
+
+/// One row: a step, a split and named values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Row {
+    /// Optimizer steps done when the row was taken.
+    pub step: usize,
+    /// `train` or `eval`.
+    pub split: &'static str,
+    /// Values by name (loss-crate names such as `rewards/accuracies`, and `lr`, `grad_norm`, ...).
+    pub values: BTreeMap<String, f64>,
+}
+
+/// Appends rows to both files, flushing each.
+pub struct MetricsWriter {
+    jsonl: File,
+    csv: File,
+    columns: Vec<String>,
+    jsonl_path: PathBuf,
+}
+
+impl MetricsWriter {
+    /// Opens the files in `run_dir`. With `resume_step`, rows after that step (written by the run that
+    /// was killed after its last checkpoint) are dropped, so the resumed run does not repeat them;
+    /// otherwise the files start empty. `columns` fixes the CSV header (after `step,split`).
+    pub fn open(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>) -> Result<Self> {
+        let jsonl_path = run_dir.join("metrics.jsonl");
+        let csv_path = run_dir.join("metrics.csv");
+        let kept: Vec<String> = match resume_step {
+            Some(step) => read_lines(&jsonl_path)?
+                .into_iter()
+                .filter(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+                    v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step)
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let create = |p: &Path| File::create(p).map_err(|e| TrainError::io(p, e));
+        let mut w = Self { jsonl: create(&jsonl_path)?, csv: create(&csv_path)?, columns, jsonl_path };
+        let header = format!("step,split,{}\n", w.columns.join(","));
+        w.csv.write_all(header.as_bytes()).map_err(|e| TrainError::io(&csv_path, e))?;
+        for line in kept {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let mut row = Row { step: v.get("step").and_then(|s| s.as_u64()).unwrap_or(0) as usize, ..Row::default() };
+            row.split = if v.get("split").and_then(|s| s.as_str()) == Some("eval") { "eval" } else { "train" };
+            if let Some(obj) = v.as_object() {
+                for (k, x) in obj {
+                    if let Some(x) = x.as_f64()
+                        && k != "step"
+                    {
+                        row.values.insert(k.clone(), x);
+                    }
+                }
+            }
+            w.write(&row)?;
+        }
+        Ok(w)
+    }
+
+    /// Appends a row.
+    pub fn write(&mut self, row: &Row) -> Result<()> {
+        let mut obj = serde_json::Map::new();
+        obj.insert("step".into(), row.step.into());
+        obj.insert("split".into(), row.split.into());
+        for (k, v) in &row.values {
+            obj.insert(k.clone(), serde_json::Number::from_f64(*v).map(Into::into).unwrap_or(serde_json::Value::Null));
+        }
+        let line = serde_json::Value::Object(obj).to_string();
+        let cells: Vec<String> = self.columns.iter().map(|c| row.values.get(c).map(|v| v.to_string()).unwrap_or_default()).collect();
+        let csv = format!("{},{},{}\n", row.step, row.split, cells.join(","));
+        let p = self.jsonl_path.clone();
+        writeln!(self.jsonl, "{line}").and_then(|_| self.jsonl.flush()).map_err(|e| TrainError::io(&p, e))?;
+        self.csv.write_all(csv.as_bytes()).and_then(|_| self.csv.flush()).map_err(|e| TrainError::io(&p, e))
+    }
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>> {
+    match OpenOptions::new().read(true).open(path) {
+        Ok(f) => BufReader::new(f).lines().collect::<std::io::Result<Vec<_>>>().map_err(|e| TrainError::io(path, e)),
+        Err(_) => Ok(Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_drops_rows_after_the_checkpoint() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("odpo-metrics-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let cols = vec!["loss".to_string(), "lr".to_string()];
+        let mut w = MetricsWriter::open(&dir, cols.clone(), None)?;
+        for step in 1..=4 {
+            let values = BTreeMap::from([("loss".to_string(), step as f64 / 2.0)]);
+            w.write(&Row { step, split: "train", values })?;
+        }
+        drop(w);
+        let _w = MetricsWriter::open(&dir, cols, Some(2))?;
+        let jsonl = std::fs::read_to_string(dir.join("metrics.jsonl")).map_err(|e| TrainError::io(&dir, e))?;
+        assert_eq!(jsonl, "{\"loss\":0.5,\"split\":\"train\",\"step\":1}\n{\"loss\":1.0,\"split\":\"train\",\"step\":2}\n");
+        let csv = std::fs::read_to_string(dir.join("metrics.csv")).map_err(|e| TrainError::io(&dir, e))?;
+        assert_eq!(csv, "step,split,loss,lr\n1,train,0.5,\n2,train,1,\n");
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! Reference log-probs computed once and cached on disk.
+//!
+//! The key is a SHA-256 over the model's identity (path, and size and modification time of each weight
+//! and config file; or the config and seed of a random init) and every pair's token ids (prompt,
+//! chosen, rejected), so the data, the tokenizer, the chat template, the separator and the length
+//! settings are all covered by what they produce. A later run with the same key reads the file instead
+//! of running the reference model.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use odpo_data::TokenizedPair;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::ModelSection;
+use crate::error::{Result, TrainError};
+
+/// Reference log-probs `(chosen, rejected)` by pair id.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefCache {
+    /// The cache key (hex SHA-256).
+    pub key: String,
+    /// `[pair_id, log π_ref(y_w|x), log π_ref(y_l|x)]` rows.
+    pub rows: Vec<(usize, f32, f32)>,
+    #[serde(skip)]
+    index: HashMap<usize, (f32, f32)>,
+}
+
+impl RefCache {
+    /// A cache from computed rows.
+    pub fn new(key: String, rows: Vec<(usize, f32, f32)>) -> Self {
+        let index = rows.iter().map(|&(id, c, r)| (id, (c, r))).collect();
+        Self { key, rows, index }
+    }
+
+    /// The `[2B]` reference row log-probs (chosen first) of the given pairs, or the first missing id.
+    pub fn rows_for(&self, pair_ids: &[usize]) -> std::result::Result<Vec<f32>, usize> {
+        let mut chosen = Vec::with_capacity(pair_ids.len() * 2);
+        let mut rejected = Vec::with_capacity(pair_ids.len());
+        for id in pair_ids {
+            let &(c, r) = self.index.get(id).ok_or(*id)?;
+            chosen.push(c);
+            rejected.push(r);
+        }
+        chosen.extend(rejected);
+        Ok(chosen)
+    }
+
+    /// The file of `key` under `dir`.
+    pub fn path(dir: &Path, key: &str) -> PathBuf {
+        dir.join(format!("ref-{}.json", &key[..key.len().min(32)]))
+    }
+
+    /// Reads the cache for `key`, if there is one (an unreadable or mismatched file is ignored, with a warning).
+    pub fn read(dir: &Path, key: &str) -> Option<Self> {
+        let path = Self::path(dir, key);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match serde_json::from_str::<RefCache>(&text) {
+            Ok(c) if c.key == key => Some(Self::new(c.key, c.rows)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!("ignoring unreadable reference cache {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    /// Writes the cache atomically (serde_json writes f32 in shortest round-trip form: exact).
+    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        let path = Self::path(dir, &self.key);
+        let json = serde_json::to_vec(self).map_err(|e| TrainError::checkpoint(&path, e))?;
+        odpo_model::weights::write_atomic(&path, &json)?;
+        Ok(path)
+    }
+}
+
+/// The identity of the reference model: its files' names, sizes and modification times, or for a
+/// random init its config file's bytes and the seed.
+pub fn model_identity(model: &ModelSection, seed: u64) -> Result<String> {
+    let path = &model.path;
+    let config_json = if path.is_dir() { path.join("config.json") } else { path.clone() };
+    if model.random_init {
+        let bytes = std::fs::read(&config_json).map_err(|e| TrainError::io(&config_json, e))?;
+        return Ok(format!("random:{}:{}", hex(&Sha256::digest(&bytes)), seed));
+    }
+    let mut files: Vec<PathBuf> = if path.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| TrainError::io(path, e))?;
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+            })
+            .collect()
+    } else {
+        vec![path.clone()]
+    };
+    files.sort();
+    let mut id = format!("{}", path.display());
+    for f in files {
+        let meta = std::fs::metadata(&f).map_err(|e| TrainError::io(&f, e))?;
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+        id.push_str(&format!("|{}:{}:{}", f.file_name().and_then(|n| n.to_str()).unwrap_or(""), meta.len(), mtime));
+    }
+    Ok(id)
+}
+
+/// The cache key of `pairs` under the reference model `model_id`.
+pub fn cache_key<'a>(model_id: &str, pairs: impl IntoIterator<Item = &'a TokenizedPair>) -> String {
+    let mut h = Sha256::new();
+    h.update(b"odpo-refcache-v1\0");
+    h.update(model_id.as_bytes());
+    let mut put = |ids: &[u32]| {
+        h.update((ids.len() as u64).to_le_bytes());
+        for t in ids {
+            h.update(t.to_le_bytes());
+        }
+    };
+    for p in pairs {
+        put(&[p.pair_id as u32]);
+        put(&p.prompt);
+        put(&p.chosen);
+        put(&p.rejected);
+    }
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(id: usize, prompt: &[u32]) -> TokenizedPair {
+        TokenizedPair { pair_id: id, prompt: prompt.to_vec(), chosen: vec![1], rejected: vec![2], offset: 0.0, weight: None }
+    }
+
+    #[test]
+    fn key_follows_tokens_and_model() {
+        let a = [pair(0, &[5, 6]), pair(1, &[7])];
+        let b = [pair(0, &[5]), pair(1, &[6, 7])];
+        assert_ne!(cache_key("m", &a), cache_key("m", &b));
+        assert_ne!(cache_key("m", &a), cache_key("n", &a));
+        assert_eq!(cache_key("m", &a), cache_key("m", &a.clone()));
+    }
+
+    #[test]
+    fn round_trips_exactly() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("odpo-refcache-test-{}", std::process::id()));
+        let c = RefCache::new("abc".into(), vec![(3, -1.234_567_9, -0.1), (7, f32::MIN_POSITIVE, -1e-30)]);
+        c.write(&dir)?;
+        let back = RefCache::read(&dir, "abc").ok_or_else(|| TrainError::config("x", "cache not read back"))?;
+        assert_eq!(back.rows, c.rows);
+        assert_eq!(back.rows_for(&[7, 3]), Ok(vec![f32::MIN_POSITIVE, -1.234_567_9, -1e-30, -0.1]));
+        assert_eq!(back.rows_for(&[4]), Err(4));
+        assert!(RefCache::read(&dir, "abd").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}

@@ -1,0 +1,294 @@
+//! `train`: the whole run, top to bottom, like nanoGPT's train.py. Set up the run folder, the policy
+//! and its frozen reference (or the cached reference log-probs), the optimizer and `lr_at(step)`;
+//! resume if asked; then loop: micro-batches (forward, loss, backward, accumulate), global-norm clip,
+//! step, log, evaluate, checkpoint. At the end: a last checkpoint, evaluation and the HF export.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use odpo_data::TokenizedPair;
+use odpo_loss::{Metrics, check_finite, try_preference_loss};
+use odpo_model::tokenizer::Tokenizer;
+use odpo_model::{CausalLm, ModelConfig};
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{ModelSection, ReferenceMode, RunConfig, Stage};
+use crate::data::{self, RunData};
+use crate::error::{Result, TrainError};
+use crate::eval;
+use crate::forward::{self, Reference};
+use crate::metrics::{MetricsWriter, Row};
+use crate::refcache::{self, RefCache};
+use crate::schedule::Schedule;
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Default)]
+pub struct RunSummary {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// Optimizer steps done in all (including those before a resume).
+    pub steps: usize,
+    /// The step the run resumed from, if it did.
+    pub resumed_from: Option<usize>,
+    /// The first and the last logged training loss (SFT: token-mean NLL).
+    pub train_loss: Option<(f64, f64)>,
+    /// Eval metrics before training (when `eval.at_start` and the run did not resume).
+    pub eval_start: Option<BTreeMap<String, f64>>,
+    /// Eval metrics at the end.
+    pub eval_end: Option<BTreeMap<String, f64>>,
+    /// Where the trained model was exported.
+    pub exported: Option<PathBuf>,
+}
+
+/// Runs `cfg` on `device` (without autodiff; the trainer adds it): reads the model's tokenizer and the
+/// data, then [`train_on`]. With `resume`, continues from the newest checkpoint in `output.dir`.
+pub fn train(cfg: &RunConfig, device: &Device, resume: bool) -> Result<RunSummary> {
+    let tokenizer_dir = tokenizer_dir(&cfg.model);
+    let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
+    let data = RunData::load(&cfg.data, &tokenizer)?;
+    train_on(cfg, data, device, resume, Some(&tokenizer_dir))
+}
+
+/// [`train`] on data already tokenized (tests build pairs from token ids). `tokenizer_dir`: where the
+/// tokenizer files to export with the model are.
+pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
+    let (t, run_dir) = (&cfg.train, cfg.output.dir.clone());
+    let ad = device.clone().autodiff();
+    if data.train.is_empty() {
+        return Err(TrainError::config("data.path", "gives no training pairs after pairing, splitting and tokenizing"));
+    }
+    if !resume && !checkpoint::list(&run_dir)?.is_empty() {
+        return Err(TrainError::config("output.dir", format!("`{}` already holds checkpoints; resume it with `--resume {0}` or choose another folder", run_dir.display())));
+    }
+    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
+    let config_toml = cfg.to_toml();
+    odpo_model::weights::write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+
+    // The policy, and its starting point as the reference: frozen, or run once into a cache.
+    let (model_cfg, mut policy) = load_policy(&cfg.model, t.seed, &ad)?;
+    let loss_cfg = cfg.loss();
+    let use_offsets = cfg.data.offset.is_some();
+    let reference = match (cfg.needs_reference(), t.reference) {
+        (false, _) => Reference::None,
+        (true, ReferenceMode::Frozen) => Reference::Frozen(policy.valid()),
+        (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &policy.valid(), &data, device)?),
+    };
+
+    let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
+    let schedule = Schedule::new(&cfg.optim, total_steps);
+    let mut optim = crate::optim::build(&cfg.optim);
+    let mut state = TrainState { step: 0, pairs_seen: 0, tokens_seen: 0, seed: t.seed, total_steps };
+    let mut summary = RunSummary { run_dir: run_dir.clone(), ..RunSummary::default() };
+    if resume && let Some(ckpt) = checkpoint::latest(&run_dir)? {
+        (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
+        tracing::info!(step = state.step, "resumed from {}", ckpt.display());
+        summary.resumed_from = Some(state.step);
+    }
+
+    let columns = metric_columns(t.stage);
+    let mut metrics = MetricsWriter::open(&run_dir, columns, summary.resumed_from)?;
+    let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
+    let evaluate = |policy: &CausalLm| -> Result<BTreeMap<String, f64>> {
+        match t.stage {
+            Stage::Preference => eval::preference(&policy.valid(), &reference, &eval_pairs, &loss_cfg, use_offsets, cfg.eval.batch_size, data.pad_id, device),
+            Stage::Sft => eval::sft(&policy.valid(), &eval_pairs, cfg.eval.batch_size, data.pad_id, device),
+        }
+    };
+    if cfg.eval.at_start && state.step == 0 && !eval_pairs.is_empty() {
+        let values = evaluate(&policy)?;
+        tracing::info!(?values, "eval before training");
+        metrics.write(&Row { step: 0, split: "eval", values: values.clone() })?;
+        summary.eval_start = Some(values);
+    }
+
+    let bar = progress_bar(cfg, total_steps, state.step);
+    let (mut window, mut window_pairs, mut window_tokens, mut window_start) = (BTreeMap::<String, f64>::new(), 0usize, 0usize, Instant::now());
+    while state.step < total_steps {
+        let step = state.step;
+        let lr = schedule.lr_at(step);
+        let idx = data::stream_slice(data.train.len(), t.seed, state.pairs_seen, t.batch_size);
+        let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data.train[i]).collect();
+        // Each micro-batch's mean loss is scaled by its share of the step (pair weights, or SFT tokens), so
+        // the accumulated gradient is that of the whole batch in one pass.
+        let share = |ps: &[&TokenizedPair]| -> f64 {
+            match t.stage {
+                Stage::Preference => ps.iter().map(|p| p.weight.unwrap_or(1.0) as f64).sum(),
+                Stage::Sft => ps.iter().map(|p| forward::sft_tokens(p) as f64).sum(),
+            }
+        };
+        let step_total = share(&pairs).max(f64::MIN_POSITIVE);
+        let mut accum = GradientsAccumulator::<CausalLm>::new();
+        for micro in pairs.chunks(t.micro_batch_size) {
+            let ids: Vec<usize> = micro.iter().map(|p| p.pair_id).collect();
+            let nonfinite = |detail: String| TrainError::NonFinite { step, what: "loss", pair_ids: ids.clone(), detail };
+            let loss = match t.stage {
+                Stage::Preference => {
+                    let batch = forward::preference_batch(micro, data.pad_id, &ad);
+                    let reference_rows = reference.rows(&batch)?;
+                    let rows = forward::row_logps(&policy, &batch);
+                    let inputs = forward::pair_logps(&batch, rows, &reference_rows, use_offsets, &ad);
+                    let out = try_preference_loss(&inputs, &loss_cfg)?;
+                    check_finite(&inputs, &out).map_err(|e| nonfinite(e.to_string()))?;
+                    eval::add_metrics(&mut window, &out.metrics, micro.len() as f64);
+                    out.loss.mul_scalar(share(micro) / step_total)
+                }
+                Stage::Sft => {
+                    let batch = forward::sft_batch(micro, data.pad_id, &ad);
+                    let nll = forward::sft_nll(&policy, &batch);
+                    let value = nll.clone().into_scalar::<f64>();
+                    if !value.is_finite() {
+                        return Err(nonfinite(format!("summed NLL of the chosen responses is {value}")));
+                    }
+                    *window.entry("nll_sum".into()).or_default() += value;
+                    *window.entry("nll_tokens".into()).or_default() += share(micro);
+                    nll.div_scalar(step_total)
+                }
+            };
+            accum.accumulate(&policy, GradientsParams::from_grads(loss.backward(), &policy));
+        }
+        let grads = accum.grads();
+        let grad_norm = crate::optim::global_norm(&policy, &grads);
+        if !grad_norm.is_finite() {
+            let param = crate::optim::first_nonfinite_grad(&policy, &grads).unwrap_or_else(|| "?".into());
+            let detail = format!("global gradient norm is {grad_norm}; first non-finite gradient: parameter `{param}`");
+            return Err(TrainError::NonFinite { step, what: "gradient", pair_ids: pairs.iter().map(|p| p.pair_id).collect(), detail });
+        }
+        let grads = match cfg.optim.max_grad_norm {
+            Some(max) => crate::optim::clip_global_norm(&policy, grads, grad_norm, max),
+            None => grads,
+        };
+        policy = optim.step(lr, policy, grads);
+
+        let tokens: usize = pairs.iter().map(|p| 2 * p.prompt.len() + forward::pair_tokens(p)).sum();
+        state = TrainState { step: step + 1, pairs_seen: state.pairs_seen + pairs.len(), tokens_seen: state.tokens_seen + tokens as u64, ..state };
+        (window_pairs, window_tokens) = (window_pairs + pairs.len(), window_tokens + tokens);
+        bar.set_position(state.step as u64);
+
+        if state.step % t.log_every == 0 || state.step == total_steps {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let mut values: BTreeMap<String, f64> = window.iter().map(|(k, v)| (k.clone(), v / window_pairs.max(1) as f64)).collect();
+            if t.stage == Stage::Sft {
+                let nll = window.get("nll_sum").copied().unwrap_or(f64::NAN) / window.get("nll_tokens").copied().unwrap_or(1.0).max(1.0);
+                values = BTreeMap::from([("nll".to_string(), nll), ("ppl".to_string(), nll.exp())]);
+            }
+            values.insert("lr".into(), lr);
+            values.insert("grad_norm".into(), grad_norm);
+            values.insert("tokens_per_s".into(), window_tokens as f64 / secs);
+            values.insert("pairs_per_s".into(), window_pairs as f64 / secs);
+            values.insert("epoch".into(), state.pairs_seen as f64 / data.train.len() as f64);
+            let loss = values.get(if t.stage == Stage::Sft { "nll" } else { "loss" }).copied().unwrap_or(f64::NAN);
+            summary.train_loss = Some((summary.train_loss.map_or(loss, |(first, _)| first), loss));
+            bar.set_message(format!("loss {loss:.4}"));
+            tracing::info!(step = state.step, loss, lr, grad_norm, "train");
+            metrics.write(&Row { step: state.step, split: "train", values })?;
+            (window, window_pairs, window_tokens, window_start) = (BTreeMap::new(), 0, 0, Instant::now());
+        }
+        if cfg.eval.every > 0 && state.step % cfg.eval.every == 0 && state.step < total_steps && !eval_pairs.is_empty() {
+            let values = evaluate(&policy)?;
+            tracing::info!(step = state.step, ?values, "eval");
+            metrics.write(&Row { step: state.step, split: "eval", values })?;
+        }
+        if t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0 && state.step < total_steps {
+            let dir = checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?;
+            tracing::debug!("checkpoint {}", dir.display());
+        }
+    }
+    bar.finish_and_clear();
+
+    checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?;
+    summary.steps = state.step;
+    if !eval_pairs.is_empty() {
+        let values = evaluate(&policy)?;
+        tracing::info!(step = state.step, ?values, "eval at the end");
+        metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
+        summary.eval_end = Some(values);
+    }
+    if cfg.output.export {
+        summary.exported = Some(export(&policy, &model_cfg, &run_dir.join("model"), tokenizer_dir)?);
+    }
+    Ok(summary)
+}
+
+/// The folder with the tokenizer files of `model`.
+pub fn tokenizer_dir(model: &ModelSection) -> PathBuf {
+    match &model.tokenizer {
+        Some(dir) => dir.clone(),
+        None if model.path.is_dir() => model.path.clone(),
+        None => model.path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    }
+}
+
+/// The policy at its starting point: loaded, or random (seeded) from the config when `random_init`.
+pub fn load_policy(model: &ModelSection, seed: u64, device: &Device) -> Result<(ModelConfig, CausalLm)> {
+    if model.random_init {
+        let path = if model.path.is_dir() { model.path.join("config.json") } else { model.path.clone() };
+        let config = ModelConfig::from_file(&path)?;
+        let policy = CausalLm::random(&config, seed, device)?;
+        return Ok((config, policy));
+    }
+    let loaded = CausalLm::load(&model.path, device)?;
+    Ok((loaded.config, loaded.model))
+}
+
+/// Reads the cached reference log-probs of every train and eval pair, or computes and writes them.
+fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device: &Device) -> Result<RefCache> {
+    let all: Vec<&TokenizedPair> = data.train.iter().chain(&data.eval).collect();
+    let key = refcache::cache_key(&refcache::model_identity(&cfg.model, cfg.train.seed)?, all.iter().copied());
+    if let Some(cache) = RefCache::read(&cfg.output.cache_dir, &key) {
+        tracing::info!("reference log-probs read from {}", RefCache::path(&cfg.output.cache_dir, &key).display());
+        return Ok(cache);
+    }
+    let mut rows = Vec::with_capacity(all.len());
+    for chunk in all.chunks(cfg.eval.batch_size) {
+        let batch = forward::preference_batch(chunk, data.pad_id, device);
+        let lp = forward::reference_row_logps(reference, &batch);
+        let b = chunk.len();
+        rows.extend(chunk.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[b + i])));
+    }
+    let cache = RefCache::new(key, rows);
+    let path = cache.write(&cfg.output.cache_dir)?;
+    tracing::info!(pairs = all.len(), "reference log-probs cached in {}", path.display());
+    Ok(cache)
+}
+
+/// Exports the model as HF safetensors + config.json, with the tokenizer files copied next to them.
+pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer_dir: Option<&Path>) -> Result<PathBuf> {
+    policy.valid().save_hf(config, out)?;
+    if let Some(dir) = tokenizer_dir {
+        for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja"] {
+            let src = dir.join(name);
+            if src.is_file() {
+                let bytes = std::fs::read(&src).map_err(|e| TrainError::io(&src, e))?;
+                odpo_model::weights::write_atomic(&out.join(name), &bytes)?;
+            }
+        }
+    }
+    tracing::info!("model exported to {}", out.display());
+    Ok(out.to_path_buf())
+}
+
+fn metric_columns(stage: Stage) -> Vec<String> {
+    let stage_metrics: Vec<&str> = match stage {
+        Stage::Preference => Metrics::NAMES.to_vec(),
+        Stage::Sft => vec!["nll", "ppl"],
+    };
+    stage_metrics.into_iter().chain(["lr", "grad_norm", "tokens_per_s", "pairs_per_s", "epoch"]).map(String::from).collect()
+}
+
+fn progress_bar(cfg: &RunConfig, total: usize, at: usize) -> ProgressBar {
+    if !cfg.output.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total as u64);
+    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}, {per_sec}] {msg}") {
+        bar.set_style(style);
+    }
+    bar.set_position(at as u64);
+    bar.reset_eta();
+    bar
+}

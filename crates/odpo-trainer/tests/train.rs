@@ -1,0 +1,140 @@
+//! End-to-end runs of the trainer on a tiny random GPT-2 and synthetic pairs.
+
+mod common;
+
+use burn::tensor::Device;
+use common::*;
+
+fn device() -> Device {
+    odpo_model::backend::device("flex").expect("flex backend")
+}
+
+fn f(v: &serde_json::Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+#[test]
+fn odpo_lowers_the_loss_and_raises_heldout_accuracy() {
+    let dir = temp_dir("odpo-learns");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    let cfg = config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=200", "train.log_every=20", "eval.every=100"]);
+    let summary = odpo_trainer::train_on(&cfg, data(256, 64), &device(), false, None).expect("training");
+    let start = summary.eval_start.expect("eval at start");
+    let end = summary.eval_end.expect("eval at end");
+    println!("eval start: {start:?}\neval end:   {end:?}\ntrain loss: {:?}", summary.train_loss);
+    assert!(end["loss"] < start["loss"] - 0.3, "eval loss {} -> {}", start["loss"], end["loss"]);
+    assert!(end["rewards/accuracies"] > 0.9, "held-out accuracy {} -> {}", start["rewards/accuracies"], end["rewards/accuracies"]);
+    assert!(end["rewards/margins"] > start["rewards/margins"]);
+    // metrics.jsonl and .csv hold every loss-crate metric and the throughput figures.
+    let train_rows = metric_rows(&run, "train");
+    assert_eq!(train_rows.len(), 10);
+    for key in odpo_loss::Metrics::NAMES.iter().chain(&["lr", "grad_norm", "tokens_per_s", "pairs_per_s"]) {
+        assert!(f(&train_rows[0], key).is_finite(), "{key} missing from {}", train_rows[0]);
+    }
+    assert_eq!(metric_rows(&run, "eval").len(), 3);
+    let csv = std::fs::read_to_string(run.join("metrics.csv")).expect("csv");
+    assert!(csv.starts_with("step,split,rewards/chosen,"));
+    assert!(run.join("config.toml").is_file());
+    // The export loads back as a model.
+    let loaded = odpo_model::CausalLm::load(&run.join("model"), &device()).expect("exported model loads");
+    assert_eq!(loaded.config.vocab_size(), VOCAB as usize);
+}
+
+#[test]
+fn accumulation_averages_like_one_big_batch() {
+    let dir = temp_dir("accumulation");
+    let model = tiny_model(&dir);
+    let mut weights = Vec::new();
+    for micro in [8, 2, 1] {
+        let run = dir.join(format!("micro{micro}"));
+        let m = format!("train.micro_batch_size={micro}");
+        let cfg = config(&model, &run, "", &["train.batch_size=8", &m, "train.max_steps=4", "eval.at_start=false", "optim.max_grad_norm=0.05"]);
+        let mut d = data(64, 0);
+        // Unequal per-pair weights: the average must be weighted across micro-batches too.
+        for (i, p) in d.train.iter_mut().enumerate() {
+            p.weight = Some(1.0 + (i % 3) as f32);
+        }
+        odpo_trainer::train_on(&cfg, d, &device(), false, None).expect("training");
+        weights.push(exported_floats(&run));
+    }
+    for other in &weights[1..] {
+        for ((name, a), (_, b)) in weights[0].iter().zip(other) {
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(worst < 2e-5, "{name}: max difference {worst}");
+        }
+    }
+}
+
+#[test]
+fn cached_reference_gives_the_frozen_losses() {
+    let dir = temp_dir("refcache");
+    let model = tiny_model(&dir);
+    let mut losses = Vec::new();
+    for (i, mode) in ["frozen", "cached", "cached"].into_iter().enumerate() {
+        let run = dir.join(format!("run{i}"));
+        let r = format!("train.reference=\"{mode}\"");
+        let cfg = config(&model, &run, "", &["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=6", "train.log_every=1", "eval.batch_size=4", &r]);
+        odpo_trainer::train_on(&cfg, data(32, 8), &device(), false, None).expect("training");
+        let rows: Vec<f64> = metric_rows(&run, "train").iter().chain(&metric_rows(&run, "eval")).map(|r| f(r, "loss")).collect();
+        losses.push(rows);
+    }
+    let cache_files = std::fs::read_dir(dir.join("refcache")).expect("cache dir").count();
+    assert_eq!(cache_files, 1, "the second cached run reuses the first one's file");
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "frozen {a} vs cached {b}");
+    }
+    assert_eq!(losses[1], losses[2]);
+}
+
+#[test]
+fn sft_lowers_the_nll() {
+    let dir = temp_dir("sft");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    let text = std::fs::read_to_string(model.join("config.json")).expect("config");
+    let _ = text;
+    let mut cfg = config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=60", "eval.every=0"]);
+    cfg.train.stage = odpo_trainer::config::Stage::Sft;
+    cfg.loss = None;
+    cfg.data.offset = None;
+    cfg.validate().expect("sft config");
+    let summary = odpo_trainer::train_on(&cfg, data(128, 32), &device(), false, None).expect("training");
+    let (start, end) = (summary.eval_start.expect("start"), summary.eval_end.expect("end"));
+    println!("sft nll {} -> {}", start["nll"], end["nll"]);
+    assert!(end["nll"] < start["nll"] - 0.5);
+}
+
+#[test]
+fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let dir = temp_dir("nan");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    let cfg = config(&model, &run, "", &["train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=8", "train.checkpoint_every=1", "eval.at_start=false"]);
+    let mut d = data(8, 0);
+    // A pair first met at step 1 (the order is a function of the seed) gets a NaN offset.
+    let later = odpo_trainer::data::stream_slice(8, cfg.train.seed, 4, 4)[0];
+    d.train[later].offset = f32::NAN;
+    let err = odpo_trainer::train_on(&cfg, d, &device(), false, None).map(|_| ()).expect_err("NaN must stop the run");
+    let msg = err.to_string();
+    println!("{msg}");
+    assert!(msg.starts_with("non-finite loss at step 1 (pairs ["), "{msg}");
+    assert!(msg.contains(&format!("{later}")) && msg.contains("offset"), "{msg}");
+    let ckpts = odpo_trainer::checkpoint::list(&run).expect("list");
+    assert_eq!(ckpts.len(), 1);
+    assert_eq!(odpo_trainer::checkpoint::read_state(&ckpts[0]).expect("state").step, 1);
+}
+
+#[test]
+fn a_run_folder_with_checkpoints_needs_resume() {
+    let dir = temp_dir("needs-resume");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    let cfg = config(&model, &run, "", &["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2", "eval.at_start=false", "output.export=false"]);
+    odpo_trainer::train_on(&cfg, data(8, 0), &device(), false, None).expect("training");
+    let err = odpo_trainer::train_on(&cfg, data(8, 0), &device(), false, None).map(|_| ()).expect_err("second start");
+    assert!(err.to_string().contains("already holds checkpoints; resume it with `--resume"), "{err}");
+    // Resuming a finished run does no more steps.
+    let s = odpo_trainer::train_on(&cfg, data(8, 0), &device(), true, None).expect("resume");
+    assert_eq!((s.resumed_from, s.steps), (Some(2), 2));
+}
