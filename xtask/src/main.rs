@@ -17,6 +17,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// Train: --config configs/NAME.toml [--backend B] [--set key=value ...] [--resume RUN_DIR].
+    Train(Passthrough),
+    /// Data tools: `data stats --config FILE` or `data stats --data PATH --format NAME [--tokenizer PATH]`.
+    Data(Passthrough),
     /// Generate text: --model PATH --prompt TEXT [--chat] [--max-new-tokens N] [--greedy | --temperature T --top-p P] [--seed S].
     Generate(Passthrough),
     /// Summed completion log-probability: --model PATH --prompt TEXT --completion TEXT [--chat] [--json].
@@ -57,6 +61,8 @@ fn main() -> ExitCode {
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
+        Task::Train(p) => odpo("train", &p.args),
+        Task::Data(p) => odpo("data", &p.args),
         Task::Generate(p) => odpo("generate", &p.args),
         Task::Logprobs(p) => odpo("logprobs", &p.args),
         Task::BenchForward(p) => bench_forward(p.args),

@@ -22,6 +22,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train with SFT or a preference objective, as a TOML run config says.
+    Train(TrainArgs),
+    /// Inspect preference data.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Generate a continuation of a prompt.
     Generate(GenerateArgs),
     /// Print the token counts and the summed log-probability of a completion after a prompt.
@@ -47,6 +52,44 @@ struct BenchForwardArgs {
     /// Backend.
     #[arg(long, default_value = "flex")]
     backend: String,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run config (configs/NAME.toml). Not needed with --resume.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Backend (flex, wgpu, vulkan, metal, cuda, tch, tch-cuda); overrides `train.backend`.
+    #[arg(long)]
+    backend: Option<String>,
+    /// Override a config key, e.g. `--set optim.lr=1e-6` (repeatable; the value is parsed as TOML).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Continue the run in this folder from its newest checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Counts of prompts, responses, pairs, ties and dropped rows, token lengths, offsets.
+    Stats(DataStatsArgs),
+}
+
+#[derive(Args)]
+struct DataStatsArgs {
+    /// A data config, or a run config with a `[data]` table.
+    #[arg(long, conflicts_with_all = ["data", "format"])]
+    config: Option<PathBuf>,
+    /// A data file (with --format).
+    #[arg(long, requires = "format")]
+    data: Option<PathBuf>,
+    /// The file's format: jsonl, parquet, scored-jsonl, tldr-json.
+    #[arg(long)]
+    format: Option<String>,
+    /// `tokenizer.json` or a model folder, for token length statistics.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -126,6 +169,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => cmd_train(a),
+        Command::Data(DataCommand::Stats(a)) => cmd_data_stats(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Logprobs(a) => cmd_logprobs(a),
         Command::BenchForward(a) => cmd_bench_forward(a),
@@ -204,8 +249,8 @@ fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
     let mask = Tensor::<2, Int>::ones([1, n], &device);
     let logits = loaded.model.forward(input.clone(), &mask, None);
     let (sum, count) = sequence_logprobs(logits, input, Tensor::from_data(TensorData::new(loss_mask, [1, n]), &device));
-    let sum = sum.into_scalar().to_f64();
-    let count = count.into_scalar().to_f64();
+    let sum = f64::from(sum.into_scalar::<f32>());
+    let count = f64::from(count.into_scalar::<f32>());
     if a.json {
         let v = serde_json::json!({
             "prompt_tokens": p.len(), "completion_tokens": c.len(),
@@ -232,7 +277,7 @@ fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
         let t = std::time::Instant::now();
         let logits = model.forward(input.clone(), &mask, None);
         // Reading one value back waits for the whole computation on asynchronous backends.
-        let _ = logits.narrow(1, 0, 1).sum().into_scalar();
+        let _ = logits.narrow(1, 0, 1).sum().into_scalar::<f32>();
         Ok(t.elapsed().as_secs_f64())
     };
     run()?;
@@ -258,4 +303,39 @@ fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let s = odpo_trainer::run_from_args(a.config.as_deref(), a.backend.as_deref(), &a.sets, a.resume.as_deref())?;
+    println!("run folder:   {}", s.run_dir.display());
+    println!("steps:        {}", s.steps);
+    if let Some((first, last)) = s.train_loss {
+        println!("train loss:   {first:.4} -> {last:.4}");
+    }
+    for (name, m) in [("eval before", &s.eval_start), ("eval after", &s.eval_end)] {
+        if let Some(m) = m {
+            let items: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+            println!("{name}:  {}", items.join(" "));
+        }
+    }
+    println!("metrics:      {}", s.run_dir.join("metrics.jsonl").display());
+    if let Some(dir) = s.exported {
+        println!("model:        {}", dir.display());
+    }
+    Ok(())
+}
+
+fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {
+    let cfg = match (&a.config, &a.data, &a.format) {
+        (Some(path), _, _) => odpo_data::DataConfig::from_toml_file(path)?,
+        (None, Some(data), Some(format)) => {
+            let format: odpo_data::Format = serde_json::from_value(serde_json::Value::from(format.as_str()))
+                .with_context(|| format!("--format `{format}`: expected jsonl, parquet, scored-jsonl or tldr-json"))?;
+            odpo_data::DataConfig::new(data, format)
+        }
+        _ => bail!("give --config FILE, or --data PATH with --format NAME"),
+    };
+    let tok = a.tokenizer.as_deref().map(open_tokenizer).transpose()?;
+    print!("{}", odpo_data::stats(&cfg, tok.as_ref())?);
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Objectives that score each response's log-ratio against an absolute anchor rather than only the pair's
 //! difference: BCO-pair, NCA-pair, SPPO-hard, APO-zero and APO-down.
 //!
-//! Symbols (tensors of shape [B]):
+//! Symbols (tensors of shape `[B]`):
 //!
 //! ```text
 //! r_w = log π_θ(y_w|x) − log π_ref(y_w|x)     r_l = log π_θ(y_l|x) − log π_ref(y_l|x)     h = r_w − r_l

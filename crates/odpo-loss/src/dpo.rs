@@ -1,7 +1,7 @@
 //! DPO and ODPO, and the objectives that are a link function of the same pairwise logit:
 //! cDPO, robust DPO, IPO, hinge (SLiC), EXO-pair and DiscoPOP.
 //!
-//! Symbols, shared by every function here (all tensors of shape [B], one entry per pair):
+//! Symbols, shared by every function here (all tensors of shape `[B]`, one entry per pair):
 //!
 //! ```text
 //! h = [log π_θ(y_w|x) − log π_ref(y_w|x)] − [log π_θ(y_l|x) − log π_ref(y_l|x)]   (summed log-probs)

@@ -4,7 +4,7 @@ use burn::tensor::Tensor;
 
 use crate::LossError;
 
-/// The per-pair inputs of the objectives, each a tensor of shape [B].
+/// The per-pair inputs of the objectives, each a tensor of shape `[B]`.
 ///
 /// Log-probs are SUMS over the response tokens (prompt and padding excluded), as in the DPO and ODPO
 /// papers; objectives that need per-token averages (IPO with `ipo_token_average`, SimPO, ORPO, the NLL
@@ -89,7 +89,7 @@ impl PairLogps {
         v
     }
 
-    /// Checks that every input has the shape [B] of `policy_chosen` and that B > 0. No host sync.
+    /// Checks that every input has the shape `[B]` of `policy_chosen` and that B > 0. No host sync.
     pub fn check_shapes(&self) -> Result<usize, LossError> {
         let b = self.batch_size();
         for (input, t) in self.named() {

@@ -6,7 +6,7 @@ use burn::tensor::Tensor;
 use crate::inputs::read;
 use crate::{LossError, PairLogps};
 
-/// The metrics of one batch, each a detached tensor of shape [1] (no host sync until the caller reads
+/// The metrics of one batch, each a detached tensor of shape `[1]` (no host sync until the caller reads
 /// them). Definitions follow TRL's logged metrics; r = β·(log π_θ − log π_ref) with SUMMED log-probs
 /// whatever the objective, plain (unweighted) means over the B pairs.
 #[derive(Clone, Debug)]
@@ -94,9 +94,9 @@ impl Metrics {
 /// What [`crate::preference_loss`] returns. Nothing here has been read back to the host.
 #[derive(Clone, Debug)]
 pub struct LossOutput {
-    /// The reduced loss, shape [1], tracked for `backward()`: the (weighted) mean of `per_pair`.
+    /// The reduced loss, shape `[1]`, tracked for `backward()`: the (weighted) mean of `per_pair`.
     pub loss: Tensor<1>,
-    /// Per-pair losses, shape [B], tracked: Σ_k λ_k·ℓ_k (+ rpo_alpha·NLL), before the per-pair weights.
+    /// Per-pair losses, shape `[B]`, tracked: Σ_k λ_k·ℓ_k (+ rpo_alpha·NLL), before the per-pair weights.
     /// For AOT terms the i-th entry is the i-th quantile's term, not pair i's.
     pub per_pair: Tensor<1>,
     /// Detached metrics.

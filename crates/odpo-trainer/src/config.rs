@@ -336,7 +336,7 @@ impl RunConfig {
         if t.batch_size == 0 || t.micro_batch_size == 0 {
             return err("train.batch_size", "and `train.micro_batch_size` must be at least 1".into());
         }
-        if t.batch_size % t.micro_batch_size != 0 {
+        if !t.batch_size.is_multiple_of(t.micro_batch_size) {
             return err(
                 "train.batch_size",
                 format!("({}) must be a multiple of `train.micro_batch_size` ({})", t.batch_size, t.micro_batch_size),

@@ -12,6 +12,7 @@ use crate::forward::{self, Reference};
 
 /// Preference metrics of `model` (a `.valid()` model) on `pairs`, batch by batch, each metric the mean
 /// over pairs (batch means weighted by batch size).
+#[allow(clippy::too_many_arguments)] // the evaluation inputs, each used once
 pub fn preference(
     model: &CausalLm,
     reference: &Reference,

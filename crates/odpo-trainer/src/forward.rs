@@ -99,7 +99,7 @@ pub enum Reference {
     /// Reference-free objectives (and SFT): zeros, used only by the reward metrics.
     None,
     /// A frozen copy of the starting model, without autodiff.
-    Frozen(CausalLm),
+    Frozen(Box<CausalLm>),
     /// Log-probs computed before training.
     Cached(crate::refcache::RefCache),
 }

@@ -2,7 +2,7 @@
 //! clipping (burn's `GradientClippingConfig::Norm` clips each tensor on its own, which is not what
 //! `torch.nn.utils.clip_grad_norm_` does).
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, RmsPropConfig};
 use burn::tensor::Tensor;
@@ -82,22 +82,122 @@ pub fn clip_global_norm<M: Module>(model: &M, grads: GradientsParams, norm: f64,
 pub fn first_nonfinite_grad<M: Module>(model: &M, grads: &GradientsParams) -> Option<String> {
     struct Find<'a> {
         grads: &'a GradientsParams,
+        path: Vec<String>,
         found: Option<String>,
     }
     impl ModuleVisitor for Find<'_> {
-        fn visit_float_with_path<const D: usize>(&mut self, path: &[String], id: ParamId, _t: &Tensor<D>) {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if self.found.is_some() {
                 return;
             }
-            if let Some(g) = self.grads.get::<D>(id) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
                 let bad = g.clone().is_nan().any().into_scalar::<bool>() || g.abs().max().into_scalar::<f64>().is_infinite();
                 if bad {
-                    self.found = Some(path.join("."));
+                    self.found = Some(self.path.join("."));
                 }
             }
         }
     }
-    let mut v = Find { grads, found: None };
+    let mut v = Find { grads, path: Vec::new(), found: None };
     model.visit(&mut v);
     v.found
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::{Module, Param};
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Device, Tensor};
+
+    use super::*;
+
+    #[derive(Module, Debug)]
+    struct Two {
+        a: Param<Tensor<1>>,
+        b: Param<Tensor<1>>,
+    }
+
+    fn device() -> Device {
+        Device::default().autodiff()
+    }
+
+    fn two(a: [f32; 2], b: [f32; 1]) -> Two {
+        let d = device();
+        Two { a: Param::from_tensor(Tensor::from_floats(a, &d)), b: Param::from_tensor(Tensor::from_floats(b, &d)) }
+    }
+
+    /// Gradients equal to `ga` and `gb`: the loss is Σ a·ga + Σ b·gb.
+    fn grads(m: &Two, ga: [f32; 2], gb: [f32; 1]) -> GradientsParams {
+        let d = device();
+        let loss = (m.a.val() * Tensor::from_floats(ga, &d)).sum() + (m.b.val() * Tensor::from_floats(gb, &d)).sum();
+        GradientsParams::from_grads(loss.backward(), m)
+    }
+
+    fn values(m: &Two) -> Vec<f32> {
+        let mut v = m.a.val().try_to_vec_as::<f32>().unwrap_or_default();
+        v.extend(m.b.val().try_to_vec_as::<f32>().unwrap_or_default());
+        v
+    }
+
+    fn assert_close(got: &[f32], want: &[f64]) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((*g as f64 - w).abs() < 2e-6, "got {got:?}, want {want:?}");
+        }
+    }
+
+    fn cfg(optimizer: OptimizerKind, lr: f64) -> OptimConfig {
+        OptimConfig { optimizer, lr, ..OptimConfig::default() }
+    }
+
+    #[test]
+    fn adamw_steps_like_pytorch() {
+        // torch.optim.AdamW([p], lr=0.1) with its defaults (betas 0.9/0.999, eps 1e-8, weight_decay 0.01),
+        // constant gradients [0.5, 0.1 | 2.0]: two steps, worked by hand from PyTorch's update rule.
+        let mut optim = build(&cfg(OptimizerKind::Adamw, 0.1));
+        let mut m = two([1.0, -2.0], [3.0]);
+        for _ in 0..2 {
+            let g = grads(&m, [0.5, 0.1], [2.0]);
+            m = optim.step(0.1, m, g);
+        }
+        let after = |p: f64| ((p * 0.999 - 0.1) * 0.999) - 0.1;
+        assert_close(&values(&m), &[after(1.0), after(-2.0), after(3.0)]);
+    }
+
+    #[test]
+    fn rmsprop_steps_like_pytorch() {
+        // torch.optim.RMSprop([p], lr=0.01): alpha 0.99, eps 1e-8, momentum 0 (burn's default momentum is 0.9).
+        let mut optim = build(&cfg(OptimizerKind::Rmsprop, 0.01));
+        let mut m = two([1.0, -2.0], [3.0]);
+        for _ in 0..2 {
+            let g = grads(&m, [0.5, -0.1], [2.0]);
+            m = optim.step(0.01, m, g);
+        }
+        // Step 1: v = 0.01 g², update = lr·g/√v = 0.1·sign(g). Step 2: v = 0.0199 g², update = 0.01/√0.0199·sign(g).
+        let u = 0.1 + 0.01 / 0.0199f64.sqrt();
+        assert_close(&values(&m), &[1.0 - u, -2.0 + u, 3.0 - u]);
+    }
+
+    #[test]
+    fn clipping_scales_by_the_global_norm() {
+        let m = two([0.0, 0.0], [0.0]);
+        let g = grads(&m, [3.0, 4.0], [12.0]);
+        let norm = global_norm(&m, &g);
+        assert!((norm - 13.0).abs() < 1e-6);
+        let g = clip_global_norm(&m, g, norm, 6.5);
+        let coef = 6.5 / (13.0 + 1e-6);
+        let a = g.get::<1>(m.a.id).map(|t| t.try_to_vec_as::<f32>().unwrap_or_default()).unwrap_or_default();
+        let b = g.get::<1>(m.b.id).map(|t| t.try_to_vec_as::<f32>().unwrap_or_default()).unwrap_or_default();
+        // Per-tensor clipping (burn's) would leave [3, 4] alone and cut 12 to 6.5.
+        assert_close(&[a, b].concat(), &[3.0 * coef, 4.0 * coef, 12.0 * coef]);
+        let unchanged = clip_global_norm(&m, grads(&m, [3.0, 4.0], [12.0]), 13.0, 20.0);
+        assert_eq!(global_norm(&m, &unchanged), 13.0);
+        assert_eq!(first_nonfinite_grad(&m, &grads(&m, [1.0, f32::NAN], [0.0])), Some("a".to_string()));
+        assert_eq!(first_nonfinite_grad(&m, &unchanged), None);
+    }
 }

@@ -75,7 +75,7 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
     let use_offsets = cfg.data.offset.is_some();
     let reference = match (cfg.needs_reference(), t.reference) {
         (false, _) => Reference::None,
-        (true, ReferenceMode::Frozen) => Reference::Frozen(policy.valid()),
+        (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(policy.valid())),
         (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &policy.valid(), &data, device)?),
     };
 
@@ -133,7 +133,7 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
                     let rows = forward::row_logps(&policy, &batch);
                     let inputs = forward::pair_logps(&batch, rows, &reference_rows, use_offsets, &ad);
                     let out = try_preference_loss(&inputs, &loss_cfg)?;
-                    check_finite(&inputs, &out).map_err(|e| nonfinite(e.to_string()))?;
+                    check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
                     eval::add_metrics(&mut window, &out.metrics, micro.len() as f64);
                     out.loss.mul_scalar(share(micro) / step_total)
                 }
@@ -169,7 +169,7 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
         (window_pairs, window_tokens) = (window_pairs + pairs.len(), window_tokens + tokens);
         bar.set_position(state.step as u64);
 
-        if state.step % t.log_every == 0 || state.step == total_steps {
+        if state.step.is_multiple_of(t.log_every) || state.step == total_steps {
             let secs = window_start.elapsed().as_secs_f64().max(1e-9);
             let mut values: BTreeMap<String, f64> = window.iter().map(|(k, v)| (k.clone(), v / window_pairs.max(1) as f64)).collect();
             if t.stage == Stage::Sft {
@@ -188,12 +188,12 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
             metrics.write(&Row { step: state.step, split: "train", values })?;
             (window, window_pairs, window_tokens, window_start) = (BTreeMap::new(), 0, 0, Instant::now());
         }
-        if cfg.eval.every > 0 && state.step % cfg.eval.every == 0 && state.step < total_steps && !eval_pairs.is_empty() {
+        if cfg.eval.every > 0 && state.step.is_multiple_of(cfg.eval.every) && state.step < total_steps && !eval_pairs.is_empty() {
             let values = evaluate(&policy)?;
             tracing::info!(step = state.step, ?values, "eval");
             metrics.write(&Row { step: state.step, split: "eval", values })?;
         }
-        if t.checkpoint_every > 0 && state.step % t.checkpoint_every == 0 && state.step < total_steps {
+        if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total_steps {
             let dir = checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?;
             tracing::debug!("checkpoint {}", dir.display());
         }
@@ -270,6 +270,19 @@ pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer_dir
     }
     tracing::info!("model exported to {}", out.display());
     Ok(out.to_path_buf())
+}
+
+/// The loss crate counts pairs within the micro-batch; name the pair by its id instead.
+fn name_pair(e: odpo_loss::LossError, ids: &[usize]) -> String {
+    let pair = match &e {
+        odpo_loss::LossError::NonFiniteInput { pair, .. } => Some(*pair),
+        odpo_loss::LossError::NonFiniteLoss { pair, .. } => *pair,
+        _ => None,
+    };
+    match pair.and_then(|i| ids.get(i)) {
+        Some(id) => format!("{e} (pair {} of the micro-batch is pair id {id})", pair.unwrap_or(0)),
+        None => e.to_string(),
+    }
 }
 
 fn metric_columns(stage: Stage) -> Vec<String> {

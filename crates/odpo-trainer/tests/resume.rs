@@ -3,6 +3,7 @@
 //!
 //! The run being killed is this test binary re-invoked on `kill_child`, which trains only when
 //! `ODPO_KILL_RUN` names its run folder (and is otherwise a no-op test).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

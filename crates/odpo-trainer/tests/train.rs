@@ -1,4 +1,5 @@
 //! End-to-end runs of the trainer on a tiny random GPT-2 and synthetic pairs.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -92,8 +93,6 @@ fn sft_lowers_the_nll() {
     let dir = temp_dir("sft");
     let model = tiny_model(&dir);
     let run = dir.join("run");
-    let text = std::fs::read_to_string(model.join("config.json")).expect("config");
-    let _ = text;
     let mut cfg = config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=60", "eval.every=0"]);
     cfg.train.stage = odpo_trainer::config::Stage::Sft;
     cfg.loss = None;
@@ -119,7 +118,7 @@ fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let msg = err.to_string();
     println!("{msg}");
     assert!(msg.starts_with("non-finite loss at step 1 (pairs ["), "{msg}");
-    assert!(msg.contains(&format!("{later}")) && msg.contains("offset"), "{msg}");
+    assert!(msg.contains(&format!("is pair id {later})")) && msg.contains("input `offset` is NaN"), "{msg}");
     let ckpts = odpo_trainer::checkpoint::list(&run).expect("list");
     assert_eq!(ckpts.len(), 1);
     assert_eq!(odpo_trainer::checkpoint::read_state(&ckpts[0]).expect("state").step, 1);
@@ -137,4 +136,18 @@ fn a_run_folder_with_checkpoints_needs_resume() {
     // Resuming a finished run does no more steps.
     let s = odpo_trainer::train_on(&cfg, data(8, 0), &device(), true, None).expect("resume");
     assert_eq!((s.resumed_from, s.steps), (Some(2), 2));
+}
+
+#[test]
+fn every_config_in_configs_parses_and_validates() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&root).expect("configs/") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            odpo_trainer::RunConfig::from_file(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
 }

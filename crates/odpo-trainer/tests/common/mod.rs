@@ -1,5 +1,6 @@
 //! Shared fixtures: a tiny random GPT-2 and synthetic pairs built from token ids (no tokenizer).
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,225 @@
+//! `PipelineConfig`: one TOML file per pipeline (configs/pipeline/*.toml). Strict like the trainer's
+//! `RunConfig`: unknown keys are errors, `--set a.b=value` overrides apply to the TOML tree before it
+//! is read, and [`PipelineConfig::validate`] names the key that is out of range.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{PipelineError, Result};
+
+/// The built-in default pipeline, `configs/pipeline/default.toml`.
+pub const DEFAULT_TOML: &str = include_str!("../../../configs/pipeline/default.toml");
+
+/// The preference objective of the pipeline's last stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// DPO: `-log σ(β·h)`.
+    Dpo,
+    /// ODPO: `-log σ(β·h − Δ)`, Δ = α·log(s_w − s_l).
+    Odpo,
+}
+
+impl Method {
+    /// The name used in configs, tables and plots.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Dpo => "dpo",
+            Method::Odpo => "odpo",
+        }
+    }
+}
+
+/// A whole pipeline: synthetic task, model, SFT, sampling, preference training, evaluation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The run folder is `runs/<name>` (a free `runs/<name>-N` when that exists).
+    pub name: String,
+    /// `odpo` or `dpo`.
+    pub loss: Method,
+    /// Backend name (`flex`, `wgpu`, `cuda`, ...).
+    pub backend: String,
+    /// Seed of the prompt split, the SFT texts, model init, sampling and training order.
+    pub seed: u64,
+    /// The synthetic task.
+    pub task: TaskSection,
+    /// The tiny GPT-2.
+    pub model: ModelSection,
+    /// Supervised fine-tuning on the synthetic texts.
+    pub sft: SftSection,
+    /// Sampling the SFT model for preference pairs.
+    pub sample: SampleSection,
+    /// Preference training.
+    pub pref: PrefSection,
+    /// Evaluation on held-out prompts.
+    pub eval: EvalSection,
+}
+
+/// `[task]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSection {
+    /// SFT texts (prompt + continuation drawn from the task's generator).
+    pub sft_texts: usize,
+    /// Prompts sampled for preference pairs (one best-vs-worst pair each, ties dropped).
+    pub pref_prompts: usize,
+    /// Held-out prompts for evaluation (never seen in training).
+    pub eval_prompts: usize,
+}
+
+/// `[model]`: a GPT-2 over the task's vocabulary.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Blocks.
+    pub n_layer: usize,
+    /// Hidden size.
+    pub n_embd: usize,
+    /// Attention heads (must divide `n_embd`).
+    pub n_head: usize,
+}
+
+/// `[sft]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftSection {
+    /// Optimizer steps (AdamW, cosine decay).
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+}
+
+/// `[sample]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleSection {
+    /// Responses per prompt.
+    pub k: usize,
+    /// Sampling temperature (also used for evaluation samples).
+    pub temperature: f64,
+    /// Longest response in tokens.
+    pub max_new_tokens: usize,
+}
+
+/// `[pref]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefSection {
+    /// β, the inverse strength of the KL constraint.
+    pub beta: f64,
+    /// α, the offset scale (ODPO only): Δ = α·log(s_w − s_l).
+    pub alpha: f64,
+    /// Passes over the pairs.
+    pub epochs: f64,
+    /// Pairs per step.
+    pub batch_size: usize,
+    /// Learning rate (AdamW, constant after 10 warmup steps).
+    pub lr: f64,
+}
+
+/// `[eval]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    /// Samples per held-out prompt, from the policy and from the reference.
+    pub samples_per_prompt: usize,
+}
+
+impl PipelineConfig {
+    /// The built-in default with `sets` applied.
+    pub fn default_with(sets: &[String]) -> Result<Self> {
+        Self::from_toml_str(DEFAULT_TOML, "configs/pipeline/default.toml", sets)
+    }
+
+    /// Parses TOML text, applies `--set` overrides and validates; `origin` names the text in errors.
+    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
+        let parse_err = |origin: &str, e: toml::de::Error| PipelineError::ConfigParse { origin: origin.into(), message: e.to_string().trim_end().into() };
+        let mut tree: toml::Table = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
+        let mut cfg: Self = tree.clone().try_into().map_err(|e| parse_err(origin, e))?;
+        for set in sets {
+            odpo_trainer::config::apply_set(&mut tree, set).map_err(|e| PipelineError::ConfigParse { origin: format!("--set {set}"), message: e.to_string() })?;
+            cfg = tree.clone().try_into().map_err(|e| parse_err(&format!("--set {set}"), e))?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads [`PipelineConfig::from_toml_str`] from a file.
+    pub fn from_file(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+        Self::from_toml_str(&text, &path.display().to_string(), sets)
+    }
+
+    /// The resolved config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# could not serialise the config: {e}\n"))
+    }
+
+    /// Checks ranges, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("task.sft_texts", self.task.sft_texts),
+            ("task.pref_prompts", self.task.pref_prompts),
+            ("task.eval_prompts", self.task.eval_prompts),
+            ("model.n_layer", self.model.n_layer),
+            ("model.n_head", self.model.n_head),
+            ("sft.steps", self.sft.steps),
+            ("sft.batch_size", self.sft.batch_size),
+            ("sample.max_new_tokens", self.sample.max_new_tokens),
+            ("pref.batch_size", self.pref.batch_size),
+            ("eval.samples_per_prompt", self.eval.samples_per_prompt),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(PipelineError::config(key, "is 0; expected at least 1"));
+            }
+        }
+        if self.sample.k < 2 {
+            return Err(PipelineError::config("sample.k", format!("is {}; pairs need at least 2 responses per prompt", self.sample.k)));
+        }
+        if !self.model.n_embd.is_multiple_of(self.model.n_head) {
+            return Err(PipelineError::config("model.n_embd", format!("({}) must be a multiple of `model.n_head` ({})", self.model.n_embd, self.model.n_head)));
+        }
+        for (key, v) in [("sft.lr", self.sft.lr), ("pref.lr", self.pref.lr), ("pref.beta", self.pref.beta), ("pref.epochs", self.pref.epochs), ("sample.temperature", self.sample.temperature)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(PipelineError::config(key, format!("is {v}; expected a finite number > 0")));
+            }
+        }
+        if !(self.pref.alpha.is_finite() && self.pref.alpha >= 0.0) {
+            return Err(PipelineError::config("pref.alpha", format!("is {}; expected a finite number >= 0", self.pref.alpha)));
+        }
+        Ok(())
+    }
+
+    /// `runs/<name>`, or the first free `runs/<name>-N`, under `root`.
+    pub fn fresh_run_dir(&self, root: &Path) -> PathBuf {
+        let base = root.join(&self.name);
+        if !base.exists() {
+            return base;
+        }
+        (1..).map(|i| root.join(format!("{}-{i}", self.name))).find(|p| !p.exists()).unwrap_or(base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_parses_and_sets_apply() -> Result<()> {
+        let cfg = PipelineConfig::default_with(&[])?;
+        assert_eq!(cfg.loss, Method::Odpo);
+        let cfg = PipelineConfig::default_with(&["loss=dpo".into(), "pref.beta=0.5".into()])?;
+        assert_eq!(cfg.loss, Method::Dpo);
+        assert_eq!(cfg.pref.beta, 0.5);
+        let e = PipelineConfig::default_with(&["pref.betta=0.5".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.starts_with("--set pref.betta=0.5: ") && e.contains("unknown field `betta`"), "{e}");
+        let e = PipelineConfig::default_with(&["sample.k=1".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert_eq!(e, "config: `sample.k` is 1; pairs need at least 2 responses per prompt");
+        Ok(())
+    }
+}

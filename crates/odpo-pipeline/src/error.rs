@@ -1,0 +1,86 @@
+//! `PipelineError`: what can stop a pipeline stage, each naming the file or option to look at.
+
+use std::path::PathBuf;
+
+/// Why a pipeline stage failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// A pipeline config could not be parsed (TOML syntax, unknown key, wrong type).
+    #[error("{origin}: {message}")]
+    ConfigParse {
+        /// The file, or `--set key=value` for an override.
+        origin: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A config value is out of range or does not apply.
+    #[error("config: `{key}` {message}")]
+    Config {
+        /// The dotted key.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file (score table, run summary) is malformed.
+    #[error("{}:{line}: {message}", path.display())]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The line (1-based; 0 for a whole-file document).
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A score table has no score for a text it was asked about.
+    #[error("the score table `{}` has no score for prompt {prompt:?} and text {text:?}", path.display())]
+    Unscored {
+        /// The table's file.
+        path: PathBuf,
+        /// The prompt.
+        prompt: String,
+        /// The text.
+        text: String,
+    },
+    /// The model could not be loaded, run or saved.
+    #[error(transparent)]
+    Model(#[from] odpo_model::ModelError),
+    /// The tokenizer failed.
+    #[error(transparent)]
+    Tokenizer(#[from] odpo_model::tokenizer::TokenizerError),
+    /// A training stage failed.
+    #[error(transparent)]
+    Train(#[from] odpo_trainer::TrainError),
+    /// The plot could not be drawn.
+    #[error("plot `{}`: {message}", path.display())]
+    Plot {
+        /// The PNG file.
+        path: PathBuf,
+        /// The drawing backend's message.
+        message: String,
+    },
+}
+
+impl PipelineError {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+
+    /// A config value problem on `key`.
+    pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Config { key: key.into(), message: message.into() }
+    }
+}
+
+/// `Result` with [`PipelineError`].
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;

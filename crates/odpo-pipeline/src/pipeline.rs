@@ -1,0 +1,331 @@
+//! The built-in default, end to end: write the synthetic task (tokenizer, SFT texts, prompt split),
+//! SFT a tiny GPT-2 from scratch, sample k scored responses per prompt, train ODPO (or DPO) on
+//! best-vs-worst pairs from the SFT model, evaluate reward and KL on held-out prompts, plot.
+//! Each stage is a plain function so the frontier sweep can reuse them.
+//!
+//! Run folder layout: `pipeline.toml` (resolved config), `data/` (tokenizer, `sft.jsonl`,
+//! `samples.jsonl`, prompt lists), `sft/` and `<loss>/` (trainer runs: `metrics.jsonl`,
+//! `model/`), `eval.json`, `eval.png`, `summary.json`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::Device;
+use odpo_data::{DataConfig, Format, Pairing};
+use odpo_loss::offset::OffsetConfig;
+use odpo_loss::{LossConfig, LossKind};
+use odpo_model::CausalLm;
+use odpo_model::tokenizer::Tokenizer;
+use odpo_trainer::RunConfig;
+use odpo_trainer::config::{DecayKind, EvalConfig, ModelSection, OptimConfig, OptimizerKind, OutputConfig, ReferenceMode, Stage, TrainConfig};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use serde::Serialize;
+
+use crate::config::{Method, PipelineConfig};
+use crate::error::{PipelineError, Result};
+use crate::eval::{self, EvalReport};
+use crate::plot::{self, Series};
+use crate::sample::{self, SampleSettings};
+use crate::synthetic;
+
+/// Longest prompt + response in tokens (prompts are 4 words, responses at most `max_new_tokens`).
+const MAX_POSITIONS: usize = 32;
+
+/// What `cargo xtask train` (no arguments) passes.
+#[derive(Clone, Debug, Default)]
+pub struct DefaultOptions {
+    /// A pipeline config; `None`: the built-in `configs/pipeline/default.toml`.
+    pub config: Option<PathBuf>,
+    /// `--set key=value` overrides, e.g. `loss=dpo`.
+    pub sets: Vec<String>,
+    /// The run folder; `None`: `runs/<name>` (or the first free `runs/<name>-N`).
+    pub run_dir: Option<PathBuf>,
+    /// Print one line per stage to stdout.
+    pub verbose: bool,
+}
+
+/// What a default run produced and measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct DefaultSummary {
+    /// The run folder.
+    pub run_dir: PathBuf,
+    /// The SFT model (HF folder with tokenizer).
+    pub sft_model: PathBuf,
+    /// The preference-trained policy.
+    pub policy_model: PathBuf,
+    /// The scored samples the pairs came from.
+    pub samples: PathBuf,
+    /// The preference stage's training metrics.
+    pub metrics: PathBuf,
+    /// `eval.json`.
+    pub eval_json: PathBuf,
+    /// `eval.png`.
+    pub plot: PathBuf,
+    /// Pairs trained on.
+    pub pairs: usize,
+    /// The evaluation.
+    pub eval: EvalReport,
+    /// Seconds per stage, in order.
+    pub stage_seconds: Vec<(String, f64)>,
+    /// Seconds in all.
+    pub wall_seconds: f64,
+}
+
+impl std::fmt::Display for DefaultSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (p, r) = (&self.eval.policy, &self.eval.reference);
+        writeln!(f, "run:     {}", self.run_dir.display())?;
+        writeln!(f, "metrics: {}", self.metrics.display())?;
+        writeln!(f, "eval:    {}", self.eval_json.display())?;
+        writeln!(f, "plot:    {}", self.plot.display())?;
+        writeln!(f, "reward   SFT {:.3} ± {:.3}   policy {:.3} ± {:.3}   ({} held-out prompts × {})", r.reward.mean, r.reward.ci95, p.reward.mean, p.reward.ci95, self.eval.prompts, self.eval.samples_per_prompt)?;
+        writeln!(f, "KL       seq {:.3} ± {:.3}   k3 {:.3} ± {:.3}", p.kl.seq.mean, p.kl.seq.ci95, p.kl.k3.mean, p.kl.k3.ci95)?;
+        write!(f, "time     {:.1} s ({})", self.wall_seconds, self.stage_seconds.iter().map(|(s, t)| format!("{s} {t:.1} s")).collect::<Vec<_>>().join(", "))
+    }
+}
+
+/// The task files of a run.
+#[derive(Clone, Debug)]
+pub struct TaskFiles {
+    /// Folder with `tokenizer.json` and the initial `config.json`.
+    pub init_dir: PathBuf,
+    /// SFT texts in pair layout (only `chosen` is trained on).
+    pub sft_data: PathBuf,
+    /// Prompts for preference sampling.
+    pub pref_prompts: Vec<String>,
+    /// Held-out prompts.
+    pub eval_prompts: Vec<String>,
+}
+
+/// Writes the synthetic task into `dir/data`: tokenizer, GPT-2 config, SFT texts, prompt lists.
+pub fn prepare_task(cfg: &PipelineConfig, dir: &Path) -> Result<TaskFiles> {
+    let data = dir.join("data");
+    let init_dir = data.join("init");
+    synthetic::write_tokenizer(&init_dir)?;
+    synthetic::write_json(&init_dir.join("config.json"), &synthetic::gpt2_config(cfg.model.n_layer, cfg.model.n_embd, cfg.model.n_head, MAX_POSITIONS))?;
+    let split = synthetic::split_prompts(cfg.seed, cfg.task.eval_prompts)?;
+    if cfg.task.pref_prompts > split.train.len() {
+        return Err(PipelineError::config("task.pref_prompts", format!("is {}; only {} prompts are left after the held-out ones", cfg.task.pref_prompts, split.train.len())));
+    }
+    let mut rng = StdRng::seed_from_u64(cfg.seed ^ 0x5f7);
+    let mut sft = Vec::new();
+    for _ in 0..cfg.task.sft_texts {
+        let prompt = split.train.choose(&mut rng).cloned().unwrap_or_default();
+        let chosen = synthetic::sample_continuation(&mut rng);
+        let rejected = synthetic::sample_continuation(&mut rng);
+        writeln!(sft, "{}", serde_json::json!({"prompt": prompt, "chosen": chosen, "rejected": rejected})).map_err(|e| PipelineError::io(&data, e))?;
+    }
+    let sft_data = data.join("sft.jsonl");
+    std::fs::write(&sft_data, sft).map_err(|e| PipelineError::io(&sft_data, e))?;
+    let pref_prompts: Vec<String> = split.train[..cfg.task.pref_prompts].to_vec();
+    for (name, list) in [("prompts-pref.txt", &pref_prompts), ("prompts-eval.txt", &split.eval)] {
+        let path = data.join(name);
+        std::fs::write(&path, list.join("\n") + "\n").map_err(|e| PipelineError::io(&path, e))?;
+    }
+    Ok(TaskFiles { init_dir, sft_data, pref_prompts, eval_prompts: split.eval })
+}
+
+fn trainer_config(model: ModelSection, data: DataConfig, loss: Option<LossConfig>, optim: OptimConfig, train: TrainConfig, dir: &Path) -> Result<RunConfig> {
+    let cfg = RunConfig {
+        model,
+        data,
+        loss,
+        optim,
+        train,
+        eval: EvalConfig { every: 0, batch_size: 64, max_pairs: Some(256), at_start: false },
+        output: OutputConfig { dir: dir.to_path_buf(), cache_dir: dir.join("refcache"), export: true, progress: false },
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// SFT from random weights on the task's texts; returns the exported model folder.
+pub fn train_sft(cfg: &PipelineConfig, task: &TaskFiles, dir: &Path, device: &Device) -> Result<PathBuf> {
+    let mut data = DataConfig::new(&task.sft_data, Format::Jsonl);
+    (data.eval_fraction, data.max_length, data.max_prompt_length, data.seed) = (0.05, MAX_POSITIONS, Some(8), cfg.seed);
+    let optim = OptimConfig {
+        optimizer: OptimizerKind::Adamw,
+        lr: cfg.sft.lr,
+        weight_decay: Some(0.0),
+        max_grad_norm: Some(1.0),
+        warmup_steps: (cfg.sft.steps / 10).max(1),
+        schedule: DecayKind::Cosine,
+        min_lr_ratio: Some(0.1),
+        ..OptimConfig::default()
+    };
+    let train = TrainConfig {
+        stage: Stage::Sft,
+        batch_size: cfg.sft.batch_size,
+        micro_batch_size: cfg.sft.batch_size,
+        max_steps: Some(cfg.sft.steps),
+        seed: cfg.seed,
+        backend: cfg.backend.clone(),
+        log_every: 25,
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+        ..TrainConfig::default()
+    };
+    let model = ModelSection { path: task.init_dir.clone(), tokenizer: None, random_init: true };
+    let run = trainer_config(model, data, None, optim, train, dir)?;
+    let summary = odpo_trainer::train(&run, device, false)?;
+    summary.exported.ok_or_else(|| PipelineError::config("output.export", "the SFT stage exported no model"))
+}
+
+/// One preference stage: `method` with `beta` (and `alpha` for ODPO) on best-vs-worst pairs from
+/// `samples`, starting from (and anchored to) the model in `sft_model`. Returns the trainer's summary.
+#[allow(clippy::too_many_arguments)] // the sweep's coordinates, each used once
+pub fn train_pref(cfg: &PipelineConfig, sft_model: &Path, samples: &Path, method: Method, beta: f64, alpha: f64, seed: u64, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
+    let mut data = DataConfig::new(samples, Format::ScoredJsonl);
+    data.pairing = Some(Pairing::BestVsWorst);
+    data.offset = match method {
+        Method::Dpo => None,
+        Method::Odpo => Some(OffsetConfig { alpha, ..OffsetConfig::default() }),
+    };
+    (data.max_length, data.max_prompt_length, data.allow_empty_completions, data.seed) = (MAX_POSITIONS, Some(8), true, seed);
+    let optim = OptimConfig {
+        optimizer: OptimizerKind::Adamw,
+        lr: cfg.pref.lr,
+        weight_decay: Some(0.0),
+        max_grad_norm: Some(10.0),
+        warmup_steps: 10,
+        schedule: DecayKind::Constant,
+        ..OptimConfig::default()
+    };
+    let train = TrainConfig {
+        stage: Stage::Preference,
+        batch_size: cfg.pref.batch_size,
+        micro_batch_size: cfg.pref.batch_size,
+        max_steps: None,
+        epochs: cfg.pref.epochs,
+        seed,
+        backend: cfg.backend.clone(),
+        reference: ReferenceMode::Frozen,
+        log_every: 10,
+        checkpoint_every: 0,
+        keep_checkpoints: 1,
+        ..TrainConfig::default()
+    };
+    let model = ModelSection { path: sft_model.to_path_buf(), tokenizer: None, random_init: false };
+    let run = trainer_config(model, data, Some(LossConfig::new(LossKind::Sigmoid, beta)), optim, train, dir)?;
+    Ok(odpo_trainer::train(&run, device, false)?)
+}
+
+/// Loads a model folder (weights, config, tokenizer).
+pub fn load_model(dir: &Path, device: &Device) -> Result<(CausalLm, Tokenizer)> {
+    let loaded = CausalLm::load(dir, device)?;
+    let tok = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
+    Ok((loaded.model, tok))
+}
+
+/// Sampling settings for evaluation on held-out prompts.
+pub fn eval_settings(cfg: &PipelineConfig, seed: u64) -> SampleSettings {
+    SampleSettings { k: cfg.eval.samples_per_prompt, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: seed ^ 0xE7A1 }
+}
+
+/// Lines the pipeline prints as it goes.
+fn say(verbose: bool, msg: impl std::fmt::Display) {
+    if verbose {
+        println!("{msg}");
+    }
+    tracing::info!("{msg}");
+}
+
+/// `cargo xtask train` with no arguments: the whole known-reward task, end to end.
+pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSummary> {
+    let start = Instant::now();
+    let cfg = match &opts.config {
+        Some(path) => PipelineConfig::from_file(path, &opts.sets)?,
+        None => PipelineConfig::default_with(&opts.sets)?,
+    };
+    let dir = opts.run_dir.clone().unwrap_or_else(|| cfg.fresh_run_dir(Path::new("runs")));
+    std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
+    let cfg_path = dir.join("pipeline.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| PipelineError::io(&cfg_path, e))?;
+    let v = opts.verbose;
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    let mut lap = Instant::now();
+    let mut done = |name: &str, stages: &mut Vec<(String, f64)>| {
+        stages.push((name.to_string(), lap.elapsed().as_secs_f64()));
+        lap = Instant::now();
+    };
+    say(v, format_args!("[1/5] synthetic task -> {}", dir.join("data").display()));
+    let task = prepare_task(&cfg, &dir)?;
+    done("task", &mut stages);
+
+    say(v, format_args!("[2/5] SFT: tiny GPT-2 ({} layers, {} hidden), {} steps", cfg.model.n_layer, cfg.model.n_embd, cfg.sft.steps));
+    let sft_model = train_sft(&cfg, &task, &dir.join("sft"), device)?;
+    done("sft", &mut stages);
+
+    say(v, format_args!("[3/5] sampling {} responses for each of {} prompts", cfg.sample.k, task.pref_prompts.len()));
+    let samples = dir.join("data").join("samples.jsonl");
+    let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
+    let report = sample::sample(&sft_model, &task.pref_prompts, &settings, &synthetic::reward(), &samples, device)?;
+    say(v, format_args!("      {} responses, mean reward {:.3}", report.responses, report.mean_reward));
+    done("sample", &mut stages);
+
+    say(v, format_args!("[4/5] {} (beta {}, alpha {}) from the SFT model", cfg.loss.name(), cfg.pref.beta, cfg.pref.alpha));
+    let pref_dir = dir.join(cfg.loss.name());
+    let pref = train_pref(&cfg, &sft_model, &samples, cfg.loss, cfg.pref.beta, cfg.pref.alpha, cfg.seed, &pref_dir, device)?;
+    let policy_model = pref.exported.clone().ok_or_else(|| PipelineError::config("output.export", "the preference stage exported no model"))?;
+    let pairs = pairs_in(&pref_dir)?;
+    done(cfg.loss.name(), &mut stages);
+
+    say(v, format_args!("[5/5] evaluating on {} held-out prompts", task.eval_prompts.len()));
+    let (policy, tok) = load_model(&policy_model, device)?;
+    let (reference, _) = load_model(&sft_model, device)?;
+    let eval = eval::evaluate(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, cfg.seed), &synthetic::reward(), device)?;
+    let eval_json = eval::write_report(&dir.join("eval.json"), &eval)?;
+    let plot_path = dir.join("eval.png");
+    let series = [
+        Series { name: "SFT (reference)".into(), points: vec![(eval.reference.kl.seq.mean, eval.reference.reward.mean)], frontier: false },
+        Series { name: cfg.loss.name().to_uppercase(), points: vec![(eval.policy.kl.seq.mean, eval.policy.reward.mean)], frontier: false },
+    ];
+    plot::scatter(&plot_path, &format!("{} on the known-reward task", cfg.loss.name().to_uppercase()), &series)?;
+    done("eval", &mut stages);
+
+    let summary = DefaultSummary {
+        run_dir: dir.clone(),
+        sft_model,
+        policy_model,
+        samples,
+        metrics: pref_dir.join("metrics.jsonl"),
+        eval_json,
+        plot: plot_path,
+        pairs,
+        eval,
+        stage_seconds: stages,
+        wall_seconds: start.elapsed().as_secs_f64(),
+    };
+    let path = dir.join("summary.json");
+    let text = serde_json::to_string_pretty(&summary).map_err(|e| PipelineError::Json { path: path.clone(), line: 0, message: e.to_string() })?;
+    std::fs::write(&path, text).map_err(|e| PipelineError::io(&path, e))?;
+    say(v, &summary);
+    Ok(summary)
+}
+
+/// `cargo xtask eval --run DIR`: re-evaluates a finished default run (its `pipeline.toml`, `sft/model`
+/// and `<loss>/model`) with `samples_per_prompt` (default: the config's) and `seed`, writing
+/// `eval.json` again.
+pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: u64, device: &Device) -> Result<EvalReport> {
+    let mut cfg = PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?;
+    if let Some(n) = samples_per_prompt {
+        cfg.eval.samples_per_prompt = n;
+    }
+    let eval_prompts = sample::read_prompts(&dir.join("data").join("prompts-eval.txt"))?;
+    let (policy, tok) = load_model(&dir.join(cfg.loss.name()).join("model"), device)?;
+    let (reference, _) = load_model(&dir.join("sft").join("model"), device)?;
+    let report = eval::evaluate(&policy, &reference, &tok, &eval_prompts, &eval_settings(&cfg, seed), &synthetic::reward(), device)?;
+    eval::write_report(&dir.join("eval.json"), &report)?;
+    Ok(report)
+}
+
+/// Pairs the trainer trained on, from its logged epoch count is not exact; count them from the
+/// samples instead: one best-vs-worst pair per prompt whose responses do not all tie.
+fn pairs_in(pref_dir: &Path) -> Result<usize> {
+    let cfg = RunConfig::from_file(&pref_dir.join("config.toml"), &[])?;
+    let loaded = odpo_data::load(&cfg.data).map_err(odpo_trainer::TrainError::from)?;
+    Ok(loaded.pairs.len())
+}

@@ -1,0 +1,146 @@
+//! Reward models: whatever scores a (prompt, text) pair. [`KnownReward`] is a ground-truth reward
+//! given as a word lexicon (the synthetic task's), [`ScoreTable`] looks scores up in data that is
+//! already scored (the paper's `{"prompt", "text", "reward"}` JSONL).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::error::{PipelineError, Result};
+
+/// Scores texts, a batch at a time.
+pub trait RewardModel {
+    /// One score per `(prompts[i], texts[i])`; `prompts` and `texts` have the same length.
+    fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>>;
+
+    /// A short name for reports.
+    fn name(&self) -> String;
+}
+
+/// A known reward: the sum of the values of the continuation's whitespace-separated words
+/// (words outside the lexicon are worth 0). The prompt does not count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KnownReward {
+    values: HashMap<String, f64>,
+}
+
+impl KnownReward {
+    /// A reward from `(word, value)` entries.
+    pub fn from_lexicon<'a>(entries: impl IntoIterator<Item = (&'a str, f64)>) -> Self {
+        Self { values: entries.into_iter().map(|(w, v)| (w.to_string(), v)).collect() }
+    }
+
+    /// The value of one word (0 outside the lexicon).
+    pub fn word_value(&self, word: &str) -> f64 {
+        self.values.get(word).copied().unwrap_or(0.0)
+    }
+
+    /// The reward of one text.
+    pub fn text_reward(&self, text: &str) -> f64 {
+        text.split_whitespace().map(|w| self.word_value(w)).sum()
+    }
+}
+
+impl RewardModel for KnownReward {
+    fn score(&self, _prompts: &[String], texts: &[String]) -> Result<Vec<f64>> {
+        Ok(texts.iter().map(|t| self.text_reward(t)).collect())
+    }
+
+    fn name(&self) -> String {
+        "known (lexicon sum)".into()
+    }
+}
+
+/// Scores read from a scored-responses JSONL file (`{"prompt", "text", "reward"}` per line): a text
+/// that is not in the table is an error, never a silent 0.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoreTable {
+    path: PathBuf,
+    scores: HashMap<(String, String), f64>,
+}
+
+impl ScoreTable {
+    /// Reads the table; a line without a string `prompt`, a string `text` or a finite `reward` is an
+    /// error naming file and line. A repeated (prompt, text) keeps its last score.
+    pub fn from_jsonl(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+        let mut scores = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |message: String| PipelineError::Json { path: path.to_path_buf(), line: i + 1, message };
+            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+            let field = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| bad(format!("`{k}` is missing or not a string")));
+            let (prompt, text) = (field("prompt")?, field("text")?);
+            let reward = v.get("reward").and_then(serde_json::Value::as_f64).filter(|r| r.is_finite());
+            let reward = reward.ok_or_else(|| bad("`reward` is missing or not a finite number".into()))?;
+            scores.insert((prompt, text), reward);
+        }
+        Ok(Self { path: path.to_path_buf(), scores })
+    }
+
+    /// Number of scored (prompt, text) entries.
+    pub fn len(&self) -> usize {
+        self.scores.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.scores.is_empty()
+    }
+}
+
+impl RewardModel for ScoreTable {
+    fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>> {
+        prompts
+            .iter()
+            .zip(texts)
+            .map(|(p, t)| {
+                self.scores.get(&(p.clone(), t.clone())).copied().ok_or_else(|| PipelineError::Unscored {
+                    path: self.path.clone(),
+                    prompt: p.clone(),
+                    text: t.clone(),
+                })
+            })
+            .collect()
+    }
+
+    fn name(&self) -> String {
+        format!("score table {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_reward_sums_word_values() -> Result<()> {
+        let r = KnownReward::from_lexicon([("good", 1.0), ("great", 2.0), ("bad", -1.0)]);
+        assert_eq!(r.text_reward("good and great ."), 3.0);
+        assert_eq!(r.text_reward("bad but good"), 0.0);
+        assert_eq!(r.text_reward("bad bad unknown"), -2.0);
+        assert_eq!(r.text_reward(""), 0.0);
+        let s = r.score(&["the film was".into(), "x".into()], &["great".into(), "bad .".into()])?;
+        assert_eq!(s, vec![2.0, -1.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn score_table_looks_up_and_refuses_unknown_texts() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("odpo-pipeline-scoretable-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
+        let path = dir.join("s.jsonl");
+        std::fs::write(&path, "{\"prompt\":\"p\",\"text\":\"a\",\"reward\":1.5}\n\n{\"prompt\":\"p\",\"text\":\"b\",\"reward\":-2}\n")
+            .map_err(|e| PipelineError::io(&path, e))?;
+        let t = ScoreTable::from_jsonl(&path)?;
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.score(&["p".into(), "p".into()], &["b".into(), "a".into()])?, vec![-2.0, 1.5]);
+        let e = t.score(&["q".into()], &["a".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.contains("no score for prompt \"q\""), "{e}");
+        std::fs::write(&path, "{\"prompt\":\"p\",\"text\":\"a\"}\n").map_err(|e| PipelineError::io(&path, e))?;
+        let e = ScoreTable::from_jsonl(&path).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.ends_with("s.jsonl:1: `reward` is missing or not a finite number"), "{e}");
+        Ok(())
+    }
+}

@@ -1,0 +1,116 @@
+//! Sampling: k responses per prompt from a model (odpo-model's batched, KV-cached generation), scored
+//! by a [`RewardModel`] and written in the ODPO paper's scored-responses format, one
+//! `{"prompt", "text", "reward"}` object a line (odpo-data's `scored-jsonl`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use odpo_model::CausalLm;
+use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
+use odpo_model::tokenizer::Tokenizer;
+
+use crate::error::{PipelineError, Result};
+use crate::reward::RewardModel;
+
+/// Sequences per generation call.
+const GENERATE_BATCH: usize = 256;
+
+/// One sampled response.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Response {
+    /// Index of its prompt in the prompt list.
+    pub prompt_index: usize,
+    /// The prompt's token ids.
+    pub prompt_ids: Vec<u32>,
+    /// The new tokens, ending with EOS when the model produced one.
+    pub tokens: Vec<u32>,
+    /// The decoded response, special tokens dropped.
+    pub text: String,
+}
+
+/// How to sample.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleSettings {
+    /// Responses per prompt.
+    pub k: usize,
+    /// Softmax temperature.
+    pub temperature: f64,
+    /// Longest response in tokens.
+    pub max_new_tokens: usize,
+    /// Seed of the sampler (each generation batch derives its own from it).
+    pub seed: u64,
+}
+
+/// Samples `settings.k` responses to each prompt (prompt-major order: all of prompt 0's first).
+pub fn sample_responses(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], settings: &SampleSettings, device: &Device) -> Result<Vec<Response>> {
+    let eos = tokenizer.eos_token_id().ok_or_else(|| PipelineError::config("tokenizer", "has no EOS token to stop responses at"))?;
+    let pad = tokenizer.pad_token_id().unwrap_or(eos);
+    let encoded = prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
+    let jobs: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, settings.k)).collect();
+    let mut out = Vec::with_capacity(jobs.len());
+    for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate() {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+        let cfg = GenerationConfig {
+            max_new_tokens: settings.max_new_tokens,
+            eos_token_ids: vec![eos],
+            pad_token_id: pad,
+            sampling: SamplingConfig { temperature: settings.temperature, seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(b as u64), ..SamplingConfig::default() },
+        };
+        let generation = generate(model, &ids, &cfg, device)?;
+        for (j, tokens) in generation.tokens.into_iter().enumerate() {
+            let text = tokenizer.decode(&tokens, true)?.trim().to_string();
+            out.push(Response { prompt_index: chunk[j], prompt_ids: ids[j].clone(), tokens, text });
+        }
+    }
+    Ok(out)
+}
+
+/// Scores responses with `reward`.
+pub fn score(responses: &[Response], prompts: &[String], reward: &dyn RewardModel) -> Result<Vec<f64>> {
+    let ps: Vec<String> = responses.iter().map(|r| prompts[r.prompt_index].clone()).collect();
+    let ts: Vec<String> = responses.iter().map(|r| r.text.clone()).collect();
+    reward.score(&ps, &ts)
+}
+
+/// Writes the scored-responses JSONL.
+pub fn write_scored(path: &Path, responses: &[Response], prompts: &[String], rewards: &[f64]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
+    }
+    let mut buf = Vec::new();
+    for (r, s) in responses.iter().zip(rewards) {
+        let line = serde_json::json!({"prompt": prompts[r.prompt_index], "text": r.text, "reward": s});
+        writeln!(buf, "{line}").map_err(|e| PipelineError::io(path, e))?;
+    }
+    std::fs::write(path, buf).map_err(|e| PipelineError::io(path, e))
+}
+
+/// What [`sample`] wrote.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SampleReport {
+    /// The scored-responses file.
+    pub path: PathBuf,
+    /// Responses written.
+    pub responses: usize,
+    /// Their mean reward.
+    pub mean_reward: f64,
+}
+
+/// `cargo xtask sample`: loads the model in `model_dir` (HF folder with its tokenizer), samples k
+/// responses per prompt, scores them with `reward` and writes `out` in the paper's format.
+pub fn sample(model_dir: &Path, prompts: &[String], settings: &SampleSettings, reward: &dyn RewardModel, out: &Path, device: &Device) -> Result<SampleReport> {
+    let loaded = CausalLm::load(model_dir, device)?;
+    let tokenizer = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
+    let responses = sample_responses(&loaded.model, &tokenizer, prompts, settings, device)?;
+    let rewards = score(&responses, prompts, reward)?;
+    write_scored(out, &responses, prompts, &rewards)?;
+    let mean_reward = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
+    Ok(SampleReport { path: out.to_path_buf(), responses: responses.len(), mean_reward })
+}
+
+/// Reads prompts, one a line (blank lines skipped), for `cargo xtask sample --prompts FILE`.
+pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+}
