@@ -106,6 +106,9 @@ struct ModelArgs {
     /// Render the prompt as a user turn with the model's chat template.
     #[arg(long)]
     chat: bool,
+    /// Precision of weights and compute: f32, f16, bf16.
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 #[derive(Args)]
@@ -180,7 +183,9 @@ fn run(cli: Cli) -> Result<()> {
 fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer, Device)> {
     let device = backend::device(&args.backend)?;
     let t = std::time::Instant::now();
-    let loaded = CausalLm::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    let precision: odpo_model::Precision = args.precision.parse()?;
+    let mut loaded = CausalLm::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    loaded.model = loaded.model.with_precision(precision);
     tracing::info!(
         "loaded {} ({:.1}M parameters) in {:.1}s",
         args.model.display(),

@@ -32,4 +32,4 @@ pub mod weights;
 pub use burn::module::Module;
 pub use error::{ModelError, Result};
 pub use layers::{KvCache, parameter_count};
-pub use model::{CausalLm, LoadedModel, ModelConfig};
+pub use model::{CausalLm, LoadedModel, ModelConfig, Precision};

@@ -296,22 +296,22 @@ impl Llama {
     }
 
     /// cos and sin `[B, 1, T, Dh]` for the given positions, computed in f32 as transformers does.
-    fn rope(&self, pos: Tensor<2, Int>) -> (Tensor<4>, Tensor<4>) {
+    fn rope(&self, pos: Tensor<2, Int>, dtype: burn::tensor::DType) -> (Tensor<4>, Tensor<4>) {
         let [b, t] = pos.dims();
         let half = self.inv_freq.len();
         let device = pos.device();
         let inv = Tensor::<1>::from_data(TensorData::new(self.inv_freq.clone(), [half]), &device);
         let freqs = pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half]);
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
-        (emb.clone().cos(), emb.sin())
+        (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
     }
 
     /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
     /// real tokens (1) and padding (0), including the cached ones.
     pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
-        let (cos, sin) = self.rope(positions(mask, t));
         let mut x = self.embed_tokens.forward(input_ids);
+        let (cos, sin) = self.rope(positions(mask, t), x.dtype());
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, mask, i, cache.as_deref_mut());
             x = x + a;

@@ -10,7 +10,8 @@ use burn::tensor::{Int, Tensor};
 /// (SmolLM2) is 201 MB, and autodiff keeps them for the backward pass.
 pub fn token_logprobs(logits: Tensor<3>, input_ids: Tensor<2, Int>) -> Tensor<2> {
     let [b, t, v] = logits.dims();
-    let logits = logits.narrow(1, 0, t - 1);
+    // Low-precision logits are widened: log-probabilities summed over a completion need f32.
+    let logits = logits.narrow(1, 0, t - 1).cast(burn::tensor::FloatDType::F32);
     let targets = input_ids.narrow(1, 1, t - 1).reshape([b, t - 1, 1]);
     let picked = logits.clone().gather(2, targets).reshape([b, t - 1]);
     // The max is a constant shift for stability; detaching it leaves the gradient unchanged.

@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Device, FloatDType, Int, Tensor};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
@@ -104,6 +104,52 @@ impl ModelConfig {
     }
 }
 
+/// Floating-point precision of the weights and of the compute that follows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit floats (the default; what the parity tests check at 1e-4).
+    #[default]
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Precision {
+    /// burn's dtype for this precision.
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::F16 => FloatDType::F16,
+            Self::Bf16 => FloatDType::BF16,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "f16" | "float16" => Ok(Self::F16),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            other => Err(ModelError::Invalid(format!("unknown precision `{other}`; expected f32, f16 or bf16"))),
+        }
+    }
+}
+
+/// Casts every float parameter of a module.
+struct Caster(FloatDType);
+
+impl ModuleMapper for Caster {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(|t| t.cast(dtype))
+    }
+}
+
 /// A causal language model of any implemented family.
 #[derive(Module, Debug)]
 pub enum CausalLm {
@@ -167,6 +213,12 @@ impl CausalLm {
             Self::Gpt2(m) => m.forward(input_ids, attention_mask, cache),
             Self::Llama(m) => m.forward(input_ids, attention_mask, cache),
         }
+    }
+
+    /// The model with its weights cast to `precision`; activations follow the weights, while
+    /// norms, softmax and log-probabilities accumulate in f32.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        self.map(&mut Caster(precision.dtype()))
     }
 
     /// An empty KV cache sized for this model.

@@ -71,7 +71,12 @@ fn save_then_load_gives_identical_logits() {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
         let loaded = CausalLm::load(&dir, &device).unwrap();
-        let out = std::env::temp_dir().join(format!("odpo-roundtrip-{case}-{}", std::process::id()));
+        // `ODPO_KEEP_SAVED=DIR` keeps the saved folders for `tests/fixtures/check_saved.py`.
+        let keep = std::env::var_os("ODPO_KEEP_SAVED").map(std::path::PathBuf::from);
+        let out = match &keep {
+            Some(dir) => dir.join(case),
+            None => std::env::temp_dir().join(format!("odpo-roundtrip-{case}-{}", std::process::id())),
+        };
         loaded.model.save_hf(&loaded.config, &out).unwrap();
         let again = CausalLm::load(&out, &device).unwrap();
         assert_eq!(again.config, loaded.config, "{case}: config changed in the round trip");
@@ -80,6 +85,39 @@ fn save_then_load_gives_identical_logits() {
         let a = to_vec(loaded.model.forward(ids.clone(), &mask, None));
         let b = to_vec(again.model.forward(ids, &mask, None));
         assert_eq!(a, b, "{case}: logits changed after save + load");
-        std::fs::remove_dir_all(&out).ok();
+        if keep.is_none() {
+            std::fs::remove_dir_all(&out).ok();
+        }
+    }
+}
+
+/// Half-precision weights and compute: the same model in f16 and bf16 stays close to the f32
+/// reference (looser tolerances, set by the formats' 11 and 8 significant bits).
+#[test]
+fn half_precision_stays_close_to_f32() {
+    use odpo_model::Precision;
+    let device = Device::default();
+    for case in ["gpt2", "qwen2_bias"] {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        for (precision, tol) in [(Precision::F16, 0.03), (Precision::Bf16, 0.3)] {
+            let model = CausalLm::load(&dir, &device).unwrap().model.with_precision(precision);
+            let ids = int2(&exp["input_ids"], &device);
+            let logits = model.forward(ids, &int2(&exp["attention_mask"], &device), None);
+            assert_eq!(logits.dtype(), precision.dtype().into(), "{case}: compute did not follow the weights");
+            let got = to_vec(logits.cast(burn::tensor::FloatDType::F32));
+            let want = &exp["logits"];
+            let v = want.shape[2];
+            let mut worst = 0.0f64;
+            for (pos, m) in exp["attention_mask"].data.iter().enumerate() {
+                if *m == 1.0 {
+                    for j in 0..v {
+                        worst = worst.max((f64::from(got[pos * v + j]) - want.data[pos * v + j]).abs());
+                    }
+                }
+            }
+            println!("{case} {precision:?}: max |diff| {worst:.3e}");
+            assert!(worst < tol, "{case} {precision:?}: logits differ by {worst}");
+        }
     }
 }

@@ -57,6 +57,9 @@ pub enum PipelineError {
     /// The tokenizer failed.
     #[error(transparent)]
     Tokenizer(#[from] odpo_model::tokenizer::TokenizerError),
+    /// The backend named is unknown or not compiled in.
+    #[error(transparent)]
+    Backend(#[from] odpo_model::backend::BackendError),
     /// A training stage failed.
     #[error(transparent)]
     Train(#[from] odpo_trainer::TrainError),

@@ -96,7 +96,7 @@ pub fn response_logprobs(model: &CausalLm, responses: &[Response], pad_id: u32, 
         let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [b, t]), device);
         let logits = model.forward(ids.clone(), &mask, None);
         let lp = token_logprobs(logits, ids).into_data().convert::<f32>();
-        let lp = lp.to_vec::<f32>().map_err(|e| PipelineError::config("eval", format!("could not read log-probs back: {e:?}")))?;
+        let lp = lp.try_into_vec::<f32>().map_err(|e| PipelineError::config("eval", format!("could not read log-probs back: {e:?}")))?;
         for (i, r) in chunk.iter().enumerate() {
             let start = r.prompt_ids.len() - 1;
             out.push((0..r.tokens.len()).map(|j| f64::from(lp[i * (t - 1) + start + j])).collect());

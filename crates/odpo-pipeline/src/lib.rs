@@ -1,1 +1,36 @@
-//! x
+//! odpo-pipeline: preference training end to end, from a reward to a reward-vs-KL frontier.
+//!
+//! It owns [`reward`] (the [`RewardModel`] trait: a known ground-truth reward and a score table),
+//! [`synthetic`] (the built-in known-reward task: a small word-level language whose words carry
+//! sentiment values), [`sample`] (k scored responses per prompt in the ODPO paper's format),
+//! [`eval`] (mean reward and two KL estimators with 95% intervals), [`plot`] (PNG scatter plots),
+//! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation) and [`frontier`]
+//! (the β/α × pair-count × seed sweep). Training goes through `odpo-trainer`; it never names a
+//! backend: every entry point takes a `&Device`.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = odpo_model::backend::device("flex")?;
+//! let summary = odpo_pipeline::run_default(&odpo_pipeline::DefaultOptions { verbose: true, ..Default::default() }, &device)?;
+//! println!("{}", summary.plot.display());
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+mod error;
+pub mod eval;
+pub mod frontier;
+pub mod pipeline;
+pub mod plot;
+pub mod reward;
+pub mod sample;
+pub mod synthetic;
+
+pub use config::{Method, PipelineConfig};
+pub use error::{PipelineError, Result};
+pub use eval::{EvalReport, Estimate, KlEstimates};
+pub use frontier::{FrontierConfig, FrontierSummary, frontier};
+pub use pipeline::{DefaultOptions, DefaultSummary, eval_run, run_default};
+pub use reward::{KnownReward, RewardModel, ScoreTable};
+pub use sample::{SampleReport, SampleSettings, sample};

@@ -322,8 +322,8 @@ pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: u64, device
     Ok(report)
 }
 
-/// Pairs the trainer trained on, from its logged epoch count is not exact; count them from the
-/// samples instead: one best-vs-worst pair per prompt whose responses do not all tie.
+/// Pairs the preference stage trained on: its data re-read with its own config (one best-vs-worst
+/// pair per prompt whose responses do not all tie).
 fn pairs_in(pref_dir: &Path) -> Result<usize> {
     let cfg = RunConfig::from_file(&pref_dir.join("config.toml"), &[])?;
     let loaded = odpo_data::load(&cfg.data).map_err(odpo_trainer::TrainError::from)?;
