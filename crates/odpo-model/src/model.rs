@@ -31,13 +31,14 @@ impl ModelConfig {
             .and_then(Value::as_str)
             .or_else(|| value.get("model_type").and_then(Value::as_str))
             .ok_or_else(|| ModelError::config(path, "neither `architectures` nor `model_type` is given"))?;
-        let parse = |e: serde_json::Error| ModelError::config(path, e.to_string());
+        // The error names the key: `vocab_size: invalid type: string "many", expected usize`.
+        let parse = |e: serde_path_to_error::Error<serde_json::Error>| ModelError::config(path, e.to_string());
         match arch {
             "GPT2LMHeadModel" | "GPT2Model" | "gpt2" => {
-                Ok(Self::Gpt2(serde_json::from_value(value.clone()).map_err(parse)?))
+                Ok(Self::Gpt2(serde_path_to_error::deserialize(value.clone()).map_err(parse)?))
             }
             "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral" | "qwen2" => {
-                let mut cfg: LlamaConfig = serde_json::from_value(value.clone()).map_err(parse)?;
+                let mut cfg: LlamaConfig = serde_path_to_error::deserialize(value.clone()).map_err(parse)?;
                 if arch.starts_with("Qwen2") {
                     cfg.model_type = "qwen2".into();
                 }
