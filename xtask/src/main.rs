@@ -18,7 +18,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Train: --config configs/NAME.toml [--backend B] [--set key=value ...] [--resume RUN_DIR].
+    /// With no --config: the built-in known-reward task end to end (`--set loss=dpo` for DPO).
     Train(Passthrough),
+    /// Sample and score: --model DIR --prompts FILE --out FILE [--reward known|table:FILE] [--k 4].
+    Sample(Passthrough),
+    /// Evaluate a pipeline run: --run DIR [--samples-per-prompt N].
+    Eval(Passthrough),
+    /// The reward-KL frontier: --config configs/pipeline/frontier.toml.
+    Frontier(Passthrough),
     /// Data tools: `data stats --config FILE` or `data stats --data PATH --format NAME [--tokenizer PATH]`.
     Data(Passthrough),
     /// Generate text: --model PATH --prompt TEXT [--chat] [--max-new-tokens N] [--greedy | --temperature T --top-p P] [--seed S].
@@ -63,6 +70,9 @@ fn run() -> Result<ExitCode> {
     match cli.command {
         Task::Train(p) => odpo("train", &p.args),
         Task::Data(p) => odpo("data", &p.args),
+        Task::Sample(p) => odpo("sample", &p.args),
+        Task::Eval(p) => odpo("eval", &p.args),
+        Task::Frontier(p) => odpo("frontier", &p.args),
         Task::Generate(p) => odpo("generate", &p.args),
         Task::Logprobs(p) => odpo("logprobs", &p.args),
         Task::BenchForward(p) => bench_forward(p.args),

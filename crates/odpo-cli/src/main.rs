@@ -22,8 +22,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train with SFT or a preference objective, as a TOML run config says.
+    /// Train with SFT or a preference objective, as a TOML run config says. Without `--config`:
+    /// the built-in known-reward task end to end (SFT, sampling, pairs, ODPO, evaluation).
     Train(TrainArgs),
+    /// Sample k responses per prompt from a model, score them, write the paper's scored format.
+    Sample(SampleArgs),
+    /// Reward and KL to the reference of a pipeline run's policy, on held-out prompts.
+    Eval(EvalArgs),
+    /// Sweep beta (and alpha) for DPO and ODPO over pair counts and seeds; table and plot.
+    Frontier(FrontierArgs),
     /// Inspect preference data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -68,6 +75,67 @@ struct TrainArgs {
     /// Continue the run in this folder from its newest checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    /// A HF model folder (with its tokenizer).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompts, one a line.
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Where to write `{"prompt", "text", "reward"}` lines.
+    #[arg(long)]
+    out: PathBuf,
+    /// How responses are scored: `known` (the built-in task's ground-truth reward) or
+    /// `table:FILE` (a scored JSONL whose texts already carry rewards).
+    #[arg(long, default_value = "known")]
+    reward: String,
+    /// Responses per prompt.
+    #[arg(long, default_value_t = 4)]
+    k: usize,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f64,
+    /// Longest response in tokens.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A run folder made by `train` without `--config` (holds `pipeline.toml`).
+    #[arg(long)]
+    run: PathBuf,
+    /// Samples per held-out prompt (default: the run's setting).
+    #[arg(long)]
+    samples_per_prompt: Option<usize>,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+}
+
+#[derive(Args)]
+struct FrontierArgs {
+    /// A frontier config (configs/pipeline/frontier.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a key of the base pipeline config (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
 }
 
 #[derive(Subcommand)]
@@ -173,6 +241,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => cmd_train(a),
+        Command::Sample(a) => cmd_sample(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Frontier(a) => cmd_frontier(a),
         Command::Data(DataCommand::Stats(a)) => cmd_data_stats(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Logprobs(a) => cmd_logprobs(a),
@@ -311,6 +382,14 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
+    if a.config.is_none() && a.resume.is_none() {
+        // The built-in default: the known-reward task end to end.
+        let device = backend::device(a.backend.as_deref().unwrap_or("flex"))?;
+        let opts = odpo_pipeline::DefaultOptions { sets: a.sets, verbose: true, ..Default::default() };
+        // With `verbose`, the pipeline prints each stage and the summary itself.
+        odpo_pipeline::run_default(&opts, &device)?;
+        return Ok(());
+    }
     let s = odpo_trainer::run_from_args(a.config.as_deref(), a.backend.as_deref(), &a.sets, a.resume.as_deref())?;
     println!("run folder:   {}", s.run_dir.display());
     println!("steps:        {}", s.steps);
@@ -342,5 +421,33 @@ fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {
     };
     let tok = a.tokenizer.as_deref().map(open_tokenizer).transpose()?;
     print!("{}", odpo_data::stats(&cfg, tok.as_ref())?);
+    Ok(())
+}
+
+fn cmd_sample(a: SampleArgs) -> Result<()> {
+    let device = backend::device(&a.backend)?;
+    let prompts = odpo_pipeline::sample::read_prompts(&a.prompts)?;
+    let reward: Box<dyn odpo_pipeline::RewardModel> = match a.reward.split_once(':') {
+        None if a.reward == "known" => Box::new(odpo_pipeline::synthetic::reward()),
+        Some(("table", file)) => Box::new(odpo_pipeline::ScoreTable::from_jsonl(Path::new(file))?),
+        _ => bail!("--reward `{}`: expected `known` or `table:FILE`", a.reward),
+    };
+    let settings = odpo_pipeline::SampleSettings { k: a.k, temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed };
+    let report = odpo_pipeline::sample(&a.model, &prompts, &settings, reward.as_ref(), &a.out, &device)?;
+    println!("{} responses to {} prompts, mean reward {:.4}, written to {}", report.responses, prompts.len(), report.mean_reward, report.path.display());
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let device = backend::device(&a.backend)?;
+    let report = odpo_pipeline::eval_run(&a.run, a.samples_per_prompt, a.seed, &device)?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn cmd_frontier(a: FrontierArgs) -> Result<()> {
+    let device = backend::device(&a.backend)?;
+    let summary = odpo_pipeline::frontier(&a.config, &a.sets, &device, true)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

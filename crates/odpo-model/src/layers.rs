@@ -119,3 +119,17 @@ pub(crate) fn linear_3d(x: Tensor<3>, weight: &Tensor<2>) -> Tensor<3> {
     let v = weight.dims()[1];
     x.reshape([b * t, d]).matmul(weight.clone()).reshape([b, t, v])
 }
+
+/// cos and sin of the rotary angles `pos · inv_freq`, each `[B, 1, T, dim/2]`, for positions `pos`
+/// `[B, T]`, with `inv_freq_i = 1 / base^(2i/dim)` computed in f32 as transformers does, cast to
+/// `dtype`. Each family lays the halves out its own way (GPT-J interleaves, GPT-NeoX concatenates).
+pub(crate) fn rotary_cos_sin(pos: Tensor<2, Int>, dim: usize, base: f64, dtype: burn::tensor::DType) -> (Tensor<4>, Tensor<4>) {
+    let [b, t] = pos.dims();
+    let half = dim / 2;
+    let base = base as f32;
+    let inv: Vec<f32> = (0..half).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
+    let device = pos.device();
+    let inv = Tensor::<1>::from_data(burn::tensor::TensorData::new(inv, [half]), &device);
+    let angles = (pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half])).unsqueeze_dim::<4>(1);
+    (angles.clone().cos().cast(dtype), angles.sin().cast(dtype))
+}

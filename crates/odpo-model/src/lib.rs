@@ -1,7 +1,8 @@
 //! Causal language models for preference training, on burn.
 //!
 //! This crate owns everything about the model itself: reading HF `config.json`, building the
-//! GPT-2 and Llama families ([`gpt2`], [`llama`]) from HF safetensors or llama.cpp GGUF files,
+//! GPT-2, Llama, GPT-Neo, GPT-J and GPT-NeoX families ([`gpt2`], [`llama`], [`gpt_neo`], [`gptj`],
+//! [`gpt_neox`]) from HF safetensors or llama.cpp GGUF files,
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
 //! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), and saving
 //! back in HF layout. Nothing here names a backend except [`backend`], which maps a
@@ -22,6 +23,9 @@ mod error;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;
+pub mod gpt_neo;
+pub mod gpt_neox;
+pub mod gptj;
 mod layers;
 pub mod llama;
 pub mod logprobs;

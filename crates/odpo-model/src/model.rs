@@ -8,7 +8,10 @@ use burn::tensor::{Device, FloatDType, Int, Tensor};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+use crate::gpt_neo::{GptNeo, GptNeoConfig};
+use crate::gpt_neox::{GptNeox, GptNeoxConfig};
 use crate::gpt2::{Gpt2, Gpt2Config};
+use crate::gptj::{Gptj, GptjConfig};
 use crate::layers::KvCache;
 use crate::llama::{Llama, LlamaConfig};
 use crate::weights::{Weights, write_atomic};
@@ -20,6 +23,12 @@ pub enum ModelConfig {
     Gpt2(Gpt2Config),
     /// Llama, Mistral, Qwen2, SmolLM2.
     Llama(LlamaConfig),
+    /// GPT-Neo.
+    GptNeo(GptNeoConfig),
+    /// GPT-J.
+    Gptj(GptjConfig),
+    /// GPT-NeoX, Pythia.
+    GptNeox(GptNeoxConfig),
 }
 
 impl ModelConfig {
@@ -44,6 +53,9 @@ impl ModelConfig {
                 }
                 Ok(Self::Llama(cfg))
             }
+            "GPTNeoForCausalLM" | "gpt_neo" => Ok(Self::GptNeo(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
+            "GPTJForCausalLM" | "gptj" => Ok(Self::Gptj(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
+            "GPTNeoXForCausalLM" | "gpt_neox" => Ok(Self::GptNeox(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
             other => Err(ModelError::UnknownArchitecture { path: path.into(), architecture: other.into() }),
         }
     }
@@ -60,6 +72,9 @@ impl ModelConfig {
         match self {
             Self::Gpt2(c) => c.vocab_size,
             Self::Llama(c) => c.vocab_size,
+            Self::GptNeo(c) => c.vocab_size,
+            Self::Gptj(c) => c.vocab_size,
+            Self::GptNeox(c) => c.vocab_size,
         }
     }
 
@@ -68,6 +83,9 @@ impl ModelConfig {
         match self {
             Self::Gpt2(c) => c.n_positions,
             Self::Llama(c) => c.max_position_embeddings,
+            Self::GptNeo(c) => c.max_position_embeddings,
+            Self::Gptj(c) => c.n_positions,
+            Self::GptNeox(c) => c.max_position_embeddings,
         }
     }
 
@@ -76,6 +94,9 @@ impl ModelConfig {
         match self {
             Self::Gpt2(c) => c.eos_token_id,
             Self::Llama(c) => c.eos_token_id.as_ref().and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64))).map(|v| v as u32),
+            Self::GptNeo(c) => c.eos_token_id,
+            Self::Gptj(c) => c.eos_token_id,
+            Self::GptNeox(c) => c.eos_token_id,
         }
     }
 
@@ -91,6 +112,9 @@ impl ModelConfig {
                 };
                 (serde_json::to_value(c), arch, c.model_type.as_str())
             }
+            Self::GptNeo(c) => (serde_json::to_value(c), "GPTNeoForCausalLM", "gpt_neo"),
+            Self::Gptj(c) => (serde_json::to_value(c), "GPTJForCausalLM", "gptj"),
+            Self::GptNeox(c) => (serde_json::to_value(c), "GPTNeoXForCausalLM", "gpt_neox"),
         };
         if let Ok(Value::Object(map)) = &mut v {
             map.retain(|_, v| !v.is_null());
@@ -158,6 +182,12 @@ pub enum CausalLm {
     Gpt2(Gpt2),
     /// Llama family.
     Llama(Llama),
+    /// GPT-Neo.
+    GptNeo(GptNeo),
+    /// GPT-J.
+    Gptj(Gptj),
+    /// GPT-NeoX, Pythia.
+    GptNeox(GptNeox),
 }
 
 /// A loaded model with its configuration and where it came from.
@@ -177,8 +207,13 @@ impl CausalLm {
         let model = match config {
             ModelConfig::Gpt2(c) => Self::Gpt2(Gpt2::load(c, weights, device)?),
             ModelConfig::Llama(c) => Self::Llama(Llama::load(c, weights, device)?),
+            ModelConfig::GptNeo(c) => Self::GptNeo(GptNeo::load(c, weights, device)?),
+            ModelConfig::Gptj(c) => Self::Gptj(Gptj::load(c, weights, device)?),
+            ModelConfig::GptNeox(c) => Self::GptNeox(GptNeox::load(c, weights, device)?),
         };
-        let unused: Vec<&str> = weights.remaining().filter(|n| !n.ends_with(".attn.bias") && !n.ends_with(".attn.masked_bias") && !n.contains("rotary_emb")).collect();
+        // Causal-mask buffers older GPT-2 / GPT-Neo / GPT-J / GPT-NeoX checkpoints carry are expected leftovers.
+        let buffer = |n: &str| [".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias"].iter().any(|s| n.ends_with(s));
+        let unused: Vec<&str> = weights.remaining().filter(|n| !buffer(n) && !n.contains("rotary_emb")).collect();
         if !unused.is_empty() {
             tracing::warn!(file = %weights.path().display(), "{} tensors in the checkpoint are not used: {}", unused.len(), unused.join(", "));
         }
@@ -213,6 +248,9 @@ impl CausalLm {
         match self {
             Self::Gpt2(m) => m.forward(input_ids, attention_mask, cache),
             Self::Llama(m) => m.forward(input_ids, attention_mask, cache),
+            Self::GptNeo(m) => m.forward(input_ids, attention_mask, cache),
+            Self::Gptj(m) => m.forward(input_ids, attention_mask, cache),
+            Self::GptNeox(m) => m.forward(input_ids, attention_mask, cache),
         }
     }
 
@@ -227,6 +265,9 @@ impl CausalLm {
         KvCache::new(match self {
             Self::Gpt2(m) => m.n_layers(),
             Self::Llama(m) => m.n_layers(),
+            Self::GptNeo(m) => m.n_layers(),
+            Self::Gptj(m) => m.n_layers(),
+            Self::GptNeox(m) => m.n_layers(),
         })
     }
 
@@ -237,6 +278,9 @@ impl CausalLm {
         let tensors = match self {
             Self::Gpt2(m) => m.hf_tensors(),
             Self::Llama(m) => m.hf_tensors(),
+            Self::GptNeo(m) => m.hf_tensors(),
+            Self::Gptj(m) => m.hf_tensors(),
+            Self::GptNeox(m) => m.hf_tensors(),
         };
         tensors.write(&dir.join("model.safetensors"))?;
         let json = serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::config(dir, e.to_string()))?;

@@ -198,7 +198,7 @@ pub fn markdown_table(rows: &[FrontierRow], sft: &Estimate) -> String {
         let alpha = if r.method == Method::Odpo { format!("{}", r.alpha) } else { "–".into() };
         let _ = writeln!(s, "| {} | {} | {} | {} | {} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} |", r.method.name(), r.pairs, r.beta, alpha, r.seed, r.reward.mean, r.reward.ci95, r.kl_seq.mean, r.kl_seq.ci95, r.kl_k3.mean, r.kl_k3.ci95);
     }
-    s.push_str("\nMean over seeds:\n\n| method | pair budget | β | α | reward | KL seq | reward / KL |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("\nMean over seeds:\n\n| method | pair budget | β | α | reward | KL seq | (reward − SFT) / KL |\n|---|---|---|---|---|---|---|\n");
     let mut keys: Vec<(Method, usize, u64, u64)> = rows.iter().map(|r| (r.method, r.pair_budget, r.beta.to_bits(), r.alpha.to_bits())).collect();
     keys.dedup();
     keys.sort_by_key(|k| (k.1, k.0.name()));

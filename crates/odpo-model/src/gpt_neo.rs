@@ -1,0 +1,336 @@
+//! GPT-Neo (Black et al. 2021, "GPT-Neo: Large Scale Autoregressive Language Modeling with
+//! Mesh-Tensorflow", zenodo 5297715), following HF transformers' `models/gpt_neo/modeling_gpt_neo.py`:
+//! GPT-2's block (pre-LayerNorm, learned absolute positions, `gelu_new` MLP, LM head tied to the
+//! token embeddings) with separate q/k/v projections without bias, an `out_proj` with bias, **no**
+//! 1/√d scaling of the attention scores, and layers alternating between global attention and
+//! local attention, where a query at index i sees only keys j with `i - j < window_size`.
+//!
+//! Tested against transformers on a tiny random GPT-Neo whose window is shorter than the
+//! sequences (`tests/fixtures/gpt_neo_local`).
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::activation::{gelu, gelu_approximate};
+use burn::tensor::{Bool, Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, split_heads, tied_head};
+use crate::weights::{HfTensors, Weights};
+
+/// GPT-Neo's `config.json`, with HF's key names (extra keys are ignored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GptNeoConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Maximum sequence length (learned position table size).
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Number of blocks.
+    pub num_layers: usize,
+    /// Number of attention heads.
+    pub num_heads: usize,
+    /// Layer kinds as `[[["global", "local"], n], ...]`: each pattern repeated `n` times, in order.
+    #[serde(default = "default_attention_types")]
+    pub attention_types: Value,
+    /// Keys a local layer's query sees: itself and the `window_size - 1` before it.
+    #[serde(default = "default_window")]
+    pub window_size: usize,
+    /// MLP width; `null` means `4 * hidden_size`.
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+    /// MLP activation; `gelu_new` (tanh approximation) or `gelu`.
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_epsilon: f64,
+    /// Whether the LM head shares the token embedding matrix (GPT-Neo's checkpoints do).
+    #[serde(default = "yes")]
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence token.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token.
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_attention_types() -> Value {
+    serde_json::json!([[["global", "local"], 12]])
+}
+fn default_window() -> usize {
+    256
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+
+impl GptNeoConfig {
+    /// Whether each layer is local, expanded from `attention_types` as transformers'
+    /// `expand_attention_types_params` does; an error names anything malformed.
+    pub fn local_layers(&self, path: &std::path::Path) -> Result<Vec<bool>> {
+        let bad = |why: &str| ModelError::config(path, format!("attention_types: {why}; expected [[[\"global\", \"local\"], n], ...]"));
+        let mut out = Vec::new();
+        for item in self.attention_types.as_array().ok_or_else(|| bad("not a list"))? {
+            let kinds = item.get(0).and_then(Value::as_array).ok_or_else(|| bad("an entry has no list of kinds"))?;
+            let n = item.get(1).and_then(Value::as_u64).ok_or_else(|| bad("an entry has no repeat count"))?;
+            for _ in 0..n {
+                for k in kinds {
+                    match k.as_str() {
+                        Some("global") => out.push(false),
+                        Some("local") => out.push(true),
+                        _ => return Err(bad(&format!("unknown layer kind {k}"))),
+                    }
+                }
+            }
+        }
+        if out.len() != self.num_layers {
+            return Err(bad(&format!("gives {} layers but num_layers is {}", out.len(), self.num_layers)));
+        }
+        Ok(out)
+    }
+
+    fn inner(&self) -> usize {
+        self.intermediate_size.unwrap_or(4 * self.hidden_size)
+    }
+}
+
+#[derive(Module, Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    n_heads: usize,
+    /// `Some(window_size)` on local layers.
+    window: Option<usize>,
+}
+
+#[derive(Module, Debug)]
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+    exact_gelu: bool,
+}
+
+#[derive(Module, Debug)]
+struct Block {
+    ln_1: LayerNorm,
+    attn: Attention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+/// A GPT-Neo language model (`GPTNeoForCausalLM`).
+#[derive(Module, Debug)]
+pub struct GptNeo {
+    wte: Embedding,
+    wpe: Embedding,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    /// `[hidden, vocab]`; `None` when tied to the embeddings.
+    lm_head: Option<Param<Tensor<2>>>,
+}
+
+/// True where key j is `window` or more indices behind query i (`[t_q, t_k]`, the queries being
+/// the last `t_q` of `t_k` positions): the keys a local layer masks, on top of the causal mask.
+fn outside_window(t_q: usize, t_k: usize, window: usize, device: &Device) -> Tensor<2, Bool> {
+    // Masked when (t_past + i) - j >= window, i.e. j - i < t_past - window + 1.
+    let offset = (t_k - t_q) as i64 - window as i64 + 1;
+    Tensor::<2, Bool>::triu_mask([t_q, t_k], offset, device)
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let t = x.dims()[1];
+        let q = split_heads(self.q_proj.forward(x.clone()), self.n_heads);
+        let k = split_heads(self.k_proj.forward(x.clone()), self.n_heads);
+        let v = split_heads(self.v_proj.forward(x), self.n_heads);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let mut m = attention_mask(mask, t, self.n_heads, &q.device());
+        if let Some(window) = self.window {
+            let [b, h, _, t_k] = m.dims();
+            let local = outside_window(t, t_k, window, &q.device());
+            m = m.bool_or(local.reshape([1, 1, t, t_k]).expand([b, h, t, t_k]));
+        }
+        // GPT-Neo does not scale the scores by 1/sqrt(head_dim).
+        self.out_proj.forward(merge_heads(grouped_attention(q, k, v, m, 1.0)))
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.c_fc.forward(x);
+        self.c_proj.forward(if self.exact_gelu { gelu(h) } else { gelu_approximate(h) })
+    }
+}
+
+fn layer_norm(w: &mut Weights, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
+    let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
+    ln.gamma = Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d], device)?);
+    ln.beta = Some(Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [d], device)?));
+    Ok(ln)
+}
+
+fn linear(w: &mut Weights, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
+    Ok(Linear {
+        weight: Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
+        bias: if bias { Some(Param::from_tensor(w.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
+    })
+}
+
+impl GptNeo {
+    /// Builds the model from HF-named weights (`transformer.h.N.attn.attention.q_proj.weight`, ...;
+    /// `lm_head.weight` only when untied).
+    pub fn load(cfg: &GptNeoConfig, w: &mut Weights, device: &Device) -> Result<Self> {
+        if !matches!(cfg.activation_function.as_str(), "gelu_new" | "gelu" | "gelu_pytorch_tanh") {
+            return Err(ModelError::config(
+                w.path(),
+                format!("activation_function `{}` is not implemented; expected gelu_new or gelu", cfg.activation_function),
+            ));
+        }
+        if cfg.hidden_size % cfg.num_heads != 0 || cfg.window_size == 0 {
+            return Err(ModelError::config(w.path(), "hidden_size must be a multiple of num_heads, and window_size at least 1"));
+        }
+        let local = cfg.local_layers(w.path())?;
+        let (d, v, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_epsilon);
+        let wte = Embedding { weight: Param::from_tensor(w.tensor("transformer.wte.weight", [v, d], device)?) };
+        let wpe = Embedding {
+            weight: Param::from_tensor(w.tensor("transformer.wpe.weight", [cfg.max_position_embeddings, d], device)?),
+        };
+        let h = local
+            .iter()
+            .enumerate()
+            .map(|(i, &is_local)| {
+                let b = format!("transformer.h.{i}");
+                let a = format!("{b}.attn.attention");
+                Ok(Block {
+                    ln_1: layer_norm(w, &format!("{b}.ln_1"), d, eps, device)?,
+                    attn: Attention {
+                        q_proj: linear(w, &format!("{a}.q_proj"), d, d, false, device)?,
+                        k_proj: linear(w, &format!("{a}.k_proj"), d, d, false, device)?,
+                        v_proj: linear(w, &format!("{a}.v_proj"), d, d, false, device)?,
+                        out_proj: linear(w, &format!("{a}.out_proj"), d, d, true, device)?,
+                        n_heads: cfg.num_heads,
+                        window: is_local.then_some(cfg.window_size),
+                    },
+                    ln_2: layer_norm(w, &format!("{b}.ln_2"), d, eps, device)?,
+                    mlp: Mlp {
+                        c_fc: linear(w, &format!("{b}.mlp.c_fc"), d, cfg.inner(), true, device)?,
+                        c_proj: linear(w, &format!("{b}.mlp.c_proj"), cfg.inner(), d, true, device)?,
+                        exact_gelu: cfg.activation_function == "gelu",
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = layer_norm(w, "transformer.ln_f", d, eps, device)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(Param::from_tensor(w.linear_weight("lm_head.weight", v, d, device)?))
+        };
+        Ok(Self { wte, wpe, h, ln_f, lm_head })
+    }
+
+    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
+    /// real tokens (1) and padding (0), including the cached ones.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [_, t] = input_ids.dims();
+        let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions(mask, t));
+        for (i, block) in self.h.iter().enumerate() {
+            let a = block.attn.forward(block.ln_1.forward(x.clone()), mask, i, cache.as_deref_mut());
+            x = x + a;
+            x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
+        }
+        let x = self.ln_f.forward(x);
+        match &self.lm_head {
+            Some(w) => linear_3d(x, &w.val()),
+            None => tied_head(x, &self.wte.weight.val()),
+        }
+    }
+
+    /// Number of blocks (the KV cache's size).
+    pub fn n_layers(&self) -> usize {
+        self.h.len()
+    }
+
+    /// The weights under HF names, in HF layout.
+    pub fn hf_tensors(&self) -> HfTensors {
+        let mut out = HfTensors::default();
+        out.push("transformer.wte.weight", self.wte.weight.val());
+        out.push("transformer.wpe.weight", self.wpe.weight.val());
+        let ln = |out: &mut HfTensors, name: String, ln: &LayerNorm| {
+            out.push(format!("{name}.weight"), ln.gamma.val());
+            if let Some(b) = &ln.beta {
+                out.push(format!("{name}.bias"), b.val());
+            }
+        };
+        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
+            out.push_linear(format!("{name}.weight"), l.weight.val());
+            if let Some(b) = &l.bias {
+                out.push(format!("{name}.bias"), b.val());
+            }
+        };
+        for (i, b) in self.h.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            ln(&mut out, format!("{p}.ln_1"), &b.ln_1);
+            lin(&mut out, format!("{p}.attn.attention.q_proj"), &b.attn.q_proj);
+            lin(&mut out, format!("{p}.attn.attention.k_proj"), &b.attn.k_proj);
+            lin(&mut out, format!("{p}.attn.attention.v_proj"), &b.attn.v_proj);
+            lin(&mut out, format!("{p}.attn.attention.out_proj"), &b.attn.out_proj);
+            ln(&mut out, format!("{p}.ln_2"), &b.ln_2);
+            lin(&mut out, format!("{p}.mlp.c_fc"), &b.mlp.c_fc);
+            lin(&mut out, format!("{p}.mlp.c_proj"), &b.mlp.c_proj);
+        }
+        ln(&mut out, "transformer.ln_f".into(), &self.ln_f);
+        if let Some(w) = &self.lm_head {
+            out.push_linear("lm_head.weight", w.val());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn cfg(types: Value, n: usize) -> GptNeoConfig {
+        serde_json::from_value(serde_json::json!({
+            "vocab_size": 8, "hidden_size": 8, "num_layers": n, "num_heads": 2, "attention_types": types
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn attention_types_expand_in_order() {
+        let c = cfg(serde_json::json!([[["local", "global"], 2], [["local"], 1]]), 5);
+        assert_eq!(c.local_layers("c".as_ref()).unwrap(), vec![true, false, true, false, true]);
+        assert!(cfg(serde_json::json!([[["global", "local"], 2]]), 3).local_layers("c".as_ref()).is_err());
+        assert!(cfg(serde_json::json!([[["sparse"], 1]]), 1).local_layers("c".as_ref()).is_err());
+    }
+
+    #[test]
+    fn window_masks_keys_window_or_more_behind() {
+        let device = Device::default();
+        // 2 new queries at indices 3 and 4 of 5 keys, window 2: each sees itself and one before.
+        let m = outside_window(2, 5, 2, &device).into_data().to_vec::<bool>().unwrap();
+        assert_eq!(m, vec![true, true, false, false, false, true, true, true, false, false]);
+    }
+}

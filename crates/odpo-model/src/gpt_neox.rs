@@ -1,0 +1,341 @@
+//! GPT-NeoX and Pythia (Black et al. 2022, "GPT-NeoX-20B", arXiv 2204.06745; Biderman et al.
+//! 2023, "Pythia", arXiv 2304.01373), following HF transformers'
+//! `models/gpt_neox/modeling_gpt_neox.py`: a fused `query_key_value` projection whose output is
+//! laid out per head as `[heads, 3, head_dim]`, rotate-half rotary embeddings on the first
+//! `rotary_pct` of each head's dims, LayerNorm, an exact-`gelu` MLP, a parallel residual
+//! (`x + attn(ln1(x)) + mlp(ln2(x))`) or, with `use_parallel_residual: false`, a sequential one,
+//! optional attention biases (`attention_bias`), and an untied head saved as `embed_out`.
+//!
+//! Tested against transformers on tiny random GPT-NeoX models with parallel and sequential
+//! residuals (`tests/fixtures/gpt_neox_parallel`, `tests/fixtures/gpt_neox_sequential`).
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::activation::{gelu, gelu_approximate};
+use burn::tensor::{Device, Int, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, rotary_cos_sin, tied_head};
+use crate::weights::{HfTensors, Weights};
+
+/// A GPT-NeoX / Pythia `config.json`, with HF's key names (extra keys are ignored). RoPE settings
+/// are read as transformers 5 writes them (`rope_parameters`) or as older checkpoints give them
+/// (`rotary_pct`, `rotary_emb_base`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GptNeoxConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Number of attention heads.
+    pub num_attention_heads: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// MLP activation; `gelu` (exact), `gelu_new` / `gelu_fast` / `gelu_pytorch_tanh` (tanh approximation).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Maximum sequence length.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// LayerNorm epsilon.
+    #[serde(default = "default_ln_eps")]
+    pub layer_norm_eps: f64,
+    /// Fraction of each head's dims that are rotated (older configs).
+    #[serde(default)]
+    pub rotary_pct: Option<f64>,
+    /// RoPE base (older configs).
+    #[serde(default)]
+    pub rotary_emb_base: Option<f64>,
+    /// RoPE base at the top level.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    /// RoPE settings as transformers 5 writes them (`rope_theta`, `partial_rotary_factor`, `rope_type`).
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    /// `x + attn(ln1(x)) + mlp(ln2(x))` when true; `y = x + attn(ln1(x)); y + mlp(ln2(y))` when false.
+    #[serde(default = "yes")]
+    pub use_parallel_residual: bool,
+    /// Bias on `query_key_value` and `dense`.
+    #[serde(default = "yes")]
+    pub attention_bias: bool,
+    /// Whether the head shares the token embedding matrix (Pythia's does not).
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Beginning-of-sequence token.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token.
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_ln_eps() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+
+impl GptNeoxConfig {
+    fn rope_field(&self, key: &str) -> Option<&Value> {
+        self.rope_parameters.as_ref().and_then(|p| p.get(key))
+    }
+
+    /// The RoPE base: `rope_parameters.rope_theta`, else `rotary_emb_base`, else `rope_theta`, else 10000.
+    pub fn theta(&self) -> f64 {
+        self.rope_field("rope_theta").and_then(Value::as_f64).or(self.rotary_emb_base).or(self.rope_theta).unwrap_or(10_000.0)
+    }
+
+    /// Rotated dims per head: `int(head_dim * partial_rotary_factor)` (or `rotary_pct`, default 0.25).
+    pub fn rotary_ndims(&self) -> usize {
+        let pct = self.rope_field("partial_rotary_factor").and_then(Value::as_f64).or(self.rotary_pct).unwrap_or(0.25);
+        ((self.hidden_size / self.num_attention_heads) as f64 * pct) as usize
+    }
+}
+
+#[derive(Module, Debug)]
+struct Attention {
+    query_key_value: Linear,
+    dense: Linear,
+    n_heads: usize,
+    rotary_ndims: usize,
+    scale: f64,
+}
+
+#[derive(Module, Debug)]
+struct Mlp {
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+    exact_gelu: bool,
+}
+
+#[derive(Module, Debug)]
+struct Layer {
+    input_layernorm: LayerNorm,
+    post_attention_layernorm: LayerNorm,
+    attention: Attention,
+    mlp: Mlp,
+}
+
+/// A GPT-NeoX / Pythia language model (`GPTNeoXForCausalLM`).
+#[derive(Module, Debug)]
+pub struct GptNeox {
+    embed_in: Embedding,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    /// `[hidden, vocab]`; `None` when tied to the embeddings.
+    embed_out: Option<Param<Tensor<2>>>,
+    parallel_residual: bool,
+    rotary_ndims: usize,
+    theta: f64,
+}
+
+/// Rotates each head's halves: `[x1, x2] -> [-x2, x1]`.
+fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.narrow(3, d / 2, d / 2);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+/// Rotates the first `r` dims of `x` `[B, H, T, Dh]` (cos/sin `[B, 1, T, r]`), keeps the rest.
+fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, r: usize) -> Tensor<4> {
+    let dh = x.dims()[3];
+    let rot = x.clone().narrow(3, 0, r);
+    let rot = rot.clone() * cos.clone() + rotate_half(rot) * sin.clone();
+    if r == dh { rot } else { Tensor::cat(vec![rot, x.narrow(3, r, dh - r)], 3) }
+}
+
+impl Attention {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [b, t, d] = x.dims();
+        let hd = d / self.n_heads;
+        // HF: view(B, T, H, 3 * hd).transpose(1, 2).chunk(3, -1): per head, q then k then v.
+        let qkv = self.query_key_value.forward(x).reshape([b, t, self.n_heads, 3 * hd]).swap_dims(1, 2);
+        let q = qkv.clone().narrow(3, 0, hd);
+        let k = qkv.clone().narrow(3, hd, hd);
+        let v = qkv.narrow(3, 2 * hd, hd);
+        let (q, k) = if self.rotary_ndims > 0 {
+            (apply_rotary(q, cos, sin, self.rotary_ndims), apply_rotary(k, cos, sin, self.rotary_ndims))
+        } else {
+            (q, k)
+        };
+        let (k, v) = match cache {
+            Some(cache) => cache.append(layer, k, v),
+            None => (k, v),
+        };
+        let m = attention_mask(mask, t, self.n_heads, &q.device());
+        self.dense.forward(merge_heads(grouped_attention(q, k, v, m, self.scale)))
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.dense_h_to_4h.forward(x);
+        self.dense_4h_to_h.forward(if self.exact_gelu { gelu(h) } else { gelu_approximate(h) })
+    }
+}
+
+fn layer_norm(w: &mut Weights, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
+    let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
+    ln.gamma = Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d], device)?);
+    ln.beta = Some(Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [d], device)?));
+    Ok(ln)
+}
+
+fn linear(w: &mut Weights, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
+    Ok(Linear {
+        weight: Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
+        bias: if bias { Some(Param::from_tensor(w.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
+    })
+}
+
+impl GptNeox {
+    /// Builds the model from HF-named weights (`gpt_neox.layers.N...`; the head as `embed_out.weight`,
+    /// as transformers saves it, or `lm_head.weight`).
+    pub fn load(cfg: &GptNeoxConfig, w: &mut Weights, device: &Device) -> Result<Self> {
+        let exact_gelu = match cfg.hidden_act.as_str() {
+            "gelu" => true,
+            "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => false,
+            other => return Err(ModelError::config(w.path(), format!("hidden_act `{other}` is not implemented; expected gelu or gelu_new"))),
+        };
+        if let Some(kind) = cfg.rope_field("rope_type").and_then(Value::as_str).filter(|k| *k != "default") {
+            return Err(ModelError::config(w.path(), format!("rope_type `{kind}` is not implemented for GPT-NeoX; expected `default`")));
+        }
+        let (d, v, eps, nh) = (cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_eps, cfg.num_attention_heads);
+        let r = cfg.rotary_ndims();
+        if d % nh != 0 || r % 2 != 0 || r > d / nh {
+            return Err(ModelError::config(
+                w.path(),
+                format!("hidden_size must be a multiple of num_attention_heads and the rotary dims ({r}) even and at most the head size"),
+            ));
+        }
+        let embed_in = Embedding { weight: Param::from_tensor(w.tensor("gpt_neox.embed_in.weight", [v, d], device)?) };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let p = format!("gpt_neox.layers.{i}");
+                Ok(Layer {
+                    input_layernorm: layer_norm(w, &format!("{p}.input_layernorm"), d, eps, device)?,
+                    post_attention_layernorm: layer_norm(w, &format!("{p}.post_attention_layernorm"), d, eps, device)?,
+                    attention: Attention {
+                        query_key_value: linear(w, &format!("{p}.attention.query_key_value"), d, 3 * d, cfg.attention_bias, device)?,
+                        dense: linear(w, &format!("{p}.attention.dense"), d, d, cfg.attention_bias, device)?,
+                        n_heads: nh,
+                        rotary_ndims: r,
+                        scale: 1.0 / ((d / nh) as f64).sqrt(),
+                    },
+                    mlp: Mlp {
+                        dense_h_to_4h: linear(w, &format!("{p}.mlp.dense_h_to_4h"), d, cfg.intermediate_size, true, device)?,
+                        dense_4h_to_h: linear(w, &format!("{p}.mlp.dense_4h_to_h"), cfg.intermediate_size, d, true, device)?,
+                        exact_gelu,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm = layer_norm(w, "gpt_neox.final_layer_norm", d, eps, device)?;
+        let embed_out = if cfg.tie_word_embeddings {
+            None
+        } else {
+            let name = if w.contains("embed_out.weight") { "embed_out.weight" } else { "lm_head.weight" };
+            Some(Param::from_tensor(w.linear_weight(name, v, d, device)?))
+        };
+        Ok(Self { embed_in, layers, final_layer_norm, embed_out, parallel_residual: cfg.use_parallel_residual, rotary_ndims: r, theta: cfg.theta() })
+    }
+
+    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
+    /// real tokens (1) and padding (0), including the cached ones.
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [_, t] = input_ids.dims();
+        let mut x = self.embed_in.forward(input_ids);
+        let (cos, sin) = rotary_cos_sin(positions(mask, t), self.rotary_ndims.max(2), self.theta, x.dtype());
+        // transformers' cat((freqs, freqs), -1): the halves of the rotated dims share angles.
+        let (cos, sin) = (Tensor::cat(vec![cos.clone(), cos], 3), Tensor::cat(vec![sin.clone(), sin], 3));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.attention.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, mask, i, cache.as_deref_mut());
+            x = if self.parallel_residual {
+                let m = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
+                x + a + m
+            } else {
+                let y = x + a;
+                y.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(y))
+            };
+        }
+        let x = self.final_layer_norm.forward(x);
+        match &self.embed_out {
+            Some(w) => linear_3d(x, &w.val()),
+            None => tied_head(x, &self.embed_in.weight.val()),
+        }
+    }
+
+    /// Number of layers (the KV cache's size).
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The weights under HF names, in HF layout (the fused `query_key_value` kept as it is).
+    pub fn hf_tensors(&self) -> HfTensors {
+        let mut out = HfTensors::default();
+        out.push("gpt_neox.embed_in.weight", self.embed_in.weight.val());
+        let ln = |out: &mut HfTensors, name: String, ln: &LayerNorm| {
+            out.push(format!("{name}.weight"), ln.gamma.val());
+            if let Some(b) = &ln.beta {
+                out.push(format!("{name}.bias"), b.val());
+            }
+        };
+        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
+            out.push_linear(format!("{name}.weight"), l.weight.val());
+            if let Some(b) = &l.bias {
+                out.push(format!("{name}.bias"), b.val());
+            }
+        };
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            ln(&mut out, format!("{p}.input_layernorm"), &l.input_layernorm);
+            ln(&mut out, format!("{p}.post_attention_layernorm"), &l.post_attention_layernorm);
+            lin(&mut out, format!("{p}.attention.query_key_value"), &l.attention.query_key_value);
+            lin(&mut out, format!("{p}.attention.dense"), &l.attention.dense);
+            lin(&mut out, format!("{p}.mlp.dense_h_to_4h"), &l.mlp.dense_h_to_4h);
+            lin(&mut out, format!("{p}.mlp.dense_4h_to_h"), &l.mlp.dense_4h_to_h);
+        }
+        ln(&mut out, "gpt_neox.final_layer_norm".into(), &self.final_layer_norm);
+        if let Some(w) = &self.embed_out {
+            out.push_linear("embed_out.weight", w.val());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn old_and_new_rope_keys_agree() {
+        let base = serde_json::json!({
+            "vocab_size": 8, "hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 8
+        });
+        let with = |extra: Value| {
+            let mut v = base.clone();
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            serde_json::from_value::<GptNeoxConfig>(v).unwrap()
+        };
+        let old = with(serde_json::json!({"rotary_pct": 0.25, "rotary_emb_base": 500}));
+        let new = with(serde_json::json!({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}}));
+        assert_eq!((old.rotary_ndims(), old.theta()), (4, 500.0));
+        assert_eq!((new.rotary_ndims(), new.theta()), (4, 500.0));
+        let defaults = with(serde_json::json!({}));
+        assert_eq!((defaults.rotary_ndims(), defaults.theta()), (4, 10_000.0));
+        assert!(defaults.use_parallel_residual && defaults.attention_bias && !defaults.tie_word_embeddings);
+    }
+}

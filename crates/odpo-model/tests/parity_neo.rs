@@ -1,0 +1,298 @@
+//! GPT-Neo, GPT-J and GPT-NeoX against HF transformers on tiny random models made by
+//! `tests/fixtures/make_fixtures_neo.py`: logits on right- and left-padded batches within 1e-4,
+//! completion log-probabilities, the save -> load round trip, KV-cache generation against full
+//! recomputation, and one preference (ODPO) training step per family.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use common::*;
+use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
+use odpo_model::logprobs::sequence_logprobs;
+use odpo_model::{CausalLm, ModelConfig};
+
+const CASES: &[&str] = &["gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential"];
+
+/// Largest |ours - reference| over the real (unpadded) positions.
+fn max_diff_logits(model: &CausalLm, exp: &HashMap<String, Arr>, prefix: &str, device: &Device) -> f64 {
+    let ids = &exp[&format!("{prefix}input_ids")];
+    let mask = &exp[&format!("{prefix}attention_mask")];
+    let want = &exp[&format!("{prefix}logits")];
+    let got = to_vec(model.forward(int2(ids, device), &int2(mask, device), None));
+    assert_eq!(got.len(), want.data.len());
+    let v = want.shape[2];
+    let mut worst = 0.0f64;
+    for (pos, m) in mask.data.iter().enumerate() {
+        if *m == 1.0 {
+            for j in 0..v {
+                worst = worst.max((f64::from(got[pos * v + j]) - want.data[pos * v + j]).abs());
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn configs_name_their_family() {
+    for case in CASES {
+        let cfg = ModelConfig::from_file(&fixture(case).join("config.json")).unwrap();
+        let ok = match *case {
+            "gpt_neo_local" => matches!(cfg, ModelConfig::GptNeo(_)),
+            "gptj" => matches!(cfg, ModelConfig::Gptj(_)),
+            _ => matches!(cfg, ModelConfig::GptNeox(_)),
+        };
+        assert!(ok, "{case}: parsed as {cfg:?}");
+        // The config written back names the same architecture and parses to the same config.
+        let again = ModelConfig::from_hf_json(&cfg.to_hf_json(), "x".as_ref()).unwrap();
+        assert_eq!(again, cfg, "{case}");
+    }
+}
+
+#[test]
+fn logits_match_transformers_on_padded_batches() {
+    let device = Device::default();
+    for case in CASES {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let model = CausalLm::load(&dir, &device).unwrap().model;
+        println!("{case}: {} parameters", model.num_params());
+        let right = max_diff_logits(&model, &exp, "", &device);
+        let left = max_diff_logits(&model, &exp, "left_", &device);
+        println!("{case}: max |diff| right-padded {right:.2e}, left-padded {left:.2e}");
+        assert!(right < 1e-4, "{case}: right-padded logits differ by {right}");
+        assert!(left < 1e-4, "{case}: left-padded logits differ by {left}");
+    }
+}
+
+/// Each option the new families read changes the logits: with it flipped, the fixture's logits
+/// are far off (so the parity above is not passing by accident).
+#[test]
+fn options_change_the_logits() {
+    let device = Device::default();
+    let mutations: &[(&str, &str, serde_json::Value)] = &[
+        ("gpt_neo_local", "window_size", serde_json::json!(64)),
+        ("gpt_neo_local", "attention_types", serde_json::json!([[["global"], 3]])),
+        ("gptj", "rotary_dim", serde_json::json!(16)),
+        ("gpt_neox_parallel", "use_parallel_residual", serde_json::json!(false)),
+        ("gpt_neox_sequential", "use_parallel_residual", serde_json::json!(true)),
+        ("gpt_neox_parallel", "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 1.0})),
+        ("gpt_neox_sequential", "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 0.5})),
+    ];
+    for (case, key, value) in mutations {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        json[*key] = value.clone();
+        let cfg = ModelConfig::from_hf_json(&json, &dir).unwrap();
+        let mut weights = odpo_model::weights::Weights::from_hf_dir(&dir).unwrap();
+        let model = CausalLm::from_weights(&cfg, &mut weights, &device).unwrap();
+        let d = max_diff_logits(&model, &exp, "", &device);
+        println!("{case} with {key} = {value}: max |diff| {d:.6e}");
+        assert!(d > 1e-2, "{case}: setting {key} to {value} changed the logits by only {d}");
+    }
+}
+
+#[test]
+fn completion_logprobs_match_transformers() {
+    let device = Device::default();
+    for case in CASES {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let model = CausalLm::load(&dir, &device).unwrap().model;
+        for prefix in ["", "left_"] {
+            let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
+            let logits = model.forward(ids.clone(), &int2(&exp[&format!("{prefix}attention_mask")], &device), None);
+            let (sum, count) = sequence_logprobs(logits, ids, float2(&exp[&format!("{prefix}completion_mask")], &device));
+            for (i, (s, c)) in to_vec(sum).iter().zip(to_vec(count)).enumerate() {
+                let want = exp["completion_logprob_sum"].data[i];
+                assert!((f64::from(*s) - want).abs() < 1e-4, "{case} {prefix}row {i}: {s} vs {want}");
+                assert_eq!(f64::from(c), exp["completion_token_count"].data[i], "{case} row {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn save_then_load_gives_identical_logits() {
+    let device = Device::default();
+    for case in CASES {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let loaded = CausalLm::load(&dir, &device).unwrap();
+        // `ODPO_KEEP_SAVED=DIR` keeps the saved folders for `tests/fixtures/check_saved.py`.
+        let keep = std::env::var_os("ODPO_KEEP_SAVED").map(std::path::PathBuf::from);
+        let out = match &keep {
+            Some(dir) => dir.join(case),
+            None => std::env::temp_dir().join(format!("odpo-roundtrip-{case}-{}", std::process::id())),
+        };
+        loaded.model.save_hf(&loaded.config, &out).unwrap();
+        let again = CausalLm::load(&out, &device).unwrap();
+        assert_eq!(again.config, loaded.config, "{case}: config changed in the round trip");
+        assert_eq!(again.model.num_params(), loaded.model.num_params(), "{case}");
+        for prefix in ["", "left_"] {
+            let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
+            let mask = int2(&exp[&format!("{prefix}attention_mask")], &device);
+            let a = to_vec(loaded.model.forward(ids.clone(), &mask, None));
+            let b = to_vec(again.model.forward(ids, &mask, None));
+            assert_eq!(a, b, "{case}: logits changed after save + load");
+        }
+        if keep.is_none() {
+            std::fs::remove_dir_all(&out).ok();
+        }
+    }
+}
+
+/// Greedy generation through the KV cache, for a left-padded batch, equals greedy decoding that
+/// recomputes the whole unpadded sequence at every step; its log-probs match too. 10 new tokens
+/// after prompts of 7 and 3 take GPT-Neo's local layers well past their window of 5.
+#[test]
+fn cached_generation_matches_full_recompute() {
+    let device = Device::default();
+    for case in CASES {
+        let model = CausalLm::load(&fixture(case), &device).unwrap().model;
+        let prompts = vec![vec![5u32, 17, 42, 9, 101, 33, 7], vec![60u32, 3, 88]];
+        let cfg = GenerationConfig {
+            max_new_tokens: 10,
+            eos_token_ids: vec![],
+            pad_token_id: 0,
+            sampling: SamplingConfig { greedy: true, ..SamplingConfig::default() },
+        };
+        let out = generate(&model, &prompts, &cfg, &device).unwrap();
+        for (b, prompt) in prompts.iter().enumerate() {
+            let mut seq = prompt.clone();
+            for step in 0..cfg.max_new_tokens {
+                let t = seq.len();
+                let ids = Tensor::<2, Int>::from_data(TensorData::new(seq.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(), [1, t]), &device);
+                let mask = Tensor::<2, Int>::ones([1, t], &device);
+                let last = model.forward(ids, &mask, None).narrow(1, t - 1, 1).reshape([-1]);
+                let lp = to_vec(log_softmax(last, 0));
+                let next = lp.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0 as u32;
+                assert_eq!(out.tokens[b][step], next, "{case} row {b} step {step}");
+                let d = (out.logprobs[b][step] - lp[next as usize]).abs();
+                assert!(d < 1e-4, "{case} row {b} step {step}: log-prob differs by {d}");
+                seq.push(next);
+            }
+        }
+    }
+}
+
+/// Paths of every float parameter whose gradient is missing, non-finite or all zero.
+fn bad_grads<M: Module>(model: &M, grads: &GradientsParams) -> (usize, Vec<String>) {
+    struct Check<'a> {
+        grads: &'a GradientsParams,
+        path: Vec<String>,
+        seen: usize,
+        bad: Vec<String>,
+    }
+    impl ModuleVisitor for Check<'_> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.seen += 1;
+            let why = match self.grads.get::<D>(param.id) {
+                None => Some("no gradient"),
+                Some(g) => {
+                    let v = to_vec(g);
+                    if v.iter().any(|x| !x.is_finite()) {
+                        Some("non-finite")
+                    } else if v.iter().all(|&x| x == 0.0) {
+                        Some("all zero")
+                    } else {
+                        None
+                    }
+                }
+            };
+            if let Some(why) = why {
+                self.bad.push(format!("{}: {why}", self.path.join(".")));
+            }
+        }
+    }
+    let mut c = Check { grads, path: Vec::new(), seen: 0, bad: Vec::new() };
+    model.visit(&mut c);
+    (c.seen, c.bad)
+}
+
+/// One ODPO step per family: chosen and rejected in one `[2B, T]` forward, the loss
+/// `-log σ(β·h - Δ)` with `h = (π_c - ref_c) - (π_r - ref_r)`, backward, a finite non-zero
+/// gradient on every parameter, and one AdamW step that changes the weights and lowers the loss.
+#[test]
+fn preference_training_step_runs() {
+    let base = Device::default();
+    let ad = base.clone().autodiff();
+    let (beta, offset) = (0.1f32, 0.5f32);
+    for case in CASES {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let loaded = CausalLm::load(&dir, &ad).unwrap();
+        let vocab = loaded.config.vocab_size();
+        let model = loaded.model;
+        // Chosen: the fixture's right-padded rows; rejected: the same prompts with other completions.
+        let chosen = &exp["input_ids"];
+        let comp = &exp["completion_mask"];
+        let mut rejected = chosen.clone();
+        for (i, x) in rejected.data.iter_mut().enumerate() {
+            if comp.data[i] == 1.0 {
+                *x = ((*x as usize * 7 + 3) % (vocab - 1) + 1) as f64;
+            }
+        }
+        let [b, t] = [chosen.shape[0], chosen.shape[1]];
+        let stack = |a: &Arr, c: &Arr| Arr { shape: vec![2 * b, t], data: [a.data.clone(), c.data.clone()].concat() };
+        let ids = stack(chosen, &rejected);
+        let mask = stack(&exp["attention_mask"], &exp["attention_mask"]);
+        let loss_mask = stack(comp, comp);
+
+        // The frozen reference: the same weights without autodiff.
+        let reference = model.valid();
+        let ref_lp = {
+            let logits = reference.forward(int2(&ids, &base), &int2(&mask, &base), None);
+            to_vec(sequence_logprobs(logits, int2(&ids, &base), float2(&loss_mask, &base)).0)
+        };
+        let ref_lp = Tensor::<1>::from_data(TensorData::new(ref_lp, [2 * b]), &ad);
+        let loss_of = |m: &CausalLm| {
+            let logits = m.forward(int2(&ids, &ad), &int2(&mask, &ad), None);
+            let (lp, _) = sequence_logprobs(logits, int2(&ids, &ad), float2(&loss_mask, &ad));
+            let ratio = lp - ref_lp.clone();
+            let h = ratio.clone().narrow(0, 0, b) - ratio.narrow(0, b, b);
+            burn::tensor::activation::log_sigmoid(h.mul_scalar(beta).sub_scalar(offset)).neg().mean()
+        };
+
+        let loss = loss_of(&model);
+        let before = loss.clone().into_scalar::<f32>();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (n_params, bad) = bad_grads(&model, &grads);
+        assert!(n_params > 0);
+        assert!(bad.is_empty(), "{case}: {} of {n_params} parameters have bad gradients: {bad:?}", bad.len());
+
+        let w0 = flat_params(&model);
+        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let model = optim.step(1e-3, model, grads);
+        let w1 = flat_params(&model);
+        assert_ne!(w0, w1, "{case}: the AdamW step left the weights unchanged");
+        let after = loss_of(&model).into_scalar::<f32>();
+        println!("{case}: {n_params} parameter tensors, ODPO loss {before:.5} -> {after:.5} after one AdamW step");
+        assert!(after < before, "{case}: loss did not decrease ({before} -> {after})");
+    }
+}
+
+/// A flat copy of every parameter, to compare weights before and after a step.
+fn flat_params(model: &CausalLm) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.extend(to_vec(param.val()));
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
