@@ -99,7 +99,7 @@ impl GptNeoxConfig {
     /// Rotated dims per head: `int(head_dim * partial_rotary_factor)` (or `rotary_pct`, default 0.25).
     pub fn rotary_ndims(&self) -> usize {
         let pct = self.rope_field("partial_rotary_factor").and_then(Value::as_f64).or(self.rotary_pct).unwrap_or(0.25);
-        ((self.hidden_size / self.num_attention_heads) as f64 * pct) as usize
+        (self.hidden_size.checked_div(self.num_attention_heads).unwrap_or(0) as f64 * pct) as usize
     }
 }
 
@@ -214,7 +214,7 @@ impl GptNeox {
         }
         let (d, v, eps, nh) = (cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_eps, cfg.num_attention_heads);
         let r = cfg.rotary_ndims();
-        if d % nh != 0 || r % 2 != 0 || r > d / nh {
+        if nh == 0 || !d.is_multiple_of(nh) || !r.is_multiple_of(2) || r > d / nh {
             return Err(ModelError::config(
                 w.path(),
                 format!("hidden_size must be a multiple of num_attention_heads and the rotary dims ({r}) even and at most the head size"),

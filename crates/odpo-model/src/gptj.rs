@@ -67,7 +67,7 @@ fn default_ln_eps() -> f64 {
 
 impl GptjConfig {
     fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
+        self.n_embd.checked_div(self.n_head).unwrap_or(0)
     }
 
     /// Rotated dims per head.
@@ -180,7 +180,7 @@ impl Gptj {
             ));
         }
         let r = cfg.rotary_dims();
-        if cfg.n_embd % cfg.n_head != 0 || r % 2 != 0 || r > cfg.head_dim() || r == 0 {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) || !r.is_multiple_of(2) || r > cfg.head_dim() || r == 0 {
             return Err(ModelError::config(
                 w.path(),
                 format!("n_embd must be a multiple of n_head and rotary_dim ({r}) even, positive and at most the head size"),
@@ -293,6 +293,6 @@ mod tests {
     fn rotate_every_two_swaps_interleaved_pairs() {
         let device = Device::default();
         let x = Tensor::<4>::from_data(TensorData::new(vec![1.0f32, 2.0, 3.0, 4.0], [1, 1, 1, 4]), &device);
-        assert_eq!(rotate_every_two(x).into_data().to_vec::<f32>().unwrap(), vec![-2.0, 1.0, -4.0, 3.0]);
+        assert_eq!(rotate_every_two(x).into_data().try_to_vec::<f32>().unwrap(), vec![-2.0, 1.0, -4.0, 3.0]);
     }
 }

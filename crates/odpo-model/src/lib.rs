@@ -16,7 +16,27 @@
 //! println!("{} parameters", loaded.model.num_params());
 //! # Ok(()) }
 //! ```
-#![warn(missing_docs)]
+//!
+//! A tiny random GPT-2 (no files needed), its logits and the summed log-probability of a sequence:
+//!
+//! ```
+//! use burn::tensor::{Int, Tensor, TensorData};
+//! use odpo_model::{CausalLm, ModelConfig, backend, logprobs::sequence_logprobs};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let device = backend::device("flex")?;
+//! let json = serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 16,
+//!     "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2});
+//! let config = ModelConfig::from_hf_json(&json, "tiny".as_ref())?;
+//! let model = CausalLm::random(&config, 0, &device)?;
+//! let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4], [1, 4]), &device);
+//! let mask = Tensor::<2, Int>::ones([1, 4], &device);
+//! let logits = model.forward(ids.clone(), &mask, None);
+//! assert_eq!(logits.dims(), [1, 4, 16]);
+//! let (sum, count) = sequence_logprobs(logits, ids, mask.float()); // each [1]
+//! assert!(sum.into_scalar::<f32>() < 0.0 && count.into_scalar::<f32>() > 0.0);
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
 
 pub mod backend;
 mod error;

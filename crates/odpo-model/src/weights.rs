@@ -164,6 +164,9 @@ fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Resu
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
+            // Older GPT-2 / GPT-Neo / GPT-J / Pythia files carry their causal-mask buffers; the
+            // masks are rebuilt at run time, so these are skipped whatever their dtype.
+            _ if is_mask_buffer(&name) => continue,
             other => {
                 return Err(ModelError::Safetensors {
                     path: path.into(),
@@ -174,6 +177,10 @@ fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Resu
         out.insert(name, HostTensor { shape: view.shape().to_vec(), data });
     }
     Ok(())
+}
+
+fn is_mask_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attention.bias") || name.ends_with("masked_bias")
 }
 
 /// Collects named burn tensors for saving in HF layout.

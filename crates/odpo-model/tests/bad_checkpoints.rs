@@ -111,3 +111,21 @@ fn sharded_index_naming_a_missing_shard_is_an_error() {
     let msg = load_err(&dir);
     assert!(msg.contains("model-00002-of-00005.safetensors"), "{msg}");
 }
+
+/// Causal-mask buffers that older checkpoints store (boolean or float) are skipped, not errors.
+#[test]
+fn stored_mask_buffers_are_ignored() {
+    let dir = copy_gpt2("maskbuf");
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mask = vec![1u8; 64 * 64];
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    views.push((
+        "transformer.h.0.attn.bias".into(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::BOOL, vec![1, 1, 64, 64], &mask).unwrap(),
+    ));
+    let out = safetensors::serialize(views, None).unwrap();
+    std::fs::write(&path, out).unwrap();
+    assert!(CausalLm::load(&dir, &Device::default()).is_ok());
+}

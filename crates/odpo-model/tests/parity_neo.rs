@@ -51,6 +51,14 @@ fn configs_name_their_family() {
         // The config written back names the same architecture and parses to the same config.
         let again = ModelConfig::from_hf_json(&cfg.to_hf_json(), "x".as_ref()).unwrap();
         assert_eq!(again, cfg, "{case}");
+        // A freshly initialised model of the same shape has as many parameters and runs.
+        let device = Device::default();
+        let fresh = CausalLm::random(&cfg, 0, &device).unwrap();
+        let loaded = CausalLm::load(&fixture(case), &device).unwrap().model;
+        assert_eq!(fresh.num_params(), loaded.num_params(), "{case}");
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4], [1, 4]), &device);
+        let logits = to_vec(fresh.forward(ids, &Tensor::<2, Int>::ones([1, 4], &device), None));
+        assert!(logits.iter().all(|x| x.is_finite()), "{case}");
     }
 }
 
