@@ -74,9 +74,9 @@ pub struct PreferenceBatch {
     pub attention_mask: Tensor<2, Int>,
     /// 1.0 on completion tokens and EOS, 0.0 on prompt and padding [2B, T].
     pub loss_mask: Tensor<2>,
-    /// Offsets Δ [B].
+    /// Offsets Δ, `[B]`.
     pub offsets: Tensor<1>,
-    /// Per-pair weights [B], when the data has weights (missing ones are 1).
+    /// Per-pair weights `[B]`, when the data has weights (missing ones are 1).
     pub weights: Option<Tensor<1>>,
     /// The pairs' ids, in row order.
     pub pair_ids: Vec<usize>,

@@ -6,7 +6,7 @@
 //!   and field ([`DataError`]), stopping by default or skipping and reporting (`on_bad_row = "skip"`);
 //! - pairing of scored responses ([`Pairing`]: all distinct-score pairs, best-vs-worst, first two, k random),
 //!   the better-scored response chosen, ties dropped and counted, each pair's offset Δ = α·f(s_w − s_l) from
-//!   `odpo_loss::offset` ([`load`]);
+//!   `odpo_loss::offset` ([`load()`]);
 //! - the train/eval split by prompt ([`split_by_prompt`]);
 //! - tokenization with an exact prompt/completion boundary and the truncation rule ([`tokenize`]);
 //! - burn batches with chosen and rejected stacked for one forward pass ([`PreferenceBatcher`],
@@ -31,6 +31,20 @@
 //!     let batch = batch?; // [2B, T] ids and masks, [B] offsets
 //!     let _ = (batch.input_ids, batch.loss_mask, batch.offsets);
 //! }
+//! # Ok(()) }
+//! ```
+//!
+//! Scored responses in memory, paired (the better-scored one chosen) with ODPO's offset Δ = log(s_w − s_l):
+//!
+//! ```
+//! use odpo_data::{DataConfig, Format, load_bytes};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut cfg = DataConfig::new("inline.jsonl", Format::ScoredJsonl);
+//! cfg.offset = Some(odpo_loss::OffsetConfig::default());
+//! let rows = "{\"prompt\": \"p\", \"text\": \"b\", \"reward\": 1}\n{\"prompt\": \"p\", \"text\": \"a\", \"reward\": 3}\n";
+//! let loaded = load_bytes(&cfg, rows.as_bytes().to_vec())?;
+//! assert_eq!(loaded.pairs.len(), 1);
+//! assert!((loaded.pairs[0].offset - 2f64.ln()).abs() < 1e-12);
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]

@@ -2,9 +2,9 @@
 //!
 //! It owns [`reward`] (the [`RewardModel`] trait: a known ground-truth reward and a score table),
 //! [`synthetic`] (the built-in known-reward task: a small word-level language whose words carry
-//! sentiment values), [`sample`] (k scored responses per prompt in the ODPO paper's format),
+//! sentiment values), [`mod@sample`] (k scored responses per prompt in the ODPO paper's format),
 //! [`eval`] (mean reward and two KL estimators with 95% intervals), [`plot`] (PNG scatter plots),
-//! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation) and [`frontier`]
+//! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation) and [`mod@frontier`]
 //! (the β/α × pair-count × seed sweep). Training goes through `odpo-trainer`; it never names a
 //! backend: every entry point takes a `&Device`.
 //!
@@ -13,6 +13,17 @@
 //! let device = odpo_model::backend::device("flex")?;
 //! let summary = odpo_pipeline::run_default(&odpo_pipeline::DefaultOptions { verbose: true, ..Default::default() }, &device)?;
 //! println!("{}", summary.plot.display());
+//! # Ok(()) }
+//! ```
+//!
+//! A reward model is anything that implements [`RewardModel`]; the synthetic task's is a word lexicon:
+//!
+//! ```
+//! use odpo_pipeline::{RewardModel, synthetic};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let reward = synthetic::reward();
+//! let scores = reward.score(&["lately this movie seemed".into()], &["great and very dull , yet fun .".into()])?;
+//! assert_eq!(scores, vec![2.0]); // great (2) + dull (-1) + fun (1)
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
