@@ -134,6 +134,18 @@ pub enum Stage {
     Preference,
 }
 
+/// What the SFT stage trains on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SftOn {
+    /// The chosen response of every pair (prompt masked).
+    #[default]
+    Chosen,
+    /// Every response of a scored format (`scored-jsonl`, `tldr-json`) after its prompt, whatever its
+    /// score: the paper's SFT on the task's texts.
+    Responses,
+}
+
 /// Where the reference log-probs come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -151,6 +163,9 @@ pub enum ReferenceMode {
 pub struct TrainConfig {
     /// `preference` (default) or `sft`.
     pub stage: Stage,
+    /// SFT only: `chosen` (default; the chosen response of every pair) or `responses` (every response of a
+    /// scored format).
+    pub sft_on: SftOn,
     /// Pairs (SFT: sequences) per optimizer step (the paper: 32).
     pub batch_size: usize,
     /// Pairs per forward pass; `batch_size` must be a multiple. Gradients are accumulated over the
@@ -180,6 +195,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             stage: Stage::Preference,
+            sft_on: SftOn::Chosen,
             batch_size: 32,
             micro_batch_size: 4,
             max_steps: None,
@@ -347,6 +363,17 @@ impl RunConfig {
         }
         if !(t.epochs.is_finite() && t.epochs > 0.0) {
             return err("train.epochs", format!("is {}; expected a finite number > 0", t.epochs));
+        }
+        if t.sft_on == SftOn::Responses {
+            if t.stage != Stage::Sft {
+                return err("train.sft_on", "= \"responses\" applies to `train.stage = \"sft\"` only; remove it".into());
+            }
+            if !self.data.format.is_scored() {
+                return err(
+                    "train.sft_on",
+                    format!("= \"responses\" needs a scored format (scored-jsonl, tldr-json); `data.format` is `{}`", self.data.format.name()),
+                );
+            }
         }
         if t.dtype != "f32" {
             return err("train.dtype", format!("is `{}`; only \"f32\" is implemented", t.dtype));

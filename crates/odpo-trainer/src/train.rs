@@ -50,7 +50,10 @@ pub struct RunSummary {
 pub fn train(cfg: &RunConfig, device: &Device, resume: bool) -> Result<RunSummary> {
     let tokenizer_dir = tokenizer_dir(&cfg.model);
     let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
-    let data = RunData::load(&cfg.data, &tokenizer)?;
+    let data = match (cfg.train.stage, cfg.train.sft_on) {
+        (Stage::Sft, crate::config::SftOn::Responses) => RunData::load_responses(&cfg.data, &tokenizer)?,
+        _ => RunData::load(&cfg.data, &tokenizer)?,
+    };
     train_on(cfg, data, device, resume, Some(&tokenizer_dir))
 }
 
