@@ -33,17 +33,18 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--config", default=DEFAULT_CONFIG)
     ap.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa or eager)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = LlamaConfig.from_json_file(args.config)
     cfg._attn_implementation = args.attn
-    model = LlamaForCausalLM(cfg).float().eval()
+    model = LlamaForCausalLM(cfg).float().eval().to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
     mask = torch.ones_like(ids)
     tokens = args.batch * args.seq
 
@@ -76,6 +77,7 @@ def main():
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
     }, indent=2))
 
 
