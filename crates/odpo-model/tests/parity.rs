@@ -1,4 +1,5 @@
-//! Parity with HF transformers on tiny random models made by `tests/fixtures/make_fixtures.py`:
+//! Parity with HF transformers on tiny random models of every family, made by
+//! `tests/fixtures/make_fixtures.py` and `make_fixtures_neo.py`:
 //! logits on right- and left-padded batches within 1e-4, completion log-probabilities, and the
 //! save -> load round trip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -7,29 +8,20 @@ mod common;
 
 use burn::tensor::Device;
 use common::*;
-use odpo_model::CausalLm;
+use odpo_model::{CausalLm, Module};
 use odpo_model::logprobs::sequence_logprobs;
 
-const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "llama_sharded"];
-
-/// Largest |ours - reference| over the real (unpadded) positions.
-fn max_diff_logits(model: &CausalLm, exp: &std::collections::HashMap<String, Arr>, prefix: &str, device: &Device) -> f64 {
-    let ids = &exp[&format!("{prefix}input_ids")];
-    let mask = &exp[&format!("{prefix}attention_mask")];
-    let want = &exp[&format!("{prefix}logits")];
-    let got = to_vec(model.forward(int2(ids, device), &int2(mask, device), None));
-    assert_eq!(got.len(), want.data.len());
-    let v = want.shape[2];
-    let mut worst = 0.0f64;
-    for (pos, m) in mask.data.iter().enumerate() {
-        if *m == 1.0 {
-            for j in 0..v {
-                worst = worst.max((f64::from(got[pos * v + j]) - want.data[pos * v + j]).abs());
-            }
-        }
-    }
-    worst
-}
+const CASES: &[&str] = &[
+    "gpt2",
+    "llama_gqa_untied",
+    "llama3_rope",
+    "qwen2_bias",
+    "llama_sharded",
+    "gpt_neo_local",
+    "gptj",
+    "gpt_neox_parallel",
+    "gpt_neox_sequential",
+];
 
 #[test]
 fn logits_match_transformers_on_padded_batches() {
@@ -53,13 +45,15 @@ fn completion_logprobs_match_transformers() {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
         let model = CausalLm::load(&dir, &device).unwrap().model;
-        let ids = int2(&exp["input_ids"], &device);
-        let logits = model.forward(ids.clone(), &int2(&exp["attention_mask"], &device), None);
-        let (sum, count) = sequence_logprobs(logits, ids, float2(&exp["completion_mask"], &device));
-        for (i, (s, c)) in to_vec(sum).iter().zip(to_vec(count)).enumerate() {
-            let want = exp["completion_logprob_sum"].data[i];
-            assert!((f64::from(*s) - want).abs() < 1e-4, "{case} row {i}: {s} vs {want}");
-            assert_eq!(f64::from(c), exp["completion_token_count"].data[i], "{case} row {i}");
+        for prefix in ["", "left_"] {
+            let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
+            let logits = model.forward(ids.clone(), &int2(&exp[&format!("{prefix}attention_mask")], &device), None);
+            let (sum, count) = sequence_logprobs(logits, ids, float2(&exp[&format!("{prefix}completion_mask")], &device));
+            for (i, (s, c)) in to_vec(sum).iter().zip(to_vec(count)).enumerate() {
+                let want = exp["completion_logprob_sum"].data[i];
+                assert!((f64::from(*s) - want).abs() < 1e-4, "{case} {prefix}row {i}: {s} vs {want}");
+                assert_eq!(f64::from(c), exp["completion_token_count"].data[i], "{case} row {i}");
+            }
         }
     }
 }
@@ -80,11 +74,14 @@ fn save_then_load_gives_identical_logits() {
         loaded.model.save_hf(&loaded.config, &out).unwrap();
         let again = CausalLm::load(&out, &device).unwrap();
         assert_eq!(again.config, loaded.config, "{case}: config changed in the round trip");
-        let ids = int2(&exp["input_ids"], &device);
-        let mask = int2(&exp["attention_mask"], &device);
-        let a = to_vec(loaded.model.forward(ids.clone(), &mask, None));
-        let b = to_vec(again.model.forward(ids, &mask, None));
-        assert_eq!(a, b, "{case}: logits changed after save + load");
+        assert_eq!(again.model.num_params(), loaded.model.num_params(), "{case}");
+        for prefix in ["", "left_"] {
+            let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
+            let mask = int2(&exp[&format!("{prefix}attention_mask")], &device);
+            let a = to_vec(loaded.model.forward(ids.clone(), &mask, None));
+            let b = to_vec(again.model.forward(ids, &mask, None));
+            assert_eq!(a, b, "{case} {prefix}: logits changed after save + load");
+        }
         if keep.is_none() {
             std::fs::remove_dir_all(&out).ok();
         }

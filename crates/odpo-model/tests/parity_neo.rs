@@ -1,12 +1,11 @@
-//! GPT-Neo, GPT-J and GPT-NeoX against HF transformers on tiny random models made by
-//! `tests/fixtures/make_fixtures_neo.py`: logits on right- and left-padded batches within 1e-4,
-//! completion log-probabilities, the save -> load round trip, KV-cache generation against full
-//! recomputation, and one preference (ODPO) training step per family.
+//! What is particular to GPT-Neo, GPT-J and GPT-NeoX (tiny random models made by
+//! `tests/fixtures/make_fixtures_neo.py`; their logits, log-probabilities and round trip are checked
+//! with the other families in `parity.rs`): configs, the options that must matter, KV-cache
+//! generation against full recomputation, and one preference (ODPO) training step per family.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use std::collections::HashMap;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
@@ -18,25 +17,6 @@ use odpo_model::logprobs::sequence_logprobs;
 use odpo_model::{CausalLm, ModelConfig};
 
 const CASES: &[&str] = &["gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential"];
-
-/// Largest |ours - reference| over the real (unpadded) positions.
-fn max_diff_logits(model: &CausalLm, exp: &HashMap<String, Arr>, prefix: &str, device: &Device) -> f64 {
-    let ids = &exp[&format!("{prefix}input_ids")];
-    let mask = &exp[&format!("{prefix}attention_mask")];
-    let want = &exp[&format!("{prefix}logits")];
-    let got = to_vec(model.forward(int2(ids, device), &int2(mask, device), None));
-    assert_eq!(got.len(), want.data.len());
-    let v = want.shape[2];
-    let mut worst = 0.0f64;
-    for (pos, m) in mask.data.iter().enumerate() {
-        if *m == 1.0 {
-            for j in 0..v {
-                worst = worst.max((f64::from(got[pos * v + j]) - want.data[pos * v + j]).abs());
-            }
-        }
-    }
-    worst
-}
 
 #[test]
 fn configs_name_their_family() {
@@ -63,24 +43,6 @@ fn configs_name_their_family() {
 }
 
 #[test]
-fn logits_match_transformers_on_padded_batches() {
-    let device = Device::default();
-    for case in CASES {
-        let dir = fixture(case);
-        let exp = read_safetensors(&dir.join("expected.safetensors"));
-        let model = CausalLm::load(&dir, &device).unwrap().model;
-        println!("{case}: {} parameters", model.num_params());
-        let right = max_diff_logits(&model, &exp, "", &device);
-        let left = max_diff_logits(&model, &exp, "left_", &device);
-        println!("{case}: max |diff| right-padded {right:.2e}, left-padded {left:.2e}");
-        assert!(right < 1e-4, "{case}: right-padded logits differ by {right}");
-        assert!(left < 1e-4, "{case}: left-padded logits differ by {left}");
-    }
-}
-
-/// Each option the new families read changes the logits: with it flipped, the fixture's logits
-/// are far off (so the parity above is not passing by accident).
-#[test]
 fn options_change_the_logits() {
     let device = Device::default();
     let mutations: &[(&str, &str, serde_json::Value)] = &[
@@ -106,59 +68,6 @@ fn options_change_the_logits() {
     }
 }
 
-#[test]
-fn completion_logprobs_match_transformers() {
-    let device = Device::default();
-    for case in CASES {
-        let dir = fixture(case);
-        let exp = read_safetensors(&dir.join("expected.safetensors"));
-        let model = CausalLm::load(&dir, &device).unwrap().model;
-        for prefix in ["", "left_"] {
-            let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
-            let logits = model.forward(ids.clone(), &int2(&exp[&format!("{prefix}attention_mask")], &device), None);
-            let (sum, count) = sequence_logprobs(logits, ids, float2(&exp[&format!("{prefix}completion_mask")], &device));
-            for (i, (s, c)) in to_vec(sum).iter().zip(to_vec(count)).enumerate() {
-                let want = exp["completion_logprob_sum"].data[i];
-                assert!((f64::from(*s) - want).abs() < 1e-4, "{case} {prefix}row {i}: {s} vs {want}");
-                assert_eq!(f64::from(c), exp["completion_token_count"].data[i], "{case} row {i}");
-            }
-        }
-    }
-}
-
-#[test]
-fn save_then_load_gives_identical_logits() {
-    let device = Device::default();
-    for case in CASES {
-        let dir = fixture(case);
-        let exp = read_safetensors(&dir.join("expected.safetensors"));
-        let loaded = CausalLm::load(&dir, &device).unwrap();
-        // `ODPO_KEEP_SAVED=DIR` keeps the saved folders for `tests/fixtures/check_saved.py`.
-        let keep = std::env::var_os("ODPO_KEEP_SAVED").map(std::path::PathBuf::from);
-        let out = match &keep {
-            Some(dir) => dir.join(case),
-            None => std::env::temp_dir().join(format!("odpo-roundtrip-{case}-{}", std::process::id())),
-        };
-        loaded.model.save_hf(&loaded.config, &out).unwrap();
-        let again = CausalLm::load(&out, &device).unwrap();
-        assert_eq!(again.config, loaded.config, "{case}: config changed in the round trip");
-        assert_eq!(again.model.num_params(), loaded.model.num_params(), "{case}");
-        for prefix in ["", "left_"] {
-            let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
-            let mask = int2(&exp[&format!("{prefix}attention_mask")], &device);
-            let a = to_vec(loaded.model.forward(ids.clone(), &mask, None));
-            let b = to_vec(again.model.forward(ids, &mask, None));
-            assert_eq!(a, b, "{case}: logits changed after save + load");
-        }
-        if keep.is_none() {
-            std::fs::remove_dir_all(&out).ok();
-        }
-    }
-}
-
-/// Greedy generation through the KV cache, for a left-padded batch, equals greedy decoding that
-/// recomputes the whole unpadded sequence at every step; its log-probs match too. 10 new tokens
-/// after prompts of 7 and 3 take GPT-Neo's local layers well past their window of 5.
 #[test]
 fn cached_generation_matches_full_recompute() {
     let device = Device::default();

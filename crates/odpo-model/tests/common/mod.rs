@@ -68,3 +68,23 @@ pub fn float2(a: &Arr, device: &Device) -> Tensor<2> {
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
 }
+
+/// Largest |ours - reference| of a model's logits over the real (unpadded) positions of a fixture batch;
+/// `prefix` is "" (right padding) or "left_".
+pub fn max_diff_logits(model: &odpo_model::CausalLm, exp: &HashMap<String, Arr>, prefix: &str, device: &Device) -> f64 {
+    let ids = &exp[&format!("{prefix}input_ids")];
+    let mask = &exp[&format!("{prefix}attention_mask")];
+    let want = &exp[&format!("{prefix}logits")];
+    let got = to_vec(model.forward(int2(ids, device), &int2(mask, device), None));
+    assert_eq!(got.len(), want.data.len());
+    let v = want.shape[2];
+    let mut worst = 0.0f64;
+    for (pos, m) in mask.data.iter().enumerate() {
+        if *m == 1.0 {
+            for j in 0..v {
+                worst = worst.max((f64::from(got[pos * v + j]) - want.data[pos * v + j]).abs());
+            }
+        }
+    }
+    worst
+}
