@@ -3,7 +3,7 @@
 # (docs/backends.md, "GPU check"). Usage: scripts/gpu-check.sh BIN_DIR
 #   BIN_DIR holds `odpo` (or `odpo.gz`) built with `--features flex,vulkan`, optionally the `parity` and
 #   `parity_neo` test binaries of odpo-model built the same way, and `smollm2-config.json`
-#   (SmolLM2-135M's config.json: shapes only).
+#   (SmolLM2-135M's config.json: shapes only), and `libvulkan.so.1` if the machine lacks the Vulkan loader.
 # It prints the GPU; computes completion log-probabilities of every tiny fixture model on wgpu/Vulkan
 # and on the CPU (flex) and prints both; runs the parity test binaries on the GPU when present; measures
 # forward throughput on SmolLM2-135M shapes on Vulkan and on the CPU; and PyTorch on the same GPU when
@@ -12,6 +12,9 @@ set -u
 BIN=${1:?usage: scripts/gpu-check.sh BIN_DIR}
 cd "$(dirname "$0")/.."
 [ -f "$BIN/odpo" ] || gunzip -k "$BIN/odpo.gz"
+# A machine with the NVIDIA driver but no Vulkan loader: a `libvulkan.so.1` in BIN_DIR (Debian's
+# libvulkan1) is used.
+[ -f "$BIN/libvulkan.so.1" ] && export LD_LIBRARY_PATH="$PWD/$BIN:${LD_LIBRARY_PATH:-}"
 chmod +x "$BIN/odpo"
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4
