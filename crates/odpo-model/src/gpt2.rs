@@ -7,7 +7,7 @@
 //! Tested against transformers on a tiny random GPT-2 (`tests/fixtures/gpt2`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -124,13 +124,6 @@ impl Mlp {
     }
 }
 
-fn layer_norm(w: &mut Weights, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
-    let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
-    ln.gamma = Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d], device)?);
-    ln.beta = Some(Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [d], device)?));
-    Ok(ln)
-}
-
 fn conv1d(w: &mut Weights, prefix: &str, d_in: usize, d_out: usize, device: &Device) -> Result<Linear> {
     Ok(Linear {
         weight: Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d_in, d_out], device)?),
@@ -164,14 +157,14 @@ impl Gpt2 {
                     scale /= (i + 1) as f64;
                 }
                 Ok(Block {
-                    ln_1: layer_norm(w, &format!("{b}.ln_1"), d, eps, device)?,
+                    ln_1: w.layer_norm(&format!("{b}.ln_1"), d, eps, device)?,
                     attn: Attention {
                         c_attn: conv1d(w, &format!("{b}.attn.c_attn"), d, 3 * d, device)?,
                         c_proj: conv1d(w, &format!("{b}.attn.c_proj"), d, d, device)?,
                         n_head: cfg.n_head,
                         scale,
                     },
-                    ln_2: layer_norm(w, &format!("{b}.ln_2"), d, eps, device)?,
+                    ln_2: w.layer_norm(&format!("{b}.ln_2"), d, eps, device)?,
                     mlp: Mlp {
                         c_fc: conv1d(w, &format!("{b}.mlp.c_fc"), d, cfg.inner(), device)?,
                         c_proj: conv1d(w, &format!("{b}.mlp.c_proj"), cfg.inner(), d, device)?,
@@ -180,7 +173,7 @@ impl Gpt2 {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = layer_norm(w, &format!("{p}ln_f"), d, eps, device)?;
+        let ln_f = w.layer_norm(&format!("{p}ln_f"), d, eps, device)?;
         Ok(Self { wte, wpe, h, ln_f })
     }
 

@@ -9,7 +9,7 @@
 //! sequences (`tests/fixtures/gpt_neo_local`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -181,20 +181,6 @@ impl Mlp {
     }
 }
 
-fn layer_norm(w: &mut Weights, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
-    let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
-    ln.gamma = Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d], device)?);
-    ln.beta = Some(Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [d], device)?));
-    Ok(ln)
-}
-
-fn linear(w: &mut Weights, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
-    Ok(Linear {
-        weight: Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
-        bias: if bias { Some(Param::from_tensor(w.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
-    })
-}
-
 impl GptNeo {
     /// Builds the model from HF-named weights (`transformer.h.N.attn.attention.q_proj.weight`, ...;
     /// `lm_head.weight` only when untied).
@@ -221,25 +207,25 @@ impl GptNeo {
                 let b = format!("transformer.h.{i}");
                 let a = format!("{b}.attn.attention");
                 Ok(Block {
-                    ln_1: layer_norm(w, &format!("{b}.ln_1"), d, eps, device)?,
+                    ln_1: w.layer_norm(&format!("{b}.ln_1"), d, eps, device)?,
                     attn: Attention {
-                        q_proj: linear(w, &format!("{a}.q_proj"), d, d, false, device)?,
-                        k_proj: linear(w, &format!("{a}.k_proj"), d, d, false, device)?,
-                        v_proj: linear(w, &format!("{a}.v_proj"), d, d, false, device)?,
-                        out_proj: linear(w, &format!("{a}.out_proj"), d, d, true, device)?,
+                        q_proj: w.linear(&format!("{a}.q_proj"), d, d, false, device)?,
+                        k_proj: w.linear(&format!("{a}.k_proj"), d, d, false, device)?,
+                        v_proj: w.linear(&format!("{a}.v_proj"), d, d, false, device)?,
+                        out_proj: w.linear(&format!("{a}.out_proj"), d, d, true, device)?,
                         n_heads: cfg.num_heads,
                         window: is_local.then_some(cfg.window_size),
                     },
-                    ln_2: layer_norm(w, &format!("{b}.ln_2"), d, eps, device)?,
+                    ln_2: w.layer_norm(&format!("{b}.ln_2"), d, eps, device)?,
                     mlp: Mlp {
-                        c_fc: linear(w, &format!("{b}.mlp.c_fc"), d, cfg.inner(), true, device)?,
-                        c_proj: linear(w, &format!("{b}.mlp.c_proj"), cfg.inner(), d, true, device)?,
+                        c_fc: w.linear(&format!("{b}.mlp.c_fc"), d, cfg.inner(), true, device)?,
+                        c_proj: w.linear(&format!("{b}.mlp.c_proj"), cfg.inner(), d, true, device)?,
                         exact_gelu: cfg.activation_function == "gelu",
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = layer_norm(w, "transformer.ln_f", d, eps, device)?;
+        let ln_f = w.layer_norm("transformer.ln_f", d, eps, device)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {

@@ -10,7 +10,7 @@
 //! residuals (`tests/fixtures/gpt_neox_parallel`, `tests/fixtures/gpt_neox_sequential`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -186,20 +186,6 @@ impl Mlp {
     }
 }
 
-fn layer_norm(w: &mut Weights, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
-    let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
-    ln.gamma = Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d], device)?);
-    ln.beta = Some(Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [d], device)?));
-    Ok(ln)
-}
-
-fn linear(w: &mut Weights, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
-    Ok(Linear {
-        weight: Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
-        bias: if bias { Some(Param::from_tensor(w.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
-    })
-}
-
 impl GptNeox {
     /// Builds the model from HF-named weights (`gpt_neox.layers.N...`; the head as `embed_out.weight`,
     /// as transformers saves it, or `lm_head.weight`).
@@ -225,24 +211,24 @@ impl GptNeox {
             .map(|i| {
                 let p = format!("gpt_neox.layers.{i}");
                 Ok(Layer {
-                    input_layernorm: layer_norm(w, &format!("{p}.input_layernorm"), d, eps, device)?,
-                    post_attention_layernorm: layer_norm(w, &format!("{p}.post_attention_layernorm"), d, eps, device)?,
+                    input_layernorm: w.layer_norm(&format!("{p}.input_layernorm"), d, eps, device)?,
+                    post_attention_layernorm: w.layer_norm(&format!("{p}.post_attention_layernorm"), d, eps, device)?,
                     attention: Attention {
-                        query_key_value: linear(w, &format!("{p}.attention.query_key_value"), d, 3 * d, cfg.attention_bias, device)?,
-                        dense: linear(w, &format!("{p}.attention.dense"), d, d, cfg.attention_bias, device)?,
+                        query_key_value: w.linear(&format!("{p}.attention.query_key_value"), d, 3 * d, cfg.attention_bias, device)?,
+                        dense: w.linear(&format!("{p}.attention.dense"), d, d, cfg.attention_bias, device)?,
                         n_heads: nh,
                         rotary_ndims: r,
                         scale: 1.0 / ((d / nh) as f64).sqrt(),
                     },
                     mlp: Mlp {
-                        dense_h_to_4h: linear(w, &format!("{p}.mlp.dense_h_to_4h"), d, cfg.intermediate_size, true, device)?,
-                        dense_4h_to_h: linear(w, &format!("{p}.mlp.dense_4h_to_h"), cfg.intermediate_size, d, true, device)?,
+                        dense_h_to_4h: w.linear(&format!("{p}.mlp.dense_h_to_4h"), d, cfg.intermediate_size, true, device)?,
+                        dense_4h_to_h: w.linear(&format!("{p}.mlp.dense_4h_to_h"), cfg.intermediate_size, d, true, device)?,
                         exact_gelu,
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = layer_norm(w, "gpt_neox.final_layer_norm", d, eps, device)?;
+        let final_layer_norm = w.layer_norm("gpt_neox.final_layer_norm", d, eps, device)?;
         let embed_out = if cfg.tie_word_embeddings {
             None
         } else {

@@ -8,7 +8,7 @@
 //! Tested against transformers on a tiny random GPT-J with partial rotary (`tests/fixtures/gptj`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, LayerNorm, Linear};
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -155,20 +155,6 @@ impl Mlp {
     }
 }
 
-fn layer_norm(w: &mut Weights, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
-    let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
-    ln.gamma = Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d], device)?);
-    ln.beta = Some(Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [d], device)?));
-    Ok(ln)
-}
-
-fn linear(w: &mut Weights, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
-    Ok(Linear {
-        weight: Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
-        bias: if bias { Some(Param::from_tensor(w.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
-    })
-}
-
 impl Gptj {
     /// Builds the model from HF-named weights (`transformer.h.N.attn.q_proj.weight`, ...,
     /// `lm_head.weight` and `lm_head.bias`).
@@ -192,25 +178,25 @@ impl Gptj {
             .map(|i| {
                 let b = format!("transformer.h.{i}");
                 Ok(Block {
-                    ln_1: layer_norm(w, &format!("{b}.ln_1"), d, eps, device)?,
+                    ln_1: w.layer_norm(&format!("{b}.ln_1"), d, eps, device)?,
                     attn: Attention {
-                        q_proj: linear(w, &format!("{b}.attn.q_proj"), d, d, false, device)?,
-                        k_proj: linear(w, &format!("{b}.attn.k_proj"), d, d, false, device)?,
-                        v_proj: linear(w, &format!("{b}.attn.v_proj"), d, d, false, device)?,
-                        out_proj: linear(w, &format!("{b}.attn.out_proj"), d, d, false, device)?,
+                        q_proj: w.linear(&format!("{b}.attn.q_proj"), d, d, false, device)?,
+                        k_proj: w.linear(&format!("{b}.attn.k_proj"), d, d, false, device)?,
+                        v_proj: w.linear(&format!("{b}.attn.v_proj"), d, d, false, device)?,
+                        out_proj: w.linear(&format!("{b}.attn.out_proj"), d, d, false, device)?,
                         n_heads: cfg.n_head,
                         rotary_dim: r,
                         scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
                     },
                     mlp: Mlp {
-                        fc_in: linear(w, &format!("{b}.mlp.fc_in"), d, inner, true, device)?,
-                        fc_out: linear(w, &format!("{b}.mlp.fc_out"), inner, d, true, device)?,
+                        fc_in: w.linear(&format!("{b}.mlp.fc_in"), d, inner, true, device)?,
+                        fc_out: w.linear(&format!("{b}.mlp.fc_out"), inner, d, true, device)?,
                         exact_gelu: cfg.activation_function == "gelu",
                     },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let ln_f = layer_norm(w, "transformer.ln_f", d, eps, device)?;
+        let ln_f = w.layer_norm("transformer.ln_f", d, eps, device)?;
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {

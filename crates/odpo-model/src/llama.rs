@@ -238,13 +238,6 @@ impl Mlp {
     }
 }
 
-fn linear(w: &mut Weights, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
-    Ok(Linear {
-        weight: Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
-        bias: if bias { Some(Param::from_tensor(w.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
-    })
-}
-
 fn rms(w: &mut Weights, name: &str, d: usize, eps: f64, device: &Device) -> Result<RmsNorm> {
     Ok(RmsNorm { gamma: Param::from_tensor(w.tensor(&format!("{name}.weight"), [d], device)?), epsilon: eps })
 }
@@ -269,19 +262,19 @@ impl Llama {
                 Ok(Layer {
                     input_layernorm: rms(w, &format!("{p}.input_layernorm"), d, cfg.rms_norm_eps, device)?,
                     self_attn: Attention {
-                        q_proj: linear(w, &format!("{p}.self_attn.q_proj"), d, nh * hd, qkv_bias, device)?,
-                        k_proj: linear(w, &format!("{p}.self_attn.k_proj"), d, nkv * hd, qkv_bias, device)?,
-                        v_proj: linear(w, &format!("{p}.self_attn.v_proj"), d, nkv * hd, qkv_bias, device)?,
-                        o_proj: linear(w, &format!("{p}.self_attn.o_proj"), nh * hd, d, cfg.attention_bias, device)?,
+                        q_proj: w.linear(&format!("{p}.self_attn.q_proj"), d, nh * hd, qkv_bias, device)?,
+                        k_proj: w.linear(&format!("{p}.self_attn.k_proj"), d, nkv * hd, qkv_bias, device)?,
+                        v_proj: w.linear(&format!("{p}.self_attn.v_proj"), d, nkv * hd, qkv_bias, device)?,
+                        o_proj: w.linear(&format!("{p}.self_attn.o_proj"), nh * hd, d, cfg.attention_bias, device)?,
                         n_heads: nh,
                         n_kv_heads: nkv,
                         scale: 1.0 / (hd as f64).sqrt(),
                     },
                     post_attention_layernorm: rms(w, &format!("{p}.post_attention_layernorm"), d, cfg.rms_norm_eps, device)?,
                     mlp: Mlp {
-                        gate_proj: linear(w, &format!("{p}.mlp.gate_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
-                        up_proj: linear(w, &format!("{p}.mlp.up_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
-                        down_proj: linear(w, &format!("{p}.mlp.down_proj"), cfg.intermediate_size, d, cfg.mlp_bias, device)?,
+                        gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
+                        up_proj: w.linear(&format!("{p}.mlp.up_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
+                        down_proj: w.linear(&format!("{p}.mlp.down_proj"), cfg.intermediate_size, d, cfg.mlp_bias, device)?,
                     },
                 })
             })

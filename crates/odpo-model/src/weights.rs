@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use burn::module::Param;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
@@ -123,6 +125,23 @@ impl Weights {
     /// A `[out, in]` HF linear weight, transposed to burn's `[in, out]`.
     pub fn linear_weight(&mut self, name: &str, out: usize, inp: usize, device: &Device) -> Result<Tensor<2>> {
         Ok(self.tensor(name, [out, inp], device)?.transpose())
+    }
+
+    /// A linear layer from HF's `{name}.weight` `[out, in]` (transposed to burn's `[in, out]`) and, with
+    /// `bias`, `{name}.bias`.
+    pub fn linear(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
+        Ok(Linear {
+            weight: Param::from_tensor(self.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
+            bias: if bias { Some(Param::from_tensor(self.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
+        })
+    }
+
+    /// A LayerNorm from `{prefix}.weight` and `{prefix}.bias`.
+    pub fn layer_norm(&mut self, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
+        let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
+        ln.gamma = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [d], device)?);
+        ln.beta = Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [d], device)?));
+        Ok(ln)
     }
 
     /// Names left after the model took what it needs.
