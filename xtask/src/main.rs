@@ -35,6 +35,40 @@ enum Task {
     /// Forward throughput on a model shape with random weights: --config CONFIG_JSON [--batch 8 --seq 128 --repeats 5].
     /// With --vs-pytorch, also runs bench/pytorch/forward.py (python from $ODPO_PYTHON or `python3`) and prints the ratio.
     BenchForward(Passthrough),
+    /// The ODPO training-step benchmark: each model shape x batch shape in its own process (peak memory
+    /// per row). --models tiny,gpt2-124m,smollm2-135m (or config.json paths) --shapes 4x128 [--lora R]
+    /// [--backend B] [--repeats N] [--vs-pytorch] [--out FILE.jsonl]. With --vs-pytorch the same step in
+    /// PyTorch (bench/pytorch/step.py, python from $ODPO_PYTHON or `python3`) runs after each row, and the
+    /// table shows the ratio.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Model shapes: names of bench/configs/*.json or paths to config.json files, comma-separated.
+    #[arg(long, default_value = "gpt2-tiny,gpt2-124m,smollm2-135m")]
+    models: String,
+    /// Batch shapes `PAIRSxSEQ`, comma-separated.
+    #[arg(long, default_value = "4x128")]
+    shapes: String,
+    /// Backend of the odpo side.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Timed steps per row (after 2 warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// LoRA rank (0: full fine-tuning).
+    #[arg(long, default_value_t = 0)]
+    lora: usize,
+    /// Also run the PyTorch reference of each row and print the ratio.
+    #[arg(long)]
+    vs_pytorch: bool,
+    /// CPU threads of the PyTorch side (the odpo side uses every core).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Append every row's JSON here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
 }
 
 /// Arguments handed to the `odpo` binary as they are (see `odpo <command> --help`).
@@ -76,6 +110,7 @@ fn run() -> Result<ExitCode> {
         Task::Generate(p) => odpo("generate", &p.args),
         Task::Logprobs(p) => odpo("logprobs", &p.args),
         Task::BenchForward(p) => bench_forward(p.args),
+        Task::Bench(a) => bench(&a),
     }
 }
 
@@ -129,4 +164,94 @@ fn bench_forward(mut args: Vec<String>) -> Result<ExitCode> {
     }
     let status = Command::new(&python).args(&py_args).status().with_context(|| format!("running {python}"))?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `cargo xtask bench`: one process per row and side, one table at the end.
+fn bench(a: &BenchArgs) -> Result<ExitCode> {
+    let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == a.backend) else {
+        bail!("unknown backend `{}`", a.backend);
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let python = std::env::var("ODPO_PYTHON").unwrap_or_else(|_| "python3".into());
+    let mut table = Vec::new();
+    for model in a.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let config = if model.ends_with(".json") { model.to_string() } else { format!("bench/configs/{model}.json") };
+        if !std::path::Path::new(&config).is_file() {
+            bail!("--models: `{model}`: no file {config}");
+        }
+        for shape in a.shapes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (pairs, seq) = shape
+                .split_once('x')
+                .and_then(|(p, s)| Some((p.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
+                .with_context(|| format!("--shapes: `{shape}` is not PAIRSxSEQ, e.g. 4x128"))?;
+            let common = ["--config".to_string(), config.clone(), "--pairs".into(), pairs.to_string(), "--seq".into(), seq.to_string(), "--repeats".into(), a.repeats.to_string()];
+            let mut odpo_args: Vec<String> = vec!["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--", "bench", "--backend", &a.backend]
+                .into_iter()
+                .map(String::from)
+                .collect();
+            odpo_args.extend(common.iter().cloned());
+            if a.lora > 0 {
+                odpo_args.extend(["--lora".to_string(), a.lora.to_string()]);
+            }
+            eprintln!("odpo ({}) {model} {shape} ...", a.backend);
+            let ours = json_of(Command::new(&cargo).args(&odpo_args), "odpo bench")?;
+            let theirs = if a.vs_pytorch {
+                let mut py = vec!["bench/pytorch/step.py".to_string(), "--threads".into(), a.threads.to_string(), "--lora".into(), a.lora.to_string()];
+                py.extend(common.iter().cloned());
+                eprintln!("pytorch {model} {shape} ...");
+                Some(json_of(Command::new(&python).args(&py), "bench/pytorch/step.py")?)
+            } else {
+                None
+            };
+            if let Some(out) = &a.out {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;
+                for v in std::iter::once(&ours).chain(theirs.as_ref()) {
+                    writeln!(f, "{}", serde_json::to_string(v)?)?;
+                }
+            }
+            table.push((model.to_string(), shape.to_string(), ours, theirs));
+        }
+    }
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!();
+    println!("| model | pairs x seq | backend | tokens/s | ms/step (min-max) | peak MiB | GFLOP/s (util) | PyTorch tokens/s | PyTorch peak MiB | PyTorch GFLOP/s (util) | speed ratio | memory ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (model, shape, o, t) in &table {
+        let ours = format!(
+            "| {model} | {shape} | {} | {:.0} | {:.0} ({:.0}-{:.0}) | {:.0} | {:.1} ({:.0}%) |",
+            a.backend,
+            f(o, "tokens_per_s"),
+            1e3 * f(o, "seconds_per_step_median"),
+            1e3 * f(o, "seconds_per_step_min"),
+            1e3 * f(o, "seconds_per_step_max"),
+            f(o, "peak_rss_mib"),
+            f(o, "achieved_gflops"),
+            100.0 * f(o, "flop_utilisation")
+        );
+        let theirs = match t {
+            Some(t) => format!(
+                " {:.0} | {:.0} | {:.1} ({:.0}%) | {:.2}x | {:.2}x |",
+                f(t, "tokens_per_s"),
+                f(t, "peak_rss_mib"),
+                f(t, "achieved_gflops"),
+                100.0 * f(t, "flop_utilisation"),
+                f(o, "tokens_per_s") / f(t, "tokens_per_s"),
+                f(o, "peak_rss_mib") / f(t, "peak_rss_mib")
+            ),
+            None => " - | - | - | - | - |".into(),
+        };
+        println!("{ours}{theirs}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a command whose stdout is one JSON object (stderr passes through).
+fn json_of(cmd: &mut Command, what: &str) -> Result<serde_json::Value> {
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).with_context(|| format!("{what} printed no JSON object: {text}"))
 }

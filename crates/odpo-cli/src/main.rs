@@ -40,6 +40,37 @@ enum Command {
     Logprobs(LogprobsArgs),
     /// Forward-pass throughput of a model shape with random weights (tokens/s, peak memory).
     BenchForward(BenchForwardArgs),
+    /// One ODPO training step on a model shape with random weights: tokens/s, pairs/s, peak memory,
+    /// FLOP utilisation against a matmul peak measured here (one JSON line).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A HF `config.json` giving the model shape (weights are random).
+    #[arg(long)]
+    config: PathBuf,
+    /// Pairs per step (2 × pairs rows of `seq` tokens).
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    /// Tokens per row.
+    #[arg(long, default_value_t = 128)]
+    seq: usize,
+    /// Prompt tokens per row (default: seq / 4).
+    #[arg(long)]
+    prompt: Option<usize>,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps (the median is reported, with the fastest and slowest).
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Train LoRA adapters of this rank on every projection instead of every weight.
+    #[arg(long)]
+    lora: Option<usize>,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
 }
 
 #[derive(Args)]
@@ -177,6 +208,10 @@ struct ModelArgs {
     /// Precision of weights and compute: f32, f16, bf16.
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// LoRA adapters in PEFT's layout (`adapter_config.json` + `adapter_model.safetensors`) to put
+    /// on the model, e.g. a LoRA run's `adapter/` folder.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -248,6 +283,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Logprobs(a) => cmd_logprobs(a),
         Command::BenchForward(a) => cmd_bench_forward(a),
+        Command::Bench(a) => cmd_bench(a),
     }
 }
 
@@ -256,6 +292,11 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer, Device)> {
     let t = std::time::Instant::now();
     let precision: odpo_model::Precision = args.precision.parse()?;
     let mut loaded = CausalLm::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    if let Some(dir) = &args.adapter {
+        let (model, lora) = loaded.model.load_peft(dir, &device).with_context(|| format!("loading adapters from {}", dir.display()))?;
+        tracing::info!(rank = lora.rank, projections = lora.targets.len(), "LoRA adapters from {}", dir.display());
+        loaded.model = model;
+    }
     loaded.model = loaded.model.with_precision(precision);
     tracing::info!(
         "loaded {} ({:.1}M parameters) in {:.1}s",
@@ -370,6 +411,29 @@ fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
         "peak_rss_mb": peak_rss_mb(),
     });
     println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}
+
+fn cmd_bench(a: BenchArgs) -> Result<()> {
+    let device = backend::device(&a.backend)?;
+    let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, ..Default::default() });
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora };
+    let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
+    // Measured after the step, so that it does not raise the step's peak memory.
+    let peak_rss = peak_rss_mb();
+    let matmul = odpo_trainer::bench::matmul_peak(1024, &device);
+    let mut v = serde_json::to_value(&r)?;
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("bench".into(), "odpo_step".into());
+        m.insert("config".into(), a.config.display().to_string().into());
+        m.insert("backend".into(), a.backend.clone().into());
+        m.insert("lora".into(), a.lora.unwrap_or(0).into());
+        m.insert("repeats".into(), b.repeats.into());
+        m.insert("peak_rss_mib".into(), peak_rss.into());
+        m.insert("matmul_peak_gflops".into(), matmul.into());
+        m.insert("flop_utilisation".into(), (r.achieved_gflops / matmul).into());
+    }
+    println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
 

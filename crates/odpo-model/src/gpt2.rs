@@ -7,7 +7,8 @@
 //! Tested against transformers on a tiny random GPT-2 (`tests/fixtures/gpt2`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::{Embedding, LayerNorm};
+use crate::lora::Linear;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -125,10 +126,8 @@ impl Mlp {
 }
 
 fn conv1d(w: &mut Weights, prefix: &str, d_in: usize, d_out: usize, device: &Device) -> Result<Linear> {
-    Ok(Linear {
-        weight: Param::from_tensor(w.tensor(&format!("{prefix}.weight"), [d_in, d_out], device)?),
-        bias: Some(Param::from_tensor(w.tensor(&format!("{prefix}.bias"), [d_out], device)?)),
-    })
+    let weight = w.tensor(&format!("{prefix}.weight"), [d_in, d_out], device)?;
+    Ok(Linear::new(weight, Some(w.tensor(&format!("{prefix}.bias"), [d_out], device)?)))
 }
 
 impl Gpt2 {
@@ -195,6 +194,20 @@ impl Gpt2 {
     /// Number of blocks (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.h.len()
+    }
+
+    /// Every projection under its HF module name (what LoRA adapts).
+    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
+        let mut out = Vec::new();
+        for (i, l) in self.h.iter_mut().enumerate() {
+            let p_attn = format!("transformer.h.{i}.attn");
+            let p_mlp = format!("transformer.h.{i}.mlp");
+            out.push((format!("{p_attn}.c_attn"), &mut l.attn.c_attn));
+            out.push((format!("{p_attn}.c_proj"), &mut l.attn.c_proj));
+            out.push((format!("{p_mlp}.c_fc"), &mut l.mlp.c_fc));
+            out.push((format!("{p_mlp}.c_proj"), &mut l.mlp.c_proj));
+        }
+        out
     }
 
     /// The weights under HF names, in HF layout.

@@ -9,7 +9,8 @@
 //! sequences (`tests/fixtures/gpt_neo_local`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::{Embedding, LayerNorm};
+use crate::lora::Linear;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -254,6 +255,22 @@ impl GptNeo {
     /// Number of blocks (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.h.len()
+    }
+
+    /// Every projection under its HF module name (what LoRA adapts).
+    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
+        let mut out = Vec::new();
+        for (i, l) in self.h.iter_mut().enumerate() {
+            let p_attn = format!("transformer.h.{i}.attn.attention");
+            let p_mlp = format!("transformer.h.{i}.mlp");
+            out.push((format!("{p_attn}.q_proj"), &mut l.attn.q_proj));
+            out.push((format!("{p_attn}.k_proj"), &mut l.attn.k_proj));
+            out.push((format!("{p_attn}.v_proj"), &mut l.attn.v_proj));
+            out.push((format!("{p_attn}.out_proj"), &mut l.attn.out_proj));
+            out.push((format!("{p_mlp}.c_fc"), &mut l.mlp.c_fc));
+            out.push((format!("{p_mlp}.c_proj"), &mut l.mlp.c_proj));
+        }
+        out
     }
 
     /// The weights under HF names, in HF layout.

@@ -10,7 +10,8 @@
 //! residuals (`tests/fixtures/gpt_neox_parallel`, `tests/fixtures/gpt_neox_sequential`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::{Embedding, LayerNorm};
+use crate::lora::Linear;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -266,6 +267,20 @@ impl GptNeox {
     /// Number of layers (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Every projection under its HF module name (what LoRA adapts).
+    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p_attention = format!("gpt_neox.layers.{i}.attention");
+            let p_mlp = format!("gpt_neox.layers.{i}.mlp");
+            out.push((format!("{p_attention}.query_key_value"), &mut l.attention.query_key_value));
+            out.push((format!("{p_attention}.dense"), &mut l.attention.dense));
+            out.push((format!("{p_mlp}.dense_h_to_4h"), &mut l.mlp.dense_h_to_4h));
+            out.push((format!("{p_mlp}.dense_4h_to_h"), &mut l.mlp.dense_4h_to_h));
+        }
+        out
     }
 
     /// The weights under HF names, in HF layout (the fused `query_key_value` kept as it is).

@@ -8,7 +8,8 @@
 //! Tested against transformers on a tiny random GPT-J with partial rotary (`tests/fixtures/gptj`).
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::{Embedding, LayerNorm};
+use crate::lora::Linear;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
@@ -232,6 +233,22 @@ impl Gptj {
     /// Number of blocks (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.h.len()
+    }
+
+    /// Every projection under its HF module name (what LoRA adapts).
+    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
+        let mut out = Vec::new();
+        for (i, l) in self.h.iter_mut().enumerate() {
+            let p_attn = format!("transformer.h.{i}.attn");
+            let p_mlp = format!("transformer.h.{i}.mlp");
+            out.push((format!("{p_attn}.q_proj"), &mut l.attn.q_proj));
+            out.push((format!("{p_attn}.k_proj"), &mut l.attn.k_proj));
+            out.push((format!("{p_attn}.v_proj"), &mut l.attn.v_proj));
+            out.push((format!("{p_attn}.out_proj"), &mut l.attn.out_proj));
+            out.push((format!("{p_mlp}.fc_in"), &mut l.mlp.fc_in));
+            out.push((format!("{p_mlp}.fc_out"), &mut l.mlp.fc_out));
+        }
+        out
     }
 
     /// The weights under HF names, in HF layout.

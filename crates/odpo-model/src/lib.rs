@@ -4,8 +4,8 @@
 //! GPT-2, Llama, GPT-Neo, GPT-J and GPT-NeoX families ([`gpt2`], [`llama`], [`gpt_neo`], [`gptj`],
 //! [`gpt_neox`]) from HF safetensors or llama.cpp GGUF files,
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
-//! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), and saving
-//! back in HF layout. Nothing here names a backend except [`backend`], which maps a
+//! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), LoRA adapters
+//! in PEFT's layout ([`lora`]), and saving back in HF layout. Nothing here names a backend except [`backend`], which maps a
 //! `--backend` name to a burn `Device`.
 //!
 //! ```no_run
@@ -49,6 +49,7 @@ pub mod gptj;
 mod layers;
 pub mod llama;
 pub mod logprobs;
+pub mod lora;
 mod model;
 pub mod tokenizer;
 pub mod weights;
@@ -56,4 +57,5 @@ pub mod weights;
 pub use burn::module::Module;
 pub use error::{ModelError, Result};
 pub use layers::{KvCache, parameter_count};
+pub use lora::LoraConfig;
 pub use model::{CausalLm, LoadedModel, ModelConfig, Precision};

@@ -8,7 +8,8 @@
 //! Tested against transformers on tiny random Llama / Qwen2 models and on SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::nn::{Embedding, RmsNorm};
+use crate::lora::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -320,6 +321,23 @@ impl Llama {
     /// Number of layers (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Every projection under its HF module name (what LoRA adapts).
+    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p_self_attn = format!("model.layers.{i}.self_attn");
+            let p_mlp = format!("model.layers.{i}.mlp");
+            out.push((format!("{p_self_attn}.q_proj"), &mut l.self_attn.q_proj));
+            out.push((format!("{p_self_attn}.k_proj"), &mut l.self_attn.k_proj));
+            out.push((format!("{p_self_attn}.v_proj"), &mut l.self_attn.v_proj));
+            out.push((format!("{p_self_attn}.o_proj"), &mut l.self_attn.o_proj));
+            out.push((format!("{p_mlp}.gate_proj"), &mut l.mlp.gate_proj));
+            out.push((format!("{p_mlp}.up_proj"), &mut l.mlp.up_proj));
+            out.push((format!("{p_mlp}.down_proj"), &mut l.mlp.down_proj));
+        }
+        out
     }
 
     /// The weights under HF names, in HF layout.

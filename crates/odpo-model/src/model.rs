@@ -272,10 +272,18 @@ impl CausalLm {
     }
 
     /// Saves `model.safetensors` (float32, HF names and layout) and `config.json` into `dir`,
-    /// each written atomically, so that transformers' `from_pretrained(dir)` loads it.
+    /// each written atomically, so that transformers' `from_pretrained(dir)` loads it. LoRA adapters
+    /// are merged into the weights they adapt.
     pub fn save_hf(&self, config: &ModelConfig, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let tensors = match self {
+        let merged;
+        let model = if self.has_adapters() {
+            merged = self.clone().merge_adapters();
+            &merged
+        } else {
+            self
+        };
+        let tensors = match model {
             Self::Gpt2(m) => m.hf_tensors(),
             Self::Llama(m) => m.hf_tensors(),
             Self::GptNeo(m) => m.hf_tensors(),

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{LayerNorm, LayerNormConfig};
+use crate::lora::Linear;
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
@@ -130,10 +131,9 @@ impl Weights {
     /// A linear layer from HF's `{name}.weight` `[out, in]` (transposed to burn's `[in, out]`) and, with
     /// `bias`, `{name}.bias`.
     pub fn linear(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
-        Ok(Linear {
-            weight: Param::from_tensor(self.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?),
-            bias: if bias { Some(Param::from_tensor(self.tensor(&format!("{name}.bias"), [d_out], device)?)) } else { None },
-        })
+        let weight = self.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?;
+        let bias = if bias { Some(self.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None };
+        Ok(Linear::new(weight, bias))
     }
 
     /// A LayerNorm from `{prefix}.weight` and `{prefix}.bias`.
@@ -167,7 +167,7 @@ impl RandomInit {
     }
 }
 
-fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
+pub(crate) fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTensor>) -> Result<()> {
     let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| ModelError::Safetensors { path: path.into(), message: e.to_string() })?;

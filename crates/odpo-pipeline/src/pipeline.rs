@@ -137,6 +137,7 @@ fn trainer_config(model: ModelSection, data: DataConfig, loss: Option<LossConfig
         train,
         eval: EvalConfig { every: 0, batch_size: 64, max_pairs: Some(256), at_start: false },
         output: OutputConfig { dir: dir.to_path_buf(), cache_dir: dir.join("refcache"), export: true, progress: false },
+        lora: None,
     };
     cfg.validate()?;
     Ok(cfg)

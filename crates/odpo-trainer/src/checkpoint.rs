@@ -24,7 +24,7 @@ pub struct TrainState {
     pub pairs_seen: usize,
     /// Completion tokens consumed.
     pub tokens_seen: u64,
-    /// The data-order seed (the only randomness of the loop: dropout is off, the order is recomputed).
+    /// The run seed: the data order is recomputed from it, and the dropout generator is reseeded from it and the step.
     pub seed: u64,
     /// The run's total steps, as planned when it started.
     pub total_steps: usize,

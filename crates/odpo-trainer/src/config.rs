@@ -36,6 +36,11 @@ pub struct RunConfig {
     /// Where the run writes.
     #[serde(default)]
     pub output: OutputConfig,
+    /// LoRA: train low-rank adapters on the frozen model instead of every weight (rank, alpha,
+    /// dropout, targets, rslora, seed; see `odpo_model::LoraConfig`). The reference is then the same
+    /// weights with the adapters off.
+    #[serde(default)]
+    pub lora: Option<odpo_model::LoraConfig>,
 }
 
 /// `[model]`.
@@ -288,6 +293,9 @@ impl RunConfig {
     /// Checks ranges and refuses options that do nothing, naming the key.
     pub fn validate(&self) -> Result<()> {
         let err = |k: &str, m: String| Err(TrainError::config(k, m));
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return err("optim.lr", format!("is {}; expected a finite number > 0", o.lr));

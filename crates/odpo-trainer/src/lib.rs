@@ -16,6 +16,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -33,7 +34,7 @@ use std::path::Path;
 pub use config::RunConfig;
 pub use data::RunData;
 pub use error::{Result, TrainError};
-pub use train::{RunSummary, export, load_policy, tokenizer_dir, train, train_on};
+pub use train::{RunSummary, export, load_policy, tokenizer_dir, train, train_on, trainable_params};
 
 /// What `odpo train` / `cargo xtask train` call: reads the config (or, with `resume`, the run folder's
 /// resolved `config.toml`), applies `--set` overrides, picks the backend (`backend` overrides

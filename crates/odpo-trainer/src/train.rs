@@ -73,13 +73,19 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
     odpo_model::weights::write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
 
     // The policy, and its starting point as the reference: frozen, or run once into a cache.
+    // With LoRA the weights are frozen and only fresh adapters train; the reference is the same
+    // weights with the adapters removed (shared tensors, not a copy).
     let (model_cfg, mut policy) = load_policy(&cfg.model, t.seed, &ad)?;
+    if let Some(lora) = &cfg.lora {
+        policy = policy.with_lora(lora, &ad)?;
+        tracing::info!(rank = lora.rank, alpha = lora.alpha, trainable = trainable_params(&policy), "LoRA adapters attached");
+    }
     let loss_cfg = cfg.loss();
     let use_offsets = cfg.data.offset.is_some();
     let reference = match (cfg.needs_reference(), t.reference) {
         (false, _) => Reference::None,
-        (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(policy.valid())),
-        (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &policy.valid(), &data, device)?),
+        (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(policy.without_adapters().valid())),
+        (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &policy.without_adapters().valid(), &data, device)?),
     };
 
     let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
@@ -114,6 +120,9 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
     while state.step < total_steps {
         let step = state.step;
         let lr = schedule.lr_at(step);
+        // Dropout (LoRA's) draws from the device's generator: seeded per step, so a resumed run
+        // draws what the uninterrupted one would have.
+        ad.seed(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64));
         let idx = data::stream_slice(data.train.len(), t.seed, state.pairs_seen, t.batch_size);
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data.train[i]).collect();
         // Each micro-batch's mean loss is scaled by its share of the step (pair weights, or SFT tokens), so
@@ -213,8 +222,28 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
     }
     if cfg.output.export {
         summary.exported = Some(export(&policy, &model_cfg, &run_dir.join("model"), tokenizer_dir)?);
+        if let Some(lora) = &cfg.lora {
+            let dir = run_dir.join("adapter");
+            policy.valid().save_peft(lora, &cfg.model.path.display().to_string(), &dir)?;
+            tracing::info!("LoRA adapters saved in PEFT layout to {}", dir.display());
+        }
     }
     Ok(summary)
+}
+
+/// The number of parameters that receive gradients (all of them, or the adapters with LoRA).
+pub fn trainable_params(model: &CausalLm) -> usize {
+    struct Count(usize);
+    impl burn::module::ModuleVisitor for Count {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            if param.is_require_grad() {
+                self.0 += param.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut c = Count(0);
+    model.visit(&mut c);
+    c.0
 }
 
 /// The folder with the tokenizer files of `model`.

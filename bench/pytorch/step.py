@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""PyTorch reference of one ODPO training step, written the way TRL's DPOTrainer runs it.
+
+    /work/venv/bin/python bench/pytorch/step.py --config bench/configs/smollm2-135m.json \
+        [--pairs 4] [--seq 128] [--threads 2] [--repeats 5] [--warmup 2] [--lora RANK] [--device cpu]
+
+One step: chosen and rejected concatenated into one [2*pairs, seq] batch, a policy forward with
+per-token log-probs (log_softmax + gather over the completion half of each row), the reference
+forward under torch.no_grad() on a frozen copy (with --lora: the same model with the adapters
+disabled, as TRL + PEFT do), the ODPO loss -logsigmoid(beta*h - alpha*log(s_w - s_l)), backward,
+AdamW. Random weights, float32, transformers' model classes. Prints one JSON object with the same
+fields as `odpo bench`: tokens/s (2*pairs*seq per step), pairs/s, seconds per step
+(median/min/max over --repeats after --warmup), peak RSS, the FLOPs of the step and their share of
+a float32 matmul peak measured here.
+"""
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+def matmul_peak(n: int, device: str, seconds: float = 1.0) -> float:
+    """GFLOP/s of an n x n x n float32 matmul, best of a few timed loops."""
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(3):
+        iters = 0
+        sync(device)
+        t0 = time.perf_counter()
+        while True:
+            a @ b
+            iters += 1
+            if iters % 4 == 0:
+                sync(device)
+                dt = time.perf_counter() - t0
+                if dt > seconds / 3:
+                    break
+        best = max(best, 2 * n**3 * iters / dt / 1e9)
+    return best
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_flops(cfg, model, pairs: int, seq: int) -> float:
+    """Matmul FLOPs of a step: (policy forward + backward = 3x) + reference forward (1x), each
+    2 * (linear weights incl. the LM head) per token plus the attention products QK^T and AV."""
+    n_linear = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "wte" not in n and "wpe" not in n and "embed" not in n)
+    if getattr(cfg, "tie_word_embeddings", True):
+        n_linear += cfg.vocab_size * (getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    layers = getattr(cfg, "num_hidden_layers", None) or cfg.n_layer
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", None) or cfg.n_embd) // heads
+    rows = 2 * pairs
+    forward = 2 * n_linear * rows * seq + 2 * 2 * layers * heads * head_dim * seq * seq * rows
+    return 4.0 * forward
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per row (default seq/4)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every projection (0: full fine-tuning)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--attn", default="sdpa")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = AutoConfig.from_pretrained(args.config)
+    cfg._attn_implementation = args.attn
+    policy = AutoModelForCausalLM.from_config(cfg).float().to(args.device).train()
+    flops = step_flops(cfg, policy, args.pairs, args.seq)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+        policy = get_peft_model(policy, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear", lora_dropout=0.0))
+        reference = None
+    else:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
+
+    g = torch.Generator().manual_seed(0)
+    rows = 2 * args.pairs
+    ids = torch.randint(3, cfg.vocab_size, (rows, args.seq), generator=g).to(args.device)
+    mask = torch.ones_like(ids)
+    prompt = args.prompt if args.prompt is not None else args.seq // 4
+    loss_mask = torch.zeros(rows, args.seq - 1, device=args.device)
+    loss_mask[:, prompt - 1:] = 1.0
+    offsets = torch.rand(args.pairs, generator=g).to(args.device)
+    beta = 0.7
+
+    def seq_logps(model, ids, mask):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        return (lp * loss_mask).sum(-1)
+
+    def step():
+        pol = seq_logps(policy, ids, mask)
+        with torch.no_grad():
+            if reference is None:
+                with policy.disable_adapter():
+                    ref = seq_logps(policy, ids, mask)
+            else:
+                ref = seq_logps(reference, ids, mask)
+        h = (pol[: args.pairs] - ref[: args.pairs]) - (pol[args.pairs:] - ref[args.pairs:])
+        loss = -F.logsigmoid(beta * h - offsets).mean()
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        optim.step()
+        return loss.item()
+
+    times = []
+    for i in range(args.warmup + args.repeats):
+        sync(args.device)
+        t0 = time.perf_counter()
+        step()
+        sync(args.device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = matmul_peak(1024, args.device)
+    med = statistics.median(times)
+    tokens = rows * args.seq
+    print(json.dumps({
+        "bench": "pytorch_step",
+        "config": args.config,
+        "params": sum(p.numel() for p in policy.parameters()),
+        "trainable": sum(p.numel() for p in policy.parameters() if p.requires_grad),
+        "pairs": args.pairs,
+        "seq": args.seq,
+        "threads": args.threads,
+        "lora": args.lora,
+        "repeats": args.repeats,
+        "seconds_per_step_median": med,
+        "seconds_per_step_min": min(times),
+        "seconds_per_step_max": max(times),
+        "tokens_per_s": tokens / med,
+        "pairs_per_s": args.pairs / med,
+        "peak_rss_mib": peak_rss,
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": flops / med / 1e9,
+        "matmul_peak_gflops": peak,
+        "flop_utilisation": flops / med / 1e9 / peak,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

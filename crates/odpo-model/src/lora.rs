@@ -1,0 +1,334 @@
+//! Low-rank adapters (LoRA; Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+//! arXiv:2106.09685) on the models' linear layers, in the layout PEFT reads and writes.
+//!
+//! An adapted projection computes `y = x·W + b + (α/r) · dropout(x)·A·B` with the base `W`, `b`
+//! frozen, `A` `[in, r]` drawn as PEFT draws it (uniform ±1/√in) and `B` `[r, out]` zero, so a fresh
+//! adapter changes nothing. The low-rank path is a separate pair of thin matmuls rather than burn's
+//! weight-space LoRA (`Module::apply_lora`, which forms `W + s·A·B` and so back-propagates through a
+//! full weight-shaped gradient and cannot drop out the adapter's input): here the backward pass
+//! never forms a gradient for `W`, and LoRA dropout acts where PEFT applies it.
+//!
+//! The reference of preference training is the same model with the adapters removed
+//! ([`CausalLm::without_adapters`]): a module that shares every base tensor with the policy (burn
+//! tensors are reference-counted and the frozen bases are never rewritten), so there is no second
+//! copy of the weights.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::nn::{Dropout, DropoutConfig};
+use burn::tensor::module::linear;
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::model::CausalLm;
+use crate::weights::{HfTensors, write_atomic};
+
+/// A linear layer `y = x·W + b` (`W` stored `[in, out]`) with an optional low-rank adapter.
+#[derive(Module, Debug)]
+pub struct Linear {
+    /// `[in, out]`.
+    pub weight: Param<Tensor<2>>,
+    /// `[out]`.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// The adapter, when one is attached.
+    pub lora: Option<Adapter>,
+}
+
+/// The trainable low-rank update of one [`Linear`].
+#[derive(Module, Debug)]
+pub struct Adapter {
+    /// `[in, r]` (PEFT's `lora_A.weight` transposed).
+    pub a: Param<Tensor<2>>,
+    /// `[r, out]` (PEFT's `lora_B.weight` transposed).
+    pub b: Param<Tensor<2>>,
+    /// `α / r` (or `α / √r` with rsLoRA).
+    pub scale: f64,
+    /// Dropout on the adapter's input (active only while training on an autodiff device).
+    pub dropout: Dropout,
+}
+
+impl Linear {
+    /// A plain linear layer (no adapter).
+    pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
+        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None }
+    }
+
+    /// `x·W + b`, plus the adapter's `s · dropout(x)·A·B` when one is attached.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        match &self.lora {
+            None => linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+            Some(ad) => {
+                let low = linear(linear(ad.dropout.forward(x.clone()), ad.a.val(), None), ad.b.val(), None);
+                linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())) + low.mul_scalar(ad.scale)
+            }
+        }
+    }
+
+    /// `W + s·A·B` (or `W` without an adapter), detached from any graph.
+    pub fn merged_weight(&self) -> Tensor<2> {
+        let w = self.weight.val();
+        match &self.lora {
+            None => w,
+            Some(ad) => (w + ad.a.val().matmul(ad.b.val()).mul_scalar(ad.scale)).detach(),
+        }
+    }
+}
+
+/// `[lora]`: which projections get adapters and how large.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraConfig {
+    /// Rank `r` of each adapter (PEFT's `r`).
+    pub rank: usize,
+    /// Scaling numerator α: the update is scaled by `α / r` (PEFT's `lora_alpha`).
+    pub alpha: f64,
+    /// Dropout probability on the adapter's input while training, in [0, 1) (PEFT's `lora_dropout`).
+    pub dropout: f64,
+    /// Module names to adapt, matched against the last part of each projection's HF name
+    /// (`q_proj`, `v_proj`, `c_attn`, ...); `all-linear` adapts every projection (not the LM head).
+    pub targets: Vec<String>,
+    /// Scale by `α / √r` instead of `α / r` (rank-stabilised LoRA, PEFT's `use_rslora`).
+    pub rslora: bool,
+    /// Seed of the `A` initialisation.
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["all-linear".into()], rslora: false, seed: 0 }
+    }
+}
+
+impl LoraConfig {
+    /// The factor the low-rank product is scaled by.
+    pub fn scale(&self) -> f64 {
+        if self.rslora { self.alpha / (self.rank as f64).sqrt() } else { self.alpha / self.rank as f64 }
+    }
+
+    /// Checks ranges; errors name the key (`lora.rank`, ...).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, msg: String| Err(ModelError::Invalid(format!("lora.{key}: {msg}")));
+        if self.rank == 0 {
+            return bad("rank", "is 0; expected a positive integer".into());
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
+            return bad("alpha", format!("is {}; expected a finite number > 0", self.alpha));
+        }
+        if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
+            return bad("dropout", format!("is {}; expected a number in [0, 1)", self.dropout));
+        }
+        if self.targets.is_empty() {
+            return bad("targets", "is empty; name projections (e.g. [\"q_proj\", \"v_proj\"]) or use [\"all-linear\"]".into());
+        }
+        Ok(())
+    }
+
+    fn matches(&self, hf_name: &str) -> bool {
+        let last = hf_name.rsplit('.').next().unwrap_or(hf_name);
+        self.targets.iter().any(|t| t == "all-linear" || t == last || t == hf_name)
+    }
+}
+
+/// One projection of a model under its HF module name (`model.layers.0.self_attn.q_proj`).
+pub(crate) type Projection<'a> = (String, &'a mut Linear);
+
+impl CausalLm {
+    /// Every projection of the model (attention and MLP; not embeddings or the LM head) under its HF
+    /// module name, in the model's order.
+    fn projections_mut(&mut self) -> Vec<Projection<'_>> {
+        match self {
+            Self::Gpt2(m) => m.projections_mut(),
+            Self::Llama(m) => m.projections_mut(),
+            Self::GptNeo(m) => m.projections_mut(),
+            Self::Gptj(m) => m.projections_mut(),
+            Self::GptNeox(m) => m.projections_mut(),
+        }
+    }
+
+    /// The HF module names of the model's projections (what `lora.targets` matches).
+    pub fn projection_names(&self) -> Vec<String> {
+        self.clone().projections_mut().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// Freezes every weight and attaches a fresh adapter (`B = 0`, so the outputs are unchanged) to each
+    /// projection `cfg.targets` names. Only the adapters then receive gradients and optimizer state.
+    pub fn with_lora(self, cfg: &LoraConfig, device: &Device) -> Result<Self> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        cfg.validate()?;
+        if self.has_adapters() {
+            return Err(ModelError::Invalid("the model already has LoRA adapters".into()));
+        }
+        let mut model = self.set_require_grad(false);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        let mut adapted = 0;
+        for (name, lin) in model.projections_mut() {
+            if !cfg.matches(&name) {
+                continue;
+            }
+            let [d_in, d_out] = lin.weight.dims();
+            let bound = 1.0 / (d_in as f32).sqrt();
+            let uniform = rand_distr::Uniform::new(-bound, bound).map_err(|e| ModelError::Invalid(e.to_string()))?;
+            let a: Vec<f32> = (0..d_in * cfg.rank).map(|_| uniform.sample(&mut rng)).collect();
+            let dtype = lin.weight.val().dtype();
+            let a = Tensor::<2>::from_data(TensorData::new(a, [d_in, cfg.rank]), device).cast(dtype);
+            let b = Tensor::<2>::zeros([cfg.rank, d_out], device).cast(dtype);
+            lin.lora = Some(adapter(a, b, cfg));
+            adapted += 1;
+        }
+        if adapted == 0 {
+            let mut kinds: Vec<String> = model.projection_names().iter().map(|n| n.rsplit('.').next().unwrap_or(n).to_string()).collect();
+            kinds.sort();
+            kinds.dedup();
+            return Err(ModelError::Invalid(format!(
+                "lora.targets: {:?} matches no projection of this model; its projections are {kinds:?} (or use \"all-linear\")",
+                cfg.targets
+            )));
+        }
+        Ok(model)
+    }
+
+    /// Whether any projection carries an adapter.
+    pub fn has_adapters(&self) -> bool {
+        self.clone().projections_mut().iter().any(|(_, l)| l.lora.is_some())
+    }
+
+    /// The same model with every adapter removed: the base weights, shared with `self` (no copy).
+    pub fn without_adapters(&self) -> Self {
+        let mut model = self.clone();
+        for (_, lin) in model.projections_mut() {
+            lin.lora = None;
+        }
+        model
+    }
+
+    /// Folds every adapter into its weight (`W + s·A·B`) and removes it: a plain model that gives the
+    /// adapted model's outputs.
+    pub fn merge_adapters(mut self) -> Self {
+        for (_, lin) in self.projections_mut() {
+            if lin.lora.is_some() {
+                let merged = lin.merged_weight();
+                lin.weight = Param::from_tensor(merged).set_require_grad(false);
+                lin.lora = None;
+            }
+        }
+        self
+    }
+
+    /// Saves the adapters in PEFT's layout: `adapter_model.safetensors` (`base_model.model.{name}.lora_A.weight`
+    /// `[r, in]` and `lora_B.weight` `[out, r]`, float32) and `adapter_config.json`, each written
+    /// atomically, so that `PeftModel.from_pretrained(base, dir)` loads them.
+    pub fn save_peft(&self, cfg: &LoraConfig, base_model: &str, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let mut out = HfTensors::default();
+        let mut targets: Vec<String> = Vec::new();
+        let mut fan_in_fan_out = false;
+        for (name, lin) in self.clone().projections_mut() {
+            if let Some(ad) = &lin.lora {
+                out.push(format!("base_model.model.{name}.lora_A.weight"), ad.a.val().transpose());
+                out.push(format!("base_model.model.{name}.lora_B.weight"), ad.b.val().transpose());
+                let last = name.rsplit('.').next().unwrap_or(&name).to_string();
+                if !targets.contains(&last) {
+                    targets.push(last);
+                }
+            }
+        }
+        if targets.is_empty() {
+            return Err(ModelError::Invalid("the model has no LoRA adapters to save".into()));
+        }
+        if let Self::Gpt2(_) = self {
+            // GPT-2's projections are transformers' Conv1D, whose weight is stored [in, out].
+            fan_in_fan_out = true;
+        }
+        out.write(&dir.join("adapter_model.safetensors"))?;
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": cfg.rank,
+            "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout,
+            "target_modules": targets,
+            "use_rslora": cfg.rslora,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "modules_to_save": null,
+        });
+        let json = serde_json::to_string_pretty(&config).map_err(|e| ModelError::config(dir, e.to_string()))?;
+        write_atomic(&dir.join("adapter_config.json"), json.as_bytes())
+    }
+
+    /// Attaches the adapters of a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`),
+    /// freezing the rest. Errors name the file and the tensor or key.
+    pub fn load_peft(self, dir: &Path, device: &Device) -> Result<(Self, LoraConfig)> {
+        let cfg_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::config(&cfg_path, e.to_string()))?;
+        let field = |k: &str| json.get(k).filter(|v| !v.is_null());
+        if let Some(kind) = field("peft_type").and_then(|v| v.as_str())
+            && kind != "LORA"
+        {
+            return Err(ModelError::config(&cfg_path, format!("peft_type: `{kind}` is not supported; expected LORA")));
+        }
+        let rank = field("r").and_then(|v| v.as_u64()).ok_or_else(|| ModelError::config(&cfg_path, "r: missing or not a positive integer"))? as usize;
+        let alpha = field("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
+        let rslora = field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+        let dropout = field("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        for unsupported in ["rank_pattern", "alpha_pattern"] {
+            if field(unsupported).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
+                return Err(ModelError::config(&cfg_path, format!("{unsupported}: per-module ranks are not supported")));
+            }
+        }
+        for (key, what) in [("use_dora", "DoRA"), ("lora_bias", "biases on lora_B")] {
+            if field(key).and_then(|v| v.as_bool()) == Some(true) {
+                return Err(ModelError::config(&cfg_path, format!("{key}: {what} is not supported")));
+            }
+        }
+        let cfg = LoraConfig { rank, alpha, dropout, targets: vec!["all-linear".into()], rslora, seed: 0 };
+        cfg.validate().map_err(|e| ModelError::config(&cfg_path, e.to_string()))?;
+
+        let st_path = dir.join("adapter_model.safetensors");
+        let mut tensors = BTreeMap::new();
+        crate::weights::read_safetensors(&st_path, &mut tensors)?;
+        let mut model = self.set_require_grad(false);
+        let mut targets = Vec::new();
+        for (name, lin) in model.projections_mut() {
+            let key = |ab: &str| format!("base_model.model.{name}.lora_{ab}.weight");
+            let (Some(a), Some(b)) = (tensors.remove(&key("A")), tensors.remove(&key("B"))) else {
+                continue;
+            };
+            let [d_in, d_out] = lin.weight.dims();
+            for (k, t, want) in [(key("A"), &a, [rank, d_in]), (key("B"), &b, [d_out, rank])] {
+                if t.shape != want {
+                    return Err(ModelError::Shape { path: st_path.clone(), name: k, expected: want.to_vec(), got: t.shape.clone() });
+                }
+            }
+            let dtype = lin.weight.val().dtype();
+            let a = Tensor::<2>::from_data(TensorData::new(a.data, [rank, d_in]), device).transpose().cast(dtype);
+            let b = Tensor::<2>::from_data(TensorData::new(b.data, [d_out, rank]), device).transpose().cast(dtype);
+            lin.lora = Some(adapter(a, b, &cfg));
+            targets.push(name);
+        }
+        if let Some(left) = tensors.keys().next() {
+            return Err(ModelError::Safetensors { path: st_path, message: format!("tensor `{left}` does not name a projection of this model") });
+        }
+        if targets.is_empty() {
+            return Err(ModelError::Safetensors { path: st_path, message: "holds no LoRA tensors".into() });
+        }
+        Ok((model, LoraConfig { targets, ..cfg }))
+    }
+}
+
+fn adapter(a: Tensor<2>, b: Tensor<2>, cfg: &LoraConfig) -> Adapter {
+    Adapter {
+        a: Param::from_tensor(a),
+        b: Param::from_tensor(b),
+        scale: cfg.scale(),
+        dropout: DropoutConfig::new(cfg.dropout).init(),
+    }
+}

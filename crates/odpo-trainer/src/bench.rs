@@ -1,0 +1,216 @@
+//! The training-step benchmark behind `cargo xtask bench`: one ODPO step exactly as the training loop
+//! runs it (chosen and rejected in one forward, the reference forward, the loss, backward, global-norm
+//! clipping, the optimizer update) on a model shape with random weights, timed after warm-up.
+//!
+//! `bench/pytorch/step.py` is the same step in PyTorch + transformers, written as TRL runs it, and
+//! prints the same fields; the FLOP count of a step is the same formula on both sides
+//! ([`step_flops`]).
+
+use std::time::Instant;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor};
+use odpo_data::TokenizedPair;
+use odpo_loss::{LossConfig, try_preference_loss};
+use odpo_model::{CausalLm, LoraConfig, ModelConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::config::OptimConfig;
+use crate::error::{Result, TrainError};
+use crate::forward::{self, Reference};
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct StepBench {
+    /// Pairs per step (rows = 2 × pairs).
+    pub pairs: usize,
+    /// Tokens per row (prompt + response).
+    pub seq: usize,
+    /// Prompt tokens per row.
+    pub prompt: usize,
+    /// Untimed steps first.
+    pub warmup: usize,
+    /// Timed steps.
+    pub repeats: usize,
+    /// LoRA adapters instead of full fine-tuning.
+    pub lora: Option<LoraConfig>,
+}
+
+/// The measured figures (the field names `bench/pytorch/step.py` prints too).
+#[derive(Clone, Debug, Serialize)]
+pub struct StepResult {
+    /// Parameters of the policy.
+    pub params: usize,
+    /// Parameters that receive gradients.
+    pub trainable: usize,
+    /// Pairs per step.
+    pub pairs: usize,
+    /// Tokens per row.
+    pub seq: usize,
+    /// Median, fastest and slowest step.
+    pub seconds_per_step_median: f64,
+    /// Fastest step.
+    pub seconds_per_step_min: f64,
+    /// Slowest step.
+    pub seconds_per_step_max: f64,
+    /// 2 × pairs × seq / median step time.
+    pub tokens_per_s: f64,
+    /// pairs / median step time.
+    pub pairs_per_s: f64,
+    /// FLOPs of one step ([`step_flops`]), in GFLOP.
+    pub step_gflop: f64,
+    /// step_gflop / median step time.
+    pub achieved_gflops: f64,
+}
+
+/// Matmul FLOPs of one step: policy forward + backward (3×) and the reference forward (1×), each
+/// `2 × (linear weights incl. the LM head)` per token plus the attention products `QKᵀ` and `AV`
+/// over the full `seq × seq` square.
+pub fn step_flops(model: &CausalLm, config: &serde_json::Value, pairs: usize, seq: usize) -> f64 {
+    let get = |keys: &[&str]| keys.iter().find_map(|k| config.get(*k).and_then(serde_json::Value::as_u64)).unwrap_or(0) as f64;
+    let (layers, heads, hidden, vocab) = (get(&["num_hidden_layers", "n_layer"]), get(&["num_attention_heads", "n_head"]), get(&["hidden_size", "n_embd"]), get(&["vocab_size"]));
+    let head_dim = config.get("head_dim").and_then(serde_json::Value::as_u64).map_or(hidden / heads.max(1.0), |v| v as f64);
+    let rows = (2 * pairs) as f64;
+    let seq = seq as f64;
+    let forward = 2.0 * (block_matrix_params(model) as f64 + vocab * hidden) * rows * seq + 4.0 * layers * heads * head_dim * seq * seq * rows;
+    4.0 * forward
+}
+
+/// Elements of the 2-D weights outside embeddings and the LM head (adapters excluded).
+fn block_matrix_params(model: &CausalLm) -> usize {
+    struct V {
+        path: Vec<String>,
+        n: usize,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let skip = ["embed", "wte", "wpe", "lm_head", "lora"];
+            if D == 2 && !self.path.iter().any(|p| skip.iter().any(|s| p.contains(s))) {
+                self.n += param.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut v = V { path: Vec::new(), n: 0 };
+    model.visit(&mut v);
+    v.n
+}
+
+/// Random pairs of `seq` tokens per row (`prompt` of them shared), token ids in `[3, vocab)`.
+pub fn random_pairs(n: usize, seq: usize, prompt: usize, vocab: usize, seed: u64) -> Vec<TokenizedPair> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut toks = |len: usize| -> Vec<u32> { (0..len).map(|_| rng.random_range(3..vocab as u32)).collect() };
+    (0..n)
+        .map(|i| TokenizedPair { pair_id: i, prompt: toks(prompt), chosen: toks(seq - prompt), rejected: toks(seq - prompt), offset: 0.3, weight: None })
+        .collect()
+}
+
+/// Runs the step benchmark on `device` (its autodiff form trains) for a model config file.
+pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Result<StepResult> {
+    if b.prompt == 0 || b.prompt >= b.seq {
+        return Err(TrainError::config("--prompt", format!("is {}; expected 0 < prompt < seq = {}", b.prompt, b.seq)));
+    }
+    let text = std::fs::read_to_string(config_path).map_err(|e| TrainError::io(config_path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::config("--config", format!("{}: {e}", config_path.display())))?;
+    let config = ModelConfig::from_hf_json(&json, config_path)?;
+    let ad = device.clone().autodiff();
+    let mut policy = CausalLm::random(&config, 0, &ad)?;
+    if let Some(lora) = &b.lora {
+        policy = policy.with_lora(lora, &ad)?;
+    }
+    let reference = Reference::Frozen(Box::new(policy.without_adapters().valid()));
+    let flops = step_flops(&policy, &json, b.pairs, b.seq);
+    let loss_cfg = LossConfig { beta: 0.7, ..LossConfig::default() };
+    let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
+    let mut optim = crate::optim::build(&optim_cfg);
+    let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
+    let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+
+    let mut secs = Vec::with_capacity(b.repeats);
+    for i in 0..b.warmup + b.repeats {
+        let t = Instant::now();
+        let batch = forward::preference_batch(&refs, 0, &ad);
+        let reference_rows = reference.rows(&batch)?;
+        let rows = forward::row_logps(&policy, &batch);
+        let inputs = forward::pair_logps(&batch, rows, &reference_rows, true, &ad);
+        let out = try_preference_loss(&inputs, &loss_cfg)?;
+        let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
+        let norm = crate::optim::global_norm(&policy, &grads);
+        let grads = crate::optim::clip_global_norm(&policy, grads, norm, 10.0);
+        policy = optim.step(1e-6, policy, grads);
+        // The norm was read back; reading a weight waits for the update on asynchronous backends.
+        sync(&policy);
+        if i >= b.warmup {
+            secs.push(t.elapsed().as_secs_f64());
+        }
+    }
+    secs.sort_by(f64::total_cmp);
+    let median = secs[secs.len() / 2];
+    let tokens = (2 * b.pairs * b.seq) as f64;
+    Ok(StepResult {
+        params: policy.num_params(),
+        trainable: crate::train::trainable_params(&policy),
+        pairs: b.pairs,
+        seq: b.seq,
+        seconds_per_step_median: median,
+        seconds_per_step_min: secs[0],
+        seconds_per_step_max: secs[secs.len() - 1],
+        tokens_per_s: tokens / median,
+        pairs_per_s: b.pairs as f64 / median,
+        step_gflop: flops / 1e9,
+        achieved_gflops: flops / median / 1e9,
+    })
+}
+
+/// Reads one value of the first trainable parameter, which waits for the queued update.
+fn sync(model: &CausalLm) {
+    struct First(bool);
+    impl ModuleVisitor for First {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !self.0 && param.is_require_grad() {
+                self.0 = true;
+                let _ = param.val().flatten::<1>(0, D - 1).narrow(0, 0, 1).into_scalar::<f32>();
+            }
+        }
+    }
+    model.visit(&mut First(false));
+}
+
+/// Float32 matmul throughput of `device` in GFLOP/s: the best of three ~0.3 s loops of an
+/// `n × n × n` product (what a step's FLOP utilisation is measured against).
+pub fn matmul_peak(n: usize, device: &Device) -> f64 {
+    let a = Tensor::<2>::random([n, n], burn::tensor::Distribution::Normal(0.0, 1.0), device);
+    let b = Tensor::<2>::random([n, n], burn::tensor::Distribution::Normal(0.0, 1.0), device);
+    let run = |k: usize| {
+        // Summed so that no product is dead code to a lazy backend; the adds are n² against n³.
+        let mut acc = a.clone().matmul(b.clone());
+        for _ in 1..k {
+            acc = acc + a.clone().matmul(b.clone());
+        }
+        let _ = acc.narrow(0, 0, 1).narrow(1, 0, 1).into_scalar::<f32>();
+    };
+    run(2);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let mut iters = 4;
+        loop {
+            let t = Instant::now();
+            run(iters);
+            let dt = t.elapsed().as_secs_f64();
+            if dt > 0.3 || iters > 4096 {
+                best = best.max(2.0 * (n as f64).powi(3) * iters as f64 / dt / 1e9);
+                break;
+            }
+            iters *= 2;
+        }
+    }
+    best
+}

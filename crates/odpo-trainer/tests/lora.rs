@@ -1,0 +1,92 @@
+//! LoRA runs of the trainer on the tiny random GPT-2: they learn, only the adapters carry optimizer
+//! state, the saved adapters on the base model equal the merged export, and a resumed run with LoRA
+//! dropout matches an uninterrupted one bit for bit.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use burn::tensor::{Int, Tensor, TensorData};
+use common::*;
+use odpo_model::{CausalLm, ModelConfig};
+
+fn device() -> burn::tensor::Device {
+    odpo_model::backend::device("flex").expect("flex backend")
+}
+
+/// LoRA dropout draws from the backend's global generator: the tests of this file take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const LORA: &str = "[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"c_attn\", \"c_proj\", \"c_fc\"]\n";
+
+#[test]
+fn lora_odpo_learns_and_its_adapters_equal_the_merged_export() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("lora-learns");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    let sets = ["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=120", "train.log_every=20", "eval.every=0", "optim.lr=1e-2"];
+    let cfg = config(&model, &run, LORA, &sets);
+    let summary = odpo_trainer::train_on(&cfg, data(256, 64), &device(), false, None).expect("training");
+    let (start, end) = (summary.eval_start.expect("start"), summary.eval_end.expect("end"));
+    println!("LoRA eval loss {} -> {}, accuracy {} -> {}", start["loss"], end["loss"], start["rewards/accuracies"], end["rewards/accuracies"]);
+    assert!(end["loss"] < start["loss"] - 0.2, "eval loss {} -> {}", start["loss"], end["loss"]);
+    assert!(end["rewards/accuracies"] > 0.8);
+
+    // The adapters (PEFT layout) on the base model give the merged export's logits.
+    let model_cfg = ModelConfig::from_file(&model.join("config.json")).unwrap();
+    let base = CausalLm::random(&model_cfg, cfg.train.seed, &device()).unwrap();
+    let (adapted, lora) = base.load_peft(&run.join("adapter"), &device()).unwrap();
+    assert_eq!((lora.rank, lora.alpha), (4, 8.0));
+    let merged = CausalLm::load(&run.join("model"), &device()).unwrap().model;
+    let ids: Vec<i64> = (0..2 * 12).map(|i| (i * 7 % 60 + 2) as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 12]), &device());
+    let mask = Tensor::<2, Int>::ones([2, 12], &device());
+    let a = adapted.forward(ids.clone(), &mask, None).into_data().try_to_vec::<f32>().unwrap();
+    let b = merged.forward(ids.clone(), &mask, None).into_data().try_to_vec::<f32>().unwrap();
+    let c = base_logits(&model_cfg, cfg.train.seed, ids, &mask);
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    let moved = a.iter().zip(&c).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    println!("adapters vs merged export: max |diff| {diff:.2e}; adapters move the logits by {moved:.3}");
+    assert!(diff < 1e-4, "adapters on the base and the merged export differ by {diff}");
+    assert!(moved > 1e-2, "the adapters did not change the model ({moved})");
+
+    // Optimizer state for the adapters alone: far smaller than a full fine-tuning run's.
+    let full = dir.join("full");
+    let cfg_full = config(&model, &full, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=2", "eval.at_start=false"]);
+    odpo_trainer::train_on(&cfg_full, data(32, 8), &device(), false, None).expect("full run");
+    let size = |run: &std::path::Path| std::fs::metadata(odpo_trainer::checkpoint::latest(run).unwrap().unwrap().join("optim.bpk")).unwrap().len();
+    let (lora_state, full_state) = (size(&run), size(&full));
+    let ad = device().autodiff();
+    let trainable = odpo_trainer::trainable_params(&CausalLm::random(&model_cfg, 0, &ad).unwrap().with_lora(cfg.lora.as_ref().unwrap(), &ad).unwrap());
+    println!("optimizer state: LoRA {lora_state} bytes ({trainable} trainable parameters), full {full_state} bytes");
+    assert!(lora_state * 4 < full_state, "LoRA optimizer state {lora_state} vs full {full_state}");
+    assert!(trainable > 0 && lora_state >= 8 * trainable as u64, "two AdamW moments per adapter parameter ({trainable})");
+}
+
+fn base_logits(config: &ModelConfig, seed: u64, ids: Tensor<2, Int>, mask: &Tensor<2, Int>) -> Vec<f32> {
+    let base = CausalLm::random(config, seed, &device()).unwrap();
+    base.forward(ids, mask, None).into_data().try_to_vec::<f32>().unwrap()
+}
+
+#[test]
+fn resumed_lora_run_with_dropout_matches_the_uninterrupted_one() {
+    let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = temp_dir("lora-resume");
+    let model = tiny_model(&dir);
+    let sets = ["train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=2", "eval.every=0", "eval.at_start=false"];
+    let whole = dir.join("whole");
+    odpo_trainer::train_on(&config(&model, &whole, LORA, &sets), data(32, 4), &device(), false, None).expect("uninterrupted run");
+
+    // The same run cut after step 3: its step-6 checkpoint and export removed, then resumed.
+    let cut = dir.join("cut");
+    odpo_trainer::train_on(&config(&model, &cut, LORA, &sets), data(32, 4), &device(), false, None).expect("first part");
+    let ckpts = odpo_trainer::checkpoint::list(&cut).unwrap();
+    assert_eq!(ckpts.len(), 2);
+    std::fs::remove_dir_all(&ckpts[1]).unwrap();
+    std::fs::remove_dir_all(cut.join("model")).unwrap();
+    let summary = odpo_trainer::train_on(&config(&model, &cut, LORA, &sets), data(32, 4), &device(), true, None).expect("resumed run");
+    assert_eq!(summary.resumed_from, Some(3));
+    assert!(exported(&whole) == exported(&cut), "the resumed LoRA run differs from the uninterrupted one");
+    let adapters = |run: &std::path::Path| std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(adapters(&whole) == adapters(&cut), "the resumed run's adapters differ");
+}
