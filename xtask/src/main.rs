@@ -24,6 +24,8 @@ enum Task {
     Sample(Passthrough),
     /// Evaluate a pipeline run: --run DIR [--samples-per-prompt N].
     Eval(Passthrough),
+    /// Fit a reward model to scored texts: --data FILE --backbone PATH --out DIR [--max-length 128] [--heldout 0.2].
+    RewardModel(Passthrough),
     /// The reward-KL frontier: --config configs/pipeline/frontier.toml.
     Frontier(Passthrough),
     /// Data tools: `data stats --config FILE` or `data stats --data PATH --format NAME [--tokenizer PATH]`.
@@ -41,6 +43,20 @@ enum Task {
     /// PyTorch (bench/pytorch/step.py, python from $ODPO_PYTHON or `python3`) runs after each row, and the
     /// table shows the ratio.
     Bench(BenchArgs),
+    /// Installs PyTorch 2.9.0 (the libtorch burn-tch 0.22 links against) from PyPI into a virtual
+    /// environment (default ~/.cache/odpo/libtorch-venv) and prints the environment the `tch` backend
+    /// needs; `cargo xtask ... --backend tch` finds that environment by itself. [--venv DIR] [--python PY]
+    SetupLibtorch(SetupArgs),
+}
+
+#[derive(clap::Args)]
+struct SetupArgs {
+    /// Where to create the virtual environment.
+    #[arg(long)]
+    venv: Option<std::path::PathBuf>,
+    /// The Python that creates it.
+    #[arg(long, default_value = "python3")]
+    python: String,
 }
 
 #[derive(clap::Args)]
@@ -106,11 +122,13 @@ fn run() -> Result<ExitCode> {
         Task::Data(p) => odpo("data", &p.args),
         Task::Sample(p) => odpo("sample", &p.args),
         Task::Eval(p) => odpo("eval", &p.args),
+        Task::RewardModel(p) => odpo("reward-model", &p.args),
         Task::Frontier(p) => odpo("frontier", &p.args),
         Task::Generate(p) => odpo("generate", &p.args),
         Task::Logprobs(p) => odpo("logprobs", &p.args),
         Task::BenchForward(p) => bench_forward(p.args),
         Task::Bench(a) => bench(&a),
+        Task::SetupLibtorch(a) => setup_libtorch(&a),
     }
 }
 
@@ -136,7 +154,11 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
         bail!("unknown backend `{backend}`; expected one of: {}", names.join(", "));
     };
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
+    let mut cmd = Command::new(cargo);
+    if feature == "tch" {
+        libtorch_env(&mut cmd)?;
+    }
+    let status = cmd
         .args(["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--"])
         .arg(command)
         .args(args)
@@ -194,7 +216,11 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
                 odpo_args.extend(["--lora".to_string(), a.lora.to_string()]);
             }
             eprintln!("odpo ({}) {model} {shape} ...", a.backend);
-            let ours = json_of(Command::new(&cargo).args(&odpo_args), "odpo bench")?;
+            let mut cmd = Command::new(&cargo);
+            if feature == "tch" {
+                libtorch_env(&mut cmd)?;
+            }
+            let ours = json_of(cmd.args(&odpo_args), "odpo bench")?;
             let theirs = if a.vs_pytorch {
                 let mut py = vec!["bench/pytorch/step.py".to_string(), "--threads".into(), a.threads.to_string(), "--lora".into(), a.lora.to_string()];
                 py.extend(common.iter().cloned());
@@ -254,4 +280,63 @@ fn json_of(cmd: &mut Command, what: &str) -> Result<serde_json::Value> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim()).with_context(|| format!("{what} printed no JSON object: {text}"))
+}
+
+fn default_venv() -> std::path::PathBuf {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
+    home.join(".cache/odpo/libtorch-venv")
+}
+
+/// The PyTorch of a virtual environment: `(python, torch/lib)`.
+fn torch_of(venv: &std::path::Path) -> Result<(std::path::PathBuf, String)> {
+    let python = venv.join("bin/python");
+    let out = Command::new(&python)
+        .args(["-c", "import torch, os; print(torch.__version__); print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines();
+    match (out.status.success(), lines.next(), lines.next()) {
+        (true, Some(version), Some(lib)) if version.starts_with("2.9.0") => Ok((python, lib.to_string())),
+        (true, Some(version), _) => bail!("{} has torch {version}; burn-tch 0.22 needs 2.9.0 (run `cargo xtask setup-libtorch`)", venv.display()),
+        _ => bail!("no PyTorch in {} (run `cargo xtask setup-libtorch`): {}", venv.display(), String::from_utf8_lossy(&out.stderr).trim()),
+    }
+}
+
+/// Points the build and the run of the `tch` feature at PyTorch's libtorch, unless LIBTORCH or
+/// LIBTORCH_USE_PYTORCH is already set.
+fn libtorch_env(cmd: &mut Command) -> Result<()> {
+    if std::env::var_os("LIBTORCH").is_some() || std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
+        return Ok(());
+    }
+    let venv = default_venv();
+    let (python, lib) = torch_of(&venv)?;
+    let path = format!("{}:{}", python.parent().map(|p| p.display().to_string()).unwrap_or_default(), std::env::var("PATH").unwrap_or_default());
+    let ld = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{lib}:{old}"),
+        _ => lib,
+    };
+    cmd.env("VIRTUAL_ENV", &venv).env("PATH", path).env("LIBTORCH_USE_PYTORCH", "1").env("LD_LIBRARY_PATH", ld);
+    Ok(())
+}
+
+/// `cargo xtask setup-libtorch`.
+fn setup_libtorch(a: &SetupArgs) -> Result<ExitCode> {
+    let venv = a.venv.clone().unwrap_or_else(default_venv);
+    if torch_of(&venv).is_err() {
+        eprintln!("creating {} and installing torch==2.9.0 from PyPI (about 1 GB on Linux) ...", venv.display());
+        let ok = Command::new(&a.python).args(["-m", "venv"]).arg(&venv).status().context("creating the virtual environment")?.success();
+        if !ok {
+            bail!("`{} -m venv {}` failed", a.python, venv.display());
+        }
+        let ok = Command::new(venv.join("bin/pip")).args(["install", "torch==2.9.0"]).status().context("running pip")?.success();
+        if !ok {
+            bail!("`pip install torch==2.9.0` failed");
+        }
+    }
+    let (python, lib) = torch_of(&venv)?;
+    let bin = python.parent().map(|p| p.display().to_string()).unwrap_or_default();
+    println!("PyTorch 2.9.0 is in {}. `cargo xtask ... --backend tch` uses it as it is; for cargo itself:", venv.display());
+    println!("export VIRTUAL_ENV={} PATH={bin}:$PATH LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH={lib}:$LD_LIBRARY_PATH", venv.display());
+    Ok(ExitCode::SUCCESS)
 }

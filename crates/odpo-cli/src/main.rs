@@ -29,6 +29,9 @@ enum Command {
     Sample(SampleArgs),
     /// Reward and KL to the reference of a pipeline run's policy, on held-out prompts.
     Eval(EvalArgs),
+    /// Fit a reward model (a regression head on a transformer) to scored texts and report its
+    /// held-out rank correlation; `--reward learned:DIR` then scores with it.
+    RewardModel(RewardModelArgs),
     /// Sweep beta (and alpha) for DPO and ODPO over pair counts and seeds; table and plot.
     Frontier(FrontierArgs),
     /// Inspect preference data.
@@ -43,6 +46,37 @@ enum Command {
     /// One ODPO training step on a model shape with random weights: tokens/s, pairs/s, peak memory,
     /// FLOP utilisation against a matmul peak measured here (one JSON line).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct RewardModelArgs {
+    /// Scored texts: `{"prompt", "text", "reward"}` per line (the paper's IMDB file, or `sample`'s output).
+    #[arg(long)]
+    data: PathBuf,
+    /// The transformer under the head: a HF folder or a `.gguf` file.
+    #[arg(long)]
+    backbone: PathBuf,
+    /// Where to write the reward model (`reward.json`, `head.json`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tokens of prompt + separator + text kept (the beginning).
+    #[arg(long, default_value_t = 128)]
+    max_length: usize,
+    /// Joins prompt and text.
+    #[arg(long, default_value = " ")]
+    separator: String,
+    /// Share of the prompts held out for the reported correlation.
+    #[arg(long, default_value_t = 0.2)]
+    heldout: f64,
+    /// Use only the first N texts (sorted by prompt and text), for a quicker fit.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Seed of the prompt split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
 }
 
 #[derive(Args)]
@@ -284,6 +318,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Logprobs(a) => cmd_logprobs(a),
         Command::BenchForward(a) => cmd_bench_forward(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::RewardModel(a) => cmd_reward_model(a),
     }
 }
 
@@ -494,11 +529,36 @@ fn cmd_sample(a: SampleArgs) -> Result<()> {
     let reward: Box<dyn odpo_pipeline::RewardModel> = match a.reward.split_once(':') {
         None if a.reward == "known" => Box::new(odpo_pipeline::synthetic::reward()),
         Some(("table", file)) => Box::new(odpo_pipeline::ScoreTable::from_jsonl(Path::new(file))?),
-        _ => bail!("--reward `{}`: expected `known` or `table:FILE`", a.reward),
+        Some(("learned", dir)) => Box::new(odpo_pipeline::learned::LearnedReward::load(Path::new(dir), &device)?),
+        _ => bail!("--reward `{}`: expected `known`, `table:FILE` or `learned:DIR`", a.reward),
     };
     let settings = odpo_pipeline::SampleSettings { k: a.k, temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed };
     let report = odpo_pipeline::sample(&a.model, &prompts, &settings, reward.as_ref(), &a.out, &device)?;
     println!("{} responses to {} prompts, mean reward {:.4}, written to {}", report.responses, prompts.len(), report.mean_reward, report.path.display());
+    Ok(())
+}
+
+fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
+    let device = backend::device(&a.backend)?;
+    let mut entries = odpo_pipeline::ScoreTable::from_jsonl(&a.data)?.entries();
+    if let Some(n) = a.limit {
+        // A spread of prompts rather than the first few: every k-th entry.
+        let step = (entries.len() / n.max(1)).max(1);
+        entries = entries.into_iter().step_by(step).take(n).collect();
+    }
+    let opts = odpo_pipeline::learned::FitOptions {
+        backbone: a.backbone.clone(),
+        max_length: a.max_length,
+        separator: a.separator.clone(),
+        heldout_fraction: a.heldout,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let (model, report) = odpo_pipeline::learned::LearnedReward::fit(&entries, &opts, &device)?;
+    model.save(&a.out)?;
+    println!("fitted on {} texts, {} held out (by prompt); ridge penalty {}", report.train_texts, report.heldout_texts, report.l2);
+    println!("held-out Spearman {:.4}, Pearson {:.4}, RMSE {:.4} (score std {:.4}); backbone features in {:.0} s", report.spearman, report.pearson, report.rmse, report.heldout_std, report.feature_seconds);
+    println!("saved to {} (use --reward learned:{0})", a.out.display());
     Ok(())
 }
 

@@ -176,9 +176,10 @@ impl Gpt2 {
         Ok(Self { wte, wpe, h, ln_f })
     }
 
-    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
-    /// real tokens (1) and padding (0), including the cached ones.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
+    /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0), including the
+    /// cached ones.
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let pos = positions(mask, t);
         let mut x = self.wte.forward(input_ids) + self.wpe.forward(pos);
@@ -187,7 +188,12 @@ impl Gpt2 {
             x = x + a;
             x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
         }
-        let x = self.ln_f.forward(x);
+        self.ln_f.forward(x)
+    }
+
+    /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let x = self.hidden(input_ids, mask, cache);
         tied_head(x, &self.wte.weight.val())
     }
 

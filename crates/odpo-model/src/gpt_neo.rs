@@ -235,9 +235,10 @@ impl GptNeo {
         Ok(Self { wte, wpe, h, ln_f, lm_head })
     }
 
-    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
-    /// real tokens (1) and padding (0), including the cached ones.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
+    /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0), including the
+    /// cached ones.
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions(mask, t));
         for (i, block) in self.h.iter().enumerate() {
@@ -245,7 +246,12 @@ impl GptNeo {
             x = x + a;
             x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
         }
-        let x = self.ln_f.forward(x);
+        self.ln_f.forward(x)
+    }
+
+    /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let x = self.hidden(input_ids, mask, cache);
         match &self.lm_head {
             Some(w) => linear_3d(x, &w.val()),
             None => tied_head(x, &self.wte.weight.val()),

@@ -239,9 +239,10 @@ impl GptNeox {
         Ok(Self { embed_in, layers, final_layer_norm, embed_out, parallel_residual: cfg.use_parallel_residual, rotary_ndims: r, theta: cfg.theta() })
     }
 
-    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
-    /// real tokens (1) and padding (0), including the cached ones.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
+    /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0), including the
+    /// cached ones.
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let mut x = self.embed_in.forward(input_ids);
         let (cos, sin) = rotary_cos_sin(positions(mask, t), self.rotary_ndims.max(2), self.theta, x.dtype());
@@ -257,7 +258,12 @@ impl GptNeox {
                 y.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(y))
             };
         }
-        let x = self.final_layer_norm.forward(x);
+        self.final_layer_norm.forward(x)
+    }
+
+    /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let x = self.hidden(input_ids, mask, cache);
         match &self.embed_out {
             Some(w) => linear_3d(x, &w.val()),
             None => tied_head(x, &self.embed_in.weight.val()),

@@ -207,9 +207,10 @@ impl Gptj {
         Ok(Self { wte, h, ln_f, lm_head, lm_head_bias, rotary_dim: r })
     }
 
-    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
-    /// real tokens (1) and padding (0), including the cached ones.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
+    /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0), including the
+    /// cached ones.
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [b, t] = input_ids.dims();
         let mut x = self.wte.forward(input_ids);
         let (cos, sin) = rotary_cos_sin(positions(mask, t), self.rotary_dim, 10_000.0, x.dtype());
@@ -222,7 +223,12 @@ impl Gptj {
             let a = block.attn.forward(hidden.clone(), &cos, &sin, mask, i, cache.as_deref_mut());
             x = x + a + block.mlp.forward(hidden);
         }
-        let x = self.ln_f.forward(x);
+        self.ln_f.forward(x)
+    }
+
+    /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let x = self.hidden(input_ids, mask, cache);
         let logits = match &self.lm_head {
             Some(w) => linear_3d(x, &w.val()),
             None => tied_head(x, &self.wte.weight.val()),

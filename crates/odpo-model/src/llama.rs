@@ -300,9 +300,10 @@ impl Llama {
         (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
     }
 
-    /// Logits `[B, T, V]` for the new tokens `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks
-    /// real tokens (1) and padding (0), including the cached ones.
-    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
+    /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0), including the
+    /// cached ones.
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let mut x = self.embed_tokens.forward(input_ids);
         let (cos, sin) = self.rope(positions(mask, t), x.dtype());
@@ -311,7 +312,12 @@ impl Llama {
             x = x + a;
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
         }
-        let x = self.norm.forward(x);
+        self.norm.forward(x)
+    }
+
+    /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].
+    pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let x = self.hidden(input_ids, mask, cache);
         match &self.lm_head {
             Some(w) => linear_3d(x, &w.val()),
             None => tied_head(x, &self.embed_tokens.weight.val()),

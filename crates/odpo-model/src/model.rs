@@ -254,6 +254,18 @@ impl CausalLm {
         }
     }
 
+    /// Final hidden states `[B, T, D]` (after the last norm, before the LM head): what reward heads
+    /// and other probes read. Same arguments as [`Self::forward`].
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, attention_mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        match self {
+            Self::Gpt2(m) => m.hidden(input_ids, attention_mask, cache),
+            Self::Llama(m) => m.hidden(input_ids, attention_mask, cache),
+            Self::GptNeo(m) => m.hidden(input_ids, attention_mask, cache),
+            Self::Gptj(m) => m.hidden(input_ids, attention_mask, cache),
+            Self::GptNeox(m) => m.hidden(input_ids, attention_mask, cache),
+        }
+    }
+
     /// The model with its weights cast to `precision`; activations follow the weights, while
     /// norms, softmax and log-probabilities accumulate in f32.
     pub fn with_precision(self, precision: Precision) -> Self {

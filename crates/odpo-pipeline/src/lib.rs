@@ -1,6 +1,7 @@
 //! odpo-pipeline: preference training end to end, from a reward to a reward-vs-KL frontier.
 //!
 //! It owns [`reward`] (the [`RewardModel`] trait: a known ground-truth reward and a score table),
+//! [`learned`] (a regression head on a transformer, fitted to scored texts),
 //! [`synthetic`] (the built-in known-reward task: a small word-level language whose words carry
 //! sentiment values), [`mod@sample`] (k scored responses per prompt in the ODPO paper's format),
 //! [`eval`] (mean reward and two KL estimators with 95% intervals), [`plot`] (PNG scatter plots),
@@ -32,6 +33,7 @@ pub mod config;
 mod error;
 pub mod eval;
 pub mod frontier;
+pub mod learned;
 pub mod pipeline;
 pub mod plot;
 pub mod reward;

@@ -79,6 +79,13 @@ impl ScoreTable {
         Ok(Self { path: path.to_path_buf(), scores })
     }
 
+    /// Every `(prompt, text, score)`, sorted.
+    pub fn entries(&self) -> Vec<(String, String, f64)> {
+        let mut v: Vec<(String, String, f64)> = self.scores.iter().map(|((p, t), s)| (p.clone(), t.clone(), *s)).collect();
+        v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        v
+    }
+
     /// Number of scored (prompt, text) entries.
     pub fn len(&self) -> usize {
         self.scores.len()
