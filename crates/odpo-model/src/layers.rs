@@ -85,7 +85,11 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
         (widen(k), widen(v))
     };
     let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
-    attention(q, k, v, Some(mask), None, options)
+    // The mask goes in as an additive bias (0 or -inf), which every backend applies alike: burn-tch
+    // 0.22.1 hands a boolean mask to torch's SDPA, which reads `true` as "attend", the opposite of
+    // burn's convention, and so attended to exactly the masked keys.
+    let bias = Tensor::<4>::zeros(mask.dims(), &q.device()).cast(q.dtype()).mask_fill(mask, f32::NEG_INFINITY);
+    attention(q, k, v, None, Some(bias), options)
 }
 
 /// `[B, T, H*Dh]` to `[B, H, T, Dh]`.
