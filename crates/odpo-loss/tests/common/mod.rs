@@ -1,12 +1,14 @@
-//! Helpers shared by the integration tests: tensors from host vectors and back, on the flex autodiff device.
+//! Helpers shared by the integration tests: tensors from host vectors and back, on the default device's
+//! autodiff form (flex in the default build; the backend of a `--no-default-features --features tch`
+//! build, so the same tests check the objectives on that backend).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use odpo_loss::PairLogps;
 
-/// The device every test runs on: flex with autodiff.
+/// The device every test runs on: the build's default backend, with autodiff.
 pub fn device() -> Device {
-    Device::flex().autodiff()
+    Device::default().autodiff()
 }
 
 /// An f32 tensor of shape [n].
