@@ -227,22 +227,13 @@ impl Gpt2 {
                 out.push(format!("{name}.bias"), b.val());
             }
         };
-        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
-            out.push(format!("{name}.weight"), l.weight.val());
-            if let Some(b) = &l.bias {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, b) in self.h.iter().enumerate() {
             let p = format!("transformer.h.{i}");
             ln(&mut out, format!("{p}.ln_1"), &b.ln_1);
-            lin(&mut out, format!("{p}.attn.c_attn"), &b.attn.c_attn);
-            lin(&mut out, format!("{p}.attn.c_proj"), &b.attn.c_proj);
             ln(&mut out, format!("{p}.ln_2"), &b.ln_2);
-            lin(&mut out, format!("{p}.mlp.c_fc"), &b.mlp.c_fc);
-            lin(&mut out, format!("{p}.mlp.c_proj"), &b.mlp.c_proj);
         }
         ln(&mut out, "transformer.ln_f".into(), &self.ln_f);
+        out.push_projections(self.clone().projections_mut(), true);
         out
     }
 }

@@ -290,27 +290,16 @@ impl GptNeo {
                 out.push(format!("{name}.bias"), b.val());
             }
         };
-        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
-            out.push_linear(format!("{name}.weight"), l.weight.val());
-            if let Some(b) = &l.bias {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, b) in self.h.iter().enumerate() {
             let p = format!("transformer.h.{i}");
             ln(&mut out, format!("{p}.ln_1"), &b.ln_1);
-            lin(&mut out, format!("{p}.attn.attention.q_proj"), &b.attn.q_proj);
-            lin(&mut out, format!("{p}.attn.attention.k_proj"), &b.attn.k_proj);
-            lin(&mut out, format!("{p}.attn.attention.v_proj"), &b.attn.v_proj);
-            lin(&mut out, format!("{p}.attn.attention.out_proj"), &b.attn.out_proj);
             ln(&mut out, format!("{p}.ln_2"), &b.ln_2);
-            lin(&mut out, format!("{p}.mlp.c_fc"), &b.mlp.c_fc);
-            lin(&mut out, format!("{p}.mlp.c_proj"), &b.mlp.c_proj);
         }
         ln(&mut out, "transformer.ln_f".into(), &self.ln_f);
         if let Some(w) = &self.lm_head {
             out.push_linear("lm_head.weight", w.val());
         }
+        out.push_projections(self.clone().projections_mut(), false);
         out
     }
 }

@@ -299,25 +299,16 @@ impl GptNeox {
                 out.push(format!("{name}.bias"), b.val());
             }
         };
-        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
-            out.push_linear(format!("{name}.weight"), l.weight.val());
-            if let Some(b) = &l.bias {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("gpt_neox.layers.{i}");
             ln(&mut out, format!("{p}.input_layernorm"), &l.input_layernorm);
             ln(&mut out, format!("{p}.post_attention_layernorm"), &l.post_attention_layernorm);
-            lin(&mut out, format!("{p}.attention.query_key_value"), &l.attention.query_key_value);
-            lin(&mut out, format!("{p}.attention.dense"), &l.attention.dense);
-            lin(&mut out, format!("{p}.mlp.dense_h_to_4h"), &l.mlp.dense_h_to_4h);
-            lin(&mut out, format!("{p}.mlp.dense_4h_to_h"), &l.mlp.dense_4h_to_h);
         }
         ln(&mut out, "gpt_neox.final_layer_norm".into(), &self.final_layer_norm);
         if let Some(w) = &self.embed_out {
             out.push_linear("embed_out.weight", w.val());
         }
+        out.push_projections(self.clone().projections_mut(), false);
         out
     }
 }

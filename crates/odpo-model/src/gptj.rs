@@ -267,27 +267,16 @@ impl Gptj {
                 out.push(format!("{name}.bias"), b.val());
             }
         };
-        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
-            out.push_linear(format!("{name}.weight"), l.weight.val());
-            if let Some(b) = &l.bias {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, b) in self.h.iter().enumerate() {
             let p = format!("transformer.h.{i}");
             ln(&mut out, format!("{p}.ln_1"), &b.ln_1);
-            lin(&mut out, format!("{p}.attn.q_proj"), &b.attn.q_proj);
-            lin(&mut out, format!("{p}.attn.k_proj"), &b.attn.k_proj);
-            lin(&mut out, format!("{p}.attn.v_proj"), &b.attn.v_proj);
-            lin(&mut out, format!("{p}.attn.out_proj"), &b.attn.out_proj);
-            lin(&mut out, format!("{p}.mlp.fc_in"), &b.mlp.fc_in);
-            lin(&mut out, format!("{p}.mlp.fc_out"), &b.mlp.fc_out);
         }
         ln(&mut out, "transformer.ln_f".into(), &self.ln_f);
         if let Some(w) = &self.lm_head {
             out.push_linear("lm_head.weight", w.val());
         }
         out.push("lm_head.bias", self.lm_head_bias.val());
+        out.push_projections(self.clone().projections_mut(), false);
         out
     }
 }

@@ -350,28 +350,16 @@ impl Llama {
     pub fn hf_tensors(&self) -> HfTensors {
         let mut out = HfTensors::default();
         out.push("model.embed_tokens.weight", self.embed_tokens.weight.val());
-        let lin = |out: &mut HfTensors, name: String, l: &Linear| {
-            out.push_linear(format!("{name}.weight"), l.weight.val());
-            if let Some(b) = &l.bias {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push(format!("{p}.input_layernorm.weight"), l.input_layernorm.gamma.val());
-            lin(&mut out, format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj);
-            lin(&mut out, format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj);
-            lin(&mut out, format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj);
-            lin(&mut out, format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj);
             out.push(format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.gamma.val());
-            lin(&mut out, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
-            lin(&mut out, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
-            lin(&mut out, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
         }
         out.push("model.norm.weight", self.norm.gamma.val());
         if let Some(w) = &self.lm_head {
             out.push_linear("lm_head.weight", w.val());
         }
+        out.push_projections(self.clone().projections_mut(), false);
         out
     }
 }

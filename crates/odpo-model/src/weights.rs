@@ -221,6 +221,21 @@ impl HfTensors {
         self.push(name, weight.transpose());
     }
 
+    /// Adds projections under `{name}.weight` / `{name}.bias`: weights in HF's `[out, in]`, or as stored
+    /// (`[in, out]`) for transformers' Conv1D layers (`conv1d`).
+    pub(crate) fn push_projections(&mut self, projections: Vec<crate::lora::Projection<'_>>, conv1d: bool) {
+        for (name, l) in projections {
+            if conv1d {
+                self.push(format!("{name}.weight"), l.weight.val());
+            } else {
+                self.push_linear(format!("{name}.weight"), l.weight.val());
+            }
+            if let Some(b) = &l.bias {
+                self.push(format!("{name}.bias"), b.val());
+            }
+        }
+    }
+
     /// Writes `model.safetensors` (float32) atomically: a temporary file, then a rename.
     pub fn write(&self, path: &Path) -> Result<()> {
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Device;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_model::CausalLm;
 use rand::SeedableRng;
@@ -117,17 +117,12 @@ pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], tex
     order.sort_by_key(|&i| ids[i].len());
     let mut out = vec![Vec::new(); ids.len()];
     let started = std::time::Instant::now();
+    let batcher = odpo_data::SftBatcher { pad_id: 0, pad_to_multiple: None };
     for (n, chunk) in order.chunks(batch_size.max(1)).enumerate() {
-        let t = chunk.iter().map(|&i| ids[i].len()).max().unwrap_or(1);
-        let (mut flat, mut mask) = (Vec::with_capacity(chunk.len() * t), Vec::with_capacity(chunk.len() * t));
-        for &i in chunk {
-            let row = &ids[i];
-            flat.extend(row.iter().map(|&x| i64::from(x)).chain(std::iter::repeat_n(0, t - row.len())));
-            mask.extend(std::iter::repeat_n(1i64, row.len()).chain(std::iter::repeat_n(0, t - row.len())));
-        }
-        let b = chunk.len();
-        let input = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t]), device);
-        let mask = Tensor::<2, Int>::from_data(TensorData::new(mask, [b, t]), device);
+        let items: Vec<odpo_data::SftItem> = chunk.iter().map(|&i| odpo_data::SftItem { id: i, ids: ids[i].clone(), prompt_len: 0 }).collect();
+        let batch = burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);
+        let (input, mask) = (batch.input_ids, batch.attention_mask);
+        let [b, t] = input.dims();
         let hidden = model.hidden(input, &mask, None);
         let d = hidden.dims()[2];
         let m = mask.float().reshape([b, t, 1]);

@@ -138,9 +138,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     for i in 0..b.warmup + b.repeats {
         let t = Instant::now();
         let batch = forward::preference_batch(&refs, 0, &ad);
-        let reference_rows = reference.rows(&batch)?;
-        let rows = forward::row_logps(&policy, &batch);
-        let inputs = forward::pair_logps(&batch, rows, &reference_rows, true, &ad);
+        let inputs = forward::preference_inputs(&policy, &reference, &batch, true, &ad)?;
         let out = try_preference_loss(&inputs, &loss_cfg)?;
         let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
         let norm = crate::optim::global_norm(&policy, &grads);

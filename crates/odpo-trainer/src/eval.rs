@@ -27,9 +27,7 @@ pub fn preference(
     let items: Vec<&TokenizedPair> = pairs.iter().collect();
     for chunk in items.chunks(batch_size.max(1)) {
         let batch = forward::preference_batch(chunk, pad_id, device);
-        let rows = forward::row_logps(model, &batch);
-        let reference_rows = reference.rows(&batch)?;
-        let inputs = forward::pair_logps(&batch, rows, &reference_rows, use_offsets, device);
+        let inputs = forward::preference_inputs(model, reference, &batch, use_offsets, device)?;
         let out = try_preference_loss(&inputs, loss)?;
         add_metrics(&mut sums, &out.metrics, chunk.len() as f64);
     }

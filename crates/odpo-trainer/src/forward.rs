@@ -64,6 +64,14 @@ pub fn pair_logps(
     inputs
 }
 
+/// The objective's inputs for a preference batch: the reference's row log-probs, then the policy's
+/// (tracked when `policy` is on an autodiff device).
+pub fn preference_inputs(policy: &CausalLm, reference: &Reference, batch: &PreferenceBatch, use_offsets: bool, device: &Device) -> crate::error::Result<PairLogps> {
+    let reference_rows = reference.rows(batch)?;
+    let rows = row_logps(policy, batch);
+    Ok(pair_logps(batch, rows, &reference_rows, use_offsets, device))
+}
+
 /// SFT rows (prompt + chosen, loss on the chosen response) for a micro-batch of pairs.
 pub fn sft_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> odpo_data::SftBatch {
     let items: Vec<SftItem> = items

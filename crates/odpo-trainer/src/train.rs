@@ -141,9 +141,7 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
             let loss = match t.stage {
                 Stage::Preference => {
                     let batch = forward::preference_batch(micro, data.pad_id, &ad);
-                    let reference_rows = reference.rows(&batch)?;
-                    let rows = forward::row_logps(&policy, &batch);
-                    let inputs = forward::pair_logps(&batch, rows, &reference_rows, use_offsets, &ad);
+                    let inputs = forward::preference_inputs(&policy, &reference, &batch, use_offsets, &ad)?;
                     let out = try_preference_loss(&inputs, &loss_cfg)?;
                     check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
                     eval::add_metrics(&mut window, &out.metrics, micro.len() as f64);

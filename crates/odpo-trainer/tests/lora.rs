@@ -97,11 +97,7 @@ fn lora_sft_lowers_the_nll_and_leaves_the_base_weights_alone() {
     let dir = temp_dir("lora-sft");
     let model = tiny_model(&dir);
     let run = dir.join("run");
-    let mut cfg = config(&model, &run, LORA, &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=100", "eval.every=0", "optim.lr=3e-2"]);
-    cfg.train.stage = odpo_trainer::config::Stage::Sft;
-    cfg.loss = None;
-    cfg.data.offset = None;
-    cfg.validate().expect("sft config");
+    let cfg = as_sft(config(&model, &run, LORA, &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=100", "eval.every=0", "optim.lr=3e-2"]));
     let summary = odpo_trainer::train_on(&cfg, data(128, 32), &device(), false, None).expect("training");
     let (start, end) = (summary.eval_start.expect("start"), summary.eval_end.expect("end"));
     // The LM head (tied to the frozen embeddings) is not adapted, so a random tiny model can only move

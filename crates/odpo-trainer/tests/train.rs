@@ -93,11 +93,7 @@ fn sft_lowers_the_nll() {
     let dir = temp_dir("sft");
     let model = tiny_model(&dir);
     let run = dir.join("run");
-    let mut cfg = config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=60", "eval.every=0"]);
-    cfg.train.stage = odpo_trainer::config::Stage::Sft;
-    cfg.loss = None;
-    cfg.data.offset = None;
-    cfg.validate().expect("sft config");
+    let cfg = as_sft(config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=60", "eval.every=0"]));
     let summary = odpo_trainer::train_on(&cfg, data(128, 32), &device(), false, None).expect("training");
     let (start, end) = (summary.eval_start.expect("start"), summary.eval_end.expect("end"));
     println!("sft nll {} -> {}", start["nll"], end["nll"]);

@@ -91,6 +91,15 @@ progress = false
     RunConfig::from_toml_str(&text, "test.toml", &sets).expect("test config")
 }
 
+/// `cfg` as an SFT run: no objective, no offsets (validated).
+pub fn as_sft(mut cfg: RunConfig) -> RunConfig {
+    cfg.train.stage = odpo_trainer::config::Stage::Sft;
+    cfg.loss = None;
+    cfg.data.offset = None;
+    cfg.validate().expect("sft config");
+    cfg
+}
+
 /// The exported weights of a run, as raw bytes.
 pub fn exported(run_dir: &Path) -> Vec<u8> {
     std::fs::read(run_dir.join("model/model.safetensors")).expect("exported model")
