@@ -74,6 +74,8 @@ def main():
     ap.add_argument("--config", required=True)
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--cached-reference", action="store_true",
+                    help="reference log-probs computed once before the steps (TRL's precompute_ref_log_probs)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens per row (default seq/4)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
@@ -112,30 +114,59 @@ def main():
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return (lp * loss_mask).sum(-1)
 
-    def step():
-        pol = seq_logps(policy, ids, mask)
+    cache = {}
+    cache_seconds = None
+    if args.cached_reference:
+        t0 = time.perf_counter()
         with torch.no_grad():
             if reference is None:
                 with policy.disable_adapter():
-                    ref = seq_logps(policy, ids, mask)
+                    cache["ref"] = seq_logps(policy, ids, mask)
             else:
-                ref = seq_logps(reference, ids, mask)
+                cache["ref"] = seq_logps(reference, ids, mask)
+        sync(args.device)
+        cache_seconds = time.perf_counter() - t0
+
+    def step(marks):
+        # marks collects the time at the end of each phase (reference, policy forward + loss,
+        # backward + norm, optimizer), with the device synchronised, as the odpo side splits it.
+        def mark():
+            sync(args.device)
+            marks.append(time.perf_counter())
+        if "ref" in cache:
+            ref = cache["ref"]
+        else:
+            with torch.no_grad():
+                if reference is None:
+                    with policy.disable_adapter():
+                        ref = seq_logps(policy, ids, mask)
+                else:
+                    ref = seq_logps(reference, ids, mask)
+        mark()
+        pol = seq_logps(policy, ids, mask)
         h = (pol[: args.pairs] - ref[: args.pairs]) - (pol[args.pairs:] - ref[args.pairs:])
         loss = -F.logsigmoid(beta * h - offsets).mean()
+        mark()
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+        mark()
         optim.step()
+        mark()
         return loss.item()
 
     times = []
+    phases = [[], [], [], []]
     for i in range(args.warmup + args.repeats):
         sync(args.device)
         t0 = time.perf_counter()
-        step()
+        marks = [t0]
+        step(marks)
         sync(args.device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            for k in range(4):
+                phases[k].append(marks[k + 1] - marks[k])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     peak = matmul_peak(1024, args.device)
     med = statistics.median(times)
@@ -158,6 +189,10 @@ def main():
         "peak_rss_mib": peak_rss,
         "step_gflop": flops / 1e9,
         "achieved_gflops": flops / med / 1e9,
+        "reference_cache_seconds": cache_seconds,
+        "later_epoch_over_first": None if cache_seconds is None else med / (med + cache_seconds),
+        "phase_seconds_median": dict(zip(["reference", "policy_forward", "backward", "optimizer"],
+                                         [statistics.median(p) for p in phases])),
         "matmul_peak_gflops": peak,
         "flop_utilisation": flops / med / 1e9 / peak,
         "torch": torch.__version__,

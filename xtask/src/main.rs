@@ -28,6 +28,9 @@ enum Task {
     RewardModel(Passthrough),
     /// The reward-KL frontier: --config configs/pipeline/frontier.toml.
     Frontier(Passthrough),
+    /// DPO and ODPO from a pretrained model scored by a reward model: --config FILE [--backend B]
+    /// (configs/pipeline/smollm2-imdb.toml is the paper's sentiment experiment). Resumes when rerun.
+    Experiment(Passthrough),
     /// Data tools: `data stats --config FILE` or `data stats --data PATH --format NAME [--tokenizer PATH]`.
     Data(Passthrough),
     /// Generate text: --model PATH --prompt TEXT [--chat] [--max-new-tokens N] [--greedy | --temperature T --top-p P] [--seed S].
@@ -37,6 +40,10 @@ enum Task {
     /// Forward throughput on a model shape with random weights: --config CONFIG_JSON [--batch 8 --seq 128 --repeats 5].
     /// With --vs-pytorch, also runs bench/pytorch/forward.py (python from $ODPO_PYTHON or `python3`) and prints the ratio.
     BenchForward(Passthrough),
+    /// Greedy generation throughput (KV cache) on a model shape with random weights: --config CONFIG_JSON
+    /// [--batches 1,8 --prompt 32 --new 64 --repeats 3] [--backend B]. With --vs-pytorch, also runs
+    /// bench/pytorch/generate.py (transformers' `generate`) and prints both and the ratio per batch size.
+    BenchGenerate(Passthrough),
     /// The ODPO training-step benchmark: each model shape x batch shape in its own process (peak memory
     /// per row). --models tiny,gpt2-124m,smollm2-135m (or config.json paths) --shapes 4x128 [--lora R]
     /// [--backend B] [--repeats N] [--vs-pytorch] [--out FILE.jsonl]. With --vs-pytorch the same step in
@@ -82,6 +89,14 @@ struct BenchArgs {
     /// CPU threads of the PyTorch side (the odpo side uses every core).
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Reference log-probs computed once before the steps (`train.reference = "cached"`, TRL's
+    /// `precompute_ref_log_probs`) on both sides; prints what an epoch after the first costs
+    /// against the first.
+    #[arg(long)]
+    cached_reference: bool,
+    /// Run the concatenated `[2B, T]` rows on the odpo side, as TRL does, instead of each prompt once.
+    #[arg(long)]
+    no_shared_prompt: bool,
     /// Append every row's JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -124,9 +139,11 @@ fn run() -> Result<ExitCode> {
         Task::Eval(p) => odpo("eval", &p.args),
         Task::RewardModel(p) => odpo("reward-model", &p.args),
         Task::Frontier(p) => odpo("frontier", &p.args),
+        Task::Experiment(p) => odpo("experiment", &p.args),
         Task::Generate(p) => odpo("generate", &p.args),
         Task::Logprobs(p) => odpo("logprobs", &p.args),
         Task::BenchForward(p) => bench_forward(p.args),
+        Task::BenchGenerate(p) => bench_generate(p.args),
         Task::Bench(a) => bench(&a),
         Task::SetupLibtorch(a) => setup_libtorch(&a),
     }
@@ -146,8 +163,8 @@ fn backend_of(args: &[String]) -> Result<&str> {
     Ok("flex")
 }
 
-/// Builds and runs `odpo <command> <args>` with the feature of the requested backend.
-fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
+/// `cargo run` of `odpo <command> <args>` with the feature of the requested backend.
+fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
     let backend = backend_of(args)?;
     let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == backend) else {
         let names: Vec<&str> = BACKENDS.iter().map(|(b, _)| *b).collect();
@@ -158,13 +175,60 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
     if feature == "tch" {
         libtorch_env(&mut cmd)?;
     }
-    let status = cmd
-        .args(["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--"])
-        .arg(command)
-        .args(args)
-        .status()
-        .context("running cargo")?;
+    cmd.args(["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--"]).arg(command).args(args);
+    Ok(cmd)
+}
+
+/// Builds and runs `odpo <command> <args>` with the feature of the requested backend.
+fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
+    let status = odpo_command(command, args)?.status().context("running cargo")?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8) })
+}
+
+/// Runs the generation benchmark, and with `--vs-pytorch` transformers' `generate` on the same
+/// shapes after it; prints one table.
+fn bench_generate(mut args: Vec<String>) -> Result<ExitCode> {
+    let vs = args.iter().any(|a| a == "--vs-pytorch");
+    args.retain(|a| a != "--vs-pytorch");
+    let backend = backend_of(&args)?.to_string();
+    eprintln!("odpo ({backend}) generation ...");
+    let ours = json_of(&mut odpo_command("bench-generate", &args)?, "odpo bench-generate")?;
+    let theirs = if vs {
+        let python = std::env::var("ODPO_PYTHON").unwrap_or_else(|_| "python3".into());
+        let mut py_args = vec!["bench/pytorch/generate.py".to_string()];
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if matches!(a.as_str(), "--config" | "--batches" | "--prompt" | "--new" | "--repeats" | "--warmup") {
+                py_args.push(a.clone());
+                py_args.extend(it.next().cloned());
+            }
+        }
+        eprintln!("pytorch generation ...");
+        Some(json_of(Command::new(&python).args(&py_args), "bench/pytorch/generate.py")?)
+    } else {
+        None
+    };
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    println!();
+    println!("| batch | {backend} tokens/s (min-max) | PyTorch tokens/s (min-max) | speed ratio |");
+    println!("|---|---|---|---|");
+    let empty = Vec::new();
+    for (i, o) in ours["results"].as_array().unwrap_or(&empty).iter().enumerate() {
+        let (t, ratio) = match theirs.as_ref().map(|t| &t["results"][i]) {
+            Some(t) if t.is_object() => (
+                format!("{:.1} ({:.1}-{:.1})", f(t, "tokens_per_s_median"), f(t, "tokens_per_s_min"), f(t, "tokens_per_s_max")),
+                format!("{:.2}x", f(o, "tokens_per_s_median") / f(t, "tokens_per_s_median")),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        println!(
+            "| {} | {:.1} ({:.1}-{:.1}) | {t} | {ratio} |",
+            o["batch"], f(o, "tokens_per_s_median"), f(o, "tokens_per_s_min"), f(o, "tokens_per_s_max")
+        );
+    }
+    let rss = |v: &serde_json::Value| v["peak_rss_mib"].as_f64().map_or("-".into(), |x| format!("{x:.0} MiB"));
+    println!("\npeak RSS: odpo {}, PyTorch {}", rss(&ours), theirs.as_ref().map_or("-".into(), rss));
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the forward benchmark, and with `--vs-pytorch` the PyTorch reference beside it.
@@ -215,6 +279,12 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
             if a.lora > 0 {
                 odpo_args.extend(["--lora".to_string(), a.lora.to_string()]);
             }
+            if a.cached_reference {
+                odpo_args.push("--cached-reference".into());
+            }
+            if a.no_shared_prompt {
+                odpo_args.push("--no-shared-prompt".into());
+            }
             eprintln!("odpo ({}) {model} {shape} ...", a.backend);
             let mut cmd = Command::new(&cargo);
             if feature == "tch" {
@@ -224,6 +294,9 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
             let theirs = if a.vs_pytorch {
                 let mut py = vec!["bench/pytorch/step.py".to_string(), "--threads".into(), a.threads.to_string(), "--lora".into(), a.lora.to_string()];
                 py.extend(common.iter().cloned());
+                if a.cached_reference {
+                    py.push("--cached-reference".into());
+                }
                 eprintln!("pytorch {model} {shape} ...");
                 Some(json_of(Command::new(&python).args(&py), "bench/pytorch/step.py")?)
             } else {
@@ -268,6 +341,33 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
             None => " - | - | - | - | - |".into(),
         };
         println!("{ours}{theirs}");
+    }
+    if a.cached_reference {
+        println!();
+        for (model, shape, o, t) in &table {
+            let r = |v: &serde_json::Value| v["later_epoch_over_first"].as_f64().map_or("-".into(), |x| format!("{:.0}%", 100.0 * x));
+            println!(
+                "{model} {shape}: with cached reference log-probs an epoch after the first costs {} of the first ({}); PyTorch {}",
+                r(o),
+                a.backend,
+                t.as_ref().map_or("-".into(), r)
+            );
+        }
+    }
+    // Where the time goes: each phase's median, ours against PyTorch's.
+    let phase = |v: &serde_json::Value, k: &str| v["phase_seconds_median"][k].as_f64().unwrap_or(f64::NAN);
+    let names = ["reference", "policy_forward", "backward", "optimizer"];
+    println!();
+    println!("| model | pairs x seq | phase | {} s | PyTorch s | ratio (PyTorch / ours) |", a.backend);
+    println!("|---|---|---|---|---|---|");
+    for (model, shape, o, t) in &table {
+        for k in names {
+            let (theirs, ratio) = match t {
+                Some(t) => (format!("{:.3}", phase(t, k)), format!("{:.2}x", phase(t, k) / phase(o, k))),
+                None => ("-".into(), "-".into()),
+            };
+            println!("| {model} | {shape} | {k} | {:.3} | {theirs} | {ratio} |", phase(o, k));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -34,6 +34,9 @@ enum Command {
     RewardModel(RewardModelArgs),
     /// Sweep beta (and alpha) for DPO and ODPO over pair counts and seeds; table and plot.
     Frontier(FrontierArgs),
+    /// DPO and ODPO from a pretrained model scored by a reward model (the paper's sentiment
+    /// experiment): samples, pairs, one run per setting, reward and KL on held-out prompts; resumes.
+    Experiment(ExperimentArgs),
     /// Inspect preference data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -43,6 +46,9 @@ enum Command {
     Logprobs(LogprobsArgs),
     /// Forward-pass throughput of a model shape with random weights (tokens/s, peak memory).
     BenchForward(BenchForwardArgs),
+    /// Greedy generation throughput (KV cache) of a model shape with random weights, per batch size
+    /// (one JSON object, the fields `bench/pytorch/generate.py` prints).
+    BenchGenerate(BenchGenerateArgs),
     /// One ODPO training step on a model shape with random weights: tokens/s, pairs/s, peak memory,
     /// FLOP utilisation against a matmul peak measured here (one JSON line).
     Bench(BenchArgs),
@@ -102,6 +108,48 @@ struct BenchArgs {
     /// Train LoRA adapters of this rank on every projection instead of every weight.
     #[arg(long)]
     lora: Option<usize>,
+    /// Compute the reference log-probs once before the timed steps (`train.reference = "cached"`)
+    /// and report what an epoch after the first costs against the first.
+    #[arg(long)]
+    cached_reference: bool,
+    /// Run the concatenated `[2B, T]` rows (as TRL does) instead of each prompt once.
+    #[arg(long)]
+    no_shared_prompt: bool,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    /// An experiment config (configs/pipeline/smollm2-imdb.toml).
+    #[arg(long)]
+    config: PathBuf,
+    /// Backend; overrides the config's `backend`.
+    #[arg(long)]
+    backend: Option<String>,
+}
+
+#[derive(Args)]
+struct BenchGenerateArgs {
+    /// A HF `config.json` giving the model shape (weights are random).
+    #[arg(long)]
+    config: PathBuf,
+    /// Batch sizes, comma-separated.
+    #[arg(long, default_value = "1,8")]
+    batches: String,
+    /// Prompt tokens per row.
+    #[arg(long, default_value_t = 32)]
+    prompt: usize,
+    /// New tokens per row (always this many: no EOS).
+    #[arg(long, default_value_t = 64)]
+    new: usize,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
     /// Backend.
     #[arg(long, default_value = "flex")]
     backend: String,
@@ -316,7 +364,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Stats(a)) => cmd_data_stats(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Logprobs(a) => cmd_logprobs(a),
+        Command::Experiment(a) => cmd_experiment(a),
         Command::BenchForward(a) => cmd_bench_forward(a),
+        Command::BenchGenerate(a) => cmd_bench_generate(a),
         Command::Bench(a) => cmd_bench(a),
         Command::RewardModel(a) => cmd_reward_model(a),
     }
@@ -449,10 +499,57 @@ fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
     Ok(())
 }
 
+fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    let device = backend::device(&a.backend)?;
+    let config = odpo_model::ModelConfig::from_file(&a.config)?;
+    let model = CausalLm::random(&config, 0, &device)?;
+    if a.prompt == 0 || a.new == 0 || a.repeats == 0 {
+        bail!("--prompt, --new and --repeats must be at least 1");
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens: a.new,
+        eos_token_ids: Vec::new(),
+        pad_token_id: 0,
+        sampling: SamplingConfig { greedy: true, ..SamplingConfig::default() },
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut results = Vec::new();
+    for b in a.batches.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let b: usize = b.parse().with_context(|| format!("--batches: `{b}` is not a number"))?;
+        let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..a.prompt).map(|_| rng.random_range(3..config.vocab_size() as u32)).collect()).collect();
+        let mut secs = Vec::new();
+        for i in 0..a.warmup + a.repeats {
+            let t = std::time::Instant::now();
+            let g = generate(&model, &prompts, &cfg, &device)?;
+            let dt = t.elapsed().as_secs_f64();
+            anyhow::ensure!(g.tokens.iter().all(|t| t.len() == a.new), "generation stopped early");
+            if i >= a.warmup {
+                secs.push(dt);
+            }
+        }
+        secs.sort_by(f64::total_cmp);
+        let tokens = (b * a.new) as f64;
+        results.push(serde_json::json!({
+            "batch": b,
+            "tokens_per_s_median": tokens / secs[secs.len() / 2],
+            "tokens_per_s_min": tokens / secs[secs.len() - 1],
+            "tokens_per_s_max": tokens / secs[0],
+            "seconds_per_run_median": secs[secs.len() / 2],
+        }));
+    }
+    let v = serde_json::json!({
+        "bench": "odpo_generate_greedy", "backend": a.backend, "prompt_tokens": a.prompt, "new_tokens": a.new,
+        "kv_cache": true, "warmup": a.warmup, "repeats": a.repeats, "results": results, "peak_rss_mib": peak_rss_mb(),
+    });
+    println!("{}", serde_json::to_string(&v)?);
+    Ok(())
+}
+
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, ..Default::default() });
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora };
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
     // Measured after the step, so that it does not raise the step's peak memory.
     let peak_rss = peak_rss_mb();
@@ -463,6 +560,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         m.insert("config".into(), a.config.display().to_string().into());
         m.insert("backend".into(), a.backend.clone().into());
         m.insert("lora".into(), a.lora.unwrap_or(0).into());
+        m.insert("shared_prompt".into(), (!a.no_shared_prompt).into());
         m.insert("repeats".into(), b.repeats.into());
         m.insert("peak_rss_mib".into(), peak_rss.into());
         m.insert("matmul_peak_gflops".into(), matmul.into());
@@ -526,12 +624,7 @@ fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {
 fn cmd_sample(a: SampleArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let prompts = odpo_pipeline::sample::read_prompts(&a.prompts)?;
-    let reward: Box<dyn odpo_pipeline::RewardModel> = match a.reward.split_once(':') {
-        None if a.reward == "known" => Box::new(odpo_pipeline::synthetic::reward()),
-        Some(("table", file)) => Box::new(odpo_pipeline::ScoreTable::from_jsonl(Path::new(file))?),
-        Some(("learned", dir)) => Box::new(odpo_pipeline::learned::LearnedReward::load(Path::new(dir), &device)?),
-        _ => bail!("--reward `{}`: expected `known`, `table:FILE` or `learned:DIR`", a.reward),
-    };
+    let reward = odpo_pipeline::reward::reward_from_spec(&a.reward, &device).with_context(|| format!("--reward `{}`", a.reward))?;
     let settings = odpo_pipeline::SampleSettings { k: a.k, temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed };
     let report = odpo_pipeline::sample(&a.model, &prompts, &settings, reward.as_ref(), &a.out, &device)?;
     println!("{} responses to {} prompts, mean reward {:.4}, written to {}", report.responses, prompts.len(), report.mean_reward, report.path.display());
@@ -566,6 +659,14 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let report = odpo_pipeline::eval_run(&a.run, a.samples_per_prompt, a.seed, &device)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
+    let cfg = odpo_pipeline::ExperimentConfig::from_file(&a.config)?;
+    let device = backend::device(a.backend.as_deref().unwrap_or(&cfg.backend))?;
+    let summary = odpo_pipeline::experiment(&a.config, &device, true)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }
 

@@ -14,6 +14,8 @@ use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use odpo_model::logprobs::SharedPromptRows;
+
 use crate::tokenize::{SftItem, TokenizedPair};
 
 /// Padded rows on the host, before they become tensors.
@@ -29,6 +31,9 @@ pub struct HostRows {
     pub attention_mask: Vec<i64>,
     /// 1.0 on completion tokens.
     pub loss_mask: Vec<f32>,
+    /// The first column holding a predicted completion token in any row (`len` when there is none):
+    /// the logits of the columns before `first_target - 1` are never read.
+    pub first_target: usize,
 }
 
 impl HostRows {
@@ -52,7 +57,9 @@ impl HostRows {
                 }
             }
         }
-        HostRows { rows, len, input_ids, attention_mask, loss_mask }
+        // The first token of a sequence is never predicted, so column 0 never counts.
+        let first_target = seqs.iter().filter(|(s, p)| s.len() > (*p).max(1)).map(|(_, p)| (*p).max(1)).min().unwrap_or(len);
+        HostRows { rows, len, input_ids, attention_mask, loss_mask, first_target }
     }
 
     fn tensors(self, device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2>) {
@@ -80,6 +87,63 @@ pub struct PreferenceBatch {
     pub weights: Option<Tensor<1>>,
     /// The pairs' ids, in row order.
     pub pair_ids: Vec<usize>,
+    /// The first column whose token is a completion token in some row ([`HostRows::first_target`]).
+    pub first_target: usize,
+    /// The same pairs laid out for one forward of each prompt (absent when no pair has both a
+    /// prompt and a completion token).
+    pub shared: Option<SharedPromptRows>,
+}
+
+impl PreferenceBatch {
+    /// The same batch off autodiff (for a `.valid()` model).
+    pub fn inner(&self) -> Self {
+        Self {
+            input_ids: self.input_ids.clone().inner(),
+            attention_mask: self.attention_mask.clone().inner(),
+            loss_mask: self.loss_mask.clone().inner(),
+            offsets: self.offsets.clone().inner(),
+            weights: self.weights.clone().map(Tensor::inner),
+            pair_ids: self.pair_ids.clone(),
+            first_target: self.first_target,
+            shared: self.shared.as_ref().map(SharedPromptRows::inner),
+        }
+    }
+}
+
+/// The [`SharedPromptRows`] of `items`: prompts left-padded, chosen then rejected completions
+/// right-padded (None when the longest prompt or the longest completion is empty).
+pub fn shared_prompt_rows(items: &[TokenizedPair], pad_id: u32, device: &Device) -> Option<SharedPromptRows> {
+    let b = items.len();
+    let p = items.iter().map(|x| x.prompt.len()).max().unwrap_or(0);
+    let c = items.iter().map(|x| x.chosen.len().max(x.rejected.len())).max().unwrap_or(0);
+    if b == 0 || p == 0 || c == 0 {
+        return None;
+    }
+    let pad = i64::from(pad_id);
+    let (mut prompt_ids, mut prompt_mask) = (Vec::with_capacity(b * p), Vec::with_capacity(b * p));
+    for it in items {
+        let n = it.prompt.len();
+        prompt_ids.extend(std::iter::repeat_n(pad, p - n).chain(it.prompt.iter().map(|&x| i64::from(x))));
+        prompt_mask.extend(std::iter::repeat_n(0i64, p - n).chain(std::iter::repeat_n(1, n)));
+    }
+    let (mut ids, mut full, mut loss) = (Vec::with_capacity(2 * b * c), Vec::with_capacity(2 * b * (p + c)), Vec::with_capacity(2 * b * c));
+    for r in 0..2 * b {
+        let it = &items[r % b];
+        let comp = if r < b { &it.chosen } else { &it.rejected };
+        let n = comp.len();
+        ids.extend(comp.iter().map(|&x| i64::from(x)).chain(std::iter::repeat_n(pad, c - n)));
+        full.extend_from_slice(&prompt_mask[(r % b) * p..(r % b + 1) * p]);
+        full.extend(std::iter::repeat_n(1i64, n).chain(std::iter::repeat_n(0, c - n)));
+        let first = if it.prompt.is_empty() { 0.0 } else { 1.0 };
+        loss.extend((0..c).map(|j| if j >= n { 0.0 } else if j == 0 { first } else { 1.0 }));
+    }
+    Some(SharedPromptRows {
+        prompt_ids: Tensor::from_data(TensorData::new(prompt_ids, [b, p]), device),
+        prompt_mask: Tensor::from_data(TensorData::new(prompt_mask, [b, p]), device),
+        completion_ids: Tensor::from_data(TensorData::new(ids, [2 * b, c]), device),
+        full_mask: Tensor::from_data(TensorData::new(full, [2 * b, p + c]), device),
+        loss_mask: Tensor::from_data(TensorData::new(loss, [2 * b, c]), device),
+    })
 }
 
 /// Builds [`PreferenceBatch`]es.
@@ -111,7 +175,9 @@ impl PreferenceBatcher {
 impl Batcher<TokenizedPair, PreferenceBatch> for PreferenceBatcher {
     fn batch(&self, items: Vec<TokenizedPair>, device: &Device) -> PreferenceBatch {
         let b = items.len();
-        let (input_ids, attention_mask, loss_mask) = self.host_rows(&items).tensors(device);
+        let rows = self.host_rows(&items);
+        let first_target = rows.first_target;
+        let (input_ids, attention_mask, loss_mask) = rows.tensors(device);
         let offsets: Vec<f32> = items.iter().map(|p| p.offset).collect();
         let weights = items.iter().any(|p| p.weight.is_some()).then(|| {
             let w: Vec<f32> = items.iter().map(|p| p.weight.unwrap_or(1.0)).collect();
@@ -124,6 +190,8 @@ impl Batcher<TokenizedPair, PreferenceBatch> for PreferenceBatcher {
             offsets: Tensor::from_data(TensorData::new(offsets, [b]), device),
             weights,
             pair_ids: items.iter().map(|p| p.pair_id).collect(),
+            first_target,
+            shared: shared_prompt_rows(&items, self.pad_id, device),
         }
     }
 }
@@ -139,6 +207,8 @@ pub struct SftBatch {
     pub loss_mask: Tensor<2>,
     /// Source ids, in row order.
     pub ids: Vec<usize>,
+    /// The first column whose token is trained in some row ([`HostRows::first_target`]).
+    pub first_target: usize,
 }
 
 /// Builds [`SftBatch`]es.
@@ -153,8 +223,10 @@ pub struct SftBatcher {
 impl Batcher<SftItem, SftBatch> for SftBatcher {
     fn batch(&self, items: Vec<SftItem>, device: &Device) -> SftBatch {
         let seqs: Vec<_> = items.iter().map(|i| (i.ids.clone(), i.prompt_len)).collect();
-        let (input_ids, attention_mask, loss_mask) = HostRows::pad(&seqs, self.pad_id, self.pad_to_multiple).tensors(device);
-        SftBatch { input_ids, attention_mask, loss_mask, ids: items.iter().map(|i| i.id).collect() }
+        let rows = HostRows::pad(&seqs, self.pad_id, self.pad_to_multiple);
+        let first_target = rows.first_target;
+        let (input_ids, attention_mask, loss_mask) = rows.tensors(device);
+        SftBatch { input_ids, attention_mask, loss_mask, ids: items.iter().map(|i| i.id).collect(), first_target }
     }
 }
 
@@ -216,6 +288,20 @@ mod tests {
         assert_eq!(&h.loss_mask[16..24], &[0., 0., 1., 1., 1., 0., 0., 0.]);
         assert_eq!(&h.attention_mask[24..32], &[1, 1, 0, 0, 0, 0, 0, 0]);
         assert_eq!(&h.loss_mask[24..32], &[0., 1., 0., 0., 0., 0., 0., 0.]);
+        // Pair 1's one-token prompt puts its completion at column 1.
+        assert_eq!(h.first_target, 1);
+        let h = b.host_rows(&[tp(0, &[5, 6, 7], &[7, 2], &[8, 2]), tp(1, &[5, 6], &[3, 2], &[4])]);
+        assert_eq!(h.first_target, 2);
+    }
+
+    #[test]
+    fn first_target_skips_rows_without_completion_and_column_zero() {
+        // An empty prompt still never predicts column 0; a row with nothing to predict does not count.
+        let h = HostRows::pad(&[(vec![4, 5, 6], 0), (vec![1, 2], 2), (vec![1, 2, 3, 4], 3)], 0, None);
+        assert_eq!(h.first_target, 1);
+        let h = HostRows::pad(&[(vec![1, 2], 2), (vec![1, 2, 3, 4], 3)], 0, None);
+        assert_eq!(h.first_target, 3);
+        assert_eq!(HostRows::pad(&[(vec![1, 2], 2)], 0, None).first_target, 2);
     }
 
     #[test]

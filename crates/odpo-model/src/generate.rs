@@ -86,9 +86,12 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationConfig, 
         let t_total = mask[0].len();
         let flat: Vec<i64> = mask.iter().flatten().copied().collect();
         let m = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t_total]), device);
-        let logits = model.forward(input, &m, Some(&mut cache));
-        let [_, t, v] = logits.dims();
-        let last = logits.narrow(1, t - 1, 1).reshape([b, v]);
+        // Only the last column's logits are needed: the LM head skips the rest of the prompt.
+        let hidden = model.hidden(input, &m, Some(&mut cache));
+        let t = hidden.dims()[1];
+        let logits = model.head(hidden.narrow(1, t - 1, 1));
+        let v = logits.dims()[2];
+        let last = logits.reshape([b, v]);
         let host = last.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| ModelError::Invalid(format!("{e:?}")))?;
         let mut next = Vec::with_capacity(b);
         for (row, logits) in host.chunks_exact(v).enumerate() {

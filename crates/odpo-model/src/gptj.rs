@@ -228,7 +228,11 @@ impl Gptj {
 
     /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].
     pub fn forward(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let x = self.hidden(input_ids, mask, cache);
+        self.head(self.hidden(input_ids, mask, cache))
+    }
+
+    /// The LM head: logits `[B, T, V]` of final hidden states `[B, T, D]`.
+    pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let logits = match &self.lm_head {
             Some(w) => linear_3d(x, &w.val()),
             None => tied_head(x, &self.wte.weight.val()),

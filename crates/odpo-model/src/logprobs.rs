@@ -1,6 +1,8 @@
 //! Log-probabilities of token sequences: the hot path of preference training.
 
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
+
+use crate::model::CausalLm;
 
 /// Per-token log-probabilities `[B, T-1]`: entry `t` is `log p(input_ids[t+1] | input_ids[..=t])`.
 ///
@@ -9,15 +11,49 @@ use burn::tensor::{Int, Tensor};
 /// a vocabulary V the logits alone cost `4·B·T·V` bytes in f32: 8 sequences × 128 tokens × 49,152
 /// (SmolLM2) is 201 MB, and autodiff keeps them for the backward pass.
 pub fn token_logprobs(logits: Tensor<3>, input_ids: Tensor<2, Int>) -> Tensor<2> {
-    let [b, t, v] = logits.dims();
+    let [_, t, _] = logits.dims();
+    target_logprobs(logits.narrow(1, 0, t - 1), input_ids.narrow(1, 1, t - 1))
+}
+
+/// `log softmax(logits)[target]` `[B, N]` for aligned `logits` `[B, N, V]` and `targets` `[B, N]`.
+fn target_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let [b, n, v] = logits.dims();
     // Low-precision logits are widened: log-probabilities summed over a completion need f32.
-    let logits = logits.narrow(1, 0, t - 1).cast(burn::tensor::FloatDType::F32);
-    let targets = input_ids.narrow(1, 1, t - 1).reshape([b, t - 1, 1]);
-    let picked = logits.clone().gather(2, targets).reshape([b, t - 1]);
+    let logits = logits.cast(burn::tensor::FloatDType::F32);
+    let picked = logits.clone().gather(2, targets.reshape([b, n, 1])).reshape([b, n]);
     // The max is a constant shift for stability; detaching it leaves the gradient unchanged.
     let max = logits.clone().max_dim(2).detach();
-    let lse = (logits - max.clone().expand([b, t - 1, v])).exp().sum_dim(2).log() + max;
-    picked - lse.reshape([b, t - 1])
+    let lse = (logits - max.clone().expand([b, n, v])).exp().sum_dim(2).log() + max;
+    picked - lse.reshape([b, n])
+}
+
+/// [`sequence_logprobs`] of `model` on `input_ids`, with the LM head run only where a prediction
+/// counts: from column `first_target - 1` on, `first_target` being the first column whose token
+/// is a completion token in some row (a batch's `first_target`; 1 runs the head everywhere).
+///
+/// The head is the largest matmul of a small model (SmolLM2-135M: 576 × 49,152 per token) and its
+/// logits the largest activation, so skipping the prompt columns saves time and memory in
+/// proportion to the prompt's share of the batch; the result is the same as
+/// `sequence_logprobs(model.forward(..), ..)`.
+pub fn completion_logprobs(
+    model: &CausalLm,
+    input_ids: Tensor<2, Int>,
+    attention_mask: &Tensor<2, Int>,
+    loss_mask: Tensor<2>,
+    first_target: usize,
+) -> (Tensor<1>, Tensor<1>) {
+    let [b, t] = loss_mask.dims();
+    let hidden = model.hidden(input_ids.clone(), attention_mask, None);
+    if t < 2 {
+        return (Tensor::zeros([b], &loss_mask.device()), Tensor::zeros([b], &loss_mask.device()));
+    }
+    // Hidden state at column c predicts the token at c + 1.
+    let start = first_target.clamp(1, t - 1) - 1;
+    let n = t - 1 - start;
+    let logits = model.head(hidden.narrow(1, start, n));
+    let mask = loss_mask.narrow(1, start + 1, n);
+    let lp = target_logprobs(logits, input_ids.narrow(1, start + 1, n)) * mask.clone();
+    (lp.sum_dim(1).reshape([b]), mask.sum_dim(1).reshape([b]))
 }
 
 /// Summed log-probability of the tokens where `loss_mask` is 1, and their count, per sequence.
@@ -30,4 +66,70 @@ pub fn sequence_logprobs(logits: Tensor<3>, input_ids: Tensor<2, Int>, loss_mask
     let mask = loss_mask.narrow(1, 1, t - 1);
     let lp = token_logprobs(logits, input_ids) * mask.clone();
     (lp.sum_dim(1).reshape([b]), mask.sum_dim(1).reshape([b]))
+}
+
+/// A preference batch laid out so that each prompt runs through the model once: the B prompts
+/// left-padded to P columns, and the 2B completions (row `r < B` pair r's chosen, row `B + r` its
+/// rejected) right-padded to C columns. Built by `odpo_data::PreferenceBatcher`.
+#[derive(Clone, Debug)]
+pub struct SharedPromptRows {
+    /// Prompt ids `[B, P]`, left-padded (every non-empty prompt ends in column P − 1).
+    pub prompt_ids: Tensor<2, Int>,
+    /// 1 on real prompt tokens `[B, P]`.
+    pub prompt_mask: Tensor<2, Int>,
+    /// Completion ids `[2B, C]`, right-padded.
+    pub completion_ids: Tensor<2, Int>,
+    /// Attention mask of the completion pass `[2B, P + C]`: the row's prompt mask, then 1 on its
+    /// real completion tokens.
+    pub full_mask: Tensor<2, Int>,
+    /// 1.0 on the completion tokens whose log-probs count `[2B, C]` (column 0 only where the
+    /// prompt is non-empty: a sequence's first token is never predicted).
+    pub loss_mask: Tensor<2>,
+}
+
+impl SharedPromptRows {
+    /// The same rows off autodiff (for a `.valid()` model).
+    pub fn inner(&self) -> Self {
+        Self {
+            prompt_ids: self.prompt_ids.clone().inner(),
+            prompt_mask: self.prompt_mask.clone().inner(),
+            completion_ids: self.completion_ids.clone().inner(),
+            full_mask: self.full_mask.clone().inner(),
+            loss_mask: self.loss_mask.clone().inner(),
+        }
+    }
+}
+
+/// Summed completion log-probs and token counts `[2B]` of a preference batch, with one forward
+/// of each shared prompt: the prompts run once (`[B, P]`), their keys and values are repeated
+/// for the chosen and the rejected row, and the completions run on top of them (`[2B, C − 1]`;
+/// the last token predicts nothing). The result equals [`completion_logprobs`] on the
+/// concatenated rows up to float rounding, gradients included (they reach the prompt through the
+/// cached keys and values of both rows).
+///
+/// Against the concatenated `[2B, P + C]` forward this saves the second pass over every prompt:
+/// `P / (2 (P + C))` of the transformer's token work, a quarter when prompts are as long as
+/// completions. TRL's `DPOTrainer` runs the concatenated forward.
+pub fn shared_prompt_logprobs(model: &CausalLm, rows: &SharedPromptRows) -> (Tensor<1>, Tensor<1>) {
+    let [b, p] = rows.prompt_ids.dims();
+    let [b2, c] = rows.completion_ids.dims();
+    let device = rows.loss_mask.device();
+    let count = rows.loss_mask.clone().sum_dim(1).reshape([b2]);
+    if p == 0 || c == 0 || b2 != 2 * b {
+        return (Tensor::zeros([b2], &device), count);
+    }
+    let mut cache = model.new_cache();
+    let hidden = model.hidden(rows.prompt_ids.clone(), &rows.prompt_mask, Some(&mut cache));
+    let both: Vec<i64> = (0..b as i64).chain(0..b as i64).collect();
+    let both = Tensor::<1, Int>::from_data(TensorData::new(both, [b2]), &device);
+    // The last prompt column predicts each completion's first token.
+    let first = model.head(hidden.narrow(1, p - 1, 1)).select(0, both.clone());
+    let mut lp = target_logprobs(first, rows.completion_ids.clone().narrow(1, 0, 1));
+    if c > 1 {
+        cache.select_rows(both);
+        let ids = rows.completion_ids.clone().narrow(1, 0, c - 1);
+        let h = model.hidden(ids, &rows.full_mask.clone().narrow(1, 0, p + c - 1), Some(&mut cache));
+        lp = Tensor::cat(vec![lp, target_logprobs(model.head(h), rows.completion_ids.clone().narrow(1, 1, c - 1))], 1);
+    }
+    ((lp * rows.loss_mask.clone()).sum_dim(1).reshape([b2]), count)
 }

@@ -266,6 +266,19 @@ impl CausalLm {
         }
     }
 
+    /// The LM head: logits `[B, T, V]` of final hidden states `[B, T, D]` ([`Self::hidden`]);
+    /// `forward` is `head(hidden(..))`. Calling the two apart lets a caller run the head on the
+    /// positions it needs only (completion tokens in training, the last token in generation).
+    pub fn head(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match self {
+            Self::Gpt2(m) => m.head(hidden),
+            Self::Llama(m) => m.head(hidden),
+            Self::GptNeo(m) => m.head(hidden),
+            Self::Gptj(m) => m.head(hidden),
+            Self::GptNeox(m) => m.head(hidden),
+        }
+    }
+
     /// The model with its weights cast to `precision`; activations follow the weights, while
     /// norms, softmax and log-probabilities accumulate in f32.
     pub fn with_precision(self, precision: Precision) -> Self {

@@ -124,8 +124,20 @@ impl Weights {
     }
 
     /// A `[out, in]` HF linear weight, transposed to burn's `[in, out]`.
+    ///
+    /// The transpose is done here on the host, so that the weight is contiguous on the device:
+    /// a transposed view is copied in full by any op that reshapes it, and burn's `linear`
+    /// reshapes its weight on every call (on flex that copy cost more than the matmul itself
+    /// when generating one token at a time).
     pub fn linear_weight(&mut self, name: &str, out: usize, inp: usize, device: &Device) -> Result<Tensor<2>> {
-        Ok(self.tensor(name, [out, inp], device)?.transpose())
+        let t = self.take(name, &[out, inp])?;
+        let mut data = vec![0.0f32; t.data.len()];
+        for (o, row) in t.data.chunks_exact(inp.max(1)).enumerate() {
+            for (i, &x) in row.iter().enumerate() {
+                data[i * out + o] = x;
+            }
+        }
+        Ok(Tensor::from_data(TensorData::new(data, [inp, out]), device))
     }
 
     /// A linear layer from HF's `{name}.weight` `[out, in]` (transposed to burn's `[in, out]`) and, with

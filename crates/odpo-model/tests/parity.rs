@@ -9,7 +9,7 @@ mod common;
 use burn::tensor::Device;
 use common::*;
 use odpo_model::{CausalLm, Module};
-use odpo_model::logprobs::sequence_logprobs;
+use odpo_model::logprobs::{completion_logprobs, sequence_logprobs};
 
 const CASES: &[&str] = &[
     "gpt2",
@@ -48,12 +48,23 @@ fn completion_logprobs_match_transformers() {
         for prefix in ["", "left_"] {
             let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
             let logits = model.forward(ids.clone(), &int2(&exp[&format!("{prefix}attention_mask")], &device), None);
-            let (sum, count) = sequence_logprobs(logits, ids, float2(&exp[&format!("{prefix}completion_mask")], &device));
+            let mask_t = &exp[&format!("{prefix}completion_mask")];
+            let (sum, count) = sequence_logprobs(logits, ids.clone(), float2(mask_t, &device));
+            // The LM head on completion columns only, from the first one any row has (and from
+            // column 1, which runs it everywhere): the same sums.
+            let t = ids.dims()[1];
+            let first = (1..t).find(|&c| mask_t.data.chunks_exact(t).any(|row| row[c] > 0.5)).unwrap_or(t);
+            let attn = int2(&exp[&format!("{prefix}attention_mask")], &device);
+            let heads: Vec<_> = [first, 1].iter().map(|&f| to_vec(completion_logprobs(&model, ids.clone(), &attn, float2(mask_t, &device), f).0)).collect();
             for (i, (s, c)) in to_vec(sum).iter().zip(to_vec(count)).enumerate() {
                 let want = exp["completion_logprob_sum"].data[i];
                 assert!((f64::from(*s) - want).abs() < 1e-4, "{case} {prefix}row {i}: {s} vs {want}");
                 assert_eq!(f64::from(c), exp["completion_token_count"].data[i], "{case} row {i}");
+                for (h, f) in heads.iter().zip([first, 1]) {
+                    assert!((f64::from(h[i]) - want).abs() < 1e-4, "{case} {prefix}row {i}, head from column {f}: {} vs {want}", h[i]);
+                }
             }
+            assert!(first > 1, "{case}: the fixture's prompts should leave columns to skip");
         }
     }
 }

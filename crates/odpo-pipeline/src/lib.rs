@@ -5,8 +5,9 @@
 //! [`synthetic`] (the built-in known-reward task: a small word-level language whose words carry
 //! sentiment values), [`mod@sample`] (k scored responses per prompt in the ODPO paper's format),
 //! [`eval`] (mean reward and two KL estimators with 95% intervals), [`plot`] (PNG scatter plots),
-//! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation) and [`mod@frontier`]
-//! (the β/α × pair-count × seed sweep). Training goes through `odpo-trainer`; it never names a
+//! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation), [`mod@frontier`]
+//! (the β/α × pair-count × seed sweep) and [`mod@experiment`] (DPO and ODPO from a pretrained model
+//! scored by a reward model: the paper's sentiment experiment). Training goes through `odpo-trainer`; it never names a
 //! backend: every entry point takes a `&Device`.
 //!
 //! ```no_run
@@ -32,6 +33,7 @@
 pub mod config;
 mod error;
 pub mod eval;
+pub mod experiment;
 pub mod frontier;
 pub mod learned;
 pub mod pipeline;
@@ -43,6 +45,7 @@ pub mod synthetic;
 pub use config::{Method, PipelineConfig};
 pub use error::{PipelineError, Result};
 pub use eval::{EvalReport, Estimate, KlEstimates};
+pub use experiment::{ExperimentConfig, ExperimentSummary, experiment};
 pub use frontier::{FrontierConfig, FrontierSummary, frontier};
 pub use pipeline::{DefaultOptions, DefaultSummary, eval_run, run_default};
 pub use reward::{KnownReward, RewardModel, ScoreTable};

@@ -81,7 +81,7 @@ pub fn scatter(path: &Path, title: &str, series: &[Series]) -> Result<bool> {
     }
     let mut chart = builder.build_cartesian_2d((x0 - dx)..(x1 + dx), (y0 - dy)..(y1 + dy)).map_err(|e| err(format!("{e:?}")))?;
     if text {
-        chart.configure_mesh().x_desc("KL(policy || reference), sequence estimate").y_desc("mean known reward").draw().map_err(|e| err(format!("{e:?}")))?;
+        chart.configure_mesh().x_desc("KL(policy || reference), sequence estimate").y_desc("mean reward").draw().map_err(|e| err(format!("{e:?}")))?;
     }
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();

@@ -109,14 +109,7 @@ pub fn run(cfg: &LoopConfig, device: &Device) -> Result<Vec<f64>, Box<dyn std::e
 
         // Policy log-probs (tracked) and reference log-probs (no graph), each [2B]: chosen then rejected.
         let (policy_rows, counts) = row_logps(&policy, &batch);
-        let inner = PreferenceBatch {
-            input_ids: batch.input_ids.clone().inner(),
-            attention_mask: batch.attention_mask.clone().inner(),
-            loss_mask: batch.loss_mask.clone().inner(),
-            offsets: batch.offsets.clone().inner(),
-            weights: None,
-            pair_ids: batch.pair_ids.clone(),
-        };
+        let inner = batch.inner();
         let reference_rows = Tensor::from_inner(row_logps(&reference, &inner).0);
         let half = |t: &Tensor<1>, i: usize| t.clone().narrow(0, i * b, b);
         let inputs = PairLogps::new(

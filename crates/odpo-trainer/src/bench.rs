@@ -37,6 +37,12 @@ pub struct StepBench {
     pub repeats: usize,
     /// LoRA adapters instead of full fine-tuning.
     pub lora: Option<LoraConfig>,
+    /// Reference log-probs computed once before the timed steps (`train.reference = "cached"`):
+    /// the steps then skip the reference forward, and the result reports the cost of that pass.
+    pub cached_reference: bool,
+    /// Run each prompt once for both of its completions ([`odpo_model::logprobs::shared_prompt_logprobs`],
+    /// what training does); false runs the concatenated `[2B, T]` rows as TRL does.
+    pub shared_prompt: bool,
 }
 
 /// The measured figures (the field names `bench/pytorch/step.py` prints too).
@@ -64,6 +70,26 @@ pub struct StepResult {
     pub step_gflop: f64,
     /// step_gflop / median step time.
     pub achieved_gflops: f64,
+    /// Where the step's time goes (medians of each phase on its own).
+    pub phase_seconds_median: Phases,
+    /// With a cached reference: seconds of the pass that computes the step's reference log-probs.
+    pub reference_cache_seconds: Option<f64>,
+    /// With a cached reference: the cost of an epoch after the first over the first (which also
+    /// runs the cache pass), `step / (step + cache pass)`.
+    pub later_epoch_over_first: Option<f64>,
+}
+
+/// A step's phases, in seconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Phases {
+    /// Batch to device and the reference model's row log-probs.
+    pub reference: f64,
+    /// The policy's forward pass and the loss.
+    pub policy_forward: f64,
+    /// Backward pass and the global gradient norm.
+    pub backward: f64,
+    /// Clipping and the optimizer update.
+    pub optimizer: f64,
 }
 
 /// Matmul FLOPs of one step: policy forward + backward (3×) and the reference forward (1×), each
@@ -126,7 +152,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     if let Some(lora) = &b.lora {
         policy = policy.with_lora(lora, &ad)?;
     }
-    let reference = Reference::Frozen(Box::new(policy.without_adapters().valid()));
+    let mut reference = Reference::Frozen(Box::new(policy.without_adapters().valid()));
     let flops = step_flops(&policy, &json, b.pairs, b.seq);
     let loss_cfg = LossConfig { beta: 0.7, ..LossConfig::default() };
     let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
@@ -134,24 +160,61 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
 
-    let mut secs = Vec::with_capacity(b.repeats);
-    for i in 0..b.warmup + b.repeats {
+    // The cache pass over the step's pairs: what the first epoch of a cached-reference run adds
+    // (it runs once per pair, as `reference_cache` in the training loop does).
+    let mut reference_cache_seconds = None;
+    if b.cached_reference {
         let t = Instant::now();
-        let batch = forward::preference_batch(&refs, 0, &ad);
-        let inputs = forward::preference_inputs(&policy, &reference, &batch, true, &ad)?;
+        let mut batch = forward::preference_batch(&refs, 0, &ad);
+        if !b.shared_prompt {
+            batch.shared = None;
+        }
+        let lp = reference.rows(&batch)?;
+        let n = refs.len();
+        let rows = refs.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[n + i])).collect();
+        reference = Reference::Cached(crate::refcache::RefCache::new(String::new(), rows));
+        reference_cache_seconds = Some(t.elapsed().as_secs_f64());
+    }
+    let mut secs = Vec::with_capacity(b.repeats);
+    let mut phases: [Vec<f64>; 4] = Default::default();
+    for i in 0..b.warmup + b.repeats {
+        // Each phase ends in a host read (the reference rows, the loss, the gradient norm, a
+        // weight), so the split is exact on asynchronous backends too; the training loop reads
+        // the same values.
+        let t = Instant::now();
+        let mut batch = forward::preference_batch(&refs, 0, &ad);
+        if !b.shared_prompt {
+            batch.shared = None;
+        }
+        let reference_rows = reference.rows(&batch)?;
+        let t_ref = t.elapsed().as_secs_f64();
+        let rows = forward::row_logps(&policy, &batch);
+        let inputs = forward::pair_logps(&batch, rows, &reference_rows, true, &ad);
         let out = try_preference_loss(&inputs, &loss_cfg)?;
+        let _ = out.loss.clone().into_scalar::<f32>();
+        let t_fwd = t.elapsed().as_secs_f64();
         let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
         let norm = crate::optim::global_norm(&policy, &grads);
+        let t_bwd = t.elapsed().as_secs_f64();
         let grads = crate::optim::clip_global_norm(&policy, grads, norm, 10.0);
         policy = optim.step(1e-6, policy, grads);
-        // The norm was read back; reading a weight waits for the update on asynchronous backends.
         sync(&policy);
+        let total = t.elapsed().as_secs_f64();
         if i >= b.warmup {
-            secs.push(t.elapsed().as_secs_f64());
+            secs.push(total);
+            for (v, x) in phases.iter_mut().zip([t_ref, t_fwd - t_ref, t_bwd - t_fwd, total - t_bwd]) {
+                v.push(x);
+            }
         }
     }
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let [r, f, bw, o] = &mut phases;
+    let phase_seconds_median = Phases { reference: med(r), policy_forward: med(f), backward: med(bw), optimizer: med(o) };
     let tokens = (2 * b.pairs * b.seq) as f64;
     Ok(StepResult {
         params: policy.num_params(),
@@ -165,6 +228,10 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         pairs_per_s: b.pairs as f64 / median,
         step_gflop: flops / 1e9,
         achieved_gflops: flops / median / 1e9,
+        phase_seconds_median,
+        reference_cache_seconds,
+        // An epoch is a number of such steps; the first also runs the cache pass over its pairs.
+        later_epoch_over_first: reference_cache_seconds.map(|c| median / (median + c)),
     })
 }
 

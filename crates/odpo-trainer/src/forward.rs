@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use odpo_data::{PreferenceBatch, PreferenceBatcher, SftBatcher, SftItem, TokenizedPair};
 use odpo_loss::PairLogps;
 use odpo_model::CausalLm;
-use odpo_model::logprobs::sequence_logprobs;
+use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
 
 /// A preference micro-batch on `device`.
 pub fn preference_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> PreferenceBatch {
@@ -14,24 +14,20 @@ pub fn preference_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) 
     batcher.batch(items.iter().map(|p| (*p).clone()).collect(), device)
 }
 
-/// Summed log-probs and token counts of the 2B rows (chosen first), each `[2B]`.
+/// Summed log-probs and token counts of the 2B rows (chosen first), each `[2B]`: each prompt runs
+/// once ([`shared_prompt_logprobs`]) when the batch has its shared layout, else the concatenated
+/// rows run with the LM head on completion columns only.
 pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
-    let logits = model.forward(batch.input_ids.clone(), &batch.attention_mask, None);
-    sequence_logprobs(logits, batch.input_ids.clone(), batch.loss_mask.clone())
+    match &batch.shared {
+        Some(rows) => shared_prompt_logprobs(model, rows),
+        None => completion_logprobs(model, batch.input_ids.clone(), &batch.attention_mask, batch.loss_mask.clone(), batch.first_target),
+    }
 }
 
 /// The reference model's summed log-probs of the 2B rows, on the host (chosen first). `model` is a
 /// `.valid()` model: the batch is moved off autodiff for it.
 pub fn reference_row_logps(model: &CausalLm, batch: &PreferenceBatch) -> Vec<f32> {
-    let b = PreferenceBatch {
-        input_ids: batch.input_ids.clone().inner(),
-        attention_mask: batch.attention_mask.clone().inner(),
-        loss_mask: batch.loss_mask.clone().inner(),
-        offsets: batch.offsets.clone().inner(),
-        weights: None,
-        pair_ids: batch.pair_ids.clone(),
-    };
-    let (sum, _) = row_logps(model, &b);
+    let (sum, _) = row_logps(model, &batch.inner());
     sum.try_to_vec_as::<f32>().unwrap_or_default()
 }
 
@@ -87,8 +83,7 @@ pub fn sft_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> odpo
 
 /// Summed NLL of the trained tokens of an SFT batch, `[1]`, tracked.
 pub fn sft_nll(model: &CausalLm, batch: &odpo_data::SftBatch) -> Tensor<1> {
-    let logits = model.forward(batch.input_ids.clone(), &batch.attention_mask, None);
-    let (sum, _) = sequence_logprobs(logits, batch.input_ids.clone(), batch.loss_mask.clone());
+    let (sum, _) = completion_logprobs(model, batch.input_ids.clone(), &batch.attention_mask, batch.loss_mask.clone(), batch.first_target);
     sum.sum().neg()
 }
 

@@ -1,0 +1,94 @@
+//! The shared-prompt forward (each prompt once, its keys and values reused by the chosen and the
+//! rejected completion) against the concatenated forward, on the model fixtures of every family:
+//! the same row log-probs and token counts, and the same gradients of every parameter, on pairs
+//! with different prompt and completion lengths (an empty prompt and an empty completion among them).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::module::{ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Tensor, TensorData};
+use odpo_data::{PreferenceBatcher, TokenizedPair};
+use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
+use odpo_model::{CausalLm, Module};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential"];
+
+fn fixture(case: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../odpo-model/tests/fixtures").join(case)
+}
+
+fn pairs(vocab: u32, seed: u64) -> Vec<TokenizedPair> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    // (prompt, chosen, rejected) lengths: uneven prompts, an empty prompt, an empty rejected.
+    let shapes = [(5, 4, 2), (1, 3, 6), (0, 4, 3), (9, 1, 0), (3, 7, 7)];
+    let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..vocab)).collect() };
+    shapes
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, c, r))| TokenizedPair { pair_id: i, prompt: toks(p), chosen: toks(c), rejected: toks(r), offset: 0.0, weight: None })
+        .collect()
+}
+
+fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+/// Every parameter's gradient, flattened, in visiting order.
+fn grads_of(model: &CausalLm, grads: &GradientsParams) -> Vec<(String, Vec<f32>)> {
+    struct V<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<(String, Vec<f32>)>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.out.push((format!("{:?}", param.id), to_vec(g)));
+            }
+        }
+    }
+    let mut v = V { grads, out: Vec::new() };
+    model.visit(&mut v);
+    v.out
+}
+
+#[test]
+fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
+    let device = Device::default().autodiff();
+    for case in CASES {
+        let loaded = CausalLm::load(&fixture(case), &device).unwrap();
+        let vocab = loaded.config.vocab_size() as u32;
+        let model = loaded.model;
+        let items = pairs(vocab, 7);
+        let batch = PreferenceBatcher { pad_id: 0, pad_to_multiple: None }.batch(items.clone(), &device);
+        let shared = batch.shared.as_ref().expect("the batch has prompts and completions");
+        let (s_sum, s_count) = shared_prompt_logprobs(&model, shared);
+        let (c_sum, c_count) = completion_logprobs(&model, batch.input_ids.clone(), &batch.attention_mask, batch.loss_mask.clone(), 1);
+        assert_eq!(to_vec(s_count.clone()), to_vec(c_count.clone()), "{case}: token counts");
+        let (a, b) = (to_vec(s_sum.clone()), to_vec(c_sum.clone()));
+        // The empty prompt predicts no first token, the empty rejected nothing at all.
+        assert_eq!(to_vec(c_count)[2], 3.0, "{case}");
+        assert_eq!(b[8], 0.0, "{case}");
+        assert!(b[0] < -1.0 && b[5] < -1.0, "{case}: log-probs of real completions: {b:?}");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() < 2e-5 * y.abs().max(1.0), "{case} row {i}: shared {x} vs concatenated {y}");
+        }
+
+        // The same gradient for every parameter, under a loss that weighs the rows differently.
+        let w: Vec<f32> = (0..a.len()).map(|i| 0.3 + 0.2 * i as f32).collect();
+        let w = Tensor::<1>::from_data(TensorData::new(w, [a.len()]), &device);
+        let g_shared = grads_of(&model, &GradientsParams::from_grads((s_sum * w.clone()).sum().backward(), &model));
+        let g_concat = grads_of(&model, &GradientsParams::from_grads((c_sum * w).sum().backward(), &model));
+        assert_eq!(g_shared.len(), g_concat.len(), "{case}: parameters with gradients");
+        let mut worst = 0.0f32;
+        for ((name, x), (_, y)) in g_shared.iter().zip(&g_concat) {
+            let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+            let diff = x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            worst = worst.max(diff / scale);
+            assert!(diff <= 1e-4 * scale, "{case}: gradient of {name} differs by {diff} (largest entry {scale})");
+        }
+        println!("{case}: rows within {:.1e}, gradients within {worst:.1e} of their largest entry", a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())));
+    }
+}
