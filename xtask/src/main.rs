@@ -50,6 +50,10 @@ enum Task {
     /// PyTorch (bench/pytorch/step.py, python from $ODPO_PYTHON or `python3`) runs after each row, and the
     /// table shows the ratio.
     Bench(BenchArgs),
+    /// The conformance suite on one backend: the model parity fixtures (nine families against
+    /// transformers), the loss fixtures (against PyTorch) and three ODPO training steps against
+    /// PyTorch, each built with the backend's feature. [--backend B]
+    Conformance(Passthrough),
     /// Installs PyTorch 2.9.0 (the libtorch burn-tch 0.22 links against) from PyPI into a virtual
     /// environment (default ~/.cache/odpo/libtorch-venv) and prints the environment the `tch` backend
     /// needs; `cargo xtask ... --backend tch` finds that environment by itself. [--venv DIR] [--python PY]
@@ -145,6 +149,7 @@ fn run() -> Result<ExitCode> {
         Task::BenchForward(p) => bench_forward(p.args),
         Task::BenchGenerate(p) => bench_generate(p.args),
         Task::Bench(a) => bench(&a),
+        Task::Conformance(p) => conformance(&p.args),
         Task::SetupLibtorch(a) => setup_libtorch(&a),
     }
 }
@@ -183,6 +188,34 @@ fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
 fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
     let status = odpo_command(command, args)?.status().context("running cargo")?;
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8) })
+}
+
+/// `cargo xtask conformance [--backend B]`: the parity, loss and training-step fixtures with the
+/// backend's feature; stops at the first failing suite.
+fn conformance(args: &[String]) -> Result<ExitCode> {
+    let backend = backend_of(args)?;
+    let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == backend) else {
+        bail!("unknown backend `{backend}`");
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    for (package, tests) in [("odpo-model", &["parity", "parity_neo"][..]), ("odpo-loss", &["pytorch_parity", "gradients"][..]), ("odpo-trainer", &["conformance", "shared_prompt"][..])] {
+        let mut cmd = Command::new(&cargo);
+        if feature == "tch" {
+            libtorch_env(&mut cmd)?;
+        }
+        cmd.args(["test", "--release", "-p", package, "--no-default-features", "--features", feature]);
+        for t in tests {
+            cmd.args(["--test", t]);
+        }
+        eprintln!("conformance ({backend}): {package} {}", tests.join(" "));
+        let status = cmd.status().context("running cargo test")?;
+        if !status.success() {
+            eprintln!("conformance ({backend}): {package} failed");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    eprintln!("conformance ({backend}): all suites passed");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Runs the generation benchmark, and with `--vs-pytorch` transformers' `generate` on the same

@@ -7,7 +7,9 @@
 //! order). `scale` is |torch| itself except for the metrics that are means of signed terms
 //! (`rewards/chosen`, `rewards/rejected`, `rewards/margins`, `offset/mean`): an f32 sum of terms of both
 //! signs is only accurate relative to the terms' magnitude, so there scale = mean |term|.
-//! Rust computes in f32 on the flex backend.
+//! Rust computes in f32 on the build's default backend. On a build without flex (libtorch, GPU
+//! backends) the absolute floor is 5e-9: libtorch's f32 log-sigmoid backward loses digits in the far
+//! tail (gradients of saturated pairs, ~1e-4, off by up to 2.1e-9 on the CPU), see docs/backends.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -20,7 +22,7 @@ use odpo_loss::{LossConfig, preference_loss};
 use serde::Deserialize;
 
 const REL: f64 = 1e-6;
-const ABS: f64 = 1e-9;
+const ABS: f64 = if cfg!(feature = "flex") { 1e-9 } else { 5e-9 };
 
 #[derive(Deserialize)]
 struct Fixture {

@@ -413,6 +413,6 @@ mod tests {
         assert_eq!(read_prompt_list(&p).unwrap(), vec!["b".to_string(), "a".to_string()]);
         std::fs::write(&p, "{\"prompt\": \"b\"}\n{\"text\": 1}\n").unwrap();
         let err = read_prompt_list(&p).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("prompt"), "{err}");
+        assert!(err.contains("p.jsonl:2") && err.contains("prompt"), "{err}");
     }
 }
