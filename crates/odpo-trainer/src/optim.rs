@@ -4,7 +4,8 @@
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::decay::WeightDecayConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer, RmsPropConfig};
+use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RmsPropConfig};
+use burn::tensor::Device;
 use burn::tensor::Tensor;
 
 use crate::config::{OptimConfig, OptimizerKind};
@@ -15,13 +16,8 @@ use crate::config::{OptimConfig, OptimizerKind};
 pub fn build(cfg: &OptimConfig) -> ModuleOptimizer {
     match cfg.optimizer {
         OptimizerKind::Adamw => {
-            let [b1, b2] = cfg.betas.unwrap_or([0.9, 0.999]);
-            AdamWConfig::new()
-                .with_beta_1(b1 as f32)
-                .with_beta_2(b2 as f32)
-                .with_epsilon(cfg.eps as f32)
-                .with_weight_decay(cfg.weight_decay.unwrap_or(0.01) as f32)
-                .init()
+            let [beta_1, beta_2] = cfg.betas.unwrap_or([0.9, 0.999]);
+            ModuleOptimizer::from(TorchAdamW { beta_1, beta_2, eps: cfg.eps, weight_decay: cfg.weight_decay.unwrap_or(0.01) })
         }
         OptimizerKind::Rmsprop => RmsPropConfig::new()
             .with_alpha(cfg.alpha.unwrap_or(0.99) as f32)
@@ -30,6 +26,52 @@ pub fn build(cfg: &OptimConfig) -> ModuleOptimizer {
             .with_centered(cfg.centered.unwrap_or(false))
             .with_weight_decay(cfg.weight_decay.filter(|&w| w > 0.0).map(|w| WeightDecayConfig::new(w as f32)))
             .init(),
+    }
+}
+
+/// AdamW as PyTorch's single-tensor `torch.optim.AdamW` computes it: `m ← β₁m + (1−β₁)g`,
+/// `v ← β₂v + (1−β₂)g²`, `p ← p(1 − lr·λ) − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)`.
+///
+/// The same update as burn's `AdamW` (whose state type it keeps, so checkpoints are unchanged) in
+/// fewer full-size operations, each applied to a tensor it owns, which backends that reuse an owned
+/// buffer (libtorch, flex) run in place: burn's version clones the moments for the bias
+/// correction and allocates about twice as many parameter-sized tensors per step.
+#[derive(Clone, Debug)]
+pub struct TorchAdamW {
+    /// β₁.
+    pub beta_1: f64,
+    /// β₂.
+    pub beta_2: f64,
+    /// ε, added to the bias-corrected √v.
+    pub eps: f64,
+    /// Decoupled weight decay λ.
+    pub weight_decay: f64,
+}
+
+impl Optimizer for TorchAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
+        let (b1, b2) = (self.beta_1, self.beta_2);
+        let (m, v, time) = match state {
+            Some(s) => {
+                let s = s.momentum;
+                let m = s.moment_1.mul_scalar(b1).add(grad.clone().mul_scalar(1.0 - b1));
+                (m, s.moment_2.mul_scalar(b2).add(grad.square().mul_scalar(1.0 - b2)), s.time + 1)
+            }
+            None => (grad.clone().mul_scalar(1.0 - b1), grad.square().mul_scalar(1.0 - b2), 1),
+        };
+        let t = i32::try_from(time).unwrap_or(i32::MAX);
+        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let denom = v.clone().sqrt().mul_scalar(1.0 / bc2.sqrt()).add_scalar(self.eps);
+        let update = m.clone().div(denom).mul_scalar(lr / bc1);
+        let tensor = if self.weight_decay > 0.0 { tensor.mul_scalar(1.0 - lr * self.weight_decay) } else { tensor };
+        (tensor.sub(update), Some(AdamWState::new(AdaptiveMomentumState::new(time, m, v))))
+    }
+
+    fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
+        state.momentum = state.momentum.to_device(device);
+        state
     }
 }
 
