@@ -159,16 +159,21 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let mut optim = crate::optim::build(&optim_cfg);
     let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
+    // The step's batch, in the layout asked for (without the shared layout, the concatenated rows run).
+    let make_batch = || {
+        let mut batch = forward::preference_batch(&refs, 0, &ad);
+        if !b.shared_prompt {
+            batch.shared = None;
+        }
+        batch
+    };
 
     // The cache pass over the step's pairs: what the first epoch of a cached-reference run adds
     // (it runs once per pair, as `reference_cache` in the training loop does).
     let mut reference_cache_seconds = None;
     if b.cached_reference {
         let t = Instant::now();
-        let mut batch = forward::preference_batch(&refs, 0, &ad);
-        if !b.shared_prompt {
-            batch.shared = None;
-        }
+        let batch = make_batch();
         let lp = reference.rows(&batch)?;
         let n = refs.len();
         let rows = refs.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[n + i])).collect();
@@ -182,10 +187,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         // weight), so the split is exact on asynchronous backends too; the training loop reads
         // the same values.
         let t = Instant::now();
-        let mut batch = forward::preference_batch(&refs, 0, &ad);
-        if !b.shared_prompt {
-            batch.shared = None;
-        }
+        let batch = make_batch();
         let reference_rows = reference.rows(&batch)?;
         let t_ref = t.elapsed().as_secs_f64();
         let rows = forward::row_logps(&policy, &batch);
