@@ -50,9 +50,10 @@ enum Task {
     /// PyTorch (bench/pytorch/step.py, python from $ODPO_PYTHON or `python3`) runs after each row, and the
     /// table shows the ratio.
     Bench(BenchArgs),
-    /// The conformance suite on one backend: the model parity fixtures (nine families against
-    /// transformers), the loss fixtures (against PyTorch) and three ODPO training steps against
-    /// PyTorch, each built with the backend's feature. [--backend B]
+    /// The conformance suite on one backend or several: the model parity fixtures (nine families
+    /// against transformers), the loss fixtures (against PyTorch), three ODPO training steps against
+    /// PyTorch, data-parallel and mixed-precision training. [--backend B] or [--backend B1,B2]: one
+    /// build with every named backend's feature, the suites run once per backend.
     Conformance(Passthrough),
     /// Installs PyTorch 2.9.0 (the libtorch burn-tch 0.22 links against) from PyPI into a virtual
     /// environment (default ~/.cache/odpo/libtorch-venv) and prints the environment the `tch` backend
@@ -193,28 +194,49 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
 /// `cargo xtask conformance [--backend B]`: the parity, loss and training-step fixtures with the
 /// backend's feature; stops at the first failing suite.
 fn conformance(args: &[String]) -> Result<ExitCode> {
-    let backend = backend_of(args)?;
-    let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == backend) else {
-        bail!("unknown backend `{backend}`");
-    };
+    // `--backend wgpu,tch`: one build with both features, each suite run once per backend with
+    // `BURN_DEVICE` choosing the tests' default device.
+    let backends: Vec<&str> = backend_of(args)?.split(',').map(str::trim).filter(|b| !b.is_empty()).collect();
+    let mut features = Vec::new();
+    for b in &backends {
+        let Some(&(_, feature)) = BACKENDS.iter().find(|(name, _)| name == b) else {
+            bail!("unknown backend `{b}`");
+        };
+        if *b == "tch-cuda" && backends.len() > 1 {
+            bail!("`tch-cuda` shares the `tch` feature with `tch`; run its conformance on its own");
+        }
+        if !features.contains(&feature) {
+            features.push(feature);
+        }
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    for (package, tests) in [("odpo-model", &["parity", "parity_neo"][..]), ("odpo-loss", &["pytorch_parity", "gradients"][..]), ("odpo-trainer", &["conformance", "shared_prompt"][..])] {
+    // One `cargo test` over the three packages: run per package, cargo would unify features
+    // differently for each and compile burn once per package.
+    let tests = ["parity", "parity_neo", "pytorch_parity", "gradients", "conformance", "shared_prompt", "data_parallel", "mixed_precision"];
+    for backend in &backends {
         let mut cmd = Command::new(&cargo);
-        if feature == "tch" {
+        if features.contains(&"tch") {
             libtorch_env(&mut cmd)?;
         }
-        cmd.args(["test", "--release", "-p", package, "--no-default-features", "--features", feature]);
+        if backends.len() > 1 {
+            cmd.env("BURN_DEVICE", backend);
+        }
+        cmd.args(["test", "--profile", "conformance", "-p", "odpo-model", "-p", "odpo-loss", "-p", "odpo-trainer", "--no-default-features", "--features", &features.join(",")]);
+        // wgpu's Vulkan loader complains on every device creation without it.
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
+        }
         for t in tests {
             cmd.args(["--test", t]);
         }
-        eprintln!("conformance ({backend}): {package} {}", tests.join(" "));
+        eprintln!("conformance ({backend}): {}", tests.join(" "));
         let status = cmd.status().context("running cargo test")?;
         if !status.success() {
-            eprintln!("conformance ({backend}): {package} failed");
+            eprintln!("conformance ({backend}): failed");
             return Ok(ExitCode::from(1));
         }
+        eprintln!("conformance ({backend}): all suites passed");
     }
-    eprintln!("conformance ({backend}): all suites passed");
     Ok(ExitCode::SUCCESS)
 }
 

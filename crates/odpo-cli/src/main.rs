@@ -182,6 +182,9 @@ struct TrainArgs {
     /// Backend (flex, wgpu, vulkan, metal, cuda, tch, tch-cuda); overrides `train.backend`.
     #[arg(long)]
     backend: Option<String>,
+    /// Data-parallel devices of the backend, e.g. `--devices cuda:0,cuda:1`; overrides `train.devices`.
+    #[arg(long, value_delimiter = ',', value_name = "DEVICE,...")]
+    devices: Vec<String>,
     /// Override a config key, e.g. `--set optim.lr=1e-6` (repeatable; the value is parsed as TOML).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
@@ -578,7 +581,14 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-fn cmd_train(a: TrainArgs) -> Result<()> {
+fn cmd_train(mut a: TrainArgs) -> Result<()> {
+    if !a.devices.is_empty() {
+        if a.config.is_none() && a.resume.is_none() {
+            anyhow::bail!("--devices needs --config (or --resume): the built-in default run trains on one device");
+        }
+        let list: Vec<String> = a.devices.iter().map(|d| serde_json::Value::String(d.clone()).to_string()).collect();
+        a.sets.push(format!("train.devices=[{}]", list.join(",")));
+    }
     if a.config.is_none() && a.resume.is_none() {
         // The built-in default: the known-reward task end to end.
         let device = backend::device(a.backend.as_deref().unwrap_or("flex"))?;

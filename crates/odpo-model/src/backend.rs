@@ -38,6 +38,14 @@ pub enum BackendError {
     /// Not a backend name at all.
     #[error("unknown backend `{0}`; expected one of: flex, wgpu, vulkan, metal, cuda, tch, tch-cuda")]
     Unknown(String),
+    /// A device spec (`backend:which`) that does not name a device of that backend.
+    #[error("device `{spec}`: {reason}")]
+    BadDevice {
+        /// The spec as written.
+        spec: String,
+        /// What was expected.
+        reason: String,
+    },
     /// A known backend whose Cargo feature is off in this build.
     #[error("backend `{name}` is not compiled into this build; rebuild with `--features {feature}`")]
     NotCompiled {
@@ -157,9 +165,116 @@ impl fmt::Display for Backend {
     }
 }
 
-/// Parses a backend name and returns its device: the function the command line calls.
-pub fn device(name: &str) -> Result<Device, BackendError> {
-    name.parse::<Backend>()?.device()
+/// Parses a device spec and returns the device: the function the command line calls.
+///
+/// A spec is a backend name (its default device, see [`Backend::device`]) or `backend:which`:
+/// `cuda:1`, `tch-cuda:1` (the CUDA device of that index), `wgpu:1` / `vulkan:1` / `metal:1` (the
+/// discrete GPU of that index), `wgpu:integrated:0`, `wgpu:cpu` (a software adapter such as Mesa's
+/// llvmpipe). `flex` and `tch` have one device each (`flex:0` is accepted).
+pub fn device(spec: &str) -> Result<Device, BackendError> {
+    let (name, which) = match spec.split_once(':') {
+        Some((name, which)) => (name, Some(which)),
+        None => (spec, None),
+    };
+    let backend = name.parse::<Backend>()?;
+    let Some(which) = which else {
+        return backend.device();
+    };
+    let bad = |reason: &str| BackendError::BadDevice { spec: spec.to_string(), reason: reason.to_string() };
+    let index = |s: &str| s.parse::<usize>().map_err(|_| bad("expected a device index after the colon (e.g. `cuda:1`)"));
+    match backend {
+        Backend::Flex | Backend::Tch => match which {
+            "0" => backend.device(),
+            _ => Err(bad(&format!("`{name}` has one device; write `{name}` or `{name}:0`"))),
+        },
+        Backend::Cuda | Backend::TchCuda => {
+            let i = index(which)?;
+            if !backend.compiled() {
+                return backend.device();
+            }
+            cuda_device(backend, i)
+        }
+        Backend::Wgpu | Backend::Vulkan | Backend::Metal => {
+            let kind = match which.split_once(':') {
+                None if which == "cpu" => WgpuKind::Cpu,
+                None => WgpuKind::Discrete(index(which)?),
+                Some(("discrete", i)) => WgpuKind::Discrete(index(i)?),
+                Some(("integrated", i)) => WgpuKind::Integrated(index(i)?),
+                Some(("virtual", i)) => WgpuKind::Virtual(index(i)?),
+                Some(_) => return Err(bad("expected `N`, `discrete:N`, `integrated:N`, `virtual:N` or `cpu` after the backend name")),
+            };
+            if !backend.compiled() {
+                return backend.device();
+            }
+            wgpu_device(backend, kind)
+        }
+    }
+}
+
+/// Which wgpu adapter a `wgpu:...` spec names.
+#[allow(dead_code)]
+enum WgpuKind {
+    Discrete(usize),
+    Integrated(usize),
+    Virtual(usize),
+    Cpu,
+}
+
+#[allow(unused_variables, unreachable_code)]
+fn cuda_device(backend: Backend, index: usize) -> Result<Device, BackendError> {
+    #[cfg(feature = "cuda")]
+    if backend == Backend::Cuda {
+        return Ok(Device::cuda(index));
+    }
+    #[cfg(feature = "tch")]
+    if backend == Backend::TchCuda {
+        #[allow(deprecated)]
+        return Ok(Device::libtorch_cuda(index));
+    }
+    backend.device()
+}
+
+#[allow(unused_variables, unreachable_code)]
+fn wgpu_device(backend: Backend, kind: WgpuKind) -> Result<Device, BackendError> {
+    #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
+    {
+        use burn::tensor::DeviceKind;
+        let kind = match kind {
+            WgpuKind::Discrete(i) => DeviceKind::DiscreteGpu(i),
+            WgpuKind::Integrated(i) => DeviceKind::IntegratedGpu(i),
+            WgpuKind::Virtual(i) => DeviceKind::VirtualGpu(i),
+            WgpuKind::Cpu => DeviceKind::Cpu,
+        };
+        match backend {
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => return Ok(Device::wgpu(kind)),
+            #[cfg(feature = "vulkan")]
+            Backend::Vulkan => return Ok(Device::vulkan(kind)),
+            #[cfg(feature = "metal")]
+            Backend::Metal => return Ok(Device::metal(kind)),
+            _ => {}
+        }
+    }
+    backend.device()
+}
+
+/// The devices of a data-parallel run: `specs` when given (all of one backend), else the default
+/// device of `backend`.
+pub fn devices(backend: &str, specs: &[String]) -> Result<Vec<Device>, BackendError> {
+    if specs.is_empty() {
+        return Ok(vec![device(backend)?]);
+    }
+    let first = specs[0].split(':').next().unwrap_or_default();
+    for spec in specs {
+        let name = spec.split(':').next().unwrap_or_default();
+        if name != first {
+            return Err(BackendError::BadDevice {
+                spec: spec.clone(),
+                reason: format!("every device of a run must be of one backend; the first is `{first}`"),
+            });
+        }
+    }
+    specs.iter().map(|s| device(s)).collect()
 }
 
 #[cfg(test)]
@@ -189,6 +304,17 @@ mod tests {
                 assert!(msg.contains(&format!("--features {}", b.feature())), "{msg}");
             }
         }
+    }
+
+    #[test]
+    fn device_specs_are_checked() {
+        let msg = |s: &str| device(s).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(msg("flex:1"), "device `flex:1`: `flex` has one device; write `flex` or `flex:0`");
+        assert_eq!(msg("cuda:x"), "device `cuda:x`: expected a device index after the colon (e.g. `cuda:1`)");
+        assert!(msg("wgpu:gpu:1").contains("expected `N`, `discrete:N`"), "{}", msg("wgpu:gpu:1"));
+        assert!(msg("tpu:0").contains("unknown backend `tpu`"));
+        let mixed = devices("flex", &["flex".into(), "wgpu:0".into()]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(mixed.contains("every device of a run must be of one backend"), "{mixed}");
     }
 
     #[cfg(feature = "flex")]

@@ -109,6 +109,10 @@ fn half_precision_stays_close_to_f32() {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
         for (precision, tol) in [(Precision::F16, 0.03), (Precision::Bf16, 0.3)] {
+            if !device.supports_dtype(precision.dtype()) {
+                println!("{case} {precision:?}: this device has no {precision:?}; skipped");
+                continue;
+            }
             let model = CausalLm::load(&dir, &device).unwrap().model.with_precision(precision);
             let ids = int2(&exp["input_ids"], &device);
             let logits = model.forward(ids, &int2(&exp["attention_mask"], &device), None);

@@ -184,7 +184,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Backend name (`flex`, `wgpu`, `cuda`, ...); `--backend` overrides it.
     pub backend: String,
-    /// Parameter dtype; only `f32` is implemented.
+    /// Data-parallel devices (`["cuda:0", "cuda:1"]`, all of one backend); empty: the backend's
+    /// default device alone. Each step's pairs are split evenly across them and the gradients summed
+    /// on the first; `--devices` overrides it.
+    pub devices: Vec<String>,
+    /// Compute precision: `f32` (default), or `bf16` / `f16` mixed precision (forward and backward in
+    /// half precision; weights, gradients and optimizer state in f32).
     pub dtype: String,
     /// `frozen` (default) or `cached` reference log-probs; preference stage only.
     pub reference: ReferenceMode,
@@ -207,6 +212,7 @@ impl Default for TrainConfig {
             epochs: 1.0,
             seed: 0,
             backend: "flex".into(),
+            devices: Vec::new(),
             dtype: "f32".into(),
             reference: ReferenceMode::Frozen,
             log_every: 10,
@@ -366,6 +372,24 @@ impl RunConfig {
                 format!("({}) must be a multiple of `train.micro_batch_size` ({})", t.batch_size, t.micro_batch_size),
             );
         }
+        for d in &t.devices {
+            if d.split(':').next() != Some(t.backend.as_str()) {
+                return err("train.devices", format!("entry `{d}` is not a device of `train.backend = \"{}\"`; every device must be of the run's backend", t.backend));
+            }
+        }
+        let n = t.devices.len().max(1);
+        if n > 1 && !t.batch_size.is_multiple_of(n * t.micro_batch_size) {
+            return err(
+                "train.batch_size",
+                format!(
+                    "({}) must be a multiple of {} devices × `train.micro_batch_size` ({}) = {}, so that every device gets whole micro-batches",
+                    t.batch_size,
+                    n,
+                    t.micro_batch_size,
+                    n * t.micro_batch_size
+                ),
+            );
+        }
         if t.max_steps == Some(0) {
             return err("train.max_steps", "is 0; expected at least 1 (or leave it out to use `train.epochs`)".into());
         }
@@ -383,8 +407,8 @@ impl RunConfig {
                 );
             }
         }
-        if t.dtype != "f32" {
-            return err("train.dtype", format!("is `{}`; only \"f32\" is implemented", t.dtype));
+        if !matches!(t.dtype.as_str(), "f32" | "bf16" | "f16") {
+            return err("train.dtype", format!("is `{}`; expected \"f32\", \"bf16\" or \"f16\"", t.dtype));
         }
         if t.log_every == 0 {
             return err("train.log_every", "is 0; expected at least 1".into());
@@ -539,7 +563,15 @@ beta = 0.1
             (vec!["optim.optimizer=adamw", "optim.momentum=0.9"], "config: `optim.momentum` does not apply to `optim.optimizer = \"adamw\"`; remove it"),
             (vec!["optim.min_lr_ratio=0.1"], "config: `optim.min_lr_ratio` does not apply to `optim.schedule = \"constant\"`; remove it"),
             (vec!["train.batch_size=6", "train.micro_batch_size=4"], "config: `train.batch_size` (6) must be a multiple of `train.micro_batch_size` (4)"),
-            (vec!["train.dtype=bf16"], "config: `train.dtype` is `bf16`; only \"f32\" is implemented"),
+            (
+                vec!["train.backend=cuda", "train.batch_size=8", "train.micro_batch_size=4", r#"train.devices=["cuda:0","cuda:1","cuda:2"]"#],
+                "config: `train.batch_size` (8) must be a multiple of 3 devices × `train.micro_batch_size` (4) = 12, so that every device gets whole micro-batches",
+            ),
+            (
+                vec![r#"train.devices=["cuda:0","cuda:1"]"#],
+                "config: `train.devices` entry `cuda:0` is not a device of `train.backend = \"flex\"`; every device must be of the run's backend",
+            ),
+            (vec!["train.dtype=f64"], "config: `train.dtype` is `f64`; expected \"f32\", \"bf16\" or \"f16\""),
         ];
         for (sets, msg) in cases {
             let e = parse(BASE, &sets).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();

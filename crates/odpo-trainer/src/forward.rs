@@ -108,6 +108,17 @@ pub enum Reference {
 }
 
 impl Reference {
+    /// This reference for a data-parallel worker on `device` (without autodiff): the frozen model
+    /// copied there, the cache shared by value.
+    pub fn fork(&self, device: &burn::tensor::Device) -> Reference {
+        use burn::module::Module;
+        match self {
+            Reference::None => Reference::None,
+            Reference::Frozen(model) => Reference::Frozen(Box::new((**model).clone().fork(device))),
+            Reference::Cached(cache) => Reference::Cached(cache.clone()),
+        }
+    }
+
     /// The `[2B]` reference row log-probs of a batch (chosen first), on the host.
     pub fn rows(&self, batch: &PreferenceBatch) -> crate::error::Result<Vec<f32>> {
         match self {

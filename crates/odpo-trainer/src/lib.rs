@@ -34,7 +34,7 @@ use std::path::Path;
 pub use config::RunConfig;
 pub use data::RunData;
 pub use error::{Result, TrainError};
-pub use train::{RunSummary, export, load_policy, tokenizer_dir, train, train_on, trainable_params};
+pub use train::{RunSummary, export, load_data, load_policy, tokenizer_dir, train, train_on, train_on_devices, trainable_params};
 
 /// What `odpo train` / `cargo xtask train` call: reads the config (or, with `resume`, the run folder's
 /// resolved `config.toml`), applies `--set` overrides, picks the backend (`backend` overrides
@@ -45,15 +45,18 @@ pub fn run_from_args(config: Option<&Path>, backend: Option<&str>, sets: &[Strin
         (None, Some(config)) => config.to_path_buf(),
         (None, None) => return Err(TrainError::config("--config", "is required unless `--resume RUN_DIR` is given")),
     };
-    let mut cfg = RunConfig::from_file(&path, sets)?;
+    // `--backend` is applied as the first override, so that `train.devices` is checked against it.
+    let sets: Vec<String> = backend.map(|b| format!("train.backend={}", toml::Value::String(b.to_string()))).into_iter().chain(sets.iter().cloned()).collect();
+    let mut cfg = RunConfig::from_file(&path, &sets)?;
     if let Some(run_dir) = resume {
         // The run folder is where it is now, whatever the saved config says.
         cfg.output.dir = run_dir.to_path_buf();
     }
-    if let Some(b) = backend {
-        cfg.train.backend = b.to_string();
+    let devices = odpo_model::backend::devices(&cfg.train.backend, &cfg.train.devices)?;
+    tracing::info!(backend = %cfg.train.backend, devices = ?cfg.train.devices, run = %cfg.output.dir.display(), "training");
+    if devices.len() == 1 {
+        return train(&cfg, &devices[0], resume.is_some());
     }
-    let device = odpo_model::backend::device(&cfg.train.backend)?;
-    tracing::info!(backend = %cfg.train.backend, run = %cfg.output.dir.display(), "training");
-    train(&cfg, &device, resume.is_some())
+    let data = load_data(&cfg)?;
+    train_on_devices(&cfg, data, &devices, resume.is_some(), Some(&tokenizer_dir(&cfg.model)))
 }

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use odpo_data::TokenizedPair;
 use odpo_loss::{Metrics, check_finite, try_preference_loss};
 use odpo_model::tokenizer::Tokenizer;
-use odpo_model::{CausalLm, ModelConfig};
+use odpo_model::{CausalLm, ModelConfig, Precision};
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{ModelSection, ReferenceMode, RunConfig, Stage};
@@ -48,20 +48,44 @@ pub struct RunSummary {
 /// Runs `cfg` on `device` (without autodiff; the trainer adds it): reads the model's tokenizer and the
 /// data, then [`train_on`]. With `resume`, continues from the newest checkpoint in `output.dir`.
 pub fn train(cfg: &RunConfig, device: &Device, resume: bool) -> Result<RunSummary> {
-    let tokenizer_dir = tokenizer_dir(&cfg.model);
-    let tokenizer = Tokenizer::from_dir(&tokenizer_dir)?;
-    let data = match (cfg.train.stage, cfg.train.sft_on) {
-        (Stage::Sft, crate::config::SftOn::Responses) => RunData::load_responses(&cfg.data, &tokenizer)?,
-        _ => RunData::load(&cfg.data, &tokenizer)?,
-    };
-    train_on(cfg, data, device, resume, Some(&tokenizer_dir))
+    let data = load_data(cfg)?;
+    train_on(cfg, data, device, resume, Some(&tokenizer_dir(&cfg.model)))
 }
 
 /// [`train`] on data already tokenized (tests build pairs from token ids). `tokenizer_dir`: where the
 /// tokenizer files to export with the model are.
 pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
+    train_on_devices(cfg, data, std::slice::from_ref(device), resume, tokenizer_dir)
+}
+
+/// Reads the run's tokenizer and data, as [`train`] does.
+pub fn load_data(cfg: &RunConfig) -> Result<RunData> {
+    let tokenizer = Tokenizer::from_dir(&tokenizer_dir(&cfg.model))?;
+    match (cfg.train.stage, cfg.train.sft_on) {
+        (Stage::Sft, crate::config::SftOn::Responses) => RunData::load_responses(&cfg.data, &tokenizer),
+        _ => RunData::load(&cfg.data, &tokenizer),
+    }
+}
+
+/// [`train_on`] data-parallel over `devices` (one backend; the first holds the model, the optimizer
+/// and the evaluation). Each step's `batch_size` pairs are split into equal contiguous slices, one per
+/// device; each device runs its slice's micro-batches on a copy of the policy, and the gradients are
+/// summed on the first device. Every micro-batch loss is already scaled by its share of the whole
+/// step, so the sum is the gradient of the whole batch: the step equals the single-device step up to
+/// the order of floating-point additions.
+pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
     let (t, run_dir) = (&cfg.train, cfg.output.dir.clone());
+    let Some(device) = devices.first() else {
+        return Err(TrainError::config("train.devices", "is empty; expected at least one device"));
+    };
+    if devices.len() > 1 && !t.batch_size.is_multiple_of(devices.len() * t.micro_batch_size) {
+        return Err(TrainError::config(
+            "train.batch_size",
+            format!("({}) must be a multiple of {} devices × `train.micro_batch_size` ({})", t.batch_size, devices.len(), t.micro_batch_size),
+        ));
+    }
     let ad = device.clone().autodiff();
+    let precision = compute_precision(&t.dtype, devices)?;
     if data.train.is_empty() {
         return Err(TrainError::config("data.path", "gives no training pairs after pairing, splitting and tokenizing"));
     }
@@ -82,11 +106,15 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
     }
     let loss_cfg = cfg.loss();
     let use_offsets = cfg.data.offset.is_some();
+    // The reference computes in the run's precision, so that its log-probs and the policy's agree
+    // at the start whatever the dtype.
+    let reference_model = || policy.without_adapters().valid().with_precision(precision);
     let reference = match (cfg.needs_reference(), t.reference) {
         (false, _) => Reference::None,
-        (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(policy.without_adapters().valid())),
-        (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &policy.without_adapters().valid(), &data, device)?),
+        (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(reference_model())),
+        (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &reference_model(), &data, device)?),
     };
+    let workers: Vec<Worker> = devices.iter().map(|d| Worker { device: d.clone().autodiff(), reference: reference.fork(d) }).collect();
 
     let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
     let schedule = Schedule::new(&cfg.optim, total_steps);
@@ -104,8 +132,8 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
     let evaluate = |policy: &CausalLm| -> Result<BTreeMap<String, f64>> {
         match t.stage {
-            Stage::Preference => eval::preference(&policy.valid(), &reference, &eval_pairs, &loss_cfg, use_offsets, cfg.eval.batch_size, data.pad_id, device),
-            Stage::Sft => eval::sft(&policy.valid(), &eval_pairs, cfg.eval.batch_size, data.pad_id, device),
+            Stage::Preference => eval::preference(&policy.valid().with_precision(precision), &reference, &eval_pairs, &loss_cfg, use_offsets, cfg.eval.batch_size, data.pad_id, device),
+            Stage::Sft => eval::sft(&policy.valid().with_precision(precision), &eval_pairs, cfg.eval.batch_size, data.pad_id, device),
         }
     };
     if cfg.eval.at_start && state.step == 0 && !eval_pairs.is_empty() {
@@ -122,44 +150,43 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
         let lr = schedule.lr_at(step);
         // Dropout (LoRA's) draws from the device's generator: seeded per step, so a resumed run
         // draws what the uninterrupted one would have.
-        ad.seed(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64));
+        if workers.len() == 1 {
+            ad.seed(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64));
+        }
         let idx = data::stream_slice(data.train.len(), t.seed, state.pairs_seen, t.batch_size);
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data.train[i]).collect();
-        // Each micro-batch's mean loss is scaled by its share of the step (pair weights, or SFT tokens), so
-        // the accumulated gradient is that of the whole batch in one pass.
-        let share = |ps: &[&TokenizedPair]| -> f64 {
-            match t.stage {
-                Stage::Preference => ps.iter().map(|p| p.weight.unwrap_or(1.0) as f64).sum(),
-                Stage::Sft => ps.iter().map(|p| forward::sft_tokens(p) as f64).sum(),
-            }
+        let step_total = pairs.iter().map(|p| pair_share(t.stage, p)).sum::<f64>().max(f64::MIN_POSITIVE);
+        let ctx = StepCtx { step, step_total, stage: t.stage, micro_batch_size: t.micro_batch_size, pad_id: data.pad_id, loss_cfg: &loss_cfg, use_offsets, precision };
+        // Data parallel: each device takes an equal slice of the step's pairs with a copy of the
+        // policy; the slices' gradients are summed on the first device, which steps the optimizer.
+        let outs: Vec<Result<ShardOut>> = if workers.len() == 1 {
+            vec![shard_grads(&ctx, &policy, &workers[0].reference, &pairs, &ad)]
+        } else {
+            let per = pairs.len() / workers.len();
+            std::thread::scope(|s| {
+                let handles: Vec<_> = workers
+                    .iter()
+                    .zip(pairs.chunks(per))
+                    .enumerate()
+                    .map(|(k, (w, shard))| {
+                        let (replica, ctx) = (policy.clone(), &ctx);
+                        s.spawn(move || {
+                            let replica = if k == 0 { replica } else { replica.fork(&w.device) };
+                            w.device.seed(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64) ^ ((k as u64) << 48));
+                            shard_grads(ctx, &replica, &w.reference, shard, &w.device)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(TrainError::config("train.devices", "a device's worker thread panicked")))).collect()
+            })
         };
-        let step_total = share(&pairs).max(f64::MIN_POSITIVE);
         let mut accum = GradientsAccumulator::<CausalLm>::new();
-        for micro in pairs.chunks(t.micro_batch_size) {
-            let ids: Vec<usize> = micro.iter().map(|p| p.pair_id).collect();
-            let nonfinite = |detail: String| TrainError::NonFinite { step, what: "loss", pair_ids: ids.clone(), detail };
-            let loss = match t.stage {
-                Stage::Preference => {
-                    let batch = forward::preference_batch(micro, data.pad_id, &ad);
-                    let inputs = forward::preference_inputs(&policy, &reference, &batch, use_offsets, &ad)?;
-                    let out = try_preference_loss(&inputs, &loss_cfg)?;
-                    check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
-                    eval::add_metrics(&mut window, &out.metrics, micro.len() as f64);
-                    out.loss.mul_scalar(share(micro) / step_total)
-                }
-                Stage::Sft => {
-                    let batch = forward::sft_batch(micro, data.pad_id, &ad);
-                    let nll = forward::sft_nll(&policy, &batch);
-                    let value = nll.clone().into_scalar::<f64>();
-                    if !value.is_finite() {
-                        return Err(nonfinite(format!("summed NLL of the chosen responses is {value}")));
-                    }
-                    *window.entry("nll_sum".into()).or_default() += value;
-                    *window.entry("nll_tokens".into()).or_default() += share(micro);
-                    nll.div_scalar(step_total)
-                }
-            };
-            accum.accumulate(&policy, GradientsParams::from_grads(loss.backward(), &policy));
+        for out in outs {
+            let out = out?;
+            accum.accumulate(&policy, if workers.len() == 1 { out.grads } else { out.grads.to_device(&ad, &policy) });
+            for (k, v) in out.window {
+                *window.entry(k).or_default() += v;
+            }
         }
         let grads = accum.grads();
         let grad_norm = crate::optim::global_norm(&policy, &grads);
@@ -229,6 +256,96 @@ pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, t
     Ok(summary)
 }
 
+/// One data-parallel device: its autodiff device and its copy of the reference.
+struct Worker {
+    device: Device,
+    reference: Reference,
+}
+
+/// What every micro-batch of a step needs to know.
+struct StepCtx<'a> {
+    step: usize,
+    /// The step's total share ([`pair_share`] summed over its pairs).
+    step_total: f64,
+    stage: Stage,
+    micro_batch_size: usize,
+    pad_id: u32,
+    loss_cfg: &'a odpo_loss::LossConfig,
+    use_offsets: bool,
+    precision: Precision,
+}
+
+/// A device's summed gradients and metric sums over its slice of a step.
+struct ShardOut {
+    grads: GradientsParams,
+    window: BTreeMap<String, f64>,
+}
+
+/// A pair's share of a step: its weight (preference) or its trained tokens (SFT). Each micro-batch's
+/// mean loss is scaled by its share of the step, so the summed gradient is that of the whole batch
+/// in one pass, however the batch is cut into micro-batches and devices.
+fn pair_share(stage: Stage, p: &TokenizedPair) -> f64 {
+    match stage {
+        Stage::Preference => p.weight.unwrap_or(1.0) as f64,
+        Stage::Sft => forward::sft_tokens(p) as f64,
+    }
+}
+
+/// Forward, loss and backward of `pairs` in micro-batches on `ad` (where `policy` lives); gradients summed.
+fn shard_grads(ctx: &StepCtx, policy: &CausalLm, reference: &Reference, pairs: &[&TokenizedPair], ad: &Device) -> Result<ShardOut> {
+    let step = ctx.step;
+    let mut window = BTreeMap::<String, f64>::new();
+    let mut accum = GradientsAccumulator::<CausalLm>::new();
+    for micro in pairs.chunks(ctx.micro_batch_size) {
+        let ids: Vec<usize> = micro.iter().map(|p| p.pair_id).collect();
+        let nonfinite = |detail: String| TrainError::NonFinite { step, what: "loss", pair_ids: ids.clone(), detail };
+        let share: f64 = micro.iter().map(|p| pair_share(ctx.stage, p)).sum();
+        // Mixed precision: the forward and backward run on a half-precision cast of the f32
+        // weights; the cast is part of the graph, so the gradients arrive in f32 on the f32
+        // parameters, which the optimizer updates. Cast per micro-batch: each backward consumes its graph.
+        let cast;
+        let policy_fwd = if ctx.precision == Precision::F32 {
+            policy
+        } else {
+            cast = policy.clone().with_precision(ctx.precision);
+            &cast
+        };
+        let loss = match ctx.stage {
+            Stage::Preference => {
+                let batch = forward::preference_batch(micro, ctx.pad_id, ad);
+                let inputs = forward::preference_inputs(policy_fwd, reference, &batch, ctx.use_offsets, ad)?;
+                let out = try_preference_loss(&inputs, ctx.loss_cfg)?;
+                check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
+                eval::add_metrics(&mut window, &out.metrics, micro.len() as f64);
+                out.loss.mul_scalar(share / ctx.step_total)
+            }
+            Stage::Sft => {
+                let batch = forward::sft_batch(micro, ctx.pad_id, ad);
+                let nll = forward::sft_nll(policy_fwd, &batch);
+                let value = nll.clone().into_scalar::<f64>();
+                if !value.is_finite() {
+                    return Err(nonfinite(format!("summed NLL of the chosen responses is {value}")));
+                }
+                *window.entry("nll_sum".into()).or_default() += value;
+                *window.entry("nll_tokens".into()).or_default() += share;
+                nll.div_scalar(ctx.step_total)
+            }
+        };
+        accum.accumulate(policy, GradientsParams::from_grads(loss.backward(), policy));
+    }
+    Ok(ShardOut { grads: accum.grads(), window })
+}
+
+/// The compute precision of `train.dtype`, checked against every device of the run.
+fn compute_precision(dtype: &str, devices: &[Device]) -> Result<Precision> {
+    let precision: Precision = dtype.parse().map_err(|_| TrainError::config("train.dtype", format!("is `{dtype}`; expected \"f32\", \"bf16\" or \"f16\"")))?;
+    if let Some(d) = devices.iter().find(|d| !d.supports_dtype(precision.dtype())) {
+        let hint = if precision == Precision::Bf16 { " (or \"f16\" where the device has it)" } else { "" };
+        return Err(TrainError::config("train.dtype", format!("is `{dtype}`, which the device {d:?} cannot compute in; use \"f32\"{hint}")));
+    }
+    Ok(precision)
+}
+
 /// The number of parameters that receive gradients (all of them, or the adapters with LoRA).
 pub fn trainable_params(model: &CausalLm) -> usize {
     struct Count(usize);
@@ -268,7 +385,11 @@ pub fn load_policy(model: &ModelSection, seed: u64, device: &Device) -> Result<(
 /// Reads the cached reference log-probs of every train and eval pair, or computes and writes them.
 fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device: &Device) -> Result<RefCache> {
     let all: Vec<&TokenizedPair> = data.train.iter().chain(&data.eval).collect();
-    let key = refcache::cache_key(&refcache::model_identity(&cfg.model, cfg.train.seed)?, all.iter().copied());
+    let mut identity = refcache::model_identity(&cfg.model, cfg.train.seed)?;
+    if cfg.train.dtype != "f32" {
+        identity = format!("{identity}:{}", cfg.train.dtype);
+    }
+    let key = refcache::cache_key(&identity, all.iter().copied());
     if let Some(cache) = RefCache::read(&cfg.output.cache_dir, &key) {
         tracing::info!("reference log-probs read from {}", RefCache::path(&cfg.output.cache_dir, &key).display());
         return Ok(cache);

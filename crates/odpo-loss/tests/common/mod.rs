@@ -11,6 +11,26 @@ pub fn device() -> Device {
     Device::default().autodiff()
 }
 
+/// What kind of device the tests run on; tolerances depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Flex,
+    LibTorch,
+    /// A cubecl runtime: wgpu (Vulkan, Metal), CUDA.
+    Cube,
+}
+
+pub fn device_kind() -> Kind {
+    let d = format!("{:?}", Device::default());
+    if d.contains("Flex") {
+        Kind::Flex
+    } else if d.contains("LibTorch") {
+        Kind::LibTorch
+    } else {
+        Kind::Cube
+    }
+}
+
 /// An f32 tensor of shape [n].
 pub fn t32(v: &[f32], dev: &Device) -> Tensor<1> {
     Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), (dev, DType::F32))

@@ -1,0 +1,72 @@
+//! Mixed-precision training (`train.dtype = "bf16"` / `"f16"`): six ODPO steps of the tiny GPT-2 in
+//! half precision follow the f32 run (losses and weights within half-precision rounding), and the
+//! weights stay f32. A device that cannot compute in the type refuses the run with an error naming
+//! `train.dtype`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use burn::tensor::{DType, Device};
+use common::*;
+
+fn run(dir: &std::path::Path, dtype: &str) -> odpo_trainer::Result<std::path::PathBuf> {
+    let model = tiny_model(dir);
+    let run = dir.join(dtype);
+    let dtype_set = format!("train.dtype=\"{dtype}\"");
+    let sets = ["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=6", "train.log_every=1", "eval.every=0", "eval.max_pairs=8", dtype_set.as_str()];
+    let cfg = config(&model, &run, "", &sets);
+    odpo_trainer::train_on(&cfg, data(48, 8), &Device::default(), false, None)?;
+    Ok(run)
+}
+
+fn losses(run: &std::path::Path) -> Vec<f64> {
+    metric_rows(run, "train").iter().map(|r| r["loss"].as_f64().expect("loss")).collect()
+}
+
+#[test]
+fn half_precision_runs_follow_the_f32_run() {
+    let dir = temp_dir("mixed-precision");
+    let full = run(&dir, "f32").expect("f32 run");
+    let (l32, w32) = (losses(&full), exported_floats(&full));
+    let init = {
+        let cfg = config(&tiny_model(&dir), &dir.join("init"), "", &[]);
+        let (config, policy) = odpo_trainer::load_policy(&cfg.model, cfg.train.seed, &Device::default()).expect("policy");
+        odpo_trainer::export(&policy, &config, &dir.join("init/model"), None).expect("export");
+        exported_floats(&dir.join("init"))
+    };
+    let mut checked = 0;
+    for (dtype, burn_dtype, tol) in [("bf16", DType::BF16, 3e-2), ("f16", DType::F16, 5e-3)] {
+        if !Device::default().supports_dtype(burn_dtype) {
+            let err = run(&dir, dtype).map(|_| ()).expect_err("an unsupported dtype must be refused");
+            let msg = err.to_string();
+            println!("{dtype}: refused: {msg}");
+            assert!(msg.starts_with("config: `train.dtype` is"), "{msg}");
+            continue;
+        }
+        let half = run(&dir, dtype).expect("half-precision run");
+        let lh = losses(&half);
+        println!("{dtype}: losses {lh:?}\n f32: losses {l32:?}");
+        for (step, (a, b)) in l32.iter().zip(&lh).enumerate() {
+            assert!((a - b).abs() <= tol * a.abs().max(1.0), "step {}: loss {a} in f32, {b} in {dtype}", step + 1);
+        }
+        assert!(lh[5] < lh[0], "{dtype}: the loss did not fall ({lh:?})");
+        // The update: the weights moved as in f32 (relative L2 distance of the two runs' changes
+        // from the start; AdamW turns rounding in near-zero gradients into ±lr steps, so single
+        // entries can differ by a step), and were exported as f32.
+        let wh = exported_floats(&half);
+        assert_eq!(wh.len(), w32.len());
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (((_, a), (_, b)), (_, z)) in w32.iter().zip(&wh).zip(&init) {
+            for ((x, y), z) in a.iter().zip(b).zip(z) {
+                diff += ((x - y) as f64).powi(2);
+                norm += ((x - z) as f64).powi(2);
+            }
+        }
+        let rel = (diff / norm).sqrt();
+        println!("{dtype}: |Δ{dtype} - Δf32| / |Δf32| = {rel:.3}");
+        assert!(norm > 0.0 && rel <= 0.5, "{dtype}: the update differs from the f32 one by {rel} of its size");
+        assert!(safetensors::SafeTensors::deserialize(&exported(&half)).expect("safetensors").tensors().iter().all(|(_, v)| v.dtype() == safetensors::Dtype::F32));
+        checked += 1;
+    }
+    println!("half-precision types trained: {checked}");
+}
