@@ -467,11 +467,13 @@ fn libtorch_env(cmd: &mut Command) -> Result<()> {
     let venv = default_venv();
     let (python, lib) = torch_of(&venv)?;
     let path = format!("{}:{}", python.parent().map(|p| p.display().to_string()).unwrap_or_default(), std::env::var("PATH").unwrap_or_default());
-    let ld = match std::env::var("LD_LIBRARY_PATH") {
+    // Where the run finds libtorch's shared libraries: LD_LIBRARY_PATH on Linux, DYLD_LIBRARY_PATH on macOS.
+    let var = if cfg!(target_os = "macos") { "DYLD_LIBRARY_PATH" } else { "LD_LIBRARY_PATH" };
+    let ld = match std::env::var(var) {
         Ok(old) if !old.is_empty() => format!("{lib}:{old}"),
         _ => lib,
     };
-    cmd.env("VIRTUAL_ENV", &venv).env("PATH", path).env("LIBTORCH_USE_PYTORCH", "1").env("LD_LIBRARY_PATH", ld);
+    cmd.env("VIRTUAL_ENV", &venv).env("PATH", path).env("LIBTORCH_USE_PYTORCH", "1").env(var, ld);
     Ok(())
 }
 
