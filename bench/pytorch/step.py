@@ -8,7 +8,8 @@ One step: chosen and rejected concatenated into one [2*pairs, seq] batch, a poli
 per-token log-probs (log_softmax + gather over the completion half of each row), the reference
 forward under torch.no_grad() on a frozen copy (with --lora: the same model with the adapters
 disabled, as TRL + PEFT do), the ODPO loss -logsigmoid(beta*h - alpha*log(s_w - s_l)), backward,
-AdamW. Random weights, float32, transformers' model classes. Prints one JSON object with the same
+AdamW (fused, transformers' default optimizer with torch >= 2.8; --optim adamw_torch for the
+single-tensor one). Random weights, float32, transformers' model classes. Prints one JSON object with the same
 fields as `odpo bench`: tokens/s (2*pairs*seq per step), pairs/s, seconds per step
 (median/min/max over --repeats after --warmup), peak RSS, the FLOPs of the step and their share of
 a float32 matmul peak measured here.
@@ -83,6 +84,8 @@ def main():
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every projection (0: full fine-tuning)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--optim", choices=["adamw_torch_fused", "adamw_torch"], default="adamw_torch_fused",
+                    help="transformers' optimizer names: its default with torch >= 2.8 is the fused AdamW")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -97,7 +100,9 @@ def main():
         reference = None
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0)
+    # What TRL gets from transformers' Trainer: `optim="adamw_torch_fused"` by default with torch >= 2.8.
+    optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0,
+                              fused=args.optim == "adamw_torch_fused")
 
     g = torch.Generator().manual_seed(0)
     rows = 2 * args.pairs
@@ -179,6 +184,7 @@ def main():
         "pairs": args.pairs,
         "seq": args.seq,
         "threads": args.threads,
+        "optim": args.optim,
         "lora": args.lora,
         "repeats": args.repeats,
         "seconds_per_step_median": med,

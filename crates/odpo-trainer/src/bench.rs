@@ -198,8 +198,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
         let norm = crate::optim::global_norm(&policy, &grads);
         let t_bwd = t.elapsed().as_secs_f64();
-        let grads = crate::optim::clip_global_norm(&policy, grads, norm, 10.0);
-        policy = optim.step(1e-6, policy, grads);
+        policy = optim.step(1e-6, policy, grads, crate::optim::clip_coefficient(norm, Some(10.0)));
         sync(&policy);
         let total = t.elapsed().as_secs_f64();
         if i >= b.warmup {

@@ -8,12 +8,12 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::optim::ModuleOptimizer;
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use odpo_model::CausalLm;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
+use crate::optim::Optim;
 
 /// The loop's position, saved with each checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,7 +36,7 @@ pub fn dir(run_dir: &Path) -> PathBuf {
 }
 
 /// Writes a checkpoint for `state.step` and keeps the newest `keep`. Returns its folder.
-pub fn save(run_dir: &Path, model: &CausalLm, optim: &ModuleOptimizer, state: &TrainState, config_toml: &str, keep: usize) -> Result<PathBuf> {
+pub fn save(run_dir: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, config_toml: &str, keep: usize) -> Result<PathBuf> {
     let root = dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
     remove_temporaries(&root);
@@ -46,7 +46,7 @@ pub fn save(run_dir: &Path, model: &CausalLm, optim: &ModuleOptimizer, state: &T
 
     let mut store = BurnpackStore::from_file(tmp.join("model.bpk")).overwrite(true).metadata("step", state.step.to_string());
     model.save_into(&mut store).map_err(|e| TrainError::checkpoint(tmp.join("model.bpk"), e))?;
-    optim.save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), format!("{e:?}")))?;
+    optim.module().save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), format!("{e:?}")))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e))?;
     write(&tmp.join("state.json"), json.as_bytes())?;
     write(&tmp.join("config.toml"), config_toml.as_bytes())?;
@@ -105,7 +105,7 @@ pub fn read_state(ckpt: &Path) -> Result<TrainState> {
 }
 
 /// Loads a checkpoint's weights (with their parameter ids) into `model` and its state into `optim`.
-pub fn load(ckpt: &Path, mut model: CausalLm, optim: ModuleOptimizer) -> Result<(CausalLm, ModuleOptimizer, TrainState)> {
+pub fn load(ckpt: &Path, mut model: CausalLm, optim: Optim) -> Result<(CausalLm, Optim, TrainState)> {
     let path = ckpt.join("model.bpk");
     let mut store = BurnpackStore::from_file(&path);
     let applied = model.load_from(&mut store).map_err(|e| TrainError::checkpoint(&path, e))?;
@@ -114,6 +114,6 @@ pub fn load(ckpt: &Path, mut model: CausalLm, optim: ModuleOptimizer) -> Result<
         return Err(TrainError::checkpoint(&path, msg));
     }
     let opath = ckpt.join("optim.bpk");
-    let optim = optim.load(&opath).map_err(|e| TrainError::checkpoint(&opath, format!("{e:?}")))?;
+    let optim = optim.load(&opath).map_err(|e| TrainError::checkpoint(&opath, e))?;
     Ok((model, optim, read_state(ckpt)?))
 }

@@ -7,35 +7,113 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RmsPropConfig};
 use burn::tensor::Device;
 use burn::tensor::Tensor;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::config::{OptimConfig, OptimizerKind};
 
+/// The run's optimizer: burn's [`ModuleOptimizer`] (its state is what checkpoints hold) and, for
+/// AdamW, the handle through which a step's clipping coefficient reaches the update.
+pub struct Optim {
+    module: ModuleOptimizer,
+    grad_scale: Option<GradScale>,
+}
+
+impl Optim {
+    /// One update of `model` with `grads` multiplied by `grad_scale` (the clipping coefficient of
+    /// [`clip_coefficient`]; 1 leaves them as they are). AdamW folds the factor into its one-pass
+    /// update; RMSprop gets the gradients scaled first, as `clip_grad_norm_` leaves them.
+    pub fn step<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams, grad_scale: f64) -> M {
+        match &self.grad_scale {
+            Some(handle) => {
+                handle.set(grad_scale);
+                self.module.step(lr, model, grads)
+            }
+            None => {
+                let grads = if grad_scale == 1.0 { grads } else { scale_grads(&model, grads, grad_scale) };
+                self.module.step(lr, model, grads)
+            }
+        }
+    }
+
+    /// Parameter updates so far that ran as the one-pass CPU kernel, and all of them (AdamW only;
+    /// RMSprop gives (0, 0)). The first step's updates cannot: the weights are still shared with
+    /// the reference model.
+    pub fn fused_updates(&self) -> (usize, usize) {
+        self.grad_scale.as_ref().map_or((0, 0), |h| (h.0.1.load(Ordering::Relaxed), h.0.2.load(Ordering::Relaxed)))
+    }
+
+    /// burn's optimizer, whose record a checkpoint saves.
+    pub fn module(&self) -> &ModuleOptimizer {
+        &self.module
+    }
+
+    /// The same optimizer with the state of a saved record (`optim.bpk`).
+    pub fn load(self, path: &std::path::Path) -> Result<Self, String> {
+        let module = self.module.load(path).map_err(|e| format!("{e:?}"))?;
+        Ok(Self { module, ..self })
+    }
+}
+
+/// What [`Optim`] shares with the [`TorchAdamW`] inside its `ModuleOptimizer` (which only receives a
+/// learning rate per step): the factor a step's gradients are multiplied by, and how many
+/// parameter updates ran as the fused kernel.
+#[derive(Clone, Debug)]
+pub struct GradScale(Arc<(AtomicU64, AtomicUsize, AtomicUsize)>);
+
+impl Default for GradScale {
+    fn default() -> Self {
+        Self(Arc::new((AtomicU64::new(1f64.to_bits()), AtomicUsize::new(0), AtomicUsize::new(0))))
+    }
+}
+
+impl GradScale {
+    fn set(&self, v: f64) {
+        self.0.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.0.load(Ordering::Relaxed))
+    }
+
+    fn count(&self, fused: bool) {
+        self.0.1.fetch_add(usize::from(fused), Ordering::Relaxed);
+        self.0.2.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Builds the optimizer. Every hyper-parameter is set explicitly, with PyTorch's defaults where the
 /// config leaves one out (AdamW: betas (0.9, 0.999), eps 1e-8, weight decay 0.01; RMSprop: alpha 0.99,
-/// eps 1e-8, momentum 0, weight decay 0, not centred). No burn-side clipping: see [`clip_global_norm`].
-pub fn build(cfg: &OptimConfig) -> ModuleOptimizer {
+/// eps 1e-8, momentum 0, weight decay 0, not centred). No burn-side clipping: see [`clip_coefficient`].
+pub fn build(cfg: &OptimConfig) -> Optim {
     match cfg.optimizer {
         OptimizerKind::Adamw => {
             let [beta_1, beta_2] = cfg.betas.unwrap_or([0.9, 0.999]);
-            ModuleOptimizer::from(TorchAdamW { beta_1, beta_2, eps: cfg.eps, weight_decay: cfg.weight_decay.unwrap_or(0.01) })
+            let grad_scale = GradScale::default();
+            let adamw = TorchAdamW { beta_1, beta_2, eps: cfg.eps, weight_decay: cfg.weight_decay.unwrap_or(0.01), grad_scale: grad_scale.clone() };
+            Optim { module: ModuleOptimizer::from(adamw), grad_scale: Some(grad_scale) }
         }
-        OptimizerKind::Rmsprop => RmsPropConfig::new()
-            .with_alpha(cfg.alpha.unwrap_or(0.99) as f32)
-            .with_momentum(cfg.momentum.unwrap_or(0.0) as f32)
-            .with_epsilon(cfg.eps as f32)
-            .with_centered(cfg.centered.unwrap_or(false))
-            .with_weight_decay(cfg.weight_decay.filter(|&w| w > 0.0).map(|w| WeightDecayConfig::new(w as f32)))
-            .init(),
+        OptimizerKind::Rmsprop => {
+            let rmsprop = RmsPropConfig::new()
+                .with_alpha(cfg.alpha.unwrap_or(0.99) as f32)
+                .with_momentum(cfg.momentum.unwrap_or(0.0) as f32)
+                .with_epsilon(cfg.eps as f32)
+                .with_centered(cfg.centered.unwrap_or(false))
+                .with_weight_decay(cfg.weight_decay.filter(|&w| w > 0.0).map(|w| WeightDecayConfig::new(w as f32)))
+                .init();
+            Optim { module: rmsprop, grad_scale: None }
+        }
     }
 }
 
 /// AdamW as PyTorch's single-tensor `torch.optim.AdamW` computes it: `m ← β₁m + (1−β₁)g`,
-/// `v ← β₂v + (1−β₂)g²`, `p ← p(1 − lr·λ) − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)`.
+/// `v ← β₂v + (1−β₂)g²`, `p ← p(1 − lr·λ) − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)`, with the
+/// gradient first multiplied by the step's clipping coefficient.
 ///
-/// The same update as burn's `AdamW` (whose state type it keeps, so checkpoints are unchanged) in
-/// fewer full-size operations, each applied to a tensor it owns, which backends that reuse an owned
-/// buffer (libtorch, flex) run in place: burn's version clones the moments for the bias
-/// correction and allocates about twice as many parameter-sized tensors per step.
+/// The update is [`odpo_kernels::adamw`]: one pass over the parameter, its gradient and the two
+/// moments, in place, where the tensors' memory is reachable on the CPU (flex, libtorch on the
+/// CPU); burn tensor operations elsewhere. burn's `AdamW` state type is kept, so checkpoints are
+/// unchanged.
 #[derive(Clone, Debug)]
 pub struct TorchAdamW {
     /// β₁.
@@ -46,27 +124,30 @@ pub struct TorchAdamW {
     pub eps: f64,
     /// Decoupled weight decay λ.
     pub weight_decay: f64,
+    /// The clipping coefficient of the current step (and the count of fused updates).
+    pub grad_scale: GradScale,
 }
 
 impl Optimizer for TorchAdamW {
     type State<const D: usize> = AdamWState<D>;
 
     fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
-        let (b1, b2) = (self.beta_1, self.beta_2);
-        let (m, v, time) = match state {
-            Some(s) => {
-                let s = s.momentum;
-                let m = s.moment_1.mul_scalar(b1).add(grad.clone().mul_scalar(1.0 - b1));
-                (m, s.moment_2.mul_scalar(b2).add(grad.square().mul_scalar(1.0 - b2)), s.time + 1)
-            }
-            None => (grad.clone().mul_scalar(1.0 - b1), grad.square().mul_scalar(1.0 - b2), 1),
+        let (moments, time) = match state {
+            Some(s) => (Some((s.momentum.moment_1, s.momentum.moment_2)), s.momentum.time + 1),
+            None => (None, 1),
         };
-        let t = i32::try_from(time).unwrap_or(i32::MAX);
-        let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let denom = v.clone().sqrt().mul_scalar(1.0 / bc2.sqrt()).add_scalar(self.eps);
-        let update = m.clone().div(denom).mul_scalar(lr / bc1);
-        let tensor = if self.weight_decay > 0.0 { tensor.mul_scalar(1.0 - lr * self.weight_decay) } else { tensor };
-        (tensor.sub(update), Some(AdamWState::new(AdaptiveMomentumState::new(time, m, v))))
+        let step = odpo_kernels::AdamWStep {
+            lr,
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: i32::try_from(time).unwrap_or(i32::MAX),
+            grad_scale: self.grad_scale.get(),
+        };
+        let out = odpo_kernels::adamw(tensor, grad, moments, &step);
+        self.grad_scale.count(out.fused);
+        (out.param, Some(AdamWState::new(AdaptiveMomentumState::new(time, out.moment_1, out.moment_2))))
     }
 
     fn to_device<const D: usize>(mut state: Self::State<D>, device: &Device) -> Self::State<D> {
@@ -75,34 +156,55 @@ impl Optimizer for TorchAdamW {
     }
 }
 
-/// The global L2 norm of all gradients, √(Σ_p ‖g_p‖²), as one host read.
+/// The global L2 norm of all gradients, √(Σ_p ‖g_p‖²), as one host read. Gradients in CPU memory
+/// are summed in place ([`odpo_kernels::cpu_sum_squares`]), the others on their device.
 pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     struct Norm<'a> {
         grads: &'a GradientsParams,
-        sum: Option<Tensor<1>>,
+        host: f64,
+        device: Option<Tensor<1>>,
     }
     impl ModuleVisitor for Norm<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             if let Some(g) = self.grads.get::<D>(param.id) {
+                if let Some(sq) = odpo_kernels::cpu_sum_squares(&g) {
+                    self.host += sq;
+                    return;
+                }
                 let sq = g.square().sum();
-                self.sum = Some(match self.sum.take() {
+                self.device = Some(match self.device.take() {
                     Some(s) => s + sq,
                     None => sq,
                 });
             }
         }
     }
-    let mut v = Norm { grads, sum: None };
+    let mut v = Norm { grads, host: 0.0, device: None };
     model.visit(&mut v);
-    v.sum.map(|s| s.into_scalar::<f64>().sqrt()).unwrap_or(0.0)
+    (v.host + v.device.map(|s| s.into_scalar::<f64>()).unwrap_or(0.0)).sqrt()
 }
 
-/// Scales every gradient by `max_norm / (norm + 1e-6)` when that is below 1, as `clip_grad_norm_`.
+/// `clip_grad_norm_`'s factor for gradients of global norm `norm`: `max_norm / (norm + 1e-6)` when
+/// that is below 1, else 1 (no clipping).
+pub fn clip_coefficient(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(max) => (max / (norm + 1e-6)).min(1.0),
+        None => 1.0,
+    }
+}
+
+/// Scales every gradient by `max_norm / (norm + 1e-6)` when that is below 1, as `clip_grad_norm_`
+/// (for loops that step a burn optimizer of their own; [`Optim::step`] takes the coefficient).
 pub fn clip_global_norm<M: Module>(model: &M, grads: GradientsParams, norm: f64, max_norm: f64) -> GradientsParams {
-    let coef = max_norm / (norm + 1e-6);
+    let coef = clip_coefficient(norm, Some(max_norm));
     if coef >= 1.0 {
         return grads;
     }
+    scale_grads(model, grads, coef)
+}
+
+/// Every gradient multiplied by `coef`.
+fn scale_grads<M: Module>(model: &M, grads: GradientsParams, coef: f64) -> GradientsParams {
     struct Scale {
         grads: GradientsParams,
         coef: f64,
@@ -205,7 +307,7 @@ mod tests {
         let mut m = two([1.0, -2.0], [3.0]);
         for _ in 0..2 {
             let g = grads(&m, [0.5, 0.1], [2.0]);
-            m = optim.step(0.1, m, g);
+            m = optim.step(0.1, m, g, 1.0);
         }
         let after = |p: f64| ((p * 0.999 - 0.1) * 0.999) - 0.1;
         assert_close(&values(&m), &[after(1.0), after(-2.0), after(3.0)]);
@@ -218,11 +320,33 @@ mod tests {
         let mut m = two([1.0, -2.0], [3.0]);
         for _ in 0..2 {
             let g = grads(&m, [0.5, -0.1], [2.0]);
-            m = optim.step(0.01, m, g);
+            m = optim.step(0.01, m, g, 1.0);
         }
         // Step 1: v = 0.01 g², update = lr·g/√v = 0.1·sign(g). Step 2: v = 0.0199 g², update = 0.01/√0.0199·sign(g).
         let u = 0.1 + 0.01 / 0.0199f64.sqrt();
         assert_close(&values(&m), &[1.0 - u, -2.0 + u, 3.0 - u]);
+    }
+
+    #[test]
+    fn the_clipping_coefficient_folded_into_the_update_equals_clipped_gradients() {
+        for kind in [OptimizerKind::Adamw, OptimizerKind::Rmsprop] {
+            let (mut folded, mut clipped) = (build(&cfg(kind, 0.1)), build(&cfg(kind, 0.1)));
+            let (mut a, mut b) = (two([1.0, -2.0], [3.0]), two([1.0, -2.0], [3.0]));
+            for k in 0..3 {
+                let ga = grads(&a, [3.0, 4.0 + k as f32], [12.0]);
+                let norm = global_norm(&a, &ga);
+                let coef = clip_coefficient(norm, Some(2.0));
+                assert!(coef < 0.2);
+                a = folded.step(0.1, a, ga, coef);
+                let gb = clip_global_norm(&b, grads(&b, [3.0, 4.0 + k as f32], [12.0]), norm, 2.0);
+                b = clipped.step(0.1, b, gb, 1.0);
+            }
+            let (va, vb) = (values(&a), values(&b));
+            assert_close(&va, &vb.iter().map(|&x| f64::from(x)).collect::<Vec<_>>());
+            assert!((va[0] - 1.0).abs() > 1e-3, "{kind:?} did not move: {va:?}");
+        }
+        assert_eq!(clip_coefficient(5.0, Some(10.0)), 1.0);
+        assert_eq!(clip_coefficient(5.0, None), 1.0);
     }
 
     #[test]

@@ -195,11 +195,8 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
             let detail = format!("global gradient norm is {grad_norm}; first non-finite gradient: parameter `{param}`");
             return Err(TrainError::NonFinite { step, what: "gradient", pair_ids: pairs.iter().map(|p| p.pair_id).collect(), detail });
         }
-        let grads = match cfg.optim.max_grad_norm {
-            Some(max) => crate::optim::clip_global_norm(&policy, grads, grad_norm, max),
-            None => grads,
-        };
-        policy = optim.step(lr, policy, grads);
+        // Clipping is folded into the update: the gradients are not rewritten.
+        policy = optim.step(lr, policy, grads, crate::optim::clip_coefficient(grad_norm, cfg.optim.max_grad_norm));
 
         let tokens: usize = pairs.iter().map(|p| 2 * p.prompt.len() + forward::pair_tokens(p)).sum();
         state = TrainState { step: step + 1, pairs_seen: state.pairs_seen + pairs.len(), tokens_seen: state.tokens_seen + tokens as u64, ..state };

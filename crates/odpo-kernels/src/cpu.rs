@@ -1,0 +1,248 @@
+//! The kernels on CPU memory: reaching the f32 buffer of a flex or libtorch tensor, and the loops.
+
+use burn::backend::DispatchTensorKind;
+use rayon::prelude::*;
+
+use crate::Coeffs;
+
+/// Elements per rayon task: large enough that scheduling costs nothing next to the memory traffic.
+const CHUNK: usize = 1 << 15;
+
+/// The tensor's elements in row-major order as a mutable slice, when it is an f32 CPU tensor,
+/// contiguous and the only owner of its buffer (so writing it changes no other tensor).
+fn slice_mut(kind: &mut DispatchTensorKind) -> Option<&mut [f32]> {
+    match kind {
+        #[cfg(feature = "flex")]
+        DispatchTensorKind::Flex(burn::backend::BackendTensor::Float(t)) => flex::slice_mut(t),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        DispatchTensorKind::LibTorch(burn::backend::BackendTensor::Float(t)) => tch::slice_mut(t),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Calls `f` with the tensor's elements in row-major order, when it is an f32 CPU tensor (strided
+/// ones, such as the transposed gradient of a tied embedding, are copied first).
+fn with_rows<R>(kind: &DispatchTensorKind, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    match kind {
+        #[cfg(feature = "flex")]
+        DispatchTensorKind::Flex(burn::backend::BackendTensor::Float(t)) => flex::with_rows(t, f),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        DispatchTensorKind::LibTorch(burn::backend::BackendTensor::Float(t)) => tch::with_rows(t, f),
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = f;
+            None
+        }
+    }
+}
+
+/// The tensor's elements in storage order (any order: for sums), when it is an f32 CPU tensor whose
+/// elements fill one span of its buffer (contiguous, or a permutation of it such as a transpose).
+fn span(kind: &DispatchTensorKind) -> Option<&[f32]> {
+    match kind {
+        #[cfg(feature = "flex")]
+        DispatchTensorKind::Flex(burn::backend::BackendTensor::Float(t)) => flex::span(t),
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        DispatchTensorKind::LibTorch(burn::backend::BackendTensor::Float(t)) => tch::span(t),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Whether a layout's elements fill exactly `Π shape` consecutive slots: its strides, sorted, are
+/// the running products of the matching sizes.
+fn dense<S: Copy + TryInto<usize>>(shape: &[usize], strides: &[S]) -> bool {
+    let mut dims: Vec<(usize, usize)> = Vec::with_capacity(shape.len());
+    for (&n, &s) in shape.iter().zip(strides) {
+        match s.try_into() {
+            Ok(s) => dims.push((s, n)),
+            Err(_) => return false,
+        }
+    }
+    dims.retain(|&(_, n)| n != 1);
+    dims.sort_unstable();
+    let mut expected = 1;
+    for (s, n) in dims {
+        if s != expected {
+            return false;
+        }
+        expected *= n;
+    }
+    true
+}
+
+/// The fused AdamW update, in place; false (nothing written) when a buffer is out of reach.
+pub(crate) fn adamw(p: &mut DispatchTensorKind, g: &DispatchTensorKind, m: &mut DispatchTensorKind, v: &mut DispatchTensorKind, c: &Coeffs) -> bool {
+    let (Some(p), Some(m), Some(v)) = (slice_mut(p), slice_mut(m), slice_mut(v)) else {
+        return false;
+    };
+    if m.len() != p.len() || v.len() != p.len() {
+        return false;
+    }
+    // The scalars as locals (loaded once, not re-read after every store) and the optional factors
+    // as 1.0 (multiplying by 1 is exact), so that the loop has no branch and vectorises.
+    let Coeffs { decay, scale, w1, b2, w2, bc2_sqrt, eps, neg_step_size } = *c;
+    let (decay, scale) = (decay.unwrap_or(1.0), scale.unwrap_or(1.0));
+    let run = move |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let g = g * scale;
+            // PyTorch's lerp for a weight below 0.5, and addcmul's `self + value·t1·t2`.
+            let m1 = *m + w1 * (g - *m);
+            let v1 = *v * b2 + w2 * g * g;
+            let denom = v1.sqrt() / bc2_sqrt + eps;
+            *p = *p * decay + neg_step_size * m1 / denom;
+            (*m, *v) = (m1, v1);
+        }
+    };
+    with_rows(g, |g| {
+        if g.len() != p.len() {
+            return false;
+        }
+        if p.len() <= CHUNK {
+            run(p, g, m, v);
+        } else {
+            p.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK)).zip(v.par_chunks_mut(CHUNK)).for_each(|(((p, g), m), v)| run(p, g, m, v));
+        }
+        true
+    })
+    .unwrap_or(false)
+}
+
+/// `Σ x²` in f64, when the buffer is reachable.
+pub(crate) fn sum_squares(x: &DispatchTensorKind) -> Option<f64> {
+    let x = span(x)?;
+    // Eight independent accumulators: a single running sum is a chain of dependent adds that
+    // cannot vectorise.
+    let sum = |x: &[f32]| {
+        let mut lanes = [0f64; 8];
+        let mut blocks = x.chunks_exact(8);
+        for b in &mut blocks {
+            for (l, &a) in lanes.iter_mut().zip(b) {
+                *l += f64::from(a) * f64::from(a);
+            }
+        }
+        lanes.iter().sum::<f64>() + blocks.remainder().iter().map(|&a| f64::from(a) * f64::from(a)).sum::<f64>()
+    };
+    Some(if x.len() <= CHUNK { sum(x) } else { x.par_chunks(CHUNK).map(sum).sum() })
+}
+
+/// Whether tensors on `device` are ones the kernels reach (tests check the fused path ran there).
+#[cfg(test)]
+pub(crate) fn reachable(device: &burn::tensor::Device) -> bool {
+    let t = burn::tensor::Tensor::<1>::zeros([4], device);
+    sum_squares(&t.into_dispatch().kind).is_some()
+}
+
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::DType;
+
+    pub(super) fn slice_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        let (start, end) = t.layout().contiguous_offsets()?;
+        t.try_storage_mut::<f32>()?.get_mut(start..end)
+    }
+
+    pub(super) fn with_rows<R>(t: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        match t.as_slice::<f32>() {
+            Some(s) => Some(f(s)),
+            None => t.to_contiguous().as_slice::<f32>().map(f),
+        }
+    }
+
+    pub(super) fn span(t: &FlexTensor) -> Option<&[f32]> {
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        let layout = t.layout();
+        if !super::dense(layout.shape(), layout.strides()) {
+            return None;
+        }
+        let start = layout.start_offset();
+        t.storage::<f32>().get(start..start + layout.num_elements())
+    }
+}
+
+// burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+#[cfg(feature = "tch")]
+#[allow(unsafe_code, deprecated)]
+mod tch {
+    use burn::backend::TensorMetadata;
+    use burn::backend::libtorch::{LibTorchDevice, TchTensor};
+    use burn::tensor::DType;
+
+    fn cpu_f32(t: &TchTensor) -> bool {
+        t.dtype() == DType::F32 && t.device() == LibTorchDevice::Cpu
+    }
+
+    fn numel(t: &TchTensor) -> Option<usize> {
+        usize::try_from(t.tensor.numel()).ok()
+    }
+
+    pub(super) fn slice_mut(t: &mut TchTensor) -> Option<&mut [f32]> {
+        // `can_mut`: burn-tch's own test for writing in place (no other tensor holds the buffer, no
+        // broadcast stride).
+        if !t.can_mut() || !cpu_f32(t) || !t.tensor.is_contiguous() {
+            return None;
+        }
+        let n = numel(t)?;
+        if n == 0 {
+            return Some(&mut []);
+        }
+        // SAFETY: the tensor is a contiguous f32 CPU tensor of `n` elements starting at `data_ptr`,
+        // no other burn tensor shares its buffer (`can_mut`), and the slice borrows `t` mutably, so
+        // nothing else reads or writes it while the slice lives.
+        Some(unsafe { std::slice::from_raw_parts_mut(t.tensor.data_ptr().cast::<f32>(), n) })
+    }
+
+    /// The `n` elements from `data_ptr`.
+    ///
+    /// SAFETY (for callers): `t` is an f32 CPU tensor whose `n` elements fill one span starting at
+    /// `data_ptr` (contiguous, or a permutation of contiguous strides, all non-negative).
+    unsafe fn raw(t: &TchTensor, n: usize) -> &[f32] {
+        if n == 0 {
+            return &[];
+        }
+        // SAFETY: per the caller's guarantee; the slice borrows `t`, which keeps the buffer alive,
+        // and tensors sharing the buffer are only written through `slice_mut`, which refuses them.
+        unsafe { std::slice::from_raw_parts(t.tensor.data_ptr().cast::<f32>().cast_const(), n) }
+    }
+
+    pub(super) fn with_rows<R>(t: &TchTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        if !cpu_f32(t) {
+            return None;
+        }
+        let n = numel(t)?;
+        if t.tensor.is_contiguous() {
+            // SAFETY: contiguous f32 CPU tensor of `n` elements.
+            return Some(f(unsafe { raw(t, n) }));
+        }
+        let copy = TchTensor::new(t.tensor.contiguous());
+        // SAFETY: `contiguous()` of a strided tensor is a new contiguous f32 CPU tensor of `n` elements.
+        Some(f(unsafe { raw(&copy, n) }))
+    }
+
+    pub(super) fn span(t: &TchTensor) -> Option<&[f32]> {
+        if !cpu_f32(t) {
+            return None;
+        }
+        let (shape, strides) = (t.tensor.size(), t.tensor.stride());
+        let shape: Vec<usize> = shape.iter().map(|&d| usize::try_from(d).unwrap_or(0)).collect();
+        if !super::dense(&shape, &strides) {
+            return None;
+        }
+        // SAFETY: `dense` checked that the non-negative strides are a permutation of contiguous
+        // ones, so the `n` elements fill the span starting at `data_ptr` (the element at index 0).
+        Some(unsafe { raw(t, numel(t)?) })
+    }
+}

@@ -1,0 +1,241 @@
+//! Fused kernels for the update path of training: the AdamW step in one pass over a parameter, its
+//! gradient and its two moments ([`adamw`]), and the sum of squares of a gradient without a squared
+//! temporary ([`cpu_sum_squares`]).
+//!
+//! burn's element-wise operations write one tensor per operation, so an AdamW update written with
+//! them makes a dozen passes over every parameter-sized buffer; PyTorch's single-tensor AdamW makes
+//! about seven, in place. On the CPU the update is bound by memory traffic, so [`adamw`] reads each
+//! of the four buffers once and writes three, in place, in Rust (split over rayon's threads). It does
+//! so where it can reach the memory: f32 tensors of the flex backend or of libtorch on the CPU that
+//! are contiguous and not shared with another tensor. Anywhere else (GPU backends, shared or strided
+//! tensors, half precision) it runs the same formula as burn tensor operations.
+//!
+//! This crate names backends, as `odpo-model`'s `backend` module does; the trainer calls it through
+//! backend-free functions of `Tensor`s.
+#![deny(missing_docs)]
+
+mod cpu;
+
+use burn::tensor::Tensor;
+
+/// The scalars of one AdamW update (PyTorch's `torch.optim.AdamW`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    /// Learning rate.
+    pub lr: f64,
+    /// β₁.
+    pub beta_1: f64,
+    /// β₂.
+    pub beta_2: f64,
+    /// ε, added to the bias-corrected √v.
+    pub eps: f64,
+    /// Decoupled weight decay λ.
+    pub weight_decay: f64,
+    /// The step count t ≥ 1, this update included (bias corrections `1 − βᵗ`).
+    pub step: i32,
+    /// Factor the gradient is multiplied by before the update (global-norm clipping's coefficient;
+    /// 1 leaves it as it is).
+    pub grad_scale: f64,
+}
+
+/// The scalars of the per-element update, rounded to f32 as PyTorch rounds them for f32 tensors.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Coeffs {
+    /// `1 − lr·λ`, applied when λ ≠ 0.
+    pub decay: Option<f32>,
+    /// The clipping coefficient, applied when ≠ 1.
+    pub scale: Option<f32>,
+    /// `1 − β₁` (the lerp weight).
+    pub w1: f32,
+    pub b2: f32,
+    /// `1 − β₂`.
+    pub w2: f32,
+    /// `√(1 − β₂ᵗ)`.
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// `−lr / (1 − β₁ᵗ)`.
+    pub neg_step_size: f32,
+}
+
+impl AdamWStep {
+    pub(crate) fn coeffs(&self) -> Coeffs {
+        let t = self.step.max(1);
+        let (bc1, bc2) = (1.0 - self.beta_1.powi(t), 1.0 - self.beta_2.powi(t));
+        Coeffs {
+            decay: (self.weight_decay != 0.0).then(|| (1.0 - self.lr * self.weight_decay) as f32),
+            scale: (self.grad_scale != 1.0).then_some(self.grad_scale as f32),
+            w1: (1.0 - self.beta_1) as f32,
+            b2: self.beta_2 as f32,
+            w2: (1.0 - self.beta_2) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: self.eps as f32,
+            neg_step_size: (-self.lr / bc1) as f32,
+        }
+    }
+}
+
+/// A parameter and its moments after [`adamw`].
+#[derive(Debug)]
+pub struct AdamWOutput<const D: usize> {
+    /// The updated parameter.
+    pub param: Tensor<D>,
+    /// The first moment m.
+    pub moment_1: Tensor<D>,
+    /// The second moment v.
+    pub moment_2: Tensor<D>,
+    /// Whether the one-pass CPU kernel ran (false: burn tensor operations did).
+    pub fused: bool,
+}
+
+/// One AdamW step, as PyTorch's single-tensor `torch.optim.AdamW` computes it for f32 tensors:
+///
+/// ```text
+/// g ← s·g                       (s: grad_scale, when ≠ 1)
+/// p ← p·(1 − lr·λ)              (when λ ≠ 0)
+/// m ← m + (1 − β₁)(g − m)       (lerp)
+/// v ← β₂v + (1 − β₂)·g·g
+/// p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)
+/// ```
+///
+/// `moments` is `None` at the first step (m = v = 0). The parameter and the moments are updated in
+/// place when the fused kernel can run (see the crate docs); the gradient is only read (a strided
+/// one, such as a tied embedding's transposed gradient, through a contiguous copy).
+pub fn adamw<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<(Tensor<D>, Tensor<D>)>, s: &AdamWStep) -> AdamWOutput<D> {
+    let c = s.coeffs();
+    let (m, v) = moments.unwrap_or_else(|| (grad.zeros_like(), grad.zeros_like()));
+    let (mut p, g, mut m, mut v) = (param.into_dispatch(), grad.into_dispatch(), m.into_dispatch(), v.into_dispatch());
+    let fused = cpu::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
+    let (p, g, m, v) = (Tensor::from_dispatch(p), Tensor::from_dispatch(g), Tensor::from_dispatch(m), Tensor::from_dispatch(v));
+    if fused {
+        return AdamWOutput { param: p, moment_1: m, moment_2: v, fused };
+    }
+    adamw_tensor_ops(p, g, (m, v), s)
+}
+
+/// [`adamw`]'s formula as burn tensor operations, each on a tensor it owns (backends that reuse an
+/// owned buffer run them in place): what runs where the fused kernel cannot, and what the kernel is
+/// measured against (`examples/bench_adamw.rs`).
+pub fn adamw_tensor_ops<const D: usize>(p: Tensor<D>, g: Tensor<D>, (m, v): (Tensor<D>, Tensor<D>), s: &AdamWStep) -> AdamWOutput<D> {
+    let c = s.coeffs();
+    let g = match c.scale {
+        Some(k) => g.mul_scalar(k),
+        None => g,
+    };
+    let m = m.clone() + (g.clone() - m).mul_scalar(c.w1);
+    let v = v.mul_scalar(c.b2) + g.square().mul_scalar(c.w2);
+    let denom = v.clone().sqrt().div_scalar(c.bc2_sqrt).add_scalar(c.eps);
+    let p = match c.decay {
+        Some(d) => p.mul_scalar(d),
+        None => p,
+    };
+    let p = p + m.clone().mul_scalar(c.neg_step_size).div(denom);
+    AdamWOutput { param: p, moment_1: m, moment_2: v, fused: false }
+}
+
+/// `Σ x²` of a tensor as an f64 read on the host, when the tensor's memory is reachable on the CPU
+/// (an f32 flex or libtorch CPU tensor whose elements fill one span of its buffer: contiguous, or
+/// transposed): one read, no squared temporary, accumulated in f64. `None` elsewhere; the caller
+/// then uses `x.square().sum()`.
+pub fn cpu_sum_squares<const D: usize>(x: &Tensor<D>) -> Option<f64> {
+    let d = x.clone().into_dispatch();
+    cpu::sum_squares(&d.kind)
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::{Device, Tensor, TensorData};
+
+    use super::*;
+
+    fn step(t: i32, wd: f64, scale: f64) -> AdamWStep {
+        AdamWStep { lr: 0.1, beta_1: 0.9, beta_2: 0.999, eps: 1e-8, weight_decay: wd, step: t, grad_scale: scale }
+    }
+
+    fn vec(t: Tensor<1>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
+    }
+
+    /// PyTorch's update worked in f64 for one element.
+    fn want(p: f64, g: f64, m: f64, v: f64, s: &AdamWStep) -> (f64, f64, f64) {
+        let g = g * s.grad_scale;
+        let p = p * (1.0 - s.lr * s.weight_decay);
+        let m = m + (1.0 - s.beta_1) * (g - m);
+        let v = s.beta_2 * v + (1.0 - s.beta_2) * g * g;
+        let t = s.step;
+        let denom = v.sqrt() / (1.0 - s.beta_2.powi(t)).sqrt() + s.eps;
+        (p - s.lr / (1.0 - s.beta_1.powi(t)) * m / denom, m, v)
+    }
+
+    #[test]
+    fn fused_and_tensor_ops_agree_with_the_formula() {
+        let d = Device::default();
+        let n = 50_000; // over several rayon chunks
+        let p0: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let g0: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 10.0).collect();
+        let m0: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 100.0).collect();
+        let v0: Vec<f32> = (0..n).map(|i| (i % 11) as f32 / 50.0).collect();
+        let t = |x: &[f32]| Tensor::<1>::from_data(TensorData::new(x.to_vec(), [x.len()]), &d);
+        for s in [step(1, 0.0, 1.0), step(3, 0.01, 0.25)] {
+            let first = s.step == 1;
+            let moments = (!first).then(|| (t(&m0), t(&v0)));
+            let out = adamw(t(&p0), t(&g0), moments, &s);
+            // Shared inputs cannot be written in place: the same update through tensor operations.
+            let (sp, sm, sv) = (t(&p0), t(&m0), t(&v0));
+            let shared = adamw(sp.clone(), t(&g0), (!first).then(|| (sm.clone(), sv.clone())), &s);
+            assert!(!shared.fused);
+            assert_eq!(vec(sp), p0, "a shared parameter was written");
+            let (p, m, v) = (vec(out.param), vec(out.moment_1), vec(out.moment_2));
+            let (q, mm, vv) = (vec(shared.param), vec(shared.moment_1), vec(shared.moment_2));
+            for i in 0..n {
+                let (m_in, v_in) = if first { (0.0, 0.0) } else { (m0[i] as f64, v0[i] as f64) };
+                let (wp, wm, wv) = want(p0[i] as f64, g0[i] as f64, m_in, v_in, &s);
+                for (name, got, w) in [("p", p[i], wp), ("m", m[i], wm), ("v", v[i], wv), ("p ops", q[i], wp), ("m ops", mm[i], wm), ("v ops", vv[i], wv)] {
+                    assert!((got as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()), "{name}[{i}] at step {}: {got} against {w}", s.step);
+                }
+            }
+            if cpu::reachable(&d) {
+                assert!(out.fused, "the fused kernel did not run on {d:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_transposed_gradient_is_read_in_row_order() {
+        let d = Device::default();
+        let (rows, cols) = (300, 170);
+        let n = rows * cols;
+        let g: Vec<f32> = (0..n).map(|i| ((i * 31 % 89) as f32 - 44.0) / 20.0).collect();
+        let p: Vec<f32> = (0..n).map(|i| (i % 7) as f32 / 7.0).collect();
+        let t2 = |x: &[f32], r: usize, c: usize| Tensor::<2>::from_data(TensorData::new(x.to_vec(), [r, c]), &d);
+        // The gradient of a [rows, cols] parameter as the transpose of a [cols, rows] buffer.
+        let gt = t2(&g, cols, rows).transpose();
+        let s = step(2, 0.0, 1.0);
+        let m = t2(&vec![0.0; n], rows, cols);
+        let out = adamw(t2(&p, rows, cols), gt.clone(), Some((m.clone(), m.clone().add_scalar(0.0))), &s);
+        let want = adamw_tensor_ops(t2(&p, rows, cols), gt.clone(), (m.clone(), m.add_scalar(0.0)), &s);
+        let flat = |t: Tensor<2>| vec(t.reshape([n]));
+        for (a, b) in flat(out.param).iter().zip(flat(want.param)) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{a} against {b}");
+        }
+        let want_sq: f64 = g.iter().map(|&a| f64::from(a) * f64::from(a)).sum();
+        if let Some(sq) = cpu_sum_squares(&gt) {
+            assert!((sq - want_sq).abs() <= 1e-9 * want_sq);
+        }
+        if cpu::reachable(&d) {
+            assert!(cpu_sum_squares(&gt).is_some(), "a transposed gradient fell back on {d:?}");
+            assert!(cpu_sum_squares(&t2(&g, cols, rows).narrow(1, 0, 10)).is_none(), "a strided slice is not one span");
+        }
+    }
+
+    #[test]
+    fn sum_of_squares() {
+        let d = Device::default();
+        let x: Vec<f32> = (0..70_000).map(|i| ((i % 17) as f32 - 8.0) / 3.0).collect();
+        let want: f64 = x.iter().map(|&a| (a as f64) * (a as f64)).sum();
+        let t = Tensor::<2>::from_data(TensorData::new(x, [700, 100]), &d);
+        match cpu_sum_squares(&t) {
+            Some(got) => assert!((got - want).abs() <= 1e-9 * want, "{got} against {want}"),
+            None => assert!(!cpu::reachable(&d), "no fused sum on {d:?}"),
+        }
+    }
+}
