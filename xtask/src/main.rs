@@ -176,8 +176,7 @@ fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
         let names: Vec<&str> = BACKENDS.iter().map(|(b, _)| *b).collect();
         bail!("unknown backend `{backend}`; expected one of: {}", names.join(", "));
     };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    let mut cmd = cargo_cmd();
     if feature == "tch" {
         libtorch_env(&mut cmd)?;
     }
@@ -209,12 +208,11 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
             features.push(feature);
         }
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // One `cargo test` over the three packages: run per package, cargo would unify features
     // differently for each and compile burn once per package.
     let tests = ["parity", "parity_neo", "pytorch_parity", "gradients", "conformance", "shared_prompt", "data_parallel", "mixed_precision"];
     for backend in &backends {
-        let mut cmd = Command::new(&cargo);
+        let mut cmd = cargo_cmd();
         if features.contains(&"tch") {
             libtorch_env(&mut cmd)?;
         }
@@ -312,7 +310,6 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
     let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == a.backend) else {
         bail!("unknown backend `{}`", a.backend);
     };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let python = std::env::var("ODPO_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut table = Vec::new();
     for model in a.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
@@ -341,7 +338,7 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
                 odpo_args.push("--no-shared-prompt".into());
             }
             eprintln!("odpo ({}) {model} {shape} ...", a.backend);
-            let mut cmd = Command::new(&cargo);
+            let mut cmd = cargo_cmd();
             if feature == "tch" {
                 libtorch_env(&mut cmd)?;
             }
@@ -456,6 +453,21 @@ fn torch_of(venv: &std::path::Path) -> Result<(std::path::PathBuf, String)> {
         (true, Some(version), _) => bail!("{} has torch {version}; burn-tch 0.22 needs 2.9.0 (run `cargo xtask setup-libtorch`)", venv.display()),
         _ => bail!("no PyTorch in {} (run `cargo xtask setup-libtorch`): {}", venv.display(), String::from_utf8_lossy(&out.stderr).trim()),
     }
+}
+
+/// A `cargo` command without the variables `cargo run` gave this process (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, ...): build scripts that read them (ring's, under libtorch's bindings) would see
+/// the checkout's path, and every new clone would rebuild them and all above them.
+fn cargo_cmd() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str()
+            && (k.starts_with("CARGO_MANIFEST_") || k.starts_with("CARGO_PKG_") || matches!(k, "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"))
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
 }
 
 /// Points the build and the run of the `tch` feature at PyTorch's libtorch, unless LIBTORCH or
