@@ -1,6 +1,8 @@
-//! Times the kernels over SmolLM2-135M's parameter shapes (134.5M f32 values) on the default
-//! device: one AdamW update, fused against the same formula as burn tensor operations, and the
-//! global gradient norm, summed in place against `square().sum()` per tensor.
+//! Times the kernels on the default device: over SmolLM2-135M's parameter shapes (134.5M f32
+//! values) one AdamW update, fused against the same formula as burn tensor operations, and the
+//! global gradient norm, summed in place against `square().sum()` per tensor; over the logits of a
+//! 4-pair batch (768 completion tokens × SmolLM2's 49,152-token vocabulary) the target
+//! log-probabilities, forward and backward, fused against tensor operations.
 //!
 //! `cargo run --release -p odpo-kernels --example bench_kernels [-- REPEATS]` (add
 //! `--no-default-features --features tch` for libtorch).
@@ -8,7 +10,8 @@
 use std::time::Instant;
 
 use burn::tensor::{Distribution, Tensor};
-use odpo_kernels::{AdamWStep, adamw, adamw_tensor_ops, cpu_sum_squares};
+use burn::tensor::{Int, TensorData};
+use odpo_kernels::{AdamWStep, adamw, adamw_tensor_ops, cpu_sum_squares, token_logprobs, token_logprobs_tensor_ops};
 
 fn main() {
     let repeats: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5);
@@ -75,4 +78,29 @@ fn main() {
     }
     let (f, o) = (median(&mut norms[0]), median(&mut norms[1]));
     println!("gradient norm: in place {f:.3} s, square().sum() {o:.3} s, ratio {:.2}x", o / f);
+
+    let (n, v) = (768, 49_152);
+    let ad = device.clone().autodiff();
+    let x = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 3.0), &ad).require_grad();
+    let t: Vec<i64> = (0..n as i64).map(|i| i * 7919 % v as i64).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(t, [n]), &ad);
+    let mut lp_times = [Vec::new(), Vec::new()];
+    for r in 0..repeats + 1 {
+        for (which, out) in lp_times.iter_mut().enumerate() {
+            let t = Instant::now();
+            // The logits as an operation's output, as the model's head hands them over.
+            let head = x.clone().mul_scalar(1.0);
+            let lp = if which == 0 { token_logprobs(head, targets.clone()) } else { token_logprobs_tensor_ops(head, targets.clone()) };
+            let grads = lp.sum().backward();
+            let g = x.grad(&grads).map(|g| g.narrow(0, 0, 1).narrow(1, 0, 1).into_scalar::<f32>());
+            if r > 0 {
+                out.push(t.elapsed().as_secs_f64());
+            }
+            if r == 1 {
+                println!("{}: d/dx[0, 0] = {g:?}", ["fused", "tensor ops"][which]);
+            }
+        }
+    }
+    let (f, o) = (median(&mut lp_times[0]), median(&mut lp_times[1]));
+    println!("token log-probs [{n}, {v}] forward + backward (with one scaling pass of the logits): fused {f:.3} s, tensor ops {o:.3} s, ratio {:.2}x", o / f);
 }

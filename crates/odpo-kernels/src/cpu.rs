@@ -138,11 +138,11 @@ pub(crate) fn reachable(device: &burn::tensor::Device) -> bool {
 }
 
 #[cfg(feature = "flex")]
-mod flex {
+pub(crate) mod flex {
     use burn::backend::flex::FlexTensor;
     use burn::tensor::DType;
 
-    pub(super) fn slice_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
+    pub(crate) fn slice_mut(t: &mut FlexTensor) -> Option<&mut [f32]> {
         if t.dtype() != DType::F32 {
             return None;
         }
@@ -150,7 +150,7 @@ mod flex {
         t.try_storage_mut::<f32>()?.get_mut(start..end)
     }
 
-    pub(super) fn with_rows<R>(t: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    pub(crate) fn with_rows<R>(t: &FlexTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
         if t.dtype() != DType::F32 {
             return None;
         }
@@ -160,7 +160,17 @@ mod flex {
         }
     }
 
-    pub(super) fn span(t: &FlexTensor) -> Option<&[f32]> {
+    /// The elements of an integer tensor as i64, in row-major order.
+    pub(crate) fn ints(t: &FlexTensor) -> Option<Vec<i64>> {
+        let t = if t.is_contiguous() { t.clone() } else { t.to_contiguous() };
+        match t.dtype() {
+            DType::I64 => t.as_slice::<i64>().map(<[i64]>::to_vec),
+            DType::I32 => t.as_slice::<i32>().map(|s| s.iter().map(|&a| i64::from(a)).collect()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn span(t: &FlexTensor) -> Option<&[f32]> {
         if t.dtype() != DType::F32 {
             return None;
         }
@@ -176,7 +186,7 @@ mod flex {
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #[cfg(feature = "tch")]
 #[allow(unsafe_code, deprecated)]
-mod tch {
+pub(crate) mod tch {
     use burn::backend::TensorMetadata;
     use burn::backend::libtorch::{LibTorchDevice, TchTensor};
     use burn::tensor::DType;
@@ -189,7 +199,7 @@ mod tch {
         usize::try_from(t.tensor.numel()).ok()
     }
 
-    pub(super) fn slice_mut(t: &mut TchTensor) -> Option<&mut [f32]> {
+    pub(crate) fn slice_mut(t: &mut TchTensor) -> Option<&mut [f32]> {
         // `can_mut`: burn-tch's own test for writing in place (no other tensor holds the buffer, no
         // broadcast stride).
         if !t.can_mut() || !cpu_f32(t) || !t.tensor.is_contiguous() {
@@ -218,7 +228,7 @@ mod tch {
         unsafe { std::slice::from_raw_parts(t.tensor.data_ptr().cast::<f32>().cast_const(), n) }
     }
 
-    pub(super) fn with_rows<R>(t: &TchTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    pub(crate) fn with_rows<R>(t: &TchTensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
         if !cpu_f32(t) {
             return None;
         }
@@ -232,7 +242,27 @@ mod tch {
         Some(f(unsafe { raw(&copy, n) }))
     }
 
-    pub(super) fn span(t: &TchTensor) -> Option<&[f32]> {
+    /// The elements of an integer CPU tensor as i64, in row-major order.
+    pub(crate) fn ints(t: &TchTensor) -> Option<Vec<i64>> {
+        if t.device() != LibTorchDevice::Cpu {
+            return None;
+        }
+        let t = TchTensor::new(t.tensor.contiguous());
+        let n = numel(&t)?;
+        if n == 0 {
+            return Some(Vec::new());
+        }
+        let ptr = t.tensor.data_ptr();
+        // SAFETY: `contiguous()` gives a contiguous CPU tensor of `n` elements of the checked type,
+        // kept alive by `t` while the slice is read.
+        match t.dtype() {
+            DType::I64 => Some(unsafe { std::slice::from_raw_parts(ptr.cast::<i64>().cast_const(), n) }.to_vec()),
+            DType::I32 => Some(unsafe { std::slice::from_raw_parts(ptr.cast::<i32>().cast_const(), n) }.iter().map(|&a| i64::from(a)).collect()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn span(t: &TchTensor) -> Option<&[f32]> {
         if !cpu_f32(t) {
             return None;
         }

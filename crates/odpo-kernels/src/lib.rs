@@ -1,6 +1,8 @@
-//! Fused kernels for the update path of training: the AdamW step in one pass over a parameter, its
-//! gradient and its two moments ([`adamw`]), and the sum of squares of a gradient without a squared
-//! temporary ([`cpu_sum_squares`]).
+//! Fused kernels for the two memory-bound ends of a training step: the log-probabilities of the
+//! target tokens over a large vocabulary ([`token_logprobs`], a log-softmax + gather with its own
+//! backward pass, as a burn backend extension), and the update path: the AdamW step in one pass over
+//! a parameter, its gradient and its two moments ([`adamw`]), and the sum of squares of a gradient
+//! without a squared temporary ([`cpu_sum_squares`]).
 //!
 //! burn's element-wise operations write one tensor per operation, so an AdamW update written with
 //! them makes a dozen passes over every parameter-sized buffer; PyTorch's single-tensor AdamW makes
@@ -15,6 +17,10 @@
 #![deny(missing_docs)]
 
 mod cpu;
+mod softmax;
+mod token_logprobs;
+
+pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 
 use burn::tensor::Tensor;
 

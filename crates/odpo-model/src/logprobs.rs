@@ -7,24 +7,22 @@ use crate::model::CausalLm;
 /// Per-token log-probabilities `[B, T-1]`: entry `t` is `log p(input_ids[t+1] | input_ids[..=t])`.
 ///
 /// Computed as `logit[target] - logsumexp(logits)`, so the `[B, T, V]` log-softmax is never
-/// stored; the exponentials inside logsumexp still take one `[B, T, V]` buffer. For B×T tokens and
-/// a vocabulary V the logits alone cost `4·B·T·V` bytes in f32: 8 sequences × 128 tokens × 49,152
-/// (SmolLM2) is 201 MB, and autodiff keeps them for the backward pass.
+/// stored. For B×T tokens and a vocabulary V the logits alone cost `4·B·T·V` bytes in f32:
+/// 8 sequences × 128 tokens × 49,152 (SmolLM2) is 201 MB, and autodiff keeps them for the backward
+/// pass.
 pub fn token_logprobs(logits: Tensor<3>, input_ids: Tensor<2, Int>) -> Tensor<2> {
     let [_, t, _] = logits.dims();
     target_logprobs(logits.narrow(1, 0, t - 1), input_ids.narrow(1, 1, t - 1))
 }
 
-/// `log softmax(logits)[target]` `[B, N]` for aligned `logits` `[B, N, V]` and `targets` `[B, N]`.
+/// `log softmax(logits)[target]` `[B, N]` for aligned `logits` `[B, N, V]` and `targets` `[B, N]`:
+/// `odpo_kernels::token_logprobs`, which on CPU backends reads the logits once and writes their
+/// gradient over them in place, never holding a `[B, N, V]` temporary.
 fn target_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [b, n, v] = logits.dims();
     // Low-precision logits are widened: log-probabilities summed over a completion need f32.
-    let logits = logits.cast(burn::tensor::FloatDType::F32);
-    let picked = logits.clone().gather(2, targets.reshape([b, n, 1])).reshape([b, n]);
-    // The max is a constant shift for stability; detaching it leaves the gradient unchanged.
-    let max = logits.clone().max_dim(2).detach();
-    let lse = (logits - max.clone().expand([b, n, v])).exp().sum_dim(2).log() + max;
-    picked - lse.reshape([b, n])
+    let logits = logits.cast(burn::tensor::FloatDType::F32).reshape([b * n, v]);
+    odpo_kernels::token_logprobs(logits, targets.reshape([b * n])).reshape([b, n])
 }
 
 /// [`sequence_logprobs`] of `model` on `input_ids`, with the LM head run only where a prediction
@@ -123,13 +121,15 @@ pub fn shared_prompt_logprobs(model: &CausalLm, rows: &SharedPromptRows) -> (Ten
     let both: Vec<i64> = (0..b as i64).chain(0..b as i64).collect();
     let both = Tensor::<1, Int>::from_data(TensorData::new(both, [b2]), &device);
     // The last prompt column predicts each completion's first token.
-    let first = model.head(hidden.narrow(1, p - 1, 1)).select(0, both.clone());
-    let mut lp = target_logprobs(first, rows.completion_ids.clone().narrow(1, 0, 1));
+    let mut h = hidden.narrow(1, p - 1, 1).select(0, both.clone());
     if c > 1 {
         cache.select_rows(both);
         let ids = rows.completion_ids.clone().narrow(1, 0, c - 1);
-        let h = model.hidden(ids, &rows.full_mask.clone().narrow(1, 0, p + c - 1), Some(&mut cache));
-        lp = Tensor::cat(vec![lp, target_logprobs(model.head(h), rows.completion_ids.clone().narrow(1, 1, c - 1))], 1);
+        let completions = model.hidden(ids, &rows.full_mask.clone().narrow(1, 0, p + c - 1), Some(&mut cache));
+        h = Tensor::cat(vec![h, completions], 1);
     }
+    // One head call for every predicting column: with a tied embedding, each call's backward
+    // writes a vocabulary-sized weight gradient that autodiff then adds to the others.
+    let lp = target_logprobs(model.head(h), rows.completion_ids.clone());
     ((lp * rows.loss_mask.clone()).sum_dim(1).reshape([b2]), count)
 }
