@@ -345,6 +345,7 @@ struct LogprobsArgs {
 }
 
 fn main() -> ExitCode {
+    odpo_trainer::allocator::reuse_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

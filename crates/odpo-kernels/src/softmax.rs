@@ -1,7 +1,7 @@
 //! The row loops of the fused log-softmax + gather: one read of a row of logits for its
-//! log-sum-exp, one pass over it for its gradient. Rows are split over rayon's threads; each row
-//! runs under `pulp`'s run-time CPU dispatch so that the loops vectorise with AVX2 / AVX-512
-//! where the CPU has them, in a binary built for baseline x86-64.
+//! log-sum-exp, one pass over it for its gradient. Rows are split over rayon's threads. On x86-64
+//! each row runs in a copy of the loop compiled for AVX2 + FMA when the CPU has them (chosen at
+//! run time; the binary itself targets baseline x86-64, where the loops take 4 lanes).
 
 use rayon::prelude::*;
 
@@ -19,7 +19,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     // Comparisons rather than `clamp`/`max`, which would turn NaN into a number.
     let x = if x < -88.0 { -88.0 } else { x };
     let x = if x > 88.0 { 88.0 } else { x };
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // x·log₂e + 1.5·2²³ holds the nearest integer n in its low mantissa bits: no float-to-int
+    // cast, whose saturating form does not vectorise.
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.987_569_1e-4_f32;
     let p = p * r + 1.398_199_9e-3;
@@ -28,8 +31,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5.000_000_1e-1;
     let er = p * r * r + r + 1.0;
-    // n ∈ [−127, 127]; −127 gives the bit pattern of 0.0.
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // The bits of `shifted` are 0x4B40_0000 + n; n ∈ [−127, 127], and −127 gives the bits of 0.0.
+    let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);
     er * two_n
 }
 
@@ -69,18 +72,69 @@ fn column(target: i64, v: usize) -> usize {
 }
 
 /// `(log softmax(row)[target], logsumexp(row))` of one row.
+#[inline(always)]
+fn row_forward_any(row: &[f32], target: usize) -> (f32, f32) {
+    let m = row_max(row);
+    // An infinite maximum (all −∞, or a +∞) leaves the result to IEEE rules, as the composed
+    // operations do.
+    let shift = if m.is_finite() { m } else { 0.0 };
+    let lse = f64::from(shift) + sum_exp(row, shift).ln();
+    ((f64::from(row[target]) - lse) as f32, lse as f32)
+}
+
+/// One row of the gradient: `out = g · (onehot(target) − softmax(row))`, `softmax = e^(row − lse)`;
+/// `input` is `None` when `out` holds the logits (in place).
+#[inline(always)]
+fn row_backward_any(input: Option<&[f32]>, out: &mut [f32], lse: f32, g: f32) {
+    let neg_g = -g;
+    match input {
+        Some(x) => {
+            for (o, &a) in out.iter_mut().zip(x) {
+                *o = neg_g * exp(a - lse);
+            }
+        }
+        None => {
+            for o in out.iter_mut() {
+                *o = neg_g * exp(*o - lse);
+            }
+        }
+    }
+}
+
+/// The row loops compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn row_forward(row: &[f32], target: usize) -> (f32, f32) {
+        super::row_forward_any(row, target)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn row_backward(input: Option<&[f32]>, out: &mut [f32], lse: f32, g: f32) {
+        super::row_backward_any(input, out, lse, g)
+    }
+}
+
+/// Whether the AVX2 + FMA copies of the loops can run here (detected once, then cached by std).
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[allow(unsafe_code)]
 fn row_forward(row: &[f32], target: usize) -> (f32, f32) {
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || {
-            let m = row_max(row);
-            // An infinite maximum (all −∞, or a +∞) leaves the result to IEEE rules, as the
-            // composed operations do.
-            let shift = if m.is_finite() { m } else { 0.0 };
-            let lse = f64::from(shift) + sum_exp(row, shift).ln();
-            ((f64::from(row[target]) - lse) as f32, lse as f32)
-        },
-    )
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { avx2::row_forward(row, target) };
+    }
+    row_forward_any(row, target)
 }
 
 /// Log-probabilities of the targets and log-sum-exps, each `[N]`, of row-major logits `[N, V]`.
@@ -95,32 +149,27 @@ pub(crate) fn forward(logits: &[f32], v: usize, targets: &[i64]) -> (Vec<f32>, V
     (lp, lse)
 }
 
-/// One row of the gradient: `out = g · (onehot(target) − softmax(row))`, `softmax = e^(row − lse)`;
-/// `input` is `None` when `out` holds the logits (in place).
+/// [`row_backward_any`], then the one-hot term of the target.
+#[allow(unsafe_code)]
 fn row_backward(input: Option<&[f32]>, out: &mut [f32], target: usize, lse: f32, g: f32) {
     if g == 0.0 {
         // A masked position (prompt, padding): no gradient, and no exponentials to compute.
         out.fill(0.0);
         return;
     }
-    pulp::Arch::new().dispatch(
-        #[inline(always)]
-        || {
-            let neg_g = -g;
-            match input {
-                Some(x) => {
-                    for (o, &a) in out.iter_mut().zip(x) {
-                        *o = neg_g * exp(a - lse);
-                    }
-                }
-                None => {
-                    for o in out.iter_mut() {
-                        *o = neg_g * exp(*o - lse);
-                    }
-                }
-            }
-        },
-    );
+    #[cfg(target_arch = "x86_64")]
+    let done = if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        unsafe { avx2::row_backward(input, out, lse, g) };
+        true
+    } else {
+        false
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = false;
+    if !done {
+        row_backward_any(input, out, lse, g);
+    }
     out[target] += g;
 }
 
@@ -208,6 +257,22 @@ mod tests {
                 let got = f64::from(out[r * v + c]);
                 assert!((got - w).abs() <= 1e-6 * w.abs().max(1e-3), "row {r} col {c}: {got} vs {w}");
             }
+        }
+    }
+
+    #[test]
+    fn the_baseline_loops_agree_with_the_dispatched_ones() {
+        let v = 1000;
+        let x = rows(1, v);
+        let (lp, lse) = row_forward(&x, 7);
+        assert_eq!(row_forward_any(&x, 7), (lp, lse));
+        let (mut a, mut b) = (vec![0f32; v], vec![0f32; v]);
+        row_backward(Some(&x), &mut a, 7, lse, 0.5);
+        row_backward_any(Some(&x), &mut b, lse, 0.5);
+        b[7] += 0.5;
+        for (p, q) in a.iter().zip(&b) {
+            // FMA contraction may differ between the two copies by an ulp.
+            assert!((p - q).abs() <= 1e-6 * q.abs().max(1e-6), "{p} vs {q}");
         }
     }
 

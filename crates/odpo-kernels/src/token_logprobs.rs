@@ -8,6 +8,9 @@
 //! forward pass reads each row once for its log-sum-exp and keeps only the logits; the backward
 //! pass writes the gradient `g · (onehot − softmax)` over the logits in place.
 
+// burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+#![cfg_attr(feature = "tch", allow(deprecated))]
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -117,7 +120,6 @@ macro_rules! cpu_backend {
 #[cfg(feature = "flex")]
 cpu_backend!(burn::backend::Flex, flex);
 #[cfg(feature = "tch")]
-#[allow(deprecated)]
 cpu_backend!(burn::backend::LibTorch, tch);
 
 /// Autodiff: the forward pass of the inner backend, recorded with its own backward step, which
@@ -169,7 +171,6 @@ fn extended(kind: &DispatchTensorKind) -> bool {
         #[cfg(feature = "flex")]
         DispatchTensorKind::Flex(_) => true,
         #[cfg(feature = "tch")]
-        #[allow(deprecated)]
         DispatchTensorKind::LibTorch(_) => true,
         DispatchTensorKind::Autodiff(inner) => extended(inner),
         #[allow(unreachable_patterns)]

@@ -16,6 +16,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod allocator;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

@@ -24,6 +24,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    odpo_trainer::allocator::reuse_freed_memory();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let args = Args::parse();
