@@ -158,18 +158,13 @@ fn row_backward(input: Option<&[f32]>, out: &mut [f32], target: usize, lse: f32,
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    let done = if has_avx2() {
+    if has_avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked just above).
         unsafe { avx2::row_backward(input, out, lse, g) };
-        true
-    } else {
-        false
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = false;
-    if !done {
-        row_backward_any(input, out, lse, g);
+        out[target] += g;
+        return;
     }
+    row_backward_any(input, out, lse, g);
     out[target] += g;
 }
 
