@@ -1,33 +1,94 @@
 #!/usr/bin/env bash
-# Builds what scripts/gpu-check.sh runs on a GPU machine without a Rust toolchain, into BIN_DIR
-# (default gpu-bin/, ignored by git): the `odpo` binary with flex and Vulkan, the conformance test
-# binaries built for Vulkan, SmolLM2's config.json (shapes only) and `build-root`, the checkout the
-# test binaries were compiled in (they read their fixtures from there; gpu-check.sh links it).
-# Everything is gzipped to stay under the 64 MiB a device run carries.
+# Builds what scripts/gpu-check.sh runs on a Linux GPU machine that has no Rust toolchain and no network
+# (docs/backends.md, "GPU check"), into OUT (default gpu-bin/, ignored by git):
+#   - `odpo` with flex, Vulkan (burn's wgpu with SPIR-V kernels), burn's CUDA backend and libtorch, and
+#     `suites` (the eight conformance suites in one test binary) with the same backends, stripped and
+#     xz-compressed;
+#   - libtorch is the GPU machine's own: the binaries are compiled against PyPI's torch 2.11.0 (CUDA 13.0)
+#     headers and run with that machine's torch/lib on the library path (ODPO_GPU_TORCH picks another);
+#   - SmolLM2-135M-Instruct (GGUF, tokenizer) and the paper's IMDB pairs from ODPO_SHARED, for the real run;
+#   - Debian's Vulkan and EGL loaders as .deb files, for a machine whose NVIDIA driver has no loader beside it.
+# Everything goes into one tar, cut into parts small enough that each travels with the working tree in
+# one device run (64 MiB in all; ODPO_GPU_PART_MIB, by default what the working tree leaves with a
+# MiB to spare); MANIFEST holds their checksums. The device calls that carry the parts and
+# run the check are printed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu-bin}
-mkdir -p "$OUT"
-TARGET=${CARGO_TARGET_DIR:-target}
+TORCH=${ODPO_GPU_TORCH:-2.11.0}
+# What travels with every device call: tracked files and untracked ones git does not ignore.
+tree=$( (git ls-files; git ls-files -o --exclude-standard) | sort -u | while read -r f; do [ -f "$f" ] && stat -c %s "$f"; done | awk '{s += $1} END {print s + 0}')
+PART_MIB=${ODPO_GPU_PART_MIB:-$(( (64 * 1048576 - tree - 1048576) / 1048576 ))}
+SHARED=${ODPO_SHARED:-../shared}
+# A build folder of its own: its libtorch (torch-sys) differs from the one CI's tch build links.
+export CARGO_TARGET_DIR=${ODPO_GPU_TARGET:-$HOME/.cache/odpo/target-gpu}
+FEATURES=flex,vulkan,cuda,tch
 
-cargo build --release -p odpo-cli --no-default-features --features flex,vulkan
-gzip -c "$TARGET/release/odpo" > "$OUT/odpo.gz"
+cargo xtask setup-cuda
+cargo xtask setup-libtorch --torch "$TORCH"
+venv=$HOME/.cache/odpo/libtorch-$TORCH-venv
+[ "$TORCH" = 2.9.0 ] && venv=$HOME/.cache/odpo/libtorch-venv
+export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1
+export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 
-# One `cargo test` over the three packages (one feature set, one build), as `xtask conformance` does.
-cargo test --profile conformance -p odpo-model -p odpo-loss -p odpo-trainer --no-default-features --features vulkan \
-  --no-run --message-format=json \
-  --test parity --test parity_neo --test pytorch_parity --test gradients \
-  --test conformance --test shared_prompt --test data_parallel --test mixed_precision \
-  | python3 -c '
-import json, sys, shutil, gzip
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/bin" "$stage/model" "$stage/data" "$stage/gl"
+
+echo "== cargo build odpo ($FEATURES, torch $TORCH)"
+cargo build --release -p odpo-cli --no-default-features --features "$FEATURES"
+echo "== cargo test --no-run suites ($FEATURES)"
+suites=$(cargo test --release -p odpo-trainer --no-default-features --features "$FEATURES,suites" --test suites --no-run --message-format=json \
+  | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
-        with open(m["executable"], "rb") as src, gzip.open(sys.argv[1] + "/" + m["target"]["name"] + ".gz", "wb") as dst:
-            shutil.copyfileobj(src, dst)
-' "$OUT"
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "suites":
+        print(m["executable"])')
+[ -x "$suites" ] || { echo "no suites binary" >&2; exit 1; }
+for pair in "odpo:$CARGO_TARGET_DIR/release/odpo" "suites:$suites"; do
+  name=${pair%%:*} path=${pair#*:}
+  strip -o "$stage/bin/$name" "$path"
+  xz -T0 -6 "$stage/bin/$name"
+done
+echo "$TORCH" > "$stage/bin/torch-version"
+git rev-parse HEAD > "$stage/bin/commit" 2>/dev/null || true
 
-cp "${ODPO_SHARED:-../shared}/models/smollm2-135m-instruct/config.json" "$OUT/smollm2-config.json" 2>/dev/null \
-  || echo "note: no SmolLM2 config.json under ODPO_SHARED; the benchmarks will be skipped" >&2
-pwd > "$OUT/build-root"
-du -sh "$OUT"
+echo "== model and data from $SHARED"
+m=$SHARED/models/smollm2-135m-instruct
+cp "$m/SmolLM2-135M-Instruct.Q4_1.gguf" "$m/tokenizer_config.json" "$m/chat_template.jinja" "$m/config.json" "$stage/model/"
+cp "$m/generation_config.json" "$stage/model/" 2>/dev/null || true
+xz -T0 -c "$m/tokenizer.json" > "$stage/model/tokenizer.json.xz"
+xz -T0 -c "$SHARED/data/odpo-paper/imdb-sft-test.jsonl" > "$stage/data/imdb-sft-test.jsonl.xz"
+
+echo "== Vulkan and EGL loaders (Debian packages)"
+lists=$(mktemp -d)
+o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=$lists -oDebug::NoLocking=1"
+mkdir -p "$lists/partial"
+# shellcheck disable=SC2086
+apt-get $o update -qq >/dev/null
+# shellcheck disable=SC2086
+(cd "$stage/gl" && apt-get $o download -qq libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
+rm -rf "$lists"
+
+echo "== pack"
+rm -rf "$OUT" && mkdir -p "$OUT"
+tar -C "$stage" -cf "$OUT/bundle.tar" .
+(cd "$OUT" && split -b "${PART_MIB}M" -d -a 2 bundle.tar part- && sha256sum bundle.tar part-* > MANIFEST && rm bundle.tar)
+echo "parts of $PART_MIB MiB: the working tree that travels with each is $((tree / 1048576)) MiB"
+ls -l "$OUT"
+parts=$(cd "$OUT" && ls part-*)
+n=$(echo "$parts" | wc -l)
+cat <<EOF
+
+$n parts in $OUT. On a session lent a GPU machine, one device call each, the next as soon as the last returns
+(a machine stays warm 30 s after a call; what a call copies to /tmp stays while it is warm):
+EOF
+i=0
+for p in $parts; do
+  i=$((i + 1))
+  if [ "$i" -lt "$n" ]; then
+    echo "  run(command=\"mkdir -p /tmp/odpo-gpu && cp $OUT/$p /tmp/odpo-gpu/\", carry=[\"$OUT/$p\"], timeout_s=120)"
+  else
+    echo "  run(command=\"mkdir -p /tmp/odpo-gpu && cp $OUT/$p $OUT/MANIFEST /tmp/odpo-gpu/ && scripts/gpu-check.sh /tmp/odpo-gpu \$OUT\", carry=[\"$OUT/$p\", \"$OUT/MANIFEST\"], timeout_s=540)"
+  fi
+done

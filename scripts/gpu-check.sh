@@ -1,73 +1,209 @@
 #!/usr/bin/env bash
-# The GPU check: runs on a Linux GPU machine without a Rust toolchain, from binaries built elsewhere
-# (docs/backends.md, "GPU check"). Usage: scripts/gpu-check.sh BIN_DIR
-#   BIN_DIR is what scripts/gpu-build.sh writes: `odpo.gz` (flex + Vulkan), the conformance test
-#   binaries built for Vulkan (`parity.gz`, ..., `mixed_precision.gz`), `smollm2-config.json` (shapes
-#   only) and `build-root`; and `libvulkan.so.1` if the machine lacks the Vulkan loader.
-# It prints the GPU; computes completion log-probabilities of every tiny fixture model on wgpu/Vulkan
-# and on the CPU (flex) and prints both; runs the parity test binaries on the GPU when present; measures
-# forward throughput on SmolLM2-135M shapes on Vulkan and on the CPU; and PyTorch on the same GPU when
-# torch with CUDA and transformers are installed.
+# The GPU check: every GPU backend on one machine, from what scripts/gpu-build.sh made elsewhere (this
+# machine needs no Rust toolchain and no network). Usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR
+#   BUNDLE_DIR holds gpu-build.sh's parts and MANIFEST; OUT_DIR receives gpu-check.log (everything
+#   printed), gpu-check.json (every figure) and gpu-check.md (the tables), rewritten after each stage
+#   so that a run cut short still returns what it measured.
+# For each backend (GPU_CHECK_BACKENDS, default "cuda tch-cuda vulkan"):
+#   1. the conformance suites: model parity of nine families against transformers, loss parity, three
+#      ODPO steps against PyTorch, shared prompt, data parallel, bf16/f16 mixed precision;
+#   2. the ODPO step benchmark beside PyTorch eager (bench/pytorch/step.py, TRL's step) on SmolLM2-135M
+#      and Llama-3.2-1B shapes with random weights, 8 pairs x 512 tokens, bf16 (f16 on Vulkan, which
+#      has no bf16): tokens/s, MFU against the card's bf16 peak, peak GPU memory (NVML, bench/gpu_peak.py);
+#   3. ODPO on the real SmolLM2-135M-Instruct with the paper's IMDB pairs for 100 steps, and the same
+#      run's first steps on the CPU (flex) beside it.
+# Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that would not fit is
+# recorded as skipped. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry run on a machine
+# without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md.
 set -u
-BIN=${1:?usage: scripts/gpu-check.sh BIN_DIR}
 cd "$(dirname "$0")/.."
-for z in "$BIN"/*.gz; do [ -f "${z%.gz}" ] || gunzip -k "$z"; chmod +x "${z%.gz}"; done
-# The test binaries read their fixtures from the checkout they were built in: point that path here.
-if [ -f "$BIN/build-root" ]; then
-  root=$(cat "$BIN/build-root")
-  [ -d "$root/crates" ] || { mkdir -p "$(dirname "$root")" && ln -sfn "$PWD" "$root"; }
-fi
-# A machine with the NVIDIA driver but no Vulkan loader: a `libvulkan.so.1` in BIN_DIR (Debian's
-# libvulkan1) is used.
-[ -f "$BIN/libvulkan.so.1" ] && export LD_LIBRARY_PATH="$PWD/$BIN:${LD_LIBRARY_PATH:-}"
-chmod +x "$BIN/odpo"
-echo "== machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -4
-ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d 2>/dev/null | head
-echo "cpus: $(nproc)"
+BUNDLE=${1:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
+OUT=${2:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
+BUDGET=${GPU_CHECK_BUDGET:-400}
+BACKENDS=${GPU_CHECK_BACKENDS:-cuda tch-cuda vulkan}
+RUN_BACKENDS=${GPU_CHECK_RUN_BACKENDS:-$BACKENDS}
+QUICK=${GPU_CHECK_QUICK:-0}
+PY=${GPU_CHECK_PYTHON:-python3}
+start=$SECONDS
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG=$OUT/gpu-check.log
+W=${GPU_CHECK_WORK:-/tmp/odpo-gpu-check}
+rm -rf "$W" && mkdir -p "$W/records"
+exec > >(tee -a "$LOG") 2>&1
 
-echo "== completion log-prob, GPU (vulkan) against CPU (flex), every fixture family"
-TOK=crates/odpo-model/tests/fixtures/tokenizer/tiny
-for case in gpt2 llama_gqa_untied llama3_rope qwen2_bias llama_sharded gpt_neo_local gptj gpt_neox_parallel gpt_neox_sequential; do
-  m=crates/odpo-model/tests/fixtures/$case
-  g=$(timeout 120 "$BIN/odpo" logprobs --model "$m" --tokenizer "$TOK" --prompt "hello world hello" --completion "world hello world world hello" --backend vulkan --json 2>/dev/null | grep completion_logprob_sum)
-  c=$(timeout 120 "$BIN/odpo" logprobs --model "$m" --tokenizer "$TOK" --prompt "hello world hello" --completion "world hello world world hello" --backend flex --json 2>/dev/null | grep completion_logprob_sum)
-  echo "$case | vulkan ${g:-FAILED} | flex ${c:-FAILED}"
-done
-
-echo "== conformance suites on the GPU (Vulkan): model parity, loss parity, three ODPO steps against PyTorch, ..."
-for t in parity parity_neo pytorch_parity gradients conformance shared_prompt data_parallel mixed_precision; do
-  [ -x "$BIN/$t" ] || continue
-  echo "-- $t"
-  timeout 240 "$BIN/$t" --test-threads=1 --nocapture 2>&1 | grep -E "max|worst|weights|largest|refused|Δ|devices|test result|panicked" | head -20
-done
-
-echo "== forward throughput, SmolLM2-135M shapes, 8 x 128, f32"
-timeout 240 "$BIN/odpo" bench-forward --config "$BIN/smollm2-config.json" --backend vulkan --batch 8 --seq 128 --repeats 10 2>&1 | tail -3
-timeout 200 "$BIN/odpo" bench-forward --config "$BIN/smollm2-config.json" --backend flex --batch 8 --seq 128 --repeats 3 2>&1 | tail -1
-
-echo "== PyTorch on the same GPU"
-if python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
-  timeout 200 python3 bench/pytorch/forward.py --device cuda --config "$BIN/smollm2-config.json" --repeats 10 --threads 16
+if [ "$QUICK" = 1 ]; then
+  MODELS=${GPU_CHECK_MODELS:-gpt2-tiny}; SHAPE=${GPU_CHECK_SHAPE:-2x64}; STEPS=${GPU_CHECK_STEPS:-4}; CPU_STEPS=2
+  PT_DEVICE=cpu; REPEATS=2
 else
-  echo "torch with CUDA + transformers not installed here: no PyTorch figure"
+  MODELS=${GPU_CHECK_MODELS:-smollm2-135m llama-3.2-1b}; SHAPE=${GPU_CHECK_SHAPE:-8x512}; STEPS=${GPU_CHECK_STEPS:-100}; CPU_STEPS=4
+  PT_DEVICE=cuda; REPEATS=5
 fi
+PAIRS=${SHAPE%x*} SEQ=${SHAPE#*x}
 
-echo "== ODPO training step, SmolLM2-135M shapes, 4 pairs x 128 tokens, f32"
-mkdir -p /tmp/gpu-check
-timeout 240 "$BIN/odpo" bench --config "$BIN/smollm2-config.json" --backend vulkan --pairs 4 --seq 128 --repeats 5 > /tmp/gpu-check/odpo-vulkan.json 2>/dev/null
-if python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
-  timeout 240 python3 bench/pytorch/step.py --device cuda --config "$BIN/smollm2-config.json" --pairs 4 --seq 128 --repeats 10 --threads 16 > /tmp/gpu-check/pytorch-cuda.json 2>/dev/null
+left() { echo $((BUDGET - (SECONDS - start))); }
+# cap SECONDS: a stage's time limit, no later than the end of the budget.
+cap() { local l; l=$(left); [ "$1" -lt "$l" ] && echo "$1" || echo $((l > 10 ? l : 10)); }
+# record NAME JSON: one stage's figures; the report is rebuilt after each.
+record() {
+  printf '%s\n' "$2" > "$W/records/$(printf '%03d' $((SECONDS - start)))-$1.json"
+  "$PY" scripts/gpu-report.py "$W/records" "$OUT" > /dev/null || true
+}
+# fits SECONDS: whether a stage expected to take that long fits in what is left of the budget.
+fits() {
+  if [ "$(left)" -lt "$1" ]; then
+    echo "-- skipped: $(left) s left of the budget, the stage needs about $1 s"
+    return 1
+  fi
+}
+burn_name() { case $1 in tch-cuda) echo tch ;; *) echo "${1%%:*}" ;; esac; }
+
+echo "== bundle"
+(
+  cd "$BUNDLE" || exit 1
+  missing=0
+  for p in $(awk '$2 ~ /^part-/ {print $2}' MANIFEST); do
+    [ -f "$p" ] || { echo "missing $p: send it again (scripts/gpu-build.sh printed the device calls)"; missing=1; }
+  done
+  [ "$missing" = 0 ] || exit 3
+  sha256sum -c --quiet --ignore-missing MANIFEST || exit 4
+  rm -rf x && mkdir x && cat $(awk '$2 ~ /^part-/ {print $2}' MANIFEST) | tar -C x -xf - || exit 5
+  for z in x/bin/*.xz; do unxz -f "$z"; done
+  chmod +x x/bin/odpo x/bin/suites
+  unxz -f x/data/*.xz x/model/*.xz
+) || { echo "the bundle in $BUNDLE is incomplete or damaged"; exit 3; }
+X=$(cd "$BUNDLE/x" && pwd)
+ODPO=$X/bin/odpo
+echo "built from commit $(cat "$X/bin/commit" 2>/dev/null), against torch $(cat "$X/bin/torch-version" 2>/dev/null)"
+
+echo "== machine"
+# libtorch: this machine's own PyTorch.
+TORCH_LIB=$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)
+export LD_LIBRARY_PATH=${TORCH_LIB:+$TORCH_LIB:}${LD_LIBRARY_PATH:-}
+# Vulkan: the NVIDIA driver's ICD, and Debian's loaders when the machine lacks them. The driver's
+# Vulkan library is its GLX one, which needs glvnd's dispatch library beside the Vulkan loader.
+if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan.so.1 ' || ! ldconfig -p 2>/dev/null | grep -q 'libGLdispatch.so.0 '; then
+  echo "no Vulkan or glvnd loader here: unpacking the carried Debian packages into /"
+  for f in "$X"/gl/*.deb; do dpkg -x "$f" /; done
+  ldconfig
 fi
-python3 - <<'PY'
-import json
-rows = [("odpo, burn wgpu/Vulkan", "/tmp/gpu-check/odpo-vulkan.json"), ("PyTorch (transformers, TRL's step), CUDA", "/tmp/gpu-check/pytorch-cuda.json")]
-print("| step | tokens/s | s/step (min-max) | peak host memory |")
-print("|---|---|---|---|")
-for name, path in rows:
-    try:
-        r = json.load(open(path))
-        print(f"| {name} | {r['tokens_per_s']:.0f} | {r['seconds_per_step_median']:.3f} ({r['seconds_per_step_min']:.3f}-{r['seconds_per_step_max']:.3f}) | {r.get('peak_rss_mib', 0):.0f} MiB |")
-    except Exception as e:
-        print(f"| {name} | failed or not run ({type(e).__name__}) | | |")
+for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
+  if [ -f "$icd" ]; then
+    export VK_DRIVER_FILES=$icd
+    egl=${icd%/vulkan/icd.d/nvidia_icd.json}/glvnd/egl_vendor.d/10_nvidia.json
+    [ -f "$egl" ] && export __EGL_VENDOR_LIBRARY_FILENAMES=$egl
+    break
+  fi
+done
+# libdevice (the CUDA backend's math functions): the toolkit's, else the copy Triton carries.
+if [ -z "${CUDA_PATH:-}" ] && [ ! -f /usr/local/cuda/nvvm/libdevice/libdevice.10.bc ]; then
+  ld=$(ls /usr/local/cuda*/nvvm/libdevice/libdevice.10.bc 2>/dev/null | head -1)
+  [ -n "$ld" ] || ld=$("$PY" -c 'import triton, os; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/lib/libdevice.10.bc"))' 2>/dev/null)
+  if [ -f "$ld" ]; then
+    mkdir -p "$W/cuda/nvvm/libdevice" && ln -sf "$ld" "$W/cuda/nvvm/libdevice/libdevice.10.bc"
+    export CUDA_PATH=$W/cuda
+  fi
+fi
+export ODPO_REPO=$PWD XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} RUST_BACKTRACE=1
+gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
+echo "gpu: ${gpu:-none}; cpus: $(nproc); torch lib: ${TORCH_LIB:-none}; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}; CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}"
+missing=$(ldd "$ODPO" | grep 'not found')
+[ -z "$missing" ] || echo "odpo cannot load: $missing"
+"$PY" - "$W/machine.json" "$PT_DEVICE" <<'PY'
+import json, os, sys, time, platform
+out, device = sys.argv[1], sys.argv[2]
+info = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "python": platform.python_version()}
+try:
+    import torch
+    info["torch"] = torch.__version__
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        # The bf16 matmul rate of this card, 8192^3, the mean of ten after three warm-ups.
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        info["bf16_matmul_tflops"] = 10 * 2 * 8192**3 / (time.perf_counter() - t) / 1e12
+    import transformers
+    info["transformers"] = transformers.__version__
+except Exception as e:
+    info["error"] = repr(e)
+json.dump(info, open(out, "w"))
+print(info)
 PY
+record machine "$(cat "$W/machine.json")"
+
+echo "== 1. conformance suites"
+# conformance BACKEND: runs the suites there and records them; fails when the binary crashed.
+conformance() {
+  local b=$1 t0=$SECONDS rc dp
+  echo "-- $b"
+  fits 30 || { record "conformance-$b" "{\"stage\":\"conformance\",\"backend\":\"$b\",\"skipped\":true}"; return 0; }
+  # One GPU: data parallelism runs over the device twice (the split and the sum of the gradients).
+  dp=${GPU_CHECK_DP_DEVICES:-$b,$b}
+  ODPO_TEST_DEVICE=$b ODPO_DP_DEVICES=$dp BURN_DEVICE=$(burn_name "$b") timeout "$(cap "${GPU_CHECK_SUITE_TIMEOUT:-150}")" "$X/bin/suites" --test-threads=4 --nocapture > "$W/conformance-$b.log" 2>&1
+  rc=$?
+  cat "$W/conformance-$b.log"
+  "$PY" - "$W/conformance-$b.log" "$b" "$rc" "$((SECONDS - t0))" > "$W/c.json" <<'PY'
+import json, re, sys
+log, backend, rc, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+text = open(log, errors="replace").read()
+m = re.search(r"test result: (\w+)\. (\d+) passed; (\d+) failed", text)
+figures = [l.strip() for l in text.splitlines() if re.search(r"max \|diff\||max rel err|largest|worst|\|Δ|weights|refused|trained", l)]
+print(json.dumps({"stage": "conformance", "backend": backend, "rc": rc, "seconds": secs,
+                  "passed": int(m.group(2)) if m else 0, "failed": int(m.group(3)) if m else None,
+                  "failures": re.findall(r"test (\S+) \.\.\. FAILED", text),
+                  "panics": [l.strip() for l in text.splitlines() if "panicked at" in l or l.startswith("thread '")][:20],
+                  "figures": figures[:80]}))
+PY
+  record "conformance-$b" "$(cat "$W/c.json")"
+  # 124: the time limit; 128 and above: a signal (a crash in the driver).
+  [ "$rc" -lt 124 ]
+}
+for b in $BACKENDS; do
+  conformance "$b" || echo "-- $b: the suites did not finish (exit status above 123: a crash or the time limit)"
+done
+
+echo "== 2. ODPO step, $SHAPE, bf16 (Vulkan f16), against PyTorch eager"
+for m in $MODELS; do
+  cfg=bench/configs/$m.json
+  echo "-- $m PyTorch ($PT_DEVICE)"
+  if fits 40; then
+    "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$PY" bench/pytorch/step.py --config "$cfg" --device "$PT_DEVICE" --dtype bf16 \
+      --pairs "$PAIRS" --seq "$SEQ" --threads "$(nproc)" --warmup 2 --repeats "$REPEATS" > "$W/step.json"
+    record "bench-$m-pytorch" "$("$PY" scripts/gpu-report.py --merge bench "$m" pytorch "$W/step.json" "$W/mem.json")"
+  fi
+  for b in $BACKENDS; do
+    case $b in vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
+    echo "-- $m odpo $b ($dtype)"
+    fits 40 || { record "bench-$m-$b" "{\"stage\":\"bench\",\"model\":\"$m\",\"side\":\"$b\",\"skipped\":true}"; continue; }
+    "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$ODPO" bench --config "$cfg" --backend "$b" --dtype "$dtype" \
+      --pairs "$PAIRS" --seq "$SEQ" --warmup 2 --repeats "$REPEATS" > "$W/step.json"
+    record "bench-$m-$b" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b" "$W/step.json" "$W/mem.json")"
+  done
+done
+
+echo "== 3. ODPO on SmolLM2-135M-Instruct with the paper's IMDB pairs, $STEPS steps, and the first steps on the CPU"
+for b in flex $RUN_BACKENDS; do
+  steps=$STEPS; [ "$b" = flex ] && steps=$CPU_STEPS
+  echo "-- $b, $steps steps"
+  fits 60 || { record "run-$b" "{\"stage\":\"run\",\"backend\":\"$b\",\"skipped\":true}"; continue; }
+  t0=$SECONDS
+  timeout "$(cap "${GPU_CHECK_RUN_TIMEOUT:-200}")" "$ODPO" train --config configs/smollm2-imdb-odpo.toml --backend "$b" \
+    --set "model.path=$X/model/SmolLM2-135M-Instruct.Q4_1.gguf" --set "data.path=$X/data/imdb-sft-test.jsonl" \
+    --set train.max_steps="$steps" --set train.micro_batch_size=8 --set train.log_every=1 --set train.checkpoint_every=0 \
+    --set eval.every=25 --set "output.dir=$W/run-$b" --set "output.cache_dir=$W/cache-$b" --set output.export=false \
+    > "$W/run-$b.log" 2>&1
+  echo "exit $?"
+  grep -v '^\s*$' "$W/run-$b.log" | tail -12
+  record "run-$b" "$("$PY" scripts/gpu-report.py --merge run "$b" "$W/run-$b/metrics.jsonl" "$((SECONDS - t0))")"
+done
+
+echo "== summary ($((SECONDS - start)) s)"
+"$PY" scripts/gpu-report.py "$W/records" "$OUT"

@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
 """PyTorch reference of one ODPO training step, written the way TRL's DPOTrainer runs it.
 
-    /work/venv/bin/python bench/pytorch/step.py --config bench/configs/smollm2-135m.json \
-        [--pairs 4] [--seq 128] [--threads 2] [--repeats 5] [--warmup 2] [--lora RANK] [--device cpu]
+    python3 bench/pytorch/step.py --config bench/configs/smollm2-135m.json \
+        [--pairs 4] [--seq 128] [--threads 2] [--repeats 5] [--warmup 2] [--lora RANK] [--device cpu] [--dtype bf16]
 
 One step: chosen and rejected concatenated into one [2*pairs, seq] batch, a policy forward with
 per-token log-probs (log_softmax + gather over the completion half of each row), the reference
 forward under torch.no_grad() on a frozen copy (with --lora: the same model with the adapters
 disabled, as TRL + PEFT do), the ODPO loss -logsigmoid(beta*h - alpha*log(s_w - s_l)), backward,
 AdamW (fused, transformers' default optimizer with torch >= 2.8; --optim adamw_torch for the
-single-tensor one). Random weights, float32, transformers' model classes. Prints one JSON object with the same
+single-tensor one). Random weights, float32 (--dtype bf16/f16: autocast over the float32 weights, as TRL
+trains with bf16=True), transformers' model classes. Prints one JSON object with the same
 fields as `odpo bench`: tokens/s (2*pairs*seq per step), pairs/s, seconds per step
 (median/min/max over --repeats after --warmup), peak RSS, the FLOPs of the step and their share of
-a float32 matmul peak measured here.
+a float32 matmul peak measured here; on CUDA also torch's peak allocated and reserved GPU memory.
 """
 import argparse
 import copy
@@ -84,6 +85,8 @@ def main():
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank on every projection (0: full fine-tuning)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
+                    help="bf16/f16: mixed precision as TRL trains with bf16=True (autocast over f32 weights)")
     ap.add_argument("--optim", choices=["adamw_torch_fused", "adamw_torch"], default="adamw_torch_fused",
                     help="transformers' optimizer names: its default with torch >= 2.8 is the fused AdamW")
     args = ap.parse_args()
@@ -114,8 +117,12 @@ def main():
     offsets = torch.rand(args.pairs, generator=g).to(args.device)
     beta = 0.7
 
+    amp = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.dtype)
+    device_type = "cuda" if args.device.startswith("cuda") else "cpu"
+
     def seq_logps(model, ids, mask):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         return (lp * loss_mask).sum(-1)
 
@@ -160,6 +167,8 @@ def main():
         mark()
         return loss.item()
 
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     phases = [[], [], [], []]
     for i in range(args.warmup + args.repeats):
@@ -173,6 +182,10 @@ def main():
             for k in range(4):
                 phases[k].append(marks[k + 1] - marks[k])
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    gpu = {}
+    if device_type == "cuda":
+        gpu = {"gpu_peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+               "gpu_peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20}
     peak = matmul_peak(1024, args.device)
     med = statistics.median(times)
     tokens = rows * args.seq
@@ -205,6 +218,8 @@ def main():
         "transformers": transformers.__version__,
         "cpu": platform.processor() or platform.machine(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "dtype": args.dtype,
+        **gpu,
     }, indent=2))
 
 

@@ -46,19 +46,26 @@ enum Task {
     BenchGenerate(Passthrough),
     /// The ODPO training-step benchmark: each model shape x batch shape in its own process (peak memory
     /// per row). --models tiny,gpt2-124m,smollm2-135m (or config.json paths) --shapes 4x128 [--lora R]
-    /// [--backend B] [--repeats N] [--vs-pytorch] [--out FILE.jsonl]. With --vs-pytorch the same step in
+    /// [--backend B] [--dtype bf16] [--repeats N] [--vs-pytorch] [--out FILE.jsonl]. With --vs-pytorch the same step in
     /// PyTorch (bench/pytorch/step.py, python from $ODPO_PYTHON or `python3`) runs after each row, and the
     /// table shows the ratio.
     Bench(BenchArgs),
     /// The conformance suite on one backend or several: the model parity fixtures (nine families
     /// against transformers), the loss fixtures (against PyTorch), three ODPO training steps against
     /// PyTorch, data-parallel and mixed-precision training. [--backend B] or [--backend B1,B2]: one
-    /// build with every named backend's feature, the suites run once per backend.
+    /// build with every named backend's feature, the suites run once per backend. [--also-build B3]:
+    /// compiled and linked in, not run.
     Conformance(Passthrough),
     /// Installs PyTorch 2.9.0 (the libtorch burn-tch 0.22 links against) from PyPI into a virtual
     /// environment (default ~/.cache/odpo/libtorch-venv) and prints the environment the `tch` backend
     /// needs; `cargo xtask ... --backend tch` finds that environment by itself. [--venv DIR] [--python PY]
-    SetupLibtorch(SetupArgs),
+    SetupLibtorch(LibtorchArgs),
+    /// Installs the static LLVM 23.1 SDK that burn's `cuda` backend compiles its kernels with
+    /// (PyPI's mlc-llvm-static with its extra targets, NVPTX among them, into a virtual environment,
+    /// default ~/.cache/odpo/cuda-llvm-venv) and lays out the folder tracel-llvm-bundler looks for,
+    /// so that `--features cuda` builds with nothing but the package registries. Idempotent.
+    /// [--venv DIR] [--python PY]
+    SetupCuda(SetupArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +76,17 @@ struct SetupArgs {
     /// The Python that creates it.
     #[arg(long, default_value = "python3")]
     python: String,
+}
+
+#[derive(clap::Args)]
+struct LibtorchArgs {
+    #[command(flatten)]
+    setup: SetupArgs,
+    /// The PyTorch version. burn-tch 0.22 is written for 2.9.0; another version builds with
+    /// `LIBTORCH_BYPASS_VERSION_CHECK` (docs/backends.md lists those checked), and `cargo xtask`
+    /// uses it when `ODPO_TORCH_VERSION` names it.
+    #[arg(long, default_value = TORCH_DEFAULT)]
+    torch: String,
 }
 
 #[derive(clap::Args)]
@@ -102,6 +120,9 @@ struct BenchArgs {
     /// Run the concatenated `[2B, T]` rows on the odpo side, as TRL does, instead of each prompt once.
     #[arg(long)]
     no_shared_prompt: bool,
+    /// Compute precision on both sides: f32, or bf16 / f16 mixed precision (PyTorch: autocast).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     /// Append every row's JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -152,6 +173,7 @@ fn run() -> Result<ExitCode> {
         Task::Bench(a) => bench(&a),
         Task::Conformance(p) => conformance(&p.args),
         Task::SetupLibtorch(a) => setup_libtorch(&a),
+        Task::SetupCuda(a) => setup_cuda(&a),
     }
 }
 
@@ -177,9 +199,7 @@ fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
         bail!("unknown backend `{backend}`; expected one of: {}", names.join(", "));
     };
     let mut cmd = cargo_cmd();
-    if feature == "tch" {
-        libtorch_env(&mut cmd)?;
-    }
+    backend_env(&mut cmd, &[feature])?;
     cmd.args(["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--"]).arg(command).args(args);
     Ok(cmd)
 }
@@ -190,44 +210,54 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
     Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8) })
 }
 
-/// `cargo xtask conformance [--backend B]`: the parity, loss and training-step fixtures with the
-/// backend's feature; stops at the first failing suite.
+/// `cargo xtask conformance [--backend B[,B2...]] [--also-build B3[,...]]`: the eight suites
+/// (`odpo-trainer/tests/suites.rs`, one test binary) built once with every named backend's feature,
+/// then run once per backend with `ODPO_TEST_DEVICE` choosing the device; `--also-build` adds
+/// backends that are compiled and linked into the same binary but not run (CI keeps `cuda` building
+/// this way on a machine without a GPU).
 fn conformance(args: &[String]) -> Result<ExitCode> {
-    // `--backend wgpu,tch`: one build with both features, each suite run once per backend with
-    // `BURN_DEVICE` choosing the tests' default device.
-    let backends: Vec<&str> = backend_of(args)?.split(',').map(str::trim).filter(|b| !b.is_empty()).collect();
-    let mut features = Vec::new();
-    for b in &backends {
-        let Some(&(_, feature)) = BACKENDS.iter().find(|(name, _)| name == b) else {
-            bail!("unknown backend `{b}`");
-        };
-        if *b == "tch-cuda" && backends.len() > 1 {
-            bail!("`tch-cuda` shares the `tch` feature with `tch`; run its conformance on its own");
+    let list = |flag: &str| -> Result<Vec<String>> {
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if a == flag {
+                let v = it.next().with_context(|| format!("{flag} needs a value"))?;
+                return Ok(v.split(',').map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect());
+            }
+            if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+                return Ok(v.split(',').map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect());
+            }
         }
+        Ok(Vec::new())
+    };
+    let mut backends = list("--backend")?;
+    if backends.is_empty() {
+        backends.push("flex".into());
+    }
+    let also = list("--also-build")?;
+    let mut features = vec!["suites"];
+    for spec in backends.iter().chain(&also) {
+        let name = spec.split(':').next().unwrap_or_default();
+        let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == name) else {
+            let names: Vec<&str> = BACKENDS.iter().map(|(b, _)| *b).collect();
+            bail!("unknown backend `{name}`; expected one of: {}", names.join(", "));
+        };
         if !features.contains(&feature) {
             features.push(feature);
         }
     }
-    // One `cargo test` over the three packages: run per package, cargo would unify features
-    // differently for each and compile burn once per package.
-    let tests = ["parity", "parity_neo", "pytorch_parity", "gradients", "conformance", "shared_prompt", "data_parallel", "mixed_precision"];
     for backend in &backends {
         let mut cmd = cargo_cmd();
-        if features.contains(&"tch") {
-            libtorch_env(&mut cmd)?;
-        }
-        if backends.len() > 1 {
-            cmd.env("BURN_DEVICE", backend);
-        }
-        cmd.args(["test", "--profile", "conformance", "-p", "odpo-model", "-p", "odpo-loss", "-p", "odpo-trainer", "--no-default-features", "--features", &features.join(",")]);
+        backend_env(&mut cmd, &features)?;
+        // burn's own default device where it has a name for it (`tch-cuda`'s is libtorch's CPU);
+        // the suites run on `ODPO_TEST_DEVICE`.
+        let name = backend.split(':').next().unwrap_or_default();
+        cmd.env("ODPO_TEST_DEVICE", backend).env("BURN_DEVICE", if name == "tch-cuda" { "tch" } else { name });
+        cmd.args(["test", "--profile", "conformance", "-p", "odpo-trainer", "--no-default-features", "--features", &features.join(","), "--test", "suites"]);
         // wgpu's Vulkan loader complains on every device creation without it.
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
             cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
         }
-        for t in tests {
-            cmd.args(["--test", t]);
-        }
-        eprintln!("conformance ({backend}): {}", tests.join(" "));
+        eprintln!("conformance ({backend}): model parity, loss parity, three ODPO steps against PyTorch, shared prompt, data parallel, mixed precision");
         let status = cmd.status().context("running cargo test")?;
         if !status.success() {
             eprintln!("conformance ({backend}): failed");
@@ -322,7 +352,7 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
                 .split_once('x')
                 .and_then(|(p, s)| Some((p.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
                 .with_context(|| format!("--shapes: `{shape}` is not PAIRSxSEQ, e.g. 4x128"))?;
-            let common = ["--config".to_string(), config.clone(), "--pairs".into(), pairs.to_string(), "--seq".into(), seq.to_string(), "--repeats".into(), a.repeats.to_string()];
+            let common = ["--config".to_string(), config.clone(), "--pairs".into(), pairs.to_string(), "--seq".into(), seq.to_string(), "--repeats".into(), a.repeats.to_string(), "--dtype".into(), a.dtype.clone()];
             let mut odpo_args: Vec<String> = vec!["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--", "bench", "--backend", &a.backend]
                 .into_iter()
                 .map(String::from)
@@ -339,9 +369,7 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
             }
             eprintln!("odpo ({}) {model} {shape} ...", a.backend);
             let mut cmd = cargo_cmd();
-            if feature == "tch" {
-                libtorch_env(&mut cmd)?;
-            }
+            backend_env(&mut cmd, &[feature])?;
             let ours = json_of(cmd.args(&odpo_args), "odpo bench")?;
             let theirs = if a.vs_pytorch {
                 let mut py = vec!["bench/pytorch/step.py".to_string(), "--threads".into(), a.threads.to_string(), "--lora".into(), a.lora.to_string()];
@@ -434,13 +462,23 @@ fn json_of(cmd: &mut Command, what: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text.trim()).with_context(|| format!("{what} printed no JSON object: {text}"))
 }
 
-fn default_venv() -> std::path::PathBuf {
-    let home = std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default();
-    home.join(".cache/odpo/libtorch-venv")
+/// The PyTorch version burn-tch 0.22's bindings are written for.
+const TORCH_DEFAULT: &str = "2.9.0";
+
+/// The PyTorch version `--backend tch` builds against: `ODPO_TORCH_VERSION`, else 2.9.0.
+fn torch_version() -> String {
+    std::env::var("ODPO_TORCH_VERSION").ok().filter(|v| !v.is_empty()).unwrap_or_else(|| TORCH_DEFAULT.into())
+}
+
+/// The virtual environment of a PyTorch version: ~/.cache/odpo/libtorch-venv for 2.9.0,
+/// ~/.cache/odpo/libtorch-VERSION-venv for another.
+fn default_venv(version: &str) -> std::path::PathBuf {
+    let name = if version == TORCH_DEFAULT { "libtorch-venv".to_string() } else { format!("libtorch-{version}-venv") };
+    home().join(".cache/odpo").join(name)
 }
 
 /// The PyTorch of a virtual environment: `(python, torch/lib)`.
-fn torch_of(venv: &std::path::Path) -> Result<(std::path::PathBuf, String)> {
+fn torch_of(venv: &std::path::Path, want: &str) -> Result<(std::path::PathBuf, String)> {
     let python = venv.join("bin/python");
     let out = Command::new(&python)
         .args(["-c", "import torch, os; print(torch.__version__); print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
@@ -449,9 +487,9 @@ fn torch_of(venv: &std::path::Path) -> Result<(std::path::PathBuf, String)> {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut lines = text.lines();
     match (out.status.success(), lines.next(), lines.next()) {
-        (true, Some(version), Some(lib)) if version.starts_with("2.9.0") => Ok((python, lib.to_string())),
-        (true, Some(version), _) => bail!("{} has torch {version}; burn-tch 0.22 needs 2.9.0 (run `cargo xtask setup-libtorch`)", venv.display()),
-        _ => bail!("no PyTorch in {} (run `cargo xtask setup-libtorch`): {}", venv.display(), String::from_utf8_lossy(&out.stderr).trim()),
+        (true, Some(version), Some(lib)) if version.split('+').next() == Some(want) => Ok((python, lib.to_string())),
+        (true, Some(version), _) => bail!("{} has torch {version}, not {want} (run `cargo xtask setup-libtorch --torch {want}`)", venv.display()),
+        _ => bail!("no PyTorch in {} (run `cargo xtask setup-libtorch --torch {want}`): {}", venv.display(), String::from_utf8_lossy(&out.stderr).trim()),
     }
 }
 
@@ -470,14 +508,29 @@ fn cargo_cmd() -> Command {
     cmd
 }
 
+/// The environment the build (and run) of these Cargo features needs.
+fn backend_env(cmd: &mut Command, features: &[&str]) -> Result<()> {
+    if features.contains(&"tch") {
+        libtorch_env(cmd)?;
+    }
+    if features.contains(&"cuda") {
+        cuda_env(cmd)?;
+    }
+    Ok(())
+}
+
 /// Points the build and the run of the `tch` feature at PyTorch's libtorch, unless LIBTORCH or
 /// LIBTORCH_USE_PYTORCH is already set.
 fn libtorch_env(cmd: &mut Command) -> Result<()> {
     if std::env::var_os("LIBTORCH").is_some() || std::env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
         return Ok(());
     }
-    let venv = default_venv();
-    let (python, lib) = torch_of(&venv)?;
+    let version = torch_version();
+    let venv = default_venv(&version);
+    let (python, lib) = torch_of(&venv, &version)?;
+    if version != TORCH_DEFAULT {
+        cmd.env("LIBTORCH_BYPASS_VERSION_CHECK", "1");
+    }
     let path = format!("{}:{}", python.parent().map(|p| p.display().to_string()).unwrap_or_default(), std::env::var("PATH").unwrap_or_default());
     // Where the run finds libtorch's shared libraries: LD_LIBRARY_PATH on Linux, DYLD_LIBRARY_PATH on macOS.
     let var = if cfg!(target_os = "macos") { "DYLD_LIBRARY_PATH" } else { "LD_LIBRARY_PATH" };
@@ -490,22 +543,157 @@ fn libtorch_env(cmd: &mut Command) -> Result<()> {
 }
 
 /// `cargo xtask setup-libtorch`.
-fn setup_libtorch(a: &SetupArgs) -> Result<ExitCode> {
-    let venv = a.venv.clone().unwrap_or_else(default_venv);
-    if torch_of(&venv).is_err() {
-        eprintln!("creating {} and installing torch==2.9.0 from PyPI (about 1 GB on Linux) ...", venv.display());
-        let ok = Command::new(&a.python).args(["-m", "venv"]).arg(&venv).status().context("creating the virtual environment")?.success();
+fn setup_libtorch(a: &LibtorchArgs) -> Result<ExitCode> {
+    let version = &a.torch;
+    let venv = a.setup.venv.clone().unwrap_or_else(|| default_venv(version));
+    if torch_of(&venv, version).is_err() {
+        eprintln!("creating {} and installing torch=={version} from PyPI (about 1 GB on Linux, with its CUDA libraries several) ...", venv.display());
+        let ok = Command::new(&a.setup.python).args(["-m", "venv"]).arg(&venv).status().context("creating the virtual environment")?.success();
         if !ok {
-            bail!("`{} -m venv {}` failed", a.python, venv.display());
+            bail!("`{} -m venv {}` failed (on Debian: apt-get install python3-venv)", a.setup.python, venv.display());
         }
-        let ok = Command::new(venv.join("bin/pip")).args(["install", "torch==2.9.0"]).status().context("running pip")?.success();
+        let ok = Command::new(venv.join("bin/pip")).args(["install", &format!("torch=={version}")]).status().context("running pip")?.success();
         if !ok {
-            bail!("`pip install torch==2.9.0` failed");
+            bail!("`pip install torch=={version}` failed");
         }
     }
-    let (python, lib) = torch_of(&venv)?;
+    let (python, lib) = torch_of(&venv, version)?;
     let bin = python.parent().map(|p| p.display().to_string()).unwrap_or_default();
-    println!("PyTorch 2.9.0 is in {}. `cargo xtask ... --backend tch` uses it as it is; for cargo itself:", venv.display());
-    println!("export VIRTUAL_ENV={} PATH={bin}:$PATH LIBTORCH_USE_PYTORCH=1 LD_LIBRARY_PATH={lib}:$LD_LIBRARY_PATH", venv.display());
+    let bypass = if version == TORCH_DEFAULT { String::new() } else { " LIBTORCH_BYPASS_VERSION_CHECK=1".into() };
+    if version == TORCH_DEFAULT {
+        println!("PyTorch {version} is in {}. `cargo xtask ... --backend tch` uses it as it is; for cargo itself:", venv.display());
+    } else {
+        println!("PyTorch {version} is in {}. `ODPO_TORCH_VERSION={version} cargo xtask ... --backend tch` uses it; for cargo itself:", venv.display());
+    }
+    println!("export VIRTUAL_ENV={} PATH={bin}:$PATH LIBTORCH_USE_PYTORCH=1{bypass} LD_LIBRARY_PATH={lib}:$LD_LIBRARY_PATH", venv.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// The LLVM bundle cubecl-cuda 0.11.3 builds against: tracel-llvm-bundler 23.1.0-4 returns without
+/// downloading when `<data dir>/tracel/tracel-llvm-23.1.0-4/.tracel-llvm-installed` exists, and then
+/// asks `<that folder>/bin/llvm-config` for everything (libraries, system libraries, include and
+/// library folders, C++ flags).
+const TRACEL_LLVM: &str = "tracel-llvm-23.1.0-4";
+/// The static LLVM SDK on PyPI that stands in for it (LLVM 23.1.1: the same major version, whose C API
+/// is what cubecl-llvm binds).
+const LLVM_SDK: &[&str] = &["mlc-llvm-static==23.1.1.post0", "mlc-llvm-static-extra-targets==23.1.1.post0"];
+/// The CUDA version cudarc is compiled for when `CUDARC_CUDA_VERSION` is not set: its build script
+/// otherwise asks `nvcc`, which a build machine without the CUDA toolkit does not have. CUDA 13.0
+/// needs an NVIDIA driver ≥ 580.
+const CUDARC_DEFAULT: &str = "13000";
+
+fn home() -> std::path::PathBuf {
+    std::env::var_os("HOME").map(std::path::PathBuf::from).unwrap_or_default()
+}
+
+/// Where tracel-llvm-bundler looks for its LLVM (the `dirs` crate's data-local folder on Linux:
+/// `$XDG_DATA_HOME`, else `~/.local/share`).
+fn tracel_llvm_dir() -> std::path::PathBuf {
+    let data = std::env::var_os("XDG_DATA_HOME").map(std::path::PathBuf::from).filter(|p| p.is_absolute()).unwrap_or_else(|| home().join(".local/share"));
+    data.join("tracel").join(TRACEL_LLVM)
+}
+
+/// The SDK's prefix (`.../mlc_llvm_static/static`) in a virtual environment, if it is installed
+/// there with the NVPTX target.
+fn llvm_sdk_of(venv: &std::path::Path) -> Result<std::path::PathBuf> {
+    let python = venv.join("bin/python");
+    let out = Command::new(&python)
+        .args(["-c", "import mlc_llvm_static as m; print(m.get_prefix())"])
+        .output()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !out.status.success() {
+        bail!("no LLVM SDK in {} (run `cargo xtask setup-cuda`): {}", venv.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let prefix = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let ask = |arg: &str| -> Result<String> {
+        let out = Command::new(&python).arg(prefix.join("bin/llvm-config")).arg(arg).output().context("running llvm-config")?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let (version, targets) = (ask("--version")?, ask("--targets-built")?);
+    if !version.starts_with("23.") || !targets.split_whitespace().any(|t| t == "NVPTX") {
+        bail!("the LLVM SDK in {} is {version} with targets `{targets}`; the cuda backend needs LLVM 23 with NVPTX", venv.display());
+    }
+    Ok(prefix)
+}
+
+/// `cargo xtask setup-cuda`.
+fn setup_cuda(a: &SetupArgs) -> Result<ExitCode> {
+    if !cfg!(target_os = "linux") {
+        bail!("setup-cuda lays out the LLVM bundle for Linux builds; on other systems tracel-llvm-bundler downloads its own");
+    }
+    let venv = a.venv.clone().unwrap_or_else(|| home().join(".cache/odpo/cuda-llvm-venv"));
+    if llvm_sdk_of(&venv).is_err() {
+        eprintln!("creating {} and installing {} from PyPI (about 90 MB) ...", venv.display(), LLVM_SDK.join(" "));
+        let ok = Command::new(&a.python).args(["-m", "venv"]).arg(&venv).status().context("creating the virtual environment")?.success();
+        if !ok {
+            bail!("`{} -m venv {}` failed (on Debian: apt-get install python3-venv)", a.python, venv.display());
+        }
+        let ok = Command::new(venv.join("bin/pip")).arg("install").args(LLVM_SDK).status().context("running pip")?.success();
+        if !ok {
+            bail!("`pip install {}` failed", LLVM_SDK.join(" "));
+        }
+    }
+    let sdk = llvm_sdk_of(&venv)?;
+    let dir = tracel_llvm_dir();
+    let sentinel = dir.join(".tracel-llvm-installed");
+    let ours = dir.join("odpo-llvm-sdk");
+    if sentinel.exists() && !ours.exists() {
+        println!("{} already holds tracel's own LLVM bundle; nothing to do", dir.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The folder: `bin/llvm-config` runs the SDK's pure-Python llvm-config with the environment's
+    // Python (it needs 3.10 or newer, which the system's `python3` may not be); `include`, `lib`
+    // and `share` point into the SDK. The sentinel is written last, so a half-made folder is not
+    // taken for an installed one, and only when something changed: the bundler's build script
+    // reruns when the sentinel's time changes, and everything above it would be rebuilt.
+    let wrapper = format!(
+        "#!/bin/sh\n# Written by `cargo xtask setup-cuda`: the LLVM SDK of {venv}.\nMLC_LLVM_STATIC_SDK_PREFIX='{sdk}' exec '{python}' '{sdk}/bin/llvm-config.py' \"$@\"\n",
+        venv = venv.display(),
+        sdk = sdk.display(),
+        python = venv.join("bin/python").display()
+    );
+    let config = dir.join("bin/llvm-config");
+    let links_ok = ["include", "lib", "share"].iter().all(|sub| std::fs::read_link(dir.join(sub)).ok().as_deref() == Some(sdk.join(sub).as_path()));
+    let current = sentinel.exists() && links_ok && std::fs::read_to_string(&config).ok().as_deref() == Some(wrapper.as_str());
+    if !current {
+        let _ = std::fs::remove_file(&sentinel);
+        std::fs::create_dir_all(dir.join("bin")).with_context(|| format!("creating {}", dir.display()))?;
+        for sub in ["include", "lib", "share"] {
+            let link = dir.join(sub);
+            let _ = std::fs::remove_file(&link);
+            #[cfg(unix)]
+            std::os::unix::fs::symlink(sdk.join(sub), &link).with_context(|| format!("linking {}", link.display()))?;
+        }
+        std::fs::write(&config, &wrapper).with_context(|| format!("writing {}", config.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o755))?;
+        }
+    }
+    let out = Command::new(&config).args(["--link-static", "--libdir"]).output().context("running the llvm-config wrapper")?;
+    if !out.status.success() {
+        bail!("{} does not run: {}", config.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    if !current {
+        std::fs::write(&ours, format!("{}\n", sdk.display()))?;
+        std::fs::write(&sentinel, "")?;
+    }
+    println!("LLVM {} is laid out in {} for burn's cuda backend.", LLVM_SDK[0].trim_start_matches("mlc-llvm-static=="), dir.display());
+    println!("`cargo xtask ... --backend cuda` builds with it as it is; for cargo itself: export CUDARC_CUDA_VERSION={CUDARC_DEFAULT}   # or your toolkit's, e.g. 12080");
+    println!("At run time the cuda backend needs the NVIDIA driver and, for kernels that call math functions, libdevice: $CUDA_PATH/nvvm/libdevice/libdevice.10.bc (CUDA_PATH defaults to /usr/local/cuda).");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a build with the `cuda` feature needs: the LLVM folder (checked) and the CUDA version cudarc
+/// compiles for.
+fn cuda_env(cmd: &mut Command) -> Result<()> {
+    let dir = tracel_llvm_dir();
+    if !dir.join(".tracel-llvm-installed").exists() {
+        bail!("the cuda backend's LLVM is not installed at {} (run `cargo xtask setup-cuda`)", dir.display());
+    }
+    if std::env::var_os("CUDARC_CUDA_VERSION").is_none() {
+        cmd.env("CUDARC_CUDA_VERSION", CUDARC_DEFAULT);
+    }
+    Ok(())
 }

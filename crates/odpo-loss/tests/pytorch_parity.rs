@@ -129,7 +129,7 @@ fn metric_scales(h: &Host, beta: f64) -> HashMap<&'static str, f64> {
 
 #[test]
 fn losses_gradients_and_metrics_match_pytorch() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/losses.json");
+    let path = common::repo_root().join("crates/odpo-loss/tests/fixtures/losses.json");
     let text = std::fs::read_to_string(path).expect("fixture exists: run make_loss_fixtures.py");
     let fixture: Fixture = serde_json::from_str(&text).expect("fixture parses");
     assert!(fixture.cases.len() >= 20);

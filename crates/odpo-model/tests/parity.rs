@@ -6,7 +6,6 @@
 
 mod common;
 
-use burn::tensor::Device;
 use common::*;
 use odpo_model::{CausalLm, Module};
 use odpo_model::logprobs::{completion_logprobs, sequence_logprobs};
@@ -25,7 +24,7 @@ const CASES: &[&str] = &[
 
 #[test]
 fn logits_match_transformers_on_padded_batches() {
-    let device = Device::default();
+    let device = test_device();
     for case in CASES {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
@@ -40,7 +39,7 @@ fn logits_match_transformers_on_padded_batches() {
 
 #[test]
 fn completion_logprobs_match_transformers() {
-    let device = Device::default();
+    let device = test_device();
     for case in CASES {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
@@ -71,7 +70,7 @@ fn completion_logprobs_match_transformers() {
 
 #[test]
 fn save_then_load_gives_identical_logits() {
-    let device = Device::default();
+    let device = test_device();
     for case in CASES {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
@@ -104,7 +103,7 @@ fn save_then_load_gives_identical_logits() {
 #[test]
 fn half_precision_stays_close_to_f32() {
     use odpo_model::Precision;
-    let device = Device::default();
+    let device = test_device();
     for case in ["gpt2", "qwen2_bias"] {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));

@@ -9,7 +9,7 @@ mod common;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
 use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
 use odpo_model::logprobs::sequence_logprobs;
@@ -31,7 +31,7 @@ fn configs_name_their_family() {
         let again = ModelConfig::from_hf_json(&cfg.to_hf_json(), "x".as_ref()).unwrap();
         assert_eq!(again, cfg, "{case}");
         // A freshly initialised model of the same shape has as many parameters and runs.
-        let device = Device::default();
+        let device = test_device();
         let fresh = CausalLm::random(&cfg, 0, &device).unwrap();
         let loaded = CausalLm::load(&fixture(case), &device).unwrap().model;
         assert_eq!(fresh.num_params(), loaded.num_params(), "{case}");
@@ -43,7 +43,7 @@ fn configs_name_their_family() {
 
 #[test]
 fn options_change_the_logits() {
-    let device = Device::default();
+    let device = test_device();
     let mutations: &[(&str, &str, serde_json::Value)] = &[
         ("gpt_neo_local", "window_size", serde_json::json!(64)),
         ("gpt_neo_local", "attention_types", serde_json::json!([[["global"], 3]])),
@@ -69,7 +69,7 @@ fn options_change_the_logits() {
 
 #[test]
 fn cached_generation_matches_full_recompute() {
-    let device = Device::default();
+    let device = test_device();
     for case in CASES {
         let model = CausalLm::load(&fixture(case), &device).unwrap().model;
         let prompts = vec![vec![5u32, 17, 42, 9, 101, 33, 7], vec![60u32, 3, 88]];
@@ -143,7 +143,7 @@ fn bad_grads<M: Module>(model: &M, grads: &GradientsParams) -> (usize, Vec<Strin
 /// gradient on every parameter, and one AdamW step that changes the weights and lowers the loss.
 #[test]
 fn preference_training_step_runs() {
-    let base = Device::default();
+    let base = test_device();
     let ad = base.clone().autodiff();
     let (beta, offset) = (0.1f32, 0.5f32);
     for case in CASES {

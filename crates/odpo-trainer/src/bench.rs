@@ -13,7 +13,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use odpo_data::TokenizedPair;
 use odpo_loss::{LossConfig, try_preference_loss};
-use odpo_model::{CausalLm, LoraConfig, ModelConfig};
+use odpo_model::{CausalLm, LoraConfig, ModelConfig, Precision};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -43,6 +43,9 @@ pub struct StepBench {
     /// Run each prompt once for both of its completions ([`odpo_model::logprobs::shared_prompt_logprobs`],
     /// what training does); false runs the concatenated `[2B, T]` rows as TRL does.
     pub shared_prompt: bool,
+    /// Compute precision (`train.dtype`): bf16 / f16 run the forward and backward on a
+    /// half-precision cast of the f32 weights, as the training loop's mixed precision does.
+    pub precision: Precision,
 }
 
 /// The measured figures (the field names `bench/pytorch/step.py` prints too).
@@ -152,7 +155,10 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     if let Some(lora) = &b.lora {
         policy = policy.with_lora(lora, &ad)?;
     }
-    let mut reference = Reference::Frozen(Box::new(policy.without_adapters().valid()));
+    if !device.supports_dtype(b.precision.dtype()) {
+        return Err(TrainError::config("--dtype", format!("is {:?}, which the device {device:?} cannot compute in", b.precision)));
+    }
+    let mut reference = Reference::Frozen(Box::new(policy.without_adapters().valid().with_precision(b.precision)));
     let flops = step_flops(&policy, &json, b.pairs, b.seq);
     let loss_cfg = LossConfig { beta: 0.7, ..LossConfig::default() };
     let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
@@ -190,7 +196,14 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         let batch = make_batch();
         let reference_rows = reference.rows(&batch)?;
         let t_ref = t.elapsed().as_secs_f64();
-        let rows = forward::row_logps(&policy, &batch);
+        let cast;
+        let policy_fwd = if b.precision == Precision::F32 {
+            &policy
+        } else {
+            cast = policy.clone().with_precision(b.precision);
+            &cast
+        };
+        let rows = forward::row_logps(policy_fwd, &batch);
         let inputs = forward::pair_logps(&batch, rows, &reference_rows, true, &ad);
         let out = try_preference_loss(&inputs, &loss_cfg)?;
         let _ = out.loss.clone().into_scalar::<f32>();

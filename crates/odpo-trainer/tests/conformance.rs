@@ -10,11 +10,13 @@
 //! (`cargo xtask conformance --backend tch` runs this with the model and loss parity tests).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::Tensor;
 use odpo_data::TokenizedPair;
 use odpo_loss::{LossConfig, try_preference_loss};
 use odpo_model::{CausalLm, Module};
@@ -22,11 +24,11 @@ use odpo_trainer::config::{OptimConfig, OptimizerKind};
 use odpo_trainer::forward::{self, Reference};
 
 fn here() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/conformance")
+    common::repo_root().join("crates/odpo-trainer/tests/fixtures/conformance")
 }
 
 fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../odpo-model/tests/fixtures/gpt2")
+    common::repo_root().join("crates/odpo-model/tests/fixtures/gpt2")
 }
 
 /// Every float parameter, flattened, with its module path, in visiting order.
@@ -69,7 +71,7 @@ fn three_odpo_steps_match_pytorch() {
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
     let b = pairs.len();
 
-    let device = Device::default().autodiff();
+    let device = common::test_device().autodiff();
     let mut policy = CausalLm::load(&model_dir(), &device).unwrap().model;
     let reference = Reference::Frozen(Box::new(policy.valid()));
     let loss_cfg = LossConfig { beta: f(&exp["beta"]), ..LossConfig::default() };
@@ -105,7 +107,7 @@ fn three_odpo_steps_match_pytorch() {
     // runs as the one-pass kernel, the tied embedding's transposed gradient included.
     let (fused, total) = optim.fused_updates();
     let params = total / 3;
-    if ["Flex", "LibTorch(Cpu)"].iter().any(|k| format!("{:?}", Device::default()).contains(k)) {
+    if ["Flex", "LibTorch(Cpu)"].iter().any(|k| format!("{:?}", common::test_device()).contains(k)) {
         assert_eq!(fused, 2 * params, "fused updates: {fused} of {total}");
     }
 
@@ -114,8 +116,8 @@ fn three_odpo_steps_match_pytorch() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(model_dir().join("config.json"), dir.join("config.json")).unwrap();
     std::fs::copy(here().join("weights_after.safetensors"), dir.join("model.safetensors")).unwrap();
-    let torch_after = CausalLm::load(&dir, &Device::default()).unwrap().model;
-    let start = CausalLm::load(&model_dir(), &Device::default()).unwrap().model;
+    let torch_after = CausalLm::load(&dir, &common::test_device()).unwrap().model;
+    let start = CausalLm::load(&model_dir(), &common::test_device()).unwrap().model;
     let (ours, theirs, before) = (weights(&policy.valid()), weights(&torch_after), weights(&start));
     assert_eq!(ours.len(), theirs.len());
     let (mut worst, mut moved, mut compared) = (0.0f32, 0.0f32, 0usize);

@@ -2,8 +2,9 @@
 //! of the tiny GPT-2 (batch 8 = 2 devices × 2 micro-batches × 2 pairs) on one device and on two, then
 //! the logged losses and every exported weight compared.
 //!
-//! The two devices: `ODPO_DP_DEVICES` (a comma list of device specs, e.g. `cuda:0,cuda:1`); else, when
-//! the default device is a wgpu one, `wgpu` and `wgpu:cpu` (two separate wgpu devices; on a machine without a GPU
+//! The two devices: `ODPO_DP_DEVICES` (a comma list of device specs, e.g. `cuda:0,cuda:1`, or one device
+//! twice, `cuda,cuda`, on a machine with one GPU); else, when the device is a wgpu one, `wgpu` and
+//! `wgpu:cpu` (`vulkan` and `vulkan:cpu` on Vulkan; two separate wgpu devices; on a machine without a GPU
 //! both run on Mesa's llvmpipe, so tensors really move between device servers); else the build's
 //! default device twice (two policy copies on one device: checks the split of the batch and the sum
 //! of the gradients, not transfers).
@@ -17,8 +18,13 @@ use common::*;
 fn dp_devices() -> (Vec<Device>, String) {
     let specs: Vec<String> = match std::env::var("ODPO_DP_DEVICES") {
         Ok(list) => list.split(',').map(|s| s.trim().to_string()).collect(),
-        Err(_) if format!("{:?}", Device::default()).contains("Wgpu") => vec!["wgpu".into(), "wgpu:cpu".into()],
-        Err(_) => return (vec![Device::default(), Device::default()], "the default device twice".into()),
+        Err(_) if format!("{:?}", test_device()).contains("Wgpu") => {
+            // The wgpu flavour the suites run on (`vulkan`, `metal` or `wgpu`), and its software adapter.
+            let spec = std::env::var("ODPO_TEST_DEVICE").unwrap_or_default();
+            let name = ["vulkan", "metal"].into_iter().find(|n| spec.split(':').next() == Some(n)).unwrap_or("wgpu");
+            vec![name.to_string(), format!("{name}:cpu")]
+        }
+        Err(_) => return (vec![test_device(), test_device()], "the default device twice".into()),
     };
     let devices = specs.iter().map(|s| odpo_model::backend::device(s).expect("device spec")).collect();
     (devices, specs.join(", "))
@@ -79,7 +85,7 @@ fn a_batch_that_does_not_split_evenly_is_refused() {
     let dir = temp_dir("data-parallel-split");
     let model = tiny_model(&dir);
     let cfg = config(&model, &dir.join("run"), "", &["train.batch_size=6", "train.micro_batch_size=2", "train.max_steps=1"]);
-    let devices = [Device::default(), Device::default()];
+    let devices = [test_device(), test_device()];
     let err = odpo_trainer::train_on_devices(&cfg, data(16, 0), &devices, false, None).map(|_| ()).expect_err("6 pairs on 2 devices of 2");
     assert_eq!(err.to_string(), "config: `train.batch_size` (6) must be a multiple of 2 devices × `train.micro_batch_size` (2)");
 }

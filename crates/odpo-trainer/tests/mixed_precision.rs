@@ -6,7 +6,7 @@
 
 mod common;
 
-use burn::tensor::{DType, Device};
+use burn::tensor::DType;
 use common::*;
 
 fn run(dir: &std::path::Path, dtype: &str) -> odpo_trainer::Result<std::path::PathBuf> {
@@ -15,7 +15,7 @@ fn run(dir: &std::path::Path, dtype: &str) -> odpo_trainer::Result<std::path::Pa
     let dtype_set = format!("train.dtype=\"{dtype}\"");
     let sets = ["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=6", "train.log_every=1", "eval.every=0", "eval.max_pairs=8", dtype_set.as_str()];
     let cfg = config(&model, &run, "", &sets);
-    odpo_trainer::train_on(&cfg, data(48, 8), &Device::default(), false, None)?;
+    odpo_trainer::train_on(&cfg, data(48, 8), &test_device(), false, None)?;
     Ok(run)
 }
 
@@ -30,13 +30,13 @@ fn half_precision_runs_follow_the_f32_run() {
     let (l32, w32) = (losses(&full), exported_floats(&full));
     let init = {
         let cfg = config(&tiny_model(&dir), &dir.join("init"), "", &[]);
-        let (config, policy) = odpo_trainer::load_policy(&cfg.model, cfg.train.seed, &Device::default()).expect("policy");
+        let (config, policy) = odpo_trainer::load_policy(&cfg.model, cfg.train.seed, &test_device()).expect("policy");
         odpo_trainer::export(&policy, &config, &dir.join("init/model"), None).expect("export");
         exported_floats(&dir.join("init"))
     };
     let mut checked = 0;
     for (dtype, burn_dtype, tol) in [("bf16", DType::BF16, 3e-2), ("f16", DType::F16, 5e-3)] {
-        if !Device::default().supports_dtype(burn_dtype) {
+        if !test_device().supports_dtype(burn_dtype) {
             let err = run(&dir, dtype).map(|_| ()).expect_err("an unsupported dtype must be refused");
             let msg = err.to_string();
             println!("{dtype}: refused: {msg}");

@@ -4,10 +4,12 @@
 //! with different prompt and completion lengths (an empty prompt and an empty completion among them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use burn::data::dataloader::batcher::Batcher;
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use odpo_data::{PreferenceBatcher, TokenizedPair};
 use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
 use odpo_model::{CausalLm, Module};
@@ -17,7 +19,7 @@ use rand::{Rng, SeedableRng};
 const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential"];
 
 fn fixture(case: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../odpo-model/tests/fixtures").join(case)
+    common::repo_root().join("crates/odpo-model/tests/fixtures").join(case)
 }
 
 fn pairs(vocab: u32, seed: u64) -> Vec<TokenizedPair> {
@@ -56,7 +58,7 @@ fn grads_of(model: &CausalLm, grads: &GradientsParams) -> Vec<(String, Vec<f32>)
 
 #[test]
 fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
-    let device = Device::default().autodiff();
+    let device = common::test_device().autodiff();
     for case in CASES {
         let loaded = CausalLm::load(&fixture(case), &device).unwrap();
         let vocab = loaded.config.vocab_size() as u32;

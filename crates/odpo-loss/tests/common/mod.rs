@@ -3,12 +3,14 @@
 //! build, so the same tests check the objectives on that backend).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+use std::path::PathBuf;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use odpo_loss::PairLogps;
 
 /// The device every test runs on: the build's default backend, with autodiff.
 pub fn device() -> Device {
-    Device::default().autodiff()
+    test_device().autodiff()
 }
 
 /// What kind of device the tests run on; tolerances depend on it.
@@ -21,7 +23,7 @@ pub enum Kind {
 }
 
 pub fn device_kind() -> Kind {
-    let d = format!("{:?}", Device::default());
+    let d = format!("{:?}", test_device());
     if d.contains("Flex") {
         Kind::Flex
     } else if d.contains("LibTorch") {
@@ -107,5 +109,20 @@ impl Host {
         p.offset = self.offset.as_deref().map(mk);
         p.weight = self.weight.as_deref().map(mk);
         (p, leaves)
+    }
+}
+
+/// The checkout the fixtures are read from: `ODPO_REPO` when the test binary runs away from the
+/// checkout it was built in (the GPU check carries it to another machine), else that checkout.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("ODPO_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
+}
+
+/// The device the suites run on: `ODPO_TEST_DEVICE` (a device spec as `--backend` takes it, e.g.
+/// `tch-cuda` or `cuda:0`), else the build's default device (`BURN_DEVICE` picks among burn's own).
+pub fn test_device() -> Device {
+    match std::env::var("ODPO_TEST_DEVICE") {
+        Ok(spec) => odpo_model::backend::device(&spec).unwrap_or_else(|e| panic!("ODPO_TEST_DEVICE={spec}: {e}")),
+        Err(_) => Device::default(),
     }
 }

@@ -12,7 +12,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 pub fn shared_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("ODPO_SHARED")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared")));
+        .unwrap_or_else(|| repo_root().join("../shared"));
     if dir.is_dir() {
         return Some(dir);
     }
@@ -25,8 +25,24 @@ pub fn shared_dir() -> Option<PathBuf> {
 
 /// A fixture folder of this crate.
 pub fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")).join(case)
+    repo_root().join("crates/odpo-model/tests/fixtures").join(case)
 }
+
+/// The checkout the fixtures are read from: `ODPO_REPO` when the test binary runs away from the
+/// checkout it was built in (the GPU check carries it to another machine), else that checkout.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("ODPO_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
+}
+
+/// The device the suites run on: `ODPO_TEST_DEVICE` (a device spec as `--backend` takes it, e.g.
+/// `tch-cuda` or `cuda:0`), else the build's default device (`BURN_DEVICE` picks among burn's own).
+pub fn test_device() -> Device {
+    match std::env::var("ODPO_TEST_DEVICE") {
+        Ok(spec) => odpo_model::backend::device(&spec).unwrap_or_else(|e| panic!("ODPO_TEST_DEVICE={spec}: {e}")),
+        Err(_) => Device::default(),
+    }
+}
+
 
 /// A tensor read from a safetensors file, as f64 values with its shape.
 #[derive(Clone, Debug)]

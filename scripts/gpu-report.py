@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""The GPU check's records and tables (scripts/gpu-check.sh).
+
+    gpu-report.py RECORDS_DIR OUT_DIR      merge every stage record into OUT_DIR/gpu-check.json and
+                                           write the tables to OUT_DIR/gpu-check.md (and stdout)
+    gpu-report.py --merge bench MODEL SIDE STEP_JSON MEM_JSON
+                                           one benchmark row: the step's JSON (`odpo bench` or
+                                           bench/pytorch/step.py) with bench/gpu_peak.py's memory
+    gpu-report.py --merge run BACKEND METRICS_JSONL SECONDS
+                                           one training run's losses and held-out metrics
+"""
+import glob
+import json
+import os
+import sys
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (SXM parts where both exist).
+DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10G": 70.0}
+
+
+def load(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+def merge_bench(model, side, step_path, mem_path):
+    step = load(step_path, {}) or {}
+    mem = load(mem_path, {}) or {}
+    row = {"stage": "bench", "model": model, "side": side, "status": mem.get("status")}
+    keep = ["tokens_per_s", "seconds_per_step_median", "seconds_per_step_min", "seconds_per_step_max", "step_gflop",
+            "achieved_gflops", "phase_seconds_median", "params", "pairs", "seq", "dtype", "peak_rss_mib",
+            "gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "torch", "transformers", "device", "flop_utilisation"]
+    row.update({k: step[k] for k in keep if k in step})
+    for k in ["gpu_peak_mib", "gpu_baseline_mib"]:
+        if k in mem:
+            row[k] = mem[k]
+    if not step:
+        row["error"] = "no result (see gpu-check.log)"
+    return row
+
+
+def merge_run(backend, metrics_path, seconds):
+    rows = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in rows if r.get("split") == "train"]
+    evals = [r for r in rows if r.get("split") == "eval"]
+    rec = {"stage": "run", "backend": backend, "seconds": float(seconds), "steps": train[-1]["step"] if train else 0,
+           "train_loss": [[r["step"], r.get("loss")] for r in train]}
+    for name in ["loss", "rewards/accuracies", "rewards/margins", "offset/satisfied"]:
+        rec["eval_" + name.replace("/", "_")] = [[r["step"], r.get(name)] for r in evals]
+    if not rows:
+        rec["error"] = "no metrics (see gpu-check.log)"
+    return rec
+
+
+def fmt(x, spec=".3g", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def tables(records):
+    machine = next((r for r in records if r.get("stage") == "machine"), {})
+    out = []
+    gpu = machine.get("gpu", "no GPU")
+    out.append(f"GPU check on {gpu}, {machine.get('date', '?')}: torch {machine.get('torch', '-')}, "
+               f"transformers {machine.get('transformers', '-')}, CUDA {machine.get('cuda', '-')}, {machine.get('cpus', '?')} CPUs")
+    peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in gpu), None)
+    measured = machine.get("bf16_matmul_tflops")
+    if peak or measured:
+        out.append(f"bf16 peak: datasheet {fmt(peak, '.0f')} TFLOP/s, measured 8192^3 matmul {fmt(measured, '.0f')} TFLOP/s")
+    out.append("")
+    out.append("| conformance | passed | failed | seconds | failures |")
+    out.append("|---|---|---|---|---|")
+    for r in records:
+        if r.get("stage") == "conformance":
+            if r.get("skipped"):
+                out.append(f"| {r['backend']} | skipped | | | |")
+            else:
+                fails = ", ".join(r.get("failures") or []) or ("-" if r.get("rc") == 0 else f"exit {r.get('rc')}")
+                out.append(f"| {r['backend']} | {r.get('passed')} | {fmt(r.get('failed'), 'd')} | {r.get('seconds')} | {fails} |")
+    out.append("")
+    benches = [r for r in records if r.get("stage") == "bench"]
+    if benches:
+        out.append("| model | side | dtype | tokens/s | s/step (min-max) | MFU (datasheet) | MFU (measured) | GPU peak MiB (NVML) | tokens/s vs PyTorch | memory vs PyTorch |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        for r in benches:
+            if r.get("skipped") or "tokens_per_s" not in r:
+                why = "skipped" if r.get("skipped") else f"failed (exit status {r.get('status')}; see gpu-check.log)"
+                out.append(f"| {r['model']} | {r['side']} | | {why} | | | | | | |")
+                continue
+            ref = next((p for p in benches if p["model"] == r["model"] and p["side"] == "pytorch" and "tokens_per_s" in p), None)
+            flops = r["step_gflop"] * 1e9 / r["seconds_per_step_median"]
+            mfu = lambda p: f"{100 * flops / (p * 1e12):.1f}%" if p else "-"  # noqa: E731
+            ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+            mem = f"{r['gpu_peak_mib'] / ref['gpu_peak_mib']:.2f}x" if ref and r.get("gpu_peak_mib") and ref.get("gpu_peak_mib") else "-"
+            out.append(f"| {r['model']} | {r['side']} | {r.get('dtype', '-')} | {r['tokens_per_s']:.0f} | "
+                       f"{r['seconds_per_step_median']:.3f} ({r['seconds_per_step_min']:.3f}-{r['seconds_per_step_max']:.3f}) | "
+                       f"{mfu(peak)} | {mfu(measured)} | {fmt(r.get('gpu_peak_mib'), '.0f')} | {ratio} | {mem} |")
+        out.append("")
+    runs = [r for r in records if r.get("stage") == "run"]
+    if runs:
+        cpu = next((r for r in runs if r["backend"] == "flex" and r.get("train_loss")), None)
+        out.append("| real run | steps | seconds | train loss first -> last | held-out loss start -> end | held-out reward accuracy start -> end | largest loss gap to the CPU, first steps |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in runs:
+            if r.get("skipped") or not r.get("train_loss"):
+                out.append(f"| {r['backend']} | {'skipped' if r.get('skipped') else r.get('error', 'failed')} | | | | | |")
+                continue
+            tl, el, acc = r["train_loss"], r.get("eval_loss") or [], r.get("eval_rewards_accuracies") or []
+            gap = "-"
+            if cpu and r is not cpu:
+                ours = dict((s, l) for s, l in tl)
+                diffs = [abs(ours[s] - l) for s, l in cpu["train_loss"] if s in ours]
+                gap = f"{max(diffs):.2e} over {len(diffs)} steps" if diffs else "-"
+            span = lambda v: f"{v[0][1]:.4f} -> {v[-1][1]:.4f}" if v else "-"  # noqa: E731
+            out.append(f"| {r['backend']} | {r['steps']} | {r['seconds']:.0f} | {span(tl)} | {span(el)} | {span(acc)} | {gap} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--merge":
+        kind, args = sys.argv[2], sys.argv[3:]
+        rec = merge_bench(*args) if kind == "bench" else merge_run(*args)
+        print(json.dumps(rec))
+        return
+    records_dir, out_dir = sys.argv[1], sys.argv[2]
+    records = [r for r in (load(p) for p in sorted(glob.glob(os.path.join(records_dir, "*.json")))) if r is not None]
+    for r in records:
+        r.setdefault("stage", "machine")
+    with open(os.path.join(out_dir, "gpu-check.json"), "w") as f:
+        json.dump(records, f, indent=1)
+    text = tables(records)
+    with open(os.path.join(out_dir, "gpu-check.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
