@@ -44,6 +44,10 @@ enum Task {
     /// [--batches 1,8 --prompt 32 --new 64 --repeats 3] [--backend B]. With --vs-pytorch, also runs
     /// bench/pytorch/generate.py (transformers' `generate`) and prints both and the ratio per batch size.
     BenchGenerate(Passthrough),
+    /// Long-run health: trains a tiny random GPT-2 for many steps (checkpoints and evaluation
+    /// included) and samples the process's resident memory and step time; prints both slopes.
+    /// [--steps 20000] [--backend flex] [--out FILE.json]
+    Soak(SoakArgs),
     /// The ODPO training-step benchmark: each model shape x batch shape in its own process (peak memory
     /// per row). --models tiny,gpt2-124m,smollm2-135m (or config.json paths) --shapes 4x128 [--lora R]
     /// [--backend B] [--dtype bf16] [--repeats N] [--vs-pytorch] [--out FILE.jsonl]. With --vs-pytorch the same step in
@@ -128,6 +132,19 @@ struct BenchArgs {
     out: Option<std::path::PathBuf>,
 }
 
+#[derive(clap::Args)]
+struct SoakArgs {
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 20_000)]
+    steps: usize,
+    /// Backend.
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    /// Write the samples and the slopes here as JSON.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
 /// Arguments handed to the `odpo` binary as they are (see `odpo <command> --help`).
 #[derive(clap::Args)]
 struct Passthrough {
@@ -170,6 +187,7 @@ fn run() -> Result<ExitCode> {
         Task::Logprobs(p) => odpo("logprobs", &p.args),
         Task::BenchForward(p) => bench_forward(p.args),
         Task::BenchGenerate(p) => bench_generate(p.args),
+        Task::Soak(a) => soak(&a),
         Task::Bench(a) => bench(&a),
         Task::Conformance(p) => conformance(&p.args),
         Task::SetupLibtorch(a) => setup_libtorch(&a),
@@ -206,8 +224,20 @@ fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
 
 /// Builds and runs `odpo <command> <args>` with the feature of the requested backend.
 fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
-    let status = odpo_command(command, args)?.status().context("running cargo")?;
-    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8) })
+    let mut cmd = odpo_command(command, args)?;
+    // On Unix cargo becomes this process, and `cargo run` becomes `odpo` in turn: Ctrl-C and a
+    // scheduler's SIGTERM reach `odpo` alone (which stops at a step boundary with a checkpoint)
+    // and its exit status is the command's.
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        Err(cmd.exec()).context("running cargo")
+    }
+    #[cfg(not(unix))]
+    {
+        let status = cmd.status().context("running cargo")?;
+        Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(status.code().unwrap_or(1).clamp(1, 255) as u8) })
+    }
 }
 
 /// `cargo xtask conformance [--backend B[,B2...]] [--also-build B3[,...]]`: the eight suites
@@ -318,7 +348,8 @@ fn bench_generate(mut args: Vec<String>) -> Result<ExitCode> {
 fn bench_forward(mut args: Vec<String>) -> Result<ExitCode> {
     let vs = args.iter().any(|a| a == "--vs-pytorch");
     args.retain(|a| a != "--vs-pytorch");
-    let code = odpo("bench-forward", &args)?;
+    let status = odpo_command("bench-forward", &args)?.status().context("running cargo")?;
+    let code = if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) };
     if !vs || code != ExitCode::SUCCESS {
         return Ok(code);
     }
@@ -696,4 +727,130 @@ fn cuda_env(cmd: &mut Command) -> Result<()> {
         cmd.env("CUDARC_CUDA_VERSION", CUDARC_DEFAULT);
     }
     Ok(())
+}
+
+/// `cargo xtask soak`: `odpo train` on a tiny random GPT-2 over the two-word fixture tokenizer for
+/// `--steps` steps (a checkpoint and an evaluation every 1,000), with this process reading the
+/// trainer's resident memory from /proc every second and its step time from the metrics; the
+/// slopes, by least squares over the run after its first tenth (warm-up), say whether either grows.
+fn soak(a: &SoakArgs) -> Result<ExitCode> {
+    let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == a.backend) else {
+        bail!("unknown backend `{}`", a.backend);
+    };
+    let dir = std::env::temp_dir().join(format!("odpo-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model)?;
+    std::fs::copy("crates/odpo-model/tests/fixtures/tokenizer/tiny/tokenizer.json", model.join("tokenizer.json")).context("the fixture tokenizer (run from the repository root)")?;
+    let config = serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 6, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 0, "eos_token_id": 1});
+    std::fs::write(model.join("config.json"), config.to_string())?;
+    let rows: Vec<String> = (0..256)
+        .map(|i| {
+            let words = |n: usize, w: &str| vec![w; 1 + (i + n) % 6].join(" ");
+            serde_json::json!({"prompt": words(0, "hello"), "chosen": words(1, "world"), "rejected": words(2, "hello")}).to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("pairs.jsonl"), rows.join("\n"))?;
+    let run = dir.join("run");
+    let toml = format!(
+        "[model]\npath = {model:?}\nrandom_init = true\n[data]\npath = {data:?}\nformat = \"jsonl\"\nmax_length = 24\nmax_prompt_length = 8\neval_fraction = 0.1\n\
+         [loss]\nbeta = 0.5\n[optim]\noptimizer = \"adamw\"\nlr = 1e-4\n[train]\nbatch_size = 8\nmax_steps = {steps}\ncheckpoint_every = 1000\nkeep_checkpoints = 2\nlog_every = 100\nbackend = {backend:?}\n\
+         [eval]\nevery = 1000\n[output]\ndir = {run:?}\ncache_dir = {cache:?}\nprogress = false\nexport = false\n",
+        model = model.display().to_string(),
+        data = dir.join("pairs.jsonl").display().to_string(),
+        steps = a.steps,
+        backend = a.backend,
+        run = run.display().to_string(),
+        cache = dir.join("cache").display().to_string()
+    );
+    let config_path = dir.join("soak.toml");
+    std::fs::write(&config_path, toml)?;
+
+    // Build, then start the binary itself: its process id is the one to sample.
+    let mut build = cargo_cmd();
+    backend_env(&mut build, &[feature])?;
+    let out = build
+        .args(["build", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--message-format=json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build failed");
+    }
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "odpo")
+        .find_map(|m| m["executable"].as_str().map(String::from))
+        .context("cargo did not report the odpo binary")?;
+    let mut cmd = Command::new(&exe);
+    backend_env(&mut cmd, &[feature])?;
+    let log = std::fs::File::create(dir.join("odpo.log"))?;
+    let mut child = cmd.args(["train", "--config"]).arg(&config_path).stdout(std::process::Stdio::null()).stderr(log).spawn().context("starting odpo")?;
+    eprintln!("soak: {} steps of a tiny GPT-2 on {} (odpo pid {}) ...", a.steps, a.backend, child.id());
+    let start = std::time::Instant::now();
+    let mut rss: Vec<(f64, f64, f64)> = Vec::new(); // (seconds, step, MiB)
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        let kib = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<f64>().ok()));
+        let step = last_step(&run.join("metrics.jsonl"));
+        if let (Some(kib), Some(step)) = (kib, step) {
+            rss.push((start.elapsed().as_secs_f64(), step, kib / 1024.0));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    if !status.success() {
+        bail!("odpo train failed ({status}); its log is {}", dir.join("odpo.log").display());
+    }
+    // Step time of each logged window: batch / pairs per second.
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl"))?;
+    let steps: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["split"] == "train")
+        .filter_map(|v| Some((v["step"].as_f64()?, 1e3 * 8.0 / v["pairs_per_s"].as_f64()?)))
+        .collect();
+    let warm = |v: &[(f64, f64)]| -> Vec<(f64, f64)> { v.iter().copied().filter(|(s, _)| *s >= a.steps as f64 / 10.0).collect() };
+    let rss_pts: Vec<(f64, f64)> = rss.iter().map(|&(_, s, m)| (s, m)).collect();
+    let (rss_slope, rss_mean) = slope(&warm(&rss_pts));
+    let (time_slope, time_mean) = slope(&warm(&steps));
+    let peak = rss.iter().map(|r| r.2).fold(0.0, f64::max);
+    println!("| what | mean after warm-up | slope per 1,000 steps | relative slope per 1,000 steps |");
+    println!("|---|---|---|---|");
+    println!("| resident memory | {rss_mean:.1} MiB (peak {peak:.1}) | {:+.3} MiB | {:+.3}% |", 1e3 * rss_slope, 1e5 * rss_slope / rss_mean);
+    println!("| step time | {time_mean:.3} ms | {:+.4} ms | {:+.3}% |", 1e3 * time_slope, 1e5 * time_slope / time_mean);
+    println!("{} steps in {:.0} s, {} memory samples, {} step-time windows", a.steps, start.elapsed().as_secs_f64(), rss.len(), steps.len());
+    if let Some(out) = &a.out {
+        let json = serde_json::json!({
+            "steps": a.steps, "backend": a.backend, "seconds": start.elapsed().as_secs_f64(),
+            "rss_mib_mean": rss_mean, "rss_mib_peak": peak, "rss_mib_per_1000_steps": 1e3 * rss_slope,
+            "step_ms_mean": time_mean, "step_ms_per_1000_steps": 1e3 * time_slope,
+            "rss_samples": rss, "step_ms_windows": steps,
+        });
+        std::fs::write(out, serde_json::to_string_pretty(&json)?)?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The newest step in a metrics file (0 before the first row).
+fn last_step(path: &std::path::Path) -> Option<f64> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    Some(text.lines().rev().find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_f64()).unwrap_or(0.0))
+}
+
+/// Least-squares slope of y on x, and the mean of y.
+fn slope(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return (f64::NAN, points.first().map_or(f64::NAN, |p| p.1));
+    }
+    let (mx, my) = (points.iter().map(|p| p.0).sum::<f64>() / n, points.iter().map(|p| p.1).sum::<f64>() / n);
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    (if sxx > 0.0 { sxy / sxx } else { f64::NAN }, my)
 }

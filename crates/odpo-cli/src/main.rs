@@ -354,12 +354,37 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    // Commands that train stop at a step boundary on SIGTERM / SIGINT, with a checkpoint.
+    let trains = matches!(cli.command, Command::Train(_) | Command::Experiment(_) | Command::Frontier(_));
+    if trains && let Err(e) = odpo_trainer::interrupt::install() {
+        eprintln!("warning: SIGTERM and SIGINT will end the run without a checkpoint: {e}");
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
+        Err(e) => match interrupted(&e) {
+            Some((step, run_dir)) => {
+                eprintln!("stopped on a signal after step {step}, with a checkpoint in {}", run_dir.display());
+                eprintln!("resume with: odpo train --resume {}   (a pipeline command: run it again)", run_dir.display());
+                ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+/// The step and run folder of a run that stopped on request, however deep the error.
+fn interrupted(e: &anyhow::Error) -> Option<(usize, PathBuf)> {
+    let train = e.downcast_ref::<odpo_trainer::TrainError>().or_else(|| match e.downcast_ref::<odpo_pipeline::PipelineError>() {
+        Some(odpo_pipeline::PipelineError::Train(t)) => Some(t),
+        _ => None,
+    })?;
+    match train {
+        odpo_trainer::TrainError::Interrupted { step, run_dir, .. } => Some((*step, run_dir.clone())),
+        _ => None,
     }
 }
 

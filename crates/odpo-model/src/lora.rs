@@ -170,6 +170,12 @@ impl CausalLm {
                 continue;
             }
             let [d_in, d_out] = lin.weight.dims();
+            if cfg.rank > d_in.min(d_out) {
+                return Err(ModelError::Invalid(format!(
+                    "lora.rank: is {}; `{name}` is {d_in} x {d_out}, and an adapter's rank is at most the smaller of the two",
+                    cfg.rank
+                )));
+            }
             let bound = 1.0 / (d_in as f32).sqrt();
             let uniform = rand_distr::Uniform::new(-bound, bound).map_err(|e| ModelError::Invalid(e.to_string()))?;
             let a: Vec<f32> = (0..d_in * cfg.rank).map(|_| uniform.sample(&mut rng)).collect();

@@ -110,11 +110,8 @@ impl Tokenizer {
     pub fn from_file(tokenizer_json: &Path) -> Result<Self, TokenizerError> {
         let path = tokenizer_json.to_path_buf();
         let bytes = std::fs::read(&path).map_err(|source| TokenizerError::Io { path: path.clone(), source })?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Invalid {
-            path: path.clone(),
-            expected: "an HF tokenizers JSON file",
-            message: e.to_string(),
-        })?;
+        let invalid = |message: String| TokenizerError::Invalid { path: path.clone(), expected: "an HF tokenizers JSON file", message };
+        let inner = parse_tokenizer(&bytes).map_err(invalid)?;
         let dir = tokenizer_json.parent().unwrap_or(Path::new("."));
         let mut config = read_json(&dir.join("tokenizer_config.json"))?;
         if config.is_none() {
@@ -469,4 +466,23 @@ fn strftime_now(format: String) -> String {
         out.push_str(&field);
     }
     out
+}
+
+/// `tokenizers::Tokenizer::from_bytes`, with the panics some malformed files raise inside the
+/// tokenizers crate (an `expect` in its decoder deserializer) turned into errors; the panic hook
+/// is silenced meanwhile, so that the user sees one error naming the file, not a panic message.
+fn parse_tokenizer(bytes: &[u8]) -> Result<tokenizers::Tokenizer, String> {
+    static HOOK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = HOOK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let parsed = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes));
+    std::panic::set_hook(hook);
+    match parsed {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(panic) => {
+            let why = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned()).unwrap_or_default();
+            Err(format!("the tokenizers crate could not read it ({why})"))
+        }
+    }
 }

@@ -269,14 +269,18 @@ impl HfTensors {
 }
 
 /// Writes a file through a temporary file in the same folder and a rename, so a crash never
-/// leaves a half-written file under the final name.
+/// leaves a half-written file under the final name. The temporary name is this writer's own
+/// (process id and a counter), so two processes writing the same file at once each rename a
+/// complete file into place; a failed write (a full disk) removes its temporary file, and the error
+/// names the final path.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::io(&tmp, e))?;
-    let f = std::fs::File::open(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-    f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::File::open(&tmp)?.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        ModelError::io(path, e)
+    })
 }

@@ -4,13 +4,22 @@
 //!
 //! Atomic by construction: everything is written into a hidden temporary folder that is renamed into
 //! place last, so a folder named `step-*` is always complete. A run killed at any moment leaves at
-//! worst a temporary folder, which the next save or resume removes.
+//! worst a temporary folder, which the next save or resume removes. A write that fails (a full disk,
+//! a read-only folder) stops the run with the path and the cause, and leaves the earlier
+//! checkpoints as they were.
+//!
+//! Checked on resume: `checksums.json` holds the SHA-256 of every other file, written last; a
+//! checkpoint whose files were damaged afterwards (a truncated `model.bpk`, a flipped bit) is
+//! passed over, with a warning that names the file, for the newest intact one.
 
+use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use burn::store::{BurnpackStore, ModuleSnapshot};
 use odpo_model::CausalLm;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::error::{Result, TrainError};
 use crate::optim::Optim;
@@ -42,24 +51,122 @@ pub fn save(run_dir: &Path, model: &CausalLm, optim: &Optim, state: &TrainState,
     remove_temporaries(&root);
     let name = format!("step-{:08}", state.step);
     let tmp = root.join(format!(".tmp-{name}"));
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-
-    let mut store = BurnpackStore::from_file(tmp.join("model.bpk")).overwrite(true).metadata("step", state.step.to_string());
-    model.save_into(&mut store).map_err(|e| TrainError::checkpoint(tmp.join("model.bpk"), e))?;
-    optim.module().save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), format!("{e:?}")))?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e))?;
-    write(&tmp.join("state.json"), json.as_bytes())?;
-    write(&tmp.join("config.toml"), config_toml.as_bytes())?;
+    // A failed write (a full disk) takes its partial folder with it, and the earlier checkpoints stay.
+    if let Err(e) = write_into(&tmp, model, optim, state, config_toml) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
 
     let dest = root.join(&name);
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| TrainError::io(&dest, e))?;
     }
     std::fs::rename(&tmp, &dest).map_err(|e| TrainError::io(&dest, e))?;
-    for old in list(run_dir)?.iter().rev().skip(keep) {
+    // Only now, with the new checkpoint complete, do others go: the newest `keep` are kept, the new
+    // one always among them.
+    let others: Vec<PathBuf> = list(run_dir)?.into_iter().filter(|c| *c != dest).collect();
+    for old in others.iter().rev().skip(keep.max(1) - 1) {
         let _ = std::fs::remove_dir_all(old);
     }
     Ok(dest)
+}
+
+/// Writes a checkpoint's files into `tmp`, checksums last.
+fn write_into(tmp: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, config_toml: &str) -> Result<()> {
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+
+    let mut store = BurnpackStore::from_file(tmp.join("model.bpk")).overwrite(true).metadata("step", state.step.to_string());
+    model.save_into(&mut store).map_err(|e| TrainError::checkpoint(tmp.join("model.bpk"), e))?;
+    optim.module().save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), e))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e))?;
+    write(&tmp.join("state.json"), json.as_bytes())?;
+    write(&tmp.join("config.toml"), config_toml.as_bytes())?;
+    // The checksums of what is on disk now, written last.
+    let mut sums = BTreeMap::new();
+    for name in FILES {
+        sums.insert(name.to_string(), sha256_file(&tmp.join(name))?);
+    }
+    let json = serde_json::to_string_pretty(&sums).map_err(|e| TrainError::checkpoint(&tmp, e))?;
+    write(&tmp.join(CHECKSUMS), json.as_bytes())?;
+    Ok(())
+}
+
+/// The files of a checkpoint that `checksums.json` covers.
+const FILES: [&str; 4] = ["model.bpk", "optim.bpk", "state.json", "config.toml"];
+const CHECKSUMS: &str = "checksums.json";
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| TrainError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| TrainError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks a checkpoint's files against its `checksums.json`: `Err` says what is damaged or missing.
+/// A checkpoint written before checksums existed has none to check and passes.
+pub fn verify(ckpt: &Path) -> std::result::Result<(), String> {
+    let sums_path = ckpt.join(CHECKSUMS);
+    if !sums_path.exists() && FILES.iter().all(|f| ckpt.join(f).is_file()) {
+        tracing::warn!("checkpoint {} has no {CHECKSUMS} (written by an older odpo); its files are not checked", ckpt.display());
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&sums_path).map_err(|e| format!("{CHECKSUMS}: {e}"))?;
+    let sums: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| format!("{CHECKSUMS} is unreadable: {e}"))?;
+    for name in FILES {
+        let path = ckpt.join(name);
+        let want = sums.get(name).ok_or_else(|| format!("{CHECKSUMS} has no entry for {name}"))?;
+        let len = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| format!("{name}: {e}"))?;
+        let got = sha256_file(&path).map_err(|e| e.to_string())?;
+        if &got != want {
+            return Err(format!("{name} ({len} bytes) does not match its checksum"));
+        }
+    }
+    Ok(())
+}
+
+/// The newest checkpoint whose files match their checksums. Damaged ones are passed over with a
+/// warning naming what is damaged; when there are checkpoints and none is intact, the error lists
+/// every one tried and why.
+pub fn latest_intact(run_dir: &Path) -> Result<Option<PathBuf>> {
+    remove_temporaries(&dir(run_dir));
+    let all = list(run_dir)?;
+    let mut tried = Vec::new();
+    for ckpt in all.iter().rev() {
+        match verify(ckpt) {
+            Ok(()) => {
+                if !tried.is_empty() {
+                    tracing::warn!("resuming from {}, the newest intact checkpoint", ckpt.display());
+                }
+                // The damaged ones are set aside (not deleted): they are not checkpoints of this run's
+                // future any more, and `keep_checkpoints` must not count them.
+                for bad in all.iter().filter(|c| *c > ckpt) {
+                    let name = bad.file_name().and_then(|n| n.to_str()).unwrap_or("step");
+                    let aside = dir(run_dir).join(format!("damaged-{name}"));
+                    let _ = std::fs::remove_dir_all(&aside);
+                    match std::fs::rename(bad, &aside) {
+                        Ok(()) => tracing::warn!("damaged checkpoint kept aside as {}", aside.display()),
+                        Err(e) => return Err(TrainError::io(bad, e)),
+                    }
+                }
+                return Ok(Some(ckpt.clone()));
+            }
+            Err(why) => {
+                tracing::warn!("checkpoint {} is damaged: {why}; trying the one before", ckpt.display());
+                tried.push(format!("{}: {why}", ckpt.file_name().and_then(|n| n.to_str()).unwrap_or("?")));
+            }
+        }
+    }
+    if tried.is_empty() {
+        return Ok(None);
+    }
+    Err(TrainError::checkpoint(dir(run_dir), format!("no intact checkpoint to resume from; tried {}", tried.join("; "))))
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {

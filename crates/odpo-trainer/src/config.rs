@@ -302,6 +302,10 @@ impl RunConfig {
         if let Some(lora) = &self.lora {
             lora.validate()?;
         }
+        self.data.validate()?;
+        if self.train.backend.parse::<odpo_model::backend::Backend>().is_err() {
+            return err("train.backend", format!("is `{}`; expected one of: {}", self.train.backend, odpo_model::backend::BACKEND_NAMES.join(", ")));
+        }
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return err("optim.lr", format!("is {}; expected a finite number > 0", o.lr));

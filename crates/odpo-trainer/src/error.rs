@@ -66,6 +66,25 @@ pub enum TrainError {
         /// What went wrong.
         message: String,
     },
+    /// The run stopped at a step boundary because a stop was asked for (SIGTERM, SIGINT or
+    /// [`crate::interrupt::request`]), after writing a checkpoint.
+    #[error("stopped at step {step} on request; checkpoint {}; resume with `--resume {}`", checkpoint.display(), run_dir.display())]
+    Interrupted {
+        /// Optimizer steps done.
+        step: usize,
+        /// The checkpoint written on the way out.
+        checkpoint: PathBuf,
+        /// The run folder to resume.
+        run_dir: PathBuf,
+    },
+    /// Another live run holds the run folder.
+    #[error("{}: in use by another run ({holder}); wait for it to end or choose another `output.dir`", run_dir.display())]
+    Busy {
+        /// The run folder.
+        run_dir: PathBuf,
+        /// Who holds it, as its lock file says (process id and start time).
+        holder: String,
+    },
 }
 
 /// Results of this crate.

@@ -4,7 +4,8 @@
 //! This crate owns the run: [`config`] (the strict `RunConfig` and `--set` overrides), [`train()`] (the
 //! loop, readable top to bottom), [`schedule`] (warmup then constant, linear or cosine), [`optim`]
 //! (AdamW and RMSprop with PyTorch's hyper-parameters, PyTorch's global-norm clipping), [`checkpoint`]
-//! (atomic checkpoints and exact resume), [`metrics`] (`metrics.jsonl` and `metrics.csv`), [`refcache`]
+//! (atomic, checksummed checkpoints and exact resume), [`interrupt`] (a clean stop on SIGTERM / SIGINT),
+//! [`metrics`] (`metrics.jsonl` and `metrics.csv`), [`refcache`]
 //! (reference log-probs cached on disk) and [`eval`]. It never names a backend: it takes a `&Device`.
 //!
 //! ```no_run
@@ -24,6 +25,8 @@ pub mod data;
 mod error;
 pub mod eval;
 pub mod forward;
+pub mod interrupt;
+pub mod lock;
 pub mod metrics;
 pub mod optim;
 pub mod refcache;

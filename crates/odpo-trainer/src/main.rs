@@ -28,6 +28,9 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let args = Args::parse();
+    if let Err(e) = odpo_trainer::interrupt::install() {
+        eprintln!("warning: SIGTERM and SIGINT will end the run without a checkpoint: {e}");
+    }
     match odpo_trainer::run_from_args(args.config.as_deref(), args.backend.as_deref(), &args.sets, args.resume.as_deref()) {
         Ok(summary) => {
             println!("{}", serde_json::json!({
@@ -36,6 +39,11 @@ fn main() -> ExitCode {
                 "exported": summary.exported,
             }));
             ExitCode::SUCCESS
+        }
+        Err(odpo_trainer::TrainError::Interrupted { step, run_dir, .. }) => {
+            eprintln!("stopped on a signal after step {step}, with a checkpoint in {}", run_dir.display());
+            eprintln!("resume with: odpo-train --resume {}", run_dir.display());
+            ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
         }
         Err(e) => {
             let err = anyhow::Error::new(e);

@@ -50,7 +50,7 @@ impl Optim {
 
     /// The same optimizer with the state of a saved record (`optim.bpk`).
     pub fn load(self, path: &std::path::Path) -> Result<Self, String> {
-        let module = self.module.load(path).map_err(|e| format!("{e:?}"))?;
+        let module = self.module.load(path).map_err(|e| e.to_string())?;
         Ok(Self { module, ..self })
     }
 }

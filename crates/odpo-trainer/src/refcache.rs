@@ -5,6 +5,10 @@
 //! chosen, rejected), so the data, the tokenizer, the chat template, the separator and the length
 //! settings are all covered by what they produce. A later run with the same key reads the file instead
 //! of running the reference model.
+//!
+//! The file carries a SHA-256 of its rows: a damaged or truncated file is never read as numbers, but
+//! reported and recomputed. It is written through a temporary file of the writer's own and a rename,
+//! so two runs filling the same cache at once each leave a whole file.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +27,9 @@ pub struct RefCache {
     pub key: String,
     /// `[pair_id, log π_ref(y_w|x), log π_ref(y_l|x)]` rows.
     pub rows: Vec<(usize, f32, f32)>,
+    /// SHA-256 of the key and the rows' bits ([`RefCache::checksum`]), checked when read.
+    #[serde(default)]
+    pub checksum: String,
     #[serde(skip)]
     index: HashMap<usize, (f32, f32)>,
 }
@@ -31,7 +38,20 @@ impl RefCache {
     /// A cache from computed rows.
     pub fn new(key: String, rows: Vec<(usize, f32, f32)>) -> Self {
         let index = rows.iter().map(|&(id, c, r)| (id, (c, r))).collect();
-        Self { key, rows, index }
+        let checksum = Self::checksum(&key, &rows);
+        Self { key, rows, checksum, index }
+    }
+
+    /// SHA-256 over the key and every row's pair id and the bits of its two log-probs.
+    pub fn checksum(key: &str, rows: &[(usize, f32, f32)]) -> String {
+        let mut h = Sha256::new();
+        h.update(key.as_bytes());
+        for &(id, c, r) in rows {
+            h.update((id as u64).to_le_bytes());
+            h.update(c.to_bits().to_le_bytes());
+            h.update(r.to_bits().to_le_bytes());
+        }
+        hex(&h.finalize())
     }
 
     /// The `[2B]` reference row log-probs (chosen first) of the given pairs, or the first missing id.
@@ -52,15 +72,20 @@ impl RefCache {
         dir.join(format!("ref-{}.json", &key[..key.len().min(32)]))
     }
 
-    /// Reads the cache for `key`, if there is one (an unreadable or mismatched file is ignored, with a warning).
+    /// Reads the cache for `key`, if there is one. A file that is unreadable, truncated, or whose
+    /// rows do not match its checksum is reported and ignored (the caller recomputes and rewrites it).
     pub fn read(dir: &Path, key: &str) -> Option<Self> {
         let path = Self::path(dir, key);
         let text = std::fs::read_to_string(&path).ok()?;
         match serde_json::from_str::<RefCache>(&text) {
-            Ok(c) if c.key == key => Some(Self::new(c.key, c.rows)),
+            Ok(c) if c.key == key && c.checksum == Self::checksum(&c.key, &c.rows) => Some(Self::new(c.key, c.rows)),
+            Ok(c) if c.key == key => {
+                tracing::warn!("reference cache {} is damaged (its rows do not match its checksum); recomputing it", path.display());
+                None
+            }
             Ok(_) => None,
             Err(e) => {
-                tracing::warn!("ignoring unreadable reference cache {}: {e}", path.display());
+                tracing::warn!("reference cache {} is unreadable ({e}); recomputing it", path.display());
                 None
             }
         }
@@ -158,6 +183,23 @@ mod tests {
         assert_eq!(back.rows_for(&[7, 3]), Ok(vec![f32::MIN_POSITIVE, -1.234_567_9, -1e-30, -0.1]));
         assert_eq!(back.rows_for(&[4]), Err(4));
         assert!(RefCache::read(&dir, "abd").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    #[test]
+    fn damaged_or_truncated_files_are_not_read() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("odpo-refcache-damaged-{}", std::process::id()));
+        let c = RefCache::new("k".into(), vec![(0, -1.5, -2.5), (1, -3.25, -4.0)]);
+        let path = c.write(&dir)?;
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+        // A changed digit still parses as numbers; the checksum catches it.
+        std::fs::write(&path, text.replace("-3.25", "-3.35")).map_err(|e| TrainError::io(&path, e))?;
+        assert!(RefCache::read(&dir, "k").is_none(), "a damaged cache was read");
+        std::fs::write(&path, &text[..text.len() / 2]).map_err(|e| TrainError::io(&path, e))?;
+        assert!(RefCache::read(&dir, "k").is_none(), "a truncated cache was read");
+        std::fs::write(&path, &text).map_err(|e| TrainError::io(&path, e))?;
+        assert_eq!(RefCache::read(&dir, "k").map(|c| c.rows), Some(c.rows));
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }

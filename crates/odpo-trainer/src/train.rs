@@ -89,10 +89,12 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
     if data.train.is_empty() {
         return Err(TrainError::config("data.path", "gives no training pairs after pairing, splitting and tokenizing"));
     }
+    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
+    // Held until the run returns; a second run on this folder is refused.
+    let _lock = crate::lock::acquire(&run_dir)?;
     if !resume && !checkpoint::list(&run_dir)?.is_empty() {
         return Err(TrainError::config("output.dir", format!("`{}` already holds checkpoints; resume it with `--resume {0}` or choose another folder", run_dir.display())));
     }
-    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
     let config_toml = cfg.to_toml();
     odpo_model::weights::write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
 
@@ -121,7 +123,7 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
     let mut optim = crate::optim::build(&cfg.optim);
     let mut state = TrainState { step: 0, pairs_seen: 0, tokens_seen: 0, seed: t.seed, total_steps };
     let mut summary = RunSummary { run_dir: run_dir.clone(), ..RunSummary::default() };
-    if resume && let Some(ckpt) = checkpoint::latest(&run_dir)? {
+    if resume && let Some(ckpt) = checkpoint::latest_intact(&run_dir)? {
         (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
         tracing::info!(step = state.step, "resumed from {}", ckpt.display());
         summary.resumed_from = Some(state.step);
@@ -227,9 +229,21 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
             tracing::info!(step = state.step, ?values, "eval");
             metrics.write(&Row { step: state.step, split: "eval", values })?;
         }
+        let mut saved = None;
         if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total_steps {
             let dir = checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?;
             tracing::debug!("checkpoint {}", dir.display());
+            saved = Some(dir);
+        }
+        // A stop asked for (SIGTERM, SIGINT): this step is done; keep it and leave.
+        if crate::interrupt::requested() && state.step < total_steps {
+            bar.finish_and_clear();
+            let checkpoint = match saved {
+                Some(dir) => dir,
+                None => checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?,
+            };
+            tracing::warn!(step = state.step, "stopped on request; checkpoint {}", checkpoint.display());
+            return Err(TrainError::Interrupted { step: state.step, checkpoint, run_dir });
         }
     }
     bar.finish_and_clear();

@@ -1,8 +1,10 @@
 //! Kill-and-resume: a run killed with SIGKILL at random moments and resumed ends with exactly the same
-//! weights (bit for bit) as an uninterrupted run with the same seed, on the flex backend.
+//! weights (bit for bit) as an uninterrupted run with the same seed, on the flex backend; so does a
+//! run stopped with SIGTERM, which finishes its step and writes a checkpoint however far the last
+//! periodic one is; a second signal ends it at once.
 //!
-//! The run being killed is this test binary re-invoked on `kill_child`, which trains only when
-//! `ODPO_KILL_RUN` names its run folder (and is otherwise a no-op test).
+//! The run being killed is this test binary re-invoked on `kill_child` (or `signal_child`), which
+//! trains only when `ODPO_KILL_RUN` names its run folder (and is otherwise a no-op test).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use odpo_trainer::RunConfig;
+use odpo_trainer::{RunConfig, TrainError};
 
 const STEPS: &str = "train.max_steps=240";
 
@@ -96,4 +98,86 @@ fn killed_and_resumed_run_matches_an_uninterrupted_one_bitwise() {
     let steps: Vec<u64> = metric_rows(&killed, "train").iter().map(|r| r["step"].as_u64().unwrap_or(0)).collect();
     let expected: Vec<u64> = (1..=48).map(|i| i * 5).collect();
     assert_eq!(steps, expected);
+}
+
+/// The signalled run: no periodic checkpoint before step 1000, so any checkpoint is the signal's.
+fn signal_cfg(model: &Path, run: &Path) -> RunConfig {
+    let mut cfg = cfg(model, run);
+    cfg.train.checkpoint_every = 1000;
+    cfg
+}
+
+#[test]
+fn signal_child() {
+    let Ok(run) = std::env::var("ODPO_SIGNAL_RUN") else { return };
+    odpo_trainer::interrupt::install().expect("signal handlers");
+    let model = PathBuf::from(std::env::var("ODPO_KILL_MODEL").expect("model"));
+    match odpo_trainer::train_on(&signal_cfg(&model, Path::new(&run)), data(96, 16), &device(), false, None) {
+        Err(TrainError::Interrupted { step, checkpoint, .. }) => println!("stopped at step {step}, checkpoint {}", checkpoint.display()),
+        Ok(s) => panic!("the run finished {} steps without being stopped", s.steps),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Starts `signal_child` on `run` and waits until it has logged step `step` or more.
+fn start_signal_child(model: &Path, run: &Path, step: u64) -> std::process::Child {
+    let child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "signal_child", "--nocapture", "--test-threads=1"])
+        .env("ODPO_SIGNAL_RUN", run)
+        .env("ODPO_KILL_MODEL", model)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let start = Instant::now();
+    loop {
+        let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v["step"].as_u64()).max();
+        if logged.is_some_and(|s| s >= step) {
+            return child;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the child did not reach step {step}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn send(signals: &str, pid: u32) {
+    let cmd: Vec<String> = signals.split(',').map(|s| format!("kill -{s} {pid}")).collect();
+    assert!(Command::new("sh").args(["-c", &cmd.join("; ")]).status().expect("kill").success());
+}
+
+#[test]
+fn sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_the_resumed_run_matches_bitwise() {
+    let dir = temp_dir("sigterm-resume");
+    let model = tiny_model(&dir);
+    let straight = dir.join("straight");
+    odpo_trainer::train_on(&signal_cfg(&model, &straight), data(96, 16), &device(), false, None).expect("uninterrupted run");
+
+    let run = dir.join("signalled");
+    let mut child = start_signal_child(&model, &run, 20);
+    send("TERM", child.id());
+    let status = child.wait().expect("reap child");
+    assert!(status.success(), "the child did not stop with `Interrupted`: {status}");
+    let last = odpo_trainer::checkpoint::latest(&run).expect("list").expect("the signal left a checkpoint");
+    let step = odpo_trainer::checkpoint::read_state(&last).expect("state").step;
+    println!("SIGTERM: stopped at step {step}");
+    assert!((20..240).contains(&step), "stopped at step {step}");
+    assert_eq!(odpo_trainer::checkpoint::verify(&last), Ok(()));
+
+    let resumed = odpo_trainer::train_on(&signal_cfg(&model, &run), data(96, 16), &device(), true, None).expect("resumed run");
+    assert_eq!(resumed.resumed_from, Some(step));
+    assert!(exported(&straight) == exported(&run), "resumed weights differ from the uninterrupted run's");
+    let steps: Vec<u64> = metric_rows(&run, "train").iter().map(|r| r["step"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(steps, (1..=48).map(|i| i * 5).collect::<Vec<u64>>());
+}
+
+#[test]
+fn a_second_signal_ends_the_run_at_once() {
+    let dir = temp_dir("second-signal");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    let mut child = start_signal_child(&model, &run, 5);
+    // Two different signals: the same one twice in a row may arrive as one.
+    send("TERM,INT", child.id());
+    let status = child.wait().expect("reap child");
+    assert_eq!(status.code(), Some(odpo_trainer::interrupt::EXIT_SECOND_SIGNAL), "{status}");
 }

@@ -1,0 +1,115 @@
+//! The `odpo` binary stopped by a batch scheduler: `odpo train` sent SIGTERM finishes its step, writes
+//! a checkpoint, says how to resume and exits with status 75; `--resume` then continues from there;
+//! a second run on the live folder is refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ODPO: &str = env!("CARGO_BIN_EXE_odpo");
+
+/// A tiny random GPT-2 over the two-word fixture tokenizer, 64 pairs and a run config, in `dir`.
+fn setup(dir: &Path, max_steps: usize) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../odpo-model/tests/fixtures/tokenizer/tiny/tokenizer.json");
+    std::fs::copy(tok, model.join("tokenizer.json")).unwrap();
+    let config = serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 6, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 0, "eos_token_id": 1});
+    std::fs::write(model.join("config.json"), config.to_string()).unwrap();
+    let rows: Vec<String> = (0..64)
+        .map(|i| {
+            let words = |n: usize, w: &str| vec![w; 1 + (i + n) % 4].join(" ");
+            serde_json::json!({"prompt": words(0, "hello"), "chosen": words(1, "world"), "rejected": words(2, "hello")}).to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("pairs.jsonl"), rows.join("\n")).unwrap();
+    let toml = format!(
+        r#"[model]
+path = "{model}"
+random_init = true
+[data]
+path = "{data}"
+format = "jsonl"
+max_length = 16
+max_prompt_length = 8
+eval_fraction = 0.1
+[loss]
+beta = 0.5
+[optim]
+optimizer = "adamw"
+lr = 1e-3
+[train]
+batch_size = 4
+max_steps = {max_steps}
+checkpoint_every = 100000
+log_every = 1
+[eval]
+every = 0
+[output]
+dir = "{run}"
+progress = false
+export = false
+"#,
+        model = model.display(),
+        data = dir.join("pairs.jsonl").display(),
+        run = dir.join("run").display()
+    );
+    let path = dir.join("run.toml");
+    std::fs::write(&path, toml).unwrap();
+    path
+}
+
+fn start(args: &[&str]) -> Child {
+    Command::new(ODPO).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("odpo")
+}
+
+/// Waits until the run folder's metrics have a row at step `step` or later.
+fn wait_for_step(run: &Path, step: u64) {
+    let start = Instant::now();
+    loop {
+        let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v["step"].as_u64()).max();
+        if logged.is_some_and(|s| s >= step) {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "odpo did not reach step {step}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn kill(signal: &str, pid: u32) {
+    assert!(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap().success());
+}
+
+#[test]
+fn sigterm_checkpoints_says_how_to_resume_and_exits_75() {
+    let dir = std::env::temp_dir().join(format!("odpo-cli-sigterm-{}", std::process::id()));
+    let config = setup(&dir, 100_000);
+    let run = dir.join("run");
+    let child = start(&["train", "--config", config.to_str().unwrap()]);
+    wait_for_step(&run, 3);
+
+    // A second run on the live folder is refused, naming it.
+    let second = Command::new(ODPO).args(["train", "--resume", run.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(err.contains("in use by another run"), "{err}");
+
+    kill("TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains(&format!("resume with: odpo train --resume {}", run.display())), "{err}");
+    let checkpoints: Vec<_> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
+    let step: usize = checkpoints[0].trim_start_matches("step-").parse().unwrap();
+    assert!(step >= 3, "checkpoint {checkpoints:?}");
+
+    // The resumed run continues from that step and finishes.
+    let out = Command::new(ODPO).args(["train", "--resume", run.to_str().unwrap(), "--set", &format!("train.max_steps={}", step + 2)]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("steps:        {}", step + 2)), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
