@@ -254,6 +254,24 @@ fn a_full_disk_stops_the_run_with_the_path_and_keeps_the_last_checkpoint() {
     odpo_trainer::train_on(&cfg(&model, &run, &sets), data(64, 8), &device(), true, None).unwrap();
     assert!(exported(&straight) == exported(&run), "the resumed run's weights differ");
 
+    // The disk full again: the export and the metrics say which file could not be written.
+    let filler = disk.0.join("filler");
+    let _ = std::fs::write(&filler, vec![0u8; 32 << 20]);
+    let run_cfg = cfg(&model, &run, &sets);
+    let (model_cfg, policy) = odpo_trainer::load_policy(&run_cfg.model, 0, &device()).unwrap();
+    let msg = odpo_trainer::export(&policy, &model_cfg, &disk.0.join("export"), None).unwrap_err().to_string();
+    assert!(msg.contains("No space left on device") && msg.contains("export"), "{msg}");
+    let mut metrics = odpo_trainer::metrics::MetricsWriter::open(&disk.0.join("run"), vec!["loss".into()], Some(14)).map(Some).unwrap_or(None);
+    let row = odpo_trainer::metrics::Row { step: 15, split: "train", values: [("loss".to_string(), 0.5)].into() };
+    let msg = match metrics.as_mut() {
+        // Opening rewrote the kept rows; appending more fills what is left.
+        Some(w) => (0..100_000).find_map(|_| w.write(&row).err()).map(|e| e.to_string()).unwrap_or_default(),
+        None => odpo_trainer::metrics::MetricsWriter::open(&disk.0.join("run"), vec!["loss".into()], Some(14)).err().map(|e| e.to_string()).unwrap_or_default(),
+    };
+    assert!(msg.contains("No space left on device") && msg.contains("metrics."), "{msg}");
+    drop(metrics); // open files would keep the read-only remount below from happening
+    std::fs::remove_file(&filler).unwrap();
+
     // A read-only folder: refused at the first write, naming the path.
     disk.remount("ro");
     let err = odpo_trainer::train_on(&cfg(&model, &disk.0.join("other"), &sets), data(64, 8), &device(), false, None).unwrap_err();

@@ -57,6 +57,20 @@ struct Tally {
 }
 
 impl Tally {
+    /// Prints the counts under `what` and fails on any panic or unnamed refusal.
+    fn report(&self, what: &str) {
+        println!(
+            "{what}: {} tried, {} accepted, {} refused naming the key, line or argument, {} refused otherwise, {} panics",
+            self.tried,
+            self.accepted,
+            self.refused_naming_it,
+            self.refused_otherwise.len(),
+            self.panics.len()
+        );
+        assert!(self.panics.is_empty(), "{what}: panics: {:?}", self.panics);
+        assert!(self.refused_otherwise.is_empty(), "{what}: refusals that name neither the key nor the line:\n{}", self.refused_otherwise.join("\n"));
+    }
+
     /// Loads `text` with `sets`; a refusal must mention one of `names`.
     fn check(&mut self, text: &str, sets: &[String], names: &[String]) {
         self.tried += 1;
@@ -106,18 +120,7 @@ fn hostile_values_for_every_key_are_refused_by_name_without_panics() {
             tally.check(&text, &[format!("{key}={value}")], &[key.clone(), last.clone()]);
         }
     }
-    println!(
-        "{} keys x {} values: {} tried, {} accepted, {} refused naming the key, {} refused without naming it, {} panics",
-        all.len(),
-        VALUES.len(),
-        tally.tried,
-        tally.accepted,
-        tally.refused_naming_it,
-        tally.refused_otherwise.len(),
-        tally.panics.len()
-    );
-    assert!(tally.panics.is_empty(), "panics: {:?}", tally.panics);
-    assert!(tally.refused_otherwise.is_empty(), "refusals that do not name the key:\n{}", tally.refused_otherwise.join("\n"));
+    tally.report(&format!("{} keys x {} values", all.len(), VALUES.len()));
     assert!(tally.refused_naming_it > tally.accepted, "{tally:?}");
 }
 
@@ -129,9 +132,7 @@ fn malformed_set_arguments_are_refused_by_name() {
         let names = vec![format!("--set {set}")];
         tally.check(&text, &[set.to_string()], &names);
     }
-    println!("--set: {} tried, {} accepted, {} refused naming the argument, {} panics", tally.tried, tally.accepted, tally.refused_naming_it, tally.panics.len());
-    assert!(tally.panics.is_empty(), "panics: {:?}", tally.panics);
-    assert!(tally.refused_otherwise.is_empty(), "{:?}", tally.refused_otherwise);
+    tally.report("--set");
 }
 
 #[test]
@@ -164,14 +165,5 @@ fn config_files_cut_short_or_changed_at_random_never_panic() {
             tally.check(&mutated, &[], &["fuzz.toml".into(), "config: `".into()]);
         }
     }
-    println!(
-        "{files} config files x 400 mutations: {} tried, {} accepted, {} refused naming a line or key, {} otherwise, {} panics",
-        tally.tried,
-        tally.accepted,
-        tally.refused_naming_it,
-        tally.refused_otherwise.len(),
-        tally.panics.len()
-    );
-    assert!(tally.panics.is_empty(), "panics: {:?}", tally.panics);
-    assert!(tally.refused_otherwise.is_empty(), "{}", tally.refused_otherwise.join("\n"));
+    tally.report(&format!("{files} config files x 400 mutations"));
 }

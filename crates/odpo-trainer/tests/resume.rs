@@ -35,17 +35,22 @@ fn kill_child() {
     odpo_trainer::train_on(&cfg(&model, &run), data(96, 16), &device(), resume, None).expect("child run");
 }
 
-/// Starts the child on `run`, waits until it has written a checkpoint newer than `after`, lets it run a
-/// random while longer and kills it with SIGKILL. Returns whether it was still running when killed.
-fn run_and_kill(model: &Path, run: &Path, after: usize) -> bool {
-    let mut child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "kill_child", "--nocapture", "--test-threads=1"])
-        .env("ODPO_KILL_RUN", run)
+/// This test binary re-invoked on the test `name` alone, with `run_var` naming its run folder.
+fn spawn_child(name: &str, run_var: &str, model: &Path, run: &Path) -> std::process::Child {
+    Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(run_var, run)
         .env("ODPO_KILL_MODEL", model)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn child");
+        .expect("spawn child")
+}
+
+/// Starts the child on `run`, waits until it has written a checkpoint newer than `after`, lets it run a
+/// random while longer and kills it with SIGKILL. Returns whether it was still running when killed.
+fn run_and_kill(model: &Path, run: &Path, after: usize) -> bool {
+    let mut child = spawn_child("kill_child", "ODPO_KILL_RUN", model, run);
     let start = Instant::now();
     loop {
         let newest = odpo_trainer::checkpoint::list(run).expect("list").len();
@@ -121,14 +126,7 @@ fn signal_child() {
 
 /// Starts `signal_child` on `run` and waits until it has logged step `step` or more.
 fn start_signal_child(model: &Path, run: &Path, step: u64) -> std::process::Child {
-    let child = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "signal_child", "--nocapture", "--test-threads=1"])
-        .env("ODPO_SIGNAL_RUN", run)
-        .env("ODPO_KILL_MODEL", model)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child");
+    let child = spawn_child("signal_child", "ODPO_SIGNAL_RUN", model, run);
     let start = Instant::now();
     loop {
         let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v["step"].as_u64()).max();

@@ -3,10 +3,13 @@
 //! build, so the same tests check the objectives on that backend).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
-
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use odpo_loss::PairLogps;
+
+#[path = "../../../odpo-model/tests/common/env.rs"]
+mod env;
+#[allow(unused_imports)]
+pub use env::*;
 
 /// The device every test runs on: the build's default backend, with autodiff.
 pub fn device() -> Device {
@@ -109,20 +112,5 @@ impl Host {
         p.offset = self.offset.as_deref().map(mk);
         p.weight = self.weight.as_deref().map(mk);
         (p, leaves)
-    }
-}
-
-/// The checkout the fixtures are read from: `ODPO_REPO` when the test binary runs away from the
-/// checkout it was built in (the GPU check carries it to another machine), else that checkout.
-pub fn repo_root() -> PathBuf {
-    std::env::var_os("ODPO_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
-}
-
-/// The device the suites run on: `ODPO_TEST_DEVICE` (a device spec as `--backend` takes it, e.g.
-/// `tch-cuda` or `cuda:0`), else the build's default device (`BURN_DEVICE` picks among burn's own).
-pub fn test_device() -> Device {
-    match std::env::var("ODPO_TEST_DEVICE") {
-        Ok(spec) => odpo_model::backend::device(&spec).unwrap_or_else(|e| panic!("ODPO_TEST_DEVICE={spec}: {e}")),
-        Err(_) => Device::default(),
     }
 }

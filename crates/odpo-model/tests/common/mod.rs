@@ -6,43 +6,14 @@ use std::path::PathBuf;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-/// The shared material folder: `$ODPO_SHARED`, else `../shared` beside the repository. `None`
-/// (with a message) when it is missing, unless `ODPO_REQUIRE_SHARED=1`, then a panic: CI must
-/// not skip these tests silently.
-pub fn shared_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("ODPO_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared"));
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("ODPO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("ODPO_REQUIRE_SHARED=1 but the shared folder is missing at {}", dir.display());
-    }
-    eprintln!("skipping: shared folder not found at {} (set ODPO_SHARED)", dir.display());
-    None
-}
+mod env;
+#[allow(unused_imports)]
+pub use env::*;
 
 /// A fixture folder of this crate.
 pub fn fixture(case: &str) -> PathBuf {
     repo_root().join("crates/odpo-model/tests/fixtures").join(case)
 }
-
-/// The checkout the fixtures are read from: `ODPO_REPO` when the test binary runs away from the
-/// checkout it was built in (the GPU check carries it to another machine), else that checkout.
-pub fn repo_root() -> PathBuf {
-    std::env::var_os("ODPO_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
-}
-
-/// The device the suites run on: `ODPO_TEST_DEVICE` (a device spec as `--backend` takes it, e.g.
-/// `tch-cuda` or `cuda:0`), else the build's default device (`BURN_DEVICE` picks among burn's own).
-pub fn test_device() -> Device {
-    match std::env::var("ODPO_TEST_DEVICE") {
-        Ok(spec) => odpo_model::backend::device(&spec).unwrap_or_else(|e| panic!("ODPO_TEST_DEVICE={spec}: {e}")),
-        Err(_) => Device::default(),
-    }
-}
-
 
 /// A tensor read from a safetensors file, as f64 values with its shape.
 #[derive(Clone, Debug)]

@@ -4,11 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
 use odpo_data::TokenizedPair;
 use odpo_trainer::{RunConfig, RunData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+#[path = "../../../odpo-model/tests/common/env.rs"]
+mod env;
+#[allow(unused_imports)]
+pub use env::*;
 
 pub const VOCAB: u32 = 64;
 
@@ -130,19 +134,4 @@ pub fn metric_rows(run_dir: &Path, split: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json line"))
         .filter(|v| v["split"] == split)
         .collect()
-}
-
-/// The checkout the fixtures are read from: `ODPO_REPO` when the test binary runs away from the
-/// checkout it was built in (the GPU check carries it to another machine), else that checkout.
-pub fn repo_root() -> PathBuf {
-    std::env::var_os("ODPO_REPO").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
-}
-
-/// The device the suites run on: `ODPO_TEST_DEVICE` (a device spec as `--backend` takes it, e.g.
-/// `tch-cuda` or `cuda:0`), else the build's default device (`BURN_DEVICE` picks among burn's own).
-pub fn test_device() -> Device {
-    match std::env::var("ODPO_TEST_DEVICE") {
-        Ok(spec) => odpo_model::backend::device(&spec).unwrap_or_else(|e| panic!("ODPO_TEST_DEVICE={spec}: {e}")),
-        Err(_) => Device::default(),
-    }
 }
