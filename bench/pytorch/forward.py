@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch CPU forward-throughput baseline at SmolLM2-135M shapes.
 
-    /work/venv/bin/python bench/pytorch/forward.py [--threads 2] [--batch 8] [--seq 128] [--repeats 5]
+    python3 bench/pytorch/forward.py [--threads 2] [--batch 8] [--seq 128] [--repeats 5]
 
 Builds LlamaForCausalLM from ../shared/models/smollm2-135m-instruct/config.json with random
 weights (float32, eval, torch.no_grad), runs 2 warm-up forwards and then `--repeats` timed

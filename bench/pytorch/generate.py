@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch CPU greedy-generation baseline at SmolLM2-135M shapes.
 
-    /work/venv/bin/python bench/pytorch/generate.py [--threads 2] [--batches 1,8] [--prompt 32] [--new 64] [--repeats 3]
+    python3 bench/pytorch/generate.py [--threads 2] [--batches 1,8] [--prompt 32] [--new 64] [--repeats 3]
 
 LlamaForCausalLM from ../shared/models/smollm2-135m-instruct/config.json with random weights
 (float32, eval, no_grad). For each batch size: a random prompt of `--prompt` tokens per row,
