@@ -197,16 +197,21 @@ fn run() -> Result<ExitCode> {
 
 /// The backend named by `--backend X` / `--backend=X` in `args`, default `flex`.
 fn backend_of(args: &[String]) -> Result<&str> {
+    Ok(flag_value(args, "--backend")?.unwrap_or("flex"))
+}
+
+/// The value of `flag VALUE` / `flag=VALUE` in `args`, if given.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        if a == "--backend" {
-            return it.next().map(String::as_str).context("--backend needs a value");
+        if a == flag {
+            return it.next().map(|v| Some(v.as_str())).with_context(|| format!("{flag} needs a value"));
         }
-        if let Some(v) = a.strip_prefix("--backend=") {
-            return Ok(v);
+        if let Some(v) = a.strip_prefix(flag).and_then(|rest| rest.strip_prefix('=')) {
+            return Ok(Some(v));
         }
     }
-    Ok("flex")
+    Ok(None)
 }
 
 /// `cargo run` of `odpo <command> <args>` with the feature of the requested backend.
@@ -247,17 +252,7 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
 /// this way on a machine without a GPU).
 fn conformance(args: &[String]) -> Result<ExitCode> {
     let list = |flag: &str| -> Result<Vec<String>> {
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            if a == flag {
-                let v = it.next().with_context(|| format!("{flag} needs a value"))?;
-                return Ok(v.split(',').map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect());
-            }
-            if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
-                return Ok(v.split(',').map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect());
-            }
-        }
-        Ok(Vec::new())
+        Ok(flag_value(args, flag)?.unwrap_or_default().split(',').map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect())
     };
     let mut backends = list("--backend")?;
     if backends.is_empty() {
@@ -853,4 +848,25 @@ fn slope(points: &[(f64, f64)]) -> (f64, f64) {
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
     let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
     (if sxx > 0.0 { sxy / sxx } else { f64::NAN }, my)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_are_read_in_both_spellings() {
+        assert_eq!(backend_of(&args(&["--config", "x.toml"])).ok(), Some("flex"));
+        assert_eq!(backend_of(&args(&["--backend", "tch"])).ok(), Some("tch"));
+        assert_eq!(backend_of(&args(&["--backend=wgpu"])).ok(), Some("wgpu"));
+        assert_eq!(flag_value(&args(&["--also-build=cuda,tch"]), "--also-build").ok().flatten(), Some("cuda,tch"));
+        // A longer flag with the same prefix is not this one.
+        assert_eq!(flag_value(&args(&["--backends=tch"]), "--backend").ok().flatten(), None);
+        let missing = backend_of(&args(&["--backend"])).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(missing, "--backend needs a value");
+    }
 }
