@@ -31,6 +31,39 @@ impl Method {
     }
 }
 
+/// How the task scores sampled responses for pairing and offsets. Evaluation always uses the true reward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScoreKind {
+    /// The true reward R itself.
+    #[default]
+    Exact,
+    /// A sentiment classifier's shape put on R ([`crate::reward::ClassifierScore`]): p = σ(R/τ + ε),
+    /// s = p + 1[p > 0.5], two clusters in [0, 0.5) ∪ (1.5, 2] like the ODPO paper's IMDB scores.
+    Classifier,
+}
+
+/// Which pair each prompt's scored responses give.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairSelection {
+    /// The best-scored response against the worst (ties dropped).
+    #[default]
+    BestVsWorst,
+    /// The first two responses as sampled, ordered by score (the ODPO paper's code): many are near-ties.
+    FirstTwo,
+}
+
+impl PairSelection {
+    /// The data crate's pairing rule.
+    pub fn pairing(self) -> odpo_data::Pairing {
+        match self {
+            PairSelection::BestVsWorst => odpo_data::Pairing::BestVsWorst,
+            PairSelection::FirstTwo => odpo_data::Pairing::FirstTwo,
+        }
+    }
+}
+
 /// A whole pipeline: synthetic task, model, SFT, sampling, preference training, evaluation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,10 +96,23 @@ pub struct PipelineConfig {
 pub struct TaskSection {
     /// SFT texts (prompt + continuation drawn from the task's generator).
     pub sft_texts: usize,
-    /// Prompts sampled for preference pairs (one best-vs-worst pair each, ties dropped).
+    /// Prompts sampled for preference pairs (one pair each, see `pref.pairing`; ties dropped).
     pub pref_prompts: usize,
     /// Held-out prompts for evaluation (never seen in training).
     pub eval_prompts: usize,
+    /// What pairs and offsets see: `exact` (the true reward) or `classifier`.
+    #[serde(default)]
+    pub score: ScoreKind,
+    /// τ of the classifier score, p = σ(R/τ + ε).
+    #[serde(default = "one")]
+    pub score_temperature: f64,
+    /// σ of the classifier's noise ε ~ N(0, σ²), fixed per (prompt, response).
+    #[serde(default = "one")]
+    pub score_noise: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// `[model]`: a GPT-2 over the task's vocabulary.
@@ -113,8 +159,15 @@ pub struct PrefSection {
     pub beta: f64,
     /// α, the offset scale (ODPO only): Δ = α·log(s_w − s_l).
     pub alpha: f64,
-    /// Passes over the pairs.
+    /// Passes over the pairs (when `steps` is not set).
     pub epochs: f64,
+    /// Optimizer steps, whatever the number of pairs: a pair budget then changes the data, not the
+    /// compute. Unset: `epochs` passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// Which pair each prompt gives: `best-vs-worst` or `first-two`.
+    #[serde(default)]
+    pub pairing: PairSelection,
     /// Pairs per step.
     pub batch_size: usize,
     /// Learning rate (AdamW, constant after 10 warmup steps).
@@ -189,6 +242,15 @@ impl PipelineConfig {
                 return Err(PipelineError::config(key, format!("is {v}; expected a finite number > 0")));
             }
         }
+        if self.pref.steps == Some(0) {
+            return Err(PipelineError::config("pref.steps", "is 0; expected at least 1 (or leave it out to use `pref.epochs`)"));
+        }
+        if !(self.task.score_temperature.is_finite() && self.task.score_temperature > 0.0) {
+            return Err(PipelineError::config("task.score_temperature", format!("is {}; expected a finite number > 0", self.task.score_temperature)));
+        }
+        if !(self.task.score_noise.is_finite() && self.task.score_noise >= 0.0) {
+            return Err(PipelineError::config("task.score_noise", format!("is {}; expected a finite number >= 0", self.task.score_noise)));
+        }
         if !(self.pref.alpha.is_finite() && self.pref.alpha >= 0.0) {
             return Err(PipelineError::config("pref.alpha", format!("is {}; expected a finite number >= 0", self.pref.alpha)));
         }
@@ -220,6 +282,11 @@ mod tests {
         assert!(e.starts_with("--set pref.betta=0.5: ") && e.contains("unknown field `betta`"), "{e}");
         let e = PipelineConfig::default_with(&["sample.k=1".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
         assert_eq!(e, "config: `sample.k` is 1; pairs need at least 2 responses per prompt");
+        let cfg = PipelineConfig::default_with(&["task.score=classifier".into(), "pref.pairing=first-two".into(), "pref.steps=50".into()])?;
+        assert_eq!((cfg.task.score, cfg.pref.pairing, cfg.pref.steps), (ScoreKind::Classifier, PairSelection::FirstTwo, Some(50)));
+        assert_eq!(PipelineConfig::from_toml_str(&cfg.to_toml(), "round trip", &[])?, cfg);
+        let e = PipelineConfig::default_with(&["task.score_noise=-1".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert_eq!(e, "config: `task.score_noise` is -1; expected a finite number >= 0");
         Ok(())
     }
 }

@@ -149,6 +149,42 @@ pub fn evaluate(policy: &CausalLm, reference: &CausalLm, tokenizer: &Tokenizer, 
     Ok(EvalReport { policy: policy_eval, reference: reference_eval, prompts: prompts.len(), samples_per_prompt: settings.k, reward_model: reward.name() })
 }
 
+/// One preference pair seen by a trained policy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairMargin {
+    /// The implicit reward margin h = [log π_θ(y_w) − log π_ref(y_w)] − [log π_θ(y_l) − log π_ref(y_l)].
+    pub h: f64,
+    /// The pair's offset Δ under the data config's offset rule (0 without one).
+    pub offset: f64,
+}
+
+/// Pairs per forward pass in [`pair_margins`].
+const MARGIN_BATCH: usize = 64;
+
+/// Every pair of `data` (read, paired, offset and tokenized by its rules, as the trainer does) with its
+/// margin h between `policy` and `reference`: what ODPO changes is how h spreads with Δ across pairs.
+pub fn pair_margins(policy: &CausalLm, reference: &CausalLm, tokenizer: &Tokenizer, data: &odpo_data::DataConfig, device: &Device) -> Result<Vec<PairMargin>> {
+    let loaded = odpo_data::load(data).map_err(odpo_trainer::TrainError::from)?;
+    let (pairs, _) = odpo_data::tokenize_pairs(&loaded.pairs, tokenizer, data).map_err(odpo_trainer::TrainError::from)?;
+    let pad = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(MARGIN_BATCH) {
+        let items: Vec<&odpo_data::TokenizedPair> = chunk.iter().collect();
+        let batch = odpo_trainer::forward::preference_batch(&items, pad, device).inner();
+        let rows = |model: &CausalLm| -> Result<Vec<f64>> {
+            let (sum, _) = odpo_trainer::forward::row_logps(model, &batch);
+            sum.try_to_vec_as::<f64>().map_err(|e| PipelineError::config("eval", format!("could not read log-probs back: {e:?}")))
+        };
+        let (lp, lr) = (rows(policy)?, rows(reference)?);
+        let b = chunk.len();
+        for (i, p) in chunk.iter().enumerate() {
+            let h = (lp[i] - lr[i]) - (lp[b + i] - lr[b + i]);
+            out.push(PairMargin { h, offset: f64::from(p.offset) });
+        }
+    }
+    Ok(out)
+}
+
 /// Writes `report` as pretty JSON.
 pub fn write_report(path: &Path, report: &EvalReport) -> Result<PathBuf> {
     let text = serde_json::to_string_pretty(report).map_err(|e| PipelineError::Json { path: path.to_path_buf(), line: 0, message: e.to_string() })?;

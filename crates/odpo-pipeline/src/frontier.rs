@@ -1,20 +1,27 @@
 //! `cargo xtask frontier --config FILE`: the reward-vs-KL frontier of DPO and ODPO on the known-reward
 //! task. One SFT model and one set of scored samples are shared; for every method, pair count, seed,
-//! β (and α for ODPO) a preference run starts from the SFT model on the first `n` prompts' pairs and
-//! is evaluated on the held-out prompts. Writes `frontier.csv`, `frontier.md` and `frontier.png`.
+//! β (and α for ODPO) a preference run starts from the SFT model on `n` prompts' pairs (the first `n`,
+//! or `n` drawn by the seed from the sampled pool) and is evaluated on the held-out prompts with the
+//! true reward. With two seeds or more, [`crate::compare`] decides whether ODPO's frontier is above
+//! DPO's. Writes `frontier.csv`, `frontier.md`, `frontier.png` and `comparison.json`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
+use odpo_loss::offset::OffsetConfig;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::index::sample as sample_indices;
 use serde::{Deserialize, Serialize};
 
+use crate::compare::{self, Comparison, SeedGap};
 use crate::config::{Method, PipelineConfig};
 use crate::error::{PipelineError, Result};
-use crate::eval::{Estimate, evaluate_samples};
-use crate::pipeline::{eval_settings, load_model, prepare_task, train_pref, train_sft};
-use crate::plot::{self, Series};
+use crate::eval::{Estimate, evaluate_samples, pair_margins};
+use crate::pipeline::{eval_settings, load_model, prepare_task, task_score, train_pref, train_sft};
+use crate::plot::{self, Band, Series};
 use crate::sample::{self, SampleSettings};
 use crate::synthetic;
 
@@ -31,14 +38,30 @@ pub struct FrontierConfig {
     pub name: String,
     /// Methods to sweep.
     pub methods: Vec<Method>,
-    /// Preference pair budgets: the first `n` prompts' best-vs-worst pairs.
+    /// Preference pair budgets: `n` prompts' pairs each (see `subset`).
     pub pair_counts: Vec<usize>,
+    /// Which `n` prompts: `first` (the first `n` sampled, the same for every seed) or `per-seed` (each
+    /// seed draws `n` of the base config's `task.pref_prompts` sampled prompts).
+    #[serde(default)]
+    pub subset: Subset,
     /// Seeds of the preference runs (data order and evaluation sampling).
     pub seeds: Vec<u64>,
     /// β values.
     pub betas: Vec<f64>,
     /// α values (ODPO only).
     pub alphas: Vec<f64>,
+}
+
+/// Which prompts' pairs a budget of `n` takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Subset {
+    /// The first `n` sampled prompts, for every seed (the pool is `n` prompts).
+    #[default]
+    First,
+    /// `n` prompts drawn by each seed from the pool of `task.pref_prompts`: a seed's DPO and ODPO runs
+    /// share its draw.
+    PerSeed,
 }
 
 /// One preference run of the sweep.
@@ -62,6 +85,9 @@ pub struct FrontierRow {
     pub kl_seq: Estimate,
     /// KL, k3 estimate.
     pub kl_k3: Estimate,
+    /// Spearman's ρ between each training pair's margin β·h and its log score gap log(s_w − s_l) (the
+    /// offset at α = 1) after training: what ODPO's offset shapes and DPO's loss never sees.
+    pub rho_margin_gap: f64,
     /// Seconds for training and evaluation.
     pub seconds: f64,
 }
@@ -81,6 +107,8 @@ pub struct FrontierSummary {
     pub sft_reward: Estimate,
     /// Every run.
     pub rows: Vec<FrontierRow>,
+    /// ODPO against DPO per pair budget and α (sweeps with both methods and two seeds or more).
+    pub comparisons: Vec<Comparison>,
     /// Seconds in all.
     pub wall_seconds: f64,
 }
@@ -114,10 +142,18 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     let all_sets: Vec<String> = fc.base_sets.iter().chain(sets).cloned().collect();
     let mut cfg = PipelineConfig::from_file(&base_path, &all_sets)?;
     cfg.name = fc.name.clone();
-    cfg.task.pref_prompts = fc.pair_counts.iter().copied().max().unwrap_or(1);
+    let largest = fc.pair_counts.iter().copied().max().unwrap_or(1);
+    match fc.subset {
+        Subset::First => cfg.task.pref_prompts = largest,
+        Subset::PerSeed if cfg.task.pref_prompts < largest => {
+            return Err(PipelineError::config("task.pref_prompts", format!("is {}; `subset = \"per-seed\"` draws up to {largest} prompts from it", cfg.task.pref_prompts)));
+        }
+        Subset::PerSeed => {}
+    }
     let dir = cfg.fresh_run_dir(Path::new("runs"));
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
-    for (name, text) in [("pipeline.toml", cfg.to_toml()), ("frontier.toml", toml::to_string(&fc).unwrap_or_default())] {
+    let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
+    for (name, text) in [("pipeline.toml", cfg.to_toml()), ("frontier.toml", fc_text)] {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| PipelineError::io(&p, e))?;
     }
@@ -133,35 +169,59 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     let sft_model = train_sft(&cfg, &task, &dir.join("sft"), device)?;
     let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
     let samples = dir.join("data").join("samples.jsonl");
-    sample::sample(&sft_model, &task.pref_prompts, &settings, &synthetic::reward(), &samples, device)?;
+    let scorer = task_score(&cfg);
+    sample::sample(&sft_model, &task.pref_prompts, &settings, scorer.as_ref(), &samples, device)?;
+    say(format!("{} samples scored by {}", task.pref_prompts.len() * cfg.sample.k, scorer.name()));
     let lines: Vec<String> = std::fs::read_to_string(&samples).map_err(|e| PipelineError::io(&samples, e))?.lines().map(String::from).collect();
     let (reference, tok) = load_model(&sft_model, device)?;
     let (sft_eval, _, _) = evaluate_samples(&reference, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, cfg.seed), &synthetic::reward(), device)?;
     say(format!("SFT reward on held-out prompts: {:.3} ± {:.3}", sft_eval.reward.mean, sft_eval.reward.ci95));
 
     let mut rows = Vec::new();
+    let k = cfg.sample.k;
     for &n in &fc.pair_counts {
-        // Samples are prompt-major, k per prompt: the first n prompts are the first n·k lines.
-        let subset = dir.join("data").join(format!("samples-n{n}.jsonl"));
-        let take = (n * cfg.sample.k).min(lines.len());
-        std::fs::write(&subset, lines[..take].join("\n") + "\n").map_err(|e| PipelineError::io(&subset, e))?;
-        for &method in &fc.methods {
-            let alphas: Vec<f64> = if method == Method::Odpo { fc.alphas.clone() } else { vec![0.0] };
-            for &beta in &fc.betas {
-                for &alpha in &alphas {
-                    for &seed in &fc.seeds {
+        for &seed in &fc.seeds {
+            // Samples are prompt-major, k per prompt: prompt i is lines [i·k, (i+1)·k).
+            let (subset, prompts) = match fc.subset {
+                Subset::First => (dir.join("data").join(format!("samples-n{n}.jsonl")), (0..n.min(lines.len() / k)).collect::<Vec<_>>()),
+                Subset::PerSeed => {
+                    let mut drawn = sample_indices(&mut StdRng::seed_from_u64(seed ^ 0x5EED5), lines.len() / k, n).into_vec();
+                    drawn.sort_unstable();
+                    (dir.join("data").join(format!("samples-n{n}-s{seed}.jsonl")), drawn)
+                }
+            };
+            let text: String = prompts.iter().flat_map(|&i| lines[i * k..(i + 1) * k].iter()).map(|l| format!("{l}\n")).collect();
+            std::fs::write(&subset, text).map_err(|e| PipelineError::io(&subset, e))?;
+            for &method in &fc.methods {
+                let alphas: Vec<f64> = if method == Method::Odpo { fc.alphas.clone() } else { vec![0.0] };
+                for &beta in &fc.betas {
+                    for &alpha in &alphas {
                         let t = Instant::now();
                         let tag = format!("{}-n{n}-b{beta}-a{alpha}-s{seed}", method.name());
-                        let summary = train_pref(&cfg, &sft_model, &subset, method, beta, alpha, seed, &dir.join("runs").join(&tag), device)?;
+                        let run_dir = dir.join("runs").join(&tag);
+                        let summary = train_pref(&cfg, &sft_model, &subset, method, beta, alpha, seed, &run_dir, device)?;
                         let model = summary.exported.ok_or_else(|| PipelineError::config("output.export", "a preference run exported no model"))?;
                         let (policy, _) = load_model(&model, device)?;
                         let (ev, _, _) = evaluate_samples(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, seed), &synthetic::reward(), device)?;
-                        let pairs = odpo_trainer::RunConfig::from_file(&dir.join("runs").join(&tag).join("config.toml"), &[])
-                            .ok()
-                            .and_then(|c| odpo_data::load(&c.data).ok())
-                            .map_or(0, |l| l.pairs.len());
-                        let row = FrontierRow { method, pairs, pair_budget: n, beta, alpha, seed, reward: ev.reward, kl_seq: ev.kl.seq, kl_k3: ev.kl.k3, seconds: t.elapsed().as_secs_f64() };
-                        say(format!("{tag}: reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3}), {:.1} s", row.reward.mean, row.reward.ci95, row.kl_seq.mean, row.kl_k3.mean, row.seconds));
+                        // The run's own data rules, with the α = 1 offset whatever the method: Δ = log(s_w − s_l).
+                        let mut data = odpo_trainer::RunConfig::from_file(&run_dir.join("config.toml"), &[])?.data;
+                        data.offset = Some(OffsetConfig { alpha: 1.0, ..OffsetConfig::default() });
+                        let margins = pair_margins(&policy, &reference, &tok, &data, device)?;
+                        let (h, gap): (Vec<f64>, Vec<f64>) = margins.iter().map(|m| (m.h, m.offset)).unzip();
+                        let row = FrontierRow {
+                            method,
+                            pairs: margins.len(),
+                            pair_budget: n,
+                            beta,
+                            alpha,
+                            seed,
+                            reward: ev.reward,
+                            kl_seq: ev.kl.seq,
+                            kl_k3: ev.kl.k3,
+                            rho_margin_gap: compare::spearman(&h, &gap),
+                            seconds: t.elapsed().as_secs_f64(),
+                        };
+                        say(format!("{tag}: reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3}), rho(beta*h, gap) {:.2}, {:.1} s", row.reward.mean, row.reward.ci95, row.kl_seq.mean, row.kl_k3.mean, row.rho_margin_gap, row.seconds));
                         rows.push(row);
                     }
                 }
@@ -169,46 +229,121 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
         }
     }
 
+    let comparisons = compare_methods(&fc, &rows, sft_eval.reward.mean);
+    for c in &comparisons {
+        say(format!("ODPO - DPO, {} pairs, alpha {}: mean D {:.3}, 95% CI [{:.3}, {:.3}], one-sided sign-flip p {:.4} ({} seeds)", c.pair_budget, c.alpha, c.mean_d, c.ci95.0, c.ci95.1, c.p_value, c.seeds.len()));
+    }
     let csv = dir.join("frontier.csv");
-    let mut text = String::from("method,pairs,pair_budget,beta,alpha,seed,reward,reward_ci95,kl_seq,kl_seq_ci95,kl_k3,kl_k3_ci95,seconds\n");
+    let mut text = String::from("method,pairs,pair_budget,beta,alpha,seed,reward,reward_ci95,kl_seq,kl_seq_ci95,kl_k3,kl_k3_ci95,rho_margin_gap,seconds\n");
     for r in &rows {
-        let _ = writeln!(text, "{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1}", r.method.name(), r.pairs, r.pair_budget, r.beta, r.alpha, r.seed, r.reward.mean, r.reward.ci95, r.kl_seq.mean, r.kl_seq.ci95, r.kl_k3.mean, r.kl_k3.ci95, r.seconds);
+        let _ = writeln!(text, "{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1}", r.method.name(), r.pairs, r.pair_budget, r.beta, r.alpha, r.seed, r.reward.mean, r.reward.ci95, r.kl_seq.mean, r.kl_seq.ci95, r.kl_k3.mean, r.kl_k3.ci95, r.rho_margin_gap, r.seconds);
     }
     std::fs::write(&csv, text).map_err(|e| PipelineError::io(&csv, e))?;
+    let json = dir.join("comparison.json");
+    let json_text = serde_json::to_string_pretty(&comparisons).map_err(|e| PipelineError::Json { path: json.clone(), line: 0, message: e.to_string() })?;
+    std::fs::write(&json, json_text).map_err(|e| PipelineError::io(&json, e))?;
     let table = dir.join("frontier.md");
-    let md = markdown_table(&rows, &sft_eval.reward);
+    let md = comparison_table(&comparisons) + &markdown_table(&rows, &sft_eval.reward);
     std::fs::write(&table, &md).map_err(|e| PipelineError::io(&table, e))?;
     let plot_path = dir.join("frontier.png");
-    let mut series = vec![Series { name: "SFT".into(), points: vec![(0.0, sft_eval.reward.mean)], frontier: false }];
-    for &m in &fc.methods {
-        let points = rows.iter().filter(|r| r.method == m).map(|r| (r.kl_seq.mean, r.reward.mean)).collect();
-        series.push(Series { name: m.name().to_uppercase(), points, frontier: true });
+    if fc.seeds.len() >= 2 {
+        plot::bands(&plot_path, &format!("Reward vs KL over {} seeds: mean envelope, 95% band", fc.seeds.len()), sft_eval.reward.mean, &band_series(&fc, &rows, sft_eval.reward.mean))?;
+    } else {
+        let mut series = vec![Series { name: "SFT".into(), points: vec![(0.0, sft_eval.reward.mean)], frontier: false }];
+        for &m in &fc.methods {
+            let points = rows.iter().filter(|r| r.method == m).map(|r| (r.kl_seq.mean, r.reward.mean)).collect();
+            series.push(Series { name: m.name().to_uppercase(), points, frontier: true });
+        }
+        plot::scatter(&plot_path, "Reward vs KL on the known-reward task", &series)?;
     }
-    plot::scatter(&plot_path, "Reward vs KL on the known-reward task", &series)?;
-    let summary = FrontierSummary { dir, table, csv, plot: plot_path, sft_reward: sft_eval.reward, rows, wall_seconds: start.elapsed().as_secs_f64() };
+    let summary = FrontierSummary { dir, table, csv, plot: plot_path, sft_reward: sft_eval.reward, rows, comparisons, wall_seconds: start.elapsed().as_secs_f64() };
     say(format!("table: {}\nplot:  {}\n({:.0} s)", summary.table.display(), summary.plot.display(), summary.wall_seconds));
     Ok(summary)
+}
+
+/// (KL, reward) of the runs of one method, pair budget, α (ignored for DPO) and seed.
+fn points(rows: &[FrontierRow], method: Method, n: usize, alpha: f64, seed: u64) -> Vec<(f64, f64)> {
+    rows.iter()
+        .filter(|r| r.method == method && r.pair_budget == n && r.seed == seed && (method == Method::Dpo || r.alpha == alpha))
+        .map(|r| (r.kl_seq.mean, r.reward.mean))
+        .collect()
+}
+
+/// The comparison for every pair budget and α, when the sweep has both methods and two seeds or more.
+pub fn compare_methods(fc: &FrontierConfig, rows: &[FrontierRow], sft_reward: f64) -> Vec<Comparison> {
+    if fc.seeds.len() < 2 || !fc.methods.contains(&Method::Dpo) || !fc.methods.contains(&Method::Odpo) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for &n in &fc.pair_counts {
+        for &alpha in &fc.alphas {
+            let seeds = fc
+                .seeds
+                .iter()
+                .map(|&seed| {
+                    let (d, k_star) = compare::frontier_gap(&points(rows, Method::Odpo, n, alpha, seed), &points(rows, Method::Dpo, n, alpha, seed), sft_reward);
+                    SeedGap { seed, d, k_star }
+                })
+                .collect();
+            out.push(Comparison::of(n, alpha, seeds));
+        }
+    }
+    out
+}
+
+/// One band per method (and pair budget, α) for the plot.
+fn band_series(fc: &FrontierConfig, rows: &[FrontierRow], sft_reward: f64) -> Vec<Band> {
+    let mut out = Vec::new();
+    for &n in &fc.pair_counts {
+        for &method in &fc.methods {
+            let alphas: Vec<f64> = if method == Method::Odpo { fc.alphas.clone() } else { vec![0.0] };
+            for alpha in alphas {
+                let per_seed: Vec<Vec<(f64, f64)>> = fc.seeds.iter().map(|&s| points(rows, method, n, alpha, s)).collect();
+                let mut name = format!("{} ({n} pairs)", method.name().to_uppercase());
+                if method == Method::Odpo && fc.alphas.len() > 1 {
+                    name = format!("{name}, alpha {alpha}");
+                }
+                out.push(Band { name, points: per_seed.concat(), curve: compare::envelope_band(&per_seed, sft_reward, 60) });
+            }
+        }
+    }
+    out
+}
+
+/// The comparisons as Markdown (empty without any).
+pub fn comparison_table(comparisons: &[Comparison]) -> String {
+    if comparisons.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from("ODPO − DPO along the frontier (D: mean reward gap over KL in [0, K*], per seed; 95% bootstrap interval over seeds; one-sided sign-flip p):\n\n| pairs | α | seeds | mean D | 95% interval | p | D > 0 in | per-seed D |\n|---|---|---|---|---|---|---|---|\n");
+    for c in comparisons {
+        let positive = c.seeds.iter().filter(|g| g.d > 0.0).count();
+        let per_seed: Vec<String> = c.seeds.iter().map(|g| format!("{:.2}", g.d)).collect();
+        let _ = writeln!(s, "| {} | {} | {} | {:.3} | [{:.3}, {:.3}] | {:.4} | {positive}/{} | {} |", c.pair_budget, c.alpha, c.seeds.len(), c.mean_d, c.ci95.0, c.ci95.1, c.p_value, c.seeds.len(), per_seed.join(" "));
+    }
+    s.push('\n');
+    s
 }
 
 /// The sweep as a Markdown table, one row per run, then the mean over seeds per setting.
 pub fn markdown_table(rows: &[FrontierRow], sft: &Estimate) -> String {
     let mut s = format!("SFT model: reward {:.3} ± {:.3} (KL 0)\n\n", sft.mean, sft.ci95);
-    s.push_str("| method | pairs | β | α | seed | reward (±95%) | KL seq (±95%) | KL k3 (±95%) |\n|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| method | pairs | β | α | seed | reward (±95%) | KL seq (±95%) | KL k3 (±95%) | ρ(βh, log gap) |\n|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let alpha = if r.method == Method::Odpo { format!("{}", r.alpha) } else { "–".into() };
-        let _ = writeln!(s, "| {} | {} | {} | {} | {} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} |", r.method.name(), r.pairs, r.beta, alpha, r.seed, r.reward.mean, r.reward.ci95, r.kl_seq.mean, r.kl_seq.ci95, r.kl_k3.mean, r.kl_k3.ci95);
+        let _ = writeln!(s, "| {} | {} | {} | {} | {} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.3} ± {:.3} | {:.2} |", r.method.name(), r.pairs, r.beta, alpha, r.seed, r.reward.mean, r.reward.ci95, r.kl_seq.mean, r.kl_seq.ci95, r.kl_k3.mean, r.kl_k3.ci95, r.rho_margin_gap);
     }
-    s.push_str("\nMean over seeds:\n\n| method | pair budget | β | α | reward | KL seq | (reward − SFT) / KL |\n|---|---|---|---|---|---|---|\n");
+    s.push_str("\nMean over seeds:\n\n| method | pair budget | β | α | reward | KL seq | (reward − SFT) / KL | ρ(βh, log gap) |\n|---|---|---|---|---|---|---|---|\n");
     let mut keys: Vec<(Method, usize, u64, u64)> = rows.iter().map(|r| (r.method, r.pair_budget, r.beta.to_bits(), r.alpha.to_bits())).collect();
-    keys.dedup();
-    keys.sort_by_key(|k| (k.1, k.0.name()));
+    // Bits of non-negative floats order as the values do.
+    keys.sort_by_key(|k| (k.1, k.0.name(), k.2, k.3));
     keys.dedup();
     for (m, n, b, a) in keys {
         let group: Vec<&FrontierRow> = rows.iter().filter(|r| (r.method, r.pair_budget, r.beta.to_bits(), r.alpha.to_bits()) == (m, n, b, a)).collect();
         let mean = |f: fn(&FrontierRow) -> f64| group.iter().map(|r| f(r)).sum::<f64>() / group.len().max(1) as f64;
-        let (reward, kl) = (mean(|r| r.reward.mean), mean(|r| r.kl_seq.mean));
+        let (reward, kl, rho) = (mean(|r| r.reward.mean), mean(|r| r.kl_seq.mean), mean(|r| r.rho_margin_gap));
         let alpha = if m == Method::Odpo { format!("{}", f64::from_bits(a)) } else { "–".into() };
-        let _ = writeln!(s, "| {} | {n} | {} | {alpha} | {reward:.3} | {kl:.3} | {:.3} |", m.name(), f64::from_bits(b), (reward - sft.mean) / kl.max(1e-9));
+        let _ = writeln!(s, "| {} | {n} | {} | {alpha} | {reward:.3} | {kl:.3} | {:.3} | {rho:.2} |", m.name(), f64::from_bits(b), (reward - sft.mean) / kl.max(1e-9));
     }
     s
 }

@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
+use crate::compare::{pearson, spearman};
 use crate::error::{PipelineError, Result};
 use crate::reward::RewardModel;
 
@@ -186,41 +187,6 @@ fn standardiser(x: &[&Vec<f32>]) -> (Vec<f64>, Vec<f64>) {
     (mean, var.into_iter().map(|v| v.sqrt().max(1e-8)).collect())
 }
 
-/// Ranks (1-based, ties averaged).
-fn ranks(v: &[f64]) -> Vec<f64> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
-    let mut r = vec![0.0; v.len()];
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
-            j += 1;
-        }
-        let avg = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            r[k] = avg;
-        }
-        i = j + 1;
-    }
-    r
-}
-
-/// Pearson correlation.
-pub fn pearson(a: &[f64], b: &[f64]) -> f64 {
-    let n = a.len() as f64;
-    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
-    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
-    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
-    cov / (va * vb).sqrt()
-}
-
-/// Spearman rank correlation (Pearson on tie-averaged ranks).
-pub fn spearman(a: &[f64], b: &[f64]) -> f64 {
-    pearson(&ranks(a), &ranks(b))
-}
-
 /// Prompts split into (train, held out), seeded.
 fn split_prompts(prompts: &[String], fraction: f64, seed: u64) -> (BTreeSet<String>, BTreeSet<String>) {
     let mut unique: Vec<String> = prompts.iter().cloned().collect::<BTreeSet<_>>().into_iter().collect();
@@ -340,14 +306,6 @@ impl RewardModel for LearnedReward {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spearman_matches_hand_computed_values() {
-        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[10.0, 20.0, 30.0, 40.0]) - 1.0).abs() < 1e-12);
-        assert!((spearman(&[1.0, 2.0, 3.0, 4.0], &[4.0, 3.0, 2.0, 1.0]) + 1.0).abs() < 1e-12);
-        // scipy.stats.spearmanr([1, 2, 2, 3], [1, 3, 2, 4]) = 0.9486832980505138
-        assert!((spearman(&[1.0, 2.0, 2.0, 3.0], &[1.0, 3.0, 2.0, 4.0]) - 0.948_683_298_050_513_8).abs() < 1e-12);
-    }
 
     #[test]
     fn ridge_recovers_a_linear_target() {

@@ -6,7 +6,7 @@
 //! sentiment values), [`mod@sample`] (k scored responses per prompt in the ODPO paper's format),
 //! [`eval`] (mean reward and two KL estimators with 95% intervals), [`plot`] (PNG scatter plots),
 //! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation), [`mod@frontier`]
-//! (the β/α × pair-count × seed sweep) and [`mod@experiment`] (DPO and ODPO from a pretrained model
+//! (the β/α × pair-count × seed sweep), [`compare`] (whether ODPO's frontier is above DPO's, over seeds) and [`mod@experiment`] (DPO and ODPO from a pretrained model
 //! scored by a reward model: the paper's sentiment experiment). Training goes through `odpo-trainer`; it never names a
 //! backend: every entry point takes a `&Device`.
 //!
@@ -30,6 +30,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod compare;
 pub mod config;
 mod error;
 pub mod eval;
@@ -48,5 +49,5 @@ pub use eval::{EvalReport, Estimate, KlEstimates};
 pub use experiment::{ExperimentConfig, ExperimentSummary, experiment};
 pub use frontier::{FrontierConfig, FrontierSummary, frontier};
 pub use pipeline::{DefaultOptions, DefaultSummary, eval_run, run_default};
-pub use reward::{KnownReward, RewardModel, ScoreTable};
+pub use reward::{ClassifierScore, KnownReward, RewardModel, ScoreTable};
 pub use sample::{SampleReport, SampleSettings, sample};

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
-use odpo_data::{DataConfig, Format, Pairing};
+use odpo_data::{DataConfig, Format};
 use odpo_loss::offset::OffsetConfig;
 use odpo_loss::{LossConfig, LossKind};
 use odpo_model::CausalLm;
@@ -24,10 +24,11 @@ use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use serde::Serialize;
 
-use crate::config::{Method, PipelineConfig};
+use crate::config::{Method, PipelineConfig, ScoreKind};
 use crate::error::{PipelineError, Result};
 use crate::eval::{self, EvalReport};
 use crate::plot::{self, Series};
+use crate::reward::{ClassifierScore, RewardModel};
 use crate::sample::{self, SampleSettings};
 use crate::synthetic;
 
@@ -143,6 +144,15 @@ fn trainer_config(model: ModelSection, data: DataConfig, loss: Option<LossConfig
     Ok(cfg)
 }
 
+/// What the task's pairs and offsets are scored by (`task.score`): the true reward, or the classifier
+/// shape of it, its noise seeded by the pipeline's seed. Evaluation always uses the true reward.
+pub fn task_score(cfg: &PipelineConfig) -> Box<dyn RewardModel> {
+    match cfg.task.score {
+        ScoreKind::Exact => Box::new(synthetic::reward()),
+        ScoreKind::Classifier => Box::new(ClassifierScore::new(synthetic::reward(), cfg.task.score_temperature, cfg.task.score_noise, cfg.seed)),
+    }
+}
+
 /// SFT from random weights on the task's texts; returns the exported model folder.
 pub fn train_sft(cfg: &PipelineConfig, task: &TaskFiles, dir: &Path, device: &Device) -> Result<PathBuf> {
     let mut data = DataConfig::new(&task.sft_data, Format::Jsonl);
@@ -175,12 +185,12 @@ pub fn train_sft(cfg: &PipelineConfig, task: &TaskFiles, dir: &Path, device: &De
     summary.exported.ok_or_else(|| PipelineError::config("output.export", "the SFT stage exported no model"))
 }
 
-/// One preference stage: `method` with `beta` (and `alpha` for ODPO) on best-vs-worst pairs from
-/// `samples`, starting from (and anchored to) the model in `sft_model`. Returns the trainer's summary.
+/// One preference stage: `method` with `beta` (and `alpha` for ODPO) on pairs (`pref.pairing`) from
+/// `samples`, for `pref.steps` steps (else `pref.epochs` passes), starting from (and anchored to) the model in `sft_model`. Returns the trainer's summary.
 #[allow(clippy::too_many_arguments)] // the sweep's coordinates, each used once
 pub fn train_pref(cfg: &PipelineConfig, sft_model: &Path, samples: &Path, method: Method, beta: f64, alpha: f64, seed: u64, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
     let mut data = DataConfig::new(samples, Format::ScoredJsonl);
-    data.pairing = Some(Pairing::BestVsWorst);
+    data.pairing = Some(cfg.pref.pairing.pairing());
     data.offset = match method {
         Method::Dpo => None,
         Method::Odpo => Some(OffsetConfig { alpha, ..OffsetConfig::default() }),
@@ -199,7 +209,7 @@ pub fn train_pref(cfg: &PipelineConfig, sft_model: &Path, samples: &Path, method
         stage: Stage::Preference,
         batch_size: cfg.pref.batch_size,
         micro_batch_size: cfg.pref.batch_size,
-        max_steps: None,
+        max_steps: cfg.pref.steps,
         epochs: cfg.pref.epochs,
         seed,
         backend: cfg.backend.clone(),
@@ -263,8 +273,8 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
     say(v, format_args!("[3/5] sampling {} responses for each of {} prompts", cfg.sample.k, task.pref_prompts.len()));
     let samples = dir.join("data").join("samples.jsonl");
     let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
-    let report = sample::sample(&sft_model, &task.pref_prompts, &settings, &synthetic::reward(), &samples, device)?;
-    say(v, format_args!("      {} responses, mean reward {:.3}", report.responses, report.mean_reward));
+    let report = sample::sample(&sft_model, &task.pref_prompts, &settings, task_score(&cfg).as_ref(), &samples, device)?;
+    say(v, format_args!("      {} responses, mean score {:.3} ({})", report.responses, report.mean_reward, task_score(&cfg).name()));
     done("sample", &mut stages);
 
     say(v, format_args!("[4/5] {} (beta {}, alpha {}) from the SFT model", cfg.loss.name(), cfg.pref.beta, cfg.pref.alpha));
@@ -323,8 +333,8 @@ pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: u64, device
     Ok(report)
 }
 
-/// Pairs the preference stage trained on: its data re-read with its own config (one best-vs-worst
-/// pair per prompt whose responses do not all tie).
+/// Pairs the preference stage trained on: its data re-read with its own config (one pair per prompt
+/// whose responses do not all tie).
 fn pairs_in(pref_dir: &Path) -> Result<usize> {
     let cfg = RunConfig::from_file(&pref_dir.join("config.toml"), &[])?;
     let loaded = odpo_data::load(&cfg.data).map_err(odpo_trainer::TrainError::from)?;

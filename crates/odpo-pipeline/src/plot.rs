@@ -100,6 +100,62 @@ pub fn scatter(path: &Path, title: &str, series: &[Series]) -> Result<bool> {
     Ok(text)
 }
 
+/// One method's frontier over seeds: its runs as dots, the mean envelope as a line, a shaded band.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Band {
+    /// Legend name.
+    pub name: String,
+    /// Every run's (KL, reward).
+    pub points: Vec<(f64, f64)>,
+    /// `(KL, mean, low, high)` along the envelope.
+    pub curve: Vec<(f64, f64, f64, f64)>,
+}
+
+/// Draws `bands` and the SFT model's point `(0, sft)` into a PNG at `path`; returns whether text could
+/// be drawn.
+pub fn bands(path: &Path, title: &str, sft: f64, bands: &[Band]) -> Result<bool> {
+    let err = |e: String| PipelineError::Plot { path: path.to_path_buf(), message: e };
+    let text = font_available();
+    let mut all: Vec<(f64, f64)> = vec![(0.0, sft)];
+    for b in bands {
+        all.extend(b.points.iter().copied());
+        all.extend(b.curve.iter().flat_map(|c| [(c.0, c.2), (c.0, c.3)]));
+    }
+    all.retain(|(x, y)| x.is_finite() && y.is_finite());
+    let (x0, x1, y0, y1) = all.iter().fold((0.0f64, f64::MIN, f64::MAX, f64::MIN), |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)));
+    let (dx, dy) = ((x1 - x0).max(1e-3) * 0.05, (y1 - y0).max(1e-3) * 0.08);
+    let root = BitMapBackend::new(path, (900, 620)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(format!("{e:?}")))?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if text {
+        builder.caption(title, ("sans-serif", 20)).x_label_area_size(45).y_label_area_size(60);
+    }
+    let mut chart = builder.build_cartesian_2d((x0 - dx)..(x1 + dx), (y0 - dy)..(y1 + dy)).map_err(|e| err(format!("{e:?}")))?;
+    if text {
+        chart.configure_mesh().x_desc("KL(policy || reference), sequence estimate").y_desc("mean true reward").draw().map_err(|e| err(format!("{e:?}")))?;
+    }
+    for (i, b) in bands.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let mut outline: Vec<(f64, f64)> = b.curve.iter().map(|c| (c.0, c.3)).collect();
+        outline.extend(b.curve.iter().rev().map(|c| (c.0, c.2)));
+        if outline.len() > 2 {
+            chart.draw_series(std::iter::once(Polygon::new(outline, color.mix(0.18).filled()))).map_err(|e| err(format!("{e:?}")))?;
+        }
+        chart.draw_series(b.points.iter().map(|&p| Circle::new(p, 2, color.mix(0.5).filled()))).map_err(|e| err(format!("{e:?}")))?;
+        let line = chart.draw_series(LineSeries::new(b.curve.iter().map(|c| (c.0, c.1)), color.stroke_width(3))).map_err(|e| err(format!("{e:?}")))?;
+        if text {
+            line.label(b.name.clone()).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(3)));
+        }
+    }
+    chart.draw_series(std::iter::once(Circle::new((0.0, sft), 6, BLACK.filled()))).map_err(|e| err(format!("{e:?}")))?;
+    if text {
+        chart.configure_series_labels().background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw().map_err(|e| err(format!("{e:?}")))?;
+    }
+    root.present().map_err(|e| err(format!("{e:?}")))?;
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -50,6 +50,61 @@ impl RewardModel for KnownReward {
     }
 }
 
+/// A sentiment classifier's score put on a known reward, the shape of the ODPO paper's IMDB scores:
+///
+/// ```text
+/// p = σ(R/τ + ε),   ε ~ N(0, σ²),   s = p + 1[p > 0.5]      every s in [0, 0.5) ∪ (1.5, 2]
+/// ```
+///
+/// R is the known reward, τ (`temperature`) how sharply p saturates, σ (`noise`) the classifier's error.
+/// ε is a fixed function of (seed, prompt, text), as a real classifier's error is: the same text always
+/// gets the same score, and two responses on the same side of 0.5 are often near-ties whose order is
+/// partly noise. Pairs and offsets then see s; evaluation still uses R.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClassifierScore {
+    reward: KnownReward,
+    temperature: f64,
+    noise: f64,
+    seed: u64,
+}
+
+impl ClassifierScore {
+    /// The classifier-shaped score of `reward` with τ = `temperature`, σ = `noise`, ε seeded by `seed`.
+    pub fn new(reward: KnownReward, temperature: f64, noise: f64, seed: u64) -> Self {
+        Self { reward, temperature, noise, seed }
+    }
+
+    /// ε for one (prompt, text): a standard normal (Box–Muller) from an RNG seeded by an FNV-1a hash of
+    /// the seed, prompt and text, times σ.
+    pub fn noise_of(&self, prompt: &str, text: &str) -> f64 {
+        use rand::{Rng, SeedableRng};
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in self.seed.to_le_bytes().iter().chain(prompt.as_bytes()).chain(&[0xff]).chain(text.as_bytes()) {
+            h = (h ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(h);
+        let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
+        self.noise * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+
+    /// s for one (prompt, text).
+    pub fn text_score(&self, prompt: &str, text: &str) -> f64 {
+        let z = self.reward.text_reward(text) / self.temperature + self.noise_of(prompt, text);
+        let p = 1.0 / (1.0 + (-z).exp());
+        if p > 0.5 { p + 1.0 } else { p }
+    }
+}
+
+impl RewardModel for ClassifierScore {
+    fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>> {
+        Ok(prompts.iter().zip(texts).map(|(p, t)| self.text_score(p, t)).collect())
+    }
+
+    fn name(&self) -> String {
+        format!("classifier-shaped (tau {}, noise {})", self.temperature, self.noise)
+    }
+}
+
 /// Scores read from a scored-responses JSONL file (`{"prompt", "text", "reward"}` per line): a text
 /// that is not in the table is an error, never a silent 0.
 #[derive(Clone, Debug, PartialEq)]
@@ -130,6 +185,32 @@ mod tests {
         assert_eq!(r.text_reward(""), 0.0);
         let s = r.score(&["the film was".into(), "x".into()], &["great".into(), "bad .".into()])?;
         assert_eq!(s, vec![2.0, -1.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn classifier_score_has_two_clusters_and_fixed_noise() -> Result<()> {
+        let known = KnownReward::from_lexicon([("good", 2.0), ("bad", -2.0)]);
+        // Without noise: s = σ(R/τ) + 1[σ(R/τ) > 0.5], by hand.
+        let c = ClassifierScore::new(known.clone(), 2.0, 0.0, 7);
+        let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+        assert_eq!(c.text_score("p", "good"), sig(1.0) + 1.0);
+        assert_eq!(c.text_score("p", "bad"), sig(-1.0));
+        assert_eq!(c.text_score("p", "meh"), 0.5); // p = 0.5 exactly is not positive
+        // With noise: fixed per (prompt, text), different across texts, prompts and seeds; always in the
+        // two clusters; ε ~ N(0, σ²).
+        let c = ClassifierScore::new(known.clone(), 1.0, 1.5, 7);
+        assert_eq!(c.noise_of("p", "good"), c.noise_of("p", "good"));
+        assert_ne!(c.noise_of("p", "good"), c.noise_of("q", "good"));
+        assert_ne!(c.noise_of("p", "good"), ClassifierScore::new(known, 1.0, 1.5, 8).noise_of("p", "good"));
+        let eps: Vec<f64> = (0..4000).map(|i| c.noise_of("p", &format!("text {i}"))).collect();
+        let mean = eps.iter().sum::<f64>() / eps.len() as f64;
+        let sd = (eps.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / eps.len() as f64).sqrt();
+        assert!(mean.abs() < 0.08 && (sd - 1.5).abs() < 0.08, "mean {mean} sd {sd}");
+        let texts: Vec<String> = (0..200).map(|i| if i % 2 == 0 { format!("good {i}") } else { format!("bad {i}") }).collect();
+        let scores = c.score(&vec!["p".to_string(); texts.len()], &texts)?;
+        assert!(scores.iter().all(|&s| (0.0..0.5).contains(&s) || (s > 1.5 && s <= 2.0)), "{scores:?}");
+        assert!(scores.iter().any(|&s| s < 0.5) && scores.iter().any(|&s| s > 1.5));
         Ok(())
     }
 
