@@ -7,9 +7,11 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-/// The project's workflows.
+/// The project's workflows: benchmarks, conformance, setup. Every other command is the `odpo` binary's,
+/// built with the Cargo feature of the backend it runs on (its `--backend`, else the one its config
+/// names, else flex) and run with the arguments as given.
 #[derive(Parser)]
-#[command(name = "cargo xtask")]
+#[command(name = "cargo xtask", after_help = "odpo's commands, run through `cargo xtask COMMAND ...`: train (no arguments: the built-in task), sample, eval, reward-model, frontier, experiment, data, generate, logprobs. `cargo xtask COMMAND --help` shows a command's flags.")]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -17,26 +19,6 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Train: --config configs/NAME.toml [--backend B] [--set key=value ...] [--resume RUN_DIR].
-    /// With no --config: the built-in known-reward task end to end (`--set loss=dpo` for DPO).
-    Train(Passthrough),
-    /// Sample and score: --model DIR --prompts FILE --out FILE [--reward known|table:FILE] [--k 4].
-    Sample(Passthrough),
-    /// Evaluate a pipeline run: --run DIR [--samples-per-prompt N].
-    Eval(Passthrough),
-    /// Fit a reward model to scored texts: --data FILE --backbone PATH --out DIR [--max-length 128] [--heldout 0.2].
-    RewardModel(Passthrough),
-    /// The reward-KL frontier: --config configs/pipeline/frontier.toml.
-    Frontier(Passthrough),
-    /// DPO and ODPO from a pretrained model scored by a reward model: --config FILE [--backend B]
-    /// (configs/pipeline/smollm2-imdb.toml is the paper's sentiment experiment). Resumes when rerun.
-    Experiment(Passthrough),
-    /// Data tools: `data stats --config FILE` or `data stats --data PATH --format NAME [--tokenizer PATH]`.
-    Data(Passthrough),
-    /// Generate text: --model PATH --prompt TEXT [--chat] [--max-new-tokens N] [--greedy | --temperature T --top-p P] [--seed S].
-    Generate(Passthrough),
-    /// Summed completion log-probability: --model PATH --prompt TEXT --completion TEXT [--chat] [--json].
-    Logprobs(Passthrough),
     /// Forward throughput on a model shape with random weights: --config CONFIG_JSON [--batch 8 --seq 128 --repeats 5].
     /// With --vs-pytorch, also runs bench/pytorch/forward.py (python from $ODPO_PYTHON or `python3`) and prints the ratio.
     BenchForward(Passthrough),
@@ -70,6 +52,11 @@ enum Task {
     /// so that `--features cuda` builds with nothing but the package registries. Idempotent.
     /// [--venv DIR] [--python PY]
     SetupCuda(SetupArgs),
+    /// Every other command is the `odpo` binary's, built with the feature of its backend and run
+    /// with the arguments as given: train, sample, eval, reward-model, frontier, experiment, data,
+    /// generate, logprobs (`cargo xtask train --help` shows its flags).
+    #[command(external_subcommand)]
+    Odpo(Vec<String>),
 }
 
 #[derive(clap::Args)]
@@ -176,15 +163,10 @@ fn main() -> ExitCode {
 fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Task::Train(p) => odpo("train", &p.args),
-        Task::Data(p) => odpo("data", &p.args),
-        Task::Sample(p) => odpo("sample", &p.args),
-        Task::Eval(p) => odpo("eval", &p.args),
-        Task::RewardModel(p) => odpo("reward-model", &p.args),
-        Task::Frontier(p) => odpo("frontier", &p.args),
-        Task::Experiment(p) => odpo("experiment", &p.args),
-        Task::Generate(p) => odpo("generate", &p.args),
-        Task::Logprobs(p) => odpo("logprobs", &p.args),
+        Task::Odpo(args) => match args.split_first() {
+            Some((command, rest)) => odpo(command, rest),
+            None => bail!("no command given"),
+        },
         Task::BenchForward(p) => bench_forward(p.args),
         Task::BenchGenerate(p) => bench_generate(p.args),
         Task::Soak(a) => soak(&a),
@@ -198,6 +180,50 @@ fn run() -> Result<ExitCode> {
 /// The backend named by `--backend X` / `--backend=X` in `args`, default `flex`.
 fn backend_of(args: &[String]) -> Result<&str> {
     Ok(flag_value(args, "--backend")?.unwrap_or("flex"))
+}
+
+/// The backend an `odpo` command runs on, so that the build has its feature: `--backend`, else a
+/// `--set train.backend=` / `--set backend=` override, else what its config names (`train.backend` of
+/// a run config, or of the run folder's `config.toml` under `--resume`; `backend` of a pipeline or
+/// experiment config, following a sweep's `base`), else `flex`.
+fn backend_for(args: &[String]) -> Result<String> {
+    if let Some(b) = flag_value(args, "--backend")? {
+        return Ok(b.to_string());
+    }
+    let mut from_set = None;
+    for (i, a) in args.iter().enumerate() {
+        let set = match a.strip_prefix("--set=") {
+            Some(v) => Some(v),
+            None if a == "--set" => args.get(i + 1).map(String::as_str),
+            None => None,
+        };
+        if let Some((key, value)) = set.and_then(|s| s.split_once('='))
+            && matches!(key.trim(), "train.backend" | "backend")
+        {
+            from_set = Some(value.trim().trim_matches('"').to_string());
+        }
+    }
+    if let Some(b) = from_set {
+        return Ok(b);
+    }
+    let config = match (flag_value(args, "--config")?, flag_value(args, "--resume")?) {
+        (Some(c), _) => Some(std::path::PathBuf::from(c)),
+        (None, Some(run)) => Some(std::path::Path::new(run).join("config.toml")),
+        (None, None) => None,
+    };
+    Ok(config.and_then(|c| config_backend(&c, 0)).unwrap_or_else(|| "flex".into()))
+}
+
+/// The backend a config file names, if it names one. A file that is missing or not TOML names none:
+/// `odpo` reports it with its line.
+fn config_backend(path: &std::path::Path, depth: usize) -> Option<String> {
+    let table: toml::Table = std::fs::read_to_string(path).ok()?.parse().ok()?;
+    let named = table.get("train").and_then(|t| t.get("backend")).or_else(|| table.get("backend"));
+    if let Some(b) = named.and_then(toml::Value::as_str) {
+        return Some(b.to_string());
+    }
+    let base = table.get("base").and_then(toml::Value::as_str)?;
+    (depth < 4).then(|| config_backend(&path.parent().unwrap_or(std::path::Path::new(".")).join(base), depth + 1)).flatten()
 }
 
 /// The value of `flag VALUE` / `flag=VALUE` in `args`, if given.
@@ -214,16 +240,18 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>> {
     Ok(None)
 }
 
-/// `cargo run` of `odpo <command> <args>` with the feature of the requested backend.
+/// `cargo run` of `odpo <command> <args>` with the feature of the backend it runs on
+/// ([`backend_for`]). Cargo's progress shows: a first build takes many minutes.
 fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
-    let backend = backend_of(args)?;
+    let backend = backend_for(args)?;
+    let backend = backend.split(':').next().unwrap_or("flex");
     let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == backend) else {
         let names: Vec<&str> = BACKENDS.iter().map(|(b, _)| *b).collect();
         bail!("unknown backend `{backend}`; expected one of: {}", names.join(", "));
     };
     let mut cmd = cargo_cmd();
     backend_env(&mut cmd, &[feature])?;
-    cmd.args(["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--"]).arg(command).args(args);
+    cmd.args(["run", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--"]).arg(command).args(args);
     Ok(cmd)
 }
 
@@ -868,5 +896,32 @@ mod tests {
         assert_eq!(flag_value(&args(&["--backends=tch"]), "--backend").ok().flatten(), None);
         let missing = backend_of(&args(&["--backend"])).err().map(|e| e.to_string()).unwrap_or_default();
         assert_eq!(missing, "--backend needs a value");
+    }
+
+    /// The build follows the backend the command will run on: the flag, an override, the config
+    /// (a run config, a resumed run folder, a pipeline config, a sweep through its base).
+    #[test]
+    fn the_backend_a_config_names_decides_the_build() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("xtask-backend-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("run"))?;
+        std::fs::write(dir.join("run.toml"), "[model]\npath = \"m\"\n[train]\nbackend = \"tch-cuda\"\n")?;
+        std::fs::write(dir.join("run/config.toml"), "[train]\nbackend = \"wgpu\"\n")?;
+        std::fs::write(dir.join("pipeline.toml"), "name = \"p\"\nbackend = \"cuda\"\n")?;
+        std::fs::write(dir.join("sweep.toml"), "base = \"pipeline.toml\"\nname = \"s\"\n")?;
+        std::fs::write(dir.join("data.toml"), "path = \"x.jsonl\"\nformat = \"jsonl\"\n")?;
+        let at = |f: &str| dir.join(f).display().to_string();
+        assert_eq!(backend_for(&args(&["--config", &at("run.toml")]))?, "tch-cuda");
+        assert_eq!(backend_for(&args(&["--config", &at("run.toml"), "--backend", "flex"]))?, "flex");
+        assert_eq!(backend_for(&args(&["--config", &at("run.toml"), "--set", "train.backend=\"vulkan\""]))?, "vulkan");
+        assert_eq!(backend_for(&args(&["--resume", &at("run")]))?, "wgpu");
+        assert_eq!(backend_for(&args(&["--config", &at("pipeline.toml")]))?, "cuda");
+        assert_eq!(backend_for(&args(&["--config", &at("sweep.toml")]))?, "cuda");
+        assert_eq!(backend_for(&args(&["--set=backend=metal"]))?, "metal");
+        // Names no backend, or cannot be read: flex, and odpo reports the file.
+        assert_eq!(backend_for(&args(&["--config", &at("data.toml")]))?, "flex");
+        assert_eq!(backend_for(&args(&["--config", &at("missing.toml")]))?, "flex");
+        assert_eq!(backend_for(&args(&[]))?, "flex");
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
     }
 }

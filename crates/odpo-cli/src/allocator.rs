@@ -1,4 +1,5 @@
-//! The C allocator's policy for large blocks, set once at the start of `odpo` and `odpo-train`.
+//! The C allocator's policy for large blocks, set once at the start of `odpo` (a process-wide choice,
+//! so the binary makes it, not a library).
 //!
 //! glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh `mmap` and
 //! unmaps it when it is freed. A training step creates and frees many tensors larger than that (the

@@ -1,6 +1,8 @@
 //! `odpo`: the command-line front of the crates. `cargo xtask` builds it with the features of the
 //! backend asked for and runs it; it can also be run directly from a release build.
 
+mod allocator;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -253,9 +255,9 @@ struct FrontierArgs {
     /// Override a key of the base pipeline config (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// Backend.
-    #[arg(long, default_value = "flex")]
-    backend: String,
+    /// Backend; default: the base pipeline config's `backend`.
+    #[arg(long)]
+    backend: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -349,7 +351,7 @@ struct LogprobsArgs {
 }
 
 fn main() -> ExitCode {
-    odpo_trainer::allocator::reuse_freed_memory();
+    allocator::reuse_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -621,16 +623,23 @@ fn cmd_train(mut a: TrainArgs) -> Result<()> {
         a.sets.push(format!("train.devices=[{}]", list.join(",")));
     }
     if a.config.is_none() && a.resume.is_none() {
-        // The built-in default: the known-reward task end to end.
-        let device = backend::device(a.backend.as_deref().unwrap_or("flex"))?;
+        // The built-in default: the known-reward task end to end, on `--backend`, else its `backend`.
+        let backend = match a.backend {
+            Some(b) => b,
+            None => odpo_pipeline::PipelineConfig::default_with(&a.sets)?.backend,
+        };
+        let device = backend::device(&backend)?;
         let opts = odpo_pipeline::DefaultOptions { sets: a.sets, verbose: true, ..Default::default() };
         // With `verbose`, the pipeline prints each stage and the summary itself.
         odpo_pipeline::run_default(&opts, &device)?;
         return Ok(());
     }
-    let s = odpo_trainer::run_from_args(a.config.as_deref(), a.backend.as_deref(), &a.sets, a.resume.as_deref())?;
+    let s = train_from_config(a.config.as_deref(), a.backend.as_deref(), &a.sets, a.resume.as_deref())?;
     println!("run folder:   {}", s.run_dir.display());
     println!("steps:        {}", s.steps);
+    if let Some(step) = s.resumed_from {
+        println!("resumed from: step {step}");
+    }
     if let Some((first, last)) = s.train_loss {
         println!("train loss:   {first:.4} -> {last:.4}");
     }
@@ -645,6 +654,31 @@ fn cmd_train(mut a: TrainArgs) -> Result<()> {
         println!("model:        {}", dir.display());
     }
     Ok(())
+}
+
+/// `odpo train --config FILE` (or `--resume RUN_DIR`, which reads the folder's resolved `config.toml`):
+/// `--set` overrides applied, the backend picked (`--backend` overrides `train.backend`), then the
+/// trainer on one device or data-parallel over `train.devices`.
+fn train_from_config(config: Option<&Path>, backend: Option<&str>, sets: &[String], resume: Option<&Path>) -> Result<odpo_trainer::RunSummary> {
+    let path = match (resume, config) {
+        (Some(run_dir), _) => run_dir.join("config.toml"),
+        (None, Some(config)) => config.to_path_buf(),
+        (None, None) => bail!("--config FILE is required unless --resume RUN_DIR is given"),
+    };
+    // `--backend` is applied as the first override, so that `train.devices` is checked against it.
+    let sets: Vec<String> = backend.map(|b| format!("train.backend={}", serde_json::Value::String(b.to_string()))).into_iter().chain(sets.iter().cloned()).collect();
+    let mut cfg = odpo_trainer::RunConfig::from_file(&path, &sets)?;
+    if let Some(run_dir) = resume {
+        // The run folder is where it is now, whatever the saved config says.
+        cfg.output.dir = run_dir.to_path_buf();
+    }
+    let devices = backend::devices(&cfg.train.backend, &cfg.train.devices)?;
+    tracing::info!(backend = %cfg.train.backend, devices = ?cfg.train.devices, run = %cfg.output.dir.display(), "training");
+    if let [device] = devices.as_slice() {
+        return Ok(odpo_trainer::train(&cfg, device, resume.is_some())?);
+    }
+    let data = odpo_trainer::load_data(&cfg)?;
+    Ok(odpo_trainer::train_on_devices(&cfg, data, &devices, resume.is_some(), Some(&odpo_trainer::tokenizer_dir(&cfg.model)))?)
 }
 
 fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {
@@ -712,7 +746,11 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
 }
 
 fn cmd_frontier(a: FrontierArgs) -> Result<()> {
-    let device = backend::device(&a.backend)?;
+    let backend = match a.backend {
+        Some(b) => b,
+        None => odpo_pipeline::frontier::base_config(&a.config, &a.sets)?.backend,
+    };
+    let device = backend::device(&backend)?;
     let summary = odpo_pipeline::frontier(&a.config, &a.sets, &device, true)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())

@@ -1,8 +1,8 @@
 //! The ODPO paper's released files (shared/data/odpo-paper): counts, pairs and offsets checked against an
 //! independent reading of the raw JSON in this file.
 //!
-//! The shared folder is `$ODPO_SHARED`, else `<crate>/../../../shared`. When it is missing these tests print
-//! "skipping" and pass, unless `ODPO_REQUIRE_SHARED=1`.
+//! The shared folder is `$ODPO_SHARED`, else `../shared` beside the checkout (tests/common/env.rs of
+//! odpo-model). When it is missing these tests print "skipping" and pass, unless `ODPO_REQUIRE_SHARED=1`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,18 +10,12 @@ use std::path::{Path, PathBuf};
 use odpo_data::{DataConfig, Format, Pairing, PreferencePair, Text, load, split_by_prompt, stats};
 use odpo_loss::offset::OffsetConfig;
 
+#[path = "../../odpo-model/tests/common/env.rs"]
+mod env;
+
 fn shared() -> Option<PathBuf> {
-    let dir = std::env::var_os("ODPO_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    if dir.join("data/odpo-paper").is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("ODPO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("shared folder not found at {} and ODPO_REQUIRE_SHARED=1", dir.display());
-    }
-    eprintln!("skipping: shared folder not found at {}", dir.display());
-    None
+    env::shared_path("data/odpo-paper")?;
+    env::shared_dir()
 }
 
 /// A dataset description from datasets/, pointed at the shared folder.

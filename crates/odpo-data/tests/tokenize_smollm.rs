@@ -2,27 +2,18 @@
 //! back to prompt + completion, loss masks cover exactly the completion and EOS, truncation keeps the end of
 //! the prompt, and batches come out of burn's data loader.
 
-use std::path::{Path, PathBuf};
-
 use odpo_data::{
     DataConfig, Format, LongCompletion, PreferenceBatcher, PreferencePair, Text, load_bytes, preference_loader,
     sft_from_pairs, tokenize_pairs,
 };
 use odpo_model::tokenizer::Tokenizer;
 
+#[path = "../../odpo-model/tests/common/env.rs"]
+mod env;
+
 fn tokenizer() -> Option<Tokenizer> {
-    let dir = std::env::var_os("ODPO_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"))
-        .join("models/smollm2-135m-instruct");
-    if !dir.join("tokenizer.json").is_file() {
-        if std::env::var("ODPO_REQUIRE_SHARED").as_deref() == Ok("1") {
-            panic!("shared folder not found at {} and ODPO_REQUIRE_SHARED=1", dir.display());
-        }
-        eprintln!("skipping: shared folder not found at {}", dir.display());
-        return None;
-    }
-    Some(Tokenizer::from_dir(&dir).unwrap())
+    let file = env::shared_path("models/smollm2-135m-instruct/tokenizer.json")?;
+    Some(Tokenizer::from_dir(file.parent().unwrap()).unwrap())
 }
 
 fn pairs(cfg: &DataConfig, jsonl: &str) -> Vec<PreferencePair> {

@@ -218,14 +218,21 @@ fn is_mask_buffer(name: &str) -> bool {
 #[derive(Default)]
 pub struct HfTensors {
     entries: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// The first tensor that could not be read back from the device, with why: [`HfTensors::write`]
+    /// refuses to save without it.
+    unread: Option<(String, String)>,
 }
 
 impl HfTensors {
     /// Adds a tensor as it is.
     pub fn push<const D: usize>(&mut self, name: impl Into<String>, tensor: Tensor<D>) {
-        let shape = tensor.dims().to_vec();
-        let data = tensor.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
-        self.entries.push((name.into(), shape, data));
+        let (name, shape) = (name.into(), tensor.dims().to_vec());
+        match tensor.into_data().convert::<f32>().try_into_vec::<f32>() {
+            Ok(data) => self.entries.push((name, shape, data)),
+            Err(e) => {
+                self.unread.get_or_insert((name, format!("{e:?}")));
+            }
+        }
     }
 
     /// Adds a burn `[in, out]` linear weight as HF's `[out, in]`.
@@ -250,6 +257,9 @@ impl HfTensors {
 
     /// Writes `model.safetensors` (float32) atomically: a temporary file, then a rename.
     pub fn write(&self, path: &Path) -> Result<()> {
+        if let Some((name, why)) = &self.unread {
+            return Err(ModelError::Safetensors { path: path.into(), message: format!("tensor `{name}` could not be read back from the device: {why}") });
+        }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
             .entries
             .iter()

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use odpo_model::gguf::{GgufError, GgufFile, GgufValue, HostTensor, load_llama_as_hf};
 
+#[path = "common/env.rs"]
+mod env;
+
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/gguf")
@@ -228,27 +231,10 @@ fn scribbled_headers_never_panic() {
     }
 }
 
-/// `rel` inside the shared folder (`ODPO_SHARED`, default `../../../shared` from this crate),
-/// or `None` (with a note) when absent, unless `ODPO_REQUIRE_SHARED=1`.
+/// `rel` inside the shared folder (tests/common/env.rs), or `None` (with a note) when absent, unless
+/// `ODPO_REQUIRE_SHARED=1`.
 fn shared_file(rel: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("ODPO_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    let path = dir.join(rel);
-    if path.is_file() {
-        return Some(path);
-    }
-    let why = if dir.is_dir() {
-        format!("{} not found", path.display())
-    } else {
-        format!("shared folder not found at {}", dir.display())
-    };
-    assert!(
-        std::env::var("ODPO_REQUIRE_SHARED").as_deref() != Ok("1"),
-        "{why} and ODPO_REQUIRE_SHARED=1"
-    );
-    println!("skipping: {why}");
-    None
+    env::shared_path(rel)
 }
 
 /// Order- and bit-sensitive checksum, as in make_smollm_expected.py.

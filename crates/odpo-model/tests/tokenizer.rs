@@ -7,25 +7,17 @@ use std::path::{Path, PathBuf};
 
 use odpo_model::tokenizer::{ChatMessage, Tokenizer, TokenizerError};
 
+#[path = "common/env.rs"]
+mod env;
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
 }
 
 /// The SmolLM2 folder of the shared material, or `None` (after saying so) when it is absent.
 fn smollm2_dir() -> Option<PathBuf> {
-    let shared = std::env::var_os("ODPO_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    let dir = shared.join("models/smollm2-135m-instruct");
-    if dir.join("tokenizer.json").is_file() {
-        return Some(dir);
-    }
-    if std::env::var("ODPO_REQUIRE_SHARED").is_ok_and(|v| v == "1") {
-        panic!("shared folder not found at {} (ODPO_REQUIRE_SHARED=1)", dir.display())
-    }
-    let missing = if shared.is_dir() { &dir } else { &shared };
-    println!("skipping: shared folder not found at {}", missing.display());
-    None
+    env::shared_path("models/smollm2-135m-instruct/tokenizer.json")?;
+    env::shared_path("models/smollm2-135m-instruct")
 }
 
 struct Case {

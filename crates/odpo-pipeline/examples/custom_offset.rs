@@ -104,7 +104,7 @@ progress = false
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let (train, _) = odpo_data::tokenize_pairs(&train, &tokenizer, &cfg.data)?;
     let (eval, _) = odpo_data::tokenize_pairs(&eval, &tokenizer, &cfg.data)?;
-    let data = RunData { train, eval, pad_id: tokenizer.pad_token_id().unwrap_or(0) };
+    let data = RunData { train, eval, pad_id: tokenizer.pad_token_id().unwrap_or(0), pad_to_multiple: None };
     Ok(odpo_trainer::train_on(&cfg, data, device, false, Some(&model_dir))?)
 }
 

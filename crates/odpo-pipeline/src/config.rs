@@ -208,8 +208,8 @@ impl PipelineConfig {
     }
 
     /// The resolved config as TOML.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# could not serialise the config: {e}\n"))
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| PipelineError::ConfigParse { origin: "the resolved pipeline config".into(), message: format!("could not be written as TOML: {e}") })
     }
 
     /// Checks ranges, naming the key.
@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(e, "config: `sample.k` is 1; pairs need at least 2 responses per prompt");
         let cfg = PipelineConfig::default_with(&["task.score=classifier".into(), "pref.pairing=first-two".into(), "pref.steps=50".into()])?;
         assert_eq!((cfg.task.score, cfg.pref.pairing, cfg.pref.steps), (ScoreKind::Classifier, PairSelection::FirstTwo, Some(50)));
-        assert_eq!(PipelineConfig::from_toml_str(&cfg.to_toml(), "round trip", &[])?, cfg);
+        assert_eq!(PipelineConfig::from_toml_str(&cfg.to_toml()?, "round trip", &[])?, cfg);
         let e = PipelineConfig::default_with(&["task.score_noise=-1".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
         assert_eq!(e, "config: `task.score_noise` is -1; expected a finite number >= 0");
         Ok(())

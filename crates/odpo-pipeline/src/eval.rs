@@ -166,11 +166,12 @@ const MARGIN_BATCH: usize = 64;
 pub fn pair_margins(policy: &CausalLm, reference: &CausalLm, tokenizer: &Tokenizer, data: &odpo_data::DataConfig, device: &Device) -> Result<Vec<PairMargin>> {
     let loaded = odpo_data::load(data).map_err(odpo_trainer::TrainError::from)?;
     let (pairs, _) = odpo_data::tokenize_pairs(&loaded.pairs, tokenizer, data).map_err(odpo_trainer::TrainError::from)?;
-    let pad = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
+    let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
+    let batcher = odpo_data::PreferenceBatcher { pad_id, pad_to_multiple: data.pad_to_multiple };
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(MARGIN_BATCH) {
         let items: Vec<&odpo_data::TokenizedPair> = chunk.iter().collect();
-        let batch = odpo_trainer::forward::preference_batch(&items, pad, device).inner();
+        let batch = odpo_trainer::forward::preference_batch(&items, &batcher, device).inner();
         let rows = |model: &CausalLm| -> Result<Vec<f64>> {
             let (sum, _) = odpo_trainer::forward::row_logps(model, &batch);
             sum.try_to_vec_as::<f64>().map_err(|e| PipelineError::config("eval", format!("could not read log-probs back: {e:?}")))

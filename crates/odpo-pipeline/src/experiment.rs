@@ -206,12 +206,7 @@ pub fn read_prompt_list(path: &Path) -> Result<Vec<String>> {
 pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<ExperimentSummary> {
     let start = Instant::now();
     let cfg = ExperimentConfig::from_file(config_path)?;
-    let say = |m: String| {
-        if verbose {
-            println!("{m}");
-        }
-        tracing::info!("{m}");
-    };
+    let say = |m: String| crate::pipeline::say(verbose, m);
     let prompts = read_prompt_list(&cfg.prompts)?;
     if cfg.pref_prompts + cfg.eval_prompts > prompts.len() {
         return Err(PipelineError::config(
@@ -224,7 +219,8 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
     let dir = PathBuf::from("runs").join(&cfg.name);
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
     let cfg_copy = dir.join("experiment.toml");
-    std::fs::write(&cfg_copy, toml::to_string(&cfg).unwrap_or_default()).map_err(|e| PipelineError::io(&cfg_copy, e))?;
+    let cfg_text = toml::to_string(&cfg).map_err(|e| PipelineError::ConfigParse { origin: config_path.display().to_string(), message: format!("could not be written as TOML: {e}") })?;
+    std::fs::write(&cfg_copy, cfg_text).map_err(|e| PipelineError::io(&cfg_copy, e))?;
 
     let reward = reward_from_spec(&cfg.reward, device)?;
     let loaded = odpo_model::CausalLm::load(&cfg.model, device)?;

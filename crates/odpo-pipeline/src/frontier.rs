@@ -133,14 +133,21 @@ impl FrontierConfig {
     }
 }
 
+/// The pipeline config a sweep starts from: its `base` (relative to the sweep file) with its
+/// `base_sets`, then `sets`.
+pub fn base_config(config_path: &Path, sets: &[String]) -> Result<PipelineConfig> {
+    let fc = FrontierConfig::from_file(config_path)?;
+    let base_path = config_path.parent().unwrap_or(Path::new(".")).join(&fc.base);
+    let all_sets: Vec<String> = fc.base_sets.iter().chain(sets).cloned().collect();
+    PipelineConfig::from_file(&base_path, &all_sets)
+}
+
 /// Runs the sweep in `config_path` (`sets` override the sweep's base pipeline config after its own
 /// `base_sets`), printing one line per run when `verbose`.
 pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: bool) -> Result<FrontierSummary> {
     let start = Instant::now();
     let fc = FrontierConfig::from_file(config_path)?;
-    let base_path = config_path.parent().unwrap_or(Path::new(".")).join(&fc.base);
-    let all_sets: Vec<String> = fc.base_sets.iter().chain(sets).cloned().collect();
-    let mut cfg = PipelineConfig::from_file(&base_path, &all_sets)?;
+    let mut cfg = base_config(config_path, sets)?;
     cfg.name = fc.name.clone();
     let largest = fc.pair_counts.iter().copied().max().unwrap_or(1);
     match fc.subset {
@@ -153,16 +160,11 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     let dir = cfg.fresh_run_dir(Path::new("runs"));
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
     let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
-    for (name, text) in [("pipeline.toml", cfg.to_toml()), ("frontier.toml", fc_text)] {
+    for (name, text) in [("pipeline.toml", cfg.to_toml()?), ("frontier.toml", fc_text)] {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| PipelineError::io(&p, e))?;
     }
-    let say = |m: String| {
-        if verbose {
-            println!("{m}");
-        }
-        tracing::info!("{m}");
-    };
+    let say = |m: String| crate::pipeline::say(verbose, m);
 
     let task = prepare_task(&cfg, &dir)?;
     say(format!("SFT -> {}", dir.join("sft").display()));

@@ -236,12 +236,14 @@ pub fn eval_settings(cfg: &PipelineConfig, seed: u64) -> SampleSettings {
     SampleSettings { k: cfg.eval.samples_per_prompt, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: seed ^ 0xE7A1 }
 }
 
-/// Lines the pipeline prints as it goes.
-fn say(verbose: bool, msg: impl std::fmt::Display) {
+/// Lines the pipeline prints as it goes: on stdout when `verbose`, else to the log (not both, or a
+/// terminal shows each twice).
+pub(crate) fn say(verbose: bool, msg: impl std::fmt::Display) {
     if verbose {
         println!("{msg}");
+    } else {
+        tracing::info!("{msg}");
     }
-    tracing::info!("{msg}");
 }
 
 /// `cargo xtask train` with no arguments: the whole known-reward task, end to end.
@@ -254,7 +256,7 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
     let dir = opts.run_dir.clone().unwrap_or_else(|| cfg.fresh_run_dir(Path::new("runs")));
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
     let cfg_path = dir.join("pipeline.toml");
-    std::fs::write(&cfg_path, cfg.to_toml()).map_err(|e| PipelineError::io(&cfg_path, e))?;
+    std::fs::write(&cfg_path, cfg.to_toml()?).map_err(|e| PipelineError::io(&cfg_path, e))?;
     let v = opts.verbose;
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut lap = Instant::now();

@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::error::{PipelineError, Result};
@@ -62,27 +64,36 @@ fn font_available() -> bool {
     })
 }
 
+/// A white 900×620 canvas with reward-vs-KL axes spanning `points` (plus 8% each side), the title and
+/// axis names when `text`.
+fn axes<'a, 'b>(root: &'a DrawingArea<BitMapBackend<'b>, Shift>, title: &str, text: bool, points: &[(f64, f64)], y_desc: &str) -> std::result::Result<ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>, String> {
+    let e = |e: &dyn std::fmt::Debug| format!("{e:?}");
+    let finite: Vec<&(f64, f64)> = points.iter().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let (mut x0, mut x1, mut y0, mut y1) = finite.iter().fold((0.0f64, f64::MIN, f64::MAX, f64::MIN), |(a, b, c, d), &&(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)));
+    if finite.is_empty() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    let (dx, dy) = ((x1 - x0).max(1e-3) * 0.08, (y1 - y0).max(1e-3) * 0.08);
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let mut builder = ChartBuilder::on(root);
+    builder.margin(20);
+    if text {
+        builder.caption(title, ("sans-serif", 20)).x_label_area_size(45).y_label_area_size(60);
+    }
+    let mut chart = builder.build_cartesian_2d((x0 - dx)..(x1 + dx), (y0 - dy)..(y1 + dy)).map_err(|x| e(&x))?;
+    if text {
+        chart.configure_mesh().x_desc("KL(policy || reference), sequence estimate").y_desc(y_desc).draw().map_err(|x| e(&x))?;
+    }
+    Ok(chart)
+}
+
 /// Draws `series` into a PNG at `path`; returns whether text (title, axes, legend) could be drawn.
 pub fn scatter(path: &Path, title: &str, series: &[Series]) -> Result<bool> {
     let err = |e: String| PipelineError::Plot { path: path.to_path_buf(), message: e };
     let text = font_available();
     let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
-    let (mut x0, mut x1, mut y0, mut y1) = all.iter().fold((0.0f64, f64::MIN, f64::MAX, f64::MIN), |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)));
-    if all.is_empty() {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-    }
-    let (dx, dy) = ((x1 - x0).max(1e-3) * 0.08, (y1 - y0).max(1e-3) * 0.08);
     let root = BitMapBackend::new(path, (900, 620)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(format!("{e:?}")))?;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
-    if text {
-        builder.caption(title, ("sans-serif", 22)).x_label_area_size(45).y_label_area_size(60);
-    }
-    let mut chart = builder.build_cartesian_2d((x0 - dx)..(x1 + dx), (y0 - dy)..(y1 + dy)).map_err(|e| err(format!("{e:?}")))?;
-    if text {
-        chart.configure_mesh().x_desc("KL(policy || reference), sequence estimate").y_desc("mean reward").draw().map_err(|e| err(format!("{e:?}")))?;
-    }
+    let mut chart = axes(&root, title, text, &all, "mean reward").map_err(err)?;
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let drawn = chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 5, color.filled()))).map_err(|e| err(format!("{e:?}")))?;
@@ -122,19 +133,8 @@ pub fn bands(path: &Path, title: &str, sft: f64, bands: &[Band]) -> Result<bool>
         all.extend(b.curve.iter().flat_map(|c| [(c.0, c.2), (c.0, c.3)]));
     }
     all.retain(|(x, y)| x.is_finite() && y.is_finite());
-    let (x0, x1, y0, y1) = all.iter().fold((0.0f64, f64::MIN, f64::MAX, f64::MIN), |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)));
-    let (dx, dy) = ((x1 - x0).max(1e-3) * 0.05, (y1 - y0).max(1e-3) * 0.08);
     let root = BitMapBackend::new(path, (900, 620)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(format!("{e:?}")))?;
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(20);
-    if text {
-        builder.caption(title, ("sans-serif", 20)).x_label_area_size(45).y_label_area_size(60);
-    }
-    let mut chart = builder.build_cartesian_2d((x0 - dx)..(x1 + dx), (y0 - dy)..(y1 + dy)).map_err(|e| err(format!("{e:?}")))?;
-    if text {
-        chart.configure_mesh().x_desc("KL(policy || reference), sequence estimate").y_desc("mean true reward").draw().map_err(|e| err(format!("{e:?}")))?;
-    }
+    let mut chart = axes(&root, title, text, &all, "mean true reward").map_err(err)?;
     for (i, b) in bands.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let mut outline: Vec<(f64, f64)> = b.curve.iter().map(|c| (c.0, c.3)).collect();

@@ -2,25 +2,23 @@
 //! slice of the ODPO paper's scored IMDB texts, ranks held-out texts (other prompts) the way the
 //! paper's sentiment scores do; saved and loaded, it scores as before.
 //!
-//! The shared folder is `$ODPO_SHARED`, else `<crate>/../../../shared`. When it is missing the test
+//! The shared folder is `$ODPO_SHARED`, else `../shared` beside the checkout. When it is missing the test
 //! prints "skipping" and passes, unless `ODPO_REQUIRE_SHARED=1`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use odpo_pipeline::RewardModel;
-use odpo_pipeline::learned::{FitOptions, LearnedReward, spearman};
+use odpo_pipeline::compare::spearman;
+use odpo_pipeline::learned::{FitOptions, LearnedReward};
+
+#[path = "../../odpo-model/tests/common/env.rs"]
+mod env;
+
 
 fn shared() -> Option<PathBuf> {
-    let dir = std::env::var_os("ODPO_SHARED").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared"));
-    if dir.join("models/smollm2-135m-instruct").is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("ODPO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("shared folder not found at {} and ODPO_REQUIRE_SHARED=1", dir.display());
-    }
-    eprintln!("skipping: shared folder not found at {}", dir.display());
-    None
+    env::shared_path("models/smollm2-135m-instruct")?;
+    env::shared_dir()
 }
 
 #[test]

@@ -167,7 +167,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
     // The step's batch, in the layout asked for (without the shared layout, the concatenated rows run).
     let make_batch = || {
-        let mut batch = forward::preference_batch(&refs, 0, &ad);
+        let mut batch = forward::preference_batch(&refs, &odpo_data::PreferenceBatcher { pad_id: 0, pad_to_multiple: None }, &ad);
         if !b.shared_prompt {
             batch.shared = None;
         }

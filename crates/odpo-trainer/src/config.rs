@@ -292,8 +292,8 @@ impl RunConfig {
     }
 
     /// The resolved config as TOML (every default written out), as saved in the run folder.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# could not serialise the config: {e}\n"))
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| TrainError::ConfigParse { origin: "the resolved config".into(), message: format!("could not be written as TOML: {e}") })
     }
 
     /// Checks ranges and refuses options that do nothing, naming the key.
@@ -526,7 +526,7 @@ beta = 0.1
         let cfg = parse(BASE, &[])?;
         assert_eq!(cfg.optim.optimizer, OptimizerKind::Rmsprop);
         assert_eq!(cfg.train.batch_size, 32);
-        let again = parse(&cfg.to_toml(), &[])?;
+        let again = parse(&cfg.to_toml()?, &[])?;
         assert_eq!(again, cfg);
         Ok(())
     }

@@ -5,7 +5,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-use odpo_data::{DataConfig, TokenizedPair};
+use odpo_data::{DataConfig, PreferenceBatcher, TokenizedPair};
 use odpo_model::tokenizer::Tokenizer;
 
 use crate::error::Result;
@@ -19,6 +19,8 @@ pub struct RunData {
     pub eval: Vec<TokenizedPair>,
     /// The padding id used for batches (padding is masked; any id works).
     pub pad_id: u32,
+    /// Batches' length rounded up to a multiple of this (`data.pad_to_multiple`).
+    pub pad_to_multiple: Option<usize>,
 }
 
 impl RunData {
@@ -40,7 +42,12 @@ impl RunData {
         let (eval, report) = odpo_data::tokenize_pairs(&eval, tokenizer, cfg)?;
         tracing::info!(?report, "tokenized eval pairs");
         let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
-        Ok(Self { train, eval, pad_id })
+        Ok(Self { train, eval, pad_id, pad_to_multiple: cfg.pad_to_multiple })
+    }
+
+    /// The batcher of this data's padding rules.
+    pub fn batcher(&self) -> PreferenceBatcher {
+        PreferenceBatcher { pad_id: self.pad_id, pad_to_multiple: self.pad_to_multiple }
     }
 }
 
@@ -80,7 +87,7 @@ impl RunData {
         tracing::info!(?report, "tokenized training responses");
         let (eval, _) = odpo_data::tokenize_pairs(&eval, tokenizer, cfg)?;
         let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
-        Ok(Self { train, eval, pad_id })
+        Ok(Self { train, eval, pad_id, pad_to_multiple: cfg.pad_to_multiple })
     }
 }
 

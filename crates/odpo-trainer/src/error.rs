@@ -66,9 +66,31 @@ pub enum TrainError {
         /// What went wrong.
         message: String,
     },
+    /// Reading a tensor back from the device failed.
+    #[error("reading {what} back from the device failed: {message}")]
+    Device {
+        /// What was being read.
+        what: &'static str,
+        /// The backend's message.
+        message: String,
+    },
+    /// A data-parallel worker thread panicked: a bug, not a config problem.
+    #[error("the worker thread of device {device} panicked: {message}")]
+    WorkerPanicked {
+        /// The device's index in `train.devices`.
+        device: usize,
+        /// The panic's message.
+        message: String,
+    },
+    /// The reference cache read for this run has no row for a pair it trains on.
+    #[error("the reference log-prob cache has no row for pair {pair}: it does not match this run's data (delete its file in `output.cache_dir` to recompute it)")]
+    MissingReference {
+        /// The pair id.
+        pair: usize,
+    },
     /// The run stopped at a step boundary because a stop was asked for (SIGTERM, SIGINT or
     /// [`crate::interrupt::request`]), after writing a checkpoint.
-    #[error("stopped at step {step} on request; checkpoint {}; resume with `--resume {}`", checkpoint.display(), run_dir.display())]
+    #[error("stopped at step {step} on request; checkpoint {}; the run in {} can be resumed", checkpoint.display(), run_dir.display())]
     Interrupted {
         /// Optimizer steps done.
         step: usize,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use burn::tensor::Device;
-use odpo_data::TokenizedPair;
+use odpo_data::{PreferenceBatcher, TokenizedPair};
 use odpo_loss::{LossConfig, Metrics, try_preference_loss};
 use odpo_model::CausalLm;
 
@@ -20,13 +20,13 @@ pub fn preference(
     loss: &LossConfig,
     use_offsets: bool,
     batch_size: usize,
-    pad_id: u32,
+    batcher: &PreferenceBatcher,
     device: &Device,
 ) -> Result<BTreeMap<String, f64>> {
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     let items: Vec<&TokenizedPair> = pairs.iter().collect();
     for chunk in items.chunks(batch_size.max(1)) {
-        let batch = forward::preference_batch(chunk, pad_id, device);
+        let batch = forward::preference_batch(chunk, batcher, device);
         let inputs = forward::preference_inputs(model, reference, &batch, use_offsets, device)?;
         let out = try_preference_loss(&inputs, loss)?;
         add_metrics(&mut sums, &out.metrics, chunk.len() as f64);
@@ -35,11 +35,11 @@ pub fn preference(
 }
 
 /// SFT metrics (`nll`, the token-mean negative log-likelihood of the chosen responses, and `ppl`).
-pub fn sft(model: &CausalLm, pairs: &[TokenizedPair], batch_size: usize, pad_id: u32, device: &Device) -> Result<BTreeMap<String, f64>> {
+pub fn sft(model: &CausalLm, pairs: &[TokenizedPair], batch_size: usize, batcher: &PreferenceBatcher, device: &Device) -> Result<BTreeMap<String, f64>> {
     let (mut nll, mut tokens) = (0.0, 0usize);
     let items: Vec<&TokenizedPair> = pairs.iter().collect();
     for chunk in items.chunks(batch_size.max(1)) {
-        let batch = forward::sft_batch(chunk, pad_id, device);
+        let batch = forward::sft_batch(chunk, batcher, device);
         nll += forward::sft_nll(model, &batch).into_scalar::<f64>();
         tokens += chunk.iter().map(|p| forward::sft_tokens(p)).sum::<usize>();
     }

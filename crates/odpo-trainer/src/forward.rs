@@ -8,9 +8,8 @@ use odpo_loss::PairLogps;
 use odpo_model::CausalLm;
 use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
 
-/// A preference micro-batch on `device`.
-pub fn preference_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> PreferenceBatch {
-    let batcher = PreferenceBatcher { pad_id, pad_to_multiple: None };
+/// A preference micro-batch on `device`, padded by `batcher`'s rules.
+pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, device: &Device) -> PreferenceBatch {
     batcher.batch(items.iter().map(|p| (*p).clone()).collect(), device)
 }
 
@@ -26,9 +25,9 @@ pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tenso
 
 /// The reference model's summed log-probs of the 2B rows, on the host (chosen first). `model` is a
 /// `.valid()` model: the batch is moved off autodiff for it.
-pub fn reference_row_logps(model: &CausalLm, batch: &PreferenceBatch) -> Vec<f32> {
+pub fn reference_row_logps(model: &CausalLm, batch: &PreferenceBatch) -> crate::error::Result<Vec<f32>> {
     let (sum, _) = row_logps(model, &batch.inner());
-    sum.try_to_vec_as::<f32>().unwrap_or_default()
+    sum.try_to_vec_as::<f32>().map_err(|e| crate::error::TrainError::Device { what: "the reference log-probs", message: format!("{e:?}") })
 }
 
 /// The objective's inputs for a batch: policy log-probs from `policy_rows` (`[2B]`, tracked), reference
@@ -68,8 +67,9 @@ pub fn preference_inputs(policy: &CausalLm, reference: &Reference, batch: &Prefe
     Ok(pair_logps(batch, rows, &reference_rows, use_offsets, device))
 }
 
-/// SFT rows (prompt + chosen, loss on the chosen response) for a micro-batch of pairs.
-pub fn sft_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> odpo_data::SftBatch {
+/// SFT rows (prompt + chosen, loss on the chosen response) for a micro-batch of pairs, padded by
+/// `batcher`'s rules.
+pub fn sft_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, device: &Device) -> odpo_data::SftBatch {
     let items: Vec<SftItem> = items
         .iter()
         .map(|p| {
@@ -78,7 +78,7 @@ pub fn sft_batch(items: &[&TokenizedPair], pad_id: u32, device: &Device) -> odpo
             SftItem { id: p.pair_id, ids, prompt_len: p.prompt.len() }
         })
         .collect();
-    SftBatcher { pad_id, pad_to_multiple: None }.batch(items, device)
+    SftBatcher { pad_id: batcher.pad_id, pad_to_multiple: batcher.pad_to_multiple }.batch(items, device)
 }
 
 /// Summed NLL of the trained tokens of an SFT batch, `[1]`, tracked.
@@ -123,10 +123,8 @@ impl Reference {
     pub fn rows(&self, batch: &PreferenceBatch) -> crate::error::Result<Vec<f32>> {
         match self {
             Reference::None => Ok(vec![0.0; 2 * batch.pair_ids.len()]),
-            Reference::Frozen(model) => Ok(reference_row_logps(model, batch)),
-            Reference::Cached(cache) => cache.rows_for(&batch.pair_ids).map_err(|id| {
-                crate::error::TrainError::config("train.reference", format!("= \"cached\": pair {id} is missing from the reference cache"))
-            }),
+            Reference::Frozen(model) => reference_row_logps(model, batch),
+            Reference::Cached(cache) => cache.rows_for(&batch.pair_ids).map_err(|pair| crate::error::TrainError::MissingReference { pair }),
         }
     }
 }

@@ -93,9 +93,9 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
     // Held until the run returns; a second run on this folder is refused.
     let _lock = crate::lock::acquire(&run_dir)?;
     if !resume && !checkpoint::list(&run_dir)?.is_empty() {
-        return Err(TrainError::config("output.dir", format!("`{}` already holds checkpoints; resume it with `--resume {0}` or choose another folder", run_dir.display())));
+        return Err(TrainError::config("output.dir", format!("`{}` already holds the checkpoints of a run; resume that run or choose another folder", run_dir.display())));
     }
-    let config_toml = cfg.to_toml();
+    let config_toml = cfg.to_toml()?;
     odpo_model::weights::write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
 
     // The policy, and its starting point as the reference: frozen, or run once into a cache.
@@ -132,10 +132,11 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
     let columns = metric_columns(t.stage);
     let mut metrics = MetricsWriter::open(&run_dir, columns, summary.resumed_from)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
+    let batcher = data.batcher();
     let evaluate = |policy: &CausalLm| -> Result<BTreeMap<String, f64>> {
         match t.stage {
-            Stage::Preference => eval::preference(&policy.valid().with_precision(precision), &reference, &eval_pairs, &loss_cfg, use_offsets, cfg.eval.batch_size, data.pad_id, device),
-            Stage::Sft => eval::sft(&policy.valid().with_precision(precision), &eval_pairs, cfg.eval.batch_size, data.pad_id, device),
+            Stage::Preference => eval::preference(&policy.valid().with_precision(precision), &reference, &eval_pairs, &loss_cfg, use_offsets, cfg.eval.batch_size, &batcher, device),
+            Stage::Sft => eval::sft(&policy.valid().with_precision(precision), &eval_pairs, cfg.eval.batch_size, &batcher, device),
         }
     };
     if cfg.eval.at_start && state.step == 0 && !eval_pairs.is_empty() {
@@ -158,7 +159,7 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
         let idx = data::stream_slice(data.train.len(), t.seed, state.pairs_seen, t.batch_size);
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data.train[i]).collect();
         let step_total = pairs.iter().map(|p| pair_share(t.stage, p)).sum::<f64>().max(f64::MIN_POSITIVE);
-        let ctx = StepCtx { step, step_total, stage: t.stage, micro_batch_size: t.micro_batch_size, pad_id: data.pad_id, loss_cfg: &loss_cfg, use_offsets, precision };
+        let ctx = StepCtx { step, step_total, stage: t.stage, micro_batch_size: t.micro_batch_size, batcher: &batcher, loss_cfg: &loss_cfg, use_offsets, precision };
         // Data parallel: each device takes an equal slice of the step's pairs with a copy of the
         // policy; the slices' gradients are summed on the first device, which steps the optimizer.
         let outs: Vec<Result<ShardOut>> = if workers.len() == 1 {
@@ -179,7 +180,11 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
                         })
                     })
                     .collect();
-                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(TrainError::config("train.devices", "a device's worker thread panicked")))).collect()
+                handles
+                    .into_iter()
+                    .enumerate()
+                    .map(|(device, h)| h.join().unwrap_or_else(|panic| Err(TrainError::WorkerPanicked { device, message: panic_message(panic.as_ref()) })))
+                    .collect()
             })
         };
         let mut accum = GradientsAccumulator::<CausalLm>::new();
@@ -280,7 +285,7 @@ struct StepCtx<'a> {
     step_total: f64,
     stage: Stage,
     micro_batch_size: usize,
-    pad_id: u32,
+    batcher: &'a odpo_data::PreferenceBatcher,
     loss_cfg: &'a odpo_loss::LossConfig,
     use_offsets: bool,
     precision: Precision,
@@ -323,7 +328,7 @@ fn shard_grads(ctx: &StepCtx, policy: &CausalLm, reference: &Reference, pairs: &
         };
         let loss = match ctx.stage {
             Stage::Preference => {
-                let batch = forward::preference_batch(micro, ctx.pad_id, ad);
+                let batch = forward::preference_batch(micro, ctx.batcher, ad);
                 let inputs = forward::preference_inputs(policy_fwd, reference, &batch, ctx.use_offsets, ad)?;
                 let out = try_preference_loss(&inputs, ctx.loss_cfg)?;
                 check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
@@ -331,7 +336,7 @@ fn shard_grads(ctx: &StepCtx, policy: &CausalLm, reference: &Reference, pairs: &
                 out.loss.mul_scalar(share / ctx.step_total)
             }
             Stage::Sft => {
-                let batch = forward::sft_batch(micro, ctx.pad_id, ad);
+                let batch = forward::sft_batch(micro, ctx.batcher, ad);
                 let nll = forward::sft_nll(policy_fwd, &batch);
                 let value = nll.clone().into_scalar::<f64>();
                 if !value.is_finite() {
@@ -377,7 +382,7 @@ pub fn tokenizer_dir(model: &ModelSection) -> PathBuf {
     match &model.tokenizer {
         Some(dir) => dir.clone(),
         None if model.path.is_dir() => model.path.clone(),
-        None => model.path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        None => model.path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
     }
 }
 
@@ -407,8 +412,8 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
     }
     let mut rows = Vec::with_capacity(all.len());
     for chunk in all.chunks(cfg.eval.batch_size) {
-        let batch = forward::preference_batch(chunk, data.pad_id, device);
-        let lp = forward::reference_row_logps(reference, &batch);
+        let batch = forward::preference_batch(chunk, &data.batcher(), device);
+        let lp = forward::reference_row_logps(reference, &batch)?;
         let b = chunk.len();
         rows.extend(chunk.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[b + i])));
     }
@@ -432,6 +437,11 @@ pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer_dir
     }
     tracing::info!("model exported to {}", out.display());
     Ok(out.to_path_buf())
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
 }
 
 /// The loss crate counts pairs within the micro-batch; name the pair by its id instead.

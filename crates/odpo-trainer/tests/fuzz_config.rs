@@ -104,7 +104,7 @@ fn base() -> String {
 fn hostile_values_for_every_key_are_refused_by_name_without_panics() {
     let text = base();
     let full = RunConfig::from_toml_str(&text, "base.toml", &[]).expect("the base config loads");
-    let table: toml::Table = toml::from_str(&full.to_toml()).unwrap();
+    let table: toml::Table = toml::from_str(&full.to_toml().unwrap()).unwrap();
     let mut all = Vec::new();
     keys(&table, "", &mut all);
     // Keys the resolved config leaves out when unset, and ones that do not exist.

@@ -128,7 +128,7 @@ fn a_run_folder_with_checkpoints_needs_resume() {
     let cfg = config(&model, &run, "", &["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2", "eval.at_start=false", "output.export=false"]);
     odpo_trainer::train_on(&cfg, data(8, 0), &device(), false, None).expect("training");
     let err = odpo_trainer::train_on(&cfg, data(8, 0), &device(), false, None).map(|_| ()).expect_err("second start");
-    assert!(err.to_string().contains("already holds checkpoints; resume it with `--resume"), "{err}");
+    assert!(err.to_string().contains("already holds the checkpoints of a run; resume that run or choose another folder"), "{err}");
     // Resuming a finished run does no more steps.
     let s = odpo_trainer::train_on(&cfg, data(8, 0), &device(), true, None).expect("resume");
     assert_eq!((s.resumed_from, s.steps), (Some(2), 2));

@@ -27,12 +27,23 @@ pub fn test_device() -> Device {
 /// not skip these tests silently.
 pub fn shared_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("ODPO_SHARED").map(PathBuf::from).unwrap_or_else(|| repo_root().join("../shared"));
-    if dir.is_dir() {
-        return Some(dir);
+    found_or_skip(dir, "the shared folder (set ODPO_SHARED)")
+}
+
+/// `rel` inside the shared folder ([`shared_dir`]), when it is there. A missing folder or file is a
+/// skip (said plainly), or a panic under `ODPO_REQUIRE_SHARED=1`.
+pub fn shared_path(rel: &str) -> Option<PathBuf> {
+    found_or_skip(shared_dir()?.join(rel), "a file of the shared folder")
+}
+
+/// `path` when it exists; else a skip that says what is missing, or a panic in CI.
+fn found_or_skip(path: PathBuf, what: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path);
     }
     if std::env::var("ODPO_REQUIRE_SHARED").as_deref() == Ok("1") {
-        panic!("ODPO_REQUIRE_SHARED=1 but the shared folder is missing at {}", dir.display());
+        panic!("ODPO_REQUIRE_SHARED=1 but {what} is missing at {}", path.display());
     }
-    eprintln!("skipping: shared folder not found at {} (set ODPO_SHARED)", dir.display());
+    eprintln!("skipping: {what} not found at {}", path.display());
     None
 }

@@ -58,7 +58,7 @@ pub fn pairs(n: usize, first_id: usize, seed: u64) -> Vec<TokenizedPair> {
 }
 
 pub fn data(train: usize, eval: usize) -> RunData {
-    RunData { train: pairs(train, 0, 1), eval: pairs(eval, 100_000, 2), pad_id: 0 }
+    RunData { train: pairs(train, 0, 1), eval: pairs(eval, 100_000, 2), pad_id: 0, pad_to_multiple: None }
 }
 
 /// A run config for the tiny model; `extra` is TOML appended (tables), `sets` are `--set` overrides.
