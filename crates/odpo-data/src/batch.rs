@@ -111,14 +111,20 @@ impl PreferenceBatch {
 }
 
 /// The [`SharedPromptRows`] of `items`: prompts left-padded, chosen then rejected completions
-/// right-padded (None when the longest prompt or the longest completion is empty).
-pub fn shared_prompt_rows(items: &[TokenizedPair], pad_id: u32, device: &Device) -> Option<SharedPromptRows> {
+/// right-padded, each width rounded up to `multiple` (None when the longest prompt or the longest
+/// completion is empty).
+pub fn shared_prompt_rows(items: &[TokenizedPair], pad_id: u32, multiple: Option<usize>, device: &Device) -> Option<SharedPromptRows> {
     let b = items.len();
     let p = items.iter().map(|x| x.prompt.len()).max().unwrap_or(0);
     let c = items.iter().map(|x| x.chosen.len().max(x.rejected.len())).max().unwrap_or(0);
     if b == 0 || p == 0 || c == 0 {
         return None;
     }
+    let round = |n: usize| match multiple {
+        Some(m) if m > 1 => n.div_ceil(m) * m,
+        _ => n,
+    };
+    let (p, c) = (round(p), round(c));
     let pad = i64::from(pad_id);
     let (mut prompt_ids, mut prompt_mask) = (Vec::with_capacity(b * p), Vec::with_capacity(b * p));
     for it in items {
@@ -191,7 +197,7 @@ impl Batcher<TokenizedPair, PreferenceBatch> for PreferenceBatcher {
             weights,
             pair_ids: items.iter().map(|p| p.pair_id).collect(),
             first_target,
-            shared: shared_prompt_rows(&items, self.pad_id, device),
+            shared: shared_prompt_rows(&items, self.pad_id, self.pad_to_multiple, device),
         }
     }
 }

@@ -4,7 +4,7 @@
 //! periodic one is; a second signal ends it at once.
 //!
 //! The run being killed is this test binary re-invoked on `kill_child` (or `signal_child`), which
-//! trains only when `ODPO_KILL_RUN` names its run folder (and is otherwise a no-op test).
+//! trains only when `ODPO_KILL_RUN` names its run folder; both are ignored tests, run only as children.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -27,6 +27,7 @@ fn device() -> burn::tensor::Device {
 }
 
 #[test]
+#[ignore = "the child run of the kill tests, started by them with ODPO_KILL_RUN set"]
 fn kill_child() {
     let Ok(run) = std::env::var("ODPO_KILL_RUN") else { return };
     let run = PathBuf::from(run);
@@ -38,7 +39,7 @@ fn kill_child() {
 /// This test binary re-invoked on the test `name` alone, with `run_var` naming its run folder.
 fn spawn_child(name: &str, run_var: &str, model: &Path, run: &Path) -> std::process::Child {
     Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .args(["--exact", name, "--ignored", "--nocapture", "--test-threads=1"])
         .env(run_var, run)
         .env("ODPO_KILL_MODEL", model)
         .stdout(Stdio::null())
@@ -113,6 +114,7 @@ fn signal_cfg(model: &Path, run: &Path) -> RunConfig {
 }
 
 #[test]
+#[ignore = "the child run of the signal tests, started by them with ODPO_SIGNAL_RUN set"]
 fn signal_child() {
     let Ok(run) = std::env::var("ODPO_SIGNAL_RUN") else { return };
     odpo_trainer::interrupt::install().expect("signal handlers");

@@ -94,3 +94,29 @@ fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
         println!("{case}: rows within {:.1e}, gradients within {worst:.1e} of their largest entry", a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())));
     }
 }
+
+/// `data.pad_to_multiple`: both layouts padded to a multiple of 8 give the log-probs of the unpadded
+/// batch, for every model family (padding is masked wherever it lands).
+#[test]
+fn padding_to_a_multiple_changes_no_log_prob() {
+    let device = common::test_device();
+    for case in CASES {
+        let loaded = CausalLm::load(&fixture(case), &device).unwrap();
+        let model = loaded.model;
+        let items = pairs(loaded.config.vocab_size() as u32, 11);
+        let plain = PreferenceBatcher { pad_id: 0, pad_to_multiple: None }.batch(items.clone(), &device);
+        let padded = PreferenceBatcher { pad_id: 0, pad_to_multiple: Some(8) }.batch(items, &device);
+        let shared = padded.shared.as_ref().expect("shared layout");
+        for width in [padded.input_ids.dims()[1], shared.prompt_ids.dims()[1], shared.completion_ids.dims()[1]] {
+            assert_eq!(width % 8, 0, "{case}: width {width}");
+        }
+        assert!(padded.input_ids.dims()[1] > plain.input_ids.dims()[1] || plain.input_ids.dims()[1] % 8 == 0, "{case}: nothing was padded");
+        let (a, _) = shared_prompt_logprobs(&model, plain.shared.as_ref().expect("shared layout"));
+        let (b, _) = shared_prompt_logprobs(&model, shared);
+        let (c, _) = completion_logprobs(&model, plain.input_ids.clone(), &plain.attention_mask, plain.loss_mask.clone(), 1);
+        let (d, _) = completion_logprobs(&model, padded.input_ids.clone(), &padded.attention_mask, padded.loss_mask.clone(), 1);
+        for (x, y) in to_vec(a).iter().zip(to_vec(b)).chain(to_vec(c).iter().zip(to_vec(d))) {
+            assert!((x - y).abs() < 2e-5 * y.abs().max(1.0), "{case}: unpadded {x} vs padded {y}");
+        }
+    }
+}
