@@ -1,6 +1,7 @@
-//! The training-step benchmark behind `cargo xtask bench`: one ODPO step exactly as the training loop
-//! runs it (chosen and rejected in one forward, the reference forward, the loss, backward, global-norm
-//! clipping, the optimizer update) on a model shape with random weights, timed after warm-up.
+//! The training-step benchmark behind `cargo xtask bench`: the training loop's own step
+//! ([`Trainer::step`]: chosen and rejected in one forward, the reference forward, the loss and its
+//! metrics, backward, global-norm clipping, the optimizer update) on a model shape with random
+//! weights, timed after warm-up.
 //!
 //! `bench/pytorch/step.py` is the same step in PyTorch + transformers, written as TRL runs it, and
 //! prints the same fields; the FLOP count of a step is the same formula on both sides
@@ -9,18 +10,19 @@
 use std::time::Instant;
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use odpo_data::TokenizedPair;
-use odpo_loss::{LossConfig, try_preference_loss};
+use odpo_loss::LossConfig;
 use odpo_model::{CausalLm, LoraConfig, ModelConfig, Precision};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::config::OptimConfig;
+use crate::config::{OptimConfig, Stage};
 use crate::error::{Result, TrainError};
 use crate::forward::{self, Reference};
+pub use crate::step::Phases;
+use crate::step::{DataParallel, StepSettings, Trainer};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -80,19 +82,6 @@ pub struct StepResult {
     /// With a cached reference: the cost of an epoch after the first over the first (which also
     /// runs the cache pass), `step / (step + cache pass)`.
     pub later_epoch_over_first: Option<f64>,
-}
-
-/// A step's phases, in seconds.
-#[derive(Clone, Debug, Serialize)]
-pub struct Phases {
-    /// Batch to device and the reference model's row log-probs.
-    pub reference: f64,
-    /// The policy's forward pass and the loss.
-    pub policy_forward: f64,
-    /// Backward pass and the global gradient norm.
-    pub backward: f64,
-    /// Clipping and the optimizer update.
-    pub optimizer: f64,
 }
 
 /// Matmul FLOPs of one step: policy forward + backward (3×) and the reference forward (1×), each
@@ -160,67 +149,57 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     }
     let mut reference = Reference::Frozen(Box::new(policy.without_adapters().valid().with_precision(b.precision)));
     let flops = step_flops(&policy, &json, b.pairs, b.seq);
-    let loss_cfg = LossConfig { beta: 0.7, ..LossConfig::default() };
-    let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
-    let mut optim = crate::optim::build(&optim_cfg);
     let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
-    // The step's batch, in the layout asked for (without the shared layout, the concatenated rows run).
-    let make_batch = || {
-        let mut batch = forward::preference_batch(&refs, &odpo_data::PreferenceBatcher { pad_id: 0, pad_to_multiple: None }, &ad);
-        if !b.shared_prompt {
-            batch.shared = None;
-        }
-        batch
-    };
+    let batcher = odpo_data::PreferenceBatcher { pad_id: 0, pad_to_multiple: None };
 
     // The cache pass over the step's pairs: what the first epoch of a cached-reference run adds
-    // (it runs once per pair, as `reference_cache` in the training loop does).
+    // (it runs once per pair, as the training loop's reference cache does).
     let mut reference_cache_seconds = None;
     if b.cached_reference {
         let t = Instant::now();
-        let batch = make_batch();
+        let mut batch = forward::preference_batch(&refs, &batcher, &ad);
+        if !b.shared_prompt {
+            batch.shared = None;
+        }
         let lp = reference.rows(&batch)?;
         let n = refs.len();
         let rows = refs.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[n + i])).collect();
         reference = Reference::Cached(crate::refcache::RefCache::new(String::new(), rows));
         reference_cache_seconds = Some(t.elapsed().as_secs_f64());
     }
+    // The training loop's own step: one micro-batch of every pair, AdamW, clipping at norm 10.
+    let settings = StepSettings {
+        stage: Stage::Preference,
+        micro_batch_size: b.pairs,
+        batcher,
+        loss: LossConfig { beta: 0.7, ..LossConfig::default() },
+        use_offsets: true,
+        precision: b.precision,
+        max_grad_norm: Some(10.0),
+        seed: 0,
+        shared_prompt: b.shared_prompt,
+    };
+    let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
+    let mut trainer = Trainer { policy, optim: crate::optim::build(&optim_cfg), replicas: DataParallel::new(std::slice::from_ref(device), &reference), settings };
     let mut secs = Vec::with_capacity(b.repeats);
     let mut phases: [Vec<f64>; 4] = Default::default();
     for i in 0..b.warmup + b.repeats {
-        // Each phase ends in a host read (the reference rows, the loss, the gradient norm, a
-        // weight), so the split is exact on asynchronous backends too; the training loop reads
-        // the same values.
         let t = Instant::now();
-        let batch = make_batch();
-        let reference_rows = reference.rows(&batch)?;
-        let t_ref = t.elapsed().as_secs_f64();
-        let cast;
-        let policy_fwd = if b.precision == Precision::F32 {
-            &policy
-        } else {
-            cast = policy.clone().with_precision(b.precision);
-            &cast
-        };
-        let rows = forward::row_logps(policy_fwd, &batch);
-        let inputs = forward::pair_logps(&batch, rows, &reference_rows, true, &ad);
-        let out = try_preference_loss(&inputs, &loss_cfg)?;
-        let _ = out.loss.clone().into_scalar::<f32>();
-        let t_fwd = t.elapsed().as_secs_f64();
-        let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
-        let norm = crate::optim::global_norm(&policy, &grads);
-        let t_bwd = t.elapsed().as_secs_f64();
-        policy = optim.step(1e-6, policy, grads, crate::optim::clip_coefficient(norm, Some(10.0)));
-        sync(&policy);
+        let stats;
+        (trainer, stats) = trainer.step(&refs, i, 1e-6)?;
+        // The update is queued: wait for it, and count the wait as the optimizer's.
+        sync(&trainer.policy);
         let total = t.elapsed().as_secs_f64();
         if i >= b.warmup {
             secs.push(total);
-            for (v, x) in phases.iter_mut().zip([t_ref, t_fwd - t_ref, t_bwd - t_fwd, total - t_bwd]) {
+            let p = stats.phases;
+            for (v, x) in phases.iter_mut().zip([p.reference, p.policy_forward, p.backward, total - p.reference - p.policy_forward - p.backward]) {
                 v.push(x);
             }
         }
     }
+    let policy = trainer.policy;
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
     let med = |v: &mut Vec<f64>| {

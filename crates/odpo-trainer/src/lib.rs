@@ -30,9 +30,11 @@ pub mod metrics;
 pub mod optim;
 pub mod refcache;
 pub mod schedule;
+pub mod step;
 mod train;
 
 pub use config::RunConfig;
 pub use data::RunData;
 pub use error::{Result, TrainError};
+pub use step::{StepStats, Trainer};
 pub use train::{RunSummary, export, load_data, load_policy, tokenizer_dir, train, train_on, train_on_devices, trainable_params};

@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use odpo_data::TokenizedPair;
-use odpo_loss::{Metrics, check_finite, try_preference_loss};
+use odpo_loss::Metrics;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_model::{CausalLm, ModelConfig, Precision};
 
@@ -22,6 +21,7 @@ use crate::data::{self, RunData};
 use crate::error::{Result, TrainError};
 use crate::eval;
 use crate::forward::{self, Reference};
+use crate::step::{DataParallel, MetricSums, StepSettings, StepStats, Trainer};
 use crate::metrics::{MetricsWriter, Row};
 use crate::refcache::{self, RefCache};
 use crate::schedule::Schedule;
@@ -68,11 +68,8 @@ pub fn load_data(cfg: &RunConfig) -> Result<RunData> {
 }
 
 /// [`train_on`] data-parallel over `devices` (one backend; the first holds the model, the optimizer
-/// and the evaluation). Each step's `batch_size` pairs are split into equal contiguous slices, one per
-/// device; each device runs its slice's micro-batches on a copy of the policy, and the gradients are
-/// summed on the first device. Every micro-batch loss is already scaled by its share of the whole
-/// step, so the sum is the gradient of the whole batch: the step equals the single-device step up to
-/// the order of floating-point additions.
+/// and the evaluation): each step is [`Trainer::step`] over [`DataParallel`] replicas, equal to the
+/// single-device step up to the order of floating-point additions.
 pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
     let (t, run_dir) = (&cfg.train, cfg.output.dir.clone());
     let Some(device) = devices.first() else {
@@ -106,8 +103,6 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
         policy = policy.with_lora(lora, &ad)?;
         tracing::info!(rank = lora.rank, alpha = lora.alpha, trainable = trainable_params(&policy), "LoRA adapters attached");
     }
-    let loss_cfg = cfg.loss();
-    let use_offsets = cfg.data.offset.is_some();
     // The reference computes in the run's precision, so that its log-probs and the policy's agree
     // at the start whatever the dtype.
     let reference_model = || policy.without_adapters().valid().with_precision(precision);
@@ -116,7 +111,7 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
         (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(reference_model())),
         (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &reference_model(), &data, device)?),
     };
-    let workers: Vec<Worker> = devices.iter().map(|d| Worker { device: d.clone().autodiff(), reference: reference.fork(d) }).collect();
+    let replicas = DataParallel::new(devices, &reference);
 
     let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
     let schedule = Schedule::new(&cfg.optim, total_steps);
@@ -128,115 +123,66 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
         tracing::info!(step = state.step, "resumed from {}", ckpt.display());
         summary.resumed_from = Some(state.step);
     }
+    let settings = StepSettings {
+        stage: t.stage,
+        micro_batch_size: t.micro_batch_size,
+        batcher: data.batcher(),
+        loss: cfg.loss(),
+        use_offsets: cfg.data.offset.is_some(),
+        precision,
+        max_grad_norm: cfg.optim.max_grad_norm,
+        seed: t.seed,
+        shared_prompt: true,
+    };
+    let mut trainer = Trainer { policy, optim, replicas, settings };
 
-    let columns = metric_columns(t.stage);
-    let mut metrics = MetricsWriter::open(&run_dir, columns, summary.resumed_from)?;
+    let mut metrics = MetricsWriter::open(&run_dir, metric_columns(t.stage), summary.resumed_from)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
-    let batcher = data.batcher();
-    let evaluate = |policy: &CausalLm| -> Result<BTreeMap<String, f64>> {
+    let evaluate = |trainer: &Trainer| -> Result<BTreeMap<String, f64>> {
+        let (model, s) = (trainer.policy.valid().with_precision(precision), &trainer.settings);
         match t.stage {
-            Stage::Preference => eval::preference(&policy.valid().with_precision(precision), &reference, &eval_pairs, &loss_cfg, use_offsets, cfg.eval.batch_size, &batcher, device),
-            Stage::Sft => eval::sft(&policy.valid().with_precision(precision), &eval_pairs, cfg.eval.batch_size, &batcher, device),
+            Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, cfg.eval.batch_size, &s.batcher, device),
+            Stage::Sft => eval::sft(&model, &eval_pairs, cfg.eval.batch_size, &s.batcher, device),
         }
     };
     if cfg.eval.at_start && state.step == 0 && !eval_pairs.is_empty() {
-        let values = evaluate(&policy)?;
+        let values = evaluate(&trainer)?;
         tracing::info!(?values, "eval before training");
         metrics.write(&Row { step: 0, split: "eval", values: values.clone() })?;
         summary.eval_start = Some(values);
     }
 
     let bar = progress_bar(cfg, total_steps, state.step);
-    let (mut window, mut window_pairs, mut window_tokens, mut window_start) = (BTreeMap::<String, f64>::new(), 0usize, 0usize, Instant::now());
+    let mut window = Window::default();
     while state.step < total_steps {
         let step = state.step;
         let lr = schedule.lr_at(step);
-        // Dropout (LoRA's) draws from the device's generator: seeded per step, so a resumed run
-        // draws what the uninterrupted one would have.
-        if workers.len() == 1 {
-            ad.seed(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64));
-        }
         let idx = data::stream_slice(data.train.len(), t.seed, state.pairs_seen, t.batch_size);
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data.train[i]).collect();
-        let step_total = pairs.iter().map(|p| pair_share(t.stage, p)).sum::<f64>().max(f64::MIN_POSITIVE);
-        let ctx = StepCtx { step, step_total, stage: t.stage, micro_batch_size: t.micro_batch_size, batcher: &batcher, loss_cfg: &loss_cfg, use_offsets, precision };
-        // Data parallel: each device takes an equal slice of the step's pairs with a copy of the
-        // policy; the slices' gradients are summed on the first device, which steps the optimizer.
-        let outs: Vec<Result<ShardOut>> = if workers.len() == 1 {
-            vec![shard_grads(&ctx, &policy, &workers[0].reference, &pairs, &ad)]
-        } else {
-            let per = pairs.len() / workers.len();
-            std::thread::scope(|s| {
-                let handles: Vec<_> = workers
-                    .iter()
-                    .zip(pairs.chunks(per))
-                    .enumerate()
-                    .map(|(k, (w, shard))| {
-                        let (replica, ctx) = (policy.clone(), &ctx);
-                        s.spawn(move || {
-                            let replica = if k == 0 { replica } else { replica.fork(&w.device) };
-                            w.device.seed(t.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64) ^ ((k as u64) << 48));
-                            shard_grads(ctx, &replica, &w.reference, shard, &w.device)
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .enumerate()
-                    .map(|(device, h)| h.join().unwrap_or_else(|panic| Err(TrainError::WorkerPanicked { device, message: panic_message(panic.as_ref()) })))
-                    .collect()
-            })
-        };
-        let mut accum = GradientsAccumulator::<CausalLm>::new();
-        for out in outs {
-            let out = out?;
-            accum.accumulate(&policy, if workers.len() == 1 { out.grads } else { out.grads.to_device(&ad, &policy) });
-            for (k, v) in out.window {
-                *window.entry(k).or_default() += v;
-            }
-        }
-        let grads = accum.grads();
-        let grad_norm = crate::optim::global_norm(&policy, &grads);
-        if !grad_norm.is_finite() {
-            let param = crate::optim::first_nonfinite_grad(&policy, &grads).unwrap_or_else(|| "?".into());
-            let detail = format!("global gradient norm is {grad_norm}; first non-finite gradient: parameter `{param}`");
-            return Err(TrainError::NonFinite { step, what: "gradient", pair_ids: pairs.iter().map(|p| p.pair_id).collect(), detail });
-        }
-        // Clipping is folded into the update: the gradients are not rewritten.
-        policy = optim.step(lr, policy, grads, crate::optim::clip_coefficient(grad_norm, cfg.optim.max_grad_norm));
-
-        let tokens: usize = pairs.iter().map(|p| 2 * p.prompt.len() + forward::pair_tokens(p)).sum();
-        state = TrainState { step: step + 1, pairs_seen: state.pairs_seen + pairs.len(), tokens_seen: state.tokens_seen + tokens as u64, ..state };
-        (window_pairs, window_tokens) = (window_pairs + pairs.len(), window_tokens + tokens);
+        let stats;
+        (trainer, stats) = trainer.step(&pairs, step, lr)?;
+        state = TrainState { step: step + 1, pairs_seen: state.pairs_seen + stats.pairs, tokens_seen: state.tokens_seen + stats.tokens as u64, ..state };
+        window.add(&stats);
         bar.set_position(state.step as u64);
 
         if state.step.is_multiple_of(t.log_every) || state.step == total_steps {
-            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-            let mut values: BTreeMap<String, f64> = window.iter().map(|(k, v)| (k.clone(), v / window_pairs.max(1) as f64)).collect();
-            if t.stage == Stage::Sft {
-                let nll = window.get("nll_sum").copied().unwrap_or(f64::NAN) / window.get("nll_tokens").copied().unwrap_or(1.0).max(1.0);
-                values = BTreeMap::from([("nll".to_string(), nll), ("ppl".to_string(), nll.exp())]);
-            }
-            values.insert("lr".into(), lr);
-            values.insert("grad_norm".into(), grad_norm);
-            values.insert("tokens_per_s".into(), window_tokens as f64 / secs);
-            values.insert("pairs_per_s".into(), window_pairs as f64 / secs);
+            let mut values = window.values(lr, stats.grad_norm);
             values.insert("epoch".into(), state.pairs_seen as f64 / data.train.len() as f64);
             let loss = values.get(if t.stage == Stage::Sft { "nll" } else { "loss" }).copied().unwrap_or(f64::NAN);
             summary.train_loss = Some((summary.train_loss.map_or(loss, |(first, _)| first), loss));
             bar.set_message(format!("loss {loss:.4}"));
-            tracing::info!(step = state.step, loss, lr, grad_norm, "train");
+            tracing::info!(step = state.step, loss, lr, grad_norm = stats.grad_norm, "train");
             metrics.write(&Row { step: state.step, split: "train", values })?;
-            (window, window_pairs, window_tokens, window_start) = (BTreeMap::new(), 0, 0, Instant::now());
+            window = Window::default();
         }
         if cfg.eval.every > 0 && state.step.is_multiple_of(cfg.eval.every) && state.step < total_steps && !eval_pairs.is_empty() {
-            let values = evaluate(&policy)?;
+            let values = evaluate(&trainer)?;
             tracing::info!(step = state.step, ?values, "eval");
             metrics.write(&Row { step: state.step, split: "eval", values })?;
         }
         let mut saved = None;
         if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total_steps {
-            let dir = checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?;
+            let dir = checkpoint::save(&run_dir, &trainer.policy, &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
             tracing::debug!("checkpoint {}", dir.display());
             saved = Some(dir);
         }
@@ -245,7 +191,7 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
             bar.finish_and_clear();
             let checkpoint = match saved {
                 Some(dir) => dir,
-                None => checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?,
+                None => checkpoint::save(&run_dir, &trainer.policy, &trainer.optim, &state, &config_toml, t.keep_checkpoints)?,
             };
             tracing::warn!(step = state.step, "stopped on request; checkpoint {}", checkpoint.display());
             return Err(TrainError::Interrupted { step: state.step, checkpoint, run_dir });
@@ -253,103 +199,56 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
     }
     bar.finish_and_clear();
 
-    checkpoint::save(&run_dir, &policy, &optim, &state, &config_toml, t.keep_checkpoints)?;
+    checkpoint::save(&run_dir, &trainer.policy, &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
     summary.steps = state.step;
     if !eval_pairs.is_empty() {
-        let values = evaluate(&policy)?;
+        let values = evaluate(&trainer)?;
         tracing::info!(step = state.step, ?values, "eval at the end");
         metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
         summary.eval_end = Some(values);
     }
     if cfg.output.export {
-        summary.exported = Some(export(&policy, &model_cfg, &run_dir.join("model"), tokenizer_dir)?);
+        summary.exported = Some(export(&trainer.policy, &model_cfg, &run_dir.join("model"), tokenizer_dir)?);
         if let Some(lora) = &cfg.lora {
             let dir = run_dir.join("adapter");
-            policy.valid().save_peft(lora, &cfg.model.path.display().to_string(), &dir)?;
+            trainer.policy.valid().save_peft(lora, &cfg.model.path.display().to_string(), &dir)?;
             tracing::info!("LoRA adapters saved in PEFT layout to {}", dir.display());
         }
     }
     Ok(summary)
 }
 
-/// One data-parallel device: its autodiff device and its copy of the reference.
-struct Worker {
-    device: Device,
-    reference: Reference,
+/// The steps since the last logged one: their metric sums, pairs, tokens and time.
+struct Window {
+    metrics: MetricSums,
+    pairs: usize,
+    tokens: usize,
+    start: Instant,
 }
 
-/// What every micro-batch of a step needs to know.
-struct StepCtx<'a> {
-    step: usize,
-    /// The step's total share ([`pair_share`] summed over its pairs).
-    step_total: f64,
-    stage: Stage,
-    micro_batch_size: usize,
-    batcher: &'a odpo_data::PreferenceBatcher,
-    loss_cfg: &'a odpo_loss::LossConfig,
-    use_offsets: bool,
-    precision: Precision,
-}
-
-/// A device's summed gradients and metric sums over its slice of a step.
-struct ShardOut {
-    grads: GradientsParams,
-    window: BTreeMap<String, f64>,
-}
-
-/// A pair's share of a step: its weight (preference) or its trained tokens (SFT). Each micro-batch's
-/// mean loss is scaled by its share of the step, so the summed gradient is that of the whole batch
-/// in one pass, however the batch is cut into micro-batches and devices.
-fn pair_share(stage: Stage, p: &TokenizedPair) -> f64 {
-    match stage {
-        Stage::Preference => p.weight.unwrap_or(1.0) as f64,
-        Stage::Sft => forward::sft_tokens(p) as f64,
+impl Default for Window {
+    fn default() -> Self {
+        Self { metrics: MetricSums::default(), pairs: 0, tokens: 0, start: Instant::now() }
     }
 }
 
-/// Forward, loss and backward of `pairs` in micro-batches on `ad` (where `policy` lives); gradients summed.
-fn shard_grads(ctx: &StepCtx, policy: &CausalLm, reference: &Reference, pairs: &[&TokenizedPair], ad: &Device) -> Result<ShardOut> {
-    let step = ctx.step;
-    let mut window = BTreeMap::<String, f64>::new();
-    let mut accum = GradientsAccumulator::<CausalLm>::new();
-    for micro in pairs.chunks(ctx.micro_batch_size) {
-        let ids: Vec<usize> = micro.iter().map(|p| p.pair_id).collect();
-        let nonfinite = |detail: String| TrainError::NonFinite { step, what: "loss", pair_ids: ids.clone(), detail };
-        let share: f64 = micro.iter().map(|p| pair_share(ctx.stage, p)).sum();
-        // Mixed precision: the forward and backward run on a half-precision cast of the f32
-        // weights; the cast is part of the graph, so the gradients arrive in f32 on the f32
-        // parameters, which the optimizer updates. Cast per micro-batch: each backward consumes its graph.
-        let cast;
-        let policy_fwd = if ctx.precision == Precision::F32 {
-            policy
-        } else {
-            cast = policy.clone().with_precision(ctx.precision);
-            &cast
-        };
-        let loss = match ctx.stage {
-            Stage::Preference => {
-                let batch = forward::preference_batch(micro, ctx.batcher, ad);
-                let inputs = forward::preference_inputs(policy_fwd, reference, &batch, ctx.use_offsets, ad)?;
-                let out = try_preference_loss(&inputs, ctx.loss_cfg)?;
-                check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
-                eval::add_metrics(&mut window, &out.metrics, micro.len() as f64);
-                out.loss.mul_scalar(share / ctx.step_total)
-            }
-            Stage::Sft => {
-                let batch = forward::sft_batch(micro, ctx.batcher, ad);
-                let nll = forward::sft_nll(policy_fwd, &batch);
-                let value = nll.clone().into_scalar::<f64>();
-                if !value.is_finite() {
-                    return Err(nonfinite(format!("summed NLL of the chosen responses is {value}")));
-                }
-                *window.entry("nll_sum".into()).or_default() += value;
-                *window.entry("nll_tokens".into()).or_default() += share;
-                nll.div_scalar(ctx.step_total)
-            }
-        };
-        accum.accumulate(policy, GradientsParams::from_grads(loss.backward(), policy));
+impl Window {
+    fn add(&mut self, stats: &StepStats) {
+        self.metrics.merge(&stats.metrics);
+        (self.pairs, self.tokens) = (self.pairs + stats.pairs, self.tokens + stats.tokens);
     }
-    Ok(ShardOut { grads: accum.grads(), window })
+
+    /// The logged values: the metrics' means, the learning rate, the last step's gradient norm, and
+    /// throughput over the window.
+    fn values(&self, lr: f64, grad_norm: f64) -> BTreeMap<String, f64> {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        let mut values = self.metrics.means();
+        values.insert("lr".into(), lr);
+        values.insert("grad_norm".into(), grad_norm);
+        values.insert("tokens_per_s".into(), self.tokens as f64 / secs);
+        values.insert("pairs_per_s".into(), self.pairs as f64 / secs);
+        values
+    }
 }
 
 /// The compute precision of `train.dtype`, checked against every device of the run.
@@ -437,24 +336,6 @@ pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer_dir
     }
     tracing::info!("model exported to {}", out.display());
     Ok(out.to_path_buf())
-}
-
-/// The text of a panic's payload.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
-}
-
-/// The loss crate counts pairs within the micro-batch; name the pair by its id instead.
-fn name_pair(e: odpo_loss::LossError, ids: &[usize]) -> String {
-    let pair = match &e {
-        odpo_loss::LossError::NonFiniteInput { pair, .. } => Some(*pair),
-        odpo_loss::LossError::NonFiniteLoss { pair, .. } => *pair,
-        _ => None,
-    };
-    match pair.and_then(|i| ids.get(i)) {
-        Some(id) => format!("{e} (pair {} of the micro-batch is pair id {id})", pair.unwrap_or(0)),
-        None => e.to_string(),
-    }
 }
 
 fn metric_columns(stage: Stage) -> Vec<String> {

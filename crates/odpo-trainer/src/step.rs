@@ -1,0 +1,341 @@
+//! One optimizer step, the only one: the training loop, the benchmark and data parallelism all run
+//! [`Trainer::step`]. A step takes `batch_size` pairs, runs them in micro-batches (forward, loss,
+//! backward, gradients summed) on each replica's slice, sums the replicas' gradients, takes the global
+//! gradient norm, and updates the policy with the clipping folded into the update.
+//!
+//! Every micro-batch's mean loss is scaled by its share of the whole step ([`pair_share`]), so the
+//! summed gradient is the gradient of the whole batch however it is cut into micro-batches and
+//! devices: the step equals the single-device, single-batch step up to the order of additions.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Device;
+use odpo_data::{PreferenceBatcher, TokenizedPair};
+use odpo_loss::{LossConfig, Metrics, check_finite, try_preference_loss};
+use odpo_model::{CausalLm, Precision};
+use serde::Serialize;
+
+use crate::config::Stage;
+use crate::error::{Result, TrainError};
+use crate::forward::{self, Reference};
+use crate::optim::{self, Optim};
+
+/// What every step of a run does the same way.
+#[derive(Clone, Debug)]
+pub struct StepSettings {
+    /// SFT or preference training.
+    pub stage: Stage,
+    /// Pairs per forward pass.
+    pub micro_batch_size: usize,
+    /// How pairs become batches (padding).
+    pub batcher: PreferenceBatcher,
+    /// The objective (preference stage).
+    pub loss: LossConfig,
+    /// Whether the pairs' offsets enter the loss (ODPO).
+    pub use_offsets: bool,
+    /// Compute precision: bf16 / f16 run forward and backward on a half-precision cast of the f32
+    /// weights, whose gradients arrive in f32.
+    pub precision: Precision,
+    /// Global-norm clipping (`optim.max_grad_norm`).
+    pub max_grad_norm: Option<f64>,
+    /// The run's seed (dropout draws are seeded per step from it).
+    pub seed: u64,
+    /// Run each prompt once for both completions (the default); false runs the concatenated rows.
+    pub shared_prompt: bool,
+}
+
+/// The policy, its optimizer and the replicas that compute a step's gradients.
+pub struct Trainer {
+    /// The model being trained (on the first device, with autodiff).
+    pub policy: CausalLm,
+    /// Its optimizer.
+    pub optim: Optim,
+    /// Where the gradients are computed: one replica per device.
+    pub replicas: DataParallel,
+    /// How a step runs.
+    pub settings: StepSettings,
+}
+
+/// Data parallelism: one replica per device of one backend, each with its own copy of the
+/// reference. A step's pairs are split into equal contiguous slices, one per replica; each runs its
+/// slice on a copy of the policy, and the gradients are summed on the first device. One device is
+/// the same type with one replica.
+pub struct DataParallel {
+    replicas: Vec<Replica>,
+}
+
+struct Replica {
+    /// The replica's autodiff device.
+    device: Device,
+    reference: Reference,
+}
+
+impl DataParallel {
+    /// Replicas on `devices` (without autodiff; it is added), each with `reference` copied to it.
+    pub fn new(devices: &[Device], reference: &Reference) -> Self {
+        Self { replicas: devices.iter().map(|d| Replica { device: d.clone().autodiff(), reference: reference.fork(d) }).collect() }
+    }
+
+    /// Number of replicas.
+    pub fn len(&self) -> usize {
+        self.replicas.len()
+    }
+
+    /// Whether there is no replica.
+    pub fn is_empty(&self) -> bool {
+        self.replicas.is_empty()
+    }
+
+    /// The first replica's reference (evaluation runs there).
+    pub fn reference(&self) -> &Reference {
+        static NONE: Reference = Reference::None;
+        self.replicas.first().map_or(&NONE, |r| &r.reference)
+    }
+}
+
+/// The seed of the dropout draws of step `step` on replica `replica`: a resumed run draws what the
+/// uninterrupted one would have, and replicas draw differently.
+pub fn dropout_seed(seed: u64, step: usize, replica: usize) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(step as u64) ^ ((replica as u64) << 48)
+}
+
+/// A pair's share of a step: its weight (preference) or its trained tokens (SFT).
+pub fn pair_share(stage: Stage, p: &TokenizedPair) -> f64 {
+    match stage {
+        Stage::Preference => f64::from(p.weight.unwrap_or(1.0)),
+        Stage::Sft => forward::sft_tokens(p) as f64,
+    }
+}
+
+/// Metric sums over pairs (preference: each loss-crate metric × pairs; SFT: summed NLL and tokens),
+/// added across micro-batches, replicas and steps; [`MetricSums::means`] turns them into values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricSums {
+    sums: BTreeMap<String, f64>,
+    pairs: usize,
+    nll: f64,
+    nll_tokens: f64,
+    /// Whether these are SFT sums.
+    sft: bool,
+}
+
+impl MetricSums {
+    /// Adds a preference micro-batch's metrics, each weighted by its `pairs`.
+    pub fn add_preference(&mut self, metrics: &Metrics, pairs: usize) {
+        for (name, t) in metrics.named() {
+            *self.sums.entry(name.to_string()).or_default() += pairs as f64 * t.into_scalar::<f64>();
+        }
+        self.pairs += pairs;
+    }
+
+    /// Adds an SFT micro-batch's summed NLL over its trained tokens.
+    pub fn add_nll(&mut self, nll: f64, tokens: f64, pairs: usize) {
+        (self.nll, self.nll_tokens, self.pairs, self.sft) = (self.nll + nll, self.nll_tokens + tokens, self.pairs + pairs, true);
+    }
+
+    /// Adds `other` to these sums.
+    pub fn merge(&mut self, other: &MetricSums) {
+        for (k, v) in &other.sums {
+            *self.sums.entry(k.clone()).or_default() += v;
+        }
+        (self.nll, self.nll_tokens, self.pairs, self.sft) = (self.nll + other.nll, self.nll_tokens + other.nll_tokens, self.pairs + other.pairs, self.sft || other.sft);
+    }
+
+    /// Pairs counted.
+    pub fn pairs(&self) -> usize {
+        self.pairs
+    }
+
+    /// The values: each preference metric's mean over pairs, or SFT's token-mean `nll` and `ppl`.
+    pub fn means(&self) -> BTreeMap<String, f64> {
+        if self.sft {
+            let nll = self.nll / self.nll_tokens.max(1.0);
+            return BTreeMap::from([("nll".to_string(), nll), ("ppl".to_string(), nll.exp())]);
+        }
+        self.sums.iter().map(|(k, v)| (k.clone(), v / self.pairs.max(1) as f64)).collect()
+    }
+}
+
+/// Where a step's time went, in seconds. Reference and forward end in host reads (the reference rows,
+/// the metrics), backward in the gradient norm's; the update is queued, so on an asynchronous backend
+/// part of it lands in the next phase that reads the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Phases {
+    /// Batches to the device and the reference's row log-probs.
+    pub reference: f64,
+    /// The policy's forward pass, the loss and its metrics.
+    pub policy_forward: f64,
+    /// Backward passes, the gradients' sum and their global norm.
+    pub backward: f64,
+    /// The optimizer update.
+    pub optimizer: f64,
+}
+
+/// What one step did.
+#[derive(Clone, Debug)]
+pub struct StepStats {
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The step's metric sums.
+    pub metrics: MetricSums,
+    /// Pairs in the step.
+    pub pairs: usize,
+    /// Tokens in the step (prompt and completions, both rows of a pair).
+    pub tokens: usize,
+    /// Its phases.
+    pub phases: Phases,
+}
+
+/// One replica's summed gradients, metric sums and phase times over its slice of a step.
+struct SliceOut {
+    grads: GradientsParams,
+    metrics: MetricSums,
+    phases: Phases,
+}
+
+impl Trainer {
+    /// One optimizer step on `pairs` at step index `at` with learning rate `lr`.
+    pub fn step(mut self, pairs: &[&TokenizedPair], at: usize, lr: f64) -> Result<(Self, StepStats)> {
+        let s = &self.settings;
+        let total = pairs.iter().map(|p| pair_share(s.stage, p)).sum::<f64>().max(f64::MIN_POSITIVE);
+        let main = self.replicas.replicas.first().map(|r| r.device.clone()).ok_or_else(|| TrainError::config("train.devices", "is empty; expected at least one device"))?;
+        let outs: Vec<Result<SliceOut>> = if self.replicas.len() == 1 {
+            let r = &self.replicas.replicas[0];
+            r.device.seed(dropout_seed(s.seed, at, 0));
+            vec![slice_grads(s, at, total, &self.policy, &r.reference, pairs, &r.device)]
+        } else {
+            let per = pairs.len() / self.replicas.len();
+            let policy = &self.policy;
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = self
+                    .replicas
+                    .replicas
+                    .iter()
+                    .zip(pairs.chunks(per))
+                    .enumerate()
+                    .map(|(k, (r, slice))| {
+                        let replica = policy.clone();
+                        scope.spawn(move || {
+                            let replica = if k == 0 { replica } else { replica.fork(&r.device) };
+                            r.device.seed(dropout_seed(s.seed, at, k));
+                            slice_grads(s, at, total, &replica, &r.reference, slice, &r.device)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .enumerate()
+                    .map(|(device, h)| h.join().unwrap_or_else(|panic| Err(TrainError::WorkerPanicked { device, message: panic_message(panic.as_ref()) })))
+                    .collect()
+            })
+        };
+        let (mut metrics, mut phases) = (MetricSums::default(), Phases::default());
+        let mut accum = GradientsAccumulator::<CausalLm>::new();
+        let one = self.replicas.len() == 1;
+        for out in outs {
+            let out = out?;
+            accum.accumulate(&self.policy, if one { out.grads } else { out.grads.to_device(&main, &self.policy) });
+            metrics.merge(&out.metrics);
+            // Replicas run at the same time: a phase lasts as long as its slowest replica's.
+            phases = Phases {
+                reference: phases.reference.max(out.phases.reference),
+                policy_forward: phases.policy_forward.max(out.phases.policy_forward),
+                backward: phases.backward.max(out.phases.backward),
+                optimizer: 0.0,
+            };
+        }
+        let clock = Instant::now();
+        let grads = accum.grads();
+        let grad_norm = optim::global_norm(&self.policy, &grads);
+        if !grad_norm.is_finite() {
+            let param = optim::first_nonfinite_grad(&self.policy, &grads).unwrap_or_else(|| "?".into());
+            let detail = format!("global gradient norm is {grad_norm}; first non-finite gradient: parameter `{param}`");
+            return Err(TrainError::NonFinite { step: at, what: "gradient", pair_ids: pairs.iter().map(|p| p.pair_id).collect(), detail });
+        }
+        phases.backward += clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        // Clipping is folded into the update: the gradients are not rewritten.
+        self.policy = self.optim.step(lr, self.policy, grads, optim::clip_coefficient(grad_norm, self.settings.max_grad_norm));
+        phases.optimizer = clock.elapsed().as_secs_f64();
+        let tokens = pairs.iter().map(|p| 2 * p.prompt.len() + forward::pair_tokens(p)).sum();
+        Ok((self, StepStats { grad_norm, metrics, pairs: pairs.len(), tokens, phases }))
+    }
+}
+
+/// Forward, loss and backward of one replica's `pairs` in micro-batches on `device` (where `policy`
+/// lives); gradients summed. `total`: the whole step's share.
+fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, reference: &Reference, pairs: &[&TokenizedPair], device: &Device) -> Result<SliceOut> {
+    let (mut metrics, mut phases) = (MetricSums::default(), Phases::default());
+    let mut accum = GradientsAccumulator::<CausalLm>::new();
+    for micro in pairs.chunks(s.micro_batch_size) {
+        let ids: Vec<usize> = micro.iter().map(|p| p.pair_id).collect();
+        let nonfinite = |detail: String| TrainError::NonFinite { step: at, what: "loss", pair_ids: ids.clone(), detail };
+        let share: f64 = micro.iter().map(|p| pair_share(s.stage, p)).sum();
+        let clock = Instant::now();
+        // Mixed precision: the forward and backward run on a half-precision cast of the f32
+        // weights; the cast is part of the graph, so the gradients arrive in f32 on the f32
+        // parameters, which the optimizer updates. Cast per micro-batch: each backward consumes its graph.
+        let cast;
+        let policy_fwd = if s.precision == Precision::F32 {
+            policy
+        } else {
+            cast = policy.clone().with_precision(s.precision);
+            &cast
+        };
+        let loss = match s.stage {
+            Stage::Preference => {
+                let mut batch = forward::preference_batch(micro, &s.batcher, device);
+                if !s.shared_prompt {
+                    batch.shared = None;
+                }
+                let reference_rows = reference.rows(&batch)?;
+                phases.reference += clock.elapsed().as_secs_f64();
+                let clock = Instant::now();
+                let inputs = forward::pair_logps(&batch, forward::row_logps(policy_fwd, &batch), &reference_rows, s.use_offsets, device);
+                let out = try_preference_loss(&inputs, &s.loss)?;
+                check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
+                metrics.add_preference(&out.metrics, micro.len());
+                phases.policy_forward += clock.elapsed().as_secs_f64();
+                out.loss.mul_scalar(share / total)
+            }
+            Stage::Sft => {
+                let batch = forward::sft_batch(micro, &s.batcher, device);
+                phases.reference += clock.elapsed().as_secs_f64();
+                let clock = Instant::now();
+                let nll = forward::sft_nll(policy_fwd, &batch);
+                let value = nll.clone().into_scalar::<f64>();
+                if !value.is_finite() {
+                    return Err(nonfinite(format!("summed NLL of the chosen responses is {value}")));
+                }
+                metrics.add_nll(value, share, micro.len());
+                phases.policy_forward += clock.elapsed().as_secs_f64();
+                nll.div_scalar(total)
+            }
+        };
+        let clock = Instant::now();
+        accum.accumulate(policy, GradientsParams::from_grads(loss.backward(), policy));
+        phases.backward += clock.elapsed().as_secs_f64();
+    }
+    Ok(SliceOut { grads: accum.grads(), metrics, phases })
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
+}
+
+/// The loss crate counts pairs within the micro-batch; name the pair by its id instead.
+fn name_pair(e: odpo_loss::LossError, ids: &[usize]) -> String {
+    let pair = match &e {
+        odpo_loss::LossError::NonFiniteInput { pair, .. } => Some(*pair),
+        odpo_loss::LossError::NonFiniteLoss { pair, .. } => *pair,
+        _ => None,
+    };
+    match pair.and_then(|i| ids.get(i)) {
+        Some(id) => format!("{e} (pair {} of the micro-batch is pair id {id})", pair.unwrap_or(0)),
+        None => e.to_string(),
+    }
+}
