@@ -898,6 +898,39 @@ mod tests {
         assert_eq!(missing, "--backend needs a value");
     }
 
+    /// docs/concepts.md's architecture table is the rule for crate edges: every `odpo-*` dependency in
+    /// a crate's `[dependencies]` is one its row allows, and every crate has a row.
+    #[test]
+    fn crate_edges_follow_docs_concepts_md() -> Result<()> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let doc = std::fs::read_to_string(root.join("docs/concepts.md"))?;
+        let section = doc.split("\n## Architecture\n").nth(1).context("docs/concepts.md has no `## Architecture`")?;
+        let mut allowed = std::collections::BTreeMap::new();
+        for line in section.lines().filter(|l| l.starts_with("| `odpo-")) {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            let name = cells[1].trim_matches('`').to_string();
+            let deps: Vec<String> = if cells[3] == "all of the above" {
+                allowed.keys().cloned().collect()
+            } else {
+                cells[3].split(',').map(|d| d.trim().trim_matches('`').to_string()).filter(|d| d.starts_with("odpo-")).collect()
+            };
+            allowed.insert(name, deps);
+        }
+        let mut crates = 0;
+        for entry in std::fs::read_dir(root.join("crates"))? {
+            let manifest: toml::Table = std::fs::read_to_string(entry?.path().join("Cargo.toml"))?.parse()?;
+            let name = manifest["package"]["name"].as_str().context("package.name")?.to_string();
+            let rule = allowed.get(&name).with_context(|| format!("docs/concepts.md has no row for {name}"))?;
+            let deps = manifest.get("dependencies").and_then(toml::Value::as_table).map(|t| t.keys().filter(|k| k.starts_with("odpo-")).cloned().collect::<Vec<_>>()).unwrap_or_default();
+            for d in deps {
+                assert!(rule.contains(&d), "{name} depends on {d}, which docs/concepts.md does not allow (allowed: {rule:?})");
+            }
+            crates += 1;
+        }
+        assert_eq!(crates, allowed.len(), "crates/ and the table differ: {:?}", allowed.keys());
+        Ok(())
+    }
+
     /// The build follows the backend the command will run on: the flag, an override, the config
     /// (a run config, a resumed run folder, a pipeline config, a sweep through its base).
     #[test]

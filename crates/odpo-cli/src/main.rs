@@ -626,7 +626,7 @@ fn cmd_train(mut a: TrainArgs) -> Result<()> {
         // The built-in default: the known-reward task end to end, on `--backend`, else its `backend`.
         let backend = match a.backend {
             Some(b) => b,
-            None => odpo_pipeline::PipelineConfig::default_with(&a.sets)?.backend,
+            None => odpo_pipeline::PipelineConfig::default_with(&a.sets)?.backend.name().to_string(),
         };
         let device = backend::device(&backend)?;
         let opts = odpo_pipeline::DefaultOptions { sets: a.sets, verbose: true, ..Default::default() };
@@ -672,8 +672,8 @@ fn train_from_config(config: Option<&Path>, backend: Option<&str>, sets: &[Strin
         // The run folder is where it is now, whatever the saved config says.
         cfg.output.dir = run_dir.to_path_buf();
     }
-    let devices = backend::devices(&cfg.train.backend, &cfg.train.devices)?;
-    tracing::info!(backend = %cfg.train.backend, devices = ?cfg.train.devices, run = %cfg.output.dir.display(), "training");
+    let devices = backend::devices(cfg.train.backend.name(), &cfg.train.devices)?;
+    tracing::info!(backend = cfg.train.backend.name(), devices = ?cfg.train.devices, run = %cfg.output.dir.display(), "training");
     if let [device] = devices.as_slice() {
         return Ok(odpo_trainer::train(&cfg, device, resume.is_some())?);
     }
@@ -739,7 +739,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 
 fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
     let cfg = odpo_pipeline::ExperimentConfig::from_file(&a.config)?;
-    let device = backend::device(a.backend.as_deref().unwrap_or(&cfg.backend))?;
+    let device = backend::device(a.backend.as_deref().unwrap_or(cfg.backend.name()))?;
     let summary = odpo_pipeline::experiment(&a.config, &device, true)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
@@ -748,7 +748,7 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
 fn cmd_frontier(a: FrontierArgs) -> Result<()> {
     let backend = match a.backend {
         Some(b) => b,
-        None => odpo_pipeline::frontier::base_config(&a.config, &a.sets)?.backend,
+        None => odpo_pipeline::frontier::base_config(&a.config, &a.sets)?.backend.name().to_string(),
     };
     let device = backend::device(&backend)?;
     let summary = odpo_pipeline::frontier(&a.config, &a.sets, &device, true)?;

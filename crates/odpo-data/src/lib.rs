@@ -64,7 +64,7 @@ pub mod tokenize;
 pub use batch::{PreferenceBatch, PreferenceBatcher, SftBatch, SftBatcher, preference_loader, sft_loader};
 pub use config::{Columns, DataConfig, Format, LongCompletion, OnBadRow};
 pub use error::{DataError, Position, RowProblem};
-pub use load::{DropReason, LoadReport, Loaded, load, load_bytes};
+pub use load::{DropReason, LoadReport, Loaded, load, load_bytes, load_responses};
 pub use pairs::{Pairing, PreferencePair, Text};
 pub use split::split_by_prompt;
 pub use stats::{Stats, stats};

@@ -69,6 +69,38 @@ pub fn load(cfg: &DataConfig) -> Result<Loaded, DataError> {
     load_bytes(cfg, bytes)
 }
 
+/// Every scored response of a scored format (`scored-jsonl`, `tldr-json`) after its prompt, as a pair
+/// whose chosen and rejected sides are both the response (what SFT on every response trains on; the
+/// rejected side is never read there), with the number of rows skipped under `on_bad_row = "skip"`.
+pub fn load_responses(cfg: &DataConfig) -> Result<(Vec<PreferencePair>, usize), DataError> {
+    cfg.validate()?;
+    let bytes = std::fs::read(&cfg.path).map_err(|source| DataError::Io { path: cfg.path.clone(), source })?;
+    let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
+    let groups = match cfg.format {
+        Format::ScoredJsonl => paper::read_scored_jsonl(&cfg.path, &bytes, &cfg.columns(), &mut bad)?,
+        Format::TldrJson => paper::read_tldr(&cfg.path, &bytes, &mut bad)?,
+        other => return Err(DataError::Config(format!("every response of a file needs a scored format (scored-jsonl, tldr-json); `format` is `{}`", other.name()))),
+    };
+    let mut responses = Vec::new();
+    for (prompt_id, g) in groups.into_iter().enumerate() {
+        for r in g.responses {
+            responses.push(PreferencePair {
+                id: responses.len(),
+                prompt_id,
+                prompt: g.prompt.clone(),
+                chosen: r.text.clone(),
+                rejected: r.text,
+                score_chosen: Some(r.score),
+                score_rejected: Some(r.score),
+                offset: 0.0,
+                weight: None,
+                position: r.position,
+            });
+        }
+    }
+    Ok((responses, bad.skipped.len()))
+}
+
 /// [`load`] on bytes already in memory (the file name in `cfg.path` is used in messages only).
 pub fn load_bytes(cfg: &DataConfig, bytes: Vec<u8>) -> Result<Loaded, DataError> {
     let path = cfg.path.as_path();

@@ -143,6 +143,15 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// The name used in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+
     /// burn's dtype for this precision.
     pub fn dtype(self) -> FloatDType {
         match self {

@@ -73,7 +73,7 @@ pub struct PipelineConfig {
     /// `odpo` or `dpo`.
     pub loss: Method,
     /// Backend name (`flex`, `wgpu`, `cuda`, ...).
-    pub backend: String,
+    pub backend: odpo_model::backend::Backend,
     /// Seed of the prompt split, the SFT texts, model init, sampling and training order.
     pub seed: u64,
     /// The synthetic task.
@@ -190,13 +190,7 @@ impl PipelineConfig {
 
     /// Parses TOML text, applies `--set` overrides and validates; `origin` names the text in errors.
     pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
-        let parse_err = |origin: &str, e: toml::de::Error| PipelineError::ConfigParse { origin: origin.into(), message: e.to_string().trim_end().into() };
-        let mut tree: toml::Table = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
-        let mut cfg: Self = tree.clone().try_into().map_err(|e| parse_err(origin, e))?;
-        for set in sets {
-            odpo_trainer::config::apply_set(&mut tree, set).map_err(|e| PipelineError::ConfigParse { origin: format!("--set {set}"), message: e.to_string() })?;
-            cfg = tree.clone().try_into().map_err(|e| parse_err(&format!("--set {set}"), e))?;
-        }
+        let cfg: Self = odpo_trainer::config::load_toml(text, origin, sets)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -209,7 +203,7 @@ impl PipelineConfig {
 
     /// The resolved config as TOML.
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| PipelineError::ConfigParse { origin: "the resolved pipeline config".into(), message: format!("could not be written as TOML: {e}") })
+        toml::to_string(self).map_err(|e| PipelineError::config_parse("the resolved pipeline config", format!("could not be written as TOML: {e}")))
     }
 
     /// Checks ranges, naming the key.

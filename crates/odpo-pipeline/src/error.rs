@@ -6,22 +6,6 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PipelineError {
-    /// A pipeline config could not be parsed (TOML syntax, unknown key, wrong type).
-    #[error("{origin}: {message}")]
-    ConfigParse {
-        /// The file, or `--set key=value` for an override.
-        origin: String,
-        /// The parser's message.
-        message: String,
-    },
-    /// A config value is out of range or does not apply.
-    #[error("config: `{key}` {message}")]
-    Config {
-        /// The dotted key.
-        key: String,
-        /// What is wrong and what is expected.
-        message: String,
-    },
     /// A file could not be read or written.
     #[error("{}: {source}", path.display())]
     Io {
@@ -60,7 +44,8 @@ pub enum PipelineError {
     /// The backend named is unknown or not compiled in.
     #[error(transparent)]
     Backend(#[from] odpo_model::backend::BackendError),
-    /// A training stage failed.
+    /// A training stage failed, or a config could not be read (every config's errors are the
+    /// trainer's: `TrainError::ConfigParse` and `TrainError::Config`).
     #[error(transparent)]
     Train(#[from] odpo_trainer::TrainError),
     /// The plot could not be drawn.
@@ -81,7 +66,12 @@ impl PipelineError {
 
     /// A config value problem on `key`.
     pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Config { key: key.into(), message: message.into() }
+        Self::Train(odpo_trainer::TrainError::Config { key: key.into(), message: message.into() })
+    }
+
+    /// A config that could not be read or written (`origin`: the file, or `--set key=value`).
+    pub fn config_parse(origin: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Train(odpo_trainer::TrainError::ConfigParse { origin: origin.into(), message: message.into() })
     }
 }
 

@@ -15,18 +15,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
-use odpo_data::{DataConfig, Format, Pairing};
 use odpo_loss::offset::OffsetConfig;
 use odpo_loss::{LossConfig, LossKind};
 use odpo_model::LoraConfig;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_trainer::RunConfig;
-use odpo_trainer::config::{DecayKind, EvalConfig, ModelSection, OptimConfig, OptimizerKind, OutputConfig, ReferenceMode, Stage, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Method, SampleSection};
 use crate::error::{PipelineError, Result};
 use crate::eval::{Estimate, SampleEval, evaluate_samples};
+use crate::pipeline::SweepPoint;
 use crate::plot::{self, Series};
 use crate::reward::reward_from_spec;
 use crate::sample::{self, SampleSettings};
@@ -37,9 +36,9 @@ use crate::sample::{self, SampleSettings};
 pub struct ExperimentConfig {
     /// The experiment's folder is `runs/<name>`.
     pub name: String,
-    /// Backend name.
+    /// The backend (`flex` when left out).
     #[serde(default = "default_backend")]
-    pub backend: String,
+    pub backend: odpo_model::backend::Backend,
     /// Seed of the pair sampling (each run's seed orders its data and its evaluation samples).
     #[serde(default)]
     pub seed: u64,
@@ -75,8 +74,8 @@ pub struct ExperimentConfig {
     pub samples_per_prompt: usize,
 }
 
-fn default_backend() -> String {
-    "flex".into()
+fn default_backend() -> odpo_model::backend::Backend {
+    odpo_model::backend::Backend::Flex
 }
 fn default_alphas() -> Vec<f64> {
     vec![1.0]
@@ -141,8 +140,7 @@ pub struct ExperimentSummary {
 impl ExperimentConfig {
     /// Reads and checks an experiment file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| PipelineError::ConfigParse { origin: path.display().to_string(), message: e.to_string().trim_end().into() })?;
+        let cfg: Self = odpo_trainer::config::load_toml_file(path, &[])?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -219,7 +217,7 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
     let dir = PathBuf::from("runs").join(&cfg.name);
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
     let cfg_copy = dir.join("experiment.toml");
-    let cfg_text = toml::to_string(&cfg).map_err(|e| PipelineError::ConfigParse { origin: config_path.display().to_string(), message: format!("could not be written as TOML: {e}") })?;
+    let cfg_text = toml::to_string(&cfg).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), format!("could not be written as TOML: {e}")))?;
     std::fs::write(&cfg_copy, cfg_text).map_err(|e| PipelineError::io(&cfg_copy, e))?;
 
     let reward = reward_from_spec(&cfg.reward, device)?;
@@ -263,7 +261,7 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
                     let run_dir = dir.join("runs").join(&tag);
                     let eval = cached_eval(&run_dir.join("eval.json"), || {
                         say(format!("[{tag}] training ..."));
-                        let run = run_config(&cfg, &samples, method, beta, alpha, seed, &run_dir)?;
+                        let run = run_config(&cfg, &SweepPoint { method, beta, alpha, seed }, &samples, &run_dir)?;
                         let summary = odpo_trainer::train(&run, device, false)?;
                         let model = summary.exported.ok_or_else(|| PipelineError::config("output.export", "a preference run exported no model"))?;
                         let policy = odpo_model::CausalLm::load(&model, device)?.model;
@@ -315,51 +313,21 @@ fn cached_eval(path: &Path, compute: impl FnOnce() -> Result<SampleEval>) -> Res
     Ok(e)
 }
 
-/// The trainer's config for one run: best-vs-worst pairs of `samples`, from and anchored to the
-/// pretrained model.
-#[allow(clippy::too_many_arguments)] // the sweep's coordinates, each used once
-fn run_config(cfg: &ExperimentConfig, samples: &Path, method: Method, beta: f64, alpha: f64, seed: u64, dir: &Path) -> Result<RunConfig> {
-    let mut data = DataConfig::new(samples, Format::ScoredJsonl);
-    data.pairing = Some(Pairing::BestVsWorst);
-    data.offset = match method {
-        Method::Dpo => None,
-        Method::Odpo => Some(OffsetConfig { alpha, ..OffsetConfig::default() }),
-    };
-    data.separator = " ".into();
-    (data.max_length, data.max_prompt_length, data.allow_empty_completions, data.eval_fraction, data.seed) = (cfg.pref.max_length, Some(cfg.pref.max_prompt_length), true, 0.0, seed);
-    let optim = OptimConfig {
-        optimizer: OptimizerKind::Adamw,
-        lr: cfg.pref.lr,
-        weight_decay: Some(0.0),
-        max_grad_norm: Some(10.0),
-        warmup_steps: 2,
-        schedule: DecayKind::Constant,
-        ..OptimConfig::default()
-    };
-    let train = TrainConfig {
-        stage: Stage::Preference,
-        batch_size: cfg.pref.batch_size,
-        micro_batch_size: cfg.pref.micro_batch_size.unwrap_or(cfg.pref.batch_size),
-        max_steps: None,
-        epochs: cfg.pref.epochs,
-        seed,
-        backend: cfg.backend.clone(),
-        reference: ReferenceMode::Frozen,
-        log_every: 2,
-        checkpoint_every: 0,
-        keep_checkpoints: 1,
-        ..TrainConfig::default()
-    };
-    let run = RunConfig {
-        model: ModelSection { path: cfg.model.clone(), tokenizer: None, random_init: false },
-        data,
-        loss: Some(LossConfig::new(LossKind::Sigmoid, beta)),
-        optim,
-        train,
-        eval: EvalConfig { every: 0, batch_size: 8, max_pairs: Some(0), at_start: false },
-        output: OutputConfig { dir: dir.to_path_buf(), cache_dir: dir.join("refcache"), export: true, progress: true },
-        lora: cfg.lora.clone(),
-    };
+/// The experiment's preference-run preset: every setting a run does not take from the experiment config.
+const PRESET: &str = include_str!("stages/experiment.toml");
+
+/// The trainer's config for one run: the preset (`src/stages/experiment.toml`) with the experiment
+/// config's model, backend, `[pref]` and `[lora]`, and the sweep point.
+fn run_config(cfg: &ExperimentConfig, point: &SweepPoint, samples: &Path, dir: &Path) -> Result<RunConfig> {
+    let mut run: RunConfig = odpo_trainer::config::load_toml(PRESET, "odpo-pipeline's experiment preset", &[])?;
+    (run.model.path, run.data.path, run.data.seed) = (cfg.model.clone(), samples.to_path_buf(), point.seed);
+    (run.data.max_length, run.data.max_prompt_length) = (cfg.pref.max_length, Some(cfg.pref.max_prompt_length));
+    run.data.offset = (point.method == Method::Odpo).then(|| OffsetConfig { alpha: point.alpha, ..OffsetConfig::default() });
+    run.loss = Some(LossConfig::new(LossKind::Sigmoid, point.beta));
+    run.optim.lr = cfg.pref.lr;
+    let t = &mut run.train;
+    (t.batch_size, t.micro_batch_size, t.epochs, t.seed, t.backend) = (cfg.pref.batch_size, cfg.pref.micro_batch_size.unwrap_or(cfg.pref.batch_size), cfg.pref.epochs, point.seed, cfg.backend);
+    (run.output.dir, run.output.cache_dir, run.lora) = (dir.to_path_buf(), dir.join("refcache"), cfg.lora.clone());
     run.validate()?;
     Ok(run)
 }

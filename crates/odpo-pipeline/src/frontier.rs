@@ -20,7 +20,7 @@ use crate::compare::{self, Comparison, SeedGap};
 use crate::config::{Method, PipelineConfig};
 use crate::error::{PipelineError, Result};
 use crate::eval::{Estimate, evaluate_samples, pair_margins};
-use crate::pipeline::{eval_settings, load_model, prepare_task, task_score, train_pref, train_sft};
+use crate::pipeline::{SweepPoint, eval_settings, load_model, prepare_task, task_score, train_pref, train_sft};
 use crate::plot::{self, Band, Series};
 use crate::sample::{self, SampleSettings};
 use crate::synthetic;
@@ -116,8 +116,7 @@ pub struct FrontierSummary {
 impl FrontierConfig {
     /// Reads and checks a sweep file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| PipelineError::ConfigParse { origin: path.display().to_string(), message: e.to_string().trim_end().into() })?;
+        let cfg: Self = odpo_trainer::config::load_toml_file(path, &[])?;
         for (key, empty) in [("methods", cfg.methods.is_empty()), ("pair_counts", cfg.pair_counts.is_empty()), ("seeds", cfg.seeds.is_empty()), ("betas", cfg.betas.is_empty())] {
             if empty {
                 return Err(PipelineError::config(key, "is empty; give at least one value"));
@@ -159,7 +158,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     }
     let dir = cfg.fresh_run_dir(Path::new("runs"));
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
-    let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
+    let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), e.to_string()))?;
     for (name, text) in [("pipeline.toml", cfg.to_toml()?), ("frontier.toml", fc_text)] {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| PipelineError::io(&p, e))?;
@@ -201,7 +200,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
                         let t = Instant::now();
                         let tag = format!("{}-n{n}-b{beta}-a{alpha}-s{seed}", method.name());
                         let run_dir = dir.join("runs").join(&tag);
-                        let summary = train_pref(&cfg, &sft_model, &subset, method, beta, alpha, seed, &run_dir, device)?;
+                        let summary = train_pref(&cfg, &SweepPoint { method, beta, alpha, seed }, &sft_model, &subset, &run_dir, device)?;
                         let model = summary.exported.ok_or_else(|| PipelineError::config("output.export", "a preference run exported no model"))?;
                         let (policy, _) = load_model(&model, device)?;
                         let (ev, _, _) = evaluate_samples(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, seed), &synthetic::reward(), device)?;

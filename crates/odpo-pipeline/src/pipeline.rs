@@ -12,13 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::tensor::Device;
-use odpo_data::{DataConfig, Format};
 use odpo_loss::offset::OffsetConfig;
 use odpo_loss::{LossConfig, LossKind};
 use odpo_model::CausalLm;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_trainer::RunConfig;
-use odpo_trainer::config::{DecayKind, EvalConfig, ModelSection, OptimConfig, OptimizerKind, OutputConfig, ReferenceMode, Stage, TrainConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -129,21 +127,6 @@ pub fn prepare_task(cfg: &PipelineConfig, dir: &Path) -> Result<TaskFiles> {
     Ok(TaskFiles { init_dir, sft_data, pref_prompts, eval_prompts: split.eval })
 }
 
-fn trainer_config(model: ModelSection, data: DataConfig, loss: Option<LossConfig>, optim: OptimConfig, train: TrainConfig, dir: &Path) -> Result<RunConfig> {
-    let cfg = RunConfig {
-        model,
-        data,
-        loss,
-        optim,
-        train,
-        eval: EvalConfig { every: 0, batch_size: 64, max_pairs: Some(256), at_start: false },
-        output: OutputConfig { dir: dir.to_path_buf(), cache_dir: dir.join("refcache"), export: true, progress: false },
-        lora: None,
-    };
-    cfg.validate()?;
-    Ok(cfg)
-}
-
 /// What the task's pairs and offsets are scored by (`task.score`): the true reward, or the classifier
 /// shape of it, its noise seeded by the pipeline's seed. Evaluation always uses the true reward.
 pub fn task_score(cfg: &PipelineConfig) -> Box<dyn RewardModel> {
@@ -153,75 +136,69 @@ pub fn task_score(cfg: &PipelineConfig) -> Box<dyn RewardModel> {
     }
 }
 
+/// The SFT stage's preset: every setting of the stage that a pipeline config does not choose.
+const SFT_PRESET: &str = include_str!("stages/sft.toml");
+/// The preference stage's preset.
+const PREF_PRESET: &str = include_str!("stages/pref.toml");
+
+/// One preference run of a sweep: the objective, β, α (ODPO only) and the seed of its data order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SweepPoint {
+    /// DPO or ODPO.
+    pub method: Method,
+    /// β.
+    pub beta: f64,
+    /// α, the offset scale (ODPO).
+    pub alpha: f64,
+    /// The seed of the data order (and of LoRA dropout).
+    pub seed: u64,
+}
+
+impl SweepPoint {
+    /// The pipeline config's own run: its `loss`, `pref.beta`, `pref.alpha` and `seed`.
+    pub fn of(cfg: &PipelineConfig) -> Self {
+        Self { method: cfg.loss, beta: cfg.pref.beta, alpha: cfg.pref.alpha, seed: cfg.seed }
+    }
+}
+
+/// The SFT stage's run config: the preset (`src/stages/sft.toml`) with the pipeline config's `[sft]`,
+/// seed and backend, reading the task's texts and writing into `dir`.
+pub fn sft_run_config(cfg: &PipelineConfig, task: &TaskFiles, dir: &Path) -> Result<RunConfig> {
+    let mut run: RunConfig = odpo_trainer::config::load_toml(SFT_PRESET, "odpo-pipeline's SFT preset", &[])?;
+    (run.model.path, run.data.path, run.data.seed) = (task.init_dir.clone(), task.sft_data.clone(), cfg.seed);
+    (run.optim.lr, run.optim.warmup_steps) = (cfg.sft.lr, (cfg.sft.steps / 10).max(1));
+    let t = &mut run.train;
+    (t.batch_size, t.micro_batch_size, t.max_steps, t.seed, t.backend) = (cfg.sft.batch_size, cfg.sft.batch_size, Some(cfg.sft.steps), cfg.seed, cfg.backend);
+    (run.output.dir, run.output.cache_dir) = (dir.to_path_buf(), dir.join("refcache"));
+    run.validate()?;
+    Ok(run)
+}
+
+/// A preference run's config: the preset (`src/stages/pref.toml`) with the pipeline config's `[pref]`
+/// and backend and the sweep point, from (and anchored to) `sft_model`, on the pairs of `samples`.
+pub fn pref_run_config(cfg: &PipelineConfig, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path) -> Result<RunConfig> {
+    let mut run: RunConfig = odpo_trainer::config::load_toml(PREF_PRESET, "odpo-pipeline's preference preset", &[])?;
+    (run.model.path, run.data.path, run.data.seed) = (sft_model.to_path_buf(), samples.to_path_buf(), point.seed);
+    run.data.pairing = Some(cfg.pref.pairing.pairing());
+    run.data.offset = (point.method == Method::Odpo).then(|| OffsetConfig { alpha: point.alpha, ..OffsetConfig::default() });
+    run.loss = Some(LossConfig::new(LossKind::Sigmoid, point.beta));
+    run.optim.lr = cfg.pref.lr;
+    let t = &mut run.train;
+    (t.batch_size, t.micro_batch_size, t.max_steps, t.epochs, t.seed, t.backend) = (cfg.pref.batch_size, cfg.pref.batch_size, cfg.pref.steps, cfg.pref.epochs, point.seed, cfg.backend);
+    (run.output.dir, run.output.cache_dir) = (dir.to_path_buf(), dir.join("refcache"));
+    run.validate()?;
+    Ok(run)
+}
+
 /// SFT from random weights on the task's texts; returns the exported model folder.
 pub fn train_sft(cfg: &PipelineConfig, task: &TaskFiles, dir: &Path, device: &Device) -> Result<PathBuf> {
-    let mut data = DataConfig::new(&task.sft_data, Format::Jsonl);
-    (data.eval_fraction, data.max_length, data.max_prompt_length, data.seed) = (0.05, MAX_POSITIONS, Some(8), cfg.seed);
-    let optim = OptimConfig {
-        optimizer: OptimizerKind::Adamw,
-        lr: cfg.sft.lr,
-        weight_decay: Some(0.0),
-        max_grad_norm: Some(1.0),
-        warmup_steps: (cfg.sft.steps / 10).max(1),
-        schedule: DecayKind::Cosine,
-        min_lr_ratio: Some(0.1),
-        ..OptimConfig::default()
-    };
-    let train = TrainConfig {
-        stage: Stage::Sft,
-        batch_size: cfg.sft.batch_size,
-        micro_batch_size: cfg.sft.batch_size,
-        max_steps: Some(cfg.sft.steps),
-        seed: cfg.seed,
-        backend: cfg.backend.clone(),
-        log_every: 25,
-        checkpoint_every: 0,
-        keep_checkpoints: 1,
-        ..TrainConfig::default()
-    };
-    let model = ModelSection { path: task.init_dir.clone(), tokenizer: None, random_init: true };
-    let run = trainer_config(model, data, None, optim, train, dir)?;
-    let summary = odpo_trainer::train(&run, device, false)?;
+    let summary = odpo_trainer::train(&sft_run_config(cfg, task, dir)?, device, false)?;
     summary.exported.ok_or_else(|| PipelineError::config("output.export", "the SFT stage exported no model"))
 }
 
-/// One preference stage: `method` with `beta` (and `alpha` for ODPO) on pairs (`pref.pairing`) from
-/// `samples`, for `pref.steps` steps (else `pref.epochs` passes), starting from (and anchored to) the model in `sft_model`. Returns the trainer's summary.
-#[allow(clippy::too_many_arguments)] // the sweep's coordinates, each used once
-pub fn train_pref(cfg: &PipelineConfig, sft_model: &Path, samples: &Path, method: Method, beta: f64, alpha: f64, seed: u64, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
-    let mut data = DataConfig::new(samples, Format::ScoredJsonl);
-    data.pairing = Some(cfg.pref.pairing.pairing());
-    data.offset = match method {
-        Method::Dpo => None,
-        Method::Odpo => Some(OffsetConfig { alpha, ..OffsetConfig::default() }),
-    };
-    (data.max_length, data.max_prompt_length, data.allow_empty_completions, data.seed) = (MAX_POSITIONS, Some(8), true, seed);
-    let optim = OptimConfig {
-        optimizer: OptimizerKind::Adamw,
-        lr: cfg.pref.lr,
-        weight_decay: Some(0.0),
-        max_grad_norm: Some(10.0),
-        warmup_steps: 10,
-        schedule: DecayKind::Constant,
-        ..OptimConfig::default()
-    };
-    let train = TrainConfig {
-        stage: Stage::Preference,
-        batch_size: cfg.pref.batch_size,
-        micro_batch_size: cfg.pref.batch_size,
-        max_steps: cfg.pref.steps,
-        epochs: cfg.pref.epochs,
-        seed,
-        backend: cfg.backend.clone(),
-        reference: ReferenceMode::Frozen,
-        log_every: 10,
-        checkpoint_every: 0,
-        keep_checkpoints: 1,
-        ..TrainConfig::default()
-    };
-    let model = ModelSection { path: sft_model.to_path_buf(), tokenizer: None, random_init: false };
-    let run = trainer_config(model, data, Some(LossConfig::new(LossKind::Sigmoid, beta)), optim, train, dir)?;
-    Ok(odpo_trainer::train(&run, device, false)?)
+/// One preference stage (`pref_run_config`): trains and returns the trainer's summary.
+pub fn train_pref(cfg: &PipelineConfig, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
+    Ok(odpo_trainer::train(&pref_run_config(cfg, point, sft_model, samples, dir)?, device, false)?)
 }
 
 /// Loads a model folder (weights, config, tokenizer).
@@ -281,7 +258,7 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
 
     say(v, format_args!("[4/5] {} (beta {}, alpha {}) from the SFT model", cfg.loss.name(), cfg.pref.beta, cfg.pref.alpha));
     let pref_dir = dir.join(cfg.loss.name());
-    let pref = train_pref(&cfg, &sft_model, &samples, cfg.loss, cfg.pref.beta, cfg.pref.alpha, cfg.seed, &pref_dir, device)?;
+    let pref = train_pref(&cfg, &SweepPoint::of(&cfg), &sft_model, &samples, &pref_dir, device)?;
     let policy_model = pref.exported.clone().ok_or_else(|| PipelineError::config("output.export", "the preference stage exported no model"))?;
     let pairs = pairs_in(&pref_dir)?;
     done(cfg.loss.name(), &mut stages);

@@ -15,7 +15,7 @@ use odpo_loss::{LossConfig, LossKind, PairLogps, preference_loss};
 use odpo_pipeline::compare::spearman;
 use odpo_pipeline::config::PairSelection;
 use odpo_pipeline::eval::{evaluate_samples, pair_margins};
-use odpo_pipeline::pipeline::{eval_settings, load_model, prepare_task, train_pref, train_sft};
+use odpo_pipeline::pipeline::{SweepPoint, eval_settings, load_model, prepare_task, train_pref, train_sft};
 use odpo_pipeline::sample::{SampleSettings, sample};
 use odpo_pipeline::{Method, PipelineConfig, synthetic};
 use rand::rngs::StdRng;
@@ -90,7 +90,7 @@ fn train(f: &Fixture, samples: &Path, method: Method, beta: f64, alpha: f64, ste
     let mut cfg = f.cfg.clone();
     cfg.pref.steps = Some(steps);
     cfg.pref.pairing = PairSelection::FirstTwo;
-    let s = train_pref(&cfg, &f.sft, samples, method, beta, alpha, 5, &f.dir.join(tag), &device()).unwrap();
+    let s = train_pref(&cfg, &SweepPoint { method, beta, alpha, seed: 5 }, &f.sft, samples, &f.dir.join(tag), &device()).unwrap();
     s.exported.unwrap()
 }
 

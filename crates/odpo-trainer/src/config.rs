@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use odpo_data::DataConfig;
 use odpo_loss::LossConfig;
+use odpo_model::Precision;
+use odpo_model::backend::Backend;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainError};
@@ -182,15 +184,15 @@ pub struct TrainConfig {
     pub epochs: f64,
     /// Seed of the data order (and of `model.random_init`).
     pub seed: u64,
-    /// Backend name (`flex`, `wgpu`, `cuda`, ...); `--backend` overrides it.
-    pub backend: String,
+    /// The backend (`flex`, `wgpu`, `cuda`, ...); `--backend` overrides it.
+    pub backend: Backend,
     /// Data-parallel devices (`["cuda:0", "cuda:1"]`, all of one backend); empty: the backend's
     /// default device alone. Each step's pairs are split evenly across them and the gradients summed
     /// on the first; `--devices` overrides it.
     pub devices: Vec<String>,
     /// Compute precision: `f32` (default), or `bf16` / `f16` mixed precision (forward and backward in
     /// half precision; weights, gradients and optimizer state in f32).
-    pub dtype: String,
+    pub dtype: Precision,
     /// `frozen` (default) or `cached` reference log-probs; preference stage only.
     pub reference: ReferenceMode,
     /// Log training metrics every this many steps.
@@ -211,9 +213,9 @@ impl Default for TrainConfig {
             max_steps: None,
             epochs: 1.0,
             seed: 0,
-            backend: "flex".into(),
+            backend: Backend::Flex,
             devices: Vec::new(),
-            dtype: "f32".into(),
+            dtype: Precision::F32,
             reference: ReferenceMode::Frozen,
             log_every: 10,
             checkpoint_every: 100,
@@ -266,21 +268,7 @@ impl RunConfig {
     /// Parses TOML text, applies `--set` overrides (`a.b=value`), deserialises and validates.
     /// `origin` names the text in error messages.
     pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
-        let parse_err = |origin: &str, e: toml::de::Error| TrainError::ConfigParse {
-            origin: origin.to_string(),
-            message: e.to_string().trim_end().to_string(),
-        };
-        // Parse the file alone first, so that its errors carry its own line numbers.
-        let mut cfg: RunConfig = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
-        if !sets.is_empty() {
-            let mut tree: toml::Table = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
-            for set in sets {
-                apply_set(&mut tree, set)?;
-                // Check each override on its own so the error names it.
-                let text = toml::to_string(&tree).map_err(|e| TrainError::ConfigParse { origin: format!("--set {set}"), message: e.to_string() })?;
-                cfg = toml::from_str(&text).map_err(|e| parse_err(&format!("--set {set}"), e))?;
-            }
-        }
+        let cfg: RunConfig = load_toml(text, origin, sets)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -303,9 +291,6 @@ impl RunConfig {
             lora.validate()?;
         }
         self.data.validate()?;
-        if self.train.backend.parse::<odpo_model::backend::Backend>().is_err() {
-            return err("train.backend", format!("is `{}`; expected one of: {}", self.train.backend, odpo_model::backend::BACKEND_NAMES.join(", ")));
-        }
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return err("optim.lr", format!("is {}; expected a finite number > 0", o.lr));
@@ -377,23 +362,11 @@ impl RunConfig {
             );
         }
         for d in &t.devices {
-            if d.split(':').next() != Some(t.backend.as_str()) {
-                return err("train.devices", format!("entry `{d}` is not a device of `train.backend = \"{}\"`; every device must be of the run's backend", t.backend));
+            if d.split(':').next() != Some(t.backend.name()) {
+                return err("train.devices", format!("entry `{d}` is not a device of `train.backend = \"{}\"`; every device must be of the run's backend", t.backend.name()));
             }
         }
-        let n = t.devices.len().max(1);
-        if n > 1 && !t.batch_size.is_multiple_of(n * t.micro_batch_size) {
-            return err(
-                "train.batch_size",
-                format!(
-                    "({}) must be a multiple of {} devices × `train.micro_batch_size` ({}) = {}, so that every device gets whole micro-batches",
-                    t.batch_size,
-                    n,
-                    t.micro_batch_size,
-                    n * t.micro_batch_size
-                ),
-            );
-        }
+        crate::step::DataParallel::check_batch(t.batch_size, t.micro_batch_size, t.devices.len().max(1))?;
         if t.max_steps == Some(0) {
             return err("train.max_steps", "is 0; expected at least 1 (or leave it out to use `train.epochs`)".into());
         }
@@ -410,9 +383,6 @@ impl RunConfig {
                     format!("= \"responses\" needs a scored format (scored-jsonl, tldr-json); `data.format` is `{}`", self.data.format.name()),
                 );
             }
-        }
-        if !matches!(t.dtype.as_str(), "f32" | "bf16" | "f16") {
-            return err("train.dtype", format!("is `{}`; expected \"f32\", \"bf16\" or \"f16\"", t.dtype));
         }
         if t.log_every == 0 {
             return err("train.log_every", "is 0; expected at least 1".into());
@@ -469,6 +439,29 @@ fn optimizer_name(k: OptimizerKind) -> &'static str {
         OptimizerKind::Adamw => "adamw",
         OptimizerKind::Rmsprop => "rmsprop",
     }
+}
+
+/// Every config's loader (run, pipeline, sweep and experiment configs): parses TOML `text` (named
+/// `origin` in errors) into `T`, then applies each `--set key=value` override to the tree, checking
+/// each on its own so that an error names it. Unknown keys and wrong types are serde's errors, which
+/// name the key; a file's own errors carry its line numbers.
+pub fn load_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &str, sets: &[String]) -> Result<T> {
+    let parse_err = |origin: &str, e: toml::de::Error| TrainError::ConfigParse { origin: origin.to_string(), message: e.to_string().trim_end().to_string() };
+    let mut value: T = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
+    if !sets.is_empty() {
+        let mut tree: toml::Table = toml::from_str(text).map_err(|e| parse_err(origin, e))?;
+        for set in sets {
+            apply_set(&mut tree, set)?;
+            value = tree.clone().try_into().map_err(|e| parse_err(&format!("--set {set}"), e))?;
+        }
+    }
+    Ok(value)
+}
+
+/// [`load_toml`] from a file.
+pub fn load_toml_file<T: serde::de::DeserializeOwned>(path: &Path, sets: &[String]) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+    load_toml(&text, &path.display().to_string(), sets)
 }
 
 /// Applies one `a.b.c=value` to the tree. The value is parsed as a TOML value (`0.5`, `true`, `"x"`,
@@ -575,7 +568,7 @@ beta = 0.1
                 vec![r#"train.devices=["cuda:0","cuda:1"]"#],
                 "config: `train.devices` entry `cuda:0` is not a device of `train.backend = \"flex\"`; every device must be of the run's backend",
             ),
-            (vec!["train.dtype=f64"], "config: `train.dtype` is `f64`; expected \"f32\", \"bf16\" or \"f16\""),
+            (vec!["train.dtype=f64"], "--set train.dtype=f64: unknown variant `f64`, expected one of `f32`, `f16`, `bf16`\nin `train.dtype`"),
         ];
         for (sets, msg) in cases {
             let e = parse(BASE, &sets).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();

@@ -56,32 +56,8 @@ impl RunData {
     /// pair whose chosen side is the response (the rejected side is never read in SFT). The split is by
     /// prompt, as for pairs.
     pub fn load_responses(cfg: &DataConfig, tokenizer: &Tokenizer) -> Result<Self> {
-        use odpo_data::jsonl::BadRows;
-        let bytes = std::fs::read(&cfg.path).map_err(|e| crate::error::TrainError::io(&cfg.path, e))?;
-        let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
-        let groups = match cfg.format {
-            odpo_data::Format::ScoredJsonl => odpo_data::paper::read_scored_jsonl(&cfg.path, &bytes, &cfg.columns(), &mut bad)?,
-            odpo_data::Format::TldrJson => odpo_data::paper::read_tldr(&cfg.path, &bytes, &mut bad)?,
-            other => return Err(crate::error::TrainError::config("train.sft_on", format!("= \"responses\" needs a scored format; `data.format` is `{}`", other.name()))),
-        };
-        let mut responses = Vec::new();
-        for (prompt_id, g) in groups.into_iter().enumerate() {
-            for r in g.responses {
-                responses.push(odpo_data::PreferencePair {
-                    id: responses.len(),
-                    prompt_id,
-                    prompt: g.prompt.clone(),
-                    chosen: r.text.clone(),
-                    rejected: r.text,
-                    score_chosen: Some(r.score),
-                    score_rejected: Some(r.score),
-                    offset: 0.0,
-                    weight: None,
-                    position: r.position,
-                });
-            }
-        }
-        tracing::info!(responses = responses.len(), skipped_rows = bad.skipped.len(), "loaded {} for SFT on every response", cfg.path.display());
+        let (responses, skipped) = odpo_data::load_responses(cfg)?;
+        tracing::info!(responses = responses.len(), skipped_rows = skipped, "loaded {} for SFT on every response", cfg.path.display());
         let (train, eval) = odpo_data::split_by_prompt(responses, cfg.eval_fraction, cfg.seed);
         let (train, report) = odpo_data::tokenize_pairs(&train, tokenizer, cfg)?;
         tracing::info!(?report, "tokenized training responses");

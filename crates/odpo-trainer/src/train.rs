@@ -75,14 +75,10 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
     let Some(device) = devices.first() else {
         return Err(TrainError::config("train.devices", "is empty; expected at least one device"));
     };
-    if devices.len() > 1 && !t.batch_size.is_multiple_of(devices.len() * t.micro_batch_size) {
-        return Err(TrainError::config(
-            "train.batch_size",
-            format!("({}) must be a multiple of {} devices × `train.micro_batch_size` ({})", t.batch_size, devices.len(), t.micro_batch_size),
-        ));
-    }
+    // The config checked its own `train.devices`; the devices given here may be others.
+    DataParallel::check_batch(t.batch_size, t.micro_batch_size, devices.len())?;
     let ad = device.clone().autodiff();
-    let precision = compute_precision(&t.dtype, devices)?;
+    let precision = compute_precision(t.dtype, devices)?;
     if data.train.is_empty() {
         return Err(TrainError::config("data.path", "gives no training pairs after pairing, splitting and tokenizing"));
     }
@@ -251,12 +247,11 @@ impl Window {
     }
 }
 
-/// The compute precision of `train.dtype`, checked against every device of the run.
-fn compute_precision(dtype: &str, devices: &[Device]) -> Result<Precision> {
-    let precision: Precision = dtype.parse().map_err(|_| TrainError::config("train.dtype", format!("is `{dtype}`; expected \"f32\", \"bf16\" or \"f16\"")))?;
+/// `train.dtype`, checked against every device of the run.
+fn compute_precision(precision: Precision, devices: &[Device]) -> Result<Precision> {
     if let Some(d) = devices.iter().find(|d| !d.supports_dtype(precision.dtype())) {
         let hint = if precision == Precision::Bf16 { " (or \"f16\" where the device has it)" } else { "" };
-        return Err(TrainError::config("train.dtype", format!("is `{dtype}`, which the device {d:?} cannot compute in; use \"f32\"{hint}")));
+        return Err(TrainError::config("train.dtype", format!("is `{}`, which the device {d:?} cannot compute in; use \"f32\"{hint}", precision.name())));
     }
     Ok(precision)
 }
@@ -301,8 +296,8 @@ pub fn load_policy(model: &ModelSection, seed: u64, device: &Device) -> Result<(
 fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device: &Device) -> Result<RefCache> {
     let all: Vec<&TokenizedPair> = data.train.iter().chain(&data.eval).collect();
     let mut identity = refcache::model_identity(&cfg.model, cfg.train.seed)?;
-    if cfg.train.dtype != "f32" {
-        identity = format!("{identity}:{}", cfg.train.dtype);
+    if cfg.train.dtype != Precision::F32 {
+        identity = format!("{identity}:{}", cfg.train.dtype.name());
     }
     let key = refcache::cache_key(&identity, all.iter().copied());
     if let Some(cache) = RefCache::read(&cfg.output.cache_dir, &key) {

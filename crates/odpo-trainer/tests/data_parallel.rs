@@ -87,5 +87,5 @@ fn a_batch_that_does_not_split_evenly_is_refused() {
     let cfg = config(&model, &dir.join("run"), "", &["train.batch_size=6", "train.micro_batch_size=2", "train.max_steps=1"]);
     let devices = [test_device(), test_device()];
     let err = odpo_trainer::train_on_devices(&cfg, data(16, 0), &devices, false, None).map(|_| ()).expect_err("6 pairs on 2 devices of 2");
-    assert_eq!(err.to_string(), "config: `train.batch_size` (6) must be a multiple of 2 devices × `train.micro_batch_size` (2)");
+    assert_eq!(err.to_string(), "config: `train.batch_size` (6) must be a multiple of 2 devices × `train.micro_batch_size` (2) = 4, so that every device gets whole micro-batches");
 }

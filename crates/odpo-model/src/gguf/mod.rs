@@ -1,7 +1,7 @@
-//! Reader for llama.cpp's GGUF files (versions 2 and 3, little-endian): header, metadata,
-//! tensor infos, and dequantisation of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors to f32.
-//! [`load_llama_as_hf`] turns a llama-architecture file into an HF `config.json` value and
-//! weights under HF names and layouts (with llama.cpp's Q/K row permutation undone).
+//! llama.cpp's GGUF files (versions 2 and 3, little-endian). This file reads them: header, metadata,
+//! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
+//! Q8_0, Q4_0, Q4_1); [`load_llama_as_hf`] (`llama`) turns a llama-architecture file into an HF
+//! `config.json` value and weights under HF names and layouts.
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
 //! ggml's `dequantize_row_*` (checked against gguf-py's `gguf.quants.dequantize`).
@@ -15,6 +15,13 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+mod llama;
+pub mod quant;
+
+pub use llama::load_llama_as_hf;
+pub use quant::ggml_type_name;
+use quant::type_info;
 
 /// A tensor on the host, row-major, in HF (PyTorch) layout and naming.
 #[derive(Debug, Clone, PartialEq)]
@@ -189,29 +196,6 @@ pub struct GgufFile {
 /// ggml types: (name, elements per block, bytes per block), indexed by type number; gaps are
 /// numbers ggml retired. From ggml.h / gguf-py `GGML_QUANT_SIZES`.
 #[rustfmt::skip]
-const GGML_TYPES: [Option<(&str, u64, u64)>; 42] = [
-    Some(("F32", 1, 4)), Some(("F16", 1, 2)), Some(("Q4_0", 32, 18)), Some(("Q4_1", 32, 20)),
-    None, None, Some(("Q5_0", 32, 22)), Some(("Q5_1", 32, 24)), Some(("Q8_0", 32, 34)),
-    Some(("Q8_1", 32, 36)), Some(("Q2_K", 256, 84)), Some(("Q3_K", 256, 110)),
-    Some(("Q4_K", 256, 144)), Some(("Q5_K", 256, 176)), Some(("Q6_K", 256, 210)),
-    Some(("Q8_K", 256, 292)), Some(("IQ2_XXS", 256, 66)), Some(("IQ2_XS", 256, 74)),
-    Some(("IQ3_XXS", 256, 98)), Some(("IQ1_S", 256, 50)), Some(("IQ4_NL", 32, 18)),
-    Some(("IQ3_S", 256, 110)), Some(("IQ2_S", 256, 82)), Some(("IQ4_XS", 256, 136)),
-    Some(("I8", 1, 1)), Some(("I16", 1, 2)), Some(("I32", 1, 4)), Some(("I64", 1, 8)),
-    Some(("F64", 1, 8)), Some(("IQ1_M", 256, 56)), Some(("BF16", 1, 2)), None, None, None,
-    Some(("TQ1_0", 256, 54)), Some(("TQ2_0", 256, 66)), None, None, None,
-    Some(("MXFP4", 32, 17)), Some(("NVFP4", 64, 36)), Some(("Q1_0", 128, 18)),
-];
-
-/// The name of a ggml type number, if ggml defines it.
-pub fn ggml_type_name(ty: u32) -> Option<&'static str> {
-    type_info(ty).map(|t| t.0)
-}
-
-fn type_info(ty: u32) -> Option<(&'static str, u64, u64)> {
-    GGML_TYPES.get(usize::try_from(ty).ok()?).copied().flatten()
-}
-
 /// Nesting limit for metadata arrays, so a crafted file cannot exhaust the stack.
 const MAX_ARRAY_DEPTH: u32 = 8;
 
@@ -496,38 +480,7 @@ impl GgufFile {
             .map_err(|e| io_err(path, e))?;
         // Only fails if the file shrank since `open` checked its length.
         f.read_exact(&mut bytes).map_err(|e| io_err(path, e))?;
-        let data = match t.ggml_type {
-            0 => bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            1 => bytes.chunks_exact(2).map(f16).collect(),
-            30 => bytes
-                .chunks_exact(2)
-                .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
-                .collect(),
-            8 => dequant_blocks(&bytes, 34, |b, out| {
-                let d = f16(&b[0..2]);
-                for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-                    *o = f32::from(q as i8) * d;
-                }
-            }),
-            // Q4_0 and Q4_1: byte j holds element j in its low nibble and element j+16 in its high one.
-            2 => dequant_blocks(&bytes, 18, |b, out| {
-                let d = f16(&b[0..2]);
-                for (j, &q) in b[2..18].iter().enumerate() {
-                    out[j] = f32::from((q & 0x0f) as i8 - 8) * d;
-                    out[j + 16] = f32::from((q >> 4) as i8 - 8) * d;
-                }
-            }),
-            _ => dequant_blocks(&bytes, 20, |b, out| {
-                let (d, m) = (f16(&b[0..2]), f16(&b[2..4]));
-                for (j, &q) in b[4..20].iter().enumerate() {
-                    out[j] = f32::from(q & 0x0f) * d + m;
-                    out[j + 16] = f32::from(q >> 4) * d + m;
-                }
-            }),
-        };
+        let data = quant::dequantize(t.ggml_type, &bytes);
         let shape = t.dims.iter().rev().map(|&d| d as usize).collect();
         Ok(HostTensor { shape, data })
     }
@@ -591,181 +544,11 @@ fn tensor_err(path: &Path, tensor: &str, msg: impl Into<String>) -> GgufError {
     }
 }
 
-fn f16(b: &[u8]) -> f32 {
-    half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
-}
-
-/// Runs `f` on each block of `block_bytes` bytes, producing 32 values per block.
-fn dequant_blocks(bytes: &[u8], block_bytes: usize, f: impl Fn(&[u8], &mut [f32; 32])) -> Vec<f32> {
-    let mut data = Vec::with_capacity(bytes.len() / block_bytes * 32);
-    let mut out = [0f32; 32];
-    for b in bytes.chunks_exact(block_bytes) {
-        f(b, &mut out);
-        data.extend_from_slice(&out);
-    }
-    data
-}
-
-/// The HF name of a llama.cpp llama tensor, or `None` if it has none.
-fn hf_name(gguf: &str) -> Option<String> {
-    let (base, suffix) = gguf.rsplit_once('.')?;
-    if suffix != "weight" && suffix != "bias" {
-        return None;
-    }
-    let top = match base {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(top) = top {
-        return Some(format!("{top}.{suffix}"));
-    }
-    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let part = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{part}.{suffix}"))
-}
-
-/// Undoes convert_hf_to_gguf.py's `permute`: within each of `heads` heads, llama.cpp stores
-/// the rows interleaved (row 2i+s holds HF row s*half+i), for its rotate-adjacent-pairs RoPE.
-fn unpermute_rows(
-    path: &Path,
-    name: &str,
-    t: &mut HostTensor,
-    heads: usize,
-) -> Result<(), GgufError> {
-    let rows = t.shape.first().copied().unwrap_or(0);
-    if heads == 0 || rows == 0 || rows % (2 * heads) != 0 {
-        return Err(tensor_err(
-            path,
-            name,
-            format!("{rows} rows do not split into {heads} heads of even size"),
-        ));
-    }
-    let (half, cols) = (rows / heads / 2, t.data.len() / rows);
-    let mut out = vec![0f32; t.data.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for i in 0..half {
-                let (dst, src) = (h * 2 * half + s * half + i, h * 2 * half + 2 * i + s);
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    t.data = out;
-    Ok(())
-}
-
-/// Everything the model loader needs from a llama-architecture GGUF: an HF-style config.json
-/// value and the weights under HF names, in HF layout (`[out, in]` matrices, Q/K rows in HF
-/// order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
-/// `rope_freqs.weight`, whose RoPE scaling the HF config could not express) is an error rather
-/// than silently dropped. RoPE scaling metadata, if present, becomes `rope_scaling`.
-pub fn load_llama_as_hf(
-    path: &Path,
-) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
-    let f = GgufFile::open(path)?;
-    let arch_key = "general.architecture";
-    let arch = f.meta(arch_key, "a string", |v| v.as_str().map(str::to_string))?;
-    let arch = f.required(arch_key, arch)?;
-    if arch != "llama" {
-        return Err(GgufError::Architecture {
-            path: path.into(),
-            arch,
-        });
-    }
-    let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
-    let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
-    let need_uint = |key: &str| f.required(key, uint(key)?);
-    let positive = |key: &str| match need_uint(key)? {
-        0 => Err(meta_err(path, key, "must be positive")),
-        v => Ok(v),
-    };
-
-    let hidden = positive("llama.embedding_length")?;
-    let heads = positive("llama.attention.head_count")?;
-    let kv_heads = uint("llama.attention.head_count_kv")?.unwrap_or(heads);
-    let eps_key = "llama.attention.layer_norm_rms_epsilon";
-    let head_dim = uint("llama.attention.key_length")?.unwrap_or(hidden / heads);
-
-    let mut weights = BTreeMap::new();
-    for info in f.tensor_infos() {
-        let name = info.name.as_str();
-        let hf = hf_name(name)
-            .ok_or_else(|| tensor_err(path, name, "has no Hugging Face llama equivalent"))?;
-        let mut t = f.dequantize(name)?;
-        if hf.contains(".self_attn.q_proj.") {
-            unpermute_rows(path, name, &mut t, heads as usize)?;
-        } else if hf.contains(".self_attn.k_proj.") {
-            unpermute_rows(path, name, &mut t, kv_heads as usize)?;
-        }
-        weights.insert(hf, t);
-    }
-    let vocab = match weights.get("model.embed_tokens.weight") {
-        Some(t) if t.shape.len() == 2 => t.shape[0],
-        _ => return Err(tensor_err(path, "token_embd.weight", "missing, or not 2-D")),
-    };
-
-    let mut config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "intermediate_size": need_uint("llama.feed_forward_length")?,
-        "num_hidden_layers": need_uint("llama.block_count")?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "head_dim": head_dim,
-        "rms_norm_eps": f.required(eps_key, float(eps_key)?)?,
-        "rope_theta": float("llama.rope.freq_base")?.unwrap_or(10000.0),
-        "max_position_embeddings": need_uint("llama.context_length")?,
-        "vocab_size": vocab,
-        "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
-        "attention_bias": weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
-        "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
-    });
-    for (key, hf_key) in [
-        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-    ] {
-        if let Some(id) = uint(key)? {
-            config[hf_key] = id.into();
-        }
-    }
-    let scaling = f.meta("llama.rope.scaling.type", "a string", |v| {
-        v.as_str().map(str::to_string)
-    })?;
-    if let Some(kind) = scaling.filter(|k| k != "none") {
-        let mut s = serde_json::json!({ "rope_type": kind });
-        if let Some(factor) = float("llama.rope.scaling.factor")? {
-            s["factor"] = factor.into();
-        }
-        if let Some(orig) = uint("llama.rope.scaling.original_context_length")? {
-            s["original_max_position_embeddings"] = orig.into();
-        }
-        config["rope_scaling"] = s;
-    }
-    Ok((config, weights))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use super::llama::{hf_name, unpermute_rows};
 
     #[test]
     fn hf_names() {

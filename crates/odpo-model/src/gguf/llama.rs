@@ -1,0 +1,164 @@
+//! A llama-architecture GGUF file as an HF `config.json` value and weights under HF names and layouts
+//! (llama.cpp's tensor names mapped to HF's, its Q/K row permutation undone).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::{GgufError, GgufFile, GgufValue, HostTensor, meta_err, tensor_err};
+
+/// The HF name of a llama.cpp llama tensor, or `None` if it has none.
+pub(super) fn hf_name(gguf: &str) -> Option<String> {
+    let (base, suffix) = gguf.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let top = match base {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
+    };
+    if let Some(top) = top {
+        return Some(format!("{top}.{suffix}"));
+    }
+    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "attn_norm" => "input_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{part}.{suffix}"))
+}
+
+/// Undoes convert_hf_to_gguf.py's `permute`: within each of `heads` heads, llama.cpp stores
+/// the rows interleaved (row 2i+s holds HF row s*half+i), for its rotate-adjacent-pairs RoPE.
+pub(super) fn unpermute_rows(
+    path: &Path,
+    name: &str,
+    t: &mut HostTensor,
+    heads: usize,
+) -> Result<(), GgufError> {
+    let rows = t.shape.first().copied().unwrap_or(0);
+    if heads == 0 || rows == 0 || rows % (2 * heads) != 0 {
+        return Err(tensor_err(
+            path,
+            name,
+            format!("{rows} rows do not split into {heads} heads of even size"),
+        ));
+    }
+    let (half, cols) = (rows / heads / 2, t.data.len() / rows);
+    let mut out = vec![0f32; t.data.len()];
+    for h in 0..heads {
+        for s in 0..2 {
+            for i in 0..half {
+                let (dst, src) = (h * 2 * half + s * half + i, h * 2 * half + 2 * i + s);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    t.data = out;
+    Ok(())
+}
+
+/// Everything the model loader needs from a llama-architecture GGUF: an HF-style config.json
+/// value and the weights under HF names, in HF layout (`[out, in]` matrices, Q/K rows in HF
+/// order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
+/// `rope_freqs.weight`, whose RoPE scaling the HF config could not express) is an error rather
+/// than silently dropped. RoPE scaling metadata, if present, becomes `rope_scaling`.
+pub fn load_llama_as_hf(
+    path: &Path,
+) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
+    let f = GgufFile::open(path)?;
+    let arch_key = "general.architecture";
+    let arch = f.meta(arch_key, "a string", |v| v.as_str().map(str::to_string))?;
+    let arch = f.required(arch_key, arch)?;
+    if arch != "llama" {
+        return Err(GgufError::Architecture {
+            path: path.into(),
+            arch,
+        });
+    }
+    let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
+    let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
+    let need_uint = |key: &str| f.required(key, uint(key)?);
+    let positive = |key: &str| match need_uint(key)? {
+        0 => Err(meta_err(path, key, "must be positive")),
+        v => Ok(v),
+    };
+
+    let hidden = positive("llama.embedding_length")?;
+    let heads = positive("llama.attention.head_count")?;
+    let kv_heads = uint("llama.attention.head_count_kv")?.unwrap_or(heads);
+    let eps_key = "llama.attention.layer_norm_rms_epsilon";
+    let head_dim = uint("llama.attention.key_length")?.unwrap_or(hidden / heads);
+
+    let mut weights = BTreeMap::new();
+    for info in f.tensor_infos() {
+        let name = info.name.as_str();
+        let hf = hf_name(name)
+            .ok_or_else(|| tensor_err(path, name, "has no Hugging Face llama equivalent"))?;
+        let mut t = f.dequantize(name)?;
+        if hf.contains(".self_attn.q_proj.") {
+            unpermute_rows(path, name, &mut t, heads as usize)?;
+        } else if hf.contains(".self_attn.k_proj.") {
+            unpermute_rows(path, name, &mut t, kv_heads as usize)?;
+        }
+        weights.insert(hf, t);
+    }
+    let vocab = match weights.get("model.embed_tokens.weight") {
+        Some(t) if t.shape.len() == 2 => t.shape[0],
+        _ => return Err(tensor_err(path, "token_embd.weight", "missing, or not 2-D")),
+    };
+
+    let mut config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "intermediate_size": need_uint("llama.feed_forward_length")?,
+        "num_hidden_layers": need_uint("llama.block_count")?,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": f.required(eps_key, float(eps_key)?)?,
+        "rope_theta": float("llama.rope.freq_base")?.unwrap_or(10000.0),
+        "max_position_embeddings": need_uint("llama.context_length")?,
+        "vocab_size": vocab,
+        "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
+        "attention_bias": weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
+        "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
+    });
+    for (key, hf_key) in [
+        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+    ] {
+        if let Some(id) = uint(key)? {
+            config[hf_key] = id.into();
+        }
+    }
+    let scaling = f.meta("llama.rope.scaling.type", "a string", |v| {
+        v.as_str().map(str::to_string)
+    })?;
+    if let Some(kind) = scaling.filter(|k| k != "none") {
+        let mut s = serde_json::json!({ "rope_type": kind });
+        if let Some(factor) = float("llama.rope.scaling.factor")? {
+            s["factor"] = factor.into();
+        }
+        if let Some(orig) = uint("llama.rope.scaling.original_context_length")? {
+            s["original_max_position_embeddings"] = orig.into();
+        }
+        config["rope_scaling"] = s;
+    }
+    Ok((config, weights))
+}
+
