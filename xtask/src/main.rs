@@ -52,6 +52,12 @@ enum Task {
     /// so that `--features cuda` builds with nothing but the package registries. Idempotent.
     /// [--venv DIR] [--python PY]
     SetupCuda(SetupArgs),
+    /// Regenerates the test fixtures from their scripts in the pinned Python environment
+    /// (scripts/fixtures-requirements.txt, installed into the libtorch environment or --venv DIR).
+    /// [--only loss,conformance,models,tokenizer,gguf] [--check: regenerate, compare with the committed
+    /// files (JSON numbers to 1e-12 relative, other files byte for byte), put the committed files back,
+    /// fail on a difference]
+    Fixtures(FixturesArgs),
     /// Every other command is the `odpo` binary's, built with the feature of its backend and run
     /// with the arguments as given: train, sample, eval, reward-model, frontier, experiment, data,
     /// generate, logprobs (`cargo xtask train --help` shows its flags).
@@ -65,6 +71,22 @@ struct SetupArgs {
     #[arg(long)]
     venv: Option<std::path::PathBuf>,
     /// The Python that creates it.
+    #[arg(long, default_value = "python3")]
+    python: String,
+}
+
+#[derive(clap::Args)]
+struct FixturesArgs {
+    /// Fixture sets, comma-separated (default: all): loss, conformance, models, tokenizer, gguf.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Compare the regenerated fixtures with the committed ones instead of keeping them.
+    #[arg(long)]
+    check: bool,
+    /// The virtual environment (default: the libtorch one, ~/.cache/odpo/libtorch-venv).
+    #[arg(long)]
+    venv: Option<std::path::PathBuf>,
+    /// The Python that creates it when it does not exist.
     #[arg(long, default_value = "python3")]
     python: String,
 }
@@ -174,6 +196,7 @@ fn run() -> Result<ExitCode> {
         Task::Conformance(p) => conformance(&p.args),
         Task::SetupLibtorch(a) => setup_libtorch(&a),
         Task::SetupCuda(a) => setup_cuda(&a),
+        Task::Fixtures(a) => fixtures(&a),
     }
 }
 
@@ -620,6 +643,138 @@ fn setup_libtorch(a: &LibtorchArgs) -> Result<ExitCode> {
         println!("PyTorch {version} is in {}. `ODPO_TORCH_VERSION={version} cargo xtask ... --backend tch` uses it; for cargo itself:", venv.display());
     }
     println!("export VIRTUAL_ENV={} PATH={bin}:$PATH LIBTORCH_USE_PYTORCH=1{bypass} LD_LIBRARY_PATH={lib}:$LD_LIBRARY_PATH", venv.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A fixture set: its name, its scripts (folder to run in, script path from there, arguments) and
+/// the paths it writes (files or folders; the scripts themselves are not outputs).
+struct FixtureSet {
+    name: &'static str,
+    /// How far a regenerated number may be from the committed one, relative: float64 results differ
+    /// in the last place between CPUs and library builds, float32 ones at about 1e-6 (what the tests
+    /// read is checked at 1e-5 or looser).
+    tolerance: f64,
+    scripts: &'static [(&'static str, &'static str)],
+    outputs: &'static [&'static str],
+}
+
+/// Every fixture the tests read that a script of the repository makes. `models` and `gguf` read
+/// nothing but their scripts; `tokenizer` and the SmolLM2 GGUF expectations need the shared folder.
+const FIXTURES: &[FixtureSet] = &[
+    FixtureSet { name: "loss", tolerance: 1e-12, scripts: &[(".", "crates/odpo-loss/tests/fixtures/make_loss_fixtures.py")], outputs: &["crates/odpo-loss/tests/fixtures/losses.json"] },
+    FixtureSet { name: "conformance", tolerance: 1e-5, scripts: &[(".", "crates/odpo-trainer/tests/fixtures/make_conformance.py")], outputs: &["crates/odpo-trainer/tests/fixtures/conformance"] },
+    FixtureSet {
+        name: "models",
+        tolerance: 1e-5,
+        scripts: &[(".", "crates/odpo-model/tests/fixtures/make_fixtures.py"), (".", "crates/odpo-model/tests/fixtures/make_fixtures_neo.py"), (".", "crates/odpo-model/tests/fixtures/make_lora_fixtures.py")],
+        outputs: &["crates/odpo-model/tests/fixtures"],
+    },
+    FixtureSet { name: "tokenizer", tolerance: 0.0, scripts: &[("crates/odpo-model/tests/fixtures/tokenizer", "make_expected.py")], outputs: &["crates/odpo-model/tests/fixtures/tokenizer/trim_expected.txt"] },
+    FixtureSet {
+        name: "gguf",
+        tolerance: 1e-5,
+        scripts: &[(".", "crates/odpo-model/tests/fixtures/gguf/make_gguf_fixtures.py"), (".", "crates/odpo-model/tests/fixtures/gguf/make_smollm_expected.py")],
+        outputs: &["crates/odpo-model/tests/fixtures/gguf"],
+    },
+];
+
+/// The committed files of a set: tracked files under its outputs, scripts and notes left out, and
+/// (for `models`) the other sets' folders.
+fn fixture_files(set: &FixtureSet) -> Result<Vec<String>> {
+    let out = Command::new("git").arg("ls-files").args(set.outputs).output().context("running git ls-files")?;
+    let owned_elsewhere = |f: &str| set.name == "models" && (f.contains("/fixtures/tokenizer/") || f.contains("/fixtures/gguf/"));
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|f| !f.ends_with(".py") && !f.ends_with(".md") && !owned_elsewhere(f))
+        .map(String::from)
+        .collect())
+}
+
+/// Whether two fixture files hold the same values, numbers to `tol` relative: JSON numbers, and the
+/// float32 tensors of safetensors files (same names, shapes and dtypes); other files byte for byte.
+fn same_fixture(path: &str, a: &[u8], b: &[u8], tol: f64) -> bool {
+    let near = |p: f64, q: f64| p == q || (p - q).abs() <= tol * p.abs().max(q.abs());
+    fn json_close(x: &serde_json::Value, y: &serde_json::Value, near: &dyn Fn(f64, f64) -> bool) -> bool {
+        use serde_json::Value as V;
+        match (x, y) {
+            (V::Number(p), V::Number(q)) => match (p.as_f64(), q.as_f64()) {
+                (Some(p), Some(q)) => near(p, q),
+                _ => p == q,
+            },
+            (V::Array(p), V::Array(q)) => p.len() == q.len() && p.iter().zip(q).all(|(p, q)| json_close(p, q, near)),
+            (V::Object(p), V::Object(q)) => p.len() == q.len() && p.iter().all(|(k, v)| q.get(k).is_some_and(|w| json_close(v, w, near))),
+            _ => x == y,
+        }
+    }
+    /// The header and data of a safetensors file.
+    fn safetensors(bytes: &[u8]) -> Option<(serde_json::Value, &[u8])> {
+        let n = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
+        Some((serde_json::from_slice(bytes.get(8..8 + n)?).ok()?, bytes.get(8 + n..)?))
+    }
+    if path.ends_with(".json")
+        && let (Ok(x), Ok(y)) = (serde_json::from_slice::<serde_json::Value>(a), serde_json::from_slice::<serde_json::Value>(b))
+    {
+        return json_close(&x, &y, &near);
+    }
+    if path.ends_with(".safetensors")
+        && let (Some((ha, da)), Some((hb, db))) = (safetensors(a), safetensors(b))
+    {
+        let f32s = |d: &[u8]| d.chunks_exact(4).map(|c| f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect::<Vec<_>>();
+        let all_f32 = ha.as_object().is_some_and(|o| o.iter().all(|(k, v)| k == "__metadata__" || v["dtype"] == "F32"));
+        let same_layout = ha.as_object().map(|o| o.iter().filter(|(k, _)| *k != "__metadata__").map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>())
+            == hb.as_object().map(|o| o.iter().filter(|(k, _)| *k != "__metadata__").map(|(k, v)| (k.clone(), v.clone())).collect::<Vec<_>>());
+        return all_f32 && same_layout && da.len() == db.len() && f32s(da).iter().zip(f32s(db)).all(|(p, q)| near(*p, q));
+    }
+    a == b
+}
+
+/// `cargo xtask fixtures`: the pinned environment, then each set's scripts.
+fn fixtures(a: &FixturesArgs) -> Result<ExitCode> {
+    let sets: Vec<&FixtureSet> = if a.only.is_empty() {
+        FIXTURES.iter().collect()
+    } else {
+        a.only.iter().map(|n| FIXTURES.iter().find(|s| s.name == n).with_context(|| format!("--only: no fixture set `{n}`; expected one of: loss, conformance, models, tokenizer, gguf"))).collect::<Result<_>>()?
+    };
+    let venv = a.venv.clone().unwrap_or_else(|| default_venv(TORCH_DEFAULT));
+    if !venv.join("bin/python").is_file() {
+        eprintln!("creating {} ...", venv.display());
+        if !Command::new(&a.python).args(["-m", "venv"]).arg(&venv).status().context("creating the virtual environment")?.success() {
+            bail!("`{} -m venv {}` failed (on Debian: apt-get install python3-venv)", a.python, venv.display());
+        }
+    }
+    eprintln!("the pinned environment (scripts/fixtures-requirements.txt) in {} ...", venv.display());
+    if !Command::new(venv.join("bin/pip")).args(["install", "-q", "-r", "scripts/fixtures-requirements.txt"]).status().context("running pip")?.success() {
+        bail!("`pip install -r scripts/fixtures-requirements.txt` failed");
+    }
+    let mut differ = Vec::new();
+    for set in sets {
+        let files = fixture_files(set)?;
+        let committed: Vec<(String, Vec<u8>)> = files.iter().map(|f| Ok((f.clone(), std::fs::read(f).with_context(|| format!("reading {f}"))?))).collect::<Result<_>>()?;
+        for (dir, script) in set.scripts {
+            eprintln!("fixtures ({}): {script}", set.name);
+            let python = std::path::absolute(venv.join("bin/python")).context("the environment's python")?;
+            let shared = std::env::var_os("ODPO_SHARED").map_or_else(|| std::path::Path::new("..").join("shared"), std::path::PathBuf::from);
+            let shared = std::fs::canonicalize(&shared).unwrap_or(shared);
+            let status = Command::new(python).arg(script).current_dir(dir).env("ODPO_SHARED", shared).status().context("running the script")?;
+            if !status.success() {
+                bail!("{script} failed");
+            }
+        }
+        if a.check {
+            for (f, old) in &committed {
+                let new = std::fs::read(f).unwrap_or_default();
+                if !same_fixture(f, old, &new, set.tolerance) {
+                    differ.push(f.clone());
+                }
+                std::fs::write(f, old).with_context(|| format!("restoring {f}"))?;
+            }
+            eprintln!("fixtures ({}): {} files compared", set.name, committed.len());
+        }
+    }
+    if !differ.is_empty() {
+        eprintln!("regenerated fixtures differ from the committed ones:\n  {}", differ.join("\n  "));
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
