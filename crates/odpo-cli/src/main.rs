@@ -2,6 +2,7 @@
 //! backend asked for and runs it; it can also be run directly from a release build.
 
 mod allocator;
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -47,13 +48,16 @@ enum Command {
     /// Print the token counts and the summed log-probability of a completion after a prompt.
     Logprobs(LogprobsArgs),
     /// Forward-pass throughput of a model shape with random weights (tokens/s, peak memory).
-    BenchForward(BenchForwardArgs),
+    #[command(hide = true)]
+    BenchForward(bench::BenchForwardArgs),
     /// Greedy generation throughput (KV cache) of a model shape with random weights, per batch size
     /// (one JSON object, the fields `bench/pytorch/generate.py` prints).
-    BenchGenerate(BenchGenerateArgs),
+    #[command(hide = true)]
+    BenchGenerate(bench::BenchGenerateArgs),
     /// One ODPO training step on a model shape with random weights: tokens/s, pairs/s, peak memory,
     /// FLOP utilisation against a matmul peak measured here (one JSON line).
-    Bench(BenchArgs),
+    #[command(hide = true)]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -88,45 +92,6 @@ struct RewardModelArgs {
 }
 
 #[derive(Args)]
-struct BenchArgs {
-    /// A HF `config.json` giving the model shape (weights are random).
-    #[arg(long)]
-    config: PathBuf,
-    /// Pairs per step (2 × pairs rows of `seq` tokens).
-    #[arg(long, default_value_t = 4)]
-    pairs: usize,
-    /// Tokens per row.
-    #[arg(long, default_value_t = 128)]
-    seq: usize,
-    /// Prompt tokens per row (default: seq / 4).
-    #[arg(long)]
-    prompt: Option<usize>,
-    /// Untimed steps first.
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
-    /// Timed steps (the median is reported, with the fastest and slowest).
-    #[arg(long, default_value_t = 5)]
-    repeats: usize,
-    /// Train LoRA adapters of this rank on every projection instead of every weight.
-    #[arg(long)]
-    lora: Option<usize>,
-    /// Compute the reference log-probs once before the timed steps (`train.reference = "cached"`)
-    /// and report what an epoch after the first costs against the first.
-    #[arg(long)]
-    cached_reference: bool,
-    /// Run the concatenated `[2B, T]` rows (as TRL does) instead of each prompt once.
-    #[arg(long)]
-    no_shared_prompt: bool,
-    /// Compute precision: f32, or bf16 / f16 mixed precision as `train.dtype` trains (weights,
-    /// gradients and optimizer state stay f32).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
-    /// Backend.
-    #[arg(long, default_value = "flex")]
-    backend: String,
-}
-
-#[derive(Args)]
 struct ExperimentArgs {
     /// An experiment config (configs/pipeline/smollm2-imdb.toml).
     #[arg(long)]
@@ -134,50 +99,6 @@ struct ExperimentArgs {
     /// Backend; overrides the config's `backend`.
     #[arg(long)]
     backend: Option<String>,
-}
-
-#[derive(Args)]
-struct BenchGenerateArgs {
-    /// A HF `config.json` giving the model shape (weights are random).
-    #[arg(long)]
-    config: PathBuf,
-    /// Batch sizes, comma-separated.
-    #[arg(long, default_value = "1,8")]
-    batches: String,
-    /// Prompt tokens per row.
-    #[arg(long, default_value_t = 32)]
-    prompt: usize,
-    /// New tokens per row (always this many: no EOS).
-    #[arg(long, default_value_t = 64)]
-    new: usize,
-    /// Untimed runs first.
-    #[arg(long, default_value_t = 1)]
-    warmup: usize,
-    /// Timed runs.
-    #[arg(long, default_value_t = 3)]
-    repeats: usize,
-    /// Backend.
-    #[arg(long, default_value = "flex")]
-    backend: String,
-}
-
-#[derive(Args)]
-struct BenchForwardArgs {
-    /// A HF `config.json` giving the model shape (weights are random).
-    #[arg(long)]
-    config: PathBuf,
-    /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
-    seq: usize,
-    /// Timed repeats (after one warm-up).
-    #[arg(long, default_value_t = 5)]
-    repeats: usize,
-    /// Backend.
-    #[arg(long, default_value = "flex")]
-    backend: String,
 }
 
 #[derive(Args)]
@@ -400,9 +321,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Logprobs(a) => cmd_logprobs(a),
         Command::Experiment(a) => cmd_experiment(a),
-        Command::BenchForward(a) => cmd_bench_forward(a),
-        Command::BenchGenerate(a) => cmd_bench_generate(a),
-        Command::Bench(a) => cmd_bench(a),
+        Command::BenchForward(a) => bench::cmd_bench_forward(a),
+        Command::BenchGenerate(a) => bench::cmd_bench_generate(a),
+        Command::Bench(a) => bench::cmd_bench(a),
         Command::RewardModel(a) => cmd_reward_model(a),
     }
 }
@@ -500,118 +421,6 @@ fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
         println!("log p(completion | prompt) = {sum:.6} (mean {:.6} per token)", sum / count);
     }
     Ok(())
-}
-
-fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
-    let device = backend::device(&a.backend)?;
-    let config = odpo_model::ModelConfig::from_file(&a.config)?;
-    let model = CausalLm::random(&config, 0, &device)?;
-    let v = config.vocab_size() as i64;
-    let ids: Vec<i64> = (0..a.batch * a.seq).map(|i| (i as i64 * 7919 + 13) % v).collect();
-    let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [a.batch, a.seq]), &device);
-    let mask = Tensor::<2, Int>::ones([a.batch, a.seq], &device);
-    let run = || -> Result<f64> {
-        let t = std::time::Instant::now();
-        let logits = model.forward(input.clone(), &mask, None);
-        // Reading one value back waits for the whole computation on asynchronous backends.
-        let _ = logits.narrow(1, 0, 1).sum().into_scalar::<f32>();
-        Ok(t.elapsed().as_secs_f64())
-    };
-    run()?;
-    let mut secs: Vec<f64> = (0..a.repeats).map(|_| run()).collect::<Result<_>>()?;
-    secs.sort_by(f64::total_cmp);
-    let tokens = (a.batch * a.seq) as f64;
-    let median = secs[secs.len() / 2];
-    let v = serde_json::json!({
-        "backend": a.backend, "batch": a.batch, "seq": a.seq, "repeats": a.repeats,
-        "params": model.num_params(),
-        "tokens_per_s_median": tokens / median,
-        "tokens_per_s_min": tokens / secs[secs.len() - 1],
-        "tokens_per_s_max": tokens / secs[0],
-        "peak_rss_mb": peak_rss_mb(),
-    });
-    println!("{}", serde_json::to_string(&v)?);
-    Ok(())
-}
-
-fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
-    use rand::{Rng, SeedableRng};
-    let device = backend::device(&a.backend)?;
-    let config = odpo_model::ModelConfig::from_file(&a.config)?;
-    let model = CausalLm::random(&config, 0, &device)?;
-    if a.prompt == 0 || a.new == 0 || a.repeats == 0 {
-        bail!("--prompt, --new and --repeats must be at least 1");
-    }
-    let cfg = GenerationConfig {
-        max_new_tokens: a.new,
-        eos_token_ids: Vec::new(),
-        pad_token_id: 0,
-        sampling: SamplingConfig { greedy: true, ..SamplingConfig::default() },
-    };
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut results = Vec::new();
-    for b in a.batches.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-        let b: usize = b.parse().with_context(|| format!("--batches: `{b}` is not a number"))?;
-        let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..a.prompt).map(|_| rng.random_range(3..config.vocab_size() as u32)).collect()).collect();
-        let mut secs = Vec::new();
-        for i in 0..a.warmup + a.repeats {
-            let t = std::time::Instant::now();
-            let g = generate(&model, &prompts, &cfg, &device)?;
-            let dt = t.elapsed().as_secs_f64();
-            anyhow::ensure!(g.tokens.iter().all(|t| t.len() == a.new), "generation stopped early");
-            if i >= a.warmup {
-                secs.push(dt);
-            }
-        }
-        secs.sort_by(f64::total_cmp);
-        let tokens = (b * a.new) as f64;
-        results.push(serde_json::json!({
-            "batch": b,
-            "tokens_per_s_median": tokens / secs[secs.len() / 2],
-            "tokens_per_s_min": tokens / secs[secs.len() - 1],
-            "tokens_per_s_max": tokens / secs[0],
-            "seconds_per_run_median": secs[secs.len() / 2],
-        }));
-    }
-    let v = serde_json::json!({
-        "bench": "odpo_generate_greedy", "backend": a.backend, "prompt_tokens": a.prompt, "new_tokens": a.new,
-        "kv_cache": true, "warmup": a.warmup, "repeats": a.repeats, "results": results, "peak_rss_mib": peak_rss_mb(),
-    });
-    println!("{}", serde_json::to_string(&v)?);
-    Ok(())
-}
-
-fn cmd_bench(a: BenchArgs) -> Result<()> {
-    let device = backend::device(&a.backend)?;
-    let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, ..Default::default() });
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt, precision: a.dtype.parse()? };
-    let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
-    // Measured after the step, so that it does not raise the step's peak memory.
-    let peak_rss = peak_rss_mb();
-    let matmul = odpo_trainer::bench::matmul_peak(1024, &device);
-    let mut v = serde_json::to_value(&r)?;
-    if let serde_json::Value::Object(m) = &mut v {
-        m.insert("bench".into(), "odpo_step".into());
-        m.insert("config".into(), a.config.display().to_string().into());
-        m.insert("backend".into(), a.backend.clone().into());
-        m.insert("lora".into(), a.lora.unwrap_or(0).into());
-        m.insert("shared_prompt".into(), (!a.no_shared_prompt).into());
-        m.insert("dtype".into(), a.dtype.clone().into());
-        m.insert("repeats".into(), b.repeats.into());
-        m.insert("peak_rss_mib".into(), peak_rss.into());
-        m.insert("matmul_peak_gflops".into(), matmul.into());
-        m.insert("flop_utilisation".into(), (r.achieved_gflops / matmul).into());
-    }
-    println!("{}", serde_json::to_string_pretty(&v)?);
-    Ok(())
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), in MB.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }
 
 fn cmd_train(mut a: TrainArgs) -> Result<()> {

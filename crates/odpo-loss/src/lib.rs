@@ -11,18 +11,20 @@
 //! use burn::tensor::{Device, Tensor};
 //! use odpo_loss::{LossConfig, LossKind, PairLogps, preference_loss};
 //!
+//! # fn main() -> Result<(), odpo_loss::LossError> {
 //! let device = Device::flex().autodiff();
 //! let t = |v: [f32; 2]| Tensor::<1>::from_floats(v, &device);
 //! let policy_chosen = t([-10.0, -22.0]).require_grad();
 //! let inputs = PairLogps::new(policy_chosen.clone(), t([-12.0, -20.0]), t([-11.0, -21.0]), t([-11.5, -21.5]),
 //!     t([5.0, 9.0]), t([6.0, 8.0]))
 //!     .with_offset(t([0.5, -1.7])); // ODPO: Δ per pair
-//! let out = preference_loss(&inputs, &LossConfig::new(LossKind::Sigmoid, 0.1));
+//! let out = preference_loss(&inputs, &LossConfig::new(LossKind::Sigmoid, 0.1))?;
 //! let grads = out.loss.backward();
 //! assert!(policy_chosen.grad(&grads).is_some());
 //! for (name, value) in out.metrics.named() {
 //!     let _ = (name, value); // e.g. "rewards/margins", a detached [1] tensor
 //! }
+//! # Ok(()) }
 //! ```
 
 #![deny(missing_docs)]
@@ -58,21 +60,11 @@ pub use output::{LossOutput, Metrics, check_finite};
 /// weights. The loss, per-pair losses and metrics stay on the device; call [`check_finite`] to read the
 /// loss and turn a NaN into an error.
 ///
-/// # Panics
+/// # Errors
 ///
-/// Panics with the [`LossError`] message when [`try_preference_loss`] would return an error: an invalid
-/// config, mismatched input shapes, or an offset or weight given to an objective that cannot use it. All
-/// of these are decided without reading tensors; the trainer can check them once with
-/// [`try_preference_loss`] or [`LossConfig::validate`].
-pub fn preference_loss(inputs: &PairLogps, cfg: &LossConfig) -> LossOutput {
-    match try_preference_loss(inputs, cfg) {
-        Ok(out) => out,
-        Err(e) => panic!("preference_loss: {e}"),
-    }
-}
-
-/// [`preference_loss`], returning configuration and shape errors instead of panicking.
-pub fn try_preference_loss(inputs: &PairLogps, cfg: &LossConfig) -> Result<LossOutput, LossError> {
+/// A [`LossError`] for an invalid config, mismatched input shapes, or an offset or weight given to an
+/// objective that cannot use it. All of these are decided without reading tensors.
+pub fn preference_loss(inputs: &PairLogps, cfg: &LossConfig) -> Result<LossOutput, LossError> {
     cfg.validate()?;
     inputs.check_shapes()?;
     for &kind in &cfg.loss_type {

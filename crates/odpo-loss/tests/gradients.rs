@@ -53,11 +53,11 @@ fn check(cfg: &LossConfig, h: &Host, label: &str) {
     let dev = device();
     let (dtype, step, rel, abs) = precision();
     let (inputs, leaves) = h.build(&dev, dtype);
-    let out = preference_loss(&inputs, cfg);
+    let out = preference_loss(&inputs, cfg).unwrap();
     let grads = out.loss.backward();
     let loss_at = |h: &Host| {
         let (inputs, _) = h.build(&dev, dtype);
-        scalar(&preference_loss(&inputs, cfg).loss)
+        scalar(&preference_loss(&inputs, cfg).unwrap().loss)
     };
     for (which, name) in LOGP_NAMES.iter().enumerate() {
         let auto = leaves[which]

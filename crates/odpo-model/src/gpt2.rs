@@ -225,18 +225,12 @@ impl Gpt2 {
         let mut out = HfTensors::default();
         out.push("transformer.wte.weight", self.wte.weight.val());
         out.push("transformer.wpe.weight", self.wpe.weight.val());
-        let ln = |out: &mut HfTensors, name: String, ln: &LayerNorm| {
-            out.push(format!("{name}.weight"), ln.gamma.val());
-            if let Some(b) = &ln.beta {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, b) in self.h.iter().enumerate() {
             let p = format!("transformer.h.{i}");
-            ln(&mut out, format!("{p}.ln_1"), &b.ln_1);
-            ln(&mut out, format!("{p}.ln_2"), &b.ln_2);
+            out.push_layer_norm(format!("{p}.ln_1"), &b.ln_1);
+            out.push_layer_norm(format!("{p}.ln_2"), &b.ln_2);
         }
-        ln(&mut out, "transformer.ln_f".into(), &self.ln_f);
+        out.push_layer_norm("transformer.ln_f", &self.ln_f);
         out.push_projections(self.clone().projections_mut(), true);
         out
     }

@@ -297,18 +297,12 @@ impl GptNeox {
     pub fn hf_tensors(&self) -> HfTensors {
         let mut out = HfTensors::default();
         out.push("gpt_neox.embed_in.weight", self.embed_in.weight.val());
-        let ln = |out: &mut HfTensors, name: String, ln: &LayerNorm| {
-            out.push(format!("{name}.weight"), ln.gamma.val());
-            if let Some(b) = &ln.beta {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("gpt_neox.layers.{i}");
-            ln(&mut out, format!("{p}.input_layernorm"), &l.input_layernorm);
-            ln(&mut out, format!("{p}.post_attention_layernorm"), &l.post_attention_layernorm);
+            out.push_layer_norm(format!("{p}.input_layernorm"), &l.input_layernorm);
+            out.push_layer_norm(format!("{p}.post_attention_layernorm"), &l.post_attention_layernorm);
         }
-        ln(&mut out, "gpt_neox.final_layer_norm".into(), &self.final_layer_norm);
+        out.push_layer_norm("gpt_neox.final_layer_norm", &self.final_layer_norm);
         if let Some(w) = &self.embed_out {
             out.push_linear("embed_out.weight", w.val());
         }

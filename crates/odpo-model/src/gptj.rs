@@ -265,17 +265,11 @@ impl Gptj {
     pub fn hf_tensors(&self) -> HfTensors {
         let mut out = HfTensors::default();
         out.push("transformer.wte.weight", self.wte.weight.val());
-        let ln = |out: &mut HfTensors, name: String, ln: &LayerNorm| {
-            out.push(format!("{name}.weight"), ln.gamma.val());
-            if let Some(b) = &ln.beta {
-                out.push(format!("{name}.bias"), b.val());
-            }
-        };
         for (i, b) in self.h.iter().enumerate() {
             let p = format!("transformer.h.{i}");
-            ln(&mut out, format!("{p}.ln_1"), &b.ln_1);
+            out.push_layer_norm(format!("{p}.ln_1"), &b.ln_1);
         }
-        ln(&mut out, "transformer.ln_f".into(), &self.ln_f);
+        out.push_layer_norm("transformer.ln_f", &self.ln_f);
         if let Some(w) = &self.lm_head {
             out.push_linear("lm_head.weight", w.val());
         }

@@ -235,6 +235,14 @@ impl HfTensors {
         }
     }
 
+    /// Adds a layer norm under `{name}.weight` and `{name}.bias`.
+    pub fn push_layer_norm(&mut self, name: impl std::fmt::Display, ln: &LayerNorm) {
+        self.push(format!("{name}.weight"), ln.gamma.val());
+        if let Some(b) = &ln.beta {
+            self.push(format!("{name}.bias"), b.val());
+        }
+    }
+
     /// Adds a burn `[in, out]` linear weight as HF's `[out, in]`.
     pub fn push_linear(&mut self, name: impl Into<String>, weight: Tensor<2>) {
         self.push(name, weight.transpose());

@@ -139,7 +139,7 @@ fn step_zero_gradient_weights_rank_with_score_gaps() {
     let offsets: Vec<f32> = items.iter().map(|p| p.offset).collect();
     let counts = vec![1.0f32; b];
     let inputs = PairLogps::new(policy_chosen.clone(), t(&rows[b..]), t(&rows[..b]), t(&rows[b..]), t(&counts), t(&counts)).with_offset(t(&offsets));
-    let out = preference_loss(&inputs, &LossConfig::new(LossKind::Sigmoid, beta));
+    let out = preference_loss(&inputs, &LossConfig::new(LossKind::Sigmoid, beta)).unwrap();
     let grads = out.loss.backward();
     // The mean loss: dℓ/d log π(y_w)_i = −β·σ(Δ_i − β·h_i)/B.
     let grad: Vec<f64> = policy_chosen.grad(&grads).unwrap().try_to_vec_as::<f64>().unwrap();

@@ -125,7 +125,7 @@ pub fn run(cfg: &LoopConfig, device: &Device) -> Result<Vec<f64>, Box<dyn std::e
         let loss = if cfg.custom_objective {
             capped_odpo(&inputs, cfg.beta, 5.0).mean()
         } else {
-            preference_loss(&inputs, &builtin).loss
+            preference_loss(&inputs, &builtin)?.loss
         };
         let value = loss.clone().into_scalar::<f64>();
         if !value.is_finite() {

@@ -134,10 +134,10 @@ pub fn random_pairs(n: usize, seq: usize, prompt: usize, vocab: usize, seed: u64
 /// Runs the step benchmark on `device` (its autodiff form trains) for a model config file.
 pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Result<StepResult> {
     if b.prompt == 0 || b.prompt >= b.seq {
-        return Err(TrainError::config("--prompt", format!("is {}; expected 0 < prompt < seq = {}", b.prompt, b.seq)));
+        return Err(TrainError::config("prompt", format!("is {} tokens; expected 0 < prompt < seq = {}", b.prompt, b.seq)));
     }
     let text = std::fs::read_to_string(config_path).map_err(|e| TrainError::io(config_path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::config("--config", format!("{}: {e}", config_path.display())))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
     let config = ModelConfig::from_hf_json(&json, config_path)?;
     let ad = device.clone().autodiff();
     let mut policy = CausalLm::random(&config, 0, &ad)?;
@@ -145,7 +145,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         policy = policy.with_lora(lora, &ad)?;
     }
     if !device.supports_dtype(b.precision.dtype()) {
-        return Err(TrainError::config("--dtype", format!("is {:?}, which the device {device:?} cannot compute in", b.precision)));
+        return Err(TrainError::config("dtype", format!("is `{}`, which the device {device:?} cannot compute in", b.precision.name())));
     }
     let mut reference = Reference::Frozen(Box::new(policy.without_adapters().valid().with_precision(b.precision)));
     let flops = step_flops(&policy, &json, b.pairs, b.seq);

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use burn::tensor::Device;
 use odpo_data::{PreferenceBatcher, TokenizedPair};
-use odpo_loss::{LossConfig, try_preference_loss};
+use odpo_loss::{LossConfig, preference_loss};
 use odpo_model::CausalLm;
 
 use crate::error::Result;
@@ -29,7 +29,7 @@ pub fn preference(
     for chunk in items.chunks(batch_size.max(1)) {
         let batch = forward::preference_batch(chunk, batcher, device);
         let inputs = forward::preference_inputs(model, reference, &batch, use_offsets, device)?;
-        let out = try_preference_loss(&inputs, loss)?;
+        let out = preference_loss(&inputs, loss)?;
         sums.add_preference(&out.metrics, chunk.len());
     }
     Ok(sums.means())

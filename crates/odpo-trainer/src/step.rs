@@ -14,7 +14,7 @@ use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use odpo_data::{PreferenceBatcher, TokenizedPair};
-use odpo_loss::{LossConfig, Metrics, check_finite, try_preference_loss};
+use odpo_loss::{LossConfig, Metrics, check_finite, preference_loss};
 use odpo_model::{CausalLm, Precision};
 use serde::Serialize;
 
@@ -309,7 +309,7 @@ fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, refer
                 phases.reference += clock.elapsed().as_secs_f64();
                 let clock = Instant::now();
                 let inputs = forward::pair_logps(&batch, forward::row_logps(policy_fwd, &batch), &reference_rows, s.use_offsets, device);
-                let out = try_preference_loss(&inputs, &s.loss)?;
+                let out = preference_loss(&inputs, &s.loss)?;
                 check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
                 metrics.add_preference(&out.metrics, micro.len());
                 phases.policy_forward += clock.elapsed().as_secs_f64();

@@ -18,7 +18,7 @@ use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::Tensor;
 use odpo_data::TokenizedPair;
-use odpo_loss::{LossConfig, try_preference_loss};
+use odpo_loss::{LossConfig, preference_loss};
 use odpo_model::{CausalLm, Module};
 use odpo_trainer::config::{OptimConfig, OptimizerKind};
 use odpo_trainer::forward::{self, Reference};
@@ -95,7 +95,7 @@ fn three_odpo_steps_match_pytorch() {
             close(&format!("step {} policy row {r}", step + 1), f64::from(policy_rows[r]), f(&want["policy_logps"][r]), 1e-5);
         }
         let inputs = forward::pair_logps(&batch, (sum, count), &reference_rows, true, &device);
-        let out = try_preference_loss(&inputs, &loss_cfg).unwrap();
+        let out = preference_loss(&inputs, &loss_cfg).unwrap();
         close(&format!("step {} loss", step + 1), out.loss.clone().into_scalar::<f64>(), f(&want["loss"]), 1e-5);
         let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
         let norm = odpo_trainer::optim::global_norm(&policy, &grads);
