@@ -44,7 +44,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// Backend.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
 }
 
@@ -70,7 +70,7 @@ pub struct BenchGenerateArgs {
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Backend.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
 }
 
@@ -89,7 +89,7 @@ pub struct BenchForwardArgs {
     #[arg(long, default_value_t = 5)]
     repeats: usize,
     /// Backend.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
 }
 

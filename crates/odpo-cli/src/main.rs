@@ -87,7 +87,7 @@ struct RewardModelArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Backend.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
 }
 
@@ -97,7 +97,7 @@ struct ExperimentArgs {
     #[arg(long)]
     config: PathBuf,
     /// Backend; overrides the config's `backend`.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::backend_spec)]
     backend: Option<String>,
 }
 
@@ -107,7 +107,7 @@ struct TrainArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Backend (flex, wgpu, vulkan, metal, cuda, tch, tch-cuda); overrides `train.backend`.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::backend_spec)]
     backend: Option<String>,
     /// Data-parallel devices of the backend, e.g. `--devices cuda:0,cuda:1`; overrides `train.devices`.
     #[arg(long, value_delimiter = ',', value_name = "DEVICE,...")]
@@ -148,7 +148,7 @@ struct SampleArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Backend.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
 }
 
@@ -164,7 +164,7 @@ struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Backend.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
 }
 
@@ -177,7 +177,7 @@ struct FrontierArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
     /// Backend; default: the base pipeline config's `backend`.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::backend_spec)]
     backend: Option<String>,
 }
 
@@ -212,7 +212,7 @@ struct ModelArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Backend: flex, wgpu, vulkan, metal, cuda, tch, tch-cuda.
-    #[arg(long, default_value = "flex")]
+    #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
     /// Render the prompt as a user turn with the model's chat template.
     #[arg(long)]
@@ -488,6 +488,13 @@ fn train_from_config(config: Option<&Path>, backend: Option<&str>, sets: &[Strin
     }
     let data = odpo_trainer::load_data(&cfg)?;
     Ok(odpo_trainer::train_on_devices(&cfg, data, &devices, resume.is_some(), Some(&odpo_trainer::tokenizer_dir(&cfg.model)))?)
+}
+
+/// `--backend`, checked when the flags are read: a backend name (flex, wgpu, vulkan, metal, cuda,
+/// tch, tch-cuda), optionally with a device (`cuda:1`).
+fn backend_spec(spec: &str) -> std::result::Result<String, String> {
+    let name = spec.split(':').next().unwrap_or(spec);
+    name.parse::<backend::Backend>().map(|_| spec.to_string()).map_err(|_| format!("`{name}` is not a backend; expected one of: {}", backend::BACKEND_NAMES.join(", ")))
 }
 
 fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {

@@ -89,3 +89,13 @@ progress = false
     assert!(ok, "{err}");
     assert_eq!((line(&out, "resumed from:"), line(&out, "steps:")), ("step 3", "5"));
 }
+
+/// `--backend` is checked when the flags are read, naming the backends, before anything loads.
+#[test]
+fn an_unknown_backend_is_refused_with_the_list() {
+    let (ok, _, err) = odpo_train(&["--backend", "cuad"]);
+    assert!(!ok && err.contains("`cuad` is not a backend; expected one of: flex, wgpu, vulkan, metal, cuda, tch, tch-cuda"), "{err}");
+    // A device index is part of the spec.
+    let out = Command::new(env!("CARGO_BIN_EXE_odpo")).args(["generate", "--backend", "flux:1", "--model", "x", "--prompt", "y"]).output().expect("run odpo");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`flux` is not a backend"));
+}

@@ -291,7 +291,68 @@ impl RunConfig {
             lora.validate()?;
         }
         self.data.validate()?;
-        let o = &self.optim;
+        self.optim.validate()?;
+        self.train.validate()?;
+        self.eval.validate()?;
+        // What one table allows depends on another.
+        let t = &self.train;
+        if t.sft_on == SftOn::Responses {
+            if t.stage != Stage::Sft {
+                return err("train.sft_on", "= \"responses\" applies to `train.stage = \"sft\"` only; remove it".into());
+            }
+            if !self.data.format.is_scored() {
+                return err(
+                    "train.sft_on",
+                    format!("= \"responses\" needs a scored format (scored-jsonl, tldr-json); `data.format` is `{}`", self.data.format.name()),
+                );
+            }
+        }
+        match t.stage {
+            Stage::Sft => {
+                if self.loss.is_some() {
+                    return err("loss", "does not apply to `train.stage = \"sft\"` (the SFT loss is the chosen responses' NLL); remove the table".into());
+                }
+                if t.reference != ReferenceMode::Frozen {
+                    return err("train.reference", "does not apply to `train.stage = \"sft\"`, which has no reference model; remove it".into());
+                }
+                if self.data.offset.is_some() {
+                    return err("data.offset", "does not apply to `train.stage = \"sft\"`; remove it".into());
+                }
+            }
+            Stage::Preference => {
+                let loss = self.loss.clone().unwrap_or_default();
+                loss.validate()?;
+                if self.data.offset.is_some() {
+                    for kind in &loss.loss_type {
+                        if let Err(why) = kind.offset_support() {
+                            return err("data.offset", format!("cannot be used with `loss.loss_type` {kind}: {why}"));
+                        }
+                    }
+                }
+                if t.reference == ReferenceMode::Cached && loss.loss_type.iter().all(|k| k.reference_free()) {
+                    return err("train.reference", "= \"cached\" does nothing: every objective in `loss.loss_type` is reference-free".into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The loss config in force (the default one when `[loss]` is left out).
+    pub fn loss(&self) -> LossConfig {
+        self.loss.clone().unwrap_or_default()
+    }
+
+    /// Whether the run needs reference log-probs at all.
+    pub fn needs_reference(&self) -> bool {
+        self.train.stage == Stage::Preference && !self.loss().loss_type.iter().all(|k| k.reference_free())
+    }
+}
+
+impl OptimConfig {
+    /// Checks `[optim]` on its own, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let err = |k: &str, m: String| Err(TrainError::config(k, m));
+        let o = self;
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return err("optim.lr", format!("is {}; expected a finite number > 0", o.lr));
         }
@@ -351,7 +412,15 @@ impl RunConfig {
             }
         }
 
-        let t = &self.train;
+        Ok(())
+    }
+}
+
+impl TrainConfig {
+    /// Checks `[train]` on its own, naming the key.
+    pub fn validate(&self) -> Result<()> {
+        let err = |k: &str, m: String| Err(TrainError::config(k, m));
+        let t = self;
         if t.batch_size == 0 || t.micro_batch_size == 0 {
             return err("train.batch_size", "and `train.micro_batch_size` must be at least 1".into());
         }
@@ -373,64 +442,23 @@ impl RunConfig {
         if !(t.epochs.is_finite() && t.epochs > 0.0) {
             return err("train.epochs", format!("is {}; expected a finite number > 0", t.epochs));
         }
-        if t.sft_on == SftOn::Responses {
-            if t.stage != Stage::Sft {
-                return err("train.sft_on", "= \"responses\" applies to `train.stage = \"sft\"` only; remove it".into());
-            }
-            if !self.data.format.is_scored() {
-                return err(
-                    "train.sft_on",
-                    format!("= \"responses\" needs a scored format (scored-jsonl, tldr-json); `data.format` is `{}`", self.data.format.name()),
-                );
-            }
-        }
         if t.log_every == 0 {
             return err("train.log_every", "is 0; expected at least 1".into());
         }
         if t.keep_checkpoints == 0 {
             return err("train.keep_checkpoints", "is 0; expected at least 1 (the last good checkpoint is what a failed run keeps)".into());
         }
-        if self.eval.batch_size == 0 {
-            return err("eval.batch_size", "is 0; expected at least 1".into());
-        }
-        match t.stage {
-            Stage::Sft => {
-                if self.loss.is_some() {
-                    return err("loss", "does not apply to `train.stage = \"sft\"` (the SFT loss is the chosen responses' NLL); remove the table".into());
-                }
-                if t.reference != ReferenceMode::Frozen {
-                    return err("train.reference", "does not apply to `train.stage = \"sft\"`, which has no reference model; remove it".into());
-                }
-                if self.data.offset.is_some() {
-                    return err("data.offset", "does not apply to `train.stage = \"sft\"`; remove it".into());
-                }
-            }
-            Stage::Preference => {
-                let loss = self.loss.clone().unwrap_or_default();
-                loss.validate()?;
-                if self.data.offset.is_some() {
-                    for kind in &loss.loss_type {
-                        if let Err(why) = kind.offset_support() {
-                            return err("data.offset", format!("cannot be used with `loss.loss_type` {kind}: {why}"));
-                        }
-                    }
-                }
-                if t.reference == ReferenceMode::Cached && loss.loss_type.iter().all(|k| k.reference_free()) {
-                    return err("train.reference", "= \"cached\" does nothing: every objective in `loss.loss_type` is reference-free".into());
-                }
-            }
-        }
         Ok(())
     }
+}
 
-    /// The loss config in force (the default one when `[loss]` is left out).
-    pub fn loss(&self) -> LossConfig {
-        self.loss.clone().unwrap_or_default()
-    }
-
-    /// Whether the run needs reference log-probs at all.
-    pub fn needs_reference(&self) -> bool {
-        self.train.stage == Stage::Preference && !self.loss().loss_type.iter().all(|k| k.reference_free())
+impl EvalConfig {
+    /// Checks `[eval]` on its own.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(TrainError::config("eval.batch_size", "is 0; expected at least 1"));
+        }
+        Ok(())
     }
 }
 
