@@ -9,6 +9,9 @@
 //!   no room for one completion token in `max_length` is dropped. A completion that does not fit after the
 //!   prompt is cut at its end, or its pair dropped (`long_completion`); every case is counted.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use odpo_model::tokenizer::{ChatMessage, Tokenizer};
 
 use crate::config::{DataConfig, LongCompletion};
@@ -58,11 +61,15 @@ pub struct RawLengths {
     pub rejected: usize,
 }
 
-/// Renders and tokenizes pairs for one tokenizer and config.
+/// Renders and tokenizes pairs for one tokenizer and config. A prompt or response shared by several
+/// pairs (every pair of a prompt shares it; all-pairs puts each response in several pairs) is rendered
+/// and tokenized once: the results are kept by their text, so the ids are exactly those of a fresh call.
 pub struct PairTokenizer<'a> {
     tokenizer: &'a Tokenizer,
     cfg: &'a DataConfig,
     eos: u32,
+    /// Token ids by (text, whether special tokens were added).
+    encoded: RefCell<HashMap<(String, bool), Vec<u32>>>,
 }
 
 impl<'a> PairTokenizer<'a> {
@@ -76,7 +83,7 @@ impl<'a> PairTokenizer<'a> {
                 "`chat_template = true` but the tokenizer has no chat template; set `chat_template = false`".into(),
             ));
         }
-        Ok(PairTokenizer { tokenizer, cfg, eos })
+        Ok(PairTokenizer { tokenizer, cfg, eos, encoded: RefCell::new(HashMap::new()) })
     }
 
     fn tok_err(pair: usize) -> impl Fn(odpo_model::tokenizer::TokenizerError) -> DataError {
@@ -112,8 +119,19 @@ impl<'a> PairTokenizer<'a> {
         }
     }
 
+    /// `tokenizer.encode(text, special)`, once per distinct text.
+    fn encode(&self, pair: usize, text: &str, special: bool) -> Result<Vec<u32>, DataError> {
+        let key = (text.to_string(), special);
+        if let Some(ids) = self.encoded.borrow().get(&key) {
+            return Ok(ids.clone());
+        }
+        let ids = self.tokenizer.encode(text, special).map_err(Self::tok_err(pair))?;
+        self.encoded.borrow_mut().insert(key, ids.clone());
+        Ok(ids)
+    }
+
     fn encode_completion(&self, pair: usize, text: &str) -> Result<Vec<u32>, DataError> {
-        let mut ids = self.tokenizer.encode(text, false).map_err(Self::tok_err(pair))?;
+        let mut ids = self.encode(pair, text, false)?;
         if ids.last() != Some(&self.eos) {
             ids.push(self.eos);
         }
@@ -123,7 +141,7 @@ impl<'a> PairTokenizer<'a> {
     /// Prompt, chosen and rejected ids of a pair, untruncated.
     pub fn encode_pair(&self, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), DataError> {
         let rp = self.render_prompt(p.id, &p.prompt)?;
-        let prompt = self.tokenizer.encode(&rp, !self.cfg.chat_template).map_err(Self::tok_err(p.id))?;
+        let prompt = self.encode(p.id, &rp, !self.cfg.chat_template)?;
         let chosen = self.encode_completion(p.id, &self.render_completion(p.id, &p.prompt, &rp, &p.chosen)?)?;
         let rejected = self.encode_completion(p.id, &self.render_completion(p.id, &p.prompt, &rp, &p.rejected)?)?;
         Ok((prompt, chosen, rejected))

@@ -139,3 +139,20 @@ fn loader_and_sft_view() {
     assert_eq!(sft[0].prompt_len, items[0].prompt.len());
     assert_eq!(sft[0].ids.len(), items[0].prompt.len() + items[0].chosen.len());
 }
+
+/// Each distinct prompt and response is tokenized once per file: the ids are exactly those of
+/// tokenizing every pair on its own, on the paper's TL;DR file (all pairs: each response in several).
+#[test]
+fn texts_shared_by_pairs_are_tokenized_once_with_the_same_ids() {
+    let Some(tok) = tokenizer() else { return };
+    let Some(path) = env::shared_path("data/odpo-paper/tldr-sft-test-rel.json") else { return };
+    let mut cfg = DataConfig::new(&path, Format::TldrJson);
+    (cfg.max_length, cfg.max_prompt_length) = (1024, Some(512));
+    let loaded = odpo_data::load(&cfg).unwrap();
+    let ps: Vec<PreferencePair> = loaded.pairs.into_iter().take(400).collect();
+    let prompts: std::collections::HashSet<String> = ps.iter().map(|p| p.prompt.flat()).collect();
+    assert!(prompts.len() * 4 < ps.len(), "{} prompts for {} pairs: too few repeats to test", prompts.len(), ps.len());
+    let (all, _) = tokenize_pairs(&ps, &tok, &cfg).unwrap();
+    let one_by_one: Vec<_> = ps.iter().flat_map(|p| tokenize_pairs(std::slice::from_ref(p), &tok, &cfg).unwrap().0).collect();
+    assert_eq!(all, one_by_one);
+}
