@@ -187,6 +187,17 @@ pub enum DataError {
         #[source]
         source: odpo_model::tokenizer::TokenizerError,
     },
+    /// The chat template renders a pair's prompt differently once a response follows it, so the
+    /// prompt/completion boundary cannot be found.
+    #[error("pair {pair}: the chat template renders the prompt differently when a response follows it (the conversation starts {conversation:?}, the prompt alone is {prompt:?}); the boundary between prompt and completion would be wrong")]
+    TemplateMismatch {
+        /// The pair id.
+        pair: usize,
+        /// The start of the prompt rendered alone.
+        prompt: String,
+        /// The start of prompt and completion rendered together.
+        conversation: String,
+    },
     /// Nothing usable is left (every row skipped or dropped).
     #[error("{}: no preference pairs left ({why})", path.display())]
     NoPairs {

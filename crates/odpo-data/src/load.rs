@@ -44,6 +44,9 @@ pub struct LoadReport {
     pub dropped: BTreeMap<DropReason, usize>,
     /// The message of every skipped bad row (`on_bad_row = "skip"`), in file order.
     pub skipped: Vec<String>,
+    /// Pairs kept whose chosen and rejected texts are the same: they teach nothing (their gradient
+    /// cancels) and usually mean a mistake upstream; reported, not dropped.
+    pub identical: usize,
 }
 
 impl LoadReport {
@@ -199,6 +202,7 @@ impl Builder<'_> {
                 continue;
             };
             let prompt_id = self.prompt_id(&r.prompt);
+            self.report.identical += usize::from(r.chosen == r.rejected);
             self.pairs.push(PreferencePair {
                 id: self.pairs.len(),
                 prompt_id,
@@ -245,6 +249,7 @@ impl Builder<'_> {
                 let offset = self.offset((Some(rw.score), Some(rl.score)), &rw.position, (&cols.score, &cols.score));
                 // Scores differ here, so `None` (a tie) cannot come back.
                 let Some(Some(offset)) = bad.handle(offset)? else { continue };
+                self.report.identical += usize::from(rw.text == rl.text);
                 self.pairs.push(PreferencePair {
                     id: self.pairs.len(),
                     prompt_id,
@@ -273,6 +278,17 @@ mod tests {
         let mut c = DataConfig::new("mem.jsonl", format);
         c.offset = Some(OffsetConfig { alpha: 0.5, ..OffsetConfig::default() });
         c
+    }
+
+    #[test]
+    fn pairs_with_the_same_chosen_and_rejected_are_counted() {
+        let rows = "{\"prompt\":\"a\",\"chosen\":\"x\",\"rejected\":\"x\"}\n{\"prompt\":\"a\",\"chosen\":\"x\",\"rejected\":\"y\"}\n";
+        let l = load_bytes(&DataConfig::new("mem.jsonl", Format::Jsonl), rows.as_bytes().to_vec()).unwrap();
+        assert_eq!((l.pairs.len(), l.report.identical), (2, 1));
+        // Scored: one prompt sampled the same text twice with different scores.
+        let scored = "{\"prompt\":\"a\",\"text\":\"x\",\"reward\":1}\n{\"prompt\":\"a\",\"text\":\"x\",\"reward\":2}\n{\"prompt\":\"a\",\"text\":\"z\",\"reward\":3}\n";
+        let l = load_bytes(&cfg(Format::ScoredJsonl), scored.as_bytes().to_vec()).unwrap();
+        assert_eq!((l.pairs.len(), l.report.identical), (3, 1));
     }
 
     #[test]

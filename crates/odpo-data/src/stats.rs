@@ -143,6 +143,9 @@ impl fmt::Display for Stats {
         for s in &l.skipped {
             writeln!(f, "  skipped: {s}")?;
         }
+        if l.identical > 0 {
+            writeln!(f, "warning: {} pairs have the same chosen and rejected text (they teach nothing)", l.identical)?;
+        }
         writeln!(
             f,
             "split (eval_fraction {}, seed {}): train {} pairs / {} prompts, eval {} pairs / {} prompts",

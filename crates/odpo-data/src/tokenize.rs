@@ -114,7 +114,13 @@ impl<'a> PairTokenizer<'a> {
                 };
                 all.extend(m.iter().cloned());
                 let full = self.tokenizer.apply_chat_template(&all, false).map_err(Self::tok_err(pair))?;
-                Ok(full.strip_prefix(rendered_prompt).map(str::to_owned).unwrap_or(full))
+                match full.strip_prefix(rendered_prompt) {
+                    Some(completion) => Ok(completion.to_owned()),
+                    None => {
+                        let start = |s: &str| s.chars().take(120).collect::<String>();
+                        Err(DataError::TemplateMismatch { pair, prompt: start(rendered_prompt), conversation: start(&full) })
+                    }
+                }
             }
         }
     }
@@ -130,8 +136,14 @@ impl<'a> PairTokenizer<'a> {
         Ok(ids)
     }
 
+    /// A completion's ids, ending in exactly one EOS: added when the text has none, and repeats
+    /// collapsed when it already has some (a template that ends every turn with EOS, written out
+    /// again in the data, would otherwise train the model to say EOS twice).
     fn encode_completion(&self, pair: usize, text: &str) -> Result<Vec<u32>, DataError> {
         let mut ids = self.encode(pair, text, false)?;
+        while ids.len() >= 2 && ids[ids.len() - 1] == self.eos && ids[ids.len() - 2] == self.eos {
+            ids.pop();
+        }
         if ids.last() != Some(&self.eos) {
             ids.push(self.eos);
         }

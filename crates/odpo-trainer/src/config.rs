@@ -201,6 +201,10 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Checkpoints kept on disk (the newest ones), at least 1.
     pub keep_checkpoints: usize,
+    /// Stop with an error after this many steps in a row that change nothing: a gradient norm of
+    /// (almost) zero, with the preference loss at ln 2 (adapters not attached, every completion masked,
+    /// chosen identical to rejected, the policy frozen). 0 turns the guard off.
+    pub stop_if_not_learning: usize,
 }
 
 impl Default for TrainConfig {
@@ -220,6 +224,7 @@ impl Default for TrainConfig {
             log_every: 10,
             checkpoint_every: 100,
             keep_checkpoints: 2,
+            stop_if_not_learning: 20,
         }
     }
 }

@@ -36,6 +36,9 @@ impl RunData {
             "loaded {}",
             cfg.path.display()
         );
+        if loaded.report.identical > 0 {
+            tracing::warn!(pairs = loaded.report.identical, "pairs whose chosen and rejected texts are the same: they teach nothing");
+        }
         let (train, eval) = odpo_data::split_by_prompt(loaded.pairs, cfg.eval_fraction, cfg.seed);
         let (train, report) = odpo_data::tokenize_pairs(&train, tokenizer, cfg)?;
         tracing::info!(?report, "tokenized training pairs");

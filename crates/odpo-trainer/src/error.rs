@@ -66,6 +66,18 @@ pub enum TrainError {
         /// What went wrong.
         message: String,
     },
+    /// Training changes nothing: the gradient was (almost) zero for `steps` steps in a row.
+    #[error("nothing is learning: the gradient norm was {grad_norm:.1e} or less for {steps} steps in a row up to step {step}{detail}; check that adapters are attached, that completions are not all masked or cut, and that chosen and rejected differ (`train.stop_if_not_learning = 0` turns this check off)")]
+    NotLearning {
+        /// Steps in a row.
+        steps: usize,
+        /// The last of them (1-based).
+        step: usize,
+        /// The largest gradient norm among them.
+        grad_norm: f64,
+        /// What the metrics say (the loss and the reward margin of a preference run).
+        detail: String,
+    },
     /// Reading a tensor back from the device failed.
     #[error("reading {what} back from the device failed: {message}")]
     Device {

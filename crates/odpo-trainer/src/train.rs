@@ -150,6 +150,7 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
 
     let bar = progress_bar(cfg, total_steps, state.step);
     let mut window = Window::default();
+    let mut stalled = Stalled::default();
     while state.step < total_steps {
         let step = state.step;
         let lr = schedule.lr_at(step);
@@ -159,6 +160,7 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
         (trainer, stats) = trainer.step(&pairs, step, lr)?;
         state = TrainState { step: step + 1, pairs_seen: state.pairs_seen + stats.pairs, tokens_seen: state.tokens_seen + stats.tokens as u64, ..state };
         window.add(&stats);
+        stalled.check(&stats, state.step, t)?;
         bar.set_position(state.step as u64);
 
         if state.step.is_multiple_of(t.log_every) || state.step == total_steps {
@@ -212,6 +214,40 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
         }
     }
     Ok(summary)
+}
+
+/// The guard against a run that changes nothing (`train.stop_if_not_learning`).
+#[derive(Default)]
+struct Stalled {
+    steps: usize,
+    worst: f64,
+}
+
+impl Stalled {
+    /// A gradient norm below this is "nothing": a real step's is orders of magnitude larger, and a
+    /// gradient that cancels exactly up to rounding (chosen identical to rejected) lands far below.
+    const ZERO: f64 = 1e-6;
+
+    fn check(&mut self, stats: &StepStats, step: usize, t: &crate::config::TrainConfig) -> Result<()> {
+        let means = stats.metrics.means();
+        // A reward margin away from 0 means the policy tells chosen from rejected: a gradient that
+        // is small there is a saturated loss (learned), not a stalled run.
+        let margin = means.get("rewards/margins").copied();
+        let unmoved = margin.is_none_or(|m| m.abs() < 1e-4);
+        if t.stop_if_not_learning == 0 || stats.grad_norm > Self::ZERO || !unmoved {
+            *self = Self::default();
+            return Ok(());
+        }
+        (self.steps, self.worst) = (self.steps + 1, self.worst.max(stats.grad_norm));
+        if self.steps >= t.stop_if_not_learning {
+            let detail = match (means.get("loss"), margin) {
+                (Some(l), Some(m)) => format!(", with the loss at {l:.4} and the reward margin at {m:.1e}"),
+                _ => String::new(),
+            };
+            return Err(TrainError::NotLearning { steps: self.steps, step, grad_norm: self.worst.max(f64::MIN_POSITIVE), detail });
+        }
+        Ok(())
+    }
 }
 
 /// The steps since the last logged one: their metric sums, pairs, tokens and time.

@@ -147,3 +147,21 @@ fn every_config_in_configs_parses_and_validates() {
     }
     assert!(n >= 2);
 }
+
+/// Pairs whose chosen and rejected responses are the same: the gradient cancels, the reward margin
+/// stays 0, nothing learns. The run stops with an error naming that after `train.stop_if_not_learning`
+/// steps, before its budget is spent; with the guard off it runs to the end.
+#[test]
+fn a_run_that_learns_nothing_stops_with_an_error() {
+    let dir = temp_dir("not-learning");
+    let model = tiny_model(&dir);
+    let mut d = data(64, 0);
+    for p in &mut d.train {
+        p.rejected = p.chosen.clone();
+    }
+    let cfg = config(&model, &dir.join("run"), "", &["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=200", "train.stop_if_not_learning=5", "eval.at_start=false"]);
+    let e = odpo_trainer::train_on(&cfg, d.clone(), &device(), false, None).map(|_| ()).unwrap_err().to_string();
+    assert!(e.starts_with("nothing is learning: the gradient norm was") && e.contains("for 5 steps in a row up to step 5") && e.contains("reward margin at"), "{e}");
+    let cfg = config(&model, &dir.join("run-off"), "", &["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=12", "train.stop_if_not_learning=0", "eval.at_start=false"]);
+    assert_eq!(odpo_trainer::train_on(&cfg, d, &device(), false, None).unwrap().steps, 12);
+}
