@@ -261,11 +261,21 @@ pub struct OutputConfig {
     pub export: bool,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Where else the metrics go: `["tensorboard"]` writes `<dir>/tensorboard/events.out.tfevents.*`.
+    pub report_to: Vec<ReportTo>,
+}
+
+/// A metrics sink besides `metrics.jsonl` and `metrics.csv`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReportTo {
+    /// TensorBoard event files.
+    Tensorboard,
 }
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("runs/run"), cache_dir: PathBuf::from("runs/refcache"), export: true, progress: true }
+        Self { dir: PathBuf::from("runs/run"), cache_dir: PathBuf::from("runs/refcache"), export: true, progress: true, report_to: Vec::new() }
     }
 }
 

@@ -31,6 +31,7 @@ pub mod optim;
 pub mod refcache;
 pub mod schedule;
 pub mod step;
+pub mod tensorboard;
 mod train;
 
 pub use config::RunConfig;

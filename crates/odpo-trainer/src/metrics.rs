@@ -19,12 +19,13 @@ pub struct Row {
     pub values: BTreeMap<String, f64>,
 }
 
-/// Appends rows to both files, flushing each.
+/// Appends rows to both files (and to a TensorBoard event file when asked), flushing each.
 pub struct MetricsWriter {
     jsonl: File,
     csv: File,
     columns: Vec<String>,
     jsonl_path: PathBuf,
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 impl MetricsWriter {
@@ -32,6 +33,12 @@ impl MetricsWriter {
     /// was killed after its last checkpoint) are dropped, so the resumed run does not repeat them;
     /// otherwise the files start empty. `columns` fixes the CSV header (after `step,split`).
     pub fn open(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>) -> Result<Self> {
+        Self::open_with(run_dir, columns, resume_step, false)
+    }
+
+    /// [`MetricsWriter::open`], also writing every row to `<run_dir>/tensorboard` when `tensorboard`
+    /// (rewritten from the kept rows on resume, like the other two files).
+    pub fn open_with(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>, tensorboard: bool) -> Result<Self> {
         let jsonl_path = run_dir.join("metrics.jsonl");
         let csv_path = run_dir.join("metrics.csv");
         let kept: Vec<String> = match resume_step {
@@ -45,7 +52,8 @@ impl MetricsWriter {
             None => Vec::new(),
         };
         let create = |p: &Path| File::create(p).map_err(|e| TrainError::io(p, e));
-        let mut w = Self { jsonl: create(&jsonl_path)?, csv: create(&csv_path)?, columns, jsonl_path };
+        let tensorboard = if tensorboard { Some(crate::tensorboard::EventWriter::create(&run_dir.join("tensorboard"))?) } else { None };
+        let mut w = Self { jsonl: create(&jsonl_path)?, csv: create(&csv_path)?, columns, jsonl_path, tensorboard };
         let header = format!("step,split,{}\n", w.columns.join(","));
         w.csv.write_all(header.as_bytes()).map_err(|e| TrainError::io(&csv_path, e))?;
         for line in kept {
@@ -79,7 +87,11 @@ impl MetricsWriter {
         let csv = format!("{},{},{}\n", row.step, row.split, cells.join(","));
         let p = self.jsonl_path.clone();
         writeln!(self.jsonl, "{line}").and_then(|_| self.jsonl.flush()).map_err(|e| TrainError::io(&p, e))?;
-        self.csv.write_all(csv.as_bytes()).and_then(|_| self.csv.flush()).map_err(|e| TrainError::io(&p, e))
+        self.csv.write_all(csv.as_bytes()).and_then(|_| self.csv.flush()).map_err(|e| TrainError::io(&p, e))?;
+        if let Some(tb) = &mut self.tensorboard {
+            tb.scalars(row.step, row.split, row.values.iter().filter(|(_, v)| v.is_finite()))?;
+        }
+        Ok(())
     }
 }
 

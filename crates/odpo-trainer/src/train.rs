@@ -132,7 +132,8 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
     };
     let mut trainer = Trainer { policy, optim, replicas, settings };
 
-    let mut metrics = MetricsWriter::open(&run_dir, metric_columns(t.stage), summary.resumed_from)?;
+    let tensorboard = cfg.output.report_to.contains(&crate::config::ReportTo::Tensorboard);
+    let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage), summary.resumed_from, tensorboard)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
     let evaluate = |trainer: &Trainer| -> Result<BTreeMap<String, f64>> {
         let (model, s) = (trainer.policy.valid().with_precision(precision), &trainer.settings);
