@@ -10,7 +10,7 @@ use crate::config::DataConfig;
 use crate::error::DataError;
 use crate::load::{LoadReport, load};
 use crate::split::split_by_prompt;
-use crate::tokenize::{PairTokenizer, TokenizeReport};
+use crate::tokenize::{TokenizeReport, in_parallel};
 
 /// Quantiles of a sample (nearest rank).
 #[derive(Clone, Debug, PartialEq)]
@@ -88,16 +88,27 @@ pub fn stats(cfg: &DataConfig, tokenizer: Option<&Tokenizer>) -> Result<Stats, D
     let offsets = cfg.offset.as_ref().and_then(|_| Distribution::of(&loaded.pairs.iter().map(|p| p.offset).collect::<Vec<_>>()));
     let tokens = match tokenizer {
         Some(t) => {
-            let pt = PairTokenizer::new(t, cfg)?;
+            // Per pair: the untruncated lengths (prompt, chosen, rejected) and the truncation counts.
+            let parts = in_parallel(&loaded.pairs, t, cfg, |pt, chunk| {
+                let mut report = TokenizeReport::default();
+                let mut lengths = Vec::with_capacity(chunk.len());
+                for p in chunk {
+                    let (a, b, c) = pt.encode_pair(p)?;
+                    lengths.push((a.len(), b.len(), c.len()));
+                    pt.tokenize(p, &mut report)?;
+                }
+                Ok((lengths, report))
+            })?;
             let mut report = TokenizeReport::default();
             let (mut lp, mut lc, mut lr, mut lt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for p in &loaded.pairs {
-                let (a, b, c) = pt.encode_pair(p)?;
-                lp.push(a.len() as f64);
-                lc.push(b.len() as f64);
-                lr.push(c.len() as f64);
-                lt.push((a.len() + b.len().max(c.len())) as f64);
-                pt.tokenize(p, &mut report)?;
+            for (lengths, r) in parts {
+                report.add(&r);
+                for (a, b, c) in lengths {
+                    lp.push(a as f64);
+                    lc.push(b as f64);
+                    lr.push(c as f64);
+                    lt.push((a + b.max(c)) as f64);
+                }
             }
             let d = |v: &[f64]| Distribution::of(v);
             match (d(&lp), d(&lc), d(&lr), d(&lt)) {

@@ -50,6 +50,17 @@ pub struct TokenizeReport {
     pub dropped_completion_too_long: usize,
 }
 
+impl TokenizeReport {
+    /// Adds another part's counts.
+    pub fn add(&mut self, o: &TokenizeReport) {
+        self.kept += o.kept;
+        self.prompts_truncated += o.prompts_truncated;
+        self.completions_truncated += o.completions_truncated;
+        self.dropped_prompt_too_long += o.dropped_prompt_too_long;
+        self.dropped_completion_too_long += o.dropped_completion_too_long;
+    }
+}
+
 /// Token counts of one pair before truncation (for statistics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RawLengths {
@@ -204,15 +215,43 @@ pub fn tokenize_pairs(
     tokenizer: &Tokenizer,
     cfg: &DataConfig,
 ) -> Result<(Vec<TokenizedPair>, TokenizeReport), DataError> {
-    let t = PairTokenizer::new(tokenizer, cfg)?;
+    let parts = in_parallel(pairs, tokenizer, cfg, |t, chunk| {
+        let mut report = TokenizeReport::default();
+        let mut out = Vec::with_capacity(chunk.len());
+        for p in chunk {
+            if let Some(tp) = t.tokenize(p, &mut report)? {
+                out.push(tp);
+            }
+        }
+        Ok((out, report))
+    })?;
     let mut report = TokenizeReport::default();
     let mut out = Vec::with_capacity(pairs.len());
-    for p in pairs {
-        if let Some(tp) = t.tokenize(p, &mut report)? {
-            out.push(tp);
-        }
+    for (items, r) in parts {
+        out.extend(items);
+        report.add(&r);
     }
     Ok((out, report))
+}
+
+/// Runs `f` on contiguous chunks of `pairs`, one per core (each with its own [`PairTokenizer`] and its
+/// cache), and returns the results in order; the first error in pair order wins, as one pass would give.
+pub fn in_parallel<T: Send>(
+    pairs: &[PreferencePair],
+    tokenizer: &Tokenizer,
+    cfg: &DataConfig,
+    f: impl Fn(&PairTokenizer<'_>, &[PreferencePair]) -> Result<T, DataError> + Sync,
+) -> Result<Vec<T>, DataError> {
+    // Small inputs stay on one thread: a thread costs more than a few hundred pairs.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(pairs.len().div_ceil(512)).max(1);
+    if threads == 1 {
+        return Ok(vec![f(&PairTokenizer::new(tokenizer, cfg)?, pairs)?]);
+    }
+    let chunk = pairs.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = pairs.chunks(chunk).map(|c| s.spawn(|| f(&PairTokenizer::new(tokenizer, cfg)?, c))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(DataError::Config("a tokenizing thread panicked".into())))).collect()
+    })
 }
 
 /// One sequence for supervised fine-tuning: prompt (may be empty) then completion; the loss covers the
