@@ -1,7 +1,8 @@
-//! Batches: the chosen and rejected sequences of B pairs stacked into one [2B, T] forward batch (chosen rows
-//! first, then rejected, pair i's rejected at row B + i), right-padded to the longest sequence, optionally
-//! rounded up to a multiple. Built by burn [`Batcher`]s so burn's `DataLoader` can prepare batches beside
-//! training.
+//! Batches of B pairs in the layout the batcher is asked for ([`Layout`]): each prompt once with its two
+//! completions after it ([`SharedPromptRows`], what training runs), or the chosen and rejected sequences
+//! stacked into one [2B, T] forward batch (chosen rows first, then rejected, pair i's rejected at row
+//! B + i), right-padded to the longest sequence, optionally rounded up to a multiple. Built by burn
+//! [`Batcher`]s so burn's `DataLoader` can prepare batches beside training.
 //!
 //! `loss_mask[r, t] = 1` where token t of row r is a completion token (EOS included): the log-prob of the
 //! completion is the sum over t of log p(input_ids[r, t] | tokens < t) · loss_mask[r, t], so the prediction
@@ -72,40 +73,80 @@ impl HostRows {
     }
 }
 
+/// Which rows a [`PreferenceBatcher`] builds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// Each prompt once, its two completions after it ([`SharedPromptRows`]): what training runs.
+    /// A batch with no prompt or no completion token falls back to the concatenated rows.
+    #[default]
+    SharedPrompt,
+    /// Chosen and rejected as `[2B, T]` rows of prompt + completion, as TRL runs them.
+    Concatenated,
+}
+
+/// `[2B, T]` rows of prompt + completion: rows 0..B chosen, rows B..2B rejected.
+#[derive(Clone, Debug)]
+pub struct ConcatenatedRows {
+    /// Token ids `[2B, T]`.
+    pub input_ids: Tensor<2, Int>,
+    /// 1 on real tokens, 0 on padding `[2B, T]`.
+    pub attention_mask: Tensor<2, Int>,
+    /// 1.0 on completion tokens and EOS, 0.0 on prompt and padding `[2B, T]`.
+    pub loss_mask: Tensor<2>,
+    /// The first column whose token is a completion token in some row ([`HostRows::first_target`]).
+    pub first_target: usize,
+}
+
+/// A batch's rows, in the layout its batcher was asked for.
+#[derive(Clone, Debug)]
+pub enum PairRows {
+    /// Prompt + completion rows.
+    Concatenated(ConcatenatedRows),
+    /// Each prompt once.
+    SharedPrompt(SharedPromptRows),
+}
+
 /// A batch of B preference pairs for one forward pass.
 #[derive(Clone, Debug)]
 pub struct PreferenceBatch {
-    /// Token ids [2B, T]: rows 0..B chosen, rows B..2B rejected.
-    pub input_ids: Tensor<2, Int>,
-    /// 1 on real tokens, 0 on padding [2B, T].
-    pub attention_mask: Tensor<2, Int>,
-    /// 1.0 on completion tokens and EOS, 0.0 on prompt and padding [2B, T].
-    pub loss_mask: Tensor<2>,
+    /// The rows: chosen first, then rejected.
+    pub rows: PairRows,
     /// Offsets Δ, `[B]`.
     pub offsets: Tensor<1>,
     /// Per-pair weights `[B]`, when the data has weights (missing ones are 1).
     pub weights: Option<Tensor<1>>,
     /// The pairs' ids, in row order.
     pub pair_ids: Vec<usize>,
-    /// The first column whose token is a completion token in some row ([`HostRows::first_target`]).
-    pub first_target: usize,
-    /// The same pairs laid out for one forward of each prompt (absent when no pair has both a
-    /// prompt and a completion token).
-    pub shared: Option<SharedPromptRows>,
 }
 
 impl PreferenceBatch {
     /// The same batch off autodiff (for a `.valid()` model).
     pub fn inner(&self) -> Self {
-        Self {
-            input_ids: self.input_ids.clone().inner(),
-            attention_mask: self.attention_mask.clone().inner(),
-            loss_mask: self.loss_mask.clone().inner(),
-            offsets: self.offsets.clone().inner(),
-            weights: self.weights.clone().map(Tensor::inner),
-            pair_ids: self.pair_ids.clone(),
-            first_target: self.first_target,
-            shared: self.shared.as_ref().map(SharedPromptRows::inner),
+        let rows = match &self.rows {
+            PairRows::Concatenated(r) => PairRows::Concatenated(ConcatenatedRows {
+                input_ids: r.input_ids.clone().inner(),
+                attention_mask: r.attention_mask.clone().inner(),
+                loss_mask: r.loss_mask.clone().inner(),
+                first_target: r.first_target,
+            }),
+            PairRows::SharedPrompt(r) => PairRows::SharedPrompt(r.inner()),
+        };
+        Self { rows, offsets: self.offsets.clone().inner(), weights: self.weights.clone().map(Tensor::inner), pair_ids: self.pair_ids.clone() }
+    }
+
+    /// The concatenated rows, when the batch has that layout.
+    pub fn concatenated(&self) -> Option<&ConcatenatedRows> {
+        match &self.rows {
+            PairRows::Concatenated(r) => Some(r),
+            PairRows::SharedPrompt(_) => None,
+        }
+    }
+
+    /// The shared-prompt rows, when the batch has that layout.
+    pub fn shared(&self) -> Option<&SharedPromptRows> {
+        match &self.rows {
+            PairRows::SharedPrompt(r) => Some(r),
+            PairRows::Concatenated(_) => None,
         }
     }
 }
@@ -153,15 +194,22 @@ pub fn shared_prompt_rows(items: &[TokenizedPair], pad_id: u32, multiple: Option
 }
 
 /// Builds [`PreferenceBatch`]es.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PreferenceBatcher {
     /// Padding token id (padding positions are masked out; any id works).
     pub pad_id: u32,
     /// Round T up to a multiple of this.
     pub pad_to_multiple: Option<usize>,
+    /// The rows to build.
+    pub layout: Layout,
 }
 
 impl PreferenceBatcher {
+    /// A batcher of `layout` rows padded with `pad_id` to the longest row, rounded up to `pad_to_multiple`.
+    pub fn new(pad_id: u32, pad_to_multiple: Option<usize>, layout: Layout) -> Self {
+        Self { pad_id, pad_to_multiple, layout }
+    }
+
     /// The host-side rows of a batch (what [`Batcher::batch`] turns into tensors).
     pub fn host_rows(&self, items: &[TokenizedPair]) -> HostRows {
         let seq = |p: &TokenizedPair, c: &[u32]| {
@@ -181,24 +229,25 @@ impl PreferenceBatcher {
 impl Batcher<TokenizedPair, PreferenceBatch> for PreferenceBatcher {
     fn batch(&self, items: Vec<TokenizedPair>, device: &Device) -> PreferenceBatch {
         let b = items.len();
-        let rows = self.host_rows(&items);
-        let first_target = rows.first_target;
-        let (input_ids, attention_mask, loss_mask) = rows.tensors(device);
+        let shared = match self.layout {
+            Layout::SharedPrompt => shared_prompt_rows(&items, self.pad_id, self.pad_to_multiple, device),
+            Layout::Concatenated => None,
+        };
+        let rows = match shared {
+            Some(r) => PairRows::SharedPrompt(r),
+            None => {
+                let host = self.host_rows(&items);
+                let first_target = host.first_target;
+                let (input_ids, attention_mask, loss_mask) = host.tensors(device);
+                PairRows::Concatenated(ConcatenatedRows { input_ids, attention_mask, loss_mask, first_target })
+            }
+        };
         let offsets: Vec<f32> = items.iter().map(|p| p.offset).collect();
         let weights = items.iter().any(|p| p.weight.is_some()).then(|| {
             let w: Vec<f32> = items.iter().map(|p| p.weight.unwrap_or(1.0)).collect();
             Tensor::from_data(TensorData::new(w, [b]), device)
         });
-        PreferenceBatch {
-            input_ids,
-            attention_mask,
-            loss_mask,
-            offsets: Tensor::from_data(TensorData::new(offsets, [b]), device),
-            weights,
-            pair_ids: items.iter().map(|p| p.pair_id).collect(),
-            first_target,
-            shared: shared_prompt_rows(&items, self.pad_id, self.pad_to_multiple, device),
-        }
+        PreferenceBatch { rows, offsets: Tensor::from_data(TensorData::new(offsets, [b]), device), weights, pair_ids: items.iter().map(|p| p.pair_id).collect() }
     }
 }
 
@@ -286,7 +335,7 @@ mod tests {
 
     #[test]
     fn stacks_chosen_then_rejected_with_masks() {
-        let b = PreferenceBatcher { pad_id: 0, pad_to_multiple: Some(4) };
+        let b = PreferenceBatcher::new(0, Some(4), Layout::Concatenated);
         let h = b.host_rows(&[tp(0, &[5, 6], &[7, 2], &[8, 9, 2]), tp(1, &[5], &[3, 2], &[2])]);
         assert_eq!((h.rows, h.len), (4, 8));
         assert_eq!(&h.input_ids[0..8], &[5, 6, 7, 2, 0, 0, 0, 0]);
@@ -314,10 +363,10 @@ mod tests {
     fn loader_yields_tensors_of_the_right_shape() {
         let device = Device::default();
         let items: Vec<_> = (0..5).map(|i| tp(i, &[1, 2], &[3; 3], &[4])).collect();
-        let loader = preference_loader(items, PreferenceBatcher { pad_id: 0, pad_to_multiple: None }, 2, Some(3), 0, &device);
+        let loader = preference_loader(items, PreferenceBatcher::new(0, None, Layout::Concatenated), 2, Some(3), 0, &device);
         let batches: Vec<_> = loader.iter().collect::<Result<_, _>>().unwrap();
         assert_eq!(batches.len(), 3);
-        assert_eq!(batches[0].input_ids.dims(), [4, 5]);
+        assert_eq!(batches[0].concatenated().unwrap().input_ids.dims(), [4, 5]);
         assert_eq!(batches[0].offsets.dims(), [2]);
         assert!(batches[0].weights.is_none());
         let mut ids: Vec<_> = batches.iter().flat_map(|b| b.pair_ids.clone()).collect();

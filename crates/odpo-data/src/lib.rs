@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! use std::path::Path;
-//! use odpo_data::{DataConfig, PreferenceBatcher, load, preference_loader, split_by_prompt, tokenize_pairs};
+//! use odpo_data::{DataConfig, Layout, PreferenceBatcher, load, preference_loader, split_by_prompt, tokenize_pairs};
 //! use odpo_model::tokenizer::Tokenizer;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -25,11 +25,12 @@
 //! let tok = Tokenizer::from_dir(Path::new("../shared/models/smollm2-135m-instruct"))?;
 //! let (items, report) = tokenize_pairs(&train, &tok, &cfg)?;
 //! println!("{report:?}");
-//! let batcher = PreferenceBatcher { pad_id: tok.pad_token_id().unwrap_or(0), pad_to_multiple: cfg.pad_to_multiple };
+//! let batcher = PreferenceBatcher::new(tok.pad_token_id().unwrap_or(0), cfg.pad_to_multiple, Layout::Concatenated);
 //! let device = burn::tensor::Device::default();
 //! for batch in preference_loader(items, batcher, 8, Some(cfg.seed), 1, &device).iter() {
 //!     let batch = batch?; // [2B, T] ids and masks, [B] offsets
-//!     let _ = (batch.input_ids, batch.loss_mask, batch.offsets);
+//!     let rows = batch.concatenated().ok_or("asked for the concatenated layout")?;
+//!     let _ = (&rows.input_ids, &rows.loss_mask, &batch.offsets);
 //! }
 //! # Ok(()) }
 //! ```
@@ -61,7 +62,7 @@ pub mod split;
 pub mod stats;
 pub mod tokenize;
 
-pub use batch::{PreferenceBatch, PreferenceBatcher, SftBatch, SftBatcher, preference_loader, sft_loader};
+pub use batch::{ConcatenatedRows, Layout, PairRows, PreferenceBatch, PreferenceBatcher, SftBatch, SftBatcher, preference_loader, sft_loader};
 pub use config::{Columns, DataConfig, Format, LongCompletion, OnBadRow};
 pub use error::{DataError, Position, RowProblem};
 pub use load::{DropReason, LoadReport, Loaded, load, load_bytes, load_responses};

@@ -3,7 +3,7 @@
 //! the prompt, and batches come out of burn's data loader.
 
 use odpo_data::{
-    DataConfig, Format, LongCompletion, PreferenceBatcher, PreferencePair, Text, load_bytes, preference_loader,
+    DataConfig, Format, Layout, LongCompletion, PreferenceBatcher, PreferencePair, Text, load_bytes, preference_loader,
     sft_from_pairs, tokenize_pairs,
 };
 use odpo_model::tokenizer::Tokenizer;
@@ -47,7 +47,7 @@ fn plain_pairs_decode_back_and_masks_cover_completion_and_eos() {
         }
     }
     // The batch: chosen rows then rejected rows; the mask is 1 exactly on completion + EOS.
-    let batcher = PreferenceBatcher { pad_id: tok.pad_token_id().unwrap_or(0), pad_to_multiple: Some(8) };
+    let batcher = PreferenceBatcher::new(tok.pad_token_id().unwrap_or(0), Some(8), Layout::Concatenated);
     let h = batcher.host_rows(&items);
     assert_eq!(h.rows, 4);
     assert_eq!(h.len % 8, 0);
@@ -126,10 +126,10 @@ fn loader_and_sft_view() {
     let ps = pairs(&cfg, DATA);
     let (items, _) = tokenize_pairs(&ps, &tok, &cfg).unwrap();
     let device = burn::tensor::Device::default();
-    let loader = preference_loader(items.clone(), PreferenceBatcher { pad_id: 0, pad_to_multiple: None }, 2, Some(1), 1, &device);
+    let loader = preference_loader(items.clone(), PreferenceBatcher::new(0, None, Layout::Concatenated), 2, Some(1), 1, &device);
     let batches: Vec<_> = loader.iter().collect::<Result<_, _>>().unwrap();
     assert_eq!(batches.len(), 1);
-    let b = &batches[0];
+    let b = batches[0].concatenated().unwrap();
     let t = items.iter().map(|i| i.prompt.len() + i.chosen.len().max(i.rejected.len())).max().unwrap();
     assert_eq!(b.input_ids.dims(), [4, t]);
     let mask_sum: f32 = b.loss_mask.clone().sum().into_scalar();

@@ -167,7 +167,7 @@ pub fn pair_margins(policy: &CausalLm, reference: &CausalLm, tokenizer: &Tokeniz
     let loaded = odpo_data::load(data).map_err(odpo_trainer::TrainError::from)?;
     let (pairs, _) = odpo_data::tokenize_pairs(&loaded.pairs, tokenizer, data).map_err(odpo_trainer::TrainError::from)?;
     let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
-    let batcher = odpo_data::PreferenceBatcher { pad_id, pad_to_multiple: data.pad_to_multiple };
+    let batcher = odpo_data::PreferenceBatcher::new(pad_id, data.pad_to_multiple, odpo_data::Layout::SharedPrompt);
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(MARGIN_BATCH) {
         let items: Vec<&odpo_data::TokenizedPair> = chunk.iter().collect();

@@ -130,7 +130,7 @@ fn step_zero_gradient_weights_rank_with_score_gaps() {
     assert_eq!(items.len(), gaps.len());
     // Step 0: the policy is the reference, so h = 0 and the weight of pair i is σ(Δ_i).
     let refs: Vec<&odpo_data::TokenizedPair> = items.iter().collect();
-    let batch = odpo_trainer::forward::preference_batch(&refs, &odpo_data::PreferenceBatcher { pad_id: 0, pad_to_multiple: None }, &device());
+    let batch = odpo_trainer::forward::preference_batch(&refs, &odpo_data::PreferenceBatcher::default(), &device());
     let rows = odpo_trainer::forward::reference_row_logps(&model, &batch).unwrap();
     let b = items.len();
     let ad = device().autodiff();

@@ -13,7 +13,7 @@
 use burn::data::dataloader::batcher::Batcher;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor, activation};
-use odpo_data::{PreferenceBatch, PreferenceBatcher, TokenizedPair};
+use odpo_data::{ConcatenatedRows, Layout, PreferenceBatcher, TokenizedPair};
 use odpo_loss::{LossConfig, LossKind, PairLogps, preference_loss};
 use odpo_model::logprobs::sequence_logprobs;
 use odpo_model::{CausalLm, Module, ModelConfig};
@@ -76,10 +76,10 @@ pub fn toy_pairs(n: usize, seed: u64) -> Vec<TokenizedPair> {
         .collect()
 }
 
-/// Summed response log-probs `[2B]` (chosen rows first) of a batch under `model`.
-fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
-    let logits = model.forward(batch.input_ids.clone(), &batch.attention_mask, None);
-    sequence_logprobs(logits, batch.input_ids.clone(), batch.loss_mask.clone())
+/// Summed response log-probs `[2B]` (chosen rows first) of a batch of concatenated rows under `model`.
+fn row_logps(model: &CausalLm, rows: &ConcatenatedRows) -> (Tensor<1>, Tensor<1>) {
+    let logits = model.forward(rows.input_ids.clone(), &rows.attention_mask, None);
+    sequence_logprobs(logits, rows.input_ids.clone(), rows.loss_mask.clone())
 }
 
 /// Trains the tiny policy and returns the loss of every step.
@@ -98,7 +98,7 @@ pub fn run(cfg: &LoopConfig, device: &Device) -> Result<Vec<f64>, Box<dyn std::e
 
     // The data: pairs, and a batcher that pads and stacks them.
     let pairs = toy_pairs(64, cfg.seed);
-    let batcher = PreferenceBatcher { pad_id: 0, pad_to_multiple: None };
+    let batcher = PreferenceBatcher::new(0, None, Layout::Concatenated);
 
     let mut losses = Vec::with_capacity(cfg.steps);
     for step in 0..cfg.steps {
@@ -108,9 +108,11 @@ pub fn run(cfg: &LoopConfig, device: &Device) -> Result<Vec<f64>, Box<dyn std::e
         let batch = batcher.batch(items, &ad);
 
         // Policy log-probs (tracked) and reference log-probs (no graph), each [2B]: chosen then rejected.
-        let (policy_rows, counts) = row_logps(&policy, &batch);
+        let rows = batch.concatenated().ok_or("the batcher was asked for concatenated rows")?;
+        let (policy_rows, counts) = row_logps(&policy, rows);
         let inner = batch.inner();
-        let reference_rows = Tensor::from_inner(row_logps(&reference, &inner).0);
+        let inner_rows = inner.concatenated().ok_or("the batcher was asked for concatenated rows")?;
+        let reference_rows = Tensor::from_inner(row_logps(&reference, inner_rows).0);
         let half = |t: &Tensor<1>, i: usize| t.clone().narrow(0, i * b, b);
         let inputs = PairLogps::new(
             half(&policy_rows, 0),

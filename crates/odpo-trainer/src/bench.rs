@@ -151,17 +151,15 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let flops = step_flops(&policy, &json, b.pairs, b.seq);
     let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
-    let batcher = odpo_data::PreferenceBatcher { pad_id: 0, pad_to_multiple: None };
+    let layout = if b.shared_prompt { odpo_data::Layout::SharedPrompt } else { odpo_data::Layout::Concatenated };
+    let batcher = odpo_data::PreferenceBatcher::new(0, None, layout);
 
     // The cache pass over the step's pairs: what the first epoch of a cached-reference run adds
     // (it runs once per pair, as the training loop's reference cache does).
     let mut reference_cache_seconds = None;
     if b.cached_reference {
         let t = Instant::now();
-        let mut batch = forward::preference_batch(&refs, &batcher, &ad);
-        if !b.shared_prompt {
-            batch.shared = None;
-        }
+        let batch = forward::preference_batch(&refs, &batcher, &ad);
         let lp = reference.rows(&batch)?;
         let n = refs.len();
         let rows = refs.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[n + i])).collect();
@@ -178,7 +176,6 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         precision: b.precision,
         max_grad_norm: Some(10.0),
         seed: 0,
-        shared_prompt: b.shared_prompt,
     };
     let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
     let mut trainer = Trainer { policy, optim: crate::optim::build(&optim_cfg), replicas: DataParallel::new(std::slice::from_ref(device), &reference), settings };

@@ -50,7 +50,7 @@ impl RunData {
 
     /// The batcher of this data's padding rules.
     pub fn batcher(&self) -> PreferenceBatcher {
-        PreferenceBatcher { pad_id: self.pad_id, pad_to_multiple: self.pad_to_multiple }
+        PreferenceBatcher::new(self.pad_id, self.pad_to_multiple, odpo_data::Layout::SharedPrompt)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use burn::data::dataloader::batcher::Batcher;
 use burn::tensor::{Device, Tensor, TensorData};
-use odpo_data::{PreferenceBatch, PreferenceBatcher, SftBatcher, SftItem, TokenizedPair};
+use odpo_data::{PairRows, PreferenceBatch, PreferenceBatcher, SftBatcher, SftItem, TokenizedPair};
 use odpo_loss::PairLogps;
 use odpo_model::CausalLm;
 use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
@@ -14,12 +14,12 @@ pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, d
 }
 
 /// Summed log-probs and token counts of the 2B rows (chosen first), each `[2B]`: each prompt runs
-/// once ([`shared_prompt_logprobs`]) when the batch has its shared layout, else the concatenated
-/// rows run with the LM head on completion columns only.
+/// once ([`shared_prompt_logprobs`]) in the shared layout, the concatenated rows with the LM head on
+/// completion columns only.
 pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
-    match &batch.shared {
-        Some(rows) => shared_prompt_logprobs(model, rows),
-        None => completion_logprobs(model, batch.input_ids.clone(), &batch.attention_mask, batch.loss_mask.clone(), batch.first_target),
+    match &batch.rows {
+        PairRows::SharedPrompt(rows) => shared_prompt_logprobs(model, rows),
+        PairRows::Concatenated(r) => completion_logprobs(model, r.input_ids.clone(), &r.attention_mask, r.loss_mask.clone(), r.first_target),
     }
 }
 

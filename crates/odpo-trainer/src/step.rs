@@ -30,7 +30,7 @@ pub struct StepSettings {
     pub stage: Stage,
     /// Pairs per forward pass.
     pub micro_batch_size: usize,
-    /// How pairs become batches (padding).
+    /// How pairs become batches (padding, and the layout: each prompt once, or concatenated rows).
     pub batcher: PreferenceBatcher,
     /// The objective (preference stage).
     pub loss: LossConfig,
@@ -43,8 +43,6 @@ pub struct StepSettings {
     pub max_grad_norm: Option<f64>,
     /// The run's seed (dropout draws are seeded per step from it).
     pub seed: u64,
-    /// Run each prompt once for both completions (the default); false runs the concatenated rows.
-    pub shared_prompt: bool,
 }
 
 /// The policy, its optimizer and the replicas that compute a step's gradients.
@@ -301,10 +299,7 @@ fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, refer
         };
         let loss = match s.stage {
             Stage::Preference => {
-                let mut batch = forward::preference_batch(micro, &s.batcher, device);
-                if !s.shared_prompt {
-                    batch.shared = None;
-                }
+                let batch = forward::preference_batch(micro, &s.batcher, device);
                 let reference_rows = reference.rows(&batch)?;
                 phases.reference += clock.elapsed().as_secs_f64();
                 let clock = Instant::now();

@@ -128,7 +128,6 @@ pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resu
         precision,
         max_grad_norm: cfg.optim.max_grad_norm,
         seed: t.seed,
-        shared_prompt: true,
     };
     let mut trainer = Trainer { policy, optim, replicas, settings };
 

@@ -86,7 +86,7 @@ fn three_odpo_steps_match_pytorch() {
     };
     let mut optim = odpo_trainer::optim::build(&optim_cfg);
     for (step, want) in exp["steps"].as_array().unwrap().iter().enumerate() {
-        let batch = forward::preference_batch(&refs, &odpo_data::PreferenceBatcher { pad_id: 0, pad_to_multiple: None }, &device);
+        let batch = forward::preference_batch(&refs, &odpo_data::PreferenceBatcher::default(), &device);
         let reference_rows = reference.rows(&batch).unwrap();
         let (sum, count) = forward::row_logps(&policy, &batch);
         let policy_rows = sum.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();

@@ -10,7 +10,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
-use odpo_data::{PreferenceBatcher, TokenizedPair};
+use odpo_data::{Layout, PreferenceBatcher, TokenizedPair};
 use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
 use odpo_model::{CausalLm, Module};
 use rand::rngs::StdRng;
@@ -64,10 +64,12 @@ fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
         let vocab = loaded.config.vocab_size() as u32;
         let model = loaded.model;
         let items = pairs(vocab, 7);
-        let batch = PreferenceBatcher { pad_id: 0, pad_to_multiple: None }.batch(items.clone(), &device);
-        let shared = batch.shared.as_ref().expect("the batch has prompts and completions");
+        let batch = PreferenceBatcher::new(0, None, Layout::SharedPrompt).batch(items.clone(), &device);
+        let shared = batch.shared().expect("the batch has prompts and completions");
+        let concat = PreferenceBatcher::new(0, None, Layout::Concatenated).batch(items.clone(), &device);
+        let rows = concat.concatenated().expect("concatenated rows");
         let (s_sum, s_count) = shared_prompt_logprobs(&model, shared);
-        let (c_sum, c_count) = completion_logprobs(&model, batch.input_ids.clone(), &batch.attention_mask, batch.loss_mask.clone(), 1);
+        let (c_sum, c_count) = completion_logprobs(&model, rows.input_ids.clone(), &rows.attention_mask, rows.loss_mask.clone(), 1);
         assert_eq!(to_vec(s_count.clone()), to_vec(c_count.clone()), "{case}: token counts");
         let (a, b) = (to_vec(s_sum.clone()), to_vec(c_sum.clone()));
         // The empty prompt predicts no first token, the empty rejected nothing at all.
@@ -104,14 +106,16 @@ fn padding_to_a_multiple_changes_no_log_prob() {
         let loaded = CausalLm::load(&fixture(case), &device).unwrap();
         let model = loaded.model;
         let items = pairs(loaded.config.vocab_size() as u32, 11);
-        let plain = PreferenceBatcher { pad_id: 0, pad_to_multiple: None }.batch(items.clone(), &device);
-        let padded = PreferenceBatcher { pad_id: 0, pad_to_multiple: Some(8) }.batch(items, &device);
-        let shared = padded.shared.as_ref().expect("shared layout");
+        let batch = |multiple, layout| PreferenceBatcher::new(0, multiple, layout).batch(items.clone(), &device);
+        let (plain_shared, padded_shared) = (batch(None, Layout::SharedPrompt), batch(Some(8), Layout::SharedPrompt));
+        let (plain_concat, padded_concat) = (batch(None, Layout::Concatenated), batch(Some(8), Layout::Concatenated));
+        let shared = padded_shared.shared().expect("shared layout");
+        let (plain, padded) = (plain_concat.concatenated().expect("concatenated"), padded_concat.concatenated().expect("concatenated"));
         for width in [padded.input_ids.dims()[1], shared.prompt_ids.dims()[1], shared.completion_ids.dims()[1]] {
             assert_eq!(width % 8, 0, "{case}: width {width}");
         }
         assert!(padded.input_ids.dims()[1] > plain.input_ids.dims()[1] || plain.input_ids.dims()[1] % 8 == 0, "{case}: nothing was padded");
-        let (a, _) = shared_prompt_logprobs(&model, plain.shared.as_ref().expect("shared layout"));
+        let (a, _) = shared_prompt_logprobs(&model, plain_shared.shared().expect("shared layout"));
         let (b, _) = shared_prompt_logprobs(&model, shared);
         let (c, _) = completion_logprobs(&model, plain.input_ids.clone(), &plain.attention_mask, plain.loss_mask.clone(), 1);
         let (d, _) = completion_logprobs(&model, padded.input_ids.clone(), &padded.attention_mask, padded.loss_mask.clone(), 1);
