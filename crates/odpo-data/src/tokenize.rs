@@ -79,8 +79,8 @@ pub struct PairTokenizer<'a> {
     tokenizer: &'a Tokenizer,
     cfg: &'a DataConfig,
     eos: u32,
-    /// Token ids by (text, whether special tokens were added).
-    encoded: RefCell<HashMap<(String, bool), Vec<u32>>>,
+    /// Token ids by text: `[without special tokens, with them]`.
+    encoded: [RefCell<HashMap<String, Vec<u32>>>; 2],
 }
 
 impl<'a> PairTokenizer<'a> {
@@ -94,7 +94,7 @@ impl<'a> PairTokenizer<'a> {
                 "`chat_template = true` but the tokenizer has no chat template; set `chat_template = false`".into(),
             ));
         }
-        Ok(PairTokenizer { tokenizer, cfg, eos, encoded: RefCell::new(HashMap::new()) })
+        Ok(PairTokenizer { tokenizer, cfg, eos, encoded: Default::default() })
     }
 
     fn tok_err(pair: usize) -> impl Fn(odpo_model::tokenizer::TokenizerError) -> DataError {
@@ -138,12 +138,13 @@ impl<'a> PairTokenizer<'a> {
 
     /// `tokenizer.encode(text, special)`, once per distinct text.
     fn encode(&self, pair: usize, text: &str, special: bool) -> Result<Vec<u32>, DataError> {
-        let key = (text.to_string(), special);
-        if let Some(ids) = self.encoded.borrow().get(&key) {
+        // Looked up by `&str`: a hit allocates nothing but the ids it returns.
+        let cache = &self.encoded[usize::from(special)];
+        if let Some(ids) = cache.borrow().get(text) {
             return Ok(ids.clone());
         }
         let ids = self.tokenizer.encode(text, special).map_err(Self::tok_err(pair))?;
-        self.encoded.borrow_mut().insert(key, ids.clone());
+        cache.borrow_mut().insert(text.to_string(), ids.clone());
         Ok(ids)
     }
 
