@@ -6,7 +6,7 @@
 //!
 //! Tested against transformers on a tiny random GPT-2 (`tests/fixtures/gpt2`).
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
 use crate::lora::Linear;
 use burn::tensor::activation::gelu_approximate;
@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::layers::{KvCache, tied_head, attention_mask, grouped_attention, merge_heads, positions, split_heads};
-use crate::weights::{HfTensors, Weights};
+use crate::names::{self, Slot, Table};
+use crate::weights::Weights;
 
 /// GPT-2's `config.json`, with HF's key names.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,11 +126,6 @@ impl Mlp {
     }
 }
 
-fn conv1d(w: &mut Weights, prefix: &str, d_in: usize, d_out: usize, device: &Device) -> Result<Linear> {
-    let weight = w.tensor(&format!("{prefix}.weight"), [d_in, d_out], device)?;
-    Ok(Linear::new(weight, Some(w.tensor(&format!("{prefix}.bias"), [d_out], device)?)))
-}
-
 impl Gpt2 {
     /// Builds the model from HF weights (`transformer.`-prefixed as `GPT2LMHeadModel` saves
     /// them, or bare as the original OpenAI checkpoints are).
@@ -140,40 +136,62 @@ impl Gpt2 {
                 format!("activation_function `{}` is not implemented; expected gelu_new or gelu", cfg.activation_function),
             ));
         }
-        let p = if w.contains("transformer.wte.weight") { "transformer." } else { "" };
-        let (d, v) = (cfg.n_embd, cfg.vocab_size);
-        let eps = cfg.layer_norm_epsilon;
-        let wte = Embedding { weight: Param::from_tensor(w.tensor(&format!("{p}wte.weight"), [v, d], device)?) };
-        let wpe = Embedding {
-            weight: Param::from_tensor(w.tensor(&format!("{p}wpe.weight"), [cfg.n_positions, d], device)?),
-        };
+        // The original OpenAI checkpoints name the tensors without the `transformer.` prefix.
+        if !w.contains("transformer.wte.weight") && w.contains("wte.weight") {
+            w.add_prefix("transformer.");
+        }
+        let (d, v, eps, inner) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon, cfg.inner());
         let head_dim = (d / cfg.n_head) as f64;
         let h = (0..cfg.n_layer)
             .map(|i| {
-                let b = format!("{p}h.{i}");
                 let mut scale = if cfg.scale_attn_weights { 1.0 / head_dim.sqrt() } else { 1.0 };
                 if cfg.scale_attn_by_inverse_layer_idx {
                     scale /= (i + 1) as f64;
                 }
-                Ok(Block {
-                    ln_1: w.layer_norm(&format!("{b}.ln_1"), d, eps, device)?,
+                Block {
+                    ln_1: names::layer_norm(d, eps, device),
                     attn: Attention {
-                        c_attn: conv1d(w, &format!("{b}.attn.c_attn"), d, 3 * d, device)?,
-                        c_proj: conv1d(w, &format!("{b}.attn.c_proj"), d, d, device)?,
+                        c_attn: names::linear(d, 3 * d, true, device),
+                        c_proj: names::linear(d, d, true, device),
                         n_head: cfg.n_head,
                         scale,
                     },
-                    ln_2: w.layer_norm(&format!("{b}.ln_2"), d, eps, device)?,
+                    ln_2: names::layer_norm(d, eps, device),
                     mlp: Mlp {
-                        c_fc: conv1d(w, &format!("{b}.mlp.c_fc"), d, cfg.inner(), device)?,
-                        c_proj: conv1d(w, &format!("{b}.mlp.c_proj"), cfg.inner(), d, device)?,
+                        c_fc: names::linear(d, inner, true, device),
+                        c_proj: names::linear(inner, d, true, device),
                         exact_gelu: cfg.activation_function == "gelu",
                     },
-                })
+                }
             })
-            .collect::<Result<Vec<_>>>()?;
-        let ln_f = w.layer_norm(&format!("{p}ln_f"), d, eps, device)?;
-        Ok(Self { wte, wpe, h, ln_f })
+            .collect();
+        let mut model = Self {
+            wte: Embedding { weight: names::lazy([v, d], device) },
+            wpe: Embedding { weight: names::lazy([cfg.n_positions, d], device) },
+            h,
+            ln_f: names::layer_norm(d, eps, device),
+        };
+        names::fill(model.named_mut(), w, device)?;
+        Ok(model)
+    }
+
+    /// Every parameter under its HF name: the one list loading, saving and LoRA read.
+    pub(crate) fn named_mut(&mut self) -> Table<'_> {
+        let mut t: Table<'_> = vec![
+            ("transformer.wte.weight".into(), Slot::Matrix(&mut self.wte.weight)),
+            ("transformer.wpe.weight".into(), Slot::Matrix(&mut self.wpe.weight)),
+        ];
+        for (i, b) in self.h.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            t.push((format!("{p}.ln_1"), Slot::LayerNorm(&mut b.ln_1)));
+            t.push((format!("{p}.attn.c_attn"), Slot::Conv1d(&mut b.attn.c_attn)));
+            t.push((format!("{p}.attn.c_proj"), Slot::Conv1d(&mut b.attn.c_proj)));
+            t.push((format!("{p}.ln_2"), Slot::LayerNorm(&mut b.ln_2)));
+            t.push((format!("{p}.mlp.c_fc"), Slot::Conv1d(&mut b.mlp.c_fc)));
+            t.push((format!("{p}.mlp.c_proj"), Slot::Conv1d(&mut b.mlp.c_proj)));
+        }
+        t.push(("transformer.ln_f".into(), Slot::LayerNorm(&mut self.ln_f)));
+        t
     }
 
     /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
@@ -204,34 +222,5 @@ impl Gpt2 {
     /// Number of blocks (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.h.len()
-    }
-
-    /// Every projection under its HF module name (what LoRA adapts).
-    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
-        let mut out = Vec::new();
-        for (i, l) in self.h.iter_mut().enumerate() {
-            let p_attn = format!("transformer.h.{i}.attn");
-            let p_mlp = format!("transformer.h.{i}.mlp");
-            out.push((format!("{p_attn}.c_attn"), &mut l.attn.c_attn));
-            out.push((format!("{p_attn}.c_proj"), &mut l.attn.c_proj));
-            out.push((format!("{p_mlp}.c_fc"), &mut l.mlp.c_fc));
-            out.push((format!("{p_mlp}.c_proj"), &mut l.mlp.c_proj));
-        }
-        out
-    }
-
-    /// The weights under HF names, in HF layout.
-    pub fn hf_tensors(&self) -> HfTensors {
-        let mut out = HfTensors::default();
-        out.push("transformer.wte.weight", self.wte.weight.val());
-        out.push("transformer.wpe.weight", self.wpe.weight.val());
-        for (i, b) in self.h.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            out.push_layer_norm(format!("{p}.ln_1"), &b.ln_1);
-            out.push_layer_norm(format!("{p}.ln_2"), &b.ln_2);
-        }
-        out.push_layer_norm("transformer.ln_f", &self.ln_f);
-        out.push_projections(self.clone().projections_mut(), true);
-        out
     }
 }

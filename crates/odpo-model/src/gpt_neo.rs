@@ -18,7 +18,8 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, split_heads, tied_head};
-use crate::weights::{HfTensors, Weights};
+use crate::names::{self, Slot, Table};
+use crate::weights::Weights;
 
 /// GPT-Neo's `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -197,42 +198,60 @@ impl GptNeo {
         }
         let local = cfg.local_layers(w.path())?;
         let (d, v, eps) = (cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_epsilon);
-        let wte = Embedding { weight: Param::from_tensor(w.tensor("transformer.wte.weight", [v, d], device)?) };
-        let wpe = Embedding {
-            weight: Param::from_tensor(w.tensor("transformer.wpe.weight", [cfg.max_position_embeddings, d], device)?),
-        };
+        let inner = cfg.inner();
         let h = local
             .iter()
-            .enumerate()
-            .map(|(i, &is_local)| {
-                let b = format!("transformer.h.{i}");
-                let a = format!("{b}.attn.attention");
-                Ok(Block {
-                    ln_1: w.layer_norm(&format!("{b}.ln_1"), d, eps, device)?,
-                    attn: Attention {
-                        q_proj: w.linear(&format!("{a}.q_proj"), d, d, false, device)?,
-                        k_proj: w.linear(&format!("{a}.k_proj"), d, d, false, device)?,
-                        v_proj: w.linear(&format!("{a}.v_proj"), d, d, false, device)?,
-                        out_proj: w.linear(&format!("{a}.out_proj"), d, d, true, device)?,
-                        n_heads: cfg.num_heads,
-                        window: is_local.then_some(cfg.window_size),
-                    },
-                    ln_2: w.layer_norm(&format!("{b}.ln_2"), d, eps, device)?,
-                    mlp: Mlp {
-                        c_fc: w.linear(&format!("{b}.mlp.c_fc"), d, cfg.inner(), true, device)?,
-                        c_proj: w.linear(&format!("{b}.mlp.c_proj"), cfg.inner(), d, true, device)?,
-                        exact_gelu: cfg.activation_function == "gelu",
-                    },
-                })
+            .map(|&is_local| Block {
+                ln_1: names::layer_norm(d, eps, device),
+                attn: Attention {
+                    q_proj: names::linear(d, d, false, device),
+                    k_proj: names::linear(d, d, false, device),
+                    v_proj: names::linear(d, d, false, device),
+                    out_proj: names::linear(d, d, true, device),
+                    n_heads: cfg.num_heads,
+                    window: is_local.then_some(cfg.window_size),
+                },
+                ln_2: names::layer_norm(d, eps, device),
+                mlp: Mlp {
+                    c_fc: names::linear(d, inner, true, device),
+                    c_proj: names::linear(inner, d, true, device),
+                    exact_gelu: cfg.activation_function == "gelu",
+                },
             })
-            .collect::<Result<Vec<_>>>()?;
-        let ln_f = w.layer_norm("transformer.ln_f", d, eps, device)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(Param::from_tensor(w.linear_weight("lm_head.weight", v, d, device)?))
+            .collect();
+        let mut model = Self {
+            wte: Embedding { weight: names::lazy([v, d], device) },
+            wpe: Embedding { weight: names::lazy([cfg.max_position_embeddings, d], device) },
+            h,
+            ln_f: names::layer_norm(d, eps, device),
+            lm_head: (!cfg.tie_word_embeddings).then(|| names::lazy([d, v], device)),
         };
-        Ok(Self { wte, wpe, h, ln_f, lm_head })
+        names::fill(model.named_mut(), w, device)?;
+        Ok(model)
+    }
+
+    /// Every parameter under its HF name: the one list loading, saving and LoRA read.
+    pub(crate) fn named_mut(&mut self) -> Table<'_> {
+        let mut t: Table<'_> = vec![
+            ("transformer.wte.weight".into(), Slot::Matrix(&mut self.wte.weight)),
+            ("transformer.wpe.weight".into(), Slot::Matrix(&mut self.wpe.weight)),
+        ];
+        for (i, b) in self.h.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            t.push((format!("{p}.ln_1"), Slot::LayerNorm(&mut b.ln_1)));
+            t.push((format!("{p}.attn.attention.q_proj"), Slot::Linear(&mut b.attn.q_proj)));
+            t.push((format!("{p}.attn.attention.k_proj"), Slot::Linear(&mut b.attn.k_proj)));
+            t.push((format!("{p}.attn.attention.v_proj"), Slot::Linear(&mut b.attn.v_proj)));
+            t.push((format!("{p}.attn.attention.out_proj"), Slot::Linear(&mut b.attn.out_proj)));
+            t.push((format!("{p}.ln_2"), Slot::LayerNorm(&mut b.ln_2)));
+            t.push((format!("{p}.mlp.c_fc"), Slot::Linear(&mut b.mlp.c_fc)));
+            t.push((format!("{p}.mlp.c_proj"), Slot::Linear(&mut b.mlp.c_proj)));
+        }
+        t.push(("transformer.ln_f".into(), Slot::LayerNorm(&mut self.ln_f)));
+        if let Some(head) = &mut self.lm_head {
+            t.push(("lm_head.weight".into(), Slot::Transposed(head)));
+        }
+        t
     }
 
     /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
@@ -265,40 +284,6 @@ impl GptNeo {
     /// Number of blocks (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.h.len()
-    }
-
-    /// Every projection under its HF module name (what LoRA adapts).
-    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
-        let mut out = Vec::new();
-        for (i, l) in self.h.iter_mut().enumerate() {
-            let p_attn = format!("transformer.h.{i}.attn.attention");
-            let p_mlp = format!("transformer.h.{i}.mlp");
-            out.push((format!("{p_attn}.q_proj"), &mut l.attn.q_proj));
-            out.push((format!("{p_attn}.k_proj"), &mut l.attn.k_proj));
-            out.push((format!("{p_attn}.v_proj"), &mut l.attn.v_proj));
-            out.push((format!("{p_attn}.out_proj"), &mut l.attn.out_proj));
-            out.push((format!("{p_mlp}.c_fc"), &mut l.mlp.c_fc));
-            out.push((format!("{p_mlp}.c_proj"), &mut l.mlp.c_proj));
-        }
-        out
-    }
-
-    /// The weights under HF names, in HF layout.
-    pub fn hf_tensors(&self) -> HfTensors {
-        let mut out = HfTensors::default();
-        out.push("transformer.wte.weight", self.wte.weight.val());
-        out.push("transformer.wpe.weight", self.wpe.weight.val());
-        for (i, b) in self.h.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            out.push_layer_norm(format!("{p}.ln_1"), &b.ln_1);
-            out.push_layer_norm(format!("{p}.ln_2"), &b.ln_2);
-        }
-        out.push_layer_norm("transformer.ln_f", &self.ln_f);
-        if let Some(w) = &self.lm_head {
-            out.push_linear("lm_head.weight", w.val());
-        }
-        out.push_projections(self.clone().projections_mut(), false);
-        out
     }
 }
 

@@ -19,7 +19,8 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, rotary_cos_sin, tied_head};
-use crate::weights::{HfTensors, Weights};
+use crate::names::{self, Slot, Table};
+use crate::weights::Weights;
 
 /// A GPT-NeoX / Pythia `config.json`, with HF's key names (extra keys are ignored). RoPE settings
 /// are read as transformers 5 writes them (`rope_parameters`) or as older checkpoints give them
@@ -207,36 +208,59 @@ impl GptNeox {
                 format!("hidden_size must be a multiple of num_attention_heads and the rotary dims ({r}) even and at most the head size"),
             ));
         }
-        let embed_in = Embedding { weight: Param::from_tensor(w.tensor("gpt_neox.embed_in.weight", [v, d], device)?) };
+        // Some GPT-NeoX-style checkpoints call the untied head `lm_head` rather than `embed_out`.
+        if !cfg.tie_word_embeddings && !w.contains("embed_out.weight") {
+            w.rename("lm_head.weight", "embed_out.weight");
+        }
+        let (inner, bias) = (cfg.intermediate_size, cfg.attention_bias);
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("gpt_neox.layers.{i}");
-                Ok(Layer {
-                    input_layernorm: w.layer_norm(&format!("{p}.input_layernorm"), d, eps, device)?,
-                    post_attention_layernorm: w.layer_norm(&format!("{p}.post_attention_layernorm"), d, eps, device)?,
-                    attention: Attention {
-                        query_key_value: w.linear(&format!("{p}.attention.query_key_value"), d, 3 * d, cfg.attention_bias, device)?,
-                        dense: w.linear(&format!("{p}.attention.dense"), d, d, cfg.attention_bias, device)?,
-                        n_heads: nh,
-                        rotary_ndims: r,
-                        scale: 1.0 / ((d / nh) as f64).sqrt(),
-                    },
-                    mlp: Mlp {
-                        dense_h_to_4h: w.linear(&format!("{p}.mlp.dense_h_to_4h"), d, cfg.intermediate_size, true, device)?,
-                        dense_4h_to_h: w.linear(&format!("{p}.mlp.dense_4h_to_h"), cfg.intermediate_size, d, true, device)?,
-                        exact_gelu,
-                    },
-                })
+            .map(|_| Layer {
+                input_layernorm: names::layer_norm(d, eps, device),
+                post_attention_layernorm: names::layer_norm(d, eps, device),
+                attention: Attention {
+                    query_key_value: names::linear(d, 3 * d, bias, device),
+                    dense: names::linear(d, d, bias, device),
+                    n_heads: nh,
+                    rotary_ndims: r,
+                    scale: 1.0 / ((d / nh) as f64).sqrt(),
+                },
+                mlp: Mlp {
+                    dense_h_to_4h: names::linear(d, inner, true, device),
+                    dense_4h_to_h: names::linear(inner, d, true, device),
+                    exact_gelu,
+                },
             })
-            .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm = w.layer_norm("gpt_neox.final_layer_norm", d, eps, device)?;
-        let embed_out = if cfg.tie_word_embeddings {
-            None
-        } else {
-            let name = if w.contains("embed_out.weight") { "embed_out.weight" } else { "lm_head.weight" };
-            Some(Param::from_tensor(w.linear_weight(name, v, d, device)?))
+            .collect();
+        let mut model = Self {
+            embed_in: Embedding { weight: names::lazy([v, d], device) },
+            layers,
+            final_layer_norm: names::layer_norm(d, eps, device),
+            embed_out: (!cfg.tie_word_embeddings).then(|| names::lazy([d, v], device)),
+            parallel_residual: cfg.use_parallel_residual,
+            rotary_ndims: r,
+            theta: cfg.theta(),
         };
-        Ok(Self { embed_in, layers, final_layer_norm, embed_out, parallel_residual: cfg.use_parallel_residual, rotary_ndims: r, theta: cfg.theta() })
+        names::fill(model.named_mut(), w, device)?;
+        Ok(model)
+    }
+
+    /// Every parameter under its HF name: the one list loading, saving and LoRA read.
+    pub(crate) fn named_mut(&mut self) -> Table<'_> {
+        let mut t: Table<'_> = vec![("gpt_neox.embed_in.weight".into(), Slot::Matrix(&mut self.embed_in.weight))];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("gpt_neox.layers.{i}");
+            t.push((format!("{p}.input_layernorm"), Slot::LayerNorm(&mut l.input_layernorm)));
+            t.push((format!("{p}.post_attention_layernorm"), Slot::LayerNorm(&mut l.post_attention_layernorm)));
+            t.push((format!("{p}.attention.query_key_value"), Slot::Linear(&mut l.attention.query_key_value)));
+            t.push((format!("{p}.attention.dense"), Slot::Linear(&mut l.attention.dense)));
+            t.push((format!("{p}.mlp.dense_h_to_4h"), Slot::Linear(&mut l.mlp.dense_h_to_4h)));
+            t.push((format!("{p}.mlp.dense_4h_to_h"), Slot::Linear(&mut l.mlp.dense_4h_to_h)));
+        }
+        t.push(("gpt_neox.final_layer_norm".into(), Slot::LayerNorm(&mut self.final_layer_norm)));
+        if let Some(head) = &mut self.embed_out {
+            t.push(("embed_out.weight".into(), Slot::Transposed(head)));
+        }
+        t
     }
 
     /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
@@ -277,37 +301,6 @@ impl GptNeox {
     /// Number of layers (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.layers.len()
-    }
-
-    /// Every projection under its HF module name (what LoRA adapts).
-    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p_attention = format!("gpt_neox.layers.{i}.attention");
-            let p_mlp = format!("gpt_neox.layers.{i}.mlp");
-            out.push((format!("{p_attention}.query_key_value"), &mut l.attention.query_key_value));
-            out.push((format!("{p_attention}.dense"), &mut l.attention.dense));
-            out.push((format!("{p_mlp}.dense_h_to_4h"), &mut l.mlp.dense_h_to_4h));
-            out.push((format!("{p_mlp}.dense_4h_to_h"), &mut l.mlp.dense_4h_to_h));
-        }
-        out
-    }
-
-    /// The weights under HF names, in HF layout (the fused `query_key_value` kept as it is).
-    pub fn hf_tensors(&self) -> HfTensors {
-        let mut out = HfTensors::default();
-        out.push("gpt_neox.embed_in.weight", self.embed_in.weight.val());
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("gpt_neox.layers.{i}");
-            out.push_layer_norm(format!("{p}.input_layernorm"), &l.input_layernorm);
-            out.push_layer_norm(format!("{p}.post_attention_layernorm"), &l.post_attention_layernorm);
-        }
-        out.push_layer_norm("gpt_neox.final_layer_norm", &self.final_layer_norm);
-        if let Some(w) = &self.embed_out {
-            out.push_linear("embed_out.weight", w.val());
-        }
-        out.push_projections(self.clone().projections_mut(), false);
-        out
     }
 }
 

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, rotary_cos_sin, split_heads, tied_head};
-use crate::weights::{HfTensors, Weights};
+use crate::names::{self, Slot, Table};
+use crate::weights::Weights;
 
 /// GPT-J's `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -174,37 +175,56 @@ impl Gptj {
             ));
         }
         let (d, v, eps, inner) = (cfg.n_embd, cfg.vocab_size, cfg.layer_norm_epsilon, cfg.n_inner.unwrap_or(4 * cfg.n_embd));
-        let wte = Embedding { weight: Param::from_tensor(w.tensor("transformer.wte.weight", [v, d], device)?) };
         let h = (0..cfg.n_layer)
-            .map(|i| {
-                let b = format!("transformer.h.{i}");
-                Ok(Block {
-                    ln_1: w.layer_norm(&format!("{b}.ln_1"), d, eps, device)?,
-                    attn: Attention {
-                        q_proj: w.linear(&format!("{b}.attn.q_proj"), d, d, false, device)?,
-                        k_proj: w.linear(&format!("{b}.attn.k_proj"), d, d, false, device)?,
-                        v_proj: w.linear(&format!("{b}.attn.v_proj"), d, d, false, device)?,
-                        out_proj: w.linear(&format!("{b}.attn.out_proj"), d, d, false, device)?,
-                        n_heads: cfg.n_head,
-                        rotary_dim: r,
-                        scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
-                    },
-                    mlp: Mlp {
-                        fc_in: w.linear(&format!("{b}.mlp.fc_in"), d, inner, true, device)?,
-                        fc_out: w.linear(&format!("{b}.mlp.fc_out"), inner, d, true, device)?,
-                        exact_gelu: cfg.activation_function == "gelu",
-                    },
-                })
+            .map(|_| Block {
+                ln_1: names::layer_norm(d, eps, device),
+                attn: Attention {
+                    q_proj: names::linear(d, d, false, device),
+                    k_proj: names::linear(d, d, false, device),
+                    v_proj: names::linear(d, d, false, device),
+                    out_proj: names::linear(d, d, false, device),
+                    n_heads: cfg.n_head,
+                    rotary_dim: r,
+                    scale: 1.0 / (cfg.head_dim() as f64).sqrt(),
+                },
+                mlp: Mlp {
+                    fc_in: names::linear(d, inner, true, device),
+                    fc_out: names::linear(inner, d, true, device),
+                    exact_gelu: cfg.activation_function == "gelu",
+                },
             })
-            .collect::<Result<Vec<_>>>()?;
-        let ln_f = w.layer_norm("transformer.ln_f", d, eps, device)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(Param::from_tensor(w.linear_weight("lm_head.weight", v, d, device)?))
+            .collect();
+        let mut model = Self {
+            wte: Embedding { weight: names::lazy([v, d], device) },
+            h,
+            ln_f: names::layer_norm(d, eps, device),
+            lm_head: (!cfg.tie_word_embeddings).then(|| names::lazy([d, v], device)),
+            lm_head_bias: names::lazy([v], device),
+            rotary_dim: r,
         };
-        let lm_head_bias = Param::from_tensor(w.tensor("lm_head.bias", [v], device)?);
-        Ok(Self { wte, h, ln_f, lm_head, lm_head_bias, rotary_dim: r })
+        names::fill(model.named_mut(), w, device)?;
+        Ok(model)
+    }
+
+    /// Every parameter under its HF name: the one list loading, saving and LoRA read.
+    pub(crate) fn named_mut(&mut self) -> Table<'_> {
+        let mut t: Table<'_> = vec![("transformer.wte.weight".into(), Slot::Matrix(&mut self.wte.weight))];
+        for (i, b) in self.h.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            t.push((format!("{p}.ln_1"), Slot::LayerNorm(&mut b.ln_1)));
+            t.push((format!("{p}.attn.q_proj"), Slot::Linear(&mut b.attn.q_proj)));
+            t.push((format!("{p}.attn.k_proj"), Slot::Linear(&mut b.attn.k_proj)));
+            t.push((format!("{p}.attn.v_proj"), Slot::Linear(&mut b.attn.v_proj)));
+            t.push((format!("{p}.attn.out_proj"), Slot::Linear(&mut b.attn.out_proj)));
+            t.push((format!("{p}.mlp.fc_in"), Slot::Linear(&mut b.mlp.fc_in)));
+            t.push((format!("{p}.mlp.fc_out"), Slot::Linear(&mut b.mlp.fc_out)));
+        }
+        t.push(("transformer.ln_f".into(), Slot::LayerNorm(&mut self.ln_f)));
+        if let Some(head) = &mut self.lm_head {
+            t.push(("lm_head.weight".into(), Slot::Transposed(head)));
+        }
+        t.push(("lm_head.bias".into(), Slot::Vector(&mut self.lm_head_bias)));
+        t
     }
 
     /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
@@ -243,39 +263,6 @@ impl Gptj {
     /// Number of blocks (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.h.len()
-    }
-
-    /// Every projection under its HF module name (what LoRA adapts).
-    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
-        let mut out = Vec::new();
-        for (i, l) in self.h.iter_mut().enumerate() {
-            let p_attn = format!("transformer.h.{i}.attn");
-            let p_mlp = format!("transformer.h.{i}.mlp");
-            out.push((format!("{p_attn}.q_proj"), &mut l.attn.q_proj));
-            out.push((format!("{p_attn}.k_proj"), &mut l.attn.k_proj));
-            out.push((format!("{p_attn}.v_proj"), &mut l.attn.v_proj));
-            out.push((format!("{p_attn}.out_proj"), &mut l.attn.out_proj));
-            out.push((format!("{p_mlp}.fc_in"), &mut l.mlp.fc_in));
-            out.push((format!("{p_mlp}.fc_out"), &mut l.mlp.fc_out));
-        }
-        out
-    }
-
-    /// The weights under HF names, in HF layout.
-    pub fn hf_tensors(&self) -> HfTensors {
-        let mut out = HfTensors::default();
-        out.push("transformer.wte.weight", self.wte.weight.val());
-        for (i, b) in self.h.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            out.push_layer_norm(format!("{p}.ln_1"), &b.ln_1);
-        }
-        out.push_layer_norm("transformer.ln_f", &self.ln_f);
-        if let Some(w) = &self.lm_head {
-            out.push_linear("lm_head.weight", w.val());
-        }
-        out.push("lm_head.bias", self.lm_head_bias.val());
-        out.push_projections(self.clone().projections_mut(), false);
-        out
     }
 }
 

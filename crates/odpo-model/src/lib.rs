@@ -51,6 +51,7 @@ pub mod llama;
 pub mod logprobs;
 pub mod lora;
 mod model;
+mod names;
 pub mod tokenizer;
 pub mod weights;
 

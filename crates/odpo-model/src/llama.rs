@@ -17,7 +17,8 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, split_heads, tied_head};
-use crate::weights::{HfTensors, Weights};
+use crate::names::{self, Slot, Table};
+use crate::weights::Weights;
 
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -239,10 +240,6 @@ impl Mlp {
     }
 }
 
-fn rms(w: &mut Weights, name: &str, d: usize, eps: f64, device: &Device) -> Result<RmsNorm> {
-    Ok(RmsNorm { gamma: Param::from_tensor(w.tensor(&format!("{name}.weight"), [d], device)?), epsilon: eps })
-}
-
 impl Llama {
     /// Builds the model from HF-named weights (`model.layers.N...`, `lm_head.weight` when untied).
     pub fn load(cfg: &LlamaConfig, w: &mut Weights, device: &Device) -> Result<Self> {
@@ -255,38 +252,58 @@ impl Llama {
         let (d, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_size());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         let inv_freq = cfg.inv_freq(w.path())?;
-        let embed_tokens = Embedding { weight: Param::from_tensor(w.tensor("model.embed_tokens.weight", [v, d], device)?) };
-        let qkv_bias = cfg.qkv_bias();
+        let (eps, inner, qkv_bias) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias());
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                Ok(Layer {
-                    input_layernorm: rms(w, &format!("{p}.input_layernorm"), d, cfg.rms_norm_eps, device)?,
-                    self_attn: Attention {
-                        q_proj: w.linear(&format!("{p}.self_attn.q_proj"), d, nh * hd, qkv_bias, device)?,
-                        k_proj: w.linear(&format!("{p}.self_attn.k_proj"), d, nkv * hd, qkv_bias, device)?,
-                        v_proj: w.linear(&format!("{p}.self_attn.v_proj"), d, nkv * hd, qkv_bias, device)?,
-                        o_proj: w.linear(&format!("{p}.self_attn.o_proj"), nh * hd, d, cfg.attention_bias, device)?,
-                        n_heads: nh,
-                        n_kv_heads: nkv,
-                        scale: 1.0 / (hd as f64).sqrt(),
-                    },
-                    post_attention_layernorm: rms(w, &format!("{p}.post_attention_layernorm"), d, cfg.rms_norm_eps, device)?,
-                    mlp: Mlp {
-                        gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
-                        up_proj: w.linear(&format!("{p}.mlp.up_proj"), d, cfg.intermediate_size, cfg.mlp_bias, device)?,
-                        down_proj: w.linear(&format!("{p}.mlp.down_proj"), cfg.intermediate_size, d, cfg.mlp_bias, device)?,
-                    },
-                })
+            .map(|_| Layer {
+                input_layernorm: names::rms_norm(d, eps, device),
+                self_attn: Attention {
+                    q_proj: names::linear(d, nh * hd, qkv_bias, device),
+                    k_proj: names::linear(d, nkv * hd, qkv_bias, device),
+                    v_proj: names::linear(d, nkv * hd, qkv_bias, device),
+                    o_proj: names::linear(nh * hd, d, cfg.attention_bias, device),
+                    n_heads: nh,
+                    n_kv_heads: nkv,
+                    scale: 1.0 / (hd as f64).sqrt(),
+                },
+                post_attention_layernorm: names::rms_norm(d, eps, device),
+                mlp: Mlp {
+                    gate_proj: names::linear(d, inner, cfg.mlp_bias, device),
+                    up_proj: names::linear(d, inner, cfg.mlp_bias, device),
+                    down_proj: names::linear(inner, d, cfg.mlp_bias, device),
+                },
             })
-            .collect::<Result<Vec<_>>>()?;
-        let norm = rms(w, "model.norm", d, cfg.rms_norm_eps, device)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            None
-        } else {
-            Some(Param::from_tensor(w.linear_weight("lm_head.weight", v, d, device)?))
+            .collect();
+        let mut model = Self {
+            embed_tokens: Embedding { weight: names::lazy([v, d], device) },
+            layers,
+            norm: names::rms_norm(d, eps, device),
+            lm_head: (!cfg.tie_word_embeddings).then(|| names::lazy([d, v], device)),
+            inv_freq,
         };
-        Ok(Self { embed_tokens, layers, norm, lm_head, inv_freq })
+        names::fill(model.named_mut(), w, device)?;
+        Ok(model)
+    }
+
+    /// Every parameter under its HF name: the one list loading, saving and LoRA read.
+    pub(crate) fn named_mut(&mut self) -> Table<'_> {
+        let mut t: Table<'_> = vec![("model.embed_tokens.weight".into(), Slot::Matrix(&mut self.embed_tokens.weight))];
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            t.push((format!("{p}.input_layernorm"), Slot::RmsNorm(&mut l.input_layernorm)));
+            t.push((format!("{p}.self_attn.q_proj"), Slot::Linear(&mut l.self_attn.q_proj)));
+            t.push((format!("{p}.self_attn.k_proj"), Slot::Linear(&mut l.self_attn.k_proj)));
+            t.push((format!("{p}.self_attn.v_proj"), Slot::Linear(&mut l.self_attn.v_proj)));
+            t.push((format!("{p}.self_attn.o_proj"), Slot::Linear(&mut l.self_attn.o_proj)));
+            t.push((format!("{p}.post_attention_layernorm"), Slot::RmsNorm(&mut l.post_attention_layernorm)));
+            t.push((format!("{p}.mlp.gate_proj"), Slot::Linear(&mut l.mlp.gate_proj)));
+            t.push((format!("{p}.mlp.up_proj"), Slot::Linear(&mut l.mlp.up_proj)));
+            t.push((format!("{p}.mlp.down_proj"), Slot::Linear(&mut l.mlp.down_proj)));
+        }
+        t.push(("model.norm".into(), Slot::RmsNorm(&mut self.norm)));
+        if let Some(head) = &mut self.lm_head {
+            t.push(("lm_head.weight".into(), Slot::Transposed(head)));
+        }
+        t
     }
 
     /// cos and sin `[B, 1, T, Dh]` for the given positions, computed in f32 as transformers does.
@@ -331,39 +348,5 @@ impl Llama {
     /// Number of layers (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.layers.len()
-    }
-
-    /// Every projection under its HF module name (what LoRA adapts).
-    pub(crate) fn projections_mut(&mut self) -> Vec<crate::lora::Projection<'_>> {
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p_self_attn = format!("model.layers.{i}.self_attn");
-            let p_mlp = format!("model.layers.{i}.mlp");
-            out.push((format!("{p_self_attn}.q_proj"), &mut l.self_attn.q_proj));
-            out.push((format!("{p_self_attn}.k_proj"), &mut l.self_attn.k_proj));
-            out.push((format!("{p_self_attn}.v_proj"), &mut l.self_attn.v_proj));
-            out.push((format!("{p_self_attn}.o_proj"), &mut l.self_attn.o_proj));
-            out.push((format!("{p_mlp}.gate_proj"), &mut l.mlp.gate_proj));
-            out.push((format!("{p_mlp}.up_proj"), &mut l.mlp.up_proj));
-            out.push((format!("{p_mlp}.down_proj"), &mut l.mlp.down_proj));
-        }
-        out
-    }
-
-    /// The weights under HF names, in HF layout.
-    pub fn hf_tensors(&self) -> HfTensors {
-        let mut out = HfTensors::default();
-        out.push("model.embed_tokens.weight", self.embed_tokens.weight.val());
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push(format!("{p}.input_layernorm.weight"), l.input_layernorm.gamma.val());
-            out.push(format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.gamma.val());
-        }
-        out.push("model.norm.weight", self.norm.gamma.val());
-        if let Some(w) = &self.lm_head {
-            out.push_linear("lm_head.weight", w.val());
-        }
-        out.push_projections(self.clone().projections_mut(), false);
-        out
     }
 }

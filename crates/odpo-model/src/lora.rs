@@ -139,13 +139,7 @@ impl CausalLm {
     /// Every projection of the model (attention and MLP; not embeddings or the LM head) under its HF
     /// module name, in the model's order.
     fn projections_mut(&mut self) -> Vec<Projection<'_>> {
-        match self {
-            Self::Gpt2(m) => m.projections_mut(),
-            Self::Llama(m) => m.projections_mut(),
-            Self::GptNeo(m) => m.projections_mut(),
-            Self::Gptj(m) => m.projections_mut(),
-            Self::GptNeox(m) => m.projections_mut(),
-        }
+        crate::names::projections(self.named_mut()).into_iter().map(|(p, _)| p).collect()
     }
 
     /// The HF module names of the model's projections (what `lora.targets` matches).
@@ -232,8 +226,11 @@ impl CausalLm {
         let mut out = HfTensors::default();
         let mut targets: Vec<String> = Vec::new();
         let mut fan_in_fan_out = false;
-        for (name, lin) in self.clone().projections_mut() {
+        let mut model = self.clone();
+        for ((name, lin), conv1d) in crate::names::projections(model.named_mut()) {
             if let Some(ad) = &lin.lora {
+                // transformers' Conv1D stores its weight [in, out].
+                fan_in_fan_out |= conv1d;
                 out.push(format!("base_model.model.{name}.lora_A.weight"), ad.a.val().transpose());
                 out.push(format!("base_model.model.{name}.lora_B.weight"), ad.b.val().transpose());
                 let last = name.rsplit('.').next().unwrap_or(&name).to_string();
@@ -244,10 +241,6 @@ impl CausalLm {
         }
         if targets.is_empty() {
             return Err(ModelError::Invalid("the model has no LoRA adapters to save".into()));
-        }
-        if let Self::Gpt2(_) = self {
-            // GPT-2's projections are transformers' Conv1D, whose weight is stored [in, out].
-            fan_in_fan_out = true;
         }
         out.write(&dir.join("adapter_model.safetensors"))?;
         let config = serde_json::json!({

@@ -305,6 +305,17 @@ impl CausalLm {
         })
     }
 
+    /// Every parameter under its HF name (the family's one table; see [`crate::names`]).
+    pub(crate) fn named_mut(&mut self) -> crate::names::Table<'_> {
+        match self {
+            Self::Gpt2(m) => m.named_mut(),
+            Self::Llama(m) => m.named_mut(),
+            Self::GptNeo(m) => m.named_mut(),
+            Self::Gptj(m) => m.named_mut(),
+            Self::GptNeox(m) => m.named_mut(),
+        }
+    }
+
     /// Saves `model.safetensors` (float32, HF names and layout) and `config.json` into `dir`,
     /// each written atomically, so that transformers' `from_pretrained(dir)` loads it. LoRA adapters
     /// are merged into the weights they adapt.
@@ -317,13 +328,7 @@ impl CausalLm {
         } else {
             self
         };
-        let tensors = match model {
-            Self::Gpt2(m) => m.hf_tensors(),
-            Self::Llama(m) => m.hf_tensors(),
-            Self::GptNeo(m) => m.hf_tensors(),
-            Self::Gptj(m) => m.hf_tensors(),
-            Self::GptNeox(m) => m.hf_tensors(),
-        };
+        let tensors = crate::names::to_hf(model.clone().named_mut());
         tensors.write(&dir.join("model.safetensors"))?;
         let json = serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::config(dir, e.to_string()))?;
         write_atomic(&dir.join("config.json"), json.as_bytes())

@@ -4,9 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::Param;
-use burn::nn::{LayerNorm, LayerNormConfig};
-use crate::lora::Linear;
+use burn::nn::LayerNorm;
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
@@ -92,9 +90,21 @@ impl Weights {
         &self.path
     }
 
-    /// Whether a tensor is present.
+    /// Whether a tensor is present (a random source has every tensor).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name) || (self.random.is_some() && !name.starts_with("transformer."))
+        self.random.is_some() || self.tensors.contains_key(name)
+    }
+
+    /// Puts `prefix` before every name (a checkpoint saved without its model's prefix).
+    pub fn add_prefix(&mut self, prefix: &str) {
+        self.tensors = std::mem::take(&mut self.tensors).into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)).collect();
+    }
+
+    /// Renames one tensor, if present (a checkpoint that calls a tensor by another family's name).
+    pub fn rename(&mut self, from: &str, to: &str) {
+        if let Some(t) = self.tensors.remove(from) {
+            self.tensors.insert(to.to_string(), t);
+        }
     }
 
     /// Removes a tensor, checking its shape.
@@ -138,22 +148,6 @@ impl Weights {
             }
         }
         Ok(Tensor::from_data(TensorData::new(data, [inp, out]), device))
-    }
-
-    /// A linear layer from HF's `{name}.weight` `[out, in]` (transposed to burn's `[in, out]`) and, with
-    /// `bias`, `{name}.bias`.
-    pub fn linear(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool, device: &Device) -> Result<Linear> {
-        let weight = self.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?;
-        let bias = if bias { Some(self.tensor(&format!("{name}.bias"), [d_out], device)?) } else { None };
-        Ok(Linear::new(weight, bias))
-    }
-
-    /// A LayerNorm from `{prefix}.weight` and `{prefix}.bias`.
-    pub fn layer_norm(&mut self, prefix: &str, d: usize, eps: f64, device: &Device) -> Result<LayerNorm> {
-        let mut ln = LayerNormConfig::new(d).with_epsilon(eps).init(device);
-        ln.gamma = Param::from_tensor(self.tensor(&format!("{prefix}.weight"), [d], device)?);
-        ln.beta = Some(Param::from_tensor(self.tensor(&format!("{prefix}.bias"), [d], device)?));
-        Ok(ln)
     }
 
     /// Names left after the model took what it needs.
@@ -235,6 +229,12 @@ impl HfTensors {
         }
     }
 
+    /// The collected tensors: name, shape, values.
+    #[cfg(test)]
+    pub(crate) fn entries(&self) -> &[(String, Vec<usize>, Vec<f32>)] {
+        &self.entries
+    }
+
     /// Adds a layer norm under `{name}.weight` and `{name}.bias`.
     pub fn push_layer_norm(&mut self, name: impl std::fmt::Display, ln: &LayerNorm) {
         self.push(format!("{name}.weight"), ln.gamma.val());
@@ -246,21 +246,6 @@ impl HfTensors {
     /// Adds a burn `[in, out]` linear weight as HF's `[out, in]`.
     pub fn push_linear(&mut self, name: impl Into<String>, weight: Tensor<2>) {
         self.push(name, weight.transpose());
-    }
-
-    /// Adds projections under `{name}.weight` / `{name}.bias`: weights in HF's `[out, in]`, or as stored
-    /// (`[in, out]`) for transformers' Conv1D layers (`conv1d`).
-    pub(crate) fn push_projections(&mut self, projections: Vec<crate::lora::Projection<'_>>, conv1d: bool) {
-        for (name, l) in projections {
-            if conv1d {
-                self.push(format!("{name}.weight"), l.weight.val());
-            } else {
-                self.push_linear(format!("{name}.weight"), l.weight.val());
-            }
-            if let Some(b) = &l.bias {
-                self.push(format!("{name}.bias"), b.val());
-            }
-        }
     }
 
     /// Writes `model.safetensors` (float32) atomically: a temporary file, then a rename.

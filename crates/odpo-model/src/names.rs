@@ -1,0 +1,200 @@
+//! Each family's parameters under their HF names, written once.
+//!
+//! A family builds its module tree from the config alone, with burn's lazy parameters (a shape and
+//! no data, so nothing is allocated), and lists every parameter once with its HF name and kind in
+//! its `named_mut` method. That one table drives
+//! - loading ([`fill`]): each parameter is read by name from a [`Weights`] source, with the shape
+//!   the tree declares;
+//! - saving ([`to_hf`]): each parameter is written under its name, in HF's layout;
+//! - LoRA ([`projections`]): the linear layers of the table are what `lora.targets` matches, and a
+//!   [`Slot::Conv1d`] tells PEFT's `fan_in_fan_out`.
+//!
+//! This is candle's `VarBuilder::pp` idea turned both ways: the names are in one place, and loading,
+//! saving and adapters cannot drift apart.
+
+use burn::module::{Param, ParamId};
+use burn::nn::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
+use burn::tensor::{Device, Tensor};
+
+use crate::error::Result;
+use crate::lora::{Linear, Projection};
+use crate::weights::{HfTensors, Weights};
+
+/// One parameter (or layer) of a model, as HF stores it.
+pub(crate) enum Slot<'a> {
+    /// A tensor stored as it is (an embedding or position table, `[rows, cols]`).
+    Matrix(&'a mut Param<Tensor<2>>),
+    /// A vector stored as it is (a bias of its own, such as GPT-J's `lm_head.bias`).
+    Vector(&'a mut Param<Tensor<1>>),
+    /// A bare matrix burn keeps `[in, out]` and HF `[out, in]` (an untied LM head).
+    Transposed(&'a mut Param<Tensor<2>>),
+    /// `nn.Linear`: `{name}.weight` `[out, in]` and, when the layer has one, `{name}.bias`.
+    Linear(&'a mut Linear),
+    /// transformers' `Conv1D` (GPT-2): `{name}.weight` stored `[in, out]`, and `{name}.bias`.
+    Conv1d(&'a mut Linear),
+    /// `{name}.weight` and `{name}.bias`.
+    LayerNorm(&'a mut LayerNorm),
+    /// `{name}.weight`.
+    RmsNorm(&'a mut RmsNorm),
+}
+
+/// A family's table: every parameter under its HF name, in the family's load order (a random
+/// model draws its weights in this order).
+pub(crate) type Table<'a> = Vec<(String, Slot<'a>)>;
+
+/// A parameter with a shape and no data yet: what [`fill`] replaces.
+pub(crate) fn lazy<const D: usize>(shape: [usize; D], device: &Device) -> Param<Tensor<D>> {
+    Param::uninitialized(ParamId::new(), move |d, _| Tensor::zeros(shape, d), device.clone(), true, shape.into())
+}
+
+/// A linear layer `[d_in, d_out]` (with a bias when asked) waiting for its weights.
+pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    Linear { weight: lazy([d_in, d_out], device), bias: bias.then(|| lazy([d_out], device)), lora: None }
+}
+
+/// A LayerNorm of width `d` waiting for its weights.
+pub(crate) fn layer_norm(d: usize, eps: f64, device: &Device) -> LayerNorm {
+    LayerNormConfig::new(d).with_epsilon(eps).init(device)
+}
+
+/// An RMSNorm of width `d` waiting for its weights.
+pub(crate) fn rms_norm(d: usize, eps: f64, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(d).with_epsilon(eps).init(device)
+}
+
+fn dims<const D: usize>(p: &Param<Tensor<D>>) -> [usize; D] {
+    let shape = p.lazy_shape();
+    std::array::from_fn(|i| shape[i])
+}
+
+/// Reads every parameter of the table from `w` by name, shape-checked against the tree.
+pub(crate) fn fill(table: Table<'_>, w: &mut Weights, device: &Device) -> Result<()> {
+    for (name, slot) in table {
+        match slot {
+            Slot::Matrix(p) => *p = Param::from_tensor(w.tensor(&name, dims(p), device)?),
+            Slot::Vector(p) => *p = Param::from_tensor(w.tensor(&name, dims(p), device)?),
+            Slot::Transposed(p) => {
+                let [d_in, d_out] = dims(p);
+                *p = Param::from_tensor(w.linear_weight(&name, d_out, d_in, device)?);
+            }
+            Slot::Linear(l) => {
+                let [d_in, d_out] = dims(&l.weight);
+                l.weight = Param::from_tensor(w.linear_weight(&format!("{name}.weight"), d_out, d_in, device)?);
+                fill_bias(l, &name, w, device)?;
+            }
+            Slot::Conv1d(l) => {
+                l.weight = Param::from_tensor(w.tensor(&format!("{name}.weight"), dims(&l.weight), device)?);
+                fill_bias(l, &name, w, device)?;
+            }
+            Slot::LayerNorm(ln) => {
+                ln.gamma = Param::from_tensor(w.tensor(&format!("{name}.weight"), dims(&ln.gamma), device)?);
+                if let Some(beta) = &mut ln.beta {
+                    *beta = Param::from_tensor(w.tensor(&format!("{name}.bias"), dims(beta), device)?);
+                }
+            }
+            Slot::RmsNorm(n) => n.gamma = Param::from_tensor(w.tensor(&format!("{name}.weight"), dims(&n.gamma), device)?),
+        }
+    }
+    Ok(())
+}
+
+fn fill_bias(l: &mut Linear, name: &str, w: &mut Weights, device: &Device) -> Result<()> {
+    if let Some(b) = &mut l.bias {
+        *b = Param::from_tensor(w.tensor(&format!("{name}.bias"), dims(b), device)?);
+    }
+    Ok(())
+}
+
+/// Every parameter of the table under its HF name, in HF's layout (adapters are not included).
+pub(crate) fn to_hf(table: Table<'_>) -> HfTensors {
+    let mut out = HfTensors::default();
+    for (name, slot) in table {
+        match slot {
+            Slot::Matrix(p) => out.push(name, p.val()),
+            Slot::Vector(p) => out.push(name, p.val()),
+            Slot::Transposed(p) => out.push_linear(name, p.val()),
+            Slot::Linear(l) => {
+                out.push_linear(format!("{name}.weight"), l.weight.val());
+                push_bias(&mut out, &name, l);
+            }
+            Slot::Conv1d(l) => {
+                out.push(format!("{name}.weight"), l.weight.val());
+                push_bias(&mut out, &name, l);
+            }
+            Slot::LayerNorm(ln) => out.push_layer_norm(name, ln),
+            Slot::RmsNorm(n) => out.push(format!("{name}.weight"), n.gamma.val()),
+        }
+    }
+    out
+}
+
+fn push_bias(out: &mut HfTensors, name: &str, l: &Linear) {
+    if let Some(b) = &l.bias {
+        out.push(format!("{name}.bias"), b.val());
+    }
+}
+
+/// The table's projections (linear and Conv1D layers: what LoRA adapts), with whether each is a
+/// Conv1D (stored `[in, out]`, PEFT's `fan_in_fan_out`).
+pub(crate) fn projections(table: Table<'_>) -> Vec<(Projection<'_>, bool)> {
+    table
+        .into_iter()
+        .filter_map(|(name, slot)| match slot {
+            Slot::Linear(l) => Some(((name, l), false)),
+            Slot::Conv1d(l) => Some(((name, l), true)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Module;
+    use serde_json::json;
+
+    use crate::{CausalLm, ModelConfig, backend};
+
+    use super::*;
+
+    /// One tiny config per family, with the options that change the table (untied heads, biases).
+    fn tiny_configs() -> Vec<serde_json::Value> {
+        vec![
+            json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 11, "n_positions": 8, "n_embd": 8, "n_layer": 2, "n_head": 2}),
+            json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": false}),
+            json!({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 11, "hidden_size": 8,
+                   "intermediate_size": 12, "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": true}),
+            json!({"architectures": ["GPTNeoForCausalLM"], "vocab_size": 11, "max_position_embeddings": 8, "hidden_size": 8,
+                   "num_layers": 2, "num_heads": 2, "attention_types": [[["global", "local"], 1]], "window_size": 4}),
+            json!({"architectures": ["GPTJForCausalLM"], "vocab_size": 11, "n_positions": 8, "n_embd": 8, "n_layer": 2,
+                   "n_head": 2, "rotary_dim": 2}),
+            json!({"architectures": ["GPTNeoXForCausalLM"], "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "rotary_pct": 0.5}),
+        ]
+    }
+
+    #[test]
+    fn each_table_names_every_parameter_once_and_round_trips() {
+        let device = backend::device("flex").unwrap();
+        for json in tiny_configs() {
+            let cfg = ModelConfig::from_hf_json(&json, "tiny".as_ref()).unwrap();
+            let mut model = CausalLm::random(&cfg, 3, &device).unwrap();
+            let table = model.named_mut();
+            let names: Vec<String> = table.iter().map(|(n, _)| n.clone()).collect();
+            let mut unique = names.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), names.len(), "{json}: a name is listed twice");
+            // Every parameter is in the table: nothing stays a lazy placeholder.
+            let saved = to_hf(table);
+            let listed: usize = saved.entries().iter().map(|(_, _, data)| data.len()).sum();
+            assert_eq!(listed, model.num_params(), "{json}: the table misses parameters");
+            // Saving then loading by the same table gives the same tensors.
+            let tensors = saved.entries().iter().map(|(n, s, d)| (n.clone(), crate::weights::HostTensor { shape: s.clone(), data: d.clone() })).collect();
+            let mut w = Weights::new("saved", tensors);
+            let mut again = CausalLm::from_weights(&cfg, &mut w, &device).unwrap();
+            assert_eq!(w.remaining().count(), 0, "{json}: a saved tensor was not read back");
+            assert_eq!(to_hf(again.named_mut()).entries(), saved.entries(), "{json}");
+        }
+    }
+}
