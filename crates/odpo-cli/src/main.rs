@@ -479,7 +479,9 @@ fn train_from_config(config: Option<&Path>, backend: Option<&str>, sets: &[Strin
     let mut cfg = odpo_trainer::RunConfig::from_file(&path, &sets)?;
     if let Some(run_dir) = resume {
         // The run folder is where it is now, whatever the saved config says.
-        cfg.output.dir = run_dir.to_path_buf();
+        let mut moved = cfg.into_inner();
+        moved.output.dir = run_dir.to_path_buf();
+        cfg = moved.check()?;
     }
     let devices = backend::devices(cfg.train.backend.name(), &cfg.train.devices)?;
     tracing::info!(backend = cfg.train.backend.name(), devices = ?cfg.train.devices, run = %cfg.output.dir.display(), "training");

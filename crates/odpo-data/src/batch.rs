@@ -15,7 +15,6 @@ use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
 use burn::data::dataset::InMemDataset;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use odpo_model::logprobs::SharedPromptRows;
 
 use crate::tokenize::{SftItem, TokenizedPair};
 
@@ -147,6 +146,39 @@ impl PreferenceBatch {
         match &self.rows {
             PairRows::SharedPrompt(r) => Some(r),
             PairRows::Concatenated(_) => None,
+        }
+    }
+}
+
+/// A preference batch laid out so that each prompt runs through the model once: the B prompts
+/// left-padded to P columns, and the 2B completions (row `r < B` pair r's chosen, row `B + r` its
+/// rejected) right-padded to C columns. Built by [`PreferenceBatcher`]; read by
+/// `odpo_model::logprobs::shared_prompt_logprobs`.
+#[derive(Clone, Debug)]
+pub struct SharedPromptRows {
+    /// Prompt ids `[B, P]`, left-padded (every non-empty prompt ends in column P − 1).
+    pub prompt_ids: Tensor<2, Int>,
+    /// 1 on real prompt tokens `[B, P]`.
+    pub prompt_mask: Tensor<2, Int>,
+    /// Completion ids `[2B, C]`, right-padded.
+    pub completion_ids: Tensor<2, Int>,
+    /// Attention mask of the completion pass `[2B, P + C]`: the row's prompt mask, then 1 on its
+    /// real completion tokens.
+    pub full_mask: Tensor<2, Int>,
+    /// 1.0 on the completion tokens whose log-probs count `[2B, C]` (column 0 only where the
+    /// prompt is non-empty: a sequence's first token is never predicted).
+    pub loss_mask: Tensor<2>,
+}
+
+impl SharedPromptRows {
+    /// The same rows off autodiff (for a `.valid()` model).
+    pub fn inner(&self) -> Self {
+        Self {
+            prompt_ids: self.prompt_ids.clone().inner(),
+            prompt_mask: self.prompt_mask.clone().inner(),
+            completion_ids: self.completion_ids.clone().inner(),
+            full_mask: self.full_mask.clone().inner(),
+            loss_mask: self.loss_mask.clone().inner(),
         }
     }
 }

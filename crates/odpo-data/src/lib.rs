@@ -62,7 +62,7 @@ pub mod split;
 pub mod stats;
 pub mod tokenize;
 
-pub use batch::{ConcatenatedRows, Layout, PairRows, PreferenceBatch, PreferenceBatcher, SftBatch, SftBatcher, preference_loader, sft_loader};
+pub use batch::{ConcatenatedRows, Layout, PairRows, SharedPromptRows, PreferenceBatch, PreferenceBatcher, SftBatch, SftBatcher, preference_loader, sft_loader};
 pub use config::{Columns, DataConfig, Format, LongCompletion, OnBadRow};
 pub use error::{DataError, Position, RowProblem};
 pub use load::{DropReason, LoadReport, Loaded, load, load_bytes, load_responses};

@@ -66,40 +66,13 @@ pub fn sequence_logprobs(logits: Tensor<3>, input_ids: Tensor<2, Int>, loss_mask
     (lp.sum_dim(1).reshape([b]), mask.sum_dim(1).reshape([b]))
 }
 
-/// A preference batch laid out so that each prompt runs through the model once: the B prompts
-/// left-padded to P columns, and the 2B completions (row `r < B` pair r's chosen, row `B + r` its
-/// rejected) right-padded to C columns. Built by `odpo_data::PreferenceBatcher`.
-#[derive(Clone, Debug)]
-pub struct SharedPromptRows {
-    /// Prompt ids `[B, P]`, left-padded (every non-empty prompt ends in column P − 1).
-    pub prompt_ids: Tensor<2, Int>,
-    /// 1 on real prompt tokens `[B, P]`.
-    pub prompt_mask: Tensor<2, Int>,
-    /// Completion ids `[2B, C]`, right-padded.
-    pub completion_ids: Tensor<2, Int>,
-    /// Attention mask of the completion pass `[2B, P + C]`: the row's prompt mask, then 1 on its
-    /// real completion tokens.
-    pub full_mask: Tensor<2, Int>,
-    /// 1.0 on the completion tokens whose log-probs count `[2B, C]` (column 0 only where the
-    /// prompt is non-empty: a sequence's first token is never predicted).
-    pub loss_mask: Tensor<2>,
-}
-
-impl SharedPromptRows {
-    /// The same rows off autodiff (for a `.valid()` model).
-    pub fn inner(&self) -> Self {
-        Self {
-            prompt_ids: self.prompt_ids.clone().inner(),
-            prompt_mask: self.prompt_mask.clone().inner(),
-            completion_ids: self.completion_ids.clone().inner(),
-            full_mask: self.full_mask.clone().inner(),
-            loss_mask: self.loss_mask.clone().inner(),
-        }
-    }
-}
-
-/// Summed completion log-probs and token counts `[2B]` of a preference batch, with one forward
-/// of each shared prompt: the prompts run once (`[B, P]`), their keys and values are repeated
+/// Summed completion log-probs and token counts `[2B]` of a preference batch laid out so that each
+/// prompt runs through the model once (`odpo_data::SharedPromptRows`): the B prompts `prompt_ids`
+/// `[B, P]` left-padded (`prompt_mask`), the 2B completions `completion_ids` `[2B, C]` right-padded
+/// (row `r < B` pair r's chosen, row `B + r` its rejected), `full_mask` `[2B, P + C]` the attention
+/// mask of a row's prompt and completion, `loss_mask` `[2B, C]` 1.0 on the tokens that count.
+///
+/// One forward of each shared prompt: the prompts run once (`[B, P]`), their keys and values are repeated
 /// for the chosen and the rejected row, and the completions run on top of them (`[2B, C − 1]`;
 /// the last token predicts nothing). The result equals [`completion_logprobs`] on the
 /// concatenated rows up to float rounding, gradients included (they reach the prompt through the
@@ -108,28 +81,35 @@ impl SharedPromptRows {
 /// Against the concatenated `[2B, P + C]` forward this saves the second pass over every prompt:
 /// `P / (2 (P + C))` of the transformer's token work, a quarter when prompts are as long as
 /// completions. TRL's `DPOTrainer` runs the concatenated forward.
-pub fn shared_prompt_logprobs(model: &CausalLm, rows: &SharedPromptRows) -> (Tensor<1>, Tensor<1>) {
-    let [b, p] = rows.prompt_ids.dims();
-    let [b2, c] = rows.completion_ids.dims();
-    let device = rows.loss_mask.device();
-    let count = rows.loss_mask.clone().sum_dim(1).reshape([b2]);
+pub fn shared_prompt_logprobs(
+    model: &CausalLm,
+    prompt_ids: Tensor<2, Int>,
+    prompt_mask: &Tensor<2, Int>,
+    completion_ids: Tensor<2, Int>,
+    full_mask: &Tensor<2, Int>,
+    loss_mask: Tensor<2>,
+) -> (Tensor<1>, Tensor<1>) {
+    let [b, p] = prompt_ids.dims();
+    let [b2, c] = completion_ids.dims();
+    let device = loss_mask.device();
+    let count = loss_mask.clone().sum_dim(1).reshape([b2]);
     if p == 0 || c == 0 || b2 != 2 * b {
         return (Tensor::zeros([b2], &device), count);
     }
     let mut cache = model.new_cache();
-    let hidden = model.hidden(rows.prompt_ids.clone(), &rows.prompt_mask, Some(&mut cache));
+    let hidden = model.hidden(prompt_ids, prompt_mask, Some(&mut cache));
     let both: Vec<i64> = (0..b as i64).chain(0..b as i64).collect();
     let both = Tensor::<1, Int>::from_data(TensorData::new(both, [b2]), &device);
     // The last prompt column predicts each completion's first token.
     let mut h = hidden.narrow(1, p - 1, 1).select(0, both.clone());
     if c > 1 {
         cache.select_rows(both);
-        let ids = rows.completion_ids.clone().narrow(1, 0, c - 1);
-        let completions = model.hidden(ids, &rows.full_mask.clone().narrow(1, 0, p + c - 1), Some(&mut cache));
+        let ids = completion_ids.clone().narrow(1, 0, c - 1);
+        let completions = model.hidden(ids, &full_mask.clone().narrow(1, 0, p + c - 1), Some(&mut cache));
         h = Tensor::cat(vec![h, completions], 1);
     }
     // One head call for every predicting column: with a tied embedding, each call's backward
     // writes a vocabulary-sized weight gradient that autodiff then adds to the others.
-    let lp = target_logprobs(model.head(h), rows.completion_ids.clone());
-    ((lp * rows.loss_mask.clone()).sum_dim(1).reshape([b2]), count)
+    let lp = target_logprobs(model.head(h), completion_ids);
+    ((lp * loss_mask).sum_dim(1).reshape([b2]), count)
 }

@@ -149,6 +149,7 @@ pub(crate) fn projections(table: Table<'_>) -> Vec<(Projection<'_>, bool)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use burn::module::Module;
     use serde_json::json;
 

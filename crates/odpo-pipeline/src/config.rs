@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use odpo_trainer::config::Checked;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PipelineError, Result};
@@ -184,19 +185,23 @@ pub struct EvalSection {
 
 impl PipelineConfig {
     /// The built-in default with `sets` applied.
-    pub fn default_with(sets: &[String]) -> Result<Self> {
+    pub fn default_with(sets: &[String]) -> Result<Checked<Self>> {
         Self::from_toml_str(DEFAULT_TOML, "configs/pipeline/default.toml", sets)
     }
 
-    /// Parses TOML text, applies `--set` overrides and validates; `origin` names the text in errors.
-    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
-        let cfg: Self = odpo_trainer::config::load_toml(text, origin, sets)?;
-        cfg.validate()?;
-        Ok(cfg)
+    /// Parses TOML text, applies `--set` overrides and checks; `origin` names the text in errors.
+    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Checked<Self>> {
+        odpo_trainer::config::load_toml::<Self>(text, origin, sets)?.check()
+    }
+
+    /// Validates ([`PipelineConfig::validate`]) into the config the stages take.
+    pub fn check(self) -> Result<Checked<Self>> {
+        self.validate()?;
+        Ok(Checked::after_validation(self))
     }
 
     /// Reads [`PipelineConfig::from_toml_str`] from a file.
-    pub fn from_file(path: &Path, sets: &[String]) -> Result<Self> {
+    pub fn from_file(path: &Path, sets: &[String]) -> Result<Checked<Self>> {
         let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
         Self::from_toml_str(&text, &path.display().to_string(), sets)
     }

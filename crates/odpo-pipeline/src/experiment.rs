@@ -20,6 +20,7 @@ use odpo_loss::{LossConfig, LossKind};
 use odpo_model::LoraConfig;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_trainer::RunConfig;
+use odpo_trainer::config::Checked;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Method, SampleSection};
@@ -139,10 +140,10 @@ pub struct ExperimentSummary {
 
 impl ExperimentConfig {
     /// Reads and checks an experiment file.
-    pub fn from_file(path: &Path) -> Result<Self> {
+    pub fn from_file(path: &Path) -> Result<Checked<Self>> {
         let cfg: Self = odpo_trainer::config::load_toml_file(path, &[])?;
         cfg.validate()?;
-        Ok(cfg)
+        Ok(Checked::after_validation(cfg))
     }
 
     /// Checks ranges, naming the key.
@@ -318,7 +319,7 @@ const PRESET: &str = include_str!("stages/experiment.toml");
 
 /// The trainer's config for one run: the preset (`src/stages/experiment.toml`) with the experiment
 /// config's model, backend, `[pref]` and `[lora]`, and the sweep point.
-fn run_config(cfg: &ExperimentConfig, point: &SweepPoint, samples: &Path, dir: &Path) -> Result<RunConfig> {
+fn run_config(cfg: &ExperimentConfig, point: &SweepPoint, samples: &Path, dir: &Path) -> Result<Checked<RunConfig>> {
     let mut run: RunConfig = odpo_trainer::config::load_toml(PRESET, "odpo-pipeline's experiment preset", &[])?;
     (run.model.path, run.data.path, run.data.seed) = (cfg.model.clone(), samples.to_path_buf(), point.seed);
     (run.data.max_length, run.data.max_prompt_length) = (cfg.pref.max_length, Some(cfg.pref.max_prompt_length));
@@ -328,8 +329,7 @@ fn run_config(cfg: &ExperimentConfig, point: &SweepPoint, samples: &Path, dir: &
     let t = &mut run.train;
     (t.batch_size, t.micro_batch_size, t.epochs, t.seed, t.backend) = (cfg.pref.batch_size, cfg.pref.micro_batch_size.unwrap_or(cfg.pref.batch_size), cfg.pref.epochs, point.seed, cfg.backend);
     (run.output.dir, run.output.cache_dir, run.lora) = (dir.to_path_buf(), dir.join("refcache"), cfg.lora.clone());
-    run.validate()?;
-    Ok(run)
+    Ok(run.check()?)
 }
 
 /// The experiment as Markdown: one row per run, reward and KL with 95% intervals.
@@ -358,7 +358,7 @@ mod tests {
     #[test]
     fn the_shipped_experiment_config_parses_and_bad_values_are_named() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/pipeline/smollm2-imdb.toml");
-        let cfg = ExperimentConfig::from_file(&path).unwrap();
+        let cfg = ExperimentConfig::from_file(&path).unwrap().into_inner();
         assert_eq!((cfg.methods.len(), cfg.lora.as_ref().map(|l| l.rank)), (2, Some(16)));
         let mut bad = cfg.clone();
         bad.sample.k = 1;

@@ -138,7 +138,7 @@ pub fn base_config(config_path: &Path, sets: &[String]) -> Result<PipelineConfig
     let fc = FrontierConfig::from_file(config_path)?;
     let base_path = config_path.parent().unwrap_or(Path::new(".")).join(&fc.base);
     let all_sets: Vec<String> = fc.base_sets.iter().chain(sets).cloned().collect();
-    PipelineConfig::from_file(&base_path, &all_sets)
+    Ok(PipelineConfig::from_file(&base_path, &all_sets)?.into_inner())
 }
 
 /// Runs the sweep in `config_path` (`sets` override the sweep's base pipeline config after its own
@@ -156,6 +156,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
         }
         Subset::PerSeed => {}
     }
+    let cfg = cfg.check()?;
     let dir = cfg.fresh_run_dir(Path::new("runs"));
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
     let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), e.to_string()))?;
@@ -205,7 +206,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
                         let (policy, _) = load_model(&model, device)?;
                         let (ev, _, _) = evaluate_samples(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, seed), &synthetic::reward(), device)?;
                         // The run's own data rules, with the α = 1 offset whatever the method: Δ = log(s_w − s_l).
-                        let mut data = odpo_trainer::RunConfig::from_file(&run_dir.join("config.toml"), &[])?.data;
+                        let mut data = odpo_trainer::RunConfig::from_file(&run_dir.join("config.toml"), &[])?.into_inner().data;
                         data.offset = Some(OffsetConfig { alpha: 1.0, ..OffsetConfig::default() });
                         let margins = pair_margins(&policy, &reference, &tok, &data, device)?;
                         let (h, gap): (Vec<f64>, Vec<f64>) = margins.iter().map(|m| (m.h, m.offset)).unzip();

@@ -17,6 +17,7 @@ use odpo_loss::{LossConfig, LossKind};
 use odpo_model::CausalLm;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_trainer::RunConfig;
+use odpo_trainer::config::Checked;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -100,7 +101,7 @@ pub struct TaskFiles {
 }
 
 /// Writes the synthetic task into `dir/data`: tokenizer, GPT-2 config, SFT texts, prompt lists.
-pub fn prepare_task(cfg: &PipelineConfig, dir: &Path) -> Result<TaskFiles> {
+pub fn prepare_task(cfg: &Checked<PipelineConfig>, dir: &Path) -> Result<TaskFiles> {
     let data = dir.join("data");
     let init_dir = data.join("init");
     synthetic::write_tokenizer(&init_dir)?;
@@ -163,20 +164,19 @@ impl SweepPoint {
 
 /// The SFT stage's run config: the preset (`src/stages/sft.toml`) with the pipeline config's `[sft]`,
 /// seed and backend, reading the task's texts and writing into `dir`.
-pub fn sft_run_config(cfg: &PipelineConfig, task: &TaskFiles, dir: &Path) -> Result<RunConfig> {
+pub fn sft_run_config(cfg: &Checked<PipelineConfig>, task: &TaskFiles, dir: &Path) -> Result<Checked<RunConfig>> {
     let mut run: RunConfig = odpo_trainer::config::load_toml(SFT_PRESET, "odpo-pipeline's SFT preset", &[])?;
     (run.model.path, run.data.path, run.data.seed) = (task.init_dir.clone(), task.sft_data.clone(), cfg.seed);
     (run.optim.lr, run.optim.warmup_steps) = (cfg.sft.lr, (cfg.sft.steps / 10).max(1));
     let t = &mut run.train;
     (t.batch_size, t.micro_batch_size, t.max_steps, t.seed, t.backend) = (cfg.sft.batch_size, cfg.sft.batch_size, Some(cfg.sft.steps), cfg.seed, cfg.backend);
     (run.output.dir, run.output.cache_dir) = (dir.to_path_buf(), dir.join("refcache"));
-    run.validate()?;
-    Ok(run)
+    Ok(run.check()?)
 }
 
 /// A preference run's config: the preset (`src/stages/pref.toml`) with the pipeline config's `[pref]`
 /// and backend and the sweep point, from (and anchored to) `sft_model`, on the pairs of `samples`.
-pub fn pref_run_config(cfg: &PipelineConfig, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path) -> Result<RunConfig> {
+pub fn pref_run_config(cfg: &Checked<PipelineConfig>, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path) -> Result<Checked<RunConfig>> {
     let mut run: RunConfig = odpo_trainer::config::load_toml(PREF_PRESET, "odpo-pipeline's preference preset", &[])?;
     (run.model.path, run.data.path, run.data.seed) = (sft_model.to_path_buf(), samples.to_path_buf(), point.seed);
     run.data.pairing = Some(cfg.pref.pairing.pairing());
@@ -186,18 +186,17 @@ pub fn pref_run_config(cfg: &PipelineConfig, point: &SweepPoint, sft_model: &Pat
     let t = &mut run.train;
     (t.batch_size, t.micro_batch_size, t.max_steps, t.epochs, t.seed, t.backend) = (cfg.pref.batch_size, cfg.pref.batch_size, cfg.pref.steps, cfg.pref.epochs, point.seed, cfg.backend);
     (run.output.dir, run.output.cache_dir) = (dir.to_path_buf(), dir.join("refcache"));
-    run.validate()?;
-    Ok(run)
+    Ok(run.check()?)
 }
 
 /// SFT from random weights on the task's texts; returns the exported model folder.
-pub fn train_sft(cfg: &PipelineConfig, task: &TaskFiles, dir: &Path, device: &Device) -> Result<PathBuf> {
+pub fn train_sft(cfg: &Checked<PipelineConfig>, task: &TaskFiles, dir: &Path, device: &Device) -> Result<PathBuf> {
     let summary = odpo_trainer::train(&sft_run_config(cfg, task, dir)?, device, false)?;
     summary.exported.ok_or_else(|| PipelineError::config("output.export", "the SFT stage exported no model"))
 }
 
 /// One preference stage (`pref_run_config`): trains and returns the trainer's summary.
-pub fn train_pref(cfg: &PipelineConfig, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
+pub fn train_pref(cfg: &Checked<PipelineConfig>, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
     Ok(odpo_trainer::train(&pref_run_config(cfg, point, sft_model, samples, dir)?, device, false)?)
 }
 
@@ -300,10 +299,11 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
 /// and `<loss>/model`) with `samples_per_prompt` (default: the config's) and `seed`, writing
 /// `eval.json` again.
 pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: u64, device: &Device) -> Result<EvalReport> {
-    let mut cfg = PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?;
+    let mut cfg = PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?.into_inner();
     if let Some(n) = samples_per_prompt {
         cfg.eval.samples_per_prompt = n;
     }
+    let cfg = cfg.check()?;
     let eval_prompts = sample::read_prompts(&dir.join("data").join("prompts-eval.txt"))?;
     let (policy, tok) = load_model(&dir.join(cfg.loss.name()).join("model"), device)?;
     let (reference, _) = load_model(&dir.join("sft").join("model"), device)?;

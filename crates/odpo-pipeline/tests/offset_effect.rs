@@ -52,7 +52,7 @@ fn fixture() -> &'static Fixture {
             .map(|c| (field(&c[0], "prompt"), field(&c[0], "text"), field(&c[1], "text"), c[0]["reward"].as_f64().unwrap(), c[1]["reward"].as_f64().unwrap()))
             .collect::<Vec<_>>();
         assert!(pairs.len() >= 120, "only {} prompts gave two different responses", pairs.len());
-        Fixture { cfg, dir, sft, eval_prompts: task.eval_prompts, pairs }
+        Fixture { cfg: cfg.into_inner(), dir, sft, eval_prompts: task.eval_prompts, pairs }
     })
 }
 
@@ -90,6 +90,7 @@ fn train(f: &Fixture, samples: &Path, method: Method, beta: f64, alpha: f64, ste
     let mut cfg = f.cfg.clone();
     cfg.pref.steps = Some(steps);
     cfg.pref.pairing = PairSelection::FirstTwo;
+    let cfg = cfg.check().unwrap();
     let s = train_pref(&cfg, &SweepPoint { method, beta, alpha, seed: 5 }, &f.sft, samples, &f.dir.join(tag), &device()).unwrap();
     s.exported.unwrap()
 }

@@ -279,17 +279,52 @@ impl Default for OutputConfig {
     }
 }
 
+/// A config that passed its checks: what a run takes. Only a config's `check` makes one, so nothing
+/// runs on values that were not validated, and a change after the check needs a new check
+/// ([`Checked::into_inner`], edit, `check`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checked<T>(T);
+
+impl<T> std::ops::Deref for Checked<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: Serialize> Serialize for Checked<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<T> Checked<T> {
+    /// Marks a config as checked; for a config type's own `check` after its validation.
+    pub fn after_validation(cfg: T) -> Self {
+        Self(cfg)
+    }
+
+    /// The config, to edit (and check again).
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
 impl RunConfig {
-    /// Parses TOML text, applies `--set` overrides (`a.b=value`), deserialises and validates.
+    /// Parses TOML text, applies `--set` overrides (`a.b=value`), deserialises and checks.
     /// `origin` names the text in error messages.
-    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Self> {
-        let cfg: RunConfig = load_toml(text, origin, sets)?;
-        cfg.validate()?;
-        Ok(cfg)
+    pub fn from_toml_str(text: &str, origin: &str, sets: &[String]) -> Result<Checked<Self>> {
+        load_toml::<RunConfig>(text, origin, sets)?.check()
+    }
+
+    /// Validates every table and the rules between them ([`RunConfig::validate`]).
+    pub fn check(self) -> Result<Checked<Self>> {
+        self.validate()?;
+        Ok(Checked(self))
     }
 
     /// Reads [`RunConfig::from_toml_str`] from a file.
-    pub fn from_file(path: &Path, sets: &[String]) -> Result<Self> {
+    pub fn from_file(path: &Path, sets: &[String]) -> Result<Checked<Self>> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
         Self::from_toml_str(&text, &path.display().to_string(), sets)
     }
@@ -554,7 +589,7 @@ beta = 0.1
 
     fn parse(text: &str, sets: &[&str]) -> Result<RunConfig> {
         let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
-        RunConfig::from_toml_str(text, "run.toml", &sets)
+        RunConfig::from_toml_str(text, "run.toml", &sets).map(Checked::into_inner)
     }
 
     #[test]

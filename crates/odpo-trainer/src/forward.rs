@@ -18,7 +18,7 @@ pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, d
 /// completion columns only.
 pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
     match &batch.rows {
-        PairRows::SharedPrompt(rows) => shared_prompt_logprobs(model, rows),
+        PairRows::SharedPrompt(r) => shared_prompt_logprobs(model, r.prompt_ids.clone(), &r.prompt_mask, r.completion_ids.clone(), &r.full_mask, r.loss_mask.clone()),
         PairRows::Concatenated(r) => completion_logprobs(model, r.input_ids.clone(), &r.attention_mask, r.loss_mask.clone(), r.first_target),
     }
 }

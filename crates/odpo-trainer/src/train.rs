@@ -16,7 +16,7 @@ use odpo_model::tokenizer::Tokenizer;
 use odpo_model::{CausalLm, ModelConfig, Precision};
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{ModelSection, ReferenceMode, RunConfig, Stage};
+use crate::config::{Checked, ModelSection, ReferenceMode, RunConfig, Stage};
 use crate::data::{self, RunData};
 use crate::error::{Result, TrainError};
 use crate::eval;
@@ -47,14 +47,14 @@ pub struct RunSummary {
 
 /// Runs `cfg` on `device` (without autodiff; the trainer adds it): reads the model's tokenizer and the
 /// data, then [`train_on`]. With `resume`, continues from the newest checkpoint in `output.dir`.
-pub fn train(cfg: &RunConfig, device: &Device, resume: bool) -> Result<RunSummary> {
+pub fn train(cfg: &Checked<RunConfig>, device: &Device, resume: bool) -> Result<RunSummary> {
     let data = load_data(cfg)?;
     train_on(cfg, data, device, resume, Some(&tokenizer_dir(&cfg.model)))
 }
 
 /// [`train`] on data already tokenized (tests build pairs from token ids). `tokenizer_dir`: where the
 /// tokenizer files to export with the model are.
-pub fn train_on(cfg: &RunConfig, data: RunData, device: &Device, resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
+pub fn train_on(cfg: &Checked<RunConfig>, data: RunData, device: &Device, resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
     train_on_devices(cfg, data, std::slice::from_ref(device), resume, tokenizer_dir)
 }
 
@@ -70,7 +70,7 @@ pub fn load_data(cfg: &RunConfig) -> Result<RunData> {
 /// [`train_on`] data-parallel over `devices` (one backend; the first holds the model, the optimizer
 /// and the evaluation): each step is [`Trainer::step`] over [`DataParallel`] replicas, equal to the
 /// single-device step up to the order of floating-point additions.
-pub fn train_on_devices(cfg: &RunConfig, data: RunData, devices: &[Device], resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
+pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
     let (t, run_dir) = (&cfg.train, cfg.output.dir.clone());
     let Some(device) = devices.first() else {
         return Err(TrainError::config("train.devices", "is empty; expected at least one device"));

@@ -17,7 +17,7 @@ fn device() -> burn::tensor::Device {
     odpo_model::backend::device("flex").expect("flex backend")
 }
 
-fn cfg(model: &Path, run: &Path, extra: &[&str]) -> RunConfig {
+fn cfg(model: &Path, run: &Path, extra: &[&str]) -> odpo_trainer::config::Checked<RunConfig> {
     let mut sets = vec!["train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=28", "train.checkpoint_every=7", "train.log_every=7", "eval.every=0"];
     sets.extend_from_slice(extra);
     config(model, run, "", &sets)

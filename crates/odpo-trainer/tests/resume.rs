@@ -18,7 +18,7 @@ use odpo_trainer::{RunConfig, TrainError};
 
 const STEPS: &str = "train.max_steps=240";
 
-fn cfg(model: &Path, run: &Path) -> RunConfig {
+fn cfg(model: &Path, run: &Path) -> odpo_trainer::config::Checked<RunConfig> {
     config(model, run, "", &["train.batch_size=8", "train.micro_batch_size=4", STEPS, "train.checkpoint_every=7", "train.keep_checkpoints=2", "train.log_every=5", "eval.every=50", "optim.optimizer=rmsprop", "optim.lr=1e-3", "optim.momentum=0.5", "optim.schedule=cosine"])
 }
 
@@ -107,10 +107,8 @@ fn killed_and_resumed_run_matches_an_uninterrupted_one_bitwise() {
 }
 
 /// The signalled run: no periodic checkpoint before step 1000, so any checkpoint is the signal's.
-fn signal_cfg(model: &Path, run: &Path) -> RunConfig {
-    let mut cfg = cfg(model, run);
-    cfg.train.checkpoint_every = 1000;
-    cfg
+fn signal_cfg(model: &Path, run: &Path) -> odpo_trainer::config::Checked<RunConfig> {
+    common::edit(cfg(model, run), |c| c.train.checkpoint_every = 1000)
 }
 
 #[test]

@@ -36,7 +36,7 @@ fn scored_file(dir: &Path) -> PathBuf {
 }
 
 /// A run config for SFT on the tiny model; `data` and `train` are TOML lines for those tables.
-fn run_config(model: &Path, run: &Path, data: &str, train: &str) -> Result<odpo_trainer::RunConfig, odpo_trainer::TrainError> {
+fn run_config(model: &Path, run: &Path, data: &str, train: &str) -> Result<odpo_trainer::config::Checked<odpo_trainer::RunConfig>, odpo_trainer::TrainError> {
     let text = format!(
         "[model]\npath = \"{}\"\nrandom_init = true\n[data]\n{data}\nmax_length = 32\nmax_prompt_length = 16\n\
          [optim]\noptimizer = \"adamw\"\nlr = 3e-3\nweight_decay = 0.0\n[train]\n{train}\n[output]\ndir = \"{}\"\nprogress = false\n",

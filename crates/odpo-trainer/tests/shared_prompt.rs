@@ -10,7 +10,7 @@ use burn::data::dataloader::batcher::Batcher;
 use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
-use odpo_data::{Layout, PreferenceBatcher, TokenizedPair};
+use odpo_data::{Layout, PreferenceBatcher, SharedPromptRows, TokenizedPair};
 use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
 use odpo_model::{CausalLm, Module};
 use rand::rngs::StdRng;
@@ -32,6 +32,10 @@ fn pairs(vocab: u32, seed: u64) -> Vec<TokenizedPair> {
         .enumerate()
         .map(|(i, &(p, c, r))| TokenizedPair { pair_id: i, prompt: toks(p), chosen: toks(c), rejected: toks(r), offset: 0.0, weight: None })
         .collect()
+}
+
+fn shared_logps(model: &CausalLm, r: &SharedPromptRows) -> (Tensor<1>, Tensor<1>) {
+    shared_prompt_logprobs(model, r.prompt_ids.clone(), &r.prompt_mask, r.completion_ids.clone(), &r.full_mask, r.loss_mask.clone())
 }
 
 fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
@@ -68,7 +72,7 @@ fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
         let shared = batch.shared().expect("the batch has prompts and completions");
         let concat = PreferenceBatcher::new(0, None, Layout::Concatenated).batch(items.clone(), &device);
         let rows = concat.concatenated().expect("concatenated rows");
-        let (s_sum, s_count) = shared_prompt_logprobs(&model, shared);
+        let (s_sum, s_count) = shared_logps(&model, shared);
         let (c_sum, c_count) = completion_logprobs(&model, rows.input_ids.clone(), &rows.attention_mask, rows.loss_mask.clone(), 1);
         assert_eq!(to_vec(s_count.clone()), to_vec(c_count.clone()), "{case}: token counts");
         let (a, b) = (to_vec(s_sum.clone()), to_vec(c_sum.clone()));
@@ -115,8 +119,8 @@ fn padding_to_a_multiple_changes_no_log_prob() {
             assert_eq!(width % 8, 0, "{case}: width {width}");
         }
         assert!(padded.input_ids.dims()[1] > plain.input_ids.dims()[1] || plain.input_ids.dims()[1] % 8 == 0, "{case}: nothing was padded");
-        let (a, _) = shared_prompt_logprobs(&model, plain_shared.shared().expect("shared layout"));
-        let (b, _) = shared_prompt_logprobs(&model, shared);
+        let (a, _) = shared_logps(&model, plain_shared.shared().expect("shared layout"));
+        let (b, _) = shared_logps(&model, shared);
         let (c, _) = completion_logprobs(&model, plain.input_ids.clone(), &plain.attention_mask, plain.loss_mask.clone(), 1);
         let (d, _) = completion_logprobs(&model, padded.input_ids.clone(), &padded.attention_mask, padded.loss_mask.clone(), 1);
         for (x, y) in to_vec(a).iter().zip(to_vec(b)).chain(to_vec(c).iter().zip(to_vec(d))) {

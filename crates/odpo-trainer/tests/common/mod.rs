@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use odpo_data::TokenizedPair;
+use odpo_trainer::config::Checked;
 use odpo_trainer::{RunConfig, RunData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -62,7 +63,7 @@ pub fn data(train: usize, eval: usize) -> RunData {
 }
 
 /// A run config for the tiny model; `extra` is TOML appended (tables), `sets` are `--set` overrides.
-pub fn config(model: &Path, run_dir: &Path, extra: &str, sets: &[&str]) -> RunConfig {
+pub fn config(model: &Path, run_dir: &Path, extra: &str, sets: &[&str]) -> Checked<RunConfig> {
     let text = format!(
         r#"
 [model]
@@ -97,12 +98,19 @@ progress = false
 }
 
 /// `cfg` as an SFT run: no objective, no offsets (validated).
-pub fn as_sft(mut cfg: RunConfig) -> RunConfig {
-    cfg.train.stage = odpo_trainer::config::Stage::Sft;
-    cfg.loss = None;
-    cfg.data.offset = None;
-    cfg.validate().expect("sft config");
-    cfg
+pub fn as_sft(cfg: Checked<RunConfig>) -> Checked<RunConfig> {
+    edit(cfg, |cfg| {
+        cfg.train.stage = odpo_trainer::config::Stage::Sft;
+        cfg.loss = None;
+        cfg.data.offset = None;
+    })
+}
+
+/// `cfg` changed by `f`, checked again.
+pub fn edit(cfg: Checked<RunConfig>, f: impl FnOnce(&mut RunConfig)) -> Checked<RunConfig> {
+    let mut cfg = cfg.into_inner();
+    f(&mut cfg);
+    cfg.check().expect("edited config")
 }
 
 /// The exported weights of a run, as raw bytes.
