@@ -231,7 +231,8 @@ fn backend_for(args: &[String]) -> Result<String> {
     }
     let config = match (flag_value(args, "--config")?, flag_value(args, "--resume")?) {
         (Some(c), _) => Some(std::path::PathBuf::from(c)),
-        (None, Some(run)) => Some(std::path::Path::new(run).join("config.toml")),
+        // A trainer run's folder holds `config.toml`; a built-in pipeline's, `pipeline.toml`.
+        (None, Some(run)) => ["config.toml", "pipeline.toml"].iter().map(|f| std::path::Path::new(run).join(f)).find(|p| p.exists()),
         (None, None) => None,
     };
     Ok(config.and_then(|c| config_backend(&c, 0)).unwrap_or_else(|| "flex".into()))
@@ -1095,6 +1096,8 @@ mod tests {
         std::fs::write(dir.join("run.toml"), "[model]\npath = \"m\"\n[train]\nbackend = \"tch-cuda\"\n")?;
         std::fs::write(dir.join("run/config.toml"), "[train]\nbackend = \"wgpu\"\n")?;
         std::fs::write(dir.join("pipeline.toml"), "name = \"p\"\nbackend = \"cuda\"\n")?;
+        std::fs::create_dir_all(dir.join("pipeline-run"))?;
+        std::fs::write(dir.join("pipeline-run/pipeline.toml"), "name = \"p\"\nbackend = \"metal\"\n")?;
         std::fs::write(dir.join("sweep.toml"), "base = \"pipeline.toml\"\nname = \"s\"\n")?;
         std::fs::write(dir.join("data.toml"), "path = \"x.jsonl\"\nformat = \"jsonl\"\n")?;
         let at = |f: &str| dir.join(f).display().to_string();
@@ -1102,6 +1105,7 @@ mod tests {
         assert_eq!(backend_for(&args(&["--config", &at("run.toml"), "--backend", "flex"]))?, "flex");
         assert_eq!(backend_for(&args(&["--config", &at("run.toml"), "--set", "train.backend=\"vulkan\""]))?, "vulkan");
         assert_eq!(backend_for(&args(&["--resume", &at("run")]))?, "wgpu");
+        assert_eq!(backend_for(&args(&["--resume", &at("pipeline-run")]))?, "metal");
         assert_eq!(backend_for(&args(&["--config", &at("pipeline.toml")]))?, "cuda");
         assert_eq!(backend_for(&args(&["--config", &at("sweep.toml")]))?, "cuda");
         assert_eq!(backend_for(&args(&["--set=backend=metal"]))?, "metal");

@@ -39,6 +39,9 @@ pub struct BenchArgs {
     /// Run the concatenated `[2B, T]` rows (as TRL does) instead of each prompt once.
     #[arg(long)]
     no_shared_prompt: bool,
+    /// burn's balanced gradient checkpointing (`train.gradient_checkpointing`).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Compute precision: f32, or bf16 / f16 mixed precision as `train.dtype` trains (weights,
     /// gradients and optimizer state stay f32).
     #[arg(long, default_value = "f32")]
@@ -175,7 +178,7 @@ pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
 pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, ..Default::default() });
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt, precision: a.dtype.parse()? };
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
     // Measured after the step, so that it does not raise the step's peak memory.
     let peak_rss = peak_rss_mb();
@@ -188,6 +191,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         m.insert("lora".into(), a.lora.unwrap_or(0).into());
         m.insert("shared_prompt".into(), (!a.no_shared_prompt).into());
         m.insert("dtype".into(), a.dtype.clone().into());
+        m.insert("gradient_checkpointing".into(), a.gradient_checkpointing.into());
         m.insert("repeats".into(), b.repeats.into());
         m.insert("peak_rss_mib".into(), peak_rss.into());
         m.insert("matmul_peak_gflops".into(), matmul.into());

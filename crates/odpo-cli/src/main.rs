@@ -32,8 +32,10 @@ enum Command {
     Sample(SampleArgs),
     /// Reward and KL to the reference of a pipeline run's policy, on held-out prompts.
     Eval(EvalArgs),
-    /// Fit a reward model (a regression head on a transformer) to scored texts and report its
-    /// held-out rank correlation; `--reward learned:DIR` then scores with it.
+    /// Fit a reward model (a linear head on a frozen transformer): a regression on scored texts
+    /// (`--data`), or a Bradley–Terry model on preference pairs (`--pairs`, for data with no scores),
+    /// with held-out figures; `--reward learned:DIR` then scores with it, and `--scored-out` writes
+    /// the pairs with the model's scores for `[data.offset]`.
     RewardModel(RewardModelArgs),
     /// Sweep beta (and alpha) for DPO and ODPO over pair counts and seeds; table and plot.
     Frontier(FrontierArgs),
@@ -62,25 +64,48 @@ enum Command {
 
 #[derive(Args)]
 struct RewardModelArgs {
-    /// Scored texts: `{"prompt", "text", "reward"}` per line (the paper's IMDB file, or `sample`'s output).
+    /// Scored texts: `{"prompt", "text", "reward"}` per line (the paper's IMDB file, or `sample`'s
+    /// output); fits a ridge regression.
+    #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+    data: Option<PathBuf>,
+    /// Preference pairs: a data file (its format from `--format` or its extension), or a data config
+    /// `.toml` (`datasets/tldr/dataset.toml`); fits a Bradley–Terry model. Scores in the data are not
+    /// needed; where every pair has them, a ridge model's held-out pair accuracy is reported beside.
     #[arg(long)]
-    data: PathBuf,
+    pairs: Option<PathBuf>,
+    /// The format of `--pairs` when it is not a `.toml`: jsonl, parquet, scored-jsonl or tldr-json.
+    #[arg(long, requires = "pairs")]
+    format: Option<String>,
+    /// With `--pairs`: write every pair the model orders as the data does to this JSONL file, with
+    /// `score_chosen` and `score_rejected` from the model, ready for `format = "jsonl"` and
+    /// `[data.offset]`; pairs it orders the other way (an offset would need `s_w > s_l`) are left
+    /// out and counted.
+    #[arg(long, requires = "pairs")]
+    scored_out: Option<PathBuf>,
     /// The transformer under the head: a HF folder or a `.gguf` file.
     #[arg(long)]
     backbone: PathBuf,
     /// Where to write the reward model (`reward.json`, `head.json`).
     #[arg(long)]
     out: PathBuf,
-    /// Tokens of prompt + separator + text kept (the beginning).
+    /// Tokens of prompt + separator + text kept.
     #[arg(long, default_value_t = 128)]
     max_length: usize,
+    /// Which tokens a longer text keeps: `start` (the first), or `end` (the last: the response
+    /// after a long prompt).
+    #[arg(long, default_value = "start", value_parser = ["start", "end"])]
+    keep: String,
+    /// Pooling of the final hidden states: `mean`, or `last` (the last token's). Default: `mean`
+    /// for `--data`, `last` for `--pairs`.
+    #[arg(long, value_parser = ["mean", "last"])]
+    pooling: Option<String>,
     /// Joins prompt and text.
     #[arg(long, default_value = " ")]
     separator: String,
-    /// Share of the prompts held out for the reported correlation.
+    /// Share of the prompts held out for the reported figures.
     #[arg(long, default_value_t = 0.2)]
     heldout: f64,
-    /// Use only the first N texts (sorted by prompt and text), for a quicker fit.
+    /// Use only N texts (`--data`) or pairs (`--pairs`), every k-th, for a quicker fit.
     #[arg(long)]
     limit: Option<usize>,
     /// Seed of the prompt split.
@@ -115,7 +140,8 @@ struct TrainArgs {
     /// Override a config key, e.g. `--set optim.lr=1e-6` (repeatable; the value is parsed as TOML).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
-    /// Continue the run in this folder from its newest checkpoint.
+    /// Continue the run in this folder from its newest checkpoint; a built-in pipeline's folder
+    /// (`runs/default`) keeps its finished stages and online rounds and resumes the rest.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
 }
@@ -271,11 +297,21 @@ struct LogprobsArgs {
     json: bool,
 }
 
+/// Where a log line goes: stderr, or the run's `train.log` while burn-train's dashboard holds the
+/// terminal (`output.dashboard`).
+fn log_writer() -> Box<dyn std::io::Write> {
+    #[cfg(feature = "dashboard")]
+    if let Some(file) = odpo_trainer::dashboard::log_file() {
+        return Box::new(file);
+    }
+    Box::new(std::io::stderr())
+}
+
 fn main() -> ExitCode {
     allocator::reuse_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .init();
     let cli = Cli::parse();
     // Commands that train stop at a step boundary on SIGTERM / SIGINT, with a checkpoint.
@@ -287,8 +323,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match interrupted(&e) {
             Some((step, run_dir)) => {
-                eprintln!("stopped on a signal after step {step}, with a checkpoint in {}", run_dir.display());
-                eprintln!("resume with: odpo train --resume {}   (a pipeline command: run it again)", run_dir.display());
+                eprintln!("stopped on request (a signal, or the dashboard's stop) after step {step}, with a checkpoint in {}", run_dir.display());
+                // A stage of the built-in pipeline: resume the pipeline, whose folder is above.
+                match run_dir.ancestors().find(|d| d.join("pipeline.toml").exists()) {
+                    Some(pipeline) => eprintln!("resume with: odpo train --resume {}", pipeline.display()),
+                    None => eprintln!("resume with: odpo train --resume {}   (a sweep or an experiment: run the same command again)", run_dir.display()),
+                }
                 ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
             }
             None => {
@@ -431,6 +471,18 @@ fn cmd_train(mut a: TrainArgs) -> Result<()> {
         let list: Vec<String> = a.devices.iter().map(|d| serde_json::Value::String(d.clone()).to_string()).collect();
         a.sets.push(format!("train.devices=[{}]", list.join(",")));
     }
+    if let Some(dir) = a.resume.as_ref().filter(|d| d.join("pipeline.toml").exists()) {
+        // A built-in pipeline's folder: its finished stages and rounds are kept, the rest resumed.
+        let config = dir.join("pipeline.toml");
+        let backend = match &a.backend {
+            Some(b) => b.clone(),
+            None => odpo_pipeline::PipelineConfig::from_file(&config, &a.sets)?.backend.name().to_string(),
+        };
+        let device = backend::device(&backend)?;
+        let opts = odpo_pipeline::DefaultOptions { config: Some(config), sets: a.sets, run_dir: Some(dir.clone()), verbose: true };
+        odpo_pipeline::run_default(&opts, &device)?;
+        return Ok(());
+    }
     if a.config.is_none() && a.resume.is_none() {
         // The built-in default: the known-reward task end to end, on `--backend`, else its `backend`.
         let backend = match a.backend {
@@ -525,26 +577,95 @@ fn cmd_sample(a: SampleArgs) -> Result<()> {
 }
 
 fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
+    use odpo_pipeline::learned::{FeatureSpec, FitOptions, Keep, LearnedReward, Pooling};
     let device = backend::device(&a.backend)?;
-    let mut entries = odpo_pipeline::ScoreTable::from_jsonl(&a.data)?.entries();
-    if let Some(n) = a.limit {
-        // A spread of prompts rather than the first few: every k-th entry.
-        let step = (entries.len() / n.max(1)).max(1);
-        entries = entries.into_iter().step_by(step).take(n).collect();
-    }
-    let opts = odpo_pipeline::learned::FitOptions {
+    let pooling = match a.pooling.as_deref() {
+        Some("last") => Pooling::Last,
+        Some(_) => Pooling::Mean,
+        None if a.pairs.is_some() => Pooling::Last,
+        None => Pooling::Mean,
+    };
+    let keep = if a.keep == "end" { Keep::End } else { Keep::Start };
+    let opts = FitOptions {
         backbone: a.backbone.clone(),
-        max_length: a.max_length,
-        separator: a.separator.clone(),
+        features: FeatureSpec { max_length: a.max_length, separator: a.separator.clone(), pooling, keep },
         heldout_fraction: a.heldout,
         seed: a.seed,
         ..Default::default()
     };
-    let (model, report) = odpo_pipeline::learned::LearnedReward::fit(&entries, &opts, &device)?;
+    // A spread of the file rather than its start: every k-th entry.
+    let spread = |n: usize, len: usize| (len / n.max(1)).max(1);
+    let Some(pairs_path) = &a.pairs else {
+        let Some(data) = &a.data else { bail!("give --data FILE (scored texts) or --pairs FILE (preference pairs)") };
+        let mut entries = odpo_pipeline::ScoreTable::from_jsonl(data)?.entries();
+        if let Some(n) = a.limit {
+            let k = spread(n, entries.len());
+            entries = entries.into_iter().step_by(k).take(n).collect();
+        }
+        let (model, report) = LearnedReward::fit(&entries, &opts, &device)?;
+        model.save(&a.out)?;
+        println!("fitted on {} texts, {} held out (by prompt); ridge penalty {}", report.train_texts, report.heldout_texts, report.l2);
+        println!("held-out Spearman {:.4}, Pearson {:.4}, RMSE {:.4} (score std {:.4}); backbone features in {:.0} s", report.spearman, report.pearson, report.rmse, report.heldout_std, report.feature_seconds);
+        println!("saved to {} (use --reward learned:{0})", a.out.display());
+        return Ok(());
+    };
+
+    let mut cfg = if pairs_path.extension().is_some_and(|e| e == "toml") {
+        odpo_data::DataConfig::from_toml_file(pairs_path)?
+    } else {
+        let format = match (a.format.as_deref(), pairs_path.extension().and_then(|e| e.to_str())) {
+            (Some(f), _) => f.to_string(),
+            (None, Some("jsonl")) => "jsonl".into(),
+            (None, Some("parquet")) => "parquet".into(),
+            (None, Some("json")) => "tldr-json".into(),
+            _ => bail!("--pairs {}: give --format (jsonl, parquet, scored-jsonl or tldr-json)", pairs_path.display()),
+        };
+        let format: odpo_data::Format = serde_json::from_value(serde_json::Value::from(format.as_str()))
+            .with_context(|| format!("--format `{format}`: expected jsonl, parquet, scored-jsonl or tldr-json"))?;
+        odpo_data::DataConfig::new(pairs_path, format)
+    };
+    // The pairs as they are: no offsets (they need scores), no held-out split (the fit splits by prompt).
+    (cfg.offset, cfg.eval_fraction) = (None, 0.0);
+    let mut loaded = odpo_data::load(&cfg)?.pairs;
+    if let Some(n) = a.limit {
+        let k = spread(n, loaded.len());
+        loaded = loaded.into_iter().step_by(k).take(n).collect();
+    }
+    let pairs: Vec<odpo_pipeline::learned::PairText> = loaded
+        .iter()
+        .map(|p| odpo_pipeline::learned::PairText {
+            prompt: p.prompt.flat(),
+            chosen: p.chosen.flat(),
+            rejected: p.rejected.flat(),
+            scores: p.score_chosen.zip(p.score_rejected),
+        })
+        .collect();
+    let odpo_pipeline::learned::PairFit { model, report, pair_scores } = LearnedReward::fit_pairs(&pairs, &opts, &device)?;
     model.save(&a.out)?;
-    println!("fitted on {} texts, {} held out (by prompt); ridge penalty {}", report.train_texts, report.heldout_texts, report.l2);
-    println!("held-out Spearman {:.4}, Pearson {:.4}, RMSE {:.4} (score std {:.4}); backbone features in {:.0} s", report.spearman, report.pearson, report.rmse, report.heldout_std, report.feature_seconds);
+    println!(
+        "Bradley–Terry on {} pairs ({} prompts), {} held out ({} prompts); {} texts through the backbone in {:.0} s; penalty {}",
+        report.train_pairs, report.train_prompts, report.heldout_pairs, report.heldout_prompts, report.texts, report.feature_seconds, report.l2
+    );
+    println!("held-out pair accuracy {:.4} (training {:.4}), log-loss {:.4} (chance 0.6931)", report.accuracy, report.train_accuracy, report.log_loss);
+    if let Some(r) = report.regression_accuracy {
+        println!("ridge regression on the training texts' scores, same held-out pairs: accuracy {r:.4}");
+    }
     println!("saved to {} (use --reward learned:{0})", a.out.display());
+    if let Some(out) = &a.scored_out {
+        let mut text = String::new();
+        let mut reversed = 0;
+        for (p, &(chosen, rejected)) in loaded.iter().zip(&pair_scores) {
+            if chosen <= rejected {
+                reversed += 1;
+                continue;
+            }
+            let row = serde_json::json!({ "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "score_chosen": chosen, "score_rejected": rejected });
+            text.push_str(&row.to_string());
+            text.push('\n');
+        }
+        odpo_model::weights::write_atomic(out, text.as_bytes())?;
+        println!("{} pairs with the model's scores written to {}; {reversed} the model orders the other way left out", loaded.len() - reversed, out.display());
+    }
     Ok(())
 }
 

@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Position;
 
-/// A prompt or a response: plain text or a list of chat messages.
-#[derive(Clone, Debug, PartialEq)]
+/// A prompt or a response: plain text or a list of chat messages. Serialised as the data files
+/// hold it: a string, or a list of `{"role", "content"}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
 pub enum Text {
     /// Plain text.
     Plain(String),

@@ -173,6 +173,30 @@ pub struct PrefSection {
     pub batch_size: usize,
     /// Learning rate (AdamW, constant after 10 warmup steps).
     pub lr: f64,
+    /// Online rounds (`odpo_pipeline::rounds`): each samples the policy it starts from on its share
+    /// of the prompts, pairs the samples and trains `epochs` (or `steps`) on them. 1: one offline
+    /// round from the SFT model's samples.
+    #[serde(default = "one_round")]
+    pub rounds: usize,
+    /// The reference in rounds after the first: `initial` (the SFT model throughout) or `previous`
+    /// (the policy the round starts from).
+    #[serde(default)]
+    pub round_reference: RoundReference,
+}
+
+fn one_round() -> usize {
+    1
+}
+
+/// The reference of an online round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoundReference {
+    /// The SFT model, in every round.
+    #[default]
+    Initial,
+    /// The policy the round starts from (the last round's result).
+    Previous,
 }
 
 /// `[eval]`.
@@ -240,6 +264,9 @@ impl PipelineConfig {
             if !(v.is_finite() && v > 0.0) {
                 return Err(PipelineError::config(key, format!("is {v}; expected a finite number > 0")));
             }
+        }
+        if self.pref.rounds == 0 || self.pref.rounds > self.task.pref_prompts {
+            return Err(PipelineError::config("pref.rounds", format!("is {}; expected 1 to task.pref_prompts ({}): each round needs prompts of its own", self.pref.rounds, self.task.pref_prompts)));
         }
         if self.pref.steps == Some(0) {
             return Err(PipelineError::config("pref.steps", "is 0; expected at least 1 (or leave it out to use `pref.epochs`)"));

@@ -40,6 +40,7 @@ pub mod learned;
 pub mod pipeline;
 pub mod plot;
 pub mod reward;
+pub mod rounds;
 pub mod sample;
 pub mod synthetic;
 

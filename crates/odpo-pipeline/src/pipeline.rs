@@ -68,6 +68,8 @@ pub struct DefaultSummary {
     pub pairs: usize,
     /// The evaluation.
     pub eval: EvalReport,
+    /// Each online round's outcome (empty for one offline round).
+    pub rounds: Vec<crate::rounds::RoundResult>,
     /// Seconds per stage, in order.
     pub stage_seconds: Vec<(String, f64)>,
     /// Seconds in all.
@@ -83,6 +85,12 @@ impl std::fmt::Display for DefaultSummary {
         writeln!(f, "plot:    {}", self.plot.display())?;
         writeln!(f, "reward   SFT {:.3} ± {:.3}   policy {:.3} ± {:.3}   ({} held-out prompts × {})", r.reward.mean, r.reward.ci95, p.reward.mean, p.reward.ci95, self.eval.prompts, self.eval.samples_per_prompt)?;
         writeln!(f, "KL       seq {:.3} ± {:.3}   k3 {:.3} ± {:.3}", p.kl.seq.mean, p.kl.seq.ci95, p.kl.k3.mean, p.kl.k3.ci95)?;
+        for r in &self.rounds {
+            writeln!(f, "round {}  {} pairs   reward {:.3} ± {:.3}   KL seq {:.3} ± {:.3}", r.round, r.pairs, r.eval.reward.mean, r.eval.reward.ci95, r.eval.kl.seq.mean, r.eval.kl.seq.ci95)?;
+        }
+        if !self.rounds.is_empty() {
+            writeln!(f, "rounds:  {}", self.run_dir.join("rounds.md").display())?;
+        }
         write!(f, "time     {:.1} s ({})", self.wall_seconds, self.stage_seconds.iter().map(|(s, t)| format!("{s} {t:.1} s")).collect::<Vec<_>>().join(", "))
     }
 }
@@ -189,15 +197,22 @@ pub fn pref_run_config(cfg: &Checked<PipelineConfig>, point: &SweepPoint, sft_mo
     Ok(run.check()?)
 }
 
-/// SFT from random weights on the task's texts; returns the exported model folder.
+/// SFT from random weights on the task's texts; returns the exported model folder. A folder that
+/// holds a checkpoint (an interrupted or finished stage) is resumed.
 pub fn train_sft(cfg: &Checked<PipelineConfig>, task: &TaskFiles, dir: &Path, device: &Device) -> Result<PathBuf> {
-    let summary = odpo_trainer::train(&sft_run_config(cfg, task, dir)?, device, false)?;
+    let summary = odpo_trainer::train(&sft_run_config(cfg, task, dir)?, device, has_checkpoint(dir)?)?;
     summary.exported.ok_or_else(|| PipelineError::config("output.export", "the SFT stage exported no model"))
 }
 
-/// One preference stage (`pref_run_config`): trains and returns the trainer's summary.
+/// One preference stage (`pref_run_config`): trains (resuming from a checkpoint in `dir`) and returns
+/// the trainer's summary.
 pub fn train_pref(cfg: &Checked<PipelineConfig>, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
-    Ok(odpo_trainer::train(&pref_run_config(cfg, point, sft_model, samples, dir)?, device, false)?)
+    Ok(odpo_trainer::train(&pref_run_config(cfg, point, sft_model, samples, dir)?, device, has_checkpoint(dir)?)?)
+}
+
+/// Whether a trainer folder holds a checkpoint to resume from.
+pub(crate) fn has_checkpoint(dir: &Path) -> Result<bool> {
+    Ok(!odpo_trainer::checkpoint::list(dir)?.is_empty())
 }
 
 /// Loads a model folder (weights, config, tokenizer).
@@ -248,18 +263,31 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
     let sft_model = train_sft(&cfg, &task, &dir.join("sft"), device)?;
     done("sft", &mut stages);
 
-    say(v, format_args!("[3/5] sampling {} responses for each of {} prompts", cfg.sample.k, task.pref_prompts.len()));
-    let samples = dir.join("data").join("samples.jsonl");
-    let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
-    let report = sample::sample(&sft_model, &task.pref_prompts, &settings, task_score(&cfg).as_ref(), &samples, device)?;
-    say(v, format_args!("      {} responses, mean score {:.3} ({})", report.responses, report.mean_reward, task_score(&cfg).name()));
-    done("sample", &mut stages);
+    let (samples, pref_dir, policy_model, pairs, rounds) = if cfg.pref.rounds > 1 {
+        say(v, format_args!("[3-4/5] {} online rounds of {} (beta {}, alpha {}) from the SFT model, {} prompts each, reference: {:?}", cfg.pref.rounds, cfg.loss.name(), cfg.pref.beta, cfg.pref.alpha, task.pref_prompts.len() / cfg.pref.rounds, cfg.pref.round_reference));
+        let rounds = crate::rounds::online_rounds(&cfg, &task, &sft_model, &dir, device, v)?;
+        let last = rounds.last().ok_or_else(|| PipelineError::config("pref.rounds", "no round ran"))?;
+        let n = rounds.len();
+        let pairs = rounds.iter().map(|r| r.pairs).sum();
+        (dir.join("data").join(format!("samples-round-{n}.jsonl")), dir.join(cfg.loss.name()).join(format!("round-{n}")), last.model.clone(), pairs, rounds)
+    } else {
+        say(v, format_args!("[3/5] sampling {} responses for each of {} prompts", cfg.sample.k, task.pref_prompts.len()));
+        let samples = dir.join("data").join("samples.jsonl");
+        // A resumed run reuses its samples (written atomically: present means whole).
+        if !samples.exists() {
+            let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
+            let report = sample::sample(&sft_model, &task.pref_prompts, &settings, task_score(&cfg).as_ref(), &samples, device)?;
+            say(v, format_args!("      {} responses, mean score {:.3} ({})", report.responses, report.mean_reward, task_score(&cfg).name()));
+        }
+        done("sample", &mut stages);
 
-    say(v, format_args!("[4/5] {} (beta {}, alpha {}) from the SFT model", cfg.loss.name(), cfg.pref.beta, cfg.pref.alpha));
-    let pref_dir = dir.join(cfg.loss.name());
-    let pref = train_pref(&cfg, &SweepPoint::of(&cfg), &sft_model, &samples, &pref_dir, device)?;
-    let policy_model = pref.exported.clone().ok_or_else(|| PipelineError::config("output.export", "the preference stage exported no model"))?;
-    let pairs = pairs_in(&pref_dir)?;
+        say(v, format_args!("[4/5] {} (beta {}, alpha {}) from the SFT model", cfg.loss.name(), cfg.pref.beta, cfg.pref.alpha));
+        let pref_dir = dir.join(cfg.loss.name());
+        let pref = train_pref(&cfg, &SweepPoint::of(&cfg), &sft_model, &samples, &pref_dir, device)?;
+        let policy_model = pref.exported.clone().ok_or_else(|| PipelineError::config("output.export", "the preference stage exported no model"))?;
+        let pairs = pairs_in(&pref_dir)?;
+        (samples, pref_dir, policy_model, pairs, Vec::new())
+    };
     done(cfg.loss.name(), &mut stages);
 
     say(v, format_args!("[5/5] evaluating on {} held-out prompts", task.eval_prompts.len()));
@@ -273,6 +301,9 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
         Series { name: cfg.loss.name().to_uppercase(), points: vec![(eval.policy.kl.seq.mean, eval.policy.reward.mean)], frontier: false },
     ];
     plot::scatter(&plot_path, &format!("{} on the known-reward task", cfg.loss.name().to_uppercase()), &series)?;
+    if !rounds.is_empty() {
+        crate::rounds::write_rounds(&dir, &format!("{} in {} online rounds", cfg.loss.name().to_uppercase(), rounds.len()), &eval.reference, &rounds)?;
+    }
     done("eval", &mut stages);
 
     let summary = DefaultSummary {
@@ -285,6 +316,7 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
         plot: plot_path,
         pairs,
         eval,
+        rounds,
         stage_seconds: stages,
         wall_seconds: start.elapsed().as_secs_f64(),
     };
@@ -314,7 +346,7 @@ pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: u64, device
 
 /// Pairs the preference stage trained on: its data re-read with its own config (one pair per prompt
 /// whose responses do not all tie).
-fn pairs_in(pref_dir: &Path) -> Result<usize> {
+pub(crate) fn pairs_in(pref_dir: &Path) -> Result<usize> {
     let cfg = RunConfig::from_file(&pref_dir.join("config.toml"), &[])?;
     let loaded = odpo_data::load(&cfg.data).map_err(odpo_trainer::TrainError::from)?;
     Ok(loaded.pairs.len())

@@ -83,7 +83,8 @@ pub fn write_scored(path: &Path, responses: &[Response], prompts: &[String], rew
         let line = serde_json::json!({"prompt": prompts[r.prompt_index], "text": r.text, "reward": s});
         writeln!(buf, "{line}").map_err(|e| PipelineError::io(path, e))?;
     }
-    std::fs::write(path, buf).map_err(|e| PipelineError::io(path, e))
+    // Atomic: a rerun of an interrupted pipeline reuses a samples file only when it is whole.
+    Ok(odpo_model::weights::write_atomic(path, &buf)?)
 }
 
 /// What [`sample`] wrote.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use odpo_pipeline::RewardModel;
 use odpo_pipeline::compare::spearman;
-use odpo_pipeline::learned::{FitOptions, LearnedReward};
+use odpo_pipeline::learned::{FeatureSpec, FitOptions, LearnedReward};
 
 #[path = "../../odpo-model/tests/common/env.rs"]
 mod env;
@@ -30,7 +30,7 @@ fn reward_head_on_smollm2_ranks_heldout_imdb_texts() {
     let entries: Vec<(String, String, f64)> = table.entries().into_iter().step_by(8).collect();
     let opts = FitOptions {
         backbone: shared.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        max_length: 48,
+        features: FeatureSpec { max_length: 48, ..FeatureSpec::default() },
         heldout_fraction: 0.25,
         ..FitOptions::default()
     };

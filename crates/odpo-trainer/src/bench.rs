@@ -48,6 +48,8 @@ pub struct StepBench {
     /// Compute precision (`train.dtype`): bf16 / f16 run the forward and backward on a
     /// half-precision cast of the f32 weights, as the training loop's mixed precision does.
     pub precision: Precision,
+    /// burn's balanced gradient checkpointing (`train.gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 /// The measured figures (the field names `bench/pytorch/step.py` prints too).
@@ -139,7 +141,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let text = std::fs::read_to_string(config_path).map_err(|e| TrainError::io(config_path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
     let config = ModelConfig::from_hf_json(&json, config_path)?;
-    let ad = device.clone().autodiff();
+    let ad = crate::step::autodiff(device, b.gradient_checkpointing);
     let mut policy = CausalLm::random(&config, 0, &ad)?;
     if let Some(lora) = &b.lora {
         policy = policy.with_lora(lora, &ad)?;
@@ -178,7 +180,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         seed: 0,
     };
     let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
-    let mut trainer = Trainer { policy, optim: crate::optim::build(&optim_cfg), replicas: DataParallel::new(std::slice::from_ref(device), &reference), settings };
+    let mut trainer = Trainer { policy, optim: crate::optim::build(&optim_cfg), replicas: DataParallel::new(std::slice::from_ref(device), &reference, b.gradient_checkpointing), settings };
     let mut secs = Vec::with_capacity(b.repeats);
     let mut phases: [Vec<f64>; 4] = Default::default();
     for i in 0..b.warmup + b.repeats {

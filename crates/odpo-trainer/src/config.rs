@@ -57,6 +57,11 @@ pub struct ModelSection {
     /// Ignore the weights and start from random ones (seeded by `train.seed`): for tests and smoke runs.
     #[serde(default)]
     pub random_init: bool,
+    /// The reference model, when it is not the policy's starting point (a HF folder or a `.gguf`
+    /// file with the policy's vocabulary): online rounds that keep the first round's reference
+    /// while the policy starts from the last round's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<PathBuf>,
 }
 
 /// The optimizer.
@@ -193,6 +198,10 @@ pub struct TrainConfig {
     /// Compute precision: `f32` (default), or `bf16` / `f16` mixed precision (forward and backward in
     /// half precision; weights, gradients and optimizer state in f32).
     pub dtype: Precision,
+    /// Keep fewer activations for the backward pass and recompute the rest there (burn's balanced
+    /// gradient checkpointing: memory-bound operations are recomputed, matmuls keep their outputs).
+    /// The gradients are the same; less memory, more time.
+    pub gradient_checkpointing: bool,
     /// `frozen` (default) or `cached` reference log-probs; preference stage only.
     pub reference: ReferenceMode,
     /// Log training metrics every this many steps.
@@ -220,6 +229,7 @@ impl Default for TrainConfig {
             backend: Backend::Flex,
             devices: Vec::new(),
             dtype: Precision::F32,
+            gradient_checkpointing: false,
             reference: ReferenceMode::Frozen,
             log_every: 10,
             checkpoint_every: 100,
@@ -261,7 +271,12 @@ pub struct OutputConfig {
     pub export: bool,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
-    /// Where else the metrics go: `["tensorboard"]` writes `<dir>/tensorboard/events.out.tfevents.*`.
+    /// burn-train's TUI dashboard instead of the progress bar when stdout is a terminal: every
+    /// metric plotted as it comes, `q` stops (checkpointed, resumable); the log goes to
+    /// `<run>/train.log` meanwhile.
+    pub dashboard: bool,
+    /// Where else the metrics go: `"tensorboard"` writes `<dir>/tensorboard/events.out.tfevents.*`,
+    /// `"burn-train"` burn-train's metric files under `<dir>/burn-train/`.
     pub report_to: Vec<ReportTo>,
 }
 
@@ -271,11 +286,13 @@ pub struct OutputConfig {
 pub enum ReportTo {
     /// TensorBoard event files.
     Tensorboard,
+    /// burn-train's file metric logger (`<run>/burn-train/`).
+    BurnTrain,
 }
 
 impl Default for OutputConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("runs/run"), cache_dir: PathBuf::from("runs/refcache"), export: true, progress: true, report_to: Vec::new() }
+        Self { dir: PathBuf::from("runs/run"), cache_dir: PathBuf::from("runs/refcache"), export: true, progress: true, dashboard: false, report_to: Vec::new() }
     }
 }
 
@@ -344,6 +361,14 @@ impl RunConfig {
         self.optim.validate()?;
         self.train.validate()?;
         self.eval.validate()?;
+        if cfg!(not(feature = "dashboard")) {
+            if self.output.dashboard {
+                return err("output.dashboard", "this build has no burn-train dashboard (odpo-trainer's `dashboard` feature, in the default flex build); remove it".into());
+            }
+            if self.output.report_to.contains(&ReportTo::BurnTrain) {
+                return err("output.report_to", "\"burn-train\" needs the `dashboard` feature, in the default flex build; remove it".into());
+            }
+        }
         // What one table allows depends on another.
         let t = &self.train;
         if t.sft_on == SftOn::Responses {
@@ -367,6 +392,9 @@ impl RunConfig {
                 }
                 if self.data.offset.is_some() {
                     return err("data.offset", "does not apply to `train.stage = \"sft\"`; remove it".into());
+                }
+                if self.model.reference.is_some() {
+                    return err("model.reference", "does not apply to `train.stage = \"sft\"`, which has no reference model; remove it".into());
                 }
             }
             Stage::Preference => {

@@ -19,6 +19,8 @@
 
 pub mod bench;
 pub mod checkpoint;
+#[cfg(feature = "dashboard")]
+pub mod dashboard;
 pub mod config;
 pub mod data;
 mod error;

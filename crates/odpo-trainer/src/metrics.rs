@@ -26,6 +26,10 @@ pub struct MetricsWriter {
     columns: Vec<String>,
     jsonl_path: PathBuf,
     tensorboard: Option<crate::tensorboard::EventWriter>,
+    #[cfg(feature = "dashboard")]
+    burn_train: Option<crate::dashboard::BurnTrainLog>,
+    #[cfg(feature = "dashboard")]
+    dashboard: Option<crate::dashboard::Dashboard>,
 }
 
 impl MetricsWriter {
@@ -39,6 +43,12 @@ impl MetricsWriter {
     /// [`MetricsWriter::open`], also writing every row to `<run_dir>/tensorboard` when `tensorboard`
     /// (rewritten from the kept rows on resume, like the other two files).
     pub fn open_with(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>, tensorboard: bool) -> Result<Self> {
+        Self::open_sinks(run_dir, columns, resume_step, &if tensorboard { vec![crate::config::ReportTo::Tensorboard] } else { Vec::new() })
+    }
+
+    /// [`MetricsWriter::open`], also writing every row to the sinks of `output.report_to`.
+    pub fn open_sinks(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>, report_to: &[crate::config::ReportTo]) -> Result<Self> {
+        let tensorboard = report_to.contains(&crate::config::ReportTo::Tensorboard);
         let jsonl_path = run_dir.join("metrics.jsonl");
         let csv_path = run_dir.join("metrics.csv");
         let kept: Vec<String> = match resume_step {
@@ -53,7 +63,17 @@ impl MetricsWriter {
         };
         let create = |p: &Path| File::create(p).map_err(|e| TrainError::io(p, e));
         let tensorboard = if tensorboard { Some(crate::tensorboard::EventWriter::create(&run_dir.join("tensorboard"))?) } else { None };
-        let mut w = Self { jsonl: create(&jsonl_path)?, csv: create(&csv_path)?, columns, jsonl_path, tensorboard };
+        let mut w = Self {
+            jsonl: create(&jsonl_path)?,
+            csv: create(&csv_path)?,
+            columns,
+            jsonl_path,
+            tensorboard,
+            #[cfg(feature = "dashboard")]
+            burn_train: report_to.contains(&crate::config::ReportTo::BurnTrain).then(|| crate::dashboard::BurnTrainLog::create(&run_dir.join("burn-train"))),
+            #[cfg(feature = "dashboard")]
+            dashboard: None,
+        };
         let header = format!("step,split,{}\n", w.columns.join(","));
         w.csv.write_all(header.as_bytes()).map_err(|e| TrainError::io(&csv_path, e))?;
         for line in kept {
@@ -91,7 +111,40 @@ impl MetricsWriter {
         if let Some(tb) = &mut self.tensorboard {
             tb.scalars(row.step, row.split, row.values.iter().filter(|(_, v)| v.is_finite()))?;
         }
+        #[cfg(feature = "dashboard")]
+        if let Some(log) = &mut self.burn_train {
+            log.row(row)?;
+        }
+        #[cfg(feature = "dashboard")]
+        if let Some(d) = &mut self.dashboard {
+            d.row(row);
+        }
         Ok(())
+    }
+
+    /// Shows every row from now on in burn-train's dashboard (`output.dashboard`), when stdout is a
+    /// terminal; returns whether it is up. `at`: the step the run starts from.
+    pub fn open_dashboard(&mut self, run_dir: &Path, total_steps: usize, at: usize) -> Result<bool> {
+        #[cfg(feature = "dashboard")]
+        {
+            self.dashboard = crate::dashboard::Dashboard::open(run_dir, total_steps, at)?;
+            Ok(self.dashboard.is_some())
+        }
+        #[cfg(not(feature = "dashboard"))]
+        {
+            let _ = (run_dir, total_steps, at);
+            Ok(false)
+        }
+    }
+
+    /// Whether the dashboard's user asked the run to stop.
+    pub fn stop_requested(&self) -> bool {
+        #[cfg(feature = "dashboard")]
+        {
+            self.dashboard.as_ref().is_some_and(crate::dashboard::Dashboard::stop_requested)
+        }
+        #[cfg(not(feature = "dashboard"))]
+        false
     }
 }
 

@@ -101,9 +101,12 @@ impl RefCache {
     }
 }
 
-/// The identity of the reference model: its files' names, sizes and modification times, or for a
+/// The identity of the reference model (`model.reference` when set, else the policy's starting point): its files' names, sizes and modification times, or for a
 /// random init its config file's bytes and the seed.
 pub fn model_identity(model: &ModelSection, seed: u64) -> Result<String> {
+    if let Some(reference) = &model.reference {
+        return model_identity(&ModelSection { path: reference.clone(), tokenizer: None, random_init: false, reference: None }, seed);
+    }
     let path = &model.path;
     let config_json = if path.is_dir() { path.join("config.json") } else { path.clone() };
     if model.random_init {

@@ -57,6 +57,13 @@ pub struct Trainer {
     pub settings: StepSettings,
 }
 
+/// `device` with autodiff, and with burn's balanced gradient checkpointing when `checkpointing`
+/// (`train.gradient_checkpointing`). The policy's parameters must live on this same device.
+pub fn autodiff(device: &Device, checkpointing: bool) -> Device {
+    let ad = device.clone().autodiff();
+    if checkpointing { ad.gradient_checkpointing() } else { ad }
+}
+
 /// Data parallelism: one replica per device of one backend, each with its own copy of the
 /// reference. A step's pairs are split into equal contiguous slices, one per replica; each runs its
 /// slice on a copy of the policy, and the gradients are summed on the first device. One device is
@@ -72,9 +79,10 @@ struct Replica {
 }
 
 impl DataParallel {
-    /// Replicas on `devices` (without autodiff; it is added), each with `reference` copied to it.
-    pub fn new(devices: &[Device], reference: &Reference) -> Self {
-        Self { replicas: devices.iter().map(|d| Replica { device: d.clone().autodiff(), reference: reference.fork(d) }).collect() }
+    /// Replicas on `devices` (without autodiff; it is added, with gradient checkpointing when
+    /// asked), each with `reference` copied to it.
+    pub fn new(devices: &[Device], reference: &Reference, checkpointing: bool) -> Self {
+        Self { replicas: devices.iter().map(|d| Replica { device: autodiff(d, checkpointing), reference: reference.fork(d) }).collect() }
     }
 
     /// Every one of `replicas` must get whole micro-batches of a step.

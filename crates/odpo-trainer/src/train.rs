@@ -77,7 +77,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     };
     // The config checked its own `train.devices`; the devices given here may be others.
     DataParallel::check_batch(t.batch_size, t.micro_batch_size, devices.len())?;
-    let ad = device.clone().autodiff();
+    let ad = crate::step::autodiff(device, t.gradient_checkpointing);
     let precision = compute_precision(t.dtype, devices)?;
     if data.train.is_empty() {
         return Err(TrainError::config("data.path", "gives no training pairs after pairing, splitting and tokenizing"));
@@ -101,13 +101,21 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     }
     // The reference computes in the run's precision, so that its log-probs and the policy's agree
     // at the start whatever the dtype.
-    let reference_model = || policy.without_adapters().valid().with_precision(precision);
+    // `model.reference` names another model instead.
+    let reference_model = || -> Result<CausalLm> {
+        let Some(path) = &cfg.model.reference else { return Ok(policy.without_adapters().valid().with_precision(precision)) };
+        let loaded = CausalLm::load(path, device)?;
+        if loaded.config.vocab_size() != model_cfg.vocab_size() {
+            return Err(TrainError::config("model.reference", format!("`{}` has a vocabulary of {}; the policy's is {}", path.display(), loaded.config.vocab_size(), model_cfg.vocab_size())));
+        }
+        Ok(loaded.model.with_precision(precision))
+    };
     let reference = match (cfg.needs_reference(), t.reference) {
         (false, _) => Reference::None,
-        (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(reference_model())),
-        (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &reference_model(), &data, device)?),
+        (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(reference_model()?)),
+        (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &reference_model()?, &data, device)?),
     };
-    let replicas = DataParallel::new(devices, &reference);
+    let replicas = DataParallel::new(devices, &reference, t.gradient_checkpointing);
 
     let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
     let schedule = Schedule::new(&cfg.optim, total_steps);
@@ -131,8 +139,8 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     };
     let mut trainer = Trainer { policy, optim, replicas, settings };
 
-    let tensorboard = cfg.output.report_to.contains(&crate::config::ReportTo::Tensorboard);
-    let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage), summary.resumed_from, tensorboard)?;
+    let mut metrics = MetricsWriter::open_sinks(&run_dir, metric_columns(t.stage), summary.resumed_from, &cfg.output.report_to)?;
+    let dashboard = cfg.output.dashboard && metrics.open_dashboard(&run_dir, total_steps, state.step)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
     let evaluate = |trainer: &Trainer| -> Result<BTreeMap<String, f64>> {
         let (model, s) = (trainer.policy.valid().with_precision(precision), &trainer.settings);
@@ -148,7 +156,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         summary.eval_start = Some(values);
     }
 
-    let bar = progress_bar(cfg, total_steps, state.step);
+    let bar = if dashboard { ProgressBar::hidden() } else { progress_bar(cfg, total_steps, state.step) };
     let mut window = Window::default();
     let mut stalled = Stalled::default();
     while state.step < total_steps {
@@ -184,8 +192,8 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
             tracing::debug!("checkpoint {}", dir.display());
             saved = Some(dir);
         }
-        // A stop asked for (SIGTERM, SIGINT): this step is done; keep it and leave.
-        if crate::interrupt::requested() && state.step < total_steps {
+        // A stop asked for (SIGTERM, SIGINT, the dashboard's `q`): this step is done; keep it and leave.
+        if (crate::interrupt::requested() || metrics.stop_requested()) && state.step < total_steps {
             bar.finish_and_clear();
             let checkpoint = match saved {
                 Some(dir) => dir,

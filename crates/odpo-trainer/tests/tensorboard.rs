@@ -126,3 +126,55 @@ fn event_file_holds_every_metric_at_its_step() {
     assert_eq!(got.len(), want);
     assert!(got.contains_key(&(6, "train/loss".into())) && got.contains_key(&(3, "eval/rewards/accuracies".into())));
 }
+
+/// `[output] report_to = ["burn-train"]`: burn-train's file metric logger writes every value of
+/// `metrics.jsonl`, per split and data epoch, one file per metric (`rewards/accuracies` is
+/// `rewards.accuracies.log`), in order and exactly.
+#[test]
+fn burn_train_files_hold_every_logged_value() {
+    let dir = temp_dir("burn-train");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    // 32 pairs, 8 a step: 4 steps an epoch, so 10 steps span 3 epochs.
+    let cfg = config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=10", "train.log_every=2", "eval.every=4", "output.report_to=[\"burn-train\"]"]);
+    odpo_trainer::train_on(&cfg, data(32, 8), &odpo_model::backend::device("flex").unwrap(), false, None).unwrap();
+
+    let mut want: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    for line in std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let split = if v["split"] == "eval" { "valid" } else { "train" };
+        for (k, x) in v.as_object().unwrap() {
+            if let Some(x) = x.as_f64().filter(|_| k != "step") {
+                want.entry((split.to_string(), k.replace('/', "."))).or_default().push(x);
+            }
+        }
+    }
+    let mut got: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut epochs = 0;
+    for split in ["train", "valid"] {
+        let mut folders: Vec<_> = std::fs::read_dir(run.join("burn-train").join(split)).unwrap().map(|e| e.unwrap().path()).collect();
+        folders.sort_by_key(|p| p.file_name().unwrap().to_string_lossy().trim_start_matches("epoch-").parse::<usize>().unwrap());
+        if split == "train" {
+            epochs = folders.len();
+        }
+        for folder in folders {
+            for file in std::fs::read_dir(&folder).unwrap().map(|e| e.unwrap().path()) {
+                let name = file.file_name().unwrap().to_string_lossy().trim_end_matches(".log").to_string();
+                if name == "epoch" && split == "valid" {
+                    continue;
+                }
+                let values = std::fs::read_to_string(&file).unwrap().lines().map(|l| l.parse::<f64>().unwrap()).collect::<Vec<_>>();
+                got.entry((split.to_string(), name)).or_default().extend(values);
+            }
+        }
+    }
+    assert_eq!(epochs, 3, "train rows of 3 data epochs");
+    assert!(want.contains_key(&("train".into(), "rewards.accuracies".into())) && want.contains_key(&("valid".into(), "loss".into())));
+    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    // Equal up to the last bit serde_json's float parsing may lose reading metrics.jsonl back.
+    for (key, w) in &want {
+        let g = &got[key];
+        assert!(g.len() == w.len() && g.iter().zip(w).all(|(a, b)| (a - b).abs() <= 1e-14 * b.abs().max(1.0)), "{key:?}: {g:?} against {w:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
