@@ -275,8 +275,14 @@ fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
     };
     let mut cmd = cargo_cmd();
     backend_env(&mut cmd, &[feature])?;
-    cmd.args(["run", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--"]).arg(command).args(args);
+    cmd.args(["run", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &cli_features(feature), "--"]).arg(command).args(args);
     Ok(cmd)
+}
+
+/// The `odpo` binary's Cargo features for a backend's feature: the flex build also has burn-train's
+/// dashboard (`dashboard`, which builds flex in), the other backends' builds leave it out.
+fn cli_features(feature: &str) -> String {
+    if feature == "flex" { "flex,dashboard".into() } else { feature.into() }
 }
 
 /// Builds and runs `odpo <command> <args>` with the feature of the requested backend.
@@ -431,7 +437,8 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
                 .and_then(|(p, s)| Some((p.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
                 .with_context(|| format!("--shapes: `{shape}` is not PAIRSxSEQ, e.g. 4x128"))?;
             let common = ["--config".to_string(), config.clone(), "--pairs".into(), pairs.to_string(), "--seq".into(), seq.to_string(), "--repeats".into(), a.repeats.to_string(), "--dtype".into(), a.dtype.clone()];
-            let mut odpo_args: Vec<String> = vec!["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--", "bench", "--backend", &a.backend]
+            let features = cli_features(feature);
+            let mut odpo_args: Vec<String> = vec!["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &features, "--", "bench", "--backend", &a.backend]
                 .into_iter()
                 .map(String::from)
                 .collect();
@@ -949,7 +956,7 @@ fn soak(a: &SoakArgs) -> Result<ExitCode> {
     let mut build = cargo_cmd();
     backend_env(&mut build, &[feature])?;
     let out = build
-        .args(["build", "--release", "-p", "odpo-cli", "--no-default-features", "--features", feature, "--message-format=json"])
+        .args(["build", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &cli_features(feature), "--message-format=json"])
         .stderr(std::process::Stdio::inherit())
         .output()
         .context("running cargo build")?;
