@@ -67,9 +67,67 @@ pub struct Loaded {
 
 /// Reads, pairs and scores the configured file.
 pub fn load(cfg: &DataConfig) -> Result<Loaded, DataError> {
+    let mut pairs = Vec::new();
+    let report = stream(cfg, usize::MAX, |chunk| {
+        pairs.extend(chunk);
+        Ok(())
+    })?;
+    Ok(Loaded { pairs, report })
+}
+
+/// [`load`] in parts of at most `chunk` pairs, each handed to `each` in file order, with the report
+/// at the end. A `jsonl` file is streamed: read a line at a time, so that neither the file nor more
+/// than `chunk` pairs are held at once (pair ids and prompt ids run on across parts, as [`load`]
+/// numbers them). The other formats are read whole and handed over in one part: parquet row groups,
+/// and the paper's files, whose responses are grouped by prompt.
+pub fn stream(cfg: &DataConfig, chunk: usize, mut each: impl FnMut(Vec<PreferencePair>) -> Result<(), DataError>) -> Result<LoadReport, DataError> {
     cfg.validate()?;
-    let bytes = std::fs::read(&cfg.path).map_err(|source| DataError::Io { path: cfg.path.clone(), source })?;
-    load_bytes(cfg, bytes)
+    if cfg.format != Format::Jsonl {
+        let bytes = std::fs::read(&cfg.path).map_err(|source| DataError::Io { path: cfg.path.clone(), source })?;
+        let loaded = load_bytes(cfg, bytes)?;
+        each(loaded.pairs)?;
+        return Ok(loaded.report);
+    }
+    use std::io::BufRead;
+    let path = cfg.path.as_path();
+    let io = |source| DataError::Io { path: cfg.path.clone(), source };
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io)?);
+    let cols = cfg.columns();
+    let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
+    let mut b = Builder { cfg, pairs: Vec::new(), report: LoadReport::default(), prompt_ids: HashMap::new(), next_id: 0 };
+    let (mut line, mut line_no, mut rows) = (Vec::new(), 0, Vec::new());
+    let limit = chunk.clamp(1, 1 << 16);
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line).map_err(io)? == 0 {
+            break;
+        }
+        line_no += 1;
+        let mut text = line.strip_suffix(b"\n").unwrap_or(&line);
+        text = text.strip_suffix(b"\r").unwrap_or(text);
+        if line_no == 1 {
+            text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(text);
+        }
+        if text.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let Some(row) = bad.handle(jsonl::parse_pair_line(path, line_no, text, &cols, bad.allow_empty_completions))? {
+            rows.push(row);
+        }
+        if rows.len() >= limit {
+            b.add_rows(std::mem::take(&mut rows), &mut bad)?;
+        }
+        while b.pairs.len() >= chunk {
+            let rest = b.pairs.split_off(chunk);
+            each(std::mem::replace(&mut b.pairs, rest))?;
+        }
+    }
+    b.add_rows(rows, &mut bad)?;
+    while !b.pairs.is_empty() {
+        let rest = b.pairs.split_off(chunk.min(b.pairs.len()));
+        each(std::mem::replace(&mut b.pairs, rest))?;
+    }
+    b.finish(bad)
 }
 
 /// Every scored response of a scored format (`scored-jsonl`, `tldr-json`) after its prompt, as a pair
@@ -109,38 +167,53 @@ pub fn load_bytes(cfg: &DataConfig, bytes: Vec<u8>) -> Result<Loaded, DataError>
     let path = cfg.path.as_path();
     let cols = cfg.columns();
     let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
-    let mut b = Builder { cfg, pairs: Vec::new(), report: LoadReport::default(), prompt_ids: HashMap::new() };
+    let mut b = Builder { cfg, pairs: Vec::new(), report: LoadReport::default(), prompt_ids: HashMap::new(), next_id: 0 };
     match cfg.format {
         Format::Jsonl => b.add_rows(jsonl::read_pairs(path, &bytes, &cols, &mut bad)?, &mut bad)?,
         Format::Parquet => b.add_rows(parquet::read_pairs(path, bytes.into(), &cols, &mut bad)?, &mut bad)?,
         Format::ScoredJsonl => b.add_groups(paper::read_scored_jsonl(path, &bytes, &cols, &mut bad)?, &mut bad)?,
         Format::TldrJson => b.add_groups(paper::read_tldr(path, &bytes, &mut bad)?, &mut bad)?,
     }
-    let mut report = b.report;
-    report.prompts = b.prompt_ids.len();
-    report.pairs = b.pairs.len();
-    report.skipped = bad.skipped;
-    if b.pairs.is_empty() {
-        let why = format!(
-            "{} rows used, {} skipped, {} ties, {} prompts with one response",
-            report.rows,
-            report.skipped.len(),
-            report.ties(),
-            report.dropped.get(&DropReason::LoneResponse).copied().unwrap_or(0)
-        );
-        return Err(DataError::NoPairs { path: cfg.path.clone(), why });
-    }
-    Ok(Loaded { pairs: b.pairs, report })
+    let pairs = std::mem::take(&mut b.pairs);
+    let report = b.finish(bad)?;
+    Ok(Loaded { pairs, report })
 }
 
 struct Builder<'a> {
     cfg: &'a DataConfig,
+    /// Pairs not yet handed over.
     pairs: Vec<PreferencePair>,
     report: LoadReport,
     prompt_ids: HashMap<String, usize>,
+    /// The id of the next pair (pairs run on across the parts of a stream).
+    next_id: usize,
 }
 
 impl Builder<'_> {
+    /// The report, or the error of a file that gave no pair.
+    fn finish(mut self, bad: BadRows) -> Result<LoadReport, DataError> {
+        self.report.prompts = self.prompt_ids.len();
+        self.report.pairs = self.next_id;
+        self.report.skipped = bad.skipped;
+        let report = self.report;
+        if report.pairs == 0 {
+            let why = format!(
+                "{} rows used, {} skipped, {} ties, {} prompts with one response",
+                report.rows,
+                report.skipped.len(),
+                report.ties(),
+                report.dropped.get(&DropReason::LoneResponse).copied().unwrap_or(0)
+            );
+            return Err(DataError::NoPairs { path: self.cfg.path.clone(), why });
+        }
+        Ok(report)
+    }
+
+    fn next_pair_id(&mut self) -> usize {
+        self.next_id += 1;
+        self.next_id - 1
+    }
+
     fn prompt_id(&mut self, prompt: &Text) -> usize {
         let n = self.prompt_ids.len();
         *self.prompt_ids.entry(prompt.key()).or_insert(n)
@@ -181,7 +254,7 @@ impl Builder<'_> {
         if w == l {
             return Ok(None);
         }
-        oc.offset(self.pairs.len(), w, l).map(Some).map_err(|e| row_err(fields.0, RowProblem::Offset(e.to_string())))
+        oc.offset(self.next_id, w, l).map(Some).map_err(|e| row_err(fields.0, RowProblem::Offset(e.to_string())))
     }
 
     fn add_rows(&mut self, rows: Vec<PairRow>, bad: &mut BadRows) -> Result<(), DataError> {
@@ -203,8 +276,9 @@ impl Builder<'_> {
             };
             let prompt_id = self.prompt_id(&r.prompt);
             self.report.identical += usize::from(r.chosen == r.rejected);
+            let id = self.next_pair_id();
             self.pairs.push(PreferencePair {
-                id: self.pairs.len(),
+                id,
                 prompt_id,
                 prompt: r.prompt,
                 chosen: r.chosen,
@@ -250,8 +324,9 @@ impl Builder<'_> {
                 // Scores differ here, so `None` (a tie) cannot come back.
                 let Some(Some(offset)) = bad.handle(offset)? else { continue };
                 self.report.identical += usize::from(rw.text == rl.text);
+                let id = self.next_pair_id();
                 self.pairs.push(PreferencePair {
-                    id: self.pairs.len(),
+                    id,
                     prompt_id,
                     prompt: g.prompt.clone(),
                     chosen: rw.text.clone(),
@@ -278,6 +353,46 @@ mod tests {
         let mut c = DataConfig::new("mem.jsonl", format);
         c.offset = Some(OffsetConfig { alpha: 0.5, ..OffsetConfig::default() });
         c
+    }
+
+    /// A streamed file in parts of any size is the file read whole: the same pairs, ids, prompt ids,
+    /// offsets and report (a BOM, CRLF endings, blank lines, a skipped bad row, a tie and a last line
+    /// with no newline included); every part but the last holds exactly `chunk` pairs.
+    #[test]
+    fn streaming_in_parts_equals_reading_whole() {
+        let mut text = String::from("\u{FEFF}");
+        for i in 0..23 {
+            text.push_str(&format!("{{\"prompt\":\"p{}\",\"chosen\":\"c{i}\",\"rejected\":\"r{i}\",\"score_chosen\":{},\"score_rejected\":1}}\r\n", i % 5, 2 + i % 3));
+            if i == 7 {
+                text.push_str("\n{\"prompt\":\"p1\"}\n");
+            }
+            if i == 12 {
+                // A tie under the offset: a row that gives no pair.
+                text.push_str("{\"prompt\":\"p2\",\"chosen\":\"t\",\"rejected\":\"u\",\"score_chosen\":1,\"score_rejected\":1}\n");
+            }
+        }
+        text.push_str("{\"prompt\":\"p9\",\"chosen\":\"last\",\"rejected\":\"x\",\"score_chosen\":5,\"score_rejected\":1}");
+        let path = std::env::temp_dir().join(format!("odpo-stream-{}.jsonl", std::process::id()));
+        std::fs::write(&path, &text).unwrap();
+        let mut cfg = DataConfig::new(&path, Format::Jsonl);
+        cfg.on_bad_row = OnBadRow::Skip;
+        cfg.offset = Some(OffsetConfig::default());
+        let whole = load_bytes(&cfg, text.clone().into_bytes()).unwrap();
+        assert_eq!((whole.pairs.len(), whole.report.skipped.len(), whole.report.prompts, whole.report.ties()), (24, 1, 6, 1));
+        for chunk in [1, 3, 7, usize::MAX] {
+            let mut parts = Vec::new();
+            let report = stream(&cfg, chunk, |p| {
+                assert!(!p.is_empty() && p.len() <= chunk);
+                parts.push(p);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(parts.len(), 24usize.div_ceil(chunk.min(24)), "chunk {chunk}");
+            let streamed: Vec<PreferencePair> = parts.into_iter().flatten().collect();
+            assert_eq!(format!("{streamed:?}"), format!("{:?}", whole.pairs), "chunk {chunk}");
+            assert_eq!(format!("{report:?}"), format!("{:?}", whole.report), "chunk {chunk}");
+        }
+        std::fs::remove_file(&path).ok();
     }
 
     #[test]

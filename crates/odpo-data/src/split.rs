@@ -11,7 +11,13 @@ use crate::pairs::{self, PreferencePair};
 /// `seed` (at least one when the fraction is positive and there are two prompts or more). Order within each
 /// part is the input order.
 pub fn split_by_prompt(pairs: Vec<PreferencePair>, eval_fraction: f64, seed: u64) -> (Vec<PreferencePair>, Vec<PreferencePair>) {
-    let mut ids: Vec<usize> = pairs.iter().map(|p| p.prompt_id).collect::<HashSet<_>>().into_iter().collect();
+    let eval = eval_prompts(pairs.iter().map(|p| p.prompt_id), eval_fraction, seed);
+    pairs.into_iter().partition(|p| !eval.contains(&p.prompt_id))
+}
+
+/// The prompt ids [`split_by_prompt`] holds out, from the pairs' prompt ids alone.
+pub fn eval_prompts(prompt_ids: impl Iterator<Item = usize>, eval_fraction: f64, seed: u64) -> HashSet<usize> {
+    let mut ids: Vec<usize> = prompt_ids.collect::<HashSet<_>>().into_iter().collect();
     ids.sort_unstable();
     let n = ids.len();
     let mut n_eval = (eval_fraction * n as f64).round() as usize;
@@ -21,8 +27,7 @@ pub fn split_by_prompt(pairs: Vec<PreferencePair>, eval_fraction: f64, seed: u64
         n_eval = n_eval.min(n.saturating_sub(1));
     }
     ids.shuffle(&mut pairs::rng(seed));
-    let eval: HashSet<usize> = ids[..n_eval].iter().copied().collect();
-    pairs.into_iter().partition(|p| !eval.contains(&p.prompt_id))
+    ids[..n_eval].iter().copied().collect()
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use odpo_model::tokenizer::Tokenizer;
 
 use crate::config::DataConfig;
 use crate::error::DataError;
-use crate::load::{LoadReport, load};
-use crate::split::split_by_prompt;
+use crate::load::{LoadReport, stream};
+use crate::split::eval_prompts;
 use crate::tokenize::{TokenizeReport, in_parallel};
 
 /// Quantiles of a sample (nearest rank).
@@ -84,12 +84,18 @@ pub struct Stats {
 
 /// Loads, pairs, splits and (with a tokenizer) tokenizes the configured data and counts everything.
 pub fn stats(cfg: &DataConfig, tokenizer: Option<&Tokenizer>) -> Result<Stats, DataError> {
-    let loaded = load(cfg)?;
-    let offsets = cfg.offset.as_ref().and_then(|_| Distribution::of(&loaded.pairs.iter().map(|p| p.offset).collect::<Vec<_>>()));
-    let tokens = match tokenizer {
-        Some(t) => {
+    // A part at a time (a JSON-lines file is streamed): what is kept is a few numbers per pair.
+    let (mut offsets, mut prompt_ids) = (Vec::new(), Vec::new());
+    let (mut lp, mut lc, mut lr, mut lt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut report = TokenizeReport::default();
+    let load = stream(cfg, 1 << 16, |pairs| {
+        if cfg.offset.is_some() {
+            offsets.extend(pairs.iter().map(|p| p.offset));
+        }
+        prompt_ids.extend(pairs.iter().map(|p| p.prompt_id));
+        if let Some(t) = tokenizer {
             // Per pair: the untruncated lengths (prompt, chosen, rejected) and the truncation counts.
-            let parts = in_parallel(&loaded.pairs, t, cfg, |pt, chunk| {
+            let parts = in_parallel(&pairs, t, cfg, |pt, chunk| {
                 let mut report = TokenizeReport::default();
                 let mut lengths = Vec::with_capacity(chunk.len());
                 for p in chunk {
@@ -99,8 +105,6 @@ pub fn stats(cfg: &DataConfig, tokenizer: Option<&Tokenizer>) -> Result<Stats, D
                 }
                 Ok((lengths, report))
             })?;
-            let mut report = TokenizeReport::default();
-            let (mut lp, mut lc, mut lr, mut lt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for (lengths, r) in parts {
                 report.add(&r);
                 for (a, b, c) in lengths {
@@ -110,21 +114,21 @@ pub fn stats(cfg: &DataConfig, tokenizer: Option<&Tokenizer>) -> Result<Stats, D
                     lt.push((a + b.max(c)) as f64);
                 }
             }
-            let d = |v: &[f64]| Distribution::of(v);
-            match (d(&lp), d(&lc), d(&lr), d(&lt)) {
-                (Some(prompt), Some(chosen), Some(rejected), Some(total)) => {
-                    Some(TokenStats { prompt, chosen, rejected, total, report })
-                }
-                _ => None,
-            }
         }
-        None => None,
+        Ok(())
+    })?;
+    let offsets = cfg.offset.as_ref().and_then(|_| Distribution::of(&offsets));
+    let d = |v: &[f64]| Distribution::of(v);
+    let tokens = match (tokenizer, d(&lp), d(&lc), d(&lr), d(&lt)) {
+        (Some(_), Some(prompt), Some(chosen), Some(rejected), Some(total)) => Some(TokenStats { prompt, chosen, rejected, total, report }),
+        _ => None,
     };
-    let count = |ps: &[crate::pairs::PreferencePair]| {
-        (ps.len(), ps.iter().map(|p| p.prompt_id).collect::<std::collections::HashSet<_>>().len())
+    let eval = eval_prompts(prompt_ids.iter().copied(), cfg.eval_fraction, cfg.seed);
+    let count = |held: bool| {
+        let ids: Vec<usize> = prompt_ids.iter().copied().filter(|id| eval.contains(id) == held).collect();
+        (ids.len(), ids.iter().collect::<std::collections::HashSet<_>>().len())
     };
-    let (train, eval) = split_by_prompt(loaded.pairs, cfg.eval_fraction, cfg.seed);
-    Ok(Stats { config: cfg.clone(), load: loaded.report, train: count(&train), eval: count(&eval), offsets, tokens })
+    Ok(Stats { config: cfg.clone(), load, train: count(false), eval: count(true), offsets, tokens })
 }
 
 fn dist_line(f: &mut fmt::Formatter<'_>, name: &str, d: &Distribution, prec: usize) -> fmt::Result {
