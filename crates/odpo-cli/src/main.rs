@@ -551,13 +551,16 @@ fn backend_spec(spec: &str) -> std::result::Result<String, String> {
     name.parse::<backend::Backend>().map(|_| spec.to_string()).map_err(|_| format!("`{name}` is not a backend; expected one of: {}", backend::BACKEND_NAMES.join(", ")))
 }
 
+/// `--format NAME` as a data format.
+fn parse_format(name: &str) -> Result<odpo_data::Format> {
+    name.parse().with_context(|| format!("--format `{name}`: expected jsonl, parquet, scored-jsonl or tldr-json"))
+}
+
 fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {
     let cfg = match (&a.config, &a.data, &a.format) {
         (Some(path), _, _) => odpo_data::DataConfig::from_toml_file(path)?,
         (None, Some(data), Some(format)) => {
-            let format: odpo_data::Format = serde_json::from_value(serde_json::Value::from(format.as_str()))
-                .with_context(|| format!("--format `{format}`: expected jsonl, parquet, scored-jsonl or tldr-json"))?;
-            odpo_data::DataConfig::new(data, format)
+            odpo_data::DataConfig::new(data, parse_format(format)?)
         }
         _ => bail!("give --config FILE, or --data PATH with --format NAME"),
     };
@@ -620,9 +623,7 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
             (None, Some("json")) => "tldr-json".into(),
             _ => bail!("--pairs {}: give --format (jsonl, parquet, scored-jsonl or tldr-json)", pairs_path.display()),
         };
-        let format: odpo_data::Format = serde_json::from_value(serde_json::Value::from(format.as_str()))
-            .with_context(|| format!("--format `{format}`: expected jsonl, parquet, scored-jsonl or tldr-json"))?;
-        odpo_data::DataConfig::new(pairs_path, format)
+        odpo_data::DataConfig::new(pairs_path, parse_format(&format)?)
     };
     // The pairs as they are: no offsets (they need scores), no held-out split (the fit splits by prompt).
     (cfg.offset, cfg.eval_fraction) = (None, 0.0);

@@ -324,6 +324,13 @@ pub struct PairFit {
     pub pair_scores: Vec<(f64, f64)>,
 }
 
+/// The backbone (a HF folder or a `.gguf` file) and the tokenizer beside it.
+fn backbone(path: &Path, device: &Device) -> Result<(CausalLm, Tokenizer)> {
+    let loaded = CausalLm::load(path, device)?;
+    let tokenizer = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
+    Ok((loaded.model, tokenizer))
+}
+
 /// A preference pair as texts: the prompt, the chosen and the rejected response, and their scores
 /// where the data has them.
 #[derive(Clone, Debug)]
@@ -420,9 +427,7 @@ impl LearnedReward {
         if entries.len() < 10 {
             return Err(PipelineError::config("reward", format!("{} scored texts; at least 10 are needed to fit a reward model", entries.len())));
         }
-        let loaded = CausalLm::load(&opts.backbone, device)?;
-        let tokenizer = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
-        let model = loaded.model;
+        let (model, tokenizer) = backbone(&opts.backbone, device)?;
         let prompts: Vec<String> = entries.iter().map(|e| e.0.clone()).collect();
         let texts: Vec<String> = entries.iter().map(|e| e.1.clone()).collect();
         let started = std::time::Instant::now();
@@ -473,9 +478,7 @@ impl LearnedReward {
             }
             sides.push((side[0], side[1]));
         }
-        let loaded = CausalLm::load(&opts.backbone, device)?;
-        let tokenizer = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
-        let model = loaded.model;
+        let (model, tokenizer) = backbone(&opts.backbone, device)?;
         let started = std::time::Instant::now();
         let feats = features(&model, &tokenizer, &prompts, &texts, &opts.features, opts.batch_size, device)?;
         let feature_seconds = started.elapsed().as_secs_f64();
@@ -568,9 +571,8 @@ impl LearnedReward {
                 .ok_or_else(|| PipelineError::Json { path: dir.join("head.json"), line: 0, message: format!("`{k}` is missing or not a list of numbers") })
         };
         let head = Head { mean: vec("mean")?, std: vec("std")?, weight: vec("weight")?, bias: h.get("bias").and_then(serde_json::Value::as_f64).unwrap_or(0.0) };
-        let loaded = CausalLm::load(&meta.backbone, device)?;
-        let tokenizer = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
-        Ok(Self { model: loaded.model, tokenizer, head, meta, device: device.clone(), batch_size: 16 })
+        let (model, tokenizer) = backbone(&meta.backbone, device)?;
+        Ok(Self { model, tokenizer, head, meta, device: device.clone(), batch_size: 16 })
     }
 
     /// The regression fit's report saved with the model (`None` for a pair model).

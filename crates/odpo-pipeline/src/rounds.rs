@@ -52,8 +52,7 @@ pub struct RoundResult {
 /// Runs (or resumes) the rounds from `sft_model` in `dir`; returns one result per round.
 pub fn online_rounds(cfg: &Checked<PipelineConfig>, task: &TaskFiles, sft_model: &Path, dir: &Path, device: &Device, verbose: bool) -> Result<Vec<RoundResult>> {
     let n = cfg.pref.rounds.max(1);
-    let (_, tok) = load_model(sft_model, device)?;
-    let (sft, _) = load_model(sft_model, device)?;
+    let (sft, tok) = load_model(sft_model, device)?;
     let mut results: Vec<RoundResult> = Vec::with_capacity(n);
     for k in 0..n {
         let round_dir = dir.join(cfg.loss.name()).join(format!("round-{}", k + 1));

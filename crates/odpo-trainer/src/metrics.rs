@@ -37,17 +37,12 @@ impl MetricsWriter {
     /// was killed after its last checkpoint) are dropped, so the resumed run does not repeat them;
     /// otherwise the files start empty. `columns` fixes the CSV header (after `step,split`).
     pub fn open(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>) -> Result<Self> {
-        Self::open_with(run_dir, columns, resume_step, false)
+        Self::open_with(run_dir, columns, resume_step, &[])
     }
 
-    /// [`MetricsWriter::open`], also writing every row to `<run_dir>/tensorboard` when `tensorboard`
-    /// (rewritten from the kept rows on resume, like the other two files).
-    pub fn open_with(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>, tensorboard: bool) -> Result<Self> {
-        Self::open_sinks(run_dir, columns, resume_step, &if tensorboard { vec![crate::config::ReportTo::Tensorboard] } else { Vec::new() })
-    }
-
-    /// [`MetricsWriter::open`], also writing every row to the sinks of `output.report_to`.
-    pub fn open_sinks(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>, report_to: &[crate::config::ReportTo]) -> Result<Self> {
+    /// [`MetricsWriter::open`], also writing every row to the sinks of `output.report_to`
+    /// (TensorBoard's rewritten from the kept rows on resume, like the other two files).
+    pub fn open_with(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>, report_to: &[crate::config::ReportTo]) -> Result<Self> {
         let tensorboard = report_to.contains(&crate::config::ReportTo::Tensorboard);
         let jsonl_path = run_dir.join("metrics.jsonl");
         let csv_path = run_dir.join("metrics.csv");

@@ -139,7 +139,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     };
     let mut trainer = Trainer { policy, optim, replicas, settings };
 
-    let mut metrics = MetricsWriter::open_sinks(&run_dir, metric_columns(t.stage), summary.resumed_from, &cfg.output.report_to)?;
+    let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage), summary.resumed_from, &cfg.output.report_to)?;
     let dashboard = cfg.output.dashboard && metrics.open_dashboard(&run_dir, total_steps, state.step)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
     let evaluate = |trainer: &Trainer| -> Result<BTreeMap<String, f64>> {
