@@ -2,7 +2,8 @@
 """PyTorch reference of one ODPO training step, written the way TRL's DPOTrainer runs it.
 
     python3 bench/pytorch/step.py --config bench/configs/smollm2-135m.json \
-        [--pairs 4] [--seq 128] [--threads 2] [--repeats 5] [--warmup 2] [--lora RANK] [--device cpu] [--dtype bf16]
+        [--pairs 4] [--seq 128] [--threads 2] [--repeats 5] [--warmup 2] [--lora RANK] [--device cpu] [--dtype bf16] \
+        [--cached-reference] [--gradient-checkpointing]
 
 One step: chosen and rejected concatenated into one [2*pairs, seq] batch, a policy forward with
 per-token log-probs (log_softmax + gather over the completion half of each row), the reference
@@ -10,8 +11,10 @@ forward under torch.no_grad() on a frozen copy (with --lora: the same model with
 disabled, as TRL + PEFT do), the ODPO loss -logsigmoid(beta*h - alpha*log(s_w - s_l)), backward,
 AdamW (fused, transformers' default optimizer with torch >= 2.8; --optim adamw_torch for the
 single-tensor one). Random weights, float32 (--dtype bf16/f16: autocast over the float32 weights, as TRL
-trains with bf16=True), transformers' model classes. Prints one JSON object with the same
-fields as `odpo bench`: tokens/s (2*pairs*seq per step), pairs/s, seconds per step
+trains with bf16=True), transformers' model classes. --gradient-checkpointing: transformers' activation
+checkpointing on the policy (non-reentrant), as TRL's gradient_checkpointing=True turns it on; with
+--lora the base model's input embeddings are also made to require grad before the adapters wrap it,
+as TRL does. Prints one JSON object with the same fields as `odpo bench`: tokens/s (2*pairs*seq per step), pairs/s, seconds per step
 (median/min/max over --repeats after --warmup), peak RSS, the FLOPs of the step and their share of
 a float32 matmul peak measured here; on CUDA also torch's peak allocated and reserved GPU memory.
 """
@@ -87,6 +90,9 @@ def main():
     ap.add_argument("--attn", default="sdpa")
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32",
                     help="bf16/f16: mixed precision as TRL trains with bf16=True (autocast over f32 weights)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="transformers' gradient checkpointing on the policy (use_reentrant=False), as TRL's "
+                         "gradient_checkpointing=True")
     ap.add_argument("--optim", choices=["adamw_torch_fused", "adamw_torch"], default="adamw_torch_fused",
                     help="transformers' optimizer names: its default with torch >= 2.8 is the fused AdamW")
     args = ap.parse_args()
@@ -97,12 +103,22 @@ def main():
     cfg._attn_implementation = args.attn
     policy = AutoModelForCausalLM.from_config(cfg).float().to(args.device).train()
     flops = step_flops(cfg, policy, args.pairs, args.seq)
+    ckpt_kwargs = {"use_reentrant": False}
     if args.lora:
         from peft import LoraConfig, get_peft_model
+        if args.gradient_checkpointing:
+            # TRL with a peft_config and gradient_checkpointing=True: the base model's embedding output
+            # requires grad (needed by reentrant checkpointing, harmless otherwise), then Trainer turns
+            # checkpointing on with args.gradient_checkpointing_kwargs.
+            policy.enable_input_require_grads()
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         policy = get_peft_model(policy, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear", lora_dropout=0.0))
         reference = None
     else:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        if args.gradient_checkpointing:
+            # Only the policy: TRL's reference model is a separate copy that Trainer never touches.
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
     # What TRL gets from transformers' Trainer: `optim="adamw_torch_fused"` by default with torch >= 2.8.
     optim = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6, weight_decay=0.0,
                               fused=args.optim == "adamw_torch_fused")
@@ -199,6 +215,7 @@ def main():
         "threads": args.threads,
         "optim": args.optim,
         "lora": args.lora,
+        "gradient_checkpointing": args.gradient_checkpointing,
         "repeats": args.repeats,
         "seconds_per_step_median": med,
         "seconds_per_step_min": min(times),

@@ -119,6 +119,10 @@ struct BenchArgs {
     /// LoRA rank (0: full fine-tuning).
     #[arg(long, default_value_t = 0)]
     lora: usize,
+    /// With `--lora`: the odpo side keeps its frozen base block-quantised (Q8_0,
+    /// `lora.quantized_base`); the PyTorch side's base stays f32.
+    #[arg(long)]
+    quantized_base: bool,
     /// Also run the PyTorch reference of each row and print the ratio.
     #[arg(long)]
     vs_pytorch: bool,
@@ -445,6 +449,12 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
             odpo_args.extend(common.iter().cloned());
             if a.lora > 0 {
                 odpo_args.extend(["--lora".to_string(), a.lora.to_string()]);
+            }
+            if a.quantized_base {
+                if a.lora == 0 {
+                    bail!("--quantized-base: a quantised base is frozen; give --lora RANK");
+                }
+                odpo_args.push("--quantized-base".into());
             }
             if a.cached_reference {
                 odpo_args.push("--cached-reference".into());

@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Train LoRA adapters of this rank on every projection instead of every weight.
     #[arg(long)]
     lora: Option<usize>,
+    /// With `--lora`: keep the frozen projections block-quantised (Q8_0) instead of f32
+    /// (`lora.quantized_base`).
+    #[arg(long, requires = "lora")]
+    quantized_base: bool,
     /// Compute the reference log-probs once before the timed steps (`train.reference = "cached"`)
     /// and report what an epoch after the first costs against the first.
     #[arg(long)]
@@ -177,7 +181,7 @@ pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
 
 pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
-    let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, ..Default::default() });
+    let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, quantized_base: a.quantized_base, ..Default::default() });
     let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
     // Measured after the step, so that it does not raise the step's peak memory.
@@ -192,6 +196,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         m.insert("shared_prompt".into(), (!a.no_shared_prompt).into());
         m.insert("dtype".into(), a.dtype.clone().into());
         m.insert("gradient_checkpointing".into(), a.gradient_checkpointing.into());
+        m.insert("quantized_base".into(), a.quantized_base.into());
         m.insert("repeats".into(), b.repeats.into());
         m.insert("peak_rss_mib".into(), peak_rss.into());
         m.insert("matmul_peak_gflops".into(), matmul.into());

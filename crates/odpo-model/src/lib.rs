@@ -52,6 +52,7 @@ pub mod logprobs;
 pub mod lora;
 mod model;
 mod names;
+pub mod quantized;
 pub mod tokenizer;
 pub mod weights;
 

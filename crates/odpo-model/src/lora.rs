@@ -19,7 +19,7 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::module::linear;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -35,6 +35,9 @@ pub struct Linear {
     pub bias: Option<Param<Tensor<1>>>,
     /// The adapter, when one is attached.
     pub lora: Option<Adapter>,
+    /// With a block-quantised Q4_1 weight: the offset of each block of 32 inputs, `[in/32, out]`
+    /// (see [`crate::quantized`]).
+    pub offset: Option<Param<Tensor<2>>>,
 }
 
 /// The trainable low-rank update of one [`Linear`].
@@ -53,26 +56,81 @@ pub struct Adapter {
 impl Linear {
     /// A plain linear layer (no adapter).
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
-        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None }
+        Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None, offset: None }
+    }
+
+    /// Whether the weight is block-quantised (a frozen quantised base).
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.weight.val().dtype(), DType::QFloat(_))
     }
 
     /// `x·W + b`, plus the adapter's `s · dropout(x)·A·B` when one is attached.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         match &self.lora {
-            None => linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+            None => self.base(x),
             Some(ad) => {
                 let low = linear(linear(ad.dropout.forward(x.clone()), ad.a.val(), None), ad.b.val(), None);
-                linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())) + low.mul_scalar(ad.scale)
+                self.base(x) + low.mul_scalar(ad.scale)
+            }
+        }
+    }
+
+    /// `x·W + b` without the adapter. A quantised weight goes through the product whose backward
+    /// pass keeps it quantised, with Q4_1's block offsets added as `blocksum(x)·O`.
+    fn base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let bias = self.bias.as_ref().map(|b| b.val());
+        if !self.is_quantized() {
+            return linear(x, self.weight.val(), bias);
+        }
+        let dims = x.dims();
+        let [d_in, d_out] = self.weight.dims();
+        let rows = dims[..D - 1].iter().product();
+        let x = x.reshape([rows, d_in]);
+        let mut y = odpo_kernels::dequantized_matmul(x.clone(), &self.weight.val());
+        if let Some(o) = &self.offset {
+            let blocks = d_in / crate::quantized::BLOCK;
+            y = y + x.reshape([rows, blocks, crate::quantized::BLOCK]).sum_dim(2).reshape([rows, blocks]).matmul(o.val());
+        }
+        if let Some(b) = bias {
+            y = y + b.unsqueeze_dim(0);
+        }
+        let mut out = dims;
+        out[D - 1] = d_out;
+        y.reshape(out)
+    }
+
+    /// `W` as a float tensor `[in, out]`: a quantised weight dequantised, with its offsets (a new
+    /// leaf, outside any graph).
+    pub fn float_weight(&self) -> Tensor<2> {
+        let w = self.weight.val();
+        if !self.is_quantized() {
+            return w;
+        }
+        let w = w.dequantize();
+        match &self.offset {
+            None => w,
+            Some(o) => {
+                let [blocks, d_out] = o.dims();
+                let block = crate::quantized::BLOCK;
+                (w + o.val().unsqueeze_dim::<3>(1).expand([blocks, block, d_out]).reshape([blocks * block, d_out])).detach()
             }
         }
     }
 
     /// `W + s·A·B` (or `W` without an adapter), detached from any graph.
     pub fn merged_weight(&self) -> Tensor<2> {
-        let w = self.weight.val();
+        let w = self.float_weight();
         match &self.lora {
             None => w,
             Some(ad) => (w + ad.a.val().matmul(ad.b.val()).mul_scalar(ad.scale)).detach(),
+        }
+    }
+
+    /// The float type adapters of this layer take: the weight's, or f32 over a quantised one.
+    fn adapter_dtype(&self) -> DType {
+        match self.weight.val().dtype() {
+            DType::QFloat(_) => DType::F32,
+            d => d,
         }
     }
 }
@@ -94,11 +152,15 @@ pub struct LoraConfig {
     pub rslora: bool,
     /// Seed of the `A` initialisation.
     pub seed: u64,
+    /// Keep the frozen projections block-quantised instead of f32 (QLoRA's memory saving): a GGUF
+    /// file's Q8_0, Q4_0 and Q4_1 projections as stored, any other base quantised to Q8_0 at load
+    /// (see [`crate::quantized`]). The flex backend only.
+    pub quantized_base: bool,
 }
 
 impl Default for LoraConfig {
     fn default() -> Self {
-        Self { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["all-linear".into()], rslora: false, seed: 0 }
+        Self { rank: 8, alpha: 16.0, dropout: 0.0, targets: vec!["all-linear".into()], rslora: false, seed: 0, quantized_base: false }
     }
 }
 
@@ -173,7 +235,7 @@ impl CausalLm {
             let bound = 1.0 / (d_in as f32).sqrt();
             let uniform = rand_distr::Uniform::new(-bound, bound).map_err(|e| ModelError::Invalid(e.to_string()))?;
             let a: Vec<f32> = (0..d_in * cfg.rank).map(|_| uniform.sample(&mut rng)).collect();
-            let dtype = lin.weight.val().dtype();
+            let dtype = lin.adapter_dtype();
             let a = Tensor::<2>::from_data(TensorData::new(a, [d_in, cfg.rank]), device).cast(dtype);
             let b = Tensor::<2>::zeros([cfg.rank, d_out], device).cast(dtype);
             lin.lora = Some(adapter(a, b, cfg));
@@ -213,6 +275,7 @@ impl CausalLm {
                 let merged = lin.merged_weight();
                 lin.weight = Param::from_tensor(merged).set_require_grad(false);
                 lin.lora = None;
+                lin.offset = None;
             }
         }
         self
@@ -288,7 +351,7 @@ impl CausalLm {
                 return Err(ModelError::config(&cfg_path, format!("{key}: {what} is not supported")));
             }
         }
-        let cfg = LoraConfig { rank, alpha, dropout, targets: vec!["all-linear".into()], rslora, seed: 0 };
+        let cfg = LoraConfig { rank, alpha, dropout, targets: vec!["all-linear".into()], rslora, seed: 0, quantized_base: false };
         cfg.validate().map_err(|e| ModelError::config(&cfg_path, e.to_string()))?;
 
         let st_path = dir.join("adapter_model.safetensors");
@@ -307,7 +370,7 @@ impl CausalLm {
                     return Err(ModelError::Shape { path: st_path.clone(), name: k, expected: want.to_vec(), got: t.shape.clone() });
                 }
             }
-            let dtype = lin.weight.val().dtype();
+            let dtype = lin.adapter_dtype();
             let a = Tensor::<2>::from_data(TensorData::new(a.data, [rank, d_in]), device).transpose().cast(dtype);
             let b = Tensor::<2>::from_data(TensorData::new(b.data, [d_out, rank]), device).transpose().cast(dtype);
             lin.lora = Some(adapter(a, b, &cfg));

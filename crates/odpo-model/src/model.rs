@@ -180,7 +180,8 @@ struct Caster(FloatDType);
 impl ModuleMapper for Caster {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let dtype = self.0;
-        param.map(|t| t.cast(dtype))
+        // A quantised weight stays so; its product dequantises to the activations' type.
+        param.map(|t| if matches!(t.dtype(), burn::tensor::DType::QFloat(_)) { t } else { t.cast(dtype) })
     }
 }
 
@@ -231,23 +232,54 @@ impl CausalLm {
 
     /// A freshly initialised model (weights N(0, 0.02), norms 1, biases 0), seeded.
     pub fn random(config: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
-        Self::from_weights(config, &mut Weights::random(seed, 0.02), device)
+        Self::random_with(config, seed, device, false)
+    }
+
+    /// [`Self::random`], with the projections block-quantised to Q8_0 when `quantized_base` (the
+    /// same draws, then quantised; see [`crate::quantized`]).
+    pub fn random_with(config: &ModelConfig, seed: u64, device: &Device, quantized_base: bool) -> Result<Self> {
+        let mut weights = Weights::random(seed, 0.02);
+        if quantized_base {
+            weights = weights.quantizing_projections();
+        }
+        Self::from_weights(config, &mut weights, device)
     }
 
     /// Loads a model from a HF folder (`config.json` + safetensors) or a llama.cpp `.gguf` file.
     pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
+        Self::load_with(path, device, false)
+    }
+
+    /// [`Self::load`], with the projections block-quantised when `quantized_base`: a GGUF file's
+    /// Q8_0, Q4_0 and Q4_1 projections as stored, any other weight quantised to Q8_0 at load (see
+    /// [`crate::quantized`]). Such a base is for LoRA: the quantised weights take no gradient.
+    pub fn load_with(path: &Path, device: &Device, quantized_base: bool) -> Result<LoadedModel> {
+        let quantize = |w: Weights| if quantized_base { w.quantizing_projections() } else { w };
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-            let (config_json, tensors) = crate::gguf::load_llama_as_hf(path)?;
+            let (config_json, tensors, blocks) = crate::gguf::load_llama_blocks_as_hf(path, quantized_base)?;
             let config = ModelConfig::from_hf_json(&config_json, path)?;
-            let mut weights = Weights::new(path, tensors);
+            let mut weights = quantize(Weights::new(path, tensors).with_blocks(blocks));
             let model = Self::from_weights(&config, &mut weights, device)?;
             let tokenizer_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
             return Ok(LoadedModel { config, model, tokenizer_dir });
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
-        let mut weights = Weights::from_hf_dir(path)?;
+        let mut weights = quantize(Weights::from_hf_dir(path)?);
         let model = Self::from_weights(&config, &mut weights, device)?;
         Ok(LoadedModel { config, model, tokenizer_dir: path.to_path_buf() })
+    }
+
+    /// [`Module::fork`] onto `device`, except that a model with a block-quantised base stays as it
+    /// is: burn 0.22.1's `to_device` of a quantised tensor returns it dequantised (the f32 base the
+    /// quantisation was for), and such a base lives on flex, a single device, where the model
+    /// already is.
+    pub fn fork_to(self, device: &Device) -> Self {
+        if self.has_quantized_base() { self } else { self.fork(device) }
+    }
+
+    /// Whether any projection holds a block-quantised weight.
+    pub fn has_quantized_base(&self) -> bool {
+        crate::names::projections(self.clone().named_mut()).iter().any(|((_, l), _)| l.is_quantized())
     }
 
     /// Logits `[B, T, V]` for `input_ids` `[B, T]`. `attention_mask` `[B, T_past + T]` marks real

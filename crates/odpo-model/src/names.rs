@@ -49,7 +49,7 @@ pub(crate) fn lazy<const D: usize>(shape: [usize; D], device: &Device) -> Param<
 
 /// A linear layer `[d_in, d_out]` (with a bias when asked) waiting for its weights.
 pub(crate) fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
-    Linear { weight: lazy([d_in, d_out], device), bias: bias.then(|| lazy([d_out], device)), lora: None }
+    Linear { weight: lazy([d_in, d_out], device), bias: bias.then(|| lazy([d_out], device)), lora: None, offset: None }
 }
 
 /// A LayerNorm of width `d` waiting for its weights.
@@ -70,12 +70,20 @@ fn dims<const D: usize>(p: &Param<Tensor<D>>) -> [usize; D] {
 /// Reads every parameter of the table from `w` by name, shape-checked against the tree.
 pub(crate) fn fill(table: Table<'_>, w: &mut Weights, device: &Device) -> Result<()> {
     for (name, slot) in table {
+        let conv1d = matches!(slot, Slot::Conv1d(_));
         match slot {
             Slot::Matrix(p) => *p = Param::from_tensor(w.tensor(&name, dims(p), device)?),
             Slot::Vector(p) => *p = Param::from_tensor(w.tensor(&name, dims(p), device)?),
             Slot::Transposed(p) => {
                 let [d_in, d_out] = dims(p);
                 *p = Param::from_tensor(w.linear_weight(&name, d_out, d_in, device)?);
+            }
+            Slot::Linear(l) | Slot::Conv1d(l) if w.quantizes_projections() => {
+                let [d_in, d_out] = dims(&l.weight);
+                let blocks = w.quantized(&format!("{name}.weight"), [d_out, d_in], conv1d)?;
+                let (weight, offset) = blocks.to_device(device);
+                (l.weight, l.offset) = (Param::from_tensor(weight), offset.map(Param::from_tensor));
+                fill_bias(l, &name, w, device)?;
             }
             Slot::Linear(l) => {
                 let [d_in, d_out] = dims(&l.weight);
@@ -114,11 +122,11 @@ pub(crate) fn to_hf(table: Table<'_>) -> HfTensors {
             Slot::Vector(p) => out.push(name, p.val()),
             Slot::Transposed(p) => out.push_linear(name, p.val()),
             Slot::Linear(l) => {
-                out.push_linear(format!("{name}.weight"), l.weight.val());
+                out.push_linear(format!("{name}.weight"), l.float_weight());
                 push_bias(&mut out, &name, l);
             }
             Slot::Conv1d(l) => {
-                out.push(format!("{name}.weight"), l.weight.val());
+                out.push(format!("{name}.weight"), l.float_weight());
                 push_bias(&mut out, &name, l);
             }
             Slot::LayerNorm(ln) => out.push_layer_norm(name, ln),

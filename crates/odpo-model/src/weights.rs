@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
+use crate::quantized::QuantBlocks;
 
 pub use crate::gguf::HostTensor;
 
@@ -19,6 +20,10 @@ pub struct Weights {
     tensors: BTreeMap<String, HostTensor>,
     /// When set, tensors are made up on request instead of read: a fresh random model.
     random: Option<RandomInit>,
+    /// Projections kept in ggml's blocks as the file stores them (a GGUF read for a quantised base).
+    quantized: BTreeMap<String, QuantBlocks>,
+    /// Whether the model's projections are to be loaded block-quantised (a LoRA base).
+    quantize_projections: bool,
 }
 
 /// How a fresh model's weights are drawn: N(0, std) for matrices and embeddings (GPT-2's and
@@ -32,7 +37,54 @@ struct RandomInit {
 impl Weights {
     /// Wraps tensors already on the host (the GGUF loader produces these).
     pub fn new(path: impl Into<PathBuf>, tensors: BTreeMap<String, HostTensor>) -> Self {
-        Self { path: path.into(), tensors, random: None }
+        Self { path: path.into(), tensors, ..Self::new_empty() }
+    }
+
+    fn new_empty() -> Self {
+        Self { path: PathBuf::new(), tensors: BTreeMap::new(), random: None, quantized: BTreeMap::new(), quantize_projections: false }
+    }
+
+    /// Adds projections held in ggml's blocks (a GGUF file's Q8_0, Q4_0 and Q4_1 tensors).
+    pub fn with_blocks(mut self, quantized: BTreeMap<String, QuantBlocks>) -> Self {
+        self.quantized.extend(quantized);
+        self
+    }
+
+    /// Loads every projection (each `nn.Linear` and `Conv1D` weight) block-quantised: as the file
+    /// stores it when it is in blocks, otherwise quantised to Q8_0 here (a frozen LoRA base).
+    pub fn quantizing_projections(mut self) -> Self {
+        self.quantize_projections = true;
+        self
+    }
+
+    /// Whether projections load block-quantised.
+    pub fn quantizes_projections(&self) -> bool {
+        self.quantize_projections
+    }
+
+    /// Projection weight `name`, `[out, in]`, in blocks: the file's own, or quantised to Q8_0 from
+    /// its float values (`conv1d`: stored `[in, out]`, as transformers' Conv1D keeps it).
+    pub fn quantized(&mut self, name: &str, shape: [usize; 2], conv1d: bool) -> Result<QuantBlocks> {
+        if let Some(b) = self.quantized.remove(name) {
+            if b.shape != shape {
+                return Err(ModelError::Shape { path: self.path.clone(), name: name.into(), expected: shape.to_vec(), got: b.shape.to_vec() });
+            }
+            return Ok(b);
+        }
+        let [out, inp] = shape;
+        let data = if conv1d {
+            let t = self.take(name, &[inp, out])?;
+            let mut data = vec![0.0f32; t.data.len()];
+            for (i, row) in t.data.chunks_exact(out.max(1)).enumerate() {
+                for (o, &x) in row.iter().enumerate() {
+                    data[o * inp + i] = x;
+                }
+            }
+            data
+        } else {
+            self.take(name, &shape)?.data
+        };
+        crate::quantized::quantize_at_load(name, shape, &data)
     }
 
     /// A source that makes up every tensor the model asks for: a randomly initialised model
@@ -43,6 +95,7 @@ impl Weights {
             path: PathBuf::from("<random init>"),
             tensors: BTreeMap::new(),
             random: Some(RandomInit { rng: rand::rngs::StdRng::seed_from_u64(seed), std: if std.is_finite() { std.abs() } else { 0.02 } }),
+            ..Self::new_empty()
         }
     }
 
@@ -53,7 +106,7 @@ impl Weights {
         if single.exists() {
             let mut tensors = BTreeMap::new();
             read_safetensors(&single, &mut tensors)?;
-            return Ok(Self { path: single, tensors, random: None });
+            return Ok(Self { path: single, tensors, ..Self::new_empty() });
         }
         if !index.exists() {
             return Err(ModelError::io(
@@ -82,7 +135,7 @@ impl Weights {
                 return Err(ModelError::MissingTensor { path: index.clone(), name: name.clone() });
             }
         }
-        Ok(Self { path: index, tensors, random: None })
+        Ok(Self { path: index, tensors, ..Self::new_empty() })
     }
 
     /// The file the tensors were read from.
@@ -92,7 +145,7 @@ impl Weights {
 
     /// Whether a tensor is present (a random source has every tensor).
     pub fn contains(&self, name: &str) -> bool {
-        self.random.is_some() || self.tensors.contains_key(name)
+        self.random.is_some() || self.tensors.contains_key(name) || self.quantized.contains_key(name)
     }
 
     /// Puts `prefix` before every name (a checkpoint saved without its model's prefix).
@@ -111,6 +164,9 @@ impl Weights {
     pub fn take(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
         if let Some(init) = &mut self.random {
             return Ok(init.make(name, expected));
+        }
+        if let Some(b) = self.quantized.remove(name) {
+            self.tensors.insert(name.to_string(), HostTensor { shape: b.shape.to_vec(), data: b.dequantize() });
         }
         let t = self
             .tensors
@@ -152,7 +208,7 @@ impl Weights {
 
     /// Names left after the model took what it needs.
     pub fn remaining(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        self.tensors.keys().chain(self.quantized.keys()).map(String::as_str)
     }
 }
 

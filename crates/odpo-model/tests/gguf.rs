@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use odpo_model::gguf::{GgufError, GgufFile, GgufValue, HostTensor, load_llama_as_hf};
+use odpo_model::gguf::{GgufError, GgufFile, GgufValue, HostTensor, load_llama_as_hf, load_llama_blocks_as_hf};
 
 #[path = "common/env.rs"]
 mod env;
@@ -68,6 +68,36 @@ fn dequantizes_every_type_bitwise_like_gguf_py() {
         err.ends_with("types.gguf: tensor `nope`: no such tensor"),
         "{err}"
     );
+}
+
+/// Q8_0, Q4_0 and Q4_1 read as their blocks (kept for a quantised LoRA base) hold gguf-py's
+/// values bit for bit; other types are not blocks.
+#[test]
+fn blocks_hold_gguf_pys_values() {
+    let file = GgufFile::open(&fixture("types.gguf")).unwrap();
+    let expected = read_safetensors(&fixture("types_expected.safetensors"));
+    for name in ["t_q8_0", "t_q4_0", "t_q4_1"] {
+        let b = file.blocks(name).unwrap().expect("a block type");
+        let (shape, want) = &expected[name];
+        let got = HostTensor { shape: b.shape.to_vec(), data: b.dequantize() };
+        assert_bitwise(name, &got, shape, want);
+    }
+    assert!(file.blocks("t_f32").unwrap().is_none());
+    assert!(file.blocks("t_3d").unwrap().is_none());
+}
+
+/// A llama file's projections kept in blocks, Q/K rows unpermuted, dequantise to the weights the
+/// plain reader gives.
+#[test]
+fn kept_blocks_are_unpermuted_like_the_weights() {
+    let Some(gguf) = shared_file("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let (_, plain) = load_llama_as_hf(&gguf).unwrap();
+    let (_, rest, blocks) = load_llama_blocks_as_hf(&gguf, true).unwrap();
+    assert_eq!(blocks.len(), 30 * 7, "every projection of 30 layers is kept in blocks");
+    assert_eq!(rest.len() + blocks.len(), plain.len());
+    for (name, b) in &blocks {
+        assert_bitwise(name, &HostTensor { shape: b.shape.to_vec(), data: b.dequantize() }, &plain[name].shape, &plain[name].data);
+    }
 }
 
 #[test]

@@ -142,7 +142,11 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
     let config = ModelConfig::from_hf_json(&json, config_path)?;
     let ad = crate::step::autodiff(device, b.gradient_checkpointing);
-    let mut policy = CausalLm::random(&config, 0, &ad)?;
+    let quantized_base = b.lora.as_ref().is_some_and(|l| l.quantized_base);
+    if quantized_base && !odpo_kernels::holds_quantized(device) {
+        return Err(TrainError::config("quantized-base", format!("the device {device:?} cannot hold burn's quantised tensors (flex can)")));
+    }
+    let mut policy = CausalLm::random_with(&config, 0, &ad, quantized_base)?;
     if let Some(lora) = &b.lora {
         policy = policy.with_lora(lora, &ad)?;
     }

@@ -114,7 +114,7 @@ impl Reference {
         use burn::module::Module;
         match self {
             Reference::None => Reference::None,
-            Reference::Frozen(model) => Reference::Frozen(Box::new((**model).clone().fork(device))),
+            Reference::Frozen(model) => Reference::Frozen(Box::new((**model).clone().fork_to(device))),
             Reference::Cached(cache) => Reference::Cached(cache.clone()),
         }
     }

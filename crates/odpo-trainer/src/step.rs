@@ -239,7 +239,7 @@ impl Trainer {
                     .map(|(k, (r, slice))| {
                         let replica = policy.clone();
                         scope.spawn(move || {
-                            let replica = if k == 0 { replica } else { replica.fork(&r.device) };
+                            let replica = if k == 0 { replica } else { replica.fork_to(&r.device) };
                             r.device.seed(dropout_seed(s.seed, at, k));
                             slice_grads(s, at, total, &replica, &r.reference, slice, &r.device)
                         })

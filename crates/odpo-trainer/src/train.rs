@@ -94,7 +94,8 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     // The policy, and its starting point as the reference: frozen, or run once into a cache.
     // With LoRA the weights are frozen and only fresh adapters train; the reference is the same
     // weights with the adapters removed (shared tensors, not a copy).
-    let (model_cfg, mut policy) = load_policy(&cfg.model, t.seed, &ad)?;
+    let quantized_base = cfg.lora.as_ref().is_some_and(|l| l.quantized_base);
+    let (model_cfg, mut policy) = load_base(&cfg.model, t.seed, &ad, quantized_base)?;
     if let Some(lora) = &cfg.lora {
         policy = policy.with_lora(lora, &ad)?;
         tracing::info!(rank = lora.rank, alpha = lora.alpha, trainable = trainable_params(&policy), "LoRA adapters attached");
@@ -326,13 +327,25 @@ pub fn tokenizer_dir(model: &ModelSection) -> PathBuf {
 
 /// The policy at its starting point: loaded, or random (seeded) from the config when `random_init`.
 pub fn load_policy(model: &ModelSection, seed: u64, device: &Device) -> Result<(ModelConfig, CausalLm)> {
+    load_base(model, seed, device, false)
+}
+
+/// [`load_policy`], with the projections block-quantised when `quantized_base`
+/// (`lora.quantized_base`: a frozen base for LoRA).
+pub fn load_base(model: &ModelSection, seed: u64, device: &Device, quantized_base: bool) -> Result<(ModelConfig, CausalLm)> {
+    if quantized_base && !odpo_kernels::holds_quantized(device) {
+        return Err(TrainError::config(
+            "lora.quantized_base",
+            format!("is true, but the device {device:?} cannot hold burn's quantised tensors (the flex backend can; burn-tch 0.22.1 leaves them unimplemented); use `--backend flex` or an f32 base"),
+        ));
+    }
     if model.random_init {
         let path = if model.path.is_dir() { model.path.join("config.json") } else { model.path.clone() };
         let config = ModelConfig::from_file(&path)?;
-        let policy = CausalLm::random(&config, seed, device)?;
+        let policy = CausalLm::random_with(&config, seed, device, quantized_base)?;
         return Ok((config, policy));
     }
-    let loaded = CausalLm::load(&model.path, device)?;
+    let loaded = CausalLm::load_with(&model.path, device, quantized_base)?;
     Ok((loaded.config, loaded.model))
 }
 

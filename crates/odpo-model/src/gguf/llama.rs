@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use super::{GgufError, GgufFile, GgufValue, HostTensor, meta_err, tensor_err};
+use crate::quantized::QuantBlocks;
 
 /// The HF name of a llama.cpp llama tensor, or `None` if it has none.
 pub(super) fn hf_name(gguf: &str) -> Option<String> {
@@ -47,6 +48,19 @@ pub(super) fn unpermute_rows(
     heads: usize,
 ) -> Result<(), GgufError> {
     let rows = t.shape.first().copied().unwrap_or(0);
+    let half = unpermute_half(path, name, rows, heads)?;
+    let cols = t.data.len() / rows;
+    let mut out = vec![0f32; t.data.len()];
+    for dst in 0..rows {
+        let src = unpermuted_source(dst, half);
+        out[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
+    }
+    t.data = out;
+    Ok(())
+}
+
+/// Half a head's rows, checking that `rows` split into `heads` heads of even size.
+fn unpermute_half(path: &Path, name: &str, rows: usize, heads: usize) -> Result<usize, GgufError> {
     if heads == 0 || rows == 0 || rows % (2 * heads) != 0 {
         return Err(tensor_err(
             path,
@@ -54,19 +68,14 @@ pub(super) fn unpermute_rows(
             format!("{rows} rows do not split into {heads} heads of even size"),
         ));
     }
-    let (half, cols) = (rows / heads / 2, t.data.len() / rows);
-    let mut out = vec![0f32; t.data.len()];
-    for h in 0..heads {
-        for s in 0..2 {
-            for i in 0..half {
-                let (dst, src) = (h * 2 * half + s * half + i, h * 2 * half + 2 * i + s);
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    t.data = out;
-    Ok(())
+    Ok(rows / heads / 2)
+}
+
+/// The llama.cpp row that HF row `dst` comes from: within a head, HF row `s·half + i` is stored
+/// at row `2i + s`.
+fn unpermuted_source(dst: usize, half: usize) -> usize {
+    let (head, r) = (dst / (2 * half), dst % (2 * half));
+    head * 2 * half + 2 * (r % half) + r / half
 }
 
 /// Everything the model loader needs from a llama-architecture GGUF: an HF-style config.json
@@ -77,6 +86,15 @@ pub(super) fn unpermute_rows(
 pub fn load_llama_as_hf(
     path: &Path,
 ) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
+    load_llama_blocks_as_hf(path, false).map(|(config, weights, _)| (config, weights))
+}
+
+/// [`load_llama_as_hf`], with the attention and MLP projections stored in Q8_0, Q4_0 or Q4_1
+/// kept in their blocks (third map) when `keep_blocks`, instead of dequantised.
+pub fn load_llama_blocks_as_hf(
+    path: &Path,
+    keep_blocks: bool,
+) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>), GgufError> {
     let f = GgufFile::open(path)?;
     let arch_key = "general.architecture";
     let arch = f.meta(arch_key, "a string", |v| v.as_str().map(str::to_string))?;
@@ -102,10 +120,22 @@ pub fn load_llama_as_hf(
     let head_dim = uint("llama.attention.key_length")?.unwrap_or(hidden / heads);
 
     let mut weights = BTreeMap::new();
+    let mut blocks = BTreeMap::new();
     for info in f.tensor_infos() {
         let name = info.name.as_str();
         let hf = hf_name(name)
             .ok_or_else(|| tensor_err(path, name, "has no Hugging Face llama equivalent"))?;
+        let projection = hf.ends_with("_proj.weight");
+        if keep_blocks && projection && let Some(mut b) = f.blocks(name)? {
+            for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
+                if hf.contains(part) {
+                    let half = unpermute_half(path, name, b.shape[0], h as usize)?;
+                    b.permute_rows(|dst| unpermuted_source(dst, half));
+                }
+            }
+            blocks.insert(hf, b);
+            continue;
+        }
         let mut t = f.dequantize(name)?;
         if hf.contains(".self_attn.q_proj.") {
             unpermute_rows(path, name, &mut t, heads as usize)?;
@@ -159,6 +189,6 @@ pub fn load_llama_as_hf(
         }
         config["rope_scaling"] = s;
     }
-    Ok((config, weights))
+    Ok((config, weights, blocks))
 }
 

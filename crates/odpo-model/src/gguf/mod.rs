@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 mod llama;
 pub mod quant;
 
-pub use llama::load_llama_as_hf;
+pub use llama::{load_llama_as_hf, load_llama_blocks_as_hf};
 pub use quant::ggml_type_name;
 use quant::type_info;
 
@@ -459,6 +459,21 @@ impl GgufFile {
     /// Reads tensor `name` and dequantises it to f32, shape in row-major order (GGUF dims
     /// reversed). No layout change beyond that: see [`load_llama_as_hf`] for HF layouts.
     pub fn dequantize(&self, name: &str) -> Result<HostTensor, GgufError> {
+        let (t, bytes) = self.raw(name)?;
+        let data = quant::dequantize(t.ggml_type, &bytes);
+        let shape = t.dims.iter().rev().map(|&d| d as usize).collect();
+        Ok(HostTensor { shape, data })
+    }
+
+    /// Reads a 2-D Q8_0, Q4_0 or Q4_1 tensor as its blocks (`None` for any other type or rank).
+    pub fn blocks(&self, name: &str) -> Result<Option<crate::quantized::QuantBlocks>, GgufError> {
+        let (t, bytes) = self.raw(name)?;
+        let &[cols, rows] = t.dims.as_slice() else { return Ok(None) };
+        Ok(quant::blocks(t.ggml_type, &bytes, [rows as usize, cols as usize]))
+    }
+
+    /// The info and bytes of tensor `name`, of a type this reader supports.
+    fn raw(&self, name: &str) -> Result<(&GgufTensorInfo, Vec<u8>), GgufError> {
         let path = self.path.as_path();
         let t = self
             .index
@@ -480,9 +495,7 @@ impl GgufFile {
             .map_err(|e| io_err(path, e))?;
         // Only fails if the file shrank since `open` checked its length.
         f.read_exact(&mut bytes).map_err(|e| io_err(path, e))?;
-        let data = quant::dequantize(t.ggml_type, &bytes);
-        let shape = t.dims.iter().rev().map(|&d| d as usize).collect();
-        Ok(HostTensor { shape, data })
+        Ok((t, bytes))
     }
 
     fn meta<T>(

@@ -2,6 +2,8 @@
 //! and Q4_1 blocks to f32, following ggml's `dequantize_row_*` (checked against gguf-py's
 //! `gguf.quants.dequantize`).
 
+use crate::quantized::{BlockKind, QuantBlocks};
+
 const GGML_TYPES: [Option<(&str, u64, u64)>; 42] = [
     Some(("F32", 1, 4)), Some(("F16", 1, 2)), Some(("Q4_0", 32, 18)), Some(("Q4_1", 32, 20)),
     None, None, Some(("Q5_0", 32, 22)), Some(("Q5_1", 32, 24)), Some(("Q8_0", 32, 34)),
@@ -61,6 +63,41 @@ pub(super) fn dequantize(ggml_type: u32, bytes: &[u8]) -> Vec<f32> {
             }
         }),
     }
+}
+
+/// The blocks of a `[rows, cols]` Q8_0 (8), Q4_0 (2) or Q4_1 (3) tensor, values unpacked one per
+/// element as [`dequantize`] reads them; `None` for other types.
+pub(super) fn blocks(ggml_type: u32, bytes: &[u8], shape: [usize; 2]) -> Option<QuantBlocks> {
+    let (kind, block_bytes) = match ggml_type {
+        8 => (BlockKind::Q8_0, 34),
+        2 => (BlockKind::Q4_0, 18),
+        3 => (BlockKind::Q4_1, 20),
+        _ => return None,
+    };
+    let n = bytes.len() / block_bytes;
+    let (mut q, mut d) = (Vec::with_capacity(n * 32), Vec::with_capacity(n));
+    let mut m = (kind == BlockKind::Q4_1).then(|| Vec::with_capacity(n));
+    for b in bytes.chunks_exact(block_bytes) {
+        d.push(f16(&b[0..2]));
+        let nibbles = match kind {
+            BlockKind::Q8_0 => {
+                q.extend(b[2..34].iter().map(|&x| x as i8));
+                continue;
+            }
+            BlockKind::Q4_0 => &b[2..18],
+            BlockKind::Q4_1 => {
+                if let Some(m) = &mut m {
+                    m.push(f16(&b[2..4]));
+                }
+                &b[4..20]
+            }
+        };
+        // Q4_0 is stored offset by 8; Q4_1 as it is.
+        let shift = if kind == BlockKind::Q4_0 { 8 } else { 0 };
+        q.extend(nibbles.iter().map(|&x| (x & 0x0f) as i8 - shift));
+        q.extend(nibbles.iter().map(|&x| (x >> 4) as i8 - shift));
+    }
+    Some(QuantBlocks { kind, shape, q, d, m })
 }
 
 pub(super) fn f16(b: &[u8]) -> f32 {
