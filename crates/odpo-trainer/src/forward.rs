@@ -111,7 +111,6 @@ impl Reference {
     /// This reference for a data-parallel worker on `device` (without autodiff): the frozen model
     /// copied there, the cache shared by value.
     pub fn fork(&self, device: &burn::tensor::Device) -> Reference {
-        use burn::module::Module;
         match self {
             Reference::None => Reference::None,
             Reference::Frozen(model) => Reference::Frozen(Box::new((**model).clone().fork_to(device))),

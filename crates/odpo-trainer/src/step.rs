@@ -10,7 +10,6 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use odpo_data::{PreferenceBatcher, TokenizedPair};
