@@ -504,7 +504,14 @@ fn cmd_train(mut a: TrainArgs) -> Result<()> {
     if let Some((first, last)) = s.train_loss {
         println!("train loss:   {first:.4} -> {last:.4}");
     }
-    for (name, m) in [("eval before", &s.eval_start), ("eval after", &s.eval_end)] {
+    if s.stopped_early {
+        println!("stopped:      early (eval.early_stopping)");
+    }
+    let after = match s.best_step {
+        Some(step) => format!("eval best (step {step}, the exported model)"),
+        None => "eval after".to_string(),
+    };
+    for (name, m) in [("eval before", &s.eval_start), (after.as_str(), &s.eval_end)] {
         if let Some(m) = m {
             let items: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
             println!("{name}:  {}", items.join(" "));

@@ -10,8 +10,9 @@
 //! per-block offset `o = m + 8d`: `x·W = x·deq(Q) + blocksum(x)·O`, where `blocksum` adds each 32
 //! inputs and `O` is the `[in/32, out]` offsets, an f32 tensor the size of the scales.
 //!
-//! On flex a quantised value takes one byte whatever its width (flex unpacks to i8), so Q8_0, Q4_0
-//! and Q4_1 bases take 1.06–1.09 bytes a weight against f32's 4. The product runs through
+//! On flex a quantised value takes one byte whatever its width (flex unpacks to i8) and its block
+//! scale 3/32 of a byte more (burn's f16 copy beside the values, flex's f32 one), so Q8_0, Q4_0 and
+//! Q4_1 bases take 1.19 bytes a weight against f32's 4. The product runs through
 //! `odpo_kernels::dequantized_matmul`, whose backward pass keeps the weight quantised.
 
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue, ScaleDtype};
@@ -99,7 +100,10 @@ impl QuantBlocks {
         let per = inp / BLOCK;
         // Q4_1's q ∈ [0, 15] becomes the symmetric q − 8, and its minimum the offset m + 8d.
         let shift: i8 = if self.m.is_some() { 8 } else { 0 };
-        let mut values = vec![0i8; out * inp];
+        // Room for the f16 scales (and their alignment) that `TensorData::quantized` appends:
+        // without it the vector reallocates to twice its size, and flex keeps that allocation.
+        let mut values = Vec::with_capacity(out * inp + 2 * per * out + 64);
+        values.resize(out * inp, 0i8);
         for (o, row) in self.q.chunks_exact(inp).enumerate() {
             for (i, &q) in row.iter().enumerate() {
                 values[i * out + o] = q - shift;

@@ -37,6 +37,13 @@ pub struct TrainState {
     pub seed: u64,
     /// The run's total steps, as planned when it started.
     pub total_steps: usize,
+    /// Early stopping's record (`eval.early_stopping`); absent in checkpoints of runs without it.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub early_stop: crate::early_stop::EarlyStopState,
+}
+
+fn is_default(s: &crate::early_stop::EarlyStopState) -> bool {
+    *s == crate::early_stop::EarlyStopState::default()
 }
 
 /// The checkpoints folder of a run.

@@ -251,11 +251,54 @@ pub struct EvalConfig {
     pub max_pairs: Option<usize>,
     /// Also evaluate before the first step.
     pub at_start: bool,
+    /// Stop when a held-out metric stops improving (`[eval.early_stopping]`); None: train to the end.
+    pub early_stopping: Option<EarlyStoppingConfig>,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { every: 100, batch_size: 8, max_pairs: None, at_start: true }
+        Self { every: 100, batch_size: 8, max_pairs: None, at_start: true, early_stopping: None }
+    }
+}
+
+/// `[eval.early_stopping]`: stop training when the eval metric `metric` has not improved by more
+/// than `min_delta` for `patience` evaluations in a row, and export the best evaluated model
+/// (transformers' `EarlyStoppingCallback` with `load_best_model_at_end`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EarlyStoppingConfig {
+    /// An eval metric (`loss`, `rewards/accuracies`, `rewards/margins`, ...; SFT: `nll`, `ppl`).
+    pub metric: String,
+    /// Evaluations without improvement before the run stops.
+    pub patience: usize,
+    /// The least change that counts as an improvement.
+    pub min_delta: f64,
+    /// Whether lower or higher is better; None: lower for `loss`, `nll` and `ppl`, higher otherwise.
+    pub mode: Option<StopMode>,
+    /// End with the best evaluated model (its checkpoint is kept in `<run>/best`) rather than the last.
+    pub restore_best: bool,
+}
+
+impl Default for EarlyStoppingConfig {
+    fn default() -> Self {
+        Self { metric: "loss".into(), patience: 3, min_delta: 0.0, mode: None, restore_best: true }
+    }
+}
+
+/// Which way an early-stopping metric improves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopMode {
+    /// Lower is better.
+    Min,
+    /// Higher is better.
+    Max,
+}
+
+impl EarlyStoppingConfig {
+    /// The direction in force: `mode`, or the metric's own (lower for losses).
+    pub fn mode(&self) -> StopMode {
+        self.mode.unwrap_or(if matches!(self.metric.as_str(), "loss" | "nll" | "ppl") || self.metric.ends_with("loss") { StopMode::Min } else { StopMode::Max })
     }
 }
 
@@ -535,6 +578,20 @@ impl EvalConfig {
     pub fn validate(&self) -> Result<()> {
         if self.batch_size == 0 {
             return Err(TrainError::config("eval.batch_size", "is 0; expected at least 1"));
+        }
+        if let Some(es) = &self.early_stopping {
+            if es.patience == 0 {
+                return Err(TrainError::config("eval.early_stopping.patience", "is 0; expected at least 1 evaluation"));
+            }
+            if !(es.min_delta.is_finite() && es.min_delta >= 0.0) {
+                return Err(TrainError::config("eval.early_stopping.min_delta", format!("is {}; expected a finite number >= 0", es.min_delta)));
+            }
+            if es.metric.is_empty() {
+                return Err(TrainError::config("eval.early_stopping.metric", "is empty; expected an eval metric such as \"loss\""));
+            }
+            if self.every == 0 {
+                return Err(TrainError::config("eval.early_stopping", "needs evaluations during training; `eval.every` is 0"));
+            }
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ pub mod checkpoint;
 pub mod dashboard;
 pub mod config;
 pub mod data;
+pub mod early_stop;
 mod error;
 pub mod eval;
 pub mod forward;

@@ -19,6 +19,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{Checked, ModelSection, ReferenceMode, RunConfig, Stage};
 use crate::data::{self, RunData};
 use crate::error::{Result, TrainError};
+use crate::early_stop;
 use crate::eval;
 use crate::forward::{self, Reference};
 use crate::step::{DataParallel, MetricSums, StepSettings, StepStats, Trainer};
@@ -43,6 +44,11 @@ pub struct RunSummary {
     pub eval_end: Option<BTreeMap<String, f64>>,
     /// Where the trained model was exported.
     pub exported: Option<PathBuf>,
+    /// The run ended before its last step (`eval.early_stopping`).
+    pub stopped_early: bool,
+    /// The step of the model the run ended with when that is not its last (`restore_best`);
+    /// `eval_end` is then that step's evaluation.
+    pub best_step: Option<usize>,
 }
 
 /// Runs `cfg` on `device` (without autodiff; the trainer adds it): reads the model's tokenizer and the
@@ -121,7 +127,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
     let schedule = Schedule::new(&cfg.optim, total_steps);
     let mut optim = crate::optim::build(&cfg.optim);
-    let mut state = TrainState { step: 0, pairs_seen: 0, tokens_seen: 0, seed: t.seed, total_steps };
+    let mut state = TrainState { step: 0, pairs_seen: 0, tokens_seen: 0, seed: t.seed, total_steps, early_stop: Default::default() };
     let mut summary = RunSummary { run_dir: run_dir.clone(), ..RunSummary::default() };
     if resume && let Some(ckpt) = checkpoint::latest_intact(&run_dir)? {
         (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
@@ -150,17 +156,34 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
             Stage::Sft => eval::sft(&model, &eval_pairs, cfg.eval.batch_size, &s.batcher, device),
         }
     };
+    let early = cfg.eval.early_stopping.as_ref();
+    if early.is_some() && eval_pairs.is_empty() {
+        return Err(TrainError::config("eval.early_stopping", "needs held-out pairs; the eval split is empty (`data.eval_fraction` or `data.eval_path`)"));
+    }
+    // Early stopping's verdict on an evaluation at `state.step`: a new best is checkpointed into
+    // `<run>/best` (with `restore_best`) before anything else happens.
+    let judge = |trainer: &Trainer, state: &mut TrainState, values: &BTreeMap<String, f64>| -> Result<bool> {
+        let Some(es) = early else { return Ok(false) };
+        let verdict = state.early_stop.observe(es, state.step, values)?;
+        if verdict == early_stop::Verdict::Improved && es.restore_best {
+            checkpoint::save(&early_stop::best_dir(&run_dir), &trainer.policy, &trainer.optim, state, &config_toml, 1)?;
+        }
+        Ok(verdict == early_stop::Verdict::Stop)
+    };
     if cfg.eval.at_start && state.step == 0 && !eval_pairs.is_empty() {
         let values = evaluate(&trainer)?;
         tracing::info!(?values, "eval before training");
         metrics.write(&Row { step: 0, split: "eval", values: values.clone() })?;
+        judge(&trainer, &mut state, &values)?;
         summary.eval_start = Some(values);
     }
 
     let bar = if dashboard { ProgressBar::hidden() } else { progress_bar(cfg, total_steps, state.step) };
     let mut window = Window::default();
     let mut stalled = Stalled::default();
-    while state.step < total_steps {
+    // The evaluation of the step the loop ended at, when it already ran (an early stop).
+    let mut last_eval = None;
+    while state.step < total_steps && !state.early_stop.stopped {
         let step = state.step;
         let lr = schedule.lr_at(step);
         let idx = data::stream_slice(data.train.len(), t.seed, state.pairs_seen, t.batch_size);
@@ -185,7 +208,14 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         if cfg.eval.every > 0 && state.step.is_multiple_of(cfg.eval.every) && state.step < total_steps && !eval_pairs.is_empty() {
             let values = evaluate(&trainer)?;
             tracing::info!(step = state.step, ?values, "eval");
-            metrics.write(&Row { step: state.step, split: "eval", values })?;
+            metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
+            if judge(&trainer, &mut state, &values)? {
+                if let (Some(es), Some((best_step, best))) = (early, state.early_stop.best) {
+                    tracing::info!(step = state.step, best_step, best, "early stop: eval `{}` has not improved for {} evaluations", es.metric, es.patience);
+                }
+                last_eval = Some(values);
+                break;
+            }
         }
         let mut saved = None;
         if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total_steps {
@@ -209,10 +239,37 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     checkpoint::save(&run_dir, &trainer.policy, &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
     summary.steps = state.step;
     if !eval_pairs.is_empty() {
-        let values = evaluate(&trainer)?;
-        tracing::info!(step = state.step, ?values, "eval at the end");
-        metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
+        let values = match last_eval {
+            Some(values) => values,
+            None => {
+                let values = evaluate(&trainer)?;
+                tracing::info!(step = state.step, ?values, "eval at the end");
+                metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
+                if early.is_some() && !state.early_stop.stopped {
+                    // The last evaluation counts too; the run is over, so only the best can change.
+                    let mut seen = state.early_stop.clone();
+                    seen.observe(early.expect("checked"), state.step, &values)?;
+                    state.early_stop.best = seen.best;
+                    state.early_stop.best_values = seen.best_values;
+                }
+                values
+            }
+        };
         summary.eval_end = Some(values);
+    }
+    summary.stopped_early = state.early_stop.stopped;
+    // End with the best evaluated model rather than the last (`eval.early_stopping.restore_best`).
+    if let (Some(es), Some((best_step, _))) = (early, state.early_stop.best)
+        && es.restore_best
+        && best_step != state.step
+    {
+        let ckpt = checkpoint::dir(&early_stop::best_dir(&run_dir)).join(format!("step-{best_step:08}"));
+        let optim = crate::optim::build(&cfg.optim);
+        let (policy, _, _) = checkpoint::load(&ckpt, trainer.policy, optim)?;
+        trainer.policy = policy;
+        tracing::info!(best_step, "restored the best evaluated model from {}", ckpt.display());
+        summary.best_step = Some(best_step);
+        summary.eval_end = Some(state.early_stop.best_values.clone());
     }
     if cfg.output.export {
         summary.exported = Some(export(&trainer.policy, &model_cfg, &run_dir.join("model"), tokenizer_dir)?);

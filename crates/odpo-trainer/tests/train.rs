@@ -165,3 +165,99 @@ fn a_run_that_learns_nothing_stops_with_an_error() {
     let cfg = config(&model, &dir.join("run-off"), "", &["train.batch_size=8", "train.micro_batch_size=8", "train.max_steps=12", "train.stop_if_not_learning=0", "eval.at_start=false"]);
     assert_eq!(odpo_trainer::train_on(&cfg, d, &device(), false, None).unwrap().steps, 12);
 }
+
+/// Held-out pairs that prefer what training teaches against: each training step makes their loss
+/// worse, so the best evaluated model is the starting one.
+fn data_against_training(train: usize, eval: usize) -> odpo_trainer::RunData {
+    let mut d = data(train, eval);
+    for p in &mut d.eval {
+        std::mem::swap(&mut p.chosen, &mut p.rejected);
+    }
+    d
+}
+
+/// `eval.early_stopping`: the run stops after `patience` evaluations without a better eval loss,
+/// ends with the best evaluated model (here the starting one, checked against the random init
+/// exported on its own), and a run resumed before the stop stops at the same step with the same
+/// export; `restore_best = false` ends with the last model instead.
+#[test]
+fn early_stopping_stops_after_patience_and_ends_with_the_best_model() {
+    let dir = temp_dir("early-stop");
+    let model = tiny_model(&dir);
+    let sets = [
+        "train.batch_size=4",
+        "train.micro_batch_size=2",
+        "train.max_steps=40",
+        "train.log_every=2",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=10",
+        "optim.lr=1e-2",
+        "eval.every=2",
+        "eval.early_stopping.patience=3",
+    ];
+    let run = dir.join("run");
+    let summary = odpo_trainer::train_on(&config(&model, &run, "", &sets), data_against_training(64, 16), &device(), false, None).expect("training");
+
+    // The stop step, replayed from the eval rows: three evaluations in a row not below the best.
+    let rows = metric_rows(&run, "eval");
+    let (mut best, mut since, mut stop) = ((0usize, f64::INFINITY), 0, None);
+    for r in &rows {
+        let (step, loss) = (r["step"].as_u64().unwrap() as usize, f(r, "loss"));
+        if loss < best.1 {
+            (best, since) = ((step, loss), 0);
+        } else {
+            since += 1;
+            if since == 3 {
+                stop = Some(step);
+                break;
+            }
+        }
+    }
+    println!("eval losses: {:?}", rows.iter().map(|r| (r["step"].as_u64().unwrap(), f(r, "loss"))).collect::<Vec<_>>());
+    assert_eq!(best.0, 0, "training against the held-out preference should only make its loss worse");
+    assert_eq!(stop, Some(6));
+    assert!(summary.stopped_early);
+    assert_eq!(summary.steps, 6);
+    assert_eq!(summary.best_step, Some(0));
+    assert_eq!(summary.eval_end.as_ref().unwrap()["loss"], best.1);
+    assert_eq!(rows.last().unwrap()["step"], 6, "no evaluation after the stop");
+
+    // The export is the starting model: the random init exported on its own.
+    let model_cfg = odpo_model::ModelConfig::from_file(&model.join("config.json")).unwrap();
+    let cfg = config(&model, &run, "", &sets);
+    let init = odpo_model::CausalLm::random(&model_cfg, cfg.train.seed, &device()).unwrap();
+    odpo_trainer::export(&init, &model_cfg, &dir.join("init/model"), None).unwrap();
+    assert!(exported(&run) == exported(&dir.join("init")), "the export is not the best (starting) model");
+
+    // Without restore_best: the last model, which differs.
+    let last = dir.join("last");
+    let sets_last: Vec<&str> = sets.iter().copied().chain(["eval.early_stopping.restore_best=false"]).collect();
+    let s = odpo_trainer::train_on(&config(&model, &last, "", &sets_last), data_against_training(64, 16), &device(), false, None).expect("training");
+    assert!(s.stopped_early && s.steps == 6 && s.best_step.is_none());
+    assert!(exported(&last) != exported(&run), "restore_best = false should end with the last model");
+    assert!(!last.join("best").exists());
+
+    // Cut at step 4 (its later checkpoints and export removed) and resumed: the same stop and export.
+    for ckpt in odpo_trainer::checkpoint::list(&run).unwrap() {
+        if odpo_trainer::checkpoint::read_state(&ckpt).unwrap().step > 4 {
+            std::fs::remove_dir_all(&ckpt).unwrap();
+        }
+    }
+    std::fs::remove_dir_all(run.join("model")).unwrap();
+    let resumed = odpo_trainer::train_on(&config(&model, &run, "", &sets), data_against_training(64, 16), &device(), true, None).expect("resumed");
+    assert_eq!((resumed.resumed_from, resumed.steps, resumed.stopped_early, resumed.best_step), (Some(4), 6, true, Some(0)));
+    assert!(exported(&run) == exported(&dir.join("init")), "the resumed run does not end with the best model");
+    // Resuming a run that stopped trains no further.
+    let again = odpo_trainer::train_on(&config(&model, &run, "", &sets), data_against_training(64, 16), &device(), true, None).expect("resumed again");
+    assert_eq!((again.resumed_from, again.steps), (Some(6), 6));
+}
+
+/// An early-stopping metric the evaluation does not report is an error that names the setting.
+#[test]
+fn an_unknown_early_stopping_metric_is_named() {
+    let dir = temp_dir("early-stop-metric");
+    let model = tiny_model(&dir);
+    let cfg = config(&model, &dir.join("run"), "", &["train.max_steps=4", "eval.every=2", "eval.early_stopping.metric=\"accuracy\""]);
+    let e = odpo_trainer::train_on(&cfg, data(16, 4), &device(), false, None).unwrap_err().to_string();
+    assert!(e.contains("eval.early_stopping.metric") && e.contains("rewards/accuracies"), "{e}");
+}
