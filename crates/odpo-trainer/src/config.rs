@@ -262,8 +262,8 @@ impl Default for EvalConfig {
 }
 
 /// `[eval.early_stopping]`: stop training when the eval metric `metric` has not improved by more
-/// than `min_delta` for `patience` evaluations in a row, and export the best evaluated model
-/// (transformers' `EarlyStoppingCallback` with `load_best_model_at_end`).
+/// than `min_delta` for `patience` evaluations in a row, and end with the best evaluated model
+/// (transformers' `EarlyStoppingCallback` with `load_best_model_at_end`; see [`crate::early_stop`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EarlyStoppingConfig {
@@ -271,7 +271,7 @@ pub struct EarlyStoppingConfig {
     pub metric: String,
     /// Evaluations without improvement before the run stops.
     pub patience: usize,
-    /// The least change that counts as an improvement.
+    /// The least change that resets the patience (a smaller improvement still becomes the best).
     pub min_delta: f64,
     /// Whether lower or higher is better; None: lower for `loss`, `nll` and `ppl`, higher otherwise.
     pub mode: Option<StopMode>,

@@ -1,7 +1,8 @@
-//! Early stopping on a held-out metric (`[eval.early_stopping]`): after each evaluation, is the
-//! metric better than its best by more than `min_delta`? After `patience` evaluations that are not,
-//! the run stops, and (with `restore_best`) ends with the best evaluated model, whose checkpoint is
-//! kept in `<run>/best` as soon as it is found.
+//! Early stopping on a held-out metric (`[eval.early_stopping]`), by transformers' rule
+//! (`EarlyStoppingCallback` with `load_best_model_at_end`): any evaluation better than the best so
+//! far becomes the best (its checkpoint kept in `<run>/best` at once, with `restore_best`); one that
+//! is not better by more than `min_delta` spends patience, and after `patience` of those in a row
+//! the run stops and ends with the best evaluated model.
 //!
 //! burn-train has the same rule (`MetricEarlyStoppingStrategy`), but it reads the metric from its
 //! learner's event store, counts epochs, and keeps its best value in memory only; here the state
@@ -22,7 +23,7 @@ pub struct EarlyStopState {
     pub best: Option<(usize, f64)>,
     /// Every eval metric at the best step.
     pub best_values: BTreeMap<String, f64>,
-    /// Evaluations since the best one.
+    /// Evaluations in a row without an improvement beyond `min_delta`.
     pub since_best: usize,
     /// The run stopped early at its last checkpoint's step.
     pub stopped: bool,
@@ -30,13 +31,11 @@ pub struct EarlyStopState {
 
 /// What an evaluation means for the run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// A new best: keep this model.
-    Improved,
-    /// Not better; patience left.
-    Continue,
-    /// Not better for `patience` evaluations: stop.
-    Stop,
+pub struct Verdict {
+    /// A new best (by any amount): keep this model.
+    pub improved: bool,
+    /// `patience` evaluations in a row without an improvement beyond `min_delta`: stop.
+    pub stop: bool,
 }
 
 impl EarlyStopState {
@@ -46,22 +45,20 @@ impl EarlyStopState {
             let names: Vec<&str> = values.keys().map(String::as_str).collect();
             return Err(TrainError::config("eval.early_stopping.metric", format!("is `{}`, which the evaluation does not report; it reports {names:?}", cfg.metric)));
         };
-        // A NaN or infinite value is never an improvement.
-        let better = value.is_finite()
-            && match self.best {
-                None => true,
-                Some((_, best)) => match cfg.mode() {
-                    StopMode::Min => value < best - cfg.min_delta,
-                    StopMode::Max => value > best + cfg.min_delta,
-                },
-            };
-        if better {
-            (self.best, self.best_values, self.since_best) = (Some((step, value)), values.clone(), 0);
-            return Ok(Verdict::Improved);
+        // How much better than the best so far (positive: better); a NaN or infinite value never is.
+        let gain = match (self.best, cfg.mode()) {
+            _ if !value.is_finite() => f64::NEG_INFINITY,
+            (None, _) => f64::INFINITY,
+            (Some((_, best)), StopMode::Min) => best - value,
+            (Some((_, best)), StopMode::Max) => value - best,
+        };
+        let improved = gain > 0.0;
+        if improved {
+            (self.best, self.best_values) = (Some((step, value)), values.clone());
         }
-        self.since_best += 1;
+        self.since_best = if gain > cfg.min_delta { 0 } else { self.since_best + 1 };
         self.stopped = self.since_best >= cfg.patience;
-        Ok(if self.stopped { Verdict::Stop } else { Verdict::Continue })
+        Ok(Verdict { improved, stop: self.stopped })
     }
 }
 
@@ -83,15 +80,15 @@ mod tests {
     fn stops_after_patience_evaluations_without_an_improvement_beyond_min_delta() {
         let cfg = EarlyStoppingConfig { patience: 2, min_delta: 0.01, ..Default::default() };
         let mut s = EarlyStopState::default();
-        let verdicts: Vec<Verdict> = [(0, 0.70), (10, 0.60), (20, 0.595), (30, 0.50), (40, 0.55), (50, 0.495)]
+        let verdicts: Vec<(bool, bool)> = [(0, 0.70), (10, 0.60), (20, 0.595), (30, 0.50), (40, 0.55), (50, 0.495)]
             .iter()
-            .map(|&(step, loss)| s.observe(&cfg, step, &eval(loss)).unwrap())
+            .map(|&(step, loss)| s.observe(&cfg, step, &eval(loss)).map(|v| (v.improved, v.stop)).unwrap())
             .collect();
-        use Verdict::*;
-        // 0.595 is within min_delta of 0.60; 0.495 is within it of 0.50.
-        assert_eq!(verdicts, [Improved, Improved, Continue, Improved, Continue, Stop]);
-        assert_eq!(s.best, Some((30, 0.50)));
-        assert_eq!(s.best_values["loss"], 0.50);
+        // 0.595 and 0.495 are new bests within min_delta of the one before: kept, but they spend
+        // patience; the second of two such evaluations in a row (0.55, 0.495) stops the run.
+        assert_eq!(verdicts, [(true, false), (true, false), (true, false), (true, false), (false, false), (true, true)]);
+        assert_eq!(s.best, Some((50, 0.495)));
+        assert_eq!(s.best_values["loss"], 0.495);
         assert!(s.stopped);
     }
 
@@ -100,11 +97,11 @@ mod tests {
         let cfg = EarlyStoppingConfig { metric: "rewards/accuracies".into(), patience: 1, ..Default::default() };
         assert_eq!(cfg.mode(), StopMode::Max);
         let mut s = EarlyStopState::default();
-        assert_eq!(s.observe(&cfg, 0, &eval(f64::NAN)).unwrap(), Verdict::Stop);
+        assert_eq!(s.observe(&cfg, 0, &eval(f64::NAN)).unwrap(), Verdict { improved: false, stop: true });
         let mut s = EarlyStopState::default();
-        assert_eq!(s.observe(&cfg, 0, &eval(0.5)).unwrap(), Verdict::Improved);
-        assert_eq!(s.observe(&cfg, 10, &eval(0.4)).unwrap(), Verdict::Improved);
-        assert_eq!(s.observe(&cfg, 20, &eval(0.45)).unwrap(), Verdict::Stop);
+        assert_eq!(s.observe(&cfg, 0, &eval(0.5)).unwrap(), Verdict { improved: true, stop: false });
+        assert_eq!(s.observe(&cfg, 10, &eval(0.4)).unwrap(), Verdict { improved: true, stop: false });
+        assert_eq!(s.observe(&cfg, 20, &eval(0.45)).unwrap(), Verdict { improved: false, stop: true });
         let (step, best) = s.best.unwrap();
         assert!(step == 10 && (best - 0.6).abs() < 1e-12);
     }

@@ -165,10 +165,10 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     let judge = |trainer: &Trainer, state: &mut TrainState, values: &BTreeMap<String, f64>| -> Result<bool> {
         let Some(es) = early else { return Ok(false) };
         let verdict = state.early_stop.observe(es, state.step, values)?;
-        if verdict == early_stop::Verdict::Improved && es.restore_best {
+        if verdict.improved && es.restore_best {
             checkpoint::save(&early_stop::best_dir(&run_dir), &trainer.policy, &trainer.optim, state, &config_toml, 1)?;
         }
-        Ok(verdict == early_stop::Verdict::Stop)
+        Ok(verdict.stop)
     };
     if cfg.eval.at_start && state.step == 0 && !eval_pairs.is_empty() {
         let values = evaluate(&trainer)?;
