@@ -11,7 +11,9 @@
 #      and Llama-3.2-1B shapes with random weights, 8 pairs x 512 tokens, bf16 (f16 on Vulkan, which
 #      has no bf16): tokens/s, MFU against the card's bf16 peak, peak GPU memory (NVML, bench/gpu_peak.py);
 #   3. ODPO on the real SmolLM2-135M-Instruct with the paper's IMDB pairs for 100 steps, and the same
-#      run's first steps on the CPU (flex) beside it.
+#      run's first steps on the CPU (flex) beside it;
+#   4. the step of 2 with gradient checkpointing on the first backend: its peak memory and time
+#      beside the plain step's (what the budget leaves).
 # Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that would not fit is
 # recorded as skipped. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry run on a machine
 # without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md.
@@ -203,6 +205,17 @@ for b in flex $RUN_BACKENDS; do
   echo "exit $?"
   grep -v '^\s*$' "$W/run-$b.log" | tail -12
   record "run-$b" "$("$PY" scripts/gpu-report.py --merge run "$b" "$W/run-$b/metrics.jsonl" "$((SECONDS - t0))")"
+done
+
+echo "== 4. Gradient checkpointing (train.gradient_checkpointing), $SHAPE, on ${BACKENDS%% *}, beside its plain step in 2"
+b=${BACKENDS%% *}
+case $b in vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
+for m in $MODELS; do
+  echo "-- $m odpo $b ($dtype), checkpointed"
+  fits 40 || { record "bench-$m-$b-ckpt" "{\"stage\":\"bench\",\"model\":\"$m\",\"side\":\"$b, checkpointed\",\"skipped\":true}"; continue; }
+  "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$ODPO" bench --config "bench/configs/$m.json" --backend "$b" --dtype "$dtype" \
+    --pairs "$PAIRS" --seq "$SEQ" --warmup 2 --repeats "$REPEATS" --gradient-checkpointing > "$W/step.json"
+  record "bench-$m-$b-ckpt" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, checkpointed" "$W/step.json" "$W/mem.json")"
 done
 
 echo "== summary ($((SECONDS - start)) s)"
