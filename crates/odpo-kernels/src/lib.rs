@@ -1,7 +1,8 @@
 //! Fused kernels for the two memory-bound ends of a training step: the log-probabilities of the
 //! target tokens over a large vocabulary ([`token_logprobs`], a log-softmax + gather with its own
 //! backward pass, as a burn backend extension), the product with a frozen quantised weight whose
-//! backward pass keeps the weight quantised ([`dequantized_matmul`]), and the update path: the AdamW step in one pass over
+//! backward pass keeps the weight quantised ([`dequantized_matmul`]), attention whose backward pass
+//! recomputes its weights instead of keeping them ([`masked_attention`]), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), and the sum of squares of a gradient
 //! without a squared temporary ([`cpu_sum_squares`]).
 //!
@@ -17,11 +18,13 @@
 //! backend-free functions of `Tensor`s.
 #![deny(missing_docs)]
 
+mod attention;
 mod cpu;
 mod quantized;
 mod softmax;
 mod token_logprobs;
 
+pub use attention::{MaskedAttentionBackend, masked_attention, masked_attention_calls};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 

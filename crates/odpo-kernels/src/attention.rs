@@ -1,0 +1,212 @@
+//! Masked scaled dot-product attention whose backward pass recomputes the attention weights
+//! instead of keeping them (the memory behaviour of FlashAttention; Dao et al. 2022,
+//! arXiv:2205.14135, without its tiling in the backward pass).
+//!
+//! burn 0.22.1's autodiff attention is its fallback written in differentiable operations: under
+//! training each layer keeps its `[B, H, Tq, Tk]` scores, exponentials and weights until the
+//! backward pass (with burn's checkpointing, the scores matmul's output still stays: it is
+//! compute-bound). At 8 pairs × 512 tokens on SmolLM2-135M's 30 layers that is gigabytes. Here the
+//! op's saved state is `q`, `k`, `v` and the boolean mask (`[B, H, Tq, Dh]`-sized, and the mask
+//! shared by every layer); the backward pass recomputes `P = softmax(scale·QKᵀ, masked)` one
+//! layer at a time and forms
+//!
+//! ```text
+//! dV = Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ⊙ (dP − rowsum(dP ⊙ P)),   dQ = scale·dS·K,   dK = scale·dSᵀ·Q
+//! ```
+//!
+//! The forward pass is the backend's own attention (flex: its flash kernel with the boolean mask;
+//! libtorch: its scaled dot-product attention with the mask as a 0 / −∞ bias).
+
+// burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+#![cfg_attr(feature = "tch", allow(deprecated))]
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::ops::AttentionModuleOptions;
+use burn::backend::tensor::{BoolTensor, FloatTensor};
+use burn::backend::{Autodiff, Backend, Dispatch, DispatchTensorKind, TensorMetadata, backend_extension};
+use burn::tensor::{Bool, Tensor};
+
+/// Attention with a boolean mask (`true`: the query does not look at that key), differentiable
+/// with respect to `q`, `k` and `v` by recomputation. On flex and libtorch; the cubecl backends
+/// are left as burn has them.
+#[backend_extension(Autodiff, Flex: cfg(feature = "flex"), LibTorch: cfg(feature = "tch"))]
+pub trait MaskedAttentionBackend: Backend {
+    /// `softmax(scale·q·kᵀ, masked)·v` for `q` `[B, H, Tq, Dh]`, `k` and `v` `[B, H, Tk, Dh]` and
+    /// `mask` `[B, H, Tq, Tk]`.
+    fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        // The mask as an additive bias: burn-tch 0.22.1 hands a boolean mask to torch's SDPA,
+        // which reads `true` as "attend", the opposite of burn's convention.
+        let bias = Self::float_zeros(mask.shape(), &q.device(), q.dtype().into());
+        let bias = Self::float_mask_fill(bias, mask, f32::NEG_INFINITY.into());
+        Self::attention(q, k, v, None, Some(bias), options(scale))
+    }
+
+    /// The gradients `(dq, dk, dv)` of [`Self::masked_attention`] for the output gradient `dout`.
+    fn masked_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        // P, as the forward pass had it (no row is fully masked: every query sees its own key).
+        let s = Self::float_mul_scalar(Self::float_matmul(q.clone(), Self::float_transpose(k.clone())), scale.into());
+        let s = Self::float_mask_fill(s, mask, f32::NEG_INFINITY.into());
+        let max = Self::float_max_dim(s.clone(), 3);
+        let e = Self::float_exp(Self::float_sub(s, max));
+        let sum = Self::float_sum_dim(e.clone(), 3);
+        let p = Self::float_div(e, sum);
+        let dv = Self::float_matmul(Self::float_transpose(p.clone()), dout.clone());
+        let dp = Self::float_matmul(dout, Self::float_transpose(v));
+        let row = Self::float_sum_dim(Self::float_mul(dp.clone(), p.clone()), 3);
+        let ds = Self::float_mul_scalar(Self::float_mul(p, Self::float_sub(dp, row)), scale.into());
+        let dq = Self::float_matmul(ds.clone(), k);
+        let dk = Self::float_matmul(Self::float_transpose(ds), q);
+        (dq, dk, dv)
+    }
+}
+
+fn options(scale: f32) -> AttentionModuleOptions {
+    AttentionModuleOptions { scale: Some(f64::from(scale)), softcap: None, is_causal: false }
+}
+
+/// flex: its flash kernel reads the boolean mask as burn means it, through the heads' stride 0
+/// (no `[B, H, Tq, Tk]` bias is made).
+#[cfg(feature = "flex")]
+impl MaskedAttentionBackend for burn::backend::Flex {
+    fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, Some(mask), None, options(scale))
+    }
+}
+
+/// libtorch: the default bodies.
+#[cfg(feature = "tch")]
+impl MaskedAttentionBackend for burn::backend::LibTorch {}
+
+/// Autodiff: the inner backend's attention, recorded with a backward step whose state is the inputs.
+impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttentionBackend for Autodiff<B, C> {
+    fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct MaskedAttention;
+
+        impl<B: Backend + MaskedAttentionBackend> Backward<B, 3> for MaskedAttention {
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, BoolTensor<B>, f32);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_q, node_k, node_v] = ops.parents;
+                let dout = grads.consume::<B>(&ops.node);
+                let (q, k, v, mask, scale) = ops.state;
+                let (dq, dk, dv) = B::masked_attention_backward(q, k, v, mask, scale, dout);
+                for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let (qp, kp, vp) = (q.primitive().clone(), k.primitive().clone(), v.primitive().clone());
+        match MaskedAttention.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::masked_attention(qp.clone(), kp.clone(), vp.clone(), mask.clone(), scale);
+                prep.finish((qp, kp, vp, mask, scale), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::masked_attention(qp, kp, vp, mask, scale)),
+        }
+    }
+}
+
+/// Calls of the extension in this process (for tests that check it ran).
+static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How often [`masked_attention`] ran through the backend extension in this process.
+pub fn masked_attention_calls() -> usize {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn extended(kind: &DispatchTensorKind) -> bool {
+    match kind {
+        #[cfg(feature = "flex")]
+        DispatchTensorKind::Flex(_) => true,
+        #[cfg(feature = "tch")]
+        DispatchTensorKind::LibTorch(_) => true,
+        DispatchTensorKind::Autodiff(inner) => extended(inner),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// `softmax(scale·q·kᵀ, masked)·v` (`mask` true where a query must not look; no row fully
+/// masked) through the extension where the backend has it, and `None` where it does not (the
+/// caller takes burn's attention). See the module docs.
+pub fn masked_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Option<Tensor<4>> {
+    if !extended(&q.clone().into_dispatch().kind) {
+        return None;
+    }
+    CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = <Dispatch as MaskedAttentionBackend>::masked_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), mask.into_dispatch(), scale);
+    Some(Tensor::from_dispatch(out))
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::tensor::module::attention;
+    use burn::tensor::{Device, Distribution, TensorData};
+
+    use super::*;
+
+    fn vec(t: Tensor<4>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
+    }
+
+    /// Outputs and the gradients of q, k and v equal burn's own attention (its differentiable
+    /// fallback) with the mask as a 0 / −∞ bias, with padding and a causal mask, and with `Tq < Tk`.
+    #[test]
+    fn values_and_gradients_match_burns_attention() {
+        let device = Device::flex().autodiff();
+        for (b, h, tq, tk, dh) in [(2, 3, 7, 7, 8), (1, 2, 3, 9, 4)] {
+            let past = (tk - tq) as i64;
+            let future = Tensor::<2, Bool>::tril_mask([tq, tk], past, &device);
+            // The second sequence's first two keys are padding, except for a query's own key.
+            let mut pad = vec![false; b * tq * tk];
+            for q in 0..tq {
+                for key in 0..2usize.min(tk) {
+                    if b > 1 && key as i64 != q as i64 + past {
+                        pad[tq * tk + q * tk + key] = true;
+                    }
+                }
+            }
+            let pad = Tensor::<4, Bool>::from_data(TensorData::new(pad, [b, 1, tq, tk]), &device);
+            let mask = pad.bool_or(future.reshape([1, 1, tq, tk]).expand([b, 1, tq, tk])).expand([b, h, tq, tk]);
+            let inputs: Vec<Tensor<4>> = [tq, tk, tk].iter().map(|&t| Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device)).collect();
+            let dout = Tensor::<4>::random([b, h, tq, dh], Distribution::Normal(0.0, 1.0), &device);
+            let scale = 0.3f32;
+            let run = |ours: bool| {
+                let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), &device).require_grad());
+                let y = if ours {
+                    let before = masked_attention_calls();
+                    let y = masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale).expect("flex has the extension");
+                    assert!(masked_attention_calls() > before);
+                    y
+                } else {
+                    let bias = Tensor::<4>::zeros(mask.dims(), &device).mask_fill(mask.clone(), f32::NEG_INFINITY);
+                    attention(q.clone(), k.clone(), v.clone(), None, Some(bias), options(scale))
+                };
+                let grads = (y.clone() * dout.clone()).sum().backward();
+                let g = |t: &Tensor<4>| vec(t.grad(&grads).expect("a gradient"));
+                (vec(y.inner()), g(&q), g(&k), g(&v))
+            };
+            let (ours, burns) = (run(true), run(false));
+            for (name, a, b) in [("out", &ours.0, &burns.0), ("dq", &ours.1, &burns.1), ("dk", &ours.2, &burns.2), ("dv", &ours.3, &burns.3)] {
+                assert_eq!(a.len(), b.len());
+                for (x, y) in a.iter().zip(b) {
+                    assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: {x} against {y}");
+                }
+            }
+        }
+    }
+}
