@@ -26,7 +26,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::AttentionModuleOptions;
 use burn::backend::tensor::{BoolTensor, FloatTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchTensorKind, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{Bool, Tensor};
 
 /// Attention with a boolean mask (`true`: the query does not look at that key), differentiable
@@ -120,31 +120,14 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
     }
 }
 
-/// Calls of the extension in this process (for tests that check it ran).
+/// Calls of the extension in this process (for the test that checks it ran).
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// How often [`masked_attention`] ran through the backend extension in this process.
-pub fn masked_attention_calls() -> usize {
-    CALLS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-fn extended(kind: &DispatchTensorKind) -> bool {
-    match kind {
-        #[cfg(feature = "flex")]
-        DispatchTensorKind::Flex(_) => true,
-        #[cfg(feature = "tch")]
-        DispatchTensorKind::LibTorch(_) => true,
-        DispatchTensorKind::Autodiff(inner) => extended(inner),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
-}
 
 /// `softmax(scale·q·kᵀ, masked)·v` (`mask` true where a query must not look; no row fully
 /// masked) through the extension where the backend has it, and `None` where it does not (the
 /// caller takes burn's attention). See the module docs.
 pub fn masked_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Option<Tensor<4>> {
-    if !extended(&q.clone().into_dispatch().kind) {
+    if !crate::extended(&q.clone().into_dispatch().kind, true) {
         return None;
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -188,9 +171,9 @@ mod tests {
             let run = |ours: bool| {
                 let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), &device).require_grad());
                 let y = if ours {
-                    let before = masked_attention_calls();
+                    let before = CALLS.load(std::sync::atomic::Ordering::Relaxed);
                     let y = masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale).expect("flex has the extension");
-                    assert!(masked_attention_calls() > before);
+                    assert!(CALLS.load(std::sync::atomic::Ordering::Relaxed) > before);
                     y
                 } else {
                     let bias = Tensor::<4>::zeros(mask.dims(), &device).mask_fill(mask.clone(), f32::NEG_INFINITY);

@@ -24,11 +24,29 @@ mod quantized;
 mod softmax;
 mod token_logprobs;
 
-pub use attention::{MaskedAttentionBackend, masked_attention, masked_attention_calls};
+pub use attention::{MaskedAttentionBackend, masked_attention};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 
+use burn::backend::DispatchTensorKind;
 use burn::tensor::Tensor;
+
+/// Whether a tensor lives, under any autodiff, on a backend that runs this crate's backend
+/// extensions: flex, and libtorch when `libtorch` (the quantised product has no libtorch form).
+fn extended(kind: &DispatchTensorKind, libtorch: bool) -> bool {
+    match kind {
+        #[cfg(feature = "flex")]
+        DispatchTensorKind::Flex(_) => true,
+        #[cfg(feature = "tch")]
+        DispatchTensorKind::LibTorch(_) => libtorch,
+        DispatchTensorKind::Autodiff(inner) => extended(inner, libtorch),
+        #[allow(unreachable_patterns)]
+        _ => {
+            let _ = libtorch;
+            false
+        }
+    }
+}
 
 /// The scalars of one AdamW update (PyTorch's `torch.optim.AdamW`).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -19,7 +19,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 #[cfg(feature = "flex")]
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, QuantizedTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchTensorKind, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{DType, Tensor};
 
 /// The product with a dequantised weight. burn's own quantised tensors exist on flex only among
@@ -133,21 +133,11 @@ pub fn dequantized_matmul_calls() -> usize {
     CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Whether a tensor lives on a backend that implements the extension.
-fn extended(kind: &DispatchTensorKind) -> bool {
-    match kind {
-        #[cfg(feature = "flex")]
-        DispatchTensorKind::Flex(_) => true,
-        DispatchTensorKind::Autodiff(inner) => extended(inner),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
-}
 
 /// Whether `device`'s backend holds burn's quantised tensors and runs [`dequantized_matmul`]'s
 /// extension (flex).
 pub fn holds_quantized(device: &burn::tensor::Device) -> bool {
-    extended(&Tensor::<1>::zeros([1], device).into_dispatch().kind)
+    crate::extended(&Tensor::<1>::zeros([1], device).into_dispatch().kind, false)
 }
 
 /// `x · deq(w)` for `x` `[N, in]` and a block-quantised `w` `[in, out]` (a frozen weight),
@@ -155,7 +145,7 @@ pub fn holds_quantized(device: &burn::tensor::Device) -> bool {
 /// docs). A float `w`, or a backend without the extension, takes burn's `matmul`.
 pub fn dequantized_matmul(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     let quantized = matches!(w.dtype(), DType::QFloat(_));
-    if !quantized || !extended(&x.clone().into_dispatch().kind) {
+    if !quantized || !crate::extended(&x.clone().into_dispatch().kind, false) {
         return x.matmul(w.clone());
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

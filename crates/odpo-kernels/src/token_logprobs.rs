@@ -17,7 +17,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IndexingUpdateOp, IntTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchTensorKind, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{Int, Shape, Tensor};
 
 /// The fused log-softmax + gather. Backends whose CPU memory the kernels reach (flex, libtorch on
@@ -165,18 +165,6 @@ pub fn token_logprob_kernel_calls() -> (usize, usize, usize) {
     (load(&FORWARD), load(&BACKWARD_IN_PLACE), load(&BACKWARD_COPY))
 }
 
-/// Whether a tensor lives on a backend that implements the extension.
-fn extended(kind: &DispatchTensorKind) -> bool {
-    match kind {
-        #[cfg(feature = "flex")]
-        DispatchTensorKind::Flex(_) => true,
-        #[cfg(feature = "tch")]
-        DispatchTensorKind::LibTorch(_) => true,
-        DispatchTensorKind::Autodiff(inner) => extended(inner),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
-}
 
 /// `log softmax(logits)[n, targets[n]]` `[N]` for f32 `logits` `[N, V]` and `targets` `[N]`,
 /// differentiable with respect to `logits`.
@@ -190,7 +178,7 @@ fn extended(kind: &DispatchTensorKind) -> bool {
 /// When a target is not in `0..V` (the fused kernel names the id; tensor operations fail as their
 /// backend's gather does).
 pub fn token_logprobs(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-    if !extended(&logits.clone().into_dispatch().kind) {
+    if !crate::extended(&logits.clone().into_dispatch().kind, true) {
         return token_logprobs_tensor_ops(logits, targets);
     }
     let out = <Dispatch as TokenLogProbsBackend>::token_logprobs(logits.into_dispatch(), targets.into_dispatch());
@@ -327,7 +315,7 @@ mod tests {
     #[cfg(feature = "flex")]
     #[test]
     fn composed_backend_operations_match_the_definition() {
-        use burn::backend::BackendTensor;
+        use burn::backend::{BackendTensor, DispatchTensorKind};
         use burn::backend::flex::FlexTensor;
         let (n, v) = (4, 600);
         let x = logits(n, v);

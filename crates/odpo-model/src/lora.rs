@@ -59,9 +59,10 @@ impl Linear {
         Self { weight: Param::from_tensor(weight), bias: bias.map(Param::from_tensor), lora: None, offset: None }
     }
 
-    /// Whether the weight is block-quantised (a frozen quantised base).
+    /// Whether the weight is block-quantised (a frozen quantised base). Read through the
+    /// parameter, not a clone of it: cloning a flex quantised tensor copies its scales.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.weight.val().dtype(), DType::QFloat(_))
+        matches!(self.weight.dtype(), DType::QFloat(_))
     }
 
     /// `x·W + b`, plus the adapter's `s · dropout(x)·A·B` when one is attached.
@@ -86,7 +87,7 @@ impl Linear {
         let [d_in, d_out] = self.weight.dims();
         let rows = dims[..D - 1].iter().product();
         let x = x.reshape([rows, d_in]);
-        let mut y = odpo_kernels::dequantized_matmul(x.clone(), &self.weight.val());
+        let mut y = odpo_kernels::dequantized_matmul(x.clone(), &self.weight);
         if let Some(o) = &self.offset {
             let blocks = d_in / crate::quantized::BLOCK;
             y = y + x.reshape([rows, blocks, crate::quantized::BLOCK]).sum_dim(2).reshape([rows, blocks]).matmul(o.val());
@@ -128,7 +129,7 @@ impl Linear {
 
     /// The float type adapters of this layer take: the weight's, or f32 over a quantised one.
     fn adapter_dtype(&self) -> DType {
-        match self.weight.val().dtype() {
+        match self.weight.dtype() {
             DType::QFloat(_) => DType::F32,
             d => d,
         }

@@ -219,7 +219,15 @@ pub fn read_state(ckpt: &Path) -> Result<TrainState> {
 }
 
 /// Loads a checkpoint's weights (with their parameter ids) into `model` and its state into `optim`.
-pub fn load(ckpt: &Path, mut model: CausalLm, optim: Optim) -> Result<(CausalLm, Optim, TrainState)> {
+pub fn load(ckpt: &Path, model: CausalLm, optim: Optim) -> Result<(CausalLm, Optim, TrainState)> {
+    let model = load_model(ckpt, model)?;
+    let opath = ckpt.join("optim.bpk");
+    let optim = optim.load(&opath).map_err(|e| TrainError::checkpoint(&opath, e))?;
+    Ok((model, optim, read_state(ckpt)?))
+}
+
+/// Loads a checkpoint's weights (with their parameter ids) into `model`.
+pub fn load_model(ckpt: &Path, mut model: CausalLm) -> Result<CausalLm> {
     let path = ckpt.join("model.bpk");
     let mut store = BurnpackStore::from_file(&path);
     let applied = model.load_from(&mut store).map_err(|e| TrainError::checkpoint(&path, e))?;
@@ -227,7 +235,5 @@ pub fn load(ckpt: &Path, mut model: CausalLm, optim: Optim) -> Result<(CausalLm,
         let msg = format!("does not fit the model: missing {:?}, errors {:?}", applied.missing, applied.errors);
         return Err(TrainError::checkpoint(&path, msg));
     }
-    let opath = ckpt.join("optim.bpk");
-    let optim = optim.load(&opath).map_err(|e| TrainError::checkpoint(&opath, e))?;
-    Ok((model, optim, read_state(ckpt)?))
+    Ok(model)
 }

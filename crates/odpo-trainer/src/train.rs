@@ -245,12 +245,12 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
                 let values = evaluate(&trainer)?;
                 tracing::info!(step = state.step, ?values, "eval at the end");
                 metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
-                if early.is_some() && !state.early_stop.stopped {
-                    // The last evaluation counts too; the run is over, so only the best can change.
-                    let mut seen = state.early_stop.clone();
-                    seen.observe(early.expect("checked"), state.step, &values)?;
-                    state.early_stop.best = seen.best;
-                    state.early_stop.best_values = seen.best_values;
+                if let Some(es) = early
+                    && !state.early_stop.stopped
+                {
+                    // The last evaluation counts too; the run ran to its end, so only the best can change.
+                    state.early_stop.observe(es, state.step, &values)?;
+                    state.early_stop.stopped = false;
                 }
                 values
             }
@@ -264,9 +264,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         && best_step != state.step
     {
         let ckpt = checkpoint::dir(&early_stop::best_dir(&run_dir)).join(format!("step-{best_step:08}"));
-        let optim = crate::optim::build(&cfg.optim);
-        let (policy, _, _) = checkpoint::load(&ckpt, trainer.policy, optim)?;
-        trainer.policy = policy;
+        trainer.policy = checkpoint::load_model(&ckpt, trainer.policy)?;
         tracing::info!(best_step, "restored the best evaluated model from {}", ckpt.display());
         summary.best_step = Some(best_step);
         summary.eval_end = Some(state.early_stop.best_values.clone());
