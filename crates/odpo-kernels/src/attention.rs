@@ -15,7 +15,9 @@
 //! ```
 //!
 //! The forward pass is the backend's own attention (flex: its flash kernel with the boolean mask;
-//! libtorch: its scaled dot-product attention with the mask as a 0 / −∞ bias).
+//! libtorch: its scaled dot-product attention with the mask as a 0 / −∞ bias; the cubecl backends:
+//! their attention with the boolean mask, which with an explicit scale is burn's kernel-by-kernel
+//! form, its temporaries freed as soon as the layer's output is made).
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -30,9 +32,9 @@ use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extensi
 use burn::tensor::{Bool, Tensor};
 
 /// Attention with a boolean mask (`true`: the query does not look at that key), differentiable
-/// with respect to `q`, `k` and `v` by recomputation. On flex and libtorch; the cubecl backends
-/// are left as burn has them.
-#[backend_extension(Autodiff, Flex: cfg(feature = "flex"), LibTorch: cfg(feature = "tch"))]
+/// with respect to `q`, `k` and `v` by recomputation. On flex, libtorch and (with the `cube`
+/// feature) the cubecl backends.
+#[backend_extension(Autodiff, Flex: cfg(feature = "flex"), LibTorch: cfg(feature = "tch"), Cube: cfg(feature = "cube"))]
 pub trait MaskedAttentionBackend: Backend {
     /// `softmax(scale·q·kᵀ, masked)·v` for `q` `[B, H, Tq, Dh]`, `k` and `v` `[B, H, Tk, Dh]` and
     /// `mask` `[B, H, Tq, Tk]`.
@@ -87,6 +89,15 @@ impl MaskedAttentionBackend for burn::backend::Flex {
 #[cfg(feature = "tch")]
 impl MaskedAttentionBackend for burn::backend::LibTorch {}
 
+/// The cubecl backends (wgpu, Vulkan, Metal, CUDA): their attention takes the boolean mask as
+/// burn means it (no `[B, H, Tq, Tk]` bias is made); the backward pass is the default body.
+#[cfg(feature = "cube")]
+impl MaskedAttentionBackend for burn::backend::Cube {
+    fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, Some(mask), None, options(scale))
+    }
+}
+
 /// Autodiff: the inner backend's attention, recorded with a backward step whose state is the inputs.
 impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttentionBackend for Autodiff<B, C> {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
@@ -120,76 +131,22 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
     }
 }
 
-/// Calls of the extension in this process (for the test that checks it ran).
+/// Calls of the extension in this process (for the tests that check it ran).
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How often [`masked_attention`] ran through the backend extension in this process.
+pub fn masked_attention_calls() -> usize {
+    CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// `softmax(scale·q·kᵀ, masked)·v` (`mask` true where a query must not look; no row fully
 /// masked) through the extension where the backend has it, and `None` where it does not (the
 /// caller takes burn's attention). See the module docs.
 pub fn masked_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Option<Tensor<4>> {
-    if !crate::extended(&q.clone().into_dispatch().kind, true) {
+    if !crate::extended(&q.clone().into_dispatch().kind, crate::Reach { libtorch: true, cube: true }) {
         return None;
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = <Dispatch as MaskedAttentionBackend>::masked_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), mask.into_dispatch(), scale);
     Some(Tensor::from_dispatch(out))
-}
-
-#[cfg(all(test, feature = "flex"))]
-mod tests {
-    use burn::tensor::module::attention;
-    use burn::tensor::{Device, Distribution, TensorData};
-
-    use super::*;
-
-    fn vec(t: Tensor<4>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
-    }
-
-    /// Outputs and the gradients of q, k and v equal burn's own attention (its differentiable
-    /// fallback) with the mask as a 0 / −∞ bias, with padding and a causal mask, and with `Tq < Tk`.
-    #[test]
-    fn values_and_gradients_match_burns_attention() {
-        let device = Device::flex().autodiff();
-        for (b, h, tq, tk, dh) in [(2, 3, 7, 7, 8), (1, 2, 3, 9, 4)] {
-            let past = (tk - tq) as i64;
-            let future = Tensor::<2, Bool>::tril_mask([tq, tk], past, &device);
-            // The second sequence's first two keys are padding, except for a query's own key.
-            let mut pad = vec![false; b * tq * tk];
-            for q in 0..tq {
-                for key in 0..2usize.min(tk) {
-                    if b > 1 && key as i64 != q as i64 + past {
-                        pad[tq * tk + q * tk + key] = true;
-                    }
-                }
-            }
-            let pad = Tensor::<4, Bool>::from_data(TensorData::new(pad, [b, 1, tq, tk]), &device);
-            let mask = pad.bool_or(future.reshape([1, 1, tq, tk]).expand([b, 1, tq, tk])).expand([b, h, tq, tk]);
-            let inputs: Vec<Tensor<4>> = [tq, tk, tk].iter().map(|&t| Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device)).collect();
-            let dout = Tensor::<4>::random([b, h, tq, dh], Distribution::Normal(0.0, 1.0), &device);
-            let scale = 0.3f32;
-            let run = |ours: bool| {
-                let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), &device).require_grad());
-                let y = if ours {
-                    let before = CALLS.load(std::sync::atomic::Ordering::Relaxed);
-                    let y = masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale).expect("flex has the extension");
-                    assert!(CALLS.load(std::sync::atomic::Ordering::Relaxed) > before);
-                    y
-                } else {
-                    let bias = Tensor::<4>::zeros(mask.dims(), &device).mask_fill(mask.clone(), f32::NEG_INFINITY);
-                    attention(q.clone(), k.clone(), v.clone(), None, Some(bias), options(scale))
-                };
-                let grads = (y.clone() * dout.clone()).sum().backward();
-                let g = |t: &Tensor<4>| vec(t.grad(&grads).expect("a gradient"));
-                (vec(y.inner()), g(&q), g(&k), g(&v))
-            };
-            let (ours, burns) = (run(true), run(false));
-            for (name, a, b) in [("out", &ours.0, &burns.0), ("dq", &ours.1, &burns.1), ("dk", &ours.2, &burns.2), ("dv", &ours.3, &burns.3)] {
-                assert_eq!(a.len(), b.len());
-                for (x, y) in a.iter().zip(b) {
-                    assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: {x} against {y}");
-                }
-            }
-        }
-    }
 }

@@ -24,25 +24,36 @@ mod quantized;
 mod softmax;
 mod token_logprobs;
 
-pub use attention::{MaskedAttentionBackend, masked_attention};
+pub use attention::{MaskedAttentionBackend, masked_attention, masked_attention_calls};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 
 use burn::backend::DispatchTensorKind;
 use burn::tensor::Tensor;
 
-/// Whether a tensor lives, under any autodiff, on a backend that runs this crate's backend
-/// extensions: flex, and libtorch when `libtorch` (the quantised product has no libtorch form).
-fn extended(kind: &DispatchTensorKind, libtorch: bool) -> bool {
+/// The backends besides flex that one of this crate's backend extensions has a body for.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reach {
+    /// libtorch (CPU or CUDA).
+    pub libtorch: bool,
+    /// The cubecl backends (wgpu, Vulkan, Metal, CUDA), with the `cube` feature.
+    pub cube: bool,
+}
+
+/// Whether a tensor lives, under any autodiff, on a backend that runs an extension of the given
+/// reach: flex always, libtorch and cubecl where `reach` says so.
+fn extended(kind: &DispatchTensorKind, reach: Reach) -> bool {
     match kind {
         #[cfg(feature = "flex")]
         DispatchTensorKind::Flex(_) => true,
         #[cfg(feature = "tch")]
-        DispatchTensorKind::LibTorch(_) => libtorch,
-        DispatchTensorKind::Autodiff(inner) => extended(inner, libtorch),
+        DispatchTensorKind::LibTorch(_) => reach.libtorch,
+        #[cfg(feature = "cube")]
+        DispatchTensorKind::Cube(_) => reach.cube,
+        DispatchTensorKind::Autodiff(inner) => extended(inner, reach),
         #[allow(unreachable_patterns)]
         _ => {
-            let _ = libtorch;
+            let _ = (reach.libtorch, reach.cube);
             false
         }
     }

@@ -125,6 +125,9 @@ impl<B: Backend + QuantizedMatmulBackend, C: CheckpointStrategy> QuantizedMatmul
     }
 }
 
+/// The product has a body on flex alone (burn's quantised tensors live there).
+const FLEX_ONLY: crate::Reach = crate::Reach { libtorch: false, cube: false };
+
 /// Calls of the op whose backward keeps the quantised weight (for tests that check it ran).
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -137,7 +140,7 @@ pub fn dequantized_matmul_calls() -> usize {
 /// Whether `device`'s backend holds burn's quantised tensors and runs [`dequantized_matmul`]'s
 /// extension (flex).
 pub fn holds_quantized(device: &burn::tensor::Device) -> bool {
-    crate::extended(&Tensor::<1>::zeros([1], device).into_dispatch().kind, false)
+    crate::extended(&Tensor::<1>::zeros([1], device).into_dispatch().kind, FLEX_ONLY)
 }
 
 /// `x · deq(w)` for `x` `[N, in]` and a block-quantised `w` `[in, out]` (a frozen weight),
@@ -145,7 +148,7 @@ pub fn holds_quantized(device: &burn::tensor::Device) -> bool {
 /// docs). A float `w`, or a backend without the extension, takes burn's `matmul`.
 pub fn dequantized_matmul(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     let quantized = matches!(w.dtype(), DType::QFloat(_));
-    if !quantized || !crate::extended(&x.clone().into_dispatch().kind, false) {
+    if !quantized || !crate::extended(&x.clone().into_dispatch().kind, FLEX_ONLY) {
         return x.matmul(w.clone());
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -178,7 +178,7 @@ pub fn token_logprob_kernel_calls() -> (usize, usize, usize) {
 /// When a target is not in `0..V` (the fused kernel names the id; tensor operations fail as their
 /// backend's gather does).
 pub fn token_logprobs(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-    if !crate::extended(&logits.clone().into_dispatch().kind, true) {
+    if !crate::extended(&logits.clone().into_dispatch().kind, crate::Reach { libtorch: true, cube: false }) {
         return token_logprobs_tensor_ops(logits, targets);
     }
     let out = <Dispatch as TokenLogProbsBackend>::token_logprobs(logits.into_dispatch(), targets.into_dispatch());

@@ -84,8 +84,9 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
         let widen = |x: Tensor<4>| x.unsqueeze_dim::<5>(2).expand([b, h_kv, rep, t_k, dh]).reshape([b, h, t_k, dh]);
         (widen(k), widen(v))
     };
-    // flex: attention whose backward pass recomputes the weights rather than keeping every
-    // layer's `[B, H, Tq, Tk]` scores and weights until then (`odpo_kernels::masked_attention`).
+    // Attention whose backward pass recomputes the weights rather than keeping every layer's
+    // `[B, H, Tq, Tk]` scores and weights until then (`odpo_kernels::masked_attention`: flex,
+    // libtorch and the cubecl backends; burn's own attention is the path of any other).
     if let Some(out) = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale as f32) {
         return out;
     }

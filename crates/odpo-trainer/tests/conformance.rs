@@ -72,6 +72,7 @@ fn three_odpo_steps_match_pytorch() {
     let b = pairs.len();
 
     let device = common::test_device().autodiff();
+    let attention_calls = odpo_kernels::masked_attention_calls();
     let mut policy = CausalLm::load(&model_dir(), &device).unwrap().model;
     let reference = Reference::Frozen(Box::new(policy.valid()));
     let loss_cfg = LossConfig { beta: f(&exp["beta"]), ..LossConfig::default() };
@@ -102,6 +103,10 @@ fn three_odpo_steps_match_pytorch() {
         close(&format!("step {} gradient norm", step + 1), norm, f(&want["grad_norm"]), 1e-5);
         policy = optim.step(lr, policy, grads, odpo_trainer::optim::clip_coefficient(norm, Some(f(&exp["max_grad_norm"]))));
     }
+
+    // Every backend this project builds runs attention as odpo-kernels' extension (its backward
+    // recomputes the weights); the values above checked it against PyTorch.
+    assert!(odpo_kernels::masked_attention_calls() > attention_calls, "attention did not run through odpo_kernels::masked_attention on {:?}", common::test_device());
 
     // On the CPU backends every update after the first (whose weights the reference still shares)
     // runs as the one-pass kernel, the tied embedding's transposed gradient included.

@@ -1,6 +1,6 @@
-//! The eight conformance suites in one test binary: what `cargo xtask conformance` builds and runs on
+//! The nine conformance suites in one test binary: what `cargo xtask conformance` builds and runs on
 //! each backend, and what the GPU check carries to a machine without a Rust toolchain (one binary
-//! links burn, LLVM and libtorch once, where eight would each link them).
+//! links burn, LLVM and libtorch once, where nine would each link them).
 //!
 //! Each suite is its own test file in its own crate, where `cargo test` runs it on the build's
 //! default backend; here they are modules. `ODPO_TEST_DEVICE` (a device spec as `--backend` takes
@@ -12,6 +12,9 @@ mod parity;
 
 #[path = "../../odpo-model/tests/parity_neo.rs"]
 mod parity_neo;
+
+#[path = "../../odpo-model/tests/attention.rs"]
+mod attention;
 
 #[path = "../../odpo-loss/tests/pytorch_parity.rs"]
 mod pytorch_parity;

@@ -1,0 +1,64 @@
+//! `odpo_kernels::masked_attention` on the test device (flex by default; each backend under
+//! `cargo xtask conformance`): its output and the gradients of q, k and v equal burn's own
+//! attention (its differentiable form, with the mask as a 0 / −∞ bias), with padding and a causal
+//! mask, with `Tq < Tk`, and with several heads reading one mask through a stride of 0.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Distribution, Tensor, TensorData};
+use common::test_device;
+
+fn vec(t: Tensor<4>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+#[test]
+fn masked_attention_values_and_gradients_match_burns_attention() {
+    let device = test_device().autodiff();
+    for (b, h, tq, tk, dh) in [(2, 3, 7, 7, 8), (1, 2, 3, 9, 4)] {
+        let past = (tk - tq) as i64;
+        let future = Tensor::<2, Bool>::tril_mask([tq, tk], past, &device);
+        // The second sequence's first two keys are padding, except for a query's own key.
+        let mut pad = vec![false; b * tq * tk];
+        for q in 0..tq {
+            for key in 0..2usize.min(tk) {
+                if b > 1 && key as i64 != q as i64 + past {
+                    pad[tq * tk + q * tk + key] = true;
+                }
+            }
+        }
+        let pad = Tensor::<4, Bool>::from_data(TensorData::new(pad, [b, 1, tq, tk]), &device);
+        let mask = pad.bool_or(future.reshape([1, 1, tq, tk]).expand([b, 1, tq, tk])).expand([b, h, tq, tk]);
+        let inputs: Vec<Tensor<4>> = [tq, tk, tk].iter().map(|&t| Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device)).collect();
+        let dout = Tensor::<4>::random([b, h, tq, dh], Distribution::Normal(0.0, 1.0), &device);
+        let scale = 0.3f32;
+        let run = |ours: bool| {
+            let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), &device).require_grad());
+            let y = if ours {
+                let before = odpo_kernels::masked_attention_calls();
+                let y = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale)
+                    .unwrap_or_else(|| panic!("no masked_attention extension on {device:?}"));
+                assert!(odpo_kernels::masked_attention_calls() > before);
+                y
+            } else {
+                let bias = Tensor::<4>::zeros(mask.dims(), &device).mask_fill(mask.clone(), f32::NEG_INFINITY);
+                let options = AttentionModuleOptions { scale: Some(f64::from(scale)), softcap: None, is_causal: false };
+                attention(q.clone(), k.clone(), v.clone(), None, Some(bias), options)
+            };
+            let grads = (y.clone() * dout.clone()).sum().backward();
+            let g = |t: &Tensor<4>| vec(t.grad(&grads).expect("a gradient"));
+            (vec(y.inner()), g(&q), g(&k), g(&v))
+        };
+        let (ours, burns) = (run(true), run(false));
+        // The two differ in the order of their operations only: a wrong formula misses by O(1).
+        for (name, a, b) in [("out", &ours.0, &burns.0), ("dq", &ours.1, &burns.1), ("dk", &ours.2, &burns.2), ("dv", &ours.3, &burns.3)] {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{name}: {x} against {y} on {device:?}");
+            }
+        }
+    }
+}
