@@ -28,7 +28,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::AttentionModuleOptions;
 use burn::backend::tensor::{BoolTensor, FloatTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::tensor::{Bool, Tensor};
 
 /// Attention with a boolean mask (`true`: the query does not look at that key), differentiable
@@ -38,12 +38,10 @@ use burn::tensor::{Bool, Tensor};
 pub trait MaskedAttentionBackend: Backend {
     /// `softmax(scale·q·kᵀ, masked)·v` for `q` `[B, H, Tq, Dh]`, `k` and `v` `[B, H, Tk, Dh]` and
     /// `mask` `[B, H, Tq, Tk]`.
+    /// The default is the backend's attention with the boolean mask as burn means it (no
+    /// `[B, H, Tq, Tk]` bias is made).
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        // The mask as an additive bias: burn-tch 0.22.1 hands a boolean mask to torch's SDPA,
-        // which reads `true` as "attend", the opposite of burn's convention.
-        let bias = Self::float_zeros(mask.shape(), &q.device(), q.dtype().into());
-        let bias = Self::float_mask_fill(bias, mask, f32::NEG_INFINITY.into());
-        Self::attention(q, k, v, None, Some(bias), options(scale))
+        Self::attention(q, k, v, Some(mask), None, options(scale))
     }
 
     /// The gradients `(dq, dk, dv)` of [`Self::masked_attention`] for the output gradient `dout`.
@@ -76,25 +74,24 @@ fn options(scale: f32) -> AttentionModuleOptions {
     AttentionModuleOptions { scale: Some(f64::from(scale)), softcap: None, is_causal: false }
 }
 
-/// flex: its flash kernel reads the boolean mask as burn means it, through the heads' stride 0
-/// (no `[B, H, Tq, Tk]` bias is made).
+/// flex: the default bodies (its flash kernel reads the boolean mask through the heads' stride 0).
 #[cfg(feature = "flex")]
-impl MaskedAttentionBackend for burn::backend::Flex {
-    fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, Some(mask), None, options(scale))
-    }
-}
+impl MaskedAttentionBackend for burn::backend::Flex {}
 
-/// libtorch: the default bodies.
-#[cfg(feature = "tch")]
-impl MaskedAttentionBackend for burn::backend::LibTorch {}
-
-/// The cubecl backends (wgpu, Vulkan, Metal, CUDA): their attention takes the boolean mask as
-/// burn means it (no `[B, H, Tq, Tk]` bias is made); the backward pass is the default body.
+/// The cubecl backends (wgpu, Vulkan, Metal, CUDA): the default bodies.
 #[cfg(feature = "cube")]
-impl MaskedAttentionBackend for burn::backend::Cube {
+impl MaskedAttentionBackend for burn::backend::Cube {}
+
+/// libtorch: the mask as an additive bias, since burn-tch 0.22.1 hands a boolean mask to torch's
+/// SDPA, which reads `true` as "attend", the opposite of burn's convention.
+#[cfg(feature = "tch")]
+impl MaskedAttentionBackend for burn::backend::LibTorch {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        <Self as burn::backend::ops::ModuleOps<Self>>::attention(q, k, v, Some(mask), None, options(scale))
+        use burn::backend::TensorMetadata;
+        use burn::backend::ops::{FloatTensorOps, ModuleOps};
+        let bias = Self::float_zeros(mask.shape(), &q.device(), q.dtype().into());
+        let bias = Self::float_mask_fill(bias, mask, f32::NEG_INFINITY.into());
+        Self::attention(q, k, v, None, Some(bias), options(scale))
     }
 }
 
@@ -131,6 +128,9 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
     }
 }
 
+/// Where the extension has a body: every backend this project builds.
+const REACH: crate::Reach = crate::Reach { libtorch: true, cube: true };
+
 /// Calls of the extension in this process (for the tests that check it ran).
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -143,7 +143,7 @@ pub fn masked_attention_calls() -> usize {
 /// masked) through the extension where the backend has it, and `None` where it does not (the
 /// caller takes burn's attention). See the module docs.
 pub fn masked_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Option<Tensor<4>> {
-    if !crate::extended(&q.clone().into_dispatch().kind, crate::Reach { libtorch: true, cube: true }) {
+    if !crate::extended(&q.clone().into_dispatch().kind, REACH) {
         return None;
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

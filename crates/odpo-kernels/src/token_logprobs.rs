@@ -149,6 +149,9 @@ impl<B: Backend + TokenLogProbsBackend, C: CheckpointStrategy> TokenLogProbsBack
     }
 }
 
+/// Where the extension runs: flex and libtorch (the cubecl backends take the tensor operations).
+const REACH: crate::Reach = crate::Reach { libtorch: true, cube: false };
+
 /// Calls of each kernel path, for tests that check the kernels ran.
 static FORWARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static BACKWARD_IN_PLACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -178,7 +181,7 @@ pub fn token_logprob_kernel_calls() -> (usize, usize, usize) {
 /// When a target is not in `0..V` (the fused kernel names the id; tensor operations fail as their
 /// backend's gather does).
 pub fn token_logprobs(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-    if !crate::extended(&logits.clone().into_dispatch().kind, crate::Reach { libtorch: true, cube: false }) {
+    if !crate::extended(&logits.clone().into_dispatch().kind, REACH) {
         return token_logprobs_tensor_ops(logits, targets);
     }
     let out = <Dispatch as TokenLogProbsBackend>::token_logprobs(logits.into_dispatch(), targets.into_dispatch());
