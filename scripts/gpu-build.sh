@@ -31,14 +31,19 @@ venv=$HOME/.cache/odpo/libtorch-$TORCH-venv
 export VIRTUAL_ENV=$venv PATH=$venv/bin:$PATH LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1
 export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 
+# The Vulkan backend with cubecl-spirv's shared-memory fix (patches/): the same kernels on NVIDIA's
+# driver, and the dry run's Vulkan on Mesa's lavapipe. Cargo notes the patch in Cargo.lock; put back after.
+patched=$(scripts/cubecl-spirv-patched.sh)
 stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
+cp Cargo.lock "$stage/Cargo.lock"
+trap 'cp "$stage/Cargo.lock" Cargo.lock; rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/model" "$stage/data" "$stage/gl"
 
 echo "== cargo build odpo ($FEATURES, torch $TORCH)"
-cargo build --release -p odpo-cli --no-default-features --features "$FEATURES"
+# shellcheck disable=SC2086
+cargo build --release -p odpo-cli --no-default-features --features "$FEATURES" $patched
 echo "== cargo test --no-run suites ($FEATURES)"
-suites=$(cargo test --release -p odpo-trainer --no-default-features --features "$FEATURES,suites" --test suites --no-run --message-format=json \
+suites=$(cargo test --release -p odpo-trainer --no-default-features --features "$FEATURES,suites" --test suites --no-run --message-format=json $patched \
   | python3 -c 'import json,sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -16,7 +16,9 @@
 #      beside the plain step's (what the budget leaves).
 # Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that would not fit is
 # recorded as skipped. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry run on a machine
-# without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md.
+# without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md. GPU_CHECK_RUN_ARGS
+# adds arguments to the real runs' `odpo train` (the dry run's batches of one pair keep Vulkan's tensors under
+# the 128 MiB buffers of Mesa's lavapipe).
 set -u
 cd "$(dirname "$0")/.."
 BUNDLE=${1:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
@@ -200,7 +202,7 @@ for b in flex $RUN_BACKENDS; do
   timeout "$(cap "${GPU_CHECK_RUN_TIMEOUT:-200}")" "$ODPO" train --config configs/smollm2-imdb-odpo.toml --backend "$b" \
     --set "model.path=$X/model/SmolLM2-135M-Instruct.Q4_1.gguf" --set "data.path=$X/data/imdb-sft-test.jsonl" \
     --set train.max_steps="$steps" --set train.micro_batch_size=8 --set train.log_every=1 --set train.checkpoint_every=0 \
-    --set eval.every=25 --set "output.dir=$W/run-$b" --set "output.cache_dir=$W/cache-$b" --set output.export=false \
+    --set eval.every=25 --set "output.dir=$W/run-$b" --set "output.cache_dir=$W/cache-$b" --set output.export=false ${GPU_CHECK_RUN_ARGS:-} \
     > "$W/run-$b.log" 2>&1
   echo "exit $?"
   grep -v '^\s*$' "$W/run-$b.log" | tail -12
