@@ -10,12 +10,9 @@ cd "$(dirname "$0")/.."
 version=$(awk '/^name = "cubecl-spirv"$/ {getline; gsub(/[^0-9.]/, "", $0); print; exit}' Cargo.lock)
 patch_file=patches/cubecl-spirv-$version-shared-memory.patch
 [ -f "$patch_file" ] || { echo "no $patch_file for the cubecl-spirv $version that Cargo.lock names" >&2; exit 1; }
+# The crate's source as Cargo downloaded it (fetched first when it is not there yet).
 registry=${CARGO_HOME:-$HOME/.cargo}/registry/src
-src=$(ls -d "$registry"/*/cubecl-spirv-"$version" 2>/dev/null | head -1 || true)
-if [ -z "$src" ]; then
-  cargo fetch -q >&2
-  src=$(ls -d "$registry"/*/cubecl-spirv-"$version" | head -1)
-fi
+src=$(compgen -G "$registry/*/cubecl-spirv-$version" | head -1) || { cargo fetch -q >&2; src=$(compgen -G "$registry/*/cubecl-spirv-$version" | head -1); }
 dest=${ODPO_CACHE:-$HOME/.cache/odpo}/patched/cubecl-spirv-$version
 stamp=$(sha256sum "$patch_file" | cut -d' ' -f1)
 if [ "$(cat "$dest/.odpo-patch" 2>/dev/null)" != "$stamp" ]; then

@@ -136,7 +136,6 @@ pub fn dequantized_matmul_calls() -> usize {
     CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-
 /// Whether `device`'s backend holds burn's quantised tensors and runs [`dequantized_matmul`]'s
 /// extension (flex).
 pub fn holds_quantized(device: &burn::tensor::Device) -> bool {

@@ -168,7 +168,6 @@ pub fn token_logprob_kernel_calls() -> (usize, usize, usize) {
     (load(&FORWARD), load(&BACKWARD_IN_PLACE), load(&BACKWARD_COPY))
 }
 
-
 /// `log softmax(logits)[n, targets[n]]` `[N]` for f32 `logits` `[N, V]` and `targets` `[N]`,
 /// differentiable with respect to `logits`.
 ///
