@@ -38,7 +38,7 @@ enum Task {
     Bench(BenchArgs),
     /// The conformance suite on one backend or several: the model parity fixtures (nine families
     /// against transformers), the loss fixtures (against PyTorch), three ODPO training steps against
-    /// PyTorch, data-parallel and mixed-precision training. [--backend B] or [--backend B1,B2]: one
+    /// PyTorch, data-parallel and mixed-precision training, f32 products exact to f32 rounding. [--backend B] or [--backend B1,B2]: one
     /// build with every named backend's feature, the suites run once per backend. [--also-build B3]:
     /// compiled and linked in, not run.
     Conformance(Passthrough),
@@ -307,7 +307,7 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
     }
 }
 
-/// `cargo xtask conformance [--backend B[,B2...]] [--also-build B3[,...]]`: the nine suites
+/// `cargo xtask conformance [--backend B[,B2...]] [--also-build B3[,...]]`: the ten suites
 /// (`odpo-trainer/tests/suites.rs`, one test binary) built once with every named backend's feature,
 /// then run once per backend with `ODPO_TEST_DEVICE` choosing the device; `--also-build` adds
 /// backends that are compiled and linked into the same binary but not run (CI keeps `cuda` building

@@ -53,21 +53,45 @@ pub trait MaskedAttentionBackend: Backend {
         scale: f32,
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        // P, as the forward pass had it (no row is fully masked: every query sees its own key).
-        let s = Self::float_mul_scalar(Self::float_matmul(q.clone(), Self::float_transpose(k.clone())), scale.into());
-        let s = Self::float_mask_fill(s, mask, f32::NEG_INFINITY.into());
-        let max = Self::float_max_dim(s.clone(), 3);
-        let e = Self::float_exp(Self::float_sub(s, max));
-        let sum = Self::float_sum_dim(e.clone(), 3);
-        let p = Self::float_div(e, sum);
-        let dv = Self::float_matmul(Self::float_transpose(p.clone()), dout.clone());
-        let dp = Self::float_matmul(dout, Self::float_transpose(v));
-        let row = Self::float_sum_dim(Self::float_mul(dp.clone(), p.clone()), 3);
-        let ds = Self::float_mul_scalar(Self::float_mul(p, Self::float_sub(dp, row)), scale.into());
-        let dq = Self::float_matmul(ds.clone(), k);
-        let dk = Self::float_matmul(Self::float_transpose(ds), q);
-        (dq, dk, dv)
+        backward_with::<Self>(q, k, v, mask, scale, dout, Self::float_matmul)
     }
+}
+
+/// `P = softmax(scale·q·kᵀ, masked)`, its products taken by `mm` (no row is fully masked: every
+/// query sees its own key).
+fn weights_with<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    scale: f32,
+    mm: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<B> {
+    let s = B::float_mul_scalar(mm(q, B::float_transpose(k)), scale.into());
+    let s = B::float_mask_fill(s, mask, f32::NEG_INFINITY.into());
+    let max = B::float_max_dim(s.clone(), 3);
+    let e = B::float_exp(B::float_sub(s, max));
+    let sum = B::float_sum_dim(e.clone(), 3);
+    B::float_div(e, sum)
+}
+
+/// The gradients of the attention (module docs), its products taken by `mm`.
+fn backward_with<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    scale: f32,
+    dout: FloatTensor<B>,
+    mm: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let p = weights_with::<B>(q.clone(), k.clone(), mask, scale, mm);
+    let dv = mm(B::float_transpose(p.clone()), dout.clone());
+    let dp = mm(dout, B::float_transpose(v));
+    let row = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
+    let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into());
+    let dq = mm(ds.clone(), k);
+    let dk = mm(B::float_transpose(ds), q);
+    (dq, dk, dv)
 }
 
 fn options(scale: f32) -> AttentionModuleOptions {
@@ -78,9 +102,31 @@ fn options(scale: f32) -> AttentionModuleOptions {
 #[cfg(feature = "flex")]
 impl MaskedAttentionBackend for burn::backend::Flex {}
 
-/// The cubecl backends (wgpu, Vulkan, Metal, CUDA): the default bodies.
+/// The cubecl backends (wgpu, Vulkan, Metal, CUDA): the default bodies, except for f32 on a device
+/// whose matmul would round f32 to TF32 (CUDA): there the attention is formed kernel by kernel with
+/// the f32 product of [`crate::matmul`], forward and backward.
 #[cfg(feature = "cube")]
-impl MaskedAttentionBackend for burn::backend::Cube {}
+impl MaskedAttentionBackend for burn::backend::Cube {
+    fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        use burn::backend::ops::ModuleOps;
+        if !crate::matmul::cube::rounds_f32(&q) {
+            return Self::attention(q, k, v, Some(mask), None, options(scale));
+        }
+        let p = weights_with::<Self>(q, k, mask, scale, crate::matmul::cube::matmul);
+        crate::matmul::cube::matmul(p, v)
+    }
+
+    fn masked_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        backward_with::<Self>(q, k, v, mask, scale, dout, crate::matmul::cube::matmul)
+    }
+}
 
 /// libtorch: the mask as an additive bias, since burn-tch 0.22.1 hands a boolean mask to torch's
 /// SDPA, which reads `true` as "attend", the opposite of burn's convention.

@@ -2,7 +2,9 @@
 //! target tokens over a large vocabulary ([`token_logprobs`], a log-softmax + gather with its own
 //! backward pass, as a burn backend extension), the product with a frozen quantised weight whose
 //! backward pass keeps the weight quantised ([`dequantized_matmul`]), attention whose backward pass
-//! recomputes its weights instead of keeping them ([`masked_attention`]), and the update path: the AdamW step in one pass over
+//! recomputes its weights instead of keeping them ([`masked_attention`]), the models' products with
+//! f32 operands kept in f32 where burn's GPU matmul would round them to TF32 ([`matmul`],
+//! [`linear`]), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), and the sum of squares of a gradient
 //! without a squared temporary ([`cpu_sum_squares`]).
 //!
@@ -20,11 +22,13 @@
 
 mod attention;
 mod cpu;
+mod matmul;
 mod quantized;
 mod softmax;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, masked_attention, masked_attention_calls};
+pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 

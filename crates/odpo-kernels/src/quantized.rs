@@ -144,11 +144,11 @@ pub fn holds_quantized(device: &burn::tensor::Device) -> bool {
 
 /// `x · deq(w)` for `x` `[N, in]` and a block-quantised `w` `[in, out]` (a frozen weight),
 /// differentiable with respect to `x`, whose backward pass keeps `w` quantised (see the module
-/// docs). A float `w`, or a backend without the extension, takes burn's `matmul`.
+/// docs). A float `w`, or a backend without the extension, takes [`crate::matmul`].
 pub fn dequantized_matmul(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
     let quantized = matches!(w.dtype(), DType::QFloat(_));
     if !quantized || !crate::extended(&x.clone().into_dispatch().kind, FLEX_ONLY) {
-        return x.matmul(w.clone());
+        return crate::matmul(x, w.clone());
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let out = <Dispatch as QuantizedMatmulBackend>::dequantized_matmul(x.into_dispatch(), w.clone().into_dispatch());

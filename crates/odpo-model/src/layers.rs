@@ -120,14 +120,14 @@ pub fn parameter_count<M: Module>(module: &M) -> usize {
 pub(crate) fn tied_head(x: Tensor<3>, embedding: &Tensor<2>) -> Tensor<3> {
     let [b, t, d] = x.dims();
     let v = embedding.dims()[0];
-    x.reshape([b * t, d]).matmul(embedding.clone().transpose()).reshape([b, t, v])
+    odpo_kernels::matmul(x.reshape([b * t, d]), embedding.clone().transpose()).reshape([b, t, v])
 }
 
 /// `x · W` for an untied head or any `[in, out]` weight, through a 2D matmul.
 pub(crate) fn linear_3d(x: Tensor<3>, weight: &Tensor<2>) -> Tensor<3> {
     let [b, t, d] = x.dims();
     let v = weight.dims()[1];
-    x.reshape([b * t, d]).matmul(weight.clone()).reshape([b, t, v])
+    odpo_kernels::matmul(x.reshape([b * t, d]), weight.clone()).reshape([b, t, v])
 }
 
 /// cos and sin of the rotary angles `pos · inv_freq`, each `[B, 1, T, dim/2]`, for positions `pos`

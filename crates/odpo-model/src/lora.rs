@@ -18,13 +18,13 @@ use std::path::Path;
 
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
-use burn::tensor::module::linear;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::model::CausalLm;
 use crate::weights::{HfTensors, write_atomic};
+use odpo_kernels::linear;
 
 /// A linear layer `y = x·W + b` (`W` stored `[in, out]`) with an optional low-rank adapter.
 #[derive(Module, Debug)]
@@ -90,7 +90,7 @@ impl Linear {
         let mut y = odpo_kernels::dequantized_matmul(x.clone(), &self.weight);
         if let Some(o) = &self.offset {
             let blocks = d_in / crate::quantized::BLOCK;
-            y = y + x.reshape([rows, blocks, crate::quantized::BLOCK]).sum_dim(2).reshape([rows, blocks]).matmul(o.val());
+            y = y + odpo_kernels::matmul(x.reshape([rows, blocks, crate::quantized::BLOCK]).sum_dim(2).reshape([rows, blocks]), o.val());
         }
         if let Some(b) = bias {
             y = y + b.unsqueeze_dim(0);
@@ -123,7 +123,7 @@ impl Linear {
         let w = self.float_weight();
         match &self.lora {
             None => w,
-            Some(ad) => (w + ad.a.val().matmul(ad.b.val()).mul_scalar(ad.scale)).detach(),
+            Some(ad) => (w + odpo_kernels::matmul(ad.a.val(), ad.b.val()).mul_scalar(ad.scale)).detach(),
         }
     }
 

@@ -1,7 +1,9 @@
 //! `odpo_kernels::masked_attention` on the test device (flex by default; each backend under
 //! `cargo xtask conformance`): its output and the gradients of q, k and v equal burn's own
-//! attention (its differentiable form, with the mask as a 0 / −∞ bias), with padding and a causal
-//! mask, with `Tq < Tk`, and with several heads reading one mask through a stride of 0.
+//! attention on the CPU (flex; its differentiable form, with the mask as a 0 / −∞ bias), with
+//! padding and a causal mask, with `Tq < Tk`, and with several heads reading one mask through a
+//! stride of 0. The reference stays on the CPU because a GPU backend's own attention may compute
+//! its f32 products in TF32 (burn's CUDA backend does), which the extension does not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -18,6 +20,7 @@ fn vec(t: Tensor<4>) -> Vec<f32> {
 #[test]
 fn masked_attention_values_and_gradients_match_burns_attention() {
     let device = test_device().autodiff();
+    let cpu = odpo_model::backend::device("flex").expect("flex is in every build").autodiff();
     for (b, h, tq, tk, dh) in [(2, 3, 7, 7, 8), (1, 2, 3, 9, 4)] {
         let past = (tk - tq) as i64;
         let future = Tensor::<2, Bool>::tril_mask([tq, tk], past, &device);
@@ -36,7 +39,9 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
         let dout = Tensor::<4>::random([b, h, tq, dh], Distribution::Normal(0.0, 1.0), &device);
         let scale = 0.3f32;
         let run = |ours: bool| {
-            let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), &device).require_grad());
+            let on = if ours { &device } else { &cpu };
+            let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), on).require_grad());
+            let (mask, dout) = (Tensor::<4, Bool>::from_data(mask.to_data(), on), Tensor::<4>::from_data(dout.to_data(), on));
             let y = if ours {
                 let before = odpo_kernels::masked_attention_calls();
                 let y = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale)
@@ -44,11 +49,11 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
                 assert!(odpo_kernels::masked_attention_calls() > before);
                 y
             } else {
-                let bias = Tensor::<4>::zeros(mask.dims(), &device).mask_fill(mask.clone(), f32::NEG_INFINITY);
+                let bias = Tensor::<4>::zeros(mask.dims(), on).mask_fill(mask.clone(), f32::NEG_INFINITY);
                 let options = AttentionModuleOptions { scale: Some(f64::from(scale)), softcap: None, is_causal: false };
                 attention(q.clone(), k.clone(), v.clone(), None, Some(bias), options)
             };
-            let grads = (y.clone() * dout.clone()).sum().backward();
+            let grads = (y.clone() * dout).sum().backward();
             let g = |t: &Tensor<4>| vec(t.grad(&grads).expect("a gradient"));
             (vec(y.inner()), g(&q), g(&k), g(&v))
         };

@@ -1,0 +1,176 @@
+//! Products of f32 tensors computed in f32 on every backend.
+//!
+//! burn-cubecl 0.22.1 multiplies through cubek-matmul 0.3.1's automatic routine, which on a device
+//! with TF32 tensor cores (NVIDIA from Ampere on: the CUDA backend) rounds f32 operands to TF32
+//! (`adjust_dtypes` in its blueprint): a 10-bit mantissa, so a product carries a relative error of
+//! about 10⁻³, a hundred times what the conformance suites allow against PyTorch. PyTorch keeps f32
+//! products in f32 unless told otherwise (`torch.backends.cuda.matmul.allow_tf32`, off since 1.12),
+//! and so does this crate: on such a device an f32 product runs cubek's unit routine (f32
+//! multiply-adds, no tensor cores). Half-precision products, other devices and the other backends
+//! take burn's matmul, unchanged. Training in bf16 or f16 (`train.dtype`) is the fast path on a
+//! GPU; f32 is the exact one.
+//!
+//! `matmul` has its own backward step (`dL = dY·Rᵀ`, `dR = Lᵀ·dY`, each through the same
+//! product), since burn's autodiff matmul would multiply the gradients with its own routine.
+
+// burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+#![cfg_attr(feature = "tch", allow(deprecated))]
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
+use burn::tensor::Tensor;
+
+/// A product whose f32 operands are multiplied in f32. Overridden on the cubecl backends (with the
+/// `cube` feature), where burn's own product may round them to TF32.
+#[backend_extension(Autodiff, Cube: cfg(feature = "cube"))]
+pub trait ExactMatmulBackend: Backend {
+    /// `lhs · rhs` for `lhs` `[.., M, K]` and `rhs` `[.., K, N]` with the same leading dimensions.
+    fn exact_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
+}
+
+/// The cubecl backends: cubek's unit routine for f32 operands where the device has TF32.
+#[cfg(feature = "cube")]
+impl ExactMatmulBackend for burn::backend::Cube {
+    fn exact_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        cube::matmul(lhs, rhs)
+    }
+}
+
+#[cfg(feature = "cube")]
+pub(crate) mod cube {
+    use burn::backend::Cube;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::DType;
+    use burn_backend::cubecl::dtype_to_storage_type;
+    use burn_cubecl::cubecl::ir::{ElemType, FloatKind};
+    use burn_cubecl::kernel::matmul::init_matmul_output;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::launch::launch_ref;
+    use cubek::matmul::multi_level;
+    use cubek::matmul::strategy::Strategy;
+    use cubek::std::InputBinding;
+
+    /// Whether burn's product would round this tensor's f32 values to TF32: an f32 tensor on a
+    /// device that has the type.
+    pub(crate) fn rounds_f32(t: &CubeTensor) -> bool {
+        t.dtype == DType::F32 && t.client.properties().supports_type(ElemType::Float(FloatKind::TF32))
+    }
+
+    /// `lhs · rhs`, with f32 operands on a TF32 device through cubek's unit routine.
+    pub(crate) fn matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+        if !(rounds_f32(&lhs) && rhs.dtype == DType::F32) {
+            return Cube::float_matmul(lhs, rhs);
+        }
+        super::CUBE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let out = init_matmul_output(&lhs, &rhs, DType::F32);
+        let f32_type = dtype_to_storage_type(DType::F32);
+        let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: f32_type, rhs: f32_type, out: f32_type });
+        let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
+        let client = out.client.clone();
+        let (lhs, rhs) = (InputBinding::new(lhs.binding(), f32_type), InputBinding::new(rhs.binding(), f32_type));
+        // As burn's own matmul does, a routine that cannot take the problem is a bug, not input.
+        if let Err(err) = launch_ref(&strategy, &client, lhs, rhs, out.clone().binding(), &mut dtypes) {
+            panic!("the f32 unit matmul refused the product: {err:?}");
+        }
+        out
+    }
+}
+
+/// Autodiff: the inner backend's product, recorded with a backward step that multiplies the
+/// gradients through the same product (burn's own `Matmul` step, without broadcasting).
+impl<B: Backend + ExactMatmulBackend, C: CheckpointStrategy> ExactMatmulBackend for Autodiff<B, C> {
+    fn exact_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct ExactMatmul;
+
+        impl<B: Backend + ExactMatmulBackend> Backward<B, 2> for ExactMatmul {
+            type State = (Option<NodeId>, Option<NodeId>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+                let [node_lhs, node_rhs] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (lhs, rhs) = ops.state;
+                // Each operand was kept exactly when the other one's gradient is wanted.
+                if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
+                    let rhs: FloatTensor<B> = checkpointer.retrieve_node_output(rhs);
+                    grads.register::<B>(node.id, B::exact_matmul(dy.clone(), B::float_transpose(rhs)));
+                }
+                if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
+                    let lhs: FloatTensor<B> = checkpointer.retrieve_node_output(lhs);
+                    grads.register::<B>(node.id, B::exact_matmul(B::float_transpose(lhs), dy));
+                }
+            }
+        }
+
+        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+        match ExactMatmul.prepare::<C>([lhs.node(), rhs.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(mut prep) => {
+                // Each operand is kept only for the other's gradient.
+                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+                prep.finish((lhs_state, rhs_state), B::exact_matmul(lhs.into_primitive(), rhs.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::exact_matmul(lhs.into_primitive(), rhs.into_primitive())),
+        }
+    }
+}
+
+/// Products that ran cubek's unit routine in place of burn's (for the tests that check it ran).
+#[cfg(feature = "cube")]
+static CUBE_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How often an f32 product in this process ran in f32 where burn's matmul would have rounded it
+/// to TF32 (0 without the `cube` feature, or on devices without TF32).
+pub fn exact_matmul_calls() -> usize {
+    #[cfg(feature = "cube")]
+    return CUBE_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "cube"))]
+    0
+}
+
+/// Whether the tensor lives (under any autodiff) on a cubecl backend, where the extension runs.
+fn on_cube(kind: &burn::backend::DispatchTensorKind) -> bool {
+    use burn::backend::DispatchTensorKind;
+    match kind {
+        #[cfg(feature = "cube")]
+        DispatchTensorKind::Cube(_) => true,
+        DispatchTensorKind::Autodiff(inner) => on_cube(inner),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// `lhs · rhs` for `[M, K]` and `[K, N]`, with f32 operands multiplied in f32 on every backend
+/// (see the module docs); burn's `matmul` everywhere else.
+pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
+    if !on_cube(&lhs.clone().into_dispatch().kind) {
+        return lhs.matmul(rhs);
+    }
+    Tensor::from_dispatch(<Dispatch as ExactMatmulBackend>::exact_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
+}
+
+/// `x·W + b` for `x` `[.., in]`, `W` `[in, out]`, `b` `[out]`: burn's `linear`, except that on the
+/// cubecl backends the product is [`matmul`] over the rows of `x`.
+pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
+    if !on_cube(&x.clone().into_dispatch().kind) {
+        return burn::tensor::module::linear(x, weight, bias);
+    }
+    let dims = x.dims();
+    let [d_in, d_out] = weight.dims();
+    let rows = dims[..D - 1].iter().product();
+    let mut y = matmul(x.reshape([rows, d_in]), weight);
+    if let Some(b) = bias {
+        y = y + b.unsqueeze_dim(0);
+    }
+    let mut out = dims;
+    out[D - 1] = d_out;
+    y.reshape(out)
+}

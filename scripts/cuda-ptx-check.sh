@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Compiles every kernel the `cuda` backend launches, for an H200, on a machine without a GPU, and
+# has NVIDIA's own assembler check the result.
+#
+#   scripts/cuda-ptx-check.sh SUITES_BINARY [ODPO_BINARY] [OUT_DIR]
+#
+# SUITES_BINARY is the conformance test binary built with `cuda` (scripts/gpu-build.sh builds it into
+# ~/.cache/odpo/target-gpu/release/deps/suites-*; `cargo xtask conformance --also-build cuda` into the
+# shared build folder). The binaries run on a stand-in for the NVIDIA driver
+# (scripts/cuda-stand-in/libcuda.c): it answers as one H200 (compute capability 9.0, CUDA 13.0 driver),
+# keeps device memory in host memory, saves each PTX module the backend loads and does not run kernels.
+# So every test fails on its values, and that is expected; what the run gives is the PTX of every kernel
+# the suites (and, with ODPO_BINARY, `odpo bench` on the GPU check's two step shapes in bf16) compile, through
+# the same LLVM NVPTX path as on the GPU, with the same libdevice. Each module then goes through `ptxas
+# -arch=sm_90a` from PyPI's nvidia-cuda-nvcc 13.0 (with libdevice from nvidia-nvvm 13.0), fetched once
+# into ~/.cache/odpo/cuda-tools with `$ODPO_PYTHON -m pip download` (default python3).
+#
+# It fails when the backend reports a kernel it could not compile, ptxas rejects a module, a launch
+# exceeds the device's limits, or a module multiplies through TF32 tensor-core instructions: f32
+# products are computed in f32 (docs/backends.md, "f32 products per backend"), and nothing here
+# runs TF32 on purpose. The suites binary links libtorch when built with `tch`: its torch/lib is found through
+# the same Python (`import torch`) or TORCH_LIB.
+set -uo pipefail
+
+SUITES=${1:?usage: scripts/cuda-ptx-check.sh SUITES_BINARY [ODPO_BINARY] [OUT_DIR]}
+ODPO=${2:-}
+OUT=${3:-$(mktemp -d)}
+PY=${ODPO_PYTHON:-python3}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+TOOLS=${ODPO_CUDA_TOOLS:-$HOME/.cache/odpo/cuda-tools}
+CUDA_VERSION_PIN=13.0.88
+
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+rm -rf "$OUT/ptx" "$OUT"/*.log && mkdir -p "$OUT/ptx" "$OUT/lib"
+
+# ptxas and libdevice, from PyPI's CUDA 13.0 wheels.
+if [ ! -x "$TOOLS/bin/ptxas" ] || [ ! -f "$TOOLS/nvvm/libdevice/libdevice.10.bc" ]; then
+  echo "== fetching ptxas and libdevice (nvidia-cuda-nvcc, nvidia-nvvm $CUDA_VERSION_PIN) into $TOOLS"
+  dl=$(mktemp -d)
+  "$PY" -m pip download --quiet --no-deps -d "$dl" "nvidia-cuda-nvcc==$CUDA_VERSION_PIN" "nvidia-nvvm==$CUDA_VERSION_PIN" || exit 1
+  "$PY" - "$dl" "$TOOLS" <<'EOF' || exit 1
+import os, sys, zipfile, glob
+dl, tools = sys.argv[1], sys.argv[2]
+want = {"nvidia/cu13/bin/ptxas": "bin/ptxas", "nvidia/cu13/nvvm/libdevice/libdevice.10.bc": "nvvm/libdevice/libdevice.10.bc"}
+for wheel in glob.glob(os.path.join(dl, "*.whl")):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name in want:
+                dest = os.path.join(tools, want[name])
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with z.open(name) as src, open(dest + ".part", "wb") as out:
+                    out.write(src.read())
+                os.replace(dest + ".part", dest)
+                os.chmod(dest, 0o755)
+                want.pop(name)
+                break
+if want:
+    sys.exit(f"not found in the wheels: {sorted(want)}")
+EOF
+  rm -rf "$dl"
+fi
+PTXAS=$TOOLS/bin/ptxas
+
+# The stand-in driver.
+cc -shared -fPIC -O1 -Wall -o "$OUT/lib/libcuda.so.1" "$REPO/scripts/cuda-stand-in/libcuda.c" || exit 1
+ln -sf libcuda.so.1 "$OUT/lib/libcuda.so"
+
+TORCH_LIB=${TORCH_LIB:-$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)}
+export LD_LIBRARY_PATH="$OUT/lib${TORCH_LIB:+:$TORCH_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export CUDA_STAND_IN_DIR=$OUT CUDA_PATH=$TOOLS ODPO_REPO=$REPO ODPO_TEST_DEVICE=cuda
+
+echo "== the conformance suites on the stand-in driver (their values are meaningless: kernels do not run)"
+"$SUITES" --test-threads 1 > "$OUT/suites.log" 2>&1
+grep -E '^test result' "$OUT/suites.log"
+if [ -n "$ODPO" ]; then
+  for m in smollm2-135m llama-3.2-1b; do
+    echo "== odpo bench on the GPU check's $m step (8 pairs x 512 tokens, bf16), on the stand-in driver"
+    "$ODPO" bench --config "$REPO/bench/configs/$m.json" --backend cuda --dtype bf16 --pairs 8 --seq 512 --warmup 0 --repeats 1 > "$OUT/bench-$m.log" 2>&1
+    echo "exit $? (the step's figures are meaningless)"
+  done
+fi
+
+modules=$(find "$OUT/ptx" -name '*.ptx' | wc -l)
+echo "== ptxas -arch=sm_90a on $modules modules"
+find "$OUT/ptx" -name '*.ptx' | sort | xargs -P "$(nproc)" -I{} sh -c '"$0" -arch=sm_90a -o /dev/null "$1" > "$1.ptxas" 2>&1 || echo "$1"' "$PTXAS" {} > "$OUT/ptxas-failed.txt"
+failed=$(wc -l < "$OUT/ptxas-failed.txt")
+compile_errors=$(grep -ciE 'CompilationError|failed to compile|LLVM ERROR|libdevice.10.bc was not found' "$OUT"/suites.log "$OUT"/bench-*.log 2>/dev/null | awk -F: '{s += $NF} END {print s + 0}')
+tf32=$(grep -l 'tf32' "$OUT"/ptx/*.ptx 2>/dev/null | wc -l)
+launched=$(sort -u "$OUT/launched.log" 2>/dev/null | wc -l)
+bad_launch=0; [ -f "$OUT/bad-launch.log" ] && bad_launch=$(wc -l < "$OUT/bad-launch.log")
+echo "modules: $modules; kernels launched: $launched; ptxas rejected: $failed; compile errors reported: $compile_errors; launches outside the device's limits: $bad_launch; modules with TF32 products: $tf32"
+grep -l 'tf32' "$OUT"/ptx/*.ptx 2>/dev/null | head -5 | while read -r f; do echo "-- TF32 in $(basename "$f"): $(grep "^$(basename "$f" .ptx) " "$OUT/launched.log" | cut -d' ' -f2)"; done
+for f in $(head -5 "$OUT/ptxas-failed.txt"); do echo "-- $f"; head -5 "$f.ptxas"; done
+[ -s "$OUT/bad-launch.log" ] && head -5 "$OUT/bad-launch.log"
+[ "$modules" -gt 0 ] && [ "$failed" -eq 0 ] && [ "$compile_errors" -eq 0 ] && [ "$bad_launch" -eq 0 ] && [ "$tf32" -eq 0 ]
