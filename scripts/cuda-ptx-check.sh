@@ -16,9 +16,9 @@
 # into ~/.cache/odpo/cuda-tools with `$ODPO_PYTHON -m pip download` (default python3).
 #
 # It fails when the backend reports a kernel it could not compile, ptxas rejects a module, a launch
-# exceeds the device's limits, or a module multiplies through TF32 tensor-core instructions: f32
-# products are computed in f32 (docs/backends.md, "f32 products per backend"), and nothing here
-# runs TF32 on purpose. The suites binary links libtorch when built with `tch`: its torch/lib is found through
+# exceeds the device's limits, a module multiplies through TF32 tensor-core instructions (f32
+# products are computed in f32: docs/backends.md, "f32 products per backend"; nothing here runs TF32
+# on purpose), or `odpo bench` writes more than a megabyte of log. The suites binary links libtorch when built with `tch`: its torch/lib is found through
 # the same Python (`import torch`) or TORCH_LIB.
 set -uo pipefail
 
@@ -76,7 +76,7 @@ if [ -n "$ODPO" ]; then
   for m in smollm2-135m llama-3.2-1b; do
     echo "== odpo bench on the GPU check's $m step (8 pairs x 512 tokens, bf16), on the stand-in driver"
     "$ODPO" bench --config "$REPO/bench/configs/$m.json" --backend cuda --dtype bf16 --pairs 8 --seq 512 --warmup 0 --repeats 1 > "$OUT/bench-$m.log" 2>&1
-    echo "exit $? (the step's figures are meaningless)"
+    echo "exit $? (the step's figures are meaningless); log $(stat -c %s "$OUT/bench-$m.log") bytes"
   done
 fi
 
@@ -92,4 +92,7 @@ echo "modules: $modules; kernels launched: $launched; ptxas rejected: $failed; c
 grep -l 'tf32' "$OUT"/ptx/*.ptx 2>/dev/null | head -5 | while read -r f; do echo "-- TF32 in $(basename "$f"): $(grep "^$(basename "$f" .ptx) " "$OUT/launched.log" | cut -d' ' -f2)"; done
 for f in $(head -5 "$OUT/ptxas-failed.txt"); do echo "-- $f"; head -5 "$f.ptxas"; done
 [ -s "$OUT/bad-launch.log" ] && head -5 "$OUT/bad-launch.log"
-[ "$modules" -gt 0 ] && [ "$failed" -eq 0 ] && [ "$compile_errors" -eq 0 ] && [ "$bad_launch" -eq 0 ] && [ "$tf32" -eq 0 ]
+# A log past a megabyte means some crate logs per kernel at `info` (pliron did: 170 MB a step).
+flooded=0
+for f in "$OUT"/bench-*.log; do [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 1048576 ] && { echo "$f: $(stat -c %s "$f") bytes of log"; flooded=1; }; done
+[ "$flooded" -eq 0 ] && [ "$modules" -gt 0 ] && [ "$failed" -eq 0 ] && [ "$compile_errors" -eq 0 ] && [ "$bad_launch" -eq 0 ] && [ "$tf32" -eq 0 ]

@@ -307,10 +307,15 @@ fn log_writer() -> Box<dyn std::io::Write> {
     Box::new(std::io::stderr())
 }
 
+/// The log filter without `RUST_LOG`: progress at `info`, except pliron (the IR framework of burn's
+/// CUDA kernel compiler), which logs every kernel's IR after every compiler pass at `info`: hundreds
+/// of megabytes in a run's first steps on `cuda`.
+const DEFAULT_LOG: &str = "info,pliron=warn";
+
 fn main() -> ExitCode {
     allocator::reuse_freed_memory();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
         .with_writer(log_writer)
         .init();
     let cli = Cli::parse();
