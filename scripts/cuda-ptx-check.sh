@@ -9,8 +9,9 @@
 # shared build folder). The binaries run on a stand-in for the NVIDIA driver
 # (scripts/cuda-stand-in/libcuda.c): it answers as one H200 (compute capability 9.0, CUDA 13.0 driver),
 # keeps device memory in host memory, saves each PTX module the backend loads and does not run kernels.
-# So every test fails on its values, and that is expected; what the run gives is the PTX of every kernel
-# the suites (and, with ODPO_BINARY, `odpo bench` on the GPU check's two step shapes in bf16) compile, through
+# So most tests fail on their values, and that is expected; what the run gives is the PTX of every kernel
+# the suites (and, with ODPO_BINARY, `odpo bench` on the GPU check's two step shapes in bf16 and three
+# steps of its real run in f32, when ODPO_SHARED holds the model) compile, through
 # the same LLVM NVPTX path as on the GPU, with the same libdevice. Each module then goes through `ptxas
 # -arch=sm_90a` from PyPI's nvidia-cuda-nvcc 13.0 (with libdevice from nvidia-nvvm 13.0), fetched once
 # into ~/.cache/odpo/cuda-tools with `$ODPO_PYTHON -m pip download` (default python3).
@@ -18,13 +19,15 @@
 # It fails when the backend reports a kernel it could not compile, ptxas rejects a module, a launch
 # exceeds the device's limits, a module multiplies through TF32 tensor-core instructions (f32
 # products are computed in f32: docs/backends.md, "f32 products per backend"; nothing here runs TF32
-# on purpose), or `odpo bench` writes more than a megabyte of log. The suites binary links libtorch when built with `tch`: its torch/lib is found through
-# the same Python (`import torch`) or TORCH_LIB.
+# on purpose), `odpo` writes more than a megabyte of log, or the real run's three steps end in an
+# error. The suites binary links libtorch when built with `tch`: its torch/lib is found through the
+# same Python (`import torch`) or TORCH_LIB.
 set -uo pipefail
 
 SUITES=${1:?usage: scripts/cuda-ptx-check.sh SUITES_BINARY [ODPO_BINARY] [OUT_DIR]}
 ODPO=${2:-}
 OUT=${3:-$(mktemp -d)}
+run_exit=0
 PY=${ODPO_PYTHON:-python3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TOOLS=${ODPO_CUDA_TOOLS:-$HOME/.cache/odpo/cuda-tools}
@@ -78,6 +81,22 @@ if [ -n "$ODPO" ]; then
     "$ODPO" bench --config "$REPO/bench/configs/$m.json" --backend cuda --dtype bf16 --pairs 8 --seq 512 --warmup 0 --repeats 1 > "$OUT/bench-$m.log" 2>&1
     echo "exit $? (the step's figures are meaningless); log $(stat -c %s "$OUT/bench-$m.log") bytes"
   done
+  # The GPU check's real run (f32, SmolLM2-135M-Instruct from the shared folder): three steps with a
+  # checkpoint and two evaluations, for the kernels and the code paths of a whole run on `cuda`.
+  shared=${ODPO_SHARED:-$REPO/../shared}
+  gguf=$shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [ -f "$gguf" ]; then
+    echo "== odpo train, SmolLM2-135M-Instruct on the IMDB pairs (f32), 3 steps, on the stand-in driver"
+    "$ODPO" train --config "$REPO/configs/smollm2-imdb-odpo.toml" --backend cuda --set "model.path=$gguf" \
+      --set "data.path=$shared/data/odpo-paper/imdb-sft-test.jsonl" --set train.max_steps=3 --set train.micro_batch_size=8 \
+      --set train.checkpoint_every=2 --set eval.every=2 --set "output.dir=$OUT/run" --set "output.cache_dir=$OUT/run-cache" \
+      --set output.export=false > "$OUT/bench-run.log" 2>&1
+    run_exit=$?
+    rm -rf "$OUT/run" "$OUT/run-cache" # the checkpoint alone is 1.6 GB
+    echo "exit $run_exit (its losses are meaningless); log $(stat -c %s "$OUT/bench-run.log") bytes"
+  else
+    echo "== no $gguf: the real run's flow is left out"
+  fi
 fi
 
 modules=$(find "$OUT/ptx" -name '*.ptx' | wc -l)
@@ -95,4 +114,4 @@ for f in $(head -5 "$OUT/ptxas-failed.txt"); do echo "-- $f"; head -5 "$f.ptxas"
 # A log past a megabyte means some crate logs per kernel at `info` (pliron did: 170 MB a step).
 flooded=0
 for f in "$OUT"/bench-*.log; do [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 1048576 ] && { echo "$f: $(stat -c %s "$f") bytes of log"; flooded=1; }; done
-[ "$flooded" -eq 0 ] && [ "$modules" -gt 0 ] && [ "$failed" -eq 0 ] && [ "$compile_errors" -eq 0 ] && [ "$bad_launch" -eq 0 ] && [ "$tf32" -eq 0 ]
+[ "$run_exit" -eq 0 ] && [ "$flooded" -eq 0 ] && [ "$modules" -gt 0 ] && [ "$failed" -eq 0 ] && [ "$compile_errors" -eq 0 ] && [ "$bad_launch" -eq 0 ] && [ "$tf32" -eq 0 ]
