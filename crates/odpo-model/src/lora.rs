@@ -19,12 +19,12 @@ use std::path::Path;
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use odpo_kernels::linear;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::model::CausalLm;
 use crate::weights::{HfTensors, write_atomic};
-use odpo_kernels::linear;
 
 /// A linear layer `y = x·W + b` (`W` stored `[in, out]`) with an optional low-rank adapter.
 #[derive(Module, Debug)]
