@@ -126,7 +126,7 @@ impl Backend {
             }
             Self::Cuda => {
                 #[cfg(feature = "cuda")]
-                return Ok(Device::cuda(0));
+                return cuda_device(self, 0);
                 missing
             }
             Self::Tch => {
@@ -136,7 +136,7 @@ impl Backend {
             }
             Self::TchCuda => {
                 #[cfg(feature = "tch")]
-                return Ok(Device::libtorch_cuda(0));
+                return cuda_device(self, 0);
                 missing
             }
         }
@@ -220,18 +220,47 @@ enum WgpuKind {
     Cpu,
 }
 
+/// CUDA device `index` of `cuda` or `tch-cuda`, once the driver (or libtorch) says it exists: burn
+/// panics on its first use of a device the machine does not have.
 #[allow(unused_variables, unreachable_code)]
 fn cuda_device(backend: Backend, index: usize) -> Result<Device, BackendError> {
+    let spec = if index == 0 { backend.name().to_string() } else { format!("{}:{index}", backend.name()) };
+    let absent = |reason: String| BackendError::BadDevice { spec: spec.clone(), reason };
     #[cfg(feature = "cuda")]
     if backend == Backend::Cuda {
+        let count = cuda_driver_devices().map_err(absent)?;
+        if index >= count {
+            return Err(absent(format!("the NVIDIA driver sees {count} CUDA device(s) (indices from 0)")));
+        }
         return Ok(Device::cuda(index));
     }
     #[cfg(feature = "tch")]
     if backend == Backend::TchCuda {
+        let count = usize::try_from(tch::Cuda::device_count()).unwrap_or(0);
+        if count == 0 {
+            return Err(absent("libtorch sees no CUDA device (no NVIDIA driver or GPU here, or a CPU-only libtorch)".into()));
+        }
+        if index >= count {
+            return Err(absent(format!("libtorch sees {count} CUDA device(s) (indices from 0)")));
+        }
         #[allow(deprecated)]
         return Ok(Device::libtorch_cuda(index));
     }
     backend.device()
+}
+
+/// How many CUDA devices the NVIDIA driver sees, or why there is no driver to ask.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn cuda_driver_devices() -> Result<usize, String> {
+    // SAFETY: only tries to load the driver library under its usual names, as burn's CUDA runtime
+    // does before its first call (a missing library would be a panic inside that runtime).
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no NVIDIA driver: libcuda.so.1 is not on the library path (install the driver, or add its folder to LD_LIBRARY_PATH)".into());
+    }
+    cudarc::driver::result::init().map_err(|e| format!("the NVIDIA driver did not start: {e:?}"))?;
+    let count = cudarc::driver::result::device::get_count().map_err(|e| format!("the NVIDIA driver could not count its devices: {e:?}"))?;
+    Ok(usize::try_from(count).unwrap_or(0))
 }
 
 #[allow(unused_variables, unreachable_code)]
