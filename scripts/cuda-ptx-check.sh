@@ -10,8 +10,9 @@
 # (scripts/cuda-stand-in/libcuda.c): it answers as one H200 (compute capability 9.0, CUDA 13.0 driver),
 # keeps device memory in host memory, saves each PTX module the backend loads and does not run kernels.
 # So most tests fail on their values, and that is expected; what the run gives is the PTX of every kernel
-# the suites (and, with ODPO_BINARY, `odpo bench` on the GPU check's two step shapes in bf16 and three
-# steps of its real run in f32, when ODPO_SHARED holds the model) compile, through
+# the suites (and, with ODPO_BINARY, `odpo bench` on the GPU check's two step shapes in bf16, one of
+# them also with gradient checkpointing, and three steps of its real run in f32, when ODPO_SHARED
+# holds the model) compile, through
 # the same LLVM NVPTX path as on the GPU, with the same libdevice. Each module then goes through `ptxas
 # -arch=sm_90a` from PyPI's nvidia-cuda-nvcc 13.0 (with libdevice from nvidia-nvvm 13.0), fetched once
 # into ~/.cache/odpo/cuda-tools with `$ODPO_PYTHON -m pip download` (default python3).
@@ -19,15 +20,15 @@
 # It fails when the backend reports a kernel it could not compile, ptxas rejects a module, a launch
 # exceeds the device's limits, a module multiplies through TF32 tensor-core instructions (f32
 # products are computed in f32: docs/backends.md, "f32 products per backend"; nothing here runs TF32
-# on purpose), `odpo` writes more than a megabyte of log, or the real run's three steps end in an
-# error. The suites binary links libtorch when built with `tch`: its torch/lib is found through the
-# same Python (`import torch`) or TORCH_LIB.
+# on purpose), `odpo` writes more than a megabyte of log, or one of its commands ends in an error.
+# The suites binary links libtorch when built with `tch`: its torch/lib is found through the same
+# Python (`import torch`) or TORCH_LIB.
 set -uo pipefail
 
 SUITES=${1:?usage: scripts/cuda-ptx-check.sh SUITES_BINARY [ODPO_BINARY] [OUT_DIR]}
 ODPO=${2:-}
 OUT=${3:-$(mktemp -d)}
-run_exit=0
+run_exit=0 # an `odpo` command's exit status, where one ended in an error
 PY=${ODPO_PYTHON:-python3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TOOLS=${ODPO_CUDA_TOOLS:-$HOME/.cache/odpo/cuda-tools}
@@ -76,10 +77,12 @@ echo "== the conformance suites on the stand-in driver (their values are meaning
 "$SUITES" --test-threads 1 > "$OUT/suites.log" 2>&1
 grep -E '^test result' "$OUT/suites.log"
 if [ -n "$ODPO" ]; then
-  for m in smollm2-135m llama-3.2-1b; do
-    echo "== odpo bench on the GPU check's $m step (8 pairs x 512 tokens, bf16), on the stand-in driver"
-    "$ODPO" bench --config "$REPO/bench/configs/$m.json" --backend cuda --dtype bf16 --pairs 8 --seq 512 --warmup 0 --repeats 1 > "$OUT/bench-$m.log" 2>&1
-    echo "exit $? (the step's figures are meaningless); log $(stat -c %s "$OUT/bench-$m.log") bytes"
+  for m in smollm2-135m llama-3.2-1b smollm2-135m:checkpointed; do
+    flag=; [ "${m#*:}" = checkpointed ] && flag=--gradient-checkpointing
+    echo "== odpo bench on the GPU check's ${m%%:*} step (8 pairs x 512 tokens, bf16${flag:+, checkpointed}), on the stand-in driver"
+    "$ODPO" bench --config "$REPO/bench/configs/${m%%:*}.json" --backend cuda --dtype bf16 --pairs 8 --seq 512 --warmup 0 --repeats 1 $flag > "$OUT/bench-${m/:/-}.log" 2>&1
+    e=$?; [ $e -eq 0 ] || run_exit=$e
+    echo "exit $e (the step's figures are meaningless); log $(stat -c %s "$OUT/bench-${m/:/-}.log") bytes"
   done
   # The GPU check's real run (f32, SmolLM2-135M-Instruct from the shared folder): three steps with a
   # checkpoint and two evaluations, for the kernels and the code paths of a whole run on `cuda`.
@@ -91,9 +94,9 @@ if [ -n "$ODPO" ]; then
       --set "data.path=$shared/data/odpo-paper/imdb-sft-test.jsonl" --set train.max_steps=3 --set train.micro_batch_size=8 \
       --set train.checkpoint_every=2 --set eval.every=2 --set "output.dir=$OUT/run" --set "output.cache_dir=$OUT/run-cache" \
       --set output.export=false > "$OUT/bench-run.log" 2>&1
-    run_exit=$?
+    e=$?; [ $e -eq 0 ] || run_exit=$e
     rm -rf "$OUT/run" "$OUT/run-cache" # the checkpoint alone is 1.6 GB
-    echo "exit $run_exit (its losses are meaningless); log $(stat -c %s "$OUT/bench-run.log") bytes"
+    echo "exit $e (its losses are meaningless); log $(stat -c %s "$OUT/bench-run.log") bytes"
   else
     echo "== no $gguf: the real run's flow is left out"
   fi
@@ -114,4 +117,16 @@ for f in $(head -5 "$OUT/ptxas-failed.txt"); do echo "-- $f"; head -5 "$f.ptxas"
 # A log past a megabyte means some crate logs per kernel at `info` (pliron did: 170 MB a step).
 flooded=0
 for f in "$OUT"/bench-*.log; do [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 1048576 ] && { echo "$f: $(stat -c %s "$f") bytes of log"; flooded=1; }; done
-[ "$run_exit" -eq 0 ] && [ "$flooded" -eq 0 ] && [ "$modules" -gt 0 ] && [ "$failed" -eq 0 ] && [ "$compile_errors" -eq 0 ] && [ "$bad_launch" -eq 0 ] && [ "$tf32" -eq 0 ]
+why=()
+[ "$modules" -gt 0 ] || why+=("no PTX module was loaded")
+[ "$failed" -eq 0 ] || why+=("ptxas rejected $failed modules")
+[ "$compile_errors" -eq 0 ] || why+=("$compile_errors compile errors reported")
+[ "$bad_launch" -eq 0 ] || why+=("$bad_launch launches outside the device's limits")
+[ "$tf32" -eq 0 ] || why+=("$tf32 modules with TF32 products")
+[ "$flooded" -eq 0 ] || why+=("a flooded log")
+[ "$run_exit" -eq 0 ] || why+=("an odpo command ended with status $run_exit (its log is in $OUT)")
+if [ ${#why[@]} -gt 0 ]; then
+  printf 'cuda-ptx-check: failed: %s\n' "$(IFS=';'; echo "${why[*]}")"
+  exit 1
+fi
+echo "cuda-ptx-check: passed"
