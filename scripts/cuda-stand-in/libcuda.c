@@ -5,8 +5,10 @@
 // It answers as one H200 (compute capability 9.0) under a CUDA 13.0 driver. Device memory is host
 // memory (a device pointer is a host address; copies are memcpy), so uploads, downloads and copies
 // are real. Kernels are not: `cuModuleLoadData` writes each PTX module into $CUDA_STAND_IN_DIR and
-// `cuLaunchKernel` counts the launch and returns, leaving its outputs as they were. Every number a
-// test reads back is therefore meaningless; what the run shows is which kernels were compiled.
+// `cuLaunchKernel` notes each kernel's first launch in launched.log there and returns, leaving its
+// outputs as they were (a launch the driver would refuse, empty or over the device's limits, is
+// refused and noted in bad-launch.log). Every number a test reads back is therefore meaningless;
+// what the run shows is which kernels were compiled.
 //
 // Build: cc -shared -fPIC -O1 -o libcuda.so.1 libcuda.c
 #define _GNU_SOURCE
@@ -26,7 +28,7 @@ typedef void *CUcontext, *CUstream, *CUevent, *CUmodule, *CUfunction;
 enum { OK = 0, ERR_INVALID_VALUE = 1, ERR_OUT_OF_MEMORY = 2, ERR_NOT_SUPPORTED = 801 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static unsigned long modules, launches;
+static unsigned long modules;
 static char handle_storage[1]; // the address every opaque handle points at
 
 static void log_line(const char *kind, const char *text) {
@@ -243,7 +245,8 @@ CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, un
                         unsigned bz, unsigned shared, CUstream s, void **params, void **extra) {
   (void)s; (void)params; (void)extra;
   Function *f = fn;
-  if (bx * by * bz > 1024 || bz > 64 || gy > 65535 || gz > 65535 || shared > 232448) {
+  if (!gx || !gy || !gz || !bx || !by || !bz || bx * by * bz > 1024 || bz > 64 || gy > 65535 || gz > 65535 ||
+      shared > 232448) {
     char line[512];
     snprintf(line, sizeof line, "%d-%06lu %s grid %u,%u,%u block %u,%u,%u shared %u", (int)getpid(), f->module->id, f->name,
              gx, gy, gz, bx, by, bz, shared);
@@ -251,7 +254,6 @@ CUresult cuLaunchKernel(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, un
     return ERR_INVALID_VALUE; // CUDA_ERROR_INVALID_VALUE, as the driver answers
   }
   pthread_mutex_lock(&lock);
-  launches++;
   int first = !f->launched;
   f->launched = 1;
   pthread_mutex_unlock(&lock);

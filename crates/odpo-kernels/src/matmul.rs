@@ -13,9 +13,6 @@
 //! `matmul` has its own backward step (`dL = dY·Rᵀ`, `dR = Lᵀ·dY`, each through the same
 //! product), since burn's autodiff matmul would multiply the gradients with its own routine.
 
-// burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
-#![cfg_attr(feature = "tch", allow(deprecated))]
-
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
