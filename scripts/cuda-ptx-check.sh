@@ -75,7 +75,7 @@ export CUDA_STAND_IN_DIR=$OUT CUDA_PATH=$TOOLS ODPO_REPO=$REPO ODPO_TEST_DEVICE=
 
 echo "== the conformance suites on the stand-in driver (their values are meaningless: kernels do not run)"
 "$SUITES" --test-threads 1 > "$OUT/suites.log" 2>&1
-grep -E '^test result' "$OUT/suites.log"
+grep -E '^test result' "$OUT/suites.log" | sed -E 's/^test result: [A-Z]+\. ([0-9]+ passed; [0-9]+ failed).*/\1 (failures expected: nothing was computed)/'
 if [ -n "$ODPO" ]; then
   for m in smollm2-135m llama-3.2-1b smollm2-135m:checkpointed; do
     flag=; [ "${m#*:}" = checkpointed ] && flag=--gradient-checkpointing
@@ -118,6 +118,7 @@ for f in $(head -5 "$OUT/ptxas-failed.txt"); do echo "-- $f"; head -5 "$f.ptxas"
 flooded=0
 for f in "$OUT"/bench-*.log; do [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt 1048576 ] && { echo "$f: $(stat -c %s "$f") bytes of log"; flooded=1; }; done
 why=()
+grep -q '^test result' "$OUT/suites.log" || why+=("the suites did not run to the end (see $OUT/suites.log)")
 [ "$modules" -gt 0 ] || why+=("no PTX module was loaded")
 [ "$failed" -eq 0 ] || why+=("ptxas rejected $failed modules")
 [ "$compile_errors" -eq 0 ] || why+=("$compile_errors compile errors reported")
