@@ -175,7 +175,7 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
 }
 
 /// Where the extension has a body: every backend this project builds.
-const REACH: crate::Reach = crate::Reach { libtorch: true, cube: true };
+const REACH: crate::Reach = crate::Reach { flex: true, libtorch: true, cube: true };
 
 /// Calls of the extension in this process (for the tests that check it ran).
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -35,9 +35,11 @@ pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token
 use burn::backend::DispatchTensorKind;
 use burn::tensor::Tensor;
 
-/// The backends besides flex that one of this crate's backend extensions has a body for.
+/// The backends that one of this crate's backend extensions has a body for.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Reach {
+    /// flex.
+    pub flex: bool,
     /// libtorch (CPU or CUDA).
     pub libtorch: bool,
     /// The cubecl backends (wgpu, Vulkan, Metal, CUDA), with the `cube` feature.
@@ -45,11 +47,11 @@ pub(crate) struct Reach {
 }
 
 /// Whether a tensor lives, under any autodiff, on a backend that runs an extension of the given
-/// reach: flex always, libtorch and cubecl where `reach` says so.
+/// reach.
 fn extended(kind: &DispatchTensorKind, reach: Reach) -> bool {
     match kind {
         #[cfg(feature = "flex")]
-        DispatchTensorKind::Flex(_) => true,
+        DispatchTensorKind::Flex(_) => reach.flex,
         #[cfg(feature = "tch")]
         DispatchTensorKind::LibTorch(_) => reach.libtorch,
         #[cfg(feature = "cube")]
@@ -57,7 +59,7 @@ fn extended(kind: &DispatchTensorKind, reach: Reach) -> bool {
         DispatchTensorKind::Autodiff(inner) => extended(inner, reach),
         #[allow(unreachable_patterns)]
         _ => {
-            let _ = (reach.libtorch, reach.cube);
+            let _ = (reach.flex, reach.libtorch, reach.cube);
             false
         }
     }

@@ -133,22 +133,13 @@ pub fn exact_matmul_calls() -> usize {
     0
 }
 
-/// Whether the tensor lives (under any autodiff) on a cubecl backend, where the extension runs.
-fn on_cube(kind: &burn::backend::DispatchTensorKind) -> bool {
-    use burn::backend::DispatchTensorKind;
-    match kind {
-        #[cfg(feature = "cube")]
-        DispatchTensorKind::Cube(_) => true,
-        DispatchTensorKind::Autodiff(inner) => on_cube(inner),
-        #[allow(unreachable_patterns)]
-        _ => false,
-    }
-}
+/// Where the extension runs: the cubecl backends (flex and libtorch keep burn's product).
+const REACH: crate::Reach = crate::Reach { flex: false, libtorch: false, cube: true };
 
-/// `lhs · rhs` for `[M, K]` and `[K, N]`, with f32 operands multiplied in f32 on every backend
-/// (see the module docs); burn's `matmul` everywhere else.
+/// `lhs · rhs` for `[M, K]` and `[K, N]`: through the extension on the cubecl backends, where f32
+/// operands are multiplied in f32 (see the module docs); burn's `matmul` on the others.
 pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
-    if !on_cube(&lhs.clone().into_dispatch().kind) {
+    if !crate::extended(&lhs.clone().into_dispatch().kind, REACH) {
         return lhs.matmul(rhs);
     }
     Tensor::from_dispatch(<Dispatch as ExactMatmulBackend>::exact_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
@@ -157,7 +148,7 @@ pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
 /// `x·W + b` for `x` `[.., in]`, `W` `[in, out]`, `b` `[out]`: burn's `linear`, except that on the
 /// cubecl backends the product is [`matmul`] over the rows of `x`.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
-    if !on_cube(&x.clone().into_dispatch().kind) {
+    if !crate::extended(&x.clone().into_dispatch().kind, REACH) {
         return burn::tensor::module::linear(x, weight, bias);
     }
     let dims = x.dims();

@@ -126,7 +126,7 @@ impl<B: Backend + QuantizedMatmulBackend, C: CheckpointStrategy> QuantizedMatmul
 }
 
 /// The product has a body on flex alone (burn's quantised tensors live there).
-const FLEX_ONLY: crate::Reach = crate::Reach { libtorch: false, cube: false };
+const FLEX_ONLY: crate::Reach = crate::Reach { flex: true, libtorch: false, cube: false };
 
 /// Calls of the op whose backward keeps the quantised weight (for tests that check it ran).
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -150,7 +150,7 @@ impl<B: Backend + TokenLogProbsBackend, C: CheckpointStrategy> TokenLogProbsBack
 }
 
 /// Where the extension runs: flex and libtorch (the cubecl backends take the tensor operations).
-const REACH: crate::Reach = crate::Reach { libtorch: true, cube: false };
+const REACH: crate::Reach = crate::Reach { flex: true, libtorch: true, cube: false };
 
 /// Calls of each kernel path, for tests that check the kernels ran.
 static FORWARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
