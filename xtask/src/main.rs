@@ -268,8 +268,10 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Result<Option<&'a str>> {
     Ok(None)
 }
 
-/// `cargo run` of `odpo <command> <args>` with the feature of the backend it runs on
-/// ([`backend_for`]). Cargo's progress shows: a first build takes many minutes.
+/// `odpo <command> <args>` built with the feature of the backend it runs on ([`backend_for`]):
+/// `cargo run`, whose progress shows (a first build takes many minutes). A `vulkan` build is made
+/// first, with cubecl-spirv's fix ([`with_spirv_fix`]), and the command runs the binary itself, so
+/// that Cargo.lock is put back before it starts.
 fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
     let backend = backend_for(args)?;
     let backend = backend.split(':').next().unwrap_or("flex");
@@ -277,9 +279,15 @@ fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
         let names: Vec<&str> = BACKENDS.iter().map(|(b, _)| *b).collect();
         bail!("unknown backend `{backend}`; expected one of: {}", names.join(", "));
     };
-    let mut cmd = cargo_cmd();
+    let mut cmd = if feature == "vulkan" {
+        Command::new(build_odpo(feature)?)
+    } else {
+        let mut cargo = cargo_cmd();
+        cargo.args(["run", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &cli_features(feature), "--"]);
+        cargo
+    };
     backend_env(&mut cmd, &[feature])?;
-    cmd.args(["run", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &cli_features(feature), "--"]).arg(command).args(args);
+    cmd.arg(command).args(args);
     Ok(cmd)
 }
 
@@ -336,7 +344,7 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
     // fingerprint records by absolute path: a build made from another checkout (an earlier CI
     // clone) that still exists would count as fresh and run that checkout's tests. Marking
     // suites.rs changed rebuilds the one test crate (seconds).
-    let suites = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/odpo-trainer/tests/suites.rs");
+    let suites = repo_root().join("crates/odpo-trainer/tests/suites.rs");
     std::fs::File::options()
         .write(true)
         .open(&suites)
@@ -355,7 +363,7 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
             cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
         }
         eprintln!("conformance ({backend}): model parity, loss parity, three ODPO steps against PyTorch, shared prompt, data parallel, mixed precision");
-        let status = cmd.status().context("running cargo test")?;
+        let status = with_spirv_fix(&mut cmd, &features, Command::status)?;
         if !status.success() {
             eprintln!("conformance ({backend}): failed");
             return Ok(ExitCode::from(1));
@@ -435,9 +443,9 @@ fn bench_forward(mut args: Vec<String>) -> Result<ExitCode> {
 
 /// `cargo xtask bench`: one process per row and side, one table at the end.
 fn bench(a: &BenchArgs) -> Result<ExitCode> {
-    let Some(&(_, feature)) = BACKENDS.iter().find(|(b, _)| *b == a.backend) else {
+    if !BACKENDS.iter().any(|(b, _)| *b == a.backend) {
         bail!("unknown backend `{}`", a.backend);
-    };
+    }
     let python = std::env::var("ODPO_PYTHON").unwrap_or_else(|_| "python3".into());
     let mut table = Vec::new();
     for model in a.models.split(',').map(str::trim).filter(|m| !m.is_empty()) {
@@ -451,11 +459,7 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
                 .and_then(|(p, s)| Some((p.parse::<usize>().ok()?, s.parse::<usize>().ok()?)))
                 .with_context(|| format!("--shapes: `{shape}` is not PAIRSxSEQ, e.g. 4x128"))?;
             let common = ["--config".to_string(), config.clone(), "--pairs".into(), pairs.to_string(), "--seq".into(), seq.to_string(), "--repeats".into(), a.repeats.to_string(), "--dtype".into(), a.dtype.clone()];
-            let features = cli_features(feature);
-            let mut odpo_args: Vec<String> = vec!["run", "--quiet", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &features, "--", "bench", "--backend", &a.backend]
-                .into_iter()
-                .map(String::from)
-                .collect();
+            let mut odpo_args = vec!["--backend".to_string(), a.backend.clone()];
             odpo_args.extend(common.iter().cloned());
             if a.lora > 0 {
                 odpo_args.extend(["--lora".to_string(), a.lora.to_string()]);
@@ -473,9 +477,7 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
                 odpo_args.push("--no-shared-prompt".into());
             }
             eprintln!("odpo ({}) {model} {shape} ...", a.backend);
-            let mut cmd = cargo_cmd();
-            backend_env(&mut cmd, &[feature])?;
-            let ours = json_of(cmd.args(&odpo_args), "odpo bench")?;
+            let ours = json_of(&mut odpo_command("bench", &odpo_args)?, "odpo bench")?;
             let theirs = if a.vs_pytorch {
                 let mut py = vec!["bench/pytorch/step.py".to_string(), "--threads".into(), a.threads.to_string(), "--lora".into(), a.lora.to_string()];
                 py.extend(common.iter().cloned());
@@ -611,6 +613,64 @@ fn cargo_cmd() -> Command {
         }
     }
     cmd
+}
+
+/// The repository root (xtask is one of its crates).
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Runs a Cargo command (`run` gets it when its arguments are set) with cubecl-spirv's
+/// shared-memory fix when `features` has `vulkan`, and as it is otherwise. cubecl-spirv 0.11.3 writes
+/// invalid SPIR-V for shared memory on Vulkan devices without
+/// `VK_KHR_workgroup_memory_explicit_layout` (Mesa's lavapipe crashes on it; docs/backends.md,
+/// "Vulkan"): `scripts/cubecl-spirv-patched.sh` lays out the patched crate outside the checkout and
+/// names the `--config` patch that builds with it. Cargo records a patch in Cargo.lock, so the lock
+/// is put back as it was once the command has ended, success or not.
+fn with_spirv_fix<T>(cmd: &mut Command, features: &[&str], run: impl FnOnce(&mut Command) -> std::io::Result<T>) -> Result<T> {
+    if !features.contains(&"vulkan") {
+        return run(cmd).context("running cargo");
+    }
+    let script = repo_root().join("scripts/cubecl-spirv-patched.sh");
+    let out = Command::new("bash").arg(&script).stderr(std::process::Stdio::inherit()).output().with_context(|| format!("running {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed ({}): the vulkan build needs cubecl-spirv's shared-memory fix", script.display(), out.status);
+    }
+    let flag = String::from_utf8_lossy(&out.stdout);
+    let patch = flag.trim().strip_prefix("--config ").with_context(|| format!("{} printed `{}`, not a --config flag", script.display(), flag.trim()))?;
+    cmd.args(["--config", patch]);
+    let lock = repo_root().join("Cargo.lock");
+    let kept = std::fs::read(&lock).with_context(|| format!("reading {}", lock.display()))?;
+    let result = run(cmd).context("running cargo");
+    put_back(&lock, &kept)?;
+    result
+}
+
+/// Writes `bytes` back to `path` (through a temporary file and a rename) unless it holds them already.
+fn put_back(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    if std::fs::read(path).is_ok_and(|now| now == bytes) {
+        return Ok(());
+    }
+    let tmp = path.with_extension("lock.xtask");
+    std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path)).with_context(|| format!("putting {} back", path.display()))
+}
+
+/// Builds the `odpo` binary with a backend's Cargo feature (with cubecl-spirv's fix for `vulkan`,
+/// [`with_spirv_fix`]) and returns its path. Cargo's progress shows: a first build takes many minutes.
+fn build_odpo(feature: &str) -> Result<std::path::PathBuf> {
+    let mut build = cargo_cmd();
+    backend_env(&mut build, &[feature])?;
+    build.args(["build", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &cli_features(feature), "--message-format=json-render-diagnostics"]);
+    let out = with_spirv_fix(&mut build, &[feature], |c| c.stderr(std::process::Stdio::inherit()).output())?;
+    if !out.status.success() {
+        bail!("cargo build failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "odpo")
+        .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+        .context("cargo did not report the odpo binary")
 }
 
 /// The environment the build (and run) of these Cargo features needs.
@@ -973,23 +1033,7 @@ fn soak(a: &SoakArgs) -> Result<ExitCode> {
     std::fs::write(&config_path, toml)?;
 
     // Build, then start the binary itself: its process id is the one to sample.
-    let mut build = cargo_cmd();
-    backend_env(&mut build, &[feature])?;
-    let out = build
-        .args(["build", "--release", "-p", "odpo-cli", "--no-default-features", "--features", &cli_features(feature), "--message-format=json"])
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running cargo build")?;
-    if !out.status.success() {
-        bail!("cargo build failed");
-    }
-    let exe = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "odpo")
-        .find_map(|m| m["executable"].as_str().map(String::from))
-        .context("cargo did not report the odpo binary")?;
-    let mut cmd = Command::new(&exe);
+    let mut cmd = Command::new(build_odpo(feature)?);
     backend_env(&mut cmd, &[feature])?;
     let log = std::fs::File::create(dir.join("odpo.log"))?;
     let mut child = cmd.args(["train", "--config"]).arg(&config_path).stdout(std::process::Stdio::null()).stderr(log).spawn().context("starting odpo")?;
@@ -1111,6 +1155,39 @@ mod tests {
             crates += 1;
         }
         assert_eq!(crates, allowed.len(), "crates/ and the table differ: {:?}", allowed.keys());
+        Ok(())
+    }
+
+    /// A build with `vulkan` takes cubecl-spirv from the patched copy, and Cargo.lock, which Cargo
+    /// rewrites for the patch, is left as it was.
+    #[test]
+    fn a_vulkan_build_takes_the_spirv_fix_and_leaves_the_lock() -> Result<()> {
+        let lock = repo_root().join("Cargo.lock");
+        let before = std::fs::read(&lock)?;
+        let mut cmd = cargo_cmd();
+        cmd.current_dir(repo_root()).args(["metadata", "--format-version", "1", "-q"]);
+        let mut rewritten = false;
+        let out = with_spirv_fix(&mut cmd, &["vulkan"], |c| {
+            let out = c.output();
+            rewritten = std::fs::read(&lock).is_ok_and(|now| now != before);
+            out
+        })?;
+        assert!(out.status.success(), "cargo metadata: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(rewritten, "Cargo did not record the patch in Cargo.lock");
+        assert_eq!(std::fs::read(&lock)?, before, "Cargo.lock was not put back");
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let spirv = meta["packages"].as_array().context("packages")?.iter().find(|p| p["name"] == "cubecl-spirv").context("no cubecl-spirv")?;
+        let dir = std::path::Path::new(spirv["manifest_path"].as_str().context("manifest_path")?).parent().context("crate folder")?.to_path_buf();
+        assert!(spirv["source"].is_null(), "cubecl-spirv still comes from {}", spirv["source"]);
+        let memory = std::fs::read_to_string(dir.join("src/ops/memory.rs"))?;
+        assert!(memory.contains("GlobalVariableOp::new(ctx, ty, StorageClass::Workgroup"), "{} is not the patched crate", dir.display());
+        // Without `vulkan`, the command runs as it is.
+        let mut plain = cargo_cmd();
+        plain.current_dir(repo_root()).args(["metadata", "--format-version", "1", "-q"]);
+        let out = with_spirv_fix(&mut plain, &["wgpu"], Command::output)?;
+        let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let spirv = meta["packages"].as_array().context("packages")?.iter().find(|p| p["name"] == "cubecl-spirv").context("no cubecl-spirv")?;
+        assert!(spirv["source"].as_str().is_some_and(|s| s.starts_with("registry+")), "{}", spirv["source"]);
         Ok(())
     }
 

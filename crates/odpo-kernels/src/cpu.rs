@@ -55,6 +55,7 @@ fn span(kind: &DispatchTensorKind) -> Option<&[f32]> {
 
 /// Whether a layout's elements fill exactly `Π shape` consecutive slots: its strides, sorted, are
 /// the running products of the matching sizes.
+#[cfg(any(feature = "flex", feature = "tch"))]
 fn dense<S: Copy + TryInto<usize>>(shape: &[usize], strides: &[S]) -> bool {
     let mut dims: Vec<(usize, usize)> = Vec::with_capacity(shape.len());
     for (&n, &s) in shape.iter().zip(strides) {

@@ -24,6 +24,8 @@ mod attention;
 mod cpu;
 mod matmul;
 mod quantized;
+// The log-softmax loops run on CPU memory, which only flex and libtorch hand out.
+#[cfg(any(feature = "flex", feature = "tch"))]
 mod softmax;
 mod token_logprobs;
 

@@ -15,6 +15,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
+#[cfg(any(feature = "flex", feature = "tch"))]
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IndexingUpdateOp, IntTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
@@ -70,6 +71,7 @@ fn composed_backward<B: Backend>(logits: FloatTensor<B>, lse: FloatTensor<B>, ta
 
 /// The CPU kernels on one backend's primitives: how to reach the f32 rows and i64 targets, and
 /// how to make a tensor from a vector. `None` (nothing computed) when a buffer is out of reach.
+#[cfg(any(feature = "flex", feature = "tch"))]
 macro_rules! cpu_backend {
     ($backend:ty, $module:ident) => {
         impl TokenLogProbsBackend for $backend {
@@ -157,6 +159,7 @@ static FORWARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 static BACKWARD_IN_PLACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static BACKWARD_COPY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+#[cfg(any(feature = "flex", feature = "tch"))]
 fn count(c: &std::sync::atomic::AtomicUsize) {
     c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
