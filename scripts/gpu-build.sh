@@ -34,9 +34,9 @@ export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 # The Vulkan backend with cubecl-spirv's shared-memory fix (patches/): the same kernels on NVIDIA's
 # driver, and the dry run's Vulkan on Mesa's lavapipe. Cargo notes the patch in Cargo.lock; put back after.
 patched=$(scripts/cubecl-spirv-patched.sh)
-stage=$(mktemp -d)
-cp Cargo.lock "$stage/Cargo.lock"
-trap 'cp "$stage/Cargo.lock" Cargo.lock; rm -rf "$stage"' EXIT
+stage=$(mktemp -d) lock=$(mktemp)
+cp Cargo.lock "$lock"
+trap 'cp "$lock" Cargo.lock; rm -rf "$stage" "$lock"' EXIT
 mkdir -p "$stage/bin" "$stage/model" "$stage/data" "$stage/gl"
 
 echo "== cargo build odpo ($FEATURES, torch $TORCH)"
