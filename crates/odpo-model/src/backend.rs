@@ -109,21 +109,8 @@ impl Backend {
                 return Ok(Device::flex());
                 missing
             }
-            Self::Wgpu => {
-                #[cfg(feature = "wgpu")]
-                return Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice));
-                missing
-            }
-            Self::Vulkan => {
-                #[cfg(feature = "vulkan")]
-                return Ok(Device::vulkan(burn::tensor::DeviceKind::DefaultDevice));
-                missing
-            }
-            Self::Metal => {
-                #[cfg(feature = "metal")]
-                return Ok(Device::metal(burn::tensor::DeviceKind::DefaultDevice));
-                missing
-            }
+            Self::Wgpu | Self::Vulkan | Self::Metal if self.compiled() => wgpu_device(self, WgpuKind::Default, self.name()),
+            Self::Wgpu | Self::Vulkan | Self::Metal => missing,
             Self::Cuda => {
                 #[cfg(feature = "cuda")]
                 return cuda_device(self, 0);
@@ -206,7 +193,7 @@ pub fn device(spec: &str) -> Result<Device, BackendError> {
             if !backend.compiled() {
                 return backend.device();
             }
-            wgpu_device(backend, kind)
+            wgpu_device(backend, kind, spec)
         }
     }
 }
@@ -214,6 +201,8 @@ pub fn device(spec: &str) -> Result<Device, BackendError> {
 /// Which wgpu adapter a `wgpu:...` spec names.
 #[allow(dead_code)]
 enum WgpuKind {
+    /// wgpu's choice (a high-performance GPU first).
+    Default,
     Discrete(usize),
     Integrated(usize),
     Virtual(usize),
@@ -263,26 +252,50 @@ fn cuda_driver_devices() -> Result<usize, String> {
     Ok(usize::try_from(count).unwrap_or(0))
 }
 
+/// The wgpu device of `backend` on adapter `kind`, its runtime brought up here rather than by the
+/// first tensor made on it: burn's lazy start panics when the machine has no such adapter (no
+/// Vulkan driver, an index past the last GPU), and here that is an error that says so.
 #[allow(unused_variables, unreachable_code)]
-fn wgpu_device(backend: Backend, kind: WgpuKind) -> Result<Device, BackendError> {
+fn wgpu_device(backend: Backend, kind: WgpuKind, spec: &str) -> Result<Device, BackendError> {
     #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
     {
         use burn::tensor::DeviceKind;
+        use burn::tensor::wgpu::{WgpuBackend, WgpuInitError};
         let kind = match kind {
+            WgpuKind::Default => DeviceKind::DefaultDevice,
             WgpuKind::Discrete(i) => DeviceKind::DiscreteGpu(i),
             WgpuKind::Integrated(i) => DeviceKind::IntegratedGpu(i),
             WgpuKind::Virtual(i) => DeviceKind::VirtualGpu(i),
             WgpuKind::Cpu => DeviceKind::Cpu,
         };
-        match backend {
+        let (api, lazy, hint) = match backend {
             #[cfg(feature = "wgpu")]
-            Backend::Wgpu => return Ok(Device::wgpu(kind)),
+            Backend::Wgpu => (WgpuBackend::Auto, Device::wgpu(kind.clone()), "wgpu found no matching adapter on any graphics API (a GPU driver, or on a machine without a GPU Mesa's llvmpipe or lavapipe)"),
             #[cfg(feature = "vulkan")]
-            Backend::Vulkan => return Ok(Device::vulkan(kind)),
+            Backend::Vulkan => (WgpuBackend::Vulkan, Device::vulkan(kind.clone()), "no matching Vulkan adapter: `vulkaninfo --summary` lists what the Vulkan loader finds (a GPU driver's ICD, or on a machine without a GPU Mesa's lavapipe, Debian's mesa-vulkan-drivers); VK_DRIVER_FILES names an ICD file"),
             #[cfg(feature = "metal")]
-            Backend::Metal => return Ok(Device::metal(kind)),
-            _ => {}
+            Backend::Metal => (WgpuBackend::Metal, Device::metal(kind.clone()), "no matching Metal adapter with native MSL (Metal is macOS's)"),
+            _ => return backend.device(),
+        };
+        // Brought up once per process: a second start would open a second device before failing.
+        static UP: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let key = format!("{lazy:?}");
+        let mut up = UP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if up.contains(&key) {
+            return Ok(lazy);
         }
+        return match Device::wgpu_options().device_kind(kind).graphics_api(api).init() {
+            Ok(device) => {
+                up.push(key);
+                Ok(device)
+            }
+            // Started already, by a tensor made on this device before: it is there.
+            Err(WgpuInitError::Registration { .. }) => {
+                up.push(key);
+                Ok(lazy)
+            }
+            Err(e) => Err(BackendError::BadDevice { spec: spec.to_string(), reason: format!("{hint} ({e})") }),
+        };
     }
     backend.device()
 }
