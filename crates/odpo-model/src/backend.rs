@@ -221,6 +221,8 @@ fn cuda_device(backend: Backend, index: usize) -> Result<Device, BackendError> {
         if index >= count {
             return Err(absent(format!("the NVIDIA driver sees {count} CUDA device(s) (indices from 0)")));
         }
+        let cuda_path = std::env::var_os("CUDA_PATH").map(std::path::PathBuf::from);
+        libdevice(cuda_path, &CUDA_ROOTS.map(std::path::Path::new)).map_err(absent)?;
         return Ok(Device::cuda(index));
     }
     #[cfg(feature = "tch")]
@@ -255,6 +257,33 @@ fn cuda_driver_devices() -> Result<usize, String> {
 /// The wgpu device of `backend` on adapter `kind`, its runtime brought up here rather than by the
 /// first tensor made on it: burn's lazy start panics when the machine has no such adapter (no
 /// Vulkan driver, an index past the last GPU), and here that is an error that says so.
+/// The CUDA toolkit folders cubecl's CUDA compiler looks in for libdevice when `CUDA_PATH` is unset.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const CUDA_ROOTS: [&str; 4] = ["/usr/local/cuda", "/opt/cuda", "/usr/lib/cuda", "/usr"];
+
+/// libdevice (`nvvm/libdevice/libdevice.10.bc`) where cubecl's CUDA compiler will look for it: under
+/// `cuda_path` when set, else under the first of `roots` that has `nvvm/libdevice`. Every training
+/// step's kernels call math functions NVPTX has no instruction for (`exp`, `log`), which the compiler
+/// links from it; without it the first such kernel fails inside the runtime.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn libdevice(cuda_path: Option<std::path::PathBuf>, roots: &[&std::path::Path]) -> Result<std::path::PathBuf, String> {
+    let file = |root: &std::path::Path| root.join("nvvm/libdevice/libdevice.10.bc");
+    let (found, looked) = match &cuda_path {
+        Some(root) => (file(root).is_file().then(|| file(root)), format!("{} (CUDA_PATH)", file(root).display())),
+        None => (
+            roots.iter().find(|r| r.join("nvvm/libdevice").is_dir()).map(|r| file(r)).filter(|f| f.is_file()),
+            format!("nvvm/libdevice/libdevice.10.bc under CUDA_PATH (unset), {}", roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")),
+        ),
+    };
+    found.ok_or_else(|| {
+        format!(
+            "no libdevice at {looked}: the CUDA kernels' math functions (exp, log, tanh) are linked from it at run time. \
+             Set CUDA_PATH to a CUDA toolkit, or to a folder holding nvvm/libdevice/libdevice.10.bc \
+             (the triton wheel carries one: triton/backends/nvidia/lib/libdevice.10.bc)"
+        )
+    })
+}
+
 #[allow(unused_variables, unreachable_code)]
 fn wgpu_device(backend: Backend, kind: WgpuKind, spec: &str) -> Result<Device, BackendError> {
     #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
@@ -357,6 +386,27 @@ mod tests {
         assert!(msg("tpu:0").contains("unknown backend `tpu`"));
         let mixed = devices("flex", &["flex".into(), "wgpu:0".into()]).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(mixed.contains("every device of a run must be of one backend"), "{mixed}");
+    }
+
+    /// libdevice is looked for as cubecl's CUDA compiler looks for it, and its absence is explained.
+    #[test]
+    fn libdevice_is_found_where_the_cuda_compiler_looks() {
+        let dir = std::env::temp_dir().join(format!("odpo-libdevice-{}", std::process::id()));
+        let (toolkit, bare, empty) = (dir.join("toolkit"), dir.join("bare"), dir.join("empty"));
+        std::fs::create_dir_all(toolkit.join("nvvm/libdevice")).unwrap();
+        std::fs::create_dir_all(bare.join("nvvm/libdevice")).unwrap();
+        std::fs::create_dir_all(&empty).unwrap();
+        let bc = toolkit.join("nvvm/libdevice/libdevice.10.bc");
+        std::fs::write(&bc, b"BC").unwrap();
+        // CUDA_PATH decides alone when set.
+        assert_eq!(libdevice(Some(toolkit.clone()), &[]), Ok(bc.clone()));
+        let err = libdevice(Some(empty.clone()), &[toolkit.as_path()]).unwrap_err();
+        assert!(err.starts_with(&format!("no libdevice at {} (CUDA_PATH)", empty.join("nvvm/libdevice/libdevice.10.bc").display())), "{err}");
+        // Unset: the first root with nvvm/libdevice, and only that one.
+        assert_eq!(libdevice(None, &[empty.as_path(), toolkit.as_path()]), Ok(bc));
+        let err = libdevice(None, &[bare.as_path(), toolkit.as_path()]).unwrap_err();
+        assert!(err.contains("CUDA_PATH (unset)") && err.contains("Set CUDA_PATH"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[cfg(feature = "flex")]
