@@ -615,9 +615,13 @@ fn cargo_cmd() -> Command {
     cmd
 }
 
-/// The repository root (xtask is one of its crates).
+/// The repository root (xtask is one of its crates): where `cargo run` (the `cargo xtask` alias) says
+/// xtask's manifest is. The path compiled in is only the fallback: with a build folder shared between
+/// checkouts (CI's clones), Cargo counts an xtask binary built in another checkout as fresh, and the
+/// path compiled into it names that checkout.
 fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")), std::path::PathBuf::from);
+    dir.join("..")
 }
 
 /// Runs a Cargo command (`run` gets it when its arguments are set) with cubecl-spirv's
@@ -1129,7 +1133,7 @@ mod tests {
     /// a crate's `[dependencies]` is one its row allows, and every crate has a row.
     #[test]
     fn crate_edges_follow_docs_concepts_md() -> Result<()> {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let root = repo_root();
         let doc = std::fs::read_to_string(root.join("docs/concepts.md"))?;
         let section = doc.split("\n## Architecture\n").nth(1).context("docs/concepts.md has no `## Architecture`")?;
         let mut allowed = std::collections::BTreeMap::new();
