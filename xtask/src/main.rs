@@ -624,8 +624,8 @@ fn repo_root() -> std::path::PathBuf {
     dir.join("..")
 }
 
-/// Runs a Cargo command (`run` gets it when its arguments are set) with cubecl-spirv's
-/// shared-memory fix when `features` has `vulkan`, and as it is otherwise. cubecl-spirv 0.11.3 writes
+/// Runs a Cargo command whose arguments are set (through `run`), with cubecl-spirv's shared-memory
+/// fix added when `features` has `vulkan`. cubecl-spirv 0.11.3 writes
 /// invalid SPIR-V for shared memory on Vulkan devices without
 /// `VK_KHR_workgroup_memory_explicit_layout` (Mesa's lavapipe crashes on it; docs/backends.md,
 /// "Vulkan"): `scripts/cubecl-spirv-patched.sh` lays out the patched crate outside the checkout and

@@ -254,9 +254,6 @@ fn cuda_driver_devices() -> Result<usize, String> {
     Ok(usize::try_from(count).unwrap_or(0))
 }
 
-/// The wgpu device of `backend` on adapter `kind`, its runtime brought up here rather than by the
-/// first tensor made on it: burn's lazy start panics when the machine has no such adapter (no
-/// Vulkan driver, an index past the last GPU), and here that is an error that says so.
 /// The CUDA toolkit folders cubecl's CUDA compiler looks in for libdevice when `CUDA_PATH` is unset.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 const CUDA_ROOTS: [&str; 4] = ["/usr/local/cuda", "/opt/cuda", "/usr/lib/cuda", "/usr"];
@@ -284,6 +281,9 @@ fn libdevice(cuda_path: Option<std::path::PathBuf>, roots: &[&std::path::Path]) 
     })
 }
 
+/// The wgpu device of `backend` on adapter `kind`, its runtime brought up here rather than by the
+/// first tensor made on it: burn's lazy start panics when the machine has no such adapter (no
+/// Vulkan driver, an index past the last GPU), and here that is an error that says so.
 #[allow(unused_variables, unreachable_code)]
 fn wgpu_device(backend: Backend, kind: WgpuKind, spec: &str) -> Result<Device, BackendError> {
     #[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
