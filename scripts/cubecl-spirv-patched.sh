@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Prints the Cargo flag that builds the `vulkan` backend with patches/cubecl-spirv-*.patch applied
+# Prints the Cargo flags that build the `vulkan` backend with patches/cubecl-spirv-*.patch applied
 # (shared memory on Vulkan devices without VK_KHR_workgroup_memory_explicit_layout, such as Mesa's
 # lavapipe; docs/backends.md, "Vulkan"), after laying out the patched copy of the crate outside the
-# checkout (ODPO_CACHE, default ~/.cache/odpo). Usage:
+# checkout (ODPO_CACHE, default ~/.cache/odpo): the patch, and ODPO_CUBECL_SPIRV_FIX in the build's
+# environment, by which odpo-model knows the fix is in (without it, a device that lacks the extension
+# is refused rather than crashed on). Usage:
 #   cargo build --release -p odpo-cli --features vulkan $(scripts/cubecl-spirv-patched.sh)
 # Cargo records the patch in Cargo.lock (the crate's `source` and `checksum` lines go) while it is used.
 set -euo pipefail
@@ -21,4 +23,4 @@ if [ "$(cat "$dest/.odpo-patch" 2>/dev/null)" != "$stamp" ]; then
   echo "$stamp" > "$dest.tmp/.odpo-patch"
   rm -rf "$dest" && mv "$dest.tmp" "$dest"
 fi
-echo "--config patch.crates-io.cubecl-spirv.path=\"$dest\""
+echo "--config patch.crates-io.cubecl-spirv.path=\"$dest\" --config env.ODPO_CUBECL_SPIRV_FIX=\"$stamp\""

@@ -629,7 +629,8 @@ fn repo_root() -> std::path::PathBuf {
 /// invalid SPIR-V for shared memory on Vulkan devices without
 /// `VK_KHR_workgroup_memory_explicit_layout` (Mesa's lavapipe crashes on it; docs/backends.md,
 /// "Vulkan"): `scripts/cubecl-spirv-patched.sh` lays out the patched crate outside the checkout and
-/// names the `--config` patch that builds with it. Cargo records a patch in Cargo.lock, so the lock
+/// names the `--config` flags that build with it (the patch, and `ODPO_CUBECL_SPIRV_FIX` in the
+/// build's environment: without it, odpo-model refuses the devices that need the fix). Cargo records a patch in Cargo.lock, so the lock
 /// is put back as it was once the command has ended, success or not.
 fn with_spirv_fix<T>(cmd: &mut Command, features: &[&str], run: impl FnOnce(&mut Command) -> std::io::Result<T>) -> Result<T> {
     if !features.contains(&"vulkan") {
@@ -640,9 +641,15 @@ fn with_spirv_fix<T>(cmd: &mut Command, features: &[&str], run: impl FnOnce(&mut
     if !out.status.success() {
         bail!("{} failed ({}): the vulkan build needs cubecl-spirv's shared-memory fix", script.display(), out.status);
     }
-    let flag = String::from_utf8_lossy(&out.stdout);
-    let patch = flag.trim().strip_prefix("--config ").with_context(|| format!("{} printed `{}`, not a --config flag", script.display(), flag.trim()))?;
-    cmd.args(["--config", patch]);
+    // `--config PATCH --config env.ODPO_CUBECL_SPIRV_FIX=...`; the values may hold spaces (a path).
+    let flags = String::from_utf8_lossy(&out.stdout);
+    let values: Vec<&str> = flags.trim().strip_prefix("--config ").map(|rest| rest.split(" --config ").collect()).unwrap_or_default();
+    if values.len() != 2 {
+        bail!("{} printed `{}`, not its two --config flags", script.display(), flags.trim());
+    }
+    for value in values {
+        cmd.args(["--config", value]);
+    }
     let lock = repo_root().join("Cargo.lock");
     let kept = std::fs::read(&lock).with_context(|| format!("reading {}", lock.display()))?;
     let result = run(cmd).context("running cargo");
@@ -1185,6 +1192,9 @@ mod tests {
         assert!(spirv["source"].is_null(), "cubecl-spirv still comes from {}", spirv["source"]);
         let memory = std::fs::read_to_string(dir.join("src/ops/memory.rs"))?;
         assert!(memory.contains("GlobalVariableOp::new(ctx, ty, StorageClass::Workgroup"), "{} is not the patched crate", dir.display());
+        // The build is told the fix is in (odpo-model refuses devices that need it otherwise).
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.iter().any(|a| a.starts_with("env.ODPO_CUBECL_SPIRV_FIX=")), "{args:?}");
         // Without `vulkan`, the command runs as it is.
         let mut plain = cargo_cmd();
         plain.current_dir(repo_root()).args(["metadata", "--format-version", "1", "-q"]);

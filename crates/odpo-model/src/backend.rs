@@ -306,27 +306,61 @@ fn wgpu_device(backend: Backend, kind: WgpuKind, spec: &str) -> Result<Device, B
             Backend::Metal => (WgpuBackend::Metal, Device::metal(kind.clone()), "no matching Metal adapter with native MSL (Metal is macOS's)"),
             _ => return backend.device(),
         };
-        // Brought up once per process: a second start would open a second device before failing.
-        static UP: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        // Brought up once per process (a second start would open a second device before failing);
+        // a device refused is refused again.
+        static UP: std::sync::Mutex<Vec<(String, Option<String>)>> = std::sync::Mutex::new(Vec::new());
         let key = format!("{lazy:?}");
         let mut up = UP.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if up.contains(&key) {
-            return Ok(lazy);
+        let refused = |reason: String| BackendError::BadDevice { spec: spec.to_string(), reason };
+        if let Some((_, refusal)) = up.iter().find(|(k, _)| *k == key) {
+            return match refusal {
+                Some(reason) => Err(refused(reason.clone())),
+                None => Ok(lazy),
+            };
         }
-        return match Device::wgpu_options().device_kind(kind).graphics_api(api).init() {
-            Ok(device) => {
-                up.push(key);
-                Ok(device)
+        return match Device::wgpu_options().device_kind(kind).graphics_api(api).init_with_setup() {
+            Ok((device, setup)) => {
+                let refusal = spirv_refusal(&setup.adapter);
+                up.push((key, refusal.clone()));
+                refusal.map_or(Ok(device), |reason| Err(refused(reason)))
             }
             // Started already, by a tensor made on this device before: it is there.
             Err(WgpuInitError::Registration { .. }) => {
-                up.push(key);
+                up.push((key, None));
                 Ok(lazy)
             }
-            Err(e) => Err(BackendError::BadDevice { spec: spec.to_string(), reason: format!("{hint} ({e})") }),
+            Err(e) => Err(refused(format!("{hint} ({e})"))),
         };
     }
     backend.device()
+}
+
+/// Why a build without cubecl-spirv's shared-memory fix must not run on this adapter, if it must not.
+/// With the `vulkan` feature, cubecl compiles kernels to SPIR-V on every Vulkan adapter, and
+/// cubecl-spirv 0.11.3 writes invalid SPIR-V for shared memory on one without
+/// `VK_KHR_workgroup_memory_explicit_layout` (Mesa's lavapipe crashes compiling burn's matmul;
+/// docs/backends.md, "Vulkan"). `scripts/cubecl-spirv-patched.sh`'s flags, which `cargo xtask`
+/// builds with, apply the fix and set `ODPO_CUBECL_SPIRV_FIX` for the build.
+#[cfg(any(feature = "wgpu", feature = "vulkan", feature = "metal"))]
+#[allow(unsafe_code, unused_variables)]
+fn spirv_refusal(adapter: &burn::tensor::wgpu::wgpu::Adapter) -> Option<String> {
+    #[cfg(feature = "vulkan")]
+    if option_env!("ODPO_CUBECL_SPIRV_FIX").is_none() {
+        use burn::tensor::wgpu::wgpu::hal::api::Vulkan;
+        const EXTENSION: &std::ffi::CStr = c"VK_KHR_workgroup_memory_explicit_layout";
+        // SAFETY: reads the adapter's list of extensions while the adapter is borrowed; `None` for
+        // an adapter of another graphics API.
+        let lacks = unsafe { adapter.as_hal::<Vulkan>() }.is_some_and(|hal| !hal.physical_device_capabilities().supports_extension(EXTENSION));
+        if lacks {
+            return Some(format!(
+                "the Vulkan adapter `{}` lacks VK_KHR_workgroup_memory_explicit_layout, and in this build (without the fix to cubecl-spirv 0.11.3's shared memory) \
+                 kernels for such a device are invalid SPIR-V that crashes its driver. Build through `cargo xtask`, or with the flags of \
+                 `scripts/cubecl-spirv-patched.sh`, which apply the fix (docs/backends.md, \"Vulkan\"); or build with `wgpu` and without `vulkan` (WGSL kernels)",
+                adapter.get_info().name
+            ));
+        }
+    }
+    None
 }
 
 /// The devices of a data-parallel run: `specs` when given (all of one backend), else the default
