@@ -384,6 +384,7 @@ pub fn devices(backend: &str, specs: &[String]) -> Result<Vec<Device>, BackendEr
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
