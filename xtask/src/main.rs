@@ -630,8 +630,9 @@ fn repo_root() -> std::path::PathBuf {
 /// `VK_KHR_workgroup_memory_explicit_layout` (Mesa's lavapipe crashes on it; docs/backends.md,
 /// "Vulkan"): `scripts/cubecl-spirv-patched.sh` lays out the patched crate outside the checkout and
 /// names the `--config` flags that build with it (the patch, and `ODPO_CUBECL_SPIRV_FIX` in the
-/// build's environment: without it, odpo-model refuses the devices that need the fix). Cargo records a patch in Cargo.lock, so the lock
-/// is put back as it was once the command has ended, success or not.
+/// build's environment: without it, odpo-model refuses the devices that need the fix). Cargo
+/// records a patch in Cargo.lock, so the lock is put back as it was once the command has ended,
+/// success or not.
 fn with_spirv_fix<T>(cmd: &mut Command, features: &[&str], run: impl FnOnce(&mut Command) -> std::io::Result<T>) -> Result<T> {
     if !features.contains(&"vulkan") {
         return run(cmd).context("running cargo");
