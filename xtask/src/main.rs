@@ -279,7 +279,7 @@ fn odpo_command(command: &str, args: &[String]) -> Result<Command> {
         let names: Vec<&str> = BACKENDS.iter().map(|(b, _)| *b).collect();
         bail!("unknown backend `{backend}`; expected one of: {}", names.join(", "));
     };
-    let mut cmd = if feature == "vulkan" {
+    let mut cmd = if needs_spirv_fix(&[feature]) {
         Command::new(build_odpo(feature)?)
     } else {
         let mut cargo = cargo_cmd();
@@ -624,6 +624,11 @@ fn repo_root() -> std::path::PathBuf {
     dir.join("..")
 }
 
+/// Whether a build of these Cargo features compiles cubecl-spirv, and so takes its shared-memory fix.
+fn needs_spirv_fix(features: &[&str]) -> bool {
+    features.contains(&"vulkan")
+}
+
 /// Runs a Cargo command whose arguments are set (through `run`), with cubecl-spirv's shared-memory
 /// fix added when `features` has `vulkan`. cubecl-spirv 0.11.3 writes
 /// invalid SPIR-V for shared memory on Vulkan devices without
@@ -634,7 +639,7 @@ fn repo_root() -> std::path::PathBuf {
 /// records a patch in Cargo.lock, so the lock is put back as it was once the command has ended,
 /// success or not.
 fn with_spirv_fix<T>(cmd: &mut Command, features: &[&str], run: impl FnOnce(&mut Command) -> std::io::Result<T>) -> Result<T> {
-    if !features.contains(&"vulkan") {
+    if !needs_spirv_fix(features) {
         return run(cmd).context("running cargo");
     }
     let script = repo_root().join("scripts/cubecl-spirv-patched.sh");
