@@ -13,7 +13,9 @@
 #   3. ODPO on the real SmolLM2-135M-Instruct with the paper's IMDB pairs for 100 steps, and the same
 #      run's first steps on the CPU (flex) beside it;
 #   4. the step of 2 with gradient checkpointing on the first backend: its peak memory and time
-#      beside the plain step's (what the budget leaves).
+#      beside the plain step's (what the budget leaves);
+#   5. a step far too large for the device: `odpo bench` must stop with an out-of-memory error, not a
+#      panic (what the budget leaves).
 # Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that would not fit is
 # recorded as skipped. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry run on a machine
 # without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md. GPU_CHECK_RUN_ARGS
@@ -218,6 +220,32 @@ for m in $MODELS; do
   "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$ODPO" bench --config "bench/configs/$m.json" --backend "$b" --dtype "$dtype" \
     --pairs "$PAIRS" --seq "$SEQ" --warmup 2 --repeats "$REPEATS" --gradient-checkpointing > "$W/step.json"
   record "bench-$m-$b-ckpt" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, checkpointed" "$W/step.json" "$W/mem.json")"
+done
+
+echo "== 5. A step too large for the device: an error that names what to lower, not a crash"
+# Llama-3.2-1B shapes, 4096 pairs x 8192 tokens: the embedding alone needs several hundred GiB. The
+# dry run takes a shape with buffers larger than lavapipe allows (on a CPU, libtorch would try to
+# compute it, so the dry run leaves tch out).
+if [ "$QUICK" = 1 ]; then OOM_MODEL=gpt2-tiny OOM_SHAPE=4096x256; else OOM_MODEL=llama-3.2-1b OOM_SHAPE=4096x8192; fi
+for b in $BACKENDS; do
+  [ "$QUICK" = 1 ] && [ "${b%%:*}" = tch ] && continue
+  echo "-- $b, $OOM_MODEL $OOM_SHAPE"
+  fits 30 || { record "oom-$b" "{\"stage\":\"oom\",\"backend\":\"$b\",\"skipped\":true}"; continue; }
+  t0=$SECONDS
+  timeout "$(cap 90)" "$ODPO" bench --config "bench/configs/$OOM_MODEL.json" --backend "$b" --pairs "${OOM_SHAPE%x*}" --seq "${OOM_SHAPE#*x}" \
+    --warmup 0 --repeats 1 > "$W/oom-$b.log" 2>&1
+  rc=$?
+  grep -v '^\s*$' "$W/oom-$b.log" | tail -4 | cut -c1-400
+  "$PY" - "$W/oom-$b.log" "$b" "$rc" "$((SECONDS - t0))" > "$W/o.json" <<'PY'
+import json, sys
+log, backend, rc, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lines = open(log, errors="replace").read().splitlines()
+error = next((l for l in lines if l.startswith("error: ")), None)
+print(json.dumps({"stage": "oom", "backend": backend, "rc": rc, "seconds": secs, "error": error,
+                  "panicked": any("panicked at" in l for l in lines),
+                  "ok": rc == 2 and error is not None and "out of memory" in error and not any("panicked at" in l for l in lines)}))
+PY
+  record "oom-$b" "$(cat "$W/o.json")"
 done
 
 echo "== summary ($((SECONDS - start)) s)"

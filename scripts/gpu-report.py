@@ -118,6 +118,17 @@ def tables(records):
                 gap = f"{max(diffs):.2e} over {len(diffs)} steps" if diffs else "-"
             span = lambda v: f"{v[0][1]:.4f} -> {v[-1][1]:.4f}" if v else "-"  # noqa: E731
             out.append(f"| {r['backend']} | {r['steps']} | {r['seconds']:.0f} | {span(tl)} | {span(el)} | {span(acc)} | {gap} |")
+    ooms = [r for r in records if r.get("stage") == "oom"]
+    if ooms:
+        out.append("")
+        out.append("| too large a step | exit | an error, no panic | seconds | message |")
+        out.append("|---|---|---|---|---|")
+        for r in ooms:
+            if r.get("skipped"):
+                out.append(f"| {r['backend']} | skipped | | | |")
+                continue
+            message = (r.get("error") or "-").replace("|", "/")[:300]
+            out.append(f"| {r['backend']} | {r['rc']} | {'yes' if r.get('ok') else 'NO'} | {r['seconds']} | {message} |")
     return "\n".join(out) + "\n"
 
 

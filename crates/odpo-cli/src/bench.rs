@@ -104,6 +104,7 @@ pub fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let config = odpo_model::ModelConfig::from_file(&a.config)?;
     let model = CausalLm::random(&config, 0, &device)?;
+    model.check_positions(a.seq, || format!("`--seq` {}", a.seq))?;
     let v = config.vocab_size() as i64;
     let ids: Vec<i64> = (0..a.batch * a.seq).map(|i| (i as i64 * 7919 + 13) % v).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [a.batch, a.seq]), &device);

@@ -324,7 +324,9 @@ fn main() -> ExitCode {
     if trains && let Err(e) = odpo_trainer::interrupt::install() {
         eprintln!("warning: SIGTERM and SIGINT will end the run without a checkpoint: {e}");
     }
-    match run(cli) {
+    // A batch the device has no memory for is an error, not a crash, whichever backend says so.
+    let result = odpo_model::out_of_memory::catch(|| run(cli)).unwrap_or_else(|cause| Err(anyhow::anyhow!("out of memory on the device: {cause}; smaller batches or shorter sequences need less")));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match interrupted(&e) {
             Some((step, run_dir)) => {
@@ -337,11 +339,33 @@ fn main() -> ExitCode {
                 ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
             }
             None => {
-                eprintln!("error: {e:#}");
+                match out_of_memory(&e) {
+                    Some(message) => eprintln!("error: {message}"),
+                    None => eprintln!("error: {e:#}"),
+                }
                 ExitCode::from(2)
             }
         },
     }
+}
+
+/// An out-of-memory error said shortly (a cubecl backend's read-back error is pages long), with how
+/// to continue a run whose checkpoints were kept.
+fn out_of_memory(e: &anyhow::Error) -> Option<String> {
+    let train = e.chain().find_map(|c| c.downcast_ref::<odpo_trainer::TrainError>().or_else(|| match c.downcast_ref::<odpo_pipeline::PipelineError>() {
+        Some(odpo_pipeline::PipelineError::Train(t)) => Some(t),
+        _ => None,
+    }));
+    if let Some(t @ odpo_trainer::TrainError::OutOfMemory { run_dir, .. }) = train {
+        let kept = run_dir.as_ref().filter(|dir| odpo_trainer::checkpoint::list(dir).is_ok_and(|c| !c.is_empty()));
+        return Some(match kept {
+            Some(dir) => format!("{t}\nthe run's checkpoints in {} are kept: `odpo train --resume {}` continues from the newest (`--set KEY=VALUE` changes a key)", dir.display(), dir.display()),
+            None => t.to_string(),
+        });
+    }
+    let cause = odpo_model::out_of_memory::OutOfMemory::find(&format!("{e:#}"))?;
+    tracing::debug!("{e:#}");
+    Some(format!("out of memory on the device: {cause}; smaller batches or shorter sequences need less"))
 }
 
 /// The step and run folder of a run that stopped on request, however deep the error.
@@ -446,6 +470,7 @@ fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
         bail!("the prompt and the completion must each have at least one token");
     }
     let n = p.len() + c.len();
+    loaded.model.check_positions(n, || format!("a prompt of {} tokens and a completion of {}", p.len(), c.len()))?;
     let ids: Vec<i64> = p.iter().chain(&c).map(|&x| i64::from(x)).collect();
     let loss_mask: Vec<f32> = (0..n).map(|i| if i >= p.len() { 1.0 } else { 0.0 }).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);

@@ -78,6 +78,14 @@ progress = false
     let (ok, _, err) = odpo_train(&["--config", config.to_str().unwrap(), "--set", "optim.lrr=1"]);
     assert!(!ok && err.contains("--set optim.lrr=1") && err.contains("unknown field `lrr`"), "{err}");
 
+    // Rows longer than the model's 64 learned positions are refused before anything trains.
+    let other = dir.join("too-long").display().to_string();
+    let (ok, _, err) = odpo_train(&["--config", config.to_str().unwrap(), "--set", "data.max_length=96", "--set", &format!("output.dir={other:?}")]);
+    assert!(!ok && !err.contains("panicked"), "{err}");
+    assert!(err.contains("error: config: `data.max_length` (96) is more than the model holds: pair ") && err.contains("; the model has 64 (its learned position table"), "{err}");
+    let needed: usize = err.split(" needs ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{err}"));
+    assert!(needed > 64 && err.trim_end().ends_with("set `data.max_length` to 64 or less"), "{err}");
+
     let (ok, out, err) = odpo_train(&["--config", config.to_str().unwrap(), "--backend", "flex"]);
     assert!(ok, "{err}");
     assert_eq!(line(&out, "steps:"), "3");
@@ -88,6 +96,19 @@ progress = false
     let (ok, out, err) = odpo_train(&["--resume", run.to_str().unwrap(), "--set", "train.max_steps=5"]);
     assert!(ok, "{err}");
     assert_eq!((line(&out, "resumed from:"), line(&out, "steps:")), ("step 3", "5"));
+}
+
+/// `odpo bench` on rows longer than a GPT-2's learned position table: an error, where the forward
+/// pass would index past the table (a panic on the CPU, unchecked reads on a GPU).
+#[test]
+fn a_bench_longer_than_the_models_positions_is_refused() {
+    let config = format!("{}/bench/configs/gpt2-tiny.json", env::repo_root().display());
+    for (command, seq, rows) in [("bench", "257", "--pairs"), ("bench-forward", "300", "--batch")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo")).args([command, "--config", &config, "--seq", seq, rows, "1"]).output().expect("run odpo");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(err.contains(&format!("needs {seq} positions; the model has 256 (its learned position table")) && !err.contains("panicked"), "{command}: {err}");
+    }
 }
 
 /// `--backend` is checked when the flags are read, naming the backends, before anything loads.

@@ -72,6 +72,16 @@ pub enum ModelError {
     /// The request cannot be served by this model (bad input shape, sequence too long, ...).
     #[error("{0}")]
     Invalid(String),
+    /// Rows longer than the model's learned position table.
+    #[error("{what} needs {tokens} positions; the model has {limit} (its learned position table, `n_positions` or `max_position_embeddings` in config.json) and no embedding beyond them")]
+    TooLong {
+        /// What was asked: `pair 17 (prompt 40 + completion 30 tokens)`.
+        what: String,
+        /// Positions needed.
+        tokens: usize,
+        /// Positions the model has.
+        limit: usize,
+    },
 }
 
 /// Shorthand for results of this crate.

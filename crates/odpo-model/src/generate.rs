@@ -71,6 +71,7 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationConfig, 
     }
     let mut rng = StdRng::seed_from_u64(s.seed);
     let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    model.check_positions(t0 + cfg.max_new_tokens, || format!("a prompt of {t0} tokens and {} new ones (`max_new_tokens`)", cfg.max_new_tokens))?;
     // Left padding puts every prompt's last token in the last column.
     let mut ids = Vec::with_capacity(b * t0);
     let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
@@ -203,5 +204,34 @@ mod tests {
         let logits = [1.0f32, 2.0, 3.0];
         let z: f64 = [1.0f64, 2.0, 3.0].iter().map(|x| x.exp()).sum();
         assert!((f64::from(log_softmax_at(&logits, 2)) - (3.0 - z.ln())).abs() < 1e-6);
+    }
+}
+
+#[cfg(test)]
+mod position_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::ModelConfig;
+
+    fn model(json: serde_json::Value, device: &Device) -> CausalLm {
+        CausalLm::random(&ModelConfig::from_hf_json(&json, "tiny".as_ref()).unwrap(), 0, device).unwrap()
+    }
+
+    #[test]
+    fn generation_past_a_learned_position_table_is_refused() {
+        let device = crate::backend::device("flex").unwrap();
+        let gpt2 = model(serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 16, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2}), &device);
+        assert_eq!(gpt2.position_limit(), Some(8));
+        let cfg = |max_new_tokens| GenerationConfig { max_new_tokens, eos_token_ids: vec![], pad_token_id: 0, sampling: SamplingConfig { greedy: true, ..Default::default() } };
+        let prompts = vec![vec![3, 4, 5], vec![6, 7, 8, 9]];
+        // The longest prompt (4) and 4 new tokens fill the 8 positions exactly.
+        assert_eq!(generate(&gpt2, &prompts, &cfg(4), &device).unwrap().tokens[1].len(), 4);
+        let err = generate(&gpt2, &prompts, &cfg(5), &device).unwrap_err();
+        assert!(matches!(err, ModelError::TooLong { tokens: 9, limit: 8, .. }), "{err}");
+        assert!(err.to_string().starts_with("a prompt of 4 tokens and 5 new ones (`max_new_tokens`) needs 9 positions; the model has 8"), "{err}");
+        // Rotary positions are computed: no limit.
+        let llama = model(serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 8}), &device);
+        assert_eq!(llama.position_limit(), None);
+        assert_eq!(generate(&llama, &prompts, &cfg(6), &device).unwrap().tokens[1].len(), 6);
     }
 }

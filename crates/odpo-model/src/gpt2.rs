@@ -223,4 +223,9 @@ impl Gpt2 {
     pub fn n_layers(&self) -> usize {
         self.h.len()
     }
+
+    /// Rows of the learned position table (`n_positions`): positions beyond it have no embedding.
+    pub fn n_positions(&self) -> usize {
+        self.wpe.weight.lazy_shape()[0]
+    }
 }

@@ -285,6 +285,11 @@ impl GptNeo {
     pub fn n_layers(&self) -> usize {
         self.h.len()
     }
+
+    /// Rows of the learned position table (`max_position_embeddings`): positions beyond it have no embedding.
+    pub fn n_positions(&self) -> usize {
+        self.wpe.weight.lazy_shape()[0]
+    }
 }
 
 #[cfg(test)]

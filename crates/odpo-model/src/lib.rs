@@ -6,7 +6,8 @@
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
 //! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), LoRA adapters
 //! in PEFT's layout ([`lora`]), and saving back in HF layout. Nothing here names a backend except [`backend`], which maps a
-//! `--backend` name to a burn `Device`.
+//! `--backend` name to a burn `Device`, and [`out_of_memory`], which reads the backends' allocation
+//! failures.
 //!
 //! ```no_run
 //! use odpo_model::{CausalLm, Module, backend};
@@ -52,6 +53,7 @@ pub mod logprobs;
 pub mod lora;
 mod model;
 mod names;
+pub mod out_of_memory;
 pub mod quantized;
 pub mod tokenizer;
 pub mod weights;

@@ -326,6 +326,25 @@ impl CausalLm {
         self.map(&mut Caster(precision.dtype()))
     }
 
+    /// The most positions (prompt and completion tokens of a row) the model can run on, where it
+    /// has a limit: the learned position table of GPT-2 and GPT-Neo. Rotary families compute their
+    /// positions and have none; beyond `max_position_embeddings` they run, as in transformers.
+    pub fn position_limit(&self) -> Option<usize> {
+        match self {
+            Self::Gpt2(m) => Some(m.n_positions()),
+            Self::GptNeo(m) => Some(m.n_positions()),
+            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) => None,
+        }
+    }
+
+    /// An error naming `what` when rows of `tokens` positions exceed [`Self::position_limit`].
+    pub fn check_positions(&self, tokens: usize, what: impl FnOnce() -> String) -> Result<()> {
+        match self.position_limit() {
+            Some(limit) if tokens > limit => Err(ModelError::TooLong { what: what(), tokens, limit }),
+            _ => Ok(()),
+        }
+    }
+
     /// An empty KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(match self {

@@ -1,10 +1,15 @@
 //! Device specs that name hardware the machine lacks (a CUDA device, a wgpu adapter) are refused
-//! with an error that says what is missing, rather than a panic inside burn's runtimes or libtorch.
+//! with an error that says what is missing, rather than a panic inside burn's runtimes or libtorch;
+//! a tensor larger than the device holds is an out-of-memory error that names its size.
 //! In builds with `cuda`, `tch`, `wgpu` or `vulkan` (the conformance binary has several); elsewhere
 //! the backend's missing feature is named.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use burn::tensor::Tensor;
 use odpo_model::backend::{Backend, device};
+use odpo_model::out_of_memory::{OutOfMemory, catch};
 
 #[test]
 fn cuda_devices_the_machine_lacks_are_refused_with_the_reason() {
@@ -42,4 +47,30 @@ fn wgpu_adapters_the_machine_lacks_are_refused_with_the_reason() {
             assert_eq!(device(backend.name()).ok(), Some(first));
         }
     }
+}
+
+#[test]
+fn a_tensor_larger_than_the_device_is_an_out_of_memory_error() {
+    // burn's CPU backend allocates through Rust's allocator, which ends the process on a failure.
+    let spec = std::env::var("ODPO_TEST_DEVICE").unwrap_or_default();
+    if spec.is_empty() || spec.starts_with("flex") {
+        eprintln!("skipped on flex: a failed CPU allocation ends the process (the test runs on the other backends, `cargo xtask conformance`)");
+        return;
+    }
+    let device = common::test_device();
+    // 2^46 f32 = 256 TiB: more than any device, and than a 47-bit address space, holds.
+    let bytes = 1u64 << 48;
+    let oom = match catch(|| Tensor::<2>::zeros([1 << 23, 1 << 23], &device).try_into_data()) {
+        Err(oom) => oom,                                                                        // libtorch: a panic
+        Ok(Err(e)) => OutOfMemory::find(&format!("{e:?}")).unwrap_or_else(|| panic!("{spec}: not an allocation failure: {e:?}")), // cubecl: read back
+        Ok(Ok(_)) => panic!("{spec}: 256 TiB allocated"),
+    };
+    eprintln!("{spec}: {oom}");
+    // Where the backend gives the size, it is the tensor's (c10 prints it to two decimals).
+    if let Some(b) = oom.bytes {
+        assert!((b as f64 / bytes as f64 - 1.0).abs() < 0.01, "{spec}: {b} bytes");
+    }
+    // The failure is the tensor's alone: the device goes on computing.
+    let x = Tensor::<1>::from_floats([1.0, 2.0, 3.0], &device);
+    assert_eq!(x.sum().into_scalar::<f32>(), 6.0);
 }

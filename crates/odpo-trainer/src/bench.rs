@@ -147,6 +147,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         return Err(TrainError::config("quantized-base", format!("the device {device:?} cannot hold burn's quantised tensors (flex can)")));
     }
     let mut policy = CausalLm::random_with(&config, 0, &ad, quantized_base)?;
+    policy.check_positions(b.seq, || format!("`seq` = {}", b.seq))?;
     if let Some(lora) = &b.lora {
         policy = policy.with_lora(lora, &ad)?;
     }

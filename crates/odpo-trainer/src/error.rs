@@ -86,6 +86,18 @@ pub enum TrainError {
         /// The backend's message.
         message: String,
     },
+    /// The device ran out of memory: the batch does not fit. Checkpoints already written are kept.
+    #[error("out of memory on the device during {during}: {cause}; {advice}")]
+    OutOfMemory {
+        /// What was running: `step 12`, `the evaluation at step 40`.
+        during: String,
+        /// What to change, naming the config keys.
+        advice: String,
+        /// The allocation that failed.
+        cause: odpo_model::out_of_memory::OutOfMemory,
+        /// The run folder, where a run was training (its checkpoints can be resumed from).
+        run_dir: Option<PathBuf>,
+    },
     /// A data-parallel worker thread panicked: a bug, not a config problem.
     #[error("the worker thread of device {device} panicked: {message}")]
     WorkerPanicked {
@@ -131,6 +143,29 @@ impl TrainError {
 
     pub(crate) fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Config { key: key.into(), message: message.into() }
+    }
+
+    /// This error as [`TrainError::OutOfMemory`] in `during` when it reports an allocation failure
+    /// (cubecl's, read back from the device), else unchanged.
+    pub(crate) fn out_of_memory_in(self, during: impl FnOnce() -> String, advice: impl FnOnce() -> String) -> Self {
+        let found = match &self {
+            Self::Device { message, .. } => odpo_model::out_of_memory::OutOfMemory::find(message),
+            Self::Loss(e @ odpo_loss::LossError::Read { .. }) => odpo_model::out_of_memory::OutOfMemory::find(&e.to_string()),
+            Self::WorkerPanicked { message, .. } => odpo_model::out_of_memory::OutOfMemory::find(message),
+            _ => None,
+        };
+        match found {
+            Some(cause) => Self::OutOfMemory { during: during(), advice: advice(), cause, run_dir: None },
+            None => self,
+        }
+    }
+
+    /// An out-of-memory error of the run in `run_dir` names the folder, whose checkpoints resume.
+    pub(crate) fn in_run(self, run_dir: &std::path::Path) -> Self {
+        match self {
+            Self::OutOfMemory { during, advice, cause, run_dir: None } => Self::OutOfMemory { during, advice, cause, run_dir: Some(run_dir.to_path_buf()) },
+            e => e,
+        }
     }
 
     pub(crate) fn checkpoint(path: impl Into<PathBuf>, message: impl std::fmt::Display) -> Self {

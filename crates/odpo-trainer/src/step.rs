@@ -69,6 +69,8 @@ pub fn autodiff(device: &Device, checkpointing: bool) -> Device {
 /// the same type with one replica.
 pub struct DataParallel {
     replicas: Vec<Replica>,
+    /// Whether the replicas' autodiff keeps fewer activations (what out-of-memory advice leaves out).
+    checkpointing: bool,
 }
 
 struct Replica {
@@ -81,7 +83,7 @@ impl DataParallel {
     /// Replicas on `devices` (without autodiff; it is added, with gradient checkpointing when
     /// asked), each with `reference` copied to it.
     pub fn new(devices: &[Device], reference: &Reference, checkpointing: bool) -> Self {
-        Self { replicas: devices.iter().map(|d| Replica { device: autodiff(d, checkpointing), reference: reference.fork(d) }).collect() }
+        Self { replicas: devices.iter().map(|d| Replica { device: autodiff(d, checkpointing), reference: reference.fork(d) }).collect(), checkpointing }
     }
 
     /// Every one of `replicas` must get whole micro-batches of a step.
@@ -216,8 +218,14 @@ struct SliceOut {
 }
 
 impl Trainer {
-    /// One optimizer step on `pairs` at step index `at` with learning rate `lr`.
-    pub fn step(mut self, pairs: &[&TokenizedPair], at: usize, lr: f64) -> Result<(Self, StepStats)> {
+    /// One optimizer step on `pairs` at step index `at` with learning rate `lr`. A batch the device
+    /// has no memory for is [`TrainError::OutOfMemory`], which says what to lower.
+    pub fn step(self, pairs: &[&TokenizedPair], at: usize, lr: f64) -> Result<(Self, StepStats)> {
+        let advice = step_advice(&self.settings, self.replicas.checkpointing);
+        guarded(|| format!("step {}", at + 1), || advice.clone(), || self.step_unguarded(pairs, at, lr))
+    }
+
+    fn step_unguarded(mut self, pairs: &[&TokenizedPair], at: usize, lr: f64) -> Result<(Self, StepStats)> {
         let s = &self.settings;
         let total = pairs.iter().map(|p| pair_share(s.stage, p)).sum::<f64>().max(f64::MIN_POSITIVE);
         let main = self.replicas.replicas.first().map(|r| r.device.clone()).ok_or_else(|| TrainError::config("train.devices", "is empty; expected at least one device"))?;
@@ -227,7 +235,7 @@ impl Trainer {
             vec![slice_grads(s, at, total, &self.policy, &r.reference, pairs, &r.device)]
         } else {
             let per = pairs.len() / self.replicas.len();
-            let policy = &self.policy;
+            let (policy, checkpointing) = (&self.policy, self.replicas.checkpointing);
             std::thread::scope(|scope| {
                 let handles: Vec<_> = self
                     .replicas
@@ -238,9 +246,12 @@ impl Trainer {
                     .map(|(k, (r, slice))| {
                         let replica = policy.clone();
                         scope.spawn(move || {
-                            let replica = if k == 0 { replica } else { replica.fork_to(&r.device) };
-                            r.device.seed(dropout_seed(s.seed, at, k));
-                            slice_grads(s, at, total, &replica, &r.reference, slice, &r.device)
+                            // A panic here would not reach the caller's guard (another thread).
+                            guarded(|| format!("step {} on device {k}", at + 1), || step_advice(s, checkpointing), || {
+                                let replica = if k == 0 { replica } else { replica.fork_to(&r.device) };
+                                r.device.seed(dropout_seed(s.seed, at, k));
+                                slice_grads(s, at, total, &replica, &r.reference, slice, &r.device)
+                            })
                         })
                     })
                     .collect();
@@ -338,6 +349,31 @@ fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, refer
     Ok(SliceOut { grads: accum.grads(), metrics, phases })
 }
 
+/// Runs `f`, turning an allocation failure (libtorch's panic, or cubecl's error read back from the
+/// device) into [`TrainError::OutOfMemory`] in `during`, with `advice`.
+pub(crate) fn guarded<T>(during: impl Fn() -> String, advice: impl Fn() -> String, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match odpo_model::out_of_memory::catch(f) {
+        Ok(result) => result.map_err(|e| e.out_of_memory_in(&during, &advice)),
+        Err(cause) => Err(TrainError::OutOfMemory { during: during(), advice: advice(), cause, run_dir: None }),
+    }
+}
+
+/// What lowers a step's memory, of what this run has not done yet.
+fn step_advice(s: &StepSettings, checkpointing: bool) -> String {
+    let mut ways = Vec::new();
+    if s.micro_batch_size > 1 {
+        ways.push(format!("lower `train.micro_batch_size` (now {}; a step's gradient stays the same, accumulated over more micro-batches)", s.micro_batch_size));
+    }
+    ways.push("shorten `data.max_length`".to_string());
+    if !checkpointing {
+        ways.push("set `train.gradient_checkpointing = true`".to_string());
+    }
+    if s.precision == Precision::F32 {
+        ways.push("train in `train.dtype = \"bf16\"`".to_string());
+    }
+    format!("to fit, {}", ways.join(", or "))
+}
+
 /// The text of a panic's payload.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "(no message)".into())
@@ -353,5 +389,52 @@ fn name_pair(e: odpo_loss::LossError, ids: &[usize]) -> String {
     match pair.and_then(|i| ids.get(i)) {
         Some(id) => format!("{e} (pair {} of the micro-batch is pair id {id})", pair.unwrap_or(0)),
         None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use odpo_data::Layout;
+
+    fn settings(micro_batch_size: usize, precision: Precision) -> StepSettings {
+        StepSettings {
+            stage: Stage::Preference,
+            micro_batch_size,
+            batcher: PreferenceBatcher::new(0, None, Layout::SharedPrompt),
+            loss: LossConfig::default(),
+            use_offsets: true,
+            precision,
+            max_grad_norm: None,
+            seed: 0,
+        }
+    }
+
+    #[test]
+    fn an_allocation_failure_in_a_step_is_out_of_memory_with_what_to_lower() {
+        let advice = step_advice(&settings(4, Precision::F32), false);
+        assert_eq!(
+            advice,
+            "to fit, lower `train.micro_batch_size` (now 4; a step's gradient stays the same, accumulated over more micro-batches), or shorten `data.max_length`, or set `train.gradient_checkpointing = true`, or train in `train.dtype = \"bf16\"`"
+        );
+        // What the run already does is not advised again.
+        assert_eq!(step_advice(&settings(1, Precision::Bf16), true), "to fit, shorten `data.max_length`");
+        // libtorch's failure arrives as a panic.
+        let e = guarded(|| "step 3".into(), || advice.clone(), || -> Result<()> { panic!("called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB\")") }).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("out of memory on the device during step 3: an allocation of 2.0 GiB failed; the backend says: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB; {advice}")
+        );
+        // cubecl's arrives as an error reading back from the device; others are left as they are.
+        let read = || -> Result<()> { Err(TrainError::Device { what: "the reference log-probs", message: "Execution(An IO error happened\nCaused by:\n  can't allocate buffer of size: 9663676416\nNo backtrace available)".into() }) };
+        match guarded(|| "step 1".into(), String::new, read).unwrap_err().in_run("runs/x".as_ref()) {
+            TrainError::OutOfMemory { during, cause, run_dir, .. } => {
+                assert_eq!((during.as_str(), cause.bytes, run_dir), ("step 1", Some(9_663_676_416), Some("runs/x".into())));
+            }
+            e => panic!("{e}"),
+        }
+        let other = || -> Result<()> { Err(TrainError::Device { what: "x", message: "shape mismatch".into() }) };
+        assert!(matches!(guarded(|| "step 1".into(), String::new, other), Err(TrainError::Device { .. })));
     }
 }

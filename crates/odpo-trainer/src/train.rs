@@ -102,6 +102,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     // weights with the adapters removed (shared tensors, not a copy).
     let quantized_base = cfg.lora.as_ref().is_some_and(|l| l.quantized_base);
     let (model_cfg, mut policy) = load_base(&cfg.model, t.seed, &ad, quantized_base)?;
+    check_positions(&policy, &data, cfg.data.max_length, "")?;
     if let Some(lora) = &cfg.lora {
         policy = policy.with_lora(lora, &ad)?;
         tracing::info!(rank = lora.rank, alpha = lora.alpha, trainable = trainable_params(&policy), "LoRA adapters attached");
@@ -112,6 +113,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     let reference_model = || -> Result<CausalLm> {
         let Some(path) = &cfg.model.reference else { return Ok(policy.without_adapters().valid().with_precision(precision)) };
         let loaded = CausalLm::load(path, device)?;
+        check_positions(&loaded.model, &data, cfg.data.max_length, " (`model.reference`)")?;
         if loaded.config.vocab_size() != model_cfg.vocab_size() {
             return Err(TrainError::config("model.reference", format!("`{}` has a vocabulary of {}; the policy's is {}", path.display(), loaded.config.vocab_size(), model_cfg.vocab_size())));
         }
@@ -149,12 +151,15 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage), summary.resumed_from, &cfg.output.report_to)?;
     let dashboard = cfg.output.dashboard && metrics.open_dashboard(&run_dir, total_steps, state.step)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
-    let evaluate = |trainer: &Trainer| -> Result<BTreeMap<String, f64>> {
+    let evaluate = |trainer: &Trainer, at: usize| -> Result<BTreeMap<String, f64>> {
         let (model, s) = (trainer.policy.valid().with_precision(precision), &trainer.settings);
-        match t.stage {
+        let during = || format!("the evaluation at step {at}");
+        let advice = || format!("to fit, lower `eval.batch_size` (now {})", cfg.eval.batch_size);
+        crate::step::guarded(during, advice, || match t.stage {
             Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, cfg.eval.batch_size, &s.batcher, device),
             Stage::Sft => eval::sft(&model, &eval_pairs, cfg.eval.batch_size, &s.batcher, device),
-        }
+        })
+        .map_err(|e| e.in_run(&run_dir))
     };
     let early = cfg.eval.early_stopping.as_ref();
     if early.is_some() && eval_pairs.is_empty() {
@@ -171,7 +176,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         Ok(verdict.stop)
     };
     if cfg.eval.at_start && state.step == 0 && !eval_pairs.is_empty() {
-        let values = evaluate(&trainer)?;
+        let values = evaluate(&trainer, 0)?;
         tracing::info!(?values, "eval before training");
         metrics.write(&Row { step: 0, split: "eval", values: values.clone() })?;
         judge(&trainer, &mut state, &values)?;
@@ -189,7 +194,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         let idx = data::stream_slice(data.train.len(), t.seed, state.pairs_seen, t.batch_size);
         let pairs: Vec<&TokenizedPair> = idx.iter().map(|&i| &data.train[i]).collect();
         let stats;
-        (trainer, stats) = trainer.step(&pairs, step, lr)?;
+        (trainer, stats) = trainer.step(&pairs, step, lr).map_err(|e| e.in_run(&run_dir))?;
         state = TrainState { step: step + 1, pairs_seen: state.pairs_seen + stats.pairs, tokens_seen: state.tokens_seen + stats.tokens as u64, ..state };
         window.add(&stats);
         stalled.check(&stats, state.step, t)?;
@@ -206,7 +211,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
             window = Window::default();
         }
         if cfg.eval.every > 0 && state.step.is_multiple_of(cfg.eval.every) && state.step < total_steps && !eval_pairs.is_empty() {
-            let values = evaluate(&trainer)?;
+            let values = evaluate(&trainer, state.step)?;
             tracing::info!(step = state.step, ?values, "eval");
             metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
             if judge(&trainer, &mut state, &values)? {
@@ -242,7 +247,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         let values = match last_eval {
             Some(values) => values,
             None => {
-                let values = evaluate(&trainer)?;
+                let values = evaluate(&trainer, state.step)?;
                 tracing::info!(step = state.step, ?values, "eval at the end");
                 metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
                 if let Some(es) = early
@@ -417,16 +422,35 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
         return Ok(cache);
     }
     let mut rows = Vec::with_capacity(all.len());
-    for chunk in all.chunks(cfg.eval.batch_size) {
-        let batch = forward::preference_batch(chunk, &data.batcher(), device);
-        let lp = forward::reference_row_logps(reference, &batch)?;
-        let b = chunk.len();
-        rows.extend(chunk.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[b + i])));
-    }
+    let during = || "the computation of the reference log-prob cache (`train.reference = \"cached\"`)".to_string();
+    let advice = || format!("to fit, lower `eval.batch_size` (now {}), the batch it is computed in", cfg.eval.batch_size);
+    crate::step::guarded(during, advice, || {
+        for chunk in all.chunks(cfg.eval.batch_size) {
+            let batch = forward::preference_batch(chunk, &data.batcher(), device);
+            let lp = forward::reference_row_logps(reference, &batch)?;
+            let b = chunk.len();
+            rows.extend(chunk.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[b + i])));
+        }
+        Ok(())
+    })
+    .map_err(|e| e.in_run(&cfg.output.dir))?;
     let cache = RefCache::new(key, rows);
     let path = cache.write(&cfg.output.cache_dir)?;
     tracing::info!(pairs = all.len(), "reference log-probs cached in {}", path.display());
     Ok(cache)
+}
+
+/// Every row of the run's pairs fits `model`'s positions (GPT-2 and GPT-Neo learn a table of them;
+/// beyond it a row would index past the table). `whose`: which model, for the message.
+fn check_positions(model: &CausalLm, data: &RunData, max_length: usize, whose: &str) -> Result<()> {
+    let row = |p: &TokenizedPair| p.prompt.len() + p.chosen.len().max(p.rejected.len());
+    let Some(longest) = data.train.iter().chain(&data.eval).max_by_key(|p| row(p)) else { return Ok(()) };
+    let (prompt, completion) = (longest.prompt.len(), row(longest) - longest.prompt.len());
+    let what = || format!("pair {} (a prompt of {prompt} tokens and a completion of {completion})", longest.pair_id);
+    model.check_positions(row(longest), what).map_err(|e| {
+        let limit = model.position_limit().unwrap_or(0);
+        TrainError::config("data.max_length", format!("({max_length}) is more than the model{whose} holds: {e}; set `data.max_length` to {limit} or less"))
+    })
 }
 
 /// Exports the model as HF safetensors + config.json, with the tokenizer files copied next to them.
