@@ -3,11 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use burn::tensor::{Int, Tensor, TensorData};
 use clap::Args;
 use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
 use odpo_model::{CausalLm, Module, backend};
+
+use crate::positive;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -15,10 +17,10 @@ pub struct BenchArgs {
     #[arg(long)]
     config: PathBuf,
     /// Pairs per step (2 × pairs rows of `seq` tokens).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     pairs: usize,
     /// Tokens per row.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     seq: usize,
     /// Prompt tokens per row (default: seq / 4).
     #[arg(long)]
@@ -27,7 +29,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Timed steps (the median is reported, with the fastest and slowest).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     repeats: usize,
     /// Train LoRA adapters of this rank on every projection instead of every weight.
     #[arg(long)]
@@ -65,16 +67,16 @@ pub struct BenchGenerateArgs {
     #[arg(long, default_value = "1,8")]
     batches: String,
     /// Prompt tokens per row.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     prompt: usize,
     /// New tokens per row (always this many: no EOS).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive)]
     new: usize,
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Timed runs.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive)]
     repeats: usize,
     /// Backend.
     #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
@@ -87,13 +89,13 @@ pub struct BenchForwardArgs {
     #[arg(long)]
     config: PathBuf,
     /// Sequences per batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     batch: usize,
     /// Tokens per sequence.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     seq: usize,
     /// Timed repeats (after one warm-up).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = positive)]
     repeats: usize,
     /// Backend.
     #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
@@ -138,9 +140,6 @@ pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let config = odpo_model::ModelConfig::from_file(&a.config)?;
     let model = CausalLm::random(&config, 0, &device)?;
-    if a.prompt == 0 || a.new == 0 || a.repeats == 0 {
-        bail!("--prompt, --new and --repeats must be at least 1");
-    }
     let cfg = GenerationConfig {
         max_new_tokens: a.new,
         eos_token_ids: Vec::new(),
@@ -150,7 +149,7 @@ pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let mut results = Vec::new();
     for b in a.batches.split(',').map(str::trim).filter(|x| !x.is_empty()) {
-        let b: usize = b.parse().with_context(|| format!("--batches: `{b}` is not a number"))?;
+        let b: usize = positive(b).map_err(|e| anyhow::anyhow!("--batches: {e}"))?;
         let prompts: Vec<Vec<u32>> = (0..b).map(|_| (0..a.prompt).map(|_| rng.random_range(3..config.vocab_size() as u32)).collect()).collect();
         let mut secs = Vec::new();
         for i in 0..a.warmup + a.repeats {
@@ -183,7 +182,7 @@ pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
 pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, quantized_base: a.quantized_base, ..Default::default() });
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats.max(1), lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
     // Measured after the step, so that it does not raise the step's peak memory.
     let peak_rss = peak_rss_mb();

@@ -89,7 +89,7 @@ struct RewardModelArgs {
     #[arg(long)]
     out: PathBuf,
     /// Tokens of prompt + separator + text kept.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     max_length: usize,
     /// Which tokens a longer text keeps: `start` (the first), or `end` (the last: the response
     /// after a long prompt).
@@ -103,10 +103,10 @@ struct RewardModelArgs {
     #[arg(long, default_value = " ")]
     separator: String,
     /// Share of the prompts held out for the reported figures.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = share)]
     heldout: f64,
     /// Use only N texts (`--data`) or pairs (`--pairs`), every k-th, for a quicker fit.
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     limit: Option<usize>,
     /// Seed of the prompt split.
     #[arg(long, default_value_t = 0)]
@@ -162,7 +162,7 @@ struct SampleArgs {
     #[arg(long, default_value = "known")]
     reward: String,
     /// Responses per prompt.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = positive)]
     k: usize,
     /// Sampling temperature.
     #[arg(long, default_value_t = 1.0)]
@@ -184,7 +184,7 @@ struct EvalArgs {
     #[arg(long)]
     run: PathBuf,
     /// Samples per held-out prompt (default: the run's setting).
-    #[arg(long)]
+    #[arg(long, value_parser = positive)]
     samples_per_prompt: Option<usize>,
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
@@ -341,12 +341,28 @@ fn main() -> ExitCode {
             None => {
                 match out_of_memory(&e) {
                     Some(message) => eprintln!("error: {message}"),
-                    None => eprintln!("error: {e:#}"),
+                    None => eprintln!("error: {}", render(&e)),
                 }
                 ExitCode::from(2)
             }
         },
     }
+}
+
+/// `{e:#}` (each cause after its context) without repeats: an error whose message already holds its
+/// source (`config.json: No such file …` above the `io::Error` itself) would print the cause twice.
+fn render(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if out.contains(&cause) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&cause);
+    }
+    out
 }
 
 /// An out-of-memory error said shortly (a cubecl backend's read-back error is pages long), with how
@@ -579,6 +595,24 @@ fn train_from_config(config: Option<&Path>, backend: Option<&str>, sets: &[Strin
     }
     let data = odpo_trainer::load_data(&cfg)?;
     Ok(odpo_trainer::train_on_devices(&cfg, data, &devices, resume.is_some(), Some(&odpo_trainer::tokenizer_dir(&cfg.model)))?)
+}
+
+/// A count that must be at least 1 (a batch, a length, a number of samples or runs).
+pub(crate) fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected at least 1, got 0".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// A share strictly between 0 and 1 (a held-out fraction: both sides need members).
+fn share(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x > 0.0 && x < 1.0 => Ok(x),
+        Ok(x) => Err(format!("expected a share between 0 and 1 (both excluded), got {x}")),
+        Err(_) => Err(format!("`{s}` is not a number")),
+    }
 }
 
 /// `--backend`, checked when the flags are read: a backend name (flex, wgpu, vulkan, metal, cuda,

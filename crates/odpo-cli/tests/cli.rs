@@ -111,6 +111,37 @@ fn a_bench_longer_than_the_models_positions_is_refused() {
     }
 }
 
+/// Counts of zero, where a command needs at least one, are refused when the flags are read (a zero
+/// batch crashed the CPU backend); a share of held-out prompts must leave both sides members; a
+/// missing file is named with its cause once.
+#[test]
+fn zero_counts_and_missing_files_are_refused_plainly() {
+    let config = format!("{}/bench/configs/gpt2-tiny.json", env::repo_root().display());
+    let odpo = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo")).args(args).output().expect("run odpo");
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for (args, flag) in [
+        (vec!["bench", "--config", &config, "--pairs", "0"], "--pairs <PAIRS>"),
+        (vec!["bench-forward", "--config", &config, "--batch", "0"], "--batch <BATCH>"),
+        (vec!["bench-forward", "--config", &config, "--seq", "0"], "--seq <SEQ>"),
+        (vec!["sample", "--model", "m", "--prompts", "p", "--out", "o", "--k", "0"], "--k <K>"),
+    ] {
+        let (code, err) = odpo(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.starts_with(&format!("error: invalid value '0' for '{flag}': expected at least 1, got 0")), "{args:?}: {err}");
+    }
+    let (code, err) = odpo(&["bench-generate", "--config", &config, "--batches", "1,0"]);
+    assert_eq!((code, err.trim()), (Some(2), "error: --batches: expected at least 1, got 0"));
+    for share in ["0", "1", "1.5"] {
+        let (code, err) = odpo(&["reward-model", "--data", "d", "--backbone", "b", "--out", "o", "--heldout", share]);
+        assert!(code == Some(2) && err.contains("expected a share between 0 and 1 (both excluded)"), "{share}: {err}");
+    }
+    let missing = std::env::temp_dir().join("odpo-cli-tests/no-such-run.toml");
+    let (code, err) = odpo(&["train", "--config", missing.to_str().unwrap()]);
+    assert_eq!((code, err.trim()), (Some(2), format!("error: {}: No such file or directory (os error 2)", missing.display()).as_str()));
+}
+
 /// `--backend` is checked when the flags are read, naming the backends, before anything loads.
 #[test]
 fn an_unknown_backend_is_refused_with_the_list() {
