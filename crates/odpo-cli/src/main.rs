@@ -325,7 +325,7 @@ fn main() -> ExitCode {
         eprintln!("warning: SIGTERM and SIGINT will end the run without a checkpoint: {e}");
     }
     // A batch the device has no memory for is an error, not a crash, whichever backend says so.
-    let result = odpo_model::out_of_memory::catch(|| run(cli)).unwrap_or_else(|cause| Err(anyhow::anyhow!("out of memory on the device: {cause}; smaller batches or shorter sequences need less")));
+    let result = odpo_model::out_of_memory::catch(|| run(cli)).unwrap_or_else(|cause| Err(cause.into()));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => match interrupted(&e) {
@@ -368,29 +368,32 @@ fn render(e: &anyhow::Error) -> String {
 /// An out-of-memory error said shortly (a cubecl backend's read-back error is pages long), with how
 /// to continue a run whose checkpoints were kept.
 fn out_of_memory(e: &anyhow::Error) -> Option<String> {
-    let train = e.chain().find_map(|c| c.downcast_ref::<odpo_trainer::TrainError>().or_else(|| match c.downcast_ref::<odpo_pipeline::PipelineError>() {
-        Some(odpo_pipeline::PipelineError::Train(t)) => Some(t),
-        _ => None,
-    }));
-    if let Some(t @ odpo_trainer::TrainError::OutOfMemory { run_dir, .. }) = train {
+    if let Some(t @ odpo_trainer::TrainError::OutOfMemory { run_dir, .. }) = train_error(e) {
         let kept = run_dir.as_ref().filter(|dir| odpo_trainer::checkpoint::list(dir).is_ok_and(|c| !c.is_empty()));
         return Some(match kept {
             Some(dir) => format!("{t}\nthe run's checkpoints in {} are kept: `odpo train --resume {}` continues from the newest (`--set KEY=VALUE` changes a key)", dir.display(), dir.display()),
             None => t.to_string(),
         });
     }
-    let cause = odpo_model::out_of_memory::OutOfMemory::find(&format!("{e:#}"))?;
+    use odpo_model::out_of_memory::OutOfMemory;
+    let cause = e.downcast_ref::<OutOfMemory>().cloned().or_else(|| OutOfMemory::find(&format!("{e:#}")))?;
     tracing::debug!("{e:#}");
     Some(format!("out of memory on the device: {cause}; smaller batches or shorter sequences need less"))
 }
 
+/// The trainer's error in `e`'s chain, as it is or inside the pipeline's.
+fn train_error(e: &anyhow::Error) -> Option<&odpo_trainer::TrainError> {
+    e.chain().find_map(|c| {
+        c.downcast_ref::<odpo_trainer::TrainError>().or_else(|| match c.downcast_ref::<odpo_pipeline::PipelineError>() {
+            Some(odpo_pipeline::PipelineError::Train(t)) => Some(t),
+            _ => None,
+        })
+    })
+}
+
 /// The step and run folder of a run that stopped on request, however deep the error.
 fn interrupted(e: &anyhow::Error) -> Option<(usize, PathBuf)> {
-    let train = e.downcast_ref::<odpo_trainer::TrainError>().or_else(|| match e.downcast_ref::<odpo_pipeline::PipelineError>() {
-        Some(odpo_pipeline::PipelineError::Train(t)) => Some(t),
-        _ => None,
-    })?;
-    match train {
+    match train_error(e)? {
         odpo_trainer::TrainError::Interrupted { step, run_dir, .. } => Some((*step, run_dir.clone())),
         _ => None,
     }

@@ -35,6 +35,14 @@ pub struct TokenizedPair {
     pub weight: Option<f32>,
 }
 
+impl TokenizedPair {
+    /// Tokens of the pair's longer row (prompt and the longer completion): the positions a model
+    /// runs it at.
+    pub fn row_len(&self) -> usize {
+        self.prompt.len() + self.chosen.len().max(self.rejected.len())
+    }
+}
+
 /// Counts from tokenizing.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TokenizeReport {

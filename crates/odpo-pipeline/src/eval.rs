@@ -168,7 +168,7 @@ pub fn pair_margins(policy: &CausalLm, reference: &CausalLm, tokenizer: &Tokeniz
     let (pairs, _) = odpo_data::tokenize_pairs(&loaded.pairs, tokenizer, data).map_err(odpo_trainer::TrainError::from)?;
     let pad_id = tokenizer.pad_token_id().or(tokenizer.eos_token_id()).unwrap_or(0);
     let batcher = odpo_data::PreferenceBatcher::new(pad_id, data.pad_to_multiple, odpo_data::Layout::SharedPrompt);
-    let longest = pairs.iter().map(|p| p.prompt.len() + p.chosen.len().max(p.rejected.len())).max().unwrap_or(0);
+    let longest = pairs.iter().map(odpo_data::TokenizedPair::row_len).max().unwrap_or(0);
     for model in [policy, reference] {
         model.check_positions(longest, || format!("the longest pair ({longest} tokens; `data.max_length` = {})", data.max_length))?;
     }

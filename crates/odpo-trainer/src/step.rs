@@ -221,8 +221,8 @@ impl Trainer {
     /// One optimizer step on `pairs` at step index `at` with learning rate `lr`. A batch the device
     /// has no memory for is [`TrainError::OutOfMemory`], which says what to lower.
     pub fn step(self, pairs: &[&TokenizedPair], at: usize, lr: f64) -> Result<(Self, StepStats)> {
-        let advice = step_advice(&self.settings, self.replicas.checkpointing);
-        guarded(|| format!("step {}", at + 1), || advice.clone(), || self.step_unguarded(pairs, at, lr))
+        let (micro, precision, checkpointing) = (self.settings.micro_batch_size, self.settings.precision, self.replicas.checkpointing);
+        guarded(|| format!("step {}", at + 1), || step_advice(micro, precision, checkpointing), || self.step_unguarded(pairs, at, lr))
     }
 
     fn step_unguarded(mut self, pairs: &[&TokenizedPair], at: usize, lr: f64) -> Result<(Self, StepStats)> {
@@ -247,7 +247,7 @@ impl Trainer {
                         let replica = policy.clone();
                         scope.spawn(move || {
                             // A panic here would not reach the caller's guard (another thread).
-                            guarded(|| format!("step {} on device {k}", at + 1), || step_advice(s, checkpointing), || {
+                            guarded(|| format!("step {} on device {k}", at + 1), || step_advice(s.micro_batch_size, s.precision, checkpointing), || {
                                 let replica = if k == 0 { replica } else { replica.fork_to(&r.device) };
                                 r.device.seed(dropout_seed(s.seed, at, k));
                                 slice_grads(s, at, total, &replica, &r.reference, slice, &r.device)
@@ -359,16 +359,16 @@ pub(crate) fn guarded<T>(during: impl Fn() -> String, advice: impl Fn() -> Strin
 }
 
 /// What lowers a step's memory, of what this run has not done yet.
-fn step_advice(s: &StepSettings, checkpointing: bool) -> String {
+fn step_advice(micro_batch_size: usize, precision: Precision, checkpointing: bool) -> String {
     let mut ways = Vec::new();
-    if s.micro_batch_size > 1 {
-        ways.push(format!("lower `train.micro_batch_size` (now {}; a step's gradient stays the same, accumulated over more micro-batches)", s.micro_batch_size));
+    if micro_batch_size > 1 {
+        ways.push(format!("lower `train.micro_batch_size` (now {micro_batch_size}; a step's gradient stays the same, accumulated over more micro-batches)"));
     }
     ways.push("shorten `data.max_length`".to_string());
     if !checkpointing {
         ways.push("set `train.gradient_checkpointing = true`".to_string());
     }
-    if s.precision == Precision::F32 {
+    if precision == Precision::F32 {
         ways.push("train in `train.dtype = \"bf16\"`".to_string());
     }
     format!("to fit, {}", ways.join(", or "))
@@ -396,30 +396,16 @@ fn name_pair(e: odpo_loss::LossError, ids: &[usize]) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::panic)]
     use super::*;
-    use odpo_data::Layout;
-
-    fn settings(micro_batch_size: usize, precision: Precision) -> StepSettings {
-        StepSettings {
-            stage: Stage::Preference,
-            micro_batch_size,
-            batcher: PreferenceBatcher::new(0, None, Layout::SharedPrompt),
-            loss: LossConfig::default(),
-            use_offsets: true,
-            precision,
-            max_grad_norm: None,
-            seed: 0,
-        }
-    }
 
     #[test]
     fn an_allocation_failure_in_a_step_is_out_of_memory_with_what_to_lower() {
-        let advice = step_advice(&settings(4, Precision::F32), false);
+        let advice = step_advice(4, Precision::F32, false);
         assert_eq!(
             advice,
             "to fit, lower `train.micro_batch_size` (now 4; a step's gradient stays the same, accumulated over more micro-batches), or shorten `data.max_length`, or set `train.gradient_checkpointing = true`, or train in `train.dtype = \"bf16\"`"
         );
         // What the run already does is not advised again.
-        assert_eq!(step_advice(&settings(1, Precision::Bf16), true), "to fit, shorten `data.max_length`");
+        assert_eq!(step_advice(1, Precision::Bf16, true), "to fit, shorten `data.max_length`");
         // libtorch's failure arrives as a panic.
         let e = guarded(|| "step 3".into(), || advice.clone(), || -> Result<()> { panic!("called `Result::unwrap()` on an `Err` value: Torch(\"CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB\")") }).unwrap_err();
         assert_eq!(

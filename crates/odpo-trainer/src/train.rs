@@ -443,11 +443,10 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
 /// Every row of the run's pairs fits `model`'s positions (GPT-2 and GPT-Neo learn a table of them;
 /// beyond it a row would index past the table). `whose`: which model, for the message.
 fn check_positions(model: &CausalLm, data: &RunData, max_length: usize, whose: &str) -> Result<()> {
-    let row = |p: &TokenizedPair| p.prompt.len() + p.chosen.len().max(p.rejected.len());
-    let Some(longest) = data.train.iter().chain(&data.eval).max_by_key(|p| row(p)) else { return Ok(()) };
-    let (prompt, completion) = (longest.prompt.len(), row(longest) - longest.prompt.len());
+    let Some(longest) = data.train.iter().chain(&data.eval).max_by_key(|p| p.row_len()) else { return Ok(()) };
+    let (prompt, completion) = (longest.prompt.len(), longest.row_len() - longest.prompt.len());
     let what = || format!("pair {} (a prompt of {prompt} tokens and a completion of {completion})", longest.pair_id);
-    model.check_positions(row(longest), what).map_err(|e| {
+    model.check_positions(longest.row_len(), what).map_err(|e| {
         let limit = model.position_limit().unwrap_or(0);
         TrainError::config("data.max_length", format!("({max_length}) is more than the model{whose} holds: {e}; set `data.max_length` to {limit} or less"))
     })
