@@ -20,7 +20,9 @@
 # recorded as skipped. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry run on a machine
 # without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md. GPU_CHECK_RUN_ARGS
 # adds arguments to the real runs' `odpo train` (the dry run's batches of one pair keep Vulkan's tensors under
-# the 128 MiB buffers of Mesa's lavapipe).
+# the 128 MiB buffers of Mesa's lavapipe). A second call can finish what a budget left out:
+# GPU_CHECK_BACKENDS=" " and GPU_CHECK_MODELS=" " leave out stages 1, 2 and 4, GPU_CHECK_CPU_STEPS=0 the
+# CPU side of 3, and GPU_CHECK_RUN_BACKENDS and GPU_CHECK_OOM_BACKENDS choose the backends of 3 and 5.
 set -u
 cd "$(dirname "$0")/.."
 BUNDLE=${1:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
@@ -28,6 +30,7 @@ OUT=${2:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
 BUDGET=${GPU_CHECK_BUDGET:-400}
 BACKENDS=${GPU_CHECK_BACKENDS:-cuda tch-cuda vulkan}
 RUN_BACKENDS=${GPU_CHECK_RUN_BACKENDS:-$BACKENDS}
+OOM_BACKENDS=${GPU_CHECK_OOM_BACKENDS:-$BACKENDS}
 QUICK=${GPU_CHECK_QUICK:-0}
 PY=${GPU_CHECK_PYTHON:-python3}
 start=$SECONDS
@@ -39,10 +42,10 @@ rm -rf "$W" && mkdir -p "$W/records"
 exec > >(tee -a "$LOG") 2>&1
 
 if [ "$QUICK" = 1 ]; then
-  MODELS=${GPU_CHECK_MODELS:-gpt2-tiny}; SHAPE=${GPU_CHECK_SHAPE:-2x64}; STEPS=${GPU_CHECK_STEPS:-4}; CPU_STEPS=2
+  MODELS=${GPU_CHECK_MODELS:-gpt2-tiny}; SHAPE=${GPU_CHECK_SHAPE:-2x64}; STEPS=${GPU_CHECK_STEPS:-4}; CPU_STEPS=${GPU_CHECK_CPU_STEPS:-2}
   PT_DEVICE=cpu; REPEATS=2
 else
-  MODELS=${GPU_CHECK_MODELS:-smollm2-135m llama-3.2-1b}; SHAPE=${GPU_CHECK_SHAPE:-8x512}; STEPS=${GPU_CHECK_STEPS:-100}; CPU_STEPS=4
+  MODELS=${GPU_CHECK_MODELS:-smollm2-135m llama-3.2-1b}; SHAPE=${GPU_CHECK_SHAPE:-8x512}; STEPS=${GPU_CHECK_STEPS:-100}; CPU_STEPS=${GPU_CHECK_CPU_STEPS:-4}
   PT_DEVICE=cuda; REPEATS=5
 fi
 PAIRS=${SHAPE%x*} SEQ=${SHAPE#*x}
@@ -196,7 +199,9 @@ for m in $MODELS; do
 done
 
 echo "== 3. ODPO on SmolLM2-135M-Instruct with the paper's IMDB pairs, $STEPS steps, and the first steps on the CPU"
-for b in flex $RUN_BACKENDS; do
+# GPU_CHECK_CPU_STEPS=0 leaves the CPU run out (a second call that only finishes the GPU runs).
+cpu=flex; [ "$CPU_STEPS" = 0 ] && cpu=
+for b in $cpu $RUN_BACKENDS; do
   steps=$STEPS; [ "$b" = flex ] && steps=$CPU_STEPS
   echo "-- $b, $steps steps"
   fits 60 || { record "run-$b" "{\"stage\":\"run\",\"backend\":\"$b\",\"skipped\":true}"; continue; }
@@ -227,7 +232,7 @@ echo "== 5. A step too large for the device: an error that names what to lower, 
 # dry run takes a shape with buffers larger than lavapipe allows (on a CPU, libtorch would try to
 # compute it, so the dry run leaves tch out).
 if [ "$QUICK" = 1 ]; then OOM_MODEL=gpt2-tiny OOM_SHAPE=4096x256; else OOM_MODEL=llama-3.2-1b OOM_SHAPE=4096x8192; fi
-for b in $BACKENDS; do
+for b in $OOM_BACKENDS; do
   [ "$QUICK" = 1 ] && [ "${b%%:*}" = tch ] && continue
   echo "-- $b, $OOM_MODEL $OOM_SHAPE"
   fits 30 || { record "oom-$b" "{\"stage\":\"oom\",\"backend\":\"$b\",\"skipped\":true}"; continue; }

@@ -15,13 +15,16 @@ use std::sync::Once;
 
 /// The device could not allocate what a computation asked for.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{}the backend says: {reason}", bytes.map(|b| format!("an allocation of {} failed; ", human_bytes(b))).unwrap_or_default())]
+#[error("{}the backend says: {reason}", self.size_sentence())]
 pub struct OutOfMemory {
     /// The size of the allocation that failed, where the backend says it.
     pub bytes: Option<u64>,
     /// The backend's own sentence (libtorch's `CUDA out of memory. Tried to allocate ...`).
     pub reason: String,
 }
+
+/// cubecl's `IoError::BufferTooBig`.
+const BUFFER_TOO_BIG: &str = "can't allocate buffer of size: ";
 
 /// The messages of the backends' allocation failures, with where the size follows.
 const PATTERNS: &[(&str, Size)] = &[
@@ -30,7 +33,7 @@ const PATTERNS: &[(&str, Size)] = &[
     // libtorch on the CPU: "DefaultCPUAllocator: can't allocate memory: you tried to allocate 36864000000 bytes."
     ("can't allocate memory: you tried to allocate ", Size::Bytes),
     // cubecl: a buffer larger than the device can ever hold (`IoError::BufferTooBig`).
-    ("can't allocate buffer of size: ", Size::Bytes),
+    (BUFFER_TOO_BIG, Size::Bytes),
     // cubecl: the device has no room now (`IoError::OutOfMemory`, from CUDA or Vulkan).
     ("out of device memory allocating ", Size::Bytes),
     // cubecl: a launch that could not get its memory (`LaunchError::OutOfMemory`).
@@ -50,6 +53,19 @@ enum Size {
 }
 
 impl OutOfMemory {
+    /// What failed, before the backend's sentence. cubecl's `BufferTooBig` is a limit on one buffer
+    /// (wgpu's largest storage buffer on Vulkan: 2.9 GiB failed on an H200 with 127 GiB free), not a
+    /// lack of free memory, and says so.
+    fn size_sentence(&self) -> String {
+        match self.bytes {
+            Some(b) if self.reason.starts_with(BUFFER_TOO_BIG) => {
+                format!("one buffer of {} is more than the backend allocates at once (its limit on a buffer, whatever memory is free); ", human_bytes(b))
+            }
+            Some(b) => format!("an allocation of {} failed; ", human_bytes(b)),
+            None => String::new(),
+        }
+    }
+
     /// The allocation failure a backend's message (a panic's text, an error's chain) reports, if any.
     pub fn find(text: &str) -> Option<Self> {
         PATTERNS.iter().find_map(|&(pattern, size)| {
@@ -166,6 +182,8 @@ mod tests {
         let text = "reading the reference log-probs back from the device failed: Execution(An error happened during execution\nCaused by:\n  Several failures at once\nCaused by:\n  The bytes were never written (failure #3192, still claiming 5 buffer(s))\n  skipped `ReduceKernel`: it needed memory ManagedMemoryId { value: 6999 }, which carried the failure\nCaused by:\n  An IO error happened\nCaused by:\n  can't allocate buffer of size: 9663676416\nNo backtrace available";
         let oom = OutOfMemory::find(text).unwrap();
         assert_eq!((oom.bytes, oom.reason.as_str()), (Some(9_663_676_416), "can't allocate buffer of size: 9663676416"));
+        // A limit on one buffer, not a lack of free memory: the message says which.
+        assert_eq!(oom.to_string(), "one buffer of 9.0 GiB is more than the backend allocates at once (its limit on a buffer, whatever memory is free); the backend says: can't allocate buffer of size: 9663676416");
         let oom = OutOfMemory::find("An IO error happened\nCaused by:\n  out of device memory allocating 1073741824 bytes\nNo backtrace available").unwrap();
         assert_eq!(oom.bytes, Some(1 << 30));
         assert_eq!(OutOfMemory::find("An out-of-memory error happened during launch\nCaused by:\n  x").unwrap().bytes, None);
