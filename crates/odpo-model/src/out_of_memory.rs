@@ -53,9 +53,9 @@ enum Size {
 }
 
 impl OutOfMemory {
-    /// What failed, before the backend's sentence. cubecl's `BufferTooBig` is a limit on one buffer
-    /// (wgpu's largest storage buffer on Vulkan: 2.9 GiB failed on an H200 with 127 GiB free), not a
-    /// lack of free memory, and says so.
+    /// What failed, before the backend's sentence. cubecl's `BufferTooBig` is a limit on one buffer,
+    /// not a lack of free memory (on an H200, Vulkan refused a 2.9 GiB buffer with 127 GiB free), and
+    /// says so.
     fn size_sentence(&self) -> String {
         match self.bytes {
             Some(b) if self.reason.starts_with(BUFFER_TOO_BIG) => {
