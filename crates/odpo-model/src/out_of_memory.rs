@@ -58,7 +58,7 @@ impl OutOfMemory {
     /// says so.
     fn size_sentence(&self) -> String {
         match self.bytes {
-            Some(b) if self.reason.starts_with(BUFFER_TOO_BIG) => {
+            Some(b) if self.reason.contains(BUFFER_TOO_BIG) => {
                 format!("one buffer of {} is more than the backend allocates at once (its limit on a buffer, whatever memory is free); ", human_bytes(b))
             }
             Some(b) => format!("an allocation of {} failed; ", human_bytes(b)),
