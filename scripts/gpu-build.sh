@@ -2,7 +2,7 @@
 # Builds what scripts/gpu-check.sh runs on a Linux GPU machine that has no Rust toolchain and no network
 # (docs/backends.md, "GPU check"), into OUT (default gpu-bin/, ignored by git):
 #   - `odpo` with flex, Vulkan (burn's wgpu with SPIR-V kernels), burn's CUDA backend and libtorch, and
-#     `suites` (the eleven conformance suites in one test binary) with the same backends, stripped and
+#     `suites` (the twelve conformance suites in one test binary) with the same backends, stripped and
 #     xz-compressed;
 #   - libtorch is the GPU machine's own: the binaries are compiled against PyPI's torch 2.11.0 (CUDA 13.0)
 #     headers and run with that machine's torch/lib on the library path (ODPO_GPU_TORCH picks another);

@@ -315,7 +315,7 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
     }
 }
 
-/// `cargo xtask conformance [--backend B[,B2...]] [--also-build B3[,...]]`: the eleven suites
+/// `cargo xtask conformance [--backend B[,B2...]] [--also-build B3[,...]]`: the twelve suites
 /// (`odpo-trainer/tests/suites.rs`, one test binary) built once with every named backend's feature,
 /// then run once per backend with `ODPO_TEST_DEVICE` choosing the device; `--also-build` adds
 /// backends that are compiled and linked into the same binary but not run (CI keeps `cuda` building

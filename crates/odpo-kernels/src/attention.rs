@@ -14,8 +14,8 @@
 //! dV = Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ⊙ (dP − rowsum(dP ⊙ P)),   dQ = scale·dS·K,   dK = scale·dSᵀ·Q
 //! ```
 //!
-//! The forward pass is the backend's own attention (flex: its flash kernel with the boolean mask;
-//! libtorch: its scaled dot-product attention with the mask as a 0 / −∞ bias; the cubecl backends:
+//! On libtorch both passes are torch's fused kernels instead (the `libtorch` module below). Elsewhere
+//! the forward pass is the backend's own attention (flex: its flash kernel with the boolean mask; the cubecl backends:
 //! their attention with the boolean mask, which with an explicit scale is burn's kernel-by-kernel
 //! form, its temporaries freed as soon as the layer's output is made).
 
@@ -128,16 +128,130 @@ impl MaskedAttentionBackend for burn::backend::Cube {
     }
 }
 
-/// libtorch: the mask as an additive bias, since burn-tch 0.22.1 hands a boolean mask to torch's
-/// SDPA, which reads `true` as "attend", the opposite of burn's convention.
+/// libtorch: torch's own fused attention, forward and backward (the `libtorch` module below), with the mask as
+/// an additive bias; the recomputing backward of the other backends where torch's kernels decline.
 #[cfg(feature = "tch")]
 impl MaskedAttentionBackend for burn::backend::LibTorch {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        use burn::backend::TensorMetadata;
-        use burn::backend::ops::{FloatTensorOps, ModuleOps};
-        let bias = Self::float_zeros(mask.shape(), &q.device(), q.dtype().into());
-        let bias = Self::float_mask_fill(bias, mask, f32::NEG_INFINITY.into());
-        Self::attention(q, k, v, None, Some(bias), options(scale))
+        use burn::backend::ops::ModuleOps;
+        let bias = libtorch::bias(&mask, q.tensor.kind());
+        match libtorch::forward(&q, &k, &v, &bias, scale) {
+            Some(out) => out,
+            None => Self::attention(q, k, v, None, Some(burn::backend::libtorch::TchTensor::new(bias)), options(scale)),
+        }
+    }
+
+    fn masked_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let bias = libtorch::bias(&mask, q.tensor.kind());
+        if let Some(grads) = libtorch::backward(&q, &k, &v, &bias, scale, &dout) {
+            return grads;
+        }
+        backward_with::<Self>(q, k, v, mask, scale, dout, <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul)
+    }
+}
+
+/// Attention through torch's kernels. burn-tch 0.22.1 runs an attention with a bias as burn's
+/// operation-by-operation fallback (scores, softmax and product as separate kernels, the
+/// `[B, H, Tq, Tk]` scores in memory), and hands a boolean mask to torch's SDPA, which reads `true`
+/// as "attend", the opposite of burn's convention. Here the forward pass is one call of
+/// `scaled_dot_product_attention` with the mask as a 0 / −∞ bias, and the backward pass recomputes
+/// the output and its row log-sum-exp with torch's fused kernel and calls that kernel's backward,
+/// as PyTorch's autograd does (which keeps them from the forward pass instead): on the CPU
+/// `_scaled_dot_product_flash_attention_for_cpu`, on CUDA `_scaled_dot_product_efficient_attention`
+/// and `_efficient_attention_backward`. Each is a handful of host calls where the composed form is
+/// a dozen, which is what a small model's step on a GPU waits on.
+#[cfg(feature = "tch")]
+pub(crate) mod libtorch {
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use burn::backend::libtorch::TchTensor;
+    use tch::{Device, Kind, Tensor};
+
+    thread_local! {
+        /// The last mask and its bias. Every layer of a forward and backward pass gets the same
+        /// mask (the models build it once per pass), so the bias is built once, not once per layer
+        /// and pass. The held clone of the mask keeps burn from writing its buffer in place (burn
+        /// writes only buffers nothing else holds), so a mask with the same buffer, sizes and
+        /// strides is the same mask.
+        static BIAS: RefCell<Option<(TchTensor, Kind, Tensor)>> = const { RefCell::new(None) };
+    }
+
+    /// Backward passes that ran through torch's fused kernels, in this process.
+    pub(crate) static FUSED_BACKWARD: AtomicUsize = AtomicUsize::new(0);
+
+    /// The additive bias of a boolean mask (`true`: −∞), of the attention's float kind.
+    pub(crate) fn bias(mask: &TchTensor, kind: Kind) -> Tensor {
+        let m = &mask.tensor;
+        let same = |held: &TchTensor| held.tensor.data_ptr() == m.data_ptr() && held.tensor.size() == m.size() && held.tensor.stride() == m.stride() && held.tensor.device() == m.device();
+        BIAS.with(|cell| {
+            let mut cell = cell.borrow_mut();
+            if let Some((held, k, bias)) = cell.as_ref()
+                && *k == kind
+                && same(held)
+            {
+                return bias.shallow_clone();
+            }
+            let bias = build(m, kind);
+            *cell = Some((mask.clone(), kind, bias.shallow_clone()));
+            bias
+        })
+    }
+
+    /// The bias over one head when the heads read one mask (a stride of 0), expanded to all of
+    /// them; its rows padded to a multiple of 16 elements, which CUDA's memory-efficient kernel
+    /// requires of a bias (PyTorch's SDPA pads it the same way).
+    fn build(m: &Tensor, kind: Kind) -> Tensor {
+        let size = m.size();
+        let shared_heads = size.len() == 4 && size[1] > 1 && m.stride()[1] == 0;
+        let one = if shared_heads { m.narrow(1, 0, 1) } else { m.shallow_clone() };
+        let mut padded = one.size();
+        let Some(last) = padded.last_mut() else { return Tensor::zeros(&size, (kind, m.device())) };
+        let tk = *last;
+        *last = (tk + 15) / 16 * 16;
+        let mut bias = Tensor::zeros(&padded, (kind, m.device())).narrow(-1, 0, tk);
+        let _ = bias.masked_fill_(&one, f64::NEG_INFINITY);
+        bias.expand(&size, false)
+    }
+
+    /// `softmax(scale·q·kᵀ + bias)·v` by torch's SDPA; `None` where torch refuses the inputs.
+    pub(crate) fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32) -> Option<TchTensor> {
+        Tensor::f_scaled_dot_product_attention(&q.tensor, &k.tensor, &v.tensor, Some(bias), 0.0, false, Some(f64::from(scale)), false).ok().map(TchTensor::new)
+    }
+
+    /// `(dq, dk, dv)` through torch's fused kernel of the device; `None` where there is none or
+    /// it refuses the inputs (the caller recomputes with burn operations).
+    pub(crate) fn backward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32, dout: &TchTensor) -> Option<(TchTensor, TchTensor, TchTensor)> {
+        let (q, k, v, dout) = (&q.tensor, &k.tensor, &v.tensor, &dout.tensor);
+        let scale = Some(f64::from(scale));
+        let (dq, dk, dv) = match q.device() {
+            Device::Cpu => {
+                let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, Some(bias), scale).ok()?;
+                Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, &out, &lse, 0.0, false, Some(bias), scale).ok()?
+            }
+            Device::Cuda(_) => {
+                let (out, lse, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(q, k, v, Some(bias), true, 0.0, false, scale).ok()?;
+                // The kernel's backward takes [B, T, H, Dh] (what PyTorch's
+                // `_scaled_dot_product_efficient_attention_backward` hands it).
+                let t = |x: &Tensor| x.transpose(1, 2);
+                let (tq, tk) = (q.size()[2], k.size()[2]);
+                let (dq, dk, dv, _) = Tensor::f_internal_efficient_attention_backward(
+                    &t(dout), &t(q), &t(k), &t(v), Some(bias), &t(&out), None, None, tq, tk, &lse, 0.0, &seed, &offset, 0, false, scale, None, None, false,
+                )
+                .ok()?;
+                (t(&dq), t(&dk), t(&dv))
+            }
+            _ => return None,
+        };
+        FUSED_BACKWARD.fetch_add(1, Ordering::Relaxed);
+        Some((TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv)))
     }
 }
 
@@ -183,6 +297,15 @@ static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::n
 /// How often [`masked_attention`] ran through the backend extension in this process.
 pub fn masked_attention_calls() -> usize {
     CALLS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// How many backward passes of [`masked_attention`] ran through libtorch's fused attention kernels
+/// in this process (0 without the `tch` feature).
+pub fn fused_attention_backward_calls() -> usize {
+    #[cfg(feature = "tch")]
+    return libtorch::FUSED_BACKWARD.load(std::sync::atomic::Ordering::Relaxed);
+    #[cfg(not(feature = "tch"))]
+    0
 }
 
 /// `softmax(scale·q·kᵀ, masked)·v` (`mask` true where a query must not look; no row fully

@@ -2,7 +2,8 @@
 //! target tokens over a large vocabulary ([`token_logprobs`], a log-softmax + gather with its own
 //! backward pass, as a burn backend extension), the product with a frozen quantised weight whose
 //! backward pass keeps the weight quantised ([`dequantized_matmul`]), attention whose backward pass
-//! recomputes its weights instead of keeping them ([`masked_attention`]), the models' products with
+//! recomputes its weights instead of keeping them ([`masked_attention`]), the rotary position
+//! embedding and RMSNorm each as one recorded operation ([`rotary`], [`rms_norm`]), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32 ([`matmul`],
 //! [`linear`]), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), and the sum of squares of a gradient
@@ -13,25 +14,32 @@
 //! about seven, in place. On the CPU the update is bound by memory traffic, so [`adamw`] reads each
 //! of the four buffers once and writes three, in place, in Rust (split over rayon's threads). It does
 //! so where it can reach the memory: f32 tensors of the flex backend or of libtorch on the CPU that
-//! are contiguous and not shared with another tensor. Anywhere else (GPU backends, shared or strided
-//! tensors, half precision) it runs the same formula as burn tensor operations.
+//! are contiguous and not shared with another tensor. Other unshared libtorch tensors (CUDA, half
+//! precision) take PyTorch's own sequence of in-place torch operations. Anywhere else (the cubecl
+//! backends, shared or strided tensors) it runs the same formula as burn tensor operations.
 //!
 //! This crate names backends, as `odpo-model`'s `backend` module does; the trainer calls it through
 //! backend-free functions of `Tensor`s.
 #![deny(missing_docs)]
 
+#[cfg(feature = "tch")]
+mod adamw_libtorch;
 mod attention;
 mod cpu;
 mod matmul;
 mod quantized;
+mod rms_norm;
+mod rotary;
 // The log-softmax loops run on CPU memory, which only flex and libtorch hand out.
 #[cfg(any(feature = "flex", feature = "tch"))]
 mod softmax;
 mod token_logprobs;
 
-pub use attention::{MaskedAttentionBackend, masked_attention, masked_attention_calls};
+pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
+pub use rms_norm::{RmsNormBackend, rms_norm};
+pub use rotary::{RotaryBackend, rotary};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 
 use burn::backend::DispatchTensorKind;
@@ -132,7 +140,8 @@ pub struct AdamWOutput<const D: usize> {
     pub moment_1: Tensor<D>,
     /// The second moment v.
     pub moment_2: Tensor<D>,
-    /// Whether the one-pass CPU kernel ran (false: burn tensor operations did).
+    /// Whether the update ran in place: the one-pass CPU kernel, or in-place libtorch operations
+    /// (false: burn tensor operations did).
     pub fused: bool,
 }
 
@@ -154,6 +163,8 @@ pub fn adamw<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<
     let (m, v) = moments.unwrap_or_else(|| (grad.zeros_like(), grad.zeros_like()));
     let (mut p, g, mut m, mut v) = (param.into_dispatch(), grad.into_dispatch(), m.into_dispatch(), v.into_dispatch());
     let fused = cpu::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
+    #[cfg(feature = "tch")]
+    let fused = fused || adamw_libtorch::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
     let (p, g, m, v) = (Tensor::from_dispatch(p), Tensor::from_dispatch(g), Tensor::from_dispatch(m), Tensor::from_dispatch(v));
     if fused {
         return AdamWOutput { param: p, moment_1: m, moment_2: v, fused };

@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
 use crate::lora::Linear;
 use burn::tensor::activation::gelu_approximate;
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -103,8 +103,8 @@ pub struct Gpt2 {
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let [_, t, d] = x.dims();
+    fn forward(&self, x: Tensor<3>, mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
+        let d = x.dims()[2];
         let qkv = self.c_attn.forward(x);
         let q = split_heads(qkv.clone().narrow(2, 0, d), self.n_head);
         let k = split_heads(qkv.clone().narrow(2, d, d), self.n_head);
@@ -113,8 +113,7 @@ impl Attention {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let m = attention_mask(mask, t, self.n_head, &q.device());
-        self.c_proj.forward(merge_heads(grouped_attention(q, k, v, m, self.scale)))
+        self.c_proj.forward(merge_heads(grouped_attention(q, k, v, mask, self.scale)))
     }
 }
 
@@ -201,8 +200,9 @@ impl Gpt2 {
         let [_, t] = input_ids.dims();
         let pos = positions(mask, t);
         let mut x = self.wte.forward(input_ids) + self.wpe.forward(pos);
+        let m = attention_mask(mask, t, &x.device());
         for (i, block) in self.h.iter().enumerate() {
-            let a = block.attn.forward(block.ln_1.forward(x.clone()), mask, i, cache.as_deref_mut());
+            let a = block.attn.forward(block.ln_1.forward(x.clone()), &m, i, cache.as_deref_mut());
             x = x + a;
             x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
         }

@@ -156,8 +156,8 @@ fn outside_window(t_q: usize, t_k: usize, window: usize, device: &Device) -> Ten
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let t = x.dims()[1];
+    /// `masks`: the causal-and-padding mask, and the same with the local window (for local layers).
+    fn forward(&self, x: Tensor<3>, masks: &(Tensor<4, Bool>, Option<Tensor<4, Bool>>), layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.n_heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.n_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_heads);
@@ -165,12 +165,10 @@ impl Attention {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let mut m = attention_mask(mask, t, self.n_heads, &q.device());
-        if let Some(window) = self.window {
-            let [b, h, _, t_k] = m.dims();
-            let local = outside_window(t, t_k, window, &q.device());
-            m = m.bool_or(local.reshape([1, 1, t, t_k]).expand([b, h, t, t_k]));
-        }
+        let m = match (self.window, &masks.1) {
+            (Some(_), Some(local)) => local,
+            _ => &masks.0,
+        };
         // GPT-Neo does not scale the scores by 1/sqrt(head_dim).
         self.out_proj.forward(merge_heads(grouped_attention(q, k, v, m, 1.0)))
     }
@@ -260,8 +258,16 @@ impl GptNeo {
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions(mask, t));
+        let global = attention_mask(mask, t, &x.device());
+        // Every local layer has the config's one window.
+        let local = self.h.iter().find_map(|b| b.attn.window).map(|window| {
+            let [b, _, _, t_k] = global.dims();
+            let outside = outside_window(t, t_k, window, &x.device());
+            global.clone().bool_or(outside.reshape([1, 1, t, t_k]).expand([b, 1, t, t_k]))
+        });
+        let masks = (global, local);
         for (i, block) in self.h.iter().enumerate() {
-            let a = block.attn.forward(block.ln_1.forward(x.clone()), mask, i, cache.as_deref_mut());
+            let a = block.attn.forward(block.ln_1.forward(x.clone()), &masks, i, cache.as_deref_mut());
             x = x + a;
             x = x.clone() + block.mlp.forward(block.ln_2.forward(x));
         }

@@ -13,7 +13,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm};
 use crate::lora::Linear;
 use burn::tensor::activation::{gelu, gelu_approximate};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -159,7 +159,7 @@ fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, r: usize) -> Ten
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
         let [b, t, d] = x.dims();
         let hd = d / self.n_heads;
         // HF: view(B, T, H, 3 * hd).transpose(1, 2).chunk(3, -1): per head, q then k then v.
@@ -176,8 +176,7 @@ impl Attention {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let m = attention_mask(mask, t, self.n_heads, &q.device());
-        self.dense.forward(merge_heads(grouped_attention(q, k, v, m, self.scale)))
+        self.dense.forward(merge_heads(grouped_attention(q, k, v, mask, self.scale)))
     }
 }
 
@@ -272,8 +271,9 @@ impl GptNeox {
         let (cos, sin) = rotary_cos_sin(positions(mask, t), self.rotary_ndims.max(2), self.theta, x.dtype());
         // transformers' cat((freqs, freqs), -1): the halves of the rotated dims share angles.
         let (cos, sin) = (Tensor::cat(vec![cos.clone(), cos], 3), Tensor::cat(vec![sin.clone(), sin], 3));
+        let causal = attention_mask(mask, t, &x.device());
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attention.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, mask, i, cache.as_deref_mut());
+            let a = layer.attention.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, &causal, i, cache.as_deref_mut());
             x = if self.parallel_residual {
                 let m = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()));
                 x + a + m

@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm};
 use crate::lora::Linear;
 use burn::tensor::activation::{gelu, gelu_approximate};
-use burn::tensor::{Device, Int, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -134,8 +134,7 @@ fn apply_rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>, r: usize) -> Ten
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let t = x.dims()[1];
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.n_heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.n_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_heads);
@@ -145,8 +144,7 @@ impl Attention {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let m = attention_mask(mask, t, self.n_heads, &q.device());
-        self.out_proj.forward(merge_heads(grouped_attention(q, k, v, m, self.scale)))
+        self.out_proj.forward(merge_heads(grouped_attention(q, k, v, mask, self.scale)))
     }
 }
 
@@ -238,9 +236,10 @@ impl Gptj {
         let half = self.rotary_dim / 2;
         let pairwise = |c: Tensor<4>| c.unsqueeze_dim::<5>(4).expand([b, 1, t, half, 2]).reshape([b, 1, t, 2 * half]);
         let (cos, sin) = (pairwise(cos), pairwise(sin));
+        let m = attention_mask(mask, t, &x.device());
         for (i, block) in self.h.iter().enumerate() {
             let hidden = block.ln_1.forward(x.clone());
-            let a = block.attn.forward(hidden.clone(), &cos, &sin, mask, i, cache.as_deref_mut());
+            let a = block.attn.forward(hidden.clone(), &cos, &sin, &m, i, cache.as_deref_mut());
             x = x + a + block.mlp.forward(hidden);
         }
         self.ln_f.forward(x)

@@ -58,10 +58,13 @@ pub(crate) fn positions(attention_mask: &Tensor<2, Int>, t_q: usize) -> Tensor<2
     pos.clamp_min(0).narrow(1, t_k - t_q, t_q)
 }
 
-/// The boolean mask for [`burn::tensor::module::attention`], `[B, H, t_q, T_k]`, true where a
+/// The boolean mask for [`grouped_attention`], `[B, 1, t_q, T_k]` (every head alike), true where a
 /// query must not look: future keys, and padding keys. A query always sees its own key so that
 /// rows of padding tokens are never fully masked (a fully masked row gives NaN gradients).
-pub(crate) fn attention_mask(attention_mask: &Tensor<2, Int>, t_q: usize, n_heads: usize, device: &Device) -> Tensor<4, Bool> {
+///
+/// The same for every layer: the models build it once per forward pass, not once per layer (a
+/// dozen small operations each time, which on a GPU cost the host more than they cost the device).
+pub(crate) fn attention_mask(attention_mask: &Tensor<2, Int>, t_q: usize, device: &Device) -> Tensor<4, Bool> {
     let [b, t_k] = attention_mask.dims();
     let t_past = (t_k - t_q) as i64;
     let future = Tensor::<2, Bool>::tril_mask([t_q, t_k], t_past, device);
@@ -69,13 +72,13 @@ pub(crate) fn attention_mask(attention_mask: &Tensor<2, Int>, t_q: usize, n_head
     let pad = attention_mask.clone().equal_elem(0).reshape([b, 1, 1, t_k]).expand([b, 1, t_q, t_k]);
     let pad = pad.bool_and(not_self.reshape([1, 1, t_q, t_k]).expand([b, 1, t_q, t_k]));
     pad.bool_or(future.reshape([1, 1, t_q, t_k]).expand([b, 1, t_q, t_k]))
-        .expand([b, n_heads, t_q, t_k])
 }
 
 /// Scaled dot-product attention with grouped keys and values: `q` is `[B, H, Tq, Dh]`, `k` and
-/// `v` are `[B, Hkv, Tk, Dh]` with `H` a multiple of `Hkv`.
-pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f64) -> Tensor<4> {
-    let [b, h, _, dh] = q.dims();
+/// `v` are `[B, Hkv, Tk, Dh]` with `H` a multiple of `Hkv`; `mask` is [`attention_mask`]'s
+/// `[B, 1, Tq, Tk]`, read by every head through a stride of 0.
+pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64) -> Tensor<4> {
+    let [b, h, t_q, dh] = q.dims();
     let [_, h_kv, t_k, _] = k.dims();
     let (k, v) = if h_kv == h {
         (k, v)
@@ -84,6 +87,7 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
         let widen = |x: Tensor<4>| x.unsqueeze_dim::<5>(2).expand([b, h_kv, rep, t_k, dh]).reshape([b, h, t_k, dh]);
         (widen(k), widen(v))
     };
+    let mask = mask.clone().expand([b, h, t_q, t_k]);
     // Attention whose backward pass recomputes the weights rather than keeping every layer's
     // `[B, H, Tq, Tk]` scores and weights until then (`odpo_kernels::masked_attention`: flex,
     // libtorch and the cubecl backends; burn's own attention is the path of any other).

@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
 use crate::lora::Linear;
 use burn::tensor::activation::silu;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -209,28 +209,34 @@ pub struct Llama {
     inv_freq: Vec<f32>,
 }
 
-/// Rotates each head's halves: `[x1, x2] -> [-x2, x1]`.
-fn rotate_half(x: Tensor<4>) -> Tensor<4> {
+/// burn's `RmsNorm` as one recorded operation where the backend has `odpo_kernels::rms_norm`.
+fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
+    odpo_kernels::rms_norm(x.clone(), norm.gamma.val(), norm.epsilon).unwrap_or_else(|| norm.forward(x))
+}
+
+/// `x·cos + rotate_half(x)·sin`, `rotate_half([x1, x2]) = [-x2, x1]`: one recorded operation
+/// where the backend has `odpo_kernels::rotary`, else tensor operations.
+fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    if let Some(y) = odpo_kernels::rotary(x.clone(), cos, sin) {
+        return y;
+    }
     let d = x.dims()[3];
     let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.narrow(3, d / 2, d / 2);
-    Tensor::cat(vec![x2.neg(), x1], 3)
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
 }
 
 impl Attention {
-    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<2, Int>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let t = x.dims()[1];
+    fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.n_heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
-        let q = q.clone() * cos.clone() + rotate_half(q) * sin.clone();
-        let k = k.clone() * cos.clone() + rotate_half(k) * sin.clone();
+        let (q, k) = (rotary(q, cos, sin), rotary(k, cos, sin));
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
         };
-        let m = attention_mask(mask, t, self.n_heads, &q.device());
-        self.o_proj.forward(merge_heads(grouped_attention(q, k, v, m, self.scale)))
+        self.o_proj.forward(merge_heads(grouped_attention(q, k, v, mask, self.scale)))
     }
 }
 
@@ -324,12 +330,13 @@ impl Llama {
         let [_, t] = input_ids.dims();
         let mut x = self.embed_tokens.forward(input_ids);
         let (cos, sin) = self.rope(positions(mask, t), x.dtype());
+        let m = attention_mask(mask, t, &x.device());
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &cos, &sin, mask, i, cache.as_deref_mut());
+            let a = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &cos, &sin, &m, i, cache.as_deref_mut());
             x = x + a;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            x = x.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x));
         }
-        self.norm.forward(x)
+        rms_norm(&self.norm, x)
     }
 
     /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].

@@ -150,3 +150,46 @@ fn three_odpo_steps_match_pytorch() {
     assert!(worst <= 0.015 * lr as f32, "weights differ from PyTorch's by {worst} after 3 steps");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One AdamW update through `odpo_kernels::adamw` on the test device, in f32 and in bf16 where the
+/// device has it, against PyTorch's formula worked in f64 on the same (rounded) inputs. On libtorch
+/// every unshared update runs in place (the CPU kernel for f32 on the CPU, in-place torch operations otherwise).
+#[test]
+fn adamw_updates_match_the_formula() {
+    use burn::tensor::{DType, TensorData};
+    let device = common::test_device();
+    let n = 4096;
+    let s = odpo_kernels::AdamWStep { lr: 0.1, beta_1: 0.9, beta_2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 3, grad_scale: 0.25 };
+    let start: [Vec<f32>; 4] = [
+        (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect(),
+        (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 10.0).collect(),
+        (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 100.0).collect(),
+        (0..n).map(|i| (i % 11) as f32 / 50.0 + 0.01).collect(),
+    ];
+    for (dtype, rel) in [(DType::F32, 1e-6), (DType::BF16, 2e-2)] {
+        if !device.supports_dtype(dtype) {
+            println!("skipping {dtype:?}: {device:?} does not have it");
+            continue;
+        }
+        let t = |x: &Vec<f32>| Tensor::<1>::from_data(TensorData::new(x.clone(), [n]), &device).cast(dtype);
+        let read = |x: Tensor<1>| x.cast(DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let [p, g, m, v] = std::array::from_fn(|i| t(&start[i]));
+        // The inputs as the device holds them (bf16 rounds them).
+        let [p0, g0, m0, v0] = [&p, &g, &m, &v].map(|x| read(x.clone()));
+        let out = odpo_kernels::adamw(p, g, Some((m, v)), &s);
+        if format!("{device:?}").contains("LibTorch") {
+            assert!(out.fused, "{dtype:?}: the update did not run in place on {device:?}");
+        }
+        let (p1, m1, v1) = (read(out.param), read(out.moment_1), read(out.moment_2));
+        let (bc1, bc2) = (1.0 - s.beta_1.powi(s.step), 1.0 - s.beta_2.powi(s.step));
+        for i in 0..n {
+            let gi = f64::from(g0[i]) * s.grad_scale;
+            let m = f64::from(m0[i]) + (1.0 - s.beta_1) * (gi - f64::from(m0[i]));
+            let v = s.beta_2 * f64::from(v0[i]) + (1.0 - s.beta_2) * gi * gi;
+            let p = f64::from(p0[i]) * (1.0 - s.lr * s.weight_decay) - s.lr / bc1 * m / (v.sqrt() / bc2.sqrt() + s.eps);
+            for (name, got, want) in [("p", p1[i], p), ("m", m1[i], m), ("v", v1[i], v)] {
+                assert!((f64::from(got) - want).abs() <= rel * want.abs().max(0.1), "{dtype:?} {name}[{i}]: {got} against {want} on {device:?}");
+            }
+        }
+    }
+}

@@ -1,6 +1,6 @@
-//! The eleven conformance suites in one test binary: what `cargo xtask conformance` builds and runs on
+//! The twelve conformance suites in one test binary: what `cargo xtask conformance` builds and runs on
 //! each backend, and what the GPU check carries to a machine without a Rust toolchain (one binary
-//! links burn, LLVM and libtorch once, where eleven would each link them).
+//! links burn, LLVM and libtorch once, where twelve would each link them).
 //!
 //! Each suite is its own test file in its own crate, where `cargo test` runs it on the build's
 //! default backend; here they are modules. `ODPO_TEST_DEVICE` (a device spec as `--backend` takes
@@ -15,6 +15,9 @@ mod parity_neo;
 
 #[path = "../../odpo-model/tests/attention.rs"]
 mod attention;
+
+#[path = "../../odpo-model/tests/fused_layers.rs"]
+mod fused_layers;
 
 #[path = "../../odpo-model/tests/exact_matmul.rs"]
 mod exact_matmul;

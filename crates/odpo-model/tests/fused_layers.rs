@@ -1,0 +1,88 @@
+//! The layers the Llama family runs as one recorded operation each, `odpo_kernels::rotary` and
+//! `odpo_kernels::rms_norm`, on the test device (flex by default; each backend under `cargo xtask
+//! conformance`): their outputs and gradients equal the same formulas in burn tensor operations
+//! (for RMSNorm, burn's own `RmsNorm`) on the CPU.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use burn::module::Param;
+use burn::nn::RmsNormConfig;
+use burn::tensor::{Distribution, Tensor};
+use common::test_device;
+
+fn vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+}
+
+fn close(name: &str, a: &[f32], b: &[f32], device: &burn::tensor::Device) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: {x} against {y} on {device:?}");
+    }
+}
+
+/// The first CPU backend of the build (the conformance builds leave flex out), else the device.
+fn cpu(device: &burn::tensor::Device) -> burn::tensor::Device {
+    ["flex", "tch"].iter().find_map(|b| odpo_model::backend::device(b).ok()).map_or_else(|| device.clone(), |d| d.autodiff())
+}
+
+/// `odpo_kernels::rotary` on the test device: its output and the gradient of `x` equal the
+/// rotate-half formula written in burn tensor operations on the CPU, with angles broadcast over
+/// the heads as the models pass them.
+#[test]
+fn rotary_values_and_gradients_match_the_tensor_formula() {
+    let device = test_device().autodiff();
+    let cpu = cpu(&device);
+    let (b, h, t, dh) = (2, 3, 5, 8);
+    let x = Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device);
+    let angles = Tensor::<4>::random([b, 1, t, dh], Distribution::Uniform(-3.0, 3.0), &device);
+    let dy = Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device);
+    let run = |ours: bool| {
+        let on = if ours { &device } else { &cpu };
+        let x = Tensor::<4>::from_data(x.to_data(), on).require_grad();
+        let a = Tensor::<4>::from_data(angles.to_data(), on);
+        let (cos, sin) = (a.clone().cos(), a.sin());
+        let y = if ours {
+            odpo_kernels::rotary(x.clone(), &cos, &sin).unwrap_or_else(|| panic!("no rotary extension on {device:?}"))
+        } else {
+            let x1 = x.clone().narrow(3, 0, dh / 2);
+            let x2 = x.clone().narrow(3, dh / 2, dh / 2);
+            x.clone() * cos + Tensor::cat(vec![x2.neg(), x1], 3) * sin
+        };
+        let grads = (y.clone() * Tensor::<4>::from_data(dy.to_data(), on)).sum().backward();
+        (vec(y.inner()), vec(x.grad(&grads).expect("a gradient")))
+    };
+    let (ours, formula) = (run(true), run(false));
+    close("y", &ours.0, &formula.0, &device);
+    close("dx", &ours.1, &formula.1, &device);
+}
+
+/// `odpo_kernels::rms_norm` on the test device: its output and the gradients of `x` and `γ` equal
+/// burn's `RmsNorm` on the CPU, for rows of very different scales.
+#[test]
+fn rms_norm_values_and_gradients_match_burns_rms_norm() {
+    let device = test_device().autodiff();
+    let cpu = cpu(&device);
+    let (b, t, d, eps) = (2, 5, 24, 1e-5);
+    let x = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device) * Tensor::<3>::random([b, t, 1], Distribution::Uniform(0.01, 30.0), &device);
+    let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device);
+    let dy = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
+    let run = |ours: bool| {
+        let on = if ours { &device } else { &cpu };
+        let x = Tensor::<3>::from_data(x.to_data(), on).require_grad();
+        let mut norm = RmsNormConfig::new(d).with_epsilon(eps).init(on);
+        norm.gamma = Param::from_tensor(Tensor::<1>::from_data(gamma.to_data(), on));
+        let y = if ours {
+            odpo_kernels::rms_norm(x.clone(), norm.gamma.val(), eps).unwrap_or_else(|| panic!("no rms_norm extension on {device:?}"))
+        } else {
+            norm.forward(x.clone())
+        };
+        let grads = (y.clone() * Tensor::<3>::from_data(dy.to_data(), on)).sum().backward();
+        (vec(y.inner()), vec(x.grad(&grads).expect("a gradient of x")), vec(norm.gamma.val().grad(&grads).expect("a gradient of gamma")))
+    };
+    let (ours, burns) = (run(true), run(false));
+    close("y", &ours.0, &burns.0, &device);
+    close("dx", &ours.1, &burns.1, &device);
+    close("dgamma", &ours.2, &burns.2, &device);
+}
