@@ -134,8 +134,13 @@ struct BenchArgs {
     /// against the first.
     #[arg(long)]
     cached_reference: bool,
-    /// Run the concatenated `[2B, T]` rows on the odpo side, as TRL does, instead of each prompt once.
-    #[arg(long)]
+    /// How the odpo side's rows go through the model (`odpo bench --layout`): `auto` (the shared
+    /// prompt on CPU backends, the concatenated rows on GPU backends), `shared-prompt` or
+    /// `concatenated`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "shared-prompt", "concatenated"])]
+    layout: String,
+    /// The same as `--layout concatenated`: the `[2B, T]` rows on the odpo side, as TRL runs them.
+    #[arg(long, conflicts_with = "layout")]
     no_shared_prompt: bool,
     /// Compute precision on both sides: f32, or bf16 / f16 mixed precision (PyTorch: autocast).
     #[arg(long, default_value = "f32")]
@@ -473,9 +478,8 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
             if a.cached_reference {
                 odpo_args.push("--cached-reference".into());
             }
-            if a.no_shared_prompt {
-                odpo_args.push("--no-shared-prompt".into());
-            }
+            odpo_args.push("--layout".into());
+            odpo_args.push(if a.no_shared_prompt { "concatenated".into() } else { a.layout.clone() });
             eprintln!("odpo ({}) {model} {shape} ...", a.backend);
             let ours = json_of(&mut odpo_command("bench", &odpo_args)?, "odpo bench")?;
             let theirs = if a.vs_pytorch {

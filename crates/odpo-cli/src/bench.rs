@@ -42,8 +42,12 @@ pub struct BenchArgs {
     /// and report what an epoch after the first costs against the first.
     #[arg(long)]
     cached_reference: bool,
-    /// Run the concatenated `[2B, T]` rows (as TRL does) instead of each prompt once.
-    #[arg(long)]
+    /// How a micro-batch's rows go through the model, as `train.layout`: `auto` (the shared prompt
+    /// on CPU backends, the concatenated rows on GPU backends), `shared-prompt` or `concatenated`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "shared-prompt", "concatenated"])]
+    layout: String,
+    /// The same as `--layout concatenated`: the `[2B, T]` rows, as TRL runs them.
+    #[arg(long, conflicts_with = "layout")]
     no_shared_prompt: bool,
     /// burn's balanced gradient checkpointing (`train.gradient_checkpointing`).
     #[arg(long)]
@@ -182,7 +186,11 @@ pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
 pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, quantized_base: a.quantized_base, ..Default::default() });
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt: !a.no_shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };
+    let layout = if a.no_shared_prompt { "concatenated" } else { a.layout.as_str() };
+    let layout: odpo_trainer::config::RowLayout = serde_json::from_value(serde_json::Value::String(layout.into()))?;
+    let backend_name = a.backend.split(':').next().unwrap_or_default();
+    let shared_prompt = layout.resolve(backend_name.parse()?) == odpo_data::Layout::SharedPrompt;
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
     // Measured after the step, so that it does not raise the step's peak memory.
     let peak_rss = peak_rss_mb();
@@ -193,7 +201,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         m.insert("config".into(), a.config.display().to_string().into());
         m.insert("backend".into(), a.backend.clone().into());
         m.insert("lora".into(), a.lora.unwrap_or(0).into());
-        m.insert("shared_prompt".into(), (!a.no_shared_prompt).into());
+        m.insert("shared_prompt".into(), shared_prompt.into());
         m.insert("dtype".into(), a.dtype.clone().into());
         m.insert("gradient_checkpointing".into(), a.gradient_checkpointing.into());
         m.insert("quantized_base".into(), a.quantized_base.into());

@@ -75,8 +75,9 @@ impl HostRows {
 /// Which rows a [`PreferenceBatcher`] builds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Layout {
-    /// Each prompt once, its two completions after it ([`SharedPromptRows`]): what training runs.
-    /// A batch with no prompt or no completion token falls back to the concatenated rows.
+    /// Each prompt once, its two completions after it ([`SharedPromptRows`]): what training runs on
+    /// the CPU backends (`train.layout`). A batch with no prompt or no completion token falls back
+    /// to the concatenated rows.
     #[default]
     SharedPrompt,
     /// Chosen and rejected as `[2B, T]` rows of prompt + completion, as TRL runs them.

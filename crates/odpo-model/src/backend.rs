@@ -70,6 +70,12 @@ impl Backend {
         }
     }
 
+    /// Whether the backend runs on a GPU (wgpu's adapters, CUDA, libtorch's CUDA) rather than the
+    /// CPU (flex, libtorch's CPU).
+    pub fn is_gpu(self) -> bool {
+        !matches!(self, Self::Flex | Self::Tch)
+    }
+
     /// The Cargo feature that compiles this backend in.
     pub fn feature(self) -> &'static str {
         match self {

@@ -48,9 +48,10 @@ impl RunData {
         Ok(Self { train, eval, pad_id, pad_to_multiple: cfg.pad_to_multiple })
     }
 
-    /// The batcher of this data's padding rules.
-    pub fn batcher(&self) -> PreferenceBatcher {
-        PreferenceBatcher::new(self.pad_id, self.pad_to_multiple, odpo_data::Layout::SharedPrompt)
+    /// The batcher of this data's padding rules, building rows of `layout`
+    /// ([`crate::config::RowLayout::resolve`]).
+    pub fn batcher(&self, layout: odpo_data::Layout) -> PreferenceBatcher {
+        PreferenceBatcher::new(self.pad_id, self.pad_to_multiple, layout)
     }
 }
 

@@ -49,6 +49,8 @@ pub struct RunSummary {
     /// The step of the model the run ended with when that is not its last (`restore_best`);
     /// `eval_end` is then that step's evaluation.
     pub best_step: Option<usize>,
+    /// The rows of the run's preference micro-batches: `train.layout` resolved for the backend.
+    pub layout: odpo_data::Layout,
 }
 
 /// Runs `cfg` on `device` (without autodiff; the trainer adds it): reads the model's tokenizer and the
@@ -130,16 +132,18 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     let schedule = Schedule::new(&cfg.optim, total_steps);
     let mut optim = crate::optim::build(&cfg.optim);
     let mut state = TrainState { step: 0, pairs_seen: 0, tokens_seen: 0, seed: t.seed, total_steps, early_stop: Default::default() };
-    let mut summary = RunSummary { run_dir: run_dir.clone(), ..RunSummary::default() };
+    let layout = t.layout.resolve(t.backend);
+    let mut summary = RunSummary { run_dir: run_dir.clone(), layout, ..RunSummary::default() };
     if resume && let Some(ckpt) = checkpoint::latest_intact(&run_dir)? {
         (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
         tracing::info!(step = state.step, "resumed from {}", ckpt.display());
         summary.resumed_from = Some(state.step);
     }
+    tracing::info!(?layout, setting = ?t.layout, backend = t.backend.name(), "rows of each micro-batch (`train.layout`)");
     let settings = StepSettings {
         stage: t.stage,
         micro_batch_size: t.micro_batch_size,
-        batcher: data.batcher(),
+        batcher: data.batcher(layout),
         loss: cfg.loss(),
         use_offsets: cfg.data.offset.is_some(),
         precision,
@@ -426,7 +430,7 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
     let advice = || format!("to fit, lower `eval.batch_size` (now {}), the batch it is computed in", cfg.eval.batch_size);
     crate::step::guarded(during, advice, || {
         for chunk in all.chunks(cfg.eval.batch_size) {
-            let batch = forward::preference_batch(chunk, &data.batcher(), device);
+            let batch = forward::preference_batch(chunk, &data.batcher(cfg.train.layout.resolve(cfg.train.backend)), device);
             let lp = forward::reference_row_logps(reference, &batch)?;
             let b = chunk.len();
             rows.extend(chunk.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[b + i])));

@@ -89,6 +89,30 @@ fn cached_reference_gives_the_frozen_losses() {
 }
 
 #[test]
+fn both_row_layouts_train_alike_and_auto_takes_the_shared_prompt_on_the_cpu() {
+    let dir = temp_dir("layouts");
+    let model = tiny_model(&dir);
+    let mut losses = Vec::new();
+    for layout in ["auto", "shared-prompt", "concatenated"] {
+        let run = dir.join(layout);
+        let l = format!("train.layout=\"{layout}\"");
+        let cfg = config(&model, &run, "", &["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=6", "train.log_every=1", "eval.batch_size=4", &l]);
+        let summary = odpo_trainer::train_on(&cfg, data(32, 8), &device(), false, None).expect("training");
+        let want = if layout == "concatenated" { odpo_data::Layout::Concatenated } else { odpo_data::Layout::SharedPrompt };
+        assert_eq!(summary.layout, want, "{layout} on flex");
+        losses.push(metric_rows(&run, "train").iter().chain(&metric_rows(&run, "eval")).map(|r| f(r, "loss")).collect::<Vec<f64>>());
+    }
+    assert_eq!(losses[0], losses[1], "auto is the shared prompt on flex");
+    // Six steps of training apart, the two layouts differ only by rounding.
+    assert_eq!(losses[1].len(), losses[2].len());
+    let gap = losses[1].iter().zip(&losses[2]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    println!("losses, shared prompt: {:?}\nlargest gap to the concatenated rows: {gap:.3e}", losses[1]);
+    for (a, b) in losses[1].iter().zip(&losses[2]) {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "shared prompt {a} vs concatenated {b}");
+    }
+}
+
+#[test]
 fn sft_lowers_the_nll() {
     let dir = temp_dir("sft");
     let model = tiny_model(&dir);
