@@ -3,7 +3,8 @@
 //! backward pass, as a burn backend extension), the product with a frozen quantised weight whose
 //! backward pass keeps the weight quantised ([`dequantized_matmul`]), attention whose backward pass
 //! recomputes its weights instead of keeping them ([`masked_attention`]), the rotary position
-//! embedding and RMSNorm each as one recorded operation ([`rotary`], [`rms_norm`]), the models' products with
+//! embedding, RMSNorm and the SwiGLU gate each as one recorded operation ([`rotary`], [`rms_norm`],
+//! [`swiglu`]), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32 ([`matmul`],
 //! [`linear`]), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), and the sum of squares of a gradient
@@ -33,6 +34,7 @@ mod rotary;
 // The log-softmax loops run on CPU memory, which only flex and libtorch hand out.
 #[cfg(any(feature = "flex", feature = "tch"))]
 mod softmax;
+mod swiglu;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
@@ -40,6 +42,7 @@ pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};
+pub use swiglu::{SwigluBackend, swiglu};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 
 use burn::backend::DispatchTensorKind;

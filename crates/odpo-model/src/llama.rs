@@ -241,8 +241,15 @@ impl Attention {
 }
 
 impl Mlp {
+    /// `down(silu(gate(x)) · up(x))`, the gate one recorded operation where the backend has
+    /// `odpo_kernels::swiglu`.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        let (g, u) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let h = match odpo_kernels::swiglu(g.clone(), u.clone()) {
+            Some(h) => h,
+            None => silu(g) * u,
+        };
+        self.down_proj.forward(h)
     }
 }
 
