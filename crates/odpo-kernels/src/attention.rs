@@ -28,8 +28,8 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::ops::AttentionModuleOptions;
 use burn::backend::tensor::{BoolTensor, FloatTensor};
-use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
-use burn::tensor::{Bool, Tensor};
+use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
+use burn::tensor::{Bool, Shape, Tensor};
 
 /// Attention with a boolean mask (`true`: the query does not look at that key), differentiable
 /// with respect to `q`, `k` and `v` by recomputation. On flex, libtorch and (with the `cube`
@@ -255,7 +255,43 @@ pub(crate) mod libtorch {
     }
 }
 
-/// Autodiff: the inner backend's attention, recorded with a backward step whose state is the inputs.
+/// `k` or `v` `[B, Hkv, T, Dh]` repeated to `heads` heads, each key/value head serving
+/// `heads / Hkv` query heads in turn (transformers' `repeat_kv`).
+fn widen<B: Backend>(x: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
+    let s = x.shape();
+    let (b, h_kv, t, dh) = (s[0], s[1], s[2], s[3]);
+    if h_kv == heads {
+        return x;
+    }
+    let x = B::float_reshape(x, Shape::new([b, h_kv, 1, t, dh]));
+    let x = B::float_expand(x, Shape::new([b, h_kv, heads / h_kv, t, dh]));
+    B::float_reshape(x, Shape::new([b, heads, t, dh]))
+}
+
+/// The gradient of a [`widen`]ed tensor, summed back over each key/value head's group.
+fn narrow_grad<B: Backend>(g: FloatTensor<B>, h_kv: usize) -> FloatTensor<B> {
+    let s = g.shape();
+    let (b, heads, t, dh) = (s[0], s[1], s[2], s[3]);
+    if heads == h_kv {
+        return g;
+    }
+    let g = B::float_sum_dim(B::float_reshape(g, Shape::new([b, h_kv, heads / h_kv, t, dh])), 2);
+    B::float_reshape(g, Shape::new([b, h_kv, t, dh]))
+}
+
+/// A mask `[B, 1, Tq, Tk]` read by every one of `heads` heads through a stride of 0.
+fn mask_heads<B: Backend>(mask: BoolTensor<B>, heads: usize) -> BoolTensor<B> {
+    let s = mask.shape();
+    if s[1] == heads {
+        return mask;
+    }
+    B::bool_expand(mask, Shape::new([s[0], heads, s[2], s[3]]))
+}
+
+/// Autodiff: the inner backend's attention, recorded as one operation whose state is the inputs.
+/// Grouped keys and values and a mask over one head are widened inside it, so that the repetition
+/// costs no recorded operations (six, and as many in the backward pass, written as tensor
+/// operations) and the backward pass keeps the narrow `k` and `v`.
 impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttentionBackend for Autodiff<B, C> {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
         #[derive(Debug)]
@@ -268,7 +304,10 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
                 let [node_q, node_k, node_v] = ops.parents;
                 let dout = grads.consume::<B>(&ops.node);
                 let (q, k, v, mask, scale) = ops.state;
+                let (heads, h_kv) = (q.shape()[1], k.shape()[1]);
+                let (k, v, mask) = (widen::<B>(k, heads), widen::<B>(v, heads), mask_heads::<B>(mask, heads));
                 let (dq, dk, dv) = B::masked_attention_backward(q, k, v, mask, scale, dout);
+                let (dk, dv) = (narrow_grad::<B>(dk, h_kv), narrow_grad::<B>(dv, h_kv));
                 for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, grad);
@@ -278,12 +317,16 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
         }
 
         let (qp, kp, vp) = (q.primitive().clone(), k.primitive().clone(), v.primitive().clone());
+        let heads = qp.shape()[1];
+        let run = |k: &FloatTensor<B>, v: &FloatTensor<B>, mask: &BoolTensor<B>| {
+            B::masked_attention(qp.clone(), widen::<B>(k.clone(), heads), widen::<B>(v.clone(), heads), mask_heads::<B>(mask.clone(), heads), scale)
+        };
         match MaskedAttention.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let out = B::masked_attention(qp.clone(), kp.clone(), vp.clone(), mask.clone(), scale);
+                let out = run(&kp, &vp, &mask);
                 prep.finish((qp, kp, vp, mask, scale), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::masked_attention(qp, kp, vp, mask, scale)),
+            OpsKind::UnTracked(prep) => prep.finish(run(&kp, &vp, &mask)),
         }
     }
 }
@@ -311,11 +354,26 @@ pub fn fused_attention_backward_calls() -> usize {
 /// `softmax(scale·q·kᵀ, masked)·v` (`mask` true where a query must not look; no row fully
 /// masked) through the extension where the backend has it, and `None` where it does not (the
 /// caller takes burn's attention). See the module docs.
+///
+/// `q` is `[B, H, Tq, Dh]`; `k` and `v` are `[B, Hkv, Tk, Dh]` with `H` a multiple of `Hkv`
+/// (grouped-query attention; each key/value head serves `H / Hkv` query heads in turn); `mask` is
+/// `[B, H, Tq, Tk]` or `[B, 1, Tq, Tk]` (every head alike).
 pub fn masked_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>, scale: f32) -> Option<Tensor<4>> {
-    if !crate::extended(&q.clone().into_dispatch().kind, REACH) {
+    let kind = q.clone().into_dispatch().kind;
+    if !crate::extended(&kind, REACH) {
         return None;
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let out = <Dispatch as MaskedAttentionBackend>::masked_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), mask.into_dispatch(), scale);
+    let (q, k, v, mask) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), mask.into_dispatch());
+    // Under autodiff the recorded operation widens grouped heads itself; the backends' bodies take
+    // every head.
+    let (k, v, mask) = match kind {
+        burn::backend::DispatchTensorKind::Autodiff(_) => (k, v, mask),
+        _ => {
+            let heads = q.shape()[1];
+            (widen::<Dispatch>(k, heads), widen::<Dispatch>(v, heads), mask_heads::<Dispatch>(mask, heads))
+        }
+    };
+    let out = <Dispatch as MaskedAttentionBackend>::masked_attention(q, k, v, mask, scale);
     Some(Tensor::from_dispatch(out))
 }

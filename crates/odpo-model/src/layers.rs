@@ -78,6 +78,14 @@ pub(crate) fn attention_mask(attention_mask: &Tensor<2, Int>, t_q: usize, device
 /// `v` are `[B, Hkv, Tk, Dh]` with `H` a multiple of `Hkv`; `mask` is [`attention_mask`]'s
 /// `[B, 1, Tq, Tk]`, read by every head through a stride of 0.
 pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64) -> Tensor<4> {
+    // Attention whose backward pass recomputes the weights rather than keeping every layer's
+    // `[B, H, Tq, Tk]` scores and weights until then (`odpo_kernels::masked_attention`: flex,
+    // libtorch and the cubecl backends; burn's own attention is the path of any other). It takes
+    // the grouped keys and values and the one-head mask as they are, and repeats them inside one
+    // recorded operation.
+    if let Some(out) = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale as f32) {
+        return out;
+    }
     let [b, h, t_q, dh] = q.dims();
     let [_, h_kv, t_k, _] = k.dims();
     let (k, v) = if h_kv == h {
@@ -88,12 +96,6 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
         (widen(k), widen(v))
     };
     let mask = mask.clone().expand([b, h, t_q, t_k]);
-    // Attention whose backward pass recomputes the weights rather than keeping every layer's
-    // `[B, H, Tq, Tk]` scores and weights until then (`odpo_kernels::masked_attention`: flex,
-    // libtorch and the cubecl backends; burn's own attention is the path of any other).
-    if let Some(out) = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale as f32) {
-        return out;
-    }
     let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
     // The mask goes in as an additive bias (0 or -inf), which every backend applies alike: burn-tch
     // 0.22.1 hands a boolean mask to torch's SDPA, which reads `true` as "attend", the opposite of

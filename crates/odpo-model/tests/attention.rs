@@ -1,8 +1,10 @@
 //! `odpo_kernels::masked_attention` on the test device (flex by default; each backend under
 //! `cargo xtask conformance`): its output and the gradients of q, k and v equal burn's own
 //! attention on the CPU (flex, else libtorch, else the test device; its differentiable form, with
-//! the mask as a 0 / −∞ bias), with padding and a causal mask, with `Tq < Tk`, and with several
-//! heads reading one mask through a stride of 0. The reference stays on the CPU because a GPU
+//! the mask as a 0 / −∞ bias), with padding and a causal mask, with `Tq < Tk`, with several
+//! heads reading one mask through a stride of 0, and with grouped keys and values (fewer key/value
+//! heads than query heads, repeated inside the operation) and a mask given over one head, with
+//! and without autodiff. The reference stays on the CPU because a GPU
 //! backend's own attention may compute its f32 products in TF32 (burn's CUDA backend does), which
 //! the extension does not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -23,7 +25,8 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
     let device = test_device().autodiff();
     // The first CPU backend of the build (the conformance builds leave flex out), else the device.
     let cpu = ["flex", "tch"].iter().find_map(|b| odpo_model::backend::device(b).ok()).map_or_else(|| device.clone(), |d| d.autodiff());
-    for (b, h, tq, tk, dh) in [(2, 3, 7, 7, 8), (1, 2, 3, 9, 4)] {
+    // (batch, query heads, key/value heads, Tq, Tk, Dh, the mask given over one head)
+    for (b, h, h_kv, tq, tk, dh, one_head) in [(2, 3, 3, 7, 7, 8, false), (1, 2, 2, 3, 9, 4, false), (2, 6, 2, 5, 5, 4, true)] {
         let past = (tk - tq) as i64;
         let future = Tensor::<2, Bool>::tril_mask([tq, tk], past, &device);
         // The second sequence's first two keys are padding, except for a query's own key.
@@ -36,8 +39,10 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
             }
         }
         let pad = Tensor::<4, Bool>::from_data(TensorData::new(pad, [b, 1, tq, tk]), &device);
-        let mask = pad.bool_or(future.reshape([1, 1, tq, tk]).expand([b, 1, tq, tk])).expand([b, h, tq, tk]);
-        let inputs: Vec<Tensor<4>> = [tq, tk, tk].iter().map(|&t| Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device)).collect();
+        let mask = pad.bool_or(future.reshape([1, 1, tq, tk]).expand([b, 1, tq, tk]));
+        let mask = if one_head { mask } else { mask.expand([b, h, tq, tk]) };
+        let inputs: Vec<Tensor<4>> =
+            [(h, tq), (h_kv, tk), (h_kv, tk)].iter().map(|&(heads, t)| Tensor::<4>::random([b, heads, t, dh], Distribution::Normal(0.0, 1.0), &device)).collect();
         let dout = Tensor::<4>::random([b, h, tq, dh], Distribution::Normal(0.0, 1.0), &device);
         let scale = 0.3f32;
         let run = |ours: bool| {
@@ -51,9 +56,11 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
                 assert!(odpo_kernels::masked_attention_calls() > before);
                 y
             } else {
-                let bias = Tensor::<4>::zeros(mask.dims(), on).mask_fill(mask.clone(), f32::NEG_INFINITY);
+                // transformers' `repeat_kv`, in tensor operations.
+                let widen = |x: Tensor<4>| x.unsqueeze_dim::<5>(2).expand([b, h_kv, h / h_kv, tk, dh]).reshape([b, h, tk, dh]);
+                let bias = Tensor::<4>::zeros([b, h, tq, tk], on).mask_fill(mask.clone().expand([b, h, tq, tk]), f32::NEG_INFINITY);
                 let options = AttentionModuleOptions { scale: Some(f64::from(scale)), softcap: None, is_causal: false };
-                attention(q.clone(), k.clone(), v.clone(), None, Some(bias), options)
+                attention(q.clone(), widen(k.clone()), widen(v.clone()), None, Some(bias), options)
             };
             let grads = (y.clone() * dout).sum().backward();
             let g = |t: &Tensor<4>| vec(t.grad(&grads).expect("a gradient"));
@@ -61,6 +68,13 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
         };
         let fused_before = odpo_kernels::fused_attention_backward_calls();
         let (ours, burns) = (run(true), run(false));
+        // Without autodiff the same call widens the heads before the backend's body.
+        let plain = test_device();
+        let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), &plain));
+        let untracked = odpo_kernels::masked_attention(q, k, v, Tensor::<4, Bool>::from_data(mask.to_data(), &plain), scale).expect("the extension");
+        for (x, y) in vec(untracked).iter().zip(&ours.0) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "untracked {x} against tracked {y} on {plain:?}");
+        }
         // libtorch on the CPU runs the backward pass through torch's flash-attention kernel.
         if format!("{device:?}").contains("LibTorch(Cpu)") {
             assert!(odpo_kernels::fused_attention_backward_calls() > fused_before, "torch's fused attention backward did not run on {device:?}");
