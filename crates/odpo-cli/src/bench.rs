@@ -186,8 +186,7 @@ pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
 pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let lora = a.lora.map(|rank| odpo_model::LoraConfig { rank, alpha: 2.0 * rank as f64, quantized_base: a.quantized_base, ..Default::default() });
-    let layout = if a.no_shared_prompt { "concatenated" } else { a.layout.as_str() };
-    let layout: odpo_trainer::config::RowLayout = serde_json::from_value(serde_json::Value::String(layout.into()))?;
+    let layout: odpo_trainer::config::RowLayout = if a.no_shared_prompt { "concatenated" } else { a.layout.as_str() }.parse()?;
     let backend_name = a.backend.split(':').next().unwrap_or_default();
     let shared_prompt = layout.resolve(backend_name.parse()?) == odpo_data::Layout::SharedPrompt;
     let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };

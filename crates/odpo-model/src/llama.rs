@@ -245,11 +245,7 @@ impl Mlp {
     /// `odpo_kernels::swiglu`.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (g, u) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        let h = match odpo_kernels::swiglu(g.clone(), u.clone()) {
-            Some(h) => h,
-            None => silu(g) * u,
-        };
-        self.down_proj.forward(h)
+        self.down_proj.forward(odpo_kernels::swiglu(g.clone(), u.clone()).unwrap_or_else(|| silu(g) * u))
     }
 }
 

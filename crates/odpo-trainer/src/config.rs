@@ -201,6 +201,19 @@ impl RowLayout {
     }
 }
 
+impl std::str::FromStr for RowLayout {
+    type Err = TrainError;
+    /// The names `train.layout` takes (`odpo bench --layout`).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "shared-prompt" => Ok(Self::SharedPrompt),
+            "concatenated" => Ok(Self::Concatenated),
+            other => Err(TrainError::config("train.layout", format!("is `{other}`; expected auto, shared-prompt or concatenated"))),
+        }
+    }
+}
+
 /// `[train]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -749,6 +762,11 @@ beta = 0.1
         assert_eq!(set.resolve(Backend::Flex), Concatenated);
         let set = parse(BASE, &["train.layout=\"shared-prompt\""])?.train.layout;
         assert_eq!(set.resolve(Backend::Cuda), SharedPrompt);
+        // The names `odpo bench --layout` parses are the config's.
+        for layout in [RowLayout::Auto, RowLayout::SharedPrompt, RowLayout::Concatenated] {
+            let name = serde_json::to_value(layout).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            assert_eq!(name.parse::<RowLayout>()?, layout);
+        }
         Ok(())
     }
 
