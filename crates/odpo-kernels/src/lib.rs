@@ -8,7 +8,8 @@
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32 ([`matmul`],
 //! [`linear`]), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), and the sum of squares of a gradient
-//! without a squared temporary ([`cpu_sum_squares`]).
+//! without a squared temporary ([`cpu_sum_squares`]). [`max_buffer_bytes`] says how large one
+//! buffer of a device may be, for callers that split what would not fit.
 //!
 //! burn's element-wise operations write one tensor per operation, so an AdamW update written with
 //! them makes a dozen passes over every parameter-sized buffer; PyTorch's single-tensor AdamW makes
@@ -27,6 +28,7 @@
 mod adamw_libtorch;
 mod attention;
 mod cpu;
+mod limits;
 mod matmul;
 mod quantized;
 mod rms_norm;
@@ -38,6 +40,7 @@ mod swiglu;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
+pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};

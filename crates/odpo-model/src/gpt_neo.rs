@@ -287,6 +287,11 @@ impl GptNeo {
         }
     }
 
+    /// Entries of the vocabulary: the rows of the token embedding, the columns of the logits.
+    pub fn vocab_size(&self) -> usize {
+        self.wte.weight.val().dims()[0]
+    }
+
     /// Number of blocks (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.h.len()

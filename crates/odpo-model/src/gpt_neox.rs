@@ -298,6 +298,11 @@ impl GptNeox {
         }
     }
 
+    /// Entries of the vocabulary: the rows of the token embedding, the columns of the logits.
+    pub fn vocab_size(&self) -> usize {
+        self.embed_in.weight.val().dims()[0]
+    }
+
     /// Number of layers (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.layers.len()

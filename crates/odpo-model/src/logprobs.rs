@@ -1,6 +1,6 @@
 //! Log-probabilities of token sequences: the hot path of preference training.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::model::CausalLm;
 
@@ -23,6 +23,43 @@ fn target_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     // Low-precision logits are widened: log-probabilities summed over a completion need f32.
     let logits = logits.cast(burn::tensor::FloatDType::F32).reshape([b * n, v]);
     odpo_kernels::token_logprobs(logits, targets.reshape([b * n])).reshape([b, n])
+}
+
+/// `log p(target)` `[B, N]` of final hidden states `hidden` `[B, N, D]` through the LM head, for the
+/// aligned `targets` `[B, N]`: `token_logprobs(model.head(hidden))` without the `[B, N, V]` logits
+/// in one tensor where the device cannot hold them in one buffer.
+///
+/// The logits are the largest tensor of a step (Llama-3.2-1B: a token's 128,256 entries are 0.5 MB
+/// in f32, 8 pairs of 512 tokens 4.2 GB), and some backends cap one buffer well below their memory
+/// ([`odpo_kernels::max_buffer_bytes`]: wgpu's binding limit; 128 MiB on Mesa's lavapipe). There the
+/// rows run through the head and the log-softmax in consecutive runs of at most `rows_per_run` rows
+/// (by default the most whose f32 logits fit in one buffer), each run's logits a tensor of its own.
+/// Gradients flow as through the whole: each run adds its share to the head's weight gradient.
+/// Where everything fits (every device but a buffer-capped one, on most steps) it is one call.
+pub fn head_logprobs(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, rows_per_run: Option<usize>) -> Tensor<2> {
+    let [b, n, d] = hidden.dims();
+    let rows = b * n;
+    let run = rows_per_run.or_else(|| logit_rows_per_buffer(&hidden.device(), model.vocab_size())).unwrap_or(rows).max(1);
+    if run >= rows {
+        return target_logprobs(model.head(hidden), targets);
+    }
+    let (hidden, targets) = (hidden.reshape([1, rows, d]), targets.reshape([1, rows]));
+    let runs = (0..rows)
+        .step_by(run)
+        .map(|s| {
+            let len = run.min(rows - s);
+            target_logprobs(model.head(hidden.clone().narrow(1, s, len)), targets.clone().narrow(1, s, len))
+        })
+        .collect();
+    Tensor::cat(runs, 1).reshape([b, n])
+}
+
+/// How many rows of f32 logits over `vocab` entries one buffer of `device` holds, where its backend
+/// caps one buffer ([`odpo_kernels::max_buffer_bytes`]); at least 1. `None`: no cap.
+pub fn logit_rows_per_buffer(device: &Device, vocab: usize) -> Option<usize> {
+    let bytes = odpo_kernels::max_buffer_bytes(device)?;
+    let per_row = 4 * vocab.max(1) as u64;
+    Some(usize::try_from(bytes / per_row).unwrap_or(usize::MAX).max(1))
 }
 
 /// [`sequence_logprobs`] of `model` on `input_ids`, with the LM head run only where a prediction
@@ -48,9 +85,8 @@ pub fn completion_logprobs(
     // Hidden state at column c predicts the token at c + 1.
     let start = first_target.clamp(1, t - 1) - 1;
     let n = t - 1 - start;
-    let logits = model.head(hidden.narrow(1, start, n));
     let mask = loss_mask.narrow(1, start + 1, n);
-    let lp = target_logprobs(logits, input_ids.narrow(1, start + 1, n)) * mask.clone();
+    let lp = head_logprobs(model, hidden.narrow(1, start, n), input_ids.narrow(1, start + 1, n), None) * mask.clone();
     (lp.sum_dim(1).reshape([b]), mask.sum_dim(1).reshape([b]))
 }
 
@@ -108,8 +144,9 @@ pub fn shared_prompt_logprobs(
         let completions = model.hidden(ids, &full_mask.clone().narrow(1, 0, p + c - 1), Some(&mut cache));
         h = Tensor::cat(vec![h, completions], 1);
     }
-    // One head call for every predicting column: with a tied embedding, each call's backward
-    // writes a vocabulary-sized weight gradient that autodiff then adds to the others.
-    let lp = target_logprobs(model.head(h), completion_ids);
+    // One head call for every predicting column (where one buffer holds the logits): with a tied
+    // embedding, each call's backward writes a vocabulary-sized weight gradient that autodiff then
+    // adds to the others.
+    let lp = head_logprobs(model, h, completion_ids, None);
     ((lp * loss_mask).sum_dim(1).reshape([b2]), count)
 }

@@ -345,6 +345,17 @@ impl CausalLm {
         }
     }
 
+    /// Entries of the vocabulary: the width of the logits [`Self::head`] returns.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Self::Gpt2(m) => m.vocab_size(),
+            Self::Llama(m) => m.vocab_size(),
+            Self::GptNeo(m) => m.vocab_size(),
+            Self::Gptj(m) => m.vocab_size(),
+            Self::GptNeox(m) => m.vocab_size(),
+        }
+    }
+
     /// An empty KV cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(match self {

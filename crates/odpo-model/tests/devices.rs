@@ -1,14 +1,18 @@
 //! Device specs that name hardware the machine lacks (a CUDA device, a wgpu adapter) are refused
 //! with an error that says what is missing, rather than a panic inside burn's runtimes or libtorch;
-//! a tensor larger than the device holds is an out-of-memory error that names its size.
+//! a tensor larger than the device holds is an out-of-memory error that names its size; logits
+//! larger than one buffer of the device run through the LM head in runs that fit.
 //! In builds with `cuda`, `tch`, `wgpu` or `vulkan` (the conformance binary has several); elsewhere
 //! the backend's missing feature is named.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use burn::tensor::Tensor;
+use burn::module::{ModuleVisitor, Param};
+use burn::tensor::{Int, Tensor, TensorData};
 use odpo_model::backend::{Backend, device};
+use odpo_model::logprobs::{head_logprobs, logit_rows_per_buffer};
+use odpo_model::{CausalLm, Module, ModelConfig};
 use odpo_model::out_of_memory::{OutOfMemory, catch};
 
 #[test]
@@ -73,4 +77,110 @@ fn a_tensor_larger_than_the_device_is_an_out_of_memory_error() {
     // The failure is the tensor's alone: the device goes on computing.
     let x = Tensor::<1>::from_floats([1.0, 2.0, 3.0], &device);
     assert_eq!(x.sum().into_scalar::<f32>(), 6.0);
+}
+
+/// A step's logits larger than one buffer of the device (wgpu caps one buffer: 128 MiB on Mesa's
+/// lavapipe, which CI runs) go through the LM head and the log-softmax in runs of rows that fit, with
+/// the log-probabilities and the gradients of the head's weight and of the hidden states that the
+/// definition gives, computed here in f64.
+#[test]
+fn logits_past_one_buffer_of_the_device_run_through_the_head_in_runs() {
+    let spec = std::env::var("ODPO_TEST_DEVICE").unwrap_or_default();
+    let device = common::test_device();
+    let vocab = 32_768;
+    let Some(cap) = odpo_kernels::max_buffer_bytes(&device) else {
+        eprintln!("skipped on `{spec}`: its backend caps no buffer below its memory, so the logits never run in parts there");
+        return;
+    };
+    let per_buffer = logit_rows_per_buffer(&device, vocab).unwrap();
+    // Enough rows that their f32 logits are more than one buffer holds.
+    let rows = per_buffer + per_buffer / 4 + 1;
+    if rows > 4096 {
+        eprintln!("skipped on `{spec}`: one buffer holds {cap} bytes, {per_buffer} rows of logits; a test-sized step does not reach that");
+        return;
+    }
+
+    let cfg = serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": true,
+    });
+    let config = ModelConfig::from_hf_json(&cfg, "devices.rs".as_ref()).unwrap();
+    let ad = device.clone().autodiff();
+    let model = CausalLm::random(&config, 7, &ad).unwrap();
+    let (b, t) = (2, rows.div_ceil(2) + 1);
+    let ids: Vec<i64> = (0..b * t).map(|i| ((i * 7919 + 13) % vocab) as i64).collect();
+    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids.clone(), [b, t]), &ad);
+    let attn = Tensor::<2, Int>::ones([b, t], &ad);
+    let hidden = model.hidden(ids.clone(), &attn, None).narrow(1, 0, t - 1).detach().require_grad();
+    let targets = ids.narrow(1, 1, t - 1);
+    let lp = head_logprobs(&model, hidden.clone(), targets.clone(), None);
+    let grads = lp.clone().sum().backward();
+
+    // The reference: log softmax(h·Wᵀ)[target], and the gradients of its sum, in f64.
+    let h = f64s(hidden.clone().inner());
+    let w = embedding(&model, vocab, 8);
+    let tg: Vec<usize> = targets.into_data().convert::<i64>().try_into_vec::<i64>().unwrap().into_iter().map(|x| x as usize).collect();
+    let (n, d) = (b * (t - 1), 8);
+    eprintln!("`{spec}`: one buffer holds {cap} bytes, {per_buffer} rows of {vocab} f32 logits; the step has {n} rows ({} bytes of logits)", n * vocab * 4);
+    assert!(n as u64 * vocab as u64 * 4 > cap, "the logits should not fit in one buffer");
+    assert_eq!(w.len(), vocab * d);
+    let (mut want_lp, mut want_dh, mut want_dw) = (vec![0.0; n], vec![0.0; n * d], vec![0.0; vocab * d]);
+    let mut logits = vec![0.0; vocab];
+    for r in 0..n {
+        let hr = &h[r * d..(r + 1) * d];
+        for (v, l) in logits.iter_mut().enumerate() {
+            *l = hr.iter().zip(&w[v * d..(v + 1) * d]).map(|(a, b)| a * b).sum::<f64>();
+        }
+        let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+        let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+        want_lp[r] = logits[tg[r]] - lse;
+        for v in 0..vocab {
+            let coef = f64::from(u8::from(v == tg[r])) - (logits[v] - lse).exp();
+            for k in 0..d {
+                want_dh[r * d + k] += coef * w[v * d + k];
+                want_dw[v * d + k] += coef * hr[k];
+            }
+        }
+    }
+    let close = |what: &str, got: &[f64], want: &[f64], tol: f64| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        let diff = got.iter().zip(want).fold(0.0_f64, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("`{spec}`: {what}: largest |diff| {diff:.2e}");
+        assert!(diff < tol, "{what}: largest |diff| {diff:.2e} > {tol:.0e}");
+    };
+    close("log-probabilities", &f64s(lp.inner()), &want_lp, 1e-4);
+    close("gradient of the hidden states", &f64s(hidden.grad(&grads).unwrap()), &want_dh, 1e-4);
+    close("gradient of the tied head's weight", &f64s(embedding_grad(&model, vocab, 8, &grads)), &want_dw, 1e-4);
+}
+
+fn f64s<const D: usize>(t: Tensor<D>) -> Vec<f64> {
+    t.into_data().convert::<f64>().try_into_vec::<f64>().unwrap()
+}
+
+/// The token embedding (the tied head's weight), `[V, D]` row-major: the model's one `[V, D]` parameter.
+fn embedding(model: &CausalLm, vocab: usize, d: usize) -> Vec<f64> {
+    let mut found = Vec::new();
+    visit_shaped(model, [vocab, d], |p| found = f64s(p.inner()));
+    found
+}
+
+fn embedding_grad(model: &CausalLm, vocab: usize, d: usize, grads: &burn::tensor::Gradients) -> Tensor<2> {
+    let mut found = None;
+    visit_shaped(model, [vocab, d], |p| found = p.grad(grads));
+    found.expect("the embedding has a gradient")
+}
+
+/// Calls `f` with each float parameter of shape `dims`.
+fn visit_shaped(model: &CausalLm, dims: [usize; 2], f: impl FnMut(Tensor<2>)) {
+    struct V<F>([usize; 2], F);
+    impl<F: FnMut(Tensor<2>)> ModuleVisitor for V<F> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val();
+            if t.dims().as_slice() == self.0.as_slice() {
+                (self.1)(t.reshape(self.0));
+            }
+        }
+    }
+    model.visit(&mut V(dims, f));
 }

@@ -1,14 +1,17 @@
 //! Parity with HF transformers on tiny random models of every family, made by
 //! `tests/fixtures/make_fixtures.py` and `make_fixtures_neo.py`:
-//! logits on right- and left-padded batches within 1e-4, completion log-probabilities, and the
-//! save -> load round trip.
+//! logits on right- and left-padded batches within 1e-4, completion log-probabilities (with the LM
+//! head in one call and in runs of a few rows), and the save -> load round trip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use burn::module::{ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
 use common::*;
 use odpo_model::{CausalLm, Module};
-use odpo_model::logprobs::{completion_logprobs, sequence_logprobs};
+use odpo_model::logprobs::{completion_logprobs, head_logprobs, sequence_logprobs};
 
 const CASES: &[&str] = &[
     "gpt2",
@@ -64,6 +67,62 @@ fn completion_logprobs_match_transformers() {
                 }
             }
             assert!(first > 1, "{case}: the fixture's prompts should leave columns to skip");
+        }
+    }
+}
+
+/// Every parameter's gradient, flattened, in visiting order.
+fn param_grads(model: &CausalLm, grads: &GradientsParams) -> Vec<Vec<f32>> {
+    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
+    impl ModuleVisitor for V<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.get::<D>(param.id) {
+                self.1.push(to_vec(g));
+            }
+        }
+    }
+    let mut v = V(grads, Vec::new());
+    model.visit(&mut v);
+    v.1
+}
+
+/// The LM head and log-softmax run over a few rows at a time, as on a device whose buffers cannot
+/// hold a step's logits (`head_logprobs`, `odpo_kernels::max_buffer_bytes`): transformers'
+/// completion log-probabilities, and the gradients of every parameter that one call gives (a tied
+/// embedding collects a share from each run).
+#[test]
+fn head_logprobs_in_runs_match_transformers_and_one_call() {
+    let device = test_device().autodiff();
+    for case in CASES {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let model = CausalLm::load(&dir, &device).unwrap().model;
+        let ids = int2(&exp["input_ids"], &device);
+        let attn = int2(&exp["attention_mask"], &device);
+        let mask = float2(&exp["completion_mask"], &device);
+        let [b, t] = ids.dims();
+        assert!(b * (t - 1) > 3, "{case}: the fixture should have more rows than one run");
+        let sums_and_grads = |rows: usize| {
+            let hidden = model.hidden(ids.clone(), &attn, None).narrow(1, 0, t - 1);
+            let lp = head_logprobs(&model, hidden, ids.clone().narrow(1, 1, t - 1), Some(rows)) * mask.clone().narrow(1, 1, t - 1);
+            let sums = lp.sum_dim(1).reshape([b]);
+            let grads = GradientsParams::from_grads(sums.clone().sum().backward(), &model);
+            (to_vec(sums), param_grads(&model, &grads))
+        };
+        let (whole, whole_grads) = sums_and_grads(usize::MAX);
+        for rows in [1, 3] {
+            let (runs, run_grads) = sums_and_grads(rows);
+            for (i, (got, one)) in runs.iter().zip(&whole).enumerate() {
+                let want = exp["completion_logprob_sum"].data[i];
+                assert!((f64::from(*got) - want).abs() < 1e-4, "{case} row {i}, runs of {rows}: {got} vs transformers {want}");
+                assert!((got - one).abs() < 1e-5, "{case} row {i}, runs of {rows}: {got} vs one call {one}");
+            }
+            assert_eq!(run_grads.len(), whole_grads.len(), "{case}: parameters with a gradient");
+            for (k, (g, w)) in run_grads.iter().zip(&whole_grads).enumerate() {
+                let scale = w.iter().fold(1e-3_f32, |m, x| m.max(x.abs()));
+                let diff = g.iter().zip(w).fold(0.0_f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= 1e-5 * scale.max(1.0), "{case} parameter {k}, runs of {rows}: gradients differ by {diff:.2e} (largest {scale:.2e})");
+            }
         }
     }
 }
