@@ -13,7 +13,7 @@
 #      the rows as `--layout auto` lays them out on a GPU (concatenated), and on the first model the shared
 #      prompt beside them on GPU_CHECK_LAYOUT_BACKENDS (default tch-cuda);
 #   3. ODPO on the real SmolLM2-135M-Instruct with the paper's IMDB pairs for 100 steps, and the same
-#      run's first steps on the CPU (flex) beside it;
+#      run's first steps on the CPU (tch; flex in the dry run) beside it;
 #   4. the step of 2 with gradient checkpointing on the first backend: its peak memory and time
 #      beside the plain step's (what the budget leaves);
 #   5. a step far too large for the device: `odpo bench` must stop with an out-of-memory error, not a
@@ -213,10 +213,14 @@ for m in $MODELS; do
 done
 
 echo "== 3. ODPO on SmolLM2-135M-Instruct with the paper's IMDB pairs, $STEPS steps, and the first steps on the CPU"
-# GPU_CHECK_CPU_STEPS=0 leaves the CPU run out (a second call that only finishes the GPU runs).
-cpu=flex; [ "$CPU_STEPS" = 0 ] && cpu=
+# The CPU side runs on libtorch's CPU backend (GPU_CHECK_CPU_BACKEND, default tch): on the H200's 16
+# cores flex spent 82 s of the budget on one step (2026-11-30). The dry run, where tch stands in for a
+# GPU, keeps flex. GPU_CHECK_CPU_STEPS=0 leaves the CPU run out (a second call that only finishes the
+# GPU runs).
+if [ "$QUICK" = 1 ]; then cpu=${GPU_CHECK_CPU_BACKEND:-flex}; else cpu=${GPU_CHECK_CPU_BACKEND:-tch}; fi
+[ "$CPU_STEPS" = 0 ] && cpu=
 for b in $cpu $RUN_BACKENDS; do
-  steps=$STEPS; [ "$b" = flex ] && steps=$CPU_STEPS
+  steps=$STEPS; [ "$b" = "$cpu" ] && steps=$CPU_STEPS
   echo "-- $b, $steps steps"
   fits 60 || { record "run-$b" "{\"stage\":\"run\",\"backend\":\"$b\",\"skipped\":true}"; continue; }
   t0=$SECONDS

@@ -103,7 +103,8 @@ def tables(records):
         out.append("")
     runs = [r for r in records if r.get("stage") == "run"]
     if runs:
-        cpu = next((r for r in runs if r["backend"] == "flex" and r.get("train_loss")), None)
+        # The CPU side runs first (gpu-check.sh: tch, or flex in the dry run).
+        cpu = next((r for r in runs if r["backend"] in ("flex", "tch") and r.get("train_loss")), None)
         out.append("| real run | steps | seconds | train loss first -> last | held-out loss start -> end | held-out reward accuracy start -> end | largest loss gap to the CPU, first steps |")
         out.append("|---|---|---|---|---|---|---|")
         for r in runs:
