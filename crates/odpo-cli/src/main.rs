@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand};
 use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
-use odpo_model::logprobs::sequence_logprobs;
+use odpo_model::logprobs::completion_logprobs;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_model::{CausalLm, LoadedModel, Module, backend};
 
@@ -494,8 +494,9 @@ fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
     let loss_mask: Vec<f32> = (0..n).map(|i| if i >= p.len() { 1.0 } else { 0.0 }).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
     let mask = Tensor::<2, Int>::ones([1, n], &device);
-    let logits = loaded.model.forward(input.clone(), &mask, None);
-    let (sum, count) = sequence_logprobs(logits, input, Tensor::from_data(TensorData::new(loss_mask, [1, n]), &device));
+    // The LM head on the completion's columns only, in runs of rows that fit one buffer.
+    let loss_mask = Tensor::from_data(TensorData::new(loss_mask, [1, n]), &device);
+    let (sum, count) = completion_logprobs(&loaded.model, input, &mask, loss_mask, p.len());
     let sum = f64::from(sum.into_scalar::<f32>());
     let count = f64::from(count.into_scalar::<f32>());
     if a.json {

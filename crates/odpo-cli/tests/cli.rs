@@ -1,6 +1,7 @@
 //! `odpo train --config` end to end on real data: the paper's IMDB file and SmolLM2's tokenizer from the
 //! shared folder (`ODPO_SHARED`; skipped, saying so, when it is absent, unless `ODPO_REQUIRE_SHARED=1`),
-//! a tiny random GPT-2 as the model; then `--resume` with a longer run.
+//! a tiny random GPT-2 as the model; then `--resume` with a longer run. And `odpo logprobs` on the
+//! real SmolLM2-135M-Instruct against transformers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../odpo-model/tests/common/env.rs"]
@@ -214,4 +215,31 @@ fn reward_model_on_pairs_scores_them_for_offsets() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `odpo logprobs` on the real SmolLM2-135M-Instruct (the shared folder's GGUF file) gives the
+/// completion log-probability HF transformers computed for each reference case, after the model's
+/// chat template.
+#[test]
+fn logprobs_of_a_completion_match_transformers() {
+    let Some(dir) = env::shared_path("models/smollm2-135m-instruct") else { return };
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let model = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    for case in refs["cases"].as_array().unwrap() {
+        let (user, completion) = (case["user"].as_str().unwrap(), case["completion_text"].as_str().unwrap());
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo"))
+            .args(["logprobs", "--model"])
+            .arg(&model)
+            .args(["--chat", "--json", "--prompt", user, "--completion", completion])
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run odpo");
+        assert!(out.status.success(), "odpo logprobs failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["prompt_tokens"], case["prompt_len"], "{user}");
+        assert_eq!(got["completion_tokens"], case["completion_len"], "{user}");
+        let (sum, want) = (got["completion_logprob_sum"].as_f64().unwrap(), case["completion_logprob_sum"].as_f64().unwrap());
+        eprintln!("{user}: {sum:.5} (transformers {want:.5})");
+        assert!((sum - want).abs() < 2e-3, "{user}: log p(completion) {sum} against transformers' {want}");
+    }
 }
