@@ -6,9 +6,7 @@
 
 mod common;
 
-use burn::module::{ModuleVisitor, Param};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
 use common::*;
 use odpo_model::{CausalLm, Module};
 use odpo_model::logprobs::{completion_logprobs, head_logprobs, sequence_logprobs};
@@ -69,21 +67,6 @@ fn completion_logprobs_match_transformers() {
             assert!(first > 1, "{case}: the fixture's prompts should leave columns to skip");
         }
     }
-}
-
-/// Every parameter's gradient, flattened, in visiting order.
-fn param_grads(model: &CausalLm, grads: &GradientsParams) -> Vec<Vec<f32>> {
-    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-    impl ModuleVisitor for V<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.0.get::<D>(param.id) {
-                self.1.push(to_vec(g));
-            }
-        }
-    }
-    let mut v = V(grads, Vec::new());
-    model.visit(&mut v);
-    v.1
 }
 
 /// The LM head and log-softmax run over a few rows at a time, as on a device whose buffers cannot

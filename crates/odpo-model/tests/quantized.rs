@@ -5,7 +5,7 @@
 
 mod common;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor};
 use common::*;
@@ -13,21 +13,6 @@ use odpo_model::{CausalLm, LoraConfig};
 
 fn tmp(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("odpo-quantized-{name}-{}", std::process::id()))
-}
-
-/// The gradients of every trainable parameter, in module order.
-fn adapter_grads(model: &CausalLm, grads: &GradientsParams) -> Vec<Vec<f32>> {
-    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
-    impl ModuleVisitor for V<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some(g) = self.0.get::<D>(param.id) {
-                self.1.push(to_vec(g));
-            }
-        }
-    }
-    let mut v = V(grads, Vec::new());
-    model.visit(&mut v);
-    v.1
 }
 
 fn flex() -> Device {
@@ -69,7 +54,7 @@ fn lora_over_a_quantized_base_matches_its_dequantized_twin() {
         let adapted = adapted.map(&mut Nudge);
         let logits = adapted.forward(ids.clone(), &mask, None);
         let grads = GradientsParams::from_grads((logits.clone() * logits).mean().backward(), &adapted);
-        adapter_grads(&adapted, &grads)
+        param_grads(&adapted, &grads)
     };
     let (g, want) = (run(&quantized.model), run(&twin));
     assert_eq!(g.len(), 2 * 7 * 2, "A and B of 7 projections in 2 layers");

@@ -4,6 +4,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use burn::module::{ModuleVisitor, Param};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 mod env;
@@ -74,4 +76,19 @@ pub fn max_diff_logits(model: &odpo_model::CausalLm, exp: &HashMap<String, Arr>,
         }
     }
     worst
+}
+
+/// Every gradient `grads` holds for a parameter of `model`, flattened, in module order.
+pub fn param_grads(model: &odpo_model::CausalLm, grads: &GradientsParams) -> Vec<Vec<f32>> {
+    struct V<'a>(&'a GradientsParams, Vec<Vec<f32>>);
+    impl ModuleVisitor for V<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.get::<D>(param.id) {
+                self.1.push(to_vec(g));
+            }
+        }
+    }
+    let mut v = V(grads, Vec::new());
+    odpo_model::Module::visit(model, &mut v);
+    v.1
 }
