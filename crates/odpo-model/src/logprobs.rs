@@ -43,6 +43,9 @@ pub fn head_logprobs(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int
     if run >= rows {
         return target_logprobs(model.head(hidden), targets);
     }
+    // Once per process: where a run's speed or memory looks odd, this is part of why.
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| tracing::info!("the logits of {rows} rows are more than one buffer of the device holds: the LM head runs over {run} rows at a time"));
     let (hidden, targets) = (hidden.reshape([1, rows, d]), targets.reshape([1, rows]));
     let runs = (0..rows)
         .step_by(run)
