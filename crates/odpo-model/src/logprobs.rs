@@ -39,7 +39,9 @@ fn target_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
 pub fn head_logprobs(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, rows_per_run: Option<usize>) -> Tensor<2> {
     let [b, n, d] = hidden.dims();
     let rows = b * n;
-    let run = rows_per_run.or_else(|| logit_rows_per_buffer(&hidden.device(), model.vocab_size())).unwrap_or(rows).max(1);
+    // The vocabulary is read only where the device caps a buffer (not on every CPU step).
+    let capped = || odpo_kernels::max_buffer_bytes(&hidden.device()).map(|bytes| rows_in(bytes, model.vocab_size()));
+    let run = rows_per_run.or_else(capped).unwrap_or(rows).max(1);
     if run >= rows {
         return target_logprobs(model.head(hidden), targets);
     }
@@ -60,9 +62,12 @@ pub fn head_logprobs(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int
 /// How many rows of f32 logits over `vocab` entries one buffer of `device` holds, where its backend
 /// caps one buffer ([`odpo_kernels::max_buffer_bytes`]); at least 1. `None`: no cap.
 pub fn logit_rows_per_buffer(device: &Device, vocab: usize) -> Option<usize> {
-    let bytes = odpo_kernels::max_buffer_bytes(device)?;
-    let per_row = 4 * vocab.max(1) as u64;
-    Some(usize::try_from(bytes / per_row).unwrap_or(usize::MAX).max(1))
+    odpo_kernels::max_buffer_bytes(device).map(|bytes| rows_in(bytes, vocab))
+}
+
+/// Rows of f32 logits over `vocab` entries in `bytes`, at least 1.
+fn rows_in(bytes: u64, vocab: usize) -> usize {
+    usize::try_from(bytes / (4 * vocab.max(1) as u64)).unwrap_or(usize::MAX).max(1)
 }
 
 /// [`sequence_logprobs`] of `model` on `input_ids`, with the LM head run only where a prediction
