@@ -37,7 +37,13 @@ pub(crate) fn adamw(p: &mut DispatchTensorKind, g: &DispatchTensorKind, m: &mut 
     if !(fits(p) && fits(m) && fits(v)) {
         return false;
     }
-    let (p, m, v) = (&mut p.tensor, &mut m.tensor, &mut v.tensor);
+    update(&mut p.tensor, g, &mut m.tensor, &mut v.tensor, c);
+    true
+}
+
+/// PyTorch's single-tensor AdamW as in-place torch operations on tensors of one shape, kind and
+/// device: on one parameter here, on all of them at once in `flat_adamw`.
+pub(crate) fn update(p: &mut tch::Tensor, g: &tch::Tensor, m: &mut tch::Tensor, v: &mut tch::Tensor, c: &Coeffs) {
     let scaled;
     let g = match c.scale {
         Some(s) => {
@@ -57,5 +63,28 @@ pub(crate) fn adamw(p: &mut DispatchTensorKind, g: &DispatchTensorKind, m: &mut 
     denom /= f64::from(c.bc2_sqrt);
     denom += f64::from(c.eps);
     let _ = p.addcdiv_(&(&*m * f64::from(c.neg_step_size)), &denom);
-    true
+}
+
+/// [`update`] on a gradient the caller gives up (all parameters' gradients gathered into one
+/// buffer): the same operations in the same form, so the same values to the bit, with the
+/// denominator written over the gradient and each temporary dropped once used, so that at most two
+/// buffers of the gradient's size are alive at once beside it. (libtorch rounds a half-precision
+/// product with a scalar differently in place and out of place, so the products stay out of place.)
+pub(crate) fn update_owned(p: &mut tch::Tensor, g: tch::Tensor, m: &mut tch::Tensor, v: &mut tch::Tensor, c: &Coeffs) {
+    let g = match c.scale {
+        Some(s) => &g * f64::from(s),
+        None => g,
+    };
+    if let Some(d) = c.decay {
+        *p *= f64::from(d);
+    }
+    let _ = m.lerp_(&g, f64::from(c.w1));
+    *v *= f64::from(c.b2);
+    let _ = v.addcmul_(&(&g * f64::from(c.w2)), &g);
+    let mut denom = g;
+    denom.copy_(v);
+    let _ = denom.sqrt_();
+    denom /= f64::from(c.bc2_sqrt);
+    denom += f64::from(c.eps);
+    let _ = p.addcdiv_(&(&*m * f64::from(c.neg_step_size)), &denom);
 }

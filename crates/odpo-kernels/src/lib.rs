@@ -7,8 +7,9 @@
 //! [`swiglu`]), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32 ([`matmul`],
 //! [`linear`]), and the update path: the AdamW step in one pass over
-//! a parameter, its gradient and its two moments ([`adamw`]), and the sum of squares of a gradient
-//! without a squared temporary ([`cpu_sum_squares`]). [`max_buffer_bytes`] says how large one
+//! a parameter, its gradient and its two moments ([`adamw`]), the same over all parameters at once
+//! on libtorch devices ([`FlatAdamW`], PyTorch's multi-tensor update), and the sum of squares of a
+//! gradient without a squared temporary ([`cpu_sum_squares`]). [`max_buffer_bytes`] says how large one
 //! buffer of a device may be, for callers that split what would not fit.
 //!
 //! burn's element-wise operations write one tensor per operation, so an AdamW update written with
@@ -28,6 +29,7 @@
 mod adamw_libtorch;
 mod attention;
 mod cpu;
+mod flat_adamw;
 mod limits;
 mod matmul;
 mod quantized;
@@ -40,6 +42,7 @@ mod swiglu;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
+pub use flat_adamw::{FlatAdamW, FlatEntry};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};

@@ -107,6 +107,10 @@ pub struct OptimConfig {
     pub momentum: Option<f64>,
     /// RMSprop only: centred variant, default false.
     pub centered: Option<bool>,
+    /// AdamW only: on libtorch tensors the CPU kernel cannot reach (CUDA, half precision), update
+    /// all parameters at once as one buffer, as PyTorch's `foreach` AdamW does (default true);
+    /// false: each parameter on its own. The same values either way.
+    pub foreach: Option<bool>,
     /// Clip the global gradient norm to this, as `torch.nn.utils.clip_grad_norm_` (the paper: 10). None: no clipping.
     pub max_grad_norm: Option<f64>,
     /// Linear warmup steps: lr · min(1, (step + 1) / (warmup_steps + 1)) (the paper: 150).
@@ -128,6 +132,7 @@ impl Default for OptimConfig {
             alpha: None,
             momentum: None,
             centered: None,
+            foreach: None,
             max_grad_norm: Some(10.0),
             warmup_steps: 150,
             schedule: DecayKind::Constant,
@@ -553,6 +558,9 @@ impl OptimConfig {
                 }
             }
             OptimizerKind::Rmsprop => {
+                if o.foreach.is_some() {
+                    return not_for("optim.foreach");
+                }
                 if o.betas.is_some() {
                     return not_for("optim.betas");
                 }

@@ -7,8 +7,8 @@ use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RmsPropConfig};
 use burn::tensor::Device;
 use burn::tensor::Tensor;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::config::{OptimConfig, OptimizerKind};
 
@@ -17,6 +17,8 @@ use crate::config::{OptimConfig, OptimizerKind};
 pub struct Optim {
     module: ModuleOptimizer,
     grad_scale: Option<GradScale>,
+    /// AdamW's hyper-parameters, for the update that runs on all parameters at once.
+    adamw: Option<TorchAdamW>,
 }
 
 impl Optim {
@@ -27,7 +29,12 @@ impl Optim {
         match &self.grad_scale {
             Some(handle) => {
                 handle.set(grad_scale);
-                self.module.step(lr, model, grads)
+                if let Some(a) = self.adamw.as_ref().filter(|_| handle.flat().enabled()) {
+                    handle.flat().begin(&flat_entries(&model, &grads), &a.scalars(lr, 0));
+                }
+                let model = self.module.step(lr, model, grads);
+                handle.flat().finish();
+                model
             }
             None => {
                 let grads = if grad_scale == 1.0 { grads } else { scale_grads(&model, grads, grad_scale) };
@@ -36,7 +43,25 @@ impl Optim {
         }
     }
 
-    /// Parameter updates so far that ran as the one-pass CPU kernel, and all of them (AdamW only;
+    /// The global L2 norm of the gradients, as [`global_norm`]; with AdamW on libtorch devices that
+    /// the CPU kernel cannot reach, gathered into the buffer of the multi-tensor update, where the
+    /// norm is one operation. Give [`step`](Self::step) the same gradients.
+    pub fn grad_norm<M: Module>(&mut self, model: &M, grads: &GradientsParams) -> f64 {
+        if let Some(handle) = self.grad_scale.as_ref().filter(|h| self.adamw.is_some() && h.flat().enabled())
+            && let Some(norm) = handle.flat().gather(&flat_entries(model, grads))
+        {
+            return norm;
+        }
+        global_norm(model, grads)
+    }
+
+    /// Steps whose AdamW update ran on all parameters at once (the multi-tensor update).
+    pub fn multi_tensor_steps(&self) -> usize {
+        self.grad_scale.as_ref().map_or(0, |h| h.flat().flat_steps())
+    }
+
+    /// Parameter updates so far that ran in place (the one-pass CPU kernel, in-place libtorch
+    /// operations, or the multi-tensor update), and all of them (AdamW only;
     /// RMSprop gives (0, 0)). The first step's updates cannot: the weights are still shared with
     /// the reference model.
     pub fn fused_updates(&self) -> (usize, usize) {
@@ -51,23 +76,55 @@ impl Optim {
     /// The same optimizer with the state of a saved record (`optim.bpk`).
     pub fn load(self, path: &std::path::Path) -> Result<Self, String> {
         let module = self.module.load(path).map_err(|e| e.to_string())?;
+        if let Some(h) = &self.grad_scale {
+            // The buffers hold the moments the loaded state replaces.
+            h.flat().reset();
+        }
         Ok(Self { module, ..self })
     }
 }
 
+/// The parameters with gradients, in the order the optimizer visits them, for the multi-tensor update.
+fn flat_entries<M: Module>(model: &M, grads: &GradientsParams) -> Vec<odpo_kernels::FlatEntry> {
+    struct Entries<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<odpo_kernels::FlatEntry>,
+    }
+    impl ModuleVisitor for Entries<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.grads.get::<D>(param.id) {
+                self.out.push((param.val().inner().into_dispatch(), g.into_dispatch()));
+            }
+        }
+    }
+    let mut v = Entries { grads, out: Vec::new() };
+    model.visit(&mut v);
+    v.out
+}
+
 /// What [`Optim`] shares with the [`TorchAdamW`] inside its `ModuleOptimizer` (which only receives a
-/// learning rate per step): the factor a step's gradients are multiplied by, and how many
-/// parameter updates ran as the fused kernel.
+/// learning rate per step): the factor a step's gradients are multiplied by, how many parameter
+/// updates ran in place, and the multi-tensor update's buffers.
 #[derive(Clone, Debug)]
-pub struct GradScale(Arc<(AtomicU64, AtomicUsize, AtomicUsize)>);
+pub struct GradScale(Arc<(AtomicU64, AtomicUsize, AtomicUsize)>, Arc<Mutex<odpo_kernels::FlatAdamW>>);
 
 impl Default for GradScale {
     fn default() -> Self {
-        Self(Arc::new((AtomicU64::new(1f64.to_bits()), AtomicUsize::new(0), AtomicUsize::new(0))))
+        Self::new(true)
     }
 }
 
 impl GradScale {
+    fn new(multi_tensor: bool) -> Self {
+        Self(Arc::new((AtomicU64::new(1f64.to_bits()), AtomicUsize::new(0), AtomicUsize::new(0))), Arc::new(Mutex::new(odpo_kernels::FlatAdamW::new(multi_tensor))))
+    }
+
+    fn flat(&self) -> MutexGuard<'_, odpo_kernels::FlatAdamW> {
+        // A panic inside an update leaves nothing half-written that the next step relies on: it
+        // checks the buffers against the parameters before using them.
+        self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn set(&self, v: f64) {
         self.0.0.store(v.to_bits(), Ordering::Relaxed);
     }
@@ -89,9 +146,9 @@ pub fn build(cfg: &OptimConfig) -> Optim {
     match cfg.optimizer {
         OptimizerKind::Adamw => {
             let [beta_1, beta_2] = cfg.betas.unwrap_or([0.9, 0.999]);
-            let grad_scale = GradScale::default();
+            let grad_scale = GradScale::new(cfg.foreach.unwrap_or(true));
             let adamw = TorchAdamW { beta_1, beta_2, eps: cfg.eps, weight_decay: cfg.weight_decay.unwrap_or(0.01), grad_scale: grad_scale.clone() };
-            Optim { module: ModuleOptimizer::from(adamw), grad_scale: Some(grad_scale) }
+            Optim { module: ModuleOptimizer::from(adamw.clone()), grad_scale: Some(grad_scale), adamw: Some(adamw) }
         }
         OptimizerKind::Rmsprop => {
             let rmsprop = RmsPropConfig::new()
@@ -101,7 +158,7 @@ pub fn build(cfg: &OptimConfig) -> Optim {
                 .with_centered(cfg.centered.unwrap_or(false))
                 .with_weight_decay(cfg.weight_decay.filter(|&w| w > 0.0).map(|w| WeightDecayConfig::new(w as f32)))
                 .init();
-            Optim { module: rmsprop, grad_scale: None }
+            Optim { module: rmsprop, grad_scale: None, adamw: None }
         }
     }
 }
@@ -112,8 +169,10 @@ pub fn build(cfg: &OptimConfig) -> Optim {
 ///
 /// The update is [`odpo_kernels::adamw`]: one pass over the parameter, its gradient and the two
 /// moments, in place, where the tensors' memory is reachable on the CPU (flex, libtorch on the
-/// CPU); burn tensor operations elsewhere. burn's `AdamW` state type is kept, so checkpoints are
-/// unchanged.
+/// CPU); on other libtorch tensors (CUDA, half precision) the multi-tensor update of
+/// [`odpo_kernels::FlatAdamW`] over all parameters at once (`optim.foreach`), or in-place torch
+/// operations per parameter; burn tensor operations elsewhere. burn's `AdamW` state type is kept,
+/// so checkpoints are unchanged.
 #[derive(Clone, Debug)]
 pub struct TorchAdamW {
     /// β₁.
@@ -128,6 +187,21 @@ pub struct TorchAdamW {
     pub grad_scale: GradScale,
 }
 
+impl TorchAdamW {
+    /// The scalars of update number `time` (counted from 1) at learning rate `lr`.
+    fn scalars(&self, lr: LearningRate, time: usize) -> odpo_kernels::AdamWStep {
+        odpo_kernels::AdamWStep {
+            lr,
+            beta_1: self.beta_1,
+            beta_2: self.beta_2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            step: i32::try_from(time).unwrap_or(i32::MAX),
+            grad_scale: self.grad_scale.get(),
+        }
+    }
+}
+
 impl Optimizer for TorchAdamW {
     type State<const D: usize> = AdamWState<D>;
 
@@ -136,16 +210,13 @@ impl Optimizer for TorchAdamW {
             Some(s) => (Some((s.momentum.moment_1, s.momentum.moment_2)), s.momentum.time + 1),
             None => (None, 1),
         };
-        let step = odpo_kernels::AdamWStep {
-            lr,
-            beta_1: self.beta_1,
-            beta_2: self.beta_2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-            step: i32::try_from(time).unwrap_or(i32::MAX),
-            grad_scale: self.grad_scale.get(),
-        };
-        let out = odpo_kernels::adamw(tensor, grad, moments, &step);
+        // The moments in the parameter's dtype, as PyTorch's `load_state_dict` casts them: burn's
+        // record brings half-precision moments back from a checkpoint as f32.
+        let dtype = tensor.dtype();
+        let moments = moments.map(|(m, v)| if m.dtype() == dtype && v.dtype() == dtype { (m, v) } else { (m.cast(dtype), v.cast(dtype)) });
+        // The multi-tensor update hands back its views (the update ran on all parameters at
+        // once), or runs `odpo_kernels::adamw` on this one.
+        let out = self.grad_scale.flat().step_param(tensor, grad, moments, &self.scalars(lr, time));
         self.grad_scale.count(out.fused);
         (out.param, Some(AdamWState::new(AdaptiveMomentumState::new(time, out.moment_1, out.moment_2))))
     }

@@ -279,7 +279,7 @@ impl Trainer {
         }
         let clock = Instant::now();
         let grads = accum.grads();
-        let grad_norm = optim::global_norm(&self.policy, &grads);
+        let grad_norm = self.optim.grad_norm(&self.policy, &grads);
         if !grad_norm.is_finite() {
             let param = optim::first_nonfinite_grad(&self.policy, &grads).unwrap_or_else(|| "?".into());
             let detail = format!("global gradient norm is {grad_norm}; first non-finite gradient: parameter `{param}`");

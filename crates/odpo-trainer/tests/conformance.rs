@@ -99,7 +99,8 @@ fn three_odpo_steps_match_pytorch() {
         let out = preference_loss(&inputs, &loss_cfg).unwrap();
         close(&format!("step {} loss", step + 1), out.loss.clone().into_scalar::<f64>(), f(&want["loss"]), 1e-5);
         let grads = GradientsParams::from_grads(out.loss.backward(), &policy);
-        let norm = odpo_trainer::optim::global_norm(&policy, &grads);
+        // The optimizer's norm: gathered into the multi-tensor update's buffer where that runs.
+        let norm = optim.grad_norm(&policy, &grads);
         close(&format!("step {} gradient norm", step + 1), norm, f(&want["grad_norm"]), 1e-5);
         policy = optim.step(lr, policy, grads, odpo_trainer::optim::clip_coefficient(norm, Some(f(&exp["max_grad_norm"]))));
     }
@@ -113,6 +114,11 @@ fn three_odpo_steps_match_pytorch() {
     let (fused, total) = optim.fused_updates();
     let params = total / 3;
     if ["Flex", "LibTorch(Cpu)"].iter().any(|k| format!("{:?}", common::test_device()).contains(k)) {
+        assert_eq!(fused, 2 * params, "fused updates: {fused} of {total}");
+    }
+    // On libtorch's CUDA the second and third updates run on all parameters at once.
+    if format!("{:?}", common::test_device()).contains("LibTorch(Cuda") {
+        assert_eq!(optim.multi_tensor_steps(), 2, "multi-tensor AdamW steps");
         assert_eq!(fused, 2 * params, "fused updates: {fused} of {total}");
     }
 
@@ -149,6 +155,105 @@ fn three_odpo_steps_match_pytorch() {
     assert!(moved > 2.0 * lr as f32, "the steps should move the weights (moved {moved})");
     assert!(worst <= 0.015 * lr as f32, "weights differ from PyTorch's by {worst} after 3 steps");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `grads` of `from`'s parameters registered for `to`'s, parameter by parameter in visiting order.
+fn same_grads(from: &CausalLm, grads: &GradientsParams, to: &CausalLm) -> GradientsParams {
+    struct Ids(Vec<burn::module::ParamId>);
+    impl ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.id);
+        }
+    }
+    struct Copy<'a>(std::vec::IntoIter<burn::module::ParamId>, &'a GradientsParams, GradientsParams);
+    impl ModuleVisitor for Copy<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if let Some(g) = self.0.next().and_then(|id| self.1.get::<D>(id)) {
+                self.2.register(param.id, g);
+            }
+        }
+    }
+    let mut ids = Ids(Vec::new());
+    from.visit(&mut ids);
+    let mut copy = Copy(ids.0.into_iter(), grads, GradientsParams::new());
+    to.visit(&mut copy);
+    copy.2
+}
+
+/// Every weight detached from what made it and marked trainable.
+struct Leaves;
+
+impl burn::module::ModuleMapper for Leaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| t.detach().require_grad())
+    }
+}
+
+/// AdamW over all parameters at once (`optim.foreach`, PyTorch's multi-tensor update) against the
+/// per-parameter update: four steps of the tiny GPT-2 in bf16 (f32 where the device has no bf16),
+/// clipped, from the same weights with the same gradients, the multi-tensor side saved to a
+/// checkpoint and resumed after the second. On libtorch the second and fourth steps run on the
+/// buffers (the first and third, after the resume, build them); elsewhere both take the
+/// per-parameter path. The gathered gradient norm is the per-parameter one up to rounding, and with
+/// the same clipping coefficient the weights come out the same to the bit.
+#[test]
+fn multi_tensor_adamw_equals_the_per_parameter_update() {
+    use burn::tensor::{DType, Int};
+    let device = common::test_device().autodiff();
+    let precision = if device.supports_dtype(DType::BF16) { odpo_model::Precision::Bf16 } else { odpo_model::Precision::F32 };
+    // The cast weights as the trainable leaves (with_precision records the cast in the graph).
+    let load = || CausalLm::load(&model_dir(), &device).unwrap().model.with_precision(precision).map(&mut Leaves);
+    let (mut a, mut b) = (load(), load());
+    let lr = 1e-2;
+    let cfg = |foreach| OptimConfig { optimizer: OptimizerKind::Adamw, lr, foreach: Some(foreach), ..OptimConfig::default() };
+    let (mut oa, mut ob) = (odpo_trainer::optim::build(&cfg(true)), odpo_trainer::optim::build(&cfg(false)));
+    let ids: Vec<i64> = (0..24).map(|i| (i * 7 + 3) % 50).collect();
+    let input = Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids, [2, 12]), &device);
+    let mask = Tensor::<2, Int>::ones([2, 12], &device);
+    let start = weights(&a.valid());
+    let mut resumed_after = None;
+    let run_dir = std::env::temp_dir().join(format!("odpo-multi-tensor-{}", std::process::id()));
+    for step in 0..4 {
+        if step == 2 {
+            // A checkpoint and a resume in the middle: the multi-tensor side rebuilds its buffers
+            // from the loaded weights and moments.
+            let state = odpo_trainer::checkpoint::TrainState { step, pairs_seen: 0, tokens_seen: 0, seed: 0, total_steps: 4, early_stop: Default::default() };
+            let ckpt = odpo_trainer::checkpoint::save(&run_dir, &a, &oa, &state, "", 1).unwrap();
+            let (steps_before, built) = (oa.multi_tensor_steps(), odpo_trainer::optim::build(&cfg(true)));
+            let resumed = odpo_trainer::checkpoint::load(&ckpt, load(), built).unwrap();
+            (a, oa) = (resumed.0, resumed.1);
+            resumed_after = Some(steps_before);
+        }
+        // One backward pass gives both sides their gradients (a GPU's backward pass need not be
+        // deterministic): `a`'s, handed to `b`'s parameters in the same order.
+        let logits = a.forward(input.clone(), &mask, None).cast(DType::F32);
+        let loss = (logits.clone() * logits).mean().mul_scalar(1e3 * (step + 1) as f64);
+        let ga = GradientsParams::from_grads(loss.backward(), &a);
+        let gb = same_grads(&a, &ga, &b);
+        let (na, nb) = (oa.grad_norm(&a, &ga), ob.grad_norm(&b, &gb));
+        assert!((na - nb).abs() <= 1e-2 * nb, "step {}: gradient norm {na} (multi-tensor) against {nb}", step + 1);
+        let coef = odpo_trainer::optim::clip_coefficient(nb, Some(0.3 * nb));
+        a = oa.step(lr, a, ga, coef);
+        b = ob.step(lr, b, gb, coef);
+    }
+    let _ = std::fs::remove_dir_all(&run_dir);
+    // On libtorch: steps 2 (before the resume) and 4 (after the rebuild in step 3) on the buffers.
+    let libtorch = format!("{device:?}").contains("LibTorch");
+    let on_buffers = (resumed_after.unwrap_or(0), oa.multi_tensor_steps());
+    assert_eq!(on_buffers, if libtorch { (1, 1) } else { (0, 0) }, "multi-tensor steps before and after the resume on {device:?}");
+    assert_eq!(ob.multi_tensor_steps(), 0);
+    let (wa, wb) = (weights(&a.valid()), weights(&b.valid()));
+    let (mut worst, mut moved) = (0.0f32, 0.0f32);
+    for (((path, x), (_, y)), (_, z)) in wa.iter().zip(&wb).zip(&start) {
+        for ((x, y), z) in x.iter().zip(y).zip(z) {
+            // The same operations on the same values: the same bits.
+            assert!(x.to_bits() == y.to_bits(), "{path}: {x} (multi-tensor) against {y} on {device:?}");
+            worst = worst.max((x - y).abs());
+            moved = moved.max((y - z).abs());
+        }
+    }
+    println!("multi-tensor AdamW ({precision:?}, {on_buffers:?} steps on the buffers before and after a resume): weights within {worst:.2e} of the per-parameter update's (moved up to {moved:.2e})");
+    assert!(moved > 2.0 * lr as f32, "the steps should move the weights (moved {moved})");
 }
 
 /// One AdamW update through `odpo_kernels::adamw` on the test device, in f32 and in bf16 where the

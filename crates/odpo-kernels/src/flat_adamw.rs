@@ -1,0 +1,442 @@
+//! AdamW over every parameter at once, as PyTorch's multi-tensor (`foreach`) AdamW runs it on CUDA:
+//! the parameters and both moments live in one buffer each, the step's gradients are gathered into
+//! one more, and the update is the same dozen in-place torch operations run once on the whole
+//! buffer instead of once per parameter. On a GPU a small model's update waits on the host issuing
+//! operations: SmolLM2-135M has 272 parameters, so the per-parameter update is about 2,700 torch
+//! calls and the global gradient norm 800 more; here both are about fifteen.
+//!
+//! The first update of a run (or after a resume) is the per-parameter one; its results are copied
+//! into the buffers, and the parameters and moments it hands back are views of them. From the next
+//! step on, as long as every parameter with a gradient is still the view it was given, the update
+//! runs on the buffers and the per-parameter pass only hands each view back. Anything else (another
+//! set of parameters, tensors loaded from a checkpoint) drops the buffers and takes the
+//! per-parameter path again, which rebuilds them.
+//!
+//! It applies to libtorch tensors that the one-pass CPU kernel cannot reach (CUDA, half precision),
+//! all of one kind on one device; elsewhere every call falls through to [`crate::adamw`].
+
+use burn::backend::DispatchTensor;
+use burn::tensor::Tensor;
+
+use crate::{AdamWOutput, AdamWStep};
+
+/// A parameter with a gradient this step, as the optimizer visits them: the parameter (its tensor
+/// without autodiff, `Tensor::inner`) and its gradient.
+pub type FlatEntry = (DispatchTensor, DispatchTensor);
+
+/// What the per-parameter pass of the current step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "tch"), allow(dead_code))]
+enum Phase {
+    /// The per-parameter update, nothing else.
+    Off,
+    /// The buffers are updated; each call hands its views back.
+    Updated,
+    /// The per-parameter update, its results copied into new buffers.
+    Building,
+}
+
+/// The multi-tensor AdamW state of one optimizer: the buffers, and where the current step is.
+/// Calls go in the order [`gather`](Self::gather) (optional, for the gradient norm), [`begin`](Self::begin),
+/// one [`step_param`](Self::step_param) per parameter in visiting order, [`finish`](Self::finish).
+pub struct FlatAdamW {
+    enabled: bool,
+    phase: Phase,
+    cursor: usize,
+    /// Updates that ran on the buffers, each counted once per step.
+    flat_steps: usize,
+    #[cfg(feature = "tch")]
+    imp: libtorch::State,
+}
+
+impl std::fmt::Debug for FlatAdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FlatAdamW").field("enabled", &self.enabled).field("phase", &self.phase).field("flat_steps", &self.flat_steps).finish()
+    }
+}
+
+impl FlatAdamW {
+    /// A state that builds its buffers where they apply (`enabled`), or never.
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            phase: Phase::Off,
+            cursor: 0,
+            flat_steps: 0,
+            #[cfg(feature = "tch")]
+            imp: libtorch::State::default(),
+        }
+    }
+
+    /// Whether the buffers may be built: asked for, and libtorch in the build.
+    pub fn enabled(&self) -> bool {
+        self.enabled && cfg!(feature = "tch")
+    }
+
+    /// Steps whose update ran on the buffers.
+    pub fn flat_steps(&self) -> usize {
+        self.flat_steps
+    }
+
+    /// Forgets the buffers (the optimizer's state was replaced, as by loading a checkpoint).
+    pub fn reset(&mut self) {
+        self.phase = Phase::Off;
+        #[cfg(feature = "tch")]
+        {
+            self.imp = libtorch::State::default();
+        }
+    }
+
+    /// Gathers this step's gradients into one buffer when every parameter is still the view it was
+    /// given, and returns their global L2 norm √(Σ‖g‖²) (one host read); `None` otherwise.
+    pub fn gather(&mut self, entries: &[FlatEntry]) -> Option<f64> {
+        if !self.enabled {
+            return None;
+        }
+        #[cfg(feature = "tch")]
+        {
+            self.imp.gather(entries)
+        }
+        #[cfg(not(feature = "tch"))]
+        {
+            let _ = entries;
+            None
+        }
+    }
+
+    /// Starts a step: the update on the buffers (gathering first unless [`gather`](Self::gather)
+    /// did), or else the plan of the buffers the per-parameter pass fills. `s.step` is ignored: the
+    /// buffers keep their own count.
+    pub fn begin(&mut self, entries: &[FlatEntry], s: &AdamWStep) {
+        self.cursor = 0;
+        self.phase = Phase::Off;
+        if !self.enabled {
+            return;
+        }
+        #[cfg(feature = "tch")]
+        {
+            if !self.imp.gathered_for(entries) {
+                let _ = self.imp.gather(entries);
+            }
+            if self.imp.update(s) {
+                self.phase = Phase::Updated;
+                self.flat_steps += 1;
+            } else if self.imp.plan(entries) {
+                self.phase = Phase::Building;
+            }
+        }
+        #[cfg(not(feature = "tch"))]
+        {
+            let _ = (entries, s);
+        }
+    }
+
+    /// One parameter's update, in the order [`begin`](Self::begin) was given them: hands back the
+    /// updated views, or runs [`crate::adamw`] (and, while building, copies its results into the
+    /// buffers and hands back views of them).
+    pub fn step_param<const D: usize>(&mut self, param: Tensor<D>, grad: Tensor<D>, moments: Option<(Tensor<D>, Tensor<D>)>, s: &AdamWStep) -> AdamWOutput<D> {
+        #[cfg_attr(not(feature = "tch"), allow(unused_variables))]
+        let at = self.cursor;
+        self.cursor += 1;
+        match self.phase {
+            Phase::Off => crate::adamw(param, grad, moments, s),
+            #[cfg(feature = "tch")]
+            Phase::Updated => match self.imp.hand_back(at, param, moments, s) {
+                Ok(out) => out,
+                Err((param, moments)) => {
+                    // No buffers to hand back from (not reached: `begin` updated them). The
+                    // parameter's own update keeps the step whole.
+                    tracing::warn!("multi-tensor AdamW: no buffers for parameter {at}; updating it on its own");
+                    self.reset();
+                    crate::adamw(param, grad, moments, s)
+                }
+            },
+            #[cfg(feature = "tch")]
+            Phase::Building => {
+                let out = crate::adamw(param, grad, moments, s);
+                self.imp.adopt(at, out, s.step)
+            }
+            #[cfg(not(feature = "tch"))]
+            _ => crate::adamw(param, grad, moments, s),
+        }
+    }
+
+    /// Ends a step: a build that saw every planned parameter becomes the buffers of the next steps.
+    pub fn finish(&mut self) {
+        #[cfg(feature = "tch")]
+        match self.phase {
+            Phase::Building => self.imp.built(self.cursor),
+            Phase::Updated if !self.imp.all_handed_back(self.cursor) => {
+                tracing::warn!("multi-tensor AdamW: the optimizer visited {} parameters, the buffers hold another count; dropping them", self.cursor);
+                self.reset();
+            }
+            _ => {}
+        }
+        self.phase = Phase::Off;
+        self.cursor = 0;
+    }
+}
+
+#[cfg(feature = "tch")]
+#[allow(deprecated)]
+mod libtorch {
+    use burn::backend::libtorch::TchTensor;
+    use burn::backend::{BackendTensor, DispatchTensorKind};
+    use burn::tensor::Tensor;
+    use tch::{Device as TchDevice, Kind};
+
+    use super::FlatEntry;
+    use crate::{AdamWOutput, AdamWStep};
+
+    /// Each parameter starts at a multiple of this many elements: 256 bytes or more, the alignment
+    /// the CUDA kernels and PyTorch's allocator give every tensor.
+    const ALIGN: i64 = 128;
+
+    fn float(kind: &DispatchTensorKind) -> Option<&TchTensor> {
+        match kind {
+            DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
+            DispatchTensorKind::Autodiff(inner) => float(inner),
+            _ => None,
+        }
+    }
+
+    fn float_mut(kind: &mut DispatchTensorKind) -> Option<&mut TchTensor> {
+        match kind {
+            DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
+            DispatchTensorKind::Autodiff(inner) => float_mut(inner),
+            _ => None,
+        }
+    }
+
+    /// Where one parameter lives in the buffers.
+    struct Slot {
+        offset: i64,
+        shape: Vec<i64>,
+        numel: i64,
+        /// Zeros standing for the padding after it in the gathered gradients.
+        pad: Option<tch::Tensor>,
+        /// The parameter view's address (a parameter is still its view when its data is here).
+        ptr: usize,
+        /// The step count of the moments adopted while building.
+        adopted: Option<i32>,
+    }
+
+    /// One buffer of the parameters or a moment, whole, with burn-tch's record of its storage that
+    /// every view shares (so burn never writes one of them in place: their storage is shared).
+    struct Buffer(TchTensor);
+
+    impl Buffer {
+        fn zeros(len: i64, kind: Kind, device: TchDevice) -> Result<Self, tch::TchError> {
+            Ok(Self(TchTensor::new(tch::Tensor::f_zeros([len], (kind, device))?)))
+        }
+
+        fn view(&self, slot: &Slot) -> Result<TchTensor, tch::TchError> {
+            let v = self.0.tensor.f_narrow(0, slot.offset, slot.numel)?.f_view_(slot.shape.as_slice())?;
+            Ok(TchTensor::partial(v, self.0.storage.clone()))
+        }
+    }
+
+    struct Buffers {
+        kind: Kind,
+        device: TchDevice,
+        p: Buffer,
+        m: Buffer,
+        v: Buffer,
+        slots: Vec<Slot>,
+        /// The step count of the last update.
+        t: i32,
+    }
+
+    #[derive(Default)]
+    pub(super) struct State {
+        /// The buffers of the last steps, or the ones being built this step.
+        bufs: Option<Buffers>,
+        /// This step's gathered gradients, and the addresses of the gradients they were gathered from.
+        grad: Option<(tch::Tensor, Vec<usize>)>,
+    }
+
+    /// The libtorch tensors of an entry, when it is one the buffers apply to: a float parameter and
+    /// gradient of one size and kind, on CUDA or in half precision (f32 on the CPU takes the
+    /// one-pass CPU kernel).
+    fn applies(entry: &FlatEntry) -> Option<(&tch::Tensor, &tch::Tensor)> {
+        let (p, g) = (&float(&entry.0.kind)?.tensor, &float(&entry.1.kind)?.tensor);
+        let fits = p.size() == g.size() && p.kind() == g.kind() && p.device() == g.device();
+        let reachable_by_cpu_kernel = p.device() == TchDevice::Cpu && p.kind() == Kind::Float;
+        (fits && !reachable_by_cpu_kernel && matches!(p.kind(), Kind::Float | Kind::Half | Kind::BFloat16)).then_some((p, g))
+    }
+
+    impl State {
+        /// Whether the gathered gradients are these entries' (a gather whose step never ran is not).
+        pub(super) fn gathered_for(&self, entries: &[FlatEntry]) -> bool {
+            self.grad.as_ref().is_some_and(|(_, ptrs)| ptrs.len() == entries.len() && entries.iter().zip(ptrs).all(|(e, &p)| float(&e.1.kind).is_some_and(|g| g.tensor.data_ptr() as usize == p)))
+        }
+
+        /// Whether the entries are exactly the buffers' views, in order.
+        fn matches(&self, entries: &[FlatEntry]) -> bool {
+            let Some(b) = &self.bufs else { return false };
+            entries.len() == b.slots.len()
+                && entries.iter().zip(&b.slots).all(|(e, s)| {
+                    applies(e).is_some_and(|(p, g)| p.kind() == b.kind && p.device() == b.device && p.data_ptr() as usize == s.ptr && p.size() == s.shape && g.size() == s.shape)
+                })
+        }
+
+        pub(super) fn gather(&mut self, entries: &[FlatEntry]) -> Option<f64> {
+            self.grad = None;
+            if !self.matches(entries) {
+                // The parameters are no longer the views: the buffers hold nothing they use.
+                self.bufs = None;
+                return None;
+            }
+            let b = self.bufs.as_ref()?;
+            let gather = || -> Result<(tch::Tensor, f64), tch::TchError> {
+                let mut parts = Vec::with_capacity(2 * b.slots.len());
+                for (e, s) in entries.iter().zip(&b.slots) {
+                    let Some((_, g)) = applies(e) else { return Err(tch::TchError::Kind("not a libtorch gradient".into())) };
+                    // `reshape` copies only a strided gradient (a tied embedding's transpose).
+                    parts.push(g.f_reshape([-1])?);
+                    if let Some(pad) = &s.pad {
+                        parts.push(pad.shallow_clone());
+                    }
+                }
+                let flat = tch::Tensor::f_cat(&parts, 0)?;
+                let norm = flat.f_norm_scalaropt_dtype(2, Kind::Float)?.f_double_value(&[])?;
+                Ok((flat, norm))
+            };
+            match gather() {
+                Ok((flat, norm)) => {
+                    let ptrs = entries.iter().filter_map(|e| float(&e.1.kind).map(|g| g.tensor.data_ptr() as usize)).collect();
+                    self.grad = Some((flat, ptrs));
+                    Some(norm)
+                }
+                Err(e) => {
+                    tracing::warn!("multi-tensor AdamW: gathering the gradients failed ({e}); updating each parameter on its own");
+                    self.bufs = None;
+                    None
+                }
+            }
+        }
+
+        /// The update on the buffers with this step's gathered gradients.
+        pub(super) fn update(&mut self, s: &AdamWStep) -> bool {
+            let (Some((g, _)), Some(b)) = (self.grad.take(), self.bufs.as_mut()) else { return false };
+            b.t = b.t.saturating_add(1);
+            let c = AdamWStep { step: b.t, ..*s }.coeffs();
+            crate::adamw_libtorch::update_owned(&mut b.p.0.tensor, g, &mut b.m.0.tensor, &mut b.v.0.tensor, &c);
+            true
+        }
+
+        /// Plans new buffers for the entries, to be filled by this step's per-parameter pass.
+        pub(super) fn plan(&mut self, entries: &[FlatEntry]) -> bool {
+            self.bufs = None;
+            let Some((p0, _)) = entries.first().and_then(applies) else { return false };
+            let (kind, device) = (p0.kind(), p0.device());
+            let mut slots = Vec::with_capacity(entries.len());
+            let mut offset = 0i64;
+            for e in entries {
+                let Some((p, _)) = applies(e) else { return false };
+                if p.kind() != kind || p.device() != device {
+                    return false;
+                }
+                let numel = p.numel() as i64;
+                let padded = (numel + ALIGN - 1) / ALIGN * ALIGN;
+                let pad = match padded > numel {
+                    true => match tch::Tensor::f_zeros([padded - numel], (kind, device)) {
+                        Ok(z) => Some(z),
+                        Err(_) => return false,
+                    },
+                    false => None,
+                };
+                slots.push(Slot { offset, shape: p.size(), numel, pad, ptr: 0, adopted: None });
+                offset += padded;
+            }
+            let alloc = || -> Result<[Buffer; 3], tch::TchError> { Ok([Buffer::zeros(offset, kind, device)?, Buffer::zeros(offset, kind, device)?, Buffer::zeros(offset, kind, device)?]) };
+            match alloc() {
+                Ok([p, m, v]) => {
+                    self.bufs = Some(Buffers { kind, device, p, m, v, slots, t: 0 });
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!("multi-tensor AdamW: no room for the buffers ({e}); updating each parameter on its own");
+                    false
+                }
+            }
+        }
+
+        /// Copies a per-parameter update's results into slot `at` and hands back views of them.
+        pub(super) fn adopt<const D: usize>(&mut self, at: usize, out: AdamWOutput<D>, t: i32) -> AdamWOutput<D> {
+            let Some(b) = self.bufs.as_mut() else { return out };
+            let (mut p, mut m, mut v) = (out.param.into_dispatch(), out.moment_1.into_dispatch(), out.moment_2.into_dispatch());
+            let copied = (|| -> Option<()> {
+                let slot = b.slots.get_mut(at)?;
+                for (buf, t) in [(&b.p, &mut p), (&b.m, &mut m), (&b.v, &mut v)] {
+                    let src = float_mut(&mut t.kind)?;
+                    if src.tensor.size() != slot.shape || src.tensor.kind() != b.kind || src.tensor.device() != b.device {
+                        return None;
+                    }
+                    let mut view = buf.view(slot).ok()?;
+                    view.tensor.f_copy_(&src.tensor).ok()?;
+                    *src = view;
+                }
+                slot.ptr = float(&p.kind)?.tensor.data_ptr() as usize;
+                slot.adopted = Some(t);
+                Some(())
+            })();
+            if copied.is_none() {
+                // Not what was planned: the buffers will not be used (`built` sees the slot unfilled).
+                b.slots.clear();
+            }
+            AdamWOutput { param: Tensor::from_dispatch(p), moment_1: Tensor::from_dispatch(m), moment_2: Tensor::from_dispatch(v), fused: out.fused }
+        }
+
+        /// The build is kept when `visited` parameters filled every slot, all at one step count.
+        pub(super) fn built(&mut self, visited: usize) {
+            let Some(b) = self.bufs.as_mut() else { return };
+            let t = b.slots.first().and_then(|s| s.adopted);
+            let complete = !b.slots.is_empty() && visited == b.slots.len() && b.slots.iter().all(|s| s.adopted.is_some() && s.adopted == t);
+            match (complete, t) {
+                (true, Some(t)) => b.t = t,
+                _ => self.bufs = None,
+            }
+        }
+
+        /// Slot `at`'s part of this step's update, which ran on the buffers: `param` (checked to be
+        /// the slot's view when the step's gradients were gathered) and the moments, which are
+        /// the slot's views unless something replaced the optimizer's state since. Then views of
+        /// the buffers stand in for them, with a warning: the buffers hold the update. `None` (the
+        /// inputs back) only without buffers.
+        #[allow(clippy::type_complexity, clippy::result_large_err)]
+        pub(super) fn hand_back<const D: usize>(
+            &self,
+            at: usize,
+            param: Tensor<D>,
+            moments: Option<(Tensor<D>, Tensor<D>)>,
+            s: &AdamWStep,
+        ) -> Result<AdamWOutput<D>, (Tensor<D>, Option<(Tensor<D>, Tensor<D>)>)> {
+            let Some((b, slot)) = self.bufs.as_ref().and_then(|b| Some((b, b.slots.get(at)?))) else { return Err((param, moments)) };
+            let at_offset = |t: &Tensor<D>, buf: &Buffer| {
+                float(&t.clone().into_dispatch().kind).is_some_and(|x| x.tensor.data_ptr() as usize == buf.0.tensor.data_ptr() as usize + (slot.offset as usize) * buf.0.tensor.kind().elt_size_in_bytes())
+            };
+            if let Some((m, v)) = moments
+                && at_offset(&m, &b.m)
+                && at_offset(&v, &b.v)
+                && s.step == b.t
+            {
+                return Ok(AdamWOutput { param, moment_1: m, moment_2: v, fused: true });
+            }
+            tracing::warn!("multi-tensor AdamW: the optimizer's state of parameter {at} is not the buffers'; the buffers' moments replace it");
+            let view = |buf: &Buffer| -> Option<Tensor<D>> {
+                let mut d = param.clone().into_dispatch();
+                *float_mut(&mut d.kind)? = buf.view(slot).ok()?;
+                Some(Tensor::from_dispatch(d))
+            };
+            match (view(&b.m), view(&b.v)) {
+                (Some(m), Some(v)) => Ok(AdamWOutput { param, moment_1: m, moment_2: v, fused: true }),
+                _ => Err((param, None)),
+            }
+        }
+
+        pub(super) fn all_handed_back(&self, visited: usize) -> bool {
+            self.bufs.as_ref().is_some_and(|b| b.slots.len() == visited)
+        }
+    }
+}
