@@ -312,7 +312,32 @@ fn log_writer() -> Box<dyn std::io::Write> {
 /// of megabytes in a run's first steps on `cuda`.
 const DEFAULT_LOG: &str = "info,pliron=warn";
 
+/// Makes burn's default device the host's (flex, else libtorch's CPU) unless `BURN_DEVICE` names
+/// one. burn materialises the optimizer state a checkpoint brings back on `Device::default()` (the
+/// first step moves it to the run's device), and its own default is the first backend of the build
+/// in its order, CUDA before Vulkan before libtorch: in a build with several backends, one this
+/// machine may not have, so that `--resume` on `wgpu` panicked starting CUDA. Host memory is always
+/// there, and holds the state only until that first step.
+fn host_default_device() {
+    let host = if cfg!(feature = "flex") {
+        "flex"
+    } else if cfg!(feature = "tch") {
+        "tch"
+    } else {
+        return;
+    };
+    if std::env::var_os("BURN_DEVICE").is_none() {
+        // SAFETY: the first thing `main` does, while this is the process's only thread, so no
+        // other thread reads the environment while it changes.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::env::set_var("BURN_DEVICE", host)
+        };
+    }
+}
+
 fn main() -> ExitCode {
+    host_default_device();
     allocator::reuse_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))

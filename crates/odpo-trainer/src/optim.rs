@@ -73,7 +73,10 @@ impl Optim {
         &self.module
     }
 
-    /// The same optimizer with the state of a saved record (`optim.bpk`).
+    /// The same optimizer with the state of a saved record (`optim.bpk`). burn materialises the
+    /// state on `Device::default()` (`BURN_DEVICE`, else the build's first backend in burn's order)
+    /// and moves it to each parameter's device at the next step; the `odpo` binary makes that
+    /// default the host's, so that a build with several backends never starts one the run does not use.
     pub fn load(self, path: &std::path::Path) -> Result<Self, String> {
         let module = self.module.load(path).map_err(|e| e.to_string())?;
         if let Some(h) = &self.grad_scale {
