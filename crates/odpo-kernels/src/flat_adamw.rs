@@ -13,7 +13,8 @@
 //! per-parameter path again, which rebuilds them.
 //!
 //! It applies to libtorch tensors that the one-pass CPU kernel cannot reach (CUDA, half precision),
-//! all of one kind on one device; elsewhere every call falls through to [`crate::adamw`].
+//! or with [`FlatMode::Always`] to any libtorch float tensors, all of one kind on one device;
+//! elsewhere every call falls through to [`crate::adamw`].
 
 use burn::backend::DispatchTensor;
 use burn::tensor::Tensor;
@@ -23,6 +24,17 @@ use crate::{AdamWOutput, AdamWStep};
 /// A parameter with a gradient this step, as the optimizer visits them: the parameter (its tensor
 /// without autodiff, `Tensor::inner`) and its gradient.
 pub type FlatEntry = (DispatchTensor, DispatchTensor);
+
+/// Where the buffers are built (`optim.foreach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlatMode {
+    /// Never: each parameter on its own.
+    Off,
+    /// On libtorch tensors the one-pass CPU kernel cannot reach: CUDA, half precision.
+    Auto,
+    /// On every libtorch float tensor, f32 on the CPU included.
+    Always,
+}
 
 /// What the per-parameter pass of the current step does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +52,7 @@ enum Phase {
 /// Calls go in the order [`gather`](Self::gather) (optional, for the gradient norm), [`begin`](Self::begin),
 /// one [`step_param`](Self::step_param) per parameter in visiting order, [`finish`](Self::finish).
 pub struct FlatAdamW {
-    enabled: bool,
+    mode: FlatMode,
     phase: Phase,
     cursor: usize,
     /// Updates that ran on the buffers, each counted once per step.
@@ -51,15 +63,15 @@ pub struct FlatAdamW {
 
 impl std::fmt::Debug for FlatAdamW {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlatAdamW").field("enabled", &self.enabled).field("phase", &self.phase).field("flat_steps", &self.flat_steps).finish()
+        f.debug_struct("FlatAdamW").field("mode", &self.mode).field("phase", &self.phase).field("flat_steps", &self.flat_steps).finish()
     }
 }
 
 impl FlatAdamW {
-    /// A state that builds its buffers where they apply (`enabled`), or never.
-    pub fn new(enabled: bool) -> Self {
+    /// A state that builds its buffers where `mode` says.
+    pub fn new(mode: FlatMode) -> Self {
         Self {
-            enabled,
+            mode,
             phase: Phase::Off,
             cursor: 0,
             flat_steps: 0,
@@ -70,7 +82,7 @@ impl FlatAdamW {
 
     /// Whether the buffers may be built: asked for, and libtorch in the build.
     pub fn enabled(&self) -> bool {
-        self.enabled && cfg!(feature = "tch")
+        self.mode != FlatMode::Off && cfg!(feature = "tch")
     }
 
     /// Steps whose update ran on the buffers.
@@ -90,7 +102,7 @@ impl FlatAdamW {
     /// Gathers this step's gradients into one buffer when every parameter is still the view it was
     /// given, and returns their global L2 norm √(Σ‖g‖²) (one host read); `None` otherwise.
     pub fn gather(&mut self, entries: &[FlatEntry]) -> Option<f64> {
-        if !self.enabled {
+        if !self.enabled() {
             return None;
         }
         #[cfg(feature = "tch")]
@@ -110,7 +122,7 @@ impl FlatAdamW {
     pub fn begin(&mut self, entries: &[FlatEntry], s: &AdamWStep) {
         self.cursor = 0;
         self.phase = Phase::Off;
-        if !self.enabled {
+        if !self.enabled() {
             return;
         }
         #[cfg(feature = "tch")]
@@ -121,7 +133,7 @@ impl FlatAdamW {
             if self.imp.update(s) {
                 self.phase = Phase::Updated;
                 self.flat_steps += 1;
-            } else if self.imp.plan(entries) {
+            } else if self.imp.plan(entries, self.mode == FlatMode::Always) {
                 self.phase = Phase::Building;
             }
         }
@@ -255,14 +267,13 @@ mod libtorch {
         grad: Option<(tch::Tensor, Vec<usize>)>,
     }
 
-    /// The libtorch tensors of an entry, when it is one the buffers apply to: a float parameter and
-    /// gradient of one size and kind, on CUDA or in half precision (f32 on the CPU takes the
-    /// one-pass CPU kernel).
-    fn applies(entry: &FlatEntry) -> Option<(&tch::Tensor, &tch::Tensor)> {
+    /// The libtorch tensors of an entry, when it is a float parameter and gradient of one size, kind
+    /// and device; unless `all`, not f32 on the CPU either (the one-pass CPU kernel takes those).
+    fn applies(entry: &FlatEntry, all: bool) -> Option<(&tch::Tensor, &tch::Tensor)> {
         let (p, g) = (&float(&entry.0.kind)?.tensor, &float(&entry.1.kind)?.tensor);
         let fits = p.size() == g.size() && p.kind() == g.kind() && p.device() == g.device();
         let reachable_by_cpu_kernel = p.device() == TchDevice::Cpu && p.kind() == Kind::Float;
-        (fits && !reachable_by_cpu_kernel && matches!(p.kind(), Kind::Float | Kind::Half | Kind::BFloat16)).then_some((p, g))
+        (fits && (all || !reachable_by_cpu_kernel) && matches!(p.kind(), Kind::Float | Kind::Half | Kind::BFloat16)).then_some((p, g))
     }
 
     impl State {
@@ -276,7 +287,7 @@ mod libtorch {
             let Some(b) = &self.bufs else { return false };
             entries.len() == b.slots.len()
                 && entries.iter().zip(&b.slots).all(|(e, s)| {
-                    applies(e).is_some_and(|(p, g)| p.kind() == b.kind && p.device() == b.device && p.data_ptr() as usize == s.ptr && p.size() == s.shape && g.size() == s.shape)
+                    applies(e, true).is_some_and(|(p, g)| p.kind() == b.kind && p.device() == b.device && p.data_ptr() as usize == s.ptr && p.size() == s.shape && g.size() == s.shape)
                 })
         }
 
@@ -291,7 +302,7 @@ mod libtorch {
             let gather = || -> Result<(tch::Tensor, f64), tch::TchError> {
                 let mut parts = Vec::with_capacity(2 * b.slots.len());
                 for (e, s) in entries.iter().zip(&b.slots) {
-                    let Some((_, g)) = applies(e) else { return Err(tch::TchError::Kind("not a libtorch gradient".into())) };
+                    let Some((_, g)) = applies(e, true) else { return Err(tch::TchError::Kind("not a libtorch gradient".into())) };
                     // `reshape` copies only a strided gradient (a tied embedding's transpose).
                     parts.push(g.f_reshape([-1])?);
                     if let Some(pad) = &s.pad {
@@ -326,14 +337,14 @@ mod libtorch {
         }
 
         /// Plans new buffers for the entries, to be filled by this step's per-parameter pass.
-        pub(super) fn plan(&mut self, entries: &[FlatEntry]) -> bool {
+        pub(super) fn plan(&mut self, entries: &[FlatEntry], all: bool) -> bool {
             self.bufs = None;
-            let Some((p0, _)) = entries.first().and_then(applies) else { return false };
+            let Some((p0, _)) = entries.first().and_then(|e| applies(e, all)) else { return false };
             let (kind, device) = (p0.kind(), p0.device());
             let mut slots = Vec::with_capacity(entries.len());
             let mut offset = 0i64;
             for e in entries {
-                let Some((p, _)) = applies(e) else { return false };
+                let Some((p, _)) = applies(e, all) else { return false };
                 if p.kind() != kind || p.device() != device {
                     return false;
                 }

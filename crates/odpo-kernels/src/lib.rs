@@ -42,7 +42,7 @@ mod swiglu;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
-pub use flat_adamw::{FlatAdamW, FlatEntry};
+pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};

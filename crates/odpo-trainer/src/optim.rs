@@ -113,12 +113,12 @@ pub struct GradScale(Arc<(AtomicU64, AtomicUsize, AtomicUsize)>, Arc<Mutex<odpo_
 
 impl Default for GradScale {
     fn default() -> Self {
-        Self::new(true)
+        Self::new(odpo_kernels::FlatMode::Auto)
     }
 }
 
 impl GradScale {
-    fn new(multi_tensor: bool) -> Self {
+    fn new(multi_tensor: odpo_kernels::FlatMode) -> Self {
         Self(Arc::new((AtomicU64::new(1f64.to_bits()), AtomicUsize::new(0), AtomicUsize::new(0))), Arc::new(Mutex::new(odpo_kernels::FlatAdamW::new(multi_tensor))))
     }
 
@@ -149,7 +149,11 @@ pub fn build(cfg: &OptimConfig) -> Optim {
     match cfg.optimizer {
         OptimizerKind::Adamw => {
             let [beta_1, beta_2] = cfg.betas.unwrap_or([0.9, 0.999]);
-            let grad_scale = GradScale::new(cfg.foreach.unwrap_or(true));
+            let grad_scale = GradScale::new(match cfg.foreach {
+                None => odpo_kernels::FlatMode::Auto,
+                Some(true) => odpo_kernels::FlatMode::Always,
+                Some(false) => odpo_kernels::FlatMode::Off,
+            });
             let adamw = TorchAdamW { beta_1, beta_2, eps: cfg.eps, weight_decay: cfg.weight_decay.unwrap_or(0.01), grad_scale: grad_scale.clone() };
             Optim { module: ModuleOptimizer::from(adamw.clone()), grad_scale: Some(grad_scale), adamw: Some(adamw) }
         }

@@ -58,6 +58,18 @@ fn close(what: &str, got: f64, want: f64, rel: f64) {
 
 #[test]
 fn three_odpo_steps_match_pytorch() {
+    three_odpo_steps(None);
+}
+
+/// The same three steps with `optim.foreach = true`: on libtorch (the CPU included) the second and
+/// third AdamW updates run on all parameters at once, and the gradient norm on the gathered
+/// gradients, against PyTorch's AdamW and `clip_grad_norm_`.
+#[test]
+fn three_odpo_steps_with_the_multi_tensor_adamw_match_pytorch() {
+    three_odpo_steps(Some(true));
+}
+
+fn three_odpo_steps(foreach: Option<bool>) {
     let exp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(here().join("expected.json")).unwrap()).unwrap();
     let f = |v: &serde_json::Value| v.as_f64().unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
@@ -83,6 +95,7 @@ fn three_odpo_steps_match_pytorch() {
         weight_decay: Some(f(&exp["weight_decay"])),
         betas: Some([f(&exp["betas"][0]), f(&exp["betas"][1])]),
         eps: f(&exp["eps"]),
+        foreach,
         ..OptimConfig::default()
     };
     let mut optim = odpo_trainer::optim::build(&optim_cfg);
@@ -113,17 +126,20 @@ fn three_odpo_steps_match_pytorch() {
     // runs as the one-pass kernel, the tied embedding's transposed gradient included.
     let (fused, total) = optim.fused_updates();
     let params = total / 3;
-    if ["Flex", "LibTorch(Cpu)"].iter().any(|k| format!("{:?}", common::test_device()).contains(k)) {
+    let on = format!("{:?}", common::test_device());
+    if ["Flex", "LibTorch(Cpu)"].iter().any(|k| on.contains(k)) {
         assert_eq!(fused, 2 * params, "fused updates: {fused} of {total}");
     }
-    // On libtorch's CUDA the second and third updates run on all parameters at once.
-    if format!("{:?}", common::test_device()).contains("LibTorch(Cuda") {
-        assert_eq!(optim.multi_tensor_steps(), 2, "multi-tensor AdamW steps");
+    // On libtorch's CUDA (and with `foreach = true` its CPU) the second and third updates run on
+    // all parameters at once.
+    let multi_tensor = on.contains("LibTorch(Cuda") || (on.contains("LibTorch") && foreach == Some(true));
+    assert_eq!(optim.multi_tensor_steps(), if multi_tensor { 2 } else { 0 }, "multi-tensor AdamW steps (foreach {foreach:?}) on {on}");
+    if multi_tensor {
         assert_eq!(fused, 2 * params, "fused updates: {fused} of {total}");
     }
 
     // PyTorch's weights after the third step, loaded as a model of the same shape.
-    let dir = std::env::temp_dir().join(format!("odpo-conformance-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("odpo-conformance-{}-{foreach:?}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(model_dir().join("config.json"), dir.join("config.json")).unwrap();
     std::fs::copy(here().join("weights_after.safetensors"), dir.join("model.safetensors")).unwrap();
@@ -145,7 +161,7 @@ fn three_odpo_steps_match_pytorch() {
             }
         }
     }
-    println!("after 3 steps: {compared} weights within {worst:.2e} of PyTorch's (the steps moved them by up to {moved:.2e})");
+    println!("after 3 steps (foreach {foreach:?}): {compared} weights within {worst:.2e} of PyTorch's (the steps moved them by up to {moved:.2e})");
     // Each AdamW step moves a weight by at most about lr; agreement is asked to 1.5% of one step.
     // Adam divides by √v, so weights whose gradients are near zero turn rounding differences into
     // visible ones; the largest such difference is what this bounds. On CPU backends the
