@@ -8,7 +8,8 @@
 //! The first update of a run (or after a resume) is the per-parameter one; its results are copied
 //! into the buffers, and the parameters and moments it hands back are views of them. From the next
 //! step on, as long as every parameter with a gradient is still the view it was given, the update
-//! runs on the buffers and the per-parameter pass only hands each view back. Anything else (another
+//! runs on the buffers, and the per-parameter pass may be skipped ([`FlatAdamW::updated`]): it
+//! would only hand each view back. Anything else (another
 //! set of parameters, tensors loaded from a checkpoint) drops the buffers and takes the
 //! per-parameter path again, which rebuilds them.
 //!
@@ -173,12 +174,18 @@ impl FlatAdamW {
         }
     }
 
+    /// Whether [`begin`](Self::begin) ran this step's update on the buffers. The per-parameter pass
+    /// may then be skipped: it would only hand each parameter its views back.
+    pub fn updated(&self) -> bool {
+        self.phase == Phase::Updated
+    }
+
     /// Ends a step: a build that saw every planned parameter becomes the buffers of the next steps.
     pub fn finish(&mut self) {
         #[cfg(feature = "tch")]
         match self.phase {
             Phase::Building => self.imp.built(self.cursor),
-            Phase::Updated if !self.imp.all_handed_back(self.cursor) => {
+            Phase::Updated if self.cursor > 0 && !self.imp.all_handed_back(self.cursor) => {
                 tracing::warn!("multi-tensor AdamW: the optimizer visited {} parameters, the buffers hold another count; dropping them", self.cursor);
                 self.reset();
             }

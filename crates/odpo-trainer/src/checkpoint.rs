@@ -84,7 +84,7 @@ fn write_into(tmp: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, c
 
     let mut store = BurnpackStore::from_file(tmp.join("model.bpk")).overwrite(true).metadata("step", state.step.to_string());
     model.save_into(&mut store).map_err(|e| TrainError::checkpoint(tmp.join("model.bpk"), e))?;
-    optim.module().save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), e))?;
+    optim.record(model).save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), e))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e))?;
     write(&tmp.join("state.json"), json.as_bytes())?;
     write(&tmp.join("config.toml"), config_toml.as_bytes())?;

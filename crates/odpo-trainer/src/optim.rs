@@ -19,6 +19,9 @@ pub struct Optim {
     grad_scale: Option<GradScale>,
     /// AdamW's hyper-parameters, for the update that runs on all parameters at once.
     adamw: Option<TorchAdamW>,
+    /// Multi-tensor steps since burn's per-parameter states last counted a step: their moments are
+    /// the buffers' (updated in place), their step counts this far behind ([`Optim::record`]).
+    lag: usize,
 }
 
 impl Optim {
@@ -30,7 +33,22 @@ impl Optim {
             Some(handle) => {
                 handle.set(grad_scale);
                 if let Some(a) = self.adamw.as_ref().filter(|_| handle.flat().enabled()) {
-                    handle.flat().begin(&flat_entries(&model, &grads), &a.scalars(lr, 0));
+                    let entries = flat_entries(&model, &grads);
+                    let mut flat = handle.flat();
+                    flat.begin(&entries, &a.scalars(lr, 0));
+                    if flat.updated() {
+                        // The buffers hold the step's update, and the weights are their views.
+                        // burn's per-parameter pass would only count a step in each state: that
+                        // waits until something reads the states.
+                        flat.finish();
+                        handle.count_many(entries.len());
+                        self.lag += 1;
+                        return model;
+                    }
+                }
+                if self.lag > 0 {
+                    self.module = self.record(&model);
+                    self.lag = 0;
                 }
                 let model = self.module.step(lr, model, grads);
                 handle.flat().finish();
@@ -68,9 +86,27 @@ impl Optim {
         self.grad_scale.as_ref().map_or((0, 0), |h| (h.0.1.load(Ordering::Relaxed), h.0.2.load(Ordering::Relaxed)))
     }
 
-    /// burn's optimizer, whose record a checkpoint saves.
-    pub fn module(&self) -> &ModuleOptimizer {
-        &self.module
+    /// burn's optimizer with every state up to date, whose record a checkpoint saves. After
+    /// multi-tensor steps the states' moments are already the buffers'; their step counts are
+    /// advanced here, on a copy (a pass over `model`'s parameters that changes nothing else).
+    pub fn record<M: Module>(&self, model: &M) -> ModuleOptimizer {
+        let mut module = self.module.clone();
+        if let (Some(h), true) = (&self.grad_scale, self.lag > 0) {
+            struct Values(GradientsParams);
+            impl ModuleVisitor for Values {
+                fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                    self.0.register(param.id, param.val().inner());
+                }
+            }
+            // Every parameter's own value stands for its gradient: the pass only needs one per
+            // parameter to visit it, and `TorchAdamW` counting steps reads none.
+            let mut values = Values(GradientsParams::new());
+            model.visit(&mut values);
+            h.0.3.store(self.lag, Ordering::Relaxed);
+            let _ = module.step(0.0, model.clone(), values.0);
+            h.0.3.store(0, Ordering::Relaxed);
+        }
+        module
     }
 
     /// The same optimizer with the state of a saved record (`optim.bpk`). burn materialises the
@@ -83,7 +119,7 @@ impl Optim {
             // The buffers hold the moments the loaded state replaces.
             h.flat().reset();
         }
-        Ok(Self { module, ..self })
+        Ok(Self { module, lag: 0, ..self })
     }
 }
 
@@ -109,7 +145,7 @@ fn flat_entries<M: Module>(model: &M, grads: &GradientsParams) -> Vec<odpo_kerne
 /// learning rate per step): the factor a step's gradients are multiplied by, how many parameter
 /// updates ran in place, and the multi-tensor update's buffers.
 #[derive(Clone, Debug)]
-pub struct GradScale(Arc<(AtomicU64, AtomicUsize, AtomicUsize)>, Arc<Mutex<odpo_kernels::FlatAdamW>>);
+pub struct GradScale(Arc<(AtomicU64, AtomicUsize, AtomicUsize, AtomicUsize)>, Arc<Mutex<odpo_kernels::FlatAdamW>>);
 
 impl Default for GradScale {
     fn default() -> Self {
@@ -119,7 +155,8 @@ impl Default for GradScale {
 
 impl GradScale {
     fn new(multi_tensor: odpo_kernels::FlatMode) -> Self {
-        Self(Arc::new((AtomicU64::new(1f64.to_bits()), AtomicUsize::new(0), AtomicUsize::new(0))), Arc::new(Mutex::new(odpo_kernels::FlatAdamW::new(multi_tensor))))
+        let counters = (AtomicU64::new(1f64.to_bits()), AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+        Self(Arc::new(counters), Arc::new(Mutex::new(odpo_kernels::FlatAdamW::new(multi_tensor))))
     }
 
     fn flat(&self) -> MutexGuard<'_, odpo_kernels::FlatAdamW> {
@@ -140,6 +177,17 @@ impl GradScale {
         self.0.1.fetch_add(usize::from(fused), Ordering::Relaxed);
         self.0.2.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// `n` parameter updates in place at once (a multi-tensor step).
+    fn count_many(&self, n: usize) {
+        self.0.1.fetch_add(n, Ordering::Relaxed);
+        self.0.2.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Steps a state is to count without an update ([`Optim::record`]); 0 outside that pass.
+    fn counting(&self) -> usize {
+        self.0.3.load(Ordering::Relaxed)
+    }
 }
 
 /// Builds the optimizer. Every hyper-parameter is set explicitly, with PyTorch's defaults where the
@@ -155,7 +203,7 @@ pub fn build(cfg: &OptimConfig) -> Optim {
                 Some(false) => odpo_kernels::FlatMode::Off,
             });
             let adamw = TorchAdamW { beta_1, beta_2, eps: cfg.eps, weight_decay: cfg.weight_decay.unwrap_or(0.01), grad_scale: grad_scale.clone() };
-            Optim { module: ModuleOptimizer::from(adamw.clone()), grad_scale: Some(grad_scale), adamw: Some(adamw) }
+            Optim { module: ModuleOptimizer::from(adamw.clone()), grad_scale: Some(grad_scale), adamw: Some(adamw), lag: 0 }
         }
         OptimizerKind::Rmsprop => {
             let rmsprop = RmsPropConfig::new()
@@ -165,7 +213,7 @@ pub fn build(cfg: &OptimConfig) -> Optim {
                 .with_centered(cfg.centered.unwrap_or(false))
                 .with_weight_decay(cfg.weight_decay.filter(|&w| w > 0.0).map(|w| WeightDecayConfig::new(w as f32)))
                 .init();
-            Optim { module: rmsprop, grad_scale: None, adamw: None }
+            Optim { module: rmsprop, grad_scale: None, adamw: None, lag: 0 }
         }
     }
 }
@@ -213,6 +261,17 @@ impl Optimizer for TorchAdamW {
     type State<const D: usize> = AdamWState<D>;
 
     fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
+        let counting = self.grad_scale.counting();
+        if counting > 0 {
+            // `Optim::record`: the steps ran on the buffers; only the count moves.
+            return (
+                tensor,
+                state.map(|mut s| {
+                    s.momentum.time += counting;
+                    s
+                }),
+            );
+        }
         let (moments, time) = match state {
             Some(s) => (Some((s.momentum.moment_1, s.momentum.moment_2)), s.momentum.time + 1),
             None => (None, 1),
