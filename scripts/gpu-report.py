@@ -101,6 +101,23 @@ def tables(records):
                        f"{r['seconds_per_step_median']:.3f} ({r['seconds_per_step_min']:.3f}-{r['seconds_per_step_max']:.3f}) | "
                        f"{mfu(peak)} | {mfu(measured)} | {fmt(r.get('gpu_peak_mib'), '.0f')} | {ratio} | {mem} |")
         out.append("")
+        # Where each step's time goes: the medians of its phases, and each side's against PyTorch's
+        # (above 1x: the side takes longer).
+        phases = ["reference", "policy_forward", "backward", "optimizer"]
+        timed = [r for r in benches if isinstance(r.get("phase_seconds_median"), dict)]
+        if timed:
+            out.append("| model | side | reference (s) | policy forward (s) | backward (s) | optimizer (s) |")
+            out.append("|---|---|---|---|---|---|")
+            for r in timed:
+                ref = next((p for p in timed if p["model"] == r["model"] and p["side"] == "pytorch"), None)
+                cells = []
+                for ph in phases:
+                    t = r["phase_seconds_median"].get(ph)
+                    base = ref["phase_seconds_median"].get(ph) if ref and ref is not r else None
+                    vs = f" ({t / base:.2f}x)" if t is not None and base else ""
+                    cells.append(fmt(t, ".4f") + vs)
+                out.append(f"| {r['model']} | {r['side']} | " + " | ".join(cells) + " |")
+            out.append("")
     runs = [r for r in records if r.get("stage") == "run"]
     if runs:
         # The CPU side runs first (gpu-check.sh: tch, or flex in the dry run).
