@@ -13,7 +13,15 @@ use burn::backend::{BackendTensor, DispatchTensorKind};
 
 use crate::Coeffs;
 
-fn float_mut(kind: &mut DispatchTensorKind) -> Option<&mut TchTensor> {
+/// The libtorch float tensor of a dispatch tensor, if it is one.
+pub(crate) fn float(kind: &DispatchTensorKind) -> Option<&TchTensor> {
+    match kind {
+        DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
+        _ => None,
+    }
+}
+
+pub(crate) fn float_mut(kind: &mut DispatchTensorKind) -> Option<&mut TchTensor> {
     match kind {
         DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
         _ => None,
@@ -26,7 +34,7 @@ pub(crate) fn adamw(p: &mut DispatchTensorKind, g: &DispatchTensorKind, m: &mut 
     let (Some(p), Some(m), Some(v)) = (float_mut(p), float_mut(m), float_mut(v)) else {
         return false;
     };
-    let DispatchTensorKind::LibTorch(BackendTensor::Float(g)) = g else {
+    let Some(g) = float(g) else {
         return false;
     };
     // `can_mut`: burn-tch's own test for writing in place (no other tensor holds the buffer, no
@@ -37,53 +45,48 @@ pub(crate) fn adamw(p: &mut DispatchTensorKind, g: &DispatchTensorKind, m: &mut 
     if !(fits(p) && fits(m) && fits(v)) {
         return false;
     }
-    update(&mut p.tensor, g, &mut m.tensor, &mut v.tensor, c);
+    update(&mut p.tensor, Grad::Read(g), &mut m.tensor, &mut v.tensor, c);
     true
 }
 
-/// PyTorch's single-tensor AdamW as in-place torch operations on tensors of one shape, kind and
-/// device: on one parameter here, on all of them at once in `flat_adamw`.
-pub(crate) fn update(p: &mut tch::Tensor, g: &tch::Tensor, m: &mut tch::Tensor, v: &mut tch::Tensor, c: &Coeffs) {
-    let scaled;
-    let g = match c.scale {
-        Some(s) => {
-            scaled = g * f64::from(s);
-            &scaled
-        }
-        None => g,
-    };
-    if let Some(d) = c.decay {
-        *p *= f64::from(d);
-    }
-    let _ = m.lerp_(g, f64::from(c.w1));
-    *v *= f64::from(c.b2);
-    // torch's `addcmul_` and `addcdiv_` as tch binds them have no `value`: it goes into a factor.
-    let _ = v.addcmul_(&(g * f64::from(c.w2)), g);
-    let mut denom = v.sqrt();
-    denom /= f64::from(c.bc2_sqrt);
-    denom += f64::from(c.eps);
-    let _ = p.addcdiv_(&(&*m * f64::from(c.neg_step_size)), &denom);
+/// The gradient an update reads: borrowed, or given up by the caller, whose buffer then holds the
+/// denominator (all parameters' gradients gathered into one, in `flat_adamw`).
+pub(crate) enum Grad<'a> {
+    /// Only read.
+    Read(&'a tch::Tensor),
+    /// Free to overwrite.
+    Owned(tch::Tensor),
 }
 
-/// [`update`] on a gradient the caller gives up (all parameters' gradients gathered into one
-/// buffer): the same operations in the same form, so the same values to the bit, with the
-/// denominator written over the gradient and each temporary dropped once used, so that at most two
-/// buffers of the gradient's size are alive at once beside it. (libtorch rounds a half-precision
-/// product with a scalar differently in place and out of place, so the products stay out of place.)
-pub(crate) fn update_owned(p: &mut tch::Tensor, g: tch::Tensor, m: &mut tch::Tensor, v: &mut tch::Tensor, c: &Coeffs) {
-    let g = match c.scale {
-        Some(s) => &g * f64::from(s),
-        None => g,
+/// PyTorch's single-tensor AdamW as in-place torch operations on tensors of one shape, kind and
+/// device: on one parameter here, on all of them at once in `flat_adamw`. A gradient buffer the
+/// update owns (given up, or the scaled copy) is written over with the denominator, so that at most
+/// two temporaries of its size are alive at once. (libtorch rounds a half-precision product with a
+/// scalar differently in place and out of place, so the products stay out of place, as PyTorch's.)
+pub(crate) fn update(p: &mut tch::Tensor, g: Grad<'_>, m: &mut tch::Tensor, v: &mut tch::Tensor, c: &Coeffs) {
+    let g = match (c.scale, g) {
+        (Some(s), Grad::Read(g)) => Grad::Owned(g * f64::from(s)),
+        (Some(s), Grad::Owned(g)) => Grad::Owned(&g * f64::from(s)),
+        (None, g) => g,
+    };
+    let gr = match &g {
+        Grad::Read(g) => *g,
+        Grad::Owned(g) => g,
     };
     if let Some(d) = c.decay {
         *p *= f64::from(d);
     }
-    let _ = m.lerp_(&g, f64::from(c.w1));
+    let _ = m.lerp_(gr, f64::from(c.w1));
     *v *= f64::from(c.b2);
-    let _ = v.addcmul_(&(&g * f64::from(c.w2)), &g);
-    let mut denom = g;
-    denom.copy_(v);
-    let _ = denom.sqrt_();
+    let _ = v.addcmul_(&(gr * f64::from(c.w2)), gr);
+    let mut denom = match g {
+        Grad::Owned(mut g) => {
+            g.copy_(v);
+            let _ = g.sqrt_();
+            g
+        }
+        Grad::Read(_) => v.sqrt(),
+    };
     denom /= f64::from(c.bc2_sqrt);
     denom += f64::from(c.eps);
     let _ = p.addcdiv_(&(&*m * f64::from(c.neg_step_size)), &denom);

@@ -154,15 +154,11 @@ impl FlatAdamW {
         match self.phase {
             Phase::Off => crate::adamw(param, grad, moments, s),
             #[cfg(feature = "tch")]
-            Phase::Updated => match self.imp.hand_back(at, param, moments, s) {
-                Ok(out) => out,
-                Err((param, moments)) => {
-                    // No buffers to hand back from (not reached: `begin` updated them). The
-                    // parameter's own update keeps the step whole.
-                    tracing::warn!("multi-tensor AdamW: no buffers for parameter {at}; updating it on its own");
-                    self.reset();
-                    crate::adamw(param, grad, moments, s)
-                }
+            // The buffers hold the update, and the parameter and its moments are their views
+            // (the caller may skip this pass: [`Self::updated`]).
+            Phase::Updated => match moments {
+                Some((m, v)) => AdamWOutput { param, moment_1: m, moment_2: v, fused: true },
+                None => crate::adamw(param, grad, None, s),
             },
             #[cfg(feature = "tch")]
             Phase::Building => {
@@ -183,13 +179,8 @@ impl FlatAdamW {
     /// Ends a step: a build that saw every planned parameter becomes the buffers of the next steps.
     pub fn finish(&mut self) {
         #[cfg(feature = "tch")]
-        match self.phase {
-            Phase::Building => self.imp.built(self.cursor),
-            Phase::Updated if self.cursor > 0 && !self.imp.all_handed_back(self.cursor) => {
-                tracing::warn!("multi-tensor AdamW: the optimizer visited {} parameters, the buffers hold another count; dropping them", self.cursor);
-                self.reset();
-            }
-            _ => {}
+        if self.phase == Phase::Building {
+            self.imp.built(self.cursor);
         }
         self.phase = Phase::Off;
         self.cursor = 0;
@@ -200,32 +191,16 @@ impl FlatAdamW {
 #[allow(deprecated)]
 mod libtorch {
     use burn::backend::libtorch::TchTensor;
-    use burn::backend::{BackendTensor, DispatchTensorKind};
     use burn::tensor::Tensor;
     use tch::{Device as TchDevice, Kind};
 
     use super::FlatEntry;
+    use crate::adamw_libtorch::{Grad, float, float_mut};
     use crate::{AdamWOutput, AdamWStep};
 
     /// Each parameter starts at a multiple of this many elements: 256 bytes or more, the alignment
     /// the CUDA kernels and PyTorch's allocator give every tensor.
     const ALIGN: i64 = 128;
-
-    fn float(kind: &DispatchTensorKind) -> Option<&TchTensor> {
-        match kind {
-            DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
-            DispatchTensorKind::Autodiff(inner) => float(inner),
-            _ => None,
-        }
-    }
-
-    fn float_mut(kind: &mut DispatchTensorKind) -> Option<&mut TchTensor> {
-        match kind {
-            DispatchTensorKind::LibTorch(BackendTensor::Float(t)) => Some(t),
-            DispatchTensorKind::Autodiff(inner) => float_mut(inner),
-            _ => None,
-        }
-    }
 
     /// Where one parameter lives in the buffers.
     struct Slot {
@@ -339,7 +314,7 @@ mod libtorch {
             let (Some((g, _)), Some(b)) = (self.grad.take(), self.bufs.as_mut()) else { return false };
             b.t = b.t.saturating_add(1);
             let c = AdamWStep { step: b.t, ..*s }.coeffs();
-            crate::adamw_libtorch::update_owned(&mut b.p.0.tensor, g, &mut b.m.0.tensor, &mut b.v.0.tensor, &c);
+            crate::adamw_libtorch::update(&mut b.p.0.tensor, Grad::Owned(g), &mut b.m.0.tensor, &mut b.v.0.tensor, &c);
             true
         }
 
@@ -415,46 +390,6 @@ mod libtorch {
                 (true, Some(t)) => b.t = t,
                 _ => self.bufs = None,
             }
-        }
-
-        /// Slot `at`'s part of this step's update, which ran on the buffers: `param` (checked to be
-        /// the slot's view when the step's gradients were gathered) and the moments, which are
-        /// the slot's views unless something replaced the optimizer's state since. Then views of
-        /// the buffers stand in for them, with a warning: the buffers hold the update. `None` (the
-        /// inputs back) only without buffers.
-        #[allow(clippy::type_complexity, clippy::result_large_err)]
-        pub(super) fn hand_back<const D: usize>(
-            &self,
-            at: usize,
-            param: Tensor<D>,
-            moments: Option<(Tensor<D>, Tensor<D>)>,
-            s: &AdamWStep,
-        ) -> Result<AdamWOutput<D>, (Tensor<D>, Option<(Tensor<D>, Tensor<D>)>)> {
-            let Some((b, slot)) = self.bufs.as_ref().and_then(|b| Some((b, b.slots.get(at)?))) else { return Err((param, moments)) };
-            let at_offset = |t: &Tensor<D>, buf: &Buffer| {
-                float(&t.clone().into_dispatch().kind).is_some_and(|x| x.tensor.data_ptr() as usize == buf.0.tensor.data_ptr() as usize + (slot.offset as usize) * buf.0.tensor.kind().elt_size_in_bytes())
-            };
-            if let Some((m, v)) = moments
-                && at_offset(&m, &b.m)
-                && at_offset(&v, &b.v)
-                && s.step == b.t
-            {
-                return Ok(AdamWOutput { param, moment_1: m, moment_2: v, fused: true });
-            }
-            tracing::warn!("multi-tensor AdamW: the optimizer's state of parameter {at} is not the buffers'; the buffers' moments replace it");
-            let view = |buf: &Buffer| -> Option<Tensor<D>> {
-                let mut d = param.clone().into_dispatch();
-                *float_mut(&mut d.kind)? = buf.view(slot).ok()?;
-                Some(Tensor::from_dispatch(d))
-            };
-            match (view(&b.m), view(&b.v)) {
-                (Some(m), Some(v)) => Ok(AdamWOutput { param, moment_1: m, moment_2: v, fused: true }),
-                _ => Err((param, None)),
-            }
-        }
-
-        pub(super) fn all_handed_back(&self, visited: usize) -> bool {
-            self.bufs.as_ref().is_some_and(|b| b.slots.len() == visited)
         }
     }
 }

@@ -41,7 +41,7 @@ impl Optim {
                         // burn's per-parameter pass would only count a step in each state: that
                         // waits until something reads the states.
                         flat.finish();
-                        handle.count_many(entries.len());
+                        handle.count(entries.len(), true);
                         self.lag += 1;
                         return model;
                     }
@@ -83,7 +83,7 @@ impl Optim {
     /// RMSprop gives (0, 0)). The first step's updates cannot: the weights are still shared with
     /// the reference model.
     pub fn fused_updates(&self) -> (usize, usize) {
-        self.grad_scale.as_ref().map_or((0, 0), |h| (h.0.1.load(Ordering::Relaxed), h.0.2.load(Ordering::Relaxed)))
+        self.grad_scale.as_ref().map_or((0, 0), |h| (h.0.in_place.load(Ordering::Relaxed), h.0.updates.load(Ordering::Relaxed)))
     }
 
     /// burn's optimizer with every state up to date, whose record a checkpoint saves. After
@@ -102,9 +102,9 @@ impl Optim {
             // parameter to visit it, and `TorchAdamW` counting steps reads none.
             let mut values = Values(GradientsParams::new());
             model.visit(&mut values);
-            h.0.3.store(self.lag, Ordering::Relaxed);
+            h.0.counting.store(self.lag, Ordering::Relaxed);
             let _ = module.step(0.0, model.clone(), values.0);
-            h.0.3.store(0, Ordering::Relaxed);
+            h.0.counting.store(0, Ordering::Relaxed);
         }
         module
     }
@@ -145,7 +145,19 @@ fn flat_entries<M: Module>(model: &M, grads: &GradientsParams) -> Vec<odpo_kerne
 /// learning rate per step): the factor a step's gradients are multiplied by, how many parameter
 /// updates ran in place, and the multi-tensor update's buffers.
 #[derive(Clone, Debug)]
-pub struct GradScale(Arc<(AtomicU64, AtomicUsize, AtomicUsize, AtomicUsize)>, Arc<Mutex<odpo_kernels::FlatAdamW>>);
+pub struct GradScale(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    /// The clipping coefficient of the current step, as f64 bits.
+    scale: AtomicU64,
+    /// Parameter updates that ran in place, and all of them.
+    in_place: AtomicUsize,
+    updates: AtomicUsize,
+    /// Steps each state is to count without an update ([`Optim::record`]); 0 outside that pass.
+    counting: AtomicUsize,
+    flat: Mutex<odpo_kernels::FlatAdamW>,
+}
 
 impl Default for GradScale {
     fn default() -> Self {
@@ -155,38 +167,33 @@ impl Default for GradScale {
 
 impl GradScale {
     fn new(multi_tensor: odpo_kernels::FlatMode) -> Self {
-        let counters = (AtomicU64::new(1f64.to_bits()), AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
-        Self(Arc::new(counters), Arc::new(Mutex::new(odpo_kernels::FlatAdamW::new(multi_tensor))))
+        Self(Arc::new(Shared {
+            scale: AtomicU64::new(1f64.to_bits()),
+            in_place: AtomicUsize::new(0),
+            updates: AtomicUsize::new(0),
+            counting: AtomicUsize::new(0),
+            flat: Mutex::new(odpo_kernels::FlatAdamW::new(multi_tensor)),
+        }))
     }
 
     fn flat(&self) -> MutexGuard<'_, odpo_kernels::FlatAdamW> {
         // A panic inside an update leaves nothing half-written that the next step relies on: it
         // checks the buffers against the parameters before using them.
-        self.1.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.0.flat.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn set(&self, v: f64) {
-        self.0.0.store(v.to_bits(), Ordering::Relaxed);
+        self.0.scale.store(v.to_bits(), Ordering::Relaxed);
     }
 
     fn get(&self) -> f64 {
-        f64::from_bits(self.0.0.load(Ordering::Relaxed))
+        f64::from_bits(self.0.scale.load(Ordering::Relaxed))
     }
 
-    fn count(&self, fused: bool) {
-        self.0.1.fetch_add(usize::from(fused), Ordering::Relaxed);
-        self.0.2.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `n` parameter updates in place at once (a multi-tensor step).
-    fn count_many(&self, n: usize) {
-        self.0.1.fetch_add(n, Ordering::Relaxed);
-        self.0.2.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Steps a state is to count without an update ([`Optim::record`]); 0 outside that pass.
-    fn counting(&self) -> usize {
-        self.0.3.load(Ordering::Relaxed)
+    /// `n` parameter updates, in place or not.
+    fn count(&self, n: usize, in_place: bool) {
+        self.0.in_place.fetch_add(if in_place { n } else { 0 }, Ordering::Relaxed);
+        self.0.updates.fetch_add(n, Ordering::Relaxed);
     }
 }
 
@@ -261,7 +268,7 @@ impl Optimizer for TorchAdamW {
     type State<const D: usize> = AdamWState<D>;
 
     fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
-        let counting = self.grad_scale.counting();
+        let counting = self.grad_scale.0.counting.load(Ordering::Relaxed);
         if counting > 0 {
             // `Optim::record`: the steps ran on the buffers; only the count moves.
             return (
@@ -283,7 +290,7 @@ impl Optimizer for TorchAdamW {
         // The multi-tensor update hands back its views (the update ran on all parameters at
         // once), or runs `odpo_kernels::adamw` on this one.
         let out = self.grad_scale.flat().step_param(tensor, grad, moments, &self.scalars(lr, time));
-        self.grad_scale.count(out.fused);
+        self.grad_scale.count(1, out.fused);
         (out.param, Some(AdamWState::new(AdaptiveMomentumState::new(time, out.moment_1, out.moment_2))))
     }
 
