@@ -86,7 +86,7 @@ pub(crate) fn adamw(p: &mut DispatchTensorKind, g: &DispatchTensorKind, m: &mut 
     }
     // The scalars as locals (loaded once, not re-read after every store) and the optional factors
     // as 1.0 (multiplying by 1 is exact), so that the loop has no branch and vectorises.
-    let Coeffs { decay, scale, w1, b2, w2, bc2_sqrt, eps, neg_step_size } = *c;
+    let Coeffs { decay, scale, w1, b2, w2, bc2_sqrt, eps, neg_step_size, .. } = *c;
     let (decay, scale) = (decay.unwrap_or(1.0), scale.unwrap_or(1.0));
     let run = move |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {

@@ -18,7 +18,9 @@
 //! of the four buffers once and writes three, in place, in Rust (split over rayon's threads). It does
 //! so where it can reach the memory: f32 tensors of the flex backend or of libtorch on the CPU that
 //! are contiguous and not shared with another tensor. Other unshared libtorch tensors (CUDA, half
-//! precision) take PyTorch's own sequence of in-place torch operations. Anywhere else (the cubecl
+//! precision) take PyTorch's fused AdamW kernel, the one kernel `torch.optim.AdamW(fused=True)`
+//! runs (`fused_adamw_calls` counts it), or where that is out of reach PyTorch's own sequence of
+//! in-place torch operations. Anywhere else (the cubecl
 //! backends, shared or strided tensors) it runs the same formula as burn tensor operations.
 //!
 //! This crate names backends, as `odpo-model`'s `backend` module does; the trainer calls it through
@@ -50,6 +52,10 @@ pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};
 pub use swiglu::{SwigluBackend, swiglu};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
+#[cfg(feature = "tch")]
+pub use adamw_libtorch::fused_adamw_calls;
+#[cfg(feature = "tch")]
+pub use token_logprobs::token_logprob_torch_calls;
 
 use burn::backend::DispatchTensorKind;
 use burn::tensor::Tensor;
@@ -121,6 +127,9 @@ pub(crate) struct Coeffs {
     pub eps: f32,
     /// `−lr / (1 − β₁ᵗ)`.
     pub neg_step_size: f32,
+    /// The step's own scalars, for kernels that take them as they are (libtorch's fused AdamW).
+    #[cfg_attr(not(feature = "tch"), allow(dead_code))]
+    pub step: AdamWStep,
 }
 
 impl AdamWStep {
@@ -136,6 +145,7 @@ impl AdamWStep {
             bc2_sqrt: bc2.sqrt() as f32,
             eps: self.eps as f32,
             neg_step_size: (-self.lr / bc1) as f32,
+            step: *self,
         }
     }
 }

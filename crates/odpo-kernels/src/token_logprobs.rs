@@ -5,8 +5,9 @@
 //! and its backward writes three more `[N, V]` tensors (the softmax term, the scattered one-hot,
 //! their sum). Over SmolLM2's 49,152-token vocabulary one such tensor is 150 MB per 768 tokens,
 //! and each fresh one costs the kernel's page clearing as well as the pass itself. Here the
-//! forward pass reads each row once for its log-sum-exp and keeps only the logits; the backward
-//! pass writes the gradient `g · (onehot − softmax)` over the logits in place.
+//! forward pass reads each row once for its log-sum-exp and keeps only the logits, in their own
+//! dtype (the f32 copy a half-precision model's log-softmax needs lives only within each pass);
+//! the backward pass writes the gradient `g · (onehot − softmax)` over the logits in place.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -19,7 +20,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::{FloatTensor, IndexingUpdateOp, IntTensor};
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
-use burn::tensor::{Int, Shape, Tensor};
+use burn::tensor::{DType, FloatDType, Int, Shape, Slice, Tensor};
 
 /// The fused log-softmax + gather. Backends whose CPU memory the kernels reach (flex, libtorch on
 /// the CPU) run [`crate::softmax`]'s loops; the default bodies are the same formulas in burn
@@ -33,14 +34,62 @@ pub trait TokenLogProbsBackend: Backend {
 
     /// The log-probabilities and the log-sum-exp of each row, each `[N]`.
     fn token_logprobs_forward(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        composed_forward::<Self>(logits, targets)
+        let rows = run_rows(rows_cols::<Self>(&logits).1);
+        composed_forward_in_runs::<Self>(logits, targets, rows)
     }
 
     /// The gradient with respect to `logits` of `Σ grad[n] · logprob[n]`:
     /// `grad[n] · ([v = targets[n]] − e^(logits[n, v] − lse[n]))`.
     fn token_logprobs_backward(logits: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        composed_backward::<Self>(logits, lse, targets, grad)
+        let rows = run_rows(rows_cols::<Self>(&logits).1);
+        composed_backward_in_runs::<Self>(logits, lse, targets, grad, rows)
     }
+}
+
+/// Rows of f32 logits over `vocab` entries in one run of the operation-by-operation paths: at most
+/// 256 MiB of f32 temporaries at a time, whatever the number of rows (Llama-3.2-1B's 8,192 rows of
+/// a step of 8 pairs × 512 tokens would be 4.2 GB each in one).
+fn run_rows(vocab: usize) -> usize {
+    ((256usize << 20) / (4 * vocab.max(1))).max(1)
+}
+
+/// Rows `start..start + len` of a `[N, V]` tensor.
+fn rows_slice(start: usize, len: usize) -> [Slice; 2] {
+    [Slice { start: start as isize, end: Some((start + len) as isize), step: 1 }, Slice { start: 0, end: None, step: 1 }]
+}
+
+/// [`composed_forward`] over `rows` rows at a time, each run's temporaries freed before the next.
+fn composed_forward_in_runs<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>, rows: usize) -> (FloatTensor<B>, FloatTensor<B>) {
+    let n = rows_cols::<B>(&logits).0;
+    if n <= rows {
+        return composed_forward::<B>(logits, targets);
+    }
+    let (lp, lse): (Vec<_>, Vec<_>) = (0..n)
+        .step_by(rows)
+        .map(|s| {
+            let len = rows.min(n - s);
+            let t = B::int_slice(targets.clone(), &rows_slice(s, len)[..1]);
+            composed_forward::<B>(B::float_slice(logits.clone(), &rows_slice(s, len)), t)
+        })
+        .unzip();
+    (B::float_cat(lp, 0), B::float_cat(lse, 0))
+}
+
+/// [`composed_backward`] over `rows` rows at a time, each run's gradient written over its rows of
+/// the logits, which autodiff kept for this pass alone (copied once first if something else holds
+/// them), so that no other `[N, V]` tensor lives beside them longer than a run.
+fn composed_backward_in_runs<B: Backend>(logits: FloatTensor<B>, lse: FloatTensor<B>, targets: IntTensor<B>, grad: FloatTensor<B>, rows: usize) -> FloatTensor<B> {
+    let n = rows_cols::<B>(&logits).0;
+    if n <= rows {
+        return composed_backward::<B>(logits, lse, targets, grad);
+    }
+    let mut out = logits;
+    for s in (0..n).step_by(rows) {
+        let at = rows_slice(s, rows.min(n - s));
+        let part = composed_backward::<B>(B::float_slice(out.clone(), &at), B::float_slice(lse.clone(), &at[..1]), B::int_slice(targets.clone(), &at[..1]), B::float_slice(grad.clone(), &at[..1]));
+        out = B::float_slice_assign(out, &at, part);
+    }
+    out
 }
 
 fn rows_cols<B: Backend>(logits: &FloatTensor<B>) -> (usize, usize) {
@@ -48,8 +97,16 @@ fn rows_cols<B: Backend>(logits: &FloatTensor<B>) -> (usize, usize) {
     (shape[0], shape[1])
 }
 
+/// The logits in f32: log-probabilities summed over a completion need it, whatever the model's
+/// dtype. Inside the operation, so that what autodiff keeps is the logits in the model's dtype
+/// (half the bytes of f32 in bf16) and the f32 copy lives only while a pass reads it.
+fn widened<B: Backend>(logits: FloatTensor<B>) -> FloatTensor<B> {
+    if logits.dtype() == DType::F32 { logits } else { B::float_cast(logits, FloatDType::F32) }
+}
+
 /// The forward pass in backend operations (max-shifted log-sum-exp, then a gather).
 fn composed_forward<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let logits = widened::<B>(logits);
     let (n, v) = rows_cols::<B>(&logits);
     let max = B::float_max_dim(logits.clone(), 1);
     let shifted = B::float_sub(logits.clone(), B::float_expand(max.clone(), Shape::new([n, v])));
@@ -59,70 +116,182 @@ fn composed_forward<B: Backend>(logits: FloatTensor<B>, targets: IntTensor<B>) -
     (B::float_reshape(lp, Shape::new([n])), B::float_reshape(lse, Shape::new([n])))
 }
 
-/// The backward pass in backend operations.
+/// The backward pass in backend operations, in f32, the gradient cast to the logits' dtype.
 fn composed_backward<B: Backend>(logits: FloatTensor<B>, lse: FloatTensor<B>, targets: IntTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let dtype = logits.dtype();
+    let logits = widened::<B>(logits);
     let (n, v) = rows_cols::<B>(&logits);
     let g = B::float_reshape(grad, Shape::new([n, 1]));
     let lse = B::float_expand(B::float_reshape(lse, Shape::new([n, 1])), Shape::new([n, v]));
     let softmax = B::float_exp(B::float_sub(logits, lse));
     let out = B::float_mul(softmax, B::float_expand(B::float_neg(g.clone()), Shape::new([n, v])));
-    B::float_scatter(1, out, B::int_reshape(targets, Shape::new([n, 1])), g, IndexingUpdateOp::Add)
+    let out = B::float_scatter(1, out, B::int_reshape(targets, Shape::new([n, 1])), g, IndexingUpdateOp::Add);
+    if dtype == DType::F32 { out } else { B::float_cast(out, FloatDType::from(dtype)) }
+}
+
+/// What the CPU kernel's backward pass wrote.
+#[cfg(any(feature = "flex", feature = "tch"))]
+enum Written<T> {
+    /// The gradient, over the logits' own buffer.
+    InPlace,
+    /// The gradient, in a new buffer (the logits were shared or strided).
+    Copy(T),
 }
 
 /// The CPU kernels on one backend's primitives: how to reach the f32 rows and i64 targets, and
 /// how to make a tensor from a vector. `None` (nothing computed) when a buffer is out of reach.
 #[cfg(any(feature = "flex", feature = "tch"))]
-macro_rules! cpu_backend {
+macro_rules! cpu_kernels {
     ($backend:ty, $module:ident) => {
-        impl TokenLogProbsBackend for $backend {
-            fn token_logprobs_forward(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-                let (n, v) = rows_cols::<Self>(&logits);
-                let device = logits.device();
-                let fused = crate::cpu::$module::ints(&targets)
-                    .and_then(|t| crate::cpu::$module::with_rows(&logits, |x| crate::softmax::forward(x, v, &t)));
-                match fused {
-                    Some((lp, lse)) => {
-                        count(&FORWARD);
-                        let make = |x: Vec<f32>| Self::float_from_data(burn::tensor::TensorData::new(x, [n]), &device);
-                        (make(lp), make(lse))
-                    }
-                    None => composed_forward::<Self>(logits, targets),
-                }
-            }
+        /// [`crate::softmax::forward`] on f32 logits the CPU reaches: the log-probabilities and the log-sum-exps.
+        fn kernel_forward(logits: &FloatTensor<$backend>, targets: &IntTensor<$backend>) -> Option<(FloatTensor<$backend>, FloatTensor<$backend>)> {
+            let (n, v) = rows_cols::<$backend>(logits);
+            let t = crate::cpu::$module::ints(targets)?;
+            let (lp, lse) = crate::cpu::$module::with_rows(logits, |x| crate::softmax::forward(x, v, &t))?;
+            count(&FORWARD);
+            let device = logits.device();
+            let make = |x: Vec<f32>| <$backend>::float_from_data(burn::tensor::TensorData::new(x, [n]), &device);
+            Some((make(lp), make(lse)))
+        }
 
-            fn token_logprobs_backward(mut logits: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-                use crate::cpu::$module::{ints, slice_mut, with_rows};
-                let (n, v) = rows_cols::<Self>(&logits);
-                let small = (ints(&targets), with_rows(&lse, <[f32]>::to_vec), with_rows(&grad, <[f32]>::to_vec));
-                let (Some(t), Some(l), Some(g)) = small else {
-                    return composed_backward::<Self>(logits, lse, targets, grad);
-                };
-                // The logits are kept for this pass alone, so their buffer usually takes the gradient.
-                if let Some(x) = slice_mut(&mut logits) {
-                    crate::softmax::backward(None, x, v, &t, &l, &g);
-                    count(&BACKWARD_IN_PLACE);
-                    return logits;
-                }
-                let mut out = Self::float_empty(Shape::new([n, v]), &logits.device(), burn::tensor::FloatDType::F32);
-                let written = match slice_mut(&mut out) {
-                    Some(o) => with_rows(&logits, |x| crate::softmax::backward(Some(x), o, v, &t, &l, &g)).is_some(),
-                    None => false,
-                };
-                if written {
-                    count(&BACKWARD_COPY);
-                    out
-                } else {
-                    composed_backward::<Self>(logits, lse, targets, grad)
-                }
+        /// [`crate::softmax::backward`] on f32 logits the CPU reaches, over their buffer where nothing else holds it.
+        fn kernel_backward(logits: &mut FloatTensor<$backend>, lse: &FloatTensor<$backend>, targets: &IntTensor<$backend>, grad: &FloatTensor<$backend>) -> Option<Written<FloatTensor<$backend>>> {
+            use crate::cpu::$module::{ints, slice_mut, with_rows};
+            let (n, v) = rows_cols::<$backend>(logits);
+            let (t, l, g) = (ints(targets)?, with_rows(lse, <[f32]>::to_vec)?, with_rows(grad, <[f32]>::to_vec)?);
+            // The logits are kept for this pass alone, so their buffer usually takes the gradient.
+            if let Some(x) = slice_mut(logits) {
+                crate::softmax::backward(None, x, v, &t, &l, &g);
+                count(&BACKWARD_IN_PLACE);
+                return Some(Written::InPlace);
             }
+            let mut out = <$backend>::float_empty(Shape::new([n, v]), &logits.device(), FloatDType::F32);
+            let o = slice_mut(&mut out)?;
+            with_rows(logits, |x| crate::softmax::backward(Some(x), o, v, &t, &l, &g))?;
+            count(&BACKWARD_COPY);
+            Some(Written::Copy(out))
         }
     };
 }
 
+/// flex: the CPU kernels, on the logits widened to f32 first.
 #[cfg(feature = "flex")]
-cpu_backend!(burn::backend::Flex, flex);
+mod flex_impl {
+    use super::*;
+    use burn::backend::Flex;
+
+    cpu_kernels!(Flex, flex);
+
+    impl TokenLogProbsBackend for Flex {
+        fn token_logprobs_forward(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            let logits = widened::<Self>(logits);
+            kernel_forward(&logits, &targets).unwrap_or_else(|| {
+                let rows = run_rows(rows_cols::<Self>(&logits).1);
+                composed_forward_in_runs::<Self>(logits, targets, rows)
+            })
+        }
+
+        fn token_logprobs_backward(logits: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+            let dtype = logits.dtype();
+            // A widened copy is this pass's own, so the kernel writes over it.
+            let mut x = widened::<Self>(logits);
+            let out = match kernel_backward(&mut x, &lse, &targets, &grad) {
+                Some(Written::InPlace) => x,
+                Some(Written::Copy(out)) => out,
+                None => {
+                    let rows = run_rows(rows_cols::<Self>(&x).1);
+                    return composed_backward_in_runs::<Self>(x, lse, targets, grad, rows);
+                }
+            };
+            if dtype == DType::F32 { out } else { Self::float_cast(out, FloatDType::from(dtype)) }
+        }
+    }
+}
+
+/// libtorch: the CPU kernels on f32 CPU tensors; anything else (CUDA, half precision) runs
+/// [`torch_forward`] and [`torch_backward`].
 #[cfg(feature = "tch")]
-cpu_backend!(burn::backend::LibTorch, tch);
+mod tch_impl {
+    use super::*;
+    use burn::backend::LibTorch;
+
+    cpu_kernels!(LibTorch, tch);
+
+    impl TokenLogProbsBackend for LibTorch {
+        fn token_logprobs_forward(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+            kernel_forward(&logits, &targets).unwrap_or_else(|| torch_forward(&logits, &targets, run_rows(rows_cols::<Self>(&logits).1) as i64))
+        }
+
+        fn token_logprobs_backward(mut logits: FloatTensor<Self>, lse: FloatTensor<Self>, targets: IntTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+            match kernel_backward(&mut logits, &lse, &targets, &grad) {
+                Some(Written::InPlace) => logits,
+                Some(Written::Copy(out)) => out,
+                None => {
+                    let rows = run_rows(rows_cols::<Self>(&logits).1) as i64;
+                    torch_backward(logits, &lse, &targets, &grad, rows)
+                }
+            }
+        }
+    }
+}
+
+/// The forward pass as torch operations, for libtorch tensors the CPU kernel does not reach (CUDA,
+/// half precision): torch's fused `log_softmax`, widening to f32 as it reads, over `rows` rows at a
+/// time, and the picked entries.
+#[cfg(feature = "tch")]
+fn torch_forward(logits: &burn::backend::libtorch::TchTensor, targets: &burn::backend::libtorch::TchTensor, rows: i64) -> (burn::backend::libtorch::TchTensor, burn::backend::libtorch::TchTensor) {
+    use burn::backend::libtorch::TchTensor;
+    let (x, t) = (&logits.tensor, targets.tensor.unsqueeze(1));
+    let n = x.size()[0];
+    // The log-sum-exp is `x − log_softmax(x)` at each row's largest logit, where both terms are
+    // about the size of the result, so it is as exact as the f32 result can be.
+    let part = |s: i64, len: i64| {
+        let xs = x.narrow(0, s, len);
+        let at = tch::Tensor::cat(&[t.narrow(0, s, len), xs.argmax(1, true)], 1);
+        let ls = xs.log_softmax(1, tch::Kind::Float).gather(1, &at, false);
+        let lse = xs.gather(1, &at.narrow(1, 1, 1), false).to_kind(tch::Kind::Float) - ls.narrow(1, 1, 1);
+        (ls.narrow(1, 0, 1), lse)
+    };
+    let (lp, lse) = if n <= rows {
+        part(0, n)
+    } else {
+        let (lp, lse): (Vec<_>, Vec<_>) = (0..n).step_by(rows as usize).map(|s| part(s, rows.min(n - s))).unzip();
+        (tch::Tensor::cat(&lp, 0), tch::Tensor::cat(&lse, 0))
+    };
+    count(&TORCH_FORWARD);
+    (TchTensor::new(lp.squeeze_dim(1)), TchTensor::new(lse.squeeze_dim(1)))
+}
+
+/// The backward pass as in-place torch operations, `rows` rows at a time: each part widened to f32
+/// (in f32, the part itself), `exp(x − lse) · (−g)` plus `g` at the target, written back in the
+/// logits' dtype. The gradient takes the logits' own buffer when nothing else holds it, so that the
+/// pass needs no `[N, V]` tensor beyond the one autodiff kept (the composed form writes four).
+#[cfg(feature = "tch")]
+fn torch_backward(logits: burn::backend::libtorch::TchTensor, lse: &burn::backend::libtorch::TchTensor, targets: &burn::backend::libtorch::TchTensor, grad: &burn::backend::libtorch::TchTensor, rows: i64) -> burn::backend::libtorch::TchTensor {
+    use burn::backend::libtorch::TchTensor;
+    // `can_mut`: nothing else holds the buffer and no stride broadcasts, so it can take the gradient.
+    let own = logits.can_mut();
+    let out = if own { logits.tensor.shallow_clone() } else { logits.tensor.copy() };
+    drop(logits);
+    let (t, g, lse) = (targets.tensor.unsqueeze(1), grad.tensor.unsqueeze(1), lse.tensor.unsqueeze(1));
+    let n = out.size()[0];
+    for s in (0..n).step_by(rows as usize) {
+        let len = rows.min(n - s);
+        let mut o = out.narrow(0, s, len);
+        let g = g.narrow(0, s, len);
+        // f32 logits: `to_kind` hands back the part itself, and the operations below write it.
+        let mut d = o.to_kind(tch::Kind::Float);
+        d -= lse.narrow(0, s, len);
+        let _ = d.exp_();
+        d *= g.neg();
+        let _ = d.scatter_add_(1, &t.narrow(0, s, len), &g);
+        if o.kind() != tch::Kind::Float {
+            o.copy_(&d);
+        }
+    }
+    count(if own { &TORCH_BACKWARD_IN_PLACE } else { &TORCH_BACKWARD_COPY });
+    TchTensor::new(out)
+}
 
 /// The cubecl backends (wgpu, Vulkan, Metal, CUDA): the default bodies, in backend operations. Under
 /// autodiff that keeps the logits and the log-sum-exps, where the tensor operations of
@@ -165,6 +334,12 @@ const REACH: crate::Reach = crate::Reach { flex: true, libtorch: true, cube: tru
 static FORWARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static BACKWARD_IN_PLACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static BACKWARD_COPY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+#[cfg(feature = "tch")]
+static TORCH_FORWARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+#[cfg(feature = "tch")]
+static TORCH_BACKWARD_IN_PLACE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+#[cfg(feature = "tch")]
+static TORCH_BACKWARD_COPY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[cfg(any(feature = "flex", feature = "tch"))]
 fn count(c: &std::sync::atomic::AtomicUsize) {
@@ -178,21 +353,32 @@ pub fn token_logprob_kernel_calls() -> (usize, usize, usize) {
     (load(&FORWARD), load(&BACKWARD_IN_PLACE), load(&BACKWARD_COPY))
 }
 
-/// `log softmax(logits)[n, targets[n]]` `[N]` for f32 `logits` `[N, V]` and `targets` `[N]`,
-/// differentiable with respect to `logits`.
+/// How often the torch operations ran for libtorch tensors the CPU kernels do not reach (CUDA,
+/// half precision), counted as [`token_logprob_kernel_calls`] counts.
+#[cfg(feature = "tch")]
+pub fn token_logprob_torch_calls() -> (usize, usize, usize) {
+    let load = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::Relaxed);
+    (load(&TORCH_FORWARD), load(&TORCH_BACKWARD_IN_PLACE), load(&TORCH_BACKWARD_COPY))
+}
+
+/// `log softmax(logits)[n, targets[n]]` `[N]` in f32 for `logits` `[N, V]` of any float dtype and
+/// `targets` `[N]`, differentiable with respect to `logits`.
 ///
-/// On flex and on libtorch's CPU tensors this is one read of the logits forward and one in-place
-/// pass backward ([`TokenLogProbsBackend`]); on the other backends it is the same computation in
-/// backend operations, recorded as one operation that keeps only the logits and their
-/// log-sum-exps for the backward pass. Both match the definition to f32 rounding: the fused sum
-/// of exponentials accumulates in f64.
+/// The log-softmax is taken in f32 whatever the logits' dtype, and what autodiff keeps for the
+/// backward pass is the logits as they come (bf16 logits: half the bytes of their f32 copy) and
+/// their log-sum-exps; the gradient comes back in the logits' dtype. On flex and on libtorch's f32
+/// CPU tensors it is one read of the logits forward and one in-place pass backward
+/// ([`TokenLogProbsBackend`]); on libtorch's other tensors (CUDA, half precision) torch's fused
+/// `logsumexp` forward and in-place operations backward; on the cubecl backends the same
+/// computation in backend operations. All match the definition to f32 rounding (the CPU kernel
+/// accumulates the sum of exponentials in f64).
 ///
 /// # Panics
 /// When a target is not in `0..V` (the fused kernel names the id; tensor operations fail as their
 /// backend's gather does).
 pub fn token_logprobs(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
     if !crate::extended(&logits.clone().into_dispatch().kind, REACH) {
-        return token_logprobs_tensor_ops(logits, targets);
+        return token_logprobs_tensor_ops(logits.cast(FloatDType::F32), targets);
     }
     let out = <Dispatch as TokenLogProbsBackend>::token_logprobs(logits.into_dispatch(), targets.into_dispatch());
     Tensor::from_dispatch(out)
@@ -284,6 +470,98 @@ mod tests {
         }
     }
 
+    /// Half-precision logits: the log-softmax in f32 of the logits as they are rounded, the
+    /// gradient in their dtype, and on libtorch the torch operations (what CUDA runs), in place
+    /// over the widened copy.
+    #[test]
+    fn half_precision_logits_are_widened_inside() {
+        use burn::tensor::FloatDType;
+        let (n, v) = (6, 900);
+        let t: Vec<i64> = vec![0, 899, 450, 7, 7, 300];
+        let w = [1.0f32, -0.5, 2.0, 0.0, 0.75, -1.25];
+        for device in devices() {
+            let ad = device.clone().autodiff();
+            for dtype in [FloatDType::BF16, FloatDType::F16] {
+                let xs = Tensor::<2>::from_data(TensorData::new(logits(n, v), [n, v]), &ad).cast(dtype).require_grad();
+                // The reference reads the logits after rounding to `dtype`.
+                let rounded = vec(xs.clone().inner().cast(FloatDType::F32).reshape([n * v]));
+                let (want_lp, want_grad) = want(&rounded, v, &t, &w);
+                let before = torch_calls();
+                let ts = Tensor::<1, Int>::from_data(TensorData::new(t.clone(), [n]), &ad);
+                let ws = Tensor::<1>::from_data(TensorData::new(w.to_vec(), [n]), &ad);
+                let lp = token_logprobs(xs.clone().mul_scalar(1.0), ts);
+                assert_eq!(lp.dtype(), burn::tensor::DType::F32, "{device:?} {dtype:?}");
+                let grads = (lp.clone() * ws).sum().backward();
+                let g = xs.grad(&grads).expect("logits have a gradient");
+                assert_eq!(g.dtype(), xs.dtype(), "{device:?}: the gradient comes back in the logits' dtype");
+                for (i, (&got, &w)) in vec(lp.inner()).iter().zip(&want_lp).enumerate() {
+                    assert!((f64::from(got) - w).abs() <= 2e-6 * w.abs().max(1.0), "{device:?} {dtype:?} lp[{i}]: {got} vs {w}");
+                }
+                // One rounding to `dtype` of the f32 gradient: 2^-8 relative in bf16, 2^-11 in f16.
+                let tol = if dtype == FloatDType::BF16 { 4e-3 } else { 5e-4 };
+                for (i, (&got, &w)) in vec(g.cast(FloatDType::F32).reshape([n * v])).iter().zip(&want_grad).enumerate() {
+                    assert!((f64::from(got) - w).abs() <= tol * w.abs() + 1e-7, "{device:?} {dtype:?} grad[{i}]: {got} vs {w}");
+                }
+                #[cfg(feature = "tch")]
+                {
+                    let after = torch_calls();
+                    if device == Device::libtorch() {
+                        assert!(after.0 > before.0 && after.1 > before.1, "{device:?}: the torch path did not run in place ({before:?} → {after:?})");
+                    }
+                }
+                let _ = before;
+            }
+        }
+    }
+
+    /// The torch path's calls (forward, backward in place, backward over a copy); zeros without libtorch.
+    fn torch_calls() -> (usize, usize, usize) {
+        #[cfg(feature = "tch")]
+        return token_logprob_torch_calls();
+        #[cfg(not(feature = "tch"))]
+        (0, 0, 0)
+    }
+
+    /// libtorch's f32 logits the CPU kernel does not reach take the torch path: in place over a
+    /// buffer nothing else holds, over a copy of a shared one (left as it was).
+    #[cfg(feature = "tch")]
+    #[test]
+    fn the_torch_path_in_f32_in_place_and_over_a_copy() {
+        use burn::backend::libtorch::TchTensor;
+        let (n, v) = (4, 500);
+        let x = logits(n, v);
+        let t: Vec<i64> = vec![1, 499, 250, 0];
+        let w = [0.5f32, -1.0, 2.0, 1.0];
+        let (want_lp, want_grad) = want(&x, v, &t, &w);
+        let make = || TchTensor::new(tch::Tensor::from_slice(&x).reshape([n as i64, v as i64]));
+        let targets = TchTensor::new(tch::Tensor::from_slice(&t));
+        let grad = TchTensor::new(tch::Tensor::from_slice(&w));
+        let (lp, lse) = torch_forward(&make(), &targets, 3);
+        let lp: Vec<f32> = Vec::try_from(&lp.tensor).expect("f32 values");
+        for (&got, &w) in lp.iter().zip(&want_lp) {
+            assert!((f64::from(got) - w).abs() <= 2e-6 * w.abs().max(1.0), "lp {got} vs {w}");
+        }
+        let check = |g: TchTensor| {
+            let g: Vec<f32> = Vec::try_from(&g.tensor.reshape([-1])).expect("f32 values");
+            for (&got, &w) in g.iter().zip(&want_grad) {
+                assert!((f64::from(got) - w).abs() <= 1e-6 * w.abs().max(1e-2), "grad {got} vs {w}");
+            }
+        };
+        let before = token_logprob_torch_calls();
+        let own = make();
+        let ptr = own.tensor.data_ptr() as usize;
+        let g = torch_backward(own, &lse, &targets, &grad, 3);
+        assert_eq!(g.tensor.data_ptr() as usize, ptr, "an unshared buffer takes the gradient");
+        check(g);
+        let shared = make();
+        let kept = shared.clone();
+        check(torch_backward(shared, &lse, &targets, &grad, 4));
+        let kept: Vec<f32> = Vec::try_from(&kept.tensor.reshape([-1])).expect("f32 values");
+        assert_eq!(kept, x, "shared logits were written");
+        let after = token_logprob_torch_calls();
+        assert!(after.1 > before.1 && after.2 > before.2, "{before:?} → {after:?}");
+    }
+
     #[test]
     fn shared_logits_are_not_overwritten() {
         let (n, v) = (3, 257);
@@ -345,15 +623,22 @@ mod tests {
             _ => unreachable!("a flex device makes flex tensors"),
         };
         let to_vec = |p: FlexTensor| p.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default();
-        let (lp, lse) = composed_forward::<burn::backend::Flex>(float(TensorData::new(x.clone(), [n, v]), [n, v]), int());
-        for (&got, &w) in to_vec(lp).iter().zip(&want_lp) {
-            assert!((f64::from(got) - w).abs() <= 2e-6 * w.abs().max(1.0), "lp {got} vs {w}");
-        }
-        let g = float(TensorData::new(w.to_vec(), [n, 1]), [n, 1]);
-        let g = burn::backend::Flex::float_reshape(g, Shape::new([n]));
-        let grad = composed_backward::<burn::backend::Flex>(float(TensorData::new(x.clone(), [n, v]), [n, v]), lse, int(), g);
-        for (&got, &w) in to_vec(grad).iter().zip(&want_grad) {
-            assert!((f64::from(got) - w).abs() <= 1e-6 * w.abs().max(1e-2), "grad {got} vs {w}");
+        // In runs of one row, of three (a shorter last run) and all at once.
+        for rows in [1, 3, n] {
+            let (lp, lse) = composed_forward_in_runs::<burn::backend::Flex>(float(TensorData::new(x.clone(), [n, v]), [n, v]), int(), rows);
+            for (&got, &w) in to_vec(lp).iter().zip(&want_lp) {
+                assert!((f64::from(got) - w).abs() <= 2e-6 * w.abs().max(1.0), "rows {rows}: lp {got} vs {w}");
+            }
+            let g = float(TensorData::new(w.to_vec(), [n, 1]), [n, 1]);
+            let g = burn::backend::Flex::float_reshape(g, Shape::new([n]));
+            // `kept` shares the logits' buffer: the runs must leave it as it was.
+            let logits = float(TensorData::new(x.clone(), [n, v]), [n, v]);
+            let kept = logits.clone();
+            let grad = composed_backward_in_runs::<burn::backend::Flex>(logits, lse, int(), g, rows);
+            for (&got, &w) in to_vec(grad).iter().zip(&want_grad) {
+                assert!((f64::from(got) - w).abs() <= 1e-6 * w.abs().max(1e-2), "rows {rows}: grad {got} vs {w}");
+            }
+            assert_eq!(to_vec(kept), x, "rows {rows}: shared logits were written");
         }
     }
 }

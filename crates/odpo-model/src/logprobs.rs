@@ -20,9 +20,9 @@ pub fn token_logprobs(logits: Tensor<3>, input_ids: Tensor<2, Int>) -> Tensor<2>
 /// gradient over them in place, never holding a `[B, N, V]` temporary.
 fn target_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
     let [b, n, v] = logits.dims();
-    // Low-precision logits are widened: log-probabilities summed over a completion need f32.
-    let logits = logits.cast(burn::tensor::FloatDType::F32).reshape([b * n, v]);
-    odpo_kernels::token_logprobs(logits, targets.reshape([b * n])).reshape([b, n])
+    // Low-precision logits are widened inside: log-probabilities summed over a completion need f32,
+    // and the backward pass then keeps the logits in the model's dtype, not their f32 copy.
+    odpo_kernels::token_logprobs(logits.reshape([b * n, v]), targets.reshape([b * n])).reshape([b, n])
 }
 
 /// `log p(target)` `[B, N]` of final hidden states `hidden` `[B, N, D]` through the LM head, for the

@@ -99,6 +99,8 @@ fn three_odpo_steps(foreach: Option<bool>) {
         ..OptimConfig::default()
     };
     let mut optim = odpo_trainer::optim::build(&optim_cfg);
+    #[cfg(feature = "tch")]
+    let fused_kernel_before = odpo_kernels::fused_adamw_calls();
     for (step, want) in exp["steps"].as_array().unwrap().iter().enumerate() {
         let batch = forward::preference_batch(&refs, &odpo_data::PreferenceBatcher::default(), &device);
         let reference_rows = reference.rows(&batch).unwrap();
@@ -136,6 +138,9 @@ fn three_odpo_steps(foreach: Option<bool>) {
     assert_eq!(optim.multi_tensor_steps(), if multi_tensor { 2 } else { 0 }, "multi-tensor AdamW steps (foreach {foreach:?}) on {on}");
     if multi_tensor {
         assert_eq!(fused, 2 * params, "fused updates: {fused} of {total}");
+        // Each on the buffers is one call of libtorch's fused AdamW kernel.
+        #[cfg(feature = "tch")]
+        assert!(odpo_kernels::fused_adamw_calls() >= fused_kernel_before + 2, "libtorch's fused AdamW kernel did not run on {on}");
     }
 
     // PyTorch's weights after the third step, loaded as a model of the same shape.
@@ -274,7 +279,8 @@ fn multi_tensor_adamw_equals_the_per_parameter_update() {
 
 /// One AdamW update through `odpo_kernels::adamw` on the test device, in f32 and in bf16 where the
 /// device has it, against PyTorch's formula worked in f64 on the same (rounded) inputs. On libtorch
-/// every unshared update runs in place (the CPU kernel for f32 on the CPU, in-place torch operations otherwise).
+/// every unshared update runs in place: the CPU kernel for f32 on the CPU, PyTorch's fused AdamW
+/// kernel otherwise.
 #[test]
 fn adamw_updates_match_the_formula() {
     use burn::tensor::{DType, TensorData};
@@ -297,9 +303,16 @@ fn adamw_updates_match_the_formula() {
         let [p, g, m, v] = std::array::from_fn(|i| t(&start[i]));
         // The inputs as the device holds them (bf16 rounds them).
         let [p0, g0, m0, v0] = [&p, &g, &m, &v].map(|x| read(x.clone()));
+        #[cfg(feature = "tch")]
+        let fused_before = odpo_kernels::fused_adamw_calls();
         let out = odpo_kernels::adamw(p, g, Some((m, v)), &s);
         if format!("{device:?}").contains("LibTorch") {
             assert!(out.fused, "{dtype:?}: the update did not run in place on {device:?}");
+            // f32 on the CPU takes the CPU kernel; anything else libtorch's fused AdamW kernel.
+            #[cfg(feature = "tch")]
+            if dtype != DType::F32 || !format!("{device:?}").contains("Cpu") {
+                assert!(odpo_kernels::fused_adamw_calls() > fused_before, "{dtype:?}: libtorch's fused AdamW kernel did not run on {device:?}");
+            }
         }
         let (p1, m1, v1) = (read(out.param), read(out.moment_1), read(out.moment_2));
         let (bc1, bc2) = (1.0 - s.beta_1.powi(s.step), 1.0 - s.beta_2.powi(s.step));
