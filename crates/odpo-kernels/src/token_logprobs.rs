@@ -200,7 +200,7 @@ mod flex_impl {
                 Some(Written::Copy(out)) => out,
                 None => {
                     let rows = run_rows(rows_cols::<Self>(&x).1);
-                    return composed_backward_in_runs::<Self>(x, lse, targets, grad, rows);
+                    composed_backward_in_runs::<Self>(x, lse, targets, grad, rows)
                 }
             };
             if dtype == DType::F32 { out } else { Self::float_cast(out, FloatDType::from(dtype)) }
@@ -236,8 +236,8 @@ mod tch_impl {
 }
 
 /// The forward pass as torch operations, for libtorch tensors the CPU kernel does not reach (CUDA,
-/// half precision): torch's fused `log_softmax`, widening to f32 as it reads, over `rows` rows at a
-/// time, and the picked entries.
+/// half precision): torch's `log_softmax` with an f32 result (which widens its input first, except
+/// f16 on CUDA), over `rows` rows at a time, and the picked entries.
 #[cfg(feature = "tch")]
 fn torch_forward(logits: &burn::backend::libtorch::TchTensor, targets: &burn::backend::libtorch::TchTensor, rows: i64) -> (burn::backend::libtorch::TchTensor, burn::backend::libtorch::TchTensor) {
     use burn::backend::libtorch::TchTensor;
