@@ -136,12 +136,15 @@ pub fn fused_adamw_calls() -> usize {
 /// refusal leaves the tensors as they were.
 fn fused_update<'a>(p: &mut tch::Tensor, g: Grad<'a>, m: &mut tch::Tensor, v: &mut tch::Tensor, c: &Coeffs) -> Result<(), Grad<'a>> {
     use tch::IValue;
-    let Some(module) = fused_module() else {
+    // The kernel takes dense tensors: a strided parameter or moment (a state made after a
+    // transposed gradient) takes the in-place operations for this update alone.
+    let Some(module) = fused_module().filter(|_| p.is_contiguous() && m.is_contiguous() && v.is_contiguous()) else {
         return Err(g);
     };
+    // `contiguous` copies only a strided gradient (a tied embedding's transpose).
     let grad = match &g {
-        Grad::Read(g) => g.shallow_clone(),
-        Grad::Owned(g) => g.shallow_clone(),
+        Grad::Read(g) => g.contiguous(),
+        Grad::Owned(g) => g.contiguous(),
     };
     let s = &c.step;
     // The step count as the kernel reads it: an f32 scalar on the parameter's device.
