@@ -4,7 +4,8 @@
 #   BUNDLE_DIR holds gpu-build.sh's parts and MANIFEST; OUT_DIR receives gpu-check.log (everything
 #   printed), gpu-check.json (every figure) and gpu-check.md (the tables), rewritten after each stage
 #   so that a run cut short still returns what it measured.
-# For each backend (GPU_CHECK_BACKENDS, default "cuda tch-cuda vulkan"):
+# For each backend (GPU_CHECK_BACKENDS, default "tch-cuda cuda vulkan": the fastest first, so that a budget
+# that runs out leaves the slower ones out, and stage 4 runs on it):
 #   1. the conformance suites: model parity of nine families against transformers, loss parity, three
 #      ODPO steps against PyTorch, shared prompt, data parallel, bf16/f16 mixed precision;
 #   2. the ODPO step benchmark beside PyTorch eager (bench/pytorch/step.py, TRL's step) on SmolLM2-135M
@@ -24,15 +25,17 @@
 # adds arguments to the real runs' `odpo train` (the dry run's batches of one pair keep Vulkan's tensors under
 # the 128 MiB buffers of Mesa's lavapipe). A second call can finish what a budget left out:
 # GPU_CHECK_BACKENDS=" " and GPU_CHECK_MODELS=" " leave out stages 1, 2 and 4, GPU_CHECK_CPU_STEPS=0 the
-# CPU side of 3, and GPU_CHECK_RUN_BACKENDS and GPU_CHECK_OOM_BACKENDS choose the backends of 3 and 5.
+# CPU side of 3, and GPU_CHECK_RUN_BACKENDS, GPU_CHECK_CKPT_BACKEND (with GPU_CHECK_CKPT_MODELS) and
+# GPU_CHECK_OOM_BACKENDS choose the backends of 3, 4 and 5.
 set -u
 cd "$(dirname "$0")/.."
 BUNDLE=${1:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
 OUT=${2:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
 BUDGET=${GPU_CHECK_BUDGET:-400}
-BACKENDS=${GPU_CHECK_BACKENDS:-cuda tch-cuda vulkan}
+BACKENDS=${GPU_CHECK_BACKENDS:-tch-cuda cuda vulkan}
 RUN_BACKENDS=${GPU_CHECK_RUN_BACKENDS:-$BACKENDS}
 OOM_BACKENDS=${GPU_CHECK_OOM_BACKENDS:-$BACKENDS}
+CKPT_BACKEND=${GPU_CHECK_CKPT_BACKEND-${BACKENDS%% *}}
 QUICK=${GPU_CHECK_QUICK:-0}
 PY=${GPU_CHECK_PYTHON:-python3}
 start=$SECONDS
@@ -79,7 +82,8 @@ echo "== bundle"
   [ "$missing" = 0 ] || exit 3
   sha256sum -c --quiet --ignore-missing MANIFEST || exit 4
   rm -rf x && mkdir x && cat $(awk '$2 ~ /^part-/ {print $2}' MANIFEST) | tar -C x -xf - || exit 5
-  for z in x/bin/*.xz; do unxz -f "$z"; done
+  if [ -f x/bin/binaries.tar.xz ]; then xz -dc x/bin/binaries.tar.xz | tar -C x/bin -xf - && rm x/bin/binaries.tar.xz || exit 5; fi
+  for z in x/bin/*.xz; do [ -f "$z" ] && unxz -f "$z"; done
   chmod +x x/bin/odpo x/bin/suites
   unxz -f x/data/*.xz x/model/*.xz
 ) || { echo "the bundle in $BUNDLE is incomplete or damaged"; exit 3; }
@@ -235,10 +239,12 @@ for b in $cpu $RUN_BACKENDS; do
   record "run-$b" "$("$PY" scripts/gpu-report.py --merge run "$b" "$W/run-$b/metrics.jsonl" "$((SECONDS - t0))")"
 done
 
-echo "== 4. Gradient checkpointing (train.gradient_checkpointing), $SHAPE, on ${BACKENDS%% *}, beside its plain step in 2"
-b=${BACKENDS%% *}
+echo "== 4. Gradient checkpointing (train.gradient_checkpointing), $SHAPE, on ${CKPT_BACKEND:-no backend}, beside its plain step in 2"
+b=$CKPT_BACKEND
 case $b in vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
-for m in $MODELS; do
+ckpt_models=${GPU_CHECK_CKPT_MODELS-$MODELS}
+[ -n "${b// /}" ] || ckpt_models=
+for m in $ckpt_models; do
   echo "-- $m odpo $b ($dtype), checkpointed"
   fits 40 || { record "bench-$m-$b-ckpt" "{\"stage\":\"bench\",\"model\":\"$m\",\"side\":\"$b, checkpointed\",\"skipped\":true}"; continue; }
   "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$ODPO" bench --config "bench/configs/$m.json" --backend "$b" --dtype "$dtype" \
