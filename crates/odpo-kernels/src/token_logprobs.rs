@@ -368,8 +368,8 @@ pub fn token_logprob_torch_calls() -> (usize, usize, usize) {
 /// backward pass is the logits as they come (bf16 logits: half the bytes of their f32 copy) and
 /// their log-sum-exps; the gradient comes back in the logits' dtype. On flex and on libtorch's f32
 /// CPU tensors it is one read of the logits forward and one in-place pass backward
-/// ([`TokenLogProbsBackend`]); on libtorch's other tensors (CUDA, half precision) torch's fused
-/// `logsumexp` forward and in-place operations backward; on the cubecl backends the same
+/// ([`TokenLogProbsBackend`]); on libtorch's other tensors (CUDA, half precision) torch's
+/// `log_softmax` forward and in-place operations backward, in runs of rows; on the cubecl backends the same
 /// computation in backend operations. All match the definition to f32 rounding (the CPU kernel
 /// accumulates the sum of exponentials in f64).
 ///
