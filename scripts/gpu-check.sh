@@ -82,8 +82,7 @@ echo "== bundle"
   [ "$missing" = 0 ] || exit 3
   sha256sum -c --quiet --ignore-missing MANIFEST || exit 4
   rm -rf x && mkdir x && cat $(awk '$2 ~ /^part-/ {print $2}' MANIFEST) | tar -C x -xf - || exit 5
-  if [ -f x/bin/binaries.tar.xz ]; then xz -dc x/bin/binaries.tar.xz | tar -C x/bin -xf - && rm x/bin/binaries.tar.xz || exit 5; fi
-  for z in x/bin/*.xz; do [ -f "$z" ] && unxz -f "$z"; done
+  { xz -dc x/bin/binaries.tar.xz | tar -C x/bin -xf - && rm x/bin/binaries.tar.xz; } || exit 5
   chmod +x x/bin/odpo x/bin/suites
   unxz -f x/data/*.xz x/model/*.xz
 ) || { echo "the bundle in $BUNDLE is incomplete or damaged"; exit 3; }
