@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::Coeffs;
 
 /// Elements per rayon task: large enough that scheduling costs nothing next to the memory traffic.
-const CHUNK: usize = 1 << 15;
+pub(crate) const CHUNK: usize = 1 << 15;
 
 /// The tensor's elements in row-major order as a mutable slice, when it is an f32 CPU tensor,
 /// contiguous and the only owner of its buffer (so writing it changes no other tensor).
@@ -169,6 +169,48 @@ pub(crate) mod flex {
             DType::I32 => t.as_slice::<i32>().map(|s| s.iter().map(|&a| i64::from(a)).collect()),
             _ => None,
         }
+    }
+
+    /// `f` applied to the elements of `inputs` (f32 tensors of one shape), position by position,
+    /// into `M` new tensors of that shape, split over rayon's threads; `None` when an input is not
+    /// f32 or the shapes differ. One pass over each buffer, where burn-flex's element-wise
+    /// operations make one per operation, on one thread.
+    pub(crate) fn zip_map<const N: usize, const M: usize>(inputs: [&FlexTensor; N], f: impl Fn([f32; N]) -> [f32; M] + Sync) -> Option<[FlexTensor; M]> {
+        use rayon::prelude::*;
+
+        let shape = inputs.first()?.layout().shape().clone();
+        if inputs.iter().any(|t| t.dtype() != DType::F32 || *t.layout().shape() != shape) {
+            return None;
+        }
+        let owned: Vec<FlexTensor> = inputs.iter().filter(|t| t.as_slice::<f32>().is_none()).map(|t| t.to_contiguous()).collect();
+        let mut copies = owned.iter();
+        let mut slices: [&[f32]; N] = [&[]; N];
+        for (s, t) in slices.iter_mut().zip(inputs) {
+            *s = match t.as_slice::<f32>() {
+                Some(x) => x,
+                None => copies.next()?.as_slice::<f32>()?,
+            };
+        }
+        let n = shape.num_elements();
+        let mut outs: [Vec<f32>; M] = std::array::from_fn(|_| vec![0f32; n]);
+        // Per chunk of positions, the matching chunk of every output.
+        let mut per_output: Vec<std::vec::IntoIter<&mut [f32]>> = outs.iter_mut().map(|o| o.chunks_mut(super::CHUNK).collect::<Vec<_>>().into_iter()).collect();
+        let chunks: Vec<[&mut [f32]; M]> = (0..n.div_ceil(super::CHUNK)).map(|_| std::array::from_fn(|j| per_output[j].next().unwrap_or_default())).collect();
+        chunks.into_par_iter().enumerate().for_each(|(c, mut out)| {
+            let start = c * super::CHUNK;
+            for i in 0..out.first().map_or(0, |o| o.len()) {
+                let y = f(slices.map(|s| s[start + i]));
+                for (o, y) in out.iter_mut().zip(y) {
+                    o[i] = y;
+                }
+            }
+        });
+        Some(outs.map(|o| tensor(shape.clone(), o)))
+    }
+
+    /// A contiguous f32 tensor of `shape` holding `data`, without a copy.
+    pub(crate) fn tensor(shape: burn::tensor::Shape, data: Vec<f32>) -> FlexTensor {
+        FlexTensor::new(burn::tensor::Bytes::from_elems(data), burn::backend::flex::Layout::contiguous(shape), DType::F32)
     }
 
     pub(crate) fn span(t: &FlexTensor) -> Option<&[f32]> {

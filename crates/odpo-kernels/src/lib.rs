@@ -4,9 +4,9 @@
 //! backward pass keeps the weight quantised ([`dequantized_matmul`]), attention whose backward pass
 //! recomputes its weights instead of keeping them ([`masked_attention`]), the rotary position
 //! embedding, RMSNorm and the SwiGLU gate each as one recorded operation ([`rotary`], [`rms_norm`],
-//! [`swiglu`]), the models' products with
-//! f32 operands kept in f32 where burn's GPU matmul would round them to TF32 ([`matmul`],
-//! [`linear`]), and the update path: the AdamW step in one pass over
+//! [`swiglu`]; on flex, one loop per pass split over the CPU's threads), the models' products with
+//! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written
+//! into one allocation ([`matmul`], [`linear`]), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), the same over all parameters at once
 //! on libtorch devices ([`FlatAdamW`], PyTorch's multi-tensor update), and the sum of squares of a
 //! gradient without a squared temporary ([`cpu_sum_squares`]). [`max_buffer_bytes`] says how large one

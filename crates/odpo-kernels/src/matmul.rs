@@ -10,6 +10,12 @@
 //! take burn's matmul, unchanged. Training in bf16 or f16 (`train.dtype`) is the fast path on a
 //! GPU; f32 is the exact one.
 //!
+//! On flex, f32 products of two matrices run the gemm crate as burn-flex 0.22.1 does, with the same
+//! arguments, into an output allocated once. burn-flex's own product allocates its output as bytes
+//! and, since a byte vector reports an alignment of 1, copies it into a second, aligned allocation
+//! before multiplying: for the logits and the embedding's gradient that is a zeroed and a copied
+//! buffer of 100 to 150 MB each, on one thread, per product.
+//!
 //! `matmul` has its own backward step (`dL = dY·Rᵀ`, `dR = Lᵀ·dY`, each through the same
 //! product), since burn's autodiff matmul would multiply the gradients with its own routine.
 
@@ -24,11 +30,61 @@ use burn::tensor::Tensor;
 
 /// A product whose f32 operands are multiplied in f32. Overridden on the cubecl backends (with the
 /// `cube` feature), where burn's own product may round them to TF32.
-#[backend_extension(Autodiff, Cube: cfg(feature = "cube"))]
+#[backend_extension(Autodiff, Flex: cfg(feature = "flex"), Cube: cfg(feature = "cube"))]
 pub trait ExactMatmulBackend: Backend {
     /// `lhs · rhs` for `lhs` `[.., M, K]` and `rhs` `[.., K, N]` with the same leading dimensions.
     fn exact_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
+    }
+}
+
+/// flex: the gemm crate's product into an output allocated once (see the module docs).
+#[cfg(feature = "flex")]
+impl ExactMatmulBackend for burn::backend::Flex {
+    fn exact_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        flex::matmul(lhs, rhs)
+    }
+}
+
+#[cfg(feature = "flex")]
+#[allow(unsafe_code)]
+pub(crate) mod flex {
+    use burn::backend::Flex;
+    use burn::backend::flex::{FlexTensor, Layout};
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::{Bytes, DType, Shape};
+
+    /// burn-flex's threshold (`m·n·k`) above which gemm splits a product over rayon's threads.
+    const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
+
+    /// `lhs · rhs` for f32 matrices (any strides); other products are burn-flex's.
+    pub(crate) fn matmul(lhs: FlexTensor, rhs: FlexTensor) -> FlexTensor {
+        let (l, r) = (lhs.layout(), rhs.layout());
+        let matrices = l.shape().num_dims() == 2 && r.shape().num_dims() == 2 && l.shape()[1] == r.shape()[0];
+        if !(matrices && lhs.dtype() == DType::F32 && rhs.dtype() == DType::F32) {
+            return Flex::float_matmul(lhs, rhs);
+        }
+        let (m, k, n) = (l.shape()[0], l.shape()[1], r.shape()[1]);
+        let (a, b) = (lhs.storage::<f32>(), rhs.storage::<f32>());
+        if l.start_offset() > a.len() || r.start_offset() > b.len() {
+            return Flex::float_matmul(lhs, rhs);
+        }
+        // Zeroed by the allocator (fresh pages for a large buffer), not by a pass over it.
+        let mut out = vec![0f32; m * n];
+        if m > 0 && n > 0 && k > 0 {
+            let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+            let ([a_rs, a_cs], [b_rs, b_cs]) = ([l.strides()[0], l.strides()[1]], [r.strides()[0], r.strides()[1]]);
+            // Pointers into the whole buffers: a stride may reach back before the first element.
+            let (a, b) = (a.as_ptr().wrapping_add(l.start_offset()), b.as_ptr().wrapping_add(r.start_offset()));
+            // SAFETY: `out` holds the m × n row-major result; `a` and `b` point at the operands'
+            // first elements, and their layouts (flex's invariant) keep every element that the
+            // strides reach inside their buffers, which `lhs` and `rhs` keep alive. With
+            // `read_dst` false the output is only written (alpha 0, beta 1: `out = lhs · rhs`).
+            unsafe {
+                gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, false, a, a_cs, a_rs, b, b_cs, b_rs, 0.0f32, 1.0f32, false, false, false, parallelism);
+            }
+        }
+        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(Shape::new([m, n])), DType::F32)
     }
 }
 
@@ -133,11 +189,12 @@ pub fn exact_matmul_calls() -> usize {
     0
 }
 
-/// Where the extension runs: the cubecl backends (flex and libtorch keep burn's product).
-const REACH: crate::Reach = crate::Reach { flex: false, libtorch: false, cube: true };
+/// Where the extension runs: flex and the cubecl backends (libtorch keeps burn's product).
+const REACH: crate::Reach = crate::Reach { flex: true, libtorch: false, cube: true };
 
-/// `lhs · rhs` for `[M, K]` and `[K, N]`: through the extension on the cubecl backends, where f32
-/// operands are multiplied in f32 (see the module docs); burn's `matmul` on the others.
+/// `lhs · rhs` for `[M, K]` and `[K, N]`: through the extension on flex (one allocation for the
+/// output) and on the cubecl backends, where f32 operands are multiplied in f32 (see the module
+/// docs); burn's `matmul` on libtorch.
 pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
     if !crate::extended(&lhs.clone().into_dispatch().kind, REACH) {
         return lhs.matmul(rhs);
@@ -145,8 +202,8 @@ pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as ExactMatmulBackend>::exact_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
 }
 
-/// `x·W + b` for `x` `[.., in]`, `W` `[in, out]`, `b` `[out]`: burn's `linear`, except that on the
-/// cubecl backends the product is [`matmul`] over the rows of `x`.
+/// `x·W + b` for `x` `[.., in]`, `W` `[in, out]`, `b` `[out]`: burn's `linear` on libtorch; on flex
+/// and the cubecl backends the product is [`matmul`] over the rows of `x`.
 pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tensor<1>>) -> Tensor<D> {
     if !crate::extended(&x.clone().into_dispatch().kind, REACH) {
         return burn::tensor::module::linear(x, weight, bias);

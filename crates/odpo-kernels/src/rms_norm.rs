@@ -9,7 +9,7 @@
 //! burn's `RmsNorm` is about seven recorded operations whose backward pass is twice as many; a
 //! Llama-family model normalises twice in every layer. Here it is one recorded operation whose
 //! backward pass recomputes `r` and applies the formula above; on libtorch both passes are direct
-//! torch calls. On a GPU, where a small model's step waits on the host issuing operations, that
+//! torch calls, on flex one loop each over the rows, split over the CPU's threads. On a GPU, where a small model's step waits on the host issuing operations, that
 //! is a few hundred operations fewer a step.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
@@ -29,23 +29,33 @@ use burn::tensor::{DType, FloatDType, Shape, Tensor};
 pub trait RmsNormBackend: Backend {
     /// `x / √(mean(x²) + ε) · γ`.
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        let gamma = broadcast::<Self>(gamma, &x);
-        Self::float_mul(normalized::<Self>(x, eps).0, gamma)
+        tensor_ops::<Self>(x, gamma, eps)
     }
 
     /// The gradients `(dx, dγ)` of [`Self::rms_norm`] for the output gradient `dy`.
     fn rms_norm_backward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let d = gamma.shape()[0];
-        let last = x.shape().num_dims() - 1;
-        let gamma = broadcast::<Self>(gamma, &x);
-        let (xh, r) = normalized::<Self>(x, eps);
-        let rows = Self::float_reshape(Self::float_mul(dy.clone(), xh.clone()), Shape::new([dy.shape().num_elements() / d, d]));
-        let dgamma = Self::float_reshape(Self::float_sum_dim(rows, 0), Shape::new([d]));
-        let g = Self::float_mul(dy, gamma);
-        let dot = Self::float_mean_dim(Self::float_mul(g.clone(), xh.clone()), last);
-        let dx = Self::float_div(Self::float_sub(g, Self::float_mul(xh, dot)), r);
-        (dx, dgamma)
+        tensor_ops_backward::<Self>(x, gamma, eps, dy)
     }
+}
+
+/// [`RmsNormBackend::rms_norm`] in the backend's tensor operations.
+fn tensor_ops<B: Backend>(x: FloatTensor<B>, gamma: FloatTensor<B>, eps: f64) -> FloatTensor<B> {
+    let gamma = broadcast::<B>(gamma, &x);
+    B::float_mul(normalized::<B>(x, eps).0, gamma)
+}
+
+/// [`RmsNormBackend::rms_norm_backward`] in the backend's tensor operations.
+fn tensor_ops_backward<B: Backend>(x: FloatTensor<B>, gamma: FloatTensor<B>, eps: f64, dy: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let d = gamma.shape()[0];
+    let last = x.shape().num_dims() - 1;
+    let gamma = broadcast::<B>(gamma, &x);
+    let (xh, r) = normalized::<B>(x, eps);
+    let rows = B::float_reshape(B::float_mul(dy.clone(), xh.clone()), Shape::new([dy.shape().num_elements() / d, d]));
+    let dgamma = B::float_reshape(B::float_sum_dim(rows, 0), Shape::new([d]));
+    let g = B::float_mul(dy, gamma);
+    let dot = B::float_mean_dim(B::float_mul(g.clone(), xh.clone()), last);
+    let dx = B::float_div(B::float_sub(g, B::float_mul(xh, dot)), r);
+    (dx, dgamma)
 }
 
 /// `γ` `[D]` as `[1, …, 1, D]`, of `x`'s rank.
@@ -67,8 +77,113 @@ fn normalized<B: Backend>(x: FloatTensor<B>, eps: f64) -> (FloatTensor<B>, Float
     (B::float_div(x, r.clone()), r)
 }
 
+/// flex: each pass one loop over the rows of its f32 buffers, split over rayon's threads, with
+/// `r` recomputed per row in the backward pass. Half precision takes the tensor operations.
 #[cfg(feature = "flex")]
-impl RmsNormBackend for burn::backend::Flex {}
+impl RmsNormBackend for burn::backend::Flex {
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        flex::forward(&x, &gamma, eps).unwrap_or_else(|| tensor_ops::<Self>(x, gamma, eps))
+    }
+
+    fn rms_norm_backward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        flex::backward(&x, &gamma, eps, &dy).unwrap_or_else(|| tensor_ops_backward::<Self>(x, gamma, eps, dy))
+    }
+}
+
+/// The loops of the flex body, over rows of `D` elements in runs of rows per rayon task. The
+/// arithmetic is the tensor operations' (the mean square summed in f32 in row order, then divided;
+/// `x / r` then `· γ`), so the two agree to rounding.
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, Shape};
+    use rayon::prelude::*;
+
+    use crate::cpu::flex::{tensor, with_rows};
+
+    /// `D`, when `x` `[.., D]` and `γ` `[D]` are f32 tensors with `D > 0`.
+    fn width(x: &FlexTensor, gamma: &FlexTensor) -> Option<usize> {
+        let (xs, gs) = (x.layout().shape(), gamma.layout().shape());
+        let d = *xs.last()?;
+        (x.dtype() == DType::F32 && gamma.dtype() == DType::F32 && gs.num_dims() == 1 && gs[0] == d && d > 0).then_some(d)
+    }
+
+    /// Elements per rayon task: whole rows, about [`crate::cpu::CHUNK`] of them.
+    fn run(d: usize) -> usize {
+        (crate::cpu::CHUNK / d).max(1) * d
+    }
+
+    /// `r = √(mean(x²) + ε)` of one row.
+    fn root(x: &[f32], eps: f64) -> f32 {
+        let ms = x.iter().map(|&a| a * a).sum::<f32>() / x.len() as f32;
+        (ms + eps as f32).sqrt()
+    }
+
+    pub(super) fn forward(x: &FlexTensor, gamma: &FlexTensor, eps: f64) -> Option<FlexTensor> {
+        let d = width(x, gamma)?;
+        let out = with_rows(gamma, |gm| {
+            with_rows(x, |xs| {
+                let mut out = vec![0f32; xs.len()];
+                out.par_chunks_mut(run(d)).zip(xs.par_chunks(run(d))).for_each(|(o, x)| {
+                    for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                        let r = root(x, eps);
+                        for ((o, &x), &g) in o.iter_mut().zip(x).zip(gm) {
+                            *o = x / r * g;
+                        }
+                    }
+                });
+                out
+            })
+        })??;
+        Some(tensor(x.layout().shape().clone(), out))
+    }
+
+    pub(super) fn backward(x: &FlexTensor, gamma: &FlexTensor, eps: f64, dy: &FlexTensor) -> Option<(FlexTensor, FlexTensor)> {
+        let d = width(x, gamma)?;
+        if dy.dtype() != DType::F32 || dy.layout().shape() != x.layout().shape() {
+            return None;
+        }
+        let (dx, dgamma) = with_rows(gamma, |gm| {
+            with_rows(x, |xs| {
+                with_rows(dy, |dys| {
+                    let mut dx = vec![0f32; xs.len()];
+                    // Each task's share of dγ, summed afterwards in task order (the same sum at
+                    // any thread count).
+                    let parts: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(run(d))
+                        .zip(xs.par_chunks(run(d)))
+                        .zip(dys.par_chunks(run(d)))
+                        .map(|((o, x), dy)| {
+                            let mut dgamma = vec![0f32; d];
+                            for ((o, x), dy) in o.chunks_mut(d).zip(x.chunks(d)).zip(dy.chunks(d)) {
+                                let r = root(x, eps);
+                                let mut dot = 0f32;
+                                for (((&x, &dy), &g), dg) in x.iter().zip(dy).zip(gm).zip(dgamma.iter_mut()) {
+                                    let xh = x / r;
+                                    *dg += dy * xh;
+                                    dot += dy * g * xh;
+                                }
+                                let dot = dot / d as f32;
+                                for (((o, &x), &dy), &g) in o.iter_mut().zip(x).zip(dy).zip(gm) {
+                                    *o = (dy * g - x / r * dot) / r;
+                                }
+                            }
+                            dgamma
+                        })
+                        .collect();
+                    let mut dgamma = vec![0f32; d];
+                    for part in &parts {
+                        for (a, &b) in dgamma.iter_mut().zip(part) {
+                            *a += b;
+                        }
+                    }
+                    (dx, dgamma)
+                })
+            })
+        })???;
+        Some((tensor(x.layout().shape().clone(), dx), tensor(Shape::new([d]), dgamma)))
+    }
+}
 
 #[cfg(feature = "cube")]
 impl RmsNormBackend for burn::backend::Cube {}
@@ -156,4 +271,48 @@ pub fn rms_norm<const D: usize>(x: Tensor<D>, gamma: Tensor<1>, eps: f64) -> Opt
     }
     let out = <Dispatch as RmsNormBackend>::rms_norm(x.into_dispatch(), gamma.into_dispatch(), eps);
     Some(Tensor::from_dispatch(out))
+}
+
+#[cfg(all(test, feature = "flex"))]
+#[allow(clippy::expect_used)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::TensorData;
+
+    use super::*;
+
+    fn values(t: &FlexTensor) -> Vec<f32> {
+        t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()
+    }
+
+    fn wave(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0).collect()
+    }
+
+    fn close(name: &str, a: &[f32], b: &[f32], tol: f32) {
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * y.abs().max(1.0), "{name}[{i}]: {x} against {y}");
+        }
+    }
+
+    /// The flex loops against the tensor operations over 1,200 rows of 96, which rayon takes in
+    /// several tasks, so that dγ is the sum of several tasks' shares.
+    #[test]
+    fn the_flex_loops_match_the_tensor_operations() {
+        let (rows, d, eps) = (1200, 96, 1e-5);
+        // Rows of very different sizes, as the residual stream has.
+        let x: Vec<f32> = wave(rows * d, 1).iter().enumerate().map(|(i, v)| v * (1 + (i / d) % 37) as f32).collect();
+        let x = FlexTensor::from_data(TensorData::new(x, [3, rows / 3, d]));
+        let gamma = FlexTensor::from_data(TensorData::new(wave(d, 2).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), [d]));
+        let dy = FlexTensor::from_data(TensorData::new(wave(rows * d, 3), [3, rows / 3, d]));
+        let y = flex::forward(&x, &gamma, eps).expect("the loop takes f32 rows");
+        close("y", &values(&y), &values(&tensor_ops::<Flex>(x.clone(), gamma.clone(), eps)), 1e-5);
+        let (dx, dgamma) = flex::backward(&x, &gamma, eps, &dy).expect("the loop takes f32 rows");
+        let (dx_ops, dgamma_ops) = tensor_ops_backward::<Flex>(x, gamma, eps, dy);
+        close("dx", &values(&dx), &values(&dx_ops), 1e-5);
+        // A sum over 1,200 rows, in another order.
+        close("dgamma", &values(&dgamma), &values(&dgamma_ops), 1e-4);
+    }
 }

@@ -9,7 +9,8 @@
 //! Written with burn tensor operations it is seven recorded operations (two slices, a negation, a
 //! concatenation, two products and a sum), whose backward pass pads each slice's gradient back to
 //! full width and adds the three paths into `x`. Here it is one recorded operation whose backward
-//! pass is the formula above; on libtorch both passes are direct torch calls. A model applies it to
+//! pass is the formula above; on libtorch both passes are direct torch calls, on flex one loop
+//! each over the rows, split over the CPU's threads. A model applies it to
 //! the queries and the keys of every layer, so on a GPU, where a small model's step waits on the
 //! host issuing operations, the difference is a few hundred operations a step.
 
@@ -30,17 +31,27 @@ use burn::tensor::{Slice, Tensor};
 pub trait RotaryBackend: Backend {
     /// `x·cos + rotate_half(x)·sin`.
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (x1, x2) = halves::<Self>(&x);
-        let rot = Self::float_cat(vec![Self::float_neg(x2), x1], 3);
-        Self::float_add(Self::float_mul(x, cos), Self::float_mul(rot, sin))
+        tensor_ops::<Self>(x, cos, sin)
     }
 
     /// `dy·cos + rotate_halfᵀ(dy·sin)`.
     fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (a1, a2) = halves::<Self>(&Self::float_mul(dy.clone(), sin));
-        let rot_t = Self::float_cat(vec![a2, Self::float_neg(a1)], 3);
-        Self::float_add(Self::float_mul(dy, cos), rot_t)
+        tensor_ops_backward::<Self>(dy, cos, sin)
     }
+}
+
+/// [`RotaryBackend::rotary`] in the backend's tensor operations.
+fn tensor_ops<B: Backend>(x: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
+    let (x1, x2) = halves::<B>(&x);
+    let rot = B::float_cat(vec![B::float_neg(x2), x1], 3);
+    B::float_add(B::float_mul(x, cos), B::float_mul(rot, sin))
+}
+
+/// [`RotaryBackend::rotary_backward`] in the backend's tensor operations.
+fn tensor_ops_backward<B: Backend>(dy: FloatTensor<B>, cos: FloatTensor<B>, sin: FloatTensor<B>) -> FloatTensor<B> {
+    let (a1, a2) = halves::<B>(&B::float_mul(dy.clone(), sin));
+    let rot_t = B::float_cat(vec![a2, B::float_neg(a1)], 3);
+    B::float_add(B::float_mul(dy, cos), rot_t)
 }
 
 /// The two halves of the last dimension.
@@ -50,8 +61,129 @@ fn halves<B: Backend>(x: &FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
     (cut(0..half), cut(half..2 * half))
 }
 
+/// flex: each pass one loop over the rows of `x` (read through its strides, as the heads' view of
+/// the projections leaves it) and of the angles (broadcast over the heads), split over rayon's
+/// threads, in the tensor operations' order of arithmetic. Half precision takes the tensor
+/// operations.
 #[cfg(feature = "flex")]
-impl RotaryBackend for burn::backend::Flex {}
+impl RotaryBackend for burn::backend::Flex {
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        // y = x·cos + rotate_half(x)·sin
+        let rotated = flex::rows(&x, &cos, &sin, |x, c, s, j, half| {
+            let rot = if j < half { -x[j + half] } else { x[j - half] };
+            x[j] * c + rot * s
+        });
+        rotated.unwrap_or_else(|| tensor_ops::<Self>(x, cos, sin))
+    }
+
+    fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        // dx = dy·cos + rotate_halfᵀ(dy·sin), with the sines of the other half's positions.
+        let rotated = flex::rows_with_partner(&dy, &cos, &sin, |dy, c, s_other, j, half| {
+            let rot_t = if j < half { dy[j + half] * s_other } else { -(dy[j - half] * s_other) };
+            dy[j] * c + rot_t
+        });
+        rotated.unwrap_or_else(|| tensor_ops_backward::<Self>(dy, cos, sin))
+    }
+}
+
+/// The loops of the flex body.
+#[cfg(feature = "flex")]
+mod flex {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::DType;
+    use rayon::prelude::*;
+
+    /// Where element `[b, h, t, 0]` of a rank-4 f32 tensor read as `shape` lies in its buffer, and
+    /// the stride of the last dimension; dimensions of size 1 broadcast (stride 0).
+    struct View<'a> {
+        data: &'a [f32],
+        start: isize,
+        strides: [isize; 4],
+    }
+
+    impl<'a> View<'a> {
+        fn new(t: &'a FlexTensor, shape: &[usize; 4]) -> Option<Self> {
+            let layout = t.layout();
+            let (dims, strides) = (layout.shape(), layout.strides());
+            if t.dtype() != DType::F32 || dims.num_dims() != 4 {
+                return None;
+            }
+            let mut out = [0isize; 4];
+            for i in 0..4 {
+                out[i] = match dims[i] {
+                    n if n == shape[i] => strides[i],
+                    1 => 0,
+                    _ => return None,
+                };
+            }
+            let start = isize::try_from(layout.start_offset()).ok()?;
+            Some(Self { data: t.storage::<f32>(), start, strides: out })
+        }
+
+        /// The row `[b, h, t, ..]` as `dh` values (a copy when the last stride is not 1).
+        fn row(&self, [b, h, t]: [usize; 3], dh: usize, buf: &mut Vec<f32>) -> Option<()> {
+            let [sb, sh, st, sd] = self.strides;
+            let base = self.start + b as isize * sb + h as isize * sh + t as isize * st;
+            buf.clear();
+            for j in 0..dh {
+                buf.push(*self.data.get(usize::try_from(base + j as isize * sd).ok()?)?);
+            }
+            Some(())
+        }
+    }
+
+    /// `[B, H, T, Dh]` of `x`, when `Dh` is even and the tensors are f32 views this reads.
+    fn shape(x: &FlexTensor) -> Option<[usize; 4]> {
+        let dims = x.layout().shape();
+        (dims.num_dims() == 4 && dims[3].is_multiple_of(2)).then(|| [dims[0], dims[1], dims[2], dims[3]])
+    }
+
+    /// A new contiguous tensor of `x`'s shape whose element `[.., j]` is `f(row of x, cos[j],
+    /// sin[j], j, Dh / 2)`.
+    pub(super) fn rows(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, f: impl Fn(&[f32], f32, f32, usize, usize) -> f32 + Sync) -> Option<FlexTensor> {
+        each_row(x, cos, sin, |x, c, s, out, half| {
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = f(x, c[j], s[j], j, half);
+            }
+        })
+    }
+
+    /// As [`rows`], with `sin` taken at the partner position `j ± Dh/2` (the transposed rotation
+    /// multiplies each element by the sine of the one it came from).
+    pub(super) fn rows_with_partner(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, f: impl Fn(&[f32], f32, f32, usize, usize) -> f32 + Sync) -> Option<FlexTensor> {
+        each_row(x, cos, sin, |x, c, s, out, half| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let partner = if j < half { j + half } else { j - half };
+                *o = f(x, c[j], s[partner], j, half);
+            }
+        })
+    }
+
+    fn each_row(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, body: impl Fn(&[f32], &[f32], &[f32], &mut [f32], usize) + Sync) -> Option<FlexTensor> {
+        let shape = shape(x)?;
+        let [_, heads, tokens, dh] = shape;
+        let (xv, cv, sv) = (View::new(x, &shape)?, View::new(cos, &shape)?, View::new(sin, &shape)?);
+        let mut out = vec![0f32; shape.iter().product()];
+        if dh == 0 {
+            return Some(crate::cpu::flex::tensor(x.layout().shape().clone(), out));
+        }
+        let per_task = (crate::cpu::CHUNK / dh).max(1);
+        let done: Option<()> = out.par_chunks_mut(per_task * dh).enumerate().try_for_each(|(task, out)| {
+            let (mut xr, mut cr, mut sr) = (Vec::with_capacity(dh), Vec::with_capacity(dh), Vec::with_capacity(dh));
+            for (i, out) in out.chunks_mut(dh).enumerate() {
+                let row = task * per_task + i;
+                let at = [row / (heads * tokens), row / tokens % heads, row % tokens];
+                xv.row(at, dh, &mut xr)?;
+                cv.row(at, dh, &mut cr)?;
+                sv.row(at, dh, &mut sr)?;
+                body(&xr, &cr, &sr, out, dh / 2);
+            }
+            Some(())
+        });
+        done?;
+        Some(crate::cpu::flex::tensor(x.layout().shape().clone(), out))
+    }
+}
 
 #[cfg(feature = "cube")]
 impl RotaryBackend for burn::backend::Cube {}
@@ -121,4 +253,42 @@ pub fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4
     }
     let out = <Dispatch as RotaryBackend>::rotary(x.into_dispatch(), cos.clone().into_dispatch(), sin.clone().into_dispatch());
     Some(Tensor::from_dispatch(out))
+}
+
+#[cfg(all(test, feature = "flex"))]
+#[allow(clippy::expect_used)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::TensorData;
+
+    use super::*;
+
+    fn values(t: &FlexTensor) -> Vec<f32> {
+        t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()
+    }
+
+    fn wave(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * scale).collect()
+    }
+
+    /// The flex loops against the tensor operations, on the layout the models pass: `x` the heads'
+    /// view `[B, H, T, Dh]` of `[B, T, H, Dh]` projections, the angles `[B, 1, T, Dh]`, more rows than
+    /// one rayon task takes. The arithmetic is the same, so the values are equal.
+    #[test]
+    fn the_flex_loops_equal_the_tensor_operations() {
+        let (b, t, h, dh) = (2, 40, 9, 64);
+        let x = Flex::float_swap_dims(FlexTensor::from_data(TensorData::new(wave(b * t * h * dh, 1, 2.0), [b, t, h, dh])), 1, 2);
+        assert!(x.as_slice::<f32>().is_none(), "x is a strided view");
+        let angles = wave(b * t * dh, 2, 3.0);
+        let cos = FlexTensor::from_data(TensorData::new(angles.iter().map(|a| a.cos()).collect::<Vec<_>>(), [b, 1, t, dh]));
+        let sin = FlexTensor::from_data(TensorData::new(angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), [b, 1, t, dh]));
+        let dy = FlexTensor::from_data(TensorData::new(wave(b * h * t * dh, 3, 1.0), [b, h, t, dh]));
+        let y = <Flex as RotaryBackend>::rotary(x.clone(), cos.clone(), sin.clone());
+        assert!(flex::rows(&x, &cos, &sin, |x, _, _, j, _| x[j]).is_some(), "the loop reads these tensors");
+        assert_eq!(values(&y), values(&tensor_ops::<Flex>(x, cos.clone(), sin.clone())), "y");
+        let dx = <Flex as RotaryBackend>::rotary_backward(dy.clone(), cos.clone(), sin.clone());
+        assert_eq!(values(&dx), values(&tensor_ops_backward::<Flex>(dy, cos, sin)), "dx");
+    }
 }

@@ -11,7 +11,7 @@
 //! and a product, then the product with `u`), whose backward passes take about eight more and add
 //! the two paths into `g`. Here it is one recorded operation; on libtorch both passes are direct
 //! torch calls (`silu`, and `silu_backward` for the gate's gradient, as PyTorch's autograd runs
-//! them). A model applies it in every layer, so on a GPU, where a small model's step waits on the
+//! them), on flex one loop each over the f32 buffers, split over the CPU's threads. A model applies it in every layer, so on a GPU, where a small model's step waits on the
 //! host issuing operations, that is a few hundred operations fewer a step.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
@@ -30,25 +30,69 @@ use burn::tensor::Tensor;
 pub trait SwigluBackend: Backend {
     /// `g · σ(g) · u`.
     fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
-        let silu = Self::float_mul(g.clone(), Self::sigmoid(g));
-        Self::float_mul(silu, u)
+        tensor_ops::<Self>(g, u)
     }
 
     /// The gradients `(dg, du)` of [`Self::swiglu`] for the output gradient `dy`.
     fn swiglu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let s = Self::sigmoid(g.clone());
-        let silu = Self::float_mul(g, s.clone());
-        let du = Self::float_mul(dy.clone(), silu.clone());
-        // σ + silu·(1 − σ)
-        let one_minus_s = Self::float_add_scalar(Self::float_neg(s.clone()), 1.0f64.into());
-        let dsilu = Self::float_add(s, Self::float_mul(silu, one_minus_s));
-        let dg = Self::float_mul(Self::float_mul(dy, u), dsilu);
-        (dg, du)
+        tensor_ops_backward::<Self>(g, u, dy)
     }
 }
 
+/// [`SwigluBackend::swiglu`] in the backend's tensor operations.
+fn tensor_ops<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>) -> FloatTensor<B> {
+    let silu = B::float_mul(g.clone(), B::sigmoid(g));
+    B::float_mul(silu, u)
+}
+
+/// [`SwigluBackend::swiglu_backward`] in the backend's tensor operations.
+fn tensor_ops_backward<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>, dy: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let s = B::sigmoid(g.clone());
+    let silu = B::float_mul(g, s.clone());
+    let du = B::float_mul(dy.clone(), silu.clone());
+    // σ + silu·(1 − σ)
+    let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), 1.0f64.into());
+    let dsilu = B::float_add(s, B::float_mul(silu, one_minus_s));
+    let dg = B::float_mul(B::float_mul(dy, u), dsilu);
+    (dg, du)
+}
+
+/// σ(x) as burn-flex computes it: `1 / (1 + e⁻ˣ)`, or `eˣ / (1 + eˣ)` for negative `x`, whose
+/// `e⁻ˣ` would overflow.
 #[cfg(feature = "flex")]
-impl SwigluBackend for burn::backend::Flex {}
+fn sigmoid(x: f32) -> f32 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+/// flex: each pass one loop over its f32 buffers, split over rayon's threads (burn-flex's
+/// element-wise operations make a pass and a buffer per operation, on one thread). Half precision
+/// takes the tensor operations.
+#[cfg(feature = "flex")]
+impl SwigluBackend for burn::backend::Flex {
+    fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        match crate::cpu::flex::zip_map([&g, &u], |[g, u]| [g * sigmoid(g) * u]) {
+            Some([y]) => y,
+            None => tensor_ops::<Self>(g, u),
+        }
+    }
+
+    fn swiglu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let grads = crate::cpu::flex::zip_map([&g, &u, &dy], |[g, u, dy]| {
+            let s = sigmoid(g);
+            let silu = g * s;
+            [dy * u * (s + silu * (1.0 - s)), dy * silu]
+        });
+        match grads {
+            Some([dg, du]) => (dg, du),
+            None => tensor_ops_backward::<Self>(g, u, dy),
+        }
+    }
+}
 
 #[cfg(feature = "cube")]
 impl SwigluBackend for burn::backend::Cube {}
@@ -114,4 +158,41 @@ pub fn swiglu<const D: usize>(g: Tensor<D>, u: Tensor<D>) -> Option<Tensor<D>> {
     }
     let out = <Dispatch as SwigluBackend>::swiglu(g.into_dispatch(), u.into_dispatch());
     Some(Tensor::from_dispatch(out))
+}
+
+#[cfg(all(test, feature = "flex"))]
+#[allow(clippy::expect_used)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::TensorData;
+
+    use super::*;
+
+    fn values(t: &FlexTensor) -> Vec<f32> {
+        t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()
+    }
+
+    /// Gates from −15 to 15 (both tails of the sigmoid) and values in [−1, 1].
+    fn wave(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * scale).collect()
+    }
+
+    /// The flex loops against the same formula in burn-flex's tensor operations: equal values, over
+    /// more elements than one rayon task takes and with the value a transposed view.
+    #[test]
+    fn the_flex_loops_equal_the_tensor_operations() {
+        let (rows, cols) = (300, 256);
+        let g = FlexTensor::from_data(TensorData::new(wave(rows * cols, 1, 15.0), [rows, cols]));
+        let u = Flex::float_transpose(FlexTensor::from_data(TensorData::new(wave(rows * cols, 2, 1.0), [cols, rows])));
+        let dy = FlexTensor::from_data(TensorData::new(wave(rows * cols, 3, 1.0), [rows, cols]));
+        assert!(u.as_slice::<f32>().is_none(), "the value is a strided view");
+        let ours = <Flex as SwigluBackend>::swiglu(g.clone(), u.clone());
+        assert_eq!(values(&ours), values(&tensor_ops::<Flex>(g.clone(), u.clone())), "y");
+        let (dg, du) = <Flex as SwigluBackend>::swiglu_backward(g.clone(), u.clone(), dy.clone());
+        let (dg_ops, du_ops) = tensor_ops_backward::<Flex>(g, u, dy);
+        assert_eq!(values(&dg), values(&dg_ops), "dg");
+        assert_eq!(values(&du), values(&du_ops), "du");
+    }
 }

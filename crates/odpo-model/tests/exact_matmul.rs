@@ -72,3 +72,17 @@ fn f32_products_and_their_gradients_are_exact_to_f32_rounding() {
     check("linear", &values(out), &want);
     eprintln!("{device:?}: {} products bypassed a TF32 matmul", odpo_kernels::exact_matmul_calls() - before);
 }
+
+/// Operands that are views of other tensors (narrowed, so starting inside their buffer with a row
+/// stride wider than a row, and transposed), in a product large enough that the CPU splits it
+/// over threads: the f64 product of the values the views show.
+#[test]
+fn products_of_views_are_exact_to_f32_rounding() {
+    let device = test_device();
+    let (m, k, n) = (200, 210, 190);
+    let base = near_one(230 * 250, 5);
+    let lhs = Tensor::<2>::from_data(TensorData::new(base, [230, 250]), &device).narrow(0, 7, m).narrow(1, 11, k);
+    let rhs = Tensor::<2>::from_data(TensorData::new(near_one(n * k, 6), [n, k]), &device).transpose();
+    let (a, b) = (values(lhs.clone()), values(rhs.clone()));
+    check("view·viewᵀ", &values(odpo_kernels::matmul(lhs, rhs)), &product(&a, &b, m, k, n));
+}
