@@ -224,6 +224,23 @@ pub(crate) mod flex {
         let start = layout.start_offset();
         t.storage::<f32>().get(start..start + layout.num_elements())
     }
+
+    /// Test data for the flex loops of the layer kernels.
+    #[cfg(test)]
+    #[allow(clippy::expect_used)]
+    pub(crate) mod testing {
+        use burn::backend::flex::FlexTensor;
+
+        /// A tensor's values in row-major order.
+        pub(crate) fn values(t: &FlexTensor) -> Vec<f32> {
+            t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()
+        }
+
+        /// `n` values spread over `[−scale, scale]` in a fixed, seed-dependent order.
+        pub(crate) fn wave(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * scale).collect()
+        }
+    }
 }
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.

@@ -281,14 +281,7 @@ mod tests {
     use burn::tensor::TensorData;
 
     use super::*;
-
-    fn values(t: &FlexTensor) -> Vec<f32> {
-        t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()
-    }
-
-    fn wave(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0).collect()
-    }
+    use crate::cpu::flex::testing::{values, wave};
 
     fn close(name: &str, a: &[f32], b: &[f32], tol: f32) {
         assert_eq!(a.len(), b.len(), "{name}");
@@ -303,10 +296,10 @@ mod tests {
     fn the_flex_loops_match_the_tensor_operations() {
         let (rows, d, eps) = (1200, 96, 1e-5);
         // Rows of very different sizes, as the residual stream has.
-        let x: Vec<f32> = wave(rows * d, 1).iter().enumerate().map(|(i, v)| v * (1 + (i / d) % 37) as f32).collect();
+        let x: Vec<f32> = wave(rows * d, 1, 1.0).iter().enumerate().map(|(i, v)| v * (1 + (i / d) % 37) as f32).collect();
         let x = FlexTensor::from_data(TensorData::new(x, [3, rows / 3, d]));
-        let gamma = FlexTensor::from_data(TensorData::new(wave(d, 2).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), [d]));
-        let dy = FlexTensor::from_data(TensorData::new(wave(rows * d, 3), [3, rows / 3, d]));
+        let gamma = FlexTensor::from_data(TensorData::new(wave(d, 2, 1.0).iter().map(|v| 1.0 + v).collect::<Vec<_>>(), [d]));
+        let dy = FlexTensor::from_data(TensorData::new(wave(rows * d, 3, 1.0), [3, rows / 3, d]));
         let y = flex::forward(&x, &gamma, eps).expect("the loop takes f32 rows");
         close("y", &values(&y), &values(&tensor_ops::<Flex>(x.clone(), gamma.clone(), eps)), 1e-5);
         let (dx, dgamma) = flex::backward(&x, &gamma, eps, &dy).expect("the loop takes f32 rows");

@@ -264,14 +264,7 @@ mod tests {
     use burn::tensor::TensorData;
 
     use super::*;
-
-    fn values(t: &FlexTensor) -> Vec<f32> {
-        t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()
-    }
-
-    fn wave(n: usize, seed: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * scale).collect()
-    }
+    use crate::cpu::flex::testing::{values, wave};
 
     /// The flex loops against the tensor operations, on the layout the models pass: `x` the heads'
     /// view `[B, H, T, Dh]` of `[B, T, H, Dh]` projections, the angles `[B, 1, T, Dh]`, more rows than

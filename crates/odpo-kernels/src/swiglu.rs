@@ -169,21 +169,14 @@ mod tests {
     use burn::tensor::TensorData;
 
     use super::*;
-
-    fn values(t: &FlexTensor) -> Vec<f32> {
-        t.to_contiguous().as_slice::<f32>().expect("f32").to_vec()
-    }
-
-    /// Gates from −15 to 15 (both tails of the sigmoid) and values in [−1, 1].
-    fn wave(n: usize, seed: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0) * scale).collect()
-    }
+    use crate::cpu::flex::testing::{values, wave};
 
     /// The flex loops against the same formula in burn-flex's tensor operations: equal values, over
     /// more elements than one rayon task takes and with the value a transposed view.
     #[test]
     fn the_flex_loops_equal_the_tensor_operations() {
         let (rows, cols) = (300, 256);
+        // Gates from −15 to 15, deep in both tails of the sigmoid.
         let g = FlexTensor::from_data(TensorData::new(wave(rows * cols, 1, 15.0), [rows, cols]));
         let u = Flex::float_transpose(FlexTensor::from_data(TensorData::new(wave(rows * cols, 2, 1.0), [cols, rows])));
         let dy = FlexTensor::from_data(TensorData::new(wave(rows * cols, 3, 1.0), [rows, cols]));
