@@ -50,9 +50,9 @@ impl ExactMatmulBackend for burn::backend::Flex {
 #[allow(unsafe_code)]
 pub(crate) mod flex {
     use burn::backend::Flex;
-    use burn::backend::flex::{FlexTensor, Layout};
+    use burn::backend::flex::FlexTensor;
     use burn::backend::ops::FloatTensorOps;
-    use burn::tensor::{Bytes, DType, Shape};
+    use burn::tensor::{DType, Shape};
 
     /// burn-flex's threshold (`m·n·k`) above which gemm splits a product over rayon's threads.
     const PARALLEL_THRESHOLD: usize = 192 * 192 * 192;
@@ -84,7 +84,7 @@ pub(crate) mod flex {
                 gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, false, a, a_cs, a_rs, b, b_cs, b_rs, 0.0f32, 1.0f32, false, false, false, parallelism);
             }
         }
-        FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(Shape::new([m, n])), DType::F32)
+        crate::cpu::flex::tensor(Shape::new([m, n]), out)
     }
 }
 

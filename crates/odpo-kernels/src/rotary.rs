@@ -10,9 +10,9 @@
 //! concatenation, two products and a sum), whose backward pass pads each slice's gradient back to
 //! full width and adds the three paths into `x`. Here it is one recorded operation whose backward
 //! pass is the formula above; on libtorch both passes are direct torch calls, on flex one loop
-//! each over the rows, split over the CPU's threads. A model applies it to
-//! the queries and the keys of every layer, so on a GPU, where a small model's step waits on the
-//! host issuing operations, the difference is a few hundred operations a step.
+//! each over the rows, split over the CPU's threads. A model applies it to the queries and the
+//! keys of every layer, so on a GPU, where a small model's step waits on the host issuing
+//! operations, the difference is a few hundred operations a step.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -68,19 +68,25 @@ fn halves<B: Backend>(x: &FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
 #[cfg(feature = "flex")]
 impl RotaryBackend for burn::backend::Flex {
     fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        // y = x·cos + rotate_half(x)·sin
-        let rotated = flex::rows(&x, &cos, &sin, |x, c, s, j, half| {
-            let rot = if j < half { -x[j + half] } else { x[j - half] };
-            x[j] * c + rot * s
+        // y = x·cos + rotate_half(x)·sin, rotate_half([x₁, x₂]) = [−x₂, x₁]
+        let rotated = flex::rows(&x, &cos, &sin, |x, c, s, y| {
+            let half = x.len() / 2;
+            for (j, y) in y.iter_mut().enumerate() {
+                let rot = if j < half { -x[j + half] } else { x[j - half] };
+                *y = x[j] * c[j] + rot * s[j];
+            }
         });
         rotated.unwrap_or_else(|| tensor_ops::<Self>(x, cos, sin))
     }
 
     fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
-        // dx = dy·cos + rotate_halfᵀ(dy·sin), with the sines of the other half's positions.
-        let rotated = flex::rows_with_partner(&dy, &cos, &sin, |dy, c, s_other, j, half| {
-            let rot_t = if j < half { dy[j + half] * s_other } else { -(dy[j - half] * s_other) };
-            dy[j] * c + rot_t
+        // dx = dy·cos + rotate_halfᵀ(dy·sin), rotate_halfᵀ([a₁, a₂]) = [a₂, −a₁]
+        let rotated = flex::rows(&dy, &cos, &sin, |dy, c, s, dx| {
+            let half = dy.len() / 2;
+            for (j, dx) in dx.iter_mut().enumerate() {
+                let rot_t = if j < half { dy[j + half] * s[j + half] } else { -(dy[j - half] * s[j - half]) };
+                *dx = dy[j] * c[j] + rot_t;
+            }
         });
         rotated.unwrap_or_else(|| tensor_ops_backward::<Self>(dy, cos, sin))
     }
@@ -120,15 +126,20 @@ mod flex {
             Some(Self { data: t.storage::<f32>(), start, strides: out })
         }
 
-        /// The row `[b, h, t, ..]` as `dh` values (a copy when the last stride is not 1).
-        fn row(&self, [b, h, t]: [usize; 3], dh: usize, buf: &mut Vec<f32>) -> Option<()> {
+        /// The row `[b, h, t, ..]` as `dh` values: a slice of the buffer where the last stride is 1,
+        /// else copied into `buf`.
+        fn row<'b>(&'b self, [b, h, t]: [usize; 3], dh: usize, buf: &'b mut Vec<f32>) -> Option<&'b [f32]> {
             let [sb, sh, st, sd] = self.strides;
             let base = self.start + b as isize * sb + h as isize * sh + t as isize * st;
+            if sd == 1 {
+                let base = usize::try_from(base).ok()?;
+                return self.data.get(base..base + dh);
+            }
             buf.clear();
             for j in 0..dh {
                 buf.push(*self.data.get(usize::try_from(base + j as isize * sd).ok()?)?);
             }
-            Some(())
+            Some(buf)
         }
     }
 
@@ -138,28 +149,9 @@ mod flex {
         (dims.num_dims() == 4 && dims[3].is_multiple_of(2)).then(|| [dims[0], dims[1], dims[2], dims[3]])
     }
 
-    /// A new contiguous tensor of `x`'s shape whose element `[.., j]` is `f(row of x, cos[j],
-    /// sin[j], j, Dh / 2)`.
-    pub(super) fn rows(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, f: impl Fn(&[f32], f32, f32, usize, usize) -> f32 + Sync) -> Option<FlexTensor> {
-        each_row(x, cos, sin, |x, c, s, out, half| {
-            for (j, o) in out.iter_mut().enumerate() {
-                *o = f(x, c[j], s[j], j, half);
-            }
-        })
-    }
-
-    /// As [`rows`], with `sin` taken at the partner position `j ± Dh/2` (the transposed rotation
-    /// multiplies each element by the sine of the one it came from).
-    pub(super) fn rows_with_partner(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, f: impl Fn(&[f32], f32, f32, usize, usize) -> f32 + Sync) -> Option<FlexTensor> {
-        each_row(x, cos, sin, |x, c, s, out, half| {
-            for (j, o) in out.iter_mut().enumerate() {
-                let partner = if j < half { j + half } else { j - half };
-                *o = f(x, c[j], s[partner], j, half);
-            }
-        })
-    }
-
-    fn each_row(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, body: impl Fn(&[f32], &[f32], &[f32], &mut [f32], usize) + Sync) -> Option<FlexTensor> {
+    /// A new contiguous tensor of `x`'s shape whose row `[b, h, t, ..]` `body` writes from the
+    /// same rows of `x`, `cos` and `sin`; `None` when a tensor is out of reach.
+    pub(super) fn rows(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, body: impl Fn(&[f32], &[f32], &[f32], &mut [f32]) + Sync) -> Option<FlexTensor> {
         let shape = shape(x)?;
         let [_, heads, tokens, dh] = shape;
         let (xv, cv, sv) = (View::new(x, &shape)?, View::new(cos, &shape)?, View::new(sin, &shape)?);
@@ -173,10 +165,7 @@ mod flex {
             for (i, out) in out.chunks_mut(dh).enumerate() {
                 let row = task * per_task + i;
                 let at = [row / (heads * tokens), row / tokens % heads, row % tokens];
-                xv.row(at, dh, &mut xr)?;
-                cv.row(at, dh, &mut cr)?;
-                sv.row(at, dh, &mut sr)?;
-                body(&xr, &cr, &sr, out, dh / 2);
+                body(xv.row(at, dh, &mut xr)?, cv.row(at, dh, &mut cr)?, sv.row(at, dh, &mut sr)?, out);
             }
             Some(())
         });
@@ -279,9 +268,14 @@ mod tests {
         let sin = FlexTensor::from_data(TensorData::new(angles.iter().map(|a| a.sin()).collect::<Vec<_>>(), [b, 1, t, dh]));
         let dy = FlexTensor::from_data(TensorData::new(wave(b * h * t * dh, 3, 1.0), [b, h, t, dh]));
         let y = <Flex as RotaryBackend>::rotary(x.clone(), cos.clone(), sin.clone());
-        assert!(flex::rows(&x, &cos, &sin, |x, _, _, j, _| x[j]).is_some(), "the loop reads these tensors");
+        assert!(flex::rows(&x, &cos, &sin, |x, _, _, y| y.copy_from_slice(x)).is_some(), "the loop reads these tensors");
         assert_eq!(values(&y), values(&tensor_ops::<Flex>(x, cos.clone(), sin.clone())), "y");
         let dx = <Flex as RotaryBackend>::rotary_backward(dy.clone(), cos.clone(), sin.clone());
-        assert_eq!(values(&dx), values(&tensor_ops_backward::<Flex>(dy, cos, sin)), "dx");
+        assert_eq!(values(&dx), values(&tensor_ops_backward::<Flex>(dy, cos.clone(), sin.clone())), "dx");
+
+        // A view whose last dimension is strided, read element by element.
+        let xt = Flex::float_swap_dims(FlexTensor::from_data(TensorData::new(wave(b * h * t * dh, 4, 2.0), [b, h, dh, t])), 2, 3);
+        let yt = <Flex as RotaryBackend>::rotary(xt.clone(), cos.clone(), sin.clone());
+        assert_eq!(values(&yt), values(&tensor_ops::<Flex>(xt, cos, sin)), "y of a strided last dimension");
     }
 }

@@ -11,8 +11,9 @@
 //! and a product, then the product with `u`), whose backward passes take about eight more and add
 //! the two paths into `g`. Here it is one recorded operation; on libtorch both passes are direct
 //! torch calls (`silu`, and `silu_backward` for the gate's gradient, as PyTorch's autograd runs
-//! them), on flex one loop each over the f32 buffers, split over the CPU's threads. A model applies it in every layer, so on a GPU, where a small model's step waits on the
-//! host issuing operations, that is a few hundred operations fewer a step.
+//! them), on flex one loop each over the f32 buffers, split over the CPU's threads. A model
+//! applies it in every layer, so on a GPU, where a small model's step waits on the host issuing
+//! operations, that is a few hundred operations fewer a step.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
