@@ -14,10 +14,12 @@
 //! dV = Pᵀ·dO,   dP = dO·Vᵀ,   dS = P ⊙ (dP − rowsum(dP ⊙ P)),   dQ = scale·dS·K,   dK = scale·dSᵀ·Q
 //! ```
 //!
-//! On libtorch both passes are torch's fused kernels instead (the `libtorch` module below). Elsewhere
-//! the forward pass is the backend's own attention (flex: its flash kernel with the boolean mask; the cubecl backends:
-//! their attention with the boolean mask, which with an explicit scale is burn's kernel-by-kernel
-//! form, its temporaries freed as soon as the layer's output is made).
+//! On libtorch both passes are torch's fused kernels instead (the `libtorch` module below). On flex
+//! both passes are one loop over (sequence, head) pairs split over rayon's threads, each head's
+//! products through the gemm crate and its `[Tq, Tk]` weights in a buffer of the task (the `flex`
+//! module below). The cubecl backends' forward pass is their attention with the boolean mask,
+//! which with an explicit scale is burn's kernel-by-kernel form, its temporaries freed as soon as
+//! the layer's output is made.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -34,17 +36,22 @@ use burn::tensor::{Bool, Shape, Tensor};
 /// Attention with a boolean mask (`true`: the query does not look at that key), differentiable
 /// with respect to `q`, `k` and `v` by recomputation. On flex, libtorch and (with the `cube`
 /// feature) the cubecl backends.
+///
+/// Keys and values come grouped: `k` and `v` are `[B, Hkv, Tk, Dh]`, each of the `Hkv` heads serving
+/// `H / Hkv` query heads in turn (transformers' `repeat_kv`), and `mask` is `[B, H, Tq, Tk]` or
+/// `[B, 1, Tq, Tk]` (every head alike). The default bodies repeat them into copies; flex reads them
+/// where they lie.
 #[backend_extension(Autodiff, Flex: cfg(feature = "flex"), LibTorch: cfg(feature = "tch"), Cube: cfg(feature = "cube"))]
 pub trait MaskedAttentionBackend: Backend {
-    /// `softmax(scale·q·kᵀ, masked)·v` for `q` `[B, H, Tq, Dh]`, `k` and `v` `[B, H, Tk, Dh]` and
-    /// `mask` `[B, H, Tq, Tk]`.
-    /// The default is the backend's attention with the boolean mask as burn means it (no
-    /// `[B, H, Tq, Tk]` bias is made).
+    /// `softmax(scale·q·kᵀ, masked)·v` for `q` `[B, H, Tq, Dh]` and grouped `k`, `v` and `mask`
+    /// (the trait's docs). The default is the backend's attention with the boolean mask as burn
+    /// means it (no `[B, H, Tq, Tk]` bias is made).
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        Self::attention(q, k, v, Some(mask), None, options(scale))
+        tensor_ops::<Self>(q, k, v, mask, scale)
     }
 
-    /// The gradients `(dq, dk, dv)` of [`Self::masked_attention`] for the output gradient `dout`.
+    /// The gradients `(dq, dk, dv)` of [`Self::masked_attention`] for the output gradient `dout`,
+    /// `dk` and `dv` grouped as `k` and `v` are.
     fn masked_attention_backward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -53,8 +60,48 @@ pub trait MaskedAttentionBackend: Backend {
         scale: f32,
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        backward_with::<Self>(q, k, v, mask, scale, dout, Self::float_matmul)
+        tensor_ops_backward::<Self>(q, k, v, mask, scale, dout)
     }
+}
+
+/// [`MaskedAttentionBackend::masked_attention`] as the backend's attention over repeated heads.
+fn tensor_ops<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: BoolTensor<B>, scale: f32) -> FloatTensor<B> {
+    let (k, v, mask) = widen_all::<B>(q.shape()[1], k, v, mask);
+    B::attention(q, k, v, Some(mask), None, options(scale))
+}
+
+/// [`MaskedAttentionBackend::masked_attention_backward`] in the backend's tensor operations.
+fn tensor_ops_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    scale: f32,
+    dout: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    widened_backward::<B>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| backward_with::<B>(q, k, v, mask, scale, dout, B::float_matmul))
+}
+
+/// `body`, a backward pass over every head, run on repeated keys, values and mask; its `dk` and
+/// `dv` summed back over each group.
+fn widened_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    scale: f32,
+    dout: FloatTensor<B>,
+    body: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, BoolTensor<B>, f32, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let h_kv = k.shape()[1];
+    let (k, v, mask) = widen_all::<B>(q.shape()[1], k, v, mask);
+    let (dq, dk, dv) = body(q, k, v, mask, scale, dout);
+    (dq, narrow_grad::<B>(dk, h_kv), narrow_grad::<B>(dv, h_kv))
+}
+
+/// Grouped `k`, `v` and `mask` repeated to `heads` heads (the mask through a stride of 0).
+fn widen_all<B: Backend>(heads: usize, k: FloatTensor<B>, v: FloatTensor<B>, mask: BoolTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, BoolTensor<B>) {
+    (widen::<B>(k, heads), widen::<B>(v, heads), mask_heads::<B>(mask, heads))
 }
 
 /// `P = softmax(scale·q·kᵀ, masked)`, its products taken by `mm` (no row is fully masked: every
@@ -98,9 +145,252 @@ fn options(scale: f32) -> AttentionModuleOptions {
     AttentionModuleOptions { scale: Some(f64::from(scale)), softcap: None, is_causal: false }
 }
 
-/// flex: the default bodies (its flash kernel reads the boolean mask through the heads' stride 0).
+/// flex: one task per (sequence, head) on rayon's threads (the `flex` module below); other dtypes
+/// and views out of its reach take the default bodies.
 #[cfg(feature = "flex")]
-impl MaskedAttentionBackend for burn::backend::Flex {}
+impl MaskedAttentionBackend for burn::backend::Flex {
+    fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        match flex::forward(&q, &k, &v, &mask, scale) {
+            Some(out) => out,
+            None => tensor_ops::<Self>(q, k, v, mask, scale),
+        }
+    }
+
+    fn masked_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        match flex::backward(&q, &k, &v, &mask, scale, &dout) {
+            Some(grads) => {
+                FUSED_BACKWARD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                grads
+            }
+            None => tensor_ops_backward::<Self>(q, k, v, mask, scale, dout),
+        }
+    }
+}
+
+/// The attention on flex. burn-flex's own runs as a chain of tensor operations around its kernel:
+/// grouped keys and values repeated into copies, and in the backward pass a dozen operations of
+/// `[B, H, Tq, Tk]` tensors, most on one thread. Here each (sequence, head) pair is one rayon task
+/// that reads `q`, the group's `k` and `v` and the mask where they lie (any non-negative strides),
+/// and keeps its `[Tq, Tk]` weights in a buffer of its own:
+///
+/// ```text
+/// forward, per head:            S = scale·Q·Kᵀ, masked   P = softmax(S)   O = P·V
+/// backward, per key/value head and each of its query heads in turn:
+///     P recomputed   dV += Pᵀ·dO   dP = dO·Vᵀ   dS = scale·P ⊙ (dP − rowsum(dP ⊙ P))   dQ = dS·K   dK += dSᵀ·Q
+/// ```
+///
+/// A row with every key masked gives zeros (no row is, in the models: each query sees its own key).
+#[cfg(feature = "flex")]
+#[allow(unsafe_code)]
+mod flex {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::{DType, Shape};
+    use rayon::prelude::*;
+
+    /// A rank-4 tensor read in place: its buffer, where element `[0, 0, 0, 0]` lies and the
+    /// strides (0 where a dimension of size 1 is read as `shape`'s). Built only when every element
+    /// it can reach lies inside the buffer.
+    struct View<'a, T> {
+        data: &'a [T],
+        start: usize,
+        strides: [usize; 4],
+    }
+
+    impl<'a, T> View<'a, T> {
+        fn new(t: &'a FlexTensor, data: &'a [T], shape: [usize; 4]) -> Option<Self> {
+            let layout = t.layout();
+            let (dims, strides) = (layout.shape(), layout.strides());
+            if dims.num_dims() != 4 {
+                return None;
+            }
+            let mut out = [0usize; 4];
+            let mut last = layout.start_offset();
+            for i in 0..4 {
+                out[i] = match dims[i] {
+                    n if n == shape[i] => usize::try_from(strides[i]).ok()?,
+                    1 => 0,
+                    _ => return None,
+                };
+                last = last.checked_add(shape[i].checked_sub(1)?.checked_mul(out[i])?)?;
+            }
+            (last < data.len()).then_some(Self { data, start: layout.start_offset(), strides: out })
+        }
+
+        /// The offset of element `[b, h, i, 0]`.
+        fn at(&self, b: usize, h: usize, i: usize) -> usize {
+            self.start + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
+        }
+
+        /// The matrix `[b, h]` as gemm takes it: its first element and its column and row strides.
+        fn matrix(&self, b: usize, h: usize) -> (*const T, isize, isize) {
+            // In bounds: `new` checked the last element this view reaches.
+            (self.data[self.at(b, h, 0)..].as_ptr(), self.strides[3] as isize, self.strides[2] as isize)
+        }
+
+        /// The same matrix transposed.
+        fn transposed(&self, b: usize, h: usize) -> (*const T, isize, isize) {
+            let (ptr, cs, rs) = self.matrix(b, h);
+            (ptr, rs, cs)
+        }
+    }
+
+    /// The sizes `[B, H, Hkv, Tq, Tk, Dh]` when `q`, `k`, `v` (and `dout`) are f32 and their shapes
+    /// agree, and the mask has one byte an element.
+    fn sizes(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &FlexTensor) -> Option<[usize; 6]> {
+        let (qs, ks) = (q.layout().shape(), k.layout().shape());
+        if [q, k, v].iter().any(|t| t.dtype() != DType::F32) || !matches!(mask.dtype(), DType::Bool(_)) || mask.dtype().size() != 1 {
+            return None;
+        }
+        if qs.num_dims() != 4 || ks.num_dims() != 4 || v.layout().shape() != ks {
+            return None;
+        }
+        let (b, h, h_kv, tq, tk, dh) = (qs[0], qs[1], ks[1], qs[2], ks[2], qs[3]);
+        let agree = ks[0] == b && ks[3] == dh && h_kv > 0 && h.is_multiple_of(h_kv);
+        let nonempty = [b, h, tq, tk, dh].iter().all(|&n| n > 0);
+        (agree && nonempty).then_some([b, h, h_kv, tq, tk, dh])
+    }
+
+    /// The inputs read in place.
+    struct Inputs<'a> {
+        q: View<'a, f32>,
+        k: View<'a, f32>,
+        v: View<'a, f32>,
+        mask: View<'a, u8>,
+        /// `[B, H, Hkv, Tq, Tk, Dh]`
+        sizes: [usize; 6],
+        scale: f32,
+    }
+
+    impl<'a> Inputs<'a> {
+        fn new(q: &'a FlexTensor, k: &'a FlexTensor, v: &'a FlexTensor, mask: &'a FlexTensor, scale: f32) -> Option<Self> {
+            let sizes = sizes(q, k, v, mask)?;
+            let [b, h, h_kv, tq, tk, dh] = sizes;
+            Some(Self {
+                q: View::new(q, q.storage::<f32>(), [b, h, tq, dh])?,
+                k: View::new(k, k.storage::<f32>(), [b, h_kv, tk, dh])?,
+                v: View::new(v, v.storage::<f32>(), [b, h_kv, tk, dh])?,
+                mask: View::new(mask, mask.bytes(), [b, h, tq, tk])?,
+                sizes,
+                scale,
+            })
+        }
+
+        /// The weights `P = softmax(scale·Q·Kᵀ, masked)` of query head `h` of sequence `b` into `p`
+        /// (`[Tq, Tk]`, row-major), the softmax in the order of burn's tensor operations (the max, the
+        /// exponentials of the differences, their sum, the quotients).
+        fn weights(&self, b: usize, h: usize, p: &mut [f32]) {
+            let [_, heads, h_kv, tq, tk, dh] = self.sizes;
+            let g = h / (heads / h_kv);
+            let (q, q_cs, q_rs) = self.q.matrix(b, h);
+            let (k, k_cs, k_rs) = self.k.transposed(b, g);
+            // SAFETY: `p` holds the `tq × tk` row-major result; the operands are views whose every
+            // reachable element `Inputs::new` checked to lie in their buffers, borrowed by `self`.
+            unsafe {
+                gemm::gemm(tq, tk, dh, p.as_mut_ptr(), 1, tk as isize, false, q, q_cs, q_rs, k, k_cs, k_rs, 0.0f32, self.scale, false, false, false, gemm::Parallelism::None);
+            }
+            let m = &self.mask;
+            for (i, row) in p.chunks_exact_mut(tk).enumerate() {
+                let at = m.at(b, h, i);
+                for (j, s) in row.iter_mut().enumerate() {
+                    if m.data[at + j * m.strides[3]] != 0 {
+                        *s = f32::NEG_INFINITY;
+                    }
+                }
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+                if max == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                    continue;
+                }
+                let mut sum = 0f32;
+                for s in row.iter_mut() {
+                    *s = crate::softmax::exp(*s - max);
+                    sum += *s;
+                }
+                for s in row.iter_mut() {
+                    *s /= sum;
+                }
+            }
+        }
+    }
+
+    /// `softmax(scale·q·kᵀ, masked)·v`, or `None` when the inputs are out of reach.
+    pub(super) fn forward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &FlexTensor, scale: f32) -> Option<FlexTensor> {
+        let x = Inputs::new(q, k, v, mask, scale)?;
+        let [b, h, h_kv, tq, tk, dh] = x.sizes;
+        let mut out = vec![0f32; b * h * tq * dh];
+        out.par_chunks_mut(tq * dh).enumerate().for_each(|(bh, out)| {
+            let (bi, hi) = (bh / h, bh % h);
+            let mut p = vec![0f32; tq * tk];
+            x.weights(bi, hi, &mut p);
+            let (v, v_cs, v_rs) = x.v.matrix(bi, hi / (h / h_kv));
+            // SAFETY: `out` is this head's `tq × dh` row-major output, `p` its `tq × tk` weights, `v`
+            // a checked view (`Inputs::new`).
+            unsafe {
+                gemm::gemm(tq, dh, tk, out.as_mut_ptr(), 1, dh as isize, false, p.as_ptr(), 1, tk as isize, v, v_cs, v_rs, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
+            }
+        });
+        Some(crate::cpu::flex::tensor(Shape::new([b, h, tq, dh]), out))
+    }
+
+    /// `(dq, dk, dv)` for the output gradient `dout`, `dk` and `dv` grouped as `k` and `v`; `None`
+    /// when the inputs are out of reach. One task per key/value head, which sums its query heads'
+    /// contributions to `dk` and `dv` in turn.
+    pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &FlexTensor, scale: f32, dout: &FlexTensor) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
+        let x = Inputs::new(q, k, v, mask, scale)?;
+        let [b, h, h_kv, tq, tk, dh] = x.sizes;
+        if dout.dtype() != DType::F32 {
+            return None;
+        }
+        let d = View::new(dout, dout.storage::<f32>(), [b, h, tq, dh])?;
+        let group = h / h_kv;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; b * h * tq * dh], vec![0f32; b * h_kv * tk * dh], vec![0f32; b * h_kv * tk * dh]);
+        let tasks = dq.par_chunks_mut(group * tq * dh).zip(dk.par_chunks_mut(tk * dh)).zip(dv.par_chunks_mut(tk * dh));
+        tasks.enumerate().for_each(|(bg, ((dq, dk), dv))| {
+            let (bi, g) = (bg / h_kv, bg % h_kv);
+            let (mut p, mut ds) = (vec![0f32; tq * tk], vec![0f32; tq * tk]);
+            let ((k, k_cs, k_rs), (vt, vt_cs, vt_rs)) = (x.k.matrix(bi, g), x.v.transposed(bi, g));
+            for (j, dq) in dq.chunks_exact_mut(tq * dh).enumerate() {
+                let hi = g * group + j;
+                // The first query head writes dK and dV, the others add to them.
+                let add = j > 0;
+                x.weights(bi, hi, &mut p);
+                let ((dout, do_cs, do_rs), (q, q_cs, q_rs)) = (d.matrix(bi, hi), x.q.matrix(bi, hi));
+                // SAFETY (each product): the destination is a `rows × cols` row-major buffer of this
+                // task (`dv`, `dk`: `tk × dh`; `ds`: `tq × tk`; `dq`: `tq × dh`), `p` and `ds` are
+                // `tq × tk` row-major, and the other operands are checked views (`Inputs::new`,
+                // `View::new` for `dout`).
+                unsafe {
+                    // dV += Pᵀ·dO
+                    gemm::gemm(tk, dh, tq, dv.as_mut_ptr(), 1, dh as isize, add, p.as_ptr(), tk as isize, 1, dout, do_cs, do_rs, 1.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
+                    // dP = dO·Vᵀ
+                    gemm::gemm(tq, tk, dh, ds.as_mut_ptr(), 1, tk as isize, false, dout, do_cs, do_rs, vt, vt_cs, vt_rs, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
+                }
+                for (dp, p) in ds.chunks_exact_mut(tk).zip(p.chunks_exact(tk)) {
+                    let row = dp.iter().zip(p).fold(0f32, |sum, (&a, &b)| sum + a * b);
+                    for (dp, &p) in dp.iter_mut().zip(p) {
+                        *dp = p * (*dp - row) * scale;
+                    }
+                }
+                // SAFETY: as above.
+                unsafe {
+                    // dQ = dS·K
+                    gemm::gemm(tq, dh, tk, dq.as_mut_ptr(), 1, dh as isize, false, ds.as_ptr(), 1, tk as isize, k, k_cs, k_rs, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
+                    // dK += dSᵀ·Q
+                    gemm::gemm(tk, dh, tq, dk.as_mut_ptr(), 1, dh as isize, add, ds.as_ptr(), tk as isize, 1, q, q_cs, q_rs, 1.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
+                }
+            }
+        });
+        let grouped = Shape::new([b, h_kv, tk, dh]);
+        Some((crate::cpu::flex::tensor(Shape::new([b, h, tq, dh]), dq), crate::cpu::flex::tensor(grouped.clone(), dk), crate::cpu::flex::tensor(grouped, dv)))
+    }
+}
 
 /// The cubecl backends (wgpu, Vulkan, Metal, CUDA): the default bodies, except for f32 on a device
 /// whose matmul would round f32 to TF32 (CUDA): there the attention is formed kernel by kernel with
@@ -108,10 +398,10 @@ impl MaskedAttentionBackend for burn::backend::Flex {}
 #[cfg(feature = "cube")]
 impl MaskedAttentionBackend for burn::backend::Cube {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
-        use burn::backend::ops::ModuleOps;
         if !crate::matmul::cube::rounds_f32(&q) {
-            return Self::attention(q, k, v, Some(mask), None, options(scale));
+            return tensor_ops::<Self>(q, k, v, mask, scale);
         }
+        let (k, v, mask) = widen_all::<Self>(q.shape()[1], k, v, mask);
         let p = weights_with::<Self>(q, k, mask, scale, crate::matmul::cube::matmul);
         crate::matmul::cube::matmul(p, v)
     }
@@ -124,7 +414,7 @@ impl MaskedAttentionBackend for burn::backend::Cube {
         scale: f32,
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        backward_with::<Self>(q, k, v, mask, scale, dout, crate::matmul::cube::matmul)
+        widened_backward::<Self>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| backward_with::<Self>(q, k, v, mask, scale, dout, crate::matmul::cube::matmul))
     }
 }
 
@@ -134,6 +424,7 @@ impl MaskedAttentionBackend for burn::backend::Cube {
 impl MaskedAttentionBackend for burn::backend::LibTorch {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
         use burn::backend::ops::ModuleOps;
+        let (k, v, mask) = widen_all::<Self>(q.shape()[1], k, v, mask);
         let bias = libtorch::bias(&mask, q.tensor.kind());
         match libtorch::forward(&q, &k, &v, &bias, scale) {
             Some(out) => out,
@@ -149,11 +440,13 @@ impl MaskedAttentionBackend for burn::backend::LibTorch {
         scale: f32,
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let bias = libtorch::bias(&mask, q.tensor.kind());
-        if let Some(grads) = libtorch::backward(&q, &k, &v, &bias, scale, &dout) {
-            return grads;
-        }
-        backward_with::<Self>(q, k, v, mask, scale, dout, <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul)
+        widened_backward::<Self>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
+            let bias = libtorch::bias(&mask, q.tensor.kind());
+            if let Some(grads) = libtorch::backward(&q, &k, &v, &bias, scale, &dout) {
+                return grads;
+            }
+            backward_with::<Self>(q, k, v, mask, scale, dout, <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul)
+        })
     }
 }
 
@@ -170,7 +463,7 @@ impl MaskedAttentionBackend for burn::backend::LibTorch {
 #[cfg(feature = "tch")]
 pub(crate) mod libtorch {
     use std::cell::RefCell;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::Ordering;
 
     use burn::backend::libtorch::TchTensor;
     use tch::{Device, Kind, Tensor};
@@ -183,9 +476,6 @@ pub(crate) mod libtorch {
         /// strides is the same mask.
         static BIAS: RefCell<Option<(TchTensor, Kind, Tensor)>> = const { RefCell::new(None) };
     }
-
-    /// Backward passes that ran through torch's fused kernels, in this process.
-    pub(crate) static FUSED_BACKWARD: AtomicUsize = AtomicUsize::new(0);
 
     /// The additive bias of a boolean mask (`true`: −∞), of the attention's float kind.
     pub(crate) fn bias(mask: &TchTensor, kind: Kind) -> Tensor {
@@ -250,7 +540,7 @@ pub(crate) mod libtorch {
             }
             _ => return None,
         };
-        FUSED_BACKWARD.fetch_add(1, Ordering::Relaxed);
+        super::FUSED_BACKWARD.fetch_add(1, Ordering::Relaxed);
         Some((TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv)))
     }
 }
@@ -289,9 +579,9 @@ fn mask_heads<B: Backend>(mask: BoolTensor<B>, heads: usize) -> BoolTensor<B> {
 }
 
 /// Autodiff: the inner backend's attention, recorded as one operation whose state is the inputs.
-/// Grouped keys and values and a mask over one head are widened inside it, so that the repetition
-/// costs no recorded operations (six, and as many in the backward pass, written as tensor
-/// operations) and the backward pass keeps the narrow `k` and `v`.
+/// Grouped keys and values and a mask over one head go to the inner backend as they are, so that
+/// the repetition costs no recorded operations (six, and as many in the backward pass, written as
+/// tensor operations) and the backward pass keeps the narrow `k` and `v`.
 impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttentionBackend for Autodiff<B, C> {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
         #[derive(Debug)]
@@ -304,10 +594,7 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
                 let [node_q, node_k, node_v] = ops.parents;
                 let dout = grads.consume::<B>(&ops.node);
                 let (q, k, v, mask, scale) = ops.state;
-                let (heads, h_kv) = (q.shape()[1], k.shape()[1]);
-                let (k, v, mask) = (widen::<B>(k, heads), widen::<B>(v, heads), mask_heads::<B>(mask, heads));
                 let (dq, dk, dv) = B::masked_attention_backward(q, k, v, mask, scale, dout);
-                let (dk, dv) = (narrow_grad::<B>(dk, h_kv), narrow_grad::<B>(dv, h_kv));
                 for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, grad);
@@ -317,10 +604,7 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
         }
 
         let (qp, kp, vp) = (q.primitive().clone(), k.primitive().clone(), v.primitive().clone());
-        let heads = qp.shape()[1];
-        let run = |k: &FloatTensor<B>, v: &FloatTensor<B>, mask: &BoolTensor<B>| {
-            B::masked_attention(qp.clone(), widen::<B>(k.clone(), heads), widen::<B>(v.clone(), heads), mask_heads::<B>(mask.clone(), heads), scale)
-        };
+        let run = |k: &FloatTensor<B>, v: &FloatTensor<B>, mask: &BoolTensor<B>| B::masked_attention(qp.clone(), k.clone(), v.clone(), mask.clone(), scale);
         match MaskedAttention.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let out = run(&kp, &vp, &mask);
@@ -342,13 +626,13 @@ pub fn masked_attention_calls() -> usize {
     CALLS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// How many backward passes of [`masked_attention`] ran through libtorch's fused attention kernels
-/// in this process (0 without the `tch` feature).
+/// Backward passes that ran through a fused body: libtorch's attention kernels, or flex's loop.
+static FUSED_BACKWARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many backward passes of [`masked_attention`] ran through a fused body in this process:
+/// libtorch's attention kernels, or flex's loop (for the tests that check which path ran).
 pub fn fused_attention_backward_calls() -> usize {
-    #[cfg(feature = "tch")]
-    return libtorch::FUSED_BACKWARD.load(std::sync::atomic::Ordering::Relaxed);
-    #[cfg(not(feature = "tch"))]
-    0
+    FUSED_BACKWARD.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `softmax(scale·q·kᵀ, masked)·v` (`mask` true where a query must not look; no row fully
@@ -365,15 +649,83 @@ pub fn masked_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4
     }
     CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (q, k, v, mask) = (q.into_dispatch(), k.into_dispatch(), v.into_dispatch(), mask.into_dispatch());
-    // Under autodiff the recorded operation widens grouped heads itself; the backends' bodies take
-    // every head.
-    let (k, v, mask) = match kind {
-        burn::backend::DispatchTensorKind::Autodiff(_) => (k, v, mask),
-        _ => {
-            let heads = q.shape()[1];
-            (widen::<Dispatch>(k, heads), widen::<Dispatch>(v, heads), mask_heads::<Dispatch>(mask, heads))
-        }
-    };
     let out = <Dispatch as MaskedAttentionBackend>::masked_attention(q, k, v, mask, scale);
     Some(Tensor::from_dispatch(out))
+}
+
+#[cfg(all(test, feature = "flex"))]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::ops::{BoolTensorOps, FloatTensorOps};
+    use burn::tensor::{Shape, TensorData};
+
+    use super::*;
+    use crate::cpu::flex::testing::{values, wave};
+
+    /// Sizes (batch, query heads, key/value heads, Tq, Tk, Dh).
+    const B: usize = 2;
+    const H: usize = 6;
+    const H_KV: usize = 2;
+    const TQ: usize = 5;
+    const TK: usize = 9;
+    const DH: usize = 8;
+
+    fn close(name: &str, ours: &FlexTensor, ops: &FlexTensor) {
+        let (a, b) = (values(ours), values(ops));
+        assert_eq!(ours.layout().shape(), ops.layout().shape(), "{name}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "{name}: {x} against {y}");
+        }
+    }
+
+    /// A causal mask over the last `TQ` of `TK` positions, with the second sequence's first two
+    /// keys padding (except for a query's own key); `[B, 1, TQ, TK]`.
+    fn mask() -> FlexTensor {
+        let past = TK - TQ;
+        let masked: Vec<bool> = (0..B * TQ * TK)
+            .map(|n| {
+                let (b, i, j) = (n / (TQ * TK), n / TK % TQ, n % TK);
+                j > i + past || (b == 1 && j < 2 && j != i + past)
+            })
+            .collect();
+        FlexTensor::from_data(TensorData::new(masked, [B, 1, TQ, TK]))
+    }
+
+    /// The flex loops against the tensor-operation bodies (repeated heads, burn-flex's attention and
+    /// the recomputing backward), with `q` a transposed view as the models make it, grouped keys
+    /// and values and a mask over one head.
+    #[test]
+    fn the_flex_loops_match_the_tensor_operations() {
+        let q = FlexTensor::from_data(TensorData::new(wave(B * TQ * H * DH, 1, 2.0), [B, TQ, H, DH]));
+        let q = Flex::float_swap_dims(q, 1, 2);
+        assert!(q.as_slice::<f32>().is_none(), "q is a strided view");
+        let [k, v] = [2, 3].map(|seed| FlexTensor::from_data(TensorData::new(wave(B * H_KV * TK * DH, seed, 2.0), [B, H_KV, TK, DH])));
+        let dout = FlexTensor::from_data(TensorData::new(wave(B * H * TQ * DH, 4, 1.0), [B, H, TQ, DH]));
+        let (mask, scale) = (mask(), 0.35);
+
+        let ours = flex::forward(&q, &k, &v, &mask, scale).expect("in reach");
+        close("out", &ours, &tensor_ops::<Flex>(q.clone(), k.clone(), v.clone(), mask.clone(), scale));
+        let (dq, dk, dv) = flex::backward(&q, &k, &v, &mask, scale, &dout).expect("in reach");
+        let (dq_ops, dk_ops, dv_ops) = tensor_ops_backward::<Flex>(q, k, v, mask, scale, dout);
+        close("dq", &dq, &dq_ops);
+        close("dk", &dk, &dk_ops);
+        close("dv", &dv, &dv_ops);
+    }
+
+    /// A query whose keys are all masked gets zeros, and passes no gradient on.
+    #[test]
+    fn a_fully_masked_row_gives_zeros() {
+        // Two queries, three keys, Dh 3.
+        let data = |rows: usize, seed| FlexTensor::from_data(TensorData::new(wave(rows * 3, seed, 1.0), [1, 1, rows, 3]));
+        let (q, k, v, dout) = (data(2, 1), data(3, 2), data(3, 3), data(2, 4));
+        let mask = Flex::bool_from_data(TensorData::new(vec![false, true, true, true, true, true], Shape::new([1, 1, 2, 3])), &Default::default());
+        let out = values(&flex::forward(&q, &k, &v, &mask, 1.0).expect("in reach"));
+        assert_eq!(&out[3..], &[0.0; 3], "the masked row");
+        assert_eq!(&out[..3], &values(&v)[..3], "the first query sees the first key alone");
+        let (dq, dk, dv) = flex::backward(&q, &k, &v, &mask, 1.0, &dout).expect("in reach");
+        assert_eq!(&values(&dq)[3..], &[0.0; 3]);
+        assert!(values(&dk).iter().chain(&values(&dv)).all(|x| x.is_finite()));
+    }
 }

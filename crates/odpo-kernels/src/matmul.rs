@@ -69,20 +69,24 @@ pub(crate) mod flex {
         if l.start_offset() > a.len() || r.start_offset() > b.len() {
             return Flex::float_matmul(lhs, rhs);
         }
-        // Zeroed by the allocator (fresh pages for a large buffer), not by a pass over it.
-        let mut out = vec![0f32; m * n];
-        if m > 0 && n > 0 && k > 0 {
-            let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
-            let ([a_rs, a_cs], [b_rs, b_cs]) = ([l.strides()[0], l.strides()[1]], [r.strides()[0], r.strides()[1]]);
-            // Pointers into the whole buffers: a stride may reach back before the first element.
-            let (a, b) = (a.as_ptr().wrapping_add(l.start_offset()), b.as_ptr().wrapping_add(r.start_offset()));
-            // SAFETY: `out` holds the m × n row-major result; `a` and `b` point at the operands'
-            // first elements, and their layouts (flex's invariant) keep every element that the
-            // strides reach inside their buffers, which `lhs` and `rhs` keep alive. With
-            // `read_dst` false the output is only written (alpha 0, beta 1: `out = lhs · rhs`).
-            unsafe {
-                gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, false, a, a_cs, a_rs, b, b_cs, b_rs, 0.0f32, 1.0f32, false, false, false, parallelism);
-            }
+        if m == 0 || n == 0 || k == 0 {
+            return crate::cpu::flex::tensor(Shape::new([m, n]), vec![0f32; m * n]);
+        }
+        // Left unwritten for gemm to fill: a zeroed vector costs a pass over it on this thread
+        // wherever the allocator does not hand out fresh pages (below glibc's mmap threshold).
+        let mut out: Vec<f32> = Vec::with_capacity(m * n);
+        let parallelism = if m.saturating_mul(n).saturating_mul(k) >= PARALLEL_THRESHOLD { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+        let ([a_rs, a_cs], [b_rs, b_cs]) = ([l.strides()[0], l.strides()[1]], [r.strides()[0], r.strides()[1]]);
+        // Pointers into the whole buffers: a stride may reach back before the first element.
+        let (a, b) = (a.as_ptr().wrapping_add(l.start_offset()), b.as_ptr().wrapping_add(r.start_offset()));
+        // SAFETY: `out` has room for the m × n row-major result; `a` and `b` point at the operands'
+        // first elements, and their layouts (flex's invariant) keep every element that the
+        // strides reach inside their buffers, which `lhs` and `rhs` keep alive. With `read_dst`
+        // false gemm sets alpha to 0 and writes every element of `out` before it reads any
+        // (`out = lhs · rhs`), so all m × n are initialised when the length is set.
+        unsafe {
+            gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, false, a, a_cs, a_rs, b, b_cs, b_rs, 0.0f32, 1.0f32, false, false, false, parallelism);
+            out.set_len(m * n);
         }
         crate::cpu::flex::tensor(Shape::new([m, n]), out)
     }
