@@ -194,52 +194,7 @@ mod flex {
     use burn::tensor::{DType, Shape};
     use rayon::prelude::*;
 
-    /// A rank-4 tensor read in place: its buffer, where element `[0, 0, 0, 0]` lies and the
-    /// strides (0 where a dimension of size 1 is read as `shape`'s). Built only when every element
-    /// it can reach lies inside the buffer.
-    struct View<'a, T> {
-        data: &'a [T],
-        start: usize,
-        strides: [usize; 4],
-    }
-
-    impl<'a, T> View<'a, T> {
-        fn new(t: &'a FlexTensor, data: &'a [T], shape: [usize; 4]) -> Option<Self> {
-            let layout = t.layout();
-            let (dims, strides) = (layout.shape(), layout.strides());
-            if dims.num_dims() != 4 {
-                return None;
-            }
-            let mut out = [0usize; 4];
-            let mut last = layout.start_offset();
-            for i in 0..4 {
-                out[i] = match dims[i] {
-                    n if n == shape[i] => usize::try_from(strides[i]).ok()?,
-                    1 => 0,
-                    _ => return None,
-                };
-                last = last.checked_add(shape[i].checked_sub(1)?.checked_mul(out[i])?)?;
-            }
-            (last < data.len()).then_some(Self { data, start: layout.start_offset(), strides: out })
-        }
-
-        /// The offset of element `[b, h, i, 0]`.
-        fn at(&self, b: usize, h: usize, i: usize) -> usize {
-            self.start + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
-        }
-
-        /// The matrix `[b, h]` as gemm takes it: its first element and its column and row strides.
-        fn matrix(&self, b: usize, h: usize) -> (*const T, isize, isize) {
-            // In bounds: `new` checked the last element this view reaches.
-            (self.data[self.at(b, h, 0)..].as_ptr(), self.strides[3] as isize, self.strides[2] as isize)
-        }
-
-        /// The same matrix transposed.
-        fn transposed(&self, b: usize, h: usize) -> (*const T, isize, isize) {
-            let (ptr, cs, rs) = self.matrix(b, h);
-            (ptr, rs, cs)
-        }
-    }
+    use crate::cpu::flex::View;
 
     /// The sizes `[B, H, Hkv, Tq, Tk, Dh]` when `q`, `k`, `v` (and `dout`) are f32 and their shapes
     /// agree, and the mask has one byte an element.
@@ -273,9 +228,9 @@ mod flex {
             let sizes = sizes(q, k, v, mask)?;
             let [b, h, h_kv, tq, tk, dh] = sizes;
             Some(Self {
-                q: View::new(q, q.storage::<f32>(), [b, h, tq, dh])?,
-                k: View::new(k, k.storage::<f32>(), [b, h_kv, tk, dh])?,
-                v: View::new(v, v.storage::<f32>(), [b, h_kv, tk, dh])?,
+                q: View::f32(q, [b, h, tq, dh])?,
+                k: View::f32(k, [b, h_kv, tk, dh])?,
+                v: View::f32(v, [b, h_kv, tk, dh])?,
                 mask: View::new(mask, mask.bytes(), [b, h, tq, tk])?,
                 sizes,
                 scale,
@@ -345,10 +300,7 @@ mod flex {
     pub(super) fn backward(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor, mask: &FlexTensor, scale: f32, dout: &FlexTensor) -> Option<(FlexTensor, FlexTensor, FlexTensor)> {
         let x = Inputs::new(q, k, v, mask, scale)?;
         let [b, h, h_kv, tq, tk, dh] = x.sizes;
-        if dout.dtype() != DType::F32 {
-            return None;
-        }
-        let d = View::new(dout, dout.storage::<f32>(), [b, h, tq, dh])?;
+        let d = View::f32(dout, [b, h, tq, dh])?;
         let group = h / h_kv;
         let (mut dq, mut dk, mut dv) = (vec![0f32; b * h * tq * dh], vec![0f32; b * h_kv * tk * dh], vec![0f32; b * h_kv * tk * dh]);
         let tasks = dq.par_chunks_mut(group * tq * dh).zip(dk.par_chunks_mut(tk * dh)).zip(dv.par_chunks_mut(tk * dh));
@@ -365,7 +317,7 @@ mod flex {
                 // SAFETY (each product): the destination is a `rows × cols` row-major buffer of this
                 // task (`dv`, `dk`: `tk × dh`; `ds`: `tq × tk`; `dq`: `tq × dh`), `p` and `ds` are
                 // `tq × tk` row-major, and the other operands are checked views (`Inputs::new`,
-                // `View::new` for `dout`).
+                // `View::f32` for `dout`).
                 unsafe {
                     // dV += Pᵀ·dO
                     gemm::gemm(tk, dh, tq, dv.as_mut_ptr(), 1, dh as isize, add, p.as_ptr(), tk as isize, 1, dout, do_cs, do_rs, 1.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);

@@ -213,6 +213,79 @@ pub(crate) mod flex {
         FlexTensor::new(burn::tensor::Bytes::from_elems(data), burn::backend::flex::Layout::contiguous(shape), DType::F32)
     }
 
+    /// A rank-4 tensor read in place as `shape`: its buffer, the offset of element `[0, 0, 0, 0]`
+    /// and the strides (0 where a dimension of size 1 is read as a larger one). Built only when the
+    /// strides are non-negative and every element the view reaches lies inside the buffer.
+    pub(crate) struct View<'a, T> {
+        pub(crate) data: &'a [T],
+        start: usize,
+        pub(crate) strides: [usize; 4],
+    }
+
+    impl<'a, T> View<'a, T> {
+        /// `t`, whose buffer is `data` (its elements, of `t`'s dtype), read as `shape`.
+        pub(crate) fn new(t: &'a FlexTensor, data: &'a [T], shape: [usize; 4]) -> Option<Self> {
+            let layout = t.layout();
+            let (dims, strides) = (layout.shape(), layout.strides());
+            if dims.num_dims() != 4 {
+                return None;
+            }
+            let mut out = [0usize; 4];
+            let mut last = layout.start_offset();
+            for i in 0..4 {
+                out[i] = match dims[i] {
+                    n if n == shape[i] => usize::try_from(strides[i]).ok()?,
+                    1 => 0,
+                    _ => return None,
+                };
+                last = last.checked_add(shape[i].saturating_sub(1).checked_mul(out[i])?)?;
+            }
+            (last < data.len() || shape.contains(&0)).then_some(Self { data, start: layout.start_offset(), strides: out })
+        }
+
+        /// The offset of element `[b, h, i, 0]`.
+        pub(crate) fn at(&self, b: usize, h: usize, i: usize) -> usize {
+            self.start + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
+        }
+
+        /// The matrix `[b, h]` as the gemm crate takes it: its first element and its column and
+        /// row strides.
+        pub(crate) fn matrix(&self, b: usize, h: usize) -> (*const T, isize, isize) {
+            // In bounds: `new` checked the last element this view reaches.
+            (self.data[self.at(b, h, 0)..].as_ptr(), self.strides[3] as isize, self.strides[2] as isize)
+        }
+
+        /// The same matrix transposed.
+        pub(crate) fn transposed(&self, b: usize, h: usize) -> (*const T, isize, isize) {
+            let (ptr, cs, rs) = self.matrix(b, h);
+            (ptr, rs, cs)
+        }
+    }
+
+    impl<'a> View<'a, f32> {
+        /// An f32 tensor read as `shape`.
+        pub(crate) fn f32(t: &'a FlexTensor, shape: [usize; 4]) -> Option<Self> {
+            if t.dtype() != DType::F32 {
+                return None;
+            }
+            Self::new(t, t.storage::<f32>(), shape)
+        }
+
+        /// The row `[b, h, i, ..]` as `n` values: a slice of the buffer where the last stride is 1,
+        /// else copied into `buf`.
+        pub(crate) fn row<'b>(&'b self, [b, h, i]: [usize; 3], n: usize, buf: &'b mut Vec<f32>) -> Option<&'b [f32]> {
+            let base = self.at(b, h, i);
+            if self.strides[3] == 1 {
+                return self.data.get(base..base + n);
+            }
+            buf.clear();
+            for j in 0..n {
+                buf.push(*self.data.get(base + j * self.strides[3])?);
+            }
+            Some(buf)
+        }
+    }
+
     pub(crate) fn span(t: &FlexTensor) -> Option<&[f32]> {
         if t.dtype() != DType::F32 {
             return None;

@@ -96,52 +96,9 @@ impl RotaryBackend for burn::backend::Flex {
 #[cfg(feature = "flex")]
 mod flex {
     use burn::backend::flex::FlexTensor;
-    use burn::tensor::DType;
     use rayon::prelude::*;
 
-    /// Where element `[b, h, t, 0]` of a rank-4 f32 tensor read as `shape` lies in its buffer, and
-    /// the stride of the last dimension; dimensions of size 1 broadcast (stride 0).
-    struct View<'a> {
-        data: &'a [f32],
-        start: isize,
-        strides: [isize; 4],
-    }
-
-    impl<'a> View<'a> {
-        fn new(t: &'a FlexTensor, shape: &[usize; 4]) -> Option<Self> {
-            let layout = t.layout();
-            let (dims, strides) = (layout.shape(), layout.strides());
-            if t.dtype() != DType::F32 || dims.num_dims() != 4 {
-                return None;
-            }
-            let mut out = [0isize; 4];
-            for i in 0..4 {
-                out[i] = match dims[i] {
-                    n if n == shape[i] => strides[i],
-                    1 => 0,
-                    _ => return None,
-                };
-            }
-            let start = isize::try_from(layout.start_offset()).ok()?;
-            Some(Self { data: t.storage::<f32>(), start, strides: out })
-        }
-
-        /// The row `[b, h, t, ..]` as `dh` values: a slice of the buffer where the last stride is 1,
-        /// else copied into `buf`.
-        fn row<'b>(&'b self, [b, h, t]: [usize; 3], dh: usize, buf: &'b mut Vec<f32>) -> Option<&'b [f32]> {
-            let [sb, sh, st, sd] = self.strides;
-            let base = self.start + b as isize * sb + h as isize * sh + t as isize * st;
-            if sd == 1 {
-                let base = usize::try_from(base).ok()?;
-                return self.data.get(base..base + dh);
-            }
-            buf.clear();
-            for j in 0..dh {
-                buf.push(*self.data.get(usize::try_from(base + j as isize * sd).ok()?)?);
-            }
-            Some(buf)
-        }
-    }
+    use crate::cpu::flex::View;
 
     /// `[B, H, T, Dh]` of `x`, when `Dh` is even and the tensors are f32 views this reads.
     fn shape(x: &FlexTensor) -> Option<[usize; 4]> {
@@ -154,7 +111,7 @@ mod flex {
     pub(super) fn rows(x: &FlexTensor, cos: &FlexTensor, sin: &FlexTensor, body: impl Fn(&[f32], &[f32], &[f32], &mut [f32]) + Sync) -> Option<FlexTensor> {
         let shape = shape(x)?;
         let [_, heads, tokens, dh] = shape;
-        let (xv, cv, sv) = (View::new(x, &shape)?, View::new(cos, &shape)?, View::new(sin, &shape)?);
+        let (xv, cv, sv) = (View::f32(x, shape)?, View::f32(cos, shape)?, View::f32(sin, shape)?);
         let mut out = vec![0f32; shape.iter().product()];
         if dh == 0 {
             return Some(crate::cpu::flex::tensor(x.layout().shape().clone(), out));
