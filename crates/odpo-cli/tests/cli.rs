@@ -24,8 +24,7 @@ fn train_then_resume_from_the_command_line() {
     let Some(shared) = env::shared_dir() else { return };
     let data = shared.join("data/odpo-paper/imdb-sft-test.jsonl");
     let tokenizer = shared.join("models/smollm2-135m-instruct");
-    let dir = std::env::temp_dir().join(format!("odpo-cli-tests/cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = env::scratch("cli");
     let model = dir.join("tiny");
     std::fs::create_dir_all(&model).unwrap();
     let cfg = serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 49152, "n_positions": 64, "n_embd": 16, "n_layer": 1, "n_head": 2});
@@ -138,7 +137,8 @@ fn zero_counts_and_missing_files_are_refused_plainly() {
         let (code, err) = odpo(&["reward-model", "--data", "d", "--backbone", "b", "--out", "o", "--heldout", share]);
         assert!(code == Some(2) && err.contains("expected a share between 0 and 1 (both excluded)"), "{share}: {err}");
     }
-    let missing = std::env::temp_dir().join("odpo-cli-tests/no-such-run.toml");
+    let dir = env::scratch("cli-missing");
+    let missing = dir.join("no-such-run.toml");
     let (code, err) = odpo(&["train", "--config", missing.to_str().unwrap()]);
     assert_eq!((code, err.trim()), (Some(2), format!("error: {}: No such file or directory (os error 2)", missing.display()).as_str()));
 }
@@ -161,8 +161,7 @@ fn an_unknown_backend_is_refused_with_the_list() {
 fn reward_model_on_pairs_scores_them_for_offsets() {
     use odpo_pipeline::RewardModel;
     let Some(shared) = env::shared_dir() else { return };
-    let dir = std::env::temp_dir().join(format!("odpo-cli-tests/bt-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = env::scratch("cli-bt");
     let (model, scored) = (dir.join("model"), dir.join("scored.jsonl"));
     let tldr = shared.join("data/odpo-paper/tldr-sft-train-rel.json");
     let gguf = shared.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -214,7 +213,6 @@ fn reward_model_on_pairs_scores_them_for_offsets() {
             assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "pair {}: {got} against the fit's {want}", p.id);
         }
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// `odpo logprobs` on the real SmolLM2-135M-Instruct (the shared folder's GGUF file) gives the

@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../../odpo-model/tests/common/env.rs"]
+mod env;
+
 const ODPO: &str = env!("CARGO_BIN_EXE_odpo");
 
 /// A tiny random GPT-2 over the two-word fixture tokenizer, 64 pairs and a run config, in `dir`.
 fn setup(dir: &Path, max_steps: usize) -> PathBuf {
-    let _ = std::fs::remove_dir_all(dir);
     let model = dir.join("model");
     std::fs::create_dir_all(&model).unwrap();
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("../odpo-model/tests/fixtures/tokenizer/tiny/tokenizer.json");
@@ -84,7 +86,7 @@ fn kill(signal: &str, pid: u32) {
 
 #[test]
 fn sigterm_checkpoints_says_how_to_resume_and_exits_75() {
-    let dir = std::env::temp_dir().join(format!("odpo-cli-sigterm-{}", std::process::id()));
+    let dir = env::scratch("cli-sigterm");
     let config = setup(&dir, 100_000);
     let run = dir.join("run");
     let child = start(&["train", "--config", config.to_str().unwrap()]);
@@ -111,5 +113,4 @@ fn sigterm_checkpoints_says_how_to_resume_and_exits_75() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("steps:        {}", step + 2)), "{text}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

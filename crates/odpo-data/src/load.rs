@@ -372,7 +372,8 @@ mod tests {
             }
         }
         text.push_str("{\"prompt\":\"p9\",\"chosen\":\"last\",\"rejected\":\"x\",\"score_chosen\":5,\"score_rejected\":1}");
-        let path = std::env::temp_dir().join(format!("odpo-stream-{}.jsonl", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("stream.jsonl");
         std::fs::write(&path, &text).unwrap();
         let mut cfg = DataConfig::new(&path, Format::Jsonl);
         cfg.on_bad_row = OnBadRow::Skip;
@@ -392,7 +393,6 @@ mod tests {
             assert_eq!(format!("{streamed:?}"), format!("{:?}", whole.pairs), "chunk {chunk}");
             assert_eq!(format!("{report:?}"), format!("{:?}", whole.report), "chunk {chunk}");
         }
-        std::fs::remove_file(&path).ok();
     }
 
     #[test]

@@ -432,7 +432,8 @@ mod tests {
     /// libdevice is looked for as cubecl's CUDA compiler looks for it, and its absence is explained.
     #[test]
     fn libdevice_is_found_where_the_cuda_compiler_looks() {
-        let dir = std::env::temp_dir().join(format!("odpo-libdevice-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (toolkit, bare, empty) = (dir.join("toolkit"), dir.join("bare"), dir.join("empty"));
         std::fs::create_dir_all(toolkit.join("nvvm/libdevice")).unwrap();
         std::fs::create_dir_all(bare.join("nvvm/libdevice")).unwrap();
@@ -447,7 +448,6 @@ mod tests {
         assert_eq!(libdevice(None, &[empty.as_path(), toolkit.as_path()]), Ok(bc));
         let err = libdevice(None, &[bare.as_path(), toolkit.as_path()]).unwrap_err();
         assert!(err.contains("CUDA_PATH (unset)") && err.contains("Set CUDA_PATH"), "{err}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[cfg(feature = "flex")]

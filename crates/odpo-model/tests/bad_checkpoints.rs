@@ -3,16 +3,15 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::tensor::Device;
-use common::fixture;
+use common::{Scratch, fixture, scratch};
 use odpo_model::CausalLm;
 
 /// A copy of the tiny GPT-2 fixture in a fresh temporary folder.
-fn copy_gpt2(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("odpo-bad-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+fn copy_gpt2(name: &str) -> Scratch {
+    let dir = scratch(&format!("bad-{name}"));
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture("gpt2").join(f), dir.join(f)).unwrap();
     }
@@ -101,8 +100,7 @@ fn unknown_architecture_and_bad_config_are_named() {
 
 #[test]
 fn sharded_index_naming_a_missing_shard_is_an_error() {
-    let dir = std::env::temp_dir().join(format!("odpo-bad-shard-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("bad-shard");
     for entry in std::fs::read_dir(fixture("llama_sharded")).unwrap() {
         let p = entry.unwrap().path();
         std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();

@@ -10,7 +10,7 @@ mod common;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 
-use common::{fixture, test_device};
+use common::{fixture, scratch, test_device};
 use odpo_model::CausalLm;
 use odpo_model::tokenizer::Tokenizer;
 use rand::rngs::StdRng;
@@ -64,12 +64,6 @@ impl Tally {
     }
 }
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("odpo-hostile-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn copy(from: &Path, to: &Path, files: &[&str]) {
     for f in files {
@@ -82,7 +76,7 @@ fn damaged_model_folders_are_refused_by_name() {
     let device = test_device();
     let mut rng = StdRng::seed_from_u64(7);
     for case in ["gpt2", "llama_gqa_untied"] {
-        let dir = scratch(case);
+        let dir = scratch(&format!("hostile-{case}"));
         copy(&fixture(case), &dir, &["config.json", "model.safetensors"]);
         let config = std::fs::read(fixture(case).join("config.json")).unwrap();
         let mut tally = Tally::default();
@@ -107,7 +101,6 @@ fn damaged_model_folders_are_refused_by_name() {
             tally.check(|| CausalLm::load(&dir, &device), &["model.safetensors", "shape"]);
         }
         tally.report(&format!("{case} model.safetensors"));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
@@ -115,7 +108,7 @@ fn damaged_model_folders_are_refused_by_name() {
 fn damaged_tokenizer_files_are_refused_by_name() {
     let tiny = fixture("tokenizer/tiny");
     let mut rng = StdRng::seed_from_u64(11);
-    let dir = scratch("tokenizer");
+    let dir = scratch("hostile-tokenizer");
     copy(&tiny, &dir, &["tokenizer.json", "tokenizer_config.json"]);
     for file in ["tokenizer.json", "tokenizer_config.json"] {
         let original = std::fs::read(tiny.join(file)).unwrap();
@@ -138,5 +131,4 @@ fn damaged_tokenizer_files_are_refused_by_name() {
         std::fs::write(dir.join(file), &original).unwrap();
         tally.report(file);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -14,8 +14,8 @@ use odpo_model::{CausalLm, LoraConfig};
 
 const CASES: &[(&str, &str)] = &[("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied"), ("qwen2_all", "qwen2_bias")];
 
-fn tmp(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("odpo-lora-{name}-{}", std::process::id()))
+fn tmp(name: &str) -> Scratch {
+    scratch(&format!("lora-{name}"))
 }
 
 #[test]
@@ -51,7 +51,6 @@ fn peft_adapters_give_peft_logits() {
         let ids = int2(&exp["input_ids"], &device);
         let mask = int2(&exp["attention_mask"], &device);
         assert_eq!(to_vec(adapted.forward(ids.clone(), &mask, None)), to_vec(again.forward(ids, &mask, None)), "{case}: save + load changed the logits");
-        std::fs::remove_dir_all(&out).ok();
     }
 }
 
@@ -151,5 +150,4 @@ fn targets_select_projections_and_bad_input_is_named() {
     assert!(e.contains("lora.dropout"), "{e}");
     let e = model.load_peft(&tmp("nonexistent"), &device).unwrap_err().to_string();
     assert!(e.contains("adapter_config.json"), "{e}");
-    std::fs::remove_dir_all(&out).ok();
 }

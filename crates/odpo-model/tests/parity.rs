@@ -119,9 +119,10 @@ fn save_then_load_gives_identical_logits() {
         let loaded = CausalLm::load(&dir, &device).unwrap();
         // `ODPO_KEEP_SAVED=DIR` keeps the saved folders for `tests/fixtures/check_saved.py`.
         let keep = std::env::var_os("ODPO_KEEP_SAVED").map(std::path::PathBuf::from);
+        let tmp = scratch(&format!("roundtrip-{case}"));
         let out = match &keep {
             Some(dir) => dir.join(case),
-            None => std::env::temp_dir().join(format!("odpo-roundtrip-{case}-{}", std::process::id())),
+            None => tmp.to_path_buf(),
         };
         loaded.model.save_hf(&loaded.config, &out).unwrap();
         let again = CausalLm::load(&out, &device).unwrap();
@@ -133,9 +134,6 @@ fn save_then_load_gives_identical_logits() {
             let a = to_vec(loaded.model.forward(ids.clone(), &mask, None));
             let b = to_vec(again.model.forward(ids, &mask, None));
             assert_eq!(a, b, "{case} {prefix}: logits changed after save + load");
-        }
-        if keep.is_none() {
-            std::fs::remove_dir_all(&out).ok();
         }
     }
 }

@@ -11,8 +11,8 @@ use burn::tensor::{Device, Tensor};
 use common::*;
 use odpo_model::{CausalLm, LoraConfig};
 
-fn tmp(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("odpo-quantized-{name}-{}", std::process::id()))
+fn tmp(name: &str) -> Scratch {
+    scratch(&format!("quantized-{name}"))
 }
 
 fn flex() -> Device {

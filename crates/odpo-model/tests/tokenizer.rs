@@ -186,13 +186,12 @@ fn template_errors_and_generation_tags() {
 
 #[test]
 fn missing_or_corrupt_tokenizer_json_names_the_file() {
-    let missing = std::env::temp_dir().join("odpo-tokenizer-test-missing");
+    let dir = env::scratch("tokenizer-corrupt");
+    let missing = dir.join("missing");
     let err = Tokenizer::from_dir(&missing).err().unwrap();
     assert!(matches!(err, TokenizerError::Io { .. }), "{err:?}");
-    assert!(err.to_string().contains("odpo-tokenizer-test-missing/tokenizer.json"), "{err}");
+    assert!(err.to_string().contains(&missing.join("tokenizer.json").display().to_string()), "{err}");
 
-    let dir = std::env::temp_dir().join(format!("odpo-tokenizer-test-corrupt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("tokenizer.json");
     std::fs::write(&file, "{\"model\": 42").unwrap();
     let err = Tokenizer::from_file(&file).err().unwrap();
@@ -205,16 +204,13 @@ fn missing_or_corrupt_tokenizer_json_names_the_file() {
     std::fs::write(dir.join("tokenizer_config.json"), "not json").unwrap();
     let text = Tokenizer::from_dir(&dir).err().unwrap().to_string();
     assert!(text.contains("tokenizer_config.json"), "{text}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
 fn no_chat_template_is_an_error() {
-    let dir = std::env::temp_dir().join(format!("odpo-tokenizer-test-plain-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = env::scratch("tokenizer-plain");
     std::fs::copy(fixtures().join("tiny/tokenizer.json"), dir.join("tokenizer.json")).unwrap();
     let tok = Tokenizer::from_dir(&dir).unwrap();
-    std::fs::remove_dir_all(&dir).unwrap();
     assert!(!tok.has_chat_template());
     assert_eq!((tok.bos_token_id(), tok.eos_token_id()), (None, None));
     assert!(matches!(tok.chat_prompt("hi"), Err(TokenizerError::NoChatTemplate { .. })));

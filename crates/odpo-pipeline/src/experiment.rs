@@ -370,9 +370,8 @@ mod tests {
 
     #[test]
     fn prompt_list_from_jsonl_is_distinct_and_ordered() {
-        let dir = std::env::temp_dir().join(format!("odpo-exp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("p.jsonl");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.jsonl");
         std::fs::write(&p, "{\"prompt\": \"b\", \"text\": \"x\"}\n{\"prompt\": \"a\"}\n\n{\"prompt\": \"b\"}\n").unwrap();
         assert_eq!(read_prompt_list(&p).unwrap(), vec!["b".to_string(), "a".to_string()]);
         std::fs::write(&p, "{\"prompt\": \"b\"}\n{\"text\": 1}\n").unwrap();

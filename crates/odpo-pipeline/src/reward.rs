@@ -216,8 +216,8 @@ mod tests {
 
     #[test]
     fn score_table_looks_up_and_refuses_unknown_texts() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("odpo-pipeline-scoretable-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
+        let tmp = tempfile::tempdir().map_err(|e| PipelineError::io(&std::env::temp_dir(), e))?;
+        let dir = tmp.path();
         let path = dir.join("s.jsonl");
         std::fs::write(&path, "{\"prompt\":\"p\",\"text\":\"a\",\"reward\":1.5}\n\n{\"prompt\":\"p\",\"text\":\"b\",\"reward\":-2}\n")
             .map_err(|e| PipelineError::io(&path, e))?;

@@ -199,8 +199,9 @@ mod tests {
 
     #[test]
     fn tokenizer_round_trips() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("odpo-pipeline-tok-{}", std::process::id()));
-        write_tokenizer(&dir)?;
+        let tmp = tempfile::tempdir().map_err(|e| PipelineError::io(&std::env::temp_dir(), e))?;
+        let dir = tmp.path();
+        write_tokenizer(dir)?;
         let tok = odpo_model::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;
         assert_eq!(tok.eos_token_id(), Some(1));
         assert_eq!(tok.pad_token_id(), Some(0));

@@ -1,14 +1,16 @@
 //! The default pipeline on a smaller setting: the preference-trained policy's known reward must rise
 //! clearly above the SFT model's, at a finite KL, and every promised file must exist.
 
+#[path = "../../odpo-model/tests/common/env.rs"]
+mod env;
+
 use odpo_pipeline::{DefaultOptions, Result, run_default};
 
 #[test]
 fn default_pipeline_raises_the_known_reward() -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("odpo-pipeline-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = env::scratch("pipeline-e2e");
     let sets = ["task.sft_texts=1500", "task.pref_prompts=200", "task.eval_prompts=32", "sft.steps=200", "eval.samples_per_prompt=4"];
-    let opts = DefaultOptions { sets: sets.iter().map(|s| s.to_string()).collect(), run_dir: Some(dir.clone()), ..Default::default() };
+    let opts = DefaultOptions { sets: sets.iter().map(|s| s.to_string()).collect(), run_dir: Some(dir.to_path_buf()), ..Default::default() };
     let device = odpo_model::backend::device("flex")?;
     let s = run_default(&opts, &device)?;
     let (p, r) = (&s.eval.policy, &s.eval.reference);
@@ -20,6 +22,5 @@ fn default_pipeline_raises_the_known_reward() -> Result<()> {
     for f in [&s.metrics, &s.eval_json, &s.plot, &s.samples, &dir.join("summary.json"), &dir.join("pipeline.toml")] {
         assert!(f.is_file(), "{} is missing", f.display());
     }
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -9,21 +9,20 @@ mod custom_offset;
 #[path = "../examples/custom_reward.rs"]
 mod custom_reward;
 
-use std::path::PathBuf;
+#[path = "../../odpo-model/tests/common/env.rs"]
+mod env;
 
+use env::scratch;
 use odpo_pipeline::RewardModel;
 
 fn device() -> burn::tensor::Device {
     odpo_model::backend::device("flex").expect("the flex backend is compiled in")
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("odpo-pipeline-examples/{name}-{}", std::process::id()))
-}
-
 #[test]
 fn custom_offset_trains_odpo_with_the_user_offsets() {
-    let summary = custom_offset::run(&temp_dir("custom_offset"), 10, &device()).expect("example runs");
+    let dir = scratch("custom-offset");
+    let summary = custom_offset::run(&dir, 10, &device()).expect("example runs");
     assert_eq!(summary.steps, 10);
     let (first, last) = summary.train_loss.expect("logged a loss");
     assert!(first.is_finite() && last.is_finite());
@@ -36,8 +35,7 @@ fn custom_offset_trains_odpo_with_the_user_offsets() {
 
 #[test]
 fn bounded_offset_saturates() {
-    let dir = temp_dir("bounded_offset");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("bounded-offset");
     let path = dir.join("s.jsonl");
     custom_offset::write_scored_samples(&path, 4, 3, 0).unwrap();
     let cfg = odpo_data::DataConfig::new(&path, odpo_data::Format::ScoredJsonl);
@@ -51,7 +49,8 @@ fn bounded_offset_saturates() {
 
 #[test]
 fn custom_reward_drives_sample_score_pair_train() {
-    let report = custom_reward::run(&temp_dir("custom_reward"), 10, &device()).expect("example runs");
+    let dir = scratch("custom-reward");
+    let report = custom_reward::run(&dir, 10, &device()).expect("example runs");
     assert_eq!(report.reward_model, "word rule");
     assert!(report.policy.reward.mean.is_finite() && report.reference.reward.mean.is_finite());
     assert!(report.policy.kl.seq.mean.is_finite());

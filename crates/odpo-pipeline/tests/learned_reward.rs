@@ -41,7 +41,7 @@ fn reward_head_on_smollm2_ranks_heldout_imdb_texts() {
     assert!(report.rmse < report.heldout_std, "the head predicts worse than the mean score: {report:?}");
 
     // Saved and loaded: the same scores.
-    let dir = std::env::temp_dir().join(format!("odpo-reward-{}", std::process::id()));
+    let dir = env::scratch("learned-reward");
     model.save(&dir).unwrap();
     let again = LearnedReward::load(&dir, &device).unwrap();
     let (p, t): (Vec<String>, Vec<String>) = entries.iter().take(6).map(|e| (e.0.clone(), e.1.clone())).unzip();
@@ -55,5 +55,4 @@ fn reward_head_on_smollm2_ranks_heldout_imdb_texts() {
     let s = model.score(&["This movie".into(), "This movie".into()], &["was wonderful, moving and beautifully acted. I loved every minute.".into(), "was awful, boring and badly acted. I hated every minute.".into()]).unwrap();
     println!("positive {:.3}, negative {:.3}; ρ(a, b) = {}", s[0], s[1], spearman(&a, &b));
     assert!(s[0] > s[1], "positive {} <= negative {}", s[0], s[1]);
-    std::fs::remove_dir_all(&dir).ok();
 }

@@ -34,7 +34,9 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("odpo-offset-effect-{}", std::process::id()));
+        // Shared by the tests through a static, which is never dropped: the folder goes in Cargo's
+        // scratch folder for integration tests, under the build folder, and is replaced each run.
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("offset-effect");
         let _ = std::fs::remove_dir_all(&dir);
         let sets = ["task.sft_texts=800", "task.pref_prompts=160", "task.eval_prompts=32", "sft.steps=60", "pref.lr=2e-3", "pref.pairing=first-two", "eval.samples_per_prompt=8"];
         let cfg = PipelineConfig::default_with(&sets.map(String::from)).unwrap();

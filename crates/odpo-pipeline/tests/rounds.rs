@@ -4,10 +4,13 @@
 //! folder, keeping the finished rounds and redoing the rest to the same bytes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use odpo_pipeline::{DefaultOptions, DefaultSummary, run_default};
 use odpo_trainer::RunConfig;
+
+#[path = "../../odpo-model/tests/common/env.rs"]
+mod env;
 
 const SMALL: [&str; 7] = ["task.sft_texts=400", "task.pref_prompts=48", "task.eval_prompts=8", "sft.steps=30", "pref.epochs=2", "eval.samples_per_prompt=2", "pref.rounds=3"];
 
@@ -25,10 +28,8 @@ fn weights(model: &Path) -> Vec<u8> {
     std::fs::read(model.join("model.safetensors")).unwrap()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("odpo-rounds-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+fn tmp(name: &str) -> env::Scratch {
+    env::scratch(&format!("rounds-{name}"))
 }
 
 #[test]
@@ -65,7 +66,6 @@ fn rounds_chain_their_models_and_resume_between_rounds() {
     assert_eq!(weights(&again.rounds[0].model), round1);
     assert!(weights(&again.rounds[1].model) == later[0] && weights(&again.rounds[2].model) == later[1], "a resumed round gave other weights");
     assert_eq!(again.rounds[2].eval, s.rounds[2].eval);
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -77,5 +77,4 @@ fn a_moving_reference_is_the_starting_policy() {
         // The trainer's default reference is the starting point: nothing else is named.
         assert_eq!(round_config(&dir, k + 1).model.reference, None);
     }
-    std::fs::remove_dir_all(&dir).ok();
 }

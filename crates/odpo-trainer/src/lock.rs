@@ -52,8 +52,8 @@ mod tests {
 
     #[test]
     fn a_held_folder_is_refused_until_released() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("odpo-lock-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(&std::env::temp_dir(), e))?;
+        let dir = tmp.path();
         let held = acquire(&dir)?;
         let msg = acquire(&dir).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("in use by another run") && msg.contains(&format!("process {}", std::process::id())), "{msg}");
@@ -61,7 +61,6 @@ mod tests {
         let again = acquire(&dir)?;
         assert_eq!(again.path(), dir.join(".lock"));
         drop(again);
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 }

@@ -156,8 +156,8 @@ mod tests {
 
     #[test]
     fn resume_drops_rows_after_the_checkpoint() -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("odpo-metrics-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(&std::env::temp_dir(), e))?;
+        let dir = tmp.path();
         let cols = vec!["loss".to_string(), "lr".to_string()];
         let mut w = MetricsWriter::open(&dir, cols.clone(), None)?;
         for step in 1..=4 {
@@ -170,7 +170,6 @@ mod tests {
         assert_eq!(jsonl, "{\"loss\":0.5,\"split\":\"train\",\"step\":1}\n{\"loss\":1.0,\"split\":\"train\",\"step\":2}\n");
         let csv = std::fs::read_to_string(dir.join("metrics.csv")).map_err(|e| TrainError::io(&dir, e))?;
         assert_eq!(csv, "step,split,loss,lr\n1,train,0.5,\n2,train,1,\n");
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 }

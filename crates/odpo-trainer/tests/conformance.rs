@@ -144,8 +144,7 @@ fn three_odpo_steps(foreach: Option<bool>) {
     }
 
     // PyTorch's weights after the third step, loaded as a model of the same shape.
-    let dir = std::env::temp_dir().join(format!("odpo-conformance-{}-{foreach:?}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::scratch("conformance-after");
     std::fs::copy(model_dir().join("config.json"), dir.join("config.json")).unwrap();
     std::fs::copy(here().join("weights_after.safetensors"), dir.join("model.safetensors")).unwrap();
     let torch_after = CausalLm::load(&dir, &common::test_device()).unwrap().model;
@@ -175,7 +174,6 @@ fn three_odpo_steps(foreach: Option<bool>) {
     // (8.4e-6 and 9.6e-6 with burn tensor operations). A wrong formula misses by a whole step or more.
     assert!(moved > 2.0 * lr as f32, "the steps should move the weights (moved {moved})");
     assert!(worst <= 0.015 * lr as f32, "weights differ from PyTorch's by {worst} after 3 steps");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `grads` of `from`'s parameters registered for `to`'s, parameter by parameter in visiting order.
@@ -233,7 +231,7 @@ fn multi_tensor_adamw_equals_the_per_parameter_update() {
     let mask = Tensor::<2, Int>::ones([2, 12], &device);
     let start = weights(&a.valid());
     let mut resumed_after = None;
-    let run_dir = std::env::temp_dir().join(format!("odpo-multi-tensor-{}", std::process::id()));
+    let run_dir = common::scratch("multi-tensor");
     for step in 0..4 {
         if step == 2 {
             // A checkpoint and a resume in the middle: the multi-tensor side rebuilds its buffers
@@ -257,7 +255,6 @@ fn multi_tensor_adamw_equals_the_per_parameter_update() {
         a = oa.step(lr, a, ga, coef);
         b = ob.step(lr, b, gb, coef);
     }
-    let _ = std::fs::remove_dir_all(&run_dir);
     // On libtorch: steps 2 (before the resume) and 4 (after the rebuild in step 3) on the buffers.
     let libtorch = format!("{device:?}").contains("LibTorch");
     let on_buffers = (resumed_after.unwrap_or(0), oa.multi_tensor_steps());

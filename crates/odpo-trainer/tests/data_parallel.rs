@@ -44,7 +44,7 @@ fn run(dir: &std::path::Path, name: &str, devices: &[Device]) -> std::path::Path
 fn two_devices_equal_one_with_the_same_global_batch() {
     let (devices, which) = dp_devices();
     println!("data-parallel devices: {which}");
-    let dir = temp_dir("data-parallel");
+    let dir = scratch("data-parallel");
     let one = run(&dir, "one", &devices[..1]);
     let two = run(&dir, "two", &devices);
 
@@ -82,7 +82,7 @@ fn two_devices_equal_one_with_the_same_global_batch() {
 
 #[test]
 fn a_batch_that_does_not_split_evenly_is_refused() {
-    let dir = temp_dir("data-parallel-split");
+    let dir = scratch("data-parallel-split");
     let model = tiny_model(&dir);
     let cfg = config(&model, &dir.join("run"), "", &["train.batch_size=6", "train.micro_batch_size=2", "train.max_steps=1"]);
     let devices = [test_device(), test_device()];

@@ -35,7 +35,7 @@ fn truncate(path: &Path) {
 
 #[test]
 fn damaged_checkpoints_are_passed_over_for_the_newest_intact_one() {
-    let dir = temp_dir("damaged-checkpoints");
+    let dir = scratch("damaged-checkpoints");
     let model = tiny_model(&dir);
     let straight = dir.join("straight");
     odpo_trainer::train_on(&cfg(&model, &straight, &[]), data(64, 8), &device(), false, None).unwrap();
@@ -72,7 +72,7 @@ fn damaged_checkpoints_are_passed_over_for_the_newest_intact_one() {
 
 #[test]
 fn no_intact_checkpoint_is_an_error_listing_what_was_tried() {
-    let dir = temp_dir("no-intact-checkpoint");
+    let dir = scratch("no-intact-checkpoint");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     odpo_trainer::train_on(&cfg(&model, &run, &["train.max_steps=14", "train.keep_checkpoints=2"]), data(64, 8), &device(), false, None).unwrap();
@@ -86,7 +86,7 @@ fn no_intact_checkpoint_is_an_error_listing_what_was_tried() {
 
 #[test]
 fn a_damaged_reference_cache_is_recomputed() {
-    let dir = temp_dir("damaged-refcache");
+    let dir = scratch("damaged-refcache");
     let model = tiny_model(&dir);
     let cached = ["train.reference=\"cached\"", "train.max_steps=7"];
     let first = dir.join("first");
@@ -111,7 +111,7 @@ fn a_damaged_reference_cache_is_recomputed() {
 #[test]
 fn concurrent_cache_writers_leave_a_whole_file() {
     use odpo_trainer::refcache::RefCache;
-    let dir = temp_dir("concurrent-refcache");
+    let dir = scratch("concurrent-refcache");
     let rows: Vec<(usize, f32, f32)> = (0..2000).map(|i| (i, -(i as f32) * 0.37, -(i as f32) * 1.13)).collect();
     let cache = RefCache::new("shared-key".into(), rows.clone());
     let done = std::sync::atomic::AtomicBool::new(false);
@@ -161,7 +161,7 @@ fn lock_child() {
 
 #[test]
 fn a_second_run_on_a_live_folder_is_refused() {
-    let dir = temp_dir("busy-folder");
+    let dir = scratch("busy-folder");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     std::fs::create_dir_all(&run).unwrap();
@@ -177,7 +177,7 @@ fn a_second_run_on_a_live_folder_is_refused() {
 
 #[test]
 fn a_killed_holder_leaves_no_stale_lock() {
-    let dir = temp_dir("stale-lock");
+    let dir = scratch("stale-lock");
     let run = dir.join("run");
     std::fs::create_dir_all(&run).unwrap();
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -230,7 +230,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_disk_stops_the_run_with_the_path_and_keeps_the_last_checkpoint() {
-    let dir = temp_dir("full-disk");
+    let dir = scratch("full-disk");
     let model = tiny_model(&dir);
     let straight = dir.join("straight");
     let sets = ["train.keep_checkpoints=1", "train.max_steps=14"];

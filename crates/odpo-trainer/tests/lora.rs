@@ -21,7 +21,7 @@ const LORA: &str = "[lora]\nrank = 4\nalpha = 8.0\ndropout = 0.1\ntargets = [\"c
 #[test]
 fn lora_odpo_learns_and_its_adapters_equal_the_merged_export() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = temp_dir("lora-learns");
+    let dir = scratch("lora-learns");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     let sets = ["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=120", "train.log_every=20", "eval.every=0", "optim.lr=1e-2"];
@@ -68,7 +68,7 @@ fn lora_odpo_learns_and_its_adapters_equal_the_merged_export() {
 #[test]
 fn lora_over_a_quantized_base_learns_and_resumes() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = temp_dir("lora-quantized");
+    let dir = scratch("lora-quantized");
     let model = tiny_model(&dir);
     let lora = format!("{LORA}quantized_base = true\n");
     let run = dir.join("run");
@@ -113,7 +113,7 @@ fn base_logits(config: &ModelConfig, seed: u64, ids: Tensor<2, Int>, mask: &Tens
 #[test]
 fn resumed_lora_run_with_dropout_matches_the_uninterrupted_one() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = temp_dir("lora-resume");
+    let dir = scratch("lora-resume");
     let model = tiny_model(&dir);
     let sets = ["train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=2", "eval.every=0", "eval.at_start=false"];
     let whole = dir.join("whole");
@@ -136,7 +136,7 @@ fn resumed_lora_run_with_dropout_matches_the_uninterrupted_one() {
 #[test]
 fn lora_sft_lowers_the_nll_and_leaves_the_base_weights_alone() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = temp_dir("lora-sft");
+    let dir = scratch("lora-sft");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     let cfg = as_sft(config(&model, &run, LORA, &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=100", "eval.every=0", "optim.lr=3e-2"]));

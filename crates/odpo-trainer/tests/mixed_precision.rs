@@ -25,7 +25,7 @@ fn losses(run: &std::path::Path) -> Vec<f64> {
 
 #[test]
 fn half_precision_runs_follow_the_f32_run() {
-    let dir = temp_dir("mixed-precision");
+    let dir = scratch("mixed-precision");
     let full = run(&dir, "f32").expect("f32 run");
     let (l32, w32) = (losses(&full), exported_floats(&full));
     let init = {

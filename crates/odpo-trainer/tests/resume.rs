@@ -77,7 +77,7 @@ fn run_and_kill(model: &Path, run: &Path, after: usize) -> bool {
 
 #[test]
 fn killed_and_resumed_run_matches_an_uninterrupted_one_bitwise() {
-    let dir = temp_dir("kill-resume");
+    let dir = scratch("kill-resume");
     let model = tiny_model(&dir);
 
     let straight = dir.join("straight");
@@ -145,7 +145,7 @@ fn send(signals: &str, pid: u32) {
 
 #[test]
 fn sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_the_resumed_run_matches_bitwise() {
-    let dir = temp_dir("sigterm-resume");
+    let dir = scratch("sigterm-resume");
     let model = tiny_model(&dir);
     let straight = dir.join("straight");
     odpo_trainer::train_on(&signal_cfg(&model, &straight), data(96, 16), &device(), false, None).expect("uninterrupted run");
@@ -170,7 +170,7 @@ fn sigterm_stops_at_a_step_boundary_with_a_checkpoint_and_the_resumed_run_matche
 
 #[test]
 fn a_second_signal_ends_the_run_at_once() {
-    let dir = temp_dir("second-signal");
+    let dir = scratch("second-signal");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     let mut child = start_signal_child(&model, &run, 5);

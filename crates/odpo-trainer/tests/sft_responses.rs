@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{temp_dir, tiny_model};
+use common::{scratch, tiny_model};
 use odpo_model::tokenizer::Tokenizer;
 use odpo_trainer::RunData;
 
@@ -48,7 +48,7 @@ fn run_config(model: &Path, run: &Path, data: &str, train: &str) -> Result<odpo_
 
 #[test]
 fn every_response_becomes_an_sft_sequence() {
-    let dir = temp_dir("sft-responses");
+    let dir = scratch("sft-responses");
     let data_path = scored_file(&dir);
     let model = tiny_model(&dir);
     let data = format!("path = \"{}\"\nformat = \"scored-jsonl\"\nseparator = \" \"\neval_fraction = 0.34", data_path.display());
@@ -77,7 +77,7 @@ fn every_response_becomes_an_sft_sequence() {
 
 #[test]
 fn responses_need_the_sft_stage_and_a_scored_format() {
-    let dir = temp_dir("sft-responses-config");
+    let dir = scratch("sft-responses-config");
     let model = tiny_model(&dir);
     let scored = "path = \"x.jsonl\"\nformat = \"scored-jsonl\"";
     let msg = run_config(&model, &dir, scored, "sft_on = \"responses\"").unwrap_err().to_string();

@@ -16,7 +16,7 @@ fn f(v: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn odpo_lowers_the_loss_and_raises_heldout_accuracy() {
-    let dir = temp_dir("odpo-learns");
+    let dir = scratch("odpo-learns");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     let cfg = config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=200", "train.log_every=20", "eval.every=100"]);
@@ -44,7 +44,7 @@ fn odpo_lowers_the_loss_and_raises_heldout_accuracy() {
 
 #[test]
 fn accumulation_averages_like_one_big_batch() {
-    let dir = temp_dir("accumulation");
+    let dir = scratch("accumulation");
     let model = tiny_model(&dir);
     let mut weights = Vec::new();
     for micro in [8, 2, 1] {
@@ -69,7 +69,7 @@ fn accumulation_averages_like_one_big_batch() {
 
 #[test]
 fn cached_reference_gives_the_frozen_losses() {
-    let dir = temp_dir("refcache");
+    let dir = scratch("refcache");
     let model = tiny_model(&dir);
     let mut losses = Vec::new();
     for (i, mode) in ["frozen", "cached", "cached"].into_iter().enumerate() {
@@ -90,7 +90,7 @@ fn cached_reference_gives_the_frozen_losses() {
 
 #[test]
 fn both_row_layouts_train_alike_and_auto_takes_the_shared_prompt_on_the_cpu() {
-    let dir = temp_dir("layouts");
+    let dir = scratch("layouts");
     let model = tiny_model(&dir);
     let mut losses = Vec::new();
     for layout in ["auto", "shared-prompt", "concatenated"] {
@@ -114,7 +114,7 @@ fn both_row_layouts_train_alike_and_auto_takes_the_shared_prompt_on_the_cpu() {
 
 #[test]
 fn sft_lowers_the_nll() {
-    let dir = temp_dir("sft");
+    let dir = scratch("sft");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     let cfg = as_sft(config(&model, &run, "", &["train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=60", "eval.every=0"]));
@@ -126,7 +126,7 @@ fn sft_lowers_the_nll() {
 
 #[test]
 fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
-    let dir = temp_dir("nan");
+    let dir = scratch("nan");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     let cfg = config(&model, &run, "", &["train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=8", "train.checkpoint_every=1", "eval.at_start=false"]);
@@ -146,7 +146,7 @@ fn nan_stops_the_run_and_keeps_the_last_good_checkpoint() {
 
 #[test]
 fn a_run_folder_with_checkpoints_needs_resume() {
-    let dir = temp_dir("needs-resume");
+    let dir = scratch("needs-resume");
     let model = tiny_model(&dir);
     let run = dir.join("run");
     let cfg = config(&model, &run, "", &["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=2", "eval.at_start=false", "output.export=false"]);
@@ -177,7 +177,7 @@ fn every_config_in_configs_parses_and_validates() {
 /// steps, before its budget is spent; with the guard off it runs to the end.
 #[test]
 fn a_run_that_learns_nothing_stops_with_an_error() {
-    let dir = temp_dir("not-learning");
+    let dir = scratch("not-learning");
     let model = tiny_model(&dir);
     let mut d = data(64, 0);
     for p in &mut d.train {
@@ -206,7 +206,7 @@ fn data_against_training(train: usize, eval: usize) -> odpo_trainer::RunData {
 /// export; `restore_best = false` ends with the last model instead.
 #[test]
 fn early_stopping_stops_after_patience_and_ends_with_the_best_model() {
-    let dir = temp_dir("early-stop");
+    let dir = scratch("early-stop");
     let model = tiny_model(&dir);
     let sets = [
         "train.batch_size=4",
@@ -279,7 +279,7 @@ fn early_stopping_stops_after_patience_and_ends_with_the_best_model() {
 /// An early-stopping metric the evaluation does not report is an error that names the setting.
 #[test]
 fn an_unknown_early_stopping_metric_is_named() {
-    let dir = temp_dir("early-stop-metric");
+    let dir = scratch("early-stop-metric");
     let model = tiny_model(&dir);
     let cfg = config(&model, &dir.join("run"), "", &["train.max_steps=4", "eval.every=2", "eval.early_stopping.metric=\"accuracy\""]);
     let e = odpo_trainer::train_on(&cfg, data(16, 4), &device(), false, None).unwrap_err().to_string();

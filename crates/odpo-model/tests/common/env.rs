@@ -1,9 +1,10 @@
 //! The settings every test suite reads from the environment: where the checkout is (`ODPO_REPO`),
 //! where the shared material is (`ODPO_SHARED`, and `ODPO_REQUIRE_SHARED=1` in CI), and which device
-//! to run on (`ODPO_TEST_DEVICE`). One file, included by each crate's test helpers.
+//! to run on (`ODPO_TEST_DEVICE`), and where scratch files go (`TMPDIR`, [`scratch`]). One file,
+//! included by each crate's test helpers.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 
@@ -46,4 +47,35 @@ fn found_or_skip(path: PathBuf, what: &str) -> Option<PathBuf> {
     }
     eprintln!("skipping: {what} not found at {}", path.display());
     None
+}
+
+/// A fresh folder for one test's files under the system's temporary folder (`TMPDIR`), named
+/// `odpo-<name>-<random>` and removed with everything in it when the guard drops, whether the test
+/// passes or panics. `ODPO_KEEP_TEST_DIRS=1` keeps it to look at afterwards (its path is printed).
+pub fn scratch(name: &str) -> Scratch {
+    let mut dir = tempfile::Builder::new()
+        .prefix(&format!("odpo-{name}-"))
+        .tempdir()
+        .unwrap_or_else(|e| panic!("creating a scratch folder in {}: {e}", std::env::temp_dir().display()));
+    if std::env::var("ODPO_KEEP_TEST_DIRS").as_deref() == Ok("1") {
+        dir.disable_cleanup(true);
+        eprintln!("keeping {}", dir.path().display());
+    }
+    Scratch(dir)
+}
+
+/// A scratch folder ([`scratch`]); it derefs to its path.
+pub struct Scratch(tempfile::TempDir);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        self.0.path()
+    }
 }

@@ -17,14 +17,6 @@ pub use env::*;
 
 pub const VOCAB: u32 = 64;
 
-/// A fresh folder under the target dir's tmp (removed first).
-pub fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("odpo-trainer-tests/{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create temp dir");
-    dir
-}
-
 /// Writes a tiny GPT-2 `config.json` into `dir`.
 pub fn tiny_model(dir: &Path) -> PathBuf {
     let cfg = serde_json::json!({
