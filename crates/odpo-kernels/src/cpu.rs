@@ -251,8 +251,13 @@ pub(crate) mod flex {
         /// The matrix `[b, h]` as the gemm crate takes it: its first element and its column and
         /// row strides.
         pub(crate) fn matrix(&self, b: usize, h: usize) -> (*const T, isize, isize) {
-            // In bounds: `new` checked the last element this view reaches.
-            (self.data[self.at(b, h, 0)..].as_ptr(), self.strides[3] as isize, self.strides[2] as isize)
+            self.rows_from(b, h, 0)
+        }
+
+        /// The matrix `[b, h]` from its row `i` on, as [`View::matrix`] gives it.
+        pub(crate) fn rows_from(&self, b: usize, h: usize, i: usize) -> (*const T, isize, isize) {
+            // In bounds for a row of the view: `new` checked the last element it reaches.
+            (self.data[self.at(b, h, i)..].as_ptr(), self.strides[3] as isize, self.strides[2] as isize)
         }
 
         /// The same matrix transposed.

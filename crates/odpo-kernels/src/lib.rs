@@ -3,7 +3,8 @@
 //! backward pass, as a burn backend extension), the product with a frozen quantised weight whose
 //! backward pass keeps the weight quantised ([`dequantized_matmul`]), attention whose backward pass
 //! recomputes its weights instead of keeping them ([`masked_attention`]; on flex one loop over the
-//! heads split over the CPU's threads), the rotary position
+//! heads split over the CPU's threads, over blocks of query rows that skip the keys a causal mask
+//! hides), the rotary position
 //! embedding, RMSNorm and the SwiGLU gate each as one recorded operation ([`rotary`], [`rms_norm`],
 //! [`swiglu`]; on flex, one loop per pass split over the CPU's threads), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written

@@ -170,7 +170,7 @@ fn three_odpo_steps(foreach: Option<bool>) {
     // Adam divides by √v, so weights whose gradients are near zero turn rounding differences into
     // visible ones; the largest such difference is what this bounds. On CPU backends the
     // log-probabilities come from odpo-kernels' fused loop (log-sum-exp summed in f64, its own
-    // `exp`) rather than PyTorch's f32 `log_softmax`: flex lands at 5.6e-6, libtorch at 1.1e-5
+    // `exp`) rather than PyTorch's f32 `log_softmax`: flex lands at 7.6e-6, libtorch at 1.1e-5
     // (8.4e-6 and 9.6e-6 with burn tensor operations). A wrong formula misses by a whole step or more.
     assert!(moved > 2.0 * lr as f32, "the steps should move the weights (moved {moved})");
     assert!(worst <= 0.015 * lr as f32, "weights differ from PyTorch's by {worst} after 3 steps");
