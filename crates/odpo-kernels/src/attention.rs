@@ -226,51 +226,54 @@ mod flex {
         /// `[B, H, Hkv, Tq, Tk, Dh]`
         sizes: [usize; 6],
         scale: f32,
+        /// The key columns each block of query rows reaches ([`reach`]), `[B, Hm, blocks]`, where
+        /// `Hm` is 1 when the heads read one mask (a stride of 0, as the models build it): then it
+        /// is read once a pass, not once per head and pass.
+        reaches: Vec<usize>,
     }
 
     impl<'a> Inputs<'a> {
         fn new(q: &'a FlexTensor, k: &'a FlexTensor, v: &'a FlexTensor, mask: &'a FlexTensor, scale: f32) -> Option<Self> {
             let sizes = sizes(q, k, v, mask)?;
             let [b, h, h_kv, tq, tk, dh] = sizes;
+            let mask = View::new(mask, mask.bytes(), [b, h, tq, tk])?;
+            let heads = if mask.strides[1] == 0 { 1 } else { h };
+            let blocks = tq.div_ceil(BLOCK);
+            let reaches = (0..b * heads * blocks)
+                .into_par_iter()
+                .map(|n| {
+                    let (bh, block) = (n / blocks, n % blocks);
+                    reach(&mask, tk, bh / heads, bh % heads, block * BLOCK..((block + 1) * BLOCK).min(tq))
+                })
+                .collect();
             Some(Self {
                 q: View::f32(q, [b, h, tq, dh])?,
                 k: View::f32(k, [b, h_kv, tk, dh])?,
                 v: View::f32(v, [b, h_kv, tk, dh])?,
-                mask: View::new(mask, mask.bytes(), [b, h, tq, tk])?,
+                mask,
                 sizes,
                 scale,
+                reaches,
             })
         }
 
-        /// How many leading key columns hold every unmasked entry of query rows `rows` of head
-        /// `h` of sequence `b` (0 when all are masked). Each row is read from its end, and only
-        /// past what earlier rows reach: under a causal mask a row stops at its own position.
-        fn reach(&self, b: usize, h: usize, rows: std::ops::Range<usize>) -> usize {
-            let (tk, m) = (self.sizes[4], &self.mask);
-            let mut reach = 0;
-            for i in rows {
-                let at = m.at(b, h, i);
-                if let Some(j) = (reach..tk).rev().find(|&j| m.data[at + j * m.strides[3]] == 0) {
-                    reach = j + 1;
-                }
-            }
-            reach
+        /// The key columns reached by each block of query rows of head `h` of sequence `b`.
+        fn reach(&self, b: usize, h: usize) -> &[usize] {
+            let blocks = self.sizes[3].div_ceil(BLOCK);
+            let (heads, h) = if self.mask.strides[1] == 0 { (1, 0) } else { (self.sizes[1], h) };
+            &self.reaches[(b * heads + h) * blocks..][..blocks]
         }
 
         /// The weights `P = softmax(scale·Q·Kᵀ, masked)` of query head `h` of sequence `b` into `p`
-        /// (`[Tq, Tk]`, row-major), the softmax in the order of burn's tensor operations (the max, the
-        /// exponentials of the differences, their sum, the quotients). Block by block of [`BLOCK`]
-        /// query rows, only the key columns the block reaches are computed (their count per block
-        /// goes into `reach`); the weights beyond are 0, as the masked ones are.
-        fn weights(&self, b: usize, h: usize, p: &mut [f32], reach: &mut Vec<usize>) {
+        /// (`[Tq, Tk]`, row-major). Block by block of [`BLOCK`] query rows, only the key columns
+        /// the block reaches ([`Inputs::reach`]) are computed; the weights beyond are 0, as the
+        /// masked ones are.
+        fn weights(&self, b: usize, h: usize, p: &mut [f32]) {
             let [_, heads, h_kv, _, tk, dh] = self.sizes;
             let (k, k_cs, k_rs) = self.k.transposed(b, h / (heads / h_kv));
             let m = &self.mask;
-            reach.clear();
-            for (block, p) in p.chunks_mut(BLOCK * tk).enumerate() {
+            for ((block, p), &n) in p.chunks_mut(BLOCK * tk).enumerate().zip(self.reach(b, h)) {
                 let (r0, rows) = (block * BLOCK, p.len() / tk);
-                let n = self.reach(b, h, r0..r0 + rows);
-                reach.push(n);
                 if n > 0 {
                     let (q, q_cs, q_rs) = self.q.rows_from(b, h, r0);
                     // SAFETY: `p` holds this block's `rows × tk` row-major scores, of which the
@@ -284,24 +287,177 @@ mod flex {
                 for (i, row) in p.chunks_exact_mut(tk).enumerate() {
                     let (row, past) = row.split_at_mut(n);
                     past.fill(0.0);
-                    let at = m.at(b, h, r0 + i);
-                    for (j, s) in row.iter_mut().enumerate() {
-                        if m.data[at + j * m.strides[3]] != 0 {
-                            *s = f32::NEG_INFINITY;
-                        }
+                    if n > 0 {
+                        row_loops::softmax(row, &m.data[m.at(b, h, r0 + i)..], m.strides[3]);
                     }
-                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
-                    if max == f32::NEG_INFINITY {
-                        row.fill(0.0);
-                        continue;
+                }
+            }
+        }
+    }
+
+    /// How many leading key columns hold every unmasked entry of query rows `rows` of head `h` of
+    /// sequence `b` (0 when all are masked). Each row is read from its end, and only past what
+    /// earlier rows reach: under a causal mask a row stops at its own position.
+    fn reach(m: &View<'_, u8>, tk: usize, b: usize, h: usize, rows: std::ops::Range<usize>) -> usize {
+        let mut reach = 0;
+        for i in rows {
+            let at = m.at(b, h, i);
+            if let Some(j) = (reach..tk).rev().find(|&j| m.data[at + j * m.strides[3]] == 0) {
+                reach = j + 1;
+            }
+        }
+        reach
+    }
+
+    /// The loops over one row of weights, compiled a second time for AVX2 + FMA and chosen at run
+    /// time, as the log-softmax's are (`crate::softmax`): 8 lanes where the baseline takes 4, and
+    /// the sums in lanes, so that they vectorise at all.
+    mod row_loops {
+        use crate::softmax::{exp, has_avx2, row_max};
+
+        /// Lanes of the sums.
+        const LANES: usize = 16;
+
+        /// `Σ a·b` in [`LANES`] partial sums.
+        #[inline(always)]
+        fn dot(a: &[f32], b: &[f32]) -> f32 {
+            let mut lanes = [0f32; LANES];
+            let (mut xa, mut xb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+            for (x, y) in (&mut xa).zip(&mut xb) {
+                for ((l, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+                    *l += x * y;
+                }
+            }
+            let tail = xa.remainder().iter().zip(xb.remainder()).fold(0f32, |s, (&x, &y)| s + x * y);
+            lanes.iter().sum::<f32>() + tail
+        }
+
+        /// The masked softmax of one row of scores in place: `mask` from the row's first key on,
+        /// `stride` apart (non-zero: masked). A row with every key masked becomes zeros.
+        #[inline(always)]
+        fn softmax_any(row: &mut [f32], mask: &[u8], stride: usize) {
+            if stride == 1 {
+                let mask = &mask[..row.len()];
+                for (s, &m) in row.iter_mut().zip(mask) {
+                    *s = if m != 0 { f32::NEG_INFINITY } else { *s };
+                }
+            } else {
+                for (j, s) in row.iter_mut().enumerate() {
+                    if mask[j * stride] != 0 {
+                        *s = f32::NEG_INFINITY;
                     }
-                    let mut sum = 0f32;
-                    for s in row.iter_mut() {
-                        *s = crate::softmax::exp(*s - max);
-                        sum += *s;
+                }
+            }
+            let max = row_max(row);
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                return;
+            }
+            let mut lanes = [0f32; LANES];
+            let mut blocks = row.chunks_exact_mut(LANES);
+            for block in &mut blocks {
+                for (l, s) in lanes.iter_mut().zip(block) {
+                    *s = exp(*s - max);
+                    *l += *s;
+                }
+            }
+            let mut sum = 0f32;
+            for s in blocks.into_remainder() {
+                *s = exp(*s - max);
+                sum += *s;
+            }
+            let sum = lanes.iter().sum::<f32>() + sum;
+            for s in row.iter_mut() {
+                *s /= sum;
+            }
+        }
+
+        /// The gradient of the scores from that of the weights, in place: `dS = scale·P ⊙ (dP − Σ dP ⊙ P)`.
+        #[inline(always)]
+        fn scores_grad_any(dp: &mut [f32], p: &[f32], scale: f32) {
+            let row = dot(dp, p);
+            for (d, &p) in dp.iter_mut().zip(p) {
+                *d = p * (*d - row) * scale;
+            }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        mod avx2 {
+            #[target_feature(enable = "avx2,fma")]
+            pub(super) fn softmax(row: &mut [f32], mask: &[u8], stride: usize) {
+                super::softmax_any(row, mask, stride);
+            }
+
+            #[target_feature(enable = "avx2,fma")]
+            pub(super) fn scores_grad(dp: &mut [f32], p: &[f32], scale: f32) {
+                super::scores_grad_any(dp, p, scale);
+            }
+        }
+
+        /// [`softmax_any`], on AVX2 + FMA where the CPU has them.
+        #[allow(unsafe_code)]
+        pub(in super::super) fn softmax(row: &mut [f32], mask: &[u8], stride: usize) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { avx2::softmax(row, mask, stride) };
+            }
+            softmax_any(row, mask, stride);
+        }
+
+        /// [`scores_grad_any`], on AVX2 + FMA where the CPU has them.
+        #[allow(unsafe_code)]
+        pub(in super::super) fn scores_grad(dp: &mut [f32], p: &[f32], scale: f32) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { avx2::scores_grad(dp, p, scale) };
+            }
+            scores_grad_any(dp, p, scale);
+        }
+
+        #[cfg(test)]
+        mod tests {
+            /// A row of 37 scores (two blocks of lanes and a tail), every third key masked.
+            fn scores() -> (Vec<f32>, Vec<u8>) {
+                let row = (0..37).map(|j| ((j * 17 % 11) as f32 - 5.0) * 0.7).collect();
+                (row, (0..37).map(|j| u8::from(j % 3 == 1)).collect())
+            }
+
+            /// Both copies of the loops, the mask read in place and `stride` apart, against the
+            /// softmax worked in f64 from its definition; and a row with every key masked.
+            #[test]
+            fn softmax_matches_the_definition() {
+                let (row, mask) = scores();
+                let max = row.iter().zip(&mask).filter(|&(_, &m)| m == 0).fold(f64::NEG_INFINITY, |a, (&s, _)| a.max(f64::from(s)));
+                let sum: f64 = row.iter().zip(&mask).filter(|&(_, &m)| m == 0).map(|(&s, _)| (f64::from(s) - max).exp()).sum();
+                let spread: Vec<u8> = mask.iter().flat_map(|&m| [m, 7, 7]).collect();
+                for (mask, stride) in [(&mask, 1), (&spread, 3)] {
+                    let (mut ours, mut baseline) = (row.clone(), row.clone());
+                    super::softmax(&mut ours, mask, stride);
+                    super::softmax_any(&mut baseline, mask, stride);
+                    for (j, (&a, &b)) in ours.iter().zip(&baseline).enumerate() {
+                        let want = if mask[j * stride] != 0 { 0.0 } else { (f64::from(row[j]) - max).exp() / sum };
+                        assert!((f64::from(a) - want).abs() < 1e-7 && (f64::from(b) - want).abs() < 1e-7, "key {j}: {a}, {b} against {want}");
                     }
-                    for s in row.iter_mut() {
-                        *s /= sum;
+                }
+                let mut all = row.clone();
+                super::softmax(&mut all, &[1; 37], 1);
+                assert!(all.iter().all(|&x| x == 0.0));
+            }
+
+            #[test]
+            fn scores_grad_matches_the_definition() {
+                let (p, _) = scores();
+                let dp: Vec<f32> = (0..37).map(|j| (j as f32 * 0.37).sin()).collect();
+                let row: f64 = dp.iter().zip(&p).map(|(&d, &p)| f64::from(d) * f64::from(p)).sum();
+                let (mut ours, mut baseline) = (dp.clone(), dp.clone());
+                super::scores_grad(&mut ours, &p, 0.5);
+                super::scores_grad_any(&mut baseline, &p, 0.5);
+                for j in 0..37 {
+                    let want = 0.5 * f64::from(p[j]) * (f64::from(dp[j]) - row);
+                    for got in [ours[j], baseline[j]] {
+                        assert!((f64::from(got) - want).abs() < 2e-6, "key {j}: {got} against {want}");
                     }
                 }
             }
@@ -315,10 +471,10 @@ mod flex {
         let mut out = vec![0f32; b * h * tq * dh];
         out.par_chunks_mut(tq * dh).enumerate().for_each(|(bh, out)| {
             let (bi, hi) = (bh / h, bh % h);
-            let (mut p, mut reach) = (vec![0f32; tq * tk], Vec::new());
-            x.weights(bi, hi, &mut p, &mut reach);
+            let mut p = vec![0f32; tq * tk];
+            x.weights(bi, hi, &mut p);
             let (v, v_cs, v_rs) = x.v.matrix(bi, hi / (h / h_kv));
-            for (block, (out, &n)) in out.chunks_mut(BLOCK * dh).zip(&reach).enumerate() {
+            for (block, (out, &n)) in out.chunks_mut(BLOCK * dh).zip(x.reach(bi, hi)).enumerate() {
                 // A block that reaches no key keeps its zeros.
                 if n == 0 {
                     continue;
@@ -348,12 +504,12 @@ mod flex {
         let tasks = dq.par_chunks_mut(group * tq * dh).zip(dk.par_chunks_mut(tk * dh)).zip(dv.par_chunks_mut(tk * dh));
         tasks.enumerate().for_each(|(bg, ((dq, dk), dv))| {
             let (bi, g) = (bg / h_kv, bg % h_kv);
-            let (mut p, mut ds, mut reach) = (vec![0f32; tq * tk], vec![0f32; tq * tk], Vec::new());
+            let (mut p, mut ds) = (vec![0f32; tq * tk], vec![0f32; tq * tk]);
             let ((k, k_cs, k_rs), (vt, vt_cs, vt_rs)) = (x.k.matrix(bi, g), x.v.transposed(bi, g));
             for (j, dq) in dq.chunks_exact_mut(tq * dh).enumerate() {
                 let hi = g * group + j;
-                x.weights(bi, hi, &mut p, &mut reach);
-                for (block, (dq, &n)) in dq.chunks_mut(BLOCK * dh).zip(&reach).enumerate() {
+                x.weights(bi, hi, &mut p);
+                for (block, (dq, &n)) in dq.chunks_mut(BLOCK * dh).zip(x.reach(bi, hi)).enumerate() {
                     // A block that reaches no key has zero weights: it adds nothing to dK and dV,
                     // and its dQ stays zero.
                     if n == 0 {
@@ -376,11 +532,7 @@ mod flex {
                         gemm::gemm(rows, n, dh, ds.as_mut_ptr(), 1, tk as isize, false, dout, do_cs, do_rs, vt, vt_cs, vt_rs, 0.0f32, 1.0f32, false, false, false, gemm::Parallelism::None);
                     }
                     for (dp, p) in ds.chunks_mut(tk).zip(p.chunks(tk)).take(rows) {
-                        let (dp, p) = (&mut dp[..n], &p[..n]);
-                        let row = dp.iter().zip(p).fold(0f32, |sum, (&a, &b)| sum + a * b);
-                        for (dp, &p) in dp.iter_mut().zip(p) {
-                            *dp = p * (*dp - row) * scale;
-                        }
+                        row_loops::scores_grad(&mut dp[..n], &p[..n], scale);
                     }
                     // SAFETY: as above.
                     unsafe {
@@ -696,19 +848,33 @@ mod tests {
         FlexTensor::from_data(TensorData::new(masked, [B, 1, tq, tk]))
     }
 
+    /// A mask of its own for each head, `[B, H, tq, tk]`: causal, and head `h` also hides the
+    /// `H − 1 − h` keys up to a query's own, except the first key, so that each head's rows reach a
+    /// different number of keys, the first head's fewest; the second sequence's second key is padding.
+    fn mask_per_head(tq: usize, tk: usize) -> FlexTensor {
+        let past = tk - tq;
+        let masked: Vec<bool> = (0..B * H * tq * tk)
+            .map(|n| {
+                let (b, h, i, j) = (n / (H * tq * tk), n / (tq * tk) % H, n / tk % tq, n % tk);
+                j > i + past || (j > 0 && j + (H - 1 - h) > i + past) || (b == 1 && j == 1)
+            })
+            .collect();
+        FlexTensor::from_data(TensorData::new(masked, [B, H, tq, tk]))
+    }
+
     /// The flex loops against the tensor-operation bodies (repeated heads, burn-flex's attention and
     /// the recomputing backward), with `q` a transposed view as the models make it, grouped keys
-    /// and values and a mask over one head: within one block of query rows, and over three blocks
-    /// (the last one partial) that each reach a different number of keys.
+    /// and values, and a mask over one head or one for each: within one block of query rows, and
+    /// over three blocks (the last one partial) that each reach a different number of keys.
     #[test]
     fn the_flex_loops_match_the_tensor_operations() {
-        for (tq, tk) in [(5, 9), (2 * flex::BLOCK + 22, 2 * flex::BLOCK + 32)] {
+        for (tq, tk, per_head) in [(5, 9, false), (2 * flex::BLOCK + 22, 2 * flex::BLOCK + 32, false), (2 * flex::BLOCK + 22, 2 * flex::BLOCK + 32, true)] {
             let q = FlexTensor::from_data(TensorData::new(wave(B * tq * H * DH, 1, 2.0), [B, tq, H, DH]));
             let q = Flex::float_swap_dims(q, 1, 2);
             assert!(q.as_slice::<f32>().is_none(), "q is a strided view");
             let [k, v] = [2, 3].map(|seed| FlexTensor::from_data(TensorData::new(wave(B * H_KV * tk * DH, seed, 2.0), [B, H_KV, tk, DH])));
             let dout = FlexTensor::from_data(TensorData::new(wave(B * H * tq * DH, 4, 1.0), [B, H, tq, DH]));
-            let (mask, scale) = (mask(tq, tk), 0.35);
+            let (mask, scale) = (if per_head { mask_per_head(tq, tk) } else { mask(tq, tk) }, 0.35);
 
             let ours = flex::forward(&q, &k, &v, &mask, scale).expect("in reach");
             close("out", &ours, &tensor_ops::<Flex>(q.clone(), k.clone(), v.clone(), mask.clone(), scale));

@@ -38,7 +38,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 /// The largest element (NaN is skipped here, and comes back through the sum of exponentials).
 #[inline(always)]
-fn row_max(row: &[f32]) -> f32 {
+pub(crate) fn row_max(row: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 16];
     let mut blocks = row.chunks_exact(16);
     for b in &mut blocks {
@@ -116,7 +116,7 @@ mod avx2 {
 }
 
 /// Whether the AVX2 + FMA copies of the loops can run here (detected once, then cached by std).
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
