@@ -119,10 +119,14 @@ fn save_then_load_gives_identical_logits() {
         let loaded = CausalLm::load(&dir, &device).unwrap();
         // `ODPO_KEEP_SAVED=DIR` keeps the saved folders for `tests/fixtures/check_saved.py`.
         let keep = std::env::var_os("ODPO_KEEP_SAVED").map(std::path::PathBuf::from);
-        let tmp = scratch(&format!("roundtrip-{case}"));
+        // The scratch folder is bound here, so that it lives until the test has read it back.
+        let tmp;
         let out = match &keep {
             Some(dir) => dir.join(case),
-            None => tmp.to_path_buf(),
+            None => {
+                tmp = scratch(&format!("roundtrip-{case}"));
+                tmp.to_path_buf()
+            }
         };
         loaded.model.save_hf(&loaded.config, &out).unwrap();
         let again = CausalLm::load(&out, &device).unwrap();
