@@ -3,9 +3,11 @@
 //! rotate-half rotary embeddings with `rope_theta` and optional `llama3` frequency scaling,
 //! grouped-query attention, a SwiGLU MLP, optional q/k/v(/o) bias, tied or untied LM head.
 //! One file serves Llama 2/3, Mistral (sequences within its sliding window), Qwen2 (q/k/v
-//! bias, `modeling_qwen2.py`) and SmolLM2, which differ only by configuration.
+//! bias, `modeling_qwen2.py`), Qwen3 (an RMSNorm over each head's queries and keys before the
+//! rotation, `modeling_qwen3.py`) and SmolLM2, which differ only by configuration.
 //!
-//! Tested against transformers on tiny random Llama / Qwen2 models and on SmolLM2-135M-Instruct.
+//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 models and on
+//! SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
@@ -23,7 +25,7 @@ use crate::weights::Weights;
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Vocabulary size.
@@ -170,6 +172,11 @@ impl LlamaConfig {
     fn qkv_bias(&self) -> bool {
         self.attention_bias || self.model_type == "qwen2"
     }
+
+    /// Qwen3's RMSNorm of each head's queries and keys (`q_norm`, `k_norm`, over `head_dim`).
+    fn qk_norm(&self) -> bool {
+        self.model_type == "qwen3"
+    }
 }
 
 #[derive(Module, Debug)]
@@ -178,6 +185,9 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over each query head and key head, before the rotation.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     n_heads: usize,
     n_kv_heads: usize,
     scale: f64,
@@ -198,7 +208,8 @@ struct Layer {
     mlp: Mlp,
 }
 
-/// A Llama-family causal language model (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...).
+/// A Llama-family causal language model (`LlamaForCausalLM`, `Qwen2ForCausalLM`,
+/// `Qwen3ForCausalLM`, ...).
 #[derive(Module, Debug)]
 pub struct Llama {
     embed_tokens: Embedding,
@@ -226,10 +237,18 @@ fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
 }
 
+/// Qwen3's per-head RMSNorm of projected queries or keys `[B, T, heads·Dh]`: the rows of every
+/// head normed over `Dh` (a free reshape to `[B, T·heads, Dh]` and back); `x` itself without a norm.
+fn head_norm(norm: Option<&RmsNorm>, x: Tensor<3>, heads: usize) -> Tensor<3> {
+    let Some(norm) = norm else { return x };
+    let [b, t, d] = x.dims();
+    rms_norm(norm, x.reshape([b, t * heads, d / heads])).reshape([b, t, d])
+}
+
 impl Attention {
     fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let q = split_heads(self.q_proj.forward(x.clone()), self.n_heads);
-        let k = split_heads(self.k_proj.forward(x.clone()), self.n_kv_heads);
+        let q = split_heads(head_norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), self.n_heads), self.n_heads);
+        let k = split_heads(head_norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), self.n_kv_heads), self.n_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
         let (q, k) = (rotary(q, cos, sin), rotary(k, cos, sin));
         let (k, v) = match cache {
@@ -270,6 +289,8 @@ impl Llama {
                     k_proj: names::linear(d, nkv * hd, qkv_bias, device),
                     v_proj: names::linear(d, nkv * hd, qkv_bias, device),
                     o_proj: names::linear(nh * hd, d, cfg.attention_bias, device),
+                    q_norm: cfg.qk_norm().then(|| names::rms_norm(hd, eps, device)),
+                    k_norm: cfg.qk_norm().then(|| names::rms_norm(hd, eps, device)),
                     n_heads: nh,
                     n_kv_heads: nkv,
                     scale: 1.0 / (hd as f64).sqrt(),
@@ -303,6 +324,12 @@ impl Llama {
             t.push((format!("{p}.self_attn.k_proj"), Slot::Linear(&mut l.self_attn.k_proj)));
             t.push((format!("{p}.self_attn.v_proj"), Slot::Linear(&mut l.self_attn.v_proj)));
             t.push((format!("{p}.self_attn.o_proj"), Slot::Linear(&mut l.self_attn.o_proj)));
+            if let Some(n) = &mut l.self_attn.q_norm {
+                t.push((format!("{p}.self_attn.q_norm"), Slot::RmsNorm(n)));
+            }
+            if let Some(n) = &mut l.self_attn.k_norm {
+                t.push((format!("{p}.self_attn.k_norm"), Slot::RmsNorm(n)));
+            }
             t.push((format!("{p}.post_attention_layernorm"), Slot::RmsNorm(&mut l.post_attention_layernorm)));
             t.push((format!("{p}.mlp.gate_proj"), Slot::Linear(&mut l.mlp.gate_proj)));
             t.push((format!("{p}.mlp.up_proj"), Slot::Linear(&mut l.mlp.up_proj)));

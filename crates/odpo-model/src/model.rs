@@ -21,7 +21,7 @@ use crate::weights::{Weights, write_atomic};
 pub enum ModelConfig {
     /// GPT-2.
     Gpt2(Gpt2Config),
-    /// Llama, Mistral, Qwen2, SmolLM2.
+    /// Llama, Mistral, Qwen2, Qwen3, SmolLM2.
     Llama(LlamaConfig),
     /// GPT-Neo.
     GptNeo(GptNeoConfig),
@@ -46,10 +46,14 @@ impl ModelConfig {
             "GPT2LMHeadModel" | "GPT2Model" | "gpt2" => {
                 Ok(Self::Gpt2(serde_path_to_error::deserialize(value.clone()).map_err(parse)?))
             }
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral" | "qwen2" => {
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" => {
                 let mut cfg: LlamaConfig = serde_path_to_error::deserialize(value.clone()).map_err(parse)?;
+                // The architecture decides what the weights hold (Qwen2's q/k/v biases, Qwen3's
+                // head norms), whatever `model_type` says.
                 if arch.starts_with("Qwen2") {
                     cfg.model_type = "qwen2".into();
+                } else if arch.starts_with("Qwen3") {
+                    cfg.model_type = "qwen3".into();
                 }
                 Ok(Self::Llama(cfg))
             }
@@ -107,6 +111,7 @@ impl ModelConfig {
             Self::Llama(c) => {
                 let arch = match c.model_type.as_str() {
                     "qwen2" => "Qwen2ForCausalLM",
+                    "qwen3" => "Qwen3ForCausalLM",
                     "mistral" => "MistralForCausalLM",
                     _ => "LlamaForCausalLM",
                 };

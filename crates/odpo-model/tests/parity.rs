@@ -17,6 +17,7 @@ const CASES: &[&str] = &[
     "llama3_rope",
     "qwen2_bias",
     "llama_sharded",
+    "qwen3_qk_norm",
     "gpt_neo_local",
     "gptj",
     "gpt_neox_parallel",
@@ -139,6 +140,22 @@ fn save_then_load_gives_identical_logits() {
             let b = to_vec(again.model.forward(ids, &mask, None));
             assert_eq!(a, b, "{case} {prefix}: logits changed after save + load");
         }
+    }
+}
+
+/// The Qwen3 fixture written as a GGUF file (`fixtures/gguf/tiny_qwen3.gguf`, by
+/// `make_gguf_fixtures.py`) and loaded from it gives transformers' logits.
+#[test]
+fn qwen3_from_gguf_matches_transformers() {
+    let device = test_device();
+    let dir = fixture("qwen3_qk_norm");
+    let exp = read_safetensors(&dir.join("expected.safetensors"));
+    let loaded = CausalLm::load(&fixture("gguf/tiny_qwen3.gguf"), &device).unwrap();
+    assert_eq!(loaded.config.to_hf_json()["architectures"][0], "Qwen3ForCausalLM");
+    for prefix in ["", "left_"] {
+        let diff = max_diff_logits(&loaded.model, &exp, prefix, &device);
+        println!("qwen3 from GGUF, {prefix}padded: max |diff| {diff:.2e}");
+        assert!(diff < 1e-4, "qwen3 from GGUF, {prefix}padded: logits differ by {diff}");
     }
 }
 

@@ -1,5 +1,8 @@
-//! A llama-architecture GGUF file as an HF `config.json` value and weights under HF names and layouts
-//! (llama.cpp's tensor names mapped to HF's, its Q/K row permutation undone).
+//! A GGUF file of the Llama family (`llama`, which Mistral's files declare too, `qwen2`, `qwen3`)
+//! as an HF `config.json` value and weights under HF names and layouts: llama.cpp's tensor names
+//! mapped to HF's, and for `llama` its Q/K row permutation undone. llama.cpp's converter permutes
+//! those rows only for the `llama` architecture, whose rotation it computes on adjacent pairs; for
+//! Qwen2 and Qwen3 it rotates halves as HF does and stores the rows as they are.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -7,7 +10,11 @@ use std::path::Path;
 use super::{GgufError, GgufFile, GgufValue, HostTensor, meta_err, tensor_err};
 use crate::quantized::QuantBlocks;
 
-/// The HF name of a llama.cpp llama tensor, or `None` if it has none.
+/// The architectures read, as `general.architecture` names them, with the HF architecture each
+/// becomes.
+const ARCHITECTURES: [(&str, &str); 3] = [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")];
+
+/// The HF name of a llama.cpp tensor of the Llama family, or `None` if it has none.
 pub(super) fn hf_name(gguf: &str) -> Option<String> {
     let (base, suffix) = gguf.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
@@ -30,6 +37,8 @@ pub(super) fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "ffn_norm" => "post_attention_layernorm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
@@ -78,9 +87,9 @@ fn unpermuted_source(dst: usize, half: usize) -> usize {
     head * 2 * half + 2 * (r % half) + r / half
 }
 
-/// Everything the model loader needs from a llama-architecture GGUF: an HF-style config.json
-/// value and the weights under HF names, in HF layout (`[out, in]` matrices, Q/K rows in HF
-/// order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
+/// Everything the model loader needs from a GGUF of the Llama family (`llama`, `qwen2`, `qwen3`):
+/// an HF-style config.json value and the weights under HF names, in HF layout (`[out, in]`
+/// matrices, Q/K rows in HF order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
 /// `rope_freqs.weight`, whose RoPE scaling the HF config could not express) is an error rather
 /// than silently dropped. RoPE scaling metadata, if present, becomes `rope_scaling`.
 pub fn load_llama_as_hf(
@@ -99,12 +108,12 @@ pub fn load_llama_blocks_as_hf(
     let arch_key = "general.architecture";
     let arch = f.meta(arch_key, "a string", |v| v.as_str().map(str::to_string))?;
     let arch = f.required(arch_key, arch)?;
-    if arch != "llama" {
-        return Err(GgufError::Architecture {
-            path: path.into(),
-            arch,
-        });
-    }
+    let Some(&(_, hf_arch)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
+        return Err(GgufError::Architecture { path: path.into(), arch });
+    };
+    // Metadata keys begin with the architecture's name (`qwen3.block_count`).
+    let key = |k: &str| format!("{arch}.{k}");
+    let permuted = arch == "llama";
     let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
     let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
     let need_uint = |key: &str| f.required(key, uint(key)?);
@@ -113,22 +122,22 @@ pub fn load_llama_blocks_as_hf(
         v => Ok(v),
     };
 
-    let hidden = positive("llama.embedding_length")?;
-    let heads = positive("llama.attention.head_count")?;
-    let kv_heads = uint("llama.attention.head_count_kv")?.unwrap_or(heads);
-    let eps_key = "llama.attention.layer_norm_rms_epsilon";
-    let head_dim = uint("llama.attention.key_length")?.unwrap_or(hidden / heads);
+    let hidden = positive(&key("embedding_length"))?;
+    let heads = positive(&key("attention.head_count"))?;
+    let kv_heads = uint(&key("attention.head_count_kv"))?.unwrap_or(heads);
+    let eps_key = key("attention.layer_norm_rms_epsilon");
+    let head_dim = uint(&key("attention.key_length"))?.unwrap_or(hidden / heads);
 
     let mut weights = BTreeMap::new();
     let mut blocks = BTreeMap::new();
     for info in f.tensor_infos() {
         let name = info.name.as_str();
         let hf = hf_name(name)
-            .ok_or_else(|| tensor_err(path, name, "has no Hugging Face llama equivalent"))?;
+            .ok_or_else(|| tensor_err(path, name, format!("has no Hugging Face {hf_arch} equivalent")))?;
         let projection = hf.ends_with("_proj.weight");
         if keep_blocks && projection && let Some(mut b) = f.blocks(name)? {
             for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
-                if hf.contains(part) {
+                if permuted && hf.contains(part) {
                     let half = unpermute_half(path, name, b.shape[0], h as usize)?;
                     b.permute_rows(|dst| unpermuted_source(dst, half));
                 }
@@ -137,9 +146,9 @@ pub fn load_llama_blocks_as_hf(
             continue;
         }
         let mut t = f.dequantize(name)?;
-        if hf.contains(".self_attn.q_proj.") {
+        if permuted && hf.contains(".self_attn.q_proj.") {
             unpermute_rows(path, name, &mut t, heads as usize)?;
-        } else if hf.contains(".self_attn.k_proj.") {
+        } else if permuted && hf.contains(".self_attn.k_proj.") {
             unpermute_rows(path, name, &mut t, kv_heads as usize)?;
         }
         weights.insert(hf, t);
@@ -150,21 +159,23 @@ pub fn load_llama_blocks_as_hf(
     };
 
     let mut config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [hf_arch],
+        "model_type": arch,
         "hidden_act": "silu",
         "hidden_size": hidden,
-        "intermediate_size": need_uint("llama.feed_forward_length")?,
-        "num_hidden_layers": need_uint("llama.block_count")?,
+        "intermediate_size": need_uint(&key("feed_forward_length"))?,
+        "num_hidden_layers": need_uint(&key("block_count"))?,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": f.required(eps_key, float(eps_key)?)?,
-        "rope_theta": float("llama.rope.freq_base")?.unwrap_or(10000.0),
-        "max_position_embeddings": need_uint("llama.context_length")?,
+        "rms_norm_eps": f.required(&eps_key, float(&eps_key)?)?,
+        "rope_theta": float(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        "max_position_embeddings": need_uint(&key("context_length"))?,
         "vocab_size": vocab,
         "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
-        "attention_bias": weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
+        // Qwen2's q/k/v biases come with its architecture (its o_proj has none); elsewhere the
+        // option covers all four projections.
+        "attention_bias": arch != "qwen2" && weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
         "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
     });
     for (key, hf_key) in [
@@ -176,15 +187,15 @@ pub fn load_llama_blocks_as_hf(
             config[hf_key] = id.into();
         }
     }
-    let scaling = f.meta("llama.rope.scaling.type", "a string", |v| {
+    let scaling = f.meta(&key("rope.scaling.type"), "a string", |v| {
         v.as_str().map(str::to_string)
     })?;
     if let Some(kind) = scaling.filter(|k| k != "none") {
         let mut s = serde_json::json!({ "rope_type": kind });
-        if let Some(factor) = float("llama.rope.scaling.factor")? {
+        if let Some(factor) = float(&key("rope.scaling.factor"))? {
             s["factor"] = factor.into();
         }
-        if let Some(orig) = uint("llama.rope.scaling.original_context_length")? {
+        if let Some(orig) = uint(&key("rope.scaling.original_context_length"))? {
             s["original_max_position_embeddings"] = orig.into();
         }
         config["rope_scaling"] = s;

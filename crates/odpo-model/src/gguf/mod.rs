@@ -1,6 +1,6 @@
 //! llama.cpp's GGUF files (versions 2 and 3, little-endian). This file reads them: header, metadata,
 //! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
-//! Q8_0, Q4_0, Q4_1); [`load_llama_as_hf`] (`llama`) turns a llama-architecture file into an HF
+//! Q8_0, Q4_0, Q4_1); [`load_llama_as_hf`] (`llama`, `qwen2`, `qwen3`) turns a file of the Llama family into an HF
 //! `config.json` value and weights under HF names and layouts.
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
@@ -103,8 +103,8 @@ pub enum GgufError {
         /// What is wrong, e.g. `unknown quantisation type 99`.
         msg: String,
     },
-    /// `general.architecture` is not `llama`.
-    #[error("{}: architecture `{arch}` is not supported (expected `llama`)", .path.display())]
+    /// `general.architecture` is not one of the Llama family's.
+    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2` or `qwen3`)", .path.display())]
     Architecture {
         /// The file.
         path: PathBuf,
