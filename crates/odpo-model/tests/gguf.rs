@@ -119,25 +119,32 @@ fn tiny_llama_unpermutes_to_the_hf_weights() {
     }
 }
 
-/// A Qwen3 file as llama.cpp's converter writes it (architecture `qwen3`, Q/K rows as they are, the
-/// per-head norms as `attn_q_norm` / `attn_k_norm`) gives back the transformers fixture it was made
-/// from: every tensor to the bit, and the config's keys that shape the model.
+/// Qwen2 and Qwen3 files as llama.cpp's converter writes them (architectures `qwen2` and `qwen3`,
+/// Q/K rows as they are, Qwen2's q/k/v biases, Qwen3's per-head norms as `attn_q_norm` /
+/// `attn_k_norm`) give back the transformers fixtures they were made from: every tensor to the
+/// bit, and the config's keys that shape the model.
 #[test]
-fn tiny_qwen3_reads_back_as_its_hf_checkpoint() {
-    let (config, weights) = load_llama_as_hf(&fixture("tiny_qwen3.gguf")).unwrap();
-    let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen3_qk_norm");
-    let expected = read_safetensors(&hf.join("model.safetensors"));
-    assert_eq!(weights.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
-    assert!(weights.contains_key("model.layers.1.self_attn.k_norm.weight"));
-    for (name, (shape, want)) in &expected {
-        assert_bitwise(name, &weights[name], shape, want);
+fn tiny_qwen_files_read_back_as_their_hf_checkpoints() {
+    for (file, case, extra) in [("tiny_qwen2.gguf", "qwen2_bias", "model.layers.1.self_attn.k_proj.bias"), ("tiny_qwen3.gguf", "qwen3_qk_norm", "model.layers.1.self_attn.k_norm.weight")] {
+        let (config, weights) = load_llama_as_hf(&fixture(file)).unwrap();
+        let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case);
+        let expected = read_safetensors(&hf.join("model.safetensors"));
+        assert_eq!(weights.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{file}");
+        assert!(weights.contains_key(extra), "{file}: {extra}");
+        for (name, (shape, want)) in &expected {
+            assert_bitwise(name, &weights[name], shape, want);
+        }
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+        for key in ["architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "vocab_size", "max_position_embeddings"] {
+            assert_eq!(config[key], want[key], "{file}: config `{key}`");
+        }
+        // Qwen2's biases come with its architecture: `attention_bias` (all four projections) stays off.
+        assert_eq!(config["attention_bias"], false, "{file}");
+        let head_dim = want.get("head_dim").cloned().unwrap_or_else(|| (want["hidden_size"].as_u64().unwrap() / want["num_attention_heads"].as_u64().unwrap()).into());
+        assert_eq!(config["head_dim"], head_dim, "{file}");
+        assert_eq!(config["rope_theta"], want["rope_parameters"]["rope_theta"], "{file}");
+        assert_eq!(config["rms_norm_eps"].as_f64().map(|e| e as f32), want["rms_norm_eps"].as_f64().map(|e| e as f32), "{file}");
     }
-    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
-    for key in ["architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias", "vocab_size", "max_position_embeddings"] {
-        assert_eq!(config[key], want[key], "config `{key}`");
-    }
-    assert_eq!(config["rope_theta"], want["rope_parameters"]["rope_theta"]);
-    assert_eq!(config["rms_norm_eps"].as_f64().map(|e| e as f32), want["rms_norm_eps"].as_f64().map(|e| e as f32));
 }
 
 /// Opens `path` and dequantises every tensor; the first error, if any.

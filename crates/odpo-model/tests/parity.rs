@@ -143,19 +143,20 @@ fn save_then_load_gives_identical_logits() {
     }
 }
 
-/// The Qwen3 fixture written as a GGUF file (`fixtures/gguf/tiny_qwen3.gguf`, by
-/// `make_gguf_fixtures.py`) and loaded from it gives transformers' logits.
+/// The Qwen2 and Qwen3 fixtures written as GGUF files (`fixtures/gguf/tiny_qwen2.gguf`,
+/// `tiny_qwen3.gguf`, by `make_gguf_fixtures.py`) and loaded from them give transformers' logits.
 #[test]
-fn qwen3_from_gguf_matches_transformers() {
+fn qwen_from_gguf_matches_transformers() {
     let device = test_device();
-    let dir = fixture("qwen3_qk_norm");
-    let exp = read_safetensors(&dir.join("expected.safetensors"));
-    let loaded = CausalLm::load(&fixture("gguf/tiny_qwen3.gguf"), &device).unwrap();
-    assert_eq!(loaded.config.to_hf_json()["architectures"][0], "Qwen3ForCausalLM");
-    for prefix in ["", "left_"] {
-        let diff = max_diff_logits(&loaded.model, &exp, prefix, &device);
-        println!("qwen3 from GGUF, {prefix}padded: max |diff| {diff:.2e}");
-        assert!(diff < 1e-4, "qwen3 from GGUF, {prefix}padded: logits differ by {diff}");
+    for (file, case, arch) in [("tiny_qwen2.gguf", "qwen2_bias", "Qwen2ForCausalLM"), ("tiny_qwen3.gguf", "qwen3_qk_norm", "Qwen3ForCausalLM")] {
+        let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
+        let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
+        assert_eq!(loaded.config.to_hf_json()["architectures"][0], arch);
+        for prefix in ["", "left_"] {
+            let diff = max_diff_logits(&loaded.model, &exp, prefix, &device);
+            println!("{file}, {prefix}padded: max |diff| {diff:.2e}");
+            assert!(diff < 1e-4, "{file}, {prefix}padded: logits differ by {diff}");
+        }
     }
 }
 
