@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, sliding_window_mask, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -147,14 +147,6 @@ pub struct GptNeo {
     lm_head: Option<Param<Tensor<2>>>,
 }
 
-/// True where key j is `window` or more indices behind query i (`[t_q, t_k]`, the queries being
-/// the last `t_q` of `t_k` positions): the keys a local layer masks, on top of the causal mask.
-fn outside_window(t_q: usize, t_k: usize, window: usize, device: &Device) -> Tensor<2, Bool> {
-    // Masked when (t_past + i) - j >= window, i.e. j - i < t_past - window + 1.
-    let offset = (t_k - t_q) as i64 - window as i64 + 1;
-    Tensor::<2, Bool>::triu_mask([t_q, t_k], offset, device)
-}
-
 impl Attention {
     /// `masks`: the causal-and-padding mask, and the same with the local window (for local layers).
     fn forward(&self, x: Tensor<3>, masks: &(Tensor<4, Bool>, Option<Tensor<4, Bool>>), layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
@@ -260,11 +252,7 @@ impl GptNeo {
         let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions(mask, t));
         let global = attention_mask(mask, t, &x.device());
         // Every local layer has the config's one window.
-        let local = self.h.iter().find_map(|b| b.attn.window).map(|window| {
-            let [b, _, _, t_k] = global.dims();
-            let outside = outside_window(t, t_k, window, &x.device());
-            global.clone().bool_or(outside.reshape([1, 1, t, t_k]).expand([b, 1, t, t_k]))
-        });
+        let local = self.h.iter().find_map(|b| b.attn.window).map(|window| sliding_window_mask(&global, window));
         let masks = (global, local);
         for (i, block) in self.h.iter().enumerate() {
             let a = block.attn.forward(block.ln_1.forward(x.clone()), &masks, i, cache.as_deref_mut());
@@ -321,13 +309,5 @@ mod tests {
         assert_eq!(c.local_layers("c".as_ref()).unwrap(), vec![true, false, true, false, true]);
         assert!(cfg(serde_json::json!([[["global", "local"], 2]]), 3).local_layers("c".as_ref()).is_err());
         assert!(cfg(serde_json::json!([[["sparse"], 1]]), 1).local_layers("c".as_ref()).is_err());
-    }
-
-    #[test]
-    fn window_masks_keys_window_or_more_behind() {
-        let device = Device::default();
-        // 2 new queries at indices 3 and 4 of 5 keys, window 2: each sees itself and one before.
-        let m = outside_window(2, 5, 2, &device).into_data().try_to_vec::<bool>().unwrap();
-        assert_eq!(m, vec![true, true, false, false, false, true, true, true, false, false]);
     }
 }

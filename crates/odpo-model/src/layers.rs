@@ -74,6 +74,19 @@ pub(crate) fn attention_mask(attention_mask: &Tensor<2, Int>, t_q: usize, device
     pad.bool_or(future.reshape([1, 1, t_q, t_k]).expand([b, 1, t_q, t_k]))
 }
 
+/// [`attention_mask`] `[B, 1, t_q, T_k]` with a sliding window on top (GPT-Neo's local layers,
+/// Mistral's and Qwen's sliding-window layers): the query at index i (of the `T_k` keys, the queries
+/// being the last `t_q`) also may not look at keys j with i − j ≥ `window` (at least 1). The indices
+/// are those of the padded rows, as transformers counts them: padding at the left or the right, or
+/// prompts left-padded before their completions, leaves the distance between real tokens as it is.
+pub(crate) fn sliding_window_mask(mask: &Tensor<4, Bool>, window: usize) -> Tensor<4, Bool> {
+    let [b, _, t_q, t_k] = mask.dims();
+    // Masked when (t_past + i) - j >= window, i.e. j - i < t_past - window + 1.
+    let offset = (t_k - t_q) as i64 - window as i64 + 1;
+    let outside = Tensor::<2, Bool>::triu_mask([t_q, t_k], offset, &mask.device());
+    mask.clone().bool_or(outside.reshape([1, 1, t_q, t_k]).expand([b, 1, t_q, t_k]))
+}
+
 /// Scaled dot-product attention with grouped keys and values: `q` is `[B, H, Tq, Dh]`, `k` and
 /// `v` are `[B, Hkv, Tk, Dh]` with `H` a multiple of `Hkv`; `mask` is [`attention_mask`]'s
 /// `[B, 1, Tq, Tk]`, read by every head through a stride of 0.
@@ -148,4 +161,19 @@ pub(crate) fn rotary_cos_sin(pos: Tensor<2, Int>, dim: usize, base: f64, dtype: 
     let inv = Tensor::<1>::from_data(burn::tensor::TensorData::new(inv, [half]), &device);
     let angles = (pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half])).unsqueeze_dim::<4>(1);
     (angles.clone().cos().cast(dtype), angles.sin().cast(dtype))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_window_masks_keys_window_or_more_behind() {
+        let device = Device::default();
+        // 2 new queries at indices 3 and 4 of 5 keys, window 2: each sees itself and one before.
+        let nothing = Tensor::<4, Bool>::from_data(burn::tensor::TensorData::new(vec![false; 10], [1, 1, 2, 5]), &device);
+        let m = sliding_window_mask(&nothing, 2).into_data().try_to_vec::<bool>().unwrap();
+        assert_eq!(m, vec![true, true, false, false, false, true, true, true, false, false]);
+    }
 }

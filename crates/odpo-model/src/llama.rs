@@ -2,9 +2,10 @@
 //! arXiv 2407.21783), following HF transformers' `models/llama/modeling_llama.py`: RMSNorm,
 //! rotate-half rotary embeddings with `rope_theta` and optional `llama3` frequency scaling,
 //! grouped-query attention, a SwiGLU MLP, optional q/k/v(/o) bias, tied or untied LM head.
-//! One file serves Llama 2/3, Mistral (sequences within its sliding window), Qwen2 (q/k/v
-//! bias, `modeling_qwen2.py`), Qwen3 (an RMSNorm over each head's queries and keys before the
-//! rotation, `modeling_qwen3.py`) and SmolLM2, which differ only by configuration.
+//! One file serves Llama 2/3, Mistral (a sliding attention window in every layer), Qwen2 (q/k/v
+//! bias, `modeling_qwen2.py`; a sliding window in the upper layers where `use_sliding_window`),
+//! Qwen3 (an RMSNorm over each head's queries and keys before the rotation, `modeling_qwen3.py`)
+//! and SmolLM2, which differ only by configuration.
 //!
 //! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 models and on
 //! SmolLM2-135M-Instruct.
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, sliding_window_mask, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -68,6 +69,21 @@ pub struct LlamaConfig {
     /// Bias on the MLP projections.
     #[serde(default)]
     pub mlp_bias: bool,
+    /// The attention window of Mistral's layers (`null`: none; the key absent: transformers'
+    /// default, 4096, set by [`crate::ModelConfig::from_hf_json`]), and of Qwen2 / Qwen3's sliding
+    /// layers where `use_sliding_window`.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Qwen2 / Qwen3: whether the layers `layer_types` names `sliding_attention` (by default those
+    /// from `max_window_layers` on) attend within `sliding_window`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub use_sliding_window: bool,
+    /// Qwen2 / Qwen3: the first layer that slides when `layer_types` is not given (default 28).
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// Qwen2 / Qwen3 (transformers 5): `full_attention` or `sliding_attention` for each layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
     /// MLP activation; only `silu` is implemented.
     #[serde(default = "default_act")]
     pub hidden_act: String,
@@ -173,6 +189,40 @@ impl LlamaConfig {
         self.attention_bias || self.model_type == "qwen2"
     }
 
+    /// The attention window of each layer (`None`: the whole causal past), as transformers sets it:
+    /// every layer of a Mistral; for Qwen2 / Qwen3 with `use_sliding_window`, the layers
+    /// `layer_types` marks `sliding_attention`, or without it those from `max_window_layers` on.
+    pub fn layer_windows(&self, path: &std::path::Path) -> Result<Vec<Option<usize>>> {
+        let n = self.num_hidden_layers;
+        let window = match self.model_type.as_str() {
+            "mistral" => self.sliding_window,
+            "qwen2" | "qwen3" if self.use_sliding_window => self.sliding_window,
+            _ => None,
+        };
+        let Some(w) = window else { return Ok(vec![None; n]) };
+        if w == 0 {
+            return Err(ModelError::config(path, "sliding_window must be at least 1"));
+        }
+        if self.model_type == "mistral" {
+            return Ok(vec![Some(w); n]);
+        }
+        match &self.layer_types {
+            Some(types) if types.len() != n => {
+                Err(ModelError::config(path, format!("layer_types has {} entries; expected one per layer ({n})", types.len())))
+            }
+            Some(types) => types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "full_attention" => Ok(None),
+                    "sliding_attention" => Ok(Some(w)),
+                    other => Err(ModelError::config(path, format!("layer_types[{i}]: `{other}`; expected full_attention or sliding_attention"))),
+                })
+                .collect(),
+            None => Ok((0..n).map(|i| (i >= self.max_window_layers.unwrap_or(28)).then_some(w)).collect()),
+        }
+    }
+
     /// Qwen3's RMSNorm of each head's queries and keys (`q_norm`, `k_norm`, over `head_dim`).
     fn qk_norm(&self) -> bool {
         self.model_type == "qwen3"
@@ -188,6 +238,8 @@ struct Attention {
     /// Qwen3: RMSNorm over each query head and key head, before the rotation.
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// Mistral's and Qwen's sliding window, on the layers that have one.
+    window: Option<usize>,
     n_heads: usize,
     n_kv_heads: usize,
     scale: f64,
@@ -280,9 +332,11 @@ impl Llama {
         let (d, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_size());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         let inv_freq = cfg.inv_freq(w.path())?;
+        let windows = cfg.layer_windows(w.path())?;
         let (eps, inner, qkv_bias) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias());
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|_| Layer {
+        let layers = windows
+            .into_iter()
+            .map(|window| Layer {
                 input_layernorm: names::rms_norm(d, eps, device),
                 self_attn: Attention {
                     q_proj: names::linear(d, nh * hd, qkv_bias, device),
@@ -291,6 +345,7 @@ impl Llama {
                     o_proj: names::linear(nh * hd, d, cfg.attention_bias, device),
                     q_norm: cfg.qk_norm().then(|| names::rms_norm(hd, eps, device)),
                     k_norm: cfg.qk_norm().then(|| names::rms_norm(hd, eps, device)),
+                    window,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     scale: 1.0 / (hd as f64).sqrt(),
@@ -361,8 +416,14 @@ impl Llama {
         let mut x = self.embed_tokens.forward(input_ids);
         let (cos, sin) = self.rope(positions(mask, t), x.dtype());
         let m = attention_mask(mask, t, &x.device());
+        // Every sliding layer has the config's one window.
+        let windowed = self.layers.iter().find_map(|l| l.self_attn.window).map(|w| sliding_window_mask(&m, w));
         for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &cos, &sin, &m, i, cache.as_deref_mut());
+            let m = match (layer.self_attn.window, &windowed) {
+                (Some(_), Some(windowed)) => windowed,
+                _ => &m,
+            };
+            let a = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &cos, &sin, m, i, cache.as_deref_mut());
             x = x + a;
             x = x.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x));
         }
@@ -390,5 +451,49 @@ impl Llama {
     /// Number of layers (the KV cache's size).
     pub fn n_layers(&self) -> usize {
         self.layers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use serde_json::json;
+
+    use crate::ModelConfig;
+
+    fn windows(extra: serde_json::Value) -> crate::Result<Vec<Option<usize>>> {
+        let mut v = json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        match ModelConfig::from_hf_json(&v, "c".as_ref())? {
+            ModelConfig::Llama(c) => c.layer_windows("c".as_ref()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Which layers slide, as transformers' configs decide it (`configuration_mistral.py`,
+    /// `configuration_qwen2.py`, `configuration_qwen3.py`).
+    #[test]
+    fn sliding_layers_follow_transformers_configs() {
+        let (none, all) = (vec![None; 3], |w| vec![Some(w); 3]);
+        assert_eq!(windows(json!({"architectures": ["LlamaForCausalLM"], "sliding_window": 4})).unwrap(), none);
+        // Mistral: every layer; the key absent is transformers' default, `null` no window.
+        assert_eq!(windows(json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral"})).unwrap(), all(4096));
+        assert_eq!(windows(json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": null})).unwrap(), none);
+        assert_eq!(windows(json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 5})).unwrap(), all(5));
+        // Qwen: only with use_sliding_window; the layers from max_window_layers on, or as layer_types says.
+        assert_eq!(windows(json!({"architectures": ["Qwen2ForCausalLM"], "sliding_window": 5})).unwrap(), none);
+        assert_eq!(windows(json!({"architectures": ["Qwen3ForCausalLM"], "use_sliding_window": true, "max_window_layers": 1})).unwrap(), vec![None, Some(4096), Some(4096)]);
+        assert_eq!(windows(json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": true, "sliding_window": 5})).unwrap(), none, "28 layers are full by default");
+        let types = json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": true, "sliding_window": 5, "max_window_layers": 0,
+                           "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]});
+        assert_eq!(windows(types).unwrap(), vec![Some(5), None, Some(5)]);
+        for (bad, says) in [
+            (json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": true, "layer_types": ["full_attention"]}), "layer_types has 1 entries"),
+            (json!({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": true, "layer_types": ["full_attention", "local", "full_attention"]}), "layer_types[1]: `local`"),
+            (json!({"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 0}), "at least 1"),
+        ] {
+            let err = windows(bad).unwrap_err().to_string();
+            assert!(err.starts_with("c: ") && err.contains(says), "{err}");
+        }
     }
 }

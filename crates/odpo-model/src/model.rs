@@ -55,6 +55,11 @@ impl ModelConfig {
                 } else if arch.starts_with("Qwen3") {
                     cfg.model_type = "qwen3".into();
                 }
+                // transformers' Mistral, Qwen2 and Qwen3 configs default the window to 4096 tokens
+                // where the key is absent (`null` is no window).
+                if matches!(cfg.model_type.as_str(), "mistral" | "qwen2" | "qwen3") && value.get("sliding_window").is_none() {
+                    cfg.sliding_window = Some(4096);
+                }
                 Ok(Self::Llama(cfg))
             }
             "GPTNeoForCausalLM" | "gpt_neo" => Ok(Self::GptNeo(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
@@ -128,6 +133,14 @@ impl ModelConfig {
             map.insert("torch_dtype".into(), Value::from("float32"));
             if let Self::Gpt2(_) = self {
                 map.insert("tie_word_embeddings".into(), Value::from(true));
+            }
+            // No window is written as `null`, as transformers writes it: it reads the key's absence
+            // as 4096.
+            if let Self::Llama(c) = self
+                && matches!(c.model_type.as_str(), "mistral" | "qwen2" | "qwen3")
+                && c.sliding_window.is_none()
+            {
+                map.insert("sliding_window".into(), Value::Null);
             }
         }
         v.unwrap_or(Value::Null)

@@ -18,6 +18,8 @@ const CASES: &[&str] = &[
     "qwen2_bias",
     "llama_sharded",
     "qwen3_qk_norm",
+    "mistral_window",
+    "qwen2_window",
     "gpt_neo_local",
     "gptj",
     "gpt_neox_parallel",
