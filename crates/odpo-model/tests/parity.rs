@@ -145,6 +145,16 @@ fn save_then_load_gives_identical_logits() {
     }
 }
 
+/// KV-cache generation against full recomputation on the Llama family's fixtures, the sliding
+/// windows among them: ten decoded steps carry the sequences past both windows, and the batch's
+/// left padding shifts the indices the windows are counted in.
+#[test]
+fn cached_generation_matches_full_recompute() {
+    for case in ["llama_gqa_untied", "qwen3_qk_norm", "mistral_window", "qwen2_window"] {
+        check_cached_generation(case);
+    }
+}
+
 /// The Qwen2 and Qwen3 fixtures written as GGUF files (`fixtures/gguf/tiny_qwen2.gguf`,
 /// `tiny_qwen3.gguf`, by `make_gguf_fixtures.py`) and loaded from them give transformers' logits.
 #[test]

@@ -8,10 +8,8 @@ mod common;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::*;
-use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
 use odpo_model::logprobs::sequence_logprobs;
 use odpo_model::{CausalLm, ModelConfig};
 
@@ -69,32 +67,8 @@ fn options_change_the_logits() {
 
 #[test]
 fn cached_generation_matches_full_recompute() {
-    let device = test_device();
     for case in CASES {
-        let model = CausalLm::load(&fixture(case), &device).unwrap().model;
-        let prompts = vec![vec![5u32, 17, 42, 9, 101, 33, 7], vec![60u32, 3, 88]];
-        let cfg = GenerationConfig {
-            max_new_tokens: 10,
-            eos_token_ids: vec![],
-            pad_token_id: 0,
-            sampling: SamplingConfig { greedy: true, ..SamplingConfig::default() },
-        };
-        let out = generate(&model, &prompts, &cfg, &device).unwrap();
-        for (b, prompt) in prompts.iter().enumerate() {
-            let mut seq = prompt.clone();
-            for step in 0..cfg.max_new_tokens {
-                let t = seq.len();
-                let ids = Tensor::<2, Int>::from_data(TensorData::new(seq.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(), [1, t]), &device);
-                let mask = Tensor::<2, Int>::ones([1, t], &device);
-                let last = model.forward(ids, &mask, None).narrow(1, t - 1, 1).reshape([-1]);
-                let lp = to_vec(log_softmax(last, 0));
-                let next = lp.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0 as u32;
-                assert_eq!(out.tokens[b][step], next, "{case} row {b} step {step}");
-                let d = (out.logprobs[b][step] - lp[next as usize]).abs();
-                assert!(d < 1e-4, "{case} row {b} step {step}: log-prob differs by {d}");
-                seq.push(next);
-            }
-        }
+        check_cached_generation(case);
     }
 }
 

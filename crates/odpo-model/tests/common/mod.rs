@@ -92,3 +92,37 @@ pub fn param_grads(model: &odpo_model::CausalLm, grads: &GradientsParams) -> Vec
     odpo_model::Module::visit(model, &mut v);
     v.1
 }
+
+/// Greedy generation with the KV cache from a left-padded batch of two prompts (7 and 3 tokens, 10
+/// new tokens each) gives, at every step, the token and log-probability of a full forward pass over
+/// the unpadded sequence so far.
+pub fn check_cached_generation(case: &str) {
+    use burn::tensor::activation::log_softmax;
+    use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
+
+    let device = test_device();
+    let model = odpo_model::CausalLm::load(&fixture(case), &device).unwrap().model;
+    let prompts = vec![vec![5u32, 17, 42, 9, 101, 33, 7], vec![60u32, 3, 88]];
+    let cfg = GenerationConfig {
+        max_new_tokens: 10,
+        eos_token_ids: vec![],
+        pad_token_id: 0,
+        sampling: SamplingConfig { greedy: true, ..SamplingConfig::default() },
+    };
+    let out = generate(&model, &prompts, &cfg, &device).unwrap();
+    for (b, prompt) in prompts.iter().enumerate() {
+        let mut seq = prompt.clone();
+        for step in 0..cfg.max_new_tokens {
+            let t = seq.len();
+            let ids = Tensor::<2, Int>::from_data(TensorData::new(seq.iter().map(|&x| i64::from(x)).collect::<Vec<_>>(), [1, t]), &device);
+            let mask = Tensor::<2, Int>::ones([1, t], &device);
+            let last = model.forward(ids, &mask, None).narrow(1, t - 1, 1).reshape([-1]);
+            let lp = to_vec(log_softmax(last, 0));
+            let next = lp.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0 as u32;
+            assert_eq!(out.tokens[b][step], next, "{case} row {b} step {step}");
+            let d = (out.logprobs[b][step] - lp[next as usize]).abs();
+            assert!(d < 1e-4, "{case} row {b} step {step}: log-prob differs by {d}");
+            seq.push(next);
+        }
+    }
+}
