@@ -189,6 +189,12 @@ impl LlamaConfig {
         self.attention_bias || self.model_type == "qwen2"
     }
 
+    /// Whether transformers' config of this model type has a `sliding_window` key (Mistral, Qwen2,
+    /// Qwen3), whose absence it reads as 4096 and `null` as no window.
+    pub(crate) fn has_window_key(&self) -> bool {
+        matches!(self.model_type.as_str(), "mistral" | "qwen2" | "qwen3")
+    }
+
     /// The attention window of each layer (`None`: the whole causal past), as transformers sets it:
     /// every layer of a Mistral; for Qwen2 / Qwen3 with `use_sliding_window`, the layers
     /// `layer_types` marks `sliding_attention`, or without it those from `max_window_layers` on.

@@ -57,7 +57,7 @@ impl ModelConfig {
                 }
                 // transformers' Mistral, Qwen2 and Qwen3 configs default the window to 4096 tokens
                 // where the key is absent (`null` is no window).
-                if matches!(cfg.model_type.as_str(), "mistral" | "qwen2" | "qwen3") && value.get("sliding_window").is_none() {
+                if cfg.has_window_key() && value.get("sliding_window").is_none() {
                     cfg.sliding_window = Some(4096);
                 }
                 Ok(Self::Llama(cfg))
@@ -137,7 +137,7 @@ impl ModelConfig {
             // No window is written as `null`, as transformers writes it: it reads the key's absence
             // as 4096.
             if let Self::Llama(c) = self
-                && matches!(c.model_type.as_str(), "mistral" | "qwen2" | "qwen3")
+                && c.has_window_key()
                 && c.sliding_window.is_none()
             {
                 map.insert("sliding_window".into(), Value::Null);
