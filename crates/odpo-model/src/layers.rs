@@ -99,6 +99,17 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
     if let Some(out) = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale as f32) {
         return out;
     }
+    burn_attention(q, k, v, mask, scale, None)
+}
+
+/// [`grouped_attention`] with the scores capped as `cap·tanh(s / cap)` before the mask (Gemma 2's
+/// `attn_logit_softcapping`), through burn's attention, which keeps the scores for the backward
+/// pass: the fused kernels of `odpo_kernels::masked_attention` do not cap.
+pub(crate) fn capped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64, cap: f64) -> Tensor<4> {
+    burn_attention(q, k, v, mask, scale, Some(cap))
+}
+
+fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64, softcap: Option<f64>) -> Tensor<4> {
     let [b, h, t_q, dh] = q.dims();
     let [_, h_kv, t_k, _] = k.dims();
     let (k, v) = if h_kv == h {
@@ -109,7 +120,7 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
         (widen(k), widen(v))
     };
     let mask = mask.clone().expand([b, h, t_q, t_k]);
-    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
+    let options = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
     // The mask goes in as an additive bias (0 or -inf), which every backend applies alike: burn-tch
     // 0.22.1 hands a boolean mask to torch's SDPA, which reads `true` as "attend", the opposite of
     // burn's convention, and so attended to exactly the masked keys.

@@ -1,8 +1,8 @@
 //! Causal language models for preference training, on burn.
 //!
 //! This crate owns everything about the model itself: reading HF `config.json`, building the
-//! GPT-2, Llama, GPT-Neo, GPT-J and GPT-NeoX families ([`gpt2`], [`llama`], [`gpt_neo`], [`gptj`],
-//! [`gpt_neox`]) from HF safetensors or llama.cpp GGUF files,
+//! GPT-2, Llama, Gemma, GPT-Neo, GPT-J and GPT-NeoX families ([`gpt2`], [`llama`], [`gemma`],
+//! [`gpt_neo`], [`gptj`], [`gpt_neox`]) from HF safetensors or llama.cpp GGUF files,
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
 //! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), LoRA adapters
 //! in PEFT's layout ([`lora`]), and saving back in HF layout. Nothing here names a backend except [`backend`], which maps a
@@ -41,6 +41,7 @@
 
 pub mod backend;
 mod error;
+pub mod gemma;
 pub mod generate;
 pub mod gguf;
 pub mod gpt2;

@@ -8,6 +8,7 @@ use burn::tensor::{Device, FloatDType, Int, Tensor};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+use crate::gemma::{Gemma, GemmaConfig};
 use crate::gpt_neo::{GptNeo, GptNeoConfig};
 use crate::gpt_neox::{GptNeox, GptNeoxConfig};
 use crate::gpt2::{Gpt2, Gpt2Config};
@@ -29,6 +30,8 @@ pub enum ModelConfig {
     Gptj(GptjConfig),
     /// GPT-NeoX, Pythia.
     GptNeox(GptNeoxConfig),
+    /// Gemma, Gemma 2, Gemma 3 (text).
+    Gemma(GemmaConfig),
 }
 
 impl ModelConfig {
@@ -65,6 +68,23 @@ impl ModelConfig {
             "GPTNeoForCausalLM" | "gpt_neo" => Ok(Self::GptNeo(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
             "GPTJForCausalLM" | "gptj" => Ok(Self::Gptj(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
             "GPTNeoXForCausalLM" | "gpt_neox" => Ok(Self::GptNeox(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
+            "GemmaForCausalLM" | "Gemma2ForCausalLM" | "Gemma3ForCausalLM" | "gemma" | "gemma2" | "gemma3_text" => {
+                // The architecture decides the generation, whatever `model_type` says.
+                let model_type = match arch {
+                    "GemmaForCausalLM" | "gemma" => "gemma",
+                    "Gemma2ForCausalLM" | "gemma2" => "gemma2",
+                    _ => "gemma3_text",
+                };
+                let mut value = value.clone();
+                if let Some(map) = value.as_object_mut() {
+                    map.insert("model_type".into(), Value::from(model_type));
+                    // The keys transformers reads as a number where they are absent (`null`: none).
+                    for (key, default) in GemmaConfig::defaulted_keys(model_type) {
+                        map.entry(key).or_insert(default);
+                    }
+                }
+                Ok(Self::Gemma(serde_path_to_error::deserialize(value).map_err(parse)?))
+            }
             other => Err(ModelError::UnknownArchitecture { path: path.into(), architecture: other.into() }),
         }
     }
@@ -84,6 +104,7 @@ impl ModelConfig {
             Self::GptNeo(c) => c.vocab_size,
             Self::Gptj(c) => c.vocab_size,
             Self::GptNeox(c) => c.vocab_size,
+            Self::Gemma(c) => c.vocab_size,
         }
     }
 
@@ -95,6 +116,7 @@ impl ModelConfig {
             Self::GptNeo(c) => c.max_position_embeddings,
             Self::Gptj(c) => c.n_positions,
             Self::GptNeox(c) => c.max_position_embeddings,
+            Self::Gemma(c) => c.max_position_embeddings,
         }
     }
 
@@ -102,7 +124,8 @@ impl ModelConfig {
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
             Self::Gpt2(c) => c.eos_token_id,
-            Self::Llama(c) => c.eos_token_id.as_ref().and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64))).map(|v| v as u32),
+            Self::Llama(c) => first_id(c.eos_token_id.as_ref()),
+            Self::Gemma(c) => first_id(c.eos_token_id.as_ref()),
             Self::GptNeo(c) => c.eos_token_id,
             Self::Gptj(c) => c.eos_token_id,
             Self::GptNeox(c) => c.eos_token_id,
@@ -125,6 +148,14 @@ impl ModelConfig {
             Self::GptNeo(c) => (serde_json::to_value(c), "GPTNeoForCausalLM", "gpt_neo"),
             Self::Gptj(c) => (serde_json::to_value(c), "GPTJForCausalLM", "gptj"),
             Self::GptNeox(c) => (serde_json::to_value(c), "GPTNeoXForCausalLM", "gpt_neox"),
+            Self::Gemma(c) => {
+                let arch = match c.model_type.as_str() {
+                    "gemma2" => "Gemma2ForCausalLM",
+                    "gemma3_text" => "Gemma3ForCausalLM",
+                    _ => "GemmaForCausalLM",
+                };
+                (serde_json::to_value(c), arch, c.model_type.as_str())
+            }
         };
         if let Ok(Value::Object(map)) = &mut v {
             map.retain(|_, v| !v.is_null());
@@ -141,6 +172,11 @@ impl ModelConfig {
                 && c.sliding_window.is_none()
             {
                 map.insert("sliding_window".into(), Value::Null);
+            }
+            if let Self::Gemma(c) = self {
+                for (key, _) in GemmaConfig::defaulted_keys(&c.model_type) {
+                    map.entry(key).or_insert(Value::Null);
+                }
             }
         }
         v.unwrap_or(Value::Null)
@@ -216,6 +252,8 @@ pub enum CausalLm {
     Gptj(Gptj),
     /// GPT-NeoX, Pythia.
     GptNeox(GptNeox),
+    /// Gemma family.
+    Gemma(Gemma),
 }
 
 /// A loaded model with its configuration and where it came from.
@@ -238,6 +276,7 @@ impl CausalLm {
             ModelConfig::GptNeo(c) => Self::GptNeo(GptNeo::load(c, weights, device)?),
             ModelConfig::Gptj(c) => Self::Gptj(Gptj::load(c, weights, device)?),
             ModelConfig::GptNeox(c) => Self::GptNeox(GptNeox::load(c, weights, device)?),
+            ModelConfig::Gemma(c) => Self::Gemma(Gemma::load(c, weights, device)?),
         };
         // Causal-mask buffers older GPT-2 / GPT-Neo / GPT-J / GPT-NeoX checkpoints carry are expected leftovers.
         let buffer = |n: &str| [".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias"].iter().any(|s| n.ends_with(s));
@@ -310,6 +349,7 @@ impl CausalLm {
             Self::GptNeo(m) => m.forward(input_ids, attention_mask, cache),
             Self::Gptj(m) => m.forward(input_ids, attention_mask, cache),
             Self::GptNeox(m) => m.forward(input_ids, attention_mask, cache),
+            Self::Gemma(m) => m.forward(input_ids, attention_mask, cache),
         }
     }
 
@@ -322,6 +362,7 @@ impl CausalLm {
             Self::GptNeo(m) => m.hidden(input_ids, attention_mask, cache),
             Self::Gptj(m) => m.hidden(input_ids, attention_mask, cache),
             Self::GptNeox(m) => m.hidden(input_ids, attention_mask, cache),
+            Self::Gemma(m) => m.hidden(input_ids, attention_mask, cache),
         }
     }
 
@@ -335,6 +376,7 @@ impl CausalLm {
             Self::GptNeo(m) => m.head(hidden),
             Self::Gptj(m) => m.head(hidden),
             Self::GptNeox(m) => m.head(hidden),
+            Self::Gemma(m) => m.head(hidden),
         }
     }
 
@@ -351,7 +393,7 @@ impl CausalLm {
         match self {
             Self::Gpt2(m) => Some(m.n_positions()),
             Self::GptNeo(m) => Some(m.n_positions()),
-            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) => None,
+            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) | Self::Gemma(_) => None,
         }
     }
 
@@ -371,6 +413,7 @@ impl CausalLm {
             Self::GptNeo(m) => m.vocab_size(),
             Self::Gptj(m) => m.vocab_size(),
             Self::GptNeox(m) => m.vocab_size(),
+            Self::Gemma(m) => m.vocab_size(),
         }
     }
 
@@ -382,6 +425,7 @@ impl CausalLm {
             Self::GptNeo(m) => m.n_layers(),
             Self::Gptj(m) => m.n_layers(),
             Self::GptNeox(m) => m.n_layers(),
+            Self::Gemma(m) => m.n_layers(),
         })
     }
 
@@ -393,6 +437,7 @@ impl CausalLm {
             Self::GptNeo(m) => m.named_mut(),
             Self::Gptj(m) => m.named_mut(),
             Self::GptNeox(m) => m.named_mut(),
+            Self::Gemma(m) => m.named_mut(),
         }
     }
 
@@ -413,4 +458,9 @@ impl CausalLm {
         let json = serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::config(dir, e.to_string()))?;
         write_atomic(&dir.join("config.json"), json.as_bytes())
     }
+}
+
+/// The first token id of a config's `eos_token_id` (a number or a list).
+fn first_id(v: Option<&Value>) -> Option<u32> {
+    v.and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64))).map(|v| v as u32)
 }

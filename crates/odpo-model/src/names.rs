@@ -182,6 +182,13 @@ mod tests {
                    "n_head": 2, "rotary_dim": 2}),
             json!({"architectures": ["GPTNeoXForCausalLM"], "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
                    "num_hidden_layers": 2, "num_attention_heads": 2, "rotary_pct": 0.5}),
+            json!({"architectures": ["GemmaForCausalLM"], "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+                   "tie_word_embeddings": false, "attention_bias": true}),
+            json!({"architectures": ["Gemma2ForCausalLM"], "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 4}),
+            json!({"architectures": ["Gemma3ForCausalLM"], "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
+                   "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 6}),
         ]
     }
 

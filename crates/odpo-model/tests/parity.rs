@@ -20,6 +20,9 @@ const CASES: &[&str] = &[
     "qwen3_qk_norm",
     "mistral_window",
     "qwen2_window",
+    "gemma",
+    "gemma2_softcap",
+    "gemma3_text",
     "gpt_neo_local",
     "gptj",
     "gpt_neox_parallel",
@@ -145,13 +148,50 @@ fn save_then_load_gives_identical_logits() {
     }
 }
 
-/// KV-cache generation against full recomputation on the Llama family's fixtures, the sliding
-/// windows among them: ten decoded steps carry the sequences past both windows, and the batch's
-/// left padding shifts the indices the windows are counted in.
+/// KV-cache generation against full recomputation on the Llama and Gemma families' fixtures, the
+/// sliding windows among them: ten decoded steps carry the sequences past every window, and the
+/// batch's left padding shifts the indices the windows are counted in.
 #[test]
 fn cached_generation_matches_full_recompute() {
-    for case in ["llama_gqa_untied", "qwen3_qk_norm", "mistral_window", "qwen2_window"] {
+    for case in ["llama_gqa_untied", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
         check_cached_generation(case);
+    }
+}
+
+/// What the Gemma fixtures exercise matters: each of their options, lifted, moves the logits far
+/// from transformers' (and Gemma's legacy `hidden_act: gelu` is read as the tanh form it meant).
+#[test]
+fn gemma_options_change_the_logits() {
+    use serde_json::json;
+    let device = test_device();
+    let full = json!({"full_attention": {"rope_type": "default", "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}});
+    let local = json!({"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 1000000.0}});
+    let mutations: &[(&str, &str, serde_json::Value, bool)] = &[
+        ("gemma", "hidden_act", json!("gelu"), false),
+        ("gemma", "hidden_act", json!("gelu_new"), false),
+        ("gemma2_softcap", "attn_logit_softcapping", json!(null), true),
+        ("gemma2_softcap", "final_logit_softcapping", json!(null), true),
+        ("gemma2_softcap", "sliding_window", json!(null), true),
+        ("gemma2_softcap", "query_pre_attn_scalar", json!(16), true),
+        ("gemma3_text", "sliding_window", json!(null), true),
+        ("gemma3_text", "rope_parameters", full, true),
+        ("gemma3_text", "rope_parameters", local, true),
+    ];
+    for (case, key, value, moves) in mutations {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        json[*key] = value.clone();
+        let cfg = odpo_model::ModelConfig::from_hf_json(&json, &dir).unwrap();
+        let mut weights = odpo_model::weights::Weights::from_hf_dir(&dir).unwrap();
+        let model = CausalLm::from_weights(&cfg, &mut weights, &device).unwrap();
+        let d = max_diff_logits(&model, &exp, "", &device).max(max_diff_logits(&model, &exp, "left_", &device));
+        println!("{case} with {key} = {value}: max |diff| {d:.3e}");
+        if *moves {
+            assert!(d > 1e-1, "{case}: setting {key} to {value} changed the logits by only {d}");
+        } else {
+            assert!(d < 1e-4, "{case}: setting {key} to {value} changed the logits by {d}");
+        }
     }
 }
 
@@ -178,7 +218,7 @@ fn qwen_from_gguf_matches_transformers() {
 fn half_precision_stays_close_to_f32() {
     use odpo_model::Precision;
     let device = test_device();
-    for case in ["gpt2", "qwen2_bias"] {
+    for case in ["gpt2", "qwen2_bias", "gemma2_softcap"] {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
         for (precision, tol) in [(Precision::F16, 0.03), (Precision::Bf16, 0.3)] {
