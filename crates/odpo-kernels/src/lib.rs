@@ -8,7 +8,8 @@
 //! embedding, RMSNorm and the SwiGLU gate each as one recorded operation ([`rotary`], [`rms_norm`],
 //! [`swiglu`]; on flex, one loop per pass split over the CPU's threads), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written
-//! into one allocation ([`matmul`], [`linear`]), and the update path: the AdamW step in one pass over
+//! into one allocation ([`matmul`], [`linear`]; [`matmul_nt`] for a tied LM head, whose gradient
+//! it writes in the embedding's own layout), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), the same over all parameters at once
 //! on libtorch devices ([`FlatAdamW`], PyTorch's multi-tensor update), and the sum of squares of a
 //! gradient without a squared temporary ([`cpu_sum_squares`]). [`max_buffer_bytes`] says how large one
@@ -48,7 +49,7 @@ mod token_logprobs;
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use limits::max_buffer_bytes;
-pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul};
+pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};

@@ -146,11 +146,12 @@ pub fn parameter_count<M: Module>(module: &M) -> usize {
 }
 
 /// `x · Wᵀ` for a tied LM head: `x` is `[B, T, D]`, `embedding` `[V, D]`; a 2D matmul, which
-/// every backend runs at its best.
+/// every backend runs at its best, whose backward pass writes the embedding's gradient `[V, D]` as
+/// the embedding is laid out (`odpo_kernels::matmul_nt`).
 pub(crate) fn tied_head(x: Tensor<3>, embedding: &Tensor<2>) -> Tensor<3> {
     let [b, t, d] = x.dims();
     let v = embedding.dims()[0];
-    odpo_kernels::matmul(x.reshape([b * t, d]), embedding.clone().transpose()).reshape([b, t, v])
+    odpo_kernels::matmul_nt(x.reshape([b * t, d]), embedding.clone()).reshape([b, t, v])
 }
 
 /// `x · W` for an untied head or any `[in, out]` weight, through a 2D matmul.

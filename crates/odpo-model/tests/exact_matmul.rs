@@ -73,6 +73,22 @@ fn f32_products_and_their_gradients_are_exact_to_f32_rounding() {
     eprintln!("{device:?}: {} products bypassed a TF32 matmul", odpo_kernels::exact_matmul_calls() - before);
 }
 
+/// The tied LM head's form, `lhs · rhsᵀ` (`odpo_kernels::matmul_nt`), whose backward pass writes
+/// `rhs`'s gradient as `gᵀ · lhs` in `rhs`'s own layout: the product and both gradients.
+#[test]
+fn the_tied_head_form_and_its_gradients_are_exact_to_f32_rounding() {
+    let device = test_device().autodiff();
+    let (m, k, n) = (33, 256, 40);
+    let (a, e, g) = (near_one(m * k, 7), near_one(n * k, 8), near_one(m * n, 9));
+    let lhs = Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &device).require_grad();
+    let rhs = Tensor::<2>::from_data(TensorData::new(e.clone(), [n, k]), &device).require_grad();
+    let y = odpo_kernels::matmul_nt(lhs.clone(), rhs.clone());
+    let grads = (y.clone() * Tensor::<2>::from_data(TensorData::new(g.clone(), [m, n]), &device)).sum().backward();
+    check("lhs·rhsᵀ", &values(y.inner()), &product(&a, &transpose(&e, n, k), m, k, n));
+    check("d lhs = g·rhs", &values(lhs.grad(&grads).unwrap()), &product(&g, &e, m, n, k));
+    check("d rhs = gᵀ·lhs", &values(rhs.grad(&grads).unwrap()), &product(&transpose(&g, m, n), &a, n, m, k));
+}
+
 /// Operands that are views of other tensors (narrowed, so starting inside their buffer with a row
 /// stride wider than a row, and transposed), in a product large enough that the CPU splits it
 /// over threads: the f64 product of the values the views show.
