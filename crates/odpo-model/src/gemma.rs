@@ -564,6 +564,23 @@ mod tests {
         }
     }
 
+    /// A freshly initialised Gemma's norms scale by 1 (their stored weights are zeros), as
+    /// transformers initialises them; the other families' norm weights are ones.
+    #[test]
+    fn a_fresh_gemma_scales_by_one() {
+        let device = crate::backend::device("flex").unwrap();
+        for arch in ["GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"] {
+            let cfg = ModelConfig::Gemma(config(json!({"architectures": [arch], "num_hidden_layers": 2, "head_dim": 4})).unwrap());
+            let mut model = crate::CausalLm::random(&cfg, 0, &device).unwrap();
+            let saved = crate::names::to_hf(model.named_mut());
+            let norms: Vec<_> = saved.entries().iter().filter(|(n, _, _)| n.contains("norm")).map(|(n, _, d)| (n.clone(), d.clone())).collect();
+            assert!(norms.len() >= 5, "{arch}: {} norms", norms.len());
+            for (name, data) in norms {
+                assert!(data.iter().all(|&x| x == 0.0), "{arch}: {name}");
+            }
+        }
+    }
+
     /// Which layers slide, the caps and the rotary bases, as transformers' configs set them
     /// (`configuration_gemma2.py`, `configuration_gemma3.py`).
     #[test]

@@ -287,7 +287,7 @@ impl CausalLm {
         Ok(model)
     }
 
-    /// A freshly initialised model (weights N(0, 0.02), norms 1, biases 0), seeded.
+    /// A freshly initialised model (weights N(0, 0.02), norms scaling by 1, biases 0), seeded.
     pub fn random(config: &ModelConfig, seed: u64, device: &Device) -> Result<Self> {
         Self::random_with(config, seed, device, false)
     }
@@ -296,6 +296,9 @@ impl CausalLm {
     /// same draws, then quantised; see [`crate::quantized`]).
     pub fn random_with(config: &ModelConfig, seed: u64, device: &Device, quantized_base: bool) -> Result<Self> {
         let mut weights = Weights::random(seed, 0.02);
+        if let ModelConfig::Gemma(_) = config {
+            weights = weights.with_zero_centred_norms();
+        }
         if quantized_base {
             weights = weights.quantizing_projections();
         }

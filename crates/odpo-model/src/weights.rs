@@ -27,11 +27,13 @@ pub struct Weights {
 }
 
 /// How a fresh model's weights are drawn: N(0, std) for matrices and embeddings (GPT-2's and
-/// Llama's initialisation), ones for norm scales, zeros for biases.
+/// Llama's initialisation), ones for norm scales (zeros where the norm scales by 1 + weight, as
+/// Gemma's do), zeros for biases.
 #[derive(Debug)]
 struct RandomInit {
     rng: rand::rngs::StdRng,
     std: f32,
+    norm_scale: f32,
 }
 
 impl Weights {
@@ -94,9 +96,18 @@ impl Weights {
         Self {
             path: PathBuf::from("<random init>"),
             tensors: BTreeMap::new(),
-            random: Some(RandomInit { rng: rand::rngs::StdRng::seed_from_u64(seed), std: if std.is_finite() { std.abs() } else { 0.02 } }),
+            random: Some(RandomInit { rng: rand::rngs::StdRng::seed_from_u64(seed), std: if std.is_finite() { std.abs() } else { 0.02 }, norm_scale: 1.0 }),
             ..Self::new_empty()
         }
+    }
+
+    /// A [`Self::random`] source whose norm weights are zeros: for norms that scale by
+    /// `1 + weight` (Gemma's), which transformers initialises so.
+    pub fn with_zero_centred_norms(mut self) -> Self {
+        if let Some(r) = &mut self.random {
+            r.norm_scale = 0.0;
+        }
+        self
     }
 
     /// Reads `model.safetensors`, or the shards listed by `model.safetensors.index.json`, from a folder.
@@ -220,7 +231,7 @@ impl RandomInit {
         let data = if name.ends_with(".bias") {
             vec![0.0; n]
         } else if is_norm {
-            vec![1.0; n]
+            vec![self.norm_scale; n]
         } else {
             let normal = rand_distr::Normal::new(0.0f32, self.std).unwrap_or_else(|_| unreachable!());
             (0..n).map(|_| normal.sample(&mut self.rng)).collect()
