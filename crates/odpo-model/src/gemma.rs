@@ -18,12 +18,12 @@
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::activation::{gelu, gelu_approximate};
-use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, capped_attention, grouped_attention, linear_3d, merge_heads, positions, sliding_window_mask, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, capped_attention, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
 use crate::lora::Linear;
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
@@ -210,18 +210,7 @@ impl GemmaConfig {
             return Ok(vec![None; n]);
         }
         let sliding: Vec<bool> = match &self.layer_types {
-            Some(types) if types.len() != n => {
-                return Err(ModelError::config(path, format!("layer_types has {} entries; expected one per layer ({n})", types.len())));
-            }
-            Some(types) => types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| match t.as_str() {
-                    "full_attention" => Ok(false),
-                    "sliding_attention" => Ok(true),
-                    other => Err(ModelError::config(path, format!("layer_types[{i}]: `{other}`; expected full_attention or sliding_attention"))),
-                })
-                .collect::<Result<_>>()?,
+            Some(types) => sliding_layers(types, n, path)?,
             None => {
                 let every = if self.generation() == 2 { 2 } else { self.sliding_window_pattern.unwrap_or(6) };
                 if every == 0 {
@@ -328,17 +317,6 @@ pub struct Gemma {
     local_inv_freq: Option<Vec<f32>>,
 }
 
-/// `x·cos + rotate_half(x)·sin`, one recorded operation where the backend has it.
-fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    if let Some(y) = odpo_kernels::rotary(x.clone(), cos, sin) {
-        return y;
-    }
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
-}
-
 /// `c·tanh(x / c)`.
 fn softcap<const D: usize>(x: Tensor<D>, cap: f64) -> Tensor<D> {
     x.div_scalar(cap).tanh().mul_scalar(cap)
@@ -350,7 +328,7 @@ impl Attention {
         let q = split_heads(norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), self.n_heads), self.n_heads);
         let k = split_heads(norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), self.n_kv_heads), self.n_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
-        let (q, k) = (rotary(q, cos, sin), rotary(k, cos, sin));
+        let (q, k) = (rotate_half(q, cos, sin), rotate_half(k, cos, sin));
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
@@ -483,17 +461,6 @@ impl Gemma {
         t
     }
 
-    /// cos and sin `[B, 1, T, Dh]` of `inv_freq` at the given positions, in f32 as transformers
-    /// computes them.
-    fn rope(inv_freq: &[f32], pos: Tensor<2, Int>, dtype: DType) -> (Tensor<4>, Tensor<4>) {
-        let [b, t] = pos.dims();
-        let half = inv_freq.len();
-        let inv = Tensor::<1>::from_data(TensorData::new(inv_freq.to_vec(), [half]), &pos.device());
-        let freqs = pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half]);
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
-        (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
-    }
-
     /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
     /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0),
     /// including the cached ones.
@@ -502,8 +469,8 @@ impl Gemma {
         let x = self.embed_tokens.forward(input_ids);
         let mut x = x.mul_scalar(self.embed_scale);
         let pos = positions(mask, t);
-        let full = Self::rope(&self.inv_freq, pos.clone(), x.dtype());
-        let local = self.local_inv_freq.as_ref().map(|f| Self::rope(f, pos, x.dtype()));
+        let full = rotate_half_cos_sin(&self.inv_freq, pos.clone(), x.dtype());
+        let local = self.local_inv_freq.as_ref().map(|f| rotate_half_cos_sin(f, pos, x.dtype()));
         let m = attention_mask(mask, t, &x.device());
         // Every sliding layer has the config's one window.
         let windowed = self.layers.iter().find_map(|l| l.self_attn.window).map(|w| sliding_window_mask(&m, w));

@@ -161,6 +161,49 @@ pub(crate) fn linear_3d(x: Tensor<3>, weight: &Tensor<2>) -> Tensor<3> {
     odpo_kernels::matmul(x.reshape([b * t, d]), weight.clone()).reshape([b, t, v])
 }
 
+/// `x·cos + rotate_half(x)·sin`, `rotate_half([x1, x2]) = [-x2, x1]` (the Llama and Gemma
+/// families' rotation): one recorded operation where the backend has `odpo_kernels::rotary`, else
+/// tensor operations.
+pub(crate) fn rotate_half(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    if let Some(y) = odpo_kernels::rotary(x.clone(), cos, sin) {
+        return y;
+    }
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
+}
+
+/// cos and sin `[B, 1, T, Dh]` for [`rotate_half`] at positions `pos` `[B, T]`: the angles
+/// `pos · inv_freq` (`Dh / 2` of them) twice over, computed in f32 as transformers does, cast to
+/// `dtype`.
+pub(crate) fn rotate_half_cos_sin(inv_freq: &[f32], pos: Tensor<2, Int>, dtype: burn::tensor::DType) -> (Tensor<4>, Tensor<4>) {
+    let [b, t] = pos.dims();
+    let half = inv_freq.len();
+    let inv = Tensor::<1>::from_data(burn::tensor::TensorData::new(inv_freq.to_vec(), [half]), &pos.device());
+    let freqs = pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half]);
+    let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
+    (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
+}
+
+/// transformers' `layer_types` (`full_attention` or `sliding_attention` for each of `n` layers)
+/// as whether each layer slides; an error naming the entry otherwise.
+pub(crate) fn sliding_layers(types: &[String], n: usize, path: &std::path::Path) -> crate::Result<Vec<bool>> {
+    use crate::ModelError;
+    if types.len() != n {
+        return Err(ModelError::config(path, format!("layer_types has {} entries; expected one per layer ({n})", types.len())));
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match t.as_str() {
+            "full_attention" => Ok(false),
+            "sliding_attention" => Ok(true),
+            other => Err(ModelError::config(path, format!("layer_types[{i}]: `{other}`; expected full_attention or sliding_attention"))),
+        })
+        .collect()
+}
+
 /// cos and sin of the rotary angles `pos · inv_freq`, each `[B, 1, T, dim/2]`, for positions `pos`
 /// `[B, T]`, with `inv_freq_i = 1 / base^(2i/dim)` computed in f32 as transformers does, cast to
 /// `dtype`. Each family lays the halves out its own way (GPT-J interleaves, GPT-NeoX concatenates).

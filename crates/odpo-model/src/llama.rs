@@ -14,12 +14,12 @@ use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
 use crate::lora::Linear;
 use burn::tensor::activation::silu;
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, sliding_window_mask, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -212,21 +212,11 @@ impl LlamaConfig {
         if self.model_type == "mistral" {
             return Ok(vec![Some(w); n]);
         }
-        match &self.layer_types {
-            Some(types) if types.len() != n => {
-                Err(ModelError::config(path, format!("layer_types has {} entries; expected one per layer ({n})", types.len())))
-            }
-            Some(types) => types
-                .iter()
-                .enumerate()
-                .map(|(i, t)| match t.as_str() {
-                    "full_attention" => Ok(None),
-                    "sliding_attention" => Ok(Some(w)),
-                    other => Err(ModelError::config(path, format!("layer_types[{i}]: `{other}`; expected full_attention or sliding_attention"))),
-                })
-                .collect(),
-            None => Ok((0..n).map(|i| (i >= self.max_window_layers.unwrap_or(28)).then_some(w)).collect()),
-        }
+        let sliding = match &self.layer_types {
+            Some(types) => sliding_layers(types, n, path)?,
+            None => (0..n).map(|i| i >= self.max_window_layers.unwrap_or(28)).collect(),
+        };
+        Ok(sliding.into_iter().map(|s| s.then_some(w)).collect())
     }
 
     /// Qwen3's RMSNorm of each head's queries and keys (`q_norm`, `k_norm`, over `head_dim`).
@@ -283,18 +273,6 @@ fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
     odpo_kernels::rms_norm(x.clone(), norm.gamma.val(), norm.epsilon).unwrap_or_else(|| norm.forward(x))
 }
 
-/// `x·cos + rotate_half(x)·sin`, `rotate_half([x1, x2]) = [-x2, x1]`: one recorded operation
-/// where the backend has `odpo_kernels::rotary`, else tensor operations.
-fn rotary(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
-    if let Some(y) = odpo_kernels::rotary(x.clone(), cos, sin) {
-        return y;
-    }
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
-}
-
 /// Qwen3's per-head RMSNorm of projected queries or keys `[B, T, heads·Dh]`: the rows of every
 /// head normed over `Dh` (a free reshape to `[B, T·heads, Dh]` and back); `x` itself without a norm.
 fn head_norm(norm: Option<&RmsNorm>, x: Tensor<3>, heads: usize) -> Tensor<3> {
@@ -308,7 +286,7 @@ impl Attention {
         let q = split_heads(head_norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), self.n_heads), self.n_heads);
         let k = split_heads(head_norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), self.n_kv_heads), self.n_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
-        let (q, k) = (rotary(q, cos, sin), rotary(k, cos, sin));
+        let (q, k) = (rotate_half(q, cos, sin), rotate_half(k, cos, sin));
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
@@ -403,24 +381,13 @@ impl Llama {
         t
     }
 
-    /// cos and sin `[B, 1, T, Dh]` for the given positions, computed in f32 as transformers does.
-    fn rope(&self, pos: Tensor<2, Int>, dtype: burn::tensor::DType) -> (Tensor<4>, Tensor<4>) {
-        let [b, t] = pos.dims();
-        let half = self.inv_freq.len();
-        let device = pos.device();
-        let inv = Tensor::<1>::from_data(TensorData::new(self.inv_freq.clone(), [half]), &device);
-        let freqs = pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half]);
-        let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
-        (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
-    }
-
     /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
     /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0), including the
     /// cached ones.
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let mut x = self.embed_tokens.forward(input_ids);
-        let (cos, sin) = self.rope(positions(mask, t), x.dtype());
+        let (cos, sin) = rotate_half_cos_sin(&self.inv_freq, positions(mask, t), x.dtype());
         let m = attention_mask(mask, t, &x.device());
         // Every sliding layer has the config's one window.
         let windowed = self.layers.iter().find_map(|l| l.self_attn.window).map(|w| sliding_window_mask(&m, w));
