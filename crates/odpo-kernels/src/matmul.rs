@@ -155,74 +155,56 @@ pub(crate) mod cube {
 /// gradients through the same product (burn's own `Matmul` step, without broadcasting).
 impl<B: Backend + ExactMatmulBackend, C: CheckpointStrategy> ExactMatmulBackend for Autodiff<B, C> {
     fn exact_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct ExactMatmul;
-
-        impl<B: Backend + ExactMatmulBackend> Backward<B, 2> for ExactMatmul {
-            type State = (Option<NodeId>, Option<NodeId>);
-
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-                let [node_lhs, node_rhs] = ops.parents;
-                let dy = grads.consume::<B>(&ops.node);
-                let (lhs, rhs) = ops.state;
-                // Each operand was kept exactly when the other one's gradient is wanted.
-                if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
-                    let rhs: FloatTensor<B> = checkpointer.retrieve_node_output(rhs);
-                    grads.register::<B>(node.id, B::exact_matmul(dy.clone(), B::float_transpose(rhs)));
-                }
-                if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
-                    let lhs: FloatTensor<B> = checkpointer.retrieve_node_output(lhs);
-                    grads.register::<B>(node.id, B::exact_matmul(B::float_transpose(lhs), dy));
-                }
-            }
-        }
-
-        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-        match ExactMatmul.prepare::<C>([lhs.node(), rhs.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                // Each operand is kept only for the other's gradient.
-                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
-                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
-                prep.finish((lhs_state, rhs_state), B::exact_matmul(lhs.into_primitive(), rhs.into_primitive()))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::exact_matmul(lhs.into_primitive(), rhs.into_primitive())),
-        }
+        record::<B, C>(ExactMatmul { rhs_transposed: false }, lhs, rhs)
     }
 
     fn exact_matmul_nt(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct ExactMatmulNt;
+        record::<B, C>(ExactMatmul { rhs_transposed: true }, lhs, rhs)
+    }
+}
 
-        impl<B: Backend + ExactMatmulBackend> Backward<B, 2> for ExactMatmulNt {
-            type State = (Option<NodeId>, Option<NodeId>);
+/// The backward step of `lhs · rhs`, or of `lhs · rhsᵀ` when `rhs_transposed`.
+#[derive(Debug)]
+struct ExactMatmul {
+    rhs_transposed: bool,
+}
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-                let [node_lhs, node_rhs] = ops.parents;
-                let dy = grads.consume::<B>(&ops.node);
-                let (lhs, rhs) = ops.state;
-                if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
-                    let rhs: FloatTensor<B> = checkpointer.retrieve_node_output(rhs);
-                    grads.register::<B>(node.id, B::exact_matmul(dy.clone(), rhs));
-                }
-                // `dyᵀ · lhs` `[N, K]`, laid out as `rhs` is: the transpose of `lhsᵀ · dy` would be
-                // a strided view, whose sum with the embedding's own gradient (a tied head) and
-                // every pass of the update would walk a 100 MB+ matrix column by column.
-                if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
-                    let lhs: FloatTensor<B> = checkpointer.retrieve_node_output(lhs);
-                    grads.register::<B>(node.id, B::exact_matmul(B::float_transpose(dy), lhs));
-                }
-            }
+impl<B: Backend + ExactMatmulBackend> Backward<B, 2> for ExactMatmul {
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_lhs, node_rhs] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (lhs, rhs) = ops.state;
+        // Each operand was kept exactly when the other one's gradient is wanted.
+        if let (Some(node), Some(rhs)) = (node_lhs, rhs) {
+            let rhs: FloatTensor<B> = checkpointer.retrieve_node_output(rhs);
+            let rhs = if self.rhs_transposed { rhs } else { B::float_transpose(rhs) };
+            grads.register::<B>(node.id, B::exact_matmul(dy.clone(), rhs));
         }
-
-        let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
-        match ExactMatmulNt.prepare::<C>([lhs.node(), rhs.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(mut prep) => {
-                let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
-                let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
-                prep.finish((lhs_state, rhs_state), B::exact_matmul_nt(lhs.into_primitive(), rhs.into_primitive()))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::exact_matmul_nt(lhs.into_primitive(), rhs.into_primitive())),
+        if let (Some(node), Some(lhs)) = (node_rhs, lhs) {
+            let lhs: FloatTensor<B> = checkpointer.retrieve_node_output(lhs);
+            // For `lhs · rhsᵀ`, `dyᵀ · lhs`, laid out as `rhs` is: the transpose of `lhsᵀ · dy`
+            // would be a strided view, whose sum with a tied embedding's own gradient and every
+            // pass of the update would walk a 100 MB+ matrix column by column.
+            let grad = if self.rhs_transposed { B::exact_matmul(B::float_transpose(dy), lhs) } else { B::exact_matmul(B::float_transpose(lhs), dy) };
+            grads.register::<B>(node.id, grad);
         }
+    }
+}
+
+/// `op`'s product of `lhs` and `rhs` on the inner backend, recorded with `op` as its backward step.
+fn record<B: Backend + ExactMatmulBackend, C: CheckpointStrategy>(op: ExactMatmul, lhs: FloatTensor<Autodiff<B, C>>, rhs: FloatTensor<Autodiff<B, C>>) -> FloatTensor<Autodiff<B, C>> {
+    let forward = if op.rhs_transposed { B::exact_matmul_nt } else { B::exact_matmul };
+    let (lhs_tracked, rhs_tracked) = (lhs.is_tracked(), rhs.is_tracked());
+    match op.prepare::<C>([lhs.node(), rhs.node()]).compute_bound().stateful() {
+        OpsKind::Tracked(mut prep) => {
+            // Each operand is kept only for the other's gradient.
+            let lhs_state = rhs_tracked.then(|| prep.checkpoint(&lhs));
+            let rhs_state = lhs_tracked.then(|| prep.checkpoint(&rhs));
+            prep.finish((lhs_state, rhs_state), forward(lhs.into_primitive(), rhs.into_primitive()))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(lhs.into_primitive(), rhs.into_primitive())),
     }
 }
 

@@ -324,7 +324,10 @@ fn softcap<const D: usize>(x: Tensor<D>, cap: f64) -> Tensor<D> {
 
 impl Attention {
     fn forward(&self, x: Tensor<3>, (cos, sin): (&Tensor<4>, &Tensor<4>), mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let norm = |n: Option<&Norm>, x: Tensor<3>, heads| n.map_or_else(|| x.clone(), |n| n.per_head(x.clone(), heads));
+        let norm = |n: Option<&Norm>, x: Tensor<3>, heads| match n {
+            Some(n) => n.per_head(x, heads),
+            None => x,
+        };
         let q = split_heads(norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), self.n_heads), self.n_heads);
         let k = split_heads(norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), self.n_kv_heads), self.n_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
