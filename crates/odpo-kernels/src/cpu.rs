@@ -171,11 +171,12 @@ pub(crate) mod flex {
         }
     }
 
-    /// `f` applied to the elements of `inputs` (f32 tensors of one shape), position by position,
-    /// into `M` new tensors of that shape, split over rayon's threads; `None` when an input is not
-    /// f32 or the shapes differ. One pass over each buffer, where burn-flex's element-wise
-    /// operations make one per operation, on one thread.
-    pub(crate) fn zip_map<const N: usize, const M: usize>(inputs: [&FlexTensor; N], f: impl Fn([f32; N]) -> [f32; M] + Sync) -> Option<[FlexTensor; M]> {
+    /// `f` applied to the elements of `inputs` (f32 tensors of one shape), a chunk of positions at
+    /// a time, into `M` new tensors of that shape, split over rayon's threads; `None` when an input
+    /// is not f32 or the shapes differ. `f` gets the same range of every input and output, all of
+    /// one length, so that its loop can run in vector lanes. One pass over each buffer, where
+    /// burn-flex's element-wise operations make one per operation, on one thread.
+    pub(crate) fn zip_chunks<const N: usize, const M: usize>(inputs: [&FlexTensor; N], f: impl Fn([&[f32]; N], [&mut [f32]; M]) + Sync) -> Option<[FlexTensor; M]> {
         use rayon::prelude::*;
 
         let shape = inputs.first()?.layout().shape().clone();
@@ -196,14 +197,10 @@ pub(crate) mod flex {
         // Per chunk of positions, the matching chunk of every output.
         let mut per_output: Vec<std::vec::IntoIter<&mut [f32]>> = outs.iter_mut().map(|o| o.chunks_mut(super::CHUNK).collect::<Vec<_>>().into_iter()).collect();
         let chunks: Vec<[&mut [f32]; M]> = (0..n.div_ceil(super::CHUNK)).map(|_| std::array::from_fn(|j| per_output[j].next().unwrap_or_default())).collect();
-        chunks.into_par_iter().enumerate().for_each(|(c, mut out)| {
+        chunks.into_par_iter().enumerate().for_each(|(c, out)| {
             let start = c * super::CHUNK;
-            for i in 0..out.first().map_or(0, |o| o.len()) {
-                let y = f(slices.map(|s| s[start + i]));
-                for (o, y) in out.iter_mut().zip(y) {
-                    o[i] = y;
-                }
-            }
+            let end = (start + super::CHUNK).min(n);
+            f(slices.map(|s| &s[start..end]), out);
         });
         Some(outs.map(|o| tensor(shape.clone(), o)))
     }

@@ -5,8 +5,8 @@
 //! recomputes its weights instead of keeping them ([`masked_attention`]; on flex one loop over the
 //! heads split over the CPU's threads, over blocks of query rows that skip the keys a causal mask
 //! hides), the rotary position
-//! embedding, RMSNorm and the SwiGLU gate each as one recorded operation ([`rotary`], [`rms_norm`],
-//! [`swiglu`]; on flex, one loop per pass split over the CPU's threads), the models' products with
+//! embedding, RMSNorm and the gated MLP unit (SwiGLU, GeGLU) each as one recorded operation ([`rotary`], [`rms_norm`],
+//! [`glu`]; on flex, one loop per pass split over the CPU's threads), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written
 //! into one allocation ([`matmul`], [`linear`]; [`matmul_nt`] for a tied LM head, whose gradient
 //! it writes in the embedding's own layout), and the update path: the AdamW step in one pass over
@@ -35,6 +35,7 @@ mod adamw_libtorch;
 mod attention;
 mod cpu;
 mod flat_adamw;
+mod glu;
 mod limits;
 mod matmul;
 mod quantized;
@@ -43,17 +44,16 @@ mod rotary;
 // The log-softmax loops run on CPU memory, which only flex and libtorch hand out.
 #[cfg(any(feature = "flex", feature = "tch"))]
 mod softmax;
-mod swiglu;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
+pub use glu::{Gate, GluBackend, glu};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};
-pub use swiglu::{SwigluBackend, swiglu};
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 #[cfg(feature = "tch")]
 pub use adamw_libtorch::fused_adamw_calls;

@@ -19,6 +19,7 @@ use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Bool, DType, Device, Int, Tensor};
+use odpo_kernels::Gate;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -345,11 +346,13 @@ impl Attention {
 }
 
 impl Mlp {
-    /// `down(gelu(gate(x)) · up(x))`.
+    /// `down(gelu(gate(x)) · up(x))`, the gate one recorded operation where the backend has
+    /// `odpo_kernels::glu`.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = self.gate_proj.forward(x.clone());
-        let g = if self.exact_gelu { gelu(g) } else { gelu_approximate(g) };
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        let (g, u) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let gate = if self.exact_gelu { Gate::Gelu } else { Gate::GeluTanh };
+        let y = odpo_kernels::glu(g.clone(), u.clone(), gate).unwrap_or_else(|| if self.exact_gelu { gelu(g) * u } else { gelu_approximate(g) * u });
+        self.down_proj.forward(y)
     }
 }
 

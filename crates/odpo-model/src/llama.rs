@@ -15,6 +15,7 @@ use burn::nn::{Embedding, RmsNorm};
 use crate::lora::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor};
+use odpo_kernels::Gate;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -297,10 +298,10 @@ impl Attention {
 
 impl Mlp {
     /// `down(silu(gate(x)) · up(x))`, the gate one recorded operation where the backend has
-    /// `odpo_kernels::swiglu`.
+    /// `odpo_kernels::glu`.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (g, u) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
-        self.down_proj.forward(odpo_kernels::swiglu(g.clone(), u.clone()).unwrap_or_else(|| silu(g) * u))
+        self.down_proj.forward(odpo_kernels::glu(g.clone(), u.clone(), Gate::Silu).unwrap_or_else(|| silu(g) * u))
     }
 }
 

@@ -1,7 +1,8 @@
-//! The layers the Llama family runs as one recorded operation each, `odpo_kernels::rotary`,
-//! `odpo_kernels::rms_norm` and `odpo_kernels::swiglu`, on the test device (flex by default; each
+//! The layers the Llama and Gemma families run as one recorded operation each, `odpo_kernels::rotary`,
+//! `odpo_kernels::rms_norm` and `odpo_kernels::glu`, on the test device (flex by default; each
 //! backend under `cargo xtask conformance`): their outputs and gradients equal the same formulas in
-//! burn tensor operations (for RMSNorm, burn's own `RmsNorm`; for SwiGLU, burn's `silu`) on the CPU.
+//! burn tensor operations (for RMSNorm, burn's own `RmsNorm`; for the gated units, burn's `silu`,
+//! `gelu_approximate` and `gelu`) on the CPU.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -87,30 +88,41 @@ fn rms_norm_values_and_gradients_match_burns_rms_norm() {
     close("dgamma", &ours.2, &burns.2, &device);
 }
 
-/// `odpo_kernels::swiglu` on the test device: its output and the gradients of the gate and the
-/// value equal burn's `silu(g) · u` on the CPU, over gates from deep in either tail of the sigmoid.
+/// `odpo_kernels::glu` on the test device, for each gate: its output and the gradients of the
+/// gate and the value equal burn's activation times the value on the CPU, over gates from deep in
+/// either tail of the sigmoid and of the normal distribution.
 #[test]
-fn swiglu_values_and_gradients_match_burns_silu_product() {
+fn gated_units_match_burns_activations() {
+    use burn::tensor::activation::{gelu, gelu_approximate, silu};
+    use odpo_kernels::Gate;
+
     let device = test_device().autodiff();
     let cpu = cpu(&device);
     let (b, t, d) = (2, 5, 24);
     let g = Tensor::<3>::random([b, t, d], Distribution::Uniform(-12.0, 12.0), &device);
     let u = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
     let dy = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
-    let run = |ours: bool| {
-        let on = if ours { &device } else { &cpu };
-        let g = Tensor::<3>::from_data(g.to_data(), on).require_grad();
-        let u = Tensor::<3>::from_data(u.to_data(), on).require_grad();
-        let y = if ours {
-            odpo_kernels::swiglu(g.clone(), u.clone()).unwrap_or_else(|| panic!("no swiglu extension on {device:?}"))
-        } else {
-            burn::tensor::activation::silu(g.clone()) * u.clone()
+    for gate in [Gate::Silu, Gate::GeluTanh, Gate::Gelu] {
+        let run = |ours: bool| {
+            let on = if ours { &device } else { &cpu };
+            let g = Tensor::<3>::from_data(g.to_data(), on).require_grad();
+            let u = Tensor::<3>::from_data(u.to_data(), on).require_grad();
+            let y = if ours {
+                odpo_kernels::glu(g.clone(), u.clone(), gate).unwrap_or_else(|| panic!("no glu extension on {device:?}"))
+            } else {
+                let a = match gate {
+                    Gate::Silu => silu(g.clone()),
+                    Gate::GeluTanh => gelu_approximate(g.clone()),
+                    Gate::Gelu => gelu(g.clone()),
+                };
+                a * u.clone()
+            };
+            let grads = (y.clone() * Tensor::<3>::from_data(dy.to_data(), on)).sum().backward();
+            (vec(y.inner()), vec(g.grad(&grads).expect("a gradient of g")), vec(u.grad(&grads).expect("a gradient of u")))
         };
-        let grads = (y.clone() * Tensor::<3>::from_data(dy.to_data(), on)).sum().backward();
-        (vec(y.inner()), vec(g.grad(&grads).expect("a gradient of g")), vec(u.grad(&grads).expect("a gradient of u")))
-    };
-    let (ours, burns) = (run(true), run(false));
-    close("y", &ours.0, &burns.0, &device);
-    close("dg", &ours.1, &burns.1, &device);
-    close("du", &ours.2, &burns.2, &device);
+        let (ours, burns) = (run(true), run(false));
+        close(&format!("{gate:?} y"), &ours.0, &burns.0, &device);
+        close(&format!("{gate:?} dg"), &ours.1, &burns.1, &device);
+        close(&format!("{gate:?} du"), &ours.2, &burns.2, &device);
+    }
 }

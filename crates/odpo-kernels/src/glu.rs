@@ -1,0 +1,462 @@
+//! The gated MLP unit of the Llama and Gemma families (Shazeer 2020, "GLU Variants Improve
+//! Transformer", arXiv:2002.05202; transformers' `LlamaMLP` / `GemmaMLP`:
+//! `act_fn(gate_proj(x)) * up_proj(x)`), as one differentiable operation:
+//!
+//! ```text
+//! y = a(g) · u
+//! ∂L/∂u = dy · a(g),                ∂L/∂g = dy · u · a′(g)
+//!
+//! SwiGLU (Llama):          a(g) = g · σ(g)                       a′ = σ + a · (1 − σ)
+//! GeGLU, tanh (Gemma):     a(g) = g/2 · (1 + t),                 a′ = (1 + t)/2 + g/2 · (1 − t²) · k · (1 + 3c·g²)
+//!                          t = tanh(k · (g + c·g³)), k = √(2/π), c = 0.044715
+//! GeGLU, exact:            a(g) = g · Φ(g),                      a′ = Φ(g) + g · φ(g)
+//! ```
+//!
+//! Written with burn tensor operations, SwiGLU is three recorded operations and the tanh GELU
+//! nine (burn's `gelu_approximate` is a power, a tanh and seven scalar and element-wise steps), each
+//! with its backward pass, then the two paths added into `g`. Here it is one recorded operation;
+//! on libtorch both passes are direct torch calls (`silu` / `gelu`, and `silu_backward` /
+//! `gelu_backward` for the gate's gradient, as PyTorch's autograd runs them), on flex one loop
+//! each over the f32 buffers, split over the CPU's threads. A model applies it in every layer, so
+//! on a GPU, where a small model's step waits on the host issuing operations, that is a few
+//! hundred operations fewer a step.
+
+// burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+#![cfg_attr(feature = "tch", allow(deprecated))]
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
+use burn::tensor::Tensor;
+
+/// The activation of a gated unit's gate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gate {
+    /// SiLU, `g · σ(g)` (SwiGLU; transformers' `silu`).
+    Silu,
+    /// GELU in its tanh approximation (GeGLU; transformers' `gelu_pytorch_tanh`, torch's
+    /// `gelu(approximate="tanh")`).
+    GeluTanh,
+    /// GELU through the error function, `g · Φ(g)` (transformers' `gelu`).
+    Gelu,
+}
+
+/// √(2/π), the tanh GELU's slope at the origin.
+const K: f64 = 0.797_884_560_802_865_4;
+/// The cubic term of the tanh GELU.
+const C: f64 = 0.044_715;
+/// 1/√(2π), the normal density at 0.
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
+/// `a(g) · u` for a gate `g` and a value `u` of one shape, differentiable with respect to both.
+#[backend_extension(Autodiff, Flex: cfg(feature = "flex"), LibTorch: cfg(feature = "tch"), Cube: cfg(feature = "cube"))]
+pub trait GluBackend: Backend {
+    /// `a(g) · u` for the gate's activation `a`.
+    fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
+        tensor_ops::<Self>(g, u, gate)
+    }
+
+    /// The gradients `(dg, du)` of [`Self::glu`] for the output gradient `dy`.
+    fn glu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        tensor_ops_backward::<Self>(g, u, dy, gate)
+    }
+}
+
+/// [`GluBackend::glu`] in the backend's tensor operations.
+fn tensor_ops<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>, gate: Gate) -> FloatTensor<B> {
+    B::float_mul(activation::<B>(g, gate), u)
+}
+
+/// `a(g)` in the backend's tensor operations.
+fn activation<B: Backend>(g: FloatTensor<B>, gate: Gate) -> FloatTensor<B> {
+    match gate {
+        Gate::Silu => B::float_mul(g.clone(), B::sigmoid(g)),
+        Gate::GeluTanh => {
+            let t = tanh_term::<B>(g.clone());
+            B::float_mul_scalar(B::float_mul(g, B::float_add_scalar(t, 1.0f64.into())), 0.5f64.into())
+        }
+        Gate::Gelu => B::gelu(g),
+    }
+}
+
+/// The tanh GELU's `t = tanh(k · g · (1 + c·g²))`.
+fn tanh_term<B: Backend>(g: FloatTensor<B>) -> FloatTensor<B> {
+    let g2 = B::float_mul(g.clone(), g.clone());
+    let inner = B::float_mul(g, B::float_add_scalar(B::float_mul_scalar(g2, C.into()), 1.0f64.into()));
+    B::float_tanh(B::float_mul_scalar(inner, K.into()))
+}
+
+/// [`GluBackend::glu_backward`] in the backend's tensor operations: `a(g)` and `a′(g)`, then the
+/// two products.
+fn tensor_ops_backward<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>, dy: FloatTensor<B>, gate: Gate) -> (FloatTensor<B>, FloatTensor<B>) {
+    let one = || 1.0f64.into();
+    let (a, slope) = match gate {
+        Gate::Silu => {
+            let s = B::sigmoid(g.clone());
+            let a = B::float_mul(g, s.clone());
+            // σ + a·(1 − σ)
+            let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), one());
+            let slope = B::float_add(s, B::float_mul(a.clone(), one_minus_s));
+            (a, slope)
+        }
+        Gate::GeluTanh => {
+            let t = tanh_term::<B>(g.clone());
+            let g2 = B::float_mul(g.clone(), g.clone());
+            let a = B::float_mul_scalar(B::float_mul(g.clone(), B::float_add_scalar(t.clone(), one())), 0.5f64.into());
+            // (1 + t)/2 + g/2 · (1 − t²) · k · (1 + 3c·g²)
+            let one_minus_t2 = B::float_add_scalar(B::float_neg(B::float_mul(t.clone(), t.clone())), one());
+            let d_inner = B::float_add_scalar(B::float_mul_scalar(g2, (3.0 * C).into()), one());
+            let tail = B::float_mul_scalar(B::float_mul(B::float_mul(g, one_minus_t2), d_inner), (0.5 * K).into());
+            let slope = B::float_add(B::float_mul_scalar(B::float_add_scalar(t, one()), 0.5f64.into()), tail);
+            (a, slope)
+        }
+        Gate::Gelu => {
+            // Φ(g) = (1 + erf(g/√2))/2, φ(g) = e^(−g²/2)/√(2π)
+            let cdf = B::float_mul_scalar(B::float_add_scalar(B::float_erf(B::float_mul_scalar(g.clone(), std::f64::consts::FRAC_1_SQRT_2.into())), one()), 0.5f64.into());
+            let pdf = B::float_mul_scalar(B::float_exp(B::float_mul_scalar(B::float_mul(g.clone(), g.clone()), (-0.5f64).into())), INV_SQRT_2PI.into());
+            let a = B::float_mul(g.clone(), cdf.clone());
+            (a, B::float_add(cdf, B::float_mul(g, pdf)))
+        }
+    };
+    let du = B::float_mul(dy.clone(), a);
+    let dg = B::float_mul(B::float_mul(dy, u), slope);
+    (dg, du)
+}
+
+/// The flex loops: the activation and its slope at one f32 value, and the passes over a chunk of
+/// positions. SiLU and the tanh GELU take the crate's polynomial `exp` (no libm call), so that the
+/// loops run in vector lanes; on x86-64 in a copy compiled for AVX2 + FMA where the CPU has them.
+#[cfg(feature = "flex")]
+mod loops {
+    use super::{C, Gate, INV_SQRT_2PI, K};
+    use crate::softmax::{exp, has_avx2};
+
+    /// σ(x) from `e = e^(−|x|)`, which cannot overflow: `1/(1 + e)`, or `e/(1 + e)` for negative x.
+    #[inline(always)]
+    fn sigmoid(x: f32) -> f32 {
+        let e = exp(-x.abs());
+        let inv = 1.0 / (1.0 + e);
+        if x >= 0.0 { inv } else { e * inv }
+    }
+
+    /// `(t, 1 − t²)` for `t = tanh(k · x · (1 + c·x²))`, from `e = e^(−2|z|)`: `|t| = (1 − e)/(1 + e)`
+    /// and `1 − t² = 4e/(1 + e)²`, which keeps its digits where t rounds to ±1.
+    #[inline(always)]
+    fn tanh_term(x: f32) -> (f32, f32) {
+        let z = K as f32 * x * (1.0 + C as f32 * x * x);
+        let e = exp(-2.0 * z.abs());
+        let inv = 1.0 / (1.0 + e);
+        (((1.0 - e) * inv).copysign(z), 4.0 * e * inv * inv)
+    }
+
+    /// `Φ(x)`, the standard normal distribution function.
+    #[inline(always)]
+    fn cdf(x: f32) -> f32 {
+        0.5 * (1.0 + libm::erff(x * std::f32::consts::FRAC_1_SQRT_2))
+    }
+
+    /// `a(x)`.
+    #[inline(always)]
+    pub(super) fn activation(gate: Gate, x: f32) -> f32 {
+        match gate {
+            Gate::Silu => x * sigmoid(x),
+            Gate::GeluTanh => 0.5 * x * (1.0 + tanh_term(x).0),
+            Gate::Gelu => x * cdf(x),
+        }
+    }
+
+    /// `(a(x), a′(x))`.
+    #[inline(always)]
+    pub(super) fn with_slope(gate: Gate, x: f32) -> (f32, f32) {
+        match gate {
+            Gate::Silu => {
+                let s = sigmoid(x);
+                let a = x * s;
+                (a, s + a * (1.0 - s))
+            }
+            Gate::GeluTanh => {
+                let (t, one_minus_t2) = tanh_term(x);
+                let half = 0.5 * (1.0 + t);
+                (x * half, half + 0.5 * x * one_minus_t2 * K as f32 * (1.0 + 3.0 * C as f32 * x * x))
+            }
+            Gate::Gelu => {
+                let p = cdf(x);
+                (x * p, p + x * INV_SQRT_2PI as f32 * exp(-0.5 * x * x))
+            }
+        }
+    }
+
+    /// `y = a(g) · u`, the gate matched once outside the loop.
+    #[inline(always)]
+    pub(super) fn forward_any(gate: Gate, g: &[f32], u: &[f32], y: &mut [f32]) {
+        #[inline(always)]
+        fn each(g: &[f32], u: &[f32], y: &mut [f32], gate: Gate) {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = activation(gate, g) * u;
+            }
+        }
+        match gate {
+            Gate::Silu => each(g, u, y, Gate::Silu),
+            Gate::GeluTanh => each(g, u, y, Gate::GeluTanh),
+            Gate::Gelu => each(g, u, y, Gate::Gelu),
+        }
+    }
+
+    /// `dg = dy · u · a′(g)`, `du = dy · a(g)`.
+    #[inline(always)]
+    pub(super) fn backward_any(gate: Gate, [g, u, dy]: [&[f32]; 3], dg: &mut [f32], du: &mut [f32]) {
+        #[inline(always)]
+        fn each([g, u, dy]: [&[f32]; 3], dg: &mut [f32], du: &mut [f32], gate: Gate) {
+            for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
+                let (a, slope) = with_slope(gate, g);
+                *dg = dy * u * slope;
+                *du = dy * a;
+            }
+        }
+        match gate {
+            Gate::Silu => each([g, u, dy], dg, du, Gate::Silu),
+            Gate::GeluTanh => each([g, u, dy], dg, du, Gate::GeluTanh),
+            Gate::Gelu => each([g, u, dy], dg, du, Gate::Gelu),
+        }
+    }
+
+    /// The loops compiled for AVX2 + FMA.
+    #[cfg(target_arch = "x86_64")]
+    mod avx2 {
+        use super::Gate;
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) fn forward(gate: Gate, g: &[f32], u: &[f32], y: &mut [f32]) {
+            super::forward_any(gate, g, u, y);
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(super) fn backward(gate: Gate, inputs: [&[f32]; 3], dg: &mut [f32], du: &mut [f32]) {
+            super::backward_any(gate, inputs, dg, du);
+        }
+    }
+
+    /// [`forward_any`], in the AVX2 copy where the CPU has it.
+    #[allow(unsafe_code)]
+    pub(super) fn forward(gate: Gate, g: &[f32], u: &[f32], y: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { avx2::forward(gate, g, u, y) };
+        }
+        forward_any(gate, g, u, y);
+    }
+
+    /// [`backward_any`], in the AVX2 copy where the CPU has it.
+    #[allow(unsafe_code)]
+    pub(super) fn backward(gate: Gate, inputs: [&[f32]; 3], dg: &mut [f32], du: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { avx2::backward(gate, inputs, dg, du) };
+        }
+        backward_any(gate, inputs, dg, du);
+    }
+}
+
+/// flex: each pass one loop over its f32 buffers, in vector lanes, split over rayon's threads
+/// (burn-flex's element-wise operations make a pass and a buffer per operation, on one thread).
+/// Half precision takes the tensor operations.
+#[cfg(feature = "flex")]
+impl GluBackend for burn::backend::Flex {
+    fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
+        match crate::cpu::flex::zip_chunks([&g, &u], |[g, u], [y]| loops::forward(gate, g, u, y)) {
+            Some([y]) => y,
+            None => tensor_ops::<Self>(g, u, gate),
+        }
+    }
+
+    fn glu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match crate::cpu::flex::zip_chunks([&g, &u, &dy], |inputs, [dg, du]| loops::backward(gate, inputs, dg, du)) {
+            Some([dg, du]) => (dg, du),
+            None => tensor_ops_backward::<Self>(g, u, dy, gate),
+        }
+    }
+}
+
+#[cfg(feature = "cube")]
+impl GluBackend for burn::backend::Cube {}
+
+/// libtorch: torch's activation and its backward kernel, as PyTorch's autograd runs transformers'
+/// MLP.
+#[cfg(feature = "tch")]
+impl GluBackend for burn::backend::LibTorch {
+    fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
+        let mut y = torch::activation(&g.tensor, gate);
+        y *= &u.tensor;
+        burn::backend::libtorch::TchTensor::new(y)
+    }
+
+    fn glu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (g, u, dy) = (&g.tensor, &u.tensor, &dy.tensor);
+        let du = dy * torch::activation(g, gate);
+        let dy_u = dy * u;
+        let dg = match gate {
+            Gate::Silu => g.silu_backward(&dy_u),
+            Gate::GeluTanh => g.gelu_backward(&dy_u, "tanh"),
+            Gate::Gelu => g.gelu_backward(&dy_u, "none"),
+        };
+        (burn::backend::libtorch::TchTensor::new(dg), burn::backend::libtorch::TchTensor::new(du))
+    }
+}
+
+#[cfg(feature = "tch")]
+mod torch {
+    use super::Gate;
+
+    /// torch's kernel for `a(g)`.
+    pub(super) fn activation(g: &tch::Tensor, gate: Gate) -> tch::Tensor {
+        match gate {
+            Gate::Silu => g.silu(),
+            Gate::GeluTanh => g.gelu("tanh"),
+            Gate::Gelu => g.gelu("none"),
+        }
+    }
+}
+
+/// Autodiff: the inner backend's unit, recorded as one operation whose state is its inputs.
+impl<B: Backend + GluBackend, C: CheckpointStrategy> GluBackend for Autodiff<B, C> {
+    fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct Glu(Gate);
+
+        impl<B: Backend + GluBackend> Backward<B, 2> for Glu {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+                let [node_g, node_u] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (g, u) = ops.state;
+                let (dg, du) = B::glu_backward(g, u, dy, self.0);
+                for (node, grad) in [(node_g, dg), (node_u, du)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        let (gp, up) = (g.primitive().clone(), u.primitive().clone());
+        match Glu(gate).prepare::<C>([g.node(), u.node()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::glu(gp.clone(), up.clone(), gate);
+                prep.finish((gp, up), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::glu(gp, up, gate)),
+        }
+    }
+}
+
+/// Where the extension has a body: every backend this project builds.
+const REACH: crate::Reach = crate::Reach { flex: true, libtorch: true, cube: true };
+
+/// `a(g) · u` for a gate and a value of one shape, through the extension where the backend has
+/// it, and `None` where it does not (the caller writes it in tensor operations). See the module docs.
+pub fn glu<const D: usize>(g: Tensor<D>, u: Tensor<D>, gate: Gate) -> Option<Tensor<D>> {
+    if !crate::extended(&g.clone().into_dispatch().kind, REACH) {
+        return None;
+    }
+    let out = <Dispatch as GluBackend>::glu(g.into_dispatch(), u.into_dispatch(), gate);
+    Some(Tensor::from_dispatch(out))
+}
+
+#[cfg(all(test, feature = "flex"))]
+#[allow(clippy::expect_used)]
+mod tests {
+    use burn::backend::Flex;
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::ops::FloatTensorOps;
+    use burn::tensor::TensorData;
+
+    use super::*;
+    use crate::cpu::flex::testing::{values, wave};
+
+    /// The unit and its slope in f64, from the definitions (the error function by its series, so
+    /// that nothing is shared with the code under test).
+    fn reference(gate: Gate, x: f64) -> (f64, f64) {
+        let h = 1e-6;
+        let a = |x: f64| match gate {
+            Gate::Silu => x / (1.0 + (-x).exp()),
+            Gate::GeluTanh => 0.5 * x * (1.0 + (K * (x + C * x.powi(3))).tanh()),
+            Gate::Gelu => x * 0.5 * (1.0 + erf(x / 2f64.sqrt())),
+        };
+        // The slope by a central difference, checking the hand-derived formulas.
+        (a(x), (a(x + h) - a(x - h)) / (2.0 * h))
+    }
+
+    /// erf by its Maclaurin series below 2.5, where its terms stay small, and above by the
+    /// continued fraction of erfc, `e^(−x²)/√π · 1/(x + ½/(x + 1/(x + 3⁄2/(x + …))))`.
+    fn erf(x: f64) -> f64 {
+        let z = x.abs();
+        let erf_z = if z < 2.5 {
+            let (mut term, mut sum, mut n) = (z, z, 0.0);
+            while term.abs() > 1e-18 {
+                n += 1.0;
+                term *= -z * z / n;
+                sum += term / (2.0 * n + 1.0);
+            }
+            sum * 2.0 / std::f64::consts::PI.sqrt()
+        } else {
+            let f = (1..=80).rev().fold(z, |f, k| z + f64::from(k) / 2.0 / f);
+            1.0 - (-z * z).exp() / std::f64::consts::PI.sqrt() / f
+        };
+        erf_z.copysign(x)
+    }
+
+    /// The flex loops and the tensor-operation form (what the cubecl backends run) against the
+    /// definitions in f64, for every gate, over more elements than one rayon task takes, with the
+    /// value a transposed view, and gates deep in both tails.
+    #[test]
+    fn both_forms_match_the_definitions_for_every_gate() {
+        let (rows, cols) = (300, 256);
+        let gs = wave(rows * cols, 1, 9.0);
+        let (us_t, dys) = (wave(rows * cols, 2, 1.0), wave(rows * cols, 3, 1.0));
+        let g = FlexTensor::from_data(TensorData::new(gs.clone(), [rows, cols]));
+        let u = Flex::float_transpose(FlexTensor::from_data(TensorData::new(us_t.clone(), [cols, rows])));
+        let dy = FlexTensor::from_data(TensorData::new(dys.clone(), [rows, cols]));
+        assert!(u.as_slice::<f32>().is_none(), "the value is a strided view");
+        let us = values(&u);
+        for gate in [Gate::Silu, Gate::GeluTanh, Gate::Gelu] {
+            let loops = (values(&<Flex as GluBackend>::glu(g.clone(), u.clone(), gate)), <Flex as GluBackend>::glu_backward(g.clone(), u.clone(), dy.clone(), gate));
+            let ops = (values(&tensor_ops::<Flex>(g.clone(), u.clone(), gate)), tensor_ops_backward::<Flex>(g.clone(), u.clone(), dy.clone(), gate));
+            for (form, (y, (dg, du))) in [("loops", loops), ("tensor ops", ops)] {
+                let (dg, du) = (values(&dg), values(&du));
+                for i in 0..rows * cols {
+                    let (x, uu, d) = (f64::from(gs[i]), f64::from(us[i]), f64::from(dys[i]));
+                    let (a, slope) = reference(gate, x);
+                    for (what, ours, want) in [("y", y[i], a * uu), ("dg", dg[i], d * uu * slope), ("du", du[i], d * a)] {
+                        let tol = 2e-6 * (1.0 + want.abs() + x.abs());
+                        assert!((f64::from(ours) - want).abs() <= tol, "{gate:?} {form} {what}[{i}] at g = {x}: {ours} against {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 copy of the loops gives the baseline loops' values bit for bit, and both stay
+    /// finite far into the tails, where `e^(−x)` would overflow.
+    #[test]
+    fn the_baseline_loops_agree_with_the_dispatched_ones() {
+        let n = 4099;
+        let (g, u, dy) = (wave(n, 1, 60.0), wave(n, 2, 1.0), wave(n, 3, 1.0));
+        for gate in [Gate::Silu, Gate::GeluTanh, Gate::Gelu] {
+            let (mut base, mut dispatched) = (vec![0f32; n], vec![0f32; n]);
+            loops::forward_any(gate, &g, &u, &mut base);
+            loops::forward(gate, &g, &u, &mut dispatched);
+            assert_eq!(base, dispatched, "{gate:?} y");
+            let (mut base_dg, mut base_du, mut dg, mut du) = (vec![0f32; n], vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            loops::backward_any(gate, [&g, &u, &dy], &mut base_dg, &mut base_du);
+            loops::backward(gate, [&g, &u, &dy], &mut dg, &mut du);
+            assert_eq!((&base_dg, &base_du), (&dg, &du), "{gate:?} dg, du");
+            assert!(base.iter().chain(&dg).chain(&du).all(|v| v.is_finite()), "{gate:?}: a value is not finite");
+        }
+    }
+}
