@@ -4,9 +4,10 @@
 //! backward pass keeps the weight quantised ([`dequantized_matmul`]), attention whose backward pass
 //! recomputes its weights instead of keeping them ([`masked_attention`]; on flex one loop over the
 //! heads split over the CPU's threads, over blocks of query rows that skip the keys a causal mask
-//! hides), the rotary position
-//! embedding, RMSNorm and the gated MLP unit (SwiGLU, GeGLU) each as one recorded operation ([`rotary`], [`rms_norm`],
-//! [`glu`]; on flex, one loop per pass split over the CPU's threads), the models' products with
+//! hides), the rotary position embedding, RMSNorm and the gated MLP unit (SwiGLU, GeGLU) each as
+//! one recorded operation ([`rotary`], [`rms_norm`], [`glu`]; on flex, one loop per pass split over
+//! the CPU's threads), the token embedding lookup whose backward pass on flex touches only the
+//! rows the batch used ([`embedding`]), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written
 //! into one allocation ([`matmul`], [`linear`]; [`matmul_nt`] for a tied LM head, whose gradient
 //! it writes in the embedding's own layout), and the update path: the AdamW step in one pass over
@@ -34,6 +35,7 @@
 mod adamw_libtorch;
 mod attention;
 mod cpu;
+mod embedding;
 mod flat_adamw;
 mod glu;
 mod limits;
@@ -47,6 +49,7 @@ mod softmax;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
+pub use embedding::{EmbeddingBackend, embedding};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use glu::{Gate, GluBackend, glu};
 pub use limits::max_buffer_bytes;

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, capped_attention, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, capped_attention, embed, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
 use crate::lora::Linear;
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
@@ -472,7 +472,7 @@ impl Gemma {
     /// including the cached ones.
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
-        let x = self.embed_tokens.forward(input_ids);
+        let x = embed(&self.embed_tokens, input_ids);
         let mut x = x.mul_scalar(self.embed_scale);
         let pos = positions(mask, t);
         let full = rotate_half_cos_sin(&self.inv_freq, pos.clone(), x.dtype());

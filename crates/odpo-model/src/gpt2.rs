@@ -14,7 +14,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::layers::{KvCache, tied_head, attention_mask, grouped_attention, merge_heads, positions, split_heads};
+use crate::layers::{KvCache, attention_mask, embed, grouped_attention, merge_heads, positions, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -199,7 +199,7 @@ impl Gpt2 {
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let pos = positions(mask, t);
-        let mut x = self.wte.forward(input_ids) + self.wpe.forward(pos);
+        let mut x = embed(&self.wte, input_ids) + self.wpe.forward(pos);
         let m = attention_mask(mask, t, &x.device());
         for (i, block) in self.h.iter().enumerate() {
             let a = block.attn.forward(block.ln_1.forward(x.clone()), &m, i, cache.as_deref_mut());

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, sliding_window_mask, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, embed, grouped_attention, linear_3d, merge_heads, positions, sliding_window_mask, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -249,7 +249,7 @@ impl GptNeo {
     /// cached ones.
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
-        let mut x = self.wte.forward(input_ids) + self.wpe.forward(positions(mask, t));
+        let mut x = embed(&self.wte, input_ids) + self.wpe.forward(positions(mask, t));
         let global = attention_mask(mask, t, &x.device());
         // Every local layer has the config's one window.
         let local = self.h.iter().find_map(|b| b.attn.window).map(|window| sliding_window_mask(&global, window));

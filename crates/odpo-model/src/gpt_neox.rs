@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, rotary_cos_sin, tied_head};
+use crate::layers::{KvCache, attention_mask, embed, grouped_attention, linear_3d, merge_heads, positions, rotary_cos_sin, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -267,7 +267,7 @@ impl GptNeox {
     /// cached ones.
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
-        let mut x = self.embed_in.forward(input_ids);
+        let mut x = embed(&self.embed_in, input_ids);
         let (cos, sin) = rotary_cos_sin(positions(mask, t), self.rotary_ndims.max(2), self.theta, x.dtype());
         // transformers' cat((freqs, freqs), -1): the halves of the rotated dims share angles.
         let (cos, sin) = (Tensor::cat(vec![cos.clone(), cos], 3), Tensor::cat(vec![sin.clone(), sin], 3));

@@ -15,7 +15,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, rotary_cos_sin, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, embed, grouped_attention, linear_3d, merge_heads, positions, rotary_cos_sin, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -230,7 +230,7 @@ impl Gptj {
     /// cached ones.
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [b, t] = input_ids.dims();
-        let mut x = self.wte.forward(input_ids);
+        let mut x = embed(&self.wte, input_ids);
         let (cos, sin) = rotary_cos_sin(positions(mask, t), self.rotary_dim, 10_000.0, x.dtype());
         // transformers' repeat_interleave(2): each angle covers one interleaved pair.
         let half = self.rotary_dim / 2;

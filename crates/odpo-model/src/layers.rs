@@ -145,6 +145,12 @@ pub fn parameter_count<M: Module>(module: &M) -> usize {
     module.num_params()
 }
 
+/// The token embeddings of `ids` `[B, T]`, `[B, T, D]`; on flex the backward pass touches only
+/// the rows of the vocabulary that `ids` holds (`odpo_kernels::embedding`).
+pub(crate) fn embed(embedding: &burn::nn::Embedding, ids: Tensor<2, Int>) -> Tensor<3> {
+    odpo_kernels::embedding(embedding.weight.val(), ids.clone()).unwrap_or_else(|| embedding.forward(ids))
+}
+
 /// `x · Wᵀ` for a tied LM head: `x` is `[B, T, D]`, `embedding` `[V, D]`; a 2D matmul, which
 /// every backend runs at its best, whose backward pass writes the embedding's gradient `[V, D]` as
 /// the embedding is laid out (`odpo_kernels::matmul_nt`).

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
-use crate::layers::{KvCache, attention_mask, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
+use crate::layers::{KvCache, attention_mask, embed, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 
@@ -387,7 +387,7 @@ impl Llama {
     /// cached ones.
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
-        let mut x = self.embed_tokens.forward(input_ids);
+        let mut x = embed(&self.embed_tokens, input_ids);
         let (cos, sin) = rotate_half_cos_sin(&self.inv_freq, positions(mask, t), x.dtype());
         let m = attention_mask(mask, t, &x.device());
         // Every sliding layer has the config's one window.
