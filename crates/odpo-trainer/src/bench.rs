@@ -195,6 +195,8 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         // The update is queued: wait for it, and count the wait as the optimizer's.
         sync(&trainer.policy);
         let total = t.elapsed().as_secs_f64();
+        let p = &stats.phases;
+        tracing::debug!(step = i, warmup = i < b.warmup, seconds = total, reference = p.reference, policy_forward = p.policy_forward, backward = p.backward, "bench step");
         if i >= b.warmup {
             secs.push(total);
             let p = stats.phases;
