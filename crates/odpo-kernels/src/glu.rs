@@ -75,16 +75,15 @@ fn activation<B: Backend>(g: FloatTensor<B>, gate: Gate) -> FloatTensor<B> {
     match gate {
         Gate::Silu => B::float_mul(g.clone(), B::sigmoid(g)),
         Gate::GeluTanh => {
-            let t = tanh_term::<B>(g.clone());
+            let t = tanh_term::<B>(g.clone(), B::float_mul(g.clone(), g.clone()));
             B::float_mul_scalar(B::float_mul(g, B::float_add_scalar(t, 1.0f64.into())), 0.5f64.into())
         }
         Gate::Gelu => B::gelu(g),
     }
 }
 
-/// The tanh GELU's `t = tanh(k · g · (1 + c·g²))`.
-fn tanh_term<B: Backend>(g: FloatTensor<B>) -> FloatTensor<B> {
-    let g2 = B::float_mul(g.clone(), g.clone());
+/// The tanh GELU's `t = tanh(k · g · (1 + c·g²))`, for `g` and `g2 = g²`.
+fn tanh_term<B: Backend>(g: FloatTensor<B>, g2: FloatTensor<B>) -> FloatTensor<B> {
     let inner = B::float_mul(g, B::float_add_scalar(B::float_mul_scalar(g2, C.into()), 1.0f64.into()));
     B::float_tanh(B::float_mul_scalar(inner, K.into()))
 }
@@ -103,8 +102,8 @@ fn tensor_ops_backward<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>, dy: Flo
             (a, slope)
         }
         Gate::GeluTanh => {
-            let t = tanh_term::<B>(g.clone());
             let g2 = B::float_mul(g.clone(), g.clone());
+            let t = tanh_term::<B>(g.clone(), g2.clone());
             let a = B::float_mul_scalar(B::float_mul(g.clone(), B::float_add_scalar(t.clone(), one())), 0.5f64.into());
             // (1 + t)/2 + g/2 · (1 − t²) · k · (1 + 3c·g²)
             let one_minus_t2 = B::float_add_scalar(B::float_neg(B::float_mul(t.clone(), t.clone())), one());

@@ -351,7 +351,7 @@ impl Mlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let (g, u) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
         let gate = if self.exact_gelu { Gate::Gelu } else { Gate::GeluTanh };
-        let y = odpo_kernels::glu(g.clone(), u.clone(), gate).unwrap_or_else(|| if self.exact_gelu { gelu(g) * u } else { gelu_approximate(g) * u });
+        let y = odpo_kernels::glu(g.clone(), u.clone(), gate).unwrap_or_else(|| (if self.exact_gelu { gelu(g) } else { gelu_approximate(g) }) * u);
         self.down_proj.forward(y)
     }
 }
