@@ -36,7 +36,7 @@ enum Task {
     /// PyTorch (bench/pytorch/step.py, python from $ODPO_PYTHON or `python3`) runs after each row, and the
     /// table shows the ratio.
     Bench(BenchArgs),
-    /// The conformance suite on one backend or several: the model parity fixtures (fifteen tiny
+    /// The conformance suite on one backend or several: the model parity fixtures (seventeen tiny
     /// random models against transformers), the loss fixtures (against PyTorch), three ODPO training steps against
     /// PyTorch, data-parallel and mixed-precision training, f32 products exact to f32 rounding. [--backend B] or [--backend B1,B2]: one
     /// build with every named backend's feature, the suites run once per backend. [--also-build B3]:

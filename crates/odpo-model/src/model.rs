@@ -316,7 +316,7 @@ impl CausalLm {
     pub fn load_with(path: &Path, device: &Device, quantized_base: bool) -> Result<LoadedModel> {
         let quantize = |w: Weights| if quantized_base { w.quantizing_projections() } else { w };
         if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
-            let (config_json, tensors, blocks) = crate::gguf::load_llama_blocks_as_hf(path, quantized_base)?;
+            let (config_json, tensors, blocks) = crate::gguf::load_blocks_as_hf(path, quantized_base)?;
             let config = ModelConfig::from_hf_json(&config_json, path)?;
             let mut weights = quantize(Weights::new(path, tensors).with_blocks(blocks));
             let model = Self::from_weights(&config, &mut weights, device)?;

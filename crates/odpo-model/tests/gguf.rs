@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use odpo_model::gguf::{GgufError, GgufFile, GgufValue, HostTensor, load_llama_as_hf, load_llama_blocks_as_hf};
+use odpo_model::gguf::{GgufError, GgufFile, GgufValue, HostTensor, load_as_hf, load_blocks_as_hf};
 
 #[path = "common/env.rs"]
 mod env;
@@ -91,8 +91,8 @@ fn blocks_hold_gguf_pys_values() {
 #[test]
 fn kept_blocks_are_unpermuted_like_the_weights() {
     let Some(gguf) = shared_file("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
-    let (_, plain) = load_llama_as_hf(&gguf).unwrap();
-    let (_, rest, blocks) = load_llama_blocks_as_hf(&gguf, true).unwrap();
+    let (_, plain) = load_as_hf(&gguf).unwrap();
+    let (_, rest, blocks) = load_blocks_as_hf(&gguf, true).unwrap();
     assert_eq!(blocks.len(), 30 * 7, "every projection of 30 layers is kept in blocks");
     assert_eq!(rest.len() + blocks.len(), plain.len());
     for (name, b) in &blocks {
@@ -102,7 +102,7 @@ fn kept_blocks_are_unpermuted_like_the_weights() {
 
 #[test]
 fn tiny_llama_unpermutes_to_the_hf_weights() {
-    let (config, weights) = load_llama_as_hf(&fixture("tiny_llama.gguf")).unwrap();
+    let (config, weights) = load_as_hf(&fixture("tiny_llama.gguf")).unwrap();
     let expected = read_safetensors(&fixture("tiny_llama_hf.safetensors"));
     assert_eq!(
         weights.keys().collect::<Vec<_>>(),
@@ -126,7 +126,7 @@ fn tiny_llama_unpermutes_to_the_hf_weights() {
 #[test]
 fn tiny_qwen_files_read_back_as_their_hf_checkpoints() {
     for (file, case, extra) in [("tiny_qwen2.gguf", "qwen2_bias", "model.layers.1.self_attn.k_proj.bias"), ("tiny_qwen3.gguf", "qwen3_qk_norm", "model.layers.1.self_attn.k_norm.weight")] {
-        let (config, weights) = load_llama_as_hf(&fixture(file)).unwrap();
+        let (config, weights) = load_as_hf(&fixture(file)).unwrap();
         let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case);
         let expected = read_safetensors(&hf.join("model.safetensors"));
         assert_eq!(weights.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{file}");
@@ -144,6 +144,51 @@ fn tiny_qwen_files_read_back_as_their_hf_checkpoints() {
         assert_eq!(config["head_dim"], head_dim, "{file}");
         assert_eq!(config["rope_theta"], want["rope_parameters"]["rope_theta"], "{file}");
         assert_eq!(config["rms_norm_eps"].as_f64().map(|e| e as f32), want["rms_norm_eps"].as_f64().map(|e| e as f32), "{file}");
+    }
+}
+
+/// Gemma, Gemma 2 and Gemma 3 files as llama.cpp's converter writes them give back the
+/// transformers fixtures they were made from: every tensor under its HF name (the norms, stored as
+/// `1 + w`, within an ulp of 1), and the config keys that shape the model, including those llama.cpp
+/// fixes by architecture rather than reading from the file.
+#[test]
+fn tiny_gemma_files_read_back_as_their_hf_checkpoints() {
+    for (file, case) in [("tiny_gemma.gguf", "gemma"), ("tiny_gemma2.gguf", "gemma2_llamacpp"), ("tiny_gemma3.gguf", "gemma3_llamacpp")] {
+        let (config, weights) = load_as_hf(&fixture(file)).unwrap();
+        let hf = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case);
+        let expected = read_safetensors(&hf.join("model.safetensors"));
+        assert_eq!(weights.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>(), "{file}");
+        for (name, (shape, want)) in &expected {
+            if name.ends_with("norm.weight") {
+                let got = &weights[name];
+                assert_eq!(&got.shape, shape, "{name}");
+                let diff = got.data.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                assert!(diff <= f32::EPSILON, "{file}: {name} differs by {diff}");
+                assert!(want.iter().any(|w| w.abs() > 0.05), "{file}: {name} is not centred on zero");
+            } else {
+                assert_bitwise(name, &weights[name], shape, want);
+            }
+        }
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+        for key in ["architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"] {
+            assert_eq!(config[key], want[key], "{file}: config `{key}`");
+        }
+        if case != "gemma" {
+            for key in ["query_pre_attn_scalar", "sliding_window", "final_logit_softcapping", "attn_logit_softcapping"] {
+                assert_eq!(config[key], want[key], "{file}: config `{key}`");
+            }
+        }
+        if case == "gemma3_llamacpp" {
+            let full = &want["rope_parameters"]["full_attention"];
+            assert_eq!(config["rope_theta"], full["rope_theta"], "{file}");
+            assert_eq!(config["rope_scaling"], serde_json::json!({"rope_type": "linear", "factor": full["factor"]}), "{file}");
+            assert_eq!(config["rope_local_base_freq"], want["rope_parameters"]["sliding_attention"]["rope_theta"], "{file}");
+            // Not stored in the file: the pattern llama.cpp fixes for Gemma 3, which is the one the
+            // fixture's layers follow.
+            let types: Vec<&str> = want["layer_types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+            assert_eq!(types.iter().position(|t| *t == "full_attention"), Some(5), "{file}: {types:?}");
+            assert_eq!(config["sliding_window_pattern"], 6, "{file}");
+        }
     }
 }
 
@@ -191,11 +236,11 @@ fn corrupt_files_give_clear_errors() {
         assert_eq!(err, format!("{}: {message}", path.display()));
     }
     let path = fixture("corrupt/not_llama.gguf");
-    let err = load_llama_as_hf(&path).unwrap_err().to_string();
+    let err = load_as_hf(&path).unwrap_err().to_string();
     assert_eq!(
         err,
         format!(
-            "{}: architecture `gpt2` is not supported (expected `llama`, `qwen2` or `qwen3`)",
+            "{}: architecture `gpt2` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3`)",
             path.display()
         )
     );
@@ -284,7 +329,7 @@ fn scribbled_headers_never_panic() {
         // Any result will do, as long as it is a result.
         for_each_variant("scribbled", name, variants, |_, path| {
             let _ = open_and_read_all(path);
-            let _ = load_llama_as_hf(path);
+            let _ = load_as_hf(path);
         });
     }
 }
@@ -307,7 +352,7 @@ fn smollm2_q4_1_matches_transformers() {
     let rel = "models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
     let Some(gguf) = shared_file(rel) else { return };
     let dir = gguf.parent().unwrap();
-    let (config, weights) = load_llama_as_hf(&gguf).unwrap();
+    let (config, weights) = load_as_hf(&gguf).unwrap();
 
     let hf: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();

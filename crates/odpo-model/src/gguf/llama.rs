@@ -4,15 +4,13 @@
 //! those rows only for the `llama` architecture, whose rotation it computes on adjacent pairs; for
 //! Qwen2 and Qwen3 it rotates halves as HF does and stores the rows as they are.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{GgufError, GgufFile, GgufValue, HostTensor, meta_err, tensor_err};
-use crate::quantized::QuantBlocks;
+use super::{GgufError, GgufFile, GgufValue, HfModel, HostTensor, tensor_err};
 
 /// The architectures read, as `general.architecture` names them, with the HF architecture each
 /// becomes.
-const ARCHITECTURES: [(&str, &str); 3] = [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")];
+pub(super) const ARCHITECTURES: [(&str, &str); 3] = [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")];
 
 /// The HF name of a llama.cpp tensor of the Llama family, or `None` if it has none.
 pub(super) fn hf_name(gguf: &str) -> Option<String> {
@@ -87,76 +85,49 @@ fn unpermuted_source(dst: usize, half: usize) -> usize {
     head * 2 * half + 2 * (r % half) + r / half
 }
 
-/// Everything the model loader needs from a GGUF of the Llama family (`llama`, `qwen2`, `qwen3`):
-/// an HF-style config.json value and the weights under HF names, in HF layout (`[out, in]`
-/// matrices, Q/K rows in HF order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
+/// A file of the Llama family (`llama`, `qwen2`, `qwen3`; `arch`, one of [`ARCHITECTURES`]) as
+/// [`super::load_blocks_as_hf`] gives it: the weights in HF layout (`[out, in]` matrices, Q/K rows in
+/// HF order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
 /// `rope_freqs.weight`, whose RoPE scaling the HF config could not express) is an error rather
 /// than silently dropped. RoPE scaling metadata, if present, becomes `rope_scaling`.
-pub fn load_llama_as_hf(
-    path: &Path,
-) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
-    load_llama_blocks_as_hf(path, false).map(|(config, weights, _)| (config, weights))
-}
-
-/// [`load_llama_as_hf`], with the attention and MLP projections stored in Q8_0, Q4_0 or Q4_1
-/// kept in their blocks (third map) when `keep_blocks`, instead of dequantised.
-pub fn load_llama_blocks_as_hf(
-    path: &Path,
-    keep_blocks: bool,
-) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>), GgufError> {
-    let f = GgufFile::open(path)?;
-    let arch_key = "general.architecture";
-    let arch = f.meta(arch_key, "a string", |v| v.as_str().map(str::to_string))?;
-    let arch = f.required(arch_key, arch)?;
-    let Some(&(_, hf_arch)) = ARCHITECTURES.iter().find(|(a, _)| *a == arch) else {
-        return Err(GgufError::Architecture { path: path.into(), arch });
-    };
+pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfModel, GgufError> {
+    let path = f.path();
+    let hf_arch = ARCHITECTURES.iter().find(|(a, _)| *a == arch).map_or("LlamaForCausalLM", |(_, h)| *h);
     // Metadata keys begin with the architecture's name (`qwen3.block_count`).
     let key = |k: &str| format!("{arch}.{k}");
     let permuted = arch == "llama";
     let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
     let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
     let need_uint = |key: &str| f.required(key, uint(key)?);
-    let positive = |key: &str| match need_uint(key)? {
-        0 => Err(meta_err(path, key, "must be positive")),
-        v => Ok(v),
-    };
 
-    let hidden = positive(&key("embedding_length"))?;
-    let heads = positive(&key("attention.head_count"))?;
+    let hidden = f.positive(&key("embedding_length"))?;
+    let heads = f.positive(&key("attention.head_count"))?;
     let kv_heads = uint(&key("attention.head_count_kv"))?.unwrap_or(heads);
     let eps_key = key("attention.layer_norm_rms_epsilon");
     let head_dim = uint(&key("attention.key_length"))?.unwrap_or(hidden / heads);
 
-    let mut weights = BTreeMap::new();
-    let mut blocks = BTreeMap::new();
-    for info in f.tensor_infos() {
-        let name = info.name.as_str();
-        let hf = hf_name(name)
-            .ok_or_else(|| tensor_err(path, name, format!("has no Hugging Face {hf_arch} equivalent")))?;
-        let projection = hf.ends_with("_proj.weight");
-        if keep_blocks && projection && let Some(mut b) = f.blocks(name)? {
+    let (weights, blocks) = f.read_tensors(
+        keep_blocks,
+        |name| hf_name(name).ok_or_else(|| tensor_err(path, name, format!("has no Hugging Face {hf_arch} equivalent"))),
+        |name, hf, b| {
             for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
                 if permuted && hf.contains(part) {
                     let half = unpermute_half(path, name, b.shape[0], h as usize)?;
                     b.permute_rows(|dst| unpermuted_source(dst, half));
                 }
             }
-            blocks.insert(hf, b);
-            continue;
-        }
-        let mut t = f.dequantize(name)?;
-        if permuted && hf.contains(".self_attn.q_proj.") {
-            unpermute_rows(path, name, &mut t, heads as usize)?;
-        } else if permuted && hf.contains(".self_attn.k_proj.") {
-            unpermute_rows(path, name, &mut t, kv_heads as usize)?;
-        }
-        weights.insert(hf, t);
-    }
-    let vocab = match weights.get("model.embed_tokens.weight") {
-        Some(t) if t.shape.len() == 2 => t.shape[0],
-        _ => return Err(tensor_err(path, "token_embd.weight", "missing, or not 2-D")),
-    };
+            Ok(())
+        },
+        |name, hf, t| {
+            if permuted && hf.contains(".self_attn.q_proj.") {
+                unpermute_rows(path, name, t, heads as usize)?;
+            } else if permuted && hf.contains(".self_attn.k_proj.") {
+                unpermute_rows(path, name, t, kv_heads as usize)?;
+            }
+            Ok(())
+        },
+    )?;
+    let vocab = super::vocab(path, &weights)?;
 
     let mut config = serde_json::json!({
         "architectures": [hf_arch],
@@ -178,28 +149,9 @@ pub fn load_llama_blocks_as_hf(
         "attention_bias": arch != "qwen2" && weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
         "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
     });
-    for (key, hf_key) in [
-        ("tokenizer.ggml.bos_token_id", "bos_token_id"),
-        ("tokenizer.ggml.eos_token_id", "eos_token_id"),
-        ("tokenizer.ggml.padding_token_id", "pad_token_id"),
-    ] {
-        if let Some(id) = uint(key)? {
-            config[hf_key] = id.into();
-        }
-    }
-    let scaling = f.meta(&key("rope.scaling.type"), "a string", |v| {
-        v.as_str().map(str::to_string)
-    })?;
-    if let Some(kind) = scaling.filter(|k| k != "none") {
-        let mut s = serde_json::json!({ "rope_type": kind });
-        if let Some(factor) = float(&key("rope.scaling.factor"))? {
-            s["factor"] = factor.into();
-        }
-        if let Some(orig) = uint(&key("rope.scaling.original_context_length"))? {
-            s["original_max_position_embeddings"] = orig.into();
-        }
-        config["rope_scaling"] = s;
+    f.add_token_ids(&mut config)?;
+    if let Some(scaling) = f.rope_scaling(arch)? {
+        config["rope_scaling"] = scaling;
     }
     Ok((config, weights, blocks))
 }
-

@@ -1,6 +1,7 @@
 //! llama.cpp's GGUF files (versions 2 and 3, little-endian). This file reads them: header, metadata,
 //! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
-//! Q8_0, Q4_0, Q4_1); [`load_llama_as_hf`] (`llama`, `qwen2`, `qwen3`) turns a file of the Llama family into an HF
+//! Q8_0, Q4_0, Q4_1); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`:
+//! [`llama`]) or the Gemma family (`gemma`, `gemma2`, `gemma3`: [`gemma`]) into an HF
 //! `config.json` value and weights under HF names and layouts.
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
@@ -16,12 +17,46 @@ use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+mod gemma;
 mod llama;
 pub mod quant;
 
-pub use llama::{load_llama_as_hf, load_llama_blocks_as_hf};
 pub use quant::ggml_type_name;
 use quant::type_info;
+
+use crate::quantized::QuantBlocks;
+
+/// A GGUF model as the HF loader takes it: a `config.json` value, the weights under HF names and
+/// layouts, and the projections kept in ggml's blocks (empty unless asked for).
+pub type HfModel = (serde_json::Value, BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>);
+
+/// A GGUF file of the Llama family (`llama`, `qwen2`, `qwen3`) or the Gemma family (`gemma`,
+/// `gemma2`, `gemma3`), by its `general.architecture`, as an HF config and weights.
+pub fn load_as_hf(path: &Path) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
+    load_blocks_as_hf(path, false).map(|(config, weights, _)| (config, weights))
+}
+
+/// [`load_as_hf`], with the attention and MLP projections stored in Q8_0, Q4_0 or Q4_1 kept in
+/// their blocks (third map) when `keep_blocks`, instead of dequantised.
+pub fn load_blocks_as_hf(path: &Path, keep_blocks: bool) -> Result<HfModel, GgufError> {
+    let f = GgufFile::open(path)?;
+    let arch = f.architecture()?;
+    if llama::ARCHITECTURES.iter().any(|(a, _)| *a == arch) {
+        llama::read(&f, &arch, keep_blocks)
+    } else if gemma::ARCHITECTURES.iter().any(|(a, ..)| *a == arch) {
+        gemma::read(&f, &arch, keep_blocks)
+    } else {
+        Err(GgufError::Architecture { path: path.into(), arch })
+    }
+}
+
+/// The vocabulary size: the rows of the token embedding.
+fn vocab(path: &Path, weights: &BTreeMap<String, HostTensor>) -> Result<usize, GgufError> {
+    match weights.get("model.embed_tokens.weight") {
+        Some(t) if t.shape.len() == 2 => Ok(t.shape[0]),
+        _ => Err(tensor_err(path, "token_embd.weight", "missing, or not 2-D")),
+    }
+}
 
 /// A tensor on the host, row-major, in HF (PyTorch) layout and naming.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,8 +138,8 @@ pub enum GgufError {
         /// What is wrong, e.g. `unknown quantisation type 99`.
         msg: String,
     },
-    /// `general.architecture` is not one of the Llama family's.
-    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2` or `qwen3`)", .path.display())]
+    /// `general.architecture` is not one this reader knows.
+    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3`)", .path.display())]
     Architecture {
         /// The file.
         path: PathBuf,
@@ -457,7 +492,7 @@ impl GgufFile {
     }
 
     /// Reads tensor `name` and dequantises it to f32, shape in row-major order (GGUF dims
-    /// reversed). No layout change beyond that: see [`load_llama_as_hf`] for HF layouts.
+    /// reversed). No layout change beyond that: see [`load_as_hf`] for HF layouts.
     pub fn dequantize(&self, name: &str) -> Result<HostTensor, GgufError> {
         let (t, bytes) = self.raw(name)?;
         let data = quant::dequantize(t.ggml_type, &bytes);
@@ -496,6 +531,82 @@ impl GgufFile {
         // Only fails if the file shrank since `open` checked its length.
         f.read_exact(&mut bytes).map_err(|e| io_err(path, e))?;
         Ok((t, bytes))
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `general.architecture`.
+    fn architecture(&self) -> Result<String, GgufError> {
+        let key = "general.architecture";
+        let arch = self.meta(key, "a string", |v| v.as_str().map(str::to_string))?;
+        self.required(key, arch)
+    }
+
+    /// A required unsigned integer that must not be zero.
+    fn positive(&self, key: &str) -> Result<u64, GgufError> {
+        match self.required(key, self.meta(key, "an unsigned integer", GgufValue::as_u64)?)? {
+            0 => Err(meta_err(&self.path, key, "must be positive")),
+            v => Ok(v),
+        }
+    }
+
+    /// Every tensor under its HF name (`hf_name` gives it, or the error for a tensor that has
+    /// none), dequantised and passed through `fix`; with `keep_blocks`, the projections
+    /// (`*_proj.weight`) stored in Q8_0, Q4_0 or Q4_1 are kept in their blocks and passed through
+    /// `fix_blocks` instead. The closures take the GGUF name, the HF name and the tensor.
+    fn read_tensors(
+        &self,
+        keep_blocks: bool,
+        hf_name: impl Fn(&str) -> Result<String, GgufError>,
+        mut fix_blocks: impl FnMut(&str, &str, &mut QuantBlocks) -> Result<(), GgufError>,
+        mut fix: impl FnMut(&str, &str, &mut HostTensor) -> Result<(), GgufError>,
+    ) -> Result<(BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>), GgufError> {
+        let (mut weights, mut blocks) = (BTreeMap::new(), BTreeMap::new());
+        for info in &self.tensors {
+            let name = info.name.as_str();
+            let hf = hf_name(name)?;
+            if keep_blocks && hf.ends_with("_proj.weight") && let Some(mut b) = self.blocks(name)? {
+                fix_blocks(name, &hf, &mut b)?;
+                blocks.insert(hf, b);
+                continue;
+            }
+            let mut t = self.dequantize(name)?;
+            fix(name, &hf, &mut t)?;
+            weights.insert(hf, t);
+        }
+        Ok((weights, blocks))
+    }
+
+    /// The special tokens' ids, where the file gives them, as `config.json` keys.
+    fn add_token_ids(&self, config: &mut serde_json::Value) -> Result<(), GgufError> {
+        for (key, hf_key) in [
+            ("tokenizer.ggml.bos_token_id", "bos_token_id"),
+            ("tokenizer.ggml.eos_token_id", "eos_token_id"),
+            ("tokenizer.ggml.padding_token_id", "pad_token_id"),
+        ] {
+            if let Some(id) = self.meta(key, "an unsigned integer", GgufValue::as_u64)? {
+                config[hf_key] = id.into();
+            }
+        }
+        Ok(())
+    }
+
+    /// `{arch}.rope.scaling.*` as an HF `rope_scaling` value, or `None` where the file has none.
+    fn rope_scaling(&self, arch: &str) -> Result<Option<serde_json::Value>, GgufError> {
+        let key = |k: &str| format!("{arch}.rope.scaling.{k}");
+        let kind = self.meta(&key("type"), "a string", |v| v.as_str().map(str::to_string))?;
+        let Some(kind) = kind.filter(|k| k != "none") else { return Ok(None) };
+        let mut s = serde_json::json!({ "rope_type": kind });
+        if let Some(factor) = self.meta(&key("factor"), "a number", GgufValue::as_f64)? {
+            s["factor"] = factor.into();
+        }
+        if let Some(orig) = self.meta(&key("original_context_length"), "an unsigned integer", GgufValue::as_u64)? {
+            s["original_max_position_embeddings"] = orig.into();
+        }
+        Ok(Some(s))
     }
 
     fn meta<T>(
