@@ -458,14 +458,13 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer, Device)> {
         loaded.model.num_params() as f64 / 1e6,
         t.elapsed().as_secs_f64()
     );
-    let tok_path = args.tokenizer.clone().unwrap_or_else(|| loaded.tokenizer_dir.clone());
+    let tok_path = args.tokenizer.clone().unwrap_or_else(|| loaded.tokenizer_path.clone());
     let tokenizer = open_tokenizer(&tok_path)?;
     Ok((loaded, tokenizer, device))
 }
 
 fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let tok = if path.is_dir() { Tokenizer::from_dir(path) } else { Tokenizer::from_file(path) };
-    tok.with_context(|| format!("no usable tokenizer at {} (pass --tokenizer)", path.display()))
+    Tokenizer::open(path).with_context(|| format!("no usable tokenizer at {} (pass --tokenizer)", path.display()))
 }
 
 fn render_prompt(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<String> {
@@ -623,7 +622,7 @@ fn train_from_config(config: Option<&Path>, backend: Option<&str>, sets: &[Strin
         return Ok(odpo_trainer::train(&cfg, device, resume.is_some())?);
     }
     let data = odpo_trainer::load_data(&cfg)?;
-    Ok(odpo_trainer::train_on_devices(&cfg, data, &devices, resume.is_some(), Some(&odpo_trainer::tokenizer_dir(&cfg.model)))?)
+    Ok(odpo_trainer::train_on_devices(&cfg, data, &devices, resume.is_some(), Some(&odpo_trainer::tokenizer_path(&cfg.model)))?)
 }
 
 /// A count that must be at least 1 (a batch, a length, a number of samples or runs).

@@ -217,17 +217,22 @@ fn reward_model_on_pairs_scores_them_for_offsets() {
 
 /// `odpo logprobs` on the real SmolLM2-135M-Instruct (the shared folder's GGUF file) gives the
 /// completion log-probability HF transformers computed for each reference case, after the model's
-/// chat template.
+/// chat template; and so does the GGUF file alone, with no tokenizer.json beside it (its own
+/// vocabulary and chat template).
 #[test]
 fn logprobs_of_a_completion_match_transformers() {
     let Some(dir) = env::shared_path("models/smollm2-135m-instruct") else { return };
     let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let model = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    for case in refs["cases"].as_array().unwrap() {
+    let scratch = env::scratch("cli-gguf-alone");
+    let alone = scratch.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::os::unix::fs::symlink(&model, &alone).unwrap();
+    let cases = refs["cases"].as_array().unwrap();
+    for (case, model) in cases.iter().map(|c| (c, &model)).chain([(&cases[0], &alone)]) {
         let (user, completion) = (case["user"].as_str().unwrap(), case["completion_text"].as_str().unwrap());
         let out = Command::new(env!("CARGO_BIN_EXE_odpo"))
             .args(["logprobs", "--model"])
-            .arg(&model)
+            .arg(model)
             .args(["--chat", "--json", "--prompt", user, "--completion", completion])
             .env("RUST_LOG", "warn")
             .output()

@@ -263,8 +263,9 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     /// The weights.
     pub model: CausalLm,
-    /// The folder that holds (or should hold) the tokenizer files.
-    pub tokenizer_dir: PathBuf,
+    /// Where the tokenizer comes from: the model folder, or the `.gguf` file (whose own vocabulary
+    /// serves when no `tokenizer.json` lies beside it); [`crate::tokenizer::Tokenizer::open`] reads it.
+    pub tokenizer_path: PathBuf,
 }
 
 impl CausalLm {
@@ -320,13 +321,12 @@ impl CausalLm {
             let config = ModelConfig::from_hf_json(&config_json, path)?;
             let mut weights = quantize(Weights::new(path, tensors).with_blocks(blocks));
             let model = Self::from_weights(&config, &mut weights, device)?;
-            let tokenizer_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            return Ok(LoadedModel { config, model, tokenizer_dir });
+            return Ok(LoadedModel { config, model, tokenizer_path: path.to_path_buf() });
         }
         let config = ModelConfig::from_file(&path.join("config.json"))?;
         let mut weights = quantize(Weights::from_hf_dir(path)?);
         let model = Self::from_weights(&config, &mut weights, device)?;
-        Ok(LoadedModel { config, model, tokenizer_dir: path.to_path_buf() })
+        Ok(LoadedModel { config, model, tokenizer_path: path.to_path_buf() })
     }
 
     /// [`Module::fork`] onto `device`, except that a model with a block-quantised base stays as it

@@ -2,7 +2,9 @@
 //!
 //! [`Tokenizer`] loads a model folder's `tokenizer.json` (through the `tokenizers` crate, so
 //! encoding matches HF exactly), the special tokens of `tokenizer_config.json`, and the chat
-//! template (`chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`). Templates
+//! template (`chat_template.jinja`, else `tokenizer_config.json`'s `chat_template`); or all three
+//! from a GGUF file's metadata ([`Tokenizer::from_gguf`]). [`Tokenizer::open`] takes whichever a
+//! model path holds. Templates
 //! are rendered with minijinja set up like transformers' jinja2 sandbox: `trim_blocks`,
 //! `lstrip_blocks`, `raise_exception`, `strftime_now`, a Python-style `tojson`, Python string
 //! and dict methods, and `{% generation %}` blocks rendered as plain content.
@@ -14,6 +16,8 @@ use minijinja::value::{Enumerator, Kwargs, Object, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
 use serde_json::Value as Json;
 
+use crate::weights::write_atomic;
+
 /// Errors of loading a tokenizer, encoding, decoding and rendering chat templates.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -24,6 +28,14 @@ pub enum TokenizerError {
         path: PathBuf,
         /// The cause.
         source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {message}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        message: String,
     },
     /// A file is not what was expected.
     #[error("{}: expected {expected}: {message}", path.display())]
@@ -40,11 +52,14 @@ pub enum TokenizerError {
     Codec {
         /// The `tokenizer.json` in use.
         path: PathBuf,
-        /// `encode` or `decode`.
+        /// `encode`, `decode` or `save`.
         op: &'static str,
         /// The cause.
         message: String,
     },
+    /// A GGUF file's tokenizer could not be read.
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     /// The tokenizer has no chat template.
     #[error("no chat template for {}: expected `chat_template` in tokenizer_config.json or a chat_template.jinja beside it", path.display())]
     NoChatTemplate {
@@ -84,6 +99,7 @@ const SPECIAL_NAMES: [&str; 7] =
 /// A compiled chat template and where it came from.
 struct ChatTemplate {
     path: PathBuf,
+    source: String,
     env: Result<Environment<'static>, String>,
 }
 
@@ -99,6 +115,54 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// The tokenizer of a model path: a folder's `tokenizer.json` ([`Tokenizer::from_dir`]); for a
+    /// `.gguf` file, the `tokenizer.json` beside it when there is one, else the file's own
+    /// vocabulary ([`Tokenizer::from_gguf`]); any other file as a `tokenizer.json`.
+    pub fn open(path: &Path) -> Result<Self, TokenizerError> {
+        if path.is_dir() {
+            return Self::from_dir(path);
+        }
+        if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            return Self::from_file(path);
+        }
+        let beside = path.with_file_name("tokenizer.json");
+        if beside.is_file() { Self::from_file(&beside) } else { Self::from_gguf(path) }
+    }
+
+    /// The tokenizer a GGUF file's metadata describes (`tokenizer.ggml.*`: byte-level BPE
+    /// vocabularies, see [`crate::gguf::load_tokenizer`]), with its special tokens and its
+    /// `tokenizer.chat_template`.
+    pub fn from_gguf(path: &Path) -> Result<Self, TokenizerError> {
+        let gguf = crate::gguf::load_tokenizer(path)?;
+        let bytes = serde_json::to_vec(&gguf.tokenizer_json).unwrap_or_default();
+        let inner = parse_tokenizer(&bytes).map_err(|message| TokenizerError::Invalid {
+            path: path.to_path_buf(),
+            expected: "a vocabulary the tokenizers crate can build",
+            message,
+        })?;
+        let mut tokenizer = Self { inner, path: path.to_path_buf(), special: gguf.special, config_ids: [None; 3], chat: None };
+        if let Some(source) = &gguf.chat_template {
+            tokenizer.set_chat_template(source, path);
+        }
+        Ok(tokenizer)
+    }
+
+    /// Writes `tokenizer.json` and a `tokenizer_config.json` naming the special tokens and holding
+    /// the chat template into `dir`: the files [`Tokenizer::from_dir`] reads back.
+    pub fn save(&self, dir: &Path) -> Result<(), TokenizerError> {
+        let write = |path: PathBuf, text: String| {
+            write_atomic(&path, text.as_bytes()).map_err(|e| TokenizerError::Write { path, message: e.to_string() })
+        };
+        std::fs::create_dir_all(dir).map_err(|e| TokenizerError::Write { path: dir.to_path_buf(), message: e.to_string() })?;
+        let text = self.inner.to_string(false).map_err(|e| self.codec("save", e))?;
+        write(dir.join("tokenizer.json"), text)?;
+        let mut config: serde_json::Map<String, Json> = self.special.iter().map(|(k, v)| ((*k).to_string(), Json::from(v.as_str()))).collect();
+        if let Some(chat) = &self.chat {
+            config.insert("chat_template".into(), Json::from(chat.source.as_str()));
+        }
+        write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config).unwrap_or_default())
+    }
+
     /// Loads `tokenizer.json` from a model folder, with `tokenizer_config.json` (special tokens,
     /// chat_template) and `chat_template.jinja` when present.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
@@ -150,7 +214,7 @@ impl Tokenizer {
         if let Err(message) = &env {
             tracing::warn!("chat template from {} does not compile: {message}", origin.display());
         }
-        self.chat = Some(ChatTemplate { path: origin.to_path_buf(), env });
+        self.chat = Some(ChatTemplate { path: origin.to_path_buf(), source: source.to_string(), env });
     }
 
     /// Token ids of `text`; `add_special_tokens` applies the tokenizer's post-processor (BOS etc.).

@@ -223,7 +223,7 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
 
     let reward = reward_from_spec(&cfg.reward, device)?;
     let loaded = odpo_model::CausalLm::load(&cfg.model, device)?;
-    let tok = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
+    let tok = Tokenizer::open(&loaded.tokenizer_path)?;
     let base = loaded.model;
 
     // 1. Scored samples of the pretrained model for the pair prompts (kept across invocations).

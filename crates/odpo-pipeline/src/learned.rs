@@ -327,7 +327,7 @@ pub struct PairFit {
 /// The backbone (a HF folder or a `.gguf` file) and the tokenizer beside it.
 fn backbone(path: &Path, device: &Device) -> Result<(CausalLm, Tokenizer)> {
     let loaded = CausalLm::load(path, device)?;
-    let tokenizer = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
+    let tokenizer = Tokenizer::open(&loaded.tokenizer_path)?;
     Ok((loaded.model, tokenizer))
 }
 

@@ -218,7 +218,7 @@ pub(crate) fn has_checkpoint(dir: &Path) -> Result<bool> {
 /// Loads a model folder (weights, config, tokenizer).
 pub fn load_model(dir: &Path, device: &Device) -> Result<(CausalLm, Tokenizer)> {
     let loaded = CausalLm::load(dir, device)?;
-    let tok = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
+    let tok = Tokenizer::open(&loaded.tokenizer_path)?;
     Ok((loaded.model, tok))
 }
 

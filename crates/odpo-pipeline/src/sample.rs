@@ -102,7 +102,7 @@ pub struct SampleReport {
 /// responses per prompt, scores them with `reward` and writes `out` in the paper's format.
 pub fn sample(model_dir: &Path, prompts: &[String], settings: &SampleSettings, reward: &dyn RewardModel, out: &Path, device: &Device) -> Result<SampleReport> {
     let loaded = CausalLm::load(model_dir, device)?;
-    let tokenizer = Tokenizer::from_dir(&loaded.tokenizer_dir)?;
+    let tokenizer = Tokenizer::open(&loaded.tokenizer_path)?;
     let responses = sample_responses(&loaded.model, &tokenizer, prompts, settings, device)?;
     let rewards = score(&responses, prompts, reward)?;
     write_scored(out, &responses, prompts, &rewards)?;

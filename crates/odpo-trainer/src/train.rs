@@ -57,18 +57,18 @@ pub struct RunSummary {
 /// data, then [`train_on`]. With `resume`, continues from the newest checkpoint in `output.dir`.
 pub fn train(cfg: &Checked<RunConfig>, device: &Device, resume: bool) -> Result<RunSummary> {
     let data = load_data(cfg)?;
-    train_on(cfg, data, device, resume, Some(&tokenizer_dir(&cfg.model)))
+    train_on(cfg, data, device, resume, Some(&tokenizer_path(&cfg.model)))
 }
 
-/// [`train`] on data already tokenized (tests build pairs from token ids). `tokenizer_dir`: where the
-/// tokenizer files to export with the model are.
-pub fn train_on(cfg: &Checked<RunConfig>, data: RunData, device: &Device, resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
-    train_on_devices(cfg, data, std::slice::from_ref(device), resume, tokenizer_dir)
+/// [`train`] on data already tokenized (tests build pairs from token ids). `tokenizer`: the model folder, tokenizer
+/// file or GGUF file whose tokenizer is exported with the model ([`export`]).
+pub fn train_on(cfg: &Checked<RunConfig>, data: RunData, device: &Device, resume: bool, tokenizer: Option<&Path>) -> Result<RunSummary> {
+    train_on_devices(cfg, data, std::slice::from_ref(device), resume, tokenizer)
 }
 
 /// Reads the run's tokenizer and data, as [`train`] does.
 pub fn load_data(cfg: &RunConfig) -> Result<RunData> {
-    let tokenizer = Tokenizer::from_dir(&tokenizer_dir(&cfg.model))?;
+    let tokenizer = Tokenizer::open(&tokenizer_path(&cfg.model))?;
     match (cfg.train.stage, cfg.train.sft_on) {
         (Stage::Sft, crate::config::SftOn::Responses) => RunData::load_responses(&cfg.data, &tokenizer),
         _ => RunData::load(&cfg.data, &tokenizer),
@@ -78,7 +78,7 @@ pub fn load_data(cfg: &RunConfig) -> Result<RunData> {
 /// [`train_on`] data-parallel over `devices` (one backend; the first holds the model, the optimizer
 /// and the evaluation): each step is [`Trainer::step`] over [`DataParallel`] replicas, equal to the
 /// single-device step up to the order of floating-point additions.
-pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], resume: bool, tokenizer_dir: Option<&Path>) -> Result<RunSummary> {
+pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], resume: bool, tokenizer: Option<&Path>) -> Result<RunSummary> {
     let (t, run_dir) = (&cfg.train, cfg.output.dir.clone());
     let Some(device) = devices.first() else {
         return Err(TrainError::config("train.devices", "is empty; expected at least one device"));
@@ -279,7 +279,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         summary.eval_end = Some(state.early_stop.best_values.clone());
     }
     if cfg.output.export {
-        summary.exported = Some(export(&trainer.policy, &model_cfg, &run_dir.join("model"), tokenizer_dir)?);
+        summary.exported = Some(export(&trainer.policy, &model_cfg, &run_dir.join("model"), tokenizer)?);
         if let Some(lora) = &cfg.lora {
             let dir = run_dir.join("adapter");
             trainer.policy.valid().save_peft(lora, &cfg.model.path.display().to_string(), &dir)?;
@@ -380,11 +380,13 @@ pub fn trainable_params(model: &CausalLm) -> usize {
     c.0
 }
 
-/// The folder with the tokenizer files of `model`.
-pub fn tokenizer_dir(model: &ModelSection) -> PathBuf {
+/// Where the tokenizer of `model` comes from ([`Tokenizer::open`] reads it): `model.tokenizer`,
+/// else the model folder, the `.gguf` file, or the folder of another model file.
+pub fn tokenizer_path(model: &ModelSection) -> PathBuf {
+    let gguf = model.path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     match &model.tokenizer {
-        Some(dir) => dir.clone(),
-        None if model.path.is_dir() => model.path.clone(),
+        Some(path) => path.clone(),
+        None if model.path.is_dir() || gguf => model.path.clone(),
         None => model.path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf),
     }
 }
@@ -456,16 +458,23 @@ fn check_positions(model: &CausalLm, data: &RunData, max_length: usize, whose: &
     })
 }
 
-/// Exports the model as HF safetensors + config.json, with the tokenizer files copied next to them.
-pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer_dir: Option<&Path>) -> Result<PathBuf> {
+/// Exports the model as HF safetensors + config.json, with the tokenizer files of `tokenizer` (a
+/// folder, or the folder of a tokenizer or GGUF file) copied next to them; a GGUF file's own
+/// tokenizer is written out when no `tokenizer.json` lies beside it.
+pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer: Option<&Path>) -> Result<PathBuf> {
     policy.valid().save_hf(config, out)?;
-    if let Some(dir) = tokenizer_dir {
+    if let Some(path) = tokenizer {
+        let dir = if path.is_dir() { path } else { path.parent().unwrap_or(Path::new(".")) };
         for name in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja"] {
             let src = dir.join(name);
             if src.is_file() {
                 let bytes = std::fs::read(&src).map_err(|e| TrainError::io(&src, e))?;
                 odpo_model::weights::write_atomic(&out.join(name), &bytes)?;
             }
+        }
+        let gguf = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if gguf && !out.join("tokenizer.json").is_file() {
+            Tokenizer::from_gguf(path)?.save(out)?;
         }
     }
     tracing::info!("model exported to {}", out.display());

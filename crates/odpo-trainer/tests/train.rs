@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use burn::tensor::Device;
 use common::*;
 
@@ -284,4 +286,22 @@ fn an_unknown_early_stopping_metric_is_named() {
     let cfg = config(&model, &dir.join("run"), "", &["train.max_steps=4", "eval.every=2", "eval.early_stopping.metric=\"accuracy\""]);
     let e = odpo_trainer::train_on(&cfg, data(16, 4), &device(), false, None).unwrap_err().to_string();
     assert!(e.contains("eval.early_stopping.metric") && e.contains("rewards/accuracies"), "{e}");
+}
+
+/// A model exported with a GGUF file as its tokenizer source (no tokenizer.json beside it) gets the
+/// file's own tokenizer written out, which reads back as the same tokenizer.
+#[test]
+fn export_writes_a_gguf_files_own_tokenizer() {
+    use odpo_model::tokenizer::Tokenizer;
+    let dir = scratch("export-gguf-tokenizer");
+    let model_cfg = odpo_model::ModelConfig::from_file(&tiny_model(&dir).join("config.json")).unwrap();
+    let policy = odpo_model::CausalLm::random(&model_cfg, 0, &device()).unwrap();
+    let gguf = dir.join("vocab.gguf");
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("../odpo-model/tests/fixtures/gguf/vocab/llama-bpe.gguf"), &gguf).unwrap();
+    let out = odpo_trainer::export(&policy, &model_cfg, &dir.join("model"), Some(&gguf)).unwrap();
+    let (saved, own) = (Tokenizer::from_dir(&out).unwrap(), Tokenizer::from_gguf(&gguf).unwrap());
+    let text = "It's 2024 <|im_start|>user\nhi<|im_end|>";
+    assert_eq!(saved.encode(text, true).unwrap(), own.encode(text, true).unwrap());
+    assert_eq!(saved.encode(text, true).unwrap()[0], 1, "the file asks for BOS");
+    assert!(saved.has_chat_template() && out.join("config.json").is_file());
 }

@@ -2,7 +2,8 @@
 //! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
 //! Q8_0, Q4_0, Q4_1); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`:
 //! [`llama`]) or the Gemma family (`gemma`, `gemma2`, `gemma3`: [`gemma`]) into an HF
-//! `config.json` value and weights under HF names and layouts.
+//! `config.json` value and weights under HF names and layouts; [`load_tokenizer`] turns its
+//! vocabulary into the HF `tokenizer.json` it stands for ([`vocab`]).
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
 //! ggml's `dequantize_row_*` (checked against gguf-py's `gguf.quants.dequantize`).
@@ -20,8 +21,10 @@ use std::path::{Path, PathBuf};
 mod gemma;
 mod llama;
 pub mod quant;
+mod vocab;
 
 pub use quant::ggml_type_name;
+pub use vocab::{GgufTokenizer, SPLITS};
 use quant::type_info;
 
 use crate::quantized::QuantBlocks;
@@ -29,6 +32,9 @@ use crate::quantized::QuantBlocks;
 /// A GGUF model as the HF loader takes it: a `config.json` value, the weights under HF names and
 /// layouts, and the projections kept in ggml's blocks (empty unless asked for).
 pub type HfModel = (serde_json::Value, BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>);
+
+/// The weights of an [`HfModel`]: dequantised, and kept in blocks.
+type HfTensors = (BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>);
 
 /// A GGUF file of the Llama family (`llama`, `qwen2`, `qwen3`) or the Gemma family (`gemma`,
 /// `gemma2`, `gemma3`), by its `general.architecture`, as an HF config and weights.
@@ -48,6 +54,12 @@ pub fn load_blocks_as_hf(path: &Path, keep_blocks: bool) -> Result<HfModel, Gguf
     } else {
         Err(GgufError::Architecture { path: path.into(), arch })
     }
+}
+
+/// The tokenizer a GGUF file describes, as the HF `tokenizer.json` it stands for (byte-level BPE
+/// vocabularies; see [`vocab`]).
+pub fn load_tokenizer(path: &Path) -> Result<GgufTokenizer, GgufError> {
+    vocab::tokenizer(&GgufFile::open(path)?)
 }
 
 /// The vocabulary size: the rows of the token embedding.
@@ -563,7 +575,7 @@ impl GgufFile {
         hf_name: impl Fn(&str) -> Result<String, GgufError>,
         mut fix_blocks: impl FnMut(&str, &str, &mut QuantBlocks) -> Result<(), GgufError>,
         mut fix: impl FnMut(&str, &str, &mut HostTensor) -> Result<(), GgufError>,
-    ) -> Result<(BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>), GgufError> {
+    ) -> Result<HfTensors, GgufError> {
         let (mut weights, mut blocks) = (BTreeMap::new(), BTreeMap::new());
         for info in &self.tensors {
             let name = info.name.as_str();
@@ -619,8 +631,10 @@ impl GgufFile {
             None => Ok(None),
             Some(v) => {
                 // Bounded: a mistyped key could hold a whole vocabulary.
-                let found: String = format!("{v:?}").chars().take(80).collect();
-                let err = || meta_err(&self.path, key, format!("expected {kind}, found {found}"));
+                let err = || {
+                    let found: String = format!("{v:?}").chars().take(80).collect();
+                    meta_err(&self.path, key, format!("expected {kind}, found {found}"))
+                };
                 get(v).map(Some).ok_or_else(err)
             }
         }
