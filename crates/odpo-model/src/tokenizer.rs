@@ -129,8 +129,8 @@ impl Tokenizer {
         if beside.is_file() { Self::from_file(&beside) } else { Self::from_gguf(path) }
     }
 
-    /// The tokenizer a GGUF file's metadata describes (`tokenizer.ggml.*`: byte-level BPE
-    /// vocabularies, see [`crate::gguf::load_tokenizer`]), with its special tokens and its
+    /// The tokenizer a GGUF file's metadata describes (`tokenizer.ggml.*`: byte-level and
+    /// SentencePiece BPE vocabularies, see [`crate::gguf::load_tokenizer`]), with its special tokens and its
     /// `tokenizer.chat_template`.
     pub fn from_gguf(path: &Path) -> Result<Self, TokenizerError> {
         let gguf = crate::gguf::load_tokenizer(path)?;

@@ -15,13 +15,14 @@ fn vocab(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/vocab").join(name)
 }
 
-/// Every probe of `expected.json`, with and without special tokens, gives transformers' ids, and
-/// decodes back to its text.
+/// Every probe of `expected.json`, with and without special tokens, gives the reference's ids
+/// (transformers' GGUF tokenizer for the byte-level files, SentencePiece itself for the
+/// SentencePiece models), and decodes back to its text.
 #[test]
 fn gguf_vocabularies_match_transformers() {
     let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(vocab("expected.json")).unwrap()).unwrap();
     let cases = expected["cases"].as_object().unwrap();
-    assert_eq!(cases.keys().collect::<Vec<_>>(), ["gpt2", "llama-bpe", "qwen2"]);
+    assert_eq!(cases.keys().collect::<Vec<_>>(), ["gpt2", "llama-bpe", "qwen2", "sentencepiece", "sentencepiece_gemma"]);
     let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect() };
     for (pre, probes) in cases {
         let tok = Tokenizer::from_gguf(&vocab(&format!("{pre}.gguf"))).unwrap();
@@ -43,6 +44,30 @@ fn gguf_vocabularies_match_transformers() {
         .collect();
     assert!(got[0].0 != got[1].0 && got[1].0 != got[2].0 && got[0].0 != got[2].0, "{got:?}");
     assert_eq!(got.iter().map(|l| l.1).collect::<Vec<_>>(), [false, true, false]);
+}
+
+/// SentencePiece vocabularies: the file's special and added tokens stay whole, and, as in llama.cpp,
+/// the text after one starts a new word (`▁` in front) where the file adds a space prefix; bytes
+/// outside the pieces fall back to `<0xXX>` pieces.
+#[test]
+fn sentencepiece_special_tokens_and_byte_fallback() {
+    let tok = Tokenizer::from_gguf(&vocab("sentencepiece.gguf")).unwrap();
+    let id = |t: &str| tok.token_to_id(t).unwrap();
+    assert_eq!((tok.bos_token_id(), tok.eos_token_id(), tok.token_to_id("<unk>")), (Some(1), Some(2), Some(0)));
+    assert_eq!(tok.encode("the", false).unwrap(), [id("▁the")]);
+    assert_eq!(tok.encode("the</s>the", true).unwrap(), [1, id("▁the"), 2, id("▁the")]);
+    assert_eq!(tok.encode("<think>the", false).unwrap(), [id("<think>"), id("▁the")]);
+    assert_eq!(tok.decode(&tok.encode("the</s>the", true).unwrap(), true).unwrap(), "the the");
+    // A character no piece holds: its UTF-8 bytes.
+    let ids = tok.encode("ж", false).unwrap();
+    assert_eq!(ids[1..], [id("<0xD0>"), id("<0xB6>")], "{ids:?}");
+    assert_eq!(tok.decode(&ids, false).unwrap(), "ж");
+    // Gemma's files: no space prefix, whitespace pieces spelled with real spaces.
+    let gemma = Tokenizer::from_gguf(&vocab("sentencepiece_gemma.gguf")).unwrap();
+    assert_eq!(gemma.encode("  ", false).unwrap(), [gemma.token_to_id("▁▁").unwrap()]);
+    let ids = gemma.encode("the  the", false).unwrap();
+    assert_eq!(gemma.decode(&ids, false).unwrap(), "the  the");
+    assert_eq!(gemma.decode(&ids[..1], false).unwrap(), "t", "no space in front: {ids:?}");
 }
 
 /// `smollm` splits every digit off before GPT-2's split (llama.cpp's `\p{N}` rule), which
@@ -100,7 +125,7 @@ fn gguf_tokenizer_saved_reads_back() {
 fn unreadable_gguf_vocabularies_are_clear_errors() {
     for (file, key, says) in [
         ("unknown_pre.gguf", "tokenizer.ggml.pre", "`mystery` is not a text split this reader knows"),
-        ("sentencepiece.gguf", "tokenizer.ggml.model", "`llama` vocabularies are not read"),
+        ("unigram.gguf", "tokenizer.ggml.model", "`t5` vocabularies are not read"),
     ] {
         let path = vocab(file);
         let err = Tokenizer::from_gguf(&path).err().unwrap();

@@ -56,8 +56,8 @@ pub fn load_blocks_as_hf(path: &Path, keep_blocks: bool) -> Result<HfModel, Gguf
     }
 }
 
-/// The tokenizer a GGUF file describes, as the HF `tokenizer.json` it stands for (byte-level BPE
-/// vocabularies; see [`vocab`]).
+/// The tokenizer a GGUF file describes, as the HF `tokenizer.json` it stands for (byte-level and
+/// SentencePiece BPE vocabularies; see [`vocab`]).
 pub fn load_tokenizer(path: &Path) -> Result<GgufTokenizer, GgufError> {
     vocab::tokenizer(&GgufFile::open(path)?)
 }

@@ -1,13 +1,23 @@
 //! The tokenizer a GGUF file describes (`tokenizer.ggml.*`), as the HF `tokenizer.json` it stands
 //! for, so that a `.gguf` file alone is enough to train: no `tokenizer.json` need lie beside it.
 //!
-//! Read: byte-level BPE (`tokenizer.ggml.model` = `gpt2`: SmolLM, Llama 3, Qwen 2 / 3 and most
-//! models of the last years), with the vocabulary, the merges, the control tokens (added as special
-//! tokens) and the user-defined ones (added as plain tokens). The text is split before merging as
-//! llama.cpp splits it for the file's `tokenizer.ggml.pre` (`llama-vocab.cpp`); a splitter not in
-//! [`SPLITS`] is an error rather than a guess, since the wrong split gives other ids than the model
-//! was trained on. SentencePiece vocabularies (`llama`: Llama 2, Mistral, Gemma) are not read:
-//! their merges would have to be rebuilt from scores; such a file needs its `tokenizer.json`.
+//! Two kinds of vocabulary (`tokenizer.ggml.model`) are read:
+//! - `gpt2`, byte-level BPE (SmolLM, Llama 3, Qwen 2 / 3): the vocabulary and the merges as
+//!   stored; the text is split before merging as llama.cpp splits it for the file's
+//!   `tokenizer.ggml.pre` (`llama-vocab.cpp`). A splitter not in [`SPLITS`] is an error rather
+//!   than a guess, since the wrong split gives other ids than the model was trained on.
+//! - `llama`, SentencePiece BPE (Llama 2, Mistral, Gemma): spaces become `▁`, with one in front
+//!   when `tokenizer.ggml.add_space_prefix` says so (by default; Gemma's files say not), and the
+//!   pieces merge best score first, falling back to `<0xXX>` byte pieces; SentencePiece's merges
+//!   are rebuilt from the scores (Gemma's from the pieces' order, whose scores do not follow its
+//!   merges, as transformers found). As in llama.cpp and HF's legacy Llama tokenizer, the text
+//!   after a special or added token gets its own `▁` in front.
+//!
+//! Both: control tokens (and the unknown one) are special tokens, user-defined ones are kept
+//! whole; BOS / EOS are added as the file asks; the special tokens' names and the chat template
+//! come along.
+
+use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
@@ -23,8 +33,8 @@ const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 /// Qwen 2's split: Llama 3's with every digit on its own.
 const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Each `tokenizer.ggml.pre` read: a split applied first (`\p{N}`: every digit alone), then the
-/// split of the second entry (`None`: GPT-2's).
+/// Each `tokenizer.ggml.pre` of a `gpt2` vocabulary read: a split applied first (`\p{N}`: every
+/// digit alone), then the split of the second entry (`None`: GPT-2's).
 pub const SPLITS: [(&str, Option<&str>, Option<&str>); 8] = [
     ("gpt2", None, GPT2),
     ("default", None, GPT2),
@@ -37,8 +47,13 @@ pub const SPLITS: [(&str, Option<&str>, Option<&str>); 8] = [
 ];
 
 /// llama.cpp's token types.
+const NORMAL: u64 = 1;
+const UNKNOWN: u64 = 2;
 const CONTROL: u64 = 3;
 const USER_DEFINED: u64 = 4;
+
+/// What to do when a file cannot be read.
+const ASK: &str = "put the model's tokenizer.json beside the file, or name one with --tokenizer";
 
 /// A GGUF file's tokenizer, in the shapes HF's files give it.
 #[derive(Debug, Clone)]
@@ -51,108 +66,53 @@ pub struct GgufTokenizer {
     pub chat_template: Option<String>,
 }
 
+/// The parts of a vocabulary both kinds share.
+struct Vocab {
+    tokens: Vec<String>,
+    /// llama.cpp's type of each token ([`NORMAL`] where the file gives none).
+    types: Vec<u64>,
+}
+
 /// The tokenizer of the GGUF file `f`.
 pub fn tokenizer(f: &GgufFile) -> Result<GgufTokenizer, GgufError> {
     let path = f.path();
     let string = |key: &str| f.meta(key, "a string", |v| v.as_str().map(str::to_string));
     let model_key = "tokenizer.ggml.model";
     let model = f.required(model_key, string(model_key)?)?;
-    if model != "gpt2" {
-        return Err(meta_err(
-            path,
-            model_key,
-            format!("`{model}` vocabularies are not read (only byte-level BPE, `gpt2`): put the model's tokenizer.json beside the file, or name one with --tokenizer"),
-        ));
-    }
-    let pre_key = "tokenizer.ggml.pre";
-    let pre = string(pre_key)?.unwrap_or_else(|| "default".into());
-    let Some(&(_, first, split)) = SPLITS.iter().find(|(name, ..)| *name == pre) else {
-        let known: Vec<&str> = SPLITS.iter().map(|(name, ..)| *name).collect();
-        return Err(meta_err(
-            path,
-            pre_key,
-            format!("`{pre}` is not a text split this reader knows ({}): put the model's tokenizer.json beside the file, or name one with --tokenizer", known.join(", ")),
-        ));
-    };
-
-    let strings = |key: &str| {
-        let v = f.meta(key, "an array of strings", |v| match v {
-            GgufValue::Array(a) => a.iter().map(|s| s.as_str().map(str::to_string)).collect::<Option<Vec<_>>>(),
-            _ => None,
-        })?;
-        f.required(key, v)
-    };
-    let tokens = strings("tokenizer.ggml.tokens")?;
-    let merges = strings("tokenizer.ggml.merges")?;
+    let tokens = strings(f, "tokenizer.ggml.tokens")?;
     let types_key = "tokenizer.ggml.token_type";
-    let types = f
-        .meta(types_key, "an array of integers", |v| match v {
-            GgufValue::Array(a) => a.iter().map(GgufValue::as_u64).collect::<Option<Vec<_>>>(),
-            _ => None,
-        })?
-        .unwrap_or_default();
-    if !types.is_empty() && types.len() != tokens.len() {
+    let types = f.meta(types_key, "an array of integers", |v| array(v, GgufValue::as_u64))?.unwrap_or_else(|| vec![NORMAL; tokens.len()]);
+    if types.len() != tokens.len() {
         return Err(meta_err(path, types_key, format!("has {} entries for {} tokens", types.len(), tokens.len())));
     }
+    let vocab = Vocab { tokens, types };
 
-    // Byte-level vocabularies spell every byte as one printable character; a token written in
-    // other characters (llama.cpp writes some added tokens as plain text) is respelled, as
-    // transformers does, so that the merges can still reach it.
-    let alphabet = byte_alphabet();
-    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-    let spell = |t: &str| if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| alphabet[usize::from(b)]).collect() };
-    let mut vocab = serde_json::Map::new();
-    for (id, t) in tokens.iter().enumerate() {
-        vocab.insert(spell(t), id.into());
-    }
-    let mut pairs = Vec::with_capacity(merges.len());
-    for (i, m) in merges.iter().enumerate() {
-        let Some((a, b)) = m.split_once(' ') else {
-            return Err(meta_err(path, "tokenizer.ggml.merges", format!("entry {i} (`{m}`) is not two tokens separated by a space")));
-        };
-        pairs.push(json!([a, b]));
-    }
-    // Control tokens stay whole and are special; user-defined ones stay whole. A control token
-    // outside the byte alphabet is one llama.cpp mislabelled, and is left to the merges.
-    let added: Vec<Value> = tokens
-        .iter()
-        .zip(&types)
-        .enumerate()
-        .filter(|(_, (t, ty))| (**ty == CONTROL && in_alphabet(t)) || **ty == USER_DEFINED)
-        .map(|(id, (t, ty))| {
-            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": *ty == CONTROL})
-        })
-        .collect();
-
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": split.is_none()});
-    let mut steps: Vec<Value> = first.map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false})).into_iter().collect();
-    if let Some(r) = split {
-        steps.push(json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}));
-    }
-    steps.push(byte_level);
-    let pre_tokenizer = if steps.len() == 1 { steps.remove(0) } else { json!({"type": "Sequence", "pretokenizers": steps}) };
+    let (model_json, pre_tokenizer, normalizer, decoder, added) = match model.as_str() {
+        "gpt2" => byte_level(f, &vocab)?,
+        "llama" => sentencepiece(f, &vocab)?,
+        other => return Err(meta_err(path, model_key, format!("`{other}` vocabularies are not read (only `gpt2`, byte-level BPE, and `llama`, SentencePiece BPE): {ASK}"))),
+    };
 
     let id = |key: &str| -> Result<Option<(u32, String)>, GgufError> {
         let Some(id) = f.meta(key, "an unsigned integer", GgufValue::as_u64)? else { return Ok(None) };
-        match tokens.get(id as usize) {
+        match vocab.tokens.get(id as usize) {
             Some(t) => Ok(Some((id as u32, t.clone()))),
-            None => Err(meta_err(path, key, format!("{id} is past the vocabulary's {} tokens", tokens.len()))),
+            None => Err(meta_err(path, key, format!("{id} is past the vocabulary's {} tokens", vocab.tokens.len()))),
         }
     };
     let flag = |key: &str| f.meta(key, "a boolean", |v| if let GgufValue::Bool(b) = v { Some(*b) } else { None });
-    let bos = id("tokenizer.ggml.bos_token_id")?;
-    let eos = id("tokenizer.ggml.eos_token_id")?;
-    // Byte-level vocabularies add neither unless the file says so (llama.cpp's default for `gpt2`).
-    let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    // llama.cpp's defaults: SentencePiece vocabularies add BOS, byte-level ones add nothing.
+    let add_bos = flag("tokenizer.ggml.add_bos_token")?.unwrap_or(model == "llama");
     let add_eos = flag("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-    let ends = |add: bool, t: &Option<(u32, String)>, key: &str| -> Result<Vec<(u32, String)>, GgufError> {
-        match (add, t) {
+    let ends = |add: bool, name: &str| -> Result<Vec<(u32, String)>, GgufError> {
+        let key = format!("tokenizer.ggml.{name}_token_id");
+        match (add, id(&key)?) {
             (false, _) => Ok(vec![]),
-            (true, Some(t)) => Ok(vec![t.clone()]),
-            (true, None) => Err(meta_err(path, key, "is true, but the file names no such token")),
+            (true, Some(t)) => Ok(vec![t]),
+            (true, None) => Err(meta_err(path, &format!("tokenizer.ggml.add_{name}_token"), format!("is true, but the file has no `{key}`"))),
         }
     };
-    let (head, tail) = (ends(add_bos, &bos, "tokenizer.ggml.add_bos_token")?, ends(add_eos, &eos, "tokenizer.ggml.add_eos_token")?);
+    let (head, tail) = (ends(add_bos, "bos")?, ends(add_eos, "eos")?);
     let special_piece = |(_, t): &(u32, String)| json!({"SpecialToken": {"id": t, "type_id": 0}});
     let seq = |id: &str, type_id: u32| json!({"Sequence": {"id": id, "type_id": type_id}});
     let single: Vec<Value> = head.iter().map(special_piece).chain([seq("A", 0)]).chain(tail.iter().map(special_piece)).collect();
@@ -160,19 +120,23 @@ pub fn tokenizer(f: &GgufFile) -> Result<GgufTokenizer, GgufError> {
     let special_tokens: serde_json::Map<String, Value> =
         head.iter().chain(&tail).map(|(id, t)| (t.clone(), json!({"id": t, "ids": [id], "tokens": [t]}))).collect();
 
+    let added: Vec<Value> = added
+        .into_iter()
+        .map(|(id, special)| {
+            let t = &vocab.tokens[id];
+            json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": special})
+        })
+        .collect();
     let tokenizer_json = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
         "added_tokens": added,
-        "normalizer": null,
+        "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": {"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": special_tokens},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {
-            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
-            "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": pairs,
-        },
+        "decoder": decoder,
+        "model": model_json,
     });
     let mut special = Vec::new();
     for (name, key) in [("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")] {
@@ -181,6 +145,146 @@ pub fn tokenizer(f: &GgufFile) -> Result<GgufTokenizer, GgufError> {
         }
     }
     Ok(GgufTokenizer { tokenizer_json, special, chat_template: string("tokenizer.chat_template")? })
+}
+
+/// A vocabulary's `model`, pre-tokenizer, normalizer and decoder, and its added tokens (id, special).
+type Parts = (Value, Value, Value, Value, Vec<(usize, bool)>);
+
+/// A `gpt2` vocabulary: byte-level BPE with the file's merges.
+fn byte_level(f: &GgufFile, vocab: &Vocab) -> Result<Parts, GgufError> {
+    let path = f.path();
+    let pre_key = "tokenizer.ggml.pre";
+    let pre = f.meta(pre_key, "a string", |v| v.as_str().map(str::to_string))?.unwrap_or_else(|| "default".into());
+    let Some(&(_, first, split)) = SPLITS.iter().find(|(name, ..)| *name == pre) else {
+        let known: Vec<&str> = SPLITS.iter().map(|(name, ..)| *name).collect();
+        return Err(meta_err(path, pre_key, format!("`{pre}` is not a text split this reader knows ({}): {ASK}", known.join(", "))));
+    };
+    // Byte-level vocabularies spell every byte as one printable character; a token written in
+    // other characters (llama.cpp writes some added tokens as plain text) is respelled, as
+    // transformers does, so that the merges can still reach it.
+    let alphabet = byte_alphabet();
+    let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
+    let spell = |t: &str| if in_alphabet(t) { t.to_string() } else { t.bytes().map(|b| alphabet[usize::from(b)]).collect() };
+    let ids: serde_json::Map<String, Value> = vocab.tokens.iter().enumerate().map(|(id, t)| (spell(t), id.into())).collect();
+    let merges_key = "tokenizer.ggml.merges";
+    let mut merges = Vec::new();
+    for (i, m) in strings(f, merges_key)?.iter().enumerate() {
+        let Some((a, b)) = m.split_once(' ') else {
+            return Err(meta_err(path, merges_key, format!("entry {i} (`{m}`) is not two tokens separated by a space")));
+        };
+        merges.push(json!([a, b]));
+    }
+    // A control token outside the byte alphabet is one llama.cpp mislabelled: left to the merges.
+    let added = added_tokens(vocab, |t| in_alphabet(t));
+
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": split.is_none()});
+    let regex = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
+    let mut steps: Vec<Value> = first.into_iter().chain(split).map(regex).collect();
+    steps.push(byte_level);
+    let pre_tokenizer = if steps.len() == 1 { steps.remove(0) } else { json!({"type": "Sequence", "pretokenizers": steps}) };
+    let model = json!({
+        "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+        "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": ids, "merges": merges,
+    });
+    let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
+    Ok((model, pre_tokenizer, Value::Null, decoder, added))
+}
+
+/// A `llama` vocabulary: SentencePiece BPE with byte fallback, its merges rebuilt from the scores.
+fn sentencepiece(f: &GgufFile, vocab: &Vocab) -> Result<Parts, GgufError> {
+    let path = f.path();
+    let arch = f.architecture()?;
+    let gemma = arch.starts_with("gemma");
+    let prefix_key = "tokenizer.ggml.add_space_prefix";
+    let prefix = f.meta(prefix_key, "a boolean", |v| if let GgufValue::Bool(b) = v { Some(*b) } else { None })?.unwrap_or(true);
+    let scores_key = "tokenizer.ggml.scores";
+    let scores: Vec<f64> = if gemma {
+        // Gemma's merges follow the pieces' order.
+        (0..vocab.tokens.len()).map(|i| -(i as f64)).collect()
+    } else {
+        let s = f.meta(scores_key, "an array of numbers", |v| array(v, GgufValue::as_f64))?;
+        f.required(scores_key, s)?
+    };
+    if scores.len() != vocab.tokens.len() {
+        return Err(meta_err(path, scores_key, format!("has {} entries for {} tokens", scores.len(), vocab.tokens.len())));
+    }
+    // Gemma files write pieces of two or more spaces with real spaces; the text's spaces become `▁`.
+    let pieces: Vec<String> = vocab
+        .tokens
+        .iter()
+        .map(|t| if gemma && t.len() > 1 && t.chars().all(|c| c == ' ') { "▁".repeat(t.len()) } else { t.clone() })
+        .collect();
+    let mut ids: HashMap<&str, usize> = HashMap::with_capacity(pieces.len());
+    for (id, p) in pieces.iter().enumerate() {
+        ids.entry(p.as_str()).or_insert(id);
+    }
+    // SentencePiece merges the adjacent pair whose joint piece scores best; as ranked BPE merges,
+    // that is every split of every normal piece into two pieces, best joint score first (ties as
+    // transformers breaks them: longer left part, then longer right part, then the parts' ids).
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for (id, p) in pieces.iter().enumerate() {
+        if vocab.types[id] != NORMAL {
+            continue;
+        }
+        let mut local: Vec<(&str, &str)> = p
+            .char_indices()
+            .skip(1)
+            .map(|(i, _)| p.split_at(i))
+            .filter(|(l, r)| ids.contains_key(l) && ids.contains_key(r))
+            .collect();
+        local.sort_by_key(|(l, r)| (ids[l], ids[r]));
+        merges.extend(local.into_iter().map(|(l, r)| (l, r, scores[id])));
+    }
+    let len = |s: &str| s.chars().count();
+    merges.sort_by(|a, b| b.2.total_cmp(&a.2).then(len(b.0).cmp(&len(a.0))).then(len(b.1).cmp(&len(a.1))));
+    let merges: Vec<Value> = merges.into_iter().map(|(l, r, _)| json!([l, r])).collect();
+    let unk = vocab.types.iter().position(|&t| t == UNKNOWN).map(|i| pieces[i].clone());
+    let added = added_tokens(vocab, |_| true);
+
+    let vocab_json: serde_json::Map<String, Value> = pieces.iter().enumerate().rev().map(|(id, p)| (p.clone(), id.into())).collect();
+    let model = json!({
+        "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null, "end_of_word_suffix": null,
+        "fuse_unk": true, "byte_fallback": true, "ignore_merges": false, "vocab": vocab_json, "merges": merges,
+    });
+    let replace = |from: &str, to: &str| json!({"type": "Replace", "pattern": {"String": from}, "content": to});
+    let mut normalizers = vec![replace(" ", "▁")];
+    let mut decoders = vec![replace("▁", " "), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    if prefix {
+        normalizers.insert(0, json!({"type": "Prepend", "prepend": "▁"}));
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let normalizer = json!({"type": "Sequence", "normalizers": normalizers});
+    let decoder = json!({"type": "Sequence", "decoders": decoders});
+    Ok((model, Value::Null, normalizer, decoder, added))
+}
+
+/// The tokens kept whole in text: control and unknown ones (special, where `keep` takes them) and
+/// user-defined ones.
+fn added_tokens(vocab: &Vocab, keep: impl Fn(&str) -> bool) -> Vec<(usize, bool)> {
+    vocab
+        .types
+        .iter()
+        .enumerate()
+        .filter_map(|(id, &ty)| match ty {
+            CONTROL | UNKNOWN if keep(&vocab.tokens[id]) => Some((id, true)),
+            USER_DEFINED => Some((id, false)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A required array of strings.
+fn strings(f: &GgufFile, key: &str) -> Result<Vec<String>, GgufError> {
+    let v = f.meta(key, "an array of strings", |v| array(v, |s| s.as_str().map(str::to_string)))?;
+    f.required(key, v)
+}
+
+/// An array's items through `get`, if the value is an array and every item converts.
+fn array<T>(v: &GgufValue, get: impl Fn(&GgufValue) -> Option<T>) -> Option<Vec<T>> {
+    match v {
+        GgufValue::Array(a) => a.iter().map(get).collect(),
+        _ => None,
+    }
 }
 
 /// GPT-2's printable spelling of the 256 bytes: the printable Latin-1 characters stand for
