@@ -197,32 +197,21 @@ fn gemma_options_change_the_logits() {
     }
 }
 
-/// The Qwen2 and Qwen3 fixtures written as GGUF files (`fixtures/gguf/tiny_qwen2.gguf`,
-/// `tiny_qwen3.gguf`, by `make_gguf_fixtures.py`) and loaded from them give transformers' logits.
+/// Fixtures written as llama.cpp writes GGUF files (`fixtures/gguf/`, by `make_gguf_fixtures.py`)
+/// and loaded from them give transformers' logits: Qwen2 and Qwen3 (stored unpermuted), and Gemma,
+/// Gemma 2 and Gemma 3 (norms stored as `1 + w`, llama.cpp's names, no key for the query scale or
+/// the layer pattern: the norms, the query scale, the sliding layers, both caps and the full
+/// layers' scaled rotary base all come back).
 #[test]
-fn qwen_from_gguf_matches_transformers() {
+fn gguf_files_match_transformers() {
     let device = test_device();
-    for (file, case, arch) in [("tiny_qwen2.gguf", "qwen2_bias", "Qwen2ForCausalLM"), ("tiny_qwen3.gguf", "qwen3_qk_norm", "Qwen3ForCausalLM")] {
-        let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
-        let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
-        assert_eq!(loaded.config.to_hf_json()["architectures"][0], arch);
-        for prefix in ["", "left_"] {
-            let diff = max_diff_logits(&loaded.model, &exp, prefix, &device);
-            println!("{file}, {prefix}padded: max |diff| {diff:.2e}");
-            assert!(diff < 1e-4, "{file}, {prefix}padded: logits differ by {diff}");
-        }
-    }
-}
-
-/// Gemma, Gemma 2 and Gemma 3 fixtures written as llama.cpp writes Gemma GGUF files
-/// (`fixtures/gguf/tiny_gemma*.gguf`, by `make_gguf_fixtures.py`: norms stored as `1 + w`, llama.cpp's
-/// names, no key for the query scale or the layer pattern) and loaded from them give
-/// transformers' logits: the norms, the names, the query scale, the sliding layers, both caps and
-/// the full layers' scaled rotary base all come back.
-#[test]
-fn gemma_from_gguf_matches_transformers() {
-    let device = test_device();
-    for (file, case, arch) in [("tiny_gemma.gguf", "gemma", "GemmaForCausalLM"), ("tiny_gemma2.gguf", "gemma2_llamacpp", "Gemma2ForCausalLM"), ("tiny_gemma3.gguf", "gemma3_llamacpp", "Gemma3ForCausalLM")] {
+    for (file, case, arch) in [
+        ("tiny_qwen2.gguf", "qwen2_bias", "Qwen2ForCausalLM"),
+        ("tiny_qwen3.gguf", "qwen3_qk_norm", "Qwen3ForCausalLM"),
+        ("tiny_gemma.gguf", "gemma", "GemmaForCausalLM"),
+        ("tiny_gemma2.gguf", "gemma2_llamacpp", "Gemma2ForCausalLM"),
+        ("tiny_gemma3.gguf", "gemma3_llamacpp", "Gemma3ForCausalLM"),
+    ] {
         let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
         let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
         assert_eq!(loaded.config.to_hf_json()["architectures"][0], arch);
