@@ -70,6 +70,21 @@ fn dequantizes_every_type_bitwise_like_gguf_py() {
     );
 }
 
+/// Q5_0 and Q5_1 (quantised by gguf-py) and the k-quants Q2_K to Q6_K (random blocks) dequantise
+/// to gguf-py's values bit for bit; they are not kept as blocks.
+#[test]
+fn dequantizes_k_quants_bitwise_like_gguf_py() {
+    let file = GgufFile::open(&fixture("kquants.gguf")).unwrap();
+    let expected = read_safetensors(&fixture("kquants_expected.safetensors"));
+    let names = file.tensor_names();
+    assert_eq!(names, ["t_q5_0", "t_q5_1", "t_q2_k", "t_q3_k", "t_q4_k", "t_q5_k", "t_q6_k"]);
+    for name in &names {
+        let (shape, want) = &expected[name];
+        assert_bitwise(name, &file.dequantize(name).unwrap(), shape, want);
+        assert!(file.blocks(name).unwrap().is_none());
+    }
+}
+
 /// Q8_0, Q4_0 and Q4_1 read as their blocks (kept for a quantised LoRA base) hold gguf-py's
 /// values bit for bit; other types are not blocks.
 #[test]
@@ -226,8 +241,8 @@ fn corrupt_files_give_clear_errors() {
         ),
         (
             "unsupported_type.gguf",
-            "tensor `blk.3.attn_q.weight`: quantisation type Q4_K (12) is not supported \
-             (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
+            "tensor `blk.3.attn_q.weight`: quantisation type IQ2_XXS (16) is not supported \
+             (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)",
         ),
     ];
     for (file, message) in cases {
@@ -265,7 +280,7 @@ fn for_each_variant<K>(
         Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("gguf-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     for (i, (key, bytes)) in variants.enumerate() {
-        let path = tmp.join(format!("{i}-{fixture_name}"));
+        let path = tmp.join(format!("{i}-{}", fixture_name.replace('/', "-")));
         std::fs::write(&path, bytes).unwrap();
         check(key, &path);
         std::fs::remove_file(&path).unwrap();
@@ -275,7 +290,7 @@ fn for_each_variant<K>(
 
 #[test]
 fn truncated_files_error_without_panicking() {
-    for name in ["types.gguf", "tiny_llama.gguf"] {
+    for name in ["types.gguf", "kquants.gguf", "tiny_llama.gguf"] {
         let good = std::fs::read(fixture(name)).unwrap();
         let want = open_and_read_all(&fixture(name)).unwrap();
         let file = GgufFile::open(&fixture(name)).unwrap();
@@ -316,7 +331,7 @@ fn truncated_files_error_without_panicking() {
 
 #[test]
 fn scribbled_headers_never_panic() {
-    for name in ["types.gguf", "tiny_llama.gguf"] {
+    for name in ["types.gguf", "kquants.gguf", "tiny_llama.gguf", "vocab/sentencepiece.gguf"] {
         let good = std::fs::read(fixture(name)).unwrap();
         let header = GgufFile::open(&fixture(name)).unwrap().data_start() as usize;
         let variants = (0..header).flat_map(|at| {
@@ -330,6 +345,7 @@ fn scribbled_headers_never_panic() {
         for_each_variant("scribbled", name, variants, |_, path| {
             let _ = open_and_read_all(path);
             let _ = load_as_hf(path);
+            let _ = odpo_model::tokenizer::Tokenizer::from_gguf(path);
         });
     }
 }

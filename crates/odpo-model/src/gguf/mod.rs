@@ -1,6 +1,6 @@
 //! llama.cpp's GGUF files (versions 2 and 3, little-endian). This file reads them: header, metadata,
 //! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
-//! Q8_0, Q4_0, Q4_1); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`:
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`:
 //! [`llama`]) or the Gemma family (`gemma`, `gemma2`, `gemma3`: [`gemma`]) into an HF
 //! `config.json` value and weights under HF names and layouts; [`load_tokenizer`] turns its
 //! vocabulary into the HF `tokenizer.json` it stands for ([`vocab`]).
@@ -527,12 +527,10 @@ impl GgufFile {
             .get(name)
             .and_then(|&i| self.tensors.get(i))
             .ok_or_else(|| tensor_err(path, name, "no such tensor"))?;
-        if !matches!(t.ggml_type, 0..=3 | 8 | 30) {
+        if !quant::READ.contains(&t.ggml_type) {
             let (ty, ty_name) = (t.ggml_type, ggml_type_name(t.ggml_type).unwrap_or("?"));
-            let msg = format!(
-                "quantisation type {ty_name} ({ty}) is not supported \
-                 (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
-            );
+            let read: Vec<&str> = quant::READ.iter().filter_map(|&t| ggml_type_name(t)).collect();
+            let msg = format!("quantisation type {ty_name} ({ty}) is not supported (supported: {})", read.join(", "));
             return Err(tensor_err(path, name, msg));
         }
         let too_big = || tensor_err(path, name, "too large for this platform");
