@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 /// built with the Cargo feature of the backend it runs on (its `--backend`, else the one its config
 /// names, else flex) and run with the arguments as given.
 #[derive(Parser)]
-#[command(name = "cargo xtask", after_help = "odpo's commands, run through `cargo xtask COMMAND ...`: train (no arguments: the built-in task), sample, eval, reward-model, frontier, experiment, data, generate, logprobs. `cargo xtask COMMAND --help` shows a command's flags.")]
+#[command(name = "cargo xtask", after_help = "odpo's commands, run through `cargo xtask COMMAND ...`: train (no arguments: the built-in task), sample, eval, reward-model, frontier, experiment, data, generate, logprobs, export-gguf. `cargo xtask COMMAND --help` shows a command's flags.")]
 struct Cli {
     #[command(subcommand)]
     command: Task,
@@ -60,7 +60,7 @@ enum Task {
     Fixtures(FixturesArgs),
     /// Every other command is the `odpo` binary's, built with the feature of its backend and run
     /// with the arguments as given: train, sample, eval, reward-model, frontier, experiment, data,
-    /// generate, logprobs (`cargo xtask train --help` shows its flags).
+    /// generate, logprobs, export-gguf (`cargo xtask train --help` shows its flags).
     #[command(external_subcommand)]
     Odpo(Vec<String>),
 }

@@ -49,6 +49,9 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the token counts and the summed log-probability of a completion after a prompt.
     Logprobs(LogprobsArgs),
+    /// Write a model (Llama, Mistral, Qwen2, Qwen3; adapters merged in) with its byte-level BPE
+    /// tokenizer as a llama.cpp GGUF file, e.g. a run's exported `model/` folder.
+    ExportGguf(ExportGgufArgs),
     /// Forward-pass throughput of a model shape with random weights (tokens/s, peak memory).
     #[command(hide = true)]
     BenchForward(bench::BenchForwardArgs),
@@ -297,6 +300,18 @@ struct LogprobsArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct ExportGgufArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// How the matrices are stored: f16 (half the size) or f32 (exactly the weights); vectors are f32.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    dtype: String,
+}
+
 /// Where a log line goes: stderr, or the run's `train.log` while burn-train's dashboard holds the
 /// terminal (`output.dashboard`).
 fn log_writer() -> Box<dyn std::io::Write> {
@@ -433,6 +448,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Stats(a)) => cmd_data_stats(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Logprobs(a) => cmd_logprobs(a),
+        Command::ExportGguf(a) => cmd_export_gguf(a),
         Command::Experiment(a) => cmd_experiment(a),
         Command::BenchForward(a) => bench::cmd_bench_forward(a),
         Command::BenchGenerate(a) => bench::cmd_bench_generate(a),
@@ -465,6 +481,15 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer, Device)> {
 
 fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
     Tokenizer::open(path).with_context(|| format!("no usable tokenizer at {} (pass --tokenizer)", path.display()))
+}
+
+fn cmd_export_gguf(a: ExportGgufArgs) -> Result<()> {
+    let (loaded, tok, _) = load(&a.model)?;
+    let dtype = if a.dtype == "f32" { odpo_model::gguf::GgufDtype::F32 } else { odpo_model::gguf::GgufDtype::F16 };
+    odpo_model::gguf::save_gguf(&loaded.model, &loaded.config, &tok, &a.out, dtype)?;
+    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({:.1} MB, {} matrices)", a.out.display(), bytes as f64 / 1e6, a.dtype);
+    Ok(())
 }
 
 fn render_prompt(tok: &Tokenizer, prompt: &str, chat: bool) -> Result<String> {

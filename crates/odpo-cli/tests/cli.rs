@@ -218,7 +218,7 @@ fn reward_model_on_pairs_scores_them_for_offsets() {
 /// `odpo logprobs` on the real SmolLM2-135M-Instruct (the shared folder's GGUF file) gives the
 /// completion log-probability HF transformers computed for each reference case, after the model's
 /// chat template; and so does the GGUF file alone, with no tokenizer.json beside it (its own
-/// vocabulary and chat template).
+/// vocabulary and chat template), and the model written back out by `odpo export-gguf`.
 #[test]
 fn logprobs_of_a_completion_match_transformers() {
     let Some(dir) = env::shared_path("models/smollm2-135m-instruct") else { return };
@@ -227,8 +227,20 @@ fn logprobs_of_a_completion_match_transformers() {
     let scratch = env::scratch("cli-gguf-alone");
     let alone = scratch.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     std::os::unix::fs::symlink(&model, &alone).unwrap();
+    // The model written back out as an F32 GGUF file with its tokenizer (`odpo export-gguf`).
+    let exported = scratch.join("exported.gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_odpo"))
+        .args(["export-gguf", "--dtype", "f32", "--model"])
+        .arg(&model)
+        .arg("--out")
+        .arg(&exported)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run odpo");
+    assert!(out.status.success(), "odpo export-gguf failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("exported.gguf"));
     let cases = refs["cases"].as_array().unwrap();
-    for (case, model) in cases.iter().map(|c| (c, &model)).chain([(&cases[0], &alone)]) {
+    for (case, model) in cases.iter().map(|c| (c, &model)).chain([(&cases[0], &alone), (&cases[1], &exported)]) {
         let (user, completion) = (case["user"].as_str().unwrap(), case["completion_text"].as_str().unwrap());
         let out = Command::new(env!("CARGO_BIN_EXE_odpo"))
             .args(["logprobs", "--model"])

@@ -449,17 +449,18 @@ impl CausalLm {
     /// are merged into the weights they adapt.
     pub fn save_hf(&self, config: &ModelConfig, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let merged;
-        let model = if self.has_adapters() {
-            merged = self.clone().merge_adapters();
-            &merged
-        } else {
-            self
-        };
-        let tensors = crate::names::to_hf(model.clone().named_mut());
-        tensors.write(&dir.join("model.safetensors"))?;
+        self.hf_tensors().write(&dir.join("model.safetensors"))?;
         let json = serde_json::to_string_pretty(&config.to_hf_json()).map_err(|e| ModelError::config(dir, e.to_string()))?;
         write_atomic(&dir.join("config.json"), json.as_bytes())
+    }
+}
+
+impl CausalLm {
+    /// Every weight under its HF name and in HF's layout, adapters merged in: what
+    /// [`CausalLm::save_hf`] and [`crate::gguf::save_gguf`] write.
+    pub(crate) fn hf_tensors(&self) -> crate::weights::HfTensors {
+        let mut model = if self.has_adapters() { self.clone().merge_adapters() } else { self.clone() };
+        crate::names::to_hf(model.named_mut())
     }
 }
 

@@ -253,6 +253,11 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The chat template as written (before compiling), if there is one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.chat.as_ref().map(|c| c.source.as_str())
+    }
+
     /// Whether a chat template was found.
     pub fn has_chat_template(&self) -> bool {
         self.chat.is_some()

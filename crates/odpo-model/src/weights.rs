@@ -275,6 +275,9 @@ fn is_mask_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias") || name.ends_with(".attention.bias") || name.ends_with("masked_bias")
 }
 
+/// One tensor of [`HfTensors`]: HF name, shape, row-major values.
+pub type HfEntry = (String, Vec<usize>, Vec<f32>);
+
 /// Collects named burn tensors for saving in HF layout.
 #[derive(Default)]
 pub struct HfTensors {
@@ -315,13 +318,19 @@ impl HfTensors {
         self.push(name, weight.transpose());
     }
 
+    /// The tensors as (HF name, shape, row-major values), or the error of the first that could not
+    /// be read back from the device; `path` is the file being written, for that error.
+    pub fn read_back(&self, path: &Path) -> Result<&[HfEntry]> {
+        match &self.unread {
+            Some((name, why)) => Err(ModelError::Safetensors { path: path.into(), message: format!("tensor `{name}` could not be read back from the device: {why}") }),
+            None => Ok(&self.entries),
+        }
+    }
+
     /// Writes `model.safetensors` (float32) atomically: a temporary file, then a rename.
     pub fn write(&self, path: &Path) -> Result<()> {
-        if let Some((name, why)) = &self.unread {
-            return Err(ModelError::Safetensors { path: path.into(), message: format!("tensor `{name}` could not be read back from the device: {why}") });
-        }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
-            .entries
+            .read_back(path)?
             .iter()
             .map(|(name, shape, data)| {
                 let bytes: &[u8] = bytemuck::cast_slice(data);

@@ -223,6 +223,66 @@ fn gguf_files_match_transformers() {
     }
 }
 
+/// Models of the Llama family written as GGUF files by `save_gguf`, with a byte-level tokenizer
+/// read from a GGUF vocabulary, and loaded back: the same logits (F32 exactly as the weights, F16
+/// within its rounding), the same tokenizer. The models take the fixtures' shapes, random weights and
+/// the tokenizer's vocabulary (one with four rows more, which get unused `[PAD]` tokens, as llama.cpp
+/// wants a token per row); `check_written.py` loads the kept files with transformers. What GGUF
+/// cannot hold is refused by name, and nothing is written.
+#[test]
+fn written_gguf_files_read_back_as_the_model() {
+    use odpo_model::ModelConfig;
+    use odpo_model::gguf::{GgufDtype, save_gguf};
+    use odpo_model::tokenizer::Tokenizer;
+    let device = test_device();
+    let vocab = fixture("gguf").join("vocab");
+    let tok = Tokenizer::from_gguf(&vocab.join("llama-bpe.gguf")).unwrap();
+    // `ODPO_KEEP_GGUF=DIR` keeps the written files (and each model's HF folder) for
+    // `tests/fixtures/gguf/check_written.py`.
+    let tmp = scratch("gguf-written");
+    let dir = std::env::var_os("ODPO_KEEP_GGUF").map_or_else(|| tmp.to_path_buf(), std::path::PathBuf::from);
+    let exp = read_safetensors(&fixture("llama_gqa_untied").join("expected.safetensors"));
+    let (ids, mask) = (int2(&exp["left_input_ids"], &device), int2(&exp["left_attention_mask"], &device));
+    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0)] {
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
+        json["vocab_size"] = (tok.vocab_size() + extra_rows).into();
+        let config = ModelConfig::from_hf_json(&json, &fixture(case)).unwrap();
+        let model = CausalLm::random(&config, 7, &device).unwrap();
+        let want = to_vec(model.forward(ids.clone(), &mask, None));
+        model.save_hf(&config, &dir.join(format!("{case}-hf"))).unwrap();
+        for (dtype, tol) in [(GgufDtype::F32, 0.0), (GgufDtype::F16, 1e-3)] {
+            let out = dir.join(format!("{case}-{dtype:?}.gguf"));
+            save_gguf(&model, &config, &tok, &out, dtype).unwrap();
+            let again = CausalLm::load(&out, &device).unwrap();
+            assert_eq!(again.config.to_hf_json()["architectures"], json["architectures"], "{case}");
+            let got = to_vec(again.model.forward(ids.clone(), &mask, None));
+            let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            println!("{case} {dtype:?}: max |diff| {diff:.2e}");
+            assert!(diff <= tol, "{case} {dtype:?}: logits differ by {diff}");
+            let back = Tokenizer::open(&out).unwrap();
+            for text in ["It's 2024 <|im_start|>user\nhi<|im_end|><think>", "Café 東京 🙂"] {
+                assert_eq!(back.encode(text, true).unwrap(), tok.encode(text, true).unwrap(), "{case}: {text:?}");
+            }
+            assert_eq!(back.vocab_size(), tok.vocab_size() + extra_rows);
+            assert_eq!(back.chat_template_source(), tok.chat_template_source());
+        }
+    }
+    // Refused: a family GGUF's `llama` files cannot hold, Llama 3's RoPE scaling, a sliding window,
+    // a SentencePiece tokenizer, more tokens than embedding rows.
+    let refuse = |case: &str, tok: &Tokenizer, says: &str| {
+        let loaded = CausalLm::load(&fixture(case), &device).unwrap();
+        let out = dir.join(format!("{case}-refused.gguf"));
+        let err = save_gguf(&loaded.model, &loaded.config, tok, &out, GgufDtype::F32).unwrap_err().to_string();
+        assert!(err.contains(&out.display().to_string()) && err.contains(says), "{case}: {err}");
+        assert!(!out.exists(), "{case}: nothing written");
+    };
+    refuse("gemma", &tok, "`GemmaForCausalLM` is not written to GGUF");
+    refuse("llama3_rope", &tok, "only linear RoPE scaling");
+    refuse("mistral_window", &tok, "no sliding window");
+    refuse("llama_gqa_untied", &Tokenizer::from_gguf(&vocab.join("sentencepiece.gguf")).unwrap(), "only byte-level BPE");
+    refuse("llama_gqa_untied", &tok, "more than the model's 200 embedding rows");
+}
+
 /// Half-precision weights and compute: the same model in f16 and bf16 stays close to the f32
 /// reference (looser tolerances, set by the formats' 11 and 8 significant bits).
 #[test]

@@ -29,21 +29,53 @@ pub(super) fn hf_name(gguf: &str) -> Option<String> {
     }
     let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let part = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let part = PARTS.iter().find(|(g, _)| *g == part)?.1;
     Some(format!("model.layers.{layer}.{part}.{suffix}"))
+}
+
+/// A layer's tensors: llama.cpp's name and HF's.
+const PARTS: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// The llama.cpp name of an HF tensor of the Llama family: the inverse of [`hf_name`].
+pub(super) fn gguf_name(hf: &str) -> Option<String> {
+    let (base, suffix) = hf.rsplit_once('.')?;
+    let top = match base {
+        "model.embed_tokens" => Some("token_embd"),
+        "model.norm" => Some("output_norm"),
+        "lm_head" => Some("output"),
+        _ => None,
+    };
+    if let Some(top) = top {
+        return Some(format!("{top}.{suffix}"));
+    }
+    let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
+    let name = format!("blk.{layer}.{}.{suffix}", PARTS.iter().find(|(_, h)| *h == part)?.0);
+    (hf_name(&name).as_deref() == Some(hf)).then_some(name)
+}
+
+/// convert_hf_to_gguf.py's `permute`: within each of `heads` heads, row 2i+s takes HF row s*half+i
+/// (the inverse of [`unpermute_rows`]).
+pub(super) fn permute_rows(data: &[f32], rows: usize, heads: usize) -> Vec<f32> {
+    let cols = data.len() / rows.max(1);
+    let half = rows / heads.max(1) / 2;
+    let mut out = vec![0f32; data.len()];
+    for dst in 0..rows {
+        let src = unpermuted_source(dst, half.max(1));
+        out[src * cols..(src + 1) * cols].copy_from_slice(&data[dst * cols..(dst + 1) * cols]);
+    }
+    out
 }
 
 /// Undoes convert_hf_to_gguf.py's `permute`: within each of `heads` heads, llama.cpp stores

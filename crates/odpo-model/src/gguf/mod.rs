@@ -3,7 +3,8 @@
 //! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`:
 //! [`llama`]) or the Gemma family (`gemma`, `gemma2`, `gemma3`: [`gemma`]) into an HF
 //! `config.json` value and weights under HF names and layouts; [`load_tokenizer`] turns its
-//! vocabulary into the HF `tokenizer.json` it stands for ([`vocab`]).
+//! vocabulary into the HF `tokenizer.json` it stands for ([`vocab`]); [`save_gguf`] writes a
+//! Llama-family model with its tokenizer as a GGUF file ([`write`]).
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
 //! ggml's `dequantize_row_*` (checked against gguf-py's `gguf.quants.dequantize`).
@@ -22,9 +23,11 @@ mod gemma;
 mod llama;
 pub mod quant;
 mod vocab;
+mod write;
 
 pub use quant::ggml_type_name;
 pub use vocab::{GgufTokenizer, SPLITS};
+pub use write::{GgufDtype, save_gguf};
 use quant::type_info;
 
 use crate::quantized::QuantBlocks;

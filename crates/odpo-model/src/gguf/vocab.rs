@@ -177,17 +177,35 @@ fn byte_level(f: &GgufFile, vocab: &Vocab) -> Result<Parts, GgufError> {
     // A control token outside the byte alphabet is one llama.cpp mislabelled: left to the merges.
     let added = added_tokens(vocab, |t| in_alphabet(t));
 
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": split.is_none()});
-    let regex = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
-    let mut steps: Vec<Value> = first.into_iter().chain(split).map(regex).collect();
-    steps.push(byte_level);
-    let pre_tokenizer = if steps.len() == 1 { steps.remove(0) } else { json!({"type": "Sequence", "pretokenizers": steps}) };
+    let pre_tokenizer = split_json(first, split);
     let model = json!({
         "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
         "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": ids, "merges": merges,
     });
     let decoder = json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true});
     Ok((model, pre_tokenizer, Value::Null, decoder, added))
+}
+
+/// The `tokenizers` pre-tokenizer of a [`SPLITS`] entry.
+fn split_json(first: Option<&str>, split: Option<&str>) -> Value {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": split.is_none()});
+    let regex = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
+    let mut steps: Vec<Value> = first.into_iter().chain(split).map(regex).collect();
+    steps.push(byte_level);
+    if steps.len() == 1 { steps.remove(0) } else { json!({"type": "Sequence", "pretokenizers": steps}) }
+}
+
+/// The `tokenizer.ggml.pre` whose split a byte-level tokenizer's pre-tokenizer makes, if any: the
+/// inverse of [`SPLITS`] (HF's `Digits` pre-tokenizer standing for the digit split).
+pub(super) fn pre_of(pre_tokenizer: &Value) -> Option<&'static str> {
+    let digits = json!({"type": "Digits", "individual_digits": true});
+    let mut as_split = pre_tokenizer.clone();
+    if let Some(steps) = as_split.get_mut("pretokenizers").and_then(Value::as_array_mut) {
+        for step in steps.iter_mut().filter(|s| **s == digits) {
+            *step = json!({"type": "Split", "pattern": {"Regex": r"\p{N}"}, "behavior": "Isolated", "invert": false});
+        }
+    }
+    SPLITS.iter().find(|(_, first, split)| split_json(*first, *split) == as_split).map(|(name, ..)| *name)
 }
 
 /// A `llama` vocabulary: SentencePiece BPE with byte fallback, its merges rebuilt from the scores.

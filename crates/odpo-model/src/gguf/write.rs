@@ -1,0 +1,261 @@
+//! Writing a model of the Llama family with its byte-level BPE tokenizer as a llama.cpp GGUF file
+//! (version 3), the way llama.cpp's `convert_hf_to_gguf.py` writes one: tensors under llama.cpp's
+//! names (Q/K rows permuted for `llama`), vectors in F32 and matrices in F32 or F16, the model's
+//! hyper-parameters and the tokenizer (`tokenizer.ggml.*`, the text split named by
+//! `tokenizer.ggml.pre`, the chat template) as metadata. A trained model then runs in llama.cpp.
+//!
+//! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::{GgufError, llama, meta_err};
+use crate::model::{CausalLm, ModelConfig};
+use crate::tokenizer::Tokenizer;
+
+/// How the matrices are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GgufDtype {
+    /// 32-bit floats: exactly the weights.
+    F32,
+    /// 16-bit floats (vectors stay F32, as llama.cpp's converter keeps them).
+    F16,
+}
+
+/// GGUF's metadata value types used here.
+enum Kv {
+    U32(u32),
+    F32(f32),
+    Bool(bool),
+    Str(String),
+    Strs(Vec<String>),
+    I32s(Vec<i32>),
+}
+
+const ALIGNMENT: usize = 32;
+
+/// Writes `model` (adapters merged in) with `tokenizer` to `path` as a GGUF file, atomically.
+/// Llama, Mistral without a sliding window, Qwen2 and Qwen3 with a byte-level BPE tokenizer whose
+/// text split GGUF can name; anything else is an error that says what cannot be written.
+pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, path: &Path, dtype: GgufDtype) -> Result<(), GgufError> {
+    let cfg = config.to_hf_json();
+    let err = |key: &str, msg: String| meta_err(path, key, msg);
+    let hf_arch = cfg["architectures"][0].as_str().unwrap_or_default();
+    let arch = match hf_arch {
+        "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
+        "Qwen2ForCausalLM" => "qwen2",
+        "Qwen3ForCausalLM" => "qwen3",
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM are)"))),
+    };
+    let window = cfg.get("sliding_window").filter(|w| !w.is_null());
+    let sliding = hf_arch == "MistralForCausalLM" || cfg["use_sliding_window"].as_bool().unwrap_or(false);
+    if let (true, Some(w)) = (sliding, window) {
+        return Err(err("sliding_window", format!("{w}: a GGUF file has no sliding window for `{arch}`; the model would attend differently in llama.cpp")));
+    }
+    // RoPE scaling: `rope_scaling`, or transformers 5's `rope_parameters`.
+    let scaling = [&cfg["rope_scaling"], &cfg["rope_parameters"]].into_iter().find(|s| {
+        let kind = s["rope_type"].as_str().or(s["type"].as_str());
+        kind.is_some_and(|k| k != "default")
+    });
+    let linear_factor = match scaling {
+        None => None,
+        Some(s) if s["rope_type"] == "linear" || s["type"] == "linear" => Some(s["factor"].as_f64().unwrap_or(1.0)),
+        Some(s) => return Err(err("rope_scaling", format!("{s}: only linear RoPE scaling is written to GGUF"))),
+    };
+    let uint = |key: &str| cfg[key].as_u64().ok_or_else(|| err(key, "missing from the model's config".into()));
+    let (hidden, heads, layers) = (uint("hidden_size")?, uint("num_attention_heads")?, uint("num_hidden_layers")?);
+    let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap_or(heads);
+    let head_dim = cfg["head_dim"].as_u64().unwrap_or(hidden / heads);
+
+    let key = |k: &str| format!("{arch}.{k}");
+    let u32_of = |v: u64| Kv::U32(u32::try_from(v).unwrap_or(u32::MAX));
+    let mut kvs: Vec<(String, Kv)> = vec![
+        ("general.architecture".into(), Kv::Str(arch.into())),
+        ("general.name".into(), Kv::Str(cfg["_name_or_path"].as_str().unwrap_or("odpo").into())),
+        ("general.file_type".into(), Kv::U32(if dtype == GgufDtype::F16 { 1 } else { 0 })),
+        (key("context_length"), u32_of(uint("max_position_embeddings")?)),
+        (key("embedding_length"), u32_of(hidden)),
+        (key("block_count"), u32_of(layers)),
+        (key("feed_forward_length"), u32_of(uint("intermediate_size")?)),
+        (key("attention.head_count"), u32_of(heads)),
+        (key("attention.head_count_kv"), u32_of(kv_heads)),
+        (key("attention.key_length"), u32_of(head_dim)),
+        (key("attention.value_length"), u32_of(head_dim)),
+        (key("attention.layer_norm_rms_epsilon"), Kv::F32(cfg["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32)),
+        (key("rope.freq_base"), Kv::F32(rope_theta(&cfg) as f32)),
+    ];
+    if let Some(factor) = linear_factor {
+        kvs.push((key("rope.scaling.type"), Kv::Str("linear".into())));
+        kvs.push((key("rope.scaling.factor"), Kv::F32(factor as f32)));
+    }
+    kvs.extend(tokenizer_kvs(tokenizer, path, uint("vocab_size")? as usize)?);
+
+    // Tensors: llama.cpp's names, ggml's dimension order (fastest first), each aligned.
+    let hf = model.hf_tensors();
+    let mut infos = Vec::new();
+    let mut data: Vec<u8> = Vec::new();
+    for (name, shape, values) in hf.read_back(path).map_err(|e| err("tensors", e.to_string()))? {
+        let gguf = llama::gguf_name(name).ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
+        let mut values = std::borrow::Cow::Borrowed(values.as_slice());
+        if arch == "llama" {
+            for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
+                if name.contains(part) {
+                    values = std::borrow::Cow::Owned(llama::permute_rows(&values, shape[0], h as usize));
+                }
+            }
+        }
+        let half = dtype == GgufDtype::F16 && shape.len() == 2;
+        data.resize(data.len().next_multiple_of(ALIGNMENT), 0);
+        infos.push((gguf, shape.clone(), if half { 1u32 } else { 0 }, data.len() as u64));
+        if half {
+            data.extend(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()));
+        } else {
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        }
+    }
+
+    let mut out = Vec::with_capacity(data.len() + (1 << 20));
+    out.extend(b"GGUF");
+    out.extend(3u32.to_le_bytes());
+    out.extend((infos.len() as u64).to_le_bytes());
+    out.extend((kvs.len() as u64).to_le_bytes());
+    for (k, v) in &kvs {
+        put_str(&mut out, k);
+        put_kv(&mut out, v);
+    }
+    for (name, shape, ty, offset) in &infos {
+        put_str(&mut out, name);
+        out.extend((shape.len() as u32).to_le_bytes());
+        for d in shape.iter().rev() {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(ty.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
+    out.extend(data);
+    crate::weights::write_atomic(path, &out).map_err(|e| err("file", e.to_string()))
+}
+
+/// The base of the rotary angles: `rope_theta`, or transformers 5's `rope_parameters.rope_theta`.
+fn rope_theta(cfg: &Value) -> f64 {
+    cfg["rope_theta"].as_f64().or(cfg["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0)
+}
+
+/// The tokenizer as llama.cpp's metadata: tokens in id order with their types, merges, the text
+/// split, special ids, whether BOS is added, and the chat template. llama.cpp wants one token per
+/// embedding row (`rows`): rows the tokenizer has no token for get unused `[PAD{id}]` tokens, as
+/// llama.cpp's converter writes them; more tokens than rows is an error.
+fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<(String, Kv)>, GgufError> {
+    let err = |key: &str, msg: String| meta_err(path, key, msg);
+    let json: Value = tokenizer
+        .inner()
+        .to_string(false)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .ok_or_else(|| err("tokenizer.ggml.model", "the tokenizer could not be serialised".into()))?;
+    let model = &json["model"];
+    if model["type"] != "BPE" || !json["decoder"].to_string().contains("ByteLevel") {
+        return Err(err("tokenizer.ggml.model", "only byte-level BPE tokenizers are written to GGUF".into()));
+    }
+    let pre = super::vocab::pre_of(&json["pre_tokenizer"]).ok_or_else(|| {
+        err("tokenizer.ggml.pre", format!("the tokenizer's text split ({}) is not one llama.cpp names", json["pre_tokenizer"]))
+    })?;
+    let vocab = model["vocab"].as_object().ok_or_else(|| err("tokenizer.ggml.tokens", "no vocabulary".into()))?;
+    let n = tokenizer.vocab_size();
+    if n > rows {
+        return Err(err("tokenizer.ggml.tokens", format!("the tokenizer has {n} tokens, more than the model's {rows} embedding rows")));
+    }
+    let mut tokens = vec![String::new(); rows];
+    let mut types = vec![1i32; rows];
+    for id in n..rows {
+        (tokens[id], types[id]) = (format!("[PAD{id}]"), 5);
+    }
+    for (t, id) in vocab {
+        if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
+            *slot = t.clone();
+        }
+    }
+    for a in json["added_tokens"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(t)) = (a["id"].as_u64(), a["content"].as_str())
+            && let Some(slot) = tokens.get_mut(id as usize)
+        {
+            *slot = t.to_string();
+            types[id as usize] = if a["special"].as_bool() == Some(true) { 3 } else { 4 };
+        }
+    }
+    if let Some(id) = tokens.iter().position(String::is_empty) {
+        return Err(err("tokenizer.ggml.tokens", format!("token id {id} is neither in the vocabulary nor an added token")));
+    }
+    let merges: Vec<String> = model["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            Value::Array(p) => p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
+            other => other.as_str().unwrap_or_default().to_string(),
+        })
+        .collect();
+    let add_bos = tokenizer.bos_token_id().is_some_and(|bos| tokenizer.encode("", true).ok().and_then(|ids| ids.first().copied()) == Some(bos));
+    let mut kvs = vec![
+        ("tokenizer.ggml.model".to_string(), Kv::Str("gpt2".into())),
+        ("tokenizer.ggml.pre".to_string(), Kv::Str(pre.into())),
+        ("tokenizer.ggml.tokens".to_string(), Kv::Strs(tokens)),
+        ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types)),
+        ("tokenizer.ggml.merges".to_string(), Kv::Strs(merges)),
+        ("tokenizer.ggml.add_bos_token".to_string(), Kv::Bool(add_bos)),
+    ];
+    for (key, id) in [("bos", tokenizer.bos_token_id()), ("eos", tokenizer.eos_token_id()), ("padding", tokenizer.pad_token_id())] {
+        if let Some(id) = id {
+            kvs.push((format!("tokenizer.ggml.{key}_token_id"), Kv::U32(id)));
+        }
+    }
+    if let Some(template) = tokenizer.chat_template_source() {
+        kvs.push(("tokenizer.chat_template".to_string(), Kv::Str(template.to_string())));
+    }
+    Ok(kvs)
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend((s.len() as u64).to_le_bytes());
+    out.extend(s.as_bytes());
+}
+
+/// A value with its GGUF type tag (4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array).
+fn put_kv(out: &mut Vec<u8>, v: &Kv) {
+    match v {
+        Kv::U32(x) => {
+            out.extend(4u32.to_le_bytes());
+            out.extend(x.to_le_bytes());
+        }
+        Kv::F32(x) => {
+            out.extend(6u32.to_le_bytes());
+            out.extend(x.to_le_bytes());
+        }
+        Kv::Bool(x) => {
+            out.extend(7u32.to_le_bytes());
+            out.push(u8::from(*x));
+        }
+        Kv::Str(s) => {
+            out.extend(8u32.to_le_bytes());
+            put_str(out, s);
+        }
+        Kv::Strs(items) => {
+            out.extend(9u32.to_le_bytes());
+            out.extend(8u32.to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for s in items {
+                put_str(out, s);
+            }
+        }
+        Kv::I32s(items) => {
+            out.extend(9u32.to_le_bytes());
+            out.extend(5u32.to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for x in items {
+                out.extend(x.to_le_bytes());
+            }
+        }
+    }
+}
