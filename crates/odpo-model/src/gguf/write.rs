@@ -91,31 +91,21 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     }
     kvs.extend(tokenizer_kvs(tokenizer, path, uint("vocab_size")? as usize)?);
 
-    // Tensors: llama.cpp's names, ggml's dimension order (fastest first), each aligned.
+    // Tensors: llama.cpp's names, ggml's dimension order (fastest first), each aligned. The infos
+    // come first (offsets from the sizes), then the data straight into the file's bytes.
     let hf = model.hf_tensors();
-    let mut infos = Vec::new();
-    let mut data: Vec<u8> = Vec::new();
-    for (name, shape, values) in hf.read_back(path).map_err(|e| err("tensors", e.to_string()))? {
+    let tensors = hf.read_back(path).map_err(|e| err("tensors", e.to_string()))?;
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for (name, shape, values) in tensors {
         let gguf = llama::gguf_name(name).ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
-        let mut values = std::borrow::Cow::Borrowed(values.as_slice());
-        if arch == "llama" {
-            for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
-                if name.contains(part) {
-                    values = std::borrow::Cow::Owned(llama::permute_rows(&values, shape[0], h as usize));
-                }
-            }
-        }
         let half = dtype == GgufDtype::F16 && shape.len() == 2;
-        data.resize(data.len().next_multiple_of(ALIGNMENT), 0);
-        infos.push((gguf, shape.clone(), if half { 1u32 } else { 0 }, data.len() as u64));
-        if half {
-            data.extend(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()));
-        } else {
-            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        }
+        offset = offset.next_multiple_of(ALIGNMENT);
+        infos.push((gguf, shape, half, offset));
+        offset += values.len() * if half { 2 } else { 4 };
     }
 
-    let mut out = Vec::with_capacity(data.len() + (1 << 20));
+    let mut out = Vec::with_capacity(offset + (1 << 20));
     out.extend(b"GGUF");
     out.extend(3u32.to_le_bytes());
     out.extend((infos.len() as u64).to_le_bytes());
@@ -124,17 +114,33 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         put_str(&mut out, k);
         put_kv(&mut out, v);
     }
-    for (name, shape, ty, offset) in &infos {
+    for (name, shape, half, offset) in &infos {
         put_str(&mut out, name);
         out.extend((shape.len() as u32).to_le_bytes());
         for d in shape.iter().rev() {
             out.extend((*d as u64).to_le_bytes());
         }
-        out.extend(ty.to_le_bytes());
-        out.extend(offset.to_le_bytes());
+        out.extend(u32::from(*half).to_le_bytes()); // ggml types: 0 F32, 1 F16
+        out.extend((*offset as u64).to_le_bytes());
     }
     out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
-    out.extend(data);
+    let data_start = out.len();
+    for ((name, shape, values), (_, _, half, offset)) in tensors.iter().zip(&infos) {
+        out.resize(data_start + offset, 0);
+        let mut values = std::borrow::Cow::Borrowed(values.as_slice());
+        if arch == "llama" {
+            for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
+                if name.contains(part) {
+                    values = std::borrow::Cow::Owned(llama::permute_rows(&values, shape[0], h as usize));
+                }
+            }
+        }
+        if *half {
+            out.extend(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()));
+        } else {
+            out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        }
+    }
     crate::weights::write_atomic(path, &out).map_err(|e| err("file", e.to_string()))
 }
 
@@ -197,7 +203,10 @@ fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<
             other => other.as_str().unwrap_or_default().to_string(),
         })
         .collect();
-    let add_bos = tokenizer.bos_token_id().is_some_and(|bos| tokenizer.encode("", true).ok().and_then(|ids| ids.first().copied()) == Some(bos));
+    // What the tokenizer adds around a text: BOS first, EOS last.
+    let ends = tokenizer.encode("", true).unwrap_or_default();
+    let add_bos = tokenizer.bos_token_id().is_some_and(|b| ends.first() == Some(&b));
+    let add_eos = tokenizer.eos_token_id().is_some_and(|e| ends.last() == Some(&e) && ends.len() > usize::from(add_bos));
     let mut kvs = vec![
         ("tokenizer.ggml.model".to_string(), Kv::Str("gpt2".into())),
         ("tokenizer.ggml.pre".to_string(), Kv::Str(pre.into())),
@@ -205,6 +214,7 @@ fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<
         ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types)),
         ("tokenizer.ggml.merges".to_string(), Kv::Strs(merges)),
         ("tokenizer.ggml.add_bos_token".to_string(), Kv::Bool(add_bos)),
+        ("tokenizer.ggml.add_eos_token".to_string(), Kv::Bool(add_eos)),
     ];
     for (key, id) in [("bos", tokenizer.bos_token_id()), ("eos", tokenizer.eos_token_id()), ("padding", tokenizer.pad_token_id())] {
         if let Some(id) = id {
