@@ -18,13 +18,7 @@ pub(super) fn hf_name(gguf: &str) -> Option<String> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let top = match base {
-        "token_embd" => Some("model.embed_tokens"),
-        "output_norm" => Some("model.norm"),
-        "output" => Some("lm_head"),
-        _ => None,
-    };
-    if let Some(top) = top {
+    if let Some((_, top)) = TOP.iter().find(|(g, _)| *g == base) {
         return Some(format!("{top}.{suffix}"));
     }
     let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
@@ -32,6 +26,9 @@ pub(super) fn hf_name(gguf: &str) -> Option<String> {
     let part = PARTS.iter().find(|(g, _)| *g == part)?.1;
     Some(format!("model.layers.{layer}.{part}.{suffix}"))
 }
+
+/// The tensors outside the layers: llama.cpp's name and HF's.
+const TOP: [(&str, &str); 3] = [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
 
 /// A layer's tensors: llama.cpp's name and HF's.
 const PARTS: [(&str, &str); 11] = [
@@ -51,17 +48,13 @@ const PARTS: [(&str, &str); 11] = [
 /// The llama.cpp name of an HF tensor of the Llama family: the inverse of [`hf_name`].
 pub(super) fn gguf_name(hf: &str) -> Option<String> {
     let (base, suffix) = hf.rsplit_once('.')?;
-    let top = match base {
-        "model.embed_tokens" => Some("token_embd"),
-        "model.norm" => Some("output_norm"),
-        "lm_head" => Some("output"),
-        _ => None,
+    let name = if let Some((top, _)) = TOP.iter().find(|(_, h)| *h == base) {
+        format!("{top}.{suffix}")
+    } else {
+        let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
+        format!("blk.{layer}.{}.{suffix}", PARTS.iter().find(|(_, h)| *h == part)?.0)
     };
-    if let Some(top) = top {
-        return Some(format!("{top}.{suffix}"));
-    }
-    let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
-    let name = format!("blk.{layer}.{}.{suffix}", PARTS.iter().find(|(_, h)| *h == part)?.0);
+    // Only names the reader maps back the same way (a `.weight` or `.bias` of a numbered layer).
     (hf_name(&name).as_deref() == Some(hf)).then_some(name)
 }
 
