@@ -54,7 +54,7 @@ enum Task {
     SetupCuda(SetupArgs),
     /// Regenerates the test fixtures from their scripts in the pinned Python environment
     /// (scripts/fixtures-requirements.txt, installed into the libtorch environment or --venv DIR).
-    /// [--only loss,conformance,models,tokenizer,gguf] [--check: regenerate, compare with the committed
+    /// [--only loss,conformance,models,tokenizer,gguf,llamacpp] [--check: regenerate, compare with the committed
     /// files (JSON numbers to 1e-12 relative, other files byte for byte), put the committed files back,
     /// fail on a difference]
     Fixtures(FixturesArgs),
@@ -77,7 +77,8 @@ struct SetupArgs {
 
 #[derive(clap::Args)]
 struct FixturesArgs {
-    /// Fixture sets, comma-separated (default: all): loss, conformance, models, tokenizer, gguf.
+    /// Fixture sets, comma-separated (default: all): loss, conformance, models, tokenizer, gguf,
+    /// llamacpp (llama.cpp's own token ids; installs llama-cpp-python, which builds llama.cpp).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Compare the regenerated fixtures with the committed ones instead of keeping them.
@@ -765,25 +766,37 @@ struct FixtureSet {
     tolerance: f64,
     scripts: &'static [(&'static str, &'static str)],
     outputs: &'static [&'static str],
+    /// What the set needs beyond scripts/fixtures-requirements.txt, installed when it runs.
+    pip: &'static [&'static str],
 }
 
 /// Every fixture the tests read that a script of the repository makes. `models` and `gguf` read
 /// nothing but their scripts; `tokenizer` and the SmolLM2 GGUF expectations need the shared folder.
 const FIXTURES: &[FixtureSet] = &[
-    FixtureSet { name: "loss", tolerance: 1e-12, scripts: &[(".", "crates/odpo-loss/tests/fixtures/make_loss_fixtures.py")], outputs: &["crates/odpo-loss/tests/fixtures/losses.json"] },
-    FixtureSet { name: "conformance", tolerance: 1e-5, scripts: &[(".", "crates/odpo-trainer/tests/fixtures/make_conformance.py")], outputs: &["crates/odpo-trainer/tests/fixtures/conformance"] },
+    FixtureSet { name: "loss", tolerance: 1e-12, scripts: &[(".", "crates/odpo-loss/tests/fixtures/make_loss_fixtures.py")], outputs: &["crates/odpo-loss/tests/fixtures/losses.json"], pip: &[] },
+    FixtureSet { name: "conformance", tolerance: 1e-5, scripts: &[(".", "crates/odpo-trainer/tests/fixtures/make_conformance.py")], outputs: &["crates/odpo-trainer/tests/fixtures/conformance"], pip: &[] },
     FixtureSet {
         name: "models",
         tolerance: 1e-5,
         scripts: &[(".", "crates/odpo-model/tests/fixtures/make_fixtures.py"), (".", "crates/odpo-model/tests/fixtures/make_fixtures_neo.py"), (".", "crates/odpo-model/tests/fixtures/make_lora_fixtures.py")],
         outputs: &["crates/odpo-model/tests/fixtures"],
+        pip: &[],
     },
-    FixtureSet { name: "tokenizer", tolerance: 0.0, scripts: &[("crates/odpo-model/tests/fixtures/tokenizer", "make_expected.py")], outputs: &["crates/odpo-model/tests/fixtures/tokenizer/trim_expected.txt"] },
+    FixtureSet { name: "tokenizer", tolerance: 0.0, scripts: &[("crates/odpo-model/tests/fixtures/tokenizer", "make_expected.py")], outputs: &["crates/odpo-model/tests/fixtures/tokenizer/trim_expected.txt"], pip: &[] },
     FixtureSet {
         name: "gguf",
         tolerance: 1e-5,
         scripts: &[(".", "crates/odpo-model/tests/fixtures/gguf/make_gguf_fixtures.py"), (".", "crates/odpo-model/tests/fixtures/gguf/make_smollm_expected.py")],
         outputs: &["crates/odpo-model/tests/fixtures/gguf"],
+        pip: &[],
+    },
+    // llama.cpp's own token ids; llama-cpp-python builds llama.cpp from source (minutes, once).
+    FixtureSet {
+        name: "llamacpp",
+        tolerance: 0.0,
+        scripts: &[(".", "crates/odpo-model/tests/fixtures/gguf/make_llamacpp_expected.py")],
+        outputs: &["crates/odpo-model/tests/fixtures/gguf/vocab/llamacpp_expected.json", "crates/odpo-model/tests/fixtures/gguf/vocab/pre-*.gguf"],
+        pip: &["llama-cpp-python==0.3.36"],
     },
 ];
 
@@ -842,7 +855,7 @@ fn fixtures(a: &FixturesArgs) -> Result<ExitCode> {
     let sets: Vec<&FixtureSet> = if a.only.is_empty() {
         FIXTURES.iter().collect()
     } else {
-        a.only.iter().map(|n| FIXTURES.iter().find(|s| s.name == n).with_context(|| format!("--only: no fixture set `{n}`; expected one of: loss, conformance, models, tokenizer, gguf"))).collect::<Result<_>>()?
+        a.only.iter().map(|n| FIXTURES.iter().find(|s| s.name == n).with_context(|| format!("--only: no fixture set `{n}`; expected one of: loss, conformance, models, tokenizer, gguf, llamacpp"))).collect::<Result<_>>()?
     };
     let venv = a.venv.clone().unwrap_or_else(|| default_venv(TORCH_DEFAULT));
     if !venv.join("bin/python").is_file() {
@@ -857,6 +870,12 @@ fn fixtures(a: &FixturesArgs) -> Result<ExitCode> {
     }
     let mut differ = Vec::new();
     for set in sets {
+        if !set.pip.is_empty() {
+            eprintln!("fixtures ({}): pip install {} ...", set.name, set.pip.join(" "));
+            if !Command::new(venv.join("bin/pip")).args(["install", "-q"]).args(set.pip).status().context("running pip")?.success() {
+                bail!("`pip install {}` failed", set.pip.join(" "));
+            }
+        }
         let files = fixture_files(set)?;
         let committed: Vec<(String, Vec<u8>)> = files.iter().map(|f| Ok((f.clone(), std::fs::read(f).with_context(|| format!("reading {f}"))?))).collect::<Result<_>>()?;
         for (dir, script) in set.scripts {

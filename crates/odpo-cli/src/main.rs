@@ -307,8 +307,9 @@ struct ExportGgufArgs {
     /// The GGUF file to write.
     #[arg(long)]
     out: PathBuf,
-    /// How the matrices are stored: f16 (half the size) or f32 (exactly the weights); vectors are f32.
-    #[arg(long, default_value = "f16", value_parser = ["f16", "f32"])]
+    /// How the matrices are stored: f16 (half the size), q8_0 (ggml's 8-bit blocks, a quarter of
+    /// f32 and a little more) or f32 (exactly the weights); vectors are f32.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "q8_0", "f32"])]
     dtype: String,
 }
 
@@ -485,7 +486,11 @@ fn open_tokenizer(path: &Path) -> Result<Tokenizer> {
 
 fn cmd_export_gguf(a: ExportGgufArgs) -> Result<()> {
     let (loaded, tok, _) = load(&a.model)?;
-    let dtype = if a.dtype == "f32" { odpo_model::gguf::GgufDtype::F32 } else { odpo_model::gguf::GgufDtype::F16 };
+    let dtype = match a.dtype.as_str() {
+        "f32" => odpo_model::gguf::GgufDtype::F32,
+        "q8_0" => odpo_model::gguf::GgufDtype::Q8_0,
+        _ => odpo_model::gguf::GgufDtype::F16,
+    };
     odpo_model::gguf::save_gguf(&loaded.model, &loaded.config, &tok, &a.out, dtype)?;
     let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
     println!("wrote {} ({:.1} MB, {} matrices)", a.out.display(), bytes as f64 / 1e6, a.dtype);

@@ -46,6 +46,38 @@ fn gguf_vocabularies_match_transformers() {
     assert_eq!(got.iter().map(|l| l.1).collect::<Vec<_>>(), [false, true, false]);
 }
 
+/// llama.cpp's own ids (`vocab/llamacpp_expected.json`, by `make_llamacpp_expected.py` through
+/// llama-cpp-python) for every probe, with and without the file's BOS/EOS, under each text split
+/// read (`gpt-2`, `default` with its punctuation and three-digit splits, `smollm`, `starcoder`,
+/// `llama-bpe`, `llama3`, `qwen2`, `deepseek-r1-qwen`) and both SentencePiece settings. Gemma's
+/// files spell whitespace pieces with real spaces, which llama.cpp never matches: where a probe has
+/// a run of spaces, odpo keeps SentencePiece's ids (`gguf_vocabularies_match_transformers`), the ids
+/// the model was trained on.
+#[test]
+fn gguf_vocabularies_match_llama_cpp() {
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(vocab("llamacpp_expected.json")).unwrap()).unwrap();
+    let cases = expected["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 10);
+    let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect() };
+    let mut compared = 0;
+    for (name, probes) in cases {
+        let tok = Tokenizer::from_gguf(&vocab(&format!("{name}.gguf"))).unwrap();
+        for p in probes.as_array().unwrap() {
+            let text = p["text"].as_str().unwrap();
+            if name == "sentencepiece_gemma" && text.contains("  ") {
+                continue;
+            }
+            assert_eq!(tok.encode(text, true).unwrap(), ids(&p["ids"]), "{name}: {text:?}");
+            assert_eq!(tok.encode(text, false).unwrap(), ids(&p["ids_plain"]), "{name}: {text:?} without BOS/EOS");
+            compared += 1;
+        }
+    }
+    assert!(compared >= 95, "{compared}");
+    // `default` is not GPT-2's split: punctuation runs, then digits in threes.
+    let [gpt2, default] = ["pre-gpt-2", "pre-default"].map(|n| Tokenizer::from_gguf(&vocab(&format!("{n}.gguf"))).unwrap());
+    assert_ne!(gpt2.encode("1234567 it's", false).unwrap(), default.encode("1234567 it's", false).unwrap());
+}
+
 /// SentencePiece vocabularies: the file's special and added tokens stay whole, and, as in llama.cpp,
 /// the text after one starts a new word (`▁` in front) where the file adds a space prefix; bytes
 /// outside the pieces fall back to `<0xXX>` pieces.

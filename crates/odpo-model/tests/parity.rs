@@ -225,7 +225,7 @@ fn gguf_files_match_transformers() {
 
 /// Models of the Llama family written as GGUF files by `save_gguf`, with a byte-level tokenizer
 /// read from a GGUF vocabulary, and loaded back: the same logits (F32 exactly as the weights, F16
-/// within its rounding), the same tokenizer. The models take the fixtures' shapes, random weights and
+/// and Q8_0 within their rounding), the same tokenizer. The models take the fixtures' shapes, random weights and
 /// the tokenizer's vocabulary (one with four rows more, which get unused `[PAD]` tokens, as llama.cpp
 /// wants a token per row); `check_written.py` loads the kept files with transformers. What GGUF
 /// cannot hold is refused by name, and nothing is written.
@@ -250,7 +250,7 @@ fn written_gguf_files_read_back_as_the_model() {
         let model = CausalLm::random(&config, 7, &device).unwrap();
         let want = to_vec(model.forward(ids.clone(), &mask, None));
         model.save_hf(&config, &dir.join(format!("{case}-hf"))).unwrap();
-        for (dtype, tol) in [(GgufDtype::F32, 0.0), (GgufDtype::F16, 1e-3)] {
+        for (dtype, tol) in [(GgufDtype::F32, 0.0), (GgufDtype::F16, 1e-3), (GgufDtype::Q8_0, 2e-2)] {
             let out = dir.join(format!("{case}-{dtype:?}.gguf"));
             save_gguf(&model, &config, &tok, &out, dtype).unwrap();
             let again = CausalLm::load(&out, &device).unwrap();
@@ -265,7 +265,33 @@ fn written_gguf_files_read_back_as_the_model() {
             }
             assert_eq!(back.vocab_size(), tok.vocab_size() + extra_rows);
             assert_eq!(back.chat_template_source(), tok.chat_template_source());
+            // Vectors stay F32; in a Q8_0 file every matrix here has rows of whole blocks.
+            let file = odpo_model::gguf::GgufFile::open(&out).unwrap();
+            for t in file.tensor_infos() {
+                let want = match (dtype, t.dims.len()) {
+                    (_, 1) | (GgufDtype::F32, _) => 0,
+                    (GgufDtype::F16, _) => 1,
+                    (GgufDtype::Q8_0, _) => 8,
+                };
+                assert_eq!(t.ggml_type, want, "{case} {dtype:?}: {}", t.name);
+            }
         }
+    }
+    // The text split is written under the name llama.cpp knows for it (`gpt-2`, not the `gpt2`
+    // that odpo once wrote); files with the same split under two names get the first.
+    for (source, written) in [("gpt2", "gpt-2"), ("pre-gpt-2", "gpt-2"), ("pre-default", "default"), ("smollm", "smollm"), ("pre-starcoder", "smollm"), ("pre-llama3", "llama-bpe"), ("qwen2", "qwen2")] {
+        let tok = Tokenizer::from_gguf(&vocab.join(format!("{source}.gguf"))).unwrap();
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("llama_gqa_untied").join("config.json")).unwrap()).unwrap();
+        json["vocab_size"] = tok.vocab_size().into();
+        let config = ModelConfig::from_hf_json(&json, &fixture("llama_gqa_untied")).unwrap();
+        let model = CausalLm::random(&config, 7, &device).unwrap();
+        let out = tmp.join(format!("pre-{source}.gguf"));
+        save_gguf(&model, &config, &tok, &out, GgufDtype::F16).unwrap();
+        let file = odpo_model::gguf::GgufFile::open(&out).unwrap();
+        assert_eq!(file.metadata()["tokenizer.ggml.pre"].as_str(), Some(written), "{source}");
+        let back = Tokenizer::open(&out).unwrap();
+        let text = "It's 2024, and 1234567 +++ things.";
+        assert_eq!(back.encode(text, false).unwrap(), tok.encode(text, false).unwrap(), "{source}");
     }
     // Refused: a family GGUF's `llama` files cannot hold, Llama 3's RoPE scaling, a sliding window,
     // a SentencePiece tokenizer, more tokens than embedding rows.

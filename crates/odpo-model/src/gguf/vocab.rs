@@ -23,9 +23,9 @@ use serde_json::{Value, json};
 
 use super::{GgufError, GgufFile, GgufValue, meta_err};
 
-/// GPT-2's split (`'s|'t|... ?\p{L}+| ?\p{N}+|...`), which the `tokenizers` crate's `ByteLevel`
-/// pre-tokenizer applies by itself.
-const GPT2: Option<&str> = None;
+/// GPT-2's split, as llama.cpp writes it (the `tokenizers` crate's `ByteLevel` pre-tokenizer
+/// applies the same by itself, with a last `|\s+` that llama.cpp's gaps between matches stand for).
+const GPT2: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
 
 /// Llama 3's split: letters with one leading non-letter, numbers of at most three digits.
 const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -33,17 +33,21 @@ const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{
 /// Qwen 2's split: Llama 3's with every digit on its own.
 const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// Each `tokenizer.ggml.pre` of a `gpt2` vocabulary read: a split applied first (`\p{N}`: every
-/// digit alone), then the split of the second entry (`None`: GPT-2's).
-pub const SPLITS: [(&str, Option<&str>, Option<&str>); 8] = [
-    ("gpt2", None, GPT2),
-    ("default", None, GPT2),
-    ("smollm", Some(r"\p{N}"), GPT2),
-    ("starcoder", Some(r"\p{N}"), GPT2),
-    ("llama-bpe", None, Some(LLAMA3)),
-    ("llama3", None, Some(LLAMA3)),
-    ("qwen2", None, Some(QWEN2)),
-    ("deepseek-r1-qwen", None, Some(QWEN2)),
+/// Each `tokenizer.ggml.pre` of a `gpt2` vocabulary read, with llama.cpp's splits for it
+/// (`llm_tokenizer_bpe`): each applied in turn to the pieces of the one before, matches and the
+/// text between them both becoming pieces; `true` when GPT-2's split comes last (which the
+/// `ByteLevel` pre-tokenizer applies). `default` is also what a file without the key gets.
+/// (`gpt2` is no name llama.cpp knows; odpo's first GGUF writer wrote it for `gpt-2`.)
+pub const SPLITS: [(&str, &[&str], bool); 9] = [
+    ("gpt-2", &[], true),
+    ("gpt2", &[], true),
+    ("default", &[r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", "[0-9][0-9][0-9]"], false),
+    ("smollm", &[r"\p{N}"], true),
+    ("starcoder", &[r"\p{N}"], true),
+    ("llama-bpe", &[LLAMA3], false),
+    ("llama3", &[LLAMA3], false),
+    ("qwen2", &[QWEN2], false),
+    ("deepseek-r1-qwen", &[QWEN2], false),
 ];
 
 /// llama.cpp's token types.
@@ -155,7 +159,7 @@ fn byte_level(f: &GgufFile, vocab: &Vocab) -> Result<Parts, GgufError> {
     let path = f.path();
     let pre_key = "tokenizer.ggml.pre";
     let pre = f.meta(pre_key, "a string", |v| v.as_str().map(str::to_string))?.unwrap_or_else(|| "default".into());
-    let Some(&(_, first, split)) = SPLITS.iter().find(|(name, ..)| *name == pre) else {
+    let Some(&(_, splits, gpt2)) = SPLITS.iter().find(|(name, ..)| *name == pre) else {
         let known: Vec<&str> = SPLITS.iter().map(|(name, ..)| *name).collect();
         return Err(meta_err(path, pre_key, format!("`{pre}` is not a text split this reader knows ({}): {ASK}", known.join(", "))));
     };
@@ -177,7 +181,7 @@ fn byte_level(f: &GgufFile, vocab: &Vocab) -> Result<Parts, GgufError> {
     // A control token outside the byte alphabet is one llama.cpp mislabelled: left to the merges.
     let added = added_tokens(vocab, |t| in_alphabet(t));
 
-    let pre_tokenizer = split_json(first, split);
+    let pre_tokenizer = split_json(splits, gpt2);
     let model = json!({
         "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null, "end_of_word_suffix": null,
         "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": ids, "merges": merges,
@@ -187,10 +191,10 @@ fn byte_level(f: &GgufFile, vocab: &Vocab) -> Result<Parts, GgufError> {
 }
 
 /// The `tokenizers` pre-tokenizer of a [`SPLITS`] entry.
-fn split_json(first: Option<&str>, split: Option<&str>) -> Value {
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": split.is_none()});
-    let regex = |r: &str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
-    let mut steps: Vec<Value> = first.into_iter().chain(split).map(regex).collect();
+fn split_json(splits: &[&str], gpt2: bool) -> Value {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": gpt2});
+    let regex = |r: &&str| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false});
+    let mut steps: Vec<Value> = splits.iter().map(regex).collect();
     steps.push(byte_level);
     if steps.len() == 1 { steps.remove(0) } else { json!({"type": "Sequence", "pretokenizers": steps}) }
 }
@@ -205,7 +209,7 @@ pub(super) fn pre_of(pre_tokenizer: &Value) -> Option<&'static str> {
             *step = json!({"type": "Split", "pattern": {"Regex": r"\p{N}"}, "behavior": "Isolated", "invert": false});
         }
     }
-    SPLITS.iter().find(|(_, first, split)| split_json(*first, *split) == as_split).map(|(name, ..)| *name)
+    SPLITS.iter().find(|(_, splits, gpt2)| split_json(splits, *gpt2) == as_split).map(|(name, ..)| *name)
 }
 
 /// A `llama` vocabulary: SentencePiece BPE with byte fallback, its merges rebuilt from the scores.

@@ -1,6 +1,6 @@
 //! Writing a model of the Llama family with its byte-level BPE tokenizer as a llama.cpp GGUF file
 //! (version 3), the way llama.cpp's `convert_hf_to_gguf.py` writes one: tensors under llama.cpp's
-//! names (Q/K rows permuted for `llama`), vectors in F32 and matrices in F32 or F16, the model's
+//! names (Q/K rows permuted for `llama`), vectors in F32 and matrices in F32, F16 or Q8_0, the model's
 //! hyper-parameters and the tokenizer (`tokenizer.ggml.*`, the text split named by
 //! `tokenizer.ggml.pre`, the chat template) as metadata. A trained model then runs in llama.cpp.
 //!
@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::{GgufError, llama, meta_err};
 use crate::model::{CausalLm, ModelConfig};
+use crate::quantized::{BLOCK, QuantBlocks};
 use crate::tokenizer::Tokenizer;
 
 /// How the matrices are stored.
@@ -21,6 +22,49 @@ pub enum GgufDtype {
     F32,
     /// 16-bit floats (vectors stay F32, as llama.cpp's converter keeps them).
     F16,
+    /// ggml's Q8_0: blocks of 32 values along a row, each an f16 scale `d = max|x| / 127` and 32
+    /// signed bytes `round(x / d)` (8.5 bits a weight, what `convert_hf_to_gguf.py --outtype q8_0`
+    /// writes). Rows that do not split into blocks of 32 are written in F16, as the converter does.
+    Q8_0,
+}
+
+impl GgufDtype {
+    /// The ggml type of a tensor of `shape` (`[rows, row length]` for a matrix).
+    fn of(self, shape: &[usize]) -> TensorType {
+        match (self, shape) {
+            (_, [_]) | (GgufDtype::F32, _) => TensorType::F32,
+            (GgufDtype::Q8_0, [_, cols]) if cols % BLOCK == 0 => TensorType::Q8_0,
+            _ => TensorType::F16,
+        }
+    }
+
+    /// `general.file_type`: llama.cpp's `LLAMA_FTYPE_ALL_F32`, `MOSTLY_F16`, `MOSTLY_Q8_0`.
+    fn file_type(self) -> u32 {
+        match self {
+            GgufDtype::F32 => 0,
+            GgufDtype::F16 => 1,
+            GgufDtype::Q8_0 => 7,
+        }
+    }
+}
+
+/// The ggml types written, with their ids in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TensorType {
+    F32 = 0,
+    F16 = 1,
+    Q8_0 = 8,
+}
+
+impl TensorType {
+    /// Bytes of `n` values (`n` a multiple of the block for Q8_0).
+    fn bytes(self, n: usize) -> usize {
+        match self {
+            TensorType::F32 => 4 * n,
+            TensorType::F16 => 2 * n,
+            TensorType::Q8_0 => n / BLOCK * (2 + BLOCK),
+        }
+    }
 }
 
 /// GGUF's metadata value types used here.
@@ -73,7 +117,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     let mut kvs: Vec<(String, Kv)> = vec![
         ("general.architecture".into(), Kv::Str(arch.into())),
         ("general.name".into(), Kv::Str(cfg["_name_or_path"].as_str().unwrap_or("odpo").into())),
-        ("general.file_type".into(), Kv::U32(if dtype == GgufDtype::F16 { 1 } else { 0 })),
+        ("general.file_type".into(), Kv::U32(dtype.file_type())),
         (key("context_length"), u32_of(uint("max_position_embeddings")?)),
         (key("embedding_length"), u32_of(hidden)),
         (key("block_count"), u32_of(layers)),
@@ -99,10 +143,10 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     let mut offset = 0usize;
     for (name, shape, values) in tensors {
         let gguf = llama::gguf_name(name).ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
-        let half = dtype == GgufDtype::F16 && shape.len() == 2;
+        let ty = dtype.of(shape);
         offset = offset.next_multiple_of(ALIGNMENT);
-        infos.push((gguf, shape, half, offset));
-        offset += values.len() * if half { 2 } else { 4 };
+        infos.push((gguf, shape, ty, offset));
+        offset += ty.bytes(values.len());
     }
 
     let mut out = Vec::with_capacity(offset + (1 << 20));
@@ -114,18 +158,18 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         put_str(&mut out, k);
         put_kv(&mut out, v);
     }
-    for (name, shape, half, offset) in &infos {
+    for (name, shape, ty, offset) in &infos {
         put_str(&mut out, name);
         out.extend((shape.len() as u32).to_le_bytes());
         for d in shape.iter().rev() {
             out.extend((*d as u64).to_le_bytes());
         }
-        out.extend(u32::from(*half).to_le_bytes()); // ggml types: 0 F32, 1 F16
+        out.extend((*ty as u32).to_le_bytes());
         out.extend((*offset as u64).to_le_bytes());
     }
     out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
     let data_start = out.len();
-    for ((name, shape, values), (_, _, half, offset)) in tensors.iter().zip(&infos) {
+    for ((name, shape, values), (_, _, ty, offset)) in tensors.iter().zip(&infos) {
         out.resize(data_start + offset, 0);
         let mut values = std::borrow::Cow::Borrowed(values.as_slice());
         if arch == "llama" {
@@ -135,10 +179,16 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
                 }
             }
         }
-        if *half {
-            out.extend(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()));
-        } else {
-            out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        match ty {
+            TensorType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+            TensorType::F16 => out.extend(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes())),
+            TensorType::Q8_0 => {
+                let blocks = QuantBlocks::quantize_q8_0([shape[0], shape[1]], &values);
+                for (d, q) in blocks.d.iter().zip(blocks.q.chunks_exact(BLOCK)) {
+                    out.extend(half::f16::from_f32(*d).to_le_bytes());
+                    out.extend(q.iter().map(|&q| q as u8));
+                }
+            }
         }
     }
     crate::weights::write_atomic(path, &out).map_err(|e| err("file", e.to_string()))
@@ -267,5 +317,21 @@ fn put_kv(out: &mut Vec<u8>, v: &Kv) {
                 out.extend(x.to_le_bytes());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_quantises_matrices_whose_rows_split_into_blocks() {
+        assert_eq!(GgufDtype::Q8_0.of(&[576]), TensorType::F32);
+        assert_eq!(GgufDtype::Q8_0.of(&[1536, 576]), TensorType::Q8_0);
+        assert_eq!(GgufDtype::Q8_0.of(&[576, 48]), TensorType::F16);
+        assert_eq!(GgufDtype::F16.of(&[1536, 576]), TensorType::F16);
+        assert_eq!(GgufDtype::F32.of(&[1536, 576]), TensorType::F32);
+        // 32 values: a 2-byte scale and 32 bytes, as ggml's `block_q8_0`.
+        assert_eq!(TensorType::Q8_0.bytes(576 * 1536), 576 * 1536 / 32 * 34);
     }
 }
