@@ -293,8 +293,33 @@ fn written_gguf_files_read_back_as_the_model() {
         let text = "It's 2024, and 1234567 +++ things.";
         assert_eq!(back.encode(text, false).unwrap(), tok.encode(text, false).unwrap(), "{source}");
     }
+    // SentencePiece BPE (Llama 2's and Mistral's kind): written as a `llama` vocabulary with a score
+    // per piece, it reads back to SentencePiece's own ids (`expected.json`) on every probe, with and
+    // without BOS. `check_llamacpp.py` runs the kept file's tokenizer in llama.cpp.
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(vocab.join("expected.json")).unwrap()).unwrap();
+    let tok = Tokenizer::from_gguf(&vocab.join("sentencepiece.gguf")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("llama_gqa_untied").join("config.json")).unwrap()).unwrap();
+    json["vocab_size"] = tok.vocab_size().into();
+    let config = ModelConfig::from_hf_json(&json, &fixture("llama_gqa_untied")).unwrap();
+    let model = CausalLm::random(&config, 7, &device).unwrap();
+    model.save_hf(&config, &dir.join("spm_llama_gqa_untied-hf")).unwrap();
+    let out = dir.join("spm_llama_gqa_untied-F32.gguf");
+    save_gguf(&model, &config, &tok, &out, GgufDtype::F32).unwrap();
+    let file = odpo_model::gguf::GgufFile::open(&out).unwrap();
+    assert_eq!(file.metadata()["tokenizer.ggml.model"].as_str(), Some("llama"));
+    let back = Tokenizer::open(&out).unwrap();
+    let want = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|i| i.as_u64().unwrap() as u32).collect() };
+    for p in expected["cases"]["sentencepiece"].as_array().unwrap() {
+        let text = p["text"].as_str().unwrap();
+        assert_eq!(back.encode(text, true).unwrap(), want(&p["ids"]), "{text:?}");
+        assert_eq!(back.encode(text, false).unwrap(), want(&p["ids_plain"]), "{text:?}");
+    }
+    assert_eq!(back.encode("the</s>the <think>", true).unwrap(), tok.encode("the</s>the <think>", true).unwrap());
+    let again = CausalLm::load(&out, &device).unwrap();
+    let got = to_vec(again.model.forward(ids.clone(), &mask, None));
+    assert_eq!(got, to_vec(model.forward(ids.clone(), &mask, None)));
     // Refused: a family GGUF's `llama` files cannot hold, Llama 3's RoPE scaling, a sliding window,
-    // a SentencePiece tokenizer, more tokens than embedding rows.
+    // a Unigram tokenizer, more tokens than embedding rows.
     let refuse = |case: &str, tok: &Tokenizer, says: &str| {
         let loaded = CausalLm::load(&fixture(case), &device).unwrap();
         let out = dir.join(format!("{case}-refused.gguf"));
@@ -305,7 +330,9 @@ fn written_gguf_files_read_back_as_the_model() {
     refuse("gemma", &tok, "`GemmaForCausalLM` is not written to GGUF");
     refuse("llama3_rope", &tok, "only linear RoPE scaling");
     refuse("mistral_window", &tok, "no sliding window");
-    refuse("llama_gqa_untied", &Tokenizer::from_gguf(&vocab.join("sentencepiece.gguf")).unwrap(), "only byte-level BPE");
+    let unigram = tmp.join("unigram.json");
+    std::fs::write(&unigram, r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"Unigram","unk_id":0,"vocab":[["<unk>",0.0],["a",-1.0]],"byte_fallback":false}}"#).unwrap();
+    refuse("llama_gqa_untied", &Tokenizer::from_file(&unigram).unwrap(), "only byte-level BPE and SentencePiece BPE");
     refuse("llama_gqa_untied", &tok, "more than the model's 200 embedding rows");
 }
 

@@ -1,4 +1,4 @@
-//! Writing a model of the Llama family with its byte-level BPE tokenizer as a llama.cpp GGUF file
+//! Writing a model of the Llama family with its byte-level or SentencePiece BPE tokenizer as a llama.cpp GGUF file
 //! (version 3), the way llama.cpp's `convert_hf_to_gguf.py` writes one: tensors under llama.cpp's
 //! names (Q/K rows permuted for `llama`), vectors in F32 and matrices in F32, F16 or Q8_0, the model's
 //! hyper-parameters and the tokenizer (`tokenizer.ggml.*`, the text split named by
@@ -75,13 +75,15 @@ enum Kv {
     Str(String),
     Strs(Vec<String>),
     I32s(Vec<i32>),
+    F32s(Vec<f32>),
 }
 
 const ALIGNMENT: usize = 32;
 
 /// Writes `model` (adapters merged in) with `tokenizer` to `path` as a GGUF file, atomically.
 /// Llama, Mistral without a sliding window, Qwen2 and Qwen3 with a byte-level BPE tokenizer whose
-/// text split GGUF can name; anything else is an error that says what cannot be written.
+/// text split GGUF can name or a SentencePiece BPE one; anything else is an error that says what
+/// cannot be written.
 pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, path: &Path, dtype: GgufDtype) -> Result<(), GgufError> {
     let cfg = config.to_hf_json();
     let err = |key: &str, msg: String| meta_err(path, key, msg);
@@ -199,10 +201,25 @@ fn rope_theta(cfg: &Value) -> f64 {
     cfg["rope_theta"].as_f64().or(cfg["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0)
 }
 
-/// The tokenizer as llama.cpp's metadata: tokens in id order with their types, merges, the text
-/// split, special ids, whether BOS is added, and the chat template. llama.cpp wants one token per
-/// embedding row (`rows`): rows the tokenizer has no token for get unused `[PAD{id}]` tokens, as
-/// llama.cpp's converter writes them; more tokens than rows is an error.
+/// llama.cpp's token types.
+const NORMAL: i32 = 1;
+const UNKNOWN: i32 = 2;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+const BYTE: i32 = 6;
+
+/// The tokenizer as llama.cpp's metadata: tokens in id order with their types, the special ids,
+/// whether BOS / EOS are added, and the chat template, and by kind:
+/// - byte-level BPE (`gpt2`): the merges and the text split (`tokenizer.ggml.pre`);
+/// - SentencePiece BPE (`llama`: spaces as `▁`, byte fallback, as Llama 2's and Mistral's
+///   tokenizers): a score per piece, from which llama.cpp merges (the best-scoring adjacent pair
+///   first). A piece scores minus the rank of the first merge that makes it, so llama.cpp merges
+///   in the merges' order; whether a `▁` goes in front of the text (`add_space_prefix`).
+///
+/// llama.cpp wants one token per embedding row (`rows`): rows the tokenizer has no token for get
+/// unused `[PAD{id}]` tokens, as llama.cpp's converter writes them; more tokens than rows is an
+/// error.
 fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<(String, Kv)>, GgufError> {
     let err = |key: &str, msg: String| meta_err(path, key, msg);
     let json: Value = tokenizer
@@ -212,21 +229,20 @@ fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<
         .and_then(|s| serde_json::from_str(&s).ok())
         .ok_or_else(|| err("tokenizer.ggml.model", "the tokenizer could not be serialised".into()))?;
     let model = &json["model"];
-    if model["type"] != "BPE" || !json["decoder"].to_string().contains("ByteLevel") {
-        return Err(err("tokenizer.ggml.model", "only byte-level BPE tokenizers are written to GGUF".into()));
+    let byte_level = model["type"] == "BPE" && json["decoder"].to_string().contains("ByteLevel");
+    let sentencepiece = if model["type"] == "BPE" && model["byte_fallback"] == true { sentencepiece_prefix(&json) } else { None };
+    if !byte_level && sentencepiece.is_none() {
+        return Err(err("tokenizer.ggml.model", "only byte-level BPE and SentencePiece BPE (spaces as `▁`, byte fallback) tokenizers are written to GGUF".into()));
     }
-    let pre = super::vocab::pre_of(&json["pre_tokenizer"]).ok_or_else(|| {
-        err("tokenizer.ggml.pre", format!("the tokenizer's text split ({}) is not one llama.cpp names", json["pre_tokenizer"]))
-    })?;
     let vocab = model["vocab"].as_object().ok_or_else(|| err("tokenizer.ggml.tokens", "no vocabulary".into()))?;
     let n = tokenizer.vocab_size();
     if n > rows {
         return Err(err("tokenizer.ggml.tokens", format!("the tokenizer has {n} tokens, more than the model's {rows} embedding rows")));
     }
     let mut tokens = vec![String::new(); rows];
-    let mut types = vec![1i32; rows];
+    let mut types = vec![NORMAL; rows];
     for id in n..rows {
-        (tokens[id], types[id]) = (format!("[PAD{id}]"), 5);
+        (tokens[id], types[id]) = (format!("[PAD{id}]"), UNUSED);
     }
     for (t, id) in vocab {
         if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
@@ -238,34 +254,73 @@ fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<
             && let Some(slot) = tokens.get_mut(id as usize)
         {
             *slot = t.to_string();
-            types[id as usize] = if a["special"].as_bool() == Some(true) { 3 } else { 4 };
+            types[id as usize] = if a["special"].as_bool() == Some(true) { CONTROL } else { USER_DEFINED };
         }
     }
     if let Some(id) = tokens.iter().position(String::is_empty) {
         return Err(err("tokenizer.ggml.tokens", format!("token id {id} is neither in the vocabulary nor an added token")));
     }
-    let merges: Vec<String> = model["merges"]
+    let merges: Vec<(String, String)> = model["merges"]
         .as_array()
         .into_iter()
         .flatten()
         .map(|m| match m {
-            Value::Array(p) => p.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(" "),
-            other => other.as_str().unwrap_or_default().to_string(),
+            Value::Array(p) => (p[0].as_str().unwrap_or_default().to_string(), p.get(1).and_then(Value::as_str).unwrap_or_default().to_string()),
+            other => {
+                let s = other.as_str().unwrap_or_default();
+                let (a, b) = s.split_once(' ').unwrap_or((s, ""));
+                (a.to_string(), b.to_string())
+            }
         })
         .collect();
+    let mut kvs = Vec::new();
+    if let Some(prefix) = sentencepiece {
+        let unk = model["unk_token"].as_str();
+        let is_byte = |t: &str| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') && u8::from_str_radix(&t[3..5], 16).is_ok();
+        for (t, ty) in tokens.iter().zip(types.iter_mut()) {
+            if *ty == NORMAL && Some(t.as_str()) == unk {
+                *ty = UNKNOWN;
+            } else if *ty == NORMAL && is_byte(t) {
+                *ty = BYTE;
+            }
+        }
+        // Pieces no merge makes (single characters, bytes, specials) score below every merged one.
+        let mut scores: Vec<f32> = (0..rows).map(|id| -((merges.len() + id) as f32)).collect();
+        let ids: std::collections::HashMap<&str, usize> = tokens.iter().enumerate().map(|(id, t)| (t.as_str(), id)).collect();
+        for (rank, (a, b)) in merges.iter().enumerate().rev() {
+            if let Some(&id) = ids.get(format!("{a}{b}").as_str()) {
+                scores[id] = -(rank as f32);
+            }
+        }
+        kvs.extend([
+            ("tokenizer.ggml.model".to_string(), Kv::Str("llama".into())),
+            ("tokenizer.ggml.pre".to_string(), Kv::Str("default".into())),
+            ("tokenizer.ggml.tokens".to_string(), Kv::Strs(tokens)),
+            ("tokenizer.ggml.scores".to_string(), Kv::F32s(scores)),
+            ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types)),
+            ("tokenizer.ggml.add_space_prefix".to_string(), Kv::Bool(prefix)),
+        ]);
+        if let Some(id) = unk.and_then(|u| tokenizer.token_to_id(u)) {
+            kvs.push(("tokenizer.ggml.unknown_token_id".to_string(), Kv::U32(id)));
+        }
+    } else {
+        let pre = super::vocab::pre_of(&json["pre_tokenizer"]).ok_or_else(|| {
+            err("tokenizer.ggml.pre", format!("the tokenizer's text split ({}) is not one llama.cpp names", json["pre_tokenizer"]))
+        })?;
+        kvs.extend([
+            ("tokenizer.ggml.model".to_string(), Kv::Str("gpt2".into())),
+            ("tokenizer.ggml.pre".to_string(), Kv::Str(pre.into())),
+            ("tokenizer.ggml.tokens".to_string(), Kv::Strs(tokens)),
+            ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types)),
+            ("tokenizer.ggml.merges".to_string(), Kv::Strs(merges.into_iter().map(|(a, b)| format!("{a} {b}")).collect())),
+        ]);
+    }
     // What the tokenizer adds around a text: BOS first, EOS last.
     let ends = tokenizer.encode("", true).unwrap_or_default();
     let add_bos = tokenizer.bos_token_id().is_some_and(|b| ends.first() == Some(&b));
     let add_eos = tokenizer.eos_token_id().is_some_and(|e| ends.last() == Some(&e) && ends.len() > usize::from(add_bos));
-    let mut kvs = vec![
-        ("tokenizer.ggml.model".to_string(), Kv::Str("gpt2".into())),
-        ("tokenizer.ggml.pre".to_string(), Kv::Str(pre.into())),
-        ("tokenizer.ggml.tokens".to_string(), Kv::Strs(tokens)),
-        ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types)),
-        ("tokenizer.ggml.merges".to_string(), Kv::Strs(merges)),
-        ("tokenizer.ggml.add_bos_token".to_string(), Kv::Bool(add_bos)),
-        ("tokenizer.ggml.add_eos_token".to_string(), Kv::Bool(add_eos)),
-    ];
+    kvs.push(("tokenizer.ggml.add_bos_token".to_string(), Kv::Bool(add_bos)));
+    kvs.push(("tokenizer.ggml.add_eos_token".to_string(), Kv::Bool(add_eos)));
     for (key, id) in [("bos", tokenizer.bos_token_id()), ("eos", tokenizer.eos_token_id()), ("padding", tokenizer.pad_token_id())] {
         if let Some(id) = id {
             kvs.push((format!("tokenizer.ggml.{key}_token_id"), Kv::U32(id)));
@@ -275,6 +330,26 @@ fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<
         kvs.push(("tokenizer.chat_template".to_string(), Kv::Str(template.to_string())));
     }
     Ok(kvs)
+}
+
+/// Whether a SentencePiece-style tokenizer puts `▁` in front of the text, or `None` when the
+/// tokenizer does not write spaces as `▁`: HF's two shapes of it, a normalizer replacing spaces
+/// (with a `Prepend` for the prefix) or a `Metaspace` pre-tokenizer (its `prepend_scheme`).
+fn sentencepiece_prefix(json: &Value) -> Option<bool> {
+    let steps = |v: &Value, list: &str| -> Vec<Value> {
+        match v[list].as_array() {
+            Some(items) => items.clone(),
+            None if !v.is_null() => vec![v.clone()],
+            None => Vec::new(),
+        }
+    };
+    let normalizers = steps(&json["normalizer"], "normalizers");
+    let replaces = normalizers.iter().any(|n| n["type"] == "Replace" && n["pattern"]["String"] == " " && n["content"] == "▁");
+    if replaces {
+        return Some(normalizers.iter().any(|n| n["type"] == "Prepend" && n["prepend"] == "▁"));
+    }
+    let metaspace = steps(&json["pre_tokenizer"], "pretokenizers").into_iter().find(|p| p["type"] == "Metaspace" && p["replacement"] == "▁")?;
+    Some(metaspace["prepend_scheme"] != "never" && metaspace["add_prefix_space"] != false)
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -317,6 +392,14 @@ fn put_kv(out: &mut Vec<u8>, v: &Kv) {
                 out.extend(x.to_le_bytes());
             }
         }
+        Kv::F32s(items) => {
+            out.extend(9u32.to_le_bytes());
+            out.extend(6u32.to_le_bytes());
+            out.extend((items.len() as u64).to_le_bytes());
+            for x in items {
+                out.extend(x.to_le_bytes());
+            }
+        }
     }
 }
 
@@ -333,5 +416,28 @@ mod tests {
         assert_eq!(GgufDtype::F32.of(&[1536, 576]), TensorType::F32);
         // 32 values: a 2-byte scale and 32 bytes, as ggml's `block_q8_0`.
         assert_eq!(TensorType::Q8_0.bytes(576 * 1536), 576 * 1536 / 32 * 34);
+    }
+
+    #[test]
+    fn sentencepiece_tokenizers_are_told_by_their_space_handling() {
+        use serde_json::json;
+        let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"});
+        let prepend = json!({"type": "Prepend", "prepend": "▁"});
+        let metaspace = |scheme: &str| json!({"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": false});
+        let shapes = [
+            // Llama 2's tokenizer.json (transformers 4), and the one odpo reads from a GGUF file.
+            (json!({"normalizer": {"type": "Sequence", "normalizers": [prepend, replace]}}), Some(true)),
+            // Gemma's: spaces replaced, nothing in front.
+            (json!({"normalizer": replace}), Some(false)),
+            // transformers 5's Llama tokenizer.
+            (json!({"normalizer": null, "pre_tokenizer": metaspace("first")}), Some(true)),
+            (json!({"normalizer": null, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [metaspace("never")]}}), Some(false)),
+            // Byte-level and other tokenizers.
+            (json!({"normalizer": null, "pre_tokenizer": {"type": "ByteLevel"}}), None),
+            (json!({"normalizer": {"type": "NFC"}, "pre_tokenizer": null}), None),
+        ];
+        for (json, want) in shapes {
+            assert_eq!(sentencepiece_prefix(&json), want, "{json}");
+        }
     }
 }
