@@ -134,6 +134,18 @@ struct Rope {
     factor: f64,
 }
 
+/// What a llama.cpp GGUF file of a Gemma model states beyond its shapes ([`GemmaConfig::llama_cpp_form`]).
+pub(crate) struct LlamaCppGemma {
+    /// The window of the sliding layers (Gemma 2 / 3).
+    pub window: Option<usize>,
+    /// The rotary base of the full layers.
+    pub rope_theta: f64,
+    /// Linear scaling of the full layers' positions (Gemma 3).
+    pub linear_factor: Option<f64>,
+    /// Gemma 2's caps on the attention scores and on the logits.
+    pub caps: (Option<f64>, Option<f64>),
+}
+
 impl GemmaConfig {
     /// The three generations' differences, by `model_type`.
     fn generation(&self) -> u8 {
@@ -172,6 +184,51 @@ impl GemmaConfig {
             "gelu" => Ok(self.generation() != 1),
             other => Err(ModelError::config(path, format!("{key} `{other}` is not implemented; expected gelu_pytorch_tanh or gelu"))),
         }
+    }
+
+    /// The settings a llama.cpp GGUF file of this model holds, or which key of the config holds
+    /// what it cannot and why: llama.cpp decides by architecture (`llama-model.cpp`) the query
+    /// scale, which layers slide, Gemma 3's local rotary base and the tanh GELU, so a model that
+    /// differs from those would run differently there.
+    pub(crate) fn llama_cpp_form(&self, path: &std::path::Path) -> std::result::Result<LlamaCppGemma, (&'static str, String)> {
+        let g = self.generation();
+        if self.exact_gelu(path).map_err(|e| ("hidden_activation", e.to_string()))? {
+            return Err(("hidden_activation", "exact GELU; llama.cpp's Gemma runs the tanh form".into()));
+        }
+        if g > 1 {
+            let layers_27b = if g == 2 { 46 } else { 62 };
+            let want = if self.num_hidden_layers == layers_27b { self.hidden_size / self.num_attention_heads } else { self.head_dim };
+            let got = self.query_pre_attn_scalar.unwrap_or(256);
+            if got != want {
+                return Err(("query_pre_attn_scalar", format!("{got}; llama.cpp scales the queries of this shape by {want}^-1/2")));
+            }
+        }
+        let windows = self.layer_windows(path).map_err(|e| ("layer_types", e.to_string()))?;
+        let every = match g {
+            1 => None,
+            2 => Some(2),
+            _ => Some(6),
+        };
+        if let Some(every) = every {
+            let Some(w) = self.sliding_window else {
+                return Err(("sliding_window", "none; llama.cpp's Gemma 2 and 3 always slide".into()));
+            };
+            let want: Vec<Option<usize>> = (0..self.num_hidden_layers).map(|i| ((i + 1) % every != 0).then_some(w)).collect();
+            if windows != want {
+                return Err(("layer_types", format!("llama.cpp slides on {} of every {every} layers, the last of them full", every - 1)));
+            }
+        }
+        let (full, local) = self.ropes(path).map_err(|e| ("rope_parameters", e.to_string()))?;
+        if let Some(local) = local
+            && (local.theta != 10_000.0 || local.factor != 1.0)
+        {
+            return Err(("rope_parameters", format!("sliding layers with a rotary base of {} (factor {}); llama.cpp's Gemma 3 uses 10000, unscaled", local.theta, local.factor)));
+        }
+        let caps = (self.attn_logit_softcapping, self.final_logit_softcapping);
+        if g != 2 && (caps.0.is_some() || caps.1.is_some()) {
+            return Err(("attn_logit_softcapping", "soft caps; llama.cpp applies them to Gemma 2 only".into()));
+        }
+        Ok(LlamaCppGemma { window: self.sliding_window.filter(|_| g > 1), rope_theta: full.theta, linear_factor: (full.factor != 1.0).then_some(full.factor), caps })
     }
 
     /// The rotary embedding of the full layers and, for Gemma 3, of the sliding ones.

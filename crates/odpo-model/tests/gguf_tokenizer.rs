@@ -49,10 +49,10 @@ fn gguf_vocabularies_match_transformers() {
 /// llama.cpp's own ids (`vocab/llamacpp_expected.json`, by `make_llamacpp_expected.py` through
 /// llama-cpp-python) for every probe, with and without the file's BOS/EOS, under each text split
 /// read (`gpt-2`, `default` with its punctuation and three-digit splits, `smollm`, `starcoder`,
-/// `llama-bpe`, `llama3`, `qwen2`, `deepseek-r1-qwen`) and both SentencePiece settings. Gemma's
-/// files spell whitespace pieces with real spaces, which llama.cpp never matches: where a probe has
-/// a run of spaces, odpo keeps SentencePiece's ids (`gguf_vocabularies_match_transformers`), the ids
-/// the model was trained on.
+/// `llama-bpe`, `llama3`, `qwen2`, `deepseek-r1-qwen`) and both SentencePiece settings. The
+/// Gemma-style file spells whitespace pieces with real spaces, which llama.cpp (replacing the text's
+/// spaces by `▁` first) never matches: where a probe has a run of spaces, odpo keeps SentencePiece's
+/// ids (`gguf_vocabularies_match_transformers`), the ids the model was trained on.
 #[test]
 fn gguf_vocabularies_match_llama_cpp() {
     let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(vocab("llamacpp_expected.json")).unwrap()).unwrap();

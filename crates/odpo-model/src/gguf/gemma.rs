@@ -40,6 +40,24 @@ fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     super::llama::hf_name(gguf)
 }
 
+/// The llama.cpp name of an HF tensor of a Gemma model of architecture `arch`: the inverse of
+/// [`hf_name`].
+pub(super) fn gguf_name(arch: &str, hf: &str) -> Option<String> {
+    if arch != "gemma" && let Some((layer, rest)) = hf.strip_prefix("model.layers.").and_then(|b| b.split_once('.')) {
+        let part = match rest {
+            "post_attention_layernorm.weight" => Some("post_attention_norm"),
+            "pre_feedforward_layernorm.weight" => Some("ffn_norm"),
+            "post_feedforward_layernorm.weight" => Some("post_ffw_norm"),
+            _ => None,
+        };
+        if let Some(part) = part {
+            let layer: usize = layer.parse().ok()?;
+            return Some(format!("blk.{layer}.{part}.weight"));
+        }
+    }
+    super::llama::gguf_name(hf)
+}
+
 /// [`super::load_blocks_as_hf`] of an open file whose architecture, `arch`, is one of [`ARCHITECTURES`].
 pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfModel, GgufError> {
     let path = f.path();
@@ -123,7 +141,7 @@ fn cap(given: Option<f64>, default: Option<f64>) -> Value {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use super::hf_name;
+    use super::{gguf_name, hf_name};
 
     #[test]
     fn gemma_names() {
@@ -138,6 +156,9 @@ mod tests {
             ("gemma3", "blk.x.post_ffw_norm.weight", None),
         ] {
             assert_eq!(hf_name(arch, gguf).as_deref(), hf, "{arch} {gguf}");
+            if let Some(hf) = hf {
+                assert_eq!(gguf_name(arch, hf).as_deref(), Some(gguf), "{arch} {hf}");
+            }
         }
     }
 }

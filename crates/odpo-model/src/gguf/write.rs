@@ -1,8 +1,10 @@
-//! Writing a model of the Llama family with its byte-level or SentencePiece BPE tokenizer as a llama.cpp GGUF file
-//! (version 3), the way llama.cpp's `convert_hf_to_gguf.py` writes one: tensors under llama.cpp's
-//! names (Q/K rows permuted for `llama`), vectors in F32 and matrices in F32, F16 or Q8_0, the model's
-//! hyper-parameters and the tokenizer (`tokenizer.ggml.*`, the text split named by
-//! `tokenizer.ggml.pre`, the chat template) as metadata. A trained model then runs in llama.cpp.
+//! Writing a model of the Llama or Gemma family with its byte-level or SentencePiece BPE tokenizer
+//! as a llama.cpp GGUF file (version 3), the way llama.cpp's `convert_hf_to_gguf.py` writes one:
+//! tensors under llama.cpp's names (Q/K rows permuted for `llama`, Gemma's norms as `1 + w`),
+//! vectors in F32 and matrices in F32, F16 or Q8_0, the model's hyper-parameters and the tokenizer
+//! (`tokenizer.ggml.*`: the merges and the
+//! text split named by `tokenizer.ggml.pre`, or SentencePiece's scores; the chat template) as
+//! metadata. A trained model then runs in llama.cpp (`tests/fixtures/gguf/check_llamacpp.py`).
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>.
 
@@ -81,9 +83,9 @@ enum Kv {
 const ALIGNMENT: usize = 32;
 
 /// Writes `model` (adapters merged in) with `tokenizer` to `path` as a GGUF file, atomically.
-/// Llama, Mistral without a sliding window, Qwen2 and Qwen3 with a byte-level BPE tokenizer whose
-/// text split GGUF can name or a SentencePiece BPE one; anything else is an error that says what
-/// cannot be written.
+/// Llama, Mistral without a sliding window, Qwen2, Qwen3 and Gemma 1 / 2 / 3 (as llama.cpp runs
+/// them: see `GemmaConfig::llama_cpp_form`) with a byte-level BPE tokenizer whose text split GGUF
+/// can name or a SentencePiece BPE one; anything else is an error that says what cannot be written.
 pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, path: &Path, dtype: GgufDtype) -> Result<(), GgufError> {
     let cfg = config.to_hf_json();
     let err = |key: &str, msg: String| meta_err(path, key, msg);
@@ -92,7 +94,15 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
         "Qwen2ForCausalLM" => "qwen2",
         "Qwen3ForCausalLM" => "qwen3",
-        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM are)"))),
+        "GemmaForCausalLM" => "gemma",
+        "Gemma2ForCausalLM" => "gemma2",
+        "Gemma3ForCausalLM" => "gemma3",
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
+    };
+    // What llama.cpp fixes by architecture for Gemma must be what the model does.
+    let gemma = match config {
+        ModelConfig::Gemma(c) => Some(c.llama_cpp_form(path).map_err(|(key, msg)| err(key, msg))?),
+        _ => None,
     };
     let window = cfg.get("sliding_window").filter(|w| !w.is_null());
     let sliding = hf_arch == "MistralForCausalLM" || cfg["use_sliding_window"].as_bool().unwrap_or(false);
@@ -104,10 +114,11 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         let kind = s["rope_type"].as_str().or(s["type"].as_str());
         kind.is_some_and(|k| k != "default")
     });
-    let linear_factor = match scaling {
-        None => None,
-        Some(s) if s["rope_type"] == "linear" || s["type"] == "linear" => Some(s["factor"].as_f64().unwrap_or(1.0)),
-        Some(s) => return Err(err("rope_scaling", format!("{s}: only linear RoPE scaling is written to GGUF"))),
+    let (theta, linear_factor) = match (&gemma, scaling) {
+        (Some(g), _) => (g.rope_theta, g.linear_factor),
+        (None, None) => (rope_theta(&cfg), None),
+        (None, Some(s)) if s["rope_type"] == "linear" || s["type"] == "linear" => (rope_theta(&cfg), Some(s["factor"].as_f64().unwrap_or(1.0))),
+        (None, Some(s)) => return Err(err("rope_scaling", format!("{s}: only linear RoPE scaling is written to GGUF"))),
     };
     let uint = |key: &str| cfg[key].as_u64().ok_or_else(|| err(key, "missing from the model's config".into()));
     let (hidden, heads, layers) = (uint("hidden_size")?, uint("num_attention_heads")?, uint("num_hidden_layers")?);
@@ -129,8 +140,18 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         (key("attention.key_length"), u32_of(head_dim)),
         (key("attention.value_length"), u32_of(head_dim)),
         (key("attention.layer_norm_rms_epsilon"), Kv::F32(cfg["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32)),
-        (key("rope.freq_base"), Kv::F32(rope_theta(&cfg) as f32)),
+        (key("rope.freq_base"), Kv::F32(theta as f32)),
     ];
+    if let Some(g) = &gemma {
+        if let Some(w) = g.window {
+            kvs.push((key("attention.sliding_window"), u32_of(w as u64)));
+        }
+        // Gemma 2's caps; 0 where the model has none (llama.cpp's converter writes them as given).
+        if arch == "gemma2" {
+            kvs.push((key("attn_logit_softcapping"), Kv::F32(g.caps.0.unwrap_or(0.0) as f32)));
+            kvs.push((key("final_logit_softcapping"), Kv::F32(g.caps.1.unwrap_or(0.0) as f32)));
+        }
+    }
     if let Some(factor) = linear_factor {
         kvs.push((key("rope.scaling.type"), Kv::Str("linear".into())));
         kvs.push((key("rope.scaling.factor"), Kv::F32(factor as f32)));
@@ -144,7 +165,11 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for (name, shape, values) in tensors {
-        let gguf = llama::gguf_name(name).ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
+        let gguf = match gemma {
+            Some(_) => super::gemma::gguf_name(arch, name),
+            None => llama::gguf_name(name),
+        };
+        let gguf = gguf.ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
         let ty = dtype.of(shape);
         offset = offset.next_multiple_of(ALIGNMENT);
         infos.push((gguf, shape, ty, offset));
@@ -180,6 +205,10 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
                     values = std::borrow::Cow::Owned(llama::permute_rows(&values, shape[0], h as usize));
                 }
             }
+        }
+        // llama.cpp scales by a Gemma norm's weight as stored; HF by `1 + w`.
+        if gemma.is_some() && name.ends_with("norm.weight") {
+            values = std::borrow::Cow::Owned(values.iter().map(|w| w + 1.0).collect());
         }
         match ty {
             TensorType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
