@@ -23,19 +23,25 @@ use super::{GgufError, GgufFile, GgufValue, HfModel, tensor_err};
 pub(super) const ARCHITECTURES: [(&str, &str, Option<u64>); 3] =
     [("gemma", "GemmaForCausalLM", None), ("gemma2", "Gemma2ForCausalLM", Some(46)), ("gemma3", "Gemma3ForCausalLM", Some(62))];
 
+/// Gemma 2 and 3's layer norms whose names are not the Llama family's: (llama.cpp, HF).
+const NORMS: [(&str, &str); 3] =
+    [("post_attention_norm", "post_attention_layernorm"), ("ffn_norm", "pre_feedforward_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")];
+
+/// A layer's norm in [`NORMS`] named the other way: from llama.cpp's `blk.N.` to HF's
+/// `model.layers.N.`, or (`to_gguf`) back.
+fn norm_name(name: &str, to_gguf: bool) -> Option<String> {
+    let (from, to) = if to_gguf { ("model.layers.", "blk.") } else { ("blk.", "model.layers.") };
+    let (layer, rest) = name.strip_prefix(from)?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = rest.strip_suffix(".weight")?;
+    let (_, other) = NORMS.iter().map(|&(g, h)| if to_gguf { (h, g) } else { (g, h) }).find(|(p, _)| *p == part)?;
+    Some(format!("{to}{layer}.{other}.weight"))
+}
+
 /// The HF name of a llama.cpp tensor of a Gemma file, or `None` if it has none.
 fn hf_name(arch: &str, gguf: &str) -> Option<String> {
-    if arch != "gemma" && let Some((layer, rest)) = gguf.strip_prefix("blk.").and_then(|b| b.split_once('.')) {
-        let part = match rest {
-            "post_attention_norm.weight" => Some("post_attention_layernorm"),
-            "ffn_norm.weight" => Some("pre_feedforward_layernorm"),
-            "post_ffw_norm.weight" => Some("post_feedforward_layernorm"),
-            _ => None,
-        };
-        if let Some(part) = part {
-            let layer: usize = layer.parse().ok()?;
-            return Some(format!("model.layers.{layer}.{part}.weight"));
-        }
+    if arch != "gemma" && let Some(hf) = norm_name(gguf, false) {
+        return Some(hf);
     }
     super::llama::hf_name(gguf)
 }
@@ -43,17 +49,8 @@ fn hf_name(arch: &str, gguf: &str) -> Option<String> {
 /// The llama.cpp name of an HF tensor of a Gemma model of architecture `arch`: the inverse of
 /// [`hf_name`].
 pub(super) fn gguf_name(arch: &str, hf: &str) -> Option<String> {
-    if arch != "gemma" && let Some((layer, rest)) = hf.strip_prefix("model.layers.").and_then(|b| b.split_once('.')) {
-        let part = match rest {
-            "post_attention_layernorm.weight" => Some("post_attention_norm"),
-            "pre_feedforward_layernorm.weight" => Some("ffn_norm"),
-            "post_feedforward_layernorm.weight" => Some("post_ffw_norm"),
-            _ => None,
-        };
-        if let Some(part) = part {
-            let layer: usize = layer.parse().ok()?;
-            return Some(format!("blk.{layer}.{part}.weight"));
-        }
+    if arch != "gemma" && let Some(gguf) = norm_name(hf, true) {
+        return Some(gguf);
     }
     super::llama::gguf_name(hf)
 }

@@ -381,6 +381,14 @@ fn sentencepiece_prefix(json: &Value) -> Option<bool> {
     Some(metaspace["prepend_scheme"] != "never" && metaspace["add_prefix_space"] != false)
 }
 
+/// An array of `n` 4-byte numbers of GGUF type `tag`.
+fn put_array(out: &mut Vec<u8>, tag: u32, items: impl Iterator<Item = [u8; 4]>, n: usize) {
+    out.extend(9u32.to_le_bytes());
+    out.extend(tag.to_le_bytes());
+    out.extend((n as u64).to_le_bytes());
+    out.extend(items.flatten());
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend((s.len() as u64).to_le_bytes());
     out.extend(s.as_bytes());
@@ -413,22 +421,8 @@ fn put_kv(out: &mut Vec<u8>, v: &Kv) {
                 put_str(out, s);
             }
         }
-        Kv::I32s(items) => {
-            out.extend(9u32.to_le_bytes());
-            out.extend(5u32.to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            for x in items {
-                out.extend(x.to_le_bytes());
-            }
-        }
-        Kv::F32s(items) => {
-            out.extend(9u32.to_le_bytes());
-            out.extend(6u32.to_le_bytes());
-            out.extend((items.len() as u64).to_le_bytes());
-            for x in items {
-                out.extend(x.to_le_bytes());
-            }
-        }
+        Kv::I32s(items) => put_array(out, 5, items.iter().map(|x| x.to_le_bytes()), items.len()),
+        Kv::F32s(items) => put_array(out, 6, items.iter().map(|x| x.to_le_bytes()), items.len()),
     }
 }
 
