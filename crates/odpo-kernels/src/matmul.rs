@@ -234,6 +234,16 @@ pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
     Tensor::from_dispatch(<Dispatch as ExactMatmulBackend>::exact_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
 }
 
+/// `lhs · rhs` for `[.., M, K]` and `[.., K, N]` with the same leading dimensions (attention's
+/// products over batch and heads), as [`matmul`] does it: f32 operands multiplied in f32 on the
+/// cubecl backends; burn's `matmul` elsewhere (flex's own product for more than two dimensions).
+pub fn matmul_batched<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+    if !crate::extended(&lhs.clone().into_dispatch().kind, REACH) {
+        return lhs.matmul(rhs);
+    }
+    Tensor::from_dispatch(<Dispatch as ExactMatmulBackend>::exact_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
+}
+
 /// `lhs · rhsᵀ` for `[M, K]` and `[N, K]` (a tied LM head: hidden states times the embedding's
 /// transpose), as [`matmul`] does it, with `rhs`'s gradient computed in `rhs`'s own layout (`dyᵀ ·
 /// lhs`) rather than as a transposed view of `lhsᵀ · dy`; burn's `matmul` on libtorch.

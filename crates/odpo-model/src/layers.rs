@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor};
 
 /// Keys and values of every layer for the tokens seen so far; runtime state of generation,
 /// kept apart from the weights.
@@ -99,17 +99,25 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
     if let Some(out) = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale as f32) {
         return out;
     }
-    burn_attention(q, k, v, mask, scale, None)
+    burn_attention(q, k, v, mask, scale)
 }
 
 /// [`grouped_attention`] with the scores capped as `cap·tanh(s / cap)` before the mask (Gemma 2's
-/// `attn_logit_softcapping`), through burn's attention, which keeps the scores for the backward
-/// pass: the fused kernels of `odpo_kernels::masked_attention` do not cap.
+/// `attn_logit_softcapping`), formed operation by operation as transformers' eager attention does,
+/// keeping the scores for the backward pass: the fused kernels of `odpo_kernels::masked_attention`
+/// do not cap. Its two products are `odpo_kernels::matmul_batched`'s, in f32 where burn's attention
+/// would round f32 to TF32 (CUDA).
 pub(crate) fn capped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64, cap: f64) -> Tensor<4> {
-    burn_attention(q, k, v, mask, scale, Some(cap))
+    let (k, v, mask) = widened(&q, k, v, mask);
+    // The cap and the softmax in f32 whatever the model's dtype, as transformers computes them.
+    let dtype = q.dtype();
+    let scores = odpo_kernels::matmul_batched(q, k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(scale);
+    let scores = scores.div_scalar(cap).tanh().mul_scalar(cap).mask_fill(mask, f32::NEG_INFINITY);
+    odpo_kernels::matmul_batched(burn::tensor::activation::softmax(scores, 3).cast(dtype), v)
 }
 
-fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64, softcap: Option<f64>) -> Tensor<4> {
+/// Keys and values repeated to every query head (`[B, H, Tk, Dh]`), and the mask to `[B, H, Tq, Tk]`.
+fn widened(q: &Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>) -> (Tensor<4>, Tensor<4>, Tensor<4, Bool>) {
     let [b, h, t_q, dh] = q.dims();
     let [_, h_kv, t_k, _] = k.dims();
     let (k, v) = if h_kv == h {
@@ -119,8 +127,12 @@ fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Boo
         let widen = |x: Tensor<4>| x.unsqueeze_dim::<5>(2).expand([b, h_kv, rep, t_k, dh]).reshape([b, h, t_k, dh]);
         (widen(k), widen(v))
     };
-    let mask = mask.clone().expand([b, h, t_q, t_k]);
-    let options = AttentionModuleOptions { scale: Some(scale), softcap, is_causal: false };
+    (k, v, mask.clone().expand([b, h, t_q, t_k]))
+}
+
+fn burn_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64) -> Tensor<4> {
+    let (k, v, mask) = widened(&q, k, v, mask);
+    let options = AttentionModuleOptions { scale: Some(scale), softcap: None, is_causal: false };
     // The mask goes in as an additive bias (0 or -inf), which every backend applies alike: burn-tch
     // 0.22.1 hands a boolean mask to torch's SDPA, which reads `true` as "attend", the opposite of
     // burn's convention, and so attended to exactly the masked keys.
