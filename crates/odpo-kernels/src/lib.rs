@@ -53,7 +53,7 @@ pub use embedding::{EmbeddingBackend, embedding};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use glu::{Gate, GluBackend, glu};
 pub use limits::max_buffer_bytes;
-pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_batched, matmul_nt};
+pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};

@@ -224,20 +224,12 @@ pub fn exact_matmul_calls() -> usize {
 /// Where the extension runs: flex and the cubecl backends (libtorch keeps burn's product).
 const REACH: crate::Reach = crate::Reach { flex: true, libtorch: false, cube: true };
 
-/// `lhs · rhs` for `[M, K]` and `[K, N]`: through the extension on flex (one allocation for the
-/// output) and on the cubecl backends, where f32 operands are multiplied in f32 (see the module
-/// docs); burn's `matmul` on libtorch.
-pub fn matmul(lhs: Tensor<2>, rhs: Tensor<2>) -> Tensor<2> {
-    if !crate::extended(&lhs.clone().into_dispatch().kind, REACH) {
-        return lhs.matmul(rhs);
-    }
-    Tensor::from_dispatch(<Dispatch as ExactMatmulBackend>::exact_matmul(lhs.into_dispatch(), rhs.into_dispatch()))
-}
-
-/// `lhs · rhs` for `[.., M, K]` and `[.., K, N]` with the same leading dimensions (attention's
-/// products over batch and heads), as [`matmul`] does it: f32 operands multiplied in f32 on the
-/// cubecl backends; burn's `matmul` elsewhere (flex's own product for more than two dimensions).
-pub fn matmul_batched<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
+/// `lhs · rhs` for `[M, K]` and `[K, N]`, or `[.., M, K]` and `[.., K, N]` with the same leading
+/// dimensions (attention's products over batch and heads): through the extension on flex (one
+/// allocation for the output of two matrices; burn-flex's product for more dimensions) and on the
+/// cubecl backends, where f32 operands are multiplied in f32 (see the module docs); burn's
+/// `matmul` on libtorch.
+pub fn matmul<const D: usize>(lhs: Tensor<D>, rhs: Tensor<D>) -> Tensor<D> {
     if !crate::extended(&lhs.clone().into_dispatch().kind, REACH) {
         return lhs.matmul(rhs);
     }

@@ -105,15 +105,15 @@ pub(crate) fn grouped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: 
 /// [`grouped_attention`] with the scores capped as `cap·tanh(s / cap)` before the mask (Gemma 2's
 /// `attn_logit_softcapping`), formed operation by operation as transformers' eager attention does,
 /// keeping the scores for the backward pass: the fused kernels of `odpo_kernels::masked_attention`
-/// do not cap. Its two products are `odpo_kernels::matmul_batched`'s, in f32 where burn's attention
+/// do not cap. Its two products are `odpo_kernels::matmul`'s, in f32 where burn's attention
 /// would round f32 to TF32 (CUDA).
 pub(crate) fn capped_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: &Tensor<4, Bool>, scale: f64, cap: f64) -> Tensor<4> {
     let (k, v, mask) = widened(&q, k, v, mask);
     // The cap and the softmax in f32 whatever the model's dtype, as transformers computes them.
     let dtype = q.dtype();
-    let scores = odpo_kernels::matmul_batched(q, k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(scale);
+    let scores = odpo_kernels::matmul(q, k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(scale);
     let scores = scores.div_scalar(cap).tanh().mul_scalar(cap).mask_fill(mask, f32::NEG_INFINITY);
-    odpo_kernels::matmul_batched(burn::tensor::activation::softmax(scores, 3).cast(dtype), v)
+    odpo_kernels::matmul(burn::tensor::activation::softmax(scores, 3).cast(dtype), v)
 }
 
 /// Keys and values repeated to every query head (`[B, H, Tk, Dh]`), and the mask to `[B, H, Tq, Tk]`.

@@ -51,10 +51,12 @@ pub const SPLITS: [(&str, &[&str], bool); 9] = [
 ];
 
 /// llama.cpp's token types.
-const NORMAL: u64 = 1;
-const UNKNOWN: u64 = 2;
-const CONTROL: u64 = 3;
-const USER_DEFINED: u64 = 4;
+pub(super) const NORMAL: u64 = 1;
+pub(super) const UNKNOWN: u64 = 2;
+pub(super) const CONTROL: u64 = 3;
+pub(super) const USER_DEFINED: u64 = 4;
+pub(super) const UNUSED: u64 = 5;
+pub(super) const BYTE: u64 = 6;
 
 /// What to do when a file cannot be read.
 const ASK: &str = "put the model's tokenizer.json beside the file, or name one with --tokenizer";

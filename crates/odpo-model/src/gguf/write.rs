@@ -12,6 +12,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::vocab::{BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED};
 use super::{GgufError, llama, meta_err};
 use crate::model::{CausalLm, ModelConfig};
 use crate::quantized::{BLOCK, QuantBlocks};
@@ -230,14 +231,6 @@ fn rope_theta(cfg: &Value) -> f64 {
     cfg["rope_theta"].as_f64().or(cfg["rope_parameters"]["rope_theta"].as_f64()).unwrap_or(10_000.0)
 }
 
-/// llama.cpp's token types.
-const NORMAL: i32 = 1;
-const UNKNOWN: i32 = 2;
-const CONTROL: i32 = 3;
-const USER_DEFINED: i32 = 4;
-const UNUSED: i32 = 5;
-const BYTE: i32 = 6;
-
 /// The tokenizer as llama.cpp's metadata: tokens in id order with their types, the special ids,
 /// whether BOS / EOS are added, and the chat template, and by kind:
 /// - byte-level BPE (`gpt2`): the merges and the text split (`tokenizer.ggml.pre`);
@@ -326,7 +319,7 @@ fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<
             ("tokenizer.ggml.pre".to_string(), Kv::Str("default".into())),
             ("tokenizer.ggml.tokens".to_string(), Kv::Strs(tokens)),
             ("tokenizer.ggml.scores".to_string(), Kv::F32s(scores)),
-            ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types)),
+            ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types.iter().map(|&t| t as i32).collect())),
             ("tokenizer.ggml.add_space_prefix".to_string(), Kv::Bool(prefix)),
         ]);
         if let Some(id) = unk.and_then(|u| tokenizer.token_to_id(u)) {
@@ -340,7 +333,7 @@ fn tokenizer_kvs(tokenizer: &Tokenizer, path: &Path, rows: usize) -> Result<Vec<
             ("tokenizer.ggml.model".to_string(), Kv::Str("gpt2".into())),
             ("tokenizer.ggml.pre".to_string(), Kv::Str(pre.into())),
             ("tokenizer.ggml.tokens".to_string(), Kv::Strs(tokens)),
-            ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types)),
+            ("tokenizer.ggml.token_type".to_string(), Kv::I32s(types.iter().map(|&t| t as i32).collect())),
             ("tokenizer.ggml.merges".to_string(), Kv::Strs(merges.into_iter().map(|(a, b)| format!("{a} {b}")).collect())),
         ]);
     }
