@@ -18,7 +18,9 @@
 #   4. the step of 2 with gradient checkpointing on the first backend: its peak memory and time
 #      beside the plain step's (what the budget leaves);
 #   5. a step far too large for the device: `odpo bench` must stop with an out-of-memory error, not a
-#      panic (what the budget leaves).
+#      panic (what the budget leaves);
+#   6. the kernels of one step of SmolLM2-135M (GPU_CHECK_CENSUS_MODEL; GPU_CHECK_CENSUS_BACKENDS, default PyTorch and the
+#      cubecl backends): launches per step and each kernel's device time (what the budget leaves).
 # Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that would not fit is
 # recorded as skipped. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry run on a machine
 # without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md. GPU_CHECK_RUN_ARGS
@@ -26,7 +28,7 @@
 # the 128 MiB buffers of Mesa's lavapipe). A second call can finish what a budget left out:
 # GPU_CHECK_BACKENDS=" " and GPU_CHECK_MODELS=" " leave out stages 1, 2 and 4, GPU_CHECK_CPU_STEPS=0 the
 # CPU side of 3, and GPU_CHECK_RUN_BACKENDS, GPU_CHECK_CKPT_BACKEND (with GPU_CHECK_CKPT_MODELS) and
-# GPU_CHECK_OOM_BACKENDS choose the backends of 3, 4 and 5.
+# GPU_CHECK_OOM_BACKENDS and GPU_CHECK_CENSUS_BACKENDS choose the backends of 3, 4, 5 and 6.
 set -u
 cd "$(dirname "$0")/.."
 BUNDLE=${1:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
@@ -47,10 +49,10 @@ rm -rf "$W" && mkdir -p "$W/records"
 exec > >(tee -a "$LOG") 2>&1
 
 if [ "$QUICK" = 1 ]; then
-  MODELS=${GPU_CHECK_MODELS:-gpt2-tiny}; SHAPE=${GPU_CHECK_SHAPE:-2x64}; STEPS=${GPU_CHECK_STEPS:-4}; CPU_STEPS=${GPU_CHECK_CPU_STEPS:-2}
+  MODELS=${GPU_CHECK_MODELS:-gpt2-tiny}; CENSUS_MODEL=${GPU_CHECK_CENSUS_MODEL:-gpt2-tiny}; SHAPE=${GPU_CHECK_SHAPE:-2x64}; STEPS=${GPU_CHECK_STEPS:-4}; CPU_STEPS=${GPU_CHECK_CPU_STEPS:-2}
   PT_DEVICE=cpu; REPEATS=2
 else
-  MODELS=${GPU_CHECK_MODELS:-smollm2-135m llama-3.2-1b}; SHAPE=${GPU_CHECK_SHAPE:-8x512}; STEPS=${GPU_CHECK_STEPS:-100}; CPU_STEPS=${GPU_CHECK_CPU_STEPS:-4}
+  MODELS=${GPU_CHECK_MODELS:-smollm2-135m llama-3.2-1b}; CENSUS_MODEL=${GPU_CHECK_CENSUS_MODEL:-smollm2-135m}; SHAPE=${GPU_CHECK_SHAPE:-8x512}; STEPS=${GPU_CHECK_STEPS:-100}; CPU_STEPS=${GPU_CHECK_CPU_STEPS:-4}
   PT_DEVICE=cuda; REPEATS=5
 fi
 PAIRS=${SHAPE%x*} SEQ=${SHAPE#*x}
@@ -275,6 +277,26 @@ print(json.dumps({"stage": "oom", "backend": backend, "rc": rc, "seconds": secs,
                   "ok": rc == 2 and error is not None and "out of memory" in error and not any("panicked at" in l for l in lines)}))
 PY
   record "oom-$b" "$(cat "$W/o.json")"
+done
+
+echo "== 6. The kernels of one step, $CENSUS_MODEL $SHAPE: launches and device time, odpo's cubecl backends beside PyTorch's"
+# `odpo bench --kernel-times` counts every kernel launch of one step after the timed ones and times
+# each on the device; bench/pytorch/step.py --kernels the same through torch.profiler. A step that
+# waits on the host costs about its launches times the host's cost per launch, and the list says
+# which kernels hold the device time (what the budget leaves).
+for b in ${GPU_CHECK_CENSUS_BACKENDS-pytorch $BACKENDS}; do
+  case $b in tch*) continue ;; vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
+  echo "-- $b ($dtype)"
+  fits 40 || { record "census-$b" "{\"stage\":\"census\",\"model\":\"$CENSUS_MODEL\",\"side\":\"$b\",\"skipped\":true}"; continue; }
+  if [ "$b" = pytorch ]; then
+    timeout "$(cap 120)" "$PY" bench/pytorch/step.py --config "bench/configs/$CENSUS_MODEL.json" --device "$PT_DEVICE" --dtype bf16 \
+      --pairs "$PAIRS" --seq "$SEQ" --threads "$(nproc)" --warmup 1 --repeats 1 --kernels > "$W/census.json" 2> "$W/census.err"
+  else
+    timeout "$(cap 120)" "$ODPO" bench --config "bench/configs/$CENSUS_MODEL.json" --backend "$b" --dtype "$dtype" \
+      --pairs "$PAIRS" --seq "$SEQ" --warmup 1 --repeats 1 --kernel-times > "$W/census.json" 2> "$W/census.err"
+  fi
+  echo "exit $?"; tail -3 "$W/census.err" | cut -c1-300
+  record "census-$b" "$("$PY" scripts/gpu-report.py --merge census "$CENSUS_MODEL" "$b" "$W/census.json")"
 done
 
 echo "== summary ($((SECONDS - start)) s)"

@@ -8,6 +8,9 @@
                                            bench/pytorch/step.py) with bench/gpu_peak.py's memory
     gpu-report.py --merge run BACKEND METRICS_JSONL SECONDS
                                            one training run's losses and held-out metrics
+    gpu-report.py --merge census MODEL SIDE STEP_JSON
+                                           the kernels of one step (`odpo bench --kernel-times`,
+                                           bench/pytorch/step.py --kernels)
 """
 import glob
 import json
@@ -55,6 +58,17 @@ def merge_run(backend, metrics_path, seconds):
         rec["eval_" + name.replace("/", "_")] = [[r["step"], r.get(name)] for r in evals]
     if not rows:
         rec["error"] = "no metrics (see gpu-check.log)"
+    return rec
+
+
+def merge_census(model, side, step_path):
+    step = load(step_path, {}) or {}
+    rec = {"stage": "census", "model": model, "side": side}
+    if isinstance(step.get("census"), dict):
+        rec.update(step["census"])
+        rec["seconds_per_step_median"] = step.get("seconds_per_step_median")
+    else:
+        rec["error"] = "no census (see gpu-check.log)"
     return rec
 
 
@@ -147,13 +161,33 @@ def tables(records):
                 continue
             message = (r.get("error") or "-").replace("|", "/")[:300]
             out.append(f"| {r['backend']} | {r['rc']} | {'yes' if r.get('ok') else 'NO'} | {r['seconds']} | {message} |")
+    censuses = [r for r in records if r.get("stage") == "census"]
+    if censuses:
+        # The kernels of one step: what a step that waits on the host pays per launch, and where the
+        # device time goes.
+        out.append("")
+        out.append("| kernels of one step | side | launches | distinct kernels | kernels' device time (s) | census step (s) | timed step (s) |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in censuses:
+            if r.get("skipped") or "launches_per_step" not in r:
+                out.append(f"| {r['model']} | {r['side']} | {'skipped' if r.get('skipped') else r.get('error', 'failed')} | | | | |")
+                continue
+            out.append(f"| {r['model']} | {r['side']} ({r.get('unit', 'cubecl kernels')}) | {r['launches_per_step']} | {r['kernels']} | "
+                       f"{fmt(r.get('device_seconds'), '.4f')} | {fmt(r.get('step_seconds'), '.3f')} | {fmt(r.get('seconds_per_step_median'), '.3f')} |")
+        out.append("")
+        out.append("| side | kernel (the ten with the most device time) | launches | device time (s) |")
+        out.append("|---|---|---|---|")
+        for r in censuses:
+            for k in (r.get("top") or [])[:10]:
+                name = k["kernel"].replace("|", "/")[:90]
+                out.append(f"| {r['side']} | `{name}` | {k['launches']} | {fmt(k.get('device_seconds'), '.4f')} |")
     return "\n".join(out) + "\n"
 
 
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--merge":
         kind, args = sys.argv[2], sys.argv[3:]
-        rec = merge_bench(*args) if kind == "bench" else merge_run(*args)
+        rec = {"bench": merge_bench, "run": merge_run, "census": merge_census}[kind](*args)
         print(json.dumps(rec))
         return
     records_dir, out_dir = sys.argv[1], sys.argv[2]

@@ -60,6 +60,40 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def kernel_census(run_step, device_type: str, device: str, rows: int = 25) -> dict:
+    """One step under torch.profiler: on CUDA the kernels it launched with their device time, on a
+    CPU the aten operators that call no other (the ones that do the work), with their own time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run_step()
+        sync(device)
+    step_seconds = time.perf_counter() - t0
+    tally = {}
+    for e in prof.events():
+        if device_type == "cuda":
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            secs = e.device_time_total / 1e6
+        else:
+            if not e.name.startswith("aten::") or any(c.name.startswith("aten::") for c in e.cpu_children):
+                continue
+            secs = e.self_cpu_time_total / 1e6
+        n, t = tally.get(e.name, (0, 0.0))
+        tally[e.name] = (n + 1, t + secs)
+    top = sorted(tally.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))
+    return {
+        "unit": "CUDA kernels" if device_type == "cuda" else "aten operators that call no other",
+        "launches_per_step": sum(n for n, _ in tally.values()),
+        "kernels": len(tally),
+        "device_seconds": sum(t for _, t in tally.values()),
+        "step_seconds": step_seconds,
+        "top": [{"kernel": k, "launches": n, "device_seconds": t} for k, (n, t) in top[:rows]],
+    }
+
+
 def step_flops(cfg, model, pairs: int, seq: int) -> float:
     """Matmul FLOPs of a step: (policy forward + backward = 3x) + reference forward (1x), each
     2 * (linear weights incl. the LM head) per token plus the attention products QK^T and AV."""
@@ -95,6 +129,10 @@ def main():
                          "gradient_checkpointing=True")
     ap.add_argument("--optim", choices=["adamw_torch_fused", "adamw_torch"], default="adamw_torch_fused",
                     help="transformers' optimizer names: its default with torch >= 2.8 is the fused AdamW")
+    ap.add_argument("--kernels", action="store_true",
+                    help="after the timed steps, profile one more step (torch.profiler): the CUDA kernels it launches "
+                         "and their device time, or on a CPU the aten operators that do the work (those that call no "
+                         "other); printed under `census`, as `odpo bench --kernel-times` prints its own")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -197,6 +235,7 @@ def main():
             times.append(time.perf_counter() - t0)
             for k in range(4):
                 phases[k].append(marks[k + 1] - marks[k])
+    census = kernel_census(lambda: step([time.perf_counter()]), device_type, args.device) if args.kernels else None
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     gpu = {}
     if device_type == "cuda":
@@ -236,6 +275,7 @@ def main():
         "cpu": platform.processor() or platform.machine(),
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
         "dtype": args.dtype,
+        "census": census,
         **gpu,
     }, indent=2))
 

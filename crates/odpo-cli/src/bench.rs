@@ -59,6 +59,13 @@ pub struct BenchArgs {
     /// Backend.
     #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
+    /// After the timed steps, count the kernels one more step launches (cubecl backends: cuda,
+    /// vulkan, wgpu, metal), reported under `census`.
+    #[arg(long)]
+    kernels: bool,
+    /// The same, with each kernel's device time (each launch waits for its kernel).
+    #[arg(long)]
+    kernel_times: bool,
 }
 
 
@@ -189,7 +196,9 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let layout: odpo_trainer::config::RowLayout = if a.no_shared_prompt { "concatenated" } else { a.layout.as_str() }.parse()?;
     let backend_name = a.backend.split(':').next().unwrap_or_default();
     let shared_prompt = layout.resolve(backend_name.parse()?) == odpo_data::Layout::SharedPrompt;
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing };
+    use odpo_trainer::bench::Census;
+    let census = if a.kernel_times { Census::Times } else if a.kernels { Census::Launches } else { Census::Off };
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing, census };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
     // Measured after the step, so that it does not raise the step's peak memory.
     let peak_rss = peak_rss_mb();

@@ -111,6 +111,19 @@ fn a_bench_longer_than_the_models_positions_is_refused() {
     }
 }
 
+/// `odpo bench --kernels` counts the launches of the cubecl backends; on flex, which launches
+/// none, it is an error that says so rather than an empty census.
+#[test]
+fn a_kernel_census_on_flex_is_refused() {
+    let config = format!("{}/bench/configs/gpt2-tiny.json", env::repo_root().display());
+    for flag in ["--kernels", "--kernel-times"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo")).args(["bench", "--config", &config, "--pairs", "1", "--seq", "16", "--backend", "flex", flag]).output().expect("run odpo");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {err}");
+        assert!(err.contains("kernels") && err.contains("counts the kernel launches of the cubecl backends") && !err.contains("panicked"), "{flag}: {err}");
+    }
+}
+
 /// Counts of zero, where a command needs at least one, are refused when the flags are read (a zero
 /// batch crashed the CPU backend); a share of held-out prompts must leave both sides members; a
 /// missing file is named with its cause once.

@@ -281,8 +281,147 @@ impl GluBackend for burn::backend::Flex {
     }
 }
 
+/// The cubecl backends: one kernel for each pass of SwiGLU and the tanh GeGLU, where the tensor
+/// operations launch three to nine forward and eight to twenty backward; the exact GELU keeps them.
 #[cfg(feature = "cube")]
-impl GluBackend for burn::backend::Cube {}
+impl GluBackend for burn::backend::Cube {
+    fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
+        cube::glu(g, u, gate).unwrap_or_else(|(g, u)| tensor_ops::<Self>(g, u, gate))
+    }
+
+    fn glu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        cube::glu_backward(g, u, dy, gate).unwrap_or_else(|(g, u, dy)| tensor_ops_backward::<Self>(g, u, dy, gate))
+    }
+}
+
+/// The kernels of the cubecl body, in f32 whatever the tensors' dtype.
+#[cfg(feature = "cube")]
+mod cube {
+    use burn::backend::TensorMetadata;
+    use burn_backend::cubecl::dtype_to_storage_type;
+    // The `cube` macro's expansion names the `cubecl` crate.
+    use burn_cubecl::cubecl;
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
+    use cubecl::{calculate_cube_count_elemwise, prelude::*};
+
+    use super::Gate;
+
+    /// `a(x)` and `a′(x)`: SiLU, or with `tanh_gelu` the tanh GELU (see the module docs; the
+    /// constants are `K` and `C`).
+    #[cube]
+    fn activation(x: f32, #[comptime] tanh_gelu: bool) -> f32 {
+        if tanh_gelu {
+            let t = (0.797_884_6f32 * x * (1.0f32 + 0.044_715f32 * x * x)).tanh();
+            0.5f32 * x * (1.0f32 + t)
+        } else {
+            x / (1.0f32 + (-x).exp())
+        }
+    }
+
+    #[cube]
+    fn slope(x: f32, #[comptime] tanh_gelu: bool) -> f32 {
+        if tanh_gelu {
+            let t = (0.797_884_6f32 * x * (1.0f32 + 0.044_715f32 * x * x)).tanh();
+            0.5f32 * (1.0f32 + t) + 0.5f32 * x * (1.0f32 - t * t) * 0.797_884_6f32 * (1.0f32 + 0.134_145f32 * x * x)
+        } else {
+            let s = 1.0f32 / (1.0f32 + (-x).exp());
+            s + x * s * (1.0f32 - s)
+        }
+    }
+
+    #[cube(launch_unchecked, address_type = "dynamic")]
+    fn glu_kernel<F: Float>(g: LinearView<'_, F>, u: LinearView<'_, F>, mut y: LinearViewMut<'_, F>, #[comptime] tanh_gelu: bool, #[define(F)] _dtype: ElemType) {
+        let i = ABSOLUTE_POS;
+        if !y.is_in_bounds(i) {
+            terminate!();
+        }
+        let a = activation(f32::cast_from(g.read(i)), tanh_gelu);
+        y.write(i, F::cast_from(a * f32::cast_from(u.read(i))));
+    }
+
+    #[cube(launch_unchecked, address_type = "dynamic")]
+    fn glu_backward_kernel<F: Float>(
+        g: LinearView<'_, F>,
+        u: LinearView<'_, F>,
+        dy: LinearView<'_, F>,
+        mut dg: LinearViewMut<'_, F>,
+        mut du: LinearViewMut<'_, F>,
+        #[comptime] tanh_gelu: bool,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let i = ABSOLUTE_POS;
+        if !dg.is_in_bounds(i) {
+            terminate!();
+        }
+        let x = f32::cast_from(g.read(i));
+        let d = f32::cast_from(dy.read(i));
+        du.write(i, F::cast_from(d * activation(x, tanh_gelu)));
+        dg.write(i, F::cast_from(d * f32::cast_from(u.read(i)) * slope(x, tanh_gelu)));
+    }
+
+    /// Whether the kernels take these tensors: one shape and float dtype, a gate they compute.
+    fn fits(gate: Gate, ts: &[&CubeTensor]) -> bool {
+        let first = ts[0];
+        gate != Gate::Gelu && first.shape().num_elements() > 0 && ts.iter().all(|t| t.dtype == first.dtype && t.shape() == first.shape() && !t.meta.is_tiled())
+    }
+
+    fn launch_dims(t: &CubeTensor) -> (CubeCount, CubeDim) {
+        let n = t.shape().num_elements();
+        let cube_dim = CubeDim::new(&t.client, n);
+        (calculate_cube_count_elemwise(&t.client, n, cube_dim), cube_dim)
+    }
+
+    /// `a(g) · u`, or the inputs back when the kernel does not take them.
+    pub(super) fn glu(g: CubeTensor, u: CubeTensor, gate: Gate) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
+        if !fits(gate, &[&g, &u]) {
+            return Err((g, u));
+        }
+        let y = empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
+        let (count, dim) = launch_dims(&y);
+        let address = [&g, &u, &y].into_iter().map(CubeTensor::required_address_type).max().unwrap_or_default();
+        let (client, dtype) = (y.client.clone(), dtype_to_storage_type(g.dtype));
+        // SAFETY: each unit reads and writes its own element, bounds-checked against `y`, whose
+        // shape the inputs' views share.
+        #[allow(unsafe_code)]
+        unsafe {
+            glu_kernel::launch_unchecked(&client, count, dim, address, g.into_linear_view_like(&y), u.into_linear_view_like(&y), y.clone().into_linear_view(), gate == Gate::GeluTanh, dtype);
+        }
+        Ok(y)
+    }
+
+    /// `(dg, du)`, or the inputs back when the kernel does not take them.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn glu_backward(g: CubeTensor, u: CubeTensor, dy: CubeTensor, gate: Gate) -> Result<(CubeTensor, CubeTensor), (CubeTensor, CubeTensor, CubeTensor)> {
+        if !fits(gate, &[&g, &u, &dy]) {
+            return Err((g, u, dy));
+        }
+        let new = || empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
+        let (dg, du) = (new(), new());
+        let (count, dim) = launch_dims(&dg);
+        let address = [&g, &u, &dy, &dg, &du].into_iter().map(CubeTensor::required_address_type).max().unwrap_or_default();
+        let (client, dtype) = (dg.client.clone(), dtype_to_storage_type(g.dtype));
+        // SAFETY: as in `glu`, with two outputs of the one shape.
+        #[allow(unsafe_code)]
+        unsafe {
+            glu_backward_kernel::launch_unchecked(
+                &client,
+                count,
+                dim,
+                address,
+                g.into_linear_view_like(&dg),
+                u.into_linear_view_like(&dg),
+                dy.into_linear_view_like(&dg),
+                dg.clone().into_linear_view(),
+                du.clone().into_linear_view(),
+                gate == Gate::GeluTanh,
+                dtype,
+            );
+        }
+        Ok((dg, du))
+    }
+}
 
 /// libtorch: torch's activation and its backward kernel, as PyTorch's autograd runs transformers'
 /// MLP.

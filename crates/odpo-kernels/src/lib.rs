@@ -14,7 +14,8 @@
 //! a parameter, its gradient and its two moments ([`adamw`]), the same over all parameters at once
 //! on libtorch devices ([`FlatAdamW`], PyTorch's multi-tensor update), and the sum of squares of a
 //! gradient without a squared temporary ([`cpu_sum_squares`]). [`max_buffer_bytes`] says how large one
-//! buffer of a device may be, for callers that split what would not fit.
+//! buffer of a device may be, for callers that split what would not fit; [`kernel_census`] which
+//! kernels a piece of work launches on the cubecl backends, and for how long.
 //!
 //! burn's element-wise operations write one tensor per operation, so an AdamW update written with
 //! them makes a dozen passes over every parameter-sized buffer; PyTorch's single-tensor AdamW makes
@@ -24,13 +25,16 @@
 //! are contiguous and not shared with another tensor. Other unshared libtorch tensors (CUDA, half
 //! precision) take PyTorch's fused AdamW kernel, the one kernel `torch.optim.AdamW(fused=True)`
 //! runs (`fused_adamw_calls` counts it), or where that is out of reach PyTorch's own sequence of
-//! in-place torch operations. Anywhere else (the cubecl
-//! backends, shared or strided tensors) it runs the same formula as burn tensor operations.
+//! in-place torch operations. On the cubecl backends it is one kernel per parameter, in place
+//! (`cube_adamw_calls` counts it). Anywhere else (shared or strided tensors) it runs the same
+//! formula as burn tensor operations.
 //!
 //! This crate names backends, as `odpo-model`'s `backend` module does; the trainer calls it through
 //! backend-free functions of `Tensor`s.
 #![deny(missing_docs)]
 
+#[cfg(feature = "cube")]
+mod adamw_cube;
 #[cfg(feature = "tch")]
 mod adamw_libtorch;
 mod attention;
@@ -38,6 +42,7 @@ mod cpu;
 mod embedding;
 mod flat_adamw;
 mod glu;
+mod launches;
 mod limits;
 mod matmul;
 mod quantized;
@@ -52,6 +57,7 @@ pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, mask
 pub use embedding::{EmbeddingBackend, embedding};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use glu::{Gate, GluBackend, glu};
+pub use launches::{KernelLaunches, kernel_census, launches_kernels};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
@@ -165,8 +171,8 @@ pub struct AdamWOutput<const D: usize> {
     pub moment_1: Tensor<D>,
     /// The second moment v.
     pub moment_2: Tensor<D>,
-    /// Whether the update ran in place: the one-pass CPU kernel, or in-place libtorch operations
-    /// (false: burn tensor operations did).
+    /// Whether the update ran in place: the one-pass CPU kernel, in-place libtorch operations or
+    /// the cubecl kernel (false: burn tensor operations did).
     pub fused: bool,
 }
 
@@ -190,11 +196,21 @@ pub fn adamw<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<
     let fused = cpu::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
     #[cfg(feature = "tch")]
     let fused = fused || adamw_libtorch::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
+    #[cfg(feature = "cube")]
+    let fused = fused || adamw_cube::adamw(&p.kind, &g.kind, &m.kind, &v.kind, &c);
     let (p, g, m, v) = (Tensor::from_dispatch(p), Tensor::from_dispatch(g), Tensor::from_dispatch(m), Tensor::from_dispatch(v));
     if fused {
         return AdamWOutput { param: p, moment_1: m, moment_2: v, fused };
     }
     adamw_tensor_ops(p, g, (m, v), s)
+}
+
+/// Updates [`adamw`] ran as one kernel on a cubecl device (0 without the `cube` feature).
+pub fn cube_adamw_calls() -> usize {
+    #[cfg(feature = "cube")]
+    return adamw_cube::calls();
+    #[cfg(not(feature = "cube"))]
+    0
 }
 
 /// [`adamw`]'s formula as burn tensor operations, each on a tensor it owns (backends that reuse an

@@ -131,8 +131,102 @@ mod flex {
     }
 }
 
+/// The cubecl backends: one kernel for each pass, where the tensor operations launch about eight
+/// (two slices, a negation, a concatenation of two slice writes, two products and a sum).
 #[cfg(feature = "cube")]
-impl RotaryBackend for burn::backend::Cube {}
+impl RotaryBackend for burn::backend::Cube {
+    fn rotary(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        cube::rotary(x, cos, sin, false)
+    }
+
+    fn rotary_backward(dy: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>) -> FloatTensor<Self> {
+        cube::rotary(dy, cos, sin, true)
+    }
+}
+
+/// The kernel of the cubecl body.
+#[cfg(feature = "cube")]
+mod cube {
+    use burn::backend::TensorMetadata;
+    use burn_backend::cubecl::dtype_to_storage_type;
+    // The `cube` macro's expansion names the `cubecl` crate.
+    use burn_cubecl::cubecl;
+    use burn_cubecl::ops::numeric::empty_device_dtype;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
+    use cubecl::{calculate_cube_count_elemwise, prelude::*};
+
+    /// One element of `y` `[B, H, T, Dh]` per unit, read through each tensor's own strides (the
+    /// heads' view of the projections, the angles broadcast over the heads), in f32:
+    /// `x·cos + rotate_half(x)·sin`, or with `backward` `dy·cos + rotate_halfᵀ(dy·sin)`.
+    #[cube(launch_unchecked, address_type = "dynamic")]
+    fn rotary_kernel<F: Float>(
+        x: LinearView<'_, F>,
+        cos: LinearView<'_, F>,
+        sin: LinearView<'_, F>,
+        mut y: LinearViewMut<'_, F>,
+        #[comptime] dh: usize,
+        #[comptime] backward: bool,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let i = ABSOLUTE_POS;
+        if !y.is_in_bounds(i) {
+            terminate!();
+        }
+        let half = dh / 2;
+        let lower = i % dh < half;
+        // The element of the other half of the row that the rotation pairs with this one.
+        let partner = select(lower, i + half, i - half);
+        let xi = f32::cast_from(x.read(i));
+        let xp = f32::cast_from(x.read(partner));
+        let c = f32::cast_from(cos.read(i));
+        if backward {
+            // rotate_halfᵀ([a₁, a₂]) = [a₂, −a₁] with a = dy·sin.
+            let a = xp * f32::cast_from(sin.read(partner));
+            y.write(i, F::cast_from(xi * c + select(lower, a, -a)));
+        } else {
+            // rotate_half([x₁, x₂]) = [−x₂, x₁].
+            let s = f32::cast_from(sin.read(i));
+            y.write(i, F::cast_from(xi * c + select(lower, -xp, xp) * s));
+        }
+    }
+
+    pub(super) fn rotary(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, backward: bool) -> CubeTensor {
+        let shape = x.shape();
+        let dh = shape[shape.num_dims() - 1];
+        let n = shape.num_elements();
+        let halves = shape.num_dims() == 4 && dh.is_multiple_of(2);
+        let float = |t: &CubeTensor| t.dtype == x.dtype && !t.meta.is_tiled();
+        if !halves || n == 0 || ![&x, &cos, &sin].into_iter().all(float) {
+            return if backward { super::tensor_ops_backward::<burn::backend::Cube>(x, cos, sin) } else { super::tensor_ops::<burn::backend::Cube>(x, cos, sin) };
+        }
+        let y = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+        let client = y.client.clone();
+        let cube_dim = CubeDim::new(&client, n);
+        let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);
+        let address = [&x, &cos, &sin, &y].into_iter().map(CubeTensor::required_address_type).max().unwrap_or_default();
+        let dtype = dtype_to_storage_type(x.dtype);
+        // SAFETY: each unit reads elements of its own row (bounds-checked against `y`, whose shape the
+        // views of `x` and the angles take) and writes only its own element of `y`.
+        #[allow(unsafe_code)]
+        unsafe {
+            rotary_kernel::launch_unchecked(
+                &client,
+                cube_count,
+                cube_dim,
+                address,
+                x.into_linear_view_like(&y),
+                cos.into_linear_view_like(&y),
+                sin.into_linear_view_like(&y),
+                y.clone().into_linear_view(),
+                dh,
+                backward,
+                dtype,
+            );
+        }
+        y
+    }
+}
 
 /// libtorch: the same formulas as direct torch calls (the forward pass in transformers' order of
 /// operations, so that the values round as theirs do).

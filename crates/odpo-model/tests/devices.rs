@@ -1,7 +1,8 @@
 //! Device specs that name hardware the machine lacks (a CUDA device, a wgpu adapter) are refused
 //! with an error that says what is missing, rather than a panic inside burn's runtimes or libtorch;
 //! a tensor larger than the device holds is an out-of-memory error that names its size; logits
-//! larger than one buffer of the device run through the LM head in runs that fit.
+//! larger than one buffer of the device run through the LM head in runs that fit; the kernel census
+//! counts every launch on the cubecl backends.
 //! In builds with `cuda`, `tch`, `wgpu` or `vulkan` (the conformance binary has several); elsewhere
 //! the backend's missing feature is named.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -77,6 +78,38 @@ fn a_tensor_larger_than_the_device_is_an_out_of_memory_error() {
     // The failure is the tensor's alone: the device goes on computing.
     let x = Tensor::<1>::from_floats([1.0, 2.0, 3.0], &device);
     assert_eq!(x.sum().into_scalar::<f32>(), 6.0);
+}
+
+/// The kernel census (`odpo bench --kernels`) sees every launch: each further addition in a chain
+/// launches the same kernels as the one before, and a timed census counts the same launches and
+/// times each kernel. flex and libtorch launch nothing the census sees.
+#[test]
+fn the_kernel_census_counts_every_launch() {
+    let device = common::test_device();
+    if !odpo_kernels::launches_kernels(&device) {
+        eprintln!("skipped: {device:?} is not a cubecl device (the test runs on wgpu, vulkan and cuda, `cargo xtask conformance`)");
+        return;
+    }
+    let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
+    let (a, b) = (Tensor::<2>::random([64, 64], normal, &device), Tensor::<2>::random([64, 64], normal, &device));
+    let chain = |n: usize| {
+        let mut c = a.clone();
+        for _ in 0..n {
+            c = c + b.clone();
+        }
+        c.into_data()
+    };
+    chain(3); // compiles the kernels
+    let census = |n: usize, timed: bool| odpo_kernels::kernel_census(timed, || chain(n)).1.expect("a cubecl build");
+    let launches = |n: usize| census(n, false).iter().map(|k| k.launches).sum::<u64>();
+    let (one, two, three) = (launches(1), launches(2), launches(3));
+    eprintln!("launches of chains of 1, 2, 3 additions: {one}, {two}, {three}");
+    assert!(one >= 1, "no launch seen");
+    assert!(two > one && three - two == two - one, "launches {one}, {two}, {three}: each addition should add the same launches");
+    let timed = census(3, true);
+    assert_eq!(timed.iter().map(|k| k.launches).sum::<u64>(), three, "a timed census counts other launches: {timed:?}");
+    assert!(timed.iter().all(|k| k.device_seconds.is_some_and(|s| s >= 0.0)), "{timed:?}");
+    assert!(census(3, false).iter().all(|k| k.device_seconds.is_none()));
 }
 
 /// A step's logits larger than one buffer of the device (wgpu caps one buffer: 128 MiB on Mesa's

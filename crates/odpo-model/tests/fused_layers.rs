@@ -23,6 +23,16 @@ fn close(name: &str, a: &[f32], b: &[f32], device: &burn::tensor::Device) {
     }
 }
 
+/// The launches of each of `kernels` while `f` runs, on a cubecl device (`None` elsewhere).
+fn launches_of<R, const N: usize>(kernels: [&str; N], device: &burn::tensor::Device, f: impl FnOnce() -> R) -> (R, Option<[u64; N]>) {
+    if !odpo_kernels::launches_kernels(device) {
+        return (f(), None);
+    }
+    let (out, census) = odpo_kernels::kernel_census(false, f);
+    let census = census.unwrap_or_default();
+    (out, Some(kernels.map(|name| census.iter().filter(|k| k.kernel == name).map(|k| k.launches).sum())))
+}
+
 /// The first CPU backend of the build (the conformance builds leave flex out), else the device.
 fn cpu(device: &burn::tensor::Device) -> burn::tensor::Device {
     ["flex", "tch"].iter().find_map(|b| odpo_model::backend::device(b).ok()).map_or_else(|| device.clone(), |d| d.autodiff())
@@ -30,18 +40,20 @@ fn cpu(device: &burn::tensor::Device) -> burn::tensor::Device {
 
 /// `odpo_kernels::rotary` on the test device: its output and the gradient of `x` equal the
 /// rotate-half formula written in burn tensor operations on the CPU, with angles broadcast over
-/// the heads as the models pass them.
+/// the heads as the models pass them and `x` the heads' view `[B, H, T, Dh]` of `[B, T, H, Dh]`
+/// projections. On the cubecl backends each pass is one kernel.
 #[test]
 fn rotary_values_and_gradients_match_the_tensor_formula() {
     let device = test_device().autodiff();
     let cpu = cpu(&device);
     let (b, h, t, dh) = (2, 3, 5, 8);
-    let x = Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device);
+    let x = Tensor::<4>::random([b, t, h, dh], Distribution::Normal(0.0, 1.0), &device);
     let angles = Tensor::<4>::random([b, 1, t, dh], Distribution::Uniform(-3.0, 3.0), &device);
     let dy = Tensor::<4>::random([b, h, t, dh], Distribution::Normal(0.0, 1.0), &device);
     let run = |ours: bool| {
         let on = if ours { &device } else { &cpu };
-        let x = Tensor::<4>::from_data(x.to_data(), on).require_grad();
+        let leaf = Tensor::<4>::from_data(x.to_data(), on).require_grad();
+        let x = leaf.clone().swap_dims(1, 2);
         let a = Tensor::<4>::from_data(angles.to_data(), on);
         let (cos, sin) = (a.clone().cos(), a.sin());
         let y = if ours {
@@ -52,9 +64,11 @@ fn rotary_values_and_gradients_match_the_tensor_formula() {
             x.clone() * cos + Tensor::cat(vec![x2.neg(), x1], 3) * sin
         };
         let grads = (y.clone() * Tensor::<4>::from_data(dy.to_data(), on)).sum().backward();
-        (vec(y.inner()), vec(x.grad(&grads).expect("a gradient")))
+        (vec(y.inner()), vec(leaf.grad(&grads).expect("a gradient")))
     };
-    let (ours, formula) = (run(true), run(false));
+    let (ours, kernels) = launches_of(["RotaryKernel"], &device, || run(true));
+    assert!(kernels.is_none_or(|[n]| n == 2), "{kernels:?} rotary kernels for a forward and a backward pass on {device:?}");
+    let formula = run(false);
     close("y", &ours.0, &formula.0, &device);
     close("dx", &ours.1, &formula.1, &device);
 }
@@ -90,7 +104,8 @@ fn rms_norm_values_and_gradients_match_burns_rms_norm() {
 
 /// `odpo_kernels::glu` on the test device, for each gate: its output and the gradients of the
 /// gate and the value equal burn's activation times the value on the CPU, over gates from deep in
-/// either tail of the sigmoid and of the normal distribution.
+/// either tail of the sigmoid and of the normal distribution. On the cubecl backends SwiGLU and
+/// the tanh GeGLU are one kernel each way.
 #[test]
 fn gated_units_match_burns_activations() {
     use burn::tensor::activation::{gelu, gelu_approximate, silu};
@@ -120,7 +135,12 @@ fn gated_units_match_burns_activations() {
             let grads = (y.clone() * Tensor::<3>::from_data(dy.to_data(), on)).sum().backward();
             (vec(y.inner()), vec(g.grad(&grads).expect("a gradient of g")), vec(u.grad(&grads).expect("a gradient of u")))
         };
-        let (ours, burns) = (run(true), run(false));
+        let (ours, kernels) = launches_of(["GluKernel", "GluBackwardKernel"], &device, || run(true));
+        // SwiGLU and the tanh GeGLU run one kernel each way on the cubecl backends; the exact GELU
+        // keeps the tensor operations.
+        let want = if gate == Gate::Gelu { [0, 0] } else { [1, 1] };
+        assert!(kernels.is_none_or(|k| k == want), "{gate:?}: {kernels:?} gated-unit kernels (forward, backward) on {device:?}");
+        let burns = run(false);
         close(&format!("{gate:?} y"), &ours.0, &burns.0, &device);
         close(&format!("{gate:?} dg"), &ours.1, &burns.1, &device);
         close(&format!("{gate:?} du"), &ours.2, &burns.2, &device);

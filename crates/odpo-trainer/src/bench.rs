@@ -50,7 +50,52 @@ pub struct StepBench {
     pub precision: Precision,
     /// burn's balanced gradient checkpointing (`train.gradient_checkpointing`).
     pub gradient_checkpointing: bool,
+    /// After the timed steps, one more step whose kernel launches are counted (cubecl devices).
+    pub census: Census,
 }
+
+/// Whether the step benchmark counts the kernels of one step ([`odpo_kernels::kernel_census`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Census {
+    /// No census.
+    #[default]
+    Off,
+    /// The launches of each kernel.
+    Launches,
+    /// The launches and each kernel's device time (every launch waits for its kernel, so the
+    /// census step is slower than the timed ones).
+    Times,
+}
+
+/// The kernels of one step on a cubecl device.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepCensus {
+    /// Kernel launches in the step.
+    pub launches_per_step: u64,
+    /// Distinct kernels (by type) launched.
+    pub kernels: usize,
+    /// The kernels' device time summed, with [`Census::Times`].
+    pub device_seconds: Option<f64>,
+    /// The census step's own wall time.
+    pub step_seconds: f64,
+    /// The kernels with the most device time (with [`Census::Times`]) or the most launches, at most
+    /// [`CENSUS_ROWS`].
+    pub top: Vec<CensusRow>,
+}
+
+/// One kernel in a [`StepCensus`].
+#[derive(Clone, Debug, Serialize)]
+pub struct CensusRow {
+    /// The kernel, by type.
+    pub kernel: String,
+    /// Launches in the step.
+    pub launches: u64,
+    /// Its device time in the step, with [`Census::Times`].
+    pub device_seconds: Option<f64>,
+}
+
+/// Kernels listed in a [`StepCensus`].
+pub const CENSUS_ROWS: usize = 25;
 
 /// The measured figures (the field names `bench/pytorch/step.py` prints too).
 #[derive(Clone, Debug, Serialize)]
@@ -84,6 +129,8 @@ pub struct StepResult {
     /// With a cached reference: the cost of an epoch after the first over the first (which also
     /// runs the cache pass), `step / (step + cache pass)`.
     pub later_epoch_over_first: Option<f64>,
+    /// The kernels of one more step, when asked for ([`StepBench::census`]).
+    pub census: Option<StepCensus>,
 }
 
 /// Matmul FLOPs of one step: policy forward + backward (3×) and the reference forward (1×), each
@@ -137,6 +184,9 @@ pub fn random_pairs(n: usize, seq: usize, prompt: usize, vocab: usize, seed: u64
 pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Result<StepResult> {
     if b.prompt == 0 || b.prompt >= b.seq {
         return Err(TrainError::config("prompt", format!("is {} tokens; expected 0 < prompt < seq = {}", b.prompt, b.seq)));
+    }
+    if b.census != Census::Off && !odpo_kernels::launches_kernels(device) {
+        return Err(TrainError::config("kernels", format!("counts the kernel launches of the cubecl backends (cuda, vulkan, wgpu, metal); the device {device:?} is not one")));
     }
     let text = std::fs::read_to_string(config_path).map_err(|e| TrainError::io(config_path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
@@ -205,6 +255,29 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
             }
         }
     }
+    let mut census = None;
+    if b.census != Census::Off {
+        let timed = b.census == Census::Times;
+        let step = b.warmup + b.repeats;
+        let t = Instant::now();
+        let (stepped, kernels) = odpo_kernels::kernel_census(timed, || {
+            let stepped = trainer.step(&refs, step, 1e-6);
+            if let Ok((trainer, _)) = &stepped {
+                sync(&trainer.policy);
+            }
+            stepped
+        });
+        let step_seconds = t.elapsed().as_secs_f64();
+        (trainer, _) = stepped?;
+        let kernels = kernels.unwrap_or_default();
+        census = Some(StepCensus {
+            launches_per_step: kernels.iter().map(|k| k.launches).sum(),
+            kernels: kernels.len(),
+            device_seconds: timed.then(|| kernels.iter().filter_map(|k| k.device_seconds).sum()),
+            step_seconds,
+            top: kernels.into_iter().take(CENSUS_ROWS).map(|k| CensusRow { kernel: k.kernel, launches: k.launches, device_seconds: k.device_seconds }).collect(),
+        });
+    }
     let policy = trainer.policy;
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
@@ -231,6 +304,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         reference_cache_seconds,
         // An epoch is a number of such steps; the first also runs the cache pass over its pairs.
         later_epoch_over_first: reference_cache_seconds.map(|c| median / (median + c)),
+        census,
     })
 }
 

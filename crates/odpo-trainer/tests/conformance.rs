@@ -277,7 +277,7 @@ fn multi_tensor_adamw_equals_the_per_parameter_update() {
 /// One AdamW update through `odpo_kernels::adamw` on the test device, in f32 and in bf16 where the
 /// device has it, against PyTorch's formula worked in f64 on the same (rounded) inputs. On libtorch
 /// every unshared update runs in place: the CPU kernel for f32 on the CPU, PyTorch's fused AdamW
-/// kernel otherwise.
+/// kernel otherwise; on the cubecl backends, odpo's one AdamW kernel.
 #[test]
 fn adamw_updates_match_the_formula() {
     use burn::tensor::{DType, TensorData};
@@ -302,7 +302,11 @@ fn adamw_updates_match_the_formula() {
         let [p0, g0, m0, v0] = [&p, &g, &m, &v].map(|x| read(x.clone()));
         #[cfg(feature = "tch")]
         let fused_before = odpo_kernels::fused_adamw_calls();
+        let cube_before = odpo_kernels::cube_adamw_calls();
         let out = odpo_kernels::adamw(p, g, Some((m, v)), &s);
+        if odpo_kernels::launches_kernels(&device) {
+            assert!(out.fused && odpo_kernels::cube_adamw_calls() > cube_before, "{dtype:?}: the AdamW kernel did not run on {device:?}");
+        }
         if format!("{device:?}").contains("LibTorch") {
             assert!(out.fused, "{dtype:?}: the update did not run in place on {device:?}");
             // f32 on the CPU takes the CPU kernel; anything else libtorch's fused AdamW kernel.
