@@ -85,7 +85,7 @@ def kernel_census(run_step, device_type: str, device: str, rows: int = 25) -> di
         tally[e.name] = (n + 1, t + secs)
     top = sorted(tally.items(), key=lambda kv: (-kv[1][1], -kv[1][0], kv[0]))
     return {
-        "unit": "CUDA kernels" if device_type == "cuda" else "aten operators that call no other",
+        "unit": "CUDA kernels, copies and fills" if device_type == "cuda" else "aten operators that call no other",
         "launches_per_step": sum(n for n, _ in tally.values()),
         "kernels": len(tally),
         "device_seconds": sum(t for _, t in tally.values()),

@@ -12,7 +12,7 @@ use burn::tensor::DType;
 use burn_backend::cubecl::dtype_to_storage_type;
 // The `cube` macro's expansion names the `cubecl` crate.
 use burn_cubecl::cubecl;
-use cubecl::{calculate_cube_count_elemwise, prelude::*};
+use cubecl::prelude::*;
 use burn_cubecl::tensor::CubeTensor;
 
 use crate::Coeffs;
@@ -96,9 +96,7 @@ pub(crate) fn adamw(p: &DispatchTensorKind, g: &DispatchTensorKind, m: &Dispatch
     let units = [p, g, m, v].into_iter().map(|t| t.handle.size() as usize / t.dtype.size()).min().unwrap_or(0);
     CALLS.fetch_add(1, Ordering::Relaxed);
     let client = p.client.clone();
-    let cube_dim = CubeDim::new(&client, units);
-    let cube_count = calculate_cube_count_elemwise(&client, units, cube_dim);
-    let address = [p, g, m, v].into_iter().map(CubeTensor::required_address_type).max().unwrap_or_default();
+    let (cube_count, cube_dim, address) = crate::elementwise_launch(units, &[p, g, m, v]);
     // SAFETY: the kernel checks its one index against every buffer's length, and each unit writes
     // only its own element of buffers no one else holds.
     #[allow(unsafe_code)]

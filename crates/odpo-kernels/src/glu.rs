@@ -304,7 +304,7 @@ mod cube {
     use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
-    use cubecl::{calculate_cube_count_elemwise, prelude::*};
+    use cubecl::prelude::*;
 
     use super::Gate;
 
@@ -367,20 +367,13 @@ mod cube {
         gate != Gate::Gelu && first.shape().num_elements() > 0 && ts.iter().all(|t| t.dtype == first.dtype && t.shape() == first.shape() && !t.meta.is_tiled())
     }
 
-    fn launch_dims(t: &CubeTensor) -> (CubeCount, CubeDim) {
-        let n = t.shape().num_elements();
-        let cube_dim = CubeDim::new(&t.client, n);
-        (calculate_cube_count_elemwise(&t.client, n, cube_dim), cube_dim)
-    }
-
     /// `a(g) · u`, or the inputs back when the kernel does not take them.
     pub(super) fn glu(g: CubeTensor, u: CubeTensor, gate: Gate) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
         if !fits(gate, &[&g, &u]) {
             return Err((g, u));
         }
         let y = empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
-        let (count, dim) = launch_dims(&y);
-        let address = [&g, &u, &y].into_iter().map(CubeTensor::required_address_type).max().unwrap_or_default();
+        let (count, dim, address) = crate::elementwise_launch(y.shape().num_elements(), &[&g, &u, &y]);
         let (client, dtype) = (y.client.clone(), dtype_to_storage_type(g.dtype));
         // SAFETY: each unit reads and writes its own element, bounds-checked against `y`, whose
         // shape the inputs' views share.
@@ -399,8 +392,7 @@ mod cube {
         }
         let new = || empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
         let (dg, du) = (new(), new());
-        let (count, dim) = launch_dims(&dg);
-        let address = [&g, &u, &dy, &dg, &du].into_iter().map(CubeTensor::required_address_type).max().unwrap_or_default();
+        let (count, dim, address) = crate::elementwise_launch(dg.shape().num_elements(), &[&g, &u, &dy, &dg, &du]);
         let (client, dtype) = (dg.client.clone(), dtype_to_storage_type(g.dtype));
         // SAFETY: as in `glu`, with two outputs of the one shape.
         #[allow(unsafe_code)]

@@ -42,7 +42,7 @@ pub struct KernelLaunches {
 /// time first when `timed`), or `None` when this build has no cubecl backend. Only the launches
 /// this thread issues count: cubecl's observer sees the whole process, where other threads may be
 /// working (tests run side by side; a step over several devices runs each on a thread of its own,
-/// whose launches are not counted).
+/// whose launches are not counted). A census inside another takes the launches of its own span.
 pub fn kernel_census<R>(timed: bool, f: impl FnOnce() -> R) -> (R, Option<Vec<KernelLaunches>>) {
     #[cfg(feature = "cube")]
     {
@@ -58,56 +58,80 @@ pub fn kernel_census<R>(timed: bool, f: impl FnOnce() -> R) -> (R, Option<Vec<Ke
 
 #[cfg(feature = "cube")]
 mod cube {
+    use std::cell::RefCell;
     use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, PoisonError};
+    use std::sync::Once;
 
     use burn_cubecl::cubecl::config::{TypeNameFormatLevel, type_name_format};
     use burn_cubecl::cubecl::logging::{Duration, LaunchObservation, LaunchObserver, TimingMethod, TimingRequest};
 
     use super::KernelLaunches;
 
+    /// A census in progress on one thread.
+    #[derive(Default)]
     struct Tally {
         timed: bool,
-        /// The thread whose launches count.
-        thread: std::thread::ThreadId,
-        kernels: Mutex<HashMap<&'static str, (u64, f64)>>,
+        kernels: HashMap<&'static str, (u64, f64)>,
     }
 
-    impl Tally {
-        fn ours(&self) -> bool {
-            std::thread::current().id() == self.thread
-        }
+    thread_local! {
+        /// The census this thread is taking, if any.
+        static CURRENT: RefCell<Option<Tally>> = const { RefCell::new(None) };
     }
 
-    impl LaunchObserver for Tally {
+    /// The process's one observer, installed at the first census and kept: cubecl has one slot,
+    /// so censuses on several threads at once (tests side by side) each installing their own
+    /// would displace one another. It hands each launch to the census of the thread that issued
+    /// it, and times only those.
+    struct Router;
+
+    impl LaunchObserver for Router {
         fn launched(&self, kernel: &'static str) {
-            if !self.ours() {
-                return;
-            }
-            self.kernels.lock().unwrap_or_else(PoisonError::into_inner).entry(kernel).or_default().0 += 1;
+            CURRENT.with(|c| {
+                if let Some(t) = c.borrow_mut().as_mut() {
+                    t.kernels.entry(kernel).or_default().0 += 1;
+                }
+            });
         }
 
-        /// Asked on the launching thread, at the launch and again when its measurement arrives:
-        /// other threads' kernels are neither timed nor made to wait.
+        /// Asked on the launching thread, at the launch and again when its measurement arrives
+        /// (within the same launch call): other threads' kernels are neither timed nor made to wait.
         fn timing(&self) -> TimingRequest {
-            if self.timed && self.ours() { TimingRequest::Resolved } else { TimingRequest::None }
+            CURRENT.with(|c| if c.borrow().as_ref().is_some_and(|t| t.timed) { TimingRequest::Resolved } else { TimingRequest::None })
         }
 
         fn timed(&self, kernel: &'static str, duration: Duration, _method: TimingMethod) {
-            if !self.ours() {
-                return;
+            CURRENT.with(|c| {
+                if let Some(t) = c.borrow_mut().as_mut() {
+                    t.kernels.entry(kernel).or_default().1 += duration.as_secs_f64();
+                }
+            });
+        }
+    }
+
+    /// Puts back the census this thread was taking before (a census inside another takes the
+    /// launches of its own span), also when `f` panics.
+    struct Restore(Option<Option<Tally>>);
+
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                CURRENT.with(|c| *c.borrow_mut() = outer);
             }
-            self.kernels.lock().unwrap_or_else(PoisonError::into_inner).entry(kernel).or_default().1 += duration.as_secs_f64();
         }
     }
 
     pub(super) fn census<R>(timed: bool, f: impl FnOnce() -> R) -> (R, Vec<KernelLaunches>) {
-        let tally = Arc::new(Tally { timed, thread: std::thread::current().id(), kernels: Mutex::default() });
-        let out = {
-            let _watching = LaunchObservation::new(tally.clone());
-            f()
-        };
-        let kernels = std::mem::take(&mut *tally.kernels.lock().unwrap_or_else(PoisonError::into_inner));
+        static INSTALL: Once = Once::new();
+        // Installed for the rest of the process: with no census under way a launch costs the
+        // router a thread-local read.
+        INSTALL.call_once(|| std::mem::forget(LaunchObservation::new(std::sync::Arc::new(Router))));
+        let outer = CURRENT.with(|c| c.replace(Some(Tally { timed, ..Tally::default() })));
+        let mut restore = Restore(Some(outer));
+        let out = f();
+        let tally = CURRENT.with(|c| c.replace(restore.0.take().unwrap_or_default())).unwrap_or_default();
+        drop(restore);
+        let kernels = tally.kernels;
         // Kernels of one type with other generics are one line: what a reader can act on is the
         // operation, and the full names run to hundreds of characters.
         let mut merged: HashMap<String, (u64, f64)> = HashMap::new();

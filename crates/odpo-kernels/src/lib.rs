@@ -72,6 +72,18 @@ pub use token_logprobs::token_logprob_torch_calls;
 use burn::backend::DispatchTensorKind;
 use burn::tensor::Tensor;
 
+/// The launch of an element-wise kernel with one unit per element on the cubecl backends: its cube
+/// count and size for `units` units, and the address width the tensors need.
+#[cfg(feature = "cube")]
+pub(crate) fn elementwise_launch(units: usize, tensors: &[&burn_cubecl::tensor::CubeTensor]) -> (burn_cubecl::cubecl::prelude::CubeCount, burn_cubecl::cubecl::prelude::CubeDim, burn_cubecl::cubecl::prelude::AddressType) {
+    use burn_cubecl::cubecl::prelude::CubeDim;
+    let client = &tensors[0].client;
+    let dim = CubeDim::new(client, units);
+    let count = burn_cubecl::cubecl::calculate_cube_count_elemwise(client, units, dim);
+    let address = tensors.iter().map(|t| t.required_address_type()).max().unwrap_or_default();
+    (count, dim, address)
+}
+
 /// The backends that one of this crate's backend extensions has a body for.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Reach {

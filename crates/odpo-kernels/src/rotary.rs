@@ -154,7 +154,7 @@ mod cube {
     use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
-    use cubecl::{calculate_cube_count_elemwise, prelude::*};
+    use cubecl::prelude::*;
 
     /// One element of `y` `[B, H, T, Dh]` per unit, read through each tensor's own strides (the
     /// heads' view of the projections, the angles broadcast over the heads), in f32:
@@ -202,9 +202,7 @@ mod cube {
         }
         let y = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
         let client = y.client.clone();
-        let cube_dim = CubeDim::new(&client, n);
-        let cube_count = calculate_cube_count_elemwise(&client, n, cube_dim);
-        let address = [&x, &cos, &sin, &y].into_iter().map(CubeTensor::required_address_type).max().unwrap_or_default();
+        let (cube_count, cube_dim, address) = crate::elementwise_launch(n, &[&x, &cos, &sin, &y]);
         let dtype = dtype_to_storage_type(x.dtype);
         // SAFETY: each unit reads elements of its own row (bounds-checked against `y`, whose shape the
         // views of `x` and the angles take) and writes only its own element of `y`.
