@@ -1,6 +1,6 @@
 //! [`crate::adamw`] on the cubecl backends (CUDA, Vulkan, wgpu, Metal): one kernel per parameter
 //! that reads the gradient and updates the parameter and both moments in place, where the same
-//! formula as burn tensor operations launches about fourteen kernels and allocates a buffer for each.
+//! formula as burn tensor operations launches twelve kernels and allocates a buffer for each.
 //! On a GPU whose step waits on the host issuing kernels, the launches are what the update costs.
 //! Computed in f32 whatever the tensors' dtype, as PyTorch's fused AdamW computes half-precision
 //! parameters.
@@ -12,8 +12,8 @@ use burn::tensor::DType;
 use burn_backend::cubecl::dtype_to_storage_type;
 // The `cube` macro's expansion names the `cubecl` crate.
 use burn_cubecl::cubecl;
-use cubecl::prelude::*;
 use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
 
 use crate::Coeffs;
 
