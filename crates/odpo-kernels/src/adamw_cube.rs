@@ -90,7 +90,8 @@ pub(crate) fn adamw(p: &DispatchTensorKind, g: &DispatchTensorKind, m: &Dispatch
     // buffers that hold it (the kernel runs over the shortest buffer).
     let same = |t: &CubeTensor| t.dtype == p.dtype && t.meta.shape() == p.meta.shape() && t.meta.strides() == p.meta.strides() && t.device == p.device;
     let holds = |t: &CubeTensor| t.handle.size() as usize >= span(p) * t.dtype.size();
-    if n == 0 || !(writable(p) && writable(m) && writable(v) && readable(g)) || ![g, m, v].into_iter().all(same) || ![p, g, m, v].into_iter().all(holds) {
+    let takes = n > 0 && writable(p) && writable(m) && writable(v) && readable(g) && [g, m, v].into_iter().all(same) && [p, g, m, v].into_iter().all(holds);
+    if !takes {
         return false;
     }
     let units = [p, g, m, v].into_iter().map(|t| t.handle.size() as usize / t.dtype.size()).min().unwrap_or(0);

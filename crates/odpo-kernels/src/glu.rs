@@ -286,11 +286,11 @@ impl GluBackend for burn::backend::Flex {
 #[cfg(feature = "cube")]
 impl GluBackend for burn::backend::Cube {
     fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
-        cube::glu(g, u, gate).unwrap_or_else(|(g, u)| tensor_ops::<Self>(g, u, gate))
+        if cube::fits(gate, &[&g, &u]) { cube::glu(g, u, gate) } else { tensor_ops::<Self>(g, u, gate) }
     }
 
     fn glu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        cube::glu_backward(g, u, dy, gate).unwrap_or_else(|(g, u, dy)| tensor_ops_backward::<Self>(g, u, dy, gate))
+        if cube::fits(gate, &[&g, &u, &dy]) { cube::glu_backward(g, u, dy, gate) } else { tensor_ops_backward::<Self>(g, u, dy, gate) }
     }
 }
 
@@ -362,16 +362,13 @@ mod cube {
     }
 
     /// Whether the kernels take these tensors: one shape and float dtype, a gate they compute.
-    fn fits(gate: Gate, ts: &[&CubeTensor]) -> bool {
+    pub(super) fn fits(gate: Gate, ts: &[&CubeTensor]) -> bool {
         let first = ts[0];
         gate != Gate::Gelu && first.shape().num_elements() > 0 && ts.iter().all(|t| t.dtype == first.dtype && t.shape() == first.shape() && !t.meta.is_tiled())
     }
 
-    /// `a(g) · u`, or the inputs back when the kernel does not take them.
-    pub(super) fn glu(g: CubeTensor, u: CubeTensor, gate: Gate) -> Result<CubeTensor, (CubeTensor, CubeTensor)> {
-        if !fits(gate, &[&g, &u]) {
-            return Err((g, u));
-        }
+    /// `a(g) · u`, for tensors the kernel takes ([`fits`]).
+    pub(super) fn glu(g: CubeTensor, u: CubeTensor, gate: Gate) -> CubeTensor {
         let y = empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
         let (count, dim, address) = crate::elementwise_launch(y.shape().num_elements(), &[&g, &u, &y]);
         let (client, dtype) = (y.client.clone(), dtype_to_storage_type(g.dtype));
@@ -381,15 +378,11 @@ mod cube {
         unsafe {
             glu_kernel::launch_unchecked(&client, count, dim, address, g.into_linear_view_like(&y), u.into_linear_view_like(&y), y.clone().into_linear_view(), gate == Gate::GeluTanh, dtype);
         }
-        Ok(y)
+        y
     }
 
-    /// `(dg, du)`, or the inputs back when the kernel does not take them.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn glu_backward(g: CubeTensor, u: CubeTensor, dy: CubeTensor, gate: Gate) -> Result<(CubeTensor, CubeTensor), (CubeTensor, CubeTensor, CubeTensor)> {
-        if !fits(gate, &[&g, &u, &dy]) {
-            return Err((g, u, dy));
-        }
+    /// `(dg, du)`, for tensors the kernel takes ([`fits`]).
+    pub(super) fn glu_backward(g: CubeTensor, u: CubeTensor, dy: CubeTensor, gate: Gate) -> (CubeTensor, CubeTensor) {
         let new = || empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
         let (dg, du) = (new(), new());
         let (count, dim, address) = crate::elementwise_launch(dg.shape().num_elements(), &[&g, &u, &dy, &dg, &du]);
@@ -411,7 +404,7 @@ mod cube {
                 dtype,
             );
         }
-        Ok((dg, du))
+        (dg, du)
     }
 }
 
