@@ -5,8 +5,6 @@
 //! Computed in f32 whatever the tensors' dtype, as PyTorch's fused AdamW computes half-precision
 //! parameters.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use burn::backend::DispatchTensorKind;
 use burn::tensor::DType;
 use burn_backend::cubecl::dtype_to_storage_type;
@@ -16,14 +14,6 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 
 use crate::Coeffs;
-
-/// Updates that ran the kernel (for the tests that check it ran).
-static CALLS: AtomicUsize = AtomicUsize::new(0);
-
-/// Updates that ran [`adamw_kernel`] since the process started.
-pub(crate) fn calls() -> usize {
-    CALLS.load(Ordering::Relaxed)
-}
 
 /// One element per unit: the CPU kernel's arithmetic (`cpu::adamw`), in f32. The four tensors share
 /// one layout, so a unit updates the same element of each by its place in memory, padding
@@ -95,7 +85,6 @@ pub(crate) fn adamw(p: &DispatchTensorKind, g: &DispatchTensorKind, m: &Dispatch
         return false;
     }
     let units = [p, g, m, v].into_iter().map(|t| t.handle.size() as usize / t.dtype.size()).min().unwrap_or(0);
-    CALLS.fetch_add(1, Ordering::Relaxed);
     let client = p.client.clone();
     let (cube_count, cube_dim, address) = crate::elementwise_launch(units, &[p, g, m, v]);
     // SAFETY: the kernel checks its one index against every buffer's length, and each unit writes

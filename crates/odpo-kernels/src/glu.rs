@@ -301,33 +301,32 @@ mod cube {
     use burn_backend::cubecl::dtype_to_storage_type;
     // The `cube` macro's expansion names the `cubecl` crate.
     use burn_cubecl::cubecl;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
     use cubecl::prelude::*;
 
     use super::Gate;
 
-    /// `a(x)` and `a′(x)`: SiLU, or with `tanh_gelu` the tanh GELU (see the module docs; the
-    /// constants are `K` and `C`).
+    /// The gate's transcendental term, computed once per element: `σ(x)` for SiLU, or with
+    /// `tanh_gelu` the tanh GELU's `t = tanh(k · x · (1 + c·x²))` (`K` and `C` of the module).
     #[cube]
-    fn activation(x: f32, #[comptime] tanh_gelu: bool) -> f32 {
-        if tanh_gelu {
-            let t = (0.797_884_6f32 * x * (1.0f32 + 0.044_715f32 * x * x)).tanh();
-            0.5f32 * x * (1.0f32 + t)
-        } else {
-            x / (1.0f32 + (-x).exp())
-        }
+    fn term(x: f32, #[comptime] tanh_gelu: bool) -> f32 {
+        if tanh_gelu { (0.797_884_6f32 * x * (1.0f32 + 0.044_715f32 * x * x)).tanh() } else { 1.0f32 / (1.0f32 + (-x).exp()) }
     }
 
+    /// `a(x)` from `x` and its [`term`].
     #[cube]
-    fn slope(x: f32, #[comptime] tanh_gelu: bool) -> f32 {
+    fn activation(x: f32, t: f32, #[comptime] tanh_gelu: bool) -> f32 {
+        if tanh_gelu { 0.5f32 * x * (1.0f32 + t) } else { x * t }
+    }
+
+    /// `a′(x)` from `x` and its [`term`] (see the module docs).
+    #[cube]
+    fn slope(x: f32, t: f32, #[comptime] tanh_gelu: bool) -> f32 {
         if tanh_gelu {
-            let t = (0.797_884_6f32 * x * (1.0f32 + 0.044_715f32 * x * x)).tanh();
             0.5f32 * (1.0f32 + t) + 0.5f32 * x * (1.0f32 - t * t) * 0.797_884_6f32 * (1.0f32 + 0.134_145f32 * x * x)
         } else {
-            let s = 1.0f32 / (1.0f32 + (-x).exp());
-            s + x * s * (1.0f32 - s)
+            t + x * t * (1.0f32 - t)
         }
     }
 
@@ -337,7 +336,8 @@ mod cube {
         if !y.is_in_bounds(i) {
             terminate!();
         }
-        let a = activation(f32::cast_from(g.read(i)), tanh_gelu);
+        let x = f32::cast_from(g.read(i));
+        let a = activation(x, term(x, tanh_gelu), tanh_gelu);
         y.write(i, F::cast_from(a * f32::cast_from(u.read(i))));
     }
 
@@ -357,8 +357,9 @@ mod cube {
         }
         let x = f32::cast_from(g.read(i));
         let d = f32::cast_from(dy.read(i));
-        du.write(i, F::cast_from(d * activation(x, tanh_gelu)));
-        dg.write(i, F::cast_from(d * f32::cast_from(u.read(i)) * slope(x, tanh_gelu)));
+        let t = term(x, tanh_gelu);
+        du.write(i, F::cast_from(d * activation(x, t, tanh_gelu)));
+        dg.write(i, F::cast_from(d * f32::cast_from(u.read(i)) * slope(x, t, tanh_gelu)));
     }
 
     /// Whether the kernels take these tensors: one shape and float dtype, a gate they compute.
@@ -369,7 +370,7 @@ mod cube {
 
     /// `a(g) · u`, for tensors the kernel takes ([`fits`]).
     pub(super) fn glu(g: CubeTensor, u: CubeTensor, gate: Gate) -> CubeTensor {
-        let y = empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
+        let y = crate::elementwise_output(&g);
         let (count, dim, address) = crate::elementwise_launch(y.shape().num_elements(), &[&g, &u, &y]);
         let (client, dtype) = (y.client.clone(), dtype_to_storage_type(g.dtype));
         // SAFETY: each unit reads and writes its own element, bounds-checked against `y`, whose
@@ -383,8 +384,7 @@ mod cube {
 
     /// `(dg, du)`, for tensors the kernel takes ([`fits`]).
     pub(super) fn glu_backward(g: CubeTensor, u: CubeTensor, dy: CubeTensor, gate: Gate) -> (CubeTensor, CubeTensor) {
-        let new = || empty_device_dtype(g.client.clone(), g.device.clone(), g.shape(), g.dtype);
-        let (dg, du) = (new(), new());
+        let (dg, du) = (crate::elementwise_output(&g), crate::elementwise_output(&g));
         let (count, dim, address) = crate::elementwise_launch(dg.shape().num_elements(), &[&g, &u, &dy, &dg, &du]);
         let (client, dtype) = (dg.client.clone(), dtype_to_storage_type(g.dtype));
         // SAFETY: as in `glu`, with two outputs of the one shape.

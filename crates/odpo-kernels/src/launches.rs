@@ -111,13 +111,12 @@ mod cube {
 
     /// Puts back the census this thread was taking before (a census inside another takes the
     /// launches of its own span), also when `f` panics.
-    struct Restore(Option<Option<Tally>>);
+    struct Restore(Option<Tally>);
 
     impl Drop for Restore {
         fn drop(&mut self) {
-            if let Some(outer) = self.0.take() {
-                CURRENT.with(|c| *c.borrow_mut() = outer);
-            }
+            let outer = self.0.take();
+            CURRENT.with(|c| *c.borrow_mut() = outer);
         }
     }
 
@@ -126,10 +125,9 @@ mod cube {
         // Installed for the rest of the process: with no census under way a launch costs the
         // router a thread-local read.
         INSTALL.call_once(|| std::mem::forget(LaunchObservation::new(std::sync::Arc::new(Router))));
-        let outer = CURRENT.with(|c| c.replace(Some(Tally { timed, ..Tally::default() })));
-        let mut restore = Restore(Some(outer));
+        let restore = Restore(CURRENT.with(|c| c.replace(Some(Tally { timed, ..Tally::default() }))));
         let out = f();
-        let tally = CURRENT.with(|c| c.replace(restore.0.take().unwrap_or_default())).unwrap_or_default();
+        let tally = CURRENT.with(|c| c.take()).unwrap_or_default();
         drop(restore);
         let kernels = tally.kernels;
         // Kernels of one type with other generics are one line: what a reader can act on is the

@@ -26,7 +26,7 @@
 //! precision) take PyTorch's fused AdamW kernel, the one kernel `torch.optim.AdamW(fused=True)`
 //! runs (`fused_adamw_calls` counts it), or where that is out of reach PyTorch's own sequence of
 //! in-place torch operations. On the cubecl backends it is one kernel per parameter, in place
-//! (`cube_adamw_calls` counts it). Anywhere else (shared or strided tensors) it runs the same
+//! ([`kernel_census`] sees it as `AdamwKernel`). Anywhere else (shared or strided tensors) it runs the same
 //! formula as burn tensor operations.
 //!
 //! This crate names backends, as `odpo-model`'s `backend` module does; the trainer calls it through
@@ -82,6 +82,13 @@ pub(crate) fn elementwise_launch(units: usize, tensors: &[&burn_cubecl::tensor::
     let count = burn_cubecl::cubecl::calculate_cube_count_elemwise(client, units, dim);
     let address = tensors.iter().map(|t| t.required_address_type()).max().unwrap_or_default();
     (count, dim, address)
+}
+
+/// A new tensor on `like`'s device, of its shape and dtype, for an element-wise kernel to write.
+#[cfg(feature = "cube")]
+pub(crate) fn elementwise_output(like: &burn_cubecl::tensor::CubeTensor) -> burn_cubecl::tensor::CubeTensor {
+    use burn::backend::TensorMetadata;
+    burn_cubecl::ops::numeric::empty_device_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
 }
 
 /// The backends that one of this crate's backend extensions has a body for.
@@ -215,14 +222,6 @@ pub fn adamw<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<
         return AdamWOutput { param: p, moment_1: m, moment_2: v, fused };
     }
     adamw_tensor_ops(p, g, (m, v), s)
-}
-
-/// Updates [`adamw`] ran as one kernel on a cubecl device (0 without the `cube` feature).
-pub fn cube_adamw_calls() -> usize {
-    #[cfg(feature = "cube")]
-    return adamw_cube::calls();
-    #[cfg(not(feature = "cube"))]
-    0
 }
 
 /// [`adamw`]'s formula as burn tensor operations, each on a tensor it owns (backends that reuse an

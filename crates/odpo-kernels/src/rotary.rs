@@ -151,7 +151,6 @@ mod cube {
     use burn_backend::cubecl::dtype_to_storage_type;
     // The `cube` macro's expansion names the `cubecl` crate.
     use burn_cubecl::cubecl;
-    use burn_cubecl::ops::numeric::empty_device_dtype;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
     use cubecl::prelude::*;
@@ -196,11 +195,11 @@ mod cube {
         let dh = shape[shape.num_dims() - 1];
         let n = shape.num_elements();
         let halves = shape.num_dims() == 4 && dh.is_multiple_of(2);
-        let float = |t: &CubeTensor| t.dtype == x.dtype && !t.meta.is_tiled();
-        if !halves || n == 0 || ![&x, &cos, &sin].into_iter().all(float) {
+        let readable = |t: &CubeTensor| t.dtype == x.dtype && !t.meta.is_tiled();
+        if !halves || n == 0 || ![&x, &cos, &sin].into_iter().all(readable) {
             return if backward { super::tensor_ops_backward::<burn::backend::Cube>(x, cos, sin) } else { super::tensor_ops::<burn::backend::Cube>(x, cos, sin) };
         }
-        let y = empty_device_dtype(x.client.clone(), x.device.clone(), shape, x.dtype);
+        let y = crate::elementwise_output(&x);
         let client = y.client.clone();
         let (cube_count, cube_dim, address) = crate::elementwise_launch(n, &[&x, &cos, &sin, &y]);
         let dtype = dtype_to_storage_type(x.dtype);
