@@ -13,7 +13,8 @@
 //! it writes in the embedding's own layout), and the update path: the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), the same over all parameters at once
 //! on libtorch devices ([`FlatAdamW`], PyTorch's multi-tensor update), and the sum of squares of a
-//! gradient without a squared temporary ([`cpu_sum_squares`]). [`max_buffer_bytes`] says how large one
+//! gradient without a squared temporary ([`cpu_sum_squares`]; on the cubecl backends, all gradients'
+//! with one kernel each and one read, [`SquareSums`]). [`max_buffer_bytes`] says how large one
 //! buffer of a device may be, for callers that split what would not fit; [`kernel_census`] which
 //! kernels a piece of work launches on the cubecl backends, and for how long.
 //!
@@ -48,9 +49,11 @@ mod matmul;
 mod quantized;
 mod rms_norm;
 mod rotary;
+mod rows;
 // The log-softmax loops run on CPU memory, which only flex and libtorch hand out.
 #[cfg(any(feature = "flex", feature = "tch"))]
 mod softmax;
+mod square_sums;
 mod token_logprobs;
 
 pub use attention::{MaskedAttentionBackend, fused_attention_backward_calls, masked_attention, masked_attention_calls};
@@ -63,6 +66,8 @@ pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};
+pub use rows::{RowsBackend, reshape_rows};
+pub use square_sums::SquareSums;
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 #[cfg(feature = "tch")]
 pub use adamw_libtorch::fused_adamw_calls;
@@ -84,11 +89,14 @@ pub(crate) fn elementwise_launch(units: usize, tensors: &[&burn_cubecl::tensor::
     (count, dim, address)
 }
 
-/// A new tensor on `like`'s device, of its shape and dtype, for an element-wise kernel to write.
+/// A new tensor on `like`'s device, of its shape and dtype, for an element-wise kernel to write:
+/// contiguous, without the padding cubecl gives the rows it allocates (576 elements take 640).
+/// burn copies a padded tensor whenever its leading dimensions are merged (the models' linear
+/// layers view `[B, T, D]` as `[B·T, D]`, forward and backward); a contiguous one it views.
 #[cfg(feature = "cube")]
 pub(crate) fn elementwise_output(like: &burn_cubecl::tensor::CubeTensor) -> burn_cubecl::tensor::CubeTensor {
     use burn::backend::TensorMetadata;
-    burn_cubecl::ops::numeric::empty_device_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
+    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
 }
 
 /// The backends that one of this crate's backend extensions has a body for.

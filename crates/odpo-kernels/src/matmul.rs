@@ -255,11 +255,12 @@ pub fn linear<const D: usize>(x: Tensor<D>, weight: Tensor<2>, bias: Option<Tens
     let dims = x.dims();
     let [d_in, d_out] = weight.dims();
     let rows = dims[..D - 1].iter().product();
-    let mut y = matmul(x.reshape([rows, d_in]), weight);
+    // The rows as views where their layout allows (`reshape_rows`), forward and backward.
+    let mut y = matmul(crate::reshape_rows(x, [rows, d_in]), weight);
     if let Some(b) = bias {
         y = y + b.unsqueeze_dim(0);
     }
     let mut out = dims;
     out[D - 1] = d_out;
-    y.reshape(out)
+    crate::reshape_rows(y, out)
 }

@@ -9,7 +9,8 @@
 //! burn's `RmsNorm` is about seven recorded operations whose backward pass is twice as many; a
 //! Llama-family model normalises twice in every layer. Here it is one recorded operation whose
 //! backward pass recomputes `r` and applies the formula above; on libtorch both passes are direct
-//! torch calls, on flex one loop each over the rows, split over the CPU's threads. On a GPU,
+//! torch calls, on flex one loop each over the rows, split over the CPU's threads, on the cubecl
+//! backends one kernel forward and one backward (plus the sum of `dγ`'s shares over the rows). On a GPU,
 //! where a small model's step waits on the host issuing operations, that is a few hundred
 //! operations fewer a step.
 
@@ -186,8 +187,239 @@ mod flex {
     }
 }
 
+/// The cubecl backends: one kernel forward, and backward one kernel for `dx` and the rows' shares
+/// of `dγ` plus the sum over the rows (and a cast in half precision), where the tensor operations
+/// launch eight and about fifteen. Tensors the kernels do not take keep the tensor operations.
 #[cfg(feature = "cube")]
-impl RmsNormBackend for burn::backend::Cube {}
+impl RmsNormBackend for burn::backend::Cube {
+    fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if cube::fits(&x, &gamma, None) { cube::forward(x, gamma, eps) } else { tensor_ops::<Self>(x, gamma, eps) }
+    }
+
+    fn rms_norm_backward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if cube::fits(&x, &gamma, Some(&dy)) {
+            let dtype = gamma.dtype;
+            let (dx, shares) = cube::backward(x, gamma, eps, dy);
+            (dx, column_sums::<Self>(shares, dtype))
+        } else {
+            tensor_ops_backward::<Self>(x, gamma, eps, dy)
+        }
+    }
+}
+
+/// `Σ_rows` of `[rows, D]` f32 `shares` as `[D]` of `dtype`.
+#[cfg(feature = "cube")]
+fn column_sums<B: Backend>(shares: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    let d = shares.shape()[1];
+    let sums = B::float_reshape(B::float_sum_dim(shares, 0), Shape::new([d]));
+    if dtype == DType::F32 { sums } else { B::float_cast(sums, dtype.into()) }
+}
+
+/// The kernels of the cubecl body: one cube of units per row (rows beyond the grid's width taken
+/// in turn), each unit summing a stride of the row's columns in f32 and the cube adding the units'
+/// sums through shared memory. The forward pass rounds as the tensor operations do (`r` and `x / r`
+/// to the tensors' dtype); the backward pass computes in f32 and rounds once.
+#[cfg(feature = "cube")]
+mod cube {
+    use burn::backend::TensorMetadata;
+    use burn::tensor::{DType, Shape};
+    use burn_backend::cubecl::dtype_to_storage_type;
+    // The `cube` macro's expansion names the `cubecl` crate.
+    use burn_cubecl::cubecl;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::prelude::*;
+    use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
+
+    /// `√(Σx² / d + ε)` rounded to `F`, from the cube's sum of squares.
+    #[cube]
+    fn root<F: Float>(sum_sq: f32, d: usize, eps: f32) -> f32 {
+        f32::cast_from(F::cast_from((sum_sq / f32::cast_from(d) + eps).sqrt()))
+    }
+
+    #[cube(launch_unchecked, address_type = "dynamic")]
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_kernel<F: Float>(
+        x: LinearView<'_, F>,
+        gamma: LinearView<'_, F>,
+        mut y: LinearViewMut<'_, F>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+        #[comptime] block: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let t = UNIT_POS_X as usize;
+        let mut sums = Shared::<[f32]>::new_slice(block);
+        let mut row = CUBE_POS_X as usize;
+        while row < rows {
+            let base = row * d;
+            let mut acc = 0.0f32;
+            let mut c = t;
+            while c < d {
+                let v = f32::cast_from(x.read(base + c));
+                acc += v * v;
+                c += block;
+            }
+            sums[t] = acc;
+            // The units' sums into `sums[0]`, halving the active units each round.
+            sync_cube();
+            let mut half = CUBE_DIM_X as usize / 2;
+            while half > 0 {
+                if t < half {
+                    let s = sums[t] + sums[t + half];
+                    sums[t] = s;
+                }
+                sync_cube();
+                half /= 2;
+            }
+            let r = root::<F>(sums[0], d, eps);
+            c = t;
+            while c < d {
+                let xh = f32::cast_from(F::cast_from(f32::cast_from(x.read(base + c)) / r));
+                y.write(base + c, F::cast_from(xh * f32::cast_from(gamma.read(c))));
+                c += block;
+            }
+            // Every unit has read the total before the next row's sums overwrite it.
+            sync_cube();
+            row += CUBE_COUNT_X as usize;
+        }
+    }
+
+    /// `dx` as `x`'s dtype, and each row's `dy · x̂` in f32 (`shares`, `[rows, d]`) for `dγ`.
+    #[cube(launch_unchecked, address_type = "dynamic")]
+    #[allow(clippy::too_many_arguments)]
+    fn rms_norm_backward_kernel<F: Float>(
+        x: LinearView<'_, F>,
+        gamma: LinearView<'_, F>,
+        dy: LinearView<'_, F>,
+        mut dx: LinearViewMut<'_, F>,
+        shares: &mut Tensor<f32>,
+        rows: usize,
+        d: usize,
+        eps: f32,
+        #[comptime] block: usize,
+        #[define(F)] _dtype: ElemType,
+    ) {
+        let t = UNIT_POS_X as usize;
+        let mut sums = Shared::<[f32]>::new_slice(2 * block);
+        let mut row = CUBE_POS_X as usize;
+        while row < rows {
+            let base = row * d;
+            let mut sq = 0.0f32;
+            let mut gx = 0.0f32;
+            let mut c = t;
+            while c < d {
+                let v = f32::cast_from(x.read(base + c));
+                sq += v * v;
+                gx += f32::cast_from(dy.read(base + c)) * f32::cast_from(gamma.read(c)) * v;
+                c += block;
+            }
+            sums[t] = sq;
+            sums[block + t] = gx;
+            // Both sums as in the forward pass, into `sums[0]` and `sums[block]`.
+            sync_cube();
+            let mut half = CUBE_DIM_X as usize / 2;
+            while half > 0 {
+                if t < half {
+                    let s = sums[t] + sums[t + half];
+                    sums[t] = s;
+                    let s = sums[block + t] + sums[block + t + half];
+                    sums[block + t] = s;
+                }
+                sync_cube();
+                half /= 2;
+            }
+            let r = root::<F>(sums[0], d, eps);
+            // mean(g · x̂) with g = dy · γ.
+            let dot = sums[block] / r / f32::cast_from(d);
+            c = t;
+            while c < d {
+                let xh = f32::cast_from(x.read(base + c)) / r;
+                let g = f32::cast_from(dy.read(base + c));
+                dx.write(base + c, F::cast_from((g * f32::cast_from(gamma.read(c)) - xh * dot) / r));
+                shares[base + c] = g * xh;
+                c += block;
+            }
+            sync_cube();
+            row += CUBE_COUNT_X as usize;
+        }
+    }
+
+    /// Whether the kernels take these tensors: `x` `[.., D]` with `D > 0` rows, `γ` `[D]` and `dy`
+    /// of `x`'s shape, all of one float dtype, none tiled.
+    pub(super) fn fits(x: &CubeTensor, gamma: &CubeTensor, dy: Option<&CubeTensor>) -> bool {
+        let (xs, gs) = (x.shape(), gamma.shape());
+        let d = xs.as_slice().last().copied().unwrap_or(0);
+        let float = matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16);
+        let like = |t: &CubeTensor| t.dtype == x.dtype && !t.meta.is_tiled();
+        float && d > 0 && xs.num_elements() > 0 && gs.num_dims() == 1 && gs[0] == d && like(x) && like(gamma) && dy.is_none_or(|dy| like(dy) && dy.shape() == xs)
+    }
+
+    /// Units per row: a power of two from 32 to 256, about a quarter of the row.
+    fn block(d: usize) -> usize {
+        (d / 4).next_power_of_two().clamp(32, 256)
+    }
+
+    /// Cubes: one per row, at most 65,535 (the grid's width on every backend).
+    fn launch(rows: usize, d: usize) -> (CubeCount, CubeDim, usize) {
+        let block = block(d);
+        (CubeCount::Static(rows.min(65_535) as u32, 1, 1), CubeDim::new_1d(block as u32), block)
+    }
+
+    fn rows(x: &CubeTensor, d: usize) -> usize {
+        x.shape().num_elements() / d
+    }
+
+    /// RMSNorm of tensors the kernel takes ([`fits`]).
+    pub(super) fn forward(x: CubeTensor, gamma: CubeTensor, eps: f64) -> CubeTensor {
+        let d = gamma.shape()[0];
+        let rows = rows(&x, d);
+        let y = crate::elementwise_output(&x);
+        let (count, dim, block) = launch(rows, d);
+        let address = [&x, &gamma, &y].iter().map(|t| t.required_address_type()).max().unwrap_or_default();
+        let (client, dtype) = (y.client.clone(), dtype_to_storage_type(x.dtype));
+        // SAFETY: every read and write is at `row · d + c` with `row < rows` and `c < d`, within the
+        // views of `x` and `y` (`rows · d` elements) and at `c < d` within `γ`'s.
+        #[allow(unsafe_code)]
+        unsafe {
+            rms_norm_kernel::launch_unchecked(&client, count, dim, address, x.into_linear_view_like(&y), gamma.into_linear_view(), y.clone().into_linear_view(), rows, d, eps as f32, block, dtype);
+        }
+        y
+    }
+
+    /// `(dx, shares)`, `shares` the rows' `dy · x̂` in f32 `[rows, d]`, for tensors the kernel takes
+    /// ([`fits`]).
+    pub(super) fn backward(x: CubeTensor, gamma: CubeTensor, eps: f64, dy: CubeTensor) -> (CubeTensor, CubeTensor) {
+        let d = gamma.shape()[0];
+        let rows = rows(&x, d);
+        let dx = crate::elementwise_output(&x);
+        let shares = burn_cubecl::ops::numeric::empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, d]), DType::F32);
+        let (count, dim, block) = launch(rows, d);
+        let address = [&x, &gamma, &dy, &dx, &shares].iter().map(|t| t.required_address_type()).max().unwrap_or_default();
+        let (client, dtype) = (dx.client.clone(), dtype_to_storage_type(x.dtype));
+        // SAFETY: as in `forward`; `shares` is a new contiguous `[rows, d]` tensor.
+        #[allow(unsafe_code)]
+        unsafe {
+            rms_norm_backward_kernel::launch_unchecked(
+                &client,
+                count,
+                dim,
+                address,
+                x.into_linear_view_like(&dx),
+                gamma.into_linear_view(),
+                dy.into_linear_view_like(&dx),
+                dx.clone().into_linear_view(),
+                shares.clone().into_tensor_arg(),
+                rows,
+                d,
+                eps as f32,
+                block,
+                dtype,
+            );
+        }
+        (dx, shares)
+    }
+}
 
 /// libtorch: the same formulas as direct torch calls.
 #[cfg(feature = "tch")]

@@ -74,32 +74,78 @@ fn rotary_values_and_gradients_match_the_tensor_formula() {
 }
 
 /// `odpo_kernels::rms_norm` on the test device: its output and the gradients of `x` and `γ` equal
-/// burn's `RmsNorm` on the CPU, for rows of very different scales.
+/// burn's `RmsNorm` on the CPU, for rows of very different scales: short rows, rows of SmolLM2's
+/// width (576, not a power of two, longer than a cube of units), and a strided `x` (the transpose
+/// of its layout in memory). On the cubecl backends each pass is one kernel.
 #[test]
 fn rms_norm_values_and_gradients_match_burns_rms_norm() {
     let device = test_device().autodiff();
     let cpu = cpu(&device);
-    let (b, t, d, eps) = (2, 5, 24, 1e-5);
-    let x = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device) * Tensor::<3>::random([b, t, 1], Distribution::Uniform(0.01, 30.0), &device);
-    let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device);
-    let dy = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
-    let run = |ours: bool| {
-        let on = if ours { &device } else { &cpu };
-        let x = Tensor::<3>::from_data(x.to_data(), on).require_grad();
-        let mut norm = RmsNormConfig::new(d).with_epsilon(eps).init(on);
-        norm.gamma = Param::from_tensor(Tensor::<1>::from_data(gamma.to_data(), on));
-        let y = if ours {
-            odpo_kernels::rms_norm(x.clone(), norm.gamma.val(), eps).unwrap_or_else(|| panic!("no rms_norm extension on {device:?}"))
-        } else {
-            norm.forward(x.clone())
+    for (b, t, d, strided) in [(2, 5, 24, false), (3, 7, 576, false), (2, 9, 40, true)] {
+        let eps = 1e-5;
+        let x = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device) * Tensor::<3>::random([b, t, 1], Distribution::Uniform(0.01, 30.0), &device);
+        let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device);
+        let dy = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
+        let run = |ours: bool| {
+            let on = if ours { &device } else { &cpu };
+            // The strided case lays `x` out as `[b, d, t]` and reads it through its transpose.
+            let leaf = if strided { Tensor::<3>::from_data(x.clone().swap_dims(1, 2).to_data(), on) } else { Tensor::<3>::from_data(x.to_data(), on) }.require_grad();
+            let x = if strided { leaf.clone().swap_dims(1, 2) } else { leaf.clone() };
+            let mut norm = RmsNormConfig::new(d).with_epsilon(eps).init(on);
+            norm.gamma = Param::from_tensor(Tensor::<1>::from_data(gamma.to_data(), on));
+            let y = if ours {
+                odpo_kernels::rms_norm(x.clone(), norm.gamma.val(), eps).unwrap_or_else(|| panic!("no rms_norm extension on {device:?}"))
+            } else {
+                norm.forward(x.clone())
+            };
+            let grads = (y.clone() * Tensor::<3>::from_data(dy.to_data(), on)).sum().backward();
+            let dx = leaf.grad(&grads).expect("a gradient of x");
+            let dx = if strided { dx.swap_dims(1, 2) } else { dx };
+            (vec(y.inner()), vec(dx), vec(norm.gamma.val().grad(&grads).expect("a gradient of gamma")))
         };
-        let grads = (y.clone() * Tensor::<3>::from_data(dy.to_data(), on)).sum().backward();
-        (vec(y.inner()), vec(x.grad(&grads).expect("a gradient of x")), vec(norm.gamma.val().grad(&grads).expect("a gradient of gamma")))
+        let (ours, kernels) = launches_of(["RmsNormKernel", "RmsNormBackwardKernel"], &device, || run(true));
+        assert!(kernels.is_none_or(|k| k == [1, 1]), "[{b}, {t}, {d}]: {kernels:?} RMSNorm kernels (forward, backward) on {device:?}");
+        let burns = run(false);
+        let case = format!("[{b}, {t}, {d}]{}", if strided { " strided" } else { "" });
+        close(&format!("{case} y"), &ours.0, &burns.0, &device);
+        close(&format!("{case} dx"), &ours.1, &burns.1, &device);
+        close(&format!("{case} dgamma"), &ours.2, &burns.2, &device);
+    }
+}
+
+/// `odpo_kernels::reshape_rows` on the test device, as the linear layers use it (rows merged for
+/// the product and split again): values and gradients equal burn's `reshape`. The rows are evenly
+/// spaced in memory but not contiguous (here the transpose of a `[D, B·T]` tensor; on CUDA, cubecl's
+/// padded rows): on the cubecl backends burn's `reshape` copies them and `reshape_rows` views them,
+/// in both passes. Rows that are not evenly spaced (a `[T, B, D]` transpose) are copied, as burn does.
+#[test]
+fn reshape_rows_matches_reshape_without_copies() {
+    let device = test_device().autodiff();
+    let (b, t, d) = (2, 5, 576);
+    let x = Tensor::<2>::random([d, b * t], Distribution::Normal(0.0, 1.0), &device);
+    let w = Tensor::<2>::random([b * t, d], Distribution::Normal(0.0, 1.0), &device);
+    let dy = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
+    let run = |ours: bool, spaced: bool| {
+        let leaf = Tensor::<2>::from_data(x.to_data(), &device).require_grad();
+        let h = leaf.clone().mul_scalar(2.0).swap_dims(0, 1).reshape([b, t, d]);
+        let (h, lead) = if spaced { (h, [b, t]) } else { (h.swap_dims(0, 1), [t, b]) };
+        let rows: Tensor<2> = if ours { odpo_kernels::reshape_rows(h, [b * t, d]) } else { h.reshape([b * t, d]) };
+        let z = rows * w.clone();
+        let out: Tensor<3> = if ours { odpo_kernels::reshape_rows(z, [lead[0], lead[1], d]) } else { z.reshape([lead[0], lead[1], d]) };
+        let grads = (out.clone() * dy.clone().reshape([lead[0], lead[1], d])).sum().backward();
+        (out.inner(), leaf.grad(&grads).expect("a gradient of x"))
     };
-    let (ours, burns) = (run(true), run(false));
-    close("y", &ours.0, &burns.0, &device);
-    close("dx", &ours.1, &burns.1, &device);
-    close("dgamma", &ours.2, &burns.2, &device);
+    // The census covers both passes, not the reads (which copy strided tensors to the host).
+    let read = |(y, dx): (Tensor<3>, Tensor<2>)| (vec(y), vec(dx));
+    let (ours, copies) = launches_of(["CopyKernel"], &device, || run(true, true));
+    let (burns, burn_copies) = launches_of(["CopyKernel"], &device, || run(false, true));
+    let (ours, burns) = (read(ours), read(burns));
+    assert!(copies.zip(burn_copies).is_none_or(|([n], [m])| n == 0 && m > 0), "copies of evenly spaced rows: {copies:?}, burn's reshape {burn_copies:?}, on {device:?}");
+    close("rows", &ours.0, &burns.0, &device);
+    close("rows: dx", &ours.1, &burns.1, &device);
+    let (ours, burns) = (read(run(true, false)), read(run(false, false)));
+    close("transposed", &ours.0, &burns.0, &device);
+    close("transposed: dx", &ours.1, &burns.1, &device);
 }
 
 /// `odpo_kernels::glu` on the test device, for each gate: its output and the gradients of the

@@ -301,11 +301,13 @@ impl Optimizer for TorchAdamW {
 }
 
 /// The global L2 norm of all gradients, √(Σ_p ‖g_p‖²), as one host read. Gradients in CPU memory
-/// are summed in place ([`odpo_kernels::cpu_sum_squares`]), the others on their device.
+/// are summed in place ([`odpo_kernels::cpu_sum_squares`]), those of the cubecl backends by one
+/// kernel each ([`odpo_kernels::SquareSums`]), the others on their device in tensor operations.
 pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     struct Norm<'a> {
         grads: &'a GradientsParams,
         host: f64,
+        kernel: odpo_kernels::SquareSums,
         device: Option<Tensor<1>>,
     }
     impl ModuleVisitor for Norm<'_> {
@@ -315,6 +317,9 @@ pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
                     self.host += sq;
                     return;
                 }
+                let Err(g) = self.kernel.take(g) else {
+                    return;
+                };
                 let sq = g.square().sum();
                 self.device = Some(match self.device.take() {
                     Some(s) => s + sq,
@@ -323,9 +328,9 @@ pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
             }
         }
     }
-    let mut v = Norm { grads, host: 0.0, device: None };
+    let mut v = Norm { grads, host: 0.0, kernel: odpo_kernels::SquareSums::new(), device: None };
     model.visit(&mut v);
-    (v.host + v.device.map(|s| s.into_scalar::<f64>()).unwrap_or(0.0)).sqrt()
+    (v.host + v.kernel.total() + v.device.map(|s| s.into_scalar::<f64>()).unwrap_or(0.0)).sqrt()
 }
 
 /// `clip_grad_norm_`'s factor for gradients of global norm `norm`: `max_norm / (norm + 1e-6)` when

@@ -274,6 +274,49 @@ fn multi_tensor_adamw_equals_the_per_parameter_update() {
     assert!(moved > 2.0 * lr as f32, "the steps should move the weights (moved {moved})");
 }
 
+/// `odpo_kernels::SquareSums` on the test device against the f64 sum of squares of the same f32
+/// values, over tensors of the sizes of a model's gradients (a bias, a weight of many cubes, a
+/// transposed view, a half-precision copy where the device has one). On the cubecl backends it
+/// takes every tensor and runs one kernel for each; elsewhere it hands each back.
+#[test]
+fn square_sums_match_the_f64_sum() {
+    use burn::tensor::{DType, TensorData};
+    let device = common::test_device();
+    let values = |n: usize, k: usize| -> Vec<f32> { (0..n).map(|i| ((i * k % 1009) as f32 - 504.0) / 97.0).collect() };
+    let (a, b, c) = (values(576, 37), values(300 * 1000, 53), values(64 * 96, 7));
+    let mut want: f64 = [&a, &b, &c].iter().flat_map(|v| v.iter()).map(|&x| f64::from(x) * f64::from(x)).sum();
+    let mut tensors = vec![
+        Tensor::<2>::from_data(TensorData::new(a, [1, 576]), &device),
+        Tensor::<2>::from_data(TensorData::new(b, [300, 1000]), &device),
+        Tensor::<2>::from_data(TensorData::new(c, [64, 96]), &device).swap_dims(0, 1),
+    ];
+    if device.supports_dtype(DType::BF16) {
+        let half = Tensor::<2>::from_data(TensorData::new(values(4096, 11), [64, 64]), &device).cast(DType::BF16);
+        let rounded = half.clone().cast(DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        want += rounded.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        tensors.push(half);
+    }
+    let count = tensors.len() as u64;
+    let ((got, taken), census) = odpo_kernels::kernel_census(false, || {
+        let mut sums = odpo_kernels::SquareSums::new();
+        let (mut rest, mut taken) = (0.0, 0);
+        for t in tensors {
+            match sums.take(t) {
+                Ok(()) => taken += 1,
+                Err(t) => rest += t.cast(DType::F32).square().sum().into_scalar::<f64>(),
+            }
+        }
+        (sums.total() + rest, taken)
+    });
+    if odpo_kernels::launches_kernels(&device) {
+        let kernels = census.unwrap_or_default().iter().filter(|k| k.kernel == "SquareSumKernel").map(|k| k.launches).sum::<u64>();
+        assert_eq!((taken, kernels), (count, count), "tensors taken and square-sum kernels on {device:?}");
+    } else {
+        assert_eq!(taken, 0, "only the cubecl backends have the kernel ({device:?})");
+    }
+    assert!((got - want).abs() <= 1e-5 * want, "{got} against {want} on {device:?}");
+}
+
 /// One AdamW update through `odpo_kernels::adamw` on the test device, in f32 and in bf16 where the
 /// device has it, against PyTorch's formula worked in f64 on the same (rounded) inputs. On libtorch
 /// every unshared update runs in place: the CPU kernel for f32 on the CPU, PyTorch's fused AdamW
