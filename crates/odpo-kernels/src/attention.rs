@@ -17,9 +17,9 @@
 //! On libtorch both passes are torch's fused kernels instead (the `libtorch` module below). On flex
 //! both passes are one loop over (sequence, head) pairs split over rayon's threads, each head's
 //! products through the gemm crate and its `[Tq, Tk]` weights in a buffer of the task (the `flex`
-//! module below). The cubecl backends' forward pass is their attention with the boolean mask,
-//! which with an explicit scale is burn's kernel-by-kernel form, its temporaries freed as soon as
-//! the layer's output is made.
+//! module below). On the cubecl backends both passes are burn's kernel-by-kernel form over
+//! grouped query rows (the `grouped` module below), which reads grouped keys and values as they
+//! are; the forward pass's temporaries are freed as soon as the layer's output is made.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -555,6 +555,9 @@ mod flex {
 #[cfg(feature = "cube")]
 impl MaskedAttentionBackend for burn::backend::Cube {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
+        if grouped::fits(&q, &k, &mask) {
+            return grouped::forward::<Self>(q, k, v, mask, scale, crate::matmul::cube::matmul);
+        }
         if !crate::matmul::cube::rounds_f32(&q) {
             return tensor_ops::<Self>(q, k, v, mask, scale);
         }
@@ -571,7 +574,91 @@ impl MaskedAttentionBackend for burn::backend::Cube {
         scale: f32,
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        if grouped::fits(&q, &k, &mask) {
+            return grouped::backward::<Self>(q, k, v, mask, scale, dout, crate::matmul::cube::matmul);
+        }
         widened_backward::<Self>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| backward_with::<Self>(q, k, v, mask, scale, dout, crate::matmul::cube::matmul))
+    }
+}
+
+/// Both passes over grouped rows, for backends that run attention as separate kernels (the
+/// cubecl backends): each key/value head's `G = H / Hkv` query heads are one run of `G·Tq` query
+/// rows (`[B, Hkv, G·Tq, Dh]`, a view of `q` whose heads lie in order), so the products take `k`
+/// and `v` as they are and `dk`, `dv` come out summed over the group. Repeating `k` and `v` to
+/// every head took a copy of each per pass, and the group's sums two reductions more backward:
+/// 300 launches of a SmolLM2-135M step (9 query heads over 3). The scores are masked as
+/// `[B, Hkv, G, Tq, Tk]`, the mask read through strides of 0 over the heads it is shared by.
+#[cfg(feature = "cube")]
+mod grouped {
+    use burn::backend::tensor::{BoolTensor, FloatTensor};
+    use burn::backend::{Backend, TensorMetadata};
+    use burn::tensor::Shape;
+
+    type Product<B> = fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>;
+
+    /// Whether the grouped form takes these: `H` a multiple of `Hkv` and the mask over one head
+    /// or all `H`.
+    pub(super) fn fits<T: TensorMetadata, M: TensorMetadata>(q: &T, k: &T, mask: &M) -> bool {
+        let (heads, h_kv, mh) = (q.shape()[1], k.shape()[1], mask.shape()[1]);
+        h_kv > 0 && heads % h_kv == 0 && (mh == 1 || mh == heads)
+    }
+
+    /// `[B, H, T, D]` as `[B, Hkv, G·T, D]`.
+    fn rows<B: Backend>(x: FloatTensor<B>, h_kv: usize) -> FloatTensor<B> {
+        let s = x.shape();
+        B::float_reshape(x, Shape::new([s[0], h_kv, s[1] / h_kv * s[2], s[3]]))
+    }
+
+    /// `[B, Hkv, G·T, D]` as `[B, H, T, D]`.
+    fn heads<B: Backend>(x: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
+        let s = x.shape();
+        B::float_reshape(x, Shape::new([s[0], heads, s[1] * s[2] / heads, s[3]]))
+    }
+
+    /// `P = softmax(scale·q·kᵀ, masked)` over grouped rows, `[B, Hkv, G·Tq, Tk]`.
+    fn weights<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, mask: BoolTensor<B>, scale: f32, heads: usize, mm: Product<B>) -> FloatTensor<B> {
+        let (ms, h_kv) = (mask.shape(), k.shape()[1]);
+        let (b, tq, tk) = (ms[0], ms[2], ms[3]);
+        let g = heads / h_kv;
+        let mask = if ms[1] == 1 {
+            B::bool_expand(B::bool_reshape(mask, Shape::new([b, 1, 1, tq, tk])), Shape::new([b, h_kv, g, tq, tk]))
+        } else {
+            B::bool_reshape(mask, Shape::new([b, h_kv, g, tq, tk]))
+        };
+        let s = B::float_mul_scalar(mm(q, B::float_transpose(k)), scale.into());
+        let s = B::float_mask_fill(B::float_reshape(s, Shape::new([b, h_kv, g, tq, tk])), mask, f32::NEG_INFINITY.into());
+        let max = B::float_max_dim(s.clone(), 4);
+        let e = B::float_exp(B::float_sub(s, max));
+        let sum = B::float_sum_dim(e.clone(), 4);
+        B::float_reshape(B::float_div(e, sum), Shape::new([b, h_kv, g * tq, tk]))
+    }
+
+    pub(super) fn forward<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: BoolTensor<B>, scale: f32, mm: Product<B>) -> FloatTensor<B> {
+        let (h, h_kv) = (q.shape()[1], k.shape()[1]);
+        let p = weights::<B>(rows::<B>(q, h_kv), k, mask, scale, h, mm);
+        heads::<B>(mm(p, v), h)
+    }
+
+    /// The gradients of the module docs over grouped rows: `dk` and `dv` are the group's sums.
+    pub(super) fn backward<B: Backend>(
+        q: FloatTensor<B>,
+        k: FloatTensor<B>,
+        v: FloatTensor<B>,
+        mask: BoolTensor<B>,
+        scale: f32,
+        dout: FloatTensor<B>,
+        mm: Product<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        let (h, h_kv) = (q.shape()[1], k.shape()[1]);
+        let (q, dout) = (rows::<B>(q, h_kv), rows::<B>(dout, h_kv));
+        let p = weights::<B>(q.clone(), k.clone(), mask, scale, h, mm);
+        let dv = mm(B::float_transpose(p.clone()), dout.clone());
+        let dp = mm(dout, B::float_transpose(v));
+        let row = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
+        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into());
+        let dq = mm(ds.clone(), k);
+        let dk = mm(B::float_transpose(ds), q);
+        (heads::<B>(dq, h), dk, dv)
     }
 }
 

@@ -190,6 +190,21 @@ mod cube {
         }
     }
 
+    /// A new `[B, H, T, Dh]` tensor laid out as `[B, T, H, Dh]`, the heads' view of the
+    /// projections that the models rotate: the gradient written so, once its heads are swapped
+    /// back, is the projections' contiguous `[B, T, H·Dh]` gradient, which burn would otherwise
+    /// copy into that layout for the projection's backward pass.
+    fn heads_view_output(like: &CubeTensor) -> CubeTensor {
+        use burn::tensor::Shape;
+        use burn_cubecl::cubecl::zspace::Strides;
+        use burn_cubecl::cubecl::zspace::metadata::Metadata;
+        let s = like.shape();
+        let (b, h, t, dh) = (s[0], s[1], s[2], s[3]);
+        let mut y = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), Shape::new([b, t, h, dh]), like.dtype);
+        *y.meta = Metadata::new(s, Strides::new(&[t * h * dh, dh, h * dh, 1]));
+        y
+    }
+
     pub(super) fn rotary(x: CubeTensor, cos: CubeTensor, sin: CubeTensor, backward: bool) -> CubeTensor {
         let shape = x.shape();
         let dh = shape[shape.num_dims() - 1];
@@ -199,7 +214,7 @@ mod cube {
         if !halves || n == 0 || ![&x, &cos, &sin].into_iter().all(readable) {
             return if backward { super::tensor_ops_backward::<burn::backend::Cube>(x, cos, sin) } else { super::tensor_ops::<burn::backend::Cube>(x, cos, sin) };
         }
-        let y = crate::elementwise_output(&x);
+        let y = if backward { heads_view_output(&x) } else { crate::elementwise_output(&x) };
         let client = y.client.clone();
         let (cube_count, cube_dim, address) = crate::elementwise_launch(n, &[&x, &cos, &sin, &y]);
         let dtype = dtype_to_storage_type(x.dtype);

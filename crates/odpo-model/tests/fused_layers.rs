@@ -125,8 +125,9 @@ fn reshape_rows_matches_reshape_without_copies() {
     let x = Tensor::<2>::random([d, b * t], Distribution::Normal(0.0, 1.0), &device);
     let w = Tensor::<2>::random([b * t, d], Distribution::Normal(0.0, 1.0), &device);
     let dy = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device);
+    let x = x.to_data();
     let run = |ours: bool, spaced: bool| {
-        let leaf = Tensor::<2>::from_data(x.to_data(), &device).require_grad();
+        let leaf = Tensor::<2>::from_data(x.clone(), &device).require_grad();
         let h = leaf.clone().mul_scalar(2.0).swap_dims(0, 1).reshape([b, t, d]);
         let (h, lead) = if spaced { (h, [b, t]) } else { (h.swap_dims(0, 1), [t, b]) };
         let rows: Tensor<2> = if ours { odpo_kernels::reshape_rows(h, [b * t, d]) } else { h.reshape([b * t, d]) };
