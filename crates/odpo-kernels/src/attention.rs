@@ -132,6 +132,19 @@ fn backward_with<B: Backend>(
     mm: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let p = weights_with::<B>(q.clone(), k.clone(), mask, scale, mm);
+    gradients::<B>(p, q, k, v, scale, dout, mm)
+}
+
+/// `(dq, dk, dv)` from the attention weights `p` (module docs), the products taken by `mm`.
+fn gradients<B: Backend>(
+    p: FloatTensor<B>,
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    scale: f32,
+    dout: FloatTensor<B>,
+    mm: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let dv = mm(B::float_transpose(p.clone()), dout.clone());
     let dp = mm(dout, B::float_transpose(v));
     let row = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
@@ -652,12 +665,7 @@ mod grouped {
         let (h, h_kv) = (q.shape()[1], k.shape()[1]);
         let (q, dout) = (rows::<B>(q, h_kv), rows::<B>(dout, h_kv));
         let p = weights::<B>(q.clone(), k.clone(), mask, scale, h, mm);
-        let dv = mm(B::float_transpose(p.clone()), dout.clone());
-        let dp = mm(dout, B::float_transpose(v));
-        let row = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
-        let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into());
-        let dq = mm(ds.clone(), k);
-        let dk = mm(B::float_transpose(ds), q);
+        let (dq, dk, dv) = super::gradients::<B>(p, q, k, v, scale, dout, mm);
         (heads::<B>(dq, h), dk, dv)
     }
 }

@@ -99,6 +99,37 @@ pub(crate) fn elementwise_output(like: &burn_cubecl::tensor::CubeTensor) -> burn
     burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
 }
 
+/// Sums across a cube of units, for the kernels that reduce rows (RMSNorm, sums of squares).
+#[cfg(feature = "cube")]
+mod reduce {
+    // The `cube` macro's expansion names the `cubecl` crate.
+    use burn_cubecl::cubecl;
+    use cubecl::prelude::*;
+
+    /// Adds the cube's values `sums[a·n + u]` (`n` units, a power of two; `u` the unit) into
+    /// `sums[a·n]`, for each of `arrays` arrays, halving the active units each round. Every unit
+    /// of the cube calls it, after writing its values; the cube meets before each round and after
+    /// the last, so every unit can then read the totals.
+    #[cube]
+    pub(crate) fn cube_sums(sums: &mut Shared<[f32]>, #[comptime] arrays: usize) {
+        let t = UNIT_POS_X as usize;
+        let n = CUBE_DIM_X as usize;
+        sync_cube();
+        let mut half = n / 2;
+        while half > 0 {
+            if t < half {
+                #[unroll]
+                for a in 0..arrays {
+                    let s = sums[a * n + t] + sums[a * n + t + half];
+                    sums[a * n + t] = s;
+                }
+            }
+            sync_cube();
+            half /= 2;
+        }
+    }
+}
+
 /// The backends that one of this crate's backend extensions has a body for.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Reach {

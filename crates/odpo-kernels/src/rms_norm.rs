@@ -230,6 +230,8 @@ mod cube {
     use cubecl::prelude::*;
     use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
 
+    use crate::reduce::cube_sums;
+
     /// `√(Σx² / d + ε)` rounded to `F`, from the cube's sum of squares.
     #[cube]
     fn root<F: Float>(sum_sq: f32, d: usize, eps: f32) -> f32 {
@@ -261,17 +263,7 @@ mod cube {
                 c += block;
             }
             sums[t] = acc;
-            // The units' sums into `sums[0]`, halving the active units each round.
-            sync_cube();
-            let mut half = CUBE_DIM_X as usize / 2;
-            while half > 0 {
-                if t < half {
-                    let s = sums[t] + sums[t + half];
-                    sums[t] = s;
-                }
-                sync_cube();
-                half /= 2;
-            }
+            cube_sums(&mut sums, 1usize);
             let r = root::<F>(sums[0], d, eps);
             c = t;
             while c < d {
@@ -316,19 +308,7 @@ mod cube {
             }
             sums[t] = sq;
             sums[block + t] = gx;
-            // Both sums as in the forward pass, into `sums[0]` and `sums[block]`.
-            sync_cube();
-            let mut half = CUBE_DIM_X as usize / 2;
-            while half > 0 {
-                if t < half {
-                    let s = sums[t] + sums[t + half];
-                    sums[t] = s;
-                    let s = sums[block + t] + sums[block + t + half];
-                    sums[block + t] = s;
-                }
-                sync_cube();
-                half /= 2;
-            }
+            cube_sums(&mut sums, 2usize);
             let r = root::<F>(sums[0], d, eps);
             // mean(g · x̂) with g = dy · γ.
             let dot = sums[block] / r / f32::cast_from(d);

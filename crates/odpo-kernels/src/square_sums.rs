@@ -59,6 +59,8 @@ mod cube {
     use cubecl::prelude::*;
     use cubecl::std::tensor::layout::linear::LinearView;
 
+    use crate::reduce::cube_sums;
+
     /// Units per cube.
     const BLOCK: usize = 256;
 
@@ -78,17 +80,7 @@ mod cube {
             i += stride;
         }
         sums[t] = acc;
-        // The units' sums into `sums[0]`, halving the active units each round.
-        sync_cube();
-        let mut half = CUBE_DIM_X as usize / 2;
-        while half > 0 {
-            if t < half {
-                let s = sums[t] + sums[t + half];
-                sums[t] = s;
-            }
-            sync_cube();
-            half /= 2;
-        }
+        cube_sums(&mut sums, 1usize);
         if t == 0 {
             shares[offset + CUBE_POS_X as usize] = sums[0];
         }
