@@ -373,7 +373,8 @@ mod cube {
         let d = gamma.shape()[0];
         let rows = rows(&x, d);
         let dx = crate::elementwise_output(&x);
-        let shares = burn_cubecl::ops::numeric::empty_device_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, d]), DType::F32);
+        // Contiguous: the kernel writes it at `row · d + c` (cubecl would pad rows of 576 f32 to 640).
+        let shares = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, d]), DType::F32);
         let (count, dim, block) = launch(rows, d);
         let address = [&x, &gamma, &dy, &dx, &shares].iter().map(|t| t.required_address_type()).max().unwrap_or_default();
         let (client, dtype) = (dx.client.clone(), dtype_to_storage_type(x.dtype));
