@@ -17,9 +17,11 @@
 //! On libtorch both passes are torch's fused kernels instead (the `libtorch` module below). On flex
 //! both passes are one loop over (sequence, head) pairs split over rayon's threads, each head's
 //! products through the gemm crate and its `[Tq, Tk]` weights in a buffer of the task (the `flex`
-//! module below). On the cubecl backends both passes are burn's kernel-by-kernel form over
-//! grouped query rows (the `grouped` module below), which reads grouped keys and values as they
-//! are; the forward pass's temporaries are freed as soon as the layer's output is made.
+//! module below). On the cubecl backends both passes are formed kernel by kernel over grouped
+//! query rows (the `grouped` module below), which reads grouped keys and values as they are: the
+//! products, and the masked softmax and the scores' gradient as one kernel each
+//! (`masked_softmax.rs`); the forward pass's temporaries are freed as soon as the layer's output
+//! is made.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -132,10 +134,12 @@ fn backward_with<B: Backend>(
     mm: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let p = weights_with::<B>(q.clone(), k.clone(), mask, scale, mm);
-    gradients::<B>(p, q, k, v, scale, dout, mm)
+    gradients::<B>(p, q, k, v, scale, dout, mm, scores_grad_ops::<B>)
 }
 
-/// `(dq, dk, dv)` from the attention weights `p` (module docs), the products taken by `mm`.
+/// `(dq, dk, dv)` from the attention weights `p` (module docs), the products taken by `mm` and the
+/// scores' gradient by `scores_grad` ([`scores_grad_ops`], or a kernel).
+#[allow(clippy::too_many_arguments)]
 fn gradients<B: Backend>(
     p: FloatTensor<B>,
     q: FloatTensor<B>,
@@ -144,14 +148,21 @@ fn gradients<B: Backend>(
     scale: f32,
     dout: FloatTensor<B>,
     mm: fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+    scores_grad: fn(FloatTensor<B>, FloatTensor<B>, f32) -> FloatTensor<B>,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     let dv = mm(B::float_transpose(p.clone()), dout.clone());
     let dp = mm(dout, B::float_transpose(v));
-    let row = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), 3);
-    let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into());
+    let ds = scores_grad(p, dp, scale);
     let dq = mm(ds.clone(), k);
     let dk = mm(B::float_transpose(ds), q);
     (dq, dk, dv)
+}
+
+/// `dS = scale · P ⊙ (dP − rowsum(dP ⊙ P))` over the last dimension, as tensor operations.
+fn scores_grad_ops<B: Backend>(p: FloatTensor<B>, dp: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
+    let last = p.shape().num_dims() - 1;
+    let row = B::float_sum_dim(B::float_mul(dp.clone(), p.clone()), last);
+    B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into())
 }
 
 fn options(scale: f32) -> AttentionModuleOptions {
@@ -569,7 +580,7 @@ mod flex {
 impl MaskedAttentionBackend for burn::backend::Cube {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
         if grouped::fits(&q, &k, &mask) {
-            return grouped::forward::<Self>(q, k, v, mask, scale, crate::matmul::cube::matmul);
+            return grouped::forward(q, k, v, mask, scale, crate::matmul::cube::matmul);
         }
         if !crate::matmul::cube::rounds_f32(&q) {
             return tensor_ops::<Self>(q, k, v, mask, scale);
@@ -588,7 +599,7 @@ impl MaskedAttentionBackend for burn::backend::Cube {
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
         if grouped::fits(&q, &k, &mask) {
-            return grouped::backward::<Self>(q, k, v, mask, scale, dout, crate::matmul::cube::matmul);
+            return grouped::backward(q, k, v, mask, scale, dout, crate::matmul::cube::matmul);
         }
         widened_backward::<Self>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| backward_with::<Self>(q, k, v, mask, scale, dout, crate::matmul::cube::matmul))
     }
@@ -603,11 +614,15 @@ impl MaskedAttentionBackend for burn::backend::Cube {
 /// `[B, Hkv, G, Tq, Tk]`, the mask read through strides of 0 over the heads it is shared by.
 #[cfg(feature = "cube")]
 mod grouped {
+    use burn::backend::Cube as B;
+    use burn::backend::ops::{BoolTensorOps, FloatTensorOps};
     use burn::backend::tensor::{BoolTensor, FloatTensor};
-    use burn::backend::{Backend, TensorMetadata};
+    use burn::backend::TensorMetadata;
     use burn::tensor::Shape;
 
-    type Product<B> = fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>;
+    use crate::masked_softmax;
+
+    type Product = fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>;
 
     /// Whether the grouped form takes these: `H` a multiple of `Hkv` and the mask over one head
     /// or all `H`.
@@ -617,28 +632,34 @@ mod grouped {
     }
 
     /// `[B, H, T, D]` as `[B, Hkv, G·T, D]`.
-    fn rows<B: Backend>(x: FloatTensor<B>, h_kv: usize) -> FloatTensor<B> {
+    fn rows(x: FloatTensor<B>, h_kv: usize) -> FloatTensor<B> {
         let s = x.shape();
         B::float_reshape(x, Shape::new([s[0], h_kv, s[1] / h_kv * s[2], s[3]]))
     }
 
     /// `[B, Hkv, G·T, D]` as `[B, H, T, D]`.
-    fn heads<B: Backend>(x: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
+    fn heads(x: FloatTensor<B>, heads: usize) -> FloatTensor<B> {
         let s = x.shape();
         B::float_reshape(x, Shape::new([s[0], heads, s[1] * s[2] / heads, s[3]]))
     }
 
-    /// `P = softmax(scale·q·kᵀ, masked)` over grouped rows, `[B, Hkv, G·Tq, Tk]`.
-    fn weights<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, mask: BoolTensor<B>, scale: f32, heads: usize, mm: Product<B>) -> FloatTensor<B> {
+    /// `P = softmax(scale·q·kᵀ, masked)` over grouped rows, `[B, Hkv, G·Tq, Tk]`: one kernel
+    /// ([`masked_softmax::softmax`]) after the product, or tensor operations where it does not take
+    /// the tensors.
+    fn weights(q: FloatTensor<B>, k: FloatTensor<B>, mask: BoolTensor<B>, scale: f32, heads: usize, mm: Product) -> FloatTensor<B> {
         let (ms, h_kv) = (mask.shape(), k.shape()[1]);
         let (b, tq, tk) = (ms[0], ms[2], ms[3]);
         let g = heads / h_kv;
+        let s = mm(q, B::float_transpose(k));
+        if masked_softmax::fits(&s, &mask, heads) {
+            return masked_softmax::softmax(s, &mask, scale, heads);
+        }
         let mask = if ms[1] == 1 {
             B::bool_expand(B::bool_reshape(mask, Shape::new([b, 1, 1, tq, tk])), Shape::new([b, h_kv, g, tq, tk]))
         } else {
             B::bool_reshape(mask, Shape::new([b, h_kv, g, tq, tk]))
         };
-        let s = B::float_mul_scalar(mm(q, B::float_transpose(k)), scale.into());
+        let s = B::float_mul_scalar(s, scale.into());
         let s = B::float_mask_fill(B::float_reshape(s, Shape::new([b, h_kv, g, tq, tk])), mask, f32::NEG_INFINITY.into());
         let max = B::float_max_dim(s.clone(), 4);
         let e = B::float_exp(B::float_sub(s, max));
@@ -646,27 +667,25 @@ mod grouped {
         B::float_reshape(B::float_div(e, sum), Shape::new([b, h_kv, g * tq, tk]))
     }
 
-    pub(super) fn forward<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: BoolTensor<B>, scale: f32, mm: Product<B>) -> FloatTensor<B> {
+    /// The scores' gradient: one kernel ([`masked_softmax::softmax_grad`]) where it takes the
+    /// tensors.
+    fn scores_grad(p: FloatTensor<B>, dp: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
+        if masked_softmax::grad_fits(&p, &dp) { masked_softmax::softmax_grad(p, dp, scale) } else { super::scores_grad_ops::<B>(p, dp, scale) }
+    }
+
+    pub(super) fn forward(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: BoolTensor<B>, scale: f32, mm: Product) -> FloatTensor<B> {
         let (h, h_kv) = (q.shape()[1], k.shape()[1]);
-        let p = weights::<B>(rows::<B>(q, h_kv), k, mask, scale, h, mm);
-        heads::<B>(mm(p, v), h)
+        let p = weights(rows(q, h_kv), k, mask, scale, h, mm);
+        heads(mm(p, v), h)
     }
 
     /// The gradients of the module docs over grouped rows: `dk` and `dv` are the group's sums.
-    pub(super) fn backward<B: Backend>(
-        q: FloatTensor<B>,
-        k: FloatTensor<B>,
-        v: FloatTensor<B>,
-        mask: BoolTensor<B>,
-        scale: f32,
-        dout: FloatTensor<B>,
-        mm: Product<B>,
-    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    pub(super) fn backward(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: BoolTensor<B>, scale: f32, dout: FloatTensor<B>, mm: Product) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
         let (h, h_kv) = (q.shape()[1], k.shape()[1]);
-        let (q, dout) = (rows::<B>(q, h_kv), rows::<B>(dout, h_kv));
-        let p = weights::<B>(q.clone(), k.clone(), mask, scale, h, mm);
-        let (dq, dk, dv) = super::gradients::<B>(p, q, k, v, scale, dout, mm);
-        (heads::<B>(dq, h), dk, dv)
+        let (q, dout) = (rows(q, h_kv), rows(dout, h_kv));
+        let p = weights(q.clone(), k.clone(), mask, scale, h, mm);
+        let (dq, dk, dv) = super::gradients::<B>(p, q, k, v, scale, dout, mm, scores_grad);
+        (heads(dq, h), dk, dv)
     }
 }
 

@@ -56,6 +56,10 @@ pub struct FlatAdamW {
     mode: FlatMode,
     phase: Phase,
     cursor: usize,
+    /// The half precision the step's updated parameters are also wanted in ([`Self::begin_to_half`]).
+    half: Option<burn::tensor::FloatDType>,
+    /// Those casts, one per parameter in visiting order (`None` where the update did not write one).
+    halves: Vec<Option<DispatchTensor>>,
     /// Updates that ran on the buffers, each counted once per step.
     flat_steps: usize,
     #[cfg(feature = "tch")]
@@ -75,6 +79,8 @@ impl FlatAdamW {
             mode,
             phase: Phase::Off,
             cursor: 0,
+            half: None,
+            halves: Vec::new(),
             flat_steps: 0,
             #[cfg(feature = "tch")]
             imp: libtorch::State::default(),
@@ -121,8 +127,18 @@ impl FlatAdamW {
     /// did), or else the plan of the buffers the per-parameter pass fills. `s.step` is ignored: the
     /// buffers keep their own count.
     pub fn begin(&mut self, entries: &[FlatEntry], s: &AdamWStep) {
+        self.begin_to_half(entries, s, None);
+    }
+
+    /// [`Self::begin`] for a step whose updated parameters are also wanted cast to `half` (the
+    /// weights of the next mixed-precision step), where the update can write them: the cubecl
+    /// kernel per parameter, or one cast of the parameters' buffer on libtorch. [`Self::halves`]
+    /// hands them over after the step.
+    pub fn begin_to_half(&mut self, entries: &[FlatEntry], s: &AdamWStep, half: Option<burn::tensor::FloatDType>) {
         self.cursor = 0;
         self.phase = Phase::Off;
+        self.half = half;
+        self.halves.clear();
         if !self.enabled() {
             return;
         }
@@ -134,6 +150,9 @@ impl FlatAdamW {
             if self.imp.update(s) {
                 self.phase = Phase::Updated;
                 self.flat_steps += 1;
+                if let Some(half) = half {
+                    self.halves = self.imp.halves(entries, half);
+                }
             } else if self.imp.plan(entries, self.mode == FlatMode::Always) {
                 self.phase = Phase::Building;
             }
@@ -151,23 +170,35 @@ impl FlatAdamW {
         #[cfg_attr(not(feature = "tch"), allow(unused_variables))]
         let at = self.cursor;
         self.cursor += 1;
-        match self.phase {
-            Phase::Off => crate::adamw(param, grad, moments, s),
+        let out = match self.phase {
+            Phase::Off => crate::adamw_to_half(param, grad, moments, s, self.half),
             #[cfg(feature = "tch")]
             // The buffers hold the update, and the parameter and its moments are their views
-            // (the caller may skip this pass: [`Self::updated`]).
-            Phase::Updated => match moments {
-                Some((m, v)) => AdamWOutput { param, moment_1: m, moment_2: v, fused: true },
-                None => crate::adamw(param, grad, None, s),
-            },
+            // (the caller may skip this pass: [`Self::updated`]; `begin` took their casts).
+            Phase::Updated => {
+                return match moments {
+                    Some((m, v)) => AdamWOutput { param, moment_1: m, moment_2: v, fused: true, half: None },
+                    None => crate::adamw(param, grad, None, s),
+                };
+            }
             #[cfg(feature = "tch")]
             Phase::Building => {
-                let out = crate::adamw(param, grad, moments, s);
+                let out = crate::adamw_to_half(param, grad, moments, s, self.half);
                 self.imp.adopt(at, out, s.step)
             }
             #[cfg(not(feature = "tch"))]
-            _ => crate::adamw(param, grad, moments, s),
+            _ => crate::adamw_to_half(param, grad, moments, s, self.half),
+        };
+        if self.half.is_some() {
+            self.halves.push(out.half.clone().map(Tensor::into_dispatch));
         }
+        out
+    }
+
+    /// The casts of this step's updated parameters that [`Self::begin_to_half`] asked for, one per
+    /// parameter in visiting order (`None` where the update wrote none); empty when none was asked.
+    pub fn halves(&mut self) -> Vec<Option<DispatchTensor>> {
+        std::mem::take(&mut self.halves)
     }
 
     /// Whether [`begin`](Self::begin) ran this step's update on the buffers. The per-parameter pass
@@ -184,6 +215,7 @@ impl FlatAdamW {
         }
         self.phase = Phase::Off;
         self.cursor = 0;
+        self.half = None;
     }
 }
 
@@ -194,7 +226,7 @@ mod libtorch {
     use burn::tensor::Tensor;
     use tch::{Device as TchDevice, Kind};
 
-    use super::FlatEntry;
+    use super::{DispatchTensor, FlatEntry};
     use crate::adamw_libtorch::{Grad, float, float_mut};
     use crate::{AdamWOutput, AdamWStep};
 
@@ -249,11 +281,14 @@ mod libtorch {
         grad: Option<(tch::Tensor, Vec<usize>)>,
     }
 
-    /// The libtorch tensors of an entry, when it is a float parameter and gradient of one size, kind
-    /// and device; unless `all`, not f32 on the CPU either (the one-pass CPU kernel takes those).
+    /// The libtorch tensors of an entry, when it is a float parameter and gradient of one size and
+    /// device, and one kind (or an f32 parameter's half-precision gradient, [`crate::compute_cast`],
+    /// which the gathering widens); unless `all`, not f32 on the CPU either (the one-pass CPU kernel
+    /// takes those).
     fn applies(entry: &FlatEntry, all: bool) -> Option<(&tch::Tensor, &tch::Tensor)> {
         let (p, g) = (&float(&entry.0.kind)?.tensor, &float(&entry.1.kind)?.tensor);
-        let fits = p.size() == g.size() && p.kind() == g.kind() && p.device() == g.device();
+        let kinds = p.kind() == g.kind() || (p.kind() == Kind::Float && matches!(g.kind(), Kind::Half | Kind::BFloat16));
+        let fits = p.size() == g.size() && kinds && p.device() == g.device();
         let reachable_by_cpu_kernel = p.device() == TchDevice::Cpu && p.kind() == Kind::Float;
         (fits && (all || !reachable_by_cpu_kernel) && matches!(p.kind(), Kind::Float | Kind::Half | Kind::BFloat16)).then_some((p, g))
     }
@@ -291,7 +326,9 @@ mod libtorch {
                         parts.push(pad.shallow_clone());
                     }
                 }
+                // `cat` promotes half-precision gradients to the buffers' f32 as it copies them.
                 let flat = tch::Tensor::f_cat(&parts, 0)?;
+                let flat = if flat.kind() == b.kind { flat } else { flat.f_to_kind(b.kind)? };
                 let norm = flat.f_norm_scalaropt_dtype(2, Kind::Float)?.f_double_value(&[])?;
                 Ok((flat, norm))
             };
@@ -316,6 +353,27 @@ mod libtorch {
             let c = AdamWStep { step: b.t, ..*s }.coeffs();
             crate::adamw_libtorch::update(&mut b.p.0.tensor, Grad::Owned(g), &mut b.m.0.tensor, &mut b.v.0.tensor, &c);
             true
+        }
+
+        /// The parameters after an update cast to `half` in one operation, as views of that cast,
+        /// one per entry (the entries are the buffers' views, in order: `update` ran).
+        pub(super) fn halves(&self, entries: &[FlatEntry], half: burn::tensor::FloatDType) -> Vec<Option<DispatchTensor>> {
+            let kind = match half {
+                burn::tensor::FloatDType::BF16 => Kind::BFloat16,
+                burn::tensor::FloatDType::F16 => Kind::Half,
+                _ => return Vec::new(),
+            };
+            let Some(b) = self.bufs.as_ref().filter(|b| b.kind != kind && b.slots.len() == entries.len()) else { return Vec::new() };
+            let Ok(cast) = b.p.0.tensor.f_to_kind(kind) else { return Vec::new() };
+            let cast = Buffer(TchTensor::new(cast));
+            entries
+                .iter()
+                .zip(&b.slots)
+                .map(|(e, slot)| {
+                    let view = cast.view(slot).ok()?;
+                    Some(DispatchTensor { kind: burn::backend::DispatchTensorKind::LibTorch(burn::backend::BackendTensor::Float(view)), autodiff: e.0.autodiff })
+                })
+                .collect()
         }
 
         /// Plans new buffers for the entries, to be filled by this step's per-parameter pass.
@@ -378,7 +436,7 @@ mod libtorch {
                 // Not what was planned: the buffers will not be used (`built` sees the slot unfilled).
                 b.slots.clear();
             }
-            AdamWOutput { param: Tensor::from_dispatch(p), moment_1: Tensor::from_dispatch(m), moment_2: Tensor::from_dispatch(v), fused: out.fused }
+            AdamWOutput { param: Tensor::from_dispatch(p), moment_1: Tensor::from_dispatch(m), moment_2: Tensor::from_dispatch(v), fused: out.fused, half: out.half }
         }
 
         /// The build is kept when `visited` parameters filled every slot, all at one step count.

@@ -10,7 +10,9 @@
 //! rows the batch used ([`embedding`]), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written
 //! into one allocation ([`matmul`], [`linear`]; [`matmul_nt`] for a tied LM head, whose gradient
-//! it writes in the embedding's own layout), and the update path: the AdamW step in one pass over
+//! it writes in the embedding's own layout), and the update path: the cast of a mixed-precision
+//! step's weights whose gradients stay in half precision for the optimizer to widen ([`compute_cast`]),
+//! the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), the same over all parameters at once
 //! on libtorch devices ([`FlatAdamW`], PyTorch's multi-tensor update), and the sum of squares of a
 //! gradient without a squared temporary ([`cpu_sum_squares`]; on the cubecl backends, all gradients'
@@ -45,7 +47,10 @@ mod flat_adamw;
 mod glu;
 mod launches;
 mod limits;
+#[cfg(feature = "cube")]
+mod masked_softmax;
 mod matmul;
+mod precision;
 mod quantized;
 mod rms_norm;
 mod rotary;
@@ -63,6 +68,7 @@ pub use glu::{Gate, GluBackend, glu};
 pub use launches::{KernelLaunches, kernel_census, launches_kernels};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
+pub use precision::{ComputeCastBackend, compute_cast, compute_copy};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};
@@ -99,12 +105,38 @@ pub(crate) fn elementwise_output(like: &burn_cubecl::tensor::CubeTensor) -> burn
     burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
 }
 
-/// Sums across a cube of units, for the kernels that reduce rows (RMSNorm, sums of squares).
+/// Sums and maxima across a cube of units, for the kernels that reduce rows (RMSNorm, sums of
+/// squares, the attention's softmax), and the launch of one cube per row.
 #[cfg(feature = "cube")]
 mod reduce {
     // The `cube` macro's expansion names the `cubecl` crate.
     use burn_cubecl::cubecl;
     use cubecl::prelude::*;
+
+    /// One cube per row of `d` elements, at most 65,535 cubes (the grid's width on every backend;
+    /// the kernels take the rows beyond in turn), of a power of two from 32 to 256 units, about a
+    /// quarter of the row: the cube count, its size, and the units per cube (the kernels' `block`).
+    pub(crate) fn row_launch(rows: usize, d: usize) -> (CubeCount, CubeDim, usize) {
+        let block = (d / 4).next_power_of_two().clamp(32, 256);
+        (CubeCount::Static(rows.min(65_535) as u32, 1, 1), CubeDim::new_1d(block as u32), block)
+    }
+
+    /// [`cube_sums`] with the maximum in place of the sum, over one array.
+    #[cube]
+    pub(crate) fn cube_max(maxes: &mut Shared<[f32]>) {
+        let t = UNIT_POS_X as usize;
+        let n = CUBE_DIM_X as usize;
+        sync_cube();
+        let mut half = n / 2;
+        while half > 0 {
+            if t < half {
+                let m = max(maxes[t], maxes[t + half]);
+                maxes[t] = m;
+            }
+            sync_cube();
+            half /= 2;
+        }
+    }
 
     /// Adds the cube's values `sums[a·n + u]` (`n` units, a power of two; `u` the unit) into
     /// `sums[a·n]`, for each of `arrays` arrays, halving the active units each round. Every unit
@@ -232,6 +264,9 @@ pub struct AdamWOutput<const D: usize> {
     /// Whether the update ran in place: the one-pass CPU kernel, in-place libtorch operations or
     /// the cubecl kernel (false: burn tensor operations did).
     pub fused: bool,
+    /// The updated parameter cast to the half precision [`adamw_to_half`] asked for, where the
+    /// update wrote it (the cubecl kernel); `None` elsewhere.
+    pub half: Option<Tensor<D>>,
 }
 
 /// One AdamW step, as PyTorch's single-tensor `torch.optim.AdamW` computes it for f32 tensors:
@@ -246,19 +281,38 @@ pub struct AdamWOutput<const D: usize> {
 ///
 /// `moments` is `None` at the first step (m = v = 0). The parameter and the moments are updated in
 /// place when the fused kernel can run (see the crate docs); the gradient is only read (a strided
-/// one, such as a tied embedding's transposed gradient, through a contiguous copy).
+/// one, such as a tied embedding's transposed gradient, through a contiguous copy). It may be of a
+/// half-precision dtype where the parameter is f32 (a mixed-precision step's, [`compute_cast`]):
+/// the cubecl kernel widens it as it loads it, the other paths cast it to f32 first.
 pub fn adamw<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<(Tensor<D>, Tensor<D>)>, s: &AdamWStep) -> AdamWOutput<D> {
+    adamw_to_half(param, grad, moments, s, None)
+}
+
+/// [`adamw`] that also gives the updated parameter cast to `half` (bf16 or f16;
+/// [`AdamWOutput::half`]) where the cubecl kernel ran, written by the update itself: the weights of
+/// the next mixed-precision step, which would otherwise take a cast kernel each.
+pub fn adamw_to_half<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<(Tensor<D>, Tensor<D>)>, s: &AdamWStep, half: Option<burn::tensor::FloatDType>) -> AdamWOutput<D> {
+    let half = half.map(burn::tensor::DType::from);
     let c = s.coeffs();
-    let (m, v) = moments.unwrap_or_else(|| (grad.zeros_like(), grad.zeros_like()));
+    let (m, v) = moments.unwrap_or_else(|| (param.zeros_like(), param.zeros_like()));
+    let (dtype, g_dtype) = (param.dtype(), grad.dtype());
     let (mut p, g, mut m, mut v) = (param.into_dispatch(), grad.into_dispatch(), m.into_dispatch(), v.into_dispatch());
-    let fused = cpu::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
+    // The cubecl kernel reads a gradient of any float dtype; the others take the parameter's.
+    #[cfg(feature = "cube")]
+    let (fused, half) = match adamw_cube::adamw(&p.kind, &g.kind, &m.kind, &v.kind, &c, half) {
+        Some(h) => (true, h.map(|h| burn::backend::DispatchTensor { kind: DispatchTensorKind::Cube(burn::backend::BackendTensor::Float(h)), autodiff: p.autodiff })),
+        None => (false, None),
+    };
+    #[cfg(not(feature = "cube"))]
+    let (fused, half) = (false, half.and(None::<burn::backend::DispatchTensor>));
+    // A mixed-precision step's half-precision gradient ([`compute_cast`]), cast exactly to f32.
+    let g = if fused || g_dtype == dtype { g } else { Tensor::<D>::from_dispatch(g).cast(dtype).into_dispatch() };
+    let fused = fused || cpu::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
     #[cfg(feature = "tch")]
     let fused = fused || adamw_libtorch::adamw(&mut p.kind, &g.kind, &mut m.kind, &mut v.kind, &c);
-    #[cfg(feature = "cube")]
-    let fused = fused || adamw_cube::adamw(&p.kind, &g.kind, &m.kind, &v.kind, &c);
     let (p, g, m, v) = (Tensor::from_dispatch(p), Tensor::from_dispatch(g), Tensor::from_dispatch(m), Tensor::from_dispatch(v));
     if fused {
-        return AdamWOutput { param: p, moment_1: m, moment_2: v, fused };
+        return AdamWOutput { param: p, moment_1: m, moment_2: v, fused, half: half.map(Tensor::from_dispatch) };
     }
     adamw_tensor_ops(p, g, (m, v), s)
 }
@@ -280,7 +334,7 @@ pub fn adamw_tensor_ops<const D: usize>(p: Tensor<D>, g: Tensor<D>, (m, v): (Ten
         None => p,
     };
     let p = p + m.clone().mul_scalar(c.neg_step_size).div(denom);
-    AdamWOutput { param: p, moment_1: m, moment_2: v, fused: false }
+    AdamWOutput { param: p, moment_1: m, moment_2: v, fused: false, half: None }
 }
 
 /// `Σ x²` of a tensor as an f64 read on the host, when the tensor's memory is reachable on the CPU

@@ -230,7 +230,7 @@ mod cube {
     use cubecl::prelude::*;
     use cubecl::std::tensor::layout::linear::{LinearView, LinearViewMut};
 
-    use crate::reduce::cube_sums;
+    use crate::reduce::{cube_sums, row_launch};
 
     /// `√(Σx² / d + ε)` rounded to `F`, from the cube's sum of squares.
     #[cube]
@@ -335,17 +335,6 @@ mod cube {
         float && d > 0 && xs.num_elements() > 0 && gs.num_dims() == 1 && gs[0] == d && like(x) && like(gamma) && dy.is_none_or(|dy| like(dy) && dy.shape() == xs)
     }
 
-    /// Units per row: a power of two from 32 to 256, about a quarter of the row.
-    fn block(d: usize) -> usize {
-        (d / 4).next_power_of_two().clamp(32, 256)
-    }
-
-    /// Cubes: one per row, at most 65,535 (the grid's width on every backend).
-    fn launch(rows: usize, d: usize) -> (CubeCount, CubeDim, usize) {
-        let block = block(d);
-        (CubeCount::Static(rows.min(65_535) as u32, 1, 1), CubeDim::new_1d(block as u32), block)
-    }
-
     fn rows(x: &CubeTensor, d: usize) -> usize {
         x.shape().num_elements() / d
     }
@@ -355,7 +344,7 @@ mod cube {
         let d = gamma.shape()[0];
         let rows = rows(&x, d);
         let y = crate::elementwise_output(&x);
-        let (count, dim, block) = launch(rows, d);
+        let (count, dim, block) = row_launch(rows, d);
         let address = [&x, &gamma, &y].iter().map(|t| t.required_address_type()).max().unwrap_or_default();
         let (client, dtype) = (y.client.clone(), dtype_to_storage_type(x.dtype));
         // SAFETY: every read and write is at `row · d + c` with `row < rows` and `c < d`, within the
@@ -375,7 +364,7 @@ mod cube {
         let dx = crate::elementwise_output(&x);
         // Contiguous: the kernel writes it at `row · d + c` (cubecl would pad rows of 576 f32 to 640).
         let shares = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(x.client.clone(), x.device.clone(), Shape::new([rows, d]), DType::F32);
-        let (count, dim, block) = launch(rows, d);
+        let (count, dim, block) = row_launch(rows, d);
         let address = [&x, &gamma, &dy, &dx, &shares].iter().map(|t| t.required_address_type()).max().unwrap_or_default();
         let (client, dtype) = (dx.client.clone(), dtype_to_storage_type(x.dtype));
         // SAFETY: as in `forward`; `shares` is a new contiguous `[rows, d]` tensor.

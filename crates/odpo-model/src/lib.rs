@@ -63,4 +63,4 @@ pub use burn::module::Module;
 pub use error::{ModelError, Result};
 pub use layers::{KvCache, parameter_count};
 pub use lora::LoraConfig;
-pub use model::{CausalLm, LoadedModel, ModelConfig, Precision};
+pub use model::{CausalLm, HalfWeights, LoadedModel, ModelConfig, Precision};

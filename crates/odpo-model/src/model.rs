@@ -228,14 +228,57 @@ impl std::str::FromStr for Precision {
     }
 }
 
-/// Casts every float parameter of a module.
-struct Caster(FloatDType);
+/// Casts every float parameter of a module; with `keep_gradients`, through
+/// [`odpo_kernels::compute_cast`], whose gradients stay in the cast's dtype.
+struct Caster {
+    dtype: FloatDType,
+    keep_gradients: bool,
+}
 
 impl ModuleMapper for Caster {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let dtype = self.0;
+        let Self { dtype, keep_gradients } = *self;
         // A quantised weight stays so; its product dequantises to the activations' type.
-        param.map(|t| if matches!(t.dtype(), burn::tensor::DType::QFloat(_)) { t } else { t.cast(dtype) })
+        param.map(|t| match t.dtype() {
+            burn::tensor::DType::QFloat(_) => t,
+            _ if keep_gradients => odpo_kernels::compute_cast(t, dtype),
+            _ => t.cast(dtype),
+        })
+    }
+}
+
+/// A model's weights cast once to half precision, for the micro-batches of one training step to
+/// run on ([`CausalLm::with_half_weights`]) without casting them again for each.
+#[derive(Debug)]
+pub struct HalfWeights {
+    dtype: FloatDType,
+    /// Each float parameter's cast, in visiting order (`None`: a quantised weight, left as it is).
+    weights: Vec<Option<burn::backend::DispatchTensor>>,
+}
+
+impl HalfWeights {
+    /// Casts made elsewhere (the optimizer writes them as it updates the weights): one entry per
+    /// float parameter of the model they were made from, in visiting order; `None` for one to cast
+    /// when used.
+    pub fn from_parts(precision: Precision, weights: Vec<Option<burn::backend::DispatchTensor>>) -> Self {
+        Self { dtype: precision.dtype(), weights }
+    }
+}
+
+/// Takes each weight's cast from [`HalfWeights`], in visiting order.
+struct HalfCopies<'a> {
+    dtype: FloatDType,
+    weights: std::slice::Iter<'a, Option<burn::backend::DispatchTensor>>,
+}
+
+impl ModuleMapper for HalfCopies<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (dtype, half) = (self.dtype, self.weights.next().cloned().flatten());
+        param.map(|t| match (t.dtype(), half.map(Tensor::<D>::from_dispatch)) {
+            (burn::tensor::DType::QFloat(_), _) => t,
+            (_, Some(half)) if half.dtype() == dtype.into() => odpo_kernels::compute_copy(t, half),
+            _ => odpo_kernels::compute_cast(t, dtype),
+        })
     }
 }
 
@@ -386,7 +429,40 @@ impl CausalLm {
     /// The model with its weights cast to `precision`; activations follow the weights, while
     /// norms, softmax and log-probabilities accumulate in f32.
     pub fn with_precision(self, precision: Precision) -> Self {
-        self.map(&mut Caster(precision.dtype()))
+        self.map(&mut Caster { dtype: precision.dtype(), keep_gradients: false })
+    }
+
+    /// [`Self::with_precision`] for a mixed-precision training step: the same forward pass, but
+    /// the gradients that reach the f32 weights stay in `precision` ([`odpo_kernels::compute_cast`]),
+    /// with no cast launched per weight in the backward pass. For an optimizer that reads them as
+    /// odpo's does (`odpo_kernels::adamw` widens them to f32 as it loads them); any other should
+    /// cast them to the weights' dtype first.
+    pub fn with_compute_precision(self, precision: Precision) -> Self {
+        self.map(&mut Caster { dtype: precision.dtype(), keep_gradients: true })
+    }
+
+    /// The weights cast to `precision` once, outside the autodiff graph, for
+    /// [`Self::with_half_weights`].
+    pub fn half_weights(&self, precision: Precision) -> HalfWeights {
+        struct Collect(FloatDType, Vec<Option<burn::backend::DispatchTensor>>);
+        impl burn::module::ModuleVisitor for Collect {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let t = param.val();
+                let half = (!matches!(t.dtype(), burn::tensor::DType::QFloat(_))).then(|| t.detach().cast(self.0).into_dispatch());
+                self.1.push(half);
+            }
+        }
+        let mut c = Collect(precision.dtype(), Vec::new());
+        self.visit(&mut c);
+        HalfWeights { dtype: c.0, weights: c.1 }
+    }
+
+    /// [`Self::with_compute_precision`] with the casts `half` holds (made by [`Self::half_weights`]
+    /// of this model, with these weights): the same values and gradients, recorded in this graph
+    /// (`odpo_kernels::compute_copy`) with nothing launched. The micro-batches of a step each need
+    /// a graph of their own, and this gives each one without casting the weights again.
+    pub fn with_half_weights(self, half: &HalfWeights) -> Self {
+        self.map(&mut HalfCopies { dtype: half.dtype, weights: half.weights.iter() })
     }
 
     /// The most positions (prompt and completion tokens of a row) the model can run on, where it

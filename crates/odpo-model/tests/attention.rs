@@ -73,9 +73,14 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
         // On the cubecl backends both passes take the grouped keys and values as they are: no
         // copy repeats them to the query heads (the census covers the passes, not the reads).
         let (ours, census) = odpo_kernels::kernel_census(false, || run(true));
+        // The weights are one kernel each time they are formed (forward, and again backward), and
+        // the scores' gradient one more: no reduction or mask fill of burn's.
         if odpo_kernels::launches_kernels(&device) {
-            let copies: u64 = census.unwrap_or_default().iter().filter(|k| k.kernel == "CopyKernel").map(|k| k.launches).sum();
-            assert_eq!(copies, 0, "copies in the attention of {h} heads over {h_kv} on {device:?}");
+            let census = census.unwrap_or_default();
+            let launches = |name: &str| census.iter().filter(|k| k.kernel == name).map(|k| k.launches).sum::<u64>();
+            assert_eq!(launches("CopyKernel"), 0, "copies in the attention of {h} heads over {h_kv} on {device:?}");
+            let softmax = (launches("MaskedSoftmaxKernel"), launches("SoftmaxGradKernel"), launches("ReduceKernel"), launches("MaskFillKernel"));
+            assert_eq!(softmax, (2, 1, 0, 0), "softmax, its gradient, reductions and mask fills of the attention on {device:?}: {census:?}");
         }
         let (ours, burns) = (read(ours), read(run(false)));
         // Without autodiff the same call widens the heads before the backend's body.
@@ -99,4 +104,32 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
             }
         }
     }
+}
+
+/// A query whose every key is masked gets a zero output and passes no gradient on, on the
+/// backends whose attention says so (flex's loop and the cubecl kernels; the tensor operations and
+/// torch's kernels give NaN there, and no model row is: each query sees its own key).
+#[test]
+fn a_query_with_every_key_masked_gets_zeros() {
+    let device = test_device().autodiff();
+    let name = format!("{device:?}");
+    if !(odpo_kernels::launches_kernels(&device) || name.contains("Flex")) {
+        println!("skipping: {device:?} gives NaN for a fully masked row");
+        return;
+    }
+    // One sequence, two heads over one key/value head, three queries over four keys; the second
+    // query sees no key, the others see the first two.
+    let masked: Vec<bool> = (0..12).map(|n| n / 4 == 1 || n % 4 >= 2).collect();
+    let mask = Tensor::<4, Bool>::from_data(TensorData::new(masked, [1, 1, 3, 4]), &device);
+    let [q, k, v] = [(2, 3), (1, 4), (1, 4)].map(|(heads, t)| Tensor::<4>::random([1, heads, t, 8], Distribution::Normal(0.0, 1.0), &device).require_grad());
+    let y = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask, 0.5).expect("the extension");
+    let grads = y.clone().sum().backward();
+    let (out, dq) = (vec(y.inner()), vec(q.grad(&grads).expect("a gradient")));
+    for head in 0..2 {
+        let row = (head * 3 + 1) * 8..(head * 3 + 2) * 8;
+        assert!(out[row.clone()].iter().all(|&x| x == 0.0), "head {head}: {:?}", &out[row.clone()]);
+        assert!(dq[row.clone()].iter().all(|&x| x == 0.0), "head {head}: {:?}", &dq[row]);
+    }
+    assert!(out.iter().chain(&dq).all(|x| x.is_finite()), "{out:?} {dq:?}");
+    assert!(out.iter().any(|&x| x != 0.0));
 }

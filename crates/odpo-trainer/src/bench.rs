@@ -235,7 +235,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         seed: 0,
     };
     let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
-    let mut trainer = Trainer { policy, optim: crate::optim::build(&optim_cfg), replicas: DataParallel::new(std::slice::from_ref(device), &reference, b.gradient_checkpointing), settings };
+    let mut trainer = Trainer::new(policy, crate::optim::build(&optim_cfg), DataParallel::new(std::slice::from_ref(device), &reference, b.gradient_checkpointing), settings);
     let mut secs = Vec::with_capacity(b.repeats);
     let mut phases: [Vec<f64>; 4] = Default::default();
     for i in 0..b.warmup + b.repeats {
@@ -243,7 +243,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         let stats;
         (trainer, stats) = trainer.step(&refs, i, 1e-6)?;
         // The update is queued: wait for it, and count the wait as the optimizer's.
-        sync(&trainer.policy);
+        sync(trainer.policy());
         let total = t.elapsed().as_secs_f64();
         let p = &stats.phases;
         tracing::debug!(step = i, warmup = i < b.warmup, seconds = total, reference = p.reference, policy_forward = p.policy_forward, backward = p.backward, "bench step");
@@ -263,7 +263,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         let (stepped, kernels) = odpo_kernels::kernel_census(timed, || {
             let stepped = trainer.step(&refs, step, 1e-6);
             if let Ok((trainer, _)) = &stepped {
-                sync(&trainer.policy);
+                sync(trainer.policy());
             }
             stepped
         });
@@ -278,7 +278,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
             top: kernels.into_iter().take(CENSUS_ROWS).map(|k| CensusRow { kernel: k.kernel, launches: k.launches, device_seconds: k.device_seconds }).collect(),
         });
     }
-    let policy = trainer.policy;
+    let policy = trainer.into_policy();
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
     let med = |v: &mut Vec<f64>| {

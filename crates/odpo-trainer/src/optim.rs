@@ -5,8 +5,8 @@
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::decay::WeightDecayConfig;
 use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, LearningRate, ModuleOptimizer, Optimizer, RmsPropConfig};
-use burn::tensor::Device;
-use burn::tensor::Tensor;
+use burn::backend::DispatchTensor;
+use burn::tensor::{Device, FloatDType, Tensor};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -29,13 +29,34 @@ impl Optim {
     /// [`clip_coefficient`]; 1 leaves them as they are). AdamW folds the factor into its one-pass
     /// update; RMSprop gets the gradients scaled first, as `clip_grad_norm_` leaves them.
     pub fn step<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams, grad_scale: f64) -> M {
+        self.step_to_half(lr, model, grads, grad_scale, None).0
+    }
+
+    /// [`Self::step`] that also gives the updated weights cast to `half`, where AdamW's update
+    /// wrote them (the cubecl kernel, or one cast of the multi-tensor update's buffer): one entry
+    /// per float parameter of `model`, in visiting order (`None` for one without a gradient, or
+    /// whose update wrote no cast), for `odpo_model::HalfWeights`. `None` when nothing was written.
+    pub fn step_to_half<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams, grad_scale: f64, half: Option<FloatDType>) -> (M, Option<Vec<Option<DispatchTensor>>>) {
+        let with_grad = half.map(|_| params_with_grads(&model, &grads));
+        let model = self.update(lr, model, grads, grad_scale, half);
+        let halves = self.grad_scale.as_ref().map(|h| h.flat().halves()).unwrap_or_default();
+        let weights = with_grad.and_then(|with_grad| {
+            let mut halves = halves.into_iter();
+            let weights: Vec<_> = with_grad.into_iter().map(|g| if g { halves.next().flatten() } else { None }).collect();
+            (halves.next().is_none() && weights.iter().any(Option::is_some)).then_some(weights)
+        });
+        (model, weights)
+    }
+
+    fn update<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams, grad_scale: f64, half: Option<FloatDType>) -> M {
         match &self.grad_scale {
             Some(handle) => {
                 handle.set(grad_scale);
-                if let Some(a) = self.adamw.as_ref().filter(|_| handle.flat().enabled()) {
+                let scalars = self.adamw.as_ref().map(|a| a.scalars(lr, 0));
+                if let Some(s) = scalars.filter(|_| handle.flat().enabled()) {
                     let entries = flat_entries(&model, &grads);
                     let mut flat = handle.flat();
-                    flat.begin(&entries, &a.scalars(lr, 0));
+                    flat.begin_to_half(&entries, &s, half);
                     if flat.updated() {
                         // The buffers hold the step's update, and the weights are their views.
                         // burn's per-parameter pass would only count a step in each state: that
@@ -46,6 +67,10 @@ impl Optim {
                         return model;
                     }
                 }
+                if let Some(s) = scalars.filter(|_| !handle.flat().enabled()) {
+                    // Per parameter: the casts come from each update.
+                    handle.flat().begin_to_half(&[], &s, half);
+                }
                 if self.lag > 0 {
                     self.module = self.record(&model);
                     self.lag = 0;
@@ -55,6 +80,8 @@ impl Optim {
                 model
             }
             None => {
+                // burn's RMSprop takes gradients of the parameters' dtype.
+                let grads = widen_grads(&model, grads);
                 let grads = if grad_scale == 1.0 { grads } else { scale_grads(&model, grads, grad_scale) };
                 self.module.step(lr, model, grads)
             }
@@ -121,6 +148,20 @@ impl Optim {
         }
         Ok(Self { module, lag: 0, ..self })
     }
+}
+
+/// For each float parameter of `model` in visiting order, whether it has a gradient (the
+/// optimizer updates those, in this order).
+fn params_with_grads<M: Module>(model: &M, grads: &GradientsParams) -> Vec<bool> {
+    struct Has<'a>(&'a GradientsParams, Vec<bool>);
+    impl ModuleVisitor for Has<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.1.push(self.0.get::<D>(param.id).is_some());
+        }
+    }
+    let mut v = Has(grads, Vec::new());
+    model.visit(&mut v);
+    v.1
 }
 
 /// The parameters with gradients, in the order the optimizer visits them, for the multi-tensor update.
@@ -320,6 +361,8 @@ pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
                 let Err(g) = self.kernel.take(g) else {
                     return;
                 };
+                // A half-precision gradient (a mixed-precision step's) in f32, which its sum needs.
+                let g = if matches!(g.dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16) { g.cast(burn::tensor::FloatDType::F32) } else { g };
                 let sq = g.square().sum();
                 self.device = Some(match self.device.take() {
                     Some(s) => s + sq,
@@ -331,6 +374,26 @@ pub fn global_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
     let mut v = Norm { grads, host: 0.0, kernel: odpo_kernels::SquareSums::new(), device: None };
     model.visit(&mut v);
     (v.host + v.kernel.total() + v.device.map(|s| s.into_scalar::<f64>()).unwrap_or(0.0)).sqrt()
+}
+
+/// Every gradient in its parameter's dtype: a mixed-precision step's half-precision gradients
+/// (`CausalLm::with_compute_precision`) cast exactly to f32, for sums that must not round to half
+/// precision (over micro-batches or devices) and optimizers that take one dtype.
+pub fn widen_grads<M: Module>(model: &M, grads: GradientsParams) -> GradientsParams {
+    struct Widen(GradientsParams);
+    impl ModuleVisitor for Widen {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let dtype = param.val().dtype();
+            if let Some(g) = self.0.get::<D>(param.id).filter(|g| g.dtype() != dtype)
+                && let burn::tensor::DType::F64 | burn::tensor::DType::F32 | burn::tensor::DType::F16 | burn::tensor::DType::BF16 = dtype
+            {
+                self.0.register(param.id, g.cast(dtype));
+            }
+        }
+    }
+    let mut v = Widen(grads);
+    model.visit(&mut v);
+    v.0
 }
 
 /// `clip_grad_norm_`'s factor for gradients of global norm `norm`: `max_norm / (norm + 1e-6)` when

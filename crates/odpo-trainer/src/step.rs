@@ -14,7 +14,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use odpo_data::{PreferenceBatcher, TokenizedPair};
 use odpo_loss::{LossConfig, Metrics, check_finite, preference_loss};
-use odpo_model::{CausalLm, Precision};
+use odpo_model::{CausalLm, HalfWeights, Precision};
 use serde::Serialize;
 
 use crate::config::Stage;
@@ -36,7 +36,8 @@ pub struct StepSettings {
     /// Whether the pairs' offsets enter the loss (ODPO).
     pub use_offsets: bool,
     /// Compute precision: bf16 / f16 run forward and backward on a half-precision cast of the f32
-    /// weights, whose gradients arrive in f32.
+    /// weights, whose gradients arrive in that type (`CausalLm::with_compute_precision`) and are
+    /// read as f32 by the optimizer.
     pub precision: Precision,
     /// Global-norm clipping (`optim.max_grad_norm`).
     pub max_grad_norm: Option<f64>,
@@ -46,14 +47,18 @@ pub struct StepSettings {
 
 /// The policy, its optimizer and the replicas that compute a step's gradients.
 pub struct Trainer {
-    /// The model being trained (on the first device, with autodiff).
-    pub policy: CausalLm,
+    /// The model being trained (on the first device, with autodiff): [`Trainer::policy`], replaced
+    /// through [`Trainer::set_policy`], which forgets `half`.
+    policy: CausalLm,
     /// Its optimizer.
     pub optim: Optim,
     /// Where the gradients are computed: one replica per device.
     pub replicas: DataParallel,
     /// How a step runs.
     pub settings: StepSettings,
+    /// In mixed precision, the policy's weights in the compute precision as the last update wrote
+    /// them, for the next step to run on without casting them (`None`: cast at the next step).
+    half: Option<HalfWeights>,
 }
 
 /// `device` with autodiff, and with burn's balanced gradient checkpointing when `checkpointing`
@@ -218,6 +223,28 @@ struct SliceOut {
 }
 
 impl Trainer {
+    /// A trainer of `policy` (on the first device of `replicas`, with autodiff).
+    pub fn new(policy: CausalLm, optim: Optim, replicas: DataParallel, settings: StepSettings) -> Self {
+        Self { policy, optim, replicas, settings, half: None }
+    }
+
+    /// The model being trained.
+    pub fn policy(&self) -> &CausalLm {
+        &self.policy
+    }
+
+    /// Replaces the model being trained (a checkpoint's weights): the next step casts its weights
+    /// anew.
+    pub fn set_policy(&mut self, policy: CausalLm) {
+        self.policy = policy;
+        self.half = None;
+    }
+
+    /// The model being trained, giving up the trainer.
+    pub fn into_policy(self) -> CausalLm {
+        self.policy
+    }
+
     /// One optimizer step on `pairs` at step index `at` with learning rate `lr`. A batch the device
     /// has no memory for is [`TrainError::OutOfMemory`], which says what to lower.
     pub fn step(self, pairs: &[&TokenizedPair], at: usize, lr: f64) -> Result<(Self, StepStats)> {
@@ -232,7 +259,7 @@ impl Trainer {
         let outs: Vec<Result<SliceOut>> = if self.replicas.len() == 1 {
             let r = &self.replicas.replicas[0];
             r.device.seed(dropout_seed(s.seed, at, 0));
-            vec![slice_grads(s, at, total, &self.policy, &r.reference, pairs, &r.device)]
+            vec![slice_grads(s, at, total, &self.policy, self.half.take().as_ref(), &r.reference, pairs, &r.device)]
         } else {
             let per = pairs.len() / self.replicas.len();
             let (policy, checkpointing) = (&self.policy, self.replicas.checkpointing);
@@ -250,7 +277,7 @@ impl Trainer {
                             guarded(|| format!("step {} on device {k}", at + 1), || step_advice(s.micro_batch_size, s.precision, checkpointing), || {
                                 let replica = if k == 0 { replica } else { replica.fork_to(&r.device) };
                                 r.device.seed(dropout_seed(s.seed, at, k));
-                                slice_grads(s, at, total, &replica, &r.reference, slice, &r.device)
+                                slice_grads(s, at, total, &replica, None, &r.reference, slice, &r.device)
                             })
                         })
                     })
@@ -267,7 +294,8 @@ impl Trainer {
         let one = self.replicas.len() == 1;
         for out in outs {
             let out = out?;
-            accum.accumulate(&self.policy, if one { out.grads } else { out.grads.to_device(&main, &self.policy) });
+            // Replicas' half-precision gradients are summed in f32 (see `slice_grads`).
+            accum.accumulate(&self.policy, if one { out.grads } else { optim::widen_grads(&self.policy, out.grads).to_device(&main, &self.policy) });
             metrics.merge(&out.metrics);
             // Replicas run at the same time: a phase lasts as long as its slowest replica's.
             phases = Phases {
@@ -288,7 +316,14 @@ impl Trainer {
         phases.backward += clock.elapsed().as_secs_f64();
         let clock = Instant::now();
         // Clipping is folded into the update: the gradients are not rewritten.
-        self.policy = self.optim.step(lr, self.policy, grads, optim::clip_coefficient(grad_norm, self.settings.max_grad_norm));
+        // In mixed precision on one device the update also writes the next step's half-precision
+        // weights, where it can (the cubecl kernel, libtorch's multi-tensor update).
+        let precision = self.settings.precision;
+        let half = (precision != Precision::F32 && self.replicas.len() == 1).then(|| precision.dtype());
+        let coef = optim::clip_coefficient(grad_norm, self.settings.max_grad_norm);
+        let (policy, half) = self.optim.step_to_half(lr, self.policy, grads, coef, half);
+        self.policy = policy;
+        self.half = half.map(|weights| HalfWeights::from_parts(precision, weights));
         phases.optimizer = clock.elapsed().as_secs_f64();
         let tokens = pairs.iter().map(|p| 2 * p.prompt.len() + forward::pair_tokens(p)).sum();
         Ok((self, StepStats { grad_norm, metrics, pairs: pairs.len(), tokens, phases }))
@@ -296,23 +331,34 @@ impl Trainer {
 }
 
 /// Forward, loss and backward of one replica's `pairs` in micro-batches on `device` (where `policy`
-/// lives); gradients summed. `total`: the whole step's share.
-fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, reference: &Reference, pairs: &[&TokenizedPair], device: &Device) -> Result<SliceOut> {
+/// lives); gradients summed. `total`: the whole step's share. `half`: the policy's weights in the
+/// compute precision, when the last update wrote them.
+#[allow(clippy::too_many_arguments)]
+fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, half: Option<&HalfWeights>, reference: &Reference, pairs: &[&TokenizedPair], device: &Device) -> Result<SliceOut> {
     let (mut metrics, mut phases) = (MetricSums::default(), Phases::default());
     let mut accum = GradientsAccumulator::<CausalLm>::new();
+    let several = pairs.len() > s.micro_batch_size;
+    let cast_once = (half.is_none() && several && s.precision != Precision::F32).then(|| policy.half_weights(s.precision));
+    let half = half.or(cast_once.as_ref());
     for micro in pairs.chunks(s.micro_batch_size) {
         let ids: Vec<usize> = micro.iter().map(|p| p.pair_id).collect();
         let nonfinite = |detail: String| TrainError::NonFinite { step: at, what: "loss", pair_ids: ids.clone(), detail };
         let share: f64 = micro.iter().map(|p| pair_share(s.stage, p)).sum();
         let clock = Instant::now();
         // Mixed precision: the forward and backward run on a half-precision cast of the f32
-        // weights; the cast is part of the graph, so the gradients arrive in f32 on the f32
-        // parameters, which the optimizer updates. Cast per micro-batch: each backward consumes its graph.
+        // weights; the cast is part of the graph, so the gradients arrive on the f32 parameters,
+        // which the optimizer updates. They arrive in half precision (no cast launched per weight),
+        // which the optimizer reads as f32. Each backward consumes its graph, so each micro-batch
+        // records the cast anew; with several, or where the last update wrote them, the casts
+        // made once are recorded.
         let cast;
         let policy_fwd = if s.precision == Precision::F32 {
             policy
         } else {
-            cast = policy.clone().with_precision(s.precision);
+            cast = match half {
+                Some(half) => policy.clone().with_half_weights(half),
+                None => policy.clone().with_compute_precision(s.precision),
+            };
             &cast
         };
         let loss = match s.stage {
@@ -343,7 +389,10 @@ fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, refer
             }
         };
         let clock = Instant::now();
-        accum.accumulate(policy, GradientsParams::from_grads(loss.backward(), policy));
+        let grads = GradientsParams::from_grads(loss.backward(), policy);
+        // Summed over micro-batches in f32, as PyTorch accumulates the f32 weights' gradients.
+        let grads = if several { optim::widen_grads(policy, grads) } else { grads };
+        accum.accumulate(policy, grads);
         phases.backward += clock.elapsed().as_secs_f64();
     }
     Ok(SliceOut { grads: accum.grads(), metrics, phases })

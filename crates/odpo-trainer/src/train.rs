@@ -150,13 +150,13 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         max_grad_norm: cfg.optim.max_grad_norm,
         seed: t.seed,
     };
-    let mut trainer = Trainer { policy, optim, replicas, settings };
+    let mut trainer = Trainer::new(policy, optim, replicas, settings);
 
     let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage), summary.resumed_from, &cfg.output.report_to)?;
     let dashboard = cfg.output.dashboard && metrics.open_dashboard(&run_dir, total_steps, state.step)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
     let evaluate = |trainer: &Trainer, at: usize| -> Result<BTreeMap<String, f64>> {
-        let (model, s) = (trainer.policy.valid().with_precision(precision), &trainer.settings);
+        let (model, s) = (trainer.policy().valid().with_precision(precision), &trainer.settings);
         let during = || format!("the evaluation at step {at}");
         let advice = || format!("to fit, lower `eval.batch_size` (now {})", cfg.eval.batch_size);
         crate::step::guarded(during, advice, || match t.stage {
@@ -175,7 +175,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         let Some(es) = early else { return Ok(false) };
         let verdict = state.early_stop.observe(es, state.step, values)?;
         if verdict.improved && es.restore_best {
-            checkpoint::save(&early_stop::best_dir(&run_dir), &trainer.policy, &trainer.optim, state, &config_toml, 1)?;
+            checkpoint::save(&early_stop::best_dir(&run_dir), trainer.policy(), &trainer.optim, state, &config_toml, 1)?;
         }
         Ok(verdict.stop)
     };
@@ -228,7 +228,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         }
         let mut saved = None;
         if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total_steps {
-            let dir = checkpoint::save(&run_dir, &trainer.policy, &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
+            let dir = checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
             tracing::debug!("checkpoint {}", dir.display());
             saved = Some(dir);
         }
@@ -237,7 +237,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
             bar.finish_and_clear();
             let checkpoint = match saved {
                 Some(dir) => dir,
-                None => checkpoint::save(&run_dir, &trainer.policy, &trainer.optim, &state, &config_toml, t.keep_checkpoints)?,
+                None => checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?,
             };
             tracing::warn!(step = state.step, "stopped on request; checkpoint {}", checkpoint.display());
             return Err(TrainError::Interrupted { step: state.step, checkpoint, run_dir });
@@ -245,7 +245,7 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
     }
     bar.finish_and_clear();
 
-    checkpoint::save(&run_dir, &trainer.policy, &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
+    checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
     summary.steps = state.step;
     if !eval_pairs.is_empty() {
         let values = match last_eval {
@@ -273,16 +273,16 @@ pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Devi
         && best_step != state.step
     {
         let ckpt = checkpoint::dir(&early_stop::best_dir(&run_dir)).join(format!("step-{best_step:08}"));
-        trainer.policy = checkpoint::load_model(&ckpt, trainer.policy)?;
+        trainer.set_policy(checkpoint::load_model(&ckpt, trainer.policy().clone())?);
         tracing::info!(best_step, "restored the best evaluated model from {}", ckpt.display());
         summary.best_step = Some(best_step);
         summary.eval_end = Some(state.early_stop.best_values.clone());
     }
     if cfg.output.export {
-        summary.exported = Some(export(&trainer.policy, &model_cfg, &run_dir.join("model"), tokenizer)?);
+        summary.exported = Some(export(trainer.policy(), &model_cfg, &run_dir.join("model"), tokenizer)?);
         if let Some(lora) = &cfg.lora {
             let dir = run_dir.join("adapter");
-            trainer.policy.valid().save_peft(lora, &cfg.model.path.display().to_string(), &dir)?;
+            trainer.policy().valid().save_peft(lora, &cfg.model.path.display().to_string(), &dir)?;
             tracing::info!("LoRA adapters saved in PEFT layout to {}", dir.display());
         }
     }

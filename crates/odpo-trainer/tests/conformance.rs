@@ -274,6 +274,137 @@ fn multi_tensor_adamw_equals_the_per_parameter_update() {
     assert!(moved > 2.0 * lr as f32, "the steps should move the weights (moved {moved})");
 }
 
+/// A mixed-precision step's gradients through `CausalLm::with_compute_precision`: they reach the
+/// f32 weights in bf16 (f16 where the device has no bf16), and widened to f32 they equal to the bit
+/// those of `with_precision` (burn's cast, whose backward step casts each gradient to f32; every
+/// half-precision number is an f32); so do those through `with_half_weights`, the casts made once
+/// for a step's micro-batches. On the cubecl backends a forward and backward pass launch one cast
+/// kernel fewer per weight with the first, and none for the weights with the second. One AdamW step
+/// from either set of gradients gives the same weights.
+#[test]
+fn compute_precision_gradients_equal_the_cast_ones() {
+    use burn::tensor::{DType, Int};
+    let device = common::test_device().autodiff();
+    let Some((precision, half)) = [(odpo_model::Precision::Bf16, DType::BF16), (odpo_model::Precision::F16, DType::F16)].into_iter().find(|&(_, d)| device.supports_dtype(d)) else {
+        println!("skipping: {device:?} has no half-precision dtype");
+        return;
+    };
+    let model = CausalLm::load(&model_dir(), &device).unwrap().model;
+    let ids: Vec<i64> = (0..24).map(|i| (i * 7 + 3) % 50).collect();
+    let input = Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids, [2, 12]), &device);
+    let mask = Tensor::<2, Int>::ones([2, 12], &device);
+    let once = model.half_weights(precision);
+    // 0: burn's cast; 1: the cast whose gradients stay half; 2: the casts made once.
+    let run = |how: usize| {
+        let (grads, census) = odpo_kernels::kernel_census(false, || {
+            let cast = match how {
+                0 => model.clone().with_precision(precision),
+                1 => model.clone().with_compute_precision(precision),
+                _ => model.clone().with_half_weights(&once),
+            };
+            let logits = cast.forward(input.clone(), &mask, None).cast(DType::F32);
+            let loss = (logits.clone() * logits).mean().mul_scalar(1e3);
+            GradientsParams::from_grads(loss.backward(), &model)
+        });
+        let casts = census.unwrap_or_default().iter().filter(|k| k.kernel.contains("Cast")).map(|k| k.launches).sum::<u64>();
+        (grads, casts)
+    };
+    let (cast, cast_kernels) = run(0);
+    struct Compare<'a>(&'a GradientsParams, &'a GradientsParams, DType, usize);
+    impl ModuleVisitor for Compare<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let (a, b) = (self.0.get::<D>(param.id).unwrap(), self.1.get::<D>(param.id).unwrap());
+            assert_eq!((a.dtype(), b.dtype()), (DType::F32, self.2), "gradient dtypes (cast, kept)");
+            let read = |t: Tensor<D>| t.cast(DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+            let (a, b) = (read(a), read(b));
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "gradients differ");
+            self.3 += 1;
+        }
+    }
+    let cfg = OptimConfig { optimizer: OptimizerKind::Adamw, lr: 1e-2, ..OptimConfig::default() };
+    let step = |grads| weights(&odpo_trainer::optim::build(&cfg).step(1e-2, model.clone(), grads, 0.5).valid());
+    // The same gradients again (a GPU's backward pass need not be deterministic, but is the same program).
+    let stepped = step(run(0).0);
+    let mut kernels = vec![cast_kernels];
+    for how in [1, 2] {
+        let (kept, kept_kernels) = run(how);
+        let mut compare = Compare(&cast, &kept, half, 0);
+        model.visit(&mut compare);
+        let count = compare.3 as u64;
+        if odpo_kernels::launches_kernels(&device) {
+            let before = kernels[how - 1];
+            assert_eq!(before - kept_kernels, count, "cast kernels of a forward and backward pass ({how}): {before} before, {kept_kernels} now, {count} weights");
+        }
+        kernels.push(kept_kernels);
+        for ((path, x), (_, y)) in stepped.iter().zip(&step(kept)) {
+            assert!(x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits()), "{path}: the updates differ ({how})");
+        }
+    }
+    println!("{half:?} gradients equal to the bit; cast kernels of a forward and backward pass: {kernels:?} (burn's cast, kept half, cast once)");
+}
+
+/// The weights AdamW writes in half precision as it updates them (`Optim::step_to_half`, for the
+/// next mixed-precision step) equal the updated f32 weights cast, to the bit: on the cubecl
+/// backends from every update (the AdamW kernel writes them), on libtorch from the multi-tensor
+/// update's buffer once it is built (one cast of the buffer, from the second step on), on flex
+/// none (the next step casts the weights itself).
+#[test]
+fn the_updates_half_precision_weights_equal_the_cast_weights() {
+    use burn::tensor::{DType, Int};
+    let device = common::test_device().autodiff();
+    let Some((precision, half)) = [(odpo_model::Precision::Bf16, DType::BF16), (odpo_model::Precision::F16, DType::F16)].into_iter().find(|&(_, d)| device.supports_dtype(d)) else {
+        println!("skipping: {device:?} has no half-precision dtype");
+        return;
+    };
+    let mut model = CausalLm::load(&model_dir(), &device).unwrap().model;
+    let ids: Vec<i64> = (0..24).map(|i| (i * 7 + 3) % 50).collect();
+    let input = Tensor::<2, Int>::from_data(burn::tensor::TensorData::new(ids, [2, 12]), &device);
+    let mask = Tensor::<2, Int>::ones([2, 12], &device);
+    let cfg = OptimConfig { optimizer: OptimizerKind::Adamw, lr: 1e-2, foreach: Some(true), ..OptimConfig::default() };
+    let mut optim = odpo_trainer::optim::build(&cfg);
+    let name = format!("{device:?}");
+    let mut written = Vec::new();
+    for step in 0..3 {
+        let grads = {
+            let cast = model.clone().with_compute_precision(precision);
+            let logits = cast.forward(input.clone(), &mask, None).cast(DType::F32);
+            let loss = (logits.clone() * logits).mean().mul_scalar(1e3 * (step + 1) as f64);
+            GradientsParams::from_grads(loss.backward(), &model)
+        };
+        let (updated, halves) = optim.step_to_half(1e-2, model, grads, 0.5, Some(half.into()));
+        model = updated;
+        let Some(halves) = halves else {
+            written.push(0);
+            continue;
+        };
+        struct Compare(std::vec::IntoIter<Option<burn::backend::DispatchTensor>>, DType, usize);
+        impl ModuleVisitor for Compare {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let Some(h) = self.0.next().expect("one entry per weight") else { return };
+                let h = Tensor::<D>::from_dispatch(h);
+                assert_eq!(h.dtype(), self.1);
+                let read = |t: Tensor<D>| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+                let (got, want) = (read(h), read(param.val().inner().cast(self.1)));
+                assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "the written cast differs from the weight's");
+                self.2 += 1;
+            }
+        }
+        let mut compare = Compare(halves.into_iter(), half, 0);
+        model.visit(&mut compare);
+        written.push(compare.2);
+    }
+    let weights = weights(&model.valid()).len();
+    let want = if odpo_kernels::launches_kernels(&device) {
+        vec![weights; 3]
+    } else if name.contains("LibTorch") {
+        vec![0, weights, weights]
+    } else {
+        vec![0; 3]
+    };
+    assert_eq!(written, want, "{half:?} weights written by the updates of three steps on {device:?}");
+    println!("{half:?} weights written by the updates of three steps: {written:?} of {weights}");
+}
+
 /// `odpo_kernels::SquareSums` on the test device against the f64 sum of squares of the same f32
 /// values, over tensors of the sizes of a model's gradients (a bias, a weight of many cubes, a
 /// transposed view, a half-precision copy where the device has one). On the cubecl backends it
@@ -368,6 +499,46 @@ fn adamw_updates_match_the_formula() {
             for (name, got, want) in [("p", p1[i], p), ("m", m1[i], m), ("v", v1[i], v)] {
                 assert!((f64::from(got) - want).abs() <= rel * want.abs().max(0.1), "{dtype:?} {name}[{i}]: {got} against {want} on {device:?}");
             }
+        }
+    }
+}
+
+/// `odpo_kernels::adamw` with f32 weights and moments and a bf16 (else f16) gradient (a mixed-precision step's,
+/// `CausalLm::with_compute_precision`) laid out transposed, against PyTorch's formula in f64 on the
+/// gradient's values: on every backend the update runs in place (the cubecl kernel reads the
+/// gradient as it is; elsewhere it is cast to f32 first) and agrees to f32 rounding.
+#[test]
+fn adamw_reads_a_half_precision_gradient() {
+    use burn::tensor::{DType, TensorData};
+    let device = common::test_device();
+    let Some(half) = [DType::BF16, DType::F16].into_iter().find(|&d| device.supports_dtype(d)) else {
+        println!("skipping: {device:?} has no half-precision dtype");
+        return;
+    };
+    let n = 64;
+    let s = odpo_kernels::AdamWStep { lr: 0.1, beta_1: 0.9, beta_2: 0.999, eps: 1e-8, weight_decay: 0.01, step: 2, grad_scale: 0.5 };
+    let values = |k: usize, scale: f32, shift: f32| -> Vec<f32> { (0..n * n).map(|i| ((i * k % 101) as f32 - 50.0) / scale + shift).collect() };
+    let t = |x: Vec<f32>| Tensor::<2>::from_data(TensorData::new(x, [n, n]), &device);
+    let (p, m, v) = (t(values(37, 25.0, 0.0)), t(values(7, 1000.0, 0.0)), t(values(11, 5000.0, 0.011)));
+    let g = t(values(53, 10.0, 0.0)).cast(half).swap_dims(0, 1);
+    let read = |x: Tensor<2>| x.cast(DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+    let [p0, g0, m0, v0] = [&p, &g, &m, &v].map(|x| read(x.clone()));
+    let (out, census) = odpo_kernels::kernel_census(false, || odpo_kernels::adamw(p, g, Some((m, v)), &s));
+    assert!(out.fused, "the update did not run in place on {device:?}");
+    if odpo_kernels::launches_kernels(&device) {
+        let kernels: Vec<_> = census.unwrap_or_default().into_iter().filter(|k| k.launches > 0).map(|k| k.kernel).collect();
+        assert_eq!(kernels, ["AdamwKernel"], "kernels of the update on {device:?}");
+    }
+    assert_eq!(out.param.dtype(), DType::F32);
+    let (p1, m1, v1) = (read(out.param), read(out.moment_1), read(out.moment_2));
+    let (bc1, bc2) = (1.0 - s.beta_1.powi(s.step), 1.0 - s.beta_2.powi(s.step));
+    for i in 0..n * n {
+        let gi = f64::from(g0[i]) * s.grad_scale;
+        let m = f64::from(m0[i]) + (1.0 - s.beta_1) * (gi - f64::from(m0[i]));
+        let v = s.beta_2 * f64::from(v0[i]) + (1.0 - s.beta_2) * gi * gi;
+        let p = f64::from(p0[i]) * (1.0 - s.lr * s.weight_decay) - s.lr / bc1 * m / (v.sqrt() / bc2.sqrt() + s.eps);
+        for (name, got, want) in [("p", p1[i], p), ("m", m1[i], m), ("v", v1[i], v)] {
+            assert!((f64::from(got) - want).abs() <= 1e-6 * want.abs().max(0.1), "{name}[{i}]: {got} against {want} on {device:?}");
         }
     }
 }
