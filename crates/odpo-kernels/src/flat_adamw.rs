@@ -15,7 +15,9 @@
 //!
 //! It applies to libtorch tensors that the one-pass CPU kernel cannot reach (CUDA, half precision),
 //! or with [`FlatMode::Always`] to any libtorch float tensors, all of one kind on one device;
-//! elsewhere every call falls through to [`crate::adamw`].
+//! elsewhere every call falls through to [`crate::adamw`], except that on the cubecl backends
+//! (unless [`FlatMode::Off`]) the kernel's launches are staged four parameters to one
+//! ([`FlatAdamW::finish`] runs what is left).
 
 use burn::backend::DispatchTensor;
 use burn::tensor::Tensor;
@@ -29,7 +31,7 @@ pub type FlatEntry = (DispatchTensor, DispatchTensor);
 /// Where the buffers are built (`optim.foreach`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlatMode {
-    /// Never: each parameter on its own.
+    /// Never: each parameter on its own (on the cubecl backends, one launch each).
     Off,
     /// On libtorch tensors the one-pass CPU kernel cannot reach: CUDA, half precision.
     Auto,
@@ -60,6 +62,9 @@ pub struct FlatAdamW {
     half: Option<burn::tensor::FloatDType>,
     /// Those casts, one per parameter in visiting order (`None` where the update did not write one).
     halves: Vec<Option<DispatchTensor>>,
+    /// The cubecl kernels' launches, four parameters to one (unless [`FlatMode::Off`]).
+    #[cfg(feature = "cube")]
+    batch: crate::adamw_cube::Batch,
     /// Updates that ran on the buffers, each counted once per step.
     flat_steps: usize,
     #[cfg(feature = "tch")]
@@ -81,6 +86,8 @@ impl FlatAdamW {
             cursor: 0,
             half: None,
             halves: Vec::new(),
+            #[cfg(feature = "cube")]
+            batch: Default::default(),
             flat_steps: 0,
             #[cfg(feature = "tch")]
             imp: libtorch::State::default(),
@@ -171,7 +178,7 @@ impl FlatAdamW {
         let at = self.cursor;
         self.cursor += 1;
         let out = match self.phase {
-            Phase::Off => crate::adamw_to_half(param, grad, moments, s, self.half),
+            Phase::Off => self.per_parameter(param, grad, moments, s),
             #[cfg(feature = "tch")]
             // The buffers hold the update, and the parameter and its moments are their views
             // (the caller may skip this pass: [`Self::updated`]; `begin` took their casts).
@@ -187,12 +194,22 @@ impl FlatAdamW {
                 self.imp.adopt(at, out, s.step)
             }
             #[cfg(not(feature = "tch"))]
-            _ => crate::adamw_to_half(param, grad, moments, s, self.half),
+            _ => self.per_parameter(param, grad, moments, s),
         };
         if self.half.is_some() {
             self.halves.push(out.half.clone().map(Tensor::into_dispatch));
         }
         out
+    }
+
+    /// One parameter's own update ([`crate::adamw_to_half`]); on the cubecl backends staged to
+    /// share a launch with the next parameters', unless [`FlatMode::Off`].
+    fn per_parameter<const D: usize>(&mut self, param: Tensor<D>, grad: Tensor<D>, moments: Option<(Tensor<D>, Tensor<D>)>, s: &AdamWStep) -> AdamWOutput<D> {
+        #[cfg(feature = "cube")]
+        if self.mode != FlatMode::Off {
+            return crate::adamw_staged(param, grad, moments, s, self.half, Some(&mut self.batch));
+        }
+        crate::adamw_to_half(param, grad, moments, s, self.half)
     }
 
     /// The casts of this step's updated parameters that [`Self::begin_to_half`] asked for, one per
@@ -207,8 +224,11 @@ impl FlatAdamW {
         self.phase == Phase::Updated
     }
 
-    /// Ends a step: a build that saw every planned parameter becomes the buffers of the next steps.
+    /// Ends a step: the cubecl kernels' staged updates run, and a build that saw every planned
+    /// parameter becomes the buffers of the next steps.
     pub fn finish(&mut self) {
+        #[cfg(feature = "cube")]
+        self.batch.flush();
         #[cfg(feature = "tch")]
         if self.phase == Phase::Building {
             self.imp.built(self.cursor);

@@ -29,7 +29,8 @@
 //! precision) take PyTorch's fused AdamW kernel, the one kernel `torch.optim.AdamW(fused=True)`
 //! runs (`fused_adamw_calls` counts it), or where that is out of reach PyTorch's own sequence of
 //! in-place torch operations. On the cubecl backends it is one kernel per parameter, in place
-//! ([`kernel_census`] sees it as `AdamwKernel`). Anywhere else (shared or strided tensors) it runs the same
+//! ([`kernel_census`] sees it as `AdamwKernel`), or within an optimizer step ([`FlatAdamW`]) one
+//! for four parameters (`Adamw4Kernel`). Anywhere else (shared or strided tensors) it runs the same
 //! formula as burn tensor operations.
 //!
 //! This crate names backends, as `odpo-model`'s `backend` module does; the trainer calls it through
@@ -234,6 +235,15 @@ pub(crate) struct Coeffs {
     pub step: AdamWStep,
 }
 
+impl Coeffs {
+    /// Whether the two update elements alike (the same scalars).
+    #[cfg_attr(not(feature = "cube"), allow(dead_code))]
+    pub(crate) fn same_update(&self, other: &Coeffs) -> bool {
+        let key = |c: &Coeffs| (c.decay.map(f32::to_bits), c.scale.map(f32::to_bits), [c.w1, c.b2, c.w2, c.bc2_sqrt, c.eps, c.neg_step_size].map(f32::to_bits));
+        key(self) == key(other)
+    }
+}
+
 impl AdamWStep {
     pub(crate) fn coeffs(&self) -> Coeffs {
         let t = self.step.max(1);
@@ -292,6 +302,27 @@ pub fn adamw<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<
 /// [`AdamWOutput::half`]) where the cubecl kernel ran, written by the update itself: the weights of
 /// the next mixed-precision step, which would otherwise take a cast kernel each.
 pub fn adamw_to_half<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments: Option<(Tensor<D>, Tensor<D>)>, s: &AdamWStep, half: Option<burn::tensor::FloatDType>) -> AdamWOutput<D> {
+    adamw_staged(
+        param,
+        grad,
+        moments,
+        s,
+        half,
+        #[cfg(feature = "cube")]
+        None,
+    )
+}
+
+/// [`adamw_to_half`], the cubecl kernel's launch staged in `batch` to run with other parameters'
+/// (the update is in place once the batch is flushed).
+pub(crate) fn adamw_staged<const D: usize>(
+    param: Tensor<D>,
+    grad: Tensor<D>,
+    moments: Option<(Tensor<D>, Tensor<D>)>,
+    s: &AdamWStep,
+    half: Option<burn::tensor::FloatDType>,
+    #[cfg(feature = "cube")] batch: Option<&mut adamw_cube::Batch>,
+) -> AdamWOutput<D> {
     let half = half.map(burn::tensor::DType::from);
     let c = s.coeffs();
     let (m, v) = moments.unwrap_or_else(|| (param.zeros_like(), param.zeros_like()));
@@ -299,7 +330,12 @@ pub fn adamw_to_half<const D: usize>(param: Tensor<D>, grad: Tensor<D>, moments:
     let (mut p, g, mut m, mut v) = (param.into_dispatch(), grad.into_dispatch(), m.into_dispatch(), v.into_dispatch());
     // The cubecl kernel reads a gradient of any float dtype; the others take the parameter's.
     #[cfg(feature = "cube")]
-    let (fused, half) = match adamw_cube::adamw(&p.kind, &g.kind, &m.kind, &v.kind, &c, half) {
+    let staged = match batch {
+        Some(batch) => batch.stage(&p.kind, &g.kind, &m.kind, &v.kind, &c, half),
+        None => adamw_cube::adamw(&p.kind, &g.kind, &m.kind, &v.kind, &c, half),
+    };
+    #[cfg(feature = "cube")]
+    let (fused, half) = match staged {
         Some(h) => (true, h.map(|h| burn::backend::DispatchTensor { kind: DispatchTensorKind::Cube(burn::backend::BackendTensor::Float(h)), autodiff: p.autodiff })),
         None => (false, None),
     };

@@ -108,9 +108,10 @@ pub struct OptimConfig {
     /// RMSprop only: centred variant, default false.
     pub centered: Option<bool>,
     /// AdamW only: update all parameters at once as one buffer, as PyTorch's `foreach` AdamW does,
-    /// on libtorch tensors. Unset: where it pays, the tensors the one-pass CPU kernel cannot reach
-    /// (CUDA, half precision); true: on every libtorch tensor; false: each parameter on its own.
-    /// The same values either way.
+    /// on libtorch tensors, and four parameters to a kernel launch on the cubecl backends. Unset:
+    /// where it pays, the libtorch tensors the one-pass CPU kernel cannot reach (CUDA, half
+    /// precision), and the cubecl backends; true: on every libtorch tensor too; false: each
+    /// parameter on its own. The same values either way.
     pub foreach: Option<bool>,
     /// Clip the global gradient norm to this, as `torch.nn.utils.clip_grad_norm_` (the paper: 10). None: no clipping.
     pub max_grad_norm: Option<f64>,

@@ -345,7 +345,7 @@ fn compute_precision_gradients_equal_the_cast_ones() {
 
 /// The weights AdamW writes in half precision as it updates them (`Optim::step_to_half`, for the
 /// next mixed-precision step) equal the updated f32 weights cast, to the bit: on the cubecl
-/// backends from every update (the AdamW kernel writes them), on libtorch from the multi-tensor
+/// backends from every update (the AdamW kernel writes them, four parameters to a launch), on libtorch from the multi-tensor
 /// update's buffer once it is built (one cast of the buffer, from the second step on), on flex
 /// none (the next step casts the weights itself).
 #[test]
@@ -371,8 +371,14 @@ fn the_updates_half_precision_weights_equal_the_cast_weights() {
             let loss = (logits.clone() * logits).mean().mul_scalar(1e3 * (step + 1) as f64);
             GradientsParams::from_grads(loss.backward(), &model)
         };
-        let (updated, halves) = optim.step_to_half(1e-2, model, grads, 0.5, Some(half.into()));
+        let ((updated, halves), census) = odpo_kernels::kernel_census(false, || optim.step_to_half(1e-2, model, grads, 0.5, Some(half.into())));
         model = updated;
+        if odpo_kernels::launches_kernels(&device) {
+            // Four parameters to a launch, the rest one each.
+            let launches = |name: &str| census.iter().flatten().filter(|k| k.kernel == name).map(|k| k.launches as usize).sum::<usize>();
+            let n = weights(&model.valid()).len();
+            assert_eq!((launches("Adamw4HalfKernel"), launches("AdamwHalfKernel")), (n / 4, n % 4), "AdamW launches for {n} weights on {device:?}");
+        }
         let Some(halves) = halves else {
             written.push(0);
             continue;
@@ -408,7 +414,8 @@ fn the_updates_half_precision_weights_equal_the_cast_weights() {
 /// `odpo_kernels::SquareSums` on the test device against the f64 sum of squares of the same f32
 /// values, over tensors of the sizes of a model's gradients (a bias, a weight of many cubes, a
 /// transposed view, a half-precision copy where the device has one). On the cubecl backends it
-/// takes every tensor and runs one kernel for each; elsewhere it hands each back.
+/// takes every tensor and runs one kernel for each run of up to six of one dtype; elsewhere it
+/// hands each back.
 #[test]
 fn square_sums_match_the_f64_sum() {
     use burn::tensor::{DType, TensorData};
@@ -427,6 +434,13 @@ fn square_sums_match_the_f64_sum() {
         want += rounded.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
         tensors.push(half);
     }
+    // Eight more like a model's biases: more f32 tensors in a row than one launch takes.
+    for k in 0..8 {
+        let small = values(37 + k, 3 + k);
+        want += small.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+        tensors.push(Tensor::<2>::from_data(TensorData::new(small, [1, 37 + k]), &device));
+    }
+    let has_half = device.supports_dtype(DType::BF16);
     let count = tensors.len() as u64;
     let ((got, taken), census) = odpo_kernels::kernel_census(false, || {
         let mut sums = odpo_kernels::SquareSums::new();
@@ -440,8 +454,10 @@ fn square_sums_match_the_f64_sum() {
         (sums.total() + rest, taken)
     });
     if odpo_kernels::launches_kernels(&device) {
-        let kernels = census.unwrap_or_default().iter().filter(|k| k.kernel == "SquareSumKernel").map(|k| k.launches).sum::<u64>();
-        assert_eq!((taken, kernels), (count, count), "tensors taken and square-sum kernels on {device:?}");
+        // Up to six tensors of one dtype in a row to a launch: the first three f32 ones, the
+        // bf16 one, the eight after in two (without bf16, eleven f32 tensors in two).
+        let kernels = census.unwrap_or_default().iter().filter(|k| k.kernel.starts_with("SquareSum")).map(|k| k.launches).sum::<u64>();
+        assert_eq!((taken, kernels), (count, if has_half { 4 } else { 2 }), "tensors taken and square-sum kernels on {device:?}");
     } else {
         assert_eq!(taken, 0, "only the cubecl backends have the kernel ({device:?})");
     }
