@@ -125,18 +125,7 @@ mod reduce {
     /// [`cube_sums`] with the maximum in place of the sum, over one array.
     #[cube]
     pub(crate) fn cube_max(maxes: &mut Shared<[f32]>) {
-        let t = UNIT_POS_X as usize;
-        let n = CUBE_DIM_X as usize;
-        sync_cube();
-        let mut half = n / 2;
-        while half > 0 {
-            if t < half {
-                let m = max(maxes[t], maxes[t + half]);
-                maxes[t] = m;
-            }
-            sync_cube();
-            half /= 2;
-        }
+        cube_fold(maxes, 1usize, true);
     }
 
     /// Adds the cube's values `sums[a·n + u]` (`n` units, a power of two; `u` the unit) into
@@ -145,6 +134,13 @@ mod reduce {
     /// the last, so every unit can then read the totals.
     #[cube]
     pub(crate) fn cube_sums(sums: &mut Shared<[f32]>, #[comptime] arrays: usize) {
+        cube_fold(sums, arrays, false);
+    }
+
+    /// The tree behind [`cube_sums`] and [`cube_max`]: each round folds the upper half of the
+    /// active units' values into the lower, by `max` when `take_max`, else by `+`.
+    #[cube]
+    fn cube_fold(values: &mut Shared<[f32]>, #[comptime] arrays: usize, #[comptime] take_max: bool) {
         let t = UNIT_POS_X as usize;
         let n = CUBE_DIM_X as usize;
         sync_cube();
@@ -153,8 +149,13 @@ mod reduce {
             if t < half {
                 #[unroll]
                 for a in 0..arrays {
-                    let s = sums[a * n + t] + sums[a * n + t + half];
-                    sums[a * n + t] = s;
+                    let x = values[a * n + t];
+                    let y = values[a * n + t + half];
+                    if take_max {
+                        values[a * n + t] = max(x, y);
+                    } else {
+                        values[a * n + t] = x + y;
+                    }
                 }
             }
             sync_cube();
