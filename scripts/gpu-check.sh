@@ -13,6 +13,10 @@
 #      has no bf16): tokens/s, MFU against the card's bf16 peak, peak GPU memory (NVML, bench/gpu_peak.py);
 #      the rows as `--layout auto` lays them out on a GPU (concatenated), and the shared prompt beside
 #      them on GPU_CHECK_LAYOUT_BACKENDS (default tch-cuda);
+#   2b. each matmul routine (`odpo bench --matmul-routines`) timed on the bf16 products of one step on
+#      GPU_CHECK_ROUTINE_BACKENDS (default cuda) for GPU_CHECK_ROUTINE_MODELS (default llama-3.2-1b),
+#      at most GPU_CHECK_ROUTINE_BUDGET seconds (default 60) of routines; then the step of 2 again with
+#      the fastest routine that took every product and agreed with burn's (`odpo --matmul NAME`);
 #   3. ODPO on the real SmolLM2-135M-Instruct with the paper's IMDB pairs for 100 steps, and the same
 #      run's first steps on the CPU (tch; flex in the dry run) beside it;
 #   4. the step of 2 with gradient checkpointing on the first backend: its peak memory and time
@@ -26,7 +30,7 @@
 # without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md. GPU_CHECK_RUN_ARGS
 # adds arguments to the real runs' `odpo train` (the dry run's batches of one pair keep Vulkan's tensors under
 # the 128 MiB buffers of Mesa's lavapipe). A second call can finish what a budget left out:
-# GPU_CHECK_BACKENDS=" " and GPU_CHECK_MODELS=" " leave out stages 1, 2 and 4, GPU_CHECK_CPU_STEPS=0 the
+# GPU_CHECK_BACKENDS=" " and GPU_CHECK_MODELS=" " leave out stages 1, 2 and 4, GPU_CHECK_ROUTINE_MODELS=" " 2b, GPU_CHECK_CPU_STEPS=0 the
 # CPU side of 3, and GPU_CHECK_RUN_BACKENDS, GPU_CHECK_CKPT_BACKEND (with GPU_CHECK_CKPT_MODELS) and
 # GPU_CHECK_OOM_BACKENDS and GPU_CHECK_CENSUS_BACKENDS choose the backends of 3, 4, 5 and 6.
 set -u
@@ -215,6 +219,33 @@ for m in $MODELS; do
     "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$ODPO" bench --config "$cfg" --backend "$b" --dtype "$dtype" \
       --pairs "$PAIRS" --seq "$SEQ" --warmup 2 --repeats "$REPEATS" --layout shared-prompt > "$W/step.json"
     record "bench-$m-$b-shared" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, shared prompt" "$W/step.json" "$W/mem.json")"
+  done
+done
+
+echo "== 2b. matmul routines on the products of one step, and the step with the fastest"
+# burn's cuda backend multiplies through one routine (cubek's Auto); the Llama-3.2-1B step of
+# 2026-11-30 reached 7.1% of the card's matmul peak on it. Each routine is timed on random operands
+# of the step's own products (shapes, transposed views, type), then the step runs with the fastest.
+if [ "$QUICK" = 1 ]; then routine_models=${GPU_CHECK_ROUTINE_MODELS:-gpt2-tiny}; routine_backends=${GPU_CHECK_ROUTINE_BACKENDS:-vulkan}
+else routine_models=${GPU_CHECK_ROUTINE_MODELS:-llama-3.2-1b}; routine_backends=${GPU_CHECK_ROUTINE_BACKENDS:-cuda}; fi
+for m in $routine_models; do
+  for b in $routine_backends; do
+    case $b in vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
+    echo "-- $m $b ($dtype)"
+    fits 60 || { record "routines-$m-$b" "{\"stage\":\"routines\",\"model\":\"$m\",\"backend\":\"$b\",\"skipped\":true}"; continue; }
+    rb=${GPU_CHECK_ROUTINE_BUDGET:-60}; [ "$rb" -lt $(($(left) - 50)) ] || rb=$(($(left) - 50))
+    timeout "$(cap $((rb + 60)))" "$ODPO" bench --config "bench/configs/$m.json" --backend "$b" --dtype "$dtype" \
+      --pairs "$PAIRS" --seq "$SEQ" --warmup 1 --repeats 1 --matmul-routines "${GPU_CHECK_ROUTINES:-all}" --routines-budget "$rb" \
+      > "$W/routines.json" 2> "$W/routines.err"
+    echo "exit $?"; grep -v "matmul routine timed" "$W/routines.err" | tail -3 | cut -c1-300
+    record "routines-$m-$b" "$("$PY" scripts/gpu-report.py --merge routines "$m" "$b" "$W/routines.json")"
+    best=$("$PY" scripts/gpu-report.py --best-routine "$W/routines.json")
+    echo "fastest routine that took every product: $best"
+    [ "$best" != auto ] || continue
+    fits 40 || { record "bench-$m-$b-$best" "{\"stage\":\"bench\",\"model\":\"$m\",\"side\":\"$b, matmul $best\",\"skipped\":true}"; continue; }
+    "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$ODPO" bench --matmul "$best" --config "bench/configs/$m.json" --backend "$b" --dtype "$dtype" \
+      --pairs "$PAIRS" --seq "$SEQ" --warmup 2 --repeats "$REPEATS" > "$W/step.json"
+    record "bench-$m-$b-$best" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, matmul $best" "$W/step.json" "$W/mem.json")"
   done
 done
 

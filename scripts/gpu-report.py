@@ -11,6 +11,11 @@
     gpu-report.py --merge census MODEL SIDE STEP_JSON
                                            the kernels of one step (`odpo bench --kernel-times`,
                                            bench/pytorch/step.py --kernels)
+    gpu-report.py --merge routines MODEL BACKEND STEP_JSON
+                                           each matmul routine timed on a step's products
+                                           (`odpo bench --matmul-routines`)
+    gpu-report.py --best-routine STEP_JSON the fastest routine that took every product and agrees
+                                           with `auto` (what the step then runs with), or `auto`
 """
 import glob
 import json
@@ -70,6 +75,24 @@ def merge_census(model, side, step_path):
     else:
         rec["error"] = "no census (see gpu-check.log)"
     return rec
+
+
+def merge_routines(model, backend, step_path):
+    step = load(step_path, {}) or {}
+    rec = {"stage": "routines", "model": model, "backend": backend}
+    if isinstance(step.get("matmul_routines"), dict):
+        rec.update(step["matmul_routines"])
+    else:
+        rec["error"] = "no routine timings (see gpu-check.log)"
+    return rec
+
+
+def best_routine(step_path):
+    """The fastest routine that ran every product within bf16 rounding of `auto` (2^-7 of the
+    largest entry; the products' own rounding is 2^-8), else `auto`."""
+    report = (load(step_path, {}) or {}).get("matmul_routines") or {}
+    ok = [r for r in report.get("routines", []) if r["refused"] == 0 and r["max_relative_difference"] <= 2 ** -7]
+    return min(ok, key=lambda r: r["step_seconds"])["routine"] if ok else "auto"
 
 
 def fmt(x, spec=".3g", none="-"):
@@ -181,13 +204,37 @@ def tables(records):
             for k in (r.get("top") or [])[:10]:
                 name = k["kernel"].replace("|", "/")[:90]
                 out.append(f"| {r['side']} | `{name}` | {k['launches']} | {fmt(k.get('device_seconds'), '.4f')} |")
+    routines = [r for r in records if r.get("stage") == "routines"]
+    if routines:
+        # Each matmul routine on the products of one step (`odpo bench --matmul-routines`).
+        out.append("")
+        out.append("| products of one step | backend | routine | products' s/step | TFLOP/s | vs auto | refused | max difference from auto |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        for r in routines:
+            if "routines" not in r:
+                out.append(f"| {r['model']} | {r['backend']} | {'skipped' if r.get('skipped') else r.get('error', 'failed')} | | | | | |")
+                continue
+            for t in r["routines"]:
+                out.append(f"| {r['model']} | {r['backend']} | {t['routine']} | {fmt(t['step_seconds'], '.4f')} | {fmt(t['tflops'], '.1f')} | "
+                           f"{fmt(t['speedup'], '.2f')}x | {t['refused']} | {fmt(t['max_relative_difference'], '.1e')} |")
+            if r.get("incomplete"):
+                out.append(f"| {r['model']} | {r['backend']} | (the budget ran out before the other routines) | | | | | |")
+        out.append("")
+        out.append("| product (the ten with the most time on auto) | model | per step | GFLOP | auto (ms) | fastest | its ms |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in routines:
+            for p in (r.get("products") or [])[:10]:
+                out.append(f"| `{p['product']}` | {r['model']} | {p['per_step']} | {fmt(p['gflop'], '.2f')} | {fmt(p['auto_ms'], '.3f')} | {p['best']} | {fmt(p['best_ms'], '.3f')} |")
     return "\n".join(out) + "\n"
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--best-routine":
+        print(best_routine(sys.argv[2]))
+        return
     if len(sys.argv) > 2 and sys.argv[1] == "--merge":
         kind, args = sys.argv[2], sys.argv[3:]
-        rec = {"bench": merge_bench, "run": merge_run, "census": merge_census}[kind](*args)
+        rec = {"bench": merge_bench, "run": merge_run, "census": merge_census, "routines": merge_routines}[kind](*args)
         print(json.dumps(rec))
         return
     records_dir, out_dir = sys.argv[1], sys.argv[2]

@@ -66,6 +66,14 @@ pub struct BenchArgs {
     /// The same, with each kernel's device time (each launch waits for its kernel).
     #[arg(long)]
     kernel_times: bool,
+    /// After the timed steps, record the products of one more step and time each matmul routine
+    /// on them (cubecl backends, bf16 / f16): `all`, or routine names separated by commas
+    /// (`auto` is always timed); reported under `matmul_routines`, fastest first.
+    #[arg(long, value_name = "ROUTINES")]
+    matmul_routines: Option<String>,
+    /// Seconds after which `--matmul-routines` starts no further routine.
+    #[arg(long, default_value_t = 120.0)]
+    routines_budget: f64,
 }
 
 
@@ -198,8 +206,17 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     let shared_prompt = layout.resolve(backend_name.parse()?) == odpo_data::Layout::SharedPrompt;
     use odpo_trainer::bench::Census;
     let census = if a.kernel_times { Census::Times } else if a.kernels { Census::Launches } else { Census::Off };
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing, census };
+    let routines: Option<Vec<odpo_kernels::MatmulRoutine>> = match a.matmul_routines.as_deref() {
+        None => None,
+        Some("all") => Some(odpo_kernels::MatmulRoutine::all().collect()),
+        Some(list) => Some(list.split(',').map(|r| r.parse().map_err(|e: String| anyhow::anyhow!("--matmul-routines: {e}"))).collect::<Result<_>>()?),
+    };
+    if routines.is_some() && !odpo_kernels::launches_kernels(&device) {
+        anyhow::bail!("--matmul-routines times the routines of the cubecl backends (cuda, vulkan, wgpu, metal); backend `{}` has none", a.backend);
+    }
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing, census, record_products: routines.is_some() };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
+    let routine_report = routines.map(|list| odpo_trainer::bench::time_routines(&r.products, &list, &device, std::time::Duration::from_secs_f64(a.routines_budget)));
     // Measured after the step, so that it does not raise the step's peak memory.
     let peak_rss = peak_rss_mb();
     let matmul = odpo_trainer::bench::matmul_peak(1024, &device);
@@ -217,6 +234,10 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         m.insert("peak_rss_mib".into(), peak_rss.into());
         m.insert("matmul_peak_gflops".into(), matmul.into());
         m.insert("flop_utilisation".into(), (r.achieved_gflops / matmul).into());
+        m.insert("matmul".into(), odpo_kernels::matmul_routine().name().into());
+        if let Some(report) = &routine_report {
+            m.insert("matmul_routines".into(), serde_json::to_value(report)?);
+        }
     }
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())

@@ -21,6 +21,15 @@ use odpo_model::{CausalLm, LoadedModel, Module, backend};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The routine of bf16 / f16 products on the cubecl backends (cuda, vulkan, wgpu, metal):
+    /// `auto` (burn's own) or a name from `odpo bench --matmul-routines` (docs/backends.md,
+    /// "Matmul routines").
+    #[arg(long, global = true, default_value = "auto", value_parser = matmul_routine)]
+    matmul: odpo_kernels::MatmulRoutine,
+}
+
+fn matmul_routine(s: &str) -> std::result::Result<odpo_kernels::MatmulRoutine, String> {
+    s.parse()
 }
 
 #[derive(Subcommand)]
@@ -360,6 +369,7 @@ fn main() -> ExitCode {
         .with_writer(log_writer)
         .init();
     let cli = Cli::parse();
+    odpo_kernels::set_matmul_routine(cli.matmul);
     // Commands that train stop at a step boundary on SIGTERM / SIGINT, with a checkpoint.
     let trains = matches!(cli.command, Command::Train(_) | Command::Experiment(_) | Command::Frontier(_));
     if trains && let Err(e) = odpo_trainer::interrupt::install() {

@@ -271,3 +271,30 @@ fn logprobs_of_a_completion_match_transformers() {
         assert!((sum - want).abs() < 2e-3, "{user}: log p(completion) {sum} against transformers' {want}");
     }
 }
+
+/// `--matmul` takes the names of `odpo_kernels::MATMUL_ROUTINES` and says which when given another;
+/// `odpo bench --matmul-routines` times the cubecl backends' routines, and on flex, which has none,
+/// is an error that says so.
+#[test]
+fn matmul_routines_are_named_and_refused_where_there_are_none() {
+    let config = format!("{}/bench/configs/gpt2-tiny.json", env::repo_root().display());
+    let bench = ["bench", "--config", &config, "--pairs", "1", "--seq", "16", "--backend", "flex"];
+    let run = |extra: &[&str]| Command::new(env!("CARGO_BIN_EXE_odpo")).args(bench).args(extra).output().expect("run odpo");
+    let out = run(&["--matmul", "fastest"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown matmul routine `fastest`") && err.contains("double_cyclic_mma") && err.contains("specialized_tma_mma"), "{err}");
+    let out = run(&["--matmul-routines", "auto,fastest"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--matmul-routines: unknown matmul routine `fastest`"), "{err}");
+    let out = run(&["--matmul-routines", "all"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("times the routines of the cubecl backends") && !err.contains("panicked"), "{err}");
+    // A routine on flex changes nothing: the bench runs.
+    let out = run(&["--matmul", "double_cyclic_mma", "--warmup", "0", "--repeats", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["matmul"], "double_cyclic_mma");
+}

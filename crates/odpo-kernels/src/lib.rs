@@ -10,7 +10,8 @@
 //! rows the batch used ([`embedding`]), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written
 //! into one allocation ([`matmul`], [`linear`]; [`matmul_nt`] for a tied LM head, whose gradient
-//! it writes in the embedding's own layout), and the update path: the cast of a mixed-precision
+//! it writes in the embedding's own layout; the cubek routine of their bf16 and f16 products on the
+//! cubecl backends by name, [`MatmulRoutine`]), and the update path: the cast of a mixed-precision
 //! step's weights whose gradients stay in half precision for the optimizer to widen ([`compute_cast`]),
 //! the AdamW step in one pass over
 //! a parameter, its gradient and its two moments ([`adamw`]), the same over all parameters at once
@@ -51,6 +52,7 @@ mod limits;
 #[cfg(feature = "cube")]
 mod masked_softmax;
 mod matmul;
+mod matmul_routine;
 mod precision;
 mod quantized;
 mod rms_norm;
@@ -69,6 +71,7 @@ pub use glu::{Gate, GluBackend, glu};
 pub use launches::{KernelLaunches, kernel_census, launches_kernels};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
+pub use matmul_routine::{MATMUL_ROUTINES, MatmulRoutine, Product, RoutineCalls, matmul_routine, matmul_routine_calls, record_products, set_matmul_routine, with_matmul_routine};
 pub use precision::{ComputeCastBackend, compute_cast, compute_copy};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};

@@ -6,8 +6,9 @@
 //! about 10⁻³, a hundred times what the conformance suites allow against PyTorch. PyTorch keeps f32
 //! products in f32 unless told otherwise (`torch.backends.cuda.matmul.allow_tf32`, off since 1.12),
 //! and so does this crate: on such a device an f32 product runs cubek's unit routine (f32
-//! multiply-adds, no tensor cores). Half-precision products, other devices and the other backends
-//! take burn's matmul, unchanged. Training in bf16 or f16 (`train.dtype`) is the fast path on a
+//! multiply-adds, no tensor cores). Half-precision products take the routine in force
+//! ([`crate::MatmulRoutine`]; burn's own by default); other devices and the other backends take
+//! burn's matmul, unchanged. Training in bf16 or f16 (`train.dtype`) is the fast path on a
 //! GPU; f32 is the exact one.
 //!
 //! On flex, f32 products of two matrices run the gemm crate as burn-flex 0.22.1 does, with the same
@@ -119,7 +120,7 @@ pub(crate) mod cube {
     use burn_cubecl::cubecl::ir::{ElemType, FloatKind};
     use burn_cubecl::kernel::matmul::init_matmul_output;
     use burn_cubecl::tensor::CubeTensor;
-    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems};
+    use cubek::matmul::definition::{MatmulElems, MatmulGlobalElems, MatmulSetupError};
     use cubek::matmul::launch::launch_ref;
     use cubek::matmul::multi_level;
     use cubek::matmul::strategy::Strategy;
@@ -131,23 +132,41 @@ pub(crate) mod cube {
         t.dtype == DType::F32 && t.client.properties().supports_type(ElemType::Float(FloatKind::TF32))
     }
 
-    /// `lhs · rhs`, with f32 operands on a TF32 device through cubek's unit routine.
+    /// `lhs · rhs`, with f32 operands on a TF32 device through cubek's unit routine, and
+    /// half-precision operands through the [`crate::MatmulRoutine`] in force.
     pub(crate) fn matmul(lhs: CubeTensor, rhs: CubeTensor) -> CubeTensor {
+        crate::matmul_routine::note_product(&lhs, &rhs);
+        if matches!(lhs.dtype, DType::BF16 | DType::F16) && rhs.dtype == lhs.dtype {
+            let routine = crate::matmul_routine();
+            if routine != crate::MatmulRoutine::AUTO {
+                match launch(&routine.strategy(), &lhs, &rhs, lhs.dtype) {
+                    Ok(out) => {
+                        crate::matmul_routine::count(true);
+                        return out;
+                    }
+                    Err(err) => crate::matmul_routine::refused(routine, &lhs, &rhs, &err),
+                }
+            }
+            return Cube::float_matmul(lhs, rhs);
+        }
         if !(rounds_f32(&lhs) && rhs.dtype == DType::F32) {
             return Cube::float_matmul(lhs, rhs);
         }
         super::CUBE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let out = init_matmul_output(&lhs, &rhs, DType::F32);
-        let f32_type = dtype_to_storage_type(DType::F32);
-        let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: f32_type, rhs: f32_type, out: f32_type });
         let strategy = Strategy::MultiLevel(multi_level::Strategy::SimpleUnit(Default::default()));
-        let client = out.client.clone();
-        let (lhs, rhs) = (InputBinding::new(lhs.binding(), f32_type), InputBinding::new(rhs.binding(), f32_type));
         // As burn's own matmul does, a routine that cannot take the problem is a bug, not input.
-        if let Err(err) = launch_ref(&strategy, &client, lhs, rhs, out.clone().binding(), &mut dtypes) {
-            panic!("the f32 unit matmul refused the product: {err:?}");
-        }
-        out
+        launch(&strategy, &lhs, &rhs, DType::F32).unwrap_or_else(|err| panic!("the f32 unit matmul refused the product: {err:?}"))
+    }
+
+    /// `lhs · rhs` (both of `dtype`) through cubek's `strategy`, into a new output of `dtype`.
+    pub(crate) fn launch(strategy: &Strategy, lhs: &CubeTensor, rhs: &CubeTensor, dtype: DType) -> Result<CubeTensor, MatmulSetupError> {
+        let out = init_matmul_output(lhs, rhs, dtype);
+        let storage = dtype_to_storage_type(dtype);
+        let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems { lhs: storage, rhs: storage, out: storage });
+        let client = out.client.clone();
+        let (lhs, rhs) = (InputBinding::new(lhs.clone().binding(), storage), InputBinding::new(rhs.clone().binding(), storage));
+        launch_ref(strategy, &client, lhs, rhs, out.clone().binding(), &mut dtypes)?;
+        Ok(out)
     }
 }
 

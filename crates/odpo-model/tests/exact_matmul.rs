@@ -102,3 +102,58 @@ fn products_of_views_are_exact_to_f32_rounding() {
     let (a, b) = (values(lhs.clone()), values(rhs.clone()));
     check("view·viewᵀ", &values(odpo_kernels::matmul(lhs, rhs)), &product(&a, &b, m, k, n));
 }
+
+/// Every matmul routine (`odpo_kernels::MATMUL_ROUTINES`) on bf16 operands (f16 where the device
+/// has no bf16) in the layouts a step multiplies (`x·W`, `dy·Wᵀ`, `xᵀ·dy`, batched heads) and
+/// through the backward pass: the f64 product within the half type's rounding of the output. The
+/// operands are multiples of 1/8 below 2, exact in both types, so the products are exact before the
+/// output is rounded. On the cubecl backends each routine multiplies what it takes and leaves the
+/// rest to burn's routine (counted and printed); elsewhere the routine changes nothing.
+#[test]
+fn every_matmul_routine_multiplies_half_operands_to_their_rounding() {
+    use burn::tensor::DType;
+    let device = test_device().autodiff();
+    let Some(dtype) = [DType::BF16, DType::F16].into_iter().find(|d| device.supports_dtype(*d)) else {
+        eprintln!("{device:?} has neither bf16 nor f16: skipped");
+        return;
+    };
+    let eighths = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| ((i * 5 + seed * 11) % 31) as f32 / 8.0 - 1.875).collect() };
+    // Within the output's rounding (bf16 keeps 8 significant bits) of the largest entry. Every
+    // routine runs before the test fails, so that one run names each routine that is wrong.
+    let failures = std::cell::RefCell::new(Vec::new());
+    let near = |name: &str, got: &[f32], want: &[f64]| {
+        let scale = want.iter().fold(0f64, |m, w| m.max(w.abs()));
+        if let Some((i, (g, w))) = got.iter().zip(want).enumerate().find(|(_, (g, w))| (f64::from(**g) - **w).abs() > scale / 128.0 || !g.is_finite()) {
+            failures.borrow_mut().push(format!("{name}[{i}]: {g} against {w} (largest entry {scale})"));
+        }
+    };
+    let half = |v: &[f32], shape: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), shape), &device).cast(dtype);
+    let (m, k, n) = (72, 136, 56);
+    let (a, b, g) = (eighths(m * k, 1), eighths(k * n, 2), eighths(m * n, 3));
+    for routine in odpo_kernels::MatmulRoutine::all() {
+        let before = odpo_kernels::matmul_routine_calls();
+        odpo_kernels::with_matmul_routine(routine, || {
+            let name = |form: &str| format!("{routine}: {form}");
+            let lhs = half(&a, [m, k]).require_grad();
+            let rhs = half(&b, [k, n]).require_grad();
+            let y = odpo_kernels::matmul(lhs.clone(), rhs.clone());
+            let grads = (y.clone() * half(&g, [m, n])).sum().backward();
+            near(&name("x·W"), &values(y.inner()), &product(&a, &b, m, k, n));
+            near(&name("dy·Wᵀ"), &values(lhs.grad(&grads).unwrap()), &product(&g, &transpose(&b, k, n), m, n, k));
+            near(&name("xᵀ·dy"), &values(rhs.grad(&grads).unwrap()), &product(&transpose(&a, m, k), &g, k, m, n));
+            // Two batches of heads: `[2, m, k]` by `[2, k, n]`, the second operand a transposed view.
+            let (a2, b2) = (eighths(2 * m * k, 4), eighths(2 * n * k, 5));
+            let lhs = Tensor::<3>::from_data(TensorData::new(a2.clone(), [2, m, k]), &device).cast(dtype);
+            let rhs = Tensor::<3>::from_data(TensorData::new(b2.clone(), [2, n, k]), &device).cast(dtype).swap_dims(1, 2);
+            let got = values(odpo_kernels::matmul(lhs, rhs));
+            for h in 0..2 {
+                let want = product(&a2[h * m * k..(h + 1) * m * k], &transpose(&b2[h * n * k..(h + 1) * n * k], n, k), m, k, n);
+                near(&name(&format!("head {h} q·kᵀ")), &got[h * m * n..(h + 1) * m * n], &want);
+            }
+        });
+        let after = odpo_kernels::matmul_routine_calls();
+        eprintln!("{device:?} {dtype:?} {routine}: ran {} products, refused {}", after.ran - before.ran, after.refused - before.refused);
+    }
+    let failures = failures.into_inner();
+    assert!(failures.is_empty(), "{} products off:\n{}", failures.len(), failures.join("\n"));
+}

@@ -52,6 +52,9 @@ pub struct StepBench {
     pub gradient_checkpointing: bool,
     /// After the timed steps, one more step whose kernel launches are counted (cubecl devices).
     pub census: Census,
+    /// After the timed steps, one more step whose products are recorded ([`StepResult::products`]):
+    /// what [`time_routines`] times.
+    pub record_products: bool,
 }
 
 /// Whether the step benchmark counts the kernels of one step ([`odpo_kernels::kernel_census`]).
@@ -131,6 +134,10 @@ pub struct StepResult {
     pub later_epoch_over_first: Option<f64>,
     /// The kernels of one more step, when asked for ([`StepBench::census`]).
     pub census: Option<StepCensus>,
+    /// The products of one more step on a cubecl device, in order, when asked for
+    /// ([`StepBench::record_products`]).
+    #[serde(skip)]
+    pub products: Vec<odpo_kernels::Product>,
 }
 
 /// Matmul FLOPs of one step: policy forward + backward (3×) and the reference forward (1×), each
@@ -278,6 +285,12 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
             top: kernels.into_iter().take(CENSUS_ROWS).map(|k| CensusRow { kernel: k.kernel, launches: k.launches, device_seconds: k.device_seconds }).collect(),
         });
     }
+    let mut products = Vec::new();
+    if b.record_products {
+        let stepped;
+        (stepped, products) = odpo_kernels::record_products(|| trainer.step(&refs, b.warmup + b.repeats + 1, 1e-6));
+        (trainer, _) = stepped?;
+    }
     let policy = trainer.into_policy();
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
@@ -305,6 +318,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         // An epoch is a number of such steps; the first also runs the cache pass over its pairs.
         later_epoch_over_first: reference_cache_seconds.map(|c| median / (median + c)),
         census,
+        products,
     })
 }
 
@@ -352,4 +366,185 @@ pub fn matmul_peak(n: usize, device: &Device) -> f64 {
         }
     }
     best
+}
+
+/// One routine's time on the products of a step ([`time_routines`]).
+#[derive(Clone, Debug, Serialize)]
+pub struct RoutineTiming {
+    /// Its name (`odpo_kernels::MATMUL_ROUTINES`).
+    pub routine: String,
+    /// Distinct products it multiplied.
+    pub ran: usize,
+    /// Distinct products it refused: burn's routine multiplied those, and their time is burn's.
+    pub refused: usize,
+    /// The step's products: each distinct product's time times how often the step multiplies it.
+    pub step_seconds: f64,
+    /// The step's product FLOPs over `step_seconds`, in TFLOP/s.
+    pub tflops: f64,
+    /// `auto`'s `step_seconds` over this routine's.
+    pub speedup: f64,
+    /// The largest difference from `auto`'s product over all products, each relative to the
+    /// largest magnitude of `auto`'s product.
+    pub max_relative_difference: f64,
+}
+
+/// One distinct product of a step and the routine fastest on it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProductTiming {
+    /// Shapes, transposed operands (ᵀ) and type.
+    pub product: String,
+    /// How often one step multiplies it.
+    pub per_step: usize,
+    /// Its FLOPs, in GFLOP.
+    pub gflop: f64,
+    /// Milliseconds on `auto`.
+    pub auto_ms: f64,
+    /// The fastest routine that took it, and its milliseconds.
+    pub best: String,
+    /// Milliseconds on `best`.
+    pub best_ms: f64,
+}
+
+/// The routines timed on a step's products.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoutineReport {
+    /// Per routine, fastest first.
+    pub routines: Vec<RoutineTiming>,
+    /// Per distinct product, largest share of `auto`'s time first.
+    pub products: Vec<ProductTiming>,
+    /// The time budget ran out before every routine was timed on every product.
+    pub incomplete: bool,
+}
+
+/// Times each routine of `routines` (on the cubecl backends; `auto` is always timed, first) on the
+/// distinct products of `products` (a step's, [`StepBench::record_products`]): random operands of
+/// the same shapes, layouts and type, each product compiled once, then run until 20 ms have passed,
+/// best of two. Stops starting new routines once `budget` has passed.
+pub fn time_routines(products: &[odpo_kernels::Product], routines: &[odpo_kernels::MatmulRoutine], device: &Device, budget: std::time::Duration) -> RoutineReport {
+    use odpo_kernels::MatmulRoutine;
+    let start = Instant::now();
+    let mut distinct: Vec<(odpo_kernels::Product, usize)> = Vec::new();
+    for p in products {
+        match distinct.iter_mut().find(|(q, _)| q == p) {
+            Some((_, n)) => *n += 1,
+            None => distinct.push((p.clone(), 1)),
+        }
+    }
+    if distinct.is_empty() {
+        return RoutineReport { routines: Vec::new(), products: Vec::new(), incomplete: false };
+    }
+    let operands: Vec<_> = distinct.iter().map(|(p, _)| Operands::new(p, device)).collect();
+    let flops: f64 = distinct.iter().map(|(p, n)| p.flops() * *n as f64).sum();
+    let mut order = vec![MatmulRoutine::AUTO];
+    order.extend(routines.iter().copied().filter(|r| *r != MatmulRoutine::AUTO));
+    let mut reference = Vec::new();
+    let mut times: Vec<Vec<Option<f64>>> = Vec::new();
+    let mut timings = Vec::new();
+    let mut incomplete = false;
+    for routine in order {
+        if routine != MatmulRoutine::AUTO && start.elapsed() > budget {
+            incomplete = true;
+            continue;
+        }
+        let (mut ran, mut refused, mut step_seconds, mut worst) = (0, 0, 0.0, 0.0f64);
+        let mut row = Vec::new();
+        for (i, ((_, n), ops)) in distinct.iter().zip(&operands).enumerate() {
+            let (seconds, out, calls) = odpo_kernels::with_matmul_routine(routine, || ops.time());
+            let took = calls.ran > 0 || routine == MatmulRoutine::AUTO;
+            if took { ran += 1 } else { refused += 1 }
+            step_seconds += seconds * *n as f64;
+            row.push(took.then_some(seconds));
+            if routine == MatmulRoutine::AUTO {
+                reference.push(out);
+            } else {
+                worst = worst.max(relative_difference(&out, &reference[i]));
+            }
+        }
+        tracing::info!(routine = routine.name(), step_seconds, ran, refused, "matmul routine timed");
+        times.push(row);
+        timings.push(RoutineTiming { routine: routine.name().to_string(), ran, refused, step_seconds, tflops: flops / step_seconds / 1e12, speedup: 0.0, max_relative_difference: worst });
+    }
+    let auto = timings[0].step_seconds;
+    for t in &mut timings {
+        t.speedup = auto / t.step_seconds;
+    }
+    let mut per_product: Vec<ProductTiming> = distinct
+        .iter()
+        .enumerate()
+        .map(|(i, (p, n))| {
+            let auto_s = times[0][i].unwrap_or(f64::NAN);
+            let (best, best_s) = times.iter().zip(&timings).filter_map(|(row, t)| row[i].map(|s| (t.routine.clone(), s))).min_by(|a, b| a.1.total_cmp(&b.1)).unwrap_or(("auto".into(), auto_s));
+            ProductTiming { product: p.to_string(), per_step: *n, gflop: p.flops() / 1e9, auto_ms: auto_s * 1e3, best, best_ms: best_s * 1e3 }
+        })
+        .collect();
+    per_product.sort_by(|a, b| (b.auto_ms * b.per_step as f64).total_cmp(&(a.auto_ms * a.per_step as f64)));
+    timings.sort_by(|a, b| a.step_seconds.total_cmp(&b.step_seconds));
+    RoutineReport { routines: timings, products: per_product, incomplete }
+}
+
+/// A product's operands, as rank-2 tensors or with the leading dimensions in one.
+enum Operands {
+    Matrices(Tensor<2>, Tensor<2>),
+    Batched(Tensor<3>, Tensor<3>),
+}
+
+impl Operands {
+    fn new(p: &odpo_kernels::Product, device: &Device) -> Self {
+        let normal = burn::tensor::Distribution::Normal(0.0, 1.0);
+        let (lr, rr) = (p.lhs.len(), p.rhs.len());
+        let (m, k, n) = (p.lhs[lr - 2], p.lhs[lr - 1], p.rhs[rr - 1]);
+        let batch: usize = p.lhs[..lr - 2].iter().product();
+        // A transposed operand is the transposed view of a contiguous tensor, as in the step.
+        if lr == 2 {
+            let a = if p.lhs_transposed { Tensor::<2>::random([k, m], normal, device).transpose() } else { Tensor::<2>::random([m, k], normal, device) };
+            let b = if p.rhs_transposed { Tensor::<2>::random([n, k], normal, device).transpose() } else { Tensor::<2>::random([k, n], normal, device) };
+            Self::Matrices(a.cast(p.dtype), b.cast(p.dtype))
+        } else {
+            let a = if p.lhs_transposed { Tensor::<3>::random([batch, k, m], normal, device).swap_dims(1, 2) } else { Tensor::<3>::random([batch, m, k], normal, device) };
+            let b = if p.rhs_transposed { Tensor::<3>::random([batch, n, k], normal, device).swap_dims(1, 2) } else { Tensor::<3>::random([batch, k, n], normal, device) };
+            Self::Batched(a.cast(p.dtype), b.cast(p.dtype))
+        }
+    }
+
+    /// Seconds per product (after one that compiles it), the last product in f32, and the
+    /// routine's calls meanwhile.
+    fn time(&self) -> (f64, Tensor<1>, odpo_kernels::RoutineCalls) {
+        let before = odpo_kernels::matmul_routine_calls();
+        let product = || match self {
+            Self::Matrices(a, b) => odpo_kernels::matmul(a.clone(), b.clone()).flatten::<1>(0, 1),
+            Self::Batched(a, b) => odpo_kernels::matmul(a.clone(), b.clone()).flatten::<1>(0, 2),
+        };
+        // Reading one value waits for every kernel queued before it.
+        let wait = |t: &Tensor<1>| t.clone().narrow(0, 0, 1).cast(burn::tensor::DType::F32).into_scalar::<f32>();
+        let first = product();
+        wait(&first);
+        let after = odpo_kernels::matmul_routine_calls();
+        let calls = odpo_kernels::RoutineCalls { ran: after.ran - before.ran, refused: after.refused - before.refused };
+        let mut best = f64::INFINITY;
+        for _ in 0..2 {
+            let mut iters = 1;
+            loop {
+                let t = Instant::now();
+                let mut last = product();
+                for _ in 1..iters {
+                    last = product();
+                }
+                wait(&last);
+                let dt = t.elapsed().as_secs_f64();
+                if dt > 0.02 || iters >= 1024 {
+                    best = best.min(dt / iters as f64);
+                    break;
+                }
+                iters *= 4;
+            }
+        }
+        (best, first.cast(burn::tensor::DType::F32), calls)
+    }
+}
+
+/// `max |x - y| / max |y|` (0 when `y` is all zeros).
+fn relative_difference(x: &Tensor<1>, y: &Tensor<1>) -> f64 {
+    let scale = y.clone().abs().max().into_scalar::<f32>() as f64;
+    let diff = (x.clone() - y.clone()).abs().max().into_scalar::<f32>() as f64;
+    if scale > 0.0 { diff / scale } else { diff }
 }

@@ -70,3 +70,44 @@ fn half_precision_runs_follow_the_f32_run() {
     }
     println!("half-precision types trained: {checked}");
 }
+
+/// What `odpo bench --matmul-routines` measures: a half-precision step of the tiny GPT-2 records
+/// its products on the cubecl backends (none elsewhere), the fused QKV projection `x·W` among them
+/// and its weight's gradient `xᵀ·dy` by a transposed view; each routine is then timed on them,
+/// `auto` first, and every routine's products agree with `auto`'s within half-precision rounding.
+#[test]
+fn a_steps_products_are_recorded_and_each_routine_timed_on_them() {
+    use odpo_model::Precision;
+    use odpo_trainer::bench::{Census, StepBench};
+    let device = test_device();
+    let Some(precision) = [Precision::Bf16, Precision::F16].into_iter().find(|p| device.supports_dtype(p.dtype())) else {
+        eprintln!("{device:?} has neither bf16 nor f16: skipped");
+        return;
+    };
+    let config = repo_root().join("bench/configs/gpt2-tiny.json");
+    let b = StepBench { pairs: 1, seq: 32, prompt: 8, warmup: 0, repeats: 1, lora: None, cached_reference: false, shared_prompt: false, precision, gradient_checkpointing: false, census: Census::Off, record_products: true };
+    let r = odpo_trainer::bench::step(&config, &b, &device).unwrap();
+    if !odpo_kernels::launches_kernels(&device) {
+        assert!(r.products.is_empty(), "{device:?} recorded {} products", r.products.len());
+        return;
+    }
+    // 2 rows of 32 tokens through `c_attn`, a [128, 384] weight.
+    let (rows, d) = (64, 128);
+    let found = |lhs: Vec<usize>, rhs: Vec<usize>, lhs_transposed| r.products.iter().any(|p| p.lhs == lhs && p.rhs == rhs && p.lhs_transposed == lhs_transposed && p.dtype == DType::from(precision.dtype()));
+    assert!(found(vec![rows, d], vec![d, 3 * d], false), "no x·W among {:?}", r.products);
+    assert!(found(vec![d, rows], vec![rows, 3 * d], true), "no xᵀ·dy among {:?}", r.products);
+    let routines: Vec<odpo_kernels::MatmulRoutine> = ["double_cyclic_mma", "auto"].iter().map(|n| n.parse().unwrap()).collect();
+    let report = odpo_trainer::bench::time_routines(&r.products, &routines, &device, std::time::Duration::from_secs(300));
+    assert!(!report.incomplete);
+    assert_eq!(report.routines.len(), 2);
+    let distinct = report.products.len();
+    assert!(distinct >= 2 && distinct <= r.products.len());
+    for t in &report.routines {
+        assert_eq!(t.ran + t.refused, distinct, "{t:?}");
+        assert!(t.step_seconds > 0.0 && t.step_seconds.is_finite() && t.tflops > 0.0, "{t:?}");
+        assert!(t.max_relative_difference <= 2f64.powi(-7), "{t:?}");
+        eprintln!("{device:?} {}: {:.2e} s for the step's products, ran {}, refused {}", t.routine, t.step_seconds, t.ran, t.refused);
+    }
+    let auto = report.routines.iter().find(|t| t.routine == "auto").unwrap();
+    assert_eq!((auto.speedup, auto.refused, auto.max_relative_difference), (1.0, 0, 0.0));
+}
