@@ -95,6 +95,13 @@ def best_routine(step_path):
     return min(ok, key=lambda r: r["step_seconds"])["routine"] if ok else "auto"
 
 
+def table(out, *columns):
+    """Starts a markdown table in `out`: a blank line, the header and its rule."""
+    out.append("")
+    out.append("| " + " | ".join(columns) + " |")
+    out.append("|" + "---|" * len(columns))
+
+
 def fmt(x, spec=".3g", none="-"):
     return none if x is None else format(x, spec)
 
@@ -175,9 +182,7 @@ def tables(records):
             out.append(f"| {r['backend']} | {r['steps']} | {r['seconds']:.0f} | {span(tl)} | {span(el)} | {span(acc)} | {gap} |")
     ooms = [r for r in records if r.get("stage") == "oom"]
     if ooms:
-        out.append("")
-        out.append("| too large a step | exit | an error, no panic | seconds | message |")
-        out.append("|---|---|---|---|---|")
+        table(out, "too large a step", "exit", "an error, no panic", "seconds", "message")
         for r in ooms:
             if r.get("skipped"):
                 out.append(f"| {r['backend']} | skipped | | | |")
@@ -188,18 +193,14 @@ def tables(records):
     if censuses:
         # The kernels of one step: what a step that waits on the host pays per launch, and where the
         # device time goes.
-        out.append("")
-        out.append("| kernels of one step | side | launches | distinct kernels | kernels' device time (s) | census step (s) | timed step (s) |")
-        out.append("|---|---|---|---|---|---|---|")
+        table(out, "kernels of one step", "side", "launches", "distinct kernels", "kernels' device time (s)", "census step (s)", "timed step (s)")
         for r in censuses:
             if r.get("skipped") or "launches_per_step" not in r:
                 out.append(f"| {r['model']} | {r['side']} | {'skipped' if r.get('skipped') else r.get('error', 'failed')} | | | | |")
                 continue
             out.append(f"| {r['model']} | {r['side']} ({r.get('unit', 'cubecl kernels')}) | {r['launches_per_step']} | {r['kernels']} | "
                        f"{fmt(r.get('device_seconds'), '.4f')} | {fmt(r.get('step_seconds'), '.3f')} | {fmt(r.get('seconds_per_step_median'), '.3f')} |")
-        out.append("")
-        out.append("| side | kernel (the ten with the most device time) | launches | device time (s) |")
-        out.append("|---|---|---|---|")
+        table(out, "side", "kernel (the ten with the most device time)", "launches", "device time (s)")
         for r in censuses:
             for k in (r.get("top") or [])[:10]:
                 name = k["kernel"].replace("|", "/")[:90]
@@ -207,9 +208,7 @@ def tables(records):
     routines = [r for r in records if r.get("stage") == "routines"]
     if routines:
         # Each matmul routine on the products of one step (`odpo bench --matmul-routines`).
-        out.append("")
-        out.append("| products of one step | backend | routine | products' s/step | TFLOP/s | vs auto | refused | max difference from auto |")
-        out.append("|---|---|---|---|---|---|---|---|")
+        table(out, "products of one step", "backend", "routine", "products' s/step", "TFLOP/s", "vs auto", "refused", "max difference from auto")
         for r in routines:
             if "routines" not in r:
                 out.append(f"| {r['model']} | {r['backend']} | {'skipped' if r.get('skipped') else r.get('error', 'failed')} | | | | | |")
@@ -219,9 +218,7 @@ def tables(records):
                            f"{fmt(t['speedup'], '.2f')}x | {t['refused']} | {fmt(t['max_relative_difference'], '.1e')} |")
             if r.get("incomplete"):
                 out.append(f"| {r['model']} | {r['backend']} | (the budget ran out before the other routines) | | | | | |")
-        out.append("")
-        out.append("| product (the ten with the most time on auto) | model | per step | GFLOP | auto (ms) | fastest | its ms |")
-        out.append("|---|---|---|---|---|---|---|")
+        table(out, "product (the ten with the most time on auto)", "model", "per step", "GFLOP", "auto (ms)", "fastest", "its ms")
         for r in routines:
             for p in (r.get("products") or [])[:10]:
                 out.append(f"| `{p['product']}` | {r['model']} | {p['per_step']} | {fmt(p['gflop'], '.2f')} | {fmt(p['auto_ms'], '.3f')} | {p['best']} | {fmt(p['best_ms'], '.3f')} |")
