@@ -6,7 +6,7 @@
 //! measured matmul peak, against PyTorch's 42.9% (docs/performance.md), and most of that step is
 //! products. The routines burn's autotune chooses among for tensor cores (double buffering, warp
 //! specialisation, TMA loads, `mma` tiles) are here by name: a run takes one with
-//! `odpo --matmul NAME` (or `ODPO_MATMUL`), and `odpo bench --matmul-routines` times each on the
+//! `odpo --matmul NAME`, and `odpo bench --matmul-routines` times each on the
 //! products of a real step. A routine that refuses a product (a device without its instruction, a
 //! layout it does not load) leaves that product to burn's routine, and says so once in the log.
 //! f32 products keep their own path ([`crate::matmul`]); flex and libtorch have no such choice.
