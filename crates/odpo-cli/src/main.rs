@@ -23,9 +23,9 @@ struct Cli {
     command: Command,
     /// The routine of bf16 / f16 products on the cubecl backends (cuda, vulkan, wgpu, metal):
     /// `auto` (burn's own) or a name from `odpo bench --matmul-routines` (docs/backends.md,
-    /// "Matmul routines").
-    #[arg(long, global = true, default_value = "auto", value_parser = matmul_routine)]
-    matmul: odpo_kernels::MatmulRoutine,
+    /// "Matmul routines"). For `train --config` / `--resume` it overrides `train.matmul`.
+    #[arg(long, global = true, value_parser = matmul_routine)]
+    matmul: Option<odpo_kernels::MatmulRoutine>,
 }
 
 fn matmul_routine(s: &str) -> std::result::Result<odpo_kernels::MatmulRoutine, String> {
@@ -369,7 +369,9 @@ fn main() -> ExitCode {
         .with_writer(log_writer)
         .init();
     let cli = Cli::parse();
-    odpo_kernels::set_matmul_routine(cli.matmul);
+    if let Some(routine) = cli.matmul {
+        odpo_kernels::set_matmul_routine(routine);
+    }
     // Commands that train stop at a step boundary on SIGTERM / SIGINT, with a checkpoint.
     let trains = matches!(cli.command, Command::Train(_) | Command::Experiment(_) | Command::Frontier(_));
     if trains && let Err(e) = odpo_trainer::interrupt::install() {
@@ -452,7 +454,7 @@ fn interrupted(e: &anyhow::Error) -> Option<(usize, PathBuf)> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(a) => cmd_train(a),
+        Command::Train(a) => cmd_train(a, cli.matmul),
         Command::Sample(a) => cmd_sample(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Frontier(a) => cmd_frontier(a),
@@ -577,7 +579,13 @@ fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_train(mut a: TrainArgs) -> Result<()> {
+fn cmd_train(mut a: TrainArgs, matmul: Option<odpo_kernels::MatmulRoutine>) -> Result<()> {
+    // A run config's `train.matmul` yields to the flag, and its run folder records the routine.
+    if let Some(routine) = matmul
+        && (a.config.is_some() || a.resume.is_some())
+    {
+        a.sets.push(format!("train.matmul=\"{routine}\""));
+    }
     if !a.devices.is_empty() {
         if a.config.is_none() && a.resume.is_none() {
             anyhow::bail!("--devices needs --config (or --resume): the built-in default run trains on one device");

@@ -86,6 +86,14 @@ progress = false
     let needed: usize = err.split(" needs ").nth(1).and_then(|s| s.split(' ').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{err}"));
     assert!(needed > 64 && err.trim_end().ends_with("set `data.max_length` to 64 or less"), "{err}");
 
+    // `--matmul` overrides `train.matmul`, a routine of the cubecl backends' half-precision products:
+    // refused in f32, and on flex, before anything is written.
+    let (ok, _, err) = odpo_train(&["--config", config.to_str().unwrap(), "--matmul", "double_cyclic_mma"]);
+    assert!(!ok && err.contains("error: config: `train.matmul` = \"double_cyclic_mma\" chooses the routine of bf16 / f16 products"), "{err}");
+    let (ok, _, err) = odpo_train(&["--config", config.to_str().unwrap(), "--matmul", "double_cyclic_mma", "--set", "train.dtype=\"bf16\""]);
+    assert!(!ok && err.contains("chooses a routine of the cubecl backends (cuda, vulkan, wgpu, metal); the device") && err.contains("has none"), "{err}");
+    assert!(!run.exists());
+
     let (ok, out, err) = odpo_train(&["--config", config.to_str().unwrap(), "--backend", "flex"]);
     assert!(ok, "{err}");
     assert_eq!(line(&out, "steps:"), "3");

@@ -6,10 +6,13 @@
 //! measured matmul peak, against PyTorch's 42.9% (docs/performance.md), and most of that step is
 //! products. The routines burn's autotune chooses among for tensor cores (double buffering, warp
 //! specialisation, TMA loads, `mma` tiles) are here by name: a run takes one with
-//! `odpo --matmul NAME`, and `odpo bench --matmul-routines` times each on the
+//! `odpo --matmul NAME` or `train.matmul`, and `odpo bench --matmul-routines` times each on the
 //! products of a real step. A routine that refuses a product (a device without its instruction, a
 //! layout it does not load) leaves that product to burn's routine, and says so once in the log.
 //! f32 products keep their own path ([`crate::matmul`]); flex and libtorch have no such choice.
+//! On `cuda` built with LLVM (the default), cubecl offers no TMA, asynchronous copies or barriers:
+//! the `specialized_cyclic_*` and `*_tma_*` routines refuse every product there; built with
+//! `cuda-nvrtc` they take them (docs/backends.md, "Matmul routines").
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
@@ -110,6 +113,37 @@ impl FromStr for MatmulRoutine {
             .position(|r| *r == name)
             .map(|i| Self(i as u8))
             .ok_or_else(|| format!("unknown matmul routine `{s}`; expected one of: {}", MATMUL_ROUTINES.join(", ")))
+    }
+}
+
+/// Written and read as its name, as `train.matmul` takes it.
+impl serde::Serialize for MatmulRoutine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// Read as a unit variant whose name is the routine's, so that a config's list of values is
+/// [`MATMUL_ROUTINES`].
+impl<'de> serde::Deserialize<'de> for MatmulRoutine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl<'de> serde::de::Visitor<'de> for Name {
+            type Value = MatmulRoutine;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "a matmul routine, one of: {}", MATMUL_ROUTINES.join(", "))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<MatmulRoutine, E> {
+                s.parse().map_err(E::custom)
+            }
+            fn visit_enum<A: serde::de::EnumAccess<'de>>(self, a: A) -> Result<MatmulRoutine, A::Error> {
+                use serde::de::{Error, VariantAccess};
+                let (name, variant) = a.variant::<String>()?;
+                variant.unit_variant()?;
+                name.parse().map_err(A::Error::custom)
+            }
+        }
+        d.deserialize_enum("MatmulRoutine", MATMUL_ROUTINES, Name)
     }
 }
 

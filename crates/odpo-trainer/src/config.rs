@@ -250,6 +250,11 @@ pub struct TrainConfig {
     /// Compute precision: `f32` (default), or `bf16` / `f16` mixed precision (forward and backward in
     /// half precision; weights, gradients and optimizer state in f32).
     pub dtype: Precision,
+    /// The routine of the bf16 / f16 products on the cubecl backends (cuda, vulkan, wgpu, metal):
+    /// `auto` (default: burn's own, or the one `odpo --matmul` names) or a name from
+    /// `odpo bench --matmul-routines`, which times each on the products of a step. A product the
+    /// routine refuses runs burn's routine (logged once).
+    pub matmul: odpo_kernels::MatmulRoutine,
     /// Keep fewer activations for the backward pass and recompute the rest there (burn's balanced
     /// gradient checkpointing: memory-bound operations are recomputed, matmuls keep their outputs).
     /// The gradients are the same; less memory, more time.
@@ -284,6 +289,7 @@ impl Default for TrainConfig {
             backend: Backend::Flex,
             devices: Vec::new(),
             dtype: Precision::F32,
+            matmul: odpo_kernels::MatmulRoutine::AUTO,
             gradient_checkpointing: false,
             reference: ReferenceMode::Frozen,
             layout: RowLayout::Auto,
@@ -619,6 +625,12 @@ impl TrainConfig {
         if t.stage == Stage::Sft && t.layout != RowLayout::Auto {
             return err("train.layout", "does not apply to `train.stage = \"sft\"` (its rows have no rejected side); remove it".into());
         }
+        if t.matmul != odpo_kernels::MatmulRoutine::AUTO && t.dtype == Precision::F32 {
+            return err(
+                "train.matmul",
+                format!("= \"{}\" chooses the routine of bf16 / f16 products, and `train.dtype` is \"f32\" (f32 products keep their own); set `train.dtype` to \"bf16\" or \"f16\", or remove it", t.matmul),
+            );
+        }
         if t.max_steps == Some(0) {
             return err("train.max_steps", "is 0; expected at least 1 (or leave it out to use `train.epochs`)".into());
         }
@@ -819,6 +831,10 @@ beta = 0.1
                 "config: `train.layout` does not apply to `train.stage = \"sft\"` (its rows have no rejected side); remove it",
             ),
             (
+                vec![r#"train.matmul="double_cyclic_mma""#],
+                "config: `train.matmul` = \"double_cyclic_mma\" chooses the routine of bf16 / f16 products, and `train.dtype` is \"f32\" (f32 products keep their own); set `train.dtype` to \"bf16\" or \"f16\", or remove it",
+            ),
+            (
                 vec!["train.layout=packed"],
                 "--set train.layout=packed: unknown variant `packed`, expected one of `auto`, `shared-prompt`, `concatenated`\nin `train.layout`",
             ),
@@ -831,5 +847,19 @@ beta = 0.1
         assert!(parse(&sft, &[]).is_ok());
         let e = parse(&format!("{sft}[loss]\nbeta = 0.1\n"), &[]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
         assert!(e.starts_with("config: `loss` does not apply"), "{e}");
+    }
+
+    #[test]
+    fn a_matmul_routine_is_kept_by_name() -> Result<()> {
+        // A routine by name, kept in the run folder's config; an unknown one lists the names.
+        let cfg = parse(BASE, &[r#"train.dtype="bf16""#, r#"train.matmul="matmul_double_cyclic_mma""#])?;
+        assert_eq!(cfg.train.matmul.name(), "double_cyclic_mma");
+        let saved = cfg.to_toml()?;
+        assert!(saved.contains("matmul = \"double_cyclic_mma\""), "{saved}");
+        assert_eq!(parse(&saved, &[])?.train.matmul, cfg.train.matmul);
+        assert_eq!(parse(BASE, &[])?.train.matmul, odpo_kernels::MatmulRoutine::AUTO);
+        let e = parse(BASE, &[r#"train.dtype="bf16""#, r#"train.matmul="fastest""#]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.contains("unknown matmul routine `fastest`; expected one of: auto, simple_cyclic_mma") && e.contains("in `train.matmul`"), "{e}");
+        Ok(())
     }
 }

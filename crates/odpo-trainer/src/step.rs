@@ -263,6 +263,8 @@ impl Trainer {
         } else {
             let per = pairs.len() / self.replicas.len();
             let (policy, checkpointing) = (&self.policy, self.replicas.checkpointing);
+            // A routine chosen for this thread (`train.matmul`) holds on the replicas' threads too.
+            let routine = odpo_kernels::matmul_routine();
             std::thread::scope(|scope| {
                 let handles: Vec<_> = self
                     .replicas
@@ -274,11 +276,11 @@ impl Trainer {
                         let replica = policy.clone();
                         scope.spawn(move || {
                             // A panic here would not reach the caller's guard (another thread).
-                            guarded(|| format!("step {} on device {k}", at + 1), || step_advice(s.micro_batch_size, s.precision, checkpointing), || {
+                            odpo_kernels::with_matmul_routine(routine, || guarded(|| format!("step {} on device {k}", at + 1), || step_advice(s.micro_batch_size, s.precision, checkpointing), || {
                                 let replica = if k == 0 { replica } else { replica.fork_to(&r.device) };
                                 r.device.seed(dropout_seed(s.seed, at, k));
                                 slice_grads(s, at, total, &replica, None, &r.reference, slice, &r.device)
-                            })
+                            }))
                         })
                     })
                     .collect();

@@ -79,6 +79,22 @@ pub fn load_data(cfg: &RunConfig) -> Result<RunData> {
 /// and the evaluation): each step is [`Trainer::step`] over [`DataParallel`] replicas, equal to the
 /// single-device step up to the order of floating-point additions.
 pub fn train_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], resume: bool, tokenizer: Option<&Path>) -> Result<RunSummary> {
+    let routine = cfg.train.matmul;
+    if routine == odpo_kernels::MatmulRoutine::AUTO {
+        return run_on_devices(cfg, data, devices, resume, tokenizer);
+    }
+    if let Some(d) = devices.iter().find(|d| !odpo_kernels::launches_kernels(d)) {
+        return Err(TrainError::config(
+            "train.matmul",
+            format!("= \"{routine}\" chooses a routine of the cubecl backends (cuda, vulkan, wgpu, metal); the device {d:?} has none; remove it"),
+        ));
+    }
+    // The step's replica threads take the routine in force where they start.
+    odpo_kernels::with_matmul_routine(routine, || run_on_devices(cfg, data, devices, resume, tokenizer))
+}
+
+/// [`train_on_devices`] under the matmul routine in force.
+fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], resume: bool, tokenizer: Option<&Path>) -> Result<RunSummary> {
     let (t, run_dir) = (&cfg.train, cfg.output.dir.clone());
     let Some(device) = devices.first() else {
         return Err(TrainError::config("train.devices", "is empty; expected at least one device"));

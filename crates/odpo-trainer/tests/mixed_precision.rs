@@ -111,3 +111,40 @@ fn a_steps_products_are_recorded_and_each_routine_timed_on_them() {
     let auto = report.routines.iter().find(|t| t.routine == "auto").unwrap();
     assert_eq!((auto.speedup, auto.refused, auto.max_relative_difference), (1.0, 0, 0.0));
 }
+
+/// `train.matmul`: a run's half-precision products go through the routine it names (each one run
+/// or refused by it, counted), a run without it leaves them to burn's, and the routine is lifted
+/// when the run returns. A device without cubecl routines refuses the key, naming it.
+#[test]
+fn a_runs_products_take_the_routine_its_config_names() {
+    use odpo_kernels::{MatmulRoutine, matmul_routine, matmul_routine_calls};
+    let device = test_device();
+    let precision = ["bf16", "f16"].into_iter().find(|p| device.supports_dtype(if *p == "bf16" { DType::BF16 } else { DType::F16 })).unwrap_or("bf16");
+    let dir = scratch("matmul-routine");
+    let model = tiny_model(&dir);
+    let run = |name: &str| {
+        let (dtype, matmul) = (format!("train.dtype=\"{precision}\""), format!("train.matmul=\"{name}\""));
+        let sets = ["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1", "eval.every=0", "eval.max_pairs=4", dtype.as_str(), matmul.as_str()];
+        let cfg = config(&model, &dir.join(name), "", &sets);
+        assert_eq!(cfg.train.matmul.name(), name);
+        let before = matmul_routine_calls();
+        let result = odpo_trainer::train_on(&cfg, data(8, 4), &device, false, None);
+        let after = matmul_routine_calls();
+        assert_eq!(matmul_routine(), MatmulRoutine::AUTO, "the run's routine outlived it");
+        result.map(|_| (after.ran - before.ran, after.refused - before.refused))
+    };
+    if !odpo_kernels::launches_kernels(&device) {
+        let msg = run("double_cyclic_mma").expect_err("a device without routines must refuse one").to_string();
+        assert!(msg.starts_with("config: `train.matmul` = \"double_cyclic_mma\" chooses a routine of the cubecl backends") && msg.contains("has none"), "{msg}");
+        return;
+    }
+    if !device.supports_dtype(DType::BF16) && !device.supports_dtype(DType::F16) {
+        eprintln!("{device:?} has neither bf16 nor f16: skipped");
+        return;
+    }
+    assert_eq!(run("auto").expect("auto"), (0, 0));
+    let (ran, refused) = run("simple_cyclic_mma").expect("simple_cyclic_mma");
+    println!("{device:?} {precision}: simple_cyclic_mma ran {ran} products and refused {refused}");
+    // The forward and backward products of a step: at least the 2 layers' 4 projections each way.
+    assert!(ran + refused >= 16, "ran {ran}, refused {refused}");
+}
