@@ -13,7 +13,8 @@
 # the suites (and, with ODPO_BINARY, `odpo bench` on the GPU check's two step shapes in bf16, one of
 # them also with gradient checkpointing, and three steps of its real run in f32, when ODPO_SHARED
 # holds the model) compile, through
-# the same LLVM NVPTX path as on the GPU, with the same libdevice. Each module then goes through `ptxas
+# the same compiler as on the GPU (LLVM's NVPTX with the same libdevice; with `cuda-nvrtc`, NVRTC 13.0
+# and the CUDA headers, fetched below). Each module then goes through `ptxas
 # -arch=sm_90a` from PyPI's nvidia-cuda-nvcc 13.0 (with libdevice from nvidia-nvvm 13.0), fetched once
 # into ~/.cache/odpo/cuda-tools with `$ODPO_PYTHON -m pip download` (default python3).
 #
@@ -65,12 +66,44 @@ EOF
 fi
 PTXAS=$TOOLS/bin/ptxas
 
+# A build with `cuda-nvrtc` compiles its kernels from CUDA C++ with NVRTC, which runs without a GPU:
+# NVRTC and the headers the kernels include, from the CUDA 13.0 wheels, make $TOOLS a toolkit for it
+# (include/ with crt/ and cccl/, lib/ with libnvrtc), found through CUDA_PATH and LD_LIBRARY_PATH.
+NVRTC_WHEELS=("nvidia-cuda-nvrtc==13.0.88" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85")
+if grep -qa 'compiles its CUDA kernels with NVRTC' "$SUITES" && { [ ! -f "$TOOLS/lib/libnvrtc-builtins.so.13.0" ] || [ ! -f "$TOOLS/include/cccl/cuda/barrier" ]; }; then
+  echo "== fetching NVRTC and the CUDA headers (${NVRTC_WHEELS[*]}) into $TOOLS"
+  dl=$(mktemp -d)
+  "$PY" -m pip download --quiet --no-deps -d "$dl" "${NVRTC_WHEELS[@]}" || exit 1
+  "$PY" - "$dl" "$TOOLS" <<'EOF' || exit 1
+import os, sys, zipfile, glob
+dl, tools = sys.argv[1], sys.argv[2]
+libs = {"libnvrtc.so.13", "libnvrtc-builtins.so.13.0"}
+for wheel in sorted(glob.glob(os.path.join(dl, "*.whl"))):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            rel = name.removeprefix("nvidia/cu13/")
+            if rel == name or name.endswith("/"):
+                continue
+            if rel.startswith("include/") or rel in {f"lib/{l}" for l in libs}:
+                dest = os.path.join(tools, rel)
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                with z.open(name) as src, open(dest + ".part", "wb") as out:
+                    out.write(src.read())
+                os.replace(dest + ".part", dest)
+                libs.discard(os.path.basename(rel))
+if libs:
+    sys.exit(f"not found in the wheels: {sorted(libs)}")
+EOF
+  ln -sf libnvrtc.so.13 "$TOOLS/lib/libnvrtc.so"
+  rm -rf "$dl"
+fi
+
 # The stand-in driver.
 cc -shared -fPIC -O1 -Wall -o "$OUT/lib/libcuda.so.1" "$REPO/scripts/cuda-stand-in/libcuda.c" || exit 1
 ln -sf libcuda.so.1 "$OUT/lib/libcuda.so"
 
 TORCH_LIB=${TORCH_LIB:-$("$PY" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null || true)}
-export LD_LIBRARY_PATH="$OUT/lib${TORCH_LIB:+:$TORCH_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$OUT/lib:$TOOLS/lib${TORCH_LIB:+:$TORCH_LIB}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export CUDA_STAND_IN_DIR=$OUT CUDA_PATH=$TOOLS ODPO_REPO=$REPO ODPO_TEST_DEVICE=cuda
 
 echo "== the conformance suites on the stand-in driver (their values are meaningless: kernels do not run)"
@@ -106,12 +139,15 @@ modules=$(find "$OUT/ptx" -name '*.ptx' | wc -l)
 echo "== ptxas -arch=sm_90a on $modules modules"
 find "$OUT/ptx" -name '*.ptx' | sort | xargs -P "$(nproc)" -I{} sh -c '"$0" -arch=sm_90a -o /dev/null "$1" > "$1.ptxas" 2>&1 || echo "$1"' "$PTXAS" {} > "$OUT/ptxas-failed.txt"
 failed=$(wc -l < "$OUT/ptxas-failed.txt")
-compile_errors=$(grep -ciE 'CompilationError|failed to compile|LLVM ERROR|libdevice.10.bc was not found' "$OUT"/suites.log "$OUT"/bench-*.log 2>/dev/null | awk -F: '{s += $NF} END {print s + 0}')
-tf32=$(grep -l 'tf32' "$OUT"/ptx/*.ptx 2>/dev/null | wc -l)
+compile_errors=$(grep -ciE 'CompilationError|Compilation Error|failed to compile|LLVM ERROR|libdevice.10.bc was not found|NVRTC did not compile' "$OUT"/suites.log "$OUT"/bench-*.log 2>/dev/null | awk -F: '{s += $NF} END {print s + 0}')
+# TF32 instructions (a tensor-core product or a conversion to the type), not the word: NVRTC's
+# modules declare CCCL's `cuda::ptx::kind_tf32` tag whatever they compute.
+tf32_re='(mma|wmma)[^ ]*\.tf32|cvt\.[a-z.]*\.tf32'
+tf32=$(grep -lE "$tf32_re" "$OUT"/ptx/*.ptx 2>/dev/null | wc -l)
 launched=$(sort -u "$OUT/launched.log" 2>/dev/null | wc -l)
 bad_launch=0; [ -f "$OUT/bad-launch.log" ] && bad_launch=$(wc -l < "$OUT/bad-launch.log")
 echo "modules: $modules; kernels launched: $launched; ptxas rejected: $failed; compile errors reported: $compile_errors; launches outside the device's limits: $bad_launch; modules with TF32 products: $tf32"
-grep -l 'tf32' "$OUT"/ptx/*.ptx 2>/dev/null | head -5 | while read -r f; do echo "-- TF32 in $(basename "$f"): $(grep "^$(basename "$f" .ptx) " "$OUT/launched.log" | cut -d' ' -f2)"; done
+grep -lE "$tf32_re" "$OUT"/ptx/*.ptx 2>/dev/null | head -5 | while read -r f; do echo "-- TF32 in $(basename "$f"): $(grep "^$(basename "$f" .ptx) " "$OUT/launched.log" | cut -d' ' -f2)"; done
 for f in $(head -5 "$OUT/ptxas-failed.txt"); do echo "-- $f"; head -5 "$f.ptxas"; done
 [ -s "$OUT/bad-launch.log" ] && head -5 "$OUT/bad-launch.log"
 # A log past a megabyte means some crate logs per kernel at `info` (pliron did: 170 MB a step).

@@ -43,6 +43,9 @@ static void log_line(const char *kind, const char *text) {
 // ---- driver, device, context ----
 CUresult cuInit(unsigned flags) { (void)flags; return OK; }
 CUresult cuDriverGetVersion(int *v) { *v = 13000; return OK; }
+// The driver's private tables. NVRTC asks for one when a driver is loaded in its process, and
+// without this symbol it crashed (NVRTC 13.0.88); it takes the refusal and compiles.
+CUresult cuGetExportTable(const void **table, const void *id) { (void)id; *table = NULL; return ERR_NOT_SUPPORTED; }
 CUresult cuDeviceGetCount(int *n) { *n = 1; return OK; }
 CUresult cuDeviceGet(CUdevice *d, int ordinal) {
   if (ordinal != 0) return ERR_INVALID_VALUE;

@@ -40,7 +40,7 @@ enum Task {
     /// random models against transformers), the loss fixtures (against PyTorch), three ODPO training steps against
     /// PyTorch, data-parallel and mixed-precision training, f32 products exact to f32 rounding. [--backend B] or [--backend B1,B2]: one
     /// build with every named backend's feature, the suites run once per backend. [--also-build B3]:
-    /// compiled and linked in, not run.
+    /// compiled and linked in, not run. [--binary-out FILE]: the test binary's path, written there.
     Conformance(Passthrough),
     /// Installs PyTorch 2.9.0 (the libtorch burn-tch 0.22 links against) from PyPI into a virtual
     /// environment (default ~/.cache/odpo/libtorch-venv) and prints the environment the `tch` backend
@@ -375,6 +375,19 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
         eprintln!("conformance ({backend}): all suites passed");
+    }
+    // The binary those runs used, for what runs it again (CI's PTX check): cargo names it, where the
+    // newest `suites-*` in the build folder may be another build's.
+    if let Some(out) = flag_value(args, "--binary-out")? {
+        let mut cmd = cargo_cmd();
+        backend_env(&mut cmd, &features)?;
+        cmd.args(["test", "--profile", "conformance", "-p", "odpo-trainer", "--no-default-features", "--features", &features.join(","), "--test", "suites", "--no-run", "--message-format=json"]);
+        let output = with_spirv_fix(&mut cmd, &features, |c| c.stderr(std::process::Stdio::inherit()).output())?;
+        let exe = String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|m| {
+            (m["reason"] == "compiler-artifact" && m["target"]["name"] == "suites").then(|| m["executable"].as_str().map(str::to_string)).flatten()
+        });
+        let Some(exe) = exe else { bail!("cargo named no `suites` test binary") };
+        std::fs::write(out, format!("{exe}\n")).with_context(|| format!("writing {out}"))?;
     }
     Ok(ExitCode::SUCCESS)
 }

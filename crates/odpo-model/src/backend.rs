@@ -227,8 +227,13 @@ fn cuda_device(backend: Backend, index: usize) -> Result<Device, BackendError> {
         if index >= count {
             return Err(absent(format!("the NVIDIA driver sees {count} CUDA device(s) (indices from 0)")));
         }
-        let cuda_path = std::env::var_os("CUDA_PATH").map(std::path::PathBuf::from);
-        libdevice(cuda_path, &CUDA_ROOTS.map(std::path::Path::new)).map_err(absent)?;
+        #[cfg(feature = "cuda-nvrtc")]
+        nvrtc().map_err(absent)?;
+        #[cfg(not(feature = "cuda-nvrtc"))]
+        {
+            let cuda_path = std::env::var_os("CUDA_PATH").map(std::path::PathBuf::from);
+            libdevice(cuda_path, &CUDA_ROOTS.map(std::path::Path::new)).map_err(absent)?;
+        }
         return Ok(Device::cuda(index));
     }
     #[cfg(feature = "tch")]
@@ -261,14 +266,14 @@ fn cuda_driver_devices() -> Result<usize, String> {
 }
 
 /// The CUDA toolkit folders cubecl's CUDA compiler looks in for libdevice when `CUDA_PATH` is unset.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[cfg_attr(any(not(feature = "cuda"), feature = "cuda-nvrtc"), allow(dead_code))]
 const CUDA_ROOTS: [&str; 4] = ["/usr/local/cuda", "/opt/cuda", "/usr/lib/cuda", "/usr"];
 
 /// libdevice (`nvvm/libdevice/libdevice.10.bc`) where cubecl's CUDA compiler will look for it: under
 /// `cuda_path` when set, else under the first of `roots` that has `nvvm/libdevice`. Every training
 /// step's kernels call math functions NVPTX has no instruction for (`exp`, `log`), which the compiler
 /// links from it; without it the first such kernel fails inside the runtime.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[cfg_attr(any(not(feature = "cuda"), feature = "cuda-nvrtc"), allow(dead_code))]
 fn libdevice(cuda_path: Option<std::path::PathBuf>, roots: &[&std::path::Path]) -> Result<std::path::PathBuf, String> {
     let file = |root: &std::path::Path| root.join("nvvm/libdevice/libdevice.10.bc");
     let (found, looked) = match &cuda_path {
@@ -285,6 +290,45 @@ fn libdevice(cuda_path: Option<std::path::PathBuf>, roots: &[&std::path::Path]) 
              (the triton wheel carries one: triton/backends/nvidia/lib/libdevice.10.bc)"
         )
     })
+}
+
+/// The headers the CUDA C++ of cubecl's kernels includes, under `include/` of a toolkit: the half
+/// types, `wmma` (`mma.h` includes `crt/mma.h`) and, from CCCL, the `cuda::barrier` of the TMA and
+/// warp-specialised routines. PyPI's nvidia-cuda-runtime, nvidia-cuda-crt and nvidia-cuda-cccl
+/// install them in this layout (`site-packages/nvidia/cu13`).
+#[cfg_attr(not(feature = "cuda-nvrtc"), allow(dead_code))]
+const NVRTC_HEADERS: [&str; 3] = ["cuda_bf16.h", "crt/mma.h", "cccl/cuda/barrier"];
+
+/// The include folder of `cuda_path` (where cubecl-cuda looks: `CUDA_PATH`, else /usr/local/cuda,
+/// /opt/cuda) when it holds [`NVRTC_HEADERS`], else what is missing and how to get it.
+#[cfg_attr(not(feature = "cuda-nvrtc"), allow(dead_code))]
+fn nvrtc_headers(cuda_path: Option<std::path::PathBuf>) -> Result<std::path::PathBuf, String> {
+    const HOW: &str = "set CUDA_PATH to a CUDA toolkit, or to a folder whose include/ holds them \
+                       (pip install nvidia-cuda-runtime nvidia-cuda-crt nvidia-cuda-cccl: CUDA_PATH=site-packages/nvidia/cu13)";
+    let Some(root) = cuda_path else {
+        return Err(format!("no CUDA headers: CUDA_PATH is unset and there is no /usr/local/cuda or /opt/cuda; this build compiles its kernels with NVRTC, which needs {}; {HOW}", NVRTC_HEADERS.join(", ")));
+    };
+    let include = root.join("include");
+    let missing: Vec<&str> = NVRTC_HEADERS.iter().copied().filter(|h| !include.join(h).is_file()).collect();
+    if missing.is_empty() {
+        Ok(include)
+    } else {
+        Err(format!("{} lacks {}, which the kernels NVRTC compiles include; {HOW}", include.display(), missing.join(", ")))
+    }
+}
+
+/// With `cuda-nvrtc`, that NVRTC and [`NVRTC_HEADERS`] are there, so that a machine without them
+/// hears so here rather than from a panic in the runtime when the first kernel compiles.
+#[cfg(feature = "cuda-nvrtc")]
+#[allow(unsafe_code)]
+fn nvrtc() -> Result<(), String> {
+    // SAFETY: loads and unloads the library; cudarc loads it again when it compiles.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err("this build compiles its CUDA kernels with NVRTC, and libnvrtc.so is not on the library path: add the folder of \
+                    libnvrtc.so.13 and libnvrtc-builtins.so.13.0 to LD_LIBRARY_PATH (pip install nvidia-cuda-nvrtc: site-packages/nvidia/cu13/lib)"
+            .into());
+    }
+    nvrtc_headers(cubecl_cuda::install::cuda_path()).map(|_| ())
 }
 
 /// The wgpu device of `backend` on adapter `kind`, its runtime brought up here rather than by the
@@ -448,6 +492,22 @@ mod tests {
         assert_eq!(libdevice(None, &[empty.as_path(), toolkit.as_path()]), Ok(bc));
         let err = libdevice(None, &[bare.as_path(), toolkit.as_path()]).unwrap_err();
         assert!(err.contains("CUDA_PATH (unset)") && err.contains("Set CUDA_PATH"), "{err}");
+    }
+
+    /// The headers NVRTC's kernels include are looked for under CUDA_PATH, and what is missing named.
+    #[test]
+    fn nvrtc_headers_are_named_when_missing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("cu13");
+        std::fs::create_dir_all(root.join("include/crt")).unwrap();
+        std::fs::write(root.join("include/cuda_bf16.h"), "").unwrap();
+        std::fs::write(root.join("include/crt/mma.h"), "").unwrap();
+        let err = nvrtc_headers(Some(root.clone())).unwrap_err();
+        assert!(err.starts_with(&format!("{} lacks cccl/cuda/barrier,", root.join("include").display())) && err.contains("nvidia-cuda-cccl"), "{err}");
+        std::fs::create_dir_all(root.join("include/cccl/cuda")).unwrap();
+        std::fs::write(root.join("include/cccl/cuda/barrier"), "").unwrap();
+        assert_eq!(nvrtc_headers(Some(root.clone())), Ok(root.join("include")));
+        assert!(nvrtc_headers(None).unwrap_err().contains("CUDA_PATH is unset"));
     }
 
     #[cfg(feature = "flex")]
