@@ -356,14 +356,19 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
         .open(&suites)
         .and_then(|f| f.set_modified(std::time::SystemTime::now()))
         .with_context(|| format!("marking {} changed", suites.display()))?;
-    for backend in &backends {
+    // `cargo test` of the suites binary with every feature, its environment set.
+    let suites_cmd = |extra: &[&str]| -> Result<Command> {
         let mut cmd = cargo_cmd();
         backend_env(&mut cmd, &features)?;
+        cmd.args(["test", "--profile", "conformance", "-p", "odpo-trainer", "--no-default-features", "--features", &features.join(","), "--test", "suites"]).args(extra);
+        Ok(cmd)
+    };
+    for backend in &backends {
+        let mut cmd = suites_cmd(&[])?;
         // burn's own default device where it has a name for it (`tch-cuda`'s is libtorch's CPU);
         // the suites run on `ODPO_TEST_DEVICE`.
         let name = backend.split(':').next().unwrap_or_default();
         cmd.env("ODPO_TEST_DEVICE", backend).env("BURN_DEVICE", if name == "tch-cuda" { "tch" } else { name });
-        cmd.args(["test", "--profile", "conformance", "-p", "odpo-trainer", "--no-default-features", "--features", &features.join(","), "--test", "suites"]);
         // wgpu's Vulkan loader complains on every device creation without it.
         if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
             cmd.env("XDG_RUNTIME_DIR", std::env::temp_dir());
@@ -379,13 +384,13 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
     // The binary those runs used, for what runs it again (CI's PTX check): cargo names it, where the
     // newest `suites-*` in the build folder may be another build's.
     if let Some(out) = flag_value(args, "--binary-out")? {
-        let mut cmd = cargo_cmd();
-        backend_env(&mut cmd, &features)?;
-        cmd.args(["test", "--profile", "conformance", "-p", "odpo-trainer", "--no-default-features", "--features", &features.join(","), "--test", "suites", "--no-run", "--message-format=json"]);
+        let mut cmd = suites_cmd(&["--no-run", "--message-format=json"])?;
         let output = with_spirv_fix(&mut cmd, &features, |c| c.stderr(std::process::Stdio::inherit()).output())?;
-        let exe = String::from_utf8_lossy(&output.stdout).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find_map(|m| {
-            (m["reason"] == "compiler-artifact" && m["target"]["name"] == "suites").then(|| m["executable"].as_str().map(str::to_string)).flatten()
-        });
+        let exe = String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "suites")
+            .find_map(|m| m["executable"].as_str().map(str::to_string));
         let Some(exe) = exe else { bail!("cargo named no `suites` test binary") };
         std::fs::write(out, format!("{exe}\n")).with_context(|| format!("writing {out}"))?;
     }
