@@ -68,34 +68,9 @@ PTXAS=$TOOLS/bin/ptxas
 
 # A build with `cuda-nvrtc` compiles its kernels from CUDA C++ with NVRTC, which runs without a GPU:
 # NVRTC and the headers the kernels include, from the CUDA 13.0 wheels, make $TOOLS a toolkit for it
-# (include/ with crt/ and cccl/, lib/ with libnvrtc), found through CUDA_PATH and LD_LIBRARY_PATH.
-NVRTC_WHEELS=("nvidia-cuda-nvrtc==13.0.88" "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85")
-if grep -qa 'compiles its CUDA kernels with NVRTC' "$SUITES" && { [ ! -f "$TOOLS/lib/libnvrtc-builtins.so.13.0" ] || [ ! -f "$TOOLS/include/cccl/cuda/barrier" ]; }; then
-  echo "== fetching NVRTC and the CUDA headers (${NVRTC_WHEELS[*]}) into $TOOLS"
-  dl=$(mktemp -d)
-  "$PY" -m pip download --quiet --no-deps -d "$dl" "${NVRTC_WHEELS[@]}" || exit 1
-  "$PY" - "$dl" "$TOOLS" <<'EOF' || exit 1
-import os, sys, zipfile, glob
-dl, tools = sys.argv[1], sys.argv[2]
-libs = {"libnvrtc.so.13", "libnvrtc-builtins.so.13.0"}
-for wheel in sorted(glob.glob(os.path.join(dl, "*.whl"))):
-    with zipfile.ZipFile(wheel) as z:
-        for name in z.namelist():
-            rel = name.removeprefix("nvidia/cu13/")
-            if rel == name or name.endswith("/"):
-                continue
-            if rel.startswith("include/") or rel in {f"lib/{l}" for l in libs}:
-                dest = os.path.join(tools, rel)
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                with z.open(name) as src, open(dest + ".part", "wb") as out:
-                    out.write(src.read())
-                os.replace(dest + ".part", dest)
-                libs.discard(os.path.basename(rel))
-if libs:
-    sys.exit(f"not found in the wheels: {sorted(libs)}")
-EOF
-  ln -sf libnvrtc.so.13 "$TOOLS/lib/libnvrtc.so"
-  rm -rf "$dl"
+# (scripts/cuda-nvrtc-tools.sh), found through CUDA_PATH and LD_LIBRARY_PATH.
+if grep -qa 'compiles its CUDA kernels with NVRTC' "$SUITES"; then
+  ODPO_PYTHON=$PY "$REPO/scripts/cuda-nvrtc-tools.sh" "$TOOLS" || exit 1
 fi
 
 # The stand-in driver.

@@ -2,8 +2,12 @@
 # Builds what scripts/gpu-check.sh runs on a Linux GPU machine that has no Rust toolchain and no network
 # (docs/backends.md, "GPU check"), into OUT (default gpu-bin/, ignored by git):
 #   - `odpo` with flex, Vulkan (burn's wgpu with SPIR-V kernels), burn's CUDA backend and libtorch, and
-#     `suites` (the twelve conformance suites in one test binary) with the same backends, stripped and
+#     `suites` (the twelve conformance suites in one test binary) with the same backends, and
+#     `odpo-nvrtc`, the same `odpo` with `cuda-nvrtc` (the CUDA kernels compiled by NVRTC, which keeps
+#     the TMA and barriers some matmul routines need; ODPO_GPU_NVRTC=0 leaves it out), stripped and
 #     xz-compressed together;
+#   - the CUDA 13.0 headers those kernels include (scripts/cuda-nvrtc-tools.sh); NVRTC itself is the GPU
+#     machine's, which PyTorch's CUDA wheels install (nvidia-cuda-nvrtc);
 #   - libtorch is the GPU machine's own: the binaries are compiled against PyPI's torch 2.11.0 (CUDA 13.0)
 #     headers and run with that machine's torch/lib on the library path (ODPO_GPU_TORCH picks another);
 #   - SmolLM2-135M-Instruct (GGUF, tokenizer) and the paper's IMDB pairs from ODPO_SHARED, for the real run;
@@ -24,6 +28,7 @@ SHARED=${ODPO_SHARED:-../shared}
 # A build folder of its own: its libtorch (torch-sys) differs from the one CI's tch build links.
 export CARGO_TARGET_DIR=${ODPO_GPU_TARGET:-$HOME/.cache/odpo/target-gpu}
 FEATURES=flex,vulkan,cuda,tch
+NVRTC=${ODPO_GPU_NVRTC:-1}
 
 cargo xtask setup-cuda
 cargo xtask setup-libtorch --torch "$TORCH"
@@ -38,11 +43,23 @@ patched=$(scripts/cubecl-spirv-patched.sh)
 stage=$(mktemp -d) lock=$(mktemp)
 cp Cargo.lock "$lock"
 trap 'cp "$lock" Cargo.lock; rm -rf "$stage" "$lock"' EXIT
-mkdir -p "$stage/bin" "$stage/model" "$stage/data" "$stage/gl"
+mkdir -p "$stage/bin" "$stage/model" "$stage/data" "$stage/gl" "$stage/cuda"
+bins="odpo suites"
 
 echo "== cargo build odpo ($FEATURES, torch $TORCH)"
 # shellcheck disable=SC2086
 cargo build --release -p odpo-cli --no-default-features --features "$FEATURES" $patched
+strip -o "$stage/bin/odpo" "$CARGO_TARGET_DIR/release/odpo"
+if [ "$NVRTC" = 1 ]; then
+  echo "== cargo build odpo-nvrtc (${FEATURES/cuda/cuda-nvrtc})"
+  # The same binary path: the build above is copied out first.
+  # shellcheck disable=SC2086
+  cargo build --release -p odpo-cli --no-default-features --features "${FEATURES/cuda/cuda-nvrtc}" $patched
+  strip -o "$stage/bin/odpo-nvrtc" "$CARGO_TARGET_DIR/release/odpo"
+  scripts/cuda-nvrtc-tools.sh
+  tar -C "${ODPO_CUDA_TOOLS:-$HOME/.cache/odpo/cuda-tools}" -cf - include | xz -T0 > "$stage/cuda/include.tar.xz"
+  bins="odpo odpo-nvrtc suites"
+fi
 echo "== cargo test --no-run suites ($FEATURES)"
 suites=$(cargo test --release -p odpo-trainer --no-default-features --features "$FEATURES,suites" --test suites --no-run --message-format=json $patched \
   | python3 -c 'import json,sys
@@ -51,21 +68,23 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "suites":
         print(m["executable"])')
 [ -x "$suites" ] || { echo "no suites binary" >&2; exit 1; }
-for pair in "odpo:$CARGO_TARGET_DIR/release/odpo" "suites:$suites"; do
-  name=${pair%%:*} path=${pair#*:}
-  strip -o "$stage/bin/$name" "$path"
-done
-# The two binaries share most of their code (burn, LLVM, the libtorch bindings): one xz stream whose
-# window holds the first while it compresses the second takes 44 MB where each on its own took 70
-# (2026-12-01), a device call fewer. About 7 minutes on one core; unpacking needs 256 MiB.
-tar -C "$stage/bin" -cf - odpo suites | xz -T1 --lzma2=preset=9,dict=256MiB > "$stage/bin/binaries.tar.xz"
-rm "$stage/bin/odpo" "$stage/bin/suites"
+strip -o "$stage/bin/suites" "$suites"
+# The binaries share most of their code (burn, LLVM, the libtorch bindings): one xz stream whose
+# window holds the first while it compresses the next takes 44 MB for `odpo` and `suites` where each
+# on its own took 70 (2026-12-01), 54 with `odpo-nvrtc` (2026-12-04; xz's x86 filter made it 58), a
+# device call fewer. About 7 minutes on one core; unpacking needs 256 MiB.
+# shellcheck disable=SC2086
+tar -C "$stage/bin" -cf - $bins | xz -T1 --lzma2=preset=9,dict=256MiB > "$stage/bin/binaries.tar.xz"
+# shellcheck disable=SC2086
+(cd "$stage/bin" && rm $bins)
 echo "$TORCH" > "$stage/bin/torch-version"
 git rev-parse HEAD > "$stage/bin/commit" 2>/dev/null || true
 
 echo "== model and data from $SHARED"
 m=$SHARED/models/smollm2-135m-instruct
-cp "$m/SmolLM2-135M-Instruct.Q4_1.gguf" "$m/tokenizer_config.json" "$m/chat_template.jinja" "$m/config.json" "$stage/model/"
+cp "$m/tokenizer_config.json" "$m/chat_template.jinja" "$m/config.json" "$stage/model/"
+# The GGUF's 98 MB take 90 compressed: with the third binary, the bundle stays in three parts.
+xz -T0 -c "$m/SmolLM2-135M-Instruct.Q4_1.gguf" > "$stage/model/SmolLM2-135M-Instruct.Q4_1.gguf.xz"
 cp "$m/generation_config.json" "$stage/model/" 2>/dev/null || true
 xz -T0 -c "$m/tokenizer.json" > "$stage/model/tokenizer.json.xz"
 xz -T0 -c "$SHARED/data/odpo-paper/imdb-sft-test.jsonl" > "$stage/data/imdb-sft-test.jsonl.xz"

@@ -14,9 +14,12 @@
 #      the rows as `--layout auto` lays them out on a GPU (concatenated), and the shared prompt beside
 #      them on GPU_CHECK_LAYOUT_BACKENDS (default tch-cuda);
 #   2b. each matmul routine (`odpo bench --matmul-routines`) timed on the bf16 products of one step on
-#      GPU_CHECK_ROUTINE_BACKENDS (default cuda) for GPU_CHECK_ROUTINE_MODELS (default llama-3.2-1b),
-#      at most GPU_CHECK_ROUTINE_BUDGET seconds (default 60) of routines; then the step of 2 again with
-#      the fastest routine that took every product and agreed with burn's (`odpo --matmul NAME`);
+#      GPU_CHECK_ROUTINE_BACKENDS (default "cuda cuda-nvrtc") for GPU_CHECK_ROUTINE_MODELS (default
+#      llama-3.2-1b), at most GPU_CHECK_ROUTINE_BUDGET seconds (default 60) of routines each; then the
+#      step of 2 again with the fastest routine that took every product and agreed with burn's (`odpo
+#      --matmul NAME`; on cuda-nvrtc with burn's own routine too when that was the fastest).
+#      `cuda-nvrtc` is `odpo-nvrtc --backend cuda`: the kernels compiled by NVRTC, with the carried CUDA
+#      headers and this machine's libnvrtc (PyTorch's nvidia-cuda-nvrtc wheel, or a CUDA toolkit);
 #   3. ODPO on the real SmolLM2-135M-Instruct with the paper's IMDB pairs for 100 steps, and the same
 #      run's first steps on the CPU (tch; flex in the dry run) beside it;
 #   4. the step of 2 with gradient checkpointing on the first backend: its peak memory and time
@@ -90,6 +93,10 @@ echo "== bundle"
   rm -rf x && mkdir x && cat $(awk '$2 ~ /^part-/ {print $2}' MANIFEST) | tar -C x -xf - || exit 5
   { xz -dc x/bin/binaries.tar.xz | tar -C x/bin -xf - && rm x/bin/binaries.tar.xz; } || exit 5
   chmod +x x/bin/odpo x/bin/suites
+  if [ -f x/bin/odpo-nvrtc ]; then
+    chmod +x x/bin/odpo-nvrtc
+    mkdir -p x/cuda-nvrtc && xz -dc x/cuda/include.tar.xz | tar -C x/cuda-nvrtc -xf - || exit 5
+  fi
   unxz -f x/data/*.xz x/model/*.xz
 ) || { echo "the bundle in $BUNDLE is incomplete or damaged"; exit 3; }
 X=$(cd "$BUNDLE/x" && pwd)
@@ -124,9 +131,23 @@ if [ -z "${CUDA_PATH:-}" ] && [ ! -f /usr/local/cuda/nvvm/libdevice/libdevice.10
     export CUDA_PATH=$W/cuda
   fi
 fi
+# NVRTC for odpo-nvrtc: this machine's libnvrtc.so.13 (PyTorch's CUDA wheels install it under
+# site-packages/nvidia/cu13/lib; a CUDA toolkit under lib64); the headers are the bundle's.
+NVRTC_LIB=${GPU_CHECK_NVRTC_LIB:-$("$PY" - <<'PY' 2>/dev/null
+import glob, os, sys
+for d in [os.path.join(p, "nvidia/cu13/lib") for p in sys.path if p] + sorted(glob.glob("/usr/local/cuda*/lib64")):
+    if os.path.exists(os.path.join(d, "libnvrtc.so.13")):
+        print(os.path.realpath(d))
+        break
+PY
+)}
+nvrtc_env=()
+if [ -x "$X/bin/odpo-nvrtc" ] && [ -n "$NVRTC_LIB" ]; then
+  nvrtc_env=(env "CUDA_PATH=$X/cuda-nvrtc" "LD_LIBRARY_PATH=$NVRTC_LIB:$LD_LIBRARY_PATH")
+fi
 export ODPO_REPO=$PWD XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} RUST_BACKTRACE=1
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
-echo "gpu: ${gpu:-none}; cpus: $(nproc); torch lib: ${TORCH_LIB:-none}; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}; CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}"
+echo "gpu: ${gpu:-none}; cpus: $(nproc); torch lib: ${TORCH_LIB:-none}; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}; CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}; NVRTC: ${NVRTC_LIB:-none}"
 missing=$(ldd "$ODPO" | grep 'not found')
 [ -z "$missing" ] || echo "odpo cannot load: $missing"
 "$PY" - "$W/machine.json" "$PT_DEVICE" <<'PY'
@@ -227,23 +248,38 @@ echo "== 2b. matmul routines on the products of one step, and the step with the 
 # 2026-11-30 reached 7.1% of the card's matmul peak on it. Each routine is timed on random operands
 # of the step's own products (shapes, transposed views, type), then the step runs with the fastest.
 if [ "$QUICK" = 1 ]; then routine_models=${GPU_CHECK_ROUTINE_MODELS:-gpt2-tiny}; routine_backends=${GPU_CHECK_ROUTINE_BACKENDS:-vulkan}
-else routine_models=${GPU_CHECK_ROUTINE_MODELS:-llama-3.2-1b}; routine_backends=${GPU_CHECK_ROUTINE_BACKENDS:-cuda}; fi
+else routine_models=${GPU_CHECK_ROUTINE_MODELS:-llama-3.2-1b}; routine_backends=${GPU_CHECK_ROUTINE_BACKENDS:-cuda cuda-nvrtc}; fi
 for m in $routine_models; do
   for b in $routine_backends; do
     case $b in vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
+    # cuda-nvrtc: odpo-nvrtc on the cuda device, with NVRTC's environment, the routines only NVRTC
+    # runs (TMA, barriers) first: its kernels take longer to compile, which the budget counts.
+    run=("$ODPO") be=$b routines=${GPU_CHECK_ROUTINES:-all}
+    if [ "$b" = cuda-nvrtc ]; then
+      if [ "${#nvrtc_env[@]}" = 0 ]; then
+        why="no odpo-nvrtc in the bundle"; [ -x "$X/bin/odpo-nvrtc" ] && why="no libnvrtc.so.13 here (GPU_CHECK_NVRTC_LIB names its folder)"
+        echo "-- $m $b: skipped, $why"
+        record "routines-$m-$b" "{\"stage\":\"routines\",\"model\":\"$m\",\"backend\":\"$b\",\"skipped\":true,\"why\":\"$why\"}"
+        continue
+      fi
+      run=("${nvrtc_env[@]}" "$X/bin/odpo-nvrtc") be=cuda
+      routines=${GPU_CHECK_ROUTINES:-specialized_tma_mma,specialized_tma_cmma,simple_tma_mma,simple_tma_cmma,specialized_cyclic_mma,specialized_cyclic_cmma,double_cyclic_mma_specialized,double_cyclic_cmma_specialized,double_cyclic_mma,double_cyclic_cmma,simple_cyclic_mma,simple_cyclic_mma_rows,simple_cyclic_cmma_rows,ordered_double_mma,ordered_double_cmma}
+    fi
     echo "-- $m $b ($dtype)"
     fits 60 || { record "routines-$m-$b" "{\"stage\":\"routines\",\"model\":\"$m\",\"backend\":\"$b\",\"skipped\":true}"; continue; }
     rb=${GPU_CHECK_ROUTINE_BUDGET:-60}; [ "$rb" -lt $(($(left) - 50)) ] || rb=$(($(left) - 50))
-    timeout "$(cap $((rb + 60)))" "$ODPO" bench --config "bench/configs/$m.json" --backend "$b" --dtype "$dtype" \
-      --pairs "$PAIRS" --seq "$SEQ" --warmup 1 --repeats 1 --matmul-routines "${GPU_CHECK_ROUTINES:-all}" --routines-budget "$rb" \
+    timeout "$(cap $((rb + 60)))" "${run[@]}" bench --config "bench/configs/$m.json" --backend "$be" --dtype "$dtype" \
+      --pairs "$PAIRS" --seq "$SEQ" --warmup 1 --repeats 1 --matmul-routines "$routines" --routines-budget "$rb" \
       > "$W/routines.json" 2> "$W/routines.err"
     echo "exit $?"; grep -v "matmul routine timed" "$W/routines.err" | tail -3 | cut -c1-300
     record "routines-$m-$b" "$("$PY" scripts/gpu-report.py --merge routines "$m" "$b" "$W/routines.json")"
     best=$("$PY" scripts/gpu-report.py --best-routine "$W/routines.json")
     echo "fastest routine that took every product: $best"
-    [ "$best" != auto ] || continue
+    # burn's own routine already has its step in 2, except under NVRTC.
+    matmul=(--matmul "$best")
+    if [ "$best" = auto ]; then [ "$b" = cuda-nvrtc ] || continue; matmul=(); fi
     fits 40 || { record "bench-$m-$b-$best" "{\"stage\":\"bench\",\"model\":\"$m\",\"side\":\"$b, matmul $best\",\"skipped\":true}"; continue; }
-    "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "$ODPO" bench --matmul "$best" --config "bench/configs/$m.json" --backend "$b" --dtype "$dtype" \
+    "$PY" bench/gpu_peak.py "$W/mem.json" -- timeout "$(cap 150)" "${run[@]}" bench "${matmul[@]}" --config "bench/configs/$m.json" --backend "$be" --dtype "$dtype" \
       --pairs "$PAIRS" --seq "$SEQ" --warmup 2 --repeats "$REPEATS" > "$W/step.json"
     record "bench-$m-$b-$best" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, matmul $best" "$W/step.json" "$W/mem.json")"
   done

@@ -211,7 +211,8 @@ def tables(records):
         table(out, "products of one step", "backend", "routine", "products' s/step", "TFLOP/s", "vs auto", "refused", "max difference from auto")
         for r in routines:
             if "routines" not in r:
-                out.append(f"| {r['model']} | {r['backend']} | {'skipped' if r.get('skipped') else r.get('error', 'failed')} | | | | | |")
+                why = ("skipped" + (f": {r['why']}" if r.get("why") else "")) if r.get("skipped") else r.get("error", "failed")
+                out.append(f"| {r['model']} | {r['backend']} | {why} | | | | | |")
                 continue
             for t in r["routines"]:
                 out.append(f"| {r['model']} | {r['backend']} | {t['routine']} | {fmt(t['step_seconds'], '.4f')} | {fmt(t['tflops'], '.1f')} | "
