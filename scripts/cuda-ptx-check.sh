@@ -33,45 +33,18 @@ run_exit=0 # an `odpo` command's exit status, where one ended in an error
 PY=${ODPO_PYTHON:-python3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 TOOLS=${ODPO_CUDA_TOOLS:-$HOME/.cache/odpo/cuda-tools}
-CUDA_VERSION_PIN=13.0.88
 
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 rm -rf "$OUT/ptx" "$OUT"/*.log && mkdir -p "$OUT/ptx" "$OUT/lib"
 
-# ptxas and libdevice, from PyPI's CUDA 13.0 wheels.
-if [ ! -x "$TOOLS/bin/ptxas" ] || [ ! -f "$TOOLS/nvvm/libdevice/libdevice.10.bc" ]; then
-  echo "== fetching ptxas and libdevice (nvidia-cuda-nvcc, nvidia-nvvm $CUDA_VERSION_PIN) into $TOOLS"
-  dl=$(mktemp -d)
-  "$PY" -m pip download --quiet --no-deps -d "$dl" "nvidia-cuda-nvcc==$CUDA_VERSION_PIN" "nvidia-nvvm==$CUDA_VERSION_PIN" || exit 1
-  "$PY" - "$dl" "$TOOLS" <<'EOF' || exit 1
-import os, sys, zipfile, glob
-dl, tools = sys.argv[1], sys.argv[2]
-want = {"nvidia/cu13/bin/ptxas": "bin/ptxas", "nvidia/cu13/nvvm/libdevice/libdevice.10.bc": "nvvm/libdevice/libdevice.10.bc"}
-for wheel in glob.glob(os.path.join(dl, "*.whl")):
-    with zipfile.ZipFile(wheel) as z:
-        for name in z.namelist():
-            if name in want:
-                dest = os.path.join(tools, want[name])
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                with z.open(name) as src, open(dest + ".part", "wb") as out:
-                    out.write(src.read())
-                os.replace(dest + ".part", dest)
-                os.chmod(dest, 0o755)
-                want.pop(name)
-                break
-if want:
-    sys.exit(f"not found in the wheels: {sorted(want)}")
-EOF
-  rm -rf "$dl"
-fi
+# ptxas and libdevice, from PyPI's CUDA 13.0 wheels; for a build with `cuda-nvrtc`, which compiles its
+# kernels from CUDA C++ with NVRTC (which runs without a GPU), NVRTC and the headers the kernels
+# include too, found through CUDA_PATH and LD_LIBRARY_PATH (scripts/cuda-tools.sh).
+parts=ptxas
+grep -qa 'compiles its CUDA kernels with NVRTC' "$SUITES" && parts="ptxas nvrtc"
+# shellcheck disable=SC2086
+ODPO_CUDA_TOOLS=$TOOLS ODPO_PYTHON=$PY "$REPO/scripts/cuda-tools.sh" $parts || exit 1
 PTXAS=$TOOLS/bin/ptxas
-
-# A build with `cuda-nvrtc` compiles its kernels from CUDA C++ with NVRTC, which runs without a GPU:
-# NVRTC and the headers the kernels include, from the CUDA 13.0 wheels, make $TOOLS a toolkit for it
-# (scripts/cuda-nvrtc-tools.sh), found through CUDA_PATH and LD_LIBRARY_PATH.
-if grep -qa 'compiles its CUDA kernels with NVRTC' "$SUITES"; then
-  ODPO_PYTHON=$PY "$REPO/scripts/cuda-nvrtc-tools.sh" "$TOOLS" || exit 1
-fi
 
 # The stand-in driver.
 cc -shared -fPIC -O1 -Wall -o "$OUT/lib/libcuda.so.1" "$REPO/scripts/cuda-stand-in/libcuda.c" || exit 1

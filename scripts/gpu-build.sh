@@ -6,7 +6,7 @@
 #     `odpo-nvrtc`, the same `odpo` with `cuda-nvrtc` (the CUDA kernels compiled by NVRTC, which keeps
 #     the TMA and barriers some matmul routines need; ODPO_GPU_NVRTC=0 leaves it out), stripped and
 #     xz-compressed together;
-#   - the CUDA 13.0 headers those kernels include (scripts/cuda-nvrtc-tools.sh); NVRTC itself is the GPU
+#   - the CUDA 13.0 headers those kernels include (scripts/cuda-tools.sh nvrtc); NVRTC itself is the GPU
 #     machine's, which PyTorch's CUDA wheels install (nvidia-cuda-nvrtc);
 #   - libtorch is the GPU machine's own: the binaries are compiled against PyPI's torch 2.11.0 (CUDA 13.0)
 #     headers and run with that machine's torch/lib on the library path (ODPO_GPU_TORCH picks another);
@@ -56,7 +56,7 @@ if [ "$NVRTC" = 1 ]; then
   # shellcheck disable=SC2086
   cargo build --release -p odpo-cli --no-default-features --features "${FEATURES/cuda/cuda-nvrtc}" $patched
   strip -o "$stage/bin/odpo-nvrtc" "$CARGO_TARGET_DIR/release/odpo"
-  scripts/cuda-nvrtc-tools.sh
+  scripts/cuda-tools.sh nvrtc
   tar -C "${ODPO_CUDA_TOOLS:-$HOME/.cache/odpo/cuda-tools}" -cf - include | xz -T0 > "$stage/cuda/include.tar.xz"
   bins="odpo odpo-nvrtc suites"
 fi

@@ -386,13 +386,8 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
     if let Some(out) = flag_value(args, "--binary-out")? {
         let mut cmd = suites_cmd(&["--no-run", "--message-format=json"])?;
         let output = with_spirv_fix(&mut cmd, &features, |c| c.stderr(std::process::Stdio::inherit()).output())?;
-        let exe = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "suites")
-            .find_map(|m| m["executable"].as_str().map(str::to_string));
-        let Some(exe) = exe else { bail!("cargo named no `suites` test binary") };
-        std::fs::write(out, format!("{exe}\n")).with_context(|| format!("writing {out}"))?;
+        let exe = executable(&output.stdout, "suites").context("cargo named no `suites` test binary")?;
+        std::fs::write(out, format!("{}\n", exe.display())).with_context(|| format!("writing {out}"))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -705,12 +700,16 @@ fn build_odpo(feature: &str) -> Result<std::path::PathBuf> {
     if !out.status.success() {
         bail!("cargo build failed");
     }
-    String::from_utf8_lossy(&out.stdout)
+    executable(&out.stdout, "odpo").context("cargo did not report the odpo binary")
+}
+
+/// The executable cargo built for `target`, as its JSON messages (`--message-format=json*`) name it.
+fn executable(messages: &[u8], target: &str) -> Option<std::path::PathBuf> {
+    String::from_utf8_lossy(messages)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "odpo")
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == target)
         .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
-        .context("cargo did not report the odpo binary")
 }
 
 /// The environment the build (and run) of these Cargo features needs.
