@@ -522,7 +522,8 @@ fn adamw_updates_match_the_formula() {
 /// `odpo_kernels::adamw` with f32 weights and moments and a bf16 (else f16) gradient (a mixed-precision step's,
 /// `CausalLm::with_compute_precision`) laid out transposed, against PyTorch's formula in f64 on the
 /// gradient's values: on every backend the update runs in place (the cubecl kernel reads the
-/// gradient as it is; elsewhere it is cast to f32 first) and agrees to f32 rounding.
+/// gradient as it is; elsewhere it is cast to f32 first) and agrees to f32 rounding (of the bias
+/// corrections too, which PyTorch's CUDA kernel computes in f32).
 #[test]
 fn adamw_reads_a_half_precision_gradient() {
     use burn::tensor::{DType, TensorData};
@@ -552,9 +553,16 @@ fn adamw_reads_a_half_precision_gradient() {
         let gi = f64::from(g0[i]) * s.grad_scale;
         let m = f64::from(m0[i]) + (1.0 - s.beta_1) * (gi - f64::from(m0[i]));
         let v = s.beta_2 * f64::from(v0[i]) + (1.0 - s.beta_2) * gi * gi;
-        let p = f64::from(p0[i]) * (1.0 - s.lr * s.weight_decay) - s.lr / bc1 * m / (v.sqrt() / bc2.sqrt() + s.eps);
-        for (name, got, want) in [("p", p1[i], p), ("m", m1[i], m), ("v", v1[i], v)] {
-            assert!((f64::from(got) - want).abs() <= 1e-6 * want.abs().max(0.1), "{name}[{i}]: {got} against {want} on {device:?}");
+        let update = s.lr / bc1 * m / (v.sqrt() / bc2.sqrt() + s.eps);
+        let p = f64::from(p0[i]) * (1.0 - s.lr * s.weight_decay) - update;
+        // PyTorch's CUDA kernel (tch-cuda) evaluates the bias corrections in f32, where 1 − β₂ᵗ
+        // (0.002 here) loses digits to cancellation: up to one ulp of 1 (2⁻²³) in it, so a relative
+        // error of 2⁻²³ / (1 − β₂ᵗ) in the update at most (about half that from the square root, the
+        // rest covers 1 − β₁ᵗ). Measured on an H200: 2.1e-7 on an update of 0.023 (this bound: 6.8e-7).
+        let bias_correction = update.abs() * f64::from(f32::EPSILON) / bc2;
+        for (name, got, want, slack) in [("p", p1[i], p, bias_correction), ("m", m1[i], m, 0.0), ("v", v1[i], v, 0.0)] {
+            let tol = 1e-6 * want.abs().max(0.1) + slack;
+            assert!((f64::from(got) - want).abs() <= tol, "{name}[{i}]: {got} against {want} (allowed {tol:.1e}) on {device:?}");
         }
     }
 }
