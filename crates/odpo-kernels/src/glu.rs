@@ -24,13 +24,17 @@
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
+use std::marker::PhantomData;
 
 /// The activation of a gated unit's gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -445,19 +449,22 @@ mod torch {
     }
 }
 
-/// Autodiff: the inner backend's unit, recorded as one operation whose state is its inputs.
+/// Autodiff: the inner backend's unit, recorded as one operation whose backward step reads its
+/// inputs through the checkpointer. It is memory-bound: under gradient checkpointing its output
+/// (the down projection's input, the widest activation of a layer) is not kept but computed again
+/// from the inputs, which the products that made them keep.
 impl<B: Backend + GluBackend, C: CheckpointStrategy> GluBackend for Autodiff<B, C> {
     fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct Glu(Gate);
 
         impl<B: Backend + GluBackend> Backward<B, 2> for Glu {
-            type State = (FloatTensor<B>, FloatTensor<B>);
+            type State = (NodeId, NodeId);
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
                 let [node_g, node_u] = ops.parents;
                 let dy = grads.consume::<B>(&ops.node);
-                let (g, u) = ops.state;
+                let (g, u) = (checkpointer.retrieve_node_output(ops.state.0), checkpointer.retrieve_node_output(ops.state.1));
                 let (dg, du) = B::glu_backward(g, u, dy, self.0);
                 for (node, grad) in [(node_g, dg), (node_u, du)] {
                     if let Some(node) = node {
@@ -467,13 +474,24 @@ impl<B: Backend + GluBackend, C: CheckpointStrategy> GluBackend for Autodiff<B, 
             }
         }
 
-        let (gp, up) = (g.primitive().clone(), u.primitive().clone());
-        match Glu(gate).prepare::<C>([g.node(), u.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::glu(gp.clone(), up.clone(), gate);
-                prep.finish((gp, up), out)
+        /// The unit again, of its inputs as the checkpointer holds them or computes them again.
+        #[derive(Debug)]
+        struct RetroGlu<B: Backend>(NodeId, NodeId, Gate, PhantomData<B>);
+
+        impl<B: Backend + GluBackend> RetroForward for RetroGlu<B> {
+            fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+                let (g, u) = (states.get_state(&self.0), states.get_state(&self.1));
+                states.save(out_node, B::glu(g, u, self.2));
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::glu(gp, up, gate)),
+        }
+
+        let retro = RetroGlu::<B>(g.node().id(), u.node().id(), gate, PhantomData);
+        match Glu(gate).prepare::<C>([g.node(), u.node()]).memory_bound().retro_forward(retro).parents([&g, &u]).stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&g), prep.checkpoint(&u));
+                prep.finish(state, B::glu(g.primitive().clone(), u.primitive().clone(), gate))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::glu(g.primitive().clone(), u.primitive().clone(), gate)),
         }
     }
 }

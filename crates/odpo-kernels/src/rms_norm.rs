@@ -17,13 +17,17 @@
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
+use std::marker::PhantomData;
 
 /// RMSNorm over the last dimension of `x`, scaled by `gamma` `[D]`, differentiable with respect to
 /// both.
@@ -428,21 +432,23 @@ mod libtorch {
     }
 }
 
-/// Autodiff: the inner backend's normalisation, recorded as one operation whose state is its
-/// inputs.
+/// Autodiff: the inner backend's normalisation, recorded as one operation whose backward step
+/// reads its inputs through the checkpointer. It is memory-bound: under gradient checkpointing its
+/// output (the projections' input) is not kept but computed again from its inputs, themselves kept
+/// or computed again as the checkpointing decides (the residual sums are memory-bound in burn).
 impl<B: Backend + RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
-        struct RmsNorm;
+        struct RmsNorm(f64);
 
         impl<B: Backend + RmsNormBackend> Backward<B, 2> for RmsNorm {
-            type State = (FloatTensor<B>, FloatTensor<B>, f64);
+            type State = (NodeId, NodeId);
 
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
                 let [node_x, node_gamma] = ops.parents;
                 let dy = grads.consume::<B>(&ops.node);
-                let (x, gamma, eps) = ops.state;
-                let (dx, dgamma) = B::rms_norm_backward(x, gamma, eps, dy);
+                let (x, gamma) = (checkpointer.retrieve_node_output(ops.state.0), checkpointer.retrieve_node_output(ops.state.1));
+                let (dx, dgamma) = B::rms_norm_backward(x, gamma, self.0, dy);
                 for (node, grad) in [(node_x, dx), (node_gamma, dgamma)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, grad);
@@ -451,13 +457,24 @@ impl<B: Backend + RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Auto
             }
         }
 
-        let (xp, gp) = (x.primitive().clone(), gamma.primitive().clone());
-        match RmsNorm.prepare::<C>([x.node(), gamma.node()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::rms_norm(xp.clone(), gp.clone(), eps);
-                prep.finish((xp, gp, eps), out)
+        /// The normalisation again, of its inputs as the checkpointer holds them or computes them again.
+        #[derive(Debug)]
+        struct RetroRmsNorm<B: Backend>(NodeId, NodeId, f64, PhantomData<B>);
+
+        impl<B: Backend + RmsNormBackend> RetroForward for RetroRmsNorm<B> {
+            fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+                let (x, gamma) = (states.get_state(&self.0), states.get_state(&self.1));
+                states.save(out_node, B::rms_norm(x, gamma, self.2));
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(xp, gp, eps)),
+        }
+
+        let retro = RetroRmsNorm::<B>(x.node().id(), gamma.node().id(), eps, PhantomData);
+        match RmsNorm(eps).prepare::<C>([x.node(), gamma.node()]).memory_bound().retro_forward(retro).parents([&x, &gamma]).stateful() {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                prep.finish(state, B::rms_norm(x.primitive().clone(), gamma.primitive().clone(), eps))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.primitive().clone(), gamma.primitive().clone(), eps)),
         }
     }
 }

@@ -8,7 +8,10 @@
 //! pass of a SmolLM2-135M step. Rows evenly spaced in memory are rows whatever the leading shape,
 //! so the view keeps the padding. Elsewhere (and for any other layout) it is burn's reshape.
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
+use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -79,7 +82,9 @@ mod cube {
 }
 
 /// Autodiff: recorded as one operation whose backward step views the gradient's rows as the
-/// input's shape again.
+/// input's shape again. It is memory-bound (a view costs nothing to take again): under gradient
+/// checkpointing a product that keeps its operand keeps the view's input, which may itself be
+/// computed again, rather than the view.
 impl<B: Backend + RowsBackend, C: CheckpointStrategy> RowsBackend for Autodiff<B, C> {
     fn reshape_rows(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
         #[derive(Debug)]
@@ -97,8 +102,20 @@ impl<B: Backend + RowsBackend, C: CheckpointStrategy> RowsBackend for Autodiff<B
             }
         }
 
+        /// The view again, of its input as the checkpointer holds it or computes it again.
+        #[derive(Debug)]
+        struct RetroRows<B: Backend>(NodeId, Shape, std::marker::PhantomData<B>);
+
+        impl<B: Backend + RowsBackend> RetroForward for RetroRows<B> {
+            fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
+                let x: FloatTensor<B> = states.get_state(&self.0);
+                states.save(out_node, B::reshape_rows(x, self.1.clone()));
+            }
+        }
+
         let xp = x.primitive().clone();
-        match ReshapeRows.prepare::<C>([x.node()]).compute_bound().stateful() {
+        let retro = RetroRows::<B>(x.node().id(), shape.clone(), std::marker::PhantomData);
+        match ReshapeRows.prepare::<C>([x.node()]).memory_bound().retro_forward(retro).parents([&x]).stateful() {
             OpsKind::Tracked(prep) => {
                 let input = xp.shape();
                 prep.finish(input, B::reshape_rows(xp, shape))
