@@ -26,15 +26,12 @@
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
-use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, backend_extension};
 use burn::tensor::Tensor;
-use std::marker::PhantomData;
 
 /// The activation of a gated unit's gate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -474,18 +471,7 @@ impl<B: Backend + GluBackend, C: CheckpointStrategy> GluBackend for Autodiff<B, 
             }
         }
 
-        /// The unit again, of its inputs as the checkpointer holds them or computes them again.
-        #[derive(Debug)]
-        struct RetroGlu<B: Backend>(NodeId, NodeId, Gate, PhantomData<B>);
-
-        impl<B: Backend + GluBackend> RetroForward for RetroGlu<B> {
-            fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
-                let (g, u) = (states.get_state(&self.0), states.get_state(&self.1));
-                states.save(out_node, B::glu(g, u, self.2));
-            }
-        }
-
-        let retro = RetroGlu::<B>(g.node().id(), u.node().id(), gate, PhantomData);
+        let retro = crate::retro::Binary::<B, _>(g.node().id(), u.node().id(), gate, B::glu);
         match Glu(gate).prepare::<C>([g.node(), u.node()]).memory_bound().retro_forward(retro).parents([&g, &u]).stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = (prep.checkpoint(&g), prep.checkpoint(&u));

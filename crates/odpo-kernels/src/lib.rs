@@ -55,6 +55,7 @@ mod matmul;
 mod matmul_routine;
 mod precision;
 mod quantized;
+mod retro;
 mod rms_norm;
 mod rotary;
 mod rows;

@@ -13,10 +13,7 @@
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
 
-use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
-use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops};
@@ -67,21 +64,10 @@ impl<B: Backend> Backward<B, 1> for PassThrough {
 /// Autodiff: each recorded as one operation of [`PassThrough`]'s backward step.
 impl<B: Backend + ComputeCastBackend, C: CheckpointStrategy> ComputeCastBackend for Autodiff<B, C> {
     fn compute_cast(x: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self> {
-        /// The cast again, of its input as the checkpointer holds it or computes it again.
-        #[derive(Debug)]
-        struct RetroCast<B: Backend>(NodeId, FloatDType, std::marker::PhantomData<B>);
-
-        impl<B: Backend + ComputeCastBackend> RetroForward for RetroCast<B> {
-            fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
-                let x: FloatTensor<B> = states.get_state(&self.0);
-                states.save(out_node, B::compute_cast(x, self.1));
-            }
-        }
-
         // Memory-bound: under gradient checkpointing a product that keeps its operand keeps the
         // cast's input (or computes that again) rather than a second copy in the compute dtype.
         let xp = x.primitive().clone();
-        let retro = RetroCast::<B>(x.node().id(), dtype, std::marker::PhantomData);
+        let retro = crate::retro::Unary::<B, _>(x.node().id(), dtype, B::compute_cast);
         PassThrough.prepare::<C>([x.node()]).memory_bound().retro_forward(retro).parents([&x]).stateless(B::compute_cast(xp, dtype))
     }
 

@@ -19,15 +19,12 @@
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
-use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extension};
 use burn::tensor::{DType, FloatDType, Shape, Tensor};
-use std::marker::PhantomData;
 
 /// RMSNorm over the last dimension of `x`, scaled by `gamma` `[D]`, differentiable with respect to
 /// both.
@@ -457,18 +454,7 @@ impl<B: Backend + RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Auto
             }
         }
 
-        /// The normalisation again, of its inputs as the checkpointer holds them or computes them again.
-        #[derive(Debug)]
-        struct RetroRmsNorm<B: Backend>(NodeId, NodeId, f64, PhantomData<B>);
-
-        impl<B: Backend + RmsNormBackend> RetroForward for RetroRmsNorm<B> {
-            fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
-                let (x, gamma) = (states.get_state(&self.0), states.get_state(&self.1));
-                states.save(out_node, B::rms_norm(x, gamma, self.2));
-            }
-        }
-
-        let retro = RetroRmsNorm::<B>(x.node().id(), gamma.node().id(), eps, PhantomData);
+        let retro = crate::retro::Binary::<B, _>(x.node().id(), gamma.node().id(), eps, B::rms_norm);
         match RmsNorm(eps).prepare::<C>([x.node(), gamma.node()]).memory_bound().retro_forward(retro).parents([&x, &gamma]).stateful() {
             OpsKind::Tracked(mut prep) => {
                 let state = (prep.checkpoint(&x), prep.checkpoint(&gamma));

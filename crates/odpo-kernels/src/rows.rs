@@ -8,10 +8,7 @@
 //! pass of a SmolLM2-135M step. Rows evenly spaced in memory are rows whatever the leading shape,
 //! so the view keeps the padding. Elsewhere (and for any other layout) it is burn's reshape.
 
-use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::retro_forward::RetroForward;
-use burn::backend::autodiff::checkpoint::state::BackwardStates;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
@@ -102,19 +99,8 @@ impl<B: Backend + RowsBackend, C: CheckpointStrategy> RowsBackend for Autodiff<B
             }
         }
 
-        /// The view again, of its input as the checkpointer holds it or computes it again.
-        #[derive(Debug)]
-        struct RetroRows<B: Backend>(NodeId, Shape, std::marker::PhantomData<B>);
-
-        impl<B: Backend + RowsBackend> RetroForward for RetroRows<B> {
-            fn forward(&self, states: &mut BackwardStates, out_node: NodeId) {
-                let x: FloatTensor<B> = states.get_state(&self.0);
-                states.save(out_node, B::reshape_rows(x, self.1.clone()));
-            }
-        }
-
         let xp = x.primitive().clone();
-        let retro = RetroRows::<B>(x.node().id(), shape.clone(), std::marker::PhantomData);
+        let retro = crate::retro::Unary::<B, _>(x.node().id(), shape.clone(), B::reshape_rows);
         match ReshapeRows.prepare::<C>([x.node()]).memory_bound().retro_forward(retro).parents([&x]).stateful() {
             OpsKind::Tracked(prep) => {
                 let input = xp.shape();
