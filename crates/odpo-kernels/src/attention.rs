@@ -66,6 +66,45 @@ pub trait MaskedAttentionBackend: Backend {
     }
 }
 
+/// What a tracked forward pass may keep for its backward pass besides the inputs. The autodiff
+/// operation holds it: libtorch keeps its fused kernel's output and row log-sum-exp, which that
+/// kernel's backward takes, so that the backward pass does not run the forward kernel again (as
+/// PyTorch's autograd does). The others keep nothing (`()`) and recompute.
+pub trait KeptAttention: MaskedAttentionBackend {
+    /// The kept state.
+    type Kept: Clone + Send + std::fmt::Debug + 'static;
+
+    /// [`MaskedAttentionBackend::masked_attention`] and what its backward pass may reuse (`None`:
+    /// nothing).
+    fn masked_attention_keeping(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> (FloatTensor<Self>, Option<Self::Kept>) {
+        (Self::masked_attention(q, k, v, mask, scale), None)
+    }
+
+    /// [`MaskedAttentionBackend::masked_attention_backward`] with what the forward pass kept.
+    fn masked_attention_backward_kept(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        dout: FloatTensor<Self>,
+        kept: Option<Self::Kept>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = kept;
+        Self::masked_attention_backward(q, k, v, mask, scale, dout)
+    }
+}
+
+#[cfg(feature = "flex")]
+impl KeptAttention for burn::backend::Flex {
+    type Kept = ();
+}
+
+#[cfg(feature = "cube")]
+impl KeptAttention for burn::backend::Cube {
+    type Kept = ();
+}
+
 /// [`MaskedAttentionBackend::masked_attention`] as the backend's attention over repeated heads.
 fn tensor_ops<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, v: FloatTensor<B>, mask: BoolTensor<B>, scale: f32) -> FloatTensor<B> {
     let (k, v, mask) = widen_all::<B>(q.shape()[1], k, v, mask);
@@ -721,16 +760,52 @@ impl MaskedAttentionBackend for burn::backend::LibTorch {
     }
 }
 
+/// libtorch under autodiff: the forward pass through the device's fused kernel itself, keeping its
+/// output and log-sum-exp for that kernel's backward.
+#[cfg(feature = "tch")]
+impl KeptAttention for burn::backend::LibTorch {
+    type Kept = libtorch::Kept;
+
+    fn masked_attention_keeping(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> (FloatTensor<Self>, Option<Self::Kept>) {
+        let (kw, vw, mw) = widen_all::<Self>(q.shape()[1], k.clone(), v.clone(), mask.clone());
+        let bias = libtorch::bias(&mw, q.tensor.kind());
+        match libtorch::forward_keeping(&q, &kw, &vw, &bias, scale) {
+            Some((out, kept)) => (out, Some(kept)),
+            None => (Self::masked_attention(q, k, v, mask, scale), None),
+        }
+    }
+
+    fn masked_attention_backward_kept(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        scale: f32,
+        dout: FloatTensor<Self>,
+        kept: Option<Self::Kept>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let Some(kept) = kept else { return Self::masked_attention_backward(q, k, v, mask, scale, dout) };
+        widened_backward::<Self>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
+            let bias = libtorch::bias(&mask, q.tensor.kind());
+            if let Some(grads) = libtorch::backward_kept(&q, &k, &v, &bias, scale, &dout, &kept) {
+                return grads;
+            }
+            backward_with::<Self>(q, k, v, mask, scale, dout, <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul)
+        })
+    }
+}
+
 /// Attention through torch's kernels. burn-tch 0.22.1 runs an attention with a bias as burn's
 /// operation-by-operation fallback (scores, softmax and product as separate kernels, the
 /// `[B, H, Tq, Tk]` scores in memory), and hands a boolean mask to torch's SDPA, which reads `true`
 /// as "attend", the opposite of burn's convention. Here the forward pass is one call of
-/// `scaled_dot_product_attention` with the mask as a 0 / −∞ bias, and the backward pass recomputes
-/// the output and its row log-sum-exp with torch's fused kernel and calls that kernel's backward,
-/// as PyTorch's autograd does (which keeps them from the forward pass instead): on the CPU
-/// `_scaled_dot_product_flash_attention_for_cpu`, on CUDA `_scaled_dot_product_efficient_attention`
-/// and `_efficient_attention_backward`. Each is a handful of host calls where the composed form is
-/// a dozen, which is what a small model's step on a GPU waits on.
+/// `scaled_dot_product_attention` with the mask as a 0 / −∞ bias (torch picks the kernel; cuDNN's on
+/// an H200). Under autodiff the forward pass calls the device's fused kernel itself and keeps its
+/// output and row log-sum-exp for that kernel's backward, as PyTorch's autograd does: on the CPU
+/// `_scaled_dot_product_flash_attention_for_cpu` and its backward, on CUDA
+/// `_scaled_dot_product_efficient_attention` and `_efficient_attention_backward` (tch 0.22 binds
+/// no cuDNN attention forward). Each is a handful of host calls where the composed form is a dozen,
+/// which is what a small model's step on a GPU waits on.
 #[cfg(feature = "tch")]
 pub(crate) mod libtorch {
     use std::cell::RefCell;
@@ -787,24 +862,50 @@ pub(crate) mod libtorch {
         Tensor::f_scaled_dot_product_attention(&q.tensor, &k.tensor, &v.tensor, Some(bias), 0.0, false, Some(f64::from(scale)), false).ok().map(TchTensor::new)
     }
 
-    /// `(dq, dk, dv)` through torch's fused kernel of the device; `None` where there is none or
-    /// it refuses the inputs (the caller recomputes with burn operations).
-    pub(crate) fn backward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32, dout: &TchTensor) -> Option<(TchTensor, TchTensor, TchTensor)> {
-        let (q, k, v, dout) = (&q.tensor, &k.tensor, &v.tensor, &dout.tensor);
+    /// What the fused kernels' backward takes from their forward pass: the output and its row
+    /// log-sum-exp, and on CUDA the kernel's random-number seed and offset (unread without dropout).
+    #[derive(Clone, Debug)]
+    pub struct Kept {
+        out: TchTensor,
+        lse: TchTensor,
+        philox: Option<(TchTensor, TchTensor)>,
+    }
+
+    /// The forward pass through torch's fused kernel of the device, and what its backward takes;
+    /// `None` where there is none or it refuses the inputs.
+    pub(crate) fn forward_keeping(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32) -> Option<(TchTensor, Kept)> {
+        let (q, k, v) = (&q.tensor, &k.tensor, &v.tensor);
         let scale = Some(f64::from(scale));
-        let (dq, dk, dv) = match q.device() {
+        let (out, lse, philox) = match q.device() {
             Device::Cpu => {
                 let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, Some(bias), scale).ok()?;
-                Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, &out, &lse, 0.0, false, Some(bias), scale).ok()?
+                (out, lse, None)
             }
             Device::Cuda(_) => {
                 let (out, lse, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(q, k, v, Some(bias), true, 0.0, false, scale).ok()?;
+                (out, lse, Some((TchTensor::new(seed), TchTensor::new(offset))))
+            }
+            _ => return None,
+        };
+        let out = TchTensor::new(out);
+        Some((out.clone(), Kept { out, lse: TchTensor::new(lse), philox }))
+    }
+
+    /// `(dq, dk, dv)` through the fused kernel's backward, from what its forward pass kept; `None`
+    /// where it refuses the inputs (the caller recomputes with burn operations).
+    pub(crate) fn backward_kept(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32, dout: &TchTensor, kept: &Kept) -> Option<(TchTensor, TchTensor, TchTensor)> {
+        let (q, k, v, dout) = (&q.tensor, &k.tensor, &v.tensor, &dout.tensor);
+        let (out, lse) = (&kept.out.tensor, &kept.lse.tensor);
+        let scale = Some(f64::from(scale));
+        let (dq, dk, dv) = match (q.device(), &kept.philox) {
+            (Device::Cpu, None) => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, false, Some(bias), scale).ok()?,
+            (Device::Cuda(_), Some((seed, offset))) => {
                 // The kernel's backward takes [B, T, H, Dh] (what PyTorch's
                 // `_scaled_dot_product_efficient_attention_backward` hands it).
                 let t = |x: &Tensor| x.transpose(1, 2);
                 let (tq, tk) = (q.size()[2], k.size()[2]);
                 let (dq, dk, dv, _) = Tensor::f_internal_efficient_attention_backward(
-                    &t(dout), &t(q), &t(k), &t(v), Some(bias), &t(&out), None, None, tq, tk, &lse, 0.0, &seed, &offset, 0, false, scale, None, None, false,
+                    &t(dout), &t(q), &t(k), &t(v), Some(bias), &t(out), None, None, tq, tk, lse, 0.0, &seed.tensor, &offset.tensor, 0, false, scale, None, None, false,
                 )
                 .ok()?;
                 (t(&dq), t(&dk), t(&dv))
@@ -813,6 +914,14 @@ pub(crate) mod libtorch {
         };
         super::FUSED_BACKWARD.fetch_add(1, Ordering::Relaxed);
         Some((TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv)))
+    }
+
+    /// `(dq, dk, dv)` with nothing kept: the fused forward run again for its output and
+    /// log-sum-exp, then its backward.
+    pub(crate) fn backward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32, dout: &TchTensor) -> Option<(TchTensor, TchTensor, TchTensor)> {
+        let (_, kept) = forward_keeping(q, k, v, bias, scale)?;
+        super::FORWARD_RERUNS.fetch_add(1, Ordering::Relaxed);
+        backward_kept(q, k, v, bias, scale, dout, &kept)
     }
 }
 
@@ -849,23 +958,24 @@ fn mask_heads<B: Backend>(mask: BoolTensor<B>, heads: usize) -> BoolTensor<B> {
     B::bool_expand(mask, Shape::new([s[0], heads, s[2], s[3]]))
 }
 
-/// Autodiff: the inner backend's attention, recorded as one operation whose state is the inputs.
+/// Autodiff: the inner backend's attention, recorded as one operation whose state is the inputs
+/// and what the inner backend kept ([`KeptAttention`]).
 /// Grouped keys and values and a mask over one head go to the inner backend as they are, so that
 /// the repetition costs no recorded operations (six, and as many in the backward pass, written as
 /// tensor operations) and the backward pass keeps the narrow `k` and `v`.
-impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttentionBackend for Autodiff<B, C> {
+impl<B: Backend + KeptAttention, C: CheckpointStrategy> MaskedAttentionBackend for Autodiff<B, C> {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct MaskedAttention;
 
-        impl<B: Backend + MaskedAttentionBackend> Backward<B, 3> for MaskedAttention {
-            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, BoolTensor<B>, f32);
+        impl<B: Backend + KeptAttention> Backward<B, 3> for MaskedAttention {
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, BoolTensor<B>, f32, Option<B::Kept>);
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
                 let [node_q, node_k, node_v] = ops.parents;
                 let dout = grads.consume::<B>(&ops.node);
-                let (q, k, v, mask, scale) = ops.state;
-                let (dq, dk, dv) = B::masked_attention_backward(q, k, v, mask, scale, dout);
+                let (q, k, v, mask, scale, kept) = ops.state;
+                let (dq, dk, dv) = B::masked_attention_backward_kept(q, k, v, mask, scale, dout, kept);
                 for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, grad);
@@ -875,13 +985,12 @@ impl<B: Backend + MaskedAttentionBackend, C: CheckpointStrategy> MaskedAttention
         }
 
         let (qp, kp, vp) = (q.primitive().clone(), k.primitive().clone(), v.primitive().clone());
-        let run = |k: &FloatTensor<B>, v: &FloatTensor<B>, mask: &BoolTensor<B>| B::masked_attention(qp.clone(), k.clone(), v.clone(), mask.clone(), scale);
         match MaskedAttention.prepare::<C>([q.node(), k.node(), v.node()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let out = run(&kp, &vp, &mask);
-                prep.finish((qp, kp, vp, mask, scale), out)
+                let (out, kept) = B::masked_attention_keeping(qp.clone(), kp.clone(), vp.clone(), mask.clone(), scale);
+                prep.finish((qp, kp, vp, mask, scale, kept), out)
             }
-            OpsKind::UnTracked(prep) => prep.finish(run(&kp, &vp, &mask)),
+            OpsKind::UnTracked(prep) => prep.finish(B::masked_attention(qp, kp, vp, mask, scale)),
         }
     }
 }
@@ -899,6 +1008,15 @@ pub fn masked_attention_calls() -> usize {
 
 /// Backward passes that ran through a fused body: libtorch's attention kernels, or flex's loop.
 static FUSED_BACKWARD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Backward passes on libtorch that ran the fused forward kernel again (nothing kept from the forward pass).
+static FORWARD_RERUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many backward passes of [`masked_attention`] on libtorch ran torch's fused attention
+/// forward again because the forward pass kept nothing (for the tests that check it kept).
+pub fn fused_attention_forward_reruns() -> usize {
+    FORWARD_RERUNS.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// How many backward passes of [`masked_attention`] ran through a fused body in this process:
 /// libtorch's attention kernels, or flex's loop (for the tests that check which path ran).

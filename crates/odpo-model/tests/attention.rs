@@ -4,7 +4,8 @@
 //! the mask as a 0 / −∞ bias), with padding and a causal mask, with `Tq < Tk`, with several
 //! heads reading one mask through a stride of 0, and with grouped keys and values (fewer key/value
 //! heads than query heads, repeated inside the operation) and a mask given over one head, with
-//! and without autodiff. The reference stays on the CPU because a GPU
+//! and without autodiff; on libtorch, that the backward pass reuses what the forward pass kept.
+//! The reference stays on the CPU because a GPU
 //! backend's own attention may compute its f32 products in TF32 (burn's CUDA backend does), which
 //! the extension does not.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -69,7 +70,7 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
             (y.inner(), g(&q), g(&k), g(&v))
         };
         let read = |(y, dq, dk, dv): (Tensor<4>, Tensor<4>, Tensor<4>, Tensor<4>)| (vec(y), vec(dq), vec(dk), vec(dv));
-        let fused_before = odpo_kernels::fused_attention_backward_calls();
+        let (fused_before, reruns_before) = (odpo_kernels::fused_attention_backward_calls(), odpo_kernels::fused_attention_forward_reruns());
         // On the cubecl backends both passes take the grouped keys and values as they are: no
         // copy repeats them to the query heads (the census covers the passes, not the reads).
         let (ours, census) = odpo_kernels::kernel_census(false, || run(true));
@@ -90,11 +91,15 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
         for (x, y) in vec(untracked).iter().zip(&ours.0) {
             assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "untracked {x} against tracked {y} on {plain:?}");
         }
-        // libtorch on the CPU runs the backward pass through torch's flash-attention kernel, flex
-        // through its own loop.
+        // libtorch on the CPU runs the backward pass through torch's flash-attention kernel, from
+        // the output and log-sum-exp its forward pass kept (the kernel's forward does not run
+        // again); flex through its own loop.
         let name = format!("{device:?}");
         if name.contains("LibTorch(Cpu)") || name.contains("Flex") {
             assert!(odpo_kernels::fused_attention_backward_calls() > fused_before, "the fused attention backward did not run on {device:?}");
+        }
+        if name.contains("LibTorch") {
+            assert_eq!(odpo_kernels::fused_attention_forward_reruns(), reruns_before, "the attention's forward kernel ran again in the backward pass on {device:?}");
         }
         // The two differ in the order of their operations only: a wrong formula misses by O(1).
         for (name, a, b) in [("out", &ours.0, &burns.0), ("dq", &ours.1, &burns.1), ("dk", &ours.2, &burns.2), ("dv", &ours.3, &burns.3)] {
