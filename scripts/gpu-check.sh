@@ -28,19 +28,22 @@
 #      panic (what the budget leaves);
 #   6. the kernels of one step of SmolLM2-135M (GPU_CHECK_CENSUS_MODEL; GPU_CHECK_CENSUS_BACKENDS, default PyTorch and the
 #      cubecl backends): launches per step and each kernel's device time (what the budget leaves).
-# Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that would not fit is
-# recorded as skipped. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry run on a machine
-# without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md. GPU_CHECK_RUN_ARGS
-# adds arguments to the real runs' `odpo train` (the dry run's batches of one pair keep Vulkan's tensors under
-# the 128 MiB buffers of Mesa's lavapipe). A second call can finish what a budget left out:
-# GPU_CHECK_BACKENDS=" " and GPU_CHECK_MODELS=" " leave out stages 1, 2 and 4, GPU_CHECK_ROUTINE_MODELS=" " 2b, GPU_CHECK_CPU_STEPS=0 the
-# CPU side of 3, and GPU_CHECK_RUN_BACKENDS, GPU_CHECK_CKPT_BACKEND (with GPU_CHECK_CKPT_MODELS) and
-# GPU_CHECK_OOM_BACKENDS and GPU_CHECK_CENSUS_BACKENDS choose the backends of 3, 4, 5 and 6.
+# Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that
+# would not fit is recorded as skipped. GPU_CHECK_STAGES names the stages to run and their order (default
+# "1 2 2b 3 4 5 6"; "2b 4" runs the matmul routines, then gradient checkpointing, nothing else), so that a
+# second call can finish what a budget left out. GPU_CHECK_QUICK=1 runs small shapes and few steps: the dry
+# run on a machine without a GPU (GPU_CHECK_BACKENDS="vulkan tch", PyTorch on the CPU), docs/backends.md.
+# GPU_CHECK_RUN_ARGS adds arguments to the real runs' `odpo train` (the dry run's batches of one pair keep
+# Vulkan's tensors under the 128 MiB buffers of Mesa's lavapipe). What each stage runs on: GPU_CHECK_BACKENDS
+# (1, 2), GPU_CHECK_MODELS (2, 4), GPU_CHECK_ROUTINE_MODELS (2b), GPU_CHECK_RUN_BACKENDS (3; GPU_CHECK_CPU_STEPS=0
+# leaves out its CPU side), GPU_CHECK_CKPT_BACKEND with GPU_CHECK_CKPT_MODELS (4), GPU_CHECK_OOM_BACKENDS (5)
+# and GPU_CHECK_CENSUS_BACKENDS (6); " " for none.
 set -u
 cd "$(dirname "$0")/.."
 BUNDLE=${1:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
 OUT=${2:?usage: scripts/gpu-check.sh BUNDLE_DIR OUT_DIR}
 BUDGET=${GPU_CHECK_BUDGET:-400}
+STAGES=${GPU_CHECK_STAGES:-1 2 2b 3 4 5 6}
 BACKENDS=${GPU_CHECK_BACKENDS:-tch-cuda cuda vulkan}
 RUN_BACKENDS=${GPU_CHECK_RUN_BACKENDS:-$BACKENDS}
 OOM_BACKENDS=${GPU_CHECK_OOM_BACKENDS:-$BACKENDS}
@@ -54,6 +57,9 @@ LOG=$OUT/gpu-check.log
 W=${GPU_CHECK_WORK:-/tmp/odpo-gpu-check}
 rm -rf "$W" && mkdir -p "$W/records"
 exec > >(tee -a "$LOG") 2>&1
+for stage in $STAGES; do
+  case $stage in 1|2|2b|3|4|5|6) ;; *) echo "GPU_CHECK_STAGES: no stage \"$stage\"; the stages are 1 2 2b 3 4 5 6"; exit 2 ;; esac
+done
 
 if [ "$QUICK" = 1 ]; then
   MODELS=${GPU_CHECK_MODELS:-gpt2-tiny}; CENSUS_MODEL=${GPU_CHECK_CENSUS_MODEL:-gpt2-tiny}; SHAPE=${GPU_CHECK_SHAPE:-2x64}; STEPS=${GPU_CHECK_STEPS:-4}; CPU_STEPS=${GPU_CHECK_CPU_STEPS:-2}
@@ -180,7 +186,6 @@ print(info)
 PY
 record machine "$(cat "$W/machine.json")"
 
-echo "== 1. conformance suites"
 # conformance BACKEND: runs the suites there and records them; fails when the binary crashed.
 conformance() {
   local b=$1 t0=$SECONDS rc dp
@@ -207,10 +212,15 @@ PY
   # 124: the time limit; 128 and above: a signal (a crash in the driver).
   [ "$rc" -lt 124 ]
 }
+
+stage_1() {
+echo "== 1. conformance suites"
 for b in $BACKENDS; do
   conformance "$b" || echo "-- $b: the suites did not finish (exit status above 123: a crash or the time limit)"
 done
+}
 
+stage_2() {
 echo "== 2. ODPO step, $SHAPE, bf16 (Vulkan f16), against PyTorch eager"
 for m in $MODELS; do
   cfg=bench/configs/$m.json
@@ -242,7 +252,9 @@ for m in $MODELS; do
     record "bench-$m-$b-shared" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, shared prompt" "$W/step.json" "$W/mem.json")"
   done
 done
+}
 
+stage_2b() {
 echo "== 2b. matmul routines on the products of one step, and the step with the fastest"
 # burn's cuda backend multiplies through one routine (cubek's Auto); the Llama-3.2-1B step of
 # 2026-11-30 reached 7.1% of the card's matmul peak on it. Each routine is timed on random operands
@@ -284,7 +296,9 @@ for m in $routine_models; do
     record "bench-$m-$b-$best" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, matmul $best" "$W/step.json" "$W/mem.json")"
   done
 done
+}
 
+stage_3() {
 echo "== 3. ODPO on SmolLM2-135M-Instruct with the paper's IMDB pairs, $STEPS steps, and the first steps on the CPU"
 # The CPU side runs on libtorch's CPU backend (GPU_CHECK_CPU_BACKEND, default tch): on the H200's 16
 # cores flex spent 82 s of the budget on one step (2026-11-30). The dry run, where tch stands in for a
@@ -306,7 +320,9 @@ for b in $cpu $RUN_BACKENDS; do
   grep -v '^\s*$' "$W/run-$b.log" | tail -12
   record "run-$b" "$("$PY" scripts/gpu-report.py --merge run "$b" "$W/run-$b/metrics.jsonl" "$((SECONDS - t0))")"
 done
+}
 
+stage_4() {
 echo "== 4. Gradient checkpointing (train.gradient_checkpointing), $SHAPE, on ${CKPT_BACKEND:-no backend}, beside its plain step in 2"
 b=$CKPT_BACKEND
 case $b in vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
@@ -319,7 +335,9 @@ for m in $ckpt_models; do
     --pairs "$PAIRS" --seq "$SEQ" --warmup 2 --repeats "$REPEATS" --gradient-checkpointing > "$W/step.json"
   record "bench-$m-$b-ckpt" "$("$PY" scripts/gpu-report.py --merge bench "$m" "$b, checkpointed" "$W/step.json" "$W/mem.json")"
 done
+}
 
+stage_5() {
 echo "== 5. A step too large for the device: an error that names what to lower, not a crash"
 # Llama-3.2-1B shapes, 4096 pairs x 8192 tokens: the embedding alone needs several hundred GiB. The
 # dry run takes a shape with buffers larger than lavapipe allows (on a CPU, libtorch would try to
@@ -345,7 +363,9 @@ print(json.dumps({"stage": "oom", "backend": backend, "rc": rc, "seconds": secs,
 PY
   record "oom-$b" "$(cat "$W/o.json")"
 done
+}
 
+stage_6() {
 echo "== 6. The kernels of one step, $CENSUS_MODEL $SHAPE: launches and device time, odpo's cubecl backends beside PyTorch's"
 # `odpo bench --kernel-times` counts every kernel launch of one step after the timed ones and times
 # each on the device; bench/pytorch/step.py --kernels the same through torch.profiler. A step that
@@ -364,6 +384,11 @@ for b in ${GPU_CHECK_CENSUS_BACKENDS-pytorch $BACKENDS}; do
   fi
   echo "exit $?"; tail -3 "$W/census.err" | cut -c1-300
   record "census-$b" "$("$PY" scripts/gpu-report.py --merge census "$CENSUS_MODEL" "$b" "$W/census.json")"
+done
+}
+
+for stage in $STAGES; do
+  "stage_$stage"
 done
 
 echo "== summary ($((SECONDS - start)) s)"
