@@ -750,14 +750,31 @@ impl MaskedAttentionBackend for burn::backend::LibTorch {
         scale: f32,
         dout: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        widened_backward::<Self>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
-            let bias = libtorch::bias(&mask, q.tensor.kind());
-            if let Some(grads) = libtorch::backward(&q, &k, &v, &bias, scale, &dout) {
-                return grads;
-            }
-            backward_with::<Self>(q, k, v, mask, scale, dout, <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul)
-        })
+        libtorch_backward(q, k, v, mask, scale, dout, None)
     }
+}
+
+/// The libtorch backward pass over repeated heads: torch's fused kernel from what the forward kept,
+/// or after running its forward again; the recomputing backward where torch refuses the inputs.
+#[cfg(feature = "tch")]
+fn libtorch_backward(
+    q: FloatTensor<burn::backend::LibTorch>,
+    k: FloatTensor<burn::backend::LibTorch>,
+    v: FloatTensor<burn::backend::LibTorch>,
+    mask: BoolTensor<burn::backend::LibTorch>,
+    scale: f32,
+    dout: FloatTensor<burn::backend::LibTorch>,
+    kept: Option<libtorch::Kept>,
+) -> (FloatTensor<burn::backend::LibTorch>, FloatTensor<burn::backend::LibTorch>, FloatTensor<burn::backend::LibTorch>) {
+    type B = burn::backend::LibTorch;
+    widened_backward::<B>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
+        let bias = libtorch::bias(&mask, q.tensor.kind());
+        let fused = match &kept {
+            Some(kept) => libtorch::backward_kept(&q, &k, &v, &bias, scale, &dout, kept),
+            None => libtorch::backward(&q, &k, &v, &bias, scale, &dout),
+        };
+        fused.unwrap_or_else(|| backward_with::<B>(q, k, v, mask, scale, dout, <B as burn::backend::ops::FloatTensorOps<B>>::float_matmul))
+    })
 }
 
 /// libtorch under autodiff: the forward pass through the device's fused kernel itself, keeping its
@@ -784,14 +801,7 @@ impl KeptAttention for burn::backend::LibTorch {
         dout: FloatTensor<Self>,
         kept: Option<Self::Kept>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let Some(kept) = kept else { return Self::masked_attention_backward(q, k, v, mask, scale, dout) };
-        widened_backward::<Self>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
-            let bias = libtorch::bias(&mask, q.tensor.kind());
-            if let Some(grads) = libtorch::backward_kept(&q, &k, &v, &bias, scale, &dout, &kept) {
-                return grads;
-            }
-            backward_with::<Self>(q, k, v, mask, scale, dout, <Self as burn::backend::ops::FloatTensorOps<Self>>::float_matmul)
-        })
+        libtorch_backward(q, k, v, mask, scale, dout, kept)
     }
 }
 

@@ -208,13 +208,29 @@ impl RmsNormBackend for burn::backend::Cube {
     }
 }
 
-/// `Σ_rows` of `[rows, D]` f32 `shares` as `[D]` of `dtype`.
+/// `Σ_rows` of `[rows, D]` f32 `shares` as `[D]` of `dtype`, in two reductions: over runs of
+/// [`RUN`] rows, then over the runs. One reduction over every row leaves `D` columns of work, each
+/// walking all the rows in turn (thousands at 8 × 512 tokens): on the H200 the step's 95
+/// reductions took 0.079 s, where their bytes take microseconds.
 #[cfg(feature = "cube")]
 fn column_sums<B: Backend>(shares: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
-    let d = shares.shape()[1];
-    let sums = B::float_reshape(B::float_sum_dim(shares, 0), Shape::new([d]));
+    let (rows, d) = (shares.shape()[0], shares.shape()[1]);
+    let sums = if rows >= 2 * RUN {
+        let runs = rows / RUN;
+        let whole = if runs * RUN == rows { shares.clone() } else { B::float_slice(shares.clone(), &[burn::tensor::Slice::from(0..runs * RUN)]) };
+        let partial = B::float_sum_dim(B::float_reshape(whole, Shape::new([runs, RUN, d])), 1);
+        let sums = B::float_sum_dim(B::float_reshape(partial, Shape::new([runs, d])), 0);
+        if runs * RUN == rows { sums } else { B::float_add(sums, B::float_sum_dim(B::float_slice(shares, &[burn::tensor::Slice::from(runs * RUN..rows)]), 0)) }
+    } else {
+        B::float_sum_dim(shares, 0)
+    };
+    let sums = B::float_reshape(sums, Shape::new([d]));
     if dtype == DType::F32 { sums } else { B::float_cast(sums, dtype.into()) }
 }
+
+/// The rows [`column_sums`] adds in its first reduction.
+#[cfg(feature = "cube")]
+const RUN: usize = 64;
 
 /// The kernels of the cubecl body: one cube of units per row (rows beyond the grid's width taken
 /// in turn), each unit summing a stride of the row's columns in f32 and the cube adding the units'

@@ -75,13 +75,15 @@ fn rotary_values_and_gradients_match_the_tensor_formula() {
 
 /// `odpo_kernels::rms_norm` on the test device: its output and the gradients of `x` and `γ` equal
 /// burn's `RmsNorm` on the CPU, for rows of very different scales: short rows, rows of SmolLM2's
-/// width (576, not a power of two, longer than a cube of units), and a strided `x` (the transpose
-/// of its layout in memory). On the cubecl backends each pass is one kernel.
+/// width (576, not a power of two, longer than a cube of units), a strided `x` (the transpose
+/// of its layout in memory), and enough rows for the cubecl backends to sum `dγ` over runs of 64
+/// rows first (256 rows, and 201, whose last 9 are a run of their own). On the cubecl backends
+/// each pass is one kernel.
 #[test]
 fn rms_norm_values_and_gradients_match_burns_rms_norm() {
     let device = test_device().autodiff();
     let cpu = cpu(&device);
-    for (b, t, d, strided) in [(2, 5, 24, false), (3, 7, 576, false), (2, 9, 40, true)] {
+    for (b, t, d, strided) in [(2, 5, 24, false), (3, 7, 576, false), (2, 9, 40, true), (4, 64, 40, false), (3, 67, 24, false)] {
         let eps = 1e-5;
         let x = Tensor::<3>::random([b, t, d], Distribution::Normal(0.0, 1.0), &device) * Tensor::<3>::random([b, t, 1], Distribution::Uniform(0.01, 30.0), &device);
         let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device);
