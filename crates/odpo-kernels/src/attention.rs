@@ -735,10 +735,10 @@ impl MaskedAttentionBackend for burn::backend::LibTorch {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
         use burn::backend::ops::ModuleOps;
         let (k, v, mask) = widen_all::<Self>(q.shape()[1], k, v, mask);
-        let bias = libtorch::bias(&mask, q.tensor.kind());
-        match libtorch::forward(&q, &k, &v, &bias, scale) {
+        let kind = q.tensor.kind();
+        match libtorch::forward(&q, &k, &v, &libtorch::bias(&mask, kind), scale) {
             Some(out) => out,
-            None => Self::attention(q, k, v, None, Some(burn::backend::libtorch::TchTensor::new(bias)), options(scale)),
+            None => Self::attention(q, k, v, None, Some(burn::backend::libtorch::TchTensor::new(libtorch::bias_of(&mask.tensor, kind))), options(scale)),
         }
     }
 
@@ -770,7 +770,7 @@ fn libtorch_backward(
     widened_backward::<B>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
         let bias = libtorch::bias(&mask, q.tensor.kind());
         let fused = match &kept {
-            Some(kept) => libtorch::backward_kept(&q, &k, &v, &bias, scale, &dout, kept),
+            Some(kept) => libtorch::backward_kept(&q, &k, &v, scale, &dout, kept),
             None => libtorch::backward(&q, &k, &v, &bias, scale, &dout),
         };
         fused.unwrap_or_else(|| backward_with::<B>(q, k, v, mask, scale, dout, <B as burn::backend::ops::FloatTensorOps<B>>::float_matmul))
@@ -816,6 +816,14 @@ impl KeptAttention for burn::backend::LibTorch {
 /// `_scaled_dot_product_efficient_attention` and `_efficient_attention_backward` (tch 0.22 binds
 /// no cuDNN attention forward). Each is a handful of host calls where the composed form is a dozen,
 /// which is what a small model's step on a GPU waits on.
+///
+/// A bias is opaque to those kernels: they compute every block of queries against every block of
+/// keys, the future's too, and add −∞ there. Where the mask hides every key after its query (a
+/// model's causal mask over `Tq = Tk` tokens, with padding or a sliding window on top), the kernels
+/// are also told `is_causal`, and skip the blocks above the diagonal, about half the work; the bias
+/// still hides the rest, so the result is the same. Where the mask is the causal mask and nothing
+/// more (rows without padding), no bias is made or read at all, and the frozen reference's forward
+/// pass gets the causal kernels PyTorch runs for such rows (transformers drops an all-ones mask).
 #[cfg(feature = "tch")]
 pub(crate) mod libtorch {
     use std::cell::RefCell;
@@ -824,17 +832,33 @@ pub(crate) mod libtorch {
     use burn::backend::libtorch::TchTensor;
     use tch::{Device, Kind, Tensor};
 
+    /// A mask as the kernels take it: whether it hides every key after its query (then the kernels
+    /// may skip those blocks: torch's `is_causal`), and the additive bias of what else it hides
+    /// (`None` where the mask is the causal mask and nothing more).
+    #[derive(Debug)]
+    pub(crate) struct Bias {
+        pub(crate) tensor: Option<Tensor>,
+        pub(crate) causal: bool,
+    }
+
+    impl Clone for Bias {
+        fn clone(&self) -> Self {
+            Self { tensor: self.tensor.as_ref().map(Tensor::shallow_clone), causal: self.causal }
+        }
+    }
+
     thread_local! {
         /// The last mask and its bias. Every layer of a forward and backward pass gets the same
         /// mask (the models build it once per pass), so the bias is built once, not once per layer
         /// and pass. The held clone of the mask keeps burn from writing its buffer in place (burn
         /// writes only buffers nothing else holds), so a mask with the same buffer, sizes and
         /// strides is the same mask.
-        static BIAS: RefCell<Option<(TchTensor, Kind, Tensor)>> = const { RefCell::new(None) };
+        static BIAS: RefCell<Option<(TchTensor, Kind, Bias)>> = const { RefCell::new(None) };
     }
 
-    /// The additive bias of a boolean mask (`true`: −∞), of the attention's float kind.
-    pub(crate) fn bias(mask: &TchTensor, kind: Kind) -> Tensor {
+    /// A boolean mask (`true`: the query does not look) as the kernels take it, for attention of
+    /// the float kind `kind`.
+    pub(crate) fn bias(mask: &TchTensor, kind: Kind) -> Bias {
         let m = &mask.tensor;
         let same = |held: &TchTensor| held.tensor.data_ptr() == m.data_ptr() && held.tensor.size() == m.size() && held.tensor.stride() == m.stride() && held.tensor.device() == m.device();
         BIAS.with(|cell| {
@@ -843,21 +867,28 @@ pub(crate) mod libtorch {
                 && *k == kind
                 && same(held)
             {
-                return bias.shallow_clone();
+                return bias.clone();
             }
-            let bias = build(m, kind);
-            *cell = Some((mask.clone(), kind, bias.shallow_clone()));
+            let (causal, only_causal) = causal(&one_head(m));
+            let bias = Bias { tensor: (!only_causal).then(|| bias_of(m, kind)), causal };
+            *cell = Some((mask.clone(), kind, bias.clone()));
             bias
         })
     }
 
-    /// The bias over one head when the heads read one mask (a stride of 0), expanded to all of
-    /// them; its rows padded to a multiple of 16 elements, which CUDA's memory-efficient kernel
-    /// requires of a bias (PyTorch's SDPA pads it the same way).
-    fn build(m: &Tensor, kind: Kind) -> Tensor {
+    /// The mask over one head when the heads read one mask (a stride of 0).
+    fn one_head(m: &Tensor) -> Tensor {
         let size = m.size();
-        let shared_heads = size.len() == 4 && size[1] > 1 && m.stride()[1] == 0;
-        let one = if shared_heads { m.narrow(1, 0, 1) } else { m.shallow_clone() };
+        if size.len() == 4 && size[1] > 1 && m.stride()[1] == 0 { m.narrow(1, 0, 1) } else { m.shallow_clone() }
+    }
+
+    /// The additive bias of a boolean mask (`true`: −∞), of the float kind `kind`: over one head
+    /// when the heads read one mask, expanded to all of them; its rows padded to a multiple of 16
+    /// elements, which CUDA's memory-efficient kernel requires of a bias (PyTorch's SDPA pads it
+    /// the same way).
+    pub(crate) fn bias_of(m: &Tensor, kind: Kind) -> Tensor {
+        let size = m.size();
+        let one = one_head(m);
         let mut padded = one.size();
         let Some(last) = padded.last_mut() else { return Tensor::zeros(&size, (kind, m.device())) };
         let tk = *last;
@@ -867,55 +898,117 @@ pub(crate) mod libtorch {
         bias.expand(&size, false)
     }
 
-    /// `softmax(scale·q·kᵀ + bias)·v` by torch's SDPA; `None` where torch refuses the inputs.
-    pub(crate) fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32) -> Option<TchTensor> {
-        Tensor::f_scaled_dot_product_attention(&q.tensor, &k.tensor, &v.tensor, Some(bias), 0.0, false, Some(f64::from(scale)), false).ok().map(TchTensor::new)
+    /// Whether a mask `[.., Tq, Tk]` hides every key after its query, counted from the first
+    /// (torch's `is_causal`, aligned top left), and whether it hides nothing else. Only with
+    /// `Tq = Tk`, where a model's mask over its whole sequence does; a step of generation
+    /// (`Tq < Tk`) needs its keys in the past. One read of the device per mask, that is per
+    /// forward pass.
+    fn causal(one: &Tensor) -> (bool, bool) {
+        let size = one.size();
+        let [.., tq, tk] = size[..] else { return (false, false) };
+        if tq != tk || tq < 2 {
+            return (false, false);
+        }
+        let future = Tensor::ones([tq, tk], (Kind::Bool, one.device())).triu(1);
+        let read = || -> Result<Vec<i64>, tch::TchError> {
+            let hides_the_future = one.f_logical_or(&future.f_logical_not()?)?.f_all()?;
+            let nothing_else = one.f_eq_tensor(&future)?.f_all()?;
+            Vec::<i64>::try_from(Tensor::f_stack(&[hides_the_future, nothing_else], 0)?.f_to_kind(Kind::Int64)?)
+        };
+        match read().as_deref() {
+            Ok(&[future, only]) => (future != 0, future != 0 && only != 0),
+            _ => (false, false),
+        }
+    }
+
+    /// `softmax(scale·q·kᵀ + bias)·v` by torch's SDPA (told `is_causal` where there is no bias),
+    /// on the CPU by its flash kernel told where the mask is causal; `None` where torch refuses the
+    /// inputs.
+    pub(crate) fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Bias, scale: f32) -> Option<TchTensor> {
+        let (q, k, v) = (&q.tensor, &k.tensor, &v.tensor);
+        let scale = Some(f64::from(scale));
+        if bias.causal
+            && q.device() == Device::Cpu
+            && let Ok((out, _)) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, true, bias.tensor.as_ref(), scale)
+        {
+            return Some(TchTensor::new(out));
+        }
+        let causal = bias.tensor.is_none();
+        Tensor::f_scaled_dot_product_attention(q, k, v, bias.tensor.as_ref(), 0.0, causal, scale, false).ok().map(TchTensor::new)
     }
 
     /// What the fused kernels' backward takes from their forward pass: the output and its row
-    /// log-sum-exp, and on CUDA the kernel's random-number seed and offset (unread without dropout).
+    /// log-sum-exp, the mask as the forward pass took it, and on CUDA the kernel's random-number
+    /// seed and offset (unread without dropout).
     #[derive(Clone, Debug)]
     pub struct Kept {
         out: TchTensor,
         lse: TchTensor,
+        bias: Bias,
         philox: Option<(TchTensor, TchTensor)>,
     }
 
     /// The forward pass through torch's fused kernel of the device, and what its backward takes;
     /// `None` where there is none or it refuses the inputs.
-    pub(crate) fn forward_keeping(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32) -> Option<(TchTensor, Kept)> {
+    pub(crate) fn forward_keeping(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Bias, scale: f32) -> Option<(TchTensor, Kept)> {
         let (q, k, v) = (&q.tensor, &k.tensor, &v.tensor);
-        let scale = Some(f64::from(scale));
+        let (scale, causal) = (Some(f64::from(scale)), bias.causal);
         let (out, lse, philox) = match q.device() {
             Device::Cpu => {
-                let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, Some(bias), scale).ok()?;
+                let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, bias.tensor.as_ref(), scale).ok()?;
                 (out, lse, None)
             }
             Device::Cuda(_) => {
-                let (out, lse, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(q, k, v, Some(bias), true, 0.0, false, scale).ok()?;
+                let (out, lse, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(q, k, v, bias.tensor.as_ref(), true, 0.0, causal, scale).ok()?;
                 (out, lse, Some((TchTensor::new(seed), TchTensor::new(offset))))
             }
             _ => return None,
         };
+        if causal {
+            super::CAUSAL_KERNELS.with(|n| {
+                let (told, unbiased) = n.get();
+                n.set((told + 1, unbiased + usize::from(bias.tensor.is_none())));
+            });
+        }
         let out = TchTensor::new(out);
-        Some((out.clone(), Kept { out, lse: TchTensor::new(lse), philox }))
+        Some((out.clone(), Kept { out, lse: TchTensor::new(lse), bias: bias.clone(), philox }))
     }
 
     /// `(dq, dk, dv)` through the fused kernel's backward, from what its forward pass kept; `None`
     /// where it refuses the inputs (the caller recomputes with burn operations).
-    pub(crate) fn backward_kept(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32, dout: &TchTensor, kept: &Kept) -> Option<(TchTensor, TchTensor, TchTensor)> {
+    pub(crate) fn backward_kept(q: &TchTensor, k: &TchTensor, v: &TchTensor, scale: f32, dout: &TchTensor, kept: &Kept) -> Option<(TchTensor, TchTensor, TchTensor)> {
         let (q, k, v, dout) = (&q.tensor, &k.tensor, &v.tensor, &dout.tensor);
-        let (out, lse) = (&kept.out.tensor, &kept.lse.tensor);
+        let (out, lse, causal, bias) = (&kept.out.tensor, &kept.lse.tensor, kept.bias.causal, kept.bias.tensor.as_ref());
         let scale = Some(f64::from(scale));
         let (dq, dk, dv) = match (q.device(), &kept.philox) {
-            (Device::Cpu, None) => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, false, Some(bias), scale).ok()?,
+            (Device::Cpu, None) => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal, bias, scale).ok()?,
             (Device::Cuda(_), Some((seed, offset))) => {
                 // The kernel's backward takes [B, T, H, Dh] (what PyTorch's
-                // `_scaled_dot_product_efficient_attention_backward` hands it).
+                // `_scaled_dot_product_efficient_attention_backward` hands it), and the causal
+                // mask as its `custom_mask_type` 1 (top left), as that function passes it.
                 let t = |x: &Tensor| x.transpose(1, 2);
                 let (tq, tk) = (q.size()[2], k.size()[2]);
                 let (dq, dk, dv, _) = Tensor::f_internal_efficient_attention_backward(
-                    &t(dout), &t(q), &t(k), &t(v), Some(bias), &t(out), None, None, tq, tk, lse, 0.0, &seed.tensor, &offset.tensor, 0, false, scale, None, None, false,
+                    &t(dout),
+                    &t(q),
+                    &t(k),
+                    &t(v),
+                    bias,
+                    &t(out),
+                    None,
+                    None,
+                    tq,
+                    tk,
+                    lse,
+                    0.0,
+                    &seed.tensor,
+                    &offset.tensor,
+                    i64::from(causal),
+                    false,
+                    scale,
+                    None,
+                    None,
+                    false,
                 )
                 .ok()?;
                 (t(&dq), t(&dk), t(&dv))
@@ -928,10 +1021,10 @@ pub(crate) mod libtorch {
 
     /// `(dq, dk, dv)` with nothing kept: the fused forward run again for its output and
     /// log-sum-exp, then its backward.
-    pub(crate) fn backward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Tensor, scale: f32, dout: &TchTensor) -> Option<(TchTensor, TchTensor, TchTensor)> {
+    pub(crate) fn backward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Bias, scale: f32, dout: &TchTensor) -> Option<(TchTensor, TchTensor, TchTensor)> {
         let (_, kept) = forward_keeping(q, k, v, bias, scale)?;
         super::FORWARD_RERUNS.fetch_add(1, Ordering::Relaxed);
-        backward_kept(q, k, v, bias, scale, dout, &kept)
+        backward_kept(q, k, v, scale, dout, &kept)
     }
 }
 
@@ -1026,6 +1119,25 @@ static FORWARD_RERUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomi
 /// forward again because the forward pass kept nothing (for the tests that check it kept).
 pub fn fused_attention_forward_reruns() -> usize {
     FORWARD_RERUNS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(feature = "tch")]
+thread_local! {
+    /// Forward passes on libtorch, on this thread, whose fused kernel was told the mask is causal,
+    /// and how many of them took no bias.
+    static CAUSAL_KERNELS: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// How many forward passes of [`masked_attention`] under autodiff on libtorch, on the calling
+/// thread, told torch's fused kernel that the mask is causal, so that it skipped the blocks after
+/// each query, and how many of those took no bias, the mask being the causal mask and nothing
+/// more (for the tests that check which masks do; per thread, so that tests running beside them
+/// do not count); `(0, 0)` without the `tch` feature.
+pub fn causal_attention_kernels() -> (usize, usize) {
+    #[cfg(feature = "tch")]
+    return CAUSAL_KERNELS.with(std::cell::Cell::get);
+    #[cfg(not(feature = "tch"))]
+    (0, 0)
 }
 
 /// How many backward passes of [`masked_attention`] ran through a fused body in this process:

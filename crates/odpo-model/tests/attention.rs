@@ -4,7 +4,9 @@
 //! the mask as a 0 / −∞ bias), with padding and a causal mask, with `Tq < Tk`, with several
 //! heads reading one mask through a stride of 0, and with grouped keys and values (fewer key/value
 //! heads than query heads, repeated inside the operation) and a mask given over one head, with
-//! and without autodiff; on libtorch, that the backward pass reuses what the forward pass kept.
+//! and without autodiff, and with a mask that lets queries see later keys; on libtorch, that the
+//! backward pass reuses what the forward pass kept, and that its kernels skip the future's blocks
+//! where the mask is causal.
 //! The reference stays on the CPU because a GPU
 //! backend's own attention may compute its f32 products in TF32 (burn's CUDA backend does), which
 //! the extension does not.
@@ -26,10 +28,18 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
     let device = test_device().autodiff();
     // The first CPU backend of the build (the conformance builds leave flex out), else the device.
     let cpu = ["flex", "tch"].iter().find_map(|b| odpo_model::backend::device(b).ok()).map_or_else(|| device.clone(), |d| d.autodiff());
-    // (batch, query heads, key/value heads, Tq, Tk, Dh, the mask given over one head)
-    for (b, h, h_kv, tq, tk, dh, one_head) in [(2, 3, 3, 7, 7, 8, false), (1, 2, 2, 3, 9, 4, false), (2, 6, 2, 5, 5, 4, true)] {
+    // (batch, query heads, key/value heads, Tq, Tk, Dh, the mask given over one head, future keys
+    // hidden). Padding comes with a second sequence: the fourth mask is causal and nothing more;
+    // the last lets queries see later keys.
+    for (b, h, h_kv, tq, tk, dh, one_head, causal) in [
+        (2, 3, 3, 7, 7, 8, false, true),
+        (1, 2, 2, 3, 9, 4, false, true),
+        (2, 6, 2, 5, 5, 4, true, true),
+        (1, 4, 2, 6, 6, 8, true, true),
+        (2, 4, 2, 6, 6, 4, true, false),
+    ] {
         let past = (tk - tq) as i64;
-        let future = Tensor::<2, Bool>::tril_mask([tq, tk], past, &device);
+        let future = if causal { Tensor::<2, Bool>::tril_mask([tq, tk], past, &device) } else { Tensor::<2, Bool>::from_data(TensorData::new(vec![false; tq * tk], [tq, tk]), &device) };
         // The second sequence's first two keys are padding, except for a query's own key.
         let mut pad = vec![false; b * tq * tk];
         for q in 0..tq {
@@ -70,7 +80,8 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
             (y.inner(), g(&q), g(&k), g(&v))
         };
         let read = |(y, dq, dk, dv): (Tensor<4>, Tensor<4>, Tensor<4>, Tensor<4>)| (vec(y), vec(dq), vec(dk), vec(dv));
-        let (fused_before, reruns_before) = (odpo_kernels::fused_attention_backward_calls(), odpo_kernels::fused_attention_forward_reruns());
+        let (fused_before, reruns_before, causal_before) =
+            (odpo_kernels::fused_attention_backward_calls(), odpo_kernels::fused_attention_forward_reruns(), odpo_kernels::causal_attention_kernels());
         // On the cubecl backends both passes take the grouped keys and values as they are: no
         // copy repeats them to the query heads (the census covers the passes, not the reads).
         let (ours, census) = odpo_kernels::kernel_census(false, || run(true));
@@ -100,6 +111,13 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
         }
         if name.contains("LibTorch") {
             assert_eq!(odpo_kernels::fused_attention_forward_reruns(), reruns_before, "the attention's forward kernel ran again in the backward pass on {device:?}");
+            // torch's kernels skip the future's blocks where the mask hides every later key over
+            // as many queries as keys, and only there; they take no bias where the mask is the
+            // causal mask and nothing more (no padding), and only there (the values below would be
+            // wrong otherwise).
+            let (told, unbiased) = odpo_kernels::causal_attention_kernels();
+            let expected = (usize::from(causal && tq == tk), usize::from(causal && tq == tk && b == 1));
+            assert_eq!((told - causal_before.0, unbiased - causal_before.1), expected, "forward kernels told the mask is causal, and of those without a bias, {tq} queries over {tk} keys, causal {causal}, {b} sequences, on {device:?}");
         }
         // The two differ in the order of their operations only: a wrong formula misses by O(1).
         for (name, a, b) in [("out", &ours.0, &burns.0), ("dq", &ours.1, &burns.1), ("dk", &ours.2, &burns.2), ("dv", &ours.3, &burns.3)] {
