@@ -768,10 +768,9 @@ fn libtorch_backward(
 ) -> (FloatTensor<burn::backend::LibTorch>, FloatTensor<burn::backend::LibTorch>, FloatTensor<burn::backend::LibTorch>) {
     type B = burn::backend::LibTorch;
     widened_backward::<B>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
-        let bias = libtorch::bias(&mask, q.tensor.kind());
         let fused = match &kept {
             Some(kept) => libtorch::backward_kept(&q, &k, &v, scale, &dout, kept),
-            None => libtorch::backward(&q, &k, &v, &bias, scale, &dout),
+            None => libtorch::backward(&q, &k, &v, &libtorch::bias(&mask, q.tensor.kind()), scale, &dout),
         };
         fused.unwrap_or_else(|| backward_with::<B>(q, k, v, mask, scale, dout, <B as burn::backend::ops::FloatTensorOps<B>>::float_matmul))
     })
