@@ -821,8 +821,10 @@ impl KeptAttention for burn::backend::LibTorch {
 /// model's causal mask over `Tq = Tk` tokens, with padding or a sliding window on top), the kernels
 /// are also told `is_causal`, and skip the blocks above the diagonal, about half the work; the bias
 /// still hides the rest, so the result is the same. Where the mask is the causal mask and nothing
-/// more (rows without padding), no bias is made or read at all, and the frozen reference's forward
-/// pass gets the causal kernels PyTorch runs for such rows (transformers drops an all-ones mask).
+/// more (rows without padding), no bias is made or read at all: both passes are
+/// `scaled_dot_product_attention` with `is_causal`, as transformers calls it for such rows, under
+/// autodiff recorded by torch's own autograd, so that torch picks the kernels both ways as it does
+/// for PyTorch's step (cuDNN's on an H200, whose forward tch 0.22 does not bind).
 #[cfg(feature = "tch")]
 pub(crate) mod libtorch {
     use std::cell::RefCell;
@@ -936,20 +938,35 @@ pub(crate) mod libtorch {
         Tensor::f_scaled_dot_product_attention(q, k, v, bias.tensor.as_ref(), 0.0, causal, scale, false).ok().map(TchTensor::new)
     }
 
-    /// What the fused kernels' backward takes from their forward pass: the output and its row
-    /// log-sum-exp, the mask as the forward pass took it, and on CUDA the kernel's random-number
-    /// seed and offset (unread without dropout).
+    /// What the backward pass takes from the forward pass.
     #[derive(Clone, Debug)]
-    pub struct Kept {
-        out: TchTensor,
-        lse: TchTensor,
-        bias: Bias,
-        philox: Option<(TchTensor, TchTensor)>,
+    pub struct Kept(Record);
+
+    #[derive(Clone, Debug)]
+    enum Record {
+        /// A fused kernel's output and row log-sum-exp, the mask as its forward pass took it, and
+        /// on CUDA the kernel's random-number seed and offset (unread without dropout).
+        Fused { out: TchTensor, lse: TchTensor, bias: Bias, philox: Option<(TchTensor, TchTensor)> },
+        /// torch's own autograd record of its scaled dot-product attention: the output that
+        /// carries it, and the inputs it differentiates.
+        Graph { out: TchTensor, inputs: [TchTensor; 3] },
     }
 
     /// The forward pass through torch's fused kernel of the device, and what its backward takes;
     /// `None` where there is none or it refuses the inputs.
+    ///
+    /// Over rows without padding (the causal mask and nothing more), torch's scaled dot-product
+    /// attention with `is_causal`, recorded by torch's own autograd: torch picks the kernels both
+    /// ways as it does for PyTorch's step (on an H200 cuDNN's, whose forward tch 0.22 does not
+    /// bind), and its record keeps what their backward takes.
     pub(crate) fn forward_keeping(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Bias, scale: f32) -> Option<(TchTensor, Kept)> {
+        if bias.causal
+            && bias.tensor.is_none()
+            && let Some(recorded) = forward_recorded(q, k, v, scale)
+        {
+            count_causal(true);
+            return Some(recorded);
+        }
         let (q, k, v) = (&q.tensor, &k.tensor, &v.tensor);
         let (scale, causal) = (Some(f64::from(scale)), bias.causal);
         let (out, lse, philox) = match q.device() {
@@ -964,22 +981,48 @@ pub(crate) mod libtorch {
             _ => return None,
         };
         if causal {
-            super::CAUSAL_KERNELS.with(|n| {
-                let (told, unbiased) = n.get();
-                n.set((told + 1, unbiased + usize::from(bias.tensor.is_none())));
-            });
+            count_causal(bias.tensor.is_none());
         }
         let out = TchTensor::new(out);
-        Some((out.clone(), Kept { out, lse: TchTensor::new(lse), bias: bias.clone(), philox }))
+        Some((out.clone(), Kept(Record::Fused { out, lse: TchTensor::new(lse), bias: bias.clone(), philox })))
+    }
+
+    /// A forward pass whose kernel was told the mask is causal (`unbiased`: with no bias).
+    fn count_causal(unbiased: bool) {
+        super::CAUSAL_KERNELS.with(|n| {
+            let (told, none) = n.get();
+            n.set((told + 1, none + usize::from(unbiased)));
+        });
+    }
+
+    /// `softmax(scale·q·kᵀ, causal)·v` under torch's autograd, on leaves that share `q`, `k` and
+    /// `v`'s memory; `None` where torch refuses the inputs or records nothing (its grad mode off).
+    fn forward_recorded(q: &TchTensor, k: &TchTensor, v: &TchTensor, scale: f32) -> Option<(TchTensor, Kept)> {
+        let leaf = |x: &TchTensor| TchTensor::from_existing(x.tensor.detach().set_requires_grad(true), x.storage.clone());
+        let inputs = [leaf(q), leaf(k), leaf(v)];
+        let [lq, lk, lv] = &inputs;
+        let out = tch::with_grad(|| Tensor::f_scaled_dot_product_attention(&lq.tensor, &lk.tensor, &lv.tensor, None::<&Tensor>, 0.0, true, Some(f64::from(scale)), false)).ok()?;
+        if !out.requires_grad() {
+            return None;
+        }
+        let out = TchTensor::new(out);
+        // What the model reads is the output without the record (burn's operations on it must
+        // record nothing in torch); it shares the output's memory, so burn writes over neither.
+        let shown = TchTensor::from_existing(out.tensor.detach(), out.storage.clone());
+        Some((shown, Kept(Record::Graph { out, inputs })))
     }
 
     /// `(dq, dk, dv)` through the fused kernel's backward, from what its forward pass kept; `None`
     /// where it refuses the inputs (the caller recomputes with burn operations).
     pub(crate) fn backward_kept(q: &TchTensor, k: &TchTensor, v: &TchTensor, scale: f32, dout: &TchTensor, kept: &Kept) -> Option<(TchTensor, TchTensor, TchTensor)> {
         let (q, k, v, dout) = (&q.tensor, &k.tensor, &v.tensor, &dout.tensor);
-        let (out, lse, causal, bias) = (&kept.out.tensor, &kept.lse.tensor, kept.bias.causal, kept.bias.tensor.as_ref());
+        let (out, lse, bias, philox) = match &kept.0 {
+            Record::Fused { out, lse, bias, philox } => (&out.tensor, &lse.tensor, bias, philox),
+            Record::Graph { out, inputs } => return backward_recorded(out, inputs, dout),
+        };
+        let (causal, bias) = (bias.causal, bias.tensor.as_ref());
         let scale = Some(f64::from(scale));
-        let (dq, dk, dv) = match (q.device(), &kept.philox) {
+        let (dq, dk, dv) = match (q.device(), philox) {
             (Device::Cpu, None) => Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal, bias, scale).ok()?,
             (Device::Cuda(_), Some((seed, offset))) => {
                 // The kernel's backward takes [B, T, H, Dh] (what PyTorch's
@@ -1014,6 +1057,18 @@ pub(crate) mod libtorch {
             }
             _ => return None,
         };
+        super::FUSED_BACKWARD.fetch_add(1, Ordering::Relaxed);
+        Some((TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv)))
+    }
+
+    /// `(dq, dk, dv)` from torch's record of the forward pass: the gradient of `Σ out ⊙ dout` with
+    /// respect to the leaves, which is the attention's backward applied to `dout` (torch's autograd
+    /// takes no output gradient through tch, so the product hands it `dout`).
+    fn backward_recorded(out: &TchTensor, inputs: &[TchTensor; 3], dout: &Tensor) -> Option<(TchTensor, TchTensor, TchTensor)> {
+        let total = out.tensor.f_mul(dout).and_then(|x| x.f_sum(out.tensor.kind())).ok()?;
+        let leaves = inputs.each_ref().map(|x| &x.tensor);
+        let grads = Tensor::f_run_backward(&[&total], &leaves, false, false).ok()?;
+        let [dq, dk, dv]: [Tensor; 3] = grads.try_into().ok()?;
         super::FUSED_BACKWARD.fetch_add(1, Ordering::Relaxed);
         Some((TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv)))
     }
