@@ -1,4 +1,4 @@
-//! Resident memory of `token_logprobs` on half-precision logits, forward and backward, with the
+//! Resident memory and time of `token_logprobs` on half-precision logits, forward and backward, with the
 //! logits widened to f32 before the operation (what `odpo-model` did until 2026-12-01: autodiff
 //! then keeps the f32 copy) or handed over as they are (the operation widens inside, in runs of
 //! rows, and keeps the bf16 logits). One mode per process, as the peak is the process's:
@@ -31,6 +31,7 @@ fn main() {
     let weights = Tensor::<2>::random([n, v], Distribution::Normal(0.0, 1.0), &device).cast(FloatDType::BF16).require_grad();
     let targets = Tensor::<1, Int>::from_data(TensorData::new((0..n as i64).map(|i| i * 7919 % v as i64).collect::<Vec<_>>(), [n]), &device);
     let (rss0, _) = memory();
+    let start = std::time::Instant::now();
     // The logits as a model's head hands them over: the output of an operation, held by nothing else.
     let logits = weights.clone().mul_scalar(1.0);
     let lp = match mode {
@@ -38,11 +39,14 @@ fn main() {
         _ => odpo_kernels::token_logprobs(logits, targets),
     };
     let (rss1, _) = memory();
+    let forward = start.elapsed().as_secs_f64();
+    let start = std::time::Instant::now();
     let grads = lp.sum().backward();
+    let backward = start.elapsed().as_secs_f64();
     let (rss2, peak) = memory();
     let g = weights.grad(&grads).map(|g| g.dtype());
     println!(
-        "{mode}: {n} rows x {v} in bf16 ({:.0} MiB); resident memory before {rss0:.0} MiB, after the forward pass {rss1:.0} MiB (+{:.0}), after the backward pass {rss2:.0} MiB, peak {peak:.0} MiB; gradient {g:?}",
+        "{mode}: {n} rows x {v} in bf16 ({:.0} MiB); resident memory before {rss0:.0} MiB, after the forward pass {rss1:.0} MiB (+{:.0}), after the backward pass {rss2:.0} MiB, peak {peak:.0} MiB; gradient {g:?}; forward {forward:.3} s, backward {backward:.3} s",
         (n * v * 2) as f64 / (1u64 << 20) as f64,
         rss1 - rss0
     );

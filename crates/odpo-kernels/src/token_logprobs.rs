@@ -262,31 +262,60 @@ fn torch_forward(logits: &burn::backend::libtorch::TchTensor, targets: &burn::ba
     (TchTensor::new(lp.squeeze_dim(1)), TchTensor::new(lse.squeeze_dim(1)))
 }
 
-/// The backward pass as in-place torch operations, `rows` rows at a time: each part widened to f32
-/// (in f32, the part itself), `exp(x − lse) · (−g)` plus `g` at the target, written back in the
-/// logits' dtype. The gradient takes the logits' own buffer when nothing else holds it, so that the
-/// pass needs no `[N, V]` tensor beyond the one autodiff kept (the composed form writes four).
+/// The backward pass as torch operations, `rows` rows at a time: `(exp(x − lse) − onehot) · (−g)`
+/// in f32, written in the logits' dtype. The gradient takes the logits' own buffer when nothing else
+/// holds it, so that the pass needs no `[N, V]` tensor beyond the one autodiff kept (the composed
+/// form writes four).
 #[cfg(feature = "tch")]
 fn torch_backward(logits: burn::backend::libtorch::TchTensor, lse: &burn::backend::libtorch::TchTensor, targets: &burn::backend::libtorch::TchTensor, grad: &burn::backend::libtorch::TchTensor, rows: i64) -> burn::backend::libtorch::TchTensor {
+    let cuda = logits.tensor.device().is_cuda();
+    torch_backward_casting(logits, lse, targets, grad, rows, cuda)
+}
+
+/// [`torch_backward`], with half-precision parts widened by the kernels as they load and store
+/// (`in_kernel`) or through an f32 copy of each part. f32 parts are worked in place either way.
+///
+/// On CUDA torch's element-wise kernels cast mixed dtypes as they load and store, so the
+/// subtraction reads the half-precision part as it is into an f32 buffer and the product writes it
+/// rounded: three passes, 20 bytes moved an element, where the copy, the subtraction, the
+/// exponential, the product and the rounding back are five and 36 (the `[N, V]` of a Llama-3.2-1B
+/// step of 8 pairs × 512 tokens is 2.1 GB of bf16). torch's CPU kernels copy mixed-dtype operands to
+/// their common dtype first, so there the copy is made once, explicitly.
+#[cfg(feature = "tch")]
+fn torch_backward_casting(logits: burn::backend::libtorch::TchTensor, lse: &burn::backend::libtorch::TchTensor, targets: &burn::backend::libtorch::TchTensor, grad: &burn::backend::libtorch::TchTensor, rows: i64, in_kernel: bool) -> burn::backend::libtorch::TchTensor {
     use burn::backend::libtorch::TchTensor;
     // `can_mut`: nothing else holds the buffer and no stride broadcasts, so it can take the gradient.
     let own = logits.can_mut();
     let out = if own { logits.tensor.shallow_clone() } else { logits.tensor.copy() };
     drop(logits);
-    let (t, g, lse) = (targets.tensor.unsqueeze(1), grad.tensor.unsqueeze(1), lse.tensor.unsqueeze(1));
-    let n = out.size()[0];
+    let (t, lse) = (targets.tensor.unsqueeze(1), lse.tensor.unsqueeze(1));
+    let g = grad.tensor.to_kind(tch::Kind::Float).neg().unsqueeze(1);
+    let [n, v] = out.size()[..] else { unreachable!("the logits are [N, V]") };
+    let half = out.kind() != tch::Kind::Float;
+    let f32 = (tch::Kind::Float, out.device());
+    let buffer = (half && in_kernel).then(|| tch::Tensor::empty([rows.min(n), v], f32));
+    let minus_one = tch::Tensor::full([rows.min(n), 1], -1.0, f32);
     for s in (0..n).step_by(rows as usize) {
         let len = rows.min(n - s);
-        let mut o = out.narrow(0, s, len);
-        let g = g.narrow(0, s, len);
-        // f32 logits: `to_kind` hands back the part itself, and the operations below write it.
-        let mut d = o.to_kind(tch::Kind::Float);
-        d -= lse.narrow(0, s, len);
+        let (mut o, lse, g) = (out.narrow(0, s, len), lse.narrow(0, s, len), g.narrow(0, s, len));
+        let mut d = match &buffer {
+            Some(b) => o.sub_out(&b.narrow(0, 0, len), &lse),
+            None => {
+                // f32 logits: `to_kind` hands back the part itself, and the operations below write it.
+                let mut d = o.to_kind(tch::Kind::Float);
+                d -= &lse;
+                d
+            }
+        };
         let _ = d.exp_();
-        d *= g.neg();
-        let _ = d.scatter_add_(1, &t.narrow(0, s, len), &g);
-        if o.kind() != tch::Kind::Float {
-            o.copy_(&d);
+        let _ = d.scatter_add_(1, &t.narrow(0, s, len), &minus_one.narrow(0, 0, len));
+        if buffer.is_some() {
+            let _ = d.mul_out(&o, &g);
+        } else {
+            d *= &g;
+            if half {
+                o.copy_(&d);
+            }
         }
     }
     count(if own { &TORCH_BACKWARD_IN_PLACE } else { &TORCH_BACKWARD_COPY });
@@ -471,8 +500,8 @@ mod tests {
     }
 
     /// Half-precision logits: the log-softmax in f32 of the logits as they are rounded, the
-    /// gradient in their dtype, and on libtorch the torch operations (what CUDA runs), in place
-    /// over the widened copy.
+    /// gradient in their dtype, and on libtorch the torch operations (what CUDA runs), the
+    /// gradient written over the logits.
     #[test]
     fn half_precision_logits_are_widened_inside() {
         use burn::tensor::FloatDType;
@@ -560,6 +589,50 @@ mod tests {
         assert_eq!(kept, x, "shared logits were written");
         let after = token_logprob_torch_calls();
         assert!(after.1 > before.1 && after.2 > before.2, "{before:?} → {after:?}");
+    }
+
+    /// The torch path on half-precision logits in runs of rows (a shorter last run), both ways of
+    /// widening: the gradient written over an unshared buffer, a shared one left as it was, each
+    /// element one rounding of the f32 gradient of the rounded logits.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn the_torch_path_in_half_precision_in_runs() {
+        use burn::backend::libtorch::TchTensor;
+        let (n, v) = (7, 400);
+        let t: Vec<i64> = vec![1, 399, 250, 0, 0, 17, 300];
+        let w = [0.5f32, -1.0, 2.0, 1.0, 0.0, -0.25, 3.0];
+        let targets = TchTensor::new(tch::Tensor::from_slice(&t));
+        let grad = TchTensor::new(tch::Tensor::from_slice(&w));
+        for (kind, tol) in [(tch::Kind::BFloat16, 4e-3), (tch::Kind::Half, 5e-4)] {
+            let make = || TchTensor::new(tch::Tensor::from_slice(&logits(n, v)).reshape([n as i64, v as i64]).to_kind(kind));
+            let rounded: Vec<f32> = Vec::try_from(&make().tensor.to_kind(tch::Kind::Float).reshape([-1])).expect("f32 values");
+            let (want_lp, want_grad) = want(&rounded, v, &t, &w);
+            let (lp, lse) = torch_forward(&make(), &targets, 3);
+            let lp: Vec<f32> = Vec::try_from(&lp.tensor).expect("f32 values");
+            for (&got, &w) in lp.iter().zip(&want_lp) {
+                assert!((f64::from(got) - w).abs() <= 2e-6 * w.abs().max(1.0), "{kind:?} lp {got} vs {w}");
+            }
+            let check = |g: TchTensor| {
+                assert_eq!(g.tensor.kind(), kind, "the gradient comes back in the logits' dtype");
+                let g: Vec<f32> = Vec::try_from(&g.tensor.to_kind(tch::Kind::Float).reshape([-1])).expect("f32 values");
+                for (i, (&got, &w)) in g.iter().zip(&want_grad).enumerate() {
+                    assert!((f64::from(got) - w).abs() <= tol * w.abs() + 1e-7, "{kind:?} grad[{i}]: {got} vs {w}");
+                }
+            };
+            // Widened by the kernels as CUDA does, and through a copy as the CPU does.
+            for in_kernel in [true, false] {
+                let own = make();
+                let ptr = own.tensor.data_ptr() as usize;
+                let g = torch_backward_casting(own, &lse, &targets, &grad, 3, in_kernel);
+                assert_eq!(g.tensor.data_ptr() as usize, ptr, "{kind:?} {in_kernel}: an unshared buffer takes the gradient");
+                check(g);
+                let shared = make();
+                let kept = shared.clone();
+                check(torch_backward_casting(shared, &lse, &targets, &grad, 2, in_kernel));
+                let kept: Vec<f32> = Vec::try_from(&kept.tensor.to_kind(tch::Kind::Float).reshape([-1])).expect("f32 values");
+                assert_eq!(kept, rounded, "{kind:?} {in_kernel}: shared logits were written");
+            }
+        }
     }
 
     #[test]
