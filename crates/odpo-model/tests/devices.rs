@@ -1,8 +1,9 @@
 //! Device specs that name hardware the machine lacks (a CUDA device, a wgpu adapter) are refused
 //! with an error that says what is missing, rather than a panic inside burn's runtimes or libtorch;
 //! a tensor larger than the device holds is an out-of-memory error that names its size; logits
-//! larger than one buffer of the device run through the LM head in runs that fit; the kernel census
-//! counts every launch on the cubecl backends.
+//! larger than one buffer of the device run through the LM head in runs that fit; half-precision
+//! logits give the log-probabilities and gradients of the definition; the kernel census counts every
+//! launch on the cubecl backends.
 //! In builds with `cuda`, `tch`, `wgpu` or `vulkan` (the conformance binary has several); elsewhere
 //! the backend's missing feature is named.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -196,6 +197,58 @@ fn head_in_runs_against_f64(device: &burn::tensor::Device, spec: &str, vocab: us
     close("gradient of the hidden states", &f64s(hidden.grad(&grads).expect("the hidden states have a gradient")), &want_dh);
     close("gradient of the tied head's weight", &dw, &want_dw);
     n
+}
+
+/// Half-precision logits, in each dtype the device computes in, give the f32 log-probabilities of
+/// the logits as rounded and a gradient in their own dtype, one rounding of the definition's (worked
+/// here in f64): on libtorch's CUDA the backward pass widens and rounds inside torch's kernels, on its
+/// CPU through an f32 copy, on the cubecl devices in backend operations.
+#[test]
+fn half_precision_logits_give_the_definitions_log_probabilities_and_gradients() {
+    use burn::tensor::{DType, FloatDType};
+    let spec = std::env::var("ODPO_TEST_DEVICE").unwrap_or_else(|_| "default".into());
+    let device = common::test_device();
+    let ad = device.clone().autodiff();
+    let (n, v) = (9, 2_000);
+    let x: Vec<f32> = (0..n * v).map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 30.0).collect();
+    let t: Vec<i64> = vec![0, 1999, 3, 700, 700, 12, 999, 1500, 1];
+    let w = vec![1.0f32, -0.5, 0.0, 2.0, 1.0, 0.25, -1.0, 3.0, -2.0];
+    let mut ran = 0;
+    // One rounding to the dtype: at most half its spacing, 2^-8 of the value in bf16, 2^-11 in f16.
+    for (dtype, kind, tol) in [(DType::BF16, FloatDType::BF16, 4e-3), (DType::F16, FloatDType::F16, 5e-4)] {
+        if !device.supports_dtype(dtype) {
+            eprintln!("`{spec}` does not compute in {dtype:?}");
+            continue;
+        }
+        let xs = Tensor::<2>::from_data(TensorData::new(x.clone(), [n, v]), &ad).cast(kind).require_grad();
+        let rounded = f64s(xs.clone().inner());
+        let ts = Tensor::<1, Int>::from_data(TensorData::new(t.clone(), [n]), &ad);
+        let ws = Tensor::<1>::from_data(TensorData::new(w.clone(), [n]), &ad);
+        // The output of an operation, as a model's head hands the logits over.
+        let lp = odpo_kernels::token_logprobs(xs.clone().mul_scalar(1.0), ts);
+        assert_eq!(lp.dtype(), DType::F32, "`{spec}` {dtype:?}: the log-probabilities are f32");
+        let grads = (lp.clone() * ws).sum().backward();
+        let g = xs.grad(&grads).expect("the logits have a gradient");
+        assert_eq!(g.dtype(), dtype, "`{spec}`: the gradient comes back in the logits' dtype");
+        let (g, lp) = (f64s(g), f64s(lp.inner()));
+        let (mut lp_diff, mut g_ratio) = (0.0_f64, 0.0_f64);
+        for (r, row) in rounded.chunks(v).enumerate() {
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = max + row.iter().map(|a| (a - max).exp()).sum::<f64>().ln();
+            lp_diff = lp_diff.max((lp[r] - (row[t[r] as usize] - lse)).abs());
+            for (c, a) in row.iter().enumerate() {
+                let want = f64::from(w[r]) * (f64::from(u8::from(c as i64 == t[r])) - (a - lse).exp());
+                g_ratio = g_ratio.max((g[r * v + c] - want).abs() / (tol * want.abs() + 1e-7));
+            }
+        }
+        eprintln!("`{spec}` {dtype:?}: log-probabilities within {lp_diff:.1e}, the gradient within {g_ratio:.2} of one rounding");
+        assert!(lp_diff < 2e-5, "`{spec}` {dtype:?}: log-probabilities {lp_diff:.2e} from the definition");
+        assert!(g_ratio <= 1.0, "`{spec}` {dtype:?}: the gradient {g_ratio:.2} times one rounding from the definition");
+        ran += 1;
+    }
+    if ran == 0 {
+        eprintln!("`{spec}` computes in neither bf16 nor f16: nothing to check");
+    }
 }
 
 fn f64s<const D: usize>(t: Tensor<D>) -> Vec<f64> {
