@@ -9,7 +9,8 @@
 //! burn's `RmsNorm` is about seven recorded operations whose backward pass is twice as many; a
 //! Llama-family model normalises twice in every layer. Here it is one recorded operation whose
 //! backward pass recomputes `r` and applies the formula above; on libtorch both passes are direct
-//! torch calls, on flex one loop each over the rows, split over the CPU's threads, on the cubecl
+//! torch calls (in half precision torch's own RMSNorm, one kernel each way on CUDA, which rounds
+//! `x̂ · γ` computed in f32 once), on flex one loop each over the rows, split over the CPU's threads, on the cubecl
 //! backends one kernel forward and one backward (plus the sum of `dγ`'s shares over the rows). On a GPU,
 //! where a small model's step waits on the host issuing operations, that is a few hundred
 //! operations fewer a step.
@@ -408,15 +409,24 @@ mod cube {
     }
 }
 
-/// libtorch: the same formulas as direct torch calls.
+/// libtorch: in half precision on CUDA (`x` and `γ` of one dtype) torch's own RMSNorm,
+/// `_fused_rms_norm`, whose backward pass its autograd runs; elsewhere the formulas above as
+/// direct torch calls (on the CPU torch's RMSNorm is a composite of tensor operations, slower than
+/// these in bf16).
 #[cfg(feature = "tch")]
 impl RmsNormBackend for burn::backend::LibTorch {
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        if let Some(y) = libtorch::on_cuda(&x.tensor).then(|| libtorch::fused(&x.tensor, &gamma.tensor, eps)).flatten() {
+            return burn::backend::libtorch::TchTensor::new(y);
+        }
         let (xh, _) = libtorch::normalized(&x.tensor, eps);
         burn::backend::libtorch::TchTensor::new(xh * &gamma.tensor)
     }
 
     fn rms_norm_backward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if let Some((dx, dgamma)) = libtorch::on_cuda(&x.tensor).then(|| libtorch::fused_backward(&x.tensor, &gamma.tensor, eps, &dy.tensor)).flatten() {
+            return (burn::backend::libtorch::TchTensor::new(dx), burn::backend::libtorch::TchTensor::new(dgamma));
+        }
         let (x, gamma, dy) = (&x.tensor, &gamma.tensor, &dy.tensor);
         let (xh, r) = libtorch::normalized(x, eps);
         let d = gamma.size()[0];
@@ -431,7 +441,59 @@ impl RmsNormBackend for burn::backend::LibTorch {
 
 #[cfg(feature = "tch")]
 mod libtorch {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use tch::{Kind, Tensor};
+
+    /// Calls of torch's RMSNorm (forward, backward), for the tests.
+    pub(crate) static FUSED: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+    /// Where torch's RMSNorm is one kernel each way (on the CPU it is a composite).
+    pub(super) fn on_cuda(x: &Tensor) -> bool {
+        x.device().is_cuda()
+    }
+
+    /// Half-precision `x` and `γ` of one dtype take torch's RMSNorm. On CUDA that is one kernel
+    /// each way that reads a row once for its mean square and again for the output, where the
+    /// torch calls below widen `x` to an f32 copy and square, reduce, divide and scale in five
+    /// passes over the rows (4 bytes moved an element of bf16 against 26 forward). torch rounds
+    /// `x · rsqrt(mean(x²) + ε) · γ` computed in f32 once on CUDA (its CPU composite rounds `x̂`
+    /// first, as transformers does), where the calls below round `r`, `x̂` and `y` in turn.
+    fn takes_fused(x: &Tensor, gamma: &Tensor) -> bool {
+        matches!(x.kind(), Kind::BFloat16 | Kind::Half) && gamma.kind() == x.kind() && gamma.dim() == 1
+    }
+
+    /// `y` through torch's RMSNorm, or `None` where it does not apply or refuses the inputs.
+    pub(super) fn fused(x: &Tensor, gamma: &Tensor, eps: f64) -> Option<Tensor> {
+        if !takes_fused(x, gamma) {
+            return None;
+        }
+        let (y, _) = x.f_internal_fused_rms_norm([gamma.size()[0]], Some(gamma), eps).ok()?;
+        FUSED[0].fetch_add(1, Ordering::Relaxed);
+        Some(y)
+    }
+
+    /// `(dx, dγ)` through torch's autograd of its RMSNorm, recorded again over leaves that share
+    /// `x` and `γ`'s memory: the gradients of `Σ y ⊙ dy` (tch binds neither the backward kernel nor
+    /// an output gradient for `torch.autograd.grad`, so the product hands the record `dy`). On
+    /// CUDA that is torch's fused backward, which reads the forward's `rsqrt` and writes `dx` in one
+    /// kernel and `dγ`'s column sums in another; with the forward, the product and its sum, about 26
+    /// bytes moved an element of bf16, against 56 for the calls below.
+    pub(super) fn fused_backward(x: &Tensor, gamma: &Tensor, eps: f64, dy: &Tensor) -> Option<(Tensor, Tensor)> {
+        if !takes_fused(x, gamma) {
+            return None;
+        }
+        let (xl, gl) = (x.detach().set_requires_grad(true), gamma.detach().set_requires_grad(true));
+        let (y, _) = tch::with_grad(|| xl.f_internal_fused_rms_norm([gamma.size()[0]], Some(&gl), eps)).ok()?;
+        if !y.requires_grad() {
+            return None;
+        }
+        let total = tch::with_grad(|| y.f_mul(dy).and_then(|p| p.f_sum(Kind::Float))).ok()?;
+        let grads = Tensor::f_run_backward(&[&total], &[&xl, &gl], false, false).ok()?;
+        let [dx, dgamma]: [Tensor; 2] = grads.try_into().ok()?;
+        FUSED[1].fetch_add(1, Ordering::Relaxed);
+        Some((dx, dgamma))
+    }
 
     /// `(x̂, r)` as [`super::normalized`] forms them.
     pub(super) fn normalized(x: &Tensor, eps: f64) -> (Tensor, Tensor) {
@@ -529,5 +591,58 @@ mod tests {
         close("dx", &values(&dx), &values(&dx_ops), 1e-5);
         // A sum over 1,200 rows, in another order.
         close("dgamma", &values(&dgamma), &values(&dgamma_ops), 1e-4);
+    }
+}
+
+#[cfg(all(test, feature = "tch"))]
+#[allow(clippy::expect_used)]
+mod torch_tests {
+    use std::sync::atomic::Ordering;
+
+    use tch::{Kind, Tensor};
+
+    use super::libtorch::{FUSED, fused, fused_backward, normalized};
+
+    fn vec(t: &Tensor) -> Vec<f32> {
+        Vec::try_from(&t.to_kind(Kind::Float).reshape([-1])).expect("f32 values")
+    }
+
+    /// torch's RMSNorm as the CUDA path calls it (here on the CPU, where torch composes it of tensor
+    /// operations): `y`, and `dx`, `dγ` from its autograd record over leaves seeded with `dy`, give
+    /// what the torch calls of the f32 path give on the same rounded inputs, within a few
+    /// roundings to the dtype (measured against each tensor's largest entry), in bf16 and f16;
+    /// f32 inputs, or a `γ` of another dtype, are left to those calls.
+    #[test]
+    fn torchs_rms_norm_matches_the_torch_calls() {
+        let (rows, d, eps) = (9, 64, 1e-5);
+        let scale = Tensor::rand([rows, 1], (Kind::Float, tch::Device::Cpu)) * 20.0 + 0.1;
+        let x = Tensor::randn([rows, d], (Kind::Float, tch::Device::Cpu)) * scale;
+        let gamma = Tensor::randn([d], (Kind::Float, tch::Device::Cpu)) * 0.5 + 1.0;
+        let dy = Tensor::randn([rows, d], (Kind::Float, tch::Device::Cpu));
+        assert!(fused(&x, &gamma, eps).is_none() && fused_backward(&x, &gamma, eps, &dy).is_none(), "f32 takes the torch calls");
+        for (kind, tol) in [(Kind::BFloat16, 4.0 / 256.0), (Kind::Half, 4.0 / 2048.0)] {
+            let (xh, gh, dyh) = (x.to_kind(kind), gamma.to_kind(kind), dy.to_kind(kind));
+            assert!(fused(&xh, &gamma, eps).is_none(), "{kind:?}: a γ of another dtype takes the torch calls");
+            let before = FUSED.each_ref().map(|n| n.load(Ordering::Relaxed));
+            let y = fused(&xh, &gh, eps).expect("torch's RMSNorm takes half precision");
+            let (dx, dg) = fused_backward(&xh, &gh, eps, &dyh).expect("torch's autograd records it");
+            let after = FUSED.each_ref().map(|n| n.load(Ordering::Relaxed));
+            assert!(after[0] > before[0] && after[1] > before[1], "{kind:?}: {before:?} → {after:?}");
+            assert_eq!((y.kind(), dx.kind(), dg.kind()), (kind, kind, kind), "results in the inputs' dtype");
+            // The f32 path's calls on the same rounded inputs.
+            let (x32, g32, dy32) = (xh.to_kind(Kind::Float), gh.to_kind(Kind::Float), dyh.to_kind(Kind::Float));
+            let (xhat, r) = normalized(&x32, eps);
+            let want_y = &xhat * &g32;
+            let want_dg = (&dy32 * &xhat).sum_dim_intlist(0, false, None::<Kind>);
+            let g = &dy32 * &g32;
+            let dot = (&g * &xhat).mean_dim(-1, true, None::<Kind>);
+            let want_dx = (g - &xhat * dot) / &r;
+            for (name, got, want) in [("y", &y, &want_y), ("dx", &dx, &want_dx), ("dgamma", &dg, &want_dg)] {
+                let (got, want) = (vec(got), vec(want));
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let diff = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(diff <= tol * scale, "{kind:?} {name}: {diff} from the f32 calls, largest entry {scale}");
+            }
+        }
     }
 }

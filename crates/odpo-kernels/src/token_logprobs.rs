@@ -424,6 +424,7 @@ pub fn token_logprobs_tensor_ops(logits: Tensor<2>, targets: Tensor<1, Int>) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use burn::tensor::{Device, Int, Tensor, TensorData};
 

@@ -2,7 +2,7 @@
 //! `odpo_kernels::rms_norm` and `odpo_kernels::glu`, on the test device (flex by default; each
 //! backend under `cargo xtask conformance`): their outputs and gradients equal the same formulas in
 //! burn tensor operations (for RMSNorm, burn's own `RmsNorm`; for the gated units, burn's `silu`,
-//! `gelu_approximate` and `gelu`) on the CPU.
+//! `gelu_approximate` and `gelu`) on the CPU; RMSNorm in half precision is the definition rounded.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -112,6 +112,59 @@ fn rms_norm_values_and_gradients_match_burns_rms_norm() {
         close(&format!("{case} y"), &ours.0, &burns.0, &device);
         close(&format!("{case} dx"), &ours.1, &burns.1, &device);
         close(&format!("{case} dgamma"), &ours.2, &burns.2, &device);
+    }
+}
+
+/// `odpo_kernels::rms_norm` in each half precision the test device computes in (on libtorch torch's
+/// own RMSNorm, on the cubecl backends the kernels above, on flex its loops): the output and the
+/// gradients of `x` and `γ` within a few roundings to the dtype of the definition, worked in f64 on
+/// the rounded inputs. Each is measured against the largest entry of its row (of the whole
+/// gradient for `γ`), as `dx`'s entries are differences that cancel.
+#[test]
+fn rms_norm_in_half_precision_is_the_definition_rounded() {
+    use burn::tensor::{DType, FloatDType};
+    let device = test_device().autodiff();
+    let (rows, d, eps) = (37, 96, 1e-5);
+    let f64s = |t: Tensor<2>| t.into_data().convert::<f64>().try_into_vec::<f64>().unwrap();
+    let x = Tensor::<2>::random([rows, d], Distribution::Normal(0.0, 1.0), &device) * Tensor::<2>::random([rows, 1], Distribution::Uniform(0.01, 30.0), &device);
+    let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device);
+    let dy = Tensor::<2>::random([rows, d], Distribution::Normal(0.0, 1.0), &device);
+    // Four roundings to the dtype, each at most half its spacing: 2^-8 of a value in bf16, 2^-11 in f16.
+    for (dtype, kind, tol) in [(DType::BF16, FloatDType::BF16, 4.0 / 256.0), (DType::F16, FloatDType::F16, 4.0 / 2048.0)] {
+        if !device.supports_dtype(dtype) {
+            eprintln!("{device:?} does not compute in {dtype:?}");
+            continue;
+        }
+        let (xs, gs, dys) = (x.clone().cast(kind).require_grad(), gamma.clone().cast(kind).require_grad(), dy.clone().cast(kind));
+        let y = odpo_kernels::rms_norm(xs.clone(), gs.clone(), eps).unwrap_or_else(|| panic!("no rms_norm extension on {device:?}"));
+        assert_eq!(y.dtype(), dtype, "{device:?}: y in the inputs' dtype");
+        let grads = (y.clone() * dys.clone()).sum().backward();
+        let dx = xs.grad(&grads).expect("a gradient of x");
+        let dg = gs.grad(&grads).expect("a gradient of gamma");
+        assert_eq!((dx.dtype(), dg.dtype()), (dtype, dtype), "{device:?}: gradients in the inputs' dtype");
+        let (xv, gv, dyv) = (f64s(xs.inner()), f64s(gs.inner().reshape([1, d])), f64s(dys.inner()));
+        let (y, dx, dg) = (f64s(y.inner()), f64s(dx), f64s(dg.reshape([1, d])));
+        let (mut want_y, mut want_dx, mut want_dg) = (vec![0.0; rows * d], vec![0.0; rows * d], vec![0.0; d]);
+        for r in 0..rows {
+            let row = &xv[r * d..(r + 1) * d];
+            let rms = (row.iter().map(|a| a * a).sum::<f64>() / d as f64 + eps).sqrt();
+            let g: Vec<f64> = (0..d).map(|c| dyv[r * d + c] * gv[c]).collect();
+            let dot = (0..d).map(|c| g[c] * row[c] / rms).sum::<f64>() / d as f64;
+            for c in 0..d {
+                want_y[r * d + c] = row[c] / rms * gv[c];
+                want_dx[r * d + c] = (g[c] - row[c] / rms * dot) / rms;
+                want_dg[c] += dyv[r * d + c] * row[c] / rms;
+            }
+        }
+        let worst = |got: &[f64], want: &[f64], width: usize| {
+            got.chunks(width).zip(want.chunks(width)).fold(0.0_f64, |m, (a, b)| {
+                let scale = b.iter().fold(0.0_f64, |s, v| s.max(v.abs()));
+                a.iter().zip(b).fold(m, |m, (a, b)| m.max((a - b).abs() / (tol * scale).max(1e-30)))
+            })
+        };
+        let (ry, rdx, rdg) = (worst(&y, &want_y, d), worst(&dx, &want_dx, d), worst(&dg, &want_dg, d));
+        eprintln!("{device:?} {dtype:?}: y, dx, dγ within {ry:.2}, {rdx:.2}, {rdg:.2} of four roundings");
+        assert!(ry <= 1.0 && rdx <= 1.0 && rdg <= 1.0, "{device:?} {dtype:?}: y, dx, dγ at {ry:.2}, {rdx:.2}, {rdg:.2} times four roundings of the definition");
     }
 }
 
