@@ -346,6 +346,12 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
             features.push(feature);
         }
     }
+    // The `attention` and `fused_layers` suites compare the device's results with burn's operations
+    // on a CPU backend of the build; one that names none (`--backend wgpu`) gets flex for that, or
+    // would compare the device with itself, whose own GELU and attention are what is tested.
+    if !features.iter().any(|f| matches!(*f, "flex" | "tch")) {
+        features.push("flex");
+    }
     // suites.rs takes its suites from other crates' tests/ folders (`#[path]`), which Cargo's
     // fingerprint records by absolute path: a build made from another checkout (an earlier CI
     // clone) that still exists would count as fresh and run that checkout's tests. Marking

@@ -26,7 +26,8 @@ fn vec(t: Tensor<4>) -> Vec<f32> {
 #[test]
 fn masked_attention_values_and_gradients_match_burns_attention() {
     let device = test_device().autodiff();
-    // The first CPU backend of the build (the conformance builds leave flex out), else the device.
+    // The first CPU backend of the build (`cargo xtask conformance` adds flex where no CPU backend
+    // is named), else the device.
     let cpu = ["flex", "tch"].iter().find_map(|b| odpo_model::backend::device(b).ok()).map_or_else(|| device.clone(), |d| d.autodiff());
     // (batch, query heads, key/value heads, Tq, Tk, Dh, the mask given over one head, future keys
     // hidden). Padding comes with a second sequence: the fourth mask is causal and nothing more;

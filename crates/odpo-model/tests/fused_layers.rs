@@ -33,7 +33,8 @@ fn launches_of<R, const N: usize>(kernels: [&str; N], device: &burn::tensor::Dev
     (out, Some(kernels.map(|name| census.iter().filter(|k| k.kernel == name).map(|k| k.launches).sum())))
 }
 
-/// The first CPU backend of the build (the conformance builds leave flex out), else the device.
+/// The first CPU backend of the build (`cargo xtask conformance` adds flex where no CPU backend is
+/// named), else the device.
 fn cpu(device: &burn::tensor::Device) -> burn::tensor::Device {
     ["flex", "tch"].iter().find_map(|b| odpo_model::backend::device(b).ok()).map_or_else(|| device.clone(), |d| d.autodiff())
 }
