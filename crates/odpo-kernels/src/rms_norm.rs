@@ -9,11 +9,11 @@
 //! burn's `RmsNorm` is about seven recorded operations whose backward pass is twice as many; a
 //! Llama-family model normalises twice in every layer. Here it is one recorded operation whose
 //! backward pass recomputes `r` and applies the formula above; on libtorch both passes are direct
-//! torch calls (in half precision torch's own RMSNorm, one kernel each way on CUDA, which rounds
-//! `x̂ · γ` computed in f32 once), on flex one loop each over the rows, split over the CPU's threads, on the cubecl
-//! backends one kernel forward and one backward (plus the sum of `dγ`'s shares over the rows). On a GPU,
-//! where a small model's step waits on the host issuing operations, that is a few hundred
-//! operations fewer a step.
+//! torch calls (in half precision on CUDA torch's own RMSNorm, one kernel each way, which rounds
+//! `x̂ · γ` computed in f32 once), on flex one loop each over the rows, split over the CPU's
+//! threads, on the cubecl backends one kernel forward and one backward (plus the sum of `dγ`'s
+//! shares over the rows). On a GPU, where a small model's step waits on the host issuing
+//! operations, that is a few hundred operations fewer a step.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
