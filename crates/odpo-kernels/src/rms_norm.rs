@@ -454,9 +454,10 @@ mod libtorch {
     }
 
     /// Half-precision `x` and `γ` of one dtype take torch's RMSNorm. On CUDA that is one kernel
-    /// each way that reads a row once for its mean square and again for the output, where the
-    /// torch calls below widen `x` to an f32 copy and square, reduce, divide and scale in five
-    /// passes over the rows (4 bytes moved an element of bf16 against 26 forward). torch rounds
+    /// each way that reads a row for its mean square and again, mostly from the cache, for the
+    /// output, where the torch calls below widen `x` to an f32 copy and square, reduce, divide and
+    /// scale in five passes over the rows (4 to 6 bytes moved an element of bf16 against 26
+    /// forward). torch rounds
     /// `x · rsqrt(mean(x²) + ε) · γ` computed in f32 once on CUDA (its CPU composite rounds `x̂`
     /// first, as transformers does), where the calls below round `r`, `x̂` and `y` in turn.
     fn takes_fused(x: &Tensor, gamma: &Tensor) -> bool {
