@@ -1061,14 +1061,9 @@ pub(crate) mod libtorch {
         Some((TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv)))
     }
 
-    /// `(dq, dk, dv)` from torch's record of the forward pass: the gradient of `Σ out ⊙ dout` with
-    /// respect to the leaves, which is the attention's backward applied to `dout` (torch's autograd
-    /// takes no output gradient through tch, so the product hands it `dout`).
+    /// `(dq, dk, dv)` from torch's record of the forward pass (`crate::torch_vjp`).
     fn backward_recorded(out: &TchTensor, inputs: &[TchTensor; 3], dout: &Tensor) -> Option<(TchTensor, TchTensor, TchTensor)> {
-        let total = out.tensor.f_mul(dout).and_then(|x| x.f_sum(out.tensor.kind())).ok()?;
-        let leaves = inputs.each_ref().map(|x| &x.tensor);
-        let grads = Tensor::f_run_backward(&[&total], &leaves, false, false).ok()?;
-        let [dq, dk, dv]: [Tensor; 3] = grads.try_into().ok()?;
+        let [dq, dk, dv] = crate::torch_vjp(&out.tensor, dout, inputs.each_ref().map(|x| &x.tensor))?;
         super::FUSED_BACKWARD.fetch_add(1, Ordering::Relaxed);
         Some((TchTensor::new(dq), TchTensor::new(dk), TchTensor::new(dv)))
     }

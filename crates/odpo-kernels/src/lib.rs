@@ -110,6 +110,17 @@ pub(crate) fn elementwise_output(like: &burn_cubecl::tensor::CubeTensor) -> burn
     burn_cubecl::ops::numeric::empty_device_contiguous_dtype(like.client.clone(), like.device.clone(), like.shape(), like.dtype)
 }
 
+/// The gradients with respect to `leaves` of `Σ out ⊙ dout`, where `out` carries torch's autograd
+/// record of an operation over them: the operation's backward pass applied to `dout`, as torch's
+/// autograd runs it (its fused backward kernels). tch binds no output gradient for
+/// `torch.autograd.grad`, so the product hands the record `dout`; the sum is taken in f32, where no
+/// half-precision sum overflows. `None` where torch refuses.
+#[cfg(feature = "tch")]
+pub(crate) fn torch_vjp<const N: usize>(out: &tch::Tensor, dout: &tch::Tensor, leaves: [&tch::Tensor; N]) -> Option<[tch::Tensor; N]> {
+    let total = tch::with_grad(|| out.f_mul(dout).and_then(|p| p.f_sum(tch::Kind::Float))).ok()?;
+    tch::Tensor::f_run_backward(&[&total], &leaves, false, false).ok()?.try_into().ok()
+}
+
 /// Sums and maxima across a cube of units, for the kernels that reduce rows (RMSNorm, sums of
 /// squares, the attention's softmax), and the launch of one cube per row.
 #[cfg(feature = "cube")]

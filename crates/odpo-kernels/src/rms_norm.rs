@@ -416,7 +416,9 @@ mod cube {
 #[cfg(feature = "tch")]
 impl RmsNormBackend for burn::backend::LibTorch {
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
-        if let Some(y) = libtorch::on_cuda(&x.tensor).then(|| libtorch::fused(&x.tensor, &gamma.tensor, eps)).flatten() {
+        if x.tensor.device().is_cuda()
+            && let Some(y) = libtorch::fused(&x.tensor, &gamma.tensor, eps)
+        {
             return burn::backend::libtorch::TchTensor::new(y);
         }
         let (xh, _) = libtorch::normalized(&x.tensor, eps);
@@ -424,7 +426,9 @@ impl RmsNormBackend for burn::backend::LibTorch {
     }
 
     fn rms_norm_backward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if let Some((dx, dgamma)) = libtorch::on_cuda(&x.tensor).then(|| libtorch::fused_backward(&x.tensor, &gamma.tensor, eps, &dy.tensor)).flatten() {
+        if x.tensor.device().is_cuda()
+            && let Some((dx, dgamma)) = libtorch::fused_backward(&x.tensor, &gamma.tensor, eps, &dy.tensor)
+        {
             return (burn::backend::libtorch::TchTensor::new(dx), burn::backend::libtorch::TchTensor::new(dgamma));
         }
         let (x, gamma, dy) = (&x.tensor, &gamma.tensor, &dy.tensor);
@@ -448,11 +452,6 @@ mod libtorch {
     /// Calls of torch's RMSNorm (forward, backward), for the tests.
     pub(crate) static FUSED: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
 
-    /// Where torch's RMSNorm is one kernel each way (on the CPU it is a composite).
-    pub(super) fn on_cuda(x: &Tensor) -> bool {
-        x.device().is_cuda()
-    }
-
     /// Half-precision `x` and `γ` of one dtype take torch's RMSNorm. On CUDA that is one kernel
     /// each way that reads a row for its mean square and again, mostly from the cache, for the
     /// output, where the torch calls below widen `x` to an f32 copy and square, reduce, divide and
@@ -474,10 +473,9 @@ mod libtorch {
         Some(y)
     }
 
-    /// `(dx, dγ)` through torch's autograd of its RMSNorm, recorded again over leaves that share
-    /// `x` and `γ`'s memory: the gradients of `Σ y ⊙ dy` (tch binds neither the backward kernel nor
-    /// an output gradient for `torch.autograd.grad`, so the product hands the record `dy`). On
-    /// CUDA that is torch's fused backward, which reads the forward's `rsqrt` and writes `dx` in one
+    /// `(dx, dγ)` through torch's autograd of its RMSNorm (`crate::torch_vjp`), recorded again over
+    /// leaves that share `x` and `γ`'s memory (tch binds no backward kernel). On CUDA that is
+    /// torch's fused backward, which reads the forward's `rsqrt` and writes `dx` in one
     /// kernel and `dγ`'s column sums in another; with the forward, the product and its sum, about 26
     /// bytes moved an element of bf16, against 56 for the calls below.
     pub(super) fn fused_backward(x: &Tensor, gamma: &Tensor, eps: f64, dy: &Tensor) -> Option<(Tensor, Tensor)> {
@@ -489,9 +487,7 @@ mod libtorch {
         if !y.requires_grad() {
             return None;
         }
-        let total = tch::with_grad(|| y.f_mul(dy).and_then(|p| p.f_sum(Kind::Float))).ok()?;
-        let grads = Tensor::f_run_backward(&[&total], &[&xl, &gl], false, false).ok()?;
-        let [dx, dgamma]: [Tensor; 2] = grads.try_into().ok()?;
+        let [dx, dgamma] = crate::torch_vjp(&y, dy, [&xl, &gl])?;
         FUSED[1].fetch_add(1, Ordering::Relaxed);
         Some((dx, dgamma))
     }
