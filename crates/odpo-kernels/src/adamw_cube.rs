@@ -225,13 +225,18 @@ fn writable(t: &CubeTensor) -> bool {
 
 /// The four as cubecl tensors, when the kernel takes them: one shape on one device, the parameter
 /// and moments of one dtype and writable (see [`writable`]), the gradient of any float dtype.
-fn taken<'a>(p: &'a DispatchTensorKind, g: &'a DispatchTensorKind, m: &'a DispatchTensorKind, v: &'a DispatchTensorKind) -> Option<[&'a CubeTensor; 4]> {
+/// `new_moments`: the moments were made for this update (the first step's zeros), so nothing else
+/// holds them, though cubecl may not know it yet. A new tensor's buffer is also held by the
+/// allocation it queued for the device thread until that thread runs it (`can_mut` is false till
+/// then: under load, a launch or two later); the allocation runs before the update in the queue.
+fn taken<'a>(p: &'a DispatchTensorKind, g: &'a DispatchTensorKind, m: &'a DispatchTensorKind, v: &'a DispatchTensorKind, new_moments: bool) -> Option<[&'a CubeTensor; 4]> {
     use burn::backend::BackendTensor::Float;
     let (DispatchTensorKind::Cube(Float(p)), DispatchTensorKind::Cube(Float(g)), DispatchTensorKind::Cube(Float(m)), DispatchTensorKind::Cube(Float(v))) = (p, g, m, v) else {
         return None;
     };
     let like = |t: &CubeTensor| t.meta.shape() == p.meta.shape() && t.device == p.device;
-    let takes = p.meta.num_elements() > 0 && writable(p) && writable(m) && writable(v) && readable(g) && m.dtype == p.dtype && v.dtype == p.dtype && [g, m, v].into_iter().all(like);
+    let moment = |t: &CubeTensor| if new_moments { readable(t) && t.is_nonoverlapping() } else { writable(t) };
+    let takes = p.meta.num_elements() > 0 && writable(p) && moment(m) && moment(v) && readable(g) && m.dtype == p.dtype && v.dtype == p.dtype && [g, m, v].into_iter().all(like);
     takes.then_some([p, g, m, v])
 }
 
@@ -314,8 +319,8 @@ fn launch_four(s: &[Staged]) {
 /// The update in place when the kernel takes the four ([`taken`]); `None` leaves them untouched
 /// for the tensor-operation form. With `half`, the new parameter cast to that dtype as well (a
 /// new contiguous tensor).
-pub(crate) fn adamw(p: &DispatchTensorKind, g: &DispatchTensorKind, m: &DispatchTensorKind, v: &DispatchTensorKind, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
-    let [p, g, m, v] = taken(p, g, m, v)?;
+pub(crate) fn adamw([p, g, m, v]: [&DispatchTensorKind; 4], new_moments: bool, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
+    let [p, g, m, v] = taken(p, g, m, v, new_moments)?;
     let staged = Staged { h: half_output(p, half), p: p.clone(), g: g.clone(), m: m.clone(), v: v.clone(), c: *c };
     launch_one(&staged);
     Some(staged.h)
@@ -353,8 +358,8 @@ pub(crate) struct Batch {
 impl Batch {
     /// Stages the update when the kernel takes the four ([`taken`]), as [`adamw`]; `None` leaves
     /// them untouched.
-    pub(crate) fn stage(&mut self, p: &DispatchTensorKind, g: &DispatchTensorKind, m: &DispatchTensorKind, v: &DispatchTensorKind, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
-        let [p, g, m, v] = taken(p, g, m, v)?;
+    pub(crate) fn stage(&mut self, [p, g, m, v]: [&DispatchTensorKind; 4], new_moments: bool, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
+        let [p, g, m, v] = taken(p, g, m, v, new_moments)?;
         let staged = Staged { h: half_output(p, half), p: p.clone(), g: g.clone(), m: m.clone(), v: v.clone(), c: *c };
         let h = staged.h.clone();
         if (p.client.properties().hardware.max_bindings as usize) < 4 * 5 + 2 {

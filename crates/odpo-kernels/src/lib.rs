@@ -341,14 +341,15 @@ pub(crate) fn adamw_staged<const D: usize>(
 ) -> AdamWOutput<D> {
     let half = half.map(burn::tensor::DType::from);
     let c = s.coeffs();
+    let new_moments = moments.is_none();
     let (m, v) = moments.unwrap_or_else(|| (param.zeros_like(), param.zeros_like()));
     let (dtype, g_dtype) = (param.dtype(), grad.dtype());
     let (mut p, g, mut m, mut v) = (param.into_dispatch(), grad.into_dispatch(), m.into_dispatch(), v.into_dispatch());
     // The cubecl kernel reads a gradient of any float dtype; the others take the parameter's.
     #[cfg(feature = "cube")]
     let staged = match batch {
-        Some(batch) => batch.stage(&p.kind, &g.kind, &m.kind, &v.kind, &c, half),
-        None => adamw_cube::adamw(&p.kind, &g.kind, &m.kind, &v.kind, &c, half),
+        Some(batch) => batch.stage([&p.kind, &g.kind, &m.kind, &v.kind], new_moments, &c, half),
+        None => adamw_cube::adamw([&p.kind, &g.kind, &m.kind, &v.kind], new_moments, &c, half),
     };
     #[cfg(feature = "cube")]
     let (fused, half) = match staged {

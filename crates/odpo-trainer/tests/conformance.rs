@@ -369,6 +369,10 @@ fn the_updates_half_precision_weights_equal_the_cast_weights() {
             let cast = model.clone().with_compute_precision(precision);
             let logits = cast.forward(input.clone(), &mask, None).cast(DType::F32);
             let loss = (logits.clone() * logits).mean().mul_scalar(1e3 * (step + 1) as f64);
+            // Read, which waits until the device has run what this thread queued: a tensor's
+            // buffer counts as shared while its allocation is queued (the loaded weights' at the
+            // first step, under load), and AdamW then updates a copy rather than in place.
+            assert!(loss.clone().into_scalar::<f32>().is_finite());
             GradientsParams::from_grads(loss.backward(), &model)
         };
         let ((updated, halves), census) = odpo_kernels::kernel_census(false, || optim.step_to_half(1e-2, model, grads, 0.5, Some(half.into())));
