@@ -341,6 +341,7 @@ pub(crate) fn adamw_staged<const D: usize>(
 ) -> AdamWOutput<D> {
     let half = half.map(burn::tensor::DType::from);
     let c = s.coeffs();
+    #[cfg(feature = "cube")]
     let new_moments = moments.is_none();
     let (m, v) = moments.unwrap_or_else(|| (param.zeros_like(), param.zeros_like()));
     let (dtype, g_dtype) = (param.dtype(), grad.dtype());
