@@ -265,7 +265,7 @@ impl AdamWStep {
         let t = self.step.max(1);
         let (bc1, bc2) = (1.0 - self.beta_1.powi(t), 1.0 - self.beta_2.powi(t));
         Coeffs {
-            decay: (self.weight_decay != 0.0).then(|| (1.0 - self.lr * self.weight_decay) as f32),
+            decay: (self.weight_decay != 0.0).then_some((1.0 - self.lr * self.weight_decay) as f32),
             scale: (self.grad_scale != 1.0).then_some(self.grad_scale as f32),
             w1: (1.0 - self.beta_1) as f32,
             b2: self.beta_2 as f32,

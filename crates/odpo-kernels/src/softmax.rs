@@ -29,7 +29,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 5e-1;
     let er = p * r * r + r + 1.0;
     // The bits of `shifted` are 0x4B40_0000 + n; n ∈ [−127, 127], and −127 gives the bits of 0.0.
     let two_n = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000 - 127) << 23);

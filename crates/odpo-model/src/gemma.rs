@@ -435,7 +435,7 @@ impl Gemma {
         if cfg.use_bidirectional_attention == Some(true) {
             return Err(ModelError::config(w.path(), "use_bidirectional_attention: only causal attention is implemented"));
         }
-        if cfg.num_attention_heads % cfg.kv_heads() != 0 {
+        if !cfg.num_attention_heads.is_multiple_of(cfg.kv_heads()) {
             return Err(ModelError::config(w.path(), "num_attention_heads must be a multiple of num_key_value_heads"));
         }
         let exact_gelu = cfg.exact_gelu(w.path())?;

@@ -311,7 +311,7 @@ impl Llama {
         if cfg.hidden_act != "silu" {
             return Err(ModelError::config(w.path(), format!("hidden_act `{}` is not implemented; expected silu", cfg.hidden_act)));
         }
-        if cfg.num_attention_heads % cfg.kv_heads() != 0 {
+        if !cfg.num_attention_heads.is_multiple_of(cfg.kv_heads()) {
             return Err(ModelError::config(w.path(), "num_attention_heads must be a multiple of num_key_value_heads"));
         }
         let (d, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_size());

@@ -135,7 +135,7 @@ impl QuantBlocks {
 /// Q8_0 blocks of a `[out, in]` f32 weight named `name` (a base quantised at load), or an error
 /// when a row does not split into blocks.
 pub(crate) fn quantize_at_load(name: &str, shape: [usize; 2], data: &[f32]) -> Result<QuantBlocks> {
-    if shape[1] % BLOCK != 0 {
+    if !shape[1].is_multiple_of(BLOCK) {
         return Err(ModelError::Invalid(format!(
             "lora.quantized_base: `{name}` has rows of {} inputs, which do not split into blocks of {BLOCK}; use an f32 base for this model",
             shape[1]

@@ -80,12 +80,12 @@ pub fn save(run_dir: &Path, model: &CausalLm, optim: &Optim, state: &TrainState,
 
 /// Writes a checkpoint's files into `tmp`, checksums last.
 fn write_into(tmp: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, config_toml: &str) -> Result<()> {
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::create_dir_all(tmp).map_err(|e| TrainError::io(tmp, e))?;
 
     let mut store = BurnpackStore::from_file(tmp.join("model.bpk")).overwrite(true).metadata("step", state.step.to_string());
     model.save_into(&mut store).map_err(|e| TrainError::checkpoint(tmp.join("model.bpk"), e))?;
     optim.record(model).save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), e))?;
-    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::checkpoint(&tmp, e))?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::checkpoint(tmp, e))?;
     write(&tmp.join("state.json"), json.as_bytes())?;
     write(&tmp.join("config.toml"), config_toml.as_bytes())?;
     // The checksums of what is on disk now, written last.
@@ -93,7 +93,7 @@ fn write_into(tmp: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, c
     for name in FILES {
         sums.insert(name.to_string(), sha256_file(&tmp.join(name))?);
     }
-    let json = serde_json::to_string_pretty(&sums).map_err(|e| TrainError::checkpoint(&tmp, e))?;
+    let json = serde_json::to_string_pretty(&sums).map_err(|e| TrainError::checkpoint(tmp, e))?;
     write(&tmp.join(CHECKSUMS), json.as_bytes())?;
     Ok(())
 }

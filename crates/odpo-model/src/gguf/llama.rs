@@ -93,7 +93,7 @@ pub(super) fn unpermute_rows(
 
 /// Half a head's rows, checking that `rows` split into `heads` heads of even size.
 fn unpermute_half(path: &Path, name: &str, rows: usize, heads: usize) -> Result<usize, GgufError> {
-    if heads == 0 || rows == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || rows == 0 || !rows.is_multiple_of(2 * heads) {
         return Err(tensor_err(
             path,
             name,
