@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 /// `bytes` with a few bytes replaced by characters that matter to JSON, or cut short.
 fn mutate(bytes: &[u8], rng: &mut StdRng, i: usize) -> Vec<u8> {
     let mut b = bytes.to_vec();
-    if i % 5 == 0 {
+    if i.is_multiple_of(5) {
         b.truncate(rng.random_range(0..bytes.len()));
     } else {
         for _ in 0..rng.random_range(1..4) {

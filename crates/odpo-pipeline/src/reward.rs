@@ -172,6 +172,18 @@ impl RewardModel for ScoreTable {
     }
 }
 
+/// A reward model from its command-line / config spelling: `known` (the built-in task's lexicon),
+/// `table:FILE` (a scored JSONL whose texts already carry rewards) or `learned:DIR` (a
+/// [`crate::learned::LearnedReward`] saved by `cargo xtask reward-model`, run on `device`).
+pub fn reward_from_spec(spec: &str, device: &burn::tensor::Device) -> Result<Box<dyn RewardModel>> {
+    Ok(match spec.split_once(':') {
+        None if spec == "known" => Box::new(crate::synthetic::reward()),
+        Some(("table", file)) => Box::new(ScoreTable::from_jsonl(std::path::Path::new(file))?),
+        Some(("learned", dir)) => Box::new(crate::learned::LearnedReward::load(std::path::Path::new(dir), device)?),
+        _ => return Err(crate::error::PipelineError::config("reward", format!("`{spec}`: expected `known`, `table:FILE` or `learned:DIR`"))),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +228,7 @@ mod tests {
 
     #[test]
     fn score_table_looks_up_and_refuses_unknown_texts() -> Result<()> {
-        let tmp = tempfile::tempdir().map_err(|e| PipelineError::io(&std::env::temp_dir(), e))?;
+        let tmp = tempfile::tempdir().map_err(|e| PipelineError::io(std::env::temp_dir(), e))?;
         let dir = tmp.path();
         let path = dir.join("s.jsonl");
         std::fs::write(&path, "{\"prompt\":\"p\",\"text\":\"a\",\"reward\":1.5}\n\n{\"prompt\":\"p\",\"text\":\"b\",\"reward\":-2}\n")
@@ -231,16 +243,4 @@ mod tests {
         assert!(e.ends_with("s.jsonl:1: `reward` is missing or not a finite number"), "{e}");
         Ok(())
     }
-}
-
-/// A reward model from its command-line / config spelling: `known` (the built-in task's lexicon),
-/// `table:FILE` (a scored JSONL whose texts already carry rewards) or `learned:DIR` (a
-/// [`crate::learned::LearnedReward`] saved by `cargo xtask reward-model`, run on `device`).
-pub fn reward_from_spec(spec: &str, device: &burn::tensor::Device) -> Result<Box<dyn RewardModel>> {
-    Ok(match spec.split_once(':') {
-        None if spec == "known" => Box::new(crate::synthetic::reward()),
-        Some(("table", file)) => Box::new(ScoreTable::from_jsonl(std::path::Path::new(file))?),
-        Some(("learned", dir)) => Box::new(crate::learned::LearnedReward::load(std::path::Path::new(dir), device)?),
-        _ => return Err(crate::error::PipelineError::config("reward", format!("`{spec}`: expected `known`, `table:FILE` or `learned:DIR`"))),
-    })
 }

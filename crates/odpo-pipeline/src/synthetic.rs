@@ -199,7 +199,7 @@ mod tests {
 
     #[test]
     fn tokenizer_round_trips() -> Result<()> {
-        let tmp = tempfile::tempdir().map_err(|e| PipelineError::io(&std::env::temp_dir(), e))?;
+        let tmp = tempfile::tempdir().map_err(|e| PipelineError::io(std::env::temp_dir(), e))?;
         let dir = tmp.path();
         write_tokenizer(dir)?;
         let tok = odpo_model::tokenizer::Tokenizer::from_file(&dir.join("tokenizer.json"))?;

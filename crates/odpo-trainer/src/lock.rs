@@ -52,13 +52,13 @@ mod tests {
 
     #[test]
     fn a_held_folder_is_refused_until_released() -> Result<()> {
-        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(&std::env::temp_dir(), e))?;
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(std::env::temp_dir(), e))?;
         let dir = tmp.path();
-        let held = acquire(&dir)?;
-        let msg = acquire(&dir).err().map(|e| e.to_string()).unwrap_or_default();
+        let held = acquire(dir)?;
+        let msg = acquire(dir).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("in use by another run") && msg.contains(&format!("process {}", std::process::id())), "{msg}");
         drop(held);
-        let again = acquire(&dir)?;
+        let again = acquire(dir)?;
         assert_eq!(again.path(), dir.join(".lock"));
         drop(again);
         Ok(())

@@ -156,19 +156,19 @@ mod tests {
 
     #[test]
     fn resume_drops_rows_after_the_checkpoint() -> Result<()> {
-        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(&std::env::temp_dir(), e))?;
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(std::env::temp_dir(), e))?;
         let dir = tmp.path();
         let cols = vec!["loss".to_string(), "lr".to_string()];
-        let mut w = MetricsWriter::open(&dir, cols.clone(), None)?;
+        let mut w = MetricsWriter::open(dir, cols.clone(), None)?;
         for step in 1..=4 {
             let values = BTreeMap::from([("loss".to_string(), step as f64 / 2.0)]);
             w.write(&Row { step, split: "train", values })?;
         }
         drop(w);
-        let _w = MetricsWriter::open(&dir, cols, Some(2))?;
-        let jsonl = std::fs::read_to_string(dir.join("metrics.jsonl")).map_err(|e| TrainError::io(&dir, e))?;
+        let _w = MetricsWriter::open(dir, cols, Some(2))?;
+        let jsonl = std::fs::read_to_string(dir.join("metrics.jsonl")).map_err(|e| TrainError::io(dir, e))?;
         assert_eq!(jsonl, "{\"loss\":0.5,\"split\":\"train\",\"step\":1}\n{\"loss\":1.0,\"split\":\"train\",\"step\":2}\n");
-        let csv = std::fs::read_to_string(dir.join("metrics.csv")).map_err(|e| TrainError::io(&dir, e))?;
+        let csv = std::fs::read_to_string(dir.join("metrics.csv")).map_err(|e| TrainError::io(dir, e))?;
         assert_eq!(csv, "step,split,loss,lr\n1,train,0.5,\n2,train,1,\n");
         Ok(())
     }

@@ -178,32 +178,32 @@ mod tests {
 
     #[test]
     fn round_trips_exactly() -> Result<()> {
-        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(&std::env::temp_dir(), e))?;
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(std::env::temp_dir(), e))?;
         let dir = tmp.path();
         let c = RefCache::new("abc".into(), vec![(3, -1.234_567_9, -0.1), (7, f32::MIN_POSITIVE, -1e-30)]);
-        c.write(&dir)?;
-        let back = RefCache::read(&dir, "abc").ok_or_else(|| TrainError::config("x", "cache not read back"))?;
+        c.write(dir)?;
+        let back = RefCache::read(dir, "abc").ok_or_else(|| TrainError::config("x", "cache not read back"))?;
         assert_eq!(back.rows, c.rows);
         assert_eq!(back.rows_for(&[7, 3]), Ok(vec![f32::MIN_POSITIVE, -1.234_567_9, -1e-30, -0.1]));
         assert_eq!(back.rows_for(&[4]), Err(4));
-        assert!(RefCache::read(&dir, "abd").is_none());
+        assert!(RefCache::read(dir, "abd").is_none());
         Ok(())
     }
 
     #[test]
     fn damaged_or_truncated_files_are_not_read() -> Result<()> {
-        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(&std::env::temp_dir(), e))?;
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(std::env::temp_dir(), e))?;
         let dir = tmp.path();
         let c = RefCache::new("k".into(), vec![(0, -1.5, -2.5), (1, -3.25, -4.0)]);
-        let path = c.write(&dir)?;
+        let path = c.write(dir)?;
         let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
         // A changed digit still parses as numbers; the checksum catches it.
         std::fs::write(&path, text.replace("-3.25", "-3.35")).map_err(|e| TrainError::io(&path, e))?;
-        assert!(RefCache::read(&dir, "k").is_none(), "a damaged cache was read");
+        assert!(RefCache::read(dir, "k").is_none(), "a damaged cache was read");
         std::fs::write(&path, &text[..text.len() / 2]).map_err(|e| TrainError::io(&path, e))?;
-        assert!(RefCache::read(&dir, "k").is_none(), "a truncated cache was read");
+        assert!(RefCache::read(dir, "k").is_none(), "a truncated cache was read");
         std::fs::write(&path, &text).map_err(|e| TrainError::io(&path, e))?;
-        assert_eq!(RefCache::read(&dir, "k").map(|c| c.rows), Some(c.rows));
+        assert_eq!(RefCache::read(dir, "k").map(|c| c.rows), Some(c.rows));
         Ok(())
     }
 }
