@@ -228,7 +228,8 @@ fn writable(t: &CubeTensor) -> bool {
 /// `new_moments`: the moments were made for this update (the first step's zeros), so nothing else
 /// holds them, though cubecl may not know it yet. A new tensor's buffer is also held by the
 /// allocation it queued for the device thread until that thread runs it (`can_mut` is false till
-/// then: under load, a launch or two later); the allocation runs before the update in the queue.
+/// then, which under load can be after this check); the allocation runs before the update in the
+/// queue.
 fn taken<'a>(p: &'a DispatchTensorKind, g: &'a DispatchTensorKind, m: &'a DispatchTensorKind, v: &'a DispatchTensorKind, new_moments: bool) -> Option<[&'a CubeTensor; 4]> {
     use burn::backend::BackendTensor::Float;
     let (DispatchTensorKind::Cube(Float(p)), DispatchTensorKind::Cube(Float(g)), DispatchTensorKind::Cube(Float(m)), DispatchTensorKind::Cube(Float(v))) = (p, g, m, v) else {
