@@ -230,7 +230,7 @@ fn writable(t: &CubeTensor) -> bool {
 /// allocation it queued for the device thread until that thread runs it (`can_mut` is false till
 /// then, which under load can be after this check); the allocation runs before the update in the
 /// queue.
-fn taken<'a>(p: &'a DispatchTensorKind, g: &'a DispatchTensorKind, m: &'a DispatchTensorKind, v: &'a DispatchTensorKind, new_moments: bool) -> Option<[&'a CubeTensor; 4]> {
+fn taken([p, g, m, v]: [&DispatchTensorKind; 4], new_moments: bool) -> Option<[&CubeTensor; 4]> {
     use burn::backend::BackendTensor::Float;
     let (DispatchTensorKind::Cube(Float(p)), DispatchTensorKind::Cube(Float(g)), DispatchTensorKind::Cube(Float(m)), DispatchTensorKind::Cube(Float(v))) = (p, g, m, v) else {
         return None;
@@ -320,8 +320,8 @@ fn launch_four(s: &[Staged]) {
 /// The update in place when the kernel takes the four ([`taken`]); `None` leaves them untouched
 /// for the tensor-operation form. With `half`, the new parameter cast to that dtype as well (a
 /// new contiguous tensor).
-pub(crate) fn adamw([p, g, m, v]: [&DispatchTensorKind; 4], new_moments: bool, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
-    let [p, g, m, v] = taken(p, g, m, v, new_moments)?;
+pub(crate) fn adamw(tensors: [&DispatchTensorKind; 4], new_moments: bool, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
+    let [p, g, m, v] = taken(tensors, new_moments)?;
     let staged = Staged { h: half_output(p, half), p: p.clone(), g: g.clone(), m: m.clone(), v: v.clone(), c: *c };
     launch_one(&staged);
     Some(staged.h)
@@ -359,8 +359,8 @@ pub(crate) struct Batch {
 impl Batch {
     /// Stages the update when the kernel takes the four ([`taken`]), as [`adamw`]; `None` leaves
     /// them untouched.
-    pub(crate) fn stage(&mut self, [p, g, m, v]: [&DispatchTensorKind; 4], new_moments: bool, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
-        let [p, g, m, v] = taken(p, g, m, v, new_moments)?;
+    pub(crate) fn stage(&mut self, tensors: [&DispatchTensorKind; 4], new_moments: bool, c: &Coeffs, half: Option<DType>) -> Option<Option<CubeTensor>> {
+        let [p, g, m, v] = taken(tensors, new_moments)?;
         let staged = Staged { h: half_output(p, half), p: p.clone(), g: g.clone(), m: m.clone(), v: v.clone(), c: *c };
         let h = staged.h.clone();
         if (p.client.properties().hardware.max_bindings as usize) < 4 * 5 + 2 {
