@@ -27,7 +27,7 @@
 #   5. a step far too large for the device: `odpo bench` must stop with an out-of-memory error, not a
 #      panic (what the budget leaves);
 #   6. the kernels of one step of SmolLM2-135M (GPU_CHECK_CENSUS_MODEL; GPU_CHECK_CENSUS_BACKENDS, default PyTorch and the
-#      cubecl backends): launches per step and each kernel's device time (what the budget leaves).
+#      GPU backends, tch-cuda's through CUPTI): launches per step and each kernel's device time (what the budget leaves).
 # Stages run in that order within GPU_CHECK_BUDGET seconds (default 400; with unpacking, under 7 minutes); one that
 # would not fit is recorded as skipped. GPU_CHECK_STAGES names the stages to run and their order (default
 # "1 2 2b 3 4 5 6"; "2b 4" runs the matmul routines, then gradient checkpointing, nothing else), so that a
@@ -147,13 +147,23 @@ for d in [os.path.join(p, "nvidia/cu13/lib") for p in sys.path if p] + sorted(gl
         break
 PY
 )}
+# CUPTI for the kernels of a tch-cuda step (stage 6): this machine's libcupti.so.13, which torch's
+# profiler uses (the nvidia-cuda-cupti wheel; a CUDA toolkit under extras/CUPTI/lib64).
+CUPTI_LIB=${GPU_CHECK_CUPTI_LIB:-$("$PY" - <<'PY' 2>/dev/null
+import glob, os, sys
+for d in [os.path.join(p, "nvidia/cu13/lib") for p in sys.path if p] + sorted(glob.glob("/usr/local/cuda*/extras/CUPTI/lib64")):
+    if os.path.exists(os.path.join(d, "libcupti.so.13")):
+        print(os.path.realpath(d))
+        break
+PY
+)}
 nvrtc_env=()
 if [ -x "$X/bin/odpo-nvrtc" ] && [ -n "$NVRTC_LIB" ]; then
   nvrtc_env=(env "CUDA_PATH=$X/cuda-nvrtc" "LD_LIBRARY_PATH=$NVRTC_LIB:$LD_LIBRARY_PATH")
 fi
 export ODPO_REPO=$PWD XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp} RUST_BACKTRACE=1
 gpu=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
-echo "gpu: ${gpu:-none}; cpus: $(nproc); torch lib: ${TORCH_LIB:-none}; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}; CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}; NVRTC: ${NVRTC_LIB:-none}"
+echo "gpu: ${gpu:-none}; cpus: $(nproc); torch lib: ${TORCH_LIB:-none}; VK_DRIVER_FILES=${VK_DRIVER_FILES:-}; CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}; NVRTC: ${NVRTC_LIB:-none}; CUPTI: ${CUPTI_LIB:-none}"
 missing=$(ldd "$ODPO" | grep 'not found')
 [ -z "$missing" ] || echo "odpo cannot load: $missing"
 "$PY" - "$W/machine.json" "$PT_DEVICE" <<'PY'
@@ -366,20 +376,27 @@ done
 }
 
 stage_6() {
-echo "== 6. The kernels of one step, $CENSUS_MODEL $SHAPE: launches and device time, odpo's cubecl backends beside PyTorch's"
+echo "== 6. The kernels of one step, $CENSUS_MODEL $SHAPE: launches and device time, odpo's GPU backends beside PyTorch's"
 # `odpo bench --kernel-times` counts every kernel launch of one step after the timed ones and times
-# each on the device; bench/pytorch/step.py --kernels the same through torch.profiler. A step that
-# waits on the host costs about its launches times the host's cost per launch, and the list says
-# which kernels hold the device time (what the budget leaves).
+# each on the device (on tch-cuda through CUPTI, whose records torch.profiler reads for PyTorch's:
+# the same kernels by the same names); bench/pytorch/step.py --kernels the same through
+# torch.profiler. A step that waits on the host costs about its launches times the host's cost per
+# launch, and the list says which kernels hold the device time (what the budget leaves).
 for b in ${GPU_CHECK_CENSUS_BACKENDS-pytorch $BACKENDS}; do
-  case $b in tch*) continue ;; vulkan|wgpu*) dtype=f16 ;; *) dtype=bf16 ;; esac
+  census_env=()
+  case $b in
+    tch-cuda) dtype=bf16; census_env=(env "LD_LIBRARY_PATH=${CUPTI_LIB:+$CUPTI_LIB:}$LD_LIBRARY_PATH") ;;
+    tch*) continue ;;
+    vulkan|wgpu*) dtype=f16 ;;
+    *) dtype=bf16 ;;
+  esac
   echo "-- $b ($dtype)"
   fits 40 || { record "census-$b" "{\"stage\":\"census\",\"model\":\"$CENSUS_MODEL\",\"side\":\"$b\",\"skipped\":true}"; continue; }
   if [ "$b" = pytorch ]; then
     timeout "$(cap 120)" "$PY" bench/pytorch/step.py --config "bench/configs/$CENSUS_MODEL.json" --device "$PT_DEVICE" --dtype bf16 \
       --pairs "$PAIRS" --seq "$SEQ" --threads "$(nproc)" --warmup 1 --repeats 1 --kernels > "$W/census.json" 2> "$W/census.err"
   else
-    timeout "$(cap 120)" "$ODPO" bench --config "bench/configs/$CENSUS_MODEL.json" --backend "$b" --dtype "$dtype" \
+    timeout "$(cap 120)" "${census_env[@]}" "$ODPO" bench --config "bench/configs/$CENSUS_MODEL.json" --backend "$b" --dtype "$dtype" \
       --pairs "$PAIRS" --seq "$SEQ" --warmup 1 --repeats 1 --kernel-times > "$W/census.json" 2> "$W/census.err"
   fi
   echo "exit $?"; tail -3 "$W/census.err" | cut -c1-300

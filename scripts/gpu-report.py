@@ -205,6 +205,24 @@ def tables(records):
             for k in (r.get("top") or [])[:10]:
                 name = k["kernel"].replace("|", "/")[:90]
                 out.append(f"| {r['side']} | `{name}` | {k['launches']} | {fmt(k.get('device_seconds'), '.4f')} |")
+        # tch-cuda's kernels are PyTorch's, named alike (CUPTI's records on both sides): kernel by
+        # kernel, where the two steps' device time differs most.
+        for r in censuses:
+            base = next((p for p in censuses if p["side"] == "pytorch" and p["model"] == r["model"] and p.get("top")), None)
+            if not r.get("side", "").startswith("tch") or not base or not r.get("top"):
+                continue
+            ours = {k["kernel"]: k for k in r["top"]}
+            theirs = {k["kernel"]: k for k in base["top"]}
+            rows = []
+            for name in set(ours) | set(theirs):
+                a_, b_ = ours.get(name, {}), theirs.get(name, {})
+                ta, tb = a_.get("device_seconds") or 0.0, b_.get("device_seconds") or 0.0
+                rows.append((ta - tb, name, a_.get("launches", 0), ta, b_.get("launches", 0), tb))
+            rows.sort(key=lambda x: (-abs(x[0]), x[1]))
+            table(out, f"{r['model']}: kernel, {r['side']} beside pytorch (the fifteen that differ most; of the {len(r['top'])} and {len(base['top'])} listed)",
+                  f"{r['side']} launches", f"{r['side']} (s)", "pytorch launches", "pytorch (s)", "difference (s)")
+            for d, name, la, ta, lb, tb in rows[:15]:
+                out.append(f"| `{name.replace('|', '/')[:110]}` | {la} | {ta:.4f} | {lb} | {tb:.4f} | {d:+.4f} |")
     routines = [r for r in records if r.get("stage") == "routines"]
     if routines:
         # Each matmul routine on the products of one step (`odpo bench --matmul-routines`).

@@ -60,7 +60,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def kernel_census(run_step, device_type: str, device: str, rows: int = 25) -> dict:
+def kernel_census(run_step, device_type: str, device: str, rows: int = 100) -> dict:
     """One step under torch.profiler: on CUDA the kernels it launched with their device time, on a
     CPU the aten operators that call no other (the ones that do the work), with their own time."""
     from torch.profiler import ProfilerActivity, profile

@@ -325,7 +325,8 @@ fn odpo(command: &str, args: &[String]) -> Result<ExitCode> {
 /// (`odpo-trainer/tests/suites.rs`, one test binary) built once with every named backend's feature,
 /// then run once per backend with `ODPO_TEST_DEVICE` choosing the device; `--also-build` adds
 /// backends that are compiled and linked into the same binary but not run (CI keeps `cuda` building
-/// this way on a machine without a GPU).
+/// this way on a machine without a GPU). With `tch`, odpo-kernels' unit tests of its libtorch paths
+/// run after the suites.
 fn conformance(args: &[String]) -> Result<ExitCode> {
     let list = |flag: &str| -> Result<Vec<String>> {
         Ok(flag_value(args, flag)?.unwrap_or_default().split(',').map(|b| b.trim().to_string()).filter(|b| !b.is_empty()).collect())
@@ -386,6 +387,19 @@ fn conformance(args: &[String]) -> Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
         eprintln!("conformance ({backend}): all suites passed");
+    }
+    // odpo-kernels' own tests of its libtorch paths (torch's fused kernels, the log-probabilities in
+    // runs, the CUDA kernel census through a stand-in CUPTI), which `cargo test --workspace` (flex)
+    // does not build: the same profile, so the libtorch crates built for the suites serve them.
+    if backends.iter().any(|b| b.split(':').next() == Some("tch")) {
+        let mut cmd = cargo_cmd();
+        backend_env(&mut cmd, &["tch"])?;
+        cmd.args(["test", "--profile", "conformance", "-p", "odpo-kernels", "--no-default-features", "--features", "tch", "--lib"]);
+        eprintln!("conformance (tch): odpo-kernels' unit tests of its libtorch paths");
+        if !cmd.status().context("running cargo test -p odpo-kernels")?.success() {
+            eprintln!("conformance (tch): odpo-kernels' unit tests failed");
+            return Ok(ExitCode::from(1));
+        }
     }
     // The binary those runs used, for what runs it again (CI's PTX check): cargo names it, where the
     // newest `suites-*` in the build folder may be another build's.

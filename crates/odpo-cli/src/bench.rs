@@ -60,10 +60,12 @@ pub struct BenchArgs {
     #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,
     /// After the timed steps, count the kernels one more step launches (cubecl backends: cuda,
-    /// vulkan, wgpu, metal), reported under `census`.
+    /// vulkan, wgpu, metal; on tch-cuda the kernels, copies and fills CUPTI records, with their
+    /// device time, as torch.profiler counts PyTorch's), reported under `census`.
     #[arg(long)]
     kernels: bool,
-    /// The same, with each kernel's device time (each launch waits for its kernel).
+    /// The same, with each kernel's device time (on the cubecl backends each launch waits for its
+    /// kernel).
     #[arg(long)]
     kernel_times: bool,
     /// After the timed steps, record the products of one more step and time each matmul routine

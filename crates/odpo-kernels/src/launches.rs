@@ -6,6 +6,8 @@
 //! it is the same on every device the backend compiles for: counted on Mesa's lavapipe or on the
 //! stand-in CUDA driver of `scripts/cuda-ptx-check.sh`, it is what an H200 would launch. Built on
 //! cubecl's launch observer, which sees every launch of the process on the thread that issues it.
+//! On libtorch's CUDA the same list comes from CUPTI's activity records (`cupti.rs`), as
+//! torch.profiler takes PyTorch's.
 
 use burn::backend::DispatchDevice;
 use burn::tensor::Device;
@@ -54,6 +56,42 @@ pub fn kernel_census<R>(timed: bool, f: impl FnOnce() -> R) -> (R, Option<Vec<Ke
         let _ = timed;
         (f(), None)
     }
+}
+
+/// Whether `device` is a libtorch CUDA device, whose kernels `cuda_activity_census` sees.
+// burn-tch's device is marked deprecated in burn 0.22.1; it is the libtorch backend's.
+#[allow(deprecated)]
+pub fn traces_cuda_activity(device: &Device) -> bool {
+    fn libtorch_cuda(device: &DispatchDevice) -> bool {
+        match device {
+            #[cfg(all(feature = "tch", target_os = "linux"))]
+            DispatchDevice::LibTorch(burn::backend::libtorch::LibTorchDevice::Cuda(_)) => true,
+            DispatchDevice::Autodiff(d) => libtorch_cuda(&d.clone().inner()),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+    libtorch_cuda(device.as_dispatch())
+}
+
+/// Runs `f` and returns the kernels, copies and fills that ran on libtorch's CUDA devices
+/// meanwhile, each with its device time, most device time first: CUPTI's activity records, which
+/// torch.profiler reads for PyTorch's census, so the kernels are named alike (demangled) on both
+/// sides. The records are the whole process's, whichever thread issued the work, so the process
+/// takes one such census at a time (another meanwhile is an error); CUPTI times each kernel where
+/// it ran, without serialising them. `f` should end with its work done on the device:
+/// the census waits for every CUDA device after it. Errs when CUPTI cannot be loaded (it is
+/// `libcupti.so.13` on the library path: PyTorch's CUDA wheels put it in
+/// `site-packages/nvidia/cu13/lib`) or refuses the records.
+#[cfg(all(feature = "tch", target_os = "linux"))]
+pub fn cuda_activity_census<R>(f: impl FnOnce() -> R) -> Result<(R, Vec<KernelLaunches>), String> {
+    super::cupti::census(|| {
+        let out = f();
+        for i in 0..tch::Cuda::device_count() {
+            tch::Cuda::synchronize(i);
+        }
+        out
+    })
 }
 
 #[cfg(feature = "cube")]

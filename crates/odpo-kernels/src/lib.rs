@@ -44,6 +44,10 @@ mod adamw_cube;
 mod adamw_libtorch;
 mod attention;
 mod cpu;
+// Calls CUPTI's C functions and reads its records: foreign memory, so unsafe.
+#[cfg(all(feature = "tch", target_os = "linux"))]
+#[allow(unsafe_code)]
+mod cupti;
 mod embedding;
 mod flat_adamw;
 mod glu;
@@ -69,7 +73,9 @@ pub use attention::{KeptAttention, MaskedAttentionBackend, causal_attention_kern
 pub use embedding::{EmbeddingBackend, embedding};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use glu::{Gate, GluBackend, glu};
-pub use launches::{KernelLaunches, kernel_census, launches_kernels};
+pub use launches::{KernelLaunches, kernel_census, launches_kernels, traces_cuda_activity};
+#[cfg(all(feature = "tch", target_os = "linux"))]
+pub use launches::cuda_activity_census;
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
 pub use matmul_routine::{MATMUL_ROUTINES, MatmulRoutine, Product, RoutineCalls, matmul_routine, matmul_routine_calls, record_products, set_matmul_routine, with_matmul_routine};

@@ -65,14 +65,18 @@ pub enum Census {
     Off,
     /// The launches of each kernel.
     Launches,
-    /// The launches and each kernel's device time (every launch waits for its kernel, so the
-    /// census step is slower than the timed ones).
+    /// The launches and each kernel's device time (on the cubecl backends every launch waits for
+    /// its kernel, so the census step is slower than the timed ones; on libtorch's CUDA CUPTI
+    /// times them as they run, with or without this).
     Times,
 }
 
-/// The kernels of one step on a cubecl device.
+/// The kernels of one step on a cubecl device or on libtorch's CUDA.
 #[derive(Clone, Debug, Serialize)]
 pub struct StepCensus {
+    /// What was counted: the cubecl backends' kernel launches, or on libtorch's CUDA the kernels,
+    /// copies and fills CUPTI recorded (as `bench/pytorch/step.py --kernels` counts PyTorch's).
+    pub unit: String,
     /// Kernel launches in the step.
     pub launches_per_step: u64,
     /// Distinct kernels (by type) launched.
@@ -97,8 +101,9 @@ pub struct CensusRow {
     pub device_seconds: Option<f64>,
 }
 
-/// Kernels listed in a [`StepCensus`].
-pub const CENSUS_ROWS: usize = 25;
+/// Kernels listed in a [`StepCensus`]: enough for a step's whole list on libtorch's CUDA, so that it
+/// can be set beside PyTorch's (`bench/pytorch/step.py --kernels` lists as many).
+pub const CENSUS_ROWS: usize = 100;
 
 /// The measured figures (the field names `bench/pytorch/step.py` prints too).
 #[derive(Clone, Debug, Serialize)]
@@ -192,8 +197,11 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     if b.prompt == 0 || b.prompt >= b.seq {
         return Err(TrainError::config("prompt", format!("is {} tokens; expected 0 < prompt < seq = {}", b.prompt, b.seq)));
     }
-    if b.census != Census::Off && !odpo_kernels::launches_kernels(device) {
-        return Err(TrainError::config("kernels", format!("counts the kernel launches of the cubecl backends (cuda, vulkan, wgpu, metal); the device {device:?} is not one")));
+    if b.census != Census::Off && !odpo_kernels::launches_kernels(device) && !odpo_kernels::traces_cuda_activity(device) {
+        return Err(TrainError::config(
+            "kernels",
+            format!("counts the kernels of the cubecl backends (cuda, vulkan, wgpu, metal) and of libtorch's CUDA (tch-cuda); the device {device:?} is neither"),
+        ));
     }
     let text = std::fs::read_to_string(config_path).map_err(|e| TrainError::io(config_path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
@@ -266,21 +274,28 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     if b.census != Census::Off {
         let timed = b.census == Census::Times;
         let step = b.warmup + b.repeats;
-        let t = Instant::now();
-        let (stepped, kernels) = odpo_kernels::kernel_census(timed, || {
+        let one_step = || {
             let stepped = trainer.step(&refs, step, 1e-6);
             if let Ok((trainer, _)) = &stepped {
                 sync(trainer.policy());
             }
             stepped
-        });
+        };
+        let t = Instant::now();
+        let (stepped, kernels, unit) = if odpo_kernels::launches_kernels(device) {
+            let (stepped, kernels) = odpo_kernels::kernel_census(timed, one_step);
+            (stepped, kernels.unwrap_or_default(), "cubecl kernels")
+        } else {
+            let (stepped, kernels) = cuda_activity(one_step)?;
+            (stepped, kernels, "CUDA kernels, copies and fills")
+        };
         let step_seconds = t.elapsed().as_secs_f64();
         (trainer, _) = stepped?;
-        let kernels = kernels.unwrap_or_default();
         census = Some(StepCensus {
+            unit: unit.into(),
             launches_per_step: kernels.iter().map(|k| k.launches).sum(),
             kernels: kernels.len(),
-            device_seconds: timed.then(|| kernels.iter().filter_map(|k| k.device_seconds).sum()),
+            device_seconds: kernels.iter().any(|k| k.device_seconds.is_some()).then(|| kernels.iter().filter_map(|k| k.device_seconds).sum()),
             step_seconds,
             top: kernels.into_iter().take(CENSUS_ROWS).map(|k| CensusRow { kernel: k.kernel, launches: k.launches, device_seconds: k.device_seconds }).collect(),
         });
@@ -320,6 +335,17 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         census,
         products,
     })
+}
+
+/// One step's kernels on libtorch's CUDA, through CUPTI ([`odpo_kernels::cuda_activity_census`]).
+#[cfg(all(feature = "tch", target_os = "linux"))]
+fn cuda_activity<R>(f: impl FnOnce() -> R) -> Result<(R, Vec<odpo_kernels::KernelLaunches>)> {
+    odpo_kernels::cuda_activity_census(f).map_err(|e| TrainError::config("kernels", format!("on libtorch's CUDA needs CUPTI: {e}")))
+}
+
+#[cfg(not(all(feature = "tch", target_os = "linux")))]
+fn cuda_activity<R>(_f: impl FnOnce() -> R) -> Result<(R, Vec<odpo_kernels::KernelLaunches>)> {
+    Err(TrainError::config("kernels", "on libtorch's CUDA needs a build with the `tch` feature on Linux"))
 }
 
 /// Reads one value of the first trainable parameter, which waits for the queued update.
