@@ -10,7 +10,7 @@ per-token log-probs (log_softmax + gather over the completion half of each row),
 forward under torch.no_grad() on a frozen copy (with --lora: the same model with the adapters
 disabled, as TRL + PEFT do), the ODPO loss -logsigmoid(beta*h - alpha*log(s_w - s_l)), backward,
 AdamW (fused, transformers' default optimizer with torch >= 2.8; --optim adamw_torch for the
-single-tensor one). Random weights, float32 (--dtype bf16/f16: autocast over the float32 weights, as TRL
+single-tensor one). Dropout off, as TRL's disable_dropout=True default sets it. Random weights, float32 (--dtype bf16/f16: autocast over the float32 weights, as TRL
 trains with bf16=True), transformers' model classes. --gradient-checkpointing: transformers' activation
 checkpointing on the policy (non-reentrant), as TRL's gradient_checkpointing=True turns it on; with
 --lora the base model's input embeddings are also made to require grad before the adapters wrap it,
@@ -140,6 +140,12 @@ def main():
     cfg = AutoConfig.from_pretrained(args.config)
     cfg._attn_implementation = args.attn
     policy = AutoModelForCausalLM.from_config(cfg).float().to(args.device).train()
+    # TRL's DPOConfig(disable_dropout=True), its default: every dropout of the model at p = 0, as
+    # odpo trains (it has none). GPT-2's configs otherwise drop 10% at the embedding, in each
+    # attention and after each block.
+    for m in policy.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     flops = step_flops(cfg, policy, args.pairs, args.seq)
     ckpt_kwargs = {"use_reentrant": False}
     if args.lora:
