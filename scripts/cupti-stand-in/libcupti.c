@@ -77,9 +77,22 @@ void standin_copy(uint8_t copy_kind, uint8_t src, uint8_t dst, uint64_t ns) {
 }
 void standin_fill(uint16_t memory_kind, uint64_t ns) { put(KIND_MEMSET, none, memory_kind, ns, NULL); }
 
+// `standin_fail_flush(code)`: the next flush answers `code` and delivers nothing, as CUPTI does
+// without a driver (CUPTI_ERROR_UNKNOWN, 999).
+static CUptiResult fail_flush;
+void standin_fail_flush(CUptiResult code) { fail_flush = code; }
+
 CUptiResult cuptiActivityFlushAll(uint32_t flag) {
   (void)flag;
   if (!requested) return ERR_NOT_INITIALIZED;
+  if (fail_flush) {
+    CUptiResult code = fail_flush;
+    fail_flush = OK;
+    pthread_mutex_lock(&lock);
+    queued = 0;
+    pthread_mutex_unlock(&lock);
+    return code;
+  }
   pthread_mutex_lock(&lock);
   size_t n = queued, done = 0;
   uint8_t *copy = malloc(n * RECORD + 1);

@@ -244,17 +244,32 @@ fn demangle(symbol: &CStr) -> String {
     symbol.to_string_lossy().into_owned()
 }
 
-/// Switches the activity records off again, also when the work panics.
-struct Disable(&'static Cupti);
+/// The records switched on for a census; switched off again, and what is left delivered, by
+/// [`Recording::stop`] or, when the work panics, on drop (the tally is then dropped too).
+struct Recording {
+    cupti: &'static Cupti,
+    on: bool,
+}
 
-impl Drop for Disable {
-    fn drop(&mut self) {
+impl Recording {
+    fn stop(&mut self) -> Result<(), String> {
+        self.on = false;
         for kind in KINDS {
             // SAFETY: a CUPTI call with a valid kind.
-            unsafe { (self.0.disable)(kind) };
+            unsafe { (self.cupti.disable)(kind) };
         }
-        // SAFETY: as above; delivers what is left, which the census (if still under way) takes.
-        unsafe { (self.0.flush_all)(FLUSH_FORCED) };
+        // Delivers the buffers not yet handed back, incomplete ones too, into the tally.
+        // SAFETY: a CUPTI call.
+        self.cupti.check(unsafe { (self.cupti.flush_all)(FLUSH_FORCED) }, "cuptiActivityFlushAll")
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if self.on {
+            let _ = self.stop();
+            TALLY.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
     }
 }
 
@@ -269,24 +284,18 @@ fn census_with<R>(cupti: &'static Cupti, f: impl FnOnce() -> R) -> Result<(R, Ve
         Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
         Err(std::sync::TryLockError::WouldBlock) => return Err("another census of CUDA activity is under way in this process".into()),
     };
-    // Records of earlier work (none: the kinds are off outside a census) go before this one starts.
-    // SAFETY: a CUPTI call.
-    cupti.check(unsafe { (cupti.flush_all)(FLUSH_FORCED) }, "cuptiActivityFlushAll")?;
+    // The kinds are off outside a census, so nothing recorded before this one is pending.
     *TALLY.lock().unwrap_or_else(|e| e.into_inner()) = Some(Tally { cupti, kernels: HashMap::new(), dropped: 0 });
-    let out = {
-        let off = Disable(cupti);
-        for kind in KINDS {
-            // SAFETY: a CUPTI call with a valid kind.
-            if let Err(e) = cupti.check(unsafe { (cupti.enable)(kind) }, "cuptiActivityEnable") {
-                drop(off);
-                TALLY.lock().unwrap_or_else(|e| e.into_inner()).take();
-                return Err(e);
-            }
-        }
-        f()
-        // `off` switches the records off and flushes them into the tally.
-    };
-    let Some(tally) = TALLY.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+    let mut recording = Recording { cupti, on: true };
+    for kind in KINDS {
+        // SAFETY: a CUPTI call with a valid kind.
+        cupti.check(unsafe { (cupti.enable)(kind) }, "cuptiActivityEnable")?;
+    }
+    let out = f();
+    let stopped = recording.stop();
+    let tally = TALLY.lock().unwrap_or_else(|e| e.into_inner()).take();
+    stopped?;
+    let Some(tally) = tally else {
         return Err("the census's tally was taken by another".into());
     };
     if tally.dropped > 0 {
@@ -354,6 +363,7 @@ mod tests {
         let kernel: unsafe extern "C" fn(*const c_char, u64) = unsafe { *lib.get(b"standin_kernel\0").expect("standin_kernel") };
         let copy: unsafe extern "C" fn(u8, u8, u8, u64) = unsafe { *lib.get(b"standin_copy\0").expect("standin_copy") };
         let fill: unsafe extern "C" fn(u16, u64) = unsafe { *lib.get(b"standin_fill\0").expect("standin_fill") };
+        let fail_flush: unsafe extern "C" fn(c_int) = unsafe { *lib.get(b"standin_fail_flush\0").expect("standin_fail_flush") };
         let gemm = c"_Z11gemm_kernelPfS_i";
         let add = c"add_kernel";
 
@@ -387,6 +397,17 @@ mod tests {
         let ((), again) = census_with(cupti, || unsafe { fill(2, 100) }).expect("a second census");
         assert_eq!(again.len(), 1);
         assert_eq!((again[0].kernel.as_str(), again[0].launches), ("Memset (Pinned)", 1));
+
+        // A flush CUPTI refuses (as without a driver) fails the census rather than returning an
+        // empty list; the census after it counts its own work only.
+        let refused = census_with(cupti, || unsafe {
+            kernel(gemm.as_ptr(), 5_000);
+            fail_flush(999);
+        })
+        .expect_err("a refused flush");
+        assert_eq!(refused, "cuptiActivityFlushAll: CUPTI_ERROR_UNKNOWN");
+        let ((), after) = census_with(cupti, || unsafe { kernel(add.as_ptr(), 1_000) }).expect("a census after the refusal");
+        assert_eq!(after.iter().map(|k| (k.kernel.as_str(), k.launches)).collect::<Vec<_>>(), [("add_kernel", 1)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
