@@ -10,8 +10,8 @@
 //! `start` at 16, `end` at 24, the kernel's `name` at 104, a copy's `copyKind`, `srcKind` and
 //! `dstKind` at 4, 5 and 6, a fill's `memoryKind` at 50. Kernels, copies and fills are named as
 //! torch.profiler names them: the kernel's symbol demangled, `Memcpy DtoD (Device -> Device)`,
-//! `Memset (Device)`. The tests run
-//! the census through a stand-in CUPTI (`scripts/cupti-stand-in/libcupti.c`), which needs no GPU.
+//! `Memset (Device)`. The tests run the census through a stand-in CUPTI
+//! (`scripts/cupti-stand-in/libcupti.c`), which needs no GPU.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int, c_void};
@@ -174,9 +174,6 @@ unsafe fn read(record: *const u8) -> Option<(String, f64)> {
     // SAFETY: every field read lies within its kind's record (module docs).
     unsafe {
         let kind = (record as *const u32).read_unaligned();
-        let start = (record.add(16) as *const u64).read_unaligned();
-        let end = (record.add(24) as *const u64).read_unaligned();
-        let seconds = end.saturating_sub(start) as f64 * 1e-9;
         let name = match kind {
             KIND_KERNEL | KIND_CONCURRENT_KERNEL => {
                 let name = (record.add(104) as *const *const c_char).read_unaligned();
@@ -184,9 +181,12 @@ unsafe fn read(record: *const u8) -> Option<(String, f64)> {
             }
             KIND_MEMCPY => format!("Memcpy {} ({} -> {})", copy_kind(*record.add(4)), memory_kind(*record.add(5) as u16), memory_kind(*record.add(6) as u16)),
             KIND_MEMSET => format!("Memset ({})", memory_kind((record.add(50) as *const u16).read_unaligned())),
+            // Other kinds (CUPTI may add its own overhead records) may be shorter: nothing more is read.
             _ => return None,
         };
-        Some((name, seconds))
+        let start = (record.add(16) as *const u64).read_unaligned();
+        let end = (record.add(24) as *const u64).read_unaligned();
+        Some((name, end.saturating_sub(start) as f64 * 1e-9))
     }
 }
 
