@@ -137,26 +137,23 @@ if [ -z "${CUDA_PATH:-}" ] && [ ! -f /usr/local/cuda/nvvm/libdevice/libdevice.10
     export CUDA_PATH=$W/cuda
   fi
 fi
-# NVRTC for odpo-nvrtc: this machine's libnvrtc.so.13 (PyTorch's CUDA wheels install it under
-# site-packages/nvidia/cu13/lib; a CUDA toolkit under lib64); the headers are the bundle's.
-NVRTC_LIB=${GPU_CHECK_NVRTC_LIB:-$("$PY" - <<'PY' 2>/dev/null
+# cuda_lib FILE TOOLKIT_GLOB: the folder of this machine's FILE, from PyTorch's CUDA wheels
+# (site-packages/nvidia/cu13/lib) or a CUDA toolkit's TOOLKIT_GLOB; nothing when neither has it.
+cuda_lib() {
+  "$PY" - "$1" "$2" <<'PY' 2>/dev/null
 import glob, os, sys
-for d in [os.path.join(p, "nvidia/cu13/lib") for p in sys.path if p] + sorted(glob.glob("/usr/local/cuda*/lib64")):
-    if os.path.exists(os.path.join(d, "libnvrtc.so.13")):
+name, toolkit = sys.argv[1], sys.argv[2]
+for d in [os.path.join(p, "nvidia/cu13/lib") for p in sys.path if p] + sorted(glob.glob(toolkit)):
+    if os.path.exists(os.path.join(d, name)):
         print(os.path.realpath(d))
         break
 PY
-)}
+}
+# NVRTC for odpo-nvrtc: this machine's libnvrtc.so.13; the headers are the bundle's.
+NVRTC_LIB=${GPU_CHECK_NVRTC_LIB:-$(cuda_lib libnvrtc.so.13 "/usr/local/cuda*/lib64")}
 # CUPTI for the kernels of a tch-cuda step (stage 6): this machine's libcupti.so.13, which torch's
-# profiler uses (the nvidia-cuda-cupti wheel; a CUDA toolkit under extras/CUPTI/lib64).
-CUPTI_LIB=${GPU_CHECK_CUPTI_LIB:-$("$PY" - <<'PY' 2>/dev/null
-import glob, os, sys
-for d in [os.path.join(p, "nvidia/cu13/lib") for p in sys.path if p] + sorted(glob.glob("/usr/local/cuda*/extras/CUPTI/lib64")):
-    if os.path.exists(os.path.join(d, "libcupti.so.13")):
-        print(os.path.realpath(d))
-        break
-PY
-)}
+# profiler uses.
+CUPTI_LIB=${GPU_CHECK_CUPTI_LIB:-$(cuda_lib libcupti.so.13 "/usr/local/cuda*/extras/CUPTI/lib64")}
 nvrtc_env=()
 if [ -x "$X/bin/odpo-nvrtc" ] && [ -n "$NVRTC_LIB" ]; then
   nvrtc_env=(env "CUDA_PATH=$X/cuda-nvrtc" "LD_LIBRARY_PATH=$NVRTC_LIB:$LD_LIBRARY_PATH")

@@ -58,7 +58,7 @@ pub fn kernel_census<R>(timed: bool, f: impl FnOnce() -> R) -> (R, Option<Vec<Ke
     }
 }
 
-/// Whether `device` is a libtorch CUDA device, whose kernels `cuda_activity_census` sees.
+/// Whether `device` is a libtorch CUDA device, whose kernels [`cuda_activity_census`] sees.
 // burn-tch's device is marked deprecated in burn 0.22.1; it is the libtorch backend's.
 #[allow(deprecated)]
 pub fn traces_cuda_activity(device: &Device) -> bool {
@@ -82,16 +82,22 @@ pub fn traces_cuda_activity(device: &Device) -> bool {
 /// it ran, without serialising them. `f` should end with its work done on the device:
 /// the census waits for every CUDA device after it. Errs when CUPTI cannot be loaded (it is
 /// `libcupti.so.13` on the library path: PyTorch's CUDA wheels put it in
-/// `site-packages/nvidia/cu13/lib`) or refuses the records.
-#[cfg(all(feature = "tch", target_os = "linux"))]
+/// `site-packages/nvidia/cu13/lib`) or refuses the records, and in a build without libtorch on
+/// Linux, where no device is one [`traces_cuda_activity`] names.
 pub fn cuda_activity_census<R>(f: impl FnOnce() -> R) -> Result<(R, Vec<KernelLaunches>), String> {
-    super::cupti::census(|| {
+    #[cfg(all(feature = "tch", target_os = "linux"))]
+    return super::cupti::census(|| {
         let out = f();
         for i in 0..tch::Cuda::device_count() {
             tch::Cuda::synchronize(i);
         }
         out
-    })
+    });
+    #[cfg(not(all(feature = "tch", target_os = "linux")))]
+    {
+        let _ = f;
+        Err("this build has no libtorch on Linux, whose CUDA the census reads through CUPTI".into())
+    }
 }
 
 #[cfg(feature = "cube")]

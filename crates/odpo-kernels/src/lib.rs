@@ -73,9 +73,7 @@ pub use attention::{KeptAttention, MaskedAttentionBackend, causal_attention_kern
 pub use embedding::{EmbeddingBackend, embedding};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use glu::{Gate, GluBackend, glu};
-pub use launches::{KernelLaunches, kernel_census, launches_kernels, traces_cuda_activity};
-#[cfg(all(feature = "tch", target_os = "linux"))]
-pub use launches::cuda_activity_census;
+pub use launches::{KernelLaunches, cuda_activity_census, kernel_census, launches_kernels, traces_cuda_activity};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
 pub use matmul_routine::{MATMUL_ROUTINES, MatmulRoutine, Product, RoutineCalls, matmul_routine, matmul_routine_calls, record_products, set_matmul_routine, with_matmul_routine};

@@ -286,7 +286,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
             let (stepped, kernels) = odpo_kernels::kernel_census(timed, one_step);
             (stepped, kernels.unwrap_or_default(), "cubecl kernels")
         } else {
-            let (stepped, kernels) = cuda_activity(one_step)?;
+            let (stepped, kernels) = odpo_kernels::cuda_activity_census(one_step).map_err(|e| TrainError::config("kernels", format!("on libtorch's CUDA reads CUPTI: {e}")))?;
             (stepped, kernels, "CUDA kernels, copies and fills")
         };
         let step_seconds = t.elapsed().as_secs_f64();
@@ -335,17 +335,6 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         census,
         products,
     })
-}
-
-/// One step's kernels on libtorch's CUDA, through CUPTI ([`odpo_kernels::cuda_activity_census`]).
-#[cfg(all(feature = "tch", target_os = "linux"))]
-fn cuda_activity<R>(f: impl FnOnce() -> R) -> Result<(R, Vec<odpo_kernels::KernelLaunches>)> {
-    odpo_kernels::cuda_activity_census(f).map_err(|e| TrainError::config("kernels", format!("on libtorch's CUDA needs CUPTI: {e}")))
-}
-
-#[cfg(not(all(feature = "tch", target_os = "linux")))]
-fn cuda_activity<R>(_f: impl FnOnce() -> R) -> Result<(R, Vec<odpo_kernels::KernelLaunches>)> {
-    Err(TrainError::config("kernels", "on libtorch's CUDA needs a build with the `tch` feature on Linux"))
 }
 
 /// Reads one value of the first trainable parameter, which waits for the queued update.
