@@ -734,9 +734,16 @@ mod grouped {
 impl MaskedAttentionBackend for burn::backend::LibTorch {
     fn masked_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> FloatTensor<Self> {
         use burn::backend::ops::ModuleOps;
-        let (k, v, mask) = widen_all::<Self>(q.shape()[1], k, v, mask);
         let kind = q.tensor.kind();
-        match libtorch::forward(&q, &k, &v, &libtorch::bias(&mask, kind), scale) {
+        let mask = mask_heads::<Self>(mask, q.shape()[1]);
+        let bias = libtorch::bias(&mask, kind);
+        if libtorch::takes_groups(&q, &k, &bias)
+            && let Some(out) = libtorch::forward(&q, &k, &v, &bias, scale)
+        {
+            return out;
+        }
+        let (k, v) = (widen::<Self>(k, q.shape()[1]), widen::<Self>(v, q.shape()[1]));
+        match libtorch::forward(&q, &k, &v, &bias, scale) {
             Some(out) => out,
             None => Self::attention(q, k, v, None, Some(burn::backend::libtorch::TchTensor::new(libtorch::bias_of(&mask.tensor, kind))), options(scale)),
         }
@@ -767,6 +774,15 @@ fn libtorch_backward(
     kept: Option<libtorch::Kept>,
 ) -> (FloatTensor<burn::backend::LibTorch>, FloatTensor<burn::backend::LibTorch>, FloatTensor<burn::backend::LibTorch>) {
     type B = burn::backend::LibTorch;
+    // A forward pass whose kernel took the grouped keys and values as they are: its backward
+    // kernel does too, and hands back `dk` and `dv` grouped. Where it refuses them, the widened
+    // path below recomputes.
+    if let Some(kept) = kept.as_ref().filter(|kept| kept.grouped)
+        && let Some(grads) = libtorch::backward_kept(&q, &k, &v, scale, &dout, kept)
+    {
+        return grads;
+    }
+    let kept = kept.filter(|kept| !kept.grouped);
     widened_backward::<B>(q, k, v, mask, scale, dout, |q, k, v, mask, scale, dout| {
         let fused = match &kept {
             Some(kept) => libtorch::backward_kept(&q, &k, &v, scale, &dout, kept),
@@ -783,8 +799,14 @@ impl KeptAttention for burn::backend::LibTorch {
     type Kept = libtorch::Kept;
 
     fn masked_attention_keeping(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, mask: BoolTensor<Self>, scale: f32) -> (FloatTensor<Self>, Option<Self::Kept>) {
-        let (kw, vw, mw) = widen_all::<Self>(q.shape()[1], k.clone(), v.clone(), mask.clone());
-        let bias = libtorch::bias(&mw, q.tensor.kind());
+        let heads = q.shape()[1];
+        let bias = libtorch::bias(&mask_heads::<Self>(mask.clone(), heads), q.tensor.kind());
+        if libtorch::takes_groups(&q, &k, &bias)
+            && let Some((out, kept)) = libtorch::forward_keeping(&q, &k, &v, &bias, scale)
+        {
+            return (out, Some(kept));
+        }
+        let (kw, vw) = (widen::<Self>(k.clone(), heads), widen::<Self>(v.clone(), heads));
         match libtorch::forward_keeping(&q, &kw, &vw, &bias, scale) {
             Some((out, kept)) => (out, Some(kept)),
             None => (Self::masked_attention(q, k, v, mask, scale), None),
@@ -825,6 +847,13 @@ impl KeptAttention for burn::backend::LibTorch {
 /// `scaled_dot_product_attention` with `is_causal`, as transformers calls it for such rows, under
 /// autodiff recorded by torch's own autograd, so that torch picks the kernels both ways as it does
 /// for PyTorch's step (cuDNN's on an H200, whose forward tch 0.22 does not bind).
+///
+/// Grouped keys and values (fewer key/value heads than query heads) go to the kernels that take
+/// them so as they are ([`libtorch::takes_groups`]), as transformers hands them to torch over rows
+/// without padding: no copy repeats them to every query head in the forward pass, none sums their
+/// gradients back over each group in the backward, and torch's record of the forward pass keeps
+/// the narrow `k` and `v` burn's record holds anyway, not copies (on a Llama-3.2-1B step of 8
+/// pairs × 512 tokens in bf16, 67 MB a layer less).
 #[cfg(feature = "tch")]
 pub(crate) mod libtorch {
     use std::cell::RefCell;
@@ -922,9 +951,32 @@ pub(crate) mod libtorch {
         }
     }
 
-    /// `softmax(scale·q·kᵀ + bias)·v` by torch's SDPA (told `is_causal` where there is no bias),
-    /// on the CPU by its flash kernel told where the mask is causal; `None` where torch refuses the
-    /// inputs.
+    /// Whether torch's kernels take `k` and `v` grouped as they are (fewer key/value heads than
+    /// query heads), each key/value head read by its group of query heads, with no copy repeating
+    /// them: on the CPU its flash kernel, whatever the mask; on CUDA its scaled dot-product
+    /// attention told `enable_gqa`, in half precision over the causal mask with no bias and heads
+    /// of at most 128 (cuDNN's kernels or flash attention's, as for PyTorch's step, whose
+    /// transformers attention passes `enable_gqa` over rows without padding). Elsewhere on CUDA
+    /// (a bias, which only the memory-efficient kernel takes, or f32, which flash attention does
+    /// not) no fused kernel has groups and torch would fall back to its operation-by-operation
+    /// form, so there `k` and `v` are repeated.
+    pub(crate) fn takes_groups(q: &TchTensor, k: &TchTensor, bias: &Bias) -> bool {
+        let q = &q.tensor;
+        let grouped = k.tensor.size()[1] != q.size()[1];
+        let cuda_groups = || bias.causal && bias.tensor.is_none() && matches!(q.kind(), Kind::BFloat16 | Kind::Half) && q.size().last().is_some_and(|&dh| dh <= 128);
+        grouped && (q.device() == Device::Cpu || cuda_groups())
+    }
+
+    /// A forward pass whose kernel took grouped keys and values as they are.
+    fn count_grouped(q: &Tensor, k: &Tensor) {
+        if k.size()[1] != q.size()[1] {
+            super::GROUPED_KERNELS.with(|n| n.set(n.get() + 1));
+        }
+    }
+
+    /// `softmax(scale·q·kᵀ + bias)·v` by torch's SDPA (told `is_causal` where there is no bias,
+    /// and `enable_gqa` where `k` and `v` are grouped), on the CPU by its flash kernel told where
+    /// the mask is causal; `None` where torch refuses the inputs.
     pub(crate) fn forward(q: &TchTensor, k: &TchTensor, v: &TchTensor, bias: &Bias, scale: f32) -> Option<TchTensor> {
         let (q, k, v) = (&q.tensor, &k.tensor, &v.tensor);
         let scale = Some(f64::from(scale));
@@ -932,15 +984,22 @@ pub(crate) mod libtorch {
             && q.device() == Device::Cpu
             && let Ok((out, _)) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, true, bias.tensor.as_ref(), scale)
         {
+            count_grouped(q, k);
             return Some(TchTensor::new(out));
         }
-        let causal = bias.tensor.is_none();
-        Tensor::f_scaled_dot_product_attention(q, k, v, bias.tensor.as_ref(), 0.0, causal, scale, false).ok().map(TchTensor::new)
+        let (causal, groups) = (bias.tensor.is_none(), k.size()[1] != q.size()[1]);
+        let out = Tensor::f_scaled_dot_product_attention(q, k, v, bias.tensor.as_ref(), 0.0, causal, scale, groups).ok()?;
+        count_grouped(q, k);
+        Some(TchTensor::new(out))
     }
 
-    /// What the backward pass takes from the forward pass.
+    /// What the backward pass takes from the forward pass, and whether its kernel took the keys
+    /// and values grouped (then so does the backward's, and `dk` and `dv` come back grouped).
     #[derive(Clone, Debug)]
-    pub struct Kept(Record);
+    pub struct Kept {
+        record: Record,
+        pub(crate) grouped: bool,
+    }
 
     #[derive(Clone, Debug)]
     enum Record {
@@ -953,7 +1012,8 @@ pub(crate) mod libtorch {
     }
 
     /// The forward pass through torch's fused kernel of the device, and what its backward takes;
-    /// `None` where there is none or it refuses the inputs.
+    /// `None` where there is none or it refuses the inputs. `k` and `v` may be grouped where
+    /// [`takes_groups`] says the kernels take them so.
     ///
     /// Over rows without padding (the causal mask and nothing more), torch's scaled dot-product
     /// attention with `is_causal`, recorded by torch's own autograd: torch picks the kernels both
@@ -968,13 +1028,14 @@ pub(crate) mod libtorch {
             return Some(recorded);
         }
         let (q, k, v) = (&q.tensor, &k.tensor, &v.tensor);
-        let (scale, causal) = (Some(f64::from(scale)), bias.causal);
+        let (scale, causal, grouped) = (Some(f64::from(scale)), bias.causal, k.size()[1] != q.size()[1]);
         let (out, lse, philox) = match q.device() {
             Device::Cpu => {
                 let (out, lse) = Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, bias.tensor.as_ref(), scale).ok()?;
                 (out, lse, None)
             }
-            Device::Cuda(_) => {
+            // The memory-efficient kernel has no groups.
+            Device::Cuda(_) if !grouped => {
                 let (out, lse, seed, offset) = Tensor::f_internal_scaled_dot_product_efficient_attention(q, k, v, bias.tensor.as_ref(), true, 0.0, causal, scale).ok()?;
                 (out, lse, Some((TchTensor::new(seed), TchTensor::new(offset))))
             }
@@ -983,8 +1044,9 @@ pub(crate) mod libtorch {
         if causal {
             count_causal(bias.tensor.is_none());
         }
+        count_grouped(q, k);
         let out = TchTensor::new(out);
-        Some((out.clone(), Kept(Record::Fused { out, lse: TchTensor::new(lse), bias: bias.clone(), philox })))
+        Some((out.clone(), Kept { record: Record::Fused { out, lse: TchTensor::new(lse), bias: bias.clone(), philox }, grouped }))
     }
 
     /// A forward pass whose kernel was told the mask is causal (`unbiased`: with no bias).
@@ -996,12 +1058,14 @@ pub(crate) mod libtorch {
     }
 
     /// `softmax(scale·q·kᵀ, causal)·v` under torch's autograd, on leaves that share `q`, `k` and
-    /// `v`'s memory; `None` where torch refuses the inputs or records nothing (its grad mode off).
+    /// `v`'s memory (`k` and `v` grouped or not: `enable_gqa`); `None` where torch refuses the
+    /// inputs or records nothing (its grad mode off).
     fn forward_recorded(q: &TchTensor, k: &TchTensor, v: &TchTensor, scale: f32) -> Option<(TchTensor, Kept)> {
         let leaf = |x: &TchTensor| TchTensor::from_existing(x.tensor.detach().set_requires_grad(true), x.storage.clone());
         let inputs = [leaf(q), leaf(k), leaf(v)];
         let [lq, lk, lv] = &inputs;
-        let out = tch::with_grad(|| Tensor::f_scaled_dot_product_attention(&lq.tensor, &lk.tensor, &lv.tensor, None::<&Tensor>, 0.0, true, Some(f64::from(scale)), false)).ok()?;
+        let grouped = k.tensor.size()[1] != q.tensor.size()[1];
+        let out = tch::with_grad(|| Tensor::f_scaled_dot_product_attention(&lq.tensor, &lk.tensor, &lv.tensor, None::<&Tensor>, 0.0, true, Some(f64::from(scale)), grouped)).ok()?;
         if !out.requires_grad() {
             return None;
         }
@@ -1009,14 +1073,15 @@ pub(crate) mod libtorch {
         // What the model reads is the output without the record (burn's operations on it must
         // record nothing in torch); it shares the output's memory, so burn writes over neither.
         let shown = TchTensor::from_existing(out.tensor.detach(), out.storage.clone());
-        Some((shown, Kept(Record::Graph { out, inputs })))
+        count_grouped(&q.tensor, &k.tensor);
+        Some((shown, Kept { record: Record::Graph { out, inputs }, grouped }))
     }
 
     /// `(dq, dk, dv)` through the fused kernel's backward, from what its forward pass kept; `None`
     /// where it refuses the inputs (the caller recomputes with burn operations).
     pub(crate) fn backward_kept(q: &TchTensor, k: &TchTensor, v: &TchTensor, scale: f32, dout: &TchTensor, kept: &Kept) -> Option<(TchTensor, TchTensor, TchTensor)> {
         let (q, k, v, dout) = (&q.tensor, &k.tensor, &v.tensor, &dout.tensor);
-        let (out, lse, bias, philox) = match &kept.0 {
+        let (out, lse, bias, philox) = match &kept.record {
             Record::Fused { out, lse, bias, philox } => (&out.tensor, &lse.tensor, bias, philox),
             Record::Graph { out, inputs } => return backward_recorded(out, inputs, dout),
         };
@@ -1175,6 +1240,20 @@ thread_local! {
     /// Forward passes on libtorch, on this thread, whose fused kernel was told the mask is causal,
     /// and how many of them took no bias.
     static CAUSAL_KERNELS: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+    /// Forward passes on libtorch, on this thread, whose kernel took grouped keys and values as
+    /// they are.
+    static GROUPED_KERNELS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many forward passes of [`masked_attention`] on libtorch, on the calling thread, ran a
+/// kernel of torch's that took grouped keys and values (fewer key/value heads than query heads)
+/// as they are, with no copy repeating them to the query heads (for the tests that check where
+/// they do); 0 without the `tch` feature.
+pub fn grouped_attention_kernels() -> usize {
+    #[cfg(feature = "tch")]
+    return GROUPED_KERNELS.with(std::cell::Cell::get);
+    #[cfg(not(feature = "tch"))]
+    0
 }
 
 /// How many forward passes of [`masked_attention`] under autodiff on libtorch, on the calling

@@ -69,7 +69,7 @@ mod softmax;
 mod square_sums;
 mod token_logprobs;
 
-pub use attention::{KeptAttention, MaskedAttentionBackend, causal_attention_kernels, fused_attention_backward_calls, fused_attention_forward_reruns, masked_attention, masked_attention_calls};
+pub use attention::{KeptAttention, MaskedAttentionBackend, causal_attention_kernels, fused_attention_backward_calls, fused_attention_forward_reruns, grouped_attention_kernels, masked_attention, masked_attention_calls};
 pub use embedding::{EmbeddingBackend, embedding};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
 pub use glu::{Gate, GluBackend, glu};

@@ -5,8 +5,8 @@
 //! heads reading one mask through a stride of 0, and with grouped keys and values (fewer key/value
 //! heads than query heads, repeated inside the operation) and a mask given over one head, with
 //! and without autodiff, and with a mask that lets queries see later keys; on libtorch, that the
-//! backward pass reuses what the forward pass kept, and that its kernels skip the future's blocks
-//! where the mask is causal.
+//! backward pass reuses what the forward pass kept, that its kernels skip the future's blocks
+//! where the mask is causal, and that they take grouped keys and values as they are where they can.
 //! The reference stays on the CPU because a GPU
 //! backend's own attention may compute its f32 products in TF32 (burn's CUDA backend does), which
 //! the extension does not.
@@ -85,7 +85,9 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
             (odpo_kernels::fused_attention_backward_calls(), odpo_kernels::fused_attention_forward_reruns(), odpo_kernels::causal_attention_kernels());
         // On the cubecl backends both passes take the grouped keys and values as they are: no
         // copy repeats them to the query heads (the census covers the passes, not the reads).
+        let grouped_before = odpo_kernels::grouped_attention_kernels();
         let (ours, census) = odpo_kernels::kernel_census(false, || run(true));
+        let grouped_tracked = odpo_kernels::grouped_attention_kernels() - grouped_before;
         // The weights are one kernel each time they are formed (forward, and again backward), and
         // the scores' gradient one more: no reduction or mask fill of burn's.
         if odpo_kernels::launches_kernels(&device) {
@@ -99,7 +101,9 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
         // Without autodiff the same call widens the heads before the backend's body.
         let plain = test_device();
         let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(inputs[i].to_data(), &plain));
+        let grouped_before = odpo_kernels::grouped_attention_kernels();
         let untracked = odpo_kernels::masked_attention(q, k, v, Tensor::<4, Bool>::from_data(mask.to_data(), &plain), scale).expect("the extension");
+        let grouped_untracked = odpo_kernels::grouped_attention_kernels() - grouped_before;
         for (x, y) in vec(untracked).iter().zip(&ours.0) {
             assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0), "untracked {x} against tracked {y} on {plain:?}");
         }
@@ -119,6 +123,12 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
             let (told, unbiased) = odpo_kernels::causal_attention_kernels();
             let expected = (usize::from(causal && tq == tk), usize::from(causal && tq == tk && b == 1));
             assert_eq!((told - causal_before.0, unbiased - causal_before.1), expected, "forward kernels told the mask is causal, and of those without a bias, {tq} queries over {tk} keys, causal {causal}, {b} sequences, on {device:?}");
+            // Grouped keys and values go to torch's kernels as they are wherever those take them:
+            // the CPU's flash kernel always, CUDA's in half precision over the causal mask with no
+            // bias (cuDNN's or flash attention's; its memory-efficient kernel, which takes a bias,
+            // has no groups, nor flash attention f32). This test runs in f32.
+            let takes_groups = h != h_kv && name.contains("LibTorch(Cpu)");
+            assert_eq!((grouped_tracked, grouped_untracked), (usize::from(takes_groups), usize::from(takes_groups)), "forward passes with grouped keys and values, tracked and untracked, {h} heads over {h_kv}, on {device:?}");
         }
         // The two differ in the order of their operations only: a wrong formula misses by O(1).
         for (name, a, b) in [("out", &ours.0, &burns.0), ("dq", &ours.1, &burns.1), ("dk", &ours.2, &burns.2), ("dv", &ours.3, &burns.3)] {
@@ -156,4 +166,60 @@ fn a_query_with_every_key_masked_gets_zeros() {
     }
     assert!(out.iter().chain(&dq).all(|x| x.is_finite()), "{out:?} {dq:?}");
     assert!(out.iter().any(|&x| x != 0.0));
+}
+
+/// On libtorch, grouped keys and values in half precision over the causal mask (rows without
+/// padding, as a training step's) reach torch's kernels as they are, under autodiff and without
+/// (on CUDA that is cuDNN's or flash attention's kernels told `enable_gqa`, as PyTorch's step
+/// runs them), and give the output and gradients of the same rounded inputs in f32 through the
+/// repeated heads, within half precision's rounding of the kernels' products.
+#[test]
+fn libtorch_takes_grouped_keys_and_values_in_half_precision_as_they_are() {
+    use burn::tensor::{DType, FloatDType};
+    let device = test_device().autodiff();
+    let name = format!("{device:?}");
+    if !name.contains("LibTorch") {
+        println!("skipping: grouped keys and values reach torch's kernels on libtorch only, not {device:?}");
+        return;
+    }
+    let (h, h_kv, t, dh, scale) = (6, 2, 24, 16, 0.25f32);
+    let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &device).reshape([1, 1, t, t]);
+    let data: Vec<TensorData> = [(h, dh), (h_kv, dh), (h_kv, dh), (h, dh)]
+        .iter()
+        .map(|&(heads, d)| Tensor::<4>::random([1, heads, t, d], Distribution::Normal(0.0, 1.0), &device).to_data())
+        .collect();
+    let mut ran = 0;
+    for (dtype, kind, tol) in [(DType::BF16, FloatDType::BF16, 3e-2), (DType::F16, FloatDType::F16, 4e-3)] {
+        if !test_device().supports_dtype(dtype) {
+            eprintln!("{device:?} does not compute in {dtype:?}");
+            continue;
+        }
+        // The inputs rounded to the dtype once; the f32 run takes the same rounded values.
+        let rounded: Vec<TensorData> = data.iter().map(|d| Tensor::<4>::from_data(d.clone(), &device).cast(kind).cast(FloatDType::F32).to_data()).collect();
+        let run = |kind: FloatDType| {
+            let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(rounded[i].clone(), &device).cast(kind).require_grad());
+            let dout = Tensor::<4>::from_data(rounded[3].clone(), &device).cast(kind);
+            let before = odpo_kernels::grouped_attention_kernels();
+            let y = odpo_kernels::masked_attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale).expect("the extension");
+            let grouped = odpo_kernels::grouped_attention_kernels() - before;
+            let grads = (y.clone() * dout).sum().backward();
+            let g = |x: &Tensor<4>| vec(x.grad(&grads).expect("a gradient").cast(FloatDType::F32));
+            ((vec(y.inner().cast(FloatDType::F32)), g(&q), g(&k), g(&v)), grouped)
+        };
+        let (half, grouped) = run(kind);
+        let (full, _) = run(FloatDType::F32);
+        assert_eq!(grouped, 1, "{dtype:?} attention with grouped keys and values on {device:?}: forward passes whose kernel took them as they are");
+        let [q, k, v] = std::array::from_fn(|i| Tensor::<4>::from_data(rounded[i].clone(), &test_device()).cast(kind));
+        let before = odpo_kernels::grouped_attention_kernels();
+        odpo_kernels::masked_attention(q, k, v, Tensor::<4, Bool>::from_data(mask.to_data(), &test_device()), scale).expect("the extension");
+        assert_eq!(odpo_kernels::grouped_attention_kernels() - before, 1, "untracked {dtype:?} attention with grouped keys and values on {device:?}");
+        for (what, a, b) in [("out", &half.0, &full.0), ("dq", &half.1, &full.1), ("dk", &half.2, &full.2), ("dv", &half.3, &full.3)] {
+            let largest = b.iter().fold(1.0f32, |m, x| m.max(x.abs()));
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            eprintln!("{dtype:?} {what} on {device:?}: {worst} from f32, {:.4} of the largest entry {largest}", worst / largest);
+            assert!(worst <= tol * largest, "{dtype:?} {what} on {device:?}: {worst} from f32 against a largest entry of {largest}");
+        }
+        ran += 1;
+    }
+    assert!(ran > 0, "{device:?} computes in neither bf16 nor f16");
 }
