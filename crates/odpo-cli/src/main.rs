@@ -4,6 +4,9 @@
 mod allocator;
 mod bench;
 
+#[global_allocator]
+static ALLOCATOR: allocator::Split = allocator::Split;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
