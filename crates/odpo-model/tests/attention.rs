@@ -31,12 +31,14 @@ fn masked_attention_values_and_gradients_match_burns_attention() {
     let cpu = ["flex", "tch"].iter().find_map(|b| odpo_model::backend::device(b).ok()).map_or_else(|| device.clone(), |d| d.autodiff());
     // (batch, query heads, key/value heads, Tq, Tk, Dh, the mask given over one head, future keys
     // hidden). Padding comes with a second sequence: the fourth mask is causal and nothing more;
-    // the last lets queries see later keys.
+    // the fifth has grouped heads over `Tq < Tk` (a step of generation); the last lets queries see
+    // later keys.
     for (b, h, h_kv, tq, tk, dh, one_head, causal) in [
         (2, 3, 3, 7, 7, 8, false, true),
         (1, 2, 2, 3, 9, 4, false, true),
         (2, 6, 2, 5, 5, 4, true, true),
         (1, 4, 2, 6, 6, 8, true, true),
+        (2, 4, 2, 3, 7, 4, true, true),
         (2, 4, 2, 6, 6, 4, true, false),
     ] {
         let past = (tk - tq) as i64;
