@@ -20,6 +20,10 @@
 //! is reused by the next tensor of its size. The cost is that the process keeps the memory of its
 //! peak until it exits (the trim threshold is raised too); the peak itself does not grow.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+
+use mimalloc::MiMalloc;
+
 /// The environment variable that keeps glibc's own policy when set to `system`.
 pub const ENV: &str = "ODPO_MALLOC";
 
@@ -55,30 +59,30 @@ pub struct Split;
 #[allow(unsafe_code)]
 // SAFETY: every block is freed (or grown) by the allocator that made it: `GlobalAlloc` hands
 // `dealloc` and `realloc` the layout the block was allocated with, and the size decides which.
-unsafe impl std::alloc::GlobalAlloc for Split {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+unsafe impl GlobalAlloc for Split {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: the caller's contract, passed on.
-        unsafe { if layout.size() < SMALL { mimalloc::MiMalloc.alloc(layout) } else { std::alloc::System.alloc(layout) } }
+        unsafe { if layout.size() < SMALL { MiMalloc.alloc(layout) } else { System.alloc(layout) } }
     }
 
-    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as for `alloc`.
-        unsafe { if layout.size() < SMALL { mimalloc::MiMalloc.alloc_zeroed(layout) } else { std::alloc::System.alloc_zeroed(layout) } }
+        unsafe { if layout.size() < SMALL { MiMalloc.alloc_zeroed(layout) } else { System.alloc_zeroed(layout) } }
     }
 
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: `layout` is the block's, so its size names the allocator that made it.
-        unsafe { if layout.size() < SMALL { mimalloc::MiMalloc.dealloc(ptr, layout) } else { std::alloc::System.dealloc(ptr, layout) } }
+        unsafe { if layout.size() < SMALL { MiMalloc.dealloc(ptr, layout) } else { System.dealloc(ptr, layout) } }
     }
 
-    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as for `dealloc`; across the threshold the block moves to the other allocator.
         unsafe {
             match (layout.size() < SMALL, new_size < SMALL) {
-                (true, true) => mimalloc::MiMalloc.realloc(ptr, layout, new_size),
-                (false, false) => std::alloc::System.realloc(ptr, layout, new_size),
+                (true, true) => MiMalloc.realloc(ptr, layout, new_size),
+                (false, false) => System.realloc(ptr, layout, new_size),
                 _ => {
-                    let new_layout = std::alloc::Layout::from_size_align_unchecked(new_size, layout.align());
+                    let new_layout = Layout::from_size_align_unchecked(new_size, layout.align());
                     let new = self.alloc(new_layout);
                     if !new.is_null() {
                         std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));

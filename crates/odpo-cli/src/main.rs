@@ -4,9 +4,6 @@
 mod allocator;
 mod bench;
 
-#[global_allocator]
-static ALLOCATOR: allocator::Split = allocator::Split;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -17,6 +14,10 @@ use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
 use odpo_model::logprobs::completion_logprobs;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_model::{CausalLm, LoadedModel, Module, backend};
+
+/// Small blocks from mimalloc, large ones from the C allocator (`allocator`).
+#[global_allocator]
+static ALLOCATOR: allocator::Split = allocator::Split;
 
 /// Preference training of language models (ODPO and the DPO family) on burn.
 #[derive(Parser)]
