@@ -40,7 +40,8 @@ def merge_bench(model, side, step_path, mem_path):
     row = {"stage": "bench", "model": model, "side": side, "status": mem.get("status")}
     keep = ["tokens_per_s", "seconds_per_step_median", "seconds_per_step_min", "seconds_per_step_max", "step_gflop",
             "achieved_gflops", "phase_seconds_median", "params", "pairs", "seq", "dtype", "peak_rss_mib",
-            "gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "torch", "transformers", "device", "flop_utilisation"]
+            "gpu_peak_allocated_mib", "gpu_peak_reserved_mib", "torch", "transformers", "device", "flop_utilisation",
+            "kernel_paths"]
     row.update({k: step[k] for k in keep if k in step})
     for k in ["gpu_peak_mib", "gpu_baseline_mib"]:
         if k in mem:
@@ -161,6 +162,16 @@ def tables(records):
                     vs = f" ({t / base:.2f}x)" if t is not None and base else ""
                     cells.append(fmt(t, ".4f") + vs)
                 out.append(f"| {r['model']} | {r['side']} | " + " | ".join(cells) + " |")
+            out.append("")
+        # Which of odpo's fused paths each odpo step took (its last timed step): a path at 0 that
+        # should run (grouped attention, torch's RMSNorm, ...) fell back to the composed form.
+        paths = [r for r in benches if isinstance(r.get("kernel_paths"), dict)]
+        if paths:
+            out.append("| model | side | kernel paths of one step (calls) |")
+            out.append("|---|---|---|")
+            for r in paths:
+                taken = ", ".join(f"{k} {v}" for k, v in r["kernel_paths"].items() if v) or "none"
+                out.append(f"| {r['model']} | {r['side']} | {taken} |")
             out.append("")
     runs = [r for r in records if r.get("stage") == "run"]
     if runs:

@@ -19,7 +19,8 @@
 //! gradient without a squared temporary ([`cpu_sum_squares`]; on the cubecl backends, all gradients'
 //! with one kernel each and one read, [`SquareSums`]). [`max_buffer_bytes`] says how large one
 //! buffer of a device may be, for callers that split what would not fit; [`kernel_census`] which
-//! kernels a piece of work launches on the cubecl backends, and for how long.
+//! kernels a piece of work launches on the cubecl backends, and for how long; [`KernelPaths`]
+//! which of this crate's own paths it took.
 //!
 //! burn's element-wise operations write one tensor per operation, so an AdamW update written with
 //! them makes a dozen passes over every parameter-sized buffer; PyTorch's single-tensor AdamW makes
@@ -57,6 +58,7 @@ mod limits;
 mod masked_softmax;
 mod matmul;
 mod matmul_routine;
+mod paths;
 mod precision;
 mod quantized;
 mod retro;
@@ -77,6 +79,7 @@ pub use launches::{KernelLaunches, cuda_activity_census, kernel_census, launches
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
 pub use matmul_routine::{MATMUL_ROUTINES, MatmulRoutine, Product, RoutineCalls, matmul_routine, matmul_routine_calls, record_products, set_matmul_routine, with_matmul_routine};
+pub use paths::KernelPaths;
 pub use precision::{ComputeCastBackend, compute_cast, compute_copy};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
 pub use rms_norm::{RmsNormBackend, rms_norm};

@@ -443,6 +443,12 @@ impl RmsNormBackend for burn::backend::LibTorch {
     }
 }
 
+/// Calls of torch's RMSNorm kernel in this process, forward and backward (libtorch, half precision).
+#[cfg(feature = "tch")]
+pub(crate) fn torch_calls() -> [usize; 2] {
+    libtorch::FUSED.each_ref().map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 #[cfg(feature = "tch")]
 mod libtorch {
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -137,6 +137,10 @@ pub struct StepResult {
     /// With a cached reference: the cost of an epoch after the first over the first (which also
     /// runs the cache pass), `step / (step + cache pass)`.
     pub later_epoch_over_first: Option<f64>,
+    /// Which of odpo-kernels' own paths the last timed step took, and how often: whether the
+    /// fused paths engaged on this backend, dtype and shape (a step that quietly fell back to the
+    /// composed form is slower without an error).
+    pub kernel_paths: odpo_kernels::KernelPaths,
     /// The kernels of one more step, when asked for ([`StepBench::census`]).
     pub census: Option<StepCensus>,
     /// The products of one more step on a cubecl device, in order, when asked for
@@ -253,12 +257,15 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let mut trainer = Trainer::new(policy, crate::optim::build(&optim_cfg), DataParallel::new(std::slice::from_ref(device), &reference, b.gradient_checkpointing), settings);
     let mut secs = Vec::with_capacity(b.repeats);
     let mut phases: [Vec<f64>; 4] = Default::default();
+    let mut kernel_paths = odpo_kernels::KernelPaths::default();
     for i in 0..b.warmup + b.repeats {
         let t = Instant::now();
+        let paths = odpo_kernels::KernelPaths::now();
         let stats;
         (trainer, stats) = trainer.step(&refs, i, 1e-6)?;
         // The update is queued: wait for it, and count the wait as the optimizer's.
         sync(trainer.policy());
+        kernel_paths = odpo_kernels::KernelPaths::now().since(paths);
         let total = t.elapsed().as_secs_f64();
         let p = &stats.phases;
         tracing::debug!(step = i, warmup = i < b.warmup, seconds = total, reference = p.reference, policy_forward = p.policy_forward, backward = p.backward, "bench step");
@@ -332,6 +339,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         reference_cache_seconds,
         // An epoch is a number of such steps; the first also runs the cache pass over its pairs.
         later_epoch_over_first: reference_cache_seconds.map(|c| median / (median + c)),
+        kernel_paths,
         census,
         products,
     })

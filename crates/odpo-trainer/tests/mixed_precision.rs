@@ -112,6 +112,55 @@ fn a_steps_products_are_recorded_and_each_routine_timed_on_them() {
     assert_eq!((auto.speedup, auto.refused, auto.max_relative_difference), (1.0, 0, 0.0));
 }
 
+/// What `odpo bench` reports as `kernel_paths`: the paths of odpo-kernels its last timed step took,
+/// as the kernels count them. A half-precision step (f32 where the device has neither half type)
+/// of a model with grouped heads (SmolLM2's narrow shape: 9 query heads over 3 key/value heads,
+/// 30 layers) over rows without padding runs the attention once a layer in the reference pass and
+/// once in the policy's, and the target log-probabilities once in each and once backward. The
+/// attention's backward pass is a fused one on libtorch (and on flex in f32); on libtorch every
+/// tracked forward's kernel is told the mask is causal and takes no bias, and the grouped keys and
+/// values go to torch's kernels as they are (the CPU's flash kernel; CUDA's in half precision); on
+/// CUDA in half precision RMSNorm is torch's kernel both ways, and the update PyTorch's fused
+/// AdamW. Other tests running beside this one add to the process-wide counters, so those are
+/// lower bounds; the attention's libtorch counts are this thread's.
+#[test]
+fn the_step_benchmark_reports_the_kernel_paths_its_step_took() {
+    use odpo_model::Precision;
+    use odpo_trainer::bench::{Census, StepBench};
+    let device = test_device();
+    let precision = [Precision::Bf16, Precision::F16].into_iter().find(|p| device.supports_dtype(p.dtype())).unwrap_or(Precision::F32);
+    let config = repo_root().join("bench/configs/smollm2-135m-narrow.json");
+    let b = StepBench { pairs: 1, seq: 16, prompt: 4, warmup: 0, repeats: 1, lora: None, cached_reference: false, shared_prompt: false, precision, gradient_checkpointing: false, census: Census::Off, record_products: false };
+    let p = odpo_trainer::bench::step(&config, &b, &device).unwrap().kernel_paths;
+    println!("{device:?}, {}: {p:?}", precision.name());
+    let layers = 30;
+    let name = format!("{device:?}");
+    assert!(p.attention >= 2 * layers, "attention through the extension on {device:?}: {p:?}");
+    if name.contains("LibTorch") || (name.contains("Flex") && precision == Precision::F32) {
+        assert!(p.attention_fused_backward >= layers, "fused attention backward passes on {device:?}: {p:?}");
+    }
+    if name.contains("LibTorch") {
+        let half = precision != Precision::F32;
+        let cuda = name.contains("Cuda");
+        assert_eq!((p.attention_causal, p.attention_causal_no_bias), (layers, layers), "tracked forwards told causal, and with no bias, on {device:?}");
+        let grouped = if !cuda || half { 2 * layers } else { 0 };
+        assert_eq!(p.attention_grouped, grouped, "forwards that took grouped keys and values as they are on {device:?}, {}", precision.name());
+        if half {
+            assert!(p.logprobs_torch_forward >= 2 && p.logprobs_torch_backward_in_place >= 1, "torch's log-probabilities on {device:?}: {p:?}");
+        }
+        if half && cuda {
+            // Two norms a layer and the final one, in each of the two forward passes; once backward.
+            assert!(p.rms_norm_torch_forward >= 2 * (2 * layers + 1) && p.rms_norm_torch_backward >= 2 * layers + 1, "torch's RMSNorm on {device:?}: {p:?}");
+            assert!(p.adamw_torch_fused >= 1, "PyTorch's fused AdamW on {device:?}: {p:?}");
+        }
+    } else {
+        assert_eq!((p.attention_causal, p.attention_grouped), (0, 0), "libtorch's counts on {device:?}");
+    }
+    if name.contains("Flex") || (name.contains("LibTorch(Cpu)") && precision == Precision::F32) {
+        assert!(p.logprobs_cpu_forward >= 2 && p.logprobs_cpu_backward >= 1, "the CPU loops of the log-probabilities on {device:?}: {p:?}");
+    }
+}
+
 /// `train.matmul`: a run's half-precision products go through the routine it names (each one run
 /// or refused by it, counted), a run without it leaves them to burn's, and the routine is lifted
 /// when the run returns. A device without cubecl routines refuses the key, naming it.
