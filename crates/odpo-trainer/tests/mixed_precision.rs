@@ -150,7 +150,8 @@ fn the_step_benchmark_reports_the_kernel_paths_its_step_took() {
         }
         if half && cuda {
             // Two norms a layer and the final one, in each of the two forward passes; once backward.
-            assert!(p.rms_norm_torch_forward >= 2 * (2 * layers + 1) && p.rms_norm_torch_backward >= 2 * layers + 1, "torch's RMSNorm on {device:?}: {p:?}");
+            let norms = 2 * layers + 1;
+            assert!(p.rms_norm_torch_forward >= 2 * norms && p.rms_norm_torch_backward >= norms, "torch's RMSNorm on {device:?}: {p:?}");
             assert!(p.adamw_torch_fused >= 1, "PyTorch's fused AdamW on {device:?}: {p:?}");
         }
     } else {
