@@ -236,21 +236,40 @@ mod tch_impl {
 }
 
 /// The forward pass as torch operations, for libtorch tensors the CPU kernel does not reach (CUDA,
-/// half precision): torch's `log_softmax` with an f32 result (which widens its input first, except
-/// f16 on CUDA), over `rows` rows at a time, and the picked entries.
+/// half precision), over `rows` rows at a time, and the picked entries.
+///
+/// Half-precision logits: each row's largest logit, then `Σ exp(x − max)` in f32, the subtraction
+/// reading the half-precision part as it is into an f32 buffer (on CUDA torch's element-wise
+/// kernels cast as they load and store) and the exponential taken there in place: four passes, 20
+/// bytes moved an element, where widening to an f32 copy for torch's `log_softmax` moves 24 (its
+/// kernel reads a row three times: the maximum, the sum, the output). f32 logits need no copy
+/// for torch's `log_softmax` (20 bytes an element, where the four passes would move 24).
 #[cfg(feature = "tch")]
 fn torch_forward(logits: &burn::backend::libtorch::TchTensor, targets: &burn::backend::libtorch::TchTensor, rows: i64) -> (burn::backend::libtorch::TchTensor, burn::backend::libtorch::TchTensor) {
     use burn::backend::libtorch::TchTensor;
     let (x, t) = (&logits.tensor, targets.tensor.unsqueeze(1));
-    let n = x.size()[0];
-    // The log-sum-exp is `x − log_softmax(x)` at each row's largest logit, where both terms are
-    // about the size of the result, so it is as exact as the f32 result can be.
+    let [n, v] = x.size()[..] else { unreachable!("the logits are [N, V]") };
+    let f32 = (tch::Kind::Float, x.device());
+    let buffer = (x.kind() != tch::Kind::Float).then(|| tch::Tensor::empty([rows.min(n), v], f32));
     let part = |s: i64, len: i64| {
-        let xs = x.narrow(0, s, len);
-        let at = tch::Tensor::cat(&[t.narrow(0, s, len), xs.argmax(1, true)], 1);
-        let ls = xs.log_softmax(1, tch::Kind::Float).gather(1, &at, false);
-        let lse = xs.gather(1, &at.narrow(1, 1, 1), false).to_kind(tch::Kind::Float) - ls.narrow(1, 1, 1);
-        (ls.narrow(1, 0, 1), lse)
+        let (xs, ts) = (x.narrow(0, s, len), t.narrow(0, s, len));
+        match &buffer {
+            Some(b) => {
+                let max = xs.amax(1, true).to_kind(tch::Kind::Float);
+                let mut e = xs.sub_out(&b.narrow(0, 0, len), &max);
+                let _ = e.exp_();
+                let lse = e.sum_dim_intlist(1, true, tch::Kind::Float).log() + max;
+                (xs.gather(1, &ts, false).to_kind(tch::Kind::Float) - &lse, lse)
+            }
+            // The log-sum-exp is `x − log_softmax(x)` at each row's largest logit, where both
+            // terms are about the size of the result, so it is as exact as the f32 result can be.
+            None => {
+                let at = tch::Tensor::cat(&[ts, xs.argmax(1, true)], 1);
+                let ls = xs.log_softmax(1, tch::Kind::Float).gather(1, &at, false);
+                let lse = xs.gather(1, &at.narrow(1, 1, 1), false) - ls.narrow(1, 1, 1);
+                (ls.narrow(1, 0, 1), lse)
+            }
+        }
     };
     let (lp, lse) = if n <= rows {
         part(0, n)
@@ -397,8 +416,8 @@ pub fn token_logprob_torch_calls() -> (usize, usize, usize) {
 /// backward pass is the logits as they come (bf16 logits: half the bytes of their f32 copy) and
 /// their log-sum-exps; the gradient comes back in the logits' dtype. On flex and on libtorch's f32
 /// CPU tensors it is one read of the logits forward and one in-place pass backward
-/// ([`TokenLogProbsBackend`]); on libtorch's other tensors (CUDA, half precision) torch's
-/// `log_softmax` forward and in-place operations backward, in runs of rows; on the cubecl backends the same
+/// ([`TokenLogProbsBackend`]); on libtorch's other tensors (CUDA, half precision) torch
+/// operations each way, in runs of rows, the backward's in place; on the cubecl backends the same
 /// computation in backend operations. All match the definition to f32 rounding (the CPU kernel
 /// accumulates the sum of exponentials in f64).
 ///
