@@ -26,7 +26,7 @@
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
@@ -65,6 +65,29 @@ pub trait GluBackend: Backend {
         tensor_ops_backward::<Self>(g, u, dy, gate)
     }
 }
+
+/// What a tracked forward pass may keep for its backward pass besides the inputs: libtorch on CUDA
+/// keeps `a(g)`, as PyTorch's autograd keeps its `silu` node's output for the product's backward,
+/// so that the backward pass reads it instead of computing it again. The others keep nothing and
+/// compute it again (flex and the cubecl backends in one pass that reads `g`, `u` and `dy`).
+pub trait KeptGlu: GluBackend {
+    /// [`GluBackend::glu`] and `a(g)` where the backward pass reads it (`None`: nothing kept).
+    fn glu_keeping(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        (Self::glu(g, u, gate), None)
+    }
+
+    /// [`GluBackend::glu_backward`] with `a(g)` where the forward pass kept it.
+    fn glu_backward_kept(g: FloatTensor<Self>, u: FloatTensor<Self>, a: Option<FloatTensor<Self>>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = a;
+        Self::glu_backward(g, u, dy, gate)
+    }
+}
+
+#[cfg(feature = "flex")]
+impl KeptGlu for burn::backend::Flex {}
+
+#[cfg(feature = "cube")]
+impl KeptGlu for burn::backend::Cube {}
 
 /// [`GluBackend::glu`] in the backend's tensor operations.
 fn tensor_ops<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>, gate: Gate) -> FloatTensor<B> {
@@ -420,21 +443,51 @@ impl GluBackend for burn::backend::LibTorch {
     }
 
     fn glu_backward(g: FloatTensor<Self>, u: FloatTensor<Self>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let (g, u, dy) = (&g.tensor, &u.tensor, &dy.tensor);
-        let du = dy * torch::activation(g, gate);
-        let dy_u = dy * u;
-        let dg = match gate {
-            Gate::Silu => g.silu_backward(&dy_u),
-            Gate::GeluTanh => g.gelu_backward(&dy_u, "tanh"),
-            Gate::Gelu => g.gelu_backward(&dy_u, "none"),
-        };
-        (burn::backend::libtorch::TchTensor::new(dg), burn::backend::libtorch::TchTensor::new(du))
+        let a = torch::activation(&g.tensor, gate);
+        torch::backward(&g.tensor, &u.tensor, &a, &dy.tensor, gate)
+    }
+}
+
+/// libtorch on CUDA keeps `a(g)`: its backward pass is then three torch calls, 18 bytes moved an
+/// element of half precision, where computing `a(g)` again makes four and 24 (on a Llama-3.2-1B
+/// step of 8 pairs × 512 tokens, 6.4 GB), for one more tensor of the unit's size a layer, which
+/// PyTorch's step holds too. On the CPU, where memory is the scarcer, it is computed again.
+#[cfg(feature = "tch")]
+impl KeptGlu for burn::backend::LibTorch {
+    fn glu_keeping(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if !g.tensor.device().is_cuda() {
+            return (Self::glu(g, u, gate), None);
+        }
+        let a = torch::activation(&g.tensor, gate);
+        let y = &a * &u.tensor;
+        (burn::backend::libtorch::TchTensor::new(y), Some(burn::backend::libtorch::TchTensor::new(a)))
+    }
+
+    fn glu_backward_kept(g: FloatTensor<Self>, u: FloatTensor<Self>, a: Option<FloatTensor<Self>>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        match a {
+            Some(a) => torch::backward(&g.tensor, &u.tensor, &a.tensor, &dy.tensor, gate),
+            None => Self::glu_backward(g, u, dy, gate),
+        }
     }
 }
 
 #[cfg(feature = "tch")]
 mod torch {
     use super::Gate;
+    use burn::backend::libtorch::TchTensor;
+
+    /// `(dg, du)` from `a = a(g)`: `du = dy · a`, and `dg` by torch's backward kernel of the
+    /// activation applied to `dy · u`.
+    pub(super) fn backward(g: &tch::Tensor, u: &tch::Tensor, a: &tch::Tensor, dy: &tch::Tensor, gate: Gate) -> (TchTensor, TchTensor) {
+        let du = dy * a;
+        let dy_u = dy * u;
+        let dg = match gate {
+            Gate::Silu => g.silu_backward(&dy_u),
+            Gate::GeluTanh => g.gelu_backward(&dy_u, "tanh"),
+            Gate::Gelu => g.gelu_backward(&dy_u, "none"),
+        };
+        (TchTensor::new(dg), TchTensor::new(du))
+    }
 
     /// torch's kernel for `a(g)`.
     pub(super) fn activation(g: &tch::Tensor, gate: Gate) -> tch::Tensor {
@@ -447,22 +500,23 @@ mod torch {
 }
 
 /// Autodiff: the inner backend's unit, recorded as one operation whose backward step reads its
-/// inputs through the checkpointer. It is memory-bound: under gradient checkpointing its output
+/// inputs through the checkpointer, and `a(g)` where the inner backend kept it ([`KeptGlu`]). It is memory-bound: under gradient checkpointing its output
 /// (the down projection's input, the widest activation of a layer) is not kept but computed again
 /// from the inputs, which the products that made them keep.
-impl<B: Backend + GluBackend, C: CheckpointStrategy> GluBackend for Autodiff<B, C> {
+impl<B: Backend + KeptGlu, C: CheckpointStrategy> GluBackend for Autodiff<B, C> {
     fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct Glu(Gate);
 
-        impl<B: Backend + GluBackend> Backward<B, 2> for Glu {
-            type State = (NodeId, NodeId);
+        impl<B: Backend + KeptGlu> Backward<B, 2> for Glu {
+            type State = (NodeId, NodeId, Option<FloatTensor<B>>);
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
                 let [node_g, node_u] = ops.parents;
                 let dy = grads.consume::<B>(&ops.node);
-                let (g, u) = (checkpointer.retrieve_node_output(ops.state.0), checkpointer.retrieve_node_output(ops.state.1));
-                let (dg, du) = B::glu_backward(g, u, dy, self.0);
+                let (node_g_out, node_u_out, a) = ops.state;
+                let (g, u) = (checkpointer.retrieve_node_output(node_g_out), checkpointer.retrieve_node_output(node_u_out));
+                let (dg, du) = B::glu_backward_kept(g, u, a, dy, self.0);
                 for (node, grad) in [(node_g, dg), (node_u, du)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, grad);
@@ -474,8 +528,12 @@ impl<B: Backend + GluBackend, C: CheckpointStrategy> GluBackend for Autodiff<B, 
         let retro = crate::retro::Binary::<B, _>(g.node().id(), u.node().id(), gate, B::glu);
         match Glu(gate).prepare::<C>([g.node(), u.node()]).memory_bound().retro_forward(retro).parents([&g, &u]).stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&g), prep.checkpoint(&u));
-                prep.finish(state, B::glu(g.primitive().clone(), u.primitive().clone(), gate))
+                let (node_g, node_u) = (prep.checkpoint(&g), prep.checkpoint(&u));
+                let (g, u) = (g.primitive().clone(), u.primitive().clone());
+                // A checkpointed step computes this memory-bound unit again rather than keep what
+                // it makes, so it keeps nothing more either.
+                let (y, a) = if std::any::TypeId::of::<C>() == std::any::TypeId::of::<NoCheckpointing>() { B::glu_keeping(g, u, gate) } else { (B::glu(g, u, gate), None) };
+                prep.finish((node_g, node_u, a), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::glu(g.primitive().clone(), u.primitive().clone(), gate)),
         }
@@ -584,6 +642,40 @@ mod tests {
             loops::backward(gate, [&g, &u, &dy], &mut dg, &mut du);
             assert_eq!((&base_dg, &base_du), (&dg, &du), "{gate:?} dg, du");
             assert!(base.iter().chain(&dg).chain(&du).all(|v| v.is_finite()), "{gate:?}: a value is not finite");
+        }
+    }
+}
+
+#[cfg(all(test, feature = "tch"))]
+mod tch_tests {
+    use burn::backend::LibTorch;
+    use burn::backend::libtorch::TchTensor;
+
+    use super::*;
+
+    /// The backward pass from a kept `a(g)` gives the gradients of the one that computes it again,
+    /// bit for bit, for every gate and in half precision too; on the CPU the forward pass keeps
+    /// nothing (CUDA keeps it: the conformance suite's gated units check that path there).
+    #[test]
+    fn the_kept_activation_gives_the_gradients_computed_again() {
+        for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
+            let t = |seed: i64, spread: f64| {
+                tch::manual_seed(seed);
+                TchTensor::new((tch::Tensor::randn([3, 7, 40], (tch::Kind::Float, tch::Device::Cpu)) * spread).to_kind(kind))
+            };
+            let (g, u, dy) = (t(1, 6.0), t(2, 1.0), t(3, 1.0));
+            for gate in [Gate::Silu, Gate::GeluTanh, Gate::Gelu] {
+                let (y, kept) = <LibTorch as KeptGlu>::glu_keeping(g.clone(), u.clone(), gate);
+                assert!(kept.is_none(), "{kind:?} {gate:?}: the CPU keeps nothing");
+                assert!(y.tensor.equal(&<LibTorch as GluBackend>::glu(g.clone(), u.clone(), gate).tensor));
+                let a = TchTensor::new(torch::activation(&g.tensor, gate));
+                let (dg, du) = <LibTorch as KeptGlu>::glu_backward_kept(g.clone(), u.clone(), Some(a), dy.clone(), gate);
+                let (dg_again, du_again) = <LibTorch as GluBackend>::glu_backward(g.clone(), u.clone(), dy.clone(), gate);
+                assert!(dg.tensor.equal(&dg_again.tensor) && du.tensor.equal(&du_again.tensor), "{kind:?} {gate:?}: the gradients differ");
+                // And they are the unit's: du = dy · a(g).
+                let want = &dy.tensor * torch::activation(&g.tensor, gate);
+                assert!(du.tensor.equal(&want), "{kind:?} {gate:?}: du is not dy · a(g)");
+            }
         }
     }
 }

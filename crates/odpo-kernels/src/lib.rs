@@ -74,7 +74,7 @@ mod token_logprobs;
 pub use attention::{KeptAttention, MaskedAttentionBackend, causal_attention_kernels, fused_attention_backward_calls, fused_attention_forward_reruns, grouped_attention_kernels, masked_attention, masked_attention_calls};
 pub use embedding::{EmbeddingBackend, embedding};
 pub use flat_adamw::{FlatAdamW, FlatEntry, FlatMode};
-pub use glu::{Gate, GluBackend, glu};
+pub use glu::{Gate, GluBackend, KeptGlu, glu};
 pub use launches::{KernelLaunches, cuda_activity_census, kernel_census, launches_kernels, traces_cuda_activity};
 pub use limits::max_buffer_bytes;
 pub use matmul::{ExactMatmulBackend, exact_matmul_calls, linear, matmul, matmul_nt};
