@@ -120,12 +120,56 @@ pub(crate) fn elementwise_output(like: &burn_cubecl::tensor::CubeTensor) -> burn
 /// The gradients with respect to `leaves` of `Σ out ⊙ dout`, where `out` carries torch's autograd
 /// record of an operation over them: the operation's backward pass applied to `dout`, as torch's
 /// autograd runs it (its fused backward kernels). tch binds no output gradient for
-/// `torch.autograd.grad`, so the product hands the record `dout`; the sum is taken in f32, where no
-/// half-precision sum overflows. `None` where torch refuses.
+/// `torch.autograd.grad` (it seeds the root with ones), so a product with `dout` hands the record
+/// `dout`: the dot product of the two laid out alike, one read of each, whose backward writes
+/// `dout` as `out`'s gradient in `out`'s layout (8 bytes moved an element of half precision in
+/// all, against 12 for an element-wise product summed in f32, which writes the product first and
+/// hands `out`'s record a gradient in `dout`'s layout). Only the record is read, not the value,
+/// so a half-precision dot that overflows changes nothing. The product and sum where the dtypes
+/// or the layouts differ. `None` where torch refuses.
 #[cfg(feature = "tch")]
 pub(crate) fn torch_vjp<const N: usize>(out: &tch::Tensor, dout: &tch::Tensor, leaves: [&tch::Tensor; N]) -> Option<[tch::Tensor; N]> {
-    let total = tch::with_grad(|| out.f_mul(dout).and_then(|p| p.f_sum(tch::Kind::Float))).ok()?;
+    let total = tch::with_grad(|| match dot_alike(out, dout) {
+        Some(dot) => {
+            VJP_PRODUCTS[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(dot)
+        }
+        None => {
+            VJP_PRODUCTS[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            out.f_mul(dout).and_then(|p| p.f_sum(tch::Kind::Float))
+        }
+    })
+    .ok()?;
     tch::Tensor::f_run_backward(&[&total], &leaves, false, false).ok()?.try_into().ok()
+}
+
+/// [`torch_vjp`]'s products with `dout`: dot products, and products summed.
+#[cfg(feature = "tch")]
+static VJP_PRODUCTS: [std::sync::atomic::AtomicUsize; 2] = [std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)];
+
+/// How many of [`torch_vjp`]'s products with `dout` were one dot product, and how many a product
+/// summed, in this process.
+#[cfg(feature = "tch")]
+pub(crate) fn torch_vjp_products() -> [usize; 2] {
+    VJP_PRODUCTS.each_ref().map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// `Σ out ⊙ dout` as one dot product over views of both, where both have one dtype and one dense
+/// layout (dimensions ordered by `out`'s strides, each then contiguous); `None` elsewhere or where
+/// torch refuses (cuBLAS's dot takes at most 2³¹ − 1 elements).
+#[cfg(feature = "tch")]
+fn dot_alike(out: &tch::Tensor, dout: &tch::Tensor) -> Option<tch::Tensor> {
+    if out.kind() != dout.kind() || out.size() != dout.size() || out.dim() == 0 {
+        return None;
+    }
+    let strides = out.stride();
+    let mut order: Vec<i64> = (0..strides.len() as i64).collect();
+    order.sort_by_key(|&d| std::cmp::Reverse(strides[d as usize]));
+    let (o, d) = (out.f_permute(&order).ok()?, dout.f_permute(&order).ok()?);
+    if !o.is_contiguous() || !d.is_contiguous() {
+        return None;
+    }
+    o.f_flatten(0, -1).ok()?.f_dot(&d.f_flatten(0, -1).ok()?).ok()
 }
 
 /// Sums and maxima across a cube of units, for the kernels that reduce rows (RMSNorm, sums of
@@ -502,6 +546,39 @@ mod tests {
         match cpu_sum_squares(&t) {
             Some(got) => assert!((got - want).abs() <= 1e-9 * want, "{got} against {want}"),
             None => assert!(!cpu::reachable(&d), "no fused sum on {d:?}"),
+        }
+    }
+}
+
+#[cfg(all(test, feature = "tch"))]
+#[allow(clippy::expect_used)]
+mod tch_tests {
+    use tch::{Kind, Tensor};
+
+    use super::{dot_alike, torch_vjp};
+
+    /// `torch_vjp` hands the record `dout` through one dot product where `out` and `dout` share a
+    /// dtype and a layout (here a transposed one, as CUDA's attention output is), and through the
+    /// product and sum elsewhere; the gradients are `out`'s backward pass applied to `dout` either
+    /// way, and equal each other.
+    #[test]
+    fn the_product_with_dout_is_a_dot_where_the_layouts_agree() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            tch::manual_seed(0);
+            let x = Tensor::randn([2, 3, 4, 5], (Kind::Float, tch::Device::Cpu)).to_kind(kind).set_requires_grad(true);
+            // `out` [2, 4, 3, 5] laid out as [2, 3, 4, 5]: a transposed view's product keeps its strides.
+            let out = tch::with_grad(|| x.transpose(1, 2) * 3.0);
+            assert!(!out.is_contiguous());
+            let alike = Tensor::randn([2, 3, 4, 5], (Kind::Float, tch::Device::Cpu)).to_kind(kind).transpose(1, 2);
+            let contiguous = alike.contiguous();
+            let other = if kind == Kind::Float { Kind::BFloat16 } else { Kind::Float };
+            assert!(dot_alike(&out, &alike).is_some(), "{kind:?}: one layout");
+            assert!(dot_alike(&out, &contiguous).is_none(), "{kind:?}: two layouts");
+            assert!(dot_alike(&out, &alike.to_kind(other)).is_none(), "{kind:?}: two dtypes");
+            let want = (&alike * 3.0).transpose(1, 2);
+            let [by_dot] = torch_vjp(&out, &alike, [&x]).expect("a gradient");
+            let [by_sum] = torch_vjp(&out, &contiguous, [&x]).expect("a gradient");
+            assert!(by_dot.equal(&want) && by_sum.equal(&want), "{kind:?}: the gradient is not 3 · dout");
         }
     }
 }

@@ -42,6 +42,12 @@ pub struct KernelPaths {
     pub rms_norm_torch_backward: usize,
     /// libtorch: updates through PyTorch's fused AdamW kernel (one call covers many parameters).
     pub adamw_torch_fused: usize,
+    /// libtorch: backward passes through torch's own record of an operation (the attention over
+    /// rows without padding, RMSNorm in half precision on CUDA) handed the output's gradient by
+    /// one dot product, `out` and its gradient laid out alike.
+    pub torch_record_dot: usize,
+    /// The same, by an element-wise product summed (the layouts or dtypes differed).
+    pub torch_record_sum: usize,
 }
 
 impl KernelPaths {
@@ -50,9 +56,10 @@ impl KernelPaths {
         let (causal, causal_no_bias) = crate::causal_attention_kernels();
         let (cpu_forward, cpu_in_place, cpu_copy) = crate::token_logprob_kernel_calls();
         #[cfg(feature = "tch")]
-        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], adamw) = (crate::token_logprob_torch_calls(), crate::rms_norm::torch_calls(), crate::fused_adamw_calls());
+        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], adamw, [dot, sum]) =
+            (crate::token_logprob_torch_calls(), crate::rms_norm::torch_calls(), crate::fused_adamw_calls(), crate::torch_vjp_products());
         #[cfg(not(feature = "tch"))]
-        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], adamw) = ((0, 0, 0), [0, 0], 0);
+        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], adamw, [dot, sum]) = ((0, 0, 0), [0, 0], 0, [0, 0]);
         KernelPaths {
             attention: crate::masked_attention_calls(),
             attention_causal: causal,
@@ -68,6 +75,8 @@ impl KernelPaths {
             rms_norm_torch_forward: rms_forward,
             rms_norm_torch_backward: rms_backward,
             adamw_torch_fused: adamw,
+            torch_record_dot: dot,
+            torch_record_sum: sum,
         }
     }
 
@@ -89,6 +98,8 @@ impl KernelPaths {
             rms_norm_torch_forward: d(self.rms_norm_torch_forward, before.rms_norm_torch_forward),
             rms_norm_torch_backward: d(self.rms_norm_torch_backward, before.rms_norm_torch_backward),
             adamw_torch_fused: d(self.adamw_torch_fused, before.adamw_torch_fused),
+            torch_record_dot: d(self.torch_record_dot, before.torch_record_dot),
+            torch_record_sum: d(self.torch_record_sum, before.torch_record_sum),
         }
     }
 }
