@@ -455,7 +455,7 @@ impl GluBackend for burn::backend::LibTorch {
 #[cfg(feature = "tch")]
 impl KeptGlu for burn::backend::LibTorch {
     fn glu_keeping(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        if !g.tensor.device().is_cuda() {
+        if !crate::keeps_for_backward(g.tensor.device()) {
             return (Self::glu(g, u, gate), None);
         }
         let a = torch::activation(&g.tensor, gate);
@@ -465,10 +465,24 @@ impl KeptGlu for burn::backend::LibTorch {
 
     fn glu_backward_kept(g: FloatTensor<Self>, u: FloatTensor<Self>, a: Option<FloatTensor<Self>>, dy: FloatTensor<Self>, gate: Gate) -> (FloatTensor<Self>, FloatTensor<Self>) {
         match a {
-            Some(a) => torch::backward(&g.tensor, &u.tensor, &a.tensor, &dy.tensor, gate),
+            Some(a) => {
+                KEPT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                torch::backward(&g.tensor, &u.tensor, &a.tensor, &dy.tensor, gate)
+            }
             None => Self::glu_backward(g, u, dy, gate),
         }
     }
+}
+
+/// Backward passes on libtorch that read the kept `a(g)`.
+#[cfg(feature = "tch")]
+static KEPT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many backward passes of the gated unit on libtorch read `a(g)` kept by the forward pass, in
+/// this process.
+#[cfg(feature = "tch")]
+pub(crate) fn kept_activations() -> usize {
+    KEPT.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg(feature = "tch")]

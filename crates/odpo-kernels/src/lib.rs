@@ -82,7 +82,7 @@ pub use matmul_routine::{MATMUL_ROUTINES, MatmulRoutine, Product, RoutineCalls, 
 pub use paths::KernelPaths;
 pub use precision::{ComputeCastBackend, compute_cast, compute_copy};
 pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matmul_calls, holds_quantized};
-pub use rms_norm::{RmsNormBackend, rms_norm};
+pub use rms_norm::{KeptRmsNorm, RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};
 pub use rows::{RowsBackend, reshape_rows};
 pub use square_sums::SquareSums;
@@ -141,6 +141,33 @@ pub(crate) fn torch_vjp<const N: usize>(out: &tch::Tensor, dout: &tch::Tensor, l
     })
     .ok()?;
     tch::Tensor::f_run_backward(&[&total], &leaves, false, false).ok()?.try_into().ok()
+}
+
+/// Whether a libtorch tensor on `device` keeps, from a tracked forward pass, what its backward pass
+/// would otherwise compute again (the gated unit's activation, torch's record of its RMSNorm): on
+/// CUDA, where the bytes saved are the time and memory is less scarce. Unit tests can ask for it on
+/// the CPU ([`keep_on_the_cpu`]) to check those paths through autodiff here.
+#[cfg(feature = "tch")]
+pub(crate) fn keeps_for_backward(device: tch::Device) -> bool {
+    #[cfg(test)]
+    if KEEP_ON_THE_CPU.with(std::cell::Cell::get) {
+        return true;
+    }
+    device.is_cuda()
+}
+
+#[cfg(all(test, feature = "tch"))]
+thread_local! {
+    static KEEP_ON_THE_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with libtorch's CPU tensors keeping what CUDA's keep for the backward pass, on this thread.
+#[cfg(all(test, feature = "tch"))]
+pub(crate) fn keep_on_the_cpu<T>(f: impl FnOnce() -> T) -> T {
+    KEEP_ON_THE_CPU.with(|k| k.set(true));
+    let out = f();
+    KEEP_ON_THE_CPU.with(|k| k.set(false));
+    out
 }
 
 /// [`torch_vjp`]'s products with `dout`: dot products, and products summed.
@@ -551,7 +578,7 @@ mod tests {
 }
 
 #[cfg(all(test, feature = "tch"))]
-#[allow(clippy::expect_used)]
+#[allow(clippy::expect_used, deprecated)]
 mod tch_tests {
     use tch::{Kind, Tensor};
 
@@ -579,6 +606,42 @@ mod tch_tests {
             let [by_dot] = torch_vjp(&out, &alike, [&x]).expect("a gradient");
             let [by_sum] = torch_vjp(&out, &contiguous, [&x]).expect("a gradient");
             assert!(by_dot.equal(&want) && by_sum.equal(&want), "{kind:?}: the gradient is not 3 · dout");
+        }
+    }
+
+    /// What CUDA keeps for the backward pass, kept here on the CPU through autodiff (torch's record
+    /// of its RMSNorm, the gated unit's activation): a norm and a gated unit in bf16 give the output
+    /// and the gradients of the CPU's own paths, which keep nothing (and normalise by torch calls,
+    /// rounded otherwise), within four roundings to bf16; the kept paths ran.
+    #[test]
+    fn what_cuda_keeps_gives_the_gradients_through_autodiff() {
+        use burn::tensor::{Device, Distribution, FloatDType, Tensor};
+        let device = Device::libtorch().autodiff();
+        let (rows, d) = (6, 32);
+        let x = Tensor::<2>::random([rows, d], Distribution::Normal(0.0, 3.0), &device).cast(FloatDType::BF16);
+        let gamma = Tensor::<1>::random([d], Distribution::Normal(1.0, 0.5), &device).cast(FloatDType::BF16);
+        let u = Tensor::<2>::random([rows, d], Distribution::Normal(0.0, 1.0), &device).cast(FloatDType::BF16);
+        let dz = Tensor::<2>::random([rows, d], Distribution::Normal(0.0, 1.0), &device).cast(FloatDType::BF16);
+        let run = || {
+            let (x, gamma, u) = (x.clone().require_grad(), gamma.clone().require_grad(), u.clone().require_grad());
+            let h = crate::rms_norm(x.clone(), gamma.clone(), 1e-5).expect("the extension");
+            let z = crate::glu(h, u.clone(), crate::Gate::Silu).expect("the extension");
+            let grads = (z.clone() * dz.clone()).sum().backward();
+            let f32s = |t: Tensor<2>| t.cast(FloatDType::F32).into_data().try_to_vec::<f32>().expect("f32");
+            let g = |t: &Tensor<2>| f32s(t.grad(&grads).expect("a gradient"));
+            (f32s(z.inner()), g(&x), g(&u), f32s(gamma.grad(&grads).expect("a gradient").reshape([1, d])))
+        };
+        let again = run();
+        let (glu_before, norms_before) = (crate::glu::kept_activations(), crate::rms_norm::torch_calls());
+        let kept = super::keep_on_the_cpu(run);
+        assert!(crate::glu::kept_activations() > glu_before, "the gated unit's backward did not read the kept activation");
+        let norms = crate::rms_norm::torch_calls();
+        assert!(norms[0] > norms_before[0] && norms[1] > norms_before[1], "torch's RMSNorm did not run both ways: {norms_before:?} → {norms:?}");
+        // Four roundings to bf16 of each tensor's largest entry.
+        for (name, a, b) in [("z", &kept.0, &again.0), ("dx", &kept.1, &again.1), ("du", &kept.2, &again.2), ("dγ", &kept.3, &again.3)] {
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+            assert!(diff <= 4.0 / 256.0 * scale, "{name}: {diff} apart, largest entry {scale}");
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct KernelPaths {
     pub rms_norm_torch_forward: usize,
     /// Their backward passes through torch's kernel.
     pub rms_norm_torch_backward: usize,
+    /// libtorch on CUDA: the gated unit's backward passes that read `a(g)` kept by the forward pass.
+    pub glu_kept_activation: usize,
     /// libtorch: updates through PyTorch's fused AdamW kernel (one call covers many parameters).
     pub adamw_torch_fused: usize,
     /// libtorch: backward passes through torch's own record of an operation (the attention over
@@ -56,10 +58,10 @@ impl KernelPaths {
         let (causal, causal_no_bias) = crate::causal_attention_kernels();
         let (cpu_forward, cpu_in_place, cpu_copy) = crate::token_logprob_kernel_calls();
         #[cfg(feature = "tch")]
-        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], adamw, [dot, sum]) =
-            (crate::token_logprob_torch_calls(), crate::rms_norm::torch_calls(), crate::fused_adamw_calls(), crate::torch_vjp_products());
+        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], glu_kept, adamw, [dot, sum]) =
+            (crate::token_logprob_torch_calls(), crate::rms_norm::torch_calls(), crate::glu::kept_activations(), crate::fused_adamw_calls(), crate::torch_vjp_products());
         #[cfg(not(feature = "tch"))]
-        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], adamw, [dot, sum]) = ((0, 0, 0), [0, 0], 0, [0, 0]);
+        let ((torch_forward, torch_in_place, torch_copy), [rms_forward, rms_backward], glu_kept, adamw, [dot, sum]) = ((0, 0, 0), [0, 0], 0, 0, [0, 0]);
         KernelPaths {
             attention: crate::masked_attention_calls(),
             attention_causal: causal,
@@ -74,6 +76,7 @@ impl KernelPaths {
             logprobs_torch_backward_copy: torch_copy,
             rms_norm_torch_forward: rms_forward,
             rms_norm_torch_backward: rms_backward,
+            glu_kept_activation: glu_kept,
             adamw_torch_fused: adamw,
             torch_record_dot: dot,
             torch_record_sum: sum,
@@ -97,6 +100,7 @@ impl KernelPaths {
             logprobs_torch_backward_copy: d(self.logprobs_torch_backward_copy, before.logprobs_torch_backward_copy),
             rms_norm_torch_forward: d(self.rms_norm_torch_forward, before.rms_norm_torch_forward),
             rms_norm_torch_backward: d(self.rms_norm_torch_backward, before.rms_norm_torch_backward),
+            glu_kept_activation: d(self.glu_kept_activation, before.glu_kept_activation),
             adamw_torch_fused: d(self.adamw_torch_fused, before.adamw_torch_fused),
             torch_record_dot: d(self.torch_record_dot, before.torch_record_dot),
             torch_record_sum: d(self.torch_record_sum, before.torch_record_sum),

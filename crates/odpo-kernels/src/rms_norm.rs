@@ -20,7 +20,7 @@
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
@@ -40,6 +40,36 @@ pub trait RmsNormBackend: Backend {
     fn rms_norm_backward(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         tensor_ops_backward::<Self>(x, gamma, eps, dy)
     }
+}
+
+/// What a tracked forward pass may keep for its backward pass besides the inputs: libtorch in half
+/// precision on CUDA keeps torch's autograd record of its RMSNorm, as PyTorch's step does, so that
+/// the backward pass applies the record's backward kernel instead of running the forward kernel
+/// again to record it. The others keep nothing (`()`).
+pub trait KeptRmsNorm: RmsNormBackend {
+    /// The kept state.
+    type Kept: Clone + Send + std::fmt::Debug + 'static;
+
+    /// [`RmsNormBackend::rms_norm`] and what its backward pass may reuse (`None`: nothing).
+    fn rms_norm_keeping(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, Option<Self::Kept>) {
+        (Self::rms_norm(x, gamma, eps), None)
+    }
+
+    /// [`RmsNormBackend::rms_norm_backward`] with what the forward pass kept.
+    fn rms_norm_backward_kept(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>, kept: Option<Self::Kept>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let _ = kept;
+        Self::rms_norm_backward(x, gamma, eps, dy)
+    }
+}
+
+#[cfg(feature = "flex")]
+impl KeptRmsNorm for burn::backend::Flex {
+    type Kept = ();
+}
+
+#[cfg(feature = "cube")]
+impl KeptRmsNorm for burn::backend::Cube {
+    type Kept = ();
 }
 
 /// [`RmsNormBackend::rms_norm`] in the backend's tensor operations.
@@ -443,6 +473,35 @@ impl RmsNormBackend for burn::backend::LibTorch {
     }
 }
 
+/// libtorch: in half precision on CUDA the forward pass runs torch's RMSNorm under its autograd,
+/// on leaves that share `x` and `γ`'s memory, and keeps the record (which holds `x`, `γ` and the
+/// rows' `rsqrt`, the first two held anyway); the backward pass applies it to `dy`. Without it the
+/// backward pass ran the forward kernel again to record it: 4 bytes an element of bf16 more and
+/// one more kernel a norm (on Llama-3.2-1B's step of 8 pairs × 512 tokens, 33 norms over 16.8
+/// million elements each, 2.2 GB).
+#[cfg(feature = "tch")]
+impl KeptRmsNorm for burn::backend::LibTorch {
+    type Kept = libtorch::Recorded;
+
+    fn rms_norm_keeping(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, Option<Self::Kept>) {
+        if crate::keeps_for_backward(x.tensor.device())
+            && let Some((y, recorded)) = libtorch::fused_recorded(&x, &gamma, eps)
+        {
+            return (y, Some(recorded));
+        }
+        (Self::rms_norm(x, gamma, eps), None)
+    }
+
+    fn rms_norm_backward_kept(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64, dy: FloatTensor<Self>, kept: Option<Self::Kept>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if let Some(recorded) = kept
+            && let Some((dx, dgamma)) = libtorch::backward_recorded(&recorded, &dy.tensor)
+        {
+            return (burn::backend::libtorch::TchTensor::new(dx), burn::backend::libtorch::TchTensor::new(dgamma));
+        }
+        Self::rms_norm_backward(x, gamma, eps, dy)
+    }
+}
+
 /// Calls of torch's RMSNorm kernel in this process, forward and backward (libtorch, half precision).
 #[cfg(feature = "tch")]
 pub(crate) fn torch_calls() -> [usize; 2] {
@@ -453,6 +512,7 @@ pub(crate) fn torch_calls() -> [usize; 2] {
 mod libtorch {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    use burn::backend::libtorch::TchTensor;
     use tch::{Kind, Tensor};
 
     /// Calls of torch's RMSNorm (forward, backward), for the tests.
@@ -498,6 +558,43 @@ mod libtorch {
         Some((dx, dgamma))
     }
 
+    /// torch's autograd record of its RMSNorm: the output that carries it, and the leaves it
+    /// differentiates (sharing `x` and `γ`'s memory and burn's count of their holders, so that
+    /// burn writes over neither while the record holds them).
+    #[derive(Clone, Debug)]
+    pub struct Recorded {
+        out: TchTensor,
+        inputs: [TchTensor; 2],
+    }
+
+    /// `y` through torch's RMSNorm under its autograd, and the record; `None` where it does not
+    /// apply, torch refuses or records nothing (its grad mode off).
+    pub(super) fn fused_recorded(x: &TchTensor, gamma: &TchTensor, eps: f64) -> Option<(TchTensor, Recorded)> {
+        if !takes_fused(&x.tensor, &gamma.tensor) {
+            return None;
+        }
+        let leaf = |t: &TchTensor| TchTensor::from_existing(t.tensor.detach().set_requires_grad(true), t.storage.clone());
+        let inputs = [leaf(x), leaf(gamma)];
+        let [lx, lg] = &inputs;
+        let (y, _) = tch::with_grad(|| lx.tensor.f_internal_fused_rms_norm([gamma.tensor.size()[0]], Some(&lg.tensor), eps)).ok()?;
+        if !y.requires_grad() {
+            return None;
+        }
+        FUSED[0].fetch_add(1, Ordering::Relaxed);
+        let out = TchTensor::new(y);
+        // What the model reads is the output without the record (burn's operations on it must
+        // record nothing in torch); it shares the output's memory, so burn writes over neither.
+        let shown = TchTensor::from_existing(out.tensor.detach(), out.storage.clone());
+        Some((shown, Recorded { out, inputs }))
+    }
+
+    /// `(dx, dγ)` from the kept record (`crate::torch_vjp`); `None` where torch refuses.
+    pub(super) fn backward_recorded(recorded: &Recorded, dy: &Tensor) -> Option<(Tensor, Tensor)> {
+        let [dx, dgamma] = crate::torch_vjp(&recorded.out.tensor, dy, recorded.inputs.each_ref().map(|t| &t.tensor))?;
+        FUSED[1].fetch_add(1, Ordering::Relaxed);
+        Some((dx, dgamma))
+    }
+
     /// `(x̂, r)` as [`super::normalized`] forms them.
     pub(super) fn normalized(x: &Tensor, eps: f64) -> (Tensor, Tensor) {
         let kind = x.kind();
@@ -511,22 +608,23 @@ mod libtorch {
 }
 
 /// Autodiff: the inner backend's normalisation, recorded as one operation whose backward step
-/// reads its inputs through the checkpointer. It is memory-bound: under gradient checkpointing its
+/// reads its inputs through the checkpointer, and what the inner backend kept ([`KeptRmsNorm`]). It is memory-bound: under gradient checkpointing its
 /// output (the projections' input) is not kept but computed again from its inputs, themselves kept
 /// or computed again as the checkpointing decides (the residual sums are memory-bound in burn).
-impl<B: Backend + RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C> {
+impl<B: Backend + KeptRmsNorm, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
         struct RmsNorm(f64);
 
-        impl<B: Backend + RmsNormBackend> Backward<B, 2> for RmsNorm {
-            type State = (NodeId, NodeId);
+        impl<B: Backend + KeptRmsNorm> Backward<B, 2> for RmsNorm {
+            type State = (NodeId, NodeId, Option<B::Kept>);
 
             fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
                 let [node_x, node_gamma] = ops.parents;
                 let dy = grads.consume::<B>(&ops.node);
-                let (x, gamma) = (checkpointer.retrieve_node_output(ops.state.0), checkpointer.retrieve_node_output(ops.state.1));
-                let (dx, dgamma) = B::rms_norm_backward(x, gamma, self.0, dy);
+                let (node_x_out, node_gamma_out, kept) = ops.state;
+                let (x, gamma) = (checkpointer.retrieve_node_output(node_x_out), checkpointer.retrieve_node_output(node_gamma_out));
+                let (dx, dgamma) = B::rms_norm_backward_kept(x, gamma, self.0, dy, kept);
                 for (node, grad) in [(node_x, dx), (node_gamma, dgamma)] {
                     if let Some(node) = node {
                         grads.register::<B>(node.id, grad);
@@ -538,8 +636,12 @@ impl<B: Backend + RmsNormBackend, C: CheckpointStrategy> RmsNormBackend for Auto
         let retro = crate::retro::Binary::<B, _>(x.node().id(), gamma.node().id(), eps, B::rms_norm);
         match RmsNorm(eps).prepare::<C>([x.node(), gamma.node()]).memory_bound().retro_forward(retro).parents([&x, &gamma]).stateful() {
             OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&gamma));
-                prep.finish(state, B::rms_norm(x.primitive().clone(), gamma.primitive().clone(), eps))
+                let (node_x, node_gamma) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (x, gamma) = (x.primitive().clone(), gamma.primitive().clone());
+                // A checkpointed step computes this memory-bound operation again rather than keep
+                // its output, so it keeps no record either.
+                let (y, kept) = if std::any::TypeId::of::<C>() == std::any::TypeId::of::<NoCheckpointing>() { B::rms_norm_keeping(x, gamma, eps) } else { (B::rms_norm(x, gamma, eps), None) };
+                prep.finish((node_x, node_gamma, kept), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.primitive().clone(), gamma.primitive().clone(), eps)),
         }
@@ -604,7 +706,9 @@ mod torch_tests {
 
     use tch::{Kind, Tensor};
 
-    use super::libtorch::{FUSED, fused, fused_backward, normalized};
+    use burn::backend::libtorch::TchTensor;
+
+    use super::libtorch::{FUSED, backward_recorded, fused, fused_backward, fused_recorded, normalized};
 
     fn vec(t: &Tensor) -> Vec<f32> {
         Vec::try_from(&t.to_kind(Kind::Float).reshape([-1])).expect("f32 values")
@@ -646,6 +750,14 @@ mod torch_tests {
                 let diff = got.iter().zip(&want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert!(diff <= tol * scale, "{kind:?} {name}: {diff} from the f32 calls, largest entry {scale}");
             }
+            // The record kept by the forward pass (as CUDA's tracked forward keeps it) gives the
+            // same output and, applied to `dy`, the same gradients as recording it again.
+            let (bx, bg) = (TchTensor::new(xh.copy()), TchTensor::new(gh.copy()));
+            let (shown, recorded) = fused_recorded(&bx, &bg, eps).expect("torch's autograd records it");
+            assert!(!bx.can_mut() && !bg.can_mut(), "{kind:?}: burn could write over what the record holds");
+            let (kdx, kdg) = backward_recorded(&recorded, &dyh).expect("the record takes dy");
+            assert!(shown.tensor.equal(&y) && !shown.tensor.requires_grad(), "{kind:?}: the output shown to the model");
+            assert!(kdx.equal(&dx) && kdg.equal(&dg), "{kind:?}: the kept record's gradients differ from the recorded again");
         }
     }
 }

@@ -242,40 +242,47 @@ mod tch_impl {
 /// reading the half-precision part as it is into an f32 buffer (on CUDA torch's element-wise
 /// kernels cast as they load and store) and the exponential taken there in place: four passes, 20
 /// bytes moved an element, where widening to an f32 copy for torch's `log_softmax` moves 24 (its
-/// kernel reads a row three times: the maximum, the sum, the output). f32 logits need no copy
-/// for torch's `log_softmax` (20 bytes an element, where the four passes would move 24).
+/// kernel reads a row three times: the maximum, the sum, the output); five kernels a run where
+/// that took eight, the logarithm and the picked entries once over all rows. f32 logits need no
+/// copy for torch's `log_softmax` (20 bytes an element, where the four passes would move 24).
 #[cfg(feature = "tch")]
 fn torch_forward(logits: &burn::backend::libtorch::TchTensor, targets: &burn::backend::libtorch::TchTensor, rows: i64) -> (burn::backend::libtorch::TchTensor, burn::backend::libtorch::TchTensor) {
     use burn::backend::libtorch::TchTensor;
     let (x, t) = (&logits.tensor, targets.tensor.unsqueeze(1));
     let [n, v] = x.size()[..] else { unreachable!("the logits are [N, V]") };
-    let f32 = (tch::Kind::Float, x.device());
-    let buffer = (x.kind() != tch::Kind::Float).then(|| tch::Tensor::empty([rows.min(n), v], f32));
-    let part = |s: i64, len: i64| {
-        let (xs, ts) = (x.narrow(0, s, len), t.narrow(0, s, len));
-        match &buffer {
-            Some(b) => {
+    // At least one run, so that no rows give empty results rather than nothing to join.
+    let runs = (0..n.max(1)).step_by(rows as usize).map(|s| (s, rows.min(n - s)));
+    let joined = |mut parts: Vec<tch::Tensor>| if parts.len() == 1 { parts.remove(0) } else { tch::Tensor::cat(&parts, 0) };
+    let (lp, lse) = if x.kind() != tch::Kind::Float {
+        // Each run's maximum and sum of exponentials; the logarithm, the picked entries and
+        // their difference once over all rows, so that a run costs five kernels.
+        let buffer = tch::Tensor::empty([rows.min(n), v], (tch::Kind::Float, x.device()));
+        let (maxes, sums): (Vec<_>, Vec<_>) = runs
+            .map(|(s, len)| {
+                let xs = x.narrow(0, s, len);
                 let max = xs.amax(1, true).to_kind(tch::Kind::Float);
-                let mut e = xs.sub_out(&b.narrow(0, 0, len), &max);
+                let mut e = xs.sub_out(&buffer.narrow(0, 0, len), &max);
                 let _ = e.exp_();
-                let lse = e.sum_dim_intlist(1, true, tch::Kind::Float).log() + max;
-                (xs.gather(1, &ts, false).to_kind(tch::Kind::Float) - &lse, lse)
-            }
-            // The log-sum-exp is `x − log_softmax(x)` at each row's largest logit, where both
-            // terms are about the size of the result, so it is as exact as the f32 result can be.
-            None => {
-                let at = tch::Tensor::cat(&[ts, xs.argmax(1, true)], 1);
+                (max, e.sum_dim_intlist(1, true, tch::Kind::Float))
+            })
+            .unzip();
+        let mut lse = joined(sums);
+        let _ = lse.log_();
+        lse += joined(maxes);
+        (x.gather(1, &t, false).to_kind(tch::Kind::Float) - &lse, lse)
+    } else {
+        // The log-sum-exp is `x − log_softmax(x)` at each row's largest logit, where both terms
+        // are about the size of the result, so it is as exact as the f32 result can be.
+        let (lp, lse): (Vec<_>, Vec<_>) = runs
+            .map(|(s, len)| {
+                let xs = x.narrow(0, s, len);
+                let at = tch::Tensor::cat(&[t.narrow(0, s, len), xs.argmax(1, true)], 1);
                 let ls = xs.log_softmax(1, tch::Kind::Float).gather(1, &at, false);
                 let lse = xs.gather(1, &at.narrow(1, 1, 1), false) - ls.narrow(1, 1, 1);
                 (ls.narrow(1, 0, 1), lse)
-            }
-        }
-    };
-    let (lp, lse) = if n <= rows {
-        part(0, n)
-    } else {
-        let (lp, lse): (Vec<_>, Vec<_>) = (0..n).step_by(rows as usize).map(|s| part(s, rows.min(n - s))).unzip();
-        (tch::Tensor::cat(&lp, 0), tch::Tensor::cat(&lse, 0))
+            })
+            .unzip();
+        (joined(lp), joined(lse))
     };
     count(&TORCH_FORWARD);
     (TchTensor::new(lp.squeeze_dim(1)), TchTensor::new(lse.squeeze_dim(1)))
@@ -627,6 +634,10 @@ mod tests {
             let make = || TchTensor::new(tch::Tensor::from_slice(&logits(n, v)).reshape([n as i64, v as i64]).to_kind(kind));
             let rounded: Vec<f32> = Vec::try_from(&make().tensor.to_kind(tch::Kind::Float).reshape([-1])).expect("f32 values");
             let (want_lp, want_grad) = want(&rounded, v, &t, &w);
+            // No rows give no values, in f32.
+            let none = TchTensor::new(tch::Tensor::zeros([0, v as i64], (kind, tch::Device::Cpu)));
+            let (lp, lse) = torch_forward(&none, &TchTensor::new(tch::Tensor::zeros([0], (tch::Kind::Int64, tch::Device::Cpu))), 3);
+            assert_eq!((lp.tensor.size(), lse.tensor.size(), lp.tensor.kind()), (vec![0], vec![0], tch::Kind::Float), "{kind:?}: no rows");
             let (lp, lse) = torch_forward(&make(), &targets, 3);
             let lp: Vec<f32> = Vec::try_from(&lp.tensor).expect("f32 values");
             for (&got, &w) in lp.iter().zip(&want_lp) {

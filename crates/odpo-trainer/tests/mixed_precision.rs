@@ -120,8 +120,8 @@ fn a_steps_products_are_recorded_and_each_routine_timed_on_them() {
 /// attention's backward pass is a fused one on libtorch (and on flex in f32); on libtorch every
 /// tracked forward's kernel is told the mask is causal and takes no bias, and the grouped keys and
 /// values go to torch's kernels as they are (the CPU's flash kernel; CUDA's in half precision); on
-/// CUDA in half precision RMSNorm is torch's kernel both ways, and the update PyTorch's fused
-/// AdamW. Other tests running beside this one add to the process-wide counters, so those are
+/// CUDA in half precision RMSNorm is torch's kernel both ways, the gated unit's backward reads the
+/// activation its forward kept, and the update is PyTorch's fused AdamW. Other tests running beside this one add to the process-wide counters, so those are
 /// lower bounds; the attention's libtorch counts are this thread's.
 #[test]
 fn the_step_benchmark_reports_the_kernel_paths_its_step_took() {
@@ -153,6 +153,7 @@ fn the_step_benchmark_reports_the_kernel_paths_its_step_took() {
             let norms = 2 * layers + 1;
             assert!(p.rms_norm_torch_forward >= 2 * norms && p.rms_norm_torch_backward >= norms, "torch's RMSNorm on {device:?}: {p:?}");
             assert!(p.adamw_torch_fused >= 1, "PyTorch's fused AdamW on {device:?}: {p:?}");
+            assert!(p.glu_kept_activation >= layers, "the gated unit's kept activation on {device:?}: {p:?}");
         }
     } else {
         assert_eq!((p.attention_causal, p.attention_grouped), (0, 0), "libtorch's counts on {device:?}");
