@@ -16,10 +16,11 @@
 //! nine (burn's `gelu_approximate` is a power, a tanh and seven scalar and element-wise steps), each
 //! with its backward pass, then the two paths added into `g`. Here it is one recorded operation;
 //! on libtorch both passes are direct torch calls (`silu` / `gelu`, and `silu_backward` /
-//! `gelu_backward` for the gate's gradient, as PyTorch's autograd runs them), on flex one loop
-//! each over the f32 buffers, split over the CPU's threads. A model applies it in every layer, so
-//! on a GPU, where a small model's step waits on the host issuing operations, that is a few
-//! hundred operations fewer a step.
+//! `gelu_backward` for the gate's gradient, as PyTorch's autograd runs them; on CUDA from `a(g)`
+//! kept by the forward pass, as PyTorch's autograd keeps it), on flex one loop each over the f32
+//! buffers, split over the CPU's threads. A model applies it in every layer, so on a GPU, where a
+//! small model's step waits on the host issuing operations, that is a few hundred operations fewer
+//! a step.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -514,9 +515,10 @@ mod torch {
 }
 
 /// Autodiff: the inner backend's unit, recorded as one operation whose backward step reads its
-/// inputs through the checkpointer, and `a(g)` where the inner backend kept it ([`KeptGlu`]). It is memory-bound: under gradient checkpointing its output
-/// (the down projection's input, the widest activation of a layer) is not kept but computed again
-/// from the inputs, which the products that made them keep.
+/// inputs through the checkpointer, and `a(g)` where the inner backend kept it ([`KeptGlu`]). It is
+/// memory-bound: under gradient checkpointing its output (the down projection's input, the widest
+/// activation of a layer) is not kept but computed again from the inputs, which the products that
+/// made them keep.
 impl<B: Backend + KeptGlu, C: CheckpointStrategy> GluBackend for Autodiff<B, C> {
     fn glu(g: FloatTensor<Self>, u: FloatTensor<Self>, gate: Gate) -> FloatTensor<Self> {
         #[derive(Debug)]

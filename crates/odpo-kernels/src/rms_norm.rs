@@ -10,10 +10,11 @@
 //! Llama-family model normalises twice in every layer. Here it is one recorded operation whose
 //! backward pass recomputes `r` and applies the formula above; on libtorch both passes are direct
 //! torch calls (in half precision on CUDA torch's own RMSNorm, one kernel each way, which rounds
-//! `x̂ · γ` computed in f32 once), on flex one loop each over the rows, split over the CPU's
-//! threads, on the cubecl backends one kernel forward and one backward (plus the sum of `dγ`'s
-//! shares over the rows). On a GPU, where a small model's step waits on the host issuing
-//! operations, that is a few hundred operations fewer a step.
+//! `x̂ · γ` computed in f32 once, its autograd record kept by the forward pass for the backward's),
+//! on flex one loop each over the rows, split over the CPU's threads, on the cubecl backends one
+//! kernel forward and one backward (plus the sum of `dγ`'s shares over the rows). On a GPU, where
+//! a small model's step waits on the host issuing operations, that is a few hundred operations
+//! fewer a step.
 
 // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
 #![cfg_attr(feature = "tch", allow(deprecated))]
@@ -608,9 +609,10 @@ mod libtorch {
 }
 
 /// Autodiff: the inner backend's normalisation, recorded as one operation whose backward step
-/// reads its inputs through the checkpointer, and what the inner backend kept ([`KeptRmsNorm`]). It is memory-bound: under gradient checkpointing its
-/// output (the projections' input) is not kept but computed again from its inputs, themselves kept
-/// or computed again as the checkpointing decides (the residual sums are memory-bound in burn).
+/// reads its inputs through the checkpointer, and what the inner backend kept ([`KeptRmsNorm`]).
+/// It is memory-bound: under gradient checkpointing its output (the projections' input) is not
+/// kept but computed again from its inputs, themselves kept or computed again as the checkpointing
+/// decides (the residual sums are memory-bound in burn).
 impl<B: Backend + KeptRmsNorm, C: CheckpointStrategy> RmsNormBackend for Autodiff<B, C> {
     fn rms_norm(x: FloatTensor<Self>, gamma: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         #[derive(Debug)]
