@@ -342,3 +342,42 @@ mod tests {
         assert_eq!(values(&yt), values(&tensor_ops::<Flex>(xt, cos, sin)), "y of a strided last dimension");
     }
 }
+
+#[cfg(all(test, feature = "tch"))]
+mod tch_tests {
+    use burn::backend::LibTorch;
+    use burn::backend::libtorch::TchTensor;
+    use tch::{Kind, Tensor};
+
+    use super::*;
+
+    /// libtorch's rotation gives transformers' `x·cos + rotate_half(x)·sin` bit for bit in every
+    /// dtype, on the heads' strided view of the projections too; its backward pass gives
+    /// `dy·cos + rotate_halfᵀ(dy·sin)` within two roundings to the dtype of its largest entry (the
+    /// sums round in another order).
+    #[test]
+    fn the_rotation_is_transformers_rotation_bit_for_bit() {
+        let (b, h, t, dh) = (2, 3, 5, 8);
+        tch::manual_seed(0);
+        let cpu = tch::Device::Cpu;
+        for (kind, tol) in [(Kind::Float, 2.0 / 16_777_216.0), (Kind::BFloat16, 2.0 / 256.0), (Kind::Half, 2.0 / 2048.0)] {
+            // `x` as the heads' view of `[B, T, H·Dh]` projections.
+            let x = (Tensor::randn([b, t, h * dh], (Kind::Float, cpu)) * 3.0).to_kind(kind).view([b, t, h, dh]).transpose(1, 2);
+            let angles = Tensor::randn([1, 1, t, dh], (Kind::Float, cpu)) * 2.0;
+            let (cos, sin) = (angles.cos().to_kind(kind), angles.sin().to_kind(kind));
+            let dy = Tensor::randn([b, h, t, dh], (Kind::Float, cpu)).to_kind(kind);
+            let half = dh / 2;
+            let rotate_half = |v: &Tensor| Tensor::cat(&[v.narrow(3, half, half).neg(), v.narrow(3, 0, half)], 3);
+            let want_y = &x * &cos + rotate_half(&x) * &sin;
+            let a = &dy * &sin;
+            let want_dx = (&dy * &cos).to_kind(Kind::Float) + Tensor::cat(&[a.narrow(3, half, half), a.narrow(3, 0, half).neg()], 3).to_kind(Kind::Float);
+            let tt = |v: &Tensor| TchTensor::new(v.shallow_clone());
+            let y = <LibTorch as RotaryBackend>::rotary(tt(&x), tt(&cos), tt(&sin));
+            assert!(y.tensor.equal(&want_y), "{kind:?}: y differs from transformers' rotation");
+            let dx = <LibTorch as RotaryBackend>::rotary_backward(tt(&dy), tt(&cos), tt(&sin)).tensor.to_kind(Kind::Float);
+            let scale = f64::try_from(want_dx.abs().max()).unwrap_or(f64::NAN);
+            let diff = f64::try_from((&dx - &want_dx).abs().max()).unwrap_or(f64::NAN);
+            assert!(diff <= tol * scale, "{kind:?}: dx {diff} from the formula, largest entry {scale}");
+        }
+    }
+}
