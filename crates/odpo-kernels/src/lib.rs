@@ -121,12 +121,13 @@ pub(crate) fn elementwise_output(like: &burn_cubecl::tensor::CubeTensor) -> burn
 /// record of an operation over them: the operation's backward pass applied to `dout`, as torch's
 /// autograd runs it (its fused backward kernels). tch binds no output gradient for
 /// `torch.autograd.grad` (it seeds the root with ones), so a product with `dout` hands the record
-/// `dout`: the dot product of the two laid out alike, one read of each, whose backward writes
-/// `dout` as `out`'s gradient in `out`'s layout (8 bytes moved an element of half precision in
-/// all, against 12 for an element-wise product summed in f32, which writes the product first and
-/// hands `out`'s record a gradient in `dout`'s layout). Only the record is read, not the value,
-/// so a half-precision dot that overflows changes nothing. The product and sum where the dtypes
-/// or the layouts differ. `None` where torch refuses.
+/// `dout`: where both are contiguous and of one dtype (RMSNorm's), the dot product of the two, one
+/// read of each, whose backward writes `dout` as `out`'s gradient (8 bytes moved an element of half
+/// precision in all, in two kernels); elsewhere (the attention's output, laid out as torch's kernels
+/// write it) the element-wise product summed in f32, which writes the product first (12 bytes,
+/// three kernels) but needs no views to line the two up, each an operation on the host. Only the
+/// record is read, not the value, so a half-precision dot that overflows changes nothing. `None`
+/// where torch refuses.
 #[cfg(feature = "tch")]
 pub(crate) fn torch_vjp<const N: usize>(out: &tch::Tensor, dout: &tch::Tensor, leaves: [&tch::Tensor; N]) -> Option<[tch::Tensor; N]> {
     let total = tch::with_grad(|| match dot_alike(out, dout) {
@@ -181,22 +182,15 @@ pub(crate) fn torch_vjp_products() -> [usize; 2] {
     VJP_PRODUCTS.each_ref().map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-/// `Σ out ⊙ dout` as one dot product over views of both, where both have one dtype and one dense
-/// layout (dimensions ordered by `out`'s strides, each then contiguous); `None` elsewhere or where
-/// torch refuses (cuBLAS's dot takes at most 2³¹ − 1 elements).
+/// `Σ out ⊙ dout` as one dot product over the flattened tensors, where both are contiguous and of
+/// one dtype; `None` elsewhere or where torch refuses (cuBLAS's dot takes at most 2³¹ − 1
+/// elements).
 #[cfg(feature = "tch")]
 fn dot_alike(out: &tch::Tensor, dout: &tch::Tensor) -> Option<tch::Tensor> {
-    if out.kind() != dout.kind() || out.size() != dout.size() || out.dim() == 0 {
+    if out.kind() != dout.kind() || out.size() != dout.size() || !out.is_contiguous() || !dout.is_contiguous() {
         return None;
     }
-    let strides = out.stride();
-    let mut order: Vec<i64> = (0..strides.len() as i64).collect();
-    order.sort_by_key(|&d| std::cmp::Reverse(strides[d as usize]));
-    let (o, d) = (out.f_permute(&order).ok()?, dout.f_permute(&order).ok()?);
-    if !o.is_contiguous() || !d.is_contiguous() {
-        return None;
-    }
-    o.f_flatten(0, -1).ok()?.f_dot(&d.f_flatten(0, -1).ok()?).ok()
+    out.f_flatten(0, -1).ok()?.f_dot(&dout.f_flatten(0, -1).ok()?).ok()
 }
 
 /// Sums and maxima across a cube of units, for the kernels that reduce rows (RMSNorm, sums of
@@ -584,28 +578,28 @@ mod tch_tests {
 
     use super::{dot_alike, torch_vjp};
 
-    /// `torch_vjp` hands the record `dout` through one dot product where `out` and `dout` share a
-    /// dtype and a layout (here a transposed one, as CUDA's attention output is), and through the
-    /// product and sum elsewhere; the gradients are `out`'s backward pass applied to `dout` either
-    /// way, and equal each other.
+    /// `torch_vjp` hands the record `dout` through one dot product where `out` and `dout` are
+    /// contiguous and of one dtype, and through the product and sum elsewhere (here a transposed
+    /// `out`, as torch's attention kernels lay theirs out); the gradients are `out`'s backward pass
+    /// applied to `dout` either way.
     #[test]
-    fn the_product_with_dout_is_a_dot_where_the_layouts_agree() {
+    fn the_product_with_dout_is_a_dot_where_both_are_contiguous() {
         for kind in [Kind::Float, Kind::BFloat16] {
             tch::manual_seed(0);
             let x = Tensor::randn([2, 3, 4, 5], (Kind::Float, tch::Device::Cpu)).to_kind(kind).set_requires_grad(true);
+            let dout = Tensor::randn([2, 3, 4, 5], (Kind::Float, tch::Device::Cpu)).to_kind(kind);
+            let other = if kind == Kind::Float { Kind::BFloat16 } else { Kind::Float };
+            let out = tch::with_grad(|| &x * 3.0);
+            assert!(dot_alike(&out, &dout).is_some(), "{kind:?}: both contiguous");
+            assert!(dot_alike(&out, &dout.to_kind(other)).is_none(), "{kind:?}: two dtypes");
+            let [by_dot] = torch_vjp(&out, &dout, [&x]).expect("a gradient");
+            assert!(by_dot.equal(&(&dout * 3.0)), "{kind:?}: the gradient is not 3 · dout");
             // `out` [2, 4, 3, 5] laid out as [2, 3, 4, 5]: a transposed view's product keeps its strides.
             let out = tch::with_grad(|| x.transpose(1, 2) * 3.0);
-            assert!(!out.is_contiguous());
-            let alike = Tensor::randn([2, 3, 4, 5], (Kind::Float, tch::Device::Cpu)).to_kind(kind).transpose(1, 2);
-            let contiguous = alike.contiguous();
-            let other = if kind == Kind::Float { Kind::BFloat16 } else { Kind::Float };
-            assert!(dot_alike(&out, &alike).is_some(), "{kind:?}: one layout");
-            assert!(dot_alike(&out, &contiguous).is_none(), "{kind:?}: two layouts");
-            assert!(dot_alike(&out, &alike.to_kind(other)).is_none(), "{kind:?}: two dtypes");
-            let want = (&alike * 3.0).transpose(1, 2);
-            let [by_dot] = torch_vjp(&out, &alike, [&x]).expect("a gradient");
-            let [by_sum] = torch_vjp(&out, &contiguous, [&x]).expect("a gradient");
-            assert!(by_dot.equal(&want) && by_sum.equal(&want), "{kind:?}: the gradient is not 3 · dout");
+            let alike = dout.transpose(1, 2);
+            assert!(dot_alike(&out, &alike).is_none() && dot_alike(&out, &alike.contiguous()).is_none(), "{kind:?}: a strided output");
+            let [by_sum] = torch_vjp(&out, &alike, [&x]).expect("a gradient");
+            assert!(by_sum.equal(&(&dout * 3.0)), "{kind:?}: the gradient is not 3 · dout");
         }
     }
 

@@ -46,9 +46,10 @@ pub struct KernelPaths {
     pub adamw_torch_fused: usize,
     /// libtorch: backward passes through torch's own record of an operation (the attention over
     /// rows without padding, RMSNorm in half precision on CUDA) handed the output's gradient by
-    /// one dot product, `out` and its gradient laid out alike.
+    /// one dot product, the output and its gradient both contiguous.
     pub torch_record_dot: usize,
-    /// The same, by an element-wise product summed (the layouts or dtypes differed).
+    /// The same, by an element-wise product summed (a strided output, as the attention's is, or
+    /// two dtypes).
     pub torch_record_sum: usize,
 }
 
