@@ -144,6 +144,28 @@ pub(crate) fn torch_vjp<const N: usize>(out: &tch::Tensor, dout: &tch::Tensor, l
     tch::Tensor::f_run_backward(&[&total], &leaves, false, false).ok()?.try_into().ok()
 }
 
+/// [`torch_vjp`]'s products with `dout`: dot products, and products summed.
+#[cfg(feature = "tch")]
+static VJP_PRODUCTS: [std::sync::atomic::AtomicUsize; 2] = [std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)];
+
+/// How many of [`torch_vjp`]'s products with `dout` were one dot product, and how many a product
+/// summed, in this process.
+#[cfg(feature = "tch")]
+pub(crate) fn torch_vjp_products() -> [usize; 2] {
+    VJP_PRODUCTS.each_ref().map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// `Σ out ⊙ dout` as one dot product over the flattened tensors, where both are contiguous and of
+/// one dtype; `None` elsewhere or where torch refuses (cuBLAS's dot takes at most 2³¹ − 1
+/// elements).
+#[cfg(feature = "tch")]
+fn dot_alike(out: &tch::Tensor, dout: &tch::Tensor) -> Option<tch::Tensor> {
+    if out.kind() != dout.kind() || out.size() != dout.size() || !out.is_contiguous() || !dout.is_contiguous() {
+        return None;
+    }
+    out.f_flatten(0, -1).ok()?.f_dot(&dout.f_flatten(0, -1).ok()?).ok()
+}
+
 /// Whether a libtorch tensor on `device` keeps, from a tracked forward pass, what its backward pass
 /// would otherwise compute again (the gated unit's activation, torch's record of its RMSNorm): on
 /// CUDA, where the bytes saved are the time and memory is less scarce. Unit tests can ask for it on
@@ -169,28 +191,6 @@ pub(crate) fn keep_on_the_cpu<T>(f: impl FnOnce() -> T) -> T {
     let out = f();
     KEEP_ON_THE_CPU.with(|k| k.set(false));
     out
-}
-
-/// [`torch_vjp`]'s products with `dout`: dot products, and products summed.
-#[cfg(feature = "tch")]
-static VJP_PRODUCTS: [std::sync::atomic::AtomicUsize; 2] = [std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)];
-
-/// How many of [`torch_vjp`]'s products with `dout` were one dot product, and how many a product
-/// summed, in this process.
-#[cfg(feature = "tch")]
-pub(crate) fn torch_vjp_products() -> [usize; 2] {
-    VJP_PRODUCTS.each_ref().map(|n| n.load(std::sync::atomic::Ordering::Relaxed))
-}
-
-/// `Σ out ⊙ dout` as one dot product over the flattened tensors, where both are contiguous and of
-/// one dtype; `None` elsewhere or where torch refuses (cuBLAS's dot takes at most 2³¹ − 1
-/// elements).
-#[cfg(feature = "tch")]
-fn dot_alike(out: &tch::Tensor, dout: &tch::Tensor) -> Option<tch::Tensor> {
-    if out.kind() != dout.kind() || out.size() != dout.size() || !out.is_contiguous() || !dout.is_contiguous() {
-        return None;
-    }
-    out.f_flatten(0, -1).ok()?.f_dot(&dout.f_flatten(0, -1).ok()?).ok()
 }
 
 /// Sums and maxima across a cube of units, for the kernels that reduce rows (RMSNorm, sums of
