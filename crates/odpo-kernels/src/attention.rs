@@ -1061,8 +1061,7 @@ pub(crate) mod libtorch {
     /// `v`'s memory (`k` and `v` grouped or not: `enable_gqa`); `None` where torch refuses the
     /// inputs or records nothing (its grad mode off).
     fn forward_recorded(q: &TchTensor, k: &TchTensor, v: &TchTensor, scale: f32) -> Option<(TchTensor, Kept)> {
-        let leaf = |x: &TchTensor| TchTensor::from_existing(x.tensor.detach().set_requires_grad(true), x.storage.clone());
-        let inputs = [leaf(q), leaf(k), leaf(v)];
+        let inputs = [q, k, v].map(crate::torch_leaf);
         let [lq, lk, lv] = &inputs;
         let grouped = k.tensor.size()[1] != q.tensor.size()[1];
         let out = tch::with_grad(|| Tensor::f_scaled_dot_product_attention(&lq.tensor, &lk.tensor, &lv.tensor, None::<&Tensor>, 0.0, true, Some(f64::from(scale)), grouped)).ok()?;
@@ -1070,9 +1069,7 @@ pub(crate) mod libtorch {
             return None;
         }
         let out = TchTensor::new(out);
-        // What the model reads is the output without the record (burn's operations on it must
-        // record nothing in torch); it shares the output's memory, so burn writes over neither.
-        let shown = TchTensor::from_existing(out.tensor.detach(), out.storage.clone());
+        let shown = crate::torch_shown(&out);
         count_grouped(&q.tensor, &k.tensor);
         Some((shown, Kept { record: Record::Graph { out, inputs }, grouped }))
     }

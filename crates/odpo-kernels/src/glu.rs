@@ -27,7 +27,7 @@
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
@@ -546,9 +546,7 @@ impl<B: Backend + KeptGlu, C: CheckpointStrategy> GluBackend for Autodiff<B, C> 
             OpsKind::Tracked(mut prep) => {
                 let (node_g, node_u) = (prep.checkpoint(&g), prep.checkpoint(&u));
                 let (g, u) = (g.primitive().clone(), u.primitive().clone());
-                // A checkpointed step computes this memory-bound unit again rather than keep what
-                // it makes, so it keeps nothing more either.
-                let (y, a) = if std::any::TypeId::of::<C>() == std::any::TypeId::of::<NoCheckpointing>() { B::glu_keeping(g, u, gate) } else { (B::glu(g, u, gate), None) };
+                let (y, a) = if crate::keeps_more::<C>() { B::glu_keeping(g, u, gate) } else { (B::glu(g, u, gate), None) };
                 prep.finish((node_g, node_u, a), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::glu(g.primitive().clone(), u.primitive().clone(), gate)),

@@ -144,6 +144,30 @@ pub(crate) fn torch_vjp<const N: usize>(out: &tch::Tensor, dout: &tch::Tensor, l
     tch::Tensor::f_run_backward(&[&total], &leaves, false, false).ok()?.try_into().ok()
 }
 
+/// A leaf of torch's autograd over `x`'s memory, sharing burn's count of its holders, so that burn
+/// writes over neither while a record of torch's holds the leaf.
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+pub(crate) fn torch_leaf(x: &burn::backend::libtorch::TchTensor) -> burn::backend::libtorch::TchTensor {
+    burn::backend::libtorch::TchTensor::from_existing(x.tensor.detach().set_requires_grad(true), x.storage.clone())
+}
+
+/// The output of a recorded operation as the model reads it: without the record (burn's
+/// operations on it must record nothing in torch), sharing the output's memory, so that burn writes
+/// over neither.
+#[cfg(feature = "tch")]
+#[allow(deprecated)] // burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+pub(crate) fn torch_shown(out: &burn::backend::libtorch::TchTensor) -> burn::backend::libtorch::TchTensor {
+    burn::backend::libtorch::TchTensor::from_existing(out.tensor.detach(), out.storage.clone())
+}
+
+/// Whether an autodiff operation's forward pass may keep more than its inputs for its backward
+/// pass: not under gradient checkpointing, which computes memory-bound operations again rather
+/// than keep what they make.
+pub(crate) fn keeps_more<C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>() -> bool {
+    std::any::TypeId::of::<C>() == std::any::TypeId::of::<burn::backend::autodiff::checkpoint::strategy::NoCheckpointing>()
+}
+
 /// [`torch_vjp`]'s products with `dout`: dot products, and products summed.
 #[cfg(feature = "tch")]
 static VJP_PRODUCTS: [std::sync::atomic::AtomicUsize; 2] = [std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)];

@@ -21,7 +21,7 @@
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
-use burn::backend::autodiff::checkpoint::strategy::{CheckpointStrategy, NoCheckpointing};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
@@ -574,8 +574,7 @@ mod libtorch {
         if !takes_fused(&x.tensor, &gamma.tensor) {
             return None;
         }
-        let leaf = |t: &TchTensor| TchTensor::from_existing(t.tensor.detach().set_requires_grad(true), t.storage.clone());
-        let inputs = [leaf(x), leaf(gamma)];
+        let inputs = [x, gamma].map(crate::torch_leaf);
         let [lx, lg] = &inputs;
         let (y, _) = tch::with_grad(|| lx.tensor.f_internal_fused_rms_norm([gamma.tensor.size()[0]], Some(&lg.tensor), eps)).ok()?;
         if !y.requires_grad() {
@@ -583,10 +582,7 @@ mod libtorch {
         }
         FUSED[0].fetch_add(1, Ordering::Relaxed);
         let out = TchTensor::new(y);
-        // What the model reads is the output without the record (burn's operations on it must
-        // record nothing in torch); it shares the output's memory, so burn writes over neither.
-        let shown = TchTensor::from_existing(out.tensor.detach(), out.storage.clone());
-        Some((shown, Recorded { out, inputs }))
+        Some((crate::torch_shown(&out), Recorded { out, inputs }))
     }
 
     /// `(dx, dγ)` from the kept record (`crate::torch_vjp`); `None` where torch refuses.
@@ -640,9 +636,7 @@ impl<B: Backend + KeptRmsNorm, C: CheckpointStrategy> RmsNormBackend for Autodif
             OpsKind::Tracked(mut prep) => {
                 let (node_x, node_gamma) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
                 let (x, gamma) = (x.primitive().clone(), gamma.primitive().clone());
-                // A checkpointed step computes this memory-bound operation again rather than keep
-                // its output, so it keeps no record either.
-                let (y, kept) = if std::any::TypeId::of::<C>() == std::any::TypeId::of::<NoCheckpointing>() { B::rms_norm_keeping(x, gamma, eps) } else { (B::rms_norm(x, gamma, eps), None) };
+                let (y, kept) = if crate::keeps_more::<C>() { B::rms_norm_keeping(x, gamma, eps) } else { (B::rms_norm(x, gamma, eps), None) };
                 prep.finish((node_x, node_gamma, kept), y)
             }
             OpsKind::UnTracked(prep) => prep.finish(B::rms_norm(x.primitive().clone(), gamma.primitive().clone(), eps)),

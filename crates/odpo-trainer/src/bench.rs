@@ -260,12 +260,15 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let mut kernel_paths = odpo_kernels::KernelPaths::default();
     for i in 0..b.warmup + b.repeats {
         let t = Instant::now();
-        let paths = odpo_kernels::KernelPaths::now();
+        // The last timed step's paths.
+        let paths = (i + 1 == b.warmup + b.repeats).then(odpo_kernels::KernelPaths::now);
         let stats;
         (trainer, stats) = trainer.step(&refs, i, 1e-6)?;
         // The update is queued: wait for it, and count the wait as the optimizer's.
         sync(trainer.policy());
-        kernel_paths = odpo_kernels::KernelPaths::now().since(paths);
+        if let Some(paths) = paths {
+            kernel_paths = odpo_kernels::KernelPaths::now().since(paths);
+        }
         let total = t.elapsed().as_secs_f64();
         let p = &stats.phases;
         tracing::debug!(step = i, warmup = i < b.warmup, seconds = total, reference = p.reference, policy_forward = p.policy_forward, backward = p.backward, "bench step");
