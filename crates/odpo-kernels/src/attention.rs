@@ -372,11 +372,12 @@ mod flex {
         reach
     }
 
-    /// The loops over one row of weights, compiled a second time for AVX2 + FMA and chosen at run
-    /// time, as the log-softmax's are (`crate::softmax`): 8 lanes where the baseline takes 4, and
-    /// the sums in lanes, so that they vectorise at all.
+    /// The loops over one row of weights, compiled again for AVX-512 and for AVX2 + FMA and chosen
+    /// at run time, as the log-softmax's are (`crate::softmax`): 16 or 8 lanes where the baseline
+    /// takes 4, and the sums in lanes, so that they vectorise at all.
     mod row_loops {
-        use crate::softmax::{exp, has_avx2, row_max};
+        use crate::softmax::{exp, row_max};
+        use multiversion::multiversion;
 
         /// Lanes of the sums.
         const LANES: usize = 16;
@@ -444,38 +445,15 @@ mod flex {
             }
         }
 
-        #[cfg(target_arch = "x86_64")]
-        mod avx2 {
-            #[target_feature(enable = "avx2,fma")]
-            pub(super) fn softmax(row: &mut [f32], mask: &[u8], stride: usize) {
-                super::softmax_any(row, mask, stride);
-            }
-
-            #[target_feature(enable = "avx2,fma")]
-            pub(super) fn scores_grad(dp: &mut [f32], p: &[f32], scale: f32) {
-                super::scores_grad_any(dp, p, scale);
-            }
-        }
-
-        /// [`softmax_any`], on AVX2 + FMA where the CPU has them.
-        #[allow(unsafe_code)]
+        /// [`softmax_any`], in a copy compiled for AVX-512 or AVX2 + FMA where the CPU has them.
+        #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+fma", "x86_64+avx2+fma"))]
         pub(in super::super) fn softmax(row: &mut [f32], mask: &[u8], stride: usize) {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { avx2::softmax(row, mask, stride) };
-            }
             softmax_any(row, mask, stride);
         }
 
-        /// [`scores_grad_any`], on AVX2 + FMA where the CPU has them.
-        #[allow(unsafe_code)]
+        /// [`scores_grad_any`], in a copy compiled for AVX-512 or AVX2 + FMA where the CPU has them.
+        #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+fma", "x86_64+avx2+fma"))]
         pub(in super::super) fn scores_grad(dp: &mut [f32], p: &[f32], scale: f32) {
-            #[cfg(target_arch = "x86_64")]
-            if has_avx2() {
-                // SAFETY: the CPU has AVX2 and FMA (checked just above).
-                return unsafe { avx2::scores_grad(dp, p, scale) };
-            }
             scores_grad_any(dp, p, scale);
         }
 

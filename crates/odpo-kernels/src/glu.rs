@@ -152,11 +152,13 @@ fn tensor_ops_backward<B: Backend>(g: FloatTensor<B>, u: FloatTensor<B>, dy: Flo
 
 /// The flex loops: the activation and its slope at one f32 value, and the passes over a chunk of
 /// positions. SiLU and the tanh GELU take the crate's polynomial `exp` (no libm call), so that the
-/// loops run in vector lanes; on x86-64 in a copy compiled for AVX2 + FMA where the CPU has them.
+/// loops run in vector lanes; on x86-64 in a copy compiled for AVX-512 or AVX2 + FMA where the CPU
+/// has them.
 #[cfg(feature = "flex")]
 mod loops {
     use super::{C, Gate, INV_SQRT_2PI, K};
-    use crate::softmax::{exp, has_avx2};
+    use crate::softmax::exp;
+    use multiversion::multiversion;
 
     /// σ(x) from `e = e^(−|x|)`, which cannot overflow: `1/(1 + e)`, or `e/(1 + e)` for negative x.
     #[inline(always)]
@@ -247,41 +249,15 @@ mod loops {
         }
     }
 
-    /// The loops compiled for AVX2 + FMA.
-    #[cfg(target_arch = "x86_64")]
-    mod avx2 {
-        use super::Gate;
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn forward(gate: Gate, g: &[f32], u: &[f32], y: &mut [f32]) {
-            super::forward_any(gate, g, u, y);
-        }
-
-        #[target_feature(enable = "avx2,fma")]
-        pub(super) fn backward(gate: Gate, inputs: [&[f32]; 3], dg: &mut [f32], du: &mut [f32]) {
-            super::backward_any(gate, inputs, dg, du);
-        }
-    }
-
-    /// [`forward_any`], in the AVX2 copy where the CPU has it.
-    #[allow(unsafe_code)]
+    /// [`forward_any`], in a copy compiled for AVX-512 or AVX2 + FMA where the CPU has them.
+    #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+fma", "x86_64+avx2+fma"))]
     pub(super) fn forward(gate: Gate, g: &[f32], u: &[f32], y: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { avx2::forward(gate, g, u, y) };
-        }
         forward_any(gate, g, u, y);
     }
 
-    /// [`backward_any`], in the AVX2 copy where the CPU has it.
-    #[allow(unsafe_code)]
+    /// [`backward_any`], in a copy compiled for AVX-512 or AVX2 + FMA where the CPU has them.
+    #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+fma", "x86_64+avx2+fma"))]
     pub(super) fn backward(gate: Gate, inputs: [&[f32]; 3], dg: &mut [f32], du: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (checked just above).
-            return unsafe { avx2::backward(gate, inputs, dg, du) };
-        }
         backward_any(gate, inputs, dg, du);
     }
 }
@@ -640,7 +616,8 @@ mod tests {
         }
     }
 
-    /// The AVX2 copy of the loops gives the baseline loops' values bit for bit, and both stay
+    /// The copy of the loops this CPU runs (AVX-512 or AVX2 where it has them) gives the baseline
+    /// loops' values bit for bit, and both stay
     /// finite far into the tails, where `e^(−x)` would overflow.
     #[test]
     fn the_baseline_loops_agree_with_the_dispatched_ones() {

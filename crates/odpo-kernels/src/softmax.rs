@@ -1,8 +1,10 @@
 //! The row loops of the fused log-softmax + gather: one read of a row of logits for its
 //! log-sum-exp, one pass over it for its gradient. Rows are split over rayon's threads. On x86-64
-//! each row runs in a copy of the loop compiled for AVX2 + FMA when the CPU has them (chosen at
-//! run time; the binary itself targets baseline x86-64, where the loops take 4 lanes).
+//! each row runs in a copy of the loop compiled for AVX-512 or for AVX2 + FMA, whichever the CPU
+//! has (`multiversion` chooses at run time; the binary itself targets baseline x86-64, where the
+//! loops take 4 lanes).
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// `e^x` in f32 without a libm call, so that loops over it vectorise: `x = n·ln 2 + r` with
@@ -101,39 +103,10 @@ fn row_backward_any(input: Option<&[f32]>, out: &mut [f32], lse: f32, g: f32) {
     }
 }
 
-/// The row loops compiled for AVX2 + FMA.
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn row_forward(row: &[f32], target: usize) -> (f32, f32) {
-        super::row_forward_any(row, target)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn row_backward(input: Option<&[f32]>, out: &mut [f32], lse: f32, g: f32) {
-        super::row_backward_any(input, out, lse, g)
-    }
-}
-
-/// Whether the AVX2 + FMA copies of the loops can run here (detected once, then cached by std).
-pub(crate) fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-#[allow(unsafe_code)]
+/// [`row_forward_any`], in a copy compiled for AVX-512 or AVX2 + FMA where the CPU has them.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+fma", "x86_64+avx2+fma"))]
+#[allow(unused_braces)] // multiversion puts the body in a block of its own
 fn row_forward(row: &[f32], target: usize) -> (f32, f32) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { avx2::row_forward(row, target) };
-    }
     row_forward_any(row, target)
 }
 
@@ -149,23 +122,22 @@ pub(crate) fn forward(logits: &[f32], v: usize, targets: &[i64]) -> (Vec<f32>, V
     (lp, lse)
 }
 
-/// [`row_backward_any`], then the one-hot term of the target.
-#[allow(unsafe_code)]
+/// [`row_backward_any`] (in a copy compiled for AVX-512 or AVX2 + FMA where the CPU has them),
+/// then the one-hot term of the target.
 fn row_backward(input: Option<&[f32]>, out: &mut [f32], target: usize, lse: f32, g: f32) {
     if g == 0.0 {
         // A masked position (prompt, padding): no gradient, and no exponentials to compute.
         out.fill(0.0);
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        unsafe { avx2::row_backward(input, out, lse, g) };
-        out[target] += g;
-        return;
-    }
-    row_backward_any(input, out, lse, g);
+    row_backward_simd(input, out, lse, g);
     out[target] += g;
+}
+
+/// [`row_backward_any`], in a copy compiled for AVX-512 or AVX2 + FMA where the CPU has them.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+fma", "x86_64+avx2+fma"))]
+fn row_backward_simd(input: Option<&[f32]>, out: &mut [f32], lse: f32, g: f32) {
+    row_backward_any(input, out, lse, g);
 }
 
 /// The gradient with respect to the logits `[N, V]` of `Σ grad[n] · logprob[n]`, written into
