@@ -94,4 +94,15 @@ impl ModelError {
     pub(crate) fn config(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Self::Config { path: path.into(), message: message.into() }
     }
+
+    /// A [`Self::Config`] error found while building a model from its weights, named for the
+    /// config file the values came from (`config_path`) rather than the weights; any other error as
+    /// it is.
+    #[must_use]
+    pub fn in_config_file(self, config_path: &std::path::Path) -> Self {
+        match self {
+            Self::Config { message, .. } => Self::Config { path: config_path.into(), message },
+            other => other,
+        }
+    }
 }

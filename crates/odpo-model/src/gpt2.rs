@@ -135,6 +135,11 @@ impl Gpt2 {
                 format!("activation_function `{}` is not implemented; expected gelu_new or gelu", cfg.activation_function),
             ));
         }
+        let sizes = [("vocab_size", cfg.vocab_size), ("n_positions", cfg.n_positions), ("n_embd", cfg.n_embd), ("n_head", cfg.n_head), ("n_inner", cfg.inner())];
+        crate::layers::sizes_at_least_one(&sizes, w.path())?;
+        if !cfg.n_embd.is_multiple_of(cfg.n_head) {
+            return Err(crate::ModelError::config(w.path(), format!("n_embd ({}) must be a multiple of n_head ({})", cfg.n_embd, cfg.n_head)));
+        }
         // The original OpenAI checkpoints name the tensors without the `transformer.` prefix.
         if !w.contains("transformer.wte.weight") && w.contains("wte.weight") {
             w.add_prefix("transformer.");

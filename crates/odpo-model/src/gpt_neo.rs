@@ -183,6 +183,8 @@ impl GptNeo {
                 format!("activation_function `{}` is not implemented; expected gelu_new or gelu", cfg.activation_function),
             ));
         }
+        let sizes = [("vocab_size", cfg.vocab_size), ("max_position_embeddings", cfg.max_position_embeddings), ("hidden_size", cfg.hidden_size), ("intermediate_size", cfg.inner())];
+        crate::layers::sizes_at_least_one(&sizes, w.path())?;
         if cfg.num_heads == 0 || !cfg.hidden_size.is_multiple_of(cfg.num_heads) || cfg.window_size == 0 {
             return Err(ModelError::config(w.path(), "hidden_size must be a multiple of num_heads, and window_size at least 1"));
         }

@@ -200,6 +200,7 @@ impl GptNeox {
             return Err(ModelError::config(w.path(), format!("rope_type `{kind}` is not implemented for GPT-NeoX; expected `default`")));
         }
         let (d, v, eps, nh) = (cfg.hidden_size, cfg.vocab_size, cfg.layer_norm_eps, cfg.num_attention_heads);
+        crate::layers::sizes_at_least_one(&[("vocab_size", v), ("hidden_size", d), ("intermediate_size", cfg.intermediate_size)], w.path())?;
         let r = cfg.rotary_ndims();
         if nh == 0 || !d.is_multiple_of(nh) || !r.is_multiple_of(2) || r > d / nh {
             return Err(ModelError::config(

@@ -165,6 +165,8 @@ impl Gptj {
                 format!("activation_function `{}` is not implemented; expected gelu_new or gelu", cfg.activation_function),
             ));
         }
+        let sizes = [("vocab_size", cfg.vocab_size), ("n_positions", cfg.n_positions), ("n_embd", cfg.n_embd), ("n_inner", cfg.n_inner.unwrap_or(4 * cfg.n_embd))];
+        crate::layers::sizes_at_least_one(&sizes, w.path())?;
         let r = cfg.rotary_dims();
         if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) || !r.is_multiple_of(2) || r > cfg.head_dim() || r == 0 {
             return Err(ModelError::config(

@@ -204,6 +204,16 @@ pub(crate) fn rotate_half_cos_sin(inv_freq: &[f32], pos: Tensor<2, Int>, dtype: 
     (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
 }
 
+/// An error naming the first of a config's `sizes` (name, value) that is 0: a model needs at least
+/// one of each (a width, a vocabulary, heads), and a 0 would otherwise surface later as a panic
+/// inside a tensor operation, with no field named.
+pub(crate) fn sizes_at_least_one(sizes: &[(&str, usize)], path: &std::path::Path) -> crate::Result<()> {
+    match sizes.iter().find(|(_, n)| *n == 0) {
+        Some((name, _)) => Err(crate::ModelError::config(path, format!("{name} is 0; expected at least 1"))),
+        None => Ok(()),
+    }
+}
+
 /// transformers' `layer_types` (`full_attention` or `sliding_attention` for each of `n` layers)
 /// as whether each layer slides; an error naming the entry otherwise.
 pub(crate) fn sliding_layers(types: &[String], n: usize, path: &std::path::Path) -> crate::Result<Vec<bool>> {

@@ -311,10 +311,27 @@ impl Llama {
         if cfg.hidden_act != "silu" {
             return Err(ModelError::config(w.path(), format!("hidden_act `{}` is not implemented; expected silu", cfg.hidden_act)));
         }
+        let sizes = [
+            ("vocab_size", cfg.vocab_size),
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+            ("num_attention_heads", cfg.num_attention_heads),
+            ("num_key_value_heads", cfg.kv_heads()),
+        ];
+        crate::layers::sizes_at_least_one(&sizes, w.path())?;
         if !cfg.num_attention_heads.is_multiple_of(cfg.kv_heads()) {
             return Err(ModelError::config(w.path(), "num_attention_heads must be a multiple of num_key_value_heads"));
         }
-        let (d, v, hd) = (cfg.hidden_size, cfg.vocab_size, cfg.head_size());
+        // burn's RMSNorm asserts a positive epsilon.
+        if !cfg.rms_norm_eps.is_finite() || cfg.rms_norm_eps <= 0.0 {
+            return Err(ModelError::config(w.path(), format!("rms_norm_eps is {}; expected a positive number", cfg.rms_norm_eps)));
+        }
+        // The rotation turns pairs of a head's dimensions (its two halves).
+        let hd = cfg.head_size();
+        if hd == 0 || !hd.is_multiple_of(2) {
+            return Err(ModelError::config(w.path(), format!("the head size (head_dim, else hidden_size / num_attention_heads) is {hd}; expected an even number")));
+        }
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         let inv_freq = cfg.inv_freq(w.path())?;
         let windows = cfg.layer_windows(w.path())?;

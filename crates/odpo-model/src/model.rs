@@ -366,9 +366,10 @@ impl CausalLm {
             let model = Self::from_weights(&config, &mut weights, device)?;
             return Ok(LoadedModel { config, model, tokenizer_path: path.to_path_buf() });
         }
-        let config = ModelConfig::from_file(&path.join("config.json"))?;
+        let config_path = path.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
         let mut weights = quantize(Weights::from_hf_dir(path)?);
-        let model = Self::from_weights(&config, &mut weights, device)?;
+        let model = Self::from_weights(&config, &mut weights, device).map_err(|e| e.in_config_file(&config_path))?;
         Ok(LoadedModel { config, model, tokenizer_path: path.to_path_buf() })
     }
 

@@ -127,3 +127,45 @@ fn stored_mask_buffers_are_ignored() {
     std::fs::write(&path, out).unwrap();
     assert!(CausalLm::load(&dir, &Device::default()).is_ok());
 }
+
+/// Sizes no model can have (a zero width, heads that do not divide it, an odd head for the
+/// rotation) and a norm's epsilon of 0 are errors naming the key, in every family, where they used to panic inside a tensor
+/// operation; the fixture's own config still builds.
+#[test]
+fn sizes_a_model_cannot_have_are_named_in_every_family() {
+    let cases: [(&str, &str, serde_json::Value, &str); 13] = [
+        ("gpt2", "n_embd", 0.into(), "n_embd is 0; expected at least 1"),
+        ("gpt2", "n_head", 3.into(), "n_embd (64) must be a multiple of n_head (3)"),
+        ("gpt2", "vocab_size", 0.into(), "vocab_size is 0; expected at least 1"),
+        ("gpt_neo_local", "hidden_size", 0.into(), "hidden_size is 0; expected at least 1"),
+        ("gptj", "n_inner", 0.into(), "n_inner is 0; expected at least 1"),
+        ("gpt_neox_parallel", "intermediate_size", 0.into(), "intermediate_size is 0; expected at least 1"),
+        ("llama_gqa_untied", "num_attention_heads", 0.into(), "num_attention_heads is 0; expected at least 1"),
+        ("llama_gqa_untied", "num_key_value_heads", 0.into(), "num_key_value_heads is 0; expected at least 1"),
+        ("llama_gqa_untied", "head_dim", 7.into(), "is 7; expected an even number"),
+        ("qwen3_qk_norm", "intermediate_size", 0.into(), "intermediate_size is 0; expected at least 1"),
+        ("mistral_window", "rms_norm_eps", 0.into(), "rms_norm_eps is 0; expected a positive number"),
+        ("gemma3_text", "head_dim", 3.into(), "head_dim is 3; expected an even number"),
+        ("gemma3_text", "vocab_size", 0.into(), "vocab_size is 0; expected at least 1"),
+    ];
+    let device = Device::default();
+    for (case, key, value, want) in cases {
+        let path = fixture(case).join("config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let config = odpo_model::ModelConfig::from_hf_json(&json, &path).unwrap();
+        CausalLm::random(&config, 0, &device).unwrap_or_else(|e| panic!("{case}'s own config: {e}"));
+        json[key] = value;
+        let config = odpo_model::ModelConfig::from_hf_json(&json, &path).unwrap();
+        match CausalLm::random(&config, 0, &device) {
+            Ok(_) => panic!("{case} with {key} = {}: built", json[key]),
+            Err(e) => assert!(e.to_string().contains(want), "{case} with {key} = {}: {e}", json[key]),
+        }
+    }
+    // Loaded from a folder, the error names its config file, whose value it is, not the weights.
+    let dir = copy_gpt2("heads");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    json["n_head"] = 3.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let msg = load_err(&dir);
+    assert!(msg.contains("config.json: n_embd (64) must be a multiple of n_head (3)"), "{msg}");
+}

@@ -210,12 +210,17 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let text = std::fs::read_to_string(config_path).map_err(|e| TrainError::io(config_path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| TrainError::ConfigParse { origin: config_path.display().to_string(), message: e.to_string() })?;
     let config = ModelConfig::from_hf_json(&json, config_path)?;
+    // The random tokens leave out ids 0 to 2 (the special tokens of the small vocabularies).
+    if config.vocab_size() <= 3 {
+        let message = format!("vocab_size is {}; the step benchmark draws token ids from 3 up and needs at least 4", config.vocab_size());
+        return Err(odpo_model::ModelError::Config { path: config_path.into(), message }.into());
+    }
     let ad = crate::step::autodiff(device, b.gradient_checkpointing);
     let quantized_base = b.lora.as_ref().is_some_and(|l| l.quantized_base);
     if quantized_base && !odpo_kernels::holds_quantized(device) {
         return Err(TrainError::config("quantized-base", format!("the device {device:?} cannot hold burn's quantised tensors (flex can)")));
     }
-    let mut policy = CausalLm::random_with(&config, 0, &ad, quantized_base)?;
+    let mut policy = CausalLm::random_with(&config, 0, &ad, quantized_base).map_err(|e| e.in_config_file(config_path))?;
     policy.check_positions(b.seq, || format!("`seq` = {}", b.seq))?;
     if let Some(lora) = &b.lora {
         policy = policy.with_lora(lora, &ad)?;
