@@ -435,17 +435,8 @@ impl Gemma {
         if cfg.use_bidirectional_attention == Some(true) {
             return Err(ModelError::config(w.path(), "use_bidirectional_attention: only causal attention is implemented"));
         }
-        let sizes = [
-            ("vocab_size", cfg.vocab_size),
-            ("hidden_size", cfg.hidden_size),
-            ("intermediate_size", cfg.intermediate_size),
-            ("num_attention_heads", cfg.num_attention_heads),
-            ("num_key_value_heads", cfg.kv_heads()),
-        ];
-        crate::layers::sizes_at_least_one(&sizes, w.path())?;
-        if !cfg.num_attention_heads.is_multiple_of(cfg.kv_heads()) {
-            return Err(ModelError::config(w.path(), "num_attention_heads must be a multiple of num_key_value_heads"));
-        }
+        let sizes = [cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.kv_heads()];
+        crate::layers::grouped_layer_sizes(sizes, w.path())?;
         // The rotation turns pairs of a head's dimensions (its two halves).
         if cfg.head_dim == 0 || !cfg.head_dim.is_multiple_of(2) {
             return Err(ModelError::config(w.path(), format!("head_dim is {}; expected an even number", cfg.head_dim)));

@@ -214,6 +214,19 @@ pub(crate) fn sizes_at_least_one(sizes: &[(&str, usize)], path: &std::path::Path
     }
 }
 
+/// The sizes a Llama-style config gives under the keys Llama and Gemma share: `vocab_size`,
+/// `hidden_size`, `intermediate_size`, `num_attention_heads`, `num_key_value_heads`, each at least
+/// 1, and the query heads in whole groups over the key/value heads.
+pub(crate) fn grouped_layer_sizes(sizes: [usize; 5], path: &std::path::Path) -> crate::Result<()> {
+    let keys = ["vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"];
+    let named: Vec<(&str, usize)> = keys.into_iter().zip(sizes).collect();
+    sizes_at_least_one(&named, path)?;
+    if !sizes[3].is_multiple_of(sizes[4]) {
+        return Err(crate::ModelError::config(path, "num_attention_heads must be a multiple of num_key_value_heads"));
+    }
+    Ok(())
+}
+
 /// transformers' `layer_types` (`full_attention` or `sliding_attention` for each of `n` layers)
 /// as whether each layer slides; an error naming the entry otherwise.
 pub(crate) fn sliding_layers(types: &[String], n: usize, path: &std::path::Path) -> crate::Result<Vec<bool>> {

@@ -311,17 +311,8 @@ impl Llama {
         if cfg.hidden_act != "silu" {
             return Err(ModelError::config(w.path(), format!("hidden_act `{}` is not implemented; expected silu", cfg.hidden_act)));
         }
-        let sizes = [
-            ("vocab_size", cfg.vocab_size),
-            ("hidden_size", cfg.hidden_size),
-            ("intermediate_size", cfg.intermediate_size),
-            ("num_attention_heads", cfg.num_attention_heads),
-            ("num_key_value_heads", cfg.kv_heads()),
-        ];
-        crate::layers::sizes_at_least_one(&sizes, w.path())?;
-        if !cfg.num_attention_heads.is_multiple_of(cfg.kv_heads()) {
-            return Err(ModelError::config(w.path(), "num_attention_heads must be a multiple of num_key_value_heads"));
-        }
+        let sizes = [cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.kv_heads()];
+        crate::layers::grouped_layer_sizes(sizes, w.path())?;
         // burn's RMSNorm asserts a positive epsilon.
         if !cfg.rms_norm_eps.is_finite() || cfg.rms_norm_eps <= 0.0 {
             return Err(ModelError::config(w.path(), format!("rms_norm_eps is {}; expected a positive number", cfg.rms_norm_eps)));
