@@ -617,8 +617,8 @@ mod tests {
     }
 
     /// The copy of the loops this CPU runs (AVX-512 or AVX2 where it has them) gives the baseline
-    /// loops' values bit for bit, and both stay
-    /// finite far into the tails, where `e^(−x)` would overflow.
+    /// loops' values bit for bit, and both stay finite far into the tails, where `e^(−x)` would
+    /// overflow.
     #[test]
     fn the_baseline_loops_agree_with_the_dispatched_ones() {
         let n = 4099;
