@@ -119,6 +119,27 @@ fn a_bench_longer_than_the_models_positions_is_refused() {
     }
 }
 
+/// A model config no model can have, in the commands that build a random model from it: the error
+/// names that file and the key, not the random source of the weights.
+#[test]
+fn a_random_models_bad_sizes_name_its_config_file() {
+    let tiny = std::fs::read_to_string(env::repo_root().join("bench/configs/gpt2-tiny.json")).unwrap();
+    let dir = env::scratch("cli-bad-sizes");
+    let config = dir.join("gpt2-three-heads.json");
+    std::fs::write(&config, tiny.replace("\"n_head\": 4", "\"n_head\": 3")).unwrap();
+    let config = config.to_str().unwrap();
+    for args in [
+        vec!["bench", "--config", config, "--pairs", "1", "--seq", "16"],
+        vec!["bench-forward", "--config", config, "--batch", "1", "--seq", "16"],
+        vec!["bench-generate", "--config", config, "--batches", "1"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo")).args(&args).output().expect("run odpo");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&format!("{config}: n_embd (128) must be a multiple of n_head (3)")) && !err.contains("random init"), "{args:?}: {err}");
+    }
+}
+
 /// `odpo bench --kernels` counts the launches of the cubecl backends; on flex, which launches
 /// none, it is an error that says so rather than an empty census.
 #[test]

@@ -1,6 +1,7 @@
 //! Random damage to the files a run reads besides its config: a model folder's `config.json` (which
-//! then disagrees with its weights, or does not parse), its `model.safetensors`, and the tokenizer's
-//! `tokenizer.json` and `tokenizer_config.json` (chat template included). Bytes are changed and files
+//! then disagrees with its weights, or does not parse), its `model.safetensors`, the tokenizer's
+//! `tokenizer.json` and `tokenizer_config.json` (chat template included), and a PEFT adapter
+//! folder's `adapter_config.json` and `adapter_model.safetensors`. Bytes are changed and files
 //! cut short at random (fixed seeds); loading must never panic, and every refusal must name the file
 //! or the tensor. The counts are printed for docs/reliability.md.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -130,5 +131,45 @@ fn damaged_tokenizer_files_are_refused_by_name() {
         }
         std::fs::write(dir.join(file), &original).unwrap();
         tally.report(file);
+    }
+}
+
+#[test]
+fn damaged_adapter_folders_are_refused_by_name() {
+    let device = test_device();
+    let mut rng = StdRng::seed_from_u64(13);
+    for (case, base) in [("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied")] {
+        let model = CausalLm::load(&fixture(base), &device).unwrap().model;
+        let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), &device);
+        let mask = burn::tensor::Tensor::<2, burn::tensor::Int>::ones([1, 4], &device);
+        let src = fixture("lora").join(case);
+        let dir = scratch(&format!("hostile-adapter-{case}"));
+        let files = ["adapter_config.json", "adapter_model.safetensors"];
+        copy(&src, &dir, &files);
+        for file in files {
+            let original = std::fs::read(src.join(file)).unwrap();
+            let mut tally = Tally::default();
+            for i in 0..if file.ends_with(".json") { 300 } else { 150 } {
+                // As above, a safetensors file's header is where damage changes meaning.
+                let cut = original.len().min(4096);
+                let mut damaged = mutate(&original[..cut], &mut rng, i);
+                if damaged.len() == cut {
+                    damaged.extend_from_slice(&original[cut..]);
+                }
+                std::fs::write(dir.join(file), damaged).unwrap();
+                // Loading, then what a run does with adapters: a forward pass and the merge.
+                tally.check(
+                    || {
+                        let (adapted, _) = model.clone().load_peft(&dir, &device)?;
+                        let logits = adapted.forward(ids.clone(), &mask, None);
+                        let merged = adapted.merge_adapters().forward(ids.clone(), &mask, None);
+                        Ok::<_, odpo_model::ModelError>((logits, merged))
+                    },
+                    &[file, "adapter_config.json", "shape"],
+                );
+            }
+            std::fs::write(dir.join(file), &original).unwrap();
+            tally.report(&format!("{case} {file}"));
+        }
     }
 }

@@ -242,6 +242,7 @@ impl PipelineConfig {
             ("task.pref_prompts", self.task.pref_prompts),
             ("task.eval_prompts", self.task.eval_prompts),
             ("model.n_layer", self.model.n_layer),
+            ("model.n_embd", self.model.n_embd),
             ("model.n_head", self.model.n_head),
             ("sft.steps", self.sft.steps),
             ("sft.batch_size", self.sft.batch_size),
@@ -253,6 +254,18 @@ impl PipelineConfig {
             if v == 0 {
                 return Err(PipelineError::config(key, "is 0; expected at least 1"));
             }
+        }
+        let most = crate::pipeline::MAX_POSITIONS - crate::synthetic::PROMPT_WORDS;
+        if self.sample.max_new_tokens > most {
+            return Err(PipelineError::config(
+                "sample.max_new_tokens",
+                format!(
+                    "is {}; the task's model has {} positions and its prompts take {}, so at most {most}",
+                    self.sample.max_new_tokens,
+                    crate::pipeline::MAX_POSITIONS,
+                    crate::synthetic::PROMPT_WORDS
+                ),
+            ));
         }
         if self.sample.k < 2 {
             return Err(PipelineError::config("sample.k", format!("is {}; pairs need at least 2 responses per prompt", self.sample.k)));
@@ -313,6 +326,13 @@ mod tests {
         assert_eq!(PipelineConfig::from_toml_str(&cfg.to_toml()?, "round trip", &[])?, cfg);
         let e = PipelineConfig::default_with(&["task.score_noise=-1".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
         assert_eq!(e, "config: `task.score_noise` is -1; expected a finite number >= 0");
+        // The model's sizes and the responses' length are checked before any stage runs (the
+        // length once ran the SFT stage, then stopped at sampling).
+        let e = PipelineConfig::default_with(&["model.n_embd=0".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert_eq!(e, "config: `model.n_embd` is 0; expected at least 1");
+        let e = PipelineConfig::default_with(&["sample.max_new_tokens=29".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert_eq!(e, "config: `sample.max_new_tokens` is 29; the task's model has 32 positions and its prompts take 4, so at most 28");
+        assert_eq!(PipelineConfig::default_with(&["sample.max_new_tokens=28".into()])?.sample.max_new_tokens, 28);
         Ok(())
     }
 }

@@ -31,8 +31,9 @@ use crate::reward::{ClassifierScore, RewardModel};
 use crate::sample::{self, SampleSettings};
 use crate::synthetic;
 
-/// Longest prompt + response in tokens (prompts are 4 words, responses at most `max_new_tokens`).
-const MAX_POSITIONS: usize = 32;
+/// Longest prompt + response in tokens (prompts are [`synthetic::PROMPT_WORDS`] words, responses
+/// at most `max_new_tokens`, which the config checks against it).
+pub(crate) const MAX_POSITIONS: usize = 32;
 
 /// What `cargo xtask train` (no arguments) passes.
 #[derive(Clone, Debug, Default)]

@@ -59,6 +59,9 @@ pub fn reward() -> KnownReward {
     KnownReward::from_lexicon(POSITIVE.iter().chain(&NEGATIVE).copied())
 }
 
+/// Tokens in every prompt: one word of each of the four kinds (the tokenizer has a token a word).
+pub const PROMPT_WORDS: usize = 4;
+
 /// Every prompt, in a fixed order.
 pub fn all_prompts() -> Vec<String> {
     let mut out = Vec::with_capacity(TIMES.len() * DETS.len() * NOUNS.len() * VERBS.len());

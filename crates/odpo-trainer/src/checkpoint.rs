@@ -173,7 +173,16 @@ pub fn latest_intact(run_dir: &Path) -> Result<Option<PathBuf>> {
     if tried.is_empty() {
         return Ok(None);
     }
-    Err(TrainError::checkpoint(dir(run_dir), format!("no intact checkpoint to resume from; tried {}", tried.join("; "))))
+    // Nothing is set aside here: which damaged checkpoint to give up is the user's call, and the
+    // message says how (with no checkpoint left, `--resume` trains from step 0).
+    Err(TrainError::checkpoint(
+        dir(run_dir),
+        format!(
+            "no intact checkpoint to resume from; tried {}; to train from step 0 instead, move the step-* folders out of {} and resume again",
+            tried.join("; "),
+            dir(run_dir).display()
+        ),
+    ))
 }
 
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -432,6 +432,24 @@ impl<T> Checked<T> {
     }
 }
 
+/// A loss config error with its keys named as the run config spells them (`loss.beta`), so that
+/// it reads like every other key's error and the fix can be typed as `--set loss.beta=...`.
+fn in_loss_table(e: odpo_loss::LossError) -> TrainError {
+    use odpo_loss::LossError::*;
+    match e {
+        InvalidOption { option, value, reason } => TrainError::config(format!("loss.{option}"), format!("= {value}: {reason}")),
+        UnusedOption { option, value, loss_type, read_by } => TrainError::config(
+            format!("loss.{option}"),
+            format!("= {value} does nothing with `loss.loss_type` = [{loss_type}]: it is read only by {read_by}"),
+        ),
+        WeightsLength { weights, losses } => TrainError::config(
+            "loss.loss_weights",
+            format!("has {weights} entries but `loss.loss_type` has {losses}; give one weight per loss"),
+        ),
+        other => other.into(),
+    }
+}
+
 impl RunConfig {
     /// Parses TOML text, applies `--set` overrides (`a.b=value`), deserialises and checks.
     /// `origin` names the text in error messages.
@@ -504,7 +522,7 @@ impl RunConfig {
             }
             Stage::Preference => {
                 let loss = self.loss.clone().unwrap_or_default();
-                loss.validate()?;
+                loss.validate().map_err(in_loss_table)?;
                 if self.data.offset.is_some() {
                     for kind in &loss.loss_type {
                         if let Err(why) = kind.offset_support() {
@@ -838,6 +856,13 @@ beta = 0.1
                 vec!["train.layout=packed"],
                 "--set train.layout=packed: unknown variant `packed`, expected one of `auto`, `shared-prompt`, `concatenated`\nin `train.layout`",
             ),
+            // The loss table's own checks name their keys as `--set` spells them.
+            (vec!["loss.beta=0"], "config: `loss.beta` = 0: must be finite and > 0"),
+            (
+                vec!["loss.label_smoothing=0.1"],
+                "config: `loss.label_smoothing` = 0.1 does nothing with `loss.loss_type` = [sigmoid]: it is read only by cdpo, robust, exo-pair, aot, aot-unpaired (for cDPO use `loss_type = \"cdpo\"`)",
+            ),
+            (vec!["loss.loss_weights=[1.0, 0.5]"], "config: `loss.loss_weights` has 2 entries but `loss.loss_type` has 1; give one weight per loss"),
         ];
         for (sets, msg) in cases {
             let e = parse(BASE, &sets).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();

@@ -106,6 +106,15 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     if data.train.is_empty() {
         return Err(TrainError::config("data.path", "gives no training pairs after pairing, splitting and tokenizing"));
     }
+    if t.batch_size > data.train.len() {
+        // Allowed (an online round may pair fewer prompts than a batch), but a step then holds
+        // pairs more than once, and a batch far beyond the data costs its full size in memory.
+        tracing::warn!(
+            "`train.batch_size` ({}) is more than the {} training pairs: each step takes pairs more than once",
+            t.batch_size,
+            data.train.len()
+        );
+    }
     std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
     // Held until the run returns; a second run on this folder is refused.
     let _lock = crate::lock::acquire(&run_dir)?;
@@ -424,7 +433,8 @@ pub fn load_base(model: &ModelSection, seed: u64, device: &Device, quantized_bas
     if model.random_init {
         let path = if model.path.is_dir() { model.path.join("config.json") } else { model.path.clone() };
         let config = ModelConfig::from_file(&path)?;
-        let policy = CausalLm::random_with(&config, seed, device, quantized_base)?;
+        // Errors of the sizes name the config file, not the random source of the weights.
+        let policy = CausalLm::random_with(&config, seed, device, quantized_base).map_err(|e| e.in_config_file(&path))?;
         return Ok((config, policy));
     }
     let loaded = CausalLm::load_with(&model.path, device, quantized_base)?;

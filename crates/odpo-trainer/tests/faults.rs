@@ -82,6 +82,19 @@ fn no_intact_checkpoint_is_an_error_listing_what_was_tried() {
     let err = odpo_trainer::train_on(&cfg(&model, &run, &["train.max_steps=14"]), data(64, 8), &device(), true, None).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("no intact checkpoint") && msg.contains("step-00000007: model.bpk") && msg.contains("step-00000014: model.bpk"), "{msg}");
+    // What the message says to do works: with the damaged checkpoints moved away, resuming trains
+    // from step 0, to the weights of a run that never had them.
+    assert!(msg.contains(&format!("to train from step 0 instead, move the step-* folders out of {} and resume again", run.join("checkpoints").display())), "{msg}");
+    let aside = dir.join("aside");
+    std::fs::create_dir(&aside).unwrap();
+    for c in checkpoint::list(&run).unwrap() {
+        std::fs::rename(&c, aside.join(c.file_name().unwrap())).unwrap();
+    }
+    let summary = odpo_trainer::train_on(&cfg(&model, &run, &["train.max_steps=14"]), data(64, 8), &device(), true, None).unwrap();
+    assert_eq!((summary.resumed_from, summary.steps), (None, 14));
+    let fresh = dir.join("fresh");
+    odpo_trainer::train_on(&cfg(&model, &fresh, &["train.max_steps=14"]), data(64, 8), &device(), false, None).unwrap();
+    assert!(exported(&fresh) == exported(&run), "training from step 0 after the damaged checkpoints were moved differs from a fresh run");
 }
 
 #[test]

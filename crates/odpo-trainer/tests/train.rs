@@ -160,6 +160,19 @@ fn a_run_folder_with_checkpoints_needs_resume() {
     assert_eq!((s.resumed_from, s.steps), (Some(2), 2));
 }
 
+/// A random init from a config no model can have: the error names that config file and the key.
+#[test]
+fn a_random_inits_bad_sizes_name_its_config_file() {
+    let dir = scratch("random-init-sizes");
+    let model = tiny_model(&dir);
+    let file = model.join("config.json");
+    let text = std::fs::read_to_string(&file).unwrap().replace("\"n_head\":4", "\"n_head\":3");
+    std::fs::write(&file, text).unwrap();
+    let cfg = config(&model, &dir.join("run"), "", &["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1"]);
+    let err = odpo_trainer::train_on(&cfg, data(8, 0), &device(), false, None).map(|_| ()).expect_err("three heads over 32 wide");
+    assert_eq!(err.to_string(), format!("{}: n_embd (32) must be a multiple of n_head (3)", file.display()));
+}
+
 #[test]
 fn every_config_in_configs_parses_and_validates() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
