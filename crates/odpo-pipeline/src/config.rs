@@ -237,6 +237,7 @@ impl PipelineConfig {
 
     /// Checks ranges, naming the key.
     pub fn validate(&self) -> Result<()> {
+        check_run_name(&self.name)?;
         let positive = [
             ("task.sft_texts", self.task.sft_texts),
             ("task.pref_prompts", self.task.pref_prompts),
@@ -306,6 +307,29 @@ impl PipelineConfig {
     }
 }
 
+/// A sweep's β and α lists: every β finite and > 0, every α finite and ≥ 0, refused at load naming
+/// the list (each run's own check would name `loss.beta` or the offset's `alpha`, and only after
+/// the SFT stage and the sampling).
+/// A run's `name`: one folder under `runs/`, so neither empty nor a path (`runs/` itself, or a
+/// folder elsewhere, is not what the key means).
+pub(crate) fn check_run_name(name: &str) -> Result<()> {
+    let mut parts = Path::new(name).components();
+    match (parts.next(), parts.next()) {
+        (Some(std::path::Component::Normal(_)), None) if !name.contains(['/', '\\']) => Ok(()),
+        _ => Err(PipelineError::config("name", format!("is {name:?}; expected the name of one folder under runs/ (no `/`, not empty, `.` or `..`)"))),
+    }
+}
+
+pub(crate) fn check_sweep_values(betas: &[f64], alphas: &[f64]) -> Result<()> {
+    if let Some(b) = betas.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
+        return Err(PipelineError::config("betas", format!("holds {b}; every β must be a finite number > 0")));
+    }
+    if let Some(a) = alphas.iter().find(|a| !(a.is_finite() && **a >= 0.0)) {
+        return Err(PipelineError::config("alphas", format!("holds {a}; every α must be a finite number >= 0")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,6 +357,11 @@ mod tests {
         let e = PipelineConfig::default_with(&["sample.max_new_tokens=29".into()]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
         assert_eq!(e, "config: `sample.max_new_tokens` is 29; the task's model has 32 positions and its prompts take 4, so at most 28");
         assert_eq!(PipelineConfig::default_with(&["sample.max_new_tokens=28".into()])?.sample.max_new_tokens, 28);
+        for name in ["", ".", "..", "a/b", "../elsewhere", "/tmp/x"] {
+            let e = PipelineConfig::default_with(&[format!("name={name:?}")]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+            assert_eq!(e, format!("config: `name` is {name:?}; expected the name of one folder under runs/ (no `/`, not empty, `.` or `..`)"));
+        }
+        assert_eq!(PipelineConfig::default_with(&["name=\"beta-0.1\"".into()])?.name, "beta-0.1");
         Ok(())
     }
 }

@@ -148,6 +148,7 @@ impl ExperimentConfig {
 
     /// Checks ranges, naming the key.
     pub fn validate(&self) -> Result<()> {
+        crate::config::check_run_name(&self.name)?;
         for (key, empty) in [("methods", self.methods.is_empty()), ("betas", self.betas.is_empty()), ("seeds", self.seeds.is_empty())] {
             if empty {
                 return Err(PipelineError::config(key, "is empty; give at least one value"));
@@ -171,10 +172,49 @@ impl ExperimentConfig {
         if self.sample.k < 2 {
             return Err(PipelineError::config("sample.k", format!("is {}; pairs need at least 2 responses per prompt", self.sample.k)));
         }
-        if let Some(b) = self.betas.iter().find(|b| !(**b > 0.0)) {
-            return Err(PipelineError::config("betas", format!("holds {b}; every β must be > 0")));
+        for (key, v) in [("sample.temperature", self.sample.temperature), ("pref.epochs", self.pref.epochs), ("pref.lr", self.pref.lr)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(PipelineError::config(key, format!("is {v}; expected a finite number > 0")));
+            }
+        }
+        let p = &self.pref;
+        match p.micro_batch_size {
+            Some(0) => return Err(PipelineError::config("pref.micro_batch_size", "is 0; expected at least 1")),
+            Some(m) if !p.batch_size.is_multiple_of(m) => {
+                return Err(PipelineError::config("pref.batch_size", format!("({}) must be a multiple of `pref.micro_batch_size` ({m})", p.batch_size)));
+            }
+            _ => {}
+        }
+        if p.max_prompt_length == 0 || p.max_prompt_length >= p.max_length {
+            return Err(PipelineError::config(
+                "pref.max_prompt_length",
+                format!("({}) must be between 1 and `pref.max_length` - 1 ({}) to leave room for the response", p.max_prompt_length, p.max_length.saturating_sub(1)),
+            ));
+        }
+        if let Some(lora) = &self.lora {
+            lora.validate()?;
+        }
+        crate::config::check_sweep_values(&self.betas, &self.alphas)?;
+        // The rest of what a run checks (the preset's keys with these), for every run, before the
+        // sampling: a refusal after it would cost its minutes.
+        for point in self.points() {
+            run_config(self, &point, Path::new("samples.jsonl"), Path::new("run"))?;
         }
         Ok(())
+    }
+
+    /// Every run of the sweep, in the order they run: method, β, α (ODPO; 0 for DPO), seed.
+    fn points(&self) -> Vec<SweepPoint> {
+        let mut out = Vec::new();
+        for &method in &self.methods {
+            let alphas: Vec<f64> = if method == Method::Odpo { self.alphas.clone() } else { vec![0.0] };
+            for &beta in &self.betas {
+                for &alpha in &alphas {
+                    out.extend(self.seeds.iter().map(|&seed| SweepPoint { method, beta, alpha, seed }));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -252,29 +292,23 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
 
     // 3. One run per setting.
     let mut rows = Vec::new();
-    for &method in &cfg.methods {
-        let alphas: Vec<f64> = if method == Method::Odpo { cfg.alphas.clone() } else { vec![0.0] };
-        for &beta in &cfg.betas {
-            for &alpha in &alphas {
-                for &seed in &cfg.seeds {
-                    let t = Instant::now();
-                    let tag = format!("{}-b{beta}-a{alpha}-s{seed}", method.name());
-                    let run_dir = dir.join("runs").join(&tag);
-                    let eval = cached_eval(&run_dir.join("eval.json"), || {
-                        say(format!("[{tag}] training ..."));
-                        let run = run_config(&cfg, &SweepPoint { method, beta, alpha, seed }, &samples, &run_dir)?;
-                        let summary = odpo_trainer::train(&run, device, false)?;
-                        let model = summary.exported.ok_or_else(|| PipelineError::config("output.export", "a preference run exported no model"))?;
-                        let policy = odpo_model::CausalLm::load(&model, device)?.model;
-                        say(format!("[{tag}] evaluating ..."));
-                        Ok(evaluate_samples(&policy, &base, &tok, eval_prompts, &eval_settings(seed), reward.as_ref(), device)?.0)
-                    })?;
-                    let row = ExperimentRow { method, beta, alpha, seed, eval, seconds: t.elapsed().as_secs_f64() };
-                    say(format!("[{tag}] reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3})", eval.reward.mean, eval.reward.ci95, eval.kl.seq.mean, eval.kl.k3.mean));
-                    rows.push(row);
-                }
-            }
-        }
+    for point in cfg.points() {
+        let SweepPoint { method, beta, alpha, seed } = point;
+        let t = Instant::now();
+        let tag = format!("{}-b{beta}-a{alpha}-s{seed}", method.name());
+        let run_dir = dir.join("runs").join(&tag);
+        let eval = cached_eval(&run_dir.join("eval.json"), || {
+            say(format!("[{tag}] training ..."));
+            let run = run_config(&cfg, &point, &samples, &run_dir)?;
+            let summary = odpo_trainer::train(&run, device, false)?;
+            let model = summary.exported.ok_or_else(|| PipelineError::config("output.export", "a preference run exported no model"))?;
+            let policy = odpo_model::CausalLm::load(&model, device)?.model;
+            say(format!("[{tag}] evaluating ..."));
+            Ok(evaluate_samples(&policy, &base, &tok, eval_prompts, &eval_settings(seed), reward.as_ref(), device)?.0)
+        })?;
+        let row = ExperimentRow { method, beta, alpha, seed, eval, seconds: t.elapsed().as_secs_f64() };
+        say(format!("[{tag}] reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3})", eval.reward.mean, eval.reward.ci95, eval.kl.seq.mean, eval.kl.k3.mean));
+        rows.push(row);
     }
 
     let table = dir.join("experiment.md");
@@ -363,9 +397,32 @@ mod tests {
         let mut bad = cfg.clone();
         bad.sample.k = 1;
         assert!(bad.validate().unwrap_err().to_string().contains("sample.k"));
-        let mut bad = cfg;
-        bad.betas = vec![0.1, 0.0];
-        assert!(bad.validate().unwrap_err().to_string().contains("betas"));
+        // Every value of the sweep's lists and its name, at load: a run's own check would come
+        // after the samples, naming `loss.beta` or the offset's `alpha`.
+        for (betas, alphas, name, msg) in [
+            (vec![0.1, 0.0], vec![1.0], "x", "config: `betas` holds 0; every β must be a finite number > 0"),
+            (vec![f64::INFINITY], vec![1.0], "x", "config: `betas` holds inf; every β must be a finite number > 0"),
+            (vec![0.1], vec![1.0, -1.0], "x", "config: `alphas` holds -1; every α must be a finite number >= 0"),
+            (vec![0.1], vec![f64::NAN], "x", "config: `alphas` holds NaN; every α must be a finite number >= 0"),
+            (vec![0.1], vec![1.0], "", "config: `name` is \"\"; expected the name of one folder under runs/ (no `/`, not empty, `.` or `..`)"),
+        ] {
+            let mut bad = cfg.clone();
+            (bad.betas, bad.alphas, bad.name) = (betas, alphas, name.into());
+            assert_eq!(bad.validate().unwrap_err().to_string(), msg);
+        }
+        let refused = |change: &dyn Fn(&mut ExperimentConfig)| {
+            let mut bad = cfg.clone();
+            change(&mut bad);
+            bad.validate().unwrap_err().to_string()
+        };
+        assert_eq!(refused(&|c| c.sample.temperature = f64::NAN), "config: `sample.temperature` is NaN; expected a finite number > 0");
+        assert_eq!(refused(&|c| c.pref.lr = 0.0), "config: `pref.lr` is 0; expected a finite number > 0");
+        assert_eq!(refused(&|c| c.pref.micro_batch_size = Some(3)), "config: `pref.batch_size` (8) must be a multiple of `pref.micro_batch_size` (3)");
+        assert_eq!(
+            refused(&|c| c.pref.max_prompt_length = 64),
+            "config: `pref.max_prompt_length` (64) must be between 1 and `pref.max_length` - 1 (63) to leave room for the response"
+        );
+        assert!(refused(&|c| c.lora.as_mut().unwrap().rank = 0).contains("lora.rank: is 0"));
     }
 
     #[test]

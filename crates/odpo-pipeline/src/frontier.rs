@@ -128,6 +128,7 @@ impl FrontierConfig {
         if cfg.pair_counts.contains(&0) {
             return Err(PipelineError::config("pair_counts", "holds 0; every budget must be at least 1 pair"));
         }
+        crate::config::check_sweep_values(&cfg.betas, &cfg.alphas)?;
         Ok(cfg)
     }
 }
@@ -150,7 +151,17 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     cfg.name = fc.name.clone();
     let largest = fc.pair_counts.iter().copied().max().unwrap_or(1);
     match fc.subset {
-        Subset::First => cfg.task.pref_prompts = largest,
+        Subset::First => {
+            // One pair a prompt: the largest budget needs that many prompts outside the held-out ones.
+            let left = synthetic::all_prompts().len().saturating_sub(cfg.task.eval_prompts);
+            if largest > left {
+                return Err(PipelineError::config(
+                    "pair_counts",
+                    format!("holds {largest}; the task has {left} prompts left after the {} held-out ones (`task.eval_prompts`), one pair each", cfg.task.eval_prompts),
+                ));
+            }
+            cfg.task.pref_prompts = largest;
+        }
         Subset::PerSeed if cfg.task.pref_prompts < largest => {
             return Err(PipelineError::config("task.pref_prompts", format!("is {}; `subset = \"per-seed\"` draws up to {largest} prompts from it", cfg.task.pref_prompts)));
         }
@@ -348,4 +359,35 @@ pub fn markdown_table(rows: &[FrontierRow], sft: &Estimate) -> String {
         let _ = writeln!(s, "| {} | {n} | {} | {alpha} | {reward:.3} | {kl:.3} | {:.3} | {rho:.2} |", m.name(), f64::from_bits(b), (reward - sft.mean) / kl.max(1e-9));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sweep's values a run could not take are refused when the file is read, naming the list,
+    /// before the SFT stage runs.
+    #[test]
+    fn a_sweeps_bad_values_are_named_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/pipeline/default.toml");
+        let sweep = |lists: &str| {
+            let path = dir.path().join("sweep.toml");
+            std::fs::write(&path, format!("base = {:?}\nname = \"s\"\nmethods = [\"dpo\", \"odpo\"]\nseeds = [0]\n{lists}\n", base.display().to_string())).unwrap();
+            path
+        };
+        let device = Device::default();
+        for (lists, msg) in [
+            ("pair_counts = [10]\nbetas = [0.1, 0.0]\nalphas = [1.0]", "config: `betas` holds 0; every β must be a finite number > 0"),
+            ("pair_counts = [10]\nbetas = [0.1]\nalphas = [-1.0]", "config: `alphas` holds -1; every α must be a finite number >= 0"),
+            (
+                "pair_counts = [10, 1700]\nbetas = [0.1]\nalphas = [1.0]",
+                "config: `pair_counts` holds 1700; the task has 1664 prompts left after the 64 held-out ones (`task.eval_prompts`), one pair each",
+            ),
+        ] {
+            let e = frontier(&sweep(lists), &[], &device, false).map(|_| ()).unwrap_err().to_string();
+            assert_eq!(e, msg);
+        }
+        assert!(!Path::new("runs/s").exists(), "a refused sweep wrote its folder");
+    }
 }
