@@ -730,6 +730,16 @@ fn cmd_sample(a: SampleArgs) -> Result<()> {
     Ok(())
 }
 
+/// A fit's rows counted against the fewest it takes, naming the flag and its file.
+fn too_few(path: &std::path::Path, flag: &str, n: usize, what: &str, limit: Option<usize>) -> Result<()> {
+    let least = odpo_pipeline::learned::MIN_FIT_ROWS;
+    if n < least {
+        let limited = limit.map(|l| format!(" with --limit {l}")).unwrap_or_default();
+        bail!("{flag} {}: {n} {what}{limited}; at least {least} are needed to fit a reward model", path.display());
+    }
+    Ok(())
+}
+
 fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
     use odpo_pipeline::learned::{FeatureSpec, FitOptions, Keep, LearnedReward, Pooling};
     let device = backend::device(&a.backend)?;
@@ -756,6 +766,7 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
             let k = spread(n, entries.len());
             entries = entries.into_iter().step_by(k).take(n).collect();
         }
+        too_few(data, "--data", entries.len(), "scored texts", a.limit)?;
         let (model, report) = LearnedReward::fit(&entries, &opts, &device)?;
         model.save(&a.out)?;
         println!("fitted on {} texts, {} held out (by prompt); ridge penalty {}", report.train_texts, report.heldout_texts, report.l2);
@@ -792,6 +803,7 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
             scores: p.score_chosen.zip(p.score_rejected),
         })
         .collect();
+    too_few(pairs_path, "--pairs", pairs.len(), "pairs", a.limit)?;
     let odpo_pipeline::learned::PairFit { model, report, pair_scores } = LearnedReward::fit_pairs(&pairs, &opts, &device)?;
     model.save(&a.out)?;
     println!(

@@ -183,6 +183,20 @@ fn zero_counts_and_missing_files_are_refused_plainly() {
     let missing = dir.join("no-such-run.toml");
     let (code, err) = odpo(&["train", "--config", missing.to_str().unwrap()]);
     assert_eq!((code, err.trim()), (Some(2), format!("error: {}: No such file or directory (os error 2)", missing.display()).as_str()));
+    // A prompt file with no prompt: an error, where sampling nothing wrote an empty file and succeeded.
+    let blank = dir.join("blank.txt");
+    std::fs::write(&blank, "\n  \n").unwrap();
+    let (code, err) = odpo(&["sample", "--model", "m", "--prompts", blank.to_str().unwrap(), "--out", "o"]);
+    assert_eq!((code, err.trim()), (Some(2), format!("error: {}: no prompts (every line is blank); expected one prompt a line", blank.display()).as_str()));
+    // Too little data to fit a reward model: the flag and its file, before the backbone loads.
+    let scored = dir.join("scored.jsonl");
+    std::fs::write(&scored, (0..3).map(|i| format!("{{\"prompt\": \"a\", \"text\": \"b{i}\", \"reward\": 1.0}}\n")).collect::<String>()).unwrap();
+    let pairs = dir.join("pairs.jsonl");
+    std::fs::write(&pairs, "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n").unwrap();
+    for (flag, file, what) in [("--data", &scored, "3 scored texts"), ("--pairs", &pairs, "1 pairs")] {
+        let (code, err) = odpo(&["reward-model", flag, file.to_str().unwrap(), "--backbone", "no-such-model", "--out", "o"]);
+        assert_eq!((code, err.trim()), (Some(2), format!("error: {flag} {}: {what}; at least 10 are needed to fit a reward model", file.display()).as_str()));
+    }
 }
 
 /// `--backend` is checked when the flags are read, naming the backends, before anything loads.

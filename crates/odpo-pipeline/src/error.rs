@@ -48,6 +48,12 @@ pub enum PipelineError {
     /// trainer's: `TrainError::ConfigParse` and `TrainError::Config`).
     #[error(transparent)]
     Train(#[from] odpo_trainer::TrainError),
+    /// A prompt file holds no prompt.
+    #[error("{}: no prompts (every line is blank); expected one prompt a line", path.display())]
+    NoPrompts {
+        /// The file.
+        path: PathBuf,
+    },
     /// The plot could not be drawn.
     #[error("plot `{}`: {message}", path.display())]
     Plot {

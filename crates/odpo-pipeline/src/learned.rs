@@ -421,11 +421,14 @@ fn split_prompts(prompts: &[String], fraction: f64, seed: u64) -> (BTreeSet<Stri
     (train, held)
 }
 
+/// The fewest scored texts (or pairs) a reward model is fitted on.
+pub const MIN_FIT_ROWS: usize = 10;
+
 impl LearnedReward {
     /// Fits a head on `(prompt, text, score)` entries; reports the held-out agreement.
     pub fn fit(entries: &[(String, String, f64)], opts: &FitOptions, device: &Device) -> Result<(Self, FitReport)> {
-        if entries.len() < 10 {
-            return Err(PipelineError::config("reward", format!("{} scored texts; at least 10 are needed to fit a reward model", entries.len())));
+        if entries.len() < MIN_FIT_ROWS {
+            return Err(PipelineError::config("reward", format!("{} scored texts; at least {MIN_FIT_ROWS} are needed to fit a reward model", entries.len())));
         }
         let (model, tokenizer) = backbone(&opts.backbone, device)?;
         let prompts: Vec<String> = entries.iter().map(|e| e.0.clone()).collect();
@@ -459,8 +462,8 @@ impl LearnedReward {
     /// Fits a Bradley–Terry head on preference pairs (module doc); reports the held-out pair
     /// accuracy, and a ridge model's on the same pairs when every pair carries scores.
     pub fn fit_pairs(pairs: &[PairText], opts: &FitOptions, device: &Device) -> Result<PairFit> {
-        if pairs.len() < 10 {
-            return Err(PipelineError::config("reward", format!("{} pairs; at least 10 are needed to fit a reward model", pairs.len())));
+        if pairs.len() < MIN_FIT_ROWS {
+            return Err(PipelineError::config("reward", format!("{} pairs; at least {MIN_FIT_ROWS} are needed to fit a reward model", pairs.len())));
         }
         // Each distinct (prompt, text) runs through the backbone once.
         let mut index: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();

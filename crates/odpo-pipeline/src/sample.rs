@@ -110,8 +110,13 @@ pub fn sample(model_dir: &Path, prompts: &[String], settings: &SampleSettings, r
     Ok(SampleReport { path: out.to_path_buf(), responses: responses.len(), mean_reward })
 }
 
-/// Reads prompts, one a line (blank lines skipped), for `cargo xtask sample --prompts FILE`.
+/// Reads prompts, one a line (blank lines skipped), for `cargo xtask sample --prompts FILE`; a
+/// file with none is an error (sampling nothing would write an empty file and report success).
 pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
-    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+    let prompts: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    if prompts.is_empty() {
+        return Err(PipelineError::NoPrompts { path: path.to_path_buf() });
+    }
+    Ok(prompts)
 }
