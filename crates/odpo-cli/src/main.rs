@@ -704,7 +704,8 @@ fn backend_spec(spec: &str) -> std::result::Result<String, String> {
 
 /// `--format NAME` as a data format.
 fn parse_format(name: &str) -> Result<odpo_data::Format> {
-    name.parse().with_context(|| format!("--format `{name}`: expected jsonl, parquet, scored-jsonl or tldr-json"))
+    // The parse error lists the known formats itself.
+    name.parse().context("--format")
 }
 
 fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {
