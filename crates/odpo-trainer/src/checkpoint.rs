@@ -235,6 +235,37 @@ pub fn load(ckpt: &Path, model: CausalLm, optim: Optim) -> Result<(CausalLm, Opt
     Ok((model, optim, read_state(ckpt)?))
 }
 
+/// Refuses a resume whose config builds other trainable parameters or another optimizer than the
+/// checkpoint's own `config.toml` (the adapters' presence, rank and targets, a quantised base, the
+/// optimizer): the saved weights would not load (burn lists every missing tensor), or the saved
+/// optimizer state would be dropped without a word. What may change on resume (the steps, the
+/// learning rate, evaluation, ...) is not compared, nor paths, which move with a run folder.
+pub fn check_resumable(ckpt: &Path, cfg: &crate::RunConfig) -> Result<()> {
+    let path = ckpt.join("config.toml");
+    // Checked against `checksums.json` already; a config this build cannot read is the load's
+    // error to give.
+    let Some(saved) = std::fs::read_to_string(&path).ok().and_then(|t| toml::from_str::<crate::RunConfig>(&t).ok()) else {
+        return Ok(());
+    };
+    let adapters = |c: &crate::RunConfig| match &c.lora {
+        None => "none".to_string(),
+        Some(l) => format!("rank {} on {:?}{}", l.rank, l.targets, if l.quantized_base { " over a quantised base" } else { "" }),
+    };
+    let optimizer = |c: &crate::RunConfig| serde_json::to_value(c.optim.optimizer).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    for (key, now, then) in [("lora", adapters(cfg), adapters(&saved)), ("optim.optimizer", optimizer(cfg), optimizer(&saved))] {
+        if now != then {
+            return Err(TrainError::config(
+                key,
+                format!(
+                    "is {now} here but {then} in the checkpoint being resumed ({}): a resumed run continues the weights and optimizer state it saved; set it back, or train a new run in another folder",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Loads a checkpoint's weights (with their parameter ids) into `model`.
 pub fn load_model(ckpt: &Path, mut model: CausalLm) -> Result<CausalLm> {
     let path = ckpt.join("model.bpk");

@@ -160,6 +160,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     let layout = t.layout.resolve(t.backend);
     let mut summary = RunSummary { run_dir: run_dir.clone(), layout, ..RunSummary::default() };
     if resume && let Some(ckpt) = checkpoint::latest_intact(&run_dir)? {
+        checkpoint::check_resumable(&ckpt, cfg)?;
         (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
         tracing::info!(step = state.step, "resumed from {}", ckpt.display());
         summary.resumed_from = Some(state.step);

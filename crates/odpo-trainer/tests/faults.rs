@@ -97,6 +97,27 @@ fn no_intact_checkpoint_is_an_error_listing_what_was_tried() {
     assert!(exported(&fresh) == exported(&run), "training from step 0 after the damaged checkpoints were moved differs from a fresh run");
 }
 
+/// A resume whose config would build other adapters or another optimizer than the checkpoint's is
+/// refused naming the key: the adapters' weights would not load (burn listed every missing tensor),
+/// and another optimizer dropped the saved state without a word. Steps may still change.
+#[test]
+fn a_resume_with_other_adapters_or_another_optimizer_is_refused() {
+    let dir = scratch("resume-changed");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    odpo_trainer::train_on(&cfg(&model, &run, &["train.max_steps=7"]), data(64, 8), &device(), false, None).unwrap();
+    let saved = run.join("checkpoints/step-00000007/config.toml");
+    for (set, msg) in [
+        ("optim.optimizer=\"rmsprop\"", format!("config: `optim.optimizer` is rmsprop here but adamw in the checkpoint being resumed ({})", saved.display())),
+        ("lora.rank=2", "config: `lora` is rank 2 on [".to_string()),
+    ] {
+        let err = odpo_trainer::train_on(&cfg(&model, &run, &["train.max_steps=14", set]), data(64, 8), &device(), true, None).map(|_| ()).unwrap_err().to_string();
+        assert!(err.starts_with(&msg) && err.ends_with("set it back, or train a new run in another folder"), "{set}: {err}");
+    }
+    let summary = odpo_trainer::train_on(&cfg(&model, &run, &["train.max_steps=14"]), data(64, 8), &device(), true, None).unwrap();
+    assert_eq!((summary.resumed_from, summary.steps), (Some(7), 14));
+}
+
 #[test]
 fn a_damaged_reference_cache_is_recomputed() {
     let dir = scratch("damaged-refcache");
