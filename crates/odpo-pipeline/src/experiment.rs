@@ -387,6 +387,7 @@ fn markdown(cfg: &ExperimentConfig, base: &SampleEval, rows: &[ExperimentRow]) -
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

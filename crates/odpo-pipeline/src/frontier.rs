@@ -363,6 +363,7 @@ pub fn markdown_table(rows: &[FrontierRow], sft: &Estimate) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     /// A sweep's values a run could not take are refused when the file is read, naming the list,
