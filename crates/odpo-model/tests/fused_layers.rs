@@ -112,7 +112,13 @@ fn rms_norm_values_and_gradients_match_burns_rms_norm() {
         let case = format!("[{b}, {t}, {d}]{}", if strided { " strided" } else { "" });
         close(&format!("{case} y"), &ours.0, &burns.0, &device);
         close(&format!("{case} dx"), &ours.1, &burns.1, &device);
-        close(&format!("{case} dgamma"), &ours.2, &burns.2, &device);
+        // `dγ` sums a column over every row, in another order on each side: f32 rounding grows with
+        // the terms, not with the sum, which cancels (a column that sums to 0.47 from 201 terms of
+        // order 1 differed by 1e-5). It is measured against the gradient's largest entry, as the
+        // half-precision test below measures it.
+        let scale = burns.2.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        let scaled = |v: &[f32]| v.iter().map(|x| x / scale).collect::<Vec<_>>();
+        close(&format!("{case} dgamma (over its largest entry, {scale})"), &scaled(&ours.2), &scaled(&burns.2), &device);
     }
 }
 
