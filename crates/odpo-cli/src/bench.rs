@@ -125,8 +125,7 @@ pub struct BenchForwardArgs {
 
 pub fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
-    let config = odpo_model::ModelConfig::from_file(&a.config)?;
-    let model = CausalLm::random(&config, 0, &device).map_err(|e| e.in_config_file(&a.config))?;
+    let (config, model) = CausalLm::random_from_file(&a.config, 0, &device, false)?;
     model.check_positions(a.seq, || format!("`--seq` {}", a.seq))?;
     let v = config.vocab_size() as i64;
     let ids: Vec<i64> = (0..a.batch * a.seq).map(|i| (i as i64 * 7919 + 13) % v).collect();
@@ -159,8 +158,7 @@ pub fn cmd_bench_forward(a: BenchForwardArgs) -> Result<()> {
 pub fn cmd_bench_generate(a: BenchGenerateArgs) -> Result<()> {
     use rand::{Rng, SeedableRng};
     let device = backend::device(&a.backend)?;
-    let config = odpo_model::ModelConfig::from_file(&a.config)?;
-    let model = CausalLm::random(&config, 0, &device).map_err(|e| e.in_config_file(&a.config))?;
+    let (config, model) = CausalLm::random_from_file(&a.config, 0, &device, false)?;
     let cfg = GenerationConfig {
         max_new_tokens: a.new,
         eos_token_ids: Vec::new(),

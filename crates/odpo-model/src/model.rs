@@ -349,6 +349,14 @@ impl CausalLm {
         Self::from_weights(config, &mut weights, device)
     }
 
+    /// [`Self::random_with`] on the config in the file `config_path` (a HF `config.json`); a size no
+    /// model can have is an error naming that file, as [`Self::load`] names a folder's `config.json`.
+    pub fn random_from_file(config_path: &Path, seed: u64, device: &Device, quantized_base: bool) -> Result<(ModelConfig, Self)> {
+        let config = ModelConfig::from_file(config_path)?;
+        let model = Self::random_with(&config, seed, device, quantized_base).map_err(|e| e.in_config_file(config_path))?;
+        Ok((config, model))
+    }
+
     /// Loads a model from a HF folder (`config.json` + safetensors) or a llama.cpp `.gguf` file.
     pub fn load(path: &Path, device: &Device) -> Result<LoadedModel> {
         Self::load_with(path, device, false)

@@ -433,10 +433,7 @@ pub fn load_base(model: &ModelSection, seed: u64, device: &Device, quantized_bas
     }
     if model.random_init {
         let path = if model.path.is_dir() { model.path.join("config.json") } else { model.path.clone() };
-        let config = ModelConfig::from_file(&path)?;
-        // Errors of the sizes name the config file, not the random source of the weights.
-        let policy = CausalLm::random_with(&config, seed, device, quantized_base).map_err(|e| e.in_config_file(&path))?;
-        return Ok((config, policy));
+        return Ok(CausalLm::random_from_file(&path, seed, device, quantized_base)?);
     }
     let loaded = CausalLm::load_with(&model.path, device, quantized_base)?;
     Ok((loaded.config, loaded.model))
