@@ -275,9 +275,10 @@ struct GenerateArgs {
     /// The prompt text.
     #[arg(long)]
     prompt: String,
-    /// Maximum number of new tokens.
-    #[arg(long, default_value_t = 64)]
-    max_new_tokens: usize,
+    /// Maximum number of new tokens [default: 64, or what a learned position table (GPT-2,
+    /// GPT-Neo) leaves after the prompt when that is fewer].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
     /// Greedy decoding (the default is sampling).
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
@@ -530,7 +531,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let ids = tok.encode(&prompt, !a.model.chat)?;
     let eos: Vec<u32> = tok.eos_token_id().or(loaded.config.eos_token_id()).into_iter().collect();
     let cfg = GenerationConfig {
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: new_tokens(a.max_new_tokens, ids.len(), loaded.model.position_limit())?,
         pad_token_id: tok.pad_token_id().or(eos.first().copied()).unwrap_or(0),
         eos_token_ids: eos,
         sampling: SamplingConfig { greedy: a.greedy, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
@@ -548,6 +549,23 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         println!("{text}");
     }
     Ok(())
+}
+
+/// `generate`'s new tokens: `--max-new-tokens` where given, else 64, or fewer where the model's
+/// learned position table (`limit`) has less room after the prompt's `prompt` tokens.
+fn new_tokens(flag: Option<usize>, prompt: usize, limit: Option<usize>) -> Result<usize> {
+    const DEFAULT: usize = 64;
+    let Some(limit) = limit else { return Ok(flag.unwrap_or(DEFAULT)) };
+    let room = limit.saturating_sub(prompt);
+    match flag {
+        Some(n) if n > room => bail!(
+            "--max-new-tokens {n}: a prompt of {prompt} tokens and {n} new ones need {} positions; the model has {limit} (its learned position table); pass --max-new-tokens {room} or less",
+            prompt + n
+        ),
+        Some(n) => Ok(n),
+        None if room == 0 => bail!("the prompt's {prompt} tokens fill the model's {limit} positions (its learned position table): no room for a new token"),
+        None => Ok(room.min(DEFAULT)),
+    }
 }
 
 fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
@@ -858,4 +876,28 @@ fn cmd_frontier(a: FrontierArgs) -> Result<()> {
     let summary = odpo_pipeline::frontier(&a.config, &a.sets, &device, true)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_default_length_of_generate_fits_a_learned_position_table() {
+        // Rotary positions: the flag, else 64.
+        assert_eq!(new_tokens(None, 40, None).ok(), Some(64));
+        assert_eq!(new_tokens(Some(500), 40, None).ok(), Some(500));
+        // A table of 32 positions after a prompt of 5 tokens leaves 27.
+        assert_eq!(new_tokens(None, 5, Some(32)).ok(), Some(27));
+        assert_eq!(new_tokens(None, 5, Some(1024)).ok(), Some(64));
+        assert_eq!(new_tokens(Some(27), 5, Some(32)).ok(), Some(27));
+        let err = new_tokens(Some(28), 5, Some(32)).map(|_| ()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "--max-new-tokens 28: a prompt of 5 tokens and 28 new ones need 33 positions; the model has 32 (its learned position table); pass --max-new-tokens 27 or less"
+        );
+        let err = new_tokens(None, 32, Some(32)).map(|_| ()).unwrap_err().to_string();
+        assert_eq!(err, "the prompt's 32 tokens fill the model's 32 positions (its learned position table): no room for a new token");
+    }
 }

@@ -13,7 +13,7 @@ use crate::model::CausalLm;
 pub struct SamplingConfig {
     /// Pick the most likely token (ignores the other fields).
     pub greedy: bool,
-    /// Softmax temperature (> 0).
+    /// Softmax temperature (finite, > 0).
     pub temperature: f64,
     /// Keep only the `k` most likely tokens (0 = off).
     pub top_k: usize,
@@ -55,8 +55,9 @@ pub struct Generation {
 /// Generates continuations of `prompts` (token ids, unpadded, possibly of different lengths).
 pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationConfig, device: &Device) -> Result<Generation> {
     let s = &cfg.sampling;
-    if !s.greedy && !(s.temperature > 0.0) {
-        return Err(ModelError::Invalid(format!("temperature must be > 0, got {}", s.temperature)));
+    let usable_temperature = s.temperature.is_finite() && s.temperature > 0.0;
+    if !s.greedy && !usable_temperature {
+        return Err(ModelError::Invalid(format!("temperature must be finite and > 0, got {}", s.temperature)));
     }
     if !(s.top_p > 0.0 && s.top_p <= 1.0) {
         return Err(ModelError::Invalid(format!("top_p must be in (0, 1], got {}", s.top_p)));
@@ -233,5 +234,18 @@ mod position_tests {
         let llama = model(serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 8}), &device);
         assert_eq!(llama.position_limit(), None);
         assert_eq!(generate(&llama, &prompts, &cfg(6), &device).unwrap().tokens[1].len(), 6);
+    }
+
+    #[test]
+    fn a_temperature_that_is_not_a_finite_positive_number_is_refused() {
+        let device = crate::backend::device("flex").unwrap();
+        let gpt2 = model(serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 16, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2}), &device);
+        let cfg = |temperature| GenerationConfig { max_new_tokens: 2, eos_token_ids: vec![], pad_token_id: 0, sampling: SamplingConfig { temperature, ..Default::default() } };
+        // An infinite temperature made every token equally likely, whatever the model.
+        for t in [0.0, -1.0, f64::INFINITY, f64::NAN] {
+            let err = generate(&gpt2, &[vec![3, 4]], &cfg(t), &device).unwrap_err();
+            assert_eq!(err.to_string(), format!("temperature must be finite and > 0, got {t}"));
+        }
+        assert_eq!(generate(&gpt2, &[vec![3, 4]], &cfg(1e-3), &device).unwrap().tokens[0].len(), 2);
     }
 }
