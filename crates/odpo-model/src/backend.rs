@@ -158,6 +158,26 @@ impl fmt::Display for Backend {
     }
 }
 
+/// Whether `device` keeps its tensors in the host's memory (flex, libtorch's CPU), so that a model
+/// and its training state there take the machine's memory; a GPU's memory is its own.
+// burn-tch's device is marked deprecated in burn 0.22.1; it is the libtorch backend's.
+#[allow(deprecated)]
+pub fn in_host_memory(device: &Device) -> bool {
+    use burn::backend::DispatchDevice;
+    fn host(device: &DispatchDevice) -> bool {
+        match device {
+            #[cfg(feature = "flex")]
+            DispatchDevice::Flex(_) => true,
+            #[cfg(feature = "tch")]
+            DispatchDevice::LibTorch(burn::backend::libtorch::LibTorchDevice::Cpu) => true,
+            DispatchDevice::Autodiff(d) => host(&d.clone().inner()),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+    host(device.as_dispatch())
+}
+
 /// Parses a device spec and returns the device: the function the command line calls.
 ///
 /// A spec is a backend name (its default device, see [`Backend::device`]) or `backend:which`:

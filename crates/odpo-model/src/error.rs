@@ -72,6 +72,15 @@ pub enum ModelError {
     /// The request cannot be served by this model (bad input shape, sequence too long, ...).
     #[error("{0}")]
     Invalid(String),
+    /// A fresh model's weights need more host memory than the machine has free (checked before
+    /// they are drawn).
+    #[error("{path}: {message}")]
+    TooLarge {
+        /// The config the sizes came from.
+        path: PathBuf,
+        /// What the weights need, and what is free.
+        message: String,
+    },
     /// Rows longer than the model's learned position table.
     #[error("{what} needs {tokens} positions; the model has {limit} (its learned position table, `n_positions` or `max_position_embeddings` in config.json) and no embedding beyond them")]
     TooLong {
@@ -95,13 +104,14 @@ impl ModelError {
         Self::Config { path: path.into(), message: message.into() }
     }
 
-    /// A [`Self::Config`] error found while building a model from its weights, named for the
+    /// A [`Self::Config`] or [`Self::TooLarge`] error found while building a model from its weights, named for the
     /// config file the values came from (`config_path`) rather than the weights; any other error as
     /// it is.
     #[must_use]
     pub fn in_config_file(self, config_path: &std::path::Path) -> Self {
         match self {
             Self::Config { message, .. } => Self::Config { path: config_path.into(), message },
+            Self::TooLarge { message, .. } => Self::TooLarge { path: config_path.into(), message },
             other => other,
         }
     }

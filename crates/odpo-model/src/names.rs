@@ -69,6 +69,9 @@ fn dims<const D: usize>(p: &Param<Tensor<D>>) -> [usize; D] {
 
 /// Reads every parameter of the table from `w` by name, shape-checked against the tree.
 pub(crate) fn fill(table: Table<'_>, w: &mut Weights, device: &Device) -> Result<()> {
+    if w.draws_random() {
+        check_host_memory(&table, w, crate::backend::in_host_memory(device), crate::out_of_memory::host_free_bytes())?;
+    }
     for (name, slot) in table {
         let conv1d = matches!(slot, Slot::Conv1d(_));
         match slot {
@@ -104,6 +107,48 @@ pub(crate) fn fill(table: Table<'_>, w: &mut Weights, device: &Device) -> Result
         }
     }
     Ok(())
+}
+
+/// Refuses a fresh model whose weights need more host memory than `free`: all of them where the
+/// device keeps its tensors there (`on_host`: flex, libtorch's CPU), else the largest, which is
+/// drawn on the host on its way to the device. Without it a size no machine holds (a width of
+/// 100,000) ended the process on flex with the allocator's abort. Lower bounds: a quantised
+/// projection counts half a byte a weight (Q4's blocks; Q8_0's take more), a norm nothing.
+fn check_host_memory(table: &Table<'_>, w: &Weights, on_host: bool, free: Option<u64>) -> Result<()> {
+    let Some(free) = free else { return Ok(()) };
+    let quantized = w.quantizes_projections();
+    let (mut params, mut total) = (0u64, 0u64);
+    let mut largest: Option<(u64, String, Vec<usize>)> = None;
+    for (name, slot) in table {
+        let (tensor, shape, bytes_per_weight) = match slot {
+            Slot::Matrix(p) | Slot::Transposed(p) => (name.clone(), dims(p).to_vec(), 4.0),
+            Slot::Vector(p) => (name.clone(), dims(p).to_vec(), 4.0),
+            Slot::Linear(l) | Slot::Conv1d(l) => (format!("{name}.weight"), dims(&l.weight).to_vec(), if quantized { 0.5 } else { 4.0 }),
+            Slot::LayerNorm(_) | Slot::RmsNorm(_) => continue,
+        };
+        let n = shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));
+        let bytes = (n as f64 * bytes_per_weight) as u64;
+        params = params.saturating_add(n);
+        total = total.saturating_add(bytes);
+        if largest.as_ref().is_none_or(|l| bytes > l.0) {
+            largest = Some((bytes, tensor, shape));
+        }
+    }
+    let human = crate::out_of_memory::human_bytes;
+    let message = if on_host && total > free {
+        let count = match params {
+            1_000_000_000.. => format!("{:.1} billion", params as f64 / 1e9),
+            1_000_000.. => format!("{:.1} million", params as f64 / 1e6),
+            _ => params.to_string(),
+        };
+        let form = if quantized { "with the projections quantised" } else { "as f32" };
+        format!("the model's {count} parameters need at least {} of host memory {form}, where the device keeps them, and this machine has {} free (memory and swap)", human(total), human(free))
+    } else if let Some((bytes, tensor, shape)) = largest.filter(|l| l.0 > free) {
+        format!("the model's largest tensor, `{tensor}` {shape:?}, needs {} of host memory, where it is drawn on its way to the device, and this machine has {} free (memory and swap)", human(bytes), human(free))
+    } else {
+        return Ok(());
+    };
+    Err(crate::ModelError::TooLarge { path: w.path().to_path_buf(), message })
 }
 
 fn fill_bias(l: &mut Linear, name: &str, w: &mut Weights, device: &Device) -> Result<()> {
@@ -190,6 +235,37 @@ mod tests {
             json!({"architectures": ["Gemma3ForCausalLM"], "vocab_size": 11, "hidden_size": 8, "intermediate_size": 12,
                    "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 6}),
         ]
+    }
+
+    #[test]
+    fn a_fresh_model_too_large_for_the_hosts_free_memory_is_refused() {
+        let device = backend::device("flex").unwrap();
+        let json = json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 16, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2});
+        let mut model = CausalLm::random(&ModelConfig::from_hf_json(&json, "tiny".as_ref()).unwrap(), 0, &device).unwrap();
+        let table = model.named_mut();
+        // Counted by hand, biases and norms left out: wte 16·8, wpe 8·8, c_attn 8·24, attn.c_proj
+        // 8·8, c_fc 8·32, mlp.c_proj 32·8 = 960 weights, 3,840 bytes as f32; the largest, c_fc,
+        // 1,024 bytes (mlp.c_proj, as large, comes after it).
+        let w = Weights::random(0, 0.02);
+        let check = |on_host, free| check_host_memory(&table, &w, on_host, Some(free)).map_err(|e| e.to_string());
+        assert_eq!(check(true, 3840), Ok(()));
+        assert_eq!(
+            check(true, 3839),
+            Err("<random init>: the model's 960 parameters need at least 3.8 KiB of host memory as f32, where the device keeps them, and this machine has 3.7 KiB free (memory and swap)".into())
+        );
+        // On a GPU each tensor passes through the host alone.
+        assert_eq!(check(false, 1024), Ok(()));
+        assert_eq!(
+            check(false, 1023),
+            Err("<random init>: the model's largest tensor, `transformer.h.0.mlp.c_fc.weight` [8, 32], needs 1.0 KiB of host memory, where it is drawn on its way to the device, and this machine has 1023 bytes free (memory and swap)".into())
+        );
+        // Quantised projections count half a byte a weight: 128 + 64 embedding weights as f32, 768
+        // projection weights at half a byte, 1,152 bytes.
+        let q = Weights::random(0, 0.02).quantizing_projections();
+        assert_eq!(check_host_memory(&table, &q, true, Some(1152)).map_err(|e| e.to_string()), Ok(()));
+        assert!(check_host_memory(&table, &q, true, Some(1151)).is_err());
+        // Where the system does not say, nothing is refused.
+        assert!(check_host_memory(&table, &w, true, None).is_ok());
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //!
 //! burn's own CPU backend (flex) allocates through Rust's allocator, which ends the process on a
 //! failed allocation; on a CPU the operating system's out-of-memory killer usually comes first.
+//! There, what is known before a run starts is checked against [`host_free_bytes`]: a model's
+//! weights when it is built, a run's gradients, optimizer state and reference before its first
+//! step.
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
@@ -112,6 +115,24 @@ pub fn human_bytes(bytes: u64) -> String {
         unit += 1;
     }
     if unit == 0 { format!("{bytes} bytes") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+/// The memory the host can still give this process, in bytes: what the operating system counts
+/// available (free, and caches it can drop) plus free swap, or what the process's cgroup leaves
+/// when that is less; `None` where the system does not say. A check of what a model or a run needs
+/// before it starts, where the CPU backends would otherwise end the process
+/// (Rust's allocator aborts on a failed allocation; Linux's out-of-memory killer may come first).
+pub fn host_free_bytes() -> Option<u64> {
+    let mut system = sysinfo::System::new();
+    system.refresh_memory();
+    if system.total_memory() == 0 {
+        return None;
+    }
+    let free = system.available_memory().saturating_add(system.free_swap());
+    Some(match system.cgroup_limits() {
+        Some(cgroup) => free.min(cgroup.free_memory.saturating_add(cgroup.free_swap)),
+        None => free,
+    })
 }
 
 thread_local! {

@@ -59,6 +59,11 @@ impl Weights {
         self
     }
 
+    /// Whether the weights are drawn at random on request (a fresh model) rather than read.
+    pub fn draws_random(&self) -> bool {
+        self.random.is_some()
+    }
+
     /// Whether projections load block-quantised.
     pub fn quantizes_projections(&self) -> bool {
         self.quantize_projections

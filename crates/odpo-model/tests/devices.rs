@@ -81,6 +81,34 @@ fn a_tensor_larger_than_the_device_is_an_out_of_memory_error() {
     assert_eq!(x.sum().into_scalar::<f32>(), 6.0);
 }
 
+/// A fresh model no host holds is refused before its weights are drawn, on every device: where the
+/// device keeps its tensors in host memory (flex, libtorch's CPU) for all its weights, elsewhere for
+/// its largest tensor, which is drawn on the host on its way (flex aborted the process on the
+/// failed allocation).
+#[test]
+fn a_fresh_model_no_host_holds_is_refused_before_its_weights_are_drawn() {
+    let spec = std::env::var("ODPO_TEST_DEVICE").unwrap_or_else(|_| "default".into());
+    let device = common::test_device();
+    let on_host = odpo_model::backend::in_host_memory(&device);
+    let host_backend = spec == "default" || spec.starts_with("flex") || spec == "tch" || spec == "tch:0";
+    assert_eq!(on_host, host_backend, "{spec}");
+    // Each MLP projection 100,000 × 1,000,000: 400 GB (372.5 GiB); the model 2,592 billion weights, 10.4 TB.
+    let json = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 100000, "intermediate_size": 1000000,
+        "num_hidden_layers": 8, "num_attention_heads": 100, "num_key_value_heads": 20});
+    let config = ModelConfig::from_hf_json(&json, "huge.json".as_ref()).unwrap();
+    let started = std::time::Instant::now();
+    let err = CausalLm::random(&config, 0, &device).err().map(|e| e.to_string()).unwrap_or_else(|| panic!("{spec}: a 10 TB model was built"));
+    eprintln!("{spec}: {err}");
+    if on_host {
+        assert!(err.starts_with("<random init>: the model's 2592.2 billion parameters need at least 9.4 TiB of host memory as f32, where the device keeps them, and this machine has "), "{err}");
+    } else {
+        assert!(err.starts_with("<random init>: the model's largest tensor, `model.layers.0.mlp.gate_proj.weight` [100000, 1000000], needs 372.5 GiB of host memory, where it is drawn on its way to the device"), "{err}");
+    }
+    assert!(err.ends_with("free (memory and swap)"), "{err}");
+    // Refused before anything was drawn.
+    assert!(started.elapsed().as_secs() < 10, "{spec}: {:?}", started.elapsed());
+}
+
 /// The kernel census (`odpo bench --kernels`) sees every launch: each further addition in a chain
 /// launches the same kernels as the one before, and a timed census counts the same launches and
 /// times each kernel. flex and libtorch launch nothing the census sees.

@@ -228,6 +228,9 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     if !device.supports_dtype(b.precision.dtype()) {
         return Err(TrainError::config("dtype", format!("is `{}`, which the device {device:?} cannot compute in", b.precision.name())));
     }
+    let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
+    let kept = crate::host_memory::TrainingState { optim: &optim_cfg, frozen_reference: !b.cached_reference, lora: b.lora.is_some(), precision: b.precision, more_than_one_step: b.warmup + b.repeats > 1, names: crate::host_memory::BENCH_FLAGS };
+    crate::host_memory::check(&policy, &kept, device)?;
     let mut reference = Reference::Frozen(Box::new(policy.without_adapters().valid().with_precision(b.precision)));
     let flops = step_flops(&policy, &json, b.pairs, b.seq);
     let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
@@ -258,7 +261,6 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         max_grad_norm: Some(10.0),
         seed: 0,
     };
-    let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
     let mut trainer = Trainer::new(policy, crate::optim::build(&optim_cfg), DataParallel::new(std::slice::from_ref(device), &reference, b.gradient_checkpointing), settings);
     let mut secs = Vec::with_capacity(b.repeats);
     let mut phases: [Vec<f64>; 4] = Default::default();

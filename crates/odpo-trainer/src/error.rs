@@ -98,6 +98,16 @@ pub enum TrainError {
         /// The run folder, where a run was training (its checkpoints can be resumed from).
         run_dir: Option<PathBuf>,
     },
+    /// The training state cannot fit in the host memory left after the model loaded, on a device
+    /// that keeps its tensors there (flex, libtorch's CPU): refused before the first step, where
+    /// the process would otherwise be ended by the allocator or the system.
+    #[error("not enough host memory: {message}; {advice}")]
+    HostMemory {
+        /// What the state needs, part by part, and what is free.
+        message: String,
+        /// What to change, naming the config keys.
+        advice: String,
+    },
     /// A data-parallel worker thread panicked: a bug, not a config problem.
     #[error("the worker thread of device {device} panicked: {message}")]
     WorkerPanicked {

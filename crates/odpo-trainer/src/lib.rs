@@ -27,6 +27,7 @@ pub mod early_stop;
 mod error;
 pub mod eval;
 pub mod forward;
+mod host_memory;
 pub mod interrupt;
 pub mod lock;
 pub mod metrics;

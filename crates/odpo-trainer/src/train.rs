@@ -134,6 +134,12 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         policy = policy.with_lora(lora, &ad)?;
         tracing::info!(rank = lora.rank, alpha = lora.alpha, trainable = trainable_params(&policy), "LoRA adapters attached");
     }
+    // On a CPU backend a state that cannot fit would end the process at its first steps.
+    let frozen_reference = cfg.needs_reference() && t.reference == ReferenceMode::Frozen && cfg.model.reference.is_none();
+    let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
+    let more_than_one_step = total_steps > 1 || resume;
+    let kept = crate::host_memory::TrainingState { optim: &cfg.optim, frozen_reference, lora: cfg.lora.is_some(), precision, more_than_one_step, names: crate::host_memory::RUN_KEYS };
+    crate::host_memory::check(&policy, &kept, device)?;
     // The reference computes in the run's precision, so that its log-probs and the policy's agree
     // at the start whatever the dtype.
     // `model.reference` names another model instead.
@@ -153,7 +159,6 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     };
     let replicas = DataParallel::new(devices, &reference, t.gradient_checkpointing);
 
-    let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
     let schedule = Schedule::new(&cfg.optim, total_steps);
     let mut optim = crate::optim::build(&cfg.optim);
     let mut state = TrainState { step: 0, pairs_seen: 0, tokens_seen: 0, seed: t.seed, total_steps, early_stop: Default::default() };

@@ -1,0 +1,204 @@
+//! What a run's training state takes in host memory, checked before the first step where the
+//! device keeps its tensors there (flex, libtorch's CPU).
+//!
+//! There, a step that does not fit does not fail with an error: Rust's allocator ends the process,
+//! or Linux's out-of-memory killer does, after the model has loaded and minutes have gone. So once
+//! the model is loaded (its weights already counted in what the system has left), the state a step
+//! adds on top of them is counted, a lower bound, and a run that can never fit is refused with
+//! what to change:
+//! - a gradient for each trained parameter (f32, as the weights the optimizer keeps);
+//! - the optimizer's state: AdamW's two moments; RMSprop's running square, and its momentum and mean
+//!   gradient where asked. From the second step on it is held beside the step's gradients; a run
+//!   of one step holds the larger of the two;
+//! - a frozen reference's own weights: in full fine-tuning in f32 the reference shares the policy's
+//!   weights until the first update writes new ones, so by the second step it holds a copy of
+//!   every trained weight; in half precision it is a cast copy of the whole model from the start.
+//!   With LoRA in f32 it shares the frozen base; a cached reference is dropped once its pass is
+//!   done.
+//!
+//! Activations come on top and are not counted: a run refused here could not finish its second
+//! step, and one let through may still not fit its batch.
+
+use burn::module::Module;
+use burn::tensor::Device;
+use odpo_model::out_of_memory::human_bytes;
+use odpo_model::{CausalLm, Precision};
+
+use crate::config::{OptimConfig, OptimizerKind};
+use crate::error::{Result, TrainError};
+
+/// What a run keeps beside its loaded model, and how it trains it.
+pub(crate) struct TrainingState<'a> {
+    /// The optimizer and its options.
+    pub optim: &'a OptimConfig,
+    /// Whether a frozen reference is made from the policy's starting weights.
+    pub frozen_reference: bool,
+    /// Whether LoRA adapters train (the base frozen, shared with the reference).
+    pub lora: bool,
+    /// The compute precision (a half-precision reference is a cast copy).
+    pub precision: Precision,
+    /// Whether the run takes more than one optimizer step (or resumes one, with its optimizer
+    /// state): from the second step on, a step's gradients and the optimizer's state are all held at
+    /// once; the first step's update turns gradients into state as it goes.
+    pub more_than_one_step: bool,
+    /// How the advice names LoRA and the cached reference: config keys, or a command's flags.
+    pub names: AdviceNames,
+}
+
+/// The settings an error's advice names.
+pub(crate) struct AdviceNames {
+    /// Training LoRA adapters.
+    pub lora: &'static str,
+    /// The cached reference.
+    pub cached_reference: &'static str,
+}
+
+/// A run's config keys.
+pub(crate) const RUN_KEYS: AdviceNames = AdviceNames { lora: "train LoRA adapters (`[lora]`)", cached_reference: "set `train.reference = \"cached\"`" };
+/// `odpo bench`'s flags.
+pub(crate) const BENCH_FLAGS: AdviceNames = AdviceNames { lora: "train LoRA adapters (`--lora RANK`)", cached_reference: "cache the reference (`--cached-reference`)" };
+
+/// The state's bytes, each part a lower bound.
+#[derive(Debug, PartialEq, Eq)]
+struct Need {
+    trained: u64,
+    gradients: u64,
+    optimizer: u64,
+    /// The optimizer's buffers, in words: "AdamW's two moments".
+    optimizer_buffers: String,
+    reference: u64,
+    /// Whether gradients and optimizer state are held at once (a second step).
+    together: bool,
+}
+
+impl Need {
+    fn total(&self) -> u64 {
+        let (g, o) = (self.gradients, self.optimizer);
+        let both = if self.together { g.saturating_add(o) } else { g.max(o) };
+        both.saturating_add(self.reference)
+    }
+}
+
+fn need(trained: u64, all: u64, state: &TrainingState<'_>) -> Need {
+    let f32_copy = trained.saturating_mul(4);
+    let (buffers, words) = match state.optim.optimizer {
+        OptimizerKind::Adamw => (2, "AdamW's two moments".to_string()),
+        OptimizerKind::Rmsprop => {
+            let momentum = state.optim.momentum.is_some_and(|m| m > 0.0);
+            let centered = state.optim.centered.unwrap_or(false);
+            let words = match (momentum, centered) {
+                (false, false) => "RMSprop's running square",
+                (true, false) => "RMSprop's running square and momentum",
+                (false, true) => "RMSprop's running square and mean gradient",
+                (true, true) => "RMSprop's running square, momentum and mean gradient",
+            };
+            (1 + u64::from(momentum) + u64::from(centered), words.to_string())
+        }
+    };
+    let reference = match (state.frozen_reference, state.precision, state.lora) {
+        (false, _, _) => 0,
+        (true, Precision::F16 | Precision::Bf16, _) => all.saturating_mul(2),
+        (true, Precision::F32, true) => 0,
+        (true, Precision::F32, false) => f32_copy,
+    };
+    Need { trained, gradients: f32_copy, optimizer: f32_copy.saturating_mul(buffers), optimizer_buffers: words, reference, together: state.more_than_one_step }
+}
+
+/// Refuses a run whose training state cannot fit in the host memory left after `policy` loaded, on
+/// a device that keeps its tensors there; elsewhere, or where the system does not say what is
+/// free, nothing is checked.
+pub(crate) fn check(policy: &CausalLm, state: &TrainingState<'_>, device: &Device) -> Result<()> {
+    if !odpo_model::backend::in_host_memory(device) {
+        return Ok(());
+    }
+    let trained = crate::train::trainable_params(policy) as u64;
+    check_against(need(trained, policy.num_params() as u64, state), state, odpo_model::out_of_memory::host_free_bytes())
+}
+
+fn check_against(need: Need, state: &TrainingState<'_>, free: Option<u64>) -> Result<()> {
+    let Some(free) = free else { return Ok(()) };
+    if need.total() <= free {
+        return Ok(());
+    }
+    let millions = need.trained as f64 / 1e6;
+    // A single step holds its gradients and then the state its update turns them into.
+    let then = if need.together { "" } else { "then " };
+    let mut parts = vec![format!("their gradients {}", human_bytes(need.gradients)), format!("{then}{} {}", need.optimizer_buffers, human_bytes(need.optimizer))];
+    if need.reference > 0 {
+        let copy = if state.precision == Precision::F32 { "own copy of the trained weights" } else { "cast copy of the model" };
+        parts.push(format!("the frozen reference's {copy} {}", human_bytes(need.reference)));
+    }
+    let message = format!(
+        "the training state needs at least {} beside the loaded model ({millions:.1} million trained parameters: {}), and this machine has {} free (memory and swap)",
+        human_bytes(need.total()),
+        parts.join(", "),
+        human_bytes(free)
+    );
+    let mut advice = Vec::new();
+    if !state.lora {
+        advice.push(state.names.lora);
+    }
+    if need.reference > 0 {
+        advice.push(state.names.cached_reference);
+    }
+    advice.push("run on a GPU backend");
+    Err(TrainError::HostMemory { message, advice: format!("to fit, {}", advice.join(", or ")) })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn state(optim: &OptimConfig, frozen_reference: bool, lora: bool, precision: Precision) -> TrainingState<'_> {
+        TrainingState { optim, frozen_reference, lora, precision, more_than_one_step: true, names: RUN_KEYS }
+    }
+
+    #[test]
+    fn the_state_of_each_kind_of_run_is_counted() {
+        let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
+        let rmsprop = OptimConfig { optimizer: OptimizerKind::Rmsprop, momentum: Some(0.9), centered: Some(true), ..OptimConfig::default() };
+        let plain_rmsprop = OptimConfig { optimizer: OptimizerKind::Rmsprop, momentum: Some(0.0), ..OptimConfig::default() };
+        // Llama-3.2-1B: 1,235,814,400 weights, all trained.
+        let n = 1_235_814_400u64;
+        // Full fine-tuning in f32 with a frozen reference: gradients, two moments and the reference's
+        // copy, four f32 copies beside the policy's own (the five PyTorch's step was killed at).
+        let full = need(n, n, &state(&adamw, true, false, Precision::F32));
+        assert_eq!((full.gradients, full.optimizer, full.reference, full.total()), (4 * n, 8 * n, 4 * n, 16 * n));
+        // A cached reference leaves the copy out.
+        assert_eq!(need(n, n, &state(&adamw, false, false, Precision::F32)).total(), 12 * n);
+        // LoRA in f32: 11.3 M adapter weights; the reference shares the base.
+        let a = 11_272_192u64;
+        assert_eq!(need(a, n + a, &state(&adamw, true, true, Precision::F32)).total(), 12 * a);
+        // In bf16 the reference is a cast copy of every weight, two bytes each.
+        assert_eq!(need(a, n + a, &state(&adamw, true, true, Precision::Bf16)).reference, 2 * (n + a));
+        // A single step turns its gradients into the moments as its update goes.
+        let one = TrainingState { more_than_one_step: false, ..state(&adamw, false, false, Precision::F32) };
+        assert_eq!(need(n, n, &one).total(), 8 * n);
+        let err = check_against(need(n, n, &one), &one, Some(1)).unwrap_err().to_string();
+        assert!(err.contains("(1235.8 million trained parameters: their gradients 4.6 GiB, then AdamW's two moments 9.2 GiB)"), "{err}");
+        // RMSprop keeps one buffer, and one more for each of momentum and centring.
+        assert_eq!(need(n, n, &state(&rmsprop, false, false, Precision::F32)).optimizer, 12 * n);
+        assert_eq!(need(n, n, &state(&plain_rmsprop, false, false, Precision::F32)).optimizer, 4 * n);
+    }
+
+    #[test]
+    fn a_state_beyond_the_free_memory_is_refused_with_what_to_change() {
+        let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
+        let n = 1_235_814_400u64;
+        let full = state(&adamw, true, false, Precision::F32);
+        assert!(check_against(need(n, n, &full), &full, Some(16 * n)).is_ok());
+        assert!(check_against(need(n, n, &full), &full, None).is_ok());
+        let err = check_against(need(n, n, &full), &full, Some(16 * n - 1)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "not enough host memory: the training state needs at least 18.4 GiB beside the loaded model (1235.8 million trained parameters: \
+             their gradients 4.6 GiB, AdamW's two moments 9.2 GiB, the frozen reference's own copy of the trained weights 4.6 GiB), and this machine has 18.4 GiB free \
+             (memory and swap); to fit, train LoRA adapters (`[lora]`), or set `train.reference = \"cached\"`, or run on a GPU backend"
+        );
+        // Only the changes the run has not made are offered.
+        let lora = state(&adamw, false, true, Precision::F32);
+        let err = check_against(need(n, n, &lora), &lora, Some(1)).unwrap_err().to_string();
+        assert!(err.ends_with("(memory and swap); to fit, run on a GPU backend"), "{err}");
+    }
+}
