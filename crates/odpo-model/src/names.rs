@@ -135,18 +135,17 @@ fn check_host_memory(table: &Table<'_>, w: &Weights, on_host: bool, free: Option
         }
     }
     let human = crate::out_of_memory::human_bytes;
-    let message = if on_host && total > free {
-        let count = match params {
-            1_000_000_000.. => format!("{:.1} billion", params as f64 / 1e9),
-            1_000_000.. => format!("{:.1} million", params as f64 / 1e6),
-            _ => params.to_string(),
-        };
-        let form = if quantized { "with the projections quantised" } else { "as f32" };
-        format!("the model's {count} parameters need at least {} of host memory {form}, where the device keeps them, and this machine has {} free (memory and swap)", human(total), human(free))
-    } else if let Some((bytes, tensor, shape)) = largest.filter(|l| l.0 > free) {
-        format!("the model's largest tensor, `{tensor}` {shape:?}, needs {} of host memory, where it is drawn on its way to the device, and this machine has {} free (memory and swap)", human(bytes), human(free))
-    } else {
-        return Ok(());
+    let form = if quantized { "with the projections quantised" } else { "as f32" };
+    let message = match crate::out_of_memory::weights_beyond_free(params, total, form, "where the device keeps them", Some(free)) {
+        Some(message) if on_host => message,
+        _ => match largest.filter(|l| l.0 > free) {
+            Some((bytes, tensor, shape)) => format!(
+                "the model's largest tensor, `{tensor}` {shape:?}, needs {} of host memory, where it is drawn on its way to the device, and this machine has {} free (memory and swap)",
+                human(bytes),
+                human(free)
+            ),
+            None => return Ok(()),
+        },
     };
     Err(crate::ModelError::TooLarge { path: w.path().to_path_buf(), message })
 }

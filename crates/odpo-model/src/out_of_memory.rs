@@ -135,6 +135,20 @@ pub fn host_free_bytes() -> Option<u64> {
     })
 }
 
+/// The sentence refusing a model's weights when `bytes` of them (`params` parameters, held `form`,
+/// `place`) are more than `free`; `None` when they fit, or where the system does not say.
+pub(crate) fn weights_beyond_free(params: u64, bytes: u64, form: &str, place: &str, free: Option<u64>) -> Option<String> {
+    let free = free?;
+    let count = match params {
+        1_000_000_000.. => format!("{:.1} billion", params as f64 / 1e9),
+        1_000_000.. => format!("{:.1} million", params as f64 / 1e6),
+        _ => params.to_string(),
+    };
+    (bytes > free).then(|| {
+        format!("the model's {count} parameters need at least {} of host memory {form}, {place}, and this machine has {} free (memory and swap)", human_bytes(bytes), human_bytes(free))
+    })
+}
+
 thread_local! {
     /// How many [`catch`] calls this thread is inside: the panic hook stays quiet about an
     /// out-of-memory panic that one of them will turn into an error.

@@ -120,6 +120,7 @@ impl Weights {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         if single.exists() {
+            check_host_memory(&single, std::slice::from_ref(&single), crate::out_of_memory::host_free_bytes())?;
             let mut tensors = BTreeMap::new();
             read_safetensors(&single, &mut tensors)?;
             return Ok(Self { path: single, tensors, ..Self::new_empty() });
@@ -142,6 +143,7 @@ impl Weights {
         let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         shards.sort_unstable();
         shards.dedup();
+        check_host_memory(&index, &shards.iter().map(|s| dir.join(s)).collect::<Vec<_>>(), crate::out_of_memory::host_free_bytes())?;
         let mut tensors = BTreeMap::new();
         for shard in shards {
             read_safetensors(&dir.join(shard), &mut tensors)?;
@@ -276,6 +278,46 @@ pub(crate) fn read_safetensors(path: &Path, out: &mut BTreeMap<String, HostTenso
     Ok(())
 }
 
+/// Refuses safetensors files whose tensors, every one converted to f32 and held at once before the
+/// model is built, need more host memory than is free (a bf16 8-billion-parameter model takes
+/// 32 GB so). Files whose headers do not read cleanly are left to the read, which names what is
+/// wrong.
+fn check_host_memory(path: &Path, files: &[PathBuf], free: Option<u64>) -> Result<()> {
+    let Some(params) = files.iter().try_fold(0u64, |n, f| n.checked_add(safetensors_elements(f)?)) else { return Ok(()) };
+    let bytes = params.saturating_mul(4);
+    match crate::out_of_memory::weights_beyond_free(params, bytes, "as f32", "where every tensor is read before the model is built", free) {
+        Some(message) => Err(ModelError::TooLarge { path: path.into(), message }),
+        None => Ok(()),
+    }
+}
+
+/// The elements of the tensors a safetensors file's header lists (causal-mask buffers left out),
+/// where the header reads whole and its last tensor ends where the file does; else `None`.
+fn safetensors_elements(path: &Path) -> Option<u64> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    let mut size = [0u8; 8];
+    file.read_exact(&mut size).ok()?;
+    let n = u64::from_le_bytes(size);
+    // safetensors' own limit on a header.
+    if n > 100_000_000 || n.checked_add(8)? > len {
+        return None;
+    }
+    let mut header = vec![0u8; usize::try_from(n).ok()?];
+    file.read_exact(&mut header).ok()?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header).ok()?;
+    let (mut elements, mut end) = (0u64, 0u64);
+    for (name, tensor) in json.iter().filter(|(name, _)| *name != "__metadata__") {
+        let count = tensor.get("shape")?.as_array()?.iter().try_fold(1u64, |a, d| a.checked_mul(d.as_u64()?))?;
+        end = end.max(tensor.get("data_offsets")?.as_array()?.get(1)?.as_u64()?);
+        if !is_mask_buffer(name) {
+            elements = elements.checked_add(count)?;
+        }
+    }
+    (end.checked_add(n + 8)? == len).then_some(elements)
+}
+
 fn is_mask_buffer(name: &str) -> bool {
     name.ends_with(".attn.bias") || name.ends_with(".attention.bias") || name.ends_with("masked_bias")
 }
@@ -367,4 +409,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         ModelError::io(path, e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_safetensors_file_too_large_for_the_free_memory_is_refused_from_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        // 3 × 4 f32 and 5 bf16 weights, and a causal-mask buffer the read skips: 17 weights, 68
+        // bytes once read as f32.
+        let (a, b, mask) = (vec![0u8; 48], vec![0u8; 10], vec![0u8; 4]);
+        let views = vec![
+            ("a".to_string(), safetensors::tensor::TensorView::new(Dtype::F32, vec![3, 4], &a).unwrap()),
+            ("b".to_string(), safetensors::tensor::TensorView::new(Dtype::BF16, vec![5], &b).unwrap()),
+            ("h.0.attn.bias".to_string(), safetensors::tensor::TensorView::new(Dtype::U8, vec![1, 1, 2, 2], &mask).unwrap()),
+        ];
+        let bytes = safetensors::serialize(views, None).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(safetensors_elements(&path), Some(17));
+        let files = std::slice::from_ref(&path);
+        assert!(check_host_memory(&path, files, Some(68)).is_ok());
+        assert!(check_host_memory(&path, files, None).is_ok());
+        let err = check_host_memory(&path, files, Some(67)).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("{}: the model's 17 parameters need at least 68 bytes of host memory as f32, where every tensor is read before the model is built, and this machine has 67 bytes free (memory and swap)", path.display())
+        );
+        // A file cut short is left to the read, which says so.
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        assert_eq!(safetensors_elements(&path), None);
+        assert!(check_host_memory(&path, files, Some(1)).is_ok());
+        let Err(ModelError::Safetensors { message, .. }) = Weights::from_hf_dir(dir.path()) else { panic!("a cut file was read") };
+        assert!(message.contains("MetadataIncompleteBuffer") || message.contains("incomplete"), "{message}");
+    }
 }

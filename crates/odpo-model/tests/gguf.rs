@@ -428,3 +428,25 @@ fn smollm2_q4_1_matches_transformers() {
         );
     }
 }
+
+/// What the memory check counts before a GGUF file is read (`GgufFile::host_bytes`) is every
+/// parameter the read gives, and no more bytes than it holds: f32 for every tensor, or the kept
+/// projections' blocks (one byte a weight and f32 scales, where the file stores fewer).
+#[test]
+fn the_memory_counted_before_a_read_is_a_lower_bound_of_what_it_holds() {
+    let f32_bytes = |w: &BTreeMap<String, HostTensor>| w.values().map(|t| t.data.len() as u64).sum::<u64>();
+    let tiny = fixture("tiny_llama.gguf");
+    let (_, weights) = load_as_hf(&tiny).unwrap();
+    let params = f32_bytes(&weights);
+    assert_eq!(GgufFile::open(&tiny).unwrap().host_bytes(false), (params, 4 * params));
+    let Some(gguf) = shared_file("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let file = GgufFile::open(&gguf).unwrap();
+    let (_, plain) = load_as_hf(&gguf).unwrap();
+    assert_eq!(file.host_bytes(false), (f32_bytes(&plain), 4 * f32_bytes(&plain)));
+    let (_, rest, blocks) = load_blocks_as_hf(&gguf, true).unwrap();
+    let held = 4 * f32_bytes(&rest) + blocks.values().map(|b| (b.q.len() + 4 * b.d.len() + 4 * b.m.as_ref().map_or(0, Vec::len)) as u64).sum::<u64>();
+    let (kept_params, counted) = file.host_bytes(true);
+    assert_eq!(kept_params, f32_bytes(&plain));
+    assert!(counted <= held && counted < 4 * kept_params, "counted {counted}, held {held}");
+    eprintln!("SmolLM2-135M Q4_1: {counted} bytes counted with the blocks kept, {held} held; {} as f32", 4 * kept_params);
+}

@@ -49,6 +49,7 @@ pub fn load_as_hf(path: &Path) -> Result<(serde_json::Value, BTreeMap<String, Ho
 /// their blocks (third map) when `keep_blocks`, instead of dequantised.
 pub fn load_blocks_as_hf(path: &Path, keep_blocks: bool) -> Result<HfModel, GgufError> {
     let f = GgufFile::open(path)?;
+    f.check_host_memory(keep_blocks, crate::out_of_memory::host_free_bytes())?;
     let arch = f.architecture()?;
     if llama::ARCHITECTURES.iter().any(|(a, _)| *a == arch) {
         llama::read(&f, &arch, keep_blocks)
@@ -152,6 +153,14 @@ pub enum GgufError {
         tensor: String,
         /// What is wrong, e.g. `unknown quantisation type 99`.
         msg: String,
+    },
+    /// The tensors, as they are read, need more host memory than the machine has free.
+    #[error("{}: {message}", .path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What they need, and what is free.
+        message: String,
     },
     /// `general.architecture` is not one this reader knows.
     #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3`)", .path.display())]
@@ -375,6 +384,32 @@ fn meta_err(path: &Path, key: &str, msg: impl Into<String>) -> GgufError {
 }
 
 impl GgufFile {
+    /// The parameters of every tensor, and a lower bound on the bytes they take once read: each
+    /// dequantised to f32, or, with `keep_blocks`, a quantised matrix in its blocks as stored.
+    pub fn host_bytes(&self, keep_blocks: bool) -> (u64, u64) {
+        let (mut params, mut bytes) = (0u64, 0u64);
+        for t in &self.tensors {
+            let n = t.dims.iter().fold(1u64, |a, &d| a.saturating_mul(d));
+            let blocks = keep_blocks && t.dims.len() == 2 && !matches!(t.ggml_type, 0 | 1 | 30);
+            params = params.saturating_add(n);
+            bytes = bytes.saturating_add(if blocks { t.n_bytes } else { n.saturating_mul(4) });
+        }
+        (params, bytes)
+    }
+
+    /// Refuses a file whose tensors need more host memory than `free`: every tensor is dequantised
+    /// (a kept projection stays in its blocks) and held at once before the model is built, so a
+    /// 4-bit file of 8 billion parameters takes 32 GB.
+    fn check_host_memory(&self, keep_blocks: bool, free: Option<u64>) -> Result<(), GgufError> {
+        let (params, bytes) = self.host_bytes(keep_blocks);
+        let form = if keep_blocks { "with the projections in their blocks" } else { "as f32" };
+        let place = "where every tensor is read before the model is built";
+        match crate::out_of_memory::weights_beyond_free(params, bytes, form, place, free) {
+            Some(message) => Err(GgufError::TooLarge { path: self.path.clone(), message }),
+            None => Ok(()),
+        }
+    }
+
     /// Parses the header, metadata and tensor infos of `path`, and checks that every tensor's
     /// type is known and its bytes lie inside the file.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
