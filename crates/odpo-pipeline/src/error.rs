@@ -48,6 +48,16 @@ pub enum PipelineError {
     /// trainer's: `TrainError::ConfigParse` and `TrainError::Config`).
     #[error(transparent)]
     Train(#[from] odpo_trainer::TrainError),
+    /// Too few scored texts or pairs to fit a reward model on.
+    #[error("{count} {what}; at least {least} are needed to fit a reward model")]
+    TooLittleData {
+        /// `scored texts` or `pairs`.
+        what: &'static str,
+        /// How many were given.
+        count: usize,
+        /// The fewest a fit takes ([`crate::learned::MIN_FIT_ROWS`]).
+        least: usize,
+    },
     /// A prompt file holds no prompt.
     #[error("{}: no prompts (every line is blank); expected one prompt a line", path.display())]
     NoPrompts {

@@ -428,7 +428,7 @@ impl LearnedReward {
     /// Fits a head on `(prompt, text, score)` entries; reports the held-out agreement.
     pub fn fit(entries: &[(String, String, f64)], opts: &FitOptions, device: &Device) -> Result<(Self, FitReport)> {
         if entries.len() < MIN_FIT_ROWS {
-            return Err(PipelineError::config("reward", format!("{} scored texts; at least {MIN_FIT_ROWS} are needed to fit a reward model", entries.len())));
+            return Err(PipelineError::TooLittleData { what: "scored texts", count: entries.len(), least: MIN_FIT_ROWS });
         }
         let (model, tokenizer) = backbone(&opts.backbone, device)?;
         let prompts: Vec<String> = entries.iter().map(|e| e.0.clone()).collect();
@@ -463,7 +463,7 @@ impl LearnedReward {
     /// accuracy, and a ridge model's on the same pairs when every pair carries scores.
     pub fn fit_pairs(pairs: &[PairText], opts: &FitOptions, device: &Device) -> Result<PairFit> {
         if pairs.len() < MIN_FIT_ROWS {
-            return Err(PipelineError::config("reward", format!("{} pairs; at least {MIN_FIT_ROWS} are needed to fit a reward model", pairs.len())));
+            return Err(PipelineError::TooLittleData { what: "pairs", count: pairs.len(), least: MIN_FIT_ROWS });
         }
         // Each distinct (prompt, text) runs through the backbone once.
         let mut index: std::collections::HashMap<(&str, &str), usize> = std::collections::HashMap::new();

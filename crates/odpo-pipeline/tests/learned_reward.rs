@@ -34,6 +34,9 @@ fn reward_head_on_smollm2_ranks_heldout_imdb_texts() {
         heldout_fraction: 0.25,
         ..FitOptions::default()
     };
+    // Too little data is refused before the backbone loads.
+    let err = LearnedReward::fit(&entries[..3], &opts, &device).err().map(|e| e.to_string());
+    assert_eq!(err.as_deref(), Some("3 scored texts; at least 10 are needed to fit a reward model"));
     let (model, report) = LearnedReward::fit(&entries, &opts, &device).unwrap();
     println!("{report:?}");
     assert!(report.heldout_texts >= 50, "{report:?}");
