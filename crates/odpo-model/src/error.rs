@@ -72,11 +72,11 @@ pub enum ModelError {
     /// The request cannot be served by this model (bad input shape, sequence too long, ...).
     #[error("{0}")]
     Invalid(String),
-    /// A fresh model's weights need more host memory than the machine has free (checked before
-    /// they are drawn).
+    /// A model's weights need more host memory than the machine has free: a safetensors file's, as
+    /// they are read, or a fresh model's, as they are drawn (checked before either begins).
     #[error("{path}: {message}")]
     TooLarge {
-        /// The config the sizes came from.
+        /// The file the sizes came from: the weights, or the config of a fresh model.
         path: PathBuf,
         /// What the weights need, and what is free.
         message: String,

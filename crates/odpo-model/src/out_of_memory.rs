@@ -8,9 +8,10 @@
 //!
 //! burn's own CPU backend (flex) allocates through Rust's allocator, which ends the process on a
 //! failed allocation; on a CPU the operating system's out-of-memory killer usually comes first.
-//! There, what is known before a run starts is checked against [`host_free_bytes`]: a model's
-//! weights when it is built, a run's gradients, optimizer state and reference before its first
-//! step.
+//! There, what is known before a run starts is checked against [`host_free_bytes`]: a model
+//! file's tensors before they are read (on every backend: the reader holds them on the host), a
+//! fresh model's weights when it is built, a run's gradients, optimizer state and reference before
+//! its first step.
 
 use std::cell::Cell;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};

@@ -16,8 +16,8 @@
 //!   With LoRA in f32 it shares the frozen base; a cached reference is dropped once its pass is
 //!   done.
 //!
-//! Activations come on top and are not counted: a run refused here could not finish its second
-//! step, and one let through may still not fit its batch.
+//! Activations come on top and are not counted: a run refused here could never finish its steps,
+//! and one let through may still not fit its batch.
 
 use burn::module::Module;
 use burn::tensor::Device;
