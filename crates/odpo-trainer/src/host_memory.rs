@@ -11,16 +11,17 @@
 //!   gradient where asked. From the second step on it is held beside the step's gradients; a run
 //!   of one step holds the larger of the two;
 //! - a frozen reference's own weights: in full fine-tuning in f32 the reference shares the policy's
-//!   weights until the first update writes new ones, so by the second step it holds a copy of
-//!   every trained weight; in half precision it is a cast copy of the whole model from the start.
+//!   weights until the first update writes new ones, so from then on it holds a copy of every
+//!   trained weight; in half precision it is a cast copy of the model's float weights (a
+//!   quantised base stays as it is) from the start.
 //!   With LoRA in f32 it shares the frozen base; a cached reference is dropped once its pass is
 //!   done.
 //!
 //! Activations come on top and are not counted: a run refused here could never finish its steps,
 //! and one let through may still not fit its batch.
 
-use burn::module::Module;
-use burn::tensor::Device;
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{DType, Device, Tensor};
 use odpo_model::out_of_memory::human_bytes;
 use odpo_model::{CausalLm, Precision};
 
@@ -79,7 +80,8 @@ impl Need {
     }
 }
 
-fn need(trained: u64, all: u64, state: &TrainingState<'_>) -> Need {
+/// The state of a run training `trained` weights of a model with `float` weights held as floats.
+fn need(trained: u64, float: u64, state: &TrainingState<'_>) -> Need {
     let f32_copy = trained.saturating_mul(4);
     let (buffers, words) = match state.optim.optimizer {
         OptimizerKind::Adamw => (2, "AdamW's two moments".to_string()),
@@ -97,7 +99,8 @@ fn need(trained: u64, all: u64, state: &TrainingState<'_>) -> Need {
     };
     let reference = match (state.frozen_reference, state.precision, state.lora) {
         (false, _, _) => 0,
-        (true, Precision::F16 | Precision::Bf16, _) => all.saturating_mul(2),
+        // The cast leaves a quantised base's weights as they are.
+        (true, Precision::F16 | Precision::Bf16, _) => float.saturating_mul(2),
         (true, Precision::F32, true) => 0,
         (true, Precision::F32, false) => f32_copy,
     };
@@ -112,7 +115,23 @@ pub(crate) fn check(policy: &CausalLm, state: &TrainingState<'_>, device: &Devic
         return Ok(());
     }
     let trained = crate::train::trainable_params(policy) as u64;
-    check_against(need(trained, policy.num_params() as u64, state), state, odpo_model::out_of_memory::host_free_bytes())
+    check_against(need(trained, float_params(policy), state), state, odpo_model::out_of_memory::host_free_bytes())
+}
+
+/// The weights held as floats: all but a quantised base's, which a half-precision cast leaves as
+/// they are.
+fn float_params(model: &CausalLm) -> u64 {
+    struct Count(u64);
+    impl ModuleVisitor for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if !matches!(param.val().dtype(), DType::QFloat(_)) {
+                self.0 += param.lazy_shape().num_elements() as u64;
+            }
+        }
+    }
+    let mut count = Count(0);
+    model.visit(&mut count);
+    count.0
 }
 
 fn check_against(need: Need, state: &TrainingState<'_>, free: Option<u64>) -> Result<()> {
@@ -180,6 +199,19 @@ mod tests {
         // RMSprop keeps one buffer, and one more for each of momentum and centring.
         assert_eq!(need(n, n, &state(&rmsprop, false, false, Precision::F32)).optimizer, 12 * n);
         assert_eq!(need(n, n, &state(&plain_rmsprop, false, false, Precision::F32)).optimizer, 4 * n);
+    }
+
+    #[test]
+    fn a_quantised_bases_weights_are_not_counted_in_a_half_precision_copy() {
+        let device = odpo_model::backend::device("flex").unwrap();
+        let json = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1});
+        let config = odpo_model::ModelConfig::from_hf_json(&json, "tiny".as_ref()).unwrap();
+        let plain = CausalLm::random_with(&config, 0, &device, false).unwrap();
+        let quantized = CausalLm::random_with(&config, 0, &device, true).unwrap();
+        assert_eq!(float_params(&plain), plain.num_params() as u64);
+        // q and o 32·32, k and v 32·16, gate and up 32·64, down 64·32: 9,216 projection weights.
+        assert_eq!(float_params(&quantized), plain.num_params() as u64 - 9216);
     }
 
     #[test]
