@@ -228,12 +228,21 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     if !device.supports_dtype(b.precision.dtype()) {
         return Err(TrainError::config("dtype", format!("is `{}`, which the device {device:?} cannot compute in", b.precision.name())));
     }
+    let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
     let optim_cfg = OptimConfig { optimizer: crate::config::OptimizerKind::Adamw, lr: 1e-6, weight_decay: Some(0.0), ..OptimConfig::default() };
-    let kept = crate::host_memory::TrainingState { optim: &optim_cfg, frozen_reference: !b.cached_reference, lora: b.lora.is_some(), precision: b.precision, more_than_one_step: b.warmup + b.repeats > 1, names: crate::host_memory::BENCH_FLAGS };
+    let kept = crate::host_memory::TrainingState {
+        optim: &optim_cfg,
+        frozen_reference: !b.cached_reference,
+        lora: b.lora.is_some(),
+        precision: b.precision,
+        more_than_one_step: b.warmup + b.repeats > 1,
+        train_logits: crate::host_memory::Logits::of(&pairs, b.pairs, true),
+        eval_logits: crate::host_memory::Logits::default(),
+        names: crate::host_memory::BENCH_FLAGS,
+    };
     crate::host_memory::check(&policy, &kept, device)?;
     let mut reference = Reference::Frozen(Box::new(policy.without_adapters().valid().with_precision(b.precision)));
     let flops = step_flops(&policy, &json, b.pairs, b.seq);
-    let pairs = random_pairs(b.pairs, b.seq, b.prompt, config.vocab_size(), 0);
     let refs: Vec<&TokenizedPair> = pairs.iter().collect();
     let layout = if b.shared_prompt { odpo_data::Layout::SharedPrompt } else { odpo_data::Layout::Concatenated };
     let batcher = odpo_data::PreferenceBatcher::new(0, None, layout);

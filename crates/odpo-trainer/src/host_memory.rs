@@ -17,8 +17,13 @@
 //!   With LoRA in f32 it shares the frozen base; a cached reference is dropped once its pass is
 //!   done.
 //!
-//! Activations come on top and are not counted: a run refused here could never finish its steps,
-//! and one let through may still not fit its batch.
+//! - the logits of a forward pass, the largest activation: a training micro-batch's (2 rows a pair,
+//!   1 in SFT) from the second step on beside the optimizer's state and the reference, and an
+//!   evaluation batch's; each of at least as many predicted tokens as the shortest pair's longer
+//!   completion, times the vocabulary, in the compute dtype.
+//!
+//! Other activations come on top and are not counted: a run refused here could never finish its
+//! steps, and one let through may still not fit its batch.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, Tensor};
@@ -42,8 +47,35 @@ pub(crate) struct TrainingState<'a> {
     /// state): from the second step on, a step's gradients and the optimizer's state are all held at
     /// once; the first step's update turns gradients into state as it goes.
     pub more_than_one_step: bool,
-    /// How the advice names LoRA and the cached reference: config keys, or a command's flags.
+    /// The logits of a training micro-batch.
+    pub train_logits: Logits,
+    /// The logits of an evaluation batch (no rows where the run does not evaluate).
+    pub eval_logits: Logits,
+    /// How the advice names the settings to change: config keys, or a command's flags.
     pub names: AdviceNames,
+}
+
+/// The logits of one forward pass, `rows × width × vocab` in the compute dtype, a lower bound.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Logits {
+    /// Rows: 2 a pair (chosen and rejected), 1 in SFT.
+    pub rows: u64,
+    /// Predicted tokens a row, at least: the head runs on every column where some row of the batch
+    /// has a completion token, so on the batch's longest completion at least.
+    pub width: u64,
+}
+
+impl Logits {
+    /// A batch of `pairs` of these pairs, each as 2 rows (`preference`) or 1, whichever pairs it
+    /// holds: as wide as the narrowest pair's longest row at least.
+    pub fn of(all: &[odpo_data::TokenizedPair], pairs: usize, preference: bool) -> Self {
+        let width = all.iter().map(|p| if preference { p.chosen.len().max(p.rejected.len()) } else { p.chosen.len() }).min().unwrap_or(0);
+        Self { rows: pairs as u64 * if preference { 2 } else { 1 }, width: width as u64 }
+    }
+
+    fn bytes(self, vocab: u64, dtype_bytes: u64) -> u64 {
+        self.rows.saturating_mul(self.width).saturating_mul(vocab).saturating_mul(dtype_bytes)
+    }
 }
 
 /// The settings an error's advice names.
@@ -52,15 +84,29 @@ pub(crate) struct AdviceNames {
     pub lora: &'static str,
     /// The cached reference.
     pub cached_reference: &'static str,
+    /// A smaller training micro-batch.
+    pub micro_batch: &'static str,
+    /// A smaller evaluation batch.
+    pub eval_batch: &'static str,
 }
 
 /// A run's config keys.
-pub(crate) const RUN_KEYS: AdviceNames = AdviceNames { lora: "train LoRA adapters (`[lora]`)", cached_reference: "set `train.reference = \"cached\"`" };
+pub(crate) const RUN_KEYS: AdviceNames = AdviceNames {
+    lora: "train LoRA adapters (`[lora]`)",
+    cached_reference: "set `train.reference = \"cached\"`",
+    micro_batch: "lower `train.micro_batch_size`",
+    eval_batch: "lower `eval.batch_size`",
+};
 /// `odpo bench`'s flags.
-pub(crate) const BENCH_FLAGS: AdviceNames = AdviceNames { lora: "train LoRA adapters (`--lora RANK`)", cached_reference: "cache the reference (`--cached-reference`)" };
+pub(crate) const BENCH_FLAGS: AdviceNames = AdviceNames {
+    lora: "train LoRA adapters (`--lora RANK`)",
+    cached_reference: "cache the reference (`--cached-reference`)",
+    micro_batch: "lower `--pairs` or `--seq`",
+    eval_batch: "",
+};
 
 /// The state's bytes, each part a lower bound.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Need {
     trained: u64,
     gradients: u64,
@@ -68,20 +114,27 @@ struct Need {
     /// The optimizer's buffers, in words: "AdamW's two moments".
     optimizer_buffers: String,
     reference: u64,
+    train_logits: u64,
+    eval_logits: u64,
     /// Whether gradients and optimizer state are held at once (a second step).
     together: bool,
 }
 
 impl Need {
+    /// From the second step on, a step holds the optimizer's state and the reference's copy beside
+    /// its logits and then its gradients; a single step, its logits, then its gradients, then the
+    /// state its update turns them into beside the reference's copy. An evaluation holds its
+    /// logits (the first one, at step 0, nothing of the training state).
     fn total(&self) -> u64 {
-        let (g, o) = (self.gradients, self.optimizer);
-        let both = if self.together { g.saturating_add(o) } else { g.max(o) };
-        both.saturating_add(self.reference)
+        let (g, o, r) = (self.gradients, self.optimizer, self.reference);
+        let step = if self.together { o.saturating_add(r).saturating_add(g.max(self.train_logits)) } else { self.train_logits.max(g.max(o).saturating_add(r)) };
+        step.max(self.eval_logits)
     }
 }
 
-/// The state of a run training `trained` weights of a model with `float` weights held as floats.
-fn need(trained: u64, float: u64, state: &TrainingState<'_>) -> Need {
+/// The state of a run training `trained` weights of a model with `float` weights held as floats
+/// and a vocabulary of `vocab`.
+fn need(trained: u64, float: u64, vocab: u64, state: &TrainingState<'_>) -> Need {
     let f32_copy = trained.saturating_mul(4);
     let (buffers, words) = match state.optim.optimizer {
         OptimizerKind::Adamw => (2, "AdamW's two moments".to_string()),
@@ -104,7 +157,17 @@ fn need(trained: u64, float: u64, state: &TrainingState<'_>) -> Need {
         (true, Precision::F32, true) => 0,
         (true, Precision::F32, false) => f32_copy,
     };
-    Need { trained, gradients: f32_copy, optimizer: f32_copy.saturating_mul(buffers), optimizer_buffers: words, reference, together: state.more_than_one_step }
+    let dtype_bytes = if state.precision == Precision::F32 { 4 } else { 2 };
+    Need {
+        trained,
+        gradients: f32_copy,
+        optimizer: f32_copy.saturating_mul(buffers),
+        optimizer_buffers: words,
+        reference,
+        train_logits: state.train_logits.bytes(vocab, dtype_bytes),
+        eval_logits: state.eval_logits.bytes(vocab, dtype_bytes),
+        together: state.more_than_one_step,
+    }
 }
 
 /// Refuses a run whose training state cannot fit in the host memory left after `policy` loaded, on
@@ -115,7 +178,8 @@ pub(crate) fn check(policy: &CausalLm, state: &TrainingState<'_>, device: &Devic
         return Ok(());
     }
     let trained = crate::train::trainable_params(policy) as u64;
-    check_against(need(trained, float_params(policy), state), state, odpo_model::out_of_memory::host_free_bytes())
+    let vocab = policy.vocab_size() as u64;
+    check_against(need(trained, float_params(policy), vocab, state), state, odpo_model::out_of_memory::host_free_bytes())
 }
 
 /// The weights held as floats: all but a quantised base's, which a half-precision cast leaves as
@@ -147,18 +211,36 @@ fn check_against(need: Need, state: &TrainingState<'_>, free: Option<u64>) -> Re
         let copy = if state.precision == Precision::F32 { "own copy of the trained weights" } else { "cast copy of the model" };
         parts.push(format!("the frozen reference's {copy} {}", human_bytes(need.reference)));
     }
+    let logits = |l: Logits, of: &str, bytes: u64| format!("the logits of {of} ({} rows of {} tokens or more) {}", l.rows, l.width, human_bytes(bytes));
+    let mut activations = Vec::new();
+    if need.train_logits > 0 {
+        activations.push(logits(state.train_logits, "a micro-batch", need.train_logits));
+    }
+    if need.eval_logits > 0 {
+        activations.push(logits(state.eval_logits, "an evaluation batch", need.eval_logits));
+    }
+    let activations = if activations.is_empty() { String::new() } else { format!("; {}", activations.join(", ")) };
     let message = format!(
-        "the training state needs at least {} beside the loaded model ({millions:.1} million trained parameters: {}), and this machine has {} free (memory and swap)",
+        "the training state needs at least {} beside the loaded model ({millions:.1} million trained parameters: {}{activations}), and this machine has {} free (memory and swap)",
         human_bytes(need.total()),
         parts.join(", "),
         human_bytes(free)
     );
+    // Only what lowers the part that does not fit.
     let mut advice = Vec::new();
-    if !state.lora {
-        advice.push(state.names.lora);
+    if need.eval_logits > free && !state.names.eval_batch.is_empty() {
+        advice.push(state.names.eval_batch);
     }
-    if need.reference > 0 {
-        advice.push(state.names.cached_reference);
+    if (Need { eval_logits: 0, ..need.clone() }).total() > free {
+        if need.train_logits > need.gradients {
+            advice.push(state.names.micro_batch);
+        }
+        if !state.lora {
+            advice.push(state.names.lora);
+        }
+        if need.reference > 0 {
+            advice.push(state.names.cached_reference);
+        }
     }
     advice.push("run on a GPU backend");
     Err(TrainError::HostMemory { message, advice: format!("to fit, {}", advice.join(", or ")) })
@@ -170,8 +252,11 @@ mod tests {
     use super::*;
 
     fn state(optim: &OptimConfig, frozen_reference: bool, lora: bool, precision: Precision) -> TrainingState<'_> {
-        TrainingState { optim, frozen_reference, lora, precision, more_than_one_step: true, names: RUN_KEYS }
+        TrainingState { optim, frozen_reference, lora, precision, more_than_one_step: true, train_logits: Logits::default(), eval_logits: Logits::default(), names: RUN_KEYS }
     }
+
+    /// Llama-3.2-1B's vocabulary.
+    const V: u64 = 128_256;
 
     #[test]
     fn the_state_of_each_kind_of_run_is_counted() {
@@ -182,23 +267,58 @@ mod tests {
         let n = 1_235_814_400u64;
         // Full fine-tuning in f32 with a frozen reference: gradients, two moments and the reference's
         // copy, four f32 copies beside the policy's own (the five PyTorch's step was killed at).
-        let full = need(n, n, &state(&adamw, true, false, Precision::F32));
+        let full = need(n, n, V, &state(&adamw, true, false, Precision::F32));
         assert_eq!((full.gradients, full.optimizer, full.reference, full.total()), (4 * n, 8 * n, 4 * n, 16 * n));
         // A cached reference leaves the copy out.
-        assert_eq!(need(n, n, &state(&adamw, false, false, Precision::F32)).total(), 12 * n);
+        assert_eq!(need(n, n, V, &state(&adamw, false, false, Precision::F32)).total(), 12 * n);
         // LoRA in f32: 11.3 M adapter weights; the reference shares the base.
         let a = 11_272_192u64;
-        assert_eq!(need(a, n + a, &state(&adamw, true, true, Precision::F32)).total(), 12 * a);
+        assert_eq!(need(a, n + a, V, &state(&adamw, true, true, Precision::F32)).total(), 12 * a);
         // In bf16 the reference is a cast copy of every weight, two bytes each.
-        assert_eq!(need(a, n + a, &state(&adamw, true, true, Precision::Bf16)).reference, 2 * (n + a));
+        assert_eq!(need(a, n + a, V, &state(&adamw, true, true, Precision::Bf16)).reference, 2 * (n + a));
         // A single step turns its gradients into the moments as its update goes.
         let one = TrainingState { more_than_one_step: false, ..state(&adamw, false, false, Precision::F32) };
-        assert_eq!(need(n, n, &one).total(), 8 * n);
-        let err = check_against(need(n, n, &one), &one, Some(1)).unwrap_err().to_string();
+        assert_eq!(need(n, n, V, &one).total(), 8 * n);
+        let err = check_against(need(n, n, V, &one), &one, Some(1)).unwrap_err().to_string();
         assert!(err.contains("(1235.8 million trained parameters: their gradients 4.6 GiB, then AdamW's two moments 9.2 GiB)"), "{err}");
         // RMSprop keeps one buffer, and one more for each of momentum and centring.
-        assert_eq!(need(n, n, &state(&rmsprop, false, false, Precision::F32)).optimizer, 12 * n);
-        assert_eq!(need(n, n, &state(&plain_rmsprop, false, false, Precision::F32)).optimizer, 4 * n);
+        assert_eq!(need(n, n, V, &state(&rmsprop, false, false, Precision::F32)).optimizer, 12 * n);
+        assert_eq!(need(n, n, V, &state(&plain_rmsprop, false, false, Precision::F32)).optimizer, 4 * n);
+    }
+
+    #[test]
+    fn the_logits_of_a_micro_batch_and_an_evaluation_batch_are_counted() {
+        let pair = |c: usize, r: usize| odpo_data::TokenizedPair { pair_id: 0, prompt: vec![1; 3], chosen: vec![4; c], rejected: vec![5; r], offset: 0.0, weight: None };
+        let pairs = [pair(5, 9), pair(7, 3)];
+        // Each batch is as wide as its longest row at least: the narrowest pair's longer row, 7.
+        assert_eq!(Logits::of(&pairs, 4, true), Logits { rows: 8, width: 7 });
+        assert_eq!(Logits::of(&pairs, 4, false), Logits { rows: 4, width: 5 });
+        assert_eq!(Logits::of(&[], 4, true), Logits { rows: 8, width: 0 });
+
+        let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
+        // LoRA's 11.3 M adapter weights under micro-batches of 32 pairs of 100 tokens or more:
+        // 64 × 100 × 128,256 f32 logits, 3.1 GiB, beside the moments from the second step on.
+        let a = 11_272_192u64;
+        let mut run = TrainingState { train_logits: Logits { rows: 64, width: 100 }, ..state(&adamw, true, true, Precision::F32) };
+        let logits = 64 * 100 * V * 4;
+        assert_eq!(need(a, a, V, &run).total(), 8 * a + logits);
+        let err = check_against(need(a, a, V, &run), &run, Some(2 << 30)).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "(11.3 million trained parameters: their gradients 43.0 MiB, AdamW's two moments 86.0 MiB; the logits of a micro-batch (64 rows of 100 tokens or more) 3.1 GiB), \
+                 and this machine has 2.0 GiB free (memory and swap); to fit, lower `train.micro_batch_size`, or run on a GPU backend"
+            ),
+            "{err}"
+        );
+        // An evaluation batch of 64 pairs: twice those logits, alone, where the step fits.
+        run.eval_logits = Logits { rows: 128, width: 100 };
+        assert_eq!(need(a, a, V, &run).total(), 2 * logits);
+        let err = check_against(need(a, a, V, &run), &run, Some(4 << 30)).unwrap_err().to_string();
+        assert!(err.ends_with("and this machine has 4.0 GiB free (memory and swap); to fit, lower `eval.batch_size`, or run on a GPU backend"), "{err}");
+        // A single step holds its logits before its gradients and the update's state.
+        run.more_than_one_step = false;
+        run.eval_logits = Logits::default();
+        assert_eq!(need(a, a, V, &run).total(), logits);
     }
 
     #[test]
@@ -219,9 +339,9 @@ mod tests {
         let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
         let n = 1_235_814_400u64;
         let full = state(&adamw, true, false, Precision::F32);
-        assert!(check_against(need(n, n, &full), &full, Some(16 * n)).is_ok());
-        assert!(check_against(need(n, n, &full), &full, None).is_ok());
-        let err = check_against(need(n, n, &full), &full, Some(16 * n - 1)).unwrap_err().to_string();
+        assert!(check_against(need(n, n, V, &full), &full, Some(16 * n)).is_ok());
+        assert!(check_against(need(n, n, V, &full), &full, None).is_ok());
+        let err = check_against(need(n, n, V, &full), &full, Some(16 * n - 1)).unwrap_err().to_string();
         assert_eq!(
             err,
             "not enough host memory: the training state needs at least 18.4 GiB beside the loaded model (1235.8 million trained parameters: \
@@ -230,7 +350,7 @@ mod tests {
         );
         // Only the changes the run has not made are offered.
         let lora = state(&adamw, false, true, Precision::F32);
-        let err = check_against(need(n, n, &lora), &lora, Some(1)).unwrap_err().to_string();
+        let err = check_against(need(n, n, V, &lora), &lora, Some(1)).unwrap_err().to_string();
         assert!(err.ends_with("(memory and swap); to fit, run on a GPU backend"), "{err}");
     }
 }

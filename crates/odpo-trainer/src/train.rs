@@ -17,6 +17,7 @@ use odpo_model::{CausalLm, ModelConfig, Precision};
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Checked, ModelSection, ReferenceMode, RunConfig, Stage};
+use crate::host_memory::Logits;
 use crate::data::{self, RunData};
 use crate::error::{Result, TrainError};
 use crate::early_stop;
@@ -138,7 +139,18 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     let frozen_reference = cfg.needs_reference() && t.reference == ReferenceMode::Frozen && cfg.model.reference.is_none();
     let total_steps = t.max_steps.unwrap_or_else(|| ((t.epochs * data.train.len() as f64) / t.batch_size as f64).ceil().max(1.0) as usize);
     let more_than_one_step = total_steps > 1 || resume;
-    let kept = crate::host_memory::TrainingState { optim: &cfg.optim, frozen_reference, lora: cfg.lora.is_some(), precision, more_than_one_step, names: crate::host_memory::RUN_KEYS };
+    let preference = t.stage == Stage::Preference;
+    let held_out = data.eval.len().min(cfg.eval.max_pairs.unwrap_or(usize::MAX));
+    let kept = crate::host_memory::TrainingState {
+        optim: &cfg.optim,
+        frozen_reference,
+        lora: cfg.lora.is_some(),
+        precision,
+        more_than_one_step,
+        train_logits: Logits::of(&data.train, t.micro_batch_size, preference),
+        eval_logits: Logits::of(&data.eval[..held_out], cfg.eval.batch_size.min(held_out), preference),
+        names: crate::host_memory::RUN_KEYS,
+    };
     crate::host_memory::check(&policy, &kept, device)?;
     // The reference computes in the run's precision, so that its log-probs and the policy's agree
     // at the start whatever the dtype.
