@@ -183,9 +183,10 @@ struct SampleArgs {
     /// Sampling temperature.
     #[arg(long, default_value_t = 1.0)]
     temperature: f64,
-    /// Longest response in tokens.
-    #[arg(long, default_value_t = 32)]
-    max_new_tokens: usize,
+    /// Longest response in tokens [default: 32, or what a learned position table (GPT-2, GPT-Neo)
+    /// leaves after the longest prompt when that is fewer].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -531,7 +532,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let ids = tok.encode(&prompt, !a.model.chat)?;
     let eos: Vec<u32> = tok.eos_token_id().or(loaded.config.eos_token_id()).into_iter().collect();
     let cfg = GenerationConfig {
-        max_new_tokens: new_tokens(a.max_new_tokens, ids.len(), loaded.model.position_limit())?,
+        max_new_tokens: new_tokens(a.max_new_tokens, ids.len(), loaded.model.position_limit(), 64)?,
         pad_token_id: tok.pad_token_id().or(eos.first().copied()).unwrap_or(0),
         eos_token_ids: eos,
         sampling: SamplingConfig { greedy: a.greedy, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
@@ -551,11 +552,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// `generate`'s new tokens: `--max-new-tokens` where given, else 64, or fewer where the model's
-/// learned position table (`limit`) has less room after the prompt's `prompt` tokens.
-fn new_tokens(flag: Option<usize>, prompt: usize, limit: Option<usize>) -> Result<usize> {
-    const DEFAULT: usize = 64;
-    let Some(limit) = limit else { return Ok(flag.unwrap_or(DEFAULT)) };
+/// New tokens after a prompt of `prompt` tokens: `--max-new-tokens` where given, else `default`,
+/// or fewer where the model's learned position table (`limit`) has less room.
+fn new_tokens(flag: Option<usize>, prompt: usize, limit: Option<usize>, default: usize) -> Result<usize> {
+    let Some(limit) = limit else { return Ok(flag.unwrap_or(default)) };
     let room = limit.saturating_sub(prompt);
     match flag {
         Some(n) if n > room => bail!(
@@ -564,7 +564,7 @@ fn new_tokens(flag: Option<usize>, prompt: usize, limit: Option<usize>) -> Resul
         ),
         Some(n) => Ok(n),
         None if room == 0 => bail!("the prompt's {prompt} tokens fill the model's {limit} positions (its learned position table): no room for a new token"),
-        None => Ok(room.min(DEFAULT)),
+        None => Ok(room.min(default)),
     }
 }
 
@@ -743,10 +743,28 @@ fn cmd_sample(a: SampleArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let prompts = odpo_pipeline::sample::read_prompts(&a.prompts)?;
     let reward = odpo_pipeline::reward::reward_from_spec(&a.reward, &device).with_context(|| format!("--reward `{}`", a.reward))?;
-    let settings = odpo_pipeline::SampleSettings { k: a.k, temperature: a.temperature, max_new_tokens: a.max_new_tokens, seed: a.seed };
+    let max_new_tokens = sample_length(&a.model, &prompts, a.max_new_tokens)?;
+    let settings = odpo_pipeline::SampleSettings { k: a.k, temperature: a.temperature, max_new_tokens, seed: a.seed };
     let report = odpo_pipeline::sample(&a.model, &prompts, &settings, reward.as_ref(), &a.out, &device)?;
     println!("{} responses to {} prompts, mean reward {:.4}, written to {}", report.responses, prompts.len(), report.mean_reward, report.path.display());
     Ok(())
+}
+
+/// `sample`'s response length: `--max-new-tokens` where given, else 32, or fewer where the model's
+/// learned position table has less room after the longest prompt.
+fn sample_length(model: &std::path::Path, prompts: &[String], flag: Option<usize>) -> Result<usize> {
+    const DEFAULT: usize = 32;
+    let config = model.join("config.json");
+    let limit = if config.is_file() { odpo_model::ModelConfig::from_file(&config)?.position_limit() } else { None };
+    if limit.is_none() {
+        return Ok(flag.unwrap_or(DEFAULT));
+    }
+    let tokenizer = Tokenizer::open(model)?;
+    let mut longest = 0;
+    for p in prompts {
+        longest = longest.max(tokenizer.encode(p, true)?.len());
+    }
+    new_tokens(flag, longest, limit, DEFAULT)
 }
 
 /// A fit's rows counted against the fewest it takes, naming the flag and its file.
@@ -886,18 +904,20 @@ mod tests {
     #[test]
     fn the_default_length_of_generate_fits_a_learned_position_table() {
         // Rotary positions: the flag, else 64.
-        assert_eq!(new_tokens(None, 40, None).ok(), Some(64));
-        assert_eq!(new_tokens(Some(500), 40, None).ok(), Some(500));
+        assert_eq!(new_tokens(None, 40, None, 64).ok(), Some(64));
+        assert_eq!(new_tokens(Some(500), 40, None, 64).ok(), Some(500));
         // A table of 32 positions after a prompt of 5 tokens leaves 27.
-        assert_eq!(new_tokens(None, 5, Some(32)).ok(), Some(27));
-        assert_eq!(new_tokens(None, 5, Some(1024)).ok(), Some(64));
-        assert_eq!(new_tokens(Some(27), 5, Some(32)).ok(), Some(27));
-        let err = new_tokens(Some(28), 5, Some(32)).map(|_| ()).unwrap_err().to_string();
+        assert_eq!(new_tokens(None, 5, Some(32), 64).ok(), Some(27));
+        assert_eq!(new_tokens(None, 5, Some(1024), 64).ok(), Some(64));
+        assert_eq!(new_tokens(Some(27), 5, Some(32), 64).ok(), Some(27));
+        // `sample`'s default, 32, after the built-in task's prompts of 4 tokens: 28.
+        assert_eq!(new_tokens(None, 4, Some(32), 32).ok(), Some(28));
+        let err = new_tokens(Some(28), 5, Some(32), 64).map(|_| ()).unwrap_err().to_string();
         assert_eq!(
             err,
             "--max-new-tokens 28: a prompt of 5 tokens and 28 new ones need 33 positions; the model has 32 (its learned position table); pass --max-new-tokens 27 or less"
         );
-        let err = new_tokens(None, 32, Some(32)).map(|_| ()).unwrap_err().to_string();
+        let err = new_tokens(None, 32, Some(32), 64).map(|_| ()).unwrap_err().to_string();
         assert_eq!(err, "the prompt's 32 tokens fill the model's 32 positions (its learned position table): no room for a new token");
     }
 }

@@ -104,6 +104,30 @@ progress = false
     let (ok, out, err) = odpo_train(&["--resume", run.to_str().unwrap(), "--set", "train.max_steps=5"]);
     assert!(ok, "{err}");
     assert_eq!((line(&out, "resumed from:"), line(&out, "steps:")), ("step 3", "5"));
+
+    // `odpo sample` from the exported model: without `--max-new-tokens`, 32 new tokens or what its
+    // 64 learned positions leave after the longest prompt (here about 48 tokens), where 32 was
+    // refused; a length that does not fit is refused naming the flag.
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, format!("{}\nshort prompt\n", "the film was good and ".repeat(10))).unwrap();
+    let sample = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo"))
+            .args(["sample", "--k", "1", "--model"])
+            .arg(run.join("model"))
+            .arg("--prompts")
+            .arg(&prompts)
+            .arg("--out")
+            .arg(dir.join("samples.jsonl"))
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run odpo");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, out, err) = sample(&[]);
+    assert!(ok && out.starts_with("2 responses to 2 prompts"), "{out}{err}");
+    let (ok, _, err) = sample(&["--max-new-tokens", "40"]);
+    assert!(!ok && err.contains("error: --max-new-tokens 40: a prompt of ") && err.contains("; the model has 64 (its learned position table); pass --max-new-tokens "), "{err}");
 }
 
 /// `odpo bench` on rows longer than a GPT-2's learned position table: an error, where the forward

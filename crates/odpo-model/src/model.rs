@@ -108,6 +108,16 @@ impl ModelConfig {
         }
     }
 
+    /// The most positions a row can have where the family learns a position table (GPT-2,
+    /// GPT-Neo): [`CausalLm::position_limit`] before the model is built.
+    pub fn position_limit(&self) -> Option<usize> {
+        match self {
+            Self::Gpt2(c) => Some(c.n_positions),
+            Self::GptNeo(c) => Some(c.max_position_embeddings),
+            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) | Self::Gemma(_) => None,
+        }
+    }
+
     /// The longest sequence the model supports.
     pub fn max_positions(&self) -> usize {
         match self {
