@@ -251,7 +251,7 @@ pub fn check_resumable(ckpt: &Path, cfg: &crate::RunConfig) -> Result<()> {
         None => "none".to_string(),
         Some(l) => format!("rank {} on {:?}{}", l.rank, l.targets, if l.quantized_base { " over a quantised base" } else { "" }),
     };
-    let optimizer = |c: &crate::RunConfig| serde_json::to_value(c.optim.optimizer).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    let optimizer = |c: &crate::RunConfig| crate::config::optimizer_name(c.optim.optimizer).to_string();
     for (key, now, then) in [("lora", adapters(cfg), adapters(&saved)), ("optim.optimizer", optimizer(cfg), optimizer(&saved))] {
         if now != then {
             return Err(TrainError::config(

@@ -689,7 +689,8 @@ impl EvalConfig {
     }
 }
 
-fn optimizer_name(k: OptimizerKind) -> &'static str {
+/// The optimizer's name as configs spell it (`optim.optimizer`).
+pub(crate) fn optimizer_name(k: OptimizerKind) -> &'static str {
     match k {
         OptimizerKind::Adamw => "adamw",
         OptimizerKind::Rmsprop => "rmsprop",

@@ -86,8 +86,8 @@ pub(crate) struct AdviceNames {
     pub cached_reference: &'static str,
     /// A smaller training micro-batch.
     pub micro_batch: &'static str,
-    /// A smaller evaluation batch.
-    pub eval_batch: &'static str,
+    /// A smaller evaluation batch, where there is one to lower.
+    pub eval_batch: Option<&'static str>,
 }
 
 /// A run's config keys.
@@ -95,14 +95,14 @@ pub(crate) const RUN_KEYS: AdviceNames = AdviceNames {
     lora: "train LoRA adapters (`[lora]`)",
     cached_reference: "set `train.reference = \"cached\"`",
     micro_batch: "lower `train.micro_batch_size`",
-    eval_batch: "lower `eval.batch_size`",
+    eval_batch: Some("lower `eval.batch_size`"),
 };
 /// `odpo bench`'s flags.
 pub(crate) const BENCH_FLAGS: AdviceNames = AdviceNames {
     lora: "train LoRA adapters (`--lora RANK`)",
     cached_reference: "cache the reference (`--cached-reference`)",
     micro_batch: "lower `--pairs` or `--seq`",
-    eval_batch: "",
+    eval_batch: None,
 };
 
 /// The state's bytes, each part a lower bound.
@@ -228,8 +228,8 @@ fn check_against(need: Need, state: &TrainingState<'_>, free: Option<u64>) -> Re
     );
     // Only what lowers the part that does not fit.
     let mut advice = Vec::new();
-    if need.eval_logits > free && !state.names.eval_batch.is_empty() {
-        advice.push(state.names.eval_batch);
+    if need.eval_logits > free && let Some(eval_batch) = state.names.eval_batch {
+        advice.push(eval_batch);
     }
     if (Need { eval_logits: 0, ..need.clone() }).total() > free {
         if need.train_logits > need.gradients {
