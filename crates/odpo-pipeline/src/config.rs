@@ -307,9 +307,6 @@ impl PipelineConfig {
     }
 }
 
-/// A sweep's β and α lists: every β finite and > 0, every α finite and ≥ 0, refused at load naming
-/// the list (each run's own check would name `loss.beta` or the offset's `alpha`, and only after
-/// the SFT stage and the sampling).
 /// A run's `name`: one folder under `runs/`, so neither empty nor a path (`runs/` itself, or a
 /// folder elsewhere, is not what the key means).
 pub(crate) fn check_run_name(name: &str) -> Result<()> {
@@ -320,6 +317,9 @@ pub(crate) fn check_run_name(name: &str) -> Result<()> {
     }
 }
 
+/// A sweep's β and α lists: every β finite and > 0, every α finite and ≥ 0, refused at load naming
+/// the list (each run's own check would name `loss.beta` or the offset's `alpha`, and only after
+/// the SFT stage and the sampling).
 pub(crate) fn check_sweep_values(betas: &[f64], alphas: &[f64]) -> Result<()> {
     if let Some(b) = betas.iter().find(|b| !(b.is_finite() && **b > 0.0)) {
         return Err(PipelineError::config("betas", format!("holds {b}; every β must be a finite number > 0")));
