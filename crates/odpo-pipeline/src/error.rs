@@ -16,7 +16,7 @@ pub enum PipelineError {
         source: std::io::Error,
     },
     /// A JSON file (score table, run summary) is malformed.
-    #[error("{}:{line}: {message}", path.display())]
+    #[error("{}{}: {message}", path.display(), if *line > 0 { format!(":{line}") } else { String::new() })]
     Json {
         /// The file.
         path: PathBuf,
@@ -58,6 +58,9 @@ pub enum PipelineError {
         /// The fewest a fit takes ([`crate::learned::MIN_FIT_ROWS`]).
         least: usize,
     },
+    /// A reward model's fit or scoring failed on the numbers it was given.
+    #[error("reward model: {0}")]
+    RewardModel(String),
     /// A prompt file holds no prompt.
     #[error("{}: no prompts (every line is blank); expected one prompt a line", path.display())]
     NoPrompts {

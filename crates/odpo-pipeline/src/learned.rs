@@ -232,15 +232,28 @@ pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], tex
                 hidden.gather(1, idx).reshape([b, d])
             }
         };
-        let values = pooled.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| PipelineError::config("reward", format!("{e:?}")))?;
+        let values = pooled.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| PipelineError::RewardModel(format!("the backbone's pooled features: {e:?}")))?;
         for (k, &i) in chunk.iter().enumerate() {
-            out[i] = values[k * d..(k + 1) * d].to_vec();
+            out[i] = finite_features(&values[k * d..(k + 1) * d], i, &prompts[i])?;
         }
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
     tracing::info!("reward features: {} texts in {:.0} s", ids.len(), bar.elapsed().as_secs_f64());
     Ok(out)
+}
+
+/// Text `i`'s features, refused when one is NaN or infinite: such a row would otherwise pass
+/// through the fit unseen (a Cholesky factor of NaNs reports no failure) and score everything NaN.
+fn finite_features(row: &[f32], i: usize, prompt: &str) -> Result<Vec<f32>> {
+    match row.iter().position(|v| !v.is_finite()) {
+        Some(j) => Err(PipelineError::RewardModel(format!(
+            "the backbone's feature {j} of text {} (prompt {prompt:?}) is {}; its hidden states overflowed or its weights hold NaN",
+            i + 1,
+            row[j]
+        ))),
+        None => Ok(row.to_vec()),
+    }
 }
 
 /// Ridge regression on standardised features: the head minimising `‖Zw + b − y‖² + l2·‖w‖²`.
@@ -267,7 +280,7 @@ fn ridge(x: &[&Vec<f32>], y: &[f64], l2: f64, mean: &[f64], std: &[f64]) -> Resu
         }
         a[(j, j)] += l2;
     }
-    let chol = nalgebra::Cholesky::new(a).ok_or_else(|| PipelineError::config("reward", "the feature matrix is not positive definite; raise the penalty"))?;
+    let chol = nalgebra::Cholesky::new(a).ok_or_else(|| PipelineError::RewardModel(format!("the ridge system with penalty {l2} cannot be solved (not positive definite)")))?;
     let w = chol.solve(&rhs);
     // Features are centred on the training mean, so the intercept is the mean score.
     Ok(Head { mean: mean.to_vec(), std: std.to_vec(), weight: w.iter().copied().collect(), bias: y_mean })
@@ -377,7 +390,7 @@ fn bradley_terry(z: &nalgebra::DMatrix<f64>, pairs: &[(usize, usize)], l2: f64) 
         for j in 0..d {
             hessian[(j, j)] += l2;
         }
-        let chol = nalgebra::Cholesky::new(hessian).ok_or_else(|| PipelineError::config("reward", "the Bradley–Terry Hessian is not positive definite; raise the penalty"))?;
+        let chol = nalgebra::Cholesky::new(hessian).ok_or_else(|| PipelineError::RewardModel(format!("the Bradley–Terry Hessian with penalty {l2} cannot be solved (not positive definite)")))?;
         let step = chol.solve(&grad);
         let mut t = 1.0;
         let (mut next, mut value) = (&w - &step, 0.0);
@@ -491,7 +504,7 @@ impl LearnedReward {
         let in_set = |set: &BTreeSet<String>| -> Vec<(usize, usize)> { pairs.iter().zip(&sides).filter(|(p, _)| set.contains(&p.prompt)).map(|(_, s)| *s).collect() };
         let (train, held) = (in_set(&train_p), in_set(&held_p));
         if train.is_empty() || held.is_empty() {
-            return Err(PipelineError::config("reward", format!("{} training and {} held-out pairs; both sides of the split by prompt need pairs (more prompts, or another --heldout)", train.len(), held.len())));
+            return Err(PipelineError::RewardModel(format!("{} training and {} held-out pairs; both sides of the split by prompt need pairs (more prompts, or another --heldout)", train.len(), held.len())));
         }
         // Standardised on the training prompts' texts.
         let train_texts: Vec<&Vec<f32>> = feats.iter().zip(&prompts).filter(|(_, p)| train_p.contains(*p)).map(|(f, _)| f).collect();
@@ -551,7 +564,7 @@ impl LearnedReward {
     /// Writes `reward.json` (backbone, lengths, the fit report) and `head.json` (the head) into `dir`.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
-        let meta = serde_json::to_string_pretty(&self.meta).map_err(|e| PipelineError::config("reward", e.to_string()))?;
+        let meta = serde_json::to_string_pretty(&self.meta).map_err(|e| PipelineError::RewardModel(format!("{}: {e}", dir.join("reward.json").display())))?;
         let head = serde_json::json!({ "mean": self.head.mean, "std": self.head.std, "weight": self.head.weight, "bias": self.head.bias });
         odpo_model::weights::write_atomic(&dir.join("reward.json"), meta.as_bytes())?;
         odpo_model::weights::write_atomic(&dir.join("head.json"), head.to_string().as_bytes())?;
@@ -567,13 +580,16 @@ impl LearnedReward {
         };
         let meta: Meta = serde_json::from_value(read("reward.json")?).map_err(|e| PipelineError::Json { path: dir.join("reward.json"), line: 0, message: e.to_string() })?;
         let h = read("head.json")?;
+        let bad = |message: String| PipelineError::Json { path: dir.join("head.json"), line: 0, message };
+        // JSON has no NaN (serde_json writes it as null): a value that is not a number is refused, not skipped.
         let vec = |k: &str| -> Result<Vec<f64>> {
-            h.get(k)
-                .and_then(|v| v.as_array())
-                .map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect())
-                .ok_or_else(|| PipelineError::Json { path: dir.join("head.json"), line: 0, message: format!("`{k}` is missing or not a list of numbers") })
+            let list = h.get(k).and_then(|v| v.as_array()).ok_or_else(|| bad(format!("`{k}` is missing or not a list of numbers")))?;
+            list.iter().enumerate().map(|(i, v)| v.as_f64().ok_or_else(|| bad(format!("`{k}[{i}]` is {v}; expected a number")))).collect()
         };
-        let head = Head { mean: vec("mean")?, std: vec("std")?, weight: vec("weight")?, bias: h.get("bias").and_then(serde_json::Value::as_f64).unwrap_or(0.0) };
+        let head = Head { mean: vec("mean")?, std: vec("std")?, weight: vec("weight")?, bias: h.get("bias").and_then(serde_json::Value::as_f64).ok_or_else(|| bad("`bias` is missing or not a number".into()))? };
+        if head.mean.len() != head.weight.len() || head.std.len() != head.weight.len() {
+            return Err(bad(format!("`mean`, `std` and `weight` hold {}, {} and {} numbers; expected one each per feature", head.mean.len(), head.std.len(), head.weight.len())));
+        }
         let (model, tokenizer) = backbone(&meta.backbone, device)?;
         Ok(Self { model, tokenizer, head, meta, device: device.clone(), batch_size: 16 })
     }
@@ -593,7 +609,7 @@ impl RewardModel for LearnedReward {
     fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>> {
         let feats = features(&self.model, &self.tokenizer, prompts, texts, &self.meta.features, self.batch_size, &self.device)?;
         if feats.first().is_some_and(|f| f.len() != self.head.weight.len()) {
-            return Err(PipelineError::config("reward", format!("the backbone gives {} features; the head expects {}", feats[0].len(), self.head.weight.len())));
+            return Err(PipelineError::RewardModel(format!("the backbone `{}` gives {} features; its head.json expects {}", self.meta.backbone.display(), feats[0].len(), self.head.weight.len())));
         }
         Ok(feats.iter().map(|f| self.head.predict(f)).collect())
     }
@@ -652,6 +668,34 @@ mod tests {
         assert!((log_sigmoid(1.5) - (1.0 / (1.0 + (-1.5f64).exp())).ln()).abs() < 1e-15);
         // Winner higher, a tie, winner lower: 1 + 0.5 + 0 of 3.
         assert!((pair_accuracy(&[3.0, 1.0, 1.0, 2.0], &[(0, 1), (1, 2), (1, 3)]) - 0.5).abs() < 1e-15);
+    }
+
+    #[test]
+    fn non_finite_features_are_refused_naming_the_text() {
+        assert_eq!(finite_features(&[0.5, -1.0], 3, "p").unwrap(), vec![0.5, -1.0]);
+        let err = finite_features(&[0.5, f32::NAN, f32::INFINITY], 3, "A film").unwrap_err().to_string();
+        assert_eq!(err, "reward model: the backbone's feature 1 of text 4 (prompt \"A film\") is NaN; its hidden states overflowed or its weights hold NaN");
+    }
+
+    /// A saved head that is not a head is refused before the backbone loads, naming `head.json`
+    /// and the entry: a NaN saved as JSON's `null`, lists of unequal length, no bias.
+    #[test]
+    fn a_damaged_head_file_is_refused_naming_the_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = serde_json::json!({ "backbone": dir.path().join("no-such-backbone"), "max_length": 16, "separator": " " });
+        std::fs::write(dir.path().join("reward.json"), meta.to_string()).unwrap();
+        let device = odpo_model::backend::device("flex").unwrap();
+        let head = dir.path().join("head.json");
+        let load = |text: &str| {
+            std::fs::write(&head, text).unwrap();
+            LearnedReward::load(dir.path(), &device).err().map(|e| e.to_string()).unwrap_or_default()
+        };
+        let at = head.display();
+        assert_eq!(load(r#"{"mean": [0.0, 1.0], "std": [1.0, 1.0], "weight": [0.5, null], "bias": 0.0}"#), format!("{at}: `weight[1]` is null; expected a number"));
+        assert_eq!(load(r#"{"mean": [0.0], "std": [1.0, 1.0], "weight": [0.5, 0.1], "bias": 0.0}"#), format!("{at}: `mean`, `std` and `weight` hold 1, 2 and 2 numbers; expected one each per feature"));
+        assert_eq!(load(r#"{"mean": [0.0], "std": [1.0], "weight": [0.5]}"#), format!("{at}: `bias` is missing or not a number"));
+        // A sound head gets as far as the backbone, which is missing.
+        assert!(load(r#"{"mean": [0.0], "std": [1.0], "weight": [0.5], "bias": 0.0}"#).contains("no-such-backbone"));
     }
 
     #[test]

@@ -201,7 +201,14 @@ pub fn pref_run_config(cfg: &Checked<PipelineConfig>, point: &SweepPoint, sft_mo
 /// SFT from random weights on the task's texts; returns the exported model folder. A folder that
 /// holds a checkpoint (an interrupted or finished stage) is resumed.
 pub fn train_sft(cfg: &Checked<PipelineConfig>, task: &TaskFiles, dir: &Path, device: &Device) -> Result<PathBuf> {
-    let summary = odpo_trainer::train(&sft_run_config(cfg, task, dir)?, device, has_checkpoint(dir)?)?;
+    let summary = odpo_trainer::train(&sft_run_config(cfg, task, dir)?, device, has_checkpoint(dir)?).map_err(|e| match e {
+        // The task's model is drawn from the config the pipeline wrote from `[model]`: name those keys.
+        odpo_trainer::TrainError::Model(odpo_model::ModelError::TooLarge { message, .. }) => {
+            let m = &cfg.model;
+            PipelineError::config("model", format!("(n_layer = {}, n_embd = {}, n_head = {}) is too large: {message}; lower model.n_embd or model.n_layer", m.n_layer, m.n_embd, m.n_head))
+        }
+        other => other.into(),
+    })?;
     summary.exported.ok_or_else(|| PipelineError::config("output.export", "the SFT stage exported no model"))
 }
 

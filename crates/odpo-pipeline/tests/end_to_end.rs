@@ -24,3 +24,17 @@ fn default_pipeline_raises_the_known_reward() -> Result<()> {
     }
     Ok(())
 }
+
+/// A `[model]` far too large for the host is refused before any weight is drawn, naming the
+/// pipeline's own keys rather than the config file it wrote for the trainer.
+#[test]
+fn a_model_too_large_for_the_host_is_refused_naming_the_model_keys() -> Result<()> {
+    let dir = env::scratch("pipeline-too-large");
+    let sets = ["task.sft_texts=50", "task.pref_prompts=20", "task.eval_prompts=4", "model.n_embd=100000"];
+    let opts = DefaultOptions { sets: sets.iter().map(|s| s.to_string()).collect(), run_dir: Some(dir.to_path_buf()), ..Default::default() };
+    let device = odpo_model::backend::device("flex")?;
+    let err = run_default(&opts, &device).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.starts_with("config: `model` (n_layer = 2, n_embd = 100000, n_head = 4) is too large: the model's 240.0 billion parameters need at least 894.1 GiB of host memory as f32"), "{err}");
+    assert!(err.ends_with("; lower model.n_embd or model.n_layer"), "{err}");
+    Ok(())
+}
