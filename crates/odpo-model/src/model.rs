@@ -108,6 +108,40 @@ impl ModelConfig {
         }
     }
 
+    /// A lower bound of the values a training forward pass keeps for its backward pass, per token
+    /// and over all layers, when every weight trains. Kept either way, each layer: the query, key
+    /// and value the attention keeps, its output (the output projection's input), and the MLP's
+    /// hidden units before the activation (its gate and up projections' outputs in a gated unit).
+    /// Without gradient checkpointing also the projections' other inputs (the norms' outputs, the
+    /// activation's output), which their weights' gradients are computed from, and each norm's
+    /// input; with burn's checkpointing those are recomputed, and the outputs of the two
+    /// projections into the residual stream are kept instead, to recompute it from. The norms'
+    /// and activations' other records, the attention's own and the logits are not counted.
+    ///
+    /// Under LoRA a frozen product keeps nothing for its weight's gradient: not a bound there.
+    pub fn backward_kept_per_token(&self, gradient_checkpointing: bool) -> u64 {
+        // (layers, hidden size, heads × head size, key-value heads × head size, MLP width, the
+        // values of the non-checkpointed extra beyond the projections' inputs and the norms')
+        let (layers, d, q, kv, ff, norms_in) = match self {
+            Self::Gpt2(c) => (c.n_layer, c.n_embd, c.n_embd, c.n_embd, c.n_inner.unwrap_or(4 * c.n_embd), 2),
+            Self::GptNeo(c) => (c.num_layers, c.hidden_size, c.hidden_size, c.hidden_size, c.intermediate_size.unwrap_or(4 * c.hidden_size), 2),
+            // Parallel or not: a norm's input counted once (the parallel block's two norms read one).
+            Self::GptNeox(c) => (c.num_hidden_layers, c.hidden_size, c.hidden_size, c.hidden_size, c.intermediate_size, 1),
+            Self::Gptj(c) => (c.n_layer, c.n_embd, c.n_embd, c.n_embd, c.n_inner.unwrap_or(4 * c.n_embd), 1),
+            Self::Llama(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_size(), c.kv_heads() * c.head_size(), c.intermediate_size, 2),
+            Self::Gemma(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim, c.kv_heads() * c.head_dim, c.intermediate_size, 2),
+        };
+        // A gated unit keeps its gate's and its up projection's outputs; GELU its one input.
+        let gated = matches!(self, Self::Llama(_) | Self::Gemma(_));
+        let hidden = if gated { 2 * ff } else { ff };
+        // Attention: query, key and value, and its output.
+        let both = q + 2 * kv + q + hidden;
+        // GPT-J's attention and MLP read one norm's output; the others each their own.
+        let norm_outputs = if matches!(self, Self::Gptj(_)) { 1 } else { 2 };
+        let extra = if gradient_checkpointing { 2 * d } else { (norm_outputs + norms_in) * d + ff };
+        (layers as u64).saturating_mul((both + extra) as u64)
+    }
+
     /// The most positions a row can have where the family learns a position table (GPT-2,
     /// GPT-Neo): [`CausalLm::position_limit`] before the model is built.
     pub fn position_limit(&self) -> Option<usize> {
@@ -562,4 +596,47 @@ impl CausalLm {
 /// The first token id of a config's `eos_token_id` (a number or a list).
 fn first_id(v: Option<&Value>) -> Option<u32> {
     v.and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(Value::as_u64))).map(|v| v as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A test fixture's `config.json` with the sizes of a real model of its family.
+    fn sized(fixture: &str, sizes: Value) -> ModelConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture).join("config.json");
+        let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        for (k, v) in sizes.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        ModelConfig::from_hf_json(&json, &path).unwrap()
+    }
+
+    /// Counted by hand from each family's layers: (kept either way, the extra without
+    /// checkpointing, the extra with it) a layer.
+    #[test]
+    fn what_the_layers_keep_for_the_backward_pass_by_family() {
+        let per_layer = |c: &ModelConfig, layers: u64| (c.backward_kept_per_token(false) / layers, c.backward_kept_per_token(true) / layers);
+        // GPT-2 124M: q, k, v and the attention's output (4 · 768), the GELU's input (3072); the two
+        // norms' inputs and outputs and the GELU's output; checkpointed, c_proj's and mlp.c_proj's outputs.
+        let gpt2 = sized("gpt2", serde_json::json!({"n_layer": 12, "n_embd": 768, "n_head": 12}));
+        assert_eq!(per_layer(&gpt2, 12), (4 * 768 + 3072 + 4 * 768 + 3072, 4 * 768 + 3072 + 2 * 768));
+        let neo = sized("gpt_neo_local", serde_json::json!({"num_layers": 12, "hidden_size": 768, "num_heads": 12, "attention_types": [[["global", "local"], 6]]}));
+        assert_eq!(per_layer(&neo, 12), per_layer(&gpt2, 12));
+        // Pythia-160m: its parallel block's two norms read one input, counted once.
+        let pythia = sized("gpt_neox_parallel", serde_json::json!({"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}));
+        assert_eq!(per_layer(&pythia, 12), (4 * 768 + 3072 + 3 * 768 + 3072, 4 * 768 + 3072 + 2 * 768));
+        // GPT-J-6B: one norm, whose output q, k, v and fc_in all read.
+        let gptj = sized("gptj", serde_json::json!({"n_layer": 28, "n_embd": 4096, "n_head": 16, "rotary_dim": 64}));
+        assert_eq!(per_layer(&gptj, 28), (4 * 4096 + 16384 + 2 * 4096 + 16384, 4 * 4096 + 16384 + 2 * 4096));
+        // Llama-3.2-1B: q and the attention's output 32 × 64 each, k and v 8 × 64 each, gate and up
+        // 8,192 each; without checkpointing the four norms' values 4 · 2048 and down's input 8,192.
+        let llama = sized("llama_gqa_untied", serde_json::json!({"num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64}));
+        assert_eq!(per_layer(&llama, 16), (2 * 2048 + 2 * 512 + 2 * 8192 + 4 * 2048 + 8192, 2 * 2048 + 2 * 512 + 2 * 8192 + 2 * 2048));
+        // Gemma-3-270M: 4 heads × 256 for q and the output, 1 × 256 for k and v.
+        let gemma = sized("gemma3_text", serde_json::json!({"num_hidden_layers": 18, "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}));
+        assert_eq!(per_layer(&gemma, 18), (2 * 1024 + 2 * 256 + 2 * 2048 + 4 * 640 + 2048, 2 * 1024 + 2 * 256 + 2 * 2048 + 2 * 640));
+        assert_eq!(gemma.backward_kept_per_token(false), 18 * 11_264);
+    }
 }

@@ -207,7 +207,7 @@ pub fn train_sft(cfg: &Checked<PipelineConfig>, task: &TaskFiles, dir: &Path, de
             let m = &cfg.model;
             PipelineError::config("model", format!("(n_layer = {}, n_embd = {}, n_head = {}) is too large: {message}; lower model.n_embd or model.n_layer", m.n_layer, m.n_embd, m.n_head))
         }
-        other => other.into(),
+        other => in_stage_keys(other, "sft"),
     })?;
     summary.exported.ok_or_else(|| PipelineError::config("output.export", "the SFT stage exported no model"))
 }
@@ -215,7 +215,18 @@ pub fn train_sft(cfg: &Checked<PipelineConfig>, task: &TaskFiles, dir: &Path, de
 /// One preference stage (`pref_run_config`): trains (resuming from a checkpoint in `dir`) and returns
 /// the trainer's summary.
 pub fn train_pref(cfg: &Checked<PipelineConfig>, point: &SweepPoint, sft_model: &Path, samples: &Path, dir: &Path, device: &Device) -> Result<odpo_trainer::RunSummary> {
-    Ok(odpo_trainer::train(&pref_run_config(cfg, point, sft_model, samples, dir)?, device, has_checkpoint(dir)?)?)
+    odpo_trainer::train(&pref_run_config(cfg, point, sft_model, samples, dir)?, device, has_checkpoint(dir)?).map_err(|e| in_stage_keys(e, "pref"))
+}
+
+/// A stage's error, with a host-memory refusal's advice naming the pipeline's keys: a stage's
+/// micro-batch is its `[sft]` or `[pref]` batch (the trainer's advice names the run config's).
+fn in_stage_keys(e: odpo_trainer::TrainError, stage: &str) -> PipelineError {
+    match e {
+        odpo_trainer::TrainError::HostMemory { message, .. } => {
+            odpo_trainer::TrainError::HostMemory { message, advice: format!("to fit, lower `{stage}.batch_size`, or run on a GPU backend (`--backend`)") }.into()
+        }
+        other => other.into(),
+    }
 }
 
 /// Whether a trainer folder holds a checkpoint to resume from.

@@ -38,3 +38,20 @@ fn a_model_too_large_for_the_host_is_refused_naming_the_model_keys() -> Result<(
     assert!(err.ends_with("; lower model.n_embd or model.n_layer"), "{err}");
     Ok(())
 }
+
+/// A preference batch whose activations alone exceed any host's memory is refused at the stage's
+/// start, naming the pipeline's key, where flex would have been ended by the system in its first step.
+#[test]
+fn a_preference_batch_too_large_for_the_host_is_refused_naming_the_pipeline_key() -> Result<()> {
+    let dir = env::scratch("pipeline-batch-too-large");
+    let sets = ["task.sft_texts=200", "task.pref_prompts=40", "task.eval_prompts=4", "sft.steps=5", "pref.batch_size=50000000"];
+    let opts = DefaultOptions { sets: sets.iter().map(|s| s.to_string()).collect(), run_dir: Some(dir.to_path_buf()), ..Default::default() };
+    let device = odpo_model::backend::device("flex")?;
+    let err = run_default(&opts, &device).err().map(|e| e.to_string()).unwrap_or_default();
+    // 100 million rows: their logits and what the two layers keep, terabytes.
+    assert!(err.starts_with("not enough host memory: the training state needs at least "), "{err}");
+    assert!(err.contains("the logits of a micro-batch (100000000 rows of "), "{err}");
+    assert!(err.contains(" TiB), and this machine has "), "{err}");
+    assert!(err.ends_with("; to fit, lower `pref.batch_size`, or run on a GPU backend (`--backend`)"), "{err}");
+    Ok(())
+}

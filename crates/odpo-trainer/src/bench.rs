@@ -236,8 +236,9 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         lora: b.lora.is_some(),
         precision: b.precision,
         more_than_one_step: b.warmup + b.repeats > 1,
-        train_logits: crate::host_memory::Logits::of(&pairs, b.pairs, true),
-        eval_logits: crate::host_memory::Logits::default(),
+        train: crate::host_memory::Pass::of(&pairs, b.pairs, b.pairs, true),
+        eval: crate::host_memory::Pass::default(),
+        kept_per_token: crate::host_memory::kept_per_token(&config, b.lora.is_some(), b.gradient_checkpointing),
         names: crate::host_memory::BENCH_FLAGS,
     };
     crate::host_memory::check(&policy, &kept, device)?;

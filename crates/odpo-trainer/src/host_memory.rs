@@ -17,13 +17,20 @@
 //!   With LoRA in f32 it shares the frozen base; a cached reference is dropped once its pass is
 //!   done.
 //!
-//! - the logits of a forward pass, the largest activation: a training micro-batch's (2 rows a pair,
-//!   1 in SFT) from the second step on beside the optimizer's state and the reference, and an
-//!   evaluation batch's; each of at least as many predicted tokens as the shortest pair's longer
-//!   completion, times the vocabulary, in the compute dtype.
+//! - the logits of a forward pass: a training micro-batch's (2 rows a pair, 1 in SFT) from the
+//!   second step on beside the optimizer's state and the reference, and an evaluation batch's;
+//!   each of at least as many predicted tokens as the shortest pair's longer completion, times the
+//!   vocabulary, in the compute dtype;
+//! - beside a training micro-batch's logits, what its forward pass keeps through the layers for
+//!   the backward pass, in full fine-tuning: the attention's query, key, value and output, the
+//!   MLP's hidden units, and without gradient checkpointing the projections' other inputs and the
+//!   norms' ([`odpo_model::ModelConfig::backward_kept_per_token`]), for each token the layers see
+//!   (the shortest prompt once a pair and the narrowest pair's longer completion each row, at
+//!   least). On a model of a real vocabulary this is several times the logits. Under LoRA the
+//!   frozen base's products keep nothing for a weight's gradient, and this part is not counted.
 //!
-//! Other activations come on top and are not counted: a run refused here could never finish its
-//! steps, and one let through may still not fit its batch.
+//! The norms' and the activation functions' other records come on top and are not counted: a run
+//! refused here could never finish its steps, and one let through may still not fit its batch.
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{DType, Device, Tensor};
@@ -47,35 +54,73 @@ pub(crate) struct TrainingState<'a> {
     /// state): from the second step on, a step's gradients and the optimizer's state are all held at
     /// once; the first step's update turns gradients into state as it goes.
     pub more_than_one_step: bool,
-    /// The logits of a training micro-batch.
-    pub train_logits: Logits,
-    /// The logits of an evaluation batch (no rows where the run does not evaluate).
-    pub eval_logits: Logits,
+    /// A training micro-batch's forward pass.
+    pub train: Pass,
+    /// An evaluation batch's forward pass (no rows where the run does not evaluate); it keeps
+    /// nothing for a backward pass.
+    pub eval: Pass,
+    /// The values a training forward pass keeps for its backward pass per token the layers see
+    /// ([`odpo_model::ModelConfig::backward_kept_per_token`]; 0 where not counted: LoRA).
+    pub kept_per_token: u64,
     /// How the advice names the settings to change: config keys, or a command's flags.
     pub names: AdviceNames,
 }
 
-/// The logits of one forward pass, `rows × width × vocab` in the compute dtype, a lower bound.
+/// The shape of one forward pass, a lower bound: its logits are `rows × width × vocab` in the
+/// compute dtype, and its layers see `tokens` tokens.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Logits {
+pub(crate) struct Pass {
     /// Rows: 2 a pair (chosen and rejected), 1 in SFT.
     pub rows: u64,
     /// Predicted tokens a row, at least: the head runs on every column where some row of the batch
     /// has a completion token, so on the batch's longest completion at least.
     pub width: u64,
+    /// Tokens through the layers, at least: each row's predicted ones, and each pair's prompt once
+    /// (the shared-prompt layout runs it once; the concatenated rows twice).
+    pub tokens: u64,
 }
 
-impl Logits {
-    /// A batch of `pairs` of these pairs, each as 2 rows (`preference`) or 1, whichever pairs it
-    /// holds: as wide as the narrowest pair's longest row at least.
-    pub fn of(all: &[odpo_data::TokenizedPair], pairs: usize, preference: bool) -> Self {
-        let width = all.iter().map(|p| if preference { p.chosen.len().max(p.rejected.len()) } else { p.chosen.len() }).min().unwrap_or(0);
-        Self { rows: pairs as u64 * if preference { 2 } else { 1 }, width: width as u64 }
+impl Pass {
+    /// A batch of `pairs` pairs from `all`, at least `distinct` of them different pairs, each as 2
+    /// rows (`preference`) or 1. A batch is padded to its longest pair, so each of its lengths is
+    /// at least the `distinct`-th shortest of that length among `all`: its completions, its
+    /// prompts (the shared-prompt layout pads them apart), and, for the concatenated rows, prompt
+    /// and completion together. The layers see the fewer tokens of the two layouts.
+    pub fn of(all: &[odpo_data::TokenizedPair], pairs: usize, distinct: usize, preference: bool) -> Self {
+        let k = distinct.clamp(1, all.len().max(1));
+        let kth = |lengths: Vec<usize>| -> u64 {
+            let mut lengths = lengths;
+            if lengths.len() < k {
+                return 0;
+            }
+            *lengths.select_nth_unstable(k - 1).1 as u64
+        };
+        let completion = |p: &odpo_data::TokenizedPair| if preference { p.chosen.len().max(p.rejected.len()) } else { p.chosen.len() };
+        let width = kth(all.iter().map(completion).collect());
+        let prompt = kth(all.iter().map(|p| p.prompt.len()).collect());
+        let whole = kth(all.iter().map(|p| p.prompt.len() + completion(p)).collect());
+        let (pairs, rows) = (pairs as u64, pairs as u64 * if preference { 2 } else { 1 });
+        let shared = rows.saturating_mul(width).saturating_add(pairs.saturating_mul(prompt));
+        let tokens = if preference { shared.min(rows.saturating_mul(whole)) } else { rows.saturating_mul(whole) };
+        Self { rows, width, tokens }
     }
 
-    fn bytes(self, vocab: u64, dtype_bytes: u64) -> u64 {
+    /// At least how many different pairs a training micro-batch of `micro` holds, drawn from `n`:
+    /// it is a run of an endless sequence of permutations, so each half of it, on either side of an
+    /// epoch's end, is of different pairs.
+    pub fn distinct_in_micro_batch(micro: usize, n: usize) -> usize {
+        micro.div_ceil(2).min(n)
+    }
+
+    fn logit_bytes(self, vocab: u64, dtype_bytes: u64) -> u64 {
         self.rows.saturating_mul(self.width).saturating_mul(vocab).saturating_mul(dtype_bytes)
     }
+}
+
+/// [`TrainingState::kept_per_token`] for a model of `config`, trained whole or through LoRA, with
+/// gradient checkpointing or without.
+pub(crate) fn kept_per_token(config: &odpo_model::ModelConfig, lora: bool, gradient_checkpointing: bool) -> u64 {
+    if lora { 0 } else { config.backward_kept_per_token(gradient_checkpointing) }
 }
 
 /// The settings an error's advice names.
@@ -115,6 +160,8 @@ struct Need {
     optimizer_buffers: String,
     reference: u64,
     train_logits: u64,
+    /// What a training micro-batch's forward pass keeps through the layers for its backward.
+    train_kept: u64,
     eval_logits: u64,
     /// Whether gradients and optimizer state are held at once (a second step).
     together: bool,
@@ -122,13 +169,19 @@ struct Need {
 
 impl Need {
     /// From the second step on, a step holds the optimizer's state and the reference's copy beside
-    /// its logits and then its gradients; a single step, its logits, then its gradients, then the
-    /// state its update turns them into beside the reference's copy. An evaluation holds its
-    /// logits (the first one, at step 0, nothing of the training state).
+    /// its activations (the logits and what the layers keep) and then its gradients; a single step,
+    /// its activations, then its gradients, then the state its update turns them into beside the
+    /// reference's copy. An evaluation holds its logits (the first one, at step 0, nothing of the
+    /// training state).
     fn total(&self) -> u64 {
         let (g, o, r) = (self.gradients, self.optimizer, self.reference);
-        let step = if self.together { o.saturating_add(r).saturating_add(g.max(self.train_logits)) } else { self.train_logits.max(g.max(o).saturating_add(r)) };
+        let a = self.train_activations();
+        let step = if self.together { o.saturating_add(r).saturating_add(g.max(a)) } else { a.max(g.max(o).saturating_add(r)) };
         step.max(self.eval_logits)
+    }
+
+    fn train_activations(&self) -> u64 {
+        self.train_logits.saturating_add(self.train_kept)
     }
 }
 
@@ -164,8 +217,9 @@ fn need(trained: u64, float: u64, vocab: u64, state: &TrainingState<'_>) -> Need
         optimizer: f32_copy.saturating_mul(buffers),
         optimizer_buffers: words,
         reference,
-        train_logits: state.train_logits.bytes(vocab, dtype_bytes),
-        eval_logits: state.eval_logits.bytes(vocab, dtype_bytes),
+        train_logits: state.train.logit_bytes(vocab, dtype_bytes),
+        train_kept: state.train.tokens.saturating_mul(state.kept_per_token).saturating_mul(dtype_bytes),
+        eval_logits: state.eval.logit_bytes(vocab, dtype_bytes),
         together: state.more_than_one_step,
     }
 }
@@ -211,13 +265,16 @@ fn check_against(need: Need, state: &TrainingState<'_>, free: Option<u64>) -> Re
         let copy = if state.precision == Precision::F32 { "own copy of the trained weights" } else { "cast copy of the model" };
         parts.push(format!("the frozen reference's {copy} {}", human_bytes(need.reference)));
     }
-    let logits = |l: Logits, of: &str, bytes: u64| format!("the logits of {of} ({} rows of {} tokens or more) {}", l.rows, l.width, human_bytes(bytes));
+    let logits = |l: Pass, of: &str, bytes: u64| format!("the logits of {of} ({} rows of {} tokens or more) {}", l.rows, l.width, human_bytes(bytes));
     let mut activations = Vec::new();
     if need.train_logits > 0 {
-        activations.push(logits(state.train_logits, "a micro-batch", need.train_logits));
+        activations.push(logits(state.train, "a micro-batch", need.train_logits));
+    }
+    if need.train_kept > 0 {
+        activations.push(format!("what its layers keep for the backward pass ({} tokens or more) {}", state.train.tokens, human_bytes(need.train_kept)));
     }
     if need.eval_logits > 0 {
-        activations.push(logits(state.eval_logits, "an evaluation batch", need.eval_logits));
+        activations.push(logits(state.eval, "an evaluation batch", need.eval_logits));
     }
     let activations = if activations.is_empty() { String::new() } else { format!("; {}", activations.join(", ")) };
     let message = format!(
@@ -232,7 +289,7 @@ fn check_against(need: Need, state: &TrainingState<'_>, free: Option<u64>) -> Re
         advice.push(eval_batch);
     }
     if (Need { eval_logits: 0, ..need.clone() }).total() > free {
-        if need.train_logits > need.gradients {
+        if need.train_activations() > need.gradients {
             advice.push(state.names.micro_batch);
         }
         if !state.lora {
@@ -252,7 +309,7 @@ mod tests {
     use super::*;
 
     fn state(optim: &OptimConfig, frozen_reference: bool, lora: bool, precision: Precision) -> TrainingState<'_> {
-        TrainingState { optim, frozen_reference, lora, precision, more_than_one_step: true, train_logits: Logits::default(), eval_logits: Logits::default(), names: RUN_KEYS }
+        TrainingState { optim, frozen_reference, lora, precision, more_than_one_step: true, train: Pass::default(), eval: Pass::default(), kept_per_token: 0, names: RUN_KEYS }
     }
 
     /// Llama-3.2-1B's vocabulary.
@@ -290,16 +347,27 @@ mod tests {
     fn the_logits_of_a_micro_batch_and_an_evaluation_batch_are_counted() {
         let pair = |c: usize, r: usize| odpo_data::TokenizedPair { pair_id: 0, prompt: vec![1; 3], chosen: vec![4; c], rejected: vec![5; r], offset: 0.0, weight: None };
         let pairs = [pair(5, 9), pair(7, 3)];
-        // Each batch is as wide as its longest row at least: the narrowest pair's longer row, 7.
-        assert_eq!(Logits::of(&pairs, 4, true), Logits { rows: 8, width: 7 });
-        assert_eq!(Logits::of(&pairs, 4, false), Logits { rows: 4, width: 5 });
-        assert_eq!(Logits::of(&[], 4, true), Logits { rows: 8, width: 0 });
+        // Each batch is as wide as its longest row at least: the narrowest pair's longer row, 7; its
+        // layers see that on each row and a prompt of 3 a pair: 8 · 7 + 4 · 3.
+        assert_eq!(Pass::of(&pairs, 4, 1, true), Pass { rows: 8, width: 7, tokens: 68 });
+        assert_eq!(Pass::of(&pairs, 4, 1, false), Pass { rows: 4, width: 5, tokens: 32 });
+        assert_eq!(Pass::of(&[], 4, 1, true), Pass { rows: 8, width: 0, tokens: 0 });
+        // With both pairs in the batch: the longest completion, 9, and prompts of 3.
+        assert_eq!(Pass::of(&pairs, 4, 2, true), Pass { rows: 8, width: 9, tokens: 8 * 9 + 4 * 3 });
+        // A long prompt with a short completion beside a short prompt with a long one: the shared
+        // prompt pads prompts and completions apart, 4 · 10 + 8 · 10; the concatenated rows are as
+        // long as the longer pair, 11: 8 · 11 = 88, the fewer.
+        let pair_of = |p: usize, c: usize| odpo_data::TokenizedPair { prompt: vec![1; p], chosen: vec![4; c], rejected: vec![5; c], ..pairs[0].clone() };
+        assert_eq!(Pass::of(&[pair_of(10, 1), pair_of(1, 10)], 4, 2, true), Pass { rows: 8, width: 10, tokens: 88 });
+        assert_eq!(Pass::of(&[pair_of(10, 1), pair_of(10, 10)], 4, 2, true), Pass { rows: 8, width: 10, tokens: 4 * 10 + 8 * 10 });
+        // A micro-batch runs across at most one epoch's end: half of it at least is of different pairs.
+        assert_eq!((Pass::distinct_in_micro_batch(1, 400), Pass::distinct_in_micro_batch(5, 400), Pass::distinct_in_micro_batch(100_000, 400)), (1, 3, 400));
 
         let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
         // LoRA's 11.3 M adapter weights under micro-batches of 32 pairs of 100 tokens or more:
         // 64 × 100 × 128,256 f32 logits, 3.1 GiB, beside the moments from the second step on.
         let a = 11_272_192u64;
-        let mut run = TrainingState { train_logits: Logits { rows: 64, width: 100 }, ..state(&adamw, true, true, Precision::F32) };
+        let mut run = TrainingState { train: Pass { rows: 64, width: 100, tokens: 64 * 100 }, ..state(&adamw, true, true, Precision::F32) };
         let logits = 64 * 100 * V * 4;
         assert_eq!(need(a, a, V, &run).total(), 8 * a + logits);
         let err = check_against(need(a, a, V, &run), &run, Some(2 << 30)).unwrap_err().to_string();
@@ -311,14 +379,48 @@ mod tests {
             "{err}"
         );
         // An evaluation batch of 64 pairs: twice those logits, alone, where the step fits.
-        run.eval_logits = Logits { rows: 128, width: 100 };
+        run.eval = Pass { rows: 128, width: 100, tokens: 128 * 100 };
         assert_eq!(need(a, a, V, &run).total(), 2 * logits);
         let err = check_against(need(a, a, V, &run), &run, Some(4 << 30)).unwrap_err().to_string();
         assert!(err.ends_with("and this machine has 4.0 GiB free (memory and swap); to fit, lower `eval.batch_size`, or run on a GPU backend"), "{err}");
         // A single step holds its logits before its gradients and the update's state.
         run.more_than_one_step = false;
-        run.eval_logits = Logits::default();
+        run.eval = Pass::default();
         assert_eq!(need(a, a, V, &run).total(), logits);
+    }
+
+    /// In full fine-tuning the projections' inputs of a micro-batch come beside its logits; under
+    /// LoRA they are not counted.
+    #[test]
+    fn what_the_layers_keep_for_the_backward_pass_is_counted_in_full_fine_tuning() {
+        let json = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
+            "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3});
+        let smollm2 = odpo_model::ModelConfig::from_hf_json(&json, "smollm2".as_ref()).unwrap();
+        // 30 layers × (the attention's q, k, v and output: 576 + 2 · 192 + 576; gate and up: 2 · 1536;
+        // the norms' outputs and inputs 4 · 576 and down's input 1536).
+        assert_eq!(kept_per_token(&smollm2, false, false), 30 * (4608 + 3840));
+        // Checkpointed: the two projections into the residual stream in place of those.
+        assert_eq!(kept_per_token(&smollm2, false, true), 30 * (4608 + 2 * 576));
+        assert_eq!(kept_per_token(&smollm2, true, false), 0);
+        let pair = odpo_data::TokenizedPair { pair_id: 0, prompt: vec![1; 64], chosen: vec![4; 64], rejected: vec![5; 40], offset: 0.0, weight: None };
+        let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
+        // 8 pairs: 16 rows of 64 completion tokens and 8 prompts of 64, 1,536 tokens.
+        let run = TrainingState { train: Pass::of(&[pair], 8, 1, true), kept_per_token: 253_440, ..state(&adamw, false, false, Precision::F32) };
+        let n = 134_515_008u64;
+        let (logits, kept) = (16 * 64 * 49_152 * 4, 1536 * 253_440 * 4);
+        let full = need(n, n, 49_152, &run);
+        assert_eq!((full.train_logits, full.train_kept), (logits, kept));
+        // The moments beside the activations, which outweigh the gradients.
+        assert_eq!(full.total(), 8 * n + logits + kept);
+        let err = check_against(full, &run, Some(1 << 30)).unwrap_err().to_string();
+        assert!(
+            err.contains("the logits of a micro-batch (16 rows of 64 tokens or more) 192.0 MiB, what its layers keep for the backward pass (1536 tokens or more) 1.5 GiB)"),
+            "{err}"
+        );
+        assert!(err.ends_with("to fit, lower `train.micro_batch_size`, or train LoRA adapters (`[lora]`), or run on a GPU backend"), "{err}");
+        // In bf16, two bytes a value.
+        let half = TrainingState { precision: Precision::Bf16, ..run };
+        assert_eq!(need(n, n, 49_152, &half).train_kept, kept / 2);
     }
 
     #[test]

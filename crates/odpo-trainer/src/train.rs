@@ -17,7 +17,7 @@ use odpo_model::{CausalLm, ModelConfig, Precision};
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Checked, ModelSection, ReferenceMode, RunConfig, Stage};
-use crate::host_memory::Logits;
+use crate::host_memory::Pass;
 use crate::data::{self, RunData};
 use crate::error::{Result, TrainError};
 use crate::early_stop;
@@ -147,8 +147,10 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         lora: cfg.lora.is_some(),
         precision,
         more_than_one_step,
-        train_logits: Logits::of(&data.train, t.micro_batch_size, preference),
-        eval_logits: Logits::of(&data.eval[..held_out], cfg.eval.batch_size.min(held_out), preference),
+        train: Pass::of(&data.train, t.micro_batch_size, Pass::distinct_in_micro_batch(t.micro_batch_size, data.train.len()), preference),
+        // Evaluation batches are runs of the held-out pairs in order, each pair once.
+        eval: Pass::of(&data.eval[..held_out], cfg.eval.batch_size.min(held_out), cfg.eval.batch_size.min(held_out), preference),
+        kept_per_token: crate::host_memory::kept_per_token(&model_cfg, cfg.lora.is_some(), t.gradient_checkpointing),
         names: crate::host_memory::RUN_KEYS,
     };
     crate::host_memory::check(&policy, &kept, device)?;
