@@ -109,17 +109,20 @@ impl ModelConfig {
     }
 
     /// A lower bound of the values a training forward pass keeps for its backward pass, per token
-    /// and over all layers, when every weight trains. Kept either way, each layer: the query, key
-    /// and value the attention keeps, its output (the output projection's input), and the MLP's
-    /// hidden units before the activation (its gate and up projections' outputs in a gated unit).
-    /// Without gradient checkpointing also the projections' other inputs (the norms' outputs, the
-    /// activation's output), which their weights' gradients are computed from, and each norm's
-    /// input; with burn's checkpointing those are recomputed, and the outputs of the two
-    /// projections into the residual stream are kept instead, to recompute it from. The norms'
-    /// and activations' other records, the attention's own and the logits are not counted.
+    /// and over all layers. Kept either way, each layer: the query, key and value the attention
+    /// keeps, and the MLP's hidden units before the activation (its gate and up projections'
+    /// outputs in a gated unit); where every weight trains, also the attention's output (the output
+    /// projection's input). Without gradient checkpointing also each norm's input, and where every
+    /// weight trains the projections' other inputs (the norms' outputs, the activation's output),
+    /// which their weights' gradients are computed from; with burn's checkpointing those are
+    /// recomputed, and the outputs of the two projections into the residual stream are kept
+    /// instead, to recompute it from. The norms' and activations' other records, the attention's
+    /// own and the logits are not counted.
     ///
-    /// Under LoRA a frozen product keeps nothing for its weight's gradient: not a bound there.
-    pub fn backward_kept_per_token(&self, gradient_checkpointing: bool) -> u64 {
+    /// Under LoRA (`lora`) a frozen product keeps nothing for its weight's gradient, and the first
+    /// layer, whose input needs no gradient, may keep nothing: its layers after the first are
+    /// counted, each without the products' inputs.
+    pub fn backward_kept_per_token(&self, gradient_checkpointing: bool, lora: bool) -> u64 {
         // (layers, hidden size, heads × head size, key-value heads × head size, MLP width, the
         // values of the non-checkpointed extra beyond the projections' inputs and the norms')
         let (layers, d, q, kv, ff, norms_in) = match self {
@@ -134,11 +137,18 @@ impl ModelConfig {
         // A gated unit keeps its gate's and its up projection's outputs; GELU its one input.
         let gated = matches!(self, Self::Llama(_) | Self::Gemma(_));
         let hidden = if gated { 2 * ff } else { ff };
+        let residual = 2 * d;
+        if lora {
+            // The attention's query, key and value and the MLP's hidden units are kept by the
+            // operations that read them (the norms' inputs too without checkpointing), trained or not.
+            let per_layer = q + 2 * kv + hidden + if gradient_checkpointing { residual } else { norms_in * d };
+            return (layers.saturating_sub(1) as u64).saturating_mul(per_layer as u64);
+        }
         // Attention: query, key and value, and its output.
         let both = q + 2 * kv + q + hidden;
         // GPT-J's attention and MLP read one norm's output; the others each their own.
         let norm_outputs = if matches!(self, Self::Gptj(_)) { 1 } else { 2 };
-        let extra = if gradient_checkpointing { 2 * d } else { (norm_outputs + norms_in) * d + ff };
+        let extra = if gradient_checkpointing { residual } else { (norm_outputs + norms_in) * d + ff };
         (layers as u64).saturating_mul((both + extra) as u64)
     }
 
@@ -617,7 +627,7 @@ mod tests {
     /// checkpointing, the extra with it) a layer.
     #[test]
     fn what_the_layers_keep_for_the_backward_pass_by_family() {
-        let per_layer = |c: &ModelConfig, layers: u64| (c.backward_kept_per_token(false) / layers, c.backward_kept_per_token(true) / layers);
+        let per_layer = |c: &ModelConfig, layers: u64| (c.backward_kept_per_token(false, false) / layers, c.backward_kept_per_token(true, false) / layers);
         // GPT-2 124M: q, k, v and the attention's output (4 · 768), the GELU's input (3072); the two
         // norms' inputs and outputs and the GELU's output; checkpointed, c_proj's and mlp.c_proj's outputs.
         let gpt2 = sized("gpt2", serde_json::json!({"n_layer": 12, "n_embd": 768, "n_head": 12}));
@@ -637,6 +647,13 @@ mod tests {
         // Gemma-3-270M: 4 heads × 256 for q and the output, 1 × 256 for k and v.
         let gemma = sized("gemma3_text", serde_json::json!({"num_hidden_layers": 18, "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}));
         assert_eq!(per_layer(&gemma, 18), (2 * 1024 + 2 * 256 + 2 * 2048 + 4 * 640 + 2048, 2 * 1024 + 2 * 256 + 2 * 2048 + 2 * 640));
-        assert_eq!(gemma.backward_kept_per_token(false), 18 * 11_264);
+        assert_eq!(gemma.backward_kept_per_token(false, false), 18 * 11_264);
+        // Under LoRA, the layers after the first: q, k and v, gate and up, and the two norms' inputs
+        // (checkpointed: the residual stream's two projections' outputs).
+        assert_eq!(llama.backward_kept_per_token(false, true), 15 * (2048 + 2 * 512 + 2 * 8192 + 2 * 2048));
+        assert_eq!(llama.backward_kept_per_token(true, true), 15 * (2048 + 2 * 512 + 2 * 8192 + 2 * 2048));
+        // GPT-J's one norm; a GELU's one input.
+        assert_eq!(gptj.backward_kept_per_token(false, true), 27 * (3 * 4096 + 16384 + 4096));
+        assert_eq!(gptj.backward_kept_per_token(true, true), 27 * (3 * 4096 + 16384 + 2 * 4096));
     }
 }

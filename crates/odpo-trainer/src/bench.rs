@@ -238,7 +238,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         more_than_one_step: b.warmup + b.repeats > 1,
         train: crate::host_memory::Pass::of(&pairs, b.pairs, b.pairs, true),
         eval: crate::host_memory::Pass::default(),
-        kept_per_token: crate::host_memory::kept_per_token(&config, b.lora.is_some(), b.gradient_checkpointing),
+        kept_per_token: config.backward_kept_per_token(b.gradient_checkpointing, b.lora.is_some()),
         names: crate::host_memory::BENCH_FLAGS,
     };
     crate::host_memory::check(&policy, &kept, device)?;

@@ -22,12 +22,11 @@
 //!   each of at least as many predicted tokens as the shortest pair's longer completion, times the
 //!   vocabulary, in the compute dtype;
 //! - beside a training micro-batch's logits, what its forward pass keeps through the layers for
-//!   the backward pass, in full fine-tuning: the attention's query, key, value and output, the
-//!   MLP's hidden units, and without gradient checkpointing the projections' other inputs and the
-//!   norms' ([`odpo_model::ModelConfig::backward_kept_per_token`]), for each token the layers see
-//!   (the shortest prompt once a pair and the narrowest pair's longer completion each row, at
-//!   least). On a model of a real vocabulary this is several times the logits. Under LoRA the
-//!   frozen base's products keep nothing for a weight's gradient, and this part is not counted.
+//!   the backward pass: the attention's query, key and value, the MLP's hidden units, in full
+//!   fine-tuning the products' inputs, and without gradient checkpointing the norms' inputs
+//!   ([`odpo_model::ModelConfig::backward_kept_per_token`]), for each token the layers see (a
+//!   micro-batch is padded to its longest pair, and holds at least so many different pairs). On a
+//!   model of a real vocabulary this is several times the logits.
 //!
 //! The norms' and the activation functions' other records come on top and are not counted: a run
 //! refused here could never finish its steps, and one let through may still not fit its batch.
@@ -60,7 +59,7 @@ pub(crate) struct TrainingState<'a> {
     /// nothing for a backward pass.
     pub eval: Pass,
     /// The values a training forward pass keeps for its backward pass per token the layers see
-    /// ([`odpo_model::ModelConfig::backward_kept_per_token`]; 0 where not counted: LoRA).
+    /// ([`odpo_model::ModelConfig::backward_kept_per_token`]).
     pub kept_per_token: u64,
     /// How the advice names the settings to change: config keys, or a command's flags.
     pub names: AdviceNames,
@@ -115,12 +114,6 @@ impl Pass {
     fn logit_bytes(self, vocab: u64, dtype_bytes: u64) -> u64 {
         self.rows.saturating_mul(self.width).saturating_mul(vocab).saturating_mul(dtype_bytes)
     }
-}
-
-/// [`TrainingState::kept_per_token`] for a model of `config`, trained whole or through LoRA, with
-/// gradient checkpointing or without.
-pub(crate) fn kept_per_token(config: &odpo_model::ModelConfig, lora: bool, gradient_checkpointing: bool) -> u64 {
-    if lora { 0 } else { config.backward_kept_per_token(gradient_checkpointing) }
 }
 
 /// The settings an error's advice names.
@@ -389,8 +382,7 @@ mod tests {
         assert_eq!(need(a, a, V, &run).total(), logits);
     }
 
-    /// In full fine-tuning the projections' inputs of a micro-batch come beside its logits; under
-    /// LoRA they are not counted.
+    /// What a micro-batch's layers keep comes beside its logits.
     #[test]
     fn what_the_layers_keep_for_the_backward_pass_is_counted_in_full_fine_tuning() {
         let json = serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
@@ -398,10 +390,11 @@ mod tests {
         let smollm2 = odpo_model::ModelConfig::from_hf_json(&json, "smollm2".as_ref()).unwrap();
         // 30 layers × (the attention's q, k, v and output: 576 + 2 · 192 + 576; gate and up: 2 · 1536;
         // the norms' outputs and inputs 4 · 576 and down's input 1536).
-        assert_eq!(kept_per_token(&smollm2, false, false), 30 * (4608 + 3840));
+        assert_eq!(smollm2.backward_kept_per_token(false, false), 30 * (4608 + 3840));
         // Checkpointed: the two projections into the residual stream in place of those.
-        assert_eq!(kept_per_token(&smollm2, false, true), 30 * (4608 + 2 * 576));
-        assert_eq!(kept_per_token(&smollm2, true, false), 0);
+        assert_eq!(smollm2.backward_kept_per_token(true, false), 30 * (4608 + 2 * 576));
+        // LoRA: the layers after the first, without the products' inputs.
+        assert_eq!(smollm2.backward_kept_per_token(false, true), 29 * (576 + 2 * 192 + 2 * 1536 + 2 * 576));
         let pair = odpo_data::TokenizedPair { pair_id: 0, prompt: vec![1; 64], chosen: vec![4; 64], rejected: vec![5; 40], offset: 0.0, weight: None };
         let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
         // 8 pairs: 16 rows of 64 completion tokens and 8 prompts of 64, 1,536 tokens.
