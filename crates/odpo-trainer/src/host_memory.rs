@@ -15,18 +15,18 @@
 //!   trained weight; in half precision it is a cast copy of the model's float weights (a
 //!   quantised base stays as it is) from the start.
 //!   With LoRA in f32 it shares the frozen base; a cached reference is dropped once its pass is
-//!   done.
-//!
+//!   done;
 //! - the logits of a forward pass: a training micro-batch's (2 rows a pair, 1 in SFT) from the
 //!   second step on beside the optimizer's state and the reference, and an evaluation batch's;
-//!   each of at least as many predicted tokens as the shortest pair's longer completion, times the
-//!   vocabulary, in the compute dtype;
+//!   each row as wide as the batch's longest completion at least, times the vocabulary, in the
+//!   compute dtype;
 //! - beside a training micro-batch's logits, what its forward pass keeps through the layers for
 //!   the backward pass: the attention's query, key and value, the MLP's hidden units, in full
 //!   fine-tuning the products' inputs, and without gradient checkpointing the norms' inputs
-//!   ([`odpo_model::ModelConfig::backward_kept_per_token`]), for each token the layers see (a
-//!   micro-batch is padded to its longest pair, and holds at least so many different pairs). On a
-//!   model of a real vocabulary this is several times the logits.
+//!   ([`odpo_model::ModelConfig::backward_kept_per_token`]; under LoRA, the layers after the
+//!   first), for each token the layers see ([`Pass::of`]: a micro-batch is padded to its longest
+//!   pair, and holds at least so many different pairs). On a model of a real vocabulary this is
+//!   several times the logits.
 //!
 //! The norms' and the activation functions' other records come on top and are not counted: a run
 //! refused here could never finish its steps, and one let through may still not fit its batch.
