@@ -104,6 +104,12 @@ impl Pass {
         Self { rows, width, tokens }
     }
 
+    /// The widest of the batches an evaluation runs, `all` in order `batch` pairs at a time: each
+    /// of them exactly, so the one whose logits are the largest.
+    pub fn widest_batch(all: &[odpo_data::TokenizedPair], batch: usize, preference: bool) -> Self {
+        all.chunks(batch.max(1)).map(|chunk| Self::of(chunk, chunk.len(), chunk.len(), preference)).max_by_key(|p| p.rows.saturating_mul(p.width)).unwrap_or_default()
+    }
+
     /// At least how many different pairs a training micro-batch of `micro` holds, drawn from `n`:
     /// it is a run of an endless sequence of permutations, so each half of it, on either side of an
     /// epoch's end, is of different pairs.
@@ -345,6 +351,10 @@ mod tests {
         assert_eq!(Pass::of(&pairs, 4, 1, true), Pass { rows: 8, width: 7, tokens: 68 });
         assert_eq!(Pass::of(&pairs, 4, 1, false), Pass { rows: 4, width: 5, tokens: 32 });
         assert_eq!(Pass::of(&[], 4, 1, true), Pass { rows: 8, width: 0, tokens: 0 });
+        // An evaluation's batches, in order: the wider of [5, 9] and [7, 3], then [5, 9] alone.
+        assert_eq!(Pass::widest_batch(&[pairs[1].clone(), pairs[0].clone()], 1, true), Pass { rows: 2, width: 9, tokens: 2 * 9 + 3 });
+        assert_eq!(Pass::widest_batch(&[pairs[0].clone(), pairs[1].clone(), pairs[0].clone()], 2, true), Pass { rows: 4, width: 9, tokens: 4 * 9 + 2 * 3 });
+        assert_eq!(Pass::widest_batch(&[], 2, true), Pass::default());
         // With both pairs in the batch: the longest completion, 9, and prompts of 3.
         assert_eq!(Pass::of(&pairs, 4, 2, true), Pass { rows: 8, width: 9, tokens: 8 * 9 + 4 * 3 });
         // A long prompt with a short completion beside a short prompt with a long one: the shared
