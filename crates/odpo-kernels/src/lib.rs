@@ -6,7 +6,9 @@
 //! heads split over the CPU's threads, over blocks of query rows that skip the keys a causal mask
 //! hides), the rotary position embedding, RMSNorm and the gated MLP unit (SwiGLU, GeGLU) each as
 //! one recorded operation ([`rotary`], [`rms_norm`], [`glu`]; on flex, one loop per pass split over
-//! the CPU's threads), the token embedding lookup whose backward pass on flex touches only the
+//! the CPU's threads), a LoRA projection's frozen product plus its low-rank update as one recorded
+//! operation, so that gradient checkpointing holds the sum rather than both terms ([`scaled_sum`]),
+//! the token embedding lookup whose backward pass on flex touches only the
 //! rows the batch used ([`embedding`]), the models' products with
 //! f32 operands kept in f32 where burn's GPU matmul would round them to TF32, and on flex written
 //! into one allocation ([`matmul`], [`linear`]; [`matmul_nt`] for a tied LM head, whose gradient
@@ -65,6 +67,7 @@ mod retro;
 mod rms_norm;
 mod rotary;
 mod rows;
+mod scaled_sum;
 // The log-softmax loops run on CPU memory, which only flex and libtorch hand out.
 #[cfg(any(feature = "flex", feature = "tch"))]
 mod softmax;
@@ -85,6 +88,7 @@ pub use quantized::{QuantizedMatmulBackend, dequantized_matmul, dequantized_matm
 pub use rms_norm::{KeptRmsNorm, RmsNormBackend, rms_norm};
 pub use rotary::{RotaryBackend, rotary};
 pub use rows::{RowsBackend, reshape_rows};
+pub use scaled_sum::{ScaledSumBackend, scaled_sum};
 pub use square_sums::SquareSums;
 pub use token_logprobs::{TokenLogProbsBackend, token_logprob_kernel_calls, token_logprobs, token_logprobs_tensor_ops};
 #[cfg(feature = "tch")]

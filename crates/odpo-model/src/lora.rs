@@ -67,37 +67,36 @@ impl Linear {
 
     /// `x·W + b`, plus the adapter's `s · dropout(x)·A·B` when one is attached.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        match &self.lora {
-            None => self.base(x),
-            Some(ad) => {
-                let low = linear(linear(ad.dropout.forward(x.clone()), ad.a.val(), None), ad.b.val(), None);
-                self.base(x) + low.mul_scalar(ad.scale)
+        let Some(ad) = &self.lora else {
+            if !self.is_quantized() {
+                return linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
             }
-        }
+            return rows_as(self.base_rows(rows_of(x.clone())), x.dims());
+        };
+        let dims = x.dims();
+        let x = rows_of(x);
+        let low = odpo_kernels::matmul(odpo_kernels::matmul(ad.dropout.forward(x.clone()), ad.a.val()), ad.b.val());
+        // The products and their sum over rows, viewed as `x`'s shape once, the sum one recorded
+        // operation: gradient checkpointing then holds the sum where a later operation reads it,
+        // not both terms and each product's view as well.
+        rows_as(odpo_kernels::scaled_sum(self.base_rows(x), low, ad.scale), dims)
     }
 
-    /// `x·W + b` without the adapter. A quantised weight goes through the product whose backward
-    /// pass keeps it quantised, with Q4_1's block offsets added as `blocksum(x)·O`.
-    fn base<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let bias = self.bias.as_ref().map(|b| b.val());
-        if !self.is_quantized() {
-            return linear(x, self.weight.val(), bias);
-        }
-        let dims = x.dims();
-        let [d_in, d_out] = self.weight.dims();
-        let rows = dims[..D - 1].iter().product();
-        let x = x.reshape([rows, d_in]);
-        let mut y = odpo_kernels::dequantized_matmul(x.clone(), &self.weight);
+    /// `x·W + b` for rows `x` `[N, in]`, without the adapter. A quantised weight goes through the
+    /// product whose backward pass keeps it quantised, with Q4_1's block offsets added as
+    /// `blocksum(x)·O`.
+    fn base_rows(&self, x: Tensor<2>) -> Tensor<2> {
+        let [d_in, _] = self.weight.dims();
+        let [rows, _] = x.dims();
+        let mut y = if self.is_quantized() { odpo_kernels::dequantized_matmul(x.clone(), &self.weight) } else { odpo_kernels::matmul(x.clone(), self.weight.val()) };
         if let Some(o) = &self.offset {
             let blocks = d_in / crate::quantized::BLOCK;
             y = y + odpo_kernels::matmul(x.reshape([rows, blocks, crate::quantized::BLOCK]).sum_dim(2).reshape([rows, blocks]), o.val());
         }
-        if let Some(b) = bias {
-            y = y + b.unsqueeze_dim(0);
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze_dim(0),
+            None => y,
         }
-        let mut out = dims;
-        out[D - 1] = d_out;
-        y.reshape(out)
     }
 
     /// `W` as a float tensor `[in, out]`: a quantised weight dequantised, with its offsets (a new
@@ -134,6 +133,20 @@ impl Linear {
             d => d,
         }
     }
+}
+
+/// `x` `[.., in]` as rows `[N, in]`.
+fn rows_of<const D: usize>(x: Tensor<D>) -> Tensor<2> {
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product();
+    odpo_kernels::reshape_rows(x, [rows, dims[D - 1]])
+}
+
+/// Rows `y` `[N, out]` as `[.., out]` after the leading dimensions of `like`.
+fn rows_as<const D: usize>(y: Tensor<2>, like: [usize; D]) -> Tensor<D> {
+    let mut out = like;
+    out[D - 1] = y.dims()[1];
+    odpo_kernels::reshape_rows(y, out)
 }
 
 /// `[lora]`: which projections get adapters and how large.

@@ -131,16 +131,21 @@ fn padding_to_a_multiple_changes_no_log_prob() {
 
 /// `train.gradient_checkpointing`: burn's balanced checkpointing recomputes activations in the
 /// backward pass; every parameter's gradient equals the plain run's within 1e-6 of its largest entry,
-/// for every model family, in both batch layouts.
+/// for every model family, in both batch layouts, trained whole and through LoRA adapters on every
+/// projection (whose sums are recorded apart under checkpointing: `odpo_kernels::scaled_sum`).
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
     let plain = odpo_trainer::step::autodiff(&common::test_device(), false);
     let checkpointed = odpo_trainer::step::autodiff(&common::test_device(), true);
     assert_ne!(plain.gradient_checkpointing_strategy(), checkpointed.gradient_checkpointing_strategy());
-    for case in CASES {
+    let lora = odpo_model::LoraConfig { rank: 2, targets: vec!["all-linear".into()], ..odpo_model::LoraConfig::default() };
+    for (case, adapted) in CASES.iter().flat_map(|c| [(c, false), (c, true)]) {
         for layout in [Layout::SharedPrompt, Layout::Concatenated] {
             let grads = |device: &burn::tensor::Device| {
-                let loaded = CausalLm::load(&fixture(case), device).unwrap();
+                let mut loaded = CausalLm::load(&fixture(case), device).unwrap();
+                if adapted {
+                    loaded.model = loaded.model.with_lora(&lora, device).unwrap();
+                }
                 let items = pairs(loaded.config.vocab_size() as u32, 5);
                 let batch = PreferenceBatcher::new(0, None, layout).batch(items, device);
                 let (sum, _) = odpo_trainer::forward::row_logps(&loaded.model, &batch);
@@ -150,10 +155,11 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             };
             let (a, b) = (grads(&plain), grads(&checkpointed));
             assert_eq!(a.len(), b.len(), "{case}: parameters with gradients");
+            assert!(!a.is_empty() && a.iter().any(|(_, g)| g.iter().any(|v| *v != 0.0)), "{case} (LoRA: {adapted}): no gradient");
             for ((_, x), (_, y)) in a.iter().zip(&b) {
                 let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
                 let diff = x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-                assert!(diff <= 1e-6 * scale, "{case} {layout:?}: a gradient differs by {diff} (largest entry {scale})");
+                assert!(diff <= 1e-6 * scale, "{case} {layout:?} (LoRA: {adapted}): a gradient differs by {diff} (largest entry {scale})");
             }
         }
     }
