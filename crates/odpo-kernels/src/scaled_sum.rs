@@ -86,7 +86,7 @@ mod tests {
     use super::*;
 
     fn vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().into_vec::<f32>().expect("f32 values")
+        t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values")
     }
 
     /// The same values and gradients as `a + s·b` in burn's operations, to the bit: with gradient
