@@ -11,6 +11,9 @@
 //! checkpointing nothing changes: neither form keeps anything for its backward step, and the same
 //! two operations compute the values.
 
+// burn-tch is marked deprecated upstream; it is still the libtorch backend of burn 0.22.
+#![cfg_attr(feature = "tch", allow(deprecated))]
+
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
