@@ -71,7 +71,8 @@ impl Linear {
             if !self.is_quantized() {
                 return linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()));
             }
-            return rows_as(self.base_rows(rows_of(x.clone())), x.dims());
+            let dims = x.dims();
+            return rows_as(self.base_rows(rows_of(x)), dims);
         };
         let dims = x.dims();
         let x = rows_of(x);

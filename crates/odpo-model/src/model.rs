@@ -124,7 +124,7 @@ impl ModelConfig {
     /// counted, each without the products' inputs.
     pub fn backward_kept_per_token(&self, gradient_checkpointing: bool, lora: bool) -> u64 {
         // (layers, hidden size, heads × head size, key-value heads × head size, MLP width, the
-        // values of the non-checkpointed extra beyond the projections' inputs and the norms')
+        // distinct norm inputs a layer keeps without checkpointing, in hidden sizes)
         let (layers, d, q, kv, ff, norms_in) = match self {
             Self::Gpt2(c) => (c.n_layer, c.n_embd, c.n_embd, c.n_embd, c.n_inner.unwrap_or(4 * c.n_embd), 2),
             Self::GptNeo(c) => (c.num_layers, c.hidden_size, c.hidden_size, c.hidden_size, c.intermediate_size.unwrap_or(4 * c.hidden_size), 2),

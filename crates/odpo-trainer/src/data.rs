@@ -98,9 +98,31 @@ pub fn stream_slice(n: usize, seed: u64, start: usize, count: usize) -> Vec<usiz
     out
 }
 
+/// The fewest different items any run of `count` consecutive positions of the stream holds, of
+/// `n`: a run crosses at most one epoch's end while it is shorter than an epoch, and each of its
+/// two sides is part of one permutation, so at least half of it is of different items; a longer
+/// run holds every item.
+pub fn distinct_in_run(count: usize, n: usize) -> usize {
+    count.div_ceil(2).min(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every run of every length over the first epochs of small streams holds at least as many
+    /// different items as `distinct_in_run` says.
+    #[test]
+    fn a_run_of_the_stream_holds_at_least_half_as_many_different_items() {
+        for n in 1..7 {
+            let whole = stream_slice(n, 11, 0, 6 * n);
+            for count in 1..=3 * n {
+                let fewest = (0..=whole.len() - count).map(|s| whole[s..s + count].iter().collect::<std::collections::BTreeSet<_>>().len()).min();
+                assert!(fewest >= Some(distinct_in_run(count, n)), "n {n}, runs of {count}: {fewest:?} different");
+            }
+        }
+        assert_eq!((distinct_in_run(1, 400), distinct_in_run(5, 400), distinct_in_run(100_000, 400)), (1, 3, 400));
+    }
 
     #[test]
     fn stream_is_a_sequence_of_permutations() {

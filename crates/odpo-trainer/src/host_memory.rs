@@ -87,13 +87,8 @@ impl Pass {
     /// and completion together. The layers see the fewer tokens of the two layouts.
     pub fn of(all: &[odpo_data::TokenizedPair], pairs: usize, distinct: usize, preference: bool) -> Self {
         let k = distinct.clamp(1, all.len().max(1));
-        let kth = |lengths: Vec<usize>| -> u64 {
-            let mut lengths = lengths;
-            if lengths.len() < k {
-                return 0;
-            }
-            *lengths.select_nth_unstable(k - 1).1 as u64
-        };
+        // Empty only where `all` is.
+        let kth = |mut lengths: Vec<usize>| -> u64 { if lengths.len() < k { 0 } else { *lengths.select_nth_unstable(k - 1).1 as u64 } };
         let completion = |p: &odpo_data::TokenizedPair| if preference { p.chosen.len().max(p.rejected.len()) } else { p.chosen.len() };
         let width = kth(all.iter().map(completion).collect());
         let prompt = kth(all.iter().map(|p| p.prompt.len()).collect());
@@ -108,13 +103,6 @@ impl Pass {
     /// of them exactly, so the one whose logits are the largest.
     pub fn widest_batch(all: &[odpo_data::TokenizedPair], batch: usize, preference: bool) -> Self {
         all.chunks(batch.max(1)).map(|chunk| Self::of(chunk, chunk.len(), chunk.len(), preference)).max_by_key(|p| p.rows.saturating_mul(p.width)).unwrap_or_default()
-    }
-
-    /// At least how many different pairs a training micro-batch of `micro` holds, drawn from `n`:
-    /// it is a run of an endless sequence of permutations, so each half of it, on either side of an
-    /// epoch's end, is of different pairs.
-    pub fn distinct_in_micro_batch(micro: usize, n: usize) -> usize {
-        micro.div_ceil(2).min(n)
     }
 
     fn logit_bytes(self, vocab: u64, dtype_bytes: u64) -> u64 {
@@ -363,8 +351,6 @@ mod tests {
         let pair_of = |p: usize, c: usize| odpo_data::TokenizedPair { prompt: vec![1; p], chosen: vec![4; c], rejected: vec![5; c], ..pairs[0].clone() };
         assert_eq!(Pass::of(&[pair_of(10, 1), pair_of(1, 10)], 4, 2, true), Pass { rows: 8, width: 10, tokens: 88 });
         assert_eq!(Pass::of(&[pair_of(10, 1), pair_of(10, 10)], 4, 2, true), Pass { rows: 8, width: 10, tokens: 4 * 10 + 8 * 10 });
-        // A micro-batch runs across at most one epoch's end: half of it at least is of different pairs.
-        assert_eq!((Pass::distinct_in_micro_batch(1, 400), Pass::distinct_in_micro_batch(5, 400), Pass::distinct_in_micro_batch(100_000, 400)), (1, 3, 400));
 
         let adamw = OptimConfig { optimizer: OptimizerKind::Adamw, ..OptimConfig::default() };
         // LoRA's 11.3 M adapter weights under micro-batches of 32 pairs of 100 tokens or more:

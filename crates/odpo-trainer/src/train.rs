@@ -147,7 +147,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         lora: cfg.lora.is_some(),
         precision,
         more_than_one_step,
-        train: Pass::of(&data.train, t.micro_batch_size, Pass::distinct_in_micro_batch(t.micro_batch_size, data.train.len()), preference),
+        train: Pass::of(&data.train, t.micro_batch_size, data::distinct_in_run(t.micro_batch_size, data.train.len()), preference),
         eval: Pass::widest_batch(&data.eval[..held_out], cfg.eval.batch_size, preference),
         kept_per_token: model_cfg.backward_kept_per_token(t.gradient_checkpointing, cfg.lora.is_some()),
         names: crate::host_memory::RUN_KEYS,
