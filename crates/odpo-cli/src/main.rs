@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use clap::{Args, Parser, Subcommand};
-use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
+use odpo_model::generate::{GenerationConfig, SamplingConfig, generate_with};
 use odpo_model::logprobs::completion_logprobs;
 use odpo_model::tokenizer::Tokenizer;
 use odpo_model::{CausalLm, LoadedModel, Module, backend};
@@ -538,17 +538,37 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         sampling: SamplingConfig { greedy: a.greedy, temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
     };
     let t = std::time::Instant::now();
-    let out = generate(&loaded.model, &[ids], &cfg, &device)?;
+    // Plain output is printed as it is generated; a piece the stream cannot place is left to the
+    // whole decode at the end.
+    let mut stream = (!a.json).then(|| tok.decode_stream(false));
+    let mut printed = String::new();
+    let out = generate_with(&loaded.model, &[ids], &cfg, &device, |_, token| {
+        let Some(s) = stream.as_mut() else { return };
+        match s.step(token) {
+            Ok(Some(piece)) => {
+                use std::io::Write;
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
+                printed.push_str(&piece);
+            }
+            Ok(None) => {}
+            Err(_) => stream = None,
+        }
+    })?;
     let secs = t.elapsed().as_secs_f64();
     let tokens = &out.tokens[0];
     let text = tok.decode(tokens, false)?;
-    tracing::info!("{} tokens in {:.2}s ({:.1} tokens/s)", tokens.len(), secs, tokens.len() as f64 / secs);
     if a.json {
         let v = serde_json::json!({ "prompt": prompt, "tokens": tokens, "text": text, "logprobs": out.logprobs[0] });
         println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if let Some(rest) = text.strip_prefix(printed.as_str()) {
+        println!("{rest}");
     } else {
+        println!();
+        tracing::warn!("the text printed as it came differs from the whole decode, which follows");
         println!("{text}");
     }
+    tracing::info!("{} tokens in {:.2}s ({:.1} tokens/s)", tokens.len(), secs, tokens.len() as f64 / secs);
     Ok(())
 }
 

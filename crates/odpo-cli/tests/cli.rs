@@ -1,7 +1,7 @@
 //! `odpo train --config` end to end on real data: the paper's IMDB file and SmolLM2's tokenizer from the
 //! shared folder (`ODPO_SHARED`; skipped, saying so, when it is absent, unless `ODPO_REQUIRE_SHARED=1`),
 //! a tiny random GPT-2 as the model; then `--resume` with a longer run. And `odpo logprobs` on the
-//! real SmolLM2-135M-Instruct against transformers.
+//! real SmolLM2-135M-Instruct against transformers, and `odpo generate`'s greedy text.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "../../odpo-model/tests/common/env.rs"]
@@ -337,6 +337,30 @@ fn logprobs_of_a_completion_match_transformers() {
         eprintln!("{user}: {sum:.5} (transformers {want:.5})");
         assert!((sum - want).abs() < 2e-3, "{user}: log p(completion) {sum} against transformers' {want}");
     }
+}
+
+/// `odpo generate` prints the text as it is generated: greedy decoding of the real SmolLM2-135M-Instruct
+/// prints transformers' greedy continuation, the same text `--json` gives.
+#[test]
+fn generate_prints_transformers_greedy_text() {
+    let Some(dir) = env::shared_path("models/smollm2-135m-instruct") else { return };
+    let refs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let (user, want) = (refs["greedy"]["user"].as_str().unwrap(), refs["greedy"]["text"].as_str().unwrap());
+    let generate = |json: bool| {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo"))
+            .args(["generate", "--model"])
+            .arg(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"))
+            .args(["--chat", "--greedy", "--max-new-tokens", "24", "--prompt", user])
+            .args(json.then_some("--json"))
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run odpo");
+        assert!(out.status.success(), "odpo generate failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(generate(false), format!("{want}\n"));
+    let json: serde_json::Value = serde_json::from_str(&generate(true)).unwrap();
+    assert_eq!(json["text"], want);
 }
 
 /// `--matmul` takes the names of `odpo_kernels::MATMUL_ROUTINES` and says which when given another;

@@ -195,17 +195,28 @@ impl Default for LossConfig {
     }
 }
 
+/// A name or a list of names. Written as a visitor rather than an untagged enum, so that an unknown
+/// name gets serde's "unknown variant `x`, expected one of ..." instead of "did not match any variant".
 fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<LossKind>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(LossKind),
-        Many(Vec<LossKind>),
+    use serde::de::{self, IntoDeserializer, SeqAccess, Visitor};
+    struct Kinds;
+    impl<'de> Visitor<'de> for Kinds {
+        type Value = Vec<LossKind>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a loss name or a list of loss names")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![LossKind::deserialize(v.into_deserializer())?])
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut kinds = Vec::new();
+            while let Some(k) = seq.next_element()? {
+                kinds.push(k);
+            }
+            Ok(kinds)
+        }
     }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(k) => vec![k],
-        OneOrMany::Many(v) => v,
-    })
+    d.deserialize_any(Kinds)
 }
 
 impl LossConfig {
@@ -389,6 +400,13 @@ mod tests {
         assert_eq!(c.beta, 0.5);
         assert_eq!(c.validate(), Ok(()));
         assert!(toml::from_str::<LossConfig>("betta = 0.5").is_err());
+        // An unknown name, alone or in a list, is named with the names that exist.
+        for text in ["loss_type = \"dpp\"", "loss_type = [\"sigmoid\", \"dpp\"]"] {
+            let e = toml::from_str::<LossConfig>(text).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("unknown variant `dpp`, expected one of") && e.contains("`sigmoid`"), "{e}");
+        }
+        let e = toml::from_str::<LossConfig>("loss_type = 3").err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("expected a loss name or a list of loss names"), "{e}");
         Ok(())
     }
 

@@ -54,6 +54,13 @@ pub struct Generation {
 
 /// Generates continuations of `prompts` (token ids, unpadded, possibly of different lengths).
 pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationConfig, device: &Device) -> Result<Generation> {
+    generate_with(model, prompts, cfg, device, |_, _| {})
+}
+
+/// [`generate`], calling `on_token(row, token)` for each new token as it is chosen (in row order
+/// within a step): for printing text as it comes, or a progress bar. A row's EOS token is passed
+/// too; a finished row gets no further calls.
+pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationConfig, device: &Device, mut on_token: impl FnMut(usize, u32)) -> Result<Generation> {
     let s = &cfg.sampling;
     let usable_temperature = s.temperature.is_finite() && s.temperature > 0.0;
     if !s.greedy && !usable_temperature {
@@ -103,6 +110,7 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationConfig, 
                 continue;
             }
             let token = choose(logits, s, &mut rng);
+            on_token(row, token as u32);
             out.tokens[row].push(token as u32);
             out.logprobs[row].push(log_softmax_at(logits, token));
             done[row] = cfg.eos_token_ids.contains(&(token as u32));
@@ -234,6 +242,25 @@ mod position_tests {
         let llama = model(serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 8}), &device);
         assert_eq!(llama.position_limit(), None);
         assert_eq!(generate(&llama, &prompts, &cfg(6), &device).unwrap().tokens[1].len(), 6);
+    }
+
+    #[test]
+    fn each_new_token_is_passed_on_as_it_is_chosen() {
+        let device = crate::backend::device("flex").unwrap();
+        let gpt2 = model(serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 16, "n_positions": 32, "n_embd": 8, "n_layer": 1, "n_head": 2}), &device);
+        let prompts = vec![vec![3, 4, 5], vec![6, 7], vec![8]];
+        let sampling = SamplingConfig { seed: 5, ..Default::default() };
+        let free = GenerationConfig { max_new_tokens: 12, eos_token_ids: vec![], pad_token_id: 0, sampling: sampling.clone() };
+        // An EOS that the sampled rows produce early, at different steps.
+        let plain = generate(&gpt2, &prompts, &free, &device).unwrap();
+        let eos = plain.tokens[0][2];
+        let cfg = GenerationConfig { eos_token_ids: vec![eos], ..free };
+        let mut seen = vec![Vec::new(); prompts.len()];
+        let with = generate_with(&gpt2, &prompts, &cfg, &device, |row, token| seen[row].push(token)).unwrap();
+        assert_eq!(with, generate(&gpt2, &prompts, &cfg, &device).unwrap());
+        assert_eq!(seen, with.tokens);
+        assert_eq!(with.tokens[0].len(), plain.tokens[0].iter().position(|&t| t == eos).unwrap() + 1);
+        assert!(with.tokens.iter().any(|t| t.len() < 12) && with.tokens.iter().all(|t| t.last() == Some(&eos) || t.len() == 12));
     }
 
     #[test]

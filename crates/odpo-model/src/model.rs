@@ -428,6 +428,10 @@ impl CausalLm {
             let model = Self::from_weights(&config, &mut weights, device)?;
             return Ok(LoadedModel { config, model, tokenizer_path: path.to_path_buf() });
         }
+        if path.is_file() {
+            let what = "a file; expected a HF model folder (config.json and model.safetensors) or a llama.cpp `.gguf` file";
+            return Err(ModelError::Invalid(format!("{}: is {what}", path.display())));
+        }
         let config_path = path.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
         let mut weights = quantize(Weights::from_hf_dir(path)?);

@@ -228,6 +228,13 @@ impl Tokenizer {
         self.inner.decode(ids, skip_special_tokens).map_err(|e| self.codec("decode", e))
     }
 
+    /// Text as the tokens of one sequence come, a piece per token that completes one
+    /// (tokenizers' `DecodeStream`: a token that ends inside a UTF-8 character waits for the next,
+    /// and a SentencePiece word keeps its space): for printing a generation as it runs.
+    pub fn decode_stream(&self, skip_special_tokens: bool) -> DecodeStream<'_> {
+        DecodeStream { inner: self.inner.decode_stream(skip_special_tokens), tokenizer: self }
+    }
+
     /// Number of token ids, added tokens included (HF's `len(tokenizer)`).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -299,6 +306,26 @@ impl Tokenizer {
 
     fn codec(&self, op: &'static str, e: tokenizers::Error) -> TokenizerError {
         TokenizerError::Codec { path: self.path.clone(), op, message: e.to_string() }
+    }
+}
+
+/// [`Tokenizer::decode_stream`]'s state.
+pub struct DecodeStream<'a> {
+    inner: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+    tokenizer: &'a Tokenizer,
+}
+
+impl DecodeStream<'_> {
+    /// The text `id` completes, or `None` while it needs the tokens after it.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>, TokenizerError> {
+        self.inner.step(id).map_err(|e| self.tokenizer.codec("decode", e))
     }
 }
 

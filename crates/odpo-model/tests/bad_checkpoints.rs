@@ -110,6 +110,17 @@ fn sharded_index_naming_a_missing_shard_is_an_error() {
     assert!(msg.contains("model-00002-of-00005.safetensors"), "{msg}");
 }
 
+#[test]
+fn a_file_that_is_not_a_gguf_is_refused_as_a_model() {
+    // A folder's own files named where the folder belongs: the config, the weights.
+    let dir = copy_gpt2("file-as-model");
+    for f in ["config.json", "model.safetensors"] {
+        let msg = load_err(&dir.join(f));
+        let expected = format!("{}: is a file; expected a HF model folder (config.json and model.safetensors) or a llama.cpp `.gguf` file", dir.join(f).display());
+        assert_eq!(msg, expected);
+    }
+}
+
 /// Causal-mask buffers that older checkpoints store (boolean or float) are skipped, not errors.
 #[test]
 fn stored_mask_buffers_are_ignored() {

@@ -215,3 +215,29 @@ fn smollm2_gguf_tokenizer_matches_tokenizer_json() {
     }
     assert_eq!(texts, 3 * 2560);
 }
+
+/// Text printed as it is generated: each vocabulary's pieces, streamed a token at a time, join into
+/// the whole decode, and a character split over byte tokens comes out once it is whole.
+#[test]
+fn streamed_text_joins_into_the_whole_decode() {
+    let texts = ["the  the", "ж and жж", "Hello, world! 12345", "naïve café, 日本語, emoji 😀👍🏽\n\nend", "<think>the</s>the"];
+    for name in ["gpt2", "llama-bpe", "qwen2", "smollm", "sentencepiece", "sentencepiece_gemma"] {
+        let tok = Tokenizer::from_gguf(&vocab(&format!("{name}.gguf"))).unwrap();
+        for text in texts {
+            let ids = tok.encode(text, false).unwrap();
+            for skip in [false, true] {
+                let mut stream = tok.decode_stream(skip);
+                let mut streamed = String::new();
+                for &id in &ids {
+                    streamed.extend(stream.step(id).unwrap());
+                }
+                assert_eq!(streamed, tok.decode(&ids, skip).unwrap(), "{name}: {text:?} (skip special: {skip})");
+            }
+        }
+    }
+    // SentencePiece's byte fallback: `ж` is two byte tokens, and only the second completes it.
+    let tok = Tokenizer::from_gguf(&vocab("sentencepiece.gguf")).unwrap();
+    let mut stream = tok.decode_stream(false);
+    let pieces: Vec<Option<String>> = tok.encode("ж", false).unwrap().into_iter().map(|id| stream.step(id).unwrap()).collect();
+    assert_eq!(pieces[1..], [None, Some("ж".to_string())], "{pieces:?}");
+}

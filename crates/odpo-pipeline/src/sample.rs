@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 use odpo_model::CausalLm;
-use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
+use odpo_model::generate::{GenerationConfig, SamplingConfig, generate_with};
 use odpo_model::tokenizer::Tokenizer;
 
 use crate::error::{PipelineError, Result};
@@ -49,6 +49,8 @@ pub fn sample_responses(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
     let encoded = prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
     let jobs: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, settings.k)).collect();
     let mut out = Vec::with_capacity(jobs.len());
+    let bar = progress_bar(jobs.len(), settings.max_new_tokens);
+    let mut finished = 0;
     for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate() {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
         let cfg = GenerationConfig {
@@ -57,13 +59,36 @@ pub fn sample_responses(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
             pad_token_id: pad,
             sampling: SamplingConfig { temperature: settings.temperature, seed: settings.seed.wrapping_mul(1_000_003).wrapping_add(b as u64), ..SamplingConfig::default() },
         };
-        let generation = generate(model, &ids, &cfg, device)?;
+        // The bar counts token slots, a response's unused ones when it ends: its ETA then holds
+        // whether responses stop early or run to the length limit.
+        let mut made = vec![0; chunk.len()];
+        let generation = generate_with(model, &ids, &cfg, device, |row, token| {
+            made[row] += 1;
+            bar.inc(1);
+            if token == eos || made[row] == settings.max_new_tokens {
+                bar.inc((settings.max_new_tokens - made[row]) as u64);
+                finished += 1;
+                bar.set_message(format!("{finished}/{} responses", jobs.len()));
+            }
+        })?;
         for (j, tokens) in generation.tokens.into_iter().enumerate() {
             let text = tokenizer.decode(&tokens, true)?.trim().to_string();
             out.push(Response { prompt_index: chunk[j], prompt_ids: ids[j].clone(), tokens, text });
         }
     }
+    bar.finish_and_clear();
     Ok(out)
+}
+
+/// Sampling's progress on stderr (drawn only on a terminal), in token slots: `responses` ×
+/// `max_new_tokens`.
+fn progress_bar(responses: usize, max_new_tokens: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new((responses * max_new_tokens) as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {msg} sampled [{elapsed_precise} < {eta_precise}]") {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("0/{responses} responses"));
+    bar
 }
 
 /// Scores responses with `reward`.

@@ -484,6 +484,12 @@ impl RunConfig {
         self.optim.validate()?;
         self.train.validate()?;
         self.eval.validate()?;
+        // An empty path is the working folder: the run's files would land among the user's own.
+        for (key, dir) in [("output.dir", &self.output.dir), ("output.cache_dir", &self.output.cache_dir)] {
+            if dir.as_os_str().is_empty() {
+                return err(key, "is empty; expected a folder (it is created if missing)".into());
+            }
+        }
         if cfg!(not(feature = "dashboard")) {
             if self.output.dashboard {
                 return err("output.dashboard", "this build has no burn-train dashboard (odpo-trainer's `dashboard` feature, in the default flex build); remove it".into());
@@ -827,6 +833,8 @@ beta = 0.1
         assert!(e.contains("batch_size") && e.contains("expected"), "{e}");
         let e = parse(BASE, &["optim.schedule=exponential"]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
         assert!(e.contains("unknown variant `exponential`") && e.contains("cosine"), "{e}");
+        let e = parse(BASE, &["loss.loss_type=dpp"]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(e.starts_with("--set loss.loss_type=dpp: unknown variant `dpp`, expected one of `dpo`, `sigmoid`"), "{e}");
     }
 
     #[test]
@@ -864,6 +872,8 @@ beta = 0.1
                 "config: `loss.label_smoothing` = 0.1 does nothing with `loss.loss_type` = [sigmoid]: it is read only by cdpo, robust, exo-pair, aot, aot-unpaired (for cDPO use `loss_type = \"cdpo\"`)",
             ),
             (vec!["loss.loss_weights=[1.0, 0.5]"], "config: `loss.loss_weights` has 2 entries but `loss.loss_type` has 1; give one weight per loss"),
+            (vec![r#"output.dir="""#], "config: `output.dir` is empty; expected a folder (it is created if missing)"),
+            (vec![r#"output.cache_dir="""#], "config: `output.cache_dir` is empty; expected a folder (it is created if missing)"),
         ];
         for (sets, msg) in cases {
             let e = parse(BASE, &sets).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
