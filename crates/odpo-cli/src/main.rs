@@ -203,9 +203,9 @@ struct EvalArgs {
     /// Samples per held-out prompt (default: the run's setting).
     #[arg(long, value_parser = positive)]
     samples_per_prompt: Option<usize>,
-    /// Sampler seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Sampler seed (default: the run's `seed`, which gives its own evaluation again).
+    #[arg(long)]
+    seed: Option<u64>,
     /// Backend.
     #[arg(long, default_value = "flex", value_parser = crate::backend_spec)]
     backend: String,

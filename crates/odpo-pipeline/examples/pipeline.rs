@@ -12,7 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Some("eval") => {
             let dir = args.get(1).ok_or("eval needs a run folder")?;
-            let r = odpo_pipeline::eval_run(dir.as_ref(), None, 1, &device)?;
+            let r = odpo_pipeline::eval_run(dir.as_ref(), None, None, &device)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         _ => {

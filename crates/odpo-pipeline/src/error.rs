@@ -25,6 +25,15 @@ pub enum PipelineError {
         /// What is wrong.
         message: String,
     },
+    /// `eval --run` was given a folder that no run of the built-in task wrote.
+    #[error(
+        "{}: not a run folder of the built-in task (it has no pipeline.toml); `eval --run` re-evaluates the runs of `train` without `--config`, and a `train --config` run's evaluations are in its metrics.jsonl",
+        path.display()
+    )]
+    NotPipelineRun {
+        /// The folder.
+        path: PathBuf,
+    },
     /// A score table has no score for a text it was asked about.
     #[error("the score table `{}` has no score for prompt {prompt:?} and text {text:?}", path.display())]
     Unscored {

@@ -347,9 +347,12 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
 }
 
 /// `cargo xtask eval --run DIR`: re-evaluates a finished default run (its `pipeline.toml`, `sft/model`
-/// and `<loss>/model`) with `samples_per_prompt` (default: the config's) and `seed`, writing
-/// `eval.json` again.
-pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: u64, device: &Device) -> Result<EvalReport> {
+/// and `<loss>/model`) with `samples_per_prompt` and `seed` (by default the config's: the run's own
+/// evaluation again), writing `eval.json` again.
+pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: Option<u64>, device: &Device) -> Result<EvalReport> {
+    if !dir.join("pipeline.toml").is_file() {
+        return Err(PipelineError::NotPipelineRun { path: dir.to_path_buf() });
+    }
     let mut cfg = PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?.into_inner();
     if let Some(n) = samples_per_prompt {
         cfg.eval.samples_per_prompt = n;
@@ -358,7 +361,7 @@ pub fn eval_run(dir: &Path, samples_per_prompt: Option<usize>, seed: u64, device
     let eval_prompts = sample::read_prompts(&dir.join("data").join("prompts-eval.txt"))?;
     let (policy, tok) = load_model(&dir.join(cfg.loss.name()).join("model"), device)?;
     let (reference, _) = load_model(&dir.join("sft").join("model"), device)?;
-    let report = eval::evaluate(&policy, &reference, &tok, &eval_prompts, &eval_settings(&cfg, seed), &synthetic::reward(), device)?;
+    let report = eval::evaluate(&policy, &reference, &tok, &eval_prompts, &eval_settings(&cfg, seed.unwrap_or(cfg.seed)), &synthetic::reward(), device)?;
     eval::write_report(&dir.join("eval.json"), &report)?;
     Ok(report)
 }

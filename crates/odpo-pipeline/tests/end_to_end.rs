@@ -1,11 +1,12 @@
 //! The default pipeline on a smaller setting: the preference-trained policy's known reward must rise
-//! clearly above the SFT model's, at a finite KL, and every promised file must exist; settings too
-//! large for the host are refused naming the pipeline's keys.
+//! clearly above the SFT model's, at a finite KL, every promised file must exist, and `eval --run`
+//! reproduces the run's evaluation; settings too large for the host are refused naming the
+//! pipeline's keys.
 
 #[path = "../../odpo-model/tests/common/env.rs"]
 mod env;
 
-use odpo_pipeline::{DefaultOptions, DefaultSummary, Result, run_default};
+use odpo_pipeline::{DefaultOptions, DefaultSummary, Result, eval_run, run_default};
 
 /// The built-in pipeline on flex with these `--set` overrides, in a scratch folder of its own.
 fn run_with(name: &str, sets: &[&str]) -> (env::Scratch, Result<DefaultSummary>) {
@@ -28,6 +29,12 @@ fn default_pipeline_raises_the_known_reward() -> Result<()> {
     for f in [&s.metrics, &s.eval_json, &s.plot, &s.samples, &dir.join("summary.json"), &dir.join("pipeline.toml")] {
         assert!(f.is_file(), "{} is missing", f.display());
     }
+    // `eval --run` on the finished run (the run's own seed by default) reproduces its evaluation from the
+    // exported models; a folder that no run of this pipeline wrote is named as such.
+    let device = odpo_model::backend::device("flex")?;
+    assert_eq!(eval_run(&dir, None, None, &device)?, s.eval);
+    let e = eval_run(&dir.join("sft"), None, None, &device).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+    assert!(e.ends_with("sft: not a run folder of the built-in task (it has no pipeline.toml); `eval --run` re-evaluates the runs of `train` without `--config`, and a `train --config` run's evaluations are in its metrics.jsonl"), "{e}");
     Ok(())
 }
 
