@@ -102,17 +102,17 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
         let v = logits.dims()[2];
         let last = logits.reshape([b, v]);
         let host = last.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| ModelError::Invalid(format!("{e:?}")))?;
+        let picks = choose_rows(&host, v, &done, s, &mut rng);
         let mut next = Vec::with_capacity(b);
-        for (row, logits) in host.chunks_exact(v).enumerate() {
-            if done[row] {
+        for (row, pick) in picks.into_iter().enumerate() {
+            let Some((token, logprob)) = pick else {
                 next.push(i64::from(cfg.pad_token_id));
                 mask[row].push(0);
                 continue;
-            }
-            let token = choose(logits, s, &mut rng);
+            };
             on_token(row, token as u32);
             out.tokens[row].push(token as u32);
-            out.logprobs[row].push(log_softmax_at(logits, token));
+            out.logprobs[row].push(logprob);
             done[row] = cfg.eos_token_ids.contains(&(token as u32));
             next.push(token as i64);
             mask[row].push(1);
@@ -125,24 +125,64 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
     Ok(out)
 }
 
+/// The next token and its log-probability for each row not `done` (`None` for those). The rows'
+/// arithmetic runs in parallel; the random numbers are drawn in row order, one for each row that
+/// samples, so a seed gives the tokens a row-by-row loop gives.
+fn choose_rows(host: &[f32], v: usize, done: &[bool], s: &SamplingConfig, rng: &mut StdRng) -> Vec<Option<(usize, f32)>> {
+    use rayon::prelude::*;
+    let rows: Vec<(usize, &[f32])> = host.chunks_exact(v).enumerate().filter(|&(row, _)| !done[row]).collect();
+    let draws: Vec<Draw> = rows.par_iter().map(|&(_, logits)| prepare(logits, s)).collect();
+    let us: Vec<f64> = draws.iter().map(|d| if matches!(d, Draw::Weighted { .. }) { rng.random::<f64>() } else { 0.0 }).collect();
+    let picked: Vec<(usize, f32)> = rows
+        .par_iter()
+        .zip(draws)
+        .zip(us)
+        .map(|((&(_, logits), draw), u)| {
+            let token = finish(logits, s, &draw, u);
+            // Untruncated at temperature 1, the sampler's total is the softmax's own sum.
+            let logprob = match draw {
+                Draw::Weighted { max, total, kept: None } if s.temperature == 1.0 => (f64::from(logits[token] - max) - total.ln()) as f32,
+                _ => log_softmax_at(logits, token),
+            };
+            (token, logprob)
+        })
+        .collect();
+    let mut picked = picked.into_iter();
+    (0..done.len()).map(|row| if done[row] { None } else { picked.next() }).collect()
+}
+
 fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits.iter().map(|&x| f64::from(x - max).exp()).sum();
     (f64::from(logits[i] - max) - sum.ln()) as f32
 }
 
-/// Picks the next token from one row of logits.
-fn choose(logits: &[f32], s: &SamplingConfig, rng: &mut StdRng) -> usize {
-    let argmax = || {
-        logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
-    };
+/// A row's choice up to the random draw.
+enum Draw {
+    /// Decided without one: greedy, or weights that do not sum to a positive finite number.
+    Token(usize),
+    /// `exp((x − max) / T)` over the vocabulary (`kept: None`, recomputed as the walk goes) or over
+    /// the top-k / top-p tokens kept, summing to `total`.
+    Weighted { max: f32, total: f64, kept: Option<Vec<(usize, f64)>> },
+}
+
+fn argmax(logits: &[f32]) -> usize {
+    logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+}
+
+fn weight(x: f32, max: f32, temperature: f64) -> f64 {
+    (f64::from(x - max) / temperature).exp()
+}
+
+/// Everything of picking the next token from one row of logits that comes before the random draw.
+fn prepare(logits: &[f32], s: &SamplingConfig) -> Draw {
     if s.greedy {
-        return argmax();
+        return Draw::Token(argmax(logits));
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(usize, f64)> =
-        logits.iter().enumerate().map(|(i, &x)| (i, (f64::from(x - max) / s.temperature).exp())).collect();
-    if s.top_k > 0 || s.top_p < 1.0 {
+    let mut kept = None;
+    let total: f64 = if s.top_k > 0 || s.top_p < 1.0 {
+        let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &x)| (i, weight(x, max, s.temperature))).collect();
         probs.sort_by(|a, b| b.1.total_cmp(&a.1));
         if s.top_k > 0 {
             probs.truncate(s.top_k);
@@ -156,19 +196,53 @@ fn choose(logits: &[f32], s: &SamplingConfig, rng: &mut StdRng) -> usize {
             });
             probs.truncate(keep.map_or(probs.len(), |k| k + 1));
         }
-    }
-    let total: f64 = probs.iter().map(|p| p.1).sum();
+        let total = probs.iter().map(|p| p.1).sum();
+        kept = Some(probs);
+        total
+    } else {
+        logits.iter().map(|&x| weight(x, max, s.temperature)).sum()
+    };
     if !(total > 0.0) || !total.is_finite() {
-        return argmax();
+        return Draw::Token(argmax(logits));
     }
-    let mut u = rng.random::<f64>() * total;
-    for &(i, p) in &probs {
-        u -= p;
-        if u <= 0.0 {
-            return i;
+    Draw::Weighted { max, total, kept }
+}
+
+/// The token a uniform draw `u` in [0, 1) picks: the first whose running weight reaches `u · total`.
+fn finish(logits: &[f32], s: &SamplingConfig, draw: &Draw, u: f64) -> usize {
+    let (max, total, kept) = match draw {
+        Draw::Token(t) => return *t,
+        Draw::Weighted { max, total, kept } => (*max, *total, kept),
+    };
+    let mut u = u * total;
+    match kept {
+        Some(probs) => {
+            for &(i, p) in probs {
+                u -= p;
+                if u <= 0.0 {
+                    return i;
+                }
+            }
+            probs.last().map_or_else(|| argmax(logits), |p| p.0)
+        }
+        None => {
+            for (i, &x) in logits.iter().enumerate() {
+                u -= weight(x, max, s.temperature);
+                if u <= 0.0 {
+                    return i;
+                }
+            }
+            logits.len() - 1
         }
     }
-    probs.last().map_or_else(argmax, |p| p.0)
+}
+
+/// Picks the next token from one row of logits (one row's [`choose_rows`]).
+#[cfg(test)]
+fn choose(logits: &[f32], s: &SamplingConfig, rng: &mut StdRng) -> usize {
+    let draw = prepare(logits, s);
+    let u = if matches!(draw, Draw::Weighted { .. }) { rng.random::<f64>() } else { 0.0 };
+    finish(logits, s, &draw, u)
 }
 
 #[cfg(test)]
@@ -206,6 +280,83 @@ mod tests {
         let ones = (0..n).filter(|_| choose(&logits, &s, &mut rng) == 1).count();
         let share = ones as f64 / n as f64;
         assert!((share - 0.25).abs() < 0.015, "{share}");
+    }
+
+    /// The sampler as one sequential loop over the rows, each row's weights in a vector.
+    fn sequential(host: &[f32], v: usize, done: &[bool], s: &SamplingConfig, rng: &mut StdRng) -> Vec<Option<(usize, f32)>> {
+        let one = |logits: &[f32], rng: &mut StdRng| {
+            if s.greedy {
+                return argmax(logits);
+            }
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &x)| (i, (f64::from(x - max) / s.temperature).exp())).collect();
+            if s.top_k > 0 || s.top_p < 1.0 {
+                probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+                if s.top_k > 0 {
+                    probs.truncate(s.top_k);
+                }
+                if s.top_p < 1.0 {
+                    let total: f64 = probs.iter().map(|p| p.1).sum();
+                    let mut acc = 0.0;
+                    let keep = probs.iter().position(|p| {
+                        acc += p.1 / total;
+                        acc >= s.top_p
+                    });
+                    probs.truncate(keep.map_or(probs.len(), |k| k + 1));
+                }
+            }
+            let total: f64 = probs.iter().map(|p| p.1).sum();
+            if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !total.is_finite() {
+                return argmax(logits);
+            }
+            let mut u = rng.random::<f64>() * total;
+            for &(i, p) in &probs {
+                u -= p;
+                if u <= 0.0 {
+                    return i;
+                }
+            }
+            probs.last().map_or_else(|| argmax(logits), |p| p.0)
+        };
+        host.chunks_exact(v)
+            .zip(done)
+            .map(|(logits, &d)| {
+                if d {
+                    return None;
+                }
+                let t = one(logits, rng);
+                Some((t, log_softmax_at(logits, t)))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rows_in_parallel_give_the_sequential_loops_tokens_and_logprobs() {
+        let (b, v) = (37, 500);
+        let mut g = StdRng::seed_from_u64(11);
+        // Peaked rows, flat rows, a row of equal logits and one with an infinite logit.
+        let mut host: Vec<f32> = (0..b * v).map(|i| g.random::<f32>() * if (i / v) % 3 == 0 { 12.0 } else { 2.0 }).collect();
+        host[5 * v..6 * v].fill(0.25);
+        host[7 * v + 3] = f32::INFINITY;
+        let done: Vec<bool> = (0..b).map(|r| r % 5 == 2).collect();
+        let settings = [
+            SamplingConfig::default(),
+            SamplingConfig { temperature: 0.7, ..Default::default() },
+            SamplingConfig { temperature: 1.3, top_k: 20, ..Default::default() },
+            SamplingConfig { top_p: 0.9, ..Default::default() },
+            SamplingConfig { top_k: 50, top_p: 0.5, temperature: 0.9, ..Default::default() },
+            SamplingConfig { greedy: true, ..Default::default() },
+        ];
+        for s in &settings {
+            let (mut a, mut c) = (StdRng::seed_from_u64(3), StdRng::seed_from_u64(3));
+            for _ in 0..4 {
+                let (par, seq) = (choose_rows(&host, v, &done, s, &mut a), sequential(&host, v, &done, s, &mut c));
+                let bits = |r: &[Option<(usize, f32)>]| r.iter().map(|p| p.map(|(t, l)| (t, l.to_bits()))).collect::<Vec<_>>();
+                assert_eq!(bits(&par), bits(&seq), "{s:?}");
+            }
+            // The generator is left where the loop leaves it.
+            assert_eq!(a.random::<u64>(), c.random::<u64>());
+        }
     }
 
     #[test]
