@@ -114,3 +114,64 @@ fn sigterm_checkpoints_says_how_to_resume_and_exits_75() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("steps:        {}", step + 2)), "{text}");
 }
+
+/// A stop asked for while the reference log-probs are computed (`train.reference = "cached"`): the
+/// rows computed so far are kept beside the cache, the run exits 75 saying how to resume, and the
+/// resumed run goes on from them to the cache an unstopped run writes, bit for bit.
+#[test]
+fn sigterm_during_the_reference_cache_keeps_the_rows_computed() {
+    let dir = env::scratch("cli-sigterm-refcache");
+    let config = setup(&dir, 2);
+    let rows: Vec<String> = (0..3000)
+        .map(|i| {
+            let words = |n: usize, w: &str| vec![w; 1 + (i + n) % 7].join(" ");
+            serde_json::json!({"prompt": words(0, "hello"), "chosen": words(1, "world"), "rejected": words(2, "hello")}).to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("pairs.jsonl"), rows.join("\n")).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace("[eval]\n", "[eval]\nbatch_size = 2\n").replace("max_steps = 2\n", "max_steps = 2\nreference = \"cached\"\n");
+    let (run, cache, whole) = (dir.join("run"), dir.join("cache"), dir.join("cache-whole"));
+    let config_for = |name: &str, cache: &Path| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{text}cache_dir = \"{}\"\n", cache.display())).unwrap();
+        path
+    };
+    let (stopped, unstopped) = (config_for("stopped.toml", &cache), config_for("whole.toml", &whole));
+
+    // The run folder's config is written before the model loads: the signal lands before the
+    // first of the 1,500 batches of reference log-probs is done, and stops the run at its end.
+    let child = start(&["train", "--config", stopped.to_str().unwrap()]);
+    let t = Instant::now();
+    while !run.join("config.toml").exists() {
+        assert!(t.elapsed() < Duration::from_secs(60), "odpo did not start");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    kill("TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains(&format!("resume with: odpo train --resume {}", run.display())), "{err}");
+    let files = |dir: &Path| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
+        v.sort();
+        v
+    };
+    let partial = files(&cache);
+    assert_eq!(partial.len(), 1, "{partial:?}");
+    assert!(partial[0].to_string_lossy().ends_with(".partial.json"), "{partial:?}");
+    let kept: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&partial[0]).unwrap()).unwrap();
+    let n = kept["rows"].as_array().unwrap().len();
+    assert!(n > 0 && n % 2 == 0 && n < 3000, "{n} rows kept");
+
+    // Resumed, it reads those rows, computes the rest and removes the partial file.
+    let out = Command::new(ODPO).args(["train", "--resume", run.to_str().unwrap()]).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("reference log-probs: {n} of ")), "{err}");
+    let out = Command::new(ODPO).args(["train", "--config", unstopped.to_str().unwrap(), "--set", &format!("output.dir={:?}", dir.join("run-whole").display().to_string())]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (resumed, whole) = (files(&cache), files(&whole));
+    assert_eq!(resumed.len(), 1, "{resumed:?}");
+    assert_eq!(resumed[0].file_name(), whole[0].file_name());
+    assert_eq!(std::fs::read(&resumed[0]).unwrap(), std::fs::read(&whole[0]).unwrap());
+}

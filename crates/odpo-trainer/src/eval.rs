@@ -12,7 +12,7 @@ use crate::forward::{self, Reference};
 use crate::step::MetricSums;
 
 /// Preference metrics of `model` (a `.valid()` model) on `pairs`, batch by batch, each metric the mean
-/// over pairs (batch means weighted by batch size).
+/// over pairs (batch means weighted by batch size); `progress` hears of each batch's pairs.
 #[allow(clippy::too_many_arguments)] // the evaluation inputs, each used once
 pub fn preference(
     model: &CausalLm,
@@ -23,6 +23,7 @@ pub fn preference(
     batch_size: usize,
     batcher: &PreferenceBatcher,
     device: &Device,
+    progress: &dyn Fn(usize),
 ) -> Result<BTreeMap<String, f64>> {
     let mut sums = MetricSums::default();
     let items: Vec<&TokenizedPair> = pairs.iter().collect();
@@ -31,18 +32,21 @@ pub fn preference(
         let inputs = forward::preference_inputs(model, reference, &batch, use_offsets, device)?;
         let out = preference_loss(&inputs, loss)?;
         sums.add_preference(&out.metrics, chunk.len());
+        progress(chunk.len());
     }
     Ok(sums.means())
 }
 
-/// SFT metrics (`nll`, the token-mean negative log-likelihood of the chosen responses, and `ppl`).
-pub fn sft(model: &CausalLm, pairs: &[TokenizedPair], batch_size: usize, batcher: &PreferenceBatcher, device: &Device) -> Result<BTreeMap<String, f64>> {
+/// SFT metrics (`nll`, the token-mean negative log-likelihood of the chosen responses, and `ppl`);
+/// `progress` hears of each batch's pairs.
+pub fn sft(model: &CausalLm, pairs: &[TokenizedPair], batch_size: usize, batcher: &PreferenceBatcher, device: &Device, progress: &dyn Fn(usize)) -> Result<BTreeMap<String, f64>> {
     let mut sums = MetricSums::default();
     let items: Vec<&TokenizedPair> = pairs.iter().collect();
     for chunk in items.chunks(batch_size.max(1)) {
         let batch = forward::sft_batch(chunk, batcher, device);
         let nll = forward::sft_nll(model, &batch).into_scalar::<f64>();
         sums.add_nll(nll, chunk.iter().map(|p| forward::sft_tokens(p)).sum::<usize>() as f64, chunk.len());
+        progress(chunk.len());
     }
     Ok(sums.means())
 }

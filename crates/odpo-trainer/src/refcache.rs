@@ -72,11 +72,21 @@ impl RefCache {
         dir.join(format!("ref-{}.json", &key[..key.len().min(32)]))
     }
 
+    /// The file of the rows computed so far for `key`, kept while they are computed: every 60 s, and
+    /// when a stop is asked for, so that the next run goes on from them.
+    pub fn partial_path(dir: &Path, key: &str) -> PathBuf {
+        dir.join(format!("ref-{}.partial.json", &key[..key.len().min(32)]))
+    }
+
     /// Reads the cache for `key`, if there is one. A file that is unreadable, truncated, or whose
     /// rows do not match its checksum is reported and ignored (the caller recomputes and rewrites it).
     pub fn read(dir: &Path, key: &str) -> Option<Self> {
-        let path = Self::path(dir, key);
-        let text = std::fs::read_to_string(&path).ok()?;
+        Self::read_from(&Self::path(dir, key), key)
+    }
+
+    /// [`Self::read`] of the file at `path` (the whole cache or the partial one).
+    pub fn read_from(path: &Path, key: &str) -> Option<Self> {
+        let text = std::fs::read_to_string(path).ok()?;
         match serde_json::from_str::<RefCache>(&text) {
             Ok(c) if c.key == key && c.checksum == Self::checksum(&c.key, &c.rows) => Some(Self::new(c.key, c.rows)),
             Ok(c) if c.key == key => {
@@ -93,11 +103,17 @@ impl RefCache {
 
     /// Writes the cache atomically (serde_json writes f32 in shortest round-trip form: exact).
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
-        let path = Self::path(dir, &self.key);
-        let json = serde_json::to_vec(self).map_err(|e| TrainError::checkpoint(&path, e))?;
-        odpo_model::weights::write_atomic(&path, &json)?;
-        Ok(path)
+        self.write_to(&Self::path(dir, &self.key))
+    }
+
+    /// [`Self::write`] to `path`, creating its folder.
+    pub fn write_to(&self, path: &Path) -> Result<PathBuf> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+        }
+        let json = serde_json::to_vec(self).map_err(|e| TrainError::checkpoint(path, e))?;
+        odpo_model::weights::write_atomic(path, &json)?;
+        Ok(path.to_path_buf())
     }
 }
 

@@ -203,11 +203,15 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         let (model, s) = (trainer.policy().valid().with_precision(precision), &trainer.settings);
         let during = || format!("the evaluation at step {at}");
         let advice = || format!("to fit, lower `eval.batch_size` (now {})", cfg.eval.batch_size);
-        crate::step::guarded(during, advice, || match t.stage {
-            Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, cfg.eval.batch_size, &s.batcher, device),
-            Stage::Sft => eval::sft(&model, &eval_pairs, cfg.eval.batch_size, &s.batcher, device),
+        let pairs_done = pairs_bar(cfg, eval_pairs.len(), 0, "held-out pairs evaluated");
+        let progress = |n: usize| pairs_done.inc(n as u64);
+        let values = crate::step::guarded(during, advice, || match t.stage {
+            Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, cfg.eval.batch_size, &s.batcher, device, &progress),
+            Stage::Sft => eval::sft(&model, &eval_pairs, cfg.eval.batch_size, &s.batcher, device, &progress),
         })
-        .map_err(|e| e.in_run(&run_dir))
+        .map_err(|e| e.in_run(&run_dir));
+        pairs_done.finish_and_clear();
+        values
     };
     let early = cfg.eval.early_stopping.as_ref();
     if early.is_some() && eval_pairs.is_empty() {
@@ -259,7 +263,8 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
             window = Window::default();
         }
         if cfg.eval.every > 0 && state.step.is_multiple_of(cfg.eval.every) && state.step < total_steps && !eval_pairs.is_empty() {
-            let values = evaluate(&trainer, state.step)?;
+            // The steps' bar makes way for the evaluation's own.
+            let values = bar.suspend(|| evaluate(&trainer, state.step))?;
             tracing::info!(step = state.step, ?values, "eval");
             metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
             if judge(&trainer, &mut state, &values)? {
@@ -469,21 +474,49 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
         tracing::info!("reference log-probs read from {}", RefCache::path(&cfg.output.cache_dir, &key).display());
         return Ok(cache);
     }
-    let mut rows = Vec::with_capacity(all.len());
+    // The rows an earlier run computed before it was stopped, where they are whole batches of
+    // this run's: the batches after them are then the ones an unstopped run computes.
+    let partial = RefCache::partial_path(&cfg.output.cache_dir, &key);
+    let batch_size = cfg.eval.batch_size;
+    let mut rows = RefCache::read_from(&partial, &key)
+        .map(|c| c.rows)
+        .filter(|r| r.len() % batch_size == 0 && r.len() < all.len() && r.iter().zip(&all).all(|(row, p)| row.0 == p.pair_id))
+        .unwrap_or_default();
+    if !rows.is_empty() {
+        tracing::info!("reference log-probs: {} of {} pairs read from {}", rows.len(), all.len(), partial.display());
+    }
+    let bar = pairs_bar(cfg, all.len(), rows.len(), "pairs' reference log-probs");
     let during = || "the computation of the reference log-prob cache (`train.reference = \"cached\"`)".to_string();
-    let advice = || format!("to fit, lower `eval.batch_size` (now {}), the batch it is computed in", cfg.eval.batch_size);
-    crate::step::guarded(during, advice, || {
-        for chunk in all.chunks(cfg.eval.batch_size) {
+    let advice = || format!("to fit, lower `eval.batch_size` (now {batch_size}), the batch it is computed in");
+    let mut kept_at = std::time::Instant::now();
+    let stopped = crate::step::guarded(during, advice, || {
+        for chunk in all[rows.len()..].chunks(batch_size) {
             let batch = forward::preference_batch(chunk, &data.batcher(cfg.train.layout.resolve(cfg.train.backend)), device);
             let lp = forward::reference_row_logps(reference, &batch)?;
             let b = chunk.len();
             rows.extend(chunk.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[b + i])));
+            bar.inc(b as u64);
+            if crate::interrupt::requested() && rows.len() < all.len() {
+                return Ok(true);
+            }
+            if kept_at.elapsed().as_secs() >= 60 && rows.len() < all.len() {
+                RefCache::new(key.clone(), rows.clone()).write_to(&partial)?;
+                kept_at = std::time::Instant::now();
+            }
         }
-        Ok(())
+        Ok(false)
     })
     .map_err(|e| e.in_run(&cfg.output.dir))?;
+    bar.finish_and_clear();
+    if stopped {
+        let kept = RefCache::new(key, rows).write_to(&partial)?;
+        tracing::warn!("stopped on request; the reference log-probs computed so far are in {}", kept.display());
+        return Err(TrainError::Interrupted { step: 0, checkpoint: kept, run_dir: cfg.output.dir.clone() });
+    }
     let cache = RefCache::new(key, rows);
     let path = cache.write(&cfg.output.cache_dir)?;
+    // The whole cache is written: what the partial file held is in it.
+    let _ = std::fs::remove_file(&partial);
     tracing::info!(pairs = all.len(), "reference log-probs cached in {}", path.display());
     Ok(cache)
 }
@@ -529,6 +562,21 @@ fn metric_columns(stage: Stage) -> Vec<String> {
         Stage::Sft => vec!["nll", "ppl"],
     };
     stage_metrics.into_iter().chain(["lr", "grad_norm", "tokens_per_s", "pairs_per_s", "epoch"]).map(String::from).collect()
+}
+
+/// A bar over `total` pairs (evaluation, the reference's log-probs), under the same setting as the
+/// steps' bar.
+fn pairs_bar(cfg: &RunConfig, total: usize, at: usize, what: &str) -> ProgressBar {
+    if !cfg.output.progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total as u64);
+    if let Ok(style) = ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]")) {
+        bar.set_style(style);
+    }
+    bar.set_position(at as u64);
+    bar.reset_eta();
+    bar
 }
 
 fn progress_bar(cfg: &RunConfig, total: usize, at: usize) -> ProgressBar {
