@@ -3,6 +3,7 @@
 
 mod allocator;
 mod bench;
+mod subnormals;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -370,6 +371,7 @@ fn host_default_device() {
 fn main() -> ExitCode {
     host_default_device();
     allocator::reuse_freed_memory();
+    subnormals::flush_to_zero();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
         .with_writer(log_writer)

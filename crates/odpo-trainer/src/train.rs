@@ -480,7 +480,7 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
     let batch_size = cfg.eval.batch_size;
     let mut rows = RefCache::read_from(&partial, &key)
         .map(|c| c.rows)
-        .filter(|r| r.len() % batch_size == 0 && r.len() < all.len() && r.iter().zip(&all).all(|(row, p)| row.0 == p.pair_id))
+        .filter(|r| r.len().is_multiple_of(batch_size) && r.len() < all.len() && r.iter().zip(&all).all(|(row, p)| row.0 == p.pair_id))
         .unwrap_or_default();
     if !rows.is_empty() {
         tracing::info!("reference log-probs: {} of {} pairs read from {}", rows.len(), all.len(), partial.display());
