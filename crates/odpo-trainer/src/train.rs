@@ -203,7 +203,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         let (model, s) = (trainer.policy().valid().with_precision(precision), &trainer.settings);
         let during = || format!("the evaluation at step {at}");
         let advice = || format!("to fit, lower `eval.batch_size` (now {})", cfg.eval.batch_size);
-        let pairs_done = pairs_bar(cfg, eval_pairs.len(), 0, "held-out pairs evaluated");
+        let pairs_done = if dashboard { ProgressBar::hidden() } else { counting_bar(cfg, eval_pairs.len(), 0, "held-out pairs evaluated") };
         let progress = |n: usize| pairs_done.inc(n as u64);
         let values = crate::step::guarded(during, advice, || match t.stage {
             Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, cfg.eval.batch_size, &s.batcher, device, &progress),
@@ -235,7 +235,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         summary.eval_start = Some(values);
     }
 
-    let bar = if dashboard { ProgressBar::hidden() } else { progress_bar(cfg, total_steps, state.step) };
+    let bar = if dashboard { ProgressBar::hidden() } else { counting_bar(cfg, total_steps, state.step, "steps") };
     let mut window = Window::default();
     let mut stalled = Stalled::default();
     // The evaluation of the step the loop ended at, when it already ran (an early stop).
@@ -485,7 +485,7 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
     if !rows.is_empty() {
         tracing::info!("reference log-probs: {} of {} pairs read from {}", rows.len(), all.len(), partial.display());
     }
-    let bar = pairs_bar(cfg, all.len(), rows.len(), "pairs' reference log-probs");
+    let bar = counting_bar(cfg, all.len(), rows.len(), "pairs' reference log-probs");
     let during = || "the computation of the reference log-prob cache (`train.reference = \"cached\"`)".to_string();
     let advice = || format!("to fit, lower `eval.batch_size` (now {batch_size}), the batch it is computed in");
     let mut kept_at = std::time::Instant::now();
@@ -564,27 +564,14 @@ fn metric_columns(stage: Stage) -> Vec<String> {
     stage_metrics.into_iter().chain(["lr", "grad_norm", "tokens_per_s", "pairs_per_s", "epoch"]).map(String::from).collect()
 }
 
-/// A bar over `total` pairs (evaluation, the reference's log-probs), under the same setting as the
-/// steps' bar.
-fn pairs_bar(cfg: &RunConfig, total: usize, at: usize, what: &str) -> ProgressBar {
+/// A bar on stderr over `total` things (`what`: the steps, the pairs of an evaluation or of the
+/// reference's log-probs), from `at`, with rate and ETA; hidden under `output.progress = false`.
+fn counting_bar(cfg: &RunConfig, total: usize, at: usize, what: &str) -> ProgressBar {
     if !cfg.output.progress {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total as u64);
-    if let Ok(style) = ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]")) {
-        bar.set_style(style);
-    }
-    bar.set_position(at as u64);
-    bar.reset_eta();
-    bar
-}
-
-fn progress_bar(cfg: &RunConfig, total: usize, at: usize) -> ProgressBar {
-    if !cfg.output.progress {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total as u64);
-    if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}, {per_sec}] {msg}") {
+    if let Ok(style) = ProgressStyle::with_template(&format!("{{bar:30}} {{pos}}/{{len}} {what} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}] {{msg}}")) {
         bar.set_style(style);
     }
     bar.set_position(at as u64);
