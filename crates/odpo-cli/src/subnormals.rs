@@ -1,6 +1,7 @@
 //! Subnormal floats flushed to zero on the CPU (the FTZ and DAZ bits of x86's MXCSR), set by
-//! `odpo` for its main thread and every thread of rayon's pool, where flex computes: a process-wide
-//! choice, so the binary makes it, as TensorFlow does for its CPU threads.
+//! `odpo` for its main thread and every thread of rayon's pool, where flex computes; threads started
+//! later (libtorch's pool, at its first operation) inherit it. A process-wide choice, so the binary
+//! makes it, as TensorFlow does for its CPU threads.
 //!
 //! Why: an x86 core computes an operation on a subnormal operand (below 1.2e-38 in f32) through a
 //! microcode assist, about a hundred times slower. A softmax over a 49,152-token vocabulary whose
@@ -51,8 +52,8 @@ fn set_this_thread() -> bool {
 mod tests {
     use std::hint::black_box;
 
-    /// A product whose exact value is subnormal, and a subnormal operand, on this thread and on
-    /// every thread of rayon's pool: zero after the call.
+    /// A product whose exact value is subnormal, and a subnormal operand, on this thread, on every
+    /// thread of rayon's pool and on a thread started afterwards: zero after the call.
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn subnormals_are_zero_on_every_compute_thread() {
@@ -63,5 +64,7 @@ mod tests {
         assert_eq!((tiny(), subnormal_in()), (0.0, 0.0));
         let each: Vec<(f32, f32)> = rayon::broadcast(|_| (tiny(), subnormal_in()));
         assert!(!each.is_empty() && each.iter().all(|&p| p == (0.0, 0.0)), "{each:?}");
+        // A thread started afterwards (libtorch's pool) inherits the setting.
+        assert_eq!(std::thread::spawn(move || (tiny(), subnormal_in())).join().ok(), Some((0.0, 0.0)));
     }
 }
