@@ -20,13 +20,7 @@ fn setup(dir: &Path, max_steps: usize) -> PathBuf {
     std::fs::copy(tok, model.join("tokenizer.json")).unwrap();
     let config = serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 6, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 0, "eos_token_id": 1});
     std::fs::write(model.join("config.json"), config.to_string()).unwrap();
-    let rows: Vec<String> = (0..64)
-        .map(|i| {
-            let words = |n: usize, w: &str| vec![w; 1 + (i + n) % 4].join(" ");
-            serde_json::json!({"prompt": words(0, "hello"), "chosen": words(1, "world"), "rejected": words(2, "hello")}).to_string()
-        })
-        .collect();
-    std::fs::write(dir.join("pairs.jsonl"), rows.join("\n")).unwrap();
+    write_pairs(dir, 64);
     let toml = format!(
         r#"[model]
 path = "{model}"
@@ -61,6 +55,17 @@ export = false
     let path = dir.join("run.toml");
     std::fs::write(&path, toml).unwrap();
     path
+}
+
+/// `n` pairs of one to four words in `dir/pairs.jsonl`.
+fn write_pairs(dir: &Path, n: usize) {
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            let words = |k: usize, w: &str| vec![w; 1 + (i + k) % 4].join(" ");
+            serde_json::json!({"prompt": words(0, "hello"), "chosen": words(1, "world"), "rejected": words(2, "hello")}).to_string()
+        })
+        .collect();
+    std::fs::write(dir.join("pairs.jsonl"), rows.join("\n")).unwrap();
 }
 
 fn start(args: &[&str]) -> Child {
@@ -122,13 +127,7 @@ fn sigterm_checkpoints_says_how_to_resume_and_exits_75() {
 fn sigterm_during_the_reference_cache_keeps_the_rows_computed() {
     let dir = env::scratch("cli-sigterm-refcache");
     let config = setup(&dir, 2);
-    let rows: Vec<String> = (0..3000)
-        .map(|i| {
-            let words = |n: usize, w: &str| vec![w; 1 + (i + n) % 7].join(" ");
-            serde_json::json!({"prompt": words(0, "hello"), "chosen": words(1, "world"), "rejected": words(2, "hello")}).to_string()
-        })
-        .collect();
-    std::fs::write(dir.join("pairs.jsonl"), rows.join("\n")).unwrap();
+    write_pairs(&dir, 3000);
     let text = std::fs::read_to_string(&config).unwrap().replace("[eval]\n", "[eval]\nbatch_size = 2\n").replace("max_steps = 2\n", "max_steps = 2\nreference = \"cached\"\n");
     let (run, cache, whole) = (dir.join("run"), dir.join("cache"), dir.join("cache-whole"));
     let config_for = |name: &str, cache: &Path| {

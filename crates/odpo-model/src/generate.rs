@@ -282,52 +282,37 @@ mod tests {
         assert!((share - 0.25).abs() < 0.015, "{share}");
     }
 
-    /// The sampler as one sequential loop over the rows, each row's weights in a vector.
+    /// The sampler as one sequential loop over the rows, as [`generate`] ran it before the rows went
+    /// in parallel: each row's token, then its log-probability from a softmax of its own.
     fn sequential(host: &[f32], v: usize, done: &[bool], s: &SamplingConfig, rng: &mut StdRng) -> Vec<Option<(usize, f32)>> {
-        let one = |logits: &[f32], rng: &mut StdRng| {
-            if s.greedy {
-                return argmax(logits);
-            }
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &x)| (i, (f64::from(x - max) / s.temperature).exp())).collect();
-            if s.top_k > 0 || s.top_p < 1.0 {
-                probs.sort_by(|a, b| b.1.total_cmp(&a.1));
-                if s.top_k > 0 {
-                    probs.truncate(s.top_k);
-                }
-                if s.top_p < 1.0 {
-                    let total: f64 = probs.iter().map(|p| p.1).sum();
-                    let mut acc = 0.0;
-                    let keep = probs.iter().position(|p| {
-                        acc += p.1 / total;
-                        acc >= s.top_p
-                    });
-                    probs.truncate(keep.map_or(probs.len(), |k| k + 1));
-                }
-            }
-            let total: f64 = probs.iter().map(|p| p.1).sum();
-            if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !total.is_finite() {
-                return argmax(logits);
-            }
-            let mut u = rng.random::<f64>() * total;
-            for &(i, p) in &probs {
-                u -= p;
-                if u <= 0.0 {
-                    return i;
-                }
-            }
-            probs.last().map_or_else(|| argmax(logits), |p| p.0)
+        let mut pick = |logits: &[f32]| {
+            let t = choose(logits, s, rng);
+            (t, log_softmax_at(logits, t))
         };
-        host.chunks_exact(v)
-            .zip(done)
-            .map(|(logits, &d)| {
-                if d {
-                    return None;
-                }
-                let t = one(logits, rng);
-                Some((t, log_softmax_at(logits, t)))
-            })
-            .collect()
+        host.chunks_exact(v).zip(done).map(|(logits, &d)| (!d).then(|| pick(logits))).collect()
+    }
+
+    /// The untruncated sampler walks the weights again rather than storing them: the same token as
+    /// a walk over the stored weights, for draws across [0, 1).
+    #[test]
+    fn the_walk_recomputed_picks_what_the_stored_weights_pick() {
+        let mut g = StdRng::seed_from_u64(5);
+        let logits: Vec<f32> = (0..300).map(|_| g.random::<f32>() * 9.0).collect();
+        for temperature in [1.0, 0.6] {
+            let s = SamplingConfig { temperature, ..Default::default() };
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let stored: Vec<f64> = logits.iter().map(|&x| (f64::from(x - max) / temperature).exp()).collect();
+            let total: f64 = stored.iter().sum();
+            for k in 0..1000 {
+                let u = f64::from(k) / 1000.0;
+                let mut left = u * total;
+                let want = stored.iter().position(|&w| {
+                    left -= w;
+                    left <= 0.0
+                });
+                assert_eq!(finish(&logits, &s, &prepare(&logits, &s), u), want.unwrap_or(logits.len() - 1), "u = {u}");
+            }
+        }
     }
 
     #[test]
