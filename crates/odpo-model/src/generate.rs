@@ -130,14 +130,14 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
 /// samples, so a seed gives the tokens a row-by-row loop gives.
 fn choose_rows(host: &[f32], v: usize, done: &[bool], s: &SamplingConfig, rng: &mut StdRng) -> Vec<Option<(usize, f32)>> {
     use rayon::prelude::*;
-    let rows: Vec<(usize, &[f32])> = host.chunks_exact(v).enumerate().filter(|&(row, _)| !done[row]).collect();
-    let draws: Vec<Draw> = rows.par_iter().map(|&(_, logits)| prepare(logits, s)).collect();
+    let rows: Vec<&[f32]> = host.chunks_exact(v).zip(done).filter(|&(_, &d)| !d).map(|(logits, _)| logits).collect();
+    let draws: Vec<Draw> = rows.par_iter().map(|logits| prepare(logits, s)).collect();
     let us: Vec<f64> = draws.iter().map(|d| if matches!(d, Draw::Weighted { .. }) { rng.random::<f64>() } else { 0.0 }).collect();
     let picked: Vec<(usize, f32)> = rows
         .par_iter()
         .zip(draws)
         .zip(us)
-        .map(|((&(_, logits), draw), u)| {
+        .map(|((&logits, draw), u)| {
             let token = finish(logits, s, &draw, u);
             // Untruncated at temperature 1, the sampler's total is the softmax's own sum.
             let logprob = match draw {
@@ -148,7 +148,7 @@ fn choose_rows(host: &[f32], v: usize, done: &[bool], s: &SamplingConfig, rng: &
         })
         .collect();
     let mut picked = picked.into_iter();
-    (0..done.len()).map(|row| if done[row] { None } else { picked.next() }).collect()
+    done.iter().map(|&d| if d { None } else { picked.next() }).collect()
 }
 
 fn log_softmax_at(logits: &[f32], i: usize) -> f32 {

@@ -489,9 +489,10 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
     let during = || "the computation of the reference log-prob cache (`train.reference = \"cached\"`)".to_string();
     let advice = || format!("to fit, lower `eval.batch_size` (now {batch_size}), the batch it is computed in");
     let mut kept_at = std::time::Instant::now();
+    let batcher = data.batcher(cfg.train.layout.resolve(cfg.train.backend));
     let stopped = crate::step::guarded(during, advice, || {
         for chunk in all[rows.len()..].chunks(batch_size) {
-            let batch = forward::preference_batch(chunk, &data.batcher(cfg.train.layout.resolve(cfg.train.backend)), device);
+            let batch = forward::preference_batch(chunk, &batcher, device);
             let lp = forward::reference_row_logps(reference, &batch)?;
             let b = chunk.len();
             rows.extend(chunk.iter().enumerate().map(|(i, p)| (p.pair_id, lp[i], lp[b + i])));
