@@ -380,8 +380,9 @@ fn main() -> ExitCode {
     if let Some(routine) = cli.matmul {
         odpo_kernels::set_matmul_routine(routine);
     }
-    // Commands that train stop at a step boundary on SIGTERM / SIGINT, with a checkpoint.
-    let trains = matches!(cli.command, Command::Train(_) | Command::Experiment(_) | Command::Frontier(_));
+    // Commands that train stop at a step boundary on SIGTERM / SIGINT, with a checkpoint; sampling
+    // stops at a batch boundary, its finished batches journaled.
+    let trains = matches!(cli.command, Command::Train(_) | Command::Experiment(_) | Command::Frontier(_) | Command::Sample(_));
     if trains && let Err(e) = odpo_trainer::interrupt::install() {
         eprintln!("warning: SIGTERM and SIGINT will end the run without a checkpoint: {e}");
     }
@@ -400,6 +401,19 @@ fn main() -> ExitCode {
                 ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
             }
             None => {
+                if let Some(odpo_pipeline::PipelineError::Stopped { done, total, kept, run_dir }) = pipeline_error(&e) {
+                    match kept {
+                        Some(journal) => eprintln!("stopped on request while sampling, after {done} of {total} responses, kept in {}", journal.display()),
+                        None => eprintln!("stopped on request while sampling an evaluation, after {done} of {total} responses"),
+                    }
+                    // A stage of the built-in pipeline: resume the pipeline; else the same command
+                    // reads the journal, or samples the evaluation again.
+                    match run_dir {
+                        Some(pipeline) => eprintln!("resume with: odpo train --resume {}", pipeline.display()),
+                        None => eprintln!("resume by running the same command again"),
+                    }
+                    return ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED);
+                }
                 match out_of_memory(&e) {
                     Some(message) => eprintln!("error: {message}"),
                     None => eprintln!("error: {}", render(&e)),
@@ -450,6 +464,11 @@ fn train_error(e: &anyhow::Error) -> Option<&odpo_trainer::TrainError> {
             _ => None,
         })
     })
+}
+
+/// The pipeline's error in `e`'s chain.
+fn pipeline_error(e: &anyhow::Error) -> Option<&odpo_pipeline::PipelineError> {
+    e.chain().find_map(|c| c.downcast_ref::<odpo_pipeline::PipelineError>())
 }
 
 /// The step and run folder of a run that stopped on request, however deep the error.

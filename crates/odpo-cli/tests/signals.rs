@@ -174,3 +174,100 @@ fn sigterm_during_the_reference_cache_keeps_the_rows_computed() {
     assert_eq!(resumed[0].file_name(), whole[0].file_name());
     assert_eq!(std::fs::read(&resumed[0]).unwrap(), std::fs::read(&whole[0]).unwrap());
 }
+
+/// `odpo sample` stopped by a signal keeps its finished batches in a journal beside the samples
+/// file and exits 75 saying how to go on; run again, it reads them, samples the rest and writes the
+/// samples a run never stopped writes, byte for byte.
+#[test]
+fn sigterm_while_sampling_keeps_the_finished_batches() {
+    let dir = env::scratch("cli-sigterm-sample");
+    let config = setup(&dir, 1);
+    let text = std::fs::read_to_string(&config).unwrap().replace("export = false", "export = true");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(ODPO).args(["train", "--config", config.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let model = dir.join("run").join("model");
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, (0..4000).map(|i| format!("{}\n", vec!["hello"; 1 + i % 4].join(" "))).collect::<String>()).unwrap();
+    // 4,000 prompts × 16 responses: 250 generation batches of 256.
+    let (total, batch) = (64_000, 256);
+    let sample = |out: &Path| {
+        let mut c = Command::new(ODPO);
+        c.args(["sample", "--k", "16", "--max-new-tokens", "8", "--seed", "3", "--model"]).arg(&model).arg("--prompts").arg(&prompts).arg("--out").arg(out);
+        c
+    };
+    let (stopped, whole) = (dir.join("stopped.jsonl"), dir.join("whole.jsonl"));
+    let journal = dir.join("stopped.jsonl.journal");
+    let lines = || std::fs::read_to_string(&journal).map(|t| t.lines().count()).unwrap_or(0);
+
+    // The signal lands once the first batch is in the journal (a header line, then a line a response).
+    let child = sample(&stopped).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    while lines() <= batch {
+        assert!(t.elapsed() < Duration::from_secs(120), "no batch was journaled");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    kill("TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains(&format!("responses, kept in {}", journal.display())), "{err}");
+    assert!(err.contains("resume by running the same command again"), "{err}");
+    assert!(!stopped.exists());
+    let kept = lines() - 1;
+    assert!(kept > 0 && kept.is_multiple_of(batch) && kept < total, "{kept} responses kept");
+
+    // A part batch ending in a torn line (a kill during an append) is dropped. Its responses are
+    // none the sampler draws: kept, they would show in the samples.
+    let part = format!("{{\"prompt_index\": {}, \"tokens\": [2, 2]}}\n", kept / 16).repeat(3);
+    std::fs::write(&journal, format!("{}{part}{{\"prompt_index\": 1", std::fs::read_to_string(&journal).unwrap())).unwrap();
+    let out = sample(&stopped).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("sampling: {kept} of {total} responses read from {}", journal.display())), "{err}");
+    assert!(!journal.exists(), "the journal is removed once the samples are written");
+    let out = sample(&whole).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (resumed, unstopped) = (std::fs::read(&stopped).unwrap(), std::fs::read(&whole).unwrap());
+    assert_eq!(resumed.iter().filter(|&&b| b == b'\n').count(), total);
+    assert!(resumed == unstopped, "the resumed samples differ from an unstopped run's");
+}
+
+/// The built-in pipeline stopped while it samples: `train --resume` reads the journal (the SFT
+/// stage, finished, exports the same model again on the way) and the pipeline writes the samples
+/// of a pipeline never stopped.
+#[test]
+fn sigterm_while_the_pipeline_samples_resumes_from_the_journal() {
+    let dir = env::scratch("cli-sigterm-pipeline-sample");
+    let (stopped, whole) = (dir.join("stopped"), dir.join("whole"));
+    for d in [&stopped, &whole] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // 400 prompts × 64 responses: 100 batches.
+    let train = |cwd: &Path, args: &[&str]| {
+        let mut c = Command::new(ODPO);
+        c.current_dir(cwd).arg("train").args(args);
+        c
+    };
+    let journal = stopped.join("runs/default/data/samples.jsonl.journal");
+    let child = train(&stopped, &["--set", "sample.k=64"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    while std::fs::read_to_string(&journal).map(|t| t.lines().count()).unwrap_or(0) <= 256 {
+        assert!(t.elapsed() < Duration::from_secs(300), "no batch was journaled");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    kill("TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("resume with: odpo train --resume runs/default"), "{err}");
+
+    let out = train(&stopped, &["--resume", "runs/default"]).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("of 25600 responses read from runs/default/data/samples.jsonl.journal"), "{err}");
+    let out = train(&whole, &["--set", "sample.k=64"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let samples = |d: &Path| std::fs::read(d.join("runs/default/data/samples.jsonl")).unwrap();
+    assert!(samples(&stopped) == samples(&whole), "the resumed pipeline's samples differ from an unstopped one's");
+}

@@ -76,6 +76,21 @@ pub enum PipelineError {
         /// The file.
         path: PathBuf,
     },
+    /// A stop was asked for (a signal) while responses were sampled: the pass ended after its
+    /// current batch.
+    #[error("stopped on request while sampling, after {done} of {total} responses{}", kept.as_ref().map(|k| format!("; they are kept in {}", k.display())).unwrap_or_default())]
+    Stopped {
+        /// Responses sampled.
+        done: usize,
+        /// Responses the pass was to sample.
+        total: usize,
+        /// The journal that keeps them, for a sampling pass whose output is a file (an
+        /// evaluation's samples are sampled again).
+        kept: Option<PathBuf>,
+        /// The built-in pipeline's run folder, which `train --resume` continues, when the pass
+        /// was one of its stages.
+        run_dir: Option<PathBuf>,
+    },
     /// The plot could not be drawn.
     #[error("plot `{}`: {message}", path.display())]
     Plot {
@@ -87,6 +102,14 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// `self`, naming the pipeline run folder `dir` that continues it where it is a stop.
+    pub(crate) fn in_run(self, dir: &std::path::Path) -> Self {
+        match self {
+            Self::Stopped { done, total, kept, .. } => Self::Stopped { done, total, kept, run_dir: Some(dir.to_path_buf()) },
+            other => other,
+        }
+    }
+
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Method, SampleSection};
 use crate::error::{PipelineError, Result};
 use crate::eval::{Estimate, SampleEval, evaluate_samples};
+use crate::journal::Journal;
 use crate::pipeline::SweepPoint;
 use crate::plot::{self, Series};
 use crate::reward::reward_from_spec;
@@ -274,11 +275,12 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
         let t = Instant::now();
         say(format!("[samples] {} responses for each of {} prompts ...", cfg.sample.k, pref_prompts.len()));
         let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
-        let responses = sample::sample_responses(&base, &tok, pref_prompts, &settings, device)?;
+        // Finished batches are journaled: a stopped experiment run again goes on from them.
+        let journal = Journal::beside(&samples, &cfg.model)?;
+        let responses = sample::sample_journaled(&base, &tok, pref_prompts, &settings, Some(&journal), device)?;
         let rewards = sample::score(&responses, pref_prompts, reward.as_ref())?;
-        let partial = dir.join("samples.jsonl.partial");
-        sample::write_scored(&partial, &responses, pref_prompts, &rewards)?;
-        std::fs::rename(&partial, &samples).map_err(|e| PipelineError::io(&samples, e))?;
+        sample::write_scored(&samples, &responses, pref_prompts, &rewards)?;
+        journal.remove();
         say(format!("[samples] mean reward {:.3} ({:.0} s)", Estimate::of(&rewards).mean, t.elapsed().as_secs_f64()));
     }
 

@@ -3,7 +3,8 @@
 //! It owns [`reward`] (the [`RewardModel`] trait: a known ground-truth reward and a score table),
 //! [`learned`] (a regression head on a transformer, fitted to scored texts),
 //! [`synthetic`] (the built-in known-reward task: a small word-level language whose words carry
-//! sentiment values), [`mod@sample`] (k scored responses per prompt in the ODPO paper's format),
+//! sentiment values), [`mod@sample`] (k scored responses per prompt in the ODPO paper's format; [`journal`] keeps a
+//! stopped pass's finished batches),
 //! [`eval`] (mean reward and two KL estimators with 95% intervals), [`plot`] (PNG scatter plots),
 //! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation), [`mod@frontier`]
 //! (the β/α × pair-count × seed sweep), [`compare`] (whether ODPO's frontier is above DPO's, over seeds) and [`mod@experiment`] (DPO and ODPO from a pretrained model
@@ -36,6 +37,7 @@ mod error;
 pub mod eval;
 pub mod experiment;
 pub mod frontier;
+pub mod journal;
 pub mod learned;
 pub mod pipeline;
 pub mod plot;

@@ -284,7 +284,7 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
 
     let (samples, pref_dir, policy_model, pairs, rounds) = if cfg.pref.rounds > 1 {
         say(v, format_args!("[3-4/5] {} online rounds of {} (beta {}, alpha {}) from the SFT model, {} prompts each, reference: {:?}", cfg.pref.rounds, cfg.loss.name(), cfg.pref.beta, cfg.pref.alpha, task.pref_prompts.len() / cfg.pref.rounds, cfg.pref.round_reference));
-        let rounds = crate::rounds::online_rounds(&cfg, &task, &sft_model, &dir, device, v)?;
+        let rounds = crate::rounds::online_rounds(&cfg, &task, &sft_model, &dir, device, v).map_err(|e| e.in_run(&dir))?;
         let last = rounds.last().ok_or_else(|| PipelineError::config("pref.rounds", "no round ran"))?;
         let n = rounds.len();
         let pairs = rounds.iter().map(|r| r.pairs).sum();
@@ -295,7 +295,7 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
         // A resumed run reuses its samples (written atomically: present means whole).
         if !samples.exists() {
             let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
-            let report = sample::sample(&sft_model, &task.pref_prompts, &settings, task_score(&cfg).as_ref(), &samples, device)?;
+            let report = sample::sample(&sft_model, &task.pref_prompts, &settings, task_score(&cfg).as_ref(), &samples, device).map_err(|e| e.in_run(&dir))?;
             say(v, format_args!("      {} responses, mean score {:.3} ({})", report.responses, report.mean_reward, task_score(&cfg).name()));
         }
         done("sample", &mut stages);
@@ -312,7 +312,7 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
     say(v, format_args!("[5/5] evaluating on {} held-out prompts", task.eval_prompts.len()));
     let (policy, tok) = load_model(&policy_model, device)?;
     let (reference, _) = load_model(&sft_model, device)?;
-    let eval = eval::evaluate(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, cfg.seed), &synthetic::reward(), device)?;
+    let eval = eval::evaluate(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, cfg.seed), &synthetic::reward(), device).map_err(|e| e.in_run(&dir))?;
     let eval_json = eval::write_report(&dir.join("eval.json"), &eval)?;
     let plot_path = dir.join("eval.png");
     let series = [

@@ -11,6 +11,7 @@ use odpo_model::generate::{GenerationConfig, SamplingConfig, generate_with};
 use odpo_model::tokenizer::Tokenizer;
 
 use crate::error::{PipelineError, Result};
+use crate::journal::Journal;
 use crate::reward::RewardModel;
 
 /// Sequences per generation call.
@@ -42,16 +43,40 @@ pub struct SampleSettings {
     pub seed: u64,
 }
 
-/// Samples `settings.k` responses to each prompt (prompt-major order: all of prompt 0's first).
+/// Samples `settings.k` responses to each prompt (prompt-major order: all of prompt 0's first). A
+/// stop asked for ([`odpo_trainer::interrupt`]) ends it after the current batch with
+/// [`PipelineError::Stopped`].
 pub fn sample_responses(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], settings: &SampleSettings, device: &Device) -> Result<Vec<Response>> {
+    sample_journaled(model, tokenizer, prompts, settings, None, device)
+}
+
+/// [`sample_responses`], keeping each finished batch in `journal` where one is given: a pass
+/// stopped (or killed) and run again goes on from the batches kept, to the responses of a pass
+/// never stopped.
+pub fn sample_journaled(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], settings: &SampleSettings, journal: Option<&Journal>, device: &Device) -> Result<Vec<Response>> {
     let eos = tokenizer.eos_token_id().ok_or_else(|| PipelineError::config("tokenizer", "has no EOS token to stop responses at"))?;
     let pad = tokenizer.pad_token_id().unwrap_or(eos);
     let encoded = prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
     let jobs: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, settings.k)).collect();
+    let key = journal.map(|j| j.key(&encoded, settings, GENERATE_BATCH, eos, pad));
+    let kept = journal.zip(key.as_deref()).and_then(|(j, key)| j.read(key, &jobs, GENERATE_BATCH, settings.max_new_tokens)).unwrap_or_default();
+    if let (Some(j), false) = (journal, kept.is_empty()) {
+        tracing::info!("sampling: {} of {} responses read from {}", kept.len(), jobs.len(), j.path().display());
+    }
+    let mut open = journal.zip(key.as_deref()).map(|(j, key)| j.start(key, &jobs, &kept)).transpose()?;
     let mut out = Vec::with_capacity(jobs.len());
-    let bar = progress_bar(jobs.len(), settings.max_new_tokens);
-    let mut finished = 0;
-    for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate() {
+    for (tokens, &i) in kept.into_iter().zip(&jobs) {
+        out.push(response(tokenizer, i, &encoded[i], tokens)?);
+    }
+    let bar = progress_bar(jobs.len(), out.len(), settings.max_new_tokens);
+    let mut finished = out.len();
+    // Batch `b` samples from a seed of its own: the batches after those kept are the ones a pass
+    // that was never stopped samples.
+    for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate().skip(out.len() / GENERATE_BATCH) {
+        if odpo_trainer::interrupt::requested() {
+            bar.finish_and_clear();
+            return Err(PipelineError::Stopped { done: out.len(), total: jobs.len(), kept: journal.map(|j| j.path().to_path_buf()), run_dir: None });
+        }
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
         let cfg = GenerationConfig {
             max_new_tokens: settings.max_new_tokens,
@@ -71,23 +96,33 @@ pub fn sample_responses(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
                 bar.set_message(format!("{finished}/{} responses", jobs.len()));
             }
         })?;
+        if let Some(open) = open.as_mut() {
+            open.append(chunk, &generation.tokens)?;
+        }
         for (j, tokens) in generation.tokens.into_iter().enumerate() {
-            let text = tokenizer.decode(&tokens, true)?.trim().to_string();
-            out.push(Response { prompt_index: chunk[j], prompt_ids: ids[j].clone(), tokens, text });
+            out.push(response(tokenizer, chunk[j], &ids[j], tokens)?);
         }
     }
     bar.finish_and_clear();
     Ok(out)
 }
 
+/// The response `tokens` to prompt `prompt_index` (`prompt_ids`), decoded.
+fn response(tokenizer: &Tokenizer, prompt_index: usize, prompt_ids: &[u32], tokens: Vec<u32>) -> Result<Response> {
+    let text = tokenizer.decode(&tokens, true)?.trim().to_string();
+    Ok(Response { prompt_index, prompt_ids: prompt_ids.to_vec(), tokens, text })
+}
+
 /// Sampling's progress on stderr (drawn only on a terminal), in token slots: `responses` ×
-/// `max_new_tokens`.
-fn progress_bar(responses: usize, max_new_tokens: usize) -> indicatif::ProgressBar {
+/// `max_new_tokens`, `done` of the responses read from a journal.
+fn progress_bar(responses: usize, done: usize, max_new_tokens: usize) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new((responses * max_new_tokens) as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {msg} sampled [{elapsed_precise} < {eta_precise}]") {
         bar.set_style(style);
     }
-    bar.set_message(format!("0/{responses} responses"));
+    bar.set_position((done * max_new_tokens) as u64);
+    bar.reset_eta();
+    bar.set_message(format!("{done}/{responses} responses"));
     bar
 }
 
@@ -124,13 +159,17 @@ pub struct SampleReport {
 }
 
 /// `cargo xtask sample`: loads the model in `model_dir` (HF folder with its tokenizer), samples k
-/// responses per prompt, scores them with `reward` and writes `out` in the paper's format.
+/// responses per prompt, scores them with `reward` and writes `out` in the paper's format. The
+/// finished batches are kept in a [`Journal`] beside `out` until it is written: a stopped pass run
+/// again goes on from them.
 pub fn sample(model_dir: &Path, prompts: &[String], settings: &SampleSettings, reward: &dyn RewardModel, out: &Path, device: &Device) -> Result<SampleReport> {
     let loaded = CausalLm::load(model_dir, device)?;
     let tokenizer = Tokenizer::open(&loaded.tokenizer_path)?;
-    let responses = sample_responses(&loaded.model, &tokenizer, prompts, settings, device)?;
+    let journal = Journal::beside(out, model_dir)?;
+    let responses = sample_journaled(&loaded.model, &tokenizer, prompts, settings, Some(&journal), device)?;
     let rewards = score(&responses, prompts, reward)?;
     write_scored(out, &responses, prompts, &rewards)?;
+    journal.remove();
     let mean_reward = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
     Ok(SampleReport { path: out.to_path_buf(), responses: responses.len(), mean_reward })
 }

@@ -49,7 +49,7 @@ pub fn install() -> std::io::Result<()> {
                 eprintln!("{name} again: stopping now, without a checkpoint of the current step");
                 std::process::exit(EXIT_SECOND_SIGNAL);
             }
-            eprintln!("{name}: finishing the current step, then writing a checkpoint (send it again to stop at once)");
+            eprintln!("{name}: finishing the current step (or sampling batch), then keeping the work done (send it again to stop at once)");
         }
     })?;
     Ok(())
