@@ -97,7 +97,7 @@ impl Journal {
         let mut lines = text.lines();
         let header: Header = serde_json::from_str(lines.next()?).ok()?;
         if header.journal != FORMAT || header.key != key {
-            tracing::info!("{}: a journal of other prompts, settings or model; sampling afresh", self.path.display());
+            tracing::warn!("{}: a journal of other prompts, settings or model, replaced: sampling afresh", self.path.display());
             return None;
         }
         let mut rows = Vec::new();
@@ -144,25 +144,12 @@ impl Open {
     }
 }
 
-/// SHA-256 of the model at `path`: a file's bytes, or a folder's `config.json` and safetensors
-/// files, in name order. Reading a model the pass has just loaded takes a fraction of a second a
-/// gigabyte (the pages are cached).
+/// SHA-256 of the model at `path`: the bytes of its files
+/// ([`odpo_trainer::refcache::model_files`]). The pass has just loaded them (the pages are cached):
+/// seconds for a model of gigabytes, small beside the sampling it keys.
 fn model_digest(path: &Path) -> Result<String> {
-    let mut files: Vec<PathBuf> = if path.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|e| PipelineError::io(path, e))?;
-        entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
-            })
-            .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
-    files.sort();
     let mut h = Sha256::new();
-    for f in files {
+    for f in odpo_trainer::refcache::model_files(path)? {
         h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default().as_bytes());
         h.update([0]);
         let mut file = std::fs::File::open(&f).map_err(|e| PipelineError::io(&f, e))?;

@@ -129,26 +129,31 @@ pub fn model_identity(model: &ModelSection, seed: u64) -> Result<String> {
         let bytes = std::fs::read(&config_json).map_err(|e| TrainError::io(&config_json, e))?;
         return Ok(format!("random:{}:{}", hex(&Sha256::digest(&bytes)), seed));
     }
-    let mut files: Vec<PathBuf> = if path.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|e| TrainError::io(path, e))?;
-        entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
-            })
-            .collect()
-    } else {
-        vec![path.clone()]
-    };
-    files.sort();
     let mut id = format!("{}", path.display());
-    for f in files {
+    for f in model_files(path)? {
         let meta = std::fs::metadata(&f).map_err(|e| TrainError::io(&f, e))?;
         let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
         id.push_str(&format!("|{}:{}:{}", f.file_name().and_then(|n| n.to_str()).unwrap_or(""), meta.len(), mtime));
     }
     Ok(id)
+}
+
+/// The files that make the model at `path`: a file itself, or a folder's `config.json`,
+/// safetensors files and their index, in name order.
+pub fn model_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let entries = std::fs::read_dir(path).map_err(|e| TrainError::io(path, e))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name == "config.json" || name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// The cache key of `pairs` under the reference model `model_id`.
