@@ -381,8 +381,8 @@ fn main() -> ExitCode {
         odpo_kernels::set_matmul_routine(routine);
     }
     // Commands that train stop at a step boundary on SIGTERM / SIGINT, with a checkpoint; sampling
-    // stops at a batch boundary, its finished batches journaled.
-    let trains = matches!(cli.command, Command::Train(_) | Command::Experiment(_) | Command::Frontier(_) | Command::Sample(_));
+    // and a reward model's features stop at a batch boundary, their finished batches journaled.
+    let trains = matches!(cli.command, Command::Train(_) | Command::Experiment(_) | Command::Frontier(_) | Command::Sample(_) | Command::RewardModel(_));
     if trains && let Err(e) = odpo_trainer::interrupt::install() {
         eprintln!("warning: SIGTERM and SIGINT will end the run without a checkpoint: {e}");
     }
@@ -401,13 +401,13 @@ fn main() -> ExitCode {
                 ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
             }
             None => {
-                if let Some(odpo_pipeline::PipelineError::Stopped { done, total, kept, run_dir }) = pipeline_error(&e) {
+                if let Some(odpo_pipeline::PipelineError::Stopped { task, done, total, unit, kept, run_dir }) = pipeline_error(&e) {
                     match kept {
-                        Some(journal) => eprintln!("stopped on request while sampling, after {done} of {total} responses, kept in {}", journal.display()),
-                        None => eprintln!("stopped on request while sampling an evaluation, after {done} of {total} responses"),
+                        Some(journal) => eprintln!("stopped on request while {task}, after {done} of {total} {unit}, kept in {}", journal.display()),
+                        None => eprintln!("stopped on request while {task}, after {done} of {total} {unit} (computed again on resume)"),
                     }
                     // A stage of the built-in pipeline: resume the pipeline; else the same command
-                    // reads the journal, or samples the evaluation again.
+                    // reads the journal, or computes the pass again.
                     match run_dir {
                         Some(pipeline) => eprintln!("resume with: odpo train --resume {}", pipeline.display()),
                         None => eprintln!("resume by running the same command again"),
@@ -833,7 +833,13 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
         features: FeatureSpec { max_length: a.max_length, separator: a.separator.clone(), pooling, keep },
         heldout_fraction: a.heldout,
         seed: a.seed,
+        // Kept until the model is saved: a fit stopped, or refused after the features (a split
+        // with no held-out pairs), goes on from them when run again.
+        journal: Some(a.out.join("features.journal")),
         ..Default::default()
+    };
+    let saved = |dir: &std::path::Path| {
+        let _ = std::fs::remove_file(dir.join("features.journal"));
     };
     // A spread of the file rather than its start: every k-th entry.
     let spread = |n: usize, len: usize| (len / n.max(1)).max(1);
@@ -847,6 +853,7 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
         too_few(data, "--data", entries.len(), "scored texts", a.limit)?;
         let (model, report) = LearnedReward::fit(&entries, &opts, &device)?;
         model.save(&a.out)?;
+        saved(&a.out);
         println!("fitted on {} texts, {} held out (by prompt); ridge penalty {}", report.train_texts, report.heldout_texts, report.l2);
         println!("held-out Spearman {:.4}, Pearson {:.4}, RMSE {:.4} (score std {:.4}); backbone features in {:.0} s", report.spearman, report.pearson, report.rmse, report.heldout_std, report.feature_seconds);
         println!("saved to {} (use --reward learned:{0})", a.out.display());
@@ -884,6 +891,7 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
     too_few(pairs_path, "--pairs", pairs.len(), "pairs", a.limit)?;
     let odpo_pipeline::learned::PairFit { model, report, pair_scores } = LearnedReward::fit_pairs(&pairs, &opts, &device)?;
     model.save(&a.out)?;
+    saved(&a.out);
     println!(
         "Bradley–Terry on {} pairs ({} prompts), {} held out ({} prompts); {} texts through the backbone in {:.0} s; penalty {}",
         report.train_pairs, report.train_prompts, report.heldout_pairs, report.heldout_prompts, report.texts, report.feature_seconds, report.l2

@@ -68,6 +68,25 @@ fn write_pairs(dir: &Path, n: usize) {
     std::fs::write(dir.join("pairs.jsonl"), rows.join("\n")).unwrap();
 }
 
+/// The tiny GPT-2 of [`setup`] trained one step and exported: a model folder with its tokenizer.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let config = setup(dir, 1);
+    let text = std::fs::read_to_string(&config).unwrap().replace("export = false", "export = true");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(ODPO).args(["train", "--config", config.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    dir.join("run").join("model")
+}
+
+/// Waits until `journal` holds more than `rows` rows (below its header line).
+fn wait_for_rows(journal: &Path, rows: usize) {
+    let t = Instant::now();
+    while std::fs::read_to_string(journal).map(|t| t.lines().count()).unwrap_or(0) <= rows + 1 {
+        assert!(t.elapsed() < Duration::from_secs(300), "{}: no batch was journaled", journal.display());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn start(args: &[&str]) -> Child {
     Command::new(ODPO).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("odpo")
 }
@@ -181,12 +200,7 @@ fn sigterm_during_the_reference_cache_keeps_the_rows_computed() {
 #[test]
 fn sigterm_while_sampling_keeps_the_finished_batches() {
     let dir = env::scratch("cli-sigterm-sample");
-    let config = setup(&dir, 1);
-    let text = std::fs::read_to_string(&config).unwrap().replace("export = false", "export = true");
-    std::fs::write(&config, text).unwrap();
-    let out = Command::new(ODPO).args(["train", "--config", config.to_str().unwrap()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let model = dir.join("run").join("model");
+    let model = tiny_model(&dir);
     let prompts = dir.join("prompts.txt");
     std::fs::write(&prompts, (0..4000).map(|i| format!("{}\n", vec!["hello"; 1 + i % 4].join(" "))).collect::<String>()).unwrap();
     // 4,000 prompts × 16 responses: 250 generation batches of 256.
@@ -202,11 +216,7 @@ fn sigterm_while_sampling_keeps_the_finished_batches() {
 
     // The signal lands once the first batch is in the journal (a header line, then a line a response).
     let child = sample(&stopped).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let t = Instant::now();
-    while lines() <= batch {
-        assert!(t.elapsed() < Duration::from_secs(120), "no batch was journaled");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_rows(&journal, batch - 1);
     kill("TERM", child.id());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -251,11 +261,7 @@ fn sigterm_while_the_pipeline_samples_resumes_from_the_journal() {
     };
     let journal = stopped.join("runs/default/data/samples.jsonl.journal");
     let child = train(&stopped, &["--set", "sample.k=64"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let t = Instant::now();
-    while std::fs::read_to_string(&journal).map(|t| t.lines().count()).unwrap_or(0) <= 256 {
-        assert!(t.elapsed() < Duration::from_secs(300), "no batch was journaled");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_rows(&journal, 255);
     kill("TERM", child.id());
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -270,4 +276,51 @@ fn sigterm_while_the_pipeline_samples_resumes_from_the_journal() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let samples = |d: &Path| std::fs::read(d.join("runs/default/data/samples.jsonl")).unwrap();
     assert!(samples(&stopped) == samples(&whole), "the resumed pipeline's samples differ from an unstopped one's");
+}
+
+/// `odpo reward-model` stopped while the backbone computes its features: the finished batches are
+/// kept in `OUT/features.journal`, the run exits 75; run again, it reads them, computes the rest
+/// and fits the head a fit never stopped fits, byte for byte, then removes the journal.
+#[test]
+fn sigterm_during_a_reward_models_features_keeps_the_finished_batches() {
+    let dir = env::scratch("cli-sigterm-reward-model");
+    let model = tiny_model(&dir);
+    // 20,000 distinct texts (15 words spelling `i` in binary) over 20 prompts, 1,250 batches of 16;
+    // the reward counts the text's `world`s.
+    let data = dir.join("scored.jsonl");
+    let rows: String = (0..20_000)
+        .map(|i: usize| {
+            let words: Vec<&str> = (0..15).map(|k| if (i >> k) & 1 == 1 { "world" } else { "hello" }).collect();
+            let reward = words.iter().filter(|w| **w == "world").count();
+            format!("{}\n", serde_json::json!({"prompt": vec!["hello"; 1 + i % 20].join(" "), "text": words.join(" "), "reward": reward}))
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let fit = |out: &Path| {
+        let mut c = Command::new(ODPO);
+        c.args(["reward-model", "--max-length", "48", "--data"]).arg(&data).arg("--backbone").arg(&model).arg("--out").arg(out);
+        c
+    };
+    let (stopped, whole) = (dir.join("stopped"), dir.join("whole"));
+    let journal = stopped.join("features.journal");
+    let child = fit(&stopped).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_rows(&journal, 15);
+    kill("TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("stopped on request while computing the backbone's features, after ") && err.contains(&format!("texts, kept in {}", journal.display())), "{err}");
+    assert!(!stopped.join("head.json").exists());
+    let kept = std::fs::read_to_string(&journal).unwrap().lines().count() - 1;
+    assert!(kept > 0 && kept.is_multiple_of(16) && kept < 20_000, "{kept} texts kept");
+
+    let out = fit(&stopped).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("features: {kept} of 20000 texts read from {}", journal.display())), "{err}");
+    assert!(!journal.exists(), "the journal is removed once the model is saved");
+    let out = fit(&whole).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let head = |d: &Path| std::fs::read(d.join("head.json")).unwrap();
+    assert!(head(&stopped) == head(&whole), "the resumed fit's head differs from an unstopped fit's");
 }

@@ -76,16 +76,20 @@ pub enum PipelineError {
         /// The file.
         path: PathBuf,
     },
-    /// A stop was asked for (a signal) while responses were sampled: the pass ended after its
-    /// current batch.
-    #[error("stopped on request while sampling, after {done} of {total} responses{}", kept.as_ref().map(|k| format!("; they are kept in {}", k.display())).unwrap_or_default())]
+    /// A stop was asked for (a signal) during a long pass over a model (sampling, a reward
+    /// model's features): the pass ended after its current batch.
+    #[error("stopped on request while {task}, after {done} of {total} {unit}{}", kept.as_ref().map(|k| format!("; they are kept in {}", k.display())).unwrap_or_default())]
     Stopped {
-        /// Responses sampled.
+        /// The pass: `sampling`, `computing the backbone's features`.
+        task: &'static str,
+        /// Rows done.
         done: usize,
-        /// Responses the pass was to sample.
+        /// Rows the pass was to compute.
         total: usize,
-        /// The journal that keeps them, for a sampling pass whose output is a file (an
-        /// evaluation's samples are sampled again).
+        /// What a row is: `responses`, `texts`.
+        unit: &'static str,
+        /// The journal that keeps them, where the pass has one (an evaluation's samples and the
+        /// scores of a learned reward are computed again).
         kept: Option<PathBuf>,
         /// The built-in pipeline's run folder, which `train --resume` continues, when the pass
         /// was one of its stages.
@@ -102,10 +106,15 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// A pass's stop after `done` of `total` rows, kept in `journal` where it has one.
+    pub(crate) fn stopped(task: &'static str, done: usize, total: usize, unit: &'static str, journal: Option<&crate::journal::Journal>) -> Self {
+        Self::Stopped { task, done, total, unit, kept: journal.map(|j| j.path().to_path_buf()), run_dir: None }
+    }
+
     /// `self`, naming the pipeline run folder `dir` that continues it where it is a stop.
     pub(crate) fn in_run(self, dir: &std::path::Path) -> Self {
         match self {
-            Self::Stopped { done, total, kept, .. } => Self::Stopped { done, total, kept, run_dir: Some(dir.to_path_buf()) },
+            Self::Stopped { task, done, total, unit, kept, .. } => Self::Stopped { task, done, total, unit, kept, run_dir: Some(dir.to_path_buf()) },
             other => other,
         }
     }

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::compare::{pearson, spearman};
 use crate::error::{PipelineError, Result};
+use crate::journal::Journal;
 use crate::reward::RewardModel;
 
 /// How the head is fitted.
@@ -43,11 +44,15 @@ pub struct FitOptions {
     pub heldout_fraction: f64,
     /// Seed of the prompt split.
     pub seed: u64,
+    /// Where the backbone's features are journaled as they are computed ([`Journal`]), for a fit
+    /// stopped and run again to go on from them; the caller removes it once the model is saved.
+    /// None: not kept.
+    pub journal: Option<PathBuf>,
 }
 
 impl Default for FitOptions {
     fn default() -> Self {
-        Self { backbone: PathBuf::new(), features: FeatureSpec::default(), batch_size: 16, heldout_fraction: 0.2, seed: 0 }
+        Self { backbone: PathBuf::new(), features: FeatureSpec::default(), batch_size: 16, heldout_fraction: 0.2, seed: 0, journal: None }
     }
 }
 
@@ -189,8 +194,18 @@ pub struct LearnedReward {
     batch_size: usize,
 }
 
+/// A text's features as the journal keeps them: each `f32` as its bits, exact.
+#[derive(Serialize, Deserialize)]
+struct KeptFeatures {
+    index: usize,
+    bits: Vec<u32>,
+}
+
 /// Pooled final hidden states of `prompt + separator + text` (as `spec` says), one row per text.
-pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], texts: &[String], spec: &FeatureSpec, batch_size: usize, device: &Device) -> Result<Vec<Vec<f32>>> {
+/// Each finished batch is kept in `journal` where one is given: a pass stopped ([`odpo_trainer::interrupt`],
+/// after the current batch, with [`PipelineError::Stopped`]) and run again goes on from the batches kept.
+#[allow(clippy::too_many_arguments)] // the pass's inputs, settings and device, each used
+pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], texts: &[String], spec: &FeatureSpec, batch_size: usize, journal: Option<&Journal>, device: &Device) -> Result<Vec<Vec<f32>>> {
     let mut ids: Vec<Vec<u32>> = Vec::with_capacity(texts.len());
     let keep = spec.max_length.max(1);
     for (p, t) in prompts.iter().zip(texts) {
@@ -208,12 +223,38 @@ pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], tex
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&i| ids[i].len());
     let mut out = vec![Vec::new(); ids.len()];
+    let batch_size = batch_size.max(1);
+    let pooling = match spec.pooling {
+        Pooling::Mean => 0,
+        Pooling::Last => 1,
+    };
+    let key = journal.map(|j| j.key("features", &[pooling, batch_size as u64], &ids));
+    let fits = |at: usize, row: &KeptFeatures| row.index == order[at] && !row.bits.is_empty();
+    let mut kept: Vec<KeptFeatures> = journal.zip(key.as_deref()).and_then(|(j, key)| j.read(key, ids.len(), batch_size, fits)).unwrap_or_default();
+    if kept.iter().any(|r| r.bits.len() != kept[0].bits.len()) {
+        kept.clear();
+    }
+    if let (Some(j), false) = (journal, kept.is_empty()) {
+        tracing::info!("features: {} of {} texts read from {}", kept.len(), ids.len(), j.path().display());
+    }
+    let mut open = journal.zip(key.as_deref()).map(|(j, key)| j.start(key, &kept)).transpose()?;
+    let done = kept.len();
+    for KeptFeatures { index, bits } in kept {
+        let row: Vec<f32> = bits.into_iter().map(f32::from_bits).collect();
+        out[index] = finite_features(&row, index, &prompts[index])?;
+    }
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     if let Ok(style) = indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} texts through the backbone [{elapsed_precise} < {eta_precise}, {per_sec}]") {
         bar.set_style(style);
     }
+    bar.set_position(done as u64);
+    bar.reset_eta();
     let batcher = odpo_data::SftBatcher { pad_id: 0, pad_to_multiple: None };
-    for chunk in order.chunks(batch_size.max(1)) {
+    for (b, chunk) in order.chunks(batch_size).enumerate().skip(done / batch_size) {
+        if odpo_trainer::interrupt::requested() {
+            bar.finish_and_clear();
+            return Err(PipelineError::stopped("computing the backbone's features", b * batch_size, ids.len(), "texts", journal));
+        }
         let items: Vec<odpo_data::SftItem> = chunk.iter().map(|&i| odpo_data::SftItem { id: i, ids: ids[i].clone(), prompt_len: 0 }).collect();
         let batch = burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);
         let (input, mask) = (batch.input_ids, batch.attention_mask);
@@ -235,6 +276,9 @@ pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], tex
         let values = pooled.into_data().convert::<f32>().try_into_vec::<f32>().map_err(|e| PipelineError::RewardModel(format!("the backbone's pooled features: {e:?}")))?;
         for (k, &i) in chunk.iter().enumerate() {
             out[i] = finite_features(&values[k * d..(k + 1) * d], i, &prompts[i])?;
+        }
+        if let Some(open) = open.as_mut() {
+            open.append(chunk.iter().map(|&index| KeptFeatures { index, bits: out[index].iter().map(|x| x.to_bits()).collect() }))?;
         }
         bar.inc(chunk.len() as u64);
     }
@@ -434,6 +478,11 @@ fn split_prompts(prompts: &[String], fraction: f64, seed: u64) -> (BTreeSet<Stri
     (train, held)
 }
 
+/// The features journal `opts` asks for, keyed by its backbone.
+fn journal(opts: &FitOptions) -> Result<Option<Journal>> {
+    opts.journal.as_ref().map(|path| Journal::at(path, &opts.backbone)).transpose()
+}
+
 /// The fewest scored texts (or pairs) a reward model is fitted on.
 pub const MIN_FIT_ROWS: usize = 10;
 
@@ -447,7 +496,7 @@ impl LearnedReward {
         let prompts: Vec<String> = entries.iter().map(|e| e.0.clone()).collect();
         let texts: Vec<String> = entries.iter().map(|e| e.1.clone()).collect();
         let started = std::time::Instant::now();
-        let feats = features(&model, &tokenizer, &prompts, &texts, &opts.features, opts.batch_size, device)?;
+        let feats = features(&model, &tokenizer, &prompts, &texts, &opts.features, opts.batch_size, journal(opts)?.as_ref(), device)?;
         let feature_seconds = started.elapsed().as_secs_f64();
 
         let (train_p, held_p) = split_prompts(&prompts, opts.heldout_fraction, opts.seed);
@@ -496,7 +545,7 @@ impl LearnedReward {
         }
         let (model, tokenizer) = backbone(&opts.backbone, device)?;
         let started = std::time::Instant::now();
-        let feats = features(&model, &tokenizer, &prompts, &texts, &opts.features, opts.batch_size, device)?;
+        let feats = features(&model, &tokenizer, &prompts, &texts, &opts.features, opts.batch_size, journal(opts)?.as_ref(), device)?;
         let feature_seconds = started.elapsed().as_secs_f64();
 
         let pair_prompts: Vec<String> = pairs.iter().map(|p| p.prompt.clone()).collect();
@@ -607,7 +656,7 @@ impl LearnedReward {
 
 impl RewardModel for LearnedReward {
     fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>> {
-        let feats = features(&self.model, &self.tokenizer, prompts, texts, &self.meta.features, self.batch_size, &self.device)?;
+        let feats = features(&self.model, &self.tokenizer, prompts, texts, &self.meta.features, self.batch_size, None, &self.device)?;
         if feats.first().is_some_and(|f| f.len() != self.head.weight.len()) {
             return Err(PipelineError::RewardModel(format!("the backbone `{}` gives {} features; its head.json expects {}", self.meta.backbone.display(), feats[0].len(), self.head.weight.len())));
         }

@@ -58,15 +58,18 @@ pub fn sample_journaled(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
     let pad = tokenizer.pad_token_id().unwrap_or(eos);
     let encoded = prompts.iter().map(|p| tokenizer.encode(p, true)).collect::<Result<Vec<_>, _>>()?;
     let jobs: Vec<usize> = (0..prompts.len()).flat_map(|i| std::iter::repeat_n(i, settings.k)).collect();
-    let key = journal.map(|j| j.key(&encoded, settings, GENERATE_BATCH, eos, pad));
-    let kept = journal.zip(key.as_deref()).and_then(|(j, key)| j.read(key, &jobs, GENERATE_BATCH, settings.max_new_tokens)).unwrap_or_default();
+    let SampleSettings { k, temperature, max_new_tokens, seed } = *settings;
+    let numbers = [k as u64, temperature.to_bits(), max_new_tokens as u64, seed, GENERATE_BATCH as u64, u64::from(eos), u64::from(pad)];
+    let key = journal.map(|j| j.key("sampling", &numbers, &encoded));
+    let fits = |at: usize, row: &Kept| row.prompt_index == jobs[at] && row.tokens.len() <= max_new_tokens;
+    let kept: Vec<Kept> = journal.zip(key.as_deref()).and_then(|(j, key)| j.read(key, jobs.len(), GENERATE_BATCH, fits)).unwrap_or_default();
     if let (Some(j), false) = (journal, kept.is_empty()) {
         tracing::info!("sampling: {} of {} responses read from {}", kept.len(), jobs.len(), j.path().display());
     }
-    let mut open = journal.zip(key.as_deref()).map(|(j, key)| j.start(key, &jobs, &kept)).transpose()?;
+    let mut open = journal.zip(key.as_deref()).map(|(j, key)| j.start(key, &kept)).transpose()?;
     let mut out = Vec::with_capacity(jobs.len());
-    for (tokens, &i) in kept.into_iter().zip(&jobs) {
-        out.push(response(tokenizer, i, &encoded[i], tokens)?);
+    for Kept { prompt_index, tokens } in kept {
+        out.push(response(tokenizer, prompt_index, &encoded[prompt_index], tokens)?);
     }
     let bar = progress_bar(jobs.len(), out.len(), settings.max_new_tokens);
     let mut finished = out.len();
@@ -75,7 +78,7 @@ pub fn sample_journaled(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
     for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate().skip(out.len() / GENERATE_BATCH) {
         if odpo_trainer::interrupt::requested() {
             bar.finish_and_clear();
-            return Err(PipelineError::Stopped { done: out.len(), total: jobs.len(), kept: journal.map(|j| j.path().to_path_buf()), run_dir: None });
+            return Err(PipelineError::stopped("sampling", out.len(), jobs.len(), "responses", journal));
         }
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
         let cfg = GenerationConfig {
@@ -97,7 +100,7 @@ pub fn sample_journaled(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
             }
         })?;
         if let Some(open) = open.as_mut() {
-            open.append(chunk, &generation.tokens)?;
+            open.append(chunk.iter().zip(&generation.tokens).map(|(&prompt_index, tokens)| Kept { prompt_index, tokens: tokens.clone() }))?;
         }
         for (j, tokens) in generation.tokens.into_iter().enumerate() {
             out.push(response(tokenizer, chunk[j], &ids[j], tokens)?);
@@ -105,6 +108,13 @@ pub fn sample_journaled(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// A response as the sampling journal keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Kept {
+    prompt_index: usize,
+    tokens: Vec<u32>,
 }
 
 /// The response `tokens` to prompt `prompt_index` (`prompt_ids`), decoded.

@@ -72,16 +72,16 @@ impl MetricsWriter {
         let header = format!("step,split,{}\n", w.columns.join(","));
         w.csv.write_all(header.as_bytes()).map_err(|e| TrainError::io(&csv_path, e))?;
         for line in kept {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            let mut row = Row { step: v.get("step").and_then(|s| s.as_u64()).unwrap_or(0) as usize, ..Row::default() };
-            row.split = if v.get("split").and_then(|s| s.as_str()) == Some("eval") { "eval" } else { "train" };
-            if let Some(obj) = v.as_object() {
-                for (k, x) in obj {
-                    if let Some(x) = x.as_f64()
-                        && k != "step"
-                    {
-                        row.values.insert(k.clone(), x);
+            // The kept rows are written again with the values they had, to the bit.
+            let mut row = Row::default();
+            for (k, field) in fields(&line) {
+                match (k.as_str(), field) {
+                    ("step", Field::Number(x)) => row.step = x as usize,
+                    ("split", Field::Text(t)) => row.split = if t == "eval" { "eval" } else { "train" },
+                    (_, Field::Number(x)) => {
+                        row.values.insert(k, x);
                     }
+                    _ => {}
                 }
             }
             w.write(&row)?;
@@ -143,6 +143,87 @@ impl MetricsWriter {
     }
 }
 
+/// The values of the `eval` row at `step` in a run folder's `metrics.jsonl`, where there is one,
+/// to the bit (a value written as `null`, not a number, is NaN).
+pub fn eval_row(run_dir: &Path, step: usize) -> Result<Option<BTreeMap<String, f64>>> {
+    let row = read_lines(&run_dir.join("metrics.jsonl"))?.into_iter().rev().map(|l| fields(&l)).find(|f| {
+        let has = |key: &str, want: &dyn Fn(&Field) -> bool| f.iter().any(|(k, v)| k == key && want(v));
+        has("split", &|v| matches!(v, Field::Text(t) if t == "eval")) && has("step", &|v| matches!(v, Field::Number(x) if *x == step as f64))
+    });
+    Ok(row.map(|f| {
+        f.into_iter()
+            .filter_map(|(k, v)| match v {
+                Field::Number(x) if k != "step" => Some((k, x)),
+                _ => None,
+            })
+            .collect()
+    }))
+}
+
+/// A field of a metrics line.
+#[derive(Debug, PartialEq)]
+enum Field {
+    /// A number (`null`, what [`MetricsWriter::write`] writes for one that is not finite: NaN).
+    Number(f64),
+    /// A string (`split`).
+    Text(String),
+}
+
+/// The fields of a metrics line. The lines [`MetricsWriter::write`] wrote (a flat object, no
+/// spaces) have their numbers parsed from their digits, exactly: serde_json's own parse of a
+/// float can be a unit in the last place off, and a resume writes the kept rows again. Another
+/// line is read through serde_json.
+fn fields(line: &str) -> Vec<(String, Field)> {
+    exact_fields(line).unwrap_or_else(|| {
+        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap_or_default();
+        v.into_iter()
+            .filter_map(|(k, x)| match x {
+                serde_json::Value::Number(n) => Some((k, Field::Number(n.as_f64()?))),
+                serde_json::Value::Null => Some((k, Field::Number(f64::NAN))),
+                serde_json::Value::String(t) => Some((k, Field::Text(t))),
+                _ => None,
+            })
+            .collect()
+    })
+}
+
+fn exact_fields(line: &str) -> Option<Vec<(String, Field)>> {
+    // A JSON string at the start of `s`, and what follows it.
+    fn string(s: &str) -> Option<(String, &str)> {
+        let bytes = s.as_bytes();
+        if bytes.first() != Some(&b'"') {
+            return None;
+        }
+        let mut i = 1;
+        while i < bytes.len() && bytes[i] != b'"' {
+            i += if bytes[i] == b'\\' { 2 } else { 1 };
+        }
+        let end = s.get(..=i)?;
+        Some((serde_json::from_str(end).ok()?, &s[i + 1..]))
+    }
+    let mut rest = line.trim().strip_prefix('{')?.strip_suffix('}')?;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        let (key, after) = string(rest)?;
+        let after = after.strip_prefix(':')?;
+        let (value, after) = if after.starts_with('"') {
+            let (text, after) = string(after)?;
+            (Field::Text(text), after)
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            let token = &after[..end];
+            (Field::Number(if token == "null" { f64::NAN } else { token.parse().ok()? }), &after[end..])
+        };
+        out.push((key, value));
+        rest = match after.strip_prefix(',') {
+            Some(next) if !next.is_empty() => next,
+            None if after.is_empty() => after,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
 fn read_lines(path: &Path) -> Result<Vec<String>> {
     match OpenOptions::new().read(true).open(path) {
         Ok(f) => BufReader::new(f).lines().collect::<std::io::Result<Vec<_>>>().map_err(|e| TrainError::io(path, e)),
@@ -170,6 +251,44 @@ mod tests {
         assert_eq!(jsonl, "{\"loss\":0.5,\"split\":\"train\",\"step\":1}\n{\"loss\":1.0,\"split\":\"train\",\"step\":2}\n");
         let csv = std::fs::read_to_string(dir.join("metrics.csv")).map_err(|e| TrainError::io(dir, e))?;
         assert_eq!(csv, "step,split,loss,lr\n1,train,0.5,\n2,train,1,\n");
+        Ok(())
+    }
+
+    /// Values written, kept by a resume and read back are the values written, to the bit, NaN
+    /// (`null`) included.
+    #[test]
+    fn kept_rows_and_the_last_evaluation_read_back_to_the_bit() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(std::env::temp_dir(), e))?;
+        let dir = tmp.path();
+        // 2,000 doubles spread over the exponents and mantissas (xorshift bits, finite ones kept).
+        let mut x = 0x9E37_79B9_7F4A_7C15_u64;
+        let values: BTreeMap<String, f64> = (0..2000)
+            .map(|i| {
+                let v = loop {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let v = f64::from_bits(x);
+                    if v.is_finite() {
+                        break v;
+                    }
+                };
+                (format!("m/{i}"), if i == 0 { f64::NAN } else { v })
+            })
+            .collect();
+        let cols = vec!["loss".to_string()];
+        let mut w = MetricsWriter::open(dir, cols.clone(), None)?;
+        w.write(&Row { step: 7, split: "eval", values: values.clone() })?;
+        drop(w);
+        let before = std::fs::read(dir.join("metrics.jsonl")).map_err(|e| TrainError::io(dir, e))?;
+        let _w = MetricsWriter::open(dir, cols, Some(7))?;
+        assert!(std::fs::read(dir.join("metrics.jsonl")).map_err(|e| TrainError::io(dir, e))? == before, "a resume changed the kept row");
+        let read = eval_row(dir, 7)?.unwrap_or_default();
+        assert_eq!(read.len(), values.len());
+        for (k, v) in &values {
+            assert!(if v.is_nan() { read[k].is_nan() } else { read[k].to_bits() == v.to_bits() }, "{k}: {v:e} read back as {:e}", read[k]);
+        }
+        assert_eq!(eval_row(dir, 6)?, None);
         Ok(())
     }
 }

@@ -177,11 +177,14 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     let mut state = TrainState { step: 0, pairs_seen: 0, tokens_seen: 0, seed: t.seed, total_steps, early_stop: Default::default() };
     let layout = t.layout.resolve(t.backend);
     let mut summary = RunSummary { run_dir: run_dir.clone(), layout, ..RunSummary::default() };
+    // Whether the checkpoint resumed from was written under this very config.
+    let mut same_config = false;
     if resume && let Some(ckpt) = checkpoint::latest_intact(&run_dir)? {
         checkpoint::check_resumable(&ckpt, cfg)?;
         (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
         tracing::info!(step = state.step, "resumed from {}", ckpt.display());
         summary.resumed_from = Some(state.step);
+        same_config = std::fs::read_to_string(ckpt.join("config.toml")).is_ok_and(|saved| saved == config_toml);
     }
     tracing::info!(?layout, setting = ?t.layout, backend = t.backend.name(), "rows of each micro-batch (`train.layout`)");
     let settings = StepSettings {
@@ -238,8 +241,12 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     let bar = if dashboard { ProgressBar::hidden() } else { counting_bar(cfg, total_steps, state.step, "steps") };
     let mut window = Window::default();
     let mut stalled = Stalled::default();
-    // The evaluation of the step the loop ended at, when it already ran (an early stop).
-    let mut last_eval = None;
+    // A finished run resumed as it was (a pipeline's finished stage) has its last checkpoint, and
+    // its last evaluation in its metrics; under changed settings that evaluation is run again.
+    let finished = summary.resumed_from.is_some() && (state.step >= total_steps || state.early_stop.stopped);
+    let kept_eval = if finished && same_config { crate::metrics::eval_row(&run_dir, state.step)? } else { None };
+    // The evaluation of the step the loop ended at, when it already ran and was judged (an early stop).
+    let mut last_eval = kept_eval.clone().filter(|_| state.early_stop.stopped);
     while state.step < total_steps && !state.early_stop.stopped {
         let step = state.step;
         let lr = schedule.lr_at(step);
@@ -294,15 +301,23 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     }
     bar.finish_and_clear();
 
-    checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
+    if !finished {
+        checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
+    }
     summary.steps = state.step;
     if !eval_pairs.is_empty() {
         let values = match last_eval {
             Some(values) => values,
             None => {
-                let values = evaluate(&trainer, state.step)?;
-                tracing::info!(step = state.step, ?values, "eval at the end");
-                metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
+                let values = match kept_eval {
+                    Some(values) => values,
+                    None => {
+                        let values = evaluate(&trainer, state.step)?;
+                        tracing::info!(step = state.step, ?values, "eval at the end");
+                        metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
+                        values
+                    }
+                };
                 if let Some(es) = early
                     && !state.early_stop.stopped
                 {

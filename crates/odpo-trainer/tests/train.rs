@@ -318,3 +318,31 @@ fn export_writes_a_gguf_files_own_tokenizer() {
     assert_eq!(saved.encode(text, true).unwrap()[0], 1, "the file asks for BOS");
     assert!(saved.has_chat_template() && out.join("config.json").is_file());
 }
+
+/// A finished run resumed under its own config (the built-in pipeline resumes its finished stages):
+/// its last evaluation is read from its metrics, not run again; no row and no checkpoint is
+/// written. Under a changed evaluation setting the evaluation runs again.
+#[test]
+fn a_finished_run_resumed_as_it_was_keeps_its_last_evaluation() {
+    let dir = scratch("finished-resumed");
+    let model = tiny_model(&dir);
+    let run = dir.join("run");
+    let sets = ["train.batch_size=4", "train.max_steps=3", "eval.at_start=false"];
+    let cfg = config(&model, &run, "", &sets);
+    let first = odpo_trainer::train_on(&cfg, data(32, 16), &device(), false, None).expect("training");
+    let metrics = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let checkpoints = odpo_trainer::checkpoint::list(&run).unwrap();
+    assert_eq!(checkpoints.len(), 1);
+    let written = |p: &Path| std::fs::metadata(p.join("model.bpk")).unwrap().modified().unwrap();
+    let at = written(&checkpoints[0]);
+
+    let again = odpo_trainer::train_on(&cfg, data(32, 16), &device(), true, None).expect("resumed");
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), metrics, "the metrics changed");
+    assert_eq!(odpo_trainer::checkpoint::list(&run).unwrap(), checkpoints);
+    assert_eq!(written(&checkpoints[0]), at, "the last checkpoint was written again");
+    assert_eq!(again.eval_end, first.eval_end, "the last evaluation, read back");
+
+    let changed = config(&model, &run, "", &[&sets[..], &["eval.max_pairs=8"]].concat());
+    odpo_trainer::train_on(&changed, data(32, 16), &device(), true, None).expect("resumed");
+    assert_eq!(metric_rows(&run, "eval").len(), 2, "the changed evaluation ran again");
+}
