@@ -280,7 +280,8 @@ fn sigterm_while_the_pipeline_samples_resumes_from_the_journal() {
 
 /// `odpo reward-model` stopped while the backbone computes its features: the finished batches are
 /// kept in `OUT/features.journal`, the run exits 75; run again, it reads them, computes the rest
-/// and fits the head a fit never stopped fits, byte for byte, then removes the journal.
+/// and fits the head a fit never stopped fits, byte for byte, then removes the journal. Then the
+/// same for `odpo sample` scoring with that reward model.
 #[test]
 fn sigterm_during_a_reward_models_features_keeps_the_finished_batches() {
     let dir = env::scratch("cli-sigterm-reward-model");
@@ -323,4 +324,33 @@ fn sigterm_during_a_reward_models_features_keeps_the_finished_batches() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let head = |d: &Path| std::fs::read(d.join("head.json")).unwrap();
     assert!(head(&stopped) == head(&whole), "the resumed fit's head differs from an unstopped fit's");
+
+    // `odpo sample` scored by that reward model, stopped while the backbone scores its 16,000
+    // responses: the scores' finished batches are kept beside the samples file (the responses
+    // in theirs), and the same command goes on from both to the samples of a run never stopped.
+    let prompts = dir.join("prompts.txt");
+    std::fs::write(&prompts, (0..2000).map(|i| format!("{}\n", vec!["hello"; 1 + i % 20].join(" "))).collect::<String>()).unwrap();
+    let reward = format!("learned:{}", whole.display());
+    let sample = |out: &Path| {
+        let mut c = Command::new(ODPO);
+        c.args(["sample", "--k", "8", "--max-new-tokens", "8", "--reward", &reward, "--model"]).arg(&model).arg("--prompts").arg(&prompts).arg("--out").arg(out);
+        c
+    };
+    let (stopped, whole) = (dir.join("stopped.jsonl"), dir.join("whole.jsonl"));
+    let scores = dir.join("stopped.jsonl.scores.journal");
+    let child = sample(&stopped).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for_rows(&scores, 15);
+    kill("TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains(&format!("texts, kept in {}", scores.display())), "{err}");
+    let out = sample(&stopped).env("RUST_LOG", "info").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("sampling: 16000 of 16000 responses read from") && err.contains(" of 16000 texts read from "), "{err}");
+    assert!(!scores.exists() && !dir.join("stopped.jsonl.journal").exists(), "the journals are removed once the samples are written");
+    let out = sample(&whole).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(&stopped).unwrap() == std::fs::read(&whole).unwrap(), "the resumed samples differ from an unstopped run's");
 }

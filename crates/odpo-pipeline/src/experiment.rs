@@ -278,9 +278,9 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
         // Finished batches are journaled: a stopped experiment run again goes on from them.
         let journal = Journal::beside(&samples, &cfg.model)?;
         let responses = sample::sample_journaled(&base, &tok, pref_prompts, &settings, Some(&journal), device)?;
-        let rewards = sample::score(&responses, pref_prompts, reward.as_ref())?;
+        let rewards = sample::score_for(&samples, &responses, pref_prompts, reward.as_ref())?;
         sample::write_scored(&samples, &responses, pref_prompts, &rewards)?;
-        journal.remove();
+        sample::remove_journals(&samples, &journal);
         say(format!("[samples] mean reward {:.3} ({:.0} s)", Estimate::of(&rewards).mean, t.elapsed().as_secs_f64()));
     }
 

@@ -250,7 +250,8 @@ pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], tex
     bar.set_position(done as u64);
     bar.reset_eta();
     let batcher = odpo_data::SftBatcher { pad_id: 0, pad_to_multiple: None };
-    for (b, chunk) in order.chunks(batch_size).enumerate().skip(done / batch_size) {
+    // The batches after those kept (`div_ceil`: when all are kept, the last batch may be short).
+    for (b, chunk) in order.chunks(batch_size).enumerate().skip(done.div_ceil(batch_size)) {
         if odpo_trainer::interrupt::requested() {
             bar.finish_and_clear();
             return Err(PipelineError::stopped("computing the backbone's features", b * batch_size, ids.len(), "texts", journal));
@@ -654,13 +655,24 @@ impl LearnedReward {
     }
 }
 
-impl RewardModel for LearnedReward {
-    fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>> {
-        let feats = features(&self.model, &self.tokenizer, prompts, texts, &self.meta.features, self.batch_size, None, &self.device)?;
+impl LearnedReward {
+    /// The head's scores of the backbone's features, computed with `journal` where one is given.
+    fn scores(&self, prompts: &[String], texts: &[String], journal: Option<&Journal>) -> Result<Vec<f64>> {
+        let feats = features(&self.model, &self.tokenizer, prompts, texts, &self.meta.features, self.batch_size, journal, &self.device)?;
         if feats.first().is_some_and(|f| f.len() != self.head.weight.len()) {
             return Err(PipelineError::RewardModel(format!("the backbone `{}` gives {} features; its head.json expects {}", self.meta.backbone.display(), feats[0].len(), self.head.weight.len())));
         }
         Ok(feats.iter().map(|f| self.head.predict(f)).collect())
+    }
+}
+
+impl RewardModel for LearnedReward {
+    fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>> {
+        self.scores(prompts, texts, None)
+    }
+
+    fn score_journaled(&self, prompts: &[String], texts: &[String], journal: &Path) -> Result<Vec<f64>> {
+        self.scores(prompts, texts, Some(&Journal::at(journal, &self.meta.backbone)?))
     }
 
     fn name(&self) -> String {

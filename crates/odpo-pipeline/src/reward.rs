@@ -12,6 +12,14 @@ pub trait RewardModel {
     /// One score per `(prompts[i], texts[i])`; `prompts` and `texts` have the same length.
     fn score(&self, prompts: &[String], texts: &[String]) -> Result<Vec<f64>>;
 
+    /// [`Self::score`], keeping the finished batches of a long scoring pass (a learned reward runs
+    /// its backbone over every text) in the journal at `journal`, for a pass stopped and run again
+    /// to go on from them. The default scores as [`Self::score`] does: a quick score keeps nothing.
+    fn score_journaled(&self, prompts: &[String], texts: &[String], journal: &std::path::Path) -> Result<Vec<f64>> {
+        let _ = journal;
+        self.score(prompts, texts)
+    }
+
     /// A short name for reports.
     fn name(&self) -> String;
 }

@@ -74,8 +74,8 @@ pub fn sample_journaled(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
     let bar = progress_bar(jobs.len(), out.len(), settings.max_new_tokens);
     let mut finished = out.len();
     // Batch `b` samples from a seed of its own: the batches after those kept are the ones a pass
-    // that was never stopped samples.
-    for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate().skip(out.len() / GENERATE_BATCH) {
+    // that was never stopped samples. (`div_ceil`: when all are kept, the last batch may be short.)
+    for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate().skip(out.len().div_ceil(GENERATE_BATCH)) {
         if odpo_trainer::interrupt::requested() {
             bar.finish_and_clear();
             return Err(PipelineError::stopped("sampling", out.len(), jobs.len(), "responses", journal));
@@ -138,9 +138,34 @@ fn progress_bar(responses: usize, done: usize, max_new_tokens: usize) -> indicat
 
 /// Scores responses with `reward`.
 pub fn score(responses: &[Response], prompts: &[String], reward: &dyn RewardModel) -> Result<Vec<f64>> {
-    let ps: Vec<String> = responses.iter().map(|r| prompts[r.prompt_index].clone()).collect();
-    let ts: Vec<String> = responses.iter().map(|r| r.text.clone()).collect();
+    let (ps, ts) = scored_texts(responses, prompts);
     reward.score(&ps, &ts)
+}
+
+/// [`score`] for the samples file `out`: a long scoring pass keeps its finished batches in
+/// `<out>.scores.journal` ([`RewardModel::score_journaled`]); the caller removes it with
+/// [`remove_journals`] once `out` is written.
+pub fn score_for(out: &Path, responses: &[Response], prompts: &[String], reward: &dyn RewardModel) -> Result<Vec<f64>> {
+    let (ps, ts) = scored_texts(responses, prompts);
+    reward.score_journaled(&ps, &ts, &scores_journal(out))
+}
+
+/// Each response's prompt and text.
+fn scored_texts(responses: &[Response], prompts: &[String]) -> (Vec<String>, Vec<String>) {
+    responses.iter().map(|r| (prompts[r.prompt_index].clone(), r.text.clone())).unzip()
+}
+
+/// Where the scores of the samples file `out` are journaled.
+fn scores_journal(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!("{name}.scores.journal"))
+}
+
+/// Removes the journals of the samples file `out` (its responses', `journal`, and its scores'),
+/// once `out` is written.
+pub fn remove_journals(out: &Path, journal: &Journal) {
+    journal.remove();
+    let _ = std::fs::remove_file(scores_journal(out));
 }
 
 /// Writes the scored-responses JSONL.
@@ -177,9 +202,9 @@ pub fn sample(model_dir: &Path, prompts: &[String], settings: &SampleSettings, r
     let tokenizer = Tokenizer::open(&loaded.tokenizer_path)?;
     let journal = Journal::beside(out, model_dir)?;
     let responses = sample_journaled(&loaded.model, &tokenizer, prompts, settings, Some(&journal), device)?;
-    let rewards = score(&responses, prompts, reward)?;
+    let rewards = score_for(out, &responses, prompts, reward)?;
     write_scored(out, &responses, prompts, &rewards)?;
-    journal.remove();
+    remove_journals(out, &journal);
     let mean_reward = rewards.iter().sum::<f64>() / rewards.len().max(1) as f64;
     Ok(SampleReport { path: out.to_path_buf(), responses: responses.len(), mean_reward })
 }
