@@ -838,8 +838,10 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
         journal: Some(a.out.join("features.journal")),
         ..Default::default()
     };
-    let saved = |dir: &std::path::Path| {
-        let _ = std::fs::remove_file(dir.join("features.journal"));
+    let saved = || {
+        if let Some(journal) = &opts.journal {
+            let _ = std::fs::remove_file(journal);
+        }
     };
     // A spread of the file rather than its start: every k-th entry.
     let spread = |n: usize, len: usize| (len / n.max(1)).max(1);
@@ -853,7 +855,7 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
         too_few(data, "--data", entries.len(), "scored texts", a.limit)?;
         let (model, report) = LearnedReward::fit(&entries, &opts, &device)?;
         model.save(&a.out)?;
-        saved(&a.out);
+        saved();
         println!("fitted on {} texts, {} held out (by prompt); ridge penalty {}", report.train_texts, report.heldout_texts, report.l2);
         println!("held-out Spearman {:.4}, Pearson {:.4}, RMSE {:.4} (score std {:.4}); backbone features in {:.0} s", report.spearman, report.pearson, report.rmse, report.heldout_std, report.feature_seconds);
         println!("saved to {} (use --reward learned:{0})", a.out.display());
@@ -891,7 +893,7 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
     too_few(pairs_path, "--pairs", pairs.len(), "pairs", a.limit)?;
     let odpo_pipeline::learned::PairFit { model, report, pair_scores } = LearnedReward::fit_pairs(&pairs, &opts, &device)?;
     model.save(&a.out)?;
-    saved(&a.out);
+    saved();
     println!(
         "Bradley–Terry on {} pairs ({} prompts), {} held out ({} prompts); {} texts through the backbone in {:.0} s; penalty {}",
         report.train_pairs, report.train_prompts, report.heldout_pairs, report.heldout_prompts, report.texts, report.feature_seconds, report.l2

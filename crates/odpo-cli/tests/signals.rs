@@ -104,6 +104,16 @@ fn wait_for_step(run: &Path, step: u64) {
     }
 }
 
+/// Sends `child` SIGTERM and waits for it: it must exit with status 75 (stopped on request, work
+/// kept). Its stderr.
+fn stop(child: Child) -> String {
+    kill("TERM", child.id());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    err
+}
+
 fn kill(signal: &str, pid: u32) {
     assert!(Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap().success());
 }
@@ -122,10 +132,7 @@ fn sigterm_checkpoints_says_how_to_resume_and_exits_75() {
     assert_eq!(second.status.code(), Some(2), "{err}");
     assert!(err.contains("in use by another run"), "{err}");
 
-    kill("TERM", child.id());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
+    let err = stop(child);
     assert!(err.contains(&format!("resume with: odpo train --resume {}", run.display())), "{err}");
     let checkpoints: Vec<_> = std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(checkpoints.len(), 1, "{checkpoints:?}");
@@ -164,10 +171,7 @@ fn sigterm_during_the_reference_cache_keeps_the_rows_computed() {
         assert!(t.elapsed() < Duration::from_secs(60), "odpo did not start");
         std::thread::sleep(Duration::from_millis(1));
     }
-    kill("TERM", child.id());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
+    let err = stop(child);
     assert!(err.contains(&format!("resume with: odpo train --resume {}", run.display())), "{err}");
     let files = |dir: &Path| -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().path()).collect()).unwrap_or_default();
@@ -217,10 +221,7 @@ fn sigterm_while_sampling_keeps_the_finished_batches() {
     // The signal lands once the first batch is in the journal (a header line, then a line a response).
     let child = sample(&stopped).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_rows(&journal, batch - 1);
-    kill("TERM", child.id());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
+    let err = stop(child);
     assert!(err.contains(&format!("responses, kept in {}", journal.display())), "{err}");
     assert!(err.contains("resume by running the same command again"), "{err}");
     assert!(!stopped.exists());
@@ -262,10 +263,7 @@ fn sigterm_while_the_pipeline_samples_resumes_from_the_journal() {
     let journal = stopped.join("runs/default/data/samples.jsonl.journal");
     let child = train(&stopped, &["--set", "sample.k=64"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_rows(&journal, 255);
-    kill("TERM", child.id());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
+    let err = stop(child);
     assert!(err.contains("resume with: odpo train --resume runs/default"), "{err}");
 
     let out = train(&stopped, &["--resume", "runs/default"]).env("RUST_LOG", "info").output().unwrap();
@@ -306,10 +304,7 @@ fn sigterm_during_a_reward_models_features_keeps_the_finished_batches() {
     let journal = stopped.join("features.journal");
     let child = fit(&stopped).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_rows(&journal, 15);
-    kill("TERM", child.id());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
+    let err = stop(child);
     assert!(err.contains("stopped on request while computing the backbone's features, after ") && err.contains(&format!("texts, kept in {}", journal.display())), "{err}");
     assert!(!stopped.join("head.json").exists());
     let kept = std::fs::read_to_string(&journal).unwrap().lines().count() - 1;
@@ -340,10 +335,7 @@ fn sigterm_during_a_reward_models_features_keeps_the_finished_batches() {
     let scores = dir.join("stopped.jsonl.scores.journal");
     let child = sample(&stopped).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_rows(&scores, 15);
-    kill("TERM", child.id());
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(75), "{err}");
+    let err = stop(child);
     assert!(err.contains(&format!("texts, kept in {}", scores.display())), "{err}");
     let out = sample(&stopped).env("RUST_LOG", "info").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -244,9 +244,9 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     // A finished run resumed as it was (a pipeline's finished stage) has its last checkpoint, and
     // its last evaluation in its metrics; under changed settings that evaluation is run again.
     let finished = summary.resumed_from.is_some() && (state.step >= total_steps || state.early_stop.stopped);
-    let kept_eval = if finished && same_config { crate::metrics::eval_row(&run_dir, state.step)? } else { None };
-    // The evaluation of the step the loop ended at, when it already ran and was judged (an early stop).
-    let mut last_eval = kept_eval.clone().filter(|_| state.early_stop.stopped);
+    // The evaluation of the step the loop ends at, when it already ran: an early stop here, or
+    // the metrics' row of a finished run resumed.
+    let mut last_eval = if finished && same_config { crate::metrics::eval_row(&run_dir, state.step)? } else { None };
     while state.step < total_steps && !state.early_stop.stopped {
         let step = state.step;
         let lr = schedule.lr_at(step);
@@ -309,25 +309,20 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         let values = match last_eval {
             Some(values) => values,
             None => {
-                let values = match kept_eval {
-                    Some(values) => values,
-                    None => {
-                        let values = evaluate(&trainer, state.step)?;
-                        tracing::info!(step = state.step, ?values, "eval at the end");
-                        metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
-                        values
-                    }
-                };
-                if let Some(es) = early
-                    && !state.early_stop.stopped
-                {
-                    // The last evaluation counts too; the run ran to its end, so only the best can change.
-                    state.early_stop.observe(es, state.step, &values)?;
-                    state.early_stop.stopped = false;
-                }
+                let values = evaluate(&trainer, state.step)?;
+                tracing::info!(step = state.step, ?values, "eval at the end");
+                metrics.write(&Row { step: state.step, split: "eval", values: values.clone() })?;
                 values
             }
         };
+        // The last evaluation counts too, unless early stopping judged it already; the run ran to
+        // its end, so only the best can change.
+        if let Some(es) = early
+            && !state.early_stop.stopped
+        {
+            state.early_stop.observe(es, state.step, &values)?;
+            state.early_stop.stopped = false;
+        }
         summary.eval_end = Some(values);
     }
     summary.stopped_early = state.early_stop.stopped;
