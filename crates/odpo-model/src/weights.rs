@@ -399,9 +399,16 @@ impl HfTensors {
 /// (process id and a counter), so two processes writing the same file at once each rename a
 /// complete file into place; a failed write (a full disk) removes its temporary file, and the error
 /// names the final path.
+///
+/// A file that already holds exactly these bytes is left as it is, its modification time too: a
+/// finished stage resumed exports the same model again, and the reference caches keyed on its
+/// files' times (odpo-trainer's reference log-prob cache) stay valid.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
+    if holds(path, bytes) {
+        return Ok(());
+    }
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.{}.{}.tmp", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)));
     let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::File::open(&tmp)?.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
@@ -409,6 +416,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         ModelError::io(path, e)
     })
+}
+
+/// Whether the file at `path` holds exactly `bytes` (false when it cannot be read), compared a
+/// block at a time so that a large model file is never held twice.
+fn holds(path: &Path, bytes: &[u8]) -> bool {
+    use std::io::Read;
+    let Ok(mut file) = std::fs::File::open(path) else { return false };
+    if !file.metadata().is_ok_and(|m| m.len() == bytes.len() as u64) {
+        return false;
+    }
+    let mut block = vec![0u8; 1 << 20];
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let n = block.len().min(rest.len());
+        if file.read_exact(&mut block[..n]).is_err() || block[..n] != rest[..n] {
+            return false;
+        }
+        rest = &rest[n..];
+    }
+    // Nothing past the length read (a file that grew meanwhile).
+    file.read(&mut block[..1]).is_ok_and(|n| n == 0)
 }
 
 #[cfg(test)]
@@ -445,5 +473,30 @@ mod tests {
         assert!(check_host_memory(&path, files, Some(1)).is_ok());
         let Err(ModelError::Safetensors { message, .. }) = Weights::from_hf_dir(dir.path()) else { panic!("a cut file was read") };
         assert!(message.contains("MetadataIncompleteBuffer") || message.contains("incomplete"), "{message}");
+    }
+
+    /// Writing the bytes a file already holds leaves it untouched (its modification time too); any
+    /// other bytes, of the same length or not, replace it.
+    #[test]
+    fn writing_the_same_bytes_again_leaves_the_file_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        write_atomic(&path, &bytes).unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        let written = || std::fs::metadata(&path).unwrap().modified().unwrap();
+
+        write_atomic(&path, &bytes).unwrap();
+        assert_eq!(written(), old, "the same bytes were written again");
+        let mut changed = bytes.clone();
+        *changed.last_mut().unwrap() ^= 1;
+        for other in [changed, bytes[..bytes.len() - 1].to_vec(), [&bytes[..], &[0]].concat()] {
+            write_atomic(&path, &other).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), other);
+            assert_ne!(written(), old, "other bytes left the file as it was");
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary file was left");
     }
 }

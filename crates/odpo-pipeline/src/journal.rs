@@ -46,8 +46,8 @@ pub(crate) struct Open {
 impl Journal {
     /// The journal at `path` of a pass over the model loaded from `model_path` (a folder or a
     /// `.gguf` file). The model's bytes are part of the key, so a retrained model starts afresh,
-    /// while the same weights written again (a resumed pipeline exports its finished SFT stage
-    /// again) keep the journal.
+    /// while the same weights written again or copied elsewhere (with other modification times)
+    /// keep the journal.
     pub fn at(path: &Path, model_path: &Path) -> Result<Self> {
         Ok(Self { path: path.to_path_buf(), model: model_digest(model_path)? })
     }

@@ -333,13 +333,19 @@ fn a_finished_run_resumed_as_it_was_keeps_its_last_evaluation() {
     let metrics = std::fs::read(run.join("metrics.jsonl")).unwrap();
     let checkpoints = odpo_trainer::checkpoint::list(&run).unwrap();
     assert_eq!(checkpoints.len(), 1);
-    let written = |p: &Path| std::fs::metadata(p.join("model.bpk")).unwrap().modified().unwrap();
-    let at = written(&checkpoints[0]);
+    let written = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let at = written(&checkpoints[0].join("model.bpk"));
+    // The model is exported again, the same bytes: its files keep their times, which key the
+    // reference log-prob cache of a run that starts from it.
+    let exported: Vec<std::path::PathBuf> = std::fs::read_dir(run.join("model")).unwrap().map(|e| e.unwrap().path()).collect();
+    let exported_at: Vec<_> = exported.iter().map(|p| written(p)).collect();
+    assert!(exported.iter().any(|p| p.ends_with("model.safetensors")), "{exported:?}");
 
     let again = odpo_trainer::train_on(&cfg, data(32, 16), &device(), true, None).expect("resumed");
     assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), metrics, "the metrics changed");
     assert_eq!(odpo_trainer::checkpoint::list(&run).unwrap(), checkpoints);
-    assert_eq!(written(&checkpoints[0]), at, "the last checkpoint was written again");
+    assert_eq!(written(&checkpoints[0].join("model.bpk")), at, "the last checkpoint was written again");
+    assert_eq!(exported.iter().map(|p| written(p)).collect::<Vec<_>>(), exported_at, "the exported model's files were written again");
     assert_eq!(again.eval_end, first.eval_end, "the last evaluation, read back");
 
     let changed = config(&model, &run, "", &[&sets[..], &["eval.max_pairs=8"]].concat());
