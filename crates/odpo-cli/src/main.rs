@@ -215,8 +215,12 @@ struct EvalArgs {
 #[derive(Args)]
 struct FrontierArgs {
     /// A frontier config (configs/pipeline/frontier.toml).
-    #[arg(long)]
-    config: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Go on with the sweep in this folder (`runs/NAME`), under the configs written there: its
+    /// finished runs are kept, a run cut short resumes from its checkpoint.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["config", "sets"])]
+    resume: Option<PathBuf>,
     /// Override a key of the base pipeline config (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
@@ -393,10 +397,10 @@ fn main() -> ExitCode {
         Err(e) => match interrupted(&e) {
             Some((step, run_dir)) => {
                 eprintln!("stopped on request (a signal, or the dashboard's stop) after step {step}, with a checkpoint in {}", run_dir.display());
-                // A stage of the built-in pipeline: resume the pipeline, whose folder is above.
-                match run_dir.ancestors().find(|d| d.join("pipeline.toml").exists()) {
-                    Some(pipeline) => eprintln!("resume with: odpo train --resume {}", pipeline.display()),
-                    None => eprintln!("resume with: odpo train --resume {}   (a sweep or an experiment: run the same command again)", run_dir.display()),
+                // A stage of the built-in pipeline or a run of a sweep: resume that, whose folder is above.
+                match resume_command(&run_dir) {
+                    Some(command) => eprintln!("resume with: {command}"),
+                    None => eprintln!("resume with: odpo train --resume {}   (an experiment: run the same command again)", run_dir.display()),
                 }
                 ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
             }
@@ -408,8 +412,8 @@ fn main() -> ExitCode {
                     }
                     // A stage of the built-in pipeline: resume the pipeline; else the same command
                     // reads the journal, or computes the pass again.
-                    match run_dir {
-                        Some(pipeline) => eprintln!("resume with: odpo train --resume {}", pipeline.display()),
+                    match run_dir.as_deref().and_then(resume_command) {
+                        Some(command) => eprintln!("resume with: {command}"),
                         None => eprintln!("resume by running the same command again"),
                     }
                     return ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED);
@@ -422,6 +426,18 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// The command that goes on with the built-in pipeline or the frontier sweep whose folder holds
+/// `dir` (a stage's or a run's folder, or its own).
+fn resume_command(dir: &Path) -> Option<String> {
+    dir.ancestors().find_map(|d| {
+        if odpo_pipeline::frontier::is_sweep_dir(d) {
+            Some(format!("odpo frontier --resume {}", d.display()))
+        } else {
+            d.join("pipeline.toml").is_file().then(|| format!("odpo train --resume {}", d.display()))
+        }
+    })
 }
 
 /// `{e:#}` (each cause after its context) without repeats: an error whose message already holds its
@@ -655,6 +671,9 @@ fn cmd_train(mut a: TrainArgs, matmul: Option<odpo_kernels::MatmulRoutine>) -> R
         }
         let list: Vec<String> = a.devices.iter().map(|d| serde_json::Value::String(d.clone()).to_string()).collect();
         a.sets.push(format!("train.devices=[{}]", list.join(",")));
+    }
+    if let Some(dir) = a.resume.as_ref().filter(|d| odpo_pipeline::frontier::is_sweep_dir(d)) {
+        anyhow::bail!("--resume {}: a frontier sweep's folder; go on with it by `odpo frontier --resume {}`", dir.display(), dir.display());
     }
     if let Some(dir) = a.resume.as_ref().filter(|d| d.join("pipeline.toml").exists()) {
         // A built-in pipeline's folder: its finished stages and rounds are kept, the rest resumed.
@@ -937,12 +956,26 @@ fn cmd_experiment(a: ExperimentArgs) -> Result<()> {
 }
 
 fn cmd_frontier(a: FrontierArgs) -> Result<()> {
-    let backend = match a.backend {
-        Some(b) => b,
-        None => odpo_pipeline::frontier::base_config(&a.config, &a.sets)?.backend.name().to_string(),
+    let summary = match (&a.resume, &a.config) {
+        (Some(dir), _) => {
+            if !odpo_pipeline::frontier::is_sweep_dir(dir) {
+                anyhow::bail!("--resume {}: no frontier.toml and pipeline.toml there; expected the folder of a frontier sweep (runs/NAME)", dir.display());
+            }
+            let backend = match a.backend {
+                Some(b) => b,
+                None => odpo_pipeline::PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?.backend.name().to_string(),
+            };
+            odpo_pipeline::resume_frontier(dir, &backend::device(&backend)?, true)?
+        }
+        (None, Some(config)) => {
+            let backend = match a.backend {
+                Some(b) => b,
+                None => odpo_pipeline::frontier::base_config(config, &a.sets)?.backend.name().to_string(),
+            };
+            odpo_pipeline::frontier(config, &a.sets, &backend::device(&backend)?, true)?
+        }
+        (None, None) => anyhow::bail!("give --config FILE, or --resume DIR"),
     };
-    let device = backend::device(&backend)?;
-    let summary = odpo_pipeline::frontier(&a.config, &a.sets, &device, true)?;
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
 }

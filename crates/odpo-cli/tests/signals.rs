@@ -346,3 +346,60 @@ fn sigterm_during_a_reward_models_features_keeps_the_finished_batches() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::read(&stopped).unwrap() == std::fs::read(&whole).unwrap(), "the resumed samples differ from an unstopped run's");
 }
+
+/// A frontier sweep stopped once its first run is done: the stop says `odpo frontier --resume`
+/// (not the built-in pipeline's `train --resume`, though a sweep's folder holds a pipeline config
+/// too), which keeps that run's row, resumes the cut run from its checkpoint and runs the rest. The
+/// rows, and the comparison of the methods drawn from them, are an unstopped sweep's to the bit.
+#[test]
+fn sigterm_during_a_frontier_sweep_resumes_the_sweep() {
+    let dir = env::scratch("cli-sigterm-frontier");
+    let (stopped, whole) = (dir.join("stopped"), dir.join("whole"));
+    for d in [&stopped, &whole] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/pipeline/default.toml").canonicalize().unwrap();
+    let sweep = dir.join("sweep.toml");
+    let sets = r#"["sft.steps=40", "task.sft_texts=500", "task.eval_prompts=16", "eval.samples_per_prompt=2", "pref.epochs=40.0"]"#;
+    std::fs::write(&sweep, format!("base = {:?}\nbase_sets = {sets}\nname = \"sweep\"\nmethods = [\"dpo\", \"odpo\"]\npair_counts = [32]\nseeds = [0, 1]\nbetas = [0.1]\nalphas = [1.0]\n", base.display().to_string())).unwrap();
+    let frontier = |cwd: &Path, args: &[&str]| {
+        let mut c = Command::new(ODPO);
+        c.current_dir(cwd).arg("frontier").args(args);
+        c
+    };
+    let config = ["--config", sweep.to_str().unwrap()];
+    let tags = ["dpo-n32-b0.1-a0-s0", "odpo-n32-b0.1-a1-s0", "dpo-n32-b0.1-a0-s1", "odpo-n32-b0.1-a1-s1"];
+    let row = |root: &Path, tag: &str| root.join("runs/sweep/runs").join(tag).join("row.toml");
+
+    // The signal lands once the first of the four runs has its row.
+    let child = frontier(&stopped, &config).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let t = Instant::now();
+    while !row(&stopped, tags[0]).exists() {
+        assert!(t.elapsed() < Duration::from_secs(300), "the first run of the sweep did not finish");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let err = stop(child);
+    assert!(err.contains("resume with: odpo frontier --resume runs/sweep\n"), "{err}");
+    assert!(!row(&stopped, tags[3]).exists(), "the sweep ran to its end");
+    let kept_at = std::fs::metadata(row(&stopped, tags[0])).unwrap().modified().unwrap();
+    // `train --resume` on a sweep's folder would run the built-in pipeline there: refused.
+    let out = Command::new(ODPO).current_dir(&stopped).args(["train", "--resume", "runs/sweep"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a frontier sweep's folder; go on with it by `odpo frontier --resume runs/sweep`"), "{out:?}");
+
+    let out = frontier(&stopped, &["--resume", "runs/sweep"]).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains(&format!("{}: kept from an earlier invocation", tags[0])), "{said}");
+    assert_eq!(std::fs::metadata(row(&stopped, tags[0])).unwrap().modified().unwrap(), kept_at);
+    let out = frontier(&whole, &config).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Each row but its seconds, and what the comparison drew from the rows as read back.
+    let without_seconds = |path: PathBuf| std::fs::read_to_string(path).unwrap().lines().filter(|l| !l.starts_with("seconds")).collect::<Vec<_>>().join("\n");
+    for tag in tags {
+        assert_eq!(without_seconds(row(&stopped, tag)), without_seconds(row(&whole, tag)), "{tag}");
+    }
+    let comparison = |root: &Path| std::fs::read_to_string(root.join("runs/sweep/comparison.json")).unwrap();
+    assert!(comparison(&stopped).contains("\"mean_d\""), "{}", comparison(&stopped));
+    assert_eq!(comparison(&stopped), comparison(&whole));
+}

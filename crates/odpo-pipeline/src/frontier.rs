@@ -24,6 +24,7 @@ use crate::pipeline::{SweepPoint, eval_settings, load_model, prepare_task, task_
 use crate::plot::{self, Band, Series};
 use crate::sample::{self, SampleSettings};
 use crate::synthetic;
+use odpo_trainer::config::Checked;
 
 /// A frontier sweep (configs/pipeline/frontier*.toml).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,7 +66,7 @@ pub enum Subset {
 }
 
 /// One preference run of the sweep.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FrontierRow {
     /// The method.
     pub method: Method,
@@ -90,6 +91,38 @@ pub struct FrontierRow {
     pub rho_margin_gap: f64,
     /// Seconds for training and evaluation.
     pub seconds: f64,
+}
+
+/// A finished run's row, in its folder: a resumed sweep reads it instead of running the run again.
+const ROW_FILE: &str = "row.toml";
+
+impl FrontierRow {
+    /// Writes the row into the run's folder, atomically. TOML, because its floats are written
+    /// shortest and read back exactly (NaN included), so that a kept row is the computed one to the
+    /// bit and so are the comparisons drawn from it.
+    fn write(&self, run_dir: &Path) -> Result<()> {
+        let path = run_dir.join(ROW_FILE);
+        let text = toml::to_string(self).map_err(|e| PipelineError::config_parse(path.display().to_string(), format!("could not be written as TOML: {e}")))?;
+        Ok(odpo_model::weights::write_atomic(&path, text.as_bytes())?)
+    }
+
+    /// The row kept in `run_dir` for this point of the sweep, if there is a whole one (a row that
+    /// does not parse, or names another point, is run again).
+    fn read(run_dir: &Path, method: Method, pair_budget: usize, beta: f64, alpha: f64, seed: u64) -> Option<Self> {
+        let path = run_dir.join(ROW_FILE);
+        let text = std::fs::read_to_string(&path).ok()?;
+        match toml::from_str::<Self>(&text) {
+            Ok(row) if (row.method, row.pair_budget, row.beta.to_bits(), row.alpha.to_bits(), row.seed) == (method, pair_budget, beta.to_bits(), alpha.to_bits(), seed) => Some(row),
+            Ok(_) => {
+                tracing::warn!("{} is the row of another point of the sweep; running the run again", path.display());
+                None
+            }
+            Err(e) => {
+                tracing::warn!("{} is unreadable ({e}); running the run again", path.display());
+                None
+            }
+        }
+    }
 }
 
 /// What the sweep wrote.
@@ -145,7 +178,6 @@ pub fn base_config(config_path: &Path, sets: &[String]) -> Result<PipelineConfig
 /// Runs the sweep in `config_path` (`sets` override the sweep's base pipeline config after its own
 /// `base_sets`), printing one line per run when `verbose`.
 pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: bool) -> Result<FrontierSummary> {
-    let start = Instant::now();
     let fc = FrontierConfig::from_file(config_path)?;
     let mut cfg = base_config(config_path, sets)?;
     cfg.name = fc.name.clone();
@@ -171,23 +203,52 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     let dir = cfg.fresh_run_dir(Path::new("runs"));
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
     let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), e.to_string()))?;
-    for (name, text) in [("pipeline.toml", cfg.to_toml()?), ("frontier.toml", fc_text)] {
+    for (name, text) in [("pipeline.toml", cfg.to_toml()?), (SWEEP_FILE, fc_text)] {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|e| PipelineError::io(&p, e))?;
     }
+    sweep(&fc, &cfg, &dir, device, verbose).map_err(|e| e.in_run(&dir))
+}
+
+/// The file in a sweep's folder that holds its sweep config (its pipeline config beside it, in
+/// `pipeline.toml`).
+pub const SWEEP_FILE: &str = "frontier.toml";
+
+/// Whether `dir` is a sweep's folder: both configs are there (a folder of config files may hold a
+/// `frontier.toml`, but no `pipeline.toml`).
+pub fn is_sweep_dir(dir: &Path) -> bool {
+    dir.join(SWEEP_FILE).is_file() && dir.join("pipeline.toml").is_file()
+}
+
+/// `odpo frontier --resume DIR`: goes on with the sweep in `dir`, under the configs written there.
+/// The SFT stage, the samples and every run with its `row.toml` are kept; a run cut short resumes
+/// from its checkpoint; the rest run. The rows are those of a sweep never stopped, to the bit.
+pub fn resume_frontier(dir: &Path, device: &Device, verbose: bool) -> Result<FrontierSummary> {
+    let fc = FrontierConfig::from_file(&dir.join(SWEEP_FILE))?;
+    let cfg = PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?;
+    sweep(&fc, &cfg, dir, device, verbose).map_err(|e| e.in_run(dir))
+}
+
+/// The sweep of `fc` over `cfg` in `dir`, keeping what an earlier invocation finished there.
+fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device: &Device, verbose: bool) -> Result<FrontierSummary> {
+    let start = Instant::now();
+    let dir = dir.to_path_buf();
     let say = |m: String| crate::pipeline::say(verbose, m);
 
-    let task = prepare_task(&cfg, &dir)?;
+    let task = prepare_task(cfg, &dir)?;
     say(format!("SFT -> {}", dir.join("sft").display()));
-    let sft_model = train_sft(&cfg, &task, &dir.join("sft"), device)?;
+    let sft_model = train_sft(cfg, &task, &dir.join("sft"), device)?;
     let settings = SampleSettings { k: cfg.sample.k, temperature: cfg.sample.temperature, max_new_tokens: cfg.sample.max_new_tokens, seed: cfg.seed };
     let samples = dir.join("data").join("samples.jsonl");
-    let scorer = task_score(&cfg);
-    sample::sample(&sft_model, &task.pref_prompts, &settings, scorer.as_ref(), &samples, device)?;
+    let scorer = task_score(cfg);
+    // Kept from an earlier invocation (written atomically: present means whole).
+    if !samples.exists() {
+        sample::sample(&sft_model, &task.pref_prompts, &settings, scorer.as_ref(), &samples, device)?;
+    }
     say(format!("{} samples scored by {}", task.pref_prompts.len() * cfg.sample.k, scorer.name()));
     let lines: Vec<String> = std::fs::read_to_string(&samples).map_err(|e| PipelineError::io(&samples, e))?.lines().map(String::from).collect();
     let (reference, tok) = load_model(&sft_model, device)?;
-    let (sft_eval, _, _) = evaluate_samples(&reference, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, cfg.seed), &synthetic::reward(), device)?;
+    let (sft_eval, _, _) = evaluate_samples(&reference, &reference, &tok, &task.eval_prompts, &eval_settings(cfg, cfg.seed), &synthetic::reward(), device)?;
     say(format!("SFT reward on held-out prompts: {:.3} ± {:.3}", sft_eval.reward.mean, sft_eval.reward.ci95));
 
     let mut rows = Vec::new();
@@ -204,7 +265,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
                 }
             };
             let text: String = prompts.iter().flat_map(|&i| lines[i * k..(i + 1) * k].iter()).map(|l| format!("{l}\n")).collect();
-            std::fs::write(&subset, text).map_err(|e| PipelineError::io(&subset, e))?;
+            odpo_model::weights::write_atomic(&subset, text.as_bytes())?;
             for &method in &fc.methods {
                 let alphas: Vec<f64> = if method == Method::Odpo { fc.alphas.clone() } else { vec![0.0] };
                 for &beta in &fc.betas {
@@ -212,10 +273,15 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
                         let t = Instant::now();
                         let tag = format!("{}-n{n}-b{beta}-a{alpha}-s{seed}", method.name());
                         let run_dir = dir.join("runs").join(&tag);
-                        let summary = train_pref(&cfg, &SweepPoint { method, beta, alpha, seed }, &sft_model, &subset, &run_dir, device)?;
+                        if let Some(row) = FrontierRow::read(&run_dir, method, n, beta, alpha, seed) {
+                            say(format!("{tag}: kept from an earlier invocation ({})", run_dir.join(ROW_FILE).display()));
+                            rows.push(row);
+                            continue;
+                        }
+                        let summary = train_pref(cfg, &SweepPoint { method, beta, alpha, seed }, &sft_model, &subset, &run_dir, device)?;
                         let model = summary.exported.ok_or_else(|| PipelineError::config("output.export", "a preference run exported no model"))?;
                         let (policy, _) = load_model(&model, device)?;
-                        let (ev, _, _) = evaluate_samples(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(&cfg, seed), &synthetic::reward(), device)?;
+                        let (ev, _, _) = evaluate_samples(&policy, &reference, &tok, &task.eval_prompts, &eval_settings(cfg, seed), &synthetic::reward(), device)?;
                         // The run's own data rules, with the α = 1 offset whatever the method: Δ = log(s_w − s_l).
                         let mut data = odpo_trainer::RunConfig::from_file(&run_dir.join("config.toml"), &[])?.into_inner().data;
                         data.offset = Some(OffsetConfig { alpha: 1.0, ..OffsetConfig::default() });
@@ -235,6 +301,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
                             seconds: t.elapsed().as_secs_f64(),
                         };
                         say(format!("{tag}: reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3}), rho(beta*h, gap) {:.2}, {:.1} s", row.reward.mean, row.reward.ci95, row.kl_seq.mean, row.kl_k3.mean, row.rho_margin_gap, row.seconds));
+                        row.write(&run_dir)?;
                         rows.push(row);
                     }
                 }
@@ -242,7 +309,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
         }
     }
 
-    let comparisons = compare_methods(&fc, &rows, sft_eval.reward.mean);
+    let comparisons = compare_methods(fc, &rows, sft_eval.reward.mean);
     for c in &comparisons {
         say(format!("ODPO - DPO, {} pairs, alpha {}: mean D {:.3}, 95% CI [{:.3}, {:.3}], one-sided sign-flip p {:.4} ({} seeds)", c.pair_budget, c.alpha, c.mean_d, c.ci95.0, c.ci95.1, c.p_value, c.seeds.len()));
     }
@@ -260,7 +327,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     std::fs::write(&table, &md).map_err(|e| PipelineError::io(&table, e))?;
     let plot_path = dir.join("frontier.png");
     if fc.seeds.len() >= 2 {
-        plot::bands(&plot_path, &format!("Reward vs KL over {} seeds: mean envelope, 95% band", fc.seeds.len()), sft_eval.reward.mean, &band_series(&fc, &rows, sft_eval.reward.mean))?;
+        plot::bands(&plot_path, &format!("Reward vs KL over {} seeds: mean envelope, 95% band", fc.seeds.len()), sft_eval.reward.mean, &band_series(fc, &rows, sft_eval.reward.mean))?;
     } else {
         let mut series = vec![Series { name: "SFT".into(), points: vec![(0.0, sft_eval.reward.mean)], frontier: false }];
         for &m in &fc.methods {
@@ -365,6 +432,36 @@ pub fn markdown_table(rows: &[FrontierRow], sft: &Estimate) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A kept row reads back as written, to the bit, NaN included; a row of another point of the
+    /// sweep, or a damaged one, is not read.
+    #[test]
+    fn a_kept_row_reads_back_to_the_bit() {
+        use rand::Rng;
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut draw = || match rng.random_range(0..4) {
+            0 => f64::from_bits(rng.random::<u64>() & !(0x7FFu64 << 52) | (rng.random_range(1..2046u64) << 52)),
+            1 => rng.random::<f64>() * 1e-300,
+            2 => f64::NAN,
+            _ => rng.random::<f64>() - 0.5,
+        };
+        let same = |a: f64, b: f64| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        for _ in 0..500 {
+            let est = |m: f64, c: f64| Estimate { mean: m, ci95: c, n: 64 };
+            let row = FrontierRow { method: Method::Odpo, pairs: 30, pair_budget: 32, beta: 0.1, alpha: 1.0, seed: 3, reward: est(draw(), draw()), kl_seq: est(draw(), draw()), kl_k3: est(draw(), draw()), rho_margin_gap: draw(), seconds: draw() };
+            row.write(dir.path()).unwrap();
+            let back = FrontierRow::read(dir.path(), Method::Odpo, 32, 0.1, 1.0, 3).unwrap();
+            let values = |r: &FrontierRow| [r.reward.mean, r.reward.ci95, r.kl_seq.mean, r.kl_seq.ci95, r.kl_k3.mean, r.kl_k3.ci95, r.rho_margin_gap, r.seconds];
+            assert!(values(&row).iter().zip(values(&back)).all(|(&a, b)| same(a, b)), "{row:?}\n{back:?}");
+        }
+        assert!(FrontierRow::read(dir.path(), Method::Dpo, 32, 0.1, 1.0, 3).is_none());
+        assert!(FrontierRow::read(dir.path(), Method::Odpo, 32, f64::from_bits(0.1f64.to_bits() + 1), 1.0, 3).is_none());
+        assert!(FrontierRow::read(dir.path(), Method::Odpo, 32, 0.3, 1.0, 3).is_none());
+        let text = std::fs::read_to_string(dir.path().join(ROW_FILE)).unwrap();
+        std::fs::write(dir.path().join(ROW_FILE), &text[..text.len() / 2]).unwrap();
+        assert!(FrontierRow::read(dir.path(), Method::Odpo, 32, 0.1, 1.0, 3).is_none());
+    }
 
     /// A sweep's values a run could not take are refused when the file is read, naming the list,
     /// before the SFT stage runs.

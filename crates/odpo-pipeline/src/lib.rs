@@ -50,7 +50,7 @@ pub use config::{Method, PipelineConfig};
 pub use error::{PipelineError, Result};
 pub use eval::{EvalReport, Estimate, KlEstimates};
 pub use experiment::{ExperimentConfig, ExperimentSummary, experiment};
-pub use frontier::{FrontierConfig, FrontierSummary, frontier};
+pub use frontier::{FrontierConfig, FrontierSummary, frontier, resume_frontier};
 pub use pipeline::{DefaultOptions, DefaultSummary, eval_run, run_default};
 pub use reward::{ClassifierScore, KnownReward, RewardModel, ScoreTable};
 pub use sample::{SampleReport, SampleSettings, sample};
