@@ -399,8 +399,8 @@ fn main() -> ExitCode {
                 eprintln!("stopped on request (a signal, or the dashboard's stop) after step {step}, with a checkpoint in {}", run_dir.display());
                 // A stage of the built-in pipeline or a run of a sweep: resume that, whose folder is above.
                 match resume_command(&run_dir) {
-                    Some(command) => eprintln!("resume with: {command}"),
-                    None => eprintln!("resume with: odpo train --resume {}   (an experiment: run the same command again)", run_dir.display()),
+                    Some(command) => eprintln!("{command}"),
+                    None => eprintln!("resume with: odpo train --resume {}", run_dir.display()),
                 }
                 ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED)
             }
@@ -413,7 +413,7 @@ fn main() -> ExitCode {
                     // A stage of the built-in pipeline: resume the pipeline; else the same command
                     // reads the journal, or computes the pass again.
                     match run_dir.as_deref().and_then(resume_command) {
-                        Some(command) => eprintln!("resume with: {command}"),
+                        Some(command) => eprintln!("{command}"),
                         None => eprintln!("resume by running the same command again"),
                     }
                     return ExitCode::from(odpo_trainer::interrupt::EXIT_INTERRUPTED);
@@ -428,14 +428,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// The command that goes on with the built-in pipeline or the frontier sweep whose folder holds
+/// How to go on with the built-in pipeline, the frontier sweep or the experiment whose folder holds
 /// `dir` (a stage's or a run's folder, or its own).
 fn resume_command(dir: &Path) -> Option<String> {
     dir.ancestors().find_map(|d| {
         if odpo_pipeline::frontier::is_sweep_dir(d) {
-            Some(format!("odpo frontier --resume {}", d.display()))
+            Some(format!("resume with: odpo frontier --resume {}", d.display()))
+        } else if d.join("pipeline.toml").is_file() {
+            Some(format!("resume with: odpo train --resume {}", d.display()))
         } else {
-            d.join("pipeline.toml").is_file().then(|| format!("odpo train --resume {}", d.display()))
+            // `odpo experiment` keeps its folder (runs/NAME) and goes on in it when run again.
+            d.join("experiment.toml").is_file().then(|| format!("resume by running the same `odpo experiment` command again: it goes on in {}", d.display()))
         }
     })
 }
@@ -984,6 +987,31 @@ fn cmd_frontier(a: FrontierArgs) -> Result<()> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A stop's advice names what goes on with the folder the stopped run lies in: the built-in
+    /// pipeline's, a frontier sweep's (which holds a pipeline config too) or an experiment's.
+    #[test]
+    fn a_stop_names_the_command_that_goes_on_with_its_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let folder = |name: &str, files: &[&str]| {
+            let dir = root.path().join(name);
+            std::fs::create_dir_all(dir.join("runs/run-1")).unwrap();
+            for f in files {
+                std::fs::write(dir.join(f), "").unwrap();
+            }
+            dir
+        };
+        let pipeline = folder("default", &["pipeline.toml"]);
+        let sweep = folder("frontier", &["pipeline.toml", "frontier.toml"]);
+        let experiment = folder("smollm2", &["experiment.toml"]);
+        let configs = folder("configs", &["frontier.toml"]);
+        let said = |dir: &Path| resume_command(&dir.join("runs/run-1"));
+        assert_eq!(said(&pipeline), Some(format!("resume with: odpo train --resume {}", pipeline.display())));
+        assert_eq!(said(&sweep), Some(format!("resume with: odpo frontier --resume {}", sweep.display())));
+        assert_eq!(said(&experiment), Some(format!("resume by running the same `odpo experiment` command again: it goes on in {}", experiment.display())));
+        // A folder of config files is no sweep: a run there is resumed as a run.
+        assert_eq!(said(&configs), None);
+    }
 
     #[test]
     fn the_default_length_of_generate_fits_a_learned_position_table() {
