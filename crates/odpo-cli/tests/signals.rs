@@ -87,6 +87,24 @@ fn wait_for_rows(journal: &Path, rows: usize) {
     }
 }
 
+/// A scratch folder with two working folders in it: one for the run that is stopped and resumed,
+/// one for the run that is not.
+fn stopped_and_whole(name: &str) -> (env::Scratch, PathBuf, PathBuf) {
+    let dir = env::scratch(name);
+    let (stopped, whole) = (dir.join("stopped"), dir.join("whole"));
+    for d in [&stopped, &whole] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    (dir, stopped, whole)
+}
+
+/// `odpo COMMAND ARGS` in the working folder `cwd`.
+fn odpo_in(cwd: &Path, command: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(ODPO);
+    c.current_dir(cwd).arg(command).args(args);
+    c
+}
+
 fn start(args: &[&str]) -> Child {
     Command::new(ODPO).args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("odpo")
 }
@@ -249,17 +267,9 @@ fn sigterm_while_sampling_keeps_the_finished_batches() {
 /// of a pipeline never stopped.
 #[test]
 fn sigterm_while_the_pipeline_samples_resumes_from_the_journal() {
-    let dir = env::scratch("cli-sigterm-pipeline-sample");
-    let (stopped, whole) = (dir.join("stopped"), dir.join("whole"));
-    for d in [&stopped, &whole] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (_dir, stopped, whole) = stopped_and_whole("cli-sigterm-pipeline-sample");
     // 400 prompts × 64 responses: 100 batches.
-    let train = |cwd: &Path, args: &[&str]| {
-        let mut c = Command::new(ODPO);
-        c.current_dir(cwd).arg("train").args(args);
-        c
-    };
+    let train = |cwd: &Path, args: &[&str]| odpo_in(cwd, "train", args);
     let journal = stopped.join("runs/default/data/samples.jsonl.journal");
     let child = train(&stopped, &["--set", "sample.k=64"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     wait_for_rows(&journal, 255);
@@ -353,20 +363,12 @@ fn sigterm_during_a_reward_models_features_keeps_the_finished_batches() {
 /// rows, and the comparison of the methods drawn from them, are an unstopped sweep's to the bit.
 #[test]
 fn sigterm_during_a_frontier_sweep_resumes_the_sweep() {
-    let dir = env::scratch("cli-sigterm-frontier");
-    let (stopped, whole) = (dir.join("stopped"), dir.join("whole"));
-    for d in [&stopped, &whole] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (dir, stopped, whole) = stopped_and_whole("cli-sigterm-frontier");
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/pipeline/default.toml").canonicalize().unwrap();
     let sweep = dir.join("sweep.toml");
     let sets = r#"["sft.steps=40", "task.sft_texts=500", "task.eval_prompts=16", "eval.samples_per_prompt=2", "pref.epochs=40.0"]"#;
     std::fs::write(&sweep, format!("base = {:?}\nbase_sets = {sets}\nname = \"sweep\"\nmethods = [\"dpo\", \"odpo\"]\npair_counts = [32]\nseeds = [0, 1]\nbetas = [0.1]\nalphas = [1.0]\n", base.display().to_string())).unwrap();
-    let frontier = |cwd: &Path, args: &[&str]| {
-        let mut c = Command::new(ODPO);
-        c.current_dir(cwd).arg("frontier").args(args);
-        c
-    };
+    let frontier = |cwd: &Path, args: &[&str]| odpo_in(cwd, "frontier", args);
     let config = ["--config", sweep.to_str().unwrap()];
     let tags = ["dpo-n32-b0.1-a0-s0", "odpo-n32-b0.1-a1-s0", "dpo-n32-b0.1-a0-s1", "odpo-n32-b0.1-a1-s1"];
     let row = |root: &Path, tag: &str| root.join("runs/sweep/runs").join(tag).join("row.toml");
@@ -383,7 +385,7 @@ fn sigterm_during_a_frontier_sweep_resumes_the_sweep() {
     assert!(!row(&stopped, tags[3]).exists(), "the sweep ran to its end");
     let kept_at = std::fs::metadata(row(&stopped, tags[0])).unwrap().modified().unwrap();
     // `train --resume` on a sweep's folder would run the built-in pipeline there: refused.
-    let out = Command::new(ODPO).current_dir(&stopped).args(["train", "--resume", "runs/sweep"]).output().unwrap();
+    let out = odpo_in(&stopped, "train", &["--resume", "runs/sweep"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("a frontier sweep's folder; go on with it by `odpo frontier --resume runs/sweep`"), "{out:?}");
 
     let out = frontier(&stopped, &["--resume", "runs/sweep"]).output().unwrap();
