@@ -380,6 +380,11 @@ fn sigterm_during_a_frontier_sweep_resumes_the_sweep() {
         assert!(t.elapsed() < Duration::from_secs(300), "the first run of the sweep did not finish");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // A second process on the live sweep is refused at once, naming the one that holds it.
+    let second = frontier(&stopped, &["--resume", "runs/sweep"]).output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("runs/sweep: in use by another odpo process (process {} since", child.id())), "{err}");
     let err = stop(child);
     assert!(err.contains("resume with: odpo frontier --resume runs/sweep\n"), "{err}");
     assert!(!row(&stopped, tags[3]).exists(), "the sweep ran to its end");
@@ -391,7 +396,10 @@ fn sigterm_during_a_frontier_sweep_resumes_the_sweep() {
     let out = frontier(&stopped, &["--resume", "runs/sweep"]).output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(said.contains(&format!("{}: kept from an earlier invocation", tags[0])), "{said}");
+    // Each run's line counts it in the sweep; those trained now say how long the rest should take.
+    assert!(said.contains(&format!("[1/4] {}: kept from an earlier invocation", tags[0])), "{said}");
+    assert!(said.lines().any(|l| l.starts_with(&format!("[3/4] {}: reward ", tags[2])) && l.ends_with(" left")), "{said}");
+    assert!(said.lines().any(|l| l.starts_with(&format!("[4/4] {}: reward ", tags[3])) && l.ends_with(" s")), "{said}");
     assert_eq!(std::fs::metadata(row(&stopped, tags[0])).unwrap().modified().unwrap(), kept_at);
     let out = frontier(&whole, &config).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -297,13 +297,20 @@ impl PipelineConfig {
         Ok(())
     }
 
-    /// `runs/<name>`, or the first free `runs/<name>-N`, under `root`.
-    pub fn fresh_run_dir(&self, root: &Path) -> PathBuf {
-        let base = root.join(&self.name);
-        if !base.exists() {
-            return base;
+    /// A new folder for a run of this config, created here: `<root>/<name>`, or the first free
+    /// `<root>/<name>-N`. `create_dir` fails on a folder that exists, so two runs started at once
+    /// never share one.
+    pub fn new_run_dir(&self, root: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(root).map_err(|e| PipelineError::io(root, e))?;
+        let mut n = 0usize;
+        loop {
+            let dir = if n == 0 { root.join(&self.name) } else { root.join(format!("{}-{n}", self.name)) };
+            match std::fs::create_dir(&dir) {
+                Ok(()) => return Ok(dir),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => n += 1,
+                Err(e) => return Err(PipelineError::io(&dir, e)),
+            }
         }
-        (1..).map(|i| root.join(format!("{}-{i}", self.name))).find(|p| !p.exists()).unwrap_or(base)
     }
 }
 
@@ -333,6 +340,32 @@ pub(crate) fn check_sweep_values(betas: &[f64], alphas: &[f64]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_started_at_once_each_get_a_folder_of_their_own() -> Result<()> {
+        let root = tempfile::tempdir().map_err(|e| PipelineError::io(std::env::temp_dir(), e))?;
+        let cfg = PipelineConfig::default_with(&["name=race".into()])?;
+        std::fs::create_dir_all(root.path().join("race-2")).map_err(|e| PipelineError::io(root.path(), e))?;
+        // Eight claims at once: an existence check followed by a create would hand some of them
+        // the same folder.
+        let barrier = std::sync::Barrier::new(8);
+        let mut dirs: Vec<PathBuf> = std::thread::scope(|s| {
+            let claims: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        cfg.new_run_dir(root.path())
+                    })
+                })
+                .collect();
+            claims.into_iter().map(|c| c.join().unwrap_or_else(|_| Err(PipelineError::config("name", "a claim panicked")))).collect::<Result<Vec<_>>>()
+        })?;
+        dirs.sort();
+        let names: Vec<String> = dirs.iter().map(|d| d.strip_prefix(root.path()).unwrap_or(d).display().to_string()).collect();
+        assert_eq!(names, ["race", "race-1", "race-3", "race-4", "race-5", "race-6", "race-7", "race-8"], "the folder that was there (race-2) is skipped, and no two claims share one");
+        assert!(dirs.iter().all(|d| d.is_dir()));
+        Ok(())
+    }
 
     #[test]
     fn default_parses_and_sets_apply() -> Result<()> {

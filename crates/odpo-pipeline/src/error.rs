@@ -95,6 +95,15 @@ pub enum PipelineError {
         /// was one of its stages.
         run_dir: Option<PathBuf>,
     },
+    /// Another live odpo process works in the run folder (a sweep, an experiment or a run of the
+    /// built-in pipeline resumed twice at once).
+    #[error("{}: in use by another odpo process ({holder}); wait for it to end (a new run gets a folder of its own)", dir.display())]
+    Busy {
+        /// The run folder.
+        dir: PathBuf,
+        /// Who holds it, as its lock file says (process id and start time).
+        holder: String,
+    },
     /// The plot could not be drawn.
     #[error("plot `{}`: {message}", path.display())]
     Plot {

@@ -193,7 +193,7 @@ pub fn pair_margins(policy: &CausalLm, reference: &CausalLm, tokenizer: &Tokeniz
 /// Writes `report` as pretty JSON.
 pub fn write_report(path: &Path, report: &EvalReport) -> Result<PathBuf> {
     let text = serde_json::to_string_pretty(report).map_err(|e| PipelineError::Json { path: path.to_path_buf(), line: 0, message: e.to_string() })?;
-    std::fs::write(path, text).map_err(|e| PipelineError::io(path, e))?;
+    odpo_model::weights::write_atomic(path, text.as_bytes())?;
     Ok(path.to_path_buf())
 }
 

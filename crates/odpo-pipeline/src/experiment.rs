@@ -29,6 +29,7 @@ use crate::eval::{Estimate, SampleEval, evaluate_samples};
 use crate::journal::Journal;
 use crate::pipeline::SweepPoint;
 use crate::plot::{self, Series};
+use crate::progress::SweepProgress;
 use crate::reward::reward_from_spec;
 use crate::sample::{self, SampleSettings};
 
@@ -258,9 +259,10 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
     let eval_prompts = &prompts[prompts.len() - cfg.eval_prompts..];
     let dir = PathBuf::from("runs").join(&cfg.name);
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
+    let _held = crate::pipeline::hold(&dir)?;
     let cfg_copy = dir.join("experiment.toml");
     let cfg_text = toml::to_string(&cfg).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), format!("could not be written as TOML: {e}")))?;
-    std::fs::write(&cfg_copy, cfg_text).map_err(|e| PipelineError::io(&cfg_copy, e))?;
+    odpo_model::weights::write_atomic(&cfg_copy, cfg_text.as_bytes())?;
 
     let reward = reward_from_spec(&cfg.reward, device)?;
     let loaded = odpo_model::CausalLm::load(&cfg.model, device)?;
@@ -294,12 +296,16 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
 
     // 3. One run per setting.
     let mut rows = Vec::new();
-    for point in cfg.points() {
+    let points = cfg.points();
+    let mut progress = SweepProgress::new(points.len());
+    for point in points {
         let SweepPoint { method, beta, alpha, seed } = point;
         let t = Instant::now();
         let tag = format!("{}-b{beta}-a{alpha}-s{seed}", method.name());
         let run_dir = dir.join("runs").join(&tag);
+        let mut kept = true;
         let eval = cached_eval(&run_dir.join("eval.json"), || {
+            kept = false;
             say(format!("[{tag}] training ..."));
             let run = run_config(&cfg, &point, &samples, &run_dir)?;
             let summary = odpo_trainer::train(&run, device, false)?;
@@ -309,19 +315,20 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
             Ok(evaluate_samples(&policy, &base, &tok, eval_prompts, &eval_settings(seed), reward.as_ref(), device)?.0)
         })?;
         let row = ExperimentRow { method, beta, alpha, seed, eval, seconds: t.elapsed().as_secs_f64() };
-        say(format!("[{tag}] reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3})", eval.reward.mean, eval.reward.ci95, eval.kl.seq.mean, eval.kl.k3.mean));
+        let count = if kept { progress.kept() } else { progress.trained(row.seconds) };
+        say(format!("{count} [{tag}] reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3}){}", eval.reward.mean, eval.reward.ci95, eval.kl.seq.mean, eval.kl.k3.mean, progress.left()));
         rows.push(row);
     }
 
     let table = dir.join("experiment.md");
-    std::fs::write(&table, markdown(&cfg, &base_eval, &rows)).map_err(|e| PipelineError::io(&table, e))?;
+    odpo_model::weights::write_atomic(&table, markdown(&cfg, &base_eval, &rows).as_bytes())?;
     let csv = dir.join("experiment.csv");
     let mut text = String::from("method,beta,alpha,seed,reward,reward_ci95,kl_seq,kl_seq_ci95,kl_k3,kl_k3_ci95,mean_tokens\n");
     for r in &rows {
         let e = &r.eval;
         let _ = writeln!(text, "{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1}", r.method.name(), r.beta, r.alpha, r.seed, e.reward.mean, e.reward.ci95, e.kl.seq.mean, e.kl.seq.ci95, e.kl.k3.mean, e.kl.k3.ci95, e.mean_tokens);
     }
-    std::fs::write(&csv, text).map_err(|e| PipelineError::io(&csv, e))?;
+    odpo_model::weights::write_atomic(&csv, text.as_bytes())?;
     let plot_path = dir.join("experiment.png");
     let mut series = vec![Series { name: "pretrained model".into(), points: vec![(0.0, base_eval.reward.mean)], frontier: false }];
     for &m in &cfg.methods {

@@ -22,6 +22,7 @@ use crate::error::{PipelineError, Result};
 use crate::eval::{Estimate, evaluate_samples, pair_margins};
 use crate::pipeline::{SweepPoint, eval_settings, load_model, prepare_task, task_score, train_pref, train_sft};
 use crate::plot::{self, Band, Series};
+use crate::progress::SweepProgress;
 use crate::sample::{self, SampleSettings};
 use crate::synthetic;
 use odpo_trainer::config::Checked;
@@ -200,12 +201,11 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
         Subset::PerSeed => {}
     }
     let cfg = cfg.check()?;
-    let dir = cfg.fresh_run_dir(Path::new("runs"));
-    std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
+    let dir = cfg.new_run_dir(Path::new("runs"))?;
+    let _held = crate::pipeline::hold(&dir)?;
     let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), e.to_string()))?;
     for (name, text) in [("pipeline.toml", cfg.to_toml()?), (SWEEP_FILE, fc_text)] {
-        let p = dir.join(name);
-        std::fs::write(&p, text).map_err(|e| PipelineError::io(&p, e))?;
+        odpo_model::weights::write_atomic(&dir.join(name), text.as_bytes())?;
     }
     sweep(&fc, &cfg, &dir, device, verbose).map_err(|e| e.in_run(&dir))
 }
@@ -226,6 +226,7 @@ pub fn is_sweep_dir(dir: &Path) -> bool {
 pub fn resume_frontier(dir: &Path, device: &Device, verbose: bool) -> Result<FrontierSummary> {
     let fc = FrontierConfig::from_file(&dir.join(SWEEP_FILE))?;
     let cfg = PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?;
+    let _held = crate::pipeline::hold(dir)?;
     sweep(&fc, &cfg, dir, device, verbose).map_err(|e| e.in_run(dir))
 }
 
@@ -253,6 +254,8 @@ fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device:
 
     let mut rows = Vec::new();
     let k = cfg.sample.k;
+    let per_budget_and_seed: usize = fc.methods.iter().map(|&m| fc.betas.len() * if m == Method::Odpo { fc.alphas.len() } else { 1 }).sum();
+    let mut progress = SweepProgress::new(fc.pair_counts.len() * fc.seeds.len() * per_budget_and_seed);
     for &n in &fc.pair_counts {
         for &seed in &fc.seeds {
             // Samples are prompt-major, k per prompt: prompt i is lines [i·k, (i+1)·k).
@@ -274,7 +277,7 @@ fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device:
                         let tag = format!("{}-n{n}-b{beta}-a{alpha}-s{seed}", method.name());
                         let run_dir = dir.join("runs").join(&tag);
                         if let Some(row) = FrontierRow::read(&run_dir, method, n, beta, alpha, seed) {
-                            say(format!("{tag}: kept from an earlier invocation ({})", run_dir.join(ROW_FILE).display()));
+                            say(format!("{} {tag}: kept from an earlier invocation ({})", progress.kept(), run_dir.join(ROW_FILE).display()));
                             rows.push(row);
                             continue;
                         }
@@ -300,7 +303,17 @@ fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device:
                             rho_margin_gap: compare::spearman(&h, &gap),
                             seconds: t.elapsed().as_secs_f64(),
                         };
-                        say(format!("{tag}: reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3}), rho(beta*h, gap) {:.2}, {:.1} s", row.reward.mean, row.reward.ci95, row.kl_seq.mean, row.kl_k3.mean, row.rho_margin_gap, row.seconds));
+                        let count = progress.trained(row.seconds);
+                        say(format!(
+                            "{count} {tag}: reward {:.3} ± {:.3}, KL {:.3} (k3 {:.3}), rho(beta*h, gap) {:.2}, {:.1} s{}",
+                            row.reward.mean,
+                            row.reward.ci95,
+                            row.kl_seq.mean,
+                            row.kl_k3.mean,
+                            row.rho_margin_gap,
+                            row.seconds,
+                            progress.left()
+                        ));
                         row.write(&run_dir)?;
                         rows.push(row);
                     }
@@ -318,13 +331,13 @@ fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device:
     for r in &rows {
         let _ = writeln!(text, "{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{:.1}", r.method.name(), r.pairs, r.pair_budget, r.beta, r.alpha, r.seed, r.reward.mean, r.reward.ci95, r.kl_seq.mean, r.kl_seq.ci95, r.kl_k3.mean, r.kl_k3.ci95, r.rho_margin_gap, r.seconds);
     }
-    std::fs::write(&csv, text).map_err(|e| PipelineError::io(&csv, e))?;
+    odpo_model::weights::write_atomic(&csv, text.as_bytes())?;
     let json = dir.join("comparison.json");
     let json_text = serde_json::to_string_pretty(&comparisons).map_err(|e| PipelineError::Json { path: json.clone(), line: 0, message: e.to_string() })?;
-    std::fs::write(&json, json_text).map_err(|e| PipelineError::io(&json, e))?;
+    odpo_model::weights::write_atomic(&json, json_text.as_bytes())?;
     let table = dir.join("frontier.md");
     let md = comparison_table(&comparisons) + &markdown_table(&rows, &sft_eval.reward);
-    std::fs::write(&table, &md).map_err(|e| PipelineError::io(&table, e))?;
+    odpo_model::weights::write_atomic(&table, md.as_bytes())?;
     let plot_path = dir.join("frontier.png");
     if fc.seeds.len() >= 2 {
         plot::bands(&plot_path, &format!("Reward vs KL over {} seeds: mean envelope, 95% band", fc.seeds.len()), sft_eval.reward.mean, &band_series(fc, &rows, sft_eval.reward.mean))?;
@@ -465,6 +478,25 @@ mod tests {
 
     /// A sweep's values a run could not take are refused when the file is read, naming the list,
     /// before the SFT stage runs.
+    #[test]
+    fn a_sweep_folder_in_use_is_refused_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let sweep_dir = dir.path().join("sweep");
+        std::fs::create_dir_all(&sweep_dir).unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/pipeline/frontier.toml");
+        std::fs::copy(&shipped, sweep_dir.join(SWEEP_FILE)).unwrap();
+        std::fs::write(sweep_dir.join("pipeline.toml"), PipelineConfig::default_with(&[]).unwrap().to_toml().unwrap()).unwrap();
+        let held = odpo_trainer::lock::acquire(&sweep_dir).unwrap();
+        let e = resume_frontier(&sweep_dir, &Device::default(), false).map(|_| ()).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, PipelineError::Busy { .. }), "{msg}");
+        assert!(msg.starts_with(&format!("{}: in use by another odpo process (process {}", sweep_dir.display(), std::process::id())), "{msg}");
+        let mut names: Vec<String> = std::fs::read_dir(&sweep_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        assert_eq!(names, [".lock", SWEEP_FILE, "pipeline.toml"], "the refused resume wrote into the folder");
+        drop(held);
+    }
+
     #[test]
     fn a_sweeps_bad_values_are_named_before_anything_runs() {
         let dir = tempfile::tempdir().unwrap();

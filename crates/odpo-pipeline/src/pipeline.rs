@@ -128,11 +128,10 @@ pub fn prepare_task(cfg: &Checked<PipelineConfig>, dir: &Path) -> Result<TaskFil
         writeln!(sft, "{}", serde_json::json!({"prompt": prompt, "chosen": chosen, "rejected": rejected})).map_err(|e| PipelineError::io(&data, e))?;
     }
     let sft_data = data.join("sft.jsonl");
-    std::fs::write(&sft_data, sft).map_err(|e| PipelineError::io(&sft_data, e))?;
+    odpo_model::weights::write_atomic(&sft_data, &sft)?;
     let pref_prompts: Vec<String> = split.train[..cfg.task.pref_prompts].to_vec();
     for (name, list) in [("prompts-pref.txt", &pref_prompts), ("prompts-eval.txt", &split.eval)] {
-        let path = data.join(name);
-        std::fs::write(&path, list.join("\n") + "\n").map_err(|e| PipelineError::io(&path, e))?;
+        odpo_model::weights::write_atomic(&data.join(name), (list.join("\n") + "\n").as_bytes())?;
     }
     Ok(TaskFiles { init_dir, sft_data, pref_prompts, eval_prompts: split.eval })
 }
@@ -229,6 +228,16 @@ fn in_stage_keys(e: odpo_trainer::TrainError, stage: &str) -> PipelineError {
     }
 }
 
+/// Holds the run folder `dir` of a multi-stage command (its stages lock their own folders inside
+/// it) for as long as the guard lives: a second process resuming the same folder is refused before
+/// it writes anything there.
+pub(crate) fn hold(dir: &Path) -> Result<odpo_trainer::lock::RunLock> {
+    odpo_trainer::lock::acquire(dir).map_err(|e| match e {
+        odpo_trainer::TrainError::Busy { run_dir, holder } => PipelineError::Busy { dir: run_dir, holder },
+        other => other.into(),
+    })
+}
+
 /// Whether a trainer folder holds a checkpoint to resume from.
 pub(crate) fn has_checkpoint(dir: &Path) -> Result<bool> {
     Ok(!odpo_trainer::checkpoint::list(dir)?.is_empty())
@@ -263,10 +272,15 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
         Some(path) => PipelineConfig::from_file(path, &opts.sets)?,
         None => PipelineConfig::default_with(&opts.sets)?,
     };
-    let dir = opts.run_dir.clone().unwrap_or_else(|| cfg.fresh_run_dir(Path::new("runs")));
-    std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
-    let cfg_path = dir.join("pipeline.toml");
-    std::fs::write(&cfg_path, cfg.to_toml()?).map_err(|e| PipelineError::io(&cfg_path, e))?;
+    let dir = match &opts.run_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| PipelineError::io(dir, e))?;
+            dir.clone()
+        }
+        None => cfg.new_run_dir(Path::new("runs"))?,
+    };
+    let _held = hold(&dir)?;
+    odpo_model::weights::write_atomic(&dir.join("pipeline.toml"), cfg.to_toml()?.as_bytes())?;
     let v = opts.verbose;
     let mut stages: Vec<(String, f64)> = Vec::new();
     let mut lap = Instant::now();
@@ -341,7 +355,7 @@ pub fn run_default(opts: &DefaultOptions, device: &Device) -> Result<DefaultSumm
     };
     let path = dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).map_err(|e| PipelineError::Json { path: path.clone(), line: 0, message: e.to_string() })?;
-    std::fs::write(&path, text).map_err(|e| PipelineError::io(&path, e))?;
+    odpo_model::weights::write_atomic(&path, text.as_bytes())?;
     say(v, &summary);
     Ok(summary)
 }
@@ -372,4 +386,51 @@ pub(crate) fn pairs_in(pref_dir: &Path) -> Result<usize> {
     let cfg = RunConfig::from_file(&pref_dir.join("config.toml"), &[])?;
     let loaded = odpo_data::load(&cfg.data).map_err(odpo_trainer::TrainError::from)?;
     Ok(loaded.pairs.len())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_run_folder_in_use_is_refused_before_its_config_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = odpo_trainer::lock::acquire(dir.path()).unwrap();
+        let opts = DefaultOptions { run_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+        let e = run_default(&opts, &Device::default()).map(|_| ()).unwrap_err();
+        assert!(matches!(e, PipelineError::Busy { .. }), "{e}");
+        assert!(!dir.path().join("pipeline.toml").exists(), "the refused run wrote its config");
+        drop(held);
+        // Released (as when the holder ends, however it ends): the same folder is taken again.
+        let again = hold(dir.path()).unwrap();
+        drop(again);
+    }
+
+    #[test]
+    fn the_task_written_again_on_resume_leaves_its_files_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = PipelineConfig::default_with(&[]).unwrap();
+        let files = |d: &Path| -> Vec<(PathBuf, Vec<u8>, std::time::SystemTime)> {
+            let mut out = Vec::new();
+            for folder in [d.join("data"), d.join("data/init")] {
+                for e in std::fs::read_dir(folder).unwrap() {
+                    let p = e.unwrap().path();
+                    if p.is_file() {
+                        out.push((p.clone(), std::fs::read(&p).unwrap(), std::fs::metadata(&p).unwrap().modified().unwrap()));
+                    }
+                }
+            }
+            out.sort();
+            out
+        };
+        prepare_task(&cfg, dir.path()).unwrap();
+        let first = files(dir.path());
+        assert_eq!(first.len(), 6, "sft.jsonl, two prompt lists, tokenizer.json, tokenizer_config.json, config.json");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        prepare_task(&cfg, dir.path()).unwrap();
+        // Each file goes through a temporary file and a rename, and one that holds the same bytes is
+        // left alone: a resume never truncates the task under a stage, nor gives it new times.
+        assert_eq!(files(dir.path()), first);
+    }
 }

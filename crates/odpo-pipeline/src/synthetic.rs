@@ -154,7 +154,7 @@ pub fn gpt2_config(n_layer: usize, n_embd: usize, n_head: usize, n_positions: us
 /// Writes pretty JSON to `path`.
 pub fn write_json(path: &Path, value: &Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value).map_err(|e| PipelineError::Json { path: path.to_path_buf(), line: 0, message: e.to_string() })?;
-    std::fs::write(path, text).map_err(|e| PipelineError::io(path, e))
+    Ok(odpo_model::weights::write_atomic(path, text.as_bytes())?)
 }
 
 #[cfg(test)]
