@@ -19,7 +19,7 @@ use std::path::Path;
 use burn::tensor::Device;
 use odpo_model::{CausalLm, ModelConfig};
 use odpo_pipeline::eval::{EvalReport, evaluate};
-use odpo_pipeline::pipeline::load_model;
+use odpo_pipeline::stages::load_model;
 use odpo_pipeline::{RewardModel, SampleSettings, synthetic};
 use odpo_trainer::RunConfig;
 

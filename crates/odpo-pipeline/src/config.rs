@@ -256,14 +256,14 @@ impl PipelineConfig {
                 return Err(PipelineError::config(key, "is 0; expected at least 1"));
             }
         }
-        let most = crate::pipeline::MAX_POSITIONS - crate::synthetic::PROMPT_WORDS;
+        let most = crate::synthetic::MAX_POSITIONS - crate::synthetic::PROMPT_WORDS;
         if self.sample.max_new_tokens > most {
             return Err(PipelineError::config(
                 "sample.max_new_tokens",
                 format!(
                     "is {}; the task's model has {} positions and its prompts take {}, so at most {most}",
                     self.sample.max_new_tokens,
-                    crate::pipeline::MAX_POSITIONS,
+                    crate::synthetic::MAX_POSITIONS,
                     crate::synthetic::PROMPT_WORDS
                 ),
             ));

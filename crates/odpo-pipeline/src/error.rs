@@ -116,8 +116,8 @@ pub enum PipelineError {
 
 impl PipelineError {
     /// A pass's stop after `done` of `total` rows, kept in `journal` where it has one.
-    pub(crate) fn stopped(task: &'static str, done: usize, total: usize, unit: &'static str, journal: Option<&crate::journal::Journal>) -> Self {
-        Self::Stopped { task, done, total, unit, kept: journal.map(|j| j.path().to_path_buf()), run_dir: None }
+    pub(crate) fn stopped(task: &'static str, done: usize, total: usize, unit: &'static str, journal: Option<&std::path::Path>) -> Self {
+        Self::Stopped { task, done, total, unit, kept: journal.map(std::path::Path::to_path_buf), run_dir: None }
     }
 
     /// `self`, naming the pipeline run folder `dir` that continues it where it is a stop.

@@ -27,7 +27,7 @@ use crate::config::{Method, SampleSection};
 use crate::error::{PipelineError, Result};
 use crate::eval::{Estimate, SampleEval, evaluate_samples};
 use crate::journal::Journal;
-use crate::pipeline::SweepPoint;
+use crate::stages::SweepPoint;
 use crate::plot::{self, Series};
 use crate::progress::SweepProgress;
 use crate::reward::reward_from_spec;
@@ -247,7 +247,7 @@ pub fn read_prompt_list(path: &Path) -> Result<Vec<String>> {
 pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<ExperimentSummary> {
     let start = Instant::now();
     let cfg = ExperimentConfig::from_file(config_path)?;
-    let say = |m: String| crate::pipeline::say(verbose, m);
+    let say = |m: String| crate::stages::say(verbose, m);
     let prompts = read_prompt_list(&cfg.prompts)?;
     if cfg.pref_prompts + cfg.eval_prompts > prompts.len() {
         return Err(PipelineError::config(
@@ -259,7 +259,7 @@ pub fn experiment(config_path: &Path, device: &Device, verbose: bool) -> Result<
     let eval_prompts = &prompts[prompts.len() - cfg.eval_prompts..];
     let dir = PathBuf::from("runs").join(&cfg.name);
     std::fs::create_dir_all(&dir).map_err(|e| PipelineError::io(&dir, e))?;
-    let _held = crate::pipeline::hold(&dir)?;
+    let _held = crate::stages::hold(&dir)?;
     let cfg_copy = dir.join("experiment.toml");
     let cfg_text = toml::to_string(&cfg).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), format!("could not be written as TOML: {e}")))?;
     odpo_model::weights::write_atomic(&cfg_copy, cfg_text.as_bytes())?;

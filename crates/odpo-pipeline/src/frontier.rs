@@ -20,7 +20,7 @@ use crate::compare::{self, Comparison, SeedGap};
 use crate::config::{Method, PipelineConfig};
 use crate::error::{PipelineError, Result};
 use crate::eval::{Estimate, evaluate_samples, pair_margins};
-use crate::pipeline::{SweepPoint, eval_settings, load_model, prepare_task, task_score, train_pref, train_sft};
+use crate::stages::{SweepPoint, eval_settings, load_model, prepare_task, task_score, train_pref, train_sft};
 use crate::plot::{self, Band, Series};
 use crate::progress::SweepProgress;
 use crate::sample::{self, SampleSettings};
@@ -202,7 +202,7 @@ pub fn frontier(config_path: &Path, sets: &[String], device: &Device, verbose: b
     }
     let cfg = cfg.check()?;
     let dir = cfg.new_run_dir(Path::new("runs"))?;
-    let _held = crate::pipeline::hold(&dir)?;
+    let _held = crate::stages::hold(&dir)?;
     let fc_text = toml::to_string(&fc).map_err(|e| PipelineError::config_parse(config_path.display().to_string(), e.to_string()))?;
     for (name, text) in [("pipeline.toml", cfg.to_toml()?), (SWEEP_FILE, fc_text)] {
         odpo_model::weights::write_atomic(&dir.join(name), text.as_bytes())?;
@@ -226,7 +226,7 @@ pub fn is_sweep_dir(dir: &Path) -> bool {
 pub fn resume_frontier(dir: &Path, device: &Device, verbose: bool) -> Result<FrontierSummary> {
     let fc = FrontierConfig::from_file(&dir.join(SWEEP_FILE))?;
     let cfg = PipelineConfig::from_file(&dir.join("pipeline.toml"), &[])?;
-    let _held = crate::pipeline::hold(dir)?;
+    let _held = crate::stages::hold(dir)?;
     sweep(&fc, &cfg, dir, device, verbose).map_err(|e| e.in_run(dir))
 }
 
@@ -234,7 +234,7 @@ pub fn resume_frontier(dir: &Path, device: &Device, verbose: bool) -> Result<Fro
 fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device: &Device, verbose: bool) -> Result<FrontierSummary> {
     let start = Instant::now();
     let dir = dir.to_path_buf();
-    let say = |m: String| crate::pipeline::say(verbose, m);
+    let say = |m: String| crate::stages::say(verbose, m);
 
     let task = prepare_task(cfg, &dir)?;
     say(format!("SFT -> {}", dir.join("sft").display()));

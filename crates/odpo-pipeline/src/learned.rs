@@ -254,7 +254,7 @@ pub fn features(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[String], tex
     for (b, chunk) in order.chunks(batch_size).enumerate().skip(done.div_ceil(batch_size)) {
         if odpo_trainer::interrupt::requested() {
             bar.finish_and_clear();
-            return Err(PipelineError::stopped("computing the backbone's features", b * batch_size, ids.len(), "texts", journal));
+            return Err(PipelineError::stopped("computing the backbone's features", b * batch_size, ids.len(), "texts", journal.map(Journal::path)));
         }
         let items: Vec<odpo_data::SftItem> = chunk.iter().map(|&i| odpo_data::SftItem { id: i, ids: ids[i].clone(), prompt_len: 0 }).collect();
         let batch = burn::data::dataloader::batcher::Batcher::batch(&batcher, items, device);

@@ -6,7 +6,7 @@
 //! sentiment values), [`mod@sample`] (k scored responses per prompt in the ODPO paper's format; [`journal`] keeps a
 //! stopped pass's finished batches),
 //! [`eval`] (mean reward and two KL estimators with 95% intervals), [`plot`] (PNG scatter plots), [`progress`] (a sweep's count of runs and time left),
-//! [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation), [`mod@frontier`]
+//! [`stages`] (the task, SFT and preference runs as plain functions), [`pipeline`] (the default run: task, SFT, sampling, ODPO or DPO, evaluation), [`mod@frontier`]
 //! (the β/α × pair-count × seed sweep), [`compare`] (whether ODPO's frontier is above DPO's, over seeds) and [`mod@experiment`] (DPO and ODPO from a pretrained model
 //! scored by a reward model: the paper's sentiment experiment). Training goes through `odpo-trainer`; it never names a
 //! backend: every entry point takes a `&Device`.
@@ -45,6 +45,7 @@ pub mod progress;
 pub mod reward;
 pub mod rounds;
 pub mod sample;
+pub mod stages;
 pub mod synthetic;
 
 pub use config::{Method, PipelineConfig};

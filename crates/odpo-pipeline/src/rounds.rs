@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{PipelineConfig, RoundReference};
 use crate::error::{PipelineError, Result};
 use crate::eval::{SampleEval, evaluate_samples};
-use crate::pipeline::{SweepPoint, TaskFiles, eval_settings, load_model, pairs_in, pref_run_config, say, task_score};
+use crate::stages::{SweepPoint, TaskFiles, eval_settings, load_model, pairs_in, pref_run_config, say, task_score};
 use crate::plot::{self, Series};
 use crate::sample::{self, SampleSettings};
 use odpo_trainer::config::Checked;
@@ -83,7 +83,7 @@ pub fn online_rounds(cfg: &Checked<PipelineConfig>, task: &TaskFiles, sft_model:
         let mut run = pref_run_config(cfg, &SweepPoint::of(cfg), &start, &samples, &round_dir)?.into_inner();
         run.model.reference = (reference != start).then(|| reference.clone());
         let run = run.check()?;
-        let summary = odpo_trainer::train(&run, device, crate::pipeline::has_checkpoint(&round_dir)?)?;
+        let summary = odpo_trainer::train(&run, device, crate::stages::has_checkpoint(&round_dir)?)?;
         let model = summary.exported.ok_or_else(|| PipelineError::config("output.export", "a round exported no model"))?;
 
         let (policy, _) = load_model(&model, device)?;

@@ -78,7 +78,7 @@ pub fn sample_journaled(model: &CausalLm, tokenizer: &Tokenizer, prompts: &[Stri
     for (b, chunk) in jobs.chunks(GENERATE_BATCH).enumerate().skip(out.len().div_ceil(GENERATE_BATCH)) {
         if odpo_trainer::interrupt::requested() {
             bar.finish_and_clear();
-            return Err(PipelineError::stopped("sampling", out.len(), jobs.len(), "responses", journal));
+            return Err(PipelineError::stopped("sampling", out.len(), jobs.len(), "responses", journal.map(Journal::path)));
         }
         let ids: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
         let cfg = GenerationConfig {

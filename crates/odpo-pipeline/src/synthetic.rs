@@ -62,6 +62,11 @@ pub fn reward() -> KnownReward {
 /// Tokens in every prompt: one word of each of the four kinds (the tokenizer has a token a word).
 pub const PROMPT_WORDS: usize = 4;
 
+/// The task model's positions: the longest prompt and response in tokens (prompts are
+/// [`PROMPT_WORDS`] words, responses at most `sample.max_new_tokens`, which the pipeline config
+/// checks against it).
+pub const MAX_POSITIONS: usize = 32;
+
 /// Every prompt, in a fixed order.
 pub fn all_prompts() -> Vec<String> {
     let mut out = Vec::with_capacity(TIMES.len() * DETS.len() * NOUNS.len() * VERBS.len());

@@ -15,7 +15,7 @@ use odpo_loss::{LossConfig, LossKind, PairLogps, preference_loss};
 use odpo_pipeline::compare::spearman;
 use odpo_pipeline::config::PairSelection;
 use odpo_pipeline::eval::{evaluate_samples, pair_margins};
-use odpo_pipeline::pipeline::{SweepPoint, eval_settings, load_model, prepare_task, train_pref, train_sft};
+use odpo_pipeline::stages::{SweepPoint, eval_settings, load_model, prepare_task, train_pref, train_sft};
 use odpo_pipeline::sample::{SampleSettings, sample};
 use odpo_pipeline::{Method, PipelineConfig, synthetic};
 use rand::rngs::StdRng;
