@@ -345,7 +345,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
     let tokens = (2 * b.pairs * b.seq) as f64;
     Ok(StepResult {
         params: policy.num_params(),
-        trainable: crate::train::trainable_params(&policy),
+        trainable: crate::host_memory::trainable_params(&policy),
         pairs: b.pairs,
         seq: b.seq,
         seconds_per_step_median: median,

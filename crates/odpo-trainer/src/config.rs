@@ -645,7 +645,7 @@ impl TrainConfig {
                 return err("train.devices", format!("entry `{d}` is not a device of `train.backend = \"{}\"`; every device must be of the run's backend", t.backend.name()));
             }
         }
-        crate::step::DataParallel::check_batch(t.batch_size, t.micro_batch_size, t.devices.len().max(1))?;
+        check_batch_split(t.batch_size, t.micro_batch_size, t.devices.len().max(1))?;
         if t.stage == Stage::Sft && t.layout != RowLayout::Auto {
             return err("train.layout", "does not apply to `train.stage = \"sft\"` (its rows have no rejected side); remove it".into());
         }
@@ -753,6 +753,21 @@ pub fn apply_set(tree: &mut toml::Table, set: &str) -> Result<()> {
             toml::Value::Table(t) => t,
             _ => return Err(bad(&format!("`{}` is not a table", parts[..=i].join(".")))),
         };
+    }
+    Ok(())
+}
+
+/// Data parallelism's rule on the batch: each of `replicas` devices must get whole micro-batches of
+/// a step.
+pub fn check_batch_split(batch_size: usize, micro_batch_size: usize, replicas: usize) -> Result<()> {
+    if replicas > 1 && !batch_size.is_multiple_of(replicas * micro_batch_size) {
+        return Err(TrainError::config(
+            "train.batch_size",
+            format!(
+                "({batch_size}) must be a multiple of {replicas} devices × `train.micro_batch_size` ({micro_batch_size}) = {}, so that every device gets whole micro-batches",
+                replicas * micro_batch_size
+            ),
+        ));
     }
     Ok(())
 }

@@ -16,6 +16,7 @@
 //! renderer prints a `Debug` line per update, which the progress bar and `metrics.jsonl` already say
 //! better, so off a terminal the bar stays.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -28,7 +29,6 @@ use burn_train::renderer::{MetricState, MetricsRenderer, MetricsRendererTraining
 use burn_train::Interrupter;
 
 use crate::error::{Result, TrainError};
-use crate::metrics::Row;
 
 /// Where the log goes while the dashboard holds the terminal; `None` otherwise.
 static LOG_FILE: Mutex<Option<std::fs::File>> = Mutex::new(None);
@@ -84,18 +84,18 @@ impl Dashboard {
         Ok(Some(Self { renderer, interrupter, registered: Default::default() }))
     }
 
-    /// Shows a row of `metrics.jsonl`: a train row as training metrics and the progress, an eval row
-    /// as validation metrics.
-    pub fn row(&mut self, row: &Row) {
-        for (name, &value) in row.values.iter().filter(|(_, v)| v.is_finite()) {
+    /// Shows a row of `metrics.jsonl` (its step, split and values): a train row as training metrics
+    /// and the progress, an eval row as validation metrics.
+    pub fn row(&mut self, step: usize, split: &str, values: &BTreeMap<String, f64>) {
+        for (name, &value) in values.iter().filter(|(_, v)| v.is_finite()) {
             if self.registered.insert(name.clone()) {
                 self.renderer.register_metric(definition(name));
             }
             let state = MetricState::Numeric(entry(name, value), Some(NumericEntry::Value(value)));
-            if row.split == "eval" { self.renderer.update_valid(state) } else { self.renderer.update_train(state) }
+            if split == "eval" { self.renderer.update_valid(state) } else { self.renderer.update_train(state) }
         }
-        if row.split == "train" {
-            self.renderer.update_split(row.step);
+        if split == "train" {
+            self.renderer.update_split(step);
         }
     }
 
@@ -133,12 +133,12 @@ impl BurnTrainLog {
 
     /// Logs a row under the data epoch it is in (burn-train groups its files by epoch; a training
     /// row's `epoch` value is the passes made so far).
-    pub fn row(&mut self, row: &Row) -> Result<()> {
-        if let Some(e) = row.values.get("epoch").filter(|e| e.is_finite() && **e >= 0.0) {
+    pub fn row(&mut self, split: &str, values: &BTreeMap<String, f64>) -> Result<()> {
+        if let Some(e) = values.get("epoch").filter(|e| e.is_finite() && **e >= 0.0) {
             self.epoch = (e.ceil() as usize).max(1);
         }
         let mut numeric = Vec::new();
-        for (name, &value) in row.values.iter().filter(|(_, v)| v.is_finite()) {
+        for (name, &value) in values.iter().filter(|(_, v)| v.is_finite()) {
             // A metric is a file: `rewards/accuracies` becomes `rewards.accuracies.log`.
             let name = name.replace('/', ".");
             if self.registered.insert(name.clone()) {
@@ -146,7 +146,7 @@ impl BurnTrainLog {
             }
             numeric.push(NumericMetricUpdate { entry: entry(&name, value), numeric_entry: Some(NumericEntry::Value(value)), running_entry: None });
         }
-        let split = if row.split == "eval" { Split::Valid } else { Split::Train };
+        let split = if split == "eval" { Split::Valid } else { Split::Train };
         // burn-train's file logger panics when it cannot write; here that is an error naming the folder.
         let update = MetricsUpdate { entries: Vec::new(), entries_numeric: numeric };
         let (logger, epoch) = (&mut self.logger, self.epoch);

@@ -218,7 +218,7 @@ pub(crate) fn check(policy: &CausalLm, state: &TrainingState<'_>, device: &Devic
     if !odpo_model::backend::in_host_memory(device) {
         return Ok(());
     }
-    let trained = crate::train::trainable_params(policy) as u64;
+    let trained = trainable_params(policy) as u64;
     let vocab = policy.vocab_size() as u64;
     check_against(need(trained, float_params(policy), vocab, state), state, odpo_model::out_of_memory::host_free_bytes())
 }
@@ -288,6 +288,21 @@ fn check_against(need: Need, state: &TrainingState<'_>, free: Option<u64>) -> Re
     }
     advice.push("run on a GPU backend");
     Err(TrainError::HostMemory { message, advice: format!("to fit, {}", advice.join(", or ")) })
+}
+
+/// The number of parameters that receive gradients (all of them, or the adapters with LoRA).
+pub fn trainable_params(model: &CausalLm) -> usize {
+    struct Count(usize);
+    impl burn::module::ModuleVisitor for Count {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            if param.is_require_grad() {
+                self.0 += param.lazy_shape().num_elements();
+            }
+        }
+    }
+    let mut c = Count(0);
+    model.visit(&mut c);
+    c.0
 }
 
 #[cfg(test)]

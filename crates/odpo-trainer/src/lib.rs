@@ -42,4 +42,5 @@ pub use config::RunConfig;
 pub use data::RunData;
 pub use error::{Result, TrainError};
 pub use step::{StepStats, Trainer};
-pub use train::{RunSummary, export, load_base, load_data, load_policy, tokenizer_path, train, train_on, train_on_devices, trainable_params};
+pub use host_memory::trainable_params;
+pub use train::{RunSummary, export, load_base, load_data, load_policy, tokenizer_path, train, train_on, train_on_devices};

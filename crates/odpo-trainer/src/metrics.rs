@@ -108,11 +108,11 @@ impl MetricsWriter {
         }
         #[cfg(feature = "dashboard")]
         if let Some(log) = &mut self.burn_train {
-            log.row(row)?;
+            log.row(row.split, &row.values)?;
         }
         #[cfg(feature = "dashboard")]
         if let Some(d) = &mut self.dashboard {
-            d.row(row);
+            d.row(row.step, row.split, &row.values);
         }
         Ok(())
     }

@@ -91,20 +91,6 @@ impl DataParallel {
         Self { replicas: devices.iter().map(|d| Replica { device: autodiff(d, checkpointing), reference: reference.fork(d) }).collect(), checkpointing }
     }
 
-    /// Every one of `replicas` must get whole micro-batches of a step.
-    pub fn check_batch(batch_size: usize, micro_batch_size: usize, replicas: usize) -> Result<()> {
-        if replicas > 1 && !batch_size.is_multiple_of(replicas * micro_batch_size) {
-            return Err(TrainError::config(
-                "train.batch_size",
-                format!(
-                    "({batch_size}) must be a multiple of {replicas} devices × `train.micro_batch_size` ({micro_batch_size}) = {}, so that every device gets whole micro-batches",
-                    replicas * micro_batch_size
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// Number of replicas.
     pub fn len(&self) -> usize {
         self.replicas.len()

@@ -101,7 +101,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         return Err(TrainError::config("train.devices", "is empty; expected at least one device"));
     };
     // The config checked its own `train.devices`; the devices given here may be others.
-    DataParallel::check_batch(t.batch_size, t.micro_batch_size, devices.len())?;
+    crate::config::check_batch_split(t.batch_size, t.micro_batch_size, devices.len())?;
     let ad = crate::step::autodiff(device, t.gradient_checkpointing);
     let precision = compute_precision(t.dtype, devices)?;
     if data.train.is_empty() {
@@ -133,7 +133,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     check_positions(&policy, &data, cfg.data.max_length, "")?;
     if let Some(lora) = &cfg.lora {
         policy = policy.with_lora(lora, &ad)?;
-        tracing::info!(rank = lora.rank, alpha = lora.alpha, trainable = trainable_params(&policy), "LoRA adapters attached");
+        tracing::info!(rank = lora.rank, alpha = lora.alpha, trainable = crate::host_memory::trainable_params(&policy), "LoRA adapters attached");
     }
     // On a CPU backend a state that cannot fit would end the process at its first steps.
     let frozen_reference = cfg.needs_reference() && t.reference == ReferenceMode::Frozen && cfg.model.reference.is_none();
@@ -422,21 +422,6 @@ fn compute_precision(precision: Precision, devices: &[Device]) -> Result<Precisi
         return Err(TrainError::config("train.dtype", format!("is `{}`, which the device {d:?} cannot compute in; use \"f32\"{hint}", precision.name())));
     }
     Ok(precision)
-}
-
-/// The number of parameters that receive gradients (all of them, or the adapters with LoRA).
-pub fn trainable_params(model: &CausalLm) -> usize {
-    struct Count(usize);
-    impl burn::module::ModuleVisitor for Count {
-        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
-            if param.is_require_grad() {
-                self.0 += param.lazy_shape().num_elements();
-            }
-        }
-    }
-    let mut c = Count(0);
-    model.visit(&mut c);
-    c.0
 }
 
 /// Where the tokenizer of `model` comes from ([`Tokenizer::open`] reads it): `model.tokenizer`,
