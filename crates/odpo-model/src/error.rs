@@ -1,4 +1,4 @@
-//! The model crate's error type.
+//! The model crate's error types: [`ModelError`], and the GGUF reader's and the tokenizer's, which it wraps.
 
 use std::path::PathBuf;
 
@@ -65,10 +65,10 @@ pub enum ModelError {
     },
     /// A GGUF file could not be read.
     #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
+    Gguf(#[from] GgufError),
     /// The tokenizer could not be loaded or used.
     #[error(transparent)]
-    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    Tokenizer(#[from] TokenizerError),
     /// The request cannot be served by this model (bad input shape, sequence too long, ...).
     #[error("{0}")]
     Invalid(String),
@@ -115,4 +115,151 @@ impl ModelError {
             other => other,
         }
     }
+}
+
+/// Why a GGUF file could not be read. Every message starts with the file path, and names the
+/// tensor or metadata key concerned, if any.
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    /// The operating system refused to open or read the file.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The first four bytes are not `GGUF`.
+    #[error("{}: not a GGUF file (magic {magic:02x?}, expected \"GGUF\")", .path.display())]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// Its first (up to four) bytes.
+        magic: Vec<u8>,
+    },
+    /// A GGUF version other than 2 or 3 (v1 used 32-bit counts; v2 and v3 share one layout).
+    #[error("{}: unsupported GGUF version {version} (supported: 2, 3)", .path.display())]
+    UnsupportedVersion {
+        /// The file.
+        path: PathBuf,
+        /// The version it declares.
+        version: u32,
+    },
+    /// Part of the file (the header, or a tensor's data) extends past its end.
+    #[error("{}: truncated: {what} needs bytes {start}..{end} but the file has {len}", .path.display())]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// `header`, or ``tensor `name` ``.
+        what: String,
+        /// First byte needed.
+        start: u64,
+        /// One past the last byte needed.
+        end: u64,
+        /// The file length.
+        len: u64,
+    },
+    /// The header is structurally invalid (unknown value type, duplicate key or name, ...).
+    #[error("{}: malformed header: {msg}", .path.display())]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A metadata key is missing or has the wrong type or value.
+    #[error("{}: metadata `{key}`: {msg}", .path.display())]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// What is wrong.
+        msg: String,
+    },
+    /// A tensor is absent, of an unknown or unsupported ggml type, or has an unusable shape,
+    /// offset or name.
+    #[error("{}: tensor `{tensor}`: {msg}", .path.display())]
+    Tensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's GGUF name.
+        tensor: String,
+        /// What is wrong, e.g. `unknown quantisation type 99`.
+        msg: String,
+    },
+    /// The tensors, as they are read, need more host memory than the machine has free.
+    #[error("{}: {message}", .path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// What they need, and what is free.
+        message: String,
+    },
+    /// `general.architecture` is not one this reader knows.
+    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3`)", .path.display())]
+    Architecture {
+        /// The file.
+        path: PathBuf,
+        /// The architecture it declares.
+        arch: String,
+    },
+}
+
+/// Errors of loading a tokenizer, encoding, decoding and rendering chat templates.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {message}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        message: String,
+    },
+    /// A file is not what was expected.
+    #[error("{}: expected {expected}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What the file should have been.
+        expected: &'static str,
+        /// What went wrong.
+        message: String,
+    },
+    /// Encoding or decoding failed.
+    #[error("tokenizer {}: {op} failed: {message}", path.display())]
+    Codec {
+        /// The `tokenizer.json` in use.
+        path: PathBuf,
+        /// `encode`, `decode` or `save`.
+        op: &'static str,
+        /// The cause.
+        message: String,
+    },
+    /// A GGUF file's tokenizer could not be read.
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// The tokenizer has no chat template.
+    #[error("no chat template for {}: expected `chat_template` in tokenizer_config.json or a chat_template.jinja beside it", path.display())]
+    NoChatTemplate {
+        /// The `tokenizer.json` in use.
+        path: PathBuf,
+    },
+    /// The chat template failed to compile or render (including `raise_exception`).
+    #[error("chat template from {}: {message}", path.display())]
+    Template {
+        /// Where the template came from.
+        path: PathBuf,
+        /// The minijinja error, with the template line.
+        message: String,
+    },
 }

@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use crate::error::{ModelError, Result};
 use crate::layers::{KvCache, attention_mask, capped_attention, embed, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
-use crate::lora::Linear;
+use crate::linear::Linear;
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
 

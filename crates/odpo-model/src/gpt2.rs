@@ -8,7 +8,7 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, LayerNorm};
-use crate::lora::Linear;
+use crate::linear::Linear;
 use burn::tensor::activation::gelu_approximate;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};

@@ -10,7 +10,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, LayerNorm};
-use crate::lora::Linear;
+use crate::linear::Linear;
 use burn::tensor::activation::{gelu, gelu_approximate};
 use burn::tensor::{Bool, Device, Int, Tensor};
 use serde::{Deserialize, Serialize};

@@ -5,7 +5,7 @@
 //! [`gpt_neo`], [`gptj`], [`gpt_neox`]) from HF safetensors or llama.cpp GGUF files,
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
 //! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), LoRA adapters
-//! in PEFT's layout ([`lora`]), and saving back in HF layout. Nothing here names a backend except [`backend`], which maps a
+//! in PEFT's layout ([`lora`]) on the families' projections ([`linear`]), and saving back in HF layout. Nothing here names a backend except [`backend`], which maps a
 //! `--backend` name to a burn `Device`, and [`out_of_memory`], which reads the backends' allocation
 //! failures.
 //!
@@ -49,6 +49,7 @@ pub mod gpt_neo;
 pub mod gpt_neox;
 pub mod gptj;
 mod layers;
+pub mod linear;
 pub mod llama;
 pub mod logprobs;
 pub mod lora;

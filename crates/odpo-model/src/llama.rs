@@ -12,7 +12,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
-use crate::lora::Linear;
+use crate::linear::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use odpo_kernels::Gate;

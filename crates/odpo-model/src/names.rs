@@ -17,7 +17,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::{Device, Tensor};
 
 use crate::error::Result;
-use crate::lora::{Linear, Projection};
+use crate::linear::{Linear, Projection};
 use crate::weights::{HfTensors, Weights};
 
 /// One parameter (or layer) of a model, as HF stores it.

@@ -190,7 +190,7 @@ mod tests {
     /// product goes through the op that keeps the weight quantised.
     #[test]
     fn a_quantized_linear_matches_the_float_one_forward_and_backward() {
-        use crate::lora::Linear;
+        use crate::linear::Linear;
         use burn::module::Param;
         use burn::tensor::TensorData;
         let device = crate::backend::device("flex").unwrap().autodiff();

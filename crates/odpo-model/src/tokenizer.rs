@@ -16,65 +16,9 @@ use minijinja::value::{Enumerator, Kwargs, Object, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
 use serde_json::Value as Json;
 
+pub use crate::error::TokenizerError;
 use crate::weights::write_atomic;
 
-/// Errors of loading a tokenizer, encoding, decoding and rendering chat templates.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenizerError {
-    /// A file could not be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A file could not be written.
-    #[error("cannot write {}: {message}", path.display())]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        message: String,
-    },
-    /// A file is not what was expected.
-    #[error("{}: expected {expected}: {message}", path.display())]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What the file should have been.
-        expected: &'static str,
-        /// What went wrong.
-        message: String,
-    },
-    /// Encoding or decoding failed.
-    #[error("tokenizer {}: {op} failed: {message}", path.display())]
-    Codec {
-        /// The `tokenizer.json` in use.
-        path: PathBuf,
-        /// `encode`, `decode` or `save`.
-        op: &'static str,
-        /// The cause.
-        message: String,
-    },
-    /// A GGUF file's tokenizer could not be read.
-    #[error(transparent)]
-    Gguf(#[from] crate::gguf::GgufError),
-    /// The tokenizer has no chat template.
-    #[error("no chat template for {}: expected `chat_template` in tokenizer_config.json or a chat_template.jinja beside it", path.display())]
-    NoChatTemplate {
-        /// The `tokenizer.json` in use.
-        path: PathBuf,
-    },
-    /// The chat template failed to compile or render (including `raise_exception`).
-    #[error("chat template from {}: {message}", path.display())]
-    Template {
-        /// Where the template came from.
-        path: PathBuf,
-        /// The minijinja error, with the template line.
-        message: String,
-    },
-}
 
 /// One chat turn, as in HF's `messages` list.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]

@@ -30,6 +30,7 @@ pub use vocab::{GgufTokenizer, SPLITS};
 pub use write::{GgufDtype, save_gguf};
 use quant::type_info;
 
+pub use crate::error::GgufError;
 use crate::quantized::QuantBlocks;
 
 /// A GGUF model as the HF loader takes it: a `config.json` value, the weights under HF names and
@@ -83,94 +84,6 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
-/// Why a GGUF file could not be read. Every message starts with the file path, and names the
-/// tensor or metadata key concerned, if any.
-#[derive(Debug, thiserror::Error)]
-pub enum GgufError {
-    /// The operating system refused to open or read the file.
-    #[error("{}: {source}", .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The first four bytes are not `GGUF`.
-    #[error("{}: not a GGUF file (magic {magic:02x?}, expected \"GGUF\")", .path.display())]
-    BadMagic {
-        /// The file.
-        path: PathBuf,
-        /// Its first (up to four) bytes.
-        magic: Vec<u8>,
-    },
-    /// A GGUF version other than 2 or 3 (v1 used 32-bit counts; v2 and v3 share one layout).
-    #[error("{}: unsupported GGUF version {version} (supported: 2, 3)", .path.display())]
-    UnsupportedVersion {
-        /// The file.
-        path: PathBuf,
-        /// The version it declares.
-        version: u32,
-    },
-    /// Part of the file (the header, or a tensor's data) extends past its end.
-    #[error("{}: truncated: {what} needs bytes {start}..{end} but the file has {len}", .path.display())]
-    Truncated {
-        /// The file.
-        path: PathBuf,
-        /// `header`, or ``tensor `name` ``.
-        what: String,
-        /// First byte needed.
-        start: u64,
-        /// One past the last byte needed.
-        end: u64,
-        /// The file length.
-        len: u64,
-    },
-    /// The header is structurally invalid (unknown value type, duplicate key or name, ...).
-    #[error("{}: malformed header: {msg}", .path.display())]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        msg: String,
-    },
-    /// A metadata key is missing or has the wrong type or value.
-    #[error("{}: metadata `{key}`: {msg}", .path.display())]
-    Metadata {
-        /// The file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// What is wrong.
-        msg: String,
-    },
-    /// A tensor is absent, of an unknown or unsupported ggml type, or has an unusable shape,
-    /// offset or name.
-    #[error("{}: tensor `{tensor}`: {msg}", .path.display())]
-    Tensor {
-        /// The file.
-        path: PathBuf,
-        /// The tensor's GGUF name.
-        tensor: String,
-        /// What is wrong, e.g. `unknown quantisation type 99`.
-        msg: String,
-    },
-    /// The tensors, as they are read, need more host memory than the machine has free.
-    #[error("{}: {message}", .path.display())]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-        /// What they need, and what is free.
-        message: String,
-    },
-    /// `general.architecture` is not one this reader knows.
-    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3`)", .path.display())]
-    Architecture {
-        /// The file.
-        path: PathBuf,
-        /// The architecture it declares.
-        arch: String,
-    },
-}
 
 /// A metadata value, one variant per GGUF value type (numbered 0..=12 in this order).
 #[derive(Debug, Clone, PartialEq)]
