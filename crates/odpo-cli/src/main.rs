@@ -805,7 +805,7 @@ fn cmd_data_stats(a: DataStatsArgs) -> Result<()> {
 fn cmd_sample(a: SampleArgs) -> Result<()> {
     let device = backend::device(&a.backend)?;
     let prompts = odpo_pipeline::sample::read_prompts(&a.prompts)?;
-    let reward = odpo_pipeline::reward::reward_from_spec(&a.reward, &device).with_context(|| format!("--reward `{}`", a.reward))?;
+    let reward = odpo_pipeline::sample::reward_from_spec(&a.reward, &device).with_context(|| format!("--reward `{}`", a.reward))?;
     let max_new_tokens = sample_length(&a.model, &prompts, a.max_new_tokens)?;
     let settings = odpo_pipeline::SampleSettings { k: a.k, temperature: a.temperature, max_new_tokens, seed: a.seed };
     let report = odpo_pipeline::sample(&a.model, &prompts, &settings, reward.as_ref(), &a.out, &device)?;

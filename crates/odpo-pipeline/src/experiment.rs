@@ -30,8 +30,7 @@ use crate::journal::Journal;
 use crate::stages::SweepPoint;
 use crate::plot::{self, Series};
 use crate::progress::SweepProgress;
-use crate::reward::reward_from_spec;
-use crate::sample::{self, SampleSettings};
+use crate::sample::{self, SampleSettings, reward_from_spec};
 
 /// An experiment (configs/pipeline/smollm2-imdb.toml).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

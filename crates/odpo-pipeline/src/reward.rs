@@ -180,18 +180,6 @@ impl RewardModel for ScoreTable {
     }
 }
 
-/// A reward model from its command-line / config spelling: `known` (the built-in task's lexicon),
-/// `table:FILE` (a scored JSONL whose texts already carry rewards) or `learned:DIR` (a
-/// [`crate::learned::LearnedReward`] saved by `cargo xtask reward-model`, run on `device`).
-pub fn reward_from_spec(spec: &str, device: &burn::tensor::Device) -> Result<Box<dyn RewardModel>> {
-    Ok(match spec.split_once(':') {
-        None if spec == "known" => Box::new(crate::synthetic::reward()),
-        Some(("table", file)) => Box::new(ScoreTable::from_jsonl(std::path::Path::new(file))?),
-        Some(("learned", dir)) => Box::new(crate::learned::LearnedReward::load(std::path::Path::new(dir), device)?),
-        _ => return Err(crate::error::PipelineError::config("reward", format!("`{spec}`: expected `known`, `table:FILE` or `learned:DIR`"))),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

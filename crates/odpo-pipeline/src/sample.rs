@@ -1,6 +1,7 @@
 //! Sampling: k responses per prompt from a model (odpo-model's batched, KV-cached generation), scored
 //! by a [`RewardModel`] and written in the ODPO paper's scored-responses format, one
-//! `{"prompt", "text", "reward"}` object a line (odpo-data's `scored-jsonl`).
+//! `{"prompt", "text", "reward"}` object a line (odpo-data's `scored-jsonl`). [`reward_from_spec`]
+//! gives the reward model that `odpo sample --reward` and an experiment's `reward` key name.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,19 @@ use odpo_model::tokenizer::Tokenizer;
 
 use crate::error::{PipelineError, Result};
 use crate::journal::Journal;
-use crate::reward::RewardModel;
+use crate::reward::{RewardModel, ScoreTable};
+
+/// A reward model from its command-line / config spelling: `known` (the built-in task's lexicon),
+/// `table:FILE` (a scored JSONL whose texts already carry rewards) or `learned:DIR` (a
+/// [`crate::learned::LearnedReward`] saved by `cargo xtask reward-model`, run on `device`).
+pub fn reward_from_spec(spec: &str, device: &Device) -> Result<Box<dyn RewardModel>> {
+    Ok(match spec.split_once(':') {
+        None if spec == "known" => Box::new(crate::synthetic::reward()),
+        Some(("table", file)) => Box::new(ScoreTable::from_jsonl(Path::new(file))?),
+        Some(("learned", dir)) => Box::new(crate::learned::LearnedReward::load(Path::new(dir), device)?),
+        _ => return Err(PipelineError::config("reward", format!("`{spec}`: expected `known`, `table:FILE` or `learned:DIR`"))),
+    })
+}
 
 /// Sequences per generation call.
 const GENERATE_BATCH: usize = 256;
@@ -218,4 +231,26 @@ pub fn read_prompts(path: &Path) -> Result<Vec<String>> {
         return Err(PipelineError::NoPrompts { path: path.to_path_buf() });
     }
     Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reward_model_is_found_by_its_spelling_and_a_wrong_one_is_named() -> Result<()> {
+        let device = Device::default();
+        let known = reward_from_spec("known", &device)?;
+        assert_eq!(known.name(), "known (lexicon sum)");
+        assert_eq!(known.score(&["p".into()], &["great and dull".into()])?, vec![1.0], "great (2) + dull (-1)");
+        let dir = tempfile::tempdir().map_err(|e| PipelineError::io(std::env::temp_dir(), e))?;
+        let table = dir.path().join("scored.jsonl");
+        std::fs::write(&table, "{\"prompt\": \"p\", \"text\": \"a\", \"reward\": 1.5}\n").map_err(|e| PipelineError::io(&table, e))?;
+        let scored = reward_from_spec(&format!("table:{}", table.display()), &device)?;
+        assert_eq!(scored.score(&["p".into()], &["a".into()])?, vec![1.5]);
+        let wrong = |spec: &str| reward_from_spec(spec, &device).err().map(|e| e.to_string()).unwrap_or_default();
+        assert_eq!(wrong("lexicon"), "config: `reward` `lexicon`: expected `known`, `table:FILE` or `learned:DIR`");
+        assert!(wrong("learned:/nonexistent/reward").contains("/nonexistent/reward"), "{}", wrong("learned:/nonexistent/reward"));
+        Ok(())
+    }
 }
