@@ -413,3 +413,31 @@ fn sigterm_during_a_frontier_sweep_resumes_the_sweep() {
     assert!(comparison(&stopped).contains("\"mean_d\""), "{}", comparison(&stopped));
     assert_eq!(comparison(&stopped), comparison(&whole));
 }
+
+/// `odpo experiment` on a folder another process holds is refused before it writes anything there
+/// (the sweep's case, with a live sweep, is in `sigterm_during_a_frontier_sweep_resumes_the_sweep`).
+#[test]
+fn an_experiment_whose_folder_is_held_is_refused_naming_the_holder() {
+    let dir = env::scratch("cli-experiment-held");
+    let model = tiny_model(&dir);
+    std::fs::write(dir.join("prompts.txt"), "hello\nhello hello\nhello hello hello\n").unwrap();
+    let config = format!(
+        "name = \"held\"\nmodel = {:?}\nprompts = \"prompts.txt\"\nreward = \"known\"\npref_prompts = 2\neval_prompts = 1\nsamples_per_prompt = 2\nmethods = [\"dpo\"]\nbetas = [0.1]\n\n[sample]\nk = 2\ntemperature = 1.0\nmax_new_tokens = 4\n\n[pref]\nepochs = 1.0\nbatch_size = 2\nlr = 1e-3\nmax_length = 16\nmax_prompt_length = 8\n",
+        model.display().to_string()
+    );
+    std::fs::write(dir.join("experiment.toml"), config).unwrap();
+    // The holder: this process, with the lock file as the trainer's lock writes it.
+    let held = dir.join("runs/held");
+    std::fs::create_dir_all(&held).unwrap();
+    let lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(held.join(".lock")).unwrap();
+    lock.try_lock().unwrap();
+    std::fs::write(held.join(".lock"), format!("process {} since unix time 0\n", std::process::id())).unwrap();
+
+    let out = odpo_in(&dir, "experiment", &["--config", "experiment.toml"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("runs/held: in use by another odpo process (process {} since unix time 0)", std::process::id())), "{err}");
+    let names: Vec<String> = std::fs::read_dir(&held).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(names, [".lock"], "the refused experiment wrote into its folder");
+    drop(lock);
+}
