@@ -148,6 +148,11 @@ pub struct FrontierSummary {
 }
 
 impl FrontierConfig {
+    /// The α values `method` runs at: the sweep's for ODPO, none (0) for DPO.
+    fn alphas_of(&self, method: Method) -> &[f64] {
+        if method == Method::Odpo { &self.alphas } else { &[0.0] }
+    }
+
     /// Reads and checks a sweep file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let cfg: Self = odpo_trainer::config::load_toml_file(path, &[])?;
@@ -254,7 +259,7 @@ fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device:
 
     let mut rows = Vec::new();
     let k = cfg.sample.k;
-    let per_budget_and_seed: usize = fc.methods.iter().map(|&m| fc.betas.len() * if m == Method::Odpo { fc.alphas.len() } else { 1 }).sum();
+    let per_budget_and_seed: usize = fc.methods.iter().map(|&m| fc.betas.len() * fc.alphas_of(m).len()).sum();
     let mut progress = SweepProgress::new(fc.pair_counts.len() * fc.seeds.len() * per_budget_and_seed);
     for &n in &fc.pair_counts {
         for &seed in &fc.seeds {
@@ -270,9 +275,8 @@ fn sweep(fc: &FrontierConfig, cfg: &Checked<PipelineConfig>, dir: &Path, device:
             let text: String = prompts.iter().flat_map(|&i| lines[i * k..(i + 1) * k].iter()).map(|l| format!("{l}\n")).collect();
             odpo_model::weights::write_atomic(&subset, text.as_bytes())?;
             for &method in &fc.methods {
-                let alphas: Vec<f64> = if method == Method::Odpo { fc.alphas.clone() } else { vec![0.0] };
                 for &beta in &fc.betas {
-                    for &alpha in &alphas {
+                    for &alpha in fc.alphas_of(method) {
                         let t = Instant::now();
                         let tag = format!("{}-n{n}-b{beta}-a{alpha}-s{seed}", method.name());
                         let run_dir = dir.join("runs").join(&tag);
@@ -389,8 +393,7 @@ fn band_series(fc: &FrontierConfig, rows: &[FrontierRow], sft_reward: f64) -> Ve
     let mut out = Vec::new();
     for &n in &fc.pair_counts {
         for &method in &fc.methods {
-            let alphas: Vec<f64> = if method == Method::Odpo { fc.alphas.clone() } else { vec![0.0] };
-            for alpha in alphas {
+            for &alpha in fc.alphas_of(method) {
                 let per_seed: Vec<Vec<(f64, f64)>> = fc.seeds.iter().map(|&s| points(rows, method, n, alpha, s)).collect();
                 let mut name = format!("{} ({n} pairs)", method.name().to_uppercase());
                 if method == Method::Odpo && fc.alphas.len() > 1 {
