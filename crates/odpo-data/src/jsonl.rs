@@ -249,6 +249,8 @@ pub fn read_pairs(path: &Path, bytes: &[u8], cols: &Columns, bad: &mut BadRows) 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn parse(line: &str) -> Result<PairRow, String> {

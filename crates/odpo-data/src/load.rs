@@ -345,6 +345,8 @@ impl Builder<'_> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::config::OnBadRow;
     use odpo_loss::offset::OffsetConfig;

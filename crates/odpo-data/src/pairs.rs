@@ -189,6 +189,8 @@ pub struct PreferencePair {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]

@@ -177,6 +177,8 @@ pub fn read_tldr(path: &Path, bytes: &[u8], bad: &mut BadRows) -> Result<Vec<Sco
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::config::OnBadRow;
 

@@ -108,6 +108,8 @@ fn read_pairs_inner(path: &Path, bytes: Bytes, cols: &Columns, bad: &mut BadRows
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use std::sync::Arc;
 
     use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
@@ -119,9 +121,12 @@ pub(crate) mod tests {
     use crate::config::OnBadRow;
     use crate::pairs::Text;
 
+    /// A row of a flat file: prompt, chosen, rejected, score_chosen, score_rejected.
+    pub(crate) type FlatRow<'a> = (&'a str, &'a str, &'a str, f64, f64);
+
     /// A flat parquet file (string prompt/chosen/rejected, double scores), one row group per slice of rows,
     /// snappy-compressed as HF publishes them.
-    pub(crate) fn write_flat(groups: &[&[(&str, &str, &str, f64, f64)]]) -> Vec<u8> {
+    pub(crate) fn write_flat(groups: &[&[FlatRow]]) -> Vec<u8> {
         let schema = Arc::new(
             parse_message_type(
                 "message schema { REQUIRED BYTE_ARRAY prompt (UTF8); REQUIRED BYTE_ARRAY chosen (UTF8);

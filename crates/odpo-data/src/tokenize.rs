@@ -80,6 +80,9 @@ pub struct RawLengths {
     pub rejected: usize,
 }
 
+/// A pair's prompt, chosen and rejected token ids.
+pub type PairIds = (Vec<u32>, Vec<u32>, Vec<u32>);
+
 /// Renders and tokenizes pairs for one tokenizer and config. A prompt or response shared by several
 /// pairs (every pair of a prompt shares it; all-pairs puts each response in several pairs) is rendered
 /// and tokenized once: the results are kept by their text, so the ids are exactly those of a fresh call.
@@ -171,7 +174,7 @@ impl<'a> PairTokenizer<'a> {
     }
 
     /// Prompt, chosen and rejected ids of a pair, untruncated.
-    pub fn encode_pair(&self, p: &PreferencePair) -> Result<(Vec<u32>, Vec<u32>, Vec<u32>), DataError> {
+    pub fn encode_pair(&self, p: &PreferencePair) -> Result<PairIds, DataError> {
         let rp = self.render_prompt(p.id, &p.prompt)?;
         let prompt = self.encode(p.id, &rp, !self.cfg.chat_template)?;
         let chosen = self.encode_completion(p.id, &self.render_completion(p.id, &p.prompt, &rp, &p.chosen)?)?;

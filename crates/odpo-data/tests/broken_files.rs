@@ -1,5 +1,6 @@
 //! A corpus of broken files (tests/fixtures/broken/), each with the exact error message it must give, and the
 //! skip policy's report on them.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 

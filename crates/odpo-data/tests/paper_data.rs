@@ -3,6 +3,7 @@
 //!
 //! The shared folder is `$ODPO_SHARED`, else `../shared` beside the checkout (tests/common/env.rs of
 //! odpo-model). When it is missing these tests print "skipping" and pass, unless `ODPO_REQUIRE_SHARED=1`.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Tokenization with a real tokenizer (SmolLM2-135M-Instruct from the shared folder): tokenized pairs decode
 //! back to prompt + completion, loss masks cover exactly the completion and EOS, truncation keeps the end of
 //! the prompt, and batches come out of burn's data loader.
+#![allow(clippy::unwrap_used)]
 
 use odpo_data::{
     DataConfig, Format, Layout, LongCompletion, PreferenceBatcher, PreferencePair, Text, load_bytes, preference_loader,

@@ -61,7 +61,7 @@ impl<B: Backend> Backward<B, 1> for PassThrough {
     }
 }
 
-/// Autodiff: each recorded as one operation of [`PassThrough`]'s backward step.
+/// Autodiff: each recorded as one operation of `PassThrough`'s backward step.
 impl<B: Backend + ComputeCastBackend, C: CheckpointStrategy> ComputeCastBackend for Autodiff<B, C> {
     fn compute_cast(x: FloatTensor<Self>, dtype: FloatDType) -> FloatTensor<Self> {
         // Memory-bound: under gradient checkpointing a product that keeps its operand keeps the

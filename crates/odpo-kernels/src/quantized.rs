@@ -39,7 +39,7 @@ pub trait QuantizedMatmulBackend: Backend {
     }
 }
 
-/// flex: the default bodies, with the weight dequantised by [`flex_dequantize`].
+/// flex: the default bodies, with the weight dequantised by `flex_dequantize`.
 #[cfg(feature = "flex")]
 impl QuantizedMatmulBackend for burn::backend::Flex {
     fn dequantized_matmul(x: FloatTensor<Self>, w: QuantizedTensor<Self>) -> FloatTensor<Self> {
@@ -157,6 +157,8 @@ pub fn dequantized_matmul(x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
 
 #[cfg(all(test, feature = "flex"))]
 mod tests {
+    #![allow(clippy::expect_used)]
+
     use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
     use burn::tensor::{Device, Tensor, TensorData};
 

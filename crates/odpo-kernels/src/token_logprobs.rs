@@ -23,7 +23,7 @@ use burn::backend::{Autodiff, Backend, Dispatch, TensorMetadata, backend_extensi
 use burn::tensor::{DType, FloatDType, Int, Shape, Slice, Tensor};
 
 /// The fused log-softmax + gather. Backends whose CPU memory the kernels reach (flex, libtorch on
-/// the CPU) run [`crate::softmax`]'s loops; the default bodies are the same formulas in burn
+/// the CPU) run the loops of `softmax.rs`; the default bodies are the same formulas in burn
 /// backend operations, which run anywhere (the cubecl backends, libtorch on CUDA).
 #[backend_extension(Autodiff, Flex: cfg(feature = "flex"), LibTorch: cfg(feature = "tch"), Cube: cfg(feature = "cube"))]
 pub trait TokenLogProbsBackend: Backend {
@@ -458,12 +458,12 @@ mod tests {
 
     /// The CPU devices this build has (the kernels' targets).
     fn devices() -> Vec<Device> {
-        let mut d = Vec::new();
-        #[cfg(feature = "flex")]
-        d.push(Device::flex());
-        #[cfg(feature = "tch")]
-        d.push(Device::libtorch());
-        d
+        vec![
+            #[cfg(feature = "flex")]
+            Device::flex(),
+            #[cfg(feature = "tch")]
+            Device::libtorch(),
+        ]
     }
 
     fn vec(t: Tensor<1>) -> Vec<f32> {

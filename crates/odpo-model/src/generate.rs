@@ -202,7 +202,7 @@ fn prepare(logits: &[f32], s: &SamplingConfig) -> Draw {
     } else {
         logits.iter().map(|&x| weight(x, max, s.temperature)).sum()
     };
-    if !(total > 0.0) || !total.is_finite() {
+    if !total.is_finite() || total <= 0.0 {
         return Draw::Token(argmax(logits));
     }
     Draw::Weighted { max, total, kept }

@@ -179,7 +179,7 @@ impl LlamaConfig {
                 let scaled = if wavelen > low_wavelen { freq / s.factor } else { freq };
                 let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
                     / (s.high_freq_factor - s.low_freq_factor);
-                let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                 *f = if medium { ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32 } else { scaled as f32 };
             }
         }

@@ -126,16 +126,25 @@ fn signal_child() {
 
 /// Starts `signal_child` on `run` and waits until it has logged step `step` or more.
 fn start_signal_child(model: &Path, run: &Path, step: u64) -> std::process::Child {
-    let child = spawn_child("signal_child", "ODPO_SIGNAL_RUN", model, run);
+    let mut child = spawn_child("signal_child", "ODPO_SIGNAL_RUN", model, run);
     let start = Instant::now();
-    loop {
+    let reached = loop {
         let logged = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap_or_default().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).filter_map(|v| v["step"].as_u64()).max();
         if logged.is_some_and(|s| s >= step) {
-            return child;
+            break true;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "the child did not reach step {step}");
+        if start.elapsed() >= Duration::from_secs(60) {
+            break false;
+        }
         std::thread::sleep(Duration::from_millis(1));
+    };
+    if !reached {
+        // Not left running (and training into the scratch folder) behind the failed test.
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the child did not reach step {step}");
     }
+    child
 }
 
 fn send(signals: &str, pid: u32) {

@@ -1,10 +1,10 @@
 //! llama.cpp's GGUF files (versions 2 and 3, little-endian). This file reads them: header, metadata,
 //! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
 //! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`:
-//! [`llama`]) or the Gemma family (`gemma`, `gemma2`, `gemma3`: [`gemma`]) into an HF
+//! `llama.rs`) or the Gemma family (`gemma`, `gemma2`, `gemma3`: `gemma.rs`) into an HF
 //! `config.json` value and weights under HF names and layouts; [`load_tokenizer`] turns its
-//! vocabulary into the HF `tokenizer.json` it stands for ([`vocab`]); [`save_gguf`] writes a
-//! Llama-family model with its tokenizer as a GGUF file ([`write`]).
+//! vocabulary into the HF `tokenizer.json` it stands for (`vocab.rs`); [`save_gguf`] writes a
+//! Llama-family model with its tokenizer as a GGUF file (`write.rs`).
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
 //! ggml's `dequantize_row_*` (checked against gguf-py's `gguf.quants.dequantize`).
@@ -62,7 +62,7 @@ pub fn load_blocks_as_hf(path: &Path, keep_blocks: bool) -> Result<HfModel, Gguf
 }
 
 /// The tokenizer a GGUF file describes, as the HF `tokenizer.json` it stands for (byte-level and
-/// SentencePiece BPE vocabularies; see [`vocab`]).
+/// SentencePiece BPE vocabularies; see `vocab.rs`).
 pub fn load_tokenizer(path: &Path) -> Result<GgufTokenizer, GgufError> {
     vocab::tokenizer(&GgufFile::open(path)?)
 }
