@@ -54,7 +54,7 @@ enum Task {
     SetupCuda(SetupArgs),
     /// Regenerates the test fixtures from their scripts in the pinned Python environment
     /// (scripts/fixtures-requirements.txt, installed into the libtorch environment or --venv DIR).
-    /// [--only loss,conformance,models,tokenizer,gguf,llamacpp] [--check: regenerate, compare with the committed
+    /// [--only loss,conformance,models,tokenizer,gguf,llamacpp,data] [--check: regenerate, compare with the committed
     /// files (JSON numbers to 1e-12 relative, other files byte for byte), put the committed files back,
     /// fail on a difference]
     Fixtures(FixturesArgs),
@@ -78,7 +78,8 @@ struct SetupArgs {
 #[derive(clap::Args)]
 struct FixturesArgs {
     /// Fixture sets, comma-separated (default: all): loss, conformance, models, tokenizer, gguf,
-    /// llamacpp (llama.cpp's own token ids; installs llama-cpp-python, which builds llama.cpp).
+    /// llamacpp (llama.cpp's own token ids; installs llama-cpp-python, which builds llama.cpp), data
+    /// (TRL's implicit prompts; installs trl).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Compare the regenerated fixtures with the committed ones instead of keeping them.
@@ -835,6 +836,13 @@ const FIXTURES: &[FixtureSet] = &[
         outputs: &["crates/odpo-model/tests/fixtures/gguf/vocab/llamacpp_expected.json", "crates/odpo-model/tests/fixtures/gguf/vocab/pre-*.gguf"],
         pip: &["llama-cpp-python==0.3.36"],
     },
+    FixtureSet {
+        name: "data",
+        tolerance: 0.0,
+        scripts: &[(".", "crates/odpo-data/tests/fixtures/make_implicit_prompt.py")],
+        outputs: &["crates/odpo-data/tests/fixtures/implicit_prompt.jsonl"],
+        pip: &["trl==1.16.0"],
+    },
 ];
 
 /// The committed files of a set: tracked files under its outputs, scripts and notes left out, and
@@ -892,7 +900,7 @@ fn fixtures(a: &FixturesArgs) -> Result<ExitCode> {
     let sets: Vec<&FixtureSet> = if a.only.is_empty() {
         FIXTURES.iter().collect()
     } else {
-        a.only.iter().map(|n| FIXTURES.iter().find(|s| s.name == n).with_context(|| format!("--only: no fixture set `{n}`; expected one of: loss, conformance, models, tokenizer, gguf, llamacpp"))).collect::<Result<_>>()?
+        a.only.iter().map(|n| FIXTURES.iter().find(|s| s.name == n).with_context(|| format!("--only: no fixture set `{n}`; expected one of: loss, conformance, models, tokenizer, gguf, llamacpp, data"))).collect::<Result<_>>()?
     };
     let venv = a.venv.clone().unwrap_or_else(|| default_venv(TORCH_DEFAULT));
     if !venv.join("bin/python").is_file() {

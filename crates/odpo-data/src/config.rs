@@ -288,6 +288,23 @@ mod tests {
 
     use super::*;
 
+    /// Every description in datasets/ reads and validates (hh-rlhf's and UltraFeedback's point at a copy
+    /// the user downloads, so nothing else reads them).
+    #[test]
+    fn every_dataset_description_is_a_valid_config() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&root).unwrap() {
+            let desc = entry.unwrap().path().join("dataset.toml");
+            if desc.exists() {
+                DataConfig::from_toml_file(&desc).unwrap().validate().unwrap_or_else(|e| panic!("{}: {e}", desc.display()));
+                names.push(desc.parent().and_then(|d| d.file_name()).unwrap().to_string_lossy().into_owned());
+            }
+        }
+        names.sort();
+        assert_eq!(names, ["hh-rlhf", "imdb", "tldr", "toxicity", "ultrafeedback"]);
+    }
+
     #[test]
     fn parses_run_config_data_table_and_rejects_unknown_keys() {
         let run = "[model]\nname = \"x\"\n[data]\npath = \"a.jsonl\"\nformat = \"scored-jsonl\"\nseparator = \" \"\n";

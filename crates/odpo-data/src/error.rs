@@ -55,6 +55,12 @@ pub enum RowProblem {
     /// A required field is absent (or null).
     #[error("missing")]
     Missing,
+    /// A row without a prompt whose chosen and rejected texts differ from their start, so that no
+    /// prompt is implicit in them.
+    #[error(
+        "missing, and the chosen and rejected responses share no start to take as the prompt (the prompt implicit in both, as in hh-rlhf); if the prompt has a column of another name, set `data.columns.prompt`"
+    )]
+    NoSharedStart,
     /// A field has the wrong JSON type.
     #[error("expected {expected}, got {got}")]
     WrongType {

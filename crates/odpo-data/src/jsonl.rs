@@ -159,16 +159,83 @@ pub(crate) fn strip_prompt(prompt: &Text, completion: Text, field: &str, allow_e
     }
 }
 
-/// Parses one pair object with the configured columns.
+/// The prompt that a row without one shares between its chosen and rejected texts, and the two
+/// responses after it: TRL's implicit prompt (`trl.data_utils.extract_prompt`), as in Anthropic's
+/// hh-rlhf, where both sides hold the whole conversation.
+///
+/// Texts are compared character by character, message lists message by message; the prompt ends at
+/// the first difference, or one character earlier when that one is a space (the space starts the
+/// responses). When one side is a start of the other, the prompt is all but the shorter side's last
+/// character (or message), as TRL's loop leaves it. A list's remaining messages are read as an
+/// explicit prompt's are ([`strip_prompt`]: a lone assistant message is its content). Sides that
+/// differ from their first character hold no prompt: the row is refused.
+pub(crate) fn implicit_prompt(chosen: Text, rejected: Text, cols: &Columns, allow_empty: bool) -> Result<(Text, Text, Text), FieldError> {
+    let no_start = || field_err(&cols.prompt, RowProblem::NoSharedStart);
+    match (chosen, rejected) {
+        (Text::Plain(c), Text::Plain(r)) => {
+            // The byte where the responses start: the first difference, else the shorter side's last
+            // character; a space before a difference goes with the responses.
+            let mut last = None;
+            let mut cut = None;
+            for ((i, a), (_, b)) in c.char_indices().zip(r.char_indices()) {
+                if a != b {
+                    cut = Some(match last {
+                        Some((j, ' ')) => j,
+                        _ => i,
+                    });
+                    break;
+                }
+                last = Some((i, a));
+            }
+            let cut = cut.or(last.map(|(j, _)| j)).unwrap_or(0);
+            let prompt = &c[..cut];
+            if prompt.trim().is_empty() {
+                return Err(no_start());
+            }
+            let side = |text: &str, field: &str| {
+                if text.trim().is_empty() && !allow_empty {
+                    Err(field_err(field, RowProblem::EmptyCompletion))
+                } else {
+                    Ok(Text::Plain(text.to_owned()))
+                }
+            };
+            Ok((Text::Plain(prompt.to_owned()), side(&c[cut..], &cols.chosen)?, side(&r[cut..], &cols.rejected)?))
+        }
+        (Text::Messages(c), Text::Messages(r)) => {
+            let shared = c.iter().zip(&r).position(|(a, b)| a != b).unwrap_or(c.len().min(r.len()).saturating_sub(1));
+            if shared == 0 {
+                return Err(no_start());
+            }
+            let prompt = Text::Messages(c[..shared].to_vec());
+            let chosen = strip_prompt(&prompt, Text::Messages(c), &cols.chosen, allow_empty)?;
+            let rejected = strip_prompt(&prompt, Text::Messages(r), &cols.rejected, allow_empty)?;
+            Ok((prompt, chosen, rejected))
+        }
+        (c, r) => {
+            let kind = |t: &Text| if matches!(t, Text::Plain(_)) { "a string" } else { "a list of chat messages" };
+            let why = format!("{} where the chosen response is {}: a prompt implicit in both (the row has no prompt) needs them of one kind", kind(&r), kind(&c));
+            Err(field_err(&cols.rejected, RowProblem::BadMessages(why)))
+        }
+    }
+}
+
+/// Parses one pair object with the configured columns. A row without a prompt (absent or `null`)
+/// takes the start its chosen and rejected texts share ([`implicit_prompt`]).
 pub(crate) fn pair_from_object(
     obj: &Map<String, Value>,
     cols: &Columns,
     allow_empty: bool,
     position: Position,
 ) -> Result<PairRow, FieldError> {
-    let prompt = get_text(obj, &cols.prompt)?;
-    let chosen = strip_prompt(&prompt, get_completion(obj, &cols.chosen, allow_empty)?, &cols.chosen, allow_empty)?;
-    let rejected = strip_prompt(&prompt, get_completion(obj, &cols.rejected, allow_empty)?, &cols.rejected, allow_empty)?;
+    let implicit = matches!(obj.get(&cols.prompt), None | Some(Value::Null));
+    let (prompt, chosen, rejected) = if implicit {
+        implicit_prompt(get_text(obj, &cols.chosen)?, get_text(obj, &cols.rejected)?, cols, allow_empty)?
+    } else {
+        let prompt = get_text(obj, &cols.prompt)?;
+        let chosen = strip_prompt(&prompt, get_completion(obj, &cols.chosen, allow_empty)?, &cols.chosen, allow_empty)?;
+        let rejected = strip_prompt(&prompt, get_completion(obj, &cols.rejected, allow_empty)?, &cols.rejected, allow_empty)?;
+        (prompt, chosen, rejected)
+    };
     let score_chosen = get_number(obj, &cols.score_chosen)?;
     let score_rejected = get_number(obj, &cols.score_rejected)?;
     match (score_chosen, score_rejected) {
@@ -189,7 +256,7 @@ pub(crate) fn pair_from_object(
         }
         None => None,
     };
-    Ok(PairRow { prompt, chosen, rejected, score_chosen, score_rejected, weight, position })
+    Ok(PairRow { prompt, chosen, rejected, score_chosen, score_rejected, weight, implicit_prompt: implicit, position })
 }
 
 /// The lines of a text file with 1-based numbers, `\r\n` tolerated, a leading UTF-8 BOM removed; blank lines
@@ -270,6 +337,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!((r.chosen, r.rejected), (Text::Plain("yo".into()), Text::Plain("no".into())));
+    }
+
+    /// A JSON text or message list as odpo reads a response: a lone assistant message is its content.
+    fn text_of(v: &Value) -> Text {
+        match parse_text(v).unwrap() {
+            Text::Messages(m) if m.len() == 1 && m[0].role == "assistant" => Text::Plain(m[0].content.clone()),
+            t => t,
+        }
+    }
+
+    /// Rows without a prompt come out as TRL's DPOTrainer reads them (`maybe_extract_prompt`, whose
+    /// outputs `tests/fixtures/make_implicit_prompt.py` wrote with trl 1.16.0), or are refused where
+    /// TRL would go on with a blank prompt or one cut from the chosen text's end.
+    #[test]
+    fn rows_without_a_prompt_take_trls_implicit_prompt() {
+        let cases = include_str!("../tests/fixtures/implicit_prompt.jsonl");
+        let (mut pairs, mut refused) = (0, 0);
+        for (i, case) in cases.lines().enumerate() {
+            let case: Value = serde_json::from_str(case).unwrap();
+            let line = serde_json::to_string(&case["row"]).unwrap();
+            let got = parse(&line);
+            if case["odpo"] == "refused" {
+                let err = got.err().unwrap_or_else(|| panic!("case {i} ({line}) was read; it must be refused"));
+                assert!(err.starts_with("f.jsonl: line 4, field `prompt`: missing, and the chosen and rejected responses share no start"), "case {i}: {err}");
+                refused += 1;
+                continue;
+            }
+            let row = got.unwrap_or_else(|e| panic!("case {i} ({line}): {e}"));
+            let trl = &case["trl"];
+            let prompt = parse_text(&trl["prompt"]).unwrap();
+            assert_eq!((&row.prompt, &row.chosen, &row.rejected), (&prompt, &text_of(&trl["chosen"]), &text_of(&trl["rejected"])), "case {i}: {line}");
+            assert!(row.implicit_prompt);
+            pairs += 1;
+        }
+        assert_eq!((pairs, refused), (12, 4));
+    }
+
+    #[test]
+    fn an_implicit_prompt_needs_both_sides_of_one_kind_and_null_is_no_prompt() {
+        assert_eq!(
+            parse(r#"{"chosen":"Q: a","rejected":[{"role":"user","content":"Q: b"}]}"#).unwrap_err(),
+            "f.jsonl: line 4, field `rejected`: a list of chat messages where the chosen response is a string: a prompt implicit in both (the row has no prompt) needs them of one kind"
+        );
+        let r = parse(r#"{"prompt":null,"chosen":"Q: yes","rejected":"Q: no"}"#).unwrap();
+        assert_eq!((r.prompt, r.chosen, r.rejected, r.implicit_prompt), (Text::Plain("Q:".into()), Text::Plain(" yes".into()), Text::Plain(" no".into()), true));
+        // A response left blank after the prompt is an empty response.
+        assert_eq!(parse(r#"{"chosen":"Q: a  ","rejected":"Q: a  b"}"#).unwrap_err(), "f.jsonl: line 4, field `chosen`: empty response (set `allow_empty_completions = true` if empty responses are real data)");
+        assert!(!parse(r#"{"prompt":"Q:","chosen":"a","rejected":"b"}"#).unwrap().implicit_prompt);
     }
 
     #[test]

@@ -4,6 +4,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+
+use flate2::read::MultiGzDecoder;
 
 use crate::config::{DataConfig, Format};
 use crate::error::{DataError, Position, RowProblem};
@@ -47,12 +51,51 @@ pub struct LoadReport {
     /// Pairs kept whose chosen and rejected texts are the same: they teach nothing (their gradient
     /// cancels) and usually mean a mistake upstream; reported, not dropped.
     pub identical: usize,
+    /// Pairs kept whose row had no prompt, which is the start their chosen and rejected texts share
+    /// (TRL's implicit prompt, as in hh-rlhf).
+    pub implicit_prompts: usize,
 }
 
 impl LoadReport {
     /// Tied pairs dropped.
     pub fn ties(&self) -> usize {
         self.dropped.get(&DropReason::Tie).copied().unwrap_or(0)
+    }
+}
+
+/// The first bytes of a gzip file. Sets on the HF hub such as hh-rlhf ship their JSONL gzipped
+/// (`train.jsonl.gz`); such a file is read through gzip whatever its name.
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+/// A read error of a data file, a gzip file's marked as such.
+fn read_error(path: &Path, gzip: bool, e: std::io::Error) -> DataError {
+    let source = if gzip { std::io::Error::new(e.kind(), format!("gzip: {e}")) } else { e };
+    DataError::Io { path: path.to_owned(), source }
+}
+
+/// A data file's bytes, gunzipped when they are gzip's.
+fn gunzipped(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>, DataError> {
+    if !bytes.starts_with(&GZIP_MAGIC) {
+        return Ok(bytes);
+    }
+    let mut out = Vec::new();
+    MultiGzDecoder::new(&bytes[..]).read_to_end(&mut out).map_err(|e| read_error(path, true, e))?;
+    Ok(out)
+}
+
+/// A data file's bytes, gunzipped when it is a gzip file.
+fn read_data_file(path: &Path) -> Result<Vec<u8>, DataError> {
+    gunzipped(path, std::fs::read(path).map_err(|e| read_error(path, false, e))?)
+}
+
+/// A data file's lines as they are read, through gzip when it is a gzip file, and whether it is one.
+fn open_data_file(path: &Path) -> Result<(Box<dyn BufRead>, bool), DataError> {
+    let file = std::fs::File::open(path).map_err(|e| read_error(path, false, e))?;
+    let mut plain = BufReader::with_capacity(1 << 20, file);
+    if plain.fill_buf().map_err(|e| read_error(path, false, e))?.starts_with(&GZIP_MAGIC) {
+        Ok((Box::new(BufReader::with_capacity(1 << 20, MultiGzDecoder::new(plain))), true))
+    } else {
+        Ok((Box::new(plain), false))
     }
 }
 
@@ -76,22 +119,21 @@ pub fn load(cfg: &DataConfig) -> Result<Loaded, DataError> {
 }
 
 /// [`load`] in parts of at most `chunk` pairs, each handed to `each` in file order, with the report
-/// at the end. A `jsonl` file is streamed: read a line at a time, so that neither the file nor more
+/// at the end. A `jsonl` file (gzipped or not) is streamed: read a line at a time, so that neither the file nor more
 /// than `chunk` pairs are held at once (pair ids and prompt ids run on across parts, as [`load`]
 /// numbers them). The other formats are read whole and handed over in one part: parquet row groups,
 /// and the paper's files, whose responses are grouped by prompt.
 pub fn stream(cfg: &DataConfig, chunk: usize, mut each: impl FnMut(Vec<PreferencePair>) -> Result<(), DataError>) -> Result<LoadReport, DataError> {
     cfg.validate()?;
     if cfg.format != Format::Jsonl {
-        let bytes = std::fs::read(&cfg.path).map_err(|source| DataError::Io { path: cfg.path.clone(), source })?;
+        let bytes = std::fs::read(&cfg.path).map_err(|e| read_error(&cfg.path, false, e))?;
         let loaded = load_bytes(cfg, bytes)?;
         each(loaded.pairs)?;
         return Ok(loaded.report);
     }
-    use std::io::BufRead;
     let path = cfg.path.as_path();
-    let io = |source| DataError::Io { path: cfg.path.clone(), source };
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io)?);
+    let (mut reader, gzip) = open_data_file(path)?;
+    let io = |e| read_error(path, gzip, e);
     let cols = cfg.columns();
     let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
     let mut b = Builder { cfg, pairs: Vec::new(), report: LoadReport::default(), prompt_ids: HashMap::new(), next_id: 0 };
@@ -135,7 +177,7 @@ pub fn stream(cfg: &DataConfig, chunk: usize, mut each: impl FnMut(Vec<Preferenc
 /// rejected side is never read there), with the number of rows skipped under `on_bad_row = "skip"`.
 pub fn load_responses(cfg: &DataConfig) -> Result<(Vec<PreferencePair>, usize), DataError> {
     cfg.validate()?;
-    let bytes = std::fs::read(&cfg.path).map_err(|source| DataError::Io { path: cfg.path.clone(), source })?;
+    let bytes = read_data_file(&cfg.path)?;
     let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
     let groups = match cfg.format {
         Format::ScoredJsonl => paper::read_scored_jsonl(&cfg.path, &bytes, &cfg.columns(), &mut bad)?,
@@ -162,9 +204,11 @@ pub fn load_responses(cfg: &DataConfig) -> Result<(Vec<PreferencePair>, usize), 
     Ok((responses, bad.skipped.len()))
 }
 
-/// [`load`] on bytes already in memory (the file name in `cfg.path` is used in messages only).
+/// [`load`] on bytes already in memory, gunzipped if they are gzip's (the file name in `cfg.path` is
+/// used in messages only).
 pub fn load_bytes(cfg: &DataConfig, bytes: Vec<u8>) -> Result<Loaded, DataError> {
     let path = cfg.path.as_path();
+    let bytes = gunzipped(path, bytes)?;
     let cols = cfg.columns();
     let mut bad = BadRows::new(cfg.on_bad_row).with_empty_completions(cfg.allow_empty_completions);
     let mut b = Builder { cfg, pairs: Vec::new(), report: LoadReport::default(), prompt_ids: HashMap::new(), next_id: 0 };
@@ -276,6 +320,7 @@ impl Builder<'_> {
             };
             let prompt_id = self.prompt_id(&r.prompt);
             self.report.identical += usize::from(r.chosen == r.rejected);
+            self.report.implicit_prompts += usize::from(r.implicit_prompt);
             let id = self.next_pair_id();
             self.pairs.push(PreferencePair {
                 id,
@@ -439,5 +484,59 @@ mod tests {
         assert_eq!((l.pairs.len(), l.report.skipped.len()), (1, 1));
         c.offset = None;
         assert_eq!(load_bytes(&c, data.as_bytes().to_vec()).unwrap().pairs.len(), 2);
+    }
+
+    /// hh-rlhf's rows (no prompt; both sides hold the conversation) share their prompt id when their
+    /// conversations start alike, and the report counts them.
+    #[test]
+    fn implicit_prompts_are_counted_and_grouped() {
+        let hh = "\\n\\nHuman: Hi?\\n\\nAssistant:";
+        let data = format!(
+            "{{\"chosen\":\"{hh} Hello.\",\"rejected\":\"{hh} Go away.\"}}\n{{\"chosen\":\"{hh} Hi there.\",\"rejected\":\"{hh} No.\"}}\n{{\"prompt\":\"Q\",\"chosen\":\"a\",\"rejected\":\"b\"}}\n"
+        );
+        let l = load_bytes(&DataConfig::new("mem.jsonl", Format::Jsonl), data.into_bytes()).unwrap();
+        assert_eq!((l.report.pairs, l.report.implicit_prompts, l.report.prompts), (3, 2, 2));
+        assert_eq!(l.pairs[0].prompt, Text::Plain("\n\nHuman: Hi?\n\nAssistant:".into()));
+        assert_eq!((l.pairs[0].prompt_id, l.pairs[1].prompt_id), (0, 0));
+        assert_eq!(l.pairs[1].chosen, Text::Plain(" Hi there.".into()));
+    }
+
+    /// A gzipped file (two gzip members, as `cat a.gz b.gz` makes) reads as the plain file: streamed
+    /// (jsonl) or whole (the scored formats); a cut one is an error naming the file and gzip.
+    #[test]
+    fn gzipped_files_read_as_the_plain_ones() {
+        use std::io::Write;
+        let gz = |text: &str| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            e.write_all(text.as_bytes()).unwrap();
+            e.finish().unwrap()
+        };
+        let rows: String = (0..9).map(|i| format!("{{\"prompt\":\"p{}\",\"chosen\":\"c{i}\",\"rejected\":\"r{i}\"}}\n", i % 4)).collect();
+        let (first, second) = rows.split_at(rows.len() / 2);
+        let tmp = tempfile::tempdir().unwrap();
+        let (plain, zipped) = (tmp.path().join("pairs.jsonl"), tmp.path().join("pairs.jsonl.gz"));
+        std::fs::write(&plain, &rows).unwrap();
+        std::fs::write(&zipped, [gz(first), gz(second)].concat()).unwrap();
+        let (a, b) = (load(&DataConfig::new(&plain, Format::Jsonl)).unwrap(), load(&DataConfig::new(&zipped, Format::Jsonl)).unwrap());
+        assert_eq!(a.pairs.len(), 9);
+        assert_eq!((format!("{:?}", a.pairs), a.report), (format!("{:?}", b.pairs), b.report));
+
+        let scored = "{\"prompt\":\"a\",\"text\":\"x\",\"reward\":1.0}\n{\"prompt\":\"a\",\"text\":\"y\",\"reward\":4.0}\n";
+        let path = tmp.path().join("scored.gz");
+        std::fs::write(&path, gz(scored)).unwrap();
+        let l = load(&cfg_at(&path, Format::ScoredJsonl)).unwrap();
+        assert_eq!((l.pairs.len(), &l.pairs[0].chosen), (1, &Text::Plain("y".into())));
+        assert_eq!(load_responses(&cfg_at(&path, Format::ScoredJsonl)).unwrap().0.len(), 2);
+
+        let cut = gz(&rows);
+        std::fs::write(&zipped, &cut[..cut.len() / 2]).unwrap();
+        let e = load(&DataConfig::new(&zipped, Format::Jsonl)).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: cannot read: gzip: ", zipped.display())), "{e}");
+    }
+
+    fn cfg_at(path: &Path, format: Format) -> DataConfig {
+        let mut c = cfg(format);
+        c.path = path.to_owned();
+        c
     }
 }

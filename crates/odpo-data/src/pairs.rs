@@ -61,6 +61,8 @@ pub struct PairRow {
     pub score_rejected: Option<f64>,
     /// The pair's weight, when a weight column is configured and present.
     pub weight: Option<f64>,
+    /// The row had no prompt: it is the start that chosen and rejected share (TRL's implicit prompt).
+    pub implicit_prompt: bool,
     /// Where the row is.
     pub position: Position,
 }

@@ -161,6 +161,9 @@ impl fmt::Display for Stats {
         if l.identical > 0 {
             writeln!(f, "warning: {} pairs have the same chosen and rejected text (they teach nothing)", l.identical)?;
         }
+        if l.implicit_prompts > 0 {
+            writeln!(f, "implicit prompts: {} pairs have no prompt; each takes the start its chosen and rejected texts share", l.implicit_prompts)?;
+        }
         writeln!(
             f,
             "split (eval_fraction {}, seed {}): train {} pairs / {} prompts, eval {} pairs / {} prompts",

@@ -39,6 +39,9 @@ impl RunData {
         if loaded.report.identical > 0 {
             tracing::warn!(pairs = loaded.report.identical, "pairs whose chosen and rejected texts are the same: they teach nothing");
         }
+        if loaded.report.implicit_prompts > 0 {
+            tracing::info!(pairs = loaded.report.implicit_prompts, "pairs without a prompt: each takes the start its chosen and rejected texts share");
+        }
         let (train, eval) = odpo_data::split_by_prompt(loaded.pairs, cfg.eval_fraction, cfg.seed);
         let (train, report) = odpo_data::tokenize_pairs(&train, tokenizer, cfg)?;
         tracing::info!(?report, "tokenized training pairs");
