@@ -137,7 +137,9 @@ pub(crate) fn require_number(obj: &Map<String, Value>, field: &str) -> Result<f6
 
 /// Removes from a message-list completion the copy of the prompt that HF datasets put in front of it
 /// (UltraFeedback's `chosen` holds the user turn, then the assistant turn). A lone assistant message becomes
-/// its plain content.
+/// its plain content. After a prompt that ends in a user turn (a string is one), a response that begins
+/// with a user or system turn is refused: its messages hold a prompt that is not the row's (a copy that
+/// differs, if only in a space), which would otherwise be trained as part of the response.
 pub(crate) fn strip_prompt(prompt: &Text, completion: Text, field: &str, allow_empty: bool) -> Result<Text, FieldError> {
     let Text::Messages(msgs) = completion else { return Ok(completion) };
     let skip = match prompt {
@@ -146,6 +148,17 @@ pub(crate) fn strip_prompt(prompt: &Text, completion: Text, field: &str, allow_e
         _ => 0,
     };
     let rest = &msgs[skip..];
+    let asks = match prompt {
+        Text::Plain(_) => true,
+        Text::Messages(pm) => pm.last().is_some_and(|m| m.role == "user"),
+    };
+    if let Some(m) = rest.first().filter(|m| asks && (m.role == "user" || m.role == "system")) {
+        let why = format!(
+            "a {} turn where the response should begin: the messages do not begin with the row's prompt, so this turn would be trained as part of the response; correct the prompt, or leave the prompt out to take the one the two message lists share (as TRL does)",
+            m.role
+        );
+        return Err((format!("{field}[{skip}]"), RowProblem::BadMessages(why)));
+    }
     match rest {
         [] => Err(field_err(field, RowProblem::BadMessages("the messages hold only the prompt, no response".into()))),
         [m] if m.role == "assistant" => {
@@ -372,6 +385,30 @@ mod tests {
             pairs += 1;
         }
         assert_eq!((pairs, refused), (12, 4));
+    }
+
+    /// A prompt the messages repeat with a difference (here a trailing space) is not taken for a
+    /// response's first turn.
+    #[test]
+    fn a_response_may_not_begin_with_a_turn_that_asks() {
+        let why = "a user turn where the response should begin: the messages do not begin with the row's prompt, so this turn would be trained as part of the response; correct the prompt, or leave the prompt out to take the one the two message lists share (as TRL does)";
+        assert_eq!(
+            parse(r#"{"prompt":"hi","chosen":[{"role":"user","content":"hi "},{"role":"assistant","content":"yo"}],"rejected":"no"}"#).unwrap_err(),
+            format!("f.jsonl: line 4, field `chosen[0]`: {why}")
+        );
+        let prompt = r#"[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"}]"#;
+        let chosen = r#"[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}]"#;
+        assert_eq!(
+            parse(&format!(r#"{{"prompt":{prompt},"chosen":{chosen},"rejected":"no"}}"#)).unwrap_err(),
+            format!("f.jsonl: line 4, field `chosen[0]`: {why}")
+        );
+        // Without the prompt, the two lists' shared start is the prompt.
+        let r = parse(r#"{"chosen":[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}],"rejected":[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"},{"role":"assistant","content":"no"}]}"#).unwrap();
+        assert_eq!((r.chosen, r.rejected), (Text::Plain("yo".into()), Text::Plain("no".into())));
+        // After a prompt that ends in the assistant's turn, the next user turn is the response's.
+        let p = r#"[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]"#;
+        let r = parse(&format!(r#"{{"prompt":{p},"chosen":[{{"role":"user","content":"more"}},{{"role":"assistant","content":"ok"}}],"rejected":"no"}}"#)).unwrap();
+        assert!(matches!(r.chosen, Text::Messages(m) if m.len() == 2));
     }
 
     #[test]
