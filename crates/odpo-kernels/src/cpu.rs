@@ -331,7 +331,7 @@ pub(crate) mod tch {
     }
 
     fn numel(t: &TchTensor) -> Option<usize> {
-        usize::try_from(t.tensor.numel()).ok()
+        Some(t.tensor.numel())
     }
 
     pub(crate) fn slice_mut(t: &mut TchTensor) -> Option<&mut [f32]> {

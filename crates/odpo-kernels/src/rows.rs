@@ -27,7 +27,7 @@ pub trait RowsBackend: Backend {
     }
 }
 
-/// cubecl: a view of the same buffer when the rows are evenly spaced (see [`cube::view`]).
+/// cubecl: a view of the same buffer when the rows are evenly spaced (see `view` in `cube.rs`).
 #[cfg(feature = "cube")]
 impl RowsBackend for burn::backend::Cube {
     fn reshape_rows(x: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
