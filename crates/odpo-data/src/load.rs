@@ -119,10 +119,10 @@ pub fn load(cfg: &DataConfig) -> Result<Loaded, DataError> {
 }
 
 /// [`load`] in parts of at most `chunk` pairs, each handed to `each` in file order, with the report
-/// at the end. A `jsonl` file (gzipped or not) is streamed: read a line at a time, so that neither the file nor more
-/// than `chunk` pairs are held at once (pair ids and prompt ids run on across parts, as [`load`]
-/// numbers them). The other formats are read whole and handed over in one part: parquet row groups,
-/// and the paper's files, whose responses are grouped by prompt.
+/// at the end. A `jsonl` file (gzipped or not) is streamed: read a line at a time, so that neither
+/// the file nor more than `chunk` pairs are held at once (pair ids and prompt ids run on across
+/// parts, as [`load`] numbers them). The other formats are read whole and handed over in one part:
+/// parquet row groups, and the paper's files, whose responses are grouped by prompt.
 pub fn stream(cfg: &DataConfig, chunk: usize, mut each: impl FnMut(Vec<PreferencePair>) -> Result<(), DataError>) -> Result<LoadReport, DataError> {
     cfg.validate()?;
     if cfg.format != Format::Jsonl {
