@@ -887,7 +887,9 @@ fn cmd_reward_model(a: RewardModelArgs) -> Result<()> {
     let mut cfg = if pairs_path.extension().is_some_and(|e| e == "toml") {
         odpo_data::DataConfig::from_toml_file(pairs_path)?
     } else {
-        let format = match (a.format.as_deref(), pairs_path.extension().and_then(|e| e.to_str())) {
+        // `pairs.jsonl.gz` is read through gzip (odpo-data): its format is the name's before `.gz`.
+        let name = if pairs_path.extension().is_some_and(|e| e == "gz") { pairs_path.with_extension("") } else { pairs_path.clone() };
+        let format = match (a.format.as_deref(), name.extension().and_then(|e| e.to_str())) {
             (Some(f), _) => f.to_string(),
             (None, Some("jsonl")) => "jsonl".into(),
             (None, Some("parquet")) => "parquet".into(),

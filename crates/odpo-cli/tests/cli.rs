@@ -217,7 +217,13 @@ fn zero_counts_and_missing_files_are_refused_plainly() {
     std::fs::write(&scored, (0..3).map(|i| format!("{{\"prompt\": \"a\", \"text\": \"b{i}\", \"reward\": 1.0}}\n")).collect::<String>()).unwrap();
     let pairs = dir.join("pairs.jsonl");
     std::fs::write(&pairs, "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n").unwrap();
-    for (flag, file, what) in [("--data", &scored, "3 scored texts"), ("--pairs", &pairs, "1 pairs")] {
+    // Gzipped, as the hub ships hh-rlhf (no prompt: the start both sides share): its format read
+    // from the name before `.gz`.
+    let zipped = dir.join("hh.jsonl.gz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut gz, b"{\"chosen\": \"Human: hi Assistant: hello\", \"rejected\": \"Human: hi Assistant: go\"}\n").unwrap();
+    std::fs::write(&zipped, gz.finish().unwrap()).unwrap();
+    for (flag, file, what) in [("--data", &scored, "3 scored texts"), ("--pairs", &pairs, "1 pairs"), ("--pairs", &zipped, "1 pairs")] {
         let (code, err) = odpo(&["reward-model", flag, file.to_str().unwrap(), "--backbone", "no-such-model", "--out", "o"]);
         assert_eq!((code, err.trim()), (Some(2), format!("error: {flag} {}: {what}; at least 10 are needed to fit a reward model", file.display()).as_str()));
     }
