@@ -900,7 +900,7 @@ fn fixtures(a: &FixturesArgs) -> Result<ExitCode> {
     let sets: Vec<&FixtureSet> = if a.only.is_empty() {
         FIXTURES.iter().collect()
     } else {
-        a.only.iter().map(|n| FIXTURES.iter().find(|s| s.name == n).with_context(|| format!("--only: no fixture set `{n}`; expected one of: loss, conformance, models, tokenizer, gguf, llamacpp, data"))).collect::<Result<_>>()?
+        a.only.iter().map(|n| FIXTURES.iter().find(|s| s.name == n).with_context(|| format!("--only: no fixture set `{n}`; expected one of: {}", FIXTURES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")))).collect::<Result<_>>()?
     };
     let venv = a.venv.clone().unwrap_or_else(|| default_venv(TORCH_DEFAULT));
     if !venv.join("bin/python").is_file() {

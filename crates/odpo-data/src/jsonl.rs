@@ -79,11 +79,14 @@ pub(crate) fn get_text(obj: &Map<String, Value>, field: &str) -> Result<Text, Fi
 /// `allow_empty`.
 pub(crate) fn get_completion(obj: &Map<String, Value>, field: &str, allow_empty: bool) -> Result<Text, FieldError> {
     match obj.get(field) {
-        Some(Value::String(s)) if s.trim().is_empty() => {
-            if allow_empty { Ok(Text::Plain(s.clone())) } else { Err(field_err(field, RowProblem::EmptyCompletion)) }
-        }
+        Some(Value::String(s)) if s.trim().is_empty() => plain_completion(s, field, allow_empty),
         _ => get_text(obj, field),
     }
+}
+
+/// A response's text, refused when it is empty (or only whitespace) unless `allow_empty`.
+fn plain_completion(s: &str, field: &str, allow_empty: bool) -> Result<Text, FieldError> {
+    if s.trim().is_empty() && !allow_empty { Err(field_err(field, RowProblem::EmptyCompletion)) } else { Ok(Text::Plain(s.to_owned())) }
 }
 
 /// A text value; the error's string is a suffix for the field name (`[2].content`).
@@ -161,13 +164,7 @@ pub(crate) fn strip_prompt(prompt: &Text, completion: Text, field: &str, allow_e
     }
     match rest {
         [] => Err(field_err(field, RowProblem::BadMessages("the messages hold only the prompt, no response".into()))),
-        [m] if m.role == "assistant" => {
-            if m.content.trim().is_empty() && !allow_empty {
-                Err((format!("{field}[{skip}].content"), RowProblem::EmptyCompletion))
-            } else {
-                Ok(Text::Plain(m.content.clone()))
-            }
-        }
+        [m] if m.role == "assistant" => plain_completion(&m.content, &format!("{field}[{skip}].content"), allow_empty),
         _ => Ok(Text::Messages(rest.to_vec())),
     }
 }
@@ -205,14 +202,8 @@ pub(crate) fn implicit_prompt(chosen: Text, rejected: Text, cols: &Columns, allo
             if prompt.trim().is_empty() {
                 return Err(no_start());
             }
-            let side = |text: &str, field: &str| {
-                if text.trim().is_empty() && !allow_empty {
-                    Err(field_err(field, RowProblem::EmptyCompletion))
-                } else {
-                    Ok(Text::Plain(text.to_owned()))
-                }
-            };
-            Ok((Text::Plain(prompt.to_owned()), side(&c[cut..], &cols.chosen)?, side(&r[cut..], &cols.rejected)?))
+            let (chosen, rejected) = (plain_completion(&c[cut..], &cols.chosen, allow_empty)?, plain_completion(&r[cut..], &cols.rejected, allow_empty)?);
+            Ok((Text::Plain(prompt.to_owned()), chosen, rejected))
         }
         (Text::Messages(c), Text::Messages(r)) => {
             let shared = c.iter().zip(&r).position(|(a, b)| a != b).unwrap_or(c.len().min(r.len()).saturating_sub(1));
