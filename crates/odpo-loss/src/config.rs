@@ -5,6 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::LossError;
+use crate::divergence::FDivergence;
 
 /// One preference objective. Spelled in kebab-case in configs; TRL's snake_case `loss_type` names are
 /// accepted as aliases. docs/losses.md has one row per variant.
@@ -14,6 +15,9 @@ pub enum LossKind {
     /// DPO, and ODPO when offsets are given: `-log σ(β·h − Δ)` ([`crate::dpo::sigmoid_loss`]).
     #[serde(alias = "dpo")]
     Sigmoid,
+    /// Length-normalised DPO: `-log σ(β·(r_w/|y_w| − r_l/|y_l|) − Δ)` ([`crate::dpo::sigmoid_norm`]).
+    #[serde(alias = "sigmoid_norm")]
+    SigmoidNorm,
     /// Conservative DPO, label smoothing ε ([`crate::dpo::cdpo`]).
     Cdpo,
     /// Robust DPO, unbiased under label noise ε ([`crate::dpo::robust`]).
@@ -57,8 +61,9 @@ pub enum LossKind {
 
 impl LossKind {
     /// Every objective, in documentation order.
-    pub const ALL: [LossKind; 17] = [
+    pub const ALL: [LossKind; 18] = [
         LossKind::Sigmoid,
+        LossKind::SigmoidNorm,
         LossKind::Cdpo,
         LossKind::Robust,
         LossKind::Ipo,
@@ -81,6 +86,7 @@ impl LossKind {
     pub fn name(self) -> &'static str {
         match self {
             LossKind::Sigmoid => "sigmoid",
+            LossKind::SigmoidNorm => "sigmoid-norm",
             LossKind::Cdpo => "cdpo",
             LossKind::Robust => "robust",
             LossKind::Ipo => "ipo",
@@ -105,6 +111,7 @@ impl LossKind {
     pub fn offset_support(self) -> Result<(), &'static str> {
         match self {
             LossKind::Sigmoid
+            | LossKind::SigmoidNorm
             | LossKind::Cdpo
             | LossKind::Robust
             | LossKind::Ipo
@@ -125,6 +132,36 @@ impl LossKind {
             }
             LossKind::Sft => {
                 Err("it is a likelihood term on the chosen response, with no pairwise margin")
+            }
+        }
+    }
+
+    /// `Ok(())` when the objective reads the responses' log-ratios only through their chosen-minus-rejected
+    /// difference (or not at all), so that an f-divergence other than reverse KL applies to it
+    /// (`f_divergence_type`, [`crate::divergence`]); otherwise the reason it does not.
+    pub fn f_divergence_support(self) -> Result<(), &'static str> {
+        match self {
+            LossKind::Sigmoid
+            | LossKind::SigmoidNorm
+            | LossKind::Cdpo
+            | LossKind::Robust
+            | LossKind::Ipo
+            | LossKind::Hinge
+            | LossKind::ExoPair
+            | LossKind::Discopop
+            | LossKind::Sft => Ok(()),
+            LossKind::BcoPair
+            | LossKind::NcaPair
+            | LossKind::SppoHard
+            | LossKind::ApoZero
+            | LossKind::ApoDown => Err(
+                "it scores each response against an absolute anchor, where f-DPO's log Z(x) term does not cancel",
+            ),
+            LossKind::Aot | LossKind::AotUnpaired => Err(
+                "it sorts log-ratios across the batch, so f-DPO's log Z(x) term does not cancel within a pair",
+            ),
+            LossKind::Simpo | LossKind::Orpo => {
+                Err("it has no reference model to diverge from")
             }
         }
     }
@@ -178,6 +215,12 @@ pub struct LossConfig {
     pub simpo_gamma: f64,
     /// RPO: adds `rpo_alpha` × the chosen response's mean token NLL to every pair's loss. None: off.
     pub rpo_alpha: Option<f64>,
+    /// f-DPO: the divergence from the reference whose score f'(π_θ/π_ref) replaces each log-ratio in the
+    /// pairwise objectives ([`crate::divergence`]). Default reverse KL, which is DPO.
+    pub f_divergence_type: FDivergence,
+    /// a of the α-divergence (TRL's `f_alpha_divergence_coef`, default 0.5); read only with
+    /// `f_divergence_type = "alpha-divergence"`.
+    pub f_alpha_divergence_coef: f64,
 }
 
 impl Default for LossConfig {
@@ -191,6 +234,8 @@ impl Default for LossConfig {
             discopop_tau: 0.05,
             simpo_gamma: 0.5,
             rpo_alpha: None,
+            f_divergence_type: FDivergence::ReverseKl,
+            f_alpha_divergence_coef: 0.5,
         }
     }
 }
@@ -364,6 +409,35 @@ impl LossConfig {
                 "must be finite and > 0 (leave it out to turn RPO off)",
             );
         }
+        let coef = self.f_alpha_divergence_coef;
+        if coef != d.f_alpha_divergence_coef
+            && self.f_divergence_type != FDivergence::AlphaDivergence
+        {
+            return invalid(
+                "f_alpha_divergence_coef",
+                coef.to_string(),
+                &format!(
+                    "is read only with `f_divergence_type = \"alpha-divergence\"` (it is \"{}\")",
+                    self.f_divergence_type.name()
+                ),
+            );
+        }
+        if !coef.is_finite() {
+            return invalid("f_alpha_divergence_coef", coef.to_string(), "must be finite");
+        }
+        if self.f_divergence_type != FDivergence::ReverseKl {
+            for &k in &self.loss_type {
+                if let Err(why) = k.f_divergence_support() {
+                    return invalid(
+                        "f_divergence_type",
+                        format!("\"{}\"", self.f_divergence_type.name()),
+                        &format!(
+                            "`loss_type` {k} has no f-divergence form ({why}); f-DPO applies to sigmoid, sigmoid-norm, cdpo, robust, ipo, hinge, exo-pair, discopop and sft"
+                        ),
+                    );
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -459,6 +533,57 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn f_divergence_names_and_where_it_applies() -> Result<(), Box<dyn std::error::Error>> {
+        for f in FDivergence::ALL {
+            let s = serde_json::to_string(&f)?;
+            assert_eq!(s, format!("\"{}\"", f.name()));
+        }
+        // TRL's spellings, as a TRL config writes them.
+        let c: LossConfig = toml::from_str(
+            "loss_type = [\"sigmoid_norm\", \"sft\"]\nf_divergence_type = \"alpha_divergence\"\nf_alpha_divergence_coef = 0.3",
+        )?;
+        assert_eq!(c.loss_type, vec![LossKind::SigmoidNorm, LossKind::Sft]);
+        assert_eq!(c.f_divergence_type, FDivergence::AlphaDivergence);
+        assert_eq!(c.validate(), Ok(()));
+        // Every objective either takes every divergence or refuses the ones other than reverse KL by name.
+        for k in LossKind::ALL {
+            let mut c = LossConfig::new(k, 0.1);
+            if matches!(k, LossKind::Cdpo | LossKind::ExoPair) {
+                c.label_smoothing = 0.1;
+            }
+            for f in FDivergence::ALL {
+                c.f_divergence_type = f;
+                let got = c.validate();
+                if f == FDivergence::ReverseKl || k.f_divergence_support().is_ok() {
+                    assert_eq!(got, Ok(()), "{k} with {}", f.name());
+                } else {
+                    let msg = got.map_err(|e| e.to_string()).err().unwrap_or_default();
+                    assert!(
+                        msg.contains(&format!("`f_divergence_type` = \"{}\"", f.name()))
+                            && msg.contains(&format!("`loss_type` {k} has no f-divergence form")),
+                        "{msg}"
+                    );
+                }
+            }
+        }
+        // The coefficient alone does nothing; it must be finite.
+        let c = LossConfig {
+            f_alpha_divergence_coef: 0.3,
+            ..LossConfig::default()
+        };
+        let msg = c.validate().map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert!(msg.contains("`f_alpha_divergence_coef` = 0.3: is read only with `f_divergence_type = \"alpha-divergence\"` (it is \"reverse-kl\")"), "{msg}");
+        let c = LossConfig {
+            f_divergence_type: FDivergence::AlphaDivergence,
+            f_alpha_divergence_coef: f64::INFINITY,
+            ..LossConfig::default()
+        };
+        assert!(c.validate().is_err());
+        assert!(toml::from_str::<LossConfig>("f_divergence_type = \"kl\"").is_err());
+        Ok(())
     }
 
     #[test]

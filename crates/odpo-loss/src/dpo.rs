@@ -1,5 +1,5 @@
 //! DPO and ODPO, and the objectives that are a link function of the same pairwise logit:
-//! cDPO, robust DPO, IPO, hinge (SLiC), EXO-pair and DiscoPOP.
+//! length-normalised DPO, cDPO, robust DPO, IPO, hinge (SLiC), EXO-pair and DiscoPOP.
 //!
 //! Symbols, shared by every function here (all tensors of shape `[B]`, one entry per pair):
 //!
@@ -13,6 +13,9 @@
 //! (p(r_w − r_l > Δ) = σ(β·h − Δ), arXiv 2402.10571 §3) holds for any loss of the logit, so each variant
 //! below turns into "the same loss, but the margin must exceed Δ". With Δ = 0 each is exactly its
 //! published form.
+//!
+//! Under f-DPO (`LossConfig::f_divergence_type`) the caller replaces each log-ratio in h by its score
+//! f'(π_θ/π_ref) ([`crate::divergence`]); the functions here take h as given.
 
 use burn::tensor::Tensor;
 use burn::tensor::activation::{log_sigmoid, relu, sigmoid};
@@ -39,6 +42,23 @@ pub fn logit(h: Tensor<1>, offset: Option<Tensor<1>>, beta: f64) -> Tensor<1> {
 /// finite z (no NaN or inf at |z| = 1e4, for the loss or its gradient).
 pub fn sigmoid_loss(h: Tensor<1>, offset: Option<Tensor<1>>, beta: f64) -> Tensor<1> {
     log_sigmoid(logit(h, offset, beta)).neg()
+}
+
+/// Length-normalised DPO (`loss_type = "sigmoid-norm"`, TRL's `sigmoid_norm`): DPO on the difference of
+/// per-token log-ratios.
+///
+/// ```text
+/// h̄ = r_w/|y_w| − r_l/|y_l|,   ℓ = −log σ(β·h̄ − Δ)
+/// ```
+///
+/// r = log π_θ(y|x) − log π_ref(y|x) summed over the response, |y| its token count (clamped to ≥ 1); the
+/// caller passes h̄. Lambert et al., "Tülu 3: Pushing Frontiers in Open Language Model Post-Training"
+/// (arXiv 2411.15124), the length-normalised DPO of its preference-tuning stage; SimPO (arXiv
+/// 2405.14734) is its reference-free relative. β is the inverse temperature of a per-token implicit
+/// reward, so it is larger than DPO's for the same strength (Tülu 3 uses 5). The offset composes through
+/// the logit as in DPO: the per-token margin must exceed Δ/β.
+pub fn sigmoid_norm(h_token_mean: Tensor<1>, offset: Option<Tensor<1>>, beta: f64) -> Tensor<1> {
+    sigmoid_loss(h_token_mean, offset, beta)
 }
 
 /// Conservative DPO (cDPO), label smoothing ε (`loss_type = "cdpo"`).

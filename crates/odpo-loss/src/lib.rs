@@ -32,6 +32,7 @@
 pub mod anchored;
 pub mod aot;
 mod config;
+pub mod divergence;
 pub mod dpo;
 mod error;
 mod inputs;
@@ -44,6 +45,7 @@ pub mod simpo;
 use burn::tensor::Tensor;
 
 pub use config::{LossConfig, LossKind};
+pub use divergence::FDivergence;
 pub use error::LossError;
 pub use inputs::PairLogps;
 pub use offset::{OffsetConfig, OffsetError, OffsetFn};
@@ -119,19 +121,27 @@ pub fn preference_loss(inputs: &PairLogps, cfg: &LossConfig) -> Result<LossOutpu
 fn objective(kind: LossKind, x: &PairLogps, cfg: &LossConfig) -> Tensor<1> {
     let beta = cfg.beta;
     let eps = cfg.label_smoothing;
-    let chosen_lr = || x.policy_chosen.clone() - x.reference_chosen.clone();
-    let rejected_lr = || x.policy_rejected.clone() - x.reference_rejected.clone();
-    let h = || chosen_lr() - rejected_lr();
-    let offset = || x.offset.clone();
     let (pc, pr) = (|| x.policy_chosen.clone(), || x.policy_rejected.clone());
     let (nc, nr) = (|| x.chosen_tokens.clone(), || x.rejected_tokens.clone());
+    let chosen_lr = || x.policy_chosen.clone() - x.reference_chosen.clone();
+    let rejected_lr = || x.policy_rejected.clone() - x.reference_rejected.clone();
+    // The objectives of a chosen-minus-rejected difference read each log-ratio through f-DPO's score
+    // (the log-ratio itself under the default reverse KL); `validate` keeps the others on reverse KL.
+    let (f, coef) = (cfg.f_divergence_type, cfg.f_alpha_divergence_coef);
+    let chosen_s = || divergence::score(chosen_lr(), f, coef);
+    let rejected_s = || divergence::score(rejected_lr(), f, coef);
+    let h = || chosen_s() - rejected_s();
+    // The same difference of per-token averages (IPO as TRL computes it, length-normalised DPO).
+    let h_token_mean = || nll::token_mean(chosen_s(), nc()) - nll::token_mean(rejected_s(), nr());
+    let offset = || x.offset.clone();
     match kind {
         LossKind::Sigmoid => dpo::sigmoid_loss(h(), offset(), beta),
+        LossKind::SigmoidNorm => dpo::sigmoid_norm(h_token_mean(), offset(), beta),
         LossKind::Cdpo => dpo::cdpo(h(), offset(), beta, eps),
         LossKind::Robust => dpo::robust(h(), offset(), beta, eps),
         LossKind::Ipo => {
             let h = if cfg.ipo_token_average {
-                nll::token_mean(chosen_lr(), nc()) - nll::token_mean(rejected_lr(), nr())
+                h_token_mean()
             } else {
                 h()
             };

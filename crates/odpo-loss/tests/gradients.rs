@@ -10,7 +10,7 @@ mod common;
 
 use burn::tensor::DType;
 use common::{Host, LOGP_NAMES, device, host, scalar};
-use odpo_loss::{LossConfig, LossKind, preference_loss};
+use odpo_loss::{FDivergence, LossConfig, LossKind, preference_loss};
 
 fn point() -> Host {
     Host {
@@ -118,4 +118,22 @@ fn ipo_summed_rpo_and_mixtures_match_finite_differences() {
         ..LossConfig::default()
     };
     check(&mix, &point(), "mixture");
+}
+
+#[test]
+fn f_divergences_match_finite_differences() {
+    for kind in [LossKind::Sigmoid, LossKind::SigmoidNorm, LossKind::Ipo, LossKind::Robust] {
+        for f in FDivergence::ALL {
+            for coef in [0.5, 1.5] {
+                let cfg = LossConfig {
+                    f_divergence_type: f,
+                    f_alpha_divergence_coef: if f == FDivergence::AlphaDivergence { coef } else { 0.5 },
+                    ..config(kind)
+                };
+                let mut h = point();
+                h.offset = Some(vec![0.4, -1.2, 0.9, -0.3]);
+                check(&cfg, &h, &format!("{kind} with {} (a = {coef})", f.name()));
+            }
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! Exact identities (ODPO with Δ = 0 or α = 0 is DPO), stability at |β·h| = 1e4, the NaN policy, refused
+//! Exact identities (ODPO with Δ = 0 or α = 0 is DPO, the α-divergence at its limits is reverse and
+//! forward KL), stability at |β·h| = 1e4, the NaN policy, refused
 //! combinations, and hand-computed metrics.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -7,7 +8,7 @@ mod common;
 use burn::tensor::DType;
 use common::{Host, LOGP_NAMES, device, host, scalar};
 use odpo_loss::{
-    LossConfig, LossError, LossKind, OffsetConfig, check_finite, preference_loss,
+    FDivergence, LossConfig, LossError, LossKind, OffsetConfig, check_finite, preference_loss,
 };
 
 fn batch() -> Host {
@@ -325,5 +326,110 @@ fn metrics_by_hand() {
     for ((name, got), (want_name, value)) in m.iter().zip(want) {
         assert_eq!(*name, want_name);
         assert!((got - value).abs() < 1e-6, "{name}: {got} vs {value}");
+    }
+}
+
+#[test]
+fn alpha_divergence_at_its_limits_is_reverse_and_forward_kl_exactly() {
+    for kind in [LossKind::Sigmoid, LossKind::SigmoidNorm, LossKind::Ipo] {
+        let with = |f: FDivergence, coef: f64| {
+            let cfg = LossConfig {
+                f_divergence_type: f,
+                f_alpha_divergence_coef: coef,
+                ..config(kind)
+            };
+            let mut h = batch();
+            h.offset = Some(vec![0.3, -0.2, 0.0, 1.0, -1.0, 0.5]);
+            run(&cfg, &h)
+        };
+        let reverse = with(FDivergence::ReverseKl, 0.5);
+        assert_eq!(with(FDivergence::AlphaDivergence, 1.0), reverse, "{kind}: a = 1");
+        assert_eq!(with(FDivergence::AlphaDivergence, 1.0 + 1e-7), reverse, "{kind}: a within 1e-6 of 1");
+        assert_ne!(with(FDivergence::AlphaDivergence, 0.5), reverse, "{kind}: a = 0.5");
+        assert_eq!(with(FDivergence::AlphaDivergence, 0.0), with(FDivergence::ForwardKl, 0.5), "{kind}: a = 0");
+    }
+}
+
+#[test]
+fn f_divergence_scores_by_hand() {
+    // One pair, β = 1, no offset: log u_w = ln 2, log u_l = −ln 2.
+    let ln2 = std::f64::consts::LN_2;
+    let h = Host {
+        policy_chosen: vec![-10.0 + ln2],
+        policy_rejected: vec![-12.0 - ln2],
+        reference_chosen: vec![-10.0],
+        reference_rejected: vec![-12.0],
+        chosen_tokens: vec![4.0],
+        rejected_tokens: vec![2.0],
+        offset: None,
+        weight: None,
+    };
+    let softplus = |x: f64| (1.0 + x.exp()).ln();
+    // Scores: forward KL 1 − 1/u: 1/2 and −1; JS log(2u/(1+u)): ln(4/3) and ln(2/3);
+    // α-divergence at a = 0.5, (u^(−1/2) − 1)/(−1/2): 2 − √2 and 2 − 2√2.
+    let cases = [
+        (FDivergence::ReverseKl, LossKind::Sigmoid, 2.0 * ln2),
+        (FDivergence::ForwardKl, LossKind::Sigmoid, 1.5),
+        (FDivergence::JsDivergence, LossKind::Sigmoid, ln2),
+        (FDivergence::AlphaDivergence, LossKind::Sigmoid, std::f64::consts::SQRT_2),
+        // Per token: 1/2 / 4 − (−1) / 2.
+        (FDivergence::ForwardKl, LossKind::SigmoidNorm, 0.625),
+    ];
+    for (f, kind, h_want) in cases {
+        let cfg = LossConfig {
+            f_divergence_type: f,
+            ..LossConfig::new(kind, 1.0)
+        };
+        let (inputs, _) = h.build(&device(), DType::F32);
+        let got = scalar(&preference_loss(&inputs, &cfg).unwrap().loss);
+        let want = softplus(-h_want);
+        // f32 inputs: log u is exact to about 1e-6.
+        assert!((got - want).abs() < 1e-5, "{} {kind}: {got} vs {want}", f.name());
+    }
+}
+
+#[test]
+fn f_divergences_stay_finite_at_log_ratios_of_plus_minus_1e4() {
+    let h = Host {
+        policy_chosen: vec![-1.0, -10001.0, -1.0, -10001.0],
+        policy_rejected: vec![-10001.0, -1.0, -10001.0, -1.0],
+        reference_chosen: vec![-10001.0, -1.0, -1.0, -1.0],
+        reference_rejected: vec![-1.0, -10001.0, -1.0, -1.0],
+        chosen_tokens: vec![1.0; 4],
+        rejected_tokens: vec![1.0; 4],
+        offset: Some(vec![3.0, -3.0, 0.0, 1.0]),
+        weight: None,
+    };
+    for kind in LossKind::ALL.into_iter().filter(|k| k.f_divergence_support().is_ok()) {
+        for f in FDivergence::ALL {
+            for coef in [0.5, 1.5, -0.5] {
+                let cfg = LossConfig {
+                    f_divergence_type: f,
+                    f_alpha_divergence_coef: if f == FDivergence::AlphaDivergence { coef } else { 0.5 },
+                    ..config(kind)
+                };
+                let mut h = h.clone();
+                if kind.offset_support().is_err() {
+                    h.offset = None;
+                }
+                let (inputs, leaves) = h.build(&device(), DType::F32);
+                let out = preference_loss(&inputs, &cfg).unwrap();
+                let label = format!("{kind} with {} (a = {coef})", f.name());
+                if kind == LossKind::Ipo && matches!(f, FDivergence::ForwardKl | FDivergence::AlphaDivergence) {
+                    // Scores near e^80 squared overflow f32 (as in TRL): an error naming the loss, not a NaN.
+                    let err = check_finite(&inputs, &out).unwrap_err();
+                    assert!(matches!(err, LossError::NonFiniteLoss { .. }), "{label}: {err}");
+                    continue;
+                }
+                assert!(check_finite(&inputs, &out).is_ok(), "{label}: {:?}", host(&out.per_pair));
+                let grads = out.loss.backward();
+                for (leaf, name) in leaves.iter().zip(LOGP_NAMES) {
+                    if let Some(g) = leaf.grad(&grads) {
+                        let g = host(&g);
+                        assert!(g.iter().all(|v| v.is_finite()), "{label}: d/d {name} = {g:?}");
+                    }
+                }
+            }
+        }
     }
 }

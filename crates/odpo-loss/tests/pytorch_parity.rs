@@ -138,8 +138,10 @@ fn losses_gradients_and_metrics_match_pytorch() {
     let mut worst = 0.0f64;
     let mut failures = Vec::new();
     let mut kinds_seen = std::collections::HashSet::new();
+    let mut divergences_seen = std::collections::HashSet::new();
     for case in &fixture.cases {
         kinds_seen.extend(case.config.loss_type.iter().copied());
+        divergences_seen.insert(case.config.f_divergence_type);
         let i = &case.inputs;
         let h = Host {
             policy_chosen: widen(&i.policy_chosen),
@@ -198,6 +200,9 @@ fn losses_gradients_and_metrics_match_pytorch() {
     println!("worst relative error over all cases: {worst:.2e}");
     for k in odpo_loss::LossKind::ALL {
         assert!(kinds_seen.contains(&k), "no fixture case covers {k}");
+    }
+    for f in odpo_loss::FDivergence::ALL {
+        assert!(divergences_seen.contains(&f), "no fixture case covers f_divergence_type {}", f.name());
     }
     assert!(
         failures.is_empty(),
