@@ -6,7 +6,9 @@
 //!
 //! `loss_mask[r, t] = 1` where token t of row r is a completion token (EOS included): the log-prob of the
 //! completion is the sum over t of log p(input_ids[r, t] | tokens < t) · loss_mask[r, t], so the prediction
-//! for token t comes from the logits at t − 1.
+//! for token t comes from the logits at t − 1. Under LD-DPO ([`PreferenceBatcher::ld_alpha`]) the tokens
+//! of the longer response beyond the length both share weigh α instead of 1, and the batch carries the
+//! true token counts beside the weighted mask.
 
 use std::sync::Arc;
 
@@ -119,6 +121,9 @@ pub struct PreferenceBatch {
     pub weights: Option<Tensor<1>>,
     /// The pairs' ids, in row order.
     pub pair_ids: Vec<usize>,
+    /// The rows' completion token counts `[2B]` (chosen first) when `loss_mask` holds LD-DPO's weights,
+    /// whose sum is no longer the count; None when the mask is 0 or 1.
+    pub token_counts: Option<Tensor<1>>,
 }
 
 impl PreferenceBatch {
@@ -133,7 +138,13 @@ impl PreferenceBatch {
             }),
             PairRows::SharedPrompt(r) => PairRows::SharedPrompt(r.inner()),
         };
-        Self { rows, offsets: self.offsets.clone().inner(), weights: self.weights.clone().map(Tensor::inner), pair_ids: self.pair_ids.clone() }
+        Self {
+            rows,
+            offsets: self.offsets.clone().inner(),
+            weights: self.weights.clone().map(Tensor::inner),
+            pair_ids: self.pair_ids.clone(),
+            token_counts: self.token_counts.clone().map(Tensor::inner),
+        }
     }
 
     /// The concatenated rows, when the batch has that layout.
@@ -190,6 +201,12 @@ impl SharedPromptRows {
 /// right-padded, each width rounded up to `multiple` (None when the longest prompt or the longest
 /// completion is empty).
 pub fn shared_prompt_rows(items: &[TokenizedPair], pad_id: u32, multiple: Option<usize>, device: &Device) -> Option<SharedPromptRows> {
+    shared_prompt_rows_ld(items, pad_id, multiple, None, device).map(|(rows, _)| rows)
+}
+
+/// [`shared_prompt_rows`] with LD-DPO's weights in the loss mask when `ld_alpha` is given, and the
+/// rows' token counts.
+fn shared_prompt_rows_ld(items: &[TokenizedPair], pad_id: u32, multiple: Option<usize>, ld_alpha: Option<f32>, device: &Device) -> Option<(SharedPromptRows, Vec<f32>)> {
     let b = items.len();
     let p = items.iter().map(|x| x.prompt.len()).max().unwrap_or(0);
     let c = items.iter().map(|x| x.chosen.len().max(x.rejected.len())).max().unwrap_or(0);
@@ -219,13 +236,38 @@ pub fn shared_prompt_rows(items: &[TokenizedPair], pad_id: u32, multiple: Option
         let first = if it.prompt.is_empty() { 0.0 } else { 1.0 };
         loss.extend((0..c).map(|j| if j >= n { 0.0 } else if j == 0 { first } else { 1.0 }));
     }
-    Some(SharedPromptRows {
+    let counts = ld_weights(&mut loss, b, c, 0, ld_alpha);
+    let rows = SharedPromptRows {
         prompt_ids: Tensor::from_data(TensorData::new(prompt_ids, [b, p]), device),
         prompt_mask: Tensor::from_data(TensorData::new(prompt_mask, [b, p]), device),
         completion_ids: Tensor::from_data(TensorData::new(ids, [2 * b, c]), device),
         full_mask: Tensor::from_data(TensorData::new(full, [2 * b, p + c]), device),
         loss_mask: Tensor::from_data(TensorData::new(loss, [2 * b, c]), device),
-    })
+    };
+    Some((rows, counts))
+}
+
+/// LD-DPO (Liu et al., "Length Desensitization in Direct Preference Optimization", arXiv 2409.06411):
+/// in a `[2B, len]` loss mask whose rows r and B + r are pair r's chosen and rejected completions, the
+/// k-th counted token of a row (a nonzero entry at column ≥ `skip`) keeps its weight while k ≤ the
+/// shorter of the pair's two counts, and weighs `alpha` after that, as TRL's `ld_alpha` weighs them.
+/// Returns the rows' token counts. Without `alpha` the mask is left as it is.
+fn ld_weights(mask: &mut [f32], b: usize, len: usize, skip: usize, alpha: Option<f32>) -> Vec<f32> {
+    let counted = |row: &[f32]| row.iter().skip(skip).filter(|&&m| m != 0.0).count();
+    let counts: Vec<usize> = mask.chunks(len.max(1)).take(2 * b).map(counted).collect();
+    if let Some(alpha) = alpha {
+        for (r, row) in mask.chunks_mut(len.max(1)).take(2 * b).enumerate() {
+            let shared = counts[r % b].min(counts[b + r % b]);
+            let mut k = 0;
+            for m in row.iter_mut().skip(skip).filter(|m| **m != 0.0) {
+                k += 1;
+                if k > shared {
+                    *m *= alpha;
+                }
+            }
+        }
+    }
+    counts.iter().map(|&n| n as f32).collect()
 }
 
 /// Builds [`PreferenceBatch`]es.
@@ -237,12 +279,21 @@ pub struct PreferenceBatcher {
     pub pad_to_multiple: Option<usize>,
     /// The rows to build.
     pub layout: Layout,
+    /// LD-DPO's α (`loss.ld_alpha`): the weight, in the loss mask, of each response's tokens beyond the
+    /// length the pair's two responses share ([`ld_weights`]). None: every token weighs 1.
+    pub ld_alpha: Option<f32>,
 }
 
 impl PreferenceBatcher {
     /// A batcher of `layout` rows padded with `pad_id` to the longest row, rounded up to `pad_to_multiple`.
     pub fn new(pad_id: u32, pad_to_multiple: Option<usize>, layout: Layout) -> Self {
-        Self { pad_id, pad_to_multiple, layout }
+        Self { pad_id, pad_to_multiple, layout, ld_alpha: None }
+    }
+
+    /// The same batcher with LD-DPO's token weights (`loss.ld_alpha`).
+    pub fn with_ld_alpha(mut self, ld_alpha: Option<f32>) -> Self {
+        self.ld_alpha = ld_alpha;
+        self
     }
 
     /// The host-side rows of a batch (what [`Batcher::batch`] turns into tensors).
@@ -265,24 +316,33 @@ impl Batcher<TokenizedPair, PreferenceBatch> for PreferenceBatcher {
     fn batch(&self, items: Vec<TokenizedPair>, device: &Device) -> PreferenceBatch {
         let b = items.len();
         let shared = match self.layout {
-            Layout::SharedPrompt => shared_prompt_rows(&items, self.pad_id, self.pad_to_multiple, device),
+            Layout::SharedPrompt => shared_prompt_rows_ld(&items, self.pad_id, self.pad_to_multiple, self.ld_alpha, device),
             Layout::Concatenated => None,
         };
-        let rows = match shared {
-            Some(r) => PairRows::SharedPrompt(r),
+        let (rows, counts) = match shared {
+            Some((r, counts)) => (PairRows::SharedPrompt(r), counts),
             None => {
-                let host = self.host_rows(&items);
+                let mut host = self.host_rows(&items);
+                // Column 0 is never predicted, so it never counts.
+                let counts = ld_weights(&mut host.loss_mask, b, host.len, 1, self.ld_alpha);
                 let first_target = host.first_target;
                 let (input_ids, attention_mask, loss_mask) = host.tensors(device);
-                PairRows::Concatenated(ConcatenatedRows { input_ids, attention_mask, loss_mask, first_target })
+                (PairRows::Concatenated(ConcatenatedRows { input_ids, attention_mask, loss_mask, first_target }), counts)
             }
         };
+        let token_counts = self.ld_alpha.map(|_| Tensor::from_data(TensorData::new(counts, [2 * b]), device));
         let offsets: Vec<f32> = items.iter().map(|p| p.offset).collect();
         let weights = items.iter().any(|p| p.weight.is_some()).then(|| {
             let w: Vec<f32> = items.iter().map(|p| p.weight.unwrap_or(1.0)).collect();
             Tensor::from_data(TensorData::new(w, [b]), device)
         });
-        PreferenceBatch { rows, offsets: Tensor::from_data(TensorData::new(offsets, [b]), device), weights, pair_ids: items.iter().map(|p| p.pair_id).collect() }
+        PreferenceBatch {
+            rows,
+            offsets: Tensor::from_data(TensorData::new(offsets, [b]), device),
+            weights,
+            pair_ids: items.iter().map(|p| p.pair_id).collect(),
+            token_counts,
+        }
     }
 }
 
@@ -394,6 +454,47 @@ mod tests {
         let h = HostRows::pad(&[(vec![1, 2], 2), (vec![1, 2, 3, 4], 3)], 0, None);
         assert_eq!(h.first_target, 3);
         assert_eq!(HostRows::pad(&[(vec![1, 2], 2)], 0, None).first_target, 2);
+    }
+
+    #[test]
+    fn ld_alpha_weighs_tokens_beyond_the_shared_length_in_both_layouts() {
+        let device = Device::default();
+        // Pair 0: 2 chosen vs 4 rejected tokens, shared 2; pair 1 (empty prompt): 4 chosen tokens, of which
+        // 3 are predicted, vs 1 rejected, shared 1.
+        let items = vec![tp(0, &[5, 6], &[7, 2], &[8, 9, 10, 2]), tp(1, &[], &[3, 4, 5, 2], &[6, 2])];
+        let mask = |batch: &PreferenceBatch| -> Vec<f32> {
+            let m = match &batch.rows {
+                PairRows::Concatenated(r) => r.loss_mask.clone(),
+                PairRows::SharedPrompt(r) => r.loss_mask.clone(),
+            };
+            m.into_data().try_to_vec::<f32>().unwrap()
+        };
+        let counts = |batch: &PreferenceBatch| -> Option<Vec<f32>> { batch.token_counts.clone().map(|t| t.into_data().try_to_vec::<f32>().unwrap()) };
+        let concat = PreferenceBatcher::new(0, None, Layout::Concatenated).with_ld_alpha(Some(0.25));
+        let batch = concat.batch(items.clone(), &device);
+        #[rustfmt::skip]
+        assert_eq!(mask(&batch), vec![
+            0., 0., 1., 1., 0., 0.,
+            1., 1., 0.25, 0.25, 0., 0., // column 0 never counts; the 2nd and 3rd predicted tokens are beyond 1
+            0., 0., 1., 1., 0.25, 0.25,
+            1., 1., 0., 0., 0., 0.,
+        ]);
+        assert_eq!(counts(&batch), Some(vec![2., 3., 4., 1.]));
+        let shared = PreferenceBatcher::new(0, None, Layout::SharedPrompt).with_ld_alpha(Some(0.25));
+        let batch = shared.batch(items.clone(), &device);
+        assert!(batch.shared().is_some());
+        #[rustfmt::skip]
+        assert_eq!(mask(&batch), vec![
+            1., 1., 0., 0.,
+            0., 1., 0.25, 0.25,
+            1., 1., 0.25, 0.25,
+            0., 1., 0., 0.,
+        ]);
+        assert_eq!(counts(&batch), Some(vec![2., 3., 4., 1.]));
+        // Without LD-DPO the mask is 0 or 1 and the batch carries no counts.
+        let plain = PreferenceBatcher::new(0, None, Layout::SharedPrompt).batch(items, &device);
+        assert!(plain.token_counts.is_none());
+        assert!(mask(&plain).iter().all(|&m| m == 0.0 || m == 1.0));
     }
 
     #[test]

@@ -166,6 +166,21 @@ impl LossKind {
         }
     }
 
+    /// `Ok(())` when LD-DPO's token weights (`ld_alpha`) apply to this objective's log-probs, otherwise
+    /// the reason they do not. The token-averaged objectives of a reference (`sigmoid-norm`, `ipo`)
+    /// divide the weighted sums by the true token counts, as TRL's do.
+    pub fn ld_support(self) -> Result<(), &'static str> {
+        match self {
+            LossKind::Sft | LossKind::Orpo => Err(
+                "its NLL is a mean over every token of the chosen response (TRL's `sft` term reads the unweighted tokens)",
+            ),
+            LossKind::Simpo => Err(
+                "its length-normalised reward has no reference and no LD-DPO form (TRL's CPOTrainer has no `ld_alpha`)",
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// `Ok(())` when per-pair weights apply to this objective's per-pair losses.
     pub fn weight_support(self) -> Result<(), &'static str> {
         match self {
@@ -221,6 +236,10 @@ pub struct LossConfig {
     /// a of the α-divergence (TRL's `f_alpha_divergence_coef`, default 0.5); read only with
     /// `f_divergence_type = "alpha-divergence"`.
     pub f_alpha_divergence_coef: f64,
+    /// LD-DPO's α in [0, 1]: the weight of each response's tokens beyond the length the pair's two
+    /// responses share, in the summed log-probs of policy and reference (TRL's `ld_alpha`). None: every
+    /// token weighs 1. Read by the trainer when it sums a batch's log-probs, not by the objectives.
+    pub ld_alpha: Option<f64>,
 }
 
 impl Default for LossConfig {
@@ -236,6 +255,7 @@ impl Default for LossConfig {
             rpo_alpha: None,
             f_divergence_type: FDivergence::ReverseKl,
             f_alpha_divergence_coef: 0.5,
+            ld_alpha: None,
         }
     }
 }
@@ -425,6 +445,31 @@ impl LossConfig {
         if !coef.is_finite() {
             return invalid("f_alpha_divergence_coef", coef.to_string(), "must be finite");
         }
+        if let Some(a) = self.ld_alpha {
+            if !(0.0..=1.0).contains(&a) {
+                return invalid(
+                    "ld_alpha",
+                    a.to_string(),
+                    "must be in [0, 1]: 1 weighs every token alike (DPO), 0 drops the tokens beyond the shared length",
+                );
+            }
+            for &k in &self.loss_type {
+                if let Err(why) = k.ld_support() {
+                    return invalid(
+                        "ld_alpha",
+                        a.to_string(),
+                        &format!("`loss_type` {k} cannot take LD-DPO's token weights: {why}"),
+                    );
+                }
+            }
+            if self.rpo_alpha.is_some() {
+                return invalid(
+                    "ld_alpha",
+                    a.to_string(),
+                    "`rpo_alpha`'s NLL would read the LD-weighted sums (TRL computes an NLL on the unweighted tokens); leave one of them out",
+                );
+            }
+        }
         if self.f_divergence_type != FDivergence::ReverseKl {
             for &k in &self.loss_type {
                 if let Err(why) = k.f_divergence_support() {
@@ -584,6 +629,33 @@ mod tests {
         assert!(c.validate().is_err());
         assert!(toml::from_str::<LossConfig>("f_divergence_type = \"kl\"").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn ld_alpha_range_and_objectives() {
+        let ld = |a: f64, kinds: Vec<LossKind>| LossConfig {
+            ld_alpha: Some(a),
+            loss_type: kinds,
+            ..LossConfig::default()
+        };
+        for a in [0.0, 0.5, 1.0] {
+            assert_eq!(ld(a, vec![LossKind::Sigmoid, LossKind::SigmoidNorm, LossKind::Ipo]).validate(), Ok(()));
+        }
+        for a in [-0.1, 1.5, f64::NAN] {
+            let msg = ld(a, vec![LossKind::Sigmoid]).validate().map_err(|e| e.to_string()).err().unwrap_or_default();
+            assert!(msg.starts_with("`ld_alpha` = ") && msg.contains("must be in [0, 1]"), "{msg}");
+        }
+        for k in [LossKind::Sft, LossKind::Orpo, LossKind::Simpo] {
+            let msg = ld(0.5, vec![LossKind::Sigmoid, k]).validate().map_err(|e| e.to_string()).err().unwrap_or_default();
+            assert!(msg.contains(&format!("`loss_type` {k} cannot take LD-DPO's token weights")), "{msg}");
+        }
+        let c = LossConfig {
+            rpo_alpha: Some(0.5),
+            ..ld(0.5, vec![LossKind::Sigmoid])
+        };
+        assert!(c.validate().map_err(|e| e.to_string()).err().unwrap_or_default().contains("`rpo_alpha`"));
+        let c: Result<LossConfig, _> = toml::from_str("ld_alpha = 0.5");
+        assert_eq!(c.map(|c| c.ld_alpha).ok(), Some(Some(0.5)));
     }
 
     #[test]

@@ -52,9 +52,10 @@ impl RunData {
     }
 
     /// The batcher of this data's padding rules, building rows of `layout`
-    /// ([`crate::config::RowLayout::resolve`]).
-    pub fn batcher(&self, layout: odpo_data::Layout) -> PreferenceBatcher {
-        PreferenceBatcher::new(self.pad_id, self.pad_to_multiple, layout)
+    /// ([`crate::config::RowLayout::resolve`]), with LD-DPO's token weights when `ld_alpha` is given
+    /// (`loss.ld_alpha`).
+    pub fn batcher(&self, layout: odpo_data::Layout, ld_alpha: Option<f64>) -> PreferenceBatcher {
+        PreferenceBatcher::new(self.pad_id, self.pad_to_multiple, layout).with_ld_alpha(ld_alpha.map(|a| a as f32))
     }
 }
 

@@ -15,11 +15,16 @@ pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, d
 
 /// Summed log-probs and token counts of the 2B rows (chosen first), each `[2B]`: each prompt runs
 /// once ([`shared_prompt_logprobs`]) in the shared layout, the concatenated rows with the LM head on
-/// completion columns only.
+/// completion columns only. Under LD-DPO the sums are weighted by the batch's mask and the counts are
+/// the batch's own (the mask's sum is then no count).
 pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
-    match &batch.rows {
+    let (sum, count) = match &batch.rows {
         PairRows::SharedPrompt(r) => shared_prompt_logprobs(model, r.prompt_ids.clone(), &r.prompt_mask, r.completion_ids.clone(), &r.full_mask, r.loss_mask.clone()),
         PairRows::Concatenated(r) => completion_logprobs(model, r.input_ids.clone(), &r.attention_mask, r.loss_mask.clone(), r.first_target),
+    };
+    match &batch.token_counts {
+        Some(counts) => (sum, counts.clone()),
+        None => (sum, count),
     }
 }
 

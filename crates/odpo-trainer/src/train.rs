@@ -190,7 +190,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     let settings = StepSettings {
         stage: t.stage,
         micro_batch_size: t.micro_batch_size,
-        batcher: data.batcher(layout),
+        batcher: data.batcher(layout, cfg.loss().ld_alpha),
         loss: cfg.loss(),
         use_offsets: cfg.data.offset.is_some(),
         precision,
@@ -464,6 +464,10 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
     if cfg.train.dtype != Precision::F32 {
         identity = format!("{identity}:{}", cfg.train.dtype.name());
     }
+    // LD-DPO's weights change the sums themselves.
+    if let Some(a) = cfg.loss().ld_alpha {
+        identity = format!("{identity}:ld_alpha={a}");
+    }
     let key = refcache::cache_key(&identity, all.iter().copied());
     if let Some(cache) = RefCache::read(&cfg.output.cache_dir, &key) {
         tracing::info!("reference log-probs read from {}", RefCache::path(&cfg.output.cache_dir, &key).display());
@@ -484,7 +488,7 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
     let during = || "the computation of the reference log-prob cache (`train.reference = \"cached\"`)".to_string();
     let advice = || format!("to fit, lower `eval.batch_size` (now {batch_size}), the batch it is computed in");
     let mut kept_at = std::time::Instant::now();
-    let batcher = data.batcher(cfg.train.layout.resolve(cfg.train.backend));
+    let batcher = data.batcher(cfg.train.layout.resolve(cfg.train.backend), cfg.loss().ld_alpha);
     let stopped = crate::step::guarded(during, advice, || {
         for chunk in all[rows.len()..].chunks(batch_size) {
             let batch = forward::preference_batch(chunk, &batcher, device);

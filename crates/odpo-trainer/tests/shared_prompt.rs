@@ -2,6 +2,8 @@
 //! rejected completion) against the concatenated forward, on the model fixtures of every family:
 //! the same row log-probs and token counts, and the same gradients of every parameter, on pairs
 //! with different prompt and completion lengths (an empty prompt and an empty completion among them).
+//! Also LD-DPO's token weights (`loss.ld_alpha`) in both layouts, against the log-probs of the responses
+//! cut to the length each pair's two responses share.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -160,6 +162,52 @@ fn gradient_checkpointing_gives_the_same_gradients() {
                 let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
                 let diff = x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
                 assert!(diff <= 1e-6 * scale, "{case} {layout:?} (LoRA: {adapted}): a gradient differs by {diff} (largest entry {scale})");
+            }
+        }
+    }
+}
+
+/// `loss.ld_alpha`: a row's sum is its first `shared` counted tokens plus α times the rest, `shared` the
+/// shorter of the pair's two responses (TRL's LD-DPO). Reference: the same pairs with both responses cut
+/// to that length, whose sums are the shared parts (a causal model's earlier log-probs do not see later
+/// tokens); the counts stay the responses' own.
+#[test]
+fn ld_alpha_weighs_the_tokens_beyond_the_shared_length() {
+    let device = common::test_device();
+    for case in ["gpt2", "llama3_rope"] {
+        let loaded = CausalLm::load(&fixture(case), &device).unwrap();
+        let model = loaded.model;
+        let items = pairs(loaded.config.vocab_size() as u32, 13);
+        // Counted tokens: the first token of a sequence (an empty prompt's) is never predicted.
+        let counted = |p: &TokenizedPair, c: &[u32]| c.len() - usize::from(p.prompt.is_empty() && !c.is_empty());
+        let cut: Vec<TokenizedPair> = items
+            .iter()
+            .map(|p| {
+                let shared = counted(p, &p.chosen).min(counted(p, &p.rejected));
+                let keep = |c: &[u32]| c[..(shared + usize::from(p.prompt.is_empty() && !c.is_empty())).min(c.len())].to_vec();
+                TokenizedPair { chosen: keep(&p.chosen), rejected: keep(&p.rejected), ..p.clone() }
+            })
+            .collect();
+        let counts: Vec<f32> = items.iter().map(|p| counted(p, &p.chosen) as f32).chain(items.iter().map(|p| counted(p, &p.rejected) as f32)).collect();
+        for layout in [Layout::SharedPrompt, Layout::Concatenated] {
+            let rows = |items: &[TokenizedPair], ld: Option<f32>| {
+                let batch = PreferenceBatcher::new(0, None, layout).with_ld_alpha(ld).batch(items.to_vec(), &device);
+                let (sum, count) = odpo_trainer::forward::row_logps(&model, &batch);
+                (to_vec(sum), to_vec(count))
+            };
+            let (full, full_counts) = rows(&items, None);
+            let (shared, _) = rows(&cut, None);
+            assert_eq!(full_counts, counts, "{case} {layout:?}");
+            assert!(full.iter().zip(&shared).any(|(f, s)| (f - s).abs() > 0.1), "{case} {layout:?}: no pair has tokens beyond its shared length");
+            // α = 1 leaves the mask as it is: the same bits.
+            assert_eq!(rows(&items, Some(1.0)), (full.clone(), counts.clone()), "{case} {layout:?}: α = 1");
+            for alpha in [0.0f32, 0.3, 0.75] {
+                let (got, got_counts) = rows(&items, Some(alpha));
+                assert_eq!(got_counts, counts, "{case} {layout:?} α = {alpha}: the counts are the responses' own");
+                for (i, ((g, f), s)) in got.iter().zip(&full).zip(&shared).enumerate() {
+                    let want = s + alpha * (f - s);
+                    assert!((g - want).abs() < 2e-5 * want.abs().max(1.0), "{case} {layout:?} α = {alpha}, row {i}: {g} vs {want}");
+                }
             }
         }
     }
