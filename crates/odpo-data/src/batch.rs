@@ -280,7 +280,7 @@ pub struct PreferenceBatcher {
     /// The rows to build.
     pub layout: Layout,
     /// LD-DPO's α (`loss.ld_alpha`): the weight, in the loss mask, of each response's tokens beyond the
-    /// length the pair's two responses share ([`ld_weights`]). None: every token weighs 1.
+    /// length the pair's two responses share (the module doc). None: every token weighs 1.
     pub ld_alpha: Option<f32>,
 }
 

@@ -532,6 +532,49 @@ impl CausalLm {
         self.map(&mut HalfCopies { dtype: half.dtype, weights: half.weights.iter() })
     }
 
+    /// TR-DPO's soft update of a reference toward a policy (Gorbatovski et al., "Learn Your Reference
+    /// Model for Real Good Alignment", arXiv 2404.09656, its soft update): every float weight becomes
+    /// `(1 − alpha)·self + alpha·toward`, in self's dtype and on self's device; `alpha = 1` copies the
+    /// policy (the paper's hard update). `toward` must have self's parameters, in the same order and
+    /// shapes (the same architecture): anything else is an error, and self is returned unchanged only
+    /// through that error. Block-quantised weights cannot be mixed and are refused.
+    pub fn soft_update(self, toward: &CausalLm, alpha: f64) -> Result<Self> {
+        struct Collect(Vec<(Vec<usize>, burn::backend::DispatchTensor, bool)>);
+        impl burn::module::ModuleVisitor for Collect {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+                let t = param.val().detach();
+                let quantized = matches!(t.dtype(), burn::tensor::DType::QFloat(_));
+                self.0.push((t.dims().to_vec(), t.into_dispatch(), quantized));
+            }
+        }
+        let (mut mine, mut theirs) = (Collect(Vec::new()), Collect(Vec::new()));
+        self.visit(&mut mine);
+        toward.visit(&mut theirs);
+        if mine.0.len() != theirs.0.len() {
+            return Err(ModelError::Invalid(format!("a soft update needs the same parameters: {} weights against {}", mine.0.len(), theirs.0.len())));
+        }
+        for (i, ((a, _, qa), (b, _, qb))) in mine.0.iter().zip(&theirs.0).enumerate() {
+            if a != b || *qa || *qb {
+                return Err(ModelError::Invalid(format!("a soft update needs the same, unquantised weights: weight {i} is {a:?} against {b:?}")));
+            }
+        }
+        struct Mix {
+            alpha: f64,
+            toward: std::vec::IntoIter<(Vec<usize>, burn::backend::DispatchTensor, bool)>,
+        }
+        impl ModuleMapper for Mix {
+            fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+                let Some((_, other, _)) = self.toward.next() else { return param };
+                let alpha = self.alpha;
+                param.map(|t| {
+                    let other = Tensor::<D>::from_dispatch(other).cast(FloatDType::from(t.dtype())).to_device(&t.device());
+                    t.mul_scalar(1.0 - alpha) + other.mul_scalar(alpha)
+                })
+            }
+        }
+        Ok(self.map(&mut Mix { alpha, toward: theirs.0.into_iter() }))
+    }
+
     /// The most positions (prompt and completion tokens of a row) the model can run on, where it
     /// has a limit: the learned position table of GPT-2 and GPT-Neo. Rotary families compute their
     /// positions and have none; beyond `max_position_embeddings` they run, as in transformers.
@@ -625,6 +668,33 @@ mod tests {
             json[k] = v.clone();
         }
         ModelConfig::from_hf_json(&json, &path).unwrap()
+    }
+
+    /// TR-DPO's soft update: α = 1 copies the other model's weights; another architecture is an error.
+    #[test]
+    fn a_soft_update_mixes_models_of_one_architecture_only() {
+        let dev = Device::default();
+        let config = |f: &str| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(f).join("config.json");
+        let model = |f: &str, seed| CausalLm::random_from_file(&config(f), seed, &dev, false).unwrap().1;
+        let floats = |m: &CausalLm| -> Vec<f32> {
+            struct V(Vec<f32>);
+            impl burn::module::ModuleVisitor for V {
+                fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+                    self.0.extend(p.val().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+                }
+            }
+            let mut v = V(Vec::new());
+            m.visit(&mut v);
+            v.0
+        };
+        let (a, b) = (model("gpt2", 1), model("gpt2", 2));
+        assert_eq!(floats(&a.clone().soft_update(&b, 1.0).unwrap()), floats(&b));
+        let half = floats(&a.clone().soft_update(&b, 0.5).unwrap());
+        for ((m, x), y) in half.iter().zip(floats(&a)).zip(floats(&b)) {
+            assert!((m - (x + y) / 2.0).abs() <= 1e-6 * m.abs().max(1e-3));
+        }
+        let e = a.soft_update(&model("llama3_rope", 2), 0.5).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("a soft update needs the same"), "{e}");
     }
 
     /// Counted by hand from each family's layers: (kept either way, the extra without

@@ -1,6 +1,8 @@
 //! Checkpoints: `<run>/checkpoints/step-NNNNNNNN/` holding the model (`model.bpk`, burnpack with
 //! parameter ids, so the optimizer state still matches after loading), the optimizer state
-//! (`optim.bpk`), `state.json` (step, data position, seed) and the resolved `config.toml`.
+//! (`optim.bpk`), `state.json` (step, data position, seed) and the resolved `config.toml`; under
+//! TR-DPO (`train.sync_ref_model`) also the reference as it has moved (`reference.bpk`), which a
+//! resume cannot rebuild from the starting model.
 //!
 //! Atomic by construction: everything is written into a hidden temporary folder that is renamed into
 //! place last, so a folder named `step-*` is always complete. A run killed at any moment leaves at
@@ -51,15 +53,16 @@ pub fn dir(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
-/// Writes a checkpoint for `state.step` and keeps the newest `keep`. Returns its folder.
-pub fn save(run_dir: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, config_toml: &str, keep: usize) -> Result<PathBuf> {
+/// Writes a checkpoint for `state.step` and keeps the newest `keep`. Returns its folder. `reference`:
+/// the reference model to keep beside the policy (TR-DPO's, which moves during training).
+pub fn save(run_dir: &Path, model: &CausalLm, optim: &Optim, reference: Option<&CausalLm>, state: &TrainState, config_toml: &str, keep: usize) -> Result<PathBuf> {
     let root = dir(run_dir);
     std::fs::create_dir_all(&root).map_err(|e| TrainError::io(&root, e))?;
     remove_temporaries(&root);
     let name = format!("step-{:08}", state.step);
     let tmp = root.join(format!(".tmp-{name}"));
     // A failed write (a full disk) takes its partial folder with it, and the earlier checkpoints stay.
-    if let Err(e) = write_into(&tmp, model, optim, state, config_toml) {
+    if let Err(e) = write_into(&tmp, model, optim, reference, state, config_toml) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -79,18 +82,22 @@ pub fn save(run_dir: &Path, model: &CausalLm, optim: &Optim, state: &TrainState,
 }
 
 /// Writes a checkpoint's files into `tmp`, checksums last.
-fn write_into(tmp: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, config_toml: &str) -> Result<()> {
+fn write_into(tmp: &Path, model: &CausalLm, optim: &Optim, reference: Option<&CausalLm>, state: &TrainState, config_toml: &str) -> Result<()> {
     std::fs::create_dir_all(tmp).map_err(|e| TrainError::io(tmp, e))?;
 
     let mut store = BurnpackStore::from_file(tmp.join("model.bpk")).overwrite(true).metadata("step", state.step.to_string());
     model.save_into(&mut store).map_err(|e| TrainError::checkpoint(tmp.join("model.bpk"), e))?;
+    if let Some(reference) = reference {
+        let mut store = BurnpackStore::from_file(tmp.join(REFERENCE)).overwrite(true).metadata("step", state.step.to_string());
+        reference.save_into(&mut store).map_err(|e| TrainError::checkpoint(tmp.join(REFERENCE), e))?;
+    }
     optim.record(model).save(tmp.join("optim.bpk")).map_err(|e| TrainError::checkpoint(tmp.join("optim.bpk"), e))?;
     let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::checkpoint(tmp, e))?;
     write(&tmp.join("state.json"), json.as_bytes())?;
     write(&tmp.join("config.toml"), config_toml.as_bytes())?;
     // The checksums of what is on disk now, written last.
     let mut sums = BTreeMap::new();
-    for name in FILES {
+    for name in FILES.iter().chain(reference.map(|_| &REFERENCE)) {
         sums.insert(name.to_string(), sha256_file(&tmp.join(name))?);
     }
     let json = serde_json::to_string_pretty(&sums).map_err(|e| TrainError::checkpoint(tmp, e))?;
@@ -100,6 +107,8 @@ fn write_into(tmp: &Path, model: &CausalLm, optim: &Optim, state: &TrainState, c
 
 /// The files of a checkpoint that `checksums.json` covers.
 const FILES: [&str; 4] = ["model.bpk", "optim.bpk", "state.json", "config.toml"];
+/// The moved reference of a TR-DPO run, checked too when `checksums.json` lists it.
+const REFERENCE: &str = "reference.bpk";
 const CHECKSUMS: &str = "checksums.json";
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -126,7 +135,8 @@ pub fn verify(ckpt: &Path) -> std::result::Result<(), String> {
     }
     let text = std::fs::read_to_string(&sums_path).map_err(|e| format!("{CHECKSUMS}: {e}"))?;
     let sums: BTreeMap<String, String> = serde_json::from_str(&text).map_err(|e| format!("{CHECKSUMS} is unreadable: {e}"))?;
-    for name in FILES {
+    let reference = sums.contains_key(REFERENCE).then_some(REFERENCE);
+    for name in FILES.into_iter().chain(reference) {
         let path = ckpt.join(name);
         let want = sums.get(name).ok_or_else(|| format!("{CHECKSUMS} has no entry for {name}"))?;
         let len = std::fs::metadata(&path).map(|m| m.len()).map_err(|e| format!("{name}: {e}"))?;
@@ -266,9 +276,22 @@ pub fn check_resumable(ckpt: &Path, cfg: &crate::RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// Loads the reference a TR-DPO checkpoint kept into `reference` (a model of the same architecture);
+/// None when the checkpoint holds none (a run without `train.sync_ref_model`).
+pub fn load_reference(ckpt: &Path, reference: CausalLm) -> Result<Option<CausalLm>> {
+    if !ckpt.join(REFERENCE).is_file() {
+        return Ok(None);
+    }
+    load_bpk(&ckpt.join(REFERENCE), reference).map(Some)
+}
+
 /// Loads a checkpoint's weights (with their parameter ids) into `model`.
-pub fn load_model(ckpt: &Path, mut model: CausalLm) -> Result<CausalLm> {
-    let path = ckpt.join("model.bpk");
+pub fn load_model(ckpt: &Path, model: CausalLm) -> Result<CausalLm> {
+    load_bpk(&ckpt.join("model.bpk"), model)
+}
+
+fn load_bpk(path: &Path, mut model: CausalLm) -> Result<CausalLm> {
+    let path = path.to_path_buf();
     let mut store = BurnpackStore::from_file(&path);
     let applied = model.load_from(&mut store).map_err(|e| TrainError::checkpoint(&path, e))?;
     if !applied.missing.is_empty() || !applied.errors.is_empty() {

@@ -261,6 +261,14 @@ pub struct TrainConfig {
     pub gradient_checkpointing: bool,
     /// `frozen` (default) or `cached` reference log-probs; preference stage only.
     pub reference: ReferenceMode,
+    /// TR-DPO: every `ref_model_sync_steps` steps the frozen reference moves toward the policy,
+    /// `π_ref ← α·π_θ + (1 − α)·π_ref` with α = `ref_model_mixup_alpha` (TRL's `sync_ref_model`).
+    /// Needs `reference = "frozen"`, full fine-tuning and the starting model as the reference.
+    pub sync_ref_model: bool,
+    /// TR-DPO's α in (0, 1] (TRL's default 0.6); 1 copies the policy (the hard update).
+    pub ref_model_mixup_alpha: f64,
+    /// TR-DPO's τ: optimizer steps between updates of the reference (TRL's default 512).
+    pub ref_model_sync_steps: usize,
     /// `auto` (default), `shared-prompt` or `concatenated`: how a preference micro-batch's rows go
     /// through the model ([`RowLayout`]). The gradients are the same up to rounding.
     pub layout: RowLayout,
@@ -292,6 +300,9 @@ impl Default for TrainConfig {
             matmul: odpo_kernels::MatmulRoutine::AUTO,
             gradient_checkpointing: false,
             reference: ReferenceMode::Frozen,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
             layout: RowLayout::Auto,
             log_every: 10,
             checkpoint_every: 100,
@@ -541,6 +552,25 @@ impl RunConfig {
                 }
             }
         }
+        if t.sync_ref_model {
+            // TR-DPO moves a reference model of the policy's own weights; TRL refuses the same cases.
+            let why = if t.stage == Stage::Sft {
+                Some("`train.stage = \"sft\"` has no reference model")
+            } else if !self.needs_reference() {
+                Some("every objective in `loss.loss_type` is reference-free")
+            } else if t.reference == ReferenceMode::Cached {
+                Some("`train.reference = \"cached\"` computes the reference's log-probs once, before training; use \"frozen\"")
+            } else if self.lora.is_some() {
+                Some("under `[lora]` the reference is the base weights the adapters are trained on, shared with the policy; train without LoRA")
+            } else if self.model.reference.is_some() {
+                Some("`model.reference` names another model than the one the policy starts from")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return err("train.sync_ref_model", format!("(TR-DPO) cannot be used here: {why}"));
+            }
+        }
         Ok(())
     }
 
@@ -666,6 +696,20 @@ impl TrainConfig {
         }
         if t.keep_checkpoints == 0 {
             return err("train.keep_checkpoints", "is 0; expected at least 1 (the last good checkpoint is what a failed run keeps)".into());
+        }
+        let d = TrainConfig::default();
+        if !t.sync_ref_model {
+            for (key, changed) in [("train.ref_model_mixup_alpha", t.ref_model_mixup_alpha != d.ref_model_mixup_alpha), ("train.ref_model_sync_steps", t.ref_model_sync_steps != d.ref_model_sync_steps)] {
+                if changed {
+                    return err(key, "does nothing without `train.sync_ref_model = true` (TR-DPO); set that, or remove it".into());
+                }
+            }
+        }
+        if !(t.ref_model_mixup_alpha > 0.0 && t.ref_model_mixup_alpha <= 1.0) {
+            return err("train.ref_model_mixup_alpha", format!("is {}; expected a number in (0, 1] (1 copies the policy into the reference)", t.ref_model_mixup_alpha));
+        }
+        if t.ref_model_sync_steps == 0 {
+            return err("train.ref_model_sync_steps", "is 0; expected at least 1 step between updates of the reference".into());
         }
         Ok(())
     }
@@ -828,6 +872,28 @@ beta = 0.1
         for layout in [RowLayout::Auto, RowLayout::SharedPrompt, RowLayout::Concatenated] {
             let name = serde_json::to_value(layout).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
             assert_eq!(name.parse::<RowLayout>()?, layout);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn tr_dpo_settings_are_checked_and_named() -> Result<()> {
+        let cfg = parse(BASE, &["train.sync_ref_model=true", "train.ref_model_mixup_alpha=1.0", "train.ref_model_sync_steps=8"])?;
+        assert!(cfg.train.sync_ref_model && cfg.train.ref_model_mixup_alpha == 1.0 && cfg.train.ref_model_sync_steps == 8);
+        let msg = |sets: &[&str]| parse(BASE, sets).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        for (sets, key, says) in [
+            (&["train.ref_model_mixup_alpha=0.5"][..], "train.ref_model_mixup_alpha", "does nothing without `train.sync_ref_model = true`"),
+            (&["train.ref_model_sync_steps=10"][..], "train.ref_model_sync_steps", "does nothing without"),
+            (&["train.sync_ref_model=true", "train.ref_model_mixup_alpha=0.0"][..], "train.ref_model_mixup_alpha", "expected a number in (0, 1]"),
+            (&["train.sync_ref_model=true", "train.ref_model_mixup_alpha=1.5"][..], "train.ref_model_mixup_alpha", "expected a number in (0, 1]"),
+            (&["train.sync_ref_model=true", "train.ref_model_sync_steps=0"][..], "train.ref_model_sync_steps", "at least 1"),
+            (&["train.sync_ref_model=true", "train.reference=\"cached\""][..], "train.sync_ref_model", "computes the reference's log-probs once"),
+            (&["train.sync_ref_model=true", "lora.rank=4"][..], "train.sync_ref_model", "under `[lora]`"),
+            (&["train.sync_ref_model=true", "model.reference=\"other\""][..], "train.sync_ref_model", "names another model"),
+            (&["train.sync_ref_model=true", "loss.loss_type=\"simpo\""][..], "train.sync_ref_model", "reference-free"),
+        ] {
+            let m = msg(sets);
+            assert!(m.contains(&format!("`{key}`")) && m.contains(says), "{sets:?}: {m}");
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use odpo_data::{PreferenceBatcher, TokenizedPair};
 use odpo_loss::{LossConfig, Metrics, check_finite, preference_loss};
-use odpo_model::{CausalLm, HalfWeights, Precision};
+use odpo_model::{CausalLm, HalfWeights, Module, Precision};
 use serde::Serialize;
 
 use crate::config::Stage;
@@ -81,6 +81,8 @@ pub struct DataParallel {
 struct Replica {
     /// The replica's autodiff device.
     device: Device,
+    /// The same device without autodiff, where its reference lives.
+    plain: Device,
     reference: Reference,
 }
 
@@ -88,7 +90,31 @@ impl DataParallel {
     /// Replicas on `devices` (without autodiff; it is added, with gradient checkpointing when
     /// asked), each with `reference` copied to it.
     pub fn new(devices: &[Device], reference: &Reference, checkpointing: bool) -> Self {
-        Self { replicas: devices.iter().map(|d| Replica { device: autodiff(d, checkpointing), reference: reference.fork(d) }).collect(), checkpointing }
+        Self { replicas: devices.iter().map(|d| Replica { device: autodiff(d, checkpointing), plain: d.clone(), reference: reference.fork(d) }).collect(), checkpointing }
+    }
+
+    /// TR-DPO (`train.sync_ref_model`): moves the frozen reference toward `policy` by `alpha`
+    /// ([`CausalLm::soft_update`]) on the first replica and copies the result to the others, so that
+    /// every replica scores against the same reference. A reference that is no model (cached log-probs,
+    /// none) is left as it is.
+    pub fn sync_reference(&mut self, policy: &CausalLm, alpha: f64) -> Result<()> {
+        let Some(Reference::Frozen(first)) = self.replicas.first().map(|r| &r.reference) else { return Ok(()) };
+        let moved = Reference::Frozen(Box::new((**first).clone().soft_update(&policy.valid(), alpha)?));
+        for r in self.replicas.iter_mut().skip(1) {
+            r.reference = moved.fork(&r.plain);
+        }
+        if let Some(r) = self.replicas.first_mut() {
+            r.reference = moved;
+        }
+        Ok(())
+    }
+
+    /// The reference model, when the replicas score against one (what a TR-DPO checkpoint keeps).
+    pub fn reference_model(&self) -> Option<&CausalLm> {
+        match self.replicas.first().map(|r| &r.reference) {
+            Some(Reference::Frozen(m)) => Some(m),
+            _ => None,
+        }
     }
 
     /// Number of replicas.
@@ -217,6 +243,11 @@ impl Trainer {
     /// The model being trained.
     pub fn policy(&self) -> &CausalLm {
         &self.policy
+    }
+
+    /// TR-DPO: moves the replicas' reference toward the policy by `alpha` ([`DataParallel::sync_reference`]).
+    pub fn sync_reference(&mut self, alpha: f64) -> Result<()> {
+        self.replicas.sync_reference(&self.policy, alpha)
     }
 
     /// Replaces the model being trained (a checkpoint's weights): the next step casts its weights

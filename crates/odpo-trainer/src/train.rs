@@ -170,7 +170,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         (true, ReferenceMode::Frozen) => Reference::Frozen(Box::new(reference_model()?)),
         (true, ReferenceMode::Cached) => Reference::Cached(reference_cache(cfg, &reference_model()?, &data, device)?),
     };
-    let replicas = DataParallel::new(devices, &reference, t.gradient_checkpointing);
+    let mut replicas = DataParallel::new(devices, &reference, t.gradient_checkpointing);
 
     let schedule = Schedule::new(&cfg.optim, total_steps);
     let mut optim = crate::optim::build(&cfg.optim);
@@ -181,6 +181,13 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     let mut same_config = false;
     if resume && let Some(ckpt) = checkpoint::latest_intact(&run_dir)? {
         checkpoint::check_resumable(&ckpt, cfg)?;
+        // TR-DPO's reference has moved since the start: the checkpoint keeps it.
+        if t.sync_ref_model {
+            match checkpoint::load_reference(&ckpt, reference_model()?)? {
+                Some(moved) => replicas = DataParallel::new(devices, &Reference::Frozen(Box::new(moved)), t.gradient_checkpointing),
+                None => tracing::warn!("{} holds no reference (written without `train.sync_ref_model`): the reference restarts from the starting model", ckpt.display()),
+            }
+        }
         (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
         tracing::info!(step = state.step, "resumed from {}", ckpt.display());
         summary.resumed_from = Some(state.step);
@@ -198,6 +205,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         seed: t.seed,
     };
     let mut trainer = Trainer::new(policy, optim, replicas, settings);
+    let sync = t.sync_ref_model;
 
     let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage), summary.resumed_from, &cfg.output.report_to)?;
     let dashboard = cfg.output.dashboard && metrics.open_dashboard(&run_dir, total_steps, state.step)?;
@@ -226,7 +234,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         let Some(es) = early else { return Ok(false) };
         let verdict = state.early_stop.observe(es, state.step, values)?;
         if verdict.improved && es.restore_best {
-            checkpoint::save(&early_stop::best_dir(&run_dir), trainer.policy(), &trainer.optim, state, &config_toml, 1)?;
+            checkpoint::save(&early_stop::best_dir(&run_dir), trainer.policy(), &trainer.optim, None, state, &config_toml, 1)?;
         }
         Ok(verdict.stop)
     };
@@ -255,6 +263,11 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         let stats;
         (trainer, stats) = trainer.step(&pairs, step, lr).map_err(|e| e.in_run(&run_dir))?;
         state = TrainState { step: step + 1, pairs_seen: state.pairs_seen + stats.pairs, tokens_seen: state.tokens_seen + stats.tokens as u64, ..state };
+        // TR-DPO, after the step as TRL's callback: the reference moves toward the policy.
+        if t.sync_ref_model && state.step.is_multiple_of(t.ref_model_sync_steps) {
+            trainer.sync_reference(t.ref_model_mixup_alpha).map_err(|e| e.in_run(&run_dir))?;
+            tracing::debug!(step = state.step, alpha = t.ref_model_mixup_alpha, "reference moved toward the policy (TR-DPO)");
+        }
         window.add(&stats);
         stalled.check(&stats, state.step, t)?;
         bar.set_position(state.step as u64);
@@ -284,7 +297,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         }
         let mut saved = None;
         if t.checkpoint_every > 0 && state.step.is_multiple_of(t.checkpoint_every) && state.step < total_steps {
-            let dir = checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
+            let dir = checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, synced_reference(&trainer, sync), &state, &config_toml, t.keep_checkpoints)?;
             tracing::debug!("checkpoint {}", dir.display());
             saved = Some(dir);
         }
@@ -293,7 +306,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
             bar.finish_and_clear();
             let checkpoint = match saved {
                 Some(dir) => dir,
-                None => checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?,
+                None => checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, synced_reference(&trainer, sync), &state, &config_toml, t.keep_checkpoints)?,
             };
             tracing::warn!(step = state.step, "stopped on request; checkpoint {}", checkpoint.display());
             return Err(TrainError::Interrupted { step: state.step, checkpoint, run_dir });
@@ -302,7 +315,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     bar.finish_and_clear();
 
     if !finished {
-        checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, &state, &config_toml, t.keep_checkpoints)?;
+        checkpoint::save(&run_dir, trainer.policy(), &trainer.optim, synced_reference(&trainer, sync), &state, &config_toml, t.keep_checkpoints)?;
     }
     summary.steps = state.step;
     if !eval_pairs.is_empty() {
@@ -455,6 +468,12 @@ pub fn load_base(model: &ModelSection, seed: u64, device: &Device, quantized_bas
     }
     let loaded = CausalLm::load_with(&model.path, device, quantized_base)?;
     Ok((loaded.config, loaded.model))
+}
+
+/// The reference a checkpoint keeps: TR-DPO's (`train.sync_ref_model`), which has moved since the
+/// start and which a resume cannot rebuild.
+fn synced_reference(trainer: &Trainer, sync: bool) -> Option<&CausalLm> {
+    if sync { trainer.replicas.reference_model() } else { None }
 }
 
 /// Reads the cached reference log-probs of every train and eval pair, or computes and writes them.

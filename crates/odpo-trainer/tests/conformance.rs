@@ -237,7 +237,7 @@ fn multi_tensor_adamw_equals_the_per_parameter_update() {
             // A checkpoint and a resume in the middle: the multi-tensor side rebuilds its buffers
             // from the loaded weights and moments.
             let state = odpo_trainer::checkpoint::TrainState { step, pairs_seen: 0, tokens_seen: 0, seed: 0, total_steps: 4, early_stop: Default::default() };
-            let ckpt = odpo_trainer::checkpoint::save(&run_dir, &a, &oa, &state, "", 1).unwrap();
+            let ckpt = odpo_trainer::checkpoint::save(&run_dir, &a, &oa, None, &state, "", 1).unwrap();
             let (steps_before, built) = (oa.multi_tensor_steps(), odpo_trainer::optim::build(&cfg(true)));
             let resumed = odpo_trainer::checkpoint::load(&ckpt, load(), built).unwrap();
             (a, oa) = (resumed.0, resumed.1);

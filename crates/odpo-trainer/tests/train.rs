@@ -352,3 +352,76 @@ fn a_finished_run_resumed_as_it_was_keeps_its_last_evaluation() {
     odpo_trainer::train_on(&changed, data(32, 16), &device(), true, None).expect("resumed");
     assert_eq!(metric_rows(&run, "eval").len(), 2, "the changed evaluation ran again");
 }
+
+/// `loss.ld_alpha` end to end: a frozen and a cached reference give the same LD-DPO losses, the cache
+/// is another file than the plain run's (its sums are other sums), and the losses differ from DPO's.
+#[test]
+fn ld_alpha_trains_alike_with_a_frozen_and_a_cached_reference() {
+    let dir = scratch("ld-dpo");
+    let model = tiny_model(&dir);
+    let losses = |name: &str, sets: &[&str]| -> Vec<f64> {
+        let run = dir.join(name);
+        let mut all = vec!["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=4", "train.log_every=1", "eval.batch_size=4"];
+        all.extend_from_slice(sets);
+        odpo_trainer::train_on(&config(&model, &run, "", &all), data(32, 8), &device(), false, None).expect("training");
+        metric_rows(&run, "train").iter().chain(&metric_rows(&run, "eval")).map(|r| f(r, "loss")).collect()
+    };
+    let plain = losses("plain", &["train.reference=\"cached\""]);
+    let frozen = losses("frozen", &["loss.ld_alpha=0.25"]);
+    let cached = losses("cached", &["loss.ld_alpha=0.25", "train.reference=\"cached\""]);
+    assert_eq!(std::fs::read_dir(dir.join("refcache")).expect("cache dir").count(), 2, "LD-DPO's reference sums have their own cache file");
+    for (a, b) in frozen.iter().zip(&cached) {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "frozen {a} vs cached {b}");
+    }
+    assert!(frozen.iter().zip(&plain).skip(1).any(|(a, b)| (a - b).abs() > 1e-4), "LD-DPO's losses are DPO's: {frozen:?} vs {plain:?}");
+}
+
+/// The float weights of a model, in visiting order.
+fn weights(m: &odpo_model::CausalLm) -> Vec<Vec<f32>> {
+    struct V(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor for V {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            self.0.push(p.val().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+        }
+    }
+    let mut v = V(Vec::new());
+    odpo_model::Module::visit(m, &mut v);
+    v.0
+}
+
+/// TR-DPO (`train.sync_ref_model`): every τ = 2 steps the reference becomes (1 − α)·itself + α·the
+/// policy, as the checkpoints' own files show (their `reference.bpk` against their `model.bpk` and the
+/// starting weights); and a run resumed from a checkpoint, which keeps that reference, ends with the
+/// weights of the uninterrupted run.
+#[test]
+fn tr_dpo_moves_the_reference_and_a_resumed_run_keeps_it() {
+    let dir = scratch("tr-dpo");
+    let model = tiny_model(&dir);
+    let sets = |steps: &'static str| ["train.batch_size=4", "train.micro_batch_size=4", steps, "train.checkpoint_every=2", "train.keep_checkpoints=10", "train.sync_ref_model=true", "train.ref_model_sync_steps=2", "train.ref_model_mixup_alpha=0.4", "eval.every=0"];
+    let straight = dir.join("straight");
+    odpo_trainer::train_on(&config(&model, &straight, "", &sets("train.max_steps=6")), data(32, 8), &device(), false, None).expect("TR-DPO run");
+
+    let (cfg_path, alpha) = (model.join("config.json"), 0.4f32);
+    let fresh = || odpo_model::CausalLm::random_from_file(&cfg_path, 0, &device(), false).expect("model").1;
+    let ckpt = |step: usize| odpo_trainer::checkpoint::dir(&straight).join(format!("step-{step:08}"));
+    let mut reference = weights(&fresh());
+    let start = reference.clone();
+    for step in [2, 4, 6] {
+        let policy = weights(&odpo_trainer::checkpoint::load_model(&ckpt(step), fresh()).expect("policy"));
+        let kept = odpo_trainer::checkpoint::load_reference(&ckpt(step), fresh()).expect("reference").expect("a TR-DPO checkpoint keeps its reference");
+        reference = reference.iter().zip(&policy).map(|(r, p)| r.iter().zip(p).map(|(r, p)| r * (1.0 - alpha) + p * alpha).collect()).collect();
+        for (i, (got, want)) in weights(&kept).iter().zip(&reference).enumerate() {
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() <= 1e-6 * w.abs().max(1e-3), "step {step}, weight {i}: reference {g}, expected {w}");
+            }
+        }
+    }
+    let moved: f32 = reference.iter().zip(&start).flat_map(|(r, s)| r.iter().zip(s)).map(|(r, s)| (r - s).abs()).fold(0.0, f32::max);
+    assert!(moved > 1e-4, "the reference did not move ({moved})");
+
+    // Stopped at step 4 (its last checkpoint keeps the reference of step 4), resumed to step 6.
+    let resumed = dir.join("resumed");
+    odpo_trainer::train_on(&config(&model, &resumed, "", &sets("train.max_steps=4")), data(32, 8), &device(), false, None).expect("first part");
+    odpo_trainer::train_on(&config(&model, &resumed, "", &sets("train.max_steps=6")), data(32, 8), &device(), true, None).expect("resumed part");
+    assert!(exported(&straight) == exported(&resumed), "the resumed TR-DPO run's weights differ from the uninterrupted run's");
+}
