@@ -276,10 +276,15 @@ pub fn check_resumable(ckpt: &Path, cfg: &crate::RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// Whether a checkpoint keeps a TR-DPO reference (`reference.bpk`).
+pub fn keeps_reference(ckpt: &Path) -> bool {
+    ckpt.join(REFERENCE).is_file()
+}
+
 /// Loads the reference a TR-DPO checkpoint kept into `reference` (a model of the same architecture);
 /// None when the checkpoint holds none (a run without `train.sync_ref_model`).
 pub fn load_reference(ckpt: &Path, reference: CausalLm) -> Result<Option<CausalLm>> {
-    if !ckpt.join(REFERENCE).is_file() {
+    if !keeps_reference(ckpt) {
         return Ok(None);
     }
     load_bpk(&ckpt.join(REFERENCE), reference).map(Some)

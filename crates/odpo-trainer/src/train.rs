@@ -187,6 +187,8 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
                 Some(moved) => replicas = DataParallel::new(devices, &Reference::Frozen(Box::new(moved)), t.gradient_checkpointing),
                 None => tracing::warn!("{} holds no reference (written without `train.sync_ref_model`): the reference restarts from the starting model", ckpt.display()),
             }
+        } else if checkpoint::keeps_reference(&ckpt) && cfg.needs_reference() {
+            tracing::warn!("{} keeps a TR-DPO reference, and `train.sync_ref_model` is off here: the run goes on against the starting model as its reference", ckpt.display());
         }
         (policy, optim, state) = checkpoint::load(&ckpt, policy, optim)?;
         tracing::info!(step = state.step, "resumed from {}", ckpt.display());
