@@ -536,8 +536,8 @@ impl CausalLm {
     /// Model for Real Good Alignment", arXiv 2404.09656, its soft update): every float weight becomes
     /// `(1 − alpha)·self + alpha·toward`, in self's dtype and on self's device; `alpha = 1` copies the
     /// policy (the paper's hard update). `toward` must have self's parameters, in the same order and
-    /// shapes (the same architecture): anything else is an error, and self is returned unchanged only
-    /// through that error. Block-quantised weights cannot be mixed and are refused.
+    /// shapes (the same architecture); anything else is an error. Block-quantised weights cannot be
+    /// mixed and are refused.
     pub fn soft_update(self, toward: &CausalLm, alpha: f64) -> Result<Self> {
         struct Collect(Vec<(Vec<usize>, burn::backend::DispatchTensor, bool)>);
         impl burn::module::ModuleVisitor for Collect {
