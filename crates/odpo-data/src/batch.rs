@@ -204,9 +204,9 @@ pub fn shared_prompt_rows(items: &[TokenizedPair], pad_id: u32, multiple: Option
     shared_prompt_rows_ld(items, pad_id, multiple, None, device).map(|(rows, _)| rows)
 }
 
-/// [`shared_prompt_rows`] with LD-DPO's weights in the loss mask when `ld_alpha` is given, and the
-/// rows' token counts.
-fn shared_prompt_rows_ld(items: &[TokenizedPair], pad_id: u32, multiple: Option<usize>, ld_alpha: Option<f32>, device: &Device) -> Option<(SharedPromptRows, Vec<f32>)> {
+/// [`shared_prompt_rows`] with LD-DPO's weights in the loss mask when `ld_alpha` is given, and then
+/// the rows' token counts.
+fn shared_prompt_rows_ld(items: &[TokenizedPair], pad_id: u32, multiple: Option<usize>, ld_alpha: Option<f32>, device: &Device) -> Option<(SharedPromptRows, Option<Vec<f32>>)> {
     let b = items.len();
     let p = items.iter().map(|x| x.prompt.len()).max().unwrap_or(0);
     let c = items.iter().map(|x| x.chosen.len().max(x.rejected.len())).max().unwrap_or(0);
@@ -236,7 +236,7 @@ fn shared_prompt_rows_ld(items: &[TokenizedPair], pad_id: u32, multiple: Option<
         let first = if it.prompt.is_empty() { 0.0 } else { 1.0 };
         loss.extend((0..c).map(|j| if j >= n { 0.0 } else if j == 0 { first } else { 1.0 }));
     }
-    let counts = ld_weights(&mut loss, b, c, 0, ld_alpha);
+    let counts = ld_alpha.map(|alpha| ld_weights(&mut loss, b, c, 0, alpha));
     let rows = SharedPromptRows {
         prompt_ids: Tensor::from_data(TensorData::new(prompt_ids, [b, p]), device),
         prompt_mask: Tensor::from_data(TensorData::new(prompt_mask, [b, p]), device),
@@ -251,19 +251,15 @@ fn shared_prompt_rows_ld(items: &[TokenizedPair], pad_id: u32, multiple: Option<
 /// in a `[2B, len]` loss mask whose rows r and B + r are pair r's chosen and rejected completions, the
 /// k-th counted token of a row (a nonzero entry at column ≥ `skip`) keeps its weight while k ≤ the
 /// shorter of the pair's two counts, and weighs `alpha` after that, as TRL's `ld_alpha` weighs them.
-/// Returns the rows' token counts. Without `alpha` the mask is left as it is.
-fn ld_weights(mask: &mut [f32], b: usize, len: usize, skip: usize, alpha: Option<f32>) -> Vec<f32> {
+/// Returns the rows' token counts, which the weighted mask no longer sums to.
+fn ld_weights(mask: &mut [f32], b: usize, len: usize, skip: usize, alpha: f32) -> Vec<f32> {
     let counted = |row: &[f32]| row.iter().skip(skip).filter(|&&m| m != 0.0).count();
     let counts: Vec<usize> = mask.chunks(len.max(1)).take(2 * b).map(counted).collect();
-    if let Some(alpha) = alpha {
-        for (r, row) in mask.chunks_mut(len.max(1)).take(2 * b).enumerate() {
-            let shared = counts[r % b].min(counts[b + r % b]);
-            let mut k = 0;
-            for m in row.iter_mut().skip(skip).filter(|m| **m != 0.0) {
-                k += 1;
-                if k > shared {
-                    *m *= alpha;
-                }
+    for (r, row) in mask.chunks_mut(len.max(1)).take(2 * b).enumerate() {
+        let shared = counts[r % b].min(counts[b + r % b]);
+        for (k, m) in row.iter_mut().skip(skip).filter(|m| **m != 0.0).enumerate() {
+            if k >= shared {
+                *m *= alpha;
             }
         }
     }
@@ -324,13 +320,13 @@ impl Batcher<TokenizedPair, PreferenceBatch> for PreferenceBatcher {
             None => {
                 let mut host = self.host_rows(&items);
                 // Column 0 is never predicted, so it never counts.
-                let counts = ld_weights(&mut host.loss_mask, b, host.len, 1, self.ld_alpha);
+                let counts = self.ld_alpha.map(|alpha| ld_weights(&mut host.loss_mask, b, host.len, 1, alpha));
                 let first_target = host.first_target;
                 let (input_ids, attention_mask, loss_mask) = host.tensors(device);
                 (PairRows::Concatenated(ConcatenatedRows { input_ids, attention_mask, loss_mask, first_target }), counts)
             }
         };
-        let token_counts = self.ld_alpha.map(|_| Tensor::from_data(TensorData::new(counts, [2 * b]), device));
+        let token_counts = counts.map(|counts| Tensor::from_data(TensorData::new(counts, [2 * b]), device));
         let offsets: Vec<f32> = items.iter().map(|p| p.offset).collect();
         let weights = items.iter().any(|p| p.weight.is_some()).then(|| {
             let w: Vec<f32> = items.iter().map(|p| p.weight.unwrap_or(1.0)).collect();

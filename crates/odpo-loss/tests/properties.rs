@@ -53,6 +53,17 @@ fn run(cfg: &LossConfig, h: &Host) -> (Vec<u64>, Vec<u64>) {
     )
 }
 
+/// Every gradient of `loss` with respect to the four log-prob leaves is finite.
+fn assert_finite_gradients(loss: &burn::tensor::Tensor<1>, leaves: &[burn::tensor::Tensor<1>; 4], label: &str) {
+    let grads = loss.backward();
+    for (leaf, name) in leaves.iter().zip(LOGP_NAMES) {
+        if let Some(g) = leaf.grad(&grads) {
+            let g = host(&g);
+            assert!(g.iter().all(|v| v.is_finite()), "{label}: d/d {name} = {g:?}");
+        }
+    }
+}
+
 #[test]
 fn zero_offset_is_dpo_exactly_for_every_objective_it_composes_with() {
     for kind in LossKind::ALL
@@ -143,16 +154,7 @@ fn finite_at_beta_h_of_plus_minus_1e4_for_every_objective() {
                 "{kind}: per-pair {values:?}"
             );
             assert!(check_finite(&inputs, &out).is_ok(), "{kind}");
-            let grads = out.loss.backward();
-            for (leaf, name) in leaves.iter().zip(LOGP_NAMES) {
-                if let Some(g) = leaf.grad(&grads) {
-                    let g = host(&g);
-                    assert!(
-                        g.iter().all(|v| v.is_finite()),
-                        "{kind}: d/d {name} = {g:?}"
-                    );
-                }
-            }
+            assert_finite_gradients(&out.loss, &leaves, &kind.to_string());
         }
     }
     // The values themselves, for ODPO: −log σ(1e4) = 0 and −log σ(−1e4) = 1e4.
@@ -422,13 +424,7 @@ fn f_divergences_stay_finite_at_log_ratios_of_plus_minus_1e4() {
                     continue;
                 }
                 assert!(check_finite(&inputs, &out).is_ok(), "{label}: {:?}", host(&out.per_pair));
-                let grads = out.loss.backward();
-                for (leaf, name) in leaves.iter().zip(LOGP_NAMES) {
-                    if let Some(g) = leaf.grad(&grads) {
-                        let g = host(&g);
-                        assert!(g.iter().all(|v| v.is_finite()), "{label}: d/d {name} = {g:?}");
-                    }
-                }
+                assert_finite_gradients(&out.loss, &leaves, &label);
             }
         }
     }

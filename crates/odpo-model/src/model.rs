@@ -539,32 +539,40 @@ impl CausalLm {
     /// shapes (the same architecture); anything else is an error. Block-quantised weights cannot be
     /// mixed and are refused.
     pub fn soft_update(self, toward: &CausalLm, alpha: f64) -> Result<Self> {
-        struct Collect(Vec<(Vec<usize>, burn::backend::DispatchTensor, bool)>);
+        /// Each float weight's shape and whether it is block-quantised, and (`keep`) the weight itself.
+        struct Collect {
+            keep: bool,
+            shapes: Vec<(Vec<usize>, bool)>,
+            weights: Vec<burn::backend::DispatchTensor>,
+        }
         impl burn::module::ModuleVisitor for Collect {
             fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
                 let t = param.val().detach();
-                let quantized = matches!(t.dtype(), burn::tensor::DType::QFloat(_));
-                self.0.push((t.dims().to_vec(), t.into_dispatch(), quantized));
+                self.shapes.push((t.dims().to_vec(), matches!(t.dtype(), burn::tensor::DType::QFloat(_))));
+                if self.keep {
+                    self.weights.push(t.into_dispatch());
+                }
             }
         }
-        let (mut mine, mut theirs) = (Collect(Vec::new()), Collect(Vec::new()));
+        let mut mine = Collect { keep: false, shapes: Vec::new(), weights: Vec::new() };
+        let mut theirs = Collect { keep: true, shapes: Vec::new(), weights: Vec::new() };
         self.visit(&mut mine);
         toward.visit(&mut theirs);
-        if mine.0.len() != theirs.0.len() {
-            return Err(ModelError::Invalid(format!("a soft update needs the same parameters: {} weights against {}", mine.0.len(), theirs.0.len())));
+        if mine.shapes.len() != theirs.shapes.len() {
+            return Err(ModelError::Invalid(format!("a soft update needs the same parameters: {} weights against {}", mine.shapes.len(), theirs.shapes.len())));
         }
-        for (i, ((a, _, qa), (b, _, qb))) in mine.0.iter().zip(&theirs.0).enumerate() {
+        for (i, ((a, qa), (b, qb))) in mine.shapes.iter().zip(&theirs.shapes).enumerate() {
             if a != b || *qa || *qb {
                 return Err(ModelError::Invalid(format!("a soft update needs the same, unquantised weights: weight {i} is {a:?} against {b:?}")));
             }
         }
         struct Mix {
             alpha: f64,
-            toward: std::vec::IntoIter<(Vec<usize>, burn::backend::DispatchTensor, bool)>,
+            toward: std::vec::IntoIter<burn::backend::DispatchTensor>,
         }
         impl ModuleMapper for Mix {
             fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-                let Some((_, other, _)) = self.toward.next() else { return param };
+                let Some(other) = self.toward.next() else { return param };
                 let alpha = self.alpha;
                 param.map(|t| {
                     let other = Tensor::<D>::from_dispatch(other).cast(FloatDType::from(t.dtype())).to_device(&t.device());
@@ -572,7 +580,7 @@ impl CausalLm {
                 })
             }
         }
-        Ok(self.map(&mut Mix { alpha, toward: theirs.0.into_iter() }))
+        Ok(self.map(&mut Mix { alpha, toward: theirs.weights.into_iter() }))
     }
 
     /// The most positions (prompt and completion tokens of a row) the model can run on, where it
