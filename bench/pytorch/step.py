@@ -3,7 +3,7 @@
 
     python3 bench/pytorch/step.py --config bench/configs/smollm2-135m.json \
         [--pairs 4] [--seq 128] [--threads 2] [--repeats 5] [--warmup 2] [--lora RANK] [--device cpu] [--dtype bf16] \
-        [--cached-reference] [--gradient-checkpointing]
+        [--cached-reference] [--gradient-checkpointing] [--wpo]
 
 One step: chosen and rejected concatenated into one [2*pairs, seq] batch, a policy forward with
 per-token log-probs (log_softmax + gather over the completion half of each row), the reference
@@ -14,7 +14,9 @@ single-tensor one). Dropout off, as TRL's disable_dropout=True default sets it. 
 trains with bf16=True), transformers' model classes. --gradient-checkpointing: transformers' activation
 checkpointing on the policy (non-reentrant), as TRL's gradient_checkpointing=True turns it on; with
 --lora the base model's input embeddings are also made to require grad before the adapters wrap it,
-as TRL does. Prints one JSON object with the same fields as `odpo bench`: tokens/s (2*pairs*seq per step), pairs/s, seconds per step
+as TRL does. --wpo: WPO's pair weights as TRL's use_weighting computes them (per position logsumexp(2 * log_softmax)
+under no_grad, the completion's mean of the aligned log-probs, each pair's loss times exp(m_w) * exp(m_l)).
+Prints one JSON object with the same fields as `odpo bench`: tokens/s (2*pairs*seq per step), pairs/s, seconds per step
 (median/min/max over --repeats after --warmup), peak RSS, the FLOPs of the step and their share of
 a float32 matmul peak measured here; on CUDA also torch's peak allocated and reserved GPU memory.
 """
@@ -129,6 +131,8 @@ def main():
                          "gradient_checkpointing=True")
     ap.add_argument("--optim", choices=["adamw_torch_fused", "adamw_torch"], default="adamw_torch_fused",
                     help="transformers' optimizer names: its default with torch >= 2.8 is the fused AdamW")
+    ap.add_argument("--wpo", action="store_true",
+                    help="WPO's pair weights (TRL's use_weighting): the policy's logits also give logsumexp(2 * log p)")
     ap.add_argument("--kernels", action="store_true",
                     help="after the timed steps, profile one more step (torch.profiler): the CUDA kernels it launches "
                          "and their device time, or on a CPU the aten operators that do the work (those that call no "
@@ -180,11 +184,19 @@ def main():
     amp = {"bf16": torch.bfloat16, "f16": torch.float16}.get(args.dtype)
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
 
-    def seq_logps(model, ids, mask):
+    def seq_logps(model, ids, mask, wpo=False):
         with torch.autocast(device_type, dtype=amp, enabled=amp is not None):
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        return (lp * loss_mask).sum(-1)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        lp = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        sums = (lp * loss_mask).sum(-1)
+        if not wpo:
+            return sums
+        with torch.no_grad():
+            # TRL's use_weighting: log sum_v p_v^2 per position, the mean aligned log-prob per row.
+            log_sum_sq = torch.logsumexp(2 * log_probs, dim=-1)
+            means = ((lp - log_sum_sq) * loss_mask).sum(-1) / loss_mask.sum(-1).clamp_min(1)
+        return sums, means
 
     cache = {}
     cache_seconds = None
@@ -215,9 +227,13 @@ def main():
                 else:
                     ref = seq_logps(reference, ids, mask)
         mark()
-        pol = seq_logps(policy, ids, mask)
+        pol = seq_logps(policy, ids, mask, wpo=args.wpo)
+        pol, means = pol if args.wpo else (pol, None)
         h = (pol[: args.pairs] - ref[: args.pairs]) - (pol[args.pairs:] - ref[args.pairs:])
-        loss = -F.logsigmoid(beta * h - offsets).mean()
+        per_pair = -F.logsigmoid(beta * h - offsets)
+        if means is not None:
+            per_pair = per_pair * torch.exp(means[: args.pairs]) * torch.exp(means[args.pairs:])
+        loss = per_pair.mean()
         mark()
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,6 +277,7 @@ def main():
         "optim": args.optim,
         "lora": args.lora,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "wpo": args.wpo,
         "repeats": args.repeats,
         "seconds_per_step_median": med,
         "seconds_per_step_min": min(times),

@@ -147,6 +147,10 @@ struct BenchArgs {
     /// Compute precision on both sides: f32, or bf16 / f16 mixed precision (PyTorch: autocast).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// WPO's pair weights (`loss.use_weighting`) on both sides (PyTorch: log_softmax, then
+    /// logsumexp(2·log p) under no_grad, as TRL's eager path computes them).
+    #[arg(long)]
+    wpo: bool,
     /// Append every row's JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -513,6 +517,9 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
             if a.cached_reference {
                 odpo_args.push("--cached-reference".into());
             }
+            if a.wpo {
+                odpo_args.push("--wpo".into());
+            }
             odpo_args.push("--layout".into());
             odpo_args.push(if a.no_shared_prompt { "concatenated".into() } else { a.layout.clone() });
             eprintln!("odpo ({}) {model} {shape} ...", a.backend);
@@ -522,6 +529,9 @@ fn bench(a: &BenchArgs) -> Result<ExitCode> {
                 py.extend(common.iter().cloned());
                 if a.cached_reference {
                     py.push("--cached-reference".into());
+                }
+                if a.wpo {
+                    py.push("--wpo".into());
                 }
                 eprintln!("pytorch {model} {shape} ...");
                 Some(json_of(Command::new(&python).args(&py), "bench/pytorch/step.py")?)

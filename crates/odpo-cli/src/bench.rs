@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// burn's balanced gradient checkpointing (`train.gradient_checkpointing`).
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// WPO's pair weights (`loss.use_weighting`), whose log Σ_v p_v² reads every completion token's
+    /// logits once more.
+    #[arg(long)]
+    wpo: bool,
     /// Compute precision: f32, or bf16 / f16 mixed precision as `train.dtype` trains (weights,
     /// gradients and optimizer state stay f32).
     #[arg(long, default_value = "f32")]
@@ -214,7 +218,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
     if routines.is_some() && !odpo_kernels::launches_kernels(&device) {
         anyhow::bail!("--matmul-routines times the routines of the cubecl backends (cuda, vulkan, wgpu, metal); backend `{}` has none", a.backend);
     }
-    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing, census, record_products: routines.is_some() };
+    let b = odpo_trainer::bench::StepBench { pairs: a.pairs, seq: a.seq, prompt: a.prompt.unwrap_or(a.seq / 4), warmup: a.warmup, repeats: a.repeats, lora, cached_reference: a.cached_reference, shared_prompt, precision: a.dtype.parse()?, gradient_checkpointing: a.gradient_checkpointing, wpo: a.wpo, census, record_products: routines.is_some() };
     let r = odpo_trainer::bench::step(&a.config, &b, &device)?;
     let routine_report = routines.map(|list| odpo_trainer::bench::time_routines(&r.products, &list, &device, std::time::Duration::from_secs_f64(a.routines_budget)));
     // Measured after the step, so that it does not raise the step's peak memory.
@@ -229,6 +233,7 @@ pub fn cmd_bench(a: BenchArgs) -> Result<()> {
         m.insert("shared_prompt".into(), shared_prompt.into());
         m.insert("dtype".into(), a.dtype.clone().into());
         m.insert("gradient_checkpointing".into(), a.gradient_checkpointing.into());
+        m.insert("wpo".into(), a.wpo.into());
         m.insert("quantized_base".into(), a.quantized_base.into());
         m.insert("repeats".into(), b.repeats.into());
         m.insert("peak_rss_mib".into(), peak_rss.into());

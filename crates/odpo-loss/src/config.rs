@@ -240,6 +240,11 @@ pub struct LossConfig {
     /// responses share, in the summed log-probs of policy and reference (TRL's `ld_alpha`). None: every
     /// token weighs 1. Read by the trainer when it sums a batch's log-probs, not by the objectives.
     pub ld_alpha: Option<f64>,
+    /// WPO (TRL's `use_weighting`): each pair's loss is multiplied by exp(m_w + m_l), m the response's
+    /// mean over its tokens of log π_θ(y_t) − log Σ_v π_θ(v)² (Zhou et al. 2024), without gradient.
+    /// Read by the trainer, which computes the means in the policy's forward pass, and by
+    /// [`crate::preference_loss`]. Default false.
+    pub use_weighting: bool,
 }
 
 impl Default for LossConfig {
@@ -256,6 +261,7 @@ impl Default for LossConfig {
             f_divergence_type: FDivergence::ReverseKl,
             f_alpha_divergence_coef: 0.5,
             ld_alpha: None,
+            use_weighting: false,
         }
     }
 }
@@ -468,6 +474,13 @@ impl LossConfig {
                     a.to_string(),
                     "`rpo_alpha`'s NLL would read the LD-weighted sums (TRL computes an NLL on the unweighted tokens); leave one of them out",
                 );
+            }
+        }
+        if self.use_weighting {
+            for &k in &self.loss_type {
+                if let Err(why) = k.weight_support() {
+                    return invalid("use_weighting", "true".into(), &format!("`loss_type` {k} cannot take WPO's per-pair weights: {why}"));
+                }
             }
         }
         if self.f_divergence_type != FDivergence::ReverseKl {

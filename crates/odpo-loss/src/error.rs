@@ -68,6 +68,9 @@ pub enum LossError {
         /// Why the weights do not apply.
         why: &'static str,
     },
+    /// `use_weighting` is on but the inputs lack WPO's per-response means.
+    #[error("`use_weighting` is on but the inputs carry no `wpo_chosen` / `wpo_rejected`; compute them in the policy's forward pass (`PairLogps::with_wpo`)")]
+    MissingWpo,
     /// An input holds NaN or an infinity.
     #[error("pair {pair}: input `{input}` is {value}; the loss would be {result}")]
     NonFiniteInput {

@@ -29,6 +29,11 @@ pub struct PairLogps {
     pub offset: Option<Tensor<1>>,
     /// Non-negative per-pair weights w: the loss becomes Σ w·ℓ / Σ w. None weighs pairs equally.
     pub weight: Option<Tensor<1>>,
+    /// WPO (`use_weighting`): the chosen response's mean over its tokens of log π_θ(y_t) − log Σ_v π_θ(v)²
+    /// (`odpo_model::logprobs::wpo_row_means`). Read only with `use_weighting`.
+    pub wpo_chosen: Option<Tensor<1>>,
+    /// WPO: the same mean for the rejected response.
+    pub wpo_rejected: Option<Tensor<1>>,
 }
 
 impl PairLogps {
@@ -50,6 +55,8 @@ impl PairLogps {
             rejected_tokens,
             offset: None,
             weight: None,
+            wpo_chosen: None,
+            wpo_rejected: None,
         }
     }
 
@@ -62,6 +69,13 @@ impl PairLogps {
     /// Sets the per-pair weights.
     pub fn with_weight(mut self, weight: Tensor<1>) -> Self {
         self.weight = Some(weight);
+        self
+    }
+
+    /// Sets WPO's per-response means (chosen, rejected) that `use_weighting` turns into pair weights.
+    pub fn with_wpo(mut self, chosen: Tensor<1>, rejected: Tensor<1>) -> Self {
+        self.wpo_chosen = Some(chosen);
+        self.wpo_rejected = Some(rejected);
         self
     }
 
@@ -85,6 +99,12 @@ impl PairLogps {
         }
         if let Some(w) = &self.weight {
             v.push(("weight", w));
+        }
+        if let Some(w) = &self.wpo_chosen {
+            v.push(("wpo_chosen", w));
+        }
+        if let Some(w) = &self.wpo_rejected {
+            v.push(("wpo_rejected", w));
         }
         v
     }

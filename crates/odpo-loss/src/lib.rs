@@ -55,12 +55,13 @@ pub use output::{LossOutput, Metrics, check_finite};
 ///
 /// ```text
 /// per_pair_i = Σ_k λ_k·ℓ_k(i)  [+ rpo_alpha·NLL_i]          λ = loss_weights (1 each by default)
-/// loss       = Σ_i w_i·per_pair_i / Σ_i w_i                  w = inputs.weight (1 each by default)
+/// loss       = Σ_i w_i·ω_i·per_pair_i / Σ_i w_i              w = inputs.weight (1 each by default)
+/// ω_i        = exp(wpo_chosen_i + wpo_rejected_i)            with use_weighting (WPO), else 1
 /// ```
 ///
-/// This matches TRL's `loss = Σ_k λ_k·mean(ℓ_k)` (plus `rpo_alpha·NLL`) when there are no per-pair
-/// weights. The loss, per-pair losses and metrics stay on the device; call [`check_finite`] to read the
-/// loss and turn a NaN into an error.
+/// This matches TRL's `loss = Σ_k λ_k·mean(ω·ℓ_k)` (plus `rpo_alpha·NLL`) when there are no per-pair
+/// weights w. WPO's ω carries no gradient (TRL computes it under `no_grad`). The loss, per-pair losses
+/// and metrics stay on the device; call [`check_finite`] to read the loss and turn a NaN into an error.
 ///
 /// # Errors
 ///
@@ -104,9 +105,17 @@ pub fn preference_loss(inputs: &PairLogps, cfg: &LossConfig) -> Result<LossOutpu
         per_pair = per_pair + nll.mul_scalar(alpha);
     }
 
+    let weighted = if cfg.use_weighting {
+        let (Some(c), Some(r)) = (&inputs.wpo_chosen, &inputs.wpo_rejected) else {
+            return Err(LossError::MissingWpo);
+        };
+        per_pair.clone() * (c.clone() + r.clone()).detach().exp()
+    } else {
+        per_pair.clone()
+    };
     let loss = match &inputs.weight {
-        Some(w) => (per_pair.clone() * w.clone()).sum() / w.clone().sum(),
-        None => per_pair.clone().mean(),
+        Some(w) => (weighted * w.clone()).sum() / w.clone().sum(),
+        None => weighted.mean(),
     };
     let metrics = Metrics::compute(inputs, cfg.beta, &loss);
     Ok(LossOutput {

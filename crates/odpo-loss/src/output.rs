@@ -96,7 +96,8 @@ impl Metrics {
 pub struct LossOutput {
     /// The reduced loss, shape `[1]`, tracked for `backward()`: the (weighted) mean of `per_pair`.
     pub loss: Tensor<1>,
-    /// Per-pair losses, shape `[B]`, tracked: Σ_k λ_k·ℓ_k (+ rpo_alpha·NLL), before the per-pair weights.
+    /// Per-pair losses, shape `[B]`, tracked: Σ_k λ_k·ℓ_k (+ rpo_alpha·NLL), before the per-pair weights
+    /// (the data's and WPO's).
     /// For AOT terms the i-th entry is the i-th quantile's term, not pair i's.
     pub per_pair: Tensor<1>,
     /// Detached metrics.

@@ -429,3 +429,58 @@ fn f_divergences_stay_finite_at_log_ratios_of_plus_minus_1e4() {
         }
     }
 }
+
+/// WPO (`use_weighting`): means of 0 give ω = 1, the unweighted loss bit for bit; otherwise each
+/// pair's loss is scaled by exp(m_w + m_l) (hand-computed), the gradients by the same ω, and no gradient
+/// reaches the means. Missing means and the sorted objectives are refused.
+#[test]
+fn wpo_weights_scale_each_pair_by_exp_of_its_means() {
+    let dev = device();
+    let h = batch();
+    for kind in [LossKind::Sigmoid, LossKind::Ipo, LossKind::Orpo, LossKind::Sft] {
+        let plain = config(kind);
+        let mut wpo = plain.clone();
+        wpo.use_weighting = true;
+        let (inputs, _) = h.build(&dev, DType::F32);
+        let err = preference_loss(&inputs, &wpo).map(|_| ()).unwrap_err();
+        assert_eq!(err, LossError::MissingWpo, "{kind}");
+
+        let zeros = common::t32(&[0.0; 6], &dev);
+        let (inputs, leaves) = h.build(&dev, DType::F32);
+        let out = preference_loss(&inputs.with_wpo(zeros.clone(), zeros), &wpo).unwrap();
+        let loss = scalar(&out.loss);
+        let grads = out.loss.backward();
+        let g_wpo: Vec<f64> = leaves.iter().flat_map(|l| l.grad(&grads).map(|t| host(&t)).unwrap_or_default()).collect();
+        let (bits, g_bits) = run(&plain, &h);
+        assert_eq!(loss.to_bits(), bits[0], "{kind}: ω = 1 is the plain loss");
+        assert_eq!(g_wpo.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), g_bits, "{kind}: ω = 1 gradients");
+
+        let (mc, mr) = ([-0.5f32, -1.25, 0.1, -2.0, -0.75, 0.0], [-1.0f32, -0.2, -0.3, -1.5, 0.2, -2.5]);
+        let omega: Vec<f64> = mc.iter().zip(&mr).map(|(c, r)| (f64::from(*c) + f64::from(*r)).exp()).collect();
+        let (inputs, leaves) = h.build(&dev, DType::F32);
+        let (c, r) = (common::t32(&mc, &dev).require_grad(), common::t32(&mr, &dev).require_grad());
+        let out = preference_loss(&inputs.with_wpo(c.clone(), r.clone()), &wpo).unwrap();
+        let per_pair = host(&out.per_pair);
+        let want = per_pair.iter().zip(&omega).map(|(l, w)| l * w).sum::<f64>() / 6.0;
+        let got = scalar(&out.loss);
+        assert!((got - want).abs() <= 1e-6 * want.abs(), "{kind}: {got} vs Σ ω·ℓ / B = {want}");
+        let grads = out.loss.backward();
+        assert!(c.grad(&grads).is_none() && r.grad(&grads).is_none(), "{kind}: WPO's weights carry no gradient");
+        // Each pair's gradient is ω_i times its unweighted one, for objectives whose pairs are independent.
+        let (plain_inputs, plain_leaves) = h.build(&dev, DType::F32);
+        let plain_grads = preference_loss(&plain_inputs, &plain).unwrap().loss.backward();
+        for (leaf, plain_leaf) in leaves.iter().zip(&plain_leaves) {
+            if let (Some(g), Some(p)) = (leaf.grad(&grads), plain_leaf.grad(&plain_grads)) {
+                for (i, (g, p)) in host(&g).iter().zip(host(&p)).enumerate() {
+                    assert!((g - omega[i] * p).abs() <= 1e-6 * (omega[i] * p).abs().max(1e-9), "{kind} pair {i}: {g} vs ω·{p}");
+                }
+            }
+        }
+    }
+    for kind in [LossKind::Aot, LossKind::AotUnpaired] {
+        let mut c = config(kind);
+        c.use_weighting = true;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("use_weighting") && e.contains("quantile"), "{e}");
+    }
+}

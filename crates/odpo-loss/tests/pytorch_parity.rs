@@ -19,7 +19,7 @@ mod common;
 use std::collections::HashMap;
 
 use burn::tensor::DType;
-use common::{Host, LOGP_NAMES, device, host, scalar};
+use common::{Host, LOGP_NAMES, device, host, scalar, t32};
 use odpo_loss::{LossConfig, preference_loss};
 use serde::Deserialize;
 
@@ -56,6 +56,11 @@ struct Inputs {
     rejected_tokens: Vec<f32>,
     offset: Option<Vec<f32>>,
     weight: Option<Vec<f32>>,
+    /// WPO's per-response means, in the cases with `use_weighting`.
+    #[serde(default)]
+    wpo_chosen: Option<Vec<f32>>,
+    #[serde(default)]
+    wpo_rejected: Option<Vec<f32>>,
 }
 
 #[derive(Deserialize)]
@@ -153,7 +158,10 @@ fn losses_gradients_and_metrics_match_pytorch() {
             offset: i.offset.as_deref().map(widen),
             weight: i.weight.as_deref().map(widen),
         };
-        let (inputs, leaves) = h.build(&dev, DType::F32);
+        let (mut inputs, leaves) = h.build(&dev, DType::F32);
+        if let (Some(c), Some(r)) = (&i.wpo_chosen, &i.wpo_rejected) {
+            inputs = inputs.with_wpo(t32(c, &dev), t32(r, &dev));
+        }
         let out = preference_loss(&inputs, &case.config).unwrap();
         let mut cmp = Compare::default();
         cmp.check("loss", scalar(&out.loss), case.expected.loss);
@@ -204,6 +212,7 @@ fn losses_gradients_and_metrics_match_pytorch() {
     for f in odpo_loss::FDivergence::ALL {
         assert!(divergences_seen.contains(&f), "no fixture case covers f_divergence_type {}", f.name());
     }
+    assert!(fixture.cases.iter().any(|c| c.config.use_weighting && c.inputs.wpo_chosen.is_some()), "no fixture case covers use_weighting (WPO)");
     assert!(
         failures.is_empty(),
         "{} values outside tolerance:\n{}",

@@ -1,6 +1,6 @@
 //! Log-probabilities of token sequences: the hot path of preference training.
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::model::CausalLm;
 
@@ -19,10 +19,48 @@ pub fn token_logprobs(logits: Tensor<3>, input_ids: Tensor<2, Int>) -> Tensor<2>
 /// `odpo_kernels::token_logprobs`, which on CPU backends reads the logits once and writes their
 /// gradient over them in place, never holding a `[B, N, V]` temporary.
 fn target_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    target_outputs(logits, targets, false).0
+}
+
+/// [`target_logprobs`], and with `wpo` also [`log_sum_sq_probs`] of the same logits `[B, N]`.
+fn target_outputs(logits: Tensor<3>, targets: Tensor<2, Int>, wpo: bool) -> (Tensor<2>, Option<Tensor<2>>) {
     let [b, n, v] = logits.dims();
+    let logits = logits.reshape([b * n, v]);
+    // Before the log-probs: on CPU backends their kernel writes the logits' gradient over them in
+    // place, which a live handle to the logits would turn into a copy.
+    let lsq = wpo.then(|| log_sum_sq_probs(logits.clone()).reshape([b, n]));
     // Low-precision logits are widened inside: log-probabilities summed over a completion need f32,
     // and the backward pass then keeps the logits in the model's dtype, not their f32 copy.
-    odpo_kernels::token_logprobs(logits.reshape([b * n, v]), targets.reshape([b * n])).reshape([b, n])
+    (odpo_kernels::token_logprobs(logits, targets.reshape([b * n])).reshape([b, n]), lsq)
+}
+
+/// Rows of logits handled at once by [`log_sum_sq_probs`]: its f32 temporaries stay near 64 MB each
+/// whatever the batch (Llama-3.2-1B's 128,256 entries: 128 rows).
+const LSQ_ROW_BYTES: usize = 64 << 20;
+
+/// log Σ_v p_v² of each row of `logits` `[R, V]` (p = softmax of the row), `[R]`, without gradient:
+/// the term WPO subtracts from each token's log-prob (TRL's `log_sum_sq_probs`), log Σ_v (e^{l_v − m})² −
+/// 2·log Σ_v e^{l_v − m} with m the row's maximum. Built from plain tensor ops, so every backend runs
+/// it; rows go through in runs of [`LSQ_ROW_BYTES`] of f32 so that its temporaries stay small beside
+/// the logits.
+pub fn log_sum_sq_probs(logits: Tensor<2>) -> Tensor<1> {
+    let [r, v] = logits.dims();
+    let logits = logits.detach().cast(DType::F32);
+    let run = (LSQ_ROW_BYTES / (4 * v.max(1))).max(1);
+    let runs: Vec<Tensor<1>> = (0..r)
+        .step_by(run)
+        .map(|s| {
+            let z = logits.clone().narrow(0, s, run.min(r - s));
+            // e^{2(l − m)} as the square of e^{l − m}: one exponential a logit, and it underflows
+            // exactly where e^{2(l − m)} does (l − m < −43.7 in f32).
+            let e = (z.clone() - z.max_dim(1)).exp();
+            let lse = e.clone().sum_dim(1).log();
+            let lse2 = e.square().sum_dim(1).log();
+            let rows = lse.dims()[0];
+            (lse2 - lse.mul_scalar(2.0)).reshape([rows])
+        })
+        .collect();
+    if runs.is_empty() { Tensor::zeros([0], &logits.device()) } else { Tensor::cat(runs, 0) }
 }
 
 /// `log p(target)` `[B, N]` of final hidden states `hidden` `[B, N, D]` through the LM head, for the
@@ -37,26 +75,33 @@ fn target_logprobs(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
 /// Gradients flow as through the whole: each run adds its share to the head's weight gradient.
 /// Where everything fits (every device but a buffer-capped one, on most steps) it is one call.
 pub fn head_logprobs(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, rows_per_run: Option<usize>) -> Tensor<2> {
+    head_outputs(model, hidden, targets, rows_per_run, false).0
+}
+
+/// [`head_logprobs`], and with `wpo` also WPO's [`log_sum_sq_probs`] of the same logits `[B, N]`
+/// (no gradient), so that the head runs once for both.
+pub fn head_outputs(model: &CausalLm, hidden: Tensor<3>, targets: Tensor<2, Int>, rows_per_run: Option<usize>, wpo: bool) -> (Tensor<2>, Option<Tensor<2>>) {
     let [b, n, d] = hidden.dims();
     let rows = b * n;
     // The vocabulary is read only where the device caps a buffer (not on every CPU step).
     let capped = || odpo_kernels::max_buffer_bytes(&hidden.device()).map(|bytes| rows_in(bytes, model.vocab_size()));
     let run = rows_per_run.or_else(capped).unwrap_or(rows).max(1);
     if run >= rows {
-        return target_logprobs(model.head(hidden), targets);
+        return target_outputs(model.head(hidden), targets, wpo);
     }
     // Once per process: where a run's speed or memory looks odd, this is part of why.
     static SAID: std::sync::Once = std::sync::Once::new();
     SAID.call_once(|| tracing::info!("the logits of {rows} rows are more than one buffer of the device holds: the LM head runs over {run} rows at a time"));
     let (hidden, targets) = (hidden.reshape([1, rows, d]), targets.reshape([1, rows]));
-    let runs = (0..rows)
+    let (runs, lsq): (Vec<_>, Vec<_>) = (0..rows)
         .step_by(run)
         .map(|s| {
             let len = run.min(rows - s);
-            target_logprobs(model.head(hidden.clone().narrow(1, s, len)), targets.clone().narrow(1, s, len))
+            target_outputs(model.head(hidden.clone().narrow(1, s, len)), targets.clone().narrow(1, s, len), wpo)
         })
-        .collect();
-    Tensor::cat(runs, 1).reshape([b, n])
+        .unzip();
+    let lsq = wpo.then(|| Tensor::cat(lsq.into_iter().flatten().collect(), 1).reshape([b, n]));
+    (Tensor::cat(runs, 1).reshape([b, n]), lsq)
 }
 
 /// How many rows of f32 logits over `vocab` entries one buffer of `device` holds, where its backend
@@ -85,17 +130,58 @@ pub fn completion_logprobs(
     loss_mask: Tensor<2>,
     first_target: usize,
 ) -> (Tensor<1>, Tensor<1>) {
+    let rows = completion_rows(model, input_ids, attention_mask, loss_mask, first_target, false);
+    (rows.sum, rows.count)
+}
+
+/// Per-row results of [`completion_rows`] and [`shared_prompt_rows`], each `[R]`.
+#[derive(Clone, Debug)]
+pub struct RowLogprobs {
+    /// Σ_t loss_mask_t · log p(y_t), tracked.
+    pub sum: Tensor<1>,
+    /// Σ_t loss_mask_t.
+    pub count: Tensor<1>,
+    /// When asked for: WPO's mean over the row's counted tokens (loss_mask > 0) of
+    /// log p(y_t) − log Σ_v p_v(·)², without gradient ([`wpo_row_means`]).
+    pub wpo: Option<Tensor<1>>,
+}
+
+/// [`completion_logprobs`], and with `wpo` also each row's [`wpo_row_means`] from the same head call.
+pub fn completion_rows(
+    model: &CausalLm,
+    input_ids: Tensor<2, Int>,
+    attention_mask: &Tensor<2, Int>,
+    loss_mask: Tensor<2>,
+    first_target: usize,
+    wpo: bool,
+) -> RowLogprobs {
     let [b, t] = loss_mask.dims();
     let hidden = model.hidden(input_ids.clone(), attention_mask, None);
     if t < 2 {
-        return (Tensor::zeros([b], &loss_mask.device()), Tensor::zeros([b], &loss_mask.device()));
+        let zeros = || Tensor::zeros([b], &loss_mask.device());
+        return RowLogprobs { sum: zeros(), count: zeros(), wpo: wpo.then(zeros) };
     }
     // Hidden state at column c predicts the token at c + 1.
     let start = first_target.clamp(1, t - 1) - 1;
     let n = t - 1 - start;
     let mask = loss_mask.narrow(1, start + 1, n);
-    let lp = head_logprobs(model, hidden.narrow(1, start, n), input_ids.narrow(1, start + 1, n), None) * mask.clone();
-    (lp.sum_dim(1).reshape([b]), mask.sum_dim(1).reshape([b]))
+    let (lp, lsq) = head_outputs(model, hidden.narrow(1, start, n), input_ids.narrow(1, start + 1, n), None, wpo);
+    let wpo = lsq.map(|lsq| wpo_row_means(lp.clone(), lsq, mask.clone()));
+    let lp = lp * mask.clone();
+    RowLogprobs { sum: lp.sum_dim(1).reshape([b]), count: mask.sum_dim(1).reshape([b]), wpo }
+}
+
+/// WPO's per-row weight exponent (Zhou et al. 2024, Weighted Preference Optimization, Eq. 3, as TRL's
+/// `use_weighting` computes it): the mean over the tokens where `mask` `[R, N]` is positive of
+/// log p(y_t) − log Σ_v p_v², from the per-token log-probs `logps` and [`log_sum_sq_probs`] `lsq`
+/// (`[R, N]` each). No gradient flows through it. Counting the tokens where the mask is positive keeps
+/// LD-DPO's fractional weights out of it, as TRL's 0/1 completion mask does; a row without tokens
+/// gives 0.
+pub fn wpo_row_means(logps: Tensor<2>, lsq: Tensor<2>, mask: Tensor<2>) -> Tensor<1> {
+    let [r, _] = mask.dims();
+    let counted = mask.greater_elem(0.0).float();
+    let tokens = counted.clone().sum_dim(1).clamp_min(1.0);
+    ((logps.detach() - lsq) * counted).sum_dim(1).div(tokens).reshape([r])
 }
 
 /// Summed log-probability of the tokens where `loss_mask` is 1, and their count, per sequence.
@@ -133,12 +219,27 @@ pub fn shared_prompt_logprobs(
     full_mask: &Tensor<2, Int>,
     loss_mask: Tensor<2>,
 ) -> (Tensor<1>, Tensor<1>) {
+    let rows = shared_prompt_rows(model, prompt_ids, prompt_mask, completion_ids, full_mask, loss_mask, false);
+    (rows.sum, rows.count)
+}
+
+/// [`shared_prompt_logprobs`], and with `wpo` also each row's [`wpo_row_means`] from the same head call.
+pub fn shared_prompt_rows(
+    model: &CausalLm,
+    prompt_ids: Tensor<2, Int>,
+    prompt_mask: &Tensor<2, Int>,
+    completion_ids: Tensor<2, Int>,
+    full_mask: &Tensor<2, Int>,
+    loss_mask: Tensor<2>,
+    wpo: bool,
+) -> RowLogprobs {
     let [b, p] = prompt_ids.dims();
     let [b2, c] = completion_ids.dims();
     let device = loss_mask.device();
     let count = loss_mask.clone().sum_dim(1).reshape([b2]);
     if p == 0 || c == 0 || b2 != 2 * b {
-        return (Tensor::zeros([b2], &device), count);
+        let zeros = || Tensor::zeros([b2], &device);
+        return RowLogprobs { sum: zeros(), count, wpo: wpo.then(zeros) };
     }
     let mut cache = model.new_cache();
     let hidden = model.hidden(prompt_ids, prompt_mask, Some(&mut cache));
@@ -155,6 +256,7 @@ pub fn shared_prompt_logprobs(
     // One head call for every predicting column (where one buffer holds the logits): with a tied
     // embedding, each call's backward writes a vocabulary-sized weight gradient that autodiff then
     // adds to the others.
-    let lp = head_logprobs(model, h, completion_ids, None);
-    ((lp * loss_mask).sum_dim(1).reshape([b2]), count)
+    let (lp, lsq) = head_outputs(model, h, completion_ids, None, wpo);
+    let wpo = lsq.map(|lsq| wpo_row_means(lp.clone(), lsq, loss_mask.clone()));
+    RowLogprobs { sum: (lp * loss_mask).sum_dim(1).reshape([b2]), count, wpo }
 }

@@ -1,7 +1,8 @@
 //! Parity with HF transformers on tiny random models of every family, made by
 //! `tests/fixtures/make_fixtures.py` and `make_fixtures_neo.py`:
 //! logits on right- and left-padded batches within 1e-4, completion log-probabilities (with the LM
-//! head in one call and in runs of a few rows), and the save -> load round trip.
+//! head in one call and in runs of a few rows), WPO's per-row means from transformers' logits, and the
+//! save -> load round trip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,7 +10,7 @@ mod common;
 use burn::optim::GradientsParams;
 use common::*;
 use odpo_model::{CausalLm, Module};
-use odpo_model::logprobs::{completion_logprobs, head_logprobs, sequence_logprobs};
+use odpo_model::logprobs::{completion_logprobs, completion_rows, head_logprobs, head_outputs, sequence_logprobs, wpo_row_means};
 
 const CASES: &[&str] = &[
     "gpt2",
@@ -419,6 +420,56 @@ fn half_precision_stays_close_to_f32() {
             }
             println!("{case} {precision:?}: max |diff| {worst:.3e}");
             assert!(worst < tol, "{case} {precision:?}: logits differ by {worst}");
+        }
+    }
+}
+
+/// WPO's per-row means, mean over a row's completion tokens of log p(y_t) − log Σ_v p_v², computed in
+/// f64 from transformers' logits: from `completion_rows` (the head from the first completion column
+/// and from column 1) and from the head in runs of 3 rows, on right- and left-padded batches.
+#[test]
+fn wpo_row_means_match_transformers_logits() {
+    let device = test_device();
+    for case in CASES {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let model = CausalLm::load(&dir, &device).unwrap().model;
+        for prefix in ["", "left_"] {
+            let key = |k: &str| format!("{prefix}{k}");
+            let (ids_a, mask_a, logits) = (&exp[&key("input_ids")], &exp[&key("completion_mask")], &exp[&key("logits")]);
+            let [b, t, v] = [logits.shape[0], logits.shape[1], logits.shape[2]];
+            let want: Vec<f64> = (0..b)
+                .map(|r| {
+                    let (mut sum, mut n) = (0.0, 0.0);
+                    for c in 1..t {
+                        if mask_a.data[r * t + c] > 0.5 {
+                            let row = &logits.data[(r * t + c - 1) * v..(r * t + c) * v];
+                            let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                            let lsq = row.iter().map(|x| (2.0 * (x - lse)).exp()).sum::<f64>().ln();
+                            sum += row[ids_a.data[r * t + c] as usize] - lse - lsq;
+                            n += 1.0;
+                        }
+                    }
+                    sum / f64::max(n, 1.0)
+                })
+                .collect();
+            let ids = int2(ids_a, &device);
+            let attn = int2(&exp[&key("attention_mask")], &device);
+            let mask = float2(mask_a, &device);
+            let first = (1..t).find(|&c| mask_a.data.chunks_exact(t).any(|row| row[c] > 0.5)).unwrap_or(t);
+            let mut got: Vec<(String, Vec<f32>)> = [first, 1]
+                .iter()
+                .map(|&f| (format!("head from column {f}"), to_vec(completion_rows(&model, ids.clone(), &attn, mask.clone(), f, true).wpo.unwrap())))
+                .collect();
+            let hidden = model.hidden(ids.clone(), &attn, None).narrow(1, 0, t - 1);
+            let (lp, lsq) = head_outputs(&model, hidden, ids.clone().narrow(1, 1, t - 1), Some(3), true);
+            got.push(("head in runs of 3 rows".into(), to_vec(wpo_row_means(lp, lsq.unwrap(), mask.clone().narrow(1, 1, t - 1)))));
+            for (how, rows) in &got {
+                for (i, (g, w)) in rows.iter().zip(&want).enumerate() {
+                    assert!((f64::from(*g) - w).abs() < 1e-4, "{case} {prefix}row {i}, {how}: {g} vs {w} from transformers' logits");
+                }
+            }
         }
     }
 }

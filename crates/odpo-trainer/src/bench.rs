@@ -50,6 +50,9 @@ pub struct StepBench {
     pub precision: Precision,
     /// burn's balanced gradient checkpointing (`train.gradient_checkpointing`).
     pub gradient_checkpointing: bool,
+    /// WPO's pair weights (`loss.use_weighting`): the policy's forward also computes log Σ_v p_v² of
+    /// every completion token's logits.
+    pub wpo: bool,
     /// After the timed steps, one more step whose kernel launches are counted (cubecl devices).
     pub census: Census,
     /// After the timed steps, one more step whose products are recorded ([`StepResult::products`]):
@@ -265,7 +268,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         stage: Stage::Preference,
         micro_batch_size: b.pairs,
         batcher,
-        loss: LossConfig { beta: 0.7, ..LossConfig::default() },
+        loss: LossConfig { beta: 0.7, use_weighting: b.wpo, ..LossConfig::default() },
         use_offsets: true,
         precision: b.precision,
         max_grad_norm: Some(10.0),

@@ -29,7 +29,7 @@ pub fn preference(
     let items: Vec<&TokenizedPair> = pairs.iter().collect();
     for chunk in items.chunks(batch_size.max(1)) {
         let batch = forward::preference_batch(chunk, batcher, device);
-        let inputs = forward::preference_inputs(model, reference, &batch, use_offsets, device)?;
+        let inputs = forward::preference_inputs(model, reference, &batch, use_offsets, loss.use_weighting, device)?;
         let out = preference_loss(&inputs, loss)?;
         sums.add_preference(&out.metrics, chunk.len());
         progress(chunk.len());

@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use odpo_data::{PairRows, PreferenceBatch, PreferenceBatcher, SftBatcher, SftItem, TokenizedPair};
 use odpo_loss::PairLogps;
 use odpo_model::CausalLm;
-use odpo_model::logprobs::{completion_logprobs, shared_prompt_logprobs};
+use odpo_model::logprobs::{RowLogprobs, completion_logprobs, completion_rows, shared_prompt_rows};
 
 /// A preference micro-batch on `device`, padded by `batcher`'s rules.
 pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, device: &Device) -> PreferenceBatch {
@@ -18,13 +18,20 @@ pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, d
 /// completion columns only. Under LD-DPO the sums are weighted by the batch's mask and the counts are
 /// the batch's own (the mask's sum is then no count).
 pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
-    let (sum, count) = match &batch.rows {
-        PairRows::SharedPrompt(r) => shared_prompt_logprobs(model, r.prompt_ids.clone(), &r.prompt_mask, r.completion_ids.clone(), &r.full_mask, r.loss_mask.clone()),
-        PairRows::Concatenated(r) => completion_logprobs(model, r.input_ids.clone(), &r.attention_mask, r.loss_mask.clone(), r.first_target),
+    let rows = policy_rows(model, batch, false);
+    (rows.sum, rows.count)
+}
+
+/// [`row_logps`], and with `wpo` (`loss.use_weighting`) also WPO's per-row means
+/// ([`odpo_model::logprobs::wpo_row_means`]) from the same forward pass.
+pub fn policy_rows(model: &CausalLm, batch: &PreferenceBatch, wpo: bool) -> RowLogprobs {
+    let rows = match &batch.rows {
+        PairRows::SharedPrompt(r) => shared_prompt_rows(model, r.prompt_ids.clone(), &r.prompt_mask, r.completion_ids.clone(), &r.full_mask, r.loss_mask.clone(), wpo),
+        PairRows::Concatenated(r) => completion_rows(model, r.input_ids.clone(), &r.attention_mask, r.loss_mask.clone(), r.first_target, wpo),
     };
     match &batch.token_counts {
-        Some(counts) => (sum, counts.clone()),
-        None => (sum, count),
+        Some(counts) => RowLogprobs { count: counts.clone(), ..rows },
+        None => rows,
     }
 }
 
@@ -36,16 +43,17 @@ pub fn reference_row_logps(model: &CausalLm, batch: &PreferenceBatch) -> crate::
 }
 
 /// The objective's inputs for a batch: policy log-probs from `policy_rows` (`[2B]`, tracked), reference
-/// log-probs from the host (`[2B]`, chosen first), offsets when the run has them, weights when the data has them.
+/// log-probs from the host (`[2B]`, chosen first), offsets when the run has them, weights when the data
+/// has them, WPO's means when `policy_rows` has them.
 pub fn pair_logps(
     batch: &PreferenceBatch,
-    policy_rows: (Tensor<1>, Tensor<1>),
+    policy_rows: RowLogprobs,
     reference_rows: &[f32],
     use_offsets: bool,
     device: &Device,
 ) -> PairLogps {
     let b = batch.pair_ids.len();
-    let (sum, count) = policy_rows;
+    let RowLogprobs { sum, count, wpo } = policy_rows;
     let reference = Tensor::<1>::from_data(TensorData::new(reference_rows.to_vec(), [2 * b]), device);
     let mut inputs = PairLogps::new(
         sum.clone().narrow(0, 0, b),
@@ -61,14 +69,17 @@ pub fn pair_logps(
     if let Some(w) = &batch.weights {
         inputs = inputs.with_weight(w.clone());
     }
+    if let Some(m) = wpo {
+        inputs = inputs.with_wpo(m.clone().narrow(0, 0, b), m.narrow(0, b, b));
+    }
     inputs
 }
 
 /// The objective's inputs for a preference batch: the reference's row log-probs, then the policy's
-/// (tracked when `policy` is on an autodiff device).
-pub fn preference_inputs(policy: &CausalLm, reference: &Reference, batch: &PreferenceBatch, use_offsets: bool, device: &Device) -> crate::error::Result<PairLogps> {
+/// (tracked when `policy` is on an autodiff device), with WPO's means when `wpo`.
+pub fn preference_inputs(policy: &CausalLm, reference: &Reference, batch: &PreferenceBatch, use_offsets: bool, wpo: bool, device: &Device) -> crate::error::Result<PairLogps> {
     let reference_rows = reference.rows(batch)?;
-    let rows = row_logps(policy, batch);
+    let rows = policy_rows(policy, batch, wpo);
     Ok(pair_logps(batch, rows, &reference_rows, use_offsets, device))
 }
 

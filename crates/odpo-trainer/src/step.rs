@@ -386,7 +386,7 @@ fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, half:
                 let reference_rows = reference.rows(&batch)?;
                 phases.reference += clock.elapsed().as_secs_f64();
                 let clock = Instant::now();
-                let inputs = forward::pair_logps(&batch, forward::row_logps(policy_fwd, &batch), &reference_rows, s.use_offsets, device);
+                let inputs = forward::pair_logps(&batch, forward::policy_rows(policy_fwd, &batch, s.loss.use_weighting), &reference_rows, s.use_offsets, device);
                 let out = preference_loss(&inputs, &s.loss)?;
                 check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
                 metrics.add_preference(&out.metrics, micro.len());

@@ -104,13 +104,13 @@ fn three_odpo_steps(foreach: Option<bool>) {
     for (step, want) in exp["steps"].as_array().unwrap().iter().enumerate() {
         let batch = forward::preference_batch(&refs, &odpo_data::PreferenceBatcher::default(), &device);
         let reference_rows = reference.rows(&batch).unwrap();
-        let (sum, count) = forward::row_logps(&policy, &batch);
-        let policy_rows = sum.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        let rows = forward::policy_rows(&policy, &batch, false);
+        let policy_rows = rows.sum.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
         for r in 0..2 * b {
             close(&format!("step {} reference row {r}", step + 1), f64::from(reference_rows[r]), f(&want["reference_logps"][r]), 1e-5);
             close(&format!("step {} policy row {r}", step + 1), f64::from(policy_rows[r]), f(&want["policy_logps"][r]), 1e-5);
         }
-        let inputs = forward::pair_logps(&batch, (sum, count), &reference_rows, true, &device);
+        let inputs = forward::pair_logps(&batch, rows, &reference_rows, true, &device);
         let out = preference_loss(&inputs, &loss_cfg).unwrap();
         close(&format!("step {} loss", step + 1), out.loss.clone().into_scalar::<f64>(), f(&want["loss"]), 1e-5);
         let grads = GradientsParams::from_grads(out.loss.backward(), &policy);

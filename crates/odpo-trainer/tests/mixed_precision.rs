@@ -85,7 +85,7 @@ fn a_steps_products_are_recorded_and_each_routine_timed_on_them() {
         return;
     };
     let config = repo_root().join("bench/configs/gpt2-tiny.json");
-    let b = StepBench { pairs: 1, seq: 32, prompt: 8, warmup: 0, repeats: 1, lora: None, cached_reference: false, shared_prompt: false, precision, gradient_checkpointing: false, census: Census::Off, record_products: true };
+    let b = StepBench { pairs: 1, seq: 32, prompt: 8, warmup: 0, repeats: 1, lora: None, cached_reference: false, shared_prompt: false, precision, gradient_checkpointing: false, wpo: false, census: Census::Off, record_products: true };
     let r = odpo_trainer::bench::step(&config, &b, &device).unwrap();
     if !odpo_kernels::launches_kernels(&device) {
         assert!(r.products.is_empty(), "{device:?} recorded {} products", r.products.len());
@@ -130,7 +130,7 @@ fn the_step_benchmark_reports_the_kernel_paths_its_step_took() {
     let device = test_device();
     let precision = [Precision::Bf16, Precision::F16].into_iter().find(|p| device.supports_dtype(p.dtype())).unwrap_or(Precision::F32);
     let config = repo_root().join("bench/configs/smollm2-135m-narrow.json");
-    let b = StepBench { pairs: 1, seq: 16, prompt: 4, warmup: 0, repeats: 1, lora: None, cached_reference: false, shared_prompt: false, precision, gradient_checkpointing: false, census: Census::Off, record_products: false };
+    let b = StepBench { pairs: 1, seq: 16, prompt: 4, warmup: 0, repeats: 1, lora: None, cached_reference: false, shared_prompt: false, precision, gradient_checkpointing: false, wpo: false, census: Census::Off, record_products: false };
     let p = odpo_trainer::bench::step(&config, &b, &device).unwrap().kernel_paths;
     println!("{device:?}, {}: {p:?}", precision.name());
     let layers = 30;

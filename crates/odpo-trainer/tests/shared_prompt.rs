@@ -212,3 +212,50 @@ fn ld_alpha_weighs_the_tokens_beyond_the_shared_length() {
         }
     }
 }
+
+/// `loss.use_weighting` (WPO): each row's mean over its response tokens of log p(y_t) − log Σ_v p_v²,
+/// from both layouts, with and without LD-DPO's weights (which WPO does not read), against f64 values
+/// from the logits of each prompt + response run alone, unpadded. A response without counted tokens
+/// gives 0.
+#[test]
+fn wpo_means_match_each_sequence_run_alone() {
+    let device = common::test_device();
+    for case in ["gpt2", "llama3_rope"] {
+        let loaded = CausalLm::load(&fixture(case), &device).unwrap();
+        let model = loaded.model;
+        let items = pairs(loaded.config.vocab_size() as u32, 29);
+        let mean_of = |p: &TokenizedPair, response: &[u32]| -> f64 {
+            let ids: Vec<i64> = p.prompt.iter().chain(response).map(|&t| i64::from(t)).collect();
+            let n = ids.len();
+            if n < 2 || response.is_empty() {
+                return 0.0;
+            }
+            let input = Tensor::<2, burn::tensor::Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
+            let mask = Tensor::<2, burn::tensor::Int>::ones([1, n], &device);
+            let logits = to_vec(model.forward(input, &mask, None));
+            let v = logits.len() / n;
+            let first = p.prompt.len().max(1);
+            let terms: Vec<f64> = (first..n)
+                .map(|c| {
+                    let row: Vec<f64> = logits[(c - 1) * v..c * v].iter().map(|&x| f64::from(x)).collect();
+                    let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                    let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                    let lsq = row.iter().map(|x| (2.0 * (x - lse)).exp()).sum::<f64>().ln();
+                    row[ids[c] as usize] - lse - lsq
+                })
+                .collect();
+            terms.iter().sum::<f64>() / terms.len().max(1) as f64
+        };
+        let want: Vec<f64> = items.iter().map(|p| mean_of(p, &p.chosen)).chain(items.iter().map(|p| mean_of(p, &p.rejected))).collect();
+        assert!(want.iter().any(|w| w.abs() > 1e-3), "{case}: the means should not all vanish");
+        for layout in [Layout::SharedPrompt, Layout::Concatenated] {
+            for ld in [None, Some(0.3f32)] {
+                let batch = PreferenceBatcher::new(0, None, layout).with_ld_alpha(ld).batch(items.clone(), &device);
+                let got = to_vec(odpo_trainer::forward::policy_rows(&model, &batch, true).wpo.unwrap());
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert!((f64::from(*g) - w).abs() < 2e-5 * w.abs().max(1.0), "{case} {layout:?} ld_alpha {ld:?}, row {i}: {g} vs {w}");
+                }
+            }
+        }
+    }
+}

@@ -376,6 +376,29 @@ fn ld_alpha_trains_alike_with_a_frozen_and_a_cached_reference() {
     assert!(frozen.iter().zip(&plain).skip(1).any(|(a, b)| (a - b).abs() > 1e-4), "LD-DPO's losses are DPO's: {frozen:?} vs {plain:?}");
 }
 
+/// `loss.use_weighting` (WPO) end to end: a frozen and a cached reference give the same losses (WPO's
+/// weights come from the policy alone), and they are not ODPO's plain losses.
+#[test]
+fn wpo_trains_alike_with_a_frozen_and_a_cached_reference() {
+    let dir = scratch("wpo");
+    let model = tiny_model(&dir);
+    let losses = |name: &str, sets: &[&str]| -> Vec<f64> {
+        let run = dir.join(name);
+        let mut all = vec!["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=3", "train.log_every=1", "eval.batch_size=4"];
+        all.extend_from_slice(sets);
+        odpo_trainer::train_on(&config(&model, &run, "", &all), data(32, 8), &device(), false, None).expect("training");
+        metric_rows(&run, "train").iter().chain(&metric_rows(&run, "eval")).map(|r| f(r, "loss")).collect()
+    };
+    let plain = losses("plain", &[]);
+    let frozen = losses("frozen", &["loss.use_weighting=true"]);
+    let cached = losses("cached", &["loss.use_weighting=true", "train.reference=\"cached\""]);
+    for (a, b) in frozen.iter().zip(&cached) {
+        assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "frozen {a} vs cached {b}");
+    }
+    println!("plain {plain:?}\nWPO {frozen:?}");
+    assert!(frozen.iter().all(|l| l.is_finite()) && frozen.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3), "WPO's losses are ODPO's: {frozen:?} vs {plain:?}");
+}
+
 /// The float weights of a model, in visiting order.
 fn weights(m: &odpo_model::CausalLm) -> Vec<Vec<f32>> {
     struct V(Vec<Vec<f32>>);
