@@ -41,7 +41,7 @@ const LSQ_ROW_BYTES: usize = 64 << 20;
 /// log Σ_v p_v² of each row of `logits` `[R, V]` (p = softmax of the row), `[R]`, without gradient:
 /// the term WPO subtracts from each token's log-prob (TRL's `log_sum_sq_probs`), log Σ_v (e^{l_v − m})² −
 /// 2·log Σ_v e^{l_v − m} with m the row's maximum. Built from plain tensor ops, so every backend runs
-/// it; rows go through in runs of [`LSQ_ROW_BYTES`] of f32 so that its temporaries stay small beside
+/// it; rows go through in runs of about 64 MB of f32 so that its temporaries stay small beside
 /// the logits.
 pub fn log_sum_sq_probs(logits: Tensor<2>) -> Tensor<1> {
     let [r, v] = logits.dims();

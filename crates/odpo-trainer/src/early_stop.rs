@@ -92,6 +92,21 @@ mod tests {
         assert!(s.stopped);
     }
 
+    /// A resumed run reads its record back from `state.json` bit for bit (serde_json's
+    /// `float_roundtrip`; its default parse is an ulp off for about one f64 in eleven, this one among
+    /// them), so an evaluation that ties the best is still a tie after a resume.
+    #[test]
+    fn the_record_reads_back_from_json_bit_for_bit() {
+        let cfg = EarlyStoppingConfig { patience: 3, ..Default::default() };
+        let best = 0.009389878496179485;
+        let mut s = EarlyStopState::default();
+        s.observe(&cfg, 10, &eval(best)).unwrap();
+        let mut back: EarlyStopState = serde_json::from_str(&serde_json::to_string_pretty(&s).unwrap()).unwrap();
+        assert_eq!(back.best.map(|(_, v)| v.to_bits()), Some(best.to_bits()));
+        assert_eq!(back, s);
+        assert!(!back.observe(&cfg, 20, &eval(best)).unwrap().improved, "a tie is no improvement after a resume");
+    }
+
     #[test]
     fn higher_is_better_for_accuracies_and_nan_never_improves() {
         let cfg = EarlyStoppingConfig { metric: "rewards/accuracies".into(), patience: 1, ..Default::default() };
