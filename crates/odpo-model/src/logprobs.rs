@@ -44,13 +44,19 @@ const LSQ_ROW_BYTES: usize = 64 << 20;
 /// it; rows go through in runs of about 64 MB of f32 so that its temporaries stay small beside
 /// the logits.
 pub fn log_sum_sq_probs(logits: Tensor<2>) -> Tensor<1> {
-    let [r, v] = logits.dims();
-    let logits = logits.detach().cast(DType::F32);
-    let run = (LSQ_ROW_BYTES / (4 * v.max(1))).max(1);
+    let v = logits.dims()[1];
+    log_sum_sq_probs_in_runs(logits, (LSQ_ROW_BYTES / (4 * v.max(1))).max(1))
+}
+
+/// [`log_sum_sq_probs`] over `run` rows at a time.
+fn log_sum_sq_probs_in_runs(logits: Tensor<2>, run: usize) -> Tensor<1> {
+    let r = logits.dims()[0];
+    let logits = logits.detach();
     let runs: Vec<Tensor<1>> = (0..r)
         .step_by(run)
         .map(|s| {
-            let z = logits.clone().narrow(0, s, run.min(r - s));
+            // Widened run by run: half-precision logits get no f32 copy of the whole.
+            let z = logits.clone().narrow(0, s, run.min(r - s)).cast(DType::F32);
             // e^{2(l − m)} as the square of e^{l − m}: one exponential a logit, and it underflows
             // exactly where e^{2(l − m)} does (l − m < −43.7 in f32).
             let e = (z.clone() - z.max_dim(1)).exp();
@@ -259,4 +265,52 @@ pub fn shared_prompt_rows(
     let (lp, lsq) = head_outputs(model, h, completion_ids, None, wpo);
     let wpo = lsq.map(|lsq| wpo_row_means(lp.clone(), lsq, loss_mask.clone()));
     RowLogprobs { sum: (lp * loss_mask).sum_dim(1).reshape([b2]), count, wpo }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// f64 by hand: log Σ_v softmax(row)_v².
+    fn by_hand(row: &[f32]) -> f64 {
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(f64::from(x)));
+        let lse = m + row.iter().map(|&x| (f64::from(x) - m).exp()).sum::<f64>().ln();
+        row.iter().map(|&x| (2.0 * (f64::from(x) - lse)).exp()).sum::<f64>().ln()
+    }
+
+    /// Rows of every kind (flat, sharp, far below the maximum, where e^{2z} underflows), in one run and
+    /// in runs of 3 rows, in f32 and from bf16 logits (widened run by run), against f64 by hand.
+    #[test]
+    fn log_sum_sq_probs_by_hand_in_runs_and_from_bf16() {
+        let device = Device::default();
+        let (r, v) = (7, 50);
+        let data: Vec<f32> = (0..r * v)
+            .map(|i| {
+                let (row, col) = (i / v, i % v);
+                match row {
+                    0 => 0.0,
+                    1 if col == 3 => 30.0,
+                    2 => -60.0 * (col % 2) as f32,
+                    _ => ((i * 7919) % 1000) as f32 / 100.0 - 5.0 * row as f32,
+                }
+            })
+            .collect();
+        let logits = Tensor::<2>::from_data(TensorData::new(data.clone(), [r, v]), &device);
+        let half = logits.clone().cast(DType::BF16);
+        let rounded: Vec<f32> = half.clone().cast(DType::F32).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+        for (what, logits, values) in [("f32", logits.clone(), &data), ("bf16", half, &rounded)] {
+            for run in [r, 3] {
+                let got: Vec<f32> = log_sum_sq_probs_in_runs(logits.clone(), run).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
+                assert_eq!(got.len(), r);
+                for (i, g) in got.iter().enumerate() {
+                    let want = by_hand(&values[i * v..(i + 1) * v]);
+                    assert!((f64::from(*g) - want).abs() < 1e-5 * want.abs().max(1.0), "{what}, runs of {run}, row {i}: {g} vs {want}");
+                }
+            }
+        }
+        // The flat row: log(1/V); the sharp one: log 1 = 0 (to f32 precision).
+        assert!((by_hand(&data[..v]) - (1.0 / v as f64).ln()).abs() < 1e-12);
+        assert!(by_hand(&data[v..2 * v]).abs() < 1e-9);
+    }
 }
