@@ -105,19 +105,23 @@ pub fn preference_loss(inputs: &PairLogps, cfg: &LossConfig) -> Result<LossOutpu
         per_pair = per_pair + nll.mul_scalar(alpha);
     }
 
-    let weighted = if cfg.use_weighting {
+    let omega = if cfg.use_weighting {
         let (Some(c), Some(r)) = (&inputs.wpo_chosen, &inputs.wpo_rejected) else {
             return Err(LossError::MissingWpo);
         };
-        per_pair.clone() * (c.clone() + r.clone()).detach().exp()
+        Some((c.clone() + r.clone()).detach().exp())
     } else {
-        per_pair.clone()
+        None
+    };
+    let weighted = match &omega {
+        Some(w) => per_pair.clone() * w.clone(),
+        None => per_pair.clone(),
     };
     let loss = match &inputs.weight {
         Some(w) => (weighted * w.clone()).sum() / w.clone().sum(),
         None => weighted.mean(),
     };
-    let metrics = Metrics::compute(inputs, cfg.beta, &loss);
+    let metrics = Metrics::compute(inputs, cfg.beta, &loss, omega.as_ref());
     Ok(LossOutput {
         loss,
         per_pair,

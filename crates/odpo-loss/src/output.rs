@@ -29,6 +29,8 @@ pub struct Metrics {
     pub offset_satisfied: Tensor<1>,
     /// `loss`: the reduced loss, as in [`LossOutput::loss`].
     pub loss: Tensor<1>,
+    /// `wpo/weight`: mean of WPO's pair weights ω; only with `use_weighting`.
+    pub wpo_weight: Option<Tensor<1>>,
 }
 
 impl Metrics {
@@ -45,8 +47,12 @@ impl Metrics {
         "loss",
     ];
 
-    /// `(name, tensor)` pairs for logging, named as in [`Metrics::NAMES`].
-    pub fn named(&self) -> [(&'static str, Tensor<1>); 9] {
+    /// The name of the metric logged only with `use_weighting`.
+    pub const WPO_WEIGHT: &'static str = "wpo/weight";
+
+    /// `(name, tensor)` pairs for logging, named as in [`Metrics::NAMES`], then
+    /// [`Metrics::WPO_WEIGHT`] when the loss had WPO's weights.
+    pub fn named(&self) -> Vec<(&'static str, Tensor<1>)> {
         let values = [
             &self.rewards_chosen,
             &self.rewards_rejected,
@@ -58,16 +64,16 @@ impl Metrics {
             &self.offset_satisfied,
             &self.loss,
         ];
-        let mut i = 0;
-        values.map(|t| {
-            let name = Self::NAMES[i];
-            i += 1;
-            (name, t.clone())
-        })
+        let mut named: Vec<_> = Self::NAMES.into_iter().zip(values.map(Tensor::clone)).collect();
+        if let Some(w) = &self.wpo_weight {
+            named.push((Self::WPO_WEIGHT, w.clone()));
+        }
+        named
     }
 
-    /// Computes the metrics from the inputs and the reduced loss; everything is detached.
-    pub(crate) fn compute(inputs: &PairLogps, beta: f64, loss: &Tensor<1>) -> Self {
+    /// Computes the metrics from the inputs, the reduced loss and WPO's weights ω when the loss had
+    /// them; everything is detached.
+    pub(crate) fn compute(inputs: &PairLogps, beta: f64, loss: &Tensor<1>, wpo: Option<&Tensor<1>>) -> Self {
         let d = |t: &Tensor<1>| t.clone().detach();
         let chosen = (d(&inputs.policy_chosen) - d(&inputs.reference_chosen)).mul_scalar(beta);
         let rejected =
@@ -87,6 +93,7 @@ impl Metrics {
             logps_rejected: d(&inputs.policy_rejected).mean(),
             offset_mean: offset.mean(),
             loss: d(loss),
+            wpo_weight: wpo.map(|w| d(w).mean()),
         }
     }
 }

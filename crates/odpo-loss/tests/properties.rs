@@ -452,6 +452,8 @@ fn wpo_weights_scale_each_pair_by_exp_of_its_means() {
         let grads = out.loss.backward();
         let g_wpo: Vec<f64> = leaves.iter().flat_map(|l| l.grad(&grads).map(|t| host(&t)).unwrap_or_default()).collect();
         let (bits, g_bits) = run(&plain, &h);
+        let (plain_inputs, _) = h.build(&dev, DType::F32);
+        assert!(preference_loss(&plain_inputs, &plain).unwrap().metrics.named().iter().all(|(n, _)| *n != "wpo/weight"), "{kind}: no wpo/weight without WPO");
         assert_eq!(loss.to_bits(), bits[0], "{kind}: ω = 1 is the plain loss");
         assert_eq!(g_wpo.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), g_bits, "{kind}: ω = 1 gradients");
 
@@ -464,6 +466,9 @@ fn wpo_weights_scale_each_pair_by_exp_of_its_means() {
         let want = per_pair.iter().zip(&omega).map(|(l, w)| l * w).sum::<f64>() / 6.0;
         let got = scalar(&out.loss);
         assert!((got - want).abs() <= 1e-6 * want.abs(), "{kind}: {got} vs Σ ω·ℓ / B = {want}");
+        let logged = out.metrics.named().into_iter().find(|(n, _)| *n == "wpo/weight").map(|(_, t)| scalar(&t));
+        let mean = omega.iter().sum::<f64>() / 6.0;
+        assert!(logged.is_some_and(|w| (w - mean).abs() <= 1e-6 * mean), "{kind}: wpo/weight {logged:?} vs mean ω {mean}");
         let grads = out.loss.backward();
         assert!(c.grad(&grads).is_none() && r.grad(&grads).is_none(), "{kind}: WPO's weights carry no gradient");
         // Each pair's gradient is ω_i times its unweighted one, for objectives whose pairs are independent.

@@ -209,7 +209,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     let mut trainer = Trainer::new(policy, optim, replicas, settings);
     let sync = t.sync_ref_model;
 
-    let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage), summary.resumed_from, &cfg.output.report_to)?;
+    let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage, cfg.loss().use_weighting), summary.resumed_from, &cfg.output.report_to)?;
     let dashboard = cfg.output.dashboard && metrics.open_dashboard(&run_dir, total_steps, state.step)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
     let evaluate = |trainer: &Trainer, at: usize| -> Result<BTreeMap<String, f64>> {
@@ -577,9 +577,9 @@ pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer: Op
     Ok(out.to_path_buf())
 }
 
-fn metric_columns(stage: Stage) -> Vec<String> {
+fn metric_columns(stage: Stage, wpo: bool) -> Vec<String> {
     let stage_metrics: Vec<&str> = match stage {
-        Stage::Preference => Metrics::NAMES.to_vec(),
+        Stage::Preference => Metrics::NAMES.into_iter().chain(wpo.then_some(Metrics::WPO_WEIGHT)).collect(),
         Stage::Sft => vec!["nll", "ppl"],
     };
     stage_metrics.into_iter().chain(["lr", "grad_norm", "tokens_per_s", "pairs_per_s", "epoch"]).map(String::from).collect()

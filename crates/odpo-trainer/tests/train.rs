@@ -377,7 +377,7 @@ fn ld_alpha_trains_alike_with_a_frozen_and_a_cached_reference() {
 }
 
 /// `loss.use_weighting` (WPO) end to end: a frozen and a cached reference give the same losses (WPO's
-/// weights come from the policy alone), and they are not ODPO's plain losses.
+/// weights come from the policy alone), they are not ODPO's plain losses, and `wpo/weight` is logged.
 #[test]
 fn wpo_trains_alike_with_a_frozen_and_a_cached_reference() {
     let dir = scratch("wpo");
@@ -391,6 +391,10 @@ fn wpo_trains_alike_with_a_frozen_and_a_cached_reference() {
     };
     let plain = losses("plain", &[]);
     let frozen = losses("frozen", &["loss.use_weighting=true"]);
+    for row in metric_rows(&dir.join("frozen"), "train").iter().chain(&metric_rows(&dir.join("frozen"), "eval")) {
+        let w = f(row, "wpo/weight");
+        assert!(w.is_finite() && w > 0.0, "wpo/weight is logged: {row}");
+    }
     let cached = losses("cached", &["loss.use_weighting=true", "train.reference=\"cached\""]);
     for (a, b) in frozen.iter().zip(&cached) {
         assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "frozen {a} vs cached {b}");
