@@ -15,8 +15,8 @@ pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, d
 
 /// Summed log-probs and token counts of the 2B rows (chosen first), each `[2B]`: each prompt runs
 /// once ([`odpo_model::logprobs::shared_prompt_logprobs`]) in the shared layout, the concatenated
-/// rows with the LM head on completion columns only. Under LD-DPO the sums are weighted by the batch's mask and the counts are
-/// the batch's own (the mask's sum is then no count).
+/// rows with the LM head on completion columns only. Under LD-DPO the sums are weighted by the
+/// batch's mask and the counts are the batch's own (the mask's sum is then no count).
 pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
     let rows = policy_rows(model, batch, false);
     (rows.sum, rows.count)
