@@ -1,8 +1,8 @@
 //! Parity with HF transformers on tiny random models of every family, made by
 //! `tests/fixtures/make_fixtures.py` and `make_fixtures_neo.py`:
 //! logits on right- and left-padded batches within 1e-4, completion log-probabilities (with the LM
-//! head in one call and in runs of a few rows), WPO's per-row means from transformers' logits, and the
-//! save -> load round trip.
+//! head in one call and in runs of a few rows, with WPO's per-row means against transformers' logits),
+//! and the save -> load round trip.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,7 +10,7 @@ mod common;
 use burn::optim::GradientsParams;
 use common::*;
 use odpo_model::{CausalLm, Module};
-use odpo_model::logprobs::{completion_logprobs, completion_rows, head_logprobs, head_outputs, sequence_logprobs, wpo_row_means};
+use odpo_model::logprobs::{completion_rows, head_logprobs, head_outputs, sequence_logprobs, wpo_row_means};
 
 const CASES: &[&str] = &[
     "gpt2",
@@ -64,18 +64,52 @@ fn completion_logprobs_match_transformers() {
             let t = ids.dims()[1];
             let first = (1..t).find(|&c| mask_t.data.chunks_exact(t).any(|row| row[c] > 0.5)).unwrap_or(t);
             let attn = int2(&exp[&format!("{prefix}attention_mask")], &device);
-            let heads: Vec<_> = [first, 1].iter().map(|&f| to_vec(completion_logprobs(&model, ids.clone(), &attn, float2(mask_t, &device), f).0)).collect();
+            // With WPO's means: from the same head calls, against f64 values from transformers' logits.
+            let heads: Vec<_> = [first, 1].iter().map(|&f| completion_rows(&model, ids.clone(), &attn, float2(mask_t, &device), f, true)).collect();
+            let (sums, means): (Vec<_>, Vec<_>) = heads.into_iter().map(|r| (to_vec(r.sum), to_vec(r.wpo.unwrap()))).unzip();
+            let want_means = wpo_means_from_logits(&exp, prefix);
             for (i, (s, c)) in to_vec(sum).iter().zip(to_vec(count)).enumerate() {
                 let want = exp["completion_logprob_sum"].data[i];
                 assert!((f64::from(*s) - want).abs() < 1e-4, "{case} {prefix}row {i}: {s} vs {want}");
                 assert_eq!(f64::from(c), exp["completion_token_count"].data[i], "{case} row {i}");
-                for (h, f) in heads.iter().zip([first, 1]) {
+                for ((h, m), f) in sums.iter().zip(&means).zip([first, 1]) {
                     assert!((f64::from(h[i]) - want).abs() < 1e-4, "{case} {prefix}row {i}, head from column {f}: {} vs {want}", h[i]);
+                    let w = want_means[i];
+                    assert!((f64::from(m[i]) - w).abs() < 1e-4, "{case} {prefix}row {i}, head from column {f}: WPO mean {} vs {w} from transformers' logits", m[i]);
                 }
+            }
+            // The head in runs of 3 rows gives the same WPO means.
+            let hidden = model.hidden(ids.clone(), &attn, None).narrow(1, 0, t - 1);
+            let (lp, lsq) = head_outputs(&model, hidden, ids.clone().narrow(1, 1, t - 1), Some(3), true);
+            let runs = to_vec(wpo_row_means(lp, lsq.unwrap(), float2(mask_t, &device).narrow(1, 1, t - 1)));
+            for (i, (g, w)) in runs.iter().zip(&want_means).enumerate() {
+                assert!((f64::from(*g) - w).abs() < 1e-4, "{case} {prefix}row {i}, head in runs of 3 rows: WPO mean {g} vs {w} from transformers' logits");
             }
             assert!(first > 1, "{case}: the fixture's prompts should leave columns to skip");
         }
     }
+}
+
+/// WPO's per-row means in f64 from the fixture's transformers logits: the mean over a row's completion
+/// tokens of log p(y_t) − log Σ_v p_v².
+fn wpo_means_from_logits(exp: &std::collections::HashMap<String, Arr>, prefix: &str) -> Vec<f64> {
+    let (ids, mask, logits) = (&exp[&format!("{prefix}input_ids")], &exp[&format!("{prefix}completion_mask")], &exp[&format!("{prefix}logits")]);
+    let [b, t, v] = [logits.shape[0], logits.shape[1], logits.shape[2]];
+    (0..b)
+        .map(|r| {
+            let terms: Vec<f64> = (1..t)
+                .filter(|&c| mask.data[r * t + c] > 0.5)
+                .map(|c| {
+                    let row = &logits.data[(r * t + c - 1) * v..(r * t + c) * v];
+                    let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                    let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                    let lsq = row.iter().map(|x| (2.0 * (x - lse)).exp()).sum::<f64>().ln();
+                    row[ids.data[r * t + c] as usize] - lse - lsq
+                })
+                .collect();
+            terms.iter().sum::<f64>() / terms.len().max(1) as f64
+        })
+        .collect()
 }
 
 /// The LM head and log-softmax run over a few rows at a time, as on a device whose buffers cannot
@@ -420,56 +454,6 @@ fn half_precision_stays_close_to_f32() {
             }
             println!("{case} {precision:?}: max |diff| {worst:.3e}");
             assert!(worst < tol, "{case} {precision:?}: logits differ by {worst}");
-        }
-    }
-}
-
-/// WPO's per-row means, mean over a row's completion tokens of log p(y_t) − log Σ_v p_v², computed in
-/// f64 from transformers' logits: from `completion_rows` (the head from the first completion column
-/// and from column 1) and from the head in runs of 3 rows, on right- and left-padded batches.
-#[test]
-fn wpo_row_means_match_transformers_logits() {
-    let device = test_device();
-    for case in CASES {
-        let dir = fixture(case);
-        let exp = read_safetensors(&dir.join("expected.safetensors"));
-        let model = CausalLm::load(&dir, &device).unwrap().model;
-        for prefix in ["", "left_"] {
-            let key = |k: &str| format!("{prefix}{k}");
-            let (ids_a, mask_a, logits) = (&exp[&key("input_ids")], &exp[&key("completion_mask")], &exp[&key("logits")]);
-            let [b, t, v] = [logits.shape[0], logits.shape[1], logits.shape[2]];
-            let want: Vec<f64> = (0..b)
-                .map(|r| {
-                    let (mut sum, mut n) = (0.0, 0.0);
-                    for c in 1..t {
-                        if mask_a.data[r * t + c] > 0.5 {
-                            let row = &logits.data[(r * t + c - 1) * v..(r * t + c) * v];
-                            let m = row.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
-                            let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-                            let lsq = row.iter().map(|x| (2.0 * (x - lse)).exp()).sum::<f64>().ln();
-                            sum += row[ids_a.data[r * t + c] as usize] - lse - lsq;
-                            n += 1.0;
-                        }
-                    }
-                    sum / f64::max(n, 1.0)
-                })
-                .collect();
-            let ids = int2(ids_a, &device);
-            let attn = int2(&exp[&key("attention_mask")], &device);
-            let mask = float2(mask_a, &device);
-            let first = (1..t).find(|&c| mask_a.data.chunks_exact(t).any(|row| row[c] > 0.5)).unwrap_or(t);
-            let mut got: Vec<(String, Vec<f32>)> = [first, 1]
-                .iter()
-                .map(|&f| (format!("head from column {f}"), to_vec(completion_rows(&model, ids.clone(), &attn, mask.clone(), f, true).wpo.unwrap())))
-                .collect();
-            let hidden = model.hidden(ids.clone(), &attn, None).narrow(1, 0, t - 1);
-            let (lp, lsq) = head_outputs(&model, hidden, ids.clone().narrow(1, 1, t - 1), Some(3), true);
-            got.push(("head in runs of 3 rows".into(), to_vec(wpo_row_means(lp, lsq.unwrap(), mask.clone().narrow(1, 1, t - 1)))));
-            for (how, rows) in &got {
-                for (i, (g, w)) in rows.iter().zip(&want).enumerate() {
-                    assert!((f64::from(*g) - w).abs() < 1e-4, "{case} {prefix}row {i}, {how}: {g} vs {w} from transformers' logits");
-                }
-            }
         }
     }
 }

@@ -353,19 +353,22 @@ fn a_finished_run_resumed_as_it_was_keeps_its_last_evaluation() {
     assert_eq!(metric_rows(&run, "eval").len(), 2, "the changed evaluation ran again");
 }
 
+/// The train and eval losses of a run of `steps` steps of 4 pairs in `run`, logged every step, with `sets`.
+fn short_run_losses(run: &std::path::Path, model: &std::path::Path, steps: usize, sets: &[&str]) -> Vec<f64> {
+    let steps = format!("train.max_steps={steps}");
+    let mut all = vec!["train.batch_size=4", "train.micro_batch_size=4", steps.as_str(), "train.log_every=1", "eval.batch_size=4"];
+    all.extend_from_slice(sets);
+    odpo_trainer::train_on(&config(model, run, "", &all), data(32, 8), &device(), false, None).expect("training");
+    metric_rows(run, "train").iter().chain(&metric_rows(run, "eval")).map(|r| f(r, "loss")).collect()
+}
+
 /// `loss.ld_alpha` end to end: a frozen and a cached reference give the same LD-DPO losses, the cache
 /// is another file than the plain run's (its sums are other sums), and the losses differ from DPO's.
 #[test]
 fn ld_alpha_trains_alike_with_a_frozen_and_a_cached_reference() {
     let dir = scratch("ld-dpo");
     let model = tiny_model(&dir);
-    let losses = |name: &str, sets: &[&str]| -> Vec<f64> {
-        let run = dir.join(name);
-        let mut all = vec!["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=4", "train.log_every=1", "eval.batch_size=4"];
-        all.extend_from_slice(sets);
-        odpo_trainer::train_on(&config(&model, &run, "", &all), data(32, 8), &device(), false, None).expect("training");
-        metric_rows(&run, "train").iter().chain(&metric_rows(&run, "eval")).map(|r| f(r, "loss")).collect()
-    };
+    let losses = |name: &str, sets: &[&str]| short_run_losses(&dir.join(name), &model, 4, sets);
     let plain = losses("plain", &["train.reference=\"cached\""]);
     let frozen = losses("frozen", &["loss.ld_alpha=0.25"]);
     let cached = losses("cached", &["loss.ld_alpha=0.25", "train.reference=\"cached\""]);
@@ -382,13 +385,7 @@ fn ld_alpha_trains_alike_with_a_frozen_and_a_cached_reference() {
 fn wpo_trains_alike_with_a_frozen_and_a_cached_reference() {
     let dir = scratch("wpo");
     let model = tiny_model(&dir);
-    let losses = |name: &str, sets: &[&str]| -> Vec<f64> {
-        let run = dir.join(name);
-        let mut all = vec!["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=3", "train.log_every=1", "eval.batch_size=4"];
-        all.extend_from_slice(sets);
-        odpo_trainer::train_on(&config(&model, &run, "", &all), data(32, 8), &device(), false, None).expect("training");
-        metric_rows(&run, "train").iter().chain(&metric_rows(&run, "eval")).map(|r| f(r, "loss")).collect()
-    };
+    let losses = |name: &str, sets: &[&str]| short_run_losses(&dir.join(name), &model, 3, sets);
     let plain = losses("plain", &[]);
     let frozen = losses("frozen", &["loss.use_weighting=true"]);
     for row in metric_rows(&dir.join("frozen"), "train").iter().chain(&metric_rows(&dir.join("frozen"), "eval")) {
