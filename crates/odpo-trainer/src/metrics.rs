@@ -35,32 +35,49 @@ pub struct MetricsWriter {
 impl MetricsWriter {
     /// Opens the files in `run_dir`. With `resume_step`, rows after that step (written by the run that
     /// was killed after its last checkpoint) are dropped, so the resumed run does not repeat them;
-    /// otherwise the files start empty. `columns` fixes the CSV header (after `step,split`).
+    /// otherwise the files start empty. `columns` fixes the CSV header (after `step,split`); on a
+    /// resume, the names of the kept rows that `columns` lacks follow them, so that a run resumed
+    /// with a metric switched off keeps its earlier values in the CSV too.
     pub fn open(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>) -> Result<Self> {
         Self::open_with(run_dir, columns, resume_step, &[])
     }
 
     /// [`MetricsWriter::open`], also writing every row to the sinks of `output.report_to`
     /// (TensorBoard's rewritten from the kept rows on resume, like the other two files).
-    pub fn open_with(run_dir: &Path, columns: Vec<String>, resume_step: Option<usize>, report_to: &[crate::config::ReportTo]) -> Result<Self> {
+    ///
+    /// The kept rows replace the files whole (a temporary file and a rename), so a run stopped
+    /// while it resumes still has them.
+    pub fn open_with(run_dir: &Path, mut columns: Vec<String>, resume_step: Option<usize>, report_to: &[crate::config::ReportTo]) -> Result<Self> {
         let tensorboard = report_to.contains(&crate::config::ReportTo::Tensorboard);
         let jsonl_path = run_dir.join("metrics.jsonl");
         let csv_path = run_dir.join("metrics.csv");
-        let kept: Vec<String> = match resume_step {
-            Some(step) => read_lines(&jsonl_path)?
-                .into_iter()
-                .filter(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-                    v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step)
-                })
-                .collect(),
+        // The kept lines as they were written, each beside its row.
+        let kept: Vec<(String, Row)> = match resume_step {
+            Some(step) => read_lines(&jsonl_path)?.into_iter().filter_map(|l| parse_row(&l).filter(|r| r.step <= step).map(|r| (l, r))).collect(),
             None => Vec::new(),
         };
-        let create = |p: &Path| File::create(p).map_err(|e| TrainError::io(p, e));
+        for (_, row) in &kept {
+            for name in row.values.keys() {
+                if !columns.contains(name) {
+                    columns.push(name.clone());
+                }
+            }
+        }
+        let mut jsonl = String::new();
+        let mut csv = format!("step,split,{}\n", columns.join(","));
+        for (line, row) in &kept {
+            // The kept lines are written again as they were, so their values stay those written, to the bit.
+            jsonl.push_str(line);
+            jsonl.push('\n');
+            csv.push_str(&csv_line(&columns, row));
+        }
+        odpo_model::weights::write_atomic(&jsonl_path, jsonl.as_bytes())?;
+        odpo_model::weights::write_atomic(&csv_path, csv.as_bytes())?;
+        let append = |p: &Path| OpenOptions::new().append(true).open(p).map_err(|e| TrainError::io(p, e));
         let tensorboard = if tensorboard { Some(crate::tensorboard::EventWriter::create(&run_dir.join("tensorboard"))?) } else { None };
         let mut w = Self {
-            jsonl: create(&jsonl_path)?,
-            csv: create(&csv_path)?,
+            jsonl: append(&jsonl_path)?,
+            csv: append(&csv_path)?,
             columns,
             jsonl_path,
             tensorboard,
@@ -69,22 +86,8 @@ impl MetricsWriter {
             #[cfg(feature = "dashboard")]
             dashboard: None,
         };
-        let header = format!("step,split,{}\n", w.columns.join(","));
-        w.csv.write_all(header.as_bytes()).map_err(|e| TrainError::io(&csv_path, e))?;
-        for line in kept {
-            // The kept rows are written again with the values they had, to the bit.
-            let mut row = Row::default();
-            for (k, field) in fields(&line) {
-                match (k.as_str(), field) {
-                    ("step", Field::Number(x)) => row.step = x as usize,
-                    ("split", Field::Text(t)) => row.split = if t == "eval" { "eval" } else { "train" },
-                    (_, Field::Number(x)) => {
-                        row.values.insert(k, x);
-                    }
-                    _ => {}
-                }
-            }
-            w.write(&row)?;
+        for (_, row) in &kept {
+            w.send_to_sinks(row)?;
         }
         Ok(w)
     }
@@ -98,11 +101,16 @@ impl MetricsWriter {
             obj.insert(k.clone(), serde_json::Number::from_f64(*v).map(Into::into).unwrap_or(serde_json::Value::Null));
         }
         let line = serde_json::Value::Object(obj).to_string();
-        let cells: Vec<String> = self.columns.iter().map(|c| row.values.get(c).map(|v| v.to_string()).unwrap_or_default()).collect();
-        let csv = format!("{},{},{}\n", row.step, row.split, cells.join(","));
+        let csv = csv_line(&self.columns, row);
         let p = self.jsonl_path.clone();
         writeln!(self.jsonl, "{line}").and_then(|_| self.jsonl.flush()).map_err(|e| TrainError::io(&p, e))?;
+        let p = p.with_file_name("metrics.csv");
         self.csv.write_all(csv.as_bytes()).and_then(|_| self.csv.flush()).map_err(|e| TrainError::io(&p, e))?;
+        self.send_to_sinks(row)
+    }
+
+    /// Hands a row to the sinks of `output.report_to` and to the dashboard.
+    fn send_to_sinks(&mut self, row: &Row) -> Result<()> {
         if let Some(tb) = &mut self.tensorboard {
             tb.scalars(row.step, row.split, row.values.iter().filter(|(_, v)| v.is_finite()))?;
         }
@@ -224,6 +232,29 @@ fn exact_fields(line: &str) -> Option<Vec<(String, Field)>> {
     Some(out)
 }
 
+/// A CSV line of `row`: step, split and its value of each column (empty where it has none).
+fn csv_line(columns: &[String], row: &Row) -> String {
+    let cells: Vec<String> = columns.iter().map(|c| row.values.get(c).map(|v| v.to_string()).unwrap_or_default()).collect();
+    format!("{},{},{}\n", row.step, row.split, cells.join(","))
+}
+
+/// The row a metrics line holds; `None` for a line that is not one (cut short by a kill mid-write).
+fn parse_row(line: &str) -> Option<Row> {
+    serde_json::from_str::<serde_json::Value>(line).ok()?.get("step")?.as_u64()?;
+    let mut row = Row::default();
+    for (k, field) in fields(line) {
+        match (k.as_str(), field) {
+            ("step", Field::Number(x)) => row.step = x as usize,
+            ("split", Field::Text(t)) => row.split = if t == "eval" { "eval" } else { "train" },
+            (_, Field::Number(x)) => {
+                row.values.insert(k, x);
+            }
+            _ => {}
+        }
+    }
+    Some(row)
+}
+
 fn read_lines(path: &Path) -> Result<Vec<String>> {
     match OpenOptions::new().read(true).open(path) {
         Ok(f) => BufReader::new(f).lines().collect::<std::io::Result<Vec<_>>>().map_err(|e| TrainError::io(path, e)),
@@ -251,6 +282,34 @@ mod tests {
         assert_eq!(jsonl, "{\"loss\":0.5,\"split\":\"train\",\"step\":1}\n{\"loss\":1.0,\"split\":\"train\",\"step\":2}\n");
         let csv = std::fs::read_to_string(dir.join("metrics.csv")).map_err(|e| TrainError::io(dir, e))?;
         assert_eq!(csv, "step,split,loss,lr\n1,train,0.5,\n2,train,1,\n");
+        Ok(())
+    }
+
+    /// A run resumed with a metric switched off keeps that metric's earlier values in the CSV (its
+    /// column after the configured ones); one switched on leaves the earlier rows' cells empty. A
+    /// line cut short by a kill mid-write is dropped.
+    #[test]
+    fn a_resume_with_other_columns_keeps_the_earlier_values() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(std::env::temp_dir(), e))?;
+        let dir = tmp.path();
+        let cols = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut w = MetricsWriter::open(dir, cols(&["loss", "wpo/weight"]), None)?;
+        for step in 1..=2 {
+            let values = BTreeMap::from([("loss".to_string(), step as f64), ("wpo/weight".to_string(), 0.25 * step as f64)]);
+            w.write(&Row { step, split: "train", values })?;
+        }
+        drop(w);
+        let jsonl = dir.join("metrics.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&jsonl).map_err(|e| TrainError::io(&jsonl, e))?;
+        f.write_all(b"{\"loss\":3.0,\"spl").map_err(|e| TrainError::io(&jsonl, e))?;
+        drop(f);
+        let mut w = MetricsWriter::open(dir, cols(&["loss", "lr"]), Some(5))?;
+        w.write(&Row { step: 3, split: "train", values: BTreeMap::from([("loss".to_string(), 3.0), ("lr".to_string(), 0.5)]) })?;
+        drop(w);
+        let csv = std::fs::read_to_string(dir.join("metrics.csv")).map_err(|e| TrainError::io(dir, e))?;
+        assert_eq!(csv, "step,split,loss,lr,wpo/weight\n1,train,1,,0.25\n2,train,2,,0.5\n3,train,3,0.5,\n");
+        let lines = std::fs::read_to_string(&jsonl).map_err(|e| TrainError::io(&jsonl, e))?;
+        assert_eq!(lines.lines().count(), 3, "{lines}");
         Ok(())
     }
 
