@@ -4,10 +4,13 @@
 //! grouped-query attention, a SwiGLU MLP, optional q/k/v(/o) bias, tied or untied LM head.
 //! One file serves Llama 2/3, Mistral (a sliding attention window in every layer), Qwen2 (q/k/v
 //! bias, `modeling_qwen2.py`; a sliding window in the upper layers where `use_sliding_window`),
-//! Qwen3 (an RMSNorm over each head's queries and keys before the rotation, `modeling_qwen3.py`)
-//! and SmolLM2, which differ only by configuration.
+//! Qwen3 (an RMSNorm over each head's queries and keys before the rotation, `modeling_qwen3.py`),
+//! OLMo 2 (Groeneveld et al. / OLMo Team 2024, arXiv 2501.00656, `modeling_olmo2.py`: no norm
+//! before the attention and the MLP but one after each, on the branch before the residual sum, and
+//! an RMSNorm over all query heads and over all key heads together before the rotation) and
+//! SmolLM2, which differ only by configuration.
 //!
-//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 models and on
+//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 models and on
 //! SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
@@ -27,7 +30,7 @@ use crate::weights::Weights;
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Vocabulary size.
@@ -224,6 +227,12 @@ impl LlamaConfig {
     fn qk_norm(&self) -> bool {
         self.model_type == "qwen3"
     }
+
+    /// OLMo 2's layer: its norms after the attention and the MLP (on their outputs, before the
+    /// residual sums) instead of before them, and its query and key norms over all heads together.
+    pub(crate) fn olmo2(&self) -> bool {
+        self.model_type == "olmo2"
+    }
 }
 
 #[derive(Module, Debug)]
@@ -232,9 +241,12 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
-    /// Qwen3: RMSNorm over each query head and key head, before the rotation.
+    /// Qwen3: RMSNorm over each query head and key head, before the rotation; OLMo 2: over all
+    /// query heads and all key heads together (`norm_groups` 1).
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
+    /// Whether `q_norm` and `k_norm` norm all heads together (OLMo 2) rather than each head (Qwen3).
+    norm_whole: bool,
     /// Mistral's and Qwen's sliding window, on the layers that have one.
     window: Option<usize>,
     n_heads: usize,
@@ -251,14 +263,18 @@ struct Mlp {
 
 #[derive(Module, Debug)]
 struct Layer {
-    input_layernorm: RmsNorm,
+    /// Before the attention; OLMo 2 has none.
+    input_layernorm: Option<RmsNorm>,
     self_attn: Attention,
+    /// Before the MLP; OLMo 2's is on the attention's output, before the residual sum.
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
+    /// OLMo 2: on the MLP's output, before the residual sum.
+    post_feedforward_layernorm: Option<RmsNorm>,
 }
 
 /// A Llama-family causal language model (`LlamaForCausalLM`, `Qwen2ForCausalLM`,
-/// `Qwen3ForCausalLM`, ...).
+/// `Qwen3ForCausalLM`, `Olmo2ForCausalLM`, ...).
 #[derive(Module, Debug)]
 pub struct Llama {
     embed_tokens: Embedding,
@@ -275,7 +291,8 @@ fn rms_norm(norm: &RmsNorm, x: Tensor<3>) -> Tensor<3> {
 }
 
 /// Qwen3's per-head RMSNorm of projected queries or keys `[B, T, heads·Dh]`: the rows of every
-/// head normed over `Dh` (a free reshape to `[B, T·heads, Dh]` and back); `x` itself without a norm.
+/// head normed over `Dh` (a free reshape to `[B, T·heads, Dh]` and back); with `heads` 1, OLMo 2's
+/// norm over the whole row; `x` itself without a norm.
 fn head_norm(norm: Option<&RmsNorm>, x: Tensor<3>, heads: usize) -> Tensor<3> {
     let Some(norm) = norm else { return x };
     let [b, t, d] = x.dims();
@@ -284,8 +301,9 @@ fn head_norm(norm: Option<&RmsNorm>, x: Tensor<3>, heads: usize) -> Tensor<3> {
 
 impl Attention {
     fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
-        let q = split_heads(head_norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), self.n_heads), self.n_heads);
-        let k = split_heads(head_norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), self.n_kv_heads), self.n_kv_heads);
+        let groups = |heads: usize| if self.norm_whole { 1 } else { heads };
+        let q = split_heads(head_norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), groups(self.n_heads)), self.n_heads);
+        let k = split_heads(head_norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), groups(self.n_kv_heads)), self.n_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
         let (q, k) = (rotate_half(q, cos, sin), rotate_half(k, cos, sin));
         let (k, v) = match cache {
@@ -326,18 +344,21 @@ impl Llama {
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         let inv_freq = cfg.inv_freq(w.path())?;
         let windows = cfg.layer_windows(w.path())?;
-        let (eps, inner, qkv_bias) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias());
+        let (eps, inner, qkv_bias, olmo2) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias(), cfg.olmo2());
+        // Qwen3 norms each head's queries and keys, OLMo 2 all of a row's queries and all its keys.
+        let (q_norm, k_norm) = if olmo2 { (Some(nh * hd), Some(nkv * hd)) } else if cfg.qk_norm() { (Some(hd), Some(hd)) } else { (None, None) };
         let layers = windows
             .into_iter()
             .map(|window| Layer {
-                input_layernorm: names::rms_norm(d, eps, device),
+                input_layernorm: (!olmo2).then(|| names::rms_norm(d, eps, device)),
                 self_attn: Attention {
                     q_proj: names::linear(d, nh * hd, qkv_bias, device),
                     k_proj: names::linear(d, nkv * hd, qkv_bias, device),
                     v_proj: names::linear(d, nkv * hd, qkv_bias, device),
                     o_proj: names::linear(nh * hd, d, cfg.attention_bias, device),
-                    q_norm: cfg.qk_norm().then(|| names::rms_norm(hd, eps, device)),
-                    k_norm: cfg.qk_norm().then(|| names::rms_norm(hd, eps, device)),
+                    q_norm: q_norm.map(|n| names::rms_norm(n, eps, device)),
+                    k_norm: k_norm.map(|n| names::rms_norm(n, eps, device)),
+                    norm_whole: olmo2,
                     window,
                     n_heads: nh,
                     n_kv_heads: nkv,
@@ -349,6 +370,7 @@ impl Llama {
                     up_proj: names::linear(d, inner, cfg.mlp_bias, device),
                     down_proj: names::linear(inner, d, cfg.mlp_bias, device),
                 },
+                post_feedforward_layernorm: olmo2.then(|| names::rms_norm(d, eps, device)),
             })
             .collect();
         let mut model = Self {
@@ -367,7 +389,9 @@ impl Llama {
         let mut t: Table<'_> = vec![("model.embed_tokens.weight".into(), Slot::Matrix(&mut self.embed_tokens.weight))];
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
-            t.push((format!("{p}.input_layernorm"), Slot::RmsNorm(&mut l.input_layernorm)));
+            if let Some(n) = &mut l.input_layernorm {
+                t.push((format!("{p}.input_layernorm"), Slot::RmsNorm(n)));
+            }
             t.push((format!("{p}.self_attn.q_proj"), Slot::Linear(&mut l.self_attn.q_proj)));
             t.push((format!("{p}.self_attn.k_proj"), Slot::Linear(&mut l.self_attn.k_proj)));
             t.push((format!("{p}.self_attn.v_proj"), Slot::Linear(&mut l.self_attn.v_proj)));
@@ -382,6 +406,9 @@ impl Llama {
             t.push((format!("{p}.mlp.gate_proj"), Slot::Linear(&mut l.mlp.gate_proj)));
             t.push((format!("{p}.mlp.up_proj"), Slot::Linear(&mut l.mlp.up_proj)));
             t.push((format!("{p}.mlp.down_proj"), Slot::Linear(&mut l.mlp.down_proj)));
+            if let Some(n) = &mut l.post_feedforward_layernorm {
+                t.push((format!("{p}.post_feedforward_layernorm"), Slot::RmsNorm(n)));
+            }
         }
         t.push(("model.norm".into(), Slot::RmsNorm(&mut self.norm)));
         if let Some(head) = &mut self.lm_head {
@@ -405,9 +432,19 @@ impl Llama {
                 (Some(_), Some(windowed)) => windowed,
                 _ => &m,
             };
-            let a = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &cos, &sin, m, i, cache.as_deref_mut());
-            x = x + a;
-            x = x.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x));
+            match &layer.post_feedforward_layernorm {
+                // OLMo 2: each branch normed on its way into the residual stream.
+                Some(post_ffn) => {
+                    let a = layer.self_attn.forward(x.clone(), &cos, &sin, m, i, cache.as_deref_mut());
+                    x = x + rms_norm(&layer.post_attention_layernorm, a);
+                    x = x.clone() + rms_norm(post_ffn, layer.mlp.forward(x));
+                }
+                None => {
+                    let h = layer.input_layernorm.as_ref().map_or_else(|| x.clone(), |n| rms_norm(n, x.clone()));
+                    x = x + layer.self_attn.forward(h, &cos, &sin, m, i, cache.as_deref_mut());
+                    x = x.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x));
+                }
+            }
         }
         rms_norm(&self.norm, x)
     }
@@ -450,6 +487,28 @@ mod tests {
             ModelConfig::Llama(c) => c.layer_windows("c".as_ref()),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// OLMo 2's config: the architecture makes the layer (not `model_type` on a Llama), the
+    /// epsilon defaults to transformers' 1e-5, and the export names the architecture again.
+    #[test]
+    fn olmo2_configs_follow_transformers() {
+        let base = json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2});
+        let parse = |extra: serde_json::Value| {
+            let mut v = base.clone();
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            match ModelConfig::from_hf_json(&v, "c".as_ref()).unwrap() {
+                ModelConfig::Llama(c) => c,
+                other => panic!("{other:?}"),
+            }
+        };
+        let c = parse(json!({"architectures": ["Olmo2ForCausalLM"]}));
+        assert!(c.olmo2() && c.rms_norm_eps == 1e-5, "{c:?}");
+        assert_eq!(ModelConfig::Llama(c).to_hf_json()["architectures"], json!(["Olmo2ForCausalLM"]));
+        assert_eq!(parse(json!({"model_type": "olmo2", "rms_norm_eps": 1e-6})).rms_norm_eps, 1e-6);
+        assert!(parse(json!({"model_type": "olmo2"})).olmo2(), "model_type alone, without architectures");
+        let llama = parse(json!({"architectures": ["LlamaForCausalLM"], "model_type": "olmo2"}));
+        assert!(!llama.olmo2() && llama.rms_norm_eps == 1e-6, "{llama:?}");
     }
 
     /// Which layers slide, as transformers' configs decide it (`configuration_mistral.py`,

@@ -30,6 +30,7 @@ const CASES: &[&str] = &[
     "gptj",
     "gpt_neox_parallel",
     "gpt_neox_sequential",
+    "olmo2",
 ];
 
 #[test]
@@ -190,7 +191,7 @@ fn save_then_load_gives_identical_logits() {
 /// batch's left padding shifts the indices the windows are counted in.
 #[test]
 fn cached_generation_matches_full_recompute() {
-    for case in ["llama_gqa_untied", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
+    for case in ["llama_gqa_untied", "qwen3_qk_norm", "olmo2", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
         check_cached_generation(case);
     }
 }
@@ -353,7 +354,7 @@ fn written_gguf_files_read_back_as_the_model() {
     let again = CausalLm::load(&out, &device).unwrap();
     let got = to_vec(again.model.forward(ids.clone(), &mask, None));
     assert_eq!(got, to_vec(model.forward(ids.clone(), &mask, None)));
-    // Refused: a family GGUF's `llama` files cannot hold, Llama 3's RoPE scaling, a sliding window,
+    // Refused: families this writer does not write (GPT-2, OLMo 2), Llama 3's RoPE scaling, a sliding window,
     // a Unigram tokenizer, more tokens than embedding rows.
     let refuse = |case: &str, tok: &Tokenizer, says: &str| {
         let loaded = CausalLm::load(&fixture(case), &device).unwrap();
@@ -363,6 +364,7 @@ fn written_gguf_files_read_back_as_the_model() {
         assert!(!out.exists(), "{case}: nothing written");
     };
     refuse("gpt2", &tok, "`GPT2LMHeadModel` is not written to GGUF");
+    refuse("olmo2", &tok, "`Olmo2ForCausalLM` is not written to GGUF");
     refuse("llama3_rope", &tok, "only linear RoPE scaling");
     refuse("mistral_window", &tok, "no sliding window");
     let unigram = tmp.join("unigram.json");
