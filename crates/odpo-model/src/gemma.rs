@@ -112,6 +112,9 @@ pub struct GemmaConfig {
     /// End-of-sequence token(s).
     #[serde(default)]
     pub eos_token_id: Option<Value>,
+    /// Padding token, written back as read.
+    #[serde(default)]
+    pub pad_token_id: Option<Value>,
 }
 
 fn default_head_dim() -> usize {

@@ -52,6 +52,9 @@ pub struct Gpt2Config {
     /// End-of-sequence token.
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Padding token, written back as read.
+    #[serde(default)]
+    pub pad_token_id: Option<serde_json::Value>,
 }
 
 fn default_ln_eps() -> f64 {

@@ -59,6 +59,9 @@ pub struct GptNeoConfig {
     /// End-of-sequence token.
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Padding token, written back as read.
+    #[serde(default)]
+    pub pad_token_id: Option<Value>,
 }
 
 fn default_max_pos() -> usize {

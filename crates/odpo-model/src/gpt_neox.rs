@@ -73,6 +73,9 @@ pub struct GptNeoxConfig {
     /// End-of-sequence token.
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Padding token, written back as read.
+    #[serde(default)]
+    pub pad_token_id: Option<Value>,
 }
 
 fn default_act() -> String {

@@ -55,6 +55,9 @@ pub struct GptjConfig {
     /// End-of-sequence token.
     #[serde(default)]
     pub eos_token_id: Option<u32>,
+    /// Padding token, written back as read.
+    #[serde(default)]
+    pub pad_token_id: Option<serde_json::Value>,
 }
 
 fn default_max_pos() -> usize {

@@ -7,11 +7,12 @@
 //! Qwen3 (an RMSNorm over each head's queries and keys before the rotation, `modeling_qwen3.py`),
 //! OLMo 2 (Groeneveld et al. / OLMo Team 2024, arXiv 2501.00656, `modeling_olmo2.py`: no norm
 //! before the attention and the MLP but one after each, on the branch before the residual sum, and
-//! an RMSNorm over all query heads and over all key heads together before the rotation) and
+//! an RMSNorm over all query heads and over all key heads together before the rotation), SmolLM3
+//! (`modeling_smollm3.py`: layers without the rotation, NoPE, by default every fourth) and
 //! SmolLM2, which differ only by configuration.
 //!
-//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 models and on
-//! SmolLM2-135M-Instruct.
+//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / SmolLM3 models and
+//! on SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
@@ -30,7 +31,7 @@ use crate::weights::Weights;
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `smollm3`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Vocabulary size.
@@ -88,6 +89,13 @@ pub struct LlamaConfig {
     /// Qwen2 / Qwen3 (transformers 5): `full_attention` or `sliding_attention` for each layer.
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
+    /// SmolLM3: for each layer, 1 where it rotates its queries and keys and 0 where it does not.
+    #[serde(default)]
+    pub no_rope_layers: Option<Vec<i64>>,
+    /// SmolLM3: without `no_rope_layers`, every this-many-th layer goes without the rotation
+    /// (transformers' default 4).
+    #[serde(default)]
+    pub no_rope_layer_interval: Option<usize>,
     /// MLP activation; only `silu` is implemented.
     #[serde(default = "default_act")]
     pub hidden_act: String,
@@ -97,6 +105,10 @@ pub struct LlamaConfig {
     /// End-of-sequence token(s).
     #[serde(default)]
     pub eos_token_id: Option<Value>,
+    /// Padding token, written back as read: where it is absent transformers takes its config's
+    /// default (SmolLM3's 128,004), which need not be a token of the model.
+    #[serde(default)]
+    pub pad_token_id: Option<Value>,
 }
 
 fn default_model_type() -> String {
@@ -206,7 +218,7 @@ impl LlamaConfig {
         let n = self.num_hidden_layers;
         let window = match self.model_type.as_str() {
             "mistral" => self.sliding_window,
-            "qwen2" | "qwen3" if self.use_sliding_window => self.sliding_window,
+            "qwen2" | "qwen3" | "smollm3" if self.use_sliding_window => self.sliding_window,
             _ => None,
         };
         let Some(w) = window else { return Ok(vec![None; n]) };
@@ -218,9 +230,28 @@ impl LlamaConfig {
         }
         let sliding = match &self.layer_types {
             Some(types) => sliding_layers(types, n, path)?,
+            // SmolLM3: the layers without the rotation.
+            None if self.model_type == "smollm3" => self.layer_ropes(path)?.into_iter().map(|rope| !rope).collect(),
             None => (0..n).map(|i| i >= self.max_window_layers.unwrap_or(28)).collect(),
         };
         Ok(sliding.into_iter().map(|s| s.then_some(w)).collect())
+    }
+
+    /// Whether each layer rotates its queries and keys: all but SmolLM3's NoPE layers, which
+    /// `no_rope_layers` lists (0), or else every `no_rope_layer_interval`-th (transformers' rule).
+    pub fn layer_ropes(&self, path: &std::path::Path) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        if self.model_type != "smollm3" {
+            return Ok(vec![true; n]);
+        }
+        match &self.no_rope_layers {
+            Some(flags) if flags.len() != n => Err(ModelError::config(path, format!("no_rope_layers has {} entries; expected one per layer ({n})", flags.len()))),
+            Some(flags) => Ok(flags.iter().map(|&f| f != 0).collect()),
+            None => match self.no_rope_layer_interval.unwrap_or(4) {
+                0 => Err(ModelError::config(path, "no_rope_layer_interval is 0; expected at least 1")),
+                k => Ok((0..n).map(|i| (i + 1) % k != 0).collect()),
+            },
+        }
     }
 
     /// Qwen3's RMSNorm of each head's queries and keys (`q_norm`, `k_norm`, over `head_dim`).
@@ -249,6 +280,8 @@ struct Attention {
     norm_whole: bool,
     /// Mistral's and Qwen's sliding window, on the layers that have one.
     window: Option<usize>,
+    /// Whether the queries and keys are rotated (not in SmolLM3's NoPE layers).
+    rope: bool,
     n_heads: usize,
     n_kv_heads: usize,
     scale: f64,
@@ -305,7 +338,7 @@ impl Attention {
         let q = split_heads(head_norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), groups(self.n_heads)), self.n_heads);
         let k = split_heads(head_norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), groups(self.n_kv_heads)), self.n_kv_heads);
         let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
-        let (q, k) = (rotate_half(q, cos, sin), rotate_half(k, cos, sin));
+        let (q, k) = if self.rope { (rotate_half(q, cos, sin), rotate_half(k, cos, sin)) } else { (q, k) };
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, k, v),
             None => (k, v),
@@ -344,12 +377,14 @@ impl Llama {
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         let inv_freq = cfg.inv_freq(w.path())?;
         let windows = cfg.layer_windows(w.path())?;
+        let ropes = cfg.layer_ropes(w.path())?;
         let (eps, inner, qkv_bias, olmo2) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias(), cfg.olmo2());
         // Qwen3 norms each head's queries and keys, OLMo 2 all of a row's queries and all its keys.
         let (q_norm, k_norm) = if olmo2 { (Some(nh * hd), Some(nkv * hd)) } else if cfg.qk_norm() { (Some(hd), Some(hd)) } else { (None, None) };
         let layers = windows
             .into_iter()
-            .map(|window| Layer {
+            .zip(ropes)
+            .map(|(window, rope)| Layer {
                 input_layernorm: (!olmo2).then(|| names::rms_norm(d, eps, device)),
                 self_attn: Attention {
                     q_proj: names::linear(d, nh * hd, qkv_bias, device),
@@ -360,6 +395,7 @@ impl Llama {
                     k_norm: k_norm.map(|n| names::rms_norm(n, eps, device)),
                     norm_whole: olmo2,
                     window,
+                    rope,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     scale: 1.0 / (hd as f64).sqrt(),
@@ -509,6 +545,40 @@ mod tests {
         assert!(parse(json!({"model_type": "olmo2"})).olmo2(), "model_type alone, without architectures");
         let llama = parse(json!({"architectures": ["LlamaForCausalLM"], "model_type": "olmo2"}));
         assert!(!llama.olmo2() && llama.rms_norm_eps == 1e-6, "{llama:?}");
+    }
+
+    /// SmolLM3's layers without the rotation, as `configuration_smollm3.py` sets them: the list,
+    /// else every fourth (or `no_rope_layer_interval`-th) layer; with `use_sliding_window` those
+    /// layers slide. Other families rotate in every layer, whatever the keys say.
+    #[test]
+    fn smollm3_nope_layers_follow_transformers() {
+        let parse = |extra: serde_json::Value| {
+            let mut v = json!({"architectures": ["SmolLM3ForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 8, "num_attention_heads": 2});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            match ModelConfig::from_hf_json(&v, "c".as_ref()).unwrap() {
+                ModelConfig::Llama(c) => c,
+                other => panic!("{other:?}"),
+            }
+        };
+        let ropes = |c: &crate::llama::LlamaConfig| c.layer_ropes("c".as_ref());
+        let every_fourth = parse(json!({}));
+        assert_eq!(ropes(&every_fourth).unwrap(), [true, true, true, false, true, true, true, false]);
+        assert_eq!(every_fourth.layer_windows("c".as_ref()).unwrap(), vec![None; 8], "no window unless use_sliding_window");
+        assert_eq!(ropes(&parse(json!({"no_rope_layer_interval": 3}))).unwrap(), [true, true, false, true, true, false, true, true]);
+        let listed = parse(json!({"no_rope_layers": [0, 1, 1, 1, 1, 1, 1, 0], "use_sliding_window": true, "sliding_window": 5}));
+        assert_eq!(ropes(&listed).unwrap(), [false, true, true, true, true, true, true, false]);
+        let w = listed.layer_windows("c".as_ref()).unwrap();
+        assert_eq!(w, [Some(5), None, None, None, None, None, None, Some(5)]);
+        assert_eq!(ModelConfig::Llama(listed.clone()).to_hf_json()["architectures"], json!(["SmolLM3ForCausalLM"]));
+        for (bad, says) in [(json!({"no_rope_layers": [1, 0]}), "no_rope_layers has 2 entries; expected one per layer (8)"), (json!({"no_rope_layer_interval": 0}), "no_rope_layer_interval is 0")] {
+            let err = ropes(&parse(bad)).unwrap_err().to_string();
+            assert!(err.starts_with("c: ") && err.contains(says), "{err}");
+        }
+        let mut llama = parse(json!({"architectures": ["LlamaForCausalLM"], "model_type": "smollm3", "no_rope_layers": [0, 0, 0, 0, 0, 0, 0, 0]}));
+        assert_eq!(llama.model_type, "llama");
+        assert_eq!(ropes(&llama).unwrap(), vec![true; 8]);
+        llama.model_type = "qwen3".into();
+        assert_eq!(ropes(&llama).unwrap(), vec![true; 8]);
     }
 
     /// Which layers slide, as transformers' configs decide it (`configuration_mistral.py`,

@@ -31,6 +31,7 @@ const CASES: &[&str] = &[
     "gpt_neox_parallel",
     "gpt_neox_sequential",
     "olmo2",
+    "smollm3_nope",
 ];
 
 #[test]
@@ -175,6 +176,15 @@ fn save_then_load_gives_identical_logits() {
         loaded.model.save_hf(&loaded.config, &out).unwrap();
         let again = CausalLm::load(&out, &device).unwrap();
         assert_eq!(again.config, loaded.config, "{case}: config changed in the round trip");
+        // The token ids transformers would otherwise default (SmolLM3's padding id, 128,004, is
+        // outside these vocabularies) are written back as given.
+        let json = |d: &std::path::Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("config.json")).unwrap()).unwrap() };
+        let (given, written) = (json(&dir), json(&out));
+        for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            if !given[key].is_null() {
+                assert_eq!(written[key], given[key], "{case}: {key}");
+            }
+        }
         assert_eq!(again.model.num_params(), loaded.model.num_params(), "{case}");
         for prefix in ["", "left_"] {
             let ids = int2(&exp[&format!("{prefix}input_ids")], &device);
@@ -191,15 +201,16 @@ fn save_then_load_gives_identical_logits() {
 /// batch's left padding shifts the indices the windows are counted in.
 #[test]
 fn cached_generation_matches_full_recompute() {
-    for case in ["llama_gqa_untied", "qwen3_qk_norm", "olmo2", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
+    for case in ["llama_gqa_untied", "qwen3_qk_norm", "olmo2", "smollm3_nope", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
         check_cached_generation(case);
     }
 }
 
-/// What the Gemma fixtures exercise matters: each of their options, lifted, moves the logits far
-/// from transformers' (and Gemma's legacy `hidden_act: gelu` is read as the tanh form it meant).
+/// What the Gemma and SmolLM3 fixtures exercise matters: each of their options, lifted, moves the
+/// logits far from transformers' (and Gemma's legacy `hidden_act: gelu` is read as the tanh form it
+/// meant).
 #[test]
-fn gemma_options_change_the_logits() {
+fn family_options_change_the_logits() {
     use serde_json::json;
     let device = test_device();
     let full = json!({"full_attention": {"rope_type": "default", "rope_theta": 1000000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}});
@@ -214,6 +225,8 @@ fn gemma_options_change_the_logits() {
         ("gemma3_text", "sliding_window", json!(null), true),
         ("gemma3_text", "rope_parameters", full, true),
         ("gemma3_text", "rope_parameters", local, true),
+        ("smollm3_nope", "no_rope_layers", json!([1, 1, 1]), true),
+        ("smollm3_nope", "use_sliding_window", json!(false), true),
     ];
     for (case, key, value, moves) in mutations {
         let dir = fixture(case);
@@ -354,7 +367,7 @@ fn written_gguf_files_read_back_as_the_model() {
     let again = CausalLm::load(&out, &device).unwrap();
     let got = to_vec(again.model.forward(ids.clone(), &mask, None));
     assert_eq!(got, to_vec(model.forward(ids.clone(), &mask, None)));
-    // Refused: families this writer does not write (GPT-2, OLMo 2), Llama 3's RoPE scaling, a sliding window,
+    // Refused: families this writer does not write (GPT-2, OLMo 2, SmolLM3), Llama 3's RoPE scaling, a sliding window,
     // a Unigram tokenizer, more tokens than embedding rows.
     let refuse = |case: &str, tok: &Tokenizer, says: &str| {
         let loaded = CausalLm::load(&fixture(case), &device).unwrap();
@@ -365,6 +378,7 @@ fn written_gguf_files_read_back_as_the_model() {
     };
     refuse("gpt2", &tok, "`GPT2LMHeadModel` is not written to GGUF");
     refuse("olmo2", &tok, "`Olmo2ForCausalLM` is not written to GGUF");
+    refuse("smollm3_nope", &tok, "`SmolLM3ForCausalLM` is not written to GGUF");
     refuse("llama3_rope", &tok, "only linear RoPE scaling");
     refuse("mistral_window", &tok, "no sliding window");
     let unigram = tmp.join("unigram.json");
