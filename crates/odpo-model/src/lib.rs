@@ -1,7 +1,7 @@
 //! Causal language models for preference training, on burn.
 //!
 //! This crate owns everything about the model itself: reading HF `config.json`, building the
-//! GPT-2, Llama (with Mistral, Qwen2 / 3, OLMo 2 and SmolLM3), Gemma, GPT-Neo, GPT-J and GPT-NeoX families ([`gpt2`], [`llama`], [`gemma`],
+//! GPT-2, Llama (with Mistral, Qwen2 / 3, OLMo 2, SmolLM3 and Granite), Gemma, GPT-Neo, GPT-J and GPT-NeoX families ([`gpt2`], [`llama`], [`gemma`],
 //! [`gpt_neo`], [`gptj`], [`gpt_neox`]) from HF safetensors or llama.cpp GGUF files,
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
 //! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), LoRA adapters

@@ -8,11 +8,12 @@
 //! OLMo 2 (Groeneveld et al. / OLMo Team 2024, arXiv 2501.00656, `modeling_olmo2.py`: no norm
 //! before the attention and the MLP but one after each, on the branch before the residual sum, and
 //! an RMSNorm over all query heads and over all key heads together before the rotation), SmolLM3
-//! (`modeling_smollm3.py`: layers without the rotation, NoPE, by default every fourth) and
-//! SmolLM2, which differ only by configuration.
+//! (`modeling_smollm3.py`: layers without the rotation, NoPE, by default every fourth), Granite
+//! (`modeling_granite.py`: embeddings, residual branches, attention scores and logits scaled by
+//! the config's four multipliers) and SmolLM2, which differ only by configuration.
 //!
-//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / SmolLM3 models and
-//! on SmolLM2-135M-Instruct.
+//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / SmolLM3 / Granite
+//! models and on SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
@@ -31,7 +32,7 @@ use crate::weights::Weights;
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `smollm3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Vocabulary size.
@@ -96,6 +97,18 @@ pub struct LlamaConfig {
     /// (transformers' default 4).
     #[serde(default)]
     pub no_rope_layer_interval: Option<usize>,
+    /// Granite: the token embeddings' scale (transformers' default 1).
+    #[serde(default)]
+    pub embedding_multiplier: Option<f64>,
+    /// Granite: the scale of each attention and MLP output before it joins the residual stream.
+    #[serde(default)]
+    pub residual_multiplier: Option<f64>,
+    /// Granite: the attention scores' scale, in place of 1/√`head_dim`.
+    #[serde(default)]
+    pub attention_multiplier: Option<f64>,
+    /// Granite: the logits are the LM head's output divided by this.
+    #[serde(default)]
+    pub logits_scaling: Option<f64>,
     /// MLP activation; only `silu` is implemented.
     #[serde(default = "default_act")]
     pub hidden_act: String,
@@ -254,6 +267,26 @@ impl LlamaConfig {
         }
     }
 
+    /// Granite's four multipliers (embeddings, residual branches, attention scores, logits' divisor),
+    /// each checked to be a finite number (the divisor also non-zero); 1, 1, 1/√`head_dim`, 1 for the
+    /// other families, whatever the keys say, as transformers reads them only for Granite.
+    fn multipliers(&self, path: &std::path::Path) -> Result<[f64; 4]> {
+        let plain = 1.0 / (self.head_size() as f64).sqrt();
+        if self.model_type != "granite" {
+            return Ok([1.0, 1.0, plain, 1.0]);
+        }
+        let get = |key: &str, v: Option<f64>| match v.unwrap_or(1.0) {
+            x if !x.is_finite() || (key == "logits_scaling" && x == 0.0) => Err(ModelError::config(path, format!("{key} is {x}; expected a finite number{}", if key == "logits_scaling" { " other than 0" } else { "" }))),
+            x => Ok(x),
+        };
+        Ok([
+            get("embedding_multiplier", self.embedding_multiplier)?,
+            get("residual_multiplier", self.residual_multiplier)?,
+            get("attention_multiplier", self.attention_multiplier)?,
+            get("logits_scaling", self.logits_scaling)?,
+        ])
+    }
+
     /// Qwen3's RMSNorm of each head's queries and keys (`q_norm`, `k_norm`, over `head_dim`).
     fn qk_norm(&self) -> bool {
         self.model_type == "qwen3"
@@ -316,6 +349,11 @@ pub struct Llama {
     /// `[hidden, vocab]`; `None` when tied to the embeddings.
     lm_head: Option<Param<Tensor<2>>>,
     inv_freq: Vec<f32>,
+    /// Granite's scales of the embeddings and of the residual branches, and the logits' divisor
+    /// (1 elsewhere).
+    embedding_multiplier: f64,
+    residual_multiplier: f64,
+    logits_scaling: f64,
 }
 
 /// burn's `RmsNorm` as one recorded operation where the backend has `odpo_kernels::rms_norm`.
@@ -376,6 +414,7 @@ impl Llama {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         let inv_freq = cfg.inv_freq(w.path())?;
+        let [embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling] = cfg.multipliers(w.path())?;
         let windows = cfg.layer_windows(w.path())?;
         let ropes = cfg.layer_ropes(w.path())?;
         let (eps, inner, qkv_bias, olmo2) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias(), cfg.olmo2());
@@ -398,7 +437,7 @@ impl Llama {
                     rope,
                     n_heads: nh,
                     n_kv_heads: nkv,
-                    scale: 1.0 / (hd as f64).sqrt(),
+                    scale: attention_multiplier,
                 },
                 post_attention_layernorm: names::rms_norm(d, eps, device),
                 mlp: Mlp {
@@ -415,6 +454,9 @@ impl Llama {
             norm: names::rms_norm(d, eps, device),
             lm_head: (!cfg.tie_word_embeddings).then(|| names::lazy([d, v], device)),
             inv_freq,
+            embedding_multiplier,
+            residual_multiplier,
+            logits_scaling,
         };
         names::fill(model.named_mut(), w, device)?;
         Ok(model)
@@ -459,6 +501,11 @@ impl Llama {
     pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
         let mut x = embed(&self.embed_tokens, input_ids);
+        if self.embedding_multiplier != 1.0 {
+            x = x.mul_scalar(self.embedding_multiplier);
+        }
+        // Granite scales each branch on its way into the residual stream.
+        let branch = |y: Tensor<3>| if self.residual_multiplier != 1.0 { y.mul_scalar(self.residual_multiplier) } else { y };
         let (cos, sin) = rotate_half_cos_sin(&self.inv_freq, positions(mask, t), x.dtype());
         let m = attention_mask(mask, t, &x.device());
         // Every sliding layer has the config's one window.
@@ -477,8 +524,8 @@ impl Llama {
                 }
                 None => {
                     let h = layer.input_layernorm.as_ref().map_or_else(|| x.clone(), |n| rms_norm(n, x.clone()));
-                    x = x + layer.self_attn.forward(h, &cos, &sin, m, i, cache.as_deref_mut());
-                    x = x.clone() + layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x));
+                    x = x + branch(layer.self_attn.forward(h, &cos, &sin, m, i, cache.as_deref_mut()));
+                    x = x.clone() + branch(layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x)));
                 }
             }
         }
@@ -492,10 +539,11 @@ impl Llama {
 
     /// The LM head: logits `[B, T, V]` of final hidden states `[B, T, D]`.
     pub fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(w) => linear_3d(x, &w.val()),
             None => tied_head(x, &self.embed_tokens.weight.val()),
-        }
+        };
+        if self.logits_scaling != 1.0 { logits.div_scalar(self.logits_scaling) } else { logits }
     }
 
     /// Entries of the vocabulary: the rows of the token embedding, the columns of the logits.
@@ -579,6 +627,29 @@ mod tests {
         assert_eq!(ropes(&llama).unwrap(), vec![true; 8]);
         llama.model_type = "qwen3".into();
         assert_eq!(ropes(&llama).unwrap(), vec![true; 8]);
+    }
+
+    /// Granite's multipliers are read for Granite alone (transformers' other configs ignore the
+    /// keys), default to 1, and a logits' divisor of 0 or a value that is not finite is refused.
+    #[test]
+    fn granite_multipliers_follow_transformers() {
+        let parse = |extra: serde_json::Value| {
+            let mut v = json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "logits_scaling": 4.0});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            match ModelConfig::from_hf_json(&v, "c".as_ref()).unwrap() {
+                ModelConfig::Llama(c) => c,
+                other => panic!("{other:?}"),
+            }
+        };
+        let path: &std::path::Path = "c".as_ref();
+        assert_eq!(parse(json!({"architectures": ["GraniteForCausalLM"]})).multipliers(path).unwrap(), [1.0, 1.0, 1.0, 4.0]);
+        assert_eq!(parse(json!({"architectures": ["LlamaForCausalLM"], "model_type": "granite"})).multipliers(path).unwrap(), [1.0, 1.0, 0.5, 1.0]);
+        let err = parse(json!({"architectures": ["GraniteForCausalLM"], "logits_scaling": 0.0})).multipliers(path).unwrap_err().to_string();
+        assert!(err.starts_with("c: ") && err.contains("logits_scaling is 0; expected a finite number other than 0"), "{err}");
+        let mut nan = parse(json!({"architectures": ["GraniteForCausalLM"]}));
+        nan.attention_multiplier = Some(f64::NAN);
+        let err = nan.multipliers(path).unwrap_err().to_string();
+        assert!(err.contains("attention_multiplier is NaN; expected a finite number"), "{err}");
     }
 
     /// Which layers slide, as transformers' configs decide it (`configuration_mistral.py`,

@@ -22,7 +22,7 @@ use crate::weights::{Weights, write_atomic};
 pub enum ModelConfig {
     /// GPT-2.
     Gpt2(Gpt2Config),
-    /// Llama, Mistral, Qwen2, Qwen3, OLMo 2, SmolLM2, SmolLM3.
+    /// Llama, Mistral, Qwen2, Qwen3, OLMo 2, SmolLM2, SmolLM3, Granite.
     Llama(LlamaConfig),
     /// GPT-Neo.
     GptNeo(GptNeoConfig),
@@ -49,7 +49,7 @@ impl ModelConfig {
             "GPT2LMHeadModel" | "GPT2Model" | "gpt2" => {
                 Ok(Self::Gpt2(serde_path_to_error::deserialize(value.clone()).map_err(parse)?))
             }
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "SmolLM3ForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "smollm3" => {
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "smollm3" | "granite" => {
                 let mut cfg: LlamaConfig = serde_path_to_error::deserialize(value.clone()).map_err(parse)?;
                 // The architecture decides what the weights hold (Qwen2's q/k/v biases, Qwen3's
                 // head norms, OLMo 2's norms), whatever `model_type` says.
@@ -65,9 +65,11 @@ impl ModelConfig {
                     }
                 } else if matches!(arch, "SmolLM3ForCausalLM" | "smollm3") {
                     cfg.model_type = "smollm3".into();
-                } else if matches!(cfg.model_type.as_str(), "olmo2" | "smollm3") {
-                    // `model_type` alone does not make OLMo 2's or SmolLM3's layers out of a Llama
-                    // architecture.
+                } else if matches!(arch, "GraniteForCausalLM" | "granite") {
+                    cfg.model_type = "granite".into();
+                } else if matches!(cfg.model_type.as_str(), "olmo2" | "smollm3" | "granite") {
+                    // `model_type` alone does not make OLMo 2's, SmolLM3's or Granite's layers out
+                    // of a Llama architecture.
                     cfg.model_type = "llama".into();
                 }
                 // transformers' Mistral, Qwen2 and Qwen3 configs default the window to 4096 tokens
@@ -209,6 +211,7 @@ impl ModelConfig {
                     "mistral" => "MistralForCausalLM",
                     "olmo2" => "Olmo2ForCausalLM",
                     "smollm3" => "SmolLM3ForCausalLM",
+                    "granite" => "GraniteForCausalLM",
                     _ => "LlamaForCausalLM",
                 };
                 (serde_json::to_value(c), arch, c.model_type.as_str())

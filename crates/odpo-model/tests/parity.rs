@@ -32,6 +32,7 @@ const CASES: &[&str] = &[
     "gpt_neox_sequential",
     "olmo2",
     "smollm3_nope",
+    "granite_scales",
 ];
 
 #[test]
@@ -201,12 +202,12 @@ fn save_then_load_gives_identical_logits() {
 /// batch's left padding shifts the indices the windows are counted in.
 #[test]
 fn cached_generation_matches_full_recompute() {
-    for case in ["llama_gqa_untied", "qwen3_qk_norm", "olmo2", "smollm3_nope", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
+    for case in ["llama_gqa_untied", "qwen3_qk_norm", "olmo2", "smollm3_nope", "granite_scales", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
         check_cached_generation(case);
     }
 }
 
-/// What the Gemma and SmolLM3 fixtures exercise matters: each of their options, lifted, moves the
+/// What the Gemma, SmolLM3 and Granite fixtures exercise matters: each of their options, lifted, moves the
 /// logits far from transformers' (and Gemma's legacy `hidden_act: gelu` is read as the tanh form it
 /// meant).
 #[test]
@@ -227,6 +228,10 @@ fn family_options_change_the_logits() {
         ("gemma3_text", "rope_parameters", local, true),
         ("smollm3_nope", "no_rope_layers", json!([1, 1, 1]), true),
         ("smollm3_nope", "use_sliding_window", json!(false), true),
+        ("granite_scales", "embedding_multiplier", json!(1.0), true),
+        ("granite_scales", "residual_multiplier", json!(1.0), true),
+        ("granite_scales", "attention_multiplier", json!(0.25), true),
+        ("granite_scales", "logits_scaling", json!(1.0), true),
     ];
     for (case, key, value, moves) in mutations {
         let dir = fixture(case);
@@ -367,7 +372,7 @@ fn written_gguf_files_read_back_as_the_model() {
     let again = CausalLm::load(&out, &device).unwrap();
     let got = to_vec(again.model.forward(ids.clone(), &mask, None));
     assert_eq!(got, to_vec(model.forward(ids.clone(), &mask, None)));
-    // Refused: families this writer does not write (GPT-2, OLMo 2, SmolLM3), Llama 3's RoPE scaling, a sliding window,
+    // Refused: families this writer does not write (GPT-2, OLMo 2, SmolLM3, Granite), Llama 3's RoPE scaling, a sliding window,
     // a Unigram tokenizer, more tokens than embedding rows.
     let refuse = |case: &str, tok: &Tokenizer, says: &str| {
         let loaded = CausalLm::load(&fixture(case), &device).unwrap();
@@ -379,6 +384,7 @@ fn written_gguf_files_read_back_as_the_model() {
     refuse("gpt2", &tok, "`GPT2LMHeadModel` is not written to GGUF");
     refuse("olmo2", &tok, "`Olmo2ForCausalLM` is not written to GGUF");
     refuse("smollm3_nope", &tok, "`SmolLM3ForCausalLM` is not written to GGUF");
+    refuse("granite_scales", &tok, "`GraniteForCausalLM` is not written to GGUF");
     refuse("llama3_rope", &tok, "only linear RoPE scaling");
     refuse("mistral_window", &tok, "no sliding window");
     let unigram = tmp.join("unigram.json");
