@@ -306,7 +306,7 @@ struct Attention {
     v_proj: Linear,
     o_proj: Linear,
     /// Qwen3: RMSNorm over each query head and key head, before the rotation; OLMo 2: over all
-    /// query heads and all key heads together (`norm_groups` 1).
+    /// query heads and all key heads together.
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
     /// Whether `q_norm` and `k_norm` norm all heads together (OLMo 2) rather than each head (Qwen3).
