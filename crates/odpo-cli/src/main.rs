@@ -63,7 +63,7 @@ enum Command {
     Generate(GenerateArgs),
     /// Print the token counts and the summed log-probability of a completion after a prompt.
     Logprobs(LogprobsArgs),
-    /// Write a model (Llama, Mistral, Qwen2, Qwen3, Gemma 1-3; adapters merged in) with its byte-level or
+    /// Write a model (Llama, Mistral, Qwen2, Qwen3, OLMo 2, SmolLM3, Granite, Gemma 1-3; adapters merged in) with its byte-level or
     /// SentencePiece BPE tokenizer as a llama.cpp GGUF file, e.g. a run's exported `model/` folder.
     ExportGguf(ExportGgufArgs),
     /// Forward-pass throughput of a model shape with random weights (tokens/s, peak memory).

@@ -197,7 +197,7 @@ pub enum GgufError {
         message: String,
     },
     /// `general.architecture` is not one this reader knows.
-    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2` or `gemma3`)", .path.display())]
+    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `gemma`, `gemma2` or `gemma3`)", .path.display())]
     Architecture {
         /// The file.
         path: PathBuf,

@@ -33,6 +33,7 @@ const CASES: &[&str] = &[
     "olmo2",
     "smollm3_nope",
     "granite_scales",
+    "smollm3_llamacpp",
 ];
 
 #[test]
@@ -252,7 +253,9 @@ fn family_options_change_the_logits() {
 }
 
 /// Fixtures written as llama.cpp writes GGUF files (`fixtures/gguf/`, by `make_gguf_fixtures.py`)
-/// and loaded from them give transformers' logits: Qwen2 and Qwen3 (stored unpermuted), and Gemma,
+/// and loaded from them give transformers' logits: Qwen2, Qwen3 and OLMo 2 (stored unpermuted),
+/// SmolLM3 (permuted; no key for its layers without the rotation) and Granite (permuted; its
+/// multipliers as llama.cpp's scales), and Gemma,
 /// Gemma 2 and Gemma 3 (norms stored as `1 + w`, llama.cpp's names, no key for the query scale or
 /// the layer pattern: the norms, the query scale, the sliding layers, both caps and the full
 /// layers' scaled rotary base all come back).
@@ -265,6 +268,9 @@ fn gguf_files_match_transformers() {
         ("tiny_gemma.gguf", "gemma", "GemmaForCausalLM"),
         ("tiny_gemma2.gguf", "gemma2_llamacpp", "Gemma2ForCausalLM"),
         ("tiny_gemma3.gguf", "gemma3_llamacpp", "Gemma3ForCausalLM"),
+        ("tiny_olmo2.gguf", "olmo2", "Olmo2ForCausalLM"),
+        ("tiny_smollm3.gguf", "smollm3_llamacpp", "SmolLM3ForCausalLM"),
+        ("tiny_granite.gguf", "granite_scales", "GraniteForCausalLM"),
     ] {
         let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
         let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
@@ -297,7 +303,7 @@ fn written_gguf_files_read_back_as_the_model() {
     let dir = std::env::var_os("ODPO_KEEP_GGUF").map_or_else(|| tmp.to_path_buf(), std::path::PathBuf::from);
     let exp = read_safetensors(&fixture("llama_gqa_untied").join("expected.safetensors"));
     let (ids, mask) = (int2(&exp["left_input_ids"], &device), int2(&exp["left_attention_mask"], &device));
-    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0)] {
+    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4)] {
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
         json["vocab_size"] = (tok.vocab_size() + extra_rows).into();
         let config = ModelConfig::from_hf_json(&json, &fixture(case)).unwrap();
@@ -372,7 +378,7 @@ fn written_gguf_files_read_back_as_the_model() {
     let again = CausalLm::load(&out, &device).unwrap();
     let got = to_vec(again.model.forward(ids.clone(), &mask, None));
     assert_eq!(got, to_vec(model.forward(ids.clone(), &mask, None)));
-    // Refused: families this writer does not write (GPT-2, OLMo 2, SmolLM3, Granite), Llama 3's RoPE scaling, a sliding window,
+    // Refused: a family GGUF's `llama` files cannot hold, a SmolLM3 whose rotation llama.cpp's would not follow, Llama 3's RoPE scaling, a sliding window,
     // a Unigram tokenizer, more tokens than embedding rows.
     let refuse = |case: &str, tok: &Tokenizer, says: &str| {
         let loaded = CausalLm::load(&fixture(case), &device).unwrap();
@@ -382,9 +388,15 @@ fn written_gguf_files_read_back_as_the_model() {
         assert!(!out.exists(), "{case}: nothing written");
     };
     refuse("gpt2", &tok, "`GPT2LMHeadModel` is not written to GGUF");
-    refuse("olmo2", &tok, "`Olmo2ForCausalLM` is not written to GGUF");
-    refuse("smollm3_nope", &tok, "`SmolLM3ForCausalLM` is not written to GGUF");
-    refuse("granite_scales", &tok, "`GraniteForCausalLM` is not written to GGUF");
+    refuse("smollm3_nope", &tok, "a GGUF file has no sliding window for `smollm3`");
+    // Without its window, its layers' rotation is still not llama.cpp's.
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("smollm3_nope").join("config.json")).unwrap()).unwrap();
+    json["use_sliding_window"] = false.into();
+    let config = ModelConfig::from_hf_json(&json, &fixture("smollm3_nope")).unwrap();
+    let out = dir.join("smollm3-rotation-refused.gguf");
+    let err = save_gguf(&CausalLm::random(&config, 7, &device).unwrap(), &config, &tok, &out, GgufDtype::F32).unwrap_err().to_string();
+    assert!(err.contains("`no_rope_layers`: [true, false, true] (true: rotated): llama.cpp's `smollm3` skips the rotation in every fourth layer and only there"), "{err}");
+    assert!(!out.exists());
     refuse("llama3_rope", &tok, "only linear RoPE scaling");
     refuse("mistral_window", &tok, "no sliding window");
     let unigram = tmp.join("unigram.json");

@@ -52,7 +52,7 @@ pub(super) fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     if arch != "gemma" && let Some(gguf) = norm_name(hf, true) {
         return Some(gguf);
     }
-    super::llama::gguf_name(hf)
+    super::llama::gguf_name(arch, hf)
 }
 
 /// [`super::load_blocks_as_hf`] of an open file whose architecture, `arch`, is one of [`ARCHITECTURES`].

@@ -1,16 +1,36 @@
-//! A GGUF file of the Llama family (`llama`, which Mistral's files declare too, `qwen2`, `qwen3`)
-//! as an HF `config.json` value and weights under HF names and layouts: llama.cpp's tensor names
-//! mapped to HF's, and for `llama` its Q/K row permutation undone. llama.cpp's converter permutes
-//! those rows only for the `llama` architecture, whose rotation it computes on adjacent pairs; for
-//! Qwen2 and Qwen3 it rotates halves as HF does and stores the rows as they are.
+//! A GGUF file of the Llama family (`llama`, which Mistral's files declare too, `qwen2`, `qwen3`,
+//! `olmo2`, `smollm3`, `granite`) as an HF `config.json` value and weights under HF names and
+//! layouts: llama.cpp's tensor names mapped to HF's, and for `llama`, `smollm3` and `granite` its
+//! Q/K row permutation undone. llama.cpp's converter permutes those rows for the architectures whose
+//! rotation it computes on adjacent pairs (its `LlamaModel` and the classes built on it); for Qwen2,
+//! Qwen3 and OLMo 2 it rotates halves as HF does and stores the rows as they are.
+//!
+//! What a file of the three later architectures leaves out, llama.cpp decides (`src/models/`), and
+//! so does this reader: SmolLM3 skips the rotation in every fourth layer; Granite without an
+//! `attention.scale` scales scores by `head_dim^-½`, and without a residual or embedding scale uses
+//! none.
 
 use std::path::Path;
+
+use serde_json::json;
 
 use super::{GgufError, GgufFile, GgufValue, HfModel, HostTensor, tensor_err};
 
 /// The architectures read, as `general.architecture` names them, with the HF architecture each
 /// becomes.
-pub(super) const ARCHITECTURES: [(&str, &str); 3] = [("llama", "LlamaForCausalLM"), ("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")];
+pub(super) const ARCHITECTURES: [(&str, &str); 6] = [
+    ("llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+    ("olmo2", "Olmo2ForCausalLM"),
+    ("smollm3", "SmolLM3ForCausalLM"),
+    ("granite", "GraniteForCausalLM"),
+];
+
+/// The architectures whose Q/K rows llama.cpp's converter permutes.
+pub(super) fn permuted(arch: &str) -> bool {
+    matches!(arch, "llama" | "smollm3" | "granite")
+}
 
 /// The HF name of a llama.cpp tensor of the Llama family, or `None` if it has none.
 pub(super) fn hf_name(gguf: &str) -> Option<String> {
@@ -30,8 +50,9 @@ pub(super) fn hf_name(gguf: &str) -> Option<String> {
 /// The tensors outside the layers: llama.cpp's name and HF's.
 const TOP: [(&str, &str); 3] = [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
 
-/// A layer's tensors: llama.cpp's name and HF's.
-const PARTS: [(&str, &str); 11] = [
+/// A layer's tensors: llama.cpp's name and HF's. HF's `post_attention_layernorm` is the norm before
+/// the MLP (`ffn_norm`) but OLMo 2's after the attention (`post_attention_norm`).
+const PARTS: [(&str, &str); 13] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
@@ -43,16 +64,21 @@ const PARTS: [(&str, &str); 11] = [
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
+    ("post_attention_norm", "post_attention_layernorm"),
+    ("post_ffw_norm", "post_feedforward_layernorm"),
 ];
 
-/// The llama.cpp name of an HF tensor of the Llama family: the inverse of [`hf_name`].
-pub(super) fn gguf_name(hf: &str) -> Option<String> {
+/// The llama.cpp name of an HF tensor of the Llama family in a file of `arch`: the inverse of
+/// [`hf_name`].
+pub(super) fn gguf_name(arch: &str, hf: &str) -> Option<String> {
     let (base, suffix) = hf.rsplit_once('.')?;
     let name = if let Some((top, _)) = TOP.iter().find(|(_, h)| *h == base) {
         format!("{top}.{suffix}")
     } else {
         let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
-        format!("blk.{layer}.{}.{suffix}", PARTS.iter().find(|(_, h)| *h == part)?.0)
+        let olmo2 = arch == "olmo2";
+        let gguf = PARTS.iter().find(|(g, h)| *h == part && (*g != "ffn_norm" || !olmo2) && (*g != "post_attention_norm" || olmo2))?.0;
+        format!("blk.{layer}.{gguf}.{suffix}")
     };
     // Only names the reader maps back the same way (a `.weight` or `.bias` of a numbered layer).
     (hf_name(&name).as_deref() == Some(hf)).then_some(name)
@@ -110,7 +136,7 @@ fn unpermuted_source(dst: usize, half: usize) -> usize {
     head * 2 * half + 2 * (r % half) + r / half
 }
 
-/// A file of the Llama family (`llama`, `qwen2`, `qwen3`; `arch`, one of [`ARCHITECTURES`]) as
+/// A file of the Llama family (`arch`, one of [`ARCHITECTURES`]) as
 /// [`super::load_blocks_as_hf`] gives it: the weights in HF layout (`[out, in]` matrices, Q/K rows in
 /// HF order). Every tensor must have an HF llama equivalent: an unknown one (e.g. Llama 3's
 /// `rope_freqs.weight`, whose RoPE scaling the HF config could not express) is an error rather
@@ -120,7 +146,7 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
     let hf_arch = ARCHITECTURES.iter().find(|(a, _)| *a == arch).map_or("LlamaForCausalLM", |(_, h)| *h);
     // Metadata keys begin with the architecture's name (`qwen3.block_count`).
     let key = |k: &str| format!("{arch}.{k}");
-    let permuted = arch == "llama";
+    let permuted = permuted(arch);
     let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
     let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
     let need_uint = |key: &str| f.required(key, uint(key)?);
@@ -174,6 +200,20 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
         "attention_bias": arch != "qwen2" && weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
         "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
     });
+    match arch {
+        // llama.cpp's SmolLM3 rotates in three layers of four, whatever the checkpoint did.
+        "smollm3" => config["no_rope_layer_interval"] = json!(4),
+        "granite" => {
+            // An absent (or zero) scale is none, as in llama.cpp; the scores' default is 1/√head_dim.
+            let scale = |k: &str, none: f64| -> Result<f64, GgufError> { Ok(float(&key(k))?.filter(|x| *x != 0.0).unwrap_or(none)) };
+            let logits_key = key("logit_scale");
+            config["logits_scaling"] = json!(f.required(&logits_key, float(&logits_key)?)?);
+            config["residual_multiplier"] = json!(scale("residual_scale", 1.0)?);
+            config["embedding_multiplier"] = json!(scale("embedding_scale", 1.0)?);
+            config["attention_multiplier"] = json!(scale("attention.scale", 1.0 / (head_dim as f64).sqrt())?);
+        }
+        _ => {}
+    }
     f.add_token_ids(&mut config)?;
     if let Some(scaling) = f.rope_scaling(arch)? {
         config["rope_scaling"] = scaling;

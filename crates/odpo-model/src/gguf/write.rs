@@ -84,7 +84,7 @@ enum Kv {
 const ALIGNMENT: usize = 32;
 
 /// Writes `model` (adapters merged in) with `tokenizer` to `path` as a GGUF file, atomically.
-/// Llama, Mistral without a sliding window, Qwen2, Qwen3 and Gemma 1 / 2 / 3 (as llama.cpp runs
+/// Llama, Mistral without a sliding window, Qwen2, Qwen3, OLMo 2, SmolLM3, Granite and Gemma 1 / 2 / 3 (as llama.cpp runs
 /// them: see `GemmaConfig::llama_cpp_form`) with a byte-level BPE tokenizer whose text split GGUF
 /// can name or a SentencePiece BPE one; anything else is an error that says what cannot be written.
 pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, path: &Path, dtype: GgufDtype) -> Result<(), GgufError> {
@@ -95,10 +95,13 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
         "Qwen2ForCausalLM" => "qwen2",
         "Qwen3ForCausalLM" => "qwen3",
+        "Olmo2ForCausalLM" => "olmo2",
+        "SmolLM3ForCausalLM" => "smollm3",
+        "GraniteForCausalLM" => "granite",
         "GemmaForCausalLM" => "gemma",
         "Gemma2ForCausalLM" => "gemma2",
         "Gemma3ForCausalLM" => "gemma3",
-        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
     };
     // What llama.cpp fixes by architecture for Gemma must be what the model does.
     let gemma = match config {
@@ -125,6 +128,26 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     let (hidden, heads, layers) = (uint("hidden_size")?, uint("num_attention_heads")?, uint("num_hidden_layers")?);
     let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap_or(heads);
     let head_dim = cfg["head_dim"].as_u64().unwrap_or(hidden / heads);
+    // What llama.cpp fixes by architecture for the Llama family's later members must be what the
+    // model does: OLMo 2's query norm as wide as the model, SmolLM3's rotation skipped in every
+    // fourth layer, Granite's head size hidden / heads (its converter drops `head_dim`).
+    if let ModelConfig::Llama(c) = config {
+        match arch {
+            "olmo2" if heads * head_dim != hidden => {
+                return Err(err("head_dim", format!("{head_dim}: llama.cpp's `olmo2` norms queries over hidden_size ({hidden}), not heads × head_dim ({})", heads * head_dim)));
+            }
+            "smollm3" => {
+                let ropes = c.layer_ropes(path).map_err(|e| err("no_rope_layers", e.to_string()))?;
+                if ropes.iter().enumerate().any(|(i, &rope)| rope != ((i + 1) % 4 != 0)) {
+                    return Err(err("no_rope_layers", format!("{ropes:?} (true: rotated): llama.cpp's `smollm3` skips the rotation in every fourth layer and only there")));
+                }
+            }
+            "granite" if heads * head_dim != hidden => {
+                return Err(err("head_dim", format!("{head_dim}: llama.cpp's `granite` takes the head size to be hidden_size / num_attention_heads ({})", hidden / heads)));
+            }
+            _ => {}
+        }
+    }
 
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |v: u64| Kv::U32(u32::try_from(v).unwrap_or(u32::MAX));
@@ -153,6 +176,13 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
             kvs.push((key("final_logit_softcapping"), Kv::F32(g.caps.1.unwrap_or(0.0) as f32)));
         }
     }
+    if arch == "granite" {
+        // As the converter writes them (`add_logit_scale` and the rest), transformers' defaults
+        // included: every one of them, so that llama.cpp's own defaults (none, 1/√head_dim) never apply.
+        for (k, hf) in [("logit_scale", "logits_scaling"), ("residual_scale", "residual_multiplier"), ("embedding_scale", "embedding_multiplier"), ("attention.scale", "attention_multiplier")] {
+            kvs.push((key(k), Kv::F32(cfg[hf].as_f64().unwrap_or(1.0) as f32)));
+        }
+    }
     if let Some(factor) = linear_factor {
         kvs.push((key("rope.scaling.type"), Kv::Str("linear".into())));
         kvs.push((key("rope.scaling.factor"), Kv::F32(factor as f32)));
@@ -168,7 +198,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     for (name, shape, values) in tensors {
         let gguf = match gemma {
             Some(_) => super::gemma::gguf_name(arch, name),
-            None => llama::gguf_name(name),
+            None => llama::gguf_name(arch, name),
         };
         let gguf = gguf.ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
         let ty = dtype.of(shape);
@@ -200,7 +230,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     for ((name, shape, values), (_, _, ty, offset)) in tensors.iter().zip(&infos) {
         out.resize(data_start + offset, 0);
         let mut values = std::borrow::Cow::Borrowed(values.as_slice());
-        if arch == "llama" {
+        if llama::permuted(arch) {
             for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
                 if name.contains(part) {
                     values = std::borrow::Cow::Owned(llama::permute_rows(&values, shape[0], h as usize));
