@@ -6,7 +6,7 @@
 #   so that a run cut short still returns what it measured.
 # For each backend (GPU_CHECK_BACKENDS, default "tch-cuda cuda vulkan": the fastest first, so that a budget
 # that runs out leaves the slower ones out, and stage 4 runs on it):
-#   1. the conformance suites: model parity of seventeen tiny models against transformers, loss parity, three
+#   1. the conformance suites: model parity of twenty-one tiny models against transformers, loss parity, three
 #      ODPO steps against PyTorch, shared prompt, data parallel, bf16/f16 mixed precision;
 #   2. the ODPO step benchmark beside PyTorch eager (bench/pytorch/step.py, TRL's step) on SmolLM2-135M
 #      and Llama-3.2-1B shapes with random weights, 8 pairs x 512 tokens, bf16 (f16 on Vulkan, which
