@@ -1,6 +1,6 @@
 //! llama.cpp's GGUF files (versions 2 and 3, little-endian). This file reads them: header, metadata,
 //! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
-//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`:
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`:
 //! `llama.rs`) or the Gemma family (`gemma`, `gemma2`, `gemma3`: `gemma.rs`) into an HF
 //! `config.json` value and weights under HF names and layouts; [`load_tokenizer`] turns its
 //! vocabulary into the HF `tokenizer.json` it stands for (`vocab.rs`); [`save_gguf`] writes a
@@ -40,7 +40,7 @@ pub type HfModel = (serde_json::Value, BTreeMap<String, HostTensor>, BTreeMap<St
 /// The weights of an [`HfModel`]: dequantised, and kept in blocks.
 type HfTensors = (BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>);
 
-/// A GGUF file of the Llama family (`llama`, `qwen2`, `qwen3`) or the Gemma family (`gemma`,
+/// A GGUF file of the Llama family (`llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`) or the Gemma family (`gemma`,
 /// `gemma2`, `gemma3`), by its `general.architecture`, as an HF config and weights.
 pub fn load_as_hf(path: &Path) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
     load_blocks_as_hf(path, false).map(|(config, weights, _)| (config, weights))
