@@ -562,30 +562,28 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use serde_json::json;
 
+    use super::LlamaConfig;
     use crate::ModelConfig;
 
-    fn windows(extra: serde_json::Value) -> crate::Result<Vec<Option<usize>>> {
-        let mut v = json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2});
+    /// The Llama-family config of a small model of `layers` layers with the keys of `extra`.
+    fn config(layers: usize, extra: serde_json::Value) -> crate::Result<LlamaConfig> {
+        let mut v = json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": layers, "num_attention_heads": 2});
         v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         match ModelConfig::from_hf_json(&v, "c".as_ref())? {
-            ModelConfig::Llama(c) => c.layer_windows("c".as_ref()),
+            ModelConfig::Llama(c) => Ok(c),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn windows(extra: serde_json::Value) -> crate::Result<Vec<Option<usize>>> {
+        config(3, extra)?.layer_windows("c".as_ref())
     }
 
     /// OLMo 2's config: the architecture makes the layer (not `model_type` on a Llama), the
     /// epsilon defaults to transformers' 1e-5, and the export names the architecture again.
     #[test]
     fn olmo2_configs_follow_transformers() {
-        let base = json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2});
-        let parse = |extra: serde_json::Value| {
-            let mut v = base.clone();
-            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            match ModelConfig::from_hf_json(&v, "c".as_ref()).unwrap() {
-                ModelConfig::Llama(c) => c,
-                other => panic!("{other:?}"),
-            }
-        };
+        let parse = |extra| config(1, extra).unwrap();
         let c = parse(json!({"architectures": ["Olmo2ForCausalLM"]}));
         assert!(c.olmo2() && c.rms_norm_eps == 1e-5, "{c:?}");
         assert_eq!(ModelConfig::Llama(c).to_hf_json()["architectures"], json!(["Olmo2ForCausalLM"]));
@@ -600,15 +598,11 @@ mod tests {
     /// layers slide. Other families rotate in every layer, whatever the keys say.
     #[test]
     fn smollm3_nope_layers_follow_transformers() {
-        let parse = |extra: serde_json::Value| {
-            let mut v = json!({"architectures": ["SmolLM3ForCausalLM"], "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 8, "num_attention_heads": 2});
-            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            match ModelConfig::from_hf_json(&v, "c".as_ref()).unwrap() {
-                ModelConfig::Llama(c) => c,
-                other => panic!("{other:?}"),
-            }
+        let parse = |mut extra: serde_json::Value| {
+            extra.as_object_mut().unwrap().entry("architectures").or_insert(json!(["SmolLM3ForCausalLM"]));
+            config(8, extra).unwrap()
         };
-        let ropes = |c: &crate::llama::LlamaConfig| c.layer_ropes("c".as_ref());
+        let ropes = |c: &LlamaConfig| c.layer_ropes("c".as_ref());
         let every_fourth = parse(json!({}));
         assert_eq!(ropes(&every_fourth).unwrap(), [true, true, true, false, true, true, true, false]);
         assert_eq!(every_fourth.layer_windows("c".as_ref()).unwrap(), vec![None; 8], "no window unless use_sliding_window");
@@ -633,13 +627,9 @@ mod tests {
     /// keys), default to 1, and a logits' divisor of 0 or a value that is not finite is refused.
     #[test]
     fn granite_multipliers_follow_transformers() {
-        let parse = |extra: serde_json::Value| {
-            let mut v = json!({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "logits_scaling": 4.0});
-            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-            match ModelConfig::from_hf_json(&v, "c".as_ref()).unwrap() {
-                ModelConfig::Llama(c) => c,
-                other => panic!("{other:?}"),
-            }
+        let parse = |mut extra: serde_json::Value| {
+            extra.as_object_mut().unwrap().entry("logits_scaling").or_insert(json!(4.0));
+            config(1, extra).unwrap()
         };
         let path: &std::path::Path = "c".as_ref();
         assert_eq!(parse(json!({"architectures": ["GraniteForCausalLM"]})).multipliers(path).unwrap(), [1.0, 1.0, 1.0, 4.0]);
