@@ -43,7 +43,7 @@ fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     if arch != "gemma" && let Some(hf) = norm_name(gguf, false) {
         return Some(hf);
     }
-    super::llama::hf_name(gguf)
+    super::llama::hf_name(arch, gguf)
 }
 
 /// The llama.cpp name of an HF tensor of a Gemma model of architecture `arch`: the inverse of

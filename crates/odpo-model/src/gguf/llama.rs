@@ -32,8 +32,9 @@ pub(super) fn permuted(arch: &str) -> bool {
     matches!(arch, "llama" | "smollm3" | "granite")
 }
 
-/// The HF name of a llama.cpp tensor of the Llama family, or `None` if it has none.
-pub(super) fn hf_name(gguf: &str) -> Option<String> {
+/// The HF name of a llama.cpp tensor of the Llama family in a file of `arch`, or `None` if it has
+/// none.
+pub(super) fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     let (base, suffix) = gguf.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
@@ -43,12 +44,21 @@ pub(super) fn hf_name(gguf: &str) -> Option<String> {
     }
     let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let part = PARTS.iter().find(|(g, _)| *g == part)?.1;
+    let part = PARTS.iter().find(|(g, _)| *g == part && has_part(arch, g))?.1;
     Some(format!("model.layers.{layer}.{part}.{suffix}"))
 }
 
 /// The tensors outside the layers: llama.cpp's name and HF's.
 const TOP: [(&str, &str); 3] = [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+
+/// Whether a layer of `arch` has llama.cpp's tensor `part`: OLMo 2's norms are after the attention
+/// and the MLP (`post_attention_norm`, `post_ffw_norm`), the others' before them (`attn_norm`,
+/// `ffn_norm`).
+fn has_part(arch: &str, part: &str) -> bool {
+    let after = matches!(part, "post_attention_norm" | "post_ffw_norm");
+    let before = matches!(part, "attn_norm" | "ffn_norm");
+    if arch == "olmo2" { !before } else { !after }
+}
 
 /// A layer's tensors: llama.cpp's name and HF's. HF's `post_attention_layernorm` is the norm before
 /// the MLP (`ffn_norm`) but OLMo 2's after the attention (`post_attention_norm`).
@@ -76,12 +86,10 @@ pub(super) fn gguf_name(arch: &str, hf: &str) -> Option<String> {
         format!("{top}.{suffix}")
     } else {
         let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
-        let olmo2 = arch == "olmo2";
-        let gguf = PARTS.iter().find(|(g, h)| *h == part && (*g != "ffn_norm" || !olmo2) && (*g != "post_attention_norm" || olmo2))?.0;
-        format!("blk.{layer}.{gguf}.{suffix}")
+        format!("blk.{layer}.{}.{suffix}", PARTS.iter().find(|(g, h)| *h == part && has_part(arch, g))?.0)
     };
     // Only names the reader maps back the same way (a `.weight` or `.bias` of a numbered layer).
-    (hf_name(&name).as_deref() == Some(hf)).then_some(name)
+    (hf_name(arch, &name).as_deref() == Some(hf)).then_some(name)
 }
 
 /// convert_hf_to_gguf.py's `permute`: within each of `heads` heads, row 2i+s takes HF row s*half+i
@@ -159,7 +167,7 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
 
     let (weights, blocks) = f.read_tensors(
         keep_blocks,
-        |name| hf_name(name).ok_or_else(|| tensor_err(path, name, format!("has no Hugging Face {hf_arch} equivalent"))),
+        |name| hf_name(arch, name).ok_or_else(|| tensor_err(path, name, format!("has no Hugging Face {hf_arch} equivalent"))),
         |name, hf, b| {
             for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
                 if permuted && hf.contains(part) {

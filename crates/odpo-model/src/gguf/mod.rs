@@ -654,7 +654,22 @@ mod tests {
             ("blk.x.attn_q.weight", None),
             ("blk.0.attn_q.scale", None),
         ] {
-            assert_eq!(hf_name(gguf).as_deref(), hf, "{gguf}");
+            assert_eq!(hf_name("llama", gguf).as_deref(), hf, "{gguf}");
+        }
+        // OLMo 2's norms come after the attention and the MLP; the others' before them.
+        for (arch, gguf, hf) in [
+            ("olmo2", "blk.1.post_attention_norm.weight", Some("model.layers.1.post_attention_layernorm.weight")),
+            ("olmo2", "blk.1.post_ffw_norm.weight", Some("model.layers.1.post_feedforward_layernorm.weight")),
+            ("olmo2", "blk.1.ffn_norm.weight", None),
+            ("olmo2", "blk.1.attn_norm.weight", None),
+            ("llama", "blk.1.ffn_norm.weight", Some("model.layers.1.post_attention_layernorm.weight")),
+            ("smollm3", "blk.1.post_ffw_norm.weight", None),
+            ("granite", "blk.1.post_attention_norm.weight", None),
+        ] {
+            assert_eq!(hf_name(arch, gguf).as_deref(), hf, "{arch} {gguf}");
+            if let Some(hf) = hf {
+                assert_eq!(super::llama::gguf_name(arch, hf).as_deref(), Some(gguf), "{arch} {hf}");
+            }
         }
     }
 
