@@ -240,11 +240,13 @@ fn csv_line(columns: &[String], row: &Row) -> String {
 
 /// The row a metrics line holds; `None` for a line that is not one (cut short by a kill mid-write).
 fn parse_row(line: &str) -> Option<Row> {
-    serde_json::from_str::<serde_json::Value>(line).ok()?.get("step")?.as_u64()?;
     let mut row = Row::default();
+    let mut step = false;
     for (k, field) in fields(line) {
         match (k.as_str(), field) {
-            ("step", Field::Number(x)) => row.step = x as usize,
+            // A step count: a whole number, not below 0.
+            ("step", Field::Number(x)) if x >= 0.0 && x.fract() == 0.0 => (row.step, step) = (x as usize, true),
+            ("step", _) => return None,
             ("split", Field::Text(t)) => row.split = if t == "eval" { "eval" } else { "train" },
             (_, Field::Number(x)) => {
                 row.values.insert(k, x);
@@ -252,7 +254,7 @@ fn parse_row(line: &str) -> Option<Row> {
             _ => {}
         }
     }
-    Some(row)
+    step.then_some(row)
 }
 
 fn read_lines(path: &Path) -> Result<Vec<String>> {
