@@ -538,8 +538,8 @@ impl Gemma {
         let x = embed(&self.embed_tokens, input_ids);
         let mut x = x.mul_scalar(self.embed_scale);
         let pos = positions(mask, t);
-        let full = rotate_half_cos_sin(&self.inv_freq, pos.clone(), x.dtype());
-        let local = self.local_inv_freq.as_ref().map(|f| rotate_half_cos_sin(f, pos, x.dtype()));
+        let full = rotate_half_cos_sin(&self.inv_freq, 1.0, pos.clone(), x.dtype());
+        let local = self.local_inv_freq.as_ref().map(|f| rotate_half_cos_sin(f, 1.0, pos, x.dtype()));
         let m = attention_mask(mask, t, &x.device());
         // Every sliding layer has the config's one window.
         let windowed = self.layers.iter().find_map(|l| l.self_attn.window).map(|w| sliding_window_mask(&m, w));

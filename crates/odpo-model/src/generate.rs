@@ -81,20 +81,28 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
     let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
     model.check_positions(t0 + cfg.max_new_tokens, || format!("a prompt of {t0} tokens and {} new ones (`max_new_tokens`)", cfg.max_new_tokens))?;
     // Left padding puts every prompt's last token in the last column.
-    let mut ids = Vec::with_capacity(b * t0);
+    let mut ids: Vec<Vec<i64>> = Vec::with_capacity(b);
     let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
     for p in prompts {
         let pad = t0 - p.len();
-        ids.extend(std::iter::repeat_n(i64::from(cfg.pad_token_id), pad).chain(p.iter().map(|&x| i64::from(x))));
+        ids.push(std::iter::repeat_n(i64::from(cfg.pad_token_id), pad).chain(p.iter().map(|&x| i64::from(x))).collect());
         mask.push(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())).collect());
     }
+    let every = |rows: &[Vec<i64>]| rows.iter().flatten().copied().collect::<Vec<i64>>();
     let mut cache = model.new_cache();
-    let mut input = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t0]), device);
+    let mut input = Tensor::<2, Int>::from_data(TensorData::new(every(&ids), [b, t0]), device);
+    let longest = |mask: &[Vec<i64>]| mask.iter().map(|r| r.iter().sum::<i64>()).max().unwrap_or(0) as usize;
+    // Whether the cache was filled with the short frequencies of a model that switches.
+    let mut cached_short = model.rope_switch().is_some_and(|o| longest(&mask) <= o);
     let mut done = vec![false; b];
     for _ in 0..cfg.max_new_tokens {
         let t_total = mask[0].len();
-        let flat: Vec<i64> = mask.iter().flatten().copied().collect();
-        let m = Tensor::<2, Int>::from_data(TensorData::new(flat, [b, t_total]), device);
+        if cached_short && model.rope_switch().is_some_and(|o| longest(&mask) > o) {
+            // The sequence has outgrown the short frequencies: encode it all again with the long ones.
+            (cache, cached_short) = (model.new_cache(), false);
+            input = Tensor::<2, Int>::from_data(TensorData::new(every(&ids), [b, t_total]), device);
+        }
+        let m = Tensor::<2, Int>::from_data(TensorData::new(every(&mask), [b, t_total]), device);
         // Only the last column's logits are needed: the LM head skips the rest of the prompt.
         let hidden = model.hidden(input, &m, Some(&mut cache));
         let t = hidden.dims()[1];
@@ -107,6 +115,7 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
         for (row, pick) in picks.into_iter().enumerate() {
             let Some((token, logprob)) = pick else {
                 next.push(i64::from(cfg.pad_token_id));
+                ids[row].push(i64::from(cfg.pad_token_id));
                 mask[row].push(0);
                 continue;
             };
@@ -115,6 +124,7 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
             out.logprobs[row].push(logprob);
             done[row] = cfg.eos_token_ids.contains(&(token as u32));
             next.push(token as i64);
+            ids[row].push(token as i64);
             mask[row].push(1);
         }
         if done.iter().all(|&d| d) {

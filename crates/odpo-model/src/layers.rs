@@ -181,8 +181,14 @@ pub(crate) fn linear_3d(x: Tensor<3>, weight: &Tensor<2>) -> Tensor<3> {
 
 /// `x·cos + rotate_half(x)·sin`, `rotate_half([x1, x2]) = [-x2, x1]` (the Llama and Gemma
 /// families' rotation): one recorded operation where the backend has `odpo_kernels::rotary`, else
-/// tensor operations.
+/// tensor operations. Where cos and sin are narrower than a head (Phi-4-mini's
+/// `partial_rotary_factor`), the head's first dims rotate and the rest pass as they are.
 pub(crate) fn rotate_half(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    let (d, r) = (x.dims()[3], cos.dims()[3]);
+    if r < d {
+        let rotated = rotate_half(x.clone().narrow(3, 0, r), cos, sin);
+        return Tensor::cat(vec![rotated, x.narrow(3, r, d - r)], 3);
+    }
     if let Some(y) = odpo_kernels::rotary(x.clone(), cos, sin) {
         return y;
     }
@@ -192,16 +198,20 @@ pub(crate) fn rotate_half(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Ten
     x * cos.clone() + Tensor::cat(vec![x2.neg(), x1], 3) * sin.clone()
 }
 
-/// cos and sin `[B, 1, T, Dh]` for [`rotate_half`] at positions `pos` `[B, T]`: the angles
-/// `pos · inv_freq` (`Dh / 2` of them) twice over, computed in f32 as transformers does, cast to
-/// `dtype`.
-pub(crate) fn rotate_half_cos_sin(inv_freq: &[f32], pos: Tensor<2, Int>, dtype: burn::tensor::DType) -> (Tensor<4>, Tensor<4>) {
+/// cos and sin `[B, 1, T, 2 · inv_freq.len()]` for [`rotate_half`] at positions `pos` `[B, T]`:
+/// the angles `pos · inv_freq` twice over, computed in f32 as transformers does, times `scale`
+/// (LongRoPE's attention factor; 1 elsewhere), cast to `dtype`.
+pub(crate) fn rotate_half_cos_sin(inv_freq: &[f32], scale: f64, pos: Tensor<2, Int>, dtype: burn::tensor::DType) -> (Tensor<4>, Tensor<4>) {
     let [b, t] = pos.dims();
     let half = inv_freq.len();
     let inv = Tensor::<1>::from_data(burn::tensor::TensorData::new(inv_freq.to_vec(), [half]), &pos.device());
     let freqs = pos.float().reshape([b, t, 1]) * inv.reshape([1, 1, half]);
     let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
-    (emb.clone().cos().cast(dtype), emb.sin().cast(dtype))
+    let (cos, sin) = (emb.clone().cos(), emb.sin());
+    if scale == 1.0 {
+        return (cos.cast(dtype), sin.cast(dtype));
+    }
+    (cos.mul_scalar(scale).cast(dtype), sin.mul_scalar(scale).cast(dtype))
 }
 
 /// An error naming the first of a config's `sizes` (name, value) that is 0: a model needs at least

@@ -10,10 +10,13 @@
 //! an RMSNorm over all query heads and over all key heads together before the rotation), SmolLM3
 //! (`modeling_smollm3.py`: layers without the rotation, NoPE, by default every fourth), Granite
 //! (`modeling_granite.py`: embeddings, residual branches, attention scores and logits scaled by
-//! the config's four multipliers) and SmolLM2, which differ only by configuration.
+//! the config's four multipliers), Phi-3 (Abdin et al. 2024, arXiv 2404.14219, `modeling_phi3.py`:
+//! the query, key and value projections fused in one `qkv_proj` and the gate and up projections in
+//! one `gate_up_proj`, as PEFT adapts them; LongRoPE, Ding et al. 2024, arXiv 2402.13753, and
+//! Phi-4-mini's rotation of part of each head) and SmolLM2, which differ only by configuration.
 //!
-//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / SmolLM3 / Granite
-//! models and on SmolLM2-135M-Instruct.
+//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / SmolLM3 / Granite /
+//! Phi-3 models and on SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
@@ -32,7 +35,7 @@ use crate::weights::Weights;
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Vocabulary size.
@@ -66,6 +69,14 @@ pub struct LlamaConfig {
     /// Maximum sequence length.
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
+    /// Phi-3: the length LongRoPE's short factors serve (transformers' default 4096); a sequence
+    /// past it is rotated with the long factors.
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+    /// Phi-3 (Phi-4-mini): the fraction of each head's dims that rotate (at the top level or in the
+    /// RoPE settings; 1 where absent).
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
     /// Whether the LM head shares the token embedding matrix.
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -146,6 +157,37 @@ struct Llama3Scaling {
     original_max_position_embeddings: f64,
 }
 
+/// Phi-3's LongRoPE: each frequency divided by its own factor, the short ones up to the original
+/// length and the long ones past it, and cos and sin scaled by the attention factor.
+#[derive(Clone, Debug, PartialEq)]
+struct LongRope {
+    short_factor: Vec<f64>,
+    long_factor: Vec<f64>,
+    original: usize,
+    attention_factor: f64,
+}
+
+/// The RoPE scalings of the Llama family.
+#[derive(Clone, Debug, PartialEq)]
+enum Scaling {
+    Llama3(Llama3Scaling),
+    LongRope(LongRope),
+}
+
+/// The rotary embedding a model's configuration gives: the inverse frequencies of the first
+/// `2 · inv_freq.len()` dims of each head, LongRoPE's long ones and the length past which they
+/// serve, and the scale of cos and sin.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Rotary {
+    pub(crate) inv_freq: Vec<f32>,
+    /// Empty without LongRoPE.
+    pub(crate) long_inv_freq: Vec<f32>,
+    pub(crate) original: usize,
+    pub(crate) scale: f64,
+    /// LongRoPE's short and long factors as the config gives them (empty without LongRoPE).
+    pub(crate) factors: [Vec<f64>; 2],
+}
+
 impl LlamaConfig {
     /// Key/value heads.
     pub fn kv_heads(&self) -> usize {
@@ -168,37 +210,88 @@ impl LlamaConfig {
             .unwrap_or(10_000.0)
     }
 
-    fn scaling(&self, path: &std::path::Path) -> Result<Option<Llama3Scaling>> {
+    /// The dims of each head that rotate: `int(head_dim · partial_rotary_factor)` for Phi-3, all
+    /// of them elsewhere (transformers reads the factor only there).
+    pub fn rotary_dims(&self) -> usize {
+        let hd = self.head_size();
+        if !self.phi3() {
+            return hd;
+        }
+        let f = self.partial_rotary_factor.or_else(|| self.rope_field("partial_rotary_factor").and_then(Value::as_f64)).unwrap_or(1.0);
+        (hd as f64 * f) as usize
+    }
+
+    fn scaling(&self, path: &std::path::Path) -> Result<Option<Scaling>> {
         let kind = self.rope_field("rope_type").or_else(|| self.rope_field("type")).and_then(Value::as_str).unwrap_or("default");
         match kind {
             "default" => Ok(None),
+            // transformers reads Phi-3's older names (`su`, `yarn`) as LongRoPE.
+            "longrope" | "su" | "yarn" if self.phi3() => {
+                let half = self.rotary_dims() / 2;
+                let factors = |k: &str| -> Result<Vec<f64>> {
+                    let list = self.rope_field(k).and_then(Value::as_array).ok_or_else(|| ModelError::config(path, format!("rope scaling `longrope` needs a list of numbers `{k}`")))?;
+                    let v: Vec<f64> = list.iter().filter_map(Value::as_f64).filter(|x| x.is_finite() && *x > 0.0).collect();
+                    if v.len() != list.len() || v.len() != half {
+                        return Err(ModelError::config(path, format!("rope scaling `{k}` must be {half} positive numbers, one per rotated pair of a head's dims; found {} entries", list.len())));
+                    }
+                    Ok(v)
+                };
+                // transformers takes Phi-3's top-level key (its default 4096), not the RoPE settings'.
+                let original = self.original_max_position_embeddings.unwrap_or(4096);
+                if original == 0 {
+                    return Err(ModelError::config(path, "original_max_position_embeddings is 0; expected at least 1"));
+                }
+                let factor = self.rope_field("factor").and_then(Value::as_f64).unwrap_or(self.max_position_embeddings as f64 / original as f64);
+                let attention_factor = match self.rope_field("attention_factor").and_then(Value::as_f64) {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                };
+                if !attention_factor.is_finite() {
+                    return Err(ModelError::config(path, format!("rope scaling's attention factor (`attention_factor`, else derived from max_position_embeddings and original_max_position_embeddings) is {attention_factor}; expected a finite number")));
+                }
+                Ok(Some(Scaling::LongRope(LongRope { short_factor: factors("short_factor")?, long_factor: factors("long_factor")?, original, attention_factor })))
+            }
             "llama3" => {
                 let get = |k: &str| {
                     self.rope_field(k)
                         .and_then(Value::as_f64)
                         .ok_or_else(|| ModelError::config(path, format!("rope scaling `llama3` needs a number `{k}`")))
                 };
-                Ok(Some(Llama3Scaling {
+                Ok(Some(Scaling::Llama3(Llama3Scaling {
                     factor: get("factor")?,
                     low_freq_factor: get("low_freq_factor")?,
                     high_freq_factor: get("high_freq_factor")?,
                     original_max_position_embeddings: get("original_max_position_embeddings")?,
-                }))
+                })))
             }
             other => Err(ModelError::config(
                 path,
-                format!("rope_type `{other}` is not implemented; expected `default` or `llama3`"),
+                format!("rope_type `{other}` is not implemented; expected `default` or `llama3`{}", if self.phi3() { " (or `longrope` for Phi-3)" } else { "" }),
             )),
         }
     }
 
-    /// Inverse frequencies of the rotary embedding, computed as transformers does (f32), with
-    /// Llama 3 scaling applied when configured.
-    fn inv_freq(&self, path: &std::path::Path) -> Result<Vec<f32>> {
-        let dim = self.head_size();
+    /// The rotary embedding, its inverse frequencies computed as transformers does (f32), with
+    /// Llama 3's or LongRoPE's scaling applied when configured.
+    pub(crate) fn rotary(&self, path: &std::path::Path) -> Result<Rotary> {
+        let dim = self.rotary_dims();
+        if dim == 0 || !dim.is_multiple_of(2) || dim > self.head_size() {
+            return Err(ModelError::config(path, format!("{dim} dims of each head rotate (head_dim × partial_rotary_factor); expected an even number from 2 to the head size ({})", self.head_size())));
+        }
         let base = self.theta() as f32;
-        let mut inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32)).collect();
-        if let Some(s) = self.scaling(path)? {
+        let plain = |i: usize| base.powf((2 * i) as f32 / dim as f32);
+        let mut inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / plain(i)).collect();
+        let scaled = |factors: &[f64]| factors.iter().enumerate().map(|(i, &f)| 1.0 / (f as f32 * plain(i))).collect::<Vec<f32>>();
+        let s = match self.scaling(path)? {
+            None => None,
+            Some(Scaling::LongRope(r)) => {
+                let (inv_freq, long_inv_freq) = (scaled(&r.short_factor), scaled(&r.long_factor));
+                return Ok(Rotary { inv_freq, long_inv_freq, original: r.original, scale: r.attention_factor, factors: [r.short_factor, r.long_factor] });
+            }
+            Some(Scaling::Llama3(s)) => Some(s),
+        };
+        if let Some(s) = s {
             let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
             let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
             for f in &mut inv {
@@ -211,11 +304,17 @@ impl LlamaConfig {
                 *f = if medium { ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32 } else { scaled as f32 };
             }
         }
-        Ok(inv)
+        Ok(Rotary { inv_freq: inv, long_inv_freq: Vec::new(), original: usize::MAX, scale: 1.0, factors: [Vec::new(), Vec::new()] })
     }
 
     fn qkv_bias(&self) -> bool {
         self.attention_bias || self.model_type == "qwen2"
+    }
+
+    /// Phi-3's layer: the query, key and value projections in one matrix, and the gate and up
+    /// projections in another (in that order), without biases.
+    pub(crate) fn phi3(&self) -> bool {
+        self.model_type == "phi3"
     }
 
     /// Whether transformers' config of this model type has a `sliding_window` key (Mistral, Qwen2,
@@ -225,12 +324,12 @@ impl LlamaConfig {
     }
 
     /// The attention window of each layer (`None`: the whole causal past), as transformers sets it:
-    /// every layer of a Mistral; for Qwen2 / Qwen3 with `use_sliding_window`, the layers
+    /// every layer of a Mistral or a Phi-3; for Qwen2 / Qwen3 with `use_sliding_window`, the layers
     /// `layer_types` marks `sliding_attention`, or without it those from `max_window_layers` on.
     pub fn layer_windows(&self, path: &std::path::Path) -> Result<Vec<Option<usize>>> {
         let n = self.num_hidden_layers;
         let window = match self.model_type.as_str() {
-            "mistral" => self.sliding_window,
+            "mistral" | "phi3" => self.sliding_window,
             "qwen2" | "qwen3" | "smollm3" if self.use_sliding_window => self.sliding_window,
             _ => None,
         };
@@ -238,7 +337,7 @@ impl LlamaConfig {
         if w == 0 {
             return Err(ModelError::config(path, "sliding_window must be at least 1"));
         }
-        if self.model_type == "mistral" {
+        if matches!(self.model_type.as_str(), "mistral" | "phi3") {
             return Ok(vec![Some(w); n]);
         }
         let sliding = match &self.layer_types {
@@ -301,9 +400,12 @@ impl LlamaConfig {
 
 #[derive(Module, Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// The three projections; Phi-3 has them in one, `qkv_proj`.
+    q_proj: Option<Linear>,
+    k_proj: Option<Linear>,
+    v_proj: Option<Linear>,
+    /// Phi-3: the queries', keys' and values' rows of one matrix, in that order.
+    qkv_proj: Option<Linear>,
     o_proj: Linear,
     /// Qwen3: RMSNorm over each query head and key head, before the rotation; OLMo 2: over all
     /// query heads and all key heads together.
@@ -322,8 +424,10 @@ struct Attention {
 
 #[derive(Module, Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// The gate and up projections; Phi-3 has them in one, `gate_up_proj` (the gate's rows first).
+    gate_proj: Option<Linear>,
+    up_proj: Option<Linear>,
+    gate_up_proj: Option<Linear>,
     down_proj: Linear,
 }
 
@@ -349,6 +453,11 @@ pub struct Llama {
     /// `[hidden, vocab]`; `None` when tied to the embeddings.
     lm_head: Option<Param<Tensor<2>>>,
     inv_freq: Vec<f32>,
+    /// LongRoPE's inverse frequencies for sequences longer than `rope_original` (empty without
+    /// LongRoPE), and the scale of cos and sin (its attention factor; 1 elsewhere).
+    long_inv_freq: Vec<f32>,
+    rope_original: usize,
+    rope_scale: f64,
     /// Granite's scales of the embeddings and of the residual branches, and the logits' divisor
     /// (1 elsewhere).
     embedding_multiplier: f64,
@@ -370,12 +479,35 @@ fn head_norm(norm: Option<&RmsNorm>, x: Tensor<3>, heads: usize) -> Tensor<3> {
     rms_norm(norm, x.reshape([b, t * heads, d / heads])).reshape([b, t, d])
 }
 
+/// The outputs of one projection `[B, T, Σ widths]` split along the last axis.
+fn split_last<const N: usize>(y: Tensor<3>, widths: [usize; N]) -> [Tensor<3>; N] {
+    let mut start = 0;
+    widths.map(|w| {
+        start += w;
+        y.clone().narrow(2, start - w, w)
+    })
+}
+
 impl Attention {
+    /// Queries, keys and values `[B, T, heads · Dh]`, from the three projections or Phi-3's one.
+    fn qkv(&self, x: Tensor<3>) -> [Tensor<3>; 3] {
+        match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
+            (Some(qkv), ..) => {
+                let y = qkv.forward(x);
+                let hd = y.dims()[2] / (self.n_heads + 2 * self.n_kv_heads);
+                split_last(y, [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd])
+            }
+            (None, Some(q), Some(k), Some(v)) => [q.forward(x.clone()), k.forward(x.clone()), v.forward(x)],
+            _ => unreachable!("a Llama-family attention is built with q/k/v projections or a fused one"),
+        }
+    }
+
     fn forward(&self, x: Tensor<3>, cos: &Tensor<4>, sin: &Tensor<4>, mask: &Tensor<4, Bool>, layer: usize, cache: Option<&mut KvCache>) -> Tensor<3> {
         let groups = |heads: usize| if self.norm_whole { 1 } else { heads };
-        let q = split_heads(head_norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone()), groups(self.n_heads)), self.n_heads);
-        let k = split_heads(head_norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone()), groups(self.n_kv_heads)), self.n_kv_heads);
-        let v = split_heads(self.v_proj.forward(x), self.n_kv_heads);
+        let [q, k, v] = self.qkv(x);
+        let q = split_heads(head_norm(self.q_norm.as_ref(), q, groups(self.n_heads)), self.n_heads);
+        let k = split_heads(head_norm(self.k_norm.as_ref(), k, groups(self.n_kv_heads)), self.n_kv_heads);
+        let v = split_heads(v, self.n_kv_heads);
         let (q, k) = if self.rope { (rotate_half(q, cos, sin), rotate_half(k, cos, sin)) } else { (q, k) };
         let (k, v) = match cache {
             Some(cache) => cache.append(layer, k, v),
@@ -389,7 +521,15 @@ impl Mlp {
     /// `down(silu(gate(x)) · up(x))`, the gate one recorded operation where the backend has
     /// `odpo_kernels::glu`.
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let (g, u) = (self.gate_proj.forward(x.clone()), self.up_proj.forward(x));
+        let [g, u] = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
+            (Some(gate_up), ..) => {
+                let y = gate_up.forward(x);
+                let inner = y.dims()[2] / 2;
+                split_last(y, [inner, inner])
+            }
+            (None, Some(g), Some(u)) => [g.forward(x.clone()), u.forward(x)],
+            _ => unreachable!("a Llama-family MLP is built with gate and up projections or a fused one"),
+        };
         self.down_proj.forward(odpo_kernels::glu(g.clone(), u.clone(), Gate::Silu).unwrap_or_else(|| silu(g) * u))
     }
 }
@@ -413,11 +553,12 @@ impl Llama {
         }
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
-        let inv_freq = cfg.inv_freq(w.path())?;
+        let rotary = cfg.rotary(w.path())?;
         let [embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling] = cfg.multipliers(w.path())?;
         let windows = cfg.layer_windows(w.path())?;
         let ropes = cfg.layer_ropes(w.path())?;
-        let (eps, inner, qkv_bias, olmo2) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias(), cfg.olmo2());
+        let (eps, inner, qkv_bias, olmo2, fused) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias(), cfg.olmo2(), cfg.phi3());
+        let separate = |rows: usize, bias: bool| (!fused).then(|| names::linear(d, rows, bias, device));
         // Qwen3 norms each head's queries and keys, OLMo 2 all of a row's queries and all its keys.
         let (q_norm, k_norm) = if olmo2 { (Some(nh * hd), Some(nkv * hd)) } else if cfg.qk_norm() { (Some(hd), Some(hd)) } else { (None, None) };
         let layers = windows
@@ -426,9 +567,10 @@ impl Llama {
             .map(|(window, rope)| Layer {
                 input_layernorm: (!olmo2).then(|| names::rms_norm(d, eps, device)),
                 self_attn: Attention {
-                    q_proj: names::linear(d, nh * hd, qkv_bias, device),
-                    k_proj: names::linear(d, nkv * hd, qkv_bias, device),
-                    v_proj: names::linear(d, nkv * hd, qkv_bias, device),
+                    q_proj: separate(nh * hd, qkv_bias),
+                    k_proj: separate(nkv * hd, qkv_bias),
+                    v_proj: separate(nkv * hd, qkv_bias),
+                    qkv_proj: fused.then(|| names::linear(d, (nh + 2 * nkv) * hd, false, device)),
                     o_proj: names::linear(nh * hd, d, cfg.attention_bias, device),
                     q_norm: q_norm.map(|n| names::rms_norm(n, eps, device)),
                     k_norm: k_norm.map(|n| names::rms_norm(n, eps, device)),
@@ -441,8 +583,9 @@ impl Llama {
                 },
                 post_attention_layernorm: names::rms_norm(d, eps, device),
                 mlp: Mlp {
-                    gate_proj: names::linear(d, inner, cfg.mlp_bias, device),
-                    up_proj: names::linear(d, inner, cfg.mlp_bias, device),
+                    gate_proj: separate(inner, cfg.mlp_bias),
+                    up_proj: separate(inner, cfg.mlp_bias),
+                    gate_up_proj: fused.then(|| names::linear(d, 2 * inner, false, device)),
                     down_proj: names::linear(inner, d, cfg.mlp_bias, device),
                 },
                 post_feedforward_layernorm: olmo2.then(|| names::rms_norm(d, eps, device)),
@@ -453,7 +596,10 @@ impl Llama {
             layers,
             norm: names::rms_norm(d, eps, device),
             lm_head: (!cfg.tie_word_embeddings).then(|| names::lazy([d, v], device)),
-            inv_freq,
+            inv_freq: rotary.inv_freq,
+            long_inv_freq: rotary.long_inv_freq,
+            rope_original: rotary.original,
+            rope_scale: rotary.scale,
             embedding_multiplier,
             residual_multiplier,
             logits_scaling,
@@ -470,20 +616,20 @@ impl Llama {
             if let Some(n) = &mut l.input_layernorm {
                 t.push((format!("{p}.input_layernorm"), Slot::RmsNorm(n)));
             }
-            t.push((format!("{p}.self_attn.q_proj"), Slot::Linear(&mut l.self_attn.q_proj)));
-            t.push((format!("{p}.self_attn.k_proj"), Slot::Linear(&mut l.self_attn.k_proj)));
-            t.push((format!("{p}.self_attn.v_proj"), Slot::Linear(&mut l.self_attn.v_proj)));
-            t.push((format!("{p}.self_attn.o_proj"), Slot::Linear(&mut l.self_attn.o_proj)));
-            if let Some(n) = &mut l.self_attn.q_norm {
-                t.push((format!("{p}.self_attn.q_norm"), Slot::RmsNorm(n)));
-            }
-            if let Some(n) = &mut l.self_attn.k_norm {
-                t.push((format!("{p}.self_attn.k_norm"), Slot::RmsNorm(n)));
+            let Attention { q_proj, k_proj, v_proj, qkv_proj, o_proj, q_norm, k_norm, .. } = &mut l.self_attn;
+            let attention = [("q_proj", q_proj), ("k_proj", k_proj), ("v_proj", v_proj), ("qkv_proj", qkv_proj)];
+            t.extend(attention.into_iter().filter_map(|(name, proj)| Some((format!("{p}.self_attn.{name}"), Slot::Linear(proj.as_mut()?)))));
+            t.push((format!("{p}.self_attn.o_proj"), Slot::Linear(o_proj)));
+            for (name, norm) in [("q_norm", q_norm), ("k_norm", k_norm)] {
+                if let Some(n) = norm {
+                    t.push((format!("{p}.self_attn.{name}"), Slot::RmsNorm(n)));
+                }
             }
             t.push((format!("{p}.post_attention_layernorm"), Slot::RmsNorm(&mut l.post_attention_layernorm)));
-            t.push((format!("{p}.mlp.gate_proj"), Slot::Linear(&mut l.mlp.gate_proj)));
-            t.push((format!("{p}.mlp.up_proj"), Slot::Linear(&mut l.mlp.up_proj)));
-            t.push((format!("{p}.mlp.down_proj"), Slot::Linear(&mut l.mlp.down_proj)));
+            let Mlp { gate_proj, up_proj, gate_up_proj, down_proj } = &mut l.mlp;
+            let mlp = [("gate_proj", gate_proj), ("up_proj", up_proj), ("gate_up_proj", gate_up_proj)];
+            t.extend(mlp.into_iter().filter_map(|(name, proj)| Some((format!("{p}.mlp.{name}"), Slot::Linear(proj.as_mut()?)))));
+            t.push((format!("{p}.mlp.down_proj"), Slot::Linear(down_proj)));
             if let Some(n) = &mut l.post_feedforward_layernorm {
                 t.push((format!("{p}.post_feedforward_layernorm"), Slot::RmsNorm(n)));
             }
@@ -506,7 +652,7 @@ impl Llama {
         }
         // Granite scales each branch on its way into the residual stream.
         let branch = |y: Tensor<3>| if self.residual_multiplier != 1.0 { y.mul_scalar(self.residual_multiplier) } else { y };
-        let (cos, sin) = rotate_half_cos_sin(&self.inv_freq, positions(mask, t), x.dtype());
+        let (cos, sin) = rotate_half_cos_sin(self.frequencies(mask), self.rope_scale, positions(mask, t), x.dtype());
         let m = attention_mask(mask, t, &x.device());
         // Every sliding layer has the config's one window.
         let windowed = self.layers.iter().find_map(|l| l.self_attn.window).map(|w| sliding_window_mask(&m, w));
@@ -530,6 +676,24 @@ impl Llama {
             }
         }
         rms_norm(&self.norm, x)
+    }
+
+    /// The inverse frequencies for a batch whose real tokens (cached ones included) `mask` marks:
+    /// LongRoPE's long ones once a row's last position reaches the original length, as
+    /// transformers switches on `max(position_ids) + 1`, the short ones before.
+    fn frequencies(&self, mask: &Tensor<2, Int>) -> &[f32] {
+        // A batch no wider than the original length is short whatever its padding (no read-back).
+        if self.long_inv_freq.is_empty() || mask.dims()[1] <= self.rope_original {
+            return &self.inv_freq;
+        }
+        let longest = mask.clone().sum_dim(1).max().into_scalar::<i64>();
+        if longest > self.rope_original as i64 { &self.long_inv_freq } else { &self.inv_freq }
+    }
+
+    /// The length past which a sequence is rotated with other frequencies (LongRoPE's original
+    /// length): a KV cache filled before it holds keys the longer sequence would rotate otherwise.
+    pub fn rope_switch(&self) -> Option<usize> {
+        (!self.long_inv_freq.is_empty()).then_some(self.rope_original)
     }
 
     /// Logits `[B, T, V]`: the LM head on [`Self::hidden`].

@@ -247,10 +247,17 @@ pub fn shared_prompt_rows(
         let zeros = || Tensor::zeros([b2], &device);
         return RowLogprobs { sum: zeros(), count, wpo: wpo.then(zeros) };
     }
-    let mut cache = model.new_cache();
-    let hidden = model.hidden(prompt_ids, prompt_mask, Some(&mut cache));
     let both: Vec<i64> = (0..b as i64).chain(0..b as i64).collect();
     let both = Tensor::<1, Int>::from_data(TensorData::new(both, [b2]), &device);
+    if model.rope_switch().is_some_and(|o| p + c > o) {
+        // LongRoPE picks its frequencies by the batch's longest row, which the prompts' pass alone
+        // cannot see: the rows run concatenated instead (the same log-probs, the prompt twice).
+        let ids = Tensor::cat(vec![prompt_ids.select(0, both), completion_ids], 1);
+        let loss_mask = Tensor::cat(vec![Tensor::zeros([b2, p], &device), loss_mask], 1);
+        return completion_rows(model, ids, full_mask, loss_mask, p, wpo);
+    }
+    let mut cache = model.new_cache();
+    let hidden = model.hidden(prompt_ids, prompt_mask, Some(&mut cache));
     // The last prompt column predicts each completion's first token.
     let mut h = hidden.narrow(1, p - 1, 1).select(0, both.clone());
     if c > 1 {

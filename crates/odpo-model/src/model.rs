@@ -49,7 +49,7 @@ impl ModelConfig {
             "GPT2LMHeadModel" | "GPT2Model" | "gpt2" => {
                 Ok(Self::Gpt2(serde_path_to_error::deserialize(value.clone()).map_err(parse)?))
             }
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "smollm3" | "granite" => {
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM" | "Phi3ForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "smollm3" | "granite" | "phi3" => {
                 let mut cfg: LlamaConfig = serde_path_to_error::deserialize(value.clone()).map_err(parse)?;
                 // The architecture decides what the weights hold (Qwen2's q/k/v biases, Qwen3's
                 // head norms, OLMo 2's norms), whatever `model_type` says.
@@ -67,9 +67,20 @@ impl ModelConfig {
                     cfg.model_type = "smollm3".into();
                 } else if matches!(arch, "GraniteForCausalLM" | "granite") {
                     cfg.model_type = "granite".into();
-                } else if matches!(cfg.model_type.as_str(), "olmo2" | "smollm3" | "granite") {
-                    // `model_type` alone does not make OLMo 2's, SmolLM3's or Granite's layers out
-                    // of a Llama architecture.
+                } else if matches!(arch, "Phi3ForCausalLM" | "phi3") {
+                    cfg.model_type = "phi3".into();
+                    // transformers' Phi-3 config: epsilon 1e-5, 4096 positions, no biases whatever
+                    // the keys say (its projections have none).
+                    if value.get("rms_norm_eps").is_none() {
+                        cfg.rms_norm_eps = 1e-5;
+                    }
+                    if value.get("max_position_embeddings").is_none() {
+                        cfg.max_position_embeddings = 4096;
+                    }
+                    (cfg.attention_bias, cfg.mlp_bias) = (false, false);
+                } else if matches!(cfg.model_type.as_str(), "olmo2" | "smollm3" | "granite" | "phi3") {
+                    // `model_type` alone does not make OLMo 2's, SmolLM3's, Granite's or Phi-3's
+                    // layers out of a Llama architecture.
                     cfg.model_type = "llama".into();
                 }
                 // transformers' Mistral, Qwen2 and Qwen3 configs default the window to 4096 tokens
@@ -212,6 +223,7 @@ impl ModelConfig {
                     "olmo2" => "Olmo2ForCausalLM",
                     "smollm3" => "SmolLM3ForCausalLM",
                     "granite" => "GraniteForCausalLM",
+                    "phi3" => "Phi3ForCausalLM",
                     _ => "LlamaForCausalLM",
                 };
                 (serde_json::to_value(c), arch, c.model_type.as_str())
@@ -628,6 +640,16 @@ impl CausalLm {
             Self::Gptj(m) => m.vocab_size(),
             Self::GptNeox(m) => m.vocab_size(),
             Self::Gemma(m) => m.vocab_size(),
+        }
+    }
+
+    /// The length past which the model rotates a sequence with other frequencies (Phi-3's
+    /// LongRoPE): keys cached before a sequence passes it are not the keys of the longer sequence,
+    /// so a generation that passes it fills its cache again, as transformers' Phi-3 does.
+    pub fn rope_switch(&self) -> Option<usize> {
+        match self {
+            Self::Llama(m) => m.rope_switch(),
+            _ => None,
         }
     }
 

@@ -34,6 +34,8 @@ const CASES: &[&str] = &[
     "smollm3_nope",
     "granite_scales",
     "smollm3_llamacpp",
+    "phi3_longrope",
+    "phi3_short",
 ];
 
 #[test]
@@ -199,16 +201,18 @@ fn save_then_load_gives_identical_logits() {
 }
 
 /// KV-cache generation against full recomputation on the Llama and Gemma families' fixtures, the
-/// sliding windows among them: ten decoded steps carry the sequences past every window, and the
-/// batch's left padding shifts the indices the windows are counted in.
+/// sliding windows among them: twelve decoded steps carry the sequences past every window, and the
+/// batch's left padding shifts the indices the windows are counted in. A prompt of 7 tokens and 12
+/// new ones passes `phi3_longrope`'s original length of 16, where LongRoPE changes frequencies and
+/// the cache is filled again.
 #[test]
 fn cached_generation_matches_full_recompute() {
-    for case in ["llama_gqa_untied", "qwen3_qk_norm", "olmo2", "smollm3_nope", "granite_scales", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
+    for case in ["llama_gqa_untied", "qwen3_qk_norm", "olmo2", "smollm3_nope", "granite_scales", "phi3_longrope", "phi3_short", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text"] {
         check_cached_generation(case);
     }
 }
 
-/// What the Gemma, SmolLM3 and Granite fixtures exercise matters: each of their options, lifted, moves the
+/// What the Gemma, SmolLM3, Granite and Phi-3 fixtures exercise matters: each of their options, lifted, moves the
 /// logits far from transformers' (and Gemma's legacy `hidden_act: gelu` is read as the tanh form it
 /// meant).
 #[test]
@@ -233,6 +237,10 @@ fn family_options_change_the_logits() {
         ("granite_scales", "residual_multiplier", json!(1.0), true),
         ("granite_scales", "attention_multiplier", json!(0.25), true),
         ("granite_scales", "logits_scaling", json!(1.0), true),
+        // The short factors in place of the long ones, no window, no LongRoPE.
+        ("phi3_longrope", "original_max_position_embeddings", json!(32), true),
+        ("phi3_longrope", "sliding_window", json!(null), true),
+        ("phi3_short", "rope_parameters", json!({"rope_type": "default", "rope_theta": 10000.0}), true),
     ];
     for (case, key, value, moves) in mutations {
         let dir = fixture(case);
@@ -254,8 +262,9 @@ fn family_options_change_the_logits() {
 
 /// Fixtures written as llama.cpp writes GGUF files (`fixtures/gguf/`, by `make_gguf_fixtures.py`)
 /// and loaded from them give transformers' logits: Qwen2, Qwen3 and OLMo 2 (stored unpermuted),
-/// SmolLM3 (permuted; no key for its layers without the rotation) and Granite (permuted; its
-/// multipliers as llama.cpp's scales), and Gemma,
+/// SmolLM3 (permuted; no key for its layers without the rotation), Granite (permuted; its
+/// multipliers as llama.cpp's scales), Phi-3 (fused projections; the rotated dims, LongRoPE's
+/// original length and attention factor as keys, its factors as tensors), and Gemma,
 /// Gemma 2 and Gemma 3 (norms stored as `1 + w`, llama.cpp's names, no key for the query scale or
 /// the layer pattern: the norms, the query scale, the sliding layers, both caps and the full
 /// layers' scaled rotary base all come back).
@@ -271,6 +280,7 @@ fn gguf_files_match_transformers() {
         ("tiny_olmo2.gguf", "olmo2", "Olmo2ForCausalLM"),
         ("tiny_smollm3.gguf", "smollm3_llamacpp", "SmolLM3ForCausalLM"),
         ("tiny_granite.gguf", "granite_scales", "GraniteForCausalLM"),
+        ("tiny_phi3.gguf", "phi3_llamacpp", "Phi3ForCausalLM"),
     ] {
         let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
         let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
@@ -303,7 +313,7 @@ fn written_gguf_files_read_back_as_the_model() {
     let dir = std::env::var_os("ODPO_KEEP_GGUF").map_or_else(|| tmp.to_path_buf(), std::path::PathBuf::from);
     let exp = read_safetensors(&fixture("llama_gqa_untied").join("expected.safetensors"));
     let (ids, mask) = (int2(&exp["left_input_ids"], &device), int2(&exp["left_attention_mask"], &device));
-    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4)] {
+    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4)] {
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
         json["vocab_size"] = (tok.vocab_size() + extra_rows).into();
         let config = ModelConfig::from_hf_json(&json, &fixture(case)).unwrap();

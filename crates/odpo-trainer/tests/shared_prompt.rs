@@ -18,7 +18,7 @@ use odpo_model::{CausalLm, Module};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "olmo2", "smollm3_nope", "granite_scales"];
+const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "olmo2", "smollm3_nope", "granite_scales", "phi3_longrope", "phi3_short"];
 
 fn fixture(case: &str) -> std::path::PathBuf {
     common::repo_root().join("crates/odpo-model/tests/fixtures").join(case)
@@ -26,8 +26,9 @@ fn fixture(case: &str) -> std::path::PathBuf {
 
 fn pairs(vocab: u32, seed: u64) -> Vec<TokenizedPair> {
     let mut rng = StdRng::seed_from_u64(seed);
-    // (prompt, chosen, rejected) lengths: uneven prompts, an empty prompt, an empty rejected.
-    let shapes = [(5, 4, 2), (1, 3, 6), (0, 4, 3), (9, 1, 0), (3, 7, 7)];
+    // (prompt, chosen, rejected) lengths: uneven prompts, an empty prompt, an empty rejected, and a
+    // pair of 17 tokens, past `phi3_longrope`'s original length of 16 (LongRoPE's long factors).
+    let shapes = [(5, 4, 2), (1, 3, 6), (0, 4, 3), (9, 1, 0), (3, 7, 7), (9, 8, 5)];
     let mut toks = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..vocab)).collect() };
     shapes
         .iter()
@@ -80,8 +81,8 @@ fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
         let (a, b) = (to_vec(s_sum.clone()), to_vec(c_sum.clone()));
         // The empty prompt predicts no first token, the empty rejected nothing at all.
         assert_eq!(to_vec(c_count)[2], 3.0, "{case}");
-        assert_eq!(b[8], 0.0, "{case}");
-        assert!(b[0] < -1.0 && b[5] < -1.0, "{case}: log-probs of real completions: {b:?}");
+        assert_eq!(b[9], 0.0, "{case}");
+        assert!(b[0] < -1.0 && b[6] < -1.0, "{case}: log-probs of real completions: {b:?}");
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
             assert!((x - y).abs() < 2e-5 * y.abs().max(1.0), "{case} row {i}: shared {x} vs concatenated {y}");
         }

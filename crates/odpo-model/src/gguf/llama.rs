@@ -1,14 +1,16 @@
 //! A GGUF file of the Llama family (`llama`, which Mistral's files declare too, `qwen2`, `qwen3`,
-//! `olmo2`, `smollm3`, `granite`) as an HF `config.json` value and weights under HF names and
+//! `olmo2`, `smollm3`, `granite`, `phi3`) as an HF `config.json` value and weights under HF names and
 //! layouts: llama.cpp's tensor names mapped to HF's, and for `llama`, `smollm3` and `granite` its
 //! Q/K row permutation undone. llama.cpp's converter permutes those rows for the architectures whose
 //! rotation it computes on adjacent pairs (its `LlamaModel` and the classes built on it); for Qwen2,
-//! Qwen3 and OLMo 2 it rotates halves as HF does and stores the rows as they are.
+//! Qwen3, OLMo 2 and Phi-3 it rotates halves as HF does and stores the rows as they are.
 //!
 //! What a file of the three later architectures leaves out, llama.cpp decides (`src/models/`), and
 //! so does this reader: SmolLM3 skips the rotation in every fourth layer; Granite without an
 //! `attention.scale` scales scores by `head_dim^-½`, and without a residual or embedding scale uses
-//! none.
+//! none. Phi-3's fused projections keep their HF layout (`attn_qkv`, and `ffn_up` holding the gate's
+//! rows then the up projection's); its LongRoPE factors are two tensors (`rope_factors_short`,
+//! `rope_factors_long`), which become the config's `short_factor` and `long_factor`.
 
 use std::path::Path;
 
@@ -18,14 +20,18 @@ use super::{GgufError, GgufFile, GgufValue, HfModel, HostTensor, tensor_err};
 
 /// The architectures read, as `general.architecture` names them, with the HF architecture each
 /// becomes.
-pub(super) const ARCHITECTURES: [(&str, &str); 6] = [
+pub(super) const ARCHITECTURES: [(&str, &str); 7] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
     ("olmo2", "Olmo2ForCausalLM"),
     ("smollm3", "SmolLM3ForCausalLM"),
     ("granite", "GraniteForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
 ];
+
+/// Phi-3's LongRoPE factors: the tensors' names, and the HF config keys they become.
+pub(super) const ROPE_FACTORS: [(&str, &str); 2] = [("rope_factors_short.weight", "short_factor"), ("rope_factors_long.weight", "long_factor")];
 
 /// The architectures whose Q/K rows llama.cpp's converter permutes.
 pub(super) fn permuted(arch: &str) -> bool {
@@ -42,37 +48,48 @@ pub(super) fn hf_name(arch: &str, gguf: &str) -> Option<String> {
     if let Some((_, top)) = TOP.iter().find(|(g, _)| *g == base) {
         return Some(format!("{top}.{suffix}"));
     }
+    // Phi-3's factors keep their own names until the reader moves them into the config.
+    if arch == "phi3" && ROPE_FACTORS.iter().any(|(g, _)| *g == gguf) {
+        return Some(gguf.into());
+    }
     let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
-    let part = PARTS.iter().find(|(g, _)| *g == part && has_part(arch, g))?.1;
+    let part = PARTS.iter().find(|(g, h)| *g == part && has_part(arch, g, h))?.1;
     Some(format!("model.layers.{layer}.{part}.{suffix}"))
 }
 
 /// The tensors outside the layers: llama.cpp's name and HF's.
 const TOP: [(&str, &str); 3] = [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
 
-/// Whether a layer of `arch` has llama.cpp's tensor `part`: OLMo 2's norms are after the attention
-/// and the MLP (`post_attention_norm`, `post_ffw_norm`), the others' before them (`attn_norm`,
-/// `ffn_norm`).
-fn has_part(arch: &str, part: &str) -> bool {
+/// Whether a layer of `arch` has llama.cpp's tensor `part` as HF's `hf`: OLMo 2's norms are after
+/// the attention and the MLP (`post_attention_norm`, `post_ffw_norm`), the others' before them
+/// (`attn_norm`, `ffn_norm`); Phi-3 has its fused projections (`attn_qkv`, and `ffn_up` for the
+/// gate and up projections together) in place of the separate ones.
+fn has_part(arch: &str, part: &str, hf: &str) -> bool {
     let after = matches!(part, "post_attention_norm" | "post_ffw_norm");
     let before = matches!(part, "attn_norm" | "ffn_norm");
-    if arch == "olmo2" { !before } else { !after }
+    let fused = matches!(hf, "self_attn.qkv_proj" | "mlp.gate_up_proj");
+    let separate = matches!(hf, "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" | "mlp.gate_proj" | "mlp.up_proj");
+    let phi3 = arch == "phi3";
+    let norms = if arch == "olmo2" { !before } else { !after };
+    norms && if phi3 { !separate } else { !fused }
 }
 
 /// A layer's tensors: llama.cpp's name and HF's. HF's `post_attention_layernorm` is the norm before
 /// the MLP (`ffn_norm`) but OLMo 2's after the attention (`post_attention_norm`).
-const PARTS: [(&str, &str); 13] = [
+const PARTS: [(&str, &str); 15] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
+    ("attn_qkv", "self_attn.qkv_proj"),
     ("attn_output", "self_attn.o_proj"),
     ("attn_q_norm", "self_attn.q_norm"),
     ("attn_k_norm", "self_attn.k_norm"),
     ("ffn_norm", "post_attention_layernorm"),
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
+    ("ffn_up", "mlp.gate_up_proj"),
     ("ffn_down", "mlp.down_proj"),
     ("post_attention_norm", "post_attention_layernorm"),
     ("post_ffw_norm", "post_feedforward_layernorm"),
@@ -86,7 +103,7 @@ pub(super) fn gguf_name(arch: &str, hf: &str) -> Option<String> {
         format!("{top}.{suffix}")
     } else {
         let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
-        format!("blk.{layer}.{}.{suffix}", PARTS.iter().find(|(g, h)| *h == part && has_part(arch, g))?.0)
+        format!("blk.{layer}.{}.{suffix}", PARTS.iter().find(|(g, h)| *h == part && has_part(arch, g, h))?.0)
     };
     // Only names the reader maps back the same way (a `.weight` or `.bias` of a numbered layer).
     (hf_name(arch, &name).as_deref() == Some(hf)).then_some(name)
@@ -165,7 +182,7 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
     let eps_key = key("attention.layer_norm_rms_epsilon");
     let head_dim = uint(&key("attention.key_length"))?.unwrap_or(hidden / heads);
 
-    let (weights, blocks) = f.read_tensors(
+    let (mut weights, blocks) = f.read_tensors(
         keep_blocks,
         |name| hf_name(arch, name).ok_or_else(|| tensor_err(path, name, format!("has no Hugging Face {hf_arch} equivalent"))),
         |name, hf, b| {
@@ -211,6 +228,34 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
     match arch {
         // llama.cpp's SmolLM3 rotates in three layers of four, whatever the checkpoint did.
         "smollm3" => config["no_rope_layer_interval"] = json!(4),
+        "phi3" => {
+            // The rotated dims (Phi-4-mini's partial rotation), LongRoPE's original length, its
+            // attention factor and its factors, which llama.cpp keeps as tensors.
+            let rotated = uint(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+            config["partial_rotary_factor"] = json!(rotated as f64 / head_dim as f64);
+            if let Some(original) = uint(&key("rope.scaling.original_context_length"))? {
+                config["original_max_position_embeddings"] = json!(original);
+            }
+            // The converter writes 0 for none (Phi-4).
+            config["sliding_window"] = json!(uint(&key("attention.sliding_window"))?.filter(|w| *w > 0));
+            let mut rope = json!({"rope_type": "default", "rope_theta": config["rope_theta"]});
+            for (name, hf_key) in ROPE_FACTORS {
+                if let Some(t) = weights.remove(name) {
+                    rope[hf_key] = json!(t.data);
+                }
+            }
+            match (rope.get("short_factor").is_some(), rope.get("long_factor").is_some()) {
+                (true, true) => {
+                    rope["rope_type"] = json!("longrope");
+                    if let Some(a) = float(&key("rope.scaling.attn_factor"))? {
+                        rope["attention_factor"] = json!(a);
+                    }
+                }
+                (false, false) => {}
+                _ => return Err(tensor_err(path, "rope_factors_short.weight", "comes without rope_factors_long.weight or the other way round; LongRoPE needs both")),
+            }
+            config["rope_parameters"] = rope;
+        }
         "granite" => {
             // An absent (or zero) scale is none, as in llama.cpp; the scores' default is 1/√head_dim.
             let scale = |k: &str, none: f64| -> Result<f64, GgufError> { Ok(float(&key(k))?.filter(|x| *x != 0.0).unwrap_or(none)) };

@@ -665,12 +665,22 @@ mod tests {
             ("llama", "blk.1.ffn_norm.weight", Some("model.layers.1.post_attention_layernorm.weight")),
             ("smollm3", "blk.1.post_ffw_norm.weight", None),
             ("granite", "blk.1.post_attention_norm.weight", None),
+            // Phi-3's fused projections in place of the separate ones, and only in Phi-3.
+            ("phi3", "blk.1.attn_qkv.weight", Some("model.layers.1.self_attn.qkv_proj.weight")),
+            ("phi3", "blk.1.ffn_up.weight", Some("model.layers.1.mlp.gate_up_proj.weight")),
+            ("phi3", "blk.1.attn_q.weight", None),
+            ("phi3", "blk.1.ffn_gate.weight", None),
+            ("llama", "blk.1.attn_qkv.weight", None),
+            ("llama", "blk.1.ffn_up.weight", Some("model.layers.1.mlp.up_proj.weight")),
         ] {
             assert_eq!(hf_name(arch, gguf).as_deref(), hf, "{arch} {gguf}");
             if let Some(hf) = hf {
                 assert_eq!(super::llama::gguf_name(arch, hf).as_deref(), Some(gguf), "{arch} {hf}");
             }
         }
+        // LongRoPE's factors are read from Phi-3's files (into its config) and from no other.
+        assert_eq!(hf_name("phi3", "rope_factors_long.weight").as_deref(), Some("rope_factors_long.weight"));
+        assert_eq!(hf_name("llama", "rope_factors_long.weight"), None);
     }
 
     #[test]

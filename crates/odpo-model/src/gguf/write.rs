@@ -17,6 +17,7 @@ use super::{GgufError, llama, meta_err};
 use crate::model::{CausalLm, ModelConfig};
 use crate::quantized::{BLOCK, QuantBlocks};
 use crate::tokenizer::Tokenizer;
+use crate::weights::HfEntry;
 
 /// How the matrices are stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,10 +99,11 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "Olmo2ForCausalLM" => "olmo2",
         "SmolLM3ForCausalLM" => "smollm3",
         "GraniteForCausalLM" => "granite",
+        "Phi3ForCausalLM" => "phi3",
         "GemmaForCausalLM" => "gemma",
         "Gemma2ForCausalLM" => "gemma2",
         "Gemma3ForCausalLM" => "gemma3",
-        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
     };
     // What llama.cpp fixes by architecture for Gemma must be what the model does.
     let gemma = match config {
@@ -118,9 +120,16 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         let kind = s["rope_type"].as_str().or(s["type"].as_str());
         kind.is_some_and(|k| k != "default")
     });
+    // Phi-3's rotation: the rotated dims, LongRoPE's factors and attention factor as the model
+    // computes them (llama.cpp keeps the factors as tensors).
+    let phi3 = match config {
+        ModelConfig::Llama(c) if c.phi3() => Some((c.rotary_dims(), c.rotary(path).map_err(|e| err("rope_parameters", e.to_string()))?)),
+        _ => None,
+    };
     let (theta, linear_factor) = match (&gemma, scaling) {
         (Some(g), _) => (g.rope_theta, g.linear_factor),
         (None, None) => (rope_theta(&cfg), None),
+        (None, Some(_)) if phi3.is_some() => (rope_theta(&cfg), None),
         (None, Some(s)) if s["rope_type"] == "linear" || s["type"] == "linear" => (rope_theta(&cfg), Some(s["factor"].as_f64().unwrap_or(1.0))),
         (None, Some(s)) => return Err(err("rope_scaling", format!("{s}: only linear RoPE scaling is written to GGUF"))),
     };
@@ -183,6 +192,19 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
             kvs.push((key(k), Kv::F32(cfg[hf].as_f64().unwrap_or(1.0) as f32)));
         }
     }
+    let mut extra: Vec<HfEntry> = Vec::new();
+    if let (Some((rotated, rotary)), ModelConfig::Llama(c)) = (&phi3, config) {
+        kvs.push((key("rope.dimension_count"), u32_of(*rotated as u64)));
+        kvs.push((key("rope.scaling.original_context_length"), u32_of(c.original_max_position_embeddings.unwrap_or(4096) as u64)));
+        // 0 for none, as the converter writes it (llama.cpp reads a window but does not apply it yet).
+        kvs.push((key("attention.sliding_window"), u32_of(c.sliding_window.unwrap_or(0) as u64)));
+        if !rotary.long_inv_freq.is_empty() {
+            kvs.push((key("rope.scaling.attn_factor"), Kv::F32(rotary.scale as f32)));
+            for ((name, _), factors) in llama::ROPE_FACTORS.iter().zip(&rotary.factors) {
+                extra.push(((*name).into(), vec![factors.len()], factors.iter().map(|&f| f as f32).collect()));
+            }
+        }
+    }
     if let Some(factor) = linear_factor {
         kvs.push((key("rope.scaling.type"), Kv::Str("linear".into())));
         kvs.push((key("rope.scaling.factor"), Kv::F32(factor as f32)));
@@ -192,12 +214,14 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     // Tensors: llama.cpp's names, ggml's dimension order (fastest first), each aligned. The infos
     // come first (offsets from the sizes), then the data straight into the file's bytes.
     let hf = model.hf_tensors();
-    let tensors = hf.read_back(path).map_err(|e| err("tensors", e.to_string()))?;
+    // The model's tensors, then Phi-3's LongRoPE factors under llama.cpp's names.
+    let tensors: Vec<&HfEntry> = hf.read_back(path).map_err(|e| err("tensors", e.to_string()))?.iter().chain(&extra).collect();
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
-    for (name, shape, values) in tensors {
+    for &(name, shape, values) in &tensors {
         let gguf = match gemma {
             Some(_) => super::gemma::gguf_name(arch, name),
+            None if extra.iter().any(|(n, ..)| n == name) => Some(name.clone()),
             None => llama::gguf_name(arch, name),
         };
         let gguf = gguf.ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
@@ -227,7 +251,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     }
     out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
     let data_start = out.len();
-    for ((name, shape, values), (_, _, ty, offset)) in tensors.iter().zip(&infos) {
+    for (&(name, shape, values), (_, _, ty, offset)) in tensors.iter().zip(&infos) {
         out.resize(data_start + offset, 0);
         let mut values = std::borrow::Cow::Borrowed(values.as_slice());
         if llama::permuted(arch) {

@@ -93,9 +93,10 @@ pub fn param_grads(model: &odpo_model::CausalLm, grads: &GradientsParams) -> Vec
     v.1
 }
 
-/// Greedy generation with the KV cache from a left-padded batch of two prompts (7 and 3 tokens, 10
+/// Greedy generation with the KV cache from a left-padded batch of two prompts (7 and 3 tokens, 12
 /// new tokens each) gives, at every step, the token and log-probability of a full forward pass over
-/// the unpadded sequence so far.
+/// the same batch so far without a cache, and (but for LongRoPE, whose frequencies follow the
+/// batch's longest row) of one over each unpadded row alone.
 pub fn check_cached_generation(case: &str) {
     use burn::tensor::activation::log_softmax;
     use odpo_model::generate::{GenerationConfig, SamplingConfig, generate};
@@ -104,12 +105,33 @@ pub fn check_cached_generation(case: &str) {
     let model = odpo_model::CausalLm::load(&fixture(case), &device).unwrap().model;
     let prompts = vec![vec![5u32, 17, 42, 9, 101, 33, 7], vec![60u32, 3, 88]];
     let cfg = GenerationConfig {
-        max_new_tokens: 10,
+        max_new_tokens: 12,
         eos_token_ids: vec![],
         pad_token_id: 0,
         sampling: SamplingConfig { greedy: true, ..SamplingConfig::default() },
     };
     let out = generate(&model, &prompts, &cfg, &device).unwrap();
+    let argmax = |lp: &[f32]| lp.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).unwrap().0;
+    let t0 = prompts.iter().map(Vec::len).max().unwrap();
+    let mut ids: Vec<Vec<i64>> = prompts.iter().map(|p| [vec![0; t0 - p.len()], p.iter().map(|&x| i64::from(x)).collect()].concat()).collect();
+    let mut mask: Vec<Vec<i64>> = prompts.iter().map(|p| [vec![0; t0 - p.len()], vec![1; p.len()]].concat()).collect();
+    for step in 0..cfg.max_new_tokens {
+        let (b, t) = (ids.len(), ids[0].len());
+        let flat = |rows: &[Vec<i64>]| Tensor::<2, Int>::from_data(TensorData::new(rows.concat(), [b, t]), &device);
+        let last = model.forward(flat(&ids), &flat(&mask), None).narrow(1, t - 1, 1).reshape([b as i32, -1]);
+        let lp = to_vec(log_softmax(last, 1));
+        for (row, lp) in lp.chunks(lp.len() / b).enumerate() {
+            let next = argmax(lp);
+            assert_eq!(out.tokens[row][step] as usize, next, "{case} batch row {row} step {step}");
+            let d = (out.logprobs[row][step] - lp[next]).abs();
+            assert!(d < 1e-4, "{case} batch row {row} step {step}: log-prob differs by {d}");
+            ids[row].push(next as i64);
+            mask[row].push(1);
+        }
+    }
+    if model.rope_switch().is_some() {
+        return;
+    }
     for (b, prompt) in prompts.iter().enumerate() {
         let mut seq = prompt.clone();
         for step in 0..cfg.max_new_tokens {
