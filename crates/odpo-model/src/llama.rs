@@ -1,6 +1,7 @@
 //! The Llama family (Touvron et al. 2023, arXiv 2302.13971; Llama 3's RoPE scaling from
 //! arXiv 2407.21783), following HF transformers' `models/llama/modeling_llama.py`: RMSNorm,
-//! rotate-half rotary embeddings with `rope_theta` and optional `llama3` frequency scaling,
+//! rotate-half rotary embeddings with `rope_theta` and optional `linear`, `llama3` or YaRN
+//! (Peng et al. 2023, arXiv 2309.00071) frequency scaling,
 //! grouped-query attention, a SwiGLU MLP, optional q/k/v(/o) bias, tied or untied LM head.
 //! One file serves Llama 2/3, Mistral (a sliding attention window in every layer), Qwen2 (q/k/v
 //! bias, `modeling_qwen2.py`; a sliding window in the upper layers where `use_sliding_window`),
@@ -167,10 +168,27 @@ struct LongRope {
     attention_factor: f64,
 }
 
+/// YaRN (Peng et al. 2023, arXiv 2309.00071), as transformers' `_compute_yarn_parameters`: the
+/// frequencies of the dims that turn fewer than `beta_slow` times over the original length divided
+/// by `factor`, those that turn more than `beta_fast` times kept, a linear ramp between, and cos
+/// and sin scaled by the attention factor.
+#[derive(Clone, Debug, PartialEq)]
+struct Yarn {
+    factor: f64,
+    original: f64,
+    attention_factor: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+    truncate: bool,
+}
+
 /// The RoPE scalings of the Llama family.
 #[derive(Clone, Debug, PartialEq)]
 enum Scaling {
+    /// Every frequency divided by the factor (positions interpolated).
+    Linear(f64),
     Llama3(Llama3Scaling),
+    Yarn(Yarn),
     LongRope(LongRope),
 }
 
@@ -221,10 +239,51 @@ impl LlamaConfig {
         (hd as f64 * f) as usize
     }
 
+    /// The pretraining length of a scaled RoPE: the top-level key where the config has one (which
+    /// transformers prefers), else the RoPE settings'.
+    fn original_positions(&self) -> Option<f64> {
+        self.original_max_position_embeddings.map(|n| n as f64).or_else(|| self.rope_field("original_max_position_embeddings").and_then(Value::as_f64))
+    }
+
     fn scaling(&self, path: &std::path::Path) -> Result<Option<Scaling>> {
         let kind = self.rope_field("rope_type").or_else(|| self.rope_field("type")).and_then(Value::as_str).unwrap_or("default");
+        let number = |k: &str| -> Result<f64> {
+            match self.rope_field(k).and_then(Value::as_f64) {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                Some(x) => Err(ModelError::config(path, format!("rope scaling `{kind}`: `{k}` is {x}; expected a positive number"))),
+                None => Err(ModelError::config(path, format!("rope scaling `{kind}` needs a number `{k}`"))),
+            }
+        };
         match kind {
             "default" => Ok(None),
+            "linear" => Ok(Some(Scaling::Linear(number("factor")?))),
+            "yarn" if !self.phi3() => {
+                let original = match self.original_positions() {
+                    Some(o) if o.is_finite() && o >= 1.0 => o,
+                    Some(o) => return Err(ModelError::config(path, format!("rope scaling `yarn`: original_max_position_embeddings is {o}; expected at least 1"))),
+                    None => self.max_position_embeddings as f64,
+                };
+                // `factor: null` (DeepSeek's configs) is the ratio of the two lengths.
+                let factor = match self.rope_field("factor") {
+                    Some(Value::Null) => self.max_position_embeddings as f64 / original,
+                    _ => number("factor")?,
+                };
+                let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                let optional = |k: &str| self.rope_field(k).and_then(Value::as_f64).filter(|x| *x != 0.0);
+                let attention_factor = match (self.rope_field("attention_factor").and_then(Value::as_f64), optional("mscale"), optional("mscale_all_dim")) {
+                    (Some(a), ..) => a,
+                    (None, Some(m), Some(all)) => mscale(factor, m) / mscale(factor, all),
+                    (None, ..) => mscale(factor, 1.0),
+                };
+                if !attention_factor.is_finite() || !factor.is_finite() || factor <= 0.0 {
+                    return Err(ModelError::config(path, format!("rope scaling `yarn`: a factor of {factor} and an attention factor of {attention_factor}; expected finite positive numbers")));
+                }
+                // `beta_fast: 0` is transformers' default too (`get(..) or 32`).
+                let beta_fast = optional("beta_fast").map_or(Ok(32.0), |_| number("beta_fast"))?;
+                let beta_slow = optional("beta_slow").map_or(Ok(1.0), |_| number("beta_slow"))?;
+                let truncate = self.rope_field("truncate").and_then(Value::as_bool).unwrap_or(true);
+                Ok(Some(Scaling::Yarn(Yarn { factor, original, attention_factor, beta_fast, beta_slow, truncate })))
+            }
             // transformers reads Phi-3's older names (`su`, `yarn`) as LongRoPE.
             "longrope" | "su" | "yarn" if self.phi3() => {
                 let half = self.rotary_dims() / 2;
@@ -262,12 +321,12 @@ impl LlamaConfig {
                     factor: get("factor")?,
                     low_freq_factor: get("low_freq_factor")?,
                     high_freq_factor: get("high_freq_factor")?,
-                    original_max_position_embeddings: get("original_max_position_embeddings")?,
+                    original_max_position_embeddings: self.original_positions().map_or_else(|| get("original_max_position_embeddings"), Ok)?,
                 })))
             }
             other => Err(ModelError::config(
                 path,
-                format!("rope_type `{other}` is not implemented; expected `default` or `llama3`{}", if self.phi3() { " (or `longrope` for Phi-3)" } else { "" }),
+                format!("rope_type `{other}` is not implemented; expected `default`, `linear`, `llama3` or `yarn`{}", if self.phi3() { " (or `longrope` for Phi-3)" } else { "" }),
             )),
         }
     }
@@ -279,15 +338,38 @@ impl LlamaConfig {
         if dim == 0 || !dim.is_multiple_of(2) || dim > self.head_size() {
             return Err(ModelError::config(path, format!("{dim} dims of each head rotate (head_dim × partial_rotary_factor); expected an even number from 2 to the head size ({})", self.head_size())));
         }
+        if !(self.theta().is_finite() && self.theta() > 0.0) {
+            return Err(ModelError::config(path, format!("rope_theta is {}; expected a positive number", self.theta())));
+        }
         let base = self.theta() as f32;
         let plain = |i: usize| base.powf((2 * i) as f32 / dim as f32);
         let mut inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / plain(i)).collect();
         let scaled = |factors: &[f64]| factors.iter().enumerate().map(|(i, &f)| 1.0 / (f as f32 * plain(i))).collect::<Vec<f32>>();
+        let plain_rotary = |inv_freq: Vec<f32>, scale: f64| Rotary { inv_freq, long_inv_freq: Vec::new(), original: usize::MAX, scale, factors: [Vec::new(), Vec::new()] };
         let s = match self.scaling(path)? {
             None => None,
             Some(Scaling::LongRope(r)) => {
                 let (inv_freq, long_inv_freq) = (scaled(&r.short_factor), scaled(&r.long_factor));
                 return Ok(Rotary { inv_freq, long_inv_freq, original: r.original, scale: r.attention_factor, factors: [r.short_factor, r.long_factor] });
+            }
+            Some(Scaling::Linear(factor)) => return Ok(plain_rotary(inv.iter().map(|f| f / factor as f32).collect(), 1.0)),
+            Some(Scaling::Yarn(y)) => {
+                // The dims (of `dim`) whose wavelength turns `rotations` times over the original length.
+                let correction = |rotations: f64| dim as f64 * (y.original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * self.theta().ln());
+                let (low, high) = (correction(y.beta_fast), correction(y.beta_slow));
+                let (low, high) = if y.truncate { (low.floor(), high.ceil()) } else { (low, high) };
+                let (low, mut high) = (low.max(0.0), high.min(dim as f64 - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                let inv = (0..dim / 2)
+                    .map(|i| {
+                        let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                        let kept = 1.0 - ramp;
+                        (1.0 / (y.factor as f32 * plain(i))) * (1.0 - kept) + (1.0 / plain(i)) * kept
+                    })
+                    .collect();
+                return Ok(plain_rotary(inv, y.attention_factor));
             }
             Some(Scaling::Llama3(s)) => Some(s),
         };
@@ -304,7 +386,7 @@ impl LlamaConfig {
                 *f = if medium { ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32 } else { scaled as f32 };
             }
         }
-        Ok(Rotary { inv_freq: inv, long_inv_freq: Vec::new(), original: usize::MAX, scale: 1.0, factors: [Vec::new(), Vec::new()] })
+        Ok(plain_rotary(inv, 1.0))
     }
 
     fn qkv_bias(&self) -> bool {

@@ -36,6 +36,10 @@ const CASES: &[&str] = &[
     "smollm3_llamacpp",
     "phi3_longrope",
     "phi3_short",
+    "phi3_llamacpp",
+    "llama_yarn",
+    "qwen2_yarn",
+    "llama_linear",
 ];
 
 #[test]
@@ -212,7 +216,7 @@ fn cached_generation_matches_full_recompute() {
     }
 }
 
-/// What the Gemma, SmolLM3, Granite and Phi-3 fixtures exercise matters: each of their options, lifted, moves the
+/// What the Gemma, SmolLM3, Granite, Phi-3 and RoPE-scaling fixtures exercise matters: each of their options, lifted, moves the
 /// logits far from transformers' (and Gemma's legacy `hidden_act: gelu` is read as the tanh form it
 /// meant).
 #[test]
@@ -241,6 +245,11 @@ fn family_options_change_the_logits() {
         ("phi3_longrope", "original_max_position_embeddings", json!(32), true),
         ("phi3_longrope", "sliding_window", json!(null), true),
         ("phi3_short", "rope_parameters", json!({"rope_type": "default", "rope_theta": 10000.0}), true),
+        // Without YaRN; YaRN with transformers' defaults in place of the fixture's options; without
+        // the linear scaling.
+        ("llama_yarn", "rope_parameters", json!({"rope_type": "default", "rope_theta": 100.0}), true),
+        ("qwen2_yarn", "rope_parameters", json!({"rope_type": "yarn", "rope_theta": 300.0, "factor": 3.0, "original_max_position_embeddings": 48}), true),
+        ("llama_linear", "rope_parameters", json!({"rope_type": "default", "rope_theta": 10000.0}), true),
     ];
     for (case, key, value, moves) in mutations {
         let dir = fixture(case);
@@ -281,6 +290,7 @@ fn gguf_files_match_transformers() {
         ("tiny_smollm3.gguf", "smollm3_llamacpp", "SmolLM3ForCausalLM"),
         ("tiny_granite.gguf", "granite_scales", "GraniteForCausalLM"),
         ("tiny_phi3.gguf", "phi3_llamacpp", "Phi3ForCausalLM"),
+        ("tiny_llama_yarn.gguf", "llama_yarn", "LlamaForCausalLM"),
     ] {
         let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
         let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
@@ -313,9 +323,16 @@ fn written_gguf_files_read_back_as_the_model() {
     let dir = std::env::var_os("ODPO_KEEP_GGUF").map_or_else(|| tmp.to_path_buf(), std::path::PathBuf::from);
     let exp = read_safetensors(&fixture("llama_gqa_untied").join("expected.safetensors"));
     let (ids, mask) = (int2(&exp["left_input_ids"], &device), int2(&exp["left_attention_mask"], &device));
-    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4)] {
+    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4), ("llama_linear", 0), ("llama_yarn", 0), ("qwen2_yarn", 0)] {
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
         json["vocab_size"] = (tok.vocab_size() + extra_rows).into();
+        if case == "qwen2_yarn" {
+            // YaRN on a `qwen2` file, without the options a GGUF file cannot hold (refused below).
+            let rope = json["rope_parameters"].as_object_mut().unwrap();
+            for k in ["mscale", "mscale_all_dim", "truncate", "beta_fast", "beta_slow"] {
+                rope.remove(k);
+            }
+        }
         let config = ModelConfig::from_hf_json(&json, &fixture(case)).unwrap();
         let model = CausalLm::random(&config, 7, &device).unwrap();
         let want = to_vec(model.forward(ids.clone(), &mask, None));
@@ -407,7 +424,15 @@ fn written_gguf_files_read_back_as_the_model() {
     let err = save_gguf(&CausalLm::random(&config, 7, &device).unwrap(), &config, &tok, &out, GgufDtype::F32).unwrap_err().to_string();
     assert!(err.contains("`no_rope_layers`: [true, false, true] (true: rotated): llama.cpp's `smollm3` skips the rotation in every fourth layer and only there"), "{err}");
     assert!(!out.exists());
-    refuse("llama3_rope", &tok, "only linear RoPE scaling");
+    refuse("llama3_rope", &tok, "only linear and YaRN RoPE scaling");
+    refuse("qwen2_yarn", &tok, "YaRN with `mscale` is not written to GGUF");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("llama_yarn").join("config.json")).unwrap()).unwrap();
+    json["rope_parameters"]["beta_fast"] = 12.0.into();
+    let config = ModelConfig::from_hf_json(&json, &fixture("llama_yarn")).unwrap();
+    let out = dir.join("yarn-betas-refused.gguf");
+    let err = save_gguf(&CausalLm::random(&config, 7, &device).unwrap(), &config, &tok, &out, GgufDtype::F32).unwrap_err().to_string();
+    assert!(err.contains("YaRN with `beta_fast` other than 32 is not written to GGUF (llama.cpp's `llama` takes 32"), "{err}");
+    assert!(!out.exists());
     refuse("mistral_window", &tok, "no sliding window");
     let unigram = tmp.join("unigram.json");
     std::fs::write(&unigram, r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"Unigram","unk_id":0,"vocab":[["<unk>",0.0],["a",-1.0]],"byte_fallback":false}}"#).unwrap();

@@ -567,6 +567,20 @@ impl GgufFile {
         if let Some(orig) = self.meta(&key("original_context_length"), "an unsigned integer", GgufValue::as_u64)? {
             s["original_max_position_embeddings"] = orig.into();
         }
+        if kind == "yarn" {
+            // The options llama.cpp's converter copies from the checkpoint, under transformers' names.
+            for (k, hf) in [("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"), ("yarn_attn_factor", "attention_factor")] {
+                if let Some(v) = self.meta(&key(k), "a number", GgufValue::as_f64)? {
+                    s[hf] = v.into();
+                }
+            }
+            // What transformers' YaRN has no counterpart for.
+            for (k, neutral) in [("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0)] {
+                if let Some(v) = self.meta(&key(k), "a number", GgufValue::as_f64)?.filter(|v| *v != neutral) {
+                    return Err(meta_err(self.path(), &key(k), format!("{v}: YaRN with this option is not implemented (transformers' YaRN has none)")));
+                }
+            }
+        }
         Ok(Some(s))
     }
 

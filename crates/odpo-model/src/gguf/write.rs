@@ -126,12 +126,34 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         ModelConfig::Llama(c) if c.phi3() => Some((c.rotary_dims(), c.rotary(path).map_err(|e| err("rope_parameters", e.to_string()))?)),
         _ => None,
     };
+    let kind = |s: &Value| s["rope_type"].as_str().or(s["type"].as_str()).unwrap_or_default().to_string();
+    let mut yarn = None;
     let (theta, linear_factor) = match (&gemma, scaling) {
         (Some(g), _) => (g.rope_theta, g.linear_factor),
         (None, None) => (rope_theta(&cfg), None),
         (None, Some(_)) if phi3.is_some() => (rope_theta(&cfg), None),
-        (None, Some(s)) if s["rope_type"] == "linear" || s["type"] == "linear" => (rope_theta(&cfg), Some(s["factor"].as_f64().unwrap_or(1.0))),
-        (None, Some(s)) => return Err(err("rope_scaling", format!("{s}: only linear RoPE scaling is written to GGUF"))),
+        (None, Some(s)) if kind(s) == "linear" => (rope_theta(&cfg), Some(s["factor"].as_f64().unwrap_or(1.0))),
+        (None, Some(s)) if kind(s) == "yarn" => {
+            // As the converter writes YaRN (type, factor, original length), which llama.cpp runs
+            // as transformers does; the options it would run otherwise are refused: its own
+            // attention scale, and betas, which llama.cpp reads for none of these architectures.
+            if let Some(k) = ["attention_factor", "mscale", "mscale_all_dim"].into_iter().find(|k| !s[*k].is_null()) {
+                return Err(err("rope_parameters", format!("{s}: YaRN with `{k}` is not written to GGUF (llama.cpp would scale the attention otherwise)")));
+            }
+            for (k, default) in [("beta_fast", 32.0), ("beta_slow", 1.0)] {
+                if s[k].as_f64().is_some_and(|b| b != default && b != 0.0) {
+                    return Err(err("rope_parameters", format!("{s}: YaRN with `{k}` other than {default} is not written to GGUF (llama.cpp's `{arch}` takes {default} whatever the file says)")));
+                }
+            }
+            if s["truncate"] == false {
+                return Err(err("rope_parameters", format!("{s}: YaRN with `truncate: false` is not written to GGUF (llama.cpp rounds the ramp's ends)")));
+            }
+            let Some(factor) = s["factor"].as_f64() else { return Err(err("rope_parameters", format!("{s}: YaRN without a number `factor` is not written to GGUF"))) };
+            let original = s["original_max_position_embeddings"].as_u64().or(cfg["original_max_position_embeddings"].as_u64()).or(cfg["max_position_embeddings"].as_u64()).unwrap_or(0);
+            yarn = Some((factor, original));
+            (rope_theta(&cfg), None)
+        }
+        (None, Some(s)) => return Err(err("rope_scaling", format!("{s}: only linear and YaRN RoPE scaling are written to GGUF"))),
     };
     let uint = |key: &str| cfg[key].as_u64().ok_or_else(|| err(key, "missing from the model's config".into()));
     let (hidden, heads, layers) = (uint("hidden_size")?, uint("num_attention_heads")?, uint("num_hidden_layers")?);
@@ -208,6 +230,11 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     if let Some(factor) = linear_factor {
         kvs.push((key("rope.scaling.type"), Kv::Str("linear".into())));
         kvs.push((key("rope.scaling.factor"), Kv::F32(factor as f32)));
+    }
+    if let Some((factor, original)) = yarn {
+        kvs.push((key("rope.scaling.type"), Kv::Str("yarn".into())));
+        kvs.push((key("rope.scaling.factor"), Kv::F32(factor as f32)));
+        kvs.push((key("rope.scaling.original_context_length"), u32_of(original)));
     }
     kvs.extend(tokenizer_kvs(tokenizer, path, uint("vocab_size")? as usize)?);
 
