@@ -27,7 +27,7 @@ pub enum ModelError {
     },
     /// The checkpoint's architecture is not one this crate implements.
     #[error(
-        "{path}: unknown architecture `{architecture}`; supported: GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), Olmo2ForCausalLM (olmo2), SmolLM3ForCausalLM (smollm3), GraniteForCausalLM (granite), Phi3ForCausalLM (phi3), GemmaForCausalLM (gemma), Gemma2ForCausalLM (gemma2), Gemma3ForCausalLM (gemma3_text), GPTNeoForCausalLM (gpt_neo), GPTJForCausalLM (gptj), GPTNeoXForCausalLM (gpt_neox)"
+        "{path}: unknown architecture `{architecture}`; supported: GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), Olmo2ForCausalLM (olmo2), Olmo3ForCausalLM (olmo3), SmolLM3ForCausalLM (smollm3), GraniteForCausalLM (granite), Phi3ForCausalLM (phi3), GemmaForCausalLM (gemma), Gemma2ForCausalLM (gemma2), Gemma3ForCausalLM (gemma3_text), GPTNeoForCausalLM (gpt_neo), GPTJForCausalLM (gptj), GPTNeoXForCausalLM (gpt_neox)"
     )]
     UnknownArchitecture {
         /// The config file.

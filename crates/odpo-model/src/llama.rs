@@ -8,7 +8,9 @@
 //! Qwen3 (an RMSNorm over each head's queries and keys before the rotation, `modeling_qwen3.py`),
 //! OLMo 2 (Groeneveld et al. / OLMo Team 2024, arXiv 2501.00656, `modeling_olmo2.py`: no norm
 //! before the attention and the MLP but one after each, on the branch before the residual sum, and
-//! an RMSNorm over all query heads and over all key heads together before the rotation), SmolLM3
+//! an RMSNorm over all query heads and over all key heads together before the rotation), OLMo 3
+//! (`modeling_olmo3.py`: OLMo 2's layer, sliding layers, and a rotary embedding for each kind of
+//! layer), SmolLM3
 //! (`modeling_smollm3.py`: layers without the rotation, NoPE, by default every fourth), Granite
 //! (`modeling_granite.py`: embeddings, residual branches, attention scores and logits scaled by
 //! the config's four multipliers), Phi-3 (Abdin et al. 2024, arXiv 2404.14219, `modeling_phi3.py`:
@@ -16,7 +18,7 @@
 //! one `gate_up_proj`, as PEFT adapts them; LongRoPE, Ding et al. 2024, arXiv 2402.13753, and
 //! Phi-4-mini's rotation of part of each head) and SmolLM2, which differ only by configuration.
 //!
-//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / SmolLM3 / Granite /
+//! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / OLMo 3 / SmolLM3 / Granite /
 //! Phi-3 models and on SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
@@ -36,7 +38,7 @@ use crate::weights::Weights;
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `olmo3`, `smollm3`, `granite`, `phi3`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Vocabulary size.
@@ -217,7 +219,7 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    fn rope_field(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn rope_field(&self, key: &str) -> Option<&Value> {
         self.rope_parameters.as_ref().and_then(|p| p.get(key)).or_else(|| self.rope_scaling.as_ref().and_then(|p| p.get(key)))
     }
 
@@ -402,17 +404,19 @@ impl LlamaConfig {
     /// Whether transformers' config of this model type has a `sliding_window` key (Mistral, Qwen2,
     /// Qwen3), whose absence it reads as 4096 and `null` as no window.
     pub(crate) fn has_window_key(&self) -> bool {
-        matches!(self.model_type.as_str(), "mistral" | "qwen2" | "qwen3")
+        matches!(self.model_type.as_str(), "mistral" | "qwen2" | "qwen3" | "olmo3")
     }
 
     /// The attention window of each layer (`None`: the whole causal past), as transformers sets it:
     /// every layer of a Mistral or a Phi-3; for Qwen2 / Qwen3 with `use_sliding_window`, the layers
-    /// `layer_types` marks `sliding_attention`, or without it those from `max_window_layers` on.
+    /// `layer_types` marks `sliding_attention`, or without it those from `max_window_layers` on;
+    /// OLMo 3's sliding layers ([`Self::sliding_types`]).
     pub fn layer_windows(&self, path: &std::path::Path) -> Result<Vec<Option<usize>>> {
         let n = self.num_hidden_layers;
         let window = match self.model_type.as_str() {
             "mistral" | "phi3" => self.sliding_window,
             "qwen2" | "qwen3" | "smollm3" if self.use_sliding_window => self.sliding_window,
+            "olmo3" => self.sliding_window,
             _ => None,
         };
         let Some(w) = window else { return Ok(vec![None; n]) };
@@ -424,11 +428,24 @@ impl LlamaConfig {
         }
         let sliding = match &self.layer_types {
             Some(types) => sliding_layers(types, n, path)?,
+            None if self.model_type == "olmo3" => self.sliding_types(path)?,
             // SmolLM3: the layers without the rotation.
             None if self.model_type == "smollm3" => self.layer_ropes(path)?.into_iter().map(|rope| !rope).collect(),
             None => (0..n).map(|i| i >= self.max_window_layers.unwrap_or(28)).collect(),
         };
         Ok(sliding.into_iter().map(|s| s.then_some(w)).collect())
+    }
+
+    /// Whether each layer is of the sliding kind (OLMo 3: its window and its own rotary embedding):
+    /// those `layer_types` marks `sliding_attention`, else three layers of every four, the fourth
+    /// full, as transformers' OLMo 3 config derives them; none elsewhere.
+    pub fn sliding_types(&self, path: &std::path::Path) -> Result<Vec<bool>> {
+        let n = self.num_hidden_layers;
+        match &self.layer_types {
+            _ if self.model_type != "olmo3" => Ok(vec![false; n]),
+            Some(types) => sliding_layers(types, n, path),
+            None => Ok((0..n).map(|i| (i + 1) % 4 != 0).collect()),
+        }
     }
 
     /// Whether each layer rotates its queries and keys: all but SmolLM3's NoPE layers, which
@@ -476,7 +493,24 @@ impl LlamaConfig {
     /// OLMo 2's layer: its norms after the attention and the MLP (on their outputs, before the
     /// residual sums) instead of before them, and its query and key norms over all heads together.
     pub(crate) fn olmo2(&self) -> bool {
-        self.model_type == "olmo2"
+        matches!(self.model_type.as_str(), "olmo2" | "olmo3")
+    }
+
+    /// OLMo 3's rotary embeddings, one per kind of layer: the full-attention layers' (where the
+    /// checkpoint's scaling, YaRN, applies) and the sliding layers', each from its own entry of the
+    /// nested `rope_parameters` (or, in the older form, `rope_scaling` for the full layers alone),
+    /// with a base of 500,000 where none is given; `None` for the other families.
+    pub(crate) fn layer_type_ropes(&self) -> Option<[LlamaConfig; 2]> {
+        if self.model_type != "olmo3" {
+            return None;
+        }
+        let nested = |t: &str| self.rope_parameters.as_ref().and_then(|p| p.get(t)).filter(|v| v.is_object()).cloned();
+        let of = |t: &str, scaling: Option<Value>| {
+            let params = nested(t);
+            let theta = params.as_ref().and_then(|p| p.get("rope_theta")).and_then(Value::as_f64).or(self.rope_theta).unwrap_or(500_000.0);
+            LlamaConfig { rope_theta: Some(theta), rope_parameters: params, rope_scaling: scaling, model_type: "llama".into(), ..self.clone() }
+        };
+        Some([of("full_attention", self.rope_scaling.clone()), of("sliding_attention", None)])
     }
 }
 
@@ -499,6 +533,8 @@ struct Attention {
     window: Option<usize>,
     /// Whether the queries and keys are rotated (not in SmolLM3's NoPE layers).
     rope: bool,
+    /// OLMo 3's sliding layers: rotated with the sliding layers' embedding.
+    local_rope: bool,
     n_heads: usize,
     n_kv_heads: usize,
     scale: f64,
@@ -540,6 +576,9 @@ pub struct Llama {
     long_inv_freq: Vec<f32>,
     rope_original: usize,
     rope_scale: f64,
+    /// OLMo 3's sliding layers' inverse frequencies and scale (empty: every layer rotates alike).
+    sliding_inv_freq: Vec<f32>,
+    sliding_rope_scale: f64,
     /// Granite's scales of the embeddings and of the residual branches, and the logits' divisor
     /// (1 elsewhere).
     embedding_multiplier: f64,
@@ -635,7 +674,12 @@ impl Llama {
         }
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
-        let rotary = cfg.rotary(w.path())?;
+        // OLMo 3 rotates its full and its sliding layers each with their own embedding.
+        let (rotary, sliding_rotary) = match cfg.layer_type_ropes() {
+            Some([full, sliding]) => (full.rotary(w.path())?, Some(sliding.rotary(w.path())?)),
+            None => (cfg.rotary(w.path())?, None),
+        };
+        let local_ropes = cfg.sliding_types(w.path())?;
         let [embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling] = cfg.multipliers(w.path())?;
         let windows = cfg.layer_windows(w.path())?;
         let ropes = cfg.layer_ropes(w.path())?;
@@ -646,7 +690,8 @@ impl Llama {
         let layers = windows
             .into_iter()
             .zip(ropes)
-            .map(|(window, rope)| Layer {
+            .zip(local_ropes)
+            .map(|((window, rope), local_rope)| Layer {
                 input_layernorm: (!olmo2).then(|| names::rms_norm(d, eps, device)),
                 self_attn: Attention {
                     q_proj: separate(nh * hd, qkv_bias),
@@ -659,6 +704,7 @@ impl Llama {
                     norm_whole: olmo2,
                     window,
                     rope,
+                    local_rope,
                     n_heads: nh,
                     n_kv_heads: nkv,
                     scale: attention_multiplier,
@@ -682,6 +728,8 @@ impl Llama {
             long_inv_freq: rotary.long_inv_freq,
             rope_original: rotary.original,
             rope_scale: rotary.scale,
+            sliding_rope_scale: sliding_rotary.as_ref().map_or(1.0, |r| r.scale),
+            sliding_inv_freq: sliding_rotary.map(|r| r.inv_freq).unwrap_or_default(),
             embedding_multiplier,
             residual_multiplier,
             logits_scaling,
@@ -734,7 +782,9 @@ impl Llama {
         }
         // Granite scales each branch on its way into the residual stream.
         let branch = |y: Tensor<3>| if self.residual_multiplier != 1.0 { y.mul_scalar(self.residual_multiplier) } else { y };
-        let (cos, sin) = rotate_half_cos_sin(self.frequencies(mask), self.rope_scale, positions(mask, t), x.dtype());
+        let pos = positions(mask, t);
+        let (cos, sin) = rotate_half_cos_sin(self.frequencies(mask), self.rope_scale, pos.clone(), x.dtype());
+        let local = (!self.sliding_inv_freq.is_empty()).then(|| rotate_half_cos_sin(&self.sliding_inv_freq, self.sliding_rope_scale, pos, x.dtype()));
         let m = attention_mask(mask, t, &x.device());
         // Every sliding layer has the config's one window.
         let windowed = self.layers.iter().find_map(|l| l.self_attn.window).map(|w| sliding_window_mask(&m, w));
@@ -743,16 +793,20 @@ impl Llama {
                 (Some(_), Some(windowed)) => windowed,
                 _ => &m,
             };
+            let (cos, sin) = match (&local, layer.self_attn.local_rope) {
+                (Some((cos, sin)), true) => (cos, sin),
+                _ => (&cos, &sin),
+            };
             match &layer.post_feedforward_layernorm {
-                // OLMo 2: each branch normed on its way into the residual stream.
+                // OLMo 2 and 3: each branch normed on its way into the residual stream.
                 Some(post_ffn) => {
-                    let a = layer.self_attn.forward(x.clone(), &cos, &sin, m, i, cache.as_deref_mut());
+                    let a = layer.self_attn.forward(x.clone(), cos, sin, m, i, cache.as_deref_mut());
                     x = x + rms_norm(&layer.post_attention_layernorm, a);
                     x = x.clone() + rms_norm(post_ffn, layer.mlp.forward(x));
                 }
                 None => {
                     let h = layer.input_layernorm.as_ref().map_or_else(|| x.clone(), |n| rms_norm(n, x.clone()));
-                    x = x + branch(layer.self_attn.forward(h, &cos, &sin, m, i, cache.as_deref_mut()));
+                    x = x + branch(layer.self_attn.forward(h, cos, sin, m, i, cache.as_deref_mut()));
                     x = x.clone() + branch(layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x)));
                 }
             }
@@ -837,6 +891,29 @@ mod tests {
         assert!(parse(json!({"model_type": "olmo2"})).olmo2(), "model_type alone, without architectures");
         let llama = parse(json!({"architectures": ["LlamaForCausalLM"], "model_type": "olmo2"}));
         assert!(!llama.olmo2() && llama.rms_norm_eps == 1e-6, "{llama:?}");
+    }
+
+    /// OLMo 3's configs as `configuration_olmo3.py` reads them: three sliding layers of four by
+    /// default, a window of 4096 where the key is absent (`null`: none, the layers' kinds kept for
+    /// their rotation), the older `rope_scaling` on the full layers alone, a base of 500,000.
+    #[test]
+    fn olmo3_configs_follow_transformers() {
+        let path = std::path::Path::new("config.json");
+        let c = config(8, json!({"architectures": ["Olmo3ForCausalLM"], "hidden_size": 32, "rope_scaling": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 8}})).unwrap();
+        assert!(c.olmo2() && c.rms_norm_eps == 1e-5, "{c:?}");
+        assert_eq!(ModelConfig::Llama(c.clone()).to_hf_json()["architectures"], json!(["Olmo3ForCausalLM"]));
+        let sliding = vec![true, true, true, false, true, true, true, false];
+        assert_eq!(c.sliding_types(path).unwrap(), sliding);
+        assert_eq!(c.layer_windows(path).unwrap(), sliding.iter().map(|&s| s.then_some(4096)).collect::<Vec<_>>());
+        let [full, local] = c.layer_type_ropes().unwrap();
+        let (full, local) = (full.rotary(path).unwrap(), local.rotary(path).unwrap());
+        // YaRN (0.1 ln 8 + 1) on the full layers only, both at OLMo 3's base.
+        assert!((full.scale - (0.1 * 8f64.ln() + 1.0)).abs() < 1e-12 && local.scale == 1.0, "{full:?} {local:?}");
+        assert_eq!(local.inv_freq[1], 1.0 / 500_000f32.powf(2.0 / 16.0));
+        assert!(full.inv_freq[7] < local.inv_freq[7] / 7.9, "the slowest frequency interpolated by 8");
+        let none = config(8, json!({"architectures": ["Olmo3ForCausalLM"], "sliding_window": null})).unwrap();
+        assert_eq!(none.layer_windows(path).unwrap(), vec![None; 8]);
+        assert_eq!(none.sliding_types(path).unwrap(), sliding);
     }
 
     /// SmolLM3's layers without the rotation, as `configuration_smollm3.py` sets them: the list,

@@ -49,7 +49,7 @@ impl ModelConfig {
             "GPT2LMHeadModel" | "GPT2Model" | "gpt2" => {
                 Ok(Self::Gpt2(serde_path_to_error::deserialize(value.clone()).map_err(parse)?))
             }
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM" | "Phi3ForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "smollm3" | "granite" | "phi3" => {
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "Olmo3ForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM" | "Phi3ForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "olmo3" | "smollm3" | "granite" | "phi3" => {
                 let mut cfg: LlamaConfig = serde_path_to_error::deserialize(value.clone()).map_err(parse)?;
                 // The architecture decides what the weights hold (Qwen2's q/k/v biases, Qwen3's
                 // head norms, OLMo 2's norms), whatever `model_type` says.
@@ -57,9 +57,9 @@ impl ModelConfig {
                     cfg.model_type = "qwen2".into();
                 } else if arch.starts_with("Qwen3") {
                     cfg.model_type = "qwen3".into();
-                } else if matches!(arch, "Olmo2ForCausalLM" | "olmo2") {
-                    cfg.model_type = "olmo2".into();
-                    // transformers' OLMo 2 config defaults the epsilon to 1e-5 (Llama's to 1e-6).
+                } else if matches!(arch, "Olmo2ForCausalLM" | "olmo2" | "Olmo3ForCausalLM" | "olmo3") {
+                    cfg.model_type = if arch.contains('3') { "olmo3" } else { "olmo2" }.into();
+                    // transformers' OLMo 2 and 3 configs default the epsilon to 1e-5 (Llama's to 1e-6).
                     if value.get("rms_norm_eps").is_none() {
                         cfg.rms_norm_eps = 1e-5;
                     }
@@ -78,12 +78,12 @@ impl ModelConfig {
                         cfg.max_position_embeddings = 4096;
                     }
                     (cfg.attention_bias, cfg.mlp_bias) = (false, false);
-                } else if matches!(cfg.model_type.as_str(), "olmo2" | "smollm3" | "granite" | "phi3") {
-                    // `model_type` alone does not make OLMo 2's, SmolLM3's, Granite's or Phi-3's
-                    // layers out of a Llama architecture.
+                } else if matches!(cfg.model_type.as_str(), "olmo2" | "olmo3" | "smollm3" | "granite" | "phi3") {
+                    // `model_type` alone does not make OLMo 2's, OLMo 3's, SmolLM3's, Granite's or
+                    // Phi-3's layers out of a Llama architecture.
                     cfg.model_type = "llama".into();
                 }
-                // transformers' Mistral, Qwen2 and Qwen3 configs default the window to 4096 tokens
+                // transformers' Mistral, Qwen2, Qwen3 and OLMo 3 configs default the window to 4096 tokens
                 // where the key is absent (`null` is no window).
                 if cfg.has_window_key() && value.get("sliding_window").is_none() {
                     cfg.sliding_window = Some(4096);
@@ -221,6 +221,7 @@ impl ModelConfig {
                     "qwen3" => "Qwen3ForCausalLM",
                     "mistral" => "MistralForCausalLM",
                     "olmo2" => "Olmo2ForCausalLM",
+                    "olmo3" => "Olmo3ForCausalLM",
                     "smollm3" => "SmolLM3ForCausalLM",
                     "granite" => "GraniteForCausalLM",
                     "phi3" => "Phi3ForCausalLM",

@@ -1,5 +1,5 @@
 //! A GGUF file of the Llama family (`llama`, which Mistral's files declare too, `qwen2`, `qwen3`,
-//! `olmo2`, `smollm3`, `granite`, `phi3`) as an HF `config.json` value and weights under HF names and
+//! `olmo2` (OLMo 3 with a window), `smollm3`, `granite`, `phi3`) as an HF `config.json` value and weights under HF names and
 //! layouts: llama.cpp's tensor names mapped to HF's, and for `llama`, `smollm3` and `granite` its
 //! Q/K row permutation undone. llama.cpp's converter permutes those rows for the architectures whose
 //! rotation it computes on adjacent pairs (its `LlamaModel` and the classes built on it); for Qwen2,
@@ -268,8 +268,45 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
         _ => {}
     }
     f.add_token_ids(&mut config)?;
-    if let Some(scaling) = f.rope_scaling(arch)? {
-        config["rope_scaling"] = scaling;
+    let scaling = f.rope_scaling(arch)?;
+    let window = uint(&key("attention.sliding_window"))?.filter(|w| *w > 0);
+    match (arch, window) {
+        // OLMo 3, as llama.cpp's converter writes it: an `olmo2` file with a window, its sliding
+        // layers from the pattern (each layer's flag, or every n-th layer full; every fourth where
+        // the key is absent), the file's RoPE scaling on the full layers alone.
+        ("olmo2", Some(w)) => {
+            let n = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+            let pattern_key = key("attention.sliding_window_pattern");
+            let sliding: Vec<bool> = match f.metadata.get(&pattern_key) {
+                Some(GgufValue::Array(flags)) => {
+                    let flags: Option<Vec<bool>> = flags.iter().map(|v| if let GgufValue::Bool(b) = v { Some(*b) } else { None }).collect();
+                    match flags {
+                        Some(flags) if flags.len() == n => flags,
+                        _ => return Err(super::meta_err(path, &pattern_key, format!("expected one boolean per layer ({n})"))),
+                    }
+                }
+                _ => match uint(&pattern_key)?.unwrap_or(4) {
+                    0 => return Err(super::meta_err(path, &pattern_key, "0; expected a layer pattern of at least 1")),
+                    every => (0..n).map(|i| !(i as u64 + 1).is_multiple_of(every)).collect(),
+                },
+            };
+            let kind = |s: &bool| if *s { "sliding_attention" } else { "full_attention" };
+            config["architectures"] = json!(["Olmo3ForCausalLM"]);
+            config["model_type"] = json!("olmo3");
+            config["sliding_window"] = json!(w);
+            config["layer_types"] = json!(sliding.iter().map(kind).collect::<Vec<_>>());
+            let theta = config["rope_theta"].clone();
+            let mut full = scaling.unwrap_or_else(|| json!({"rope_type": "default"}));
+            full["rope_theta"] = theta.clone();
+            // A base of the sliding layers' own, where the file gives one.
+            let local = float(&key("rope.freq_base_swa"))?.map_or(theta, |b| json!(b));
+            config["rope_parameters"] = json!({"full_attention": full, "sliding_attention": {"rope_type": "default", "rope_theta": local}});
+        }
+        _ => {
+            if let Some(scaling) = scaling {
+                config["rope_scaling"] = scaling;
+            }
+        }
     }
     Ok((config, weights, blocks))
 }

@@ -80,6 +80,7 @@ enum Kv {
     Strs(Vec<String>),
     I32s(Vec<i32>),
     F32s(Vec<f32>),
+    Bools(Vec<bool>),
 }
 
 const ALIGNMENT: usize = 32;
@@ -96,7 +97,8 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "LlamaForCausalLM" | "MistralForCausalLM" => "llama",
         "Qwen2ForCausalLM" => "qwen2",
         "Qwen3ForCausalLM" => "qwen3",
-        "Olmo2ForCausalLM" => "olmo2",
+        // llama.cpp's converter writes OLMo 3 as OLMo 2 with a window.
+        "Olmo2ForCausalLM" | "Olmo3ForCausalLM" => "olmo2",
         "SmolLM3ForCausalLM" => "smollm3",
         "GraniteForCausalLM" => "granite",
         "Phi3ForCausalLM" => "phi3",
@@ -115,8 +117,28 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     if let (true, Some(w)) = (sliding, window) {
         return Err(err("sliding_window", format!("{w}: a GGUF file has no sliding window for `{arch}`; the model would attend differently in llama.cpp")));
     }
+    // OLMo 3: llama.cpp rotates its sliding layers at the full layers' base without scaling, and
+    // scales the full ones as the file says; the full layers' embedding is written.
+    let olmo3 = match config {
+        ModelConfig::Llama(c) => c.layer_type_ropes().map(|[full, sliding]| (c, full, sliding)),
+        _ => None,
+    };
+    let rope_cfg = match &olmo3 {
+        Some((c, full, sliding)) => {
+            let plain = sliding.rotary(path).ok().is_some_and(|r| r.scale == 1.0 && r.long_inv_freq.is_empty()) && sliding.rope_field("rope_type").and_then(Value::as_str).is_none_or(|t| t == "default");
+            if !plain || sliding.theta() != full.theta() {
+                return Err(err("rope_parameters", format!("the sliding layers' rotary embedding ({}) differs from the full layers' base without scaling ({}): llama.cpp's `olmo2` rotates them so", serde_json::to_string(&sliding.rope_parameters).unwrap_or_default(), full.theta())));
+            }
+            if c.sliding_window.is_none() {
+                return Err(err("sliding_window", "null: an OLMo 3 without a window is written by llama.cpp's converter as OLMo 2, whose full layers' scaling would reach every layer".into()));
+            }
+            serde_json::to_value(full).unwrap_or_default()
+        }
+        None => cfg.clone(),
+    };
+    let cfg_rope = &rope_cfg;
     // RoPE scaling: `rope_scaling`, or transformers 5's `rope_parameters`.
-    let scaling = [&cfg["rope_scaling"], &cfg["rope_parameters"]].into_iter().find(|s| {
+    let scaling = [&cfg_rope["rope_scaling"], &cfg_rope["rope_parameters"]].into_iter().find(|s| {
         let kind = s["rope_type"].as_str().or(s["type"].as_str());
         kind.is_some_and(|k| k != "default")
     });
@@ -130,14 +152,18 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     let mut yarn = None;
     let (theta, linear_factor) = match (&gemma, scaling) {
         (Some(g), _) => (g.rope_theta, g.linear_factor),
-        (None, None) => (rope_theta(&cfg), None),
-        (None, Some(_)) if phi3.is_some() => (rope_theta(&cfg), None),
-        (None, Some(s)) if kind(s) == "linear" => (rope_theta(&cfg), Some(s["factor"].as_f64().unwrap_or(1.0))),
+        (None, None) => (rope_theta(cfg_rope), None),
+        (None, Some(_)) if phi3.is_some() => (rope_theta(cfg_rope), None),
+        (None, Some(s)) if kind(s) == "linear" => (rope_theta(cfg_rope), Some(s["factor"].as_f64().unwrap_or(1.0))),
         (None, Some(s)) if kind(s) == "yarn" => {
             // As the converter writes YaRN (type, factor, original length), which llama.cpp runs
             // as transformers does; the options it would run otherwise are refused: its own
-            // attention scale, and betas, which llama.cpp reads for none of these architectures.
-            if let Some(k) = ["attention_factor", "mscale", "mscale_all_dim"].into_iter().find(|k| !s[*k].is_null()) {
+            // attention scale (but the one YaRN derives, which OLMo 3's checkpoints write out), and
+            // betas, which llama.cpp reads for none of these architectures.
+            let derived = s["factor"].as_f64().map(|f| if f <= 1.0 { 1.0 } else { 0.1 * f.ln() + 1.0 });
+            let is_derived = |k: &str| k == "attention_factor" && s[k].as_f64().zip(derived).is_some_and(|(a, d)| (a - d).abs() <= 1e-9 * d);
+            let own = |k: &str| !(s[k].is_null() || is_derived(k));
+            if let Some(k) = ["attention_factor", "mscale", "mscale_all_dim"].into_iter().find(|k| own(k)) {
                 return Err(err("rope_parameters", format!("{s}: YaRN with `{k}` is not written to GGUF (llama.cpp would scale the attention otherwise)")));
             }
             for (k, default) in [("beta_fast", 32.0), ("beta_slow", 1.0)] {
@@ -151,7 +177,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
             let Some(factor) = s["factor"].as_f64() else { return Err(err("rope_parameters", format!("{s}: YaRN without a number `factor` is not written to GGUF"))) };
             let original = s["original_max_position_embeddings"].as_u64().or(cfg["original_max_position_embeddings"].as_u64()).or(cfg["max_position_embeddings"].as_u64()).unwrap_or(0);
             yarn = Some((factor, original));
-            (rope_theta(&cfg), None)
+            (rope_theta(cfg_rope), None)
         }
         (None, Some(s)) => return Err(err("rope_scaling", format!("{s}: only linear and YaRN RoPE scaling are written to GGUF"))),
     };
@@ -213,6 +239,12 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         for (k, hf) in [("logit_scale", "logits_scaling"), ("residual_scale", "residual_multiplier"), ("embedding_scale", "embedding_multiplier"), ("attention.scale", "attention_multiplier")] {
             kvs.push((key(k), Kv::F32(cfg[hf].as_f64().unwrap_or(1.0) as f32)));
         }
+    }
+    if let Some((c, ..)) = &olmo3 {
+        // The window and which layers slide, as the converter writes OLMo 3's.
+        let sliding = c.sliding_types(path).map_err(|e| err("layer_types", e.to_string()))?;
+        kvs.push((key("attention.sliding_window"), u32_of(c.sliding_window.unwrap_or(0) as u64)));
+        kvs.push((key("attention.sliding_window_pattern"), Kv::Bools(sliding)));
     }
     let mut extra: Vec<HfEntry> = Vec::new();
     if let (Some((rotated, rotary)), ModelConfig::Llama(c)) = (&phi3, config) {
@@ -455,8 +487,8 @@ fn sentencepiece_prefix(json: &Value) -> Option<bool> {
     Some(metaspace["prepend_scheme"] != "never" && metaspace["add_prefix_space"] != false)
 }
 
-/// An array of `n` 4-byte numbers of GGUF type `tag`.
-fn put_array(out: &mut Vec<u8>, tag: u32, items: impl Iterator<Item = [u8; 4]>, n: usize) {
+/// An array of `n` values of GGUF type `tag`, each `N` bytes.
+fn put_array<const N: usize>(out: &mut Vec<u8>, tag: u32, items: impl Iterator<Item = [u8; N]>, n: usize) {
     out.extend(9u32.to_le_bytes());
     out.extend(tag.to_le_bytes());
     out.extend((n as u64).to_le_bytes());
@@ -497,6 +529,7 @@ fn put_kv(out: &mut Vec<u8>, v: &Kv) {
         }
         Kv::I32s(items) => put_array(out, 5, items.iter().map(|x| x.to_le_bytes()), items.len()),
         Kv::F32s(items) => put_array(out, 6, items.iter().map(|x| x.to_le_bytes()), items.len()),
+        Kv::Bools(items) => put_array(out, 7, items.iter().map(|x| [u8::from(*x)]), items.len()),
     }
 }
 
