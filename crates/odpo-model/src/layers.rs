@@ -200,7 +200,7 @@ pub(crate) fn rotate_half(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Ten
 
 /// cos and sin `[B, 1, T, 2 · inv_freq.len()]` for [`rotate_half`] at positions `pos` `[B, T]`:
 /// the angles `pos · inv_freq` twice over, computed in f32 as transformers does, times `scale`
-/// (LongRoPE's attention factor; 1 elsewhere), cast to `dtype`.
+/// (LongRoPE's or YaRN's attention factor; 1 elsewhere), cast to `dtype`.
 pub(crate) fn rotate_half_cos_sin(inv_freq: &[f32], scale: f64, pos: Tensor<2, Int>, dtype: burn::tensor::DType) -> (Tensor<4>, Tensor<4>) {
     let [b, t] = pos.dims();
     let half = inv_freq.len();

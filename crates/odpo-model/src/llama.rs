@@ -572,7 +572,7 @@ pub struct Llama {
     lm_head: Option<Param<Tensor<2>>>,
     inv_freq: Vec<f32>,
     /// LongRoPE's inverse frequencies for sequences longer than `rope_original` (empty without
-    /// LongRoPE), and the scale of cos and sin (its attention factor; 1 elsewhere).
+    /// LongRoPE), and the scale of cos and sin (LongRoPE's or YaRN's attention factor; 1 elsewhere).
     long_inv_freq: Vec<f32>,
     rope_original: usize,
     rope_scale: f64,

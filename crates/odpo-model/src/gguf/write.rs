@@ -105,7 +105,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "GemmaForCausalLM" => "gemma",
         "Gemma2ForCausalLM" => "gemma2",
         "Gemma3ForCausalLM" => "gemma3",
-        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, Olmo3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
     };
     // What llama.cpp fixes by architecture for Gemma must be what the model does.
     let gemma = match config {
@@ -136,9 +136,8 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         }
         None => cfg.clone(),
     };
-    let cfg_rope = &rope_cfg;
     // RoPE scaling: `rope_scaling`, or transformers 5's `rope_parameters`.
-    let scaling = [&cfg_rope["rope_scaling"], &cfg_rope["rope_parameters"]].into_iter().find(|s| {
+    let scaling = [&rope_cfg["rope_scaling"], &rope_cfg["rope_parameters"]].into_iter().find(|s| {
         let kind = s["rope_type"].as_str().or(s["type"].as_str());
         kind.is_some_and(|k| k != "default")
     });
@@ -152,9 +151,9 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     let mut yarn = None;
     let (theta, linear_factor) = match (&gemma, scaling) {
         (Some(g), _) => (g.rope_theta, g.linear_factor),
-        (None, None) => (rope_theta(cfg_rope), None),
-        (None, Some(_)) if phi3.is_some() => (rope_theta(cfg_rope), None),
-        (None, Some(s)) if kind(s) == "linear" => (rope_theta(cfg_rope), Some(s["factor"].as_f64().unwrap_or(1.0))),
+        (None, None) => (rope_theta(&rope_cfg), None),
+        (None, Some(_)) if phi3.is_some() => (rope_theta(&rope_cfg), None),
+        (None, Some(s)) if kind(s) == "linear" => (rope_theta(&rope_cfg), Some(s["factor"].as_f64().unwrap_or(1.0))),
         (None, Some(s)) if kind(s) == "yarn" => {
             // As the converter writes YaRN (type, factor, original length), which llama.cpp runs
             // as transformers does; the options it would run otherwise are refused: its own
@@ -177,7 +176,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
             let Some(factor) = s["factor"].as_f64() else { return Err(err("rope_parameters", format!("{s}: YaRN without a number `factor` is not written to GGUF"))) };
             let original = s["original_max_position_embeddings"].as_u64().or(cfg["original_max_position_embeddings"].as_u64()).or(cfg["max_position_embeddings"].as_u64()).unwrap_or(0);
             yarn = Some((factor, original));
-            (rope_theta(cfg_rope), None)
+            (rope_theta(&rope_cfg), None)
         }
         (None, Some(s)) => return Err(err("rope_scaling", format!("{s}: only linear and YaRN RoPE scaling are written to GGUF"))),
     };
