@@ -31,14 +31,22 @@ pub fn acquire(run_dir: &Path) -> Result<RunLock> {
     let path = run_dir.join(".lock");
     // Not truncated on open: the holder's line must survive a refused attempt.
     let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| TrainError::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
-            let holder = if holder.is_empty() { "a process that has not written its id yet".to_string() } else { holder };
-            return Err(TrainError::Busy { run_dir: run_dir.to_path_buf(), holder });
+    // A lock released a moment ago can still be held for a moment: a child process that another
+    // thread of this process started keeps a copy of every open file until it execs, the lock's
+    // included (seen in the test suite, whose threads spawn processes while runs come and go). A
+    // live run holds it for good, so the attempt is retried for up to a second before refusing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+            Err(TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+                let holder = if holder.is_empty() { "a process that has not written its id yet".to_string() } else { holder };
+                return Err(TrainError::Busy { run_dir: run_dir.to_path_buf(), holder });
+            }
+            Err(TryLockError::Error(e)) => return Err(TrainError::io(&path, e)),
         }
-        Err(TryLockError::Error(e)) => return Err(TrainError::io(&path, e)),
     }
     let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let line = format!("process {} since unix time {since}\n", std::process::id());
@@ -61,6 +69,22 @@ mod tests {
         let again = acquire(dir)?;
         assert_eq!(again.path(), dir.join(".lock"));
         drop(again);
+        Ok(())
+    }
+
+    /// A lock let go a moment after the attempt began (as a spawned child's copy is let go at its
+    /// exec) is taken rather than refused.
+    #[test]
+    fn a_lock_released_within_a_moment_is_taken() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| TrainError::io(std::env::temp_dir(), e))?;
+        let held = acquire(tmp.path())?;
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        let again = acquire(tmp.path())?;
+        assert_eq!(again.path(), tmp.path().join(".lock"));
+        assert!(release.join().is_ok());
         Ok(())
     }
 }
