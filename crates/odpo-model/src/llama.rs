@@ -219,7 +219,7 @@ impl LlamaConfig {
         self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
-    pub(crate) fn rope_field(&self, key: &str) -> Option<&Value> {
+    fn rope_field(&self, key: &str) -> Option<&Value> {
         self.rope_parameters.as_ref().and_then(|p| p.get(key)).or_else(|| self.rope_scaling.as_ref().and_then(|p| p.get(key)))
     }
 
@@ -247,8 +247,13 @@ impl LlamaConfig {
         self.original_max_position_embeddings.map(|n| n as f64).or_else(|| self.rope_field("original_max_position_embeddings").and_then(Value::as_f64))
     }
 
+    /// The RoPE's kind: `rope_type` (or the older `type`), `default` where neither is given.
+    pub(crate) fn rope_kind(&self) -> &str {
+        self.rope_field("rope_type").or_else(|| self.rope_field("type")).and_then(Value::as_str).unwrap_or("default")
+    }
+
     fn scaling(&self, path: &std::path::Path) -> Result<Option<Scaling>> {
-        let kind = self.rope_field("rope_type").or_else(|| self.rope_field("type")).and_then(Value::as_str).unwrap_or("default");
+        let kind = self.rope_kind();
         let number = |k: &str| -> Result<f64> {
             match self.rope_field(k).and_then(Value::as_f64) {
                 Some(x) if x.is_finite() && x > 0.0 => Ok(x),
@@ -334,7 +339,7 @@ impl LlamaConfig {
     }
 
     /// The rotary embedding, its inverse frequencies computed as transformers does (f32), with
-    /// Llama 3's or LongRoPE's scaling applied when configured.
+    /// linear, Llama 3's, YaRN's or LongRoPE's scaling applied when configured.
     pub(crate) fn rotary(&self, path: &std::path::Path) -> Result<Rotary> {
         let dim = self.rotary_dims();
         if dim == 0 || !dim.is_multiple_of(2) || dim > self.head_size() {
@@ -345,16 +350,24 @@ impl LlamaConfig {
         }
         let base = self.theta() as f32;
         let plain = |i: usize| base.powf((2 * i) as f32 / dim as f32);
-        let mut inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / plain(i)).collect();
-        let scaled = |factors: &[f64]| factors.iter().enumerate().map(|(i, &f)| 1.0 / (f as f32 * plain(i))).collect::<Vec<f32>>();
+        let inv = |i: usize| 1.0 / plain(i);
         let plain_rotary = |inv_freq: Vec<f32>, scale: f64| Rotary { inv_freq, long_inv_freq: Vec::new(), original: usize::MAX, scale, factors: [Vec::new(), Vec::new()] };
-        let s = match self.scaling(path)? {
-            None => None,
-            Some(Scaling::LongRope(r)) => {
-                let (inv_freq, long_inv_freq) = (scaled(&r.short_factor), scaled(&r.long_factor));
-                return Ok(Rotary { inv_freq, long_inv_freq, original: r.original, scale: r.attention_factor, factors: [r.short_factor, r.long_factor] });
+        Ok(match self.scaling(path)? {
+            None => plain_rotary((0..dim / 2).map(inv).collect(), 1.0),
+            Some(Scaling::Linear(factor)) => plain_rotary((0..dim / 2).map(|i| inv(i) / factor as f32).collect(), 1.0),
+            Some(Scaling::Llama3(s)) => {
+                let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+                let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+                let scaled = |i: usize| {
+                    let freq = f64::from(inv(i));
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    let scaled = if wavelen > low_wavelen { freq / s.factor } else { freq };
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                    let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
+                    if medium { ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32 } else { scaled as f32 }
+                };
+                plain_rotary((0..dim / 2).map(scaled).collect(), 1.0)
             }
-            Some(Scaling::Linear(factor)) => return Ok(plain_rotary(inv.iter().map(|f| f / factor as f32).collect(), 1.0)),
             Some(Scaling::Yarn(y)) => {
                 // The dims (of `dim`) whose wavelength turns `rotations` times over the original length.
                 let correction = |rotations: f64| dim as f64 * (y.original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * self.theta().ln());
@@ -364,31 +377,18 @@ impl LlamaConfig {
                 if low == high {
                     high += 0.001;
                 }
-                let inv = (0..dim / 2)
-                    .map(|i| {
-                        let ramp = ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
-                        let kept = 1.0 - ramp;
-                        (1.0 / (y.factor as f32 * plain(i))) * (1.0 - kept) + (1.0 / plain(i)) * kept
-                    })
-                    .collect();
-                return Ok(plain_rotary(inv, y.attention_factor));
+                let ramped = |i: usize| {
+                    let kept = 1.0 - ((i as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
+                    (1.0 / (y.factor as f32 * plain(i))) * (1.0 - kept) + inv(i) * kept
+                };
+                plain_rotary((0..dim / 2).map(ramped).collect(), y.attention_factor)
             }
-            Some(Scaling::Llama3(s)) => Some(s),
-        };
-        if let Some(s) = s {
-            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
-            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
-            for f in &mut inv {
-                let freq = f64::from(*f);
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                let scaled = if wavelen > low_wavelen { freq / s.factor } else { freq };
-                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-                    / (s.high_freq_factor - s.low_freq_factor);
-                let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
-                *f = if medium { ((1.0 - smooth) * scaled / s.factor + smooth * scaled) as f32 } else { scaled as f32 };
+            Some(Scaling::LongRope(r)) => {
+                let scaled = |factors: &[f64]| factors.iter().enumerate().map(|(i, &f)| 1.0 / (f as f32 * plain(i))).collect::<Vec<f32>>();
+                let (inv_freq, long_inv_freq) = (scaled(&r.short_factor), scaled(&r.long_factor));
+                Rotary { inv_freq, long_inv_freq, original: r.original, scale: r.attention_factor, factors: [r.short_factor, r.long_factor] }
             }
-        }
-        Ok(plain_rotary(inv, 1.0))
+        })
     }
 
     fn qkv_bias(&self) -> bool {

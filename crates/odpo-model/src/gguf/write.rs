@@ -125,8 +125,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     };
     let rope_cfg = match &olmo3 {
         Some((c, full, sliding)) => {
-            let plain = sliding.rotary(path).ok().is_some_and(|r| r.scale == 1.0 && r.long_inv_freq.is_empty()) && sliding.rope_field("rope_type").and_then(Value::as_str).is_none_or(|t| t == "default");
-            if !plain || sliding.theta() != full.theta() {
+            if sliding.rope_kind() != "default" || sliding.theta() != full.theta() {
                 return Err(err("rope_parameters", format!("the sliding layers' rotary embedding ({}) differs from the full layers' base without scaling ({}): llama.cpp's `olmo2` rotates them so", serde_json::to_string(&sliding.rope_parameters).unwrap_or_default(), full.theta())));
             }
             if c.sliding_window.is_none() {
