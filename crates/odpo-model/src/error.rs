@@ -27,7 +27,7 @@ pub enum ModelError {
     },
     /// The checkpoint's architecture is not one this crate implements.
     #[error(
-        "{path}: unknown architecture `{architecture}`; supported: GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), Olmo2ForCausalLM (olmo2), Olmo3ForCausalLM (olmo3), SmolLM3ForCausalLM (smollm3), GraniteForCausalLM (granite), Phi3ForCausalLM (phi3), GemmaForCausalLM (gemma), Gemma2ForCausalLM (gemma2), Gemma3ForCausalLM (gemma3_text), GPTNeoForCausalLM (gpt_neo), GPTJForCausalLM (gptj), GPTNeoXForCausalLM (gpt_neox)"
+        "{path}: unknown architecture `{architecture}`; supported: GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama), MistralForCausalLM (mistral), Qwen2ForCausalLM (qwen2), Qwen3ForCausalLM (qwen3), Olmo2ForCausalLM (olmo2), Olmo3ForCausalLM (olmo3), SmolLM3ForCausalLM (smollm3), GraniteForCausalLM (granite), Phi3ForCausalLM (phi3), GemmaForCausalLM (gemma), Gemma2ForCausalLM (gemma2), Gemma3ForCausalLM (gemma3_text), GPTNeoForCausalLM (gpt_neo), GPTJForCausalLM (gptj), GPTNeoXForCausalLM (gpt_neox), PhiForCausalLM (phi), StableLmForCausalLM (stablelm)"
     )]
     UnknownArchitecture {
         /// The config file.
@@ -197,7 +197,7 @@ pub enum GgufError {
         message: String,
     },
     /// `general.architecture` is not one this reader knows.
-    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`, `gemma`, `gemma2` or `gemma3`)", .path.display())]
+    #[error("{}: architecture `{arch}` is not supported (expected `llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`, `gemma`, `gemma2`, `gemma3`, `phi2` or `stablelm`)", .path.display())]
     Architecture {
         /// The file.
         path: PathBuf,

@@ -214,6 +214,72 @@ pub(crate) fn rotate_half_cos_sin(inv_freq: &[f32], scale: f64, pos: Tensor<2, I
     (cos.mul_scalar(scale).cast(dtype), sin.mul_scalar(scale).cast(dtype))
 }
 
+/// The RoPE settings of a family that reads them as transformers 5 writes them
+/// (`rope_parameters`), as transformers 4 did (`rope_scaling`) or at the top level (`rope_theta`,
+/// `partial_rotary_factor`), as the published Phi and StableLM checkpoints have them, and knows the
+/// `default` and `linear` kinds only.
+pub(crate) struct PartialRope<'a> {
+    /// `rope_parameters`.
+    pub parameters: &'a Option<serde_json::Value>,
+    /// `rope_scaling`.
+    pub scaling: &'a Option<serde_json::Value>,
+    /// The top-level `rope_theta`.
+    pub theta: Option<f64>,
+    /// The top-level `partial_rotary_factor`.
+    pub partial: Option<f64>,
+    /// The factor where neither form gives one (transformers' default for the family).
+    pub default_partial: f64,
+}
+
+impl PartialRope<'_> {
+    /// A setting: `rope_parameters`' key, else `rope_scaling`'s.
+    fn field(&self, key: &str) -> Option<&serde_json::Value> {
+        [self.parameters, self.scaling].into_iter().flatten().find_map(|p| p.get(key))
+    }
+
+    /// The base: `rope_parameters.rope_theta`, else the top-level `rope_theta`, else 10000.
+    pub fn theta(&self) -> f64 {
+        self.field("rope_theta").and_then(serde_json::Value::as_f64).or(self.theta).unwrap_or(10_000.0)
+    }
+
+    /// The rotated dims of a head of `head_dim`: `int(head_dim · partial_rotary_factor)`.
+    pub fn rotary_dims(&self, head_dim: usize) -> usize {
+        let f = self.field("partial_rotary_factor").and_then(serde_json::Value::as_f64).or(self.partial).unwrap_or(self.default_partial);
+        (head_dim as f64 * f) as usize
+    }
+
+    /// The inverse frequencies of the rotated pairs of a head of `head_dim`
+    /// ([`plain_rope_inv_freq`]).
+    pub fn inv_freq(&self, head_dim: usize, family: &str, path: &std::path::Path) -> crate::Result<Vec<f32>> {
+        let kind = self.field("rope_type").or_else(|| self.field("type")).and_then(serde_json::Value::as_str).unwrap_or("default");
+        let factor = self.field("factor").and_then(serde_json::Value::as_f64);
+        plain_rope_inv_freq(kind, factor, head_dim, self.rotary_dims(head_dim), self.theta(), family, path)
+    }
+}
+
+/// The inverse frequencies of a rotate-half RoPE over the first `dim` of a head's `head_dim` dims
+/// at base `theta`, in f32 as transformers computes them (`1 / theta^(2i / dim)`), each divided by
+/// `factor` under `linear` scaling: the RoPE of the families that read the `default` and `linear`
+/// kinds only (Phi, StableLM). Another kind, a rotated part that is not an even number from 2 to the
+/// head, or a base that is not positive, is an error naming it.
+fn plain_rope_inv_freq(kind: &str, factor: Option<f64>, head_dim: usize, dim: usize, theta: f64, family: &str, path: &std::path::Path) -> crate::Result<Vec<f32>> {
+    use crate::error::ModelError;
+    if dim == 0 || !dim.is_multiple_of(2) || dim > head_dim {
+        return Err(ModelError::config(path, format!("{dim} dims of each head rotate (head_dim × partial_rotary_factor); expected an even number from 2 to the head size ({head_dim})")));
+    }
+    if !(theta.is_finite() && theta > 0.0) {
+        return Err(ModelError::config(path, format!("rope_theta is {theta}; expected a positive number")));
+    }
+    let factor = match (kind, factor) {
+        ("default", _) => 1.0,
+        ("linear", Some(f)) if f.is_finite() && f > 0.0 => f as f32,
+        ("linear", _) => return Err(ModelError::config(path, "rope scaling `linear` needs a positive number `factor`")),
+        (other, _) => return Err(ModelError::config(path, format!("rope_type `{other}` is not implemented for {family}; expected `default` or `linear`"))),
+    };
+    let base = theta as f32;
+    Ok((0..dim / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32) / factor).collect())
+}
+
 /// An error naming the first of a config's `sizes` (name, value) that is 0: a model needs at least
 /// one of each (a width, a vocabulary, heads), and a 0 would otherwise surface later as a panic
 /// inside a tensor operation, with no field named.

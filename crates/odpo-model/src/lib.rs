@@ -1,8 +1,8 @@
 //! Causal language models for preference training, on burn.
 //!
 //! This crate owns everything about the model itself: reading HF `config.json`, building the
-//! GPT-2, Llama (with Mistral, Qwen2 / 3, OLMo 2, SmolLM3 and Granite), Gemma, GPT-Neo, GPT-J and GPT-NeoX families ([`gpt2`], [`llama`], [`gemma`],
-//! [`gpt_neo`], [`gptj`], [`gpt_neox`]) from HF safetensors or llama.cpp GGUF files,
+//! GPT-2, Llama (with Mistral, Qwen2 / 3, OLMo 2 / 3, SmolLM3, Granite and Phi-3), Gemma, GPT-Neo, GPT-J, GPT-NeoX, Phi and
+//! StableLM families ([`gpt2`], [`llama`], [`gemma`], [`gpt_neo`], [`gptj`], [`gpt_neox`], [`phi`], [`stablelm`]) from HF safetensors or llama.cpp GGUF files,
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
 //! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), LoRA adapters
 //! in PEFT's layout ([`lora`]) on the families' projections ([`linear`]), and saving back in HF layout. Nothing here names a backend except [`backend`], which maps a
@@ -56,7 +56,9 @@ pub mod lora;
 mod model;
 mod names;
 pub mod out_of_memory;
+pub mod phi;
 pub mod quantized;
+pub mod stablelm;
 pub mod tokenizer;
 pub mod weights;
 

@@ -13,6 +13,8 @@ use crate::gpt_neo::{GptNeo, GptNeoConfig};
 use crate::gpt_neox::{GptNeox, GptNeoxConfig};
 use crate::gpt2::{Gpt2, Gpt2Config};
 use crate::gptj::{Gptj, GptjConfig};
+use crate::phi::{Phi, PhiConfig};
+use crate::stablelm::{StableLm, StableLmConfig};
 use crate::layers::KvCache;
 use crate::llama::{Llama, LlamaConfig};
 use crate::weights::{Weights, write_atomic};
@@ -32,6 +34,10 @@ pub enum ModelConfig {
     GptNeox(GptNeoxConfig),
     /// Gemma, Gemma 2, Gemma 3 (text).
     Gemma(GemmaConfig),
+    /// Phi-1, Phi-1.5, Phi-2.
+    Phi(PhiConfig),
+    /// StableLM 2, StableLM-3B-4E1T.
+    StableLm(StableLmConfig),
 }
 
 impl ModelConfig {
@@ -93,6 +99,8 @@ impl ModelConfig {
             "GPTNeoForCausalLM" | "gpt_neo" => Ok(Self::GptNeo(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
             "GPTJForCausalLM" | "gptj" => Ok(Self::Gptj(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
             "GPTNeoXForCausalLM" | "gpt_neox" => Ok(Self::GptNeox(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
+            "PhiForCausalLM" | "phi" => Ok(Self::Phi(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
+            "StableLmForCausalLM" | "stablelm" => Ok(Self::StableLm(serde_path_to_error::deserialize(value.clone()).map_err(parse)?)),
             "GemmaForCausalLM" | "Gemma2ForCausalLM" | "Gemma3ForCausalLM" | "gemma" | "gemma2" | "gemma3_text" => {
                 // The architecture decides the generation, whatever `model_type` says.
                 let model_type = match arch {
@@ -129,6 +137,8 @@ impl ModelConfig {
             Self::GptNeo(c) => c.vocab_size,
             Self::Gptj(c) => c.vocab_size,
             Self::GptNeox(c) => c.vocab_size,
+            Self::Phi(c) => c.vocab_size,
+            Self::StableLm(c) => c.vocab_size,
             Self::Gemma(c) => c.vocab_size,
         }
     }
@@ -156,11 +166,14 @@ impl ModelConfig {
             // Parallel or not: a norm's input counted once (the parallel block's two norms read one).
             Self::GptNeox(c) => (c.num_hidden_layers, c.hidden_size, c.hidden_size, c.hidden_size, c.intermediate_size, 1),
             Self::Gptj(c) => (c.n_layer, c.n_embd, c.n_embd, c.n_embd, c.n_inner.unwrap_or(4 * c.n_embd), 1),
+            Self::Phi(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim(), c.intermediate_size, 1),
+            // Sequential: two norms' inputs; parallel: one, read by the attention and the MLP.
+            Self::StableLm(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim(), c.num_key_value_heads * c.head_dim(), c.intermediate_size, if c.use_parallel_residual { 1 } else { 2 }),
             Self::Llama(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_size(), c.kv_heads() * c.head_size(), c.intermediate_size, 2),
             Self::Gemma(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim, c.kv_heads() * c.head_dim, c.intermediate_size, 2),
         };
         // A gated unit keeps its gate's and its up projection's outputs; GELU its one input.
-        let gated = matches!(self, Self::Llama(_) | Self::Gemma(_));
+        let gated = matches!(self, Self::Llama(_) | Self::Gemma(_) | Self::StableLm(_));
         let hidden = if gated { 2 * ff } else { ff };
         let residual = 2 * d;
         if lora {
@@ -171,8 +184,13 @@ impl ModelConfig {
         }
         // Attention: query, key and value, and its output.
         let both = q + 2 * kv + q + hidden;
-        // GPT-J's attention and MLP read one norm's output; the others each their own.
-        let norm_outputs = if matches!(self, Self::Gptj(_)) { 1 } else { 2 };
+        // GPT-J's, Phi's and a parallel StableLM's attention and MLP read one norm's output; the
+        // others each their own.
+        let norm_outputs = match self {
+            Self::Gptj(_) | Self::Phi(_) => 1,
+            Self::StableLm(c) if c.use_parallel_residual => 1,
+            _ => 2,
+        };
         let extra = if gradient_checkpointing { residual } else { (norm_outputs + norms_in) * d + ff };
         (layers as u64).saturating_mul((both + extra) as u64)
     }
@@ -183,7 +201,7 @@ impl ModelConfig {
         match self {
             Self::Gpt2(c) => Some(c.n_positions),
             Self::GptNeo(c) => Some(c.max_position_embeddings),
-            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) | Self::Gemma(_) => None,
+            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) | Self::Phi(_) | Self::StableLm(_) | Self::Gemma(_) => None,
         }
     }
 
@@ -195,6 +213,8 @@ impl ModelConfig {
             Self::GptNeo(c) => c.max_position_embeddings,
             Self::Gptj(c) => c.n_positions,
             Self::GptNeox(c) => c.max_position_embeddings,
+            Self::Phi(c) => c.max_position_embeddings,
+            Self::StableLm(c) => c.max_position_embeddings,
             Self::Gemma(c) => c.max_position_embeddings,
         }
     }
@@ -208,6 +228,8 @@ impl ModelConfig {
             Self::GptNeo(c) => c.eos_token_id,
             Self::Gptj(c) => c.eos_token_id,
             Self::GptNeox(c) => c.eos_token_id,
+            Self::Phi(c) => first_id(c.eos_token_id.as_ref()),
+            Self::StableLm(c) => first_id(c.eos_token_id.as_ref()),
         }
     }
 
@@ -232,6 +254,8 @@ impl ModelConfig {
             Self::GptNeo(c) => (serde_json::to_value(c), "GPTNeoForCausalLM", "gpt_neo"),
             Self::Gptj(c) => (serde_json::to_value(c), "GPTJForCausalLM", "gptj"),
             Self::GptNeox(c) => (serde_json::to_value(c), "GPTNeoXForCausalLM", "gpt_neox"),
+            Self::Phi(c) => (serde_json::to_value(c), "PhiForCausalLM", "phi"),
+            Self::StableLm(c) => (serde_json::to_value(c), "StableLmForCausalLM", "stablelm"),
             Self::Gemma(c) => {
                 let arch = match c.model_type.as_str() {
                     "gemma2" => "Gemma2ForCausalLM",
@@ -381,6 +405,10 @@ pub enum CausalLm {
     GptNeox(GptNeox),
     /// Gemma family.
     Gemma(Gemma),
+    /// Phi-1, Phi-1.5, Phi-2 (after the others: a variant's place is part of a saved record).
+    Phi(Phi),
+    /// StableLM 2, StableLM-3B-4E1T.
+    StableLm(StableLm),
 }
 
 /// A loaded model with its configuration and where it came from.
@@ -404,6 +432,8 @@ impl CausalLm {
             ModelConfig::GptNeo(c) => Self::GptNeo(GptNeo::load(c, weights, device)?),
             ModelConfig::Gptj(c) => Self::Gptj(Gptj::load(c, weights, device)?),
             ModelConfig::GptNeox(c) => Self::GptNeox(GptNeox::load(c, weights, device)?),
+            ModelConfig::Phi(c) => Self::Phi(Phi::load(c, weights, device)?),
+            ModelConfig::StableLm(c) => Self::StableLm(StableLm::load(c, weights, device)?),
             ModelConfig::Gemma(c) => Self::Gemma(Gemma::load(c, weights, device)?),
         };
         // Causal-mask buffers older GPT-2 / GPT-Neo / GPT-J / GPT-NeoX checkpoints carry are expected leftovers.
@@ -492,6 +522,8 @@ impl CausalLm {
             Self::GptNeo(m) => m.forward(input_ids, attention_mask, cache),
             Self::Gptj(m) => m.forward(input_ids, attention_mask, cache),
             Self::GptNeox(m) => m.forward(input_ids, attention_mask, cache),
+            Self::Phi(m) => m.forward(input_ids, attention_mask, cache),
+            Self::StableLm(m) => m.forward(input_ids, attention_mask, cache),
             Self::Gemma(m) => m.forward(input_ids, attention_mask, cache),
         }
     }
@@ -505,6 +537,8 @@ impl CausalLm {
             Self::GptNeo(m) => m.hidden(input_ids, attention_mask, cache),
             Self::Gptj(m) => m.hidden(input_ids, attention_mask, cache),
             Self::GptNeox(m) => m.hidden(input_ids, attention_mask, cache),
+            Self::Phi(m) => m.hidden(input_ids, attention_mask, cache),
+            Self::StableLm(m) => m.hidden(input_ids, attention_mask, cache),
             Self::Gemma(m) => m.hidden(input_ids, attention_mask, cache),
         }
     }
@@ -519,6 +553,8 @@ impl CausalLm {
             Self::GptNeo(m) => m.head(hidden),
             Self::Gptj(m) => m.head(hidden),
             Self::GptNeox(m) => m.head(hidden),
+            Self::Phi(m) => m.head(hidden),
+            Self::StableLm(m) => m.head(hidden),
             Self::Gemma(m) => m.head(hidden),
         }
     }
@@ -620,7 +656,7 @@ impl CausalLm {
         match self {
             Self::Gpt2(m) => Some(m.n_positions()),
             Self::GptNeo(m) => Some(m.n_positions()),
-            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) | Self::Gemma(_) => None,
+            Self::Llama(_) | Self::Gptj(_) | Self::GptNeox(_) | Self::Phi(_) | Self::StableLm(_) | Self::Gemma(_) => None,
         }
     }
 
@@ -640,6 +676,8 @@ impl CausalLm {
             Self::GptNeo(m) => m.vocab_size(),
             Self::Gptj(m) => m.vocab_size(),
             Self::GptNeox(m) => m.vocab_size(),
+            Self::Phi(m) => m.vocab_size(),
+            Self::StableLm(m) => m.vocab_size(),
             Self::Gemma(m) => m.vocab_size(),
         }
     }
@@ -662,6 +700,8 @@ impl CausalLm {
             Self::GptNeo(m) => m.n_layers(),
             Self::Gptj(m) => m.n_layers(),
             Self::GptNeox(m) => m.n_layers(),
+            Self::Phi(m) => m.n_layers(),
+            Self::StableLm(m) => m.n_layers(),
             Self::Gemma(m) => m.n_layers(),
         })
     }
@@ -674,6 +714,8 @@ impl CausalLm {
             Self::GptNeo(m) => m.named_mut(),
             Self::Gptj(m) => m.named_mut(),
             Self::GptNeox(m) => m.named_mut(),
+            Self::Phi(m) => m.named_mut(),
+            Self::StableLm(m) => m.named_mut(),
             Self::Gemma(m) => m.named_mut(),
         }
     }
@@ -762,6 +804,15 @@ mod tests {
         // GPT-J-6B: one norm, whose output q, k, v and fc_in all read.
         let gptj = sized("gptj", serde_json::json!({"n_layer": 28, "n_embd": 4096, "n_head": 16, "rotary_dim": 64}));
         assert_eq!(per_layer(&gptj, 28), (4 * 4096 + 16384 + 2 * 4096 + 16384, 4 * 4096 + 16384 + 2 * 4096));
+        // StableLM 2 1.6B: q, k, v and the output 2,048 each, gate and up 5,632 each; without
+        // checkpointing its two norms' inputs and outputs and down's input; a parallel block's one norm.
+        let stablelm = sized("stablelm2", serde_json::json!({"num_hidden_layers": 24, "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 5632}));
+        assert_eq!(per_layer(&stablelm, 24), (4 * 2048 + 2 * 5632 + 4 * 2048 + 5632, 4 * 2048 + 2 * 5632 + 2 * 2048));
+        let parallel = sized("stablelm_parallel", serde_json::json!({"num_hidden_layers": 24, "hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 5632}));
+        assert_eq!(per_layer(&parallel, 24), (4 * 2048 + 2 * 5632 + 2 * 2048 + 5632, 4 * 2048 + 2 * 5632 + 2 * 2048));
+        // Phi-2: GPT-J's block, q, k and v 2,560 each, fc1 10,240.
+        let phi = sized("phi2", serde_json::json!({"num_hidden_layers": 32, "hidden_size": 2560, "num_attention_heads": 32, "num_key_value_heads": 32, "intermediate_size": 10240}));
+        assert_eq!(per_layer(&phi, 32), (4 * 2560 + 10240 + 2 * 2560 + 10240, 4 * 2560 + 10240 + 2 * 2560));
         // Llama-3.2-1B: q and the attention's output 32 × 64 each, k and v 8 × 64 each, gate and up
         // 8,192 each; without checkpointing the four norms' values 4 · 2048 and down's input 8,192.
         let llama = sized("llama_gqa_untied", serde_json::json!({"num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64}));

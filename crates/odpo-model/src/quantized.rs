@@ -93,6 +93,14 @@ impl QuantBlocks {
         self.m = self.m.as_deref().map(pick_f);
     }
 
+    /// Rows `start..start + n` of the weight, blocks included (a fused projection split).
+    pub fn rows(&self, start: usize, n: usize) -> Self {
+        let cols = self.shape[1];
+        let per = cols / BLOCK;
+        let pick_f = |v: &[f32]| v[start * per..(start + n) * per].to_vec();
+        Self { kind: self.kind, shape: [n, cols], q: self.q[start * cols..(start + n) * cols].to_vec(), d: pick_f(&self.d), m: self.m.as_deref().map(pick_f) }
+    }
+
     /// The weight as burn's `[in, out]` layout on `device`: a block-quantised tensor (blocks
     /// `[32, 1]`, f16 scales) and, for Q4_1, the `[in/32, out]` block offsets.
     pub fn to_device(&self, device: &Device) -> (Tensor<2>, Option<Tensor<2>>) {
@@ -217,6 +225,20 @@ mod tests {
             for (a, w) in y.iter().zip(&want_y).chain(gx.iter().zip(&want_gx)) {
                 assert!((a - w).abs() <= 1e-5 * w.abs().max(1.0), "{kind:?}: {a} against {w}");
             }
+        }
+    }
+
+    /// A fused projection's rows split off keep their values, block scales and offsets with them.
+    #[test]
+    fn rows_split_off_keep_their_values() {
+        for kind in [BlockKind::Q8_0, BlockKind::Q4_0, BlockKind::Q4_1] {
+            let b = blocks(kind);
+            let all = b.dequantize();
+            let cols = b.shape[1];
+            let (first, rest) = (b.rows(0, 1), b.rows(1, 2));
+            assert_eq!((first.shape, rest.shape, rest.kind), ([1, cols], [2, cols], kind));
+            assert_eq!(first.dequantize(), all[..cols]);
+            assert_eq!(rest.dequantize(), all[cols..]);
         }
     }
 

@@ -144,7 +144,7 @@ fn stored_mask_buffers_are_ignored() {
 /// operation; the fixture's own config still builds.
 #[test]
 fn sizes_a_model_cannot_have_are_named_in_every_family() {
-    let cases: [(&str, &str, serde_json::Value, &str); 13] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 18] = [
         ("gpt2", "n_embd", 0.into(), "n_embd is 0; expected at least 1"),
         ("gpt2", "n_head", 3.into(), "n_embd (64) must be a multiple of n_head (3)"),
         ("gpt2", "vocab_size", 0.into(), "vocab_size is 0; expected at least 1"),
@@ -158,6 +158,11 @@ fn sizes_a_model_cannot_have_are_named_in_every_family() {
         ("mistral_window", "rms_norm_eps", 0.into(), "rms_norm_eps is 0; expected a positive number"),
         ("gemma3_text", "head_dim", 3.into(), "head_dim is 3; expected an even number"),
         ("gemma3_text", "vocab_size", 0.into(), "vocab_size is 0; expected at least 1"),
+        ("phi2", "intermediate_size", 0.into(), "intermediate_size is 0; expected at least 1"),
+        ("phi_qk_norm", "num_key_value_heads", 3.into(), "hidden_size (32) must be a multiple of num_attention_heads (4), and that a multiple of num_key_value_heads (3)"),
+        ("stablelm_parallel", "num_key_value_heads", 3.into(), "hidden_size (32) must be a multiple of num_attention_heads (4), and that a multiple of num_key_value_heads (3)"),
+        ("stablelm2", "layer_norm_eps", 0.into(), "layer_norm_eps is 0; expected a positive number"),
+        ("phi2", "num_attention_heads", 32.into(), "0 dims of each head rotate (head_dim × partial_rotary_factor); expected an even number from 2 to the head size (1)"),
     ];
     let device = Device::default();
     for (case, key, value, want) in cases {

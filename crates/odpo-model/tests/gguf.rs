@@ -255,7 +255,7 @@ fn corrupt_files_give_clear_errors() {
     assert_eq!(
         err,
         format!(
-            "{}: architecture `gpt2` is not supported (expected `llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`, `gemma`, `gemma2` or `gemma3`)",
+            "{}: architecture `gpt2` is not supported (expected `llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`, `gemma`, `gemma2`, `gemma3`, `phi2` or `stablelm`)",
             path.display()
         )
     );

@@ -12,7 +12,7 @@ use common::*;
 use odpo_model::logprobs::sequence_logprobs;
 use odpo_model::{CausalLm, LoraConfig};
 
-const CASES: &[(&str, &str)] = &[("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied"), ("qwen2_all", "qwen2_bias"), ("phi3_fused", "phi3_longrope")];
+const CASES: &[(&str, &str)] = &[("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied"), ("qwen2_all", "qwen2_bias"), ("phi3_fused", "phi3_longrope"), ("phi_all", "phi_qk_norm")];
 
 fn tmp(name: &str) -> Scratch {
     scratch(&format!("lora-{name}"))

@@ -42,6 +42,10 @@ const CASES: &[&str] = &[
     "llama_linear",
     "olmo3",
     "olmo3_llamacpp",
+    "phi2",
+    "phi_qk_norm",
+    "stablelm2",
+    "stablelm_parallel",
 ];
 
 #[test]
@@ -298,6 +302,10 @@ fn gguf_files_match_transformers() {
         ("tiny_phi3.gguf", "phi3_llamacpp", "Phi3ForCausalLM"),
         ("tiny_llama_yarn.gguf", "llama_yarn", "LlamaForCausalLM"),
         ("tiny_olmo3.gguf", "olmo3_llamacpp", "Olmo3ForCausalLM"),
+        ("tiny_phi2.gguf", "phi2", "PhiForCausalLM"),
+        ("tiny_phi2_qkv.gguf", "phi2", "PhiForCausalLM"),
+        ("tiny_stablelm.gguf", "stablelm2", "StableLmForCausalLM"),
+        ("tiny_stablelm_parallel.gguf", "stablelm_parallel", "StableLmForCausalLM"),
     ] {
         let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
         let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
@@ -330,7 +338,7 @@ fn written_gguf_files_read_back_as_the_model() {
     let dir = std::env::var_os("ODPO_KEEP_GGUF").map_or_else(|| tmp.to_path_buf(), std::path::PathBuf::from);
     let exp = read_safetensors(&fixture("llama_gqa_untied").join("expected.safetensors"));
     let (ids, mask) = (int2(&exp["left_input_ids"], &device), int2(&exp["left_attention_mask"], &device));
-    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4), ("llama_linear", 0), ("llama_yarn", 0), ("qwen2_yarn", 0), ("olmo3_llamacpp", 0)] {
+    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4), ("llama_linear", 0), ("llama_yarn", 0), ("qwen2_yarn", 0), ("olmo3_llamacpp", 0), ("phi2", 4), ("phi_qk_norm", 0), ("stablelm2", 0), ("stablelm_parallel", 4)] {
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
         json["vocab_size"] = (tok.vocab_size() + extra_rows).into();
         if case == "qwen2_yarn" {
@@ -339,6 +347,11 @@ fn written_gguf_files_read_back_as_the_model() {
             for k in ["mscale", "mscale_all_dim", "truncate", "beta_fast", "beta_slow"] {
                 rope.remove(k);
             }
+        }
+        if case == "phi_qk_norm" {
+            // A tied, grouped, linearly scaled Phi, without the two options llama.cpp's `phi2`
+            // lacks (refused below): its head is written as the embedding's copy.
+            (json["qk_layernorm"], json["hidden_act"]) = (false.into(), "gelu_new".into());
         }
         let config = ModelConfig::from_hf_json(&json, &fixture(case)).unwrap();
         let model = CausalLm::random(&config, 7, &device).unwrap();
@@ -360,10 +373,12 @@ fn written_gguf_files_read_back_as_the_model() {
             }
             assert_eq!(back.vocab_size(), tok.vocab_size() + extra_rows);
             assert_eq!(back.chat_template_source(), tok.chat_template_source());
-            // Vectors stay F32; in a Q8_0 file every matrix here has rows of whole blocks.
+            // Vectors and norms (StableLM's stacked head norms) stay F32; in a Q8_0 file every
+            // matrix here has rows of whole blocks.
             let file = odpo_model::gguf::GgufFile::open(&out).unwrap();
             for t in file.tensor_infos() {
                 let want = match (dtype, t.dims.len()) {
+                    _ if t.name.ends_with("_norm.weight") => 0,
                     (_, 1) | (GgufDtype::F32, _) => 0,
                     (GgufDtype::F16, _) => 1,
                     (GgufDtype::Q8_0, _) => 8,
@@ -443,6 +458,15 @@ fn written_gguf_files_read_back_as_the_model() {
     assert!(err.contains("YaRN with `beta_fast` other than 32 is not written to GGUF (llama.cpp's `llama` takes 32"), "{err}");
     assert!(!out.exists());
     refuse("mistral_window", &tok, "no sliding window");
+    // Phi's options llama.cpp's `phi2` does not have.
+    refuse("phi_qk_norm", &tok, "`qk_layernorm`: true: llama.cpp's `phi2` has no norm over queries and keys");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("phi2").join("config.json")).unwrap()).unwrap();
+    json["hidden_act"] = "gelu".into();
+    let config = ModelConfig::from_hf_json(&json, &fixture("phi2")).unwrap();
+    let out = dir.join("phi-gelu-refused.gguf");
+    let err = save_gguf(&CausalLm::random(&config, 7, &device).unwrap(), &config, &tok, &out, GgufDtype::F32).unwrap_err().to_string();
+    assert!(err.contains("`hidden_act`: `gelu` (exact): llama.cpp's `phi2` computes GELU's tanh approximation"), "{err}");
+    assert!(!out.exists());
     let unigram = tmp.join("unigram.json");
     std::fs::write(&unigram, r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"Unigram","unk_id":0,"vocab":[["<unk>",0.0],["a",-1.0]],"byte_fallback":false}}"#).unwrap();
     refuse("llama_gqa_untied", &Tokenizer::from_file(&unigram).unwrap(), "only byte-level BPE and SentencePiece BPE");

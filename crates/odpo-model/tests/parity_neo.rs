@@ -1,4 +1,4 @@
-//! What is particular to GPT-Neo, GPT-J and GPT-NeoX (tiny random models made by
+//! What is particular to GPT-Neo, GPT-J, GPT-NeoX, Phi and StableLM (tiny random models made by
 //! `tests/fixtures/make_fixtures_neo.py`; their logits, log-probabilities and round trip are checked
 //! with the other families in `parity.rs`): configs, the options that must matter, KV-cache
 //! generation against full recomputation, and one preference (ODPO) training step per family.
@@ -13,7 +13,7 @@ use common::*;
 use odpo_model::logprobs::sequence_logprobs;
 use odpo_model::{CausalLm, ModelConfig};
 
-const CASES: &[&str] = &["gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential"];
+const CASES: &[&str] = &["gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "phi2", "phi_qk_norm", "stablelm2", "stablelm_parallel"];
 
 #[test]
 fn configs_name_their_family() {
@@ -22,6 +22,8 @@ fn configs_name_their_family() {
         let ok = match *case {
             "gpt_neo_local" => matches!(cfg, ModelConfig::GptNeo(_)),
             "gptj" => matches!(cfg, ModelConfig::Gptj(_)),
+            "phi2" | "phi_qk_norm" => matches!(cfg, ModelConfig::Phi(_)),
+            "stablelm2" | "stablelm_parallel" => matches!(cfg, ModelConfig::StableLm(_)),
             _ => matches!(cfg, ModelConfig::GptNeox(_)),
         };
         assert!(ok, "{case}: parsed as {cfg:?}");
@@ -50,6 +52,18 @@ fn options_change_the_logits() {
         ("gpt_neox_sequential", "use_parallel_residual", serde_json::json!(true)),
         ("gpt_neox_parallel", "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 1.0})),
         ("gpt_neox_sequential", "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 0.5})),
+        // Phi-2's 6 rotated dims of 16 against the whole head; the base, the linear scaling and
+        // the head norms each lifted (exact gelu against its tanh approximation moves them by
+        // 7e-4 only: the parity tests' 1e-4 tells the two apart).
+        ("phi2", "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 1.0})),
+        ("phi_qk_norm", "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 500, "partial_rotary_factor": 0.5})),
+        ("phi_qk_norm", "rope_parameters", serde_json::json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 10000, "partial_rotary_factor": 0.5})),
+        ("phi_qk_norm", "qk_layernorm", serde_json::json!(false)),
+        // StableLM: the sequential residual made parallel (the other way round needs a norm the
+        // checkpoint has not), the head norms lifted, the rotated quarter widened to the whole head.
+        ("stablelm2", "use_parallel_residual", serde_json::json!(true)),
+        ("stablelm_parallel", "qk_layernorm", serde_json::json!(false)),
+        ("stablelm2", "rope_parameters", serde_json::json!({"rope_type": "default", "rope_theta": 10000, "partial_rotary_factor": 1.0})),
     ];
     for (case, key, value) in mutations {
         let dir = fixture(case);

@@ -18,7 +18,7 @@ use odpo_model::{CausalLm, Module};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "olmo2", "smollm3_nope", "granite_scales", "phi3_longrope", "phi3_short", "olmo3"];
+const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "olmo2", "smollm3_nope", "granite_scales", "phi3_longrope", "phi3_short", "olmo3", "phi2", "phi_qk_norm", "stablelm2", "stablelm_parallel"];
 
 fn fixture(case: &str) -> std::path::PathBuf {
     common::repo_root().join("crates/odpo-model/tests/fixtures").join(case)

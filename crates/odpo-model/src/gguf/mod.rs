@@ -1,10 +1,10 @@
 //! llama.cpp's GGUF files (versions 2 and 3, little-endian). This file reads them: header, metadata,
 //! tensor infos, each tensor's bytes; [`quant`] turns ggml's tensor types into f32 (F32, F16, BF16,
-//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`:
-//! `llama.rs`) or the Gemma family (`gemma`, `gemma2`, `gemma3`: `gemma.rs`) into an HF
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K to Q6_K); [`load_as_hf`] turns a file of the Llama family (`llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`:
+//! `llama.rs`), the Gemma family (`gemma`, `gemma2`, `gemma3`: `gemma.rs`), Phi (`phi2`: `phi.rs`) or StableLM (`stablelm`: `stablelm.rs`) into an HF
 //! `config.json` value and weights under HF names and layouts; [`load_tokenizer`] turns its
 //! vocabulary into the HF `tokenizer.json` it stands for (`vocab.rs`); [`save_gguf`] writes a
-//! Llama-family model with its tokenizer as a GGUF file (`write.rs`).
+//! model of those families with its tokenizer as a GGUF file (`write.rs`).
 //!
 //! Format: <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>. Block layouts follow
 //! ggml's `dequantize_row_*` (checked against gguf-py's `gguf.quants.dequantize`).
@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 
 mod gemma;
 mod llama;
+mod phi;
 pub mod quant;
+mod stablelm;
 mod vocab;
 mod write;
 
@@ -40,8 +42,8 @@ pub type HfModel = (serde_json::Value, BTreeMap<String, HostTensor>, BTreeMap<St
 /// The weights of an [`HfModel`]: dequantised, and kept in blocks.
 type HfTensors = (BTreeMap<String, HostTensor>, BTreeMap<String, QuantBlocks>);
 
-/// A GGUF file of the Llama family (`llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`) or the Gemma family (`gemma`,
-/// `gemma2`, `gemma3`), by its `general.architecture`, as an HF config and weights.
+/// A GGUF file of the Llama family (`llama`, `qwen2`, `qwen3`, `olmo2`, `smollm3`, `granite`, `phi3`), the Gemma family (`gemma`,
+/// `gemma2`, `gemma3`), Phi (`phi2`) or StableLM (`stablelm`), by its `general.architecture`, as an HF config and weights.
 pub fn load_as_hf(path: &Path) -> Result<(serde_json::Value, BTreeMap<String, HostTensor>), GgufError> {
     load_blocks_as_hf(path, false).map(|(config, weights, _)| (config, weights))
 }
@@ -56,6 +58,10 @@ pub fn load_blocks_as_hf(path: &Path, keep_blocks: bool) -> Result<HfModel, Gguf
         llama::read(&f, &arch, keep_blocks)
     } else if gemma::ARCHITECTURES.iter().any(|(a, ..)| *a == arch) {
         gemma::read(&f, &arch, keep_blocks)
+    } else if arch == phi::ARCH {
+        phi::read(&f, keep_blocks)
+    } else if arch == stablelm::ARCH {
+        stablelm::read(&f, keep_blocks)
     } else {
         Err(GgufError::Architecture { path: path.into(), arch })
     }
@@ -65,6 +71,35 @@ pub fn load_blocks_as_hf(path: &Path, keep_blocks: bool) -> Result<HfModel, Gguf
 /// SentencePiece BPE vocabularies; see `vocab.rs`).
 pub fn load_tokenizer(path: &Path) -> Result<GgufTokenizer, GgufError> {
     vocab::tokenizer(&GgufFile::open(path)?)
+}
+
+/// The HF name of a llama.cpp tensor (`weight` or `bias`) by a family's tables of the tensors
+/// outside the layers (`top`: llama.cpp's name and HF's) and in each layer (`parts`), or `None`
+/// if it has none.
+fn hf_name_by(top: &[(&str, &str)], parts: &[(&str, &str)], gguf: &str) -> Option<String> {
+    let (base, suffix) = gguf.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    if let Some((_, top)) = top.iter().find(|(g, _)| *g == base) {
+        return Some(format!("{top}.{suffix}"));
+    }
+    let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = parts.iter().find(|(g, _)| *g == part)?.1;
+    Some(format!("model.layers.{layer}.{part}.{suffix}"))
+}
+
+/// The llama.cpp name of an HF tensor by the same tables: the inverse of [`hf_name_by`].
+fn gguf_name_by(top: &[(&str, &str)], parts: &[(&str, &str)], hf: &str) -> Option<String> {
+    let (base, suffix) = hf.rsplit_once('.')?;
+    let name = if let Some((g, _)) = top.iter().find(|(_, h)| *h == base) {
+        format!("{g}.{suffix}")
+    } else {
+        let (layer, part) = base.strip_prefix("model.layers.")?.split_once('.')?;
+        format!("blk.{layer}.{}.{suffix}", parts.iter().find(|(_, h)| *h == part)?.0)
+    };
+    (hf_name_by(top, parts, &name).as_deref() == Some(hf)).then_some(name)
 }
 
 /// The vocabulary size: the rows of the token embedding.
@@ -529,7 +564,9 @@ impl GgufFile {
         for info in &self.tensors {
             let name = info.name.as_str();
             let hf = hf_name(name)?;
-            if keep_blocks && hf.ends_with("_proj.weight") && let Some(mut b) = self.blocks(name)? {
+            // The attention's and the MLP's projections (Phi's `dense`, `fc1` and `fc2` among them).
+            let projection = ["_proj.weight", ".dense.weight", ".fc1.weight", ".fc2.weight"].iter().any(|s| hf.ends_with(s));
+            if keep_blocks && projection && let Some(mut b) = self.blocks(name)? {
                 fix_blocks(name, &hf, &mut b)?;
                 blocks.insert(hf, b);
                 continue;

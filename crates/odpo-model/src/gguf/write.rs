@@ -1,4 +1,4 @@
-//! Writing a model of the Llama or Gemma family with its byte-level or SentencePiece BPE tokenizer
+//! Writing a model of the Llama, Gemma or Phi family with its byte-level or SentencePiece BPE tokenizer
 //! as a llama.cpp GGUF file (version 3), the way llama.cpp's `convert_hf_to_gguf.py` writes one:
 //! tensors under llama.cpp's names (Q/K rows permuted for `llama`, Gemma's norms as `1 + w`),
 //! vectors in F32 and matrices in F32, F16 or Q8_0, the model's hyper-parameters and the tokenizer
@@ -86,8 +86,8 @@ enum Kv {
 const ALIGNMENT: usize = 32;
 
 /// Writes `model` (adapters merged in) with `tokenizer` to `path` as a GGUF file, atomically.
-/// Llama, Mistral without a sliding window, Qwen2, Qwen3, OLMo 2, SmolLM3, Granite and Gemma 1 / 2 / 3 (as llama.cpp runs
-/// them: see `GemmaConfig::llama_cpp_form`) with a byte-level BPE tokenizer whose text split GGUF
+/// Llama, Mistral without a sliding window, Qwen2, Qwen3, OLMo 2 / 3, SmolLM3, Granite, Phi-3, Gemma 1 / 2 / 3 (as llama.cpp runs
+/// them: see `GemmaConfig::llama_cpp_form`) and Phi-1 / 1.5 / 2 (`phi2`) with a byte-level BPE tokenizer whose text split GGUF
 /// can name or a SentencePiece BPE one; anything else is an error that says what cannot be written.
 pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, path: &Path, dtype: GgufDtype) -> Result<(), GgufError> {
     let cfg = config.to_hf_json();
@@ -105,8 +105,35 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "GemmaForCausalLM" => "gemma",
         "Gemma2ForCausalLM" => "gemma2",
         "Gemma3ForCausalLM" => "gemma3",
-        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, Olmo3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM)"))),
+        "PhiForCausalLM" => "phi2",
+        "StableLmForCausalLM" => "stablelm",
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, Olmo3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM; PhiForCausalLM; StableLmForCausalLM)"))),
     };
+    let stablelm = match config {
+        ModelConfig::StableLm(c) => Some(c),
+        _ => None,
+    };
+    // The families with LayerNorms (their epsilon under its own key), their rotated dims and base
+    // as the model reads them, and whether a tied head must be written out.
+    let layer_norm = match config {
+        ModelConfig::Phi(c) => Some((c.layer_norm_eps, c.rotary_dims(), c.theta(), c.tie_word_embeddings)),
+        ModelConfig::StableLm(c) => Some((c.layer_norm_eps, c.rotary_dims(), c.theta(), c.tie_word_embeddings)),
+        _ => None,
+    };
+    // What llama.cpp's `phi2` fixes must be what a Phi does: GELU's tanh form, no norm over queries
+    // and keys.
+    let phi = match config {
+        ModelConfig::Phi(c) => Some(c),
+        _ => None,
+    };
+    if let Some(c) = phi {
+        if c.qk_layernorm {
+            return Err(err("qk_layernorm", "true: llama.cpp's `phi2` has no norm over queries and keys".into()));
+        }
+        if c.hidden_act == "gelu" {
+            return Err(err("hidden_act", "`gelu` (exact): llama.cpp's `phi2` computes GELU's tanh approximation".into()));
+        }
+    }
     // What llama.cpp fixes by architecture for Gemma must be what the model does.
     let gemma = match config {
         ModelConfig::Gemma(c) => Some(c.llama_cpp_form(path).map_err(|(key, msg)| err(key, msg))?),
@@ -179,6 +206,8 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         }
         (None, Some(s)) => return Err(err("rope_scaling", format!("{s}: only linear and YaRN RoPE scaling are written to GGUF"))),
     };
+    // Phi's and StableLM's base as the model reads it (its RoPE settings before the top-level key).
+    let theta = layer_norm.map_or(theta, |(_, _, theta, _)| theta);
     let uint = |key: &str| cfg[key].as_u64().ok_or_else(|| err(key, "missing from the model's config".into()));
     let (hidden, heads, layers) = (uint("hidden_size")?, uint("num_attention_heads")?, uint("num_hidden_layers")?);
     let kv_heads = cfg["num_key_value_heads"].as_u64().unwrap_or(heads);
@@ -218,9 +247,18 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         (key("attention.head_count_kv"), u32_of(kv_heads)),
         (key("attention.key_length"), u32_of(head_dim)),
         (key("attention.value_length"), u32_of(head_dim)),
-        (key("attention.layer_norm_rms_epsilon"), Kv::F32(cfg["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32)),
+        match layer_norm {
+            Some((eps, ..)) => (key("attention.layer_norm_epsilon"), Kv::F32(eps as f32)),
+            None => (key("attention.layer_norm_rms_epsilon"), Kv::F32(cfg["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32)),
+        },
         (key("rope.freq_base"), Kv::F32(theta as f32)),
     ];
+    if let Some((_, rotated, ..)) = layer_norm {
+        kvs.push((key("rope.dimension_count"), u32_of(rotated as u64)));
+    }
+    if let Some(c) = stablelm {
+        kvs.push((key("use_parallel_residual"), Kv::Bool(c.use_parallel_residual)));
+    }
     if let Some(g) = &gemma {
         if let Some(w) = g.window {
             kvs.push((key("attention.sliding_window"), u32_of(w as u64)));
@@ -271,18 +309,34 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     // Tensors: llama.cpp's names, ggml's dimension order (fastest first), each aligned. The infos
     // come first (offsets from the sizes), then the data straight into the file's bytes.
     let hf = model.hf_tensors();
-    // The model's tensors, then Phi-3's LongRoPE factors under llama.cpp's names.
-    let tensors: Vec<&HfEntry> = hf.read_back(path).map_err(|e| err("tensors", e.to_string()))?.iter().chain(&extra).collect();
+    let mut written: &[HfEntry] = hf.read_back(path).map_err(|e| err("tensors", e.to_string()))?;
+    // StableLM's head norms, one `[heads, head_dim]` tensor a layer, as the converter stacks them.
+    let stacked;
+    if stablelm.is_some() {
+        stacked = stack_head_norms(written);
+        written = &stacked;
+    }
+    // llama.cpp's `phi2` and `stablelm` need an `output`: a tied head is written as the embedding's copy.
+    if layer_norm.is_some_and(|(.., tied)| tied)
+        && let Some((_, shape, values)) = written.iter().find(|(n, ..)| n == "model.embed_tokens.weight")
+    {
+        extra.push(("output.weight".into(), shape.clone(), values.clone()));
+    }
+    // The model's tensors, then Phi-3's LongRoPE factors or a tied head under llama.cpp's names.
+    let tensors: Vec<&HfEntry> = written.iter().chain(&extra).collect();
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for &(name, shape, values) in &tensors {
         let gguf = match gemma {
             Some(_) => super::gemma::gguf_name(arch, name),
             None if extra.iter().any(|(n, ..)| n == name) => Some(name.clone()),
+            None if phi.is_some() => super::phi::gguf_name(name),
+            None if stablelm.is_some() => super::stablelm::gguf_name(name),
             None => llama::gguf_name(arch, name),
         };
         let gguf = gguf.ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
-        let ty = dtype.of(shape);
+        // Norms stay F32, stacked or not, as the converter keeps them.
+        let ty = if gguf.ends_with("_norm.weight") { TensorType::F32 } else { dtype.of(shape) };
         offset = offset.next_multiple_of(ALIGNMENT);
         infos.push((gguf, shape, ty, offset));
         offset += ty.bytes(values.len());
@@ -335,6 +389,28 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         }
     }
     crate::weights::write_atomic(path, &out).map_err(|e| err("file", e.to_string()))
+}
+
+/// `entries` with StableLM's head norms (`...q_layernorm.norms.H.weight`, one `[head_dim]` weight a
+/// head) stacked into one `[heads, head_dim]` entry a layer (`...q_layernorm.weight`), where the
+/// first head's was.
+fn stack_head_norms(entries: &[HfEntry]) -> Vec<HfEntry> {
+    let mut out: Vec<HfEntry> = Vec::with_capacity(entries.len());
+    for (name, shape, values) in entries {
+        let Some((norm, _head)) = name.strip_suffix(".weight").and_then(|n| n.split_once("_layernorm.norms.")) else {
+            out.push((name.clone(), shape.clone(), values.clone()));
+            continue;
+        };
+        let stacked = format!("{norm}_layernorm.weight");
+        match out.iter_mut().find(|(n, ..)| *n == stacked) {
+            Some((_, s, v)) => {
+                s[0] += 1;
+                v.extend_from_slice(values);
+            }
+            None => out.push((stacked, vec![1, values.len()], values.clone())),
+        }
+    }
+    out
 }
 
 /// The base of the rotary angles: `rope_theta`, or transformers 5's `rope_parameters.rope_theta`.
