@@ -638,6 +638,7 @@ fn cmd_logprobs(a: LogprobsArgs) -> Result<()> {
     }
     let n = p.len() + c.len();
     loaded.model.check_positions(n, || format!("a prompt of {} tokens and a completion of {}", p.len(), c.len()))?;
+    loaded.model.check_tokens(p.iter().chain(&c), || "the prompt and completion, as the tokenizer encodes them,".into())?;
     let ids: Vec<i64> = p.iter().chain(&c).map(|&x| i64::from(x)).collect();
     let loss_mask: Vec<f32> = (0..n).map(|i| if i >= p.len() { 1.0 } else { 0.0 }).collect();
     let input = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &device);

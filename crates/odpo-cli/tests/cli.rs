@@ -239,6 +239,22 @@ fn an_unknown_backend_is_refused_with_the_list() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("`flux` is not a backend"));
 }
 
+/// A tokenizer that is not the model's, whose ids run past the model's vocabulary, is refused by
+/// `logprobs` and `generate` naming the token and the vocabulary; the forward pass used to panic
+/// indexing past the embedding.
+#[test]
+fn token_ids_past_the_vocabulary_are_refused() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../odpo-model/tests/fixtures");
+    // A tiny GPT-2 of 256 tokens, and a 500-token byte-level vocabulary.
+    let (model, tokenizer) = (fixtures.join("gpt2"), fixtures.join("gguf/vocab/llama-bpe.gguf"));
+    for command in [&["logprobs", "--prompt", "It's 2024 and", "--completion", " the weather holds"][..], &["generate", "--prompt", "It's 2024 and", "--max-new-tokens", "4"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_odpo")).args(&command[..1]).arg("--model").arg(&model).arg("--tokenizer").arg(&tokenizer).args(&command[1..]).env("RUST_LOG", "warn").output().expect("run odpo");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && !err.contains("panicked"), "{}: {err}", command[0]);
+        assert!(err.contains("past the model's vocabulary of 256 (ids 0 to 255): the tokenizer, or the data's tokens, are not the model's"), "{}: {err}", command[0]);
+    }
+}
+
 /// `odpo reward-model --pairs` on the paper's TL;DR pairs (400 of them, every k-th; SmolLM2 as the
 /// backbone): a Bradley–Terry head that orders held-out posts' pairs better than chance and than a
 /// coin's log-loss, with the ridge baseline beside; the pairs it writes with its scores load with an

@@ -91,6 +91,16 @@ pub enum ModelError {
         /// Positions the model has.
         limit: usize,
     },
+    /// A token id past the model's vocabulary (a tokenizer or data made for another model).
+    #[error("{what} holds token id {id}, past the model's vocabulary of {vocab} (ids 0 to {last}): the tokenizer, or the data's tokens, are not the model's", last = .vocab.saturating_sub(1))]
+    TokenPastVocab {
+        /// Where the token is: `pair 17`, `the prompt`.
+        what: String,
+        /// The token id.
+        id: u32,
+        /// Entries of the model's vocabulary.
+        vocab: usize,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -80,6 +80,10 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
     let mut rng = StdRng::seed_from_u64(s.seed);
     let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
     model.check_positions(t0 + cfg.max_new_tokens, || format!("a prompt of {t0} tokens and {} new ones (`max_new_tokens`)", cfg.max_new_tokens))?;
+    for (i, p) in prompts.iter().enumerate() {
+        model.check_tokens(p, || format!("prompt {i}"))?;
+    }
+    model.check_tokens([&cfg.pad_token_id], || "the padding token (`pad_token_id`)".into())?;
     // Left padding puts every prompt's last token in the last column.
     let mut ids: Vec<Vec<i64>> = Vec::with_capacity(b);
     let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);

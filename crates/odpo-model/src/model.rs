@@ -668,6 +668,17 @@ impl CausalLm {
         }
     }
 
+    /// An error naming `what` when one of `ids` is past the model's vocabulary: the embedding has
+    /// no row for it (a tokenizer or data made for another model), and the forward pass would index
+    /// past the table.
+    pub fn check_tokens<'a>(&self, ids: impl IntoIterator<Item = &'a u32>, what: impl FnOnce() -> String) -> Result<()> {
+        let vocab = self.vocab_size();
+        match ids.into_iter().find(|&&id| id as usize >= vocab) {
+            Some(&id) => Err(ModelError::TokenPastVocab { what: what(), id, vocab }),
+            None => Ok(()),
+        }
+    }
+
     /// Entries of the vocabulary: the width of the logits [`Self::head`] returns.
     pub fn vocab_size(&self) -> usize {
         match self {
@@ -758,6 +769,18 @@ mod tests {
             json[k] = v.clone();
         }
         ModelConfig::from_hf_json(&json, &path).unwrap()
+    }
+
+    /// Token ids up to the last row of the embedding pass; one past it is an error naming where it
+    /// is, the id and the vocabulary.
+    #[test]
+    fn token_ids_past_the_vocabulary_are_named() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/stablelm_parallel/config.json");
+        let model = CausalLm::random_from_file(&path, 0, &Device::default(), false).unwrap().1;
+        assert_eq!(model.vocab_size(), 104);
+        model.check_tokens(&[0, 5, 103], || unreachable!()).unwrap();
+        let err = model.check_tokens(&[5, 104, 200], || "pair 3".into()).unwrap_err().to_string();
+        assert_eq!(err, "pair 3 holds token id 104, past the model's vocabulary of 104 (ids 0 to 103): the tokenizer, or the data's tokens, are not the model's");
     }
 
     /// TR-DPO's soft update: α = 1 copies the other model's weights; another architecture is an error.

@@ -171,6 +171,10 @@ pub fn pair_margins(policy: &CausalLm, reference: &CausalLm, tokenizer: &Tokeniz
     let longest = pairs.iter().map(odpo_data::TokenizedPair::row_len).max().unwrap_or(0);
     for model in [policy, reference] {
         model.check_positions(longest, || format!("the longest pair ({longest} tokens; `data.max_length` = {})", data.max_length))?;
+        model.check_tokens([&pad_id], || "the tokenizer's padding token".into())?;
+        for p in &pairs {
+            model.check_tokens(p.prompt.iter().chain(&p.chosen).chain(&p.rejected), || format!("pair {}", p.pair_id))?;
+        }
     }
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(MARGIN_BATCH) {

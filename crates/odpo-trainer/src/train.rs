@@ -543,8 +543,13 @@ fn reference_cache(cfg: &RunConfig, reference: &CausalLm, data: &RunData, device
 }
 
 /// Every row of the run's pairs fits `model`'s positions (GPT-2 and GPT-Neo learn a table of them;
-/// beyond it a row would index past the table). `whose`: which model, for the message.
+/// beyond it a row would index past the table), and every token, the padding one too, its
+/// vocabulary. `whose`: which model, for the message.
 fn check_positions(model: &CausalLm, data: &RunData, max_length: usize, whose: &str) -> Result<()> {
+    model.check_tokens([&data.pad_id], || format!("the padding token of the model{whose}'s tokenizer"))?;
+    for p in data.train.iter().chain(&data.eval) {
+        model.check_tokens(p.prompt.iter().chain(&p.chosen).chain(&p.rejected), || format!("pair {} (for the model{whose})", p.pair_id))?;
+    }
     let Some(longest) = data.train.iter().chain(&data.eval).max_by_key(|p| p.row_len()) else { return Ok(()) };
     let (prompt, completion) = (longest.prompt.len(), longest.row_len() - longest.prompt.len());
     let what = || format!("pair {} (a prompt of {prompt} tokens and a completion of {completion})", longest.pair_id);

@@ -1,4 +1,4 @@
-//! Writing a model of the Llama, Gemma or Phi family with its byte-level or SentencePiece BPE tokenizer
+//! Writing a model of the Llama, Gemma, Phi or StableLM family with its byte-level or SentencePiece BPE tokenizer
 //! as a llama.cpp GGUF file (version 3), the way llama.cpp's `convert_hf_to_gguf.py` writes one:
 //! tensors under llama.cpp's names (Q/K rows permuted for `llama`, Gemma's norms as `1 + w`),
 //! vectors in F32 and matrices in F32, F16 or Q8_0, the model's hyper-parameters and the tokenizer
@@ -87,7 +87,7 @@ const ALIGNMENT: usize = 32;
 
 /// Writes `model` (adapters merged in) with `tokenizer` to `path` as a GGUF file, atomically.
 /// Llama, Mistral without a sliding window, Qwen2, Qwen3, OLMo 2 / 3, SmolLM3, Granite, Phi-3, Gemma 1 / 2 / 3 (as llama.cpp runs
-/// them: see `GemmaConfig::llama_cpp_form`) and Phi-1 / 1.5 / 2 (`phi2`) with a byte-level BPE tokenizer whose text split GGUF
+/// them: see `GemmaConfig::llama_cpp_form`), Phi-1 / 1.5 / 2 (`phi2`) and StableLM with a byte-level BPE tokenizer whose text split GGUF
 /// can name or a SentencePiece BPE one; anything else is an error that says what cannot be written.
 pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, path: &Path, dtype: GgufDtype) -> Result<(), GgufError> {
     let cfg = config.to_hf_json();
@@ -309,12 +309,11 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     // Tensors: llama.cpp's names, ggml's dimension order (fastest first), each aligned. The infos
     // come first (offsets from the sizes), then the data straight into the file's bytes.
     let hf = model.hf_tensors();
-    let mut written: &[HfEntry] = hf.read_back(path).map_err(|e| err("tensors", e.to_string()))?;
-    // StableLM's head norms, one `[heads, head_dim]` tensor a layer, as the converter stacks them.
-    let stacked;
+    let written = hf.read_back(path).map_err(|e| err("tensors", e.to_string()))?;
+    // StableLM's head norms, one `[heads, head_dim]` tensor a layer as the converter stacks them,
+    // in place of the one-head entries (left out below).
     if stablelm.is_some() {
-        stacked = stack_head_norms(written);
-        written = &stacked;
+        extra.extend(stacked_head_norms(written));
     }
     // llama.cpp's `phi2` and `stablelm` need an `output`: a tied head is written as the embedding's copy.
     if layer_norm.is_some_and(|(.., tied)| tied)
@@ -323,7 +322,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         extra.push(("output.weight".into(), shape.clone(), values.clone()));
     }
     // The model's tensors, then Phi-3's LongRoPE factors or a tied head under llama.cpp's names.
-    let tensors: Vec<&HfEntry> = written.iter().chain(&extra).collect();
+    let tensors: Vec<&HfEntry> = written.iter().filter(|(n, ..)| !n.contains("_layernorm.norms.")).chain(&extra).collect();
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for &(name, shape, values) in &tensors {
@@ -391,23 +390,21 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     crate::weights::write_atomic(path, &out).map_err(|e| err("file", e.to_string()))
 }
 
-/// `entries` with StableLM's head norms (`...q_layernorm.norms.H.weight`, one `[head_dim]` weight a
-/// head) stacked into one `[heads, head_dim]` entry a layer (`...q_layernorm.weight`), where the
-/// first head's was.
-fn stack_head_norms(entries: &[HfEntry]) -> Vec<HfEntry> {
-    let mut out: Vec<HfEntry> = Vec::with_capacity(entries.len());
-    for (name, shape, values) in entries {
-        let Some((norm, _head)) = name.strip_suffix(".weight").and_then(|n| n.split_once("_layernorm.norms.")) else {
-            out.push((name.clone(), shape.clone(), values.clone()));
-            continue;
-        };
-        let stacked = format!("{norm}_layernorm.weight");
-        match out.iter_mut().find(|(n, ..)| *n == stacked) {
+/// StableLM's head norms among `entries` (`...q_layernorm.norms.H.weight`, one `[head_dim]` weight
+/// a head, in the heads' order) stacked into one `[heads, head_dim]` tensor a layer under
+/// llama.cpp's name (`blk.N.attn_q_norm.weight`); the other entries are not copied.
+fn stacked_head_norms(entries: &[HfEntry]) -> Vec<HfEntry> {
+    let mut out: Vec<HfEntry> = Vec::new();
+    for (name, _, values) in entries {
+        let Some((norm, _head)) = name.strip_suffix(".weight").and_then(|n| n.split_once("_layernorm.norms.")) else { continue };
+        let hf = format!("{norm}_layernorm.weight");
+        let gguf = super::stablelm::gguf_name(&hf).unwrap_or(hf);
+        match out.iter_mut().find(|(n, ..)| *n == gguf) {
             Some((_, s, v)) => {
                 s[0] += 1;
                 v.extend_from_slice(values);
             }
-            None => out.push((stacked, vec![1, values.len()], values.clone())),
+            None => out.push((gguf, vec![1, values.len()], values.clone())),
         }
     }
     out
