@@ -160,6 +160,19 @@ fn a_run_folder_with_checkpoints_needs_resume() {
     assert_eq!((s.resumed_from, s.steps), (Some(2), 2));
 }
 
+/// Data tokenized for another model, an id past the 64-token vocabulary in one held-out pair, is
+/// refused before the first step, naming the pair; the forward pass would index past the embedding.
+#[test]
+fn tokens_past_the_vocabulary_are_refused_naming_the_pair() {
+    let dir = scratch("tokens-past-vocab");
+    let model = tiny_model(&dir);
+    let cfg = config(&model, &dir.join("run"), "", &["train.batch_size=4", "train.micro_batch_size=4", "train.max_steps=1"]);
+    let mut d = data(8, 2);
+    d.eval[1].chosen[0] = VOCAB;
+    let err = odpo_trainer::train_on(&cfg, d, &device(), false, None).map(|_| ()).expect_err("an id of 64");
+    assert_eq!(err.to_string(), "pair 100001 (for the model) holds token id 64, past the model's vocabulary of 64 (ids 0 to 63): the tokenizer, or the data's tokens, are not the model's");
+}
+
 /// A random init from a config no model can have: the error names that config file and the key.
 #[test]
 fn a_random_inits_bad_sizes_name_its_config_file() {
