@@ -83,7 +83,10 @@ pub fn generate_with(model: &CausalLm, prompts: &[Vec<u32>], cfg: &GenerationCon
     for (i, p) in prompts.iter().enumerate() {
         model.check_tokens(p, || format!("prompt {i}"))?;
     }
-    model.check_tokens([&cfg.pad_token_id], || "the padding token (`pad_token_id`)".into())?;
+    // The padding token is embedded (and masked) where prompts differ in length.
+    if prompts.iter().any(|p| p.len() < t0) {
+        model.check_tokens([&cfg.pad_token_id], || "the padding token (`pad_token_id`)".into())?;
+    }
     // Left padding puts every prompt's last token in the last column.
     let mut ids: Vec<Vec<i64>> = Vec::with_capacity(b);
     let mut mask: Vec<Vec<i64>> = Vec::with_capacity(b);
@@ -392,6 +395,20 @@ mod position_tests {
         let llama = model(serde_json::json!({"architectures": ["LlamaForCausalLM"], "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 8}), &device);
         assert_eq!(llama.position_limit(), None);
         assert_eq!(generate(&llama, &prompts, &cfg(6), &device).unwrap().tokens[1].len(), 6);
+    }
+
+    /// A prompt token past the vocabulary is refused naming the prompt; the padding token only
+    /// where prompts differ in length (it is embedded then, masked).
+    #[test]
+    fn tokens_past_the_vocabulary_are_refused() {
+        let device = crate::backend::device("flex").unwrap();
+        let gpt2 = model(serde_json::json!({"architectures": ["GPT2LMHeadModel"], "vocab_size": 16, "n_positions": 8, "n_embd": 8, "n_layer": 1, "n_head": 2}), &device);
+        let cfg = |pad_token_id| GenerationConfig { max_new_tokens: 2, eos_token_ids: vec![], pad_token_id, sampling: SamplingConfig { greedy: true, ..Default::default() } };
+        let err = generate(&gpt2, &[vec![3, 4], vec![5, 16]], &cfg(0), &device).unwrap_err().to_string();
+        assert!(err.starts_with("prompt 1 holds token id 16, past the model's vocabulary of 16"), "{err}");
+        assert!(generate(&gpt2, &[vec![3, 4], vec![5, 6]], &cfg(50), &device).is_ok());
+        let err = generate(&gpt2, &[vec![3, 4], vec![5]], &cfg(50), &device).unwrap_err().to_string();
+        assert!(err.starts_with("the padding token (`pad_token_id`) holds token id 50"), "{err}");
     }
 
     #[test]
