@@ -578,6 +578,58 @@ impl GgufFile {
         Ok((weights, blocks))
     }
 
+    /// The shape of a file of a LayerNorm family (`phi2`, `stablelm`): the embedding length, the
+    /// query and key-value heads, and the head size (`embedding_length / head_count`, which must
+    /// divide).
+    fn layer_norm_shape(&self, arch: &str) -> Result<[u64; 4], GgufError> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden = self.positive(&key("embedding_length"))?;
+        let heads = self.positive(&key("attention.head_count"))?;
+        let kv_heads = self.meta(&key("attention.head_count_kv"), "an unsigned integer", GgufValue::as_u64)?.unwrap_or(heads);
+        if !hidden.is_multiple_of(heads) {
+            return Err(meta_err(&self.path, &key("attention.head_count"), format!("{heads} heads do not divide the embedding length ({hidden})")));
+        }
+        Ok([hidden, heads, kv_heads, hidden / heads])
+    }
+
+    /// The `config.json` keys a LayerNorm family's file (`phi2`, `stablelm`) gives alike, of a model
+    /// of [`Self::layer_norm_shape`]'s `shape` whose HF architecture is `hf_arch`: the sizes, the
+    /// LayerNorm's epsilon, the positions, whether the head is tied (no `output`), the special
+    /// tokens, and in `rope_parameters` the rotated part of each head (`rope.dimension_count`),
+    /// the base (10,000 where the file has none, as in llama.cpp) and the file's scaling.
+    fn layer_norm_config(&self, arch: &str, hf_arch: &str, model_type: &str, shape: [u64; 4], weights: &BTreeMap<String, HostTensor>) -> Result<serde_json::Value, GgufError> {
+        let key = |k: &str| format!("{arch}.{k}");
+        let uint = |k: &str| self.meta(&key(k), "an unsigned integer", GgufValue::as_u64);
+        let [hidden, heads, kv_heads, head_dim] = shape;
+        let eps_key = key("attention.layer_norm_epsilon");
+        let rotated = uint("rope.dimension_count")?.unwrap_or(head_dim);
+        let mut config = serde_json::json!({
+            "architectures": [hf_arch],
+            "model_type": model_type,
+            "hidden_size": hidden,
+            "intermediate_size": self.required(&key("feed_forward_length"), uint("feed_forward_length")?)?,
+            "num_hidden_layers": self.positive(&key("block_count"))?,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "layer_norm_eps": self.required(&eps_key, self.meta(&eps_key, "a number", GgufValue::as_f64)?)?,
+            "max_position_embeddings": self.required(&key("context_length"), uint("context_length")?)?,
+            "vocab_size": vocab(&self.path, weights)?,
+            "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": self.meta(&key("rope.freq_base"), "a number", GgufValue::as_f64)?.unwrap_or(10_000.0),
+                "partial_rotary_factor": rotated as f64 / head_dim as f64,
+            },
+        });
+        if let Some(scaling) = self.rope_scaling(arch)? {
+            for (k, v) in scaling.as_object().into_iter().flatten() {
+                config["rope_parameters"][k] = v.clone();
+            }
+        }
+        self.add_token_ids(&mut config)?;
+        Ok(config)
+    }
+
     /// The special tokens' ids, where the file gives them, as `config.json` keys.
     fn add_token_ids(&self, config: &mut serde_json::Value) -> Result<(), GgufError> {
         for (key, hf_key) in [

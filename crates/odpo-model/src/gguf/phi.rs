@@ -11,7 +11,7 @@
 
 use serde_json::json;
 
-use super::{GgufError, GgufFile, GgufValue, HfModel, tensor_err};
+use super::{GgufError, GgufFile, HfModel, tensor_err};
 
 /// The architecture read, as `general.architecture` names it.
 pub(super) const ARCH: &str = "phi2";
@@ -45,19 +45,7 @@ pub(super) fn gguf_name(hf: &str) -> Option<String> {
 /// [`super::load_blocks_as_hf`] of an open `phi2` file.
 pub(super) fn read(f: &GgufFile, keep_blocks: bool) -> Result<HfModel, GgufError> {
     let path = f.path();
-    let key = |k: &str| format!("{ARCH}.{k}");
-    let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
-    let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
-
-    let hidden = f.positive(&key("embedding_length"))?;
-    let heads = f.positive(&key("attention.head_count"))?;
-    let kv_heads = uint(&key("attention.head_count_kv"))?.unwrap_or(heads);
-    if !hidden.is_multiple_of(heads) {
-        return Err(super::meta_err(path, &key("attention.head_count"), format!("{heads} heads do not divide the embedding length ({hidden})")));
-    }
-    let head_dim = hidden / heads;
-    let eps_key = key("attention.layer_norm_epsilon");
-
+    let shape @ [_, heads, kv_heads, head_dim] = f.layer_norm_shape(ARCH)?;
     let (mut weights, mut blocks) = f.read_tensors(
         keep_blocks,
         |name| hf_name(name).ok_or_else(|| tensor_err(path, name, "has no Hugging Face PhiForCausalLM equivalent")),
@@ -93,35 +81,9 @@ pub(super) fn read(f: &GgufFile, keep_blocks: bool) -> Result<HfModel, GgufError
             }
         }
     }
-    let vocab = super::vocab(path, &weights)?;
-    let rotated = uint(&key("rope.dimension_count"))?.unwrap_or(head_dim);
-    let mut config = json!({
-        "architectures": ["PhiForCausalLM"],
-        "model_type": "phi",
-        // llama.cpp's GELU is the tanh form.
-        "hidden_act": "gelu_new",
-        "hidden_size": hidden,
-        "intermediate_size": f.required(&key("feed_forward_length"), uint(&key("feed_forward_length"))?)?,
-        "num_hidden_layers": f.positive(&key("block_count"))?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "layer_norm_eps": f.required(&eps_key, float(&eps_key)?)?,
-        "max_position_embeddings": f.required(&key("context_length"), uint(&key("context_length"))?)?,
-        "vocab_size": vocab,
-        // The head is the embedding where the file has no `output`.
-        "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": float(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            "partial_rotary_factor": rotated as f64 / head_dim as f64,
-        },
-    });
-    if let Some(scaling) = f.rope_scaling(ARCH)? {
-        for (k, v) in scaling.as_object().into_iter().flatten() {
-            config["rope_parameters"][k] = v.clone();
-        }
-    }
-    f.add_token_ids(&mut config)?;
+    let mut config = f.layer_norm_config(ARCH, "PhiForCausalLM", "phi", shape, &weights)?;
+    // llama.cpp's GELU is the tanh form.
+    config["hidden_act"] = json!("gelu_new");
     Ok((config, weights, blocks))
 }
 

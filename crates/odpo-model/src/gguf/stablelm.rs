@@ -11,7 +11,7 @@
 
 use serde_json::json;
 
-use super::{GgufError, GgufFile, GgufValue, HfModel, HostTensor, tensor_err};
+use super::{GgufError, GgufFile, HfModel, HostTensor, tensor_err};
 
 /// The architecture read, as `general.architecture` names it.
 pub(super) const ARCH: &str = "stablelm";
@@ -49,19 +49,7 @@ pub(super) fn gguf_name(hf: &str) -> Option<String> {
 /// [`super::load_blocks_as_hf`] of an open `stablelm` file.
 pub(super) fn read(f: &GgufFile, keep_blocks: bool) -> Result<HfModel, GgufError> {
     let path = f.path();
-    let key = |k: &str| format!("{ARCH}.{k}");
-    let uint = |key: &str| f.meta(key, "an unsigned integer", GgufValue::as_u64);
-    let float = |key: &str| f.meta(key, "a number", GgufValue::as_f64);
-
-    let hidden = f.positive(&key("embedding_length"))?;
-    let heads = f.positive(&key("attention.head_count"))?;
-    let kv_heads = uint(&key("attention.head_count_kv"))?.unwrap_or(heads);
-    if !hidden.is_multiple_of(heads) {
-        return Err(super::meta_err(path, &key("attention.head_count"), format!("{heads} heads do not divide the embedding length ({hidden})")));
-    }
-    let head_dim = hidden / heads;
-    let eps_key = key("attention.layer_norm_epsilon");
-
+    let shape @ [_, heads, kv_heads, head_dim] = f.layer_norm_shape(ARCH)?;
     let (mut weights, blocks) = f.read_tensors(
         keep_blocks,
         |name| hf_name(name).ok_or_else(|| tensor_err(path, name, "has no Hugging Face StableLmForCausalLM equivalent")),
@@ -81,37 +69,12 @@ pub(super) fn read(f: &GgufFile, keep_blocks: bool) -> Result<HfModel, GgufError
             weights.insert(name.replace("_layernorm.weight", &format!("_layernorm.norms.{h}.weight")), HostTensor { shape: vec![head_dim as usize], data: w.to_vec() });
         }
     }
-    let vocab = super::vocab(path, &weights)?;
-    let rotated = uint(&key("rope.dimension_count"))?.unwrap_or(head_dim);
-    let mut config = json!({
-        "architectures": ["StableLmForCausalLM"],
-        "model_type": "stablelm",
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "intermediate_size": f.required(&key("feed_forward_length"), uint(&key("feed_forward_length"))?)?,
-        "num_hidden_layers": f.positive(&key("block_count"))?,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "layer_norm_eps": f.required(&eps_key, float(&eps_key)?)?,
-        "max_position_embeddings": f.required(&key("context_length"), uint(&key("context_length"))?)?,
-        "vocab_size": vocab,
-        "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
-        "use_qkv_bias": weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
-        "qk_layernorm": weights.contains_key("model.layers.0.self_attn.q_layernorm.norms.0.weight"),
-        // llama.cpp runs a layer without `ffn_norm` in parallel.
-        "use_parallel_residual": !weights.contains_key("model.layers.0.post_attention_layernorm.weight"),
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": float(&key("rope.freq_base"))?.unwrap_or(10_000.0),
-            "partial_rotary_factor": rotated as f64 / head_dim as f64,
-        },
-    });
-    if let Some(scaling) = f.rope_scaling(ARCH)? {
-        for (k, v) in scaling.as_object().into_iter().flatten() {
-            config["rope_parameters"][k] = v.clone();
-        }
-    }
-    f.add_token_ids(&mut config)?;
+    let mut config = f.layer_norm_config(ARCH, "StableLmForCausalLM", "stablelm", shape, &weights)?;
+    config["hidden_act"] = json!("silu");
+    config["use_qkv_bias"] = json!(weights.contains_key("model.layers.0.self_attn.q_proj.bias"));
+    config["qk_layernorm"] = json!(weights.contains_key("model.layers.0.self_attn.q_layernorm.norms.0.weight"));
+    // llama.cpp runs a layer without `ffn_norm` in parallel.
+    config["use_parallel_residual"] = json!(!weights.contains_key("model.layers.0.post_attention_layernorm.weight"));
     Ok((config, weights, blocks))
 }
 
