@@ -13,7 +13,7 @@
 #   - SmolLM2-135M-Instruct (GGUF, tokenizer) and the paper's IMDB pairs from ODPO_SHARED, for the real run;
 #   - Debian's Vulkan and EGL loaders as .deb files, for a machine whose NVIDIA driver has no loader beside it.
 # Everything goes into one tar, cut into parts small enough that each travels with the working tree in
-# one device run (64 MiB in all; ODPO_GPU_PART_MIB, by default what the working tree leaves with a
+# one device run (64 MiB in all; ODPO_GPU_PART_MIB, by default what the working tree leaves with half a
 # MiB to spare), as few as fit and of even size; MANIFEST holds their checksums. The device calls that carry the parts and
 # run the check are printed at the end.
 set -euo pipefail
@@ -23,7 +23,7 @@ TORCH=${ODPO_GPU_TORCH:-2.11.0}
 # What travels with every device call: tracked files and untracked ones git does not ignore.
 tree=$( (git ls-files; git ls-files -o --exclude-standard) | sort -u | while read -r f; do [ -f "$f" ] && stat -c %s "$f"; done | awk '{s += $1} END {print s + 0}')
 PART_MAX=$(( ${ODPO_GPU_PART_MIB:-0} * 1048576 ))
-[ "$PART_MAX" -gt 0 ] || PART_MAX=$(( 64 * 1048576 - tree - 1048576 ))
+[ "$PART_MAX" -gt 0 ] || PART_MAX=$(( 64 * 1048576 - tree - 524288 ))
 SHARED=${ODPO_SHARED:-../shared}
 # A build folder of its own: its libtorch (torch-sys) differs from the one CI's tch build links.
 export CARGO_TARGET_DIR=${ODPO_GPU_TARGET:-$HOME/.cache/odpo/target-gpu}

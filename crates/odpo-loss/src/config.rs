@@ -245,6 +245,12 @@ pub struct LossConfig {
     /// Read by the trainer, which computes the means in the policy's forward pass, and by
     /// [`crate::preference_loss`]. Default false.
     pub use_weighting: bool,
+    /// A mixture of experts: the weight of its routers' load-balancing loss (transformers'
+    /// `load_balancing_loss_func`) added to the objective, as TRL adds `router_aux_loss_coef` × the
+    /// model's `aux_loss`. None: the model config's `router_aux_loss_coef` where its
+    /// `output_router_logits` is true (TRL's rule), else off; 0: off. Read by the trainer, which
+    /// computes the loss in the policy's forward pass; a model without experts has none.
+    pub router_aux_loss_coef: Option<f64>,
 }
 
 impl Default for LossConfig {
@@ -262,6 +268,7 @@ impl Default for LossConfig {
             f_alpha_divergence_coef: 0.5,
             ld_alpha: None,
             use_weighting: false,
+            router_aux_loss_coef: None,
         }
     }
 }
@@ -425,6 +432,11 @@ impl LossConfig {
                 self.simpo_gamma.to_string(),
                 "must be finite",
             );
+        }
+        if let Some(c) = self.router_aux_loss_coef
+            && !(c.is_finite() && c >= 0.0)
+        {
+            return invalid("router_aux_loss_coef", c.to_string(), "must be finite and >= 0 (0 turns the load-balancing loss off)");
         }
         if let Some(a) = self.rpo_alpha
             && !(a.is_finite() && a > 0.0)

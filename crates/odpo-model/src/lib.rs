@@ -1,7 +1,8 @@
 //! Causal language models for preference training, on burn.
 //!
 //! This crate owns everything about the model itself: reading HF `config.json`, building the
-//! GPT-2, Llama (with Mistral, Qwen2 / 3, OLMo 2 / 3, SmolLM3, Granite and Phi-3), Gemma, GPT-Neo, GPT-J, GPT-NeoX, Phi and
+//! GPT-2, Llama (with Mistral, Qwen2 / 3, OLMo 2 / 3, SmolLM3, Granite, Phi-3 and the mixtures of
+//! experts Mixtral, Qwen2-MoE and Qwen3-MoE), Gemma, GPT-Neo, GPT-J, GPT-NeoX, Phi and
 //! StableLM families ([`gpt2`], [`llama`], [`gemma`], [`gpt_neo`], [`gptj`], [`gpt_neox`], [`phi`], [`stablelm`]) from HF safetensors or llama.cpp GGUF files,
 //! the forward pass over padded batches, sequence log-probabilities ([`logprobs`]), generation
 //! with a KV cache ([`generate`]), the tokenizer and chat template ([`tokenizer`]), LoRA adapters
@@ -54,6 +55,7 @@ pub mod llama;
 pub mod logprobs;
 pub mod lora;
 mod model;
+pub mod moe;
 mod names;
 pub mod out_of_memory;
 pub mod phi;

@@ -16,10 +16,13 @@
 //! the config's four multipliers), Phi-3 (Abdin et al. 2024, arXiv 2404.14219, `modeling_phi3.py`:
 //! the query, key and value projections fused in one `qkv_proj` and the gate and up projections in
 //! one `gate_up_proj`, as PEFT adapts them; LongRoPE, Ding et al. 2024, arXiv 2402.13753, and
-//! Phi-4-mini's rotation of part of each head) and SmolLM2, which differ only by configuration.
+//! Phi-4-mini's rotation of part of each head), SmolLM2, and the mixtures of experts Mixtral
+//! (`modeling_mixtral.py`: Mistral's layer with a sparse MLP), Qwen2-MoE (`modeling_qwen2_moe.py`,
+//! with a shared expert) and Qwen3-MoE (`modeling_qwen3_moe.py`), whose sparse MLPs [`crate::moe`]
+//! holds; they differ only by configuration.
 //!
 //! Tested against transformers on tiny random Llama / Qwen2 / Qwen3 / OLMo 2 / OLMo 3 / SmolLM3 / Granite /
-//! Phi-3 models and on SmolLM2-135M-Instruct.
+//! Phi-3 / Mixtral / Qwen2-MoE / Qwen3-MoE models and on SmolLM2-135M-Instruct.
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
@@ -31,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{ModelError, Result};
+use crate::moe::{MoeLayout, RouterStats, SparseMoe};
 use crate::layers::{KvCache, attention_mask, embed, grouped_attention, linear_3d, merge_heads, positions, rotate_half, rotate_half_cos_sin, sliding_layers, sliding_window_mask, split_heads, tied_head};
 use crate::names::{self, Slot, Table};
 use crate::weights::Weights;
@@ -38,7 +42,8 @@ use crate::weights::Weights;
 /// A Llama-family `config.json`, with HF's key names (extra keys are ignored).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LlamaConfig {
-    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `olmo3`, `smollm3`, `granite`, `phi3`.
+    /// `llama`, `mistral`, `qwen2`, `qwen3`, `olmo2`, `olmo3`, `smollm3`, `granite`, `phi3`,
+    /// `mixtral`, `qwen2_moe`, `qwen3_moe`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
     /// Vocabulary size.
@@ -123,6 +128,45 @@ pub struct LlamaConfig {
     /// Granite: the logits are the LM head's output divided by this.
     #[serde(default)]
     pub logits_scaling: Option<f64>,
+    /// Mixtral / Qwen3-MoE: the experts of each sparse layer (transformers' defaults 8 and 128;
+    /// their configs also read `num_experts` under this name).
+    #[serde(default)]
+    pub num_local_experts: Option<usize>,
+    /// Qwen2-MoE: the experts of each sparse layer (default 60).
+    #[serde(default)]
+    pub num_experts: Option<usize>,
+    /// Mixture of experts: the experts each token takes (defaults: Mixtral 2, Qwen2-MoE 4,
+    /// Qwen3-MoE 8).
+    #[serde(default)]
+    pub num_experts_per_tok: Option<usize>,
+    /// Qwen2-MoE / Qwen3-MoE: whether the chosen experts' probabilities are renormalised to sum to
+    /// 1 (Mixtral always renormalises).
+    #[serde(default)]
+    pub norm_topk_prob: Option<bool>,
+    /// Qwen2-MoE / Qwen3-MoE: each routed expert's MLP width (`intermediate_size` is the dense
+    /// layers' and Mixtral's experts').
+    #[serde(default)]
+    pub moe_intermediate_size: Option<usize>,
+    /// Qwen2-MoE: the shared expert's MLP width.
+    #[serde(default)]
+    pub shared_expert_intermediate_size: Option<usize>,
+    /// Qwen2-MoE / Qwen3-MoE: every this-many-th layer is sparse (default 1).
+    #[serde(default)]
+    pub decoder_sparse_step: Option<usize>,
+    /// Qwen2-MoE / Qwen3-MoE: layers with a dense MLP whatever `decoder_sparse_step` says.
+    #[serde(default)]
+    pub mlp_only_layers: Option<Vec<usize>>,
+    /// Qwen2-MoE: biases on the query, key and value projections (default true).
+    #[serde(default)]
+    pub qkv_bias: Option<bool>,
+    /// Mixture of experts: the weight of the routers' load-balancing loss in transformers'
+    /// training loss (default 0.001), added where `output_router_logits`.
+    #[serde(default)]
+    pub router_aux_loss_coef: Option<f64>,
+    /// Mixture of experts: whether transformers' forward returns the routers' logits and adds
+    /// their load-balancing loss to the loss (and TRL to its trainers' losses).
+    #[serde(default)]
+    pub output_router_logits: Option<bool>,
     /// MLP activation; only `silu` is implemented.
     #[serde(default = "default_act")]
     pub hidden_act: String,
@@ -392,7 +436,27 @@ impl LlamaConfig {
     }
 
     fn qkv_bias(&self) -> bool {
-        self.attention_bias || self.model_type == "qwen2"
+        self.attention_bias || self.model_type == "qwen2" || (self.model_type == "qwen2_moe" && self.qkv_bias.unwrap_or(true))
+    }
+
+    /// The output projection's bias: Qwen2-MoE's has none whatever `attention_bias` says.
+    fn o_bias(&self) -> bool {
+        self.attention_bias && self.model_type != "qwen2_moe"
+    }
+
+    /// Whether the model is a mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    pub fn moe(&self) -> bool {
+        matches!(self.model_type.as_str(), "mixtral" | "qwen2_moe" | "qwen3_moe")
+    }
+
+    /// The MLP width a token runs through, averaged over the layers: `intermediate_size`, or in a
+    /// mixture of experts the widths of the experts it takes (and the shared one) in the sparse
+    /// layers and `intermediate_size` in the dense ones.
+    pub fn token_mlp_width(&self) -> usize {
+        match MoeLayout::of(self, std::path::Path::new("config.json")) {
+            Ok(Some(m)) if self.num_hidden_layers > 0 => (0..self.num_hidden_layers).map(|i| m.active_width(i, self.intermediate_size)).sum::<usize>() / self.num_hidden_layers,
+            _ => self.intermediate_size,
+        }
     }
 
     /// Phi-3's layer: the query, key and value projections in one matrix, and the gate and up
@@ -404,7 +468,7 @@ impl LlamaConfig {
     /// Whether transformers' config of this model type has a `sliding_window` key (Mistral, Qwen2,
     /// Qwen3), whose absence it reads as 4096 and `null` as no window.
     pub(crate) fn has_window_key(&self) -> bool {
-        matches!(self.model_type.as_str(), "mistral" | "qwen2" | "qwen3" | "olmo3")
+        matches!(self.model_type.as_str(), "mistral" | "qwen2" | "qwen3" | "olmo3" | "qwen2_moe" | "qwen3_moe")
     }
 
     /// The attention window of each layer (`None`: the whole causal past), as transformers sets it:
@@ -414,8 +478,8 @@ impl LlamaConfig {
     pub fn layer_windows(&self, path: &std::path::Path) -> Result<Vec<Option<usize>>> {
         let n = self.num_hidden_layers;
         let window = match self.model_type.as_str() {
-            "mistral" | "phi3" => self.sliding_window,
-            "qwen2" | "qwen3" | "smollm3" if self.use_sliding_window => self.sliding_window,
+            "mistral" | "phi3" | "mixtral" => self.sliding_window,
+            "qwen2" | "qwen3" | "smollm3" | "qwen2_moe" | "qwen3_moe" if self.use_sliding_window => self.sliding_window,
             "olmo3" => self.sliding_window,
             _ => None,
         };
@@ -423,7 +487,7 @@ impl LlamaConfig {
         if w == 0 {
             return Err(ModelError::config(path, "sliding_window must be at least 1"));
         }
-        if matches!(self.model_type.as_str(), "mistral" | "phi3") {
+        if matches!(self.model_type.as_str(), "mistral" | "phi3" | "mixtral" | "qwen3_moe") {
             return Ok(vec![Some(w); n]);
         }
         let sliding = match &self.layer_types {
@@ -431,6 +495,8 @@ impl LlamaConfig {
             None if self.model_type == "olmo3" => self.sliding_types(path)?,
             // SmolLM3: the layers without the rotation.
             None if self.model_type == "smollm3" => self.layer_ropes(path)?.into_iter().map(|rope| !rope).collect(),
+            // Qwen2-MoE: every other layer below `max_window_layers`, the first among them.
+            None if self.model_type == "qwen2_moe" => (0..n).map(|i| i % 2 == 0 && i < self.max_window_layers.unwrap_or(28)).collect(),
             None => (0..n).map(|i| i >= self.max_window_layers.unwrap_or(28)).collect(),
         };
         Ok(sliding.into_iter().map(|s| s.then_some(w)).collect())
@@ -485,9 +551,10 @@ impl LlamaConfig {
         ])
     }
 
-    /// Qwen3's RMSNorm of each head's queries and keys (`q_norm`, `k_norm`, over `head_dim`).
+    /// Qwen3's (and Qwen3-MoE's) RMSNorm of each head's queries and keys (`q_norm`, `k_norm`,
+    /// over `head_dim`).
     fn qk_norm(&self) -> bool {
-        self.model_type == "qwen3"
+        matches!(self.model_type.as_str(), "qwen3" | "qwen3_moe")
     }
 
     /// OLMo 2's layer: its norms after the attention and the MLP (on their outputs, before the
@@ -540,8 +607,9 @@ struct Attention {
     scale: f64,
 }
 
+/// A SwiGLU MLP (also each expert of a mixture).
 #[derive(Module, Debug)]
-struct Mlp {
+pub(crate) struct Mlp {
     /// The gate and up projections; Phi-3 has them in one, `gate_up_proj` (the gate's rows first).
     gate_proj: Option<Linear>,
     up_proj: Option<Linear>,
@@ -556,7 +624,9 @@ struct Layer {
     self_attn: Attention,
     /// Before the MLP; OLMo 2's is on the attention's output, before the residual sum.
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    /// The dense MLP, or in a mixture of experts' sparse layers the experts.
+    mlp: Option<Mlp>,
+    moe: Option<SparseMoe>,
     /// OLMo 2: on the MLP's output, before the residual sum.
     post_feedforward_layernorm: Option<RmsNorm>,
 }
@@ -584,6 +654,8 @@ pub struct Llama {
     embedding_multiplier: f64,
     residual_multiplier: f64,
     logits_scaling: f64,
+    /// Mixtral's names for its experts (`block_sparse_moe.experts.N.w1`, ...).
+    mixtral: bool,
 }
 
 /// burn's `RmsNorm` as one recorded operation where the backend has `odpo_kernels::rms_norm`.
@@ -639,9 +711,24 @@ impl Attention {
 }
 
 impl Mlp {
+    /// An MLP of width `inner` over a hidden size `d`, its gate and up projections in one where
+    /// `fused` (Phi-3), waiting for its weights.
+    pub(crate) fn new(d: usize, inner: usize, bias: bool, fused: bool, device: &Device) -> Self {
+        let separate = |rows: usize| (!fused).then(|| names::linear(d, rows, bias, device));
+        Self { gate_proj: separate(inner), up_proj: separate(inner), gate_up_proj: fused.then(|| names::linear(d, 2 * inner, false, device)), down_proj: names::linear(inner, d, bias, device) }
+    }
+
+    /// Its projections under `prefix`, named `[gate, up, down]` (`gate_up_proj` when fused).
+    pub(crate) fn push_named<'a>(&'a mut self, t: &mut Table<'a>, prefix: &str, [gate, up, down]: [&str; 3]) {
+        let Self { gate_proj, up_proj, gate_up_proj, down_proj } = self;
+        let projections = [(gate, gate_proj), (up, up_proj), ("gate_up_proj", gate_up_proj)];
+        t.extend(projections.into_iter().filter_map(|(name, proj)| Some((format!("{prefix}.{name}"), Slot::Linear(proj.as_mut()?)))));
+        t.push((format!("{prefix}.{down}"), Slot::Linear(down_proj)));
+    }
+
     /// `down(silu(gate(x)) · up(x))`, the gate one recorded operation where the backend has
     /// `odpo_kernels::glu`.
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub(crate) fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [g, u] = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
             (Some(gate_up), ..) => {
                 let y = gate_up.forward(x);
@@ -652,6 +739,17 @@ impl Mlp {
             _ => unreachable!("a Llama-family MLP is built with gate and up projections or a fused one"),
         };
         self.down_proj.forward(odpo_kernels::glu(g.clone(), u.clone(), Gate::Silu).unwrap_or_else(|| silu(g) * u))
+    }
+}
+
+impl Layer {
+    /// The dense MLP's or the experts' output for `x` (the experts' routing added to `stats`).
+    fn feed_forward(&self, x: Tensor<3>, stats: Option<(&[f32], f64, &mut RouterStats)>) -> Tensor<3> {
+        match (&self.moe, &self.mlp) {
+            (Some(moe), _) => moe.forward(x, stats),
+            (None, Some(mlp)) => mlp.forward(x),
+            (None, None) => unreachable!("a Llama-family layer is built with an MLP or experts"),
+        }
     }
 }
 
@@ -683,6 +781,8 @@ impl Llama {
         let [embedding_multiplier, residual_multiplier, attention_multiplier, logits_scaling] = cfg.multipliers(w.path())?;
         let windows = cfg.layer_windows(w.path())?;
         let ropes = cfg.layer_ropes(w.path())?;
+        let moe = MoeLayout::of(cfg, w.path())?;
+        let sparse = |i: usize| moe.as_ref().is_some_and(|m| m.sparse[i]);
         let (eps, inner, qkv_bias, olmo2, fused) = (cfg.rms_norm_eps, cfg.intermediate_size, cfg.qkv_bias(), cfg.olmo2(), cfg.phi3());
         let separate = |rows: usize, bias: bool| (!fused).then(|| names::linear(d, rows, bias, device));
         // Qwen3 norms each head's queries and keys, OLMo 2 all of a row's queries and all its keys.
@@ -691,14 +791,15 @@ impl Llama {
             .into_iter()
             .zip(ropes)
             .zip(local_ropes)
-            .map(|((window, rope), local_rope)| Layer {
+            .enumerate()
+            .map(|(i, ((window, rope), local_rope))| Layer {
                 input_layernorm: (!olmo2).then(|| names::rms_norm(d, eps, device)),
                 self_attn: Attention {
                     q_proj: separate(nh * hd, qkv_bias),
                     k_proj: separate(nkv * hd, qkv_bias),
                     v_proj: separate(nkv * hd, qkv_bias),
                     qkv_proj: fused.then(|| names::linear(d, (nh + 2 * nkv) * hd, false, device)),
-                    o_proj: names::linear(nh * hd, d, cfg.attention_bias, device),
+                    o_proj: names::linear(nh * hd, d, cfg.o_bias(), device),
                     q_norm: q_norm.map(|n| names::rms_norm(n, eps, device)),
                     k_norm: k_norm.map(|n| names::rms_norm(n, eps, device)),
                     norm_whole: olmo2,
@@ -710,12 +811,8 @@ impl Llama {
                     scale: attention_multiplier,
                 },
                 post_attention_layernorm: names::rms_norm(d, eps, device),
-                mlp: Mlp {
-                    gate_proj: separate(inner, cfg.mlp_bias),
-                    up_proj: separate(inner, cfg.mlp_bias),
-                    gate_up_proj: fused.then(|| names::linear(d, 2 * inner, false, device)),
-                    down_proj: names::linear(inner, d, cfg.mlp_bias, device),
-                },
+                mlp: (!sparse(i)).then(|| Mlp::new(d, inner, cfg.mlp_bias, fused, device)),
+                moe: moe.as_ref().filter(|_| sparse(i)).map(|m| SparseMoe::new(m, d, device)),
                 post_feedforward_layernorm: olmo2.then(|| names::rms_norm(d, eps, device)),
             })
             .collect();
@@ -733,6 +830,7 @@ impl Llama {
             embedding_multiplier,
             residual_multiplier,
             logits_scaling,
+            mixtral: cfg.model_type == "mixtral",
         };
         names::fill(model.named_mut(), w, device)?;
         Ok(model)
@@ -740,6 +838,7 @@ impl Llama {
 
     /// Every parameter under its HF name: the one list loading, saving and LoRA read.
     pub(crate) fn named_mut(&mut self) -> Table<'_> {
+        let mixtral = self.mixtral;
         let mut t: Table<'_> = vec![("model.embed_tokens.weight".into(), Slot::Matrix(&mut self.embed_tokens.weight))];
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
@@ -756,10 +855,13 @@ impl Llama {
                 }
             }
             t.push((format!("{p}.post_attention_layernorm"), Slot::RmsNorm(&mut l.post_attention_layernorm)));
-            let Mlp { gate_proj, up_proj, gate_up_proj, down_proj } = &mut l.mlp;
-            let mlp = [("gate_proj", gate_proj), ("up_proj", up_proj), ("gate_up_proj", gate_up_proj)];
-            t.extend(mlp.into_iter().filter_map(|(name, proj)| Some((format!("{p}.mlp.{name}"), Slot::Linear(proj.as_mut()?)))));
-            t.push((format!("{p}.mlp.down_proj"), Slot::Linear(down_proj)));
+            if let Some(mlp) = &mut l.mlp {
+                mlp.push_named(&mut t, &format!("{p}.mlp"), ["gate_proj", "up_proj", "down_proj"]);
+            }
+            if let Some(moe) = &mut l.moe {
+                // Mixtral's experts sit in `block_sparse_moe`, Qwen's in `mlp`.
+                moe.push_named(&mut t, &format!("{p}.{}", if mixtral { "block_sparse_moe" } else { "mlp" }), mixtral);
+            }
             if let Some(n) = &mut l.post_feedforward_layernorm {
                 t.push((format!("{p}.post_feedforward_layernorm"), Slot::RmsNorm(n)));
             }
@@ -774,8 +876,22 @@ impl Llama {
     /// Final hidden states `[B, T, D]` (after the last norm, before the LM head) for the new tokens
     /// `input_ids` `[B, T]`; `mask` `[B, T_past + T]` marks real tokens (1) and padding (0), including the
     /// cached ones.
-    pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn hidden(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.hidden_routed(input_ids, mask, cache, None)
+    }
+
+    /// [`Self::hidden`], a mixture of experts' routing of the new real tokens added to `stats`
+    /// (`weight` times: see [`RouterStats`]).
+    pub fn hidden_routed(&self, input_ids: Tensor<2, Int>, mask: &Tensor<2, Int>, mut cache: Option<&mut KvCache>, mut stats: Option<(f64, &mut RouterStats)>) -> Tensor<3> {
         let [_, t] = input_ids.dims();
+        // Which of the new tokens are real, on the host, where the routing is counted.
+        let real: Vec<f32> = match &stats {
+            Some(_) if self.layers.iter().any(|l| l.moe.is_some()) => {
+                let [_, all] = mask.dims();
+                mask.clone().narrow(1, all - t, t).into_data().iter::<f32>().collect()
+            }
+            _ => Vec::new(),
+        };
         let mut x = embed(&self.embed_tokens, input_ids);
         if self.embedding_multiplier != 1.0 {
             x = x.mul_scalar(self.embedding_multiplier);
@@ -802,12 +918,14 @@ impl Llama {
                 Some(post_ffn) => {
                     let a = layer.self_attn.forward(x.clone(), cos, sin, m, i, cache.as_deref_mut());
                     x = x + rms_norm(&layer.post_attention_layernorm, a);
-                    x = x.clone() + rms_norm(post_ffn, layer.mlp.forward(x));
+                    let routed = stats.as_mut().map(|(w, s)| (real.as_slice(), *w, &mut **s));
+                    x = x.clone() + rms_norm(post_ffn, layer.feed_forward(x, routed));
                 }
                 None => {
                     let h = layer.input_layernorm.as_ref().map_or_else(|| x.clone(), |n| rms_norm(n, x.clone()));
                     x = x + branch(layer.self_attn.forward(h, cos, sin, m, i, cache.as_deref_mut()));
-                    x = x.clone() + branch(layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x)));
+                    let routed = stats.as_mut().map(|(w, s)| (real.as_slice(), *w, &mut **s));
+                    x = x.clone() + branch(layer.feed_forward(rms_norm(&layer.post_attention_layernorm, x), routed));
                 }
             }
         }

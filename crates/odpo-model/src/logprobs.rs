@@ -136,7 +136,7 @@ pub fn completion_logprobs(
     loss_mask: Tensor<2>,
     first_target: usize,
 ) -> (Tensor<1>, Tensor<1>) {
-    let rows = completion_rows(model, input_ids, attention_mask, loss_mask, first_target, false);
+    let rows = completion_rows(model, input_ids, attention_mask, loss_mask, first_target, RowExtras::default());
     (rows.sum, rows.count)
 }
 
@@ -150,22 +150,39 @@ pub struct RowLogprobs {
     /// When asked for: WPO's mean over the row's counted tokens (loss_mask > 0) of
     /// log p(y_t) − log Σ_v p_v(·)², without gradient ([`wpo_row_means`]).
     pub wpo: Option<Tensor<1>>,
+    /// When asked for, of a mixture of experts: its routers' load-balancing loss `[1]` over every
+    /// real token of the rows, tracked ([`crate::moe::RouterStats::load_balancing_loss`]).
+    pub router_aux: Option<Tensor<1>>,
 }
 
-/// [`completion_logprobs`], and with `wpo` also each row's [`wpo_row_means`] from the same head call.
+/// What [`completion_rows`] and [`shared_prompt_rows`] compute beside the sums and counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowExtras {
+    /// WPO's per-row means ([`RowLogprobs::wpo`]).
+    pub wpo: bool,
+    /// A mixture of experts' load-balancing loss ([`RowLogprobs::router_aux`]).
+    pub router_aux: bool,
+}
+
+/// [`completion_logprobs`], and as `extras` asks: each row's [`wpo_row_means`] from the same head
+/// call; a mixture of experts' load-balancing loss over every real token of the rows (prompts and
+/// completions, as TRL's concatenated forward counts them).
 pub fn completion_rows(
     model: &CausalLm,
     input_ids: Tensor<2, Int>,
     attention_mask: &Tensor<2, Int>,
     loss_mask: Tensor<2>,
     first_target: usize,
-    wpo: bool,
+    extras: RowExtras,
 ) -> RowLogprobs {
     let [b, t] = loss_mask.dims();
-    let hidden = model.hidden(input_ids.clone(), attention_mask, None);
+    let mut stats = crate::moe::RouterStats::default();
+    let hidden = model.hidden_routed(input_ids.clone(), attention_mask, None, extras.router_aux.then_some((1.0, &mut stats)));
+    let router_aux = stats.load_balancing_loss();
+    let wpo = extras.wpo;
     if t < 2 {
         let zeros = || Tensor::zeros([b], &loss_mask.device());
-        return RowLogprobs { sum: zeros(), count: zeros(), wpo: wpo.then(zeros) };
+        return RowLogprobs { sum: zeros(), count: zeros(), wpo: wpo.then(zeros), router_aux };
     }
     // Hidden state at column c predicts the token at c + 1.
     let start = first_target.clamp(1, t - 1) - 1;
@@ -174,7 +191,7 @@ pub fn completion_rows(
     let (lp, lsq) = head_outputs(model, hidden.narrow(1, start, n), input_ids.narrow(1, start + 1, n), None, wpo);
     let wpo = lsq.map(|lsq| wpo_row_means(lp.clone(), lsq, mask.clone()));
     let lp = lp * mask.clone();
-    RowLogprobs { sum: lp.sum_dim(1).reshape([b]), count: mask.sum_dim(1).reshape([b]), wpo }
+    RowLogprobs { sum: lp.sum_dim(1).reshape([b]), count: mask.sum_dim(1).reshape([b]), wpo, router_aux }
 }
 
 /// WPO's per-row weight exponent (Zhou et al. 2024, Weighted Preference Optimization, Eq. 3, as TRL's
@@ -225,11 +242,14 @@ pub fn shared_prompt_logprobs(
     full_mask: &Tensor<2, Int>,
     loss_mask: Tensor<2>,
 ) -> (Tensor<1>, Tensor<1>) {
-    let rows = shared_prompt_rows(model, prompt_ids, prompt_mask, completion_ids, full_mask, loss_mask, false);
+    let rows = shared_prompt_rows(model, prompt_ids, prompt_mask, completion_ids, full_mask, loss_mask, RowExtras::default());
     (rows.sum, rows.count)
 }
 
-/// [`shared_prompt_logprobs`], and with `wpo` also each row's [`wpo_row_means`] from the same head call.
+/// [`shared_prompt_logprobs`], and as `extras` asks: each row's [`wpo_row_means`] from the same head
+/// call; a mixture of experts' load-balancing loss over what the concatenated rows hold (each
+/// prompt's routing counted twice, and each completion's last token, which predicts nothing, run
+/// for its routing), the value [`completion_rows`] gives on them.
 pub fn shared_prompt_rows(
     model: &CausalLm,
     prompt_ids: Tensor<2, Int>,
@@ -237,15 +257,16 @@ pub fn shared_prompt_rows(
     completion_ids: Tensor<2, Int>,
     full_mask: &Tensor<2, Int>,
     loss_mask: Tensor<2>,
-    wpo: bool,
+    extras: RowExtras,
 ) -> RowLogprobs {
     let [b, p] = prompt_ids.dims();
     let [b2, c] = completion_ids.dims();
     let device = loss_mask.device();
     let count = loss_mask.clone().sum_dim(1).reshape([b2]);
+    let wpo = extras.wpo;
     if p == 0 || c == 0 || b2 != 2 * b {
         let zeros = || Tensor::zeros([b2], &device);
-        return RowLogprobs { sum: zeros(), count, wpo: wpo.then(zeros) };
+        return RowLogprobs { sum: zeros(), count, wpo: wpo.then(zeros), router_aux: None };
     }
     let both: Vec<i64> = (0..b as i64).chain(0..b as i64).collect();
     let both = Tensor::<1, Int>::from_data(TensorData::new(both, [b2]), &device);
@@ -254,24 +275,30 @@ pub fn shared_prompt_rows(
         // cannot see: the rows run concatenated instead (the same log-probs, the prompt twice).
         let ids = Tensor::cat(vec![prompt_ids.select(0, both), completion_ids], 1);
         let loss_mask = Tensor::cat(vec![Tensor::zeros([b2, p], &device), loss_mask], 1);
-        return completion_rows(model, ids, full_mask, loss_mask, p, wpo);
+        return completion_rows(model, ids, full_mask, loss_mask, p, extras);
     }
     let mut cache = model.new_cache();
-    let hidden = model.hidden(prompt_ids, prompt_mask, Some(&mut cache));
+    let mut stats = crate::moe::RouterStats::default();
+    // Each prompt's routing weighs twice: the concatenated rows hold it twice.
+    let hidden = model.hidden_routed(prompt_ids, prompt_mask, Some(&mut cache), extras.router_aux.then_some((2.0, &mut stats)));
     // The last prompt column predicts each completion's first token.
     let mut h = hidden.narrow(1, p - 1, 1).select(0, both.clone());
-    if c > 1 {
+    // The last completion column predicts nothing; it runs only for its routing.
+    let columns = if extras.router_aux { c } else { c - 1 };
+    if columns > 0 {
         cache.select_rows(both);
-        let ids = completion_ids.clone().narrow(1, 0, c - 1);
-        let completions = model.hidden(ids, &full_mask.clone().narrow(1, 0, p + c - 1), Some(&mut cache));
-        h = Tensor::cat(vec![h, completions], 1);
+        let ids = completion_ids.clone().narrow(1, 0, columns);
+        let completions = model.hidden_routed(ids, &full_mask.clone().narrow(1, 0, p + columns), Some(&mut cache), extras.router_aux.then_some((1.0, &mut stats)));
+        if c > 1 {
+            h = Tensor::cat(vec![h, completions.narrow(1, 0, c - 1)], 1);
+        }
     }
     // One head call for every predicting column (where one buffer holds the logits): with a tied
     // embedding, each call's backward writes a vocabulary-sized weight gradient that autodiff then
     // adds to the others.
     let (lp, lsq) = head_outputs(model, h, completion_ids, None, wpo);
     let wpo = lsq.map(|lsq| wpo_row_means(lp.clone(), lsq, loss_mask.clone()));
-    RowLogprobs { sum: (lp * loss_mask).sum_dim(1).reshape([b2]), count, wpo }
+    RowLogprobs { sum: (lp * loss_mask).sum_dim(1).reshape([b2]), count, wpo, router_aux: stats.load_balancing_loss() }
 }
 
 #[cfg(test)]

@@ -81,15 +81,25 @@ impl LoraConfig {
 
     fn matches(&self, hf_name: &str) -> bool {
         let last = hf_name.rsplit('.').next().unwrap_or(hf_name);
-        self.targets.iter().any(|t| t == "all-linear" || t == last || t == hf_name)
+        // Qwen2-MoE's shared-expert gate has one output, below any rank: named, not by `all-linear`.
+        let all = !crate::moe::is_gate(hf_name);
+        self.targets.iter().any(|t| (t == "all-linear" && all) || t == last || t == hf_name)
     }
+}
+
+/// Whether a projection takes an adapter: all but a mixture of experts' routers and routed
+/// experts, which transformers 5 keeps as parameters (a stack of the experts' matrices a layer, not
+/// linear layers), and PEFT adapts with its LoRA of parameters (`target_parameters`), which odpo
+/// does not implement.
+fn adaptable(hf_name: &str) -> bool {
+    !(hf_name.contains(".experts.") || (crate::moe::is_gate(hf_name) && !hf_name.ends_with(".shared_expert_gate")))
 }
 
 impl CausalLm {
     /// Every projection of the model (attention and MLP; not embeddings or the LM head) under its HF
     /// module name, in the model's order.
     fn projections_mut(&mut self) -> Vec<Projection<'_>> {
-        crate::names::projections(self.named_mut()).into_iter().map(|(p, _)| p).collect()
+        crate::names::projections(self.named_mut()).into_iter().map(|(p, _)| p).filter(|(name, _)| adaptable(name)).collect()
     }
 
     /// The HF module names of the model's projections (what `lora.targets` matches).
@@ -229,6 +239,12 @@ impl CausalLm {
         let alpha = field("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
         let rslora = field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
         let dropout = field("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
+        // PEFT's LoRA of parameters (a mixture of experts' expert stacks and routers, which
+        // transformers 5 keeps as parameters, not linear layers) has no counterpart here.
+        if let Some(params) = field("target_parameters").and_then(|v| v.as_array()).filter(|p| !p.is_empty()) {
+            let params: Vec<&str> = params.iter().filter_map(|p| p.as_str()).collect();
+            return Err(ModelError::config(&cfg_path, format!("target_parameters: {params:?}: adapters on parameters (PEFT's LoRA of a mixture of experts' expert stacks and routers) are not supported; odpo adapts linear layers (`target_modules`)")));
+        }
         for unsupported in ["rank_pattern", "alpha_pattern"] {
             if field(unsupported).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
                 return Err(ModelError::config(&cfg_path, format!("{unsupported}: per-module ranks are not supported")));

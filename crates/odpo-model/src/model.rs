@@ -55,11 +55,21 @@ impl ModelConfig {
             "GPT2LMHeadModel" | "GPT2Model" | "gpt2" => {
                 Ok(Self::Gpt2(serde_path_to_error::deserialize(value.clone()).map_err(parse)?))
             }
-            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "Olmo3ForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM" | "Phi3ForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "olmo3" | "smollm3" | "granite" | "phi3" => {
+            "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Olmo2ForCausalLM" | "Olmo3ForCausalLM" | "SmolLM3ForCausalLM" | "GraniteForCausalLM" | "Phi3ForCausalLM" | "MixtralForCausalLM" | "Qwen2MoeForCausalLM" | "Qwen3MoeForCausalLM" | "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "olmo3" | "smollm3" | "granite" | "phi3" | "mixtral" | "qwen2_moe" | "qwen3_moe" => {
                 let mut cfg: LlamaConfig = serde_path_to_error::deserialize(value.clone()).map_err(parse)?;
                 // The architecture decides what the weights hold (Qwen2's q/k/v biases, Qwen3's
                 // head norms, OLMo 2's norms), whatever `model_type` says.
-                if arch.starts_with("Qwen2") {
+                if matches!(arch, "MixtralForCausalLM" | "mixtral") {
+                    cfg.model_type = "mixtral".into();
+                    // transformers' Mixtral config: epsilon 1e-5, no window where the key is absent.
+                    if value.get("rms_norm_eps").is_none() {
+                        cfg.rms_norm_eps = 1e-5;
+                    }
+                } else if matches!(arch, "Qwen2MoeForCausalLM" | "qwen2_moe") {
+                    cfg.model_type = "qwen2_moe".into();
+                } else if matches!(arch, "Qwen3MoeForCausalLM" | "qwen3_moe") {
+                    cfg.model_type = "qwen3_moe".into();
+                } else if arch.starts_with("Qwen2") {
                     cfg.model_type = "qwen2".into();
                 } else if arch.starts_with("Qwen3") {
                     cfg.model_type = "qwen3".into();
@@ -84,9 +94,9 @@ impl ModelConfig {
                         cfg.max_position_embeddings = 4096;
                     }
                     (cfg.attention_bias, cfg.mlp_bias) = (false, false);
-                } else if matches!(cfg.model_type.as_str(), "olmo2" | "olmo3" | "smollm3" | "granite" | "phi3") {
-                    // `model_type` alone does not make OLMo 2's, OLMo 3's, SmolLM3's, Granite's or
-                    // Phi-3's layers out of a Llama architecture.
+                } else if matches!(cfg.model_type.as_str(), "olmo2" | "olmo3" | "smollm3" | "granite" | "phi3" | "mixtral" | "qwen2_moe" | "qwen3_moe") {
+                    // `model_type` alone does not make OLMo 2's, OLMo 3's, SmolLM3's, Granite's,
+                    // Phi-3's or a mixture of experts' layers out of a Llama architecture.
                     cfg.model_type = "llama".into();
                 }
                 // transformers' Mistral, Qwen2, Qwen3 and OLMo 3 configs default the window to 4096 tokens
@@ -169,7 +179,8 @@ impl ModelConfig {
             Self::Phi(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim(), c.intermediate_size, 1),
             // Sequential: two norms' inputs; parallel: one, read by the attention and the MLP.
             Self::StableLm(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim(), c.num_key_value_heads * c.head_dim(), c.intermediate_size, if c.use_parallel_residual { 1 } else { 2 }),
-            Self::Llama(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_size(), c.kv_heads() * c.head_size(), c.intermediate_size, 2),
+            // A mixture of experts: the units of the experts a token takes, averaged over the layers.
+            Self::Llama(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_size(), c.kv_heads() * c.head_size(), c.token_mlp_width(), 2),
             Self::Gemma(c) => (c.num_hidden_layers, c.hidden_size, c.num_attention_heads * c.head_dim, c.kv_heads() * c.head_dim, c.intermediate_size, 2),
         };
         // A gated unit keeps its gate's and its up projection's outputs; GELU its one input.
@@ -193,6 +204,20 @@ impl ModelConfig {
         };
         let extra = if gradient_checkpointing { residual } else { (norm_outputs + norms_in) * d + ff };
         (layers as u64).saturating_mul((both + extra) as u64)
+    }
+
+    /// Whether the model is a mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE).
+    pub fn has_experts(&self) -> bool {
+        matches!(self, Self::Llama(c) if c.moe())
+    }
+
+    /// A mixture of experts' load-balancing loss weight where its config turns the loss on
+    /// (`output_router_logits`): `router_aux_loss_coef`, transformers' 0.001 where absent.
+    pub fn router_aux_loss_coef(&self) -> Option<f64> {
+        match self {
+            Self::Llama(c) if c.moe() && c.output_router_logits == Some(true) => Some(c.router_aux_loss_coef.unwrap_or(0.001)),
+            _ => None,
+        }
     }
 
     /// The most positions a row can have where the family learns a position table (GPT-2,
@@ -247,6 +272,9 @@ impl ModelConfig {
                     "smollm3" => "SmolLM3ForCausalLM",
                     "granite" => "GraniteForCausalLM",
                     "phi3" => "Phi3ForCausalLM",
+                    "mixtral" => "MixtralForCausalLM",
+                    "qwen2_moe" => "Qwen2MoeForCausalLM",
+                    "qwen3_moe" => "Qwen3MoeForCausalLM",
                     _ => "LlamaForCausalLM",
                 };
                 (serde_json::to_value(c), arch, c.model_type.as_str())
@@ -540,6 +568,16 @@ impl CausalLm {
             Self::Phi(m) => m.hidden(input_ids, attention_mask, cache),
             Self::StableLm(m) => m.hidden(input_ids, attention_mask, cache),
             Self::Gemma(m) => m.hidden(input_ids, attention_mask, cache),
+        }
+    }
+
+    /// [`Self::hidden`], and for a mixture of experts its routing of the new real tokens added to
+    /// `stats` (`weight` times): what its load-balancing loss is computed from. Other families
+    /// route nothing.
+    pub fn hidden_routed(&self, input_ids: Tensor<2, Int>, attention_mask: &Tensor<2, Int>, cache: Option<&mut KvCache>, stats: Option<(f64, &mut crate::moe::RouterStats)>) -> Tensor<3> {
+        match self {
+            Self::Llama(m) => m.hidden_routed(input_ids, attention_mask, cache, stats),
+            _ => self.hidden(input_ids, attention_mask, cache),
         }
     }
 
@@ -840,6 +878,10 @@ mod tests {
         // 8,192 each; without checkpointing the four norms' values 4 · 2048 and down's input 8,192.
         let llama = sized("llama_gqa_untied", serde_json::json!({"num_hidden_layers": 16, "hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64}));
         assert_eq!(per_layer(&llama, 16), (2 * 2048 + 2 * 512 + 2 * 8192 + 4 * 2048 + 8192, 2 * 2048 + 2 * 512 + 2 * 8192 + 2 * 2048));
+        // Mixtral 8x7B: its two experts a token, gate and up 14,336 each, as one MLP twice as wide;
+        // q and the output 32 × 128, k and v 8 × 128.
+        let mixtral = sized("mixtral_moe", serde_json::json!({"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8}));
+        assert_eq!(per_layer(&mixtral, 32), (2 * 4096 + 2 * 1024 + 2 * 28672 + 4 * 4096 + 28672, 2 * 4096 + 2 * 1024 + 2 * 28672 + 2 * 4096));
         // Gemma-3-270M: 4 heads × 256 for q and the output, 1 × 256 for k and v.
         let gemma = sized("gemma3_text", serde_json::json!({"num_hidden_layers": 18, "hidden_size": 640, "intermediate_size": 2048, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256}));
         assert_eq!(per_layer(&gemma, 18), (2 * 1024 + 2 * 256 + 2 * 2048 + 4 * 640 + 2048, 2 * 1024 + 2 * 256 + 2 * 2048 + 2 * 640));

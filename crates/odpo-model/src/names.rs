@@ -81,7 +81,8 @@ pub(crate) fn fill(table: Table<'_>, w: &mut Weights, device: &Device) -> Result
                 let [d_in, d_out] = dims(p);
                 *p = Param::from_tensor(w.linear_weight(&name, d_out, d_in, device)?);
             }
-            Slot::Linear(l) | Slot::Conv1d(l) if w.quantizes_projections() => {
+            // A mixture of experts' routers stay f32: quantised, they would pick other experts.
+            Slot::Linear(l) | Slot::Conv1d(l) if w.quantizes_projections() && !crate::moe::is_gate(&name) => {
                 let [d_in, d_out] = dims(&l.weight);
                 let blocks = w.quantized(&format!("{name}.weight"), [d_out, d_in], conv1d)?;
                 let (weight, offset) = blocks.to_device(device);
@@ -123,7 +124,7 @@ fn check_host_memory(table: &Table<'_>, w: &Weights, on_host: bool, free: Option
         let (tensor, shape, bytes_per_weight) = match slot {
             Slot::Matrix(p) | Slot::Transposed(p) => (name.clone(), dims(p).to_vec(), 4.0),
             Slot::Vector(p) => (name.clone(), dims(p).to_vec(), 4.0),
-            Slot::Linear(l) | Slot::Conv1d(l) => (format!("{name}.weight"), dims(&l.weight).to_vec(), if quantized { 0.5 } else { 4.0 }),
+            Slot::Linear(l) | Slot::Conv1d(l) => (format!("{name}.weight"), dims(&l.weight).to_vec(), if quantized && !crate::moe::is_gate(name) { 0.5 } else { 4.0 }),
             Slot::LayerNorm(_) | Slot::RmsNorm(_) => continue,
         };
         let n = shape.iter().fold(1u64, |n, &d| n.saturating_mul(d as u64));

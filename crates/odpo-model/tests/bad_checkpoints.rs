@@ -144,7 +144,7 @@ fn stored_mask_buffers_are_ignored() {
 /// operation; the fixture's own config still builds.
 #[test]
 fn sizes_a_model_cannot_have_are_named_in_every_family() {
-    let cases: [(&str, &str, serde_json::Value, &str); 18] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 24] = [
         ("gpt2", "n_embd", 0.into(), "n_embd is 0; expected at least 1"),
         ("gpt2", "n_head", 3.into(), "n_embd (64) must be a multiple of n_head (3)"),
         ("gpt2", "vocab_size", 0.into(), "vocab_size is 0; expected at least 1"),
@@ -163,6 +163,14 @@ fn sizes_a_model_cannot_have_are_named_in_every_family() {
         ("stablelm_parallel", "num_key_value_heads", 3.into(), "hidden_size (32) must be a multiple of num_attention_heads (4), and that a multiple of num_key_value_heads (3)"),
         ("stablelm2", "layer_norm_eps", 0.into(), "layer_norm_eps is 0; expected a positive number"),
         ("phi2", "num_attention_heads", 32.into(), "0 dims of each head rotate (head_dim × partial_rotary_factor); expected an even number from 2 to the head size (1)"),
+        // Mixtures of experts: more experts a token than there are, none, a width of 0, a layer
+        // past the model, a step of 0.
+        ("mixtral_moe", "num_experts_per_tok", 5.into(), "num_experts_per_tok is 5; expected 1 to num_local_experts (4)"),
+        ("qwen2_moe_shared", "num_experts_per_tok", 0.into(), "num_experts_per_tok is 0; expected 1 to num_experts (4)"),
+        ("qwen3_moe", "moe_intermediate_size", 0.into(), "moe_intermediate_size is 0; expected at least 1"),
+        ("qwen2_moe_shared", "shared_expert_intermediate_size", 0.into(), "shared_expert_intermediate_size is 0; expected at least 1"),
+        ("qwen2_moe_shared", "mlp_only_layers", serde_json::json!([1, 2]), "mlp_only_layers lists layer 2; the model has 2 (0 to 1)"),
+        ("qwen3_moe", "decoder_sparse_step", 0.into(), "decoder_sparse_step is 0; expected at least 1"),
     ];
     let device = Device::default();
     for (case, key, value, want) in cases {

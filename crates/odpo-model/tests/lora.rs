@@ -12,7 +12,7 @@ use common::*;
 use odpo_model::logprobs::sequence_logprobs;
 use odpo_model::{CausalLm, LoraConfig};
 
-const CASES: &[(&str, &str)] = &[("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied"), ("qwen2_all", "qwen2_bias"), ("phi3_fused", "phi3_longrope"), ("phi_all", "phi_qk_norm")];
+const CASES: &[(&str, &str)] = &[("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied"), ("qwen2_all", "qwen2_bias"), ("phi3_fused", "phi3_longrope"), ("phi_all", "phi_qk_norm"), ("qwen2_moe_shared", "qwen2_moe_shared")];
 
 fn tmp(name: &str) -> Scratch {
     scratch(&format!("lora-{name}"))
@@ -113,6 +113,43 @@ fn grad_names(model: &CausalLm, grads: &GradientsParams) -> Vec<String> {
     let mut v = V { grads, path: Vec::new(), out: Vec::new() };
     model.visit(&mut v);
     v.out
+}
+
+/// A mixture of experts: adapters go where PEFT's `target_modules` put them on transformers 5's
+/// models, on the attention, a dense layer's MLP and Qwen2-MoE's shared expert; never on a routed
+/// expert or a router, which transformers 5 keeps as parameters (PEFT's `target_parameters`, refused
+/// by name when an adapter holds them). `all-linear` leaves out the one-output shared-expert gate,
+/// which a name still reaches.
+#[test]
+fn moe_adapters_leave_the_experts_and_routers_alone() {
+    let device = Device::default();
+    let model = CausalLm::load(&fixture("qwen2_moe_shared"), &device).unwrap().model;
+    let names = model.projection_names();
+    assert!(names.iter().all(|n| !n.contains(".experts.") && !n.ends_with("mlp.gate")), "{names:?}");
+    let adapted = |targets: &[&str], rank: usize| {
+        let cfg = LoraConfig { rank, targets: targets.iter().map(|t| t.to_string()).collect(), ..LoraConfig::default() };
+        let out = tmp(&format!("moe-{}", targets.join("-")));
+        model.clone().with_lora(&cfg, &device).unwrap().save_peft(&cfg, "base", &out).unwrap();
+        let st = read_safetensors(&out.join("adapter_model.safetensors"));
+        let mut keys: Vec<String> = st.keys().filter(|k| k.ends_with("lora_A.weight")).map(|k| k.trim_start_matches("base_model.model.").trim_end_matches(".lora_A.weight").to_string()).collect();
+        keys.sort();
+        keys
+    };
+    let all = adapted(&["all-linear"], 2);
+    let layer0 = ["mlp.shared_expert.down_proj", "mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"];
+    let layer1 = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"];
+    let want: Vec<String> = layer0.iter().map(|p| format!("model.layers.0.{p}")).chain(layer1.iter().map(|p| format!("model.layers.1.{p}"))).collect();
+    assert_eq!(all, want);
+    assert_eq!(adapted(&["shared_expert_gate"], 1), ["model.layers.0.mlp.shared_expert_gate"]);
+    let mixtral = CausalLm::load(&fixture("mixtral_moe"), &device).unwrap().model;
+    let e = mixtral.with_lora(&LoraConfig { targets: vec!["w1".into(), "gate".into()], ..LoraConfig::default() }, &device).unwrap_err().to_string();
+    assert!(e.contains("matches no projection") && e.contains("\"q_proj\""), "{e}");
+    // PEFT's LoRA of the experts' and routers' parameters.
+    let dir = tmp("moe-target-parameters");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("adapter_config.json"), r#"{"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "target_parameters": ["gate_up_proj", "down_proj"]}"#).unwrap();
+    let e = model.load_peft(&dir, &device).unwrap_err().to_string();
+    assert!(e.contains("adapter_config.json") && e.contains("target_parameters: [\"gate_up_proj\", \"down_proj\"]: adapters on parameters"), "{e}");
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Parity with HF transformers on tiny random models of every family, made by
-//! `tests/fixtures/make_fixtures.py` and `make_fixtures_neo.py`:
+//! `tests/fixtures/make_fixtures.py`, `make_fixtures_neo.py` and `make_fixtures_moe.py`:
 //! logits on right- and left-padded batches within 1e-4, completion log-probabilities (with the LM
 //! head in one call and in runs of a few rows, with WPO's per-row means against transformers' logits),
 //! and the save -> load round trip.
@@ -46,6 +46,9 @@ const CASES: &[&str] = &[
     "phi_qk_norm",
     "stablelm2",
     "stablelm_parallel",
+    "mixtral_moe",
+    "qwen2_moe_shared",
+    "qwen3_moe",
 ];
 
 #[test]
@@ -81,7 +84,7 @@ fn completion_logprobs_match_transformers() {
             let first = (1..t).find(|&c| mask_t.data.chunks_exact(t).any(|row| row[c] > 0.5)).unwrap_or(t);
             let attn = int2(&exp[&format!("{prefix}attention_mask")], &device);
             // With WPO's means: from the same head calls, against f64 values from transformers' logits.
-            let heads: Vec<_> = [first, 1].iter().map(|&f| completion_rows(&model, ids.clone(), &attn, float2(mask_t, &device), f, true)).collect();
+            let heads: Vec<_> = [first, 1].iter().map(|&f| completion_rows(&model, ids.clone(), &attn, float2(mask_t, &device), f, odpo_model::logprobs::RowExtras { wpo: true, ..Default::default() })).collect();
             let (sums, means): (Vec<_>, Vec<_>) = heads.into_iter().map(|r| (to_vec(r.sum), to_vec(r.wpo.unwrap()))).unzip();
             let want_means = wpo_means_from_logits(&exp, prefix);
             for (i, (s, c)) in to_vec(sum).iter().zip(to_vec(count)).enumerate() {
@@ -222,7 +225,7 @@ fn cached_generation_matches_full_recompute() {
     }
 }
 
-/// What the Gemma, SmolLM3, Granite, Phi-3, OLMo 3 and RoPE-scaling fixtures exercise matters: each of their options, lifted, moves the
+/// What the Gemma, SmolLM3, Granite, Phi-3, OLMo 3, mixture-of-experts and RoPE-scaling fixtures exercise matters: each of their options, lifted, moves the
 /// logits far from transformers' (and Gemma's legacy `hidden_act: gelu` is read as the tanh form it
 /// meant).
 #[test]
@@ -259,6 +262,13 @@ fn family_options_change_the_logits() {
         // OLMo 3 with its two rotary embeddings swapped; without its window.
         ("olmo3", "rope_parameters", json!({"sliding_attention": {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0, "original_max_position_embeddings": 16, "attention_factor": 1.2}, "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}), true),
         ("olmo3", "sliding_window", json!(null), true),
+        // Mixtures of experts: one expert a token in place of two; a window Mixtral has not; the
+        // chosen experts' weights renormalised where they were not, and not where they were.
+        ("mixtral_moe", "num_experts_per_tok", json!(1), true),
+        ("mixtral_moe", "sliding_window", json!(6), true),
+        ("qwen2_moe_shared", "norm_topk_prob", json!(true), true),
+        ("qwen3_moe", "norm_topk_prob", json!(false), true),
+        ("qwen3_moe", "num_experts_per_tok", json!(2), true),
     ];
     for (case, key, value, moves) in mutations {
         let dir = fixture(case);
@@ -278,6 +288,69 @@ fn family_options_change_the_logits() {
     }
 }
 
+/// A mixture of experts' backward pass against transformers': every parameter's gradient of the
+/// summed completion log-probabilities (the routers' through the chosen experts' weights, each
+/// expert's through the rows routed to it), as `make_fixtures_moe.py` fingerprints them
+/// (`gradients.json`: each tensor's element count, sum and sum of squares, sorted; an expert no
+/// token reached has a zero gradient). And the routers' load-balancing loss (transformers'
+/// `aux_loss` with `output_router_logits`) on both paddings, with its own gradients.
+#[test]
+fn moe_gradients_match_transformers() {
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::Tensor;
+    struct Fingerprint<'a>(&'a GradientsParams, Vec<[f64; 3]>);
+    impl ModuleVisitor for Fingerprint<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let n = param.val().dims().iter().product::<usize>();
+            let g: Vec<f64> = self.0.get::<D>(param.id).map_or_else(|| vec![0.0; n], |g| to_vec(g).into_iter().map(f64::from).collect());
+            self.1.push([n as f64, g.iter().sum(), g.iter().map(|x| x * x).sum()]);
+        }
+    }
+    let device = test_device().autodiff();
+    for case in ["mixtral_moe", "qwen2_moe_shared", "qwen3_moe"] {
+        let dir = fixture(case);
+        let exp = read_safetensors(&dir.join("expected.safetensors"));
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("gradients.json")).unwrap()).unwrap();
+        let want: Vec<[f64; 3]> = json["gradients"].as_array().unwrap().iter().map(|r| std::array::from_fn(|i| r[i].as_f64().unwrap())).collect();
+        let want_aux: Vec<[f64; 3]> = json["aux_gradients"].as_array().unwrap().iter().map(|r| std::array::from_fn(|i| r[i].as_f64().unwrap())).collect();
+        let model = CausalLm::load(&dir, &device).unwrap().model;
+        let compare = |what: &str, loss: burn::tensor::Tensor<1>, want: &[[f64; 3]]| {
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            let mut got = Fingerprint(&grads, Vec::new());
+            model.visit(&mut got);
+            let mut got = got.1;
+            got.sort_by(|a, b| a[0].total_cmp(&b[0]).then(a[2].total_cmp(&b[2])));
+            assert_eq!(got.len(), want.len(), "{case}: parameter tensors");
+            let mut worst = 0f64;
+            for (g, w) in got.iter().zip(want) {
+                assert_eq!(g[0], w[0], "{case} {what}: element counts {got:?} against {want:?}");
+                // The sum within 1e-4 of the gradient's norm, the sum of squares within 1e-4 of itself.
+                let norm = (w[0] * w[2]).sqrt();
+                let err = ((g[1] - w[1]).abs() / (norm + 1e-6)).max((g[2] - w[2]).abs() / (w[2] + 1e-9));
+                worst = worst.max(err);
+                assert!(err < 1e-4, "{case} {what}: a gradient's sum / sum of squares {g:?} against transformers' {w:?}");
+            }
+            println!("{case}: {} gradients of {what} match transformers' within {worst:.1e} (relative)", got.len());
+        };
+        let ids = int2(&exp["input_ids"], &device);
+        let logits = model.forward(ids.clone(), &int2(&exp["attention_mask"], &device), None);
+        let (sums, _) = sequence_logprobs(logits, ids, float2(&exp["completion_mask"], &device));
+        compare("the log-probabilities", sums.sum(), &want);
+        for prefix in ["", "left_"] {
+            let mut stats = odpo_model::moe::RouterStats::default();
+            let mask = int2(&exp[&format!("{prefix}attention_mask")], &device);
+            model.hidden_routed(int2(&exp[&format!("{prefix}input_ids")], &device), &mask, None, Some((1.0, &mut stats)));
+            let aux = stats.load_balancing_loss().unwrap();
+            let (got, want) = (f64::from(aux.clone().into_scalar::<f32>()), json["aux_loss"][if prefix.is_empty() { "right_" } else { prefix }].as_f64().unwrap());
+            println!("{case} {prefix}padded: load-balancing loss {got:.7} against transformers' {want:.7}");
+            assert!((got - want).abs() < 1e-5 * want, "{case} {prefix}padded: load-balancing loss {got} against transformers' {want}");
+            if prefix.is_empty() {
+                compare("the load-balancing loss", aux, &want_aux);
+            }
+        }
+    }
+}
+
 /// Fixtures written as llama.cpp writes GGUF files (`fixtures/gguf/`, by `make_gguf_fixtures.py`)
 /// and loaded from them give transformers' logits: Qwen2, Qwen3 and OLMo 2 (stored unpermuted),
 /// SmolLM3 (permuted; no key for its layers without the rotation), Granite (permuted; its
@@ -286,7 +359,8 @@ fn family_options_change_the_logits() {
 /// `olmo2` file with a window, the layers' pattern, YaRN on the full layers alone), and Gemma,
 /// Gemma 2 and Gemma 3 (norms stored as `1 + w`, llama.cpp's names, no key for the query scale or
 /// the layer pattern: the norms, the query scale, the sliding layers, both caps and the full
-/// layers' scaled rotary base all come back).
+/// layers' scaled rotary base all come back), and the mixtures of experts Mixtral (a `llama` file
+/// with experts) and Qwen3-MoE (each projection's experts stacked in one tensor).
 #[test]
 fn gguf_files_match_transformers() {
     let device = test_device();
@@ -306,6 +380,8 @@ fn gguf_files_match_transformers() {
         ("tiny_phi2_qkv.gguf", "phi2", "PhiForCausalLM"),
         ("tiny_stablelm.gguf", "stablelm2", "StableLmForCausalLM"),
         ("tiny_stablelm_parallel.gguf", "stablelm_parallel", "StableLmForCausalLM"),
+        ("tiny_mixtral.gguf", "mixtral_moe", "MixtralForCausalLM"),
+        ("tiny_qwen3moe.gguf", "qwen3_moe", "Qwen3MoeForCausalLM"),
     ] {
         let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
         let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
@@ -338,9 +414,15 @@ fn written_gguf_files_read_back_as_the_model() {
     let dir = std::env::var_os("ODPO_KEEP_GGUF").map_or_else(|| tmp.to_path_buf(), std::path::PathBuf::from);
     let exp = read_safetensors(&fixture("llama_gqa_untied").join("expected.safetensors"));
     let (ids, mask) = (int2(&exp["left_input_ids"], &device), int2(&exp["left_attention_mask"], &device));
-    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4), ("llama_linear", 0), ("llama_yarn", 0), ("qwen2_yarn", 0), ("olmo3_llamacpp", 0), ("phi2", 4), ("phi_qk_norm", 0), ("stablelm2", 0), ("stablelm_parallel", 4)] {
+    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4), ("llama_linear", 0), ("llama_yarn", 0), ("qwen2_yarn", 0), ("olmo3_llamacpp", 0), ("phi2", 4), ("phi_qk_norm", 0), ("stablelm2", 0), ("stablelm_parallel", 4), ("mixtral_moe", 0), ("qwen3_moe", 4)] {
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
         json["vocab_size"] = (tok.vocab_size() + extra_rows).into();
+        if case.ends_with("moe") {
+            // Rows of whole Q8_0 blocks in every expert's matrices.
+            for key in ["hidden_size", "intermediate_size", "moe_intermediate_size"] {
+                json[key] = 32.into();
+            }
+        }
         if case == "qwen2_yarn" {
             // YaRN on a `qwen2` file, without the options a GGUF file cannot hold (refused below).
             let rope = json["rope_parameters"].as_object_mut().unwrap();
@@ -367,6 +449,16 @@ fn written_gguf_files_read_back_as_the_model() {
             let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             println!("{case} {dtype:?}: max |diff| {diff:.2e}");
             assert!(diff <= tol, "{case} {dtype:?}: logits differ by {diff}");
+            if dtype == GgufDtype::Q8_0 && case.ends_with("moe") {
+                // Kept as blocks (a quantised base), each expert's rows cut from its stack, the
+                // routers in f32: the logits of the dequantised weights.
+                let blocks = CausalLm::load_with(&out, &device, true).unwrap();
+                assert!(blocks.model.has_quantized_base(), "{case}");
+                let kept = to_vec(blocks.model.forward(ids.clone(), &mask, None));
+                let d = kept.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                println!("{case} Q8_0 kept as blocks: max |diff| {d:.2e} from the dequantised weights");
+                assert!(d < 1e-4, "{case}: a quantised base's logits differ by {d}");
+            }
             let back = Tokenizer::open(&out).unwrap();
             for text in ["It's 2024 <|im_start|>user\nhi<|im_end|><think>", "Café 東京 🙂"] {
                 assert_eq!(back.encode(text, true).unwrap(), tok.encode(text, true).unwrap(), "{case}: {text:?}");
@@ -378,7 +470,8 @@ fn written_gguf_files_read_back_as_the_model() {
             let file = odpo_model::gguf::GgufFile::open(&out).unwrap();
             for t in file.tensor_infos() {
                 let want = match (dtype, t.dims.len()) {
-                    _ if t.name.ends_with("_norm.weight") => 0,
+                    // Norms and a mixture of experts' routers stay F32, as the converter keeps them.
+                    _ if t.name.ends_with("_norm.weight") || t.name.ends_with("ffn_gate_inp.weight") => 0,
                     (_, 1) | (GgufDtype::F32, _) => 0,
                     (GgufDtype::F16, _) => 1,
                     (GgufDtype::Q8_0, _) => 8,
@@ -458,6 +551,23 @@ fn written_gguf_files_read_back_as_the_model() {
     assert!(err.contains("YaRN with `beta_fast` other than 32 is not written to GGUF (llama.cpp's `llama` takes 32"), "{err}");
     assert!(!out.exists());
     refuse("mistral_window", &tok, "no sliding window");
+    // Mixtures of experts llama.cpp would run otherwise: Qwen2-MoE's shared expert (not written),
+    // a dense layer, weights not renormalised, Mixtral's window.
+    refuse("qwen2_moe_shared", &tok, "`Qwen2MoeForCausalLM` is not written to GGUF");
+    for (key, value, says) in [
+        ("mlp_only_layers", serde_json::json!([1]), "layer 1 has a dense MLP (`mlp_only_layers`, `decoder_sparse_step`): llama.cpp's `qwen3moe` has experts in every layer"),
+        ("norm_topk_prob", serde_json::json!(false), "false: llama.cpp's `qwen3moe` renormalises the chosen experts' weights"),
+        ("sliding_window", serde_json::json!(8), "a GGUF file has no sliding window"),
+    ] {
+        let case = if key == "sliding_window" { "mixtral_moe" } else { "qwen3_moe" };
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
+        json[key] = value;
+        let config = ModelConfig::from_hf_json(&json, &fixture(case)).unwrap();
+        let out = dir.join(format!("{case}-{key}-refused.gguf"));
+        let err = save_gguf(&CausalLm::random(&config, 7, &device).unwrap(), &config, &tok, &out, GgufDtype::F32).unwrap_err().to_string();
+        assert!(err.contains(says), "{case} {key}: {err}");
+        assert!(!out.exists());
+    }
     // Phi's options llama.cpp's `phi2` does not have.
     refuse("phi_qk_norm", &tok, "`qk_layernorm`: true: llama.cpp's `phi2` has no norm over queries and keys");
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("phi2").join("config.json")).unwrap()).unwrap();

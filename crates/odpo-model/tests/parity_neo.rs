@@ -1,5 +1,5 @@
-//! What is particular to GPT-Neo, GPT-J, GPT-NeoX, Phi and StableLM (tiny random models made by
-//! `tests/fixtures/make_fixtures_neo.py`; their logits, log-probabilities and round trip are checked
+//! What is particular to GPT-Neo, GPT-J, GPT-NeoX, Phi, StableLM and the mixtures of experts (tiny
+//! random models made by `tests/fixtures/make_fixtures_neo.py` and `make_fixtures_moe.py`; their logits, log-probabilities and round trip are checked
 //! with the other families in `parity.rs`): configs, the options that must matter, KV-cache
 //! generation against full recomputation, and one preference (ODPO) training step per family.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,7 +13,7 @@ use common::*;
 use odpo_model::logprobs::sequence_logprobs;
 use odpo_model::{CausalLm, ModelConfig};
 
-const CASES: &[&str] = &["gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "phi2", "phi_qk_norm", "stablelm2", "stablelm_parallel"];
+const CASES: &[&str] = &["gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "phi2", "phi_qk_norm", "stablelm2", "stablelm_parallel", "mixtral_moe", "qwen2_moe_shared", "qwen3_moe"];
 
 #[test]
 fn configs_name_their_family() {
@@ -24,6 +24,7 @@ fn configs_name_their_family() {
             "gptj" => matches!(cfg, ModelConfig::Gptj(_)),
             "phi2" | "phi_qk_norm" => matches!(cfg, ModelConfig::Phi(_)),
             "stablelm2" | "stablelm_parallel" => matches!(cfg, ModelConfig::StableLm(_)),
+            "mixtral_moe" | "qwen2_moe_shared" | "qwen3_moe" => matches!(&cfg, ModelConfig::Llama(c) if c.moe()),
             _ => matches!(cfg, ModelConfig::GptNeox(_)),
         };
         assert!(ok, "{case}: parsed as {cfg:?}");

@@ -273,6 +273,7 @@ pub fn step(config_path: &std::path::Path, b: &StepBench, device: &Device) -> Re
         precision: b.precision,
         max_grad_norm: Some(10.0),
         seed: 0,
+        router_aux_loss_coef: 0.0,
     };
     let mut trainer = Trainer::new(policy, crate::optim::build(&optim_cfg), DataParallel::new(std::slice::from_ref(device), &reference, b.gradient_checkpointing), settings);
     let mut secs = Vec::with_capacity(b.repeats);

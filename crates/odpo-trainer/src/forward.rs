@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use odpo_data::{PairRows, PreferenceBatch, PreferenceBatcher, SftBatcher, SftItem, TokenizedPair};
 use odpo_loss::PairLogps;
 use odpo_model::CausalLm;
-use odpo_model::logprobs::{RowLogprobs, completion_logprobs, completion_rows, shared_prompt_rows};
+use odpo_model::logprobs::{RowExtras, RowLogprobs, completion_logprobs, completion_rows, shared_prompt_rows};
 
 /// A preference micro-batch on `device`, padded by `batcher`'s rules.
 pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, device: &Device) -> PreferenceBatch {
@@ -18,16 +18,17 @@ pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, d
 /// rows with the LM head on completion columns only. Under LD-DPO the sums are weighted by the
 /// batch's mask and the counts are the batch's own (the mask's sum is then no count).
 pub fn row_logps(model: &CausalLm, batch: &PreferenceBatch) -> (Tensor<1>, Tensor<1>) {
-    let rows = policy_rows(model, batch, false);
+    let rows = policy_rows(model, batch, RowExtras::default());
     (rows.sum, rows.count)
 }
 
-/// [`row_logps`], and with `wpo` (`loss.use_weighting`) also WPO's per-row means
-/// ([`odpo_model::logprobs::wpo_row_means`]) from the same forward pass.
-pub fn policy_rows(model: &CausalLm, batch: &PreferenceBatch, wpo: bool) -> RowLogprobs {
+/// [`row_logps`], and as `extras` asks, from the same forward pass: WPO's per-row means
+/// (`loss.use_weighting`, [`odpo_model::logprobs::wpo_row_means`]); a mixture of experts'
+/// load-balancing loss over the batch's real tokens as the concatenated rows hold them (`loss.router_aux_loss_coef`).
+pub fn policy_rows(model: &CausalLm, batch: &PreferenceBatch, extras: RowExtras) -> RowLogprobs {
     let rows = match &batch.rows {
-        PairRows::SharedPrompt(r) => shared_prompt_rows(model, r.prompt_ids.clone(), &r.prompt_mask, r.completion_ids.clone(), &r.full_mask, r.loss_mask.clone(), wpo),
-        PairRows::Concatenated(r) => completion_rows(model, r.input_ids.clone(), &r.attention_mask, r.loss_mask.clone(), r.first_target, wpo),
+        PairRows::SharedPrompt(r) => shared_prompt_rows(model, r.prompt_ids.clone(), &r.prompt_mask, r.completion_ids.clone(), &r.full_mask, r.loss_mask.clone(), extras),
+        PairRows::Concatenated(r) => completion_rows(model, r.input_ids.clone(), &r.attention_mask, r.loss_mask.clone(), r.first_target, extras),
     };
     match &batch.token_counts {
         Some(counts) => RowLogprobs { count: counts.clone(), ..rows },
@@ -53,7 +54,7 @@ pub fn pair_logps(
     device: &Device,
 ) -> PairLogps {
     let b = batch.pair_ids.len();
-    let RowLogprobs { sum, count, wpo } = policy_rows;
+    let RowLogprobs { sum, count, wpo, .. } = policy_rows;
     let reference = Tensor::<1>::from_data(TensorData::new(reference_rows.to_vec(), [2 * b]), device);
     let mut inputs = PairLogps::new(
         sum.clone().narrow(0, 0, b),
@@ -79,7 +80,7 @@ pub fn pair_logps(
 /// (tracked when `policy` is on an autodiff device), with WPO's means when `wpo`.
 pub fn preference_inputs(policy: &CausalLm, reference: &Reference, batch: &PreferenceBatch, use_offsets: bool, wpo: bool, device: &Device) -> crate::error::Result<PairLogps> {
     let reference_rows = reference.rows(batch)?;
-    let rows = policy_rows(policy, batch, wpo);
+    let rows = policy_rows(policy, batch, RowExtras { wpo, ..RowExtras::default() });
     Ok(pair_logps(batch, rows, &reference_rows, use_offsets, device))
 }
 

@@ -14,6 +14,7 @@ use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::Device;
 use odpo_data::{PreferenceBatcher, TokenizedPair};
 use odpo_loss::{LossConfig, Metrics, check_finite, preference_loss};
+use odpo_model::logprobs::RowExtras;
 use odpo_model::{CausalLm, HalfWeights, Module, Precision};
 use serde::Serialize;
 
@@ -43,7 +44,33 @@ pub struct StepSettings {
     pub max_grad_norm: Option<f64>,
     /// The run's seed (dropout draws are seeded per step from it).
     pub seed: u64,
+    /// The weight of a mixture of experts' load-balancing loss in the preference stage's loss
+    /// (`loss.router_aux_loss_coef`, or the model config's: [`router_aux_loss_coef`]); 0: none.
+    pub router_aux_loss_coef: f64,
 }
+
+/// The weight of the load-balancing loss a preference run adds: `loss.router_aux_loss_coef` where
+/// set, else the model config's where its `output_router_logits` is true (TRL's rule), else 0. Set
+/// above 0 for a model without experts, where it would do nothing, it is refused. The SFT stage
+/// adds none (a warning says so where the model's config asks for it).
+pub fn router_aux_loss_coef(loss: &LossConfig, model: &odpo_model::ModelConfig, stage: Stage) -> Result<f64> {
+    if stage == Stage::Sft {
+        if let Some(coef) = model.router_aux_loss_coef() {
+            tracing::warn!("the model's config asks for the routers' load-balancing loss (`output_router_logits`, `router_aux_loss_coef` {coef}); the SFT stage does not add it");
+        }
+        return Ok(0.0);
+    }
+    match loss.router_aux_loss_coef {
+        Some(c) if c > 0.0 && !model.has_experts() => {
+            Err(TrainError::config("loss.router_aux_loss_coef", format!("{c}: the model has no experts, so no load-balancing loss (a mixture of experts: Mixtral, Qwen2-MoE, Qwen3-MoE)")))
+        }
+        Some(c) => Ok(c),
+        None => Ok(model.router_aux_loss_coef().unwrap_or(0.0)),
+    }
+}
+
+/// The metric of a mixture of experts' load-balancing loss (before its weight), where a run adds it.
+pub const ROUTER_AUX: &str = "router/aux_loss";
 
 /// The policy, its optimizer and the replicas that compute a step's gradients.
 pub struct Trainer {
@@ -167,6 +194,12 @@ impl MetricSums {
             *self.sums.entry(name.to_string()).or_default() += pairs as f64 * t.into_scalar::<f64>();
         }
         self.pairs += pairs;
+    }
+
+    /// Adds `value`, a metric of the micro-batch of `pairs` that the loss crate does not name, to its
+    /// mean (after [`Self::add_preference`] counted the pairs).
+    pub fn add_mean(&mut self, name: &str, value: f64, pairs: usize) {
+        *self.sums.entry(name.to_string()).or_default() += pairs as f64 * value;
     }
 
     /// Adds an SFT micro-batch's summed NLL over its trained tokens.
@@ -386,12 +419,25 @@ fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, half:
                 let reference_rows = reference.rows(&batch)?;
                 phases.reference += clock.elapsed().as_secs_f64();
                 let clock = Instant::now();
-                let inputs = forward::pair_logps(&batch, forward::policy_rows(policy_fwd, &batch, s.loss.use_weighting), &reference_rows, s.use_offsets, device);
+                let extras = RowExtras { wpo: s.loss.use_weighting, router_aux: s.router_aux_loss_coef > 0.0 };
+                let rows = forward::policy_rows(policy_fwd, &batch, extras);
+                let aux = rows.router_aux.clone();
+                let inputs = forward::pair_logps(&batch, rows, &reference_rows, s.use_offsets, device);
                 let out = preference_loss(&inputs, &s.loss)?;
                 check_finite(&inputs, &out).map_err(|e| nonfinite(name_pair(e, &ids)))?;
                 metrics.add_preference(&out.metrics, micro.len());
+                let mut loss = out.loss;
+                // TRL's `losses + router_aux_loss_coef · aux_loss`, the mean over the micro-batch's pairs.
+                if let Some(aux) = aux {
+                    let value = aux.clone().into_scalar::<f64>();
+                    if !value.is_finite() {
+                        return Err(nonfinite(format!("the routers' load-balancing loss is {value}")));
+                    }
+                    metrics.add_mean(ROUTER_AUX, value, micro.len());
+                    loss = loss + aux.mul_scalar(s.router_aux_loss_coef);
+                }
                 phases.policy_forward += clock.elapsed().as_secs_f64();
-                out.loss.mul_scalar(share / total)
+                loss.mul_scalar(share / total)
             }
             Stage::Sft => {
                 let batch = forward::sft_batch(micro, &s.batcher, device);

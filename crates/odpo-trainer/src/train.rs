@@ -130,6 +130,10 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     // weights with the adapters removed (shared tensors, not a copy).
     let quantized_base = cfg.lora.as_ref().is_some_and(|l| l.quantized_base);
     let (model_cfg, mut policy) = load_base(&cfg.model, t.seed, &ad, quantized_base)?;
+    let router_aux_loss_coef = crate::step::router_aux_loss_coef(&cfg.loss(), &model_cfg, t.stage)?;
+    if router_aux_loss_coef > 0.0 {
+        tracing::info!(coef = router_aux_loss_coef, "the routers' load-balancing loss is added to the loss");
+    }
     check_positions(&policy, &data, cfg.data.max_length, "")?;
     if let Some(lora) = &cfg.lora {
         policy = policy.with_lora(lora, &ad)?;
@@ -205,11 +209,12 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         precision,
         max_grad_norm: cfg.optim.max_grad_norm,
         seed: t.seed,
+        router_aux_loss_coef,
     };
     let mut trainer = Trainer::new(policy, optim, replicas, settings);
     let sync = t.sync_ref_model;
 
-    let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage, cfg.loss().use_weighting), summary.resumed_from, &cfg.output.report_to)?;
+    let mut metrics = MetricsWriter::open_with(&run_dir, metric_columns(t.stage, cfg.loss().use_weighting, router_aux_loss_coef > 0.0), summary.resumed_from, &cfg.output.report_to)?;
     let dashboard = cfg.output.dashboard && metrics.open_dashboard(&run_dir, total_steps, state.step)?;
     let eval_pairs: Vec<TokenizedPair> = data.eval.iter().take(cfg.eval.max_pairs.unwrap_or(usize::MAX)).cloned().collect();
     let evaluate = |trainer: &Trainer, at: usize| -> Result<BTreeMap<String, f64>> {
@@ -582,9 +587,9 @@ pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer: Op
     Ok(out.to_path_buf())
 }
 
-fn metric_columns(stage: Stage, wpo: bool) -> Vec<String> {
+fn metric_columns(stage: Stage, wpo: bool, router_aux: bool) -> Vec<String> {
     let stage_metrics: Vec<&str> = match stage {
-        Stage::Preference => Metrics::NAMES.into_iter().chain(wpo.then_some(Metrics::WPO_WEIGHT)).collect(),
+        Stage::Preference => Metrics::NAMES.into_iter().chain(wpo.then_some(Metrics::WPO_WEIGHT)).chain(router_aux.then_some(crate::step::ROUTER_AUX)).collect(),
         Stage::Sft => vec!["nll", "ppl"],
     };
     stage_metrics.into_iter().chain(["lr", "grad_norm", "tokens_per_s", "pairs_per_s", "epoch"]).map(String::from).collect()

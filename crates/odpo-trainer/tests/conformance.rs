@@ -104,7 +104,7 @@ fn three_odpo_steps(foreach: Option<bool>) {
     for (step, want) in exp["steps"].as_array().unwrap().iter().enumerate() {
         let batch = forward::preference_batch(&refs, &odpo_data::PreferenceBatcher::default(), &device);
         let reference_rows = reference.rows(&batch).unwrap();
-        let rows = forward::policy_rows(&policy, &batch, false);
+        let rows = forward::policy_rows(&policy, &batch, Default::default());
         let policy_rows = rows.sum.clone().into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
         for r in 0..2 * b {
             close(&format!("step {} reference row {r}", step + 1), f64::from(reference_rows[r]), f(&want["reference_logps"][r]), 1e-5);

@@ -18,7 +18,7 @@ use odpo_model::{CausalLm, Module};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "olmo2", "smollm3_nope", "granite_scales", "phi3_longrope", "phi3_short", "olmo3", "phi2", "phi_qk_norm", "stablelm2", "stablelm_parallel"];
+const CASES: &[&str] = &["gpt2", "llama_gqa_untied", "llama3_rope", "qwen2_bias", "qwen3_qk_norm", "mistral_window", "qwen2_window", "gemma", "gemma2_softcap", "gemma3_text", "gpt_neo_local", "gptj", "gpt_neox_parallel", "gpt_neox_sequential", "olmo2", "smollm3_nope", "granite_scales", "phi3_longrope", "phi3_short", "olmo3", "phi2", "phi_qk_norm", "stablelm2", "stablelm_parallel", "mixtral_moe", "qwen2_moe_shared", "qwen3_moe"];
 
 fn fixture(case: &str) -> std::path::PathBuf {
     common::repo_root().join("crates/odpo-model/tests/fixtures").join(case)
@@ -63,6 +63,20 @@ fn grads_of(model: &CausalLm, grads: &GradientsParams) -> Vec<(String, Vec<f32>)
     v.out
 }
 
+/// Asserts that every parameter's gradient in `a` is `b`'s within 1e-4 of its largest entry, and
+/// returns the worst difference relative to it.
+fn same_grads(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)], what: &str) -> f32 {
+    assert_eq!(a.len(), b.len(), "{what}: parameters with gradients");
+    let mut worst = 0.0f32;
+    for ((name, x), (_, y)) in a.iter().zip(b) {
+        let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+        let diff = x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
+        worst = worst.max(diff / scale);
+        assert!(diff <= 1e-4 * scale, "{what}: gradient of {name} differs by {diff} (largest entry {scale})");
+    }
+    worst
+}
+
 #[test]
 fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
     let device = common::test_device().autodiff();
@@ -92,16 +106,44 @@ fn shared_prompt_forward_equals_the_concatenated_forward_with_gradients() {
         let w = Tensor::<1>::from_data(TensorData::new(w, [a.len()]), &device);
         let g_shared = grads_of(&model, &GradientsParams::from_grads((s_sum * w.clone()).sum().backward(), &model));
         let g_concat = grads_of(&model, &GradientsParams::from_grads((c_sum * w).sum().backward(), &model));
-        assert_eq!(g_shared.len(), g_concat.len(), "{case}: parameters with gradients");
-        let mut worst = 0.0f32;
-        for ((name, x), (_, y)) in g_shared.iter().zip(&g_concat) {
-            let scale = y.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
-            let diff = x.iter().zip(y).fold(0.0f32, |m, (p, q)| m.max((p - q).abs()));
-            worst = worst.max(diff / scale);
-            assert!(diff <= 1e-4 * scale, "{case}: gradient of {name} differs by {diff} (largest entry {scale})");
-        }
+        let worst = same_grads(&g_shared, &g_concat, case);
         println!("{case}: rows within {:.1e}, gradients within {worst:.1e} of their largest entry", a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())));
     }
+}
+
+/// A mixture of experts' load-balancing loss (`loss.router_aux_loss_coef`) is the same in both
+/// layouts, gradients included: the shared prompts' routing counts twice, as the concatenated rows
+/// hold each prompt twice, and each completion's last token runs for its routing. Padded to a
+/// multiple of 8 it does not move (padding is not routed); nor on a model without experts does a
+/// value appear.
+#[test]
+fn router_load_balancing_loss_is_the_same_in_both_layouts() {
+    use odpo_model::logprobs::RowExtras;
+    let device = common::test_device().autodiff();
+    let extras = RowExtras { router_aux: true, ..RowExtras::default() };
+    for case in ["mixtral_moe", "qwen2_moe_shared", "qwen3_moe"] {
+        let loaded = CausalLm::load(&fixture(case), &device).unwrap();
+        let model = loaded.model;
+        let items = pairs(loaded.config.vocab_size() as u32, 7);
+        let aux = |layout, multiple| {
+            let batch = PreferenceBatcher::new(0, multiple, layout).batch(items.clone(), &device);
+            odpo_trainer::forward::policy_rows(&model, &batch, extras).router_aux.expect("a mixture of experts' load-balancing loss")
+        };
+        let (shared, concat) = (aux(Layout::SharedPrompt, None), aux(Layout::Concatenated, None));
+        let (a, b) = (to_vec(shared.clone())[0], to_vec(concat.clone())[0]);
+        assert!((a - b).abs() < 1e-5 * b, "{case}: shared {a} vs concatenated {b}");
+        for layout in [Layout::SharedPrompt, Layout::Concatenated] {
+            let padded = to_vec(aux(layout, Some(8)))[0];
+            assert!((padded - b).abs() < 1e-5 * b, "{case} {layout:?} padded to 8: {padded} vs {b}");
+        }
+        let g_shared = grads_of(&model, &GradientsParams::from_grads(shared.backward(), &model));
+        let g_concat = grads_of(&model, &GradientsParams::from_grads(concat.backward(), &model));
+        let worst = same_grads(&g_shared, &g_concat, &format!("{case}, the load-balancing loss"));
+        println!("{case}: load-balancing loss {a:.6} shared, {b:.6} concatenated; gradients within {worst:.1e}");
+    }
+    let dense = CausalLm::load(&fixture("qwen3_qk_norm"), &device).unwrap();
+    let batch = PreferenceBatcher::new(0, None, Layout::SharedPrompt).batch(pairs(dense.config.vocab_size() as u32, 7), &device);
+    assert!(odpo_trainer::forward::policy_rows(&dense.model, &batch, extras).router_aux.is_none());
 }
 
 /// `data.pad_to_multiple`: both layouts padded to a multiple of 8 give the log-probs of the unpadded
@@ -252,7 +294,7 @@ fn wpo_means_match_each_sequence_run_alone() {
         for layout in [Layout::SharedPrompt, Layout::Concatenated] {
             for ld in [None, Some(0.3f32)] {
                 let batch = PreferenceBatcher::new(0, None, layout).with_ld_alpha(ld).batch(items.clone(), &device);
-                let got = to_vec(odpo_trainer::forward::policy_rows(&model, &batch, true).wpo.unwrap());
+                let got = to_vec(odpo_trainer::forward::policy_rows(&model, &batch, odpo_model::logprobs::RowExtras { wpo: true, ..Default::default() }).wpo.unwrap());
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert!((f64::from(*g) - w).abs() < 2e-5 * w.abs().max(1.0), "{case} {layout:?} ld_alpha {ld:?}, row {i}: {g} vs {w}");
                 }

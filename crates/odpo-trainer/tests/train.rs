@@ -413,6 +413,51 @@ fn wpo_trains_alike_with_a_frozen_and_a_cached_reference() {
     assert!(frozen.iter().all(|l| l.is_finite()) && frozen.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-3), "WPO's losses are ODPO's: {frozen:?} vs {plain:?}");
 }
 
+/// A tiny random Mixtral (4 experts, 2 a token) in `dir`, with `extra` keys in its config.
+fn tiny_mixtral(dir: &std::path::Path, extra: serde_json::Value) -> std::path::PathBuf {
+    let mut cfg = serde_json::json!({
+        "architectures": ["MixtralForCausalLM"], "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "max_position_embeddings": 64, "eos_token_id": 1, "bos_token_id": 1
+    });
+    cfg.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+    let path = dir.join("tiny-mixtral");
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join("config.json"), cfg.to_string()).unwrap();
+    path
+}
+
+/// `loss.router_aux_loss_coef` end to end on a tiny random Mixtral: the load-balancing loss is
+/// logged as `router/aux_loss` and enters the gradient (the first step's objective is the plain
+/// run's, the later ones differ); the model config's `output_router_logits` turns it on as TRL does,
+/// and the key at 0 turns it off. Set on a model without experts, it is refused.
+#[test]
+fn the_routers_load_balancing_loss_trains_a_mixture_of_experts() {
+    let dir = scratch("router-aux");
+    let plain_model = tiny_mixtral(&dir.join("plain"), serde_json::json!({}));
+    let losses = |name: &str, model: &std::path::Path, sets: &[&str]| short_run_losses(&dir.join(name), model, 3, sets);
+    let plain = losses("plain", &plain_model, &[]);
+    assert!(metric_rows(&dir.join("plain"), "train").iter().all(|r| r.get("router/aux_loss").is_none_or(|v| v.is_null())), "no load-balancing loss unless asked");
+    let aux = losses("aux", &plain_model, &["loss.router_aux_loss_coef=1.0"]);
+    let logged: Vec<f64> = metric_rows(&dir.join("aux"), "train").iter().map(|r| f(r, "router/aux_loss")).collect();
+    println!("plain {plain:?}\nwith the load-balancing loss {aux:?}, which was {logged:?}");
+    assert!(logged.len() == 3 && logged.iter().all(|a| a.is_finite() && *a > 0.0), "router/aux_loss is logged every step: {logged:?}");
+    assert!((aux[0] - plain[0]).abs() <= 1e-6 * plain[0].abs(), "the first step's objective: {} vs {}", aux[0], plain[0]);
+    assert!(aux.iter().zip(&plain).skip(1).any(|(a, b)| (a - b).abs() > 1e-5), "the load-balancing loss moved nothing: {aux:?} vs {plain:?}");
+    // The model config's switch, and the key's 0.
+    let on = tiny_mixtral(&dir.join("on"), serde_json::json!({"output_router_logits": true, "router_aux_loss_coef": 1.0}));
+    let from_config = losses("from-config", &on, &[]);
+    for (a, b) in from_config.iter().zip(&aux) {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "the model config's coefficient: {from_config:?} vs the key's {aux:?}");
+    }
+    let off = losses("off", &on, &["loss.router_aux_loss_coef=0.0"]);
+    assert_eq!(off, plain, "`loss.router_aux_loss_coef = 0` turns it off");
+    // Refused where it would do nothing.
+    let gpt2 = tiny_model(&dir);
+    let err = odpo_trainer::train_on(&config(&gpt2, &dir.join("dense"), "", &["loss.router_aux_loss_coef=0.01", "train.max_steps=1"]), data(8, 2), &device(), false, None).map(|_| ()).expect_err("a model without experts");
+    assert!(err.to_string().contains("loss.router_aux_loss_coef") && err.to_string().contains("the model has no experts"), "{err}");
+}
+
 /// The float weights of a model, in visiting order.
 fn weights(m: &odpo_model::CausalLm) -> Vec<Vec<f32>> {
     struct V(Vec<Vec<f32>>);

@@ -1,6 +1,6 @@
-//! A GGUF file of the Llama family (`llama`, which Mistral's files declare too, `qwen2`, `qwen3`,
-//! `olmo2` (OLMo 3 with a window), `smollm3`, `granite`, `phi3`) as an HF `config.json` value and weights under HF names and
-//! layouts: llama.cpp's tensor names mapped to HF's, and for `llama`, `smollm3` and `granite` its
+//! A GGUF file of the Llama family (`llama`, which Mistral's and Mixtral's files declare too,
+//! `qwen2`, `qwen3`, `olmo2` (OLMo 3 with a window), `smollm3`, `granite`, `phi3`, `qwen3moe`) as an
+//! HF `config.json` value and weights under HF names and layouts: llama.cpp's tensor names mapped to HF's, and for `llama`, `smollm3` and `granite` its
 //! Q/K row permutation undone. llama.cpp's converter permutes those rows for the architectures whose
 //! rotation it computes on adjacent pairs (its `LlamaModel` and the classes built on it); for Qwen2,
 //! Qwen3, OLMo 2 and Phi-3 it rotates halves as HF does and stores the rows as they are.
@@ -11,16 +11,24 @@
 //! none. Phi-3's fused projections keep their HF layout (`attn_qkv`, and `ffn_up` holding the gate's
 //! rows then the up projection's); its LongRoPE factors are two tensors (`rope_factors_short`,
 //! `rope_factors_long`), which become the config's `short_factor` and `long_factor`.
+//!
+//! A mixture of experts (a `llama` file with `llama.expert_count`, Mixtral; `qwen3moe`) holds each
+//! layer's experts stacked, one `[experts, rows, cols]` tensor a projection (`ffn_gate_exps`,
+//! `ffn_up_exps`, `ffn_down_exps`), which are split into HF's experts, and its router as
+//! `ffn_gate_inp`. llama.cpp renormalises the chosen experts' weights in both.
 
 use std::path::Path;
 
 use serde_json::json;
 
+use std::collections::BTreeMap;
+
 use super::{GgufError, GgufFile, GgufValue, HfModel, HostTensor, tensor_err};
+use crate::quantized::QuantBlocks;
 
 /// The architectures read, as `general.architecture` names them, with the HF architecture each
 /// becomes.
-pub(super) const ARCHITECTURES: [(&str, &str); 7] = [
+pub(super) const ARCHITECTURES: [(&str, &str); 8] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
@@ -28,6 +36,7 @@ pub(super) const ARCHITECTURES: [(&str, &str); 7] = [
     ("smollm3", "SmolLM3ForCausalLM"),
     ("granite", "GraniteForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
+    ("qwen3moe", "Qwen3MoeForCausalLM"),
 ];
 
 /// Phi-3's LongRoPE factors: the tensors' names, and the HF config keys they become.
@@ -77,7 +86,7 @@ fn has_part(arch: &str, part: &str, hf: &str) -> bool {
 
 /// A layer's tensors: llama.cpp's name and HF's. HF's `post_attention_layernorm` is the norm before
 /// the MLP (`ffn_norm`) but OLMo 2's after the attention (`post_attention_norm`).
-const PARTS: [(&str, &str); 15] = [
+const PARTS: [(&str, &str); 19] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
@@ -93,6 +102,11 @@ const PARTS: [(&str, &str); 15] = [
     ("ffn_down", "mlp.down_proj"),
     ("post_attention_norm", "post_attention_layernorm"),
     ("post_ffw_norm", "post_feedforward_layernorm"),
+    // A mixture of experts: the router, and each projection's experts stacked (split on reading).
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate_exps", "mlp.experts.gate_proj"),
+    ("ffn_up_exps", "mlp.experts.up_proj"),
+    ("ffn_down_exps", "mlp.experts.down_proj"),
 ];
 
 /// The llama.cpp name of an HF tensor of the Llama family in a file of `arch`: the inverse of
@@ -182,7 +196,7 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
     let eps_key = key("attention.layer_norm_rms_epsilon");
     let head_dim = uint(&key("attention.key_length"))?.unwrap_or(hidden / heads);
 
-    let (mut weights, blocks) = f.read_tensors(
+    let (mut weights, mut blocks) = f.read_tensors(
         keep_blocks,
         |name| hf_name(arch, name).ok_or_else(|| tensor_err(path, name, format!("has no Hugging Face {hf_arch} equivalent"))),
         |name, hf, b| {
@@ -204,10 +218,17 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
         },
     )?;
     let vocab = super::vocab(path, &weights)?;
+    // A `llama` file with experts is a Mixtral.
+    let experts = uint(&key("expert_count"))?.filter(|n| *n > 0);
+    let (hf_arch, model_type) = match (arch, experts) {
+        ("llama", Some(_)) => ("MixtralForCausalLM", "mixtral"),
+        ("qwen3moe", _) => (hf_arch, "qwen3_moe"),
+        _ => (hf_arch, arch),
+    };
 
     let mut config = serde_json::json!({
         "architectures": [hf_arch],
-        "model_type": arch,
+        "model_type": model_type,
         "hidden_act": "silu",
         "hidden_size": hidden,
         "intermediate_size": need_uint(&key("feed_forward_length"))?,
@@ -225,6 +246,9 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
         "attention_bias": arch != "qwen2" && weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
         "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
     });
+    if model_type == "mixtral" || arch == "qwen3moe" {
+        split_experts(f, arch, model_type == "mixtral", &mut config, &mut weights, &mut blocks)?;
+    }
     match arch {
         // llama.cpp's SmolLM3 rotates in three layers of four, whatever the checkpoint did.
         "smollm3" => config["no_rope_layer_interval"] = json!(4),
@@ -309,4 +333,67 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
         }
     }
     Ok((config, weights, blocks))
+}
+
+/// A mixture of experts' stacked expert tensors split into HF's (`model.layers.N.mlp.experts.E.*`,
+/// Mixtral's `block_sparse_moe.experts.E.w1` / `w3` / `w2`), and the config's expert keys from the
+/// file's: the experts' count and the count each token takes, Qwen3-MoE's expert width (the key,
+/// else the stacks' rows) and its layers without experts (`mlp_only_layers`; Mixtral has none).
+fn split_experts(f: &GgufFile, arch: &str, mixtral: bool, config: &mut serde_json::Value, weights: &mut BTreeMap<String, HostTensor>, blocks: &mut BTreeMap<String, QuantBlocks>) -> Result<(), GgufError> {
+    let path = f.path();
+    let key = |k: &str| format!("{arch}.{k}");
+    let uint = |k: &str| f.meta(&key(k), "an unsigned integer", GgufValue::as_u64);
+    let experts = f.positive(&key("expert_count"))? as usize;
+    let used = f.required(&key("expert_used_count"), uint("expert_used_count")?)?;
+    let layers = config["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+    let mut width = None;
+    for (part, mixtral_part) in [("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")] {
+        for i in 0..layers {
+            let stacked = format!("model.layers.{i}.mlp.experts.{part}.weight");
+            let gguf = gguf_name(arch, &stacked).unwrap_or_else(|| stacked.clone());
+            let name = |e: usize| if mixtral { format!("model.layers.{i}.block_sparse_moe.experts.{e}.{mixtral_part}.weight") } else { format!("model.layers.{i}.mlp.experts.{e}.{part}.weight") };
+            let bad = |what: String| tensor_err(path, &gguf, format!("{what}; expected {experts} experts' matrices (`{}`)", key("expert_count")));
+            if let Some(t) = weights.remove(&stacked) {
+                let &[n, rows, cols] = t.shape.as_slice() else { return Err(bad(format!("has shape {:?}", t.shape))) };
+                if n != experts {
+                    return Err(bad(format!("stacks {n}")));
+                }
+                for (e, data) in t.data.chunks_exact(rows * cols).enumerate() {
+                    weights.insert(name(e), HostTensor { shape: vec![rows, cols], data: data.to_vec() });
+                }
+                width.get_or_insert(if part == "down_proj" { cols } else { rows });
+            } else if let Some(b) = blocks.remove(&stacked) {
+                if !b.shape[0].is_multiple_of(experts) {
+                    return Err(bad(format!("has {} rows", b.shape[0])));
+                }
+                let rows = b.shape[0] / experts;
+                for e in 0..experts {
+                    blocks.insert(name(e), b.rows(e * rows, rows));
+                }
+                width.get_or_insert(if part == "down_proj" { b.shape[1] } else { rows });
+            }
+        }
+    }
+    // The routers, and the layers that have none (a dense MLP).
+    let mut dense = Vec::new();
+    for i in 0..layers {
+        match weights.remove(&format!("model.layers.{i}.mlp.gate.weight")) {
+            Some(router) => {
+                let hf = if mixtral { format!("model.layers.{i}.block_sparse_moe.gate.weight") } else { format!("model.layers.{i}.mlp.gate.weight") };
+                weights.insert(hf, router);
+            }
+            None if mixtral => return Err(tensor_err(path, &format!("blk.{i}.ffn_gate_inp.weight"), "is missing; a Mixtral's every layer has a router")),
+            None => dense.push(i),
+        }
+    }
+    // Mixtral's and Qwen3-MoE's configs both name the count so.
+    config["num_local_experts"] = json!(experts);
+    config["num_experts_per_tok"] = json!(used);
+    if !mixtral {
+        let width = uint("expert_feed_forward_length")?.map(|w| w as usize).or(width);
+        config["moe_intermediate_size"] = json!(f.required(&key("expert_feed_forward_length"), width.map(|w| w as u64))?);
+        config["norm_topk_prob"] = json!(true);
+        config["mlp_only_layers"] = json!(dense);
+    }
+    Ok(())
 }

@@ -498,10 +498,15 @@ impl GgufFile {
         Ok(HostTensor { shape, data })
     }
 
-    /// Reads a 2-D Q8_0, Q4_0 or Q4_1 tensor as its blocks (`None` for any other type or rank).
+    /// Reads a 2-D Q8_0, Q4_0 or Q4_1 tensor as its blocks (`None` for any other type or rank); a
+    /// 3-D one (a mixture of experts' stacked matrices) as the rows of all its matrices in turn.
     pub fn blocks(&self, name: &str) -> Result<Option<crate::quantized::QuantBlocks>, GgufError> {
         let (t, bytes) = self.raw(name)?;
-        let &[cols, rows] = t.dims.as_slice() else { return Ok(None) };
+        let (rows, cols) = match *t.dims.as_slice() {
+            [cols, rows] => (rows, cols),
+            [cols, rows, n] => (rows.saturating_mul(n), cols),
+            _ => return Ok(None),
+        };
         Ok(quant::blocks(t.ggml_type, &bytes, [rows as usize, cols as usize]))
     }
 

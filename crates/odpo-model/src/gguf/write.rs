@@ -15,6 +15,7 @@ use serde_json::Value;
 use super::vocab::{BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED};
 use super::{GgufError, llama, meta_err};
 use crate::model::{CausalLm, ModelConfig};
+use crate::moe::MoeLayout;
 use crate::quantized::{BLOCK, QuantBlocks};
 use crate::tokenizer::Tokenizer;
 use crate::weights::HfEntry;
@@ -37,7 +38,8 @@ impl GgufDtype {
     fn of(self, shape: &[usize]) -> TensorType {
         match (self, shape) {
             (_, [_]) | (GgufDtype::F32, _) => TensorType::F32,
-            (GgufDtype::Q8_0, [_, cols]) if cols % BLOCK == 0 => TensorType::Q8_0,
+            // A matrix, or a mixture of experts' stack of them.
+            (GgufDtype::Q8_0, [_, .., cols]) if cols % BLOCK == 0 => TensorType::Q8_0,
             _ => TensorType::F16,
         }
     }
@@ -85,6 +87,10 @@ enum Kv {
 
 const ALIGNMENT: usize = 32;
 
+/// A tensor as written: its name (HF's, or llama.cpp's for a stack or a tensor made here), its
+/// shape, and the entries whose values it holds in turn (one, but a mixture of experts' stack).
+type Written<'a> = (String, Vec<usize>, Vec<&'a HfEntry>);
+
 /// Writes `model` (adapters merged in) with `tokenizer` to `path` as a GGUF file, atomically.
 /// Llama, Mistral without a sliding window, Qwen2, Qwen3, OLMo 2 / 3, SmolLM3, Granite, Phi-3, Gemma 1 / 2 / 3 (as llama.cpp runs
 /// them: see `GemmaConfig::llama_cpp_form`), Phi-1 / 1.5 / 2 (`phi2`) and StableLM with a byte-level BPE tokenizer whose text split GGUF
@@ -107,7 +113,10 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "Gemma3ForCausalLM" => "gemma3",
         "PhiForCausalLM" => "phi2",
         "StableLmForCausalLM" => "stablelm",
-        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, Olmo3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM; PhiForCausalLM; StableLmForCausalLM)"))),
+        // llama.cpp's converter writes a Mixtral as a `llama` file with experts.
+        "MixtralForCausalLM" => "llama",
+        "Qwen3MoeForCausalLM" => "qwen3moe",
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, Olmo3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM; PhiForCausalLM; StableLmForCausalLM)"))),
     };
     let stablelm = match config {
         ModelConfig::StableLm(c) => Some(c),
@@ -140,7 +149,7 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         _ => None,
     };
     let window = cfg.get("sliding_window").filter(|w| !w.is_null());
-    let sliding = hf_arch == "MistralForCausalLM" || cfg["use_sliding_window"].as_bool().unwrap_or(false);
+    let sliding = matches!(hf_arch, "MistralForCausalLM" | "MixtralForCausalLM") || cfg["use_sliding_window"].as_bool().unwrap_or(false);
     if let (true, Some(w)) = (sliding, window) {
         return Err(err("sliding_window", format!("{w}: a GGUF file has no sliding window for `{arch}`; the model would attend differently in llama.cpp")));
     }
@@ -232,6 +241,19 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
             _ => {}
         }
     }
+    // A mixture of experts as llama.cpp runs one: experts in every layer, their weights renormalised.
+    let moe = match config {
+        ModelConfig::Llama(c) => MoeLayout::of(c, path).map_err(|e| err("num_experts", e.to_string()))?,
+        _ => None,
+    };
+    if let Some(m) = &moe {
+        if let Some(i) = m.sparse.iter().position(|s| !s) {
+            return Err(err("mlp_only_layers", format!("layer {i} has a dense MLP (`mlp_only_layers`, `decoder_sparse_step`): llama.cpp's `{arch}` has experts in every layer")));
+        }
+        if !m.normalize {
+            return Err(err("norm_topk_prob", format!("false: llama.cpp's `{arch}` renormalises the chosen experts' weights")));
+        }
+    }
 
     let key = |k: &str| format!("{arch}.{k}");
     let u32_of = |v: u64| Kv::U32(u32::try_from(v).unwrap_or(u32::MAX));
@@ -274,6 +296,13 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         // included: every one of them, so that llama.cpp's own defaults (none, 1/√head_dim) never apply.
         for (k, hf) in [("logit_scale", "logits_scaling"), ("residual_scale", "residual_multiplier"), ("embedding_scale", "embedding_multiplier"), ("attention.scale", "attention_multiplier")] {
             kvs.push((key(k), Kv::F32(cfg[hf].as_f64().unwrap_or(1.0) as f32)));
+        }
+    }
+    if let Some(m) = &moe {
+        kvs.push((key("expert_count"), u32_of(m.experts as u64)));
+        kvs.push((key("expert_used_count"), u32_of(m.top_k as u64)));
+        if arch == "qwen3moe" {
+            kvs.push((key("expert_feed_forward_length"), u32_of(m.width as u64)));
         }
     }
     if let Some((c, ..)) = &olmo3 {
@@ -321,24 +350,32 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     {
         extra.push(("output.weight".into(), shape.clone(), values.clone()));
     }
-    // The model's tensors, then Phi-3's LongRoPE factors or a tied head under llama.cpp's names.
-    let tensors: Vec<&HfEntry> = written.iter().filter(|(n, ..)| !n.contains("_layernorm.norms.")).chain(&extra).collect();
+    // The model's tensors, then Phi-3's LongRoPE factors or a tied head under llama.cpp's names:
+    // each one piece, but a mixture of experts' stacks, whose pieces are its experts' matrices.
+    fn piece(e: &HfEntry) -> Written<'_> {
+        (e.0.clone(), e.1.clone(), vec![e])
+    }
+    let mut tensors: Vec<Written<'_>> =
+        written.iter().filter(|(n, ..)| !(n.contains("_layernorm.norms.") || moe.is_some() && moe_part(n).is_some())).chain(&extra).map(piece).collect();
+    if let Some(m) = &moe {
+        tensors.extend(expert_stacks(written, m.experts, layers as usize).map_err(|msg| err("tensors", msg))?);
+    }
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
-    for &(name, shape, values) in &tensors {
+    for (name, shape, pieces) in &tensors {
         let gguf = match gemma {
             Some(_) => super::gemma::gguf_name(arch, name),
-            None if extra.iter().any(|(n, ..)| n == name) => Some(name.clone()),
+            None if extra.iter().any(|(n, ..)| n == name) || pieces.len() > 1 || name.starts_with("blk.") => Some(name.clone()),
             None if phi.is_some() => super::phi::gguf_name(name),
             None if stablelm.is_some() => super::stablelm::gguf_name(name),
             None => llama::gguf_name(arch, name),
         };
         let gguf = gguf.ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
-        // Norms stay F32, stacked or not, as the converter keeps them.
-        let ty = if gguf.ends_with("_norm.weight") { TensorType::F32 } else { dtype.of(shape) };
+        // Norms stay F32, stacked or not, and so do the experts' routers, as the converter keeps them.
+        let ty = if gguf.ends_with("_norm.weight") || gguf.ends_with("ffn_gate_inp.weight") { TensorType::F32 } else { dtype.of(shape) };
         offset = offset.next_multiple_of(ALIGNMENT);
         infos.push((gguf, shape, ty, offset));
-        offset += ty.bytes(values.len());
+        offset += ty.bytes(pieces.iter().map(|(_, _, v)| v.len()).sum());
     }
 
     let mut out = Vec::with_capacity(offset + (1 << 20));
@@ -361,28 +398,31 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     }
     out.resize(out.len().next_multiple_of(ALIGNMENT), 0);
     let data_start = out.len();
-    for (&(name, shape, values), (_, _, ty, offset)) in tensors.iter().zip(&infos) {
+    for ((_, _, pieces), (_, _, ty, offset)) in tensors.iter().zip(&infos) {
         out.resize(data_start + offset, 0);
-        let mut values = std::borrow::Cow::Borrowed(values.as_slice());
-        if llama::permuted(arch) {
-            for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
-                if name.contains(part) {
-                    values = std::borrow::Cow::Owned(llama::permute_rows(&values, shape[0], h as usize));
+        // A stack's experts one after the other: its rows in turn, whole blocks each.
+        for &(name, shape, values) in pieces {
+            let mut values = std::borrow::Cow::Borrowed(values.as_slice());
+            if llama::permuted(arch) {
+                for (part, h) in [(".self_attn.q_proj.", heads), (".self_attn.k_proj.", kv_heads)] {
+                    if name.contains(part) {
+                        values = std::borrow::Cow::Owned(llama::permute_rows(&values, shape[0], h as usize));
+                    }
                 }
             }
-        }
-        // llama.cpp scales by a Gemma norm's weight as stored; HF by `1 + w`.
-        if gemma.is_some() && name.ends_with("norm.weight") {
-            values = std::borrow::Cow::Owned(values.iter().map(|w| w + 1.0).collect());
-        }
-        match ty {
-            TensorType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
-            TensorType::F16 => out.extend(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes())),
-            TensorType::Q8_0 => {
-                let blocks = QuantBlocks::quantize_q8_0([shape[0], shape[1]], &values);
-                for (d, q) in blocks.d.iter().zip(blocks.q.chunks_exact(BLOCK)) {
-                    out.extend(half::f16::from_f32(*d).to_le_bytes());
-                    out.extend(q.iter().map(|&q| q as u8));
+            // llama.cpp scales by a Gemma norm's weight as stored; HF by `1 + w`.
+            if gemma.is_some() && name.ends_with("norm.weight") {
+                values = std::borrow::Cow::Owned(values.iter().map(|w| w + 1.0).collect());
+            }
+            match ty {
+                TensorType::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+                TensorType::F16 => out.extend(values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes())),
+                TensorType::Q8_0 => {
+                    let blocks = QuantBlocks::quantize_q8_0([shape[0], shape[1]], &values);
+                    for (d, q) in blocks.d.iter().zip(blocks.q.chunks_exact(BLOCK)) {
+                        out.extend(half::f16::from_f32(*d).to_le_bytes());
+                        out.extend(q.iter().map(|&q| q as u8));
+                    }
                 }
             }
         }
@@ -408,6 +448,52 @@ fn stacked_head_norms(entries: &[HfEntry]) -> Vec<HfEntry> {
         }
     }
     out
+}
+
+/// A mixture of experts' expert weight's layer, expert and llama.cpp stack (`ffn_gate_exps`, ...),
+/// from its HF name (`model.layers.N.mlp.experts.E.gate_proj.weight`, Mixtral's
+/// `block_sparse_moe.experts.E.w1.weight`), or its layer and `ffn_gate_inp` for a router.
+fn moe_part(name: &str) -> Option<(usize, Option<usize>, &'static str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer = layer.parse().ok()?;
+    let rest = rest.strip_prefix("block_sparse_moe.").or_else(|| rest.strip_prefix("mlp."))?;
+    if rest == "gate.weight" {
+        return Some((layer, None, "ffn_gate_inp"));
+    }
+    let (expert, part) = rest.strip_prefix("experts.")?.split_once('.')?;
+    let stack = match part {
+        "w1.weight" | "gate_proj.weight" => "ffn_gate_exps",
+        "w3.weight" | "up_proj.weight" => "ffn_up_exps",
+        "w2.weight" | "down_proj.weight" => "ffn_down_exps",
+        _ => return None,
+    };
+    Some((layer, Some(expert.parse().ok()?), stack))
+}
+
+/// A mixture of experts' routers under llama.cpp's names, and each layer's experts' matrices of a
+/// projection as one `[experts, rows, cols]` stack (borrowed, in the experts' order), as the
+/// converter writes them.
+fn expert_stacks(entries: &[HfEntry], experts: usize, layers: usize) -> Result<Vec<Written<'_>>, String> {
+    let mut out = Vec::new();
+    for layer in 0..layers {
+        let of = |want: Option<usize>, stack: &str| entries.iter().find(|(n, ..)| moe_part(n).is_some_and(|(l, e, s)| l == layer && e == want && s == stack));
+        if let Some(router) = of(None, "ffn_gate_inp") {
+            out.push((format!("blk.{layer}.ffn_gate_inp.weight"), router.1.clone(), vec![router]));
+        }
+        for stack in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+            let pieces: Vec<&HfEntry> = (0..experts).filter_map(|e| of(Some(e), stack)).collect();
+            if pieces.is_empty() {
+                continue;
+            }
+            if pieces.len() != experts || pieces.iter().any(|p| p.1 != pieces[0].1) {
+                return Err(format!("layer {layer}'s `{stack}`: {} of {experts} experts' matrices, of shapes {:?}; expected all, of one shape", pieces.len(), pieces.iter().map(|p| &p.1).collect::<Vec<_>>()));
+            }
+            let shape = [vec![experts], pieces[0].1.clone()].concat();
+            out.push((format!("blk.{layer}.{stack}.weight"), shape, pieces));
+        }
+    }
+    Ok(out)
 }
 
 /// The base of the rotary angles: `rope_theta`, or transformers 5's `rope_parameters.rope_theta`.
