@@ -59,7 +59,9 @@ impl MoeLayout {
             _ => return Ok(None),
         };
         let key = if cfg.model_type == "qwen2_moe" { "num_experts" } else { "num_local_experts" };
-        if top_k == 0 || top_k > experts {
+        // A Qwen without experts is dense in every layer, as transformers builds it.
+        let dense_qwen = experts == 0 && cfg.model_type != "mixtral";
+        if !dense_qwen && (top_k == 0 || top_k > experts) {
             return Err(ModelError::config(path, format!("num_experts_per_tok is {top_k}; expected 1 to {key} ({experts})")));
         }
         let width_key = if cfg.model_type == "mixtral" { "intermediate_size" } else { "moe_intermediate_size" };
@@ -285,6 +287,11 @@ mod tests {
         assert_eq!(qwen2, MoeLayout { experts: 60, top_k: 4, width: 1408, shared: Some(5632), normalize: false, sparse: vec![false, true, false, false] });
         let qwen3 = layout(json!({"architectures": ["Qwen3MoeForCausalLM"], "norm_topk_prob": true, "mlp_only_layers": [0]}));
         assert_eq!(qwen3, MoeLayout { experts: 128, top_k: 8, width: 768, shared: None, normalize: true, sparse: vec![false, true, true, true] });
+        // No experts: every layer dense (Qwen), an error for Mixtral.
+        assert_eq!(layout(json!({"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 0})).sparse, vec![false; 4]);
+        let v = json!({"architectures": ["MixtralForCausalLM"], "num_local_experts": 0, "vocab_size": 8, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 4, "num_attention_heads": 2});
+        let ModelConfig::Llama(c) = ModelConfig::from_hf_json(&v, "c".as_ref()).unwrap() else { panic!() };
+        assert!(MoeLayout::of(&c, "c".as_ref()).unwrap_err().to_string().contains("num_experts_per_tok is 2; expected 1 to num_local_experts (0)"));
         // A token's MLP width: its experts' (and the shared one's) in a sparse layer.
         assert_eq!(qwen2.active_width(1, 12), 4 * 1408 + 5632);
         assert_eq!(qwen2.active_width(0, 12), 12);

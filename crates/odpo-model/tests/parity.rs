@@ -450,11 +450,14 @@ fn written_gguf_files_read_back_as_the_model() {
             println!("{case} {dtype:?}: max |diff| {diff:.2e}");
             assert!(diff <= tol, "{case} {dtype:?}: logits differ by {diff}");
             if dtype == GgufDtype::Q8_0 && case.ends_with("moe") {
-                // Kept as blocks (a quantised base), each expert's rows cut from its stack, the
-                // routers in f32: the logits of the dequantised weights.
-                let blocks = CausalLm::load_with(&out, &device, true).unwrap();
+                // Kept as blocks (a quantised base, on flex, where the frozen quantised base runs),
+                // each expert's rows cut from its stack, the routers in f32: the logits of the
+                // dequantised weights.
+                let flex = odpo_model::backend::device("flex").unwrap();
+                let blocks = CausalLm::load_with(&out, &flex, true).unwrap();
                 assert!(blocks.model.has_quantized_base(), "{case}");
-                let kept = to_vec(blocks.model.forward(ids.clone(), &mask, None));
+                let (ids, mask) = (int2(&exp["left_input_ids"], &flex), int2(&exp["left_attention_mask"], &flex));
+                let kept = to_vec(blocks.model.forward(ids, &mask, None));
                 let d = kept.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 println!("{case} Q8_0 kept as blocks: max |diff| {d:.2e} from the dequantised weights");
                 assert!(d < 1e-4, "{case}: a quantised base's logits differ by {d}");
