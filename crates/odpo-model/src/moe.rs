@@ -228,9 +228,12 @@ impl SparseMoe {
         }
         let weights = weights.cast(rows.dtype()).reshape([n * k]);
         let mut out = rows.zeros_like();
-        for (e, expert) in self.experts.iter().enumerate() {
-            // The (token, slot) pairs routed to expert e; a token takes an expert once.
-            let slots: Vec<i64> = (0..n * k).filter(|&s| chosen[s] == e as i64).map(|s| s as i64).collect();
+        // The (token, slot) pairs routed to each expert, in one pass; a token takes an expert once.
+        let mut routed: Vec<Vec<i64>> = vec![Vec::new(); experts];
+        for (slot, &e) in chosen.iter().enumerate() {
+            routed[e as usize].push(slot as i64);
+        }
+        for (expert, slots) in self.experts.iter().zip(routed) {
             if slots.is_empty() {
                 continue;
             }

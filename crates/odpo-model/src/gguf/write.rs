@@ -475,9 +475,11 @@ fn moe_part(name: &str) -> Option<(usize, Option<usize>, &'static str)> {
 /// projection as one `[experts, rows, cols]` stack (borrowed, in the experts' order), as the
 /// converter writes them.
 fn expert_stacks(entries: &[HfEntry], experts: usize, layers: usize) -> Result<Vec<Written<'_>>, String> {
+    // Every expert weight and router by (layer, expert, stack), in one pass over the entries.
+    let parts: std::collections::HashMap<_, &HfEntry> = entries.iter().filter_map(|e| Some((moe_part(&e.0)?, e))).collect();
     let mut out = Vec::new();
     for layer in 0..layers {
-        let of = |want: Option<usize>, stack: &str| entries.iter().find(|(n, ..)| moe_part(n).is_some_and(|(l, e, s)| l == layer && e == want && s == stack));
+        let of = |want: Option<usize>, stack: &'static str| parts.get(&(layer, want, stack)).copied();
         if let Some(router) = of(None, "ffn_gate_inp") {
             out.push((format!("blk.{layer}.ffn_gate_inp.weight"), router.1.clone(), vec![router]));
         }
