@@ -523,7 +523,7 @@ fn load(args: &ModelArgs) -> Result<(LoadedModel, Tokenizer, Device)> {
     let mut loaded = CausalLm::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
     if let Some(dir) = &args.adapter {
         let (model, lora) = loaded.model.load_peft(dir, &device).with_context(|| format!("loading adapters from {}", dir.display()))?;
-        tracing::info!(rank = lora.rank, projections = lora.targets.len(), "LoRA adapters from {}", dir.display());
+        tracing::info!(rank = lora.rank, projections = lora.targets.len(), parameters = ?lora.target_parameters, "LoRA adapters from {}", dir.display());
         loaded.model = model;
     }
     loaded.model = loaded.model.with_precision(precision);

@@ -108,6 +108,14 @@ impl Linear {
         }
     }
 
+    /// Adds `delta` `[in, out]` to the weight, which becomes a float weight outside any graph,
+    /// frozen (a merged adapter).
+    pub(crate) fn fold(&mut self, delta: Tensor<2>) {
+        let w = self.float_weight();
+        self.weight = Param::from_tensor((w.clone() + delta.cast(w.dtype())).detach()).set_require_grad(false);
+        self.offset = None;
+    }
+
     /// The float type adapters of this layer take: the weight's, or f32 over a quantised one.
     pub(crate) fn adapter_dtype(&self) -> DType {
         match self.weight.dtype() {

@@ -26,7 +26,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, RmsNorm};
-use crate::linear::Linear;
+use crate::linear::{Adapter, Linear};
 use burn::tensor::activation::silu;
 use burn::tensor::{Bool, Device, Int, Tensor};
 use odpo_kernels::Gate;
@@ -611,10 +611,14 @@ struct Attention {
 #[derive(Module, Debug)]
 pub(crate) struct Mlp {
     /// The gate and up projections; Phi-3 has them in one, `gate_up_proj` (the gate's rows first).
-    gate_proj: Option<Linear>,
-    up_proj: Option<Linear>,
+    pub(crate) gate_proj: Option<Linear>,
+    pub(crate) up_proj: Option<Linear>,
     gate_up_proj: Option<Linear>,
-    down_proj: Linear,
+    pub(crate) down_proj: Linear,
+    /// A routed expert's adapter on its gate and up projections together (`A` `[hidden, r]`, `B`
+    /// `[r, 2 · width]`, the gate's columns first), as PEFT adapts transformers 5's stacked
+    /// `gate_up_proj` (see [`crate::moe::ExpertParam`]): one `A` for both.
+    pub(crate) gate_up_lora: Option<Adapter>,
 }
 
 #[derive(Module, Debug)]
@@ -715,15 +719,30 @@ impl Mlp {
     /// `fused` (Phi-3), waiting for its weights.
     pub(crate) fn new(d: usize, inner: usize, bias: bool, fused: bool, device: &Device) -> Self {
         let separate = |rows: usize| (!fused).then(|| names::linear(d, rows, bias, device));
-        Self { gate_proj: separate(inner), up_proj: separate(inner), gate_up_proj: fused.then(|| names::linear(d, 2 * inner, false, device)), down_proj: names::linear(inner, d, bias, device) }
+        Self {
+            gate_proj: separate(inner),
+            up_proj: separate(inner),
+            gate_up_proj: fused.then(|| names::linear(d, 2 * inner, false, device)),
+            down_proj: names::linear(inner, d, bias, device),
+            gate_up_lora: None,
+        }
     }
 
     /// Its projections under `prefix`, named `[gate, up, down]` (`gate_up_proj` when fused).
     pub(crate) fn push_named<'a>(&'a mut self, t: &mut Table<'a>, prefix: &str, [gate, up, down]: [&str; 3]) {
-        let Self { gate_proj, up_proj, gate_up_proj, down_proj } = self;
+        let Self { gate_proj, up_proj, gate_up_proj, down_proj, .. } = self;
         let projections = [(gate, gate_proj), (up, up_proj), ("gate_up_proj", gate_up_proj)];
         t.extend(projections.into_iter().filter_map(|(name, proj)| Some((format!("{prefix}.{name}"), Slot::Linear(proj.as_mut()?)))));
         t.push((format!("{prefix}.{down}"), Slot::Linear(down_proj)));
+    }
+
+    /// Folds the gate and up projections' shared adapter into their weights and removes it.
+    pub(crate) fn merge_gate_up_lora(&mut self) {
+        let (Some(ad), Some(g), Some(u)) = (self.gate_up_lora.take(), &mut self.gate_proj, &mut self.up_proj) else { return };
+        let delta = odpo_kernels::matmul(ad.a.val(), ad.b.val()).mul_scalar(ad.scale);
+        let inner = delta.dims()[1] / 2;
+        g.fold(delta.clone().narrow(1, 0, inner));
+        u.fold(delta.narrow(1, inner, inner));
     }
 
     /// `down(silu(gate(x)) · up(x))`, the gate one recorded operation where the backend has
@@ -735,7 +754,16 @@ impl Mlp {
                 let inner = y.dims()[2] / 2;
                 split_last(y, [inner, inner])
             }
-            (None, Some(g), Some(u)) => [g.forward(x.clone()), u.forward(x)],
+            (None, Some(g), Some(u)) => match &self.gate_up_lora {
+                None => [g.forward(x.clone()), u.forward(x)],
+                Some(ad) => {
+                    let [b, t, d] = x.dims();
+                    let low = odpo_kernels::matmul(odpo_kernels::matmul(x.clone().reshape([b * t, d]), ad.a.val()), ad.b.val());
+                    let inner = low.dims()[1] / 2;
+                    let [lg, lu] = split_last(low.reshape([b, t, 2 * inner]), [inner, inner]);
+                    [g.forward(x.clone()) + lg.mul_scalar(ad.scale), u.forward(x) + lu.mul_scalar(ad.scale)]
+                }
+            },
             _ => unreachable!("a Llama-family MLP is built with gate and up projections or a fused one"),
         };
         self.down_proj.forward(odpo_kernels::glu(g.clone(), u.clone(), Gate::Silu).unwrap_or_else(|| silu(g) * u))
@@ -834,6 +862,12 @@ impl Llama {
         };
         names::fill(model.named_mut(), w, device)?;
         Ok(model)
+    }
+
+    /// The sparse layers with the module name transformers 5 gives them (`model.layers.N.mlp`,
+    /// Mixtral's too): where PEFT's `target_parameters` find the experts and routers.
+    pub(crate) fn sparse_layers_mut(&mut self) -> Vec<(String, &mut SparseMoe)> {
+        self.layers.iter_mut().enumerate().filter_map(|(i, l)| Some((format!("model.layers.{i}.mlp"), l.moe.as_mut()?))).collect()
     }
 
     /// Every parameter under its HF name: the one list loading, saving and LoRA read.

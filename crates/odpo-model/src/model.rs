@@ -755,6 +755,14 @@ impl CausalLm {
         })
     }
 
+    /// A mixture of experts' sparse layers under transformers 5's module names (none elsewhere).
+    pub(crate) fn sparse_layers_mut(&mut self) -> Vec<(String, &mut crate::moe::SparseMoe)> {
+        match self {
+            Self::Llama(m) => m.sparse_layers_mut(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Every parameter under its HF name (the family's one table; see [`crate::names`]).
     pub(crate) fn named_mut(&mut self) -> crate::names::Table<'_> {
         match self {

@@ -18,7 +18,7 @@ use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::{DType, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::error::{ModelError, Result};
-use crate::linear::Linear;
+use crate::linear::{Adapter, Linear};
 use crate::llama::{LlamaConfig, Mlp};
 use crate::names::{self, Slot, Table};
 
@@ -248,6 +248,102 @@ impl SparseMoe {
             out = out + sigmoid(gate.forward(rows)) * y;
         }
         out.reshape([b, t, d])
+    }
+}
+
+/// A sparse layer's parameter that PEFT's LoRA of parameters (`target_parameters`) adapts in
+/// transformers 5, where the experts of a layer are stacked into `[experts, out, in]` parameters and
+/// the router is a bare weight: the stacks take one adapter an expert (PEFT's `lora_A` `[experts ·
+/// r, in]`, row `e·r + i` expert `e`'s; `lora_B` `[out, r · experts]`, column `i·experts + e`), the
+/// router one as a linear layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ExpertParam {
+    /// The experts' gate and up projections, stacked `gate_up_proj` (each expert's gate rows first).
+    GateUp,
+    /// The experts' down projections, `down_proj`.
+    Down,
+    /// The router's `weight`.
+    Router,
+}
+
+impl ExpertParam {
+    pub(crate) const ALL: [Self; 3] = [Self::GateUp, Self::Down, Self::Router];
+
+    /// Its name below the layer's `mlp` in transformers 5 (what `target_parameters` names).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::GateUp => "experts.gate_up_proj",
+            Self::Down => "experts.down_proj",
+            Self::Router => "gate.weight",
+        }
+    }
+}
+
+impl SparseMoe {
+    /// How many adapters `p` takes: one an expert for the stacks, one for the router.
+    pub(crate) fn adapters_of(&self, p: ExpertParam) -> usize {
+        if p == ExpertParam::Router { 1 } else { self.experts.len() }
+    }
+
+    /// `[in, out]` of each matrix `p` adapts: `[hidden, 2 · width]` for the gate and up stack.
+    pub(crate) fn dims_of(&self, p: ExpertParam) -> [usize; 2] {
+        let proj = |f: fn(&Mlp) -> Option<&Linear>| self.experts.first().and_then(f).map(|l| l.weight.dims()).unwrap_or([0, 0]);
+        match p {
+            ExpertParam::GateUp => {
+                let [d, w] = proj(|m| m.gate_proj.as_ref());
+                [d, 2 * w]
+            }
+            ExpertParam::Down => proj(|m| Some(&m.down_proj)),
+            ExpertParam::Router => self.gate.weight.dims(),
+        }
+    }
+
+    /// The float type `p`'s adapters take (f32 over a quantised base).
+    pub(crate) fn adapter_dtype(&self, p: ExpertParam) -> DType {
+        match (p, self.experts.first()) {
+            (ExpertParam::Router, _) | (_, None) => self.gate.adapter_dtype(),
+            (_, Some(m)) => m.down_proj.adapter_dtype(),
+        }
+    }
+
+    /// `p`'s adapters, in expert order; empty when it has none.
+    pub(crate) fn adapters(&self, p: ExpertParam) -> Vec<&Adapter> {
+        match p {
+            ExpertParam::GateUp => self.experts.iter().filter_map(|m| m.gate_up_lora.as_ref()).collect(),
+            ExpertParam::Down => self.experts.iter().filter_map(|m| m.down_proj.lora.as_ref()).collect(),
+            ExpertParam::Router => self.gate.lora.iter().collect(),
+        }
+    }
+
+    /// Attaches `adapters` to `p` (as many as [`Self::adapters_of`] says).
+    pub(crate) fn set_adapters(&mut self, p: ExpertParam, adapters: Vec<Adapter>) {
+        match p {
+            ExpertParam::GateUp => self.experts.iter_mut().zip(adapters).for_each(|(m, a)| m.gate_up_lora = Some(a)),
+            ExpertParam::Down => self.experts.iter_mut().zip(adapters).for_each(|(m, a)| m.down_proj.lora = Some(a)),
+            ExpertParam::Router => self.gate.lora = adapters.into_iter().next(),
+        }
+    }
+
+    /// Removes every adapter of the experts and the router (the shared expert's, linear layers
+    /// of their own, stay).
+    pub(crate) fn remove_adapters(&mut self) {
+        self.gate.lora = None;
+        for m in &mut self.experts {
+            m.gate_up_lora = None;
+            m.down_proj.lora = None;
+        }
+    }
+
+    /// Folds the experts' and the router's adapters into their weights.
+    pub(crate) fn merge_adapters(&mut self) {
+        for lin in std::iter::once(&mut self.gate).chain(self.experts.iter_mut().map(|m| &mut m.down_proj)) {
+            if let Some(ad) = lin.lora.take() {
+                lin.fold(odpo_kernels::matmul(ad.a.val(), ad.b.val()).mul_scalar(ad.scale));
+            }
+        }
+        for m in &mut self.experts {
+            m.merge_gate_up_lora();
+        }
     }
 }
 

@@ -376,6 +376,11 @@ impl HfTensors {
 
     /// Writes `model.safetensors` (float32) atomically: a temporary file, then a rename.
     pub fn write(&self, path: &Path) -> Result<()> {
+        // safetensors' writer assumes distinct names.
+        let mut names = std::collections::HashSet::new();
+        if let Some((name, ..)) = self.entries.iter().find(|(name, ..)| !names.insert(name)) {
+            return Err(ModelError::Safetensors { path: path.into(), message: format!("tensor `{name}` given twice") });
+        }
         let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = self
             .read_back(path)?
             .iter()

@@ -259,7 +259,7 @@ pub fn check_resumable(ckpt: &Path, cfg: &crate::RunConfig) -> Result<()> {
     };
     let adapters = |c: &crate::RunConfig| match &c.lora {
         None => "none".to_string(),
-        Some(l) => format!("rank {} on {:?}{}", l.rank, l.targets, if l.quantized_base { " over a quantised base" } else { "" }),
+        Some(l) => format!("rank {} on {:?}{}{}", l.rank, l.targets, if l.target_parameters.is_empty() { String::new() } else { format!(" and {:?}", l.target_parameters) }, if l.quantized_base { " over a quantised base" } else { "" }),
     };
     let optimizer = |c: &crate::RunConfig| crate::config::optimizer_name(c.optim.optimizer).to_string();
     for (key, now, then) in [("lora", adapters(cfg), adapters(&saved)), ("optim.optimizer", optimizer(cfg), optimizer(&saved))] {
