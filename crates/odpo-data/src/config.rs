@@ -276,7 +276,11 @@ impl DataConfig {
             return err("`columns.weight` applies to pair formats (jsonl, parquet) only; remove it".into());
         }
         if let Some(o) = &self.offset {
-            o.validate().map_err(|e| DataError::Config(format!("[data.offset]: {e}")))?;
+            // Named as the other keys of this table are (`offset.alpha`), so a refusal names its key.
+            o.validate().map_err(|e| match e {
+                odpo_loss::offset::OffsetError::InvalidConfig { option, value, reason } => DataError::Config(format!("`offset.{option}` = {value}: {reason}")),
+                e => DataError::Config(format!("`offset`: {e}")),
+            })?;
         }
         Ok(())
     }
