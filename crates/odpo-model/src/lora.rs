@@ -442,7 +442,11 @@ impl CausalLm {
             return Err(ModelError::config(&cfg_path, format!("target_parameters: `{missed}` names no parameter of this model's mixture of experts (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, `mlp.gate.weight` in each sparse layer)")));
         }
         if let Some(left) = tensors.keys().next() {
-            return Err(ModelError::Safetensors { path: st_path, message: format!("tensor `{left}` does not name a projection of this model") });
+            let params = if cfg.target_parameters.is_empty() { String::new() } else { format!(" {:?}", cfg.target_parameters) };
+            return Err(ModelError::Safetensors {
+                path: st_path,
+                message: format!("tensor `{left}` does not name a projection of this model, nor an adapter of the parameters adapter_config.json's target_parameters{params} name"),
+            });
         }
         if targets.is_empty() && cfg.target_parameters.is_empty() {
             return Err(ModelError::Safetensors { path: st_path, message: "holds no LoRA tensors".into() });

@@ -138,7 +138,7 @@ fn damaged_tokenizer_files_are_refused_by_name() {
 fn damaged_adapter_folders_are_refused_by_name() {
     let device = test_device();
     let mut rng = StdRng::seed_from_u64(13);
-    for (case, base) in [("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied")] {
+    for (case, base) in [("gpt2", "gpt2"), ("llama_rslora", "llama_gqa_untied"), ("qwen3_moe_experts", "qwen3_moe")] {
         let model = CausalLm::load(&fixture(base), &device).unwrap().model;
         let ids = burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 5, 9, 2], [1, 4]), &device);
         let mask = burn::tensor::Tensor::<2, burn::tensor::Int>::ones([1, 4], &device);
