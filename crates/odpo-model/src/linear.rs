@@ -34,6 +34,18 @@ pub struct Adapter {
     pub dropout: Dropout,
 }
 
+impl Adapter {
+    /// `dropout(x)·A·B` for rows `x` `[N, in]`: the update before its scale.
+    pub(crate) fn low_rank(&self, x: Tensor<2>) -> Tensor<2> {
+        odpo_kernels::matmul(odpo_kernels::matmul(self.dropout.forward(x), self.a.val()), self.b.val())
+    }
+
+    /// `s·A·B` `[in, out]`: what the adapter adds to the weight.
+    pub(crate) fn delta(&self) -> Tensor<2> {
+        odpo_kernels::matmul(self.a.val(), self.b.val()).mul_scalar(self.scale)
+    }
+}
+
 impl Linear {
     /// A plain linear layer (no adapter).
     pub fn new(weight: Tensor<2>, bias: Option<Tensor<1>>) -> Self {
@@ -57,7 +69,7 @@ impl Linear {
         };
         let dims = x.dims();
         let x = rows_of(x);
-        let low = odpo_kernels::matmul(odpo_kernels::matmul(ad.dropout.forward(x.clone()), ad.a.val()), ad.b.val());
+        let low = ad.low_rank(x.clone());
         // The products and their sum over rows, viewed as `x`'s shape once, the sum one recorded
         // operation: gradient checkpointing then holds the sum where a later operation reads it,
         // not both terms and each product's view as well.
@@ -104,7 +116,14 @@ impl Linear {
         let w = self.float_weight();
         match &self.lora {
             None => w,
-            Some(ad) => (w + odpo_kernels::matmul(ad.a.val(), ad.b.val()).mul_scalar(ad.scale)).detach(),
+            Some(ad) => (w + ad.delta()).detach(),
+        }
+    }
+
+    /// Folds the adapter, if any, into the weight (`W + s·A·B`) and removes it.
+    pub(crate) fn merge_lora(&mut self) {
+        if let Some(ad) = self.lora.take() {
+            self.fold(ad.delta());
         }
     }
 

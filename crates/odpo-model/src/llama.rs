@@ -739,7 +739,7 @@ impl Mlp {
     /// Folds the gate and up projections' shared adapter into their weights and removes it.
     pub(crate) fn merge_gate_up_lora(&mut self) {
         let (Some(ad), Some(g), Some(u)) = (self.gate_up_lora.take(), &mut self.gate_proj, &mut self.up_proj) else { return };
-        let delta = odpo_kernels::matmul(ad.a.val(), ad.b.val()).mul_scalar(ad.scale);
+        let delta = ad.delta();
         let inner = delta.dims()[1] / 2;
         g.fold(delta.clone().narrow(1, 0, inner));
         u.fold(delta.narrow(1, inner, inner));
@@ -758,7 +758,7 @@ impl Mlp {
                 None => [g.forward(x.clone()), u.forward(x)],
                 Some(ad) => {
                     let [b, t, d] = x.dims();
-                    let low = odpo_kernels::matmul(odpo_kernels::matmul(x.clone().reshape([b * t, d]), ad.a.val()), ad.b.val());
+                    let low = ad.low_rank(x.clone().reshape([b * t, d]));
                     let inner = low.dims()[1] / 2;
                     let [lg, lu] = split_last(low.reshape([b, t, 2 * inner]), [inner, inner]);
                     [g.forward(x.clone()) + lg.mul_scalar(ad.scale), u.forward(x) + lu.mul_scalar(ad.scale)]

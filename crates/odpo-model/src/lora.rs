@@ -253,12 +253,7 @@ impl CausalLm {
     /// adapted model's outputs.
     pub fn merge_adapters(mut self) -> Self {
         for (_, lin) in self.projections_mut() {
-            if lin.lora.is_some() {
-                let merged = lin.merged_weight();
-                lin.weight = Param::from_tensor(merged).set_require_grad(false);
-                lin.lora = None;
-                lin.offset = None;
-            }
+            lin.merge_lora();
         }
         for (_, moe) in self.sparse_layers_mut() {
             moe.merge_adapters();

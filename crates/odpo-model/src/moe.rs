@@ -336,12 +336,9 @@ impl SparseMoe {
 
     /// Folds the experts' and the router's adapters into their weights.
     pub(crate) fn merge_adapters(&mut self) {
-        for lin in std::iter::once(&mut self.gate).chain(self.experts.iter_mut().map(|m| &mut m.down_proj)) {
-            if let Some(ad) = lin.lora.take() {
-                lin.fold(odpo_kernels::matmul(ad.a.val(), ad.b.val()).mul_scalar(ad.scale));
-            }
-        }
+        self.gate.merge_lora();
         for m in &mut self.experts {
+            m.down_proj.merge_lora();
             m.merge_gate_up_lora();
         }
     }

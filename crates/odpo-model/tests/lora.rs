@@ -236,7 +236,15 @@ fn expert_adapters_train_merge_save_and_name_bad_input() {
     assert_eq!(st["base_model.model.model.layers.1.mlp.gate.lora_B.weight"].shape, vec![6, 2]);
     assert_eq!(st.len(), 2 * 4 + 2);
     let (again, _) = base.clone().load_peft(&out, &device).unwrap();
-    assert_eq!(logps(&again), logps(&trained), "save + load changed the log-probabilities");
+    // Loading gives back exactly the trained adapters: saving them again writes the same bytes. The
+    // outputs agree to rounding only, since a matrix product's summation order may follow where
+    // its operands lie in memory.
+    let tmp_again = tmp("experts-again");
+    again.save_peft(&cfg, "qwen3_moe", &tmp_again).unwrap();
+    let bytes = |d: &std::path::Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert!(bytes(&tmp_again) == bytes(&out), "save + load + save changed the adapters");
+    let d = logps(&again).iter().zip(logps(&trained)).map(|(a, b)| (a - b).abs() / b.abs()).fold(0.0f32, f32::max);
+    assert!(d < 1e-6, "save + load changed the log-probabilities by {d} (relative)");
 
     // Bad input, named.
     let err = |cfg: LoraConfig, model: &CausalLm| model.clone().with_lora(&cfg, &device).unwrap_err().to_string();
