@@ -826,7 +826,7 @@ const FIXTURES: &[FixtureSet] = &[
     FixtureSet {
         name: "models",
         tolerance: 1e-5,
-        scripts: &[(".", "crates/odpo-model/tests/fixtures/make_fixtures.py"), (".", "crates/odpo-model/tests/fixtures/make_fixtures_neo.py"), (".", "crates/odpo-model/tests/fixtures/make_lora_fixtures.py")],
+        scripts: &[(".", "crates/odpo-model/tests/fixtures/make_fixtures.py"), (".", "crates/odpo-model/tests/fixtures/make_fixtures_neo.py"), (".", "crates/odpo-model/tests/fixtures/make_fixtures_moe.py"), (".", "crates/odpo-model/tests/fixtures/make_lora_fixtures.py")],
         outputs: &["crates/odpo-model/tests/fixtures"],
         pip: &[],
     },

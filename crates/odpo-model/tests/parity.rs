@@ -48,6 +48,7 @@ const CASES: &[&str] = &[
     "stablelm_parallel",
     "mixtral_moe",
     "qwen2_moe_shared",
+    "qwen2_moe_llamacpp",
     "qwen3_moe",
 ];
 
@@ -307,7 +308,7 @@ fn moe_gradients_match_transformers() {
         }
     }
     let device = test_device().autodiff();
-    for case in ["mixtral_moe", "qwen2_moe_shared", "qwen3_moe"] {
+    for case in ["mixtral_moe", "qwen2_moe_shared", "qwen2_moe_llamacpp", "qwen3_moe"] {
         let dir = fixture(case);
         let exp = read_safetensors(&dir.join("expected.safetensors"));
         let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("gradients.json")).unwrap()).unwrap();
@@ -382,6 +383,7 @@ fn gguf_files_match_transformers() {
         ("tiny_stablelm_parallel.gguf", "stablelm_parallel", "StableLmForCausalLM"),
         ("tiny_mixtral.gguf", "mixtral_moe", "MixtralForCausalLM"),
         ("tiny_qwen3moe.gguf", "qwen3_moe", "Qwen3MoeForCausalLM"),
+        ("tiny_qwen2moe.gguf", "qwen2_moe_llamacpp", "Qwen2MoeForCausalLM"),
     ] {
         let exp = read_safetensors(&fixture(case).join("expected.safetensors"));
         let loaded = CausalLm::load(&fixture("gguf").join(file), &device).unwrap();
@@ -414,14 +416,20 @@ fn written_gguf_files_read_back_as_the_model() {
     let dir = std::env::var_os("ODPO_KEEP_GGUF").map_or_else(|| tmp.to_path_buf(), std::path::PathBuf::from);
     let exp = read_safetensors(&fixture("llama_gqa_untied").join("expected.safetensors"));
     let (ids, mask) = (int2(&exp["left_input_ids"], &device), int2(&exp["left_attention_mask"], &device));
-    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4), ("llama_linear", 0), ("llama_yarn", 0), ("qwen2_yarn", 0), ("olmo3_llamacpp", 0), ("phi2", 4), ("phi_qk_norm", 0), ("stablelm2", 0), ("stablelm_parallel", 4), ("mixtral_moe", 0), ("qwen3_moe", 4)] {
+    for (case, extra_rows) in [("llama_gqa_untied", 0), ("qwen2_bias", 0), ("qwen3_qk_norm", 4), ("llama_sharded", 0), ("olmo2", 0), ("smollm3_llamacpp", 0), ("granite_scales", 4), ("phi3_longrope", 0), ("phi3_llamacpp", 4), ("llama_linear", 0), ("llama_yarn", 0), ("qwen2_yarn", 0), ("olmo3_llamacpp", 0), ("phi2", 4), ("phi_qk_norm", 0), ("stablelm2", 0), ("stablelm_parallel", 4), ("mixtral_moe", 0), ("qwen3_moe", 4), ("qwen2_moe_llamacpp", 0)] {
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
         json["vocab_size"] = (tok.vocab_size() + extra_rows).into();
-        if case.ends_with("moe") {
+        if case.contains("moe") {
             // Rows of whole Q8_0 blocks in every expert's matrices.
-            for key in ["hidden_size", "intermediate_size", "moe_intermediate_size"] {
-                json[key] = 32.into();
+            for key in ["hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"] {
+                if json.get(key).is_some() {
+                    json[key] = 32.into();
+                }
             }
+        }
+        if case == "qwen2_moe_llamacpp" {
+            // Tied: llama.cpp's `qwen2moe` needs an `output`, written as the embedding's copy.
+            json["tie_word_embeddings"] = true.into();
         }
         if case == "qwen2_yarn" {
             // YaRN on a `qwen2` file, without the options a GGUF file cannot hold (refused below).
@@ -453,7 +461,7 @@ fn written_gguf_files_read_back_as_the_model() {
             // each expert's rows cut from its stack, the routers in f32: the logits of the
             // dequantised weights.
             if dtype == GgufDtype::Q8_0
-                && case.ends_with("moe")
+                && case.contains("moe")
                 && let Ok(flex) = odpo_model::backend::device("flex")
             {
                 let blocks = CausalLm::load_with(&out, &flex, true).unwrap();
@@ -475,13 +483,18 @@ fn written_gguf_files_read_back_as_the_model() {
             let file = odpo_model::gguf::GgufFile::open(&out).unwrap();
             for t in file.tensor_infos() {
                 let want = match (dtype, t.dims.len()) {
-                    // Norms and a mixture of experts' routers stay F32, as the converter keeps them.
-                    _ if t.name.ends_with("_norm.weight") || t.name.ends_with("ffn_gate_inp.weight") => 0,
+                    // Norms, a mixture of experts' routers and Qwen2-MoE's shared-expert gate stay
+                    // F32, as the converter keeps them.
+                    _ if ["_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"].iter().any(|e| t.name.ends_with(e)) => 0,
                     (_, 1) | (GgufDtype::F32, _) => 0,
                     (GgufDtype::F16, _) => 1,
                     (GgufDtype::Q8_0, _) => 8,
                 };
                 assert_eq!(t.ggml_type, want, "{case} {dtype:?}: {}", t.name);
+                // Qwen2-MoE's shared-expert gate is one vector, as transformers reads it.
+                if t.name.ends_with("ffn_gate_inp_shexp.weight") {
+                    assert_eq!(t.dims, [32u64], "{case}: {}", t.name);
+                }
             }
         }
     }
@@ -556,15 +569,16 @@ fn written_gguf_files_read_back_as_the_model() {
     assert!(err.contains("YaRN with `beta_fast` other than 32 is not written to GGUF (llama.cpp's `llama` takes 32"), "{err}");
     assert!(!out.exists());
     refuse("mistral_window", &tok, "no sliding window");
-    // Mixtures of experts llama.cpp would run otherwise: Qwen2-MoE's shared expert (not written),
-    // a dense layer, weights not renormalised, Mixtral's window.
-    refuse("qwen2_moe_shared", &tok, "`Qwen2MoeForCausalLM` is not written to GGUF");
-    for (key, value, says) in [
-        ("mlp_only_layers", serde_json::json!([1]), "layer 1 has a dense MLP (`mlp_only_layers`, `decoder_sparse_step`): llama.cpp's `qwen3moe` has experts in every layer"),
-        ("norm_topk_prob", serde_json::json!(false), "false: llama.cpp's `qwen3moe` renormalises the chosen experts' weights"),
-        ("sliding_window", serde_json::json!(8), "a GGUF file has no sliding window"),
+    // Mixtures of experts llama.cpp would run otherwise: a dense layer, weights renormalised where
+    // llama.cpp does not or the other way, Mixtral's window, Qwen2-MoE's queries narrower than the model.
+    refuse("qwen2_moe_shared", &tok, "layer 1 has a dense MLP (`mlp_only_layers`, `decoder_sparse_step`): llama.cpp's `qwen2moe` has experts in every layer");
+    for (case, key, value, says) in [
+        ("qwen3_moe", "mlp_only_layers", serde_json::json!([1]), "layer 1 has a dense MLP (`mlp_only_layers`, `decoder_sparse_step`): llama.cpp's `qwen3moe` has experts in every layer"),
+        ("qwen3_moe", "norm_topk_prob", serde_json::json!(false), "false: llama.cpp's `qwen3moe` renormalises the chosen experts' weights"),
+        ("qwen2_moe_llamacpp", "norm_topk_prob", serde_json::json!(true), "true: llama.cpp's `qwen2moe` does not renormalise the chosen experts' weights"),
+        ("qwen2_moe_llamacpp", "head_dim", serde_json::json!(8), "`head_dim`: 8: llama.cpp's `qwen2moe` takes the queries to be hidden_size (16) wide, not heads × head_dim (32)"),
+        ("mixtral_moe", "sliding_window", serde_json::json!(8), "a GGUF file has no sliding window"),
     ] {
-        let case = if key == "sliding_window" { "mixtral_moe" } else { "qwen3_moe" };
         let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture(case).join("config.json")).unwrap()).unwrap();
         json[key] = value;
         let config = ModelConfig::from_hf_json(&json, &fixture(case)).unwrap();

@@ -1,5 +1,5 @@
 //! A GGUF file of the Llama family (`llama`, which Mistral's and Mixtral's files declare too,
-//! `qwen2`, `qwen3`, `olmo2` (OLMo 3 with a window), `smollm3`, `granite`, `phi3`, `qwen3moe`) as an
+//! `qwen2`, `qwen3`, `olmo2` (OLMo 3 with a window), `smollm3`, `granite`, `phi3`, `qwen2moe`, `qwen3moe`) as an
 //! HF `config.json` value and weights under HF names and layouts: llama.cpp's tensor names mapped to HF's, and for `llama`, `smollm3` and `granite` its
 //! Q/K row permutation undone. llama.cpp's converter permutes those rows for the architectures whose
 //! rotation it computes on adjacent pairs (its `LlamaModel` and the classes built on it); for Qwen2,
@@ -12,10 +12,12 @@
 //! rows then the up projection's); its LongRoPE factors are two tensors (`rope_factors_short`,
 //! `rope_factors_long`), which become the config's `short_factor` and `long_factor`.
 //!
-//! A mixture of experts (a `llama` file with `llama.expert_count`, Mixtral; `qwen3moe`) holds each
-//! layer's experts stacked, one `[experts, rows, cols]` tensor a projection (`ffn_gate_exps`,
-//! `ffn_up_exps`, `ffn_down_exps`), which are split into HF's experts, and its router as
-//! `ffn_gate_inp`. llama.cpp renormalises the chosen experts' weights in both.
+//! A mixture of experts (a `llama` file with `llama.expert_count`, Mixtral; `qwen2moe`; `qwen3moe`)
+//! holds each layer's experts stacked, one `[experts, rows, cols]` tensor a projection
+//! (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`), which are split into HF's experts, and its
+//! router as `ffn_gate_inp`; Qwen2-MoE's shared expert is `ffn_{gate,up,down}_shexp` and its gate
+//! `ffn_gate_inp_shexp`. llama.cpp renormalises the chosen experts' weights in Mixtral and
+//! Qwen3-MoE, and not in Qwen2-MoE (transformers' default there).
 
 use std::path::Path;
 
@@ -28,7 +30,7 @@ use crate::quantized::QuantBlocks;
 
 /// The architectures read, as `general.architecture` names them, with the HF architecture each
 /// becomes.
-pub(super) const ARCHITECTURES: [(&str, &str); 8] = [
+pub(super) const ARCHITECTURES: [(&str, &str); 9] = [
     ("llama", "LlamaForCausalLM"),
     ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),
@@ -36,6 +38,7 @@ pub(super) const ARCHITECTURES: [(&str, &str); 8] = [
     ("smollm3", "SmolLM3ForCausalLM"),
     ("granite", "GraniteForCausalLM"),
     ("phi3", "Phi3ForCausalLM"),
+    ("qwen2moe", "Qwen2MoeForCausalLM"),
     ("qwen3moe", "Qwen3MoeForCausalLM"),
 ];
 
@@ -86,7 +89,7 @@ fn has_part(arch: &str, part: &str, hf: &str) -> bool {
 
 /// A layer's tensors: llama.cpp's name and HF's. HF's `post_attention_layernorm` is the norm before
 /// the MLP (`ffn_norm`) but OLMo 2's after the attention (`post_attention_norm`).
-const PARTS: [(&str, &str); 19] = [
+const PARTS: [(&str, &str); 23] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
@@ -107,6 +110,11 @@ const PARTS: [(&str, &str); 19] = [
     ("ffn_gate_exps", "mlp.experts.gate_proj"),
     ("ffn_up_exps", "mlp.experts.up_proj"),
     ("ffn_down_exps", "mlp.experts.down_proj"),
+    // Qwen2-MoE's shared expert and its gate.
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
 ];
 
 /// The llama.cpp name of an HF tensor of the Llama family in a file of `arch`: the inverse of
@@ -218,10 +226,18 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
         },
     )?;
     let vocab = super::vocab(path, &weights)?;
+    // Qwen2-MoE's shared-expert gate: `[1, hidden]` as the checkpoint holds it, or `[hidden]` as
+    // llama.cpp's quantiser and earlier converters leave it (both run in llama.cpp).
+    for (_, t) in weights.iter_mut().filter(|(n, _)| n.ends_with(".mlp.shared_expert_gate.weight")) {
+        if t.shape.len() == 1 {
+            t.shape.insert(0, 1);
+        }
+    }
     // A `llama` file with experts is a Mixtral.
     let experts = uint(&key("expert_count"))?.filter(|n| *n > 0);
     let (hf_arch, model_type) = match (arch, experts) {
         ("llama", Some(_)) => ("MixtralForCausalLM", "mixtral"),
+        ("qwen2moe", _) => (hf_arch, "qwen2_moe"),
         ("qwen3moe", _) => (hf_arch, "qwen3_moe"),
         _ => (hf_arch, arch),
     };
@@ -241,15 +257,16 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
         "max_position_embeddings": need_uint(&key("context_length"))?,
         "vocab_size": vocab,
         "tie_word_embeddings": !weights.contains_key("lm_head.weight"),
-        // Qwen2's q/k/v biases come with its architecture (its o_proj has none); elsewhere the
-        // option covers all four projections.
-        "attention_bias": arch != "qwen2" && weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
+        // Qwen2's q/k/v biases come with its architecture (its o_proj has none), and Qwen2-MoE's
+        // with `qkv_bias`; elsewhere the option covers all four projections.
+        "attention_bias": !matches!(arch, "qwen2" | "qwen2moe") && weights.contains_key("model.layers.0.self_attn.q_proj.bias"),
         "mlp_bias": weights.contains_key("model.layers.0.mlp.up_proj.bias"),
     });
-    if model_type == "mixtral" || arch == "qwen3moe" {
+    if model_type == "mixtral" || matches!(arch, "qwen2moe" | "qwen3moe") {
         split_experts(f, arch, model_type == "mixtral", &mut config, &mut weights, &mut blocks)?;
     }
     match arch {
+        "qwen2moe" => config["qkv_bias"] = json!(weights.contains_key("model.layers.0.self_attn.q_proj.bias")),
         // llama.cpp's SmolLM3 rotates in three layers of four, whatever the checkpoint did.
         "smollm3" => config["no_rope_layer_interval"] = json!(4),
         "phi3" => {
@@ -337,8 +354,9 @@ pub(super) fn read(f: &GgufFile, arch: &str, keep_blocks: bool) -> Result<HfMode
 
 /// A mixture of experts' stacked expert tensors split into HF's (`model.layers.N.mlp.experts.E.*`,
 /// Mixtral's `block_sparse_moe.experts.E.w1` / `w3` / `w2`), and the config's expert keys from the
-/// file's: the experts' count and the count each token takes, Qwen3-MoE's expert width (the key,
-/// else the stacks' rows) and its layers without experts (`mlp_only_layers`; Mixtral has none).
+/// file's: the experts' count and the count each token takes, Qwen's expert width (the key, else
+/// the stacks' rows), Qwen2-MoE's shared expert's (the key, else its rows) and Qwen's layers
+/// without experts (`mlp_only_layers`; Mixtral has none).
 fn split_experts(f: &GgufFile, arch: &str, mixtral: bool, config: &mut serde_json::Value, weights: &mut BTreeMap<String, HostTensor>, blocks: &mut BTreeMap<String, QuantBlocks>) -> Result<(), GgufError> {
     let path = f.path();
     let key = |k: &str| format!("{arch}.{k}");
@@ -386,14 +404,22 @@ fn split_experts(f: &GgufFile, arch: &str, mixtral: bool, config: &mut serde_jso
             None => dense.push(i),
         }
     }
-    // Mixtral's and Qwen3-MoE's configs both name the count so.
-    config["num_local_experts"] = json!(experts);
+    // Mixtral's and Qwen3-MoE's configs both name the count `num_local_experts`; Qwen2-MoE's
+    // `num_experts`.
+    let qwen2 = arch == "qwen2moe";
+    config[if qwen2 { "num_experts" } else { "num_local_experts" }] = json!(experts);
     config["num_experts_per_tok"] = json!(used);
     if !mixtral {
         let width = uint("expert_feed_forward_length")?.map(|w| w as usize).or(width);
         config["moe_intermediate_size"] = json!(f.required(&key("expert_feed_forward_length"), width.map(|w| w as u64))?);
-        config["norm_topk_prob"] = json!(true);
+        // What llama.cpp does: renormalise in `qwen3moe`, not in `qwen2moe`.
+        config["norm_topk_prob"] = json!(!qwen2);
         config["mlp_only_layers"] = json!(dense);
+    }
+    if qwen2 {
+        let rows = weights.get("model.layers.0.mlp.shared_expert.up_proj.weight").map(|t| t.shape[0]).or(blocks.get("model.layers.0.mlp.shared_expert.up_proj.weight").map(|b| b.shape[0]));
+        let shared_key = key("expert_shared_feed_forward_length");
+        config["shared_expert_intermediate_size"] = json!(f.required(&shared_key, uint("expert_shared_feed_forward_length")?.or(rows.map(|r| r as u64)))?);
     }
     Ok(())
 }

@@ -115,8 +115,9 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         "StableLmForCausalLM" => "stablelm",
         // llama.cpp's converter writes a Mixtral as a `llama` file with experts.
         "MixtralForCausalLM" => "llama",
+        "Qwen2MoeForCausalLM" => "qwen2moe",
         "Qwen3MoeForCausalLM" => "qwen3moe",
-        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, Olmo3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM; PhiForCausalLM; StableLmForCausalLM)"))),
+        other => return Err(err("general.architecture", format!("`{other}` is not written to GGUF (the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM, Olmo3ForCausalLM, SmolLM3ForCausalLM, GraniteForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM; the Gemma family: GemmaForCausalLM, Gemma2ForCausalLM, Gemma3ForCausalLM; PhiForCausalLM; StableLmForCausalLM)"))),
     };
     let stablelm = match config {
         ModelConfig::StableLm(c) => Some(c),
@@ -235,13 +236,17 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
                     return Err(err("no_rope_layers", format!("{ropes:?} (true: rotated): llama.cpp's `smollm3` skips the rotation in every fourth layer and only there")));
                 }
             }
+            "qwen2moe" if heads * head_dim != hidden => {
+                return Err(err("head_dim", format!("{head_dim}: llama.cpp's `qwen2moe` takes the queries to be hidden_size ({hidden}) wide, not heads × head_dim ({})", heads * head_dim)));
+            }
             "granite" if heads * head_dim != hidden => {
                 return Err(err("head_dim", format!("{head_dim}: llama.cpp's `granite` takes the head size to be hidden_size / num_attention_heads ({})", hidden / heads)));
             }
             _ => {}
         }
     }
-    // A mixture of experts as llama.cpp runs one: experts in every layer, their weights renormalised.
+    // A mixture of experts as llama.cpp runs one: experts in every layer, their weights
+    // renormalised but in `qwen2moe`, whose queries take the model's width.
     let moe = match config {
         ModelConfig::Llama(c) => MoeLayout::of(c, path).map_err(|e| err("num_experts", e.to_string()))?,
         _ => None,
@@ -250,8 +255,10 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
         if let Some(i) = m.sparse.iter().position(|s| !s) {
             return Err(err("mlp_only_layers", format!("layer {i} has a dense MLP (`mlp_only_layers`, `decoder_sparse_step`): llama.cpp's `{arch}` has experts in every layer")));
         }
-        if !m.normalize {
-            return Err(err("norm_topk_prob", format!("false: llama.cpp's `{arch}` renormalises the chosen experts' weights")));
+        let renormalises = arch != "qwen2moe";
+        if m.normalize != renormalises {
+            let does = if renormalises { "renormalises" } else { "does not renormalise" };
+            return Err(err("norm_topk_prob", format!("{}: llama.cpp's `{arch}` {does} the chosen experts' weights", m.normalize)));
         }
     }
 
@@ -301,8 +308,11 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     if let Some(m) = &moe {
         kvs.push((key("expert_count"), u32_of(m.experts as u64)));
         kvs.push((key("expert_used_count"), u32_of(m.top_k as u64)));
-        if arch == "qwen3moe" {
+        if arch != "llama" {
             kvs.push((key("expert_feed_forward_length"), u32_of(m.width as u64)));
+        }
+        if let Some(w) = m.shared {
+            kvs.push((key("expert_shared_feed_forward_length"), u32_of(w as u64)));
         }
     }
     if let Some((c, ..)) = &olmo3 {
@@ -344,8 +354,10 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     if stablelm.is_some() {
         extra.extend(stacked_head_norms(written));
     }
-    // llama.cpp's `phi2` and `stablelm` need an `output`: a tied head is written as the embedding's copy.
-    if layer_norm.is_some_and(|(.., tied)| tied)
+    // llama.cpp's `phi2`, `stablelm` and `qwen2moe` need an `output`: a tied head is written as the
+    // embedding's copy.
+    let tied = layer_norm.map_or(arch == "qwen2moe" && cfg["tie_word_embeddings"].as_bool().unwrap_or(false), |(.., tied)| tied);
+    if tied
         && let Some((_, shape, values)) = written.iter().find(|(n, ..)| n == "model.embed_tokens.weight")
     {
         extra.push(("output.weight".into(), shape.clone(), values.clone()));
@@ -360,6 +372,13 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
     if let Some(m) = &moe {
         tensors.extend(expert_stacks(written, m.experts, layers as usize).map_err(|msg| err("tensors", msg))?);
     }
+    // Qwen2-MoE's shared-expert gate as one vector, as llama.cpp's quantiser leaves it: llama.cpp
+    // reads it so or as `[1, hidden]`, transformers' GGUF reader only so.
+    for (name, shape, _) in &mut tensors {
+        if name.ends_with(".mlp.shared_expert_gate.weight") {
+            *shape = vec![shape.iter().product()];
+        }
+    }
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
     for (name, shape, pieces) in &tensors {
@@ -371,8 +390,9 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
             None => llama::gguf_name(arch, name),
         };
         let gguf = gguf.ok_or_else(|| err("tensors", format!("`{name}` has no llama.cpp name")))?;
-        // Norms stay F32, stacked or not, and so do the experts' routers, as the converter keeps them.
-        let ty = if gguf.ends_with("_norm.weight") || gguf.ends_with("ffn_gate_inp.weight") { TensorType::F32 } else { dtype.of(shape) };
+        // Norms stay F32, stacked or not, and so do the experts' routers and the shared expert's
+        // gate, as the converter keeps them.
+        let ty = if ["_norm.weight", "ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight"].iter().any(|e| gguf.ends_with(e)) { TensorType::F32 } else { dtype.of(shape) };
         offset = offset.next_multiple_of(ALIGNMENT);
         infos.push((gguf, shape, ty, offset));
         offset += ty.bytes(pieces.iter().map(|(_, _, v)| v.len()).sum());
