@@ -211,11 +211,12 @@ impl ModelConfig {
         matches!(self, Self::Llama(c) if c.moe())
     }
 
-    /// A mixture of experts' load-balancing loss weight where its config turns the loss on
-    /// (`output_router_logits`): `router_aux_loss_coef`, transformers' 0.001 where absent.
+    /// A mixture of experts' load-balancing loss weight as its config declares it:
+    /// `router_aux_loss_coef`, transformers' 0.001 where absent, whatever `output_router_logits`
+    /// says (TRL 1.16 takes it so); `None` for a model without experts.
     pub fn router_aux_loss_coef(&self) -> Option<f64> {
         match self {
-            Self::Llama(c) if c.moe() && c.output_router_logits == Some(true) => Some(c.router_aux_loss_coef.unwrap_or(0.001)),
+            Self::Llama(c) if c.moe() => Some(c.router_aux_loss_coef.unwrap_or(0.001)),
             _ => None,
         }
     }

@@ -77,11 +77,13 @@ pub fn pair_logps(
 }
 
 /// The objective's inputs for a preference batch: the reference's row log-probs, then the policy's
-/// (tracked when `policy` is on an autodiff device), with WPO's means when `wpo`.
-pub fn preference_inputs(policy: &CausalLm, reference: &Reference, batch: &PreferenceBatch, use_offsets: bool, wpo: bool, device: &Device) -> crate::error::Result<PairLogps> {
+/// (tracked when `policy` is on an autodiff device), with what `extras` asks for: WPO's means, and
+/// beside them a mixture of experts' load-balancing loss.
+pub fn preference_inputs(policy: &CausalLm, reference: &Reference, batch: &PreferenceBatch, use_offsets: bool, extras: RowExtras, device: &Device) -> crate::error::Result<(PairLogps, Option<Tensor<1>>)> {
     let reference_rows = reference.rows(batch)?;
-    let rows = policy_rows(policy, batch, RowExtras { wpo, ..RowExtras::default() });
-    Ok(pair_logps(batch, rows, &reference_rows, use_offsets, device))
+    let rows = policy_rows(policy, batch, extras);
+    let aux = rows.router_aux.clone();
+    Ok((pair_logps(batch, rows, &reference_rows, use_offsets, device), aux))
 }
 
 /// SFT rows (prompt + chosen, loss on the chosen response) for a micro-batch of pairs, padded by

@@ -50,13 +50,16 @@ pub struct StepSettings {
 }
 
 /// The weight of the load-balancing loss a preference run adds: `loss.router_aux_loss_coef` where
-/// set, else the model config's where its `output_router_logits` is true (TRL's rule), else 0. Set
-/// above 0 for a model without experts, where it would do nothing, it is refused. The SFT stage
-/// adds none (a warning says so where the model's config asks for it).
+/// set, else a mixture of experts' own (its config's `router_aux_loss_coef`, 0.001 where absent,
+/// as TRL 1.16's `DPOTrainer` takes it whatever `output_router_logits` says), else 0. Set above 0
+/// for a model without experts, where it would do nothing, it is refused. The SFT stage adds none
+/// (a warning says so, as TRL's `SFTTrainer` would add it).
 pub fn router_aux_loss_coef(loss: &LossConfig, model: &odpo_model::ModelConfig, stage: Stage) -> Result<f64> {
     if stage == Stage::Sft {
-        if let Some(coef) = model.router_aux_loss_coef() {
-            tracing::warn!("the model's config asks for the routers' load-balancing loss (`output_router_logits`, `router_aux_loss_coef` {coef}); the SFT stage does not add it");
+        if let Some(coef) = model.router_aux_loss_coef()
+            && coef > 0.0
+        {
+            tracing::warn!("the SFT stage does not add the routers' load-balancing loss (the model config's `router_aux_loss_coef` {coef}), which TRL's SFTTrainer adds");
         }
         return Ok(0.0);
     }

@@ -224,7 +224,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         let pairs_done = if dashboard { ProgressBar::hidden() } else { counting_bar(cfg, eval_pairs.len(), 0, "held-out pairs evaluated") };
         let progress = |n: usize| pairs_done.inc(n as u64);
         let values = crate::step::guarded(during, advice, || match t.stage {
-            Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, cfg.eval.batch_size, &s.batcher, device, &progress),
+            Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, s.router_aux_loss_coef > 0.0, cfg.eval.batch_size, &s.batcher, device, &progress),
             Stage::Sft => eval::sft(&model, &eval_pairs, cfg.eval.batch_size, &s.batcher, device, &progress),
         })
         .map_err(|e| e.in_run(&run_dir));

@@ -428,28 +428,37 @@ fn tiny_mixtral(dir: &std::path::Path, extra: serde_json::Value) -> std::path::P
 }
 
 /// `loss.router_aux_loss_coef` end to end on a tiny random Mixtral: the load-balancing loss is
-/// logged as `router/aux_loss` and enters the gradient (the first step's objective is the plain
-/// run's, the later ones differ); the model config's `output_router_logits` turns it on as TRL does,
-/// and the key at 0 turns it off. Set on a model without experts, it is refused.
+/// logged as `router/aux_loss`, in training and in evaluation, and enters the gradient (the first
+/// step's objective is the plain run's, the later ones differ); unset, the model config's
+/// coefficient (0.001 where absent) applies whatever `output_router_logits` says, as TRL 1.16 takes
+/// it, and the key at 0 turns it off. Set on a model without experts, it is refused.
 #[test]
 fn the_routers_load_balancing_loss_trains_a_mixture_of_experts() {
     let dir = scratch("router-aux");
     let plain_model = tiny_mixtral(&dir.join("plain"), serde_json::json!({}));
     let losses = |name: &str, model: &std::path::Path, sets: &[&str]| short_run_losses(&dir.join(name), model, 3, sets);
-    let plain = losses("plain", &plain_model, &[]);
-    assert!(metric_rows(&dir.join("plain"), "train").iter().all(|r| r.get("router/aux_loss").is_none_or(|v| v.is_null())), "no load-balancing loss unless asked");
+    let aux_of = |name: &str, split: &str| -> Vec<Option<f64>> { metric_rows(&dir.join(name), split).iter().map(|r| r.get("router/aux_loss").and_then(|v| v.as_f64())).collect() };
+    let plain = losses("plain", &plain_model, &["loss.router_aux_loss_coef=0"]);
+    assert!(aux_of("plain", "train").iter().chain(&aux_of("plain", "eval")).all(Option::is_none), "no load-balancing loss at 0");
     let aux = losses("aux", &plain_model, &["loss.router_aux_loss_coef=1.0"]);
-    let logged: Vec<f64> = metric_rows(&dir.join("aux"), "train").iter().map(|r| f(r, "router/aux_loss")).collect();
-    println!("plain {plain:?}\nwith the load-balancing loss {aux:?}, which was {logged:?}");
+    let logged: Vec<f64> = aux_of("aux", "train").into_iter().flatten().collect();
+    let eval: Vec<f64> = aux_of("aux", "eval").into_iter().flatten().collect();
+    println!("plain {plain:?}\nwith the load-balancing loss {aux:?}, which was {logged:?}, and in evaluation {eval:?}");
     assert!(logged.len() == 3 && logged.iter().all(|a| a.is_finite() && *a > 0.0), "router/aux_loss is logged every step: {logged:?}");
+    assert!(!eval.is_empty() && eval.iter().all(|a| a.is_finite() && *a > 0.0), "router/aux_loss is logged in evaluation: {eval:?}");
     assert!((aux[0] - plain[0]).abs() <= 1e-6 * plain[0].abs(), "the first step's objective: {} vs {}", aux[0], plain[0]);
     assert!(aux.iter().zip(&plain).skip(1).any(|(a, b)| (a - b).abs() > 1e-5), "the load-balancing loss moved nothing: {aux:?} vs {plain:?}");
-    // The model config's switch, and the key's 0.
-    let on = tiny_mixtral(&dir.join("on"), serde_json::json!({"output_router_logits": true, "router_aux_loss_coef": 1.0}));
+    // Unset: the model config's coefficient, with `output_router_logits` false too; transformers'
+    // 0.001 where the config has none. The key's 0 turns it off.
+    let on = tiny_mixtral(&dir.join("on"), serde_json::json!({"output_router_logits": false, "router_aux_loss_coef": 1.0}));
     let from_config = losses("from-config", &on, &[]);
     for (a, b) in from_config.iter().zip(&aux) {
         assert!((a - b).abs() <= 1e-6 * b.abs(), "the model config's coefficient: {from_config:?} vs the key's {aux:?}");
     }
+    let default = losses("default", &plain_model, &[]);
+    assert!(aux_of("default", "train").iter().all(|a| a.is_some_and(|a| a > 0.0)), "transformers' 0.001 where the config has none");
+    // The second step's objective: moved from the plain run's, by less than with the key's 1.0.
+    assert!(default[1] != plain[1] && (default[1] - plain[1]).abs() < (aux[1] - plain[1]).abs(), "{default:?}");
     let off = losses("off", &on, &["loss.router_aux_loss_coef=0.0"]);
     assert_eq!(off, plain, "`loss.router_aux_loss_coef = 0` turns it off");
     // Refused where it would do nothing.
