@@ -248,7 +248,8 @@ pub struct LossConfig {
     /// A mixture of experts: the weight of its routers' load-balancing loss (transformers'
     /// `load_balancing_loss_func`) added to the objective, as TRL adds `router_aux_loss_coef` × the
     /// model's `aux_loss`. None: the model config's `router_aux_loss_coef` (0.001 where absent)
-    /// whatever its `output_router_logits` says (TRL 1.16's rule); 0: off. Read by the trainer, which
+    /// whatever its `output_router_logits` says (TRL 1.16's rule); 0: off. The one key of the table
+    /// the SFT stage reads. Read by the trainer, which
     /// computes the loss in the policy's forward pass; a model without experts has none.
     pub router_aux_loss_coef: Option<f64>,
 }

@@ -524,8 +524,14 @@ impl RunConfig {
         }
         match t.stage {
             Stage::Sft => {
-                if self.loss.is_some() {
-                    return err("loss", "does not apply to `train.stage = \"sft\"` (the SFT loss is the chosen responses' NLL); remove the table".into());
+                // The SFT loss is the chosen responses' NLL, with a mixture of experts' load-balancing
+                // loss beside it: of the table, only its weight applies.
+                if let Some(loss) = &self.loss {
+                    let weight = odpo_loss::LossConfig { router_aux_loss_coef: loss.router_aux_loss_coef, ..Default::default() };
+                    if *loss != weight {
+                        return err("loss", "does not apply to `train.stage = \"sft\"` (the SFT loss is the chosen responses' NLL), but for `loss.router_aux_loss_coef`; remove the rest of the table".into());
+                    }
+                    weight.validate().map_err(in_loss_table)?;
                 }
                 if t.reference != ReferenceMode::Frozen {
                     return err("train.reference", "does not apply to `train.stage = \"sft\"`, which has no reference model; remove it".into());
@@ -919,7 +925,7 @@ beta = 0.1
     }
 
     #[test]
-    fn options_that_do_nothing_are_refused() {
+    fn options_that_do_nothing_are_refused() -> Result<()> {
         let cases = [
             (vec!["optim.betas=[0.9, 0.99]"], "config: `optim.betas` does not apply to `optim.optimizer = \"rmsprop\"`; remove it"),
             (vec!["optim.optimizer=adamw", "optim.momentum=0.9"], "config: `optim.momentum` does not apply to `optim.optimizer = \"adamw\"`; remove it"),
@@ -937,6 +943,11 @@ beta = 0.1
             (
                 vec!["train.stage=sft", "train.layout=concatenated"],
                 "config: `train.layout` does not apply to `train.stage = \"sft\"` (its rows have no rejected side); remove it",
+            ),
+            // Of the loss table, SFT takes the load-balancing loss's weight alone.
+            (
+                vec!["train.stage=sft", "loss.router_aux_loss_coef=0.01", "loss.beta=0.5"],
+                "config: `loss` does not apply to `train.stage = \"sft\"` (the SFT loss is the chosen responses' NLL), but for `loss.router_aux_loss_coef`; remove the rest of the table",
             ),
             (
                 vec![r#"train.matmul="double_cyclic_mma""#],
@@ -962,8 +973,13 @@ beta = 0.1
         }
         let sft = BASE.replace("[loss]\nbeta = 0.1\n", "[train]\nstage = \"sft\"\n");
         assert!(parse(&sft, &[]).is_ok());
-        let e = parse(&format!("{sft}[loss]\nbeta = 0.1\n"), &[]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        let e = parse(&format!("{sft}[loss]\nbeta = 0.5\n"), &[]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
         assert!(e.starts_with("config: `loss` does not apply"), "{e}");
+        // But for the load-balancing loss's weight, checked as the preference stage checks it.
+        assert_eq!(parse(&sft, &["loss.router_aux_loss_coef=0.01"])?.loss.and_then(|l| l.router_aux_loss_coef), Some(0.01));
+        let e = parse(&sft, &["loss.router_aux_loss_coef=-1"]).map(|_| ()).map_err(|e| e.to_string()).err().unwrap_or_default();
+        assert_eq!(e, "config: `loss.router_aux_loss_coef` = -1: must be finite and >= 0 (0 turns the load-balancing loss off)");
+        Ok(())
     }
 
     #[test]

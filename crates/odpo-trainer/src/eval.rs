@@ -46,15 +46,19 @@ pub fn preference(
     Ok(sums.means())
 }
 
-/// SFT metrics (`nll`, the token-mean negative log-likelihood of the chosen responses, and `ppl`);
-/// `progress` hears of each batch's pairs.
-pub fn sft(model: &CausalLm, pairs: &[TokenizedPair], batch_size: usize, batcher: &PreferenceBatcher, device: &Device, progress: &dyn Fn(usize)) -> Result<BTreeMap<String, f64>> {
+/// SFT metrics (`nll`, the token-mean negative log-likelihood of the chosen responses, and `ppl`),
+/// and with `router_aux` the routers' load-balancing loss; `progress` hears of each batch's pairs.
+#[allow(clippy::too_many_arguments)] // the evaluation inputs, each used once
+pub fn sft(model: &CausalLm, pairs: &[TokenizedPair], router_aux: bool, batch_size: usize, batcher: &PreferenceBatcher, device: &Device, progress: &dyn Fn(usize)) -> Result<BTreeMap<String, f64>> {
     let mut sums = MetricSums::default();
     let items: Vec<&TokenizedPair> = pairs.iter().collect();
     for chunk in items.chunks(batch_size.max(1)) {
         let batch = forward::sft_batch(chunk, batcher, device);
-        let nll = forward::sft_nll(model, &batch).into_scalar::<f64>();
-        sums.add_nll(nll, chunk.iter().map(|p| forward::sft_tokens(p)).sum::<usize>() as f64, chunk.len());
+        let (nll, aux) = forward::sft_nll(model, &batch, router_aux);
+        sums.add_nll(nll.into_scalar::<f64>(), chunk.iter().map(|p| forward::sft_tokens(p)).sum::<usize>() as f64, chunk.len());
+        if let Some(aux) = aux {
+            sums.add_mean(ROUTER_AUX, aux.into_scalar::<f64>(), chunk.len());
+        }
         progress(chunk.len());
     }
     Ok(sums.means())

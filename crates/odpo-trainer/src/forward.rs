@@ -6,7 +6,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use odpo_data::{PairRows, PreferenceBatch, PreferenceBatcher, SftBatcher, SftItem, TokenizedPair};
 use odpo_loss::PairLogps;
 use odpo_model::CausalLm;
-use odpo_model::logprobs::{RowExtras, RowLogprobs, completion_logprobs, completion_rows, shared_prompt_rows};
+use odpo_model::logprobs::{RowExtras, RowLogprobs, completion_rows, shared_prompt_rows};
 
 /// A preference micro-batch on `device`, padded by `batcher`'s rules.
 pub fn preference_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, device: &Device) -> PreferenceBatch {
@@ -100,10 +100,12 @@ pub fn sft_batch(items: &[&TokenizedPair], batcher: &PreferenceBatcher, device: 
     SftBatcher { pad_id: batcher.pad_id, pad_to_multiple: batcher.pad_to_multiple }.batch(items, device)
 }
 
-/// Summed NLL of the trained tokens of an SFT batch, `[1]`, tracked.
-pub fn sft_nll(model: &CausalLm, batch: &odpo_data::SftBatch) -> Tensor<1> {
-    let (sum, _) = completion_logprobs(model, batch.input_ids.clone(), &batch.attention_mask, batch.loss_mask.clone(), batch.first_target);
-    sum.sum().neg()
+/// Summed NLL of the trained tokens of an SFT batch, `[1]`, tracked; with `router_aux`, beside it a
+/// mixture of experts' load-balancing loss over the batch's real tokens.
+pub fn sft_nll(model: &CausalLm, batch: &odpo_data::SftBatch, router_aux: bool) -> (Tensor<1>, Option<Tensor<1>>) {
+    let extras = RowExtras { router_aux, ..RowExtras::default() };
+    let rows = completion_rows(model, batch.input_ids.clone(), &batch.attention_mask, batch.loss_mask.clone(), batch.first_target, extras);
+    (rows.sum.sum().neg(), rows.router_aux)
 }
 
 /// Trained tokens of a pair's SFT row (the first token of a sequence is never predicted).

@@ -49,20 +49,11 @@ pub struct StepSettings {
     pub router_aux_loss_coef: f64,
 }
 
-/// The weight of the load-balancing loss a preference run adds: `loss.router_aux_loss_coef` where
-/// set, else a mixture of experts' own (its config's `router_aux_loss_coef`, 0.001 where absent,
-/// as TRL 1.16's `DPOTrainer` takes it whatever `output_router_logits` says), else 0. Set above 0
-/// for a model without experts, where it would do nothing, it is refused. The SFT stage adds none
-/// (a warning says so, as TRL's `SFTTrainer` would add it).
-pub fn router_aux_loss_coef(loss: &LossConfig, model: &odpo_model::ModelConfig, stage: Stage) -> Result<f64> {
-    if stage == Stage::Sft {
-        if let Some(coef) = model.router_aux_loss_coef()
-            && coef > 0.0
-        {
-            tracing::warn!("the SFT stage does not add the routers' load-balancing loss (the model config's `router_aux_loss_coef` {coef}), which TRL's SFTTrainer adds");
-        }
-        return Ok(0.0);
-    }
+/// The weight of the load-balancing loss a run adds, in either stage: `loss.router_aux_loss_coef`
+/// where set, else a mixture of experts' own (its config's `router_aux_loss_coef`, 0.001 where
+/// absent, as TRL 1.16's `DPOTrainer` and `SFTTrainer` take it whatever `output_router_logits`
+/// says), else 0. Set above 0 for a model without experts, where it would do nothing, it is refused.
+pub fn router_aux_loss_coef(loss: &LossConfig, model: &odpo_model::ModelConfig) -> Result<f64> {
     match loss.router_aux_loss_coef {
         Some(c) if c > 0.0 && !model.has_experts() => {
             Err(TrainError::config("loss.router_aux_loss_coef", format!("{c}: the model has no experts, so no load-balancing loss (a mixture of experts: Mixtral, Qwen2-MoE, Qwen3-MoE)")))
@@ -223,13 +214,15 @@ impl MetricSums {
         self.pairs
     }
 
-    /// The values: each preference metric's mean over pairs, or SFT's token-mean `nll` and `ppl`.
+    /// The values: each preference metric's mean over pairs, or SFT's token-mean `nll` and `ppl`;
+    /// beside either, the means [`Self::add_mean`] took.
     pub fn means(&self) -> BTreeMap<String, f64> {
+        let mut means: BTreeMap<String, f64> = self.sums.iter().map(|(k, v)| (k.clone(), v / self.pairs.max(1) as f64)).collect();
         if self.sft {
             let nll = self.nll / self.nll_tokens.max(1.0);
-            return BTreeMap::from([("nll".to_string(), nll), ("ppl".to_string(), nll.exp())]);
+            means.extend([("nll".to_string(), nll), ("ppl".to_string(), nll.exp())]);
         }
-        self.sums.iter().map(|(k, v)| (k.clone(), v / self.pairs.max(1) as f64)).collect()
+        means
     }
 }
 
@@ -312,7 +305,7 @@ impl Trainer {
         let outs: Vec<Result<SliceOut>> = if self.replicas.len() == 1 {
             let r = &self.replicas.replicas[0];
             r.device.seed(dropout_seed(s.seed, at, 0));
-            vec![slice_grads(s, at, total, &self.policy, self.half.take().as_ref(), &r.reference, pairs, &r.device)]
+            vec![slice_grads(s, at, (total, pairs.len()), &self.policy, self.half.take().as_ref(), &r.reference, pairs, &r.device)]
         } else {
             let per = pairs.len() / self.replicas.len();
             let (policy, checkpointing) = (&self.policy, self.replicas.checkpointing);
@@ -332,7 +325,7 @@ impl Trainer {
                             odpo_kernels::with_matmul_routine(routine, || guarded(|| format!("step {} on device {k}", at + 1), || step_advice(s.micro_batch_size, s.precision, checkpointing), || {
                                 let replica = if k == 0 { replica } else { replica.fork_to(&r.device) };
                                 r.device.seed(dropout_seed(s.seed, at, k));
-                                slice_grads(s, at, total, &replica, None, &r.reference, slice, &r.device)
+                                slice_grads(s, at, (total, pairs.len()), &replica, None, &r.reference, slice, &r.device)
                             }))
                         })
                     })
@@ -386,10 +379,10 @@ impl Trainer {
 }
 
 /// Forward, loss and backward of one replica's `pairs` in micro-batches on `device` (where `policy`
-/// lives); gradients summed. `total`: the whole step's share. `half`: the policy's weights in the
+/// lives); gradients summed. `total`: the whole step's share, and its pairs. `half`: the policy's weights in the
 /// compute precision, when the last update wrote them.
 #[allow(clippy::too_many_arguments)]
-fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, half: Option<&HalfWeights>, reference: &Reference, pairs: &[&TokenizedPair], device: &Device) -> Result<SliceOut> {
+fn slice_grads(s: &StepSettings, at: usize, (total, step_pairs): (f64, usize), policy: &CausalLm, half: Option<&HalfWeights>, reference: &Reference, pairs: &[&TokenizedPair], device: &Device) -> Result<SliceOut> {
     let (mut metrics, mut phases) = (MetricSums::default(), Phases::default());
     let mut accum = GradientsAccumulator::<CausalLm>::new();
     let several = pairs.len() > s.micro_batch_size;
@@ -446,14 +439,25 @@ fn slice_grads(s: &StepSettings, at: usize, total: f64, policy: &CausalLm, half:
                 let batch = forward::sft_batch(micro, &s.batcher, device);
                 phases.reference += clock.elapsed().as_secs_f64();
                 let clock = Instant::now();
-                let nll = forward::sft_nll(policy_fwd, &batch);
+                let (nll, aux) = forward::sft_nll(policy_fwd, &batch, s.router_aux_loss_coef > 0.0);
                 let value = nll.clone().into_scalar::<f64>();
                 if !value.is_finite() {
                     return Err(nonfinite(format!("summed NLL of the chosen responses is {value}")));
                 }
                 metrics.add_nll(value, share, micro.len());
+                let mut loss = nll.div_scalar(total);
+                // TRL's SFTTrainer: the token-mean NLL over the step, plus `router_aux_loss_coef ·
+                // aux_loss` averaged over its micro-batches (here weighed by their pairs).
+                if let Some(aux) = aux {
+                    let value = aux.clone().into_scalar::<f64>();
+                    if !value.is_finite() {
+                        return Err(nonfinite(format!("the routers' load-balancing loss is {value}")));
+                    }
+                    metrics.add_mean(ROUTER_AUX, value, micro.len());
+                    loss = loss + aux.mul_scalar(s.router_aux_loss_coef * micro.len() as f64 / step_pairs.max(1) as f64);
+                }
                 phases.policy_forward += clock.elapsed().as_secs_f64();
-                nll.div_scalar(total)
+                loss
             }
         };
         let clock = Instant::now();

@@ -130,7 +130,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
     // weights with the adapters removed (shared tensors, not a copy).
     let quantized_base = cfg.lora.as_ref().is_some_and(|l| l.quantized_base);
     let (model_cfg, mut policy) = load_base(&cfg.model, t.seed, &ad, quantized_base)?;
-    let router_aux_loss_coef = crate::step::router_aux_loss_coef(&cfg.loss(), &model_cfg, t.stage)?;
+    let router_aux_loss_coef = crate::step::router_aux_loss_coef(&cfg.loss(), &model_cfg)?;
     if router_aux_loss_coef > 0.0 {
         tracing::info!(coef = router_aux_loss_coef, "the routers' load-balancing loss is added to the loss");
     }
@@ -225,7 +225,7 @@ fn run_on_devices(cfg: &Checked<RunConfig>, data: RunData, devices: &[Device], r
         let progress = |n: usize| pairs_done.inc(n as u64);
         let values = crate::step::guarded(during, advice, || match t.stage {
             Stage::Preference => eval::preference(&model, trainer.replicas.reference(), &eval_pairs, &s.loss, s.use_offsets, s.router_aux_loss_coef > 0.0, cfg.eval.batch_size, &s.batcher, device, &progress),
-            Stage::Sft => eval::sft(&model, &eval_pairs, cfg.eval.batch_size, &s.batcher, device, &progress),
+            Stage::Sft => eval::sft(&model, &eval_pairs, s.router_aux_loss_coef > 0.0, cfg.eval.batch_size, &s.batcher, device, &progress),
         })
         .map_err(|e| e.in_run(&run_dir));
         pairs_done.finish_and_clear();
@@ -590,7 +590,7 @@ pub fn export(policy: &CausalLm, config: &ModelConfig, out: &Path, tokenizer: Op
 fn metric_columns(stage: Stage, wpo: bool, router_aux: bool) -> Vec<String> {
     let stage_metrics: Vec<&str> = match stage {
         Stage::Preference => Metrics::NAMES.into_iter().chain(wpo.then_some(Metrics::WPO_WEIGHT)).chain(router_aux.then_some(crate::step::ROUTER_AUX)).collect(),
-        Stage::Sft => vec!["nll", "ppl"],
+        Stage::Sft => ["nll", "ppl"].into_iter().chain(router_aux.then_some(crate::step::ROUTER_AUX)).collect(),
     };
     stage_metrics.into_iter().chain(["lr", "grad_norm", "tokens_per_s", "pairs_per_s", "epoch"]).map(String::from).collect()
 }

@@ -461,6 +461,20 @@ fn the_routers_load_balancing_loss_trains_a_mixture_of_experts() {
     assert!(default[1] != plain[1] && (default[1] - plain[1]).abs() < (aux[1] - plain[1]).abs(), "{default:?}");
     let off = losses("off", &on, &["loss.router_aux_loss_coef=0.0"]);
     assert_eq!(off, plain, "`loss.router_aux_loss_coef = 0` turns it off");
+    // The SFT stage adds it too, as TRL's SFTTrainer does; of the loss table it takes this key alone.
+    let sft = |name: &str, coef: f64| {
+        let run = dir.join(name);
+        let sets = ["train.batch_size=4", "train.micro_batch_size=2", "train.max_steps=3", "train.log_every=1", "eval.batch_size=4"];
+        let cfg = edit(as_sft(config(&plain_model, &run, "", &sets)), |c| c.loss = Some(odpo_loss::LossConfig { router_aux_loss_coef: Some(coef), ..Default::default() }));
+        odpo_trainer::train_on(&cfg, data(32, 8), &device(), false, None).expect("SFT");
+        metric_rows(&run, "train").iter().map(|r| (f(r, "nll"), r.get("router/aux_loss").and_then(|v| v.as_f64()))).collect::<Vec<_>>()
+    };
+    let (sft_plain, sft_aux) = (sft("sft-plain", 0.0), sft("sft-aux", 1.0));
+    println!("SFT {sft_plain:?}\nwith the load-balancing loss {sft_aux:?}");
+    assert!(sft_plain.iter().all(|(_, a)| a.is_none()) && sft_aux.iter().all(|(_, a)| a.is_some_and(|a| a.is_finite() && a > 0.0)), "{sft_aux:?}");
+    assert_eq!(sft_aux[0].0, sft_plain[0].0, "the first step's NLL");
+    assert!(sft_aux.iter().zip(&sft_plain).skip(1).any(|(a, b)| (a.0 - b.0).abs() > 1e-6), "the load-balancing loss moved nothing in SFT");
+    assert!(aux_of("sft-aux", "eval").iter().all(|a| a.is_some_and(|a| a > 0.0)), "and in its evaluation");
     // Refused where it would do nothing.
     let gpt2 = tiny_model(&dir);
     let err = odpo_trainer::train_on(&config(&gpt2, &dir.join("dense"), "", &["loss.router_aux_loss_coef=0.01", "train.max_steps=1"]), data(8, 2), &device(), false, None).map(|_| ()).expect_err("a model without experts");
