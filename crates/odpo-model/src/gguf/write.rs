@@ -245,8 +245,8 @@ pub fn save_gguf(model: &CausalLm, config: &ModelConfig, tokenizer: &Tokenizer, 
             _ => {}
         }
     }
-    // A mixture of experts as llama.cpp runs one: experts in every layer, their weights
-    // renormalised but in `qwen2moe`, whose queries take the model's width.
+    // A mixture of experts as llama.cpp runs one: experts in every layer, the chosen experts'
+    // weights renormalised in `llama` (Mixtral) and `qwen3moe` and not in `qwen2moe`.
     let moe = match config {
         ModelConfig::Llama(c) => MoeLayout::of(c, path).map_err(|e| err("num_experts", e.to_string()))?,
         _ => None,
