@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use burn::optim::{GradientsAccumulator, GradientsParams};
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use odpo_data::{PreferenceBatcher, TokenizedPair};
 use odpo_loss::{LossConfig, Metrics, check_finite, preference_loss};
 use odpo_model::logprobs::RowExtras;
@@ -424,13 +424,8 @@ fn slice_grads(s: &StepSettings, at: usize, (total, step_pairs): (f64, usize), p
                 metrics.add_preference(&out.metrics, micro.len());
                 let mut loss = out.loss;
                 // TRL's `losses + router_aux_loss_coef · aux_loss`, the mean over the micro-batch's pairs.
-                if let Some(aux) = aux {
-                    let value = aux.clone().into_scalar::<f64>();
-                    if !value.is_finite() {
-                        return Err(nonfinite(format!("the routers' load-balancing loss is {value}")));
-                    }
-                    metrics.add_mean(ROUTER_AUX, value, micro.len());
-                    loss = loss + aux.mul_scalar(s.router_aux_loss_coef);
+                if let Some(aux) = weighted_router_aux(aux, s.router_aux_loss_coef, &mut metrics, micro.len()).map_err(&nonfinite)? {
+                    loss = loss + aux;
                 }
                 phases.policy_forward += clock.elapsed().as_secs_f64();
                 loss.mul_scalar(share / total)
@@ -448,13 +443,9 @@ fn slice_grads(s: &StepSettings, at: usize, (total, step_pairs): (f64, usize), p
                 let mut loss = nll.div_scalar(total);
                 // TRL's SFTTrainer: the token-mean NLL over the step, plus `router_aux_loss_coef ·
                 // aux_loss` averaged over its micro-batches (here weighed by their pairs).
-                if let Some(aux) = aux {
-                    let value = aux.clone().into_scalar::<f64>();
-                    if !value.is_finite() {
-                        return Err(nonfinite(format!("the routers' load-balancing loss is {value}")));
-                    }
-                    metrics.add_mean(ROUTER_AUX, value, micro.len());
-                    loss = loss + aux.mul_scalar(s.router_aux_loss_coef * micro.len() as f64 / step_pairs.max(1) as f64);
+                let weight = s.router_aux_loss_coef * micro.len() as f64 / step_pairs.max(1) as f64;
+                if let Some(aux) = weighted_router_aux(aux, weight, &mut metrics, micro.len()).map_err(&nonfinite)? {
+                    loss = loss + aux;
                 }
                 phases.policy_forward += clock.elapsed().as_secs_f64();
                 loss
@@ -468,6 +459,18 @@ fn slice_grads(s: &StepSettings, at: usize, (total, step_pairs): (f64, usize), p
         phases.backward += clock.elapsed().as_secs_f64();
     }
     Ok(SliceOut { grads: accum.grads(), metrics, phases })
+}
+
+/// A micro-batch's load-balancing loss of the routers times `weight`, its value logged as
+/// [`ROUTER_AUX`] for the micro-batch's `pairs`; an error message where the value is not finite.
+fn weighted_router_aux(aux: Option<Tensor<1>>, weight: f64, metrics: &mut MetricSums, pairs: usize) -> std::result::Result<Option<Tensor<1>>, String> {
+    let Some(aux) = aux else { return Ok(None) };
+    let value = aux.clone().into_scalar::<f64>();
+    if !value.is_finite() {
+        return Err(format!("the routers' load-balancing loss is {value}"));
+    }
+    metrics.add_mean(ROUTER_AUX, value, pairs);
+    Ok(Some(aux.mul_scalar(weight)))
 }
 
 /// Runs `f`, turning an allocation failure (libtorch's panic, or cubecl's error read back from the
